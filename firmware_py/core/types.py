@@ -1,0 +1,297 @@
+"""The values that cross the boundary of the pure core.
+
+Every input carries the time it was received (`received_at`, seconds on the
+runtime's one clock: UTC epoch seconds in `run`, simulated seconds in `sim`), so
+the core can judge freshness itself instead of trusting the caller's timing.
+Signs follow DESIGN §3.1: positive power = discharge (vehicle -> AC side).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+
+class BmsState(IntEnum):
+    """0x212 BMS state (DESIGN §3.4)."""
+
+    STANDBY = 0
+    DRIVE = 1
+    SUPPORT = 2
+    CHARGE = 3
+    FEIM = 4
+    CLEAR_FAULT = 5
+    FAULT = 6
+    WELD = 7
+    TEST = 8
+    SNA = 9
+    DIAG = 10
+
+
+class ContactorState(IntEnum):
+    """0x212 contactor state."""
+
+    SNA = 0
+    OPEN = 1
+    OPENING = 2
+    CLOSING = 3
+    CLOSED = 4
+    WELDED = 5
+    BLOCKED = 6
+
+
+class PackContactor(IntEnum):
+    """0x20A pack contactor (negative and positive) state."""
+
+    SNA = 0
+    OPEN = 1
+    PRECHARGE = 2
+    BLOCKED = 3
+    PULLED_IN = 4
+    OPENING = 5
+    ECONOMIZED = 6
+    WELDED = 7
+
+
+ENERGY_BMS_STATES = frozenset({BmsState.STANDBY, BmsState.SUPPORT, BmsState.CHARGE})
+CLOSED_PACK_CONTACTORS = frozenset({PackContactor.PULLED_IN, PackContactor.ECONOMIZED})
+
+
+@dataclass(frozen=True)
+class BmsSnapshot:
+    """What the BMS said, as of `received_at`.
+
+    A field is None until its message has been received once. `stale` names the
+    fields whose source message has missed its timeout (3 periods) or was
+    rejected as implausible: the core treats a stale field exactly like a
+    missing one, so a silent message can never keep an old "all clear" alive.
+    """
+
+    received_at: float
+    soc_min_pct: float | None = None
+    soc_ui_pct: float | None = None
+    soc_max_pct: float | None = None
+    soc_avg_pct: float | None = None
+    pack_voltage_v: float | None = None
+    pack_current_a: float | None = None
+    max_discharge_w: float | None = None
+    max_charge_w: float | None = None
+    min_temp_c: float | None = None
+    max_temp_c: float | None = None
+    bms_state: int | None = None
+    contactor_state: int | None = None
+    hv_state: int | None = None
+    isolation_kohm: float | None = None
+    pack_contactor_neg: int | None = None
+    pack_contactor_pos: int | None = None
+    hvil_ok: bool | None = None
+    nominal_full_wh: float | None = None
+    nominal_remaining_wh: float | None = None
+    energy_buffer_wh: float | None = None
+    expected_remaining_wh: float | None = None
+    brick_v_min: float | None = None
+    brick_v_max: float | None = None
+    lifetime_discharge_wh: float | None = None
+    lifetime_charge_wh: float | None = None
+    stale: frozenset[str] = frozenset()
+
+    def fresh(self, name: str) -> bool:
+        """True when field `name` has a value that is neither missing nor stale."""
+        return getattr(self, name) is not None and name not in self.stale
+
+    def energy_path_closed(self) -> bool:
+        """DESIGN §3.4: energy may flow only in these BMS and contactor states."""
+        needed = ("bms_state", "contactor_state", "pack_contactor_neg", "pack_contactor_pos")
+        if not all(self.fresh(n) for n in needed):
+            return False
+        return (
+            self.bms_state in ENERGY_BMS_STATES
+            and self.contactor_state == ContactorState.CLOSED
+            and self.pack_contactor_neg in CLOSED_PACK_CONTACTORS
+            and self.pack_contactor_pos in CLOSED_PACK_CONTACTORS
+        )
+
+
+class InverterState(IntEnum):
+    """SunSpec model 701 InvSt."""
+
+    OFF = 0
+    SLEEPING = 1
+    STARTING = 2
+    RUNNING = 3
+    THROTTLED = 4
+    SHUTTING_DOWN = 5
+    FAULT = 6
+    STANDBY = 7
+
+
+@dataclass(frozen=True)
+class InverterStatus:
+    """What the inverter reported, or that it could not be reached.
+
+    `comms_ok = False` carries the cause in `error`; every transport failure
+    becomes one of these instead of an exception, and the core answers it with 0 W.
+    """
+
+    received_at: float
+    comms_ok: bool = True
+    error: str | None = None
+    measured_w: float = 0.0
+    inv_state: int = InverterState.OFF
+    grid_connected: bool = True
+    grid_outage: bool = False
+    alarms: int = 0
+    tot_wh_inj: float = 0.0
+    tot_wh_abs: float = 0.0
+    w_max_rtg: float = 0.0
+    w_cha_max_rtg: float = 0.0
+    w_discha_max_rtg: float = 0.0
+    wset_w: float | None = None
+
+    @property
+    def faulted(self) -> bool:
+        return self.inv_state == InverterState.FAULT
+
+
+@dataclass(frozen=True)
+class InverterCommand:
+    """The one setpoint the core wants the inverter at, and why."""
+
+    setpoint_w: float
+    reason: str
+
+
+class DispatchKind(str, Enum):
+    DISCHARGE = "discharge"
+    CHARGE = "charge"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """One request from an aggregator (DESIGN §3.6); `start`/`end` on the core clock.
+
+    `revision` lets a source modify an event it already sent (OpenADR's
+    modificationNumber): the same id at a higher revision replaces it; the same
+    id and revision again is a duplicate and gets the original answer.
+    """
+
+    id: str
+    source: str
+    kind: DispatchKind
+    target_w: float
+    start: float
+    end: float
+    received_at: float
+    ramp_w_per_s: float | None = None
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class DispatchCancel:
+    """Ends a request early; its energy so far still counts."""
+
+    id: str
+    source: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class OwnerSettings:
+    """The owner's wishes. `opt_out_until` = math.inf opts out until revoked."""
+
+    reserve_pct: float
+    received_at: float
+    opt_out_until: float | None = None
+    opt_out_events: frozenset[str] = frozenset()
+    departure_at: float | None = None
+    departure_soc_pct: float | None = None
+
+    def opted_out(self, now: float, event_id: str | None = None) -> bool:
+        if self.opt_out_until is not None and now < self.opt_out_until:
+            return True
+        return event_id is not None and event_id in self.opt_out_events
+
+
+@dataclass(frozen=True)
+class InstallerReset:
+    """The only thing that clears LOCKOUT: an installer on site, after inspection."""
+
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passing with no new data: timeouts, ramps and windows are judged on it."""
+
+    received_at: float
+
+
+Input = BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
+
+
+class Verdict(str, Enum):
+    ACCEPTED = "accepted"
+    CAPPED = "accepted_capped"
+    REJECTED = "rejected"
+
+
+class ReasonCode(str, Enum):
+    OPTED_OUT = "OPTED_OUT"
+    INSUFFICIENT_ENERGY = "INSUFFICIENT_ENERGY"
+    FAULT = "FAULT"
+    INVALID = "INVALID"
+    DUPLICATE = "DUPLICATE"
+    EXPIRED = "EXPIRED"
+    OUTAGE = "OUTAGE"
+    LOCKOUT = "LOCKOUT"
+    NO_DATA = "NO_DATA"
+    UNKNOWN_EVENT = "UNKNOWN_EVENT"
+
+
+@dataclass(frozen=True)
+class DispatchAnswer:
+    """Exactly one per request: accepted, accepted with `cap_w`, or rejected with `reason`."""
+
+    request_id: str
+    at: float
+    verdict: Verdict
+    cap_w: float | None = None
+    reason: ReasonCode | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float
+    from_state: str
+    to_state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FaultRaised:
+    at: float
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class FaultCleared:
+    at: float
+    kind: str
+
+
+@dataclass(frozen=True)
+class DispatchEnded:
+    """A request stopped applying: its window closed, it was cancelled or superseded."""
+
+    at: float
+    request_id: str
+    reason: str
+
+
+Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded
+
+NEVER = math.inf
