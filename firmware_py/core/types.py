@@ -292,6 +292,22 @@ class DispatchEnded:
     reason: str
 
 
-Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded
+@dataclass(frozen=True)
+class EventEnergy:
+    """Energy delivered for one request so far (`final` once it has ended).
+
+    `meter_wh` is the inverter's TotWhInj delta (what bill credits are paid on);
+    `integrated_wh` integrates measured power, the cross-check that catches a
+    meter that stalls or jumps.
+    """
+
+    at: float
+    request_id: str
+    meter_wh: float
+    integrated_wh: float
+    final: bool = False
+
+
+Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy
 
 NEVER = math.inf

@@ -1,0 +1,46 @@
+"""Where dispatch requests come from: aggregator protocols and the owner.
+
+Every source speaks to the gateway through the same two calls, so the core's
+one arbiter decides for all of them and no source can bypass a limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """What an aggregator may read about the gateway right now."""
+
+    at: float
+    state: str
+    soc_pct: float | None
+    floor_pct: float
+    power_w: float
+    setpoint_w: float
+    available_wh: float
+    active_event_id: str | None
+
+
+class DispatchSink(Protocol):
+    """The gateway as seen by a dispatch source."""
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        """Hand a request (answered) or a cancel (None) to the core."""
+
+    def telemetry(self) -> Telemetry:
+        """The newest state, for reports and SunSpec reads."""
+
+    def now(self) -> float:
+        """The gateway clock that request start/end times are on."""
+
+
+class DispatchSource(Protocol):
+    """One way requests arrive (OpenADR VEN, SunSpec server, scripted scenario)."""
+
+    async def run(self, sink: DispatchSink) -> None:
+        """Serve until cancelled; never raises for a peer's bad input."""
