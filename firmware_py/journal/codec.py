@@ -1,0 +1,105 @@
+"""How core events and inputs become journal payloads, and back again.
+
+A payload is canonical JSON (sorted keys, no spaces) because its exact text is
+what the hash chain covers: the same record must always hash the same. JSON
+has no infinity, and the core uses `math.inf` for "until revoked"/"open-ended",
+so non-finite floats are stored as the strings "inf", "-inf" and "nan".
+Decoding turns a record back into the dataclass it came from, so a run can be
+replayed through the core from its journal (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from enum import Enum
+from typing import Any
+
+from firmware_py.core import types as core
+
+JOURNALED: tuple[type, ...] = (
+    # what the core decided
+    core.DispatchAnswer,
+    core.Transition,
+    core.FaultRaised,
+    core.FaultCleared,
+    core.DispatchEnded,
+    core.EventEnergy,
+    # what came in that shaped those decisions
+    core.DispatchRequest,
+    core.DispatchCancel,
+    core.OwnerSettings,
+    core.InstallerReset,
+)
+"""The dataclasses `Journal.append_event` accepts; kind = class name."""
+
+BY_KIND: dict[str, type] = {cls.__name__: cls for cls in JOURNALED}
+
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy of `value`: enums as their values, sets as sorted lists, inf as "inf"."""
+    if isinstance(value, Enum):
+        return jsonable(value.value)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((jsonable(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    raise TypeError(f"cannot journal a value of type {type(value).__name__}: {value!r}")
+
+
+def canonical(payload: Any) -> str:
+    """The one text form of a payload: what is stored and what is hashed."""
+    return json.dumps(jsonable(payload), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def event_time(event: Any) -> float:
+    """Events carry `at`; inputs carry `received_at`: both are the core clock."""
+    at = getattr(event, "at", None)
+    return float(event.received_at if at is None else at)
+
+
+def decode_event(kind: str, payload: dict[str, Any]) -> Any:
+    """Rebuild the dataclass a record was made from (for replay); ValueError if it cannot be."""
+    cls = BY_KIND.get(kind)
+    if cls is None:
+        raise ValueError(f"record kind {kind!r} is not a core event or input")
+    hints = typing.get_type_hints(cls)
+    try:
+        values = {f.name: _restore(hints[f.name], payload[f.name])
+                  for f in dataclasses.fields(cls) if f.name in payload}
+        return cls(**values)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"record kind {kind!r}: payload does not fit {cls.__name__}: {err}") from err
+
+
+def _restore(hint: Any, value: Any) -> Any:
+    """Undo `jsonable` for one field, guided by its type hint."""
+    if value is None:
+        return None
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None):
+            continue
+        origin = typing.get_origin(option)
+        if origin is frozenset:
+            return frozenset(value)
+        if isinstance(option, type) and issubclass(option, Enum):
+            return option(value)
+        if option is float:
+            return _NON_FINITE[value] if isinstance(value, str) else float(value)
+    return value
