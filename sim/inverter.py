@@ -1,7 +1,391 @@
-"""Placeholder until its issue lands."""
+"""The simulated 11.5 kW bidirectional "Powershare" inverter.
+
+Two halves. `InverterModel` is pure (no I/O, time passed in): it follows the
+SunSpec 704 controls a real DER would (WSet, WSetEna, WMaxLimPct, and its own
+revert timer, so a silent gateway still ends at 0 W), moves energy to and from
+the pack through an efficiency, islands on a grid outage and can be told to
+misbehave. `SimInverterServer` serves it over Modbus (TCP, or RTU on any
+pyserial URL) with pymodbus 3.16's `SimDevice`/`SimData` API: the device
+`action` hook refreshes the live models before each read and applies each
+write to the model, so the registers are never a second copy of the truth.
+Register layouts come from `firmware_py.inverter.sunspec` (pysunspec2's JSON),
+the same definitions the gateway's client uses.
+
+Ramping: the inverter ramps *up* at its ramp rate but drops toward 0 W at
+once, as real DER do on a stop or a revert (a safe stop must not take seconds).
+"""
+
+from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from firmware_py.core.types import InverterState
+from firmware_py.errors import InputError
+from firmware_py.inverter.sunspec import ModelDef, SunSpecMap
+
+log = logging.getLogger(__name__)
+
+MODELS = (1, 701, 702, 704, 713)
+GRID_DISCONNECT_BIT = ModelDef.load(701).point("Alrm").symbol("GRID_DISCONNECT")
+FAULT_ALARM_BIT = ModelDef.load(701).point("Alrm").symbol("OVER_TEMP")
+WATTS = ModelDef.load(704).point("WSetMod").symbol("WATTS")
+
+# Scale factors the simulated device publishes: WSet in 0.1 W exercises a client's scaling.
+SCALE = {
+    701: {"W_SF": 0, "VA_SF": 0, "Var_SF": 0, "PF_SF": -2, "A_SF": -2, "V_SF": -1, "Hz_SF": -2,
+          "TotWh_SF": 0, "TotVarh_SF": 0, "Tmp_SF": 0},
+    702: {"W_SF": 0, "PF_SF": -2, "VA_SF": 0, "Var_SF": 0, "V_SF": -1, "A_SF": -1, "S_SF": 0},
+    704: {"PF_SF": -2, "WMaxLimPct_SF": 0, "WSet_SF": -1, "WSetPct_SF": 0, "VarSet_SF": 0,
+          "VarSetPct_SF": 0},
+    713: {"WH_SF": 1, "Pct_SF": -1},
+}
+
+
+class Fault(str, Enum):
+    """What `InverterModel.inject` can make go wrong, each until a given time."""
+
+    INVERTER_FAULT = "inverter_fault"
+    MODBUS_EXCEPTION = "modbus_exception"
+    SLOW_REPLY = "slow_reply"
+    DROP_CONNECTION = "drop_connection"
+    GRID_OUTAGE = "grid_outage"
+
+
+@dataclass(frozen=True)
+class Ratings:
+    w_max: float = 11_500.0
+    w_cha_max: float = 11_500.0
+    w_discha_max: float = 11_500.0
+    ramp_w_per_s: float = 11_500.0
+    efficiency: float = 0.96
+    v_nom: float = 240.0
+    wh_rtg: float = 123_000.0
+
+
+def default_home_load(now: float) -> float:
+    """A plausible home: 1.2 kW base, up to 3.2 kW in the evening (now = seconds, UTC day)."""
+    hour = (now / 3600.0) % 24.0
+    return 1_200.0 + 2_000.0 * math.exp(-((hour - 19.0) ** 2) / 8.0)
+
+
+class InverterModel:
+    """The inverter's behaviour, advanced by whoever owns time (the bench or a real-time loop)."""
+
+    def __init__(self, ratings: Ratings = Ratings(), *, home_load: Callable[[float], float] = default_home_load,
+                 now: float = 0.0, unit_id: int = 1):
+        self.ratings = ratings
+        self.home_load = home_load
+        self.unit_id = unit_id
+        self.now = now
+        self.faults: dict[Fault, float] = {}
+        self.ac_power_w = 0.0
+        self.tot_wh_inj = 0.0
+        self.tot_wh_abs = 0.0
+        self.throttled = False
+        self.reverted = False
+        self.soc_pct: float | None = None
+        """The pack's SoC for model 713, when whoever owns the pack tells us."""
+        self.controls: dict[str, Any] = {
+            "WSetEna": 0, "WSetMod": WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
+            "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
+            "WMaxLimPctEnaRvrt": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
+        }
+        self.last_refresh = now
+
+    # --- the bench's contract -------------------------------------------------
+    @property
+    def wset_w(self) -> float:
+        return float(self.controls["WSet"])
+
+    def inject(self, kind: Fault | str, until: float) -> None:
+        """Make `kind` go wrong until time `until` (math.inf: until cleared with until=now)."""
+        self.faults[Fault(kind)] = until
+
+    def active(self, kind: Fault) -> bool:
+        return self.faults.get(kind, -math.inf) > self.now
+
+    def advance(self, dt_s: float, now: float, pack_max_discharge_w: float, pack_max_charge_w: float) -> float:
+        """Move time on by `dt_s` to `now`; return DC power drawn from the pack (+ = discharge)."""
+        self.now = now
+        self._check_revert()
+        target = self._limited(self._wanted(), pack_max_discharge_w, pack_max_charge_w)
+        self.ac_power_w = self._ramped(target, dt_s)
+        hours = max(dt_s, 0.0) / 3600.0
+        self.tot_wh_inj += max(self.ac_power_w, 0.0) * hours
+        self.tot_wh_abs += max(-self.ac_power_w, 0.0) * hours
+        eff = self.ratings.efficiency
+        return self.ac_power_w / eff if self.ac_power_w >= 0 else self.ac_power_w * eff
+
+    # --- control writes ---------------------------------------------------------
+    def write(self, name: str, value: Any) -> None:
+        """Apply one written control point (engineering units); WSet/WSetEna refresh the revert timer."""
+        self.controls[name] = value
+        if name in ("WSet", "WSetEna", "WSetRvrtTms", "WSetEnaRvrt"):
+            self.last_refresh = self.now
+            self.reverted = False
+
+    def revert_remaining_s(self) -> float:
+        if not self.controls["WSetEnaRvrt"]:
+            return 0.0
+        return max(0.0, float(self.controls["WSetRvrtTms"]) - (self.now - self.last_refresh))
+
+    def _check_revert(self) -> None:
+        c = self.controls
+        if c["WSetEnaRvrt"] and c["WSetEna"] and not self.reverted and self.revert_remaining_s() <= 0:
+            log.info("revert timer expired after %ss: WSet %s -> %s W", c["WSetRvrtTms"], c["WSet"], c["WSetRvrt"])
+            c["WSet"] = c["WSetRvrt"]
+            self.reverted = True
+
+    def _wanted(self) -> float:
+        if self.active(Fault.INVERTER_FAULT):
+            return 0.0
+        if self.active(Fault.GRID_OUTAGE):
+            return max(self.home_load(self.now), 0.0)  # islanded: the home's load, whatever WSet says
+        c = self.controls
+        return float(c["WSet"]) if c["WSetEna"] and c["WSetMod"] == WATTS else 0.0
+
+    def _limited(self, target: float, pack_discharge_w: float, pack_charge_w: float) -> float:
+        r, c = self.ratings, self.controls
+        limit = min(float(c["WMax"]), r.w_max)
+        if c["WMaxLimPctEna"]:
+            limit *= float(c["WMaxLimPct"]) / 100.0
+        high = min(limit, r.w_discha_max, max(pack_discharge_w, 0.0) * r.efficiency)
+        low = -min(limit, r.w_cha_max, max(pack_charge_w, 0.0) / r.efficiency)
+        if self.active(Fault.GRID_OUTAGE):
+            low = 0.0  # no grid to charge from
+        limited = min(max(target, low), high)
+        self.throttled = not math.isclose(limited, target)
+        return limited
+
+    def _ramped(self, target: float, dt_s: float) -> float:
+        p = self.ac_power_w
+        if p * target < 0:
+            p = 0.0  # a change of direction passes through zero first
+        if abs(target) <= abs(p):
+            return target  # reductions are immediate
+        step = self.ratings.ramp_w_per_s * max(dt_s, 0.0)
+        return math.copysign(min(abs(target), abs(p) + step), target)
+
+    # --- what the registers show -------------------------------------------------
+    def inv_state(self) -> InverterState:
+        if self.active(Fault.INVERTER_FAULT):
+            return InverterState.FAULT
+        if self.ac_power_w == 0.0:
+            return InverterState.STANDBY
+        return InverterState.THROTTLED if self.throttled else InverterState.RUNNING
+
+    def alarms(self) -> int:
+        bits = 0
+        if self.active(Fault.GRID_OUTAGE):
+            bits |= 1 << GRID_DISCONNECT_BIT
+        if self.active(Fault.INVERTER_FAULT):
+            bits |= 1 << FAULT_ALARM_BIT
+        return bits
+
+    def values(self, model_id: int) -> dict[str, Any]:
+        """Point values (engineering units, sf points included) of one model right now."""
+        r, sf = self.ratings, SCALE.get(model_id, {})
+        if model_id == 1:
+            return {"Mn": "powershare-gw", "Md": "Powershare-sim 11.5kW", "Opt": "bidi", "Vr": "1.0",
+                    "SN": "SIM-0001", "DA": self.unit_id}
+        if model_id == 701:
+            w = self.ac_power_w
+            outage = self.active(Fault.GRID_OUTAGE)
+            return {**sf, "ACType": 1, "St": int(w != 0.0), "InvSt": int(self.inv_state()),
+                    "ConnSt": 0 if outage else 1, "Alrm": self.alarms(), "DERMode": 2 if outage else 1,
+                    "W": w, "VA": abs(w), "Var": 0, "PF": 1.0, "A": abs(w) / r.v_nom, "LLV": r.v_nom,
+                    "LNV": r.v_nom / 2, "Hz": 60.0, "TotWhInj": int(self.tot_wh_inj),
+                    "TotWhAbs": int(self.tot_wh_abs), "TmpCab": 35,
+                    "MnAlrmInfo": "over temperature" if self.active(Fault.INVERTER_FAULT) else None}
+        if model_id == 702:
+            c = self.controls
+            return {**sf, "WMaxRtg": r.w_max, "VAMaxRtg": r.w_max, "WChaRteMaxRtg": r.w_cha_max,
+                    "WDisChaRteMaxRtg": r.w_discha_max, "VNomRtg": r.v_nom, "VMaxRtg": r.v_nom * 1.1,
+                    "VMinRtg": r.v_nom * 0.88, "AMaxRtg": r.w_max / r.v_nom, "NorOpCatRtg": 1,
+                    "AbnOpCatRtg": 2, "CtrlModes": 1 << 1, "IntIslandCatRtg": 1 << 1, "WMax": c["WMax"],
+                    "VNom": r.v_nom}
+        if model_id == 704:
+            c = self.controls
+            return {**sf, **c, "WSetRvrtRem": int(math.ceil(self.revert_remaining_s())),
+                    "WRmp": round(100 * r.ramp_w_per_s / r.w_max), "WRmpRef": 1}
+        if model_id == 713:
+            soc = self.soc_pct
+            return {**sf, "WHRtg": r.wh_rtg, "WHAvail": None if soc is None else r.wh_rtg * soc / 100,
+                    "SoC": soc, "SoH": 100.0, "Sta": 0}
+        return {}
+
+    def register_map(self, base: int = 40000) -> SunSpecMap:
+        sunspec = SunSpecMap(base)
+        for model_id in MODELS:
+            sunspec.add(model_id, self.values(model_id))
+        return sunspec
+
+
+class SimInverterServer:
+    """`model` served over Modbus TCP (default) or RTU on a pyserial URL (`rtu=`)."""
+
+    def __init__(self, model: InverterModel, host: str = "127.0.0.1", port: int = 0, *,
+                 rtu: str | None = None, base: int = 40000, slow_reply_s: float = 2.0,
+                 baudrate: int = 19_200):
+        self.model, self.host, self.port, self.rtu = model, host, port, rtu
+        self.slow_reply_s, self.baudrate = slow_reply_s, baudrate
+        self.map = model.register_map(base)
+        self.addresses = self.map.addresses()
+        self.writes = 0
+        self._server: Any = None
+
+    async def start(self) -> int:
+        """Listen; return the TCP port (0 for a serial line)."""
+        from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        block = SimData(self.map.base, values=self.map.registers(), datatype=DataType.REGISTERS)
+        device = SimDevice(id=self.model.unit_id, simdata=[block], action=self._action)
+        if self.rtu:
+            self._server = ModbusSerialServer(device, port=self.rtu, baudrate=self.baudrate,
+                                              ignore_missing_devices=True)
+        else:
+            self._server = ModbusTcpServer(device, address=(self.host, self.port), ignore_missing_devices=True)
+        await self._server.serve_forever(background=True)
+        transport = self._server.transport
+        sockets = getattr(transport, "sockets", None)
+        self.port = sockets[0].getsockname()[1] if sockets else 0
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+
+    def drop_connections(self) -> None:
+        if self._server is not None:
+            for conn in list(self._server.active_connections.values()):
+                conn.close()
+
+    async def _action(self, function_code: int, start: int, address: int, count: int,
+                      registers: list[int], values: list[int] | list[bool] | None) -> Any:
+        """pymodbus calls this before every access: apply faults, writes, and refresh reads."""
+        from pymodbus.constants import ExcCodes
+        from pymodbus.exceptions import NoSuchIdException
+
+        m = self.model
+        if m.active(Fault.DROP_CONNECTION):
+            self.drop_connections()
+            raise NoSuchIdException("dropped")  # with ignore_missing_devices: no reply at all
+        if m.active(Fault.SLOW_REPLY):
+            await asyncio.sleep(self.slow_reply_s)
+        if m.active(Fault.MODBUS_EXCEPTION):
+            return ExcCodes.DEVICE_FAILURE
+        if values is not None:
+            return self._write(address, [int(v) for v in values])
+        self._refresh(start, address, count, registers)
+        return None
+
+    def _models_in(self, address: int, count: int) -> list[tuple[int, ModelDef]]:
+        out = []
+        for model_id, at in self.addresses.items():
+            mdef = ModelDef.load(model_id)
+            if at < address + count and at + mdef.size > address:
+                out.append((at, mdef))
+        return out
+
+    def _refresh(self, start: int, address: int, count: int, registers: list[int]) -> None:
+        for at, mdef in self._models_in(address, count):
+            if mdef.id == 1:
+                continue
+            regs = mdef.encode(self.model.values(mdef.id))
+            registers[at - start:at - start + len(regs)] = regs
+
+    def _write(self, address: int, values: list[int]) -> Any:
+        """Apply a write to the model; reject read-only, partial or out-of-range writes."""
+        from pymodbus.constants import ExcCodes
+
+        targets = self._models_in(address, len(values))
+        if len(targets) != 1:
+            return ExcCodes.ILLEGAL_ADDRESS
+        at, mdef = targets[0]
+        rel = address - at
+        points = mdef.points_in(rel, len(values))
+        if any(not p.writable or p.offset < rel or p.offset + p.size > rel + len(values) for p in points):
+            return ExcCodes.ILLEGAL_ADDRESS
+        decoded = mdef.decode(values, rel, sfs=SCALE.get(mdef.id, {}))
+        for p in points:
+            value = decoded[p.name]
+            if p.symbols and p.type.startswith("enum") and value is not None and value not in p.symbols.values():
+                return ExcCodes.ILLEGAL_VALUE
+        for p in points:
+            if decoded[p.name] is not None:
+                self.model.write(p.name, decoded[p.name])
+        self.writes += 1
+        return None
+
+
+# --- standalone ---------------------------------------------------------------------
+@dataclass
+class ConstantPack:
+    """Standalone stand-in for the simulated pack: fixed limits (the bench wires sim/battery.py)."""
+
+    max_discharge_w: float = 11_500.0
+    max_charge_w: float = 11_500.0
+
+
+async def run_realtime(model: InverterModel, server: SimInverterServer, pack: ConstantPack,
+                       step_s: float = 0.1, stop: asyncio.Event | None = None) -> None:
+    """Advance `model` on the wall clock until `stop` is set."""
+    stop = stop or asyncio.Event()
+    last = time.time()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), step_s)
+        except asyncio.TimeoutError:
+            pass
+        now = time.time()
+        model.advance(now - last, now, pack.max_discharge_w, pack.max_charge_w)
+        last = now
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65_535:
+        raise InputError(f"--listen: expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _run(args: argparse.Namespace) -> int:
+    host, port = _parse_listen(args.listen)
+
+    async def main() -> None:
+        model = InverterModel(now=time.time(), unit_id=args.unit_id)
+        server = SimInverterServer(model, host, port, rtu=args.rtu)
+        try:
+            bound = await server.start()
+        except (OSError, RuntimeError) as err:
+            raise InputError(f"cannot listen on {args.rtu or args.listen}: {err}") from None
+        where = f"RTU {args.rtu}" if args.rtu else f"{host}:{bound}"
+        print(f"simulated inverter (11.5 kW, unit {args.unit_id}) serving SunSpec models "
+              f"{', '.join(map(str, MODELS))} on {where}; Ctrl-C stops", flush=True)
+        try:
+            await run_realtime(model, server, ConstantPack())
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sim <part>` to the parser."""
+    """Add `sim inverter` to the `sim` command's parts."""
+    p = sub.add_parser("inverter", help="run the simulated SunSpec inverter alone, in real time")
+    p.add_argument("--listen", default="127.0.0.1:1502", help="Modbus TCP HOST:PORT (default 127.0.0.1:1502)")
+    p.add_argument("--rtu", default=None, metavar="URL",
+                   help="serve Modbus RTU on this pyserial URL instead (a tty, or socket://HOST:PORT)")
+    p.add_argument("--unit-id", type=int, default=1, help="Modbus unit id (default 1)")
+    p.set_defaults(handler=_run)

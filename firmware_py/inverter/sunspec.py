@@ -1,0 +1,305 @@
+"""SunSpec models as data: layouts come from pysunspec2's JSON, never typed by hand.
+
+One `ModelDef` per model id, loaded from `sunspec2/models/json/model_<id>.json`,
+flattens the model's fixed part into points at register offsets (offset 0 is
+the model's `ID` register). It encodes engineering values to registers and
+decodes registers back, applying scale factors and the "not implemented"
+sentinels, so a client and a server (the simulated inverter, the gateway's own
+SunSpec DER server) share exactly one codec. `SunSpecMap` lays out a whole
+device: 'SunS', the model chain and the end model.
+
+Word order is SunSpec's: big-endian registers, most significant word first.
+Repeating groups (count 0 or a point name) are not part of the fixed block and
+are left out; the models this gateway uses (1, 701, 702, 704, 713) have none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+SUNS_MARKER = (0x5375, 0x6E53)  # 'SunS'
+END_MODEL_ID = 0xFFFF
+BASE_ADDRESSES = (40000, 0, 50000)
+
+# register count, struct code, "not implemented" raw value (SunSpec spec)
+_INTS: dict[str, tuple[int, str, int]] = {
+    "int16": (1, "h", -0x8000),
+    "sunssf": (1, "h", -0x8000),
+    "uint16": (1, "H", 0xFFFF),
+    "enum16": (1, "H", 0xFFFF),
+    "bitfield16": (1, "H", 0xFFFF),
+    "count": (1, "H", 0),
+    "acc16": (1, "H", 0),
+    "int32": (2, "i", -0x80000000),
+    "uint32": (2, "I", 0xFFFFFFFF),
+    "enum32": (2, "I", 0xFFFFFFFF),
+    "bitfield32": (2, "I", 0xFFFFFFFF),
+    "acc32": (2, "I", 0),
+    "ipaddr": (2, "I", 0),
+    "int64": (4, "q", -0x8000000000000000),
+    "uint64": (4, "Q", 0xFFFFFFFFFFFFFFFF),
+    "acc64": (4, "Q", 0),
+}
+_FLOATS = {"float32": (2, "f"), "float64": (4, "d")}
+_SENTINEL_FREE = {"count", "acc16", "acc32", "acc64", "ipaddr"}
+"""Types whose "not implemented" value (0) is also a legal reading: never decoded as None."""
+
+
+class SunSpecError(ValueError):
+    """A register block that does not fit its model definition."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a model's fixed block; `offset` counts from the model's ID register."""
+
+    name: str
+    type: str
+    offset: int
+    size: int
+    sf: str | int | None = None
+    access: str = "R"
+    symbols: Mapping[str, int] = field(default_factory=dict)
+    units: str | None = None
+
+    @property
+    def writable(self) -> bool:
+        return self.access == "RW"
+
+    def symbol(self, name: str) -> int:
+        """The value of enum symbol (or bit number of bitfield symbol) `name`."""
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise SunSpecError(f"point {self.name} has no symbol {name!r}") from None
+
+    def to_raw(self, regs: Sequence[int]) -> int | float | str | None:
+        """The point's raw value from its registers, None when "not implemented"."""
+        if self.type == "string":
+            data = b"".join(r.to_bytes(2, "big") for r in regs)
+            text = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            return text or None
+        if self.type == "pad":
+            return 0
+        data = b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs)
+        if self.type in _FLOATS:
+            value = struct.unpack(">" + _FLOATS[self.type][1], data)[0]
+            return None if math.isnan(value) else value
+        if self.type == "eui48" or self.type == "ipv6addr":
+            return data.hex()
+        _, code, sentinel = _INTS[self.type]
+        value = struct.unpack(">" + code, data)[0]
+        if value == sentinel and self.type not in _SENTINEL_FREE:
+            return None
+        return value
+
+    def from_raw(self, value: int | float | str | None) -> list[int]:
+        """The point's registers for a raw value; None encodes "not implemented"."""
+        if self.type == "string":
+            data = (value or "").encode("utf-8")[: self.size * 2].ljust(self.size * 2, b"\0")
+            return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+        if self.type in ("pad", "eui48", "ipv6addr"):
+            return [0] * self.size
+        if self.type in _FLOATS:
+            _, code = _FLOATS[self.type]
+            data = struct.pack(">" + code, math.nan if value is None else float(value))
+        else:
+            _, code, sentinel = _INTS[self.type]
+            raw = sentinel if value is None else int(value)
+            try:
+                data = struct.pack(">" + code, raw)
+            except struct.error:
+                raise SunSpecError(f"point {self.name} ({self.type}): {raw} does not fit") from None
+        return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def _models_dir():
+    return resources.files("sunspec2").joinpath("models", "json")
+
+
+@cache
+def _load_json(model_id: int) -> dict[str, Any]:
+    path = _models_dir().joinpath(f"model_{model_id}.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SunSpecError(f"no SunSpec definition for model {model_id} in pysunspec2") from None
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A SunSpec model's fixed block: points by name at offsets, and its codec."""
+
+    id: int
+    name: str
+    points: Mapping[str, Point]
+    length: int
+    """Register count after ID and L: the value of the model's L point."""
+
+    @classmethod
+    @cache
+    def load(cls, model_id: int) -> ModelDef:
+        doc = _load_json(model_id)
+        points: dict[str, Point] = {}
+        end = _flatten(doc["group"], "", 0, points)
+        return cls(id=model_id, name=doc["group"]["name"], points=points, length=end - 2)
+
+    @property
+    def size(self) -> int:
+        """Registers including ID and L."""
+        return self.length + 2
+
+    def point(self, name: str) -> Point:
+        try:
+            return self.points[name]
+        except KeyError:
+            raise SunSpecError(f"model {self.id} has no point {name!r}") from None
+
+    def offset(self, name: str) -> int:
+        return self.point(name).offset
+
+    def span(self, first: str, last: str) -> tuple[int, int]:
+        """(offset, count) of the registers from point `first` to point `last` inclusive."""
+        start, stop = self.point(first), self.point(last)
+        return start.offset, stop.offset + stop.size - start.offset
+
+    def scale(self, point: Point, sfs: Mapping[str, int | None]) -> int:
+        """The power of ten for `point`: a fixed sf, a named sf point's value, or 0."""
+        if point.sf is None:
+            return 0
+        if isinstance(point.sf, int):
+            return point.sf
+        sf = sfs.get(point.sf)
+        return 0 if sf is None else int(sf)
+
+    def decode(self, regs: Sequence[int], start: int = 0, *, scaled: bool = True,
+               sfs: Mapping[str, int | None] | None = None) -> dict[str, Any]:
+        """Values of every point wholly inside `regs` (which begin at model offset `start`).
+
+        Scale factors come from `sfs` when given (read once per connection),
+        else from the sf points inside `regs`. A "not implemented" point is None.
+        """
+        raw: dict[str, Any] = {}
+        for p in self.points.values():
+            lo = p.offset - start
+            if lo >= 0 and lo + p.size <= len(regs):
+                raw[p.name] = p.to_raw(regs[lo:lo + p.size])
+        if not scaled:
+            return raw
+        factors = dict(raw) if sfs is None else {**raw, **sfs}
+        out = {}
+        for name, value in raw.items():
+            p = self.points[name]
+            if p.sf is not None and isinstance(value, (int, float)):
+                value = value * 10.0 ** self.scale(p, factors)
+            out[name] = value
+        return out
+
+    def encode(self, values: Mapping[str, Any], *, scaled: bool = True) -> list[int]:
+        """The whole model block (ID and L included) for `values`; absent points are "not implemented".
+
+        With `scaled`, values are engineering units and are divided by their
+        scale factor (itself taken from `values`); sf points default to 0.
+        """
+        regs = [0] * self.size
+        sfs = {n: values.get(n, 0) for n, p in self.points.items() if p.type == "sunssf"}
+        for p in self.points.values():
+            if p.name == "ID":
+                value: Any = self.id
+            elif p.name == "L":
+                value = self.length
+            elif p.type == "sunssf":
+                value = sfs[p.name]
+            else:
+                value = values.get(p.name)
+            regs[p.offset:p.offset + p.size] = self.encode_point(p.name, value, sfs if scaled else None)
+        return regs
+
+    def encode_point(self, name: str, value: Any, sfs: Mapping[str, int | None] | None = None) -> list[int]:
+        """One point's registers; with `sfs`, `value` is in engineering units."""
+        p = self.point(name)
+        if sfs is not None and p.sf is not None and isinstance(value, (int, float)):
+            value = round(value / 10.0 ** self.scale(p, sfs))
+        return p.from_raw(value)
+
+    def points_in(self, start: int, count: int) -> list[Point]:
+        """Points overlapping model offsets [start, start + count)."""
+        return [p for p in self.points.values() if p.offset < start + count and p.offset + p.size > start]
+
+
+def _flatten(group: Mapping[str, Any], prefix: str, offset: int, out: dict[str, Point]) -> int:
+    """Add `group`'s points (and fixed sub-groups, names dotted) to `out`; return the next offset."""
+    for spec in group.get("points", []):
+        sf = spec.get("sf")
+        if isinstance(sf, str) and sf.lstrip("-").isdigit():
+            sf = int(sf)
+        symbols = {s["name"]: int(s["value"]) for s in spec.get("symbols", [])}
+        name = prefix + spec["name"]
+        out[name] = Point(name=name, type=spec["type"], offset=offset, size=int(spec["size"]),
+                          sf=prefix + sf if isinstance(sf, str) and prefix + sf in out else sf,
+                          access=spec.get("access", "R"), symbols=symbols, units=spec.get("units"))
+        offset += int(spec["size"])
+    for sub in group.get("groups", []):
+        count = sub.get("count", 1)
+        if count is None:
+            count = 1
+        if not isinstance(count, int) or count == 0:
+            break  # repeating group: not part of the fixed block
+        for i in range(count):
+            label = sub["name"] if count == 1 else f"{sub['name']}[{i}]"
+            offset = _flatten(sub, f"{prefix}{label}.", offset, out)
+    return offset
+
+
+@dataclass
+class SunSpecMap:
+    """A device's register map: 'SunS' at `base`, then each model, then the end model."""
+
+    base: int = 40000
+    models: list[tuple[ModelDef, dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, model_id: int, values: Mapping[str, Any]) -> SunSpecMap:
+        self.models.append((ModelDef.load(model_id), dict(values)))
+        return self
+
+    def addresses(self) -> dict[int, int]:
+        """Model id -> address of its ID register."""
+        out, addr = {}, self.base + 2
+        for model, _ in self.models:
+            out.setdefault(model.id, addr)
+            addr += model.size
+        return out
+
+    def address(self, model_id: int, point: str) -> int:
+        return self.addresses()[model_id] + ModelDef.load(model_id).offset(point)
+
+    def registers(self) -> list[int]:
+        regs = list(SUNS_MARKER)
+        for model, values in self.models:
+            regs += model.encode(values)
+        return regs + [END_MODEL_ID, 0]
+
+    def end(self) -> int:
+        """One past the last register."""
+        return self.base + len(self.registers())
+
+
+def walk_chain(headers: Iterable[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:
+    """Model id -> (address, L) from (address, id, L) headers, checking known models' lengths."""
+    found: dict[int, tuple[int, int]] = {}
+    for addr, model_id, length in headers:
+        try:
+            model = ModelDef.load(model_id)
+        except SunSpecError:
+            model = None
+        if model is not None and length < model.length:
+            raise SunSpecError(f"model {model_id} at {addr} has L={length}, its definition needs {model.length}")
+        found.setdefault(model_id, (addr, length))
+    return found
