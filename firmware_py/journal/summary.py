@@ -71,7 +71,7 @@ def event_summaries(journal: Journal) -> list[EventSummary]:
             _apply(summary, record)
             summary.timeline.append(_entry(record))
     window_records = [r for r in records if r.kind in WINDOW_KINDS]
-    last_at = records[-1].at if records else 0.0
+    last_at = max((r.at for r in records), default=0.0)
     for summary in events.values():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
@@ -96,7 +96,8 @@ def _apply(summary: EventSummary, record: Record) -> None:
     elif record.kind == "DispatchEnded":
         summary.ended_at, summary.ended_reason = record.at, p.get("reason")
     elif record.kind == "EventEnergy":
-        summary.meter_wh, summary.integrated_wh = _num(p.get("meter_wh", 0)), _num(p.get("integrated_wh", 0))
+        summary.meter_wh = _num(p.get("meter_wh")) or 0.0
+        summary.integrated_wh = _num(p.get("integrated_wh")) or 0.0
         summary.final = bool(p.get("final", False))
 
 
