@@ -1,0 +1,384 @@
+"""OpenADR 2.0b VEN: an aggregator's VTN dispatching the gateway (DESIGN §3.6).
+
+openleadr's `OpenADRClient` speaks the protocol (XML, signatures, TLS, reports);
+this module decides what it says. Each event becomes dispatch requests for the
+core (see `openadr_events`), and the core's answer becomes the optIn/optOut.
+
+Why not `OpenADRClient.run()`: it gives up for good when the first registration
+fails and polls at a fixed rate forever, so the VEN drives registration and
+polling itself: retry with backoff while the VTN is unreachable, re-register
+when the VTN asks. Losing the VTN changes nothing the core already accepted:
+every request carries its own start and end, so the event neither stops early
+nor runs over.
+
+Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
+returned), `_report_queue_worker`, `_event_cleanup`, `report_requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from openleadr import OpenADRClient, enums, objects, utils
+
+from firmware_py.config import OpenAdrConfig
+from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, Verdict
+from firmware_py.dispatch import DispatchSink
+from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.errors import InputError
+
+log = logging.getLogger(__name__)
+
+OPT_IN = "optIn"
+OPT_OUT = "optOut"
+
+# Telemetry values are numbers in OpenADR, so the gateway state travels as a code.
+STATE_CODES: Mapping[str, int] = {
+    "idle": 1, "standby": 1, "ready": 1,
+    "dispatch": 2, "discharging": 2, "discharge": 2,
+    "charging": 3, "charge": 3,
+    "outage": 4, "backup": 4,
+    "opted_out": 5,
+    "fault": 6, "safe_stop": 6,
+    "lockout": 7,
+}
+UNKNOWN_STATE_CODE = 0
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What the VEN did with one event revision: for the log, the bench and the tests."""
+
+    event_id: str
+    revision: int
+    opt: str
+    answers: tuple[DispatchAnswer, ...] = ()
+    detail: str = ""
+
+    @property
+    def cap_w(self) -> float | None:
+        caps = [a.cap_w for a in self.answers if a.verdict is Verdict.CAPPED and a.cap_w is not None]
+        return min(caps) if caps else None
+
+
+@dataclass
+class _Tracked:
+    """An event the core has heard about: the revision it knows and the request ids it holds."""
+
+    revision: int
+    opt: str
+    request_ids: tuple[str, ...]
+    windows: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # id -> start, end, committed W
+
+
+class _Client(OpenADRClient):
+    """openleadr's client, telling its owner whether the last poll reached the VTN."""
+
+    poll_ok = False
+
+    async def poll(self) -> tuple[str | None, dict[str, Any]]:
+        response_type, payload = await super().poll()
+        self.poll_ok = response_type is not None
+        return response_type, payload
+
+    async def create_party_reregistration(self, registration_id: str | None = None) -> None:
+        # openleadr's own version stops the client if the VTN does not answer at once;
+        # forgetting the registration lets the VEN's loop register again, with backoff.
+        log.info("OpenADR: the VTN asked the VEN to register again")
+        self.registration_id = None
+
+
+class OpenAdrVen:
+    """The gateway's OpenADR 2.0b VEN, a `DispatchSource`.
+
+    `rating_w` (a number or a callable read at each event) is what SIMPLE levels
+    are shares of. `to_gateway_time` maps a VTN UTC datetime onto the sink's
+    clock: `datetime.timestamp` for `run`, a mapping for the simulator, where the
+    sink clock is simulated.
+    """
+
+    def __init__(self, config: OpenAdrConfig, rating_w: Callable[[], float] | float, *,
+                 to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
+                 source: str = SOURCE, retry_max_s: float = 30.0, report_min_s: float = 1.0,
+                 state_codes: Mapping[str, int] = STATE_CODES) -> None:
+        _check(config)
+        self.config = config
+        self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
+        self._to_gateway_time = to_gateway_time
+        self._source = source
+        self._retry_max_s = retry_max_s
+        self._report_min_s = max(1.0, report_min_s)  # openleadr's cron reporting needs whole seconds
+        self._state_codes = {k.lower(): v for k, v in state_codes.items()}
+        self._sink: DispatchSink | None = None
+        self._events: dict[str, _Tracked] = {}
+        self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
+        self.registered = False
+        self.registration_attempts = 0
+        self.failed_polls = 0
+        self.client: _Client | None = None
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, sink: DispatchSink) -> None:
+        """Register, poll and report until cancelled; a VTN outage only delays the next poll."""
+        self._sink = sink
+        client = self.client = self._make_client()
+        reporter: asyncio.Task[None] | None = None
+        backoff = _Backoff(self._retry_max_s)
+        try:
+            client.loop = asyncio.get_running_loop()
+            client.scheduler.start()
+            client.scheduler.add_job(client._event_cleanup, trigger="interval",
+                                     seconds=client.events_clean_up_period)
+            while True:
+                if client.registration_id is None:
+                    self.registered = await self._register(client)
+                    if not self.registered:
+                        await asyncio.sleep(backoff.next(self._poll_s(client)))
+                        continue
+                    if reporter is None and client.reports:
+                        reporter = asyncio.create_task(client._report_queue_worker())
+                await client._poll()
+                self._forget_ended()
+                if client.poll_ok:
+                    if backoff.failures:
+                        log.info("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
+                    backoff.reset()
+                    await asyncio.sleep(self._poll_s(client))
+                else:
+                    self.failed_polls += 1
+                    if not backoff.failures:
+                        log.warning("OpenADR: VTN unreachable; accepted events keep their windows, "
+                                    "polling again with backoff")
+                    await asyncio.sleep(backoff.next(self._poll_s(client)))
+        finally:
+            self.registered = False
+            if reporter is not None:
+                reporter.cancel()
+            if client.scheduler.running:
+                client.scheduler.shutdown(wait=False)
+            if client.client_session is not None:
+                await client.client_session.close()
+
+    def _make_client(self) -> _Client:
+        cfg = self.config
+        client = _Client(ven_name=cfg.ven_name, vtn_url=cfg.vtn_url,
+                         cert=cfg.cert or None, key=cfg.key or None, ca_file=cfg.ca_file or None,
+                         vtn_fingerprint=cfg.vtn_fingerprint or None, show_fingerprint=False)
+        if cfg.cert:
+            with open(cfg.cert) as file:
+                log.info("OpenADR: this VEN's certificate fingerprint is %s",
+                         utils.certificate_fingerprint(file.read()))
+        if cfg.cert and not cfg.vtn_fingerprint:
+            log.warning("OpenADR: no vtn_fingerprint configured: VTN message signatures are not checked")
+        client.add_handler("on_event", self._on_event)
+        client.add_handler("on_update_event", self._on_event)
+        self._add_reports(client)
+        return client
+
+    async def _register(self, client: _Client) -> bool:
+        """One registration attempt, as openleadr's run() does it, minus giving up."""
+        self.registration_attempts += 1
+        for request in client.report_requests:  # a re-registration asks for reports afresh
+            if request.get("job") is not None:
+                request["job"].remove()
+        client.report_requests.clear()
+        response_type, payload = await client.query_registration()
+        if response_type is None:
+            return False
+        request_id = (payload.get("response") or {}).get("request_id")
+        await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
+        if client.registration_id is None:
+            log.warning("OpenADR: registration of %r refused or unanswered by %s",
+                        self.config.ven_name, self.config.vtn_url)
+            return False
+        await client.register_reports(client.reports)
+        await client.sync_events()
+        return True
+
+    @staticmethod
+    def _poll_s(client: _Client) -> float:
+        frequency = client.poll_frequency or timedelta(seconds=10)
+        return min(max(frequency.total_seconds(), 0.1), 86_400.0)
+
+    # ------------------------------------------------------------------ events
+
+    async def _on_event(self, event: dict[str, Any]) -> str:
+        """openleadr's on_event and on_update_event: returns optIn or optOut, never raises."""
+        sink = self._sink
+        assert sink is not None, "events arrive only while run() is serving"
+        try:
+            rating = float(self._rating())
+        except Exception as err:  # a broken rating source must not cost the VTN an answer
+            log.error("OpenADR: rating unavailable: %s", err)
+            rating = math.nan
+        plan = translate_event(event, rating_w=rating, levels_pct=self.config.simple_levels_pct,
+                               to_gateway_time=self._to_gateway_time, received_at=sink.now(),
+                               source=self._source)
+        try:
+            return await self._apply(sink, plan, event)
+        except Exception:
+            log.exception("OpenADR: the core failed on an event; opting out of it")
+            return OPT_OUT
+
+    async def _apply(self, sink: DispatchSink, plan: EventPlan | DispatchAnswer, event: Any) -> str:
+        if isinstance(plan, DispatchAnswer):
+            return await self._refuse(sink, plan, event)
+        tracked = self._events.get(plan.event_id)
+        if plan.cancelled:
+            await self._cancel(sink, plan.event_id, tracked.request_ids if tracked else ())
+            self._events.pop(plan.event_id, None)
+            self._record(EventOutcome(plan.event_id, plan.revision, OPT_IN, detail="cancelled"))
+            return OPT_IN
+        if tracked is not None and plan.revision <= tracked.revision:
+            return tracked.opt  # a stale or repeated copy: the core already has this revision
+        if tracked is not None:
+            await self._cancel(sink, plan.event_id, tuple(set(tracked.request_ids) - set(plan.request_ids)))
+        answers = tuple([await self._answer(sink, request) for request in plan.requests])
+        served = [a for a in answers if a.verdict in (Verdict.ACCEPTED, Verdict.CAPPED)]
+        opt = OPT_IN if served else OPT_OUT
+        windows = {r.id: (r.start, r.end, a.cap_w if a.verdict is Verdict.CAPPED and a.cap_w is not None
+                          else r.target_w)
+                   for r, a in zip(plan.requests, answers) if a.verdict is not Verdict.REJECTED}
+        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, windows)
+        outcome = EventOutcome(plan.event_id, plan.revision, opt, answers,
+                               detail="; ".join(_describe(a) for a in answers))
+        self._record(outcome)
+        return opt
+
+    async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
+        answer = await sink.submit(request)
+        if answer is None:  # the contract says every request is answered; treat silence as a no
+            return DispatchAnswer(request.id, sink.now(), Verdict.REJECTED, detail="no answer from the core")
+        return answer
+
+    async def _refuse(self, sink: DispatchSink, refusal: DispatchAnswer, event: Any) -> str:
+        """A bad (or expired) revision: opt out, and withdraw what an earlier revision asked for."""
+        tracked = self._events.pop(refusal.request_id, None)
+        if tracked is not None:
+            await self._cancel(sink, refusal.request_id, tracked.request_ids)
+        revision = _revision_of(event)
+        self._record(EventOutcome(refusal.request_id, revision, OPT_OUT, (refusal,), _describe(refusal)))
+        return OPT_OUT
+
+    async def _cancel(self, sink: DispatchSink, event_id: str, request_ids: tuple[str, ...]) -> None:
+        for request_id in request_ids:
+            await sink.submit(DispatchCancel(id=request_id, source=self._source, received_at=sink.now()))
+
+    def _record(self, outcome: EventOutcome) -> None:
+        self.outcomes.append(outcome)
+        level = logging.INFO if outcome.opt == OPT_IN else logging.WARNING
+        log.log(level, "OpenADR event %s rev %d: %s (%s)", outcome.event_id, outcome.revision,
+                outcome.opt, outcome.detail)
+
+    def _forget_ended(self) -> None:
+        """Drop events whose every window has closed, so a long run's memory stays flat."""
+        if self._sink is None:
+            return
+        now = self._sink.now()
+        for event_id in [e for e, t in self._events.items()
+                         if t.windows and all(end <= now for _, end, _ in t.windows.values())]:
+            del self._events[event_id]
+
+    def committed_w(self) -> float:
+        """The W the gateway has committed to for the OpenADR interval running now (the cap if capped)."""
+        if self._sink is None:
+            return 0.0
+        now = self._sink.now()
+        return sum(w for t in self._events.values() for start, end, w in t.windows.values() if start <= now < end)
+
+    # ------------------------------------------------------------------ reports
+
+    def _add_reports(self, client: _Client) -> None:
+        """Offer the telemetry an aggregator needs; the VTN picks the interval."""
+        rate = objects.SamplingRate(min_period=timedelta(seconds=self._report_min_s),
+                                    max_period=timedelta(hours=1), on_change=False)
+        name = self.config.ven_name
+        items: list[tuple[Callable[[], list[tuple[datetime, float]]], str, str | None]] = [
+            (self._reading(lambda t: t.power_w), "REAL_POWER", "W"),
+            (self._reading(lambda t: t.soc_pct), "stateOfCharge", "%"),
+            (self._reading(lambda t: t.available_wh), "availableEnergy", "Wh"),
+            (self._reading(lambda t: self._state_code(t.state)), "gatewayState", "code"),
+            (self._reading(lambda t: self.committed_w()), "committedPower", "W"),
+        ]
+        for callback, measurement, unit in items:
+            client.add_report(callback=callback, resource_id=name, measurement=measurement, unit=unit,
+                              report_specifier_id=f"{name}-telemetry", r_id=f"{name}-{measurement}",
+                              report_name=enums.REPORT_NAME.TELEMETRY_USAGE,
+                              sampling_rate=rate, report_duration=timedelta(hours=1))
+
+    def _reading(self, pick: Callable[[Any], float | None]) -> Callable[[], list[tuple[datetime, float]]]:
+        """A report callback: the newest telemetry value, or nothing when it is unknown."""
+        def read() -> list[tuple[datetime, float]]:
+            if self._sink is None:
+                return []
+            try:
+                value = pick(self._sink.telemetry())
+            except Exception as err:
+                log.error("OpenADR: telemetry unavailable for a report: %s", err)
+                return []
+            if value is None or not math.isfinite(value):
+                return []
+            return [(datetime.now(timezone.utc), float(value))]
+        return read
+
+    def _state_code(self, state: str) -> int:
+        return self._state_codes.get(str(state).lower(), UNKNOWN_STATE_CODE)
+
+
+class _Backoff:
+    """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
+
+    def __init__(self, ceiling_s: float) -> None:
+        self.ceiling_s = ceiling_s
+        self.failures = 0
+
+    def next(self, base_s: float) -> float:
+        self.failures += 1
+        return min(base_s * 2 ** min(self.failures - 1, 16), max(self.ceiling_s, base_s))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _describe(answer: DispatchAnswer) -> str:
+    text = f"{answer.request_id}: {answer.verdict.value}"
+    if answer.cap_w is not None:
+        text += f" cap {answer.cap_w:.0f} W"
+    if answer.reason is not None:
+        text += f" {answer.reason.value}"
+    return text + (f" ({answer.detail})" if answer.detail else "")
+
+
+def _revision_of(event: Any) -> int:
+    try:
+        number = event["event_descriptor"]["modification_number"]
+        return number if isinstance(number, int) else -1
+    except (TypeError, KeyError, IndexError):
+        return -1
+
+
+def _check(config: OpenAdrConfig) -> None:
+    """Settings the config schema cannot check alone, named the way check-config names keys."""
+    key = "dispatch.openadr"
+    problems = []
+    if bool(config.cert) != bool(config.key):
+        problems.append(f"{key}: cert and key: give both (mutual TLS and signing) or neither")
+    if config.cert and not config.ca_file:
+        problems.append(f"{key}: ca_file: required with cert, to check the VTN's certificate")
+    if config.cert and not config.vtn_url.startswith("https://"):
+        problems.append(f"{key}: vtn_url: must be https:// when cert is set")
+    if not config.vtn_url.startswith(("http://", "https://")):
+        problems.append(f"{key}: vtn_url: must start with http:// or https://, got {config.vtn_url!r}")
+    levels = config.simple_levels_pct
+    if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
+        problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
+    if problems:
+        raise InputError(problems)

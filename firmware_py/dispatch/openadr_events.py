@@ -1,0 +1,224 @@
+"""OpenADR 2.0b events -> dispatch requests (DESIGN §3.6), with no I/O.
+
+Kept apart from the VEN so that every payload a VTN can send, however wrong,
+can be pushed through it by hypothesis: the answer is always either a plan of
+requests or a REJECTED answer saying what was wrong, never an exception, because
+a peer's bad message must not take the gateway's OpenADR link down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, ReasonCode, Verdict
+
+SOURCE = "openadr"
+LOAD_DISPATCH = "LOAD_DISPATCH"
+SIMPLE_NAMES = ("SIMPLE", "simple")
+
+# A request above this is a broken payload (or a unit mix-up), not something to cap:
+# no single residential DER is dispatched at 10 MW.
+MAX_TARGET_W = 10_000_000.0
+
+SI_SCALE = {"p": 1e-12, "n": 1e-9, "micro": 1e-6, "m": 1e-3, "c": 1e-2, "d": 1e-1,
+            "none": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+@dataclass(frozen=True)
+class EventPlan:
+    """What one OpenADR event (at one modificationNumber) asks of the gateway.
+
+    `requests` holds one request per interval that has not ended yet;
+    `request_ids` names every interval of the event, ended or not, so a
+    modification that drops an interval can cancel exactly what it dropped.
+    """
+
+    event_id: str
+    revision: int
+    cancelled: bool
+    requests: tuple[DispatchRequest, ...] = ()
+    request_ids: tuple[str, ...] = ()
+
+
+class _Invalid(Exception):
+    """The event is malformed; the message is the detail returned to the log."""
+
+
+def translate_event(event: Any, *, rating_w: float, levels_pct: Sequence[float],
+                    to_gateway_time: Callable[[datetime], float], received_at: float,
+                    source: str = SOURCE) -> EventPlan | DispatchAnswer:
+    """Turn one openleadr event dict into a plan, or a REJECTED answer naming the fault.
+
+    `to_gateway_time` maps the event's UTC datetimes onto the core's clock
+    (identity-ish `datetime.timestamp` in `run`, a mapping in the simulator);
+    `received_at` is that clock's now. Intervals that have already ended get no
+    request; if none is left the answer is EXPIRED.
+    """
+    event_id = _event_id_of(event)
+    try:
+        return _translate(event, event_id, rating_w, levels_pct, to_gateway_time, received_at, source)
+    except _Invalid as err:
+        return _refusal(event_id, received_at, ReasonCode.INVALID, str(err))
+    except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+        # Last line of defence: whatever slipped past the checks below is still a bad payload.
+        return _refusal(event_id, received_at, ReasonCode.INVALID,
+                        f"malformed event: {type(err).__name__}: {err}")
+
+
+def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[float],
+               to_gateway_time: Callable[[datetime], float], received_at: float,
+               source: str) -> EventPlan | DispatchAnswer:
+    descriptor = _mapping(_mapping(event, "event").get("event_descriptor"), "event_descriptor")
+    if not isinstance(descriptor.get("event_id"), str) or not descriptor["event_id"]:
+        raise _Invalid("event_descriptor.event_id is missing or not a string")
+    revision = descriptor.get("modification_number")
+    if not _is_int(revision) or revision < 0:
+        raise _Invalid(f"modification_number must be a whole number >= 0, got {revision!r}")
+    if descriptor.get("event_status") == "cancelled":
+        return EventPlan(event_id, revision, cancelled=True)
+
+    signal = _pick_signal(event)
+    name = signal["signal_name"]
+    windows = _windows(event, signal, to_gateway_time)
+    ids = tuple(event_id if len(windows) == 1 else f"{event_id}#{index}" for index in range(len(windows)))
+    if name == LOAD_DISPATCH:
+        scale = _load_dispatch_scale(signal)
+        targets = [_dispatch_target(payload * scale) for _, _, payload in windows]
+    else:
+        if not (math.isfinite(rating_w) and rating_w > 0):
+            return _refusal(event_id, received_at, ReasonCode.NO_DATA,
+                            f"SIMPLE level needs the gateway's rating, which is unknown ({rating_w!r})")
+        targets = [_simple_target(payload, rating_w, levels_pct) for _, _, payload in windows]
+
+    requests = tuple(
+        DispatchRequest(id=request_id, source=source,
+                        kind=DispatchKind.DISCHARGE if target > 0 else DispatchKind.STOP,
+                        target_w=target, start=start, end=end, received_at=received_at, revision=revision)
+        for request_id, (start, end, _), target in zip(ids, windows, targets)
+        if end > received_at
+    )
+    if not requests:
+        return _refusal(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
+    return EventPlan(event_id, revision, cancelled=False, requests=requests, request_ids=ids)
+
+
+def _pick_signal(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """LOAD_DISPATCH if present (a SIMPLE signal may ride along with it), else SIMPLE."""
+    signals = event.get("event_signals")
+    if isinstance(signals, Mapping):  # openleadr sometimes nests the list one level deeper
+        signals = signals.get("event_signals")
+    if not isinstance(signals, list) or not signals:
+        raise _Invalid("event has no event_signals")
+    if not all(isinstance(s, Mapping) for s in signals):
+        raise _Invalid("an event signal is not a structure")
+    names = [s.get("signal_name") for s in signals]
+    for wanted in ((LOAD_DISPATCH,), SIMPLE_NAMES):
+        found = [s for s in signals if s.get("signal_name") in wanted]
+        if len(found) > 1:
+            raise _Invalid(f"{len(found)} {wanted[0]} signals in one event: ambiguous")
+        if found:
+            return found[0]
+    raise _Invalid(f"no LOAD_DISPATCH or SIMPLE signal (got {', '.join(map(repr, names))})")
+
+
+def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
+             to_gateway_time: Callable[[datetime], float]) -> list[tuple[float, float, float]]:
+    """(start, end, payload) per interval on the gateway clock.
+
+    An interval without its own dtstart follows the previous one, starting at
+    the active period's dtstart, as OpenADR lays them out.
+    """
+    intervals = signal.get("intervals")
+    if not isinstance(intervals, list) or not intervals:
+        raise _Invalid(f"{signal['signal_name']} signal has no intervals")
+    period = event.get("active_period")
+    at = _datetime(period.get("dtstart"), "active_period.dtstart") if isinstance(period, Mapping) else None
+    windows = []
+    for index, interval in enumerate(intervals):
+        where = f"interval {index}"
+        interval = _mapping(interval, where)
+        if interval.get("dtstart") is not None:
+            at = _datetime(interval["dtstart"], f"{where}.dtstart")
+        if at is None:
+            raise _Invalid(f"{where} has no start (no dtstart and no active_period)")
+        duration = interval.get("duration")
+        if not isinstance(duration, timedelta):
+            raise _Invalid(f"{where}.duration must be a duration, got {duration!r}")
+        if duration <= timedelta(0):
+            raise _Invalid(f"{where}.duration must be > 0 (open-ended events are not supported), got {duration}")
+        payload = interval.get("signal_payload")
+        if not _is_real(payload) or not math.isfinite(payload):
+            raise _Invalid(f"{where}.signal_payload must be a finite number, got {payload!r}")
+        end = at + duration
+        start_s, end_s = to_gateway_time(at), to_gateway_time(end)
+        if not (_is_real(start_s) and _is_real(end_s) and math.isfinite(start_s) and math.isfinite(end_s)):
+            raise _Invalid(f"{where} cannot be placed on the gateway clock")
+        windows.append((float(start_s), float(end_s), float(payload)))
+        at = end
+    return windows
+
+
+def _load_dispatch_scale(signal: Mapping[str, Any]) -> float:
+    """W per payload unit: DESIGN says kW, and a powerReal measurement may say so explicitly."""
+    if signal.get("signal_type", "setpoint") != "setpoint":
+        raise _Invalid(f"LOAD_DISPATCH signal_type {signal.get('signal_type')!r} is not supported "
+                       "(only 'setpoint')")
+    measurement = signal.get("measurement")
+    if measurement is None:
+        return 1e3
+    measurement = _mapping(measurement, "LOAD_DISPATCH measurement")
+    if measurement.get("unit") != "W":
+        raise _Invalid(f"LOAD_DISPATCH unit must be W (powerReal), got {measurement.get('unit')!r}")
+    scale = measurement.get("scale") or "none"
+    if scale not in SI_SCALE:
+        raise _Invalid(f"unknown SI scale code {scale!r}")
+    return SI_SCALE[scale]
+
+
+def _dispatch_target(watts: float) -> float:
+    if not math.isfinite(watts) or watts < 0:
+        raise _Invalid(f"LOAD_DISPATCH target must be >= 0 W (discharge), got {watts!r} W")
+    if watts > MAX_TARGET_W:
+        raise _Invalid(f"LOAD_DISPATCH target {watts:.6g} W is implausible (above {MAX_TARGET_W:.0f} W)")
+    return watts
+
+
+def _simple_target(level: float, rating_w: float, levels_pct: Sequence[float]) -> float:
+    if level not in (0, 1, 2, 3):
+        raise _Invalid(f"SIMPLE level must be 0, 1, 2 or 3, got {level!r}")
+    return 0.0 if level == 0 else rating_w * float(levels_pct[int(level) - 1]) / 100.0
+
+
+def _refusal(event_id: str, at: float, reason: ReasonCode, detail: str) -> DispatchAnswer:
+    return DispatchAnswer(request_id=event_id, at=at, verdict=Verdict.REJECTED, reason=reason, detail=detail)
+
+
+def _event_id_of(event: Any) -> str:
+    """The id to answer under, even when the event is too broken to translate."""
+    descriptor = event.get("event_descriptor") if isinstance(event, Mapping) else None
+    event_id = descriptor.get("event_id") if isinstance(descriptor, Mapping) else None
+    return event_id if isinstance(event_id, str) and event_id else "<unknown event>"
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"{where} must be a structure, got {type(value).__name__}")
+    return value
+
+
+def _datetime(value: Any, where: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise _Invalid(f"{where} must be a UTC date-time, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
