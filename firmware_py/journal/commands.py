@@ -52,7 +52,8 @@ def report(args: argparse.Namespace) -> int:
 def chain_line(count: int, problems: list[str]) -> str:
     if not problems:
         return f"chain: intact ({count} records)"
-    return f"chain: BROKEN ({count} records, {len(problems)} problems)"
+    noun = "problem" if len(problems) == 1 else "problems"
+    return f"chain: BROKEN ({count} records, {len(problems)} {noun})"
 
 
 def _print_text(events: list[EventSummary], count: int, problems: list[str]) -> None:

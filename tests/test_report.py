@@ -1,0 +1,158 @@
+"""`powershare-gw report` on real journal files: numbers, formats, chain verdict and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from firmware_py.core import types as t
+from firmware_py.errors import InputError
+from firmware_py.journal import Journal
+from firmware_py.journal import commands
+
+
+def main(argv: Sequence[str]) -> int:
+    """The real CLI once it registers `report`; until then the same handler behind the CLI's exit mapping."""
+    from firmware_py import cli
+
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "report" in subcommands.choices:
+        return cli.main(list(argv))
+    parser = argparse.ArgumentParser(prog="powershare-gw")
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(list(argv))
+    try:
+        return args.handler(args)
+    except InputError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
+
+
+@pytest.fixture
+def journal_path(tmp_path: Path) -> Path:
+    """Two events: one delivered with a fault inside, one rejected."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal, journal.batch():
+        for item in (
+            t.DispatchRequest("peak-1", "scenario", t.DispatchKind.DISCHARGE, 11500, 120, 14520, 60),
+            t.DispatchAnswer("peak-1", 60, t.Verdict.ACCEPTED),
+            t.Transition(120, "IDLE", "DISCHARGING", "dispatch: peak-1"),
+            t.FaultRaised(3600, "bms_fault", "BMS state FAULT"),
+            t.FaultCleared(3605, "bms_fault"),
+            t.EventEnergy(7200, "peak-1", 22000, 22050),
+            t.DispatchEnded(14520, "peak-1", "window closed"),
+            t.EventEnergy(14520, "peak-1", 45210.5, 45000.0, final=True),
+            t.DispatchRequest("peak-2", "openadr", t.DispatchKind.DISCHARGE, 8000, 20000, 23600, 15000),
+            t.DispatchAnswer("peak-2", 15000, t.Verdict.REJECTED, reason=t.ReasonCode.INSUFFICIENT_ENERGY),
+        ):
+            journal.append_event(item)
+    return path
+
+
+def test_text_report_shows_energy_timeline_and_an_intact_chain(journal_path, capsys):
+    assert main(["report", "--journal", str(journal_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("chain: intact (10 records)")
+    peak_row = next(line for line in out.splitlines() if "peak-1" in line and "scenario" in line)
+    for value in ("11500", "accepted", "45210.5", "45000.0", "0.47", "yes"):
+        assert value in peak_row
+    assert "rejected INSUFFICIENT_ENERGY" in out
+    assert "fault raised: bms_fault (BMS state FAULT)" in out
+    assert "IDLE -> DISCHARGING: dispatch: peak-1" in out
+
+
+def test_json_report_carries_the_numbers(journal_path, capsys):
+    assert main(["report", "--journal", str(journal_path), "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["chain"] == {"intact": True, "records": 10, "problems": []}
+    peak, rejected = document["events"]
+    assert (peak["request_id"], peak["meter_wh"], peak["integrated_wh"], peak["final"]) == (
+        "peak-1", 45210.5, 45000.0, True)
+    assert peak["discrepancy_pct"] == pytest.approx((45210.5 - 45000) / 45210.5 * 100)
+    assert (peak["start"], peak["end"], peak["ended_at"]) == (120, 14520, 14520)
+    assert [e["kind"] for e in peak["timeline"]].count("FaultRaised") == 1
+    assert (rejected["verdict"], rejected["reason"], rejected["meter_wh"]) == (
+        "rejected", "INSUFFICIENT_ENERGY", 0.0)
+
+
+def test_csv_report_has_one_row_per_event_and_the_chain_on_stderr(journal_path, capsys):
+    assert main(["report", "--journal", str(journal_path), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [r["request_id"] for r in rows] == ["peak-1", "peak-2"]
+    assert (rows[0]["meter_wh"], rows[0]["integrated_wh"], rows[0]["final"]) == ("45210.5", "45000.0", "true")
+    assert (rows[1]["verdict"], rows[1]["reason"], rows[1]["cap_w"]) == ("rejected", "INSUFFICIENT_ENERGY", "")
+    assert "chain: intact (10 records)" in captured.err
+
+
+def test_event_option_selects_one_event(journal_path, capsys):
+    assert main(["report", "--journal", str(journal_path), "--event", "peak-2", "--format", "json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [e["request_id"] for e in document["events"]] == ["peak-2"]
+
+
+def test_unknown_event_is_bad_input(journal_path, capsys):
+    assert main(["report", "--journal", str(journal_path), "--event", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no dispatch event with id 'nope'" in err and str(journal_path) in err
+
+
+def test_broken_chain_prints_the_problems_and_fails(journal_path, capsys):
+    conn = sqlite3.connect(journal_path)
+    conn.execute("DROP TRIGGER records_no_update")
+    conn.execute("UPDATE records SET payload = replace(payload, '45210.5', '95210.5') WHERE seq = 8")
+    conn.commit()
+    conn.close()
+    assert main(["report", "--journal", str(journal_path)]) == 1
+    out = capsys.readouterr().out
+    assert "chain: BROKEN (10 records, 1 problem)" in out
+    assert "record 8: contents do not match its hash (edited)" in out
+    assert main(["report", "--journal", str(journal_path), "--format", "json"]) == 1
+    chain = json.loads(capsys.readouterr().out)["chain"]
+    assert chain["intact"] is False and chain["problems"] == ["record 8: contents do not match its hash (edited)"]
+
+
+def test_report_does_not_create_or_change_the_file(tmp_path, capsys):
+    missing = tmp_path / "missing.sqlite"
+    assert main(["report", "--journal", str(missing)]) == 2
+    assert "no such journal file" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"timestamp,kind\n1,foo\n" * 100, "not an SQLite database"),
+    (b"", "empty database"),
+])
+def test_files_that_are_not_journals_are_bad_input(tmp_path, capsys, content, message):
+    path = tmp_path / "journal.sqlite"
+    path.write_bytes(content)
+    assert main(["report", "--journal", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+
+
+def test_foreign_sqlite_is_bad_input(tmp_path, capsys):
+    path = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE records (id INTEGER)")
+    conn.commit()
+    conn.close()
+    assert main(["report", "--journal", str(path)]) == 2
+    assert "foreign SQLite schema" in capsys.readouterr().err
+
+
+def test_empty_journal_reports_no_events_and_an_intact_chain(tmp_path, capsys):
+    path = tmp_path / "journal.sqlite"
+    Journal.open(path).close()
+    assert main(["report", "--journal", str(path)]) == 0
+    assert "chain: intact (0 records)" in capsys.readouterr().out
