@@ -278,7 +278,8 @@ class SimInverterServer:
 
         m = self.model
         if m.active(Fault.DROP_CONNECTION):
-            self.drop_connections()
+            if not self.rtu or self.rtu.startswith("socket://"):
+                self.drop_connections()  # a serial line cannot drop: it goes silent instead
             raise NoSuchIdException("dropped")  # with ignore_missing_devices: no reply at all
         if m.active(Fault.SLOW_REPLY):
             await asyncio.sleep(self.slow_reply_s)
@@ -335,6 +336,7 @@ class ConstantPack:
 
     max_discharge_w: float = 11_500.0
     max_charge_w: float = 11_500.0
+    soc_pct: float = 80.0
 
 
 async def run_realtime(model: InverterModel, server: SimInverterServer, pack: ConstantPack,
@@ -364,6 +366,7 @@ def _run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         model = InverterModel(now=time.time(), unit_id=args.unit_id)
+        model.soc_pct = ConstantPack.soc_pct
         server = SimInverterServer(model, host, port, rtu=args.rtu)
         try:
             bound = await server.start()

@@ -1,7 +1,70 @@
-"""Subcommands of this subsystem (filled in by its issue)."""
+"""`powershare-gw inverter probe`: what the gateway's client sees, for installers."""
+
+from __future__ import annotations
 
 import argparse
+import asyncio
+import time
+
+from firmware_py import config
+from firmware_py.errors import InputError
+
+
+def _fmt(value: object, unit: str = "") -> str:
+    if value is None:
+        return "not implemented"
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return f"{value} {unit}".strip()
+
+
+async def _probe(settings: config.InverterConfig) -> list[str]:
+    from firmware_py.core.types import InverterState
+    from firmware_py.inverter.client import InverterClient, LinkError
+
+    client = InverterClient(settings, time.time)
+    try:
+        disc = await client.connect()
+    except LinkError as err:
+        raise InputError(f"inverter: {err}") from None
+    try:
+        status = await client.read_status()
+    finally:
+        await client.close()
+    c, r = disc.common, disc.ratings
+    lines = [
+        f"SunSpec device at base {disc.base}: {_fmt(c.get('Mn'))} {_fmt(c.get('Md'))} "
+        f"serial {_fmt(c.get('SN'))} version {_fmt(c.get('Vr'))}",
+        "models: " + ", ".join(f"{m} @{at} (L={length})" for m, (at, length) in disc.models.items()),
+        f"ratings: WMaxRtg {_fmt(r.get('WMaxRtg'), 'W')}, WDisChaRteMaxRtg {_fmt(r.get('WDisChaRteMaxRtg'), 'W')}, "
+        f"WChaRteMaxRtg {_fmt(r.get('WChaRteMaxRtg'), 'W')}, VNomRtg {_fmt(r.get('VNomRtg'), 'V')}",
+    ]
+    if disc.storage is not None:
+        s = disc.storage
+        lines.append(f"storage (713): WHRtg {_fmt(s.get('WHRtg'), 'Wh')}, SoC {_fmt(s.get('SoC'), '%')}")
+    if not status.comms_ok:
+        lines.append(f"state: unreadable: {status.error}")
+        return lines
+    lines.append(
+        f"state: {InverterState(status.inv_state).name}, W {_fmt(status.measured_w, 'W')}, "
+        f"WSet {_fmt(status.wset_w, 'W')}, grid {'connected' if status.grid_connected else 'DISCONNECTED'}"
+        f"{', GRID OUTAGE' if status.grid_outage else ''}, alarms 0x{status.alarms:08x}, "
+        f"TotWhInj {_fmt(status.tot_wh_inj, 'Wh')}, TotWhAbs {_fmt(status.tot_wh_abs, 'Wh')}")
+    return lines
+
+
+def _probe_cmd(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    for line in asyncio.run(_probe(cfg.inverter)):
+        print(line)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `inverter probe`."""
+    p = sub.add_parser("inverter", help="the inverter link (SunSpec Modbus)")
+    p.set_defaults(handler=lambda args: p.print_help() or 0)
+    actions = p.add_subparsers(dest="inverter_action", metavar="ACTION")
+    probe = actions.add_parser("probe", help="connect, discover the SunSpec models and print ratings and state")
+    probe.add_argument("--config", required=True, help="the gateway's TOML configuration ([inverter] section)")
+    probe.set_defaults(handler=_probe_cmd)

@@ -1,0 +1,375 @@
+"""The gateway's SunSpec Modbus client for the inverter (DESIGN §3.5).
+
+The inverter is the only part that moves energy, so this client's one promise
+is that a broken link never surprises the core: every failure (timeout,
+disconnect, Modbus exception, a reply that does not fit the model) becomes
+`InverterStatus(comms_ok=False, error=cause)`, logged once per cause, and the
+inverter's own revert timer (armed on every write) takes it to 0 W if the
+gateway goes silent.
+
+Discovery walks the model chain instead of trusting offsets; scale factors are
+read once per connection. The command path writes one contiguous 704 block
+(WSetEna..WSetRvrtTms) only when the setpoint changes or a refresh is due, so
+an event (a BMS fault) costs exactly one write before the inverter has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_py.config import InverterConfig
+from firmware_py.core.types import InverterCommand, InverterState, InverterStatus
+from firmware_py.inverter.sunspec import BASE_ADDRESSES, END_MODEL_ID, SUNS_MARKER, ModelDef, SunSpecError
+
+log = logging.getLogger(__name__)
+
+MAX_READ = 125  # registers per Modbus read
+MAX_MODELS = 64  # a chain longer than this is a device bug, not a device
+M701, M702, M704, M713 = (ModelDef.load(m) for m in (701, 702, 704, 713))
+STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .. TotWhAbs
+CONTROL_SPAN = M704.span("WSetEna", "WSetRvrtTms")
+WSET_SPAN = M704.span("WSetEna", "WSet")
+GRID_DISCONNECT = M701.point("Alrm").symbol("GRID_DISCONNECT")
+CONNECTED = M701.point("ConnSt").symbol("CONNECTED")
+WATTS = M704.point("WSetMod").symbol("WATTS")
+ENABLED = M704.point("WSetEna").symbol("ENABLED")
+
+
+class LinkError(Exception):
+    """One failed exchange with the inverter; `str()` is the cause an installer reads."""
+
+    def __init__(self, cause: str, *, drop: bool = True):
+        super().__init__(cause)
+        self.drop = drop
+        """True when the connection itself is suspect and must be reopened."""
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What the inverter is: its SunSpec base, model chain and static facts."""
+
+    base: int
+    models: dict[int, tuple[int, int]]
+    """Model id -> (address of its ID register, L)."""
+    common: dict[str, Any] = field(default_factory=dict)
+    ratings: dict[str, Any] = field(default_factory=dict)
+    storage: dict[str, Any] | None = None
+
+    def address(self, model_id: int, point: str = "ID") -> int:
+        return self.models[model_id][0] + ModelDef.load(model_id).offset(point)
+
+
+class InverterClient:
+    """Async SunSpec client over Modbus TCP or RTU; see the module docstring for its promises."""
+
+    def __init__(self, settings: InverterConfig, clock: Callable[[], float], *,
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0):
+        self.settings = settings
+        self.clock = clock
+        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.discovery: Discovery | None = None
+        self._client: Any = None
+        self._sfs: dict[int, dict[str, int | None]] = {}
+        self._control_regs: list[int] = []
+        self._written: int | None = None
+        self._written_at = -math.inf
+        self._backoff = 0.0
+        self._next_attempt = -math.inf
+        self._error: str | None = None
+        self._logged: str | None = None
+
+    @property
+    def refresh_s(self) -> float:
+        """Rewrite an unchanged setpoint this often: well inside the inverter's revert time."""
+        return self.settings.revert_timeout_s / 3.0
+
+    @property
+    def connected(self) -> bool:
+        return self.discovery is not None and self._client is not None and self._client.connected
+
+    # --- connection -------------------------------------------------------------
+    async def connect(self) -> Discovery:
+        """Open the link, discover the model chain, read ratings and scale factors; raises LinkError."""
+        await self._close_transport()
+        s = self.settings
+        try:
+            if s.transport == "rtu":
+                from pymodbus.client import AsyncModbusSerialClient
+
+                self._client = AsyncModbusSerialClient(s.serial_port, baudrate=s.baudrate, timeout=s.timeout_s,
+                                                       retries=0, reconnect_delay=0)
+            else:
+                from pymodbus.client import AsyncModbusTcpClient
+
+                self._client = AsyncModbusTcpClient(s.host, port=s.port, timeout=s.timeout_s, retries=0,
+                                                    reconnect_delay=0)
+            ok = await asyncio.wait_for(self._client.connect(), s.timeout_s + 1.0)
+        except (OSError, asyncio.TimeoutError, ValueError) as err:
+            ok, detail = False, f": {err}" if str(err) else ""
+        else:
+            detail = ""
+        if not ok:
+            await self._close_transport()
+            raise LinkError(f"cannot connect to {self._where()}{detail}")
+        try:
+            self.discovery = await self._discover()
+        except LinkError:
+            await self._close_transport()
+            raise
+        self._written, self._written_at = None, -math.inf
+        self._backoff = 0.0
+        self._recovered()
+        return self.discovery
+
+    async def close(self) -> None:
+        await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        client, self._client, self.discovery = self._client, None, None
+        if client is not None:
+            client.close()
+
+    def _where(self) -> str:
+        s = self.settings
+        return f"RTU {s.serial_port} unit {s.unit_id}" if s.transport == "rtu" else f"{s.host}:{s.port} unit {s.unit_id}"
+
+    async def _ensure(self) -> None:
+        """Reconnect when the link is down and the backoff has passed; raises LinkError."""
+        if self.connected:
+            return
+        now = self.clock()
+        if now < self._next_attempt:
+            raise LinkError(self._error or "not connected", drop=False)
+        try:
+            await self.connect()
+        except LinkError:
+            self._backoff = min(max(self._backoff * 2, self.backoff_min_s), self.backoff_max_s)
+            self._next_attempt = now + self._backoff
+            raise
+
+    # --- discovery ----------------------------------------------------------------
+    async def _discover(self) -> Discovery:
+        base = await self._find_base()
+        headers, addr = [], base + 2
+        for _ in range(MAX_MODELS):
+            model_id, length = await self._read(addr, 2)
+            if model_id == END_MODEL_ID:
+                break
+            headers.append((addr, model_id, length))
+            addr += length + 2
+        else:
+            raise LinkError(f"SunSpec model chain at {base} has no end model within {MAX_MODELS} models")
+        models: dict[int, tuple[int, int]] = {}
+        for at, model_id, length in headers:
+            known = _known(model_id)
+            if known is not None and length < known.length:
+                raise LinkError(f"model {model_id} at {at} has L={length}, its definition needs {known.length}")
+            models.setdefault(model_id, (at, length))
+        for needed in (701, 704):
+            if needed not in models:
+                raise LinkError(f"inverter has no SunSpec model {needed} (found {sorted(models)}): cannot use it")
+        disc = Discovery(base, models)
+        common = await self._read_model(disc, 1) if 1 in models else {}
+        ratings = await self._read_model(disc, 702) if 702 in models else {}
+        storage = await self._read_model(disc, 713) if 713 in models else None
+        m701 = await self._read_model(disc, 701, scaled=False)
+        m704 = await self._read_model(disc, 704, scaled=False)
+        self._sfs = {701: _sfs(M701, m701), 704: _sfs(M704, m704)}
+        lo, count = CONTROL_SPAN
+        self._control_regs = await self._read(disc.address(704) + lo, count)
+        return Discovery(base, models, common, ratings, storage)
+
+    async def _find_base(self) -> int:
+        tried = []
+        for base in BASE_ADDRESSES:
+            try:
+                marker = await self._read(base, 2)
+            except LinkError as err:
+                if err.drop:
+                    raise
+                tried.append(f"{base}: {err}")
+                continue
+            if tuple(marker) == SUNS_MARKER:
+                return base
+            tried.append(f"{base}: no 'SunS' marker")
+        raise LinkError("not a SunSpec device (" + "; ".join(tried) + ")")
+
+    async def _read_model(self, disc: Discovery, model_id: int, *, scaled: bool = True) -> dict[str, Any]:
+        at, length = disc.models[model_id]
+        mdef = ModelDef.load(model_id)
+        regs = await self._read(at, min(length + 2, mdef.size))
+        if regs[0] != model_id:
+            raise LinkError(f"model {model_id} at {at} now reads as model {regs[0]}")
+        return mdef.decode(regs, scaled=scaled)
+
+    # --- status -------------------------------------------------------------------
+    async def read_status(self) -> InverterStatus:
+        """Poll the inverter; never raises: a failure is a status with comms_ok=False."""
+        try:
+            await self._ensure()
+            assert self.discovery is not None
+            status = await self._status(self.discovery)
+        except LinkError as err:
+            return await self._failed(err)
+        self._recovered()
+        return status
+
+    async def _status(self, disc: Discovery) -> InverterStatus:
+        lo, count = STATUS_SPAN
+        regs = await self._read(disc.address(701) + lo, count)
+        if regs[0] != 701:
+            raise LinkError(f"model 701 at {disc.address(701)} now reads as model {regs[0]}")
+        v = M701.decode(regs, lo, sfs=self._sfs[701])
+        wlo, wcount = WSET_SPAN
+        ctl = M704.decode(await self._read(disc.address(704) + wlo, wcount), wlo, sfs=self._sfs[704])
+        inv_state = v["InvSt"]
+        if v["W"] is None:
+            raise LinkError("model 701 W is 'not implemented': cannot measure power")
+        if inv_state is not None and inv_state not in InverterState._value2member_map_:
+            raise LinkError(f"model 701 InvSt={inv_state} is not a defined state")
+        alarms = v["Alrm"] or 0
+        r = disc.ratings
+        return InverterStatus(
+            received_at=self.clock(), measured_w=float(v["W"]),
+            inv_state=InverterState.OFF if inv_state is None else inv_state,
+            grid_connected=v["ConnSt"] in (None, CONNECTED), grid_outage=bool(alarms >> GRID_DISCONNECT & 1),
+            alarms=alarms, tot_wh_inj=float(v["TotWhInj"] or 0.0), tot_wh_abs=float(v["TotWhAbs"] or 0.0),
+            w_max_rtg=float(r.get("WMaxRtg") or 0.0), w_cha_max_rtg=float(r.get("WChaRteMaxRtg") or 0.0),
+            w_discha_max_rtg=float(r.get("WDisChaRteMaxRtg") or 0.0),
+            wset_w=ctl["WSet"] if ctl.get("WSetEna") == ENABLED else 0.0,
+        )
+
+    # --- commands -----------------------------------------------------------------
+    async def apply(self, cmd: InverterCommand) -> None:
+        """Send `cmd` if it differs from what the inverter has or a refresh is due; never raises.
+
+        Disconnected, it only remembers nothing: the poll loop reconnects and
+        the next apply writes (the inverter's revert timer holds 0 W meanwhile).
+        """
+        await self._command(cmd.setpoint_w, force=False)
+
+    async def safe_stop(self) -> None:
+        """WSet = 0 now, whatever was written before."""
+        await self._command(0.0, force=True)
+
+    async def _command(self, setpoint_w: float, *, force: bool) -> None:
+        if not self.connected:
+            return
+        assert self.discovery is not None
+        raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
+        now = self.clock()
+        if not force and raw == self._written and now - self._written_at < self.refresh_s:
+            return
+        lo, count = CONTROL_SPAN
+        block = self._control_block(raw)
+        addr = self.discovery.address(704) + lo
+        try:
+            await self._write(addr, block)
+            self._written, self._written_at = raw, now
+            back = await self._read(addr, count)
+            if back != block:
+                self._written = None
+                raise LinkError(f"704 read-back differs from what was written (WSet raw {raw}): "
+                                f"{_diff(M704, lo, block, back)}", drop=False)
+        except LinkError as err:
+            self._written = None
+            await self._failed(err)
+
+    def _control_block(self, raw_wset: int) -> list[int]:
+        """WSetEna..WSetRvrtTms: WATTS mode, the setpoint, and the revert to 0 W armed."""
+        lo, _ = CONTROL_SPAN
+        block = list(self._control_regs)
+        tms = max(1, int(self.settings.revert_timeout_s))
+        for name, value in (("WSetEna", ENABLED), ("WSetMod", WATTS), ("WSet", raw_wset), ("WSetRvrt", 0),
+                            ("WSetEnaRvrt", ENABLED), ("WSetRvrtTms", tms)):
+            p = M704.point(name)
+            block[p.offset - lo:p.offset - lo + p.size] = p.from_raw(value)
+        return block
+
+    # --- one exchange -----------------------------------------------------------------
+    async def _read(self, addr: int, count: int) -> list[int]:
+        out: list[int] = []
+        while count > 0:
+            n = min(count, MAX_READ)
+            reply = await self._exchange(f"reading {addr}+{n}", self._client.read_holding_registers,
+                                         addr, count=n, device_id=self.settings.unit_id)
+            regs = list(getattr(reply, "registers", []) or [])
+            if len(regs) != n:
+                raise LinkError(f"reply to reading {addr}+{n} carried {len(regs)} registers")
+            out += regs
+            addr, count = addr + n, count - n
+        return out
+
+    async def _write(self, addr: int, values: list[int]) -> None:
+        await self._exchange(f"writing {addr}+{len(values)}", self._client.write_registers,
+                             addr, values, device_id=self.settings.unit_id)
+
+    async def _exchange(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from pymodbus.exceptions import ModbusException
+
+        if self._client is None or not self._client.connected:
+            raise LinkError(f"{what}: not connected to {self._where()}")
+        try:
+            reply = await asyncio.wait_for(call(*args, **kwargs), self.settings.timeout_s + 0.5)
+        except (asyncio.TimeoutError, ModbusException) as err:
+            if self._client is None or not self._client.connected:
+                raise LinkError(f"{what}: connection closed by the inverter") from None
+            if isinstance(err, asyncio.TimeoutError) or "No response" in str(err):
+                raise LinkError(f"{what}: no reply within {self.settings.timeout_s} s") from None
+            raise LinkError(f"{what}: {str(err).strip()}") from None
+        except OSError as err:
+            raise LinkError(f"{what}: {err}") from None
+        if reply is None:
+            raise LinkError(f"{what}: no reply")
+        if reply.isError():
+            code = getattr(reply, "exception_code", None)
+            raise LinkError(f"{what}: Modbus exception {code} ({_exception_name(code)})", drop=False)
+        return reply
+
+    # --- failure bookkeeping ------------------------------------------------------------
+    async def _failed(self, err: LinkError) -> InverterStatus:
+        cause = str(err)
+        if err.drop and self._client is not None:
+            await self._close_transport()
+            self._next_attempt = self.clock() + self._backoff
+            cause = f"{cause} (link closed, reconnecting)"
+        if cause != self._logged:
+            log.warning("inverter %s: %s", self._where(), cause)
+            self._logged = cause
+        self._error = cause
+        return InverterStatus(received_at=self.clock(), comms_ok=False, error=cause)
+
+    def _recovered(self) -> None:
+        if self._logged is not None:
+            log.info("inverter %s: link healthy again", self._where())
+        self._logged = self._error = None
+
+
+def _known(model_id: int) -> ModelDef | None:
+    try:
+        return ModelDef.load(model_id)
+    except SunSpecError:
+        return None
+
+
+def _sfs(mdef: ModelDef, raw: dict[str, Any]) -> dict[str, int | None]:
+    return {n: raw.get(n) for n, p in mdef.points.items() if p.type == "sunssf"}
+
+
+def _diff(mdef: ModelDef, lo: int, wrote: list[int], read: list[int]) -> str:
+    a, b = mdef.decode(wrote, lo, scaled=False), mdef.decode(read, lo, scaled=False)
+    return ", ".join(f"{n} wrote {a[n]} read {b.get(n)}" for n in a if a[n] != b.get(n)) or "registers differ"
+
+
+def _exception_name(code: int | None) -> str:
+    from pymodbus.constants import ExcCodes
+
+    try:
+        return ExcCodes(code).name.lower().replace("_", " ")
+    except ValueError:
+        return "unknown"
