@@ -1,0 +1,10 @@
+"""The vehicle side: BMS frames on CAN -> `BmsSnapshot` (DESIGN §3.4).
+
+`BmsReader` decodes and judges frames, `BmsListener` plugs it into a python-can
+Notifier, `captures` reads recorded traffic (python-can logs and ELM327 text),
+and `commands` adds `powershare-gw bms record|decode`.
+"""
+
+from firmware_py.bms.reader import BmsListener, BmsReader, reader_from_config
+
+__all__ = ["BmsListener", "BmsReader", "reader_from_config"]

@@ -1,7 +1,245 @@
-"""Subcommands of this subsystem (filled in by its issue)."""
+"""`powershare-gw bms record|decode`: capture BMS traffic and read it back, for bench and installers."""
+
+from __future__ import annotations
 
 import argparse
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import can
+
+from firmware_py import config as config_mod
+from firmware_py.bms import captures
+from firmware_py.bms.reader import BmsReader
+from firmware_py.core.types import BmsSnapshot
+from firmware_py.errors import InputError
+
+DEFAULT_DBC = "cybertruck_bms.dbc"
+ELM_DBC = "tesla_model3_bms.dbc"
+RANGE_FIELDS = (("soc_min_pct", "SoC min", "%", 1), ("pack_voltage_v", "voltage", "V", 1),
+                ("pack_current_a", "current", "A", 1), ("max_discharge_w", "max discharge", "kW", 1e-3),
+                ("max_charge_w", "max charge", "kW", 1e-3), ("nominal_full_wh", "nominal full pack", "kWh", 1e-3))
+
+DECODE_HELP = f"""\
+Decode a CAN log into BMS snapshots: a row every --every seconds of log time, the range of
+the main values, and how many frames were dropped (by reason) and lines skipped.
+LOG is any format python-can reads ({', '.join(sorted(can.io.player.MESSAGE_READERS))}) or an
+ELM327 hex text capture (one frame per line, 'III' + data bytes), detected by content.
+DBC choice: --dbc, else the config's [vehicle] dbc and signals (--config), else {DEFAULT_DBC}
+for python-can logs but {ELM_DBC} for ELM text: ELM captures come from cars whose bus is
+public (the Model 3 layout), while the Cybertruck bus is not public, so no real ELM capture of
+it exists. ELM lines carry no time: times are estimated assuming the busiest BMS message kept
+its DBC period, and freshness and SoC-jump checks run on that estimate.
+A log in which no BMS frame decodes (empty, garbled, another vehicle) is bad input: exit 2."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT, so long-running commands stop cleanly, not mid-write."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def open_bus(interface: str, channel: str, **kwargs) -> can.BusABC:
+    """A python-can bus; failing to open one is the operator's input error, not a traceback."""
+    try:
+        return can.Bus(interface=interface, channel=channel, **kwargs)
+    except Exception as err:  # each interface raises its own types
+        raise InputError(f"--can-interface {interface} --can-channel {channel}: cannot open the bus: {err}") from None
+
+
+def resolve_dbc(given: str | None, elm: bool) -> tuple[Path, str]:
+    """The DBC to decode with, and a note saying why it was chosen."""
+    if given is None:
+        name = ELM_DBC if elm else DEFAULT_DBC
+        why = "auto: ELM text capture, public Model 3 layout" if elm else "default"
+        return config_mod.bundled_dbc(name), why
+    path = Path(given)
+    if path.exists():
+        return path, "--dbc"
+    bundled = config_mod.bundled_dbc(given)
+    if not bundled.exists():
+        raise InputError(f"--dbc {given}: neither a file nor a bundled DBC ({DEFAULT_DBC}, {ELM_DBC})")
+    return bundled, "--dbc"
+
+
+# -- decode -------------------------------------------------------------------
+
+def _fmt(value: float | int | bool | None, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:.{digits}f}"
+
+
+ROW_HEAD = f"{'t_s':>8} {'soc_min%':>8} {'soc_ui%':>7} {'pack_V':>7} {'pack_A':>7} {'dis_kW':>7} " \
+           f"{'chg_kW':>7} {'T_min':>6} {'T_max':>6} {'bms':>4} {'cont':>4}  stale"
+
+
+def _row(t: float, s: BmsSnapshot) -> str:
+    stale = ",".join(sorted(s.stale)) or "-"
+    return (f"{t:8.2f} {_fmt(s.soc_min_pct):>8} {_fmt(s.soc_ui_pct):>7} {_fmt(s.pack_voltage_v):>7} "
+            f"{_fmt(s.pack_current_a):>7} {_fmt(s.max_discharge_w, 1e-3):>7} {_fmt(s.max_charge_w, 1e-3):>7} "
+            f"{_fmt(s.min_temp_c):>6} {_fmt(s.max_temp_c):>6} {_fmt(s.bms_state, digits=0):>4} "
+            f"{_fmt(s.contactor_state, digits=0):>4}  {stale}")
+
+
+class _Ranges:
+    """Min and max of the main fields over every snapshot the reader produced."""
+
+    def __init__(self) -> None:
+        self.lo: dict[str, float] = {}
+        self.hi: dict[str, float] = {}
+
+    def add(self, s: BmsSnapshot) -> None:
+        for name, *_ in RANGE_FIELDS:
+            value = getattr(s, name)
+            if value is not None and name not in s.stale:
+                self.lo[name] = min(self.lo.get(name, value), value)
+                self.hi[name] = max(self.hi.get(name, value), value)
+
+    def lines(self) -> list[str]:
+        out = []
+        for name, label, unit, scale in RANGE_FIELDS:
+            if name in self.lo:
+                digits = 2 if unit == "kWh" else 1
+                out.append(f"#   {label:<18} {self.lo[name] * scale:9.{digits}f} .. "
+                           f"{self.hi[name] * scale:9.{digits}f} {unit}")
+        return out
+
+
+def decode_messages(reader: BmsReader, messages: Iterable[can.Message], every_s: float,
+                    source: Path) -> tuple[int, _Ranges, list[str]]:
+    """Feed `messages` to `reader`; the frame count, value ranges and printable rows."""
+    frames, ranges, rows = 0, _Ranges(), []
+    start = next_row = None
+    try:
+        for msg in messages:
+            frames += 1
+            if start is None:
+                start = next_row = msg.timestamp
+            snapshot = reader.on_message(msg, now=msg.timestamp)
+            if snapshot is not None:
+                ranges.add(snapshot)
+                if msg.timestamp >= next_row and reader.accepted:
+                    rows.append(_row(msg.timestamp - start, reader.snapshot(msg.timestamp)))
+                    next_row = msg.timestamp + every_s
+    except Exception as err:  # a python-can reader meeting a corrupt record
+        raise InputError(f"{source}: unreadable after {frames} frames: {err}") from None
+    return frames, ranges, rows
+
+
+def _decode(args: argparse.Namespace) -> int:
+    path = Path(args.log)
+    if not path.is_file():
+        raise InputError(f"{path}: no such log file")
+    if not path.read_bytes()[:65_536].strip():
+        raise InputError(f"{path}: the log is empty")
+    elm = captures.is_elm_capture(path)
+    if args.config:
+        cfg = config_mod.load(args.config)
+        dbc, why, mapping = cfg.dbc_path(), f"config {cfg.source}", cfg.vehicle.signals
+        if args.dbc:
+            dbc, why = resolve_dbc(args.dbc, elm)
+    else:
+        (dbc, why), mapping = resolve_dbc(args.dbc, elm), None
+    reader = BmsReader(dbc, clock=lambda: 0.0, mapping=mapping)
+    skipped = 0
+    if elm:
+        capture = captures.read_elm(path)
+        skipped = len(capture.skipped)
+        ids = reader.frame_ids
+        line_s = capture.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
+        messages: Iterable[can.Message] = capture.messages(line_s)
+        kind = f"ELM327 text, no timestamps: {line_s * 1e3:.2f} ms per frame estimated"
+    else:
+        messages = captures.read_python_can_log(path)
+        kind = f"python-can {path.suffix} log"
+    frames, ranges, rows = decode_messages(reader, messages, args.every, path)
+    dropped = sum(reader.dropped.values())
+    reasons = ", ".join(f"{r} {n}" for r, n in reader.dropped.most_common()) or "none"
+    summary = (f"{frames} frames read, {reader.accepted} BMS frames accepted, {dropped} dropped "
+               f"({reasons}), {skipped} lines skipped (not whole frames)")
+    if reader.accepted == 0:
+        raise InputError(f"{path}: no BMS frame could be decoded with {dbc.name}: {summary}")
+    print(f"# {path.name} ({kind}), DBC {dbc.name} ({why})")
+    print(ROW_HEAD)
+    print("\n".join(rows))
+    print("# ranges over the log:")
+    print("\n".join(ranges.lines()))
+    print(f"# {summary}")
+    return 0
+
+
+# -- record -------------------------------------------------------------------
+
+def _record(args: argparse.Namespace) -> int:
+    out = Path(args.file)
+    try:
+        writer = can.Logger(str(out))
+    except ValueError as err:
+        raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
+    except OSError as err:
+        raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
+    frames = 0
+    try:
+        bus = open_bus(args.can_interface, args.can_channel)
+    except InputError:
+        writer.stop()
+        raise
+    if args.bms_only:
+        dbc, _ = resolve_dbc(args.dbc, elm=False)
+        bus.set_filters(BmsReader(dbc, clock=time.monotonic).can_filters())
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        with stop_on_signals() as stop:
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                msg = bus.recv(timeout=0.1)
+                if msg is not None:
+                    writer(msg)
+                    frames += 1
+    finally:
+        writer.stop()
+        bus.shutdown()
+    print(f"# recorded {frames} frames to {out}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `bms record` and `bms decode`."""
+    p = sub.add_parser("bms", help="record and decode BMS CAN traffic")
+    p.set_defaults(handler=lambda args: p.print_help() or 0)
+    parts = p.add_subparsers(dest="bms_command", metavar="ACTION")
+
+    rec = parts.add_parser("record", help="record CAN traffic to a python-can log (format by suffix)",
+                           description="Record CAN traffic until --duration or Ctrl-C/SIGTERM. The "
+                                       "writer is chosen by FILE's suffix: "
+                                       + ", ".join(sorted(can.io.logger.MESSAGE_WRITERS)) + ".")
+    rec.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
+    rec.add_argument("--can-channel", required=True, help="channel, e.g. can0 or ws://127.0.0.1:54701/")
+    rec.add_argument("--duration", type=float, default=None, help="seconds to record (default: until stopped)")
+    rec.add_argument("--bms-only", action="store_true", help="record only the BMS ids of the DBC")
+    rec.add_argument("--dbc", default=None, help=f"DBC for --bms-only (bundled name or path; default {DEFAULT_DBC})")
+    rec.add_argument("file", help="output log file")
+    rec.set_defaults(handler=_record)
+
+    dec = parts.add_parser("decode", help="print decoded BMS snapshots from a CAN log",
+                           description=DECODE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dec.add_argument("log", help="python-can log or ELM327 text capture")
+    dec.add_argument("--dbc", default=None, help="bundled DBC name or path (see above for the default)")
+    dec.add_argument("--config", default=None, help="take the DBC and signal mapping from this gateway config")
+    dec.add_argument("--every", type=float, default=1.0, help="seconds of log time between printed rows (default 1)")
+    dec.set_defaults(handler=_decode)

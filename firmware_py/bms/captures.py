@@ -1,0 +1,144 @@
+"""Recorded CAN traffic: python-can logs of any format, and ELM327 text captures.
+
+An ELM327 adapter in monitor mode prints one frame per line as hex (`III` then
+the data bytes) with no timestamps, and truncates or garbles some lines. Those
+lines are counted and skipped, never fatal, and times are estimated: frames are
+assumed evenly spaced so that the busiest BMS message kept its DBC period.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import can
+
+from firmware_py.errors import InputError
+
+ELM_SNIFF_LINES = 50
+_HEX = frozenset(string.hexdigits)
+MAX_CLASSIC_DATA = 8
+
+
+@dataclass
+class ElmCapture:
+    """The whole frames of an ELM text capture, and the lines that were not whole frames."""
+
+    frames: list[tuple[int, bytes]] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def messages(self, line_period_s: float) -> Iterator[can.Message]:
+        for index, (frame_id, data) in enumerate(self.frames):
+            yield can.Message(timestamp=index * line_period_s, arbitration_id=frame_id,
+                              data=data, is_extended_id=False)
+
+    def line_period(self, period_of: Callable[[int], float | None]) -> float:
+        """Seconds between frames, so that the most frequent known id kept its period.
+
+        `period_of(frame_id)` gives a DBC period or None for ids the DBC does not know.
+        Falls back to 1 ms per frame when no known id is present.
+        """
+        counts: dict[int, int] = {}
+        for frame_id, _ in self.frames:
+            if period_of(frame_id) is not None:
+                counts[frame_id] = counts.get(frame_id, 0) + 1
+        if not counts or not self.frames:
+            return 0.001
+        busiest = max(counts, key=counts.__getitem__)
+        return float(period_of(busiest)) * counts[busiest] / len(self.frames)
+
+
+def parse_elm_line(text: str) -> tuple[int, bytes] | None:
+    """(id, data) for a whole 11-bit frame line, None for a truncated or garbled one."""
+    if len(text) < 3 or not _HEX.issuperset(text) or (len(text) - 3) % 2:
+        return None
+    data = bytes.fromhex(text[3:])
+    if len(data) > MAX_CLASSIC_DATA:
+        return None
+    return int(text[:3], 16), data
+
+
+def read_elm(path: Path) -> ElmCapture:
+    capture = ElmCapture()
+    with _open_text(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            frame = parse_elm_line(text)
+            if frame is None:
+                capture.skipped.append((number, text))
+            else:
+                capture.frames.append(frame)
+    return capture
+
+
+def _open_text(path: Path):
+    try:
+        return path.open(encoding="ascii", errors="replace")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def is_elm_text(path: Path) -> bool:
+    """True when the first non-empty lines are mostly bare hex (what an ELM327 prints).
+
+    python-can's own text formats (candump .log, .asc, .csv, .trc) all carry
+    timestamps, separators or headers, so they never look like this.
+    """
+    try:
+        head = path.read_bytes()[:16_384]
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    lines = [s.strip() for s in text.splitlines() if s.strip()][:ELM_SNIFF_LINES]
+    if not lines:
+        return False
+    hexish = sum(1 for s in lines if _HEX.issuperset(s))
+    return hexish >= 0.8 * len(lines)
+
+
+def is_elm_capture(path: Path) -> bool:
+    """Whether to read `path` as ELM327 text rather than with python-can.
+
+    Bare-hex content wins over the suffix (a capture saved as .log is still ELM);
+    otherwise a suffix python-can reads goes to python-can, and any other text
+    file is taken as an ELM capture so its garbled lines are counted, not refused.
+    """
+    if is_elm_text(path):
+        return True
+    if _python_can_suffix(path):
+        return False
+    try:
+        path.read_bytes()[:16_384].decode("ascii")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: unknown log format (python-can reads "
+                         f"{', '.join(sorted(can.io.player.MESSAGE_READERS))}; "
+                         "or give an ELM327 hex text capture)") from None
+    return True
+
+
+def _python_can_suffix(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in can.io.player.MESSAGE_READERS
+
+
+def read_python_can_log(path: Path) -> Iterator[can.Message]:
+    """Messages of any log format python-can reads, chosen by the file's suffix."""
+    try:
+        reader = can.LogReader(str(path))
+    except ValueError as err:
+        readable = ", ".join(sorted(can.io.player.MESSAGE_READERS))
+        raise InputError(f"{path}: {err} (python-can reads {readable}; "
+                         "or give an ELM327 hex text capture)") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    with reader:
+        yield from reader
