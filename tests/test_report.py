@@ -156,3 +156,14 @@ def test_empty_journal_reports_no_events_and_an_intact_chain(tmp_path, capsys):
     Journal.open(path).close()
     assert main(["report", "--journal", str(path)]) == 0
     assert "chain: intact (0 records)" in capsys.readouterr().out
+
+
+def test_a_payload_that_is_no_longer_json_is_a_broken_chain_not_a_crash(journal_path, capsys):
+    conn = sqlite3.connect(journal_path)
+    conn.execute("DROP TRIGGER records_no_update")
+    conn.execute("UPDATE records SET payload = 'garbage' WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    assert main(["report", "--journal", str(journal_path), "--format", "json"]) == 1
+    chain = json.loads(capsys.readouterr().out)["chain"]
+    assert "record 3: payload is not valid JSON" in chain["problems"]

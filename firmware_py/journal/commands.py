@@ -40,7 +40,12 @@ def report(args: argparse.Namespace) -> int:
     with Journal.open(args.journal, readonly=True) as journal:
         problems = journal.verify()
         count = len(journal)
-        events = event_summaries(journal)
+        try:
+            events = event_summaries(journal)
+        except InputError:
+            if not problems:
+                raise
+            events = []  # the damage that verify() reported also hides the events: say so, exit 1
     if args.event is not None:
         events = [e for e in events if e.request_id == args.event]
         if not events:

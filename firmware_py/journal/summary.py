@@ -121,8 +121,11 @@ def _discrepancy(meter_wh: float, integrated_wh: float) -> float | None:
 
 
 def _num(value: Any) -> float | None:
-    """Journal payloads store inf as "inf"; float() reads that back."""
-    return None if value is None else float(value)
+    """Journal payloads store inf as "inf"; float() reads that back. Unreadable -> None."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _entry(record: Record) -> TimelineEntry:
