@@ -1,0 +1,127 @@
+"""Fault conditions, their latches, and escalation to lockout.
+
+A condition is what the inputs show right now; a fault is its latched memory.
+A fault raises the moment its condition appears and clears only after the
+condition has stayed gone for the hold-off, so a flickering fault cannot
+flicker the inverter. Too many faults in the window escalate to lockout, which
+only an installer reset clears: a pack that keeps faulting needs a person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from firmware_py.core.policy import Policy
+from firmware_py.core.types import (
+    BmsSnapshot,
+    BmsState,
+    ContactorState,
+    Event,
+    FaultCleared,
+    FaultRaised,
+    InverterStatus,
+    PackContactor,
+)
+
+# Fields without which no power decision can be made safely.
+CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
+                       "contactor_state", "pack_contactor_neg", "pack_contactor_pos")
+
+LOCKOUT = "lockout"
+
+
+def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
+    """Fresh enough to act on: recent, and every critical field present and not stale."""
+    return (bms is not None and now - bms.received_at <= policy.bms_timeout_s
+            and all(bms.fresh(name) for name in CRITICAL_BMS_FIELDS))
+
+
+def inverter_usable(inv: InverterStatus | None, now: float, policy: Policy) -> bool:
+    return inv is not None and inv.comms_ok and now - inv.received_at <= policy.inverter_timeout_s
+
+
+def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, policy: Policy,
+               bms_seen: bool, inverter_seen: bool) -> dict[str, str]:
+    """The fault conditions present now, kind -> detail.
+
+    Data that has never arrived is start-up, not a fault; data that arrived and
+    then stopped is one.
+    """
+    found: dict[str, str] = {}
+    if bms_seen and not bms_usable(bms, now, policy):
+        found["bms_stale"] = _bms_stale_detail(bms, now)
+    if bms is not None:
+        if bms.fresh("bms_state") and bms.bms_state in (BmsState.FAULT, BmsState.WELD):
+            found["bms_fault"] = f"BMS state {BmsState(bms.bms_state).name}"
+        if ContactorState.WELDED in (bms.contactor_state,) or PackContactor.WELDED in (
+                bms.pack_contactor_neg, bms.pack_contactor_pos):
+            found["contactor_welded"] = "a contactor reports WELDED"
+        if bms.fresh("max_temp_c") and bms.max_temp_c > policy.max_temp_c:
+            found["over_temp"] = f"pack {bms.max_temp_c:.1f} °C > {policy.max_temp_c:.0f} °C"
+        if bms.fresh("min_temp_c") and bms.min_temp_c < policy.min_temp_c:
+            found["under_temp"] = f"pack {bms.min_temp_c:.1f} °C < {policy.min_temp_c:.0f} °C"
+    if inverter_seen and not inverter_usable(inv, now, policy):
+        found["inverter_comms"] = (inv.error if inv is not None and inv.error else "inverter data too old")
+    if inv is not None and inv.comms_ok and inv.faulted:
+        found["inverter_fault"] = f"InvSt FAULT, alarms 0x{inv.alarms:08x}"
+    return found
+
+
+def _bms_stale_detail(bms: BmsSnapshot | None, now: float) -> str:
+    if bms is None:
+        return "no BMS data"
+    missing = [n for n in CRITICAL_BMS_FIELDS if not bms.fresh(n)]
+    if missing:
+        return "stale: " + ", ".join(missing)
+    return f"no BMS data for {now - bms.received_at:.2f} s"
+
+
+@dataclass(frozen=True)
+class Latch:
+    kind: str
+    raised_at: float
+    detail: str
+    gone_since: float | None = None
+
+
+@dataclass(frozen=True)
+class FaultBook:
+    latches: tuple[Latch, ...] = ()
+    raised_times: tuple[float, ...] = ()
+    locked_out: bool = False
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(latch.kind for latch in self.latches)
+
+    def update(self, present: dict[str, str], now: float, policy: Policy) -> tuple["FaultBook", list[Event]]:
+        events: list[Event] = []
+        kept: list[Latch] = []
+        for latch in self.latches:
+            if latch.kind in present:
+                kept.append(replace(latch, gone_since=None))
+                continue
+            gone_since = now if latch.gone_since is None else latch.gone_since
+            if now - gone_since >= policy.fault_holdoff_s:
+                events.append(FaultCleared(now, latch.kind))
+            else:
+                kept.append(replace(latch, gone_since=gone_since))
+        latched = {latch.kind for latch in self.latches}
+        raised = list(self.raised_times)
+        for kind, detail in present.items():
+            if kind not in latched:
+                kept.append(Latch(kind, now, detail))
+                raised.append(now)
+                events.append(FaultRaised(now, kind, detail))
+        recent = tuple(t for t in raised if now - t < policy.lockout_window_s)
+        locked = self.locked_out
+        if not locked and len(recent) >= policy.lockout_faults:
+            locked = True
+            events.append(FaultRaised(now, LOCKOUT, f"{len(recent)} faults within {policy.lockout_window_s:.0f} s"))
+        return FaultBook(tuple(kept), recent, locked), events
+
+    def reset_lockout(self, now: float) -> tuple["FaultBook", list[Event]]:
+        """Installer reset: clears lockout and the fault history that caused it."""
+        if not self.locked_out:
+            return self, []
+        return FaultBook(self.latches, (), False), [FaultCleared(now, LOCKOUT)]

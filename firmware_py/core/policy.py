@@ -1,0 +1,59 @@
+"""The fixed limits the core enforces, taken once from the configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every number the core's safety decisions depend on.
+
+    `command_horizon_s` is how long a setpoint may stay in force with nobody
+    refreshing it: the inverter's own revert timer. Discharge near the floor is
+    limited so that even a gateway that dies right now cannot push the pack
+    below the floor before the inverter reverts to 0 W.
+    """
+
+    usable_capacity_wh: float = 123_000
+    reserve_pct: float = 40
+    hard_min_soc_pct: float = 10
+    soc_margin_pct: float = 2
+    backup_floor_pct: float = 20
+    bms_timeout_s: float = 0.5
+    inverter_timeout_s: float = 3.0
+    ramp_w_per_s: float = 2_000
+    fault_holdoff_s: float = 30
+    lockout_faults: int = 3
+    lockout_window_s: float = 3_600
+    max_discharge_w: float = 11_500
+    max_charge_w: float = 11_500
+    command_horizon_s: float = 10
+    max_temp_c: float = 60
+    min_temp_c: float = -30
+    departure_charge_w: float = 7_600
+    dc_efficiency: float = 0.95
+    energy_report_interval_s: float = 60
+    simple_levels_pct: tuple[float, ...] = (33.0, 66.0, 100.0)
+
+    @classmethod
+    def from_config(cls, config) -> "Policy":  # config: firmware_py.config.Config (not imported: core stays pure)
+        s = config.safety
+        return cls(
+            usable_capacity_wh=config.vehicle.usable_capacity_wh,
+            reserve_pct=config.owner.reserve_pct,
+            hard_min_soc_pct=s.hard_min_soc_pct,
+            soc_margin_pct=s.soc_margin_pct,
+            backup_floor_pct=s.backup_floor_pct,
+            bms_timeout_s=s.bms_timeout_s,
+            inverter_timeout_s=s.inverter_timeout_s,
+            ramp_w_per_s=s.ramp_w_per_s,
+            fault_holdoff_s=s.fault_holdoff_s,
+            lockout_faults=s.lockout_faults,
+            lockout_window_s=s.lockout_window_s,
+            max_discharge_w=s.max_discharge_w,
+            max_charge_w=s.max_charge_w,
+            command_horizon_s=config.inverter.revert_timeout_s,
+            departure_charge_w=config.owner.departure_charge_w,
+            simple_levels_pct=tuple(config.dispatch.openadr.simple_levels_pct),
+        )

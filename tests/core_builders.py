@@ -1,0 +1,46 @@
+"""Builders for the pure core's inputs: fakes are allowed only here, for the core."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from firmware_py.core import Controller, Policy, step
+from firmware_py.core.types import (
+    BmsSnapshot,
+    BmsState,
+    ContactorState,
+    DispatchKind,
+    DispatchRequest,
+    InverterState,
+    InverterStatus,
+    PackContactor,
+)
+
+POLICY = Policy(usable_capacity_wh=123_000, reserve_pct=40, fault_holdoff_s=5, lockout_faults=3,
+                lockout_window_s=600, energy_report_interval_s=60)
+
+
+def bms(t: float, soc: float = 80.0, **changes) -> BmsSnapshot:
+    """A healthy BMS in SUPPORT with contactors closed, as of time t."""
+    base = BmsSnapshot(
+        received_at=t, soc_min_pct=soc, soc_ui_pct=soc + 0.3, soc_max_pct=soc + 0.5, soc_avg_pct=soc + 0.2,
+        pack_voltage_v=820.0, pack_current_a=0.0, max_discharge_w=250_000, max_charge_w=150_000,
+        min_temp_c=24.0, max_temp_c=27.0, bms_state=BmsState.SUPPORT, contactor_state=ContactorState.CLOSED,
+        pack_contactor_neg=PackContactor.ECONOMIZED, pack_contactor_pos=PackContactor.ECONOMIZED, hvil_ok=True,
+    )
+    return replace(base, **changes)
+
+
+def inverter(t: float, **changes) -> InverterStatus:
+    base = InverterStatus(received_at=t, inv_state=InverterState.RUNNING, w_max_rtg=11_500,
+                          w_discha_max_rtg=11_500, w_cha_max_rtg=11_500)
+    return replace(base, **changes)
+
+
+def discharge(id: str, t: float, start: float, end: float, target: float = 11_500, **changes) -> DispatchRequest:
+    return replace(DispatchRequest(id, "test", DispatchKind.DISCHARGE, target, start, end, received_at=t), **changes)
+
+
+def ready(t: float = 0.0, soc: float = 80.0, policy: Policy = POLICY) -> Controller:
+    """A controller that has seen healthy data and settled in STANDBY."""
+    return step(Controller.start(policy, now=t), [bms(t, soc), inverter(t)], t).controller

@@ -1,0 +1,273 @@
+"""Per-state input/output tables: one row per step, as OpenEMS tests its state handlers.
+
+Each table is a little story told in steps: at time t these inputs arrive; the
+core must then be in this mode, command this setpoint, and say this reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from core_builders import POLICY, bms, discharge, inverter
+from firmware_py.core import Controller, Mode, step
+from firmware_py.core.types import (
+    BmsState,
+    ContactorState,
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchEnded,
+    DispatchKind,
+    DispatchRequest,
+    EventEnergy,
+    FaultRaised,
+    InstallerReset,
+    InverterState,
+    OwnerSettings,
+    ReasonCode,
+    Tick,
+    Verdict,
+)
+
+ANY = object()
+
+
+def run_table(rows, controller=None):
+    c = controller or Controller.start(POLICY)
+    results = []
+    for t, inputs, mode, setpoint, reason in rows:
+        result = step(c, inputs, t)
+        c = result.controller
+        assert c.mode is mode, f"t={t}: mode {c.mode} != {mode} ({result.command.reason})"
+        if setpoint is not ANY:
+            assert result.command.setpoint_w == pytest.approx(setpoint), f"t={t}: {result.command}"
+        assert reason in result.command.reason, f"t={t}: {result.command.reason!r} lacks {reason!r}"
+        results.append(result)
+    return results
+
+
+def both(t, soc=80.0, **bms_changes):
+    return [bms(t, soc, **bms_changes), inverter(t)]
+
+
+def test_startup_waits_for_both_sources_then_standby():
+    run_table([
+        (0.0, [], Mode.STARTUP, 0, "waiting"),
+        (0.1, [bms(0.1)], Mode.STARTUP, 0, "waiting"),
+        (0.2, [bms(0.2), inverter(0.2)], Mode.STANDBY, 0, "data ready"),
+    ])
+
+
+def test_discharge_ramps_holds_and_ends_with_the_window():
+    req = discharge("e1", 1.0, start=2.0, end=12.0, target=5_000)
+    results = run_table([
+        (1.0, both(1.0) + [req], Mode.STANDBY, 0, "data ready"),
+        (2.0, both(2.0), Mode.DISCHARGE, 0, "dispatch e1"),  # ramp starts from 0 this step
+        (3.0, both(3.0), Mode.DISCHARGE, 2_000, "dispatch e1"),
+        (4.0, both(4.0), Mode.DISCHARGE, 4_000, "dispatch e1"),
+        (5.0, both(5.0), Mode.DISCHARGE, 5_000, "dispatch e1"),
+        (12.0, both(12.0), Mode.STANDBY, 0, "no discharge request"),
+    ], controller=Controller.start(POLICY, now=0))
+    answer = results[0].answer_for("e1")
+    assert answer.verdict is Verdict.ACCEPTED
+    ended = [e for e in results[-1].events if isinstance(e, DispatchEnded)]
+    assert [(e.request_id, e.reason) for e in ended] == [("e1", "window closed")]
+    assert any(isinstance(e, EventEnergy) and e.final for e in results[-1].events)
+
+
+def test_stale_bms_gives_zero_in_the_same_step_and_latches_a_fault():
+    req = discharge("e1", 0.0, start=0.0, end=100.0, target=5_000)
+    run_table([
+        (0.0, both(0.0) + [req], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0), Mode.DISCHARGE, 2_000, "dispatch"),
+        (1.4, [inverter(1.4)], Mode.DISCHARGE, 2_800, "dispatch"),  # BMS 0.4 s old: still fresh
+        (1.6, [inverter(1.6)], Mode.FAULT, 0, "bms_stale"),  # 0.6 s > 0.5 s timeout
+        (2.0, both(2.0), Mode.FAULT, 0, "bms_stale"),  # back, but the fault holds off
+        (7.0, both(7.0), Mode.DISCHARGE, 0, "dispatch"),  # cleared after 5 s: resumes from 0
+    ])
+
+
+def test_one_stale_critical_field_is_enough():
+    run_table([
+        (0.0, both(0.0) + [discharge("e1", 0.0, 0.0, 100.0)], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0, stale=frozenset({"max_discharge_w"})), Mode.FAULT, 0, "bms_stale"),
+    ])
+
+
+def test_bms_fault_state_latches_and_stops_at_once():
+    run_table([
+        (0.0, both(0.0) + [discharge("e1", 0.0, 0.0, 100.0)], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0), Mode.DISCHARGE, 2_000, "dispatch"),
+        (1.1, both(1.1, bms_state=BmsState.FAULT), Mode.FAULT, 0, "fault"),
+        (2.0, both(2.0), Mode.FAULT, 0, "fault"),
+        (5.9, both(5.9), Mode.FAULT, 0, "fault"),
+        (7.1, both(7.1), Mode.DISCHARGE, 0, "dispatch"),
+    ])
+
+
+def test_open_contactors_inhibit_without_a_fault():
+    results = run_table([
+        (0.0, both(0.0) + [discharge("e1", 0.0, 0.0, 100.0)], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0), Mode.DISCHARGE, 2_000, "dispatch"),
+        (1.1, both(1.1, contactor_state=ContactorState.OPEN), Mode.STANDBY, 0, "inhibit"),
+        (2.0, both(2.0), Mode.DISCHARGE, 0, "dispatch"),
+    ])
+    assert not any(isinstance(e, FaultRaised) for r in results for e in r.events)
+
+
+def test_bms_power_limit_clamps_immediately():
+    run_table([
+        (0.0, both(0.0) + [discharge("e1", 0.0, 0.0, 100.0)], Mode.DISCHARGE, 0, "dispatch"),
+        (6.0, both(6.0), Mode.DISCHARGE, 11_500, "dispatch"),
+        (6.1, both(6.1, max_discharge_w=3_000), Mode.DISCHARGE, 3_000, "clamped: bms limit"),
+        (6.2, both(6.2, max_discharge_w=0), Mode.DISCHARGE, 0, "clamped: bms limit"),
+    ])
+
+
+def test_floor_ramps_power_down_and_stops_at_the_floor():
+    # reserve 40 + margin 2 = 42 %: 0.05 % above the floor leaves ~58 Wh.
+    c = step(Controller.start(POLICY), both(0.0, soc=50.0), 0.0).controller
+    c = step(c, [discharge("e1", 0.0, 0.0, 600.0)], 0.0).controller
+    c = step(c, both(10.0, soc=50.0), 10.0).controller
+    assert c.setpoint_w == pytest.approx(11_500)
+    r = step(c, both(11.0, soc=42.005), 11.0)
+    assert r.command.reason == "clamped: reserve" and 0 < r.command.setpoint_w < 11_500
+    r = step(r.controller, both(12.0, soc=42.0), 12.0)
+    assert r.controller.mode is Mode.STANDBY and r.command.setpoint_w == 0
+    assert "floor reached" in r.command.reason
+
+
+def test_grid_outage_backs_up_on_the_backup_floor_and_returns():
+    outage = lambda t, soc=30.0: [bms(t, soc), inverter(t, grid_outage=True, grid_connected=False)]
+    run_table([
+        (0.0, both(0.0, soc=30.0), Mode.STANDBY, 0, "data ready"),
+        (1.0, outage(1.0), Mode.BACKUP, 11_500, "backup"),  # 30 % is below the reserve but above backup
+        (2.0, outage(2.0, soc=22.0), Mode.BACKUP, 0, "clamped: reserve"),  # backup floor 20 + 2
+        (3.0, both(3.0, soc=22.0), Mode.STANDBY, 0, "grid restored"),
+    ])
+
+
+def test_lockout_after_repeated_faults_until_installer_reset():
+    c = step(Controller.start(POLICY), both(0.0), 0.0).controller
+    t = 0.0
+    for n in range(3):
+        assert c.mode is not Mode.LOCKOUT, f"locked out after only {n} faults"
+        c = step(c, both(t + 1, bms_state=BmsState.FAULT), t + 1).controller  # raised
+        c = step(c, both(t + 2), t + 2).controller  # condition gone
+        c = step(c, both(t + 8), t + 8).controller  # hold-off passed: cleared
+        t += 10
+    assert c.mode is Mode.LOCKOUT
+    c = step(c, both(t + 1000), t + 1000).controller
+    assert c.mode is Mode.LOCKOUT, "lockout must not clear by itself"
+    r = step(c, both(t + 1001) + [InstallerReset(t + 1001)], t + 1001)
+    assert r.controller.mode is Mode.STANDBY
+    assert [e.to_state for e in r.events if hasattr(e, "to_state")] == ["STARTUP", "STANDBY"]
+
+
+def test_fault_recovery_settles_several_transitions_in_one_step():
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0.0, 100.0)], 0.0).controller
+    c = step(c, both(1.0, bms_state=BmsState.FAULT), 1.0).controller
+    assert c.mode is Mode.FAULT
+    c = step(c, both(2.0), 2.0).controller
+    assert c.mode is Mode.FAULT
+    r = step(c, both(7.0), 7.0)
+    assert [e.to_state for e in r.events if hasattr(e, "to_state")] == ["STARTUP", "STANDBY", "DISCHARGE"]
+
+
+def answers(results):
+    return [e for r in results for e in r.events if isinstance(e, DispatchAnswer)]
+
+
+@pytest.mark.parametrize("request_, code", [
+    (discharge("", 0.0, 10, 20), ReasonCode.INVALID),
+    (discharge("x", 0.0, 20, 10), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, 20, target=-5), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, 20, target=math.nan), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, math.inf), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, 20, ramp_w_per_s=0), ReasonCode.INVALID),
+    (discharge("x", 0.0, -20, -10), ReasonCode.EXPIRED),
+])
+def test_malformed_and_expired_requests_are_rejected_with_a_reason(request_, code):
+    c = step(Controller.start(POLICY), both(0.0), 0.0).controller
+    r = step(c, [request_], 0.0)
+    (answer,) = answers([r])
+    assert answer.verdict is Verdict.REJECTED and answer.reason is code and answer.detail
+
+
+def test_duplicate_is_idempotent_and_conflicting_reuse_is_refused():
+    c = step(Controller.start(POLICY), both(0.0), 0.0).controller
+    req = discharge("e1", 0.0, 10, 20, target=5_000)
+    first = step(c, [req], 0.0)
+    again = step(first.controller, both(1.0) + [replace(req, received_at=1.0)], 1.0)
+    other = step(again.controller, both(2.0) + [replace(req, target_w=6_000)], 2.0)
+    newer = step(other.controller, both(3.0) + [replace(req, target_w=6_000, revision=1)], 3.0)
+    a1, a2, a3, a4 = (answers([r])[0] for r in (first, again, other, newer))
+    assert a1.verdict is a2.verdict is Verdict.ACCEPTED
+    assert a3.verdict is Verdict.REJECTED and a3.reason is ReasonCode.DUPLICATE
+    assert a4.verdict is Verdict.ACCEPTED
+    assert newer.controller.book.find("e1").request.target_w == 6_000
+
+
+def test_budget_caps_or_refuses():
+    # 45 %: 3 % above the 42 % floor = 3.5 kWh AC. Four hours at 11.5 kW cannot be served.
+    c = step(Controller.start(POLICY), both(0.0, soc=45.0), 0.0).controller
+    capped = answers([step(c, [discharge("a", 0.0, 0, 4 * 3600)], 0.0)])[0]
+    assert capped.verdict is Verdict.CAPPED and 0 < capped.cap_w < 1_000
+    c42 = step(Controller.start(POLICY), both(0.0, soc=42.01), 0.0).controller
+    refused = answers([step(c42, [discharge("b", 0.0, 0, 4 * 3600)], 0.0)])[0]
+    assert refused.reason is ReasonCode.INSUFFICIENT_ENERGY
+
+
+def test_owner_opt_out_refuses_and_ends_running_events():
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0, 100)], 0.0).controller
+    c = step(c, both(5.0), 5.0).controller
+    assert c.setpoint_w > 0
+    out = OwnerSettings(reserve_pct=40, received_at=6.0, opt_out_until=math.inf)
+    r = step(c, both(6.0) + [out], 6.0)
+    assert r.command.setpoint_w == 0 and r.controller.mode is Mode.STANDBY
+    assert [e.reason for e in r.events if isinstance(e, DispatchEnded)] == ["owner opted out"]
+    refused = answers([step(r.controller, both(7.0) + [discharge("e2", 7.0, 7, 100)], 7.0)])[0]
+    assert refused.reason is ReasonCode.OPTED_OUT
+
+
+def test_opt_out_for_one_event_only():
+    owner = OwnerSettings(reserve_pct=40, received_at=0.0, opt_out_events=frozenset({"skip"}))
+    c = step(Controller.start(POLICY), both(0.0) + [owner], 0.0).controller
+    a = answers([step(c, [discharge("skip", 0.0, 0, 100), discharge("keep", 0.0, 0, 100)], 0.0)])
+    assert [(x.request_id, x.verdict) for x in a] == [("skip", Verdict.REJECTED), ("keep", Verdict.ACCEPTED)]
+
+
+def test_departure_raises_the_floor_ahead_of_time():
+    # Departure in 1 h needing 90 %: recharging 7.6 kW for 1 h adds ~6.2 %, so ~83.8 % is needed now.
+    owner = OwnerSettings(reserve_pct=40, received_at=0.0, departure_at=3600.0, departure_soc_pct=90.0)
+    c = step(Controller.start(POLICY), both(0.0, soc=80.0) + [owner], 0.0).controller
+    assert c.floor_pct(0.0) == pytest.approx(90 - 7600 / 123000 * 100 + 2)
+    a = answers([step(c, [discharge("e1", 0.0, 0, 600)], 0.0)])[0]
+    assert a.reason is ReasonCode.INSUFFICIENT_ENERGY
+
+
+def test_cancel_and_stop_end_events_and_report_final_energy():
+    c = Controller.start(POLICY)
+    for t in (0.0, 1.0, 2.0, 3.0):
+        inputs = [bms(t), inverter(t, measured_w=4_000, tot_wh_inj=1000 + t)]
+        c = step(c, inputs + ([discharge("e1", 0.0, 0, 100)] if t == 0 else []), t).controller
+    r = step(c, [DispatchCancel("e1", "test", 4.0), bms(4.0), inverter(4.0, tot_wh_inj=1004)], 4.0)
+    final = [e for e in r.events if isinstance(e, EventEnergy) and e.final]
+    assert final and final[0].meter_wh == pytest.approx(3.0)
+    assert final[0].integrated_wh == pytest.approx(4_000 * 3 / 3600, abs=1e-3)
+    stop = DispatchRequest("s", "test", DispatchKind.STOP, 0, 5.0, 6.0, received_at=5.0)
+    c2 = step(r.controller, both(5.0) + [discharge("e2", 5.0, 5, 100)], 5.0).controller
+    r2 = step(c2, [stop], 5.0)
+    assert [e.request_id for e in r2.events if isinstance(e, DispatchEnded)] == ["e2"]
+
+
+def test_inverter_fault_and_comms_loss_stop_everything():
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0, 100)], 0.0).controller
+    c = step(c, both(3.0), 3.0).controller
+    r = step(c, [bms(3.1), inverter(3.1, inv_state=InverterState.FAULT)], 3.1)
+    assert r.controller.mode is Mode.FAULT and r.command.setpoint_w == 0
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0, 100)], 0.0).controller
+    r = step(c, [bms(0.5), inverter(0.5, comms_ok=False, error="timeout")], 0.5)
+    assert r.controller.mode is Mode.FAULT and "inverter_comms" in r.command.reason
