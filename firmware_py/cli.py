@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_py import config
     from firmware_py.bms import commands as bms_commands
     from firmware_py.inverter import commands as inverter_commands
+    from firmware_py.journal import commands as journal_commands
     from sim import commands as sim_commands
 
     parser = argparse.ArgumentParser(
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vehicle-to-home gateway: BMS over CAN, inverter over SunSpec Modbus, grid dispatch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (config, bms_commands, inverter_commands, sim_commands):
+    for module in (config, bms_commands, inverter_commands, journal_commands, sim_commands):
         module.register(sub)
     return parser
 

@@ -73,6 +73,7 @@ class Controller:
     reason: str = "starting: waiting for BMS and inverter data"
     serving_id: str | None = None
     last_step_at: float | None = None
+    peak_since_bms_w: float = 0.0  # highest discharge commanded since the newest BMS snapshot
 
     @classmethod
     def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":
@@ -291,7 +292,9 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
         return 0.0, "inhibit: BMS state or contactors"
     bms, inv, policy = v.c.bms, v.c.inverter, v.c.policy
     if setpoint > 0:
-        energy = floors.energy_above_wh(policy, bms.soc_min_pct, v.floor)
+        # The snapshot's SoC is as old as the snapshot: discount what may have left since.
+        used_since = v.c.peak_since_bms_w * max(0.0, v.now - bms.received_at) / 3600
+        energy = floors.energy_above_wh(policy, bms.soc_min_pct, v.floor) - used_since
         limits = [("bms limit", bms.max_discharge_w), ("site limit", policy.max_discharge_w),
                   ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
@@ -401,7 +404,8 @@ def _meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy:
 
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
-        return replace(c, bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy)), []
+        return replace(c, bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
+                       peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
         c = _account(c, item)
         return replace(c, inverter=item, inverter_seen=c.inverter_seen or item.comms_ok), []
@@ -467,7 +471,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     setpoint, reason = handler(view, dt) if handler else (0.0, reason)
     setpoint, reason = clamp(view, setpoint, reason)
     serving = view.request.request.id if mode in (Mode.DISCHARGE, Mode.CHARGE) and view.request else None
-    c = replace(c, mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now)
+    c = replace(c, mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
+                peak_since_bms_w=max(c.peak_since_bms_w, setpoint))
     c, produced = _report_energy(c, now)
     events += produced
     return StepResult(c, InverterCommand(setpoint, reason), events)
