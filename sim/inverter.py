@@ -265,6 +265,13 @@ class SimInverterServer:
             await self._server.shutdown()
             self._server = None
 
+    async def __aenter__(self) -> SimInverterServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     def drop_connections(self) -> None:
         if self._server is not None:
             for conn in list(self._server.active_connections.values()):
