@@ -1,7 +1,312 @@
-"""Placeholder until its issue lands."""
+"""The simulated BMS: the pack model on a CAN bus, framed by the gateway's own DBC.
+
+It encodes through the same DBC and signal table the reader decodes with (one
+source of truth), so a layout mistake shows up as a failed round trip rather
+than as two wrong halves that happen to agree. Time comes from the caller:
+`emit_due(now)` on the bench's simulated clock, or `run()` in real time for
+`powershare-gw sim bms`. Faults are injected here, on the wire, because that is
+where the gateway must notice them.
+"""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import random
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import can
+
+from firmware_py.bms import signals
+from firmware_py.bms.reader import load_dbc
+from firmware_py.core.types import BmsState, ContactorState, PackContactor
+from firmware_py.errors import InputError
+from sim.battery import Battery, temperature_derate
+
+log = logging.getLogger(__name__)
+
+FAULT_KINDS = ("can_silence", "bms_fault", "dcl_zero", "contactor_open", "over_temp",
+               "soc_jump", "garbled", "wrong_length")
+OVER_TEMP_C = 70.0
+SOC_JUMP_PCT = 25.0  # downward, unless that would clamp at 0 and hide the jump
+ISOLATION_KOHM = 5_000.0
+HV_UP, HV_DOWN = 6, 0
+HVIL_OK = 1
+FLOW_THRESHOLD_A = 0.5
+EXTRA_SIGNALS = {"HvBattAmpVolt.RawCurrent": "pack_current_a"}
+"""Signals the reader does not map but a real BMS still sends; filled from these fields."""
+
+
+@dataclass
+class _Schedule:
+    message: Any  # cantools Message
+    period_s: float
+    next_due: float | None = None
+
+
+class BmsNode:
+    """Emits every BMS message of the DBC at its period, from `battery`'s state."""
+
+    def __init__(self, battery: Battery, bus: can.BusABC, db_path: Path, seed: int = 0):
+        self.battery = battery
+        self.bus = bus
+        self.db = load_dbc(Path(db_path))
+        self._by_signal = {ref: name for name, ref in signals.DEFAULT_SIGNALS.items()}
+        self._by_signal.update(EXTRA_SIGNALS)
+        self._schedules = [_Schedule(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
+        self._faults: dict[str, float | None] = {}
+        self._rng = random.Random(seed)
+        self.sent = 0
+        self.send_errors = 0
+
+    # -- faults -------------------------------------------------------------
+
+    def inject(self, kind: str, until: float | None = None) -> None:
+        """Start fault `kind` until time `until` (same clock as `emit_due`), or until `clear`."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown BMS fault {kind!r}; valid kinds: {', '.join(FAULT_KINDS)}")
+        self._faults[kind] = until
+        if kind == "contactor_open":
+            self.battery.contactors_closed = False
+
+    def clear(self, kind: str | None = None) -> None:
+        """End one fault, or all of them."""
+        for k in [kind] if kind else list(self._faults):
+            self._faults.pop(k, None)
+            if k == "contactor_open":
+                self.battery.contactors_closed = True
+
+    def active(self, kind: str) -> bool:
+        return kind in self._faults
+
+    def _expire(self, now: float) -> None:
+        for kind, until in list(self._faults.items()):
+            if until is not None and now >= until:
+                self.clear(kind)
+
+    # -- what the BMS says ---------------------------------------------------
+
+    def field_values(self) -> dict[str, Any]:
+        """The pack as the BMS reports it, in snapshot units, faults applied."""
+        b = self.battery
+        closed = b.contactors_closed
+        current = b.pack_current_a
+        if current > FLOW_THRESHOLD_A:
+            state = BmsState.SUPPORT
+        elif current < -FLOW_THRESHOLD_A:
+            state = BmsState.CHARGE
+        else:
+            state = BmsState.STANDBY
+        max_temp = OVER_TEMP_C if self.active("over_temp") else b.max_temp_c
+        derate = temperature_derate(max_temp, False) if self.active("over_temp") else 1.0
+        pack = PackContactor.ECONOMIZED if closed else PackContactor.OPEN
+        values: dict[str, Any] = {
+            "pack_voltage_v": b.pack_voltage_v, "pack_current_a": current,
+            "soc_min_pct": b.soc_min_pct, "soc_ui_pct": b.soc_ui_pct,
+            "soc_max_pct": b.soc_max_pct, "soc_avg_pct": b.soc_avg_pct,
+            "max_discharge_w": 0.0 if self.active("dcl_zero") else b.max_discharge_w * derate,
+            "max_charge_w": b.max_charge_w * derate,
+            "nominal_full_wh": b.nominal_full_wh, "nominal_remaining_wh": b.nominal_remaining_wh,
+            "energy_buffer_wh": b.energy_buffer_wh, "expected_remaining_wh": b.expected_remaining_wh,
+            "min_temp_c": b.min_temp_c, "max_temp_c": max_temp,
+            "bms_state": BmsState.FAULT if self.active("bms_fault") else state,
+            "contactor_state": ContactorState.CLOSED if closed else ContactorState.OPEN,
+            "hv_state": HV_UP if closed else HV_DOWN, "isolation_kohm": ISOLATION_KOHM,
+            "pack_contactor_neg": pack, "pack_contactor_pos": pack, "hvil_ok": HVIL_OK,
+            "brick_v_min": b.brick_v_min, "brick_v_max": b.brick_v_max,
+            "lifetime_discharge_wh": b.lifetime_discharge_wh, "lifetime_charge_wh": b.lifetime_charge_wh,
+        }
+        if self.active("soc_jump"):
+            jump = -SOC_JUMP_PCT if b.true_soc_pct >= 2 * SOC_JUMP_PCT else SOC_JUMP_PCT
+            for name in signals.RATE_LIMITED:
+                values[name] = min(100.0, max(0.0, values[name] + jump))
+        return values
+
+    def _pages(self, message: Any) -> list[dict[str, Any]]:
+        """Signal values per frame: one frame, or one per multiplexer page."""
+        if not message.is_multiplexed():
+            return [{}]
+        mux = next(s for s in message.signals if s.is_multiplexer)
+        pages = sorted({i for s in message.signals for i in (s.multiplexer_ids or ())})
+        return [{mux.name: page} for page in pages]
+
+    def encode(self, message: Any, values: dict[str, Any]) -> list[bytes]:
+        """The frames (one per page) that carry `values` in `message`."""
+        frames = []
+        for page in self._pages(message):
+            data = dict(page)
+            for sig in message.signals:
+                if sig.is_multiplexer or (sig.multiplexer_ids and
+                                          sig.multiplexer_signal in page and
+                                          page[sig.multiplexer_signal] not in sig.multiplexer_ids):
+                    continue
+                name = self._by_signal.get(f"{message.name}.{sig.name}")
+                value = values.get(name, 0.0) if name else 0.0
+                value = float(value) / signals.UNIT_FACTORS.get(sig.unit or "", 1.0)
+                lo = sig.minimum if sig.minimum is not None else value
+                hi = sig.maximum if sig.maximum is not None else value
+                data[sig.name] = min(hi, max(lo, value))
+            frames.append(message.encode(data, strict=False))
+        return frames
+
+    # -- sending ----------------------------------------------------------
+
+    def emit_due(self, now: float) -> int:
+        """Send every message whose period has elapsed at `now`; returns frames sent.
+
+        A caller that falls behind gets one frame per message, not a burst: a real
+        BMS does not replay the frames it missed.
+        """
+        self._expire(now)
+        values: dict[str, Any] | None = None
+        sent = 0
+        for sched in self._schedules:
+            if sched.next_due is not None and now < sched.next_due:
+                continue
+            behind = sched.next_due is None or now >= sched.next_due + sched.period_s
+            sched.next_due = now + sched.period_s if behind else sched.next_due + sched.period_s
+            if self.active("can_silence"):
+                continue
+            values = values if values is not None else self.field_values()
+            for data in self.encode(sched.message, values):
+                sent += self._send(sched.message.frame_id, self._corrupt(data), now)
+        self.sent += sent
+        return sent
+
+    def _corrupt(self, data: bytes) -> bytes:
+        if self.active("garbled"):
+            return bytes(self._rng.getrandbits(8) for _ in data)
+        if self.active("wrong_length"):
+            return data[:-2]
+        return data
+
+    def _send(self, frame_id: int, data: bytes, now: float) -> int:
+        msg = can.Message(timestamp=now, arbitration_id=frame_id, data=data, is_extended_id=False)
+        try:
+            self.bus.send(msg, timeout=0.1)
+        except can.CanError as err:
+            self.send_errors += 1
+            log.warning("BMS node could not send 0x%X: %s", frame_id, err)
+            return 0
+        return 1
+
+    def run(self, stop: threading.Event, load_w: float = 0.0, duration_s: float | None = None,
+            faults: list[tuple[float, str, float | None]] = (), clock: Callable[[], float] = time.monotonic,
+            tick_s: float = 0.002) -> None:
+        """Real time: step the pack with a constant `load_w` and emit, until `stop` or `duration_s`.
+
+        `faults` are (at_s, kind, duration_s or None) from the start of the run.
+        """
+        start = last = clock()
+        pending = sorted(faults, key=lambda f: f[0])
+        while not stop.is_set():
+            now = clock()
+            elapsed = now - start
+            if duration_s is not None and elapsed >= duration_s:
+                break
+            while pending and pending[0][0] <= elapsed:
+                _, kind, length = pending.pop(0)
+                self.inject(kind, None if length is None else now + length)
+            self.battery.step(now - last, load_w)
+            last = now
+            self.emit_due(now)
+            stop.wait(tick_s)
+
+
+# -- `powershare-gw sim bms` ---------------------------------------------------
+
+@dataclass
+class _Scenario:
+    initial_soc_pct: float = 80.0
+    capacity_wh: float = 123_000.0
+    duration_s: float | None = None
+    faults: tuple[tuple[float, str, float | None], ...] = ()
+
+
+def _number(table: dict, key: str, where: str, lo: float, hi: float) -> float | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise InputError(f"{where}.{key}: expected a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
+def load_scenario(path: Path) -> _Scenario:
+    """The parts of a DESIGN §3.7 scenario the BMS node acts on; the rest is the bench's."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid TOML: {err}") from None
+    vehicle, run = table.get("vehicle", {}), table.get("run", {})
+    scenario = _Scenario()
+    soc = _number(vehicle, "initial_soc_pct", f"{path}: vehicle", 0, 100)
+    cap = _number(vehicle, "usable_capacity_wh", f"{path}: vehicle", 1_000, 300_000)
+    scenario.initial_soc_pct = scenario.initial_soc_pct if soc is None else soc
+    scenario.capacity_wh = scenario.capacity_wh if cap is None else cap
+    scenario.duration_s = _number(run, "duration_s", f"{path}: run", 0, 1e9)
+    faults = []
+    for i, fault in enumerate(table.get("fault", [])):
+        where = f"{path}: fault[{i}]"
+        kind = fault.get("kind")
+        if kind not in FAULT_KINDS:
+            continue  # inverter and grid faults belong to other parts of the bench
+        at = _number(fault, "at_s", where, 0, 1e9)
+        if at is None:
+            raise InputError(f"{where}.at_s: missing")
+        faults.append((at, kind, _number(fault, "duration_s", where, 0, 1e9)))
+    scenario.faults = tuple(faults)
+    return scenario
+
+
+def _sim_bms(args: argparse.Namespace) -> int:
+    from firmware_py.bms.commands import open_bus, resolve_dbc, stop_on_signals
+
+    scenario = load_scenario(Path(args.scenario)) if args.scenario else _Scenario()
+    soc = scenario.initial_soc_pct if args.soc is None else args.soc
+    if not 0 <= soc <= 100:
+        raise InputError(f"--soc: expected 0 to 100 %, got {soc:g}")
+    duration = args.duration if args.duration is not None else scenario.duration_s
+    dbc, _ = resolve_dbc(args.dbc, elm=False)
+    battery = Battery(capacity_wh=scenario.capacity_wh, soc_pct=soc, seed=args.seed)
+    bus = open_bus(args.can_interface, args.can_channel)
+    try:
+        node = BmsNode(battery, bus, dbc, seed=args.seed)
+        print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "
+              f"load {args.load_w:g} W; Ctrl-C or SIGTERM stops", flush=True)
+        with stop_on_signals() as stop:
+            node.run(stop, load_w=args.load_w, duration_s=duration, faults=list(scenario.faults))
+    finally:
+        bus.shutdown()
+    print(f"# sim bms: sent {node.sent} frames ({node.send_errors} send errors), "
+          f"true SoC {battery.true_soc_pct:.2f} %", flush=True)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sim <part>` to the parser."""
+    """Add `sim bms` to the `sim` command's parts."""
+    p = sub.add_parser("bms", help="run the simulated BMS alone on a CAN bus, in real time",
+                       description="Emit every BMS message of the DBC at its period from a simulated pack. "
+                                   "Without vcan, share a bus between processes with python-can-remote: "
+                                   "`python -m can_remote -i virtual -c bench -H 127.0.0.1 -p PORT`, then "
+                                   "--can-interface remote --can-channel ws://127.0.0.1:PORT/. "
+                                   f"Scenario faults acted on: {', '.join(FAULT_KINDS)}.")
+    p.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
+    p.add_argument("--can-channel", required=True, help="channel, e.g. vcan0 or ws://127.0.0.1:54701/")
+    p.add_argument("--scenario", default=None, help="scenario TOML: [vehicle] initial_soc_pct, [run] duration_s, [[fault]]")
+    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: scenario's, else until stopped)")
+    p.add_argument("--dbc", default=None, help="bundled DBC name or path (default cybertruck_bms.dbc)")
+    p.add_argument("--soc", type=float, default=None, help="initial SoC in %% (overrides the scenario)")
+    p.add_argument("--load-w", type=float, default=0.0, help="constant DC power drawn, W (positive = discharge)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SoC estimator noise and garbled frames")
+    p.set_defaults(handler=_sim_bms)
+
+
