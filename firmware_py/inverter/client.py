@@ -41,10 +41,15 @@ ENABLED = M704.point("WSetEna").symbol("ENABLED")
 
 
 class LinkError(Exception):
-    """One failed exchange with the inverter; `str()` is the cause an installer reads."""
+    """One failed exchange with the inverter; `str()` is what an installer reads.
 
-    def __init__(self, cause: str, *, drop: bool = True):
-        super().__init__(cause)
+    `cause` alone (without the operation it hit) is what gets logged once:
+    a dead link fails every poll and every write the same way.
+    """
+
+    def __init__(self, cause: str, *, what: str = "", drop: bool = True):
+        super().__init__(f"{what}: {cause}" if what else cause)
+        self.cause = cause
         self.drop = drop
         """True when the connection itself is suspect and must be reopened."""
 
@@ -144,7 +149,7 @@ class InverterClient:
             return
         now = self.clock()
         if now < self._next_attempt:
-            raise LinkError(self._error or "not connected", drop=False)
+            raise LinkError(self._logged or "not connected", what="waiting to reconnect", drop=False)
         try:
             await self.connect()
         except LinkError:
@@ -300,7 +305,7 @@ class InverterClient:
                                          addr, count=n, device_id=self.settings.unit_id)
             regs = list(getattr(reply, "registers", []) or [])
             if len(regs) != n:
-                raise LinkError(f"reply to reading {addr}+{n} carried {len(regs)} registers")
+                raise LinkError(f"reply carried {len(regs)} registers", what=f"reading {addr}+{n}")
             out += regs
             addr, count = addr + n, count - n
         return out
@@ -313,22 +318,22 @@ class InverterClient:
         from pymodbus.exceptions import ModbusException
 
         if self._client is None or not self._client.connected:
-            raise LinkError(f"{what}: not connected to {self._where()}")
+            raise LinkError(f"not connected to {self._where()}", what=what)
         try:
             reply = await asyncio.wait_for(call(*args, **kwargs), self.settings.timeout_s + 0.5)
         except (asyncio.TimeoutError, ModbusException) as err:
             if self._client is None or not self._client.connected:
-                raise LinkError(f"{what}: connection closed by the inverter") from None
+                raise LinkError("connection closed by the inverter", what=what) from None
             if isinstance(err, asyncio.TimeoutError) or "No response" in str(err):
-                raise LinkError(f"{what}: no reply within {self.settings.timeout_s} s") from None
-            raise LinkError(f"{what}: {str(err).strip()}") from None
+                raise LinkError(f"no reply within {self.settings.timeout_s} s", what=what) from None
+            raise LinkError(str(err).strip(), what=what) from None
         except OSError as err:
-            raise LinkError(f"{what}: {err}") from None
+            raise LinkError(str(err), what=what) from None
         if reply is None:
-            raise LinkError(f"{what}: no reply")
+            raise LinkError("no reply", what=what)
         if reply.isError():
             code = getattr(reply, "exception_code", None)
-            raise LinkError(f"{what}: Modbus exception {code} ({_exception_name(code)})", drop=False)
+            raise LinkError(f"Modbus exception {code} ({_exception_name(code)})", what=what, drop=False)
         return reply
 
     # --- failure bookkeeping ------------------------------------------------------------
@@ -338,9 +343,9 @@ class InverterClient:
             await self._close_transport()
             self._next_attempt = self.clock() + self._backoff
             cause = f"{cause} (link closed, reconnecting)"
-        if cause != self._logged:
+        if err.cause != self._logged:
             log.warning("inverter %s: %s", self._where(), cause)
-            self._logged = cause
+            self._logged = err.cause
         self._error = cause
         return InverterStatus(received_at=self.clock(), comms_ok=False, error=cause)
 

@@ -1,0 +1,218 @@
+"""The gateway's SunSpec client against the simulated inverter over Modbus TCP.
+
+Real pymodbus on both sides; the inverter model is advanced by hand and the
+client's clock is a plain variable, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+
+from firmware_py.config import InverterConfig
+from firmware_py.core.types import InverterCommand, InverterState
+from firmware_py.inverter.client import InverterClient, LinkError
+from sim.inverter import Fault, InverterModel, SimInverterServer
+
+BIG = 50_000.0
+
+
+class Rig:
+    """A simulated inverter, its server and a connected client sharing one hand-driven clock."""
+
+    def __init__(self, model: InverterModel, server: SimInverterServer, client: InverterClient):
+        self.model, self.server, self.client = model, server, client
+        self.now = 0.0
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        self.model.advance(dt, self.now, BIG, BIG)
+
+
+def run(scenario, **settings):
+    async def main():
+        model = InverterModel()
+        async with SimInverterServer(model, slow_reply_s=0.5) as server:
+            cfg = InverterConfig(port=server.port, **{"timeout_s": 0.2, "revert_timeout_s": 9, **settings})
+            rig = Rig(model, server, None)  # type: ignore[arg-type]
+            rig.client = InverterClient(cfg, lambda: rig.now, backoff_min_s=1.0)
+            await rig.client.connect()
+            try:
+                await scenario(rig)
+            finally:
+                await rig.client.close()
+
+    asyncio.run(main())
+
+
+def test_discovery_reports_models_ratings_and_common():
+    async def scenario(rig):
+        disc = rig.client.discovery
+        assert disc.base == 40000
+        assert sorted(disc.models) == [1, 701, 702, 704, 713]
+        assert disc.common["Mn"] == "powershare-gw"
+        assert disc.ratings["WMaxRtg"] == 11_500.0
+        assert disc.storage["WHRtg"] == 123_000.0
+
+    run(scenario)
+
+
+def test_status_reflects_the_inverter():
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(4_000.0, "dispatch"))
+        rig.advance(1800.0)  # within the 1 h revert time set below
+        st = await rig.client.read_status()
+        assert st.comms_ok and st.error is None
+        assert st.measured_w == pytest.approx(4_000.0)
+        assert st.inv_state == InverterState.RUNNING
+        assert st.grid_connected and not st.grid_outage
+        assert st.tot_wh_inj == pytest.approx(2_000.0, abs=1.0)
+        assert st.w_max_rtg == st.w_discha_max_rtg == st.w_cha_max_rtg == 11_500.0
+        assert st.wset_w == pytest.approx(4_000.0)
+
+    run(scenario, revert_timeout_s=3600)
+
+
+def test_command_arms_the_revert_in_704():
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(-2_500.5, "charge"))
+        c = rig.model.controls
+        assert (c["WSetEna"], c["WSetMod"], c["WSetEnaRvrt"], c["WSetRvrt"], c["WSetRvrtTms"]) == (1, 1, 1, 0, 9)
+        assert c["WSet"] == pytest.approx(-2_500.5)  # the sim's WSet_SF is -1: 0.1 W steps
+
+    run(scenario)
+
+
+def test_writes_only_on_change_or_when_a_refresh_is_due():
+    async def scenario(rig):
+        cmd = InverterCommand(3_000.0, "dispatch")
+        await rig.client.apply(cmd)
+        assert rig.server.writes == 1
+        rig.now += 1.0
+        await rig.client.apply(cmd)
+        assert rig.server.writes == 1
+        await rig.client.apply(InverterCommand(3_100.0, "dispatch"))
+        assert rig.server.writes == 2
+        rig.now += rig.client.refresh_s  # 3 s: a third of the 9 s revert time
+        await rig.client.apply(InverterCommand(3_100.0, "dispatch"))
+        assert rig.server.writes == 3
+
+    run(scenario)
+
+
+def test_safe_stop_writes_zero_even_when_unchanged():
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(0.0, "idle"))
+        await rig.client.safe_stop()
+        assert rig.server.writes == 2 and rig.model.wset_w == 0.0
+
+    run(scenario)
+
+
+def test_grid_outage_and_inverter_fault_are_reported():
+    async def scenario(rig):
+        rig.model.inject(Fault.GRID_OUTAGE, until=10.0)
+        rig.advance(1.0)
+        st = await rig.client.read_status()
+        assert st.comms_ok and st.grid_outage and not st.grid_connected
+        rig.model.inject(Fault.INVERTER_FAULT, until=10.0)
+        rig.advance(1.0)
+        st = await rig.client.read_status()
+        assert st.faulted and st.measured_w == 0.0 and st.alarms & ~(1 << 4)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("fault", "cause"), [
+    (Fault.MODBUS_EXCEPTION, "Modbus exception 4 (device failure)"),
+    (Fault.SLOW_REPLY, "no reply within 0.2 s"),
+    (Fault.DROP_CONNECTION, "connection closed by the inverter"),
+])
+def test_each_fault_becomes_comms_lost_then_recovers(fault, cause, caplog):
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
+        rig.advance(1.0)
+        rig.model.inject(fault, until=rig.now + 5.0)
+        with caplog.at_level(logging.WARNING, logger="firmware_py.inverter.client"):
+            statuses = [await rig.client.read_status() for _ in range(3)]
+            await rig.client.apply(InverterCommand(6_000.0, "dispatch"))  # must not raise
+        for st in statuses:
+            assert not st.comms_ok and st.measured_w == 0.0 and cause in st.error
+        warnings = [r for r in caplog.records if r.name == "firmware_py.inverter.client"]
+        assert len(warnings) == 1 and cause in warnings[0].getMessage()  # once per cause, not per poll
+        rig.advance(5.0)
+        rig.now += 2.0  # past the reconnect backoff
+        st = await rig.client.read_status()
+        assert st.comms_ok, st.error
+        await rig.client.apply(InverterCommand(6_000.0, "dispatch"))
+        assert rig.model.wset_w == pytest.approx(6_000.0)
+
+    run(scenario)
+
+
+def test_a_faulted_link_ends_at_zero_watts_by_revert():
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
+        rig.advance(1.0)
+        rig.model.inject(Fault.DROP_CONNECTION, until=1e9)
+        for _ in range(10):
+            rig.advance(1.0)
+            assert not (await rig.client.read_status()).comms_ok
+            await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
+        assert rig.model.ac_power_w == 0.0
+
+    run(scenario)
+
+
+def test_readback_mismatch_is_reported_not_raised(caplog):
+    async def scenario(rig):
+        original = rig.server._write
+
+        def clamping_write(address, values):
+            result = original(address, values)
+            rig.model.controls["WSet"] = min(rig.model.controls["WSet"], 1_000.0)  # a device that clamps
+            return result
+
+        rig.server._write = clamping_write
+        with caplog.at_level(logging.WARNING, logger="firmware_py.inverter.client"):
+            await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
+        assert "read-back differs" in caplog.text and "WSet wrote 50000 read 10000" in caplog.text
+
+    run(scenario)
+
+
+def test_read_status_when_unreachable_is_a_status_not_an_exception():
+    async def main():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        client = InverterClient(InverterConfig(port=port, timeout_s=0.2), lambda: 0.0)
+        with pytest.raises(LinkError, match="cannot connect"):
+            await client.connect()
+        st = await client.read_status()
+        assert not st.comms_ok and "cannot connect" in st.error
+        await client.apply(InverterCommand(1_000.0, "x"))  # a no-op while disconnected
+
+    asyncio.run(main())
+
+
+def test_a_device_without_sunspec_is_named_as_such():
+    async def main():
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        server = ModbusTcpServer(SimDevice(1, [SimData(0, count=10, values=7, datatype=DataType.REGISTERS)]),
+                                 address=("127.0.0.1", 0))
+        await server.serve_forever(background=True)
+        try:
+            port = server.transport.sockets[0].getsockname()[1]
+            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+            with pytest.raises(LinkError, match="not a SunSpec device"):
+                await client.connect()
+        finally:
+            await server.shutdown()
+
+    asyncio.run(main())
