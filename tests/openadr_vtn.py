@@ -10,7 +10,7 @@ and the ability to go away and come back on the same port with its state kept
 
 Usage::
 
-    async with LoopbackVtn(ven_name="truck-1", poll_s=0.5) as vtn:
+    async with LoopbackVtn(ven_name="truck-1", poll_s=1) as vtn:
         config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name="truck-1")
         ...
         event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0)     # 5 kW for 10 min
@@ -148,11 +148,16 @@ class _Registered:
 
 @dataclass
 class LoopbackVtn:
-    """An openleadr VTN serving one named VEN on 127.0.0.1 (see the module docstring)."""
+    """An openleadr VTN serving one named VEN on 127.0.0.1 (see the module docstring).
+
+    `poll_s` and `report_s` are whole seconds: OpenADR durations carry no
+    fractions. `poll_s=0` lets the VEN poll as fast as it allows itself
+    (OpenAdrVen: 0.5 s), which keeps tests quick.
+    """
 
     ven_name: str = "truck-1"
-    poll_s: float = 0.5
-    report_s: float = 1.0
+    poll_s: int = 1
+    report_s: int = 1
     tls: TlsMaterial | None = None
     vtn_id: str = "POWERSHARE-TEST-VTN"
     responses: list[OptResponse] = field(default_factory=list)

@@ -51,6 +51,13 @@ STATE_CODES: Mapping[str, int] = {
 }
 UNKNOWN_STATE_CODE = 0
 
+# OpenADR durations are whole seconds, so a VTN wanting sub-second polls sends PT0S;
+# this is as fast as the VEN then polls (it never hammers a VTN in a tight loop).
+MIN_POLL_S = 0.5
+
+# First retry of a failed registration; the VTN's poll interval is not known yet.
+REGISTRATION_RETRY_S = 1.0
+
 
 @dataclass(frozen=True)
 class EventOutcome:
@@ -141,7 +148,7 @@ class OpenAdrVen:
                 if client.registration_id is None:
                     self.registered = await self._register(client)
                     if not self.registered:
-                        await asyncio.sleep(backoff.next(self._poll_s(client)))
+                        await asyncio.sleep(backoff.next(REGISTRATION_RETRY_S))
                         continue
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
@@ -205,8 +212,9 @@ class OpenAdrVen:
 
     @staticmethod
     def _poll_s(client: _Client) -> float:
-        frequency = client.poll_frequency or timedelta(seconds=10)
-        return min(max(frequency.total_seconds(), 0.1), 86_400.0)
+        """The VTN's requested poll interval, kept within [MIN_POLL_S, 24 h]."""
+        frequency = client.poll_frequency if client.poll_frequency is not None else timedelta(seconds=10)
+        return min(max(frequency.total_seconds(), MIN_POLL_S), 86_400.0)
 
     # ------------------------------------------------------------------ events
 

@@ -1,0 +1,480 @@
+"""The OpenADR 2.0b VEN against a real openleadr VTN on 127.0.0.1.
+
+The core is not part of these tests: a scripted sink stands in for it, answering
+by a fixed policy and recording everything the VEN handed over, so each test
+checks what the VEN translated and what the VTN heard back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
+
+from firmware_py.config import OpenAdrConfig
+from firmware_py.core.types import (DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest,
+                                    ReasonCode, Verdict)
+from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch.openadr import OpenAdrVen
+from firmware_py.dispatch.openadr_events import EventPlan, translate_event
+from firmware_py.errors import InputError
+
+T = TypeVar("T")
+RATING_W = 11_500.0
+UTC = dt.timezone.utc
+
+Policy = Callable[[DispatchRequest], DispatchAnswer]
+
+
+def accept(request: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(request.id, time.time(), Verdict.ACCEPTED)
+
+
+def cap_at(watts: float) -> Policy:
+    def policy(request: DispatchRequest) -> DispatchAnswer:
+        if request.target_w <= watts:
+            return accept(request)
+        return DispatchAnswer(request.id, time.time(), Verdict.CAPPED, cap_w=watts,
+                              reason=ReasonCode.INSUFFICIENT_ENERGY)
+    return policy
+
+
+def opted_out(request: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.OPTED_OUT)
+
+
+class ScriptedSink:
+    """Stands in for the core: answers by `policy`, records every item it was given."""
+
+    def __init__(self, policy: Policy = accept, state: str = "idle") -> None:
+        self.policy = policy
+        self.state = state
+        self.received: list[DispatchRequest | DispatchCancel] = []
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        self.received.append(item)
+        return self.policy(item) if isinstance(item, DispatchRequest) else None
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(at=self.now(), state=self.state, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None)
+
+    def now(self) -> float:
+        return time.time()
+
+    def requests(self) -> list[DispatchRequest]:
+        return [r for r in self.received if isinstance(r, DispatchRequest)]
+
+    def cancels(self) -> list[DispatchCancel]:
+        return [r for r in self.received if isinstance(r, DispatchCancel)]
+
+
+def run(scenario: Callable[[], Awaitable[T]], timeout_s: float = 20.0) -> T:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout_s))
+
+
+@contextlib.asynccontextmanager
+async def serving(ven: OpenAdrVen, sink: ScriptedSink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(ven.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make_ven(vtn: LoopbackVtn, **changes: Any) -> OpenAdrVen:
+    config = replace(OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name), **changes)
+    return OpenAdrVen(config, RATING_W, retry_max_s=1.0)
+
+
+def in_seconds(seconds: float) -> dt.datetime:
+    return dt.datetime.now(UTC) + dt.timedelta(seconds=seconds)
+
+
+async def registered(vtn: LoopbackVtn, ven: OpenAdrVen) -> None:
+    await vtn.wait_for_registration()
+    await vtn.wait_for(lambda: ven.registered)
+
+
+def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(state="DISCHARGING")
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                assert vtn.registrations[0]["ven_name"] == "truck-1"
+                wanted = {"RealPower", "stateOfCharge", "availableEnergy", "gatewayState", "committedPower"}
+                await vtn.wait_for(lambda: wanted <= {r.measurement for r in vtn.reports})
+        latest = {r.measurement: r.value for r in vtn.reports}
+        assert latest["RealPower"] == -1234.0
+        assert latest["stateOfCharge"] == 72.5
+        assert latest["availableEnergy"] == 40_000.0
+        assert latest["gatewayState"] == 2
+        assert latest["committedPower"] == 0.0
+
+    run(scenario)
+
+
+def test_an_unknown_ven_name_is_not_registered() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, ven_name="truck-1") as vtn:
+            config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name="someone-else")
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=0.5)
+            async with serving(ven, ScriptedSink()) as task:
+                await vtn.wait_for(lambda: ven.registration_attempts >= 2)
+                assert not task.done()
+            assert not ven.registered
+            assert vtn.refused_registrations[:2] == ["someone-else", "someone-else"]
+
+    run(scenario)
+
+
+def test_load_dispatch_event_accepted_becomes_a_discharge_request() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                start = in_seconds(60)
+                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0)   # 5 kW
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        [request] = sink.requests()
+        assert request.id == event_id
+        assert request.source == "openadr"
+        assert request.kind is DispatchKind.DISCHARGE
+        assert request.target_w == pytest.approx(5000.0)
+        assert request.start == pytest.approx(start.timestamp(), abs=1e-3)
+        assert request.end == pytest.approx(start.timestamp() + 600, abs=1e-3)
+        assert request.revision == 0
+
+    run(scenario)
+
+
+def test_several_intervals_become_one_request_each() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                start = in_seconds(30)
+                event_id = vtn.add_event(LOAD_DISPATCH, start, [300, 600], [7.2, 0.0])
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        first, second = sink.requests()
+        assert (first.id, second.id) == (f"{event_id}#0", f"{event_id}#1")
+        assert (first.kind, first.target_w) == (DispatchKind.DISCHARGE, pytest.approx(7200.0))
+        assert (second.kind, second.target_w) == (DispatchKind.STOP, 0.0)
+        assert second.start == pytest.approx(first.end)
+        assert second.end == pytest.approx(start.timestamp() + 900, abs=1e-3)
+
+    run(scenario)
+
+
+def test_simple_level_maps_to_a_share_of_the_rating() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn, simple_levels_pct=[25.0, 50.0, 90.0]), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(SIMPLE, in_seconds(30), 600, 2)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        [request] = sink.requests()
+        assert request.target_w == pytest.approx(0.5 * RATING_W)
+
+    run(scenario)
+
+
+def test_capped_event_opts_in_and_reports_the_cap() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(cap_at(3000.0))
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 9.0)   # running now
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                await vtn.wait_for(lambda: any(r.measurement == "committedPower" and r.value == 3000.0
+                                               for r in vtn.reports))
+        outcome = ven.outcomes[-1]
+        assert (outcome.event_id, outcome.opt, outcome.cap_w) == (event_id, "optIn", 3000.0)
+        assert sink.requests()[0].target_w == pytest.approx(9000.0)
+
+    run(scenario)
+
+
+def test_event_refused_while_opted_out() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(opted_out)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optOut"
+        assert len(sink.requests()) == 1
+        assert ven.outcomes[-1].answers[0].reason is ReasonCode.OPTED_OUT
+
+    run(scenario)
+
+
+def test_invalid_event_is_refused_without_reaching_the_core() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, -4.0)
+                assert await vtn.wait_for_response(event_id) == "optOut"
+                # the link survives the bad event: the next one is served
+                good_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 4.0)
+                assert await vtn.wait_for_response(good_id) == "optIn"
+        assert [r.id for r in sink.requests()] == [good_id]
+        refusal = ven.outcomes[0].answers[0]
+        assert refusal.reason is ReasonCode.INVALID and "-4000" in refusal.detail
+
+    run(scenario)
+
+
+def test_cancellation_mid_event_cancels_the_request() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(event_id, 0) == "optIn"
+                vtn.cancel_event(event_id)
+                assert await vtn.wait_for_response(event_id, 1) == "optIn"
+        assert [(c.id, c.source) for c in sink.cancels()] == [(event_id, "openadr")]
+        assert len(sink.requests()) == 1
+
+    run(scenario)
+
+
+def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                start = in_seconds(60)
+                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, [5.0, 6.0])
+                assert await vtn.wait_for_response(event_id, 0) == "optIn"
+                number = vtn.modify_event(event_id, values=[6.0, 4.0])
+                assert await vtn.wait_for_response(event_id, number) == "optIn"
+                number = vtn.modify_event(event_id, values=[3.0], duration_s=900)
+                assert await vtn.wait_for_response(event_id, number) == "optIn"
+        requests = sink.requests()
+        assert [(r.id, r.revision, r.target_w) for r in requests] == [
+            (f"{event_id}#0", 0, 5000.0), (f"{event_id}#1", 0, 6000.0),
+            (f"{event_id}#0", 1, 6000.0), (f"{event_id}#1", 1, 4000.0),
+            (event_id, 2, 3000.0)]
+        assert sorted(c.id for c in sink.cancels()) == [f"{event_id}#0", f"{event_id}#1"]
+        assert sink.received.index(sink.cancels()[0]) < sink.received.index(requests[-1])
+        assert requests[-1].end == pytest.approx(start.timestamp() + 900, abs=1e-3)
+
+    run(scenario)
+
+
+def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink) as task:
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                window = (sink.requests()[0].start, sink.requests()[0].end)
+                await vtn.stop()
+                await vtn.wait_for(lambda: ven.failed_polls >= 3, timeout_s=8.0)
+                assert not task.done()
+                assert sink.cancels() == []
+                await vtn.start()
+                later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+                assert await vtn.wait_for_response(later_id, timeout_s=8.0) == "optIn"
+        first, second = sink.requests()
+        assert (first.id, (first.start, first.end)) == (event_id, window)
+        assert second.id == later_id
+        assert sink.cancels() == []
+
+    run(scenario)
+
+
+def test_tls_and_signatures_registration_and_event(tmp_path: Any) -> None:
+    tls = make_tls_material(tmp_path / "pki")
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, tls=tls) as vtn:
+            assert vtn.url.startswith("https://127.0.0.1:")
+            ven = make_ven(vtn, cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file),
+                           vtn_fingerprint=tls.vtn_fingerprint)
+            sink = ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        assert vtn.registrations[0]["fingerprint"] == tls.ven_fingerprint
+        assert [r.target_w for r in sink.requests()] == [5000.0]
+
+    run(scenario)
+
+
+def test_tls_vtn_with_the_wrong_fingerprint_is_ignored(tmp_path: Any) -> None:
+    tls = make_tls_material(tmp_path / "pki")
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, tls=tls) as vtn:
+            ven = make_ven(vtn, cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file),
+                           vtn_fingerprint=tls.ven_fingerprint)  # not the VTN's
+            async with serving(ven, ScriptedSink(accept)) as task:
+                await vtn.wait_for(lambda: ven.registration_attempts >= 2)
+                assert not task.done()
+        assert not ven.registered
+        assert vtn.registrations == []   # the VTN's signed answers were refused before registering
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"cert": "/x/ven.crt"}, "cert and key"),
+    ({"cert": "/x/ven.crt", "key": "/x/ven.key", "vtn_url": "https://h/x"}, "ca_file"),
+    ({"cert": "/x/ven.crt", "key": "/x/ven.key", "ca_file": "/x/ca.crt"}, "https"),
+    ({"vtn_url": "ftp://h/x"}, "vtn_url"),
+    ({"simple_levels_pct": [10.0, 200.0, 50.0]}, "simple_levels_pct"),
+])
+def test_config_mistakes_are_input_errors_naming_the_key(changes: dict[str, Any], key: str) -> None:
+    with pytest.raises(InputError, match=key):
+        OpenAdrVen(replace(OpenAdrConfig(), **changes), RATING_W)
+
+
+# ---------------------------------------------------------------------- translation, no network
+
+NOW = dt.datetime(2026, 7, 1, 18, 0, tzinfo=UTC)
+
+
+def event(signals: Any, *, event_id: str = "ev-1", number: Any = 0, status: str = "far") -> dict[str, Any]:
+    return {"event_descriptor": {"event_id": event_id, "modification_number": number, "event_status": status},
+            "active_period": {"dtstart": NOW, "duration": dt.timedelta(hours=1)},
+            "event_signals": signals}
+
+
+def signal(name: str = LOAD_DISPATCH, payloads: Any = (5.0,), **extra: Any) -> dict[str, Any]:
+    intervals = [{"duration": dt.timedelta(minutes=30), "signal_payload": p, "uid": i}
+                 for i, p in enumerate(payloads)]
+    return {"signal_name": name, "signal_type": "setpoint" if name == LOAD_DISPATCH else "level",
+            "intervals": intervals, **extra}
+
+
+def translate(payload: Any, now: dt.datetime = NOW - dt.timedelta(minutes=5)) -> EventPlan | DispatchAnswer:
+    return translate_event(payload, rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0],
+                           to_gateway_time=dt.datetime.timestamp, received_at=now.timestamp())
+
+
+def test_translation_places_intervals_without_dtstart_after_the_active_period_start() -> None:
+    plan = translate(event([signal(payloads=[5.0, 2.5])]))
+    assert isinstance(plan, EventPlan)
+    assert [(r.start, r.end, r.target_w) for r in plan.requests] == [
+        (NOW.timestamp(), NOW.timestamp() + 1800, 5000.0),
+        (NOW.timestamp() + 1800, NOW.timestamp() + 3600, 2500.0)]
+
+
+def test_translation_prefers_load_dispatch_over_a_companion_simple_signal() -> None:
+    plan = translate(event([signal(SIMPLE, [1]), signal(payloads=[4.0])]))
+    assert isinstance(plan, EventPlan) and plan.requests[0].target_w == 4000.0
+
+
+def test_translation_uses_the_measurement_scale() -> None:
+    plan = translate(event([signal(payloads=[2500.0], measurement={"unit": "W", "scale": "none"})]))
+    assert isinstance(plan, EventPlan) and plan.requests[0].target_w == 2500.0
+
+
+def test_translation_skips_ended_intervals_and_expires_when_none_is_left() -> None:
+    plan = translate(event([signal(payloads=[5.0, 3.0])]), now=NOW + dt.timedelta(minutes=40))
+    assert isinstance(plan, EventPlan)
+    assert [r.id for r in plan.requests] == ["ev-1#1"] and plan.request_ids == ("ev-1#0", "ev-1#1")
+    expired = translate(event([signal()]), now=NOW + dt.timedelta(hours=2))
+    assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
+
+
+def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
+    plan = translate(event([], number=3, status="cancelled"))
+    assert isinstance(plan, EventPlan) and plan.cancelled and plan.revision == 3
+
+
+@pytest.mark.parametrize("payload, words", [
+    (event([signal(payloads=[-1.0])]), "must be >= 0"),
+    (event([signal(payloads=[1e9])]), "implausible"),
+    (event([signal(payloads=[math.nan])]), "finite number"),
+    (event([signal(payloads=["5"])]), "finite number"),
+    (event([signal(SIMPLE, [4])]), "SIMPLE level"),
+    (event([signal("ELECTRICITY_PRICE")]), "no LOAD_DISPATCH or SIMPLE"),
+    (event([signal(signal_type="delta")]), "delta"),
+    (event([signal(measurement={"unit": "A", "scale": "k"})]), "unit must be W"),
+    (event([signal(), signal()]), "ambiguous"),
+    (event([]), "no event_signals"),
+    (event([signal()], number=-1), "modification_number"),
+    (event([signal()], number=True), "modification_number"),
+    ({"event_descriptor": None}, "event_descriptor"),
+    ("not an event", "event must be a structure"),
+])
+def test_translation_refuses_bad_payloads_clearly(payload: Any, words: str) -> None:
+    answer = translate(payload)
+    assert isinstance(answer, DispatchAnswer)
+    assert (answer.verdict, answer.reason) == (Verdict.REJECTED, ReasonCode.INVALID)
+    assert words in answer.detail
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
+                    st.datetimes(timezones=st.just(UTC)), st.datetimes(),
+                    st.timedeltas(min_value=dt.timedelta(days=-10**5), max_value=dt.timedelta(days=10**5)))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=12), inner, max_size=3)),
+                      max_leaves=8)
+payloads = st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=3),
+                     st.integers(min_value=-10**400, max_value=10**400))
+fuzzed_intervals = st.lists(st.fixed_dictionaries(
+    {"signal_payload": payloads},
+    optional={"duration": st.one_of(st.timedeltas(), values),
+              "dtstart": st.one_of(st.datetimes(timezones=st.just(UTC)), values)}), max_size=4)
+fuzzed_signals = st.lists(st.fixed_dictionaries(
+    {"signal_name": st.sampled_from([LOAD_DISPATCH, "SIMPLE", "simple", "LOAD_CONTROL", "x-custom", ""]),
+     "intervals": st.one_of(fuzzed_intervals, values)},
+    optional={"signal_type": st.sampled_from(["setpoint", "delta", "level", "x-y"]),
+              "measurement": st.one_of(st.fixed_dictionaries({"unit": st.sampled_from(["W", "kW", "A"]),
+                                                               "scale": st.one_of(st.sampled_from(
+                                                                   ["k", "M", "none", "T", "p", "q"]), values)}),
+                                       values)}), max_size=3)
+fuzzed_events = st.one_of(values, st.fixed_dictionaries(
+    {"event_descriptor": st.one_of(values, st.fixed_dictionaries(
+        {"event_id": st.one_of(st.text(min_size=1, max_size=8), values),
+         "modification_number": st.one_of(st.integers(), values),
+         "event_status": st.sampled_from(["far", "near", "active", "cancelled", "completed"])})),
+     "event_signals": st.one_of(fuzzed_signals, values)},
+    optional={"active_period": st.one_of(values, st.fixed_dictionaries(
+        {"dtstart": st.one_of(st.datetimes(timezones=st.just(UTC)), values),
+         "duration": st.one_of(st.timedeltas(), values)}))}))
+
+
+@given(fuzzed_events)
+def test_fuzzed_events_get_a_plan_or_a_clear_refusal_never_an_exception(payload: Any) -> None:
+    result = translate(payload)
+    if isinstance(result, DispatchAnswer):
+        assert result.verdict is Verdict.REJECTED
+        assert result.reason in (ReasonCode.INVALID, ReasonCode.EXPIRED)
+        assert result.detail
+    else:
+        assert isinstance(result, EventPlan)
+        for request in result.requests:
+            assert request.source == "openadr"
+            assert 0 <= request.target_w <= 10_000_000
+            assert math.isfinite(request.start) and request.start < request.end
+            assert (request.kind is DispatchKind.STOP) == (request.target_w == 0)
