@@ -1,0 +1,115 @@
+"""The client against the simulated inverter over Modbus RTU: a pyserial `socket://` URL and a real pty pair.
+
+The pty case bridges two pseudo-terminals (a software null-modem cable):
+the server opens one tty, the client the other, both through pyserial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+import pytest
+
+from firmware_py.config import InverterConfig
+from firmware_py.core.types import InverterCommand
+from firmware_py.inverter.client import InverterClient
+from sim.inverter import Fault, InverterModel, SimInverterServer
+
+BIG = 50_000.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _null_modem():
+    """Two ptys whose masters are wired together; yields the two tty paths."""
+    loop = asyncio.get_running_loop()
+    (m1, s1), (m2, s2) = os.openpty(), os.openpty()
+
+    def relay(src: int, dst: int) -> None:
+        with contextlib.suppress(OSError):
+            os.write(dst, os.read(src, 4096))
+
+    loop.add_reader(m1, relay, m1, m2)
+    loop.add_reader(m2, relay, m2, m1)
+    try:
+        yield os.ttyname(s1), os.ttyname(s2)
+    finally:
+        loop.remove_reader(m1)
+        loop.remove_reader(m2)
+        for fd in (m1, m2, s1, s2):
+            os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _line(kind: str):
+    """(client URL, server URL) for one RTU line."""
+    if kind == "socket":
+        url = f"socket://127.0.0.1:{_free_port()}"
+        yield url, url
+    else:
+        with _null_modem() as (a, b):
+            yield a, b
+
+
+def run(kind, scenario):
+    async def main():
+        async with _line(kind) as (client_url, server_url):
+            model = InverterModel()
+            async with SimInverterServer(model, rtu=server_url, slow_reply_s=0.4):
+                now = [0.0]
+                cfg = InverterConfig(transport="rtu", serial_port=client_url, timeout_s=0.2, revert_timeout_s=3)
+                client = InverterClient(cfg, lambda: now[0], backoff_min_s=1.0)
+                await client.connect()
+                try:
+                    await scenario(model, client, now)
+                finally:
+                    await client.close()
+
+    asyncio.run(main())
+
+
+KINDS = ["socket", "pty"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtu_discovers_reads_and_commands(kind):
+    async def scenario(model, client, now):
+        assert sorted(client.discovery.models) == [1, 701, 702, 704, 713]
+        await client.apply(InverterCommand(-4_000.0, "charge"))
+        model.advance(1.0, 1.0, BIG, BIG)
+        st = await client.read_status()
+        assert st.comms_ok and st.measured_w == pytest.approx(-4_000.0) and st.wset_w == pytest.approx(-4_000.0)
+        assert model.controls["WSetEnaRvrt"] == 1 and model.controls["WSetRvrtTms"] == 3
+
+    run(kind, scenario)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fault", [Fault.MODBUS_EXCEPTION, Fault.SLOW_REPLY, Fault.DROP_CONNECTION])
+def test_rtu_faults_end_as_comms_lost_and_zero_watts(kind, fault):
+    async def scenario(model, client, now):
+        await client.apply(InverterCommand(5_000.0, "dispatch"))
+        model.advance(1.0, 1.0, BIG, BIG)
+        model.inject(fault, until=1e9)
+        for t in range(2, 6):
+            now[0] = float(t)
+            st = await client.read_status()
+            assert not st.comms_ok and st.measured_w == 0.0 and st.error
+            await client.apply(InverterCommand(5_000.0, "dispatch"))
+            model.advance(1.0, float(t), BIG, BIG)
+        assert model.ac_power_w == 0.0  # the inverter's own revert took it to 0 W
+        model.inject(fault, until=model.now)
+        await asyncio.sleep(0.5)  # let a late (slow) reply drain from the line
+        now[0] += 60.0
+        st = await client.read_status()
+        assert st.comms_ok, st.error
+
+    run(kind, scenario)
