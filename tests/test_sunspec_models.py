@@ -75,12 +75,17 @@ def test_scaled_round_trip(which, sf, data):
     m = ModelDef.load(model_id)
     p = m.point(name)
     lo, hi = {"int16": (-0x7FFF, 0x7FFF), "uint16": (0, 0xFFFE), "int32": (-0x7FFFFFFF, 0x7FFFFFFF),
-              "uint32": (0, 0xFFFFFFFE), "uint64": (0, 2**63)}[p.type]
+              "uint32": (0, 0xFFFFFFFE), "uint64": (0, 2**53)}[p.type]
     raw = data.draw(st.integers(min_value=lo, max_value=hi))
     value = raw * 10.0 ** sf
     regs = m.encode({name: value, p.sf: sf})
     assert m.decode(regs, scaled=False)[name] == raw
     assert math.isclose(m.decode(regs)[name], value, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_unscaled_64_bit_meter_stays_exact():
+    m = ModelDef.load(701)
+    assert m.decode(m.encode({"TotWhInj": 2**63 + 1}))["TotWhInj"] == 2**63 + 1
 
 
 def test_value_out_of_range_is_a_clear_error():

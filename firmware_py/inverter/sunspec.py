@@ -198,7 +198,8 @@ class ModelDef:
         for name, value in raw.items():
             p = self.points[name]
             if p.sf is not None and isinstance(value, (int, float)):
-                value = value * 10.0 ** self.scale(p, factors)
+                sf = self.scale(p, factors)
+                value = value * 10.0 ** sf if sf else value  # sf 0 keeps 64-bit meters exact
             out[name] = value
         return out
 
@@ -226,7 +227,8 @@ class ModelDef:
         """One point's registers; with `sfs`, `value` is in engineering units."""
         p = self.point(name)
         if sfs is not None and p.sf is not None and isinstance(value, (int, float)):
-            value = round(value / 10.0 ** self.scale(p, sfs))
+            sf = self.scale(p, sfs)
+            value = round(value / 10.0 ** sf) if sf else round(value)
         return p.from_raw(value)
 
     def points_in(self, start: int, count: int) -> list[Point]:
