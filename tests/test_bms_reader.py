@@ -1,0 +1,203 @@
+"""The reader: decoding, unit conversion, freshness and every way a frame is refused."""
+
+from __future__ import annotations
+
+import threading
+
+import can
+import cantools
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firmware_py.bms import BmsListener, BmsReader
+from firmware_py.bms.signals import PLAUSIBLE
+from firmware_py.config import bundled_dbc
+from firmware_py.errors import InputError
+
+DBC = bundled_dbc("cybertruck_bms.dbc")
+DB = cantools.database.load_file(str(DBC))
+
+
+def frame(name: str, **values) -> can.Message:
+    message = DB.get_message_by_name(name)
+    return can.Message(arbitration_id=message.frame_id, data=message.encode(values), is_extended_id=False)
+
+
+def soc(pct: float) -> can.Message:
+    return frame("BmsSoc", SocMin=pct, SocUi=pct, SocMax=pct, SocAvg=pct)
+
+
+def status(bms=2, contactor=4) -> can.Message:
+    return frame("BmsStatus", BmsState=bms, ContactorState=contactor, HvState=6, Isolation=5000)
+
+
+@pytest.fixture
+def reader() -> BmsReader:
+    return BmsReader(DBC, clock=lambda: 0.0)
+
+
+def test_units_and_signs_are_the_snapshots(reader):
+    reader.on_message(frame("HvBattAmpVolt", PackVoltage=812.0, SmoothedCurrent=-50.0, RawCurrent=-50.0), now=0)
+    reader.on_message(frame("BmsPowerAvailable", MaxRegenPower=120.5, MaxDischargePower=300.0), now=0)
+    reader.on_message(frame("LifetimeEnergy", TotalDischarge=1234.5, TotalCharge=2000.0), now=0)
+    reader.on_message(frame("HvContactorState", PackContactorNeg=6, PackContactorPos=4, HvilStatus=1), now=0)
+    s = reader.snapshot(0.0)
+    assert s.pack_voltage_v == pytest.approx(812.0)
+    assert s.pack_current_a == pytest.approx(-50.0)  # negative = charging, as in DESIGN §3.1
+    assert s.max_charge_w == pytest.approx(120_500) and s.max_discharge_w == pytest.approx(300_000)
+    assert s.lifetime_discharge_wh == pytest.approx(1_234_500)
+    assert (s.pack_contactor_neg, s.pack_contactor_pos, s.hvil_ok) == (6, 4, True)
+    reader.on_message(frame("HvContactorState", PackContactorNeg=6, PackContactorPos=4, HvilStatus=4), now=0.1)
+    assert reader.snapshot(0.1).hvil_ok is False
+
+
+def test_multiplexed_pages_fill_their_own_fields(reader):
+    reader.on_message(frame("BmsEnergyStatus", EnergyStatusIndex=0, NominalFullPack=127.9, NominalRemaining=90.0), now=0)
+    s = reader.snapshot(0)
+    assert s.nominal_full_wh == pytest.approx(127_900) and s.energy_buffer_wh is None
+    reader.on_message(frame("BmsEnergyStatus", EnergyStatusIndex=1, EnergyBuffer=4.9, ExpectedRemaining=80.0), now=0.5)
+    s = reader.snapshot(0.5)
+    assert s.energy_buffer_wh == pytest.approx(4_900) and s.nominal_full_wh == pytest.approx(127_900)
+    reader.on_message(frame("BrickMinMax", BrickMinMaxIndex=1, BrickVoltageMax=3.9, BrickVoltageMin=3.88), now=0.5)
+    assert reader.snapshot(0.5).brick_v_min == pytest.approx(3.88)
+
+
+def test_returns_a_snapshot_only_when_something_changed(reader):
+    first = reader.on_message(soc(60.0), now=0.0)
+    assert first is not None and first.soc_min_pct == pytest.approx(60.0) and first.received_at == 0.0
+    assert reader.on_message(soc(60.0), now=0.1) is None
+    assert reader.on_message(soc(60.1), now=0.2).soc_min_pct == pytest.approx(60.1)
+
+
+def test_fields_go_stale_after_three_periods_and_recover(reader):
+    reader.on_message(soc(60.0), now=0.0)  # BmsSoc period 100 ms -> timeout 0.3 s
+    reader.on_message(status(), now=0.0)
+    assert reader.snapshot(0.3).stale == frozenset()
+    late = reader.snapshot(0.31)
+    assert {"soc_min_pct", "bms_state", "contactor_state"} <= late.stale
+    assert not late.fresh("soc_min_pct") and not late.energy_path_closed()
+    assert reader.on_message(soc(60.0), now=0.4) is not None  # same values, but fresh again
+    assert "soc_min_pct" not in reader.snapshot(0.4).stale
+
+
+def test_never_received_is_none_not_a_default(reader):
+    s = reader.snapshot(5.0)
+    assert s.soc_min_pct is None and s.bms_state is None and not s.fresh("soc_min_pct")
+
+
+def test_non_bms_and_extended_frames_are_ignored_without_counting(reader):
+    assert reader.on_message(can.Message(arbitration_id=0x123, data=bytes(8), is_extended_id=False)) is None
+    assert reader.on_message(can.Message(arbitration_id=0x292, data=soc(50).data, is_extended_id=True)) is None
+    assert reader.accepted == 0 and not reader.dropped
+
+
+@pytest.mark.parametrize("msg,reason", [
+    (can.Message(arbitration_id=0x292, data=bytes(6), is_extended_id=False), "wrong_length"),
+    (can.Message(arbitration_id=0x352, data=bytes([2]) + bytes(7), is_extended_id=False), "unknown_mux_page"),
+    (can.Message(arbitration_id=0x212, data=bytes([0, 4, 6, 0, 15, 0, 0, 0]), is_extended_id=False),
+     "not_in_value_table"),
+    (can.Message(arbitration_id=0x292, data=bytes([0xFF] * 8), is_extended_id=False), "out_of_range"),
+])
+def test_bad_frames_are_counted_and_dropped_with_a_reason(reader, msg, reason):
+    reader.on_message(status(), now=0.0)
+    reader.on_message(soc(50.0), now=0.0)
+    assert reader.on_message(msg, now=0.05) is None
+    assert reader.dropped == {reason: 1}
+    assert reason in reader.last_drop
+    s = reader.snapshot(0.05)
+    assert s.soc_min_pct == pytest.approx(50.0) and s.bms_state == 2  # old values kept
+
+
+def test_implausible_frame_makes_its_fields_stale_until_a_good_one(reader):
+    reader.on_message(soc(50.0), now=0.0)
+    reader.on_message(can.Message(arbitration_id=0x292, data=bytes([0xFF] * 8), is_extended_id=False), now=0.05)
+    assert "soc_min_pct" in reader.snapshot(0.05).stale
+    reader.on_message(soc(50.0), now=0.1)
+    assert "soc_min_pct" not in reader.snapshot(0.1).stale
+
+
+def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
+    reader.on_message(soc(60.0), now=0.0)
+    assert reader.on_message(soc(35.0), now=0.1) is None
+    assert reader.dropped["soc_jump"] == 1
+    s = reader.snapshot(0.1)
+    assert s.soc_min_pct == pytest.approx(60.0) and "soc_min_pct" in s.stale
+    assert reader.on_message(soc(59.5), now=0.2) is not None  # small moves are fine
+    assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
+
+
+def test_mapping_override_swaps_a_signal():
+    r = BmsReader(DBC, clock=lambda: 0.0, mapping={"soc_min_pct": "BmsSoc.SocAvg", "soc_ui_pct": ""})
+    r.on_message(frame("BmsSoc", SocMin=40, SocUi=41, SocMax=42, SocAvg=43), now=0)
+    s = r.snapshot(0)
+    assert s.soc_min_pct == pytest.approx(43) and s.soc_ui_pct is None
+
+
+@pytest.mark.parametrize("mapping,named", [
+    ({"soc_minimum": "BmsSoc.SocMin"}, "soc_minimum"),
+    ({"soc_min_pct": "NoSuchMessage.SocMin"}, "NoSuchMessage"),
+    ({"soc_min_pct": "BmsSoc.NoSuchSignal"}, "NoSuchSignal"),
+    ({"soc_min_pct": "SocMin"}, "MESSAGE.SIGNAL"),
+])
+def test_bad_mapping_is_an_input_error_naming_it(mapping, named):
+    with pytest.raises(InputError, match=named):
+        BmsReader(DBC, clock=lambda: 0.0, mapping=mapping, source="cfg.toml: vehicle.signals")
+
+
+def test_missing_or_bad_dbc_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        BmsReader(tmp_path / "none.dbc", clock=lambda: 0.0)
+    bad = tmp_path / "bad.dbc"
+    bad.write_text("BO_ this is not a dbc\n")
+    with pytest.raises(InputError, match="bad.dbc"):
+        BmsReader(bad, clock=lambda: 0.0)
+
+
+def test_can_filters_cover_exactly_the_bms_ids(reader):
+    ids = {f["can_id"] for f in reader.can_filters()}
+    assert ids == {0x132, 0x292, 0x252, 0x352, 0x312, 0x212, 0x20A, 0x332, 0x3D2}
+    assert all(f["can_mask"] == 0x7FF and f["extended"] is False for f in reader.can_filters())
+
+
+def test_clock_is_used_when_no_time_is_given():
+    now = [10.0]
+    r = BmsReader(DBC, clock=lambda: now[0])
+    assert r.on_message(soc(50)).received_at == 10.0
+
+
+@given(frame_id=st.sampled_from([0x132, 0x292, 0x252, 0x352, 0x312, 0x212, 0x20A, 0x332, 0x3D2]),
+       data=st.lists(st.binary(min_size=0, max_size=8), min_size=1, max_size=20))
+def test_any_bytes_never_raise_and_never_yield_impossible_values(frame_id, data):
+    r = BmsReader(DBC, clock=lambda: 0.0)
+    for i, payload in enumerate(data):
+        s = r.on_message(can.Message(arbitration_id=frame_id, data=payload, is_extended_id=False), now=i * 0.01)
+        if s is None:
+            continue
+        for name, (lo, hi) in PLAUSIBLE.items():
+            value = getattr(s, name)
+            assert value is None or lo <= value <= hi, name
+    assert r.accepted + sum(r.dropped.values()) == len(data)
+
+
+def test_listener_on_a_virtual_bus_with_a_notifier():
+    channel = "test_bms_listener"
+    with can.Bus(interface="virtual", channel=channel) as rx, can.Bus(interface="virtual", channel=channel) as tx:
+        rx.set_filters(BmsReader(DBC, clock=lambda: 0.0).can_filters())
+        reader = BmsReader(DBC, clock=lambda: 1.0)
+        got, done = [], threading.Event()
+
+        def on_snapshot(s):
+            got.append(s)
+            if s.bms_state is not None and s.soc_min_pct is not None:
+                done.set()
+
+        notifier = can.Notifier(rx, [BmsListener(reader, on_snapshot)])
+        try:
+            tx.send(can.Message(arbitration_id=0x7FF, data=bytes(8), is_extended_id=False))
+            tx.send(soc(72.5))
+            tx.send(status(bms=2))
+            assert done.wait(5.0)
+        finally:
+            notifier.stop()
+        assert got[-1].soc_min_pct == pytest.approx(72.5) and got[-1].bms_state == 2
