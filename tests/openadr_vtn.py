@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import socket
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,14 @@ class LoopbackVtn:
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event() if _has_loop() else None
         tls = self.tls
-        self.server = OpenADRServer(
+        with warnings.catch_warnings():  # openleadr's own aiohttp usage warns; not ours to fix
+            warnings.simplefilter("ignore")
+            self.server = self._make_server(tls)
+        self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
+        self.server.add_handler("on_register_report", self._on_register_report)
+
+    def _make_server(self, tls: TlsMaterial | None) -> OpenADRServer:
+        return OpenADRServer(
             vtn_id=self.vtn_id,
             http_host="127.0.0.1",
             http_port=0,
@@ -184,8 +192,6 @@ class LoopbackVtn:
             ven_lookup=self._ven_lookup,
             show_fingerprint=False,
         )
-        self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
-        self.server.add_handler("on_register_report", self._on_register_report)
 
     # ------------------------------------------------------------------ lifecycle
 

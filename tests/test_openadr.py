@@ -433,6 +433,29 @@ def test_translation_refuses_bad_payloads_clearly(payload: Any, words: str) -> N
     assert words in answer.detail
 
 
+@given(kw=st.lists(st.floats(0, 10_000), min_size=1, max_size=4), minutes=st.integers(1, 600),
+       scale=st.sampled_from([None, "k", "none", "M"]))
+def test_valid_load_dispatch_maps_every_interval_to_its_watts(kw: list[float], minutes: int,
+                                                            scale: str | None) -> None:
+    factor = {None: 1e3, "k": 1e3, "none": 1.0, "M": 1e6}[scale]
+    extra = {} if scale is None else {"measurement": {"unit": "W", "scale": scale}}
+    payload = event([signal(payloads=[v * 1e3 / factor for v in kw], **extra)])
+    for interval in payload["event_signals"][0]["intervals"]:
+        interval["duration"] = dt.timedelta(minutes=minutes)
+    plan = translate(payload)
+    assert isinstance(plan, EventPlan)
+    assert [r.target_w for r in plan.requests] == pytest.approx([v * 1e3 for v in kw])
+    assert [r.end - r.start for r in plan.requests] == [minutes * 60.0] * len(kw)
+    assert len({r.id for r in plan.requests}) == len(kw)
+
+
+@given(level=st.sampled_from([0, 1, 2, 3, 1.0, 3.0]))
+def test_simple_levels_map_through_the_configured_shares(level: float) -> None:
+    plan = translate(event([signal(SIMPLE, [level])]))
+    assert isinstance(plan, EventPlan)
+    assert plan.requests[0].target_w == pytest.approx([0.0, 0.33, 0.66, 1.0][int(level)] * RATING_W)
+
+
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
                     st.datetimes(timezones=st.just(UTC)), st.datetimes(),
                     st.timedeltas(min_value=dt.timedelta(days=-10**5), max_value=dt.timedelta(days=10**5)))

@@ -82,6 +82,7 @@ class _Tracked:
     revision: int
     opt: str
     request_ids: tuple[str, ...]
+    ends_at: float
     windows: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # id -> start, end, committed W
 
 
@@ -255,7 +256,8 @@ class OpenAdrVen:
         windows = {r.id: (r.start, r.end, a.cap_w if a.verdict is Verdict.CAPPED and a.cap_w is not None
                           else r.target_w)
                    for r, a in zip(plan.requests, answers) if a.verdict is not Verdict.REJECTED}
-        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, windows)
+        ends_at = max(r.end for r in plan.requests)
+        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, windows)
         outcome = EventOutcome(plan.event_id, plan.revision, opt, answers,
                                detail="; ".join(_describe(a) for a in answers))
         self._record(outcome)
@@ -287,12 +289,11 @@ class OpenAdrVen:
                 outcome.opt, outcome.detail)
 
     def _forget_ended(self) -> None:
-        """Drop events whose every window has closed, so a long run's memory stays flat."""
+        """Drop events whose last window has closed, so a long run's memory stays flat."""
         if self._sink is None:
             return
         now = self._sink.now()
-        for event_id in [e for e, t in self._events.items()
-                         if t.windows and all(end <= now for _, end, _ in t.windows.values())]:
+        for event_id in [e for e, t in self._events.items() if t.ends_at <= now]:
             del self._events[event_id]
 
     def committed_w(self) -> float:
