@@ -1,0 +1,107 @@
+"""`sim bms` in one process, the gateway's reader in another, over python-can-remote on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import can
+import pytest
+
+from firmware_py.bms import BmsReader
+from firmware_py.config import bundled_dbc
+from firmware_py.core.types import BmsState
+from sim.battery import Battery
+
+DBC = bundled_dbc("cybertruck_bms.dbc")
+LOAD_W = 11_500
+SOC = 65.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"can_remote server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail("can_remote server did not listen in time")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def remote_url():
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "bench",
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, server)
+        yield f"ws://127.0.0.1:{port}/"
+    finally:
+        stop(server)
+
+
+def test_node_and_reader_in_two_processes(remote_url, tmp_path):
+    scenario = tmp_path / "bms.toml"
+    scenario.write_text(f"[run]\nduration_s = 30\n[vehicle]\ninitial_soc_pct = {SOC}\n"
+                        "[[fault]]\nat_s = 1.5\nkind = \"bms_fault\"\nduration_s = 0.5\n"
+                        "[[fault]]\nat_s = 1\nkind = \"grid_outage\"\nduration_s = 1\n")
+    node = subprocess.Popen([sys.executable, "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
+                             "--can-channel", remote_url, "--scenario", str(scenario), "--load-w", str(LOAD_W)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = BmsReader(DBC, clock=time.monotonic)
+    seen_states: list[int] = []
+    fresh = None
+    try:
+        with can.Bus(interface="remote", channel=remote_url) as bus:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and node.poll() is None:
+                msg = bus.recv(timeout=0.5)
+                if msg is None:
+                    continue
+                s = reader.on_message(msg)
+                if s is None:
+                    continue
+                if s.bms_state is not None and (not seen_states or seen_states[-1] != s.bms_state):
+                    seen_states.append(s.bms_state)
+                if fresh is None and all(v is not None for v in vars(s).values()) and not s.stale:
+                    fresh = s
+                if BmsState.FAULT in seen_states and seen_states[-1] == BmsState.SUPPORT:
+                    break
+    finally:
+        stop(node)
+        out, err = node.communicate(timeout=5)
+    assert node.returncode == 0, err
+    assert "sent" in out  # stopped cleanly by SIGTERM and said so
+    assert fresh is not None, f"no complete snapshot; dropped {reader.dropped}"
+    model = Battery(soc_pct=SOC)
+    model.step(0.01, LOAD_W)
+    assert fresh.pack_voltage_v == pytest.approx(model.pack_voltage_v, abs=0.5)
+    assert fresh.pack_current_a == pytest.approx(model.pack_current_a, abs=0.3)
+    assert SOC - 1.0 <= fresh.soc_min_pct <= SOC
+    assert fresh.max_discharge_w == pytest.approx(model.max_discharge_w, abs=100)
+    assert fresh.energy_path_closed() and fresh.hvil_ok
+    assert seen_states[-2:] == [BmsState.FAULT, BmsState.SUPPORT], seen_states
+    assert not reader.dropped
