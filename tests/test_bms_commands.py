@@ -1,0 +1,134 @@
+"""`powershare-gw bms record|decode` and `sim bms`, through the real command line."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import can
+import cantools
+import pytest
+
+from firmware_py.cli import main
+from firmware_py.config import bundled_dbc
+
+DB = cantools.database.load_file(str(bundled_dbc("cybertruck_bms.dbc")))
+
+
+def soc_frame(pct: float, t: float) -> can.Message:
+    m = DB.get_message_by_name("BmsSoc")
+    return can.Message(timestamp=t, arbitration_id=m.frame_id, is_extended_id=False,
+                       data=m.encode({"SocMin": pct, "SocUi": pct, "SocMax": pct, "SocAvg": pct}))
+
+
+def ranges(out: str) -> dict[str, tuple[float, float]]:
+    found = {}
+    for label, lo, hi in re.findall(r"^#\s+(\S.*?)\s+(-?[\d.]+) \.\.\s+(-?[\d.]+)", out, re.M):
+        found[label.strip()] = (float(lo), float(hi))
+    return found
+
+
+def test_decode_the_real_charging_capture(tesla_capture, capsys):
+    path = tesla_capture("charging-to-80.txt")
+    assert main(["bms", "decode", str(path)]) == 0  # ELM text picks the Model 3 DBC by itself
+    out = capsys.readouterr().out
+    assert "tesla_model3_bms.dbc" in out
+    r = ranges(out)
+    assert r["SoC min"] == (81.4, 82.2)
+    assert r["voltage"] == (394.9, 403.2)
+    assert r["current"] == (-101.8, 1.9)
+    assert r["nominal full pack"][0] == pytest.approx(72.62)
+    assert re.search(r"\b\d+ lines skipped", out) and "wrong_length" in out
+
+
+def test_decode_with_explicit_dbc_name(tesla_capture, capsys):
+    path = tesla_capture("drive-80.txt")
+    assert main(["bms", "decode", str(path), "--dbc", "tesla_model3_bms.dbc", "--every", "5"]) == 0
+    assert ranges(capsys.readouterr().out)["voltage"] == (381.1, 400.9)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "empty"),
+    ("\n\n   \n", "empty"),
+    ("zz\n13\nqq\n", "no BMS frame"),
+    ("7E8041234\n123DEADBEEF\n", "no BMS frame"),
+])
+def test_empty_or_garbled_log_is_bad_input(tmp_path, capsys, content, message):
+    path = tmp_path / "capture.txt"
+    path.write_text(content)
+    assert main(["bms", "decode", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_binary_format_and_unknown_dbc_are_bad_input(tmp_path, capsys):
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert main(["bms", "decode", str(path)]) == 2
+    assert "unknown log format" in capsys.readouterr().err
+    elm = tmp_path / "c.txt"
+    elm.write_text("2922E832C73CC14F70D\n")
+    assert main(["bms", "decode", str(elm), "--dbc", "nosuch.dbc"]) == 2
+    assert "nosuch.dbc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".log", ".asc", ".csv", ".blf"])
+def test_decode_python_can_logs(tmp_path, capsys, suffix):
+    path = tmp_path / f"bms{suffix}"
+    with can.Logger(str(path)) as log:
+        for i in range(30):
+            log(soc_frame(50 + i * 0.1, 1000.0 + i * 0.1))
+        log(can.Message(timestamp=1003.5, arbitration_id=0x292, data=bytes(3), is_extended_id=False))
+    assert main(["bms", "decode", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ranges(out)["SoC min"] == (50.0, 52.9)
+    assert "30 BMS frames accepted, 1 dropped (wrong_length 1)" in out
+
+
+def test_record_then_decode(tmp_path, capsys):
+    channel = "test_bms_record"
+    out = tmp_path / "rec.log"
+    stop = threading.Event()
+
+    def send():
+        with can.Bus(interface="virtual", channel=channel) as bus:
+            i = 0
+            while not stop.is_set() and i < 400:
+                bus.send(soc_frame(40 + (i % 5) * 0.1, 0))
+                bus.send(can.Message(arbitration_id=0x555, data=bytes(8), is_extended_id=False))
+                i += 1
+                stop.wait(0.005)
+
+    sender = threading.Thread(target=send)
+    with can.Bus(interface="virtual", channel=channel):  # keeps the channel alive between buses
+        sender.start()
+        try:
+            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                         "--duration", "0.6", "--bms-only", str(out)]) == 0
+        finally:
+            stop.set()
+            sender.join(5)
+    assert "recorded" in capsys.readouterr().out
+    assert main(["bms", "decode", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert ranges(text)["SoC min"][0] >= 40.0 and "0 dropped" in text
+
+
+def test_record_to_unknown_suffix_is_bad_input(tmp_path, capsys):
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "x",
+                 "--duration", "0.1", str(tmp_path / "rec.xyz")]) == 2
+    assert "rec.xyz" in capsys.readouterr().err
+
+
+def test_sim_bms_bad_scenario_is_bad_input(tmp_path, capsys):
+    bad = tmp_path / "s.toml"
+    bad.write_text("[vehicle]\ninitial_soc_pct = 140\n")
+    assert main(["sim", "bms", "--can-interface", "virtual", "--can-channel", "x", "--scenario", str(bad)]) == 2
+    assert "initial_soc_pct" in capsys.readouterr().err
+
+
+def test_sim_bms_runs_for_its_duration_on_a_virtual_bus(capsys):
+    assert main(["sim", "bms", "--can-interface", "virtual", "--can-channel", "test_sim_bms",
+                 "--duration", "0.2", "--load-w", "5000"]) == 0
+    out = capsys.readouterr().out
+    sent = int(re.search(r"sent (\d+) frames", out).group(1))
+    assert sent >= 20  # 0x132 alone is due every 10 ms
