@@ -233,6 +233,11 @@ class LoopbackVtn:
             runner, self._runner = self._runner, None
             await runner.cleanup()
 
+    def forget_registration(self) -> None:
+        """Lose the VEN's registration (a VTN restored without its database): its next
+        message is answered with oadrRequestReregistration. Queued events are kept."""
+        self._ven = None
+
     async def close(self) -> None:
         """Shut down for good (idempotent)."""
         await self.stop()

@@ -309,6 +309,24 @@ def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes() -> None:
     run(scenario)
 
 
+def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_request() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                vtn.forget_registration()
+                await vtn.wait_for(lambda: len(vtn.registrations) >= 2 and vtn.ven_id and ven.registered)
+                later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+                assert await vtn.wait_for_response(later_id) == "optIn"
+        assert [r.id for r in sink.requests()] == [event_id, later_id]
+        assert sink.cancels() == []
+
+    run(scenario)
+
+
 def test_tls_and_signatures_registration_and_event(tmp_path: Any) -> None:
     tls = make_tls_material(tmp_path / "pki")
 
@@ -348,6 +366,8 @@ def test_tls_vtn_with_the_wrong_fingerprint_is_ignored(tmp_path: Any) -> None:
     ({"cert": "/x/ven.crt"}, "cert and key"),
     ({"cert": "/x/ven.crt", "key": "/x/ven.key", "vtn_url": "https://h/x"}, "ca_file"),
     ({"cert": "/x/ven.crt", "key": "/x/ven.key", "ca_file": "/x/ca.crt"}, "https"),
+    ({"cert": "/x/ven.crt", "key": "/x/ven.key", "ca_file": "/x/ca.crt", "vtn_url": "https://h/x"},
+     "cert: cannot read /x/ven.crt"),
     ({"vtn_url": "ftp://h/x"}, "vtn_url"),
     ({"simple_levels_pct": [10.0, 200.0, 50.0]}, "simple_levels_pct"),
 ])

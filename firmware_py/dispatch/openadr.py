@@ -18,14 +18,17 @@ returned), `_report_queue_worker`, `_event_cleanup`, `report_requests`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
@@ -151,6 +154,7 @@ class OpenAdrVen:
                     if not self.registered:
                         await asyncio.sleep(backoff.next(REGISTRATION_RETRY_S))
                         continue
+                    backoff.reset()
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
                 await client._poll()
@@ -196,7 +200,8 @@ class OpenAdrVen:
         self.registration_attempts += 1
         for request in client.report_requests:  # a re-registration asks for reports afresh
             if request.get("job") is not None:
-                request["job"].remove()
+                with contextlib.suppress(JobLookupError):
+                    request["job"].remove()
         client.report_requests.clear()
         response_type, payload = await client.query_registration()
         if response_type is None:
@@ -386,6 +391,10 @@ def _check(config: OpenAdrConfig) -> None:
         problems.append(f"{key}: vtn_url: must be https:// when cert is set")
     if not config.vtn_url.startswith(("http://", "https://")):
         problems.append(f"{key}: vtn_url: must start with http:// or https://, got {config.vtn_url!r}")
+    for name in ("cert", "key", "ca_file"):
+        path = getattr(config, name)
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"{key}: {name}: cannot read {path}")
     levels = config.simple_levels_pct
     if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
         problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
