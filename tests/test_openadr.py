@@ -133,10 +133,10 @@ def test_an_unknown_ven_name_is_not_registered() -> None:
             config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name="someone-else")
             ven = OpenAdrVen(config, RATING_W, retry_max_s=0.5)
             async with serving(ven, ScriptedSink()) as task:
-                await vtn.wait_for(lambda: ven.registration_attempts >= 2)
+                await vtn.wait_for(lambda: len(vtn.refused_registrations) >= 2)  # it keeps retrying
                 assert not task.done()
             assert not ven.registered
-            assert vtn.refused_registrations[:2] == ["someone-else", "someone-else"]
+            assert set(vtn.refused_registrations) == {"someone-else"}
 
     run(scenario)
 
