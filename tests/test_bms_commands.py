@@ -132,3 +132,14 @@ def test_sim_bms_runs_for_its_duration_on_a_virtual_bus(capsys):
     out = capsys.readouterr().out
     sent = int(re.search(r"sent (\d+) frames", out).group(1))
     assert sent >= 20  # 0x132 alone is due every 10 ms
+
+
+def test_decode_takes_dbc_and_mapping_from_a_config(tesla_capture, tmp_path, capsys):
+    path = tesla_capture("drive-80.txt")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[vehicle]\ndbc = "tesla_model3_bms.dbc"\n[vehicle.signals]\nsoc_min_pct = "BmsSoc.SocAvg"\n')
+    assert main(["bms", "decode", str(path), "--config", str(cfg)]) == 0
+    assert "config" in capsys.readouterr().out
+    cfg.write_text('[vehicle.signals]\nsoc_minimum = "BmsSoc.SocAvg"\n')
+    assert main(["bms", "decode", str(path), "--config", str(cfg)]) == 2
+    assert f"{cfg}: vehicle.signals.soc_minimum: unknown field" in capsys.readouterr().err

@@ -149,14 +149,14 @@ def _decode(args: argparse.Namespace) -> int:
     if not path.read_bytes()[:65_536].strip():
         raise InputError(f"{path}: the log is empty")
     elm = captures.is_elm_capture(path)
+    mapping, source = None, "vehicle.signals"
     if args.config:
         cfg = config_mod.load(args.config)
-        dbc, why, mapping = cfg.dbc_path(), f"config {cfg.source}", cfg.vehicle.signals
-        if args.dbc:
-            dbc, why = resolve_dbc(args.dbc, elm)
-    else:
-        (dbc, why), mapping = resolve_dbc(args.dbc, elm), None
-    reader = BmsReader(dbc, clock=lambda: 0.0, mapping=mapping)
+        dbc, why = cfg.dbc_path(), f"config {cfg.source}"
+        mapping, source = cfg.vehicle.signals, f"{cfg.source}: vehicle.signals"
+    if args.dbc or not args.config:
+        dbc, why = resolve_dbc(args.dbc, elm)
+    reader = BmsReader(dbc, clock=lambda: 0.0, mapping=mapping, source=source)
     skipped = 0
     if elm:
         capture = captures.read_elm(path)
