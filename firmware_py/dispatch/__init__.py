@@ -38,6 +38,9 @@ class DispatchSink(Protocol):
     def now(self) -> float:
         """The gateway clock that request start/end times are on."""
 
+    def note(self, kind: str, payload: dict) -> None:
+        """Journal something a source refused before it became a request (a bad write, a bad event)."""
+
 
 class DispatchSource(Protocol):
     """One way requests arrive (OpenADR VEN, SunSpec server, scripted scenario)."""
