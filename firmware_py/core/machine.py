@@ -245,33 +245,32 @@ def diagram() -> str:
 # ---------------------------------------------------------------- handlers
 
 
-def _toward(current: float, target: float, max_change: float) -> float:
-    if abs(target - current) <= max_change:
-        return target
-    return current + max_change if target > current else current - max_change
+def _ramped(v: View, base: float, magnitude: float, dt: float) -> float:
+    """Rise from `base` toward `magnitude` at the ramp rate; fall to it at once.
 
-
-def _ramped(v: View, target: float, dt: float) -> float:
+    Only increases ramp: a lower target (a new request, a cap) must hold in the
+    very step it arrives, and the floor's own envelope does the gentle ramp-down.
+    """
     rate = (v.request.request.ramp_w_per_s if v.request else None) or v.c.policy.ramp_w_per_s
-    return _toward(v.c.setpoint_w, target, rate * dt)
+    return min(magnitude, max(0.0, base) + rate * dt)
 
 
-def _discharge(v: View, dt: float) -> tuple[float, str]:
+def _discharge(v: View, base: float, dt: float) -> tuple[float, str]:
     r = v.request
-    return _ramped(v, r.target_w, dt), f"dispatch {r.request.id}: {r.target_w:.0f} W"
+    return _ramped(v, base, r.target_w, dt), f"dispatch {r.request.id}: {r.target_w:.0f} W"
 
 
-def _charge(v: View, dt: float) -> tuple[float, str]:
+def _charge(v: View, base: float, dt: float) -> tuple[float, str]:
     r = v.request
-    return _ramped(v, -r.target_w, dt), f"dispatch {r.request.id}: charge {r.target_w:.0f} W"
+    return -_ramped(v, -base, r.target_w, dt), f"dispatch {r.request.id}: charge {r.target_w:.0f} W"
 
 
-def _backup(v: View, dt: float) -> tuple[float, str]:
+def _backup(v: View, base: float, dt: float) -> tuple[float, str]:
     # Islanded, the inverter follows the home load; the setpoint is its ceiling.
     return v.c.policy.max_discharge_w, "backup: ceiling for the home load"
 
 
-HANDLERS: dict[Mode, Callable[[View, float], tuple[float, str]]] = {
+HANDLERS: dict[Mode, Callable[[View, float, float], tuple[float, str]]] = {
     Mode.DISCHARGE: _discharge,
     Mode.CHARGE: _charge,
     Mode.BACKUP: _backup,
@@ -466,9 +465,10 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     mode, reason, transitions = settle(view, c.mode, c.reason)
     events += transitions
     # Power rises from 0 at the ramp rate from the step that enters a mode, never from a stale setpoint.
-    dt = 0.0 if c.last_step_at is None or mode is not c.mode else max(0.0, now - c.last_step_at)
+    same_mode = mode is c.mode and c.last_step_at is not None
+    base, dt = (c.setpoint_w, max(0.0, now - c.last_step_at)) if same_mode else (0.0, 0.0)
     handler = HANDLERS.get(mode)
-    setpoint, reason = handler(view, dt) if handler else (0.0, reason)
+    setpoint, reason = handler(view, base, dt) if handler else (0.0, reason)
     setpoint, reason = clamp(view, setpoint, reason)
     serving = view.request.request.id if mode in (Mode.DISCHARGE, Mode.CHARGE) and view.request else None
     c = replace(c, mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,

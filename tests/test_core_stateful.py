@@ -1,0 +1,240 @@
+"""Hypothesis drives the real core together with a simple pack and inverter model.
+
+The model is the world: a pack whose true SoC falls with the energy the
+inverter actually moves, a BMS that reports a conservative SoC (never above the
+truth, as a BMS promises) with noise and jumps, power limits that fall, faults,
+outages and lost data; an inverter that holds the last setpoint until its
+revert timer runs out. The invariants are the safety claims of the gateway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from core_builders import bms, inverter
+from firmware_py.core import Controller, Mode, Policy, step
+from firmware_py.core.faults import bms_usable, inverter_usable
+from firmware_py.core.types import (
+    BmsState,
+    ContactorState,
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    FaultCleared,
+    FaultRaised,
+    InstallerReset,
+    InverterState,
+    OwnerSettings,
+    Tick,
+)
+
+PACK_EFFICIENCY = 0.96  # AC out per DC in: better than the core's assumed 0.95
+INJECTED = {"bms_fault", "over_temp", "inverter_fault"}
+
+EXAMPLES = {"ci": 2_000, "long": 20_000, "dev": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 2_000)
+
+
+class GatewayWorld(RuleBasedStateMachine):
+    @initialize(capacity=st.sampled_from([1_000.0, 5_000.0, 123_000.0]),
+                above=st.floats(-3, 6) | st.floats(-100, 100), reserve=st.floats(0, 90),
+                horizon=st.sampled_from([2.0, 10.0]), ramp=st.sampled_from([200.0, 2_000.0, 20_000.0]))
+    def start(self, capacity, above, reserve, horizon, ramp):
+        """Start near the floor more often than not: that is where the reserve is tested."""
+        soc = min(100.0, max(0.0, max(reserve, 10.0) + 2.0 + above))
+        self.policy = Policy(usable_capacity_wh=capacity, reserve_pct=reserve, command_horizon_s=horizon,
+                             ramp_w_per_s=ramp, fault_holdoff_s=3, lockout_faults=4, lockout_window_s=120)
+        self.now = 0.0
+        self.true_soc = soc
+        self.controller = Controller.start(self.policy)
+        self.applied_w = 0.0  # what the inverter is doing
+        self.applied_at = 0.0  # when the gateway last commanded it
+        self.dcl_w = 11_500.0
+        self.bms_state, self.contactor = BmsState.SUPPORT, ContactorState.CLOSED
+        self.bms_state_visible = True
+        self.temp_c = 30.0
+        self.outage = False
+        self.inv_fault = False
+        self.last_present = {kind: -math.inf for kind in INJECTED}
+        self.ids: list[str] = []
+        self.results = []
+
+    # ---------------------------------------------------------------- the world
+
+    @rule(dt=st.floats(0.01, 15))
+    def advance(self, dt):
+        """Time passes: the inverter moves energy at its setpoint until it reverts."""
+        floor = self.controller.floor_pct(self.now)
+        was_above = self.true_soc >= floor
+        live_for = max(0.0, self.applied_at + self.policy.command_horizon_s - self.now)
+        running = min(dt, live_for)
+        dc_w = self.applied_w / PACK_EFFICIENCY if self.applied_w > 0 else self.applied_w * PACK_EFFICIENCY
+        self.true_soc = min(100.0, self.true_soc - dc_w * running / 3600 / self.policy.usable_capacity_wh * 100)
+        self.now += dt
+        if was_above:
+            assert self.true_soc >= floor - 1e-9, (
+                f"true SoC {self.true_soc:.6f} crossed the floor {floor:.6f} at {self.applied_w:.1f} W")
+
+    def feed(self, *inputs):
+        result = step(self.controller, list(inputs), self.now)
+        self.controller = result.controller
+        self.applied_w, self.applied_at = result.command.setpoint_w, self.now
+        self.results.append(result)
+        event(f"mode {result.controller.mode.value}, {result.command.reason.split()[0]}")
+        for answer in (e for e in result.events if isinstance(e, DispatchAnswer)):
+            event(f"answer {answer.verdict.value} {answer.reason.value if answer.reason else ''}")
+        self.check(result)
+
+    @rule(noise=st.floats(0, 2), dcl_factor=st.sampled_from([1.0, 1.0, 0.5, 0.1, 0.0]),
+          state=st.sampled_from([BmsState.SUPPORT] * 6 + [BmsState.FAULT, BmsState.DRIVE]),
+          contactor=st.sampled_from([ContactorState.CLOSED] * 6 + [ContactorState.OPEN]),
+          hot=st.booleans() | st.just(False), stale=st.sampled_from([(), (), ("soc_min_pct",), ("bms_state",)]))
+    def bms_update(self, noise, dcl_factor, state, contactor, hot, stale):
+        """The BMS reports: conservative SoC at most the truth, noisy and jumpy."""
+        self.dcl_w = 11_500 * dcl_factor
+        self.bms_state, self.contactor = state, contactor
+        self.temp_c = 70.0 if hot else 30.0
+        soc_min = max(0.0, self.true_soc - noise)
+        self.bms_state_visible = "bms_state" not in stale
+        self.note_conditions()
+        self.feed(bms(self.now, soc_min, soc_max_pct=min(100.0, self.true_soc + noise),
+                      max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w, bms_state=state,
+                      contactor_state=contactor, max_temp_c=self.temp_c, stale=frozenset(stale)))
+
+    @rule(dt=st.floats(0.01, 0.4), noise=st.floats(0, 1), dcl_factor=st.sampled_from([1.0, 1.0, 1.0, 0.3]),
+          steps=st.integers(1, 40))
+    def healthy_run(self, dt, noise, dcl_factor, steps):
+        """Normal life: both sources report on time, many times over, while energy flows."""
+        for _ in range(steps):
+            self.advance(dt)
+            self.dcl_w = 11_500 * dcl_factor
+            self.bms_state, self.contactor, self.temp_c = BmsState.SUPPORT, ContactorState.CLOSED, 30.0
+            self.bms_state_visible, self.inv_fault = True, False
+            self.note_conditions()
+            self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
+                          max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
+                      inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
+                               grid_connected=not self.outage))
+
+    @rule(power=st.floats(500, 20_000), duration=st.floats(10, 4 * 3600), dt=st.floats(0.01, 0.4),
+          steps=st.integers(1, 60), noise=st.floats(0, 1))
+    def discharge_now(self, power, duration, dt, steps, noise):
+        """An aggregator event that starts now, then normal life while it runs."""
+        self.ids.append(f"e{len(self.ids)}")
+        self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
+                      max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
+                  inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
+                           grid_connected=not self.outage),
+                  DispatchRequest(self.ids[-1], "agg", DispatchKind.DISCHARGE, power, self.now, self.now + duration,
+                                  received_at=self.now))
+        self.healthy_run(dt, noise, 1.0, steps)
+
+    @rule(outage=st.booleans(), fault=st.booleans(), comms=st.sampled_from([True, True, True, False]),
+          rating=st.sampled_from([11_500.0, 7_600.0]))
+    def inverter_update(self, outage, fault, comms, rating):
+        self.outage, self.inv_fault = outage, fault and comms
+        self.note_conditions()
+        self.feed(inverter(self.now, comms_ok=comms, error=None if comms else "timeout", grid_outage=outage,
+                           grid_connected=not outage, measured_w=self.applied_w, w_max_rtg=rating,
+                           w_discha_max_rtg=rating, w_cha_max_rtg=rating,
+                           inv_state=InverterState.FAULT if fault else InverterState.RUNNING))
+
+    @rule(kind=st.sampled_from([DispatchKind.DISCHARGE] * 4 + [DispatchKind.CHARGE, DispatchKind.STOP]),
+          power=st.floats(500, 20_000) | st.floats(500, 20_000) | st.floats(-100, 100),
+          start=st.floats(-10, 20), duration=st.floats(1, 4 * 3600) | st.floats(-5, 5),
+          ramp=st.none() | st.none() | st.floats(0, 5_000), reuse=st.booleans())
+    def dispatch(self, kind, power, start, duration, ramp, reuse):
+        rid = self.ids[-1] if reuse and self.ids else f"e{len(self.ids)}"
+        self.ids.append(rid)
+        self.feed(DispatchRequest(rid, "agg", kind, power, self.now + start, self.now + start + duration,
+                                  received_at=self.now, ramp_w_per_s=ramp))
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data())
+    def cancel(self, data):
+        self.feed(DispatchCancel(data.draw(st.sampled_from(self.ids)), "agg", self.now))
+
+    @rule(reserve=st.floats(0, 100), opt_out=st.sampled_from([None, None, math.inf, 30.0]),
+          departure=st.none() | st.floats(60, 7200), departure_soc=st.floats(0, 100))
+    def owner(self, reserve, opt_out, departure, departure_soc):
+        self.feed(OwnerSettings(reserve, self.now, opt_out_until=None if opt_out is None else self.now + opt_out,
+                                departure_at=None if departure is None else self.now + departure,
+                                departure_soc_pct=departure_soc))
+
+    @rule()
+    def installer_reset(self):
+        self.feed(InstallerReset(self.now))
+
+    @rule()
+    def tick(self):
+        self.note_conditions()
+        self.feed(Tick(self.now))
+
+    def note_conditions(self):
+        present = {"bms_fault": self.bms_state is BmsState.FAULT and self.bms_state_visible,
+                   "over_temp": self.temp_c > 60,
+                   "inverter_fault": self.inv_fault}
+        for kind, on in present.items():
+            if on:
+                self.last_present[kind] = self.now
+
+    # ---------------------------------------------------------------- the claims
+
+    def check(self, result):
+        c, w = result.controller, result.command.setpoint_w
+        b, inv = c.bms, c.inverter
+        if not bms_usable(b, self.now, self.policy) or not inverter_usable(inv, self.now, self.policy):
+            assert w == 0, f"stale data but {w} W ({result.command.reason})"
+            return
+        if c.faults.latches or c.faults.locked_out:
+            assert w == 0, f"fault latched but {w} W"
+        if w > 0:
+            assert w <= b.max_discharge_w + 1e-6, "above the BMS discharge limit"
+            assert w <= self.policy.max_discharge_w + 1e-6, "above the site limit"
+            assert w <= (inv.w_discha_max_rtg or inv.w_max_rtg) + 1e-6, "above the inverter rating"
+            assert b.soc_min_pct > c.floor_pct(self.now), "discharging at or below the floor"
+            assert b.energy_path_closed()
+            if c.mode is Mode.DISCHARGE:
+                assert w <= c.book.in_force(self.now).target_w + 1e-6, "above the request"
+                assert not c.owner.opted_out(self.now, c.serving_id), "discharging while opted out"
+            else:
+                assert c.mode is Mode.BACKUP, f"discharging in {c.mode}"
+        if w < 0:
+            assert -w <= b.max_charge_w + 1e-6 and -w <= self.policy.max_charge_w + 1e-6
+        for e in result.events:
+            if isinstance(e, FaultCleared) and e.kind in INJECTED:
+                assert self.now - self.last_present[e.kind] >= self.policy.fault_holdoff_s - 1e-9, \
+                    f"{e.kind} cleared {self.now - self.last_present[e.kind]:.2f} s after it was last present"
+
+    @invariant()
+    def faults_stay_latched(self):
+        """A fault raised stays in the latch book until the core says it cleared."""
+        if not getattr(self, "results", None):
+            return
+        open_kinds: set[str] = set()
+        for e in (e for r in self.results for e in r.events):
+            if isinstance(e, FaultRaised):
+                open_kinds.add(e.kind)
+            elif isinstance(e, FaultCleared):
+                open_kinds.discard(e.kind)
+        assert open_kinds - {"lockout"} <= set(self.controller.faults.kinds)
+        assert ("lockout" in open_kinds) == self.controller.faults.locked_out
+
+    @invariant()
+    def lockout_only_clears_by_reset(self):
+        if not hasattr(self, "controller") or len(self.results) < 2:
+            return
+        before, after = self.results[-2].controller, self.results[-1].controller
+        if before.mode is Mode.LOCKOUT and after.mode is not Mode.LOCKOUT:
+            assert any(isinstance(e, FaultCleared) and e.kind == "lockout" for e in self.results[-1].events)
+
+
+GatewayWorld.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestGatewayWorld = GatewayWorld.TestCase
