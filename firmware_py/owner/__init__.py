@@ -1,0 +1,34 @@
+"""Owner controls: reserve, opt-out and departure, set over a local API.
+
+The owner ranks above the aggregator (DESIGN §1), so these settings travel to
+the core through the gateway like any other input, are persisted so a restart
+never forgets a raised reserve, and are journaled by the gateway on every change.
+This module holds only the boundary the running gateway implements; the HTTP
+server (`api`), the settings file (`store`) and the CLI (`commands`) import it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from firmware_py.core.types import OwnerSettings
+from firmware_py.dispatch import Telemetry
+
+
+class OwnerPort(Protocol):
+    """The running gateway as the owner API sees it."""
+
+    def owner_settings(self) -> OwnerSettings:
+        """The settings the core is using now."""
+
+    async def set_owner(self, settings: OwnerSettings) -> None:
+        """Feed new settings to the core and journal them."""
+
+    def telemetry(self) -> Telemetry:
+        """The newest state, for `status`."""
+
+    def now(self) -> float:
+        """The gateway clock (UTC epoch seconds in the real gateway)."""
+
+
+__all__ = ["OwnerPort"]

@@ -1,0 +1,184 @@
+"""The owner's local HTTP/JSON API: loopback or a Unix socket, bearer token required.
+
+Only someone on the gateway who can read the token file may change the
+reserve, so the API never listens beyond loopback and refuses to start when
+the token file is readable by anyone but its owner. Every accepted change is
+saved before the core hears of it: if the save fails the change is refused,
+so what the core runs on is always what a restart will load.
+
+    GET    /status                       settings, telemetry, floor
+    PUT|POST /reserve    {"pct": N}
+    PUT|POST /opt-out    {"now": true} | {"event": ID} | {"until": ISO-8601 or epoch}
+    DELETE /opt-out                      revoke every opt-out
+    PUT|POST /departure  {"time": "HH:MM", "soc_pct": N}
+    DELETE /departure
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from firmware_py.config import OwnerConfig
+from firmware_py.core.types import OwnerSettings
+from firmware_py.errors import InputError
+from firmware_py.owner import OwnerPort, changes
+from firmware_py.owner.access import Listen, ensure_token, parse_listen
+from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.store import OwnerStore, encode
+
+MAX_BODY_BYTES = 4096
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_response(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.json_response(payload, status=status)
+
+
+class OwnerApi:
+    """Serves the owner API for one running gateway (`port`)."""
+
+    def __init__(self, config: OwnerConfig, port: OwnerPort, store: OwnerStore | None = None,
+                 tz: dt.tzinfo | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.store = store or OwnerStore(config.settings_file, config.reserve_pct)
+        self.tz = tz
+        self.listen = parse_listen(config.api_listen)
+        self._token = ""
+        self._runner: web.AppRunner | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def address(self) -> str:
+        """Where it actually listens (the real port when configured with port 0)."""
+        if self._runner is None or self.listen.unix_path:
+            return self.listen.describe()
+        host, port = self._runner.addresses[0][:2]
+        return Listen(host=host, port=port).describe()
+
+    async def start(self) -> None:
+        """Bind and serve in the background; InputError for a bad token file or address."""
+        if self._runner is not None:
+            return
+        self._token = ensure_token(self.config.token_file)
+        app = web.Application(middlewares=[self._errors_and_auth], client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/status", self._status)
+        for path, change, clear in (("/reserve", self._reserve, None),
+                                    ("/opt-out", self._opt_out, self._revoke),
+                                    ("/departure", self._departure, self._no_departure)):
+            app.router.add_route("PUT", path, change)
+            app.router.add_route("POST", path, change)
+            if clear is not None:
+                app.router.add_route("DELETE", path, clear)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await self._site(runner).start()
+        except OSError as err:
+            await runner.cleanup()
+            raise InputError(f"owner.api_listen: cannot listen on {self.listen.describe()}: "
+                             f"{err.strerror or err}") from None
+        if self.listen.unix_path:
+            os.chmod(self.listen.unix_path, 0o600)
+        self._runner = runner
+
+    def _site(self, runner: web.AppRunner) -> web.BaseSite:
+        if self.listen.unix_path:
+            return web.UnixSite(runner, self.listen.unix_path)
+        return web.TCPSite(runner, self.listen.host, self.listen.port, reuse_address=True)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        await runner.cleanup()
+        if self.listen.unix_path:
+            try:
+                os.unlink(self.listen.unix_path)
+            except FileNotFoundError:
+                pass
+
+    async def run(self) -> None:
+        """Serve until cancelled (a dispatch-source-like task for the runtime)."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    @web.middleware
+    async def _errors_and_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """401 before anything else; every refusal as JSON {"error": ...}."""
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        offered = token.strip().encode("utf-8", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, self._token.encode()):
+            response = _json_response(401, {"error": "missing or wrong bearer token"})
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        try:
+            return await handler(request)
+        except BadRequest as err:
+            return _json_response(400, {"error": str(err)})
+        except web.HTTPException as err:
+            return _json_response(err.status, {"error": err.reason})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        telemetry = self.port.telemetry()
+        return _json_response(200, {
+            "now": self.port.now(),
+            "settings": encode(self.port.owner_settings()),
+            "floor_pct": telemetry.floor_pct,
+            "telemetry": asdict(telemetry),
+        })
+
+    async def _body(self, request: web.Request) -> Any:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadRequest(f"request body is not valid JSON: {err}") from None
+
+    async def _apply(self, change: Callable[[OwnerSettings, float], OwnerSettings]) -> web.Response:
+        """Persist, then tell the gateway; one change at a time so none is lost."""
+        async with self._lock:
+            settings = change(self.port.owner_settings(), self.port.now())
+            try:
+                self.store.save(settings)
+            except OSError as err:
+                return _json_response(500, {"error": f"{self.store.path}: could not save the owner "
+                                                     f"settings ({err.strerror or err}); nothing changed"})
+            await self.port.set_owner(settings)
+        return _json_response(200, {"settings": encode(settings)})
+
+    async def _reserve(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._apply(lambda s, now: changes.set_reserve(s, body, now))
+
+    async def _opt_out(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._apply(lambda s, now: changes.opt_out(s, body, now, self.tz))
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        return await self._apply(changes.revoke_opt_out)
+
+    async def _departure(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._apply(lambda s, now: changes.set_departure(s, body, now, self.tz))
+
+    async def _no_departure(self, request: web.Request) -> web.Response:
+        return await self._apply(changes.clear_departure)

@@ -1,0 +1,135 @@
+"""What each owner request does to the settings: pure, so every rule is testable alone.
+
+Each function takes the current settings, the request body and the gateway's
+`now` (and the owner's time zone where a wall-clock time is involved) and
+returns the new settings, or raises BadRequest with a message meant for the
+owner. Times are stored absolute, on the gateway clock, so the core never has
+to know about time zones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from dataclasses import replace
+from typing import Any
+
+from firmware_py.core.types import OwnerSettings
+
+MAX_EVENT_ID = 200
+_HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
+
+
+class BadRequest(ValueError):
+    """The request cannot be applied; the message says why, for the owner."""
+
+
+def _fields(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest(f"expected a JSON object with {', '.join(allowed)}, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)} (expected: {', '.join(allowed)})")
+    return body
+
+
+def _percent(body: dict[str, Any], key: str) -> float:
+    if key not in body:
+        raise BadRequest(f"{key}: missing (a percentage 0 to 100)")
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{key}: expected a number 0 to 100, got {value!r}")
+    if not 0 <= value <= 100:
+        raise BadRequest(f"{key}: {value:g} is out of range (0 to 100)")
+    return float(value)
+
+
+def _pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
+    """Drop an opt-out or departure already in the past, so status shows only what still applies."""
+    if settings.opt_out_until is not None and settings.opt_out_until <= now:
+        settings = replace(settings, opt_out_until=None)
+    if settings.departure_at is not None and settings.departure_at <= now:
+        settings = replace(settings, departure_at=None, departure_soc_pct=None)
+    return settings
+
+
+def _changed(current: OwnerSettings, now: float, **changes: Any) -> OwnerSettings:
+    return _pruned(replace(current, received_at=now, **changes), now)
+
+
+def set_reserve(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:
+    """{"pct": N}: the SoC the truck always keeps for driving."""
+    return _changed(current, now, reserve_pct=_percent(_fields(body, ("pct",)), "pct"))
+
+
+def parse_instant(value: Any, tz: dt.tzinfo | None) -> float:
+    """Epoch seconds, or ISO-8601 (a time without an offset is the owner's local time)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if not isinstance(value, str):
+        raise BadRequest(f"until: expected an ISO-8601 time or epoch seconds, got {value!r}")
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"until: {value!r} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
+    if moment.tzinfo is None and tz is not None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.timestamp()
+
+
+def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
+    """Exactly one of {"now": true} (until revoked), {"event": ID}, {"until": time}."""
+    body = _fields(body, ("now", "event", "until"))
+    if len(body) != 1:
+        raise BadRequest('give exactly one of "now": true, "event": ID or "until": time')
+    if "now" in body:
+        if body["now"] is not True:
+            raise BadRequest(f'now: expected true, got {body["now"]!r}')
+        return _changed(current, now, opt_out_until=math.inf)
+    if "event" in body:
+        event = body["event"]
+        if not isinstance(event, str) or not event.strip() or len(event) > MAX_EVENT_ID:
+            raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} characters, "
+                             f"got {event!r}")
+        return _changed(current, now, opt_out_events=current.opt_out_events | {event})
+    until = parse_instant(body["until"], tz)
+    if until <= now:
+        raise BadRequest(f"until: {body['until']!r} is not in the future")
+    return _changed(current, now, opt_out_until=until)
+
+
+def revoke_opt_out(current: OwnerSettings, now: float) -> OwnerSettings:
+    """Back in: forget every opt-out, timed, open-ended and per-event."""
+    return _changed(current, now, opt_out_until=None, opt_out_events=frozenset())
+
+
+def next_occurrence(hhmm: str, now: float, tz: dt.tzinfo | None) -> float:
+    """The first HH:MM on the owner's wall clock strictly after `now` (tz None = system local).
+
+    Steps by calendar day, not by 86,400 s, so a departure set on the eve of a
+    daylight-saving change still lands on the wall-clock time the owner meant.
+    """
+    match = _HHMM.fullmatch(hhmm) if isinstance(hhmm, str) else None
+    if match is None:
+        raise BadRequest(f"time: expected HH:MM (00:00 to 23:59), got {hhmm!r}")
+    wall = dt.time(int(match[1]), int(match[2]))
+    today = dt.datetime.fromtimestamp(now, tz).date()
+    for days in (0, 1, 2):
+        candidate = dt.datetime.combine(today + dt.timedelta(days=days), wall, tzinfo=tz).timestamp()
+        if candidate > now:
+            return candidate
+    raise AssertionError("unreachable: a wall-clock time recurs within two days")  # pragma: no cover
+
+
+def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
+    """{"time": "HH:MM", "soc_pct": N}: be at N % by the next HH:MM."""
+    body = _fields(body, ("time", "soc_pct"))
+    if "time" not in body:
+        raise BadRequest('time: missing (the departure time, "HH:MM")')
+    at = next_occurrence(body["time"], now, tz)
+    return _changed(current, now, departure_at=at, departure_soc_pct=_percent(body, "soc_pct"))
+
+
+def clear_departure(current: OwnerSettings, now: float) -> OwnerSettings:
+    return _changed(current, now, departure_at=None, departure_soc_pct=None)

@@ -1,0 +1,145 @@
+"""The owner's settings on disk, so a restart keeps the reserve the owner chose.
+
+The file is JSON, replaced atomically (temp file, fsync, rename, fsync of the
+directory): a power cut mid-write leaves the old settings or the new ones,
+never half of each. A file that cannot be read is an error, never a silent
+reset to defaults, because the reserve is what keeps the truck drivable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from firmware_py.core.types import OwnerSettings
+from firmware_py.errors import InputError
+
+FORMAT_VERSION = 1
+UNTIL_REVOKED = "until_revoked"
+"""How `opt_out_until = math.inf` is written: JSON has no infinity."""
+
+_FIELDS = ("version", "reserve_pct", "received_at", "opt_out_until", "opt_out_events",
+           "departure_at", "departure_soc_pct")
+
+
+def encode(settings: OwnerSettings) -> dict[str, Any]:
+    """Settings as a JSON-ready object (the file format and the API's view)."""
+    until = settings.opt_out_until
+    return {
+        "version": FORMAT_VERSION,
+        "reserve_pct": settings.reserve_pct,
+        "received_at": settings.received_at,
+        "opt_out_until": UNTIL_REVOKED if until == math.inf else until,
+        "opt_out_events": sorted(settings.opt_out_events),
+        "departure_at": settings.departure_at,
+        "departure_soc_pct": settings.departure_soc_pct,
+    }
+
+
+def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = math.inf,
+            optional: bool = False) -> float | None:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")
+    return float(value)
+
+
+def decode(data: Any) -> OwnerSettings:
+    """The inverse of `encode`; ValueError names the first field that is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+    if data.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"version: expected {FORMAT_VERSION}, got {data.get('version')!r}")
+    if "reserve_pct" not in data:
+        raise ValueError("reserve_pct: missing")
+    until = data.get("opt_out_until")
+    if until != UNTIL_REVOKED:
+        until = _number(data, "opt_out_until", optional=True)
+    events = data.get("opt_out_events", [])
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise ValueError(f"opt_out_events: expected a list of event ids, got {events!r}")
+    departure_at = _number(data, "departure_at", optional=True)
+    departure_soc = _number(data, "departure_soc_pct", 0, 100, optional=True)
+    if (departure_at is None) != (departure_soc is None):
+        raise ValueError("departure_at and departure_soc_pct must be set together")
+    return OwnerSettings(
+        reserve_pct=_number(data, "reserve_pct", 0, 100),
+        received_at=_number(data, "received_at") if "received_at" in data else 0.0,
+        opt_out_until=math.inf if until == UNTIL_REVOKED else until,
+        opt_out_events=frozenset(events),
+        departure_at=departure_at,
+        departure_soc_pct=departure_soc,
+    )
+
+
+class OwnerStore:
+    """One settings file; `load` at start-up, `save` on every accepted change."""
+
+    def __init__(self, path: str | Path, defaults_reserve_pct: float) -> None:
+        self.path = Path(path)
+        self.defaults_reserve_pct = defaults_reserve_pct
+
+    def load(self, now: float = 0.0) -> OwnerSettings:
+        """The saved settings, or the configured reserve when nothing was saved yet.
+
+        A saved reserve wins over the config's: the config holds the installer's
+        default, the file holds what the owner asked for since.
+        """
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return OwnerSettings(reserve_pct=self.defaults_reserve_pct, received_at=now)
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot read owner settings: {err.strerror or err}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path}: owner settings are not UTF-8 text") from None
+        try:
+            return decode(json.loads(text))
+        except ValueError as err:  # json.JSONDecodeError is a ValueError too
+            raise InputError(
+                f"{self.path}: corrupt owner settings ({err}); the owner's reserve is not reset "
+                f"silently: fix the file, or delete it to return to the configured reserve "
+                f"{self.defaults_reserve_pct:g} %") from None
+
+    def save(self, settings: OwnerSettings) -> None:
+        """Replace the file atomically and durably; OSError reaches the caller."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(encode(settings), out, indent=2)
+                out.write("\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; some filesystems refuse, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
