@@ -1,0 +1,218 @@
+"""`powershare-gw owner ...`: the owner's controls, through the running gateway's API.
+
+The CLI never edits the settings file itself: only the gateway may change what
+the core runs on, so a change made here takes effect at once and is journaled
+like any other, or is refused with the gateway's reason.
+Exit codes: 0 done, 2 bad input (ours or the gateway's 400), 1 no gateway or not authorized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import math
+import socket
+import sys
+from typing import Any
+
+from firmware_py import config
+from firmware_py.config import OwnerConfig
+from firmware_py.errors import InputError
+from firmware_py.owner.access import Listen, parse_listen, read_token
+from firmware_py.owner.store import UNTIL_REVOKED
+
+TIMEOUT_S = 5.0
+
+
+class Unavailable(Exception):
+    """The gateway could not be asked: not running, not reachable, or not authorized (exit 1)."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: http.client only lacks the connect."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _connection(listen: Listen) -> http.client.HTTPConnection:
+    if listen.unix_path:
+        return _UnixConnection(listen.unix_path, TIMEOUT_S)
+    return http.client.HTTPConnection(listen.host, listen.port, timeout=TIMEOUT_S)
+
+
+def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One API request; the decoded JSON answer, InputError for a 400, Unavailable otherwise."""
+    listen = parse_listen(owner.api_listen)
+    try:
+        token = read_token(owner.token_file)
+    except FileNotFoundError:
+        raise Unavailable(f"no gateway answering on {listen.describe()}: its token file "
+                          f"{owner.token_file} does not exist (has the gateway been started with this config?)")
+    conn = _connection(listen)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        status, raw = response.status, response.read()
+    except (OSError, http.client.HTTPException) as err:
+        raise Unavailable(f"no gateway answering on {listen.describe()} ({err})") from None
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = {"error": raw.decode("utf-8", "replace").strip()}
+    if status == 200:
+        return answer
+    error = answer.get("error", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}"
+    if status == 400:
+        raise InputError(f"owner {path.strip('/')}: the gateway refused: {error}")
+    if status == 401:
+        raise Unavailable(f"unauthorized: the gateway on {listen.describe()} did not accept the token in "
+                          f"{owner.token_file} (is it the gateway's own config?)")
+    raise Unavailable(f"the gateway on {listen.describe()} answered {status}: {error}")
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _pct(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:g} %"
+
+
+def describe_opt_out(settings: dict[str, Any], now: float) -> str:
+    until, events = settings.get("opt_out_until"), settings.get("opt_out_events") or []
+    parts = []
+    if until == UNTIL_REVOKED:
+        parts.append("opted out until revoked")
+    elif until is not None and until > now:
+        parts.append(f"opted out until {_when(until)}")
+    if events:
+        parts.append("opted out of event(s) " + ", ".join(events))
+    return "; ".join(parts) or "not opted out"
+
+
+def describe_departure(settings: dict[str, Any], now: float) -> str:
+    at = settings.get("departure_at")
+    if at is None or at <= now:
+        return "none"
+    return f"{_when(at)}, {_pct(settings.get('departure_soc_pct'))} wanted"
+
+
+def describe_status(answer: dict[str, Any]) -> list[str]:
+    settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
+    return [
+        f"reserve:      {_pct(settings['reserve_pct'])} (floor now {_pct(answer['floor_pct'])})",
+        f"SoC:          {_pct(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
+        f"state:        {tel.get('state')}, power {tel.get('power_w', 0):,.0f} W "
+        f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
+        f"opt-out:      {describe_opt_out(settings, now)}",
+        f"departure:    {describe_departure(settings, now)}",
+        f"active event: {tel.get('active_event_id') or 'none'}",
+    ]
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"owner {what}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"owner {what}: expected a finite number, got {text!r}")
+    return value
+
+
+def _status(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    return describe_status(call(owner, "GET", "/status"))
+
+
+def _reserve(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    settings = call(owner, "PUT", "/reserve", {"pct": _number(args.pct, "reserve")})["settings"]
+    return [f"reserve set to {_pct(settings['reserve_pct'])}"]
+
+
+def _opt_out(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    mode, value = args.mode, args.value
+    if (value is None) != (mode in ("now", "off")):
+        usage = {"now": "opt-out now", "off": "opt-out off", "event": "opt-out event ID",
+                 "until": "opt-out until ISO-8601-TIME"}[mode]
+        raise InputError(f"owner opt-out: usage: {usage}")
+    if mode == "off":
+        settings = call(owner, "DELETE", "/opt-out")["settings"]
+    else:
+        body: dict[str, Any] = {"now": True} if mode == "now" else {"event": value}
+        if mode == "until":
+            try:
+                body = {"until": float(value)}
+            except ValueError:
+                body = {"until": value}
+        settings = call(owner, "PUT", "/opt-out", body)["settings"]
+    return [describe_opt_out(settings, settings["received_at"])]
+
+
+def _departure(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    if args.time == "off":
+        if args.soc is not None:
+            raise InputError("owner departure: usage: departure off (no SoC)")
+        settings = call(owner, "DELETE", "/departure")["settings"]
+    else:
+        if args.soc is None:
+            raise InputError("owner departure: usage: departure HH:MM SOC_PCT (e.g. departure 07:30 80)")
+        body = {"time": args.time, "soc_pct": _number(args.soc, "departure SOC")}
+        settings = call(owner, "PUT", "/departure", body)["settings"]
+    return [f"departure: {describe_departure(settings, settings['received_at'])}"]
+
+
+def _owner(args: argparse.Namespace) -> int:
+    action = getattr(args, "owner_action_handler", None)
+    if args.config is None:
+        raise InputError("owner: --config FILE is required (the running gateway's configuration)")
+    if action is None:
+        raise InputError("owner: give an action: status, reserve, opt-out or departure")
+    owner = config.load(args.config).owner
+    try:
+        lines = action(owner, args)
+    except Unavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `owner status|reserve|opt-out|departure`."""
+    p = sub.add_parser("owner", help="the owner's controls: reserve, opt-out, departure (via the running gateway)")
+    p.add_argument("--config", help="the gateway's TOML configuration ([owner] api_listen and token_file)")
+    p.set_defaults(handler=_owner)
+    actions = p.add_subparsers(dest="owner_action", metavar="ACTION")
+
+    def action(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text)
+        a.add_argument("--config", default=argparse.SUPPRESS, help="as above, also accepted here")
+        a.set_defaults(owner_action_handler=fn)
+        return a
+
+    action("status", _status, "reserve, floor, SoC, state, opt-out, departure and the active event")
+    reserve = action("reserve", _reserve, "set the reserve: the SoC %% the truck always keeps for driving")
+    reserve.add_argument("pct", help="percent, 0 to 100")
+    opt = action("opt-out", _opt_out, "stop serving the grid: now (until revoked), one event, until a time; off")
+    opt.add_argument("mode", choices=("now", "event", "until", "off"))
+    opt.add_argument("value", nargs="?", help="the event id (event) or an ISO-8601 time or epoch seconds (until)")
+    dep = action("departure", _departure, "be charged to SOC %% by the next HH:MM (local time); or off")
+    dep.add_argument("time", help="HH:MM, or off")
+    dep.add_argument("soc", nargs="?", help="the SoC %% wanted at departure")

@@ -1,0 +1,480 @@
+"""Owner controls: the real API server on 127.0.0.1 or a Unix socket, driven by the real CLI.
+
+A small recording port stands in for the running gateway (the runtime's side of
+the `OwnerPort` contract): it holds the settings the core would use and records
+every `set_owner` call, so each test checks what reached the gateway, what was
+persisted, and what the owner was told.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import http.client
+import json
+import math
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firmware_py import cli
+from firmware_py.config import OwnerConfig
+from firmware_py.core.types import OwnerSettings
+from firmware_py.dispatch import Telemetry
+from firmware_py.errors import InputError
+from firmware_py.owner import changes, commands
+from firmware_py.owner.access import parse_listen
+from firmware_py.owner.api import OwnerApi
+from firmware_py.owner.store import OwnerStore, decode, encode
+
+NOW = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.timezone.utc).timestamp()
+UTC = dt.timezone.utc
+
+
+@dataclass
+class RecordingPort:
+    """The gateway's side of OwnerPort: current settings, a fixed clock, every change recorded."""
+
+    settings: OwnerSettings
+    clock: float = NOW
+    calls: list[OwnerSettings] = field(default_factory=list)
+
+    def owner_settings(self) -> OwnerSettings:
+        return self.settings
+
+    async def set_owner(self, settings: OwnerSettings) -> None:
+        self.calls.append(settings)
+        self.settings = settings
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(at=self.clock, state="dispatching", soc_pct=71.5, floor_pct=self.settings.reserve_pct + 2,
+                         power_w=5000.0, setpoint_w=5000.0, available_wh=36_000.0, active_event_id="peak-1")
+
+    def now(self) -> float:
+        return self.clock
+
+
+class Serving:
+    """Runs an OwnerApi on its own event loop thread, so the blocking CLI can talk to it."""
+
+    def __init__(self, api: OwnerApi) -> None:
+        self.api = api
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=5)
+
+    def __enter__(self) -> OwnerApi:
+        self.thread.start()
+        try:
+            self.call(self.api.start())
+        except BaseException:
+            self._close()
+            raise
+        return self.api
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            self.call(self.api.stop())
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def owner_config(tmp_path: Path, listen: str) -> OwnerConfig:
+    return OwnerConfig(api_listen=listen, token_file=str(tmp_path / "owner.token"),
+                       settings_file=str(tmp_path / "owner-settings.json"))
+
+
+def listen_for(kind: str, tmp_path: Path) -> str:
+    return "127.0.0.1:0" if kind == "tcp" else f"unix:{tmp_path / 'owner.sock'}"
+
+
+def start_port(cfg: OwnerConfig) -> RecordingPort:
+    """What the runtime does at start-up: the core begins with the persisted settings."""
+    return RecordingPort(OwnerStore(cfg.settings_file, cfg.reserve_pct).load(NOW))
+
+
+def write_gateway_config(tmp_path: Path, address: str, token_file: str = "owner.token") -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[owner]\napi_listen = "{address}"\ntoken_file = "{token_file}"\n', encoding="utf-8")
+    return path
+
+
+_build_parser = cli.build_parser
+
+
+def parser_with_owner() -> argparse.ArgumentParser:
+    """cli.build_parser plus `owner`, until the lead wires owner.commands.register into cli.py."""
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "owner" not in sub.choices:
+        commands.register(sub)
+    return parser
+
+
+@pytest.fixture
+def owner_cli(monkeypatch, capsys):
+    """Run `powershare-gw owner ...` through cli.main; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(cli, "build_parser", parser_with_owner)
+
+    def run(config_file: Path, *argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["owner", "--config", str(config_file), *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def request(api: OwnerApi, method: str, path: str, body: bytes | None = None,
+            token: str | None = "from-file") -> tuple[int, dict]:
+    """One raw HTTP request to the API, as any client would send it."""
+    if token == "from-file":
+        token = Path(api.config.token_file).read_text().strip()
+    conn = commands._connection(parse_listen(api.address))
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+# --- the token ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_token_file_is_created_private_and_required(tmp_path, kind):
+    cfg = owner_config(tmp_path, listen_for(kind, tmp_path))
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        token_file = Path(cfg.token_file)
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) == 64 and int(token, 16) >= 0
+        assert request(api, "GET", "/status", token=None)[0] == 401
+        assert request(api, "GET", "/status", token="0" * 64)[0] == 401
+        status, body = request(api, "PUT", "/reserve", b'{"pct": 90}', token=token[:-1])
+        assert (status, body["error"]) == (401, "missing or wrong bearer token")
+        assert api.port.calls == []
+        status, body = request(api, "GET", "/status")
+        assert status == 200 and body["settings"]["reserve_pct"] == 40
+    with Serving(OwnerApi(cfg, start_port(cfg))):
+        assert token_file.read_text().strip() == token, "a restart keeps the token"
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    Path(cfg.token_file).write_text("ab" * 32 + "\n")
+    os.chmod(cfg.token_file, 0o644)
+    with pytest.raises(InputError, match=r"owner\.token: .*accessible by group or others \(mode 0644\).*chmod 600"):
+        asyncio.run(OwnerApi(cfg, start_port(cfg)).start())
+
+
+def test_token_file_that_is_not_a_token_is_refused(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    Path(cfg.token_file).write_text("hunter2\n")
+    os.chmod(cfg.token_file, 0o600)
+    with pytest.raises(InputError, match="not an owner API token"):
+        asyncio.run(OwnerApi(cfg, start_port(cfg)).start())
+
+
+@pytest.mark.parametrize("listen, reason", [
+    ("0.0.0.0:8765", "only listens on loopback"),
+    ("192.168.1.20:8765", "only listens on loopback"),
+    ("gateway.local:8765", "not an IP address"),
+    ("127.0.0.1", "expected HOST:PORT"),
+    ("127.0.0.1:99999", "expected HOST:PORT"),
+    ("unix:owner.sock", "must be absolute"),
+])
+def test_listen_address_off_loopback_is_refused(listen, reason):
+    with pytest.raises(InputError, match=f"owner.api_listen: .*{reason}"):
+        parse_listen(listen)
+
+
+def test_loopback_addresses_are_accepted():
+    assert parse_listen("[::1]:8765").describe() == "[::1]:8765"
+    assert parse_listen("localhost:8765").port == 8765
+    assert parse_listen("unix:/run/powershare/owner.sock").unix_path == "/run/powershare/owner.sock"
+
+
+# --- every command through the CLI --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_each_command_reaches_the_gateway_and_persists(tmp_path, kind, owner_cli):
+    cfg = owner_config(tmp_path, listen_for(kind, tmp_path))
+    port = start_port(cfg)
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        gateway = write_gateway_config(tmp_path, api.address)
+
+        assert owner_cli(gateway, "reserve", "55")[:2] == (0, "reserve set to 55 %\n")
+        assert port.calls[-1] == OwnerSettings(reserve_pct=55, received_at=NOW)
+
+        code, out, _ = owner_cli(gateway, "opt-out", "event", "peak-7")
+        assert (code, out) == (0, "opted out of event(s) peak-7\n")
+        assert port.calls[-1].opted_out(NOW, "peak-7") and not port.calls[-1].opted_out(NOW, "peak-8")
+
+        code, out, _ = owner_cli(gateway, "opt-out", "until", "2025-06-01T18:00+00:00")
+        assert code == 0 and out.startswith("opted out until ")
+        assert port.calls[-1].opt_out_until == NOW + 6 * 3600
+
+        assert owner_cli(gateway, "opt-out", "now")[:2] == (0, "opted out until revoked; opted out of event(s) peak-7\n")
+        assert port.calls[-1].opt_out_until == math.inf
+
+        assert owner_cli(gateway, "opt-out", "off")[:2] == (0, "not opted out\n")
+        assert not port.calls[-1].opted_out(NOW, "peak-7")
+
+        code, out, _ = owner_cli(gateway, "departure", "07:30", "80")
+        assert code == 0 and out.endswith(", 80 % wanted\n")
+        tomorrow_0730 = dt.datetime(2025, 6, 2, 7, 30, tzinfo=UTC).timestamp()
+        assert (port.calls[-1].departure_at, port.calls[-1].departure_soc_pct) == (tomorrow_0730, 80)
+
+        code, out, _ = owner_cli(gateway, "status")
+        assert code == 0
+        assert "reserve:      55 % (floor now 57 %)" in out
+        assert "SoC:          71.5 %, 36,000 Wh available above the floor" in out
+        assert "state:        dispatching, power 5,000 W (setpoint 5,000 W)" in out
+        assert "opt-out:      not opted out" in out
+        assert "departure:    " in out and "80 % wanted" in out
+        assert "active event: peak-1" in out
+        assert len(port.calls) == 6
+    last = port.calls[-1]
+
+    restarted = start_port(cfg)
+    assert restarted.settings == last, "settings persist across a restart"
+    with Serving(OwnerApi(cfg, restarted, tz=UTC)) as api:
+        assert owner_cli(write_gateway_config(tmp_path, api.address), "departure", "off")[:2] == (0, "departure: none\n")
+        assert restarted.calls[-1].departure_at is None and restarted.calls[-1].reserve_pct == 55
+    assert start_port(cfg).settings == restarted.calls[-1]
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"owner.token", "owner-settings.json", "gateway.toml"}
+    assert leftovers == set(), "no temp files and no stale socket are left behind"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("reserve", "150"), "the gateway refused: pct: 150 is out of range (0 to 100)"),
+    (("reserve", "-1"), "pct: -1 is out of range (0 to 100)"),
+    (("reserve", "lots"), "owner reserve: expected a number, got 'lots'"),
+    (("departure", "25:00", "80"), "time: expected HH:MM (00:00 to 23:59), got '25:00'"),
+    (("departure", "07:30", "101"), "soc_pct: 101 is out of range (0 to 100)"),
+    (("departure", "07:30"), "usage: departure HH:MM SOC_PCT"),
+    (("departure", "off", "80"), "usage: departure off"),
+    (("opt-out", "until", "2025-05-31T12:00+00:00"), "until: '2025-05-31T12:00+00:00' is not in the future"),
+    (("opt-out", "until", "next tuesday"), "until: 'next tuesday' is not an ISO-8601 time"),
+    (("opt-out", "event"), "usage: opt-out event ID"),
+    (("opt-out", "now", "please"), "usage: opt-out now"),
+])
+def test_bad_input_is_refused_with_exit_2_and_changes_nothing(tmp_path, owner_cli, argv, message):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        code, out, err = owner_cli(write_gateway_config(tmp_path, api.address), *argv)
+        assert (code, out) == (2, "")
+        assert message in err and "Traceback" not in err
+        assert api.port.calls == []
+    assert not Path(cfg.settings_file).exists()
+
+
+@pytest.mark.parametrize("method, path, body, message", [
+    ("PUT", "/reserve", b"{pct: 50", "request body is not valid JSON"),
+    ("PUT", "/reserve", b"", "expected a JSON object with pct, got NoneType"),
+    ("POST", "/reserve", b'{"pct": 50, "colour": "red"}', "unknown field(s) colour (expected: pct)"),
+    ("PUT", "/reserve", b'{"pct": true}', "pct: expected a number 0 to 100, got True"),
+    ("PUT", "/reserve", b'{"pct": "50"}', "pct: expected a number 0 to 100, got '50'"),
+    ("PUT", "/reserve", b"[50]", "expected a JSON object with pct, got list"),
+    ("PUT", "/opt-out", b'{"now": true, "event": "x"}', "give exactly one of"),
+    ("PUT", "/opt-out", b'{"now": false}', "now: expected true, got False"),
+    ("PUT", "/opt-out", b'{"event": ""}', "event: expected a non-empty event id"),
+    ("PUT", "/opt-out", b'{"until": 1000}', "until: 1000 is not in the future"),
+    ("POST", "/departure", b'{"soc_pct": 80}', "time: missing"),
+    ("POST", "/departure", b'{"time": "7:30pm", "soc_pct": 80}', "time: expected HH:MM"),
+    ("PUT", "/reserve", b'{"pct": 1' + b"0" * 5000 + b"}", "larger than 4096 bytes"),
+])
+def test_bad_requests_get_400_with_a_clear_message(tmp_path, method, path, body, message):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        status, answer = request(api, method, path, body)
+        assert status == 400 and message in answer["error"]
+        assert api.port.calls == []
+
+
+def test_unknown_path_and_method_answer_json_after_auth(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        assert request(api, "GET", "/secrets", token=None)[0] == 401
+        assert request(api, "GET", "/secrets")[0] == 404
+        assert request(api, "DELETE", "/reserve")[0] == 405
+
+
+def test_api_accepts_epoch_until_and_post(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        status, answer = request(api, "POST", "/opt-out", json.dumps({"until": NOW + 60}).encode())
+        assert status == 200 and answer["settings"]["opt_out_until"] == NOW + 60
+        assert api.port.calls[-1].opted_out(NOW + 59) and not api.port.calls[-1].opted_out(NOW + 60)
+
+
+# --- no gateway, wrong gateway, failed save ------------------------------------------------------
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_gateway_answering_exits_1(tmp_path, owner_cli):
+    gateway = write_gateway_config(tmp_path, f"127.0.0.1:{free_tcp_port()}")
+    code, _, err = owner_cli(gateway, "status")
+    assert code == 1 and "no gateway answering on 127.0.0.1:" in err and "has the gateway been started" in err
+
+    (tmp_path / "owner.token").write_text("ab" * 32)
+    code, _, err = owner_cli(gateway, "reserve", "50")
+    assert code == 1 and "no gateway answering on 127.0.0.1:" in err
+
+    unix_gateway = write_gateway_config(tmp_path, f"unix:{tmp_path / 'nobody.sock'}")
+    code, _, err = owner_cli(unix_gateway, "status")
+    assert code == 1 and f"no gateway answering on unix:{tmp_path / 'nobody.sock'}" in err
+
+
+def test_wrong_token_exits_1_unauthorized(tmp_path, owner_cli):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    (tmp_path / "other.token").write_text("cd" * 32)
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        code, _, err = owner_cli(write_gateway_config(tmp_path, api.address, "other.token"), "reserve", "90")
+        assert code == 1 and "unauthorized" in err and "other.token" in err
+        assert api.port.calls == []
+
+
+def test_a_change_that_cannot_be_saved_is_not_applied(tmp_path, owner_cli):
+    (tmp_path / "not-a-dir").write_text("")
+    cfg = OwnerConfig(api_listen="127.0.0.1:0", token_file=str(tmp_path / "owner.token"),
+                      settings_file=str(tmp_path / "not-a-dir" / "owner-settings.json"))
+    with Serving(OwnerApi(cfg, RecordingPort(OwnerSettings(40, NOW)))) as api:
+        code, _, err = owner_cli(write_gateway_config(tmp_path, api.address), "reserve", "60")
+        assert code == 1 and "could not save the owner settings" in err and "nothing changed" in err
+        assert api.port.calls == []
+
+
+def test_missing_config_option_is_bad_input(owner_cli, monkeypatch, capsys):
+    assert cli.main(["owner", "status"]) == 2
+    assert "--config FILE is required" in capsys.readouterr().err
+
+
+def test_run_serves_until_cancelled_and_removes_its_socket(tmp_path):
+    cfg = owner_config(tmp_path, listen_for("unix", tmp_path))
+    sock = tmp_path / "owner.sock"
+
+    async def scenario() -> None:
+        api = OwnerApi(cfg, start_port(cfg))
+        task = asyncio.create_task(api.run())
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        status, answer = await asyncio.to_thread(request, api, "GET", "/status")
+        assert status == 200 and answer["floor_pct"] == 42 and answer["telemetry"]["active_event_id"] == "peak-1"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert not sock.exists()
+
+
+# --- departure times ---------------------------------------------------------------------------
+
+MINUS_7 = dt.timezone(dt.timedelta(hours=-7))
+
+
+@pytest.mark.parametrize("local_now, expected", [
+    (dt.datetime(2025, 6, 1, 6, 0), dt.datetime(2025, 6, 1, 7, 30)),
+    (dt.datetime(2025, 6, 1, 7, 30), dt.datetime(2025, 6, 2, 7, 30)),
+    (dt.datetime(2025, 6, 1, 23, 59), dt.datetime(2025, 6, 2, 7, 30)),
+    (dt.datetime(2025, 12, 31, 8, 0), dt.datetime(2026, 1, 1, 7, 30)),
+])
+def test_departure_is_the_next_occurrence_in_local_time(local_now, expected):
+    now = local_now.replace(tzinfo=MINUS_7).timestamp()
+    assert changes.next_occurrence("07:30", now, MINUS_7) == expected.replace(tzinfo=MINUS_7).timestamp()
+
+
+def test_departure_across_a_daylight_saving_change_keeps_the_wall_clock_time():
+    denver = ZoneInfo("America/Denver")
+    now = dt.datetime(2025, 3, 8, 8, 0, tzinfo=denver).timestamp()  # MST; clocks spring forward that night
+    at = changes.next_occurrence("07:30", now, denver)
+    assert at == dt.datetime(2025, 3, 9, 13, 30, tzinfo=UTC).timestamp()  # 07:30 MDT
+    assert at - now == 22.5 * 3600
+
+
+def test_departure_through_the_api_uses_the_gateway_clock(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    port.clock = dt.datetime(2025, 6, 1, 5, 0, tzinfo=MINUS_7).timestamp()
+    with Serving(OwnerApi(cfg, port, tz=MINUS_7)) as api:
+        status, _ = request(api, "PUT", "/departure", b'{"time": "06:15", "soc_pct": 90}')
+    assert status == 200
+    assert port.calls[-1].departure_at == dt.datetime(2025, 6, 1, 6, 15, tzinfo=MINUS_7).timestamp()
+    assert port.calls[-1].received_at == port.clock
+
+
+# --- the settings file -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, reason", [
+    ("{not json", "corrupt owner settings"),
+    ('{"reserve_pct": 150}', "reserve_pct: 150 is out of range"),
+    ('{"reserve_pct": 40, "opt_out_until": "soon"}', "opt_out_until: expected a number"),
+    ('{"reserve_pct": 40, "departure_at": 1e9}', "must be set together"),
+    ('{"reserve_pct": 40, "mood": "sunny"}', "unknown field(s) mood"),
+    ("[]", "expected a JSON object"),
+    ("", "corrupt owner settings"),
+])
+def test_corrupt_settings_file_is_an_input_error_naming_it(tmp_path, content, reason):
+    path = tmp_path / "owner-settings.json"
+    path.write_text(content)
+    with pytest.raises(InputError) as caught:
+        OwnerStore(path, 40).load(NOW)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and reason in message and "not reset silently" in message
+
+
+def test_missing_settings_file_means_the_configured_reserve(tmp_path):
+    assert OwnerStore(tmp_path / "absent.json", 35).load(NOW) == OwnerSettings(reserve_pct=35, received_at=NOW)
+
+
+finite = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+settings_strategy = st.builds(
+    OwnerSettings,
+    reserve_pct=st.floats(0, 100),
+    received_at=finite,
+    opt_out_until=st.none() | finite | st.just(math.inf),
+    opt_out_events=st.frozensets(st.text(min_size=1, max_size=20), max_size=4),
+    departure_at=st.none(),
+    departure_soc_pct=st.none(),
+) | st.builds(OwnerSettings, reserve_pct=st.floats(0, 100), received_at=finite,
+              departure_at=finite, departure_soc_pct=st.floats(0, 100))
+
+
+@given(settings_strategy)
+def test_settings_survive_the_file_format(settings):
+    assert decode(json.loads(json.dumps(encode(settings)))) == settings
+
+
+def test_save_replaces_the_file_whole(tmp_path):
+    store = OwnerStore(tmp_path / "s.json", 40)
+    store.save(OwnerSettings(50, NOW, opt_out_until=math.inf))
+    store.save(OwnerSettings(60, NOW + 1))
+    assert store.load() == OwnerSettings(60, NOW + 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
