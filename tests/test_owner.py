@@ -478,3 +478,14 @@ def test_save_replaces_the_file_whole(tmp_path):
     store.save(OwnerSettings(60, NOW + 1))
     assert store.load() == OwnerSettings(60, NOW + 1)
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_a_change_drops_opt_outs_and_departures_already_past():
+    stale = OwnerSettings(40, NOW - 100, opt_out_until=NOW - 1, opt_out_events=frozenset({"e1"}),
+                          departure_at=NOW - 1, departure_soc_pct=80)
+    assert changes.set_reserve(stale, {"pct": 45}, NOW) == OwnerSettings(45, NOW, opt_out_events=frozenset({"e1"}))
+
+
+def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
+    code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
+    assert code == 2 and "give an action: status, reserve, opt-out or departure" in err
