@@ -1,9 +1,8 @@
 """The gateway's configuration: one TOML file, typed, frozen, checked whole.
 
-The schema is the dataclasses below; each field's metadata holds its bounds.
-Loading walks the schema once and collects *every* problem (unknown key, wrong
-type, out of range) before failing, so an installer fixes a file in one pass.
-Relative paths are resolved against the config file's own directory.
+The schema is the dataclasses below (loaded by `firmware_py.schema`, which
+reports every problem at once). Relative paths are resolved against the config
+file's own directory; nothing is merged from the environment or home folder.
 """
 
 from __future__ import annotations
@@ -11,94 +10,85 @@ from __future__ import annotations
 import argparse
 import json
 import tomllib
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from firmware_py.errors import InputError
-
-
-def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
-          choices: tuple[str, ...] | None = None, path: bool = False, doc: str = "") -> Any:
-    """A schema field: default, inclusive bounds, allowed strings, and whether it is a path."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from firmware_py.schema import load_table, spec
 
 
 @dataclass(frozen=True)
 class VehicleConfig:
-    dbc: str = _spec("cybertruck_bms.dbc", doc="bundled DBC name or a path")
-    usable_capacity_wh: float = _spec(123_000, lo=1_000, hi=300_000)
-    signals: dict[str, str] = _spec({}, doc="BmsSnapshot field -> 'MESSAGE.SIGNAL' overrides")
+    dbc: str = spec("cybertruck_bms.dbc", doc="bundled DBC name or a path")
+    usable_capacity_wh: float = spec(123_000, lo=1_000, hi=300_000)
+    signals: dict[str, str] = spec({}, doc="BmsSnapshot field -> 'MESSAGE.SIGNAL' overrides")
 
 
 @dataclass(frozen=True)
 class CanConfig:
-    interface: str = _spec("socketcan")
-    channel: str = _spec("can0")
-    bitrate: int = _spec(500_000, lo=10_000, hi=1_000_000)
+    interface: str = spec("socketcan")
+    channel: str = spec("can0")
+    bitrate: int = spec(500_000, lo=10_000, hi=1_000_000)
 
 
 @dataclass(frozen=True)
 class InverterConfig:
-    transport: str = _spec("tcp", choices=("tcp", "rtu"))
-    host: str = _spec("127.0.0.1")
-    port: int = _spec(502, lo=1, hi=65_535)
-    unit_id: int = _spec(1, lo=1, hi=247)
-    serial_port: str = _spec("/dev/ttyUSB0")
-    baudrate: int = _spec(19_200, lo=1_200, hi=921_600)
-    revert_timeout_s: float = _spec(10, lo=2, hi=3_600)
-    timeout_s: float = _spec(1.0, lo=0.05, hi=30)
-    poll_interval_s: float = _spec(1.0, lo=0.05, hi=60)
+    transport: str = spec("tcp", choices=("tcp", "rtu"))
+    host: str = spec("127.0.0.1")
+    port: int = spec(502, lo=1, hi=65_535)
+    unit_id: int = spec(1, lo=1, hi=247)
+    serial_port: str = spec("/dev/ttyUSB0")
+    baudrate: int = spec(19_200, lo=1_200, hi=921_600)
+    revert_timeout_s: float = spec(10, lo=2, hi=3_600)
+    timeout_s: float = spec(1.0, lo=0.05, hi=30)
+    poll_interval_s: float = spec(1.0, lo=0.05, hi=60)
 
 
 @dataclass(frozen=True)
 class OwnerConfig:
-    reserve_pct: float = _spec(40, lo=0, hi=100)
-    departure_charge_w: float = _spec(7_600, lo=500, hi=100_000,
+    reserve_pct: float = spec(40, lo=0, hi=100)
+    departure_charge_w: float = spec(7_600, lo=500, hi=100_000,
                                       doc="charging power assumed when planning for departure")
-    api_listen: str = _spec("127.0.0.1:8765")
-    token_file: str = _spec("owner.token", path=True)
-    settings_file: str = _spec("owner-settings.json", path=True)
+    api_listen: str = spec("127.0.0.1:8765")
+    token_file: str = spec("owner.token", path=True)
+    settings_file: str = spec("owner-settings.json", path=True)
 
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    hard_min_soc_pct: float = _spec(10, lo=5, hi=50)
-    soc_margin_pct: float = _spec(2, lo=0, hi=10)
-    backup_floor_pct: float = _spec(20, lo=5, hi=100)
-    bms_timeout_s: float = _spec(0.5, lo=0.05, hi=10)
-    inverter_timeout_s: float = _spec(3.0, lo=0.1, hi=60)
-    ramp_w_per_s: float = _spec(2_000, lo=10, hi=100_000)
-    fault_holdoff_s: float = _spec(30, lo=0, hi=3_600)
-    lockout_faults: int = _spec(3, lo=1, hi=100)
-    lockout_window_s: float = _spec(3_600, lo=1, hi=604_800)
-    max_discharge_w: float = _spec(11_500, lo=0, hi=1_000_000)
-    max_charge_w: float = _spec(11_500, lo=0, hi=1_000_000)
+    hard_min_soc_pct: float = spec(10, lo=5, hi=50)
+    soc_margin_pct: float = spec(2, lo=0, hi=10)
+    backup_floor_pct: float = spec(20, lo=5, hi=100)
+    bms_timeout_s: float = spec(0.5, lo=0.05, hi=10)
+    inverter_timeout_s: float = spec(3.0, lo=0.1, hi=60)
+    ramp_w_per_s: float = spec(2_000, lo=10, hi=100_000)
+    fault_holdoff_s: float = spec(30, lo=0, hi=3_600)
+    lockout_faults: int = spec(3, lo=1, hi=100)
+    lockout_window_s: float = spec(3_600, lo=1, hi=604_800)
+    max_discharge_w: float = spec(11_500, lo=0, hi=1_000_000)
+    max_charge_w: float = spec(11_500, lo=0, hi=1_000_000)
 
 
 @dataclass(frozen=True)
 class SunSpecServerConfig:
-    enabled: bool = _spec(False)
-    listen: str = _spec("127.0.0.1:1502")
-    unit_id: int = _spec(1, lo=1, hi=247)
-    allow_write_from: list[str] = _spec(["127.0.0.1"])
+    enabled: bool = spec(False)
+    listen: str = spec("127.0.0.1:1502")
+    unit_id: int = spec(1, lo=1, hi=247)
+    allow_write_from: list[str] = spec(["127.0.0.1"])
 
 
 @dataclass(frozen=True)
 class OpenAdrConfig:
-    enabled: bool = _spec(False)
-    vtn_url: str = _spec("http://127.0.0.1:8080/OpenADR2/Simple/2.0b")
-    ven_name: str = _spec("truck-1")
-    simple_levels_pct: list[float] = _spec([33.0, 66.0, 100.0])
-    cert: str = _spec("", path=True)
-    key: str = _spec("", path=True)
-    ca_file: str = _spec("", path=True)
-    vtn_fingerprint: str = _spec("")
+    enabled: bool = spec(False)
+    vtn_url: str = spec("http://127.0.0.1:8080/OpenADR2/Simple/2.0b")
+    ven_name: str = spec("truck-1")
+    simple_levels_pct: list[float] = spec([33.0, 66.0, 100.0])
+    cert: str = spec("", path=True)
+    key: str = spec("", path=True)
+    ca_file: str = spec("", path=True)
+    vtn_fingerprint: str = spec("")
 
 
 @dataclass(frozen=True)
@@ -109,7 +99,7 @@ class DispatchConfig:
 
 @dataclass(frozen=True)
 class JournalConfig:
-    path: str = _spec("journal.sqlite", path=True)
+    path: str = spec("journal.sqlite", path=True)
 
 
 @dataclass(frozen=True)
@@ -148,70 +138,6 @@ def bundled_config(name: str) -> Path:
     return _bundled("config", name)
 
 
-def _type_problem(value: Any, hint: Any) -> str | None:
-    """Why `value` does not fit type `hint`, or None when it does."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            return f"expected a list, got {type(value).__name__}"
-        bad = [v for v in value if _type_problem(v, item)]
-        return f"list items must be {item.__name__}, got {bad[0]!r}" if bad else None
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            return "expected a table of strings"
-        return None
-    if hint is bool:
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"expected a number, got {value!r}"
-    if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"expected an integer, got {value!r}"
-    return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {value!r}"
-
-
-def _load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.name != "source"}
-    for key in table:
-        if key not in known:
-            problems.append(f"{prefix}{key}: unknown key (expected one of: {', '.join(known)})")
-    values: dict[str, Any] = {}
-    for name, f in known.items():
-        if name not in table:
-            continue
-        value, hint, key = table[name], hints[name], f"{prefix}{name}"
-        if is_dataclass(hint):
-            if isinstance(value, dict):
-                values[name] = _load_table(hint, value, f"{key}.", base, problems)
-            else:
-                problems.append(f"{key}: expected a table, got {value!r}")
-            continue
-        problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
-        if problem:
-            problems.append(f"{key}: {problem}")
-            continue
-        if f.metadata.get("path") and value:
-            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
-        values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as err:  # pragma: no cover - the checks above make this unreachable
-        problems.append(f"{prefix}: {err}")
-        return cls()
-
-
-def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
-    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
-    if choices and value not in choices:
-        return f"must be one of {', '.join(choices)}, got {value!r}"
-    if lo is not None and value < lo or hi is not None and value > hi:
-        return f"{value} is out of range ({lo} to {hi})"
-    return None
-
-
 def _default_paths(config: Config, base: Path) -> Config:
     """Resolve defaulted path fields too, so every path in a Config is absolute."""
 
@@ -235,7 +161,7 @@ def parse(text: str, source: str, base: Path) -> Config:
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{source}: not valid TOML: {err}") from None
     problems: list[str] = []
-    config = _load_table(Config, table, "", base, problems)
+    config = load_table(Config, table, "", base, problems)
     if problems:
         raise InputError([f"{source}: {p}" for p in problems])
     config = _default_paths(config, base)
@@ -272,4 +198,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_check_config)
 
 
-__all__ = ["Config", "load", "parse", "bundled_dbc", "bundled_config", "MISSING"]

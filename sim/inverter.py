@@ -147,10 +147,14 @@ class InverterModel:
     def _wanted(self) -> float:
         if self.active(Fault.INVERTER_FAULT):
             return 0.0
-        if self.active(Fault.GRID_OUTAGE):
-            return max(self.home_load(self.now), 0.0)  # islanded: the home's load, whatever WSet says
         c = self.controls
-        return float(c["WSet"]) if c["WSetEna"] and c["WSetMod"] == WATTS else 0.0
+        commanded = c["WSetEna"] and c["WSetMod"] == WATTS
+        if self.active(Fault.GRID_OUTAGE):
+            # Islanded: the home's load. An enabled WSet is the ceiling, which is how the
+            # gateway holds the backup floor; a reverted WSet = 0 stops it.
+            load = max(self.home_load(self.now), 0.0)
+            return min(load, max(float(c["WSet"]), 0.0)) if commanded else load
+        return float(c["WSet"]) if commanded else 0.0
 
     def _limited(self, target: float, pack_discharge_w: float, pack_charge_w: float) -> float:
         r, c = self.ratings, self.controls

@@ -105,16 +105,23 @@ def test_revert_timer_falls_to_wsetrvrt_unless_refreshed():
     assert m.ac_power_w == 0.0 and m.wset_w == 0.0 and m.reverted
 
 
-def test_grid_outage_islands_and_serves_the_home_whatever_wset_says():
+def test_grid_outage_islands_and_serves_the_home_up_to_an_enabled_wset():
     m = InverterModel(home_load=lambda now: 2_500.0)
-    _enable(m, -5_000.0)
     m.inject(Fault.GRID_OUTAGE, until=100.0)
     m.advance(1.0, 1.0, BIG, BIG)
-    assert m.ac_power_w == pytest.approx(2_500.0)
+    assert m.ac_power_w == pytest.approx(2_500.0)  # no gateway command: the home is served
     v = m.values(701)
     assert v["ConnSt"] == 0 and v["Alrm"] >> 4 & 1
-    m.advance(1.0, 2.0, 1_000.0, BIG)
+    _enable(m, -5_000.0)
+    m.advance(1.0, 2.0, BIG, BIG)
+    assert m.ac_power_w == 0.0  # islanded, nothing to charge from; a negative ceiling serves nothing
+    _enable(m, 11_500.0)
+    m.advance(1.0, 3.0, 1_000.0, BIG)
     assert m.ac_power_w == pytest.approx(960.0)  # still limited by the pack
+    _enable(m, 1_000.0)
+    m.advance(1.0, 4.0, BIG, BIG)
+    assert m.ac_power_w == pytest.approx(1_000.0)  # the gateway's ceiling holds the backup floor
+    _enable(m, -5_000.0)
     m.advance(1.0, 100.0, BIG, BIG)
     assert m.values(701)["ConnSt"] == 1 and m.ac_power_w == pytest.approx(-5_000.0)
 

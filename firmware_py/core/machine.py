@@ -373,8 +373,12 @@ def _answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller
 
 def _end(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
     c = replace(c, book=c.book.replace(replace(entry, ended=True)))
-    return c, [DispatchEnded(now, entry.request.id, why),
-               EventEnergy(now, entry.request.id, round(entry.meter_wh, 3), round(entry.integrated_wh, 3), True)]
+    return c, [DispatchEnded(now, entry.request.id, why), _energy(c, entry, now, final=True)]
+
+
+def _energy(c: Controller, entry: Booked, now: float, final: bool = False) -> EventEnergy:
+    total = c.inverter.tot_wh_inj if c.inverter is not None and c.inverter.comms_ok else None
+    return EventEnergy(now, entry.request.id, round(entry.meter_wh, 3), round(entry.integrated_wh, 3), final, total)
 
 
 def _account(c: Controller, new: InverterStatus) -> Controller:
@@ -442,7 +446,7 @@ def _report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     if entry is None or now - entry.last_report_at < c.policy.energy_report_interval_s:
         return c, []
     c = replace(c, book=c.book.replace(replace(entry, last_report_at=now)))
-    return c, [EventEnergy(now, entry.request.id, round(entry.meter_wh, 3), round(entry.integrated_wh, 3))]
+    return c, [_energy(c, entry, now)]
 
 
 # ---------------------------------------------------------------- step

@@ -306,6 +306,7 @@ class EventEnergy:
     meter_wh: float
     integrated_wh: float
     final: bool = False
+    meter_total_wh: float | None = None  # the inverter's TotWhInj then: lets a restart bill the gap
 
 
 Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy

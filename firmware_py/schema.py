@@ -1,0 +1,108 @@
+"""Typed, frozen dataclasses loaded from TOML tables, with every problem reported.
+
+The config and the scenario files share this: a field's metadata holds its
+bounds, choices and whether it is a path; `load_table` walks a dataclass once,
+collecting *every* unknown key, wrong type and out-of-range value (so a person
+fixes a file in one pass), and resolves relative paths against a base folder.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
+          choices: tuple[str, ...] | None = None, path: bool = False, doc: str = "") -> Any:
+    """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "doc": doc}
+    if default is ...:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit type `hint`, or None when it does."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return f"expected a list, got {type(value).__name__}"
+        bad = [v for v in value if _type_problem(v, item)]
+        return f"list items must be {item.__name__}, got {bad[0]!r}" if bad else None
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            return "expected a table of strings"
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"expected a number, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"expected an integer, got {value!r}"
+    return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {value!r}"
+
+
+def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, problems: list[str]) -> Any:
+    """An instance of dataclass `cls` from `table`; problems go to `problems` as "key: reason"."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init and f.name != "source"}
+    for key in table:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown key (expected one of: {', '.join(known)})")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        key = f"{prefix}{name}"
+        if name not in table:
+            if f.default is MISSING and f.default_factory is MISSING:
+                problems.append(f"{key}: missing (required)")
+            continue
+        value, hint = table[name], hints[name]
+        if is_dataclass(hint):
+            if isinstance(value, dict):
+                values[name] = load_table(hint, value, f"{key}.", base, problems)
+            else:
+                problems.append(f"{key}: expected a table, got {value!r}")
+            continue
+        item = _table_list_item(hint)
+        if item is not None:
+            if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+                values[name] = tuple(load_table(item, v, f"{key}[{i}].", base, problems)
+                                     for i, v in enumerate(value))
+            else:
+                problems.append(f"{key}: expected an array of tables ([[{key}]]), got {value!r}")
+            continue
+        problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
+        if problem:
+            problems.append(f"{key}: {problem}")
+            continue
+        if f.metadata.get("path") and value:
+            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError:  # a required key was missing: already reported above
+        return None
+
+
+def _table_list_item(hint: Any) -> type | None:
+    """The dataclass of a `tuple[X, ...]` field (an array of tables), else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args and is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices and value not in choices:
+        return f"must be one of {', '.join(choices)}, got {value!r}"
+    if lo is not None and value < lo or hi is not None and value > hi:
+        return f"{value} is out of range ({lo} to {hi})"
+    return None

@@ -1,0 +1,153 @@
+"""Scenario files (DESIGN §3.7): what the bench runs, and what it must show.
+
+Times are seconds of simulated time from the start of the run. A scenario is
+checked whole on load, like the config: every unknown key, wrong type or
+out-of-range value is reported with the file and key, then exit 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from firmware_py.errors import InputError
+from firmware_py.schema import load_table, spec
+
+BMS_FAULTS = ("can_silence", "bms_fault", "dcl_zero", "contactor_open", "over_temp", "soc_jump",
+              "garbled", "wrong_length")
+INVERTER_FAULTS = ("inverter_fault", "modbus_timeout", "modbus_exception", "modbus_disconnect", "grid_outage")
+FAULT_KINDS = BMS_FAULTS + INVERTER_FAULTS
+DEFAULT = "summer-peak.toml"
+
+
+@dataclass(frozen=True)
+class RunSection:
+    duration_s: float = spec(18_000, lo=1, hi=30 * 86_400)
+    step_s: float = spec(0.1, lo=0.01, hi=1.0, doc="simulated time per bench step")
+    seed: int = spec(0, lo=0, hi=2**31)
+    start_hour: float = spec(15.0, lo=0, hi=24, doc="time of day at t=0, for the home-load profile")
+
+
+@dataclass(frozen=True)
+class VehicleSection:
+    initial_soc_pct: float = spec(80, lo=0, hi=100)
+    usable_capacity_wh: float = spec(123_000, lo=1_000, hi=300_000)
+    ambient_c: float = spec(25, lo=-40, hi=55)
+
+
+@dataclass(frozen=True)
+class OwnerSection:
+    reserve_pct: float = spec(40, lo=0, hi=100)
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    kind: str = spec("scripted", choices=("scripted", "openadr", "sunspec"))
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    at_s: float = spec(..., lo=0)
+    id: str = spec(...)
+    start_s: float = spec(..., lo=0)
+    duration_s: float = spec(..., lo=1)
+    target_w: float = spec(..., lo=1, hi=1_000_000)
+    kind: str = spec("discharge", choices=("discharge", "charge"))
+    ramp_w_per_s: float = spec(0, lo=0, doc="0: the gateway's own ramp")
+
+
+@dataclass(frozen=True)
+class Cancel:
+    at_s: float = spec(..., lo=0)
+    id: str = spec(...)
+
+
+@dataclass(frozen=True)
+class OwnerChange:
+    at_s: float = spec(..., lo=0)
+    reserve_pct: float = spec(-1, lo=-1, hi=100, doc="-1: unchanged")
+    opt_out: bool = spec(False)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float = spec(..., lo=0)
+    kind: str = spec(..., choices=FAULT_KINDS)
+    duration_s: float = spec(5, lo=0.01, hi=86_400)
+
+
+@dataclass(frozen=True)
+class Expect:
+    min_delivered_wh: float = spec(-1, lo=-1, doc="-1: not checked; all events together")
+    max_delivered_wh: float = spec(-1, lo=-1)
+    max_floor_violations: int = spec(0, lo=0)
+    min_soc_pct: float = spec(-1, lo=-1, hi=100)
+    final_state: str = spec("")
+    max_safe_after_s: float = spec(-1, lo=-1, doc="every fault: inverter at 0 W (or backup) within this")
+    answers: dict[str, str] = spec({}, doc="event id -> accepted | accepted_capped | rejected")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    run: RunSection = field(default_factory=RunSection)
+    vehicle: VehicleSection = field(default_factory=VehicleSection)
+    owner: OwnerSection = field(default_factory=OwnerSection)
+    aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    dispatch: tuple[Dispatch, ...] = ()
+    cancel: tuple[Cancel, ...] = ()
+    owner_change: tuple[OwnerChange, ...] = ()
+    fault: tuple[Fault, ...] = ()
+    expect: Expect = field(default_factory=Expect)
+    name: str = "scenario"
+
+
+def bundled(name: str = DEFAULT) -> Path:
+    return Path(str(resources.files("sim.scenarios").joinpath(name)))
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name for p in resources.files("sim.scenarios").iterdir() if p.name.endswith(".toml"))
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid TOML: {err}") from None
+    problems: list[str] = []
+    scenario = load_table(Scenario, table, "", path.parent, problems)
+    if scenario is not None:
+        problems += _cross_checks(scenario)
+    if problems:
+        raise InputError([f"{path}: {p}" for p in problems])
+    return Scenario(**{**scenario.__dict__, "name": path.stem})
+
+
+def _cross_checks(s: Scenario) -> list[str]:
+    """What no single key can say: ids unique, times inside the run, answers naming events."""
+    problems = []
+    ids = [d.id for d in s.dispatch]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"dispatch: id {dup!r} used twice")
+    for i, d in enumerate(s.dispatch):
+        if not d.id.strip():
+            problems.append(f"dispatch[{i}].id: empty")
+        if d.at_s >= s.run.duration_s:
+            problems.append(f"dispatch[{i}].at_s: {d.at_s} is after the run ends ({s.run.duration_s} s)")
+    for i, f in enumerate(s.fault):
+        if f.at_s >= s.run.duration_s:
+            problems.append(f"fault[{i}].at_s: {f.at_s} is after the run ends ({s.run.duration_s} s)")
+    for i, c in enumerate(s.cancel):
+        if c.id not in ids:
+            problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")
+    for event_id, verdict in s.expect.answers.items():
+        if event_id not in ids:
+            problems.append(f"expect.answers.{event_id}: no dispatch has that id")
+        if verdict not in ("accepted", "accepted_capped", "rejected"):
+            problems.append(f"expect.answers.{event_id}: {verdict!r} is not accepted, accepted_capped or rejected")
+    return problems
