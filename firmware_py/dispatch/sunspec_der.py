@@ -1,0 +1,307 @@
+"""The gateway as one IEEE 1547-2018 DER: what its SunSpec models show, what a 704 write means.
+
+Pure (no sockets, no clock: `now` is passed in) so the meaning of every
+register can be tested without a server. `sunspec_server` puts this on Modbus.
+
+- `DerControls` holds the model 704 points this DER implements (active power
+  setpoint, the max-power limit and both revert functions) in engineering
+  units. `check_write` turns raw registers into point values or a
+  `WriteRefused` naming why, before anything changes, so a write is applied
+  whole or not at all.
+- `Wanted` is what the controls ask of the core right now; `sunspec_server`
+  turns its changes into dispatch requests.
+- `model_values` builds each model's point values from the core's `Telemetry`,
+  the ratings and the controls: the registers are never a second copy of the truth.
+
+Points this DER does not implement (power factor, var, ramp, anti-islanding,
+the 702 settings, model 1 DA) read as "not implemented" and refuse writes:
+accepting a write the gateway would ignore would lie to the energy manager.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_py.core.types import DispatchAnswer, DispatchKind, Verdict
+from firmware_py.dispatch import Telemetry
+from firmware_py.inverter.sunspec import ModelDef, SunSpecError, SunSpecMap
+
+MODELS = (1, 701, 702, 704, 713)
+CTL = ModelDef.load(704)
+WATTS = CTL.point("WSetMod").symbol("WATTS")
+W_MAX_PCT = CTL.point("WSetMod").symbol("W_MAX_PCT")
+ENABLED = CTL.point("WSetEna").symbol("ENABLED")
+_ALRM = ModelDef.load(701).point("Alrm")
+_THROT = ModelDef.load(701).point("ThrotSrc")
+_MODES = ModelDef.load(702).point("CtrlModes")
+
+# Engineering values of the 704 points this DER implements, as they start.
+CONTROL_DEFAULTS: dict[str, Any] = {
+    "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100, "WMaxLimPctEnaRvrt": 0,
+    "WMaxLimPctRvrtTms": 0, "WSetEna": 0, "WSetMod": WATTS, "WSet": 0, "WSetRvrt": 0,
+    "WSetPct": 0, "WSetPctRvrt": 0, "WSetEnaRvrt": 0, "WSetRvrtTms": 0,
+}
+PCT_POINTS = {"WMaxLimPct": (0, 100), "WMaxLimPctRvrt": (0, 100),
+              "WSetPct": (-100, 100), "WSetPctRvrt": (-100, 100)}
+WATT_POINTS = ("WSet", "WSetRvrt")
+STATES_RUNNING = {"DISCHARGE", "CHARGE", "BACKUP"}
+STATES_FAULT = {"FAULT", "LOCKOUT"}
+
+
+@dataclass(frozen=True)
+class DerRatings:
+    """The DER's nameplate as one unit: the smaller of the inverter's and the gateway's limits."""
+
+    w_max: float
+    w_cha_max: float
+    w_discha_max: float
+    wh_rtg: float
+    v_nom: float = 240.0
+
+
+class WriteRefused(Exception):
+    """A write the DER will not take; `code` is 'address' or 'value' (the Modbus exception)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def _sf_for(largest: float, capacity: int) -> int:
+    """The smallest power of ten that makes `largest` fit a register holding up to `capacity`."""
+    sf = 0
+    while abs(largest) / 10 ** sf > capacity and sf < 6:
+        sf += 1
+    return sf
+
+
+def scale_factors(r: DerRatings) -> dict[int, dict[str, int]]:
+    """Fixed per server start: clients read scale factors once, so they must not move."""
+    w_sf = _sf_for(max(r.w_max, r.w_cha_max, r.w_discha_max) * 1.1, 32_767)
+    return {
+        701: {"W_SF": w_sf, "VA_SF": w_sf, "Var_SF": w_sf, "PF_SF": -2, "A_SF": -1, "V_SF": -1,
+              "Hz_SF": -2, "TotWh_SF": 0, "TotVarh_SF": 0, "Tmp_SF": 0},
+        702: {"W_SF": _sf_for(max(r.w_max, r.w_cha_max, r.w_discha_max), 65_535), "PF_SF": -2,
+              "VA_SF": _sf_for(r.w_max, 65_535), "Var_SF": 0, "V_SF": -1, "A_SF": -1, "S_SF": 0},
+        704: {"PF_SF": -2, "WMaxLimPct_SF": 0, "WSet_SF": 0, "WSetPct_SF": 0, "VarSet_SF": 0,
+              "VarSetPct_SF": 0},
+        713: {"WH_SF": _sf_for(r.wh_rtg, 65_535), "Pct_SF": -1},
+    }
+
+
+@dataclass
+class RevertTimer:
+    """One SunSpec revert function: without a refresh for `tms` s, `value` takes its revert value."""
+
+    enable: str  # the function this timer guards must be enabled (WSetEna / WMaxLimPctEna)
+    armed: str
+    tms: str
+    reverts: Mapping[str, str]  # point -> its revert point
+    refreshers: frozenset[str]
+    last_refresh: float = 0.0
+    reverted: bool = False
+
+    def deadline(self, c: Mapping[str, Any]) -> float | None:
+        if c[self.enable] != ENABLED or c[self.armed] != ENABLED or c[self.tms] <= 0 or self.reverted:
+            return None
+        return self.last_refresh + c[self.tms]
+
+    def remaining(self, c: Mapping[str, Any], now: float) -> int:
+        deadline = self.deadline(c)
+        return 0 if deadline is None else max(0, math.ceil(deadline - now))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the 704 controls ask for now; `end` None means "until told otherwise"."""
+
+    kind: DispatchKind
+    target_w: float
+    requested_w: float  # before WMaxLimPct
+    end: float | None
+
+    @property
+    def limited(self) -> bool:
+        return self.target_w < self.requested_w
+
+
+@dataclass
+class DerControls:
+    """Model 704 as this DER implements it."""
+
+    values: dict[str, Any] = field(default_factory=lambda: dict(CONTROL_DEFAULTS))
+    wset_timer: RevertTimer = field(default_factory=lambda: RevertTimer(
+        "WSetEna", "WSetEnaRvrt", "WSetRvrtTms", {"WSet": "WSetRvrt", "WSetPct": "WSetPctRvrt"},
+        frozenset({"WSet", "WSetPct", "WSetEna", "WSetMod", "WSetEnaRvrt", "WSetRvrtTms"})))
+    limit_timer: RevertTimer = field(default_factory=lambda: RevertTimer(
+        "WMaxLimPctEna", "WMaxLimPctEnaRvrt", "WMaxLimPctRvrtTms", {"WMaxLimPct": "WMaxLimPctRvrt"},
+        frozenset({"WMaxLimPct", "WMaxLimPctEna", "WMaxLimPctEnaRvrt", "WMaxLimPctRvrtTms"})))
+
+    def check_write(self, rel: int, regs: Sequence[int], ratings: DerRatings,
+                    sfs: Mapping[str, int]) -> dict[str, Any]:
+        """Point values of a write at model offset `rel`, or WriteRefused; changes nothing."""
+        points = CTL.points_in(rel, len(regs))
+        for p in points:
+            if p.offset < rel or p.offset + p.size > rel + len(regs):
+                raise WriteRefused("address", f"partial write of {p.name} ({p.size} registers)")
+            if p.name not in CONTROL_DEFAULTS:
+                why = "read-only" if not p.writable else "not supported by this DER"
+                raise WriteRefused("address", f"{p.name} is {why}")
+        decoded = CTL.decode(regs, rel, sfs=sfs)
+        for p in points:
+            _check_value(p.name, decoded[p.name], p.symbols, ratings)
+        return {p.name: decoded[p.name] for p in points}
+
+    def apply(self, written: Mapping[str, Any], now: float) -> None:
+        self.values.update(written)
+        for timer in (self.wset_timer, self.limit_timer):
+            if timer.refreshers & written.keys():
+                timer.last_refresh, timer.reverted = now, False
+
+    def expire(self, now: float) -> set[str]:
+        """Run the revert functions due by `now`; the names of the timers that fired."""
+        fired = set()
+        for name, timer in (("WSet", self.wset_timer), ("WMaxLimPct", self.limit_timer)):
+            deadline = timer.deadline(self.values)
+            if deadline is not None and now >= deadline:
+                for point, revert in timer.reverts.items():
+                    self.values[point] = self.values[revert]
+                timer.reverted = True
+                fired.add(name)
+        return fired
+
+    def wanted(self, ratings: DerRatings) -> Wanted | None:
+        c = self.values
+        if c["WSetEna"] != ENABLED:
+            return None
+        raw = float(c["WSet"]) if c["WSetMod"] == WATTS else float(c["WSetPct"]) / 100 * ratings.w_max
+        if raw == 0:
+            return None
+        target = abs(raw)
+        if c["WMaxLimPctEna"] == ENABLED:
+            target = min(target, float(c["WMaxLimPct"]) / 100 * ratings.w_max)
+        if target < 0.05:  # nothing a request could carry (target_w is sent to 0.1 W)
+            return None
+        kind = DispatchKind.DISCHARGE if raw > 0 else DispatchKind.CHARGE
+        return Wanted(kind, target, abs(raw), self.wset_timer.deadline(c))
+
+    def registers_view(self, now: float) -> dict[str, Any]:
+        return {**self.values, "WSetRvrtRem": self.wset_timer.remaining(self.values, now),
+                "WMaxLimPctRvrtRem": self.limit_timer.remaining(self.values, now)}
+
+
+def _check_value(name: str, value: Any, symbols: Mapping[str, int], ratings: DerRatings) -> None:
+    if value is None:
+        raise WriteRefused("value", f"{name}: the 'not implemented' value cannot be written")
+    if symbols and value not in symbols.values():
+        raise WriteRefused("value", f"{name}: {value} is not one of {sorted(symbols.values())}")
+    if name in PCT_POINTS:
+        lo, hi = PCT_POINTS[name]
+        if not lo <= value <= hi:
+            raise WriteRefused("value", f"{name}: {value} % is outside {lo}..{hi} %")
+    if name in WATT_POINTS and abs(value) > ratings.w_max:
+        raise WriteRefused("value", f"{name}: {value} W is beyond the rating ±{ratings.w_max:.0f} W")
+
+
+@dataclass(frozen=True)
+class DispatchStatus:
+    """How the core answered the setpoint in force, for 701 ThrotPct/ThrotSrc/MnAlrmInfo."""
+
+    wanted: Wanted
+    answer: DispatchAnswer | None  # None: the core gave no answer
+
+    def allowed_w(self) -> float:
+        if self.answer is None or self.answer.verdict is Verdict.REJECTED:
+            return 0.0
+        if self.answer.cap_w is not None:
+            return min(self.answer.cap_w, self.wanted.target_w)
+        return self.wanted.target_w
+
+    def text(self) -> str | None:
+        a = self.answer
+        if a is None:
+            return "refused: no answer from the gateway core"
+        if a.verdict is Verdict.REJECTED:
+            return f"refused {a.reason.value if a.reason else ''}: {a.detail}".strip()[:64]
+        if a.verdict is Verdict.CAPPED:
+            return f"capped to {self.allowed_w():.0f} W: {a.detail}"[:64]
+        return None
+
+
+def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int, Mapping[str, int]],
+                 controls: DerControls, status: DispatchStatus | None, meter: tuple[float, float],
+                 unit_id: int, serial: str, version: str, now: float) -> dict[str, Any]:
+    """Point values (engineering units, scale factors included) of one model right now."""
+    sf = dict(sfs.get(model_id, {}))
+    if model_id == 1:
+        return {"Mn": "powershare-gw", "Md": "truck+inverter DER", "Opt": "bidi", "Vr": version,
+                "SN": serial, "DA": unit_id}
+    if model_id == 701:
+        return {**sf, **_measure(t, r, status, meter)}
+    if model_id == 702:
+        modes = 1 << _MODES.symbol("MAX_W") | 1 << _MODES.symbol("FIXED_W")
+        return {**sf, "WMaxRtg": r.w_max, "VAMaxRtg": r.w_max, "WChaRteMaxRtg": r.w_cha_max,
+                "WDisChaRteMaxRtg": r.w_discha_max, "VNomRtg": r.v_nom, "NorOpCatRtg": 1, "AbnOpCatRtg": 1,
+                "CtrlModes": modes, "IntIslandCatRtg": 1 << 1, "WMax": r.w_max, "WChaRteMax": r.w_cha_max,
+                "WDisChaRteMax": r.w_discha_max, "VAMax": r.w_max, "VNom": r.v_nom}
+    if model_id == 704:
+        return {**sf, **controls.registers_view(now)}
+    if model_id == 713:
+        sta = 2 if t.state in STATES_FAULT else 1 if t.soc_pct is None else 0
+        return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh), "SoC": t.soc_pct, "Sta": sta}
+    return {}
+
+
+def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: tuple[float, float]) -> dict:
+    w = t.power_w
+    running = t.state in STATES_RUNNING and w != 0
+    inv_st = {"STARTUP": 2}.get(t.state, 6 if t.state in STATES_FAULT else 3 if running else 7)
+    throt_pct, throt_src, info = 0, 0, None
+    if status is not None:
+        allowed = status.allowed_w()
+        if status.wanted.limited:
+            throt_src |= 1 << _THROT.symbol("MAX_W")
+        if allowed < status.wanted.target_w:
+            throt_src |= 1 << _THROT.symbol("DERATED")
+        if r.w_max > 0:
+            throt_pct = round(100 * (status.wanted.requested_w - allowed) / r.w_max)
+        info = status.text()
+        if running and throt_src:
+            inv_st = 4
+    alarms = 0
+    if t.state == "BACKUP":
+        alarms |= 1 << _ALRM.symbol("GRID_DISCONNECT")
+    if t.state in STATES_FAULT:
+        alarms |= 1 << _ALRM.symbol("MANUFACTURER_ALRM")
+        info = f"gateway in {t.state}"
+    return {"ACType": 1, "St": int(running), "InvSt": inv_st, "ConnSt": 0 if t.state == "BACKUP" else 1,
+            "Alrm": alarms, "DERMode": 1 << (1 if t.state == "BACKUP" else 0), "W": w, "VA": abs(w),
+            "TotWhInj": int(meter[0]), "TotWhAbs": int(meter[1]), "ThrotPct": max(0, min(100, throt_pct)),
+            "ThrotSrc": throt_src, "MnAlrmInfo": info}
+
+
+def encode_safely(mdef: ModelDef, values: Mapping[str, Any]) -> list[int]:
+    """The model's registers; a value that is not finite or does not fit reads "not implemented"."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    try:
+        return mdef.encode(clean)
+    except (SunSpecError, OverflowError, ValueError):
+        pass
+    for name in list(clean):
+        try:
+            sfs = {n: clean.get(n, 0) for n, p in mdef.points.items() if p.type == "sunssf"}
+            mdef.encode_point(name, clean[name], sfs)
+        except (SunSpecError, OverflowError, ValueError, KeyError):
+            clean[name] = None
+    return mdef.encode(clean)
+
+
+def layout(base: int = 40000) -> SunSpecMap:
+    """The map's shape (addresses only): values are filled in on every read."""
+    sunspec = SunSpecMap(base)
+    for model_id in MODELS:
+        sunspec.add(model_id, {})
+    return sunspec
