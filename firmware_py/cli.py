@@ -17,10 +17,11 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from firmware_py import config
+    from firmware_py import config, runtime
     from firmware_py.bms import commands as bms_commands
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
+    from firmware_py.owner import commands as owner_commands
     from sim import commands as sim_commands
 
     parser = argparse.ArgumentParser(
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vehicle-to-home gateway: BMS over CAN, inverter over SunSpec Modbus, grid dispatch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (config, bms_commands, inverter_commands, journal_commands, sim_commands):
+    for module in (config, runtime, bms_commands, inverter_commands, journal_commands, owner_commands,
+                   sim_commands):
         module.register(sub)
     return parser
 

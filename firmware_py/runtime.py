@@ -18,6 +18,7 @@ path, after the command: a slow disk never delays a safe stop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -252,15 +253,22 @@ class RunOptions:
     journal_flush_s: float = 0.2
 
 
-async def run(config: Config, options: RunOptions = RunOptions(), sources: Iterable[Any] = ()) -> int:
+async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM/SIGINT, then a safe stop. Returns the exit code."""
+    from firmware_py.owner.api import OwnerApi
+    from firmware_py.owner.store import OwnerStore
+
     loop = asyncio.get_running_loop()
     clock = time.time
+    store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
+    owner = store.load(clock())
     journal = Journal.open(config.journal.path)
     reader = reader_from_config(config, clock)
     inverter = InverterClient(config.inverter, clock)
-    owner = load_owner(config, clock())
     gateway = Gateway(config, clock, reader, inverter, journal, owner)
+    owner_api = OwnerApi(config.owner, gateway, store=store)
+    await owner_api.start()
+    services = [owner_api.run(), *(source.run(gateway) for source in dispatch_sources(config, gateway))]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -279,7 +287,7 @@ async def run(config: Config, options: RunOptions = RunOptions(), sources: Itera
             asyncio.create_task(_every(options.journal_flush_s, lambda: asyncio.to_thread(gateway.flush_journal)),
                                 name="journal"),
         ]
-        tasks += [asyncio.create_task(source.run(gateway), name=type(source).__name__) for source in sources]
+        tasks += [asyncio.create_task(service) for service in services]
         if systemd.watchdog_s:
             tasks.append(asyncio.create_task(_every(systemd.watchdog_s, lambda: systemd.notify("WATCHDOG=1"))))
         systemd.notify("READY=1")
@@ -337,11 +345,31 @@ def open_bus(config: Config, reader: BmsReader) -> can.BusABC:
                          f"{config.can.channel!r}: {err}") from None
 
 
-def load_owner(config: Config, now: float) -> OwnerSettings:
-    """The owner's persisted settings, else the configured reserve."""
-    try:
-        from firmware_py.owner.store import OwnerStore
-    except ImportError:
-        return OwnerSettings(config.owner.reserve_pct, now)
-    return OwnerStore(config.owner.settings_file, config.owner.reserve_pct).load(now)
+def dispatch_sources(config: Config, gateway: Gateway) -> list[Any]:
+    """The aggregator interfaces the config enables."""
+    sources: list[Any] = []
+    if config.dispatch.openadr.enabled:
+        from firmware_py.dispatch.openadr import OpenAdrVen
 
+        sources.append(OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w))
+    if config.dispatch.sunspec_server.enabled:
+        from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+
+        sources.append(SunSpecDerServer(config.dispatch.sunspec_server))
+    return sources
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from firmware_py import config as config_module
+
+    config = config_module.load(args.config)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(run(config))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the gateway (until SIGTERM or Ctrl-C, then a safe stop)")
+    p.add_argument("--config", required=True, help="the TOML configuration file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(handler=_run_command)

@@ -1,15 +1,149 @@
-"""`powershare-gw sim` and its parts run alone (`sim bms`, `sim inverter`)."""
+"""`powershare-gw sim`: the whole bench in one command, and its parts run alone.
+
+With no arguments it runs the bundled default scenario and writes
+`summary.json` and `plot.png` to the current directory. Exit codes per
+DESIGN §3.2: 0 when every `[expect]` check passed, 1 when one failed, 2 when
+the scenario (or an output path) is bad.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from firmware_py.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from sim import bms_node, inverter
 
-    p = sub.add_parser("sim", help="run the whole bench simulator (or one of its parts)")
-    p.set_defaults(handler=lambda args: p.print_help() or 0)
+    p = sub.add_parser("sim", help="run the whole bench simulator (or one of its parts)",
+                       description="Run a scenario on the simulated bench: pack + BMS on CAN, inverter on "
+                                   "Modbus TCP, the real gateway runtime and journal, a scripted aggregator.")
+    p.add_argument("--scenario", help="scenario TOML (default: the bundled summer-peak.toml); "
+                                      "a bare name picks a bundled one, see --list")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, help="run at this many times real time (default: as fast as possible)")
+    pace.add_argument("--realtime", action="store_true", help="run in real time (same as --speed 1)")
+    p.add_argument("--trace", type=Path, help="write the JSON Lines trace here")
+    p.add_argument("--summary", type=Path, help="write the JSON summary here")
+    p.add_argument("--plot", type=Path, help="draw SoC, floor and power to this PNG (needs the [plot] extra)")
+    p.add_argument("--journal", type=Path, help="the run's journal (default: bench-journal.sqlite here)")
+    p.add_argument("--list", action="store_true", help="list the bundled scenarios and exit")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.set_defaults(handler=_sim)
     parts = p.add_subparsers(dest="sim_part", metavar="PART")
     bms_node.register(parts)
     inverter.register(parts)
+
+
+def _scenario_path(given: str | None) -> Path:
+    from sim import scenario
+
+    if given is None:
+        return scenario.bundled()
+    path = Path(given)
+    if path.exists() or path.suffix == ".toml" and path.parent != Path("."):
+        return path
+    name = given if given.endswith(".toml") else f"{given}.toml"
+    if name in scenario.bundled_names():
+        return scenario.bundled(name)
+    return path
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sim import scenario
+
+    if args.list:
+        for name in scenario.bundled_names():
+            print(name)
+        return 0
+    defaults = args.scenario is None and not any((args.trace, args.summary, args.plot))
+    summary_path = args.summary or (Path("summary.json") if defaults else None)
+    plot_path = args.plot or (Path("plot.png") if defaults else None)
+    loaded = scenario.load(_scenario_path(args.scenario))
+    speed = 1.0 if args.realtime else args.speed
+    if speed is not None and speed <= 0:
+        raise InputError(f"--speed: must be > 0, got {speed}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    outcome, series = asyncio.run(_run(loaded, args, speed))
+    _report(outcome, loaded)
+    if summary_path:
+        _write(summary_path, json.dumps({**outcome.summary, "checks": [
+            {"check": name, "ok": ok, "detail": detail} for name, ok, detail in outcome.checks]}, indent=2) + "\n")
+    if plot_path:
+        from sim.plot import draw
+
+        draw(series, outcome.summary["faults"], f"{loaded.name}: delivered "
+             f"{sum(outcome.summary['delivered_wh'].values()) / 1000:.1f} kWh", plot_path)
+    for path, what in ((summary_path, "summary"), (plot_path, "plot"), (args.trace, "trace")):
+        if path:
+            print(f"{what}: {path}")
+    print(f"journal: {outcome.summary['journal']}  (verify: powershare-gw report --journal "
+          f"{outcome.summary['journal']})")
+    return 0 if outcome.passed else 1
+
+
+async def _run(loaded, args: argparse.Namespace, speed: float | None):
+    from sim.aggregators import for_scenario
+    from sim.bench import Bench, BenchOptions
+    from sim.progress import Progress
+
+    journal = args.journal or Path("bench-journal.sqlite")
+    trace = _open(args.trace) if args.trace else None
+    progress = None if args.quiet or not sys.stderr.isatty() else Progress(loaded)
+    options = BenchOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
+                           on_progress=progress.update if progress else None, aggregator=for_scenario(loaded))
+    try:
+        outcome = await Bench(loaded, options).run()
+    finally:
+        if trace:
+            trace.close()
+        if progress:
+            progress.close()
+    return outcome, options.series
+
+
+def _report(outcome, loaded) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = outcome.summary
+    table = Table(title=f"scenario {loaded.name}: {s['sim_s'] / 3600:.2f} h simulated in {s['wall_s']:.1f} s "
+                        f"({s['speed_x']}x)")
+    table.add_column("what")
+    table.add_column("value")
+    for event_id, wh in s["delivered_wh"].items():
+        detail = s["answer_details"].get(event_id) or {}
+        cap = f", capped at {detail['cap_w']:.0f} W" if detail.get("cap_w") else ""
+        table.add_row(f"event {event_id}", f"{wh / 1000:.2f} kWh delivered ({detail.get('verdict')}{cap})")
+    for event_id, detail in s["answer_details"].items():
+        if detail and detail["verdict"] == "rejected":
+            table.add_row(f"event {event_id}", f"rejected: {detail['reason']} {detail['detail']}")
+    table.add_row("SoC", f"min {s['min_soc_pct']:.2f} %, final {s['final_soc_pct']:.2f} %")
+    table.add_row("floor violations", str(s["floor_violations"]))
+    for f in s["faults"]:
+        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s",
+                      f"detected after {f['detected_after_s']} s, safe after {f['safe_after_s']} s")
+    table.add_row("final state", s["final_state"])
+    for name, ok, detail in outcome.checks:
+        table.add_row(f"check: {name}", f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {detail}")
+    Console().print(table)
+
+
+def _open(path: Path):
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
