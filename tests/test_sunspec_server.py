@@ -1,0 +1,480 @@
+"""The gateway's SunSpec DER server: a real pymodbus server, real clients (pysunspec2's and pymodbus').
+
+The core is stood in for by `ScriptedSink`, which records every item it is
+handed and answers by a scripted policy (the core has its own tests); its
+clock is a plain number the tests move, so revert timers run without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
+from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+
+from firmware_py.config import SunSpecServerConfig
+from firmware_py.core.requests import invalid_reason
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    ReasonCode,
+    Verdict,
+)
+from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch.sunspec_der import CONTROL_DEFAULTS
+from firmware_py.dispatch.sunspec_server import NOTE_KIND, DerRatings, SunSpecDerServer
+from firmware_py.errors import InputError
+from firmware_py.inverter.sunspec import ModelDef
+
+RATINGS = DerRatings(w_max=11_500, w_cha_max=11_500, w_discha_max=11_500, wh_rtg=123_000)
+CTL = ModelDef.load(704)
+M701 = ModelDef.load(701)
+ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
+T0 = 1_700_000_000.0
+
+Policy = Callable[[DispatchRequest], DispatchAnswer]
+
+
+def accept(r: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(r.id, T0, Verdict.ACCEPTED)
+
+
+def cap_at(watts: float) -> Policy:
+    def policy(r: DispatchRequest) -> DispatchAnswer:
+        if r.target_w <= watts:
+            return accept(r)
+        return DispatchAnswer(r.id, T0, Verdict.CAPPED, cap_w=watts, detail="capped by energy above the floor")
+    return policy
+
+
+def opted_out(r: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(r.id, T0, Verdict.REJECTED, reason=ReasonCode.OPTED_OUT,
+                          detail="the owner has opted out")
+
+
+class ScriptedSink:
+    """Stands in for the core: answers by `policy`, records requests, cancels and notes."""
+
+    def __init__(self, policy: Policy = accept) -> None:
+        self.policy = policy
+        self.t = T0
+        self.state, self.power_w, self.soc_pct, self.available_wh = "STANDBY", 0.0, 72.5, 40_000.0
+        self.received: list[DispatchRequest | DispatchCancel] = []
+        self.notes: list[tuple[str, dict]] = []
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        self.received.append(item)
+        return self.policy(item) if isinstance(item, DispatchRequest) else None
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(at=self.t, state=self.state, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
+                         setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None)
+
+    def now(self) -> float:
+        return self.t
+
+    def note(self, kind: str, payload: dict) -> None:
+        self.notes.append((kind, payload))
+
+    def requests(self) -> list[DispatchRequest]:
+        return [r for r in self.received if isinstance(r, DispatchRequest)]
+
+    def cancels(self) -> list[DispatchCancel]:
+        return [r for r in self.received if isinstance(r, DispatchCancel)]
+
+
+def config(**changes: Any) -> SunSpecServerConfig:
+    return replace(SunSpecServerConfig(enabled=True, listen="127.0.0.1:0"), **changes)
+
+
+def run(coro: Any, timeout_s: float = 15.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+@contextlib.asynccontextmanager
+async def serving(sink: ScriptedSink, cfg: SunSpecServerConfig | None = None,
+                  **kwargs: Any) -> AsyncIterator[tuple[SunSpecDerServer, AsyncModbusTcpClient]]:
+    server = SunSpecDerServer(cfg or config(), RATINGS, **kwargs)
+    port = await server.start(sink)
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+    await client.connect()
+    try:
+        yield server, client
+    finally:
+        client.close()
+        await server.stop()
+
+
+def ctl_regs(**values: Any) -> tuple[int, list[int]]:
+    """(model offset, registers) of contiguous 704 points, in engineering units (every 704 sf is 0)."""
+    points = sorted((CTL.point(n) for n in values), key=lambda p: p.offset)
+    regs: list[int] = []
+    for p in points:
+        assert p.offset == points[0].offset + len(regs), "points must be contiguous"
+        regs += CTL.encode_point(p.name, values[p.name])
+    return points[0].offset, regs
+
+
+async def write(server: SunSpecDerServer, client: AsyncModbusTcpClient, **values: Any) -> Any:
+    offset, regs = ctl_regs(**values)
+    return await client.write_registers(server.addresses[704] + offset, regs, device_id=1)
+
+
+async def read_model(server: SunSpecDerServer, client: AsyncModbusTcpClient, model_id: int) -> dict[str, Any]:
+    mdef, regs = ModelDef.load(model_id), []
+    for at in range(0, mdef.size, 100):  # a read carries at most 125 registers
+        reply = await client.read_holding_registers(server.addresses[model_id] + at,
+                                                    count=min(100, mdef.size - at), device_id=1)
+        assert not reply.isError(), reply
+        regs += reply.registers
+    return mdef.decode(regs)
+
+
+# --- pysunspec2: an independent SunSpec + Modbus implementation -------------------------
+def _scan_and_dispatch(port: int) -> dict[str, Any]:
+    dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
+    try:
+        dev.scan()
+        m = {mid: dev.models[mid][0] for mid in (1, 701, 702, 704, 713)}
+        out = {
+            "ids": sorted(k for k in dev.models if isinstance(k, int)),
+            "Mn": m[1].Mn.value, "SN": m[1].SN.value, "DA": m[1].DA.value,
+            "W": m[701].W.cvalue, "InvSt": m[701].InvSt.value, "ConnSt": m[701].ConnSt.value,
+            "TotWhInj": m[701].TotWhInj.cvalue, "TotWhAbs": m[701].TotWhAbs.cvalue,
+            "WMaxRtg": m[702].WMaxRtg.cvalue, "WChaRteMaxRtg": m[702].WChaRteMaxRtg.cvalue,
+            "WDisChaRteMaxRtg": m[702].WDisChaRteMaxRtg.cvalue, "WSetEna_before": m[704].WSetEna.value,
+            "WHRtg": m[713].WHRtg.cvalue, "WHAvail": m[713].WHAvail.cvalue, "SoC": m[713].SoC.cvalue,
+        }
+        ctl = m[704]
+        ctl.WSetEnaRvrt.value = 1
+        ctl.WSetRvrtTms.value = 30
+        ctl.write()  # the revert function armed first: the setpoint below is one request
+        ctl.WSetMod.value = 1
+        ctl.WSet.cvalue = 4_000
+        ctl.WSetEna.value = 1
+        ctl.write()
+        ctl.WSet.cvalue = -3_000
+        ctl.write()
+        ctl.read()
+        out["WSet_after"], out["WSetRvrtRem"] = ctl.WSet.cvalue, ctl.WSetRvrtRem.value
+        return out
+    finally:
+        dev.close()
+
+
+def test_pysunspec2_scans_reads_live_models_and_dispatches_through_the_core():
+    sink = ScriptedSink()
+    sink.state, sink.power_w = "DISCHARGE", 5_000.0
+
+    async def main() -> dict[str, Any]:
+        server = SunSpecDerServer(config(), RATINGS, meter=lambda: (1_234.0, 56.0), serial="TRUCK-42")
+        port = await server.start(sink)
+        try:
+            return await asyncio.to_thread(_scan_and_dispatch, port)
+        finally:
+            await server.stop()
+
+    got = run(main())
+    assert got["ids"] == [1, 701, 702, 704, 713]
+    assert (got["Mn"], got["SN"], got["DA"]) == ("powershare-gw", "TRUCK-42", 1)
+    assert got["W"] == 5_000 and got["InvSt"] == 3 and got["ConnSt"] == 1
+    assert (got["TotWhInj"], got["TotWhAbs"]) == (1_234, 56)
+    assert got["WMaxRtg"] == got["WChaRteMaxRtg"] == got["WDisChaRteMaxRtg"] == 11_500
+    assert got["WHRtg"] == 123_000 and got["WHAvail"] == 40_000 and got["SoC"] == pytest.approx(72.5)
+    assert got["WSetEna_before"] == 0
+    discharge, charge = sink.requests()
+    assert (discharge.source, discharge.kind, discharge.target_w) == ("sunspec", DispatchKind.DISCHARGE, 4_000)
+    assert (discharge.start, discharge.end, discharge.received_at) == (T0, T0 + 30, T0)
+    assert (charge.id, charge.revision, charge.kind, charge.target_w) == (discharge.id, 1, DispatchKind.CHARGE, 3_000)
+    assert charge.end == T0 + 30  # a WSet write refreshes the revert timer
+    assert got["WSet_after"] == -3_000 and got["WSetRvrtRem"] == 30
+    assert sink.cancels() == [] and sink.notes == []
+
+
+# --- pymodbus client: the meaning of each write ---------------------------------------------
+def test_wsetena_zero_cancels_the_request_and_unarmed_setpoints_are_renewed():
+    sink = ScriptedSink()
+
+    async def main() -> dict[str, Any]:
+        async with serving(sink, open_horizon_s=600) as (server, client):
+            assert not (await write(server, client, WSetEna=1, WSetMod=1, WSet=6_000)).isError()
+            sink.t += 299
+            await server.tick()
+            renewals_early = len(sink.requests())
+            sink.t += 2
+            await server.tick()
+            assert not (await write(server, client, WSetEna=0)).isError()
+            return {"early": renewals_early, "ctl": await read_model(server, client, 704)}
+
+    got = run(main())
+    first, renewed = sink.requests()
+    assert got["early"] == 1
+    assert (first.kind, first.target_w, first.start, first.end) == (DispatchKind.DISCHARGE, 6_000, T0, T0 + 600)
+    assert (renewed.id, renewed.revision, renewed.start, renewed.end) == (first.id, 1, T0 + 301, T0 + 901)
+    assert sink.cancels() == [DispatchCancel(id=first.id, source="sunspec", received_at=T0 + 301)]
+    assert got["ctl"]["WSetEna"] == 0 and got["ctl"]["WSet"] == 6_000
+
+
+def test_revert_timer_refreshed_by_writes_then_expiring_ends_the_request():
+    sink = ScriptedSink()
+
+    async def main() -> list[dict[str, Any]]:
+        async with serving(sink) as (server, client):
+            await write(server, client, WSetEnaRvrt=1, WSetRvrtTms=10)
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            sink.t += 6
+            await write(server, client, WSet=5_000)  # the energy manager's heartbeat
+            sink.t += 4
+            during = await read_model(server, client, 704)
+            sink.t += 7  # 11 s after the last write: the DER reverts
+            after = await read_model(server, client, 704)
+            await server.tick()
+            return [during, after]
+
+    during, after = run(main())
+    first, refreshed = sink.requests()
+    assert (first.start, first.end) == (T0, T0 + 10)
+    assert (refreshed.id, refreshed.revision, refreshed.start, refreshed.end) == (first.id, 1, T0 + 6, T0 + 16)
+    assert during["WSetRvrtRem"] == 6 and during["WSet"] == 5_000
+    assert after["WSet"] == 0 and after["WSetRvrtRem"] == 0  # WSet = WSetRvrt, as a DER does
+    assert len(sink.received) == 2  # the core ends it at `end`: no cancel, no new request
+
+
+def test_wmaxlimpct_caps_requests_and_shows_as_max_w_throttling():
+    sink = ScriptedSink()
+    sink.state, sink.power_w = "DISCHARGE", 5_750.0
+
+    async def main() -> dict[str, Any]:
+        async with serving(sink) as (server, client):
+            await write(server, client, WMaxLimPctEna=1, WMaxLimPct=50)
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=8_000)
+            capped = await read_model(server, client, 701)
+            await write(server, client, WMaxLimPct=100)
+            return capped
+
+    capped = run(main())
+    limited, lifted = sink.requests()
+    assert limited.target_w == 5_750 and (lifted.id, lifted.revision, lifted.target_w) == (limited.id, 1, 8_000)
+    assert capped["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("MAX_W")
+    assert capped["ThrotPct"] == round(100 * 2_250 / 11_500) and capped["InvSt"] == 4  # THROTTLED
+
+
+def test_core_refusal_keeps_the_write_but_shows_the_reason():
+    sink = ScriptedSink(policy=opted_out)
+
+    async def main() -> tuple[Any, dict, dict]:
+        async with serving(sink) as (server, client):
+            reply = await write(server, client, WSetEna=1, WSetMod=1, WSet=-4_000)
+            return reply, await read_model(server, client, 704), await read_model(server, client, 701)
+
+    reply, ctl, measure = run(main())
+    assert not reply.isError()
+    assert ctl["WSetEna"] == 1 and ctl["WSet"] == -4_000
+    assert measure["W"] == 0 and measure["InvSt"] == 7  # STANDBY: nothing flows
+    assert measure["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("DERATED")
+    assert measure["ThrotPct"] == round(100 * 4_000 / 11_500)
+    assert measure["MnAlrmInfo"].startswith("refused OPTED_OUT")
+    assert [r.kind for r in sink.requests()] == [DispatchKind.CHARGE]
+
+
+def test_core_cap_is_reflected():
+    sink = ScriptedSink(policy=cap_at(3_000))
+
+    async def main() -> dict:
+        async with serving(sink) as (server, client):
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=9_000)
+            return await read_model(server, client, 701)
+
+    measure = run(main())
+    assert measure["MnAlrmInfo"].startswith("capped to 3000 W")
+    assert measure["ThrotPct"] == round(100 * 6_000 / 11_500)
+
+
+def test_write_outside_the_allow_list_is_refused_and_journaled():
+    sink = ScriptedSink()
+
+    async def main() -> tuple[Any, dict]:
+        async with serving(sink, config(allow_write_from=["10.0.0.0/8", "192.168.1.7"])) as (server, client):
+            reply = await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            return reply, await read_model(server, client, 704)  # reads stay open
+
+    reply, ctl = run(main())
+    assert reply.isError() and reply.exception_code == ILLEGAL_FUNCTION
+    assert ctl["WSetEna"] == 0 and ctl["WSet"] == 0
+    assert sink.received == []
+    [(kind, note)] = sink.notes
+    assert kind == NOTE_KIND and note["client"] == "127.0.0.1" and "allow_write_from" in note["reason"]
+
+
+REFUSALS = [
+    ("read-only 701 W", lambda a: (a[701] + M701.offset("W"), [100]), ILLEGAL_ADDRESS),
+    ("partial WSet (1 of 2 registers)", lambda a: (a[704] + CTL.offset("WSet") + 1, [5]), ILLEGAL_ADDRESS),
+    ("unsupported PFWInjEna", lambda a: (a[704] + CTL.offset("PFWInjEna"), [1]), ILLEGAL_ADDRESS),
+    ("SunS marker", lambda a: (40_000, [0]), ILLEGAL_ADDRESS),
+    ("outside the map", lambda a: (1_000, [0, 0]), ILLEGAL_ADDRESS),
+    ("across 704 and 713", lambda a: (a[713] - 1, [0, 0]), ILLEGAL_ADDRESS),
+    ("WSetMod not a symbol", lambda a: (a[704] + CTL.offset("WSetMod"), [7]), ILLEGAL_VALUE),
+    ("WSet beyond the rating", lambda a: (a[704] + CTL.offset("WSet"), CTL.encode_point("WSet", 20_000)),
+     ILLEGAL_VALUE),
+    ("WMaxLimPct over 100 %", lambda a: (a[704] + CTL.offset("WMaxLimPct"), [101]), ILLEGAL_VALUE),
+    ("WSetRvrtTms 'not implemented'", lambda a: (a[704] + CTL.offset("WSetRvrtTms"), [0xFFFF, 0xFFFF]),
+     ILLEGAL_VALUE),
+]
+
+
+@pytest.mark.parametrize("what, target, code", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_bad_writes_get_a_modbus_exception_and_a_journal_entry(what, target, code):
+    sink = ScriptedSink()
+
+    async def main() -> tuple[Any, int]:
+        async with serving(sink) as (server, client):
+            address, regs = target(server.addresses)
+            reply = await client.write_registers(address, regs, device_id=1)
+            return reply, address
+
+    reply, address = run(main())
+    assert reply.isError() and reply.exception_code == code, what
+    [(kind, note)] = sink.notes
+    assert kind == NOTE_KIND and note["register"] == address and note["client"] == "127.0.0.1" and note["reason"]
+    assert sink.received == []
+
+
+def test_malformed_frame_refused_by_pymodbus_is_journaled_too():
+    """A write pymodbus rejects before the server's hook runs (byte count disagreeing) is not lost."""
+    sink = ScriptedSink()
+
+    async def main() -> bytes:
+        async with serving(sink) as (server, _client):
+            address = server.addresses[704] + CTL.offset("WSetEna")
+            pdu = struct.pack(">BHHB", 16, address, 2, 2) + struct.pack(">H", 1)  # says 2 registers, sends 1
+            frame = struct.pack(">HHHB", 7, 0, len(pdu) + 1, 1) + pdu
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(frame)
+            await writer.drain()
+            reply = await asyncio.wait_for(reader.read(64), 5)
+            writer.close()
+            return reply
+
+    reply = run(main())
+    assert reply[7] == 0x90 and reply[8] == ILLEGAL_VALUE
+    [(kind, note)] = sink.notes
+    assert kind == NOTE_KIND and note["function"] == 16 and note["exception"] == "ILLEGAL_VALUE"
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(InputError, match="allow_write_from"):
+        SunSpecDerServer(config(allow_write_from=["not-an-ip"]), RATINGS)
+    with pytest.raises(InputError, match="listen"):
+        SunSpecDerServer(config(listen="localhost"), RATINGS)
+
+
+# --- fuzzing: whatever is written, a clear answer, a journal entry, well-formed requests ------
+@pytest.fixture(scope="module")
+def threaded() -> Iterator[tuple[SunSpecDerServer, ScriptedSink, ModbusTcpClient]]:
+    """One server on its own loop thread, so hypothesis can drive it with a synchronous client."""
+    answers = [accept, cap_at(2_000), opted_out]
+    sink = ScriptedSink(policy=lambda r: answers[r.revision % 3](r))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = SunSpecDerServer(config(), RATINGS, open_horizon_s=60)
+    port = asyncio.run_coroutine_threadsafe(server.start(sink), loop).result(5)
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+    assert client.connect()
+    try:
+        yield server, sink, client
+    finally:
+        client.close()
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def _valid_point_write(at_704: int) -> st.SearchStrategy[tuple[str, int, list[int]]]:
+    ranges = {"WSet": (-12_000, 12_000), "WSetRvrt": (-12_000, 12_000), "WMaxLimPct": (0, 110),
+              "WMaxLimPctRvrt": (0, 110), "WSetPct": (-110, 110), "WSetPctRvrt": (-110, 110),
+              "WSetRvrtTms": (0, 40), "WMaxLimPctRvrtTms": (0, 40)}
+
+    def build(name: str, data: st.DataObject) -> tuple[str, int, list[int]]:
+        lo, hi = ranges.get(name, (0, 2))
+        value = data.draw(st.integers(lo, hi))
+        return "regs", at_704 + CTL.offset(name), CTL.encode_point(name, value)
+
+    return st.tuples(st.sampled_from(sorted(CONTROL_DEFAULTS)), st.data()).map(lambda t: build(*t))
+
+
+@st.composite
+def operations(draw: st.DrawFn, addresses: dict[int, int], end: int) -> tuple[str, int, list[int]]:
+    at = addresses[704]
+    address = draw(st.one_of(st.integers(39_990, end + 10), st.integers(at - 2, at + CTL.size + 2),
+                             st.integers(0, 65_535)))
+    word = st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 1, 2, 100, 101, 0x7FFF, 0x8000, 0xFFFF]))
+    setpoint = st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(-12_000, 12_000)).map(
+        lambda v: ("regs", at + ctl_regs(WSetEna=v[0], WSetMod=v[1], WSet=v[2])[0],
+                   ctl_regs(WSetEna=v[0], WSetMod=v[1], WSet=v[2])[1]))
+    return draw(st.one_of(
+        setpoint,
+        _valid_point_write(at),
+        st.tuples(st.just("regs"), st.just(address), st.lists(word, min_size=1, max_size=12)),
+        st.tuples(st.just("reg"), st.just(address), st.lists(word, min_size=1, max_size=1)),
+        st.tuples(st.just("coil"), st.just(address), st.lists(st.integers(0, 1), min_size=1, max_size=1)),
+        st.tuples(st.just("mask"), st.just(address), st.lists(word, min_size=2, max_size=2)),
+    ))
+
+
+def _send(client: ModbusTcpClient, op: str, address: int, values: list[int]) -> Any:
+    if op == "regs":
+        return client.write_registers(address, values[: 65_536 - address], device_id=1)
+    if op == "reg":
+        return client.write_register(address, values[0], device_id=1)
+    if op == "coil":
+        return client.write_coil(address, bool(values[0]), device_id=1)
+    return client.mask_write_register(address=address, and_mask=values[0], or_mask=values[1], device_id=1)
+
+
+def test_fuzzed_writes_get_an_answer_a_journal_entry_and_only_well_formed_requests(threaded):
+    server, sink, client = threaded
+    addresses, end = dict(server.addresses), server.map.end()
+    revisions: dict[str, int] = {}
+
+    @settings(max_examples=150, deadline=None)
+    @given(ops=st.lists(operations(addresses, end), min_size=1, max_size=4), dt=st.floats(0, 20))
+    def check(ops: list[tuple[str, int, list[int]]], dt: float) -> None:
+        sink.t += dt
+        for op, address, values in ops:
+            notes, seen = len(sink.notes), len(sink.received)
+            reply = _send(client, op, address, values)
+            if reply.isError():
+                assert reply.exception_code in (ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE), reply
+                assert len(sink.notes) == notes + 1, (op, address, values)
+                kind, note = sink.notes[-1]
+                assert kind == NOTE_KIND and note["client"] == "127.0.0.1" and note["reason"]
+            else:
+                assert len(sink.notes) == notes, sink.notes[notes:]
+            for item in sink.received[seen:]:
+                if isinstance(item, DispatchRequest):
+                    assert invalid_reason(item) is None, item
+                    assert item.source == "sunspec" and 0 < item.target_w <= RATINGS.w_max
+                    assert item.start == item.received_at == sink.t
+                    assert item.revision > revisions.get(item.id, -1)
+                    revisions[item.id] = item.revision
+                else:
+                    assert item.id in revisions
+        header = client.read_holding_registers(40_000, count=4, device_id=1)
+        assert not header.isError() and header.registers[:2] == [0x5375, 0x6E53]  # still serving
+
+    check()
+    assert sink.notes and sink.requests()  # the fuzzing reached both outcomes
