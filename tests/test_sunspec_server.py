@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,12 +22,14 @@ from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.config import SunSpecServerConfig
+from firmware_py.core.policy import Policy
 from firmware_py.core.requests import invalid_reason
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
+    InverterStatus,
     ReasonCode,
     Verdict,
 )
@@ -44,14 +45,14 @@ M701 = ModelDef.load(701)
 ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
 T0 = 1_700_000_000.0
 
-Policy = Callable[[DispatchRequest], DispatchAnswer]
+Answering = Callable[[DispatchRequest], DispatchAnswer]
 
 
 def accept(r: DispatchRequest) -> DispatchAnswer:
     return DispatchAnswer(r.id, T0, Verdict.ACCEPTED)
 
 
-def cap_at(watts: float) -> Policy:
+def cap_at(watts: float) -> Answering:
     def policy(r: DispatchRequest) -> DispatchAnswer:
         if r.target_w <= watts:
             return accept(r)
@@ -67,7 +68,7 @@ def opted_out(r: DispatchRequest) -> DispatchAnswer:
 class ScriptedSink:
     """Stands in for the core: answers by `policy`, records requests, cancels and notes."""
 
-    def __init__(self, policy: Policy = accept) -> None:
+    def __init__(self, policy: Answering = accept) -> None:
         self.policy = policy
         self.t = T0
         self.state, self.power_w, self.soc_pct, self.available_wh = "STANDBY", 0.0, 72.5, 40_000.0
@@ -269,6 +270,28 @@ def test_wmaxlimpct_caps_requests_and_shows_as_max_w_throttling():
     assert limited.target_w == 5_750 and (lifted.id, lifted.revision, lifted.target_w) == (limited.id, 1, 8_000)
     assert capped["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("MAX_W")
     assert capped["ThrotPct"] == round(100 * 2_250 / 11_500) and capped["InvSt"] == 4  # THROTTLED
+
+
+def test_percent_mode_asks_for_a_share_of_the_rating():
+    sink = ScriptedSink()
+
+    async def main() -> None:
+        async with serving(sink) as (server, client):
+            await write(server, client, WSetPct=-50)
+            await write(server, client, WSetEna=1, WSetMod=0)
+
+    run(main())
+    [request] = sink.requests()
+    assert (request.kind, request.target_w) == (DispatchKind.CHARGE, 5_750)
+
+
+def test_ratings_are_the_gateway_limits_lowered_by_the_inverter_once_it_reports():
+    policy = Policy(max_discharge_w=11_500, max_charge_w=9_600, usable_capacity_wh=123_000)
+    assert DerRatings.of(policy, None) == DerRatings(11_500, 9_600, 11_500, 123_000)
+    inverter = InverterStatus(received_at=T0, w_max_rtg=10_000, w_cha_max_rtg=7_000, w_discha_max_rtg=0)
+    assert DerRatings.of(policy, inverter) == DerRatings(10_000, 7_000, 10_000, 123_000)
+    silent = replace(inverter, comms_ok=False, error="timeout")
+    assert DerRatings.of(policy, silent) == DerRatings.of(policy, None)
 
 
 def test_core_refusal_keeps_the_write_but_shows_the_reason():

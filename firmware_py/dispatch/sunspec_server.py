@@ -65,7 +65,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from firmware_py.config import SunSpecServerConfig
 from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, Verdict
 from firmware_py.dispatch import DispatchSink
-from firmware_py.dispatch.sunspec_der import (
+from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exported)
     DerControls,
     DerRatings,
     DispatchStatus,
@@ -117,7 +117,6 @@ class _Session:
     id: str
     revision: int
     wanted: Wanted
-    end: float
     submitted_at: float
     open_ended: bool
 
@@ -145,7 +144,7 @@ class SunSpecDerServer:
         self._last_sample: tuple[float, float] | None = None
         self._sink: DispatchSink | None = None
         self._server: _Listener | None = None
-        self._lock = asyncio.Lock()
+        self._lock: asyncio.Lock | None = None
         try:
             self._version = metadata.version("powershare-gw")[:16]
         except metadata.PackageNotFoundError:
@@ -169,6 +168,7 @@ class SunSpecDerServer:
         if self._sink is None:
             raise RuntimeError("SunSpecDerServer.start needs a sink")
         self._sfs = scale_factors(self._ratings_now())
+        self._lock = asyncio.Lock()  # made here: a Lock belongs to the loop that serves
         block = SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)
         device = SimDevice(id=self.config.unit_id, simdata=[block], action=self._action)
         self._server = _Listener(self, device, address=(self.host, self.port))
@@ -189,12 +189,15 @@ class SunSpecDerServer:
 
     async def tick(self) -> None:
         """Time passing: revert functions fire and open-ended requests are renewed."""
+        if self._lock is None:
+            return
         async with self._lock:
             await self._tick_locked()
 
     # --- the Modbus hook -----------------------------------------------------------
     async def _action(self, function_code: int, start: int, address: int, count: int,
                       registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+        assert self._lock is not None  # start() made it before listening
         async with self._lock:
             await self._tick_locked()
             if values is None:
@@ -353,11 +356,11 @@ class SunSpecDerServer:
         now = sink.now()
         if s is None:
             self._sessions += 1
-            s = _Session(f"{SOURCE}-{int(now)}-{self._sessions}", -1, wanted, now, now, True)
+            s = _Session(f"{SOURCE}-{int(now)}-{self._sessions}", -1, wanted, now, True)
         end = wanted.end if wanted.end is not None else now + self.open_horizon_s
         request = DispatchRequest(id=s.id, source=SOURCE, kind=wanted.kind, target_w=round(wanted.target_w, 1),
                                   start=now, end=max(end, now + 1.0), received_at=now, revision=s.revision + 1)
-        self.session = _Session(s.id, request.revision, wanted, request.end, now, wanted.end is None)
+        self.session = _Session(s.id, request.revision, wanted, now, wanted.end is None)
         answer = await sink.submit(request)
         self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None)
         if answer is None or answer.verdict is Verdict.REJECTED:
