@@ -374,6 +374,22 @@ def test_bad_writes_get_a_modbus_exception_and_a_journal_entry(what, target, cod
     assert sink.received == []
 
 
+def test_other_unit_ids_get_a_clear_exception_and_writes_to_them_are_journaled():
+    sink = ScriptedSink()
+
+    async def main() -> tuple[Any, Any]:
+        async with serving(sink) as (server, client):
+            address = server.addresses[704] + CTL.offset("WSetEna")
+            wrote = await client.write_registers(address, [1], device_id=7)
+            read = await client.read_holding_registers(40_000, count=2, device_id=7)
+            return wrote, read
+
+    wrote, read = run(main())
+    assert wrote.isError() and read.isError() and wrote.exception_code == read.exception_code == 0x0B
+    [(kind, note)] = sink.notes
+    assert kind == NOTE_KIND and "unit id" in note["reason"] and sink.received == []
+
+
 def test_malformed_frame_refused_by_pymodbus_is_journaled_too():
     """A write pymodbus rejects before the server's hook runs (byte count disagreeing) is not lost."""
     sink = ScriptedSink()
@@ -394,6 +410,43 @@ def test_malformed_frame_refused_by_pymodbus_is_journaled_too():
     assert reply[7] == 0x90 and reply[8] == ILLEGAL_VALUE
     [(kind, note)] = sink.notes
     assert kind == NOTE_KIND and note["function"] == 16 and note["exception"] == "ILLEGAL_VALUE"
+
+
+def test_run_serves_ticks_revert_timers_and_closes_when_cancelled():
+    sink = ScriptedSink()
+
+    async def main() -> tuple[float, bool]:
+        server = SunSpecDerServer(config(), RATINGS, tick_s=0.01)
+        task = asyncio.create_task(server.run(sink))
+        for _ in range(200):  # bounded: until it listens
+            if server.port:
+                break
+            await asyncio.sleep(0.01)
+        client = AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=2, retries=0)
+        await client.connect()
+        await write(server, client, WSetEnaRvrt=1, WSetRvrtTms=5)
+        await write(server, client, WSetEna=1, WSetMod=1, WSet=3_000)
+        client.close()
+        sink.t += 6
+        for _ in range(200):  # no client reads: the run loop's tick reverts WSet
+            if server.controls.values["WSet"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        wset = server.controls.values["WSet"]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        except OSError:
+            return wset, True
+        writer.close()
+        return wset, False
+
+    wset, closed = run(main())
+    assert wset == 0 and closed
+    [request] = sink.requests()
+    assert request.end == T0 + 5
 
 
 def test_config_errors_name_the_key():

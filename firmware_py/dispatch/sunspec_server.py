@@ -33,7 +33,8 @@ How writes become requests (choices documented here because clients see them):
   multi-register writes -> ILLEGAL_ADDRESS; values out of range -> ILLEGAL_VALUE;
   a client outside `allow_write_from` -> ILLEGAL_FUNCTION. Each is journaled via
   `sink.note("SunSpecWriteRefused", ...)`, including the ones pymodbus refuses
-  before the server sees them (bad counts, undecodable frames, unknown unit id).
+  before the server sees them (bad counts, undecodable write frames);
+  any other unit id than the configured one gets GATEWAY_NO_RESPONSE.
 
 The client address: pymodbus' SimDevice `action` hook is not told who asked, so
 `_Listener` (a ModbusTcpServer) makes connections with `_Connection`, a request
@@ -169,9 +170,13 @@ class SunSpecDerServer:
             raise RuntimeError("SunSpecDerServer.start needs a sink")
         self._sfs = scale_factors(self._ratings_now())
         self._lock = asyncio.Lock()  # made here: a Lock belongs to the loop that serves
-        block = SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)
-        device = SimDevice(id=self.config.unit_id, simdata=[block], action=self._action)
-        self._server = _Listener(self, device, address=(self.host, self.port))
+        # The whole address space, so every access reaches the action (and every refusal the journal).
+        def space() -> list[SimData]:
+            return [SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)]
+
+        devices = [SimDevice(id=self.config.unit_id, simdata=space(), action=self._action),
+                   SimDevice(id=0, simdata=space(), action=self._other_unit)]  # pymodbus' fallback id
+        self._server = _Listener(self, devices, address=(self.host, self.port))
         try:
             await self._server.serve_forever(background=True)
         except (OSError, RuntimeError) as err:
@@ -206,6 +211,15 @@ class SunSpecDerServer:
                 self._refresh(start, registers)
                 return None
             return await self._write(function_code, address, list(values))
+
+    async def _other_unit(self, function_code: int, start: int, address: int, count: int,
+                          registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes:
+        """Any unit id but ours: a clear exception instead of pymodbus' internal error."""
+        if values is not None:
+            self._note(_PEER.get() or "unknown", function_code, address, len(values), ExcCodes.GATEWAY_NO_RESPONSE,
+                       f"unit id is not this DER's ({self.config.unit_id})")
+            _NOTED.set(True)
+        return ExcCodes.GATEWAY_NO_RESPONSE
 
     async def _write(self, function_code: int, address: int, values: list[Any]) -> ExcCodes | None:
         peer = _PEER.get() or "unknown"
@@ -397,8 +411,8 @@ class _Connection(ServerRequestHandler):
 class _Listener(ModbusTcpServer):
     """ModbusTcpServer whose connections know their peer (see `_Connection`)."""
 
-    def __init__(self, gate: SunSpecDerServer, device: SimDevice, address: tuple[str, int]) -> None:
-        super().__init__(device, address=address, ignore_missing_devices=False)
+    def __init__(self, gate: SunSpecDerServer, devices: list[SimDevice], address: tuple[str, int]) -> None:
+        super().__init__(devices, address=address, ignore_missing_devices=False)
         self.gate = gate
 
     def callback_new_connection(self) -> _Connection:
