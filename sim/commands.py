@@ -62,9 +62,9 @@ def _sim(args: argparse.Namespace) -> int:
         for name in scenario.bundled_names():
             print(name)
         return 0
-    defaults = args.scenario is None and not any((args.trace, args.summary, args.plot))
-    summary_path = args.summary or (Path("summary.json") if defaults else None)
-    plot_path = args.plot or (Path("plot.png") if defaults else None)
+    default_run = args.scenario is None  # the newcomer's run: summary and plot land here
+    summary_path = args.summary or (Path("summary.json") if default_run else None)
+    plot_path = args.plot or (Path("plot.png") if default_run else None)
     loaded = scenario.load(_scenario_path(args.scenario))
     speed = 1.0 if args.realtime else args.speed
     if speed is not None and speed <= 0:

@@ -271,3 +271,19 @@ def test_inverter_fault_and_comms_loss_stop_everything():
     c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0, 100)], 0.0).controller
     r = step(c, [bms(0.5), inverter(0.5, comms_ok=False, error="timeout")], 0.5)
     assert r.controller.mode is Mode.FAULT and "inverter_comms" in r.command.reason
+
+
+def test_a_modification_continues_the_event_and_its_energy():
+    c = Controller.start(POLICY)
+    for t in (0.0, 1.0, 2.0):
+        inputs = [bms(t), inverter(t, measured_w=3_600, tot_wh_inj=100 + t)]
+        c = step(c, inputs + ([discharge("e1", 0.0, 0, 100, target=4_000)] if t == 0 else []), t).controller
+    r = step(c, [bms(2.5), discharge("e1", 2.5, 0, 100, target=6_000, revision=1)], 2.5)
+    assert not [e for e in r.events if isinstance(e, DispatchEnded)]
+    entry = r.controller.book.find("e1")
+    assert entry.request.target_w == 6_000 and entry.meter_wh == pytest.approx(2.0)
+    refused = step(r.controller, [bms(3.0), discharge("e1", 3.0, 0, 100, target=-1, revision=2)], 3.0)
+    (ended,) = [e for e in refused.events if isinstance(e, DispatchEnded)]
+    assert ended.reason == "revision 2 refused"
+    final = [e for e in refused.events if isinstance(e, EventEnergy) and e.final]
+    assert final[0].meter_wh == pytest.approx(2.0)

@@ -357,10 +357,15 @@ def _answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller
                                 detail=f"id already used with other content (revision {existing.request.revision})")
         return c, [answer]
     else:
-        if existing is not None and existing.accepted and not existing.ended:
-            c, events = _end(c, existing, now, f"superseded by revision {req.revision}")
         answer = judge(req, _judgement(c, req, now))
-    c = replace(c, book=c.book.add(Booked(req, answer, ended=answer.verdict is Verdict.REJECTED)))
+    entry = Booked(req, answer, ended=answer.verdict is Verdict.REJECTED)
+    running = existing is not None and existing.accepted and not existing.ended
+    if running and answer.verdict is Verdict.REJECTED:
+        c, events = _end(c, existing, now, f"revision {req.revision} refused")
+    elif running:  # a modification continues the same event: its energy so far carries over
+        entry = replace(entry, meter_wh=existing.meter_wh, integrated_wh=existing.integrated_wh,
+                        last_report_at=existing.last_report_at)
+    c = replace(c, book=c.book.add(entry))
     events.append(answer)
     if req.kind is DispatchKind.STOP and answer.verdict is Verdict.ACCEPTED:
         for entry in c.book.live():
