@@ -353,9 +353,15 @@ def dispatch_sources(config: Config, gateway: Gateway) -> list[Any]:
 
         sources.append(OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w))
     if config.dispatch.sunspec_server.enabled:
-        from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+        from firmware_py.dispatch.sunspec_server import DerRatings, SunSpecDerServer
 
-        sources.append(SunSpecDerServer(config.dispatch.sunspec_server))
+        def meter() -> tuple[float, float]:
+            inv = gateway.controller.inverter
+            return (inv.tot_wh_inj, inv.tot_wh_abs) if inv is not None else (0.0, 0.0)
+
+        sources.append(SunSpecDerServer(
+            config.dispatch.sunspec_server, meter=meter,
+            ratings=lambda: DerRatings.of(gateway.policy, gateway.controller.inverter)))
     return sources
 
 

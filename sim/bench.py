@@ -64,6 +64,9 @@ class Aggregator(Protocol):
 
     async def cancel(self, event_id: str) -> None: ...
 
+    async def step(self, t: float) -> None:
+        """Called once per bench step after physics: protocol timers that run on the simulated clock."""
+
     async def stop(self) -> None: ...
 
 
@@ -78,6 +81,9 @@ class ScriptedAggregator:
 
     async def cancel(self, event_id: str) -> None:
         await self.gateway.submit(DispatchCancel(event_id, "scenario", self.gateway.now()))
+
+    async def step(self, t: float) -> None:
+        pass
 
     async def stop(self) -> None:
         pass
@@ -206,6 +212,7 @@ class Bench:
             self._physics(dt)
             while timeline and timeline[0][0] <= self.t + 1e-9:
                 await timeline.pop(0)[1]()
+            await self.aggregator.step(self.t)
             self.node.emit_due(self.t)
             self._deliver_frames()
             self.gateway.tick()
