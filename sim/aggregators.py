@@ -1,17 +1,313 @@
-"""Which simulated aggregator a scenario talks through.
+"""Which simulated aggregator a scenario talks through, and the two protocol ones.
 
-`scripted` hands requests straight to the gateway's dispatch interface; the
-protocol aggregators (OpenADR VTN, SunSpec client) are added by issue 6's bench work.
+- `scripted` hands requests straight to the gateway's dispatch interface.
+- `openadr` runs a real openleadr VTN on loopback and the gateway's own VEN
+  (`OpenAdrVen`) against it: each scenario dispatch becomes a LOAD_DISPATCH
+  event, the VEN's optIn/optOut is what the VTN hears back.
+- `sunspec` serves the gateway's own SunSpec DER server (built exactly as
+  `powershare-gw run` builds it) and dispatches through it with a Modbus TCP
+  client acting as a site controller writing model 704.
+
+Two clocks meet here: the bench's is simulated (`bench.t`, seconds from 0,
+paused while an aggregator call is awaited), openleadr's is the wall clock. The
+OpenADR side maps them with one fixed origin `t0` (the real UTC time at start):
+an event at simulated second `s` is sent with dtstart `t0 + s`, and the VEN maps
+back with `dt - t0`. Waiting for the VEN is real-time waiting, bounded by
+`reply_timeout_s`; simulated time does not move meanwhile, so the answer lands at
+the scenario's `at_s` exactly.
+
+The SunSpec side needs no mapping: the DER server reads the gateway clock, and
+this module's `step(t)` drives the server's revert timers and the controller's
+own schedule (start, keep-alive, end) on the simulated clock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from pymodbus.client import AsyncModbusTcpClient
+
+from firmware_py.config import DispatchConfig, OpenAdrConfig
+from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest, Verdict
+from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
+from firmware_py.inverter.sunspec import ModelDef
 from sim.bench import Aggregator, ScriptedAggregator
 
+if TYPE_CHECKING:
+    from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+    from firmware_py.runtime import Gateway
+    from sim.bench import Bench
+    from sim.vtn import LoopbackVtn
 
-def for_scenario(scenario) -> Aggregator:
+log = logging.getLogger(__name__)
+
+KINDS = ("scripted", "openadr", "sunspec")
+
+
+def for_scenario(scenario: Any) -> Aggregator:
+    """The aggregator the scenario's `[aggregator] kind` names (checked against what it can carry)."""
     kind = scenario.aggregator.kind
     if kind == "scripted":
         return ScriptedAggregator()
-    raise InputError(f"scenario {scenario.name}: aggregator.kind = {kind!r} is not available yet")
+    if kind == "openadr":
+        charges = [d.id for d in scenario.dispatch if d.kind == "charge"]
+        if charges:
+            raise InputError(f"scenario {scenario.name}: dispatch {', '.join(charges)}: kind = 'charge' cannot "
+                             "be sent by OpenADR (LOAD_DISPATCH asks for discharge); use kind = 'sunspec'")
+        return OpenAdrAggregator()
+    if kind == "sunspec":
+        return SunSpecAggregator()
+    raise InputError(f"scenario {scenario.name}: aggregator.kind = {kind!r} is not one of {', '.join(KINDS)}")
+
+
+class _Recorder:
+    """The gateway as a DispatchSink, remembering what reached it so the aggregator can wait for it."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.answers: dict[str, DispatchAnswer | None] = {}
+        self.cancelled: set[str] = set()
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        answer = await self.gateway.submit(item)
+        if isinstance(item, DispatchRequest):
+            self.answers[item.id] = answer
+        else:
+            self.cancelled.add(item.id)
+        return answer
+
+    def telemetry(self) -> Telemetry:
+        return self.gateway.telemetry()
+
+    def now(self) -> float:
+        return self.gateway.now()
+
+    def note(self, kind: str, payload: dict) -> None:
+        self.gateway.note(kind, payload)
+
+
+# ---------------------------------------------------------------------- OpenADR
+
+
+class OpenAdrAggregator:
+    """A real openleadr VTN on 127.0.0.1 dispatching the gateway's real VEN (see the module docstring)."""
+
+    def __init__(self, ven_name: str = "bench-truck", reply_timeout_s: float = 20.0) -> None:
+        self.ven_name = ven_name
+        self.reply_timeout_s = reply_timeout_s
+        self.vtn: LoopbackVtn | None = None
+        self.t0 = datetime.now(timezone.utc)
+        self._task: asyncio.Task[None] | None = None
+        self._openleadr_level: int | None = None
+
+    async def start(self, bench: Bench) -> None:
+        from firmware_py.dispatch.openadr import OpenAdrVen
+        from sim.vtn import LoopbackVtn
+
+        gateway = bench.gateway
+        self._quiet_openleadr()
+        self.sink = _Recorder(gateway)
+        self.t0 = datetime.now(timezone.utc) - timedelta(seconds=gateway.now())
+        self.vtn = LoopbackVtn(ven_name=self.ven_name, poll_s=0)
+        await self.vtn.start()
+        config = OpenAdrConfig(enabled=True, vtn_url=self.vtn.url, ven_name=self.ven_name)
+        self.ven = OpenAdrVen(config, rating_w=lambda: gateway.policy.max_discharge_w,
+                              to_gateway_time=self.to_bench_time)
+        self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr-ven")
+        await self._wait(lambda: self.vtn.ven_id and self.ven.registered, "the VEN to register with the VTN")
+
+    def to_bench_time(self, at: datetime) -> float:
+        return (at - self.t0).total_seconds()
+
+    def at(self, bench_s: float) -> datetime:
+        return self.t0 + timedelta(seconds=bench_s)
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
+        """One LOAD_DISPATCH event (kW) for the request's window; the core's answer once the VTN has the opt."""
+        from sim.vtn import LOAD_DISPATCH
+
+        assert self.vtn is not None
+        self.vtn.add_event(LOAD_DISPATCH, self.at(request.start), request.end - request.start,
+                           request.target_w / 1000.0, event_id=request.id)
+        done = await self._wait(lambda: request.id in self.sink.answers and self.vtn.opt_for(request.id),
+                                f"the answer to OpenADR event {request.id}")
+        return self.sink.answers.get(request.id) if done else None
+
+    async def cancel(self, event_id: str) -> None:
+        assert self.vtn is not None
+        self.sink.cancelled.discard(event_id)
+        self.vtn.cancel_event(event_id)
+        await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
+
+    async def step(self, t: float) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            error = self._task.exception()
+            self._task = None
+            log.error("OpenADR VEN stopped: %s", error)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.vtn is not None:
+            await self.vtn.close()
+        if self._openleadr_level is not None:
+            logging.getLogger("openleadr").setLevel(self._openleadr_level)
+
+    def _quiet_openleadr(self) -> None:
+        """openleadr's client pins its logger at INFO (a line per poll and report): the bench's
+        progress line and summary would drown, so only its warnings show while the bench runs."""
+        logger = logging.getLogger("openleadr")
+        self._openleadr_level = logger.level
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+    async def _wait(self, probe: Any, what: str) -> bool:
+        """Real-time wait (simulated time is paused), re-checked on every VTN message; False on timeout."""
+        assert self.vtn is not None
+        try:
+            await self.vtn.wait_for(probe, self.reply_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.error("bench: gave up waiting %.0f s for %s", self.reply_timeout_s, what)
+            return False
+
+
+# ---------------------------------------------------------------------- SunSpec
+
+CTL = ModelDef.load(704)
+WSET_ENA, WSET_MOD_WATTS = CTL.point("WSetEna").symbol("ENABLED"), CTL.point("WSetMod").symbol("WATTS")
+
+
+@dataclass
+class _Setpoint:
+    """One scenario dispatch as the site controller carries it out."""
+
+    request: DispatchRequest
+    started: bool = False
+    ended: bool = False
+    refreshed_at: float = 0.0
+    answer: DispatchAnswer | None = None
+    session_id: str | None = None
+
+
+class SunSpecAggregator:
+    """A site controller writing model 704 of the gateway's SunSpec DER server over Modbus TCP.
+
+    At the request's start it writes WSetEna = 1, WSetMod = WATTS, WSet and an
+    armed revert timer (`revert_s`); it re-writes WSetRvrtTms every `refresh_s`
+    of simulated time, as a controller's keep-alive, so the timer never fires
+    while the event runs; at the end it writes WSetEna = 0.
+
+    The DER server names its requests `sunspec-<epoch>-<n>`: `request_ids`
+    maps each to the scenario's dispatch id, and `answers` holds the core's
+    answer to each dispatch's first write (keyed by the scenario id).
+    """
+
+    def __init__(self, revert_s: int = 60, refresh_s: float = 20.0, unit_id: int = 1) -> None:
+        if not 0 < refresh_s < revert_s:
+            raise ValueError("the keep-alive must come before the revert timer fires")
+        self.revert_s, self.refresh_s, self.unit_id = revert_s, refresh_s, unit_id
+        self.setpoints: list[_Setpoint] = []
+        self.request_ids: dict[str, str] = {}
+        self.answers: dict[str, DispatchAnswer | None] = {}
+        self.server: SunSpecDerServer | None = None
+        self.client: AsyncModbusTcpClient | None = None
+
+    async def start(self, bench: Bench) -> None:
+        from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+        from firmware_py.runtime import dispatch_sources
+
+        gateway = bench.gateway
+        cfg = gateway.config.dispatch
+        served = DispatchConfig(sunspec_server=replace(cfg.sunspec_server, enabled=True, listen="127.0.0.1:0",
+                                                       unit_id=self.unit_id, allow_write_from=["127.0.0.1"]),
+                                openadr=replace(cfg.openadr, enabled=False))
+        sources = dispatch_sources(replace(gateway.config, dispatch=served), gateway)
+        self.server = next(s for s in sources if isinstance(s, SunSpecDerServer))
+        self.gateway = gateway
+        port = await self.server.start(gateway)
+        self.client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
+        if not await self.client.connect():
+            raise RuntimeError(f"bench: cannot connect to the SunSpec DER server on 127.0.0.1:{port}")
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
+        """Schedule the setpoint; if its start has come, write it now and return the core's answer."""
+        setpoint = _Setpoint(request)
+        self.setpoints.append(setpoint)
+        self.answers[request.id] = None
+        if self.gateway.now() + 1e-9 >= request.start:
+            await self._begin(setpoint)
+        return setpoint.answer
+
+    async def cancel(self, event_id: str) -> None:
+        for setpoint in self.setpoints:
+            if setpoint.request.id == event_id and not setpoint.ended:
+                if setpoint.started:
+                    await self._write(WSetEna=0)
+                setpoint.ended = True
+
+    async def step(self, t: float) -> None:
+        assert self.server is not None
+        await self.server.tick()
+        for setpoint in self.setpoints:
+            if setpoint.ended:
+                continue
+            if t + 1e-9 >= setpoint.request.end:
+                if setpoint.started:
+                    await self._write(WSetEna=0)
+                setpoint.ended = True
+            elif not setpoint.started and t + 1e-9 >= setpoint.request.start:
+                await self._begin(setpoint)
+            elif setpoint.started and t >= setpoint.refreshed_at + self.refresh_s:
+                await self._write(WSetRvrtTms=self.revert_s)
+                setpoint.refreshed_at = t
+                self._note_session(setpoint)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            await self.server.stop()
+
+    async def _begin(self, setpoint: _Setpoint) -> None:
+        r = setpoint.request
+        watts = round(r.target_w if r.kind is DispatchKind.DISCHARGE else -r.target_w)
+        await self._write(WSetEna=WSET_ENA, WSetMod=WSET_MOD_WATTS, WSet=watts, WSetRvrt=0, WSetPct=0,
+                          WSetPctRvrt=0, WSetEnaRvrt=WSET_ENA, WSetRvrtTms=self.revert_s)
+        setpoint.started, setpoint.refreshed_at = True, self.gateway.now()
+        assert self.server is not None
+        status = self.server.status
+        setpoint.answer = status.answer if status is not None else DispatchAnswer(
+            r.id, self.gateway.now(), Verdict.REJECTED, detail="the DER server sent no request")
+        self.answers[r.id] = setpoint.answer
+        self._note_session(setpoint)
+
+    def _note_session(self, setpoint: _Setpoint) -> None:
+        """Remember which DER-server request carries this dispatch (a revert or refusal may open another)."""
+        session = self.server.session if self.server is not None else None
+        if session is not None and session.id != setpoint.session_id:
+            setpoint.session_id = session.id
+            self.request_ids[session.id] = setpoint.request.id
+
+    async def _write(self, **values: Any) -> None:
+        """Contiguous 704 points in one write (all 704 scale factors are 0: engineering units are raw)."""
+        assert self.client is not None and self.server is not None
+        points = sorted((CTL.point(name) for name in values), key=lambda p: p.offset)
+        regs: list[int] = []
+        for p in points:
+            if p.offset != points[0].offset + len(regs):
+                raise ValueError(f"704 points written together must be contiguous: {list(values)}")
+            regs += CTL.encode_point(p.name, values[p.name])
+        reply = await self.client.write_registers(self.server.addresses[704] + points[0].offset, regs,
+                                                  device_id=self.unit_id)
+        if reply.isError():
+            log.error("bench: the DER server refused the write of %s: %s", values, reply)
