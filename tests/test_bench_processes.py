@@ -1,0 +1,389 @@
+"""The hardware-like bench as separate processes, the way an installer would run it (issue 5, items 3 and 5).
+
+python-can-remote's server carries the CAN bus between processes on 127.0.0.1;
+`powershare-gw sim bms` talks on it, `powershare-gw sim inverter` serves SunSpec
+Modbus TCP, and `powershare-gw run` is the real gateway between them. Every
+process is a child of the test, bound to 127.0.0.1 on a free port, and ended in
+a `finally`; every wait is bounded.
+
+The SunSpec side is read and written with pysunspec2's client: an independent
+Modbus + SunSpec implementation that discovers the model chain and applies the
+scale factors (WSet_SF, W_SF) itself, so nothing here shares the gateway's codec.
+The inverter's revert timer is observed through its own registers and meter,
+never through wall-clock measurements in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+
+from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict
+from firmware_py.journal import Journal
+
+REVERT_S = 3
+TARGET_W = 4_000.0
+SOC_PCT = 70.0
+START_S = 25.0
+"""Bound for a process to come up: imports of pymodbus/cantools are slow on a busy 2-core machine."""
+WAIT_S = 15.0
+INV_ST_STANDBY = 7  # SunSpec 701 InvSt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+# --- the bench ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """The child processes of one test, their ports, logs and the gateway's config."""
+
+    tmp: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    expected_exit: set[str] = field(default_factory=set)
+
+    @property
+    def config(self) -> Path:
+        return self.tmp / "gateway.toml"
+
+    @property
+    def journal(self) -> Path:
+        return self.tmp / "journal.sqlite"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")  # a file, not a pipe: a chatty child never blocks
+        try:
+            proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=self.tmp)
+        finally:
+            log.close()
+        self.procs[name] = proc
+        self.expected_exit.discard(name)
+        return proc
+
+    def start_gateway(self) -> subprocess.Popen:
+        return self.start("gateway", "-m", "firmware_py", "run", "--config", str(self.config))
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} (exit {p.poll()}):\n{self.log(name)}" for name, p in self.procs.items())
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name not in self.expected_exit and proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}\n{self.logs()}")
+
+    def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+        """Poll `predicate` until truthy; a child dying or the deadline passing fails with the logs."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                value = predicate()
+            except Exception as err:  # not up yet, or not yet true
+                last_error, value = err, None
+            if value:
+                return value
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what} (last error: {last_error!r})\n{self.logs()}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal one child and reap it (SIGKILL if it ignores `sig`); its exit code."""
+        proc = self.procs[name]
+        self.expected_exit.add(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for name in ("gateway", "bms", "inverter", "can"):  # the gateway first: its safe stop needs the inverter
+            if name in self.procs:
+                self.stop(name, timeout=5.0)
+
+    def write_config(self) -> None:
+        """config/bench.toml with this bench's ports and paths, a short revert time and the DER server on."""
+        p = self.ports
+        self.config.write_text(f"""\
+[vehicle]
+dbc = "cybertruck_bms.dbc"
+usable_capacity_wh = 123000
+
+[can]
+interface = "remote"
+channel = "ws://127.0.0.1:{p['can']}/"
+
+[inverter]
+transport = "tcp"
+host = "127.0.0.1"
+port = {p['inverter']}
+unit_id = 1
+revert_timeout_s = {REVERT_S}
+
+[owner]
+reserve_pct = 40
+api_listen = "127.0.0.1:{p['owner']}"
+token_file = "owner.token"
+settings_file = "owner-settings.json"
+
+[safety]
+ramp_w_per_s = 10000
+
+[dispatch.sunspec_server]
+enabled = true
+listen = "127.0.0.1:{p['der']}"
+
+[journal]
+path = "journal.sqlite"
+""")
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    """CAN server, simulated BMS and simulated inverter running; the gateway's config written."""
+    b = Bench(tmp_path, ports={k: free_port() for k in ("can", "inverter", "der", "owner")})
+    b.write_config()
+    try:
+        b.start("can", "-m", "can_remote", "-i", "virtual", "-c", "bench", "-H", "127.0.0.1",
+                "-p", str(b.ports["can"]))
+        b.start("inverter", "-m", "firmware_py", "sim", "inverter", "--listen", f"127.0.0.1:{b.ports['inverter']}")
+        b.wait_for("the CAN server", lambda: listening(b.ports["can"]), START_S)
+        b.start("bms", "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
+                "--can-channel", f"ws://127.0.0.1:{b.ports['can']}/", "--soc", str(SOC_PCT))
+        b.wait_for("the simulated inverter", lambda: listening(b.ports["inverter"]), START_S)
+        yield b
+    finally:
+        b.stop_all()
+
+
+# --- SunSpec through pysunspec2 ---------------------------------------------------------------------
+
+
+def sunspec_device(bench: Bench, port: int) -> SunSpecModbusClientDeviceTCP:
+    def scanned() -> SunSpecModbusClientDeviceTCP:
+        dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
+        try:
+            dev.scan()
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    return bench.wait_for(f"a SunSpec device on port {port}", scanned, START_S)
+
+
+def read(dev: SunSpecModbusClientDeviceTCP, model_id: int, *names: str) -> dict[str, Any]:
+    """Points of one model as they are now, scale factors applied."""
+    model = dev.models[model_id][0]
+    model.read()
+    return {name: getattr(model, name).cvalue for name in names}
+
+
+def inverter_controls(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any]:
+    return {**read(inv, 704, "WSetEna", "WSetMod", "WSet", "WSetEnaRvrt", "WSetRvrtTms", "WSetRvrtRem"),
+            **read(inv, 701, "W", "TotWhInj")}
+
+
+def holding_zero(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any] | None:
+    """The gateway is commanding 0 W right now: enabled, WSet 0, revert armed and recently refreshed."""
+    c = inverter_controls(inv)
+    live = c["WSetEna"] == 1 and c["WSetEnaRvrt"] == 1 and c["WSetRvrtTms"] == REVERT_S and c["WSetRvrtRem"] > 0
+    return c if live and c["WSet"] == 0 and c["W"] == 0 else None
+
+
+def dispatch_through_gateway(der: SunSpecModbusClientDeviceTCP, watts: float) -> None:
+    """What a site controller does: WATTS mode, the setpoint (pysunspec2 scales by WSet_SF), enable."""
+    ctl = der.models[704][0]
+    ctl.read()
+    ctl.WSetMod.value = 1
+    ctl.WSet.cvalue = watts
+    ctl.WSetEna.value = 1
+    ctl.write()
+
+
+# --- helpers on the gateway's side ------------------------------------------------------------------
+
+
+def gateway_up_and_holding_zero(bench: Bench) -> tuple[SunSpecModbusClientDeviceTCP, SunSpecModbusClientDeviceTCP]:
+    """Start the gateway; check it reads the BMS and holds the inverter at 0 W. (DER client, inverter client)."""
+    inv = sunspec_device(bench, bench.ports["inverter"])
+    before = inverter_controls(inv)
+    assert before["WSetEna"] == 0 and before["WSetRvrtTms"] == 0, before  # nobody has commanded it yet
+    bench.start_gateway()
+    der = sunspec_device(bench, bench.ports["der"])
+    soc = bench.wait_for("the gateway's SoC (model 713)", lambda: read(der, 713, "SoC")["SoC"], WAIT_S)
+    assert SOC_PCT - 2 <= soc <= SOC_PCT  # the conservative SoC min of the simulated BMS
+    held = bench.wait_for("the gateway to command the inverter to 0 W", lambda: holding_zero(inv))
+    assert held["W"] == 0 and held["WSet"] == 0
+    # Ready for dispatch once out of STARTUP (every BMS message seen, some at 1 s periods): InvSt STANDBY.
+    bench.wait_for("the gateway's DER to be ready (701 InvSt STANDBY)",
+                   lambda: read(der, 701, "InvSt")["InvSt"] == INV_ST_STANDBY)
+    return der, inv
+
+
+def owner_status(bench: Bench) -> str:
+    out = subprocess.run([sys.executable, "-m", "firmware_py", "owner", "--config", str(bench.config), "status"],
+                         capture_output=True, text=True, timeout=30, cwd=bench.tmp)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def report_json(bench: Bench) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "firmware_py", "report", "--journal", str(bench.journal),
+                          "--format", "json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr  # 0 = the hash chain verifies
+    return json.loads(out.stdout)
+
+
+def journal_records(path: Path) -> list:
+    with Journal.open(path, readonly=True) as journal:
+        return journal.records()
+
+
+def discharging_at_target(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any] | None:
+    c = inverter_controls(inv)
+    return c if c["W"] == pytest.approx(TARGET_W) else None
+
+
+def accepted_request_id(records: list) -> str | None:
+    for record in records:
+        if record.kind == "DispatchAnswer":
+            answer = record.event()
+            assert isinstance(answer, DispatchAnswer)
+            if answer.verdict is Verdict.ACCEPTED:
+                return answer.request_id
+    return None
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_gateway_reads_bms_holds_zero_then_serves_sunspec_dispatch_and_stops_safely(bench: Bench):
+    der, inv = gateway_up_and_holding_zero(bench)
+    try:
+        status = owner_status(bench)
+        soc = float(re.search(r"SoC:\s+([0-9.]+) %", status).group(1))
+        assert SOC_PCT - 2 <= soc <= SOC_PCT, status
+        assert re.search(r"state:\s+STANDBY", status), status
+        time.sleep(REVERT_S / 2)  # longer than a refresh period: the hold is refreshed, not a one-off write
+        assert holding_zero(inv), inverter_controls(inv)
+
+        dispatch_through_gateway(der, TARGET_W)
+        assert read(der, 704, "WSet", "WSetEna") == {"WSet": TARGET_W, "WSetEna": 1}
+    finally:
+        der.close()
+    running = bench.wait_for("the inverter to deliver the dispatch", lambda: discharging_at_target(inv))
+    assert running["WSet"] == pytest.approx(TARGET_W)
+
+    assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")
+    # Read at once: the gateway refreshed within REVERT_S / 3, so WSet = 0 here is its safe stop, not the revert.
+    assert read(inv, 704, "WSet")["WSet"] == 0
+    bench.wait_for("the inverter to stop", lambda: read(inv, 701, "W")["W"] == 0, REVERT_S + 5)
+
+    request_id = accepted_request_id(journal_records(bench.journal))
+    assert request_id is not None and request_id.startswith("sunspec-")
+    report = report_json(bench)
+    assert report["chain"]["intact"] and report["chain"]["problems"] == []
+    events = {e["request_id"]: e for e in report["events"]}
+    assert events[request_id]["source"] == "sunspec"
+    assert events[request_id]["kind"] == "discharge"
+    assert events[request_id]["target_w"] == pytest.approx(TARGET_W)
+    assert events[request_id]["verdict"] == "accepted"
+
+
+def test_kill_9_during_an_event_loses_no_record_and_the_restart_ends_it(bench: Bench):
+    der, inv = gateway_up_and_holding_zero(bench)
+    try:
+        dispatch_through_gateway(der, TARGET_W)
+    finally:
+        der.close()
+    bench.wait_for("the inverter to deliver the dispatch", lambda: discharging_at_target(inv))
+    before = bench.wait_for("the event's first energy record",
+                            lambda: (r := journal_records(bench.journal)) and
+                            any(x.kind == "EventEnergy" for x in r) and r)
+    request_id = accepted_request_id(before)
+    assert request_id is not None
+
+    gateway = bench.procs["gateway"]
+    assert bench.stop("gateway", signal.SIGKILL) == -signal.SIGKILL
+    assert gateway.returncode == -signal.SIGKILL
+    at_kill = inverter_controls(inv)
+    assert at_kill["WSetRvrtTms"] == REVERT_S and at_kill["WSetEnaRvrt"] == 1
+
+    # The inverter's own revert timer stops it: no one else is writing now.
+    stopped = bench.wait_for("the inverter's revert timer", lambda: (c := inverter_controls(inv))["W"] == 0 and c,
+                             REVERT_S + 5)
+    assert stopped["WSet"] == 0 and stopped["WSetRvrtRem"] == 0
+    after_kill_wh = stopped["TotWhInj"] - at_kill["TotWhInj"]
+    assert after_kill_wh <= TARGET_W * REVERT_S / 3600 + 1  # at most REVERT_S of full power (+1 Wh rounding)
+
+    # Every record committed before the kill is still there, unchanged, and the chain verifies.
+    with Journal.open(bench.journal, readonly=True) as journal:
+        assert journal.verify() == []
+        kept = {r.seq: r.hash for r in journal.records()}
+    assert all(kept.get(r.seq) == r.hash for r in before)
+    last_energy = [r.event() for r in before if r.kind == "EventEnergy"][-1]
+    assert isinstance(last_energy, EventEnergy) and last_energy.request_id == request_id
+
+    # The restarted gateway ends the event, billing the meter's gap, and holds 0 W.
+    bench.start_gateway()
+
+    def ended() -> list | None:
+        records = journal_records(bench.journal)
+        return records if any(r.kind == "DispatchEnded" for r in records) else None
+
+    records = bench.wait_for("the restarted gateway to end the event", ended, START_S)
+    mine = [r.event() for r in records if r.kind in ("DispatchEnded", "EventEnergy")]
+    mine = [e for e in mine if e.request_id == request_id]
+    end = next(e for e in mine if isinstance(e, DispatchEnded))
+    final = [e for e in mine if isinstance(e, EventEnergy)][-1]
+    assert "gateway restarted" in end.reason
+    assert final.final
+    assert final.meter_wh >= last_energy.meter_wh
+    assert final.meter_total_wh == stopped["TotWhInj"]
+    assert final.meter_wh == pytest.approx(last_energy.meter_wh + stopped["TotWhInj"] - last_energy.meter_total_wh,
+                                           abs=1e-3)
+    held = bench.wait_for("the restarted gateway to hold 0 W", lambda: holding_zero(inv))
+    assert held["TotWhInj"] == stopped["TotWhInj"]
+
+    report = report_json(bench)
+    assert report["chain"]["intact"]
+    event = {e["request_id"]: e for e in report["events"]}[request_id]
+    assert event["final"] and "gateway restarted" in event["ended_reason"]
+    assert event["meter_wh"] == pytest.approx(final.meter_wh)
+    assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")
