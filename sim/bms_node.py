@@ -15,7 +15,6 @@ import logging
 import random
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,69 +220,29 @@ class BmsNode:
 
 # -- `powershare-gw sim bms` ---------------------------------------------------
 
-@dataclass
-class _Scenario:
-    initial_soc_pct: float = 80.0
-    capacity_wh: float = 123_000.0
-    duration_s: float | None = None
-    faults: tuple[tuple[float, str, float | None], ...] = ()
-
-
-def _number(table: dict, key: str, where: str, lo: float, hi: float) -> float | None:
-    if key not in table:
-        return None
-    value = table[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise InputError(f"{where}.{key}: expected a number from {lo:g} to {hi:g}, got {value!r}")
-    return float(value)
-
-
-def load_scenario(path: Path) -> _Scenario:
-    """The parts of a DESIGN §3.7 scenario the BMS node acts on; the rest is the bench's."""
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid TOML: {err}") from None
-    vehicle, run = table.get("vehicle", {}), table.get("run", {})
-    scenario = _Scenario()
-    soc = _number(vehicle, "initial_soc_pct", f"{path}: vehicle", 0, 100)
-    cap = _number(vehicle, "usable_capacity_wh", f"{path}: vehicle", 1_000, 300_000)
-    scenario.initial_soc_pct = scenario.initial_soc_pct if soc is None else soc
-    scenario.capacity_wh = scenario.capacity_wh if cap is None else cap
-    scenario.duration_s = _number(run, "duration_s", f"{path}: run", 0, 1e9)
-    faults = []
-    for i, fault in enumerate(table.get("fault", [])):
-        where = f"{path}: fault[{i}]"
-        kind = fault.get("kind")
-        if kind not in FAULT_KINDS:
-            continue  # inverter and grid faults belong to other parts of the bench
-        at = _number(fault, "at_s", where, 0, 1e9)
-        if at is None:
-            raise InputError(f"{where}.at_s: missing")
-        faults.append((at, kind, _number(fault, "duration_s", where, 0, 1e9)))
-    scenario.faults = tuple(faults)
-    return scenario
-
-
 def _sim_bms(args: argparse.Namespace) -> int:
     from firmware_py.bms.commands import open_bus, resolve_dbc, stop_on_signals
 
-    scenario = load_scenario(Path(args.scenario)) if args.scenario else _Scenario()
-    soc = scenario.initial_soc_pct if args.soc is None else args.soc
+    from sim import scenario as scenarios
+
+    loaded = scenarios.load(Path(args.scenario)) if args.scenario else None
+    vehicle = loaded.vehicle if loaded else scenarios.VehicleSection()
+    soc = vehicle.initial_soc_pct if args.soc is None else args.soc
     if not 0 <= soc <= 100:
         raise InputError(f"--soc: expected 0 to 100 %, got {soc:g}")
-    duration = args.duration if args.duration is not None else scenario.duration_s
+    duration = args.duration if args.duration is not None else (loaded.run.duration_s if loaded else None)
+    # Inverter and grid faults belong to other parts of the bench.
+    faults = [(f.at_s, f.kind, f.duration_s) for f in (loaded.fault if loaded else ()) if f.kind in FAULT_KINDS]
     dbc, _ = resolve_dbc(args.dbc, elm=False)
-    battery = Battery(capacity_wh=scenario.capacity_wh, soc_pct=soc, seed=args.seed)
+    battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
+                      seed=args.seed)
     bus = open_bus(args.can_interface, args.can_channel)
     try:
         node = BmsNode(battery, bus, dbc, seed=args.seed)
         print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "
               f"load {args.load_w:g} W; Ctrl-C or SIGTERM stops", flush=True)
         with stop_on_signals() as stop:
-            node.run(stop, load_w=args.load_w, duration_s=duration, faults=list(scenario.faults))
+            node.run(stop, load_w=args.load_w, duration_s=duration, faults=faults)
     finally:
         bus.shutdown()
     print(f"# sim bms: sent {node.sent} frames ({node.send_errors} send errors), "

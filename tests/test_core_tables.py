@@ -27,7 +27,6 @@ from firmware_py.core.types import (
     InverterState,
     OwnerSettings,
     ReasonCode,
-    Tick,
     Verdict,
 )
 

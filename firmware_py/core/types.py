@@ -9,7 +9,7 @@ Signs follow DESIGN §3.1: positive power = discharge (vehicle -> AC side).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 
