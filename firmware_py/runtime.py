@@ -106,6 +106,13 @@ class Gateway:
         if snapshot is not None:
             self.feed(snapshot)
 
+    def on_frames(self, msgs: list[can.Message]) -> StepResult | None:
+        """Frames that arrived together: decode them all, then one step with the newest snapshot."""
+        now, latest = self.clock(), None
+        for msg in msgs:
+            latest = self.reader.on_message(msg, now) or latest
+        return self.feed(latest) if latest is not None else None
+
     def on_snapshot(self, snapshot: BmsSnapshot) -> None:
         self.feed(snapshot)
 

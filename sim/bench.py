@@ -214,8 +214,8 @@ class Bench:
                 await timeline.pop(0)[1]()
             await self.aggregator.step(self.t)
             self.node.emit_due(self.t)
-            self._deliver_frames()
-            self.gateway.tick()
+            if self._deliver_frames() is None:
+                self.gateway.tick()  # nothing new on the bus: time alone must still be judged
             if self.t + 1e-9 >= next_poll:
                 await self.gateway.poll_inverter()
                 next_poll = self.t + poll_s
@@ -238,9 +238,12 @@ class Bench:
         b.step(dt, dc)
         self.model.soc_pct = b.true_soc_pct
 
-    def _deliver_frames(self) -> None:
+    def _deliver_frames(self) -> StepResult | None:
+        """Everything the node sent this step reaches the gateway together, as one step of the core."""
+        frames = []
         while (msg := self.gateway_bus.recv(timeout=0)) is not None:
-            self.gateway.on_frame(msg)
+            frames.append(msg)
+        return self.gateway.on_frames(frames)
 
     def _timeline(self) -> list[tuple[float, Callable[[], Any]]]:
         """Every scripted action, in time order (dispatch before faults at the same instant)."""
