@@ -121,7 +121,7 @@ def load(path: str | Path) -> Scenario:
         raise InputError(f"{path}: not valid TOML: {err}") from None
     problems: list[str] = []
     scenario = load_table(Scenario, table, "", path.parent, problems)
-    if scenario is not None:
+    if not problems:
         problems += _cross_checks(scenario)
     if problems:
         raise InputError([f"{path}: {p}" for p in problems])
