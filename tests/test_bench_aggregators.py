@@ -1,0 +1,169 @@
+"""The bench dispatching through real protocols: a real openleadr VTN and the gateway's own
+VEN, or the gateway's SunSpec DER server and a Modbus client, all on 127.0.0.1.
+
+Short scenarios (minutes of simulated time, a few seconds of wall time each); the bundled
+four-hour ones (summer-peak-openadr, summer-peak-sunspec) run the same code for longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from firmware_py.core.types import Verdict
+from firmware_py.errors import InputError
+from firmware_py.inverter.sunspec import ModelDef
+from sim import scenario
+from sim.aggregators import OpenAdrAggregator, SunSpecAggregator, for_scenario
+from sim.bench import Bench, BenchOptions, Outcome, ScriptedAggregator
+
+TARGET_W = 11_500
+
+
+def write_scenario(tmp_path: Path, kind: str, *, at_s: float = 60, start_s: float = 120,
+                   duration_s: float = 300, run_s: float = 600, extra: str = "") -> scenario.Scenario:
+    path = tmp_path / f"short-{kind}.toml"
+    path.write_text(f"""
+[run]
+duration_s = {run_s}
+[aggregator]
+kind = "{kind}"
+[[dispatch]]
+at_s = {at_s}
+id = "peak-1"
+start_s = {start_s}
+duration_s = {duration_s}
+target_w = {TARGET_W}
+{extra}
+""")
+    return scenario.load(path)
+
+
+def run_bench(loaded: scenario.Scenario, aggregator: Any, tmp_path: Path) -> tuple[Outcome, list[dict]]:
+    trace_path = tmp_path / "trace.jsonl"
+    with trace_path.open("w") as trace:
+        options = BenchOptions(trace=trace, journal_path=tmp_path / "journal.sqlite", aggregator=aggregator)
+        outcome = asyncio.run(asyncio.wait_for(Bench(loaded, options).run(), 120))
+    return outcome, [json.loads(line) for line in trace_path.read_text().splitlines()]
+
+
+def delivered(outcome: Outcome) -> float:
+    return sum(outcome.summary["delivered_wh"].values())
+
+
+def assert_meter_agrees(outcome: Outcome) -> None:
+    """Only one event ran, so the gateway's per-event energy is the inverter meter's whole count."""
+    meter = outcome.summary["inverter_meter_wh"]
+    assert delivered(outcome) > 0
+    assert delivered(outcome) == pytest.approx(meter, rel=0.01)
+
+
+# ---------------------------------------------------------------------- choosing
+
+
+def test_for_scenario_picks_the_named_aggregator(tmp_path):
+    assert isinstance(for_scenario(write_scenario(tmp_path, "scripted")), ScriptedAggregator)
+    assert isinstance(for_scenario(write_scenario(tmp_path, "openadr")), OpenAdrAggregator)
+    assert isinstance(for_scenario(write_scenario(tmp_path, "sunspec")), SunSpecAggregator)
+
+
+def test_a_charge_request_cannot_go_through_openadr(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr")
+    charging = scenario.Scenario(**{**loaded.__dict__, "dispatch": (
+        scenario.Dispatch(at_s=60, id="night", start_s=120, duration_s=60, target_w=3000, kind="charge"),)})
+    with pytest.raises(InputError, match="night.*charge.*sunspec"):
+        for_scenario(charging)
+
+
+@pytest.mark.parametrize("name", ["summer-peak-openadr.toml", "summer-peak-sunspec.toml"])
+def test_bundled_protocol_scenarios_name_their_aggregator(name):
+    loaded = scenario.load(scenario.bundled(name))
+    assert loaded.aggregator.kind == name.removeprefix("summer-peak-").removesuffix(".toml")
+    assert loaded.expect.min_delivered_wh == 40_000
+    assert loaded.expect.max_floor_violations == 0
+
+
+# ---------------------------------------------------------------------- OpenADR
+
+
+def test_openadr_event_is_opted_in_and_delivered(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr")
+    aggregator = for_scenario(loaded)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.passed, outcome.checks
+    assert outcome.summary["answers"] == {"peak-1": "accepted"}
+    assert aggregator.vtn.opt_for("peak-1") == "optIn"
+    assert set(outcome.summary["delivered_wh"]) == {"peak-1"}  # the OpenADR event id is the request id
+    assert_meter_agrees(outcome)
+    serving = [r["t"] for r in records if r["event_id"] == "peak-1" and r["inverter_w"] > 0]
+    assert min(serving) >= 120 and max(serving) <= 120 + 300 + 1  # the VTN's window, mapped onto the bench clock
+
+
+def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr", duration_s=900, run_s=1200,
+                            extra='[[cancel]]\nat_s = 400\nid = "peak-1"\n')
+    aggregator = for_scenario(loaded)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert "peak-1" in aggregator.sink.cancelled  # the VEN handed the VTN's cancellation to the core
+    after = [r for r in records if r["t"] >= 410]
+    assert after and all(r["inverter_w"] <= 0 and r["event_id"] is None for r in after)
+    assert 0 < delivered(outcome) < TARGET_W * (410 - 120) / 3600
+    assert_meter_agrees(outcome)
+
+
+# ---------------------------------------------------------------------- SunSpec
+
+
+class ReadingSunSpec(SunSpecAggregator):
+    """The site controller, also reading models 701 and 713 back once while the event runs."""
+
+    def __init__(self, read_at_s: float) -> None:
+        super().__init__()
+        self.read_at_s = read_at_s
+        self.seen: dict[int, dict[str, Any]] = {}
+        self.gateway_soc: float | None = None
+
+    async def step(self, t: float) -> None:
+        await super().step(t)
+        if not self.seen and t >= self.read_at_s:
+            self.seen = {m: await self._read(self.client, m) for m in (701, 713)}
+            self.gateway_soc = self.gateway.telemetry().soc_pct
+
+    async def _read(self, client: AsyncModbusTcpClient, model_id: int) -> dict[str, Any]:
+        mdef, regs = ModelDef.load(model_id), []
+        for at in range(0, mdef.size, 100):
+            reply = await client.read_holding_registers(self.server.addresses[model_id] + at,
+                                                        count=min(100, mdef.size - at), device_id=1)
+            assert not reply.isError(), reply
+            regs += reply.registers
+        return mdef.decode(regs)
+
+
+def test_sunspec_setpoint_is_accepted_and_delivered(tmp_path):
+    loaded = write_scenario(tmp_path, "sunspec", at_s=120)
+    aggregator = ReadingSunSpec(read_at_s=300)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.passed, outcome.checks
+    assert outcome.summary["answers"] == {"peak-1": "accepted"}
+    assert_meter_agrees(outcome)
+    [request_id] = outcome.summary["delivered_wh"]
+    assert aggregator.request_ids == {request_id: "peak-1"}  # one session for the whole event
+    assert aggregator.seen[713]["SoC"] == pytest.approx(aggregator.gateway_soc, abs=0.1)
+    assert aggregator.seen[701]["W"] > 0
+    serving = [r["t"] for r in records if r["inverter_w"] > 0]
+    assert min(serving) >= 120 and max(serving) <= 120 + 300 + 1  # WSetEna = 0 at the end stops it
+
+
+def test_sunspec_setpoint_announced_early_is_written_at_its_start(tmp_path):
+    loaded = write_scenario(tmp_path, "sunspec", at_s=30)
+    aggregator = for_scenario(loaded)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.summary["answers"] == {"peak-1": None}  # nothing was written yet at at_s
+    assert aggregator.answers["peak-1"].verdict is Verdict.ACCEPTED
+    assert min(r["t"] for r in records if r["inverter_w"] > 0) >= 120
+    assert_meter_agrees(outcome)
