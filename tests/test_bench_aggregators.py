@@ -105,7 +105,7 @@ def test_openadr_event_is_opted_in_and_delivered(tmp_path):
 
 
 def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
-    loaded = write_scenario(tmp_path, "openadr", duration_s=900, run_s=1200,
+    loaded = write_scenario(tmp_path, "openadr", duration_s=480, run_s=600,
                             extra='[[cancel]]\nat_s = 400\nid = "peak-1"\n')
     aggregator = for_scenario(loaded)
     outcome, records = run_bench(loaded, aggregator, tmp_path)
