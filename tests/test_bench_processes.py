@@ -300,7 +300,8 @@ def test_gateway_reads_bms_holds_zero_then_serves_sunspec_dispatch_and_stops_saf
         soc = float(re.search(r"SoC:\s+([0-9.]+) %", status).group(1))
         assert SOC_PCT - 2 <= soc <= SOC_PCT, status
         assert re.search(r"state:\s+STANDBY", status), status
-        time.sleep(REVERT_S / 2)  # longer than a refresh period: the hold is refreshed, not a one-off write
+        # Still armed one revert time later: the gateway has rewritten the hold since (a refresh, not one write).
+        time.sleep(REVERT_S + 0.2)
         assert holding_zero(inv), inverter_controls(inv)
 
         dispatch_through_gateway(der, TARGET_W)
@@ -311,8 +312,9 @@ def test_gateway_reads_bms_holds_zero_then_serves_sunspec_dispatch_and_stops_saf
     assert running["WSet"] == pytest.approx(TARGET_W)
 
     assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")
-    # Read at once: the gateway refreshed within REVERT_S / 3, so WSet = 0 here is its safe stop, not the revert.
-    assert read(inv, 704, "WSet")["WSet"] == 0
+    # WSet = 0 with the revert timer running again: written by the safe stop (a revert leaves WSetRvrtRem at 0).
+    stopped = read(inv, 704, "WSet", "WSetRvrtRem")
+    assert stopped["WSet"] == 0 and stopped["WSetRvrtRem"] > 0, stopped
     bench.wait_for("the inverter to stop", lambda: read(inv, 701, "W")["W"] == 0, REVERT_S + 5)
 
     request_id = accepted_request_id(journal_records(bench.journal))
