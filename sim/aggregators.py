@@ -133,6 +133,9 @@ class OpenAdrAggregator:
         from sim.vtn import LOAD_DISPATCH
 
         assert self.vtn is not None
+        if self.vtn.ven_id is None:
+            log.error("bench: OpenADR event %s not sent: the VEN never registered with the VTN", request.id)
+            return None
         self.vtn.add_event(LOAD_DISPATCH, self.at(request.start), request.end - request.start,
                            request.target_w / 1000.0, event_id=request.id)
         done = await self._wait(lambda: request.id in self.sink.answers and self.vtn.opt_for(request.id),
@@ -141,6 +144,8 @@ class OpenAdrAggregator:
 
     async def cancel(self, event_id: str) -> None:
         assert self.vtn is not None
+        if self.vtn.ven_id is None:
+            return
         self.sink.cancelled.discard(event_id)
         self.vtn.cancel_event(event_id)
         await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
