@@ -186,8 +186,9 @@ class Gateway:
         self.journal_failed = None
         return len(pending)
 
-    def close_open_events(self, meter_total_wh: float | None) -> list[str]:
-        """After a crash: end events the journal shows as running, billing the meter's gap.
+    def close_open_events(self, meter_total_wh: float | None,
+                          reason: str = "gateway restarted: event ended") -> list[str]:
+        """End events the journal shows as running (after a crash, or at a stop), billing the meter's gap.
 
         The last EventEnergy record carries the inverter meter reading at that
         moment; the meter now tells what flowed between it and the crash (the
@@ -201,7 +202,7 @@ class Gateway:
                 gap = meter_total_wh - last.meter_total_wh
                 if 0 <= gap <= self._most_unreported_wh():
                     meter += gap
-            self._pending.append(DispatchEnded(now, request_id, "gateway restarted: event ended"))
+            self._pending.append(DispatchEnded(now, request_id, reason))
             self._pending.append(EventEnergy(now, request_id, round(meter, 3), round(integrated, 3), True,
                                              meter_total_wh))
         self.flush_journal()
@@ -308,6 +309,8 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         await inverter.safe_stop()
         gateway.feed(Tick(clock()))
         gateway.flush_journal()
+        last = await inverter.read_status()
+        gateway.close_open_events(last.tot_wh_inj if last.comms_ok else None, "gateway stopped: event ended")
         await inverter.close()
         journal.close()
     return 0

@@ -176,7 +176,11 @@ class Bench:
         owner = OwnerSettings(s.owner.reserve_pct, 0.0)
         self.gateway = Gateway(self.config, clock, self.reader, self.client, self.journal, owner)
         self.gateway.observers.append(self._observe)
-        self.aggregator = self.options.aggregator or ScriptedAggregator()
+        if self.options.aggregator is None:
+            from sim.aggregators import for_scenario
+
+            self.options.aggregator = for_scenario(s)
+        self.aggregator = self.options.aggregator
         await self.aggregator.start(self)
 
     async def _teardown(self) -> None:
@@ -326,8 +330,17 @@ class Bench:
 
     def _outcome(self, wall_s: float) -> Outcome:
         c = self.gateway.controller
-        delivered = {e.request.id: round(e.meter_wh, 1) for e in c.book.entries
-                     if e.accepted and e.request.kind is DispatchKind.DISCHARGE}
+        # A protocol may name an event its own way (SunSpec sessions); report it by the scenario's id,
+        # and take answers that arrived after `send` returned (a SunSpec write at the event's start).
+        names = getattr(self.aggregator, "request_ids", {})
+        delivered: dict[str, float] = {}
+        for e in c.book.entries:
+            if e.accepted and e.request.kind is DispatchKind.DISCHARGE:
+                name = names.get(e.request.id, e.request.id)
+                delivered[name] = round(delivered.get(name, 0.0) + e.meter_wh, 1)
+        for event_id, answer in getattr(self.aggregator, "answers", {}).items():
+            if self.answers.get(event_id) is None:
+                self.answers[event_id] = answer
         answers = {rid: (a.verdict.value if a else None) for rid, a in self.answers.items()}
         summary = {
             "scenario": self.scenario.name,

@@ -326,6 +326,7 @@ def test_gateway_reads_bms_holds_zero_then_serves_sunspec_dispatch_and_stops_saf
     assert events[request_id]["kind"] == "discharge"
     assert events[request_id]["target_w"] == pytest.approx(TARGET_W)
     assert events[request_id]["verdict"] == "accepted"
+    assert events[request_id]["final"], "a clean stop must end the event with its final energy"
 
 
 def test_kill_9_during_an_event_loses_no_record_and_the_restart_ends_it(bench: Bench):

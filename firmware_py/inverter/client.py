@@ -87,6 +87,9 @@ class InverterClient:
         self._next_attempt = -math.inf
         self._error: str | None = None
         self._logged: str | None = None
+        # One Modbus exchange at a time: pymodbus pairs replies with requests per connection,
+        # and a write must not interleave with another write's read-back.
+        self._busy = asyncio.Lock()
 
     @property
     def refresh_s(self) -> float:
@@ -216,9 +219,10 @@ class InverterClient:
     async def read_status(self) -> InverterStatus:
         """Poll the inverter; never raises: a failure is a status with comms_ok=False."""
         try:
-            await self._ensure()
-            assert self.discovery is not None
-            status = await self._status(self.discovery)
+            async with self._busy:
+                await self._ensure()
+                assert self.discovery is not None
+                status = await self._status(self.discovery)
         except LinkError as err:
             return await self._failed(err)
         self._recovered()
@@ -274,9 +278,10 @@ class InverterClient:
         block = self._control_block(raw)
         addr = self.discovery.address(704) + lo
         try:
-            await self._write(addr, block)
-            self._written, self._written_at = raw, now
-            back = await self._read(addr, count)
+            async with self._busy:
+                await self._write(addr, block)
+                self._written, self._written_at = raw, now
+                back = await self._read(addr, count)
             if back != block:
                 self._written = None
                 raise LinkError(f"704 read-back differs from what was written (WSet raw {raw}): "
