@@ -35,6 +35,7 @@ import can
 from firmware_py.bms.reader import BmsListener, BmsReader, reader_from_config
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step
+from firmware_py.core.faults import decision_key
 from firmware_py.core.types import (
     BmsSnapshot,
     DispatchAnswer,
@@ -78,12 +79,16 @@ class Gateway:
         self.journal_failed: str | None = None
         self.observers: list[Callable[[StepResult], None]] = []
         self._pending: list[Any] = []
+        self._bms_key: tuple | None = None
 
     # ------------------------------------------------------------------ core
 
     def feed(self, *inputs: Input) -> StepResult:
         """Step the core with `inputs` now; queue what must be journaled; wake the writer on change."""
         now = self.clock()
+        for item in inputs:
+            if isinstance(item, BmsSnapshot):
+                self._bms_key = decision_key(item)  # what the core now holds
         result = step(self.controller, inputs, now)
         self.controller = result.controller
         if result.command.setpoint_w != self.command.setpoint_w:
@@ -104,17 +109,20 @@ class Gateway:
         """A CAN frame arrived: decode, and step the core only when the BMS said something new."""
         snapshot = self.reader.on_message(msg, self.clock())
         if snapshot is not None:
-            self.feed(snapshot)
+            self.on_snapshot(snapshot)
 
     def on_frames(self, msgs: list[can.Message]) -> StepResult | None:
-        """Frames that arrived together: decode them all, then one step with the newest snapshot."""
+        """Frames that arrived together: decode them all, then at most one step with the newest snapshot."""
         now, latest = self.clock(), None
         for msg in msgs:
             latest = self.reader.on_message(msg, now) or latest
-        return self.feed(latest) if latest is not None else None
+        return self.on_snapshot(latest) if latest is not None else None
 
-    def on_snapshot(self, snapshot: BmsSnapshot) -> None:
-        self.feed(snapshot)
+    def on_snapshot(self, snapshot: BmsSnapshot) -> StepResult | None:
+        """Step at once when something the core decides on changed; the tick carries the rest."""
+        if decision_key(snapshot) == self._bms_key:
+            return None
+        return self.feed(snapshot)
 
     def tick(self) -> StepResult:
         """Time passing: freshness as of now (a silent bus turns stale here), ramps, windows."""

@@ -219,7 +219,7 @@ class Bench:
             await self.aggregator.step(self.t)
             self.node.emit_due(self.t)
             if self._deliver_frames() is None:
-                self.gateway.tick()  # nothing new on the bus: time alone must still be judged
+                self.gateway.tick()  # nothing the core decides on changed: time alone is judged
             if self.t + 1e-9 >= next_poll:
                 await self.gateway.poll_inverter()
                 next_poll = self.t + poll_s

@@ -27,7 +27,16 @@ from firmware_py.core.types import (
 CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
                        "contactor_state", "pack_contactor_neg", "pack_contactor_pos")
 
+# Every BMS field the core decides on. A snapshot that changes none of them (only pack
+# voltage and current noise, say) cannot change a decision, so the runtime need not step for it.
+DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct", "min_temp_c", "max_temp_c")
+
 LOCKOUT = "lockout"
+
+
+def decision_key(bms: BmsSnapshot) -> tuple:
+    """What of `bms` the core's decisions depend on (its freshness aside)."""
+    return tuple(getattr(bms, name) for name in DECISION_BMS_FIELDS) + (bms.stale,)
 
 
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
