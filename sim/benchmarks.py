@@ -169,6 +169,10 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
             regs = await client.read_holding_registers(base + m704.offset("WSet_SF"), count=1, device_id=1)
             sf = _signed(regs.registers[0])
             await client.write_registers(base + m704.offset("WSetMod"), [1], device_id=1)
+            warm = round(9_500 / 10 ** sf)
+            await client.write_registers(base + m704.offset("WSet"), [warm >> 16, warm & 0xFFFF], device_id=1)
+            await client.write_registers(base + m704.offset("WSetEna"), [1], device_id=1)
+            await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
             latencies = []
             # Decreasing targets: a lower setpoint holds at once, while a higher one ramps at the
             # gateway's ramp rate (a policy, not a latency), so each sample times the path alone.
@@ -178,8 +182,6 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
                 seen = len(rig.setpoints)
                 sent = time.perf_counter()
                 await client.write_registers(base + m704.offset("WSet"), [raw >> 16, raw & 0xFFFF], device_id=1)
-                if n == 0:
-                    await client.write_registers(base + m704.offset("WSetEna"), [1], device_id=1)
                 await rig.wait_for(lambda: any(abs(w - watts) < 1 for _, w in rig.setpoints[seen:])
                                    or rig.model.wset_w == watts, f"WSet {watts} W at the inverter")
                 got = [t for t, w in rig.setpoints[seen:] if abs(w - watts) < 1]
