@@ -329,6 +329,48 @@ def simulator(scenario_name: str) -> dict[str, Any]:
             "target_rss_mb": 80}
 
 
+def soak(hours: float) -> dict[str, Any]:
+    """RSS sampled every simulated hour over a long run with a daily peak event: flat, or a leak."""
+    from sim import scenario
+    from sim.bench import Bench, BenchOptions
+
+    base = scenario.load(scenario.bundled())
+    days = max(1, int(hours // 24) + 1)
+    events = tuple(replace(base.dispatch[0], id=f"peak-{d + 1}", at_s=d * 86_400 + 60,
+                           start_s=d * 86_400 + 120) for d in range(days) if d * 86_400 + 60 < hours * 3600)
+    long_run = replace(base, run=replace(base.run, duration_s=hours * 3600), dispatch=events,
+                       expect=scenario.Expect(), name=f"soak-{hours:g}h")
+    samples: list[tuple[float, float]] = []
+
+    def sample(bench) -> None:
+        if not samples or bench.t - samples[-1][0] >= 3600:
+            samples.append((bench.t, _rss_mb()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = BenchOptions(journal_path=Path(tmp) / "j.sqlite", on_progress=sample, progress_every_s=0.0)
+        options.series = _Discard()
+        outcome = asyncio.run(Bench(long_run, options).run())
+    settled = [mb for t, mb in samples if t >= 3600] or [mb for _, mb in samples]
+    return {"what": f"RSS over a {hours:g} h simulated soak (daily 4 h event)", "target": "<= 80 MB, flat",
+            "rss_mb_first_hour": round(settled[0], 1), "rss_mb_last": round(settled[-1], 1),
+            "rss_mb_max": round(max(settled), 1), "wall_s": outcome.summary["wall_s"]}
+
+
+class _Discard(list):
+    """The plot series would grow with the run; a soak keeps none of it."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -345,6 +387,8 @@ def _bench(args: argparse.Namespace) -> int:
         results["bus_load"] = bus_load(args.bus_seconds)
     if "sim" in args.only:
         results["simulator"] = simulator(args.scenario)
+    if "soak" in args.only:
+        results["soak"] = soak(args.soak_hours)
     table = Table(title="powershare-gw bench")
     table.add_column("benchmark")
     table.add_column("result")
@@ -359,7 +403,9 @@ def _bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance targets (DESIGN §4)")
     p.add_argument("--only", nargs="+", default=["reaction", "dispatch", "bus", "sim"],
-                   choices=["reaction", "dispatch", "bus", "sim"], help="which benchmarks (default: all)")
+                   choices=["reaction", "dispatch", "bus", "sim", "soak"],
+                   help="which benchmarks (default: all but soak, which takes minutes)")
+    p.add_argument("--soak-hours", type=float, default=24.0, help="simulated hours of the soak")
     p.add_argument("--samples", type=int, default=200, help="latency samples (default 200)")
     p.add_argument("--bus-seconds", type=float, default=10.0, help="seconds of worst-case bus traffic")
     p.add_argument("--scenario", default="summer-peak.toml", help="bundled scenario for the simulator figure")
