@@ -61,7 +61,7 @@ class SafetyConfig:
     hard_min_soc_pct: float = spec(10, lo=5, hi=50)
     soc_margin_pct: float = spec(2, lo=0, hi=10)
     backup_floor_pct: float = spec(20, lo=5, hi=100)
-    bms_timeout_s: float = spec(0.5, lo=0.05, hi=10)
+    bms_timeout_s: float = spec(0.5, lo=0.25, hi=10, doc="at least two runtime ticks (0.1 s)")
     inverter_timeout_s: float = spec(3.0, lo=0.1, hi=60)
     ramp_w_per_s: float = spec(2_000, lo=10, hi=100_000)
     fault_holdoff_s: float = spec(30, lo=0, hi=3_600)

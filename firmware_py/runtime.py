@@ -174,10 +174,18 @@ class Gateway:
     # ------------------------------------------------------------------ journal
 
     def flush_journal(self) -> int:
-        """Write what the steps queued, in one transaction; a failure becomes a refusal to dispatch."""
+        """Write what the steps queued, in one transaction, here and now (the bench's way)."""
         pending, self._pending = self._pending, []
+        return self._settle(pending, self._write(pending))
+
+    async def flush_journal_async(self) -> int:
+        """The same off the event loop: the queue is taken here, only the disk work moves to a thread."""
+        pending, self._pending = self._pending, []
+        return self._settle(pending, await asyncio.to_thread(self._write, pending) if pending else None)
+
+    def _write(self, pending: list[Any]) -> JournalWriteError | None:
         if not pending:
-            return 0
+            return None
         try:
             with self.journal.batch():
                 for item in pending:
@@ -186,13 +194,19 @@ class Gateway:
                     else:
                         self.journal.append_event(item)
         except JournalWriteError as err:
-            self._pending = pending + self._pending  # nothing is lost: retried on the next flush
-            if not self.journal_failed:
-                log.error("journal write failed, refusing dispatch until it recovers: %s", err)
-            self.journal_failed = str(err)
-            return 0
-        self.journal_failed = None
-        return len(pending)
+            return err
+        return None
+
+    def _settle(self, pending: list[Any], failure: JournalWriteError | None) -> int:
+        """After a write: on failure put the records back in front (nothing is lost) and refuse dispatch."""
+        if failure is None:
+            self.journal_failed = None
+            return len(pending)
+        self._pending[:0] = pending
+        if not self.journal_failed:
+            log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
+        self.journal_failed = str(failure)
+        return 0
 
     def close_open_events(self, meter_total_wh: float | None,
                           reason: str = "gateway restarted: event ended") -> list[str]:
@@ -204,9 +218,11 @@ class Gateway:
         """
         open_events = open_journal_events(self.journal)
         now = self.clock()
+        # The meter's gap belongs to the event being served last: the one reported most recently.
+        newest = max(open_events, key=lambda rid: open_events[rid].at if open_events[rid] else -1.0, default=None)
         for request_id, last in open_events.items():
             meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
-            if last and last.meter_total_wh is not None and meter_total_wh is not None:
+            if request_id == newest and last and last.meter_total_wh is not None and meter_total_wh is not None:
                 gap = meter_total_wh - last.meter_total_wh
                 if 0 <= gap <= self._most_unreported_wh():
                     meter += gap
@@ -227,7 +243,13 @@ def open_journal_events(journal: Journal) -> dict[str, EventEnergy | None]:
     """Accepted requests with no end record, and the last energy record of each."""
     accepted: dict[str, EventEnergy | None] = {}
     for record in journal.records():
-        event = record.event()
+        if record.kind not in ("DispatchAnswer", "EventEnergy", "DispatchEnded"):
+            continue  # notes, inputs, transitions: nothing about which events are open
+        try:
+            event = record.event()
+        except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
+            log.error("journal record %d skipped: %s", record.seq, err)
+            continue
         if isinstance(event, DispatchAnswer):
             if event.verdict is Verdict.REJECTED:
                 if event.reason is not ReasonCode.DUPLICATE:
@@ -284,12 +306,13 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     gateway = Gateway(config, clock, reader, inverter, journal, owner)
     owner_api = OwnerApi(config.owner, gateway, store=store)
     await owner_api.start()
-    services = [owner_api.run(), *(source.run(gateway) for source in dispatch_sources(config, gateway))]
+    services = [("owner API", owner_api.run())]
+    services += [(type(source).__name__, _supervised(source, gateway)) for source in dispatch_sources(config, gateway)]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     bus = open_bus(config, reader)
-    notifier = can.Notifier(bus, [BmsListener(reader, gateway.on_snapshot)], loop=loop)
+    notifier = start_can_intake(bus, reader, gateway, loop)
     systemd = Systemd()
     try:
         first = await gateway.poll_inverter()
@@ -300,40 +323,83 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
             asyncio.create_task(_every(options.tick_s, gateway.tick), name="tick"),
             asyncio.create_task(_every(config.inverter.poll_interval_s, gateway.poll_inverter), name="poll"),
             asyncio.create_task(_command_writer(gateway), name="writer"),
-            asyncio.create_task(_every(options.journal_flush_s, lambda: asyncio.to_thread(gateway.flush_journal)),
-                                name="journal"),
+            asyncio.create_task(_every(options.journal_flush_s, gateway.flush_journal_async), name="journal"),
         ]
-        tasks += [asyncio.create_task(service) for service in services]
+        tasks += [asyncio.create_task(service, name=name) for name, service in services]
         if systemd.watchdog_s:
             tasks.append(asyncio.create_task(_every(systemd.watchdog_s, lambda: systemd.notify("WATCHDOG=1"))))
         systemd.notify("READY=1")
         log.info("gateway running: CAN %s/%s, inverter %s", config.can.interface, config.can.channel,
                  config.inverter.host if config.inverter.transport == "tcp" else config.inverter.serial_port)
-        await _until_stopped(stop, tasks)
+        code = await _until_stopped(stop, tasks)
     finally:
         systemd.notify("STOPPING=1")
-        notifier.stop()
-        bus.shutdown()
-        await inverter.safe_stop()
-        gateway.feed(Tick(clock()))
-        gateway.flush_journal()
-        last = await inverter.read_status()
-        gateway.close_open_events(last.tot_wh_inj if last.comms_ok else None, "gateway stopped: event ended")
-        await inverter.close()
+        await _shut_down(gateway, notifier, bus)
         journal.close()
-    return 0
+    return code
 
 
-async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
-    """Wait for a stop signal; a task that dies is a bug worth stopping for, loudly."""
+async def _shut_down(gateway: Gateway, notifier: can.Notifier, bus: can.BusABC) -> None:
+    """Safe stop first, then the journal; each step on its own so one failure skips no other."""
+    steps = (
+        ("safe stop", gateway.inverter.safe_stop),
+        ("CAN", lambda: (notifier.stop(), bus.shutdown())),
+        ("final step", lambda: gateway.feed(Tick(gateway.now()))),
+        ("journal", gateway.flush_journal),
+        ("open events", lambda: _end_open_events(gateway)),
+        ("inverter link", gateway.inverter.close),
+    )
+    for what, action in steps:
+        try:
+            outcome = action()
+            if asyncio.iscoroutine(outcome):
+                await outcome
+        except Exception:  # noqa: BLE001 - shutting down: report and go on to the next step
+            log.exception("shutdown: %s failed", what)
+
+
+async def _end_open_events(gateway: Gateway) -> None:
+    last = await gateway.inverter.read_status()
+    gateway.close_open_events(last.tot_wh_inj if last.comms_ok else None, "gateway stopped: event ended")
+
+
+async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task]) -> int:
+    """Wait for a stop signal (exit 0). A task that ends is a bug worth stopping for, loudly (exit 1):
+    systemd restarts the gateway, and the inverter's revert timer covers the gap."""
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks + [waiter]:
         task.cancel()
     await asyncio.gather(*tasks, waiter, return_exceptions=True)
-    for task in done:
-        if task is not waiter and not task.cancelled() and task.exception():
-            raise task.exception()
+    failed = [task for task in done if task is not waiter]
+    for task in failed:
+        error = None if task.cancelled() else task.exception()
+        log.critical("%s stopped unexpectedly: %s", task.get_name(), error or "it returned")
+    return 1 if failed else 0
+
+
+async def _supervised(source: Any, gateway: Gateway, pause_s: float = 5.0) -> None:
+    """Run a dispatch source; a peer that makes it fail costs that source a restart, not the gateway."""
+    while True:
+        try:
+            await source.run(gateway)
+            log.error("%s ended; restarting it in %.0f s", type(source).__name__, pause_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - whatever a remote peer provokes, the gateway stays up
+            log.exception("%s failed; restarting it in %.0f s", type(source).__name__, pause_s)
+        await asyncio.sleep(pause_s)
+
+
+def start_can_intake(bus: can.BusABC, reader: BmsReader, gateway: Gateway,
+                     loop: asyncio.AbstractEventLoop) -> can.Notifier:
+    """Frames are decoded in python-can's receive thread; each new snapshot hops to the event loop.
+
+    No loop is given to the Notifier on purpose: with one, python-can re-raises a receive
+    error and its thread dies, silencing the BMS until a restart.
+    """
+    hop = lambda snapshot: loop.call_soon_threadsafe(gateway.on_snapshot, snapshot)  # noqa: E731
+    return can.Notifier(bus, [BmsListener(reader, hop)])
 
 
 async def _every(period_s: float, action: Callable[[], Any]) -> None:

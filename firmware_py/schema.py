@@ -8,6 +8,7 @@ fixes a file in one pass), and resolves relative paths against a base folder.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
@@ -41,8 +42,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"expected a number, got {value!r}"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else f"expected a finite number, got {value!r}"
     if hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return None if ok else f"expected an integer, got {value!r}"

@@ -35,6 +35,7 @@ from firmware_py.core.types import (
     FaultRaised,
     OwnerSettings,
 )
+from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.runtime import Gateway
@@ -51,7 +52,6 @@ INVERTER_FAULTS = {
     "modbus_disconnect": InverterFault.DROP_CONNECTION,
     "grid_outage": InverterFault.GRID_OUTAGE,
 }
-ABNORMAL_REASONS = ("stale", "fault", "inhibit", "clamped: bms", "backup", "grid")
 _channels = itertools.count()
 
 
@@ -91,10 +91,17 @@ class ScriptedAggregator:
 
 @dataclass
 class FaultWatch:
-    """When a scenario fault was injected, noticed by the gateway, and made safe."""
+    """When a scenario fault was injected, noticed by the gateway, and made safe.
+
+    Noticed = the gateway's own reaction after the injection: a fault raised, a change of
+    mode, or a new reason for its command. Safe = the inverter at 0 W after that (for a
+    grid outage: serving the house in BACKUP).
+    """
 
     kind: str
     at_s: float
+    mode: Mode
+    reason: str
     detected_at: float | None = None
     safe_at: float | None = None
 
@@ -153,6 +160,8 @@ class Bench:
 
     async def _build(self) -> None:
         s = self.scenario
+        self.journal_path = self.options.journal_path or Path(f"/tmp/powershare-bench-{id(self)}.sqlite")
+        _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
         self.channel = f"powershare-bench-{next(_channels)}"
         self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
                                ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
@@ -167,11 +176,8 @@ class Bench:
         clock = lambda: self.t  # noqa: E731 - the one simulated clock everything reads
         self.reader = BmsReader(dbc, clock)
         self.gateway_bus = can.Bus(interface="virtual", channel=self.channel, can_filters=self.reader.can_filters())
-        path = self.options.journal_path or Path(f"/tmp/powershare-bench-{id(self)}.sqlite")
-        for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            leftover.unlink(missing_ok=True)  # a bench journal is one run's record
-        self.journal = Journal.open(path, wall_clock=time.time)
-        self.journal_path = path
+        self.journal = Journal.open(self.journal_path, wall_clock=time.time)
+        self.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
         self.client = InverterClient(self.config.inverter, clock)
         owner = OwnerSettings(s.owner.reserve_pct, 0.0)
         self.gateway = Gateway(self.config, clock, self.reader, self.client, self.journal, owner)
@@ -280,7 +286,8 @@ class Bench:
             self.node.inject(f.kind, until)
         else:
             self.model.inject(INVERTER_FAULTS[f.kind], until)
-        self.faults.append(FaultWatch(f.kind, self.t))
+        c = self.gateway.controller
+        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
 
     # ------------------------------------------------------------------ watching
 
@@ -290,12 +297,9 @@ class Bench:
         if not pending:
             return
         c = result.controller
-        abnormal = (any(isinstance(e, FaultRaised) for e in result.events)
-                    or c.mode in (Mode.FAULT, Mode.LOCKOUT, Mode.BACKUP)
-                    or result.command.reason.startswith(ABNORMAL_REASONS)
-                    or (result.command.setpoint_w <= 0 and self.model.ac_power_w <= 0))
-        if abnormal:
-            for w in pending:
+        raised = any(isinstance(e, FaultRaised) for e in result.events)
+        for w in pending:
+            if raised or c.mode is not w.mode or result.command.reason != w.reason:
                 w.detected_at = self.t
 
     def _watch_safety(self) -> None:
@@ -385,6 +389,24 @@ class Bench:
                 checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
                                f"after {safe} s (allowed {e.max_safe_after_s} s)"))
         return checks
+
+
+BENCH_MARK = "BenchRun"
+
+
+def _replace_bench_journal(path: Path) -> None:
+    """A bench journal is one run's record: replace the last run's, never anything else."""
+    if path.exists():
+        try:
+            with Journal.open(path, readonly=True) as old:
+                first = old.records()[:1]
+        except InputError:
+            first = []
+        if not first or first[0].kind != BENCH_MARK:
+            raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
+                             "(give --journal a new file)")
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
 
 
 def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:

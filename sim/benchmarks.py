@@ -30,14 +30,14 @@ from typing import Any
 
 import can
 
-from firmware_py.bms.reader import BmsListener, BmsReader
+from firmware_py.bms.reader import BmsReader
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.runtime import TICK_S, Gateway, _command_writer, _every
+from firmware_py.runtime import TICK_S, Gateway, _command_writer, _every, start_can_intake
 from sim.battery import Battery
 from sim.bms_node import BmsNode
 from sim.inverter import InverterModel, SimInverterServer
@@ -91,10 +91,10 @@ class RealtimeRig:
         self.gateway = Gateway(self.config, self.clock, self.reader, self.client, self.journal,
                                OwnerSettings(40, self.clock()))
         loop = asyncio.get_running_loop()
-        self.notifier = can.Notifier(self.gw_bus, [BmsListener(self.reader, self.gateway.on_snapshot)], loop=loop)
+        self.notifier = start_can_intake(self.gw_bus, self.reader, self.gateway, loop)
         self.tasks = [asyncio.create_task(coro) for coro in (
             _every(TICK_S, self.gateway.tick), _every(0.5, self.gateway.poll_inverter),
-            _command_writer(self.gateway), _every(0.2, self.gateway.flush_journal),
+            _command_writer(self.gateway), _every(0.2, self.gateway.flush_journal_async),
             _every(0.01, self._physics))]
         return self
 
@@ -220,18 +220,14 @@ def bus_load(seconds: float) -> dict[str, Any]:
         return lambda msg: None
 
     def naive(bus: can.BusABC) -> Callable[[can.Message], None]:
-        """Decode every frame, and step the core on every BMS frame."""
-        reader = BmsReader(dbc, time.time)
-        gateway = _offline_gateway(reader, time.time)
-        db = reader.db
+        """DESIGN §4's baseline: decode every frame that arrives, whatever its id."""
+        db = BmsReader(dbc, time.time).db
 
         def take(msg: can.Message) -> None:
             try:
                 db.decode_message(msg.arbitration_id, msg.data)
             except (KeyError, ValueError, cantools_error()):
-                return
-            reader.on_message(msg)
-            gateway.feed(reader.snapshot(time.time()))
+                pass
 
         return take
 

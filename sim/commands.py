@@ -66,6 +66,9 @@ def _sim(args: argparse.Namespace) -> int:
     summary_path = args.summary or (Path("summary.json") if default_run else None)
     plot_path = args.plot or (Path("plot.png") if default_run else None)
     loaded = scenario.load(_scenario_path(args.scenario))
+    for path in (summary_path, plot_path, args.trace, args.journal):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise InputError(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
     speed = 1.0 if args.realtime else args.speed
     if speed is not None and speed <= 0:
         raise InputError(f"--speed: must be > 0, got {speed}")

@@ -118,3 +118,13 @@ def test_failed_expectation_exits_1(tmp_path):
     (tmp_path / "strict.toml").write_text(text)
     assert main(["sim", "--scenario", str(tmp_path / "strict.toml"), "--quiet",
                  "--journal", str(tmp_path / "j.sqlite")]) == 1
+
+
+def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, capsys):
+    precious = tmp_path / "gateway-journal.sqlite"
+    with Journal.open(precious) as journal:
+        journal.append("Note", 0.0, {"what": "a real gateway's record"})
+    assert main(["sim", "--scenario", "fault-bms-fault", "--quiet", "--journal", str(precious)]) == 2
+    assert "not a bench journal" in capsys.readouterr().err
+    with Journal.open(precious, readonly=True) as journal:
+        assert len(journal) == 1

@@ -16,7 +16,6 @@ never through wall-clock measurements in the test.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket

@@ -25,6 +25,7 @@ from firmware_py.core.types import (
     FaultRaised,
     InstallerReset,
     InverterState,
+    Tick,
     OwnerSettings,
     ReasonCode,
     Verdict,
@@ -286,3 +287,39 @@ def test_a_modification_continues_the_event_and_its_energy():
     assert ended.reason == "revision 2 refused"
     final = [e for e in refused.events if isinstance(e, EventEnergy) and e.final]
     assert final[0].meter_wh == pytest.approx(2.0)
+
+
+def test_a_hair_above_the_floor_with_an_ageing_snapshot_gives_zero_not_an_error():
+    """Energy used since the snapshot can exceed what was above the floor: the envelope is 0, not √(-x)."""
+    owner = OwnerSettings(reserve_pct=40.05, received_at=0.0)  # a floor off the 0.1 % SoC grid
+    c = step(Controller.start(POLICY), both(0.0, soc=60.0) + [owner, discharge("e1", 0.0, 0, 600)], 0.0).controller
+    c = step(c, both(6.0, soc=60.0), 6.0).controller
+    assert c.setpoint_w == pytest.approx(11_500)
+    c = step(c, both(6.1, soc=42.0501), 6.1).controller
+    r = step(c, [inverter(6.4), Tick(6.4)], 6.4)  # the BMS snapshot is 0.3 s old, 11.5 kW meanwhile
+    assert r.command.setpoint_w == 0 and r.command.reason == "clamped: reserve"
+
+
+def test_a_refused_revision_ends_the_event_but_keeps_its_energy():
+    c = Controller.start(POLICY)
+    for t in (0.0, 1.0, 2.0):
+        inputs = [bms(t), inverter(t, measured_w=3_600, tot_wh_inj=100 + t)]
+        c = step(c, inputs + ([discharge("e1", 0.0, 0, 100, target=4_000)] if t == 0 else []), t).controller
+    owner = OwnerSettings(reserve_pct=40, received_at=2.5, opt_out_events=frozenset())
+    r = step(c, [bms(2.5), owner, discharge("e1", 2.5, 2.5, 2.0, target=4_000, revision=1)], 2.5)  # invalid
+    entry = r.controller.book.find("e1")
+    assert entry.accepted and entry.ended and entry.meter_wh == pytest.approx(2.0)
+
+
+def test_a_cancel_from_another_source_is_ignored():
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("e1", 0.0, 0, 100)], 0.0).controller
+    r = step(c, both(1.0) + [DispatchCancel("e1", "someone-else", 1.0)], 1.0)
+    assert not [e for e in r.events if isinstance(e, DispatchEnded)]
+    assert r.controller.mode is Mode.DISCHARGE
+
+
+def test_a_short_opt_out_does_not_end_a_later_event():
+    c = step(Controller.start(POLICY), both(0.0) + [discharge("later", 0.0, 7200, 9000)], 0.0).controller
+    r = step(c, both(1.0) + [OwnerSettings(reserve_pct=40, received_at=1.0, opt_out_until=3600.0)], 1.0)
+    assert not [e for e in r.events if isinstance(e, DispatchEnded)]
+    assert r.controller.book.find("later") in r.controller.book.live()

@@ -180,6 +180,32 @@ def test_readback_mismatch_is_reported_not_raised(caplog):
         with caplog.at_level(logging.WARNING, logger="firmware_py.inverter.client"):
             await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
         assert "read-back differs" in caplog.text and "WSet wrote 50000 read 10000" in caplog.text
+        # What the inverter holds is not what was asked: it is stopped, and the core is told so.
+        assert rig.model.controls["WSet"] == 0.0
+        status = await rig.client.read_status()
+        assert not status.comms_ok and "read-back differs" in status.error
+        rig.server._write = original  # a command that reads back as written restores trust
+        await rig.client.apply(InverterCommand(0.0, "fault"))
+        assert (await rig.client.read_status()).comms_ok
+
+
+def test_a_revert_that_does_not_take_stops_the_inverter():
+    """A device that ignores WSetEnaRvrt must not be left discharging unguarded."""
+
+    async def scenario(rig):
+        original = rig.server._write
+
+        def unarmed_write(address, values):
+            result = original(address, values)
+            rig.model.controls["WSetEnaRvrt"] = 0
+            return result
+
+        rig.server._write = unarmed_write
+        await rig.client.apply(InverterCommand(5_000.0, "dispatch"))
+        assert rig.model.controls["WSet"] == 0.0
+        assert not (await rig.client.read_status()).comms_ok
+
+    run(scenario)
 
     run(scenario)
 

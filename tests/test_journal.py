@@ -345,3 +345,16 @@ def test_a_later_revision_replaces_the_request(path):
         journal.append_event(t.DispatchRequest("r", "openadr", t.DispatchKind.DISCHARGE, 7000, 0, 200, 5, revision=1))
         (summary,) = event_summaries(journal)
     assert (summary.target_w, summary.end, summary.revision) == (7000, 200, 1)
+
+
+def test_verify_reports_a_column_rewritten_with_the_wrong_type(tmp_path):
+    path = tmp_path / "typed.sqlite"
+    with Journal.open(path) as journal:
+        for n in range(3):
+            journal.append("Note", float(n), {"n": n})
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER records_no_update")
+        db.execute("UPDATE records SET payload = CAST(payload AS BLOB) WHERE seq = 2")
+    with Journal.open(path, readonly=True) as journal:
+        problems = journal.verify()
+    assert any("record 2" in p and "wrong type" in p for p in problems)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from firmware_py.errors import InputError
 log = logging.getLogger(__name__)
 
 TIMEOUT_PERIODS = 3
+ERROR_PAUSE_S = 0.05  # after a receive error, before the Notifier tries again
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ class BmsListener(can.Listener):
         self.reader = reader
         self.on_snapshot = on_snapshot
         self.errors = 0
+        self._last_error = ""
 
     def on_message_received(self, msg: can.Message) -> None:
         snapshot = self.reader.on_message(msg)
@@ -241,9 +244,18 @@ class BmsListener(can.Listener):
             self.on_snapshot(snapshot)
 
     def on_error(self, exc: Exception) -> None:
-        """A bus error must not kill the Notifier thread; the timeouts make it visible."""
+        """A receive error is handled here, so a Notifier without a loop keeps its thread alive.
+
+        (A Notifier given an event loop re-raises and its thread dies: the runtime
+        therefore runs it without one.) Logged once per distinct error, and a short
+        pause keeps a bus that fails every call from spinning a core; the BMS
+        timeouts make the silence visible to the core meanwhile.
+        """
         self.errors += 1
-        log.warning("CAN bus error: %s", exc)
+        if str(exc) != self._last_error:
+            log.warning("CAN receive error (retrying): %s", exc)
+            self._last_error = str(exc)
+        time.sleep(ERROR_PAUSE_S)
 
 
 def reader_from_config(config: Any, clock: Callable[[], float]) -> BmsReader:

@@ -23,13 +23,15 @@ from firmware_py.core.types import (
     PackContactor,
 )
 
-# Fields without which no power decision can be made safely.
+# Fields without which no power decision can be made safely (a silent thermal message
+# would otherwise switch the temperature checks off).
 CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
-                       "contactor_state", "pack_contactor_neg", "pack_contactor_pos")
+                       "contactor_state", "pack_contactor_neg", "pack_contactor_pos",
+                       "min_temp_c", "max_temp_c")
 
 # Every BMS field the core decides on. A snapshot that changes none of them (only pack
 # voltage and current noise, say) cannot change a decision, so the runtime need not step for it.
-DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct", "min_temp_c", "max_temp_c")
+DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct",)
 
 LOCKOUT = "lockout"
 

@@ -56,5 +56,5 @@ def discharge_envelope_w(policy: Policy, energy_wh: float) -> float:
     reverts, so P·horizon ≤ E. The first makes power ramp down smoothly as the
     floor nears; the second keeps a dying gateway from overshooting.
     """
-    energy_j = energy_wh * 3600
+    energy_j = max(0.0, energy_wh) * 3600
     return min(math.sqrt(2 * policy.ramp_w_per_s * energy_j), energy_j / policy.command_horizon_s)

@@ -14,6 +14,7 @@ the order of TRANSITIONS and nowhere else.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -279,8 +280,8 @@ HANDLERS: dict[Mode, Callable[[View, float, float], tuple[float, str]]] = {
 
 def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     """The one safety clamp: whatever the mode asked for, within every limit."""
-    if setpoint == 0:
-        return 0.0, reason
+    if setpoint == 0 or not math.isfinite(setpoint):
+        return 0.0, reason if setpoint == 0 else "invalid: setpoint not a finite number"
     if not v.bms_ok:
         return 0.0, "stale: bms"
     if not v.inv_ok:
@@ -293,7 +294,7 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     if setpoint > 0:
         # The snapshot's SoC is as old as the snapshot: discount what may have left since.
         used_since = v.c.peak_since_bms_w * max(0.0, v.now - bms.received_at) / 3600
-        energy = floors.energy_above_wh(policy, bms.soc_min_pct, v.floor) - used_since
+        energy = max(0.0, floors.energy_above_wh(policy, bms.soc_min_pct, v.floor) - used_since)
         limits = [("bms limit", bms.max_discharge_w), ("site limit", policy.max_discharge_w),
                   ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
@@ -358,13 +359,18 @@ def _answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller
         return c, [answer]
     else:
         answer = judge(req, _judgement(c, req, now))
-    entry = Booked(req, answer, ended=answer.verdict is Verdict.REJECTED)
-    running = existing is not None and existing.accepted and not existing.ended
-    if running and answer.verdict is Verdict.REJECTED:
-        c, events = _end(c, existing, now, f"revision {req.revision} refused")
-    elif running:  # a modification continues the same event: its energy so far carries over
-        entry = replace(entry, meter_wh=existing.meter_wh, integrated_wh=existing.integrated_wh,
-                        last_report_at=existing.last_report_at)
+    rejected = answer.verdict is Verdict.REJECTED
+    entry = Booked(req, answer, ended=rejected)
+    earlier = existing if existing is not None and existing.accepted else None
+    if earlier is not None and not earlier.ended and (rejected or req.kind is not earlier.request.kind):
+        change = "refused" if rejected else f"changed it to {req.kind.value}"
+        c, events = _end(c, earlier, now, f"revision {req.revision} {change}")
+    if earlier is not None and rejected:
+        return c, events + [answer]  # the book keeps the event as it ran, energy and all
+    if earlier is not None and req.kind is earlier.request.kind:
+        # A modification (or a renewal after it ended) continues the same event: its energy carries over.
+        entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
+                        last_report_at=earlier.last_report_at)
     c = replace(c, book=c.book.add(entry))
     events.append(answer)
     if req.kind is DispatchKind.STOP and answer.verdict is Verdict.ACCEPTED:
@@ -423,8 +429,8 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
         return _answer(c, item, now)
     if isinstance(item, DispatchCancel):
         entry = c.book.find(item.id)
-        if entry is None or not entry.accepted or entry.ended:
-            return c, []
+        if entry is None or not entry.accepted or entry.ended or entry.request.source != item.source:
+            return c, []  # one source cannot end another's event
         return _end(c, entry, now, f"cancelled by {item.source}")
     if isinstance(item, InstallerReset):
         book, events = c.faults.reset_lockout(now)
@@ -438,7 +444,8 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
         why = None
         if now >= entry.request.end:
             why = "window closed"
-        elif entry.request.kind is DispatchKind.DISCHARGE and c.owner.opted_out(now, entry.request.id):
+        elif entry.request.kind is DispatchKind.DISCHARGE and \
+                c.owner.opted_out(max(now, entry.request.start), entry.request.id):
             why = "owner opted out"
         if why:
             c, ended = _end(c, entry, now, why)

@@ -24,11 +24,13 @@ from typing import Any
 
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState, InverterStatus
-from firmware_py.inverter.sunspec import BASE_ADDRESSES, END_MODEL_ID, SUNS_MARKER, ModelDef, SunSpecError
+from firmware_py.inverter.sunspec import (BASE_ADDRESSES, END_MODEL_ID, SUNS_MARKER, ModelDef, SunSpecError,
+                                         walk_chain)
 
 log = logging.getLogger(__name__)
 
 MAX_READ = 125  # registers per Modbus read
+LAST_ADDRESS = 0xFFFF
 MAX_MODELS = 64  # a chain longer than this is a device bug, not a device
 M701, M702, M704, M713 = (ModelDef.load(m) for m in (701, 702, 704, 713))
 STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .. TotWhAbs
@@ -87,6 +89,8 @@ class InverterClient:
         self._next_attempt = -math.inf
         self._error: str | None = None
         self._logged: str | None = None
+        self._untrusted: str | None = None
+        """Set while the last command did not read back as written."""
         # One Modbus exchange at a time: pymodbus pairs replies with requests per connection,
         # and a write must not interleave with another write's read-back.
         self._busy = asyncio.Lock()
@@ -168,16 +172,16 @@ class InverterClient:
             model_id, length = await self._read(addr, 2)
             if model_id == END_MODEL_ID:
                 break
+            if addr + 2 + length > LAST_ADDRESS:
+                raise LinkError(f"model {model_id} at {addr} with L={length} runs past the last Modbus address")
             headers.append((addr, model_id, length))
             addr += length + 2
         else:
             raise LinkError(f"SunSpec model chain at {base} has no end model within {MAX_MODELS} models")
-        models: dict[int, tuple[int, int]] = {}
-        for at, model_id, length in headers:
-            known = _known(model_id)
-            if known is not None and length < known.length:
-                raise LinkError(f"model {model_id} at {at} has L={length}, its definition needs {known.length}")
-            models.setdefault(model_id, (at, length))
+        try:
+            models = walk_chain(headers)
+        except SunSpecError as err:
+            raise LinkError(str(err)) from None
         for needed in (701, 704):
             if needed not in models:
                 raise LinkError(f"inverter has no SunSpec model {needed} (found {sorted(models)}): cannot use it")
@@ -223,6 +227,8 @@ class InverterClient:
                 await self._ensure()
                 assert self.discovery is not None
                 status = await self._status(self.discovery)
+            if self._untrusted:  # until a command reads back as written, the core must not rely on it
+                raise LinkError(self._untrusted, drop=False)
         except LinkError as err:
             return await self._failed(err)
         self._recovered()
@@ -270,6 +276,8 @@ class InverterClient:
         if not self.connected:
             return
         assert self.discovery is not None
+        if not math.isfinite(setpoint_w):
+            setpoint_w = 0.0  # never forward a number the inverter cannot represent
         raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()
         if not force and raw == self._written and now - self._written_at < self.refresh_s:
@@ -282,10 +290,14 @@ class InverterClient:
                 await self._write(addr, block)
                 self._written, self._written_at = raw, now
                 back = await self._read(addr, count)
+                if back != block and raw != 0:
+                    # The inverter may hold this setpoint without the revert armed: take it to 0 W now.
+                    await self._write(addr, self._control_block(0))
             if back != block:
-                self._written = None
-                raise LinkError(f"704 read-back differs from what was written (WSet raw {raw}): "
-                                f"{_diff(M704, lo, block, back)}", drop=False)
+                self._untrusted = (f"704 read-back differs from what was written (WSet raw {raw}): "
+                                   f"{_diff(M704, lo, block, back)}")
+                raise LinkError(self._untrusted, drop=False)
+            self._untrusted = None
         except LinkError as err:
             self._written = None
             await self._failed(err)
@@ -334,6 +346,8 @@ class InverterClient:
             raise LinkError(str(err).strip(), what=what) from None
         except OSError as err:
             raise LinkError(str(err), what=what) from None
+        except ValueError as err:  # pymodbus refuses a request it cannot frame (an address past 65535)
+            raise LinkError(f"invalid request: {err}", what=what, drop=False) from None
         if reply is None:
             raise LinkError("no reply", what=what)
         if reply.isError():
@@ -358,13 +372,6 @@ class InverterClient:
         if self._logged is not None:
             log.info("inverter %s: link healthy again", self._where())
         self._logged = self._error = None
-
-
-def _known(model_id: int) -> ModelDef | None:
-    try:
-        return ModelDef.load(model_id)
-    except SunSpecError:
-        return None
 
 
 def _sfs(mdef: ModelDef, raw: dict[str, Any]) -> dict[str, int | None]:

@@ -88,6 +88,12 @@ class Record:
         return codec.decode_event(self.kind, self.payload)
 
 
+def _row_types_ok(seq: Any, at: Any, wall: Any, kind: Any, text: Any, prev: Any, digest: Any) -> bool:
+    """What the schema promises and SQLite's loose typing does not enforce."""
+    return (isinstance(seq, int) and all(isinstance(v, (int, float)) for v in (at, wall))
+            and all(isinstance(v, str) for v in (kind, text, prev, digest)))
+
+
 def record_hash(prev_hash: str, seq: int, at: float, wall: float, kind: str, payload_text: str) -> str:
     """sha256 over the canonical JSON of the chained fields (payload as its stored text)."""
     fields = json.dumps([prev_hash, seq, at, wall, kind, payload_text], separators=(",", ":"))
@@ -230,6 +236,10 @@ class Journal:
             rows = self._read("SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records ORDER BY seq")
             head = self._read("SELECT seq, hash FROM head WHERE id = 1")
         for seq, at, wall, kind, text, stored_prev, stored_hash in rows:
+            if not _row_types_ok(seq, at, wall, kind, text, stored_prev, stored_hash):
+                problems.append(f"record {seq}: a column holds the wrong type (edited outside the journal)")
+                expected_seq, prev_hash = (seq + 1 if isinstance(seq, int) else expected_seq), stored_hash
+                continue
             if seq != expected_seq:
                 problems.append(_gap(expected_seq, seq))
             if stored_prev != prev_hash:
