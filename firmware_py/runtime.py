@@ -107,7 +107,7 @@ class Gateway:
 
     def on_frame(self, msg: can.Message) -> None:
         """A CAN frame arrived: decode, and step the core only when the BMS said something new."""
-        snapshot = self.reader.on_message(msg, self.clock())
+        snapshot = self.reader.on_message(msg)  # the reader reads the clock only for a BMS frame
         if snapshot is not None:
             self.on_snapshot(snapshot)
 
@@ -418,12 +418,22 @@ async def _command_writer(gateway: Gateway) -> None:
         await gateway.write_command()
 
 
+# Buses that are software all the way down: python-can would apply acceptance filters in Python,
+# frame by frame, which costs more than the reader's own id lookup. Every other interface gets
+# the filters, which its kernel driver or hardware applies before a frame reaches user space.
+SOFTWARE_BUSES = frozenset({"virtual", "remote"})
+
+
+def bus_filters(interface: str, reader: BmsReader) -> list[dict[str, Any]] | None:
+    return None if interface in SOFTWARE_BUSES else reader.can_filters()
+
+
 def open_bus(config: Config, reader: BmsReader) -> can.BusABC:
     from firmware_py.errors import InputError
 
     try:
         return can.Bus(interface=config.can.interface, channel=config.can.channel, bitrate=config.can.bitrate,
-                       can_filters=reader.can_filters())
+                       can_filters=bus_filters(config.can.interface, reader))
     except (can.CanError, OSError, ValueError, ImportError) as err:
         raise InputError(f"{config.source}: can: cannot open {config.can.interface} bus "
                          f"{config.can.channel!r}: {err}") from None

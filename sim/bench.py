@@ -38,7 +38,7 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.runtime import Gateway
+from firmware_py.runtime import Gateway, bus_filters
 from sim.battery import Battery
 from sim.bms_node import BmsNode
 from sim.inverter import Fault as InverterFault
@@ -175,7 +175,8 @@ class Bench:
         self.config = self._config(port)
         clock = lambda: self.t  # noqa: E731 - the one simulated clock everything reads
         self.reader = BmsReader(dbc, clock)
-        self.gateway_bus = can.Bus(interface="virtual", channel=self.channel, can_filters=self.reader.can_filters())
+        self.gateway_bus = can.Bus(interface="virtual", channel=self.channel,
+                                   can_filters=bus_filters("virtual", self.reader))
         self.journal = Journal.open(self.journal_path, wall_clock=time.time)
         self.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
         self.client = InverterClient(self.config.inverter, clock)
