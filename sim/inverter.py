@@ -28,6 +28,7 @@ from enum import Enum
 from typing import Any
 
 from firmware_py.core.types import InverterState
+from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef, SunSpecMap
 
@@ -365,15 +366,8 @@ async def run_realtime(model: InverterModel, server: SimInverterServer, pack: Co
         last = now
 
 
-def _parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65_535:
-        raise InputError(f"--listen: expected HOST:PORT, got {text!r}")
-    return host or "127.0.0.1", int(port)
-
-
 def _run(args: argparse.Namespace) -> int:
-    host, port = _parse_listen(args.listen)
+    host, port = parse_host_port(args.listen, "--listen")
 
     async def main() -> None:
         model = InverterModel(now=time.time(), unit_id=args.unit_id)

@@ -77,6 +77,7 @@ from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exp
     model_values,
     scale_factors,
 )
+from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import END_MODEL_ID, SUNS_MARKER, ModelDef
 
@@ -88,15 +89,6 @@ WRITE_CODES = frozenset({5, 6, 15, 16, 22, 23})
 REGISTER_WRITES = frozenset({6, 16, 22, 23})
 _PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("sunspec_peer", default=None)
 _NOTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sunspec_noted", default=False)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """'host:port' (IPv6 as '[::1]:1502') -> (host, port), or InputError naming the key."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
-        raise InputError(f"dispatch.sunspec_server.listen: expected HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 def parse_allow_list(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -129,7 +121,7 @@ class SunSpecDerServer:
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
                  base: int = 40000, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
         self.config = config
-        self.host, self.port = parse_listen(config.listen)
+        self.host, self.port = parse_host_port(config.listen, "dispatch.sunspec_server.listen")
         self.allowed = parse_allow_list(list(config.allow_write_from))
         self._ratings = ratings if callable(ratings) else (lambda: ratings)
         self._meter = meter
@@ -419,4 +411,4 @@ class _Listener(ModbusTcpServer):
         return _Connection(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
 
-__all__ = ["DerRatings", "SunSpecDerServer", "parse_allow_list", "parse_listen"]
+__all__ = ["DerRatings", "SunSpecDerServer", "parse_allow_list"]

@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
 
 UNIX_PREFIX = "unix:"
@@ -41,10 +42,10 @@ def parse_listen(value: str) -> Listen:
         if not os.path.isabs(path):
             raise InputError(f"{where}: a Unix socket path must be absolute")
         return Listen(unix_path=path)
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65_535:
-        raise InputError(f"{where}: expected HOST:PORT on loopback (e.g. 127.0.0.1:8765) or unix:/path")
+    try:
+        host, port = parse_host_port(value, "owner.api_listen")
+    except InputError:
+        raise InputError(f"{where}: expected HOST:PORT on loopback (e.g. 127.0.0.1:8765) or unix:/path") from None
     if host != "localhost":
         try:
             loopback = ipaddress.ip_address(host).is_loopback
@@ -53,7 +54,7 @@ def parse_listen(value: str) -> Listen:
         if not loopback:
             raise InputError(f"{where}: the owner API only listens on loopback (127.0.0.1 or ::1) "
                              "or a Unix socket; it must not be reachable from the network")
-    return Listen(host=host, port=int(port_text))
+    return Listen(host=host, port=port)
 
 
 def ensure_token(path: str | Path) -> str:
