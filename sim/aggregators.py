@@ -226,6 +226,7 @@ class SunSpecAggregator:
         self.answers: dict[str, DispatchAnswer | None] = {}
         self.server: SunSpecDerServer | None = None
         self.client: AsyncModbusTcpClient | None = None
+        self.sfs: dict[str, int | None] = {}
 
     async def start(self, bench: Bench) -> None:
         from firmware_py.dispatch.sunspec_server import SunSpecDerServer
@@ -243,6 +244,10 @@ class SunSpecAggregator:
         self.client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
         if not await self.client.connect():
             raise RuntimeError(f"bench: cannot connect to the SunSpec DER server on 127.0.0.1:{port}")
+        reply = await self.client.read_holding_registers(self.server.addresses[704], count=CTL.size,
+                                                         device_id=self.unit_id)
+        raw = CTL.decode(reply.registers, scaled=False)
+        self.sfs = {name: raw[name] for name, p in CTL.points.items() if p.type == "sunssf"}
 
     async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
         """Schedule the setpoint; if its start has come, write it now and return the core's answer."""
@@ -304,14 +309,14 @@ class SunSpecAggregator:
             self.request_ids[session.id] = setpoint.request.id
 
     async def _write(self, **values: Any) -> None:
-        """Contiguous 704 points in one write (all 704 scale factors are 0: engineering units are raw)."""
+        """Contiguous 704 points in one write, in engineering units scaled by the server's own factors."""
         assert self.client is not None and self.server is not None
         points = sorted((CTL.point(name) for name in values), key=lambda p: p.offset)
         regs: list[int] = []
         for p in points:
             if p.offset != points[0].offset + len(regs):
                 raise ValueError(f"704 points written together must be contiguous: {list(values)}")
-            regs += CTL.encode_point(p.name, values[p.name])
+            regs += CTL.encode_point(p.name, values[p.name], self.sfs)
         reply = await self.client.write_registers(self.server.addresses[704] + points[0].offset, regs,
                                                   device_id=self.unit_id)
         if reply.isError():
