@@ -329,13 +329,15 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         if systemd.watchdog_s:
             tasks.append(asyncio.create_task(_every(systemd.watchdog_s, lambda: systemd.notify("WATCHDOG=1"))))
         systemd.notify("READY=1")
-        log.info("gateway running: CAN %s/%s, inverter %s", config.can.interface, config.can.channel,
-                 config.inverter.host if config.inverter.transport == "tcp" else config.inverter.serial_port)
+        log.info("gateway running: CAN %s %s, inverter %s, journal %s", config.can.interface, config.can.channel,
+                 f"{config.inverter.host}:{config.inverter.port}" if config.inverter.transport == "tcp"
+                 else config.inverter.serial_port, config.journal.path)
         code = await _until_stopped(stop, tasks)
     finally:
         systemd.notify("STOPPING=1")
         await _shut_down(gateway, notifier, bus)
         journal.close()
+        log.info("gateway stopped: safe stop written, journal closed")
     return code
 
 
