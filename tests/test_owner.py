@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import http.client
 import json
 import math
 import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo
