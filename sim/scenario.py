@@ -14,9 +14,9 @@ from pathlib import Path
 
 from firmware_py.errors import InputError
 from firmware_py.schema import load_table, spec
+from sim.bms_node import FAULT_KINDS as BMS_NODE_FAULTS
 
-BMS_FAULTS = ("can_silence", "bms_fault", "dcl_zero", "contactor_open", "over_temp", "soc_jump",
-              "garbled", "wrong_length")
+BMS_FAULTS = BMS_NODE_FAULTS  # the BMS node owns what it can inject
 INVERTER_FAULTS = ("inverter_fault", "modbus_timeout", "modbus_exception", "modbus_disconnect", "grid_outage")
 FAULT_KINDS = BMS_FAULTS + INVERTER_FAULTS
 DEFAULT = "summer-peak.toml"
