@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
     from firmware_py.owner import commands as owner_commands
-    from sim import benchmarks
-    from sim import commands as sim_commands
+    from firmware_py.sim import bench
+    from firmware_py.sim import sim_command
 
     parser = argparse.ArgumentParser(
         prog="powershare-gw",
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (config, runtime, bms_commands, inverter_commands, journal_commands, owner_commands,
-                   sim_commands, benchmarks):
+                   sim_command, bench):
         module.register(sub)
     return parser
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pymodbus.client import AsyncModbusTcpClient
 
@@ -37,18 +37,47 @@ from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchKind,
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
-from sim.bench import Aggregator, ScriptedAggregator
-
-if TYPE_CHECKING:
-    from firmware_py.dispatch.sunspec_server import SunSpecDerServer
-    from firmware_py.runtime import Gateway
-    from sim.bench import Bench
-    from sim.vtn import LoopbackVtn
+from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+from firmware_py.runtime import Gateway
+from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
 
 log = logging.getLogger(__name__)
 
 KINDS = ("scripted", "openadr", "sunspec")
 
+
+class Aggregator(Protocol):
+    """How the scenario's dispatch reaches the gateway (scripted, OpenADR or SunSpec)."""
+
+    async def start(self, gateway: Gateway) -> None: ...
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None: ...
+
+    async def cancel(self, event_id: str) -> None: ...
+
+    async def step(self, t: float) -> None:
+        """Called once per bench step after physics: protocol timers that run on the simulated clock."""
+
+    async def stop(self) -> None: ...
+
+
+class ScriptedAggregator:
+    """Hands requests straight to the gateway's dispatch interface."""
+
+    async def start(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
+        return await self.gateway.submit(request)
+
+    async def cancel(self, event_id: str) -> None:
+        await self.gateway.submit(DispatchCancel(event_id, "scenario", self.gateway.now()))
+
+    async def step(self, t: float) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
 def for_scenario(scenario: Any) -> Aggregator:
     """The aggregator the scenario's `[aggregator] kind` names (checked against what it can carry)."""
@@ -106,11 +135,9 @@ class OpenAdrAggregator:
         self._task: asyncio.Task[None] | None = None
         self._openleadr_level: int | None = None
 
-    async def start(self, bench: Bench) -> None:
+    async def start(self, gateway: Gateway) -> None:
         from firmware_py.dispatch.openadr import OpenAdrVen
-        from sim.vtn import LoopbackVtn
 
-        gateway = bench.gateway
         self._quiet_openleadr()
         self.sink = _Recorder(gateway)
         self.t0 = datetime.now(timezone.utc) - timedelta(seconds=gateway.now())
@@ -130,7 +157,6 @@ class OpenAdrAggregator:
 
     async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
         """One LOAD_DISPATCH event (kW) for the request's window; the core's answer once the VTN has the opt."""
-        from sim.vtn import LOAD_DISPATCH
 
         assert self.vtn is not None
         if self.vtn.ven_id is None:
@@ -228,11 +254,9 @@ class SunSpecAggregator:
         self.client: AsyncModbusTcpClient | None = None
         self.sfs: dict[str, int | None] = {}
 
-    async def start(self, bench: Bench) -> None:
-        from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+    async def start(self, gateway: Gateway) -> None:
         from firmware_py.runtime import dispatch_sources
 
-        gateway = bench.gateway
         cfg = gateway.config.dispatch
         served = DispatchConfig(sunspec_server=replace(cfg.sunspec_server, enabled=True, listen="127.0.0.1:0",
                                                        unit_id=self.unit_id, allow_write_from=["127.0.0.1"]),

@@ -1,421 +1,449 @@
-"""The whole bench in one process, on a simulated clock.
+"""`powershare-gw bench`: the DESIGN §4 performance figures, measured, never asserted in tests.
 
-Real parts throughout: the pack and BMS node on a python-can virtual bus, the
-simulated inverter served over Modbus TCP on a loopback port, the real gateway
-runtime (the same `Gateway` as `powershare-gw run`) with its journal in a real
-SQLite file, and an aggregator from the scenario. Only time is simulated: each
-bench step advances physics by `step_s`, lets the BMS node send what is due,
-hands the frames to the gateway, and awaits its tick, inverter poll and command
-write, so every Modbus round trip really happens, just without waiting for the
-wall clock in between.
+- reaction: a BMS fault frame on the CAN bus -> `WSet = 0` received by the simulated
+  inverter over Modbus TCP loopback, through the real runtime (Notifier on the event
+  loop, core step, command writer), in real time;
+- dispatch: a SunSpec `WSet` write by an aggregator to the gateway's DER server ->
+  the inverter's new setpoint;
+- bus load: CPU of the gateway's CAN intake on a worst-case 500 kbit/s bus (3,704
+  frames/s, 90 % not BMS) against a naive decode-everything loop and the floor (a
+  loop that only receives);
+- simulator: simulated seconds per wall second on a bundled scenario, and the RSS.
+Everything binds to 127.0.0.1; every wait is bounded.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import itertools
 import json
-import math
+import random
+import resource
+import statistics
+import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any
 
 import can
+from cantools.database.errors import DecodeError
 
 from firmware_py.bms.reader import BmsReader
 from firmware_py.config import Config, bundled_dbc
-from firmware_py.core import Mode, StepResult
-from firmware_py.core.types import (
-    DispatchAnswer,
-    DispatchCancel,
-    DispatchKind,
-    DispatchRequest,
-    FaultRaised,
-    OwnerSettings,
-)
+from firmware_py.core import Mode
+from firmware_py.core.types import DispatchKind, DispatchRequest, OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.runtime import Gateway, bus_filters
-from sim.battery import Battery
-from sim.bms_node import BmsNode
-from sim.inverter import Fault as InverterFault
-from sim.inverter import InverterModel, SimInverterServer, default_home_load
-from sim.scenario import BMS_FAULTS, Scenario
+from firmware_py.runtime import TICK_S, Gateway, _command_writer, _every, bus_filters, start_can_intake
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
-INVERTER_FAULTS = {
-    "inverter_fault": InverterFault.INVERTER_FAULT,
-    "modbus_timeout": InverterFault.SLOW_REPLY,
-    "modbus_exception": InverterFault.MODBUS_EXCEPTION,
-    "modbus_disconnect": InverterFault.DROP_CONNECTION,
-    "grid_outage": InverterFault.GRID_OUTAGE,
-}
-_channels = itertools.count()
+BUS_FRAMES_PER_S = 3_704
+WAIT_S = 10.0
 
 
-class Aggregator(Protocol):
-    """How the scenario's dispatch reaches the gateway (scripted, OpenADR or SunSpec)."""
-
-    async def start(self, bench: "Bench") -> None: ...
-
-    async def send(self, request: DispatchRequest) -> DispatchAnswer | None: ...
-
-    async def cancel(self, event_id: str) -> None: ...
-
-    async def step(self, t: float) -> None:
-        """Called once per bench step after physics: protocol timers that run on the simulated clock."""
-
-    async def stop(self) -> None: ...
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered), 3), "p99_ms": round(pick(0.99), 3),
+            "max_ms": round(ordered[-1], 3)}
 
 
-class ScriptedAggregator:
-    """Hands requests straight to the gateway's dispatch interface."""
+class RealtimeRig:
+    """Pack, BMS node, inverter and the real gateway, all on the wall clock."""
 
-    async def start(self, bench: "Bench") -> None:
-        self.gateway = bench.gateway
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.clock = time.time
+        self.channel = f"powershare-benchmark-{id(self)}"
+        self.setpoints: list[tuple[float, float]] = []  # (perf_counter, WSet) as the inverter received them
 
-    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
-        return await self.gateway.submit(request)
-
-    async def cancel(self, event_id: str) -> None:
-        await self.gateway.submit(DispatchCancel(event_id, "scenario", self.gateway.now()))
-
-    async def step(self, t: float) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-
-@dataclass
-class FaultWatch:
-    """When a scenario fault was injected, noticed by the gateway, and made safe.
-
-    Noticed = the gateway's own reaction after the injection: a fault raised, a change of
-    mode, or a new reason for its command. Safe = the inverter at 0 W after that (for a
-    grid outage: serving the house in BACKUP).
-    """
-
-    kind: str
-    at_s: float
-    mode: Mode
-    reason: str
-    detected_at: float | None = None
-    safe_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "at_s": self.at_s,
-                "detected_after_s": _round(self.detected_at - self.at_s) if self.detected_at is not None else None,
-                "safe_after_s": _round(self.safe_at - self.at_s) if self.safe_at is not None else None}
-
-
-@dataclass
-class Outcome:
-    summary: dict[str, Any]
-    checks: list[tuple[str, bool, str]]
-
-    @property
-    def passed(self) -> bool:
-        return all(ok for _, ok, _ in self.checks)
-
-
-@dataclass
-class BenchOptions:
-    speed: float | None = None  # None: as fast as the machine allows; 1.0: real time
-    trace: TextIO | None = None
-    journal_path: Path | None = None
-    on_progress: Callable[["Bench"], None] | None = None
-    progress_every_s: float = 0.25
-    aggregator: Aggregator | None = None
-    series: list[tuple[float, ...]] = field(default_factory=list)  # for the plot
-
-
-class Bench:
-    def __init__(self, scenario: Scenario, options: BenchOptions):
-        self.scenario = scenario
-        self.options = options
-        self.t = 0.0
-        self.answers: dict[str, DispatchAnswer | None] = {}
-        self.faults: list[FaultWatch] = []
-        self.min_soc = scenario.vehicle.initial_soc_pct
-        self.floor_violations = 0
-        self.records = 0
-        self._last_trace: tuple | None = None
-        self._next_trace_t = 0.0
-
-    # ------------------------------------------------------------------ set-up
-
-    def _config(self, port: int) -> Config:
-        s, base = self.scenario, Config()
-        return replace(
-            base,
-            vehicle=replace(base.vehicle, usable_capacity_wh=s.vehicle.usable_capacity_wh),
-            can=replace(base.can, interface="virtual", channel=self.channel),
-            inverter=replace(base.inverter, host="127.0.0.1", port=port, poll_interval_s=1.0),
-            owner=replace(base.owner, reserve_pct=s.owner.reserve_pct),
-            source=f"scenario {s.name}",
-        )
-
-    async def _build(self) -> None:
-        s = self.scenario
-        self.journal_path = self.options.journal_path or Path(f"/tmp/powershare-bench-{id(self)}.sqlite")
-        _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
-        self.channel = f"powershare-bench-{next(_channels)}"
-        self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
-                               ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
+    async def __aenter__(self) -> "RealtimeRig":
         dbc = bundled_dbc("cybertruck_bms.dbc")
+        self.battery = Battery(soc_pct=80)
         self.node_bus = can.Bus(interface="virtual", channel=self.channel)
-        self.node = BmsNode(self.battery, self.node_bus, dbc, seed=s.run.seed)
-        day_offset = s.run.start_hour * 3600
-        self.model = InverterModel(home_load=lambda now: default_home_load(now + day_offset), now=0.0)
+        self.node = BmsNode(self.battery, self.node_bus, dbc)
+        self.model = InverterModel(now=self.clock())
+        write = self.model.write
+
+        def noting_write(name: str, value: Any) -> None:
+            write(name, value)
+            if name == "WSet":
+                self.setpoints.append((time.perf_counter(), float(value)))
+
+        self.model.write = noting_write  # type: ignore[method-assign]
         self.server = SimInverterServer(self.model)
         port = await self.server.start()
-        self.config = self._config(port)
-        clock = lambda: self.t  # noqa: E731 - the one simulated clock everything reads
-        self.reader = BmsReader(dbc, clock)
-        self.gateway_bus = can.Bus(interface="virtual", channel=self.channel,
-                                   can_filters=bus_filters("virtual", self.reader))
-        self.journal = Journal.open(self.journal_path, wall_clock=time.time)
-        self.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
-        self.client = InverterClient(self.config.inverter, clock)
-        owner = OwnerSettings(s.owner.reserve_pct, 0.0)
-        self.gateway = Gateway(self.config, clock, self.reader, self.client, self.journal, owner)
-        self.gateway.observers.append(self._observe)
-        if self.options.aggregator is None:
-            from sim.aggregators import for_scenario
+        base = Config()
+        self.config = replace(
+            base, can=replace(base.can, interface="virtual", channel=self.channel),
+            inverter=replace(base.inverter, port=port, poll_interval_s=0.5),
+            safety=replace(base.safety, fault_holdoff_s=0, lockout_faults=100, lockout_window_s=1),
+            journal=replace(base.journal, path=str(self.workdir / "bench.sqlite")))
+        self.reader = BmsReader(dbc, self.clock)
+        self.gw_bus = can.Bus(interface="virtual", channel=self.channel,
+                              can_filters=bus_filters("virtual", self.reader))
+        self.journal = Journal.open(self.config.journal.path)
+        self.client = InverterClient(self.config.inverter, self.clock)
+        self.gateway = Gateway(self.config, self.clock, self.reader, self.client, self.journal,
+                               OwnerSettings(40, self.clock()))
+        loop = asyncio.get_running_loop()
+        self.notifier = start_can_intake(self.gw_bus, self.reader, self.gateway, loop)
+        self.tasks = [asyncio.create_task(coro) for coro in (
+            _every(TICK_S, self.gateway.tick), _every(0.5, self.gateway.poll_inverter),
+            _command_writer(self.gateway), _every(0.2, self.gateway.flush_journal_async),
+            _every(0.01, self._physics))]
+        return self
 
-            self.options.aggregator = for_scenario(s)
-        self.aggregator = self.options.aggregator
-        await self.aggregator.start(self)
+    def _physics(self) -> None:
+        now = self.clock()
+        dc = self.model.advance(0.01, now, self.battery.max_discharge_w, self.battery.max_charge_w)
+        self.battery.step(0.01, dc)
+        self.node.emit_due(now)
 
-    async def _teardown(self) -> None:
-        await self.aggregator.stop()
-        await self.client.safe_stop()
-        self.gateway.flush_journal()
+    async def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark rig: timed out waiting for {what}")
+            await asyncio.sleep(0.002)
+
+    async def discharging(self) -> None:
+        await self.wait_for(lambda: self.gateway.controller.mode is Mode.STANDBY, "the gateway to be ready")
+        now = self.clock()
+        await self.gateway.submit(DispatchRequest("bench", "benchmark", DispatchKind.DISCHARGE, 5_000, now,
+                                                  now + 3_600, received_at=now))
+        await self.wait_for(lambda: self.model.wset_w > 0, "the inverter to discharge")
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.notifier.stop()
         await self.client.close()
         await self.server.stop()
         self.journal.close()
         self.node_bus.shutdown()
-        self.gateway_bus.shutdown()
+        self.gw_bus.shutdown()
 
-    # ------------------------------------------------------------------ the run
 
-    async def run(self) -> Outcome:
-        await self._build()
-        wall0 = time.perf_counter()
+async def reaction(samples: int, workdir: Path) -> dict[str, Any]:
+    """BMS fault frame sent -> WSet = 0 received by the inverter, `samples` times."""
+    async with RealtimeRig(workdir) as rig:
+        await rig.discharging()
+        status = next(m for m in rig.node.db.messages if m.frame_id == 0x212)
+        fault_frame = rig.node.encode(status, {**rig.node.field_values(), "bms_state": 6})[0]
+        latencies = []
+        for _ in range(samples):
+            await rig.wait_for(lambda: rig.model.wset_w > 0, "discharge to resume")
+            seen = len(rig.setpoints)
+            sent = time.perf_counter()
+            rig.node_bus.send(can.Message(arbitration_id=0x212, data=fault_frame, is_extended_id=False))
+            await rig.wait_for(lambda: any(w == 0 for _, w in rig.setpoints[seen:]), "WSet = 0")
+            received = next(t for t, w in rig.setpoints[seen:] if w == 0)
+            latencies.append((received - sent) * 1000)
+    return {"what": "BMS fault frame -> WSet = 0 at the inverter (Modbus TCP loopback)", "target_p99_ms": 5,
+            **percentiles(latencies)}
+
+
+async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
+    """SunSpec WSet write to the gateway's DER server -> the inverter's setpoint."""
+    from pymodbus.client import AsyncModbusTcpClient
+
+    from firmware_py.dispatch.sunspec_server import DerRatings, SunSpecDerServer
+    from firmware_py.inverter.sunspec import ModelDef
+
+    async with RealtimeRig(workdir) as rig:
+        await rig.wait_for(lambda: rig.gateway.controller.mode is Mode.STANDBY, "the gateway to be ready")
+        cfg = replace(rig.config.dispatch.sunspec_server, enabled=True, listen="127.0.0.1:0")
+        server = SunSpecDerServer(cfg, ratings=lambda: DerRatings.of(rig.gateway.policy, rig.gateway.controller.inverter))
+        port = await server.start(rig.gateway)
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        await client.connect()
         try:
-            await self._loop(wall0)
+            m704 = ModelDef.load(704)
+            base = await _find_model(client, 704)
+            regs = await client.read_holding_registers(base + m704.offset("WSet_SF"), count=1, device_id=1)
+            sf = _signed(regs.registers[0])
+            await client.write_registers(base + m704.offset("WSetMod"), [1], device_id=1)
+            warm = round(9_500 / 10 ** sf)
+            await client.write_registers(base + m704.offset("WSet"), [warm >> 16, warm & 0xFFFF], device_id=1)
+            await client.write_registers(base + m704.offset("WSetEna"), [1], device_id=1)
+            await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
+            latencies = []
+            # Decreasing targets: a lower setpoint holds at once, while a higher one ramps at the
+            # gateway's ramp rate (a policy, not a latency), so each sample times the path alone.
+            for n in range(samples):
+                watts = 9_000 - 20 * (n % 300)
+                raw = round(watts / 10 ** sf) & 0xFFFFFFFF
+                seen = len(rig.setpoints)
+                sent = time.perf_counter()
+                await client.write_registers(base + m704.offset("WSet"), [raw >> 16, raw & 0xFFFF], device_id=1)
+                await rig.wait_for(lambda: any(abs(w - watts) < 1 for _, w in rig.setpoints[seen:])
+                                   or rig.model.wset_w == watts, f"WSet {watts} W at the inverter")
+                got = [t for t, w in rig.setpoints[seen:] if abs(w - watts) < 1]
+                if got:
+                    latencies.append((got[0] - sent) * 1000)
         finally:
-            await self._teardown()
-        return self._outcome(time.perf_counter() - wall0)
+            client.close()
+            await server.stop()
+    return {"what": "SunSpec WSet write to the gateway -> inverter setpoint", "target_p99_ms": 10,
+            **percentiles(latencies)}
 
-    async def _loop(self, wall0: float) -> None:
-        s = self.scenario
-        step_s, poll_s = s.run.step_s, self.config.inverter.poll_interval_s
-        timeline = self._timeline()
-        steps = int(round(s.run.duration_s / step_s))
-        next_poll, next_progress = 0.0, 0.0
-        await self.gateway.poll_inverter()
-        for n in range(1, steps + 1):
-            dt, self.t = step_s, n * step_s
-            self._physics(dt)
-            while timeline and timeline[0][0] <= self.t + 1e-9:
-                await timeline.pop(0)[1]()
-            await self.aggregator.step(self.t)
-            self.node.emit_due(self.t)
-            if self._deliver_frames() is None:
-                self.gateway.tick()  # nothing the core decides on changed: time alone is judged
-            if self.t + 1e-9 >= next_poll:
-                await self.gateway.poll_inverter()
-                next_poll = self.t + poll_s
-            await self.gateway.write_command()
-            self.gateway.flush_journal()
-            self._trace_step()
-            wall = time.perf_counter()
-            if self.options.speed:
-                ahead = self.t / self.options.speed - (wall - wall0)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if self.options.on_progress and wall >= next_progress:
-                self.options.on_progress(self)
-                next_progress = wall + self.options.progress_every_s
 
-    def _physics(self, dt: float) -> None:
-        b = self.battery
-        dc = self.model.advance(dt, self.t, b.max_discharge_w if b.contactors_closed else 0.0,
-                                b.max_charge_w if b.contactors_closed else 0.0)
-        b.step(dt, dc)
-        self.model.soc_pct = b.true_soc_pct
+async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
+    """An event queued on a real openleadr VTN -> the first discharge setpoint at the inverter.
 
-    def _deliver_frames(self) -> StepResult | None:
-        """Everything the node sent this step reaches the gateway together, as one step of the core."""
-        frames = []
-        while (msg := self.gateway_bus.recv(timeout=0)) is not None:
-            frames.append(msg)
-        return self.gateway.on_frames(frames)
+    The VEN polls every 0.5 s (its floor: the VTN asks for 0 s), so the target is that
+    poll interval + 50 ms; each sample is one event starting now, queued at a random phase
+    of the poll cycle and cancelled before the next. The discharge ramp starts from 0 W at
+    the step that enters DISCHARGE, so the first non-zero setpoint waits for the next tick.
+    """
+    import logging
+    from datetime import datetime, timezone
 
-    def _timeline(self) -> list[tuple[float, Callable[[], Any]]]:
-        """Every scripted action, in time order (dispatch before faults at the same instant)."""
-        s, actions = self.scenario, []
-        for d in s.dispatch:
-            actions.append((d.at_s, 0, lambda d=d: self._send(d)))
-        for c in s.cancel:
-            actions.append((c.at_s, 1, lambda c=c: self.aggregator.cancel(c.id)))
-        for o in s.owner_change:
-            actions.append((o.at_s, 2, lambda o=o: self._owner(o)))
-        for f in s.fault:
-            actions.append((f.at_s, 3, lambda f=f: self._inject(f)))
-        return [(at, action) for at, _, action in sorted(actions, key=lambda a: (a[0], a[1]))]
+    from firmware_py.config import OpenAdrConfig
+    from firmware_py.dispatch.openadr import MIN_POLL_S, OpenAdrVen
+    from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
 
-    async def _send(self, d) -> None:
-        kind = DispatchKind.CHARGE if d.kind == "charge" else DispatchKind.DISCHARGE
-        request = DispatchRequest(d.id, "scenario", kind, d.target_w, d.start_s, d.start_s + d.duration_s,
-                                  received_at=self.t, ramp_w_per_s=d.ramp_w_per_s or None)
-        self.answers[d.id] = await self.aggregator.send(request)
+    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    async with RealtimeRig(workdir) as rig:
+        await rig.wait_for(lambda: rig.gateway.controller.mode is Mode.STANDBY, "the gateway to be ready")
+        async with LoopbackVtn(ven_name="bench-latency", poll_s=0) as vtn:
+            config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name="bench-latency")
+            ven = OpenAdrVen(config, rating_w=lambda: rig.gateway.policy.max_discharge_w)
+            task = asyncio.create_task(ven.run(rig.gateway))
+            try:
+                await vtn.wait_for_registration(timeout_s=WAIT_S)
+                latencies, rng = [], random.Random(7)
+                for n in range(samples):
+                    await rig.wait_for(lambda: rig.model.wset_w == 0, "the inverter at 0 W between events")
+                    await asyncio.sleep(rng.uniform(0, MIN_POLL_S))  # any phase of the VEN's poll cycle
+                    seen = len(rig.setpoints)
+                    sent = time.perf_counter()
+                    event_id = vtn.add_event(LOAD_DISPATCH, datetime.now(timezone.utc), 600, 5.0,
+                                             event_id=f"latency-{n}")
+                    await rig.wait_for(lambda: any(w > 0 for _, w in rig.setpoints[seen:]), "a discharge setpoint")
+                    latencies.append((next(t for t, w in rig.setpoints[seen:] if w > 0) - sent) * 1000)
+                    vtn.cancel_event(event_id)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    return {"what": "OpenADR event on the VTN -> first discharge setpoint at the inverter",
+            "target_p99_ms": round(MIN_POLL_S * 1000 + 50), **percentiles(latencies)}
 
-    async def _owner(self, change) -> None:
-        current = self.gateway.owner_settings()
-        reserve = current.reserve_pct if change.reserve_pct < 0 else change.reserve_pct
-        await self.gateway.set_owner(replace(current, reserve_pct=reserve, received_at=self.t,
-                                             opt_out_until=math.inf if change.opt_out else None))
 
-    async def _inject(self, f) -> None:
-        until = self.t + f.duration_s
-        if f.kind in BMS_FAULTS:
-            self.node.inject(f.kind, until)
+async def _find_model(client, model_id: int) -> int:
+    addr = 40002
+    for _ in range(64):
+        head = await client.read_holding_registers(addr, count=2, device_id=1)
+        mid, length = head.registers
+        if mid == model_id:
+            return addr
+        if mid == 0xFFFF:
+            break
+        addr += 2 + length
+    raise RuntimeError(f"model {model_id} not found")
+
+
+def _signed(raw: int) -> int:
+    return raw - 0x10000 if raw & 0x8000 else raw
+
+
+def bus_load(seconds: float) -> dict[str, Any]:
+    """CPU share of one core spent taking a worst-case bus in, three ways, on a python-can virtual bus."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    frames = _worst_case_bus(dbc, int(BUS_FRAMES_PER_S * seconds))
+
+    def floor() -> Callable[[can.Message], None]:
+        return lambda msg: None
+
+    def naive() -> Callable[[can.Message], None]:
+        """DESIGN §4's baseline: decode every frame that arrives, whatever its id."""
+        db = BmsReader(dbc, time.time).db
+
+        def take(msg: can.Message) -> None:
+            try:
+                db.decode_message(msg.arbitration_id, msg.data)
+            except (KeyError, ValueError, DecodeError):
+                pass
+
+        return take
+
+    results = {}
+    for name, make, filtered in (("floor: receive only", floor, False), ("naive: decode every frame", naive, False),
+                                 ("gateway: reader + core", None, True)):
+        results[name] = _intake_cpu(frames, seconds, make, filtered, dbc)
+    return {"what": f"CAN intake CPU, {BUS_FRAMES_PER_S} frames/s, 90 % not BMS, {seconds:g} s",
+            "target": "gateway <= 5 % of one core and below naive", **results}
+
+
+def _worst_case_bus(dbc: Path, count: int) -> list[can.Message]:
+    rng = random.Random(1)
+    node = BmsNode(Battery(), can.Bus(interface="virtual", channel="bench-source"), dbc)
+    bms = [(m, node.encode(m, node.field_values())) for m in node.db.messages]
+    bms_ids = {m.frame_id for m, _ in bms}
+    others = [i for i in range(0x100, 0x7FF) if i not in bms_ids]
+    frames = []
+    for n in range(count):
+        if n % 10 == 0:
+            message, datas = bms[(n // 10) % len(bms)]
+            frames.append(can.Message(arbitration_id=message.frame_id, data=datas[0], is_extended_id=False))
         else:
-            self.model.inject(INVERTER_FAULTS[f.kind], until)
-        c = self.gateway.controller
-        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
-
-    # ------------------------------------------------------------------ watching
-
-    def _observe(self, result: StepResult) -> None:
-        """Note when each injected fault was noticed and when the inverter became safe."""
-        pending = [w for w in self.faults if w.detected_at is None]
-        if not pending:
-            return
-        c = result.controller
-        raised = any(isinstance(e, FaultRaised) for e in result.events)
-        for w in pending:
-            if raised or c.mode is not w.mode or result.command.reason != w.reason:
-                w.detected_at = self.t
-
-    def _watch_safety(self) -> None:
-        for w in self.faults:
-            if w.safe_at is None and w.detected_at is not None:
-                outage_served = w.kind == "grid_outage" and self.gateway.controller.mode is Mode.BACKUP
-                if self.model.ac_power_w <= 0 or outage_served:
-                    w.safe_at = self.t
-
-    def _trace_step(self) -> None:
-        self._watch_safety()
-        c, cmd = self.gateway.controller, self.gateway.command
-        soc = self.battery.true_soc_pct
-        floor = c.floor_pct(self.t)
-        self.min_soc = min(self.min_soc, soc)
-        key = (c.mode, round(cmd.setpoint_w, 1))
-        if key == self._last_trace and self.t + 1e-9 < self._next_trace_t:
-            return
-        self._last_trace, self._next_trace_t = key, math.floor(self.t + 1e-9) + 1.0
-        self.floor_violations += soc < floor
-        self.records += 1
-        record = {"t": _round(self.t), "state": c.mode.value, "soc_pct": round(soc, 4), "floor_pct": round(floor, 3),
-                  "setpoint_w": round(cmd.setpoint_w, 1), "inverter_w": round(self.model.ac_power_w, 1),
-                  "bms_max_discharge_w": c.bms.max_discharge_w if c.bms else None,
-                  "event_id": c.serving_id, "reason": cmd.reason}
-        self.options.series.append((self.t, soc, floor, cmd.setpoint_w, self.model.ac_power_w,
-                                    1.0 if c.mode is Mode.DISCHARGE else 0.0))
-        if self.options.trace is not None:
-            self.options.trace.write(json.dumps(record) + "\n")
-
-    # ------------------------------------------------------------------ outcome
-
-    def _outcome(self, wall_s: float) -> Outcome:
-        c = self.gateway.controller
-        # A protocol may name an event its own way (SunSpec sessions); report it by the scenario's id,
-        # and take answers that arrived after `send` returned (a SunSpec write at the event's start).
-        names = getattr(self.aggregator, "request_ids", {})
-        delivered: dict[str, float] = {}
-        for e in c.book.entries:
-            if e.accepted and e.request.kind is DispatchKind.DISCHARGE:
-                name = names.get(e.request.id, e.request.id)
-                delivered[name] = round(delivered.get(name, 0.0) + e.meter_wh, 1)
-        for event_id, answer in getattr(self.aggregator, "answers", {}).items():
-            if self.answers.get(event_id) is None:
-                self.answers[event_id] = answer
-        answers = {rid: (a.verdict.value if a else None) for rid, a in self.answers.items()}
-        summary = {
-            "scenario": self.scenario.name,
-            "delivered_wh": delivered,
-            "min_soc_pct": round(self.min_soc, 3),
-            "floor_violations": self.floor_violations,
-            "faults": [w.as_dict() for w in self.faults],
-            "final_state": c.mode.value,
-            "wall_s": round(wall_s, 3),
-            "sim_s": self.scenario.run.duration_s,
-            "speed_x": round(self.scenario.run.duration_s / wall_s, 1) if wall_s > 0 else None,
-            "answers": answers,
-            "answer_details": {rid: _answer_dict(a) for rid, a in self.answers.items()},
-            "inverter_meter_wh": round(self.model.tot_wh_inj, 1),
-            "final_soc_pct": round(self.battery.true_soc_pct, 3),
-            "journal": str(self.journal_path),
-            "trace_records": self.records,
-        }
-        return Outcome(summary, self._checks(summary))
-
-    def _checks(self, summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
-        e, checks = self.scenario.expect, []
-        total = sum(summary["delivered_wh"].values())
-        checks.append(("floor violations", summary["floor_violations"] <= e.max_floor_violations,
-                       f"{summary['floor_violations']} (allowed {e.max_floor_violations})"))
-        if e.min_delivered_wh >= 0:
-            checks.append(("min delivered", total >= e.min_delivered_wh, f"{total:.0f} Wh >= {e.min_delivered_wh:.0f}"))
-        if e.max_delivered_wh >= 0:
-            checks.append(("max delivered", total <= e.max_delivered_wh, f"{total:.0f} Wh <= {e.max_delivered_wh:.0f}"))
-        if e.min_soc_pct >= 0:
-            checks.append(("min SoC", summary["min_soc_pct"] >= e.min_soc_pct,
-                           f"{summary['min_soc_pct']:.2f} % >= {e.min_soc_pct}"))
-        if e.final_state:
-            checks.append(("final state", summary["final_state"] == e.final_state,
-                           f"{summary['final_state']} == {e.final_state}"))
-        for event_id, verdict in e.answers.items():
-            got = summary["answers"].get(event_id)
-            checks.append((f"answer {event_id}", got == verdict, f"{got} == {verdict}"))
-        if e.max_safe_after_s >= 0:
-            for w in summary["faults"]:
-                safe = w["safe_after_s"]
-                checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
-                               f"after {safe} s (allowed {e.max_safe_after_s} s)"))
-        return checks
+            frames.append(can.Message(arbitration_id=rng.choice(others), data=rng.randbytes(8), is_extended_id=False))
+    node.bus.shutdown()
+    return frames
 
 
-BENCH_MARK = "BenchRun"
+def _intake_cpu(frames: list[can.Message], seconds: float, make, filtered: bool, dbc: Path) -> dict[str, Any]:
+    """Send `frames` paced over `seconds`; measure the receiving thread's CPU time."""
+    channel = f"bench-load-{random.random()}"
+    tx = can.Bus(interface="virtual", channel=channel)
+    cpu = {}
+    done = threading.Event()
+    if filtered:
+        clock = time.time
+        reader = BmsReader(dbc, clock)
+        rx = can.Bus(interface="virtual", channel=channel, can_filters=bus_filters("virtual", reader))
+        gateway = _offline_gateway(reader, clock)
+        take = lambda msg: gateway.on_frame(msg)  # noqa: E731
+    else:
+        rx = can.Bus(interface="virtual", channel=channel)
+        take = make()
+
+    def receive() -> None:
+        start = time.thread_time()
+        while not done.is_set():
+            msg = rx.recv(timeout=0.05)
+            if msg is not None:
+                take(msg)
+        cpu["s"] = time.thread_time() - start
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    begin, per_ms = time.perf_counter(), len(frames) / (seconds * 1000)
+    for n, msg in enumerate(frames):
+        due = begin + n / (per_ms * 1000)
+        if (lag := due - time.perf_counter()) > 0.002:
+            time.sleep(lag)
+        tx.send(msg)
+    time.sleep(0.2)
+    done.set()
+    thread.join(timeout=5)
+    tx.shutdown()
+    rx.shutdown()
+    elapsed = time.perf_counter() - begin
+    return {"cpu_pct_of_one_core": round(100 * cpu.get("s", float("nan")) / elapsed, 2)}
 
 
-def _replace_bench_journal(path: Path) -> None:
-    """A bench journal is one run's record: replace the last run's, never anything else."""
-    if path.exists():
-        try:
-            with Journal.open(path, readonly=True) as old:
-                first = old.records()[:1]
-        except InputError:
-            first = []
-        if not first or first[0].kind != BENCH_MARK:
-            raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
-                             "(give --journal a new file)")
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
+def _offline_gateway(reader: BmsReader, clock: Callable[[], float]) -> Gateway:
+    """A gateway whose inverter is never reached: only the CAN intake and the core are measured."""
+    config = Config()
+    journal = Journal.open(Path(tempfile.mkdtemp()) / "load.sqlite")
+    return Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
+                   OwnerSettings(40, clock()))
 
 
-def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:
-    if a is None:
-        return None
-    return {"verdict": a.verdict.value, "cap_w": a.cap_w, "reason": a.reason.value if a.reason else None,
-            "detail": a.detail}
+def simulator(scenario_name: str) -> dict[str, Any]:
+    from firmware_py.sim import scenario
+    from firmware_py.sim.simulation import Simulation, SimulationOptions
+
+    loaded = scenario.load(scenario.bundled(scenario_name))
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    s = outcome.summary
+    return {"what": f"bench simulator, scenario {scenario_name}", "target_speed_x": 500, "sim_s": s["sim_s"],
+            "wall_s": s["wall_s"], "speed_x": s["speed_x"], "max_rss_mb": round(rss_mb, 1),
+            "target_rss_mb": 80}
 
 
-def _round(x: float) -> float:
-    return round(x, 3)
+def soak(hours: float) -> dict[str, Any]:
+    """RSS sampled every simulated hour over a long run with a daily peak event: flat, or a leak."""
+    from firmware_py.sim import scenario
+    from firmware_py.sim.simulation import Simulation, SimulationOptions
+
+    base = scenario.load(scenario.bundled())
+    days = max(1, int(hours // 24) + 1)
+    events = tuple(replace(base.dispatch[0], id=f"peak-{d + 1}", at_s=d * 86_400 + 60,
+                           start_s=d * 86_400 + 120) for d in range(days) if d * 86_400 + 60 < hours * 3600)
+    long_run = replace(base, run=replace(base.run, duration_s=hours * 3600), dispatch=events,
+                       expect=scenario.Expect(), name=f"soak-{hours:g}h")
+    samples: list[tuple[float, float]] = []
+
+    def sample(bench) -> None:
+        if not samples or bench.t - samples[-1][0] >= 3600:
+            samples.append((bench.t, _rss_mb()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = SimulationOptions(journal_path=Path(tmp) / "j.sqlite", on_progress=sample, progress_every_s=0.0)
+        options.series = _Discard()
+        outcome = asyncio.run(Simulation(long_run, options).run())
+    settled = [mb for t, mb in samples if t >= 3600] or [mb for _, mb in samples]
+    return {"what": f"RSS over a {hours:g} h simulated soak (daily 4 h event)", "target": "<= 80 MB, flat",
+            "rss_mb_first_hour": round(settled[0], 1), "rss_mb_last": round(settled[-1], 1),
+            "rss_mb_max": round(max(settled), 1), "wall_s": outcome.summary["wall_s"]}
+
+
+class _Discard(list):
+    """The plot series would grow with the run; a soak keeps none of it."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.samples < 1:
+        raise InputError(f"--samples: must be >= 1, got {args.samples}")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "reaction" in args.only:
+            results["reaction"] = asyncio.run(reaction(args.samples, Path(tmp)))
+        if "dispatch" in args.only:
+            results["dispatch"] = asyncio.run(dispatch(args.samples, Path(tmp)))
+        if "openadr" in args.only:
+            results["openadr"] = asyncio.run(openadr(min(args.samples, 50), Path(tmp)))
+    if "bus" in args.only:
+        results["bus_load"] = bus_load(args.bus_seconds)
+    if "sim" in args.only:
+        results["simulator"] = simulator(args.scenario)
+    if "soak" in args.only:
+        results["soak"] = soak(args.soak_hours)
+    table = Table(title="powershare-gw bench")
+    table.add_column("benchmark")
+    table.add_column("result")
+    for name, result in results.items():
+        table.add_row(name, "\n".join(f"{k}: {v}" for k, v in result.items()))
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure the performance targets (DESIGN §4)")
+    p.add_argument("--only", nargs="+", default=["reaction", "dispatch", "openadr", "bus", "sim"],
+                   choices=["reaction", "dispatch", "openadr", "bus", "sim", "soak"],
+                   help="which benchmarks (default: all but soak, which takes minutes)")
+    p.add_argument("--soak-hours", type=float, default=24.0, help="simulated hours of the soak")
+    p.add_argument("--samples", type=int, default=200, help="latency samples (default 200)")
+    p.add_argument("--bus-seconds", type=float, default=10.0, help="seconds of worst-case bus traffic")
+    p.add_argument("--scenario", default="summer-peak.toml", help="bundled scenario for the simulator figure")
+    p.add_argument("--json", type=Path, help="also write the results here as JSON")
+    p.set_defaults(handler=_bench)

@@ -26,12 +26,12 @@ from firmware_py.bms import signals
 from firmware_py.bms.reader import load_dbc
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
 from firmware_py.errors import InputError
-from sim.battery import Battery, temperature_derate
+from firmware_py.sim.battery import Battery, temperature_derate
+from firmware_py.sim.faults import BMS_FAULT_KINDS
 
 log = logging.getLogger(__name__)
 
-FAULT_KINDS = ("can_silence", "bms_fault", "dcl_zero", "contactor_open", "over_temp",
-               "soc_jump", "garbled", "wrong_length")
+FAULT_KINDS = BMS_FAULT_KINDS
 OVER_TEMP_C = 70.0
 SOC_JUMP_PCT = 25.0  # downward, unless that would clamp at 0 and hide the jump
 ISOLATION_KOHM = 5_000.0
@@ -223,7 +223,7 @@ class BmsNode:
 def _sim_bms(args: argparse.Namespace) -> int:
     from firmware_py.bms.commands import open_bus, resolve_dbc, stop_on_signals
 
-    from sim import scenario as scenarios
+    from firmware_py.sim import scenario as scenarios
 
     loaded = scenarios.load(Path(args.scenario)) if args.scenario else None
     vehicle = loaded.vehicle if loaded else scenarios.VehicleSection()

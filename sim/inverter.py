@@ -24,13 +24,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from firmware_py.core.types import InverterState
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef, SunSpecMap
+from firmware_py.sim.faults import InverterFault
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ SCALE = {
           "VarSetPct_SF": 0},
     713: {"WH_SF": 1, "Pct_SF": -1},
 }
-
-
-class Fault(str, Enum):
-    """What `InverterModel.inject` can make go wrong, each until a given time."""
-
-    INVERTER_FAULT = "inverter_fault"
-    MODBUS_EXCEPTION = "modbus_exception"
-    SLOW_REPLY = "slow_reply"
-    DROP_CONNECTION = "drop_connection"
-    GRID_OUTAGE = "grid_outage"
 
 
 @dataclass(frozen=True)
@@ -86,7 +76,7 @@ class InverterModel:
         self.home_load = home_load
         self.unit_id = unit_id
         self.now = now
-        self.faults: dict[Fault, float] = {}
+        self.faults: dict[InverterFault, float] = {}
         self.ac_power_w = 0.0
         self.tot_wh_inj = 0.0
         self.tot_wh_abs = 0.0
@@ -106,11 +96,11 @@ class InverterModel:
     def wset_w(self) -> float:
         return float(self.controls["WSet"])
 
-    def inject(self, kind: Fault | str, until: float) -> None:
+    def inject(self, kind: InverterFault | str, until: float) -> None:
         """Make `kind` go wrong until time `until` (math.inf: until cleared with until=now)."""
-        self.faults[Fault(kind)] = until
+        self.faults[InverterFault(kind)] = until
 
-    def active(self, kind: Fault) -> bool:
+    def active(self, kind: InverterFault) -> bool:
         return self.faults.get(kind, -math.inf) > self.now
 
     def advance(self, dt_s: float, now: float, pack_max_discharge_w: float, pack_max_charge_w: float) -> float:
@@ -146,11 +136,11 @@ class InverterModel:
             self.reverted = True
 
     def _wanted(self) -> float:
-        if self.active(Fault.INVERTER_FAULT):
+        if self.active(InverterFault.INVERTER_FAULT):
             return 0.0
         c = self.controls
         commanded = c["WSetEna"] and c["WSetMod"] == WATTS
-        if self.active(Fault.GRID_OUTAGE):
+        if self.active(InverterFault.GRID_OUTAGE):
             # Islanded: the home's load. An enabled WSet is the ceiling, which is how the
             # gateway holds the backup floor; a reverted WSet = 0 stops it.
             load = max(self.home_load(self.now), 0.0)
@@ -164,7 +154,7 @@ class InverterModel:
             limit *= float(c["WMaxLimPct"]) / 100.0
         high = min(limit, r.w_discha_max, max(pack_discharge_w, 0.0) * r.efficiency)
         low = -min(limit, r.w_cha_max, max(pack_charge_w, 0.0) / r.efficiency)
-        if self.active(Fault.GRID_OUTAGE):
+        if self.active(InverterFault.GRID_OUTAGE):
             low = 0.0  # no grid to charge from
         limited = min(max(target, low), high)
         self.throttled = not math.isclose(limited, target)
@@ -181,7 +171,7 @@ class InverterModel:
 
     # --- what the registers show -------------------------------------------------
     def inv_state(self) -> InverterState:
-        if self.active(Fault.INVERTER_FAULT):
+        if self.active(InverterFault.INVERTER_FAULT):
             return InverterState.FAULT
         if self.ac_power_w == 0.0:
             return InverterState.STANDBY
@@ -189,9 +179,9 @@ class InverterModel:
 
     def alarms(self) -> int:
         bits = 0
-        if self.active(Fault.GRID_OUTAGE):
+        if self.active(InverterFault.GRID_OUTAGE):
             bits |= 1 << GRID_DISCONNECT_BIT
-        if self.active(Fault.INVERTER_FAULT):
+        if self.active(InverterFault.INVERTER_FAULT):
             bits |= 1 << FAULT_ALARM_BIT
         return bits
 
@@ -203,13 +193,13 @@ class InverterModel:
                     "SN": "SIM-0001", "DA": self.unit_id}
         if model_id == 701:
             w = self.ac_power_w
-            outage = self.active(Fault.GRID_OUTAGE)
+            outage = self.active(InverterFault.GRID_OUTAGE)
             return {**sf, "ACType": 1, "St": int(w != 0.0), "InvSt": int(self.inv_state()),
                     "ConnSt": 0 if outage else 1, "Alrm": self.alarms(), "DERMode": 2 if outage else 1,
                     "W": w, "VA": abs(w), "Var": 0, "PF": 1.0, "A": abs(w) / r.v_nom, "LLV": r.v_nom,
                     "LNV": r.v_nom / 2, "Hz": 60.0, "TotWhInj": int(self.tot_wh_inj),
                     "TotWhAbs": int(self.tot_wh_abs), "TmpCab": 35,
-                    "MnAlrmInfo": "over temperature" if self.active(Fault.INVERTER_FAULT) else None}
+                    "MnAlrmInfo": "over temperature" if self.active(InverterFault.INVERTER_FAULT) else None}
         if model_id == 702:
             c = self.controls
             return {**sf, "WMaxRtg": r.w_max, "VAMaxRtg": r.w_max, "WChaRteMaxRtg": r.w_cha_max,
@@ -289,13 +279,13 @@ class SimInverterServer:
         from pymodbus.exceptions import NoSuchIdException
 
         m = self.model
-        if m.active(Fault.DROP_CONNECTION):
+        if m.active(InverterFault.DROP_CONNECTION):
             if not self.rtu or self.rtu.startswith("socket://"):
                 self.drop_connections()  # a serial line cannot drop: it goes silent instead
             raise NoSuchIdException("dropped")  # with ignore_missing_devices: no reply at all
-        if m.active(Fault.SLOW_REPLY):
+        if m.active(InverterFault.SLOW_REPLY):
             await asyncio.sleep(self.slow_reply_s)
-        if m.active(Fault.MODBUS_EXCEPTION):
+        if m.active(InverterFault.MODBUS_EXCEPTION):
             return ExcCodes.DEVICE_FAILURE
         if values is not None:
             return self._write(address, [int(v) for v in values])

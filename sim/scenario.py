@@ -14,11 +14,7 @@ from pathlib import Path
 
 from firmware_py.errors import InputError
 from firmware_py.schema import load_table, spec
-from sim.bms_node import FAULT_KINDS as BMS_NODE_FAULTS
-
-BMS_FAULTS = BMS_NODE_FAULTS  # the BMS node owns what it can inject
-INVERTER_FAULTS = ("inverter_fault", "modbus_timeout", "modbus_exception", "modbus_disconnect", "grid_outage")
-FAULT_KINDS = BMS_FAULTS + INVERTER_FAULTS
+from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
 DEFAULT = "summer-peak.toml"
 
 
@@ -74,7 +70,7 @@ class OwnerChange:
 @dataclass(frozen=True)
 class Fault:
     at_s: float = spec(..., lo=0)
-    kind: str = spec(..., choices=FAULT_KINDS)
+    kind: str = spec(..., choices=SCENARIO_FAULT_KINDS)
     duration_s: float = spec(5, lo=0.01, hi=86_400)
 
 
@@ -104,11 +100,11 @@ class Scenario:
 
 
 def bundled(name: str = DEFAULT) -> Path:
-    return Path(str(resources.files("sim.scenarios").joinpath(name)))
+    return Path(str(resources.files("firmware_py.sim.scenarios").joinpath(name)))
 
 
 def bundled_names() -> list[str]:
-    return sorted(p.name for p in resources.files("sim.scenarios").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name for p in resources.files("firmware_py.sim.scenarios").iterdir() if p.name.endswith(".toml"))
 
 
 def load(path: str | Path) -> Scenario:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.battery import Battery, cell_ocv
+from firmware_py.sim.battery import Battery, cell_ocv
 
 
 def test_defaults_are_the_truck():

@@ -11,8 +11,8 @@ import pytest
 
 from firmware_py.cli import main
 from firmware_py.journal import Journal, event_summaries
-from sim import scenario
-from sim.bench import Bench, BenchOptions
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Simulation, SimulationOptions
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:
 # the default once below, the protocol ones shortened in test_bench_aggregators.py.
@@ -23,7 +23,7 @@ QUICK = [name for name in scenario.bundled_names() if not name.startswith("summe
 def test_bundled_scenario_passes_its_checks(name, tmp_path):
     loaded = scenario.load(scenario.bundled(name))
     trace = (tmp_path / "trace.jsonl").open("w")
-    outcome = asyncio.run(Bench(loaded, BenchOptions(trace=trace, journal_path=tmp_path / "j.sqlite")).run())
+    outcome = asyncio.run(Simulation(loaded, SimulationOptions(trace=trace, journal_path=tmp_path / "j.sqlite")).run())
     trace.close()
     failed = [(check, detail) for check, ok, detail in outcome.checks if not ok]
     assert failed == [], outcome.summary

@@ -18,9 +18,10 @@ from pymodbus.client import AsyncModbusTcpClient
 from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
-from sim import scenario
-from sim.aggregators import OpenAdrAggregator, SunSpecAggregator, for_scenario
-from sim.bench import Bench, BenchOptions, Outcome, ScriptedAggregator
+from firmware_py.sim import scenario
+from firmware_py.sim.aggregators import OpenAdrAggregator, SunSpecAggregator, for_scenario
+from firmware_py.sim.aggregators import ScriptedAggregator
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
 
 TARGET_W = 11_500
 
@@ -47,8 +48,8 @@ target_w = {TARGET_W}
 def run_bench(loaded: scenario.Scenario, aggregator: Any, tmp_path: Path) -> tuple[Outcome, list[dict]]:
     trace_path = tmp_path / "trace.jsonl"
     with trace_path.open("w") as trace:
-        options = BenchOptions(trace=trace, journal_path=tmp_path / "journal.sqlite", aggregator=aggregator)
-        outcome = asyncio.run(asyncio.wait_for(Bench(loaded, options).run(), 120))
+        options = SimulationOptions(trace=trace, journal_path=tmp_path / "journal.sqlite", aggregator=aggregator)
+        outcome = asyncio.run(asyncio.wait_for(Simulation(loaded, options).run(), 120))
     return outcome, [json.loads(line) for line in trace_path.read_text().splitlines()]
 
 

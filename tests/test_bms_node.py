@@ -11,8 +11,8 @@ import pytest
 from firmware_py.bms import BmsReader
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
-from sim.battery import Battery
-from sim.bms_node import FAULT_KINDS, BmsNode
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import FAULT_KINDS, BmsNode
 
 DBC = bundled_dbc("cybertruck_bms.dbc")
 _channels = itertools.count()

@@ -14,7 +14,7 @@ import pytest
 from firmware_py.bms import BmsReader
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState
-from sim.battery import Battery
+from firmware_py.sim.battery import Battery
 
 DBC = bundled_dbc("cybertruck_bms.dbc")
 LOAD_W = 11_500

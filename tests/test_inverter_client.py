@@ -15,7 +15,8 @@ import pytest
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
 from firmware_py.inverter.client import InverterClient, LinkError
-from sim.inverter import Fault, InverterModel, SimInverterServer
+from firmware_py.sim.faults import InverterFault as Fault
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 BIG = 50_000.0
 

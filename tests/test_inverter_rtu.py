@@ -16,7 +16,8 @@ import pytest
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand
 from firmware_py.inverter.client import InverterClient
-from sim.inverter import Fault, InverterModel, SimInverterServer
+from firmware_py.sim.faults import InverterFault as Fault
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 BIG = 50_000.0
 

@@ -10,7 +10,8 @@ import pytest
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
 from firmware_py.inverter.client import InverterClient
-from sim.inverter import Fault, InverterModel, Ratings, SimInverterServer
+from firmware_py.sim.faults import InverterFault as Fault
+from firmware_py.sim.inverter import InverterModel, Ratings, SimInverterServer
 
 BIG = 50_000.0  # pack limits that never bind
 

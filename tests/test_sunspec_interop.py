@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
-from sim.inverter import Fault, InverterModel, SimInverterServer
+from firmware_py.sim.faults import InverterFault as Fault
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 BIG = 50_000.0
 

@@ -19,7 +19,7 @@ from firmware_py.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sim import bms_node, inverter
+    from firmware_py.sim import bms_node, inverter
 
     p = sub.add_parser("sim", help="run the whole bench simulator (or one of its parts)",
                        description="Run a scenario on the simulated bench: pack + BMS on CAN, inverter on "
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scenario_path(given: str | None) -> Path:
-    from sim import scenario
+    from firmware_py.sim import scenario
 
     if given is None:
         return scenario.bundled()
@@ -56,7 +56,7 @@ def _scenario_path(given: str | None) -> Path:
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from sim import scenario
+    from firmware_py.sim import scenario
 
     if args.list:
         for name in scenario.bundled_names():
@@ -79,7 +79,7 @@ def _sim(args: argparse.Namespace) -> int:
         _write(summary_path, json.dumps({**outcome.summary, "checks": [
             {"check": name, "ok": ok, "detail": detail} for name, ok, detail in outcome.checks]}, indent=2) + "\n")
     if plot_path:
-        from sim.plot import draw
+        from firmware_py.sim.plot import draw
 
         draw(series, outcome.summary["faults"], f"{loaded.name}: delivered "
              f"{sum(outcome.summary['delivered_wh'].values()) / 1000:.1f} kWh", plot_path)
@@ -92,17 +92,17 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 async def _run(loaded, args: argparse.Namespace, speed: float | None):
-    from sim.aggregators import for_scenario
-    from sim.bench import Bench, BenchOptions
-    from sim.progress import Progress
+    from firmware_py.sim.aggregators import for_scenario
+    from firmware_py.sim.simulation import Simulation, SimulationOptions
+    from firmware_py.sim.progress import Progress
 
     journal = args.journal or Path("bench-journal.sqlite")
     trace = _open(args.trace) if args.trace else None
     progress = None if args.quiet or not sys.stderr.isatty() else Progress(loaded)
-    options = BenchOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
+    options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
                            on_progress=progress.update if progress else None, aggregator=for_scenario(loaded))
     try:
-        outcome = await Bench(loaded, options).run()
+        outcome = await Simulation(loaded, options).run()
     finally:
         if trace:
             trace.close()

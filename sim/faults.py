@@ -1,0 +1,45 @@
+"""The bench's fault vocabulary: what a scenario can inject, and which part injects it.
+
+One list, so the scenario loader, the BMS node, the simulated inverter and the
+simulation agree by construction: a kind is valid in a scenario exactly when a
+part of the bench knows how to make it happen.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class BmsFault(str, Enum):
+    """What the simulated BMS node can do wrong on the wire."""
+
+    CAN_SILENCE = "can_silence"
+    BMS_FAULT = "bms_fault"
+    DCL_ZERO = "dcl_zero"
+    CONTACTOR_OPEN = "contactor_open"
+    OVER_TEMP = "over_temp"
+    SOC_JUMP = "soc_jump"
+    GARBLED = "garbled"
+    WRONG_LENGTH = "wrong_length"
+
+
+class InverterFault(str, Enum):
+    """What `InverterModel.inject` can make go wrong, each until a given time."""
+
+    INVERTER_FAULT = "inverter_fault"
+    MODBUS_EXCEPTION = "modbus_exception"
+    SLOW_REPLY = "slow_reply"
+    DROP_CONNECTION = "drop_connection"
+    GRID_OUTAGE = "grid_outage"
+
+
+# A scenario names inverter-side faults by what the gateway sees, not by how the model makes them.
+SCENARIO_INVERTER_FAULTS: dict[str, InverterFault] = {
+    "inverter_fault": InverterFault.INVERTER_FAULT,
+    "modbus_timeout": InverterFault.SLOW_REPLY,
+    "modbus_exception": InverterFault.MODBUS_EXCEPTION,
+    "modbus_disconnect": InverterFault.DROP_CONNECTION,
+    "grid_outage": InverterFault.GRID_OUTAGE,
+}
+BMS_FAULT_KINDS: tuple[str, ...] = tuple(kind.value for kind in BmsFault)
+SCENARIO_FAULT_KINDS: tuple[str, ...] = BMS_FAULT_KINDS + tuple(SCENARIO_INVERTER_FAULTS)

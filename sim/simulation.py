@@ -1,0 +1,378 @@
+"""The whole bench in one process, on a simulated clock.
+
+Real parts throughout: the pack and BMS node on a python-can virtual bus, the
+simulated inverter served over Modbus TCP on a loopback port, the real gateway
+runtime (the same `Gateway` as `powershare-gw run`) with its journal in a real
+SQLite file, and an aggregator from the scenario. Only time is simulated: each
+bench step advances physics by `step_s`, lets the BMS node send what is due,
+hands the frames to the gateway, and awaits its tick, inverter poll and command
+write, so every Modbus round trip really happens, just without waiting for the
+wall clock in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import can
+
+from firmware_py.bms.reader import BmsReader
+from firmware_py.config import Config, bundled_dbc
+from firmware_py.core import Mode, StepResult
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    FaultRaised,
+    OwnerSettings,
+)
+from firmware_py.errors import InputError
+from firmware_py.inverter.client import InverterClient
+from firmware_py.journal import Journal
+from firmware_py.runtime import Gateway, bus_filters
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+from firmware_py.sim.aggregators import Aggregator, for_scenario
+from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
+from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
+from firmware_py.sim.scenario import Scenario
+_channels = itertools.count()
+
+
+@dataclass
+class FaultWatch:
+    """When a scenario fault was injected, noticed by the gateway, and made safe.
+
+    Noticed = the gateway's own reaction after the injection: a fault raised, a change of
+    mode, or a new reason for its command. Safe = the inverter at 0 W after that (for a
+    grid outage: serving the house in BACKUP).
+    """
+
+    kind: str
+    at_s: float
+    mode: Mode
+    reason: str
+    detected_at: float | None = None
+    safe_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "at_s": self.at_s,
+                "detected_after_s": _round(self.detected_at - self.at_s) if self.detected_at is not None else None,
+                "safe_after_s": _round(self.safe_at - self.at_s) if self.safe_at is not None else None}
+
+
+@dataclass
+class Outcome:
+    summary: dict[str, Any]
+    checks: list[tuple[str, bool, str]]
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+
+@dataclass
+class SimulationOptions:
+    speed: float | None = None  # None: as fast as the machine allows; 1.0: real time
+    trace: TextIO | None = None
+    journal_path: Path | None = None
+    on_progress: Callable[["Simulation"], None] | None = None
+    progress_every_s: float = 0.25
+    aggregator: Aggregator | None = None
+    series: list[tuple[float, ...]] = field(default_factory=list)  # for the plot
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, options: SimulationOptions):
+        self.scenario = scenario
+        self.options = options
+        self.t = 0.0
+        self.answers: dict[str, DispatchAnswer | None] = {}
+        self.faults: list[FaultWatch] = []
+        self.min_soc = scenario.vehicle.initial_soc_pct
+        self.floor_violations = 0
+        self.records = 0
+        self._last_trace: tuple | None = None
+        self._next_trace_t = 0.0
+
+    # ------------------------------------------------------------------ set-up
+
+    def _config(self, port: int) -> Config:
+        s, base = self.scenario, Config()
+        return replace(
+            base,
+            vehicle=replace(base.vehicle, usable_capacity_wh=s.vehicle.usable_capacity_wh),
+            can=replace(base.can, interface="virtual", channel=self.channel),
+            inverter=replace(base.inverter, host="127.0.0.1", port=port, poll_interval_s=1.0),
+            owner=replace(base.owner, reserve_pct=s.owner.reserve_pct),
+            source=f"scenario {s.name}",
+        )
+
+    async def _build(self) -> None:
+        s = self.scenario
+        self.journal_path = self.options.journal_path or Path(f"/tmp/powershare-bench-{id(self)}.sqlite")
+        _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
+        self.channel = f"powershare-bench-{next(_channels)}"
+        self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
+                               ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
+        dbc = bundled_dbc("cybertruck_bms.dbc")
+        self.node_bus = can.Bus(interface="virtual", channel=self.channel)
+        self.node = BmsNode(self.battery, self.node_bus, dbc, seed=s.run.seed)
+        day_offset = s.run.start_hour * 3600
+        self.model = InverterModel(home_load=lambda now: default_home_load(now + day_offset), now=0.0)
+        self.server = SimInverterServer(self.model)
+        port = await self.server.start()
+        self.config = self._config(port)
+        clock = lambda: self.t  # noqa: E731 - the one simulated clock everything reads
+        self.reader = BmsReader(dbc, clock)
+        self.gateway_bus = can.Bus(interface="virtual", channel=self.channel,
+                                   can_filters=bus_filters("virtual", self.reader))
+        self.journal = Journal.open(self.journal_path, wall_clock=time.time)
+        self.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
+        self.client = InverterClient(self.config.inverter, clock)
+        owner = OwnerSettings(s.owner.reserve_pct, 0.0)
+        self.gateway = Gateway(self.config, clock, self.reader, self.client, self.journal, owner)
+        self.gateway.observers.append(self._observe)
+        if self.options.aggregator is None:
+            self.options.aggregator = for_scenario(s)
+        self.aggregator = self.options.aggregator
+        await self.aggregator.start(self.gateway)
+
+    async def _teardown(self) -> None:
+        await self.aggregator.stop()
+        await self.client.safe_stop()
+        self.gateway.flush_journal()
+        await self.client.close()
+        await self.server.stop()
+        self.journal.close()
+        self.node_bus.shutdown()
+        self.gateway_bus.shutdown()
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> Outcome:
+        await self._build()
+        wall0 = time.perf_counter()
+        try:
+            await self._loop(wall0)
+        finally:
+            await self._teardown()
+        return self._outcome(time.perf_counter() - wall0)
+
+    async def _loop(self, wall0: float) -> None:
+        s = self.scenario
+        step_s, poll_s = s.run.step_s, self.config.inverter.poll_interval_s
+        timeline = self._timeline()
+        steps = int(round(s.run.duration_s / step_s))
+        next_poll, next_progress = 0.0, 0.0
+        await self.gateway.poll_inverter()
+        for n in range(1, steps + 1):
+            dt, self.t = step_s, n * step_s
+            self._physics(dt)
+            while timeline and timeline[0][0] <= self.t + 1e-9:
+                await timeline.pop(0)[1]()
+            await self.aggregator.step(self.t)
+            self.node.emit_due(self.t)
+            if self._deliver_frames() is None:
+                self.gateway.tick()  # nothing the core decides on changed: time alone is judged
+            if self.t + 1e-9 >= next_poll:
+                await self.gateway.poll_inverter()
+                next_poll = self.t + poll_s
+            await self.gateway.write_command()
+            self.gateway.flush_journal()
+            self._trace_step()
+            wall = time.perf_counter()
+            if self.options.speed:
+                ahead = self.t / self.options.speed - (wall - wall0)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if self.options.on_progress and wall >= next_progress:
+                self.options.on_progress(self)
+                next_progress = wall + self.options.progress_every_s
+
+    def _physics(self, dt: float) -> None:
+        b = self.battery
+        dc = self.model.advance(dt, self.t, b.max_discharge_w if b.contactors_closed else 0.0,
+                                b.max_charge_w if b.contactors_closed else 0.0)
+        b.step(dt, dc)
+        self.model.soc_pct = b.true_soc_pct
+
+    def _deliver_frames(self) -> StepResult | None:
+        """Everything the node sent this step reaches the gateway together, as one step of the core."""
+        frames = []
+        while (msg := self.gateway_bus.recv(timeout=0)) is not None:
+            frames.append(msg)
+        return self.gateway.on_frames(frames)
+
+    def _timeline(self) -> list[tuple[float, Callable[[], Any]]]:
+        """Every scripted action, in time order (dispatch before faults at the same instant)."""
+        s, actions = self.scenario, []
+        for d in s.dispatch:
+            actions.append((d.at_s, 0, lambda d=d: self._send(d)))
+        for c in s.cancel:
+            actions.append((c.at_s, 1, lambda c=c: self.aggregator.cancel(c.id)))
+        for o in s.owner_change:
+            actions.append((o.at_s, 2, lambda o=o: self._owner(o)))
+        for f in s.fault:
+            actions.append((f.at_s, 3, lambda f=f: self._inject(f)))
+        return [(at, action) for at, _, action in sorted(actions, key=lambda a: (a[0], a[1]))]
+
+    async def _send(self, d) -> None:
+        kind = DispatchKind.CHARGE if d.kind == "charge" else DispatchKind.DISCHARGE
+        request = DispatchRequest(d.id, "scenario", kind, d.target_w, d.start_s, d.start_s + d.duration_s,
+                                  received_at=self.t, ramp_w_per_s=d.ramp_w_per_s or None)
+        self.answers[d.id] = await self.aggregator.send(request)
+
+    async def _owner(self, change) -> None:
+        current = self.gateway.owner_settings()
+        reserve = current.reserve_pct if change.reserve_pct < 0 else change.reserve_pct
+        await self.gateway.set_owner(replace(current, reserve_pct=reserve, received_at=self.t,
+                                             opt_out_until=math.inf if change.opt_out else None))
+
+    async def _inject(self, f) -> None:
+        until = self.t + f.duration_s
+        if f.kind in SCENARIO_INVERTER_FAULTS:
+            self.model.inject(SCENARIO_INVERTER_FAULTS[f.kind], until)
+        else:
+            self.node.inject(f.kind, until)
+        c = self.gateway.controller
+        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
+
+    # ------------------------------------------------------------------ watching
+
+    def _observe(self, result: StepResult) -> None:
+        """Note when each injected fault was noticed and when the inverter became safe."""
+        pending = [w for w in self.faults if w.detected_at is None]
+        if not pending:
+            return
+        c = result.controller
+        raised = any(isinstance(e, FaultRaised) for e in result.events)
+        for w in pending:
+            if raised or c.mode is not w.mode or result.command.reason != w.reason:
+                w.detected_at = self.t
+
+    def _watch_safety(self) -> None:
+        for w in self.faults:
+            if w.safe_at is None and w.detected_at is not None:
+                outage_served = w.kind == "grid_outage" and self.gateway.controller.mode is Mode.BACKUP
+                if self.model.ac_power_w <= 0 or outage_served:
+                    w.safe_at = self.t
+
+    def _trace_step(self) -> None:
+        self._watch_safety()
+        c, cmd = self.gateway.controller, self.gateway.command
+        soc = self.battery.true_soc_pct
+        floor = c.floor_pct(self.t)
+        self.min_soc = min(self.min_soc, soc)
+        key = (c.mode, round(cmd.setpoint_w, 1))
+        if key == self._last_trace and self.t + 1e-9 < self._next_trace_t:
+            return
+        self._last_trace, self._next_trace_t = key, math.floor(self.t + 1e-9) + 1.0
+        self.floor_violations += soc < floor
+        self.records += 1
+        record = {"t": _round(self.t), "state": c.mode.value, "soc_pct": round(soc, 4), "floor_pct": round(floor, 3),
+                  "setpoint_w": round(cmd.setpoint_w, 1), "inverter_w": round(self.model.ac_power_w, 1),
+                  "bms_max_discharge_w": c.bms.max_discharge_w if c.bms else None,
+                  "event_id": c.serving_id, "reason": cmd.reason}
+        self.options.series.append((self.t, soc, floor, cmd.setpoint_w, self.model.ac_power_w,
+                                    1.0 if c.mode is Mode.DISCHARGE else 0.0))
+        if self.options.trace is not None:
+            self.options.trace.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ outcome
+
+    def _outcome(self, wall_s: float) -> Outcome:
+        c = self.gateway.controller
+        # A protocol may name an event its own way (SunSpec sessions); report it by the scenario's id,
+        # and take answers that arrived after `send` returned (a SunSpec write at the event's start).
+        names = getattr(self.aggregator, "request_ids", {})
+        delivered: dict[str, float] = {}
+        for e in c.book.entries:
+            if e.accepted and e.request.kind is DispatchKind.DISCHARGE:
+                name = names.get(e.request.id, e.request.id)
+                delivered[name] = round(delivered.get(name, 0.0) + e.meter_wh, 1)
+        for event_id, answer in getattr(self.aggregator, "answers", {}).items():
+            if self.answers.get(event_id) is None:
+                self.answers[event_id] = answer
+        answers = {rid: (a.verdict.value if a else None) for rid, a in self.answers.items()}
+        summary = {
+            "scenario": self.scenario.name,
+            "delivered_wh": delivered,
+            "min_soc_pct": round(self.min_soc, 3),
+            "floor_violations": self.floor_violations,
+            "faults": [w.as_dict() for w in self.faults],
+            "final_state": c.mode.value,
+            "wall_s": round(wall_s, 3),
+            "sim_s": self.scenario.run.duration_s,
+            "speed_x": round(self.scenario.run.duration_s / wall_s, 1) if wall_s > 0 else None,
+            "answers": answers,
+            "answer_details": {rid: _answer_dict(a) for rid, a in self.answers.items()},
+            "inverter_meter_wh": round(self.model.tot_wh_inj, 1),
+            "final_soc_pct": round(self.battery.true_soc_pct, 3),
+            "journal": str(self.journal_path),
+            "trace_records": self.records,
+        }
+        return Outcome(summary, self._checks(summary))
+
+    def _checks(self, summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
+        e, checks = self.scenario.expect, []
+        total = sum(summary["delivered_wh"].values())
+        checks.append(("floor violations", summary["floor_violations"] <= e.max_floor_violations,
+                       f"{summary['floor_violations']} (allowed {e.max_floor_violations})"))
+        if e.min_delivered_wh >= 0:
+            checks.append(("min delivered", total >= e.min_delivered_wh, f"{total:.0f} Wh >= {e.min_delivered_wh:.0f}"))
+        if e.max_delivered_wh >= 0:
+            checks.append(("max delivered", total <= e.max_delivered_wh, f"{total:.0f} Wh <= {e.max_delivered_wh:.0f}"))
+        if e.min_soc_pct >= 0:
+            checks.append(("min SoC", summary["min_soc_pct"] >= e.min_soc_pct,
+                           f"{summary['min_soc_pct']:.2f} % >= {e.min_soc_pct}"))
+        if e.final_state:
+            checks.append(("final state", summary["final_state"] == e.final_state,
+                           f"{summary['final_state']} == {e.final_state}"))
+        for event_id, verdict in e.answers.items():
+            got = summary["answers"].get(event_id)
+            checks.append((f"answer {event_id}", got == verdict, f"{got} == {verdict}"))
+        if e.max_safe_after_s >= 0:
+            for w in summary["faults"]:
+                safe = w["safe_after_s"]
+                checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
+                               f"after {safe} s (allowed {e.max_safe_after_s} s)"))
+        return checks
+
+
+BENCH_MARK = "BenchRun"
+
+
+def _replace_bench_journal(path: Path) -> None:
+    """A bench journal is one run's record: replace the last run's, never anything else."""
+    if path.exists():
+        try:
+            with Journal.open(path, readonly=True) as old:
+                first = old.records()[:1]
+        except InputError:
+            first = []
+        if not first or first[0].kind != BENCH_MARK:
+            raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
+                             "(give --journal a new file)")
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
+
+
+def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    return {"verdict": a.verdict.value, "cap_w": a.cap_w, "reason": a.reason.value if a.reason else None,
+            "detail": a.detail}
+
+
+def _round(x: float) -> float:
+    return round(x, 3)
