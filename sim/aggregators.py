@@ -32,13 +32,14 @@ from typing import Any, Protocol
 
 from pymodbus.client import AsyncModbusTcpClient
 
-from firmware_py.config import DispatchConfig, OpenAdrConfig
+from firmware_py.config import OpenAdrConfig
 from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest, Verdict
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
-from firmware_py.runtime import Gateway
+from firmware_py.assembly import integration
+from firmware_py.gateway import Gateway
 from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
 
 log = logging.getLogger(__name__)
@@ -255,14 +256,12 @@ class SunSpecAggregator:
         self.sfs: dict[str, int | None] = {}
 
     async def start(self, gateway: Gateway) -> None:
-        from firmware_py.runtime import dispatch_sources
-
         cfg = gateway.config.dispatch
-        served = DispatchConfig(sunspec_server=replace(cfg.sunspec_server, enabled=True, listen="127.0.0.1:0",
-                                                       unit_id=self.unit_id, allow_write_from=["127.0.0.1"]),
-                                openadr=replace(cfg.openadr, enabled=False))
-        sources = dispatch_sources(replace(gateway.config, dispatch=served), gateway)
-        self.server = next(s for s in sources if isinstance(s, SunSpecDerServer))
+        served = replace(cfg, sunspec_server=replace(cfg.sunspec_server, enabled=True, listen="127.0.0.1:0",
+                                                     unit_id=self.unit_id, allow_write_from=["127.0.0.1"]))
+        server = integration("dispatch.sunspec_server", replace(gateway.config, dispatch=served), gateway)
+        assert isinstance(server, SunSpecDerServer)
+        self.server = server
         self.gateway = gateway
         port = await self.server.start(gateway)
         self.client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)

@@ -221,7 +221,8 @@ class BmsNode:
 # -- `powershare-gw sim bms` ---------------------------------------------------
 
 def _sim_bms(args: argparse.Namespace) -> int:
-    from firmware_py.bms.commands import open_bus, resolve_dbc, stop_on_signals
+    from firmware_py.bms.bus import open_bus
+    from firmware_py.bms.commands import CAN_FLAGS, resolve_dbc, stop_on_signals
 
     from firmware_py.sim import scenario as scenarios
 
@@ -236,7 +237,7 @@ def _sim_bms(args: argparse.Namespace) -> int:
     dbc, _ = resolve_dbc(args.dbc, elm=False)
     battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
                       seed=args.seed)
-    bus = open_bus(args.can_interface, args.can_channel)
+    bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     try:
         node = BmsNode(battery, bus, dbc, seed=args.seed)
         print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "

@@ -20,25 +20,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import can
 
-from firmware_py.bms.reader import BmsReader
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import (
     DispatchAnswer,
-    DispatchCancel,
     DispatchKind,
     DispatchRequest,
     FaultRaised,
     OwnerSettings,
 )
 from firmware_py.errors import InputError
-from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.runtime import Gateway, bus_filters
+from firmware_py.assembly import assemble
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.aggregators import Aggregator, for_scenario
@@ -114,6 +111,7 @@ class Simulation:
             can=replace(base.can, interface="virtual", channel=self.channel),
             inverter=replace(base.inverter, host="127.0.0.1", port=port, poll_interval_s=1.0),
             owner=replace(base.owner, reserve_pct=s.owner.reserve_pct),
+            journal=replace(base.journal, path=str(self.journal_path)),
             source=f"scenario {s.name}",
         )
 
@@ -132,15 +130,10 @@ class Simulation:
         self.server = SimInverterServer(self.model)
         port = await self.server.start()
         self.config = self._config(port)
-        clock = lambda: self.t  # noqa: E731 - the one simulated clock everything reads
-        self.reader = BmsReader(dbc, clock)
-        self.gateway_bus = can.Bus(interface="virtual", channel=self.channel,
-                                   can_filters=bus_filters("virtual", self.reader))
-        self.journal = Journal.open(self.journal_path, wall_clock=time.time)
-        self.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
-        self.client = InverterClient(self.config.inverter, clock)
-        owner = OwnerSettings(s.owner.reserve_pct, 0.0)
-        self.gateway = Gateway(self.config, clock, self.reader, self.client, self.journal, owner)
+        # The one simulated clock everything reads; the scenario's owner, not a settings file.
+        self.assembly = assemble(self.config, lambda: self.t, owner=OwnerSettings(s.owner.reserve_pct, 0.0))
+        self.gateway, self.gateway_bus = self.assembly.gateway, self.assembly.bus
+        self.gateway.journal.append(BENCH_MARK, 0.0, {"scenario": s.name})
         self.gateway.observers.append(self._observe)
         if self.options.aggregator is None:
             self.options.aggregator = for_scenario(s)
@@ -149,13 +142,12 @@ class Simulation:
 
     async def _teardown(self) -> None:
         await self.aggregator.stop()
-        await self.client.safe_stop()
+        await self.gateway.inverter.safe_stop()
         self.gateway.flush_journal()
-        await self.client.close()
+        await self.gateway.inverter.close()
         await self.server.stop()
-        self.journal.close()
+        self.assembly.close()
         self.node_bus.shutdown()
-        self.gateway_bus.shutdown()
 
     # ------------------------------------------------------------------ the run
 

@@ -14,11 +14,13 @@ import can
 
 from firmware_py import config as config_mod
 from firmware_py.bms import captures
+from firmware_py.bms.bus import open_bus
 from firmware_py.bms.reader import BmsReader
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
 
 DEFAULT_DBC = "cybertruck_bms.dbc"
+CAN_FLAGS = "--can-interface {0.can_interface} --can-channel {0.can_channel}"
 ELM_DBC = "tesla_model3_bms.dbc"
 RANGE_FIELDS = (("soc_min_pct", "SoC min", "%", 1), ("pack_voltage_v", "voltage", "V", 1),
                 ("pack_current_a", "current", "A", 1), ("max_discharge_w", "max discharge", "kW", 1e-3),
@@ -52,14 +54,6 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def open_bus(interface: str, channel: str, **kwargs) -> can.BusABC:
-    """A python-can bus; failing to open one is the operator's input error, not a traceback."""
-    try:
-        return can.Bus(interface=interface, channel=channel, **kwargs)
-    except Exception as err:  # each interface raises its own types
-        raise InputError(f"--can-interface {interface} --can-channel {channel}: cannot open the bus: {err}") from None
 
 
 def resolve_dbc(given: str | None, elm: bool) -> tuple[Path, str]:
@@ -131,12 +125,15 @@ def decode_messages(reader: BmsReader, messages: Iterable[can.Message], every_s:
             frames += 1
             if start is None:
                 start = next_row = msg.timestamp
-            snapshot = reader.on_message(msg, now=msg.timestamp)
-            if snapshot is not None:
-                ranges.add(snapshot)
-                if msg.timestamp >= next_row and reader.accepted:
-                    rows.append(_row(msg.timestamp - start, reader.snapshot(msg.timestamp)))
-                    next_row = msg.timestamp + every_s
+            believed = reader.accepted
+            reader.on_message(msg, now=msg.timestamp)
+            if reader.accepted == believed:
+                continue  # not BMS, or dropped (counted by the reader)
+            snapshot = reader.snapshot(msg.timestamp)  # every value, not only the ones the core decides on
+            ranges.add(snapshot)
+            if msg.timestamp >= next_row:
+                rows.append(_row(msg.timestamp - start, snapshot))
+                next_row = msg.timestamp + every_s
     except Exception as err:  # a python-can reader meeting a corrupt record
         raise InputError(f"{source}: unreadable after {frames} frames: {err}") from None
     return frames, ranges, rows
@@ -196,7 +193,7 @@ def _record(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
     frames = 0
     try:
-        bus = open_bus(args.can_interface, args.can_channel)
+        bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     except InputError:
         writer.stop()
         raise

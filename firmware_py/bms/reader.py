@@ -27,6 +27,7 @@ import cantools
 from cantools.database.errors import DecodeError
 
 from firmware_py.bms import signals
+from firmware_py.core.faults import DECISION_BMS_FIELDS
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
 
@@ -125,7 +126,7 @@ class BmsReader:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._rejected: set[str] = set()
-        self._last_stale: frozenset[str] = frozenset()
+        self._last_key: tuple | None = None
         self._lock = threading.Lock()
         self.dropped: Counter[str] = Counter()
         self.accepted = 0
@@ -146,7 +147,13 @@ class BmsReader:
         return self._frames[frame_id].timeout_s / TIMEOUT_PERIODS
 
     def on_message(self, msg: can.Message, now: float | None = None) -> BmsSnapshot | None:
-        """A new snapshot when `msg` was believed and changed something, else None."""
+        """A new snapshot when `msg` was believed and changed something the core decides on, else None.
+
+        This is the frame path's one "did anything change?": a snapshot is handed
+        out only when a decision field or the set of stale fields differs from the
+        last snapshot handed out (here or by `snapshot`), so the gateway steps its
+        core for every snapshot it receives and for nothing else.
+        """
         frame = self._frames.get(msg.arbitration_id)
         if frame is None or msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
             return None
@@ -156,23 +163,26 @@ class BmsReader:
             if values is None:
                 return None
             self.accepted += 1
-            changed = any(self._values.get(k) != v or k in self._rejected for k, v in values.items())
             self._values.update(values)
             for name in values:
                 self._times[name] = now
             self._rejected.difference_update(values)
             stale = self._stale_at(now)
-            if not changed and stale == self._last_stale:
+            key = self._decision_key(stale)
+            if key == self._last_key:
                 return None
-            self._last_stale = stale
+            self._last_key = key
             return BmsSnapshot(received_at=now, stale=stale, **self._values)
 
     def snapshot(self, now: float) -> BmsSnapshot:
         """What is believed as of `now`, with fields past their timeout listed as stale."""
         with self._lock:
             stale = self._stale_at(now)
-            self._last_stale = stale
+            self._last_key = self._decision_key(stale)
             return BmsSnapshot(received_at=now, stale=stale, **self._values)
+
+    def _decision_key(self, stale: frozenset[str]) -> tuple:
+        return tuple(self._values.get(name) for name in DECISION_BMS_FIELDS) + (stale,)
 
     # -- decoding and plausibility -----------------------------------------
 

@@ -1,0 +1,120 @@
+"""The one assembly point: a gateway built from a configuration, the same way for everyone.
+
+`powershare-gw run`, the bench simulator, the benchmarks and the commissioning
+commands all get their parts here, so what the bench measures is what a
+gateway in a garage runs. Assembling opens what the configuration names (the
+journal, and the CAN bus unless the caller feeds frames itself) and starts
+nothing: running is the service's job (`service.py`), or the simulation's.
+
+Dispatch sources come from `INTEGRATIONS`, keyed by their configuration
+section the way python-can picks a transport by name: a new protocol adds one
+entry here and a section to the config, and nothing in the gateway or the
+service changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import can
+
+from firmware_py.bms.bus import open_bus
+from firmware_py.bms.reader import reader_from_config
+from firmware_py.config import Config
+from firmware_py.core.types import OwnerSettings
+from firmware_py.dispatch import DispatchSink
+from firmware_py.gateway import Gateway
+from firmware_py.inverter.client import InverterClient
+from firmware_py.journal import Journal
+from firmware_py.owner.store import OwnerStore
+
+Clock = Callable[[], float]
+
+
+class Integration(Protocol):
+    """Something the service keeps running beside the gateway (an aggregator protocol, so far)."""
+
+    async def run(self, sink: DispatchSink) -> None:
+        """Serve until cancelled; a peer's bad input is answered, never raised."""
+
+
+def _openadr(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.dispatch.openadr import OpenAdrVen
+
+    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w)
+
+
+def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.dispatch.sunspec_server import DerRatings, SunSpecDerServer
+
+    def meter() -> tuple[float, float]:
+        inv = gateway.controller.inverter
+        return (inv.tot_wh_inj, inv.tot_wh_abs) if inv is not None else (0.0, 0.0)
+
+    return SunSpecDerServer(config.dispatch.sunspec_server, meter=meter,
+                            ratings=lambda: DerRatings.of(gateway.policy, gateway.controller.inverter))
+
+
+# Config section -> how to build its integration. Each section has `enabled`; off unless true.
+INTEGRATIONS: dict[str, Callable[[Config, Gateway], Integration]] = {
+    "dispatch.openadr": _openadr,
+    "dispatch.sunspec_server": _sunspec_server,
+}
+
+
+def section(config: Config, name: str) -> Any:
+    """The config section a dotted name points at ("dispatch.openadr" -> config.dispatch.openadr)."""
+    node: Any = config
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def integration(name: str, config: Config, gateway: Gateway) -> Integration:
+    """One integration built from its section, whether or not the config enables it (the bench asks)."""
+    return INTEGRATIONS[name](config, gateway)
+
+
+@dataclass
+class Assembly:
+    """Everything a running gateway is made of, opened and wired, not yet started."""
+
+    config: Config
+    gateway: Gateway
+    store: OwnerStore
+    bus: can.BusABC | None
+    integrations: dict[str, Integration] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Release what assembling opened (the service has stopped what it started)."""
+        if self.bus is not None:
+            self.bus.shutdown()
+        self.gateway.journal.close()
+
+
+def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None,
+             open_can: bool = True, wall_clock: Clock | None = None) -> Assembly:
+    """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
+
+    `clock` is the gateway's clock (the real one in `run`, the simulated one in the
+    bench); `wall_clock` stamps journal records for people (default: the system's).
+    `owner` overrides the persisted owner settings (a scenario says its own); a
+    caller that feeds frames itself (the bench's lock-step loop, a benchmark) passes
+    `open_can=False` and reads its own bus.
+    """
+    store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
+    reader = reader_from_config(config, clock)
+    journal = Journal.open(config.journal.path, **({"wall_clock": wall_clock} if wall_clock else {}))
+    try:
+        gateway = Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
+                          owner if owner is not None else store.load(clock()))
+        bus = open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
+                       filters=reader.can_filters(), bitrate=config.can.bitrate) if open_can else None
+    except BaseException:
+        journal.close()
+        raise
+    enabled = {name: integration(name, config, gateway) for name in INTEGRATIONS
+               if section(config, name).enabled}
+    return Assembly(config, gateway, store, bus, enabled)

@@ -1,0 +1,34 @@
+"""Opening a CAN bus: the one place a python-can interface is chosen by name.
+
+`run`, the bench, `bms record` and `sim bms` all open their bus here, so an
+interface that cannot be opened is always the same clear input error naming
+what the operator gave (a config key or a flag), never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import can
+
+from firmware_py.errors import InputError
+
+# Buses that are software all the way down: python-can would apply acceptance filters in Python,
+# frame by frame, which costs more than the reader's own id lookup. Every other interface gets
+# the filters, which its kernel driver or hardware applies before a frame reaches user space.
+SOFTWARE_BUSES = frozenset({"virtual", "remote"})
+
+
+def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str, Any]] | None = None,
+             **kwargs: Any) -> can.BusABC:
+    """A python-can bus, with acceptance `filters` where its driver applies them.
+
+    `blame` names what the operator gave (a config file and section, or the flags)
+    so the message says what to fix.
+    """
+    if interface in SOFTWARE_BUSES:
+        filters = None
+    try:
+        return can.Bus(interface=interface, channel=channel, can_filters=filters, **kwargs)
+    except Exception as err:  # noqa: BLE001 - each interface raises its own types; all mean "cannot open"
+        raise InputError(f"{blame}: cannot open the {interface} bus {channel!r}: {err}") from None

@@ -1,0 +1,247 @@
+"""The gateway object: the pure core's inputs and outputs, and nothing that owns time.
+
+The same `Gateway` serves `powershare-gw run` and the bench simulator; only who
+calls it differs. The service (`service.py`) calls it from asyncio timers and a
+python-can Notifier on the real clock; the simulation calls the same methods on
+a simulated clock. Built by `assembly.assemble`, never by hand.
+
+Paths through it:
+- BMS data → `on_snapshot` (from the Notifier thread, hopped to the loop) or
+  `on_frames` (the bench's batch) → one core step → the command writer wakes;
+  the reader hands out a snapshot only when a field the core decides on
+  changed, so nothing else asks "did anything change?" before the step;
+- `tick` (timeouts, ramps, windows) and `poll_inverter` (status in, energy accounted);
+- dispatch sources and the owner API → `submit` / `set_owner` → core step;
+- `write_command` → the inverter client, which writes when the value differs from
+  what the inverter holds or its revert timer needs a refresh (the one output check).
+Journal records are queued by each step and written in batches off the hot
+path, after the command: a slow disk never delays a safe stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import can
+
+from firmware_py.bms.reader import BmsReader
+from firmware_py.config import Config
+from firmware_py.core import Controller, Policy, StepResult, step
+from firmware_py.core.types import (
+    BmsSnapshot,
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchEnded,
+    DispatchRequest,
+    EventEnergy,
+    Input,
+    InverterCommand,
+    InverterStatus,
+    OwnerSettings,
+    ReasonCode,
+    Tick,
+    Verdict,
+)
+from firmware_py.dispatch import Telemetry
+from firmware_py.inverter.client import InverterClient
+from firmware_py.journal import Journal, JournalWriteError
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings)
+
+
+class Gateway:
+    """One gateway: core state, its inputs and outputs. Implements DispatchSink and OwnerPort."""
+
+    def __init__(self, config: Config, clock: Callable[[], float], reader: BmsReader,
+                 inverter: InverterClient, journal: Journal, owner: OwnerSettings | None = None):
+        self.config = config
+        self.clock = clock
+        self.reader = reader
+        self.inverter = inverter
+        self.journal = journal
+        self.policy = Policy.from_config(config)
+        now = clock()
+        self.controller = Controller.start(self.policy, owner, now)
+        self.command = InverterCommand(0.0, self.controller.reason)
+        self.command_changed = asyncio.Event()
+        self.journal_failed: str | None = None
+        self.observers: list[Callable[[StepResult], None]] = []
+        self._pending: list[Any] = []
+
+    # ------------------------------------------------------------------ core
+
+    def feed(self, *inputs: Input) -> StepResult:
+        """Step the core with `inputs` now; queue what must be journaled; wake the command writer."""
+        result = step(self.controller, inputs, self.clock())
+        self.controller = result.controller
+        self.command = result.command
+        self.command_changed.set()  # the client alone judges whether the inverter needs a write
+        self._pending += [i for i in inputs if isinstance(i, JOURNALED_INPUTS)]
+        self._pending += result.events
+        for observer in self.observers:
+            observer(result)
+        return result
+
+    def now(self) -> float:
+        return self.clock()
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_frames(self, msgs: Iterable[can.Message]) -> StepResult | None:
+        """Frames that arrived together: decode them all, then at most one step with the newest snapshot.
+
+        The reader hands out a snapshot only when a field the core decides on changed,
+        so a frame of voltage noise costs a decode and no step.
+        """
+        now, latest = self.clock(), None
+        for msg in msgs:
+            latest = self.reader.on_message(msg, now) or latest
+        return self.on_snapshot(latest) if latest is not None else None
+
+    def on_snapshot(self, snapshot: BmsSnapshot) -> StepResult:
+        """New BMS data the core decides on (the reader has already judged that it is new)."""
+        return self.feed(snapshot)
+
+    def tick(self) -> StepResult:
+        """Time passing: freshness as of now (a silent bus turns stale here), ramps, windows."""
+        now = self.clock()
+        return self.feed(self.reader.snapshot(now), Tick(now))
+
+    async def poll_inverter(self) -> InverterStatus:
+        status = await self.inverter.read_status()
+        self.feed(status)
+        return status
+
+    async def write_command(self) -> None:
+        """Send the current command (the client writes only on change or when a refresh is due)."""
+        self.command_changed.clear()
+        await self.inverter.apply(self.command)
+
+    # ------------------------------------------------------------------ DispatchSink
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        if isinstance(item, DispatchRequest) and self.journal_failed:
+            answer = DispatchAnswer(item.id, self.clock(), Verdict.REJECTED, reason=ReasonCode.FAULT,
+                                    detail=f"journal unavailable: {self.journal_failed}")
+            return answer
+        result = self.feed(item)
+        await self.write_command()
+        return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
+
+    def telemetry(self) -> Telemetry:
+        c, now = self.controller, self.clock()
+        serving = c.book.find(c.serving_id) if c.serving_id else None
+        soc = c.bms.soc_min_pct if c.bms is not None else None
+        power = c.inverter.measured_w if c.inverter is not None and c.inverter.comms_ok else 0.0
+        return Telemetry(at=now, state=c.mode.value, soc_pct=soc, floor_pct=c.floor_pct(now), power_w=power,
+                         setpoint_w=self.command.setpoint_w, available_wh=c.available_wh(now),
+                         active_event_id=serving.request.id if serving else None)
+
+    def note(self, kind: str, payload: dict) -> None:
+        self._pending.append((kind, self.clock(), payload))
+
+    # ------------------------------------------------------------------ OwnerPort
+
+    def owner_settings(self) -> OwnerSettings:
+        return self.controller.owner
+
+    async def set_owner(self, settings: OwnerSettings) -> None:
+        self.feed(settings)
+        await self.write_command()
+
+    # ------------------------------------------------------------------ journal
+
+    def flush_journal(self) -> int:
+        """Write what the steps queued, in one transaction, here and now (the bench's way)."""
+        pending, self._pending = self._pending, []
+        return self._settle(pending, self._write(pending))
+
+    async def flush_journal_async(self) -> int:
+        """The same off the event loop: the queue is taken here, only the disk work moves to a thread."""
+        pending, self._pending = self._pending, []
+        return self._settle(pending, await asyncio.to_thread(self._write, pending) if pending else None)
+
+    def _write(self, pending: list[Any]) -> JournalWriteError | None:
+        if not pending:
+            return None
+        try:
+            with self.journal.batch():
+                for item in pending:
+                    if isinstance(item, tuple):
+                        self.journal.append(*item)
+                    else:
+                        self.journal.append_event(item)
+        except JournalWriteError as err:
+            return err
+        return None
+
+    def _settle(self, pending: list[Any], failure: JournalWriteError | None) -> int:
+        """After a write: on failure put the records back in front (nothing is lost) and refuse dispatch."""
+        if failure is None:
+            self.journal_failed = None
+            return len(pending)
+        self._pending[:0] = pending
+        if not self.journal_failed:
+            log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
+        self.journal_failed = str(failure)
+        return 0
+
+    def close_open_events(self, meter_total_wh: float | None,
+                          reason: str = "gateway restarted: event ended") -> list[str]:
+        """End events the journal shows as running (after a crash, or at a stop), billing the meter's gap.
+
+        The last EventEnergy record carries the inverter meter reading at that
+        moment; the meter now tells what flowed between it and the crash (the
+        inverter's revert timer stopped it within `revert_timeout_s`).
+        """
+        open_events = open_journal_events(self.journal)
+        now = self.clock()
+        # The meter's gap belongs to the event being served last: the one reported most recently.
+        newest = max(open_events, key=lambda rid: open_events[rid].at if open_events[rid] else -1.0, default=None)
+        for request_id, last in open_events.items():
+            meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
+            if request_id == newest and last and last.meter_total_wh is not None and meter_total_wh is not None:
+                gap = meter_total_wh - last.meter_total_wh
+                if 0 <= gap <= self._most_unreported_wh():
+                    meter += gap
+            self._pending.append(DispatchEnded(now, request_id, reason))
+            self._pending.append(EventEnergy(now, request_id, round(meter, 3), round(integrated, 3), True,
+                                             meter_total_wh))
+        self.flush_journal()
+        return list(open_events)
+
+
+    def _most_unreported_wh(self) -> float:
+        """The most a crash can leave unreported: a report interval plus the revert time at full power."""
+        p = self.policy
+        return p.max_discharge_w * (p.energy_report_interval_s + p.command_horizon_s + p.inverter_timeout_s) / 3600
+
+
+def open_journal_events(journal: Journal) -> dict[str, EventEnergy | None]:
+    """Accepted requests with no end record, and the last energy record of each."""
+    accepted: dict[str, EventEnergy | None] = {}
+    for record in journal.records():
+        if record.kind not in ("DispatchAnswer", "EventEnergy", "DispatchEnded"):
+            continue  # notes, inputs, transitions: nothing about which events are open
+        try:
+            event = record.event()
+        except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
+            log.error("journal record %d skipped: %s", record.seq, err)
+            continue
+        if isinstance(event, DispatchAnswer):
+            if event.verdict is Verdict.REJECTED:
+                if event.reason is not ReasonCode.DUPLICATE:
+                    accepted.pop(event.request_id, None)
+            else:
+                accepted.setdefault(event.request_id, None)
+        elif isinstance(event, EventEnergy) and event.request_id in accepted:
+            accepted[event.request_id] = event
+        elif isinstance(event, DispatchEnded):
+            accepted.pop(event.request_id, None)
+    return accepted

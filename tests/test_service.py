@@ -1,0 +1,123 @@
+"""The production path in one process: `assemble` + `Service`, exactly as `powershare-gw run` drives them.
+
+The bench simulator steps the gateway in lock-step; this test instead runs the
+service's own CAN intake (python-can Notifier thread hopping snapshots to the
+loop), its command writer, tick, poll and journal tasks on the real clock,
+against a simulated BMS on a python-can virtual bus and the simulated inverter
+over Modbus TCP loopback. Every wait is for an event the parts raise
+themselves, bounded by a timeout; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import can
+
+from firmware_py.assembly import assemble
+from firmware_py.config import Config, bundled_dbc
+from firmware_py.core import Mode, StepResult
+from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
+from firmware_py.journal import Journal
+from firmware_py.service import RunOptions, Service, every
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
+
+WAIT_S = 10.0
+_channels = itertools.count()
+
+
+class Watch:
+    """An asyncio event that fires the first time `condition` holds for a value a part reports."""
+
+    def __init__(self, condition: Callable[[Any], bool]):
+        self.condition, self.event = condition, asyncio.Event()
+
+    def see(self, value: Any) -> None:
+        if self.condition(value):
+            self.event.set()
+
+    async def wait(self, what: str) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), WAIT_S)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}") from None
+
+
+def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_inverter_as_zero(tmp_path: Path):
+    async def main() -> None:
+        model = InverterModel(now=time.time())
+        wsets: list[float] = []
+        discharging, stopped = Watch(lambda w: w > 0), Watch(lambda w: w == 0 and wsets and max(wsets) > 0)
+        write = model.write
+
+        def noting_write(name: str, value: Any) -> None:
+            write(name, value)
+            if name == "WSet":
+                wsets.append(float(value))
+                discharging.see(float(value))
+                stopped.see(float(value))
+
+        model.write = noting_write  # type: ignore[method-assign]
+        async with SimInverterServer(model) as server:
+            channel = f"service-test-{next(_channels)}"
+            base = Config()
+            config = replace(
+                base, can=replace(base.can, interface="virtual", channel=channel),
+                inverter=replace(base.inverter, port=server.port, poll_interval_s=0.2),
+                journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
+                owner=replace(base.owner, settings_file=str(tmp_path / "owner.json"),
+                              token_file=str(tmp_path / "owner.token"), api_listen="127.0.0.1:0"))
+            battery = Battery(soc_pct=80)
+            node_bus = can.Bus(interface="virtual", channel=channel)
+            node = BmsNode(battery, node_bus, bundled_dbc("cybertruck_bms.dbc"))
+
+            def physics() -> None:
+                now = time.time()
+                battery.step(0.01, model.advance(0.01, now, battery.max_discharge_w, battery.max_charge_w))
+                node.emit_due(now)
+
+            service = Service(assemble(config, time.time), RunOptions())
+            ready, faulted = Watch(lambda r: r.controller.mode is Mode.STANDBY), \
+                Watch(lambda r: any(isinstance(e, FaultRaised) and e.kind == "bms_fault" for e in r.events))
+
+            def observe(result: StepResult) -> None:
+                ready.see(result)
+                faulted.see(result)
+
+            service.gateway.observers.append(observe)
+            physics_task = asyncio.create_task(every(0.01, physics))
+            try:
+                await service.start()
+                await ready.wait("the gateway to have fresh BMS and inverter data")
+                now = time.time()
+                answer = await service.gateway.submit(DispatchRequest(
+                    "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
+                assert answer is not None and answer.verdict is Verdict.ACCEPTED
+                await discharging.wait("a discharge setpoint at the inverter")
+                node.inject("bms_fault", until=now + 3_600)
+                await faulted.wait("the BMS fault to be raised")
+                await stopped.wait("WSet = 0 at the inverter after the fault frame")
+                assert service.gateway.controller.mode is Mode.FAULT
+                assert service.gateway.command.setpoint_w == 0
+            finally:
+                physics_task.cancel()
+                await asyncio.gather(physics_task, return_exceptions=True)
+                await service.stop()
+                node_bus.shutdown()
+        assert wsets[-1] == 0  # the stop's safe write
+        journal = Journal.open(tmp_path / "journal.sqlite", readonly=True)
+        try:
+            kinds = [record.kind for record in journal.records()]
+        finally:
+            journal.close()
+        assert {"DispatchRequest", "DispatchAnswer", "FaultRaised", "DispatchEnded", "EventEnergy"} <= set(kinds)
+
+    asyncio.run(main())
