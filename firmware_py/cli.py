@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from collections.abc import Sequence
 
 from firmware_py.errors import InputError
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="powershare-gw",
         description="Vehicle-to-home gateway: BMS over CAN, inverter over SunSpec Modbus, grid dispatch.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('powershare-gw')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (config, service, bms_commands, inverter_commands, journal_commands, owner_commands,
                    sim_command, bench):

@@ -114,10 +114,13 @@ class Config:
     source: str = "<defaults>"
 
     def dbc_path(self) -> Path:
-        """The DBC file: a path as given, else one of the bundled DBCs by name."""
+        """The DBC file: a path (relative to the config file's folder, like every path), else a bundled name."""
         given = Path(self.vehicle.dbc)
-        if given.is_absolute() or given.exists():
+        if given.is_absolute():
             return given
+        beside = Path(self.source).parent / given
+        if Path(self.source).is_file() and beside.exists():
+            return beside
         return bundled_dbc(self.vehicle.dbc)
 
 

@@ -88,6 +88,10 @@ class Service:
         gateway, config = self.gateway, self.assembly.config
         if self.owner_api is not None:
             await self.owner_api.start()
+        for integration in self.assembly.integrations.values():
+            bind = getattr(integration, "start", None)  # those that listen: a bad address is input error now
+            if bind is not None:
+                await bind(gateway)
         first = await gateway.poll_inverter()
         closed = gateway.close_open_events(first.tot_wh_inj if first.comms_ok else None)
         if closed:

@@ -269,7 +269,7 @@ class Simulation:
         if key == self._last_trace and self.t + 1e-9 < self._next_trace_t:
             return
         self._last_trace, self._next_trace_t = key, math.floor(self.t + 1e-9) + 1.0
-        self.floor_violations += soc < floor
+        self.floor_violations += soc < floor and self.model.ac_power_w > 0  # energy leaving below the floor
         self.records += 1
         record = {"t": _round(self.t), "state": c.mode.value, "soc_pct": round(soc, 4), "floor_pct": round(floor, 3),
                   "setpoint_w": round(cmd.setpoint_w, 1), "inverter_w": round(self.model.ac_power_w, 1),

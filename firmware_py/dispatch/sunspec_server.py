@@ -145,8 +145,13 @@ class SunSpecDerServer:
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self, sink: DispatchSink) -> None:
-        """Serve until cancelled; revert timers and open-ended renewals run on each tick."""
-        await self.start(sink)
+        """Serve until cancelled; revert timers and open-ended renewals run on each tick.
+
+        Already listening (the service binds first, so a bad address stops start-up
+        with a clear error instead of a restart loop) it serves on that socket.
+        """
+        if self._server is None:
+            await self.start(sink)
         try:
             while True:
                 await asyncio.sleep(self.tick_s)
