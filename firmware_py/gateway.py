@@ -48,6 +48,7 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import Telemetry
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError
+from firmware_py.journal.steps import START_KIND, STEPS_KIND, StepRecorder, start_payload
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,18 @@ class Gateway:
         self.command_changed = asyncio.Event()
         self.journal_failed: str | None = None
         self.observers: list[Callable[[StepResult], None]] = []
-        self._pending: list[Any] = []
+        self.steps = StepRecorder()
+        self._pending: list[Any] = [(START_KIND, now, start_payload(self.policy, self.controller.owner, now))]
 
     # ------------------------------------------------------------------ core
 
     def feed(self, *inputs: Input) -> StepResult:
         """Step the core with `inputs` now; queue what must be journaled; wake the command writer."""
-        result = step(self.controller, inputs, self.clock())
+        now = self.clock()
+        result = step(self.controller, inputs, now)
+        batch = self.steps.record(now, inputs)
+        if batch is not None:
+            self._pending.append((STEPS_KIND, now, batch))
         self.controller = result.controller
         self.command = result.command
         self.command_changed.set()  # the client alone judges whether the inverter needs a write
@@ -157,8 +163,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ journal
 
-    def flush_journal(self) -> int:
-        """Write what the steps queued, in one transaction, here and now (the bench's way)."""
+    def flush_journal(self, *, final: bool = False) -> int:
+        """Write what the steps queued, in one transaction, here and now (the bench's way).
+
+        `final` also writes the unfinished batch of recorded steps (at a stop).
+        """
+        if final and (batch := self.steps.take()) is not None:
+            self._pending.append((STEPS_KIND, self.clock(), batch))
         pending, self._pending = self._pending, []
         return self._settle(pending, self._write(pending))
 

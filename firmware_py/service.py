@@ -157,7 +157,7 @@ class Service:
             ("safe stop", gateway.inverter.safe_stop),
             ("CAN", self._stop_intake),
             ("final step", lambda: gateway.feed(Tick(gateway.now()))),
-            ("journal", gateway.flush_journal),
+            ("journal", lambda: gateway.flush_journal(final=True)),
             ("open events", self._end_open_events),
             ("inverter link", gateway.inverter.close),
             ("owner API", self.owner_api.stop if self.owner_api is not None else _nothing),

@@ -143,7 +143,7 @@ class Simulation:
     async def _teardown(self) -> None:
         await self.aggregator.stop()
         await self.gateway.inverter.safe_stop()
-        self.gateway.flush_journal()
+        self.gateway.flush_journal(final=True)
         await self.gateway.inverter.close()
         await self.server.stop()
         self.assembly.close()

@@ -10,7 +10,10 @@ import sqlite3
 import pytest
 
 from firmware_py.cli import main
-from firmware_py.journal import Journal, event_summaries
+from firmware_py.core import Controller
+from firmware_py.core.replay import replay
+from firmware_py.journal import Journal, codec, event_summaries
+from firmware_py.journal.steps import decode_start, journaled_steps
 from firmware_py.sim import scenario
 from firmware_py.sim.simulation import Simulation, SimulationOptions
 
@@ -79,6 +82,26 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
     meter = summary["inverter_meter_wh"]  # the simulated inverter's own TotWhInj over the run
     assert event.meter_wh == pytest.approx(meter, rel=0.005)
     assert event.integrated_wh == pytest.approx(meter, rel=0.005)
+
+
+DECISIONS = {"DispatchAnswer", "Transition", "FaultRaised", "FaultCleared", "DispatchEnded", "EventEnergy"}
+
+
+def test_replaying_the_default_journal_through_the_core_reproduces_every_decision(default_run):
+    """The journal alone (its recorded start and steps) gives back every journaled decision, exactly."""
+    _, folder = default_run
+    with Journal.open(folder / "bench-journal.sqlite", readonly=True) as journal:
+        records = journal.records()
+    decided = [(r.kind, r.payload) for r in records if r.kind in DECISIONS]
+    found = list(journaled_steps(records))
+    (start,) = [payload for what, payload in found if what == "start"]
+    steps = [one for what, one in found if what == "step"]
+    policy, owner, now = decode_start(start)
+    replayed = [(type(e).__name__, codec.jsonable(e))
+                for result in replay(Controller.start(policy, owner, now), steps) for e in result.events]
+    assert len(steps) >= 18_000 * 10  # every tick of the 5-hour run, and the frame and poll steps between
+    assert {kind for kind, _ in decided} >= {"DispatchAnswer", "Transition", "DispatchEnded", "EventEnergy"}
+    assert replayed == decided
 
 
 def test_report_verifies_the_default_journal(default_run, capsys):

@@ -80,14 +80,14 @@ def decode_event(kind: str, payload: dict[str, Any]) -> Any:
         raise ValueError(f"record kind {kind!r} is not a core event or input")
     hints = typing.get_type_hints(cls)
     try:
-        values = {f.name: _restore(hints[f.name], payload[f.name])
+        values = {f.name: restore(hints[f.name], payload[f.name])
                   for f in dataclasses.fields(cls) if f.name in payload}
         return cls(**values)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"record kind {kind!r}: payload does not fit {cls.__name__}: {err}") from err
 
 
-def _restore(hint: Any, value: Any) -> Any:
+def restore(hint: Any, value: Any) -> Any:
     """Undo `jsonable` for one field, guided by its type hint."""
     if value is None:
         return None
