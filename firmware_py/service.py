@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.owner.api import OwnerApi
 
 log = logging.getLogger(__name__)
+
+GIL_SWITCH_S = 0.0005
+"""How long the CAN thread may hold the interpreter before the loop gets a turn (Python's default
+is 5 ms: on a busy bus a fault frame's step could wait that long for the thread decoding the rest)."""
 
 
 class Systemd:
@@ -86,6 +91,7 @@ class Service:
         """Bind the owner API (a bad address is input error, before anything runs), read the
         inverter once, end events a crash left open, then start the intake and every task."""
         gateway, config = self.gateway, self.assembly.config
+        sys.setswitchinterval(GIL_SWITCH_S)
         if self.owner_api is not None:
             await self.owner_api.start()
         for integration in self.assembly.integrations.values():
