@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.core.policy import Policy
-from firmware_py.core.types import DispatchAnswer, DispatchKind, InverterStatus, Verdict
-from firmware_py.dispatch import Telemetry
+from firmware_py.core.telemetry import Telemetry
+from firmware_py.core.types import DispatchAnswer, DispatchKind, InverterStatus, Mode, Verdict, describe, is_finite_number
 from firmware_py.inverter.sunspec import ModelDef, SunSpecError, SunSpecMap
 
 MODELS = (1, 701, 702, 704, 713)
@@ -48,8 +48,8 @@ CONTROL_DEFAULTS: dict[str, Any] = {
 PCT_POINTS = {"WMaxLimPct": (0, 100), "WMaxLimPctRvrt": (0, 100),
               "WSetPct": (-100, 100), "WSetPctRvrt": (-100, 100)}
 WATT_POINTS = ("WSet", "WSetRvrt")
-STATES_RUNNING = {"DISCHARGE", "CHARGE", "BACKUP"}
-STATES_FAULT = {"FAULT", "LOCKOUT"}
+MODES_RUNNING = frozenset({Mode.DISCHARGE, Mode.CHARGE, Mode.BACKUP})
+MODES_FAULT = frozenset({Mode.FAULT, Mode.LOCKOUT})
 
 
 @dataclass(frozen=True)
@@ -236,14 +236,13 @@ class DispatchStatus:
         return self.wanted.target_w
 
     def text(self) -> str | None:
+        """MnAlrmInfo (64 characters): why the setpoint is not served in full; None when it is."""
         a = self.answer
         if a is None:
             return "refused: no answer from the gateway core"
-        if a.verdict is Verdict.REJECTED:
-            return f"refused {a.reason.value if a.reason else ''}: {a.detail}".strip()[:64]
-        if a.verdict is Verdict.CAPPED:
-            return f"capped to {self.allowed_w():.0f} W: {a.detail}"[:64]
-        return None
+        if a.verdict is Verdict.ACCEPTED:
+            return None
+        return describe(a)[:64]
 
 
 def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int, Mapping[str, int]],
@@ -265,15 +264,15 @@ def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int
     if model_id == 704:
         return {**sf, **controls.registers_view(now)}
     if model_id == 713:
-        sta = 2 if t.state in STATES_FAULT else 1 if t.soc_pct is None else 0
+        sta = 2 if t.mode in MODES_FAULT else 1 if t.soc_pct is None else 0
         return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh), "SoC": t.soc_pct, "Sta": sta}
     return {}
 
 
 def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: tuple[float, float]) -> dict:
     w = t.power_w
-    running = t.state in STATES_RUNNING and w != 0
-    inv_st = {"STARTUP": 2}.get(t.state, 6 if t.state in STATES_FAULT else 3 if running else 7)
+    running = t.mode in MODES_RUNNING and w != 0
+    inv_st = 2 if t.mode is Mode.STARTUP else 6 if t.mode in MODES_FAULT else 3 if running else 7
     throt_pct, throt_src, info = 0, 0, None
     if status is not None:
         allowed = status.allowed_w()
@@ -287,20 +286,21 @@ def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: 
         if running and throt_src:
             inv_st = 4
     alarms = 0
-    if t.state == "BACKUP":
+    backup = t.mode is Mode.BACKUP
+    if backup:
         alarms |= 1 << _ALRM.symbol("GRID_DISCONNECT")
-    if t.state in STATES_FAULT:
+    if t.mode in MODES_FAULT:
         alarms |= 1 << _ALRM.symbol("MANUFACTURER_ALRM")
-        info = f"gateway in {t.state}"
-    return {"ACType": 1, "St": int(running), "InvSt": inv_st, "ConnSt": 0 if t.state == "BACKUP" else 1,
-            "Alrm": alarms, "DERMode": 1 << (1 if t.state == "BACKUP" else 0), "W": w, "VA": abs(w),
+        info = f"gateway in {t.mode.value}"
+    return {"ACType": 1, "St": int(running), "InvSt": inv_st, "ConnSt": 0 if backup else 1,
+            "Alrm": alarms, "DERMode": 1 << (1 if backup else 0), "W": w, "VA": abs(w),
             "TotWhInj": int(meter[0]), "TotWhAbs": int(meter[1]), "ThrotPct": max(0, min(100, throt_pct)),
             "ThrotSrc": throt_src, "MnAlrmInfo": info}
 
 
 def encode_safely(mdef: ModelDef, values: Mapping[str, Any]) -> list[int]:
     """The model's registers; a value that is not finite or does not fit reads "not implemented"."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    clean = {k: (None if isinstance(v, float) and not is_finite_number(v) else v) for k, v in values.items()}
     try:
         return mdef.encode(clean)
     except (SunSpecError, OverflowError, ValueError):

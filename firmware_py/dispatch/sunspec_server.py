@@ -80,11 +80,12 @@ from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exp
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import END_MODEL_ID, SUNS_MARKER, ModelDef
+from firmware_py.journal.kinds import RecordKind
 
 log = logging.getLogger(__name__)
 
 SOURCE = "sunspec"
-NOTE_KIND = "SunSpecWriteRefused"
+NOTE_KIND = RecordKind.SUNSPEC_WRITE_REFUSED
 WRITE_CODES = frozenset({5, 6, 15, 16, 22, 23})
 REGISTER_WRITES = frozenset({6, 16, 22, 23})
 _PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("sunspec_peer", default=None)

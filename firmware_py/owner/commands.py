@@ -119,7 +119,7 @@ def describe_status(answer: dict[str, Any]) -> list[str]:
     return [
         f"reserve:      {_pct(settings['reserve_pct'])} (floor now {_pct(answer['floor_pct'])})",
         f"SoC:          {_pct(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
-        f"state:        {tel.get('state')}, power {tel.get('power_w', 0):,.0f} W "
+        f"state:        {tel.get('mode')}, power {tel.get('power_w', 0):,.0f} W "
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
         f"departure:    {describe_departure(settings, now)}",
