@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.config import InverterConfig
-from firmware_py.core.types import InverterCommand, InverterState, InverterStatus
+from firmware_py.core.types import InverterCommand, InverterState, InverterStatus, is_finite_number
 from firmware_py.inverter.sunspec import (BASE_ADDRESSES, END_MODEL_ID, SUNS_MARKER, ModelDef, SunSpecError,
                                          walk_chain)
 
@@ -276,7 +276,7 @@ class InverterClient:
         if not self.connected:
             return
         assert self.discovery is not None
-        if not math.isfinite(setpoint_w):
+        if not is_finite_number(setpoint_w):
             setpoint_w = 0.0  # never forward a number the inverter cannot represent
         raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()

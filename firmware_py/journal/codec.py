@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 from firmware_py.core import types as core
+from firmware_py.core.types import is_finite_number
 from firmware_py.journal.kinds import RecordKind
 
 JOURNALED: tuple[type, ...] = (
@@ -49,7 +50,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        if math.isfinite(value):
+        if is_finite_number(value):
             return value
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
