@@ -22,32 +22,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import can
 
 from firmware_py.bms.reader import BmsReader
 from firmware_py.config import Config
-from firmware_py.core import Controller, Policy, StepResult, step
+from firmware_py.core import Controller, Policy, StepResult, step, telemetry
+from firmware_py.core.energy import close_after_restart, open_events
 from firmware_py.core.types import (
     BmsSnapshot,
     DispatchAnswer,
     DispatchCancel,
-    DispatchEnded,
     DispatchRequest,
-    EventEnergy,
+    Event,
     Input,
     InverterCommand,
     InverterStatus,
+    JournalHealth,
     OwnerSettings,
-    ReasonCode,
     Tick,
-    Verdict,
 )
-from firmware_py.dispatch import Telemetry
+from firmware_py.core.telemetry import Telemetry
 from firmware_py.inverter.client import InverterClient
-from firmware_py.journal import Journal, JournalWriteError
+from firmware_py.journal import Journal, JournalWriteError, RecordKind
 from firmware_py.journal.steps import START_KIND, STEPS_KIND, StepRecorder, start_payload
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ class Gateway:
         self.controller = Controller.start(self.policy, owner, now)
         self.command = InverterCommand(0.0, self.controller.reason)
         self.command_changed = asyncio.Event()
-        self.journal_failed: str | None = None
         self.observers: list[Callable[[StepResult], None]] = []
         self.steps = StepRecorder()
         self._pending: list[Any] = [(START_KIND, now, start_payload(self.policy, self.controller.owner, now))]
@@ -132,24 +130,14 @@ class Gateway:
     # ------------------------------------------------------------------ DispatchSink
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
-        if isinstance(item, DispatchRequest) and self.journal_failed:
-            answer = DispatchAnswer(item.id, self.clock(), Verdict.REJECTED, reason=ReasonCode.FAULT,
-                                    detail=f"journal unavailable: {self.journal_failed}")
-            return answer
         result = self.feed(item)
         await self.write_command()
         return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
 
     def telemetry(self) -> Telemetry:
-        c, now = self.controller, self.clock()
-        serving = c.book.find(c.serving_id) if c.serving_id else None
-        soc = c.bms.soc_min_pct if c.bms is not None else None
-        power = c.inverter.measured_w if c.inverter is not None and c.inverter.comms_ok else 0.0
-        return Telemetry(at=now, state=c.mode.value, soc_pct=soc, floor_pct=c.floor_pct(now), power_w=power,
-                         setpoint_w=self.command.setpoint_w, available_wh=c.available_wh(now),
-                         active_event_id=serving.request.id if serving else None)
+        return telemetry(self.controller, self.clock())
 
-    def note(self, kind: str, payload: dict) -> None:
+    def note(self, kind: RecordKind, payload: dict) -> None:
         self._pending.append((kind, self.clock(), payload))
 
     # ------------------------------------------------------------------ OwnerPort
@@ -193,66 +181,46 @@ class Gateway:
         return None
 
     def _settle(self, pending: list[Any], failure: JournalWriteError | None) -> int:
-        """After a write: on failure put the records back in front (nothing is lost) and refuse dispatch."""
+        """After a write: on failure put the records back in front (nothing is lost).
+
+        The journal's health is the core's input like any other: while it fails the
+        core refuses new dispatch (energy that cannot be accounted must not be sold).
+        Only a change of health is fed, so a healthy journal costs no step.
+        """
+        known = self.controller.journal
         if failure is None:
-            self.journal_failed = None
+            if known is not None and not known.ok:
+                log.info("journal writes again")
+                self.feed(JournalHealth(self.clock(), ok=True))
             return len(pending)
         self._pending[:0] = pending
-        if not self.journal_failed:
+        if known is None or known.ok:
             log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
-        self.journal_failed = str(failure)
+            self.feed(JournalHealth(self.clock(), ok=False, detail=str(failure)))
         return 0
 
     def close_open_events(self, meter_total_wh: float | None,
                           reason: str = "gateway restarted: event ended") -> list[str]:
         """End events the journal shows as running (after a crash, or at a stop), billing the meter's gap.
 
-        The last EventEnergy record carries the inverter meter reading at that
-        moment; the meter now tells what flowed between it and the crash (the
-        inverter's revert timer stopped it within `revert_timeout_s`).
+        Which events are open and what the gap bills are the core's rules
+        (`core.energy`); this reads the journal for them and journals the result.
         """
-        open_events = open_journal_events(self.journal)
-        now = self.clock()
-        # The meter's gap belongs to the event being served last: the one reported most recently.
-        newest = max(open_events, key=lambda rid: open_events[rid].at if open_events[rid] else -1.0, default=None)
-        for request_id, last in open_events.items():
-            meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
-            if request_id == newest and last and last.meter_total_wh is not None and meter_total_wh is not None:
-                gap = meter_total_wh - last.meter_total_wh
-                if 0 <= gap <= self._most_unreported_wh():
-                    meter += gap
-            self._pending.append(DispatchEnded(now, request_id, reason))
-            self._pending.append(EventEnergy(now, request_id, round(meter, 3), round(integrated, 3), True,
-                                             meter_total_wh))
+        still_open = open_events(self._answer_records())
+        self._pending += close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason)
         self.flush_journal()
-        return list(open_events)
+        return list(still_open)
+
+    def _answer_records(self) -> Iterator[Event]:
+        """The journal's answers, energy and end records, decoded; a damaged one is logged and skipped."""
+        for record in self.journal.records():
+            if record.kind not in EVENT_LIFE:
+                continue
+            try:
+                yield record.event()
+            except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
+                log.error("journal record %d skipped: %s", record.seq, err)
 
 
-    def _most_unreported_wh(self) -> float:
-        """The most a crash can leave unreported: a report interval plus the revert time at full power."""
-        p = self.policy
-        return p.max_discharge_w * (p.energy_report_interval_s + p.command_horizon_s + p.inverter_timeout_s) / 3600
-
-
-def open_journal_events(journal: Journal) -> dict[str, EventEnergy | None]:
-    """Accepted requests with no end record, and the last energy record of each."""
-    accepted: dict[str, EventEnergy | None] = {}
-    for record in journal.records():
-        if record.kind not in ("DispatchAnswer", "EventEnergy", "DispatchEnded"):
-            continue  # notes, inputs, transitions: nothing about which events are open
-        try:
-            event = record.event()
-        except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
-            log.error("journal record %d skipped: %s", record.seq, err)
-            continue
-        if isinstance(event, DispatchAnswer):
-            if event.verdict is Verdict.REJECTED:
-                if event.reason is not ReasonCode.DUPLICATE:
-                    accepted.pop(event.request_id, None)
-            else:
-                accepted.setdefault(event.request_id, None)
-        elif isinstance(event, EventEnergy) and event.request_id in accepted:
-            accepted[event.request_id] = event
-        elif isinstance(event, DispatchEnded):
-            accepted.pop(event.request_id, None)
-    return accepted
+EVENT_LIFE = frozenset({RecordKind.DISPATCH_ANSWER, RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
+"""The record kinds that tell which events are open."""

@@ -8,11 +8,12 @@ fixes a file in one pass), and resolves relative paths against a base folder.
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from firmware_py.core.types import is_finite_number
 
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -42,8 +43,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else f"expected a finite number, got {value!r}"
+        return None if is_finite_number(value) else f"expected a finite number, got {value!r}"
     if hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return None if ok else f"expected an integer, got {value!r}"

@@ -36,7 +36,7 @@ from firmware_py.config import OpenAdrConfig
 from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest, Verdict
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import ModelDef
+from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSetMod
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.assembly import integration
 from firmware_py.gateway import Gateway
@@ -215,8 +215,8 @@ class OpenAdrAggregator:
 
 # ---------------------------------------------------------------------- SunSpec
 
-CTL = ModelDef.load(704)
-WSET_ENA, WSET_MOD_WATTS = CTL.point("WSetEna").symbol("ENABLED"), CTL.point("WSetMod").symbol("WATTS")
+CTL = ModelDef.load(DER_CONTROL_AC)
+WSET_ENA, WSET_MOD_WATTS = WSetEna.ENABLED, WSetMod.WATTS
 
 
 @dataclass

@@ -42,8 +42,10 @@ from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, OwnerSettings
 from firmware_py.errors import InputError
+from firmware_py.journal import RecordKind
 from firmware_py.assembly import assemble
 from firmware_py.service import RunOptions, Service, every
+from firmware_py.inverter.sunspec import DEFAULT_BASE, DER_CONTROL_AC, END_MODEL_ID, SUNS_MARKER, WSetEna, WSetMod
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
@@ -200,7 +202,7 @@ class Load:
         self.counts["status reads"] += 1
 
     def _note(self) -> None:
-        self.rig.gateway.note("BenchLoad", {"n": self.counts["journal notes"]})
+        self.rig.gateway.note(RecordKind.BENCH_LOAD, {"n": self.counts["journal notes"]})
         self.counts["journal notes"] += 1
 
     async def stop(self) -> None:
@@ -312,14 +314,14 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
         client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2)
         await client.connect()
         try:
-            m704 = ModelDef.load(704)
-            base = await _find_model(client, 704)
+            m704 = ModelDef.load(DER_CONTROL_AC)
+            base = await _find_model(client, DER_CONTROL_AC)
             regs = await client.read_holding_registers(base + m704.offset("WSet_SF"), count=1, device_id=1)
             sf = _signed(regs.registers[0])
-            await client.write_registers(base + m704.offset("WSetMod"), [1], device_id=1)
+            await client.write_registers(base + m704.offset("WSetMod"), [WSetMod.WATTS], device_id=1)
             warm = round(9_500 / 10 ** sf)
             await client.write_registers(base + m704.offset("WSet"), [warm >> 16, warm & 0xFFFF], device_id=1)
-            await client.write_registers(base + m704.offset("WSetEna"), [1], device_id=1)
+            await client.write_registers(base + m704.offset("WSetEna"), [WSetEna.ENABLED], device_id=1)
             await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
             latencies = []
             # Decreasing targets: a lower setpoint holds at once, while a higher one ramps at the
@@ -385,13 +387,13 @@ async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
 
 
 async def _find_model(client, model_id: int) -> int:
-    addr = 40002
+    addr = DEFAULT_BASE + len(SUNS_MARKER)
     for _ in range(64):
         head = await client.read_holding_registers(addr, count=2, device_id=1)
         mid, length = head.registers
         if mid == model_id:
             return addr
-        if mid == 0xFFFF:
+        if mid == END_MODEL_ID:
             break
         addr += 2 + length
     raise RuntimeError(f"model {model_id} not found")

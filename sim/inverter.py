@@ -29,15 +29,12 @@ from typing import Any
 from firmware_py.core.types import InverterState
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import ModelDef, SunSpecMap
+from firmware_py.inverter.sunspec import DEFAULT_BASE, MODELS, AlrmBit, ModelDef, SunSpecMap, WSetMod
 from firmware_py.sim.faults import InverterFault
 
 log = logging.getLogger(__name__)
 
-MODELS = (1, 701, 702, 704, 713)
-GRID_DISCONNECT_BIT = ModelDef.load(701).point("Alrm").symbol("GRID_DISCONNECT")
-FAULT_ALARM_BIT = ModelDef.load(701).point("Alrm").symbol("OVER_TEMP")
-WATTS = ModelDef.load(704).point("WSetMod").symbol("WATTS")
+FAULT_ALARM_BIT = AlrmBit.OVER_TEMP  # the alarm a simulated inverter fault raises
 
 # Scale factors the simulated device publishes: WSet in 0.1 W exercises a client's scaling.
 SCALE = {
@@ -85,7 +82,7 @@ class InverterModel:
         self.soc_pct: float | None = None
         """The pack's SoC for model 713, when whoever owns the pack tells us."""
         self.controls: dict[str, Any] = {
-            "WSetEna": 0, "WSetMod": WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
+            "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
             "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
             "WMaxLimPctEnaRvrt": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
         }
@@ -139,7 +136,7 @@ class InverterModel:
         if self.active(InverterFault.INVERTER_FAULT):
             return 0.0
         c = self.controls
-        commanded = c["WSetEna"] and c["WSetMod"] == WATTS
+        commanded = c["WSetEna"] and c["WSetMod"] == WSetMod.WATTS
         if self.active(InverterFault.GRID_OUTAGE):
             # Islanded: the home's load. An enabled WSet is the ceiling, which is how the
             # gateway holds the backup floor; a reverted WSet = 0 stops it.
@@ -180,7 +177,7 @@ class InverterModel:
     def alarms(self) -> int:
         bits = 0
         if self.active(InverterFault.GRID_OUTAGE):
-            bits |= 1 << GRID_DISCONNECT_BIT
+            bits |= 1 << AlrmBit.GRID_DISCONNECT
         if self.active(InverterFault.INVERTER_FAULT):
             bits |= 1 << FAULT_ALARM_BIT
         return bits
@@ -217,7 +214,7 @@ class InverterModel:
                     "SoC": soc, "SoH": 100.0, "Sta": 0}
         return {}
 
-    def register_map(self, base: int = 40000) -> SunSpecMap:
+    def register_map(self, base: int = DEFAULT_BASE) -> SunSpecMap:
         sunspec = SunSpecMap(base)
         for model_id in MODELS:
             sunspec.add(model_id, self.values(model_id))
@@ -228,7 +225,7 @@ class SimInverterServer:
     """`model` served over Modbus TCP (default) or RTU on a pyserial URL (`rtu=`)."""
 
     def __init__(self, model: InverterModel, host: str = "127.0.0.1", port: int = 0, *,
-                 rtu: str | None = None, base: int = 40000, slow_reply_s: float = 2.0,
+                 rtu: str | None = None, base: int = DEFAULT_BASE, slow_reply_s: float = 2.0,
                  baudrate: int = 19_200):
         self.model, self.host, self.port, self.rtu = model, host, port, rtu
         self.slow_reply_s, self.baudrate = slow_reply_s, baudrate

@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
 from firmware_py.schema import load_table, spec
 from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
+
+VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
+
 DEFAULT = "summer-peak.toml"
 
 
@@ -144,6 +148,7 @@ def _cross_checks(s: Scenario) -> list[str]:
     for event_id, verdict in s.expect.answers.items():
         if event_id not in ids:
             problems.append(f"expect.answers.{event_id}: no dispatch has that id")
-        if verdict not in ("accepted", "accepted_capped", "rejected"):
-            problems.append(f"expect.answers.{event_id}: {verdict!r} is not accepted, accepted_capped or rejected")
+        if verdict not in VERDICTS:
+            problems.append(f"expect.answers.{event_id}: {verdict!r} is not {', '.join(VERDICTS[:-1])} "
+                            f"or {VERDICTS[-1]}")
     return problems

@@ -122,11 +122,10 @@ def _report(outcome, loaded) -> None:
     table.add_column("value")
     for event_id, wh in s["delivered_wh"].items():
         detail = s["answer_details"].get(event_id) or {}
-        cap = f", capped at {detail['cap_w']:.0f} W" if detail.get("cap_w") else ""
-        table.add_row(f"event {event_id}", f"{wh / 1000:.2f} kWh delivered ({detail.get('verdict')}{cap})")
+        table.add_row(f"event {event_id}", f"{wh / 1000:.2f} kWh delivered ({detail.get('text', 'no answer')})")
     for event_id, detail in s["answer_details"].items():
-        if detail and detail["verdict"] == "rejected":
-            table.add_row(f"event {event_id}", f"rejected: {detail['reason']} {detail['detail']}")
+        if detail and event_id not in s["delivered_wh"]:
+            table.add_row(f"event {event_id}", detail["text"])
     table.add_row("SoC", f"min {s['min_soc_pct']:.2f} %, final {s['final_soc_pct']:.2f} %")
     table.add_row("floor violations", str(s["floor_violations"]))
     for f in s["faults"]:

@@ -32,10 +32,11 @@ from firmware_py.core.types import (
     DispatchRequest,
     FaultRaised,
     OwnerSettings,
+    describe,
 )
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal
 from firmware_py.assembly import assemble
+from firmware_py.journal import Journal, RecordKind
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.aggregators import Aggregator, for_scenario
@@ -341,7 +342,7 @@ class Simulation:
         return checks
 
 
-BENCH_MARK = "BenchRun"
+BENCH_MARK = RecordKind.BENCH_RUN
 
 
 def _replace_bench_journal(path: Path) -> None:
@@ -363,7 +364,7 @@ def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:
     if a is None:
         return None
     return {"verdict": a.verdict.value, "cap_w": a.cap_w, "reason": a.reason.value if a.reason else None,
-            "detail": a.detail}
+            "detail": a.detail, "text": describe(a)}
 
 
 def _round(x: float) -> float:

@@ -25,6 +25,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     InstallerReset,
     InverterState,
+    JournalHealth,
     OwnerSettings,
     PackContactor,
     Tick,
@@ -63,7 +64,9 @@ owners = st.builds(
     reserve=st.floats(0, 100), out=st.none() | st.just(math.inf) | st.floats(T - 10, T + 10),
     dep=st.none() | st.floats(T, T + 20_000), soc=st.floats(0, 100))
 
-inputs = st.one_of(bms_snapshots, inverter_statuses, requests, owners, st.just(Tick(T)),
+journal_reports = st.builds(JournalHealth, st.just(T), st.booleans(), st.sampled_from(["", "disk full"]))
+
+inputs = st.one_of(bms_snapshots, inverter_statuses, requests, owners, st.just(Tick(T)), journal_reports,
                    st.just(InstallerReset(T)), st.builds(DispatchCancel, st.sampled_from(["a", "b"]),
                                                          st.just("agg"), st.just(T)))
 

@@ -30,6 +30,7 @@ from firmware_py.core.types import (
     FaultRaised,
     InstallerReset,
     InverterState,
+    JournalHealth,
     OwnerSettings,
     Tick,
 )
@@ -165,6 +166,11 @@ class GatewayWorld(RuleBasedStateMachine):
         self.feed(OwnerSettings(reserve, self.now, opt_out_until=None if opt_out is None else self.now + opt_out,
                                 departure_at=None if departure is None else self.now + departure,
                                 departure_soc_pct=departure_soc))
+
+    @rule(ok=st.sampled_from([True, True, False]))
+    def journal(self, ok):
+        """The runtime reports whether the journal took its last write."""
+        self.feed(JournalHealth(self.now, ok, "" if ok else "disk I/O error"))
 
     @rule()
     def installer_reset(self):

@@ -82,9 +82,9 @@ def test_events_and_inputs_round_trip_through_the_journal(path):
         t.DispatchRequest("e", "openadr", t.DispatchKind.CHARGE, -3000, 10, math.inf, 5, ramp_w_per_s=100, revision=2),
         t.OwnerSettings(35, 1.0, opt_out_until=math.inf, opt_out_events=frozenset({"a", "b"})),
         t.DispatchAnswer("e", 6, t.Verdict.CAPPED, cap_w=2000, reason=t.ReasonCode.INSUFFICIENT_ENERGY),
-        t.DispatchCancel("e", "openadr", 7), t.InstallerReset(8), t.Transition(9, "A", "B", "why"),
-        t.FaultCleared(10, "dcl_zero"), t.DispatchEnded(11, "e", "cancelled"),
-        t.EventEnergy(11, "e", 12.5, 12.0, final=True), t.FaultRaised(12, "x", "y"),
+        t.DispatchCancel("e", "openadr", 7), t.InstallerReset(8), t.Transition(9, t.Mode.STANDBY, t.Mode.CHARGE, "why"),
+        t.FaultCleared(10, t.FaultKind.BMS_STALE), t.DispatchEnded(11, "e", "cancelled"),
+        t.EventEnergy(11, "e", 12.5, 12.0, final=True), t.FaultRaised(12, t.FaultKind.OVER_TEMP, "y"),
     ]
     with Journal.open(path) as journal:
         for item in items:

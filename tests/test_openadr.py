@@ -23,7 +23,7 @@ from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.types import (DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest,
-                                    ReasonCode, Verdict)
+                                    Mode, ReasonCode, Verdict)
 from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr import OpenAdrVen
 from firmware_py.dispatch.openadr_events import EventPlan, translate_event
@@ -56,9 +56,9 @@ def opted_out(request: DispatchRequest) -> DispatchAnswer:
 class ScriptedSink:
     """Stands in for the core: answers by `policy`, records every item it was given."""
 
-    def __init__(self, policy: Policy = accept, state: str = "idle") -> None:
+    def __init__(self, policy: Policy = accept, mode: Mode = Mode.STANDBY) -> None:
         self.policy = policy
-        self.state = state
+        self.mode = mode
         self.received: list[DispatchRequest | DispatchCancel] = []
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
@@ -66,7 +66,7 @@ class ScriptedSink:
         return self.policy(item) if isinstance(item, DispatchRequest) else None
 
     def telemetry(self) -> Telemetry:
-        return Telemetry(at=self.now(), state=self.state, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
+        return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
                          setpoint_w=0.0, available_wh=40_000.0, active_event_id=None)
 
     def now(self) -> float:
@@ -111,7 +111,7 @@ async def registered(vtn: LoopbackVtn, ven: OpenAdrVen) -> None:
 def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(state="DISCHARGING")
+            ven, sink = make_ven(vtn), ScriptedSink(mode=Mode.DISCHARGE)
             async with serving(ven, sink):
                 await registered(vtn, ven)
                 assert vtn.registrations[0]["ven_name"] == "truck-1"

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from firmware_py import cli
 from firmware_py.config import OwnerConfig
-from firmware_py.core.types import OwnerSettings
+from firmware_py.core.types import Mode, OwnerSettings
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.owner import changes, commands
@@ -55,7 +55,7 @@ class RecordingPort:
         self.settings = settings
 
     def telemetry(self) -> Telemetry:
-        return Telemetry(at=self.clock, state="dispatching", soc_pct=71.5, floor_pct=self.settings.reserve_pct + 2,
+        return Telemetry(at=self.clock, mode=Mode.DISCHARGE, soc_pct=71.5, floor_pct=self.settings.reserve_pct + 2,
                          power_w=5000.0, setpoint_w=5000.0, available_wh=36_000.0, active_event_id="peak-1")
 
     def now(self) -> float:
@@ -246,7 +246,7 @@ def test_each_command_reaches_the_gateway_and_persists(tmp_path, kind, owner_cli
         assert code == 0
         assert "reserve:      55 % (floor now 57 %)" in out
         assert "SoC:          71.5 %, 36,000 Wh available above the floor" in out
-        assert "state:        dispatching, power 5,000 W (setpoint 5,000 W)" in out
+        assert "state:        DISCHARGE, power 5,000 W (setpoint 5,000 W)" in out
         assert "opt-out:      not opted out" in out
         assert "departure:    " in out and "80 % wanted" in out
         assert "active event: peak-1" in out

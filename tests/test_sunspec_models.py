@@ -111,3 +111,19 @@ def test_map_lays_out_marker_chain_and_end_model():
         assert regs[at - 40000 + 1] == ModelDef.load(model_id).length
     assert regs[-2:] == [END_MODEL_ID, 0]
     assert smap.address(704, "WSet") == addrs[704] + 24
+
+
+def test_the_cores_inverter_states_are_sunspec_invst():
+    """The core cannot read pysunspec2 (it stays pure), so its copy of InvSt is checked here."""
+    from firmware_py.core.types import InverterState
+    from firmware_py.inverter.sunspec import InvSt
+
+    assert {s.name: s.value for s in InverterState} == {s.name: s.value for s in InvSt}
+
+
+def test_symbols_come_from_the_model_json():
+    from firmware_py.inverter.sunspec import DER_CONTROL_AC, DER_MEASURE_AC, AlrmBit, WSetEna, WSetMod
+
+    assert WSetMod.WATTS == ModelDef.load(DER_CONTROL_AC).point("WSetMod").symbol("WATTS")
+    assert WSetEna.ENABLED == ModelDef.load(DER_CONTROL_AC).point("WSetEna").symbol("ENABLED")
+    assert AlrmBit.GRID_DISCONNECT == ModelDef.load(DER_MEASURE_AC).point("Alrm").symbol("GRID_DISCONNECT")

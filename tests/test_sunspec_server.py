@@ -22,14 +22,15 @@ from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.config import SunSpecServerConfig
+from firmware_py.core.answers import invalid_reason
 from firmware_py.core.policy import Policy
-from firmware_py.core.requests import invalid_reason
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
     InverterStatus,
+    Mode,
     ReasonCode,
     Verdict,
 )
@@ -71,7 +72,7 @@ class ScriptedSink:
     def __init__(self, policy: Answering = accept) -> None:
         self.policy = policy
         self.t = T0
-        self.state, self.power_w, self.soc_pct, self.available_wh = "STANDBY", 0.0, 72.5, 40_000.0
+        self.mode, self.power_w, self.soc_pct, self.available_wh = Mode.STANDBY, 0.0, 72.5, 40_000.0
         self.received: list[DispatchRequest | DispatchCancel] = []
         self.notes: list[tuple[str, dict]] = []
 
@@ -80,7 +81,7 @@ class ScriptedSink:
         return self.policy(item) if isinstance(item, DispatchRequest) else None
 
     def telemetry(self) -> Telemetry:
-        return Telemetry(at=self.t, state=self.state, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
+        return Telemetry(at=self.t, mode=self.mode, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
                          setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None)
 
     def now(self) -> float:
@@ -177,7 +178,7 @@ def _scan_and_dispatch(port: int) -> dict[str, Any]:
 
 def test_pysunspec2_scans_reads_live_models_and_dispatches_through_the_core():
     sink = ScriptedSink()
-    sink.state, sink.power_w = "DISCHARGE", 5_000.0
+    sink.mode, sink.power_w = Mode.DISCHARGE, 5_000.0
 
     async def main() -> dict[str, Any]:
         server = SunSpecDerServer(config(), RATINGS, meter=lambda: (1_234.0, 56.0), serial="TRUCK-42")
@@ -255,7 +256,7 @@ def test_revert_timer_refreshed_by_writes_then_expiring_ends_the_request():
 
 def test_wmaxlimpct_caps_requests_and_shows_as_max_w_throttling():
     sink = ScriptedSink()
-    sink.state, sink.power_w = "DISCHARGE", 5_750.0
+    sink.mode, sink.power_w = Mode.DISCHARGE, 5_750.0
 
     async def main() -> dict[str, Any]:
         async with serving(sink) as (server, client):

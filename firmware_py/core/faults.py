@@ -18,6 +18,7 @@ from firmware_py.core.types import (
     ContactorState,
     Event,
     FaultCleared,
+    FaultKind,
     FaultRaised,
     InverterStatus,
     PackContactor,
@@ -30,15 +31,9 @@ CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_st
                        "min_temp_c", "max_temp_c")
 
 # Every BMS field the core decides on. A snapshot that changes none of them (only pack
-# voltage and current noise, say) cannot change a decision, so the runtime need not step for it.
+# voltage and current noise, say) cannot change a decision: the BMS reader hands one out
+# only when one of these (or their staleness) changed, and replays keep only these.
 DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct",)
-
-LOCKOUT = "lockout"
-
-
-def decision_key(bms: BmsSnapshot) -> tuple:
-    """What of `bms` the core's decisions depend on (its freshness aside)."""
-    return tuple(getattr(bms, name) for name in DECISION_BMS_FIELDS) + (bms.stale,)
 
 
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
@@ -52,29 +47,29 @@ def inverter_usable(inv: InverterStatus | None, now: float, policy: Policy) -> b
 
 
 def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, policy: Policy,
-               bms_seen: bool, inverter_seen: bool) -> dict[str, str]:
+               bms_seen: bool, inverter_seen: bool) -> dict[FaultKind, str]:
     """The fault conditions present now, kind -> detail.
 
     Data that has never arrived is start-up, not a fault; data that arrived and
     then stopped is one.
     """
-    found: dict[str, str] = {}
+    found: dict[FaultKind, str] = {}
     if bms_seen and not bms_usable(bms, now, policy):
-        found["bms_stale"] = _bms_stale_detail(bms, now)
+        found[FaultKind.BMS_STALE] = _bms_stale_detail(bms, now)
     if bms is not None:
         if bms.fresh("bms_state") and bms.bms_state in (BmsState.FAULT, BmsState.WELD):
-            found["bms_fault"] = f"BMS state {BmsState(bms.bms_state).name}"
+            found[FaultKind.BMS_FAULT] = f"BMS state {BmsState(bms.bms_state).name}"
         if ContactorState.WELDED in (bms.contactor_state,) or PackContactor.WELDED in (
                 bms.pack_contactor_neg, bms.pack_contactor_pos):
-            found["contactor_welded"] = "a contactor reports WELDED"
+            found[FaultKind.CONTACTOR_WELDED] = "a contactor reports WELDED"
         if bms.fresh("max_temp_c") and bms.max_temp_c > policy.max_temp_c:
-            found["over_temp"] = f"pack {bms.max_temp_c:.1f} °C > {policy.max_temp_c:.0f} °C"
+            found[FaultKind.OVER_TEMP] = f"pack {bms.max_temp_c:.1f} °C > {policy.max_temp_c:.0f} °C"
         if bms.fresh("min_temp_c") and bms.min_temp_c < policy.min_temp_c:
-            found["under_temp"] = f"pack {bms.min_temp_c:.1f} °C < {policy.min_temp_c:.0f} °C"
+            found[FaultKind.UNDER_TEMP] = f"pack {bms.min_temp_c:.1f} °C < {policy.min_temp_c:.0f} °C"
     if inverter_seen and not inverter_usable(inv, now, policy):
-        found["inverter_comms"] = (inv.error if inv is not None and inv.error else "inverter data too old")
+        found[FaultKind.INVERTER_COMMS] = (inv.error if inv is not None and inv.error else "inverter data too old")
     if inv is not None and inv.comms_ok and inv.faulted:
-        found["inverter_fault"] = f"InvSt FAULT, alarms 0x{inv.alarms:08x}"
+        found[FaultKind.INVERTER_FAULT] = f"InvSt FAULT, alarms 0x{inv.alarms:08x}"
     return found
 
 
@@ -89,7 +84,7 @@ def _bms_stale_detail(bms: BmsSnapshot | None, now: float) -> str:
 
 @dataclass(frozen=True)
 class Latch:
-    kind: str
+    kind: FaultKind
     raised_at: float
     detail: str
     gone_since: float | None = None
@@ -102,10 +97,10 @@ class FaultBook:
     locked_out: bool = False
 
     @property
-    def kinds(self) -> tuple[str, ...]:
+    def kinds(self) -> tuple[FaultKind, ...]:
         return tuple(latch.kind for latch in self.latches)
 
-    def update(self, present: dict[str, str], now: float, policy: Policy) -> tuple["FaultBook", list[Event]]:
+    def update(self, present: dict[FaultKind, str], now: float, policy: Policy) -> tuple["FaultBook", list[Event]]:
         events: list[Event] = []
         kept: list[Latch] = []
         for latch in self.latches:
@@ -128,11 +123,11 @@ class FaultBook:
         locked = self.locked_out
         if not locked and len(recent) >= policy.lockout_faults:
             locked = True
-            events.append(FaultRaised(now, LOCKOUT, f"{len(recent)} faults within {policy.lockout_window_s:.0f} s"))
+            events.append(FaultRaised(now, FaultKind.LOCKOUT, f"{len(recent)} faults within {policy.lockout_window_s:.0f} s"))
         return FaultBook(tuple(kept), recent, locked), events
 
     def reset_lockout(self, now: float) -> tuple["FaultBook", list[Event]]:
         """Installer reset: clears lockout and the fault history that caused it."""
         if not self.locked_out:
             return self, []
-        return FaultBook(self.latches, (), False), [FaultCleared(now, LOCKOUT)]
+        return FaultBook(self.latches, (), False), [FaultCleared(now, FaultKind.LOCKOUT)]

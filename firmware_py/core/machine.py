@@ -14,93 +14,37 @@ the order of TRANSITIONS and nowhere else.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
-from firmware_py.core.faults import FaultBook, bms_usable, conditions, inverter_usable
-from firmware_py.core.policy import Policy
-from firmware_py.core.requests import Booked, Judgement, RequestBook, invalid_reason, judge
+from firmware_py.core.answers import answer, cancel
+from firmware_py.core.controller import Controller, StepResult
+from firmware_py.core.energy import account, close_event, report_energy
+from firmware_py.core.faults import bms_usable, conditions, inverter_usable
+from firmware_py.core.requests import Booked
 from firmware_py.core.types import (
     BmsSnapshot,
-    DispatchAnswer,
     DispatchCancel,
-    DispatchEnded,
     DispatchKind,
     DispatchRequest,
     Event,
-    EventEnergy,
     Input,
     InstallerReset,
     InverterCommand,
     InverterStatus,
+    JournalHealth,
+    Mode,
     OwnerSettings,
-    ReasonCode,
     Transition,
-    Verdict,
+    is_finite_number,
 )
+
+__all__ = ["Controller", "Mode", "StepResult", "TRANSITIONS", "diagram", "step"]
 
 # Enter DISCHARGE only this far above the floor, so SoC noise at the floor
 # cannot toggle the mode every frame.
 ENTRY_HYSTERESIS_PCT = 0.5
-
-
-class Mode(str, Enum):
-    STARTUP = "STARTUP"
-    STANDBY = "STANDBY"
-    DISCHARGE = "DISCHARGE"
-    CHARGE = "CHARGE"
-    BACKUP = "BACKUP"
-    FAULT = "FAULT"
-    LOCKOUT = "LOCKOUT"
-
-
-@dataclass(frozen=True)
-class Controller:
-    """Everything the core remembers between steps."""
-
-    policy: Policy
-    owner: OwnerSettings
-    mode: Mode = Mode.STARTUP
-    bms: BmsSnapshot | None = None
-    inverter: InverterStatus | None = None
-    bms_seen: bool = False
-    inverter_seen: bool = False
-    faults: FaultBook = field(default_factory=FaultBook)
-    book: RequestBook = field(default_factory=RequestBook)
-    setpoint_w: float = 0.0
-    reason: str = "starting: waiting for BMS and inverter data"
-    serving_id: str | None = None
-    last_step_at: float | None = None
-    peak_since_bms_w: float = 0.0  # highest discharge commanded since the newest BMS snapshot
-
-    @classmethod
-    def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":
-        return cls(policy, owner or OwnerSettings(reserve_pct=policy.reserve_pct, received_at=now))
-
-    def outage(self, now: float) -> bool:
-        return inverter_usable(self.inverter, now, self.policy) and self.inverter.grid_outage
-
-    def floor_pct(self, now: float) -> float:
-        return floors.floor_pct(self.policy, self.owner, now, self.outage(now))
-
-    def available_wh(self, now: float) -> float:
-        """Energy above the floor right now (0 without fresh BMS data)."""
-        if not bms_usable(self.bms, now, self.policy):
-            return 0.0
-        return floors.energy_above_wh(self.policy, self.bms.soc_min_pct, self.floor_pct(now))
-
-
-@dataclass(frozen=True)
-class StepResult:
-    controller: Controller
-    command: InverterCommand
-    events: list[Event]
-
-    def answer_for(self, request_id: str) -> DispatchAnswer | None:
-        return next((e for e in self.events if isinstance(e, DispatchAnswer) and e.request_id == request_id), None)
 
 
 # ---------------------------------------------------------------- transitions
@@ -228,7 +172,7 @@ def settle(view: View, mode: Mode, reason: str) -> tuple[Mode, str, list[Transit
         if fired is None or fired[0].target in visited:
             return mode, reason, transitions
         rule, reason = fired
-        transitions.append(Transition(view.now, mode.value, rule.target.value, reason))
+        transitions.append(Transition(view.now, mode, rule.target, reason))
         mode = rule.target
         visited.add(mode)
 
@@ -280,7 +224,7 @@ HANDLERS: dict[Mode, Callable[[View, float, float], tuple[float, str]]] = {
 
 def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     """The one safety clamp: whatever the mode asked for, within every limit."""
-    if setpoint == 0 or not math.isfinite(setpoint):
+    if setpoint == 0 or not is_finite_number(setpoint):
         return 0.0, reason if setpoint == 0 else "invalid: setpoint not a finite number"
     if not v.bms_ok:
         return 0.0, "stale: bms"
@@ -313,125 +257,21 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
 # ---------------------------------------------------------------- inputs
 
 
-def _judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
-    policy, bms, inv = c.policy, c.bms, c.inverter
-    refusal, detail = None, ""
-    if c.faults.locked_out:
-        refusal, detail = ReasonCode.LOCKOUT, "locked out until an installer reset"
-    elif c.faults.latches:
-        refusal, detail = ReasonCode.FAULT, "fault: " + ", ".join(c.faults.kinds)
-    elif not bms_usable(bms, now, policy) or not inverter_usable(inv, now, policy):
-        refusal, detail = ReasonCode.NO_DATA, "no fresh BMS or inverter data"
-    elif inv.grid_outage:
-        refusal, detail = ReasonCode.OUTAGE, "grid outage: serving the home"
-    if refusal is not None:
-        return Judgement(now, refusal, detail, False, 0, 0, 0, 0, policy.ramp_w_per_s)
-    start = max(now, req.start)
-    checkpoints = [start, req.end]
-    if c.owner.departure_at is not None and start <= c.owner.departure_at <= req.end:
-        checkpoints.append(c.owner.departure_at)
-    floor = max(floors.floor_pct(policy, c.owner, t) for t in checkpoints)
-    soc_max = bms.soc_max_pct if bms.soc_max_pct is not None else bms.soc_min_pct
-    return Judgement(
-        now=now, refusal=None, refusal_detail="",
-        opted_out=c.owner.opted_out(start, req.id),
-        energy_above_floor_wh=floors.energy_above_wh(policy, bms.soc_min_pct, floor),
-        discharge_limit_w=min(policy.max_discharge_w, bms.max_discharge_w,
-                              inv.w_discha_max_rtg or inv.w_max_rtg or policy.max_discharge_w),
-        charge_limit_w=min(policy.max_charge_w, bms.max_charge_w,
-                           inv.w_cha_max_rtg or inv.w_max_rtg or policy.max_charge_w),
-        charge_headroom_wh=max(0.0, (100 - soc_max) / 100 * policy.usable_capacity_wh),
-        ramp_w_per_s=policy.ramp_w_per_s,
-    )
-
-
-def _answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
-    events: list[Event] = []
-    existing = c.book.find(req.id)
-    bad = invalid_reason(req)
-    if bad is not None:
-        answer = DispatchAnswer(req.id, now, Verdict.REJECTED, reason=ReasonCode.INVALID, detail=bad)
-    elif existing is not None and req.revision <= existing.request.revision:
-        if replace(req, received_at=existing.request.received_at) == existing.request:
-            return c, [replace(existing.answer, at=now)]  # idempotent: the same answer again
-        answer = DispatchAnswer(req.id, now, Verdict.REJECTED, reason=ReasonCode.DUPLICATE,
-                                detail=f"id already used with other content (revision {existing.request.revision})")
-        return c, [answer]
-    else:
-        answer = judge(req, _judgement(c, req, now))
-    rejected = answer.verdict is Verdict.REJECTED
-    entry = Booked(req, answer, ended=rejected)
-    earlier = existing if existing is not None and existing.accepted else None
-    if earlier is not None and not earlier.ended and (rejected or req.kind is not earlier.request.kind):
-        change = "refused" if rejected else f"changed it to {req.kind.value}"
-        c, events = _end(c, earlier, now, f"revision {req.revision} {change}")
-    if earlier is not None and rejected:
-        return c, events + [answer]  # the book keeps the event as it ran, energy and all
-    if earlier is not None and req.kind is earlier.request.kind:
-        # A modification (or a renewal after it ended) continues the same event: its energy carries over.
-        entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
-                        last_report_at=earlier.last_report_at)
-    c = replace(c, book=c.book.add(entry))
-    events.append(answer)
-    if req.kind is DispatchKind.STOP and answer.verdict is Verdict.ACCEPTED:
-        for entry in c.book.live():
-            if entry.request.source == req.source and entry.request.id != req.id:
-                c, ended = _end(c, entry, now, f"stopped by {req.id}")
-                events += ended
-        c = replace(c, book=c.book.end(req.id))
-    return c, events
-
-
-def _end(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
-    c = replace(c, book=c.book.replace(replace(entry, ended=True)))
-    return c, [DispatchEnded(now, entry.request.id, why), _energy(c, entry, now, final=True)]
-
-
-def _energy(c: Controller, entry: Booked, now: float, final: bool = False) -> EventEnergy:
-    total = c.inverter.tot_wh_inj if c.inverter is not None and c.inverter.comms_ok else None
-    return EventEnergy(now, entry.request.id, round(entry.meter_wh, 3), round(entry.integrated_wh, 3), final, total)
-
-
-def _account(c: Controller, new: InverterStatus) -> Controller:
-    """Add the energy between the last two inverter readings to the request being served."""
-    prev, entry = c.inverter, c.book.find(c.serving_id) if c.serving_id else None
-    if entry is None or prev is None or not (prev.comms_ok and new.comms_ok):
-        return c
-    dt = new.received_at - prev.received_at
-    if dt <= 0:
-        return c
-    discharge = entry.request.kind is DispatchKind.DISCHARGE
-    power = (prev.measured_w + new.measured_w) / 2
-    integrated = (max(0.0, power) if discharge else min(0.0, power)) * dt / 3600
-    meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
-    if not _meter_plausible(meter if discharge else -meter, new, dt, c.policy):
-        meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
-    entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
-    return replace(c, book=c.book.replace(entry))
-
-
-def _meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:
-    """A meter step is plausible when it is forward and no larger than twice the rating allows."""
-    rating = max(status.w_max_rtg, policy.max_discharge_w, policy.max_charge_w)
-    return 0.0 <= delta_wh <= 2 * rating * dt / 3600 + 1.0
-
-
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
         return replace(c, bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
-        c = _account(c, item)
+        c = account(c, item)
         return replace(c, inverter=item, inverter_seen=c.inverter_seen or item.comms_ok), []
     if isinstance(item, OwnerSettings):
         return replace(c, owner=replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct)))), []
     if isinstance(item, DispatchRequest):
-        return _answer(c, item, now)
+        return answer(c, item, now)
     if isinstance(item, DispatchCancel):
-        entry = c.book.find(item.id)
-        if entry is None or not entry.accepted or entry.ended or entry.request.source != item.source:
-            return c, []  # one source cannot end another's event
-        return _end(c, entry, now, f"cancelled by {item.source}")
+        return cancel(c, item, now)
+    if isinstance(item, JournalHealth):
+        return replace(c, journal=item), []
     if isinstance(item, InstallerReset):
         book, events = c.faults.reset_lockout(now)
         return replace(c, faults=book), events
@@ -448,17 +288,9 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
                 c.owner.opted_out(max(now, entry.request.start), entry.request.id):
             why = "owner opted out"
         if why:
-            c, ended = _end(c, entry, now, why)
+            c, ended = close_event(c, entry, now, why)
             events += ended
     return c, events
-
-
-def _report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
-    entry = c.book.find(c.serving_id) if c.serving_id else None
-    if entry is None or now - entry.last_report_at < c.policy.energy_report_interval_s:
-        return c, []
-    c = replace(c, book=c.book.replace(replace(entry, last_report_at=now)))
-    return c, [_energy(c, entry, now)]
 
 
 # ---------------------------------------------------------------- step
@@ -489,6 +321,6 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     serving = view.request.request.id if mode in (Mode.DISCHARGE, Mode.CHARGE) and view.request else None
     c = replace(c, mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint))
-    c, produced = _report_energy(c, now)
+    c, produced = report_energy(c, now)
     events += produced
     return StepResult(c, InverterCommand(setpoint, reason), events)

@@ -1,8 +1,8 @@
-"""Dispatch requests: the one answer each gets, and which one is in force.
+"""The request book: every answered request worth remembering, and which one is in force.
 
-Answers depend on a `Judgement` of the gateway at that moment (faults,
-outage, opt-out, energy above the floor), computed by the machine, so this
-module holds only bookkeeping and the arithmetic of the energy budget.
+Bookkeeping only. How a request is answered is `answers.py`; how its energy is
+counted is `energy.py`. The book remembers ended requests too (up to
+`ENDED_MEMORY`), so a late duplicate still gets its original answer.
 """
 
 from __future__ import annotations
@@ -10,34 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from firmware_py.core.floor import stopping_energy_wh
-from firmware_py.core.types import (
-    DispatchAnswer,
-    DispatchKind,
-    DispatchRequest,
-    ReasonCode,
-    Verdict,
-)
+from firmware_py.core.types import DispatchAnswer, DispatchRequest, Verdict
 
-# Below this a "capped" discharge is not worth running: refuse it instead.
-MIN_USEFUL_W = 100.0
 # How many ended requests are remembered, so a late duplicate still gets its answer.
 ENDED_MEMORY = 128
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """What the gateway can promise now, as seen by the machine."""
-
-    now: float
-    refusal: ReasonCode | None  # LOCKOUT, FAULT, OUTAGE, NO_DATA: the gateway cannot serve at all
-    refusal_detail: str
-    opted_out: bool
-    energy_above_floor_wh: float  # above the highest floor in the request's window
-    discharge_limit_w: float
-    charge_limit_w: float
-    charge_headroom_wh: float
-    ramp_w_per_s: float
 
 
 @dataclass(frozen=True)
@@ -64,62 +40,6 @@ class Booked:
 
     def in_window(self, now: float) -> bool:
         return self.request.start <= now < self.request.end
-
-
-def invalid_reason(req: DispatchRequest) -> str | None:
-    """Why a request cannot mean anything, or None when it is well formed."""
-    if not isinstance(req.id, str) or not req.id.strip():
-        return "empty id"
-    numbers = {"target_w": req.target_w, "start": req.start, "end": req.end}
-    for name, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{name} is not a finite number: {value!r}"
-    if not isinstance(req.kind, DispatchKind):
-        return f"unknown kind {req.kind!r}"
-    if req.kind is not DispatchKind.STOP and req.target_w <= 0:
-        return f"target_w must be > 0 for {req.kind.value}, got {req.target_w}"
-    if req.end <= req.start:
-        return f"end {req.end} is not after start {req.start}"
-    if req.ramp_w_per_s is not None and not (math.isfinite(req.ramp_w_per_s) and req.ramp_w_per_s > 0):
-        return f"ramp_w_per_s must be > 0, got {req.ramp_w_per_s!r}"
-    return None
-
-
-def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
-    """The answer for a new, well-formed, not yet seen request."""
-    now = j.now
-
-    def reject(code: ReasonCode, detail: str) -> DispatchAnswer:
-        return DispatchAnswer(req.id, now, Verdict.REJECTED, reason=code, detail=detail)
-
-    if req.end <= now:
-        return reject(ReasonCode.EXPIRED, f"ended at {req.end}, now {now}")
-    if req.kind is DispatchKind.STOP:
-        return DispatchAnswer(req.id, now, Verdict.ACCEPTED, detail="stop")
-    if j.refusal is not None:
-        return reject(j.refusal, j.refusal_detail)
-    if j.opted_out and req.kind is DispatchKind.DISCHARGE:
-        return reject(ReasonCode.OPTED_OUT, "the owner has opted out")
-    if req.kind is DispatchKind.CHARGE:
-        return _capped(req, now, min(req.target_w, j.charge_limit_w), "charge limit",
-                       j.charge_headroom_wh > 0)
-    duration_h = (req.end - max(req.start, now)) / 3600
-    ramp = req.ramp_w_per_s or j.ramp_w_per_s
-    power = min(req.target_w, j.discharge_limit_w)
-    budget = j.energy_above_floor_wh - stopping_energy_wh(power, ramp)
-    if budget < power * duration_h:
-        power = max(0.0, budget / duration_h)
-        return _capped(req, now, power, f"energy above the floor {j.energy_above_floor_wh:.0f} Wh", True)
-    return _capped(req, now, power, "power limit", True)
-
-
-def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: bool) -> DispatchAnswer:
-    if not possible or power < MIN_USEFUL_W:
-        return DispatchAnswer(req.id, now, Verdict.REJECTED, reason=ReasonCode.INSUFFICIENT_ENERGY,
-                              detail=f"at most {power:.0f} W can be served ({why})")
-    if power < req.target_w:
-        return DispatchAnswer(req.id, now, Verdict.CAPPED, cap_w=round(power, 1), detail=f"capped by {why}")
-    return DispatchAnswer(req.id, now, Verdict.ACCEPTED)
 
 
 @dataclass(frozen=True)

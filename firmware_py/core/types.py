@@ -10,7 +10,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum, IntEnum
+from enum import Enum, IntEnum, StrEnum
+
+
+def is_finite_number(x: object) -> bool:
+    """A real int or float that is neither nan nor ±inf.
+
+    Rejects bools (a `True` target is a bug, not 1 W) and anything that is not a
+    number, so every boundary that takes numbers from outside asks the same question.
+    """
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Mode(str, Enum):
+    """The controller's operating mode: one at a time, settled by the transition table."""
+
+    STARTUP = "STARTUP"
+    STANDBY = "STANDBY"
+    DISCHARGE = "DISCHARGE"
+    CHARGE = "CHARGE"
+    BACKUP = "BACKUP"
+    FAULT = "FAULT"
+    LOCKOUT = "LOCKOUT"
+
+
+class FaultKind(StrEnum):
+    """Every fault the core latches; the value is what the journal stores."""
+
+    BMS_STALE = "bms_stale"
+    BMS_FAULT = "bms_fault"
+    CONTACTOR_WELDED = "contactor_welded"
+    OVER_TEMP = "over_temp"
+    UNDER_TEMP = "under_temp"
+    INVERTER_COMMS = "inverter_comms"
+    INVERTER_FAULT = "inverter_fault"
+    LOCKOUT = "lockout"  # repeated faults: only an installer reset clears it
 
 
 class BmsState(IntEnum):
@@ -228,7 +262,18 @@ class Tick:
     received_at: float
 
 
-Input = BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
+@dataclass(frozen=True)
+class JournalHealth:
+    """Whether the journal took the last write. While it does not, no new request is accepted:
+    energy the gateway cannot account for must not be promised."""
+
+    received_at: float
+    ok: bool
+    detail: str = ""
+
+
+Input = (BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
+         | JournalHealth)
 
 
 class Verdict(str, Enum):
@@ -248,6 +293,7 @@ class ReasonCode(str, Enum):
     LOCKOUT = "LOCKOUT"
     NO_DATA = "NO_DATA"
     UNKNOWN_EVENT = "UNKNOWN_EVENT"
+    JOURNAL = "JOURNAL_UNAVAILABLE"
 
 
 @dataclass(frozen=True)
@@ -261,26 +307,50 @@ class DispatchAnswer:
     reason: ReasonCode | None = None
     detail: str = ""
 
+    @classmethod
+    def accepted(cls, request_id: str, at: float, detail: str = "") -> "DispatchAnswer":
+        return cls(request_id, at, Verdict.ACCEPTED, detail=detail)
+
+    @classmethod
+    def capped(cls, request_id: str, at: float, cap_w: float, detail: str = "") -> "DispatchAnswer":
+        return cls(request_id, at, Verdict.CAPPED, cap_w=cap_w, detail=detail)
+
+    @classmethod
+    def refused(cls, request_id: str, at: float, reason: ReasonCode | None, detail: str) -> "DispatchAnswer":
+        return cls(request_id, at, Verdict.REJECTED, reason=reason, detail=detail)
+
+
+def describe(answer: DispatchAnswer) -> str:
+    """The answer in words, the one way logs, reports and SunSpec MnAlrmInfo say it:
+    "accepted", "capped to 4200 W: <detail>" or "refused OPTED_OUT: <detail>"."""
+    if answer.verdict is Verdict.REJECTED:
+        head = f"refused {answer.reason.value}" if answer.reason is not None else "refused"
+    elif answer.verdict is Verdict.CAPPED and answer.cap_w is not None:
+        head = f"capped to {answer.cap_w:.0f} W"
+    else:
+        head = "accepted"
+    return f"{head}: {answer.detail}" if answer.detail else head
+
 
 @dataclass(frozen=True)
 class Transition:
     at: float
-    from_state: str
-    to_state: str
+    from_state: Mode
+    to_state: Mode
     reason: str
 
 
 @dataclass(frozen=True)
 class FaultRaised:
     at: float
-    kind: str
+    kind: FaultKind
     detail: str
 
 
 @dataclass(frozen=True)
 class FaultCleared:
     at: float
-    kind: str
+    kind: FaultKind
 
 
 @dataclass(frozen=True)

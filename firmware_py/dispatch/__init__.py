@@ -6,24 +6,13 @@ one arbiter decides for all of them and no source can bypass a limit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest
+from firmware_py.journal.kinds import RecordKind
 
-
-@dataclass(frozen=True)
-class Telemetry:
-    """What an aggregator may read about the gateway right now."""
-
-    at: float
-    state: str
-    soc_pct: float | None
-    floor_pct: float
-    power_w: float
-    setpoint_w: float
-    available_wh: float
-    active_event_id: str | None
+__all__ = ["DispatchSink", "DispatchSource", "Telemetry"]
 
 
 class DispatchSink(Protocol):
@@ -38,7 +27,7 @@ class DispatchSink(Protocol):
     def now(self) -> float:
         """The gateway clock that request start/end times are on."""
 
-    def note(self, kind: str, payload: dict) -> None:
+    def note(self, kind: RecordKind, payload: dict) -> None:
         """Journal something a source refused before it became a request (a bad write, a bad event)."""
 
 

@@ -32,7 +32,8 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
-from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, Verdict
+from firmware_py.core.types import (DispatchAnswer, DispatchCancel, DispatchRequest, Mode, Verdict, describe,
+                                    is_finite_number)
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.errors import InputError
@@ -42,17 +43,18 @@ log = logging.getLogger(__name__)
 OPT_IN = "optIn"
 OPT_OUT = "optOut"
 
-# Telemetry values are numbers in OpenADR, so the gateway state travels as a code.
-STATE_CODES: Mapping[str, int] = {
-    "idle": 1, "standby": 1, "ready": 1,
-    "dispatch": 2, "discharging": 2, "discharge": 2,
-    "charging": 3, "charge": 3,
-    "outage": 4, "backup": 4,
-    "opted_out": 5,
-    "fault": 6, "safe_stop": 6,
-    "lockout": 7,
-}
+# Telemetry values are numbers in OpenADR, so the gateway's mode travels as a code.
+# STARTUP (no data yet) reads as UNKNOWN_STATE_CODE; 5 stays reserved (it meant "opted out").
 UNKNOWN_STATE_CODE = 0
+STATE_CODES: Mapping[Mode, int] = {
+    Mode.STARTUP: UNKNOWN_STATE_CODE,
+    Mode.STANDBY: 1,
+    Mode.DISCHARGE: 2,
+    Mode.CHARGE: 3,
+    Mode.BACKUP: 4,
+    Mode.FAULT: 6,
+    Mode.LOCKOUT: 7,
+}
 
 # OpenADR durations are whole seconds, so a VTN wanting sub-second polls sends PT0S;
 # this is as fast as the VEN then polls (it never hammers a VTN in a tight loop).
@@ -118,7 +120,7 @@ class OpenAdrVen:
     def __init__(self, config: OpenAdrConfig, rating_w: Callable[[], float] | float, *,
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, retry_max_s: float = 30.0, report_min_s: float = 1.0,
-                 state_codes: Mapping[str, int] = STATE_CODES) -> None:
+                 state_codes: Mapping[Mode, int] = STATE_CODES) -> None:
         _check(config)
         self.config = config
         self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
@@ -126,7 +128,7 @@ class OpenAdrVen:
         self._source = source
         self._retry_max_s = retry_max_s
         self._report_min_s = max(1.0, report_min_s)  # openleadr's cron reporting needs whole seconds
-        self._state_codes = {k.lower(): v for k, v in state_codes.items()}
+        self._state_codes = dict(state_codes)
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
@@ -271,7 +273,7 @@ class OpenAdrVen:
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
         if answer is None:  # the contract says every request is answered; treat silence as a no
-            return DispatchAnswer(request.id, sink.now(), Verdict.REJECTED, detail="no answer from the core")
+            return DispatchAnswer.refused(request.id, sink.now(), None, "no answer from the core")
         return answer
 
     async def _refuse(self, sink: DispatchSink, refusal: DispatchAnswer, event: Any) -> str:
@@ -319,7 +321,7 @@ class OpenAdrVen:
             (self._reading(lambda t: t.power_w), "REAL_POWER", "W"),
             (self._reading(lambda t: t.soc_pct), "stateOfCharge", "%"),
             (self._reading(lambda t: t.available_wh), "availableEnergy", "Wh"),
-            (self._reading(lambda t: self._state_code(t.state)), "gatewayState", "code"),
+            (self._reading(lambda t: self._state_code(t.mode)), "gatewayState", "code"),
             (self._reading(lambda t: self.committed_w()), "committedPower", "W"),
         ]
         for callback, measurement, unit in items:
@@ -338,13 +340,13 @@ class OpenAdrVen:
             except Exception as err:
                 log.error("OpenADR: telemetry unavailable for a report: %s", err)
                 return []
-            if value is None or not math.isfinite(value):
+            if not is_finite_number(value):
                 return []
             return [(datetime.now(timezone.utc), float(value))]
         return read
 
-    def _state_code(self, state: str) -> int:
-        return self._state_codes.get(str(state).lower(), UNKNOWN_STATE_CODE)
+    def _state_code(self, mode: Mode) -> int:
+        return self._state_codes.get(mode, UNKNOWN_STATE_CODE)
 
 
 class _Backoff:
@@ -363,12 +365,7 @@ class _Backoff:
 
 
 def _describe(answer: DispatchAnswer) -> str:
-    text = f"{answer.request_id}: {answer.verdict.value}"
-    if answer.cap_w is not None:
-        text += f" cap {answer.cap_w:.0f} W"
-    if answer.reason is not None:
-        text += f" {answer.reason.value}"
-    return text + (f" ({answer.detail})" if answer.detail else "")
+    return f"{answer.request_id}: {describe(answer)}"
 
 
 def _revision_of(event: Any) -> int:

@@ -8,13 +8,12 @@ a peer's bad message must not take the gateway's OpenADR link down.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, ReasonCode, Verdict
+from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, ReasonCode, is_finite_number
 
 SOURCE = "openadr"
 LOAD_DISPATCH = "LOAD_DISPATCH"
@@ -89,7 +88,7 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
         scale = _load_dispatch_scale(signal)
         targets = [_dispatch_target(payload * scale) for _, _, payload in windows]
     else:
-        if not (math.isfinite(rating_w) and rating_w > 0):
+        if not (is_finite_number(rating_w) and rating_w > 0):
             return _refusal(event_id, received_at, ReasonCode.NO_DATA,
                             f"SIMPLE level needs the gateway's rating, which is unknown ({rating_w!r})")
         targets = [_simple_target(payload, rating_w, levels_pct) for _, _, payload in windows]
@@ -151,11 +150,11 @@ def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
         if duration <= timedelta(0):
             raise _Invalid(f"{where}.duration must be > 0 (open-ended events are not supported), got {duration}")
         payload = interval.get("signal_payload")
-        if not _is_real(payload) or not math.isfinite(payload):
+        if not is_finite_number(payload):
             raise _Invalid(f"{where}.signal_payload must be a finite number, got {payload!r}")
         end = at + duration
         start_s, end_s = to_gateway_time(at), to_gateway_time(end)
-        if not (_is_real(start_s) and _is_real(end_s) and math.isfinite(start_s) and math.isfinite(end_s)):
+        if not (is_finite_number(start_s) and is_finite_number(end_s)):
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append((float(start_s), float(end_s), float(payload)))
         at = end
@@ -180,7 +179,7 @@ def _load_dispatch_scale(signal: Mapping[str, Any]) -> float:
 
 
 def _dispatch_target(watts: float) -> float:
-    if not math.isfinite(watts) or watts < 0:
+    if not is_finite_number(watts) or watts < 0:
         raise _Invalid(f"LOAD_DISPATCH target must be >= 0 W (discharge), got {watts!r} W")
     if watts > MAX_TARGET_W:
         raise _Invalid(f"LOAD_DISPATCH target {watts:.6g} W is implausible (above {MAX_TARGET_W:.0f} W)")
@@ -194,7 +193,7 @@ def _simple_target(level: float, rating_w: float, levels_pct: Sequence[float]) -
 
 
 def _refusal(event_id: str, at: float, reason: ReasonCode, detail: str) -> DispatchAnswer:
-    return DispatchAnswer(request_id=event_id, at=at, verdict=Verdict.REJECTED, reason=reason, detail=detail)
+    return DispatchAnswer.refused(event_id, at, reason, detail)
 
 
 def _event_id_of(event: Any) -> str:
@@ -219,6 +218,3 @@ def _datetime(value: Any, where: str) -> datetime:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

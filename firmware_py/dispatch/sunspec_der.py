@@ -26,30 +26,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.core.policy import Policy
-from firmware_py.core.types import DispatchAnswer, DispatchKind, InverterStatus, Verdict
-from firmware_py.dispatch import Telemetry
-from firmware_py.inverter.sunspec import ModelDef, SunSpecError, SunSpecMap
+from firmware_py.core.telemetry import Telemetry
+from firmware_py.core.types import DispatchAnswer, DispatchKind, InverterStatus, Mode, Verdict, describe, is_finite_number
+from firmware_py.inverter.sunspec import (
+    COMMON,
+    DEFAULT_BASE,
+    DER_CAPACITY,
+    DER_CONTROL_AC,
+    DER_MEASURE_AC,
+    DER_STORAGE,
+    MODELS,
+    AlrmBit,
+    ConnSt,
+    CtrlModesBit,
+    InvSt,
+    ModelDef,
+    SunSpecError,
+    SunSpecMap,
+    ThrotSrcBit,
+    WSetEna,
+    WSetMod,
+)
 
-MODELS = (1, 701, 702, 704, 713)
-CTL = ModelDef.load(704)
-WATTS = CTL.point("WSetMod").symbol("WATTS")
-W_MAX_PCT = CTL.point("WSetMod").symbol("W_MAX_PCT")
-ENABLED = CTL.point("WSetEna").symbol("ENABLED")
-_ALRM = ModelDef.load(701).point("Alrm")
-_THROT = ModelDef.load(701).point("ThrotSrc")
-_MODES = ModelDef.load(702).point("CtrlModes")
+CTL = ModelDef.load(DER_CONTROL_AC)
 
 # Engineering values of the 704 points this DER implements, as they start.
 CONTROL_DEFAULTS: dict[str, Any] = {
     "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100, "WMaxLimPctEnaRvrt": 0,
-    "WMaxLimPctRvrtTms": 0, "WSetEna": 0, "WSetMod": WATTS, "WSet": 0, "WSetRvrt": 0,
+    "WMaxLimPctRvrtTms": 0, "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0, "WSetRvrt": 0,
     "WSetPct": 0, "WSetPctRvrt": 0, "WSetEnaRvrt": 0, "WSetRvrtTms": 0,
 }
 PCT_POINTS = {"WMaxLimPct": (0, 100), "WMaxLimPctRvrt": (0, 100),
               "WSetPct": (-100, 100), "WSetPctRvrt": (-100, 100)}
 WATT_POINTS = ("WSet", "WSetRvrt")
-STATES_RUNNING = {"DISCHARGE", "CHARGE", "BACKUP"}
-STATES_FAULT = {"FAULT", "LOCKOUT"}
+MODES_RUNNING = frozenset({Mode.DISCHARGE, Mode.CHARGE, Mode.BACKUP})
+MODES_FAULT = frozenset({Mode.FAULT, Mode.LOCKOUT})
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ class RevertTimer:
     reverted: bool = False
 
     def deadline(self, c: Mapping[str, Any]) -> float | None:
-        if c[self.enable] != ENABLED or c[self.armed] != ENABLED or c[self.tms] <= 0 or self.reverted:
+        if c[self.enable] != WSetEna.ENABLED or c[self.armed] != WSetEna.ENABLED or c[self.tms] <= 0 \
+                or self.reverted:
             return None
         return self.last_refresh + c[self.tms]
 
@@ -190,13 +202,13 @@ class DerControls:
 
     def wanted(self, ratings: DerRatings) -> Wanted | None:
         c = self.values
-        if c["WSetEna"] != ENABLED:
+        if c["WSetEna"] != WSetEna.ENABLED:
             return None
-        raw = float(c["WSet"]) if c["WSetMod"] == WATTS else float(c["WSetPct"]) / 100 * ratings.w_max
+        raw = float(c["WSet"]) if c["WSetMod"] == WSetMod.WATTS else float(c["WSetPct"]) / 100 * ratings.w_max
         if raw == 0:
             return None
         target = abs(raw)
-        if c["WMaxLimPctEna"] == ENABLED:
+        if c["WMaxLimPctEna"] == WSetEna.ENABLED:
             target = min(target, float(c["WMaxLimPct"]) / 100 * ratings.w_max)
         if target < 0.05:  # nothing a request could carry (target_w is sent to 0.1 W)
             return None
@@ -236,14 +248,13 @@ class DispatchStatus:
         return self.wanted.target_w
 
     def text(self) -> str | None:
+        """MnAlrmInfo (64 characters): why the setpoint is not served in full; None when it is."""
         a = self.answer
         if a is None:
             return "refused: no answer from the gateway core"
-        if a.verdict is Verdict.REJECTED:
-            return f"refused {a.reason.value if a.reason else ''}: {a.detail}".strip()[:64]
-        if a.verdict is Verdict.CAPPED:
-            return f"capped to {self.allowed_w():.0f} W: {a.detail}"[:64]
-        return None
+        if a.verdict is Verdict.ACCEPTED:
+            return None
+        return describe(a)[:64]
 
 
 def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int, Mapping[str, int]],
@@ -251,56 +262,58 @@ def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int
                  unit_id: int, serial: str, version: str, now: float) -> dict[str, Any]:
     """Point values (engineering units, scale factors included) of one model right now."""
     sf = dict(sfs.get(model_id, {}))
-    if model_id == 1:
+    if model_id == COMMON:
         return {"Mn": "powershare-gw", "Md": "truck+inverter DER", "Opt": "bidi", "Vr": version,
                 "SN": serial, "DA": unit_id}
-    if model_id == 701:
+    if model_id == DER_MEASURE_AC:
         return {**sf, **_measure(t, r, status, meter)}
-    if model_id == 702:
-        modes = 1 << _MODES.symbol("MAX_W") | 1 << _MODES.symbol("FIXED_W")
+    if model_id == DER_CAPACITY:
+        modes = 1 << CtrlModesBit.MAX_W | 1 << CtrlModesBit.FIXED_W
         return {**sf, "WMaxRtg": r.w_max, "VAMaxRtg": r.w_max, "WChaRteMaxRtg": r.w_cha_max,
                 "WDisChaRteMaxRtg": r.w_discha_max, "VNomRtg": r.v_nom, "NorOpCatRtg": 1, "AbnOpCatRtg": 1,
                 "CtrlModes": modes, "IntIslandCatRtg": 1 << 1, "WMax": r.w_max, "WChaRteMax": r.w_cha_max,
                 "WDisChaRteMax": r.w_discha_max, "VAMax": r.w_max, "VNom": r.v_nom}
-    if model_id == 704:
+    if model_id == DER_CONTROL_AC:
         return {**sf, **controls.registers_view(now)}
-    if model_id == 713:
-        sta = 2 if t.state in STATES_FAULT else 1 if t.soc_pct is None else 0
+    if model_id == DER_STORAGE:
+        sta = 2 if t.mode in MODES_FAULT else 1 if t.soc_pct is None else 0
         return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh), "SoC": t.soc_pct, "Sta": sta}
     return {}
 
 
 def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: tuple[float, float]) -> dict:
     w = t.power_w
-    running = t.state in STATES_RUNNING and w != 0
-    inv_st = {"STARTUP": 2}.get(t.state, 6 if t.state in STATES_FAULT else 3 if running else 7)
+    running = t.mode in MODES_RUNNING and w != 0
+    inv_st = (InvSt.STARTING if t.mode is Mode.STARTUP else InvSt.FAULT if t.mode in MODES_FAULT
+              else InvSt.RUNNING if running else InvSt.STANDBY)
     throt_pct, throt_src, info = 0, 0, None
     if status is not None:
         allowed = status.allowed_w()
         if status.wanted.limited:
-            throt_src |= 1 << _THROT.symbol("MAX_W")
+            throt_src |= 1 << ThrotSrcBit.MAX_W
         if allowed < status.wanted.target_w:
-            throt_src |= 1 << _THROT.symbol("DERATED")
+            throt_src |= 1 << ThrotSrcBit.DERATED
         if r.w_max > 0:
             throt_pct = round(100 * (status.wanted.requested_w - allowed) / r.w_max)
         info = status.text()
         if running and throt_src:
-            inv_st = 4
+            inv_st = InvSt.THROTTLED
     alarms = 0
-    if t.state == "BACKUP":
-        alarms |= 1 << _ALRM.symbol("GRID_DISCONNECT")
-    if t.state in STATES_FAULT:
-        alarms |= 1 << _ALRM.symbol("MANUFACTURER_ALRM")
-        info = f"gateway in {t.state}"
-    return {"ACType": 1, "St": int(running), "InvSt": inv_st, "ConnSt": 0 if t.state == "BACKUP" else 1,
-            "Alrm": alarms, "DERMode": 1 << (1 if t.state == "BACKUP" else 0), "W": w, "VA": abs(w),
+    backup = t.mode is Mode.BACKUP
+    if backup:
+        alarms |= 1 << AlrmBit.GRID_DISCONNECT
+    if t.mode in MODES_FAULT:
+        alarms |= 1 << AlrmBit.MANUFACTURER_ALRM
+        info = f"gateway in {t.mode.value}"
+    return {"ACType": 1, "St": int(running), "InvSt": inv_st, "ConnSt": ConnSt.DISCONNECTED if backup else ConnSt.CONNECTED,
+            "Alrm": alarms, "DERMode": 1 << (1 if backup else 0), "W": w, "VA": abs(w),
             "TotWhInj": int(meter[0]), "TotWhAbs": int(meter[1]), "ThrotPct": max(0, min(100, throt_pct)),
             "ThrotSrc": throt_src, "MnAlrmInfo": info}
 
 
 def encode_safely(mdef: ModelDef, values: Mapping[str, Any]) -> list[int]:
     """The model's registers; a value that is not finite or does not fit reads "not implemented"."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+    clean = {k: (None if isinstance(v, float) and not is_finite_number(v) else v) for k, v in values.items()}
     try:
         return mdef.encode(clean)
     except (SunSpecError, OverflowError, ValueError):
@@ -314,7 +327,7 @@ def encode_safely(mdef: ModelDef, values: Mapping[str, Any]) -> list[int]:
     return mdef.encode(clean)
 
 
-def layout(base: int = 40000) -> SunSpecMap:
+def layout(base: int = DEFAULT_BASE) -> SunSpecMap:
     """The map's shape (addresses only): values are filled in on every read."""
     sunspec = SunSpecMap(base)
     for model_id in MODELS:

@@ -79,12 +79,13 @@ from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exp
 )
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import END_MODEL_ID, SUNS_MARKER, ModelDef
+from firmware_py.inverter.sunspec import DEFAULT_BASE, DER_CONTROL_AC, END_MODEL_ID, SUNS_MARKER, ModelDef
+from firmware_py.journal.kinds import RecordKind
 
 log = logging.getLogger(__name__)
 
 SOURCE = "sunspec"
-NOTE_KIND = "SunSpecWriteRefused"
+NOTE_KIND = RecordKind.SUNSPEC_WRITE_REFUSED
 WRITE_CODES = frozenset({5, 6, 15, 16, 22, 23})
 REGISTER_WRITES = frozenset({6, 16, 22, 23})
 _PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("sunspec_peer", default=None)
@@ -119,7 +120,7 @@ class SunSpecDerServer:
 
     def __init__(self, config: SunSpecServerConfig, ratings: Callable[[], DerRatings] | DerRatings, *,
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
-                 base: int = 40000, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
+                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
         self.config = config
         self.host, self.port = parse_host_port(config.listen, "dispatch.sunspec_server.listen")
         self.allowed = parse_allow_list(list(config.allow_write_from))
@@ -225,8 +226,8 @@ class SunSpecDerServer:
                 raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"client {peer} is not in allow_write_from")
             if function_code not in REGISTER_WRITES:
                 raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"function {function_code}: coils are not implemented")
-            at = self.addresses.get(704, -1)
-            ctl = ModelDef.load(704)
+            at = self.addresses.get(DER_CONTROL_AC, -1)
+            ctl = ModelDef.load(DER_CONTROL_AC)
             if not (at + 2 <= address and address + len(values) <= at + ctl.size):
                 raise _Refusal(ExcCodes.ILLEGAL_ADDRESS, self._describe_target(address, len(values)))
             try:

@@ -23,23 +23,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.config import InverterConfig
-from firmware_py.core.types import InverterCommand, InverterState, InverterStatus
-from firmware_py.inverter.sunspec import (BASE_ADDRESSES, END_MODEL_ID, SUNS_MARKER, ModelDef, SunSpecError,
-                                         walk_chain)
+from firmware_py.core.types import InverterCommand, InverterState, InverterStatus, is_finite_number
+from firmware_py.inverter.sunspec import (
+    BASE_ADDRESSES,
+    DER_CAPACITY,
+    DER_CONTROL_AC,
+    DER_MEASURE_AC,
+    DER_STORAGE,
+    END_MODEL_ID,
+    SUNS_MARKER,
+    AlrmBit,
+    ConnSt,
+    ModelDef,
+    SunSpecError,
+    WSetEna,
+    WSetMod,
+    walk_chain,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_READ = 125  # registers per Modbus read
 LAST_ADDRESS = 0xFFFF
 MAX_MODELS = 64  # a chain longer than this is a device bug, not a device
-M701, M702, M704, M713 = (ModelDef.load(m) for m in (701, 702, 704, 713))
+M701, M702, M704, M713 = (ModelDef.load(m) for m in (DER_MEASURE_AC, DER_CAPACITY, DER_CONTROL_AC, DER_STORAGE))
 STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .. TotWhAbs
 CONTROL_SPAN = M704.span("WSetEna", "WSetRvrtTms")
 WSET_SPAN = M704.span("WSetEna", "WSet")
-GRID_DISCONNECT = M701.point("Alrm").symbol("GRID_DISCONNECT")
-CONNECTED = M701.point("ConnSt").symbol("CONNECTED")
-WATTS = M704.point("WSetMod").symbol("WATTS")
-ENABLED = M704.point("WSetEna").symbol("ENABLED")
 
 
 class LinkError(Exception):
@@ -252,11 +262,12 @@ class InverterClient:
         return InverterStatus(
             received_at=self.clock(), measured_w=float(v["W"]),
             inv_state=InverterState.OFF if inv_state is None else inv_state,
-            grid_connected=v["ConnSt"] in (None, CONNECTED), grid_outage=bool(alarms >> GRID_DISCONNECT & 1),
+            grid_connected=v["ConnSt"] in (None, ConnSt.CONNECTED),
+            grid_outage=bool(alarms >> AlrmBit.GRID_DISCONNECT & 1),
             alarms=alarms, tot_wh_inj=float(v["TotWhInj"] or 0.0), tot_wh_abs=float(v["TotWhAbs"] or 0.0),
             w_max_rtg=float(r.get("WMaxRtg") or 0.0), w_cha_max_rtg=float(r.get("WChaRteMaxRtg") or 0.0),
             w_discha_max_rtg=float(r.get("WDisChaRteMaxRtg") or 0.0),
-            wset_w=ctl["WSet"] if ctl.get("WSetEna") == ENABLED else 0.0,
+            wset_w=ctl["WSet"] if ctl.get("WSetEna") == WSetEna.ENABLED else 0.0,
         )
 
     # --- commands -----------------------------------------------------------------
@@ -276,7 +287,7 @@ class InverterClient:
         if not self.connected:
             return
         assert self.discovery is not None
-        if not math.isfinite(setpoint_w):
+        if not is_finite_number(setpoint_w):
             setpoint_w = 0.0  # never forward a number the inverter cannot represent
         raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()
@@ -307,8 +318,8 @@ class InverterClient:
         lo, _ = CONTROL_SPAN
         block = list(self._control_regs)
         tms = max(1, int(self.settings.revert_timeout_s))
-        for name, value in (("WSetEna", ENABLED), ("WSetMod", WATTS), ("WSet", raw_wset), ("WSetRvrt", 0),
-                            ("WSetEnaRvrt", ENABLED), ("WSetRvrtTms", tms)):
+        for name, value in (("WSetEna", WSetEna.ENABLED), ("WSetMod", WSetMod.WATTS), ("WSet", raw_wset),
+                            ("WSetRvrt", 0), ("WSetEnaRvrt", WSetEna.ENABLED), ("WSetRvrtTms", tms)):
             p = M704.point(name)
             block[p.offset - lo:p.offset - lo + p.size] = p.from_raw(value)
         return block

@@ -20,13 +20,23 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from functools import cache
 from importlib import resources
 from typing import Any
 
 SUNS_MARKER = (0x5375, 0x6E53)  # 'SunS'
 END_MODEL_ID = 0xFFFF
-BASE_ADDRESSES = (40000, 0, 50000)
+BASE_ADDRESSES = (40000, 0, 50000)  # where a client looks for 'SunS', most common first
+DEFAULT_BASE = BASE_ADDRESSES[0]  # where our servers (the DER server, the simulated inverter) put it
+
+# The models this gateway speaks, by SunSpec model id.
+COMMON = 1
+DER_MEASURE_AC = 701
+DER_CAPACITY = 702
+DER_CONTROL_AC = 704
+DER_STORAGE = 713
+MODELS = (COMMON, DER_MEASURE_AC, DER_CAPACITY, DER_CONTROL_AC, DER_STORAGE)
 
 # register count, struct code, "not implemented" raw value (SunSpec spec)
 _INTS: dict[str, tuple[int, str, int]] = {
@@ -305,3 +315,21 @@ def walk_chain(headers: Iterable[tuple[int, int, int]]) -> dict[int, tuple[int, 
             raise SunSpecError(f"model {model_id} at {addr} has L={length}, its definition needs {model.length}")
         found.setdefault(model_id, (addr, length))
     return found
+
+
+# ---------------------------------------------------------------------- enum and bitfield symbols
+# Taken from pysunspec2's JSON like the layouts, so no module types a SunSpec number by hand.
+
+
+def _symbols(model_id: int, point: str, name: str) -> type[IntEnum]:
+    """An IntEnum of one point's symbols: values for enums, bit numbers for bitfields."""
+    return IntEnum(name, dict(ModelDef.load(model_id).point(point).symbols))
+
+
+InvSt = _symbols(DER_MEASURE_AC, "InvSt", "InvSt")
+ConnSt = _symbols(DER_MEASURE_AC, "ConnSt", "ConnSt")
+AlrmBit = _symbols(DER_MEASURE_AC, "Alrm", "AlrmBit")
+ThrotSrcBit = _symbols(DER_MEASURE_AC, "ThrotSrc", "ThrotSrcBit")
+CtrlModesBit = _symbols(DER_CAPACITY, "CtrlModes", "CtrlModesBit")
+WSetMod = _symbols(DER_CONTROL_AC, "WSetMod", "WSetMod")
+WSetEna = _symbols(DER_CONTROL_AC, "WSetEna", "WSetEna")  # also WSetEnaRvrt, WMaxLimPctEna(Rvrt)

@@ -19,6 +19,8 @@ from enum import Enum
 from typing import Any
 
 from firmware_py.core import types as core
+from firmware_py.core.types import is_finite_number
+from firmware_py.journal.kinds import RecordKind
 
 JOURNALED: tuple[type, ...] = (
     # what the core decided
@@ -34,9 +36,9 @@ JOURNALED: tuple[type, ...] = (
     core.OwnerSettings,
     core.InstallerReset,
 )
-"""The dataclasses `Journal.append_event` accepts; kind = class name."""
+"""The dataclasses `Journal.append_event` accepts; kind = `RecordKind.of(event)`, the class name."""
 
-BY_KIND: dict[str, type] = {cls.__name__: cls for cls in JOURNALED}
+BY_KIND: dict[RecordKind, type] = {RecordKind(cls.__name__): cls for cls in JOURNALED}
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -48,7 +50,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        if math.isfinite(value):
+        if is_finite_number(value):
             return value
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -73,18 +75,18 @@ def event_time(event: Any) -> float:
     return float(event.received_at if at is None else at)
 
 
-def decode_event(kind: str, payload: dict[str, Any]) -> Any:
+def decode_event(kind: RecordKind | str, payload: dict[str, Any]) -> Any:
     """Rebuild the dataclass a record was made from (for replay); ValueError if it cannot be."""
-    cls = BY_KIND.get(kind)
+    cls = BY_KIND.get(RecordKind.read(kind))
     if cls is None:
-        raise ValueError(f"record kind {kind!r} is not a core event or input")
+        raise ValueError(f"record kind {str(kind)!r} is not a core event or input")
     hints = typing.get_type_hints(cls)
     try:
         values = {f.name: restore(hints[f.name], payload[f.name])
                   for f in dataclasses.fields(cls) if f.name in payload}
         return cls(**values)
     except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"record kind {kind!r}: payload does not fit {cls.__name__}: {err}") from err
+        raise ValueError(f"record kind {str(kind)!r}: payload does not fit {cls.__name__}: {err}") from err
 
 
 def restore(hint: Any, value: Any) -> Any:

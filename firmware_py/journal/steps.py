@@ -26,15 +26,16 @@ from firmware_py.core import types as core
 from firmware_py.core.faults import DECISION_BMS_FIELDS
 from firmware_py.core.policy import Policy
 from firmware_py.journal import codec
+from firmware_py.journal.kinds import RecordKind
 
-STEPS_KIND = "CoreSteps"
-START_KIND = "CoreStart"
+STEPS_KIND = RecordKind.CORE_STEPS
+START_KIND = RecordKind.CORE_START
 BATCH_STEPS = 600
 """One minute of ticks in `run`: a record a minute, and at most a minute of steps lost in a crash."""
 
 STEP_INPUTS: dict[str, type] = {cls.__name__: cls for cls in (
     core.BmsSnapshot, core.InverterStatus, core.DispatchRequest, core.DispatchCancel, core.OwnerSettings,
-    core.InstallerReset, core.Tick)}
+    core.InstallerReset, core.JournalHealth, core.Tick)}
 _BMS_KEPT = ("received_at", *DECISION_BMS_FIELDS)
 
 Step = tuple[float, tuple[Any, ...]]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -32,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
+from firmware_py.journal.kinds import RecordKind
 
 APPLICATION_ID = 0x50534757  # "PSGW": marks the file as ours (PRAGMA application_id)
 SCHEMA_VERSION = 1
@@ -73,12 +74,15 @@ class JournalWriteError(Exception):
 
 @dataclass(frozen=True)
 class Record:
-    """One journal row. `at` is the gateway's clock (simulated in `sim`); `wall` is time.time()."""
+    """One journal row. `at` is the gateway's clock (simulated in `sim`); `wall` is time.time().
+
+    `kind` is a `RecordKind`, or the stored text of a kind this gateway does not know.
+    """
 
     seq: int
     at: float
     wall: float
-    kind: str
+    kind: RecordKind | str
     payload: dict[str, Any]
     prev_hash: str
     hash: str
@@ -143,10 +147,11 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, kind: str, at: float, payload: dict[str, Any]) -> int:
+    def append(self, kind: RecordKind | str, at: float, payload: dict[str, Any]) -> int:
         """Add one record and return its seq; committed on return unless inside `batch()`."""
+        kind = str(kind)  # the stored text: a member's value, exactly as older journals hold it
         at = float(at)
-        if not math.isfinite(at):
+        if not is_finite_number(at):
             raise ValueError(f"journal record {kind!r}: time must be finite, got {at!r}")
         text = codec.canonical(payload)
         with self._lock:
@@ -165,7 +170,7 @@ class Journal:
         """Journal a core event or input (see codec.JOURNALED); kind = its class name."""
         if not isinstance(event, codec.JOURNALED):
             raise TypeError(f"the journal does not record {type(event).__name__} values")
-        return self.append(type(event).__name__, codec.event_time(event), codec.jsonable(event))
+        return self.append(RecordKind.of(event), codec.event_time(event), codec.jsonable(event))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Journal]:
@@ -208,16 +213,16 @@ class Journal:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def records(self, kind: str | None = None, since_seq: int = 0) -> list[Record]:
+    def records(self, kind: RecordKind | str | None = None, since_seq: int = 0) -> list[Record]:
         """Records with seq > since_seq, oldest first, optionally of one kind."""
         sql = "SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records WHERE seq > ?"
         params: tuple = (since_seq,)
         if kind is not None:
             sql += " AND kind = ?"
-            params += (kind,)
+            params += (str(kind),)
         with self._lock:
             rows = self._read(sql + " ORDER BY seq", params)
-        return [Record(seq, at, wall, k, _load_payload(self.path, seq, text), prev, h)
+        return [Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h)
                 for seq, at, wall, k, text, prev, h in rows]
 
     def __len__(self) -> int:

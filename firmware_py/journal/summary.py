@@ -11,17 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict, describe as describe_answer
+from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.store import Journal, Record
 
-EVENT_KINDS = ("DispatchRequest", "DispatchAnswer", "DispatchCancel", "DispatchEnded", "EventEnergy")
-WINDOW_KINDS = ("Transition", "FaultRaised", "FaultCleared", "OwnerSettings", "InstallerReset")
+EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
+                         RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
+WINDOW_KINDS = frozenset({RecordKind.TRANSITION, RecordKind.FAULT_RAISED, RecordKind.FAULT_CLEARED,
+                          RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET})
+SERVED = frozenset({Verdict.ACCEPTED, Verdict.CAPPED})
 
 
 @dataclass(frozen=True)
 class TimelineEntry:
     at: float
     seq: int
-    kind: str
+    kind: RecordKind | str
     text: str
 
 
@@ -57,7 +62,7 @@ class EventSummary:
     @property
     def ran(self) -> bool:
         """Accepted (with or without a cap): only then did the gateway act on it."""
-        return self.verdict in ("accepted", "accepted_capped")
+        return self.verdict in SERVED
 
 
 def event_summaries(journal: Journal) -> list[EventSummary]:
@@ -84,18 +89,18 @@ def event_summaries(journal: Journal) -> list[EventSummary]:
 def _apply(summary: EventSummary, record: Record) -> None:
     """Fold one of the event's own records into its summary (later records win)."""
     p = record.payload
-    if record.kind == "DispatchRequest":
+    if record.kind == RecordKind.DISPATCH_REQUEST:
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
         summary.target_w, summary.received_at = _num(p.get("target_w")), _num(p.get("received_at"))
         summary.start, summary.end = _num(p.get("start")), _num(p.get("end"))
-    elif record.kind == "DispatchAnswer":
+    elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered: keep the real answer.
-        if p.get("reason") != "DUPLICATE" or summary.verdict is None:
+        if p.get("reason") != ReasonCode.DUPLICATE or summary.verdict is None:
             summary.verdict, summary.cap_w = p.get("verdict"), _num(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
-    elif record.kind == "DispatchEnded":
+    elif record.kind == RecordKind.DISPATCH_ENDED:
         summary.ended_at, summary.ended_reason = record.at, p.get("reason")
-    elif record.kind == "EventEnergy":
+    elif record.kind == RecordKind.EVENT_ENERGY:
         summary.meter_wh = _num(p.get("meter_wh")) or 0.0
         summary.integrated_wh = _num(p.get("integrated_wh")) or 0.0
         summary.final = bool(p.get("final", False))
@@ -136,33 +141,40 @@ def describe(record: Record) -> str:
     """One line a person can read for a record in a timeline."""
     p = record.payload
     match record.kind:
-        case "DispatchRequest":
+        case RecordKind.DISPATCH_REQUEST:
             return f"request {p.get('kind')} {_w(p.get('target_w'))} from {p.get('source')} (rev {p.get('revision')})"
-        case "DispatchAnswer":
-            text = str(p.get("verdict"))
-            if p.get("cap_w") is not None:
-                text += f" cap {_w(p['cap_w'])}"
-            if p.get("reason"):
-                text += f" {p['reason']}"
-            return text + (f": {p['detail']}" if p.get("detail") else "")
-        case "DispatchCancel":
+        case RecordKind.DISPATCH_ANSWER:
+            return _answer_text(record)
+        case RecordKind.DISPATCH_CANCEL:
             return f"cancelled by {p.get('source')}"
-        case "DispatchEnded":
+        case RecordKind.DISPATCH_ENDED:
             return f"ended: {p.get('reason')}"
-        case "EventEnergy":
+        case RecordKind.EVENT_ENERGY:
             label = "final energy" if p.get("final") else "energy"
             return f"{label}: meter {float(p.get('meter_wh', 0)):.1f} Wh, integrated {float(p.get('integrated_wh', 0)):.1f} Wh"
-        case "Transition":
+        case RecordKind.TRANSITION:
             return f"{p.get('from_state')} -> {p.get('to_state')}: {p.get('reason')}"
-        case "FaultRaised":
+        case RecordKind.FAULT_RAISED:
             return f"fault raised: {p.get('kind')}" + (f" ({p['detail']})" if p.get("detail") else "")
-        case "FaultCleared":
+        case RecordKind.FAULT_CLEARED:
             return f"fault cleared: {p.get('kind')}"
-        case "OwnerSettings":
+        case RecordKind.OWNER_SETTINGS:
             return f"owner settings: reserve {p.get('reserve_pct')} %, opt-out until {p.get('opt_out_until')}"
-        case "InstallerReset":
+        case RecordKind.INSTALLER_RESET:
             return "installer reset"
     return f"{record.kind} {p}"
+
+
+def _answer_text(record: Record) -> str:
+    """An answer record in the words every other reader uses; a damaged one as it was stored."""
+    try:
+        answer = record.event()
+    except ValueError:
+        answer = None
+    if isinstance(answer, DispatchAnswer):
+        return describe_answer(answer)
+    p = record.payload
+    return " ".join(str(p[k]) for k in ("verdict", "cap_w", "reason", "detail") if p.get(k) not in (None, ""))
 
 
 def _w(value: Any) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import OwnerSettings
-from firmware_py.dispatch import Telemetry
 
 
 class OwnerPort(Protocol):

@@ -15,7 +15,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from firmware_py.core.types import OwnerSettings
+from firmware_py.core.types import OwnerSettings, is_finite_number
 
 MAX_EVENT_ID = 200
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
@@ -38,7 +38,7 @@ def _percent(body: dict[str, Any], key: str) -> float:
     if key not in body:
         raise BadRequest(f"{key}: missing (a percentage 0 to 100)")
     value = body[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise BadRequest(f"{key}: expected a number 0 to 100, got {value!r}")
     if not 0 <= value <= 100:
         raise BadRequest(f"{key}: {value:g} is out of range (0 to 100)")
@@ -65,7 +65,7 @@ def set_reserve(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:
 
 def parse_instant(value: Any, tz: dt.tzinfo | None) -> float:
     """Epoch seconds, or ISO-8601 (a time without an offset is the owner's local time)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if is_finite_number(value):
         return float(value)
     if not isinstance(value, str):
         raise BadRequest(f"until: expected an ISO-8601 time or epoch seconds, got {value!r}")

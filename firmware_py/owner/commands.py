@@ -12,13 +12,13 @@ import argparse
 import datetime as dt
 import http.client
 import json
-import math
 import socket
 import sys
 from typing import Any
 
 from firmware_py import config
 from firmware_py.config import OwnerConfig
+from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.store import UNTIL_REVOKED
@@ -119,7 +119,7 @@ def describe_status(answer: dict[str, Any]) -> list[str]:
     return [
         f"reserve:      {_pct(settings['reserve_pct'])} (floor now {_pct(answer['floor_pct'])})",
         f"SoC:          {_pct(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
-        f"state:        {tel.get('state')}, power {tel.get('power_w', 0):,.0f} W "
+        f"state:        {tel.get('mode')}, power {tel.get('power_w', 0):,.0f} W "
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
         f"departure:    {describe_departure(settings, now)}",
@@ -132,7 +132,7 @@ def _number(text: str, what: str) -> float:
         value = float(text)
     except ValueError:
         raise InputError(f"owner {what}: expected a number, got {text!r}") from None
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise InputError(f"owner {what}: expected a finite number, got {text!r}")
     return value
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from firmware_py.core.types import OwnerSettings
+from firmware_py.core.types import OwnerSettings, is_finite_number
 from firmware_py.errors import InputError
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = m
     value = data.get(key)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if not lo <= value <= hi:
         raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")

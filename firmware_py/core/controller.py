@@ -1,0 +1,75 @@
+"""What the core remembers between steps, and the one result a step returns.
+
+Kept apart from the machine so the modules that answer requests, account
+energy and build telemetry can read the controller without importing the step
+(and the step can import them): every module here imports downward only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from firmware_py.core import floor as floors
+from firmware_py.core.faults import FaultBook, bms_usable, inverter_usable
+from firmware_py.core.policy import Policy
+from firmware_py.core.requests import RequestBook
+from firmware_py.core.types import (
+    BmsSnapshot,
+    DispatchAnswer,
+    Event,
+    InverterCommand,
+    InverterStatus,
+    JournalHealth,
+    Mode,
+    OwnerSettings,
+)
+
+
+@dataclass(frozen=True)
+class Controller:
+    """Everything the core remembers between steps (frozen: a step returns a new one)."""
+
+    policy: Policy
+    owner: OwnerSettings
+    mode: Mode = Mode.STARTUP
+    bms: BmsSnapshot | None = None
+    inverter: InverterStatus | None = None
+    bms_seen: bool = False
+    inverter_seen: bool = False
+    faults: FaultBook = field(default_factory=FaultBook)
+    book: RequestBook = field(default_factory=RequestBook)
+    setpoint_w: float = 0.0
+    reason: str = "starting: waiting for BMS and inverter data"
+    serving_id: str | None = None
+    last_step_at: float | None = None
+    peak_since_bms_w: float = 0.0  # highest discharge commanded since the newest BMS snapshot
+    journal: JournalHealth | None = None  # None: no report yet, taken as working
+
+    @classmethod
+    def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":
+        return cls(policy, owner or OwnerSettings(reserve_pct=policy.reserve_pct, received_at=now))
+
+    def outage(self, now: float) -> bool:
+        return inverter_usable(self.inverter, now, self.policy) and self.inverter.grid_outage
+
+    def floor_pct(self, now: float) -> float:
+        return floors.floor_pct(self.policy, self.owner, now, self.outage(now))
+
+    def available_wh(self, now: float) -> float:
+        """Energy above the floor right now (0 without fresh BMS data)."""
+        if not bms_usable(self.bms, now, self.policy):
+            return 0.0
+        return floors.energy_above_wh(self.policy, self.bms.soc_min_pct, self.floor_pct(now))
+
+    def journal_failing(self) -> bool:
+        return self.journal is not None and not self.journal.ok
+
+
+@dataclass(frozen=True)
+class StepResult:
+    controller: Controller
+    command: InverterCommand
+    events: list[Event]
+
+    def answer_for(self, request_id: str) -> DispatchAnswer | None:
+        return next((e for e in self.events if isinstance(e, DispatchAnswer) and e.request_id == request_id), None)

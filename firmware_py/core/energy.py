@@ -1,0 +1,139 @@
+"""Energy per dispatch event: what the meter bills, what measured power integrates, the final record.
+
+The aggregator pays on the inverter's TotWhInj/TotWhAbs delta; the integral of
+measured power is the cross-check that catches a meter that stalls or jumps
+(a step the rating cannot explain is not billed: power stands in for it).
+An event's account closes with one final `EventEnergy`, whether it ended in a
+step (`close_event`) or was left open by a gateway that died
+(`close_after_restart`, fed from the journal by the runtime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+from firmware_py.core.controller import Controller
+from firmware_py.core.policy import Policy
+from firmware_py.core.requests import Booked
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    DispatchKind,
+    Event,
+    EventEnergy,
+    InverterStatus,
+    ReasonCode,
+    Verdict,
+)
+
+
+def account(c: Controller, new: InverterStatus) -> Controller:
+    """Add the energy between the last two inverter readings to the request being served."""
+    prev, entry = c.inverter, c.book.find(c.serving_id) if c.serving_id else None
+    if entry is None or prev is None or not (prev.comms_ok and new.comms_ok):
+        return c
+    dt = new.received_at - prev.received_at
+    if dt <= 0:
+        return c
+    discharge = entry.request.kind is DispatchKind.DISCHARGE
+    power = (prev.measured_w + new.measured_w) / 2
+    integrated = (max(0.0, power) if discharge else min(0.0, power)) * dt / 3600
+    meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
+    if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
+        meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
+    entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
+    return replace(c, book=c.book.replace(entry))
+
+
+def meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:
+    """A meter step is plausible when it is forward and no larger than twice the rating allows."""
+    rating = max(status.w_max_rtg, policy.max_discharge_w, policy.max_charge_w)
+    return 0.0 <= delta_wh <= 2 * rating * dt / 3600 + 1.0
+
+
+def energy_record(c: Controller, entry: Booked, now: float, final: bool = False) -> EventEnergy:
+    """The event's energy so far, with the meter reading that lets a restart bill the gap after it."""
+    total = c.inverter.tot_wh_inj if c.inverter is not None and c.inverter.comms_ok else None
+    return EventEnergy(at=now, request_id=entry.request.id, meter_wh=round(entry.meter_wh, 3),
+                       integrated_wh=round(entry.integrated_wh, 3), final=final, meter_total_wh=total)
+
+
+def report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
+    """Every `energy_report_interval_s`, the served event's energy so far (bounds what a crash can lose)."""
+    entry = c.book.find(c.serving_id) if c.serving_id else None
+    if entry is None or now - entry.last_report_at < c.policy.energy_report_interval_s:
+        return c, []
+    c = replace(c, book=c.book.replace(replace(entry, last_report_at=now)))
+    return c, [energy_record(c, entry, now)]
+
+
+def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
+    """End a booked request: it stops applying, and its account closes with a final record."""
+    c = replace(c, book=c.book.replace(replace(entry, ended=True)))
+    return c, [DispatchEnded(now, entry.request.id, why), energy_record(c, entry, now, final=True)]
+
+
+# ---------------------------------------------------------------- after a restart
+
+
+def most_unreported_wh(policy: Policy) -> float:
+    """The most a crash can leave unreported: a report interval plus the revert time at full power.
+
+    A meter gap larger than this cannot be the dead gateway's doing (someone else
+    used the inverter, or it was replaced), so it is not billed to an event.
+    """
+    seconds = policy.energy_report_interval_s + policy.command_horizon_s + policy.inverter_timeout_s
+    return policy.max_discharge_w * seconds / 3600
+
+
+def open_events(events: Iterable[Event]) -> dict[str, EventEnergy | None]:
+    """Accepted requests with no end among `events` (decoded journal records, oldest first),
+    each with its last energy record (None when none was written).
+
+    A DUPLICATE refusal restates a request already answered, so it does not close it.
+    """
+    accepted: dict[str, EventEnergy | None] = {}
+    for event in events:
+        if isinstance(event, DispatchAnswer):
+            if event.verdict is not Verdict.REJECTED:
+                accepted.setdefault(event.request_id, None)
+            elif event.reason is not ReasonCode.DUPLICATE:
+                accepted.pop(event.request_id, None)
+        elif isinstance(event, EventEnergy) and event.request_id in accepted:
+            accepted[event.request_id] = event
+        elif isinstance(event, DispatchEnded):
+            accepted.pop(event.request_id, None)
+    return accepted
+
+
+def close_after_restart(still_open: Mapping[str, EventEnergy | None], meter_total_wh: float | None,
+                        policy: Policy, now: float, reason: str) -> list[Event]:
+    """End every event a previous run left open: DispatchEnded and a final EventEnergy each.
+
+    The meter's gap since the last report belongs to the event served last, the
+    one reported most recently, and is billed to it only when it is forward and
+    no more than a crash can leave unreported; every other event closes at its
+    last reported energy.
+    """
+    newest = max(still_open, key=lambda rid: _reported_at(still_open[rid]), default=None)
+    events: list[Event] = []
+    for request_id, last in still_open.items():
+        meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
+        if request_id == newest:
+            meter += _billable_gap(last, meter_total_wh, policy)
+        events.append(DispatchEnded(now, request_id, reason))
+        events.append(EventEnergy(at=now, request_id=request_id, meter_wh=round(meter, 3),
+                                  integrated_wh=round(integrated, 3), final=True, meter_total_wh=meter_total_wh))
+    return events
+
+
+def _reported_at(last: EventEnergy | None) -> float:
+    return last.at if last else -1.0
+
+
+def _billable_gap(last: EventEnergy | None, meter_total_wh: float | None, policy: Policy) -> float:
+    if last is None or last.meter_total_wh is None or meter_total_wh is None:
+        return 0.0
+    gap = meter_total_wh - last.meter_total_wh
+    return gap if 0 <= gap <= most_unreported_wh(policy) else 0.0

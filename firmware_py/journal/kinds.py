@@ -1,0 +1,46 @@
+"""The kinds of journal record: one name each, compared as members, stored as their text.
+
+The stored text is what old journals hold and what the hash chain covers, so a
+member's value never changes: core events and inputs are their class names,
+notes name what they record.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class RecordKind(StrEnum):
+    # what the core decided
+    DISPATCH_ANSWER = "DispatchAnswer"
+    TRANSITION = "Transition"
+    FAULT_RAISED = "FaultRaised"
+    FAULT_CLEARED = "FaultCleared"
+    DISPATCH_ENDED = "DispatchEnded"
+    EVENT_ENERGY = "EventEnergy"
+    # what came in that shaped those decisions
+    DISPATCH_REQUEST = "DispatchRequest"
+    DISPATCH_CANCEL = "DispatchCancel"
+    OWNER_SETTINGS = "OwnerSettings"
+    INSTALLER_RESET = "InstallerReset"
+    # for replay: where the core started and the inputs of its steps, in batches
+    CORE_START = "CoreStart"
+    CORE_STEPS = "CoreSteps"
+    # notes: what a source refused before it became a request, and run markers
+    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
+    BENCH_RUN = "BenchRun"
+    BENCH_LOAD = "BenchLoad"
+
+    @classmethod
+    def of(cls, event: Any) -> "RecordKind":
+        """The kind a core event or input is journaled as (ValueError for anything else)."""
+        return cls(type(event).__name__)
+
+    @classmethod
+    def read(cls, text: str) -> "RecordKind | str":
+        """A stored kind as a member, or the text itself for a kind this gateway does not know."""
+        try:
+            return cls(text)
+        except ValueError:
+            return text

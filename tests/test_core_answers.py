@@ -1,0 +1,157 @@
+"""Answering requests: the journal's health as a core input, named answers, and describe()."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core_builders import POLICY, bms, discharge, inverter, ready
+from firmware_py.core import Controller, Mode, step
+from firmware_py.core.answers import Judgement, invalid_reason, judge
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    DispatchKind,
+    DispatchRequest,
+    JournalHealth,
+    ReasonCode,
+    Verdict,
+    describe,
+    is_finite_number,
+)
+
+
+def answer_of(result, request_id):
+    answer = result.answer_for(request_id)
+    assert answer is not None, f"{request_id} got no answer"
+    return answer
+
+
+def stop(id: str, t: float) -> DispatchRequest:
+    return DispatchRequest(id, "test", DispatchKind.STOP, 0, t, t + 10, received_at=t)
+
+
+# ---------------------------------------------------------------- journal health
+
+JOURNAL_ROWS = [
+    # (journal reports fed before the request, verdict, reason)
+    ([], Verdict.ACCEPTED, None),
+    ([JournalHealth(0.0, True)], Verdict.ACCEPTED, None),
+    ([JournalHealth(0.0, False, "disk full")], Verdict.REJECTED, ReasonCode.JOURNAL),
+    ([JournalHealth(0.0, False, "disk full"), JournalHealth(0.0, True)], Verdict.ACCEPTED, None),
+    ([JournalHealth(0.0, True), JournalHealth(0.0, False, "locked")], Verdict.REJECTED, ReasonCode.JOURNAL),
+]
+
+
+@pytest.mark.parametrize("reports, verdict, reason", JOURNAL_ROWS)
+def test_a_failing_journal_refuses_new_requests(reports, verdict, reason):
+    r = step(ready(), [*reports, discharge("e1", 0.0, 0, 100, target=5_000)], 0.0)
+    answer = answer_of(r, "e1")
+    assert (answer.verdict, answer.reason) == (verdict, reason)
+
+
+def test_the_journal_refusal_names_the_failure():
+    c = step(ready(), [JournalHealth(0.0, False, "database is locked")], 0.0).controller
+    answer = answer_of(step(c, [discharge("e1", 0.0, 0, 100)], 0.0), "e1")
+    assert answer.detail == "journal unavailable: database is locked"
+    assert ReasonCode.JOURNAL.value == "JOURNAL_UNAVAILABLE"
+
+
+def test_the_controller_remembers_the_journal_until_it_recovers():
+    c = step(ready(), [JournalHealth(0.0, False, "disk full")], 0.0).controller
+    for t in (1.0, 2.0, 3.0):  # no new report: still failing
+        c = step(c, [bms(t), inverter(t)], t).controller
+        assert answer_of(step(c, [discharge(f"e{t}", t, t, 100)], t), f"e{t}").reason is ReasonCode.JOURNAL
+    c = step(c, [bms(4.0), inverter(4.0), JournalHealth(4.0, True)], 4.0).controller
+    assert answer_of(step(c, [discharge("later", 4.0, 4, 100)], 4.0), "later").verdict is Verdict.ACCEPTED
+
+
+def test_a_failing_journal_leaves_running_events_and_repeats_alone():
+    """Only new promises are refused: an event already running keeps running (its energy is
+    queued for the journal), and the same request again still gets its original answer."""
+    req = discharge("e1", 0.0, 0, 100, target=5_000)
+    c = step(ready(), [req], 0.0).controller
+    c = step(c, [bms(3.0), inverter(3.0), JournalHealth(3.0, False, "disk full")], 3.0).controller
+    assert c.mode is Mode.DISCHARGE and c.setpoint_w > 0
+    again = step(c, [replace(req, received_at=3.0)], 3.0)
+    assert answer_of(again, "e1").verdict is Verdict.ACCEPTED
+    assert not [e for e in again.events if isinstance(e, DispatchEnded)]
+
+
+def test_a_stop_is_still_accepted_while_the_journal_fails():
+    """A STOP only takes energy away, so it is honoured even when nothing new can be promised."""
+    c = step(ready(), [discharge("e1", 0.0, 0, 100)], 0.0).controller
+    r = step(c, [JournalHealth(1.0, False, "disk full"), stop("s", 1.0)], 1.0)
+    assert answer_of(r, "s").verdict is Verdict.ACCEPTED
+    assert [e.request_id for e in r.events if isinstance(e, DispatchEnded)] == ["e1"]
+
+
+def test_faults_outrank_the_journal_and_the_journal_outranks_missing_data():
+    c = step(Controller.start(POLICY), [JournalHealth(0.0, False, "disk full")], 0.0).controller
+    assert answer_of(step(c, [discharge("e1", 0.0, 0, 100)], 0.0), "e1").reason is ReasonCode.JOURNAL
+    c = step(ready(), [bms(1.0, bms_state=6), inverter(1.0), JournalHealth(1.0, False, "x")], 1.0).controller
+    assert answer_of(step(c, [discharge("e2", 1.0, 1, 100)], 1.0), "e2").reason is ReasonCode.FAULT
+
+
+@given(ok=st.booleans(), kind=st.sampled_from([DispatchKind.DISCHARGE, DispatchKind.CHARGE]),
+       target=st.floats(100, 20_000))
+def test_no_new_energy_is_promised_while_the_journal_fails(ok, kind, target):
+    req = DispatchRequest("x", "agg", kind, target, 0.0, 600.0, received_at=0.0)
+    answer = answer_of(step(ready(soc=60.0), [JournalHealth(0.0, ok, "io"), req], 0.0), "x")
+    if not ok:
+        assert answer.verdict is Verdict.REJECTED and answer.reason is ReasonCode.JOURNAL
+        assert answer.detail.startswith("journal unavailable: ")
+    else:
+        assert answer.reason is not ReasonCode.JOURNAL
+
+
+# ---------------------------------------------------------------- named answers
+
+
+def test_a_refused_judgement_refuses_all_but_a_stop():
+    j = Judgement.refused(5.0, ReasonCode.OUTAGE, "grid outage", POLICY.ramp_w_per_s)
+    assert judge(discharge("d", 5.0, 0, 100), j) == DispatchAnswer.refused("d", 5.0, ReasonCode.OUTAGE,
+                                                                            "grid outage")
+    assert judge(stop("s", 5.0), j).verdict is Verdict.ACCEPTED
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (DispatchAnswer.accepted("a", 0.0), (Verdict.ACCEPTED, None, None, "")),
+    (DispatchAnswer.capped("a", 0.0, 4_200.0, "capped by power limit"),
+     (Verdict.CAPPED, 4_200.0, None, "capped by power limit")),
+    (DispatchAnswer.refused("a", 0.0, ReasonCode.OPTED_OUT, "the owner has opted out"),
+     (Verdict.REJECTED, None, ReasonCode.OPTED_OUT, "the owner has opted out")),
+])
+def test_named_constructors(answer, expected):
+    assert (answer.verdict, answer.cap_w, answer.reason, answer.detail) == expected
+
+
+@pytest.mark.parametrize("answer, text", [
+    (DispatchAnswer.accepted("a", 0.0), "accepted"),
+    (DispatchAnswer.accepted("s", 0.0, detail="stop"), "accepted: stop"),
+    (DispatchAnswer.capped("a", 0.0, 4_200.4, "capped by power limit"), "capped to 4200 W: capped by power limit"),
+    (DispatchAnswer.refused("a", 0.0, ReasonCode.OPTED_OUT, "the owner has opted out"),
+     "refused OPTED_OUT: the owner has opted out"),
+    (DispatchAnswer.refused("a", 0.0, None, "no answer from the core"), "refused: no answer from the core"),
+])
+def test_describe_says_an_answer_one_way(answer, text):
+    assert describe(answer) == text
+
+
+# ---------------------------------------------------------------- finite numbers
+
+
+@pytest.mark.parametrize("value, finite", [
+    (0, True), (1.5, True), (-1e300, True), (True, False), (False, False), (math.nan, False),
+    (math.inf, False), (-math.inf, False), ("5", False), (None, False), ([1], False),
+])
+def test_is_finite_number(value, finite):
+    assert is_finite_number(value) is finite
+
+
+def test_a_boolean_ramp_is_not_a_ramp():
+    assert invalid_reason(discharge("e", 0.0, 0, 10, ramp_w_per_s=True)) is not None

@@ -1,0 +1,121 @@
+"""Per-event energy after a restart: which events the journal shows open, and how they close."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core_builders import POLICY
+from firmware_py.core.energy import close_after_restart, most_unreported_wh, open_events
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    EventEnergy,
+    FaultRaised,
+    FaultKind,
+    ReasonCode,
+    Transition,
+    Mode,
+)
+
+MOST = most_unreported_wh(POLICY)  # 11.5 kW for 60 + 10 + 3 s
+
+
+def ok(rid: str, at: float = 0.0) -> DispatchAnswer:
+    return DispatchAnswer.accepted(rid, at)
+
+
+def energy(rid: str, at: float, meter: float, total: float | None = None, integrated: float | None = None):
+    return EventEnergy(at=at, request_id=rid, meter_wh=meter,
+                       integrated_wh=meter if integrated is None else integrated, meter_total_wh=total)
+
+
+def test_most_unreported_is_a_report_interval_and_the_revert_time_at_full_power():
+    assert MOST == pytest.approx(11_500 * (60 + 10 + 3) / 3600)
+
+
+E1 = energy("a", 60.0, 100.0, 5_000.0)
+
+OPEN_ROWS = [
+    ("nothing journaled", [], {}),
+    ("accepted, no energy yet", [ok("a")], {"a": None}),
+    ("accepted then energy", [ok("a"), E1], {"a": E1}),
+    ("the newest energy record wins", [ok("a"), energy("a", 30, 50.0), E1], {"a": E1}),
+    ("ended", [ok("a"), E1, DispatchEnded(90, "a", "window closed")], {}),
+    ("capped counts as accepted", [DispatchAnswer.capped("a", 0, 3_000.0)], {"a": None}),
+    ("refused never opens", [DispatchAnswer.refused("a", 0, ReasonCode.OPTED_OUT, "x")], {}),
+    ("a refused revision closes it", [ok("a"), DispatchAnswer.refused("a", 5, ReasonCode.INVALID, "x")], {}),
+    ("a DUPLICATE refusal does not", [ok("a"), DispatchAnswer.refused("a", 5, ReasonCode.DUPLICATE, "x")],
+     {"a": None}),
+    ("energy of an unknown event is ignored", [energy("zz", 1, 5.0)], {}),
+    ("other records change nothing", [ok("a"), Transition(1, Mode.STANDBY, Mode.DISCHARGE, "x"),
+                                      FaultRaised(2, FaultKind.OVER_TEMP, "hot")], {"a": None}),
+    ("two open", [ok("a"), ok("b"), E1], {"a": E1, "b": None}),
+]
+
+
+@pytest.mark.parametrize("events, expected", [row[1:] for row in OPEN_ROWS], ids=[row[0] for row in OPEN_ROWS])
+def test_open_events(events, expected):
+    assert open_events(events) == expected
+
+
+CLOSE_ROWS = [
+    # (name, meter total now, billed meter Wh for "a")
+    ("the gap is billed", 5_010.0, 110.0),
+    ("no gap", 5_000.0, 100.0),
+    ("exactly the most a crash can leave", 5_000.0 + MOST, 100.0 + MOST),
+    ("more than a crash can leave: not billed", 5_000.0 + MOST + 1, 100.0),
+    ("a meter that ran backwards: not billed", 4_990.0, 100.0),
+    ("no meter reading now", None, 100.0),
+]
+
+
+@pytest.mark.parametrize("total, billed", [row[1:] for row in CLOSE_ROWS], ids=[row[0] for row in CLOSE_ROWS])
+def test_close_after_restart_bills_the_meter_gap(total, billed):
+    events = close_after_restart({"a": E1}, total, POLICY, 500.0, "gateway restarted: event ended")
+    ended, final = events
+    assert ended == DispatchEnded(500.0, "a", "gateway restarted: event ended")
+    assert (final.at, final.request_id, final.integrated_wh, final.final, final.meter_total_wh) == (
+        500.0, "a", 100.0, True, total)
+    assert final.meter_wh == pytest.approx(billed, abs=1e-3)
+
+
+def test_only_the_most_recently_reported_event_gets_the_gap():
+    still_open = {"old": energy("old", 10.0, 40.0, 4_000.0), "new": E1, "silent": None}
+    events = close_after_restart(still_open, 5_020.0, POLICY, 500.0, "gateway stopped: event ended")
+    finals = {e.request_id: e.meter_wh for e in events if isinstance(e, EventEnergy)}
+    assert finals == {"old": 40.0, "new": 120.0, "silent": 0.0}
+    assert [e.request_id for e in events if isinstance(e, DispatchEnded)] == ["old", "new", "silent"]
+    assert all(e.final and e.meter_total_wh == 5_020.0 for e in events if isinstance(e, EventEnergy))
+
+
+def test_an_event_with_no_energy_record_closes_at_zero():
+    (ended, final) = close_after_restart({"a": None}, 9_999.0, POLICY, 1.0, "r")
+    assert ended == DispatchEnded(1.0, "a", "r")
+    assert (final.meter_wh, final.integrated_wh, final.final) == (0.0, 0.0, True)
+
+
+def test_a_report_without_a_meter_reading_bills_no_gap():
+    (_, final) = close_after_restart({"a": energy("a", 60.0, 100.0, None)}, 5_010.0, POLICY, 1.0, "r")
+    assert final.meter_wh == 100.0
+
+
+def test_nothing_open_closes_nothing():
+    assert close_after_restart({}, 5_000.0, POLICY, 1.0, "r") == []
+
+
+reports = st.builds(energy, st.sampled_from(["a", "b", "c"]), st.floats(0, 1e4), st.floats(0, 1e4),
+                    st.none() | st.floats(0, 1e6))
+
+
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.none() | reports, max_size=3),
+       st.none() | st.floats(0, 1e6))
+def test_a_restart_never_bills_more_than_a_crash_can_leave(still_open, total):
+    events = close_after_restart(still_open, total, POLICY, 1e5, "r")
+    finals = {e.request_id: e for e in events if isinstance(e, EventEnergy)}
+    assert set(finals) == set(still_open) and all(e.final for e in finals.values())
+    extra = [finals[rid].meter_wh - (last.meter_wh if last else 0.0) for rid, last in still_open.items()]
+    assert all(x >= -1e-3 for x in extra)
+    assert sum(extra) <= MOST + 1e-3
+    assert sum(1 for x in extra if x > 1e-3) <= 1

@@ -1,0 +1,97 @@
+"""The telemetry read model: built from the controller alone, typed, with link ages."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core_builders import POLICY, bms, discharge, inverter, ready
+from firmware_py.core import Controller, Mode, Telemetry, step, telemetry
+from firmware_py.core.types import (
+    BmsState,
+    DispatchAnswer,
+    FaultKind,
+    JournalHealth,
+    OwnerSettings,
+    Verdict,
+)
+
+
+def test_before_any_data():
+    t = telemetry(Controller.start(POLICY), 5.0)
+    assert t == Telemetry(at=5.0, mode=Mode.STARTUP, soc_pct=None, floor_pct=42.0, power_w=0.0, setpoint_w=0.0,
+                          available_wh=0.0, active_event_id=None, reason="starting: waiting for BMS and inverter data",
+                          faults=(), reserve_pct=40, verdict=None, cap_w=None, meter_wh=None, bms_age_s=None,
+                          inverter_age_s=None, journal_ok=True)
+
+
+def test_serving_an_event():
+    c = ready(0.0, soc=80.0)
+    c = step(c, [discharge("e1", 0.0, 0, 600, target=5_000)], 0.0).controller
+    for now in (1.0, 2.0, 3.0):
+        c = step(c, [bms(now), inverter(now, measured_w=2_000, tot_wh_inj=1_000 + now)], now).controller
+    t = telemetry(c, 3.25)
+    assert (t.mode, t.active_event_id, t.verdict, t.cap_w) == (Mode.DISCHARGE, "e1", Verdict.ACCEPTED, None)
+    assert t.setpoint_w == c.setpoint_w > 0 and t.reason == c.reason
+    assert t.power_w == 2_000 and t.meter_wh == round(c.book.find("e1").meter_wh, 3) > 0
+    assert t.bms_age_s == pytest.approx(0.25) and t.inverter_age_s == pytest.approx(0.25)
+    assert t.soc_pct == 80.0 and t.available_wh == c.available_wh(3.25)
+
+
+def test_a_capped_event_shows_its_cap():
+    c = ready(0.0, soc=45.0)
+    c = step(c, [discharge("big", 0.0, 0, 4 * 3600)], 0.0).controller
+    c = step(c, [bms(1.0, 45.0), inverter(1.0)], 1.0).controller
+    t = telemetry(c, 1.0)
+    assert t.verdict is Verdict.CAPPED and t.cap_w == c.book.find("big").answer.cap_w
+
+
+@pytest.mark.parametrize("inputs, mode, faults", [
+    ([bms(1.0, bms_state=BmsState.FAULT), inverter(1.0)], Mode.FAULT, (FaultKind.BMS_FAULT,)),
+    ([bms(1.0, max_temp_c=80.0), inverter(1.0)], Mode.FAULT, (FaultKind.OVER_TEMP,)),
+    ([bms(1.0), inverter(1.0, comms_ok=False, error="timeout")], Mode.FAULT, (FaultKind.INVERTER_COMMS,)),
+    ([bms(1.0), inverter(1.0)], Mode.STANDBY, ()),
+])
+def test_faults_are_kinds(inputs, mode, faults):
+    t = telemetry(step(ready(), inputs, 1.0).controller, 1.0)
+    assert (t.mode, t.faults) == (mode, faults)
+
+
+def test_lockout_shows_as_a_fault_kind():
+    c = ready()
+    for n in range(3):
+        t0 = 10.0 * n
+        c = step(c, [bms(t0 + 1, bms_state=BmsState.FAULT), inverter(t0 + 1)], t0 + 1).controller
+        c = step(c, [bms(t0 + 2), inverter(t0 + 2)], t0 + 2).controller
+        c = step(c, [bms(t0 + 8), inverter(t0 + 8)], t0 + 8).controller
+    t = telemetry(c, 30.0)
+    assert t.mode is Mode.LOCKOUT and FaultKind.LOCKOUT in t.faults
+
+
+def test_owner_reserve_and_journal_health():
+    c = step(ready(), [OwnerSettings(reserve_pct=55, received_at=1.0), JournalHealth(1.0, False, "disk full")],
+             1.0).controller
+    t = telemetry(c, 1.0)
+    assert (t.reserve_pct, t.floor_pct, t.journal_ok) == (55, 57.0, False)
+
+
+def test_stale_inverter_power_reads_zero():
+    c = step(ready(), [bms(1.0), inverter(1.0, comms_ok=False, error="timeout", measured_w=3_000)], 1.0).controller
+    assert telemetry(c, 1.0).power_w == 0.0
+
+
+@given(st.floats(0, 100), st.floats(0, 10))
+def test_telemetry_is_only_the_controller(soc, later):
+    c = step(ready(soc=soc), [discharge("e", 0.0, 0, 600)], 0.0).controller
+    t = telemetry(c, later)
+    assert t.mode is c.mode and t.setpoint_w == c.setpoint_w and t.floor_pct == c.floor_pct(later)
+    assert t.bms_age_s == later and t.inverter_age_s == later
+    assert isinstance(t.mode, Mode)
+
+
+def test_answer_field_is_the_books():
+    c = step(ready(), [discharge("e", 0.0, 0, 600, target=3_000)], 0.0).controller
+    c = step(c, [bms(1.0), inverter(1.0)], 1.0).controller
+    assert c.book.find("e").answer == DispatchAnswer.accepted("e", 0.0)
+    assert telemetry(c, 1.0).verdict is Verdict.ACCEPTED
