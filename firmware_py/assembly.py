@@ -106,7 +106,8 @@ def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None
     """
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
     reader = reader_from_config(config, clock)
-    journal = Journal.open(config.journal.path, **({"wall_clock": wall_clock} if wall_clock else {}))
+    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
+                           **({"wall_clock": wall_clock} if wall_clock else {}))
     try:
         gateway = Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
                           owner if owner is not None else store.load(clock()))

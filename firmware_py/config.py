@@ -100,6 +100,8 @@ class DispatchConfig:
 @dataclass(frozen=True)
 class JournalConfig:
     path: str = spec("journal.sqlite", path=True)
+    busy_timeout_s: float = spec(5.0, lo=0.01, hi=60, doc="how long a write waits for a lock before it fails "
+                                 "(then dispatch is refused until the journal writes again)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""The assembled gateway's own duties around the core: the journal's health and what a crash left open.
+
+Real SQLite files throughout; the gateway's clock is a plain number the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+from firmware_py.assembly import assemble
+from firmware_py.config import Config
+from firmware_py.core.types import (DispatchAnswer, DispatchKind, DispatchRequest, EventEnergy, OwnerSettings,
+                                    ReasonCode)
+from firmware_py.journal import Journal, RecordKind
+
+
+def gateway_on(path: Path, clock: list[float]):
+    base = Config()
+    config = replace(base, journal=replace(base.journal, path=str(path), busy_timeout_s=0.05))
+    return assemble(config, lambda: clock[0], owner=OwnerSettings(40, 0.0), open_can=False)
+
+
+def request(n: int, now: float) -> DispatchRequest:
+    return DispatchRequest(f"r{n}", "test", DispatchKind.DISCHARGE, 3_000, now, now + 600, received_at=now)
+
+
+async def answer(gateway, n: int, now: float):
+    return (await gateway.submit(request(n, now))).reason
+
+
+def test_a_failing_journal_refuses_dispatch_through_the_core_loses_nothing_and_recovers(tmp_path):
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+
+    async def main() -> list:
+        reasons = [await answer(gateway, 1, 0.0)]  # no data yet: the ordinary refusal
+        gateway.flush_journal()
+        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the next write cannot land
+        clock[0] = 1.0
+        reasons.append(await answer(gateway, 2, 1.0))
+        assert gateway.flush_journal() == 0
+        clock[0] = 2.0
+        reasons.append(await answer(gateway, 3, 2.0))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        clock[0] = 3.0
+        assert gateway.flush_journal() > 0
+        reasons.append(await answer(gateway, 4, 3.0))
+        return reasons
+
+    try:
+        reasons = asyncio.run(main())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert reasons == [ReasonCode.NO_DATA, ReasonCode.NO_DATA, ReasonCode.JOURNAL, ReasonCode.NO_DATA]
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]
+        answers = [(r.payload["request_id"], r.payload["reason"]) for r in journal.records(RecordKind.DISPATCH_ANSWER)]
+    assert requests == ["r1", "r2", "r3", "r4"]  # the ones queued while the journal failed were kept
+    assert answers == [("r1", "NO_DATA"), ("r2", "NO_DATA"), ("r3", "JOURNAL_UNAVAILABLE"), ("r4", "NO_DATA")]
+
+
+def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:  # what a run that died mid-event left behind
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        assert assembly.gateway.close_open_events(meter_total_wh=1_180.0) == ["peak"]
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        (ended,) = journal.records(RecordKind.DISPATCH_ENDED)
+        final = journal.records(RecordKind.EVENT_ENERGY)[-1]
+    assert ended.payload["request_id"] == "peak" and ended.at == 500.0
+    assert final.payload["final"] is True and final.payload["meter_wh"] == 180.0  # 150 + the 30 Wh gap
