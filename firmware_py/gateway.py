@@ -31,6 +31,7 @@ from firmware_py.bms.reader import BmsReader
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step, telemetry
 from firmware_py.core.energy import close_after_restart, open_events
+from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import (
     BmsSnapshot,
     DispatchAnswer,
@@ -44,10 +45,14 @@ from firmware_py.core.types import (
     OwnerSettings,
     Tick,
 )
-from firmware_py.core.telemetry import Telemetry
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind
-from firmware_py.journal.steps import START_KIND, STEPS_KIND, StepRecorder, start_payload
+from firmware_py.journal.steps import (
+    START_KIND,
+    STEPS_KIND,
+    StepRecorder,
+    start_payload,
+)
 
 log = logging.getLogger(__name__)
 

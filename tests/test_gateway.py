@@ -12,8 +12,14 @@ from pathlib import Path
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
-from firmware_py.core.types import (DispatchAnswer, DispatchKind, DispatchRequest, EventEnergy, OwnerSettings,
-                                    ReasonCode)
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchKind,
+    DispatchRequest,
+    EventEnergy,
+    OwnerSettings,
+    ReasonCode,
+)
 from firmware_py.journal import Journal, RecordKind
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import can
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
@@ -26,9 +29,6 @@ from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
 from firmware_py.journal import Journal
 from firmware_py.service import RunOptions, Service, every
-from firmware_py.sim.battery import Battery
-from firmware_py.sim.bms_node import BmsNode
-from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 WAIT_S = 10.0
 _channels = itertools.count()
