@@ -1,27 +1,64 @@
 """The whole bench: every bundled scenario passes its own checks, and the default run's
-journal, trace and plot say what the gateway really did."""
+journal, trace and plot say what the gateway really did.
+
+Fast tier: each bundled scenario shrunk in time and pack size (`scaled`), which keeps
+every SoC trajectory, power cap and fault reaction of the full one. Slow tier
+(`-m slow`, run by CI): each bundled scenario once at full length, and the 5-hour default
+run through the CLI that the journal, trace and report tests share.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from firmware_py.cli import main
 from firmware_py.journal import Journal, event_summaries
 from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Simulation, SimulationOptions
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:
 # the default once below, the protocol ones shortened in test_bench_aggregators.py.
 QUICK = [name for name in scenario.bundled_names() if not name.startswith("summer-peak")]
 
+# How much shorter the fast tier's copy is. The 4-hour energy scenarios shrink most: what
+# they show (a floor reached and held, a capped answer) depends on energy over capacity.
+SCALE = {"grid-outage.toml": 1 / 8, "budget-limited.toml": 1 / 8}
+DEFAULT_SCALE = 1 / 4
 
-@pytest.mark.parametrize("name", QUICK)
-def test_bundled_scenario_passes_its_checks(name, tmp_path):
-    loaded = scenario.load(scenario.bundled(name))
+
+def scaled(full: scenario.Scenario, k: float) -> scenario.Scenario:
+    """`full` with every scheduled time, the pack's capacity and the energy bounds times `k`.
+
+    Time and capacity shrink together, so at a given power the SoC moves k-times faster
+    for k-times as long: every SoC trajectory, the energy budget's power cap and the
+    floors are those of the full run. What is physical stays as it is: powers, fault
+    durations (detection, the 30 s hold-off and the inverter's revert time are absolute),
+    the step, the seed and the SoC bounds.
+    """
+    e = full.expect
+    return replace(
+        full,
+        run=replace(full.run, duration_s=full.run.duration_s * k),
+        vehicle=replace(full.vehicle, usable_capacity_wh=full.vehicle.usable_capacity_wh * k),
+        dispatch=tuple(replace(d, at_s=d.at_s * k, start_s=d.start_s * k, duration_s=d.duration_s * k)
+                       for d in full.dispatch),
+        cancel=tuple(replace(c, at_s=c.at_s * k) for c in full.cancel),
+        owner_change=tuple(replace(o, at_s=o.at_s * k) for o in full.owner_change),
+        fault=tuple(replace(f, at_s=f.at_s * k) for f in full.fault),
+        expect=replace(e, min_delivered_wh=e.min_delivered_wh * k if e.min_delivered_wh >= 0 else -1,
+                       max_delivered_wh=e.max_delivered_wh * k if e.max_delivered_wh >= 0 else -1),
+    )
+
+
+def run_and_check(loaded: scenario.Scenario, tmp_path: Path) -> tuple[Outcome, list[dict]]:
+    """Run `loaded` with a trace and a journal; assert its own checks, the floor, the full length
+    and the journal's chain. Returns the outcome and the trace records."""
     trace = (tmp_path / "trace.jsonl").open("w")
     outcome = asyncio.run(Simulation(loaded, SimulationOptions(trace=trace, journal_path=tmp_path / "j.sqlite")).run())
     trace.close()
@@ -32,11 +69,54 @@ def test_bundled_scenario_passes_its_checks(name, tmp_path):
     assert records[-1]["t"] == pytest.approx(loaded.run.duration_s)
     with Journal.open(tmp_path / "j.sqlite", readonly=True) as journal:
         assert journal.verify() == []
+    return outcome, records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QUICK)
+def test_bundled_scenario_passes_its_checks(name, tmp_path):
+    run_and_check(scenario.load(scenario.bundled(name)), tmp_path)
+
+
+@pytest.mark.parametrize("name", QUICK)
+def test_shortened_scenario_passes_the_bundled_checks(name, tmp_path):
+    full = scenario.load(scenario.bundled(name))
+    k = SCALE.get(name, DEFAULT_SCALE)
+    short = scaled(full, k)
+    assert short.run.duration_s == full.run.duration_s * k and short.expect.answers == full.expect.answers
+    run_and_check(short, tmp_path)
+
+
+def test_shortened_grid_outage_reaches_the_backup_floor_and_holds_it(tmp_path):
+    """What the 4-hour grid-outage run is for: the pack goes down to the backup floor (not the
+    owner's reserve) and the islanded inverter is capped there, to the end of the run."""
+    short = scaled(scenario.load(scenario.bundled("grid-outage.toml")), SCALE["grid-outage.toml"])
+    _, records = run_and_check(short, tmp_path)
+    backup_floor = short.expect.min_soc_pct  # 20 % backup reserve + 2 % margin
+    at_floor = [r for r in records if r["soc_pct"] <= backup_floor + 0.1]
+    assert at_floor, f"the floor was never reached: min SoC {min(r['soc_pct'] for r in records)}"
+    held = [r for r in records if r["t"] >= at_floor[0]["t"]]
+    assert held[-1]["t"] - held[0]["t"] >= short.run.duration_s / 4  # held for a good part of the run
+    assert all(r["state"] == "BACKUP" and r["soc_pct"] >= r["floor_pct"] >= backup_floor for r in held)
+
+
+def test_shortened_budget_limited_event_is_capped_and_ramps_down_at_the_floor(tmp_path):
+    """What the 15,000 s budget-limited run is for: a capped answer below the target, delivery
+    close to the energy above the floor, and no crossing of the floor."""
+    short = scaled(scenario.load(scenario.bundled("budget-limited.toml")), SCALE["budget-limited.toml"])
+    outcome, records = run_and_check(short, tmp_path)
+    (event,) = short.dispatch
+    cap_w = outcome.summary["answer_details"][event.id]["cap_w"]
+    assert 0 < cap_w < event.target_w
+    serving = [r for r in records if r["event_id"] == event.id and r["inverter_w"] > 0]
+    assert serving and max(r["inverter_w"] for r in serving) <= cap_w + 1
+    assert outcome.summary["min_soc_pct"] >= short.expect.min_soc_pct
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario."""
+    """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario, 5 hours
+    simulated (slow tier; every test using it is marked slow)."""
     folder = tmp_path_factory.mktemp("default")
     here = pytest.MonkeyPatch()
     here.chdir(folder)
@@ -47,6 +127,7 @@ def default_run(tmp_path_factory):
     return code, folder
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_run_exits_0_with_summary_and_plot(default_run):
     code, folder = default_run
     assert code == 0
@@ -59,6 +140,7 @@ def test_default_run_exits_0_with_summary_and_plot(default_run):
     assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_trace_has_a_record_every_second_and_none_below_the_floor(default_run):
     _, folder = default_run
     records = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
@@ -70,6 +152,7 @@ def test_default_trace_has_a_record_every_second_and_none_below_the_floor(defaul
     assert any(r["state"] == "DISCHARGE" and r["inverter_w"] > 10_000 for r in records)
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_journal_energy_matches_the_inverter_meter(default_run):
     _, folder = default_run
     summary = json.loads((folder / "summary.json").read_text())
@@ -81,6 +164,7 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
     assert event.integrated_wh == pytest.approx(meter, rel=0.005)
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_report_verifies_the_default_journal(default_run, capsys):
     _, folder = default_run
     assert main(["report", "--journal", str(folder / "bench-journal.sqlite"), "--format", "json"]) == 0
@@ -89,6 +173,7 @@ def test_report_verifies_the_default_journal(default_run, capsys):
     assert [e["request_id"] for e in out["events"]] == ["peak-1"]
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_report_detects_an_edited_journal(default_run, tmp_path):
     _, folder = default_run
     copy = tmp_path / "edited.sqlite"
@@ -113,8 +198,12 @@ def test_missing_scenario_exits_2(tmp_path, capsys):
 
 
 def test_failed_expectation_exits_1(tmp_path):
-    text = scenario.bundled("fault-bms-fault.toml").read_text().replace("min_delivered_wh = 2000",
-                                                                       "min_delivered_wh = 999999")
+    # Cut to 2 simulated minutes (fault at 60 s): the expectation fails all the same.
+    text = (scenario.bundled("fault-bms-fault.toml").read_text()
+            .replace("min_delivered_wh = 2000", "min_delivered_wh = 999999")
+            .replace("[run]\nduration_s = 1500", "[run]\nduration_s = 120")
+            .replace("at_s = 300\nkind", "at_s = 60\nkind"))
+    assert "duration_s = 120\n" in text and "at_s = 60\nkind" in text
     (tmp_path / "strict.toml").write_text(text)
     assert main(["sim", "--scenario", str(tmp_path / "strict.toml"), "--quiet",
                  "--journal", str(tmp_path / "j.sqlite")]) == 1
