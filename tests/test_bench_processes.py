@@ -33,6 +33,8 @@ from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict
 from firmware_py.journal import Journal
 
+pytestmark = pytest.mark.slow  # separate processes: start-up and real-time waits, in CI only
+
 REVERT_S = 3
 TARGET_W = 4_000.0
 SOC_PCT = 70.0
