@@ -39,6 +39,7 @@ class ChildOutput:
                 with self._changed:
                     self.lines.append(line)
                     self._changed.notify_all()
+        self.proc.stdout.close()
         with self._changed:
             self.closed = True
             self._changed.notify_all()

@@ -139,6 +139,7 @@ def default_run(tmp_path_factory):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
+@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_run_exits_0_with_summary_and_plot(default_run):
     code, folder = default_run
     assert code == 0
@@ -152,6 +153,7 @@ def test_default_run_exits_0_with_summary_and_plot(default_run):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
+@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_trace_has_a_record_every_second_and_none_below_the_floor(default_run):
     _, folder = default_run
     records = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
@@ -164,6 +166,7 @@ def test_default_trace_has_a_record_every_second_and_none_below_the_floor(defaul
 
 
 @pytest.mark.slow  # shares the 5-hour default run
+@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_journal_energy_matches_the_inverter_meter(default_run):
     _, folder = default_run
     summary = json.loads((folder / "summary.json").read_text())
@@ -176,6 +179,7 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
+@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_report_verifies_the_default_journal(default_run, capsys):
     _, folder = default_run
     assert main(["report", "--journal", str(folder / "bench-journal.sqlite"), "--format", "json"]) == 0
@@ -185,6 +189,7 @@ def test_report_verifies_the_default_journal(default_run, capsys):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
+@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_report_detects_an_edited_journal(default_run, tmp_path):
     _, folder = default_run
     copy = tmp_path / "edited.sqlite"

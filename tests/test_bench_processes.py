@@ -3,8 +3,8 @@
 python-can-remote's server carries the CAN bus between processes on 127.0.0.1;
 `powershare-gw sim bms` talks on it, `powershare-gw sim inverter` serves SunSpec
 Modbus TCP, and `powershare-gw run` is the real gateway between them. Every
-process is a child of the test, bound to 127.0.0.1 on a free port, and ended in
-a `finally`; every wait is bounded. The test waits for events where the children give
+process is a child of the test, bound to 127.0.0.1 (on port 0, or on a free port
+where the gateway's config names it), and ended in a `finally`; every wait is bounded. The test waits for events where the children give
 one: a child's "listening" line on its output pipe (the CAN server and the inverter bind
 port 0 and print the port they got) and the gateway's systemd READY=1 on $NOTIFY_SOCKET.
 What only shows in Modbus registers or the SQLite journal (which push nothing) is re-read
@@ -133,6 +133,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        self.outputs[name].join()  # its last lines read, for the logs in a failure message
         return proc.returncode
 
     def stop_all(self) -> None:
@@ -251,8 +252,9 @@ def gateway_up_and_holding_zero(bench: Bench) -> tuple[SunSpecModbusClientDevice
     der = sunspec_device(bench.ports["der"])
     soc = read(der, 713, "SoC")["SoC"]
     assert soc is not None and SOC_PCT - 2 <= soc <= SOC_PCT  # the conservative SoC min of the simulated BMS
-    held = holding_zero(inv)
-    assert held and held["W"] == 0 and held["WSet"] == 0, inverter_controls(inv)
+    # READY does not wait for the command writer's first write; the inverter's registers show it.
+    held = bench.wait_for("the gateway to command the inverter to 0 W", lambda: holding_zero(inv))
+    assert held["W"] == 0 and held["WSet"] == 0
     assert read(der, 701, "InvSt")["InvSt"] == INV_ST_STANDBY  # ready for dispatch
     return der, inv
 
@@ -393,8 +395,8 @@ def test_kill_9_during_an_event_loses_no_record_and_the_restart_ends_it(bench: B
     assert final.meter_total_wh == stopped["TotWhInj"]
     assert final.meter_wh == pytest.approx(last_energy.meter_wh + stopped["TotWhInj"] - last_energy.meter_total_wh,
                                            abs=1e-3)
-    held = holding_zero(inv)
-    assert held and held["TotWhInj"] == stopped["TotWhInj"], inverter_controls(inv)
+    held = bench.wait_for("the restarted gateway to hold 0 W", lambda: holding_zero(inv))
+    assert held["TotWhInj"] == stopped["TotWhInj"]
 
     report = report_json(bench)
     assert report["chain"]["intact"]
