@@ -10,8 +10,10 @@ run through the CLI that the journal, trace and report tests share.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import math
+import os
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -127,19 +129,31 @@ def test_shortened_budget_limited_event_is_capped_and_stops_above_the_floor(tmp_
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario, 5 hours
-    simulated (slow tier; every test using it is marked slow)."""
-    folder = tmp_path_factory.mktemp("default")
-    here = pytest.MonkeyPatch()
-    here.chdir(folder)
-    try:
-        code = main(["sim", "--trace", "trace.jsonl", "--quiet"])
-    finally:
-        here.undo()
-    return code, folder
+    simulated (slow tier; every test using it is marked slow).
+
+    Run once per test session: under xdist a worker may tear this module down and set it up
+    again between its tests, so the folder and exit code live in the session's shared temp
+    folder, and a lock makes any other setup wait for the first and reuse its run.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, shared by the workers
+    folder, done = root / "default-run", root / "default-run.exit-code"
+    with open(root / "default-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            here = pytest.MonkeyPatch()
+            here.chdir(folder)
+            try:
+                code = main(["sim", "--trace", "trace.jsonl", "--quiet"])
+            finally:
+                here.undo()
+            done.write_text(str(code))
+    return int(done.read_text()), folder
 
 
 @pytest.mark.slow  # shares the 5-hour default run
-@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_run_exits_0_with_summary_and_plot(default_run):
     code, folder = default_run
     assert code == 0
@@ -153,7 +167,6 @@ def test_default_run_exits_0_with_summary_and_plot(default_run):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
-@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_trace_has_a_record_every_second_and_none_below_the_floor(default_run):
     _, folder = default_run
     records = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
@@ -166,7 +179,6 @@ def test_default_trace_has_a_record_every_second_and_none_below_the_floor(defaul
 
 
 @pytest.mark.slow  # shares the 5-hour default run
-@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_default_journal_energy_matches_the_inverter_meter(default_run):
     _, folder = default_run
     summary = json.loads((folder / "summary.json").read_text())
@@ -179,7 +191,6 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
-@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_report_verifies_the_default_journal(default_run, capsys):
     _, folder = default_run
     assert main(["report", "--journal", str(folder / "bench-journal.sqlite"), "--format", "json"]) == 0
@@ -189,7 +200,6 @@ def test_report_verifies_the_default_journal(default_run, capsys):
 
 
 @pytest.mark.slow  # shares the 5-hour default run
-@pytest.mark.xdist_group("default_run")  # one worker runs all of them: the fixture once
 def test_report_detects_an_edited_journal(default_run, tmp_path):
     _, folder = default_run
     copy = tmp_path / "edited.sqlite"

@@ -249,6 +249,8 @@ def gateway_up_and_holding_zero(bench: Bench) -> tuple[SunSpecModbusClientDevice
     before = inverter_controls(inv)
     assert before["WSetEna"] == 0 and before["WSetRvrtTms"] == 0, before  # nobody has commanded it yet
     bench.start_gateway()  # READY: out of STARTUP, every BMS message and the inverter seen
+    # READY does not wait for the integrations: the DER server says when it listens.
+    bench.outputs["gateway"].wait_for_line(rf"SunSpec DER server on 127\.0\.0\.1:{bench.ports['der']}\b", START_S)
     der = sunspec_device(bench.ports["der"])
     soc = read(der, 713, "SoC")["SoC"]
     assert soc is not None and SOC_PCT - 2 <= soc <= SOC_PCT  # the conservative SoC min of the simulated BMS
