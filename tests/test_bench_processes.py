@@ -219,8 +219,11 @@ def read(dev: SunSpecModbusClientDeviceTCP, model_id: int, *names: str) -> dict[
 
 
 def inverter_controls(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any]:
-    return {**read(inv, 704, "WSetEna", "WSetMod", "WSet", "WSetEnaRvrt", "WSetRvrtTms", "WSetRvrtRem"),
-            **read(inv, 701, "W", "TotWhInj")}
+    """Models 701 then 704: two reads, so read what the inverter does (W) before what it was told
+    (WSet). A revert comes before W ramps to 0, so a W of 0 is read with the reverted WSet; in the
+    other order a busy machine can show W at 0 next to the WSet read before the revert."""
+    measured = read(inv, 701, "W", "TotWhInj")
+    return {**read(inv, 704, "WSetEna", "WSetMod", "WSet", "WSetEnaRvrt", "WSetRvrtTms", "WSetRvrtRem"), **measured}
 
 
 def holding_zero(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any] | None:
