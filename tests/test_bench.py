@@ -1,11 +1,22 @@
 """The whole bench: every bundled scenario passes its own checks, and the default run's
-journal, trace and plot say what the gateway really did."""
+journal, trace and plot say what the gateway really did.
+
+Fast tier: each bundled scenario shrunk in time and pack size (`scaled`), which keeps
+every SoC trajectory, power cap and fault reaction of the full one. Slow tier
+(`-m slow`, run by CI): each bundled scenario once at full length, and the 5-hour default
+run through the CLI that the journal, trace and report tests share.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import math
+import os
 import sqlite3
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,16 +26,55 @@ from firmware_py.core.replay import replay
 from firmware_py.journal import Journal, codec, event_summaries
 from firmware_py.journal.steps import decode_start, journaled_steps
 from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Simulation, SimulationOptions
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:
 # the default once below, the protocol ones shortened in test_bench_aggregators.py.
 QUICK = [name for name in scenario.bundled_names() if not name.startswith("summer-peak")]
 
+# How much shorter the fast tier's copy of each bundled scenario is (`scaled`). The fault
+# scenarios keep their fault and a resumed event well inside the run; the inverter-link ones
+# less shortened, as their recovery (timeouts, reconnect, hold-off) takes a fixed 40-50 s.
+# The 4-hour energy scenarios shrink most: what they show depends on energy over capacity.
+SCALE = {"grid-outage.toml": 1 / 16, "budget-limited.toml": 1 / 16, "owner-opt-out.toml": 1 / 4,
+         "fault-modbus-disconnect.toml": 1 / 4, "fault-modbus-exception.toml": 1 / 4,
+         "fault-modbus-timeout.toml": 1 / 4}
+DEFAULT_SCALE = 1 / 8
+# These two have their own shortened tests below, with the bundled checks and what the run is for.
+OWN_TESTS = {"grid-outage.toml", "budget-limited.toml"}
 
-@pytest.mark.parametrize("name", QUICK)
-def test_bundled_scenario_passes_its_checks(name, tmp_path):
-    loaded = scenario.load(scenario.bundled(name))
+
+def shortened(name: str) -> scenario.Scenario:
+    return scaled(scenario.load(scenario.bundled(name)), SCALE.get(name, DEFAULT_SCALE))
+
+
+def scaled(full: scenario.Scenario, k: float) -> scenario.Scenario:
+    """`full` with every scheduled time, the pack's capacity and the energy bounds times `k`.
+
+    Time and capacity shrink together, so at a given power the SoC moves k-times faster
+    for k-times as long: every SoC trajectory, the energy budget's power cap and the
+    floors are those of the full run. What is physical stays as it is: powers, fault
+    durations (detection, the 30 s hold-off and the inverter's revert time are absolute),
+    the step, the seed and the SoC bounds. The run ends on the next whole second.
+    """
+    e = full.expect
+    return replace(
+        full,
+        run=replace(full.run, duration_s=math.ceil(full.run.duration_s * k)),  # the trace ends on a whole second
+        vehicle=replace(full.vehicle, usable_capacity_wh=full.vehicle.usable_capacity_wh * k),
+        dispatch=tuple(replace(d, at_s=d.at_s * k, start_s=d.start_s * k, duration_s=d.duration_s * k)
+                       for d in full.dispatch),
+        cancel=tuple(replace(c, at_s=c.at_s * k) for c in full.cancel),
+        owner_change=tuple(replace(o, at_s=o.at_s * k) for o in full.owner_change),
+        fault=tuple(replace(f, at_s=f.at_s * k) for f in full.fault),
+        expect=replace(e, min_delivered_wh=e.min_delivered_wh * k if e.min_delivered_wh >= 0 else -1,
+                       max_delivered_wh=e.max_delivered_wh * k if e.max_delivered_wh >= 0 else -1),
+    )
+
+
+def run_and_check(loaded: scenario.Scenario, tmp_path: Path) -> tuple[Outcome, list[dict]]:
+    """Run `loaded` with a trace and a journal; assert its own checks, the floor, the full length
+    and the journal's chain. Returns the outcome and the trace records."""
     trace = (tmp_path / "trace.jsonl").open("w")
     outcome = asyncio.run(Simulation(loaded, SimulationOptions(trace=trace, journal_path=tmp_path / "j.sqlite")).run())
     trace.close()
@@ -35,21 +85,78 @@ def test_bundled_scenario_passes_its_checks(name, tmp_path):
     assert records[-1]["t"] == pytest.approx(loaded.run.duration_s)
     with Journal.open(tmp_path / "j.sqlite", readonly=True) as journal:
         assert journal.verify() == []
+    return outcome, records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", QUICK)
+def test_bundled_scenario_passes_its_checks(name, tmp_path):
+    run_and_check(scenario.load(scenario.bundled(name)), tmp_path)
+
+
+@pytest.mark.parametrize("name", [name for name in QUICK if name not in OWN_TESTS])
+def test_shortened_scenario_passes_the_bundled_checks(name, tmp_path):
+    full, short = scenario.load(scenario.bundled(name)), shortened(name)
+    assert short.run.duration_s < full.run.duration_s and short.expect.answers == full.expect.answers
+    run_and_check(short, tmp_path)
+
+
+def test_shortened_grid_outage_reaches_the_backup_floor_and_holds_it(tmp_path):
+    """What the 4-hour grid-outage run is for: below the owner's 40 % reserve down to the backup
+    floor, then the islanded inverter capped there to the end of the run; dispatch refused."""
+    short = shortened("grid-outage.toml")
+    _, records = run_and_check(short, tmp_path)  # includes: rejected, final BACKUP, min SoC >= 22 %
+    backup_floor = short.expect.min_soc_pct  # 20 % backup reserve + 2 % margin
+    reached = [r for r in records if r["soc_pct"] <= backup_floor + 0.5]
+    assert reached, f"the floor was never reached: min SoC {min(r['soc_pct'] for r in records)}"
+    held = [r for r in records if r["t"] >= reached[0]["t"]]
+    assert held[-1]["t"] - held[0]["t"] >= short.run.duration_s / 4  # held for a good part of the run
+    for r in held:  # capped well below the ~2.4 kW home load, at the backup floor
+        assert r["state"] == "BACKUP" and r["floor_pct"] == backup_floor and r["setpoint_w"] < 1_000, r
+        assert backup_floor <= r["soc_pct"] <= backup_floor + 0.5, r
+
+
+def test_shortened_budget_limited_event_is_capped_and_stops_above_the_floor(tmp_path):
+    """What the 15,000 s budget-limited run is for: a capped answer below the target, delivery
+    within the bundled bounds (scaled), and the pack never below the floor."""
+    short = shortened("budget-limited.toml")
+    outcome, records = run_and_check(short, tmp_path)  # includes: accepted_capped, energy bounds, min SoC
+    (event,) = short.dispatch
+    cap_w = outcome.summary["answer_details"][event.id]["cap_w"]
+    assert 0 < cap_w < event.target_w
+    serving = [r for r in records if r["event_id"] == event.id and r["inverter_w"] > 0]
+    assert serving and max(r["inverter_w"] for r in serving) <= cap_w + 1
+    assert outcome.summary["min_soc_pct"] >= short.expect.min_soc_pct
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario."""
-    folder = tmp_path_factory.mktemp("default")
-    here = pytest.MonkeyPatch()
-    here.chdir(folder)
-    try:
-        code = main(["sim", "--trace", "trace.jsonl", "--quiet"])
-    finally:
-        here.undo()
-    return code, folder
+    """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario, 5 hours
+    simulated (slow tier; every test using it is marked slow).
+
+    Run once per test session: under xdist a worker may tear this module down and set it up
+    again between its tests, so the folder and exit code live in the session's shared temp
+    folder, and a lock makes any other setup wait for the first and reuse its run.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, shared by the workers
+    folder, done = root / "default-run", root / "default-run.exit-code"
+    with open(root / "default-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            here = pytest.MonkeyPatch()
+            here.chdir(folder)
+            try:
+                code = main(["sim", "--trace", "trace.jsonl", "--quiet"])
+            finally:
+                here.undo()
+            done.write_text(str(code))
+    return int(done.read_text()), folder
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_run_exits_0_with_summary_and_plot(default_run):
     code, folder = default_run
     assert code == 0
@@ -62,6 +169,7 @@ def test_default_run_exits_0_with_summary_and_plot(default_run):
     assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_trace_has_a_record_every_second_and_none_below_the_floor(default_run):
     _, folder = default_run
     records = [json.loads(line) for line in (folder / "trace.jsonl").read_text().splitlines()]
@@ -73,6 +181,7 @@ def test_default_trace_has_a_record_every_second_and_none_below_the_floor(defaul
     assert any(r["state"] == "DISCHARGE" and r["inverter_w"] > 10_000 for r in records)
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_default_journal_energy_matches_the_inverter_meter(default_run):
     _, folder = default_run
     summary = json.loads((folder / "summary.json").read_text())
@@ -87,10 +196,9 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
 DECISIONS = {"DispatchAnswer", "Transition", "FaultRaised", "FaultCleared", "DispatchEnded", "EventEnergy"}
 
 
-def test_replaying_the_default_journal_through_the_core_reproduces_every_decision(default_run):
-    """The journal alone (its recorded start and steps) gives back every journaled decision, exactly."""
-    _, folder = default_run
-    with Journal.open(folder / "bench-journal.sqlite", readonly=True) as journal:
+def replayed_and_journaled(path: Path) -> tuple[int, list, list]:
+    """Steps recorded in the journal at `path`, the decisions replaying them gives, and those journaled."""
+    with Journal.open(path, readonly=True) as journal:
         records = journal.records()
     decided = [(r.kind, r.payload) for r in records if r.kind in DECISIONS]
     found = list(journaled_steps(records))
@@ -99,11 +207,30 @@ def test_replaying_the_default_journal_through_the_core_reproduces_every_decisio
     policy, owner, now = decode_start(start)
     replayed = [(type(e).__name__, codec.jsonable(e))
                 for result in replay(Controller.start(policy, owner, now), steps) for e in result.events]
-    assert len(steps) >= 18_000 * 10  # every tick of the 5-hour run, and the frame and poll steps between
+    return len(steps), replayed, decided
+
+
+@pytest.mark.slow  # shares the 5-hour default run
+def test_replaying_the_default_journal_through_the_core_reproduces_every_decision(default_run):
+    """The journal alone (its recorded start and steps) gives back every journaled decision, exactly."""
+    _, folder = default_run
+    steps, replayed, decided = replayed_and_journaled(folder / "bench-journal.sqlite")
+    assert steps >= 18_000 * 10  # every tick of the 5-hour run, and the frame and poll steps between
     assert {kind for kind, _ in decided} >= {"DispatchAnswer", "Transition", "DispatchEnded", "EventEnergy"}
     assert replayed == decided
 
 
+def test_replaying_a_faulted_run_reproduces_its_faults_and_answers(tmp_path):
+    """The fast tier's replay: an event, a BMS fault and its hold-off, the event resumed."""
+    loaded = shortened("fault-bms-fault.toml")
+    asyncio.run(Simulation(loaded, SimulationOptions(journal_path=tmp_path / "j.sqlite")).run())
+    steps, replayed, decided = replayed_and_journaled(tmp_path / "j.sqlite")
+    assert steps >= loaded.run.duration_s * 10
+    assert {"FaultRaised", "FaultCleared", "DispatchAnswer"} <= {kind for kind, _ in decided}
+    assert replayed == decided
+
+
+@pytest.mark.slow  # shares the 5-hour default run
 def test_report_verifies_the_default_journal(default_run, capsys):
     _, folder = default_run
     assert main(["report", "--journal", str(folder / "bench-journal.sqlite"), "--format", "json"]) == 0
@@ -112,6 +239,7 @@ def test_report_verifies_the_default_journal(default_run, capsys):
     assert [e["request_id"] for e in out["events"]] == ["peak-1"]
 
 
+@pytest.mark.slow  # shares the 5-hour default run
 def test_report_detects_an_edited_journal(default_run, tmp_path):
     _, folder = default_run
     copy = tmp_path / "edited.sqlite"
@@ -136,8 +264,12 @@ def test_missing_scenario_exits_2(tmp_path, capsys):
 
 
 def test_failed_expectation_exits_1(tmp_path):
-    text = scenario.bundled("fault-bms-fault.toml").read_text().replace("min_delivered_wh = 2000",
-                                                                       "min_delivered_wh = 999999")
+    # Cut to 2 simulated minutes (fault at 60 s): the expectation fails all the same.
+    text = (scenario.bundled("fault-bms-fault.toml").read_text()
+            .replace("min_delivered_wh = 2000", "min_delivered_wh = 999999")
+            .replace("[run]\nduration_s = 1500", "[run]\nduration_s = 120")
+            .replace("at_s = 300\nkind", "at_s = 60\nkind"))
+    assert "duration_s = 120\n" in text and "at_s = 60\nkind" in text
     (tmp_path / "strict.toml").write_text(text)
     assert main(["sim", "--scenario", str(tmp_path / "strict.toml"), "--quiet",
                  "--journal", str(tmp_path / "j.sqlite")]) == 1

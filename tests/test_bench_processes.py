@@ -3,8 +3,12 @@
 python-can-remote's server carries the CAN bus between processes on 127.0.0.1;
 `powershare-gw sim bms` talks on it, `powershare-gw sim inverter` serves SunSpec
 Modbus TCP, and `powershare-gw run` is the real gateway between them. Every
-process is a child of the test, bound to 127.0.0.1 on a free port, and ended in
-a `finally`; every wait is bounded.
+process is a child of the test, bound to 127.0.0.1 (on port 0, or on a free port
+where the gateway's config names it), and ended in a `finally`; every wait is bounded. The test waits for events where the children give
+one: a child's "listening" line on its output pipe (the CAN server and the inverter bind
+port 0 and print the port they got) and the gateway's systemd READY=1 on $NOTIFY_SOCKET.
+What only shows in Modbus registers or the SQLite journal (which push nothing) is re-read
+until true, every 50 ms, within a bound.
 
 The SunSpec side is read and written with pysunspec2's client: an independent
 Modbus + SunSpec implementation that discovers the model chain and applies the
@@ -16,6 +20,7 @@ never through wall-clock measurements in the test.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -30,8 +35,11 @@ from typing import Any
 import pytest
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
+from children import CAN_SERVER_PORT, SIM_INVERTER_PORT, ChildOutput, NotifySocket, spawn
 from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict
 from firmware_py.journal import Journal
+
+pytestmark = pytest.mark.slow  # separate processes: start-up and real-time waits, in CI only
 
 REVERT_S = 3
 TARGET_W = 4_000.0
@@ -39,6 +47,7 @@ SOC_PCT = 70.0
 START_S = 25.0
 """Bound for a process to come up: imports of pymodbus/cantools are slow on a busy 2-core machine."""
 WAIT_S = 15.0
+POLL_S = 0.05  # between re-reads of registers or the journal, which have no change notification
 INV_ST_STANDBY = 7  # SunSpec 701 InvSt
 
 
@@ -46,14 +55,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -66,7 +67,9 @@ class Bench:
     tmp: Path
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    outputs: dict[str, ChildOutput] = field(default_factory=dict)
     expected_exit: set[str] = field(default_factory=set)
+    notify: NotifySocket = field(default_factory=NotifySocket)
 
     @property
     def config(self) -> Path:
@@ -76,23 +79,22 @@ class Bench:
     def journal(self) -> Path:
         return self.tmp / "journal.sqlite"
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")  # a file, not a pipe: a chatty child never blocks
-        try:
-            proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=self.tmp)
-        finally:
-            log.close()
-        self.procs[name] = proc
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> ChildOutput:
+        """Start a child; its output is read as it comes (and copied to `name`.log)."""
+        proc, output = spawn([sys.executable, *args], self.tmp / f"{name}.log", cwd=self.tmp, env=env)
+        self.procs[name], self.outputs[name] = proc, output
         self.expected_exit.discard(name)
-        return proc
+        return output
 
     def start_gateway(self) -> subprocess.Popen:
-        return self.start("gateway", "-m", "firmware_py", "run", "--config", str(self.config))
+        """`powershare-gw run`, returning once it sent READY=1: it has fresh BMS and inverter data."""
+        self.start("gateway", "-m", "firmware_py", "run", "--config", str(self.config),
+                   env={**os.environ, "NOTIFY_SOCKET": self.notify.name})
+        self.notify.wait_for(b"READY=1", START_S, self.procs["gateway"])
+        return self.procs["gateway"]
 
     def log(self, name: str) -> str:
-        path = self.tmp / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        return self.outputs[name].text() if name in self.outputs else ""
 
     def logs(self) -> str:
         return "\n".join(f"--- {name} (exit {p.poll()}):\n{self.log(name)}" for name, p in self.procs.items())
@@ -103,7 +105,10 @@ class Bench:
                 pytest.fail(f"{name} exited with {proc.returncode}\n{self.logs()}")
 
     def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-        """Poll `predicate` until truthy; a child dying or the deadline passing fails with the logs."""
+        """Re-check `predicate` until truthy; a child dying or the deadline passing fails with the logs.
+
+        Only for what has no event: a Modbus register or a journal row can only be read again.
+        """
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -114,7 +119,7 @@ class Bench:
                 last_error, value = err, None
             if value:
                 return value
-            time.sleep(0.1)
+            time.sleep(POLL_S)
         pytest.fail(f"timed out waiting for {what} (last error: {last_error!r})\n{self.logs()}")
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -128,12 +133,14 @@ class Bench:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        self.outputs[name].join()  # its last lines read, for the logs in a failure message
         return proc.returncode
 
     def stop_all(self) -> None:
         for name in ("gateway", "bms", "inverter", "can"):  # the gateway first: its safe stop needs the inverter
             if name in self.procs:
                 self.stop(name, timeout=5.0)
+        self.notify.close()
 
     def write_config(self) -> None:
         """config/bench.toml with this bench's ports and paths, a short revert time and the DER server on."""
@@ -175,16 +182,16 @@ path = "journal.sqlite"
 @pytest.fixture
 def bench(tmp_path: Path) -> Iterator[Bench]:
     """CAN server, simulated BMS and simulated inverter running; the gateway's config written."""
-    b = Bench(tmp_path, ports={k: free_port() for k in ("can", "inverter", "der", "owner")})
-    b.write_config()
+    # The gateway's own listeners take their ports from its config; the peers pick theirs (port 0).
+    b = Bench(tmp_path, ports={k: free_port() for k in ("der", "owner")})
     try:
-        b.start("can", "-m", "can_remote", "-i", "virtual", "-c", "bench", "-H", "127.0.0.1",
-                "-p", str(b.ports["can"]))
-        b.start("inverter", "-m", "firmware_py", "sim", "inverter", "--listen", f"127.0.0.1:{b.ports['inverter']}")
-        b.wait_for("the CAN server", lambda: listening(b.ports["can"]), START_S)
+        can = b.start("can", "-m", "can_remote", "-i", "virtual", "-c", "bench", "-H", "127.0.0.1", "-p", "0")
+        inverter = b.start("inverter", "-m", "firmware_py", "sim", "inverter", "--listen", "127.0.0.1:0")
+        b.ports["can"] = int(can.wait_for_line(CAN_SERVER_PORT, START_S).group(1))
         b.start("bms", "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
                 "--can-channel", f"ws://127.0.0.1:{b.ports['can']}/", "--soc", str(SOC_PCT))
-        b.wait_for("the simulated inverter", lambda: listening(b.ports["inverter"]), START_S)
+        b.ports["inverter"] = int(inverter.wait_for_line(SIM_INVERTER_PORT, START_S).group(1))
+        b.write_config()
         yield b
     finally:
         b.stop_all()
@@ -193,17 +200,15 @@ def bench(tmp_path: Path) -> Iterator[Bench]:
 # --- SunSpec through pysunspec2 ---------------------------------------------------------------------
 
 
-def sunspec_device(bench: Bench, port: int) -> SunSpecModbusClientDeviceTCP:
-    def scanned() -> SunSpecModbusClientDeviceTCP:
-        dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
-        try:
-            dev.scan()
-        except BaseException:
-            dev.close()
-            raise
-        return dev
-
-    return bench.wait_for(f"a SunSpec device on port {port}", scanned, START_S)
+def sunspec_device(port: int) -> SunSpecModbusClientDeviceTCP:
+    """pysunspec2's device on `port`, scanned (called once its server said it listens)."""
+    dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
+    try:
+        dev.scan()
+    except BaseException:
+        dev.close()
+        raise
+    return dev
 
 
 def read(dev: SunSpecModbusClientDeviceTCP, model_id: int, *names: str) -> dict[str, Any]:
@@ -214,8 +219,11 @@ def read(dev: SunSpecModbusClientDeviceTCP, model_id: int, *names: str) -> dict[
 
 
 def inverter_controls(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any]:
-    return {**read(inv, 704, "WSetEna", "WSetMod", "WSet", "WSetEnaRvrt", "WSetRvrtTms", "WSetRvrtRem"),
-            **read(inv, 701, "W", "TotWhInj")}
+    """Models 701 then 704: two reads, so read what the inverter does (W) before what it was told
+    (WSet). A revert comes before W ramps to 0, so a W of 0 is read with the reverted WSet; in the
+    other order a busy machine can show W at 0 next to the WSet read before the revert."""
+    measured = read(inv, 701, "W", "TotWhInj")
+    return {**read(inv, 704, "WSetEna", "WSetMod", "WSet", "WSetEnaRvrt", "WSetRvrtTms", "WSetRvrtRem"), **measured}
 
 
 def holding_zero(inv: SunSpecModbusClientDeviceTCP) -> dict[str, Any] | None:
@@ -240,19 +248,31 @@ def dispatch_through_gateway(der: SunSpecModbusClientDeviceTCP, watts: float) ->
 
 def gateway_up_and_holding_zero(bench: Bench) -> tuple[SunSpecModbusClientDeviceTCP, SunSpecModbusClientDeviceTCP]:
     """Start the gateway; check it reads the BMS and holds the inverter at 0 W. (DER client, inverter client)."""
-    inv = sunspec_device(bench, bench.ports["inverter"])
+    inv = sunspec_device(bench.ports["inverter"])
     before = inverter_controls(inv)
     assert before["WSetEna"] == 0 and before["WSetRvrtTms"] == 0, before  # nobody has commanded it yet
-    bench.start_gateway()
-    der = sunspec_device(bench, bench.ports["der"])
-    soc = bench.wait_for("the gateway's SoC (model 713)", lambda: read(der, 713, "SoC")["SoC"], WAIT_S)
-    assert SOC_PCT - 2 <= soc <= SOC_PCT  # the conservative SoC min of the simulated BMS
+    bench.start_gateway()  # READY: out of STARTUP, every BMS message and the inverter seen
+    # READY does not wait for the integrations: the DER server says when it listens.
+    bench.outputs["gateway"].wait_for_line(rf"SunSpec DER server on 127\.0\.0\.1:{bench.ports['der']}\b", START_S)
+    der = sunspec_device(bench.ports["der"])
+    soc = read(der, 713, "SoC")["SoC"]
+    assert soc is not None and SOC_PCT - 2 <= soc <= SOC_PCT  # the conservative SoC min of the simulated BMS
+    # READY does not wait for the command writer's first write; the inverter's registers show it.
     held = bench.wait_for("the gateway to command the inverter to 0 W", lambda: holding_zero(inv))
     assert held["W"] == 0 and held["WSet"] == 0
-    # Ready for dispatch once out of STARTUP (every BMS message seen, some at 1 s periods): InvSt STANDBY.
-    bench.wait_for("the gateway's DER to be ready (701 InvSt STANDBY)",
-                   lambda: read(der, 701, "InvSt")["InvSt"] == INV_ST_STANDBY)
+    assert read(der, 701, "InvSt")["InvSt"] == INV_ST_STANDBY  # ready for dispatch
     return der, inv
+
+
+def hold_outlives_a_revert_time(bench: Bench, inv: SunSpecModbusClientDeviceTCP, since: float) -> None:
+    """The 0 W hold stays live at every read until one revert time after `since` (when it was seen):
+    the gateway refreshes it, a single write would have expired. The inverter's revert timer runs
+    on its own wall clock, so this one wait is the property itself; it is spent re-reading the
+    hold, and whatever time already passed since `since` counts."""
+    while time.monotonic() < since + REVERT_S + 0.2:
+        bench.check_alive()
+        assert holding_zero(inv), inverter_controls(inv)
+        time.sleep(POLL_S)
 
 
 def owner_status(bench: Bench) -> str:
@@ -294,14 +314,14 @@ def accepted_request_id(records: list) -> str | None:
 
 def test_gateway_reads_bms_holds_zero_then_serves_sunspec_dispatch_and_stops_safely(bench: Bench):
     der, inv = gateway_up_and_holding_zero(bench)
+    held_at = time.monotonic()
     try:
         status = owner_status(bench)
         soc = float(re.search(r"SoC:\s+([0-9.]+) %", status).group(1))
         assert SOC_PCT - 2 <= soc <= SOC_PCT, status
         assert re.search(r"state:\s+STANDBY", status), status
         # Still armed one revert time later: the gateway has rewritten the hold since (a refresh, not one write).
-        time.sleep(REVERT_S + 0.2)
-        assert holding_zero(inv), inverter_controls(inv)
+        hold_outlives_a_revert_time(bench, inv, held_at)
 
         dispatch_through_gateway(der, TARGET_W)
         assert read(der, 704, "WSet", "WSetEna") == {"WSet": TARGET_W, "WSetEna": 1}
@@ -363,7 +383,7 @@ def test_kill_9_during_an_event_loses_no_record_and_the_restart_ends_it(bench: B
     assert isinstance(last_energy, EventEnergy) and last_energy.request_id == request_id
 
     # The restarted gateway ends the event, billing the meter's gap, and holds 0 W.
-    bench.start_gateway()
+    bench.start_gateway()  # READY: its start-up, which ends open events, is done
 
     def ended() -> list | None:
         records = journal_records(bench.journal)

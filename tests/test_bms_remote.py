@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import can
 import pytest
 
+from children import CAN_SERVER_PORT, spawn
 from firmware_py.bms import BmsReader
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState
@@ -19,25 +19,6 @@ from firmware_py.sim.battery import Battery
 DBC = bundled_dbc("cybertruck_bms.dbc")
 LOAD_W = 11_500
 SOC = 65.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"can_remote server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail("can_remote server did not listen in time")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -51,13 +32,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def remote_url():
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "bench",
-                               "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def remote_url(tmp_path):
+    """A python-can-remote server on a port of its own choosing; its URL once it says it listens."""
+    server, output = spawn([sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "bench",
+                            "-H", "127.0.0.1", "-p", "0"], tmp_path / "can-server.log")
     try:
-        wait_listening(port, server)
+        port = output.wait_for_line(CAN_SERVER_PORT, timeout=20).group(1)
         yield f"ws://127.0.0.1:{port}/"
     finally:
         stop(server)

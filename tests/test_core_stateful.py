@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -39,6 +40,7 @@ PACK_EFFICIENCY = 0.96  # AC out per DC in: better than the core's assumed 0.95
 INJECTED = {"bms_fault", "over_temp", "inverter_fault"}
 
 EXAMPLES = {"ci": 2_000, "long": 20_000, "dev": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 2_000)
+QUICK_EXAMPLES = 100
 
 
 class GatewayWorld(RuleBasedStateMachine):
@@ -240,7 +242,20 @@ class GatewayWorld(RuleBasedStateMachine):
             assert any(isinstance(e, FaultCleared) and e.kind == "lockout" for e in self.results[-1].events)
 
 
-GatewayWorld.TestCase.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-TestGatewayWorld = GatewayWorld.TestCase
+def machine_settings(max_examples: int) -> settings:
+    return settings(max_examples=max_examples, stateful_step_count=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+@pytest.mark.slow
+class TestGatewayWorld(GatewayWorld.TestCase):
+    """The CI count (2,000 runs of up to 40 steps; HYPOTHESIS_PROFILE=long: 20,000): the slow tier."""
+
+    settings = machine_settings(EXAMPLES)
+
+
+class TestGatewayWorldQuick(GatewayWorld.TestCase):
+    """The same machine and invariants at a small count, so the fast tier still drives the core
+    through faults, outages and dispatch; the CI count runs in TestGatewayWorld."""
+
+    settings = machine_settings(QUICK_EXAMPLES)

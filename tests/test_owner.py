@@ -371,17 +371,27 @@ def test_missing_config_option_is_bad_input(owner_cli, monkeypatch, capsys):
     assert "--config FILE is required" in capsys.readouterr().err
 
 
+class StartedOwnerApi(OwnerApi):
+    """The owner API, telling the test when `run` has bound its socket: an event to wait on,
+    rather than looking for the socket file over and over."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        await super().start()
+        self.started.set()
+
+
 def test_run_serves_until_cancelled_and_removes_its_socket(tmp_path):
     cfg = owner_config(tmp_path, listen_for("unix", tmp_path))
     sock = tmp_path / "owner.sock"
 
     async def scenario() -> None:
-        api = OwnerApi(cfg, start_port(cfg))
+        api = StartedOwnerApi(cfg, start_port(cfg))
         task = asyncio.create_task(api.run())
-        for _ in range(200):
-            if sock.exists():
-                break
-            await asyncio.sleep(0.01)
+        await api.started.wait()  # bounded by the wait_for around the scenario
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         status, answer = await asyncio.to_thread(request, api, "GET", "/status")
         assert status == 200 and answer["floor_pct"] == 42 and answer["telemetry"]["active_event_id"] == "peak-1"

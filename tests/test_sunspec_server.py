@@ -413,26 +413,46 @@ def test_malformed_frame_refused_by_pymodbus_is_journaled_too():
     assert kind == NOTE_KIND and note["function"] == 16 and note["exception"] == "ILLEGAL_VALUE"
 
 
+class ObservedDerServer(SunSpecDerServer):
+    """The DER server, telling the test when `run` has bound its port and when a tick of its run
+    loop has finished: events to wait on, rather than polling its state on a timer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.listening = asyncio.Event()
+        self.ticked = asyncio.Event()
+
+    async def start(self, sink=None) -> int:
+        port = await super().start(sink)
+        self.listening.set()
+        return port
+
+    async def tick(self) -> None:
+        await super().tick()
+        self.ticked.set()
+
+    async def next_tick(self) -> None:
+        """Until a tick that began after this call has finished."""
+        self.ticked.clear()
+        await self.ticked.wait()  # may be a tick already under way when called: that one saw the old clock
+        self.ticked.clear()
+        await self.ticked.wait()
+
+
 def test_run_serves_ticks_revert_timers_and_closes_when_cancelled():
     sink = ScriptedSink()
 
     async def main() -> tuple[float, bool]:
-        server = SunSpecDerServer(config(), RATINGS, tick_s=0.01)
+        server = ObservedDerServer(config(), RATINGS, tick_s=0.01)
         task = asyncio.create_task(server.run(sink))
-        for _ in range(200):  # bounded: until it listens
-            if server.port:
-                break
-            await asyncio.sleep(0.01)
+        await server.listening.wait()  # bounded by run()'s timeout
         client = AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=2, retries=0)
         await client.connect()
         await write(server, client, WSetEnaRvrt=1, WSetRvrtTms=5)
         await write(server, client, WSetEna=1, WSetMod=1, WSet=3_000)
         client.close()
         sink.t += 6
-        for _ in range(200):  # no client reads: the run loop's tick reverts WSet
-            if server.controls.values["WSet"] == 0:
-                break
-            await asyncio.sleep(0.01)
+        await server.next_tick()  # no client reads: the run loop's tick reverts WSet
         wset = server.controls.values["WSet"]
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
