@@ -28,6 +28,7 @@ from firmware_py.core.types import BmsState, ContactorState, PackContactor
 from firmware_py.errors import InputError
 from firmware_py.sim.battery import Battery, temperature_derate
 from firmware_py.sim.faults import BMS_FAULT_KINDS
+from firmware_py.sim.frame_encoder import page_encoders
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class BmsNode:
         self.battery = battery
         self.bus = bus
         self.db = load_dbc(Path(db_path))
-        self._by_signal = {ref: name for name, ref in signals.DEFAULT_SIGNALS.items()}
-        self._by_signal.update(EXTRA_SIGNALS)
+        by_signal = {ref: name for name, ref in signals.DEFAULT_SIGNALS.items()}
+        by_signal.update(EXTRA_SIGNALS)
+        self._encoders = {m.name: page_encoders(m, by_signal) for m in self.db.messages}
         self._schedules = [_Schedule(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
         self._faults: dict[str, float | None] = {}
         self._rng = random.Random(seed)
@@ -127,32 +129,9 @@ class BmsNode:
                 values[name] = min(100.0, max(0.0, values[name] + jump))
         return values
 
-    def _pages(self, message: Any) -> list[dict[str, Any]]:
-        """Signal values per frame: one frame, or one per multiplexer page."""
-        if not message.is_multiplexed():
-            return [{}]
-        mux = next(s for s in message.signals if s.is_multiplexer)
-        pages = sorted({i for s in message.signals for i in (s.multiplexer_ids or ())})
-        return [{mux.name: page} for page in pages]
-
     def encode(self, message: Any, values: dict[str, Any]) -> list[bytes]:
         """The frames (one per page) that carry `values` in `message`."""
-        frames = []
-        for page in self._pages(message):
-            data = dict(page)
-            for sig in message.signals:
-                if sig.is_multiplexer or (sig.multiplexer_ids and
-                                          sig.multiplexer_signal in page and
-                                          page[sig.multiplexer_signal] not in sig.multiplexer_ids):
-                    continue
-                name = self._by_signal.get(f"{message.name}.{sig.name}")
-                value = values.get(name, 0.0) if name else 0.0
-                value = float(value) / signals.UNIT_FACTORS.get(sig.unit or "", 1.0)
-                lo = sig.minimum if sig.minimum is not None else value
-                hi = sig.maximum if sig.maximum is not None else value
-                data[sig.name] = min(hi, max(lo, value))
-            frames.append(message.encode(data, strict=False))
-        return frames
+        return [page.encode(values) for page in self._encoders[message.name]]
 
     # -- sending ----------------------------------------------------------
 
