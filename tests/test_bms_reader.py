@@ -127,6 +127,17 @@ def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
     assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
 
 
+def test_a_repeated_payload_is_still_judged_on_time(reader):
+    """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
+    reader.on_message(soc(60.0), now=0.0)
+    assert reader.on_message(soc(35.0), now=0.1) is None
+    assert reader.on_message(soc(35.0), now=0.2) is None
+    assert reader.dropped["soc_jump"] == 2 and "soc_min_pct" in reader.snapshot(0.2).stale
+    assert reader.on_message(soc(60.0), now=0.3) is not None  # the believed value again: fresh, not stale
+    assert reader.snapshot(0.3).stale == frozenset() and reader.accepted == 2
+    assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
+
+
 def test_mapping_override_swaps_a_signal():
     r = BmsReader(DBC, clock=lambda: 0.0, mapping={"soc_min_pct": "BmsSoc.SocAvg", "soc_ui_pct": ""})
     r.on_message(frame("BmsSoc", SocMin=40, SocUi=41, SocMax=42, SocAvg=43), now=0)

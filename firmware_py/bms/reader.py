@@ -125,6 +125,8 @@ class BmsReader:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._rejected: set[str] = set()
+        self._parsed: dict[int, tuple[bytes, dict[str, Any]]] = {}
+        """Per frame id, the last payload that parsed and its values: most frames repeat the last one."""
         self._last_stale: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self.dropped: Counter[str] = Counter()
@@ -177,33 +179,19 @@ class BmsReader:
     # -- decoding and plausibility -----------------------------------------
 
     def _decode(self, frame: _Frame, data: bytes | bytearray, now: float) -> dict[str, Any] | None:
-        message = frame.message
-        if len(data) != message.length:
-            return self._drop("wrong_length", frame, frame.fields,
-                              f"{len(data)} bytes, DBC says {message.length}")
-        try:
-            decoded = message.decode(bytes(data), decode_choices=False)
-        except DecodeError as err:
-            if message.is_multiplexed():
-                return self._drop("unknown_mux_page", frame, (), str(err))
-            return self._drop("undecodable", frame, frame.fields, str(err))
-        present = [b for b in frame.bindings if b.signal in decoded]
-        names = tuple(b.field for b in present)
-        values: dict[str, Any] = {}
-        for b in present:
-            raw = decoded[b.signal]
-            if b.choices is not None and int(raw) not in b.choices:
-                return self._drop("not_in_value_table", frame, names, f"{b.signal}={raw}")
-            if b.field == "hvil_ok":
-                values[b.field] = int(raw) == signals.HVIL_OK_VALUE
-                continue
-            value = int(raw) if b.field in signals.INTEGER_FIELDS else float(raw) * b.factor
-            if b.bounds is not None and not b.bounds[0] <= value <= b.bounds[1]:
-                return self._drop("out_of_range", frame, names, f"{b.field}={value:g}")
-            values[b.field] = value
+        payload = bytes(data)
+        last = self._parsed.get(frame.message.frame_id)
+        if last is not None and last[0] == payload:
+            values = last[1]  # the same bytes parse to the same values: only the time-dependent check remains
+        else:
+            parsed = _parse(frame, payload)
+            if isinstance(parsed, _Refusal):
+                return self._drop(parsed.reason, frame, parsed.suspect, parsed.detail)
+            self._parsed[frame.message.frame_id] = (payload, parsed)
+            values = parsed
         jump = self._soc_jump(values, now)
         if jump:
-            return self._drop("soc_jump", frame, names, jump)
+            return self._drop("soc_jump", frame, tuple(values), jump)
         return values
 
     def _soc_jump(self, values: Mapping[str, Any], now: float) -> str:
@@ -227,6 +215,43 @@ class BmsReader:
     def _stale_at(self, now: float) -> frozenset[str]:
         late = {n for n, t in self._times.items() if now - t > self._timeout[n]}
         return frozenset(late | self._rejected)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why a payload cannot be believed whatever the time: `_drop`'s arguments."""
+
+    reason: str
+    suspect: tuple[str, ...]
+    detail: str
+
+
+def _parse(frame: _Frame, data: bytes) -> dict[str, Any] | _Refusal:
+    """A payload's field values, or why it is refused: a function of the bytes alone."""
+    message = frame.message
+    if len(data) != message.length:
+        return _Refusal("wrong_length", frame.fields, f"{len(data)} bytes, DBC says {message.length}")
+    try:
+        decoded = message.decode(data, decode_choices=False)
+    except DecodeError as err:
+        if message.is_multiplexed():
+            return _Refusal("unknown_mux_page", (), str(err))
+        return _Refusal("undecodable", frame.fields, str(err))
+    present = [b for b in frame.bindings if b.signal in decoded]
+    names = tuple(b.field for b in present)
+    values: dict[str, Any] = {}
+    for b in present:
+        raw = decoded[b.signal]
+        if b.choices is not None and int(raw) not in b.choices:
+            return _Refusal("not_in_value_table", names, f"{b.signal}={raw}")
+        if b.field == "hvil_ok":
+            values[b.field] = int(raw) == signals.HVIL_OK_VALUE
+            continue
+        value = int(raw) if b.field in signals.INTEGER_FIELDS else float(raw) * b.factor
+        if b.bounds is not None and not b.bounds[0] <= value <= b.bounds[1]:
+            return _Refusal("out_of_range", names, f"{b.field}={value:g}")
+        values[b.field] = value
+    return values
 
 
 class BmsListener(can.Listener):
