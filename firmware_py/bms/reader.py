@@ -128,6 +128,8 @@ class BmsReader:
         self._parsed: dict[int, tuple[bytes, dict[str, Any]]] = {}
         """Per frame id, the last payload that parsed and its values: most frames repeat the last one."""
         self._last_stale: frozenset[str] = frozenset()
+        self._late: set[str] = set()
+        self._late_now = float("nan")  # the instant `_late` is for (none yet)
         self._lock = threading.Lock()
         self.dropped: Counter[str] = Counter()
         self.accepted = 0
@@ -160,8 +162,7 @@ class BmsReader:
             self.accepted += 1
             changed = any(self._values.get(k) != v or k in self._rejected for k, v in values.items())
             self._values.update(values)
-            for name in values:
-                self._times[name] = now
+            self._touch(values, now)
             self._rejected.difference_update(values)
             stale = self._stale_at(now)
             if not changed and stale == self._last_stale:
@@ -212,9 +213,23 @@ class BmsReader:
         log.debug("dropped %s", self.last_drop)
         return None
 
+    def _touch(self, names: Mapping[str, Any], now: float) -> None:
+        """Note the fields `names` as believed at `now`; a field just believed is not late at `now`."""
+        for name in names:
+            self._times[name] = now
+        if now == self._late_now:
+            self._late.difference_update(names)
+
     def _stale_at(self, now: float) -> frozenset[str]:
-        late = {n for n, t in self._times.items() if now - t > self._timeout[n]}
-        return frozenset(late | self._rejected)
+        """Fields past their timeout at `now`, or refused since their last good frame.
+
+        The late ones are worked out once per instant: the frames of one bench step
+        (and its tick) share `now`, and between them only `_touch` changes the answer.
+        """
+        if now != self._late_now:
+            self._late = {n for n, t in self._times.items() if now - t > self._timeout[n]}
+            self._late_now = now
+        return frozenset(self._late | self._rejected)
 
 
 @dataclass(frozen=True)
