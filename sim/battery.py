@@ -20,6 +20,7 @@ OCV_CURVE: tuple[tuple[float, float], ...] = (
     (50, 3.74), (60, 3.82), (70, 3.90), (80, 3.98), (90, 4.07), (100, 4.18),
 )
 """Cell open-circuit voltage vs SoC (%), an NMC-like shape."""
+_OCV_SOCS = tuple(soc for soc, _ in OCV_CURVE)  # the curve's x axis, for bisect (read several times a step)
 
 R_PACK_25C_OHM = 0.08
 PEAK_DISCHARGE_W = 350_000.0
@@ -35,8 +36,7 @@ BUFFER_FRACTION = 0.04  # energy below "0 %" kept to protect the cells
 def cell_ocv(soc_pct: float) -> float:
     """Interpolated cell open-circuit voltage; SoC is clamped to 0..100."""
     soc = min(100.0, max(0.0, soc_pct))
-    xs = [p[0] for p in OCV_CURVE]
-    i = min(max(bisect.bisect_right(xs, soc), 1), len(OCV_CURVE) - 1)
+    i = min(max(bisect.bisect_right(_OCV_SOCS, soc), 1), len(OCV_CURVE) - 1)
     (x0, y0), (x1, y1) = OCV_CURVE[i - 1], OCV_CURVE[i]
     return y0 + (y1 - y0) * (soc - x0) / (x1 - x0)
 
