@@ -69,9 +69,20 @@ class PageEncoder:
         self._names = tuple(s.name for s in framed)
         self._fields = _layout(framed)
         self._length = message.length
+        self._last: tuple[list[Any] | None, bytes] = (None, b"")
 
     def encode(self, values: Mapping[str, Any]) -> bytes:
-        """The frame carrying `values` (snapshot field -> value in snapshot units)."""
+        """The frame carrying `values` (snapshot field -> value in snapshot units).
+
+        The same inputs as last time give the same frame (most pages carry states and
+        limits that rarely move), so that frame is reused without quantising again.
+        """
+        inputs = [values.get(slot.source, 0.0) if slot.source else 0.0 for slot in self.slots]
+        if inputs != self._last[0]:
+            self._last = (inputs, self._encode(values))
+        return self._last[1]
+
+    def _encode(self, values: Mapping[str, Any]) -> bytes:
         raws = [slot.raw(values) for slot in self.slots]
         if self.mux is not None:
             raws.insert(0, self.mux[0].conversion.numeric_scaled_to_raw(self.mux[1]))
