@@ -83,6 +83,10 @@ class Battery:
         self._current_a = 0.0
         self._rng = random.Random(seed)
         self._noise = 0.0
+        # Single-entry memos keyed on the state they derive from: a bench step reads the
+        # OCV and the power limits several times between two changes of that state.
+        self._ocv_memo: tuple[float | None, float] = (None, 0.0)
+        self._limits_memo: tuple[tuple[float, float] | None, tuple[float, float]] = (None, (0.0, 0.0))
 
     # -- physics ----------------------------------------------------------
 
@@ -93,7 +97,9 @@ class Battery:
 
     @property
     def ocv_v(self) -> float:
-        return SERIES_CELLS * cell_ocv(self._soc)
+        if self._ocv_memo[0] != self._soc:
+            self._ocv_memo = (self._soc, SERIES_CELLS * cell_ocv(self._soc))
+        return self._ocv_memo[1]
 
     def _current_for(self, power_w: float) -> float:
         """Current drawing `power_w` at the terminals: P = (OCV - I R) I."""
@@ -157,11 +163,20 @@ class Battery:
 
     @property
     def max_discharge_w(self) -> float:
-        return PEAK_DISCHARGE_W * soc_derate(self._soc, False) * temperature_derate(self.temp_c, False)
+        return self._limits()[0]
 
     @property
     def max_charge_w(self) -> float:
-        return PEAK_CHARGE_W * soc_derate(self._soc, True) * temperature_derate(self.temp_c, True)
+        return self._limits()[1]
+
+    def _limits(self) -> tuple[float, float]:
+        """(discharge, charge) limits in W for the present SoC and temperature."""
+        key = (self._soc, self.temp_c)
+        if self._limits_memo[0] != key:
+            self._limits_memo = (key, (
+                PEAK_DISCHARGE_W * soc_derate(self._soc, False) * temperature_derate(self.temp_c, False),
+                PEAK_CHARGE_W * soc_derate(self._soc, True) * temperature_derate(self.temp_c, True)))
+        return self._limits_memo[1]
 
     @property
     def pack_current_a(self) -> float:
