@@ -15,6 +15,7 @@ are left out; the models this gateway uses (1, 701, 702, 704, 713) have none.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
@@ -88,15 +89,13 @@ class Point:
             return text or None
         if self.type == "pad":
             return 0
-        data = b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs)
-        if self.type in _FLOATS:
-            value = struct.unpack(">" + _FLOATS[self.type][1], data)[0]
-            return None if math.isnan(value) else value
         if self.type == "eui48" or self.type == "ipv6addr":
-            return data.hex()
-        _, code, sentinel = _INTS[self.type]
-        value = struct.unpack(">" + code, data)[0]
-        if value == sentinel and self.type not in _SENTINEL_FREE:
+            return b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs).hex()
+        packer, words = self._packers
+        value = packer.unpack(words.pack(*[r & 0xFFFF for r in regs]))[0]
+        if self.type in _FLOATS:
+            return None if math.isnan(value) else value
+        if value == _INTS[self.type][2] and self.type not in _SENTINEL_FREE:
             return None
         return value
 
@@ -193,10 +192,12 @@ class ModelDef:
         else from the sf points inside `regs`. A "not implemented" point is None.
         """
         raw: dict[str, Any] = {}
-        for p in self.points.values():
-            lo = p.offset - start
-            if lo >= 0 and lo + p.size <= len(regs):
-                raw[p.name] = p.to_raw(regs[lo:lo + p.size])
+        stop = start + len(regs)
+        for p in self._ordered[bisect.bisect_left(self._offsets, start):]:
+            if p.offset >= stop:
+                break
+            if p.offset + p.size <= stop:
+                raw[p.name] = p.to_raw(regs[p.offset - start:p.offset - start + p.size])
         if not scaled:
             return raw
         factors = dict(raw) if sfs is None else {**raw, **sfs}
@@ -248,6 +249,15 @@ class ModelDef:
                     if 0 <= lo + i < count:
                         regs[lo + i] = word
         return regs
+
+    @cached_property
+    def _ordered(self) -> tuple[Point, ...]:
+        """Points by offset: a poll decodes a few registers of a model, found by bisecting `_offsets`."""
+        return tuple(sorted(self.points.values(), key=lambda p: p.offset))
+
+    @cached_property
+    def _offsets(self) -> tuple[int, ...]:
+        return tuple(p.offset for p in self._ordered)
 
     @cached_property
     def _sf_names(self) -> tuple[str, ...]:
