@@ -54,6 +54,8 @@ class _Frame:
     message: Any  # cantools Message
     timeout_s: float
     bindings: tuple[_Binding, ...]
+    rate_limited: bool = False
+    """True when it feeds an SoC field, whose rate of change is checked (most frames feed none)."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -104,7 +106,8 @@ def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]
             raise InputError(f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, "
                              "so its freshness cannot be judged")
         timeout = TIMEOUT_PERIODS * message.cycle_time / 1000.0
-        frames[frame_id] = _Frame(message, timeout, tuple(bindings))
+        rate_limited = any(b.field in signals.RATE_LIMITED for b in bindings)
+        frames[frame_id] = _Frame(message, timeout, tuple(bindings), rate_limited)
     return frames
 
 
@@ -163,7 +166,8 @@ class BmsReader:
             changed = any(self._values.get(k) != v or k in self._rejected for k, v in values.items())
             self._values.update(values)
             self._touch(values, now)
-            self._rejected.difference_update(values)
+            if self._rejected:
+                self._rejected.difference_update(values)
             stale = self._stale_at(now)
             if not changed and stale == self._last_stale:
                 return None
@@ -190,7 +194,7 @@ class BmsReader:
                 return self._drop(parsed.reason, frame, parsed.suspect, parsed.detail)
             self._parsed[frame.message.frame_id] = (payload, parsed)
             values = parsed
-        jump = self._soc_jump(values, now)
+        jump = self._soc_jump(values, now) if frame.rate_limited else ""
         if jump:
             return self._drop("soc_jump", frame, tuple(values), jump)
         return values
