@@ -106,9 +106,8 @@ def _evolve(c: Controller, **changes: Any) -> Controller:
     Controller is exactly its fields (no `__post_init__`, no init-less or cached
     attributes), so copying them and applying the changes builds the same object.
     """
-    unknown = changes.keys() - _CONTROLLER_FIELDS
-    if unknown:
-        raise TypeError(f"Controller has no field {sorted(unknown)[0]!r}")
+    if not _CONTROLLER_FIELDS.issuperset(changes):
+        raise TypeError(f"Controller has no field {sorted(changes.keys() - _CONTROLLER_FIELDS)[0]!r}")
     new = object.__new__(Controller)
     new.__dict__.update(c.__dict__, **changes)
     return new
