@@ -20,6 +20,7 @@ OCV_CURVE: tuple[tuple[float, float], ...] = (
     (50, 3.74), (60, 3.82), (70, 3.90), (80, 3.98), (90, 4.07), (100, 4.18),
 )
 """Cell open-circuit voltage vs SoC (%), an NMC-like shape."""
+_OCV_SOCS = tuple(soc for soc, _ in OCV_CURVE)  # the curve's x axis, for bisect (read several times a step)
 
 R_PACK_25C_OHM = 0.08
 PEAK_DISCHARGE_W = 350_000.0
@@ -35,8 +36,7 @@ BUFFER_FRACTION = 0.04  # energy below "0 %" kept to protect the cells
 def cell_ocv(soc_pct: float) -> float:
     """Interpolated cell open-circuit voltage; SoC is clamped to 0..100."""
     soc = min(100.0, max(0.0, soc_pct))
-    xs = [p[0] for p in OCV_CURVE]
-    i = min(max(bisect.bisect_right(xs, soc), 1), len(OCV_CURVE) - 1)
+    i = min(max(bisect.bisect_right(_OCV_SOCS, soc), 1), len(OCV_CURVE) - 1)
     (x0, y0), (x1, y1) = OCV_CURVE[i - 1], OCV_CURVE[i]
     return y0 + (y1 - y0) * (soc - x0) / (x1 - x0)
 
@@ -83,6 +83,10 @@ class Battery:
         self._current_a = 0.0
         self._rng = random.Random(seed)
         self._noise = 0.0
+        # Single-entry memos keyed on the state they derive from: a bench step reads the
+        # OCV and the power limits several times between two changes of that state.
+        self._ocv_memo: tuple[float | None, float] = (None, 0.0)
+        self._limits_memo: tuple[tuple[float, float] | None, tuple[float, float]] = (None, (0.0, 0.0))
 
     # -- physics ----------------------------------------------------------
 
@@ -93,7 +97,9 @@ class Battery:
 
     @property
     def ocv_v(self) -> float:
-        return SERIES_CELLS * cell_ocv(self._soc)
+        if self._ocv_memo[0] != self._soc:
+            self._ocv_memo = (self._soc, SERIES_CELLS * cell_ocv(self._soc))
+        return self._ocv_memo[1]
 
     def _current_for(self, power_w: float) -> float:
         """Current drawing `power_w` at the terminals: P = (OCV - I R) I."""
@@ -157,11 +163,20 @@ class Battery:
 
     @property
     def max_discharge_w(self) -> float:
-        return PEAK_DISCHARGE_W * soc_derate(self._soc, False) * temperature_derate(self.temp_c, False)
+        return self._limits()[0]
 
     @property
     def max_charge_w(self) -> float:
-        return PEAK_CHARGE_W * soc_derate(self._soc, True) * temperature_derate(self.temp_c, True)
+        return self._limits()[1]
+
+    def _limits(self) -> tuple[float, float]:
+        """(discharge, charge) limits in W for the present SoC and temperature."""
+        key = (self._soc, self.temp_c)
+        if self._limits_memo[0] != key:
+            self._limits_memo = (key, (
+                PEAK_DISCHARGE_W * soc_derate(self._soc, False) * temperature_derate(self.temp_c, False),
+                PEAK_CHARGE_W * soc_derate(self._soc, True) * temperature_derate(self.temp_c, True)))
+        return self._limits_memo[1]
 
     @property
     def pack_current_a(self) -> float:

@@ -298,11 +298,17 @@ class SimInverterServer:
         return out
 
     def _refresh(self, start: int, address: int, count: int, registers: list[int]) -> None:
+        """Bring the registers this read covers up to date from the model.
+
+        Only those: every read refreshes what it covers, so registers outside it
+        are never served stale, and a poll of 27 registers does not pay for
+        encoding all 155 of model 701.
+        """
         for at, mdef in self._models_in(address, count):
             if mdef.id == 1:
                 continue
-            regs = mdef.encode(self.model.values(mdef.id))
-            registers[at - start:at - start + len(regs)] = regs
+            lo, hi = max(address, at), min(address + count, at + mdef.size)
+            registers[lo - start:hi - start] = mdef.encode_span(self.model.values(mdef.id), lo - at, hi - lo)
 
     def _write(self, address: int, values: list[int]) -> Any:
         """Apply a write to the model; reject read-only, partial or out-of-range writes."""

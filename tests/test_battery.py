@@ -95,3 +95,15 @@ def test_conservative_soc_is_never_above_the_truth(soc, seed, steps):
         assert lo <= delivered <= hi and (delivered == power or delivered in (lo, hi))
         assert 0 <= b.soc_min_pct <= b.true_soc_pct <= 100
         assert b.soc_min_pct <= b.soc_avg_pct <= b.soc_max_pct
+
+
+def test_limits_and_voltage_follow_every_change_of_state():
+    """The battery memoises OCV and limits per state: any change of SoC or temperature is seen at once."""
+    b = Battery(soc_pct=50, temp_c=25)
+    voltage, limit = b.ocv_v, b.max_discharge_w
+    assert (b.ocv_v, b.max_discharge_w) == (voltage, limit)
+    b.temp_c = 55.0
+    assert b.max_discharge_w < limit and b.max_discharge_w == Battery(soc_pct=50, temp_c=55).max_discharge_w
+    b.step(60.0, 100_000)
+    assert b.ocv_v < voltage and b.ocv_v == Battery(soc_pct=b.true_soc_pct).ocv_v
+    assert b.max_charge_w == Battery(soc_pct=b.true_soc_pct, temp_c=b.temp_c).max_charge_w

@@ -158,3 +158,16 @@ def test_falling_behind_sends_one_frame_per_message_not_a_burst(bench):
     assert bench.node.emit_due(0.005) == 0
     assert bench.node.emit_due(100.0) == 10
     assert bench.node.emit_due(100.01) == 1  # only the 10 ms message is due again
+
+
+def test_received_frames_are_ordinary_messages_with_the_encoded_bytes(bench):
+    """The node hands the bus immutable payloads (cheap to copy); receivers still get python-can's bytearray."""
+    status = bench.node.db.get_message_by_frame_id(0x212)
+    expected = bench.node.encode(status, bench.node.field_values())[0]
+    bench.node.emit_due(0.0)
+    received = {}
+    while (msg := bench.rx.recv(0)) is not None:
+        received[msg.arbitration_id] = msg
+    msg = received[0x212]
+    assert isinstance(msg.data, bytearray) and bytes(msg.data) == expected
+    assert msg.dlc == status.length and not msg.is_extended_id and msg.is_rx

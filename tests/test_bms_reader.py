@@ -81,6 +81,16 @@ def test_fields_go_stale_after_three_periods_and_recover(reader):
     assert "soc_min_pct" not in reader.snapshot(0.4).stale
 
 
+def test_staleness_within_one_instant_follows_each_frame(reader):
+    reader.on_message(soc(60.0), now=0.0)
+    reader.on_message(status(), now=0.0)
+    assert {"soc_min_pct", "bms_state"} <= reader.snapshot(1.0).stale
+    fresh_soc = reader.on_message(soc(60.0), now=1.0)
+    assert "soc_min_pct" not in fresh_soc.stale and "bms_state" in fresh_soc.stale
+    assert reader.on_message(status(), now=1.0).stale == frozenset()
+    assert reader.snapshot(1.0).stale == frozenset() and reader.snapshot(1.31).stale >= {"soc_min_pct", "bms_state"}
+
+
 def test_never_received_is_none_not_a_default(reader):
     s = reader.snapshot(5.0)
     assert s.soc_min_pct is None and s.bms_state is None and not s.fresh("soc_min_pct")
@@ -124,6 +134,17 @@ def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
     s = reader.snapshot(0.1)
     assert s.soc_min_pct == pytest.approx(60.0) and "soc_min_pct" in s.stale
     assert reader.on_message(soc(59.5), now=0.2) is not None  # small moves are fine
+    assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
+
+
+def test_a_repeated_payload_is_still_judged_on_time(reader):
+    """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
+    reader.on_message(soc(60.0), now=0.0)
+    assert reader.on_message(soc(35.0), now=0.1) is None
+    assert reader.on_message(soc(35.0), now=0.2) is None
+    assert reader.dropped["soc_jump"] == 2 and "soc_min_pct" in reader.snapshot(0.2).stale
+    assert reader.on_message(soc(60.0), now=0.3) is not None  # the believed value again: fresh, not stale
+    assert reader.snapshot(0.3).stale == frozenset() and reader.accepted == 2
     assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
 
 

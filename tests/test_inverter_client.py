@@ -65,7 +65,7 @@ def test_status_reflects_the_inverter():
     async def scenario(rig):
         await rig.client.apply(InverterCommand(4_000.0, "dispatch"))
         rig.advance(1800.0)  # within the 1 h revert time set below
-        st = await rig.client.read_status()
+        st = await rig.client.read_status(setpoint=True)
         assert st.comms_ok and st.error is None
         assert st.measured_w == pytest.approx(4_000.0)
         assert st.inv_state == InverterState.RUNNING

@@ -135,7 +135,7 @@ def test_rtu_discovers_reads_and_commands(kind):
         assert sorted(client.discovery.models) == [1, 701, 702, 704, 713]
         await client.apply(InverterCommand(-4_000.0, "charge"))
         model.advance(1.0, 1.0, BIG, BIG)
-        st = await client.read_status()
+        st = await client.read_status(setpoint=True)
         assert st.comms_ok and st.measured_w == pytest.approx(-4_000.0) and st.wset_w == pytest.approx(-4_000.0)
         assert model.controls["WSetEnaRvrt"] == 1 and model.controls["WSetRvrtTms"] == 3
 

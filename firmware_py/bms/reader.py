@@ -55,6 +55,8 @@ class _Frame:
     message: Any  # cantools Message
     timeout_s: float
     bindings: tuple[_Binding, ...]
+    rate_limited: bool = False
+    """True when it feeds an SoC field, whose rate of change is checked (most frames feed none)."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -105,7 +107,8 @@ def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]
             raise InputError(f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, "
                              "so its freshness cannot be judged")
         timeout = TIMEOUT_PERIODS * message.cycle_time / 1000.0
-        frames[frame_id] = _Frame(message, timeout, tuple(bindings))
+        rate_limited = any(b.field in signals.RATE_LIMITED for b in bindings)
+        frames[frame_id] = _Frame(message, timeout, tuple(bindings), rate_limited)
     return frames
 
 
@@ -127,6 +130,10 @@ class BmsReader:
         self._times: dict[str, float] = {}
         self._rejected: set[str] = set()
         self._last_key: tuple | None = None
+        self._parsed: dict[int, tuple[bytes, dict[str, Any]]] = {}
+        """Per frame id, the last payload that parsed and its values: most frames repeat the last one."""
+        self._late: set[str] = set()
+        self._late_now = float("nan")  # the instant `_late` is for (none yet)
         self._lock = threading.Lock()
         self.dropped: Counter[str] = Counter()
         self.accepted = 0
@@ -164,9 +171,9 @@ class BmsReader:
                 return None
             self.accepted += 1
             self._values.update(values)
-            for name in values:
-                self._times[name] = now
-            self._rejected.difference_update(values)
+            self._touch(values, now)
+            if self._rejected:
+                self._rejected.difference_update(values)
             stale = self._stale_at(now)
             key = self._decision_key(stale)
             if key == self._last_key:
@@ -187,33 +194,19 @@ class BmsReader:
     # -- decoding and plausibility -----------------------------------------
 
     def _decode(self, frame: _Frame, data: bytes | bytearray, now: float) -> dict[str, Any] | None:
-        message = frame.message
-        if len(data) != message.length:
-            return self._drop("wrong_length", frame, frame.fields,
-                              f"{len(data)} bytes, DBC says {message.length}")
-        try:
-            decoded = message.decode(bytes(data), decode_choices=False)
-        except DecodeError as err:
-            if message.is_multiplexed():
-                return self._drop("unknown_mux_page", frame, (), str(err))
-            return self._drop("undecodable", frame, frame.fields, str(err))
-        present = [b for b in frame.bindings if b.signal in decoded]
-        names = tuple(b.field for b in present)
-        values: dict[str, Any] = {}
-        for b in present:
-            raw = decoded[b.signal]
-            if b.choices is not None and int(raw) not in b.choices:
-                return self._drop("not_in_value_table", frame, names, f"{b.signal}={raw}")
-            if b.field == "hvil_ok":
-                values[b.field] = int(raw) == signals.HVIL_OK_VALUE
-                continue
-            value = int(raw) if b.field in signals.INTEGER_FIELDS else float(raw) * b.factor
-            if b.bounds is not None and not b.bounds[0] <= value <= b.bounds[1]:
-                return self._drop("out_of_range", frame, names, f"{b.field}={value:g}")
-            values[b.field] = value
-        jump = self._soc_jump(values, now)
+        payload = bytes(data)
+        last = self._parsed.get(frame.message.frame_id)
+        if last is not None and last[0] == payload:
+            values = last[1]  # the same bytes parse to the same values: only the time-dependent check remains
+        else:
+            parsed = _parse(frame, payload)
+            if isinstance(parsed, _Refusal):
+                return self._drop(parsed.reason, frame, parsed.suspect, parsed.detail)
+            self._parsed[frame.message.frame_id] = (payload, parsed)
+            values = parsed
+        jump = self._soc_jump(values, now) if frame.rate_limited else ""
         if jump:
-            return self._drop("soc_jump", frame, names, jump)
+            return self._drop("soc_jump", frame, tuple(values), jump)
         return values
 
     def _soc_jump(self, values: Mapping[str, Any], now: float) -> str:
@@ -234,9 +227,60 @@ class BmsReader:
         log.debug("dropped %s", self.last_drop)
         return None
 
+    def _touch(self, names: Mapping[str, Any], now: float) -> None:
+        """Note the fields `names` as believed at `now`; a field just believed is not late at `now`."""
+        for name in names:
+            self._times[name] = now
+        if now == self._late_now:
+            self._late.difference_update(names)
+
     def _stale_at(self, now: float) -> frozenset[str]:
-        late = {n for n, t in self._times.items() if now - t > self._timeout[n]}
-        return frozenset(late | self._rejected)
+        """Fields past their timeout at `now`, or refused since their last good frame.
+
+        The late ones are worked out once per instant: the frames of one bench step
+        (and its tick) share `now`, and between them only `_touch` changes the answer.
+        """
+        if now != self._late_now:
+            self._late = {n for n, t in self._times.items() if now - t > self._timeout[n]}
+            self._late_now = now
+        return frozenset(self._late | self._rejected)
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """Why a payload cannot be believed whatever the time: `_drop`'s arguments."""
+
+    reason: str
+    suspect: tuple[str, ...]
+    detail: str
+
+
+def _parse(frame: _Frame, data: bytes) -> dict[str, Any] | _Refusal:
+    """A payload's field values, or why it is refused: a function of the bytes alone."""
+    message = frame.message
+    if len(data) != message.length:
+        return _Refusal("wrong_length", frame.fields, f"{len(data)} bytes, DBC says {message.length}")
+    try:
+        decoded = message.decode(data, decode_choices=False)
+    except DecodeError as err:
+        if message.is_multiplexed():
+            return _Refusal("unknown_mux_page", (), str(err))
+        return _Refusal("undecodable", frame.fields, str(err))
+    present = [b for b in frame.bindings if b.signal in decoded]
+    names = tuple(b.field for b in present)
+    values: dict[str, Any] = {}
+    for b in present:
+        raw = decoded[b.signal]
+        if b.choices is not None and int(raw) not in b.choices:
+            return _Refusal("not_in_value_table", names, f"{b.signal}={raw}")
+        if b.field == "hvil_ok":
+            values[b.field] = int(raw) == signals.HVIL_OK_VALUE
+            continue
+        value = int(raw) if b.field in signals.INTEGER_FIELDS else float(raw) * b.factor
+        if b.bounds is not None and not b.bounds[0] <= value <= b.bounds[1]:
+            return _Refusal("out_of_range", names, f"{b.field}={value:g}")
+        values[b.field] = value
+    return values
 
 
 class BmsListener(can.Listener):

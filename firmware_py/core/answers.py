@@ -191,7 +191,7 @@ def _revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply:
     if earlier is not None and req.kind is earlier.request.kind:
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
                         last_report_at=earlier.last_report_at)
-    return replace(c, book=c.book.add(entry)), events + [reply]
+    return c.evolve(book=c.book.add(entry)), events + [reply]
 
 
 def _stop_source(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
@@ -201,7 +201,7 @@ def _stop_source(c: Controller, stop: DispatchRequest, now: float) -> tuple[Cont
         if entry.request.source == stop.source and entry.request.id != stop.id:
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
-    return replace(c, book=c.book.end(stop.id)), events
+    return c.evolve(book=c.book.end(stop.id)), events
 
 
 def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller, list[Event]]:

@@ -43,7 +43,7 @@ def account(c: Controller, new: InverterStatus) -> Controller:
     if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
     entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
-    return replace(c, book=c.book.replace(entry))
+    return c.evolve(book=c.book.replace(entry))
 
 
 def meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:
@@ -64,13 +64,13 @@ def report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     entry = c.book.find(c.serving_id) if c.serving_id else None
     if entry is None or now - entry.last_report_at < c.policy.energy_report_interval_s:
         return c, []
-    c = replace(c, book=c.book.replace(replace(entry, last_report_at=now)))
+    c = c.evolve(book=c.book.replace(replace(entry, last_report_at=now)))
     return c, [energy_record(c, entry, now)]
 
 
 def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
     """End a booked request: it stops applying, and its account closes with a final record."""
-    c = replace(c, book=c.book.replace(replace(entry, ended=True)))
+    c = c.evolve(book=c.book.replace(replace(entry, ended=True)))
     return c, [DispatchEnded(now, entry.request.id, why), energy_record(c, entry, now, final=True)]
 
 

@@ -259,22 +259,22 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
 
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
-        return replace(c, bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
+        return c.evolve(bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
         c = account(c, item)
-        return replace(c, inverter=item, inverter_seen=c.inverter_seen or item.comms_ok), []
+        return c.evolve(inverter=item, inverter_seen=c.inverter_seen or item.comms_ok), []
     if isinstance(item, OwnerSettings):
-        return replace(c, owner=replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct)))), []
+        return c.evolve(owner=replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct)))), []
     if isinstance(item, DispatchRequest):
         return answer(c, item, now)
     if isinstance(item, DispatchCancel):
         return cancel(c, item, now)
     if isinstance(item, JournalHealth):
-        return replace(c, journal=item), []
+        return c.evolve(journal=item), []
     if isinstance(item, InstallerReset):
         book, events = c.faults.reset_lockout(now)
-        return replace(c, faults=book), events
+        return c.evolve(faults=book), events
     return c, []  # Tick
 
 
@@ -305,7 +305,7 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     events += produced
     present = conditions(c.bms, c.inverter, now, c.policy, c.bms_seen, c.inverter_seen)
     faults, produced = c.faults.update(present, now, c.policy)
-    c = replace(c, faults=faults)
+    c = c.evolve(faults=faults)
     events += produced
 
     view = View(c, now, bms_usable(c.bms, now, c.policy), inverter_usable(c.inverter, now, c.policy),
@@ -319,7 +319,7 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     setpoint, reason = handler(view, base, dt) if handler else (0.0, reason)
     setpoint, reason = clamp(view, setpoint, reason)
     serving = view.request.request.id if mode in (Mode.DISCHARGE, Mode.CHARGE) and view.request else None
-    c = replace(c, mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
+    c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint))
     c, produced = report_energy(c, now)
     events += produced

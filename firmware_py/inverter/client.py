@@ -230,13 +230,18 @@ class InverterClient:
         return mdef.decode(regs, scaled=scaled)
 
     # --- status -------------------------------------------------------------------
-    async def read_status(self) -> InverterStatus:
-        """Poll the inverter; never raises: a failure is a status with comms_ok=False."""
+    async def read_status(self, *, setpoint: bool = False) -> InverterStatus:
+        """Poll the inverter; never raises: a failure is a status with comms_ok=False.
+
+        The gateway's poll reads model 701 alone: the core decides nothing on the
+        setpoint the inverter holds, and every write is read back already (at least
+        every `refresh_s`). `setpoint=True` also reads it (`wset_w`), for people.
+        """
         try:
             async with self._busy:
                 await self._ensure()
                 assert self.discovery is not None
-                status = await self._status(self.discovery)
+                status = await self._status(self.discovery, setpoint)
             if self._untrusted:  # until a command reads back as written, the core must not rely on it
                 raise LinkError(self._untrusted, drop=False)
         except LinkError as err:
@@ -244,14 +249,13 @@ class InverterClient:
         self._recovered()
         return status
 
-    async def _status(self, disc: Discovery) -> InverterStatus:
+    async def _status(self, disc: Discovery, setpoint: bool) -> InverterStatus:
         lo, count = STATUS_SPAN
         regs = await self._read(disc.address(701) + lo, count)
         if regs[0] != 701:
             raise LinkError(f"model 701 at {disc.address(701)} now reads as model {regs[0]}")
         v = M701.decode(regs, lo, sfs=self._sfs[701])
-        wlo, wcount = WSET_SPAN
-        ctl = M704.decode(await self._read(disc.address(704) + wlo, wcount), wlo, sfs=self._sfs[704])
+        wset = await self._setpoint(disc) if setpoint else None
         inv_state = v["InvSt"]
         if v["W"] is None:
             raise LinkError("model 701 W is 'not implemented': cannot measure power")
@@ -267,8 +271,14 @@ class InverterClient:
             alarms=alarms, tot_wh_inj=float(v["TotWhInj"] or 0.0), tot_wh_abs=float(v["TotWhAbs"] or 0.0),
             w_max_rtg=float(r.get("WMaxRtg") or 0.0), w_cha_max_rtg=float(r.get("WChaRteMaxRtg") or 0.0),
             w_discha_max_rtg=float(r.get("WDisChaRteMaxRtg") or 0.0),
-            wset_w=ctl["WSet"] if ctl.get("WSetEna") == WSetEna.ENABLED else 0.0,
+            wset_w=wset,
         )
+
+    async def _setpoint(self, disc: Discovery) -> float:
+        """The setpoint the inverter holds now (0 W when not enabled)."""
+        wlo, wcount = WSET_SPAN
+        ctl = M704.decode(await self._read(disc.address(704) + wlo, wcount), wlo, sfs=self._sfs[704])
+        return ctl["WSet"] if ctl.get("WSetEna") == WSetEna.ENABLED else 0.0
 
     # --- commands -----------------------------------------------------------------
     async def apply(self, cmd: InverterCommand) -> None:

@@ -28,7 +28,7 @@ async def _probe(settings: config.InverterConfig) -> list[str]:
     except LinkError as err:
         raise InputError(f"inverter: {err}") from None
     try:
-        status = await client.read_status()
+        status = await client.read_status(setpoint=True)
     finally:
         await client.close()
     c, r = disc.common, disc.ratings

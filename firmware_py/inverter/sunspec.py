@@ -15,13 +15,14 @@ are left out; the models this gateway uses (1, 701, 702, 704, 713) have none.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from typing import Any
 
@@ -98,15 +99,13 @@ class Point:
             return text or None
         if self.type == "pad":
             return 0
-        data = b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs)
-        if self.type in _FLOATS:
-            value = struct.unpack(">" + _FLOATS[self.type][1], data)[0]
-            return None if math.isnan(value) else value
         if self.type == "eui48" or self.type == "ipv6addr":
-            return data.hex()
-        _, code, sentinel = _INTS[self.type]
-        value = struct.unpack(">" + code, data)[0]
-        if value == sentinel and self.type not in _SENTINEL_FREE:
+            return b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs).hex()
+        packer, words = self._packers
+        value = packer.unpack(words.pack(*[r & 0xFFFF for r in regs]))[0]
+        if self.type in _FLOATS:
+            return None if math.isnan(value) else value
+        if value == _INTS[self.type][2] and self.type not in _SENTINEL_FREE:
             return None
         return value
 
@@ -117,17 +116,23 @@ class Point:
             return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
         if self.type in ("pad", "eui48", "ipv6addr"):
             return [0] * self.size
+        packer, words = self._packers
         if self.type in _FLOATS:
-            _, code = _FLOATS[self.type]
-            data = struct.pack(">" + code, math.nan if value is None else float(value))
-        else:
-            _, code, sentinel = _INTS[self.type]
-            raw = sentinel if value is None else int(value)
-            try:
-                data = struct.pack(">" + code, raw)
-            except struct.error:
-                raise SunSpecError(f"point {self.name} ({self.type}): {raw} does not fit") from None
-        return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+            return list(words.unpack(packer.pack(math.nan if value is None else float(value))))
+        raw = _INTS[self.type][2] if value is None else int(value)
+        try:
+            return list(words.unpack(packer.pack(raw)))
+        except struct.error:
+            raise SunSpecError(f"point {self.name} ({self.type}): {raw} does not fit") from None
+
+    @cached_property
+    def _packers(self) -> tuple[struct.Struct, struct.Struct]:
+        """(value packer, big-endian register splitter) of a numeric point.
+
+        Built once per point: a simulated inverter encodes its live points on every poll.
+        """
+        count, code = _FLOATS[self.type] if self.type in _FLOATS else _INTS[self.type][:2]
+        return struct.Struct(">" + code), struct.Struct(">" + "H" * count)
 
 
 def _models_dir():
@@ -197,10 +202,12 @@ class ModelDef:
         else from the sf points inside `regs`. A "not implemented" point is None.
         """
         raw: dict[str, Any] = {}
-        for p in self.points.values():
-            lo = p.offset - start
-            if lo >= 0 and lo + p.size <= len(regs):
-                raw[p.name] = p.to_raw(regs[lo:lo + p.size])
+        stop = start + len(regs)
+        for p in self._ordered[bisect.bisect_left(self._offsets, start):]:
+            if p.offset >= stop:
+                break
+            if p.offset + p.size <= stop:
+                raw[p.name] = p.to_raw(regs[p.offset - start:p.offset - start + p.size])
         if not scaled:
             return raw
         factors = dict(raw) if sfs is None else {**raw, **sfs}
@@ -219,9 +226,22 @@ class ModelDef:
         With `scaled`, values are engineering units and are divided by their
         scale factor (itself taken from `values`); sf points default to 0.
         """
-        regs = [0] * self.size
-        sfs = {n: values.get(n, 0) for n, p in self.points.items() if p.type == "sunssf"}
+        return self.encode_span(values, 0, self.size, scaled=scaled)
+
+    def encode_span(self, values: Mapping[str, Any], start: int, count: int, *,
+                    scaled: bool = True) -> list[int]:
+        """Registers [start, start + count) of the block `encode` would give, encoding only the points there.
+
+        A server answering a poll of a few registers need not encode the whole
+        model (701 has 72 points); a point cut by the span's edge is encoded
+        whole and only its registers inside the span are kept.
+        """
+        regs = [0] * count
+        sfs = {n: values.get(n, 0) for n in self._sf_names}
+        stop = start + count
         for p in self.points.values():
+            if p.offset >= stop or p.offset + p.size <= start:
+                continue
             if p.name == "ID":
                 value: Any = self.id
             elif p.name == "L":
@@ -230,12 +250,34 @@ class ModelDef:
                 value = sfs[p.name]
             else:
                 value = values.get(p.name)
-            regs[p.offset:p.offset + p.size] = self.encode_point(p.name, value, sfs if scaled else None)
+            words = self._encode_point(p, value, sfs if scaled else None)
+            lo = p.offset - start
+            if lo >= 0 and lo + p.size <= count:
+                regs[lo:lo + p.size] = words
+            else:
+                for i, word in enumerate(words):
+                    if 0 <= lo + i < count:
+                        regs[lo + i] = word
         return regs
+
+    @cached_property
+    def _ordered(self) -> tuple[Point, ...]:
+        """Points by offset: a poll decodes a few registers of a model, found by bisecting `_offsets`."""
+        return tuple(sorted(self.points.values(), key=lambda p: p.offset))
+
+    @cached_property
+    def _offsets(self) -> tuple[int, ...]:
+        return tuple(p.offset for p in self._ordered)
+
+    @cached_property
+    def _sf_names(self) -> tuple[str, ...]:
+        return tuple(n for n, p in self.points.items() if p.type == "sunssf")
 
     def encode_point(self, name: str, value: Any, sfs: Mapping[str, int | None] | None = None) -> list[int]:
         """One point's registers; with `sfs`, `value` is in engineering units."""
-        p = self.point(name)
+        return self._encode_point(self.point(name), value, sfs)
+
+    def _encode_point(self, p: Point, value: Any, sfs: Mapping[str, int | None] | None) -> list[int]:
         if sfs is not None and p.sf is not None and isinstance(value, (int, float)):
             sf = self.scale(p, sfs)
             value = round(value / 10.0 ** sf) if sf else round(value)
