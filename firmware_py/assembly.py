@@ -47,14 +47,9 @@ def _openadr(config: Config, gateway: Gateway) -> Integration:
 
 
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
-    from firmware_py.dispatch.sunspec_server import DerRatings, SunSpecDerServer
+    from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
-    def meter() -> tuple[float, float]:
-        inv = gateway.controller.inverter
-        return (inv.tot_wh_inj, inv.tot_wh_abs) if inv is not None else (0.0, 0.0)
-
-    return SunSpecDerServer(config.dispatch.sunspec_server, meter=meter,
-                            ratings=lambda: DerRatings.of(gateway.policy, gateway.controller.inverter))
+    return SunSpecDerServer(config.dispatch.sunspec_server)  # ratings and meters from the gateway's telemetry
 
 
 # Config section -> how to build its integration. Each section has `enabled`; off unless true.

@@ -149,9 +149,7 @@ class Load:
 
     @classmethod
     async def start(cls, rig: RealtimeRig) -> "Load":
-        bms_per_s = sum(1000 / m.cycle_time * max(1, len(rig.node._pages(m))) for m in rig.node.db.messages
-                        if m.cycle_time)
-        load = cls(rig, BUS_FRAMES_PER_S - bms_per_s)
+        load = cls(rig, BUS_FRAMES_PER_S - rig.node.frames_per_s())
         load.flood = threading.Thread(target=load._flood, name="bench-flood", daemon=True)
         load.flood.start()
         server = rig.service.assembly.integrations["dispatch.sunspec_server"]
@@ -303,13 +301,13 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
     """SunSpec WSet write to the gateway's DER server -> the inverter's setpoint."""
     from pymodbus.client import AsyncModbusTcpClient
 
-    from firmware_py.dispatch.sunspec_server import DerRatings, SunSpecDerServer
+    from firmware_py.dispatch.sunspec_server import SunSpecDerServer
     from firmware_py.inverter.sunspec import ModelDef
 
     async with RealtimeRig(workdir) as rig:
         await rig.wait_for(lambda: rig.gateway.controller.mode is Mode.STANDBY, "the gateway to be ready")
         cfg = replace(rig.config.dispatch.sunspec_server, enabled=True, listen="127.0.0.1:0")
-        server = SunSpecDerServer(cfg, ratings=lambda: DerRatings.of(rig.gateway.policy, rig.gateway.controller.inverter))
+        server = SunSpecDerServer(cfg)
         port = await server.start(rig.gateway)
         client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2)
         await client.connect()

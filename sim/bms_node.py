@@ -129,6 +129,10 @@ class BmsNode:
                 values[name] = min(100.0, max(0.0, values[name] + jump))
         return values
 
+    def frames_per_s(self) -> float:
+        """The bus load this node makes: one frame per page of each message, at its DBC period."""
+        return sum(len(self._encoders[sched.message.name]) / sched.period_s for sched in self._schedules)
+
     def encode(self, message: Any, values: dict[str, Any]) -> list[bytes]:
         """The frames (one per page) that carry `values` in `message`."""
         return [page.encode(values) for page in self._encoders[message.name]]

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, Telemetry, step, telemetry
+from firmware_py.core.telemetry import DerRatings
 from firmware_py.core.types import (
     BmsState,
     DispatchAnswer,
@@ -23,7 +24,8 @@ def test_before_any_data():
     assert t == Telemetry(at=5.0, mode=Mode.STARTUP, soc_pct=None, floor_pct=42.0, power_w=0.0, setpoint_w=0.0,
                           available_wh=0.0, active_event_id=None, reason="starting: waiting for BMS and inverter data",
                           faults=(), reserve_pct=40, verdict=None, cap_w=None, meter_wh=None, bms_age_s=None,
-                          inverter_age_s=None, journal_ok=True)
+                          inverter_age_s=None, journal_ok=True, ratings=DerRatings.of(POLICY, None),
+                          inverter_meters_wh=None)
 
 
 def test_serving_an_event():
@@ -37,6 +39,8 @@ def test_serving_an_event():
     assert t.power_w == 2_000 and t.meter_wh == round(c.book.find("e1").meter_wh, 3) > 0
     assert t.bms_age_s == pytest.approx(0.25) and t.inverter_age_s == pytest.approx(0.25)
     assert t.soc_pct == 80.0 and t.available_wh == c.available_wh(3.25)
+    assert t.inverter_meters_wh == (1_003.0, c.inverter.tot_wh_abs)
+    assert t.ratings == DerRatings.of(POLICY, c.inverter)
 
 
 def test_a_capped_event_shows_its_cap():

@@ -11,7 +11,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from firmware_py.core.controller import Controller
-from firmware_py.core.types import FaultKind, Mode, Verdict
+from firmware_py.core.policy import Policy
+from firmware_py.core.types import FaultKind, InverterStatus, Mode, Verdict
+
+
+@dataclass(frozen=True)
+class DerRatings:
+    """The gateway's nameplate as one DER: the smaller of the inverter's and the gateway's limits."""
+
+    w_max: float
+    w_cha_max: float
+    w_discha_max: float
+    wh_rtg: float
+    v_nom: float = 240.0
+
+    @classmethod
+    def of(cls, policy: Policy, inverter: InverterStatus | None) -> DerRatings:
+        """The DER as an aggregator may use it: the gateway's limits, lowered by the inverter's
+        ratings once it has reported them (0 means "not reported yet")."""
+
+        def lower(limit: float, rating: float) -> float:
+            return min(limit, rating) if rating > 0 else limit
+
+        inv = inverter if inverter is not None and inverter.comms_ok else None
+        w_max = lower(max(policy.max_discharge_w, policy.max_charge_w), inv.w_max_rtg if inv else 0.0)
+        return cls(w_max=w_max, wh_rtg=policy.usable_capacity_wh,
+                   w_cha_max=min(w_max, lower(policy.max_charge_w, inv.w_cha_max_rtg if inv else 0.0)),
+                   w_discha_max=min(w_max, lower(policy.max_discharge_w, inv.w_discha_max_rtg if inv else 0.0)))
 
 
 @dataclass(frozen=True)
@@ -35,6 +61,8 @@ class Telemetry:
     bms_age_s: float | None = None  # now - the newest BMS snapshot's received_at
     inverter_age_s: float | None = None
     journal_ok: bool = True
+    ratings: DerRatings | None = None  # what the gateway offers as one DER
+    inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
 
 
 def telemetry(c: Controller, now: float) -> Telemetry:
@@ -52,4 +80,6 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         bms_age_s=now - c.bms.received_at if c.bms is not None else None,
         inverter_age_s=now - c.inverter.received_at if c.inverter is not None else None,
         journal_ok=not c.journal_failing(),
+        ratings=DerRatings.of(c.policy, c.inverter),
+        inverter_meters_wh=(c.inverter.tot_wh_inj, c.inverter.tot_wh_abs) if c.inverter is not None else None,
     )

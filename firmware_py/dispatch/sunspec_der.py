@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware_py.core.policy import Policy
-from firmware_py.core.telemetry import Telemetry
-from firmware_py.core.types import DispatchAnswer, DispatchKind, InverterStatus, Mode, Verdict, describe, is_finite_number
+from firmware_py.core.telemetry import DerRatings, Telemetry
+from firmware_py.core.types import DispatchAnswer, DispatchKind, Mode, Verdict, describe, is_finite_number
 from firmware_py.inverter.sunspec import (
     COMMON,
     DEFAULT_BASE,
@@ -61,31 +60,6 @@ PCT_POINTS = {"WMaxLimPct": (0, 100), "WMaxLimPctRvrt": (0, 100),
 WATT_POINTS = ("WSet", "WSetRvrt")
 MODES_RUNNING = frozenset({Mode.DISCHARGE, Mode.CHARGE, Mode.BACKUP})
 MODES_FAULT = frozenset({Mode.FAULT, Mode.LOCKOUT})
-
-
-@dataclass(frozen=True)
-class DerRatings:
-    """The DER's nameplate as one unit: the smaller of the inverter's and the gateway's limits."""
-
-    w_max: float
-    w_cha_max: float
-    w_discha_max: float
-    wh_rtg: float
-    v_nom: float = 240.0
-
-    @classmethod
-    def of(cls, policy: Policy, inverter: InverterStatus | None) -> DerRatings:
-        """The DER as the aggregator may use it: the gateway's limits, lowered by the inverter's
-        ratings once it has reported them (0 means "not reported yet")."""
-
-        def lower(limit: float, rating: float) -> float:
-            return min(limit, rating) if rating > 0 else limit
-
-        inv = inverter if inverter is not None and inverter.comms_ok else None
-        w_max = lower(max(policy.max_discharge_w, policy.max_charge_w), inv.w_max_rtg if inv else 0.0)
-        return cls(w_max=w_max, wh_rtg=policy.usable_capacity_wh,
-                   w_cha_max=min(w_max, lower(policy.max_charge_w, inv.w_cha_max_rtg if inv else 0.0)),
-                   w_discha_max=min(w_max, lower(policy.max_discharge_w, inv.w_discha_max_rtg if inv else 0.0)))
 
 
 class WriteRefused(Exception):

@@ -118,13 +118,13 @@ class _Session:
 class SunSpecDerServer:
     """DispatchSource serving the gateway as one SunSpec DER; see the module docstring."""
 
-    def __init__(self, config: SunSpecServerConfig, ratings: Callable[[], DerRatings] | DerRatings, *,
+    def __init__(self, config: SunSpecServerConfig, ratings: DerRatings | None = None, *,
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
                  base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
         self.config = config
         self.host, self.port = parse_host_port(config.listen, "dispatch.sunspec_server.listen")
         self.allowed = parse_allow_list(list(config.allow_write_from))
-        self._ratings = ratings if callable(ratings) else (lambda: ratings)
+        self._ratings = ratings  # fixed (tests); None: the gateway's own, from its telemetry
         self._meter = meter
         self.serial, self.open_horizon_s, self.tick_s = serial, open_horizon_s, tick_s
         self.map = layout(base)
@@ -132,7 +132,7 @@ class SunSpecDerServer:
         self.controls = DerControls()
         self.session: _Session | None = None
         self.status: DispatchStatus | None = None
-        self._sfs = scale_factors(self._ratings_now())
+        self._sfs = scale_factors(ratings) if ratings is not None else {}  # fixed again at `start`
         self._sessions = 0
         self._integrated = [0.0, 0.0]
         self._last_sample: tuple[float, float] | None = None
@@ -313,9 +313,11 @@ class SunSpecDerServer:
         return regs + [END_MODEL_ID, 0]
 
     def _meter_now(self) -> tuple[float, float]:
+        """The inverter's own meters when the gateway has them, else power integrated here."""
         if self._meter is not None:
             return self._meter()
-        return self._integrated[0], self._integrated[1]
+        meters = self._require_sink().telemetry().inverter_meters_wh
+        return meters if meters is not None else (self._integrated[0], self._integrated[1])
 
     def _sample(self, t: Any) -> None:
         """Integrate telemetry power when no meter is given (trapezoid between samples)."""
@@ -329,7 +331,12 @@ class SunSpecDerServer:
         self._last_sample = sample
 
     def _ratings_now(self) -> DerRatings:
-        return self._ratings()
+        if self._ratings is not None:
+            return self._ratings
+        ratings = self._require_sink().telemetry().ratings
+        if ratings is None:
+            raise RuntimeError("the gateway's telemetry carries no DER ratings")
+        return ratings
 
     def _require_sink(self) -> DispatchSink:
         if self._sink is None:
