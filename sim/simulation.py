@@ -36,6 +36,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.errors import InputError
 from firmware_py.assembly import assemble
+from firmware_py.core.energy import delivered_wh
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
@@ -289,10 +290,9 @@ class Simulation:
         # and take answers that arrived after `send` returned (a SunSpec write at the event's start).
         names = getattr(self.aggregator, "request_ids", {})
         delivered: dict[str, float] = {}
-        for e in c.book.entries:
-            if e.accepted and e.request.kind is DispatchKind.DISCHARGE:
-                name = names.get(e.request.id, e.request.id)
-                delivered[name] = round(delivered.get(name, 0.0) + e.meter_wh, 1)
+        for request_id, wh in delivered_wh(c).items():
+            name = names.get(request_id, request_id)
+            delivered[name] = round(delivered.get(name, 0.0) + wh, 1)
         for event_id, answer in getattr(self.aggregator, "answers", {}).items():
             if self.answers.get(event_id) is None:
                 self.answers[event_id] = answer

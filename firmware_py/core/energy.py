@@ -77,6 +77,12 @@ def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Con
 # ---------------------------------------------------------------- after a restart
 
 
+def delivered_wh(c: Controller) -> dict[str, float]:
+    """Billed (meter) energy of each accepted discharge event the controller remembers, by request id."""
+    return {e.request.id: e.meter_wh for e in c.book.entries
+            if e.accepted and e.request.kind is DispatchKind.DISCHARGE}
+
+
 def most_unreported_wh(policy: Policy) -> float:
     """The most a crash can leave unreported: a report interval plus the revert time at full power.
 
