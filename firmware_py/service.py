@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -116,6 +117,7 @@ class Service:
             self.tasks.append(asyncio.create_task(self.owner_api.run(), name="owner API"))
         for name, integration in self.assembly.integrations.items():
             self.tasks.append(asyncio.create_task(self._supervised(name, integration), name=name))
+        gc.freeze()  # what start-up built lives for the whole run: later collections need not walk it
 
     async def ready(self) -> bool:
         """Wait until the core has fresh BMS and inverter data (it left STARTUP), at most `ready_timeout_s`.
