@@ -1,4 +1,4 @@
-"""The `powershare-gw` command line (DESIGN §3.2).
+"""The `powershare-gw` command line (docs/command-line.md).
 
 Each subsystem registers its own subcommands; this module only builds the
 parser and turns outcomes into the contract's exit codes: 0 ok, 1 a check

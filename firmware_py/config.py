@@ -175,7 +175,7 @@ def parse(text: str, source: str, base: Path) -> Config:
 
 
 def load(path: str | Path) -> Config:
-    """Load and check a config file (DESIGN §3.3)."""
+    """Load and check a config file (docs/configuration.md)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""`powershare-gw bench`: the DESIGN §4 performance figures, measured, never asserted in tests.
+"""`powershare-gw bench`: the performance targets (the README's performance section), measured, never asserted in tests.
 
 - reaction: a BMS fault frame on the CAN bus -> `WSet = 0` received by the simulated
   inverter over Modbus TCP loopback, through the real runtime (Notifier on the event
@@ -138,7 +138,7 @@ class RealtimeRig:
 
 
 class Load:
-    """DESIGN §4's load beside a reaction: a saturated bus, the DER server polled at 10 Hz,
+    """The targets' load beside a reaction: a saturated bus, the DER server polled at 10 Hz,
     the status API polled at 1 Hz, and the journal writing."""
 
     def __init__(self, rig: RealtimeRig, foreign_per_s: float):
@@ -410,7 +410,7 @@ def bus_load(seconds: float) -> dict[str, Any]:
         return lambda msg: None
 
     def naive() -> Callable[[can.Message], None]:
-        """DESIGN §4's baseline: decode every frame that arrives, whatever its id."""
+        """The targets' baseline: decode every frame that arrives, whatever its id."""
         db = BmsReader(dbc, time.time).db
 
         def take(msg: can.Message) -> None:
@@ -739,7 +739,7 @@ BENCHMARKS = ("reaction", "dispatch", "openadr", "bus", "sim", "start", "soak")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure the performance targets (DESIGN §4)")
+    p = sub.add_parser("bench", help="measure the performance targets")
     p.add_argument("--only", nargs="+", default=[b for b in BENCHMARKS if b != "soak"], choices=BENCHMARKS,
                    help="which benchmarks (default: all but soak, which takes minutes)")
     p.add_argument("--soak-hours", type=float, default=24.0, help="simulated hours of the soak")

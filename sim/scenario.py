@@ -1,4 +1,4 @@
-"""Scenario files (DESIGN §3.7): what the bench runs, and what it must show.
+"""Scenario files (docs/simulator.md): what the bench runs, and what it must show.
 
 Times are seconds of simulated time from the start of the run. A scenario is
 checked whole on load, like the config: every unknown key, wrong type or

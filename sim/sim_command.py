@@ -2,7 +2,7 @@
 
 With no arguments it runs the bundled default scenario and writes
 `summary.json` and `plot.png` to the current directory. Exit codes per
-DESIGN §3.2: 0 when every `[expect]` check passed, 1 when one failed, 2 when
+docs/command-line.md: 0 when every `[expect]` check passed, 1 when one failed, 2 when
 the scenario (or an output path) is bad.
 """
 

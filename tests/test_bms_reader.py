@@ -44,7 +44,7 @@ def test_units_and_signs_are_the_snapshots(reader):
     reader.on_message(frame("HvContactorState", PackContactorNeg=6, PackContactorPos=4, HvilStatus=1), now=0)
     s = reader.snapshot(0.0)
     assert s.pack_voltage_v == pytest.approx(812.0)
-    assert s.pack_current_a == pytest.approx(-50.0)  # negative = charging, as in DESIGN §3.1
+    assert s.pack_current_a == pytest.approx(-50.0)  # negative = charging, as in docs/README.md
     assert s.max_charge_w == pytest.approx(120_500) and s.max_discharge_w == pytest.approx(300_000)
     assert s.lifetime_discharge_wh == pytest.approx(1_234_500)
     assert (s.pack_contactor_neg, s.pack_contactor_pos, s.hvil_ok) == (6, 4, True)

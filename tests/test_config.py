@@ -1,4 +1,4 @@
-"""The configuration contract (DESIGN §3.3): typed, checked whole, errors naming file and key."""
+"""The configuration contract (docs/configuration.md): typed, checked whole, errors naming file and key."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The two BMS DBCs match DESIGN §3.4 and every message and page survives encode -> decode."""
+"""The two BMS DBCs match docs/can.md and every message and page survives encode -> decode."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The vehicle side: BMS frames on CAN -> `BmsSnapshot` (DESIGN §3.4).
+"""The vehicle side: BMS frames on CAN -> `BmsSnapshot` (docs/can.md).
 
 `BmsReader` decodes and judges frames, `BmsListener` plugs it into a python-can
 Notifier, `captures` reads recorded traffic (python-can logs and ELM327 text),

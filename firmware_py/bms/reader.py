@@ -1,6 +1,6 @@
 """Turns BMS CAN frames into `BmsSnapshot`s, refusing whatever cannot be believed.
 
-Real Tesla BMS frames carry no checksum or counter (DESIGN §3.4), so every
+Real Tesla BMS frames carry no checksum or counter (docs/can.md), so every
 defence is here: the length must match the DBC, the multiplexer page must be
 known, enumerations must be in their value table, values must be physically
 possible, SoC may not jump faster than a pack can charge, and each field goes

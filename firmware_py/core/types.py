@@ -3,7 +3,7 @@
 Every input carries the time it was received (`received_at`, seconds on the
 runtime's one clock: UTC epoch seconds in `run`, simulated seconds in `sim`), so
 the core can judge freshness itself instead of trusting the caller's timing.
-Signs follow DESIGN §3.1: positive power = discharge (vehicle -> AC side).
+Signs (docs/README.md): positive power = discharge (vehicle -> AC side).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class FaultKind(StrEnum):
 
 
 class BmsState(IntEnum):
-    """0x212 BMS state (DESIGN §3.4)."""
+    """0x212 BMS state (docs/can.md)."""
 
     STANDBY = 0
     DRIVE = 1
@@ -135,7 +135,7 @@ class BmsSnapshot:
         return getattr(self, name) is not None and name not in self.stale
 
     def energy_path_closed(self) -> bool:
-        """DESIGN §3.4: energy may flow only in these BMS and contactor states."""
+        """docs/can.md: energy may flow only in these BMS and contactor states."""
         needed = ("bms_state", "contactor_state", "pack_contactor_neg", "pack_contactor_pos")
         if not all(self.fresh(n) for n in needed):
             return False
@@ -204,7 +204,7 @@ class DispatchKind(str, Enum):
 
 @dataclass(frozen=True)
 class DispatchRequest:
-    """One request from an aggregator (DESIGN §3.6); `start`/`end` on the core clock.
+    """One request from an aggregator (docs/dispatch.md); `start`/`end` on the core clock.
 
     `revision` lets a source modify an event it already sent (OpenADR's
     modificationNumber): the same id at a higher revision replaces it; the same

@@ -1,4 +1,4 @@
-"""OpenADR 2.0b VEN: an aggregator's VTN dispatching the gateway (DESIGN §3.6).
+"""OpenADR 2.0b VEN: an aggregator's VTN dispatching the gateway (docs/dispatch.md).
 
 openleadr's `OpenADRClient` speaks the protocol (XML, signatures, TLS, reports);
 this module decides what it says. Each event becomes dispatch requests for the

@@ -1,4 +1,4 @@
-"""OpenADR 2.0b events -> dispatch requests (DESIGN §3.6), with no I/O.
+"""OpenADR 2.0b events -> dispatch requests (docs/dispatch.md), with no I/O.
 
 Kept apart from the VEN so that every payload a VTN can send, however wrong,
 can be pushed through it by hypothesis: the answer is always either a plan of
@@ -162,7 +162,7 @@ def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
 
 
 def _load_dispatch_scale(signal: Mapping[str, Any]) -> float:
-    """W per payload unit: DESIGN says kW, and a powerReal measurement may say so explicitly."""
+    """W per payload unit: the contract says kW, and a powerReal measurement may say so explicitly."""
     if signal.get("signal_type", "setpoint") != "setpoint":
         raise _Invalid(f"LOAD_DISPATCH signal_type {signal.get('signal_type')!r} is not supported "
                        "(only 'setpoint')")

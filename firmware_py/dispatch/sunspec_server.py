@@ -1,4 +1,4 @@
-"""The gateway's SunSpec DER server: the truck and inverter as one DER on Modbus TCP (DESIGN §3.6).
+"""The gateway's SunSpec DER server: the truck and inverter as one DER on Modbus TCP (docs/dispatch.md).
 
 A local energy manager or utility SCADA reads models 1, 701, 702, 704, 713 (and
 the end model) and dispatches by writing 704. Nothing written reaches hardware:

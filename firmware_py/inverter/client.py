@@ -1,4 +1,4 @@
-"""The gateway's SunSpec Modbus client for the inverter (DESIGN §3.5).
+"""The gateway's SunSpec Modbus client for the inverter (docs/sunspec.md).
 
 The inverter is the only part that moves energy, so this client's one promise
 is that a broken link never surprises the core: every failure (timeout,

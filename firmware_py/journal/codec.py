@@ -5,7 +5,7 @@ what the hash chain covers: the same record must always hash the same. JSON
 has no infinity, and the core uses `math.inf` for "until revoked"/"open-ended",
 so non-finite floats are stored as the strings "inf", "-inf" and "nan".
 Decoding turns a record back into the dataclass it came from, so a run can be
-replayed through the core from its journal (DESIGN §2).
+replayed through the core from its journal (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`powershare-gw report`: per-event energy and timeline from a journal, and its chain check.
 
-Exit codes (DESIGN §3.2): 0 the chain is intact, 1 it is broken (the report is
+Exit codes (docs/command-line.md): 0 the chain is intact, 1 it is broken (the report is
 still printed, so an operator sees what the damaged journal claims), 2 the file
 is missing or not a journal, or `--event` names no event in it.
 """

@@ -1,6 +1,6 @@
 """Owner controls: reserve, opt-out and departure, set over a local API.
 
-The owner ranks above the aggregator (DESIGN §1), so these settings travel to
+The owner ranks above the aggregator (docs/architecture.md), so these settings travel to
 the core through the gateway like any other input, are persisted so a restart
 never forgets a raised reserve, and are journaled by the gateway on every change.
 This module holds only the boundary the running gateway implements; the HTTP
