@@ -119,8 +119,9 @@ class Service:
             self.tasks.append(asyncio.create_task(self._supervised(name, integration), name=name))
         gc.freeze()  # what start-up built lives for the whole run: later collections need not walk it
 
-    async def ready(self) -> bool:
-        """Wait until the core has fresh BMS and inverter data (it left STARTUP), at most `ready_timeout_s`.
+    async def ready(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait until the core has fresh BMS and inverter data (it left STARTUP), at most `ready_timeout_s`
+        (or until `stop` is set: a stop asked for while starting is not held up).
 
         systemd's READY then means "controlling", not merely "started". A link that
         stays down must not hold READY back for ever (systemd would restart a
@@ -133,15 +134,17 @@ class Service:
         left = asyncio.Event()
         observe = lambda result: left.set() if result.controller.mode is not Mode.STARTUP else None  # noqa: E731
         gateway.observers.append(observe)
+        waits = [asyncio.create_task(event.wait()) for event in (left, stop) if event is not None]
         try:
-            await asyncio.wait_for(left.wait(), self.options.ready_timeout_s)
-            return True
-        except asyncio.TimeoutError:
+            await asyncio.wait(waits, timeout=self.options.ready_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            gateway.observers.remove(observe)
+        if not left.is_set() and not (stop is not None and stop.is_set()):
             log.warning("ready without fresh data after %.0f s: %s", self.options.ready_timeout_s,
                         gateway.controller.reason)
-            return False
-        finally:
-            gateway.observers.remove(observe)
+        return left.is_set()
 
     async def until_stopped(self, stop: asyncio.Event) -> int:
         """Wait for `stop` (exit 0). A task that ends is a bug worth stopping for, loudly (exit 1):
@@ -235,14 +238,18 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM/SIGINT, then a safe stop. Returns the exit code."""
     assembly = assemble(config, time.time)
-    service = Service(assembly, options)
+    try:
+        service = Service(assembly, options)
+    except BaseException:  # a bad owner API address: nothing started, release what assembling opened
+        assembly.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
-        await service.ready()
+        await service.ready(stop)
         service.systemd.notify("READY=1")
         log.info("gateway running: CAN %s %s, inverter %s, journal %s", config.can.interface, config.can.channel,
                  f"{config.inverter.host}:{config.inverter.port}" if config.inverter.transport == "tcp"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -121,3 +123,32 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
         assert {"DispatchRequest", "DispatchAnswer", "FaultRaised", "DispatchEnded", "EventEnergy"} <= set(kinds)
 
     asyncio.run(main())
+
+
+def test_ready_waits_for_fresh_data_at_most_its_bound_and_never_holds_up_a_stop(tmp_path: Path, caplog):
+    """No BMS and no inverter: READY comes after the bound, saying what is missing; a stop ends the wait."""
+    async def main() -> tuple[bool, bool]:
+        base = Config()
+        with socket.socket() as sock:  # a port nobody listens on: the inverter is unreachable
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        config = replace(
+            base, can=replace(base.can, interface="virtual", channel=f"service-test-{next(_channels)}"),
+            inverter=replace(base.inverter, port=port, timeout_s=0.2),
+            journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
+            owner=replace(base.owner, settings_file=str(tmp_path / "owner.json")))
+        service = Service(assemble(config, time.time), RunOptions(owner_api=False, ready_timeout_s=0.3))
+        try:
+            await service.start()
+            timed_out = await service.ready()
+            service.options = replace(service.options, ready_timeout_s=600)
+            stop = asyncio.Event()
+            stop.set()
+            stopped = await asyncio.wait_for(service.ready(stop), 30)  # at once, not after the 600 s bound
+        finally:
+            await service.stop()
+        return timed_out, stopped
+
+    with caplog.at_level(logging.WARNING, logger="firmware_py.service"):
+        assert asyncio.run(main()) == (False, False)
+    assert "ready without fresh data" in caplog.text and "waiting for BMS and inverter data" in caplog.text
