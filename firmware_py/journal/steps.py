@@ -20,6 +20,7 @@ import json
 import typing
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
+from functools import cache
 from typing import Any
 
 from firmware_py.core import types as core
@@ -116,12 +117,25 @@ def decode_batch(payload: dict[str, Any]) -> list[Step]:
 
 
 def _rebuild(kind: str, fields: dict[str, Any]) -> Any:
+    """The input back as its dataclass; the three that come every step without the generic restore."""
     cls = STEP_INPUTS.get(kind)
     if cls is None:
         raise ValueError(f"step batch: {kind!r} is not a core input")
-    hints = typing.get_type_hints(cls)
-    return cls(**{f.name: codec.restore(hints[f.name], fields[f.name])
-                  for f in dataclasses.fields(cls) if f.name in fields})
+    try:
+        if cls is core.BmsSnapshot:
+            return cls(**{**fields, "stale": frozenset(fields.get("stale", ()))})
+        if cls is core.Tick or cls is core.InverterStatus:
+            return cls(**fields)  # flat, finite scalars, as `_fields` wrote them
+        hints = _hints(cls)
+        return cls(**{f.name: codec.restore(hints[f.name], fields[f.name])
+                      for f in dataclasses.fields(cls) if f.name in fields})
+    except TypeError as err:
+        raise ValueError(f"step batch: {kind} fields do not fit: {err}") from None
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def start_payload(policy: Any, owner: core.OwnerSettings, now: float) -> dict[str, Any]:
