@@ -424,7 +424,7 @@ def bus_load(seconds: float) -> dict[str, Any]:
     results = {}
     for name, make, filtered in (("floor: receive only", floor, False), ("naive: decode every frame", naive, False),
                                  ("gateway: reader + core", None, True)):
-        results[name] = _intake_cpu(frames, seconds, make, filtered, dbc)
+        results[name] = _intake_cpu(frames, seconds, make, filtered)
     return {"what": f"CAN intake CPU, {BUS_FRAMES_PER_S} frames/s, 90 % not BMS, {seconds:g} s",
             "target": "gateway <= 5 % of one core and below naive", **results}
 
@@ -446,7 +446,8 @@ def _worst_case_bus(dbc: Path, count: int) -> list[can.Message]:
     return frames
 
 
-def _intake_cpu(frames: list[can.Message], seconds: float, make, filtered: bool, dbc: Path) -> dict[str, Any]:
+def _intake_cpu(frames: list[can.Message], seconds: float, make: Callable[[], Callable[[can.Message], None]] | None,
+                filtered: bool) -> dict[str, Any]:
     """Send `frames` paced over `seconds`; measure the receiving thread's CPU time."""
     channel = f"bench-load-{random.random()}"
     tx = can.Bus(interface="virtual", channel=channel)
