@@ -3,8 +3,8 @@
 `powershare-gw run`, the bench simulator, the benchmarks and the commissioning
 commands all get their parts here, so what the bench measures is what a
 gateway in a garage runs. Assembling opens what the configuration names (the
-journal, and the CAN bus unless the caller feeds frames itself) and starts
-nothing: running is the service's job (`service.py`), or the simulation's.
+journal and the CAN bus) and starts nothing: running is the service's job
+(`service.py`), or the simulation's, which reads the same bus in lock-step.
 
 Dispatch sources come from `INTEGRATIONS`, keyed by their configuration
 section the way python-can picks a transport by name: a new protocol adds one
@@ -15,7 +15,7 @@ service changes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import can
@@ -79,35 +79,29 @@ class Assembly:
     config: Config
     gateway: Gateway
     store: OwnerStore
-    bus: can.BusABC | None
-    integrations: dict[str, Integration] = field(default_factory=dict)
+    bus: can.BusABC
+    integrations: dict[str, Integration]
 
     def close(self) -> None:
         """Release what assembling opened (the service has stopped what it started)."""
-        if self.bus is not None:
-            self.bus.shutdown()
+        self.bus.shutdown()
         self.gateway.journal.close()
 
 
-def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None,
-             open_can: bool = True, wall_clock: Clock | None = None) -> Assembly:
+def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None) -> Assembly:
     """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
 
     `clock` is the gateway's clock (the real one in `run`, the simulated one in the
-    bench); `wall_clock` stamps journal records for people (default: the system's).
-    `owner` overrides the persisted owner settings (a scenario says its own); a
-    caller that feeds frames itself (the bench's lock-step loop, a benchmark) passes
-    `open_can=False` and reads its own bus.
+    bench). `owner` overrides the persisted owner settings (a scenario says its own).
     """
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
     reader = reader_from_config(config, clock)
-    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
-                           **({"wall_clock": wall_clock} if wall_clock else {}))
+    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s)
     try:
         gateway = Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
                           owner if owner is not None else store.load(clock()))
         bus = open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
-                       filters=reader.can_filters(), bitrate=config.can.bitrate) if open_can else None
+                       filters=reader.can_filters(), bitrate=config.can.bitrate)
     except BaseException:
         journal.close()
         raise

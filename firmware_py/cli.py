@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import metadata
 from collections.abc import Sequence
+from importlib import metadata
 
 from firmware_py.errors import InputError
 
@@ -23,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
     from firmware_py.owner import commands as owner_commands
-    from firmware_py.sim import bench
-    from firmware_py.sim import sim_command
+    from firmware_py.sim import bench, sim_command
 
     parser = argparse.ArgumentParser(
         prog="powershare-gw",

@@ -192,14 +192,14 @@ class Gateway:
         core refuses new dispatch (energy that cannot be accounted must not be sold).
         Only a change of health is fed, so a healthy journal costs no step.
         """
-        known = self.controller.journal
+        failing = self.controller.journal_failing()
         if failure is None:
-            if known is not None and not known.ok:
+            if failing:
                 log.info("journal writes again")
                 self.feed(JournalHealth(self.clock(), ok=True))
             return len(pending)
         self._pending[:0] = pending
-        if known is None or known.ok:
+        if not failing:
             log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
             self.feed(JournalHealth(self.clock(), ok=False, detail=str(failure)))
         return 0

@@ -77,8 +77,6 @@ class Service:
     """Runs one assembled gateway until stopped: `start`, then `until_stopped`, then always `stop`."""
 
     def __init__(self, assembly: Assembly, options: RunOptions = RunOptions(), systemd: Systemd | None = None):
-        if assembly.bus is None:
-            raise ValueError("the service reads the CAN bus itself: assemble with open_can=True")
         self.assembly = assembly
         self.gateway: Gateway = assembly.gateway
         self.options = options

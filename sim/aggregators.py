@@ -30,17 +30,23 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
+from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
 from pymodbus.client import AsyncModbusTcpClient
 
-from firmware_py.config import OpenAdrConfig
-from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest, Verdict
-from firmware_py.dispatch import Telemetry
-from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSetMod
-from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.assembly import integration
+from firmware_py.config import OpenAdrConfig
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    Verdict,
+)
+from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch.sunspec_server import SunSpecDerServer
+from firmware_py.errors import InputError
 from firmware_py.gateway import Gateway
-from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
+from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSetMod
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import can
+from firmware_py.sim.battery import Battery, temperature_derate
+from firmware_py.sim.faults import BMS_FAULT_KINDS
+from firmware_py.sim.frame_encoder import page_encoders
 
 from firmware_py.bms import signals
 from firmware_py.bms.reader import load_dbc
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
 from firmware_py.errors import InputError
-from firmware_py.sim.battery import Battery, temperature_derate
-from firmware_py.sim.faults import BMS_FAULT_KINDS
-from firmware_py.sim.frame_encoder import page_encoders
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,10 @@ def _frame(frame_id: int, data: bytes, now: float) -> can.Message:
 # -- `powershare-gw sim bms` ---------------------------------------------------
 
 def _sim_bms(args: argparse.Namespace) -> int:
+    from firmware_py.sim import scenario as scenarios
+
     from firmware_py.bms.bus import open_bus
     from firmware_py.bms.commands import CAN_FLAGS, resolve_dbc, stop_on_signals
-
-    from firmware_py.sim import scenario as scenarios
 
     loaded = scenarios.load(Path(args.scenario)) if args.scenario else None
     vehicle = loaded.vehicle if loaded else scenarios.VehicleSection()

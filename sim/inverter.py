@@ -26,11 +26,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from firmware_py.core.types import InverterState
-from firmware_py.addresses import parse_host_port
-from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import DEFAULT_BASE, MODELS, AlrmBit, ModelDef, SunSpecMap, WSetMod
 from firmware_py.sim.faults import InverterFault
+
+from firmware_py.addresses import parse_host_port
+from firmware_py.core.types import InverterState
+from firmware_py.errors import InputError
+from firmware_py.inverter.sunspec import (
+    DEFAULT_BASE,
+    MODELS,
+    AlrmBit,
+    ModelDef,
+    SunSpecMap,
+    WSetMod,
+)
 
 log = logging.getLogger(__name__)
 

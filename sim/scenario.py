@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
+
 from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
 from firmware_py.schema import load_table, spec
-from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
 
 VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
 

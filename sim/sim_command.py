@@ -93,8 +93,8 @@ def _sim(args: argparse.Namespace) -> int:
 
 async def _run(loaded, args: argparse.Namespace, speed: float | None):
     from firmware_py.sim.aggregators import for_scenario
-    from firmware_py.sim.simulation import Simulation, SimulationOptions
     from firmware_py.sim.progress import Progress
+    from firmware_py.sim.simulation import Simulation, SimulationOptions
 
     journal = args.journal or Path("bench-journal.sqlite")
     trace = _open(args.trace) if args.trace else None

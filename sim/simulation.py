@@ -23,9 +23,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import can
+from firmware_py.sim.aggregators import Aggregator, for_scenario
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
+from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
+from firmware_py.sim.scenario import Scenario
 
+from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode, StepResult
+from firmware_py.core.energy import delivered_wh
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchKind,
@@ -35,15 +43,8 @@ from firmware_py.core.types import (
     describe,
 )
 from firmware_py.errors import InputError
-from firmware_py.assembly import assemble
-from firmware_py.core.energy import delivered_wh
 from firmware_py.journal import Journal, RecordKind
-from firmware_py.sim.battery import Battery
-from firmware_py.sim.bms_node import BmsNode
-from firmware_py.sim.aggregators import Aggregator, for_scenario
-from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
-from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
-from firmware_py.sim.scenario import Scenario
+
 _channels = itertools.count()
 
 

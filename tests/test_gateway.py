@@ -25,8 +25,9 @@ from firmware_py.journal import Journal, RecordKind
 
 def gateway_on(path: Path, clock: list[float]):
     base = Config()
-    config = replace(base, journal=replace(base.journal, path=str(path), busy_timeout_s=0.05))
-    return assemble(config, lambda: clock[0], owner=OwnerSettings(40, 0.0), open_can=False)
+    config = replace(base, can=replace(base.can, interface="virtual", channel=f"gateway-test-{path}"),
+                     journal=replace(base.journal, path=str(path), busy_timeout_s=0.05))
+    return assemble(config, lambda: clock[0], owner=OwnerSettings(40, 0.0))
 
 
 def request(n: int, now: float) -> DispatchRequest:

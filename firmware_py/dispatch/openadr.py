@@ -32,8 +32,15 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
-from firmware_py.core.types import (DispatchAnswer, DispatchCancel, DispatchRequest, Mode, Verdict, describe,
-                                    is_finite_number)
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchRequest,
+    Mode,
+    Verdict,
+    describe,
+    is_finite_number,
+)
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.errors import InputError

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, ReasonCode, is_finite_number
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchKind,
+    DispatchRequest,
+    ReasonCode,
+    is_finite_number,
+)
 
 SOURCE = "openadr"
 LOAD_DISPATCH = "LOAD_DISPATCH"

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.core.telemetry import DerRatings, Telemetry
-from firmware_py.core.types import DispatchAnswer, DispatchKind, Mode, Verdict, describe, is_finite_number
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchKind,
+    Mode,
+    Verdict,
+    describe,
+    is_finite_number,
+)
 from firmware_py.inverter.sunspec import (
     COMMON,
     DEFAULT_BASE,

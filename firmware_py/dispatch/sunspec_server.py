@@ -41,9 +41,10 @@ The client address: pymodbus' SimDevice `action` hook is not told who asked, so
 handler that stores the peer of its transport in a context variable for the
 task that serves each request; the action runs inside that task and reads it.
 
-Energy meters: `Telemetry` carries no TotWhInj/TotWhAbs, so pass `meter` (the
-inverter's own meter, what bills are paid on); without it the server integrates
-telemetry power at each tick and read.
+Ratings and energy meters come from the gateway's telemetry (the DER's ratings,
+and the inverter's own TotWhInj/TotWhAbs: what bills are paid on). Tests may fix
+`ratings` or pass a `meter`; before the inverter has reported any meter the
+server integrates telemetry power at each tick and read.
 """
 
 from __future__ import annotations
@@ -63,8 +64,15 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from firmware_py.addresses import parse_host_port
 from firmware_py.config import SunSpecServerConfig
-from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, Verdict
+from firmware_py.core.telemetry import Telemetry
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchRequest,
+    Verdict,
+)
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exported)
     DerControls,
@@ -77,9 +85,14 @@ from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exp
     model_values,
     scale_factors,
 )
-from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
-from firmware_py.inverter.sunspec import DEFAULT_BASE, DER_CONTROL_AC, END_MODEL_ID, SUNS_MARKER, ModelDef
+from firmware_py.inverter.sunspec import (
+    DEFAULT_BASE,
+    DER_CONTROL_AC,
+    END_MODEL_ID,
+    SUNS_MARKER,
+    ModelDef,
+)
 from firmware_py.journal.kinds import RecordKind
 
 log = logging.getLogger(__name__)
@@ -302,26 +315,28 @@ class SunSpecDerServer:
 
     def _map_registers(self) -> list[int]:
         sink = self._require_sink()
-        t, r, now = sink.telemetry(), self._ratings_now(), sink.now()
+        t, now = sink.telemetry(), sink.now()  # one read model for every model of this read
         self._sample(t)
+        r, meter = self._ratings_of(t), self._meter_of(t)
         regs = list(SUNS_MARKER)
         for model_id in self.addresses:
             values = model_values(model_id, t=t, r=r, sfs=self._sfs, controls=self.controls, status=self.status,
-                                  meter=self._meter_now(), unit_id=self.config.unit_id, serial=self.serial,
+                                  meter=meter, unit_id=self.config.unit_id, serial=self.serial,
                                   version=self._version, now=now)
             regs += encode_safely(ModelDef.load(model_id), values)
         return regs + [END_MODEL_ID, 0]
 
-    def _meter_now(self) -> tuple[float, float]:
-        """The inverter's own meters when the gateway has them, else power integrated here."""
+    def _meter_of(self, t: Telemetry) -> tuple[float, float]:
+        """The meter given, else the inverter's own meters when the gateway has them, else power integrated here."""
         if self._meter is not None:
             return self._meter()
-        meters = self._require_sink().telemetry().inverter_meters_wh
-        return meters if meters is not None else (self._integrated[0], self._integrated[1])
+        if t.inverter_meters_wh is not None:
+            return t.inverter_meters_wh
+        return self._integrated[0], self._integrated[1]
 
-    def _sample(self, t: Any) -> None:
-        """Integrate telemetry power when no meter is given (trapezoid between samples)."""
-        if self._meter is not None:
+    def _sample(self, t: Telemetry) -> None:
+        """Integrate telemetry power while there is no meter (trapezoid between samples)."""
+        if self._meter is not None or t.inverter_meters_wh is not None:
             return
         sample = (t.at, t.power_w)
         if self._last_sample is not None and sample[0] > self._last_sample[0]:
@@ -331,12 +346,15 @@ class SunSpecDerServer:
         self._last_sample = sample
 
     def _ratings_now(self) -> DerRatings:
+        return self._ratings if self._ratings is not None else self._ratings_of(self._require_sink().telemetry())
+
+    def _ratings_of(self, t: Telemetry) -> DerRatings:
+        """The fixed ratings given, else the gateway's own as the telemetry says."""
         if self._ratings is not None:
             return self._ratings
-        ratings = self._require_sink().telemetry().ratings
-        if ratings is None:
+        if t.ratings is None:
             raise RuntimeError("the gateway's telemetry carries no DER ratings")
-        return ratings
+        return t.ratings
 
     def _require_sink(self) -> DispatchSink:
         if self._sink is None:

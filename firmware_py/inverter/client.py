@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firmware_py.config import InverterConfig
-from firmware_py.core.types import InverterCommand, InverterState, InverterStatus, is_finite_number
+from firmware_py.core.types import (
+    InverterCommand,
+    InverterState,
+    InverterStatus,
+    is_finite_number,
+)
 from firmware_py.inverter.sunspec import (
     BASE_ADDRESSES,
     DER_CAPACITY,

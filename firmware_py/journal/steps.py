@@ -42,12 +42,6 @@ _BMS_KEPT = ("received_at", *DECISION_BMS_FIELDS)
 Step = tuple[float, tuple[Any, ...]]
 
 
-def decision_view(bms: core.BmsSnapshot) -> core.BmsSnapshot:
-    """The snapshot as far as the core's decisions go: the rest is telemetry."""
-    kept = {name: getattr(bms, name) for name in _BMS_KEPT}
-    return core.BmsSnapshot(**kept, stale=bms.stale & frozenset(DECISION_BMS_FIELDS))
-
-
 class StepRecorder:
     """Collects the inputs of each step; hands out a journal payload per full batch."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict, describe as describe_answer
+from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict
+from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.store import Journal, Record
 
