@@ -6,6 +6,9 @@ gateway in a garage runs. Assembling opens what the configuration names (the
 journal and the CAN bus) and starts nothing: running is the service's job
 (`service.py`), or the simulation's, which reads the same bus in lock-step.
 
+Time comes in here too, once: the pair of clocks (`firmware_py/clocks.py`) that
+every part shares, the monotonic one for the core and the wall one for people.
+
 Dispatch sources come from `INTEGRATIONS`, keyed by their configuration
 section the way python-can picks a transport by name: a new protocol adds one
 entry here and a section to the config, and nothing in the gateway or the
@@ -21,16 +24,17 @@ from typing import Any, Protocol
 import can
 
 from firmware_py.bms.bus import open_bus
+from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
+from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.owner.store import OwnerStore
-
-Clock = Callable[[], float]
+from firmware_py.links import Link
+from firmware_py.owner.store import OwnerStore, on_clock
 
 
 class Integration(Protocol):
@@ -43,13 +47,16 @@ class Integration(Protocol):
 def _openadr(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.openadr import OpenAdrVen
 
-    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w)
+    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
+                      to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
 
 
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
-    return SunSpecDerServer(config.dispatch.sunspec_server)  # ratings and meters from the gateway's telemetry
+    # Ratings and meters from the gateway's telemetry; session ids stamped in wall time, unique across boots.
+    return SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
+                            link=gateway.links.handle(Link.SUNSPEC_SERVER))
 
 
 # Config section -> how to build its integration. Each section has `enabled`; off unless true.
@@ -79,32 +86,48 @@ class Assembly:
     config: Config
     gateway: Gateway
     store: OwnerStore
-    bus: can.BusABC
+    can_link: CanLink
     integrations: dict[str, Integration]
+
+    @property
+    def bus(self) -> can.BusABC:
+        """The CAN bus open now (the link may have reopened it since assembling)."""
+        if self.can_link.bus is None:
+            raise RuntimeError("the CAN bus is closed (being reopened, or the assembly was closed)")
+        return self.can_link.bus
 
     def close(self) -> None:
         """Release what assembling opened (the service has stopped what it started)."""
-        self.bus.shutdown()
+        self.can_link.close()
         self.gateway.journal.close()
 
 
-def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None) -> Assembly:
+def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | None = None) -> Assembly:
     """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
 
-    `clock` is the gateway's clock (the real one in `run`, the simulated one in the
-    bench). `owner` overrides the persisted owner settings (a scenario says its own).
+    `clocks` is the gateway's pair of clocks (`Clocks.system()` in `run`); a bare clock
+    serves as both (the bench's simulated time, a test's number). `owner` overrides the
+    persisted owner settings (a scenario says its own), on the core's time base.
     """
+    clocks = as_clocks(clocks)
+    clock = clocks.monotonic
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
     reader = reader_from_config(config, clock)
-    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s)
+    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
+                           wall_clock=clocks.wall)
     try:
-        gateway = Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
-                          owner if owner is not None else store.load(clock()))
-        bus = open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
-                       filters=reader.can_filters(), bitrate=config.can.bitrate)
+        saved = owner if owner is not None else on_clock(store.load(clocks.wall()), clocks.to_core)
+        gateway = Gateway(config, clocks, reader, InverterClient(config.inverter, clock), journal, saved)
+
+        def opener() -> can.BusABC:
+            return open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
+                            filters=reader.can_filters(), bitrate=config.can.bitrate)
+
+        link = CanLink(opener, reader, clock, silence_s=gateway.policy.bms_timeout_s,
+                       stall_gap_s=gateway.policy.stall_gap_s, link=gateway.links.handle(Link.BMS))
     except BaseException:
         journal.close()
         raise
     enabled = {name: integration(name, config, gateway) for name in INTEGRATIONS
                if section(config, name).enabled}
-    return Assembly(config, gateway, store, bus, enabled)
+    return Assembly(config, gateway, store, link, enabled)

@@ -16,7 +16,7 @@ import pytest
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal
-from firmware_py.journal import commands
+from firmware_py.journal import codec, commands
 
 
 def main(argv: Sequence[str]) -> int:
@@ -55,7 +55,7 @@ def journal_path(tmp_path: Path) -> Path:
             t.DispatchRequest("peak-2", "openadr", t.DispatchKind.DISCHARGE, 8000, 20000, 23600, 15000),
             t.DispatchAnswer("peak-2", 15000, t.Verdict.REJECTED, reason=t.ReasonCode.INSUFFICIENT_ENERGY),
         ):
-            journal.append_event(item)
+            journal.append_event(item, wall=codec.event_time(item))  # a bench's: one simulated clock
     return path
 
 

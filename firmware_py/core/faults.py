@@ -36,6 +36,20 @@ CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_st
 DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct",)
 
 
+# The faults a pause of the gateway itself can make appear: its data simply got old meanwhile.
+FRESHNESS_FAULTS = frozenset({FaultKind.BMS_STALE, FaultKind.INVERTER_COMMS})
+
+
+def forgive_stall(present: dict[FaultKind, str], latched: tuple[FaultKind, ...]) -> dict[FaultKind, str]:
+    """While resyncing after the gateway's own stall, stale data raises no new fault.
+
+    Such a fault would be the gateway's, not the vehicle's or the inverter's, and
+    would count toward the lockout that only an installer can clear. A fault
+    already latched before the stall stays latched: the stall proves nothing about it.
+    """
+    return {kind: detail for kind, detail in present.items() if kind not in FRESHNESS_FAULTS or kind in latched}
+
+
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
     """Fresh enough to act on: recent, and every critical field present and not stale."""
     return (bms is not None and now - bms.received_at <= policy.bms_timeout_s

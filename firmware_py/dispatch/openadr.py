@@ -44,6 +44,7 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.errors import InputError
+from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +121,17 @@ class OpenAdrVen:
 
     `rating_w` (a number or a callable read at each event) is what SIMPLE levels
     are shares of. `to_gateway_time` maps a VTN UTC datetime onto the sink's
-    clock: `datetime.timestamp` for `run`, a mapping for the simulator, where the
-    sink clock is simulated.
+    clock, at reception: `Clocks.from_datetime` in `run` (wall time to the core's
+    monotonic base), a mapping for the simulator, where the sink clock is simulated.
+    `link`, when given, is told when the VTN is lost and reached again.
     """
 
     def __init__(self, config: OpenAdrConfig, rating_w: Callable[[], float] | float, *,
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, retry_max_s: float = 30.0, report_min_s: float = 1.0,
-                 state_codes: Mapping[Mode, int] = STATE_CODES) -> None:
+                 state_codes: Mapping[Mode, int] = STATE_CODES, link: LinkHandle | None = None) -> None:
         _check(config)
+        self._link = link
         self.config = config
         self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
         self._to_gateway_time = to_gateway_time
@@ -143,6 +146,7 @@ class OpenAdrVen:
         self.registration_attempts = 0
         self.failed_polls = 0
         self.client: _Client | None = None
+        self._told_ok: bool | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -161,8 +165,10 @@ class OpenAdrVen:
                 if client.registration_id is None:
                     self.registered = await self._register(client)
                     if not self.registered:
+                        self._tell(False, f"cannot register with {self.config.vtn_url}")
                         await asyncio.sleep(backoff.next(REGISTRATION_RETRY_S))
                         continue
+                    self._tell(True)
                     backoff.reset()
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
@@ -170,14 +176,13 @@ class OpenAdrVen:
                 self._forget_ended()
                 if client.poll_ok:
                     if backoff.failures:
-                        log.info("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
+                        log.debug("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
+                    self._tell(True)
                     backoff.reset()
                     await asyncio.sleep(self._poll_s(client))
                 else:
                     self.failed_polls += 1
-                    if not backoff.failures:
-                        log.warning("OpenADR: VTN unreachable; accepted events keep their windows, "
-                                    "polling again with backoff")
+                    self._tell(False, f"VTN {self.config.vtn_url} unreachable; accepted events keep their windows")
                     await asyncio.sleep(backoff.next(self._poll_s(client)))
         finally:
             self.registered = False
@@ -187,6 +192,16 @@ class OpenAdrVen:
                 client.scheduler.shutdown(wait=False)
             if client.client_session is not None:
                 await client.client_session.close()
+
+    def _tell(self, ok: bool, cause: str = "") -> None:
+        """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
+        if self._link is not None:
+            self._link.good() if ok else self._link.lost(cause)
+        elif not ok and self._told_ok is not False:
+            log.warning("OpenADR: %s; retrying with back-off", cause)
+        elif ok and self._told_ok is False:
+            log.info("OpenADR: VTN reachable again")
+        self._told_ok = ok
 
     def _make_client(self) -> _Client:
         cfg = self.config
@@ -218,8 +233,8 @@ class OpenAdrVen:
         request_id = (payload.get("response") or {}).get("request_id")
         await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
         if client.registration_id is None:
-            log.warning("OpenADR: registration of %r refused or unanswered by %s",
-                        self.config.ven_name, self.config.vtn_url)
+            log.debug("OpenADR: registration of %r refused or unanswered by %s",
+                      self.config.ven_name, self.config.vtn_url)
             return False
         await client.register_reports(client.reports)
         await client.sync_events()

@@ -8,7 +8,8 @@ limit apply exactly as for OpenADR.
 
 How writes become requests (choices documented here because clients see them):
 - One *session* per continuous setpoint: the first non-zero setpoint opens a
-  request `sunspec-<epoch>-<n>`; each later change (WSet, WSetMod, WSetPct,
+  request `sunspec-<epoch>-<n>` (epoch seconds of `id_clock`: the wall clock in
+  `run`, so ids stay unique across restarts); each later change (WSet, WSetMod, WSetPct,
   WMaxLimPct, a revert refresh) is the same id at revision + 1, so the journal
   reads as one dispatch that was modified. `WSetEna = 0` (or a zero setpoint,
   or WMaxLimPct = 0) sends `DispatchCancel` and closes the session.
@@ -94,6 +95,7 @@ from firmware_py.inverter.sunspec import (
     ModelDef,
 )
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +135,11 @@ class SunSpecDerServer:
 
     def __init__(self, config: SunSpecServerConfig, ratings: DerRatings | None = None, *,
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
-                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
+                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5,
+                 id_clock: Callable[[], float] | None = None, link: LinkHandle | None = None) -> None:
         self.config = config
+        self._id_clock = id_clock  # None: the sink's clock (a simulation's)
+        self._link = link
         self.host, self.port = parse_host_port(config.listen, "dispatch.sunspec_server.listen")
         self.allowed = parse_allow_list(list(config.allow_write_from))
         self._ratings = ratings  # fixed (tests); None: the gateway's own, from its telemetry
@@ -196,6 +201,8 @@ class SunSpecDerServer:
         sockets = getattr(self._server.transport, "sockets", None)
         self.port = sockets[0].getsockname()[1] if sockets else self.port
         log.info("SunSpec DER server on %s:%s, unit %s", self.host, self.port, self.config.unit_id)
+        if self._link is not None:
+            self._link.good()
         return self.port
 
     async def stop(self) -> None:
@@ -214,6 +221,8 @@ class SunSpecDerServer:
     async def _action(self, function_code: int, start: int, address: int, count: int,
                       registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         assert self._lock is not None  # start() made it before listening
+        if self._link is not None:
+            self._link.good()  # a client is being served: the server's last good data is now
         async with self._lock:
             await self._tick_locked()
             if values is None:
@@ -393,7 +402,8 @@ class SunSpecDerServer:
         now = sink.now()
         if s is None:
             self._sessions += 1
-            s = _Session(f"{SOURCE}-{int(now)}-{self._sessions}", -1, wanted, now, True)
+            stamp = self._id_clock() if self._id_clock is not None else now
+            s = _Session(f"{SOURCE}-{int(stamp)}-{self._sessions}", -1, wanted, now, True)
         end = wanted.end if wanted.end is not None else now + self.open_horizon_s
         request = DispatchRequest(id=s.id, source=SOURCE, kind=wanted.kind, target_w=round(wanted.target_w, 1),
                                   start=now, end=max(end, now + 1.0), received_at=now, revision=s.revision + 1)

@@ -19,16 +19,20 @@ class RecordKind(StrEnum):
     FAULT_CLEARED = "FaultCleared"
     DISPATCH_ENDED = "DispatchEnded"
     EVENT_ENERGY = "EventEnergy"
+    RESYNCED = "Resynced"
     # what came in that shaped those decisions
     DISPATCH_REQUEST = "DispatchRequest"
     DISPATCH_CANCEL = "DispatchCancel"
     OWNER_SETTINGS = "OwnerSettings"
     INSTALLER_RESET = "InstallerReset"
+    STALL = "Stall"
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
-    # notes: what a source refused before it became a request, and run markers
+    # notes: what a source refused before it became a request, links lost and back, run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
+    LINK_LOST = "LinkLost"
+    LINK_RECOVERED = "LinkRecovered"
     BENCH_RUN = "BenchRun"
     BENCH_LOAD = "BenchLoad"
 

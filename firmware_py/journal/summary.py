@@ -4,6 +4,12 @@ This is what the aggregator pays on, so it is derived only from records (never
 from live state): the request (its latest revision), the answer, when the event
 ended, the last energy record (the inverter meter delta, cross-checked with
 integrated power) and what happened to the gateway while the event ran.
+
+Two clocks (`firmware_py/clocks.py`): which records fall in an event's window is
+judged on the core's time base (`Record.at`, which no wall-clock step moves);
+every time shown is wall time (`Record.wall`, and an instant named in a record
+converted with that record's own offset), UTC epoch seconds for a gateway's
+journal, simulated seconds for a bench's.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from firmware_py.journal.store import Journal, Record
 EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
                          RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
 WINDOW_KINDS = frozenset({RecordKind.TRANSITION, RecordKind.FAULT_RAISED, RecordKind.FAULT_CLEARED,
-                          RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET})
+                          RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET, RecordKind.STALL,
+                          RecordKind.RESYNCED, RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED})
 SERVED = frozenset({Verdict.ACCEPTED, Verdict.CAPPED})
 
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    at: float
+    at: float  # wall time
     seq: int
     kind: RecordKind | str
     text: str
@@ -34,6 +41,8 @@ class TimelineEntry:
 @dataclass
 class EventSummary:
     """One dispatch event as the journal tells it. None = the journal holds no such record.
+
+    Times (`received_at`, `start`, `end`, `ended_at`) are wall time, as people read them.
 
     `discrepancy_pct` = (meter - integrated) / meter x 100: how far the billed
     meter and the power integral disagree; None when the meter shows 0 Wh but
@@ -66,58 +75,76 @@ class EventSummary:
         return self.verdict in SERVED
 
 
+@dataclass
+class _Window:
+    """An event's bounds on the core's time base: which other records happened while it ran."""
+
+    first_at: float | None = None  # its first record
+    start: float | None = None
+    end: float | None = None
+    ended_at: float | None = None
+
+
 def event_summaries(journal: Journal) -> list[EventSummary]:
     """One summary per request id, in the order the events first appear in the journal."""
     records = journal.records()
     events: dict[str, EventSummary] = {}
+    windows: dict[str, _Window] = {}
     for record in records:
         if record.kind in EVENT_KINDS:
             request_id = str(record.payload.get("request_id", record.payload.get("id")))
             summary = events.setdefault(request_id, EventSummary(request_id))
-            _apply(summary, record)
+            window = windows.setdefault(request_id, _Window(first_at=record.at))
+            _apply(summary, window, record)
             summary.timeline.append(_entry(record))
     window_records = [r for r in records if r.kind in WINDOW_KINDS]
     last_at = max((r.at for r in records), default=0.0)
-    for summary in events.values():
+    for request_id, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
-            lo, hi = _window(summary, last_at)
+            lo, hi = _bounds(windows[request_id], last_at)
             summary.timeline += [_entry(r) for r in window_records if lo <= r.at <= hi]
-        summary.timeline.sort(key=lambda e: (e.at, e.seq))
+        summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
 
 
-def _apply(summary: EventSummary, record: Record) -> None:
+def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
     """Fold one of the event's own records into its summary (later records win)."""
     p = record.payload
     if record.kind == RecordKind.DISPATCH_REQUEST:
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
-        summary.target_w, summary.received_at = _num(p.get("target_w")), _num(p.get("received_at"))
-        summary.start, summary.end = _num(p.get("start")), _num(p.get("end"))
+        summary.target_w = _num(p.get("target_w"))
+        window.start, window.end = _num(p.get("start")), _num(p.get("end"))
+        summary.received_at, summary.start, summary.end = (
+            _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered: keep the real answer.
         if p.get("reason") != ReasonCode.DUPLICATE or summary.verdict is None:
             summary.verdict, summary.cap_w = p.get("verdict"), _num(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
-        summary.ended_at, summary.ended_reason = record.at, p.get("reason")
+        window.ended_at = record.at
+        summary.ended_at, summary.ended_reason = record.wall, p.get("reason")
     elif record.kind == RecordKind.EVENT_ENERGY:
         summary.meter_wh = _num(p.get("meter_wh")) or 0.0
         summary.integrated_wh = _num(p.get("integrated_wh")) or 0.0
         summary.final = bool(p.get("final", False))
 
 
-def _window(summary: EventSummary, last_at: float) -> tuple[float, float]:
-    """From the event's start (or first record) to its end (or the journal's last record)."""
-    own = [e.at for e in summary.timeline]
-    lo = summary.start if summary.start is not None else min(own)
-    if summary.ended_at is not None:
-        hi = summary.ended_at
-    elif summary.end is not None:
-        hi = min(summary.end, last_at)
+def _bounds(window: _Window, last_at: float) -> tuple[float, float]:
+    """From the event's start (or first record) to its end (or the journal's last record), core time."""
+    lo = window.start if window.start is not None else window.first_at
+    if window.ended_at is not None:
+        hi = window.ended_at
+    elif window.end is not None:
+        hi = min(window.end, last_at)
     else:
         hi = last_at
-    return lo, hi
+    return (lo if lo is not None else last_at), hi
+
+
+def _on_wall(record: Record, core_s: float | None) -> float | None:
+    return None if core_s is None else record.on_wall(core_s)
 
 
 def _discrepancy(meter_wh: float, integrated_wh: float) -> float | None:
@@ -135,7 +162,7 @@ def _num(value: Any) -> float | None:
 
 
 def _entry(record: Record) -> TimelineEntry:
-    return TimelineEntry(record.at, record.seq, record.kind, describe(record))
+    return TimelineEntry(record.wall, record.seq, record.kind, describe(record))
 
 
 def describe(record: Record) -> str:
@@ -163,6 +190,14 @@ def describe(record: Record) -> str:
             return f"owner settings: reserve {p.get('reserve_pct')} %, opt-out until {p.get('opt_out_until')}"
         case RecordKind.INSTALLER_RESET:
             return "installer reset"
+        case RecordKind.STALL:
+            return f"the gateway stalled {float(p.get('gap_s', 0)):.2f} s: resync, 0 W until fresh data"
+        case RecordKind.RESYNCED:
+            return "resynced: fresh data" if p.get("fresh") else "resync gave up: no fresh data within the grace"
+        case RecordKind.LINK_LOST:
+            return f"link lost: {p.get('link')}: {p.get('cause')}"
+        case RecordKind.LINK_RECOVERED:
+            return f"link recovered: {p.get('link')} after {float(p.get('after_s', 0)):.1f} s"
     return f"{record.kind} {p}"
 
 

@@ -4,6 +4,10 @@ The file is JSON, replaced atomically (temp file, fsync, rename, fsync of the
 directory): a power cut mid-write leaves the old settings or the new ones,
 never half of each. A file that cannot be read is an error, never a silent
 reset to defaults, because the reserve is what keeps the truck drivable.
+
+Times in the file (and in the owner API) are wall time, UTC epoch seconds: the
+core's monotonic clock starts afresh at every boot. `on_clock` moves settings
+between the two at the boundary (`firmware_py/clocks.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,15 @@ UNTIL_REVOKED = "until_revoked"
 
 _FIELDS = ("version", "reserve_pct", "received_at", "opt_out_until", "opt_out_events",
            "departure_at", "departure_soc_pct")
+
+
+def on_clock(settings: OwnerSettings, convert: Callable[[float], float]) -> OwnerSettings:
+    """The same settings with every instant converted (`Clocks.to_core` or `Clocks.to_wall`)."""
+    def moved(at: float | None) -> float | None:
+        return None if at is None else convert(at)
+
+    return replace(settings, received_at=convert(settings.received_at),
+                   opt_out_until=moved(settings.opt_out_until), departure_at=moved(settings.departure_at))
 
 
 def encode(settings: OwnerSettings) -> dict[str, Any]:
