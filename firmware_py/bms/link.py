@@ -40,18 +40,24 @@ from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
 
+RECV_TIMEOUT_S = 0.1
+"""How often python-can's receive thread wakes on a quiet bus: what closing the bus may wait for it."""
 NOTIFIER_STOP_S = 2.0
-"""How long closing waits for python-can's receive thread (it wakes at least every second)."""
+"""The most closing waits for that thread (a bus blocked in its driver is left to finish alone)."""
 
 
 class _Listener(BmsListener):
     """The reader's listener, remembering its last receive error for the link instead of logging it."""
 
-    last_error = ""
+    def __init__(self, reader: BmsReader, on_snapshot: Callable[[BmsSnapshot], None]) -> None:
+        super().__init__(reader, on_snapshot)
+        self.last_error = ""
+        self.failed = threading.Event()  # set at the first receive error (the link acts on the next look)
 
     def on_error(self, exc: Exception) -> None:
         self.errors += 1
         self.last_error = str(exc) or type(exc).__name__
+        self.failed.set()
         log.debug("CAN receive error: %s", self.last_error)
         time.sleep(ERROR_PAUSE_S)  # a bus failing every call must not spin a core
 
@@ -77,6 +83,7 @@ class CanLink:
         self._on_snapshot: Callable[[BmsSnapshot], None] | None = None
         self._frames_seen = -1
         self._errors_seen = 0
+        self._failing = False  # a receive error not yet followed by frames
         self._last_frame_at = self._checked_at = -math.inf
         self._backoff = 0.0
         self._next_attempt = -math.inf
@@ -98,8 +105,8 @@ class CanLink:
     def _listen(self) -> None:
         assert self.bus is not None and self._on_snapshot is not None
         self.listener = _Listener(self.reader, self._on_snapshot)
-        self._errors_seen = 0
-        self.notifier = can.Notifier(self.bus, [self.listener])
+        self._errors_seen, self._failing = 0, False
+        self.notifier = can.Notifier(self.bus, [self.listener], timeout=RECV_TIMEOUT_S)
 
     def stop(self) -> None:
         """Stop receiving (the bus stays open until `close`)."""
@@ -142,14 +149,16 @@ class CanLink:
             await self._reopen()
 
     def _problem(self, now: float, flowing: bool) -> str | None:
+        """What is wrong with the link now, or None. A receive error counts until frames follow it."""
         if self.bus is None:
             return self._open_error or "the bus is closed"
         listener = self.listener
-        errors = 0 if listener is None else listener.errors - self._errors_seen
-        if listener is not None:
-            self._errors_seen = listener.errors
-        if errors and not flowing:
-            return f"CAN receive error: {listener.last_error}"
+        if listener is not None and listener.errors != self._errors_seen:
+            self._errors_seen, self._failing = listener.errors, True
+        elif flowing:
+            self._failing = False
+        if self._failing and not flowing:
+            return f"CAN receive error: {listener.last_error if listener is not None else 'unknown'}"
         silent = now - self._last_frame_at
         if silent > self.silence_s:
             return f"no BMS frame for {silent:.1f} s"
