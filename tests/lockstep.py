@@ -24,6 +24,7 @@ from firmware_py.assembly import Assembly, assemble
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import StepResult
+from firmware_py.links import Link
 
 WALL_START = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 _channels = itertools.count()
@@ -103,6 +104,8 @@ class Rig:
         frames = []
         while (msg := self.assembly.bus.recv(timeout=0)) is not None:
             frames.append(msg)
+        if frames:  # what the CAN link's supervisor says in `run`, where a receive thread reads the bus
+            self.gateway.links.good(Link.BMS, now)
         if self.gateway.on_frames(frames) is None:
             self.gateway.tick()
         if now >= self._next_poll - 1e-9:

@@ -50,14 +50,18 @@ def resumed(c, at: float, *, with_stall: bool = True):
     return step(c, items, at)
 
 
-def test_without_a_stall_input_the_pause_faults_and_counts_as_before():
-    """What the runtime prevents by saying "stall": the same gap, read as the links' fault."""
+def test_without_a_stall_input_the_pause_faults_as_the_links_fault():
+    """What the runtime prevents by saying "stall": the same gap, read as two links down, latched for
+    the hold-off (link faults never count toward the lockout, stall or not)."""
     c = discharging()
     at = c.last_step_at + GAP
     result = resumed(c, at, with_stall=False)
     raised = {e.kind for e in result.events if isinstance(e, FaultRaised)}
     assert raised == {FaultKind.BMS_STALE, FaultKind.INVERTER_COMMS}
-    assert len(result.controller.faults.raised_times) == 2  # two of the three that lock the truck out
+    assert result.controller.mode is Mode.FAULT and result.controller.faults.raised_times == ()
+    now = at + POLICY.bms_timeout_s
+    held = step(result.controller, [bms(now), inverter(now)], now)
+    assert held.controller.mode is Mode.FAULT and held.command.setpoint_w == 0  # for the whole hold-off
 
 
 def test_a_stall_raises_no_fault_holds_zero_and_resumes_on_fresh_data():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -575,3 +576,49 @@ def test_fuzzed_writes_get_an_answer_a_journal_entry_and_only_well_formed_reques
 
     check()
     assert sink.notes and sink.requests()  # the fuzzing reached both outcomes
+
+
+class HeldSink(ScriptedSink):
+    """A core that takes its time: `submit` waits until the test lets it answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+        self.entered.set()
+        await self.release.wait()
+        return await super().submit(item)
+
+
+def test_a_client_that_disconnects_mid_request_costs_nothing(caplog):
+    """Half a frame, then a write whose client is gone before the answer: the server and its next
+    client do not notice, and nothing is logged as an error (issue 10: a link heals, here at no cost)."""
+    from firmware_py.links import Link, LinkBook
+
+    sink = HeldSink()
+    links = LinkBook(lambda: sink.t)
+
+    async def main() -> dict[str, Any]:
+        async with serving(sink, link=links.handle(Link.SUNSPEC_SERVER)) as (server, client):
+            _, half = await asyncio.open_connection("127.0.0.1", server.port)
+            half.write(struct.pack(">HHH", 1, 0, 6))  # an MBAP header and no more
+            await half.drain()
+            half.close()
+            await write(server, client, WSetMod=1, WSet=4_000)  # not enabled yet: nothing asked of the core
+            address = server.addresses[704] + CTL.offset("WSetEna")
+            pdu = struct.pack(">BHHB", 16, address, 1, 2) + struct.pack(">H", 1)  # WSetEna = 1
+            _, gone = await asyncio.open_connection("127.0.0.1", server.port)
+            gone.write(struct.pack(">HHHB", 9, 0, len(pdu) + 1, 1) + pdu)
+            await gone.drain()
+            await asyncio.wait_for(sink.entered.wait(), 5)  # the server is inside the request now
+            gone.transport.abort()  # the client vanishes mid-request
+            sink.release.set()
+            return await read_model(server, client, 704)  # the next client is served as ever
+
+    with caplog.at_level(logging.WARNING):
+        controls = run(main())
+    assert controls["WSetEna"] == 1  # the write that lost its client still took effect
+    assert [r.target_w for r in sink.requests()] == [4_000]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert links.view(sink.t)["sunspec_server"]["ok"]

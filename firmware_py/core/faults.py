@@ -5,6 +5,12 @@ A fault raises the moment its condition appears and clears only after the
 condition has stayed gone for the hold-off, so a flickering fault cannot
 flicker the inverter. Too many faults in the window escalate to lockout, which
 only an installer reset clears: a pack that keeps faulting needs a person.
+
+Only faults in what the data says count toward the lockout (a BMS fault state, a
+welded contactor, a temperature, an inverter fault). Stale data (`FRESHNESS_FAULTS`)
+is a link that is down: it holds 0 W while it lasts, like any fault, but links heal
+by themselves and a locked-out gateway would not serve again when they do, nor
+back the home up in an outage.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_st
 DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct",)
 
 
-# The faults a pause of the gateway itself can make appear: its data simply got old meanwhile.
+# Data that got old: a link down (or the gateway's own pause). Never counted toward the lockout.
 FRESHNESS_FAULTS = frozenset({FaultKind.BMS_STALE, FaultKind.INVERTER_COMMS})
 
 
@@ -131,7 +137,8 @@ class FaultBook:
         for kind, detail in present.items():
             if kind not in latched:
                 kept.append(Latch(kind, now, detail))
-                raised.append(now)
+                if kind not in FRESHNESS_FAULTS:
+                    raised.append(now)
                 events.append(FaultRaised(now, kind, detail))
         recent = tuple(t for t in raised if now - t < policy.lockout_window_s)
         locked = self.locked_out
