@@ -55,14 +55,14 @@ from firmware_py.core.types import (
 )
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind, codec
-from firmware_py.links import Link, LinkBook
-from firmware_py.status import status_document
 from firmware_py.journal.steps import (
     START_KIND,
     STEPS_KIND,
     StepRecorder,
     start_payload,
 )
+from firmware_py.links import Link, LinkBook
+from firmware_py.status import status_document
 
 log = logging.getLogger(__name__)
 

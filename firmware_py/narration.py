@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from firmware_py.clocks import Clocks
 from firmware_py.core import StepResult
@@ -110,7 +110,7 @@ class Narrator:
         wall = self.clocks.to_wall(core_s)
         if wall < 1e8:  # a simulated clock: seconds since its start
             return f"{wall:.1f} s"
-        return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:

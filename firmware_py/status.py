@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from firmware_py.core.telemetry import Telemetry
@@ -53,7 +53,7 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
 
 
 def _utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def render(doc: dict[str, Any]) -> list[str]:
@@ -62,16 +62,16 @@ def render(doc: dict[str, Any]) -> list[str]:
     if event:
         cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
         delivered = event.get("delivered_wh")
-        served = f"{event['id']}: {event.get('answer')}{cap}, " + \
-            (f"{delivered:,.1f} Wh delivered" if delivered is not None else "nothing delivered yet")
+        energy = f"{delivered:,.1f} Wh delivered" if delivered is not None else "nothing delivered yet"
+        served = f"{event['id']}: {event.get('answer')}{cap}, {energy}"
     else:
         served = "none"
     soc = doc.get("soc_pct")
     lines = [
         f"at:      {doc.get('at')}",
         f"mode:    {doc.get('mode')}: {doc.get('reason')}",
-        f"SoC:     {'unknown' if soc is None else f'{soc:g} %'} (floor {doc.get('floor_pct'):g} %, "
-        f"reserve {doc.get('reserve_pct'):g} %)",
+        (f"SoC:     {'unknown' if soc is None else f'{soc:g} %'} (floor {doc.get('floor_pct'):g} %, "
+         f"reserve {doc.get('reserve_pct'):g} %)"),
         f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",

@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 import can
 from firmware_py.sim.battery import Battery
@@ -26,7 +27,7 @@ from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import StepResult
 from firmware_py.links import Link
 
-WALL_START = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.timezone.utc).timestamp()
+WALL_START = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC).timestamp()
 _channels = itertools.count()
 
 
@@ -57,7 +58,7 @@ class Rig:
         self.bms_on = True
         self.results: list[StepResult] = []
 
-    async def __aenter__(self) -> Rig:
+    async def __aenter__(self) -> Self:
         self.model = InverterModel(now=self.time.mono)
         self.server = SimInverterServer(self.model)
         port = await self.server.start()

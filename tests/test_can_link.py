@@ -13,6 +13,7 @@ back-off is checked without waiting for it; frames are waited for as events.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from dataclasses import replace
@@ -132,7 +133,7 @@ def test_a_silent_bus_is_reopened_with_a_back_off_that_doubles_to_its_bound(worl
 
     counts = asyncio.run(main())
     times = [0.25 * (i + 1) for i, (a, b) in enumerate(zip([0] + counts, counts)) if b > a]
-    gaps = [round(b - a, 2) for a, b in zip(times, times[1:])]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(times)]
     assert times[0] == pytest.approx(0.75)  # the first reopen once the silence outlasts the BMS timeout (0.5 s)
     # Then each reopened bus gets a whole timeout to bring frames, and the back-off doubles: 0.5, 1, 2 ... 30 s.
     assert gaps[:7] == [0.75, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]

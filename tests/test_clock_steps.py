@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import math
 
 import pytest
+from lockstep import Rig, TestClocks
 
 from firmware_py.core import Mode
 from firmware_py.core.types import (
@@ -31,9 +33,12 @@ from firmware_py.core.types import (
     OwnerSettings,
     Verdict,
 )
-from firmware_py.dispatch.openadr_events import LOAD_DISPATCH, EventPlan, translate_event
+from firmware_py.dispatch.openadr_events import (
+    LOAD_DISPATCH,
+    EventPlan,
+    translate_event,
+)
 from firmware_py.journal import Journal, RecordKind, event_summaries
-from lockstep import Rig, TestClocks
 
 HOUR, YEARS_5 = 3_600.0, 5 * 365.25 * 86_400
 EVENT_S = 130.0  # two energy report intervals and a bit
@@ -52,7 +57,7 @@ def openadr_event(start: dt.datetime) -> dict:
 
 async def receive_event(rig: Rig) -> EventPlan:
     """What the VEN does on arrival: the UTC window onto the core's base, through the gateway's clocks."""
-    start = dt.datetime.fromtimestamp(rig.time.wall() + LEAD_S, dt.timezone.utc)
+    start = dt.datetime.fromtimestamp(rig.time.wall() + LEAD_S, dt.UTC)
     plan = translate_event(openadr_event(start), rating_w=11_500, levels_pct=[33, 66, 100],
                            to_gateway_time=rig.gateway.clocks.from_datetime, received_at=rig.gateway.now())
     assert isinstance(plan, EventPlan)
@@ -97,7 +102,7 @@ def test_a_wall_clock_step_during_an_event(tmp_path, wall_step_s):
         energy = rig.events(EventEnergy)
         # One at the start, one per report interval, then the final one: none lost to the step.
         assert [e.final for e in energy] == [False, False, False, True]
-        assert [round(b.at - a.at) for a, b in zip(energy, energy[1:-1])] == [60, 60]
+        assert [round(b.at - a.at) for a, b in itertools.pairwise(energy[:-1])] == [60, 60]
         final = energy[-1]
         assert final.meter_wh > 0 and final.meter_wh == pytest.approx(final.integrated_wh, rel=0.02)
 

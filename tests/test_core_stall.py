@@ -11,10 +11,10 @@ the grace, stale data faults as it always does.
 
 from __future__ import annotations
 
+from core_builders import POLICY, bms, discharge, inverter, ready
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Mode, step
 from firmware_py.core.faults import FRESHNESS_FAULTS
 from firmware_py.core.replay import replay

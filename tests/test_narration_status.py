@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from lockstep import Rig
 
 from firmware_py import cli
 from firmware_py.core import Mode
@@ -22,7 +23,6 @@ from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
 from firmware_py.narration import JournaldFormatter, Narrator
 from firmware_py.owner.api import OwnerApi
 from firmware_py.status import render
-from lockstep import Rig
 
 
 def write_config(path: Path, api_listen: str, token_file: Path) -> Path:
@@ -84,7 +84,9 @@ def test_journald_lines_carry_their_priority():
 
 def test_status_from_the_running_gateway_as_json_and_text(tmp_path, capsys, caplog):
     async def main() -> tuple[int, dict, int, str]:
-        loopback = lambda c: replace(c, owner=replace(c.owner, api_listen="127.0.0.1:0"))  # noqa: E731
+        def loopback(config):
+            return replace(config, owner=replace(config.owner, api_listen="127.0.0.1:0"))
+
         async with Rig(tmp_path, configure=loopback) as rig:
             api = OwnerApi(rig.config.owner, rig.gateway, clocks=rig.gateway.clocks)
             await api.start()

@@ -24,7 +24,12 @@ from firmware_py.core import floor as floors
 from firmware_py.core.answers import answer, cancel
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.energy import account, close_event, report_energy
-from firmware_py.core.faults import bms_usable, conditions, forgive_stall, inverter_usable
+from firmware_py.core.faults import (
+    bms_usable,
+    conditions,
+    forgive_stall,
+    inverter_usable,
+)
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import (
     BmsSnapshot,
