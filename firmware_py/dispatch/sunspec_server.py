@@ -411,7 +411,7 @@ class SunSpecDerServer:
         answer = await sink.submit(request)
         self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None)
         if answer is None or answer.verdict is Verdict.REJECTED:
-            log.info("SunSpec setpoint %s refused by the core: %s", request.id, self.status.text())
+            log.debug("SunSpec setpoint %s refused by the core: %s", request.id, self.status.text())
 
 
 class _Refusal(Exception):
