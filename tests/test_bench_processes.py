@@ -486,13 +486,15 @@ def test_a_sigstop_is_the_gateways_own_stall_resynced_and_never_a_vehicle_fault(
 
     gateway = bench.procs["gateway"]
     gateway.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         # The inverter's own revert timer takes it to 0 W while nobody refreshes the setpoint.
         reverted = bench.wait_for("the inverter's revert", lambda: read(inv, 701, "W")["W"] == 0, WAIT_S)
         assert reverted
-        time.sleep(max(0.0, STOP_S - 3.0))  # the rest of the pause: the stimulus itself, not a wait for a result
+        time.sleep(max(0.0, stopped_at + STOP_S - time.monotonic()))  # the pause itself: the stimulus, not a wait
     finally:
         gateway.send_signal(signal.SIGCONT)
+        paused_s = time.monotonic() - stopped_at
 
     serving_again(bench, inv)
     after = status(bench)
@@ -501,7 +503,8 @@ def test_a_sigstop_is_the_gateways_own_stall_resynced_and_never_a_vehicle_fault(
     kinds = [r.kind for r in records]
     stall = kinds.index("Stall")
     (resynced,) = [r for r in records if r.kind == "Resynced"]
-    assert resynced.payload["fresh"] and resynced.payload["gap_s"] >= STOP_S - 0.5
+    # The gap the gateway saw runs from its last step before the pause (a tick, 0.1 s at most before).
+    assert resynced.payload["fresh"] and paused_s - 0.1 <= resynced.payload["gap_s"] <= paused_s + 1.0
     assert not [r for r in records[stall:] if r.kind == "FaultRaised"], "the stall counted as a fault"
     log = bench.log("gateway")
     assert "the gateway itself stalled" in log and "resynced after the" in log and "Traceback" not in log
