@@ -18,7 +18,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from firmware_py import config, service
+    from firmware_py import service
     from firmware_py.bms import commands as bms_commands
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('powershare-gw')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (config, service, bms_commands, inverter_commands, journal_commands, owner_commands,
+    for module in (service, bms_commands, inverter_commands, journal_commands, owner_commands,
                    sim_command, bench):
         module.register(sub)
     return parser
