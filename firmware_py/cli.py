@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from firmware_py.errors import InputError
+from firmware_py.quoting import printable
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args))
     except InputError as err:
         for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {printable(problem)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_CHECK_FAILED
