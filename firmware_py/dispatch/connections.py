@@ -129,9 +129,9 @@ class ConnectionTable:
                 out.append((key, Overdue.IDLE))
         return out
 
-    def client_of(self, key: Hashable) -> str | None:
-        held = self._held.get(key)
-        return held.client if held is not None else None
+    def waiting(self) -> int:
+        """How many connections hold bytes not answered yet (a request arriving, or stalled)."""
+        return sum(held.pending_since is not None for held in self._held.values())
 
 
 def descriptor_budget(wanted: int, soft_limit: int | None = None) -> int:
