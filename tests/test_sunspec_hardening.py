@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
+import shutil
+import signal
+import socket
 import struct
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -20,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from children import spawn
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu.file_message import FileRecord
 from test_sunspec_server import CTL, RATINGS, ScriptedSink, config, run
@@ -29,7 +36,11 @@ from firmware_py.assembly import assemble
 from firmware_py.config import Config, OwnerConfig
 from firmware_py.core.types import Mode, OwnerSettings
 from firmware_py.dispatch import Telemetry
-from firmware_py.dispatch.connections import RESERVED_DESCRIPTORS, ConnectionLimits, descriptor_budget
+from firmware_py.dispatch.connections import (
+    RESERVED_DESCRIPTORS,
+    ConnectionLimits,
+    descriptor_budget,
+)
 from firmware_py.dispatch.refusals import OTHER_CLIENTS, Cause, Refusal, RefusalLedger
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.journal import Journal, RecordKind
@@ -476,6 +487,54 @@ def test_a_half_sent_request_is_closed_after_the_request_timeout_even_when_trick
     assert kind == FIRST and note["cause"] == "stalled_request"
 
 
+def test_many_requests_in_one_segment_are_all_answered_in_order():
+    sink = ScriptedSink()
+    n = 500
+
+    async def main() -> bytes:
+        async with der(sink) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"".join(adu(i, 1, struct.pack(">BHH", 3, 40_000, 2)) for i in range(n)))
+            reply = await asyncio.wait_for(reader.readexactly(13 * n), 4 * WAIT_S)
+            writer.close()
+            return reply
+
+    reply = run(main())
+    assert reply == b"".join(adu(i, 1, bytes([3, 4]) + b"SunS") for i in range(n))
+
+
+def test_a_client_that_never_reads_its_replies_is_no_longer_answered_then_closed():
+    """Requests keep coming, replies are never read: the server stops answering (its buffers stay
+    bounded) and the request timeout closes the connection."""
+    sink, clock = ScriptedSink(), Clock()
+
+    async def main() -> tuple[int, bool]:
+        async with der(sink, clock) as server:
+            # Small kernel buffers both ways (a slow link): the replies back up after a few hundred
+            # requests rather than megabytes. Accepted sockets take the listener's send buffer size.
+            server._server.transport.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"".join(adu(i, 1, struct.pack(">BHH", 3, 40_000, 125)) for i in range(5_000)))
+            for _ in range(100_000):  # bounded: the loop's turns until the server stops answering
+                if server.connections.not_reading():
+                    break
+                await asyncio.sleep(0)
+            unread = server.connections.not_reading()
+            clock.t += 5
+            await server.tick()
+            closed = server.connections.waiting() == 0 and len(server.connections) == 0
+            writer.close()
+            return unread, closed
+
+    assert run(main(), timeout_s=30) == (1, True)
+    [(kind, note)] = sink.notes
+    assert kind == FIRST and note["cause"] == "stalled_request"
+
+
 class OwnerPortStub:
     """The gateway's side of the owner API, enough for `GET /status`."""
 
@@ -543,7 +602,7 @@ def test_the_systemd_unit_allows_the_largest_connection_cap_plus_the_reserve():
 def test_run_exits_2_naming_the_der_servers_address_when_it_cannot_listen(tmp_path, capsys, taken):
     holder = None
     if taken:
-        holder = __import__("socket").socket()
+        holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         listen = f"127.0.0.1:{holder.getsockname()[1]}"
@@ -575,3 +634,76 @@ path = "journal.sqlite"
     reason = "address already in use" if taken else "cannot assign requested address"
     assert f"dispatch.sunspec_server.listen: cannot listen on {listen}: " in err and reason in err.lower()
     assert "Traceback" not in err
+
+
+# --- the issue's scenario end to end: `run` with few descriptors, hundreds of idle connections ---
+CHILD_NOFILE = 160  # descriptors the gateway process may open (systemd's default is 1,024; the flood had 1,100)
+
+
+def _few_descriptors() -> None:  # runs in the child before exec
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (CHILD_NOFILE, hard))
+
+
+@pytest.mark.slow
+def test_hundreds_of_idle_connections_leave_the_owner_able_to_reach_the_gateway(tmp_path, capsys):
+    """More idle connections than the gateway has descriptors: the DER server keeps to its caps
+    (24 slots for clients outside allow_write_from), the rest are closed at once and counted, and
+    `owner status` still answers; the journal holds a few records for all of it, none lost."""
+    run_dir = Path(tempfile.mkdtemp(prefix="psgw-", dir="/tmp"))  # a Unix socket path must be short
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f'''
+[can]
+interface = "virtual"
+channel = "der-nofile-{run_dir.name}"
+[inverter]
+port = 1
+timeout_s = 0.2
+[owner]
+api_listen = "unix:{run_dir / 'owner.sock'}"
+[dispatch.sunspec_server]
+enabled = true
+listen = "127.0.0.1:0"
+[journal]
+path = "journal.sqlite"
+''', encoding="utf-8")
+    proc, output = spawn([sys.executable, "-m", "firmware_py", "run", "--config", str(cfg)], tmp_path / "run.log",
+                         cwd=tmp_path, preexec_fn=_few_descriptors)
+    opened = 300
+    try:
+        port = int(output.wait_for_line(r"SunSpec DER server on 127\.0\.0\.1:(\d+)", 30).group(1))
+
+        async def main() -> tuple[int, int]:
+            conns = [await connect(port, f"127.0.0.{2 + i // 4}") for i in range(opened)]  # 4 per address
+            closes = [asyncio.ensure_future(closed_by_server(reader)) for reader, _ in conns]
+            refused = 0
+            with contextlib.suppress(TimeoutError):
+                for closing in asyncio.as_completed(closes, timeout=2 * WAIT_S):
+                    refused += await closing
+                    if refused == opened - 24:
+                        break  # the rest are the connections the server holds
+            code = await asyncio.to_thread(cli.main, ["owner", "--config", str(cfg), "status"])
+            for task in closes:
+                task.cancel()
+            await asyncio.gather(*closes, return_exceptions=True)
+            for _, writer in conns:
+                writer.close()
+            return refused, code
+
+        refused, code = asyncio.run(asyncio.wait_for(main(), 60))
+        assert proc.poll() is None, output.text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, output.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        output.join()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert code == 0 and "reserve" in capsys.readouterr().out.lower()
+    assert refused == opened - 24
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        refusals = [r for r in journal.records() if r.kind in (FIRST, SUMMARY)]
+    assert all(r.payload["cause"] == "too_many_connections" for r in refusals)
+    assert len(refusals) <= 2 * (64 + 1)  # bounded by the clients tracked, not by the connections
+    assert sum(1 if r.kind is FIRST else r.payload["count"] for r in refusals) == opened - 24

@@ -67,6 +67,7 @@ class _Held:
     writer: bool
     last_request: float  # the last complete request (or the connection's start)
     pending_since: float | None = None  # bytes received and not yet answered, since
+    unread: bool = False  # its replies are not being read: the server has stopped answering it
 
 
 class ConnectionTable:
@@ -129,9 +130,19 @@ class ConnectionTable:
                 out.append((key, Overdue.IDLE))
         return out
 
+    def replies_unread(self, key: Hashable, unread: bool) -> None:
+        """The client stopped (or resumed) reading its replies; the request timeout keeps running."""
+        held = self._held.get(key)
+        if held is not None:
+            held.unread = unread
+
     def waiting(self) -> int:
         """How many connections hold bytes not answered yet (a request arriving, or stalled)."""
         return sum(held.pending_since is not None for held in self._held.values())
+
+    def not_reading(self) -> int:
+        """How many connections are not reading their replies (the server stopped answering them)."""
+        return sum(held.unread for held in self._held.values())
 
 
 def descriptor_budget(wanted: int, soft_limit: int | None = None) -> int:

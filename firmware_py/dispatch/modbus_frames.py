@@ -70,22 +70,23 @@ class Refused:
     count: int | None = None
 
 
-def split_frame(buffer: bytes) -> tuple[Frame | None, int]:
-    """The first whole frame in `buffer` and the bytes it used; (None, 0) while more is needed.
+def split_frame(buffer: bytes | bytearray, start: int = 0) -> tuple[Frame | None, int]:
+    """The first whole frame in `buffer` from `start`, and the bytes it used; (None, 0) while more
+    is needed. (An offset rather than a slice: one read may hold thousands of small frames.)
 
     FramingError when the header cannot be Modbus TCP.
     """
-    if len(buffer) < MBAP_BYTES:
+    if len(buffer) - start < MBAP_BYTES:
         return None, 0
-    transaction, protocol, length, unit = struct.unpack(">HHHB", buffer[:MBAP_BYTES])
+    transaction, protocol, length, unit = struct.unpack_from(">HHHB", buffer, start)
     if protocol != 0:
         raise FramingError(f"protocol id {protocol} is not Modbus (0)")
     if not 2 <= length <= MAX_LENGTH:
         raise FramingError(f"MBAP length {length} is outside 2..{MAX_LENGTH}")
-    end = 6 + length
-    if len(buffer) < end:
+    used = 6 + length
+    if len(buffer) - start < used:
         return None, 0
-    return Frame(transaction, unit, bytes(buffer[MBAP_BYTES:end])), end
+    return Frame(transaction, unit, bytes(buffer[start + MBAP_BYTES:start + used])), used
 
 
 def decode_request(pdu: bytes) -> ModbusPDU | Refused:

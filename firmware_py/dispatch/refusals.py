@@ -140,9 +140,8 @@ class RefusalLedger:
         for key, tracked in list(self._tracked.items()):
             if tracked.counted:
                 self._write(SUMMARY_KIND, self._summary(key, tracked))
-                log.warning("SunSpec DER server: %d more %s refused from %s in the last %.0f s (last: %s)",
-                            tracked.counted, key[1].value.replace("_", " "), key[0], self.interval_s,
-                            tracked.last.reason)
+                log.warning("SunSpec DER server: %d more refused (%s) from %s since the last record (last: %s)",
+                            tracked.counted, key[1].value.replace("_", " "), key[0], tracked.last.reason)
                 written += 1
                 tracked.counted = 0
                 if not final:

@@ -203,6 +203,7 @@ class SunSpecDerServer:
         self.serial, self.open_horizon_s, self.tick_s = serial, open_horizon_s, tick_s
         self.map = layout(base)
         self.addresses = self.map.addresses()
+        self.map_end = self.map.end()  # one past the end model (computing it encodes the whole map: once)
         self.controls = DerControls()
         self.session: _Session | None = None
         self.status: DispatchStatus | None = None
@@ -353,7 +354,8 @@ class SunSpecDerServer:
 
     async def _execute(self, request: ModbusPDU, unit: int, client: str) -> tuple[ModbusPDU, Refusal | None]:
         """Run a served request against the datastore (and so the action), as `client`."""
-        assert self._server is not None
+        if self._server is None:  # stopping: nothing to refuse, nobody to tell
+            return ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE), None
         asking = _Asking(client)
         token = _ASKING.set(asking)
         try:
@@ -381,10 +383,10 @@ class SunSpecDerServer:
         async with self._lock:
             await self._tick_locked()
             if values is None:
-                if not (self.map.base <= address and address + count <= self.map.end()):
+                if not (self.map.base <= address and address + count <= self.map_end):
                     asking.refuse(Cause.BAD_ADDRESS, self._describe_read(address, count))
                     return ExcCodes.ILLEGAL_ADDRESS
-                self._refresh(start, registers)
+                self._refresh(start, registers, address, count)
                 return None
             return await self._write(asking, address, list(values))
 
@@ -419,9 +421,9 @@ class SunSpecDerServer:
         return None
 
     def _describe_read(self, address: int, count: int) -> str:
-        if self.map.base <= address < self.map.end():
-            return f"{count} registers at {address} run past the SunSpec map (ends at {self.map.end() - 1})"
-        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map.end() - 1})"
+        if self.map.base <= address < self.map_end:
+            return f"{count} registers at {address} run past the SunSpec map (ends at {self.map_end - 1})"
+        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map_end - 1})"
 
     def _describe_target(self, address: int, count: int) -> str:
         for model_id, at in self.addresses.items():
@@ -431,9 +433,9 @@ class SunSpecDerServer:
                     return f"{count} registers at {address} run past model {model_id}"
                 names = [p.name for p in mdef.points_in(address - at, count)]
                 return f"model {model_id} {', '.join(names)}: read-only or not supported"
-        if self.map.base <= address < self.map.end():
+        if self.map.base <= address < self.map_end:
             return f"register {address} is the SunSpec header or end model (read-only)"
-        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map.end() - 1})"
+        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map_end - 1})"
 
     def _allowed(self, peer: str) -> bool:
         try:
@@ -445,22 +447,29 @@ class SunSpecDerServer:
         return any(ip in net for net in self.allowed)
 
     # --- reads -----------------------------------------------------------------------
-    def _refresh(self, start: int, registers: list[int]) -> None:
-        regs = self._map_registers()
-        registers[self.map.base - start:self.map.base - start + len(regs)] = regs
+    def _refresh(self, start: int, registers: list[int], address: int, count: int) -> None:
+        """Fill the registers a read of `count` at `address` covers, from one telemetry read.
 
-    def _map_registers(self) -> list[int]:
+        Only the models the read overlaps are built: a poll of model 701 need not encode the
+        other four (reads are open to anyone who can connect, so each costs the loop little).
+        """
         sink = self._require_sink()
         t, now = sink.telemetry(), sink.now()  # one read model for every model of this read
         self._sample(t)
         r, meter = self._ratings_of(t), self._meter_of(t)
-        regs = list(SUNS_MARKER)
-        for model_id in self.addresses:
-            values = model_values(model_id, t=t, r=r, sfs=self._sfs, controls=self.controls, status=self.status,
-                                  meter=meter, unit_id=self.config.unit_id, serial=self.serial,
-                                  version=self._version, now=now)
-            regs += encode_safely(ModelDef.load(model_id), values)
-        return regs + [END_MODEL_ID, 0]
+
+        def put(at: int, regs: list[int]) -> None:
+            registers[at - start:at - start + len(regs)] = regs
+
+        put(self.map.base, list(SUNS_MARKER))
+        for model_id, at in self.addresses.items():
+            mdef = ModelDef.load(model_id)
+            if at < address + count and address < at + mdef.size:
+                values = model_values(model_id, t=t, r=r, sfs=self._sfs, controls=self.controls, status=self.status,
+                                      meter=meter, unit_id=self.config.unit_id, serial=self.serial,
+                                      version=self._version, now=now)
+                put(at, encode_safely(mdef, values))
+        put(self.map_end - 2, [END_MODEL_ID, 0])
 
     def _meter_of(self, t: Telemetry) -> tuple[float, float]:
         """The meter given, else the inverter's own meters when the gateway has them, else power integrated here."""
@@ -560,6 +569,7 @@ class _Connection(ServerRequestHandler):
         self.gate = listener.gate
         self.client = "unknown"
         self._buffer = bytearray()
+        self._start = 0  # where the next unanswered request begins in `_buffer`
         self._busy = self._dropped = self._write_paused = self._read_paused = False
         self._task: asyncio.Task[None] | None = None
 
@@ -589,16 +599,18 @@ class _Connection(ServerRequestHandler):
             return
         self.gate.connections.received(self, self.gate.monotonic())
         self._buffer += data
-        if len(self._buffer) > BUFFER_LIMIT and not self._read_paused:
+        if self._unanswered() > BUFFER_LIMIT and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()  # type: ignore[attr-defined]
         self._serve_soon()
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self.gate.connections.replies_unread(self, True)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.gate.connections.replies_unread(self, False)
         self._serve_soon()
 
     def _serve_soon(self) -> None:
@@ -606,25 +618,33 @@ class _Connection(ServerRequestHandler):
             self._busy = True
             self._task = asyncio.ensure_future(self._serve())
 
+    def _unanswered(self) -> int:
+        return len(self._buffer) - self._start
+
+    def _open(self) -> bool:
+        return not self._dropped and not self.is_closing and self.transport is not None
+
     async def _serve(self) -> None:
         """Answer every whole request in the buffer, in order."""
         try:
-            while not self._dropped and not self._write_paused:
+            while self._open() and not self._write_paused:
                 try:
-                    frame, used = split_frame(self._buffer)
+                    frame, used = split_frame(self._buffer, self._start)
                 except FramingError as err:
                     self.gate.framing_error(self.client, str(err))
                     self.drop()
                     return
                 if frame is None:
                     break
-                del self._buffer[:used]
+                self._start += used
                 response = await self.gate.answer(frame, self.client)
-                if self._dropped:
+                if not self._open():
                     return
                 self.pdu_send(response)
-                self.gate.connections.answered(self, self.gate.monotonic(), pending=bool(self._buffer))
-            if self._read_paused and len(self._buffer) <= BUFFER_LIMIT and not self._dropped:
+                self.gate.connections.answered(self, self.gate.monotonic(), pending=self._unanswered() > 0)
+            del self._buffer[:self._start]  # once per batch, not per request
+            self._start = 0
+            if self._read_paused and self._unanswered() <= BUFFER_LIMIT and self._open():
                 self._read_paused = False
                 self.transport.resume_reading()  # type: ignore[attr-defined]
         finally:
