@@ -517,7 +517,7 @@ def test_a_client_that_never_reads_its_replies_is_no_longer_answered_then_closed
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-            reader, writer = await asyncio.open_connection(sock=sock)
+            _reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(b"".join(adu(i, 1, struct.pack(">BHH", 3, 40_000, 125)) for i in range(5_000)))
             for _ in range(100_000):  # bounded: the loop's turns until the server stops answering
                 if server.connections.not_reading():

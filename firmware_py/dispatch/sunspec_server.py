@@ -49,7 +49,7 @@ Hardening (anyone on the LAN can reach the port):
   descriptors are left for the owner API and the rest of the gateway.
 
 The client address: pymodbus' SimDevice `action` hook is not told who asked, so
-each `_Connection` (a pymodbus request handler whose byte stream the server
+each `Connection` (a pymodbus request handler whose byte stream the server
 frames itself) hands its requests to `SunSpecDerServer.answer`, which puts the
 client in a context variable for the action to read and collects why the
 action refused, if it did.
@@ -75,8 +75,6 @@ from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from firmware_py.addresses import parse_host_port
@@ -97,14 +95,8 @@ from firmware_py.dispatch.connections import (
     Overdue,
     descriptor_budget,
 )
-from firmware_py.dispatch.modbus_frames import (
-    MAX_LENGTH,
-    Frame,
-    FramingError,
-    Refused,
-    decode_request,
-    split_frame,
-)
+from firmware_py.dispatch.modbus_frames import Frame, Refused, decode_request
+from firmware_py.dispatch.modbus_listener import Connection, Listener
 from firmware_py.dispatch.refusals import (
     FIRST_KIND,
     SUMMARY_INTERVAL_S,
@@ -137,7 +129,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = "sunspec"
 NOTE_KIND = FIRST_KIND
-BUFFER_LIMIT = 4 * (6 + MAX_LENGTH)  # unanswered bytes held per connection before it stops being read
 # Why each exception was sent, when the action did not say (a safety net: every exception is counted).
 CAUSE_OF_EXCEPTION = {ExcCodes.ILLEGAL_FUNCTION: Cause.UNSUPPORTED_FUNCTION, ExcCodes.ILLEGAL_ADDRESS: Cause.BAD_ADDRESS,
                       ExcCodes.ILLEGAL_VALUE: Cause.BAD_VALUE, ExcCodes.DEVICE_FAILURE: Cause.CORE_ERROR,
@@ -212,7 +203,7 @@ class SunSpecDerServer:
         self._integrated = [0.0, 0.0]
         self._last_sample: tuple[float, float] | None = None
         self._sink: DispatchSink | None = None
-        self._server: _Listener | None = None
+        self._server: Listener | None = None
         self._lock: asyncio.Lock | None = None
         self.monotonic = monotonic
         self.limits = ConnectionLimits(total=config.max_connections, per_client=config.max_connections_per_client,
@@ -254,7 +245,7 @@ class SunSpecDerServer:
         # The whole address space, so every access reaches the action (and every refusal the ledger).
         device = SimDevice(id=self.config.unit_id, action=self._action,
                            simdata=[SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)])
-        self._server = _Listener(self, [device], address=(self.host, self.port))
+        self._server = Listener(self, [device], address=(self.host, self.port))
         try:
             await self._server.serve_forever(background=True)
         except (OSError, RuntimeError) as err:
@@ -294,7 +285,7 @@ class SunSpecDerServer:
             await self._tick_locked()
 
     # --- connections -----------------------------------------------------------------
-    def admit(self, connection: _Connection) -> bool:
+    def admit(self, connection: Connection) -> bool:
         """Whether a new connection may stay; a refused one is counted (and closed by the caller)."""
         client = connection.client
         verdict = self.connections.admit(connection, client, writer=self._allowed(client), now=self.monotonic())
@@ -310,7 +301,7 @@ class SunSpecDerServer:
 
     def _close_overdue(self) -> None:
         for connection, why in self.connections.overdue(self.monotonic()):
-            assert isinstance(connection, _Connection)
+            assert isinstance(connection, Connection)
             if why is Overdue.STALLED:
                 self.refusals.record(Refusal(connection.client, Cause.STALLED_REQUEST,
                                              f"a request unfinished (or replies unread) for "
@@ -553,121 +544,6 @@ class _Refusal(Exception):
     def __init__(self, code: ExcCodes, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
-
-
-class _Connection(ServerRequestHandler):
-    """One client connection. Its bytes are framed here (`modbus_frames`), not by pymodbus, and
-    its requests are answered one at a time, in order, by `SunSpecDerServer.answer`.
-
-    The server stops reading a connection that sends faster than it reads its replies (its
-    unanswered bytes beyond `BUFFER_LIMIT`, or the transport's write buffer full), so neither
-    side's buffer grows without bound; the request timeout then closes it.
-    """
-
-    def __init__(self, listener: _Listener) -> None:
-        super().__init__(listener, None, None, None)
-        self.gate = listener.gate
-        self.client = "unknown"
-        self._buffer = bytearray()
-        self._start = 0  # where the next unanswered request begins in `_buffer`
-        self._busy = self._dropped = self._write_paused = self._read_paused = False
-        self._task: asyncio.Task[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        name = transport.get_extra_info("peername")
-        self.client = str(name[0]) if name else "unknown"
-        if not self.gate.admit(self):
-            self.drop()
-
-    def callback_disconnected(self, exc: Exception | None) -> None:
-        super().callback_disconnected(exc)
-        self.gate.connections.release(self)
-
-    def drop(self) -> None:
-        """Close at once (over a cap, overdue, or not speaking Modbus TCP); unsent replies are discarded."""
-        if self._dropped:
-            return
-        self._dropped = True
-        self.gate.connections.release(self)
-        if self.transport is not None:
-            self.transport.abort()
-        self.close()
-
-    def data_received(self, data: bytes) -> None:
-        if self._dropped:
-            return
-        self.gate.connections.received(self, self.gate.monotonic())
-        self._buffer += data
-        if self._unanswered() > BUFFER_LIMIT and not self._read_paused:
-            self._read_paused = True
-            self.transport.pause_reading()  # type: ignore[attr-defined]
-        self._serve_soon()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self.gate.connections.replies_unread(self, True)
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self.gate.connections.replies_unread(self, False)
-        self._serve_soon()
-
-    def _serve_soon(self) -> None:
-        if not self._busy and not self._write_paused and not self._dropped:
-            self._busy = True
-            self._task = asyncio.ensure_future(self._serve())
-
-    def _unanswered(self) -> int:
-        return len(self._buffer) - self._start
-
-    def _open(self) -> bool:
-        return not self._dropped and not self.is_closing and self.transport is not None
-
-    async def _serve(self) -> None:
-        """Answer every whole request in the buffer, in order."""
-        try:
-            while self._open() and not self._write_paused:
-                try:
-                    frame, used = split_frame(self._buffer, self._start)
-                except FramingError as err:
-                    self.gate.framing_error(self.client, str(err))
-                    self.drop()
-                    return
-                if frame is None:
-                    break
-                self._start += used
-                response = await self.gate.answer(frame, self.client)
-                if not self._open():
-                    return
-                self.pdu_send(response)
-                self.gate.connections.answered(self, self.gate.monotonic(), pending=self._unanswered() > 0)
-            del self._buffer[:self._start]  # once per batch, not per request
-            self._start = 0
-            if self._read_paused and self._unanswered() <= BUFFER_LIMIT and self._open():
-                self._read_paused = False
-                self.transport.resume_reading()  # type: ignore[attr-defined]
-        finally:
-            self._busy = False
-
-
-class _Listener(ModbusTcpServer):
-    """ModbusTcpServer whose connections are `_Connection`s, and whose bind failure says why."""
-
-    def __init__(self, gate: SunSpecDerServer, devices: list[SimDevice], address: tuple[str, int]) -> None:
-        super().__init__(devices, address=address, ignore_missing_devices=False)
-        self.gate = gate
-
-    def callback_new_connection(self) -> _Connection:
-        return _Connection(self)
-
-    async def listen(self) -> bool:
-        """Bind; an OSError (address in use, not ours) reaches the caller with its reason, where
-        pymodbus' own `listen` would log it and return False."""
-        self.is_closing = False
-        self.is_listener = True
-        self.transport = await self.call_create()
-        return True
 
 
 __all__ = ["DerRatings", "SunSpecDerServer", "parse_allow_list"]
