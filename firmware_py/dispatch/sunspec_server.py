@@ -49,8 +49,8 @@ Hardening (anyone on the LAN can reach the port):
   descriptors are left for the owner API and the rest of the gateway.
 
 The client address: pymodbus' SimDevice `action` hook is not told who asked, so
-each `Connection` (a pymodbus request handler whose byte stream the server
-frames itself) hands its requests to `SunSpecDerServer.answer`, which puts the
+each `Connection` (`modbus_listener`: a pymodbus request handler whose byte
+stream `modbus_frames` splits) hands its requests to `SunSpecDerServer.answer`, which puts the
 client in a context variable for the action to read and collects why the
 action refused, if it did.
 
