@@ -75,6 +75,9 @@ class SunSpecServerConfig:
     listen: str = spec("127.0.0.1:1502")
     unit_id: int = spec(1, lo=1, hi=247)
     allow_write_from: list[str] = spec(["127.0.0.1"])
+    max_connections: int = spec(32, lo=1, hi=256, doc="connections held at once, all clients together")
+    max_connections_per_client: int = spec(4, lo=1, hi=256, doc="connections held at once from one address")
+    idle_timeout_s: float = spec(60.0, lo=1, hi=86_400, doc="a connection with no request this long is closed")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from firmware_py.core.types import Mode, OwnerSettings
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.owner import changes, commands
-from firmware_py.owner.access import parse_listen
+from firmware_py.owner.access import ensure_token, parse_listen, read_token
 from firmware_py.owner.api import OwnerApi
 from firmware_py.owner.store import OwnerStore, decode, encode
 
@@ -183,6 +183,39 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
     os.chmod(cfg.token_file, 0o644)
     with pytest.raises(InputError, match=r"owner\.token: .*accessible by group or others \(mode 0644\).*chmod 600"):
         asyncio.run(OwnerApi(cfg, start_port(cfg)).start())
+
+
+def test_private_token_file_planted_by_another_user_is_refused(tmp_path):
+    """Mode 0600 is not enough: the file must belong to the user the gateway runs as."""
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    Path(cfg.token_file).write_text("ab" * 32 + "\n")
+    os.chmod(cfg.token_file, 0o600)
+    stranger = 54_321
+    if os.geteuid() == 0:  # root can plant it for real: chown to a uid that is not ours
+        os.chown(cfg.token_file, stranger, stranger)
+        start = OwnerApi(cfg, start_port(cfg)).start
+        with pytest.raises(InputError, match=r"owner\.token: .*belongs to uid 54321, not to .*root.*planted"):
+            asyncio.run(start())
+    else:  # otherwise the file is ours: expect someone else instead
+        with pytest.raises(InputError, match=r"owner\.token: .*belongs to .*not to uid 54321.*planted"):
+            ensure_token(cfg.token_file, owner_uid=stranger)
+    assert read_token(cfg.token_file) == "ab" * 32  # the CLI, which only reads it, is not the one refusing
+
+
+def test_token_file_that_is_a_link_or_not_a_regular_file_is_refused(tmp_path):
+    target = tmp_path / "real.token"
+    target.write_text("ab" * 32 + "\n")
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.token"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match=r"link\.token: .*symbolic link"):
+        ensure_token(link)
+    fifo = tmp_path / "fifo.token"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(InputError, match=r"fifo\.token: .*not a regular file"):  # at once: no hang on the FIFO
+        ensure_token(fifo)
+    with pytest.raises(InputError, match="not an owner API token"):
+        read_token(fifo)
 
 
 def test_token_file_that_is_not_a_token_is_refused(tmp_path):

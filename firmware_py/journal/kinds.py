@@ -28,7 +28,8 @@ class RecordKind(StrEnum):
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
     # notes: what a source refused before it became a request, and run markers
-    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
+    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
+    SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
     BENCH_RUN = "BenchRun"
     BENCH_LOAD = "BenchLoad"
 
