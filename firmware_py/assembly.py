@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import can
 
+from firmware_py.addresses import parse_host_port
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
@@ -30,10 +31,13 @@ from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
+from firmware_py.errors import InputError
+from firmware_py.files import regular_or_absent
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.links import Link
+from firmware_py.owner.access import parse_listen
 from firmware_py.owner.store import OwnerStore, on_clock
 
 
@@ -51,6 +55,12 @@ def _openadr(config: Config, gateway: Gateway) -> Integration:
                       to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
 
 
+def _check_openadr(config: Config) -> list[str]:
+    from firmware_py.dispatch.openadr import check
+
+    return check(config.dispatch.openadr)
+
+
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
@@ -59,10 +69,26 @@ def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
                             link=gateway.links.handle(Link.SUNSPEC_SERVER))
 
 
-# Config section -> how to build its integration. Each section has `enabled`; off unless true.
-INTEGRATIONS: dict[str, Callable[[Config, Gateway], Integration]] = {
-    "dispatch.openadr": _openadr,
-    "dispatch.sunspec_server": _sunspec_server,
+def _check_sunspec_server(config: Config) -> list[str]:
+    from firmware_py.dispatch.sunspec_server import parse_allow_list
+
+    served = config.dispatch.sunspec_server
+    return _problems(lambda: parse_host_port(served.listen, "dispatch.sunspec_server.listen"),
+                     lambda: parse_allow_list(list(served.allow_write_from)))
+
+
+@dataclass(frozen=True)
+class IntegrationKind:
+    """How to build an integration from its config section, and what to check before anything opens."""
+
+    build: Callable[[Config, Gateway], Integration]
+    check: Callable[[Config], list[str]]
+
+
+# Config section -> its integration. Each section has `enabled`; off unless true.
+INTEGRATIONS: dict[str, IntegrationKind] = {
+    "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
+    "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
 }
 
 
@@ -76,7 +102,7 @@ def section(config: Config, name: str) -> Any:
 
 def integration(name: str, config: Config, gateway: Gateway) -> Integration:
     """One integration built from its section, whether or not the config enables it (the bench asks)."""
-    return INTEGRATIONS[name](config, gateway)
+    return INTEGRATIONS[name].build(config, gateway)
 
 
 @dataclass
@@ -102,6 +128,37 @@ class Assembly:
         self.gateway.journal.close()
 
 
+def check(config: Config) -> None:
+    """Every check `assemble` needs passed before it opens anything; InputError listing each problem.
+
+    `check-config` runs exactly this, so a file it calls valid is one `run` starts with:
+    the DBC and the signal map, every listen address and allow list, the files the
+    gateway keeps (journal, owner settings, token), each enabled integration's own.
+    """
+    problems = _problems(lambda: reader_from_config(config, lambda: 0.0),
+                         lambda: parse_listen(config.owner.api_listen))
+    for path, what in ((config.journal.path, "journal"), (config.owner.settings_file, "owner settings file"),
+                       (config.owner.token_file, "owner API token file")):
+        if problem := regular_or_absent(path, what):
+            problems.append(problem)
+    for name, kind in INTEGRATIONS.items():
+        if section(config, name).enabled:
+            problems += kind.check(config)
+    if problems:
+        raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def _problems(*checks: Callable[[], object]) -> list[str]:
+    """Run each check; collect what they refuse (InputError) instead of stopping at the first."""
+    problems: list[str] = []
+    for run_check in checks:
+        try:
+            run_check()
+        except InputError as err:
+            problems += err.problems
+    return problems
+
+
 def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | None = None) -> Assembly:
     """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
 
@@ -109,6 +166,7 @@ def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | N
     serves as both (the bench's simulated time, a test's number). `owner` overrides the
     persisted owner settings (a scenario says its own), on the core's time base.
     """
+    check(config)
     clocks = as_clocks(clocks)
     clock = clocks.monotonic
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from firmware_py.assembly import Assembly, Integration, assemble
+from firmware_py.assembly import Assembly, Integration, assemble, check
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode
@@ -278,7 +279,22 @@ def _run_command(args: argparse.Namespace) -> int:
     return asyncio.run(run(config))
 
 
+def _check_config_command(args: argparse.Namespace) -> int:
+    """What `run` would check before opening a link, and the configuration it would run with."""
+    from firmware_py import config as config_module
+
+    config = config_module.load(args.file)
+    check(config)
+    print(f"# {config.source}: valid; effective configuration:")
+    print(json.dumps(config_module.as_dict(config), indent=2))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("check-config", help="validate a config file as `run` would, and print the effective "
+                                            "configuration")
+    c.add_argument("file", help="the TOML configuration file")
+    c.set_defaults(handler=_check_config_command)
     p = sub.add_parser("run", help="run the gateway (until SIGTERM or Ctrl-C, then a safe stop)")
     p.add_argument("--config", required=True, help="the TOML configuration file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

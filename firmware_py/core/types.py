@@ -21,7 +21,12 @@ def is_finite_number(x: object) -> bool:
     Rejects bools (a `True` target is a bug, not 1 W) and anything that is not a
     number, so every boundary that takes numbers from outside asks the same question.
     """
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float: not a quantity anything here can hold
+        return False
 
 
 class Mode(str, Enum):

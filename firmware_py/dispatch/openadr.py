@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.errors import InputError
+from firmware_py.files import read_text
 from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ class OpenAdrVen:
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, retry_max_s: float = 30.0, report_min_s: float = 1.0,
                  state_codes: Mapping[Mode, int] = STATE_CODES, link: LinkHandle | None = None) -> None:
-        _check(config)
+        if problems := check(config):
+            raise InputError(problems)
         self._link = link
         self.config = config
         self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
@@ -209,9 +210,8 @@ class OpenAdrVen:
                          cert=cfg.cert or None, key=cfg.key or None, ca_file=cfg.ca_file or None,
                          vtn_fingerprint=cfg.vtn_fingerprint or None, show_fingerprint=False)
         if cfg.cert:
-            with open(cfg.cert) as file:
-                log.info("OpenADR: this VEN's certificate fingerprint is %s",
-                         utils.certificate_fingerprint(file.read()))
+            log.info("OpenADR: this VEN's certificate fingerprint is %s",
+                     utils.certificate_fingerprint(read_text(cfg.cert, "PEM file")))
         if cfg.cert and not cfg.vtn_fingerprint:
             log.warning("OpenADR: no vtn_fingerprint configured: VTN message signatures are not checked")
         client.add_handler("on_event", self._on_event)
@@ -398,7 +398,18 @@ def _revision_of(event: Any) -> int:
         return -1
 
 
-def _check(config: OpenAdrConfig) -> None:
+def _unreadable(path: str, key: str) -> list[str]:
+    """Why a certificate or key file cannot serve (missing, special, huge, not text), or nothing."""
+    try:
+        read_text(path, "PEM file")
+    except FileNotFoundError:
+        return [f"{key}: cannot read {path}: no such file"]
+    except InputError as err:
+        return [f"{key}: {problem}" for problem in err.problems]
+    return []
+
+
+def check(config: OpenAdrConfig) -> list[str]:
     """Settings the config schema cannot check alone, named the way check-config names keys."""
     key = "dispatch.openadr"
     problems = []
@@ -411,11 +422,9 @@ def _check(config: OpenAdrConfig) -> None:
     if not config.vtn_url.startswith(("http://", "https://")):
         problems.append(f"{key}: vtn_url: must start with http:// or https://, got {config.vtn_url!r}")
     for name in ("cert", "key", "ca_file"):
-        path = getattr(config, name)
-        if path and not os.access(path, os.R_OK):
-            problems.append(f"{key}: {name}: cannot read {path}")
+        if path := getattr(config, name):
+            problems += _unreadable(path, f"{key}: {name}")
     levels = config.simple_levels_pct
     if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
         problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
-    if problems:
-        raise InputError(problems)
+    return problems

@@ -30,7 +30,8 @@ class RecordKind(StrEnum):
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
     # notes: what a source refused before it became a request, links lost and back, run markers
-    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
+    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
+    SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
     LINK_LOST = "LinkLost"
     LINK_RECOVERED = "LinkRecovered"
     BENCH_RUN = "BenchRun"

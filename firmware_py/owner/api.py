@@ -24,12 +24,14 @@ import asyncio
 import datetime as dt
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
@@ -39,8 +41,25 @@ from firmware_py.owner import OwnerPort, changes
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.store import OwnerStore, encode, on_clock
+from firmware_py.quoting import printable
 
 MAX_BODY_BYTES = 4096
+
+
+class _RefusedRequests(logging.Filter):
+    """aiohttp logs a malformed request (a header over 8 KB, a bad request line) as an ERROR with a
+    traceback; for this API it is a refusal aiohttp has already answered with 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "owner API: refused a malformed request: %s", (printable(str(error.message)),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -165,6 +184,8 @@ class OwnerApi:
             return json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             raise BadRequest(f"request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise BadRequest("request body is not valid JSON: nested too deeply") from None
 
     async def _apply(self, change: Callable[[OwnerSettings, float], OwnerSettings]) -> web.Response:
         """Persist, then tell the gateway; one change at a time so none is lost.
