@@ -292,7 +292,7 @@ class WebApp:
     def _html(self, name: str, status: int = 200, message: str = "") -> web.Response:
         body = self._assets[name].decode()
         if message:  # only our own fixed texts: never anything a client sent
-            body = body.replace("<!--message-->", f'<p class="error" role="alert">{message}</p>')
+            body = body.replace("<!--message-->", f'<p class="error" id="login-error" role="alert">{message}</p>')
         return web.Response(status=status, text=body, content_type="text/html")
 
     async def _page(self, request: web.Request) -> web.Response:

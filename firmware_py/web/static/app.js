@@ -97,18 +97,17 @@ function svg(name, attrs, parent) {
 function drawGauge(s) {
   const g = $("gauge");
   g.replaceChildren();
-  const x = (p) => 5 + 2.9 * Math.max(0, Math.min(100, p));
-  svg("rect", { x: 5, y: 8, width: 290, height: 20, rx: 4, fill: "#e7ebf0" }, g);
-  if (s.soc_pct !== null) svg("rect", { x: 5, y: 8, width: x(s.soc_pct) - 5, height: 20, rx: 4, fill: "var(--soc)" }, g);
-  const mark = (p, colour, dash, label) => {
-    svg("line", { x1: x(p), x2: x(p), y1: 3, y2: 33, stroke: colour, "stroke-width": 3,
-                  "stroke-dasharray": dash }, g);
-    const t = svg("text", { x: x(p), y: 43, "text-anchor": "middle" }, g);
+  const x = (p) => 6 + 288 * Math.max(0, Math.min(100, p)) / 100;
+  svg("rect", { x: 6, y: 18, width: 288, height: 24, rx: 5, fill: "#e7ebf0" }, g);
+  if (s.soc_pct !== null) svg("rect", { x: 6, y: 18, width: x(s.soc_pct) - 6, height: 24, rx: 5, fill: "var(--soc)" }, g);
+  const mark = (p, colour, dash, label, above) => {
+    svg("line", { x1: x(p), x2: x(p), y1: 14, y2: 46, stroke: colour, "stroke-width": 3, "stroke-dasharray": dash }, g);
+    const t = svg("text", { x: x(p), y: above ? 11 : 58, "text-anchor": "middle", fill: colour }, g);
     t.textContent = label;
   };
-  mark(s.reserve_pct, "var(--reserve)", "4 3", "reserve");
-  mark(s.floor_pct, "var(--floor)", "", "floor");
-  if (s.storm_watch) mark(s.storm_watch.floor_pct, "var(--storm)", "2 2", "storm");
+  mark(s.reserve_pct, "var(--reserve)", "4 3", `reserve ${Math.round(s.reserve_pct)}`, false);
+  mark(s.floor_pct, "var(--floor)", "", `floor ${Math.round(s.floor_pct)}`, true);
+  if (s.storm_watch) mark(s.storm_watch.floor_pct, "var(--storm)", "2 2", `storm ${s.storm_watch.floor_pct}`, false);
 }
 
 function renderStatus(s) {
@@ -257,10 +256,11 @@ function drawChart(id, samples, series, from, to, unit, fixed) {
     svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#e1e4e8" }, g);
     svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, g).textContent = `${Math.round(v * 10) / 10}${unit}`;
   }
-  for (let h = 0; h <= 24; h += 6) {
-    const t = from + (to - from) * h / 24;
-    svg("text", { x: x(t), y: H - 6, "text-anchor": "middle" }, g).textContent =
-      new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const short = to - from < 3600;
+  for (let i = 0; i <= 4; i++) {
+    const t = from + (to - from) * i / 4;
+    svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, g).textContent =
+      new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: short ? "2-digit" : undefined });
   }
   for (const s of series) {
     const points = samples.filter((row) => row[s.col] !== null)
@@ -272,13 +272,17 @@ function drawChart(id, samples, series, from, to, unit, fixed) {
 
 async function refreshHistory() {
   const doc = await api("GET", "/api/history");
+  // A gateway younger than a day: draw from its first sample (at least a minute), not an empty day.
+  const first = doc.samples.length ? doc.samples[0][0] : doc.to;
+  const from = Math.max(doc.from, Math.min(first, doc.to - 60));
   const kw = (col) => ({ col, scale: 0.001 });
   drawChart("chart-soc", doc.samples, [{ col: 1, scale: 1, colour: "var(--soc)", name: "soc" },
                                        { col: 2, scale: 1, colour: "var(--floor)", name: "floor" }],
-            doc.from, doc.to, "%", [0, 100]);
+            from, doc.to, "%", [0, 100]);
   const power = [{ ...kw(3), colour: "var(--setpoint)", name: "setpoint" }, { ...kw(4), colour: "var(--accent)", name: "power" }];
-  drawChart("chart-power", doc.samples, power, doc.from, doc.to, "", null);
-  $("history-note").textContent = `${doc.samples.length} samples from the journal.`;
+  drawChart("chart-power", doc.samples, power, from, doc.to, "", null);
+  $("history-note").textContent = `${doc.samples.length} samples from the journal` +
+    (from > doc.from ? `, since ${new Date(from * 1000).toLocaleString([], { timeStyle: "short" })}.` : ".");
   const body = $("events").tBodies[0];
   body.replaceChildren();
   for (const e of doc.events) {
