@@ -32,7 +32,8 @@ from firmware_py.config import Config
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal import Journal
+from firmware_py.narration import Narrator
 from firmware_py.web.installer import REDACTED, redacted
 from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
 
@@ -232,9 +233,11 @@ def test_sessions_end_when_idle_too_long(tmp_path):
 # ------------------------------------------------------------------ the controls reach the core
 
 
-def test_storm_watch_from_the_api_refuses_dispatch_charges_the_truck_and_is_journaled(tmp_path):
+def test_storm_watch_from_the_api_refuses_dispatch_charges_the_truck_and_is_journaled(tmp_path, caplog):
     async def main() -> None:
         async with serving(tmp_path, soc_pct=60.0) as (rig, app, tokens), client(app) as browser:
+            rig.gateway.observers.append(Narrator(rig.gateway.clocks))  # as `run` attaches it
+            await rig.run(0.1)  # it has seen the settings before the change
             await browser.login(tokens["owner"])
             status, answer = await browser.call("PUT", "/api/storm-watch", {"floor_pct": 70, "until": "tomorrow"})
             assert status == 400 and "until: 'tomorrow' is not an ISO-8601 time" in answer["error"]
@@ -254,7 +257,12 @@ def test_storm_watch_from_the_api_refuses_dispatch_charges_the_truck_and_is_jour
             status, doc = await browser.call("GET", "/api/status")
             assert doc["storm_watch"] is None and doc["mode"] == "STANDBY"
 
-    asyncio.run(main())
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "firmware_py.gateway.narration"]
+    assert "owner settings changed: reserve 40 %, storm watch 70 % until 2025-06-01 18:00:02Z" in said
+    assert "mode STANDBY -> CHARGE: storm watch: charging toward 70 %" in said
+    assert any(line.startswith("dispatch peak from test") and "refused STORM_WATCH" in line for line in said)
     texts = [c["text"] for c in cli_report(tmp_path)["owner_changes"]]
     assert len(texts) == 2 and "storm watch 70 % until 2025-06-01 18:00:02Z" in texts[0]
     assert texts[1] == "owner settings: reserve 40 %"
