@@ -46,6 +46,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     Event,
     Input,
+    InstallerReset,
     InverterCommand,
     InverterStatus,
     JournalHealth,
@@ -67,7 +68,7 @@ from firmware_py.status import status_document
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, Stall)
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall)
 
 
 class Gateway:
@@ -191,6 +192,20 @@ class Gateway:
     async def set_owner(self, settings: OwnerSettings) -> None:
         self.feed(settings)
         await self.write_command()
+
+    async def reset_lockout(self) -> bool:
+        """An installer's reset (the one input that clears LOCKOUT); whether a lockout was cleared.
+        Journaled like every input; the core decides what it clears."""
+        locked = self.controller.faults.locked_out
+        self.feed(InstallerReset(self.clock()))
+        await self.write_command()
+        return locked
+
+    def sample(self) -> None:
+        """Journal what the history chart draws: SoC, floor, setpoint and measured power now."""
+        t = telemetry(self.controller, self.clock())
+        self.note(RecordKind.SAMPLE, {"mode": t.mode.value, "soc_pct": t.soc_pct, "floor_pct": round(t.floor_pct, 3),
+                                      "setpoint_w": round(t.setpoint_w, 1), "power_w": round(t.power_w, 1)})
 
     # ------------------------------------------------------------------ journal
 

@@ -113,6 +113,7 @@ class Service:
             ("tick", self.options.tick_s, gateway.tick),
             ("CAN link", self.options.tick_s, self.assembly.can_link.supervise),
             ("journal", self.options.journal_flush_s, gateway.flush_journal_async),
+            ("history sample", config.journal.sample_interval_s, gateway.sample),
         ]
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))

@@ -46,10 +46,17 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "event": event,
         "faults": [str(kind) for kind in t.faults],
         "links": shown,
-        "storm_watch": None,  # not in this version
+        "storm_watch": _storm_watch(t, wall_now),
         "resyncing": t.resyncing,
         "journal_ok": t.journal_ok,
     }
+
+
+def _storm_watch(t: Telemetry, wall_now: float) -> dict[str, Any] | None:
+    """`{floor_pct, until}` (until in UTC) while a storm watch lasts, else None."""
+    if t.storm_watch_pct is None or t.storm_watch_until is None:
+        return None
+    return {"floor_pct": t.storm_watch_pct, "until": _utc(wall_now + (t.storm_watch_until - t.at))}
 
 
 def _utc(epoch_s: float) -> str:
@@ -75,6 +82,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
+        f"storm:   {_storm(doc.get('storm_watch'))}",
         "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
     ]
     if doc.get("resyncing"):
@@ -82,6 +90,12 @@ def render(doc: dict[str, Any]) -> list[str]:
     if not doc.get("journal_ok", True):
         lines.append("journal: FAILING (new dispatch is refused until it writes again)")
     return lines
+
+
+def _storm(storm: dict[str, Any] | None) -> str:
+    if not storm:
+        return "no storm watch"
+    return f"storm watch: keeping {storm.get('floor_pct'):g} % for an outage until {storm.get('until')}"
 
 
 def _link(name: str, link: dict[str, Any]) -> str:

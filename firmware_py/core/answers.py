@@ -47,6 +47,7 @@ class Judgement:
     charge_limit_w: float
     charge_headroom_wh: float
     ramp_w_per_s: float
+    storm_watch_pct: float | None = None  # the storm watch's SoC when it alone sets the window's floor
 
     @classmethod
     def refused(cls, now: float, code: ReasonCode, detail: str, ramp_w_per_s: float) -> "Judgement":
@@ -66,6 +67,8 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
     if c.owner.departure_at is not None and start <= c.owner.departure_at <= req.end:
         checkpoints.append(c.owner.departure_at)
     floor = max(floors.floor_pct(policy, c.owner, t) for t in checkpoints)
+    storm_binds = any(floors.storm_watch_binds(policy, c.owner, t) and floors.floor_pct(policy, c.owner, t) == floor
+                      for t in checkpoints)
     soc_max = bms.soc_max_pct if bms.soc_max_pct is not None else bms.soc_min_pct
     return Judgement(
         now=now, refusal=None, refusal_detail="",
@@ -77,6 +80,7 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
                            inv.w_cha_max_rtg or inv.w_max_rtg or policy.max_charge_w),
         charge_headroom_wh=max(0.0, (100 - soc_max) / 100 * policy.usable_capacity_wh),
         ramp_w_per_s=policy.ramp_w_per_s,
+        storm_watch_pct=c.owner.storm_watch(start) if storm_binds else None,
     )
 
 
@@ -139,8 +143,19 @@ def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
     budget = j.energy_above_floor_wh - stopping_energy_wh(power, ramp)
     if budget < power * duration_h:
         power = max(0.0, budget / duration_h)
+        if j.storm_watch_pct is not None:
+            return _storm_watch(req, now, power, j)
         return _capped(req, now, power, f"energy above the floor {j.energy_above_floor_wh:.0f} Wh", True)
     return _capped(req, now, power, "power limit", True)
+
+
+def _storm_watch(req: DispatchRequest, now: float, power: float, j: Judgement) -> DispatchAnswer:
+    """The storm watch's floor is what limits this request: refused with its own code when too little is
+    left above it, else capped and saying so (the owner keeps that energy for an outage)."""
+    floor = f"storm watch keeps {j.storm_watch_pct:g} % for an outage"
+    if power < MIN_USEFUL_W:
+        return DispatchAnswer.refused(req.id, now, ReasonCode.STORM_WATCH, f"{floor}; at most {power:.0f} W above it")
+    return _capped(req, now, power, f"{floor} ({j.energy_above_floor_wh:.0f} Wh above it)", True)
 
 
 def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: bool) -> DispatchAnswer:

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
+from firmware_py.journal.kinds import RecordKind
+from firmware_py.journal.owner_log import OwnerChange, owner_changes
 from firmware_py.journal.store import Journal
 from firmware_py.journal.summary import EventSummary, event_summaries
 from firmware_py.quoting import printable
@@ -43,15 +45,20 @@ def report(args: argparse.Namespace) -> int:
         count = len(journal)
         try:
             events = event_summaries(journal)
+            changes = owner_changes(journal.records(RecordKind.OWNER_SETTINGS) +
+                                    journal.records(RecordKind.INSTALLER_RESET))
         except InputError:
             if not problems:
                 raise
-            events = []  # the damage that verify() reported also hides the events: say so, exit 1
+            events, changes = [], []  # the damage that verify() reported also hides them: say so, exit 1
+        changes.sort(key=lambda change: change.seq)
     if args.event is not None:
         events = [e for e in events if e.request_id == args.event]
         if not events:
             raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
-    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, count, problems)
+    if args.event is not None:
+        changes = []  # one event's report: its timeline already holds the changes made while it ran
+    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, count, problems, changes)
     return 1 if problems else 0
 
 
@@ -62,7 +69,7 @@ def chain_line(count: int, problems: list[str]) -> str:
     return f"chain: BROKEN ({count} records, {len(problems)} {noun})"
 
 
-def _print_text(events: list[EventSummary], count: int, problems: list[str]) -> None:
+def _print_text(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text  # never parsed as markup: ids and texts came from aggregators
@@ -89,22 +96,31 @@ def _print_text(events: list[EventSummary], count: int, problems: list[str]) -> 
         for entry in e.timeline:
             timeline.add_row(_time(entry.at), str(entry.seq), entry.kind, printable(entry.text))
         console.print(timeline, markup=False)
+    if changes:
+        table = Table(title="Owner and installer changes", title_justify="left")
+        for name, justify in (("at", "right"), ("seq", "right"), ("what", "left")):
+            table.add_column(name, justify=justify)
+        for change in changes:
+            table.add_row(_time(change.at), str(change.seq), printable(change.text))
+        console.print(table, markup=False)
     console.print(chain_line(count, problems), markup=False)
     for problem in problems:
         console.print(f"  - {printable(problem)}", markup=False)
 
 
-def _print_json(events: list[EventSummary], count: int, problems: list[str]) -> None:
+def _print_json(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
     document = {
         "chain": {"intact": not problems, "records": count, "problems": problems},
         "events": [asdict(e) for e in events],
+        "owner_changes": [asdict(c) for c in changes],
     }
     json.dump(codec.jsonable(document), sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
-def _print_csv(events: list[EventSummary], count: int, problems: list[str]) -> None:
-    """One row per event; the chain verdict goes to stderr so the CSV stays pure data."""
+def _print_csv(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
+    """One row per event (the owner's changes are in the text and JSON reports); the chain verdict goes to
+    stderr so the CSV stays pure data."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for e in events:

@@ -34,6 +34,7 @@ class RecordKind(StrEnum):
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
     LINK_LOST = "LinkLost"
     LINK_RECOVERED = "LinkRecovered"
+    SAMPLE = "Sample"  # SoC, floor, setpoint and measured power now and then, for the history chart
     BENCH_RUN = "BenchRun"
     BENCH_LOAD = "BenchLoad"
 

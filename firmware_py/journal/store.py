@@ -26,7 +26,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,30 @@ class Journal:
             rows = self._read(sql + " ORDER BY seq", params)
         return [Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h)
                 for seq, at, wall, k, text, prev, h in rows]
+
+    def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512) -> list[Record]:
+        """Records of `kinds` made at or after `since_wall` (wall time), oldest first.
+
+        Read newest first through the (kind, seq) index, a page at a time, stopping at
+        the first older record: what it costs is the window's size, never the journal's
+        (the history chart asks for a day of a journal that may hold years).
+        """
+        wanted = sorted(str(kind) for kind in kinds)
+        marks = ",".join("?" * len(wanted))
+        sql = (f"SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records "
+               f"WHERE kind IN ({marks}) AND seq < ? ORDER BY seq DESC LIMIT ?")
+        found: list[Record] = []
+        before = self.last_seq + 1
+        while True:
+            with self._lock:
+                rows = self._read(sql, (*wanted, before, page))
+            for seq, at, wall, k, text, prev, h in rows:
+                if wall < since_wall:
+                    return found[::-1]
+                found.append(Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h))
+            if len(rows) < page:
+                return found[::-1]
+            before = rows[-1][0]
 
     def __len__(self) -> int:
         with self._lock:

@@ -20,6 +20,7 @@ from typing import Any
 from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.journal.owner_log import describe as describe_owner_change
 from firmware_py.journal.store import Journal, Record
 
 EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
@@ -186,10 +187,8 @@ def describe(record: Record) -> str:
             return f"fault raised: {p.get('kind')}" + (f" ({p['detail']})" if p.get("detail") else "")
         case RecordKind.FAULT_CLEARED:
             return f"fault cleared: {p.get('kind')}"
-        case RecordKind.OWNER_SETTINGS:
-            return f"owner settings: reserve {p.get('reserve_pct')} %, opt-out until {p.get('opt_out_until')}"
-        case RecordKind.INSTALLER_RESET:
-            return "installer reset"
+        case RecordKind.OWNER_SETTINGS | RecordKind.INSTALLER_RESET:
+            return describe_owner_change(record)
         case RecordKind.STALL:
             return f"the gateway stalled {float(p.get('gap_s', 0)):.2f} s: resync, 0 W until fresh data"
         case RecordKind.RESYNCED:
