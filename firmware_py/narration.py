@@ -151,8 +151,16 @@ def configure_logging(verbose: bool = False) -> None:
         handler.setFormatter(JournaldFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_quiet)  # on the handler too: openleadr sets its own level again when imported
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name, level in QUIETED.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """Below its `QUIETED` level, a chatty library's record does not reach the log."""
+    top = record.name.partition(".")[0]
+    return record.levelno >= QUIETED.get(top, logging.NOTSET)
