@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -35,6 +36,15 @@ PASSWD = shutil.which("mosquitto_passwd")
 START_S = 10.0
 WAIT_S = 10.0
 RUNNING = r"mosquitto version \S+ running"
+
+
+TEST_S = 60.0
+"""The most one test's asyncio part may take: a hang becomes a failure showing where it waited."""
+
+
+def bounded(main: Any) -> Any:
+    """`asyncio.run(main)` within `TEST_S`."""
+    return asyncio.run(asyncio.wait_for(main, TEST_S))
 
 
 def require_mosquitto() -> str:
@@ -78,7 +88,9 @@ class Mosquitto:
 
     def _config(self) -> Path:
         lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr",
-                 "log_type error", "log_type warning", "log_type notice", "log_type information"]
+                 f"user {getpass.getuser()}",  # as root it would become `mosquitto`, who cannot read tmp
+                 "log_type error", "log_type warning", "log_type notice", "log_type information",
+                 "set_tcp_nodelay true"]
         if self.users:
             passwords = self.tmp / "mosquitto.passwd"
             passwords.write_text("")
@@ -102,7 +114,13 @@ class Mosquitto:
         self.output.wait_for_line(RUNNING, START_S)
         self.output.wait_for_line(rf"Opening ipv4 listen socket on port {self.port}", START_S)
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker keeps every connection open and answers nothing (a stalled broker)."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """End the broker with `sig` (SIGKILL: as a crash; a paused one too) and reap it, bounded."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -164,7 +182,9 @@ class Watcher:
                 await self._task
 
     async def _listen(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, **self.client_options) as client:
+        nodelay = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, socket_options=nodelay,
+                                  **self.client_options) as client:
             self._client = client
             for topic in self.topics:
                 await client.subscribe(topic, qos=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import can
 import pytest
+from broker import bounded
 from lockstep import Rig
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -74,7 +75,7 @@ def test_every_name_is_prefixed_and_the_state_links_and_frames_are_read(tmp_path
         async with serving(tmp_path) as (rig, server):
             return await scrape(server)
 
-    s = asyncio.run(main())
+    s = bounded(main())
     assert s.families and all(name.startswith("powershare_") for name in s.families)
     assert s.value("powershare_mode", mode="STANDBY") == 1 and s.value("powershare_mode", mode="FAULT") == 0
     assert s.families["powershare_mode"].type == "gauge"
@@ -104,7 +105,7 @@ def test_dispatch_answers_energy_and_the_reaction_to_a_bms_fault_frame_are_count
             assert refused is not None and refused.reason is not None and refused.reason.value == "FAULT"
             return during, await scrape(server)
 
-    during, after = asyncio.run(main())
+    during, after = bounded(main())
     assert during.value("powershare_mode", mode="DISCHARGE") == 1
     assert 4_900 <= during.value("powershare_power_watts") <= 5_000
     assert 0 < during.value("powershare_event_delivered_watt_hours") <= 5_000 * 30 / 3600
@@ -130,10 +131,10 @@ def test_dropped_frames_by_reason_and_modbus_errors_by_cause(tmp_path):
             rig.node_bus.send(can.Message(arbitration_id=0x292, data=b"\x01\x02", is_extended_id=False))
             await rig.run(0.2)
             await rig.server.stop()  # the inverter goes away
-            await rig.run(3.0)
+            await rig.run(1.5)
             return await scrape(server)
 
-    s = asyncio.run(main())
+    s = bounded(main())
     assert s.value("powershare_can_frames_dropped_total", reason="wrong_length") == 1
     assert s.value("powershare_link_up", link="inverter") == 0
     errors = {c.value: s.value("powershare_modbus_errors_total", cause=c.value) for c in ModbusErrorCause}
@@ -149,7 +150,7 @@ def test_a_taken_port_is_input_error_and_check_config_checks_the_address(tmp_pat
             with pytest.raises(InputError, match=r"metrics.listen: cannot listen on 127.0.0.1:\d+: "):
                 await other.start()
 
-    asyncio.run(main())
+    bounded(main())
     for listen, message in (("nowhere", "metrics.listen: expected HOST:PORT"),
                             ("metrics.local:9108", "metrics.listen: 'metrics.local' is not an IP address")):
         path = tmp_path / "gw.toml"

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -26,7 +27,7 @@ from typing import Any
 
 import jinja2
 import pytest
-from broker import Mosquitto, Seen, Watcher, running_broker
+from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
 from lockstep import Rig
 
 from firmware_py import cli
@@ -59,9 +60,12 @@ def result_after(watcher: Watcher, index: int):
 
 
 @asynccontextmanager
-async def gateway_on(tmp: Path, broker: Mosquitto, **mqtt: Any) -> AsyncIterator[tuple[Rig, MqttBridge, Watcher]]:
-    """A rig with fresh data (STANDBY), its MQTT bridge running, and a watcher subscribed to everything."""
-    async with Rig(tmp, configure=mqtt_enabled(broker, **mqtt)) as rig, Watcher(broker) as watcher:
+async def gateway_on(tmp: Path, broker: Mosquitto, watcher: dict[str, Any] | None = None,
+                     **mqtt: Any) -> AsyncIterator[tuple[Rig, MqttBridge, Watcher]]:
+    """A rig with fresh data (STANDBY), its MQTT bridge running, and a watcher subscribed to everything
+    (`watcher`: its client's options, for a broker with TLS or passwords)."""
+    async with Rig(tmp, configure=mqtt_enabled(broker, **mqtt)) as rig, \
+            Watcher(broker, **(watcher or {})) as watcher:
         bridge = rig.assembly.integrations["mqtt"]
         assert isinstance(bridge, MqttBridge)
         await rig.run(2.0)
@@ -85,13 +89,14 @@ async def advance(rig: Rig, bridge: MqttBridge, seconds: float) -> int:
     return queued
 
 
-async def command(rig: Rig, watcher: Watcher, name: str, payload: bytes | str) -> dict[str, Any]:
-    """Publish a command as an automation would; its result (and the rig a step on, so state comes due)."""
+async def command(rig: Rig, watcher: Watcher, name: str, payload: bytes | str, *,
+                  settle_s: float = 0.2) -> dict[str, Any]:
+    """Publish a command as an automation would; its result (and the rig `settle_s` on, so state comes due)."""
     index = len(watcher.seen)
     await watcher.publish(TOPICS.command(Command(name)) if name in set(Command) else f"{PREFIX}/set/{name}",
                           payload)
     answer = (await result_after(watcher, index)).json()
-    await rig.run(0.2)
+    await rig.run(settle_s)
     return answer
 
 
@@ -195,7 +200,7 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
                       "faults", "links", "storm_watch"):  # DESIGN 3.9's status fields
             assert field in state
 
-    asyncio.run(main())
+    bounded(main())
 
 
 def test_home_assistant_coming_online_gets_the_configs_and_the_state_again(tmp_path):
@@ -207,7 +212,7 @@ def test_home_assistant_coming_online_gets_the_configs_and_the_state_again(tmp_p
                 await watcher.wait_for("configs again", lambda m: m.topic.endswith("/soc/config"), after=index)
                 await watcher.wait_for("the state again", is_state, after=index)
 
-    asyncio.run(main())
+    bounded(main())
 
 
 # ------------------------------------------------------------------ commands
@@ -246,7 +251,7 @@ def test_an_automation_sets_the_reserve_and_switches_turn_storm_watch_and_opt_ou
         with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:  # journaled like every change
             assert [str(r.kind) for r in journal.records()].count("OwnerSettings") == 7
 
-    asyncio.run(main())
+    bounded(main())
 
 
 BAD_PAYLOADS = [
@@ -271,8 +276,9 @@ def test_a_bad_payload_gets_a_clear_result_and_changes_nothing(tmp_path, caplog)
         with running_broker(tmp_path) as broker:
             async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
                 before = rig.gateway.owner_settings()
+                bridge.gate = CommandGate(rig.gateway.clock, burst=len(BAD_PAYLOADS))  # all in one burst
                 for name, payload, reason in BAD_PAYLOADS:
-                    answer = await command(rig, watcher, name, payload)
+                    answer = await command(rig, watcher, name, payload, settle_s=0)
                     assert answer["ok"] is False and answer["command"] == name, answer
                     assert reason in answer["reason"], (reason, answer["reason"])
                 after = rig.gateway.owner_settings()
@@ -281,7 +287,7 @@ def test_a_bad_payload_gets_a_clear_result_and_changes_nothing(tmp_path, caplog)
                 assert bridge.connected.is_set()  # nothing a payload says ends the session
 
     with caplog.at_level(logging.DEBUG):
-        asyncio.run(main())
+        bounded(main())
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
     assert not (tmp_path / "owner.json").exists()  # nothing was saved
 
@@ -296,7 +302,7 @@ def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
                 assert answer["ok"] is False and "retained command is not applied" in answer["reason"]
                 assert rig.gateway.owner_settings().reserve_pct == 40
 
-    asyncio.run(main())
+    bounded(main())
 
 
 def test_commands_beyond_the_rate_are_refused_on_the_gateway_clock():
@@ -342,7 +348,7 @@ def test_state_follows_the_bench_through_an_event(tmp_path):
         power = [m.json()["power_w"] for m in watcher.seen if is_state(m)]
         assert max(power) > 4_000 and power[-1] == 0
 
-    asyncio.run(main())
+    bounded(main())
 
 
 def test_the_state_is_paced_on_change_and_at_least_every_interval():
@@ -373,7 +379,7 @@ def test_the_outbox_drops_the_oldest_state_first_and_keeps_results_ahead():
         assert outbox.dropped["state"] == 2 and len(outbox) == 4
         assert [(await outbox.get()).payload for _ in range(4)] == [b"answer", b"2", b"3", b"4"]
 
-    asyncio.run(main())
+    bounded(main())
 
 
 def test_messages_per_minute_in_steady_state_and_during_an_event(tmp_path):
@@ -382,9 +388,9 @@ def test_messages_per_minute_in_steady_state_and_during_an_event(tmp_path):
         with running_broker(tmp_path) as broker:
             async with Rig(tmp_path, configure=mqtt_enabled(broker)) as rig:
                 bridge = rig.assembly.integrations["mqtt"]
-                return await publication_rates(rig, bridge, minutes=3.0)
+                return await publication_rates(rig, bridge, minutes=2.0)
 
-    rates = asyncio.run(main())
+    rates = bounded(main())
     assert rates["steady_per_min"] <= 7  # every publish_interval_s (10 s), and little else
     assert rates["event_per_min"] <= 15
 
@@ -400,6 +406,44 @@ async def publication_rates(rig: Rig, bridge: MqttBridge, minutes: float) -> dic
     event = await advance(rig, bridge, minutes * 60)
     assert rig.gateway.controller.mode is Mode.DISCHARGE
     return {"steady_per_min": steady / minutes, "event_per_min": event / minutes}
+
+
+# ------------------------------------------------------------------ TLS and a password
+
+
+def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_path, caplog):
+    from test_web import self_signed
+
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "mqtt.secret").write_text("correct horse battery\n")
+    tls = Tls(ca=cert, cert=cert, key=key)
+
+    async def main() -> None:
+        with running_broker(tmp_path, users={"gateway": "correct horse battery"}, tls=tls) as broker:
+            client = {"username": "gateway", "password": "correct horse battery",
+                      "tls_context": ssl.create_default_context(cafile=str(cert))}
+            async with gateway_on(tmp_path, broker, username="gateway", password_file=str(tmp_path / "mqtt.secret"),
+                                  tls_ca_file=str(cert), watcher=client) as (rig, bridge, watcher):
+                assert rig.gateway.status()["links"]["mqtt"]["ok"] is True
+            (tmp_path / "mqtt.secret").write_text("wrong horse\n")
+            async with Rig(tmp_path, configure=mqtt_enabled(
+                    broker, username="gateway", password_file=str(tmp_path / "mqtt.secret"),
+                    tls_ca_file=str(cert))) as rig:
+                bridge = rig.assembly.integrations["mqtt"]
+                task = asyncio.create_task(bridge.run())
+                try:
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
+                    await rig.run(1.0)  # the control path goes on meanwhile
+                    link = rig.gateway.status()["links"]["mqtt"]
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        assert "authori" in link["cause"].lower(), link
+        assert rig.gateway.controller.mode is Mode.STANDBY
+
+    with caplog.at_level(logging.DEBUG):
+        bounded(main())
+    assert "horse" not in caplog.text
 
 
 # ------------------------------------------------------------------ configuration

@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import Metric
 
 from firmware_py.addresses import parse_host_port
@@ -68,6 +68,7 @@ class MetricsServer:
     def __init__(self, config: Config, gateway: Gateway) -> None:
         self.config = config
         self.host, self.port = parse_host_port(config.metrics.listen, "metrics.listen")
+        disable_created_metrics()  # no `_created` series: a scraper derives nothing from them here
         self.metrics = GatewayMetrics(gateway, software_version())
         self.process = ProcessCollector(namespace=PREFIX, registry=None)
         self._runner: web.AppRunner | None = None

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -187,6 +188,9 @@ class MqttBridge:
         self.published: Counter[str] = Counter()
         """Publications the broker took, by kind (state, result, discovery, availability)."""
         self.connected = asyncio.Event()
+        """Set while a session with the broker is up."""
+        self.unreachable = asyncio.Event()
+        """Set while the broker is out of reach (the last attempt or session failed)."""
         self._wake = asyncio.Event()
         self._was_connected = False
 
@@ -206,6 +210,7 @@ class MqttBridge:
                     await self._session()
                 except Exception as err:  # noqa: BLE001 - any failure of the broker or the network: retry
                     self.connected.clear()
+                    self.unreachable.set()
                     self.link.lost(_cause(err))
                     backoff = min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
                 else:
@@ -244,11 +249,13 @@ class MqttBridge:
             self.host, self.port, identifier=self.client_id, username=s.username or None, password=password(s),
             will=aiomqtt.Will(self.topics.availability, b"offline", qos=QOS, retain=True),
             keepalive=s.keepalive_s, tls_context=tls_context(s), timeout=PUBLISH_TIMEOUT_S,
-            max_queued_incoming_messages=INCOMING_QUEUE, logger=logging.getLogger("mqtt"))
+            max_queued_incoming_messages=INCOMING_QUEUE, logger=logging.getLogger("mqtt"),
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))  # a result is one small packet: now
 
     async def _session(self) -> None:
         """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled."""
         async with self._client() as client:
+            self.unreachable.clear()
             self.link.good()
             await client.subscribe(self.topics.commands, qos=QOS)
             if self.settings.discovery:
