@@ -295,6 +295,7 @@ class MqttBridge:
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: str) -> None:
         await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
         self.published[kind] += 1
+        self.link.good()
 
     async def _send(self, client: aiomqtt.Client) -> None:
         while True:
