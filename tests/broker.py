@@ -213,7 +213,7 @@ class Watcher:
                     await self._changed.wait()
         try:
             return await asyncio.wait_for(found(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             shown = "\n".join(f"  {m.topic}: {m.payload[:200]!r}" for m in self.seen[-15:])
             pytest.fail(f"no message {what} within {timeout} s; the last ones:\n{shown}")
 

@@ -9,7 +9,6 @@ frame, a garbled frame, the inverter going away) and checks the series that coun
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace

@@ -35,7 +35,7 @@ from firmware_py.config import Config, MqttConfig
 from firmware_py.core.types import DispatchKind, DispatchRequest, Mode
 from firmware_py.journal import Journal
 from firmware_py.mqtt import commands
-from firmware_py.mqtt.bridge import MqttBridge, Outbox, Outgoing
+from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing
 from firmware_py.mqtt.commands import CommandGate
 from firmware_py.mqtt.state import Pacer, changed
 from firmware_py.mqtt.topics import Command, Topics, prefix_problem
@@ -374,9 +374,9 @@ def test_the_outbox_drops_the_oldest_state_first_and_keeps_results_ahead():
     async def main() -> None:
         outbox = Outbox(states=3, results=2)
         for n in range(5):
-            outbox.put(Outgoing("s", str(n).encode(), True, "state"))
-        outbox.put(Outgoing("r", b"answer", False, "result"))
-        assert outbox.dropped["state"] == 2 and len(outbox) == 4
+            outbox.put(Outgoing("s", str(n).encode(), True, Kind.STATE))
+        outbox.put(Outgoing("r", b"answer", False, Kind.RESULT))
+        assert outbox.dropped[Kind.STATE] == 2 and len(outbox) == 4
         assert [(await outbox.get()).payload for _ in range(4)] == [b"answer", b"2", b"3", b"4"]
 
     bounded(main())

@@ -33,6 +33,7 @@ import socket
 import ssl
 from collections import Counter, deque
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from firmware_py.addresses import parse_host_port
@@ -40,6 +41,7 @@ from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
+from firmware_py.journal import codec
 from firmware_py.links import Link
 from firmware_py.mqtt import commands
 from firmware_py.mqtt.discovery import configurations
@@ -124,14 +126,23 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     return context
 
 
+class Kind(StrEnum):
+    """What a publication is: how the outbox treats it, and what `published` counts."""
+
+    STATE = "state"
+    RESULT = "result"
+    DISCOVERY = "discovery"
+    AVAILABILITY = "availability"
+
+
 @dataclass(frozen=True)
 class Outgoing:
-    """One publication waiting in the outbox."""
+    """One publication waiting in the outbox (a state or a result)."""
 
     topic: str
     payload: bytes
     retain: bool
-    kind: str  # "state" or "result": what the counters count
+    kind: Kind
 
 
 class Outbox:
@@ -141,11 +152,11 @@ class Outbox:
         self._states: deque[Outgoing] = deque(maxlen=states)
         self._results: deque[Outgoing] = deque(maxlen=results)
         self._ready = asyncio.Event()
-        self.dropped: Counter[str] = Counter()
+        self.dropped: Counter[Kind] = Counter()
 
     def put(self, item: Outgoing) -> None:
         """Queue `item` at once, never waiting: a full queue drops its oldest."""
-        queue = self._results if item.kind == "result" else self._states
+        queue = self._results if item.kind is Kind.RESULT else self._states
         if len(queue) == queue.maxlen:
             self.dropped[item.kind] += 1
         queue.append(item)
@@ -153,7 +164,7 @@ class Outbox:
 
     def put_back(self, item: Outgoing) -> None:
         """A result the broker did not take goes first next time (a state is simply published anew)."""
-        if item.kind == "result":
+        if item.kind is Kind.RESULT:
             self._results.appendleft(item)
             self._ready.set()
 
@@ -185,7 +196,7 @@ class MqttBridge:
         self.tally = Tally()
         self.version = software_version()
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
-        self.published: Counter[str] = Counter()
+        self.published: Counter[Kind] = Counter()
         """Publications the broker took, by kind (state, result, discovery, availability)."""
         self.connected = asyncio.Event()
         """Set while a session with the broker is up."""
@@ -236,7 +247,7 @@ class MqttBridge:
         if not self.pacer.due(doc, now, urgent=urgent):
             return False
         self.pacer.sent(doc, now)
-        self.outbox.put(Outgoing(self.topics.state, _encode(doc), retain=True, kind="state"))
+        self.outbox.put(Outgoing(self.topics.state, _encode(doc), retain=True, kind=Kind.STATE))
         return True
 
     # --- one session ------------------------------------------------------------------------
@@ -273,7 +284,7 @@ class MqttBridge:
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         """`online`, the discovery configurations, and the state at once (whatever the pacer last sent)."""
-        await self._publish(client, self.topics.availability, b"online", retain=True, kind="availability")
+        await self._publish(client, self.topics.availability, b"online", retain=True, kind=Kind.AVAILABILITY)
         await self._discover(client)
         self.pacer.forget()
         self.pace_once()
@@ -282,7 +293,7 @@ class MqttBridge:
         if not self.settings.discovery:
             return
         for topic, payload in configurations(self.config, self.version):
-            await self._publish(client, topic, _encode(payload), retain=True, kind="discovery")
+            await self._publish(client, topic, _encode(payload), retain=True, kind=Kind.DISCOVERY)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """A clean stop sends no will: say `offline` ourselves, and leave within `STOP_S` whatever the broker
@@ -292,7 +303,7 @@ class MqttBridge:
                                    STOP_S)
         client.timeout = STOP_S  # the goodbye (DISCONNECT) waits no longer either
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: str) -> None:
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: Kind) -> None:
         await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
         self.published[kind] += 1
         self.link.good()
@@ -347,7 +358,7 @@ class MqttBridge:
 
     def _result(self, name: str, ok: bool, reason: str) -> Outgoing:
         doc = commands.result(printable(name)[:64], ok, reason, self.gateway.clocks.wall())
-        return Outgoing(self.topics.result, _encode(doc), retain=False, kind="result")
+        return Outgoing(self.topics.result, _encode(doc), retain=False, kind=Kind.RESULT)
 
 
 async def _first_failure(*work: Any) -> None:
@@ -365,8 +376,6 @@ async def _first_failure(*work: Any) -> None:
 
 def _encode(doc: dict[str, Any]) -> bytes:
     """JSON a strict parser takes (no NaN or Infinity), compact."""
-    from firmware_py.journal import codec
-
     return json.dumps(codec.jsonable(doc), allow_nan=False, separators=(",", ":")).encode()
 
 
