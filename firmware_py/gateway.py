@@ -160,9 +160,11 @@ class Gateway:
         When it changes the setpoint, the reaction starts at the snapshot's decode: the
         step's `now` less its `received_at` is the hop from the frame path to this step.
         """
+        if not self.reaction_observers:  # nobody measures: the step alone
+            return self.feed(snapshot)
         began, before = self.perf_clock(), self.command.setpoint_w
         result = self.feed(snapshot)
-        if result.command.setpoint_w != before and self.reaction_observers:
+        if result.command.setpoint_w != before:
             self._reaction_from = began - max(0.0, (result.controller.last_step_at or 0.0) - snapshot.received_at)
         return result
 
