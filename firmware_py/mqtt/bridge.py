@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import aiomqtt
+
 from firmware_py.addresses import parse_host_port
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
@@ -54,8 +56,6 @@ from firmware_py.quoting import printable
 from firmware_py.version import software_version
 
 if TYPE_CHECKING:
-    import aiomqtt
-
     from firmware_py.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -212,24 +212,30 @@ class MqttBridge:
     # --- the integration -------------------------------------------------------------------
 
     async def run(self, sink: Any = None) -> None:
-        """Until cancelled: pace the state, and keep a session with the broker, reconnecting with back-off."""
-        pacing = asyncio.create_task(self._pace(), name="mqtt pacing")
-        backoff = 0.0
+        """Until cancelled: pace the state, and keep a session with the broker.
+
+        What a broker or a network can do ends a session and is retried; anything else
+        is a bug, raised to the service, which logs it and starts the integration again.
+        """
         try:
-            while True:
-                try:
-                    await self._session()
-                except Exception as err:  # noqa: BLE001 - any failure of the broker or the network: retry
-                    self.connected.clear()
-                    self.unreachable.set()
-                    self.link.lost(_cause(err))
-                    backoff = min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
-                else:
-                    backoff = self.backoff_min_s
-                await asyncio.sleep(backoff)
+            await _first_failure(self._pace(), self._stay_connected())
         finally:
-            pacing.cancel()
             self.connected.clear()
+
+    async def _stay_connected(self) -> None:
+        """Sessions one after another, with back-off (0.5 s doubling to 30 s) after each failure."""
+        backoff = 0.0
+        while True:
+            try:
+                await self._session()
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
+                self.connected.clear()
+                self.unreachable.set()
+                self.link.lost(_cause(err))
+                backoff = min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
+            else:
+                backoff = self.backoff_min_s
+            await asyncio.sleep(backoff)
 
     async def _pace(self) -> None:
         while True:
@@ -253,8 +259,6 @@ class MqttBridge:
     # --- one session ------------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
-        import aiomqtt
-
         s = self.settings
         return aiomqtt.Client(
             self.host, self.port, identifier=self.client_id, username=s.username or None, password=password(s),
@@ -268,15 +272,15 @@ class MqttBridge:
         async with self._client() as client:
             self.unreachable.clear()
             self.link.good()
-            await client.subscribe(self.topics.commands, qos=QOS)
-            if self.settings.discovery:
-                await client.subscribe(f"{self.settings.discovery_prefix}/status", qos=QOS)
-            await self._announce(client)
-            self.connected.set()
-            log.log(logging.DEBUG if self._was_connected else logging.INFO, "mqtt: connected to %s as %s; "
-                    "state on %s", self.settings.broker, self.client_id, self.topics.state)
-            self._was_connected = True
             try:
+                await client.subscribe(self.topics.commands, qos=QOS)
+                if self.settings.discovery:
+                    await client.subscribe(f"{self.settings.discovery_prefix}/status", qos=QOS)
+                await self._announce(client)
+                self.connected.set()
+                log.log(logging.DEBUG if self._was_connected else logging.INFO, "mqtt: connected to %s as %s; "
+                        "state on %s", self.settings.broker, self.client_id, self.topics.state)
+                self._was_connected = True
                 await _first_failure(self._send(client), self._receive(client))
             except asyncio.CancelledError:
                 await self._say_offline(client)
