@@ -176,10 +176,12 @@ class Watcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
+        while self._task is not None and not self._task.done():  # again if a cancellation was lost (3.11)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._task
+            await asyncio.wait([self._task], timeout=1.0)
+        if self._task is not None and not self._task.cancelled():
+            with contextlib.suppress(aiomqtt.MqttError):
+                self._task.result()
 
     async def _listen(self) -> None:
         nodelay = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)

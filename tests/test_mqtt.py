@@ -35,7 +35,7 @@ from firmware_py.config import Config, MqttConfig
 from firmware_py.core.types import DispatchKind, DispatchRequest, Mode
 from firmware_py.journal import Journal
 from firmware_py.mqtt import commands
-from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing
+from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing, _first_failure
 from firmware_py.mqtt.commands import CommandGate
 from firmware_py.mqtt.state import Pacer, changed
 from firmware_py.mqtt.topics import Command, Topics, prefix_problem
@@ -378,6 +378,28 @@ def test_the_outbox_drops_the_oldest_state_first_and_keeps_results_ahead():
         outbox.put(Outgoing("r", b"answer", False, Kind.RESULT))
         assert outbox.dropped[Kind.STATE] == 2 and len(outbox) == 4
         assert [(await outbox.get()).payload for _ in range(4)] == [b"answer", b"2", b"3", b"4"]
+
+    bounded(main())
+
+
+def test_a_part_that_loses_a_cancellation_is_cancelled_again_so_a_stop_is_a_stop():
+    """Python 3.11's `asyncio.wait_for` can lose a cancellation that comes as what it waits for completes
+    (the MQTT client waits that way for every acknowledgement); the bridge's parts must end all the same."""
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # lost, as wait_for loses it
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        before = asyncio.all_tasks()
+        bridge_like = asyncio.create_task(_first_failure(stubborn(), asyncio.Event().wait()))
+        await asyncio.sleep(0)
+        bridge_like.cancel()
+        await asyncio.wait([bridge_like], timeout=5)
+        assert bridge_like.cancelled()
+        assert asyncio.all_tasks() == before  # no part left running
 
     bounded(main())
 
