@@ -65,8 +65,10 @@ def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
     # Ratings and meters from the gateway's telemetry; session ids stamped in wall time, unique across boots.
-    return SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
-                            link=gateway.links.handle(Link.SUNSPEC_SERVER))
+    server = SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
+                              link=gateway.links.handle(Link.SUNSPEC_SERVER))
+    gateway.observers.append(server.notice_step)  # a standing setting is asked again as soon as the mode changes
+    return server
 
 
 def _check_sunspec_server(config: Config) -> list[str]:

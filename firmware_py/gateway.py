@@ -50,6 +50,7 @@ from firmware_py.core.types import (
     InverterStatus,
     JournalHealth,
     OwnerSettings,
+    SiteLimit,
     Stall,
     Tick,
 )
@@ -67,7 +68,7 @@ from firmware_py.status import status_document
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, Stall)
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, Stall, SiteLimit)
 
 
 class Gateway:
@@ -167,7 +168,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ DispatchSink
 
-    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
         result = self.feed(item)
         await self.write_command()
         return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None

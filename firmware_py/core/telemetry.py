@@ -9,10 +9,14 @@ should not need the gateway clock to tell that the BMS went quiet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from firmware_py.core import floor as floors
+from firmware_py.core.answers import improvable, refusal
 from firmware_py.core.controller import Controller
 from firmware_py.core.policy import Policy
-from firmware_py.core.types import FaultKind, InverterStatus, Mode, Verdict
+from firmware_py.core.requests import Booked
+from firmware_py.core.types import DispatchKind, FaultKind, InverterStatus, Mode, ReasonCode, Verdict
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,12 @@ class Telemetry:
     ratings: DerRatings | None = None  # what the gateway offers as one DER
     inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
     resyncing: bool = False  # holding 0 W after the gateway's own stall, until fresh data
+    refusal: ReasonCode | None = None  # why any new request would be refused now (None: the gateway can serve)
+    refusal_detail: str = ""
+    opted_out: bool = False  # the owner is opted out of discharge now (not counting per-event opt-outs)
+    improvable: frozenset[str] = frozenset()  # refused or capped requests a new revision would now serve better
+    site_limit_w: float | None = None  # the discharge site limit in force (config, lowered by site controllers)
+    envelope_in_s: float | None = None  # the serving discharge: when the floor's envelope starts to cut it (0: now)
 
 
 def telemetry(c: Controller, now: float) -> Telemetry:
@@ -84,4 +94,27 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         ratings=DerRatings.of(c.policy, c.inverter),
         inverter_meters_wh=(c.inverter.tot_wh_inj, c.inverter.tot_wh_abs) if c.inverter is not None else None,
         resyncing=c.resyncing,
+        **_dispatch_view(c, now, serving),
     )
+
+
+def _dispatch_view(c: Controller, now: float, serving: Booked | None) -> dict[str, Any]:
+    """What blocks or caps dispatch now, and what would be served better if asked again."""
+    refused = refusal(c, now)
+    return {"refusal": refused[0] if refused else None, "refusal_detail": refused[1] if refused else "",
+            "opted_out": c.owner.opted_out(now), "improvable": improvable(c, now),
+            "site_limit_w": c.site_limit_w(discharge=True), "envelope_in_s": _envelope_in_s(c, now, serving)}
+
+
+def _envelope_in_s(c: Controller, now: float, serving: Booked | None) -> float | None:
+    """Seconds until the floor's envelope starts to reduce the serving discharge, at the power it runs at.
+
+    The envelope takes over when the energy above the floor falls to max(P²/2r, P·horizon):
+    from then on power ramps down so SoC min meets the floor, never crosses it."""
+    if serving is None or serving.request.kind is not DispatchKind.DISCHARGE or c.mode is not Mode.DISCHARGE:
+        return None
+    power = min(serving.target_w, c.site_limit_w(discharge=True))
+    if power <= 0:
+        return None
+    above = c.available_wh(now) - floors.envelope_takes_over_wh(c.policy, power)
+    return max(0.0, above / power * 3600)

@@ -26,6 +26,7 @@ class RecordKind(StrEnum):
     OWNER_SETTINGS = "OwnerSettings"
     INSTALLER_RESET = "InstallerReset"
     STALL = "Stall"
+    SITE_LIMIT = "SiteLimit"
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
