@@ -51,8 +51,10 @@ class Integration(Protocol):
 def _openadr(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.openadr import OpenAdrVen
 
-    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
-                      to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
+    ven = OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
+                     to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
+    gateway.observers.append(ven.notice_step)  # a refused event is asked again as soon as the mode changes
+    return ven
 
 
 def _check_openadr(config: Config) -> list[str]:

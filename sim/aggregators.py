@@ -153,6 +153,7 @@ class OpenAdrAggregator:
         config = OpenAdrConfig(enabled=True, vtn_url=self.vtn.url, ven_name=self.ven_name)
         self.ven = OpenAdrVen(config, rating_w=lambda: gateway.policy.max_discharge_w,
                               to_gateway_time=self.to_bench_time)
+        gateway.observers.append(self.ven.notice_step)
         self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr-ven")
         await self._wait(lambda: self.vtn.ven_id and self.ven.registered, "the VEN to register with the VTN")
 
