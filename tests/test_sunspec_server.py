@@ -682,7 +682,7 @@ def test_a_refused_setting_shows_why_and_is_asked_again_once_the_core_would_serv
 
 def test_a_mode_change_wakes_the_server_at_once_while_its_setting_is_refused():
     """`notice_step` (a gateway observer) wakes the run loop: no waiting for the next tick."""
-    from firmware_py.core.controller import StepResult
+    from firmware_py.core.controller import Controller, StepResult
     from firmware_py.core.types import InverterCommand, Transition
 
     sink = ScriptedSink(policy=no_data)
@@ -696,7 +696,8 @@ def test_a_mode_change_wakes_the_server_at_once_while_its_setting_is_refused():
         await write(server, client, WSetEna=1, WSetMod=1, WSet=6_000)
         client.close()
         sink.policy, sink.improvable = accept, frozenset({server.session.id})
-        ready = StepResult(controller=None, command=InverterCommand(0.0, "ready"),  # type: ignore[arg-type]
+        ready = StepResult(controller=Controller.start(Policy(), now=T0).evolve(mode=Mode.STANDBY),
+                           command=InverterCommand(0.0, "ready"),
                            events=[Transition(T0, Mode.STARTUP, Mode.STANDBY, "BMS and inverter data ready")])
         server.notice_step(ready)
         await server.ticked.wait()

@@ -21,7 +21,7 @@ Standing settings: an event in its active period that the core refused or
 capped is asked for again (a new revision) as soon as the core's telemetry says
 a new revision would be served better (the gateway became ready, a fault or an
 outage ended, the owner revoked an opt-out...): checked every second and at once
-when the gateway's mode changes (`notice_step`). The opt the VTN last heard
+when a gateway step changes what admits dispatch (`notice_step`). The opt the VTN last heard
 stands until its next distribution, which is then answered with the new opt.
 
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
@@ -52,13 +52,13 @@ from firmware_py.core.types import (
     DispatchRequest,
     Mode,
     ReasonCode,
-    Transition,
     Verdict,
     describe,
     is_finite_number,
 )
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.links import LinkHandle
@@ -200,6 +200,7 @@ class OpenAdrVen:
         self.client: _Client | None = None
         self._told_ok: bool | None = None
         self._wake: asyncio.Event | None = None
+        self._watch = StandingWatch()
         self.reasks = 0
         self.implicit_cancellations = 0
 
@@ -394,8 +395,9 @@ class OpenAdrVen:
     # ------------------------------------------------------------------ standing settings
 
     def notice_step(self, result: StepResult) -> None:
-        """A gateway observer: a mode change may have cleared what refused an event: look at once."""
-        if self._wake is not None and self._events and any(isinstance(e, Transition) for e in result.events):
+        """A gateway observer: a step that changed what admits dispatch may have cleared what refused
+        or capped an event: look at once."""
+        if self._watch.changed(result) and self._wake is not None and self._events:
             self._wake.set()
 
     async def _standing(self, sink: DispatchSink) -> None:

@@ -24,7 +24,8 @@ How writes become requests (choices documented here because clients see them):
   became ready, a fault cleared, the outage or enter-service delay ended, the
   owner revoked an opt-out, a lockout was reset, a limit rose), the server
   re-submits without the client writing again. It looks on every tick, every
-  Modbus access, and at once when the gateway's mode changes (`notice_step`).
+  Modbus access, and at once when a gateway step changes what admits dispatch
+  (`notice_step`, `standing.StandingWatch`).
 - WMaxLimPct (when WMaxLimPctEna = 1) is the site's limit: it goes to the core as
   a `SiteLimit` and caps every source's requests (OpenADR and scheduled ones as
   much as this server's), with its own revert function.
@@ -95,7 +96,6 @@ from firmware_py.core.types import (
     DispatchCancel,
     DispatchRequest,
     SiteLimit,
-    Transition,
     Verdict,
 )
 from firmware_py.dispatch import DispatchSink
@@ -116,6 +116,7 @@ from firmware_py.dispatch.refusals import (
     Refusal,
     RefusalLedger,
 )
+from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.dispatch.sunspec_der import (
     DerControls,
     DerRatings,
@@ -218,6 +219,7 @@ class SunSpecDerServer:
         self.site_limit_w: float | None = None  # the limit last handed to the core (None: none)
         self.reasks = 0  # standing settings asked for again without a write
         self._wake: asyncio.Event | None = None
+        self._watch = StandingWatch()
         self._sfs = scale_factors(ratings) if ratings is not None else {}  # fixed again at `start`
         self._sessions = 0
         self._integrated = [0.0, 0.0]
@@ -257,15 +259,16 @@ class SunSpecDerServer:
             await self.stop()
 
     def notice_step(self, result: StepResult) -> None:
-        """A gateway observer: wake the server when the mode changed while its setting is not
-        followed in full, so it is asked again at once (the gateway became ready, a fault or an
-        outage ended, a lockout was reset) rather than at the next tick."""
-        if self._wake is None or self.session is None:
+        """A gateway observer: wake the server when a step changed what admits dispatch while its
+        setting is not served in full, so it is asked again at once (the gateway became ready, a
+        fault or an outage ended, the owner revoked an opt-out, a lockout was reset) rather than at
+        the next tick."""
+        moved = self._watch.changed(result)
+        if self._wake is None or self.session is None or not moved:
             return
-        if self.status is not None and self.status.answer is not None \
-                and self.status.answer.verdict is Verdict.ACCEPTED:
-            return
-        if any(isinstance(e, Transition) for e in result.events):
+        served = self.status is not None and self.status.answer is not None \
+            and self.status.answer.verdict is Verdict.ACCEPTED and result.controller.serving_id == self.session.id
+        if not served:
             self._wake.set()
 
     async def start(self, sink: DispatchSink | None = None) -> int:
