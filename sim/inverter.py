@@ -119,7 +119,8 @@ class InverterModel:
             "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
             "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
             "WMaxLimPctEnaRvrt": 0, "WMaxLimPctRvrtTms": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
-            "WSetPct": 0, "WSetPctRvrt": 0, **ENTER_SERVICE_DEFAULTS,
+            "WSetPct": 0, "WSetPctRvrt": 0, "WRmp": round(100 * ratings.ramp_w_per_s / ratings.w_max),
+            "WRmpRef": 1, **ENTER_SERVICE_DEFAULTS,
         }
         self.last_refresh = now
         self.limit_refresh = now  # the WMaxLimPct revert function's last refresh
@@ -249,13 +250,18 @@ class InverterModel:
         self.throttled = not math.isclose(limited, target)
         return limited
 
+    def ramp_w_per_s(self) -> float:
+        """The normal ramp-up rate: 704 `WRmp` (% of WMax per second), as written."""
+        rate = float(self.controls.get("WRmp") or 0)
+        return rate / 100.0 * self.ratings.w_max if rate > 0 else self.ratings.ramp_w_per_s
+
     def _ramped(self, target: float, dt_s: float) -> float:
         p = self.ac_power_w
         if p * target < 0:
             p = 0.0  # a change of direction passes through zero first
         if abs(target) <= abs(p):
             return target  # reductions are immediate
-        step = self.ratings.ramp_w_per_s * max(dt_s, 0.0)
+        step = self.ramp_w_per_s() * max(dt_s, 0.0)
         return math.copysign(min(abs(target), abs(p) + step), target)
 
     # --- what the registers show -------------------------------------------------
@@ -302,8 +308,7 @@ class InverterModel:
         if model_id == 704:
             c = self.controls
             return {**sf, **c, "WSetRvrtRem": int(math.ceil(self.revert_remaining_s())),
-                    "WMaxLimPctRvrtRem": int(math.ceil(self.limit_revert_remaining_s())),
-                    "WRmp": round(100 * r.ramp_w_per_s / r.w_max), "WRmpRef": 1}
+                    "WMaxLimPctRvrtRem": int(math.ceil(self.limit_revert_remaining_s()))}
         if model_id == 703:
             return {**sf, **{k: self.controls[k] for k in ENTER_SERVICE_DEFAULTS},
                     "ESDlyRemTms": int(math.ceil(self.enter_service_remaining_s()))}
@@ -318,6 +323,38 @@ class InverterModel:
         for model_id in SIM_MODELS:
             sunspec.add(model_id, self.values(model_id))
         return sunspec
+
+
+def _pipelined_server_class() -> type:
+    """pymodbus' TCP server, answering every request a TCP segment carries (SunSpec TCP-3).
+
+    pymodbus 3.16 decodes one frame per segment received and leaves the rest in its buffer,
+    which sending the answer then empties (a client's habit), so a client that sends several
+    requests at once never hears about all but the first. This handler keeps what followed
+    the request being answered and serves it once the answer is sent, in order. (A request
+    arriving while another is being answered is pymodbus' own race; the gateway's client never
+    sends one.) Built on first use: the simulator imports pymodbus only when it serves.
+    """
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.server.requesthandler import ServerRequestHandler
+
+    class PipelinedHandler(ServerRequestHandler):
+        async def handle_request(self) -> None:
+            following = self.recv_buffer  # `send` empties the buffer: keep what came after this request
+            await super().handle_request()
+            self.recv_buffer = following + self.recv_buffer
+            if self.recv_buffer:  # the next request of the same segment: frame and answer it
+                self.datagram_received(b"", None)
+
+    class PipelinedTcpServer(ModbusTcpServer):
+        def callback_new_connection(self) -> ServerRequestHandler:
+            return PipelinedHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+    return PipelinedTcpServer
+
+
+def _PipelinedTcpServer(*args: Any, **kwargs: Any) -> Any:
+    return _pipelined_server_class()(*args, **kwargs)
 
 
 class SimInverterServer:
@@ -335,7 +372,7 @@ class SimInverterServer:
 
     async def start(self) -> int:
         """Listen; return the TCP port (0 for a serial line)."""
-        from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+        from pymodbus.server import ModbusSerialServer
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         block = SimData(self.map.base, values=self.map.registers(), datatype=DataType.REGISTERS)
@@ -344,7 +381,7 @@ class SimInverterServer:
             self._server = ModbusSerialServer(device, port=self.rtu, baudrate=self.baudrate,
                                               ignore_missing_devices=True)
         else:
-            self._server = ModbusTcpServer(device, address=(self.host, self.port), ignore_missing_devices=True)
+            self._server = _PipelinedTcpServer(device, address=(self.host, self.port), ignore_missing_devices=True)
         await self._server.serve_forever(background=True)
         transport = self._server.transport
         sockets = getattr(transport, "sockets", None)
