@@ -119,8 +119,7 @@ class InverterModel:
             "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
             "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
             "WMaxLimPctEnaRvrt": 0, "WMaxLimPctRvrtTms": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
-            "WSetPct": 0, "WSetPctRvrt": 0, "WRmp": round(100 * ratings.ramp_w_per_s / ratings.w_max),
-            "WRmpRef": 1, **ENTER_SERVICE_DEFAULTS,
+            "WSetPct": 0, "WSetPctRvrt": 0, "WRmp": None, "WRmpRef": 1, **ENTER_SERVICE_DEFAULTS,
         }
         self.last_refresh = now
         self.limit_refresh = now  # the WMaxLimPct revert function's last refresh
@@ -251,7 +250,7 @@ class InverterModel:
         return limited
 
     def ramp_w_per_s(self) -> float:
-        """The normal ramp-up rate: 704 `WRmp` (% of WMax per second), as written."""
+        """The normal ramp-up rate: 704 `WRmp` (% of WMax per second) once written, else the rating's."""
         rate = float(self.controls.get("WRmp") or 0)
         return rate / 100.0 * self.ratings.w_max if rate > 0 else self.ratings.ramp_w_per_s
 
@@ -308,7 +307,8 @@ class InverterModel:
         if model_id == 704:
             c = self.controls
             return {**sf, **c, "WSetRvrtRem": int(math.ceil(self.revert_remaining_s())),
-                    "WMaxLimPctRvrtRem": int(math.ceil(self.limit_revert_remaining_s()))}
+                    "WMaxLimPctRvrtRem": int(math.ceil(self.limit_revert_remaining_s())),
+                    "WRmp": c["WRmp"] if c["WRmp"] is not None else round(100 * r.ramp_w_per_s / r.w_max)}
         if model_id == 703:
             return {**sf, **{k: self.controls[k] for k in ENTER_SERVICE_DEFAULTS},
                     "ESDlyRemTms": int(math.ceil(self.enter_service_remaining_s()))}

@@ -124,7 +124,7 @@ def test_a_request_refused_while_starting_becomes_improvable_when_data_arrives()
     assert answer_of(r, "s").reason is ReasonCode.NO_DATA
     assert improvable(r.controller, 0.0) == frozenset()
     c = step(r.controller, both(0.5), 0.5).controller
-    assert improvable(c, 0.5) == {"s"} and telemetry(c, 0.5).improvable == {"s"}
+    assert improvable(c, 0.5) == {"s"} and telemetry(c, 0.5).improvable == ("s",)
     again = replace(c.book.find("s").request, revision=1, received_at=0.5)
     r = step(c, [again], 0.5)
     assert answer_of(r, "s").verdict is Verdict.ACCEPTED and improvable(r.controller, 0.5) == frozenset()

@@ -72,7 +72,7 @@ class ScriptedSink:
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
                          setpoint_w=0.0, available_wh=40_000.0, active_event_id=None, refusal=self.refusal,
-                         improvable=self.improvable)
+                         improvable=tuple(self.improvable))
 
     def now(self) -> float:
         return time.time()

@@ -83,7 +83,7 @@ class ScriptedSink:
         self.received: list[DispatchRequest | DispatchCancel | SiteLimit] = []
         self.notes: list[tuple[str, dict]] = []
         self.refusal: tuple[ReasonCode, str] | None = None
-        self.improvable: frozenset[str] = frozenset()
+        self.improvable: tuple[str, ...] = ()
 
     async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
         self.received.append(item)
@@ -95,7 +95,7 @@ class ScriptedSink:
         return Telemetry(at=self.t, mode=self.mode, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
                          setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None,
                          refusal=self.refusal[0] if self.refusal else None,
-                         refusal_detail=self.refusal[1] if self.refusal else "", improvable=self.improvable,
+                         refusal_detail=self.refusal[1] if self.refusal else "", improvable=tuple(self.improvable),
                          site_limit_w=site)
 
     def now(self) -> float:

@@ -71,7 +71,7 @@ class Telemetry:
     refusal: ReasonCode | None = None  # why any new request would be refused now (None: the gateway can serve)
     refusal_detail: str = ""
     opted_out: bool = False  # the owner is opted out of discharge now (not counting per-event opt-outs)
-    improvable: frozenset[str] = frozenset()  # refused or capped requests a new revision would now serve better
+    improvable: tuple[str, ...] = ()  # refused or capped requests a new revision would now serve better
     site_limit_w: float | None = None  # the discharge site limit in force (config, lowered by site controllers)
     envelope_in_s: float | None = None  # the serving discharge: when the floor's envelope starts to cut it (0: now)
 
@@ -102,7 +102,7 @@ def _dispatch_view(c: Controller, now: float, serving: Booked | None) -> dict[st
     """What blocks or caps dispatch now, and what would be served better if asked again."""
     refused = refusal(c, now)
     return {"refusal": refused[0] if refused else None, "refusal_detail": refused[1] if refused else "",
-            "opted_out": c.owner.opted_out(now), "improvable": improvable(c, now),
+            "opted_out": c.owner.opted_out(now), "improvable": tuple(sorted(improvable(c, now))),
             "site_limit_w": c.site_limit_w(discharge=True), "envelope_in_s": _envelope_in_s(c, now, serving)}
 
 
