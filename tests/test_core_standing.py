@@ -177,3 +177,20 @@ def test_a_cancel_journals_the_reason_its_source_gave():
                  Tick(1.0)], 1.0)
     [ended] = [e for e in r.events if isinstance(e, DispatchEnded)]
     assert ended.reason == "cancelled by test: implicitly cancelled: missing from the VTN's distribution"
+
+
+def test_site_limits_cancel_reasons_and_the_enter_service_delay_replay_from_the_journal_exactly():
+    """What issue 12 added to the core's inputs is journaled with the steps: a replay decides the same."""
+    from firmware_py.core.replay import replay
+    from firmware_py.journal.steps import decode_batch, encode_batch
+
+    start = ready(0.0)
+    steps = [(1.0, (*both(1.0), discharge("e", 1.0, 1.0, math.inf))),
+             (2.0, (SiteLimit(2.0, "sunspec", 1_000.0), *both(2.0))),
+             (3.0, (SiteLimit(3.0, "sunspec", None), *both(3.0, enter_service_s=42.0))),
+             (4.0, (DispatchCancel("e", "test", 4.0, "implicitly cancelled"), *both(4.0)))]
+    live = list(replay(start, steps))
+    again = list(replay(start, decode_batch(encode_batch(steps))))
+    assert [r.events for r in again] == [r.events for r in live]
+    assert [r.command for r in again] == [r.command for r in live]
+    assert live[1].command.reason == "clamped: site limit" and live[2].command.reason.startswith("enter service")
