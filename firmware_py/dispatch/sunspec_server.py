@@ -581,6 +581,8 @@ class SunSpecDerServer:
         limit = self.controls.site_limit_w(ratings)
         if limit != self.site_limit_w:
             self.site_limit_w = limit
+            log.info("SunSpec WMaxLimPct: %s for every source's requests",
+                     "site limit lifted" if limit is None else f"site limit {limit:.0f} W")
             await sink.submit(SiteLimit(sink.now(), SOURCE, limit))
         wanted = self.controls.wanted(ratings)
         s = self.session
