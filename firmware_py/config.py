@@ -102,6 +102,10 @@ class JournalConfig:
     path: str = spec("journal.sqlite", path=True)
     busy_timeout_s: float = spec(5.0, lo=0.01, hi=60, doc="how long a write waits for a lock before it fails "
                                  "(then dispatch is refused until the journal writes again)")
+    segment_mb: float = spec(64, lo=1, hi=4_096, doc="the live file is archived and a new segment started "
+                             "once it is this large (MB); start-up reads the live segment only")
+    retain_days: float = spec(400, lo=1, hi=36_500, doc="archived segments whose newest record is older than "
+                              "this are deleted (the deletion is recorded in the chain)")
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ class Service:
             ("final step", lambda: gateway.feed(Tick(gateway.now()))),
             ("journal", lambda: gateway.flush_journal(final=True)),
             ("open events", self._end_open_events),
+            ("journal queue", self._report_unwritten),
             ("inverter link", gateway.inverter.close),
             ("owner API", self.owner_api.stop if self.owner_api is not None else _nothing),
             ("assembly", self.assembly.close),
@@ -183,6 +184,11 @@ class Service:
     def _stop_intake(self) -> None:
         if self.notifier is not None:
             self.notifier.stop()
+
+    def _report_unwritten(self) -> None:
+        """Records still queued now are lost with the process: the journal failed to the end. Say how many."""
+        if left := self.gateway.unwritten():
+            log.error("journal still failing at the stop: %d queued records are lost", left)
 
     async def _end_open_events(self) -> None:
         last = await self.gateway.inverter.read_status()

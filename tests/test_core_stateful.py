@@ -214,6 +214,8 @@ class GatewayWorld(RuleBasedStateMachine):
                 assert c.mode is Mode.BACKUP, f"discharging in {c.mode}"
         if w < 0:
             assert -w <= b.max_charge_w + 1e-6 and -w <= self.policy.max_charge_w + 1e-6
+        if c.journal_failing():
+            assert w == 0 or c.mode is Mode.BACKUP, f"{w} W in {c.mode} while the journal fails"
         for e in result.events:
             if isinstance(e, FaultCleared) and e.kind in INJECTED:
                 assert self.now - self.last_present[e.kind] >= self.policy.fault_holdoff_s - 1e-9, \

@@ -27,6 +27,9 @@ class RecordKind(StrEnum):
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
+    # the journal's own housekeeping: where a segment begins (after a rotation), which were pruned
+    SEGMENT_START = "SegmentStart"
+    SEGMENT_PRUNED = "SegmentPruned"
     # notes: what a source refused before it became a request, and run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
     BENCH_RUN = "BenchRun"
