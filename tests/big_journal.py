@@ -1,5 +1,9 @@
 """A journal of any length, built fast: valid chained rows written with batched inserts.
 
+The journal is one file as a gateway before segments and anchors left it (schema
+version 1): the flood of the hardening issue, which the new gateway must open,
+rotate and anchor without reading it whole.
+
 Appending a million records one by one through `Journal.append` would take minutes;
 the memory tests need the file, not the path that wrote it. Every row here is what
 `Journal.append` would have written (same canonical payload text, same hash), so
@@ -13,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from firmware_py.core import types as t
-from firmware_py.journal import Journal, codec
+from firmware_py.journal import Journal, codec, files
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.store import GENESIS_HASH, record_hash
 
@@ -35,14 +39,25 @@ def _rows(count: int, start_at: float) -> Iterator[tuple[str, float, str]]:
                                    meter_total_wh=10_000 + round(i * 0.001, 3))
             yield str(RecordKind.EVENT_ENERGY), at, codec.canonical(codec.jsonable(energy))
             continue
-        note = {"client": f"192.168.1.{i % 250}", "function": 6, "register": 40_000 + i % 700, "count": 1,
-                "exception": "ILLEGAL_ADDRESS", "reason": "unit 2 is not this DER (refused by the Modbus layer)"}
-        yield str(RecordKind.SUNSPEC_WRITE_REFUSED), at, codec.canonical(note)
+        yield str(RecordKind.SUNSPEC_WRITE_REFUSED), at, _note_text(i)
+
+
+def _note(i: int) -> dict:
+    return {"client": f"192.168.1.{i % 250}", "function": 6, "register": 40_000 + i % 700, "count": 1,
+            "exception": "ILLEGAL_ADDRESS", "reason": "unit 2 is not this DER (refused by the Modbus layer)"}
+
+
+def _note_text(i: int) -> str:
+    """`codec.canonical(_note(i))`, spelled out: a million of them through the generic walk take seconds."""
+    return (f'{{"client":"192.168.1.{i % 250}","count":1,"exception":"ILLEGAL_ADDRESS","function":6,'
+            f'"reason":"unit 2 is not this DER (refused by the Modbus layer)","register":{40_000 + i % 700}}}')
 
 
 def build(path: Path, count: int, *, start_at: float = 1_700_000_000.0, wall: float = 1_700_000_000.0) -> str:
     """Write a journal of `count` records at `path` (a new file); returns the head hash."""
+    assert all(_note_text(i) == codec.canonical(_note(i)) for i in (0, 1, 999))
     Journal.open(path).close()  # the schema and markers, exactly as the gateway creates them
+    files.key_path(path).unlink()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = OFF")  # a test fixture: durability is not what is measured
@@ -60,6 +75,7 @@ def build(path: Path, count: int, *, start_at: float = 1_700_000_000.0, wall: fl
     conn.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?)", batch)
     conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
     conn.execute("COMMIT")
+    conn.execute("PRAGMA user_version = 1")  # as a gateway before anchors left it: no anchor file to match
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     return prev

@@ -234,7 +234,7 @@ def check(path: Path, segment: int, hash_at: Callable[[int], str | None], last_s
     """
     result = AnchorCheck()
     name = path.name
-    link, truncated_to, mismatched = GENESIS_LINK, None, []
+    link, truncated_to, mismatched, first_key = GENESIS_LINK, None, [], None
     for number, line in _lines(path):
         result.lines = number
         anchor = _parse(line)
@@ -245,6 +245,11 @@ def check(path: Path, segment: int, hash_at: Callable[[int], str | None], last_s
         if anchor.prev != link:
             result.problems.append(f"{name}: line {number} does not follow the line before it "
                                    "(anchor lines were removed, inserted or edited)")
+        first_key = first_key or anchor.key
+        if anchor.key != first_key:
+            result.problems.append(f"{name}: line {number} is signed by another key than the lines before it "
+                                   "(the anchor key was replaced)")
+            first_key = anchor.key
         if anchor.segment != segment:
             result.problems.append(f"{name}: line {number} names segment {anchor.segment}, not {segment}")
         if anchor.seq > last_seq:

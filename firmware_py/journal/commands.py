@@ -75,9 +75,9 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
     if newest is None:
         lines.append("anchor: none (a journal written before anchors, or an empty one)")
     else:
-        how = "checked against the key file" if verdict.key_checked else \
-            "the key file is not readable here: checked against the key the anchors name"
-        lines.append(f"anchor: newest at {describe_anchor(newest)}, key {newest.key[:16]}… ({how})")
+        how = "verified with the key file" if verdict.key_checked else \
+            "verified with the anchors' own key (key file not readable here)"
+        lines.append(f"anchor: newest at {describe_anchor(newest)}, key {newest.key[:16]}…, {how}")
     return lines
 
 
@@ -107,7 +107,7 @@ def _print_text(events: list[EventSummary], verdict: ChainReport) -> None:
             timeline.add_row(_time(entry.at), str(entry.seq), entry.kind, entry.text)
         console.print(timeline, markup=False)
     for line in anchor_lines(verdict):
-        console.print(line, markup=False)
+        console.print(line, markup=False, soft_wrap=True)
     console.print(chain_line(verdict.records, verdict.problems), markup=False)
     for problem in verdict.problems:
         console.print(f"  - {problem}", markup=False)

@@ -391,8 +391,12 @@ class Journal:
         return [(str(item.get("kind")), item.get("payload") or {}) for item in carry if isinstance(item, dict)]
 
     def size_bytes(self) -> int:
-        """The segment's size on disk, its write-ahead log included."""
-        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        """The segment's size as a database (what it will take as an archive), committed pages included
+        whether or not they have reached the main file yet (the write-ahead log is reused, not a measure)."""
+        with self._lock:
+            (pages,), = self._read("PRAGMA page_count")
+            (page_size,), = self._read("PRAGMA page_size")
+        return int(pages) * int(page_size)
 
     def verify(self) -> list[str]:
         """Every way the stored chain differs from what was appended; empty when intact."""
@@ -545,9 +549,11 @@ class Journal:
                 newest = {k: record.payload.get(k) for k in ("segment", "file", "last_seq", "last_hash")}
         return newest
 
-    def prune(self, at: float, older_than_wall: float) -> list[Path]:
-        """Delete archived segments whose newest record is older than `older_than_wall`, oldest first,
-        each after a `SegmentPruned` record (its head) is committed: pruning is in the chain, deleting is not."""
+    def prune(self, at: float, retain_s: float) -> list[Path]:
+        """Delete archived segments whose newest record is more than `retain_s` old (wall clock), oldest
+        first, each after a `SegmentPruned` record (its head) is committed: pruning is in the chain,
+        deleting is not."""
+        older_than_wall = float(self._wall_clock()) - retain_s
         pruned: list[Path] = []
         for archive in files.archives(self.path):
             tail = _segment_tail(archive.path)
@@ -629,7 +635,7 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 def _write_segment(path: Path, at: float, wall: float, start: dict[str, Any], prev_seq: int, prev_hash: str) -> None:
     """A new segment file holding only its `SegmentStart`, committed and synced, in rollback mode
     (no write-ahead log beside it, so renaming the file moves all of it)."""
-    text = codec.canonical(start)
+    text, at, wall = codec.canonical(start), float(at), float(wall)
     seq = prev_seq + 1
     digest = record_hash(prev_hash, seq, at, wall, str(RecordKind.SEGMENT_START), text)
     conn = sqlite3.connect(path, isolation_level=None)
