@@ -6,6 +6,9 @@ gateway in a garage runs. Assembling opens what the configuration names (the
 journal and the CAN bus) and starts nothing: running is the service's job
 (`service.py`), or the simulation's, which reads the same bus in lock-step.
 
+Time comes in here too, once: the pair of clocks (`firmware_py/clocks.py`) that
+every part shares, the monotonic one for the core and the wall one for people.
+
 Dispatch sources come from `INTEGRATIONS`, keyed by their configuration
 section the way python-can picks a transport by name: a new protocol adds one
 entry here and a section to the config, and nothing in the gateway or the
@@ -20,17 +23,22 @@ from typing import Any, Protocol
 
 import can
 
+from firmware_py.addresses import parse_host_port
 from firmware_py.bms.bus import open_bus
+from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
+from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
+from firmware_py.errors import InputError
+from firmware_py.files import regular_or_absent
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
-from firmware_py.owner.store import OwnerStore
-
-Clock = Callable[[], float]
+from firmware_py.links import Link
+from firmware_py.owner.access import parse_listen
+from firmware_py.owner.store import OwnerStore, on_clock
 
 
 class Integration(Protocol):
@@ -43,19 +51,44 @@ class Integration(Protocol):
 def _openadr(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.openadr import OpenAdrVen
 
-    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w)
+    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
+                      to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
+
+
+def _check_openadr(config: Config) -> list[str]:
+    from firmware_py.dispatch.openadr import check
+
+    return check(config.dispatch.openadr)
 
 
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
-    return SunSpecDerServer(config.dispatch.sunspec_server)  # ratings and meters from the gateway's telemetry
+    # Ratings and meters from the gateway's telemetry; session ids stamped in wall time, unique across boots.
+    return SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
+                            link=gateway.links.handle(Link.SUNSPEC_SERVER))
 
 
-# Config section -> how to build its integration. Each section has `enabled`; off unless true.
-INTEGRATIONS: dict[str, Callable[[Config, Gateway], Integration]] = {
-    "dispatch.openadr": _openadr,
-    "dispatch.sunspec_server": _sunspec_server,
+def _check_sunspec_server(config: Config) -> list[str]:
+    from firmware_py.dispatch.sunspec_server import parse_allow_list
+
+    served = config.dispatch.sunspec_server
+    return _problems(lambda: parse_host_port(served.listen, "dispatch.sunspec_server.listen"),
+                     lambda: parse_allow_list(list(served.allow_write_from)))
+
+
+@dataclass(frozen=True)
+class IntegrationKind:
+    """How to build an integration from its config section, and what to check before anything opens."""
+
+    build: Callable[[Config, Gateway], Integration]
+    check: Callable[[Config], list[str]]
+
+
+# Config section -> its integration. Each section has `enabled`; off unless true.
+INTEGRATIONS: dict[str, IntegrationKind] = {
+    "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
+    "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
 }
 
 
@@ -69,7 +102,7 @@ def section(config: Config, name: str) -> Any:
 
 def integration(name: str, config: Config, gateway: Gateway) -> Integration:
     """One integration built from its section, whether or not the config enables it (the bench asks)."""
-    return INTEGRATIONS[name](config, gateway)
+    return INTEGRATIONS[name].build(config, gateway)
 
 
 @dataclass
@@ -79,32 +112,80 @@ class Assembly:
     config: Config
     gateway: Gateway
     store: OwnerStore
-    bus: can.BusABC
+    can_link: CanLink
     integrations: dict[str, Integration]
+
+    @property
+    def bus(self) -> can.BusABC:
+        """The CAN bus open now (the link may have reopened it since assembling)."""
+        if self.can_link.bus is None:
+            raise RuntimeError("the CAN bus is closed (being reopened, or the assembly was closed)")
+        return self.can_link.bus
 
     def close(self) -> None:
         """Release what assembling opened (the service has stopped what it started)."""
-        self.bus.shutdown()
+        self.can_link.close()
         self.gateway.journal.close()
 
 
-def assemble(config: Config, clock: Clock, *, owner: OwnerSettings | None = None) -> Assembly:
+def check(config: Config) -> None:
+    """Every check `assemble` needs passed before it opens anything; InputError listing each problem.
+
+    `check-config` runs exactly this, so a file it calls valid is one `run` starts with:
+    the DBC and the signal map, every listen address and allow list, the files the
+    gateway keeps (journal, owner settings, token), each enabled integration's own.
+    """
+    problems = _problems(lambda: reader_from_config(config, lambda: 0.0),
+                         lambda: parse_listen(config.owner.api_listen))
+    for path, what in ((config.journal.path, "journal"), (config.owner.settings_file, "owner settings file"),
+                       (config.owner.token_file, "owner API token file")):
+        if problem := regular_or_absent(path, what):
+            problems.append(problem)
+    for name, kind in INTEGRATIONS.items():
+        if section(config, name).enabled:
+            problems += kind.check(config)
+    if problems:
+        raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def _problems(*checks: Callable[[], object]) -> list[str]:
+    """Run each check; collect what they refuse (InputError) instead of stopping at the first."""
+    problems: list[str] = []
+    for run_check in checks:
+        try:
+            run_check()
+        except InputError as err:
+            problems += err.problems
+    return problems
+
+
+def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | None = None) -> Assembly:
     """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
 
-    `clock` is the gateway's clock (the real one in `run`, the simulated one in the
-    bench). `owner` overrides the persisted owner settings (a scenario says its own).
+    `clocks` is the gateway's pair of clocks (`Clocks.system()` in `run`); a bare clock
+    serves as both (the bench's simulated time, a test's number). `owner` overrides the
+    persisted owner settings (a scenario says its own), on the core's time base.
     """
+    check(config)
+    clocks = as_clocks(clocks)
+    clock = clocks.monotonic
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
     reader = reader_from_config(config, clock)
-    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s)
+    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
+                           wall_clock=clocks.wall)
     try:
-        gateway = Gateway(config, clock, reader, InverterClient(config.inverter, clock), journal,
-                          owner if owner is not None else store.load(clock()))
-        bus = open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
-                       filters=reader.can_filters(), bitrate=config.can.bitrate)
+        saved = owner if owner is not None else on_clock(store.load(clocks.wall()), clocks.to_core)
+        gateway = Gateway(config, clocks, reader, InverterClient(config.inverter, clock), journal, saved)
+
+        def opener() -> can.BusABC:
+            return open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
+                            filters=reader.can_filters(), bitrate=config.can.bitrate)
+
+        link = CanLink(opener, reader, clock, silence_s=gateway.policy.bms_timeout_s,
+                       stall_gap_s=gateway.policy.stall_gap_s, link=gateway.links.handle(Link.BMS))
     except BaseException:
         journal.close()
         raise
     enabled = {name: integration(name, config, gateway) for name in INTEGRATIONS
                if section(config, name).enabled}
-    return Assembly(config, gateway, store, bus, enabled)
+    return Assembly(config, gateway, store, link, enabled)

@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from firmware_py.errors import InputError
+from firmware_py.quoting import printable
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from firmware_py import config, service
+    from firmware_py import service, status
     from firmware_py.bms import commands as bms_commands
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('powershare-gw')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (config, service, bms_commands, inverter_commands, journal_commands, owner_commands,
+    for module in (service, status, bms_commands, inverter_commands, journal_commands, owner_commands,
                    sim_command, bench):
         module.register(sub)
     return parser
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args))
     except InputError as err:
         for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {printable(problem)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_CHECK_FAILED

@@ -19,6 +19,12 @@ path, after the command: a slow disk never delays a safe stop. After a write
 the gateway keeps the journal in shape: it rotates the live segment past
 `[journal] segment_mb` (carrying the open events' accounts, which the core
 names) and prunes archives past `retain_days`.
+
+Time: the core runs on the monotonic clock of `clocks` (`self.clock`); each journal
+record also gets its instant on the wall clock, for people. Watching for stalls
+(`watch_stalls`, on in `run`): when a step comes longer than the policy's
+`stall_gap_s` after the one before, the gateway itself was paused; the step then
+carries a `Stall`, and the core decides what that means (see `core/machine.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 import can
 
 from firmware_py.bms.reader import BmsReader
+from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step, telemetry
 from firmware_py.core.energy import close_after_restart, open_events, still_open
@@ -46,6 +53,7 @@ from firmware_py.core.types import (
     InverterStatus,
     JournalHealth,
     OwnerSettings,
+    Stall,
     Tick,
 )
 from firmware_py.inverter.client import InverterClient
@@ -56,11 +64,13 @@ from firmware_py.journal.steps import (
     StepRecorder,
     start_payload,
 )
+from firmware_py.links import Link, LinkBook
+from firmware_py.status import status_document
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings)
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, Stall)
 MAINTAIN_RETRY_S = 60.0
 """After a rotation that could not be done (a reader holds the file, the disk is full), wait this long."""
 PRUNE_EVERY_S = 3_600.0
@@ -69,10 +79,12 @@ PRUNE_EVERY_S = 3_600.0
 class Gateway:
     """One gateway: core state, its inputs and outputs. Implements DispatchSink and OwnerPort."""
 
-    def __init__(self, config: Config, clock: Callable[[], float], reader: BmsReader,
+    def __init__(self, config: Config, clocks: Clocks, reader: BmsReader,
                  inverter: InverterClient, journal: Journal, owner: OwnerSettings | None = None):
         self.config = config
-        self.clock = clock
+        self.clocks = clocks
+        self.clock = clocks.monotonic
+        clock = self.clock
         self.reader = reader
         self.inverter = inverter
         self.journal = journal
@@ -86,12 +98,18 @@ class Gateway:
         self._pending: list[Any] = [(START_KIND, now, start_payload(self.policy, self.controller.owner, now))]
         self._maintain_after = now  # the gateway clock: when rotation and pruning are next looked at
         self._prune_after = now
+        self.links = LinkBook(clock, self.note)
+        self.watch_stalls = False
+        self.resync_wanted = asyncio.Event()
+        """Set when a stall was seen: the service reads the inverter again at once."""
 
     # ------------------------------------------------------------------ core
 
     def feed(self, *inputs: Input) -> StepResult:
         """Step the core with `inputs` now; queue what must be journaled; wake the command writer."""
         now = self.clock()
+        if self.watch_stalls:
+            inputs = self._noticing_stall(now, inputs)
         result = step(self.controller, inputs, now)
         batch = self.steps.record(now, inputs)
         if batch is not None:
@@ -104,6 +122,17 @@ class Gateway:
         for observer in self.observers:
             observer(result)
         return result
+
+    def _noticing_stall(self, now: float, inputs: tuple[Input, ...]) -> tuple[Input, ...]:
+        """`inputs`, led by a `Stall` when this step comes too long after the last one."""
+        last = self.controller.last_step_at
+        if last is None or now - last <= self.policy.stall_gap_s:
+            return inputs
+        gap = now - last
+        log.warning("the gateway itself stalled for %.2f s (its process or machine paused): "
+                    "holding 0 W until fresh BMS and inverter data; not counted as a vehicle fault", gap)
+        self.resync_wanted.set()
+        return (Stall(now, gap), *inputs)
 
     def now(self) -> float:
         return self.clock()
@@ -133,6 +162,10 @@ class Gateway:
     async def poll_inverter(self) -> InverterStatus:
         status = await self.inverter.read_status()
         self.feed(status)
+        if status.comms_ok:
+            self.links.good(Link.INVERTER, status.received_at)
+        else:
+            self.links.lost(Link.INVERTER, status.error or "no answer")
         return status
 
     async def write_command(self) -> None:
@@ -149,6 +182,11 @@ class Gateway:
 
     def telemetry(self) -> Telemetry:
         return telemetry(self.controller, self.clock())
+
+    def status(self) -> dict[str, Any]:
+        """The live state as `powershare-gw status` and `GET /api/status` show it."""
+        now = self.clock()
+        return status_document(telemetry(self.controller, now), self.links.view(now), self.clocks.to_wall(now))
 
     def note(self, kind: RecordKind, payload: dict) -> None:
         self._pending.append((kind, self.clock(), payload))
@@ -183,12 +221,14 @@ class Gateway:
         if not pending:
             return None
         try:
+            offset = self.clocks.offset()  # each record's instant for people, on the wall clock
             with self.journal.batch():
                 for item in pending:
                     if isinstance(item, tuple):
-                        self.journal.append(*item)
+                        kind, at, payload = item
+                        self.journal.append(kind, at, payload, wall=at + offset)
                     else:
-                        self.journal.append_event(item)
+                        self.journal.append_event(item, wall=codec.event_time(item) + offset)
         except JournalWriteError as err:
             return err
         self._maintain()

@@ -8,12 +8,41 @@ fixes a file in one pass), and resolves relative paths against a base folder.
 
 from __future__ import annotations
 
+import tomllib
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from firmware_py.core.types import is_finite_number
+from firmware_py.errors import InputError
+from firmware_py.files import read_text
+from firmware_py.quoting import shown, shown_text
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The table in a TOML file (a regular file of bounded size); InputError otherwise."""
+    try:
+        text = read_text(path, what)
+    except FileNotFoundError:
+        raise InputError(f"{path}: cannot read the {what}: no such file") from None
+    return parse_toml(text, str(path))
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text as a table; every way the parser can give up is one clear InputError.
+
+    tomllib raises ValueError beyond its own TOMLDecodeError for integers of more
+    than 4,300 digits, and RecursionError for arrays nested thousands deep.
+    """
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{source}: not valid TOML: {shown_text(str(err), 200)}") from None
+    except ValueError:
+        raise InputError(f"{source}: not valid TOML: a number has more than 4,300 digits") from None
+    except RecursionError:
+        raise InputError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -35,19 +64,19 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         if not isinstance(value, list):
             return f"expected a list, got {type(value).__name__}"
         bad = [v for v in value if _type_problem(v, item)]
-        return f"list items must be {item.__name__}, got {bad[0]!r}" if bad else None
+        return f"list items must be {item.__name__}, got {shown(bad[0])}" if bad else None
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             return "expected a table of strings"
         return None
     if hint is bool:
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+        return None if isinstance(value, bool) else f"expected true or false, got {shown(value)}"
     if hint is float:
-        return None if is_finite_number(value) else f"expected a finite number, got {value!r}"
+        return None if is_finite_number(value) else f"expected a finite number, got {shown(value)}"
     if hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"expected an integer, got {value!r}"
-    return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {value!r}"
+        return None if ok else f"expected an integer, got {shown(value)}"
+    return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {shown(value)}"
 
 
 def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, problems: list[str]) -> Any:
@@ -56,7 +85,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
     known = {f.name: f for f in fields(cls) if f.init and f.name != "source"}
     for key in table:
         if key not in known:
-            problems.append(f"{prefix}{key}: unknown key (expected one of: {', '.join(known)})")
+            problems.append(f"{prefix}{shown_text(key)}: unknown key (expected one of: {', '.join(known)})")
     values: dict[str, Any] = {}
     for name, f in known.items():
         key = f"{prefix}{name}"
@@ -69,7 +98,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
             if isinstance(value, dict):
                 values[name] = load_table(hint, value, f"{key}.", base, problems)
             else:
-                problems.append(f"{key}: expected a table, got {value!r}")
+                problems.append(f"{key}: expected a table, got {shown(value)}")
             continue
         item = _table_list_item(hint)
         if item is not None:
@@ -77,7 +106,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
                 values[name] = tuple(load_table(item, v, f"{key}[{i}].", base, problems)
                                      for i, v in enumerate(value))
             else:
-                problems.append(f"{key}: expected an array of tables ([[{key}]]), got {value!r}")
+                problems.append(f"{key}: expected an array of tables ([[{key}]]), got {shown(value)}")
             continue
         problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
         if problem:
@@ -103,7 +132,7 @@ def _table_list_item(hint: Any) -> type | None:
 def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices and value not in choices:
-        return f"must be one of {', '.join(choices)}, got {value!r}"
+        return f"must be one of {', '.join(choices)}, got {shown(value)}"
     if lo is not None and value < lo or hi is not None and value > hi:
-        return f"{value} is out of range ({lo} to {hi})"
+        return f"{shown(value)} is out of range ({lo} to {hi})"
     return None

@@ -11,8 +11,13 @@ Paths through it:
   hops to the loop → `Gateway.on_snapshot` → the writer wakes at once (a fault
   frame reaches the inverter without waiting for a tick);
 - every `tick_s` → `Gateway.tick`, and the writer at least that often (refreshes);
-- every `poll_interval_s` → `Gateway.poll_inverter`;
+- every `tick_s` → the CAN link looks at itself and reopens a broken bus (`bms/link.py`);
+- every `poll_interval_s` → `Gateway.poll_inverter` (at once after a stall: resync);
 - every `journal_flush_s` → queued journal records are written off the loop.
+
+Time: `run` assembles with `Clocks.system()`: the core on the monotonic clock, wall
+time only for people (`firmware_py/clocks.py`). The gateway watches its own
+steps for stalls (a gap longer than the policy's `stall_gap_s`).
 """
 
 from __future__ import annotations
@@ -21,24 +26,23 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import can
-
-from firmware_py.assembly import Assembly, Integration, assemble
-from firmware_py.bms.reader import BmsListener
+from firmware_py.assembly import Assembly, Integration, assemble, check
+from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode
 from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
+from firmware_py.narration import Narrator, configure_logging
 from firmware_py.owner.api import OwnerApi
 
 log = logging.getLogger(__name__)
@@ -81,10 +85,10 @@ class Service:
         self.gateway: Gateway = assembly.gateway
         self.options = options
         self.systemd = systemd or Systemd()
-        self.owner_api = OwnerApi(assembly.config.owner, self.gateway, store=assembly.store) \
-            if options.owner_api else None
+        self.owner_api = OwnerApi(assembly.config.owner, self.gateway, store=assembly.store,
+                                  clocks=self.gateway.clocks) if options.owner_api else None
         self.tasks: list[asyncio.Task[Any]] = []
-        self.notifier: can.Notifier | None = None
+        self.gateway.observers.append(Narrator(self.gateway.clocks))
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -101,15 +105,20 @@ class Service:
         closed = gateway.close_open_events(first.tot_wh_inj if first.comms_ok else None)
         if closed:
             log.warning("ended events left open by the last run: %s", ", ".join(closed))
-        self.notifier = start_can_intake(self.assembly.bus, gateway, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.assembly.can_link.start(lambda snapshot: loop.call_soon_threadsafe(gateway.on_snapshot, snapshot))
+        gateway.feed(Tick(gateway.now()))  # start-up's slow parts (the journal read) are behind this step:
+        gateway.watch_stalls = True  # from here on, a long gap between steps is the gateway's own stall
         periodic: list[tuple[str, float, Callable[[], Any]]] = [
             ("tick", self.options.tick_s, gateway.tick),
-            ("poll", config.inverter.poll_interval_s, gateway.poll_inverter),
+            ("CAN link", self.options.tick_s, self.assembly.can_link.supervise),
             ("journal", self.options.journal_flush_s, gateway.flush_journal_async),
         ]
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))
         self.tasks = [asyncio.create_task(every(period, action), name=name) for name, period, action in periodic]
+        self.tasks.append(asyncio.create_task(
+            every(config.inverter.poll_interval_s, gateway.poll_inverter, wake=gateway.resync_wanted), name="poll"))
         self.tasks.append(asyncio.create_task(command_writer(gateway, self.options.tick_s), name="writer"))
         if self.owner_api is not None:
             self.tasks.append(asyncio.create_task(self.owner_api.run(), name="owner API"))
@@ -158,13 +167,14 @@ class Service:
 
     async def stop(self) -> None:
         """Tasks first, then the safe stop, then the journal: each step on its own so one failure skips no other."""
+        self.gateway.watch_stalls = False  # stopping takes its time; it is no stall
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (
-            ("safe stop", gateway.inverter.safe_stop),
-            ("CAN", self._stop_intake),
+            ("safe stop", self._safe_stop),
+            ("CAN", self.assembly.can_link.stop),
             ("final step", lambda: gateway.feed(Tick(gateway.now()))),
             ("journal", lambda: gateway.flush_journal(final=True)),
             ("open events", self._end_open_events),
@@ -181,9 +191,13 @@ class Service:
             except Exception:  # noqa: BLE001 - shutting down: report and go on to the next step
                 log.exception("shutdown: %s failed", what)
 
-    def _stop_intake(self) -> None:
-        if self.notifier is not None:
-            self.notifier.stop()
+    async def _safe_stop(self) -> None:
+        if await self.gateway.inverter.safe_stop():
+            log.info("safe stop: WSet = 0 written to the inverter and read back")
+        else:
+            log.warning("safe stop: the inverter could not be told (%s); its revert timer takes it to 0 W "
+                        "within %.0f s", self.gateway.inverter.last_error or "not connected",
+                        self.assembly.config.inverter.revert_timeout_s)
 
     def _report_unwritten(self) -> None:
         """Records still queued now are lost with the process: the journal failed to the end. Say how many."""
@@ -212,23 +226,20 @@ def _nothing() -> None:
     return None
 
 
-def start_can_intake(bus: can.BusABC, gateway: Gateway, loop: asyncio.AbstractEventLoop) -> can.Notifier:
-    """Frames are decoded in python-can's receive thread; each snapshot the core decides on hops to the loop.
-
-    No loop is given to the Notifier on purpose: with one, python-can re-raises a receive
-    error and its thread dies, silencing the BMS until a restart.
-    """
-    hop = lambda snapshot: loop.call_soon_threadsafe(gateway.on_snapshot, snapshot)  # noqa: E731
-    return can.Notifier(bus, [BmsListener(gateway.reader, hop)])
-
-
-async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]]) -> None:
-    """Call `action` now and then every `period_s` (after it finishes), until cancelled."""
+async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,
+                wake: asyncio.Event | None = None) -> None:
+    """Call `action` now and then every `period_s` (after it finishes), or sooner when `wake` is set,
+    until cancelled."""
     while True:
         outcome = action()
         if asyncio.iscoroutine(outcome):
             await outcome
-        await asyncio.sleep(period_s)
+        if wake is None:
+            await asyncio.sleep(period_s)
+            continue
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), period_s)
+        wake.clear()
 
 
 async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
@@ -241,7 +252,7 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
 
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM/SIGINT, then a safe stop. Returns the exit code."""
-    assembly = assemble(config, time.time)
+    assembly = assemble(config, Clocks.system())
     try:
         service = Service(assembly, options)
     except BaseException:  # a bad owner API address: nothing started, release what assembling opened
@@ -262,7 +273,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     finally:
         service.systemd.notify("STOPPING=1")
         await service.stop()
-        log.info("gateway stopped: safe stop written, journal closed")
+        log.info("gateway stopped: journal closed")
     return code
 
 
@@ -270,12 +281,26 @@ def _run_command(args: argparse.Namespace) -> int:
     from firmware_py import config as config_module
 
     config = config_module.load(args.config)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     return asyncio.run(run(config))
 
 
+def _check_config_command(args: argparse.Namespace) -> int:
+    """What `run` would check before opening a link, and the configuration it would run with."""
+    from firmware_py import config as config_module
+
+    config = config_module.load(args.file)
+    check(config)
+    print(f"# {config.source}: valid; effective configuration:")
+    print(json.dumps(config_module.as_dict(config), indent=2))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("check-config", help="validate a config file as `run` would, and print the effective "
+                                            "configuration")
+    c.add_argument("file", help="the TOML configuration file")
+    c.set_defaults(handler=_check_config_command)
     p = sub.add_parser("run", help="run the gateway (until SIGTERM or Ctrl-C, then a safe stop)")
     p.add_argument("--config", required=True, help="the TOML configuration file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

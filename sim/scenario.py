@@ -7,25 +7,33 @@ out-of-range value is reported with the file and key, then exit 2.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
+from firmware_py.sim.faults import SCENARIO_FAULT_KINDS, BmsFault
 
+from firmware_py.bms.reader import load_dbc
+from firmware_py.config import bundled_dbc
 from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
-from firmware_py.schema import load_table, spec
+from firmware_py.quoting import shown
+from firmware_py.schema import load_table, read_toml, spec
 
 VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
 
 DEFAULT = "summer-peak.toml"
+BENCH_DBC = "cybertruck_bms.dbc"
+
+MAX_RUN_S = 30 * 86_400
+"""The longest run, and so the bound of every time in a scenario (times are seconds from its start)."""
+MAX_ID_CHARS = 200
 
 
 @dataclass(frozen=True)
 class RunSection:
-    duration_s: float = spec(18_000, lo=1, hi=30 * 86_400)
+    duration_s: float = spec(18_000, lo=1, hi=MAX_RUN_S)
     step_s: float = spec(0.1, lo=0.01, hi=1.0, doc="simulated time per bench step")
     seed: int = spec(0, lo=0, hi=2**31)
     start_hour: float = spec(15.0, lo=0, hi=24, doc="time of day at t=0, for the home-load profile")
@@ -50,43 +58,44 @@ class AggregatorSection:
 
 @dataclass(frozen=True)
 class Dispatch:
-    at_s: float = spec(..., lo=0)
+    at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
     id: str = spec(...)
-    start_s: float = spec(..., lo=0)
-    duration_s: float = spec(..., lo=1)
+    start_s: float = spec(..., lo=0, hi=MAX_RUN_S)
+    duration_s: float = spec(..., lo=1, hi=MAX_RUN_S)
     target_w: float = spec(..., lo=1, hi=1_000_000)
     kind: str = spec("discharge", choices=("discharge", "charge"))
-    ramp_w_per_s: float = spec(0, lo=0, doc="0: the gateway's own ramp")
+    ramp_w_per_s: float = spec(0, lo=0, hi=1_000_000, doc="0: the gateway's own ramp")
 
 
 @dataclass(frozen=True)
 class Cancel:
-    at_s: float = spec(..., lo=0)
+    at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
     id: str = spec(...)
 
 
 @dataclass(frozen=True)
 class OwnerChange:
-    at_s: float = spec(..., lo=0)
+    at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
     reserve_pct: float = spec(-1, lo=-1, hi=100, doc="-1: unchanged")
     opt_out: bool = spec(False)
 
 
 @dataclass(frozen=True)
 class Fault:
-    at_s: float = spec(..., lo=0)
+    at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
     kind: str = spec(..., choices=SCENARIO_FAULT_KINDS)
     duration_s: float = spec(5, lo=0.01, hi=86_400)
+    message: str = spec("", doc="message_silence only: the DBC message that goes silent")
 
 
 @dataclass(frozen=True)
 class Expect:
-    min_delivered_wh: float = spec(-1, lo=-1, doc="-1: not checked; all events together")
-    max_delivered_wh: float = spec(-1, lo=-1)
-    max_floor_violations: int = spec(0, lo=0)
+    min_delivered_wh: float = spec(-1, lo=-1, hi=1e9, doc="-1: not checked; all events together")
+    max_delivered_wh: float = spec(-1, lo=-1, hi=1e9)
+    max_floor_violations: int = spec(0, lo=0, hi=10**9)
     min_soc_pct: float = spec(-1, lo=-1, hi=100)
     final_state: str = spec("")
-    max_safe_after_s: float = spec(-1, lo=-1, doc="every fault: inverter at 0 W (or backup) within this")
+    max_safe_after_s: float = spec(-1, lo=-1, hi=MAX_RUN_S, doc="every fault: inverter at 0 W (or backup) within this")
     answers: dict[str, str] = spec({}, doc="event id -> accepted | accepted_capped | rejected")
 
 
@@ -104,6 +113,12 @@ class Scenario:
     name: str = "scenario"
 
 
+@cache
+def bundled_dbc_messages() -> tuple[str, ...]:
+    """The messages the bench's BMS sends, which a `message_silence` fault may name."""
+    return tuple(m.name for m in load_dbc(bundled_dbc(BENCH_DBC)).messages)
+
+
 def bundled(name: str = DEFAULT) -> Path:
     return Path(str(resources.files("firmware_py.sim.scenarios").joinpath(name)))
 
@@ -114,12 +129,7 @@ def bundled_names() -> list[str]:
 
 def load(path: str | Path) -> Scenario:
     path = Path(path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid TOML: {err}") from None
+    table = read_toml(path, "scenario")
     problems: list[str] = []
     scenario = load_table(Scenario, table, "", path.parent, problems)
     if not problems:
@@ -136,13 +146,19 @@ def _cross_checks(s: Scenario) -> list[str]:
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"dispatch: id {dup!r} used twice")
     for i, d in enumerate(s.dispatch):
-        if not d.id.strip():
-            problems.append(f"dispatch[{i}].id: empty")
+        if not d.id.strip() or len(d.id) > MAX_ID_CHARS or not d.id.isprintable():
+            problems.append(f"dispatch[{i}].id: {shown(d.id)}: expected 1 to {MAX_ID_CHARS} printable characters")
         if d.at_s >= s.run.duration_s:
             problems.append(f"dispatch[{i}].at_s: {d.at_s} is after the run ends ({s.run.duration_s} s)")
+    messages = bundled_dbc_messages()
     for i, f in enumerate(s.fault):
         if f.at_s >= s.run.duration_s:
             problems.append(f"fault[{i}].at_s: {f.at_s} is after the run ends ({s.run.duration_s} s)")
+        if (f.kind == BmsFault.MESSAGE_SILENCE) != bool(f.message):
+            problems.append(f"fault[{i}].message: give it exactly for kind message_silence")
+        elif f.message and f.message not in messages:
+            problems.append(f"fault[{i}].message: {shown(f.message)} is not a message of the bench's DBC "
+                            f"(one of: {', '.join(messages)})")
     for i, c in enumerate(s.cancel):
         if c.id not in ids:
             problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
 from firmware_py.errors import InputError
+from firmware_py.quoting import printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,9 +68,7 @@ def _sim(args: argparse.Namespace) -> int:
     summary_path = args.summary or (Path("summary.json") if default_run else None)
     plot_path = args.plot or (Path("plot.png") if default_run else None)
     loaded = scenario.load(_scenario_path(args.scenario))
-    for path in (summary_path, plot_path, args.trace, args.journal):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise InputError(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
+    _check_outputs([summary_path, plot_path, args.trace, args.journal], plot_path)
     speed = 1.0 if args.realtime else args.speed
     if speed is not None and speed <= 0:
         raise InputError(f"--speed: must be > 0, got {speed}")
@@ -89,6 +89,28 @@ def _sim(args: argparse.Namespace) -> int:
     print(f"journal: {outcome.summary['journal']}  (verify: powershare-gw report --journal "
           f"{outcome.summary['journal']})")
     return 0 if outcome.passed else 1
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _check_outputs(paths: list[Path | None], plot_path: Path | None) -> None:
+    """Every file the run will write is writable where asked, checked before an hour-long run, not after."""
+    problems = []
+    for path in filter(None, paths):
+        if path.is_dir():
+            problems.append(f"{path}: is a folder; give a file name")
+        elif not path.resolve().parent.is_dir():
+            problems.append(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
+    if plot_path is not None:
+        if plot_path.suffix.lower() not in PLOT_FORMATS:
+            problems.append(f"{plot_path}: --plot draws {', '.join(PLOT_FORMATS)} files, "
+                            f"not {plot_path.suffix or 'a file without a suffix'}")
+        if importlib.util.find_spec("matplotlib") is None:
+            problems.append(f"{plot_path}: cannot draw the plot: matplotlib is not installed "
+                            "(pip install 'powershare-gw[plot]')")
+    if problems:
+        raise InputError(problems)
 
 
 async def _run(loaded, args: argparse.Namespace, speed: float | None):
@@ -113,19 +135,25 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
 
 def _report(outcome, loaded) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    def plain(text: object) -> str:
+        """Event ids and answers came from an aggregator: inert on the terminal, never markup."""
+        return escape(printable(str(text)))
+
     s = outcome.summary
-    table = Table(title=f"scenario {loaded.name}: {s['sim_s'] / 3600:.2f} h simulated in {s['wall_s']:.1f} s "
+    table = Table(title=f"scenario {plain(loaded.name)}: {s['sim_s'] / 3600:.2f} h simulated in {s['wall_s']:.1f} s "
                         f"({s['speed_x']}x)")
     table.add_column("what")
     table.add_column("value")
     for event_id, wh in s["delivered_wh"].items():
         detail = s["answer_details"].get(event_id) or {}
-        table.add_row(f"event {event_id}", f"{wh / 1000:.2f} kWh delivered ({detail.get('text', 'no answer')})")
+        table.add_row(plain(f"event {event_id}"), plain(f"{wh / 1000:.2f} kWh delivered "
+                                                         f"({detail.get('text', 'no answer')})"))
     for event_id, detail in s["answer_details"].items():
         if detail and event_id not in s["delivered_wh"]:
-            table.add_row(f"event {event_id}", detail["text"])
+            table.add_row(plain(f"event {event_id}"), plain(detail["text"]))
     table.add_row("SoC", f"min {s['min_soc_pct']:.2f} %, final {s['final_soc_pct']:.2f} %")
     table.add_row("floor violations", str(s["floor_violations"]))
     for f in s["faults"]:
@@ -133,7 +161,7 @@ def _report(outcome, loaded) -> None:
                       f"detected after {f['detected_after_s']} s, safe after {f['safe_after_s']} s")
     table.add_row("final state", s["final_state"])
     for name, ok, detail in outcome.checks:
-        table.add_row(f"check: {name}", f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {detail}")
+        table.add_row(plain(f"check: {name}"), f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {plain(detail)}")
     Console().print(table)
 
 

@@ -28,7 +28,7 @@ from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
 from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
-from firmware_py.sim.scenario import Scenario
+from firmware_py.sim.scenario import BENCH_DBC, Scenario
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
@@ -126,7 +126,7 @@ class Simulation:
         self.channel = f"powershare-bench-{next(_channels)}"
         self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
                                ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
-        dbc = bundled_dbc("cybertruck_bms.dbc")
+        dbc = bundled_dbc(BENCH_DBC)
         self.node_bus = can.Bus(interface="virtual", channel=self.channel)
         self.node = BmsNode(self.battery, self.node_bus, dbc, seed=s.run.seed)
         day_offset = s.run.start_hour * 3600
@@ -239,7 +239,7 @@ class Simulation:
         if f.kind in SCENARIO_INVERTER_FAULTS:
             self.model.inject(SCENARIO_INVERTER_FAULTS[f.kind], until)
         else:
-            self.node.inject(f.kind, until)
+            self.node.inject(f.kind, until, f.message)
         c = self.gateway.controller
         self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
 

@@ -283,3 +283,36 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
     assert "not a bench journal" in capsys.readouterr().err
     with Journal.open(precious, readonly=True) as journal:
         assert len(journal) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[dispatch]]\nat_s = 1\nid = "x"\nstart_s = 1e300\nduration_s = 60\ntarget_w = 1000\n',
+     "dispatch[0].start_s: 1e+300 is out of range"),
+    ('[[dispatch]]\nat_s = 1\nid = "x\\u001b"\nstart_s = 10\nduration_s = 60\ntarget_w = 1000\n',
+     "expected 1 to 200 printable characters"),
+    ("[run]\nseed = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+])
+def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, capsys, text, message):
+    (tmp_path / "bad.toml").write_text(text)
+    assert main(["sim", "--scenario", str(tmp_path / "bad.toml"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_scenario_that_is_a_device_is_refused(capsys):
+    assert main(["sim", "--scenario", "/dev/zero", "--quiet"]) == 2
+    assert "must be a regular file, not a device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("plot, message", [("plot.xyz", "--plot draws .png"), (".", "is a folder")])
+def test_a_plot_path_that_cannot_be_drawn_is_refused_before_the_run(tmp_path, capsys, monkeypatch, plot, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sim", "--scenario", "fault-bms-fault", "--quiet", "--plot", plot]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench-journal.sqlite").exists()  # refused before anything ran
+
+
+def test_an_event_id_that_looks_like_markup_is_shown_as_it_is(tmp_path, capsys):
+    (tmp_path / "ids.toml").write_text('[run]\nduration_s = 60\n[[dispatch]]\nat_s = 1\nid = "peak[/]1"\n'
+                                       'start_s = 2\nduration_s = 30\ntarget_w = 1000\n')
+    assert main(["sim", "--scenario", str(tmp_path / "ids.toml"), "--journal", str(tmp_path / "j.sqlite")]) == 0
+    assert "event peak[/]1" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The hardware-like bench as separate processes, the way an installer would run it (issue 5, items 3 and 5).
+"""The hardware-like bench as separate processes, the way an installer would run it (issue 5, items 3
+and 5; issue 10: links that heal, the gateway's own stall, `status`).
 
 python-can-remote's server carries the CAN bus between processes on 127.0.0.1;
 `powershare-gw sim bms` talks on it, `powershare-gw sim inverter` serves SunSpec
@@ -33,9 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from children import (
+    CAN_SERVER_PORT,
+    SIM_INVERTER_PORT,
+    ChildOutput,
+    NotifySocket,
+    spawn,
+)
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
-from children import CAN_SERVER_PORT, SIM_INVERTER_PORT, ChildOutput, NotifySocket, spawn
 from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict
 from firmware_py.journal import Journal
 
@@ -408,4 +415,97 @@ def test_kill_9_during_an_event_loses_no_record_and_the_restart_ends_it(bench: B
     event = {e["request_id"]: e for e in report["events"]}[request_id]
     assert event["final"] and "gateway restarted" in event["ended_reason"]
     assert event["meter_wh"] == pytest.approx(final.meter_wh)
+    assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")
+
+
+# --- issue 10: links that heal, the gateway's own stall, `status` ------------------------------------
+
+STOP_S = 4.0  # the pause the issue describes: longer than the bench's revert time (3 s)
+
+
+HOLDOFF_S = 3
+
+
+def short_holdoff(bench: Bench) -> None:
+    """A fault clears 3 s after its cause is gone (30 s by default): the wait for service again stays short."""
+    text = bench.config.read_text()
+    bench.config.write_text(text.replace("[safety]\n", f"[safety]\nfault_holdoff_s = {HOLDOFF_S}\n"))
+
+
+def status(bench: Bench) -> dict:
+    out = subprocess.run([sys.executable, "-m", "firmware_py", "status", "--config", str(bench.config), "--json"],
+                         capture_output=True, text=True, timeout=30, cwd=bench.tmp, check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def serving_again(bench: Bench, inv) -> dict:
+    return bench.wait_for("the dispatch to be served again", lambda: discharging_at_target(inv), WAIT_S + 10)
+
+
+def test_the_can_server_restarted_on_the_same_port_is_rejoined_and_dispatch_served_again(bench: Bench):
+    """The issue's bug: with python-can-remote, a restarted bus server left the gateway at 0 W for good."""
+    short_holdoff(bench)
+    der, inv = gateway_up_and_holding_zero(bench)
+    try:
+        dispatch_through_gateway(der, TARGET_W)
+    finally:
+        der.close()
+    serving_again(bench, inv)
+
+    port = bench.ports["can"]
+    bench.stop("can")  # the bus goes away under the gateway (and under the simulated BMS)
+    bench.stop("bms")
+    bench.wait_for("the gateway to stop discharging", lambda: read(inv, 701, "W")["W"] == 0)
+    assert bench.procs["gateway"].poll() is None
+    down = status(bench)
+    assert down["links"]["bms"]["ok"] is False and down["setpoint_w"] == 0
+
+    can = bench.start("can", "-m", "can_remote", "-i", "virtual", "-c", "bench", "-H", "127.0.0.1", "-p", str(port))
+    assert int(can.wait_for_line(CAN_SERVER_PORT, START_S).group(1)) == port
+    bench.start("bms", "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
+                "--can-channel", f"ws://127.0.0.1:{port}/", "--soc", "70")
+    serving_again(bench, inv)  # no restart of the gateway
+    up = status(bench)
+    assert up["links"]["bms"]["ok"] and up["mode"] == "DISCHARGE"
+    log = bench.log("gateway")
+    assert log.count("link lost: bms") == 1 and log.count("link recovered: bms") == 1, log
+    assert "Traceback" not in log
+    assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")
+
+
+def test_a_sigstop_is_the_gateways_own_stall_resynced_and_never_a_vehicle_fault(bench: Bench):
+    der, inv = gateway_up_and_holding_zero(bench)
+    try:
+        dispatch_through_gateway(der, TARGET_W)
+    finally:
+        der.close()
+    serving_again(bench, inv)
+    before = status(bench)
+    assert before["faults"] == [] and before["mode"] == "DISCHARGE"
+
+    gateway = bench.procs["gateway"]
+    gateway.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        # The inverter's own revert timer takes it to 0 W while nobody refreshes the setpoint.
+        reverted = bench.wait_for("the inverter's revert", lambda: read(inv, 701, "W")["W"] == 0, WAIT_S)
+        assert reverted
+        time.sleep(max(0.0, stopped_at + STOP_S - time.monotonic()))  # the pause itself: the stimulus, not a wait
+    finally:
+        gateway.send_signal(signal.SIGCONT)
+        paused_s = time.monotonic() - stopped_at
+
+    serving_again(bench, inv)
+    after = status(bench)
+    assert after["faults"] == [] and not after["resyncing"], after
+    records = journal_records(bench.journal)
+    kinds = [r.kind for r in records]
+    stall = kinds.index("Stall")
+    (resynced,) = [r for r in records if r.kind == "Resynced"]
+    # The gap the gateway saw runs from its last step before the pause (a tick, 0.1 s at most before).
+    assert resynced.payload["fresh"] and paused_s - 0.1 <= resynced.payload["gap_s"] <= paused_s + 1.0
+    assert not [r for r in records[stall:] if r.kind == "FaultRaised"], "the stall counted as a fault"
+    log = bench.log("gateway")
+    assert "the gateway itself stalled" in log and "resynced after the" in log and "Traceback" not in log
     assert bench.stop("gateway", signal.SIGTERM, timeout=WAIT_S) == 0, bench.log("gateway")

@@ -143,3 +143,27 @@ def test_decode_takes_dbc_and_mapping_from_a_config(tesla_capture, tmp_path, cap
     cfg.write_text('[vehicle.signals]\nsoc_minimum = "BmsSoc.SocAvg"\n')
     assert main(["bms", "decode", str(path), "--config", str(cfg)]) == 2
     assert f"{cfg}: vehicle.signals.soc_minimum: unknown field" in capsys.readouterr().err
+
+
+def test_recording_onto_a_full_disk_is_one_clear_error(tmp_path, capsys):
+    channel = "test_bms_record_full"
+    out = tmp_path / "rec.log"
+    out.symlink_to("/dev/full")  # every write fails with "No space left on device"
+    stop = threading.Event()
+
+    def send():
+        with can.Bus(interface="virtual", channel=channel) as bus:
+            while not stop.wait(0.001):
+                bus.send(soc_frame(40.0, 0))
+
+    sender = threading.Thread(target=send)
+    with can.Bus(interface="virtual", channel=channel):
+        sender.start()
+        try:
+            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                         "--duration", "20", str(out)]) == 2
+        finally:
+            stop.set()
+            sender.join(5)
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "No space left on device" in err and "Traceback" not in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from firmware_py import config
+from firmware_py.assembly import assemble
 from firmware_py.cli import main
 from firmware_py.config import bundled_config, bundled_dbc
 from firmware_py.errors import InputError
+from firmware_py.files import MAX_TEXT_BYTES
 
 DESIGN_EXAMPLE = """
 [vehicle]
@@ -120,3 +124,70 @@ def test_bundled_data_is_found():
     for name in ("cybertruck_bms.dbc", "tesla_model3_bms.dbc"):
         assert bundled_dbc(name).read_text().startswith("VERSION")
     assert bundled_config("powershare-gw.service").exists()
+
+
+# --- what check-config says valid, run starts with (one validation path) -------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('[dispatch.sunspec_server]\nenabled = true\nlisten = "999.1.1.1:99999"\n',
+     "dispatch.sunspec_server.listen: expected HOST:PORT"),
+    ('[owner]\napi_listen = "host:port:extra"\n', "owner.api_listen: 'host:port:extra'"),
+    ('[dispatch.sunspec_server]\nenabled = true\nallow_write_from = ["bogus/99"]\n',
+     "allow_write_from: 'bogus/99' is not an IP address"),
+    ('[vehicle.signals]\nnonsense = "X.Y"\n', "vehicle.signals.nonsense: unknown field"),
+    ('[vehicle.signals]\nsoc_min_pct = "NOPE.SoC"\n', "message 'NOPE' is not in the DBC"),
+    ('[dispatch.openadr]\nenabled = true\nvtn_url = "ftp://x"\n', "vtn_url: must start with http://"),
+    ('[dispatch.openadr]\nenabled = true\nvtn_url = "https://x"\ncert = "ven.crt"\n', "cert and key: give both"),
+    ('[journal]\npath = "/dev/null"\n', "/dev/null: the journal must be a regular file, not a device"),
+    ('[owner]\nsettings_file = "."\n', "the owner settings file must be a regular file, not a directory"),
+])
+def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(InputError, match=re.escape(message)):
+        assemble(config.load(path), lambda: 0.0)
+
+
+@pytest.mark.parametrize("dbc, message", [
+    (b"", "not a valid DBC"),
+    (bytes(range(256)) * 4, "the DBC is not UTF-8 text"),
+    (b'VERSION ""\nBO_ 100 OTHER: 8 X\n SG_ Speed : 0|16@1+ (1,0) [0|1] "" X\n', "is not in the DBC"),
+])
+def test_a_random_empty_or_foreign_dbc_is_refused_by_check_config(tmp_path, capsys, dbc, message):
+    (tmp_path / "vehicle.dbc").write_bytes(dbc)
+    path = write(tmp_path, '[vehicle]\ndbc = "vehicle.dbc"\n')
+    assert main(["check-config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+# --- special files, huge numbers, deep nesting ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "oversized"])
+def test_a_config_that_is_not_a_bounded_regular_file_is_refused_without_reading_it(tmp_path, capsys, kind):
+    if kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        path = tmp_path / "config.fifo"
+        os.mkfifo(path)  # opening it for reading would block forever
+    elif kind == "directory":
+        path = tmp_path
+    else:
+        path = tmp_path / "huge.toml"
+        with path.open("wb") as out:
+            out.truncate(MAX_TEXT_BYTES + 1)
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "must be a regular file" in err or "at most" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[owner]\nreserve_pct = 1" + "0" * 400 + "\n", "owner.reserve_pct: expected a finite number, got 1000"),
+    ("[safety]\nlockout_faults = 1" + "0" * 400 + "\n", "(401 characters) is out of range (1 to 100)"),
+    ("[owner]\nreserve_pct = 1" + "0" * 4400 + "\n", "not valid TOML: a number has more than 4,300 digits"),
+    ("[owner]\nx = " + "[" * 5000 + "]" * 5000 + "\n", "not valid TOML: arrays or tables nested too deeply"),
+])
+def test_huge_numbers_and_deep_nesting_are_clear_refusals(tmp_path, capsys, text, message):
+    assert main(["check-config", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err) < 400

@@ -28,6 +28,7 @@ from firmware_py.core.types import (
     JournalHealth,
     OwnerSettings,
     PackContactor,
+    Stall,
     Tick,
     Verdict,
 )
@@ -68,7 +69,8 @@ journal_reports = st.builds(JournalHealth, st.just(T), st.booleans(), st.sampled
 
 inputs = st.one_of(bms_snapshots, inverter_statuses, requests, owners, st.just(Tick(T)), journal_reports,
                    st.just(InstallerReset(T)), st.builds(DispatchCancel, st.sampled_from(["a", "b"]),
-                                                         st.just("agg"), st.just(T)))
+                                                         st.just("agg"), st.just(T)),
+                   st.builds(Stall, st.just(T), st.floats(0.3, 600)))
 
 
 @st.composite
@@ -95,6 +97,7 @@ def test_every_command_is_within_every_limit(c, items):
     assert math.isfinite(w) and result.command.reason
     if w == 0:
         return
+    assert not after.resyncing, "power commanded while resyncing after a stall"
     assert bms_usable(after.bms, T, POLICY) and inverter_usable(after.inverter, T, POLICY)
     assert not after.faults.latches and not after.faults.locked_out
     assert after.bms.energy_path_closed()

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from core_builders import bms, inverter
 from firmware_py.core import Controller, Mode, Policy, step
-from firmware_py.core.faults import bms_usable, inverter_usable
+from firmware_py.core.faults import FRESHNESS_FAULTS, bms_usable, inverter_usable
 from firmware_py.core.types import (
     BmsState,
     ContactorState,
@@ -33,6 +33,7 @@ from firmware_py.core.types import (
     InverterState,
     JournalHealth,
     OwnerSettings,
+    Stall,
     Tick,
 )
 
@@ -183,6 +184,13 @@ class GatewayWorld(RuleBasedStateMachine):
         self.note_conditions()
         self.feed(Tick(self.now))
 
+    @rule(gap=st.floats(0.3, 30))
+    def stall(self, gap):
+        """The gateway itself pauses (SIGSTOP): time passes unseen, then a step that says so."""
+        self.advance(gap)
+        self.note_conditions()
+        self.feed(Stall(self.now, gap), Tick(self.now))
+
     def note_conditions(self):
         present = {"bms_fault": self.bms_state is BmsState.FAULT and self.bms_state_visible,
                    "over_temp": self.temp_c > 60,
@@ -196,6 +204,10 @@ class GatewayWorld(RuleBasedStateMachine):
     def check(self, result):
         c, w = result.controller, result.command.setpoint_w
         b, inv = c.bms, c.inverter
+        if c.resyncing:
+            assert w == 0, f"{w} W while resyncing after a stall"
+            assert not [e for e in result.events if isinstance(e, FaultRaised) and e.kind in FRESHNESS_FAULTS], \
+                "the gateway's own stall raised a freshness fault"
         if not bms_usable(b, self.now, self.policy) or not inverter_usable(inv, self.now, self.policy):
             assert w == 0, f"stale data but {w} W ({result.command.reason})"
             return

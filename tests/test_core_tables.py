@@ -323,3 +323,18 @@ def test_a_short_opt_out_does_not_end_a_later_event():
     r = step(c, both(1.0) + [OwnerSettings(reserve_pct=40, received_at=1.0, opt_out_until=3600.0)], 1.0)
     assert not [e for e in r.events if isinstance(e, DispatchEnded)]
     assert r.controller.book.find("later") in r.controller.book.live()
+
+
+def test_link_faults_hold_zero_but_never_lock_the_truck_out():
+    """A link that drops and heals (a flaky Modbus cable, an adapter re-plugged) is not the pack's fault:
+    however often, the gateway serves again once the data is fresh; only faults in the data count."""
+    c = step(Controller.start(POLICY), both(0.0), 0.0).controller
+    t = 0.0
+    for _ in range(POLICY.lockout_faults + 2):
+        c = step(c, [bms(t + 1)], t + 5).controller  # the inverter went quiet: inverter_comms
+        assert c.mode is Mode.FAULT
+        c = step(c, both(t + 6), t + 6).controller
+        c = step(c, both(t + 12), t + 12).controller  # hold-off passed: cleared
+        assert c.mode is Mode.STANDBY
+        t += 20
+    assert not c.faults.locked_out

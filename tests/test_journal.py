@@ -17,7 +17,7 @@ import pytest
 
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal, JournalWriteError, event_summaries
+from firmware_py.journal import Journal, JournalWriteError, codec, event_summaries
 from firmware_py.journal.store import record_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
     return tmp_path / "journal.sqlite"
+
+
+def on_one_clock(journal: Journal, item) -> None:
+    """Journal `item` as a bench does: one simulated clock, so its wall time is its core time."""
+    journal.append_event(item, wall=codec.event_time(item))
 
 
 def peak_event(journal: Journal) -> None:
@@ -44,7 +49,7 @@ def peak_event(journal: Journal) -> None:
         t.Transition(14520, "DISCHARGING", "IDLE", "event ended"),
         t.FaultRaised(20000, "over_temp", "after the window"),
     ):
-        journal.append_event(item)
+        on_one_clock(journal, item)
 
 
 def tamper(path: Path, *statements: tuple[str, tuple]) -> None:
@@ -325,13 +330,13 @@ def test_event_summary_carries_request_answer_energy_and_window_timeline(path):
 
 def test_rejected_and_capped_events_and_a_stalled_meter(path):
     with Journal.open(path) as journal:
-        journal.append_event(t.DispatchRequest("a", "sunspec", t.DispatchKind.DISCHARGE, 11500, 0, 100, 0))
-        journal.append_event(t.DispatchAnswer("a", 0, t.Verdict.CAPPED, cap_w=6000))
-        journal.append_event(t.DispatchAnswer("a", 1, t.Verdict.ACCEPTED, reason=t.ReasonCode.DUPLICATE))
-        journal.append_event(t.FaultRaised(50, "modbus_timeout", ""))
-        journal.append_event(t.EventEnergy(100, "a", 0.0, 150.0, final=True))
-        journal.append_event(t.DispatchRequest("b", "sunspec", t.DispatchKind.DISCHARGE, 5000, 10, 90, 1))
-        journal.append_event(t.DispatchAnswer("b", 1, t.Verdict.REJECTED, reason=t.ReasonCode.OPTED_OUT))
+        on_one_clock(journal, t.DispatchRequest("a", "sunspec", t.DispatchKind.DISCHARGE, 11500, 0, 100, 0))
+        on_one_clock(journal, t.DispatchAnswer("a", 0, t.Verdict.CAPPED, cap_w=6000))
+        on_one_clock(journal, t.DispatchAnswer("a", 1, t.Verdict.ACCEPTED, reason=t.ReasonCode.DUPLICATE))
+        on_one_clock(journal, t.FaultRaised(50, "modbus_timeout", ""))
+        on_one_clock(journal, t.EventEnergy(100, "a", 0.0, 150.0, final=True))
+        on_one_clock(journal, t.DispatchRequest("b", "sunspec", t.DispatchKind.DISCHARGE, 5000, 10, 90, 1))
+        on_one_clock(journal, t.DispatchAnswer("b", 1, t.Verdict.REJECTED, reason=t.ReasonCode.OPTED_OUT))
         a, b = event_summaries(journal)
     assert (a.verdict, a.cap_w, a.discrepancy_pct) == ("accepted_capped", 6000, None)
     assert "fault raised: modbus_timeout" in [e.text for e in a.timeline]
@@ -341,8 +346,8 @@ def test_rejected_and_capped_events_and_a_stalled_meter(path):
 
 def test_a_later_revision_replaces_the_request(path):
     with Journal.open(path) as journal:
-        journal.append_event(t.DispatchRequest("r", "openadr", t.DispatchKind.DISCHARGE, 4000, 0, 100, 0))
-        journal.append_event(t.DispatchRequest("r", "openadr", t.DispatchKind.DISCHARGE, 7000, 0, 200, 5, revision=1))
+        on_one_clock(journal, t.DispatchRequest("r", "openadr", t.DispatchKind.DISCHARGE, 4000, 0, 100, 0))
+        on_one_clock(journal, t.DispatchRequest("r", "openadr", t.DispatchKind.DISCHARGE, 7000, 0, 200, 5, revision=1))
         (summary,) = event_summaries(journal)
     assert (summary.target_w, summary.end, summary.revision) == (7000, 200, 1)
 

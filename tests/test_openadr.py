@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,7 @@ from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr import OpenAdrVen
 from firmware_py.dispatch.openadr_events import EventPlan, translate_event
 from firmware_py.errors import InputError
+from firmware_py.links import Link, LinkBook
 
 T = TypeVar("T")
 RATING_W = 11_500.0
@@ -285,10 +287,15 @@ def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> 
     run(scenario)
 
 
-def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes() -> None:
+def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes(caplog) -> None:
+    """The VTN link heals by itself: told once when lost, once when back, and served again."""
+    links = LinkBook(time.monotonic)
+
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name)
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, link=links.handle(Link.OPENADR))
+            sink = ScriptedSink(accept)
             async with serving(ven, sink) as task:
                 await registered(vtn, ven)
                 event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
@@ -298,15 +305,21 @@ def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes() -> None:
                 await vtn.wait_for(lambda: ven.failed_polls >= 3, timeout_s=8.0)
                 assert not task.done()
                 assert sink.cancels() == []
+                assert not links.view(time.monotonic())["openadr"]["ok"]
                 await vtn.start()
                 later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
                 assert await vtn.wait_for_response(later_id, timeout_s=8.0) == "optIn"
+                assert links.view(time.monotonic())["openadr"]["ok"]
         first, second = sink.requests()
         assert (first.id, (first.start, first.end)) == (event_id, window)
         assert second.id == later_id
         assert sink.cancels() == []
 
-    run(scenario)
+    with caplog.at_level(logging.INFO, logger="firmware_py"):
+        run(scenario)
+    told = [r.getMessage() for r in caplog.records if r.name == "firmware_py.links"]
+    assert [m.split(":")[0] for m in told] == ["link lost", "link recovered"], told
+    assert "openadr" in told[0] and "unreachable" in told[0]
 
 
 def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_request() -> None:

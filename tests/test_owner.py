@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import math
 import os
 import socket
@@ -31,7 +32,7 @@ from firmware_py.core.types import Mode, OwnerSettings
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.owner import changes, commands
-from firmware_py.owner.access import parse_listen
+from firmware_py.owner.access import ensure_token, parse_listen, read_token
 from firmware_py.owner.api import OwnerApi
 from firmware_py.owner.store import OwnerStore, decode, encode
 
@@ -182,6 +183,39 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
     os.chmod(cfg.token_file, 0o644)
     with pytest.raises(InputError, match=r"owner\.token: .*accessible by group or others \(mode 0644\).*chmod 600"):
         asyncio.run(OwnerApi(cfg, start_port(cfg)).start())
+
+
+def test_private_token_file_planted_by_another_user_is_refused(tmp_path):
+    """Mode 0600 is not enough: the file must belong to the user the gateway runs as."""
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    Path(cfg.token_file).write_text("ab" * 32 + "\n")
+    os.chmod(cfg.token_file, 0o600)
+    stranger = 54_321
+    if os.geteuid() == 0:  # root can plant it for real: chown to a uid that is not ours
+        os.chown(cfg.token_file, stranger, stranger)
+        start = OwnerApi(cfg, start_port(cfg)).start
+        with pytest.raises(InputError, match=r"owner\.token: .*belongs to uid 54321, not to .*root.*planted"):
+            asyncio.run(start())
+    else:  # otherwise the file is ours: expect someone else instead
+        with pytest.raises(InputError, match=r"owner\.token: .*belongs to .*not to uid 54321.*planted"):
+            ensure_token(cfg.token_file, owner_uid=stranger)
+    assert read_token(cfg.token_file) == "ab" * 32  # the CLI, which only reads it, is not the one refusing
+
+
+def test_token_file_that_is_a_link_or_not_a_regular_file_is_refused(tmp_path):
+    target = tmp_path / "real.token"
+    target.write_text("ab" * 32 + "\n")
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.token"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match=r"link\.token: .*symbolic link"):
+        ensure_token(link)
+    fifo = tmp_path / "fifo.token"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(InputError, match=r"fifo\.token: .*not a regular file"):  # at once: no hang on the FIFO
+        ensure_token(fifo)
+    with pytest.raises(InputError, match="not an owner API token"):
+        read_token(fifo)
 
 
 def test_token_file_that_is_not_a_token_is_refused(tmp_path):
@@ -497,3 +531,65 @@ def test_a_change_drops_opt_outs_and_departures_already_past():
 def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
     code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
     assert code == 2 and "give an action: status, reserve, opt-out or departure" in err
+
+
+# --- hostile input: far-future times, huge numbers, deep nesting, oversized headers ---------------
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"until": 1e12}', "is more than 366 days ahead"),
+    (b'{"until": "9999-12-31T23:59:59-23:59"}', "is more than 366 days ahead"),
+    (b'{"until": "' + b"2" * 500 + b'"}', "expected an ISO-8601 time or epoch seconds"),
+    (b'{"event": "peak\\u001b[31m"}', "printable characters"),
+])
+def test_an_opt_out_out_of_bounds_is_refused_and_status_keeps_working(tmp_path, body, message):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        status, answer = request(api, "PUT", "/opt-out", body)
+        assert status == 400 and message in answer["error"]
+        assert api.port.calls == [] and not Path(cfg.settings_file).exists()
+        assert request(api, "GET", "/status")[0] == 200
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"pct": 1' + b"0" * 400 + b"}", "expected a number 0 to 100, got 1000"),
+    (b"[" * 2000 + b"]" * 2000, "nested too deeply"),
+])
+def test_huge_numbers_and_deep_nesting_get_400_not_500(tmp_path, body, message):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        status, answer = request(api, "PUT", "/reserve", body)
+        assert status == 400 and message in answer["error"] and len(answer["error"]) < 200
+
+
+def test_a_header_over_8_kb_is_refused_in_one_log_line_without_traceback(tmp_path, caplog):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        conn = commands._connection(parse_listen(api.address))
+        try:
+            conn.request("GET", "/status", headers={"X-Big": "a" * 9000})
+            assert conn.getresponse().status == 400
+        finally:
+            conn.close()
+    refusals = [r for r in caplog.records if "malformed request" in r.getMessage()]
+    assert refusals and all(r.levelno == logging.INFO and r.exc_info is None for r in refusals)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_saved_time_beyond_any_calendar_is_corrupt_not_a_crash_later(tmp_path):
+    path = tmp_path / "owner-settings.json"
+    path.write_text('{"reserve_pct": 40, "opt_out_until": 1e15}')
+    with pytest.raises(InputError, match="opt_out_until: 1000000000000000.0 is out of range"):
+        OwnerStore(path, 40).load(NOW)
+
+
+def test_status_prints_a_time_no_calendar_can_show_as_a_number():
+    assert "s after the epoch" in commands.describe_opt_out({"opt_out_until": 1e15}, NOW)
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
+def test_a_settings_path_that_is_not_a_regular_file_is_refused(tmp_path, special):
+    path = {"/dev/zero": Path("/dev/zero"), "fifo": tmp_path / "fifo", "dir": tmp_path}[special]
+    if special == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(InputError, match="must be a regular file"):
+        OwnerStore(path, 40).load(NOW)

@@ -16,7 +16,7 @@ import pytest
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal
-from firmware_py.journal import commands
+from firmware_py.journal import codec, commands
 
 
 def main(argv: Sequence[str]) -> int:
@@ -55,7 +55,7 @@ def journal_path(tmp_path: Path) -> Path:
             t.DispatchRequest("peak-2", "openadr", t.DispatchKind.DISCHARGE, 8000, 20000, 23600, 15000),
             t.DispatchAnswer("peak-2", 15000, t.Verdict.REJECTED, reason=t.ReasonCode.INSUFFICIENT_ENERGY),
         ):
-            journal.append_event(item)
+            journal.append_event(item, wall=codec.event_time(item))  # a bench's: one simulated clock
     return path
 
 
@@ -167,3 +167,16 @@ def test_a_payload_that_is_no_longer_json_is_a_broken_chain_not_a_crash(journal_
     assert main(["report", "--journal", str(journal_path), "--format", "json"]) == 1
     chain = json.loads(capsys.readouterr().out)["chain"]
     assert "record 3: payload is not valid JSON" in chain["problems"]
+
+
+@pytest.mark.parametrize("event_id", ["ev[/]1", "ev[bold]2[/bold]", "ev\x1b[31m3\x07"])
+def test_ids_from_an_aggregator_reach_the_terminal_inert(tmp_path, capsys, event_id):
+    """A VTN chose these ids: no markup error (exit 1 would say "chain broken"), no escape sequence."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal, journal.batch():
+        journal.append_event(t.DispatchRequest(event_id, "openadr", t.DispatchKind.DISCHARGE, 8000, 20, 80, 10))
+        journal.append_event(t.DispatchAnswer(event_id, 10, t.Verdict.ACCEPTED))
+    assert main(["report", "--journal", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "chain: intact" in out
+    assert event_id.replace("\x1b", "\\x1b").replace("\x07", "\\x07")[:6] in out

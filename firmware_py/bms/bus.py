@@ -7,6 +7,7 @@ what the operator gave (a config key or a flag), never a traceback.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import can
@@ -32,3 +33,15 @@ def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str
         return can.Bus(interface=interface, channel=channel, can_filters=filters, **kwargs)
     except Exception as err:  # noqa: BLE001 - each interface raises its own types; all mean "cannot open"
         raise InputError(f"{blame}: cannot open the {interface} bus {channel!r}: {err}") from None
+
+
+def shutdown_quietly(bus: can.BusABC, log: logging.Logger) -> None:
+    """Close a bus that may already be broken (its server gone, its adapter unplugged).
+
+    Closing a dead bus is an expected part of healing the link, so its error is
+    one log line, not a traceback, and never stops what comes after.
+    """
+    try:
+        bus.shutdown()
+    except Exception as err:  # noqa: BLE001 - each interface fails its own way on a dead link
+        log.info("closing the broken CAN bus %r: %s", getattr(bus, "channel_info", bus), err or type(err).__name__)

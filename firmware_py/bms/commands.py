@@ -201,6 +201,7 @@ def _record(args: argparse.Namespace) -> int:
         dbc, _ = resolve_dbc(args.dbc, elm=False)
         bus.set_filters(BmsReader(dbc, clock=time.monotonic).can_filters())
     deadline = None if args.duration is None else time.monotonic() + args.duration
+    failure: OSError | None = None
     try:
         with stop_on_signals() as stop:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -208,9 +209,17 @@ def _record(args: argparse.Namespace) -> int:
                 if msg is not None:
                     writer(msg)
                     frames += 1
+    except OSError as err:  # the disk filled up (or went away) under the recording
+        failure = err
     finally:
-        writer.stop()
         bus.shutdown()
+        try:
+            writer.stop()
+        except OSError as err:  # the last flush meets the same full disk
+            failure = failure or err
+    if failure is not None:
+        raise InputError(f"{out}: cannot write after {frames} frames: {failure.strerror or failure}; "
+                         "what was written before is kept")
     print(f"# recorded {frames} frames to {out}")
     return 0
 

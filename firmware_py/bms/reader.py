@@ -30,6 +30,8 @@ from firmware_py.bms import signals
 from firmware_py.core.faults import DECISION_BMS_FIELDS
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
+from firmware_py.files import read_text
+from firmware_py.quoting import shown_text
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,13 @@ class _Frame:
 def load_dbc(path: Path) -> Any:
     """Load a DBC strictly; any problem is the installer's input error, named by file."""
     try:
-        return cantools.database.load_file(str(path), strict=True)
+        text = read_text(path, "DBC")
     except FileNotFoundError:
         raise InputError(f"{path}: DBC file not found") from None
+    try:
+        return cantools.database.load_string(text, database_format="dbc", strict=True)
     except Exception as err:  # cantools raises many parser types; all mean "bad DBC"
-        raise InputError(f"{path}: not a valid DBC: {err}") from None
+        raise InputError(f"{path}: not a valid DBC: {shown_text(str(err), 200)}") from None
 
 
 def _binding(db: Any, name: str, ref: str, source: str) -> tuple[Any, _Binding]:

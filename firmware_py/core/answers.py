@@ -88,6 +88,8 @@ def _refusal(c: Controller, now: float) -> tuple[ReasonCode, str] | None:
         return ReasonCode.FAULT, "fault: " + ", ".join(c.faults.kinds)
     if c.journal_failing():
         return ReasonCode.JOURNAL, f"journal unavailable: {c.journal.detail}"
+    if c.resyncing:
+        return ReasonCode.NO_DATA, "resyncing after a gateway stall: waiting for fresh BMS and inverter data"
     if not bms_usable(c.bms, now, c.policy) or not inverter_usable(c.inverter, now, c.policy):
         return ReasonCode.NO_DATA, "no fresh BMS or inverter data"
     if c.inverter.grid_outage:

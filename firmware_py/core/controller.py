@@ -45,6 +45,8 @@ class Controller:
     last_step_at: float | None = None
     peak_since_bms_w: float = 0.0  # highest discharge commanded since the newest BMS snapshot
     journal: JournalHealth | None = None  # None: no report yet, taken as working
+    resync_since: float | None = None  # a `Stall` was seen then: 0 W until fresh data (or the grace ends)
+    stall_gap_s: float = 0.0  # how long that stall was
 
     @classmethod
     def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":
@@ -61,6 +63,11 @@ class Controller:
         if not bms_usable(self.bms, now, self.policy):
             return 0.0
         return floors.energy_above_wh(self.policy, self.bms.soc_min_pct, self.floor_pct(now))
+
+    @property
+    def resyncing(self) -> bool:
+        """Waiting for fresh data after the gateway's own stall."""
+        return self.resync_since is not None
 
     def journal_failing(self) -> bool:
         return self.journal is not None and not self.journal.ok

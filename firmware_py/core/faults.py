@@ -5,6 +5,12 @@ A fault raises the moment its condition appears and clears only after the
 condition has stayed gone for the hold-off, so a flickering fault cannot
 flicker the inverter. Too many faults in the window escalate to lockout, which
 only an installer reset clears: a pack that keeps faulting needs a person.
+
+Only faults in what the data says count toward the lockout (a BMS fault state, a
+welded contactor, a temperature, an inverter fault). Stale data (`FRESHNESS_FAULTS`)
+is a link that is down: it holds 0 W while it lasts, like any fault, but links heal
+by themselves and a locked-out gateway would not serve again when they do, nor
+back the home up in an outage.
 """
 
 from __future__ import annotations
@@ -34,6 +40,20 @@ CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_st
 # voltage and current noise, say) cannot change a decision: the BMS reader hands one out
 # only when one of these (or their staleness) changed, and replays keep only these.
 DECISION_BMS_FIELDS = CRITICAL_BMS_FIELDS + ("soc_max_pct",)
+
+
+# Data that got old: a link down (or the gateway's own pause). Never counted toward the lockout.
+FRESHNESS_FAULTS = frozenset({FaultKind.BMS_STALE, FaultKind.INVERTER_COMMS})
+
+
+def forgive_stall(present: dict[FaultKind, str], latched: tuple[FaultKind, ...]) -> dict[FaultKind, str]:
+    """While resyncing after the gateway's own stall, stale data raises no new fault.
+
+    Such a fault would be the gateway's, not the vehicle's or the inverter's, and
+    would count toward the lockout that only an installer can clear. A fault
+    already latched before the stall stays latched: the stall proves nothing about it.
+    """
+    return {kind: detail for kind, detail in present.items() if kind not in FRESHNESS_FAULTS or kind in latched}
 
 
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
@@ -117,7 +137,8 @@ class FaultBook:
         for kind, detail in present.items():
             if kind not in latched:
                 kept.append(Latch(kind, now, detail))
-                raised.append(now)
+                if kind not in FRESHNESS_FAULTS:
+                    raised.append(now)
                 events.append(FaultRaised(now, kind, detail))
         recent = tuple(t for t in raised if now - t < policy.lockout_window_s)
         locked = self.locked_out

@@ -2,8 +2,11 @@
 
 Shape of one step (h11-style, no I/O, time injected):
   1. absorb each input in order (a dispatch request is answered on arrival);
-  2. end requests whose window closed or that the owner opted out of;
-  3. update the fault latches from the conditions now present;
+     a `Stall` (the gateway's own pause) starts a resync: 0 W until fresh data;
+  2. end a resync once fresh data came, end requests whose window closed or that
+     the owner opted out of;
+  3. update the fault latches from the conditions now present (stale data
+     raises no new fault while resyncing: the gateway's stall is its own);
   4. settle the mode: walk TRANSITIONS (data, in priority order) until no rule
      fires, so a sudden change lands in the right mode in this very step;
   5. the mode's handler proposes a setpoint;
@@ -21,7 +24,12 @@ from firmware_py.core import floor as floors
 from firmware_py.core.answers import answer, cancel
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.energy import account, close_event, report_energy
-from firmware_py.core.faults import bms_usable, conditions, inverter_usable
+from firmware_py.core.faults import (
+    bms_usable,
+    conditions,
+    forgive_stall,
+    inverter_usable,
+)
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import (
     BmsSnapshot,
@@ -36,6 +44,8 @@ from firmware_py.core.types import (
     JournalHealth,
     Mode,
     OwnerSettings,
+    Resynced,
+    Stall,
     Transition,
     is_finite_number,
 )
@@ -240,6 +250,8 @@ HANDLERS: dict[Mode, Callable[[View, float, float], tuple[float, str]]] = {
 
 def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     """The one safety clamp: whatever the mode asked for, within every limit."""
+    if v.c.resyncing:
+        return 0.0, f"resync: the gateway stalled {v.c.stall_gap_s:.1f} s; waiting for fresh BMS and inverter data"
     if setpoint == 0 or not is_finite_number(setpoint):
         return 0.0, reason if setpoint == 0 else "invalid: setpoint not a finite number"
     if not v.bms_ok:
@@ -275,6 +287,8 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
 
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
+        if c.bms is not None and item.received_at < c.bms.received_at:
+            return c, []  # older than what the core holds (a receive thread's hop overtaken by a tick)
         return c.evolve(bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
@@ -291,7 +305,28 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
     if isinstance(item, InstallerReset):
         book, events = c.faults.reset_lockout(now)
         return c.evolve(faults=book), events
+    if isinstance(item, Stall):
+        return c.evolve(resync_since=now, stall_gap_s=item.gap_s), []
     return c, []  # Tick
+
+
+def _resync(c: Controller, now: float) -> tuple[Controller, list[Event]]:
+    """End the wait that followed a stall, once both links delivered data received since it.
+
+    BMS data must be a whole BMS timeout younger than the stall: frames queued
+    while the gateway was stopped are decoded (and stamped) right after it, and
+    only data that stayed fresh that long is the vehicle's present. If the data
+    does not come within the grace, the links are down for real: the wait ends
+    and stale data faults as it always does.
+    """
+    since, p = c.resync_since, c.policy
+    if since is None:
+        return c, []
+    fresh = (bms_usable(c.bms, now, p) and c.bms.received_at >= since + p.bms_timeout_s
+             and inverter_usable(c.inverter, now, p) and c.inverter.received_at >= since)
+    if not fresh and now - since < p.resync_grace_s:
+        return c, []
+    return c.evolve(resync_since=None), [Resynced(now, c.stall_gap_s, now - since, fresh)]
 
 
 def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
@@ -317,9 +352,14 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     for item in inputs:
         c, produced = _absorb(c, item, now)
         events += produced
+    if c.resync_since is not None:
+        c, produced = _resync(c, now)
+        events += produced
     c, produced = _expire(c, now)
     events += produced
     present = conditions(c.bms, c.inverter, now, c.policy, c.bms_seen, c.inverter_seen)
+    if c.resync_since is not None:
+        present = forgive_stall(present, c.faults.kinds)
     faults, produced = c.faults.update(present, now, c.policy)
     c = c.evolve(faults=faults)
     events += produced

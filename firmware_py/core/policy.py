@@ -35,6 +35,11 @@ class Policy:
     dc_efficiency: float = 0.95
     energy_report_interval_s: float = 60
     simple_levels_pct: tuple[float, ...] = (33.0, 66.0, 100.0)
+    stall_gap_s: float = 0.25
+    """A gap between two steps longer than this is the gateway's own stall: the 100 ms BMS
+    messages go stale after 0.3 s, so a longer pause could make them look faulted."""
+    resync_grace_s: float = 10.0
+    """After a stall, how long fresh data may take before stale data is a fault again."""
 
     @classmethod
     def from_config(cls, config) -> "Policy":  # config: firmware_py.config.Config (not imported: core stays pure)

@@ -63,6 +63,7 @@ class Telemetry:
     journal_ok: bool = True
     ratings: DerRatings | None = None  # what the gateway offers as one DER
     inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
+    resyncing: bool = False  # holding 0 W after the gateway's own stall, until fresh data
 
 
 def telemetry(c: Controller, now: float) -> Telemetry:
@@ -82,4 +83,5 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         journal_ok=not c.journal_failing(),
         ratings=DerRatings.of(c.policy, c.inverter),
         inverter_meters_wh=(c.inverter.tot_wh_inj, c.inverter.tot_wh_abs) if c.inverter is not None else None,
+        resyncing=c.resyncing,
     )

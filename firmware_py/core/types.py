@@ -1,8 +1,10 @@
 """The values that cross the boundary of the pure core.
 
 Every input carries the time it was received (`received_at`, seconds on the
-runtime's one clock: UTC epoch seconds in `run`, simulated seconds in `sim`), so
-the core can judge freshness itself instead of trusting the caller's timing.
+runtime's one time base: the monotonic clock in `run`, simulated seconds in `sim`;
+see `firmware_py/clocks.py`), so the core can judge freshness itself instead of
+trusting the caller's timing. Instants a person or an aggregator gave in wall time
+(event windows, departure, opt-out) arrive already converted to that base.
 Signs (docs/README.md): positive power = discharge (vehicle -> AC side).
 """
 
@@ -19,7 +21,12 @@ def is_finite_number(x: object) -> bool:
     Rejects bools (a `True` target is a bug, not 1 W) and anything that is not a
     number, so every boundary that takes numbers from outside asks the same question.
     """
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float: not a quantity anything here can hold
+        return False
 
 
 class Mode(str, Enum):
@@ -263,6 +270,19 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class Stall:
+    """The gateway's own execution stopped for `gap_s` (a SIGSTOP, a frozen VM, a starved process).
+
+    The runtime saw its monotonic clock jump that far between two steps. Data that
+    went stale meanwhile is the gateway's own doing, not the vehicle's or the
+    inverter's: the core holds 0 W and waits for fresh data instead of faulting.
+    """
+
+    received_at: float
+    gap_s: float
+
+
+@dataclass(frozen=True)
 class JournalHealth:
     """Whether the journal took the last write. While it does not, no new request is accepted:
     energy the gateway cannot account for must not be promised."""
@@ -273,7 +293,7 @@ class JournalHealth:
 
 
 Input = (BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
-         | JournalHealth)
+         | JournalHealth | Stall)
 
 
 class Verdict(str, Enum):
@@ -379,6 +399,17 @@ class EventEnergy:
     meter_total_wh: float | None = None  # the inverter's TotWhInj then: lets a restart bill the gap
 
 
-Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy
+@dataclass(frozen=True)
+class Resynced:
+    """The wait for fresh data after a `Stall` ended: `fresh` when both links delivered, else
+    the grace ran out (from then on stale data is a fault like any other)."""
+
+    at: float
+    gap_s: float
+    waited_s: float
+    fresh: bool
+
+
+Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy | Resynced
 
 NEVER = math.inf

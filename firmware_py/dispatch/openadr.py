@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.errors import InputError
+from firmware_py.files import read_text
+from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
 
@@ -120,15 +121,18 @@ class OpenAdrVen:
 
     `rating_w` (a number or a callable read at each event) is what SIMPLE levels
     are shares of. `to_gateway_time` maps a VTN UTC datetime onto the sink's
-    clock: `datetime.timestamp` for `run`, a mapping for the simulator, where the
-    sink clock is simulated.
+    clock, at reception: `Clocks.from_datetime` in `run` (wall time to the core's
+    monotonic base), a mapping for the simulator, where the sink clock is simulated.
+    `link`, when given, is told when the VTN is lost and reached again.
     """
 
     def __init__(self, config: OpenAdrConfig, rating_w: Callable[[], float] | float, *,
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, retry_max_s: float = 30.0, report_min_s: float = 1.0,
-                 state_codes: Mapping[Mode, int] = STATE_CODES) -> None:
-        _check(config)
+                 state_codes: Mapping[Mode, int] = STATE_CODES, link: LinkHandle | None = None) -> None:
+        if problems := check(config):
+            raise InputError(problems)
+        self._link = link
         self.config = config
         self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
         self._to_gateway_time = to_gateway_time
@@ -143,6 +147,7 @@ class OpenAdrVen:
         self.registration_attempts = 0
         self.failed_polls = 0
         self.client: _Client | None = None
+        self._told_ok: bool | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -161,8 +166,10 @@ class OpenAdrVen:
                 if client.registration_id is None:
                     self.registered = await self._register(client)
                     if not self.registered:
+                        self._tell(False, f"cannot register with {self.config.vtn_url}")
                         await asyncio.sleep(backoff.next(REGISTRATION_RETRY_S))
                         continue
+                    self._tell(True)
                     backoff.reset()
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
@@ -170,14 +177,13 @@ class OpenAdrVen:
                 self._forget_ended()
                 if client.poll_ok:
                     if backoff.failures:
-                        log.info("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
+                        log.debug("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
+                    self._tell(True)
                     backoff.reset()
                     await asyncio.sleep(self._poll_s(client))
                 else:
                     self.failed_polls += 1
-                    if not backoff.failures:
-                        log.warning("OpenADR: VTN unreachable; accepted events keep their windows, "
-                                    "polling again with backoff")
+                    self._tell(False, f"VTN {self.config.vtn_url} unreachable; accepted events keep their windows")
                     await asyncio.sleep(backoff.next(self._poll_s(client)))
         finally:
             self.registered = False
@@ -188,15 +194,24 @@ class OpenAdrVen:
             if client.client_session is not None:
                 await client.client_session.close()
 
+    def _tell(self, ok: bool, cause: str = "") -> None:
+        """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
+        if self._link is not None:
+            self._link.good() if ok else self._link.lost(cause)
+        elif not ok and self._told_ok is not False:
+            log.warning("OpenADR: %s; retrying with back-off", cause)
+        elif ok and self._told_ok is False:
+            log.info("OpenADR: VTN reachable again")
+        self._told_ok = ok
+
     def _make_client(self) -> _Client:
         cfg = self.config
         client = _Client(ven_name=cfg.ven_name, vtn_url=cfg.vtn_url,
                          cert=cfg.cert or None, key=cfg.key or None, ca_file=cfg.ca_file or None,
                          vtn_fingerprint=cfg.vtn_fingerprint or None, show_fingerprint=False)
         if cfg.cert:
-            with open(cfg.cert) as file:
-                log.info("OpenADR: this VEN's certificate fingerprint is %s",
-                         utils.certificate_fingerprint(file.read()))
+            log.info("OpenADR: this VEN's certificate fingerprint is %s",
+                     utils.certificate_fingerprint(read_text(cfg.cert, "PEM file")))
         if cfg.cert and not cfg.vtn_fingerprint:
             log.warning("OpenADR: no vtn_fingerprint configured: VTN message signatures are not checked")
         client.add_handler("on_event", self._on_event)
@@ -218,8 +233,8 @@ class OpenAdrVen:
         request_id = (payload.get("response") or {}).get("request_id")
         await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
         if client.registration_id is None:
-            log.warning("OpenADR: registration of %r refused or unanswered by %s",
-                        self.config.ven_name, self.config.vtn_url)
+            log.debug("OpenADR: registration of %r refused or unanswered by %s",
+                      self.config.ven_name, self.config.vtn_url)
             return False
         await client.register_reports(client.reports)
         await client.sync_events()
@@ -383,7 +398,18 @@ def _revision_of(event: Any) -> int:
         return -1
 
 
-def _check(config: OpenAdrConfig) -> None:
+def _unreadable(path: str, key: str) -> list[str]:
+    """Why a certificate or key file cannot serve (missing, special, huge, not text), or nothing."""
+    try:
+        read_text(path, "PEM file")
+    except FileNotFoundError:
+        return [f"{key}: cannot read {path}: no such file"]
+    except InputError as err:
+        return [f"{key}: {problem}" for problem in err.problems]
+    return []
+
+
+def check(config: OpenAdrConfig) -> list[str]:
     """Settings the config schema cannot check alone, named the way check-config names keys."""
     key = "dispatch.openadr"
     problems = []
@@ -396,11 +422,9 @@ def _check(config: OpenAdrConfig) -> None:
     if not config.vtn_url.startswith(("http://", "https://")):
         problems.append(f"{key}: vtn_url: must start with http:// or https://, got {config.vtn_url!r}")
     for name in ("cert", "key", "ca_file"):
-        path = getattr(config, name)
-        if path and not os.access(path, os.R_OK):
-            problems.append(f"{key}: {name}: cannot read {path}")
+        if path := getattr(config, name):
+            problems += _unreadable(path, f"{key}: {name}")
     levels = config.simple_levels_pct
     if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
         problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
-    if problems:
-        raise InputError(problems)
+    return problems

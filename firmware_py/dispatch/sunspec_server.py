@@ -8,7 +8,8 @@ limit apply exactly as for OpenADR.
 
 How writes become requests (choices documented here because clients see them):
 - One *session* per continuous setpoint: the first non-zero setpoint opens a
-  request `sunspec-<epoch>-<n>`; each later change (WSet, WSetMod, WSetPct,
+  request `sunspec-<epoch>-<n>` (epoch seconds of `id_clock`: the wall clock in
+  `run`, so ids stay unique across restarts); each later change (WSet, WSetMod, WSetPct,
   WMaxLimPct, a revert refresh) is the same id at revision + 1, so the journal
   reads as one dispatch that was modified. `WSetEna = 0` (or a zero setpoint,
   or WMaxLimPct = 0) sends `DispatchCancel` and closes the session.
@@ -31,15 +32,28 @@ How writes become requests (choices documented here because clients see them):
   ("refused OPTED_OUT: ...", "capped to 3000 W: ...").
 - Refused writes: read-only, unsupported or unknown registers and partial
   multi-register writes -> ILLEGAL_ADDRESS; values out of range -> ILLEGAL_VALUE;
-  a client outside `allow_write_from` -> ILLEGAL_FUNCTION. Each is journaled via
-  `sink.note("SunSpecWriteRefused", ...)`, including the ones pymodbus refuses
-  before the server sees them (bad counts, undecodable write frames);
-  any other unit id than the configured one gets GATEWAY_NO_RESPONSE.
+  a client outside `allow_write_from` -> ILLEGAL_FUNCTION; any other unit id than
+  the configured one -> GATEWAY_NO_RESPONSE.
+
+Hardening (anyone on the LAN can reach the port):
+- Only functions 3, 6 and 16 are served; everything else, and every malformed
+  request, gets a well-formed exception (`modbus_frames`). The server frames
+  and decodes requests itself rather than through pymodbus' decoder, which
+  serves diagnostics, server id, file records and answers what it cannot decode
+  with a malformed exception.
+- Every refusal (request or connection) goes to one `RefusalLedger`: the first
+  of a (client, cause) is journaled and logged at once, the rest are counted
+  and summarised once a minute, so a flood costs the journal a bounded number
+  of records whatever the packet rate, and every refusal is still counted.
+- Connections are capped in total, per client and for clients that can only
+  read; idle connections and half-sent requests are closed (`connections`), so
+  descriptors are left for the owner API and the rest of the gateway.
 
 The client address: pymodbus' SimDevice `action` hook is not told who asked, so
-`_Listener` (a ModbusTcpServer) makes connections with `_Connection`, a request
-handler that stores the peer of its transport in a context variable for the
-task that serves each request; the action runs inside that task and reads it.
+each `Connection` (`modbus_listener`: a pymodbus request handler whose byte
+stream `modbus_frames` splits) hands its requests to `SunSpecDerServer.answer`, which puts the
+client in a context variable for the action to read and collects why the
+action refused, if it did.
 
 Ratings and energy meters come from the gateway's telemetry (the DER's ratings,
 and the inverter's own TotWhInj/TotWhAbs: what bills are paid on). Tests may fix
@@ -53,15 +67,15 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
+import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ExceptionResponse
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from firmware_py.addresses import parse_host_port
@@ -74,7 +88,24 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import DispatchSink
-from firmware_py.dispatch.sunspec_der import (  # noqa: F401  (DerRatings re-exported)
+from firmware_py.dispatch.connections import (
+    REQUEST_TIMEOUT_S,
+    Admission,
+    ConnectionLimits,
+    ConnectionTable,
+    Overdue,
+    descriptor_budget,
+)
+from firmware_py.dispatch.modbus_frames import Frame, Refused, decode_request
+from firmware_py.dispatch.modbus_listener import Connection, Listener
+from firmware_py.dispatch.refusals import (
+    FIRST_KIND,
+    SUMMARY_INTERVAL_S,
+    Cause,
+    Refusal,
+    RefusalLedger,
+)
+from firmware_py.dispatch.sunspec_der import (
     DerControls,
     DerRatings,
     DispatchStatus,
@@ -94,15 +125,34 @@ from firmware_py.inverter.sunspec import (
     ModelDef,
 )
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.links import LinkHandle
 
 log = logging.getLogger(__name__)
 
 SOURCE = "sunspec"
-NOTE_KIND = RecordKind.SUNSPEC_WRITE_REFUSED
-WRITE_CODES = frozenset({5, 6, 15, 16, 22, 23})
-REGISTER_WRITES = frozenset({6, 16, 22, 23})
-_PEER: contextvars.ContextVar[str | None] = contextvars.ContextVar("sunspec_peer", default=None)
-_NOTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sunspec_noted", default=False)
+NOTE_KIND = FIRST_KIND
+# Why each exception was sent, when the action did not say (a safety net: every exception is counted).
+CAUSE_OF_EXCEPTION = {ExcCodes.ILLEGAL_FUNCTION: Cause.UNSUPPORTED_FUNCTION, ExcCodes.ILLEGAL_ADDRESS: Cause.BAD_ADDRESS,
+                      ExcCodes.ILLEGAL_VALUE: Cause.BAD_VALUE, ExcCodes.DEVICE_FAILURE: Cause.CORE_ERROR,
+                      ExcCodes.GATEWAY_NO_RESPONSE: Cause.OTHER_UNIT}
+REFUSAL_CAUSES = {ExcCodes.ILLEGAL_FUNCTION: Cause.NOT_ALLOWED, ExcCodes.ILLEGAL_ADDRESS: Cause.BAD_ADDRESS,
+                  ExcCodes.ILLEGAL_VALUE: Cause.BAD_VALUE}
+
+
+@dataclass
+class _Asking:
+    """The request being answered: who asked, and why the action refused it (if it did)."""
+
+    client: str
+    cause: Cause | None = None
+    reason: str | None = None
+    trace: str | None = None
+
+    def refuse(self, cause: Cause, reason: str, trace: str | None = None) -> None:
+        self.cause, self.reason, self.trace = cause, reason, trace
+
+
+_ASKING: contextvars.ContextVar[_Asking | None] = contextvars.ContextVar("sunspec_asking", default=None)
 
 
 def parse_allow_list(entries: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -133,8 +183,17 @@ class SunSpecDerServer:
 
     def __init__(self, config: SunSpecServerConfig, ratings: DerRatings | None = None, *,
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
-                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5) -> None:
+                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 summary_interval_s: float = SUMMARY_INTERVAL_S,
+                 id_clock: Callable[[], float] | None = None, link: LinkHandle | None = None) -> None:
+        """`monotonic` times connections and refusal summaries (real time even in the bench's
+        simulated time: a peer's idleness is wall-clock); tests pass a number they move.
+        `id_clock` stamps session ids (the wall clock in `run`: unique across boots; None: the
+        sink's clock, a simulation's); `link` is told the server serves."""
         self.config = config
+        self._id_clock = id_clock  # None: the sink's clock (a simulation's)
+        self._link = link
         self.host, self.port = parse_host_port(config.listen, "dispatch.sunspec_server.listen")
         self.allowed = parse_allow_list(list(config.allow_write_from))
         self._ratings = ratings  # fixed (tests); None: the gateway's own, from its telemetry
@@ -142,6 +201,7 @@ class SunSpecDerServer:
         self.serial, self.open_horizon_s, self.tick_s = serial, open_horizon_s, tick_s
         self.map = layout(base)
         self.addresses = self.map.addresses()
+        self.map_end = self.map.end()  # one past the end model (computing it encodes the whole map: once)
         self.controls = DerControls()
         self.session: _Session | None = None
         self.status: DispatchStatus | None = None
@@ -150,8 +210,14 @@ class SunSpecDerServer:
         self._integrated = [0.0, 0.0]
         self._last_sample: tuple[float, float] | None = None
         self._sink: DispatchSink | None = None
-        self._server: _Listener | None = None
+        self._server: Listener | None = None
         self._lock: asyncio.Lock | None = None
+        self.monotonic = monotonic
+        self.limits = ConnectionLimits(total=config.max_connections, per_client=config.max_connections_per_client,
+                                       idle_timeout_s=config.idle_timeout_s, request_timeout_s=REQUEST_TIMEOUT_S)
+        self.connections = ConnectionTable(self.limits)
+        self.refusals = RefusalLedger(self._journal, monotonic, interval_s=summary_interval_s)
+        self.closed_idle = 0
         try:
             self._version = metadata.version("powershare-gw")[:16]
         except metadata.PackageNotFoundError:
@@ -159,7 +225,8 @@ class SunSpecDerServer:
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self, sink: DispatchSink) -> None:
-        """Serve until cancelled; revert timers and open-ended renewals run on each tick.
+        """Serve until cancelled; revert timers, open-ended renewals, connection timeouts
+        and refusal summaries run on each tick.
 
         Already listening (the service binds first, so a bad address stops start-up
         with a clear error instead of a restart loop) it serves on that socket.
@@ -181,64 +248,154 @@ class SunSpecDerServer:
             raise RuntimeError("SunSpecDerServer.start needs a sink")
         self._sfs = scale_factors(self._ratings_now())
         self._lock = asyncio.Lock()  # made here: a Lock belongs to the loop that serves
-        # The whole address space, so every access reaches the action (and every refusal the journal).
-        def space() -> list[SimData]:
-            return [SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)]
-
-        devices = [SimDevice(id=self.config.unit_id, simdata=space(), action=self._action),
-                   SimDevice(id=0, simdata=space(), action=self._other_unit)]  # pymodbus' fallback id
-        self._server = _Listener(self, devices, address=(self.host, self.port))
+        self._fit_descriptor_budget()
+        # The whole address space, so every access reaches the action (and every refusal the ledger).
+        device = SimDevice(id=self.config.unit_id, action=self._action,
+                           simdata=[SimData(0, count=65_536, values=0, datatype=DataType.REGISTERS)])
+        self._server = Listener(self, [device], address=(self.host, self.port))
         try:
             await self._server.serve_forever(background=True)
         except (OSError, RuntimeError) as err:
             self._server = None
-            raise InputError(f"dispatch.sunspec_server.listen: cannot listen on {self.config.listen}: {err}") from None
+            why = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise InputError(f"dispatch.sunspec_server.listen: cannot listen on {self.config.listen}: {why}") from None
         sockets = getattr(self._server.transport, "sockets", None)
         self.port = sockets[0].getsockname()[1] if sockets else self.port
-        log.info("SunSpec DER server on %s:%s, unit %s", self.host, self.port, self.config.unit_id)
+        log.info("SunSpec DER server on %s:%s, unit %s (at most %d connections, %d per client)", self.host,
+                 self.port, self.config.unit_id, self.limits.total, self.limits.per_client)
+        if self._link is not None:
+            self._link.good()
         return self.port
 
+    def _fit_descriptor_budget(self) -> None:
+        """Lower the connection cap when the process may not open that many descriptors (say so)."""
+        total = descriptor_budget(self.config.max_connections)
+        if total < self.config.max_connections:
+            log.warning("dispatch.sunspec_server.max_connections: %d lowered to %d: the process may open too few "
+                        "files (raise LimitNOFILE)", self.config.max_connections, total)
+        self.limits = replace(self.limits, total=total)
+        self.connections = ConnectionTable(self.limits)
+
     async def stop(self) -> None:
+        """Close the listener and every connection, then journal every refusal still only counted."""
         if self._server is not None:
             await self._server.shutdown()
             self._server = None
+        self.refusals.flush()
 
     async def tick(self) -> None:
-        """Time passing: revert functions fire and open-ended requests are renewed."""
+        """Time passing: overdue connections close, refusal summaries are due, revert functions
+        fire and open-ended requests are renewed."""
+        self._close_overdue()
+        self.refusals.tick()
         if self._lock is None:
             return
         async with self._lock:
             await self._tick_locked()
 
+    # --- connections -----------------------------------------------------------------
+    def admit(self, connection: Connection) -> bool:
+        """Whether a new connection may stay; a refused one is counted (and closed by the caller)."""
+        client = connection.client
+        verdict = self.connections.admit(connection, client, writer=self._allowed(client), now=self.monotonic())
+        if verdict is Admission.ADMITTED:
+            return True
+        limits = self.limits
+        reason = {Admission.SERVER_FULL: f"the server holds its limit of {limits.total} connections",
+                  Admission.CLIENT_FULL: f"this client holds its limit of {limits.per_client} connections",
+                  Admission.READERS_FULL: f"clients outside allow_write_from hold their limit of "
+                                          f"{limits.total - limits.writers_reserved} connections"}[verdict]
+        self.refusals.record(Refusal(client, Cause.TOO_MANY_CONNECTIONS, reason))
+        return False
+
+    def _close_overdue(self) -> None:
+        for connection, why in self.connections.overdue(self.monotonic()):
+            assert isinstance(connection, Connection)
+            if why is Overdue.STALLED:
+                self.refusals.record(Refusal(connection.client, Cause.STALLED_REQUEST,
+                                             f"a request unfinished (or replies unread) for "
+                                             f"{self.limits.request_timeout_s:.0f} s: connection closed"))
+            else:
+                self.closed_idle += 1
+                log.debug("SunSpec DER server: closed %s's connection, idle for %.0f s", connection.client,
+                          self.limits.idle_timeout_s)
+            connection.drop()
+
+    def framing_error(self, client: str, reason: str) -> None:
+        """A byte stream that is not Modbus TCP: counted; the connection closes."""
+        self.refusals.record(Refusal(client, Cause.MALFORMED, f"{reason}: connection closed"))
+
+    # --- requests ------------------------------------------------------------------------
+    async def answer(self, frame: Frame, client: str) -> ModbusPDU:
+        """The reply to one framed request from `client`; every refusal is counted on the way."""
+        request = decode_request(frame.pdu)
+        if frame.unit != self.config.unit_id:
+            response, refusal = self._refuse_request(
+                request, client, ExcCodes.GATEWAY_NO_RESPONSE, Cause.OTHER_UNIT,
+                f"unit id {frame.unit} is not this DER's ({self.config.unit_id})")
+        elif isinstance(request, Refused):
+            response, refusal = self._refuse_request(request, client, request.exception, request.cause,
+                                                     request.reason)
+        else:
+            response, refusal = await self._execute(request, frame.unit, client)
+        if refusal is not None:
+            self.refusals.record(refusal)
+        response.transaction_id, response.dev_id = frame.transaction, frame.unit
+        return response
+
+    def _refuse_request(self, request: ModbusPDU | Refused, client: str, code: ExcCodes, cause: Cause,
+                        reason: str) -> tuple[ModbusPDU, Refusal]:
+        if isinstance(request, Refused):
+            function, register, count = request.function, request.address, request.count
+        else:
+            function, register, count = request.function_code, request.address, request.count
+        return (ExceptionResponse(function, code),
+                Refusal(client, cause, reason, function, register, count, code.name))
+
+    async def _execute(self, request: ModbusPDU, unit: int, client: str) -> tuple[ModbusPDU, Refusal | None]:
+        """Run a served request against the datastore (and so the action), as `client`."""
+        if self._server is None:  # stopping: nothing to refuse, nobody to tell
+            return ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE), None
+        asking = _Asking(client)
+        token = _ASKING.set(asking)
+        try:
+            response = await request.datastore_update(self._server.context, unit)
+        except Exception as err:  # noqa: BLE001 - ours, not the client's: a clear exception, counted and logged once
+            asking.refuse(Cause.CORE_ERROR, f"server error: {err}", traceback.format_exc())
+            response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
+        finally:
+            _ASKING.reset(token)
+        if not isinstance(response, ExceptionResponse):
+            return response, None
+        code = ExcCodes(response.exception_code)
+        cause = asking.cause or CAUSE_OF_EXCEPTION.get(code, Cause.MALFORMED)
+        return response, Refusal(client, cause, asking.reason or "refused by the Modbus layer",
+                                 request.function_code, request.address, request.count, code.name, asking.trace)
+
+    def _journal(self, kind: RecordKind, payload: dict[str, Any]) -> None:
+        self._require_sink().note(kind, payload)
+
     # --- the Modbus hook -----------------------------------------------------------
     async def _action(self, function_code: int, start: int, address: int, count: int,
                       registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         assert self._lock is not None  # start() made it before listening
+        if self._link is not None:
+            self._link.good()  # a client is being served: the server's last good data is now
+        asking = _ASKING.get() or _Asking("unknown")
         async with self._lock:
             await self._tick_locked()
             if values is None:
-                if not (self.map.base <= address and address + count <= self.map.end()):
+                if not (self.map.base <= address and address + count <= self.map_end):
+                    asking.refuse(Cause.BAD_ADDRESS, self._describe_read(address, count))
                     return ExcCodes.ILLEGAL_ADDRESS
-                self._refresh(start, registers)
+                self._refresh(start, registers, address, count)
                 return None
-            return await self._write(function_code, address, list(values))
+            return await self._write(asking, address, list(values))
 
-    async def _other_unit(self, function_code: int, start: int, address: int, count: int,
-                          registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes:
-        """Any unit id but ours: a clear exception instead of pymodbus' internal error."""
-        if values is not None:
-            self._note(_PEER.get() or "unknown", function_code, address, len(values), ExcCodes.GATEWAY_NO_RESPONSE,
-                       f"unit id is not this DER's ({self.config.unit_id})")
-            _NOTED.set(True)
-        return ExcCodes.GATEWAY_NO_RESPONSE
-
-    async def _write(self, function_code: int, address: int, values: list[Any]) -> ExcCodes | None:
-        peer = _PEER.get() or "unknown"
+    async def _write(self, asking: _Asking, address: int, values: list[Any]) -> ExcCodes | None:
         try:
-            if not self._allowed(peer):
-                raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"client {peer} is not in allow_write_from")
-            if function_code not in REGISTER_WRITES:
-                raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"function {function_code}: coils are not implemented")
+            if not self._allowed(asking.client):
+                raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"client {asking.client} is not in allow_write_from")
             at = self.addresses.get(DER_CONTROL_AC, -1)
             ctl = ModelDef.load(DER_CONTROL_AC)
             if not (at + 2 <= address and address + len(values) <= at + ctl.size):
@@ -250,8 +407,7 @@ class SunSpecDerServer:
                 code = ExcCodes.ILLEGAL_VALUE if refused.code == "value" else ExcCodes.ILLEGAL_ADDRESS
                 raise _Refusal(code, refused.reason) from None
         except _Refusal as refusal:
-            self._note(peer, function_code, address, len(values), refusal.code, refusal.reason)
-            _NOTED.set(True)
+            asking.refuse(REFUSAL_CAUSES[refusal.code], refusal.reason)
             return refusal.code
         sink = self._require_sink()
         self.controls.apply(written, sink.now())
@@ -261,12 +417,15 @@ class SunSpecDerServer:
         retry = refused and bool(self.controls.wset_timer.refreshers & written.keys())
         try:
             await self._reconcile(sink, force=retry)
-        except Exception as err:  # the core failing is ours, not the client's: say so, journal it
-            log.exception("SunSpec write could not be handed to the core")
-            self._note(peer, function_code, address, len(values), ExcCodes.DEVICE_FAILURE, f"core error: {err}")
-            _NOTED.set(True)
+        except Exception as err:  # noqa: BLE001 - the core failing is ours, not the client's: say so, count it
+            asking.refuse(Cause.CORE_ERROR, f"core error: {err}", traceback.format_exc())
             return ExcCodes.DEVICE_FAILURE
         return None
+
+    def _describe_read(self, address: int, count: int) -> str:
+        if self.map.base <= address < self.map_end:
+            return f"{count} registers at {address} run past the SunSpec map (ends at {self.map_end - 1})"
+        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map_end - 1})"
 
     def _describe_target(self, address: int, count: int) -> str:
         for model_id, at in self.addresses.items():
@@ -276,28 +435,9 @@ class SunSpecDerServer:
                     return f"{count} registers at {address} run past model {model_id}"
                 names = [p.name for p in mdef.points_in(address - at, count)]
                 return f"model {model_id} {', '.join(names)}: read-only or not supported"
-        if self.map.base <= address < self.map.end():
+        if self.map.base <= address < self.map_end:
             return f"register {address} is the SunSpec header or end model (read-only)"
-        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map.end() - 1})"
-
-    def _note(self, peer: str, function_code: int, address: int | None, count: int | None,
-              code: ExcCodes | int, reason: str) -> None:
-        name = code.name if isinstance(code, ExcCodes) else str(code)
-        payload = {"client": peer, "function": function_code, "register": address, "count": count,
-                   "exception": name, "reason": reason}
-        log.warning("SunSpec write refused: %s", payload)
-        try:
-            self._require_sink().note(NOTE_KIND, payload)
-        except Exception:  # a journal failure must not take the server down
-            log.exception("could not journal a refused SunSpec write")
-
-    def note_foreign_refusal(self, peer: str, function_code: int, exception_code: int, address: int | None) -> None:
-        """A write pymodbus refused before the action ran (bad count, unknown unit): journal it too."""
-        try:
-            code: ExcCodes | int = ExcCodes(exception_code)
-        except ValueError:
-            code = exception_code
-        self._note(peer, function_code, address, None, code, "refused by the Modbus layer")
+        return f"register {address} is not in the SunSpec map ({self.map.base}..{self.map_end - 1})"
 
     def _allowed(self, peer: str) -> bool:
         try:
@@ -309,22 +449,29 @@ class SunSpecDerServer:
         return any(ip in net for net in self.allowed)
 
     # --- reads -----------------------------------------------------------------------
-    def _refresh(self, start: int, registers: list[int]) -> None:
-        regs = self._map_registers()
-        registers[self.map.base - start:self.map.base - start + len(regs)] = regs
+    def _refresh(self, start: int, registers: list[int], address: int, count: int) -> None:
+        """Fill the registers a read of `count` at `address` covers, from one telemetry read.
 
-    def _map_registers(self) -> list[int]:
+        Only the models the read overlaps are built: a poll of model 701 need not encode the
+        other four (reads are open to anyone who can connect, so each costs the loop little).
+        """
         sink = self._require_sink()
         t, now = sink.telemetry(), sink.now()  # one read model for every model of this read
         self._sample(t)
         r, meter = self._ratings_of(t), self._meter_of(t)
-        regs = list(SUNS_MARKER)
-        for model_id in self.addresses:
-            values = model_values(model_id, t=t, r=r, sfs=self._sfs, controls=self.controls, status=self.status,
-                                  meter=meter, unit_id=self.config.unit_id, serial=self.serial,
-                                  version=self._version, now=now)
-            regs += encode_safely(ModelDef.load(model_id), values)
-        return regs + [END_MODEL_ID, 0]
+
+        def put(at: int, regs: list[int]) -> None:
+            registers[at - start:at - start + len(regs)] = regs
+
+        put(self.map.base, list(SUNS_MARKER))
+        for model_id, at in self.addresses.items():
+            mdef = ModelDef.load(model_id)
+            if at < address + count and address < at + mdef.size:
+                values = model_values(model_id, t=t, r=r, sfs=self._sfs, controls=self.controls, status=self.status,
+                                      meter=meter, unit_id=self.config.unit_id, serial=self.serial,
+                                      version=self._version, now=now)
+                put(at, encode_safely(mdef, values))
+        put(self.map_end - 2, [END_MODEL_ID, 0])
 
     def _meter_of(self, t: Telemetry) -> tuple[float, float]:
         """The meter given, else the inverter's own meters when the gateway has them, else power integrated here."""
@@ -393,7 +540,8 @@ class SunSpecDerServer:
         now = sink.now()
         if s is None:
             self._sessions += 1
-            s = _Session(f"{SOURCE}-{int(now)}-{self._sessions}", -1, wanted, now, True)
+            stamp = self._id_clock() if self._id_clock is not None else now
+            s = _Session(f"{SOURCE}-{int(stamp)}-{self._sessions}", -1, wanted, now, True)
         end = wanted.end if wanted.end is not None else now + self.open_horizon_s
         request = DispatchRequest(id=s.id, source=SOURCE, kind=wanted.kind, target_w=round(wanted.target_w, 1),
                                   start=now, end=max(end, now + 1.0), received_at=now, revision=s.revision + 1)
@@ -401,45 +549,13 @@ class SunSpecDerServer:
         answer = await sink.submit(request)
         self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None)
         if answer is None or answer.verdict is Verdict.REJECTED:
-            log.info("SunSpec setpoint %s refused by the core: %s", request.id, self.status.text())
+            log.debug("SunSpec setpoint %s refused by the core: %s", request.id, self.status.text())
 
 
 class _Refusal(Exception):
     def __init__(self, code: ExcCodes, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
-
-
-class _Connection(ServerRequestHandler):
-    """One client connection: makes its peer address visible to the action for each request."""
-
-    def _peer(self) -> str:
-        transport = getattr(self, "transport", None)
-        name = transport.get_extra_info("peername") if transport is not None else None
-        return str(name[0]) if name else "unknown"
-
-    async def handle_request(self) -> None:
-        _PEER.set(self._peer())
-        _NOTED.set(False)
-        await super().handle_request()
-
-    def server_send(self, pdu: Any, addr: Any) -> None:
-        if isinstance(pdu, ExceptionResponse) and (pdu.function_code & 0x7F) in WRITE_CODES and not _NOTED.get():
-            address = getattr(self.last_pdu, "address", None) if self.last_pdu is not None else None
-            self.server.gate.note_foreign_refusal(self._peer(), pdu.function_code & 0x7F, pdu.exception_code,
-                                                  address)
-        super().server_send(pdu, addr)
-
-
-class _Listener(ModbusTcpServer):
-    """ModbusTcpServer whose connections know their peer (see `_Connection`)."""
-
-    def __init__(self, gate: SunSpecDerServer, devices: list[SimDevice], address: tuple[str, int]) -> None:
-        super().__init__(devices, address=address, ignore_missing_devices=False)
-        self.gate = gate
-
-    def callback_new_connection(self) -> _Connection:
-        return _Connection(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
 
 __all__ = ["DerRatings", "SunSpecDerServer", "parse_allow_list"]

@@ -11,6 +11,14 @@ Discovery walks the model chain instead of trusting offsets; scale factors are
 read once per connection. The command path writes one contiguous 704 block
 (WSetEna..WSetRvrtTms) only when the setpoint changes or a refresh is due, so
 an event (a BMS fault) costs exactly one write before the inverter has it.
+
+Healing: a dropped link is reopened (and the device re-discovered) by the next
+poll, with back-off; the command is written again at once after a reconnect, and
+after the inverter has let go of it (its revert fired, or it restarted): a poll
+that finds the inverter idle under a non-zero command reads the setpoint back and,
+if the inverter no longer holds it, forgets what was written so the next apply
+writes it again. Outages are told by the gateway's link book; this client logs
+its causes at debug level only (read-back mismatches, a safety matter, as warnings).
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ MAX_READ = 125  # registers per Modbus read
 LAST_ADDRESS = 0xFFFF
 MAX_MODELS = 64  # a chain longer than this is a device bug, not a device
 M701, M702, M704, M713 = (ModelDef.load(m) for m in (DER_MEASURE_AC, DER_CAPACITY, DER_CONTROL_AC, DER_STORAGE))
+IDLE_STATES = frozenset({InverterState.OFF, InverterState.SLEEPING, InverterState.STANDBY})
+"""InvSt values of an inverter moving no power: under a non-zero command, worth checking it still holds it."""
 STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .. TotWhAbs
 CONTROL_SPAN = M704.span("WSetEna", "WSetRvrtTms")
 WSET_SPAN = M704.span("WSetEna", "WSet")
@@ -106,6 +116,8 @@ class InverterClient:
         self._logged: str | None = None
         self._untrusted: str | None = None
         """Set while the last command did not read back as written."""
+        self._revert_checked: tuple[int | None, float] | None = None
+        """The write (raw WSet, when) whose hold was last checked: each write is checked at most once."""
         # One Modbus exchange at a time: pymodbus pairs replies with requests per connection,
         # and a write must not interleave with another write's read-back.
         self._busy = asyncio.Lock()
@@ -114,6 +126,11 @@ class InverterClient:
     def refresh_s(self) -> float:
         """Rewrite an unchanged setpoint this often: well inside the inverter's revert time."""
         return self.settings.revert_timeout_s / 3.0
+
+    @property
+    def last_error(self) -> str | None:
+        """The cause of the last failed exchange, while the link is failing."""
+        return self._error
 
     @property
     def connected(self) -> bool:
@@ -247,6 +264,7 @@ class InverterClient:
                 await self._ensure()
                 assert self.discovery is not None
                 status = await self._status(self.discovery, setpoint)
+                await self._check_hold(self.discovery, status)
             if self._untrusted:  # until a command reads back as written, the core must not rely on it
                 raise LinkError(self._untrusted, drop=False)
         except LinkError as err:
@@ -279,6 +297,24 @@ class InverterClient:
             wset_w=wset,
         )
 
+    async def _check_hold(self, disc: Discovery, status: InverterStatus) -> None:
+        """Forget a non-zero command the inverter no longer holds, so the next apply writes it again.
+
+        Checked only when the inverter reads idle under such a command (a revert, a
+        restart, or a ramp just starting), and once per write: a poll normally reads 701 alone.
+        """
+        written = (self._written, self._written_at)
+        if not self._written or status.measured_w != 0 or status.inv_state not in IDLE_STATES \
+                or self._revert_checked == written:
+            return
+        self._revert_checked = written
+        held = await self._setpoint(disc)
+        wanted = self._written * 10.0 ** (self._sfs[704].get("WSet_SF") or 0)
+        if abs(held - wanted) > 10.0 ** (self._sfs[704].get("WSet_SF") or 0) / 2:
+            log.info("inverter %s holds WSet %g W, not the %g W written (its revert fired or it restarted): "
+                     "writing the command again", self._where(), held, wanted)
+            self._written = None
+
     async def _setpoint(self, disc: Discovery) -> float:
         """The setpoint the inverter holds now (0 W when not enabled)."""
         wlo, wcount = WSET_SPAN
@@ -294,20 +330,21 @@ class InverterClient:
         """
         await self._command(cmd.setpoint_w, force=False)
 
-    async def safe_stop(self) -> None:
-        """WSet = 0 now, whatever was written before."""
-        await self._command(0.0, force=True)
+    async def safe_stop(self) -> bool:
+        """WSet = 0 now, whatever was written before; True when it read back as written."""
+        return await self._command(0.0, force=True)
 
-    async def _command(self, setpoint_w: float, *, force: bool) -> None:
+    async def _command(self, setpoint_w: float, *, force: bool) -> bool:
+        """Write the setpoint when needed; True when the inverter holds it (written and read back now)."""
         if not self.connected:
-            return
+            return False
         assert self.discovery is not None
         if not is_finite_number(setpoint_w):
             setpoint_w = 0.0  # never forward a number the inverter cannot represent
         raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()
         if not force and raw == self._written and now - self._written_at < self.refresh_s:
-            return
+            return True
         lo, count = CONTROL_SPAN
         block = self._control_block(raw)
         addr = self.discovery.address(704) + lo
@@ -322,11 +359,14 @@ class InverterClient:
             if back != block:
                 self._untrusted = (f"704 read-back differs from what was written (WSet raw {raw}): "
                                    f"{_diff(M704, lo, block, back)}")
+                log.warning("inverter %s: %s", self._where(), self._untrusted)
                 raise LinkError(self._untrusted, drop=False)
             self._untrusted = None
         except LinkError as err:
             self._written = None
             await self._failed(err)
+            return False
+        return True
 
     def _control_block(self, raw_wset: int) -> list[int]:
         """WSetEna..WSetRvrtTms: WATTS mode, the setpoint, and the revert to 0 W armed."""
@@ -389,14 +429,14 @@ class InverterClient:
             self._next_attempt = self.clock() + self._backoff
             cause = f"{cause} (link closed, reconnecting)"
         if err.cause != self._logged:
-            log.warning("inverter %s: %s", self._where(), cause)
+            log.debug("inverter %s: %s", self._where(), cause)
             self._logged = err.cause
         self._error = cause
         return InverterStatus(received_at=self.clock(), comms_ok=False, error=cause)
 
     def _recovered(self) -> None:
         if self._logged is not None:
-            log.info("inverter %s: link healthy again", self._where())
+            log.debug("inverter %s: link healthy again", self._where())
         self._logged = self._error = None
 
 

@@ -22,7 +22,7 @@ async def _probe(settings: config.InverterConfig) -> list[str]:
     from firmware_py.core.types import InverterState
     from firmware_py.inverter.client import InverterClient, LinkError
 
-    client = InverterClient(settings, time.time)
+    client = InverterClient(settings, time.monotonic)  # back-off and receive times: the monotonic clock
     try:
         disc = await client.connect()
     except LinkError as err:

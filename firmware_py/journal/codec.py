@@ -30,11 +30,13 @@ JOURNALED: tuple[type, ...] = (
     core.FaultCleared,
     core.DispatchEnded,
     core.EventEnergy,
+    core.Resynced,
     # what came in that shaped those decisions
     core.DispatchRequest,
     core.DispatchCancel,
     core.OwnerSettings,
     core.InstallerReset,
+    core.Stall,
 )
 """The dataclasses `Journal.append_event` accepts; kind = `RecordKind.of(event)`, the class name."""
 

@@ -24,6 +24,7 @@ from firmware_py.journal import codec
 from firmware_py.journal.anchors import describe as describe_anchor
 from firmware_py.journal.chain import Chain, ChainReport
 from firmware_py.journal.summary import EventSummary, event_summaries
+from firmware_py.quoting import printable
 
 CSV_COLUMNS = ("request_id", "source", "kind", "target_w", "revision", "start", "end", "verdict", "cap_w",
                "reason", "ended_at", "ended_reason", "meter_wh", "integrated_wh", "final", "discrepancy_pct")
@@ -84,6 +85,7 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
 def _print_text(events: list[EventSummary], verdict: ChainReport) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # never parsed as markup: ids and texts came from aggregators
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
     table = Table(title="Dispatch events", title_justify="left")
@@ -92,25 +94,26 @@ def _print_text(events: list[EventSummary], verdict: ChainReport) -> None:
                           ("integrated Wh", "right"), ("diff %", "right"), ("final", "left")):
         table.add_column(name, justify=justify)
     for e in events:
-        table.add_row(e.request_id, e.source or "-", e.kind or "-", _num(e.target_w, 0), _answer(e),
+        table.add_row(printable(e.request_id), printable(e.source or "-"), printable(e.kind or "-"),
+                      _num(e.target_w, 0), printable(_answer(e)),
                       _time(e.start), _time(e.ended_at if e.ended_at is not None else e.end),
                       f"{e.meter_wh:.1f}", f"{e.integrated_wh:.1f}", _num(e.discrepancy_pct, 2),
                       "yes" if e.final else "no")
     console.print(table, markup=False)
     for e in events:
-        timeline = Table(title=f"Timeline: {e.request_id}", title_justify="left")
+        timeline = Table(title=Text(f"Timeline: {printable(e.request_id)}"), title_justify="left")
         timeline.add_column("at", justify="right")
         timeline.add_column("seq", justify="right")
         timeline.add_column("record")
         timeline.add_column("what")
         for entry in e.timeline:
-            timeline.add_row(_time(entry.at), str(entry.seq), entry.kind, entry.text)
+            timeline.add_row(_time(entry.at), str(entry.seq), entry.kind, printable(entry.text))
         console.print(timeline, markup=False)
     for line in anchor_lines(verdict):
         console.print(line, markup=False, soft_wrap=True)
     console.print(chain_line(verdict.records, verdict.problems), markup=False)
     for problem in verdict.problems:
-        console.print(f"  - {problem}", markup=False)
+        console.print(f"  - {printable(problem)}", markup=False)
 
 
 def _print_json(events: list[EventSummary], verdict: ChainReport) -> None:

@@ -19,19 +19,24 @@ class RecordKind(StrEnum):
     FAULT_CLEARED = "FaultCleared"
     DISPATCH_ENDED = "DispatchEnded"
     EVENT_ENERGY = "EventEnergy"
+    RESYNCED = "Resynced"
     # what came in that shaped those decisions
     DISPATCH_REQUEST = "DispatchRequest"
     DISPATCH_CANCEL = "DispatchCancel"
     OWNER_SETTINGS = "OwnerSettings"
     INSTALLER_RESET = "InstallerReset"
+    STALL = "Stall"
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
     # the journal's own housekeeping: where a segment begins (after a rotation), which were pruned
     SEGMENT_START = "SegmentStart"
     SEGMENT_PRUNED = "SegmentPruned"
-    # notes: what a source refused before it became a request, and run markers
-    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"
+    # notes: what a source refused before it became a request, links lost and back, run markers
+    SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
+    SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
+    LINK_LOST = "LinkLost"
+    LINK_RECOVERED = "LinkRecovered"
     BENCH_RUN = "BenchRun"
     BENCH_LOAD = "BenchLoad"
 

@@ -96,7 +96,9 @@ class JournalWriteError(Exception):
 
 @dataclass(frozen=True)
 class Record:
-    """One journal row. `at` is the gateway's clock (simulated in `sim`); `wall` is time.time().
+    """One journal row. `at` is the core's time base (monotonic in `run`, simulated in `sim`), which
+    replays need; `wall` is the same instant on the wall clock (UTC epoch seconds in `run`), which
+    people read. `wall - at` converts any other core instant of the record (an event's end) for them.
 
     `kind` is a `RecordKind`, or the stored text of a kind this gateway does not know.
     """
@@ -112,6 +114,10 @@ class Record:
     def event(self) -> Any:
         """The core dataclass this record was made from (ValueError for other kinds)."""
         return codec.decode_event(self.kind, self.payload)
+
+    def on_wall(self, core_s: float) -> float:
+        """A core instant named in this record, on the wall clock as it was when the record was made."""
+        return core_s + (self.wall - self.at)
 
 
 @dataclass
@@ -211,15 +217,19 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, kind: RecordKind | str, at: float, payload: dict[str, Any]) -> int:
-        """Add one record and return its seq; committed on return unless inside `batch()`."""
+    def append(self, kind: RecordKind | str, at: float, payload: dict[str, Any], *, wall: float | None = None) -> int:
+        """Add one record and return its seq; committed on return unless inside `batch()`.
+
+        `wall` is `at` on the wall clock (the gateway converts it, see `firmware_py/clocks.py`);
+        without it the journal's wall clock is read at the write.
+        """
         kind = str(kind)  # the stored text: a member's value, exactly as older journals hold it
         at = float(at)
         if not is_finite_number(at):
             raise ValueError(f"journal record {kind!r}: time must be finite, got {at!r}")
         text = codec.canonical(payload)
         with self._lock:
-            wall = float(self._wall_clock())
+            wall = float(self._wall_clock() if wall is None else wall)
             seq = self._seq + 1
             digest = record_hash(self._hash, seq, at, wall, kind, text)
             with self._transaction():
@@ -231,11 +241,11 @@ class Journal:
                     self._uncommitted_due = AnchorWhy.BILLING
             return seq
 
-    def append_event(self, event: Any) -> int:
+    def append_event(self, event: Any, *, wall: float | None = None) -> int:
         """Journal a core event or input (see codec.JOURNALED); kind = its class name."""
         if not isinstance(event, codec.JOURNALED):
             raise TypeError(f"the journal does not record {type(event).__name__} values")
-        return self.append(RecordKind.of(event), codec.event_time(event), codec.jsonable(event))
+        return self.append(RecordKind.of(event), codec.event_time(event), codec.jsonable(event), wall=wall)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Journal]:

@@ -4,6 +4,12 @@ This is what the aggregator pays on, so it is derived only from records (never
 from live state): the request (its latest revision), the answer, when the event
 ended, the last energy record (the inverter meter delta, cross-checked with
 integrated power) and what happened to the gateway while the event ran.
+
+Two clocks (`firmware_py/clocks.py`): which records fall in an event's window is
+judged on the core's time base (`Record.at`, which no wall-clock step moves);
+every time shown is wall time (`Record.wall`, and an instant named in a record
+converted with that record's own offset), UTC epoch seconds for a gateway's
+journal, simulated seconds for a bench's.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from firmware_py.journal.store import Record
 EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
                          RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
 WINDOW_KINDS = frozenset({RecordKind.TRANSITION, RecordKind.FAULT_RAISED, RecordKind.FAULT_CLEARED,
-                          RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET})
+                          RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET, RecordKind.STALL,
+                          RecordKind.RESYNCED, RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED})
 SERVED = frozenset({Verdict.ACCEPTED, Verdict.CAPPED})
 
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    at: float
+    at: float  # wall time
     seq: int
     kind: RecordKind | str
     text: str
@@ -35,6 +42,8 @@ class TimelineEntry:
 @dataclass
 class EventSummary:
     """One dispatch event as the journal tells it. None = the journal holds no such record.
+
+    Times (`received_at`, `start`, `end`, `ended_at`) are wall time, as people read them.
 
     `discrepancy_pct` = (meter - integrated) / meter x 100: how far the billed
     meter and the power integral disagree; None when the meter shows 0 Wh but
@@ -67,6 +76,16 @@ class EventSummary:
         return self.verdict in SERVED
 
 
+@dataclass
+class _Window:
+    """An event's bounds on the core's time base: which other records happened while it ran."""
+
+    first_at: float | None = None  # its first record
+    start: float | None = None
+    end: float | None = None
+    ended_at: float | None = None
+
+
 class RecordSource(Protocol):
     """Where summaries read records from: one segment (`Journal`) or the whole journal (`Chain`)."""
 
@@ -83,6 +102,7 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
     timelines, never with the journal's length.
     """
     events: dict[str, EventSummary] = {}
+    windows: dict[str, _Window] = {}
     last_at = source.newest_at() or 0.0
     for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START}):
         for own in _carried(record, events) if record.kind == RecordKind.SEGMENT_START else (record,):
@@ -90,69 +110,78 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             if only is not None and request_id != only:
                 continue
             summary = events.setdefault(request_id, EventSummary(request_id))
-            _apply(summary, own)
+            window = windows.setdefault(request_id, _Window(first_at=own.at))
+            _apply(summary, window, own)
             summary.timeline.append(_entry(own))
             last_at = max(last_at, own.at)
-    windows = []
-    for summary in events.values():
+    ran = []
+    for request_id, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
-            windows.append((*_window(summary, last_at), summary))
-    if windows:
+            ran.append((*_bounds(windows[request_id], last_at), summary))
+    if ran:
         for record in source.iter_records(WINDOW_KINDS):
-            for lo, hi, summary in windows:
+            for lo, hi, summary in ran:
                 if lo <= record.at <= hi:
                     summary.timeline.append(_entry(record))
     for summary in events.values():
-        summary.timeline.sort(key=lambda e: (e.at, e.seq))
+        summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
 
 
 def _carried(start: Record, known: dict[str, EventSummary]) -> list[Record]:
     """The records a rotation carried for events still open, for events whose own records were
-    pruned with an older segment (an event already read from its own records is not read twice)."""
+    pruned with an older segment (an event already read from its own records is not read twice).
+    They stand at the segment start's place in the journal, with its offset to the wall clock."""
     carried = []
     for item in start.payload.get("carry") or []:
         payload = item.get("payload") if isinstance(item, dict) else None
         if not isinstance(payload, dict) or str(payload.get("request_id", payload.get("id"))) in known:
             continue
         at = _num(payload.get("at", payload.get("received_at")))
-        carried.append(Record(start.seq, start.at if at is None else at, start.wall, RecordKind.read(str(item["kind"])),
-                              payload, start.prev_hash, start.hash))
+        at = start.at if at is None else at
+        carried.append(Record(start.seq, at, start.on_wall(at), RecordKind.read(str(item.get("kind"))), payload,
+                              start.prev_hash, start.hash))
     return carried
 
 
-def _apply(summary: EventSummary, record: Record) -> None:
+def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
     """Fold one of the event's own records into its summary (later records win)."""
     p = record.payload
     if record.kind == RecordKind.DISPATCH_REQUEST:
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
-        summary.target_w, summary.received_at = _num(p.get("target_w")), _num(p.get("received_at"))
-        summary.start, summary.end = _num(p.get("start")), _num(p.get("end"))
+        summary.target_w = _num(p.get("target_w"))
+        window.start, window.end = _num(p.get("start")), _num(p.get("end"))
+        summary.received_at, summary.start, summary.end = (
+            _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered: keep the real answer.
         if p.get("reason") != ReasonCode.DUPLICATE or summary.verdict is None:
             summary.verdict, summary.cap_w = p.get("verdict"), _num(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
-        summary.ended_at, summary.ended_reason = record.at, p.get("reason")
+        window.ended_at = record.at
+        summary.ended_at, summary.ended_reason = record.wall, p.get("reason")
     elif record.kind == RecordKind.EVENT_ENERGY:
         summary.meter_wh = _num(p.get("meter_wh")) or 0.0
         summary.integrated_wh = _num(p.get("integrated_wh")) or 0.0
         summary.final = bool(p.get("final", False))
 
 
-def _window(summary: EventSummary, last_at: float) -> tuple[float, float]:
-    """From the event's start (or first record) to its end (or the journal's last record)."""
-    own = [e.at for e in summary.timeline]
-    lo = summary.start if summary.start is not None else min(own)
-    if summary.ended_at is not None:
-        hi = summary.ended_at
-    elif summary.end is not None:
-        hi = min(summary.end, last_at)
+def _bounds(window: _Window, last_at: float) -> tuple[float, float]:
+    """From the event's start (or first record) to its end (or the journal's last record), core time."""
+    lo = window.start if window.start is not None else window.first_at
+    if window.ended_at is not None:
+        hi = window.ended_at
+    elif window.end is not None:
+        hi = min(window.end, last_at)
     else:
         hi = last_at
-    return lo, hi
+    return (lo if lo is not None else last_at), hi
+
+
+def _on_wall(record: Record, core_s: float | None) -> float | None:
+    return None if core_s is None else record.on_wall(core_s)
 
 
 def _discrepancy(meter_wh: float, integrated_wh: float) -> float | None:
@@ -170,7 +199,7 @@ def _num(value: Any) -> float | None:
 
 
 def _entry(record: Record) -> TimelineEntry:
-    return TimelineEntry(record.at, record.seq, record.kind, describe(record))
+    return TimelineEntry(record.wall, record.seq, record.kind, describe(record))
 
 
 def describe(record: Record) -> str:
@@ -198,6 +227,14 @@ def describe(record: Record) -> str:
             return f"owner settings: reserve {p.get('reserve_pct')} %, opt-out until {p.get('opt_out_until')}"
         case RecordKind.INSTALLER_RESET:
             return "installer reset"
+        case RecordKind.STALL:
+            return f"the gateway stalled {float(p.get('gap_s', 0)):.2f} s: resync, 0 W until fresh data"
+        case RecordKind.RESYNCED:
+            return "resynced: fresh data" if p.get("fresh") else "resync gave up: no fresh data within the grace"
+        case RecordKind.LINK_LOST:
+            return f"link lost: {p.get('link')}: {p.get('cause')}"
+        case RecordKind.LINK_RECOVERED:
+            return f"link recovered: {p.get('link')} after {float(p.get('after_s', 0)):.1f} s"
     return f"{record.kind} {p}"
 
 

@@ -9,7 +9,7 @@ server (`api`), the settings file (`store`) and the CLI (`commands`) import it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import OwnerSettings
@@ -27,8 +27,11 @@ class OwnerPort(Protocol):
     def telemetry(self) -> Telemetry:
         """The newest state, for `status`."""
 
+    def status(self) -> dict[str, Any]:
+        """The live state document (`firmware_py/status.py`), for `GET /api/status`."""
+
     def now(self) -> float:
-        """The gateway clock (UTC epoch seconds in the real gateway)."""
+        """The core's clock (monotonic in the real gateway; settings' instants are on it)."""
 
 
 __all__ = ["OwnerPort"]

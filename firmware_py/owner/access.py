@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import secrets
 import stat
 from dataclasses import dataclass
@@ -57,13 +58,20 @@ def parse_listen(value: str) -> Listen:
     return Listen(host=host, port=port)
 
 
-def ensure_token(path: str | Path) -> str:
-    """The API's token: created 0600 on first start, refused when others can read it."""
+MAX_TOKEN_FILE_BYTES = 4096  # a token is 64 hex digits; anything much larger is not one
+
+
+def ensure_token(path: str | Path, *, owner_uid: int | None = None) -> str:
+    """The API's token: created 0600 on first start; refused when it is not private to this user.
+
+    `owner_uid` is the user the file must belong to (default: the effective user the
+    gateway runs as); tests inject it, since they cannot always chown.
+    """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        return read_token(path, check_private=True)
+        return read_token(path, check_private=True, owner_uid=owner_uid)
     except OSError as err:
         raise InputError(f"{path}: cannot create the owner API token file: {err.strerror or err}") from None
     token = secrets.token_hex(32)
@@ -72,25 +80,70 @@ def ensure_token(path: str | Path) -> str:
     return token
 
 
-def read_token(path: str | Path, check_private: bool = False) -> str:
-    """The token in `path`; with `check_private`, refuse a file group or others can access.
+def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int | None = None) -> str:
+    """The token in `path`; with `check_private`, refuse a file that is not private to its reader.
+
+    Private means: a regular file (not a symlink, FIFO or device), owned by `owner_uid`
+    (default: the effective user), with no access for group or others. The mode alone is
+    not enough: a 0600 file planted by another user would hand them the owner's API.
+    The checks are made on the open descriptor, so the file cannot be swapped between
+    the check and the read.
 
     FileNotFoundError passes through: the CLI reads it as "the gateway has never started".
     """
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if check_private else 0)
     try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="ascii").strip()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise
     except OSError as err:
+        if check_private and os.path.islink(path):
+            raise InputError(f"{path}: the owner API token file is a symbolic link; point token_file at "
+                             "the file itself") from None
         raise InputError(f"{path}: cannot read the owner API token: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if check_private:
+            _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid)
+        raw = os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the owner API token: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
         raise InputError(f"{path}: the owner API token is not ASCII text") from None
-    if check_private and mode & 0o077:
-        raise InputError(f"{path}: the owner API token file is accessible by group or others "
-                         f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}` and start again")
-    if len(text) < 32 or not all(c in "0123456789abcdef" for c in text):
+    if len(raw) > MAX_TOKEN_FILE_BYTES or len(text) < 32 or not all(c in "0123456789abcdef" for c in text):
         raise InputError(f"{path}: not an owner API token (expected 64 hex digits); "
                          "delete it and the gateway will create a new one")
     return text
+
+
+def _check_private(path: Path, info: os.stat_result, owner_uid: int) -> None:
+    """InputError unless `info` is a regular file owned by `owner_uid` that only its owner can access."""
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: the owner API token file is not a regular file")
+    if info.st_uid != owner_uid:
+        raise InputError(f"{path}: the owner API token file belongs to {_user(info.st_uid)}, not to "
+                         f"{_user(owner_uid)} that the gateway runs as; someone else may have planted it. "
+                         "Delete it (the gateway creates a new one) or "
+                         f"`chown {_user_name(owner_uid)} {path}` if you made it yourself")
+    mode = info.st_mode
+    if mode & 0o077:
+        raise InputError(f"{path}: the owner API token file is accessible by group or others "
+                         f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}` and start again")
+
+
+def _user_name(uid: int) -> str:
+    """The user's name, or the number when the system has no name for it."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _user(uid: int) -> str:
+    name = _user_name(uid)
+    return f"uid {uid}" if name == str(uid) else f"user {name} (uid {uid})"

@@ -12,6 +12,10 @@ so what the core runs on is always what a restart will load.
     DELETE /opt-out                      revoke every opt-out
     PUT|POST /departure  {"time": "HH:MM", "soc_pct": N}
     DELETE /departure
+    GET    /api/status                   the live state (`powershare-gw status`)
+
+Instants the owner gives or reads (opt-out until, departure, `now`) are wall time,
+UTC epoch seconds; the core gets them on its monotonic base (`firmware_py/clocks.py`).
 """
 
 from __future__ import annotations
@@ -20,22 +24,42 @@ import asyncio
 import datetime as dt
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.owner import OwnerPort, changes
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest
-from firmware_py.owner.store import OwnerStore, encode
+from firmware_py.owner.store import OwnerStore, encode, on_clock
+from firmware_py.quoting import printable
 
 MAX_BODY_BYTES = 4096
+
+
+class _RefusedRequests(logging.Filter):
+    """aiohttp logs a malformed request (a header over 8 KB, a bad request line) as an ERROR with a
+    traceback; for this API it is a refusal aiohttp has already answered with 400: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "owner API: refused a malformed request: %s", (printable(str(error.message)),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,9 +73,10 @@ class OwnerApi:
     """Serves the owner API for one running gateway (`port`)."""
 
     def __init__(self, config: OwnerConfig, port: OwnerPort, store: OwnerStore | None = None,
-                 tz: dt.tzinfo | None = None) -> None:
+                 tz: dt.tzinfo | None = None, clocks: Clocks | None = None) -> None:
         self.config = config
         self.port = port
+        self.clocks = clocks or Clocks.simulated(port.now)  # the gateway's pair; a port's own clock for both
         self.store = store or OwnerStore(config.settings_file, config.reserve_pct)
         self.tz = tz
         self.listen = parse_listen(config.api_listen)
@@ -74,6 +99,7 @@ class OwnerApi:
         self._token = ensure_token(self.config.token_file)
         app = web.Application(middlewares=[self._errors_and_auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/api/status", self._live_status)
         for path, change, clear in (("/reserve", self._reserve, None),
                                     ("/opt-out", self._opt_out, self._revoke),
                                     ("/departure", self._departure, self._no_departure)):
@@ -137,11 +163,17 @@ class OwnerApi:
     async def _status(self, request: web.Request) -> web.Response:
         telemetry = self.port.telemetry()
         return _json_response(200, {
-            "now": self.port.now(),
-            "settings": encode(self.port.owner_settings()),
+            "now": self.clocks.wall(),
+            "settings": encode(self._on_wall(self.port.owner_settings())),
             "floor_pct": telemetry.floor_pct,
             "telemetry": asdict(telemetry),
         })
+
+    async def _live_status(self, request: web.Request) -> web.Response:
+        return _json_response(200, self.port.status())
+
+    def _on_wall(self, settings: OwnerSettings) -> OwnerSettings:
+        return on_clock(settings, self.clocks.to_wall)
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -152,17 +184,23 @@ class OwnerApi:
             return json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             raise BadRequest(f"request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise BadRequest("request body is not valid JSON: nested too deeply") from None
 
     async def _apply(self, change: Callable[[OwnerSettings, float], OwnerSettings]) -> web.Response:
-        """Persist, then tell the gateway; one change at a time so none is lost."""
+        """Persist, then tell the gateway; one change at a time so none is lost.
+
+        The change is worked out on the wall clock (the owner's times, the file's), then the
+        settings go to the core on its own base.
+        """
         async with self._lock:
-            settings = change(self.port.owner_settings(), self.port.now())
+            settings = change(self._on_wall(self.port.owner_settings()), self.clocks.wall())
             try:
                 self.store.save(settings)
             except OSError as err:
                 return _json_response(500, {"error": f"{self.store.path}: could not save the owner "
                                                      f"settings ({err.strerror or err}); nothing changed"})
-            await self.port.set_owner(settings)
+            await self.port.set_owner(on_clock(settings, self.clocks.to_core))
         return _json_response(200, {"settings": encode(settings)})
 
     async def _reserve(self, request: web.Request) -> web.Response:

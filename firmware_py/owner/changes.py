@@ -16,8 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 from firmware_py.core.types import OwnerSettings, is_finite_number
+from firmware_py.quoting import shown, shown_text
 
 MAX_EVENT_ID = 200
+MAX_AHEAD_S = 366 * 86_400
+"""The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
+MAX_TIME_TEXT = 64
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -30,7 +34,8 @@ def _fields(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise BadRequest(f"expected a JSON object with {', '.join(allowed)}, got {type(body).__name__}")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(unknown)} (expected: {', '.join(allowed)})")
+        raise BadRequest(f"unknown field(s) {shown_text(', '.join(map(str, unknown)))} "
+                         f"(expected: {', '.join(allowed)})")
     return body
 
 
@@ -39,7 +44,7 @@ def _percent(body: dict[str, Any], key: str) -> float:
         raise BadRequest(f"{key}: missing (a percentage 0 to 100)")
     value = body[key]
     if not is_finite_number(value):
-        raise BadRequest(f"{key}: expected a number 0 to 100, got {value!r}")
+        raise BadRequest(f"{key}: expected a number 0 to 100, got {shown(value)}")
     if not 0 <= value <= 100:
         raise BadRequest(f"{key}: {value:g} is out of range (0 to 100)")
     return float(value)
@@ -67,15 +72,25 @@ def parse_instant(value: Any, tz: dt.tzinfo | None) -> float:
     """Epoch seconds, or ISO-8601 (a time without an offset is the owner's local time)."""
     if is_finite_number(value):
         return float(value)
-    if not isinstance(value, str):
-        raise BadRequest(f"until: expected an ISO-8601 time or epoch seconds, got {value!r}")
+    if not isinstance(value, str) or len(value) > MAX_TIME_TEXT:
+        raise BadRequest(f"until: expected an ISO-8601 time or epoch seconds, got {shown(value)}")
     try:
         moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise BadRequest(f"until: {value!r} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
-    if moment.tzinfo is None and tz is not None:
-        moment = moment.replace(tzinfo=tz)
-    return moment.timestamp()
+        if moment.tzinfo is None and tz is not None:
+            moment = moment.replace(tzinfo=tz)
+        return moment.timestamp()
+    except (ValueError, OverflowError):
+        raise BadRequest(f"until: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
+
+
+def _ahead(until: float, raw: Any, now: float) -> float:
+    """`until` when it is in the future and within `MAX_AHEAD_S`: a far-future time is a typo, not a plan."""
+    if until <= now:
+        raise BadRequest(f"until: {shown(raw)} is not in the future")
+    if until - now > MAX_AHEAD_S:
+        raise BadRequest(f"until: {shown(raw)} is more than {MAX_AHEAD_S // 86_400} days ahead; "
+                         'for an opt-out with no end use {"now": true}')
+    return until
 
 
 def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
@@ -85,17 +100,15 @@ def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None)
         raise BadRequest('give exactly one of "now": true, "event": ID or "until": time')
     if "now" in body:
         if body["now"] is not True:
-            raise BadRequest(f'now: expected true, got {body["now"]!r}')
+            raise BadRequest(f'now: expected true, got {shown(body["now"])}')
         return _changed(current, now, opt_out_until=math.inf)
     if "event" in body:
         event = body["event"]
-        if not isinstance(event, str) or not event.strip() or len(event) > MAX_EVENT_ID:
-            raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} characters, "
-                             f"got {event!r}")
+        if not isinstance(event, str) or not event.strip() or len(event) > MAX_EVENT_ID or not event.isprintable():
+            raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} printable characters, "
+                             f"got {shown(event)}")
         return _changed(current, now, opt_out_events=current.opt_out_events | {event})
-    until = parse_instant(body["until"], tz)
-    if until <= now:
-        raise BadRequest(f"until: {body['until']!r} is not in the future")
+    until = _ahead(parse_instant(body["until"], tz), body["until"], now)
     return _changed(current, now, opt_out_until=until)
 
 
@@ -112,7 +125,7 @@ def next_occurrence(hhmm: str, now: float, tz: dt.tzinfo | None) -> float:
     """
     match = _HHMM.fullmatch(hhmm) if isinstance(hhmm, str) else None
     if match is None:
-        raise BadRequest(f"time: expected HH:MM (00:00 to 23:59), got {hhmm!r}")
+        raise BadRequest(f"time: expected HH:MM (00:00 to 23:59), got {shown(hhmm)}")
     wall = dt.time(int(match[1]), int(match[2]))
     today = dt.datetime.fromtimestamp(now, tz).date()
     for days in (0, 1, 2):

@@ -22,6 +22,7 @@ from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.store import UNTIL_REVOKED
+from firmware_py.quoting import printable
 
 TIMEOUT_S = 5.0
 
@@ -88,7 +89,11 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
 
 
 def _when(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    """Local date and time; a time no calendar can show is printed as the number it is."""
+    try:
+        return dt.datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{epoch:g} s after the epoch"
 
 
 def _pct(value: float | None) -> str:
@@ -188,9 +193,9 @@ def _owner(args: argparse.Namespace) -> int:
     try:
         lines = action(owner, args)
     except Unavailable as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {printable(str(err))}", file=sys.stderr)
         return 1
-    print("\n".join(lines))
+    print("\n".join(printable(line) for line in lines))  # ids and errors come from aggregators and peers
     return 0
 
 

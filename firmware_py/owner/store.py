@@ -4,6 +4,10 @@ The file is JSON, replaced atomically (temp file, fsync, rename, fsync of the
 directory): a power cut mid-write leaves the old settings or the new ones,
 never half of each. A file that cannot be read is an error, never a silent
 reset to defaults, because the reserve is what keeps the truck drivable.
+
+Times in the file (and in the owner API) are wall time, UTC epoch seconds: the
+core's monotonic clock starts afresh at every boot. `on_clock` moves settings
+between the two at the boundary (`firmware_py/clocks.py`).
 """
 
 from __future__ import annotations
@@ -13,18 +17,34 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from firmware_py.core.types import OwnerSettings, is_finite_number
 from firmware_py.errors import InputError
+from firmware_py.files import read_text
+from firmware_py.quoting import shown
 
 FORMAT_VERSION = 1
 UNTIL_REVOKED = "until_revoked"
 """How `opt_out_until = math.inf` is written: JSON has no infinity."""
 
+MAX_INSTANT = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: the last instant a clock can print; a saved time beyond it is corrupt."""
+
 _FIELDS = ("version", "reserve_pct", "received_at", "opt_out_until", "opt_out_events",
            "departure_at", "departure_soc_pct")
+
+
+def on_clock(settings: OwnerSettings, convert: Callable[[float], float]) -> OwnerSettings:
+    """The same settings with every instant converted (`Clocks.to_core` or `Clocks.to_wall`)."""
+    def moved(at: float | None) -> float | None:
+        return None if at is None else convert(at)
+
+    return replace(settings, received_at=convert(settings.received_at),
+                   opt_out_until=moved(settings.opt_out_until), departure_at=moved(settings.departure_at))
 
 
 def encode(settings: OwnerSettings) -> dict[str, Any]:
@@ -47,7 +67,7 @@ def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = m
     if value is None and optional:
         return None
     if not is_finite_number(value):
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+        raise ValueError(f"{key}: expected a number, got {shown(value)}")
     if not lo <= value <= hi:
         raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")
     return float(value)
@@ -66,11 +86,11 @@ def decode(data: Any) -> OwnerSettings:
         raise ValueError("reserve_pct: missing")
     until = data.get("opt_out_until")
     if until != UNTIL_REVOKED:
-        until = _number(data, "opt_out_until", optional=True)
+        until = _number(data, "opt_out_until", -MAX_INSTANT, MAX_INSTANT, optional=True)
     events = data.get("opt_out_events", [])
     if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
         raise ValueError(f"opt_out_events: expected a list of event ids, got {events!r}")
-    departure_at = _number(data, "departure_at", optional=True)
+    departure_at = _number(data, "departure_at", -MAX_INSTANT, MAX_INSTANT, optional=True)
     departure_soc = _number(data, "departure_soc_pct", 0, 100, optional=True)
     if (departure_at is None) != (departure_soc is None):
         raise ValueError("departure_at and departure_soc_pct must be set together")
@@ -98,13 +118,9 @@ class OwnerStore:
         default, the file holds what the owner asked for since.
         """
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = read_text(self.path, "owner settings file")
         except FileNotFoundError:
             return OwnerSettings(reserve_pct=self.defaults_reserve_pct, received_at=now)
-        except OSError as err:
-            raise InputError(f"{self.path}: cannot read owner settings: {err.strerror or err}") from None
-        except UnicodeDecodeError:
-            raise InputError(f"{self.path}: owner settings are not UTF-8 text") from None
         try:
             return decode(json.loads(text))
         except ValueError as err:  # json.JSONDecodeError is a ValueError too

@@ -1,0 +1,74 @@
+"""The gateway's two clocks, and the one place an instant crosses from one to the other.
+
+A gateway board often has no real-time clock: it boots with a wrong date that NTP
+later steps by hours or years. A step backwards would make stale data look fresh
+for as long as the step; a step forwards would fault everything at once. So:
+
+- the core runs on ONE time base, the monotonic clock: every `received_at`, every
+  `now`, freshness, timeouts, ramps, hold-offs, refreshes and back-offs;
+- wall time (UTC epoch seconds) exists only where a person or an aggregator reads
+  or writes an instant: an event's window as received, a departure or opt-out time,
+  a journal record's timestamp, a report.
+
+Adapters convert a wall instant to the core's base when it is received
+(`to_core`) and back when it is shown (`to_wall`). From then on the instant is
+a point on the monotonic line: a later step of the wall clock neither moves an
+event's end nor hides stale data. (The price: an instant received while the wall
+clock was wrong stays as wrong as the clock was then.)
+
+`Clocks.system()` is what `run` uses. A simulation has one clock for both
+(`Clocks.simulated`): nothing can step it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """A monotonic clock (the core's base) and a wall clock (UTC epoch seconds), read together."""
+
+    monotonic: Clock
+    wall: Clock
+
+    @classmethod
+    def system(cls) -> Clocks:
+        """The real gateway: `time.monotonic` for the core, `time.time` for people."""
+        return cls(time.monotonic, time.time)
+
+    @classmethod
+    def simulated(cls, clock: Clock) -> Clocks:
+        """One clock serving as both (the bench's simulated time, a test's number)."""
+        return cls(clock, clock)
+
+    def now(self) -> float:
+        """The core's now."""
+        return self.monotonic()
+
+    def offset(self) -> float:
+        """Wall minus monotonic, right now: what converts an instant between the two."""
+        return self.wall() - self.monotonic()
+
+    def to_core(self, wall_s: float) -> float:
+        """A wall instant (UTC epoch s) on the core's base, as of now; ±inf and nan pass unchanged."""
+        return wall_s - self.offset() if math.isfinite(wall_s) else wall_s
+
+    def to_wall(self, core_s: float) -> float:
+        """A core instant as wall time (UTC epoch s), as of now; ±inf and nan pass unchanged."""
+        return core_s + self.offset() if math.isfinite(core_s) else core_s
+
+    def from_datetime(self, moment: datetime) -> float:
+        """An aware datetime (an OpenADR event's start, say) on the core's base."""
+        return self.to_core(moment.timestamp())
+
+
+def as_clocks(clock: Clocks | Clock) -> Clocks:
+    """`Clocks` as given, or one clock serving as both (a simulation's or a test's)."""
+    return clock if isinstance(clock, Clocks) else Clocks.simulated(clock)

@@ -1,0 +1,89 @@
+"""Files a person names (configs, scenarios, DBCs, settings, journals): regular and bounded.
+
+A path typed by an installer may point anywhere: `/dev/zero` would be read
+until memory runs out, a FIFO would block a read forever, `/dev/null` would
+swallow a journal. Everything the gateway reads or keeps at a configured path
+goes through here first, so each of those ends in one clear refusal instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from firmware_py.errors import InputError
+
+MAX_TEXT_BYTES = 4 << 20
+"""Larger than any config, scenario, DBC or settings file the gateway needs, small enough to read on a board."""
+
+
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `max_bytes`; InputError naming `what` otherwise.
+
+    Opened non-blocking so a FIFO is refused rather than waited on; FileNotFoundError
+    passes through for callers to whom a missing file means something (no settings yet).
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: the {what} must be a regular file, not {_kind(info.st_mode)}")
+        if info.st_size > max_bytes:
+            raise InputError(f"{path}: the {what} is {info.st_size:,} bytes; at most {max_bytes:,} are read")
+        data = _read_at_most(fd, max_bytes + 1)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while being read
+        raise InputError(f"{path}: the {what} is larger than {max_bytes:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the {what} is not UTF-8 text") from None
+
+
+def regular_or_absent(path: str | Path, what: str) -> str | None:
+    """Why `path` cannot hold a file the gateway writes (a device, a directory...), or None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ENOTDIR:
+            return f"{path}: the {what}'s folder is not a directory"
+        return f"{path}: cannot use the {what}: {err.strerror or err}"
+    if not stat.S_ISREG(mode):
+        return f"{path}: the {what} must be a regular file, not {_kind(mode)}"
+    return None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"

@@ -1,0 +1,152 @@
+"""What the running gateway tells people: one log line per thing worth knowing.
+
+Someone reading `journalctl -u powershare-gw` after a night in the garage should
+find, each on one line, every mode transition (from, to, why), every fault raised
+and cleared, every dispatch request with its answer, every event's end and
+energy, every owner change, the end of a resync after a stall; links lost and
+recovered are told by the link book (`firmware_py/links.py`), the safe stop by
+the service. Expected conditions never print a traceback, and no secret (tokens,
+keys) is ever part of a line: only what the core decided and why.
+
+`Narrator` watches the gateway's steps (an observer); `configure_logging` sets up
+stderr so that journald files each line at its priority.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from datetime import UTC, datetime
+
+from firmware_py.clocks import Clocks
+from firmware_py.core import StepResult
+from firmware_py.core.controller import Controller
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    DispatchKind,
+    Event,
+    EventEnergy,
+    FaultCleared,
+    FaultKind,
+    FaultRaised,
+    OwnerSettings,
+    Resynced,
+    Transition,
+    Verdict,
+    describe,
+)
+
+log = logging.getLogger("firmware_py.gateway.narration")
+
+
+class Narrator:
+    """An observer of the gateway's steps that logs what changed, one line each."""
+
+    def __init__(self, clocks: Clocks) -> None:
+        self.clocks = clocks
+        self._owner: OwnerSettings | None = None
+
+    def __call__(self, result: StepResult) -> None:
+        c = result.controller
+        if c.owner is not self._owner:
+            if self._owner is not None and _changed(self._owner, c.owner):
+                log.info("owner settings changed: %s", self._settings(c.owner))
+            self._owner = c.owner
+        for event in result.events:
+            self._tell(event, c)
+
+    def _tell(self, event: Event, c: Controller) -> None:
+        if isinstance(event, Transition):
+            log.info("mode %s -> %s: %s", event.from_state.value, event.to_state.value, event.reason)
+        elif isinstance(event, FaultRaised):
+            if event.kind is FaultKind.LOCKOUT:
+                log.error("LOCKOUT: %s; 0 W until an installer reset", event.detail)
+            else:
+                log.warning("fault raised: %s (%s)", event.kind, event.detail)
+        elif isinstance(event, FaultCleared):
+            log.info("fault cleared: %s", event.kind)
+        elif isinstance(event, DispatchAnswer):
+            level = logging.WARNING if event.verdict is Verdict.REJECTED else logging.INFO
+            log.log(level, "dispatch %s: %s", self._request(event.request_id, c), describe(event))
+        elif isinstance(event, DispatchEnded):
+            log.info("dispatch %s ended: %s", event.request_id, event.reason)
+        elif isinstance(event, EventEnergy) and event.final:
+            log.info("dispatch %s energy: %.1f Wh by the inverter meter (%.1f Wh integrated)",
+                     event.request_id, event.meter_wh, event.integrated_wh)
+        elif isinstance(event, Resynced):
+            if event.fresh:
+                log.info("resynced after the %.2f s stall: fresh BMS and inverter data after %.2f s",
+                         event.gap_s, event.waited_s)
+            else:
+                log.warning("no fresh data %.0f s after the %.2f s stall: stale data faults as usual now",
+                            event.waited_s, event.gap_s)
+
+    def _request(self, request_id: str, c: Controller) -> str:
+        entry = c.book.find(request_id)
+        if entry is None:
+            return request_id
+        r = entry.request
+        target = "" if r.kind is DispatchKind.STOP else f" {r.target_w:.0f} W"
+        return (f"{r.id} from {r.source} ({r.kind.value}{target}, {self._when(r.start)} to {self._when(r.end)}, "
+                f"rev {r.revision})")
+
+    def _settings(self, s: OwnerSettings) -> str:
+        parts = [f"reserve {s.reserve_pct:g} %"]
+        if s.opt_out_until is not None:
+            parts.append("opted out until " + ("revoked" if s.opt_out_until == math.inf else self._when(s.opt_out_until)))
+        if s.opt_out_events:
+            parts.append("opted out of " + ", ".join(sorted(s.opt_out_events)))
+        if s.departure_at is not None:
+            parts.append(f"departure {self._when(s.departure_at)} at {s.departure_soc_pct:g} %")
+        return ", ".join(parts)
+
+    def _when(self, core_s: float) -> str:
+        """A core instant as a person reads it: UTC (a simulation's seconds when it has no wall clock)."""
+        if not math.isfinite(core_s):
+            return "open"
+        wall = self.clocks.to_wall(core_s)
+        if wall < 1e8:  # a simulated clock: seconds since its start
+            return f"{wall:.1f} s"
+        return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:
+    """A new wish, not merely the same settings received again."""
+    keys = ("reserve_pct", "opt_out_until", "opt_out_events", "departure_at", "departure_soc_pct")
+    return any(getattr(before, k) != getattr(after, k) for k in keys)
+
+
+# ---------------------------------------------------------------------- log output
+
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class JournaldFormatter(logging.Formatter):
+    """`<priority>logger: message`: journald files the line at that priority and stamps it itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return f"<{priority}>{record.name}: {super().format(record)}"
+
+
+QUIETED = {"pymodbus": logging.CRITICAL, "openleadr": logging.CRITICAL, "apscheduler": logging.WARNING,
+           "can_remote": logging.WARNING, "aiohttp": logging.WARNING}
+"""Libraries that log every failed retry of a link (pymodbus an ERROR per timed-out poll) or their
+chatter: the gateway tells each outage once itself (`links.py`). `-v` lets them all speak."""
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log to stderr: journald's format when systemd connected stderr to the journal, else timestamped."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournaldFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name, level in QUIETED.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)

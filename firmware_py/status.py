@@ -1,0 +1,119 @@
+"""`powershare-gw status`: the live state of the running gateway, for people and scripts.
+
+One document, built here from the core's read model (`Telemetry`) and the link
+book, served by the running gateway at `GET /api/status` on its owner API
+(loopback or a Unix socket, bearer token) and printed by this command as text
+or `--json`. Its fields are the contract's status fields (mode, reason, SoC,
+floor, reserve, setpoint and measured power, the event served, latched faults,
+each link with the age of its last good data, storm watch) plus a few more.
+
+Exit codes (the contract): 0 printed, 2 the gateway cannot be reached (not
+running, wrong address, token not accepted) or the configuration is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from firmware_py.core.telemetry import Telemetry
+
+CORE_LINKS = ("bms", "inverter")
+"""Always shown, even before their first report: without them the gateway cannot command power."""
+
+
+def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: float) -> dict[str, Any]:
+    """The status fields from the core's read model and the links' health (see the module docstring)."""
+    event = None
+    if t.active_event_id is not None:
+        event = {"id": t.active_event_id, "answer": t.verdict.value if t.verdict is not None else None,
+                 "cap_w": t.cap_w, "delivered_wh": t.meter_wh}
+    shown = {name: {"ok": False, "age_s": None} for name in CORE_LINKS}
+    shown.update(links)
+    return {
+        "at": _utc(wall_now),
+        "mode": t.mode.value,
+        "reason": t.reason,
+        "soc_pct": t.soc_pct,
+        "floor_pct": round(t.floor_pct, 3),
+        "reserve_pct": t.reserve_pct,
+        "setpoint_w": round(t.setpoint_w, 1),
+        "power_w": round(t.power_w, 1),
+        "available_wh": round(t.available_wh, 1),
+        "event": event,
+        "faults": [str(kind) for kind in t.faults],
+        "links": shown,
+        "storm_watch": None,  # not in this version
+        "resyncing": t.resyncing,
+        "journal_ok": t.journal_ok,
+    }
+
+
+def _utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def render(doc: dict[str, Any]) -> list[str]:
+    """The document as lines for a person."""
+    event = doc.get("event")
+    if event:
+        cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
+        delivered = event.get("delivered_wh")
+        energy = f"{delivered:,.1f} Wh delivered" if delivered is not None else "nothing delivered yet"
+        served = f"{event['id']}: {event.get('answer')}{cap}, {energy}"
+    else:
+        served = "none"
+    soc = doc.get("soc_pct")
+    lines = [
+        f"at:      {doc.get('at')}",
+        f"mode:    {doc.get('mode')}: {doc.get('reason')}",
+        (f"SoC:     {'unknown' if soc is None else f'{soc:g} %'} (floor {doc.get('floor_pct'):g} %, "
+         f"reserve {doc.get('reserve_pct'):g} %)"),
+        f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
+        f"event:   {served}",
+        f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
+        "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
+    ]
+    if doc.get("resyncing"):
+        lines.append("resync:  the gateway stalled; holding 0 W until fresh BMS and inverter data")
+    if not doc.get("journal_ok", True):
+        lines.append("journal: FAILING (new dispatch is refused until it writes again)")
+    return lines
+
+
+def _link(name: str, link: dict[str, Any]) -> str:
+    age = link.get("age_s")
+    when = "no data yet" if age is None else f"last good {age:.1f} s ago"
+    if link.get("ok"):
+        return f"{name} ok ({when})"
+    cause = f": {link['cause']}" if link.get("cause") else ""
+    return f"{name} DOWN ({when}){cause}"
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    from firmware_py import config
+    from firmware_py.errors import InputError
+    from firmware_py.owner.commands import Unavailable, call
+
+    owner = config.load(args.config).owner
+    try:
+        doc = call(owner, "GET", "/api/status")
+    except Unavailable as err:
+        raise InputError(f"status: {err}") from None
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(render(doc)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="the running gateway's live state: mode, SoC, power, event, faults, links")
+    p.add_argument("--config", required=True, help="the running gateway's TOML configuration ([owner] api_listen "
+                                                   "and token_file)")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.set_defaults(handler=_status_command)

@@ -1,0 +1,180 @@
+"""The CAN link heals itself (issue 10, item 1), on real python-can buses.
+
+The link is the assembled gateway's own (`Assembly.can_link`): its receive thread
+is python-can's Notifier, its bus a `virtual` one shared with a simulated BMS
+node in this process. A bus broken under the gateway (closed, as a re-plugged
+adapter or a dead remote server leaves it) or a silent one is closed and opened
+again, at once the first time, then with a back-off that doubles up to its bound;
+a bus that cannot be opened keeps being retried; each outage is logged and
+journaled once, and once when it is over. The link's clock is the test's, so the
+back-off is checked without waiting for it; frames are waited for as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from dataclasses import replace
+
+import can
+import pytest
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+
+from firmware_py.assembly import assemble
+from firmware_py.config import Config, bundled_dbc
+from firmware_py.errors import InputError
+from firmware_py.journal import Journal, RecordKind
+
+WAIT_S = 10.0
+
+
+class World:
+    """A gateway assembled on a virtual bus, a BMS node on the same channel, a clock the test moves."""
+
+    def __init__(self, tmp_path, channel: str) -> None:
+        base = Config()
+        self.config = replace(base, can=replace(base.can, interface="virtual", channel=channel),
+                              journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
+                              owner=replace(base.owner, settings_file=str(tmp_path / "owner.json")))
+        self.now = 100.0
+        self.assembly = assemble(self.config, lambda: self.now)
+        self.link = self.assembly.can_link
+        self.node_bus = can.Bus(interface="virtual", channel=channel)
+        self.node = BmsNode(Battery(), self.node_bus, bundled_dbc("cybertruck_bms.dbc"))
+        self.node_t = 0.0  # the node's own clock: it only ever moves on
+        self.snapshots = 0
+        self.arrived = threading.Event()
+
+    def on_snapshot(self, snapshot) -> None:
+        self.snapshots += 1
+        self.arrived.set()
+
+    def send(self, seconds: float = 1.0) -> None:
+        """The node sends every message due over `seconds` of its own time."""
+        for _ in range(int(seconds * 100)):
+            self.node_t += 0.01
+            self.node.emit_due(self.node_t)
+
+    async def frames_arrive(self) -> None:
+        """Until the gateway's receive thread decodes a frame sent from now on (an event, bounded).
+
+        The pack's temperature moves by a degree each time, so the frames carry news: the
+        reader hands the core a snapshot only when something it decides on changed.
+        """
+        self.arrived.clear()
+        self.node.battery.temp_c = 26.0 if self.node.battery.temp_c != 26.0 else 25.0
+        self.send()
+        if not await asyncio.to_thread(self.arrived.wait, WAIT_S):
+            raise AssertionError(f"no frame reached the gateway within {WAIT_S} s")
+
+    async def look(self, after_s: float = 0.1) -> None:
+        self.now += after_s
+        await self.link.supervise()
+
+    def close(self) -> None:
+        self.assembly.close()
+        self.node_bus.shutdown()
+
+
+@pytest.fixture
+def world(tmp_path, request):
+    w = World(tmp_path, f"can-link-{request.node.name}")
+    w.link.start(w.on_snapshot)
+    yield w
+    w.close()
+
+
+def link_records(tmp_path) -> list[tuple[str, str]]:
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        return [(r.kind, r.payload["link"]) for r in journal.records()
+                if r.kind in (RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED)]
+
+
+def test_a_bus_broken_under_the_gateway_is_reopened_and_told_once(world, tmp_path, caplog):
+    async def main() -> None:
+        await world.frames_arrive()
+        await world.look()
+        assert world.assembly.gateway.links.view(world.now)["bms"]["ok"]
+        broken = world.link.bus
+        with caplog.at_level(logging.INFO):
+            broken.shutdown()  # what a re-plugged adapter or a dead remote server leaves behind
+            assert await asyncio.to_thread(world.link.listener.failed.wait, WAIT_S)  # its receive thread fails
+            for _ in range(3):
+                await world.look()  # errors and no frames: closed and opened again, once
+            assert world.link.reopens == 1 and world.link.bus is not broken
+            await world.frames_arrive()
+            await world.look()
+            await world.frames_arrive()
+            await world.look()
+        view = world.assembly.gateway.links.view(world.now)["bms"]
+        assert view["ok"] and view["age_s"] == 0
+        lines = [r.getMessage() for r in caplog.records if "link" in r.getMessage()]
+        assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
+        assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+        assert not [r for r in caplog.records if r.exc_info]  # an expected condition: no traceback
+
+    asyncio.run(main())
+    world.assembly.gateway.flush_journal()
+    assert link_records(tmp_path) == [("LinkLost", "bms"), ("LinkRecovered", "bms")]
+
+
+def test_a_silent_bus_is_reopened_with_a_back_off_that_doubles_to_its_bound(world):
+    async def main() -> list[int]:
+        await world.frames_arrive()
+        await world.look()
+        counts = []
+        for _ in range(int(120 / 0.25)):  # two minutes of silence, looked at four times a second
+            await world.look(0.25)
+            counts.append(world.link.reopens)
+        return counts
+
+    counts = asyncio.run(main())
+    times = [0.25 * (i + 1) for i, (a, b) in enumerate(zip([0] + counts, counts)) if b > a]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(times)]
+    assert times[0] == pytest.approx(0.75)  # the first reopen once the silence outlasts the BMS timeout (0.5 s)
+    # Then each reopened bus gets a whole timeout to bring frames, and the back-off doubles: 0.5, 1, 2 ... 30 s.
+    assert gaps[:7] == [0.75, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert max(gaps) == 30.0  # bounded
+    assert world.assembly.gateway.links.view(world.now)["bms"]["ok"] is False
+
+
+def test_a_bus_that_cannot_be_reopened_keeps_being_retried_and_heals_when_it_can(world):
+    async def main() -> None:
+        await world.frames_arrive()
+        await world.look()
+        opener, refusals = world.link._opener, []
+
+        def refusing_opener() -> can.BusABC:
+            refusals.append(world.now)
+            raise InputError("can: cannot open the virtual bus: adapter unplugged")
+
+        world.link._opener = refusing_opener
+        for _ in range(40):
+            await world.look(0.25)  # 10 s: silence, then every reopen refused
+        assert len(refusals) >= 4 and world.link.bus is None
+        view = world.assembly.gateway.links.view(world.now)["bms"]
+        assert not view["ok"] and "adapter unplugged" in view["cause"]
+        world.link._opener = opener  # plugged back in
+        while world.link.bus is None:
+            await world.look(0.25)
+        await world.frames_arrive()
+        await world.look()
+        assert world.assembly.gateway.links.view(world.now)["bms"]["ok"]
+
+    asyncio.run(main())
+
+
+def test_a_pause_of_the_gateway_itself_is_not_silence(world):
+    async def main() -> None:
+        await world.frames_arrive()
+        await world.look()
+        await world.look(4.0)  # a 4 s SIGSTOP between two looks: judged afresh, not reopened
+        assert world.link.reopens == 0
+        await world.frames_arrive()
+        await world.look()
+        assert world.link.reopens == 0
+
+    asyncio.run(main())

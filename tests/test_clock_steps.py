@@ -1,0 +1,154 @@
+"""Two clocks (issue 10, item 2): a wall-clock step during an event changes nothing that matters.
+
+A board without a real-time clock boots with a wrong date that NTP later steps.
+The gateway runs its core on the monotonic clock and converts wall instants (an
+OpenADR event's window, as received) to it once, at reception. With the wall
+clock stepped by −1 h, +1 h and +5 years in the middle of an event, these tests
+show on the real assembled gateway (virtual CAN bus, Modbus TCP inverter, SQLite
+journal) that:
+- the event runs exactly its window: not stopped early, not extended;
+- stale data is not hidden: a silent BMS faults after the same monotonic timeout;
+- no energy record is lost: one per report interval and the final one, and the
+  final record matches the inverter's meter;
+- the journal stamps every record on both clocks, and `report` shows wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import math
+
+import pytest
+from lockstep import Rig, TestClocks
+
+from firmware_py.core import Mode
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    EventEnergy,
+    FaultKind,
+    FaultRaised,
+    OwnerSettings,
+    Verdict,
+)
+from firmware_py.dispatch.openadr_events import (
+    LOAD_DISPATCH,
+    EventPlan,
+    translate_event,
+)
+from firmware_py.journal import Journal, RecordKind, event_summaries
+
+HOUR, YEARS_5 = 3_600.0, 5 * 365.25 * 86_400
+EVENT_S = 130.0  # two energy report intervals and a bit
+LEAD_S = 5.0
+TARGET_KW = 5.0
+
+
+def openadr_event(start: dt.datetime) -> dict:
+    """One LOAD_DISPATCH interval as openleadr hands it to the VEN: its window in UTC."""
+    return {"event_descriptor": {"event_id": "peak", "modification_number": 0, "event_status": "far"},
+            "active_period": {"dtstart": start, "duration": dt.timedelta(seconds=EVENT_S)},
+            "event_signals": [{"signal_name": LOAD_DISPATCH, "signal_type": "setpoint",
+                               "intervals": [{"duration": dt.timedelta(seconds=EVENT_S),
+                                              "signal_payload": TARGET_KW, "uid": 0}]}]}
+
+
+async def receive_event(rig: Rig) -> EventPlan:
+    """What the VEN does on arrival: the UTC window onto the core's base, through the gateway's clocks."""
+    start = dt.datetime.fromtimestamp(rig.time.wall() + LEAD_S, dt.UTC)
+    plan = translate_event(openadr_event(start), rating_w=11_500, levels_pct=[33, 66, 100],
+                           to_gateway_time=rig.gateway.clocks.from_datetime, received_at=rig.gateway.now())
+    assert isinstance(plan, EventPlan)
+    (request,) = plan.requests
+    answer = await rig.gateway.submit(request)
+    assert answer is not None and answer.verdict is Verdict.ACCEPTED, answer
+    return plan
+
+
+@pytest.mark.parametrize("wall_step_s", [-HOUR, HOUR, YEARS_5], ids=["-1h", "+1h", "+5y"])
+def test_a_wall_clock_step_during_an_event(tmp_path, wall_step_s):
+    async def main() -> None:
+        async with Rig(tmp_path) as rig:
+            await rig.run(3.0)
+            assert rig.gateway.controller.mode is Mode.STANDBY
+            (request,) = (await receive_event(rig)).requests
+            assert request.end - request.start == pytest.approx(EVENT_S)
+            await rig.run(LEAD_S + 40.0)
+            assert rig.gateway.controller.mode is Mode.DISCHARGE
+
+            rig.time.step_wall(wall_step_s)  # NTP steps the wall clock mid-event
+            stepped_at = rig.time.mono
+
+            # Stale data is not hidden (a step back) nor invented (a step forward): the BMS falls
+            # silent and the fault comes after the same monotonic timeout as ever.
+            rig.bms_on = False
+            await rig.run(0.2)
+            assert not rig.events(FaultRaised)
+            await rig.run(0.3)
+            (stale,) = rig.events(FaultRaised)
+            assert stale.kind is FaultKind.BMS_STALE and stale.at - stepped_at == pytest.approx(0.4, abs=0.11)
+            assert rig.gateway.command.setpoint_w == 0
+            rig.bms_on = True
+
+            # The event neither stops at once nor runs past its window: it ends at its end.
+            await rig.run(request.end - rig.time.mono - 0.5)
+            assert rig.gateway.controller.serving_id == "peak" and not rig.events(DispatchEnded)
+            await rig.run(1.0)
+            (ended,) = rig.events(DispatchEnded)
+            assert ended.reason == "window closed" and ended.at == pytest.approx(request.end, abs=0.11)
+
+        energy = rig.events(EventEnergy)
+        # One at the start, one per report interval, then the final one: none lost to the step.
+        assert [e.final for e in energy] == [False, False, False, True]
+        assert [round(b.at - a.at) for a, b in itertools.pairwise(energy[:-1])] == [60, 60]
+        final = energy[-1]
+        assert final.meter_wh > 0 and final.meter_wh == pytest.approx(final.integrated_wh, rel=0.02)
+
+        with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+            assert journal.verify() == []
+            records = journal.records()
+            (summary,) = event_summaries(journal)
+        kept = [r for r in records if r.kind == RecordKind.EVENT_ENERGY]
+        assert len(kept) == 4 and kept[-1].payload["final"]
+        # Each record on both clocks: the core's base for replay, the wall as it was for people.
+        offsets = {round(r.wall - r.at) for r in records if r.kind != RecordKind.CORE_STEPS}
+        assert offsets == {round(rig.time.offset - wall_step_s), round(rig.time.offset)}
+        assert summary.start == pytest.approx(request.start + rig.time.offset - wall_step_s, abs=0.01)
+        assert summary.final and summary.meter_wh == final.meter_wh
+
+    asyncio.run(main())
+
+
+def test_an_owner_opt_out_until_a_wall_time_is_kept_in_wall_time_across_a_restart(tmp_path):
+    """Settings on disk are wall time; the core gets them on its own base, whatever the boot."""
+    from firmware_py.owner.store import OwnerStore, on_clock
+
+    clocks = TestClocks()
+    until_wall = clocks.wall() + 600
+    store = OwnerStore(tmp_path / "owner.json", 40)
+    store.save(OwnerSettings(50, clocks.wall(), opt_out_until=until_wall))
+    clocks.mono = 7.0  # a reboot: monotonic time starts again, the wall clock goes on
+    clocks.offset = until_wall - 600 + 30 - clocks.mono  # 30 s later on the wall
+    core = on_clock(store.load(clocks.wall()), clocks.clocks.to_core)
+    assert core.opt_out_until == pytest.approx(clocks.mono + 570)
+    assert core.opted_out(clocks.mono + 569) and not core.opted_out(clocks.mono + 571)
+    revoked = on_clock(OwnerSettings(50, clocks.wall(), opt_out_until=math.inf), clocks.clocks.to_core)
+    assert revoked.opt_out_until == math.inf
+
+
+def test_an_answer_is_journaled_with_its_wall_time(tmp_path):
+    async def main() -> DispatchAnswer:
+        async with Rig(tmp_path) as rig:
+            await rig.run(2.0)
+            plan = await receive_event(rig)
+            (answer,) = rig.events(DispatchAnswer)
+            assert answer.request_id == plan.requests[0].id
+            return answer
+
+    answer = asyncio.run(main())
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        (record,) = journal.records(RecordKind.DISPATCH_ANSWER)
+    assert record.at == answer.at < 10_000  # the core's base: monotonic, not the epoch
+    assert record.wall == pytest.approx(TestClocks().offset + answer.at)

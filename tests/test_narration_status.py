@@ -1,0 +1,137 @@
+"""Logs for people and `powershare-gw status` (issue 10, item 4), on the assembled gateway.
+
+The gateway runs in lock-step (`lockstep.Rig`: virtual CAN bus, Modbus TCP inverter,
+SQLite journal) with the narrator `run` attaches; its owner API serves on 127.0.0.1
+and the real CLI asks it for the status, as an installer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from lockstep import Rig
+
+from firmware_py import cli
+from firmware_py.core import Mode
+from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
+from firmware_py.narration import JournaldFormatter, Narrator
+from firmware_py.owner.api import OwnerApi
+from firmware_py.status import render
+
+
+def write_config(path: Path, api_listen: str, token_file: Path) -> Path:
+    config = path / "gateway.toml"
+    config.write_text(f'[owner]\napi_listen = "{api_listen}"\ntoken_file = "{token_file}"\n')
+    return config
+
+
+def test_every_thing_worth_knowing_is_one_line_and_nothing_else_is_logged(tmp_path, caplog):
+    async def main() -> None:
+        async with Rig(tmp_path) as rig:
+            rig.gateway.observers.append(Narrator(rig.gateway.clocks))
+            await rig.run(2.0)
+            now = rig.gateway.now()
+            request = DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 5_000, now, now + 600, now)
+            assert (await rig.gateway.submit(request)).verdict is Verdict.ACCEPTED
+            await rig.run(5.0)
+            settings = rig.gateway.owner_settings()
+            await rig.gateway.set_owner(replace(settings, reserve_pct=55.0, received_at=rig.gateway.now()))
+            rig.node.inject("bms_fault", until=rig.time.mono + 1.0)
+            await rig.run(4.0)  # raised, then cleared after the 2 s hold-off
+            rig.server.drop_connections()  # the inverter drops the gateway: lost, then back
+            await rig.run(5.0)  # reconnected after its back-off, the comms fault held 2 s more
+            assert rig.gateway.controller.mode is Mode.DISCHARGE
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("firmware_py")]
+    expected = [
+        "mode STARTUP -> STANDBY: BMS and inverter data ready",
+        "dispatch peak from openadr (discharge 5000 W, 2025-06-01 12:00:02Z to 2025-06-01 12:10:02Z, rev 0): accepted",
+        "mode STANDBY -> DISCHARGE: dispatch peak",
+        "owner settings changed: reserve 55 %",
+        "fault raised: bms_fault (BMS state FAULT)",
+        "mode DISCHARGE -> FAULT: fault: bms_fault",
+        "fault cleared: bms_fault",
+        "mode FAULT -> STARTUP: faults cleared",
+        "mode STARTUP -> STANDBY: BMS and inverter data ready",
+        "mode STANDBY -> DISCHARGE: dispatch peak",
+        "fault raised: inverter_comms (reading 40070+27: connection closed by the inverter",
+        "mode DISCHARGE -> FAULT: fault: inverter_comms",
+        "link lost: inverter: reading 40070+27: connection closed by the inverter",
+        "link recovered: inverter, after 1.0 s",
+        "fault cleared: inverter_comms",
+        "mode FAULT -> STARTUP: faults cleared",
+        "mode STARTUP -> STANDBY: BMS and inverter data ready",
+        "mode STANDBY -> DISCHARGE: dispatch peak",
+    ]
+    assert len(lines) == len(expected) and all(line.startswith(want) for line, want in zip(lines, expected)), \
+        "\n".join(lines)
+    assert not [r for r in caplog.records if r.exc_info], "an expected condition printed a traceback"
+    assert all("\n" not in line for line in lines)
+
+
+def test_journald_lines_carry_their_priority():
+    record = logging.LogRecord("firmware_py.links", logging.WARNING, __file__, 1, "link lost: %s", ("bms",), None)
+    assert JournaldFormatter("%(message)s").format(record) == "<4>firmware_py.links: link lost: bms"
+
+
+def test_status_from_the_running_gateway_as_json_and_text(tmp_path, capsys, caplog):
+    async def main() -> tuple[int, dict, int, str]:
+        def loopback(config):
+            return replace(config, owner=replace(config.owner, api_listen="127.0.0.1:0"))
+
+        async with Rig(tmp_path, configure=loopback) as rig:
+            api = OwnerApi(rig.config.owner, rig.gateway, clocks=rig.gateway.clocks)
+            await api.start()
+            try:
+                await rig.run(2.0)
+                now = rig.gateway.now()
+                request = DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now, now + 600, now)
+                await rig.gateway.submit(request)
+                await rig.run(65.0)  # past the first energy report, ramped to the target
+                config = write_config(tmp_path, api.address, Path(rig.config.owner.token_file))
+                code_json = await asyncio.to_thread(cli.main, ["status", "--config", str(config), "--json"])
+                doc = json.loads(capsys.readouterr().out)
+                code_text = await asyncio.to_thread(cli.main, ["status", "--config", str(config)])
+                text = capsys.readouterr().out
+                return code_json, doc, code_text, text
+            finally:
+                await api.stop()
+
+    with caplog.at_level(logging.DEBUG):
+        code_json, doc, code_text, text = asyncio.run(main())
+    assert code_json == 0 and code_text == 0
+    assert doc["mode"] == "DISCHARGE" and doc["reason"].startswith("dispatch peak")
+    assert 70 < doc["soc_pct"] <= 80 and doc["floor_pct"] == 42 and doc["reserve_pct"] == 40
+    assert doc["setpoint_w"] == 4_000 and doc["power_w"] == pytest.approx(4_000)
+    assert doc["event"]["id"] == "peak" and doc["event"]["answer"] == "accepted"
+    assert doc["event"]["cap_w"] is None and doc["event"]["delivered_wh"] > 0
+    assert doc["faults"] == [] and doc["storm_watch"] is None
+    assert doc["links"]["bms"]["ok"] and doc["links"]["bms"]["age_s"] < 0.2
+    assert doc["links"]["inverter"]["ok"] and doc["links"]["inverter"]["age_s"] <= 1.0
+    assert doc["at"].startswith("2025-06-01T12:01")
+    assert text.splitlines()[1:] == render(doc)[1:]  # the same document (its `at` a moment later)
+    assert "mode:    DISCHARGE: dispatch peak" in text
+    assert "links:   bms ok (last good 0.0 s ago); inverter ok" in text
+    token = Path(tmp_path / "owner.token").read_text().strip()
+    assert token not in caplog.text  # a secret never reaches a log line
+
+
+def test_status_exits_2_when_no_gateway_answers(tmp_path, capsys):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    token = tmp_path / "owner.token"
+    token.write_text("0" * 64 + "\n")
+    token.chmod(0o600)
+    config = write_config(tmp_path, f"127.0.0.1:{port}", token)
+    assert cli.main(["status", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: status: no gateway answering on 127.0.0.1:") and "Traceback" not in err
