@@ -14,8 +14,9 @@ Each line is canonical JSON. It carries `prev`, the SHA-256 of the line before i
 other fields by the key kept 0600 beside the journal (`files.key_path`). Because
 every line commits to the one before, the newest line's signature vouches for the
 whole file: one verification, whatever its length. What no local file can stop
-is rolling the journal *and* its anchors back together to an earlier state; the
-gateway also logs every anchor, so the system log holds a second copy.
+is rolling the journal *and* its anchors back together to an earlier state: for
+that, copy the anchor file off the gateway now and then (the gateway also logs
+each anchor at debug level, for a system log shipped elsewhere).
 """
 
 from __future__ import annotations

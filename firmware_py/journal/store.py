@@ -321,7 +321,7 @@ class Journal:
             self._anchor_failing, self._anchor_due = True, why
             return
         self._anchor_failing, self._anchor_due = False, None
-        log.info("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
+        log.debug("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
 
     def _check_against_anchor(self) -> None:
         """At open: a head behind or beside the newest anchor means records were removed; say so
