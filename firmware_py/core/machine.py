@@ -169,9 +169,10 @@ class Rule:
 
 
 # Priority order: the first rule that fires wins. Safety, then outage backup,
-# then accounting (no dispatch while the journal cannot record it), then the
-# owner and dispatch (the owner's opt-out and reserve act inside the dispatch
-# guards via the floor and the request in force), then idle.
+# then the owner and dispatch (the owner's opt-out and reserve act inside the
+# dispatch guards via the floor and the request in force), then idle. The
+# journal rule is a condition of dispatch itself (no energy is delivered that
+# cannot be accounted for): it only ever ends dispatch, below the outage.
 TRANSITIONS: tuple[Rule, ...] = (
     Rule(ANY - {Mode.LOCKOUT}, Mode.LOCKOUT, _locked_out),
     Rule(frozenset({Mode.LOCKOUT}), Mode.STARTUP, _reset),
