@@ -47,7 +47,6 @@ from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchRequest,
-    Event,
     Input,
     InverterCommand,
     InverterStatus,

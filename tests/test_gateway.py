@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from core_builders import bms, inverter
+
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
 from firmware_py.core.machine import JOURNAL_HOLD
@@ -121,8 +122,8 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
             t += 1.0
         assert gateway.command.setpoint_w > 0
         assert gateway.flush_journal() == 0  # failed: the records stay queued, the core hears of it
-        assert (gateway.command.setpoint_w, gateway.command.reason) == (0.0, f"{JOURNAL_HOLD}: "
-                                                                        f"{gateway.controller.journal.detail}")
+        held = (0.0, f"{JOURNAL_HOLD}: {gateway.controller.journal.detail}")
+        assert (gateway.command.setpoint_w, gateway.command.reason) == held
         changed = at(t + 1, replace(request(2, t + 1), target_w=5_000))
         assert changed.answer_for("r2").reason is ReasonCode.JOURNAL
         for later in (t + 2, t + 3):

@@ -211,3 +211,9 @@ def test_the_report_checks_against_the_anchors_own_key_where_the_key_file_is_unr
     code, out = report(path, capsys)
     assert code == 0 and "verified with the anchors' own key (key file not readable here)" in out
     assert Chain(path).check().key_checked is False
+
+
+def test_an_anchor_file_that_cannot_be_opened_is_bad_input_not_a_traceback(path):
+    files.anchors_path(path).mkdir()  # whatever stands where the anchor file must be
+    with pytest.raises(InputError, match="cannot open the journal's anchor file"):
+        Journal.open(path)

@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import big_journal
 import pytest
 
-import big_journal
 from firmware_py.journal import Chain, RecordKind
 
 HERE = Path(__file__).resolve().parent

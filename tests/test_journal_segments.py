@@ -20,7 +20,14 @@ from firmware_py import cli
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
 from firmware_py.core import types as t
-from firmware_py.journal import Chain, Journal, JournalWriteError, RecordKind, event_summaries, files
+from firmware_py.journal import (
+    Chain,
+    Journal,
+    JournalWriteError,
+    RecordKind,
+    event_summaries,
+    files,
+)
 from firmware_py.journal.codec import jsonable
 
 DAY_S = 86_400.0

@@ -50,7 +50,7 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 
-__all__ = ["Controller", "Mode", "StepResult", "TRANSITIONS", "diagram", "step"]
+__all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
 # Enter DISCHARGE only this far above the floor, so SoC noise at the floor
 # cannot toggle the mode every frame.

@@ -5,5 +5,14 @@ from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.store import Journal, JournalWriteError, Record
 from firmware_py.journal.summary import EventSummary, TimelineEntry, event_summaries
 
-__all__ = ["Chain", "ChainReport", "Journal", "JournalWriteError", "Record", "RecordKind", "EventSummary",
-           "TimelineEntry", "event_summaries"]
+__all__ = [
+           "Chain",
+           "ChainReport",
+           "EventSummary",
+           "Journal",
+           "JournalWriteError",
+           "Record",
+           "RecordKind",
+           "TimelineEntry",
+           "event_summaries",
+]

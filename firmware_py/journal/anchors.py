@@ -28,14 +28,17 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 from firmware_py.errors import InputError
 
@@ -289,14 +292,12 @@ def _signature_problems(name: str, result: AnchorCheck, expected_key: str | None
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Complete lines, numbered from 1 (a torn last line, left by a crash mid-write, is not one)."""
     with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-        number = 0
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
-                return
-            number += 1
+                return  # only the last line can lack its newline
             yield number, raw[:-1].decode(errors="replace")
 
 
 def describe(anchor: Anchor) -> str:
-    when = datetime.fromtimestamp(anchor.wall, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    when = datetime.fromtimestamp(anchor.wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return f"record {anchor.seq} ({anchor.why}, {when})"

@@ -14,6 +14,7 @@ the head of the one before. `Chain.check` walks them all, a page at a time:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,8 @@ class Chain:
         if segment.live:
             report.key_checked = verdict.key_checked
         if verdict.lines == 0 and journal.anchored and result.records:
-            return [f"{path.name}: missing or empty, though segment {segment.number} holds records "
-                    "(its anchor file was deleted)"]
+            missing = f"{path.name}: missing or empty, though segment {segment.number} holds records"
+            return [f"{missing} (its anchor file was deleted)"]
         return verdict.problems
 
 
@@ -140,7 +141,7 @@ def _link_problems(checked: list[tuple[files.SegmentFile, SegmentCheck]], pruned
         if not proven:
             problems.append(f"segments 1..{first_file.number - 1}: missing, and the chain does not record "
                             "pruning them (deleted outside the retention policy)")
-    for (before_file, before), (after_file, after) in zip(checked, checked[1:]):
+    for (before_file, before), (after_file, after) in itertools.pairwise(checked):
         if after_file.number != before_file.number + 1:
             problems.append(f"segments {before_file.number + 1}..{after_file.number - 1}: missing (deleted)")
             continue

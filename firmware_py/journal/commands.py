@@ -17,7 +17,7 @@ import csv
 import json
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
@@ -85,7 +85,9 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
 def _print_text(events: list[EventSummary], verdict: ChainReport) -> None:
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text  # never parsed as markup: ids and texts came from aggregators
+    from rich.text import Text
+
+    # Text is never parsed as markup: ids and texts came from aggregators.
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
     table = Table(title="Dispatch events", title_justify="left")
@@ -175,5 +177,5 @@ def _time(at: float | None) -> str:
     if at == float("inf"):
         return "open"
     if at >= EPOCH_THRESHOLD_S:
-        return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return f"{at:.1f} s"

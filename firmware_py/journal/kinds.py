@@ -41,12 +41,12 @@ class RecordKind(StrEnum):
     BENCH_LOAD = "BenchLoad"
 
     @classmethod
-    def of(cls, event: Any) -> "RecordKind":
+    def of(cls, event: Any) -> RecordKind:
         """The kind a core event or input is journaled as (ValueError for anything else)."""
         return cls(type(event).__name__)
 
     @classmethod
-    def read(cls, text: str) -> "RecordKind | str":
+    def read(cls, text: str) -> RecordKind | str:
         """A stored kind as a member, or the text itself for a kind this gateway does not know."""
         try:
             return cls(text)

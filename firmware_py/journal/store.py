@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
@@ -161,7 +161,7 @@ class Journal:
         self._batch_depth = 0
         self._key = key
         self._load_segment()
-        self._anchors = AnchorLog(files.anchors_path(path), key, self.segment) if key is not None else None
+        self._anchors = _anchor_log(path, key, self.segment) if key is not None else None
         self._anchor_due: AnchorWhy | None = None
         self._uncommitted_due: AnchorWhy | None = None
         self._anchor_failing = False
@@ -548,7 +548,10 @@ class Journal:
             raise JournalWriteError(f"{self.path}: cannot reopen the journal after rotating: {err}") from err
         self._load_segment()
         assert self._key is not None
-        self._anchors = AnchorLog(files.anchors_path(self.path), self._key, self.segment)
+        try:
+            self._anchors = _anchor_log(self.path, self._key, self.segment)
+        except InputError as err:
+            raise JournalWriteError(str(err)) from err
         self._anchor(AnchorWhy.SEGMENT)
 
     def pruned_through(self) -> dict[str, Any] | None:
@@ -582,11 +585,19 @@ class Journal:
             self._anchor(AnchorWhy.CLOSE)
             self._conn.close()
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _anchor_log(path: Path, key: AnchorKey, segment: int) -> AnchorLog:
+    anchors = files.anchors_path(path)
+    try:
+        return AnchorLog(anchors, key, segment)
+    except OSError as err:
+        raise InputError(f"{anchors}: cannot open the journal's anchor file: {err.strerror or err}") from None
 
 
 def _connect(path: Path, readonly: bool, busy_timeout_s: float) -> sqlite3.Connection:
