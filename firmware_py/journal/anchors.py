@@ -28,7 +28,6 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -296,8 +295,3 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if not raw.endswith(b"\n"):
                 return  # only the last line can lack its newline
             yield number, raw[:-1].decode(errors="replace")
-
-
-def describe(anchor: Anchor) -> str:
-    when = datetime.fromtimestamp(anchor.wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    return f"record {anchor.seq} ({anchor.why}, {when})"

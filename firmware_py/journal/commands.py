@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
-from firmware_py.journal.anchors import describe as describe_anchor
 from firmware_py.journal.chain import Chain, ChainReport
 from firmware_py.journal.summary import EventSummary, event_summaries
 from firmware_py.quoting import printable
@@ -78,7 +77,8 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
     else:
         how = "verified with the key file" if verdict.key_checked else \
             "verified with the anchors' own key (key file not readable here)"
-        lines.append(f"anchor: newest at {describe_anchor(newest)}, key {newest.key[:16]}…, {how}")
+        when = f"{newest.why}, {_time(newest.wall)}"
+        lines.append(f"anchor: newest at record {newest.seq} ({when}), key {newest.key[:16]}…, {how}")
     return lines
 
 
