@@ -58,6 +58,7 @@ def build(path: Path, count: int, *, start_at: float = 1_700_000_000.0, wall: fl
     assert all(_note_text(i) == codec.canonical(_note(i)) for i in (0, 1, 999))
     Journal.open(path).close()  # the schema and markers, exactly as the gateway creates them
     files.key_path(path).unlink()
+    files.anchors_path(path).unlink()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = OFF")  # a test fixture: durability is not what is measured

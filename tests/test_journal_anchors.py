@@ -85,6 +85,26 @@ def test_the_cut_stays_visible_after_the_gateway_appends_past_it(path, capsys):
     assert "does not match its anchor in journal.sqlite.anchors (removed or rewritten after it was anchored)" in out
 
 
+def test_a_cut_with_the_anchor_file_deleted_too_stays_visible_after_a_restart(path, capsys, caplog):
+    """Deleting the anchor file as well: the gateway, opening the journal again, does not start
+    a clean new file as if nothing happened; its first line says the anchors were missing."""
+    with Journal.open(path) as journal:
+        billed_event(journal)
+    cut_tail(path, keep=7)
+    files.anchors_path(path).unlink()
+    with Journal.open(path) as journal:
+        journal.append_event(t.DispatchAnswer.accepted("later", 9_999))
+    assert "anchor file is missing or empty" in caplog.text
+    code, out = report(path, capsys)
+    assert code == 1 and "found this segment's anchor file missing when it opened the journal" in out
+
+
+def test_a_new_journal_is_anchored_before_its_first_record(path, capsys):
+    Journal.open(path).close()
+    assert [(a["seq"], a["why"]) for a in anchor_lines(path)] == [(0, AnchorWhy.OPEN)]
+    assert report(path, capsys)[0] == 0
+
+
 def test_the_writer_says_so_when_it_opens_a_cut_journal(path, caplog):
     with Journal.open(path) as journal:
         billed_event(journal)
@@ -96,11 +116,11 @@ def test_the_writer_says_so_when_it_opens_a_cut_journal(path, caplog):
 def test_billing_records_anchor_at_once_and_the_rest_at_most_every_period(path):
     wall = [1_000.0]
     with Journal.open(path, wall_clock=lambda: wall[0]) as journal:
-        journal.append("Note", 0, {"n": 0})  # the first commit of a journal anchors it
-        for n in range(1, 50):
+        assert [(a["why"], a["seq"]) for a in anchor_lines(path)] == [(AnchorWhy.OPEN, 0)]  # before any record
+        for n in range(50):  # ordinary records within the period: no anchor yet
             wall[0] += 1
             journal.append("Note", n, {"n": n})
-        assert [a["why"] for a in anchor_lines(path)] == [AnchorWhy.PERIODIC]
+        assert [a["why"] for a in anchor_lines(path)] == [AnchorWhy.OPEN]
         journal.append_event(t.DispatchAnswer.accepted("e", 50))
         assert anchor_lines(path)[-1]["why"] == AnchorWhy.BILLING and anchor_lines(path)[-1]["seq"] == 51
         wall[0] += ANCHOR_PERIOD_S

@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from firmware_py.errors import InputError
 
 GENESIS_LINK = "0" * 64
+EMPTY_HEAD = "0" * 64
+"""The head an anchor names for a journal with no record yet (seq 0): the chain's genesis hash."""
 ANCHOR_PERIOD_S = 600.0
 """While the head moves, at most this long (wall clock) between anchors; billing records anchor at once."""
 TAIL_READ_BYTES = 16_384
@@ -56,6 +58,9 @@ class AnchorWhy(StrEnum):
     CLOSE = "closed"
     ROTATE = "rotated out"
     SEGMENT = "segment started"
+    MISSING = "opened without its anchors"
+    """The writer found an anchored segment with records and no anchor file: whatever was cut
+    before this line cannot be shown, so the line itself is the evidence (`check` flags it)."""
 
 
 @dataclass(frozen=True)
@@ -257,8 +262,12 @@ def check(path: Path, segment: int, hash_at: Callable[[int], str | None], last_s
             result.problems.append(f"{name}: line {number} names segment {anchor.segment}, not {segment}")
         if anchor.seq > last_seq:
             truncated_to = max(truncated_to or 0, anchor.seq)
-        elif hash_at(anchor.seq) != anchor.hash:
+        elif (hash_at(anchor.seq) if anchor.seq else EMPTY_HEAD) != anchor.hash:
             mismatched.append(anchor.seq)
+        if anchor.why == AnchorWhy.MISSING:
+            result.problems.append(f"{name}: line {number}: the gateway found this segment's anchor file missing "
+                                   f"when it opened the journal (records up to {anchor.seq} had no anchors left "
+                                   "to check them against)")
         link, result.newest = link_of(line), anchor
     if truncated_to is not None:
         result.problems.append(f"records {last_seq + 1}..{truncated_to}: missing at the end "

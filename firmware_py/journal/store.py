@@ -129,7 +129,6 @@ class SegmentCheck:
     first_seq: int | None = None
     last_seq: int = 0
     last_hash: str = GENESIS_HASH
-    last_at: float | None = None
     start: dict[str, Any] | None = None  # the SegmentStart payload, when the segment begins with one
 
 
@@ -152,7 +151,7 @@ class Journal:
     """
 
     def __init__(self, path: Path, conn: sqlite3.Connection, wall_clock: Callable[[], float],
-                 key: AnchorKey | None = None, busy_timeout_s: float = 5.0):
+                 key: AnchorKey | None = None, busy_timeout_s: float = 5.0, was_anchored: bool = False):
         self.path = path
         self._conn = conn
         self._busy_timeout_s = busy_timeout_s
@@ -166,8 +165,10 @@ class Journal:
         self._uncommitted_due: AnchorWhy | None = None
         self._anchor_failing = False
         if self._anchors is not None:
-            self._check_against_anchor()
+            self._check_against_anchor(was_anchored)
             self._anchor(AnchorWhy.OPEN)
+            if not was_anchored:
+                self._mark_anchored()
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -195,9 +196,9 @@ class Journal:
                                  "archives away to start a new journal")
         conn = _connect(path, readonly, busy_timeout_s)
         try:
-            _prepare(conn, path, readonly)
+            version = _prepare(conn, path, readonly)
             key = None if readonly else AnchorKey.load_or_create(files.key_path(path))
-            return cls(path, conn, wall_clock, key, busy_timeout_s)
+            return cls(path, conn, wall_clock, key, busy_timeout_s, was_anchored=version >= ANCHORED_VERSION)
         except BaseException:
             conn.close()
             raise
@@ -305,8 +306,7 @@ class Journal:
         """One signed line for the head, unless the newest line already names it. Never raises:
         the records are committed whatever happens to their checkpoint (it is retried next commit)."""
         anchors = self._anchors
-        if anchors is None or self._seq == 0:
-            self._anchor_due = None
+        if anchors is None:
             return
         newest = anchors.newest
         if newest is not None and (newest.seq, newest.hash) == (self._seq, self._hash):
@@ -323,13 +323,28 @@ class Journal:
         self._anchor_failing, self._anchor_due = False, None
         log.debug("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
 
-    def _check_against_anchor(self) -> None:
+    def _mark_anchored(self) -> None:
+        """A file from before anchors, now anchored: say so in it (after its first anchor is written,
+        so that no anchored file is ever without one)."""
+        try:
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as err:
+            raise InputError(f"{self.path}: cannot open journal for writing: {err}") from err
+        self.anchored = True
+
+    def _check_against_anchor(self, was_anchored: bool) -> None:
         """At open: a head behind or beside the newest anchor means records were removed; say so
-        loudly (`report` flags it whatever is appended later: every anchor line is checked)."""
+        loudly (`report` flags it whatever is appended later: every anchor line is checked).
+        An anchored segment with records and no anchors at all lost its anchor file: the first
+        new line says so, so that the loss stays in the file for `report`."""
         newest = self._anchors.newest if self._anchors is not None else None
         if newest is None:
+            if was_anchored and self._seq > 0 and self._key is not None:
+                log.error("%s: the journal's anchor file is missing or empty: records cut before now cannot "
+                          "be shown; `powershare-gw report` flags it", files.anchors_path(self.path))
+                self._anchor(AnchorWhy.MISSING)
             return
-        if newest.seq > self._seq or self.hash_at(newest.seq) != newest.hash:
+        if newest.seq > self._seq or (self.hash_at(newest.seq) if newest.seq else GENESIS_HASH) != newest.hash:
             log.error("%s: the journal does not match its newest anchor (record %d, hash %s): records were "
                       "removed or rewritten while the gateway was stopped; `powershare-gw report` shows what",
                       self.path, newest.seq, newest.hash)
@@ -439,7 +454,7 @@ class Journal:
                     json.loads(text)
                 except ValueError:
                     result.problems.append(f"record {seq}: payload is not valid JSON")
-                expected_seq, prev_hash, result.last_at = seq + 1, stored_hash, at
+                expected_seq, prev_hash = seq + 1, stored_hash
         if expected_seq is None:
             expected_seq, prev_hash = 1, GENESIS_HASH
         result.last_seq, result.last_hash = expected_seq - 1, prev_hash
@@ -506,18 +521,21 @@ class Journal:
             archive, temp = files.archive_path(self.path, self.segment), files.rotating_path(self.path)
             if archive.exists():
                 raise JournalWriteError(f"{self.path}: cannot rotate: {archive.name} already exists")
-            for leftover in (temp, *files.sqlite_side_files(temp)):
+            for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
                 leftover.unlink(missing_ok=True)
             start = self._next_start(archive, carry)
             try:
-                _write_segment(temp, at, float(self._wall_clock()), start, self._seq, self._hash)
+                first = _write_segment(temp, at, float(self._wall_clock()), start, self._seq, self._hash)
+                AnchorLog(files.anchors_path(temp), self._key, self.segment + 1).append(
+                    self._seq + 1, first, float(self._wall_clock()), AnchorWhy.SEGMENT)
                 self._anchor(AnchorWhy.ROTATE)
                 self._write("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._write("PRAGMA journal_mode = DELETE")  # the archive: one self-contained file
             except (JournalWriteError, sqlite3.Error, OSError) as err:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA journal_mode = WAL")
-                temp.unlink(missing_ok=True)
+                for leftover in (temp, files.anchors_path(temp)):
+                    leftover.unlink(missing_ok=True)
                 raise JournalWriteError(f"{self.path}: rotation postponed: {err}") from err
             self._conn.close()
             try:
@@ -610,8 +628,9 @@ def _connect(path: Path, readonly: bool, busy_timeout_s: float) -> sqlite3.Conne
         raise InputError(f"{path}: cannot open journal: {err}") from err
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
-    """Check the file is our journal (creating the schema in a new file) and set durability."""
+def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
+    """Check the file is our journal (creating the schema in a new file) and set durability;
+    returns the schema version the file had (a new file: the current one)."""
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -622,6 +641,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         if readonly:
             raise InputError(f"{path}: not a powershare-gw journal (empty database)")
         _create(conn, path)
+        version = SCHEMA_VERSION
     elif app_id != APPLICATION_ID or not {"records", "head"} <= tables:
         names = ", ".join(sorted(tables)) or "none"
         raise InputError(f"{path}: not a powershare-gw journal (foreign SQLite schema; tables: {names})")
@@ -632,10 +652,9 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-            if version < ANCHORED_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # anchored from now on
         except sqlite3.Error as err:
             raise InputError(f"{path}: cannot open journal for writing: {err}") from err
+    return int(version)
 
 
 def _create(conn: sqlite3.Connection, path: Path) -> None:
@@ -653,9 +672,9 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
         raise InputError(f"{path}: cannot create journal: {err}") from err
 
 
-def _write_segment(path: Path, at: float, wall: float, start: dict[str, Any], prev_seq: int, prev_hash: str) -> None:
+def _write_segment(path: Path, at: float, wall: float, start: dict[str, Any], prev_seq: int, prev_hash: str) -> str:
     """A new segment file holding only its `SegmentStart`, committed and synced, in rollback mode
-    (no write-ahead log beside it, so renaming the file moves all of it)."""
+    (no write-ahead log beside it, so renaming the file moves all of it); returns that record's hash."""
     text, at, wall = codec.canonical(start), float(at), float(wall)
     seq = prev_seq + 1
     digest = record_hash(prev_hash, seq, at, wall, str(RecordKind.SEGMENT_START), text)
@@ -673,6 +692,7 @@ def _write_segment(path: Path, at: float, wall: float, start: dict[str, Any], pr
         conn.execute("COMMIT")
     finally:
         conn.close()
+    return digest
 
 
 def _swap(live: Path, archive: Path, temp: Path) -> None:
@@ -683,6 +703,7 @@ def _swap(live: Path, archive: Path, temp: Path) -> None:
     with contextlib.suppress(OSError):
         os.chmod(archive, 0o444)
     os.rename(temp, live)
+    os.rename(files.anchors_path(temp), files.anchors_path(live))
     _sync_folder(live.parent)
 
 
@@ -692,13 +713,15 @@ def _finish_rotation(live: Path) -> None:
     if not temp.exists():
         return
     if live.exists():
-        for leftover in (temp, *files.sqlite_side_files(temp)):
+        for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
             leftover.unlink(missing_ok=True)
         return
     newest = files.archives(live)
     if newest and not files.anchors_path(newest[-1].path).exists() and files.anchors_path(live).exists():
         os.rename(files.anchors_path(live), files.anchors_path(newest[-1].path))
     os.rename(temp, live)
+    if files.anchors_path(temp).exists():
+        os.rename(files.anchors_path(temp), files.anchors_path(live))
     _sync_folder(live.parent)
 
 
