@@ -193,9 +193,10 @@ def test_an_archive_deleted_by_hand_is_missing_from_the_chain(path, capsys):
     files.archive_path(path, 2).unlink()
     code, out = report(path, capsys)
     assert code == 1 and "segments 2..2: missing (deleted)" in out
-    files.archive_path(path, 1).unlink()
+    files.archive_path(path, 1).rename(files.archive_path(path, 7))
     code, out = report(path, capsys)
     assert code == 1 and "segments 1..2: missing, and the chain does not record pruning them" in out
+    assert "journal.000007.sqlite: an archive numbered after the live segment (4)" in out
 
 
 def test_an_archive_cut_back_or_swapped_does_not_continue_into_the_next(path, capsys):

@@ -86,7 +86,11 @@ class Chain:
             return journal.newest_at()
 
     def check(self) -> ChainReport:
+        """Every segment's chain and anchors, and the links between segments: all problems at once."""
         report = ChainReport(key=anchors.readable_public_key(files.key_path(self.live)))
+        live = self.segment_files()[-1].number
+        report.problems += [f"{a.path.name}: an archive numbered after the live segment ({live}): not part of "
+                            "this chain (renamed or planted)" for a in files.archives(self.live) if a.number >= live]
         checked: list[tuple[files.SegmentFile, SegmentCheck]] = []
         pruned: dict[str, Any] | None = None
         for segment in self.segment_files():
