@@ -105,6 +105,10 @@ class JournalConfig:
                                  "(then dispatch is refused until the journal writes again)")
     sample_interval_s: float = spec(60.0, lo=1, hi=3_600, doc="seconds between the SoC, floor, setpoint and "
                                     "power samples journaled for the web app's history chart")
+    segment_mb: float = spec(64, lo=1, hi=4_096, doc="the live file is archived and a new segment started "
+                             "once it is this large (MB); start-up reads the live segment only")
+    retain_days: float = spec(400, lo=1, hi=36_500, doc="archived segments whose newest record is older than "
+                              "this are deleted (the deletion is recorded in the chain)")
 
 
 @dataclass(frozen=True)

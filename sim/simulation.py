@@ -44,6 +44,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal import files as journal_files
 
 _channels = itertools.count()
 
@@ -351,14 +352,13 @@ def _replace_bench_journal(path: Path) -> None:
     if path.exists():
         try:
             with Journal.open(path, readonly=True) as old:
-                first = old.records()[:1]
+                first = next(old.iter_records(), None)
         except InputError:
-            first = []
-        if not first or first[0].kind != BENCH_MARK:
+            first = None
+        if first is None or first.kind != BENCH_MARK:
             raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
                              "(give --journal a new file)")
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
+    journal_files.remove_all(path)  # its anchors and key too: they belong to the run they checkpointed
 
 
 def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:

@@ -122,6 +122,22 @@ def test_every_command_is_within_every_limit(c, items):
             "charging with neither a charge request nor a storm watch"
 
 
+@given(controllers(), st.lists(inputs, max_size=4), st.booleans(), st.sampled_from(["disk full", "locked"]))
+def test_while_the_journal_fails_only_backup_moves_energy(c, items, failing_before, detail):
+    """Energy the gateway cannot account for is not delivered: from any state, once the newest journal
+    report says it fails (remembered from before, or arriving in this step), dispatch holds at 0 W;
+    only the islanded home's backup, which is never credited, may draw on the pack."""
+    if failing_before:
+        c = replace(c, journal=JournalHealth(T - 1, False, detail))
+        items = [i for i in items if not isinstance(i, JournalHealth)]
+    else:
+        items = [*items, JournalHealth(T, False, detail)]
+    result = step(c, items, T)
+    assert result.controller.mode not in (Mode.DISCHARGE, Mode.CHARGE)
+    if result.command.setpoint_w != 0:
+        assert result.controller.mode is Mode.BACKUP and result.command.setpoint_w > 0
+
+
 @given(controllers(), st.lists(inputs, max_size=4))
 def test_every_request_gets_exactly_one_answer(c, items):
     result = step(c, items, T)

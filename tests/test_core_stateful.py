@@ -257,6 +257,8 @@ class GatewayWorld(RuleBasedStateMachine):
         for answer in (e for e in result.events if isinstance(e, DispatchAnswer)):
             if answer.reason is ReasonCode.STORM_WATCH:
                 assert storm is not None, "refused STORM_WATCH without a storm watch"
+        if c.journal_failing():
+            assert w == 0 or c.mode is Mode.BACKUP, f"{w} W in {c.mode} while the journal fails"
         for e in result.events:
             if isinstance(e, FaultCleared) and e.kind in INJECTED:
                 assert self.now - self.last_present[e.kind] >= self.policy.fault_holdoff_s - 1e-9, \

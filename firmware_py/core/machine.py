@@ -50,11 +50,13 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 
-__all__ = ["Controller", "Mode", "StepResult", "TRANSITIONS", "diagram", "step"]
+__all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
 # Enter DISCHARGE only this far above the floor, so SoC noise at the floor
 # cannot toggle the mode every frame.
 ENTRY_HYSTERESIS_PCT = 0.5
+JOURNAL_HOLD = "journal: unavailable, dispatch held at 0 W"
+"""The reason (command and transition) while dispatch waits for the journal to write again."""
 
 
 # ---------------------------------------------------------------- transitions
@@ -135,7 +137,15 @@ def _grid_restored(v: View) -> str | None:
     return None if v.outage else "grid restored"
 
 
+def _journal_failing(v: View) -> str | None:
+    """Energy the gateway cannot account for is not delivered: while the journal fails, dispatch
+    holds at 0 W. The request stays in force, so it resumes once the journal writes again."""
+    return f"{JOURNAL_HOLD}: {v.c.journal.detail or 'write failed'}" if v.c.journal_failing() else None
+
+
 def _discharge_wanted(v: View) -> str | None:
+    if v.c.journal_failing():
+        return None
     if v.wants(DispatchKind.DISCHARGE) and v.path_closed() and v.soc_min > v.floor + ENTRY_HYSTERESIS_PCT:
         return f"dispatch {v.request.request.id}"
     return None
@@ -154,7 +164,8 @@ def _discharge_done(v: View) -> str | None:
 
 def _charge_wanted(v: View, entering: bool = True) -> str | None:
     """A charge request in force, or the storm watch below its SoC; the path closed and the pack not full."""
-    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100:
+    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100 \
+            or v.c.journal_failing():  # energy that cannot be accounted for does not move
         return None
     if v.wants(DispatchKind.CHARGE):
         return f"dispatch {v.request.request.id}"
@@ -178,7 +189,9 @@ class Rule:
 
 # Priority order: the first rule that fires wins. Safety, then outage backup,
 # then the owner and dispatch (the owner's opt-out and reserve act inside the
-# dispatch guards via the floor and the request in force), then idle.
+# dispatch guards via the floor and the request in force), then idle. The
+# journal rule is a condition of dispatch itself (no energy is delivered that
+# cannot be accounted for): it only ever ends dispatch, below the outage.
 TRANSITIONS: tuple[Rule, ...] = (
     Rule(ANY - {Mode.LOCKOUT}, Mode.LOCKOUT, _locked_out),
     Rule(frozenset({Mode.LOCKOUT}), Mode.STARTUP, _reset),
@@ -187,6 +200,7 @@ TRANSITIONS: tuple[Rule, ...] = (
     Rule(frozenset({Mode.STARTUP}), Mode.STANDBY, _data_ready),
     Rule(RUNNING, Mode.BACKUP, _grid_outage),
     Rule(frozenset({Mode.BACKUP}), Mode.STANDBY, _grid_restored),
+    Rule(frozenset({Mode.DISCHARGE, Mode.CHARGE}), Mode.STANDBY, _journal_failing),
     Rule(frozenset({Mode.DISCHARGE}), Mode.STANDBY, _discharge_done),
     Rule(frozenset({Mode.CHARGE}), Mode.STANDBY, _charge_done),
     Rule(frozenset({Mode.STANDBY}), Mode.DISCHARGE, _discharge_wanted),
