@@ -42,7 +42,7 @@ from firmware_py.owner.store import OwnerStore, on_clock
 
 
 class Integration(Protocol):
-    """Something the service keeps running beside the gateway (an aggregator protocol, so far)."""
+    """Something the service keeps running beside the gateway (an aggregator protocol, the web app)."""
 
     async def run(self, sink: DispatchSink) -> None:
         """Serve until cancelled; a peer's bad input is answered, never raised."""
@@ -81,6 +81,18 @@ def _check_sunspec_server(config: Config) -> list[str]:
                      lambda: parse_allow_list(list(served.allow_write_from)))
 
 
+def _web(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.web.server import WebApp
+
+    return WebApp(config, gateway)
+
+
+def _check_web(config: Config) -> list[str]:
+    from firmware_py.web.server import check as check_web
+
+    return check_web(config)
+
+
 @dataclass(frozen=True)
 class IntegrationKind:
     """How to build an integration from its config section, and what to check before anything opens."""
@@ -93,6 +105,7 @@ class IntegrationKind:
 INTEGRATIONS: dict[str, IntegrationKind] = {
     "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
     "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
+    "web": IntegrationKind(_web, _check_web),
 }
 
 

@@ -103,6 +103,22 @@ class JournalConfig:
     path: str = spec("journal.sqlite", path=True)
     busy_timeout_s: float = spec(5.0, lo=0.01, hi=60, doc="how long a write waits for a lock before it fails "
                                  "(then dispatch is refused until the journal writes again)")
+    sample_interval_s: float = spec(60.0, lo=1, hi=3_600, doc="seconds between the SoC, floor, setpoint and "
+                                    "power samples journaled for the web app's history chart")
+    segment_mb: float = spec(64, lo=1, hi=4_096, doc="the live file is archived and a new segment started "
+                             "once it is this large (MB); start-up reads the live segment only")
+    retain_days: float = spec(400, lo=1, hi=36_500, doc="archived segments whose newest record is older than "
+                              "this are deleted (the deletion is recorded in the chain)")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = spec(False)
+    listen: str = spec("0.0.0.0:8080", doc="HOST:PORT of the owner's web app and its JSON API")
+    installer_token_file: str = spec("installer.token", path=True,
+                                     doc="the installer role's token; created 0600 on first start")
+    tls_cert: str = spec("", path=True, doc="PEM certificate (chain); with tls_key, HTTPS; both empty: HTTP")
+    tls_key: str = spec("", path=True, doc="PEM private key of tls_cert")
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,7 @@ class Config:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = "<defaults>"
 
     def dbc_path(self) -> Path:

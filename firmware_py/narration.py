@@ -67,7 +67,10 @@ class Narrator:
             else:
                 log.warning("fault raised: %s (%s)", event.kind, event.detail)
         elif isinstance(event, FaultCleared):
-            log.info("fault cleared: %s", event.kind)
+            if event.kind is FaultKind.LOCKOUT:
+                log.warning("lockout cleared by an installer reset: the gateway starts again")
+            else:
+                log.info("fault cleared: %s", event.kind)
         elif isinstance(event, DispatchAnswer):
             level = logging.WARNING if event.verdict is Verdict.REJECTED else logging.INFO
             log.log(level, "dispatch %s: %s", self._request(event.request_id, c), describe(event))
@@ -101,6 +104,8 @@ class Narrator:
             parts.append("opted out of " + ", ".join(sorted(s.opt_out_events)))
         if s.departure_at is not None:
             parts.append(f"departure {self._when(s.departure_at)} at {s.departure_soc_pct:g} %")
+        if s.storm_watch_until is not None and s.storm_watch_floor_pct is not None:
+            parts.append(f"storm watch {s.storm_watch_floor_pct:g} % until {self._when(s.storm_watch_until)}")
         return ", ".join(parts)
 
     def _when(self, core_s: float) -> str:
@@ -115,7 +120,8 @@ class Narrator:
 
 def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:
     """A new wish, not merely the same settings received again."""
-    keys = ("reserve_pct", "opt_out_until", "opt_out_events", "departure_at", "departure_soc_pct")
+    keys = ("reserve_pct", "opt_out_until", "opt_out_events", "departure_at", "departure_soc_pct",
+            "storm_watch_floor_pct", "storm_watch_until")
     return any(getattr(before, k) != getattr(after, k) for k in keys)
 
 
@@ -145,8 +151,16 @@ def configure_logging(verbose: bool = False) -> None:
         handler.setFormatter(JournaldFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_quiet)  # on the handler too: openleadr sets its own level again when imported
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name, level in QUIETED.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """Below its `QUIETED` level, a chatty library's record does not reach the log."""
+    top = record.name.partition(".")[0]
+    return record.levelno >= QUIETED.get(top, logging.NOTSET)

@@ -48,13 +48,20 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "event": event,
         "faults": [str(kind) for kind in t.faults],
         "links": shown,
-        "storm_watch": None,  # not in this version
+        "storm_watch": _storm_watch(t, wall_now),
         "resyncing": t.resyncing,
         "journal_ok": t.journal_ok,
         # why new dispatch would not be followed now (null: nothing blocks it), and the site limit in force
         "dispatch_blocked": {"reason": t.refusal.value, "detail": t.refusal_detail} if t.refusal else None,
         "site_limit_w": t.site_limit_w,
     }
+
+
+def _storm_watch(t: Telemetry, wall_now: float) -> dict[str, Any] | None:
+    """`{floor_pct, until}` (until in UTC) while a storm watch lasts, else None."""
+    if t.storm_watch_pct is None or t.storm_watch_until is None:
+        return None
+    return {"floor_pct": t.storm_watch_pct, "until": _utc(wall_now + (t.storm_watch_until - t.at))}
 
 
 def _utc(epoch_s: float) -> str:
@@ -82,6 +89,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
+        f"storm:   {_storm(doc.get('storm_watch'))}",
         "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
     ]
     blocked = doc.get("dispatch_blocked")
@@ -92,6 +100,12 @@ def render(doc: dict[str, Any]) -> list[str]:
     if not doc.get("journal_ok", True):
         lines.append("journal: FAILING (new dispatch is refused until it writes again)")
     return lines
+
+
+def _storm(storm: dict[str, Any] | None) -> str:
+    if not storm:
+        return "no storm watch"
+    return f"storm watch: keeping {storm.get('floor_pct'):g} % for an outage until {storm.get('until')}"
 
 
 def _link(name: str, link: dict[str, Any]) -> str:

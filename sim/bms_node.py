@@ -22,7 +22,7 @@ from typing import Any
 
 import can
 from firmware_py.sim.battery import Battery, temperature_derate
-from firmware_py.sim.faults import BMS_FAULT_KINDS
+from firmware_py.sim.faults import BMS_FAULT_KINDS, BmsFault
 from firmware_py.sim.frame_encoder import page_encoders
 
 from firmware_py.bms import signals
@@ -62,16 +62,25 @@ class BmsNode:
         self._encoders = {m.name: page_encoders(m, by_signal) for m in self.db.messages}
         self._schedules = [_Schedule(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
         self._faults: dict[str, float | None] = {}
+        self._silenced = ""
         self._rng = random.Random(seed)
         self.sent = 0
         self.send_errors = 0
 
     # -- faults -------------------------------------------------------------
 
-    def inject(self, kind: str, until: float | None = None) -> None:
-        """Start fault `kind` until time `until` (same clock as `emit_due`), or until `clear`."""
+    def inject(self, kind: str, until: float | None = None, message: str = "") -> None:
+        """Start fault `kind` until time `until` (same clock as `emit_due`), or until `clear`.
+
+        `message` names the DBC message a `message_silence` stops.
+        """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown BMS fault {kind!r}; valid kinds: {', '.join(FAULT_KINDS)}")
+        if kind == BmsFault.MESSAGE_SILENCE:
+            if message not in self.message_names:
+                raise ValueError(f"message_silence: no message {message!r} in the DBC "
+                                 f"(one of: {', '.join(self.message_names)})")
+            self._silenced = message
         self._faults[kind] = until
         if kind == "contactor_open":
             self.battery.contactors_closed = False
@@ -85,6 +94,10 @@ class BmsNode:
 
     def active(self, kind: str) -> bool:
         return kind in self._faults
+
+    @property
+    def message_names(self) -> tuple[str, ...]:
+        return tuple(sched.message.name for sched in self._schedules)
 
     def _expire(self, now: float) -> None:
         for kind, until in list(self._faults.items()):
@@ -153,7 +166,8 @@ class BmsNode:
                 continue
             behind = sched.next_due is None or now >= sched.next_due + sched.period_s
             sched.next_due = now + sched.period_s if behind else sched.next_due + sched.period_s
-            if self.active("can_silence"):
+            if self.active("can_silence") or (self.active(BmsFault.MESSAGE_SILENCE)
+                                              and sched.message.name == self._silenced):
                 continue
             values = values if values is not None else self.field_values()
             for data in self.encode(sched.message, values):

@@ -21,6 +21,8 @@ class BmsFault(str, Enum):
     SOC_JUMP = "soc_jump"
     GARBLED = "garbled"
     WRONG_LENGTH = "wrong_length"
+    MESSAGE_SILENCE = "message_silence"
+    """One message of the DBC (the scenario's `message`) stops while the others go on."""
 
 
 class InverterFault(str, Enum):

@@ -108,6 +108,8 @@ class InverterModel:
         self.unit_id = unit_id
         self.now = now
         self.faults: dict[InverterFault, float] = {}
+        self.exception_code = 4
+        """What a `modbus_exception` fault answers every request with (4: SLAVE_DEVICE_FAILURE)."""
         self.ac_power_w = 0.0
         self.tot_wh_inj = 0.0
         self.tot_wh_abs = 0.0
@@ -419,7 +421,7 @@ class SimInverterServer:
         if m.active(InverterFault.SLOW_REPLY):
             await asyncio.sleep(self.slow_reply_s)
         if m.active(InverterFault.MODBUS_EXCEPTION):
-            return ExcCodes.DEVICE_FAILURE
+            return ExcCodes(m.exception_code)
         if values is not None:
             return self._write(address, [int(v) for v in values])
         self._refresh(start, address, count, registers)

@@ -8,11 +8,14 @@ out-of-range value is reported with the file and key, then exit 2.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
+from firmware_py.sim.faults import SCENARIO_FAULT_KINDS, BmsFault
 
+from firmware_py.bms.reader import load_dbc
+from firmware_py.config import bundled_dbc
 from firmware_py.core.types import ReasonCode, Verdict
 from firmware_py.errors import InputError
 from firmware_py.quoting import shown
@@ -22,6 +25,7 @@ VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
 REASONS = tuple(r.value for r in ReasonCode)  # what expect.reasons may name
 
 DEFAULT = "summer-peak.toml"
+BENCH_DBC = "cybertruck_bms.dbc"
 
 MAX_RUN_S = 30 * 86_400
 """The longest run, and so the bound of every time in a scenario (times are seconds from its start)."""
@@ -92,6 +96,7 @@ class Fault:
     at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
     kind: str = spec(..., choices=SCENARIO_FAULT_KINDS)
     duration_s: float = spec(5, lo=0.01, hi=86_400)
+    message: str = spec("", doc="message_silence only: the DBC message that goes silent")
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,12 @@ class Scenario:
     fault: tuple[Fault, ...] = ()
     expect: Expect = field(default_factory=Expect)
     name: str = "scenario"
+
+
+@cache
+def bundled_dbc_messages() -> tuple[str, ...]:
+    """The messages the bench's BMS sends, which a `message_silence` fault may name."""
+    return tuple(m.name for m in load_dbc(bundled_dbc(BENCH_DBC)).messages)
 
 
 def bundled(name: str = DEFAULT) -> Path:
@@ -152,9 +163,15 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"dispatch[{i}].id: {shown(d.id)}: expected 1 to {MAX_ID_CHARS} printable characters")
         if d.at_s >= s.run.duration_s:
             problems.append(f"dispatch[{i}].at_s: {d.at_s} is after the run ends ({s.run.duration_s} s)")
+    messages = bundled_dbc_messages()
     for i, f in enumerate(s.fault):
         if f.at_s >= s.run.duration_s:
             problems.append(f"fault[{i}].at_s: {f.at_s} is after the run ends ({s.run.duration_s} s)")
+        if (f.kind == BmsFault.MESSAGE_SILENCE) != bool(f.message):
+            problems.append(f"fault[{i}].message: give it exactly for kind message_silence")
+        elif f.message and f.message not in messages:
+            problems.append(f"fault[{i}].message: {shown(f.message)} is not a message of the bench's DBC "
+                            f"(one of: {', '.join(messages)})")
     for i, c in enumerate(s.cancel):
         if c.id not in ids:
             problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")

@@ -28,7 +28,7 @@ from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
 from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
-from firmware_py.sim.scenario import Scenario
+from firmware_py.sim.scenario import BENCH_DBC, Scenario
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
@@ -44,6 +44,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal import files as journal_files
 
 _channels = itertools.count()
 
@@ -125,7 +126,7 @@ class Simulation:
         self.channel = f"powershare-bench-{next(_channels)}"
         self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
                                ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
-        dbc = bundled_dbc("cybertruck_bms.dbc")
+        dbc = bundled_dbc(BENCH_DBC)
         self.node_bus = can.Bus(interface="virtual", channel=self.channel)
         self.node = BmsNode(self.battery, self.node_bus, dbc, seed=s.run.seed)
         day_offset = s.run.start_hour * 3600
@@ -240,7 +241,7 @@ class Simulation:
         if f.kind in SCENARIO_INVERTER_FAULTS:
             self.model.inject(SCENARIO_INVERTER_FAULTS[f.kind], until)
         else:
-            self.node.inject(f.kind, until)
+            self.node.inject(f.kind, until, f.message)
         c = self.gateway.controller
         self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
 
@@ -356,14 +357,13 @@ def _replace_bench_journal(path: Path) -> None:
     if path.exists():
         try:
             with Journal.open(path, readonly=True) as old:
-                first = old.records()[:1]
+                first = next(old.iter_records(), None)
         except InputError:
-            first = []
-        if not first or first[0].kind != BENCH_MARK:
+            first = None
+        if first is None or first.kind != BENCH_MARK:
             raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
                              "(give --journal a new file)")
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
+    journal_files.remove_all(path)  # its anchors and key too: they belong to the run they checkpointed
 
 
 def floor_violation(soc_pct: float, floor_pct: float, inverter_w: float) -> bool:

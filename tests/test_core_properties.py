@@ -28,6 +28,7 @@ from firmware_py.core.types import (
     JournalHealth,
     OwnerSettings,
     PackContactor,
+    ReasonCode,
     SiteLimit,
     Stall,
     Tick,
@@ -64,10 +65,12 @@ requests = st.builds(
     ramp=st.none() | st.floats(-10, 10_000))
 
 owners = st.builds(
-    lambda reserve, out, dep, soc: OwnerSettings(reserve, T, opt_out_until=out, departure_at=dep,
-                                                 departure_soc_pct=soc),
+    lambda reserve, out, dep, soc, storm, storm_until: OwnerSettings(
+        reserve, T, opt_out_until=out, departure_at=dep, departure_soc_pct=soc,
+        storm_watch_floor_pct=storm, storm_watch_until=None if storm is None else storm_until),
     reserve=st.floats(0, 100), out=st.none() | st.just(math.inf) | st.floats(T - 10, T + 10),
-    dep=st.none() | st.floats(T, T + 20_000), soc=st.floats(0, 100))
+    dep=st.none() | st.floats(T, T + 20_000), soc=st.floats(0, 100),
+    storm=st.none() | st.floats(0, 100), storm_until=st.floats(T - 10, T + 20_000))
 
 journal_reports = st.builds(JournalHealth, st.just(T), st.booleans(), st.sampled_from(["", "disk full"]))
 
@@ -120,6 +123,26 @@ def test_every_command_is_within_every_limit(c, items):
             assert not after.owner.opted_out(T, after.serving_id)
     else:
         assert after.mode is Mode.CHARGE
+        in_force = after.book.in_force(T)
+        charge_asked = in_force is not None and in_force.request.kind is DispatchKind.CHARGE
+        assert charge_asked or (after.owner.storm_watch(T) is not None and not after.outage(T)), \
+            "charging with neither a charge request nor a storm watch"
+
+
+@given(controllers(), st.lists(inputs, max_size=4), st.booleans(), st.sampled_from(["disk full", "locked"]))
+def test_while_the_journal_fails_only_backup_moves_energy(c, items, failing_before, detail):
+    """Energy the gateway cannot account for is not delivered: from any state, once the newest journal
+    report says it fails (remembered from before, or arriving in this step), dispatch holds at 0 W;
+    only the islanded home's backup, which is never credited, may draw on the pack."""
+    if failing_before:
+        c = replace(c, journal=JournalHealth(T - 1, False, detail))
+        items = [i for i in items if not isinstance(i, JournalHealth)]
+    else:
+        items = [*items, JournalHealth(T, False, detail)]
+    result = step(c, items, T)
+    assert result.controller.mode not in (Mode.DISCHARGE, Mode.CHARGE)
+    if result.command.setpoint_w != 0:
+        assert result.controller.mode is Mode.BACKUP and result.command.setpoint_w > 0
 
 
 @given(controllers(), st.lists(inputs, max_size=4))
@@ -131,6 +154,8 @@ def test_every_request_gets_exactly_one_answer(c, items):
     for e in result.events:
         if isinstance(e, DispatchAnswer) and e.verdict is Verdict.REJECTED:
             assert e.reason is not None and e.detail
+        if isinstance(e, DispatchAnswer) and e.reason is ReasonCode.STORM_WATCH:
+            assert result.controller.owner.storm_watch(T) is not None, "STORM_WATCH without a storm watch"
 
 
 @given(controllers(), st.lists(inputs, max_size=4))

@@ -33,6 +33,7 @@ from firmware_py.core.types import (
     InverterState,
     JournalHealth,
     OwnerSettings,
+    ReasonCode,
     SiteLimit,
     Stall,
     Tick,
@@ -178,6 +179,24 @@ class GatewayWorld(RuleBasedStateMachine):
                                 departure_at=None if departure is None else self.now + departure,
                                 departure_soc_pct=departure_soc))
 
+    @rule(floor=st.floats(0, 100), offset=st.floats(-2, 3), duration=st.floats(1, 4 * 3600), near=st.booleans())
+    def storm_watch_on(self, floor, offset, duration, near):
+        """The owner (or an automation) raises the outage floor until a time, keeping every other wish:
+        often just above the SoC, where stopping in time and charging toward it are tested."""
+        if near:
+            floor = min(100.0, max(0.0, self.true_soc + offset))
+        owner = self.controller.owner
+        self.feed(OwnerSettings(owner.reserve_pct, self.now, owner.opt_out_until, owner.opt_out_events,
+                                owner.departure_at, owner.departure_soc_pct, storm_watch_floor_pct=floor,
+                                storm_watch_until=self.now + duration))
+
+    @rule()
+    def storm_watch_off(self):
+        """Revoked at any time, whatever the truck is doing."""
+        owner = self.controller.owner
+        self.feed(OwnerSettings(owner.reserve_pct, self.now, owner.opt_out_until, owner.opt_out_events,
+                                owner.departure_at, owner.departure_soc_pct))
+
     @rule(ok=st.sampled_from([True, True, False]))
     def journal(self, ok):
         """The runtime reports whether the journal took its last write."""
@@ -234,6 +253,20 @@ class GatewayWorld(RuleBasedStateMachine):
                 assert c.mode is Mode.BACKUP, f"discharging in {c.mode}"
         if w < 0:
             assert -w <= b.max_charge_w + 1e-6 and -w <= self.policy.max_charge_w + 1e-6
+            assert c.mode is Mode.CHARGE, f"charging in {c.mode}"
+            in_force = c.book.in_force(self.now)
+            storm = c.owner.storm_watch(self.now)
+            assert (in_force is not None and in_force.request.kind is DispatchKind.CHARGE) or (
+                storm is not None and not c.outage(self.now) and b.soc_min_pct < storm), \
+                "charging with neither a charge request nor a storm watch below its SoC"
+        storm = c.owner.storm_watch(self.now)
+        if storm is not None and w > 0 and c.mode is Mode.DISCHARGE:
+            assert b.soc_min_pct > storm, "discharging at or below the storm watch's SoC"
+        for answer in (e for e in result.events if isinstance(e, DispatchAnswer)):
+            if answer.reason is ReasonCode.STORM_WATCH:
+                assert storm is not None, "refused STORM_WATCH without a storm watch"
+        if c.journal_failing():
+            assert w == 0 or c.mode is Mode.BACKUP, f"{w} W in {c.mode} while the journal fails"
         if w != 0 and c.mode is not Mode.BACKUP:
             assert abs(w) <= c.site_limit_w(discharge=w > 0) + 1e-6, "above the site limit in force"
             assert inv.enter_service_s == 0, f"{w} W during the inverter's enter-service delay"

@@ -343,3 +343,75 @@ def test_link_faults_hold_zero_but_never_lock_the_truck_out():
         assert c.mode is Mode.STANDBY
         t += 20
     assert not c.faults.locked_out
+
+
+# ---------------------------------------------------------------- storm watch
+
+
+def storm(t: float, floor: float, until: float, reserve: float = 40) -> OwnerSettings:
+    return OwnerSettings(reserve_pct=reserve, received_at=t, storm_watch_floor_pct=floor, storm_watch_until=until)
+
+
+def test_storm_watch_refuses_dispatch_below_it_with_its_own_reason_and_caps_above_it():
+    c = step(Controller.start(POLICY), both(0.0, soc=70.0) + [storm(0.0, 75.0, 7200.0)], 0.0).controller
+    assert c.floor_pct(0.0) == pytest.approx(77.0)  # 75 % + the 2 % margin, above the 42 % reserve floor
+    refused = answers([step(c, [discharge("e1", 0.0, 0, 3600)], 0.0)])[0]
+    assert refused.reason is ReasonCode.STORM_WATCH and "storm watch keeps 75 %" in refused.detail
+    above = step(Controller.start(POLICY), both(0.0, soc=80.0) + [storm(0.0, 75.0, 7200.0)], 0.0).controller
+    capped = answers([step(above, [discharge("e2", 0.0, 0, 4 * 3600)], 0.0)])[0]
+    assert capped.verdict is Verdict.CAPPED and "storm watch" in capped.detail
+    # An event that starts after the storm watch ends is judged on the reserve alone.
+    later = answers([step(c, [discharge("e3", 0.0, 7200, 7800, target=5_000)], 0.0)])[0]
+    assert later.verdict is Verdict.ACCEPTED
+
+
+def test_storm_watch_set_mid_event_stops_discharge_at_its_floor_and_revoking_it_resumes():
+    req = discharge("e1", 0.0, 0.0, 3600.0, target=5_000)
+    no_charger = dict(w_cha_max_rtg=0)  # an inverter that cannot charge: the storm watch only holds
+    rows = [
+        (0.0, [bms(0.0, 70.0), inverter(0.0, **no_charger), req], Mode.DISCHARGE, 0, "dispatch e1"),
+        (1.0, [bms(1.0, 70.0), inverter(1.0, **no_charger)], Mode.DISCHARGE, 2_000, "dispatch e1"),
+        (2.0, [bms(2.0, 70.0), inverter(2.0, **no_charger), storm(2.0, 80.0, 600.0)], Mode.STANDBY, 0,
+         "by the storm watch"),
+        (3.0, [bms(3.0, 70.0), inverter(3.0, **no_charger)], Mode.STANDBY, 0, "by the storm watch"),
+        (4.0, [bms(4.0, 70.0), inverter(4.0, **no_charger), OwnerSettings(40, 4.0)], Mode.DISCHARGE, 0, "dispatch e1"),
+        (5.0, [bms(5.0, 70.0), inverter(5.0, **no_charger)], Mode.DISCHARGE, 2_000, "dispatch e1"),
+    ]
+    results = run_table(rows)
+    assert not [e for r in results for e in r.events if isinstance(e, DispatchEnded)]  # held, not ended
+
+
+def test_storm_watch_charges_toward_its_floor_within_every_charge_limit_then_holds():
+    results = run_table([
+        (0.0, both(0.0, soc=60.0), Mode.STANDBY, 0, "data ready"),
+        (1.0, both(1.0, soc=60.0) + [storm(1.0, 70.0, 7200.0)], Mode.CHARGE, 0, "storm watch: charging toward 70 %"),
+        (2.0, both(2.0, soc=60.0), Mode.CHARGE, -2_000, "storm watch"),  # ramped at ramp_w_per_s
+        (9.0, both(9.0, soc=60.0), Mode.CHARGE, -11_500, "storm watch"),  # at the site limit
+        (10.0, [bms(10.0, 60.0, max_charge_w=3_000), inverter(10.0)], Mode.CHARGE, -3_000, "clamped: bms limit"),
+        (11.0, both(11.0, soc=69.9), Mode.CHARGE, ANY, "storm watch"),
+        (12.0, both(12.0, soc=70.0), Mode.STANDBY, 0, "storm watch met"),
+        (13.0, both(13.0, soc=69.7), Mode.STANDBY, 0, "storm watch met"),  # within the entry hysteresis
+        (14.0, both(14.0, soc=69.4), Mode.CHARGE, 0, "storm watch: charging"),
+    ])
+    assert all(r.controller.serving_id is None for r in results)  # no event is billed for the owner's charge
+
+
+def test_storm_watch_never_charges_where_the_inverter_cannot_and_yields_to_an_outage():
+    run_table([
+        (0.0, [bms(0.0, 60.0), inverter(0.0, w_cha_max_rtg=0), storm(0.0, 70.0, 7200.0)], Mode.STANDBY, 0,
+         "data ready"),
+        (1.0, [bms(1.0, 60.0), inverter(1.0, w_cha_max_rtg=0)], Mode.STANDBY, 0, "data ready"),
+    ])
+    c = step(Controller.start(POLICY), both(0.0, soc=60.0) + [storm(0.0, 70.0, 7200.0)], 0.0).controller
+    assert c.mode is Mode.CHARGE
+    out = step(c, [bms(1.0, 60.0), inverter(1.0, grid_outage=True, grid_connected=False)], 1.0)
+    assert out.controller.mode is Mode.BACKUP and out.command.setpoint_w > 0  # the house uses what was kept
+    assert out.controller.floor_pct(1.0) == pytest.approx(POLICY.backup_floor_pct + POLICY.soc_margin_pct)
+
+
+def test_storm_watch_ends_at_its_time_and_the_floor_falls_back():
+    c = step(Controller.start(POLICY), [bms(0.0, 70.0), inverter(0.0, w_cha_max_rtg=0), storm(0.0, 80.0, 100.0)],
+             0.0).controller
+    assert c.floor_pct(99.0) == pytest.approx(82.0) and c.floor_pct(100.0) == pytest.approx(42.0)
+    r = step(c, [bms(100.0, 70.0), inverter(100.0, w_cha_max_rtg=0), discharge("e1", 100.0, 100, 200, 5_000)], 100.0)
+    assert answers([r])[0].verdict is Verdict.ACCEPTED and r.controller.mode is Mode.DISCHARGE

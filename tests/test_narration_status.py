@@ -20,7 +20,7 @@ from lockstep import Rig
 from firmware_py import cli
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
-from firmware_py.narration import JournaldFormatter, Narrator
+from firmware_py.narration import JournaldFormatter, Narrator, configure_logging
 from firmware_py.owner.api import OwnerApi
 from firmware_py.status import render
 
@@ -135,6 +135,24 @@ def test_status_exits_2_when_no_gateway_answers(tmp_path, capsys):
     assert cli.main(["status", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: status: no gateway answering on 127.0.0.1:") and "Traceback" not in err
+
+
+def test_a_library_that_sets_its_own_level_on_import_stays_quiet(capsys):
+    """openleadr's client module sets its logger to INFO when imported, after the log is set up:
+    its per-second report chatter must still not reach the journal (its warnings may)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(verbose=False)
+        import openleadr.client  # noqa: F401  (imported for its side effect on the level)
+
+        logging.getLogger("openleadr").setLevel(logging.INFO)  # as its import does, whatever the order
+        logging.getLogger("openleadr").info("Adding 0.0 to report")
+        logging.getLogger("firmware_py.gateway.narration").info("mode STANDBY -> DISCHARGE")
+        err = capsys.readouterr().err
+        assert "Adding 0.0 to report" not in err and "mode STANDBY -> DISCHARGE" in err
+    finally:
+        root.handlers[:], root.level = saved
 
 
 def test_status_shows_when_the_envelope_reduces_power_and_what_blocks_dispatch():

@@ -309,6 +309,11 @@ def test_each_command_reaches_the_gateway_and_persists(tmp_path, kind, owner_cli
     (("opt-out", "until", "next tuesday"), "until: 'next tuesday' is not an ISO-8601 time"),
     (("opt-out", "event"), "usage: opt-out event ID"),
     (("opt-out", "now", "please"), "usage: opt-out now"),
+    (("storm-watch", "80"), "usage: storm-watch FLOOR_PCT UNTIL"),
+    (("storm-watch", "off", "2025-06-02T00:00"), "usage: storm-watch off"),
+    (("storm-watch", "120", "2025-06-02T00:00+00:00"), "floor_pct: 120 is out of range (0 to 100)"),
+    (("storm-watch", "80", "2025-05-31T00:00+00:00"), "until: '2025-05-31T00:00+00:00' is not in the future"),
+    (("storm-watch", "80", "2025-07-01T00:00+00:00"), "is more than 14 days ahead"),
 ])
 def test_bad_input_is_refused_with_exit_2_and_changes_nothing(tmp_path, owner_cli, argv, message):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
@@ -334,6 +339,10 @@ def test_bad_input_is_refused_with_exit_2_and_changes_nothing(tmp_path, owner_cl
     ("POST", "/departure", b'{"soc_pct": 80}', "time: missing"),
     ("POST", "/departure", b'{"time": "7:30pm", "soc_pct": 80}', "time: expected HH:MM"),
     ("PUT", "/reserve", b'{"pct": 1' + b"0" * 5000 + b"}", "larger than 4096 bytes"),
+    ("PUT", "/storm-watch", b'{"floor_pct": 80}', "until: missing"),
+    ("PUT", "/storm-watch", b'{"until": 1e10}', "floor_pct: missing"),
+    ("PUT", "/storm-watch", b'{"floor_pct": 80, "until": "tonight"}', "until: 'tonight' is not an ISO-8601 time"),
+    ("PUT", "/storm-watch", b'{"floor_pct": 80, "until": 1e10, "why": "storm"}', "unknown field(s) why"),
 ])
 def test_bad_requests_get_400_with_a_clear_message(tmp_path, method, path, body, message):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
@@ -506,7 +515,9 @@ settings_strategy = st.builds(
     departure_at=st.none(),
     departure_soc_pct=st.none(),
 ) | st.builds(OwnerSettings, reserve_pct=st.floats(0, 100), received_at=finite,
-              departure_at=finite, departure_soc_pct=st.floats(0, 100))
+              departure_at=finite, departure_soc_pct=st.floats(0, 100)) \
+    | st.builds(OwnerSettings, reserve_pct=st.floats(0, 100), received_at=finite,
+                storm_watch_floor_pct=st.floats(0, 100), storm_watch_until=finite)
 
 
 @given(settings_strategy)
@@ -530,7 +541,7 @@ def test_a_change_drops_opt_outs_and_departures_already_past():
 
 def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
     code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
-    assert code == 2 and "give an action: status, reserve, opt-out or departure" in err
+    assert code == 2 and "give an action: status, reserve, opt-out, departure or storm-watch" in err
 
 
 # --- hostile input: far-future times, huge numbers, deep nesting, oversized headers ---------------
@@ -593,3 +604,49 @@ def test_a_settings_path_that_is_not_a_regular_file_is_refused(tmp_path, special
         os.mkfifo(path)
     with pytest.raises(InputError, match="must be a regular file"):
         OwnerStore(path, 40).load(NOW)
+
+
+# --- storm watch -----------------------------------------------------------------------------------
+
+
+def test_storm_watch_through_the_cli_reaches_the_gateway_persists_and_clears(tmp_path, owner_cli):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        gateway = write_gateway_config(tmp_path, api.address)
+        code, out, err = owner_cli(gateway, "storm-watch", "85", "2025-06-02T18:00+00:00")
+        assert code == 0 and out.startswith("storm watch: keeping 85 % for an outage until "), err
+        until = dt.datetime(2025, 6, 2, 18, 0, tzinfo=UTC).timestamp()
+        assert (port.calls[-1].storm_watch_floor_pct, port.calls[-1].storm_watch_until) == (85, until)
+        assert port.calls[-1].storm_watch(NOW) == 85 and port.calls[-1].storm_watch(until) is None
+        assert "storm watch:  keeping 85 % for an outage until" in owner_cli(gateway, "status")[1]
+        assert start_port(cfg).settings == port.calls[-1], "the storm watch persists across a restart"
+        assert owner_cli(gateway, "storm-watch", "off")[:2] == (0, "storm watch: off\n")
+        assert port.calls[-1].storm_watch_floor_pct is None and port.calls[-1].reserve_pct == 40
+    assert start_port(cfg).settings.storm_watch_until is None
+
+
+def test_a_version_1_settings_file_is_still_read(tmp_path):
+    path = tmp_path / "owner-settings.json"
+    path.write_text(json.dumps({"version": 1, "reserve_pct": 55, "received_at": NOW, "opt_out_until": None,
+                                "opt_out_events": ["e1"], "departure_at": None, "departure_soc_pct": None}))
+    assert OwnerStore(path, 40).load() == OwnerSettings(55, NOW, opt_out_events=frozenset({"e1"}))
+    OwnerStore(path, 40).save(OwnerSettings(55, NOW, storm_watch_floor_pct=80, storm_watch_until=NOW + 60))
+    assert json.loads(path.read_text())["version"] == 2
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"version": 3, "reserve_pct": 40}', "version: expected one of 1, 2, got 3"),
+    ('{"reserve_pct": 40, "storm_watch_floor_pct": 80}', "must be set together"),
+    ('{"reserve_pct": 40, "storm_watch_floor_pct": 180, "storm_watch_until": 1e9}', "out of range"),
+])
+def test_a_bad_storm_watch_in_the_settings_file_is_corrupt(tmp_path, content, reason):
+    path = tmp_path / "owner-settings.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=reason):
+        OwnerStore(path, 40).load(NOW)
+
+
+def test_an_expired_storm_watch_is_dropped_by_the_next_change():
+    stale = OwnerSettings(40, NOW - 100, storm_watch_floor_pct=80, storm_watch_until=NOW - 1)
+    assert changes.set_reserve(stale, {"pct": 45}, NOW) == OwnerSettings(45, NOW)

@@ -15,8 +15,7 @@ import pytest
 
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal
-from firmware_py.journal import codec, commands
+from firmware_py.journal import Journal, codec, commands
 
 
 def main(argv: Sequence[str]) -> int:

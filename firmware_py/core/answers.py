@@ -66,6 +66,7 @@ class Judgement:
     discharge_limit_name: str = "power limit"  # which limit `discharge_limit_w` is, for the answer's detail
     charge_limit_name: str = "charge limit"
     envelope_w: float = 0.0  # what the floor's envelope allows now: an open-ended request's test
+    storm_watch_pct: float | None = None  # the storm watch's SoC when it alone sets the window's floor
 
     @classmethod
     def refused(cls, now: float, code: ReasonCode, detail: str, ramp_w_per_s: float) -> "Judgement":
@@ -91,6 +92,8 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
         if c.owner.departure_at is not None and start <= c.owner.departure_at <= req.end:
             checkpoints.append(c.owner.departure_at)
     floor = max(floors.floor_pct(policy, c.owner, t) for t in checkpoints)
+    storm_binds = any(floors.storm_watch_binds(policy, c.owner, t) and floors.floor_pct(policy, c.owner, t) == floor
+                      for t in checkpoints)
     soc_max = bms.soc_max_pct if bms.soc_max_pct is not None else bms.soc_min_pct
     energy = floors.energy_above_wh(policy, bms.soc_min_pct, floor)
     discharge_name, discharge_w = _lowest(
@@ -109,6 +112,7 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
         discharge_limit_name=discharge_name, charge_limit_name=charge_name,
         envelope_w=discharge_envelope_w(policy, energy if c.mode is Mode.DISCHARGE else floors.energy_above_wh(
             policy, bms.soc_min_pct, floor + floors.ENTRY_HYSTERESIS_PCT)),
+        storm_watch_pct=c.owner.storm_watch(start) if storm_binds else None,
     )
 
 
@@ -184,6 +188,8 @@ def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
     power = min(req.target_w, j.discharge_limit_w)
     if req.is_open_ended:  # no window to budget: followed to the floor, whose envelope ends it
         if min(power, j.envelope_w) < MIN_USEFUL_W <= power:
+            if j.storm_watch_pct is not None:
+                return _storm_watch(req, now, j.envelope_w, j)
             return DispatchAnswer.refused(req.id, now, ReasonCode.INSUFFICIENT_ENERGY,
                                           f"at most {j.envelope_w:.0f} W can be served now "
                                           f"(energy above the floor {j.energy_above_floor_wh:.0f} Wh)")
@@ -193,8 +199,19 @@ def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
     budget = j.energy_above_floor_wh - stopping_energy_wh(power, ramp)
     if budget < power * duration_h:
         power = max(0.0, budget / duration_h)
+        if j.storm_watch_pct is not None:
+            return _storm_watch(req, now, power, j)
         return _capped(req, now, power, f"energy above the floor {j.energy_above_floor_wh:.0f} Wh", True)
     return _capped(req, now, power, j.discharge_limit_name, True)
+
+
+def _storm_watch(req: DispatchRequest, now: float, power: float, j: Judgement) -> DispatchAnswer:
+    """The storm watch's floor is what limits this request: refused with its own code when too little is
+    left above it, else capped and saying so (the owner keeps that energy for an outage)."""
+    floor = f"storm watch keeps {j.storm_watch_pct:g} % for an outage"
+    if power < MIN_USEFUL_W:
+        return DispatchAnswer.refused(req.id, now, ReasonCode.STORM_WATCH, f"{floor}; at most {power:.0f} W above it")
+    return _capped(req, now, power, f"{floor} ({j.energy_above_floor_wh:.0f} Wh above it)", True)
 
 
 def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: bool) -> DispatchAnswer:

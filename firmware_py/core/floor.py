@@ -8,6 +8,7 @@ leave the true SoC below it.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from firmware_py.core.policy import Policy
 from firmware_py.core.types import OwnerSettings
@@ -34,12 +35,21 @@ def floor_pct(policy: Policy, owner: OwnerSettings, at: float, outage: bool = Fa
     """The lowest SoC-min the pack may reach at `at`, margin included.
 
     In a grid outage the house may use the pack down to the backup floor (the
-    owner's reserve yields to keeping the lights on), never below the hard minimum.
+    owner's reserve yields to keeping the lights on), never below the hard minimum:
+    a storm watch kept that energy for exactly this moment, so it yields too.
     """
     base = max(policy.backup_floor_pct if outage else owner.reserve_pct, policy.hard_min_soc_pct)
     if not outage:
-        base = max(base, departure_requirement_pct(policy, owner, at))
+        base = max(base, departure_requirement_pct(policy, owner, at), owner.storm_watch(at) or 0.0)
     return min(100.0, base + policy.soc_margin_pct)
+
+
+def storm_watch_binds(policy: Policy, owner: OwnerSettings, at: float) -> bool:
+    """Whether the storm watch, and nothing else, holds the floor where it is at `at` (grid up)."""
+    if owner.storm_watch(at) is None:
+        return False
+    without = floor_pct(policy, replace(owner, storm_watch_floor_pct=None, storm_watch_until=None), at)
+    return floor_pct(policy, owner, at) > without
 
 
 def energy_above_wh(policy: Policy, soc_min_pct: float, floor: float) -> float:

@@ -51,10 +51,12 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 
-__all__ = ["Controller", "Mode", "StepResult", "TRANSITIONS", "diagram", "step"]
+__all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
 ENTRY_HYSTERESIS_PCT = floors.ENTRY_HYSTERESIS_PCT  # enter DISCHARGE only this far above the floor
 OPTED_OUT_END = "owner opted out"
+JOURNAL_HOLD = "journal: unavailable, dispatch held at 0 W"
+"""The reason (command and transition) while dispatch waits for the journal to write again."""
 
 
 # ---------------------------------------------------------------- transitions
@@ -82,6 +84,25 @@ class View:
     def wants(self, kind: DispatchKind) -> bool:
         r = self.request
         return r is not None and r.request.kind is kind
+
+    @property
+    def storm_pct(self) -> float | None:
+        """The storm watch's SoC while the grid is up (in an outage the house may use what it kept)."""
+        return None if self.outage else self.c.owner.storm_watch(self.now)
+
+    def can_charge(self) -> bool:
+        """The site may charge and the inverter says it can (SunSpec 702 WChaRteMaxRtg above 0)."""
+        inv = self.c.inverter
+        return self.c.policy.max_charge_w > 0 and inv is not None and inv.w_cha_max_rtg > 0
+
+    def storm_charge(self, entering: bool) -> str | None:
+        """Why to charge for the storm watch, or None: below its SoC (by the entry hysteresis when
+        entering, so noise at the target cannot toggle the mode), where the inverter can charge."""
+        target = self.storm_pct
+        if target is None or not self.can_charge():
+            return None
+        below = target - (ENTRY_HYSTERESIS_PCT if entering else 0.0)
+        return f"storm watch: charging toward {target:g} %" if self.soc_min < below else None
 
 
 Guard = Callable[[View], str | None]
@@ -116,7 +137,15 @@ def _grid_restored(v: View) -> str | None:
     return None if v.outage else "grid restored"
 
 
+def _journal_failing(v: View) -> str | None:
+    """Energy the gateway cannot account for is not delivered: while the journal fails, dispatch
+    holds at 0 W. The request stays in force, so it resumes once the journal writes again."""
+    return f"{JOURNAL_HOLD}: {v.c.journal.detail or 'write failed'}" if v.c.journal_failing() else None
+
+
 def _discharge_wanted(v: View) -> str | None:
+    if v.c.journal_failing():
+        return None
     if v.wants(DispatchKind.DISCHARGE) and v.path_closed() and v.soc_min > v.floor + ENTRY_HYSTERESIS_PCT:
         return f"dispatch {v.request.request.id}"
     return None
@@ -128,19 +157,23 @@ def _discharge_done(v: View) -> str | None:
     if not v.path_closed():
         return "inhibit: BMS state or contactors do not allow energy flow"
     if v.soc_min <= v.floor:
-        return f"floor reached ({v.floor:.1f} %)"
+        held = " by the storm watch" if not v.outage and floors.storm_watch_binds(v.c.policy, v.c.owner, v.now) else ""
+        return f"floor reached ({v.floor:.1f} %{held})"
     return None
 
 
-def _charge_wanted(v: View) -> str | None:
-    if v.wants(DispatchKind.CHARGE) and v.path_closed() and v.c.bms.soc_max_pct is not None \
-            and v.c.bms.soc_max_pct < 100:
+def _charge_wanted(v: View, entering: bool = True) -> str | None:
+    """A charge request in force, or the storm watch below its SoC; the path closed and the pack not full."""
+    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100 \
+            or v.c.journal_failing():  # energy that cannot be accounted for does not move
+        return None
+    if v.wants(DispatchKind.CHARGE):
         return f"dispatch {v.request.request.id}"
-    return None
+    return v.storm_charge(entering)
 
 
 def _charge_done(v: View) -> str | None:
-    return None if _charge_wanted(v) else "no charge request in force, or pack full"
+    return None if _charge_wanted(v, entering=False) else "no charge request in force, storm watch met, or pack full"
 
 
 ANY = frozenset(Mode)
@@ -156,7 +189,9 @@ class Rule:
 
 # Priority order: the first rule that fires wins. Safety, then outage backup,
 # then the owner and dispatch (the owner's opt-out and reserve act inside the
-# dispatch guards via the floor and the request in force), then idle.
+# dispatch guards via the floor and the request in force), then idle. The
+# journal rule is a condition of dispatch itself (no energy is delivered that
+# cannot be accounted for): it only ever ends dispatch, below the outage.
 TRANSITIONS: tuple[Rule, ...] = (
     Rule(ANY - {Mode.LOCKOUT}, Mode.LOCKOUT, _locked_out),
     Rule(frozenset({Mode.LOCKOUT}), Mode.STARTUP, _reset),
@@ -165,6 +200,7 @@ TRANSITIONS: tuple[Rule, ...] = (
     Rule(frozenset({Mode.STARTUP}), Mode.STANDBY, _data_ready),
     Rule(RUNNING, Mode.BACKUP, _grid_outage),
     Rule(frozenset({Mode.BACKUP}), Mode.STANDBY, _grid_restored),
+    Rule(frozenset({Mode.DISCHARGE, Mode.CHARGE}), Mode.STANDBY, _journal_failing),
     Rule(frozenset({Mode.DISCHARGE}), Mode.STANDBY, _discharge_done),
     Rule(frozenset({Mode.CHARGE}), Mode.STANDBY, _charge_done),
     Rule(frozenset({Mode.STANDBY}), Mode.DISCHARGE, _discharge_wanted),
@@ -200,24 +236,35 @@ def diagram() -> str:
 # ---------------------------------------------------------------- handlers
 
 
-def _ramped(v: View, base: float, magnitude: float, dt: float) -> float:
+def _ramped(v: View, base: float, magnitude: float, dt: float, kind: DispatchKind) -> float:
     """Rise from `base` toward `magnitude` at the ramp rate; fall to it at once.
 
     Only increases ramp: a lower target (a new request, a cap) must hold in the
     very step it arrives, and the floor's own envelope does the gentle ramp-down.
+    The request's own ramp applies only to power of its own kind.
     """
-    rate = (v.request.request.ramp_w_per_s if v.request else None) or v.c.policy.ramp_w_per_s
-    return min(magnitude, max(0.0, base) + rate * dt)
+    own = v.request.request.ramp_w_per_s if v.wants(kind) else None
+    return min(magnitude, max(0.0, base) + (own or v.c.policy.ramp_w_per_s) * dt)
 
 
 def _discharge(v: View, base: float, dt: float) -> tuple[float, str]:
     r = v.request
-    return _ramped(v, base, r.target_w, dt), f"dispatch {r.request.id}: {r.target_w:.0f} W"
+    return _ramped(v, base, r.target_w, dt, DispatchKind.DISCHARGE), f"dispatch {r.request.id}: {r.target_w:.0f} W"
 
 
 def _charge(v: View, base: float, dt: float) -> tuple[float, str]:
-    r = v.request
-    return -_ramped(v, -base, r.target_w, dt), f"dispatch {r.request.id}: charge {r.target_w:.0f} W"
+    """A charge request's power; the storm watch charges at the site's charge limit (the clamp then
+    holds it to the BMS's and the inverter's). Both at once: the larger, both want the pack fuller."""
+    wanted: list[tuple[float, str]] = []
+    if v.wants(DispatchKind.CHARGE):
+        r = v.request
+        wanted.append((r.target_w, f"dispatch {r.request.id}: charge {r.target_w:.0f} W"))
+    if (storm := v.storm_charge(entering=False)) is not None:
+        wanted.append((v.c.policy.max_charge_w, storm))
+    if not wanted:
+        return 0.0, "no charge wanted"
+    magnitude, reason = max(wanted, key=lambda item: item[0])
+    return -_ramped(v, -base, magnitude, dt, DispatchKind.CHARGE), reason
 
 
 def _backup(v: View, base: float, dt: float) -> tuple[float, str]:
@@ -366,7 +413,9 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     handler = HANDLERS.get(mode)
     setpoint, reason = handler(view, base, dt) if handler else (0.0, reason)
     setpoint, reason = clamp(view, setpoint, reason)
-    serving = view.request.request.id if mode in (Mode.DISCHARGE, Mode.CHARGE) and view.request else None
+    serving = view.request.request.id if view.request and (
+        (mode is Mode.DISCHARGE and view.wants(DispatchKind.DISCHARGE))
+        or (mode is Mode.CHARGE and view.wants(DispatchKind.CHARGE))) else None  # not the storm watch's charge
     c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint))
     c, produced = report_energy(c, now)

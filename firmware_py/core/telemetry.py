@@ -14,6 +14,7 @@ from typing import Any
 from firmware_py.core import floor as floors
 from firmware_py.core.answers import improvable, refusal
 from firmware_py.core.controller import Controller
+from firmware_py.core.faults import Latch
 from firmware_py.core.policy import Policy
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import DispatchKind, FaultKind, InverterStatus, Mode, ReasonCode, Verdict
@@ -45,6 +46,19 @@ class DerRatings:
 
 
 @dataclass(frozen=True)
+class LatchView:
+    """A latched fault as an installer reads it: since when, why, and how long the hold-off still runs.
+
+    `clears_in_s` is None while the condition is present (the hold-off has not started).
+    """
+
+    kind: FaultKind
+    raised_at: float
+    detail: str
+    clears_in_s: float | None
+
+
+@dataclass(frozen=True)
 class Telemetry:
     """The gateway at `at`. None = not known (no data yet)."""
 
@@ -68,6 +82,10 @@ class Telemetry:
     ratings: DerRatings | None = None  # what the gateway offers as one DER
     inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
     resyncing: bool = False  # holding 0 W after the gateway's own stall, until fresh data
+    storm_watch_pct: float | None = None  # the storm watch's SoC while it lasts
+    storm_watch_until: float | None = None  # its end, on the core's clock
+    latches: tuple[LatchView, ...] = ()  # every latched fault with its hold-off
+    lockout_count: int = 0  # faults counted toward the lockout within its window
     refusal: ReasonCode | None = None  # why any new request would be refused now (None: the gateway can serve)
     refusal_detail: str = ""
     opted_out: bool = False  # the owner is opted out of discharge now (not counting per-event opt-outs)
@@ -94,8 +112,17 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         ratings=DerRatings.of(c.policy, c.inverter),
         inverter_meters_wh=(c.inverter.tot_wh_inj, c.inverter.tot_wh_abs) if c.inverter is not None else None,
         resyncing=c.resyncing,
+        storm_watch_pct=c.owner.storm_watch(now),
+        storm_watch_until=c.owner.storm_watch_until if c.owner.storm_watch(now) is not None else None,
+        latches=tuple(_latch(latch, now, c.policy) for latch in c.faults.latches),
+        lockout_count=len(c.faults.raised_times),
         **_dispatch_view(c, now, serving),
     )
+
+
+def _latch(latch: Latch, now: float, policy: Policy) -> LatchView:
+    clears_in = None if latch.gone_since is None else max(0.0, policy.fault_holdoff_s - (now - latch.gone_since))
+    return LatchView(latch.kind, latch.raised_at, latch.detail, clears_in)
 
 
 def _dispatch_view(c: Controller, now: float, serving: Booked | None) -> dict[str, Any]:

@@ -268,7 +268,14 @@ class SiteLimit:
 
 @dataclass(frozen=True)
 class OwnerSettings:
-    """The owner's wishes. `opt_out_until` = math.inf opts out until revoked."""
+    """The owner's wishes. `opt_out_until` = math.inf opts out until revoked.
+
+    Storm watch (`storm_watch_floor_pct` until `storm_watch_until`): the owner, or an
+    automation watching the weather, keeps that much in the pack for an outage that may
+    come. Until then the floor is at least that SoC while the grid is up (dispatch below
+    it is refused `STORM_WATCH`), and the truck charges toward it where the inverter can;
+    when the outage does come, the house may use it down to the backup floor as always.
+    """
 
     reserve_pct: float
     received_at: float
@@ -276,11 +283,19 @@ class OwnerSettings:
     opt_out_events: frozenset[str] = frozenset()
     departure_at: float | None = None
     departure_soc_pct: float | None = None
+    storm_watch_floor_pct: float | None = None
+    storm_watch_until: float | None = None
 
     def opted_out(self, now: float, event_id: str | None = None) -> bool:
         if self.opt_out_until is not None and now < self.opt_out_until:
             return True
         return event_id is not None and event_id in self.opt_out_events
+
+    def storm_watch(self, now: float) -> float | None:
+        """The storm-watch SoC in force at `now`, or None (none set, or its time has passed)."""
+        if self.storm_watch_floor_pct is None or self.storm_watch_until is None or now >= self.storm_watch_until:
+            return None
+        return self.storm_watch_floor_pct
 
 
 @dataclass(frozen=True)
@@ -343,6 +358,7 @@ class ReasonCode(str, Enum):
     UNKNOWN_EVENT = "UNKNOWN_EVENT"
     JOURNAL = "JOURNAL_UNAVAILABLE"
     ENTER_SERVICE = "ENTER_SERVICE_DELAY"  # grid back; the inverter's IEEE 1547 enter-service delay runs
+    STORM_WATCH = "STORM_WATCH"  # the owner keeps energy for an expected outage (storm watch)
 
 
 @dataclass(frozen=True)

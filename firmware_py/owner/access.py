@@ -61,26 +61,28 @@ def parse_listen(value: str) -> Listen:
 MAX_TOKEN_FILE_BYTES = 4096  # a token is 64 hex digits; anything much larger is not one
 
 
-def ensure_token(path: str | Path, *, owner_uid: int | None = None) -> str:
+def ensure_token(path: str | Path, *, owner_uid: int | None = None, what: str = "owner API token") -> str:
     """The API's token: created 0600 on first start; refused when it is not private to this user.
 
     `owner_uid` is the user the file must belong to (default: the effective user the
-    gateway runs as); tests inject it, since they cannot always chown.
+    gateway runs as); tests inject it, since they cannot always chown. `what` names the token in
+    messages (the web app's installer token shares these rules).
     """
     path = Path(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        return read_token(path, check_private=True, owner_uid=owner_uid)
+        return read_token(path, check_private=True, owner_uid=owner_uid, what=what)
     except OSError as err:
-        raise InputError(f"{path}: cannot create the owner API token file: {err.strerror or err}") from None
+        raise InputError(f"{path}: cannot create the {what} file: {err.strerror or err}") from None
     token = secrets.token_hex(32)
     with os.fdopen(fd, "w", encoding="ascii") as out:
         out.write(token + "\n")
     return token
 
 
-def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int | None = None) -> str:
+def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int | None = None,
+               what: str = "owner API token") -> str:
     """The token in `path`; with `check_private`, refuse a file that is not private to its reader.
 
     Private means: a regular file (not a symlink, FIFO or device), owned by `owner_uid`
@@ -99,40 +101,40 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
         raise
     except OSError as err:
         if check_private and os.path.islink(path):
-            raise InputError(f"{path}: the owner API token file is a symbolic link; point token_file at "
+            raise InputError(f"{path}: the {what} file is a symbolic link; point the configuration at "
                              "the file itself") from None
-        raise InputError(f"{path}: cannot read the owner API token: {err.strerror or err}") from None
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     try:
         info = os.fstat(fd)
         if check_private:
-            _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid)
+            _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid, what)
         raw = os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
     except OSError as err:
-        raise InputError(f"{path}: cannot read the owner API token: {err.strerror or err}") from None
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     finally:
         os.close(fd)
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise InputError(f"{path}: the owner API token is not ASCII text") from None
+        raise InputError(f"{path}: the {what} is not ASCII text") from None
     if len(raw) > MAX_TOKEN_FILE_BYTES or len(text) < 32 or not all(c in "0123456789abcdef" for c in text):
-        raise InputError(f"{path}: not an owner API token (expected 64 hex digits); "
+        raise InputError(f"{path}: not an {what} (expected 64 hex digits); "
                          "delete it and the gateway will create a new one")
     return text
 
 
-def _check_private(path: Path, info: os.stat_result, owner_uid: int) -> None:
+def _check_private(path: Path, info: os.stat_result, owner_uid: int, what: str) -> None:
     """InputError unless `info` is a regular file owned by `owner_uid` that only its owner can access."""
     if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{path}: the owner API token file is not a regular file")
+        raise InputError(f"{path}: the {what} file is not a regular file")
     if info.st_uid != owner_uid:
-        raise InputError(f"{path}: the owner API token file belongs to {_user(info.st_uid)}, not to "
+        raise InputError(f"{path}: the {what} file belongs to {_user(info.st_uid)}, not to "
                          f"{_user(owner_uid)} that the gateway runs as; someone else may have planted it. "
                          "Delete it (the gateway creates a new one) or "
                          f"`chown {_user_name(owner_uid)} {path}` if you made it yourself")
     mode = info.st_mode
     if mode & 0o077:
-        raise InputError(f"{path}: the owner API token file is accessible by group or others "
+        raise InputError(f"{path}: the {what} file is accessible by group or others "
                          f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}` and start again")
 
 

@@ -12,9 +12,13 @@ so what the core runs on is always what a restart will load.
     DELETE /opt-out                      revoke every opt-out
     PUT|POST /departure  {"time": "HH:MM", "soc_pct": N}
     DELETE /departure
+    PUT|POST /storm-watch {"floor_pct": N, "until": ISO-8601 or epoch}
+    DELETE /storm-watch
     GET    /api/status                   the live state (`powershare-gw status`)
 
-Instants the owner gives or reads (opt-out until, departure, `now`) are wall time,
+Every change goes through `desk.OwnerDesk`, the same one the web app uses.
+
+Instants the owner gives or reads (opt-out until, departure, storm watch until, `now`) are wall time,
 UTC epoch seconds; the core gets them on its monotonic base (`firmware_py/clocks.py`).
 """
 
@@ -37,10 +41,11 @@ from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
 from firmware_py.errors import InputError
-from firmware_py.owner import OwnerPort, changes
+from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest
-from firmware_py.owner.store import OwnerStore, encode, on_clock
+from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
+from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
 
 MAX_BODY_BYTES = 4096
@@ -78,11 +83,10 @@ class OwnerApi:
         self.port = port
         self.clocks = clocks or Clocks.simulated(port.now)  # the gateway's pair; a port's own clock for both
         self.store = store or OwnerStore(config.settings_file, config.reserve_pct)
-        self.tz = tz
+        self.desk = OwnerDesk(port, self.store, self.clocks, tz)
         self.listen = parse_listen(config.api_listen)
         self._token = ""
         self._runner: web.AppRunner | None = None
-        self._lock = asyncio.Lock()
 
     @property
     def address(self) -> str:
@@ -100,13 +104,11 @@ class OwnerApi:
         app = web.Application(middlewares=[self._errors_and_auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/status", self._status)
         app.router.add_get("/api/status", self._live_status)
-        for path, change, clear in (("/reserve", self._reserve, None),
-                                    ("/opt-out", self._opt_out, self._revoke),
-                                    ("/departure", self._departure, self._no_departure)):
-            app.router.add_route("PUT", path, change)
-            app.router.add_route("POST", path, change)
-            if clear is not None:
-                app.router.add_route("DELETE", path, clear)
+        for control in CONTROLS:
+            app.router.add_route("PUT", f"/{control.path}", self._setter(control))
+            app.router.add_route("POST", f"/{control.path}", self._setter(control))
+            if control.clear is not None:
+                app.router.add_route("DELETE", f"/{control.path}", self._clearer(control))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -164,7 +166,7 @@ class OwnerApi:
         telemetry = self.port.telemetry()
         return _json_response(200, {
             "now": self.clocks.wall(),
-            "settings": encode(self._on_wall(self.port.owner_settings())),
+            "settings": encode(self.desk.settings()),
             "floor_pct": telemetry.floor_pct,
             "telemetry": asdict(telemetry),
         })
@@ -172,8 +174,6 @@ class OwnerApi:
     async def _live_status(self, request: web.Request) -> web.Response:
         return _json_response(200, self.port.status())
 
-    def _on_wall(self, settings: OwnerSettings) -> OwnerSettings:
-        return on_clock(settings, self.clocks.to_wall)
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -187,36 +187,21 @@ class OwnerApi:
         except RecursionError:
             raise BadRequest("request body is not valid JSON: nested too deeply") from None
 
-    async def _apply(self, change: Callable[[OwnerSettings, float], OwnerSettings]) -> web.Response:
-        """Persist, then tell the gateway; one change at a time so none is lost.
+    def _setter(self, control: Control) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            body = await self._body(request)
+            return await self._answer(self.desk.set(control, body))
+        return handle
 
-        The change is worked out on the wall clock (the owner's times, the file's), then the
-        settings go to the core on its own base.
-        """
-        async with self._lock:
-            settings = change(self._on_wall(self.port.owner_settings()), self.clocks.wall())
-            try:
-                self.store.save(settings)
-            except OSError as err:
-                return _json_response(500, {"error": f"{self.store.path}: could not save the owner "
-                                                     f"settings ({err.strerror or err}); nothing changed"})
-            await self.port.set_owner(on_clock(settings, self.clocks.to_core))
+    def _clearer(self, control: Control) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            return await self._answer(self.desk.clear(control))
+        return handle
+
+    async def _answer(self, change: Awaitable[OwnerSettings]) -> web.Response:
+        """The new settings, or 500 when they could not be saved (BadRequest is the middleware's 400)."""
+        try:
+            settings = await change
+        except SaveFailed as err:
+            return _json_response(500, {"error": str(err)})
         return _json_response(200, {"settings": encode(settings)})
-
-    async def _reserve(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        return await self._apply(lambda s, now: changes.set_reserve(s, body, now))
-
-    async def _opt_out(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        return await self._apply(lambda s, now: changes.opt_out(s, body, now, self.tz))
-
-    async def _revoke(self, request: web.Request) -> web.Response:
-        return await self._apply(changes.revoke_opt_out)
-
-    async def _departure(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        return await self._apply(lambda s, now: changes.set_departure(s, body, now, self.tz))
-
-    async def _no_departure(self, request: web.Request) -> web.Response:
-        return await self._apply(changes.clear_departure)

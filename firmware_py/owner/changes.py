@@ -21,6 +21,9 @@ from firmware_py.quoting import shown, shown_text
 MAX_EVENT_ID = 200
 MAX_AHEAD_S = 366 * 86_400
 """The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
+MAX_STORM_WATCH_S = 14 * 86_400
+"""The longest storm watch: a storm is forecast days ahead, not months; a longer one is a typo
+(a standing floor is the reserve's job)."""
 MAX_TIME_TEXT = 64
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
@@ -51,11 +54,13 @@ def _percent(body: dict[str, Any], key: str) -> float:
 
 
 def _pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
-    """Drop an opt-out or departure already in the past, so status shows only what still applies."""
+    """Drop an opt-out, departure or storm watch already in the past, so status shows only what still applies."""
     if settings.opt_out_until is not None and settings.opt_out_until <= now:
         settings = replace(settings, opt_out_until=None)
     if settings.departure_at is not None and settings.departure_at <= now:
         settings = replace(settings, departure_at=None, departure_soc_pct=None)
+    if settings.storm_watch_until is not None and settings.storm_watch_until <= now:
+        settings = replace(settings, storm_watch_floor_pct=None, storm_watch_until=None)
     return settings
 
 
@@ -83,13 +88,13 @@ def parse_instant(value: Any, tz: dt.tzinfo | None) -> float:
         raise BadRequest(f"until: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
 
 
-def _ahead(until: float, raw: Any, now: float) -> float:
-    """`until` when it is in the future and within `MAX_AHEAD_S`: a far-future time is a typo, not a plan."""
+def _ahead(until: float, raw: Any, now: float, limit_s: float = MAX_AHEAD_S,
+           hint: str = 'for an opt-out with no end use {"now": true}') -> float:
+    """`until` when it is in the future and within `limit_s`: a far-future time is a typo, not a plan."""
     if until <= now:
         raise BadRequest(f"until: {shown(raw)} is not in the future")
-    if until - now > MAX_AHEAD_S:
-        raise BadRequest(f"until: {shown(raw)} is more than {MAX_AHEAD_S // 86_400} days ahead; "
-                         'for an opt-out with no end use {"now": true}')
+    if until - now > limit_s:
+        raise BadRequest(f"until: {shown(raw)} is more than {limit_s / 86_400:g} days ahead; {hint}")
     return until
 
 
@@ -146,3 +151,20 @@ def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo |
 
 def clear_departure(current: OwnerSettings, now: float) -> OwnerSettings:
     return _changed(current, now, departure_at=None, departure_soc_pct=None)
+
+
+def set_storm_watch(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
+    """{"floor_pct": N, "until": time}: keep N % for an outage until then (dispatch refused below it,
+    charging toward it where the inverter can). Setting it again replaces the one before."""
+    body = _fields(body, ("floor_pct", "until"))
+    if "until" not in body:
+        raise BadRequest('until: missing (when the storm watch ends, ISO-8601, e.g. "2025-07-01T18:00")')
+    floor = _percent(body, "floor_pct")
+    until = _ahead(parse_instant(body["until"], tz), body["until"], now, MAX_STORM_WATCH_S,
+                   "a storm watch lasts at most that long; raise the reserve for a standing floor")
+    return _changed(current, now, storm_watch_floor_pct=floor, storm_watch_until=until)
+
+
+def clear_storm_watch(current: OwnerSettings, now: float) -> OwnerSettings:
+    """The storm has passed: back to the reserve (and any departure) alone."""
+    return _changed(current, now, storm_watch_floor_pct=None, storm_watch_until=None)

@@ -119,6 +119,13 @@ def describe_departure(settings: dict[str, Any], now: float) -> str:
     return f"{_when(at)}, {_pct(settings.get('departure_soc_pct'))} wanted"
 
 
+def describe_storm_watch(settings: dict[str, Any], now: float) -> str:
+    floor, until = settings.get("storm_watch_floor_pct"), settings.get("storm_watch_until")
+    if floor is None or until is None or until <= now:
+        return "off"
+    return f"keeping {_pct(floor)} for an outage until {_when(until)}"
+
+
 def describe_status(answer: dict[str, Any]) -> list[str]:
     settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
     return [
@@ -128,6 +135,7 @@ def describe_status(answer: dict[str, Any]) -> list[str]:
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
         f"departure:    {describe_departure(settings, now)}",
+        f"storm watch:  {describe_storm_watch(settings, now)}",
         f"active event: {tel.get('active_event_id') or 'none'}",
     ]
 
@@ -183,12 +191,30 @@ def _departure(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     return [f"departure: {describe_departure(settings, settings['received_at'])}"]
 
 
+def _storm_watch(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    if args.floor == "off":
+        if args.until is not None:
+            raise InputError("owner storm-watch: usage: storm-watch off (no time)")
+        settings = call(owner, "DELETE", "/storm-watch")["settings"]
+    else:
+        if args.until is None:
+            raise InputError("owner storm-watch: usage: storm-watch FLOOR_PCT UNTIL (e.g. storm-watch 80 "
+                             "2025-07-01T18:00)")
+        try:
+            until: Any = float(args.until)
+        except ValueError:
+            until = args.until
+        body = {"floor_pct": _number(args.floor, "storm-watch FLOOR_PCT"), "until": until}
+        settings = call(owner, "PUT", "/storm-watch", body)["settings"]
+    return [f"storm watch: {describe_storm_watch(settings, settings['received_at'])}"]
+
+
 def _owner(args: argparse.Namespace) -> int:
     action = getattr(args, "owner_action_handler", None)
     if args.config is None:
         raise InputError("owner: --config FILE is required (the running gateway's configuration)")
     if action is None:
-        raise InputError("owner: give an action: status, reserve, opt-out or departure")
+        raise InputError("owner: give an action: status, reserve, opt-out, departure or storm-watch")
     owner = config.load(args.config).owner
     try:
         lines = action(owner, args)
@@ -200,8 +226,9 @@ def _owner(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `owner status|reserve|opt-out|departure`."""
-    p = sub.add_parser("owner", help="the owner's controls: reserve, opt-out, departure (via the running gateway)")
+    """Add `owner status|reserve|opt-out|departure|storm-watch`."""
+    p = sub.add_parser("owner", help="the owner's controls: reserve, opt-out, departure, storm watch "
+                                     "(via the running gateway)")
     p.add_argument("--config", help="the gateway's TOML configuration ([owner] api_listen and token_file)")
     p.set_defaults(handler=_owner)
     actions = p.add_subparsers(dest="owner_action", metavar="ACTION")
@@ -212,7 +239,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         a.set_defaults(owner_action_handler=fn)
         return a
 
-    action("status", _status, "reserve, floor, SoC, state, opt-out, departure and the active event")
+    action("status", _status, "reserve, floor, SoC, state, opt-out, departure, storm watch and the active event")
     reserve = action("reserve", _reserve, "set the reserve: the SoC %% the truck always keeps for driving")
     reserve.add_argument("pct", help="percent, 0 to 100")
     opt = action("opt-out", _opt_out, "stop serving the grid: now (until revoked), one event, until a time; off")
@@ -221,3 +248,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     dep = action("departure", _departure, "be charged to SOC %% by the next HH:MM (local time); or off")
     dep.add_argument("time", help="HH:MM, or off")
     dep.add_argument("soc", nargs="?", help="the SoC %% wanted at departure")
+    storm = action("storm-watch", _storm_watch, "keep FLOOR_PCT %% for an expected outage until a time "
+                                                "(dispatch refused below it; charges toward it where the "
+                                                "inverter can); or off")
+    storm.add_argument("floor", metavar="FLOOR_PCT", help="the SoC %% to keep, 0 to 100; or off")
+    storm.add_argument("until", nargs="?", metavar="UNTIL",
+                       help="ISO-8601 (without an offset: the gateway's local time) or epoch seconds; "
+                            "at most 14 days ahead")

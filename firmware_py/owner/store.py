@@ -27,7 +27,9 @@ from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.quoting import shown
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: reserve, opt-out, departure. 2: and the storm watch. Every older version is still read."""
+READABLE_VERSIONS = (1, 2)
 UNTIL_REVOKED = "until_revoked"
 """How `opt_out_until = math.inf` is written: JSON has no infinity."""
 
@@ -35,7 +37,7 @@ MAX_INSTANT = 253_402_300_799.0
 """9999-12-31T23:59:59Z: the last instant a clock can print; a saved time beyond it is corrupt."""
 
 _FIELDS = ("version", "reserve_pct", "received_at", "opt_out_until", "opt_out_events",
-           "departure_at", "departure_soc_pct")
+           "departure_at", "departure_soc_pct", "storm_watch_floor_pct", "storm_watch_until")
 
 
 def on_clock(settings: OwnerSettings, convert: Callable[[float], float]) -> OwnerSettings:
@@ -44,7 +46,8 @@ def on_clock(settings: OwnerSettings, convert: Callable[[float], float]) -> Owne
         return None if at is None else convert(at)
 
     return replace(settings, received_at=convert(settings.received_at),
-                   opt_out_until=moved(settings.opt_out_until), departure_at=moved(settings.departure_at))
+                   opt_out_until=moved(settings.opt_out_until), departure_at=moved(settings.departure_at),
+                   storm_watch_until=moved(settings.storm_watch_until))
 
 
 def encode(settings: OwnerSettings) -> dict[str, Any]:
@@ -58,6 +61,8 @@ def encode(settings: OwnerSettings) -> dict[str, Any]:
         "opt_out_events": sorted(settings.opt_out_events),
         "departure_at": settings.departure_at,
         "departure_soc_pct": settings.departure_soc_pct,
+        "storm_watch_floor_pct": settings.storm_watch_floor_pct,
+        "storm_watch_until": settings.storm_watch_until,
     }
 
 
@@ -80,8 +85,9 @@ def decode(data: Any) -> OwnerSettings:
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}")
-    if data.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise ValueError(f"version: expected {FORMAT_VERSION}, got {data.get('version')!r}")
+    version = data.get("version", FORMAT_VERSION)
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"version: expected one of {', '.join(map(str, READABLE_VERSIONS))}, got {version!r}")
     if "reserve_pct" not in data:
         raise ValueError("reserve_pct: missing")
     until = data.get("opt_out_until")
@@ -94,6 +100,10 @@ def decode(data: Any) -> OwnerSettings:
     departure_soc = _number(data, "departure_soc_pct", 0, 100, optional=True)
     if (departure_at is None) != (departure_soc is None):
         raise ValueError("departure_at and departure_soc_pct must be set together")
+    storm_floor = _number(data, "storm_watch_floor_pct", 0, 100, optional=True)
+    storm_until = _number(data, "storm_watch_until", -MAX_INSTANT, MAX_INSTANT, optional=True)
+    if (storm_floor is None) != (storm_until is None):
+        raise ValueError("storm_watch_floor_pct and storm_watch_until must be set together")
     return OwnerSettings(
         reserve_pct=_number(data, "reserve_pct", 0, 100),
         received_at=_number(data, "received_at") if "received_at" in data else 0.0,
@@ -101,6 +111,8 @@ def decode(data: Any) -> OwnerSettings:
         opt_out_events=frozenset(events),
         departure_at=departure_at,
         departure_soc_pct=departure_soc,
+        storm_watch_floor_pct=storm_floor,
+        storm_watch_until=storm_until,
     )
 
 

@@ -1,0 +1,72 @@
+"""The web app's History view: the last day of SoC, floor, setpoint and power, and its events, from the journal.
+
+Everything shown comes from journal records, never from memory kept beside
+them, so the chart survives a restart and shows what an auditor would find:
+- the curves from the `Sample` records the gateway journals every
+  `[journal] sample_interval_s` (what the core's read model said then);
+- the events from their own records (request, answer, end, energy), folded the
+  way `report` folds them (`journal.summary`).
+
+The journal is opened read-only on its own connection (SQLite in WAL mode lets
+it read beside the gateway's writer), in a worker thread, and read newest first
+through its kind index, so a day's history costs a day's records whatever the
+journal's length. At most `MAX_POINTS` points go to the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+from firmware_py.journal.kinds import RecordKind
+from firmware_py.journal.store import Journal, Record
+from firmware_py.journal.summary import EVENT_KINDS, WINDOW_KINDS, event_summaries
+
+HISTORY_S = 24 * 3600.0
+MAX_POINTS = 1_500
+"""About one a minute over a day: a phone's chart has no use for more."""
+
+
+class _Window:
+    """The records of one window, read once, offered as `event_summaries` reads a journal."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self._records = records
+
+    def records(self, kind: RecordKind | str | None = None, since_seq: int = 0) -> list[Record]:
+        return [r for r in self._records if r.seq > since_seq and (kind is None or r.kind == kind)]
+
+    def iter_records(self, kinds: Collection[RecordKind | str] | None = None, since_seq: int = 0) -> Iterator[Record]:
+        return iter([r for r in self._records if r.seq > since_seq and (kinds is None or r.kind in kinds)])
+
+    def newest_at(self) -> float | None:
+        return max((r.at for r in self._records), default=None)
+
+
+def read_history(journal_path: str | Path, now_wall: float, span_s: float = HISTORY_S) -> dict[str, Any]:
+    """`{"from", "to", "samples": [[wall, soc, floor, setpoint, power], ...], "events": [...]}` (wall = UTC s)."""
+    since = now_wall - span_s
+    with Journal.open(journal_path, readonly=True) as journal:
+        samples = journal.recent([RecordKind.SAMPLE], since)
+        window = journal.recent(EVENT_KINDS | WINDOW_KINDS, since)
+    return {"from": since, "to": now_wall, "samples": _points(samples), "events": _events(window)}
+
+
+def _points(samples: list[Record]) -> list[list[Any]]:
+    stride = max(1, -(-len(samples) // MAX_POINTS))
+    return [[round(r.wall, 1), r.payload.get("soc_pct"), r.payload.get("floor_pct"), r.payload.get("setpoint_w"),
+             r.payload.get("power_w")] for r in samples[::stride]]
+
+
+def _events(records: list[Record]) -> list[dict[str, Any]]:
+    """The events seen in the window, newest first, as the page lists them."""
+    shown = []
+    for e in event_summaries(_Window(records)):  # type: ignore[arg-type]  # reads a journal's records
+        if e.verdict is None:
+            continue  # only its energy records fell in the window: it was answered before it
+        shown.append({"id": e.request_id, "source": e.source, "kind": e.kind, "target_w": e.target_w,
+                      "answer": e.verdict, "cap_w": e.cap_w, "reason": e.reason, "detail": e.detail,
+                      "start": e.start, "end": e.ended_at if e.ended_at is not None else e.end,
+                      "ended": e.ended_reason, "delivered_wh": round(e.meter_wh, 1), "final": e.final})
+    return shown[::-1]

@@ -1,0 +1,397 @@
+"""The owner's web app and its JSON API on `[web] listen` (DESIGN §3.9), served by the gateway itself.
+
+One aiohttp server: the page (hand-written HTML, CSS and JavaScript shipped in the
+package, nothing fetched from anywhere at run time) and the API it calls. The API is
+a thin adapter: reads come from the gateway's status document, the core's read
+model and the journal; every change goes through the same `OwnerDesk` as the
+loopback owner API, so it is validated by the same rules (`owner/changes.py`),
+saved, fed to the core and journaled exactly like an `owner` command.
+
+    GET  /                     the page; the login form without a session
+    POST /login                form field `token` -> session cookie (HttpOnly, SameSite=Strict)
+    POST /logout               ends the session
+    GET  /api/session          the session's role and CSRF token
+    GET  /api/status           the status document (`powershare-gw status`)
+    GET  /api/settings         the owner's settings and what they imply
+    GET  /api/history          the last 24 h from the journal
+    PUT  /api/reserve | opt-out | departure | storm-watch;  DELETE /api/opt-out | departure | storm-watch
+    GET  /api/installer        (installer) configuration, links, fault latches
+    POST /api/lockout-reset    (installer) the installer reset
+
+Every /api request needs the session cookie or `Authorization: Bearer TOKEN`; every
+change made with a session also needs its CSRF token in `X-CSRF-Token`. Without
+them: 401. An owner asking for an installer's action: 403. A refused change: 400
+with the reason. Bodies are at most 4 KiB; tokens never appear in a page, a log
+line or the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from firmware_py.addresses import parse_host_port
+from firmware_py.config import Config
+from firmware_py.core import floor as floors
+from firmware_py.errors import InputError
+from firmware_py.files import regular_or_absent
+from firmware_py.journal import codec
+from firmware_py.owner.access import ensure_token
+from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
+from firmware_py.owner.store import OwnerStore, encode
+from firmware_py.quoting import printable
+from firmware_py.web.history import read_history
+from firmware_py.web.installer import installer_view
+from firmware_py.web.sessions import Clock, Keys, LoginThrottle, Role, Session, SessionBook
+
+if TYPE_CHECKING:
+    from firmware_py.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4096
+COOKIE = "psgw_session"
+CSRF_HEADER = "X-CSRF-Token"
+ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+PAGES = ("index.html", "login.html")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+"""On every response: the page runs only its own script, cannot be framed, and nothing is cached."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: the role, and the session when it came with one (a bearer token has none)."""
+
+    role: Role
+    session: Session | None
+
+
+CallerHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+class Refused(Exception):
+    """A request the API answers with `status` and a reason (401, 403, 429)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def check(config: Config) -> list[str]:
+    """What `check-config` and `run` refuse before anything opens: the address, TLS files, the token path."""
+    web_config, problems = config.web, []
+    try:
+        host, _ = parse_host_port(web_config.listen, "web.listen")
+        _check_host(host)
+    except InputError as err:
+        problems += err.problems
+    if problem := regular_or_absent(web_config.installer_token_file, "installer token file"):
+        problems.append(f"web.installer_token_file: {problem}")
+    try:
+        tls_context(config)
+    except InputError as err:
+        problems += err.problems
+    return problems
+
+
+def _check_host(host: str) -> None:
+    import ipaddress
+
+    if host == "localhost":
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InputError(f"web.listen: {host!r} is not an IP address (e.g. 0.0.0.0 for every interface, "
+                         "or the gateway's LAN address)") from None
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context from `tls_cert` and `tls_key` (both set), or None (both empty: plain HTTP)."""
+    cert, key = config.web.tls_cert, config.web.tls_key
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise InputError("web.tls_cert, web.tls_key: set both (HTTPS) or neither (plain HTTP)")
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if not Path(path).is_file():
+            raise InputError(f"web.{name}: {path}: no such file (or not a regular file)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as err:
+        raise InputError(f"web.tls_cert, web.tls_key: {cert}, {key}: not a usable certificate and key "
+                         f"({getattr(err, 'reason', None) or err})") from None
+    return context
+
+
+def _assets() -> dict[str, bytes]:
+    """The page and its script and style, read once from the package."""
+    folder = resources.files("firmware_py.web").joinpath("static")
+    return {name: folder.joinpath(name).read_bytes() for name in (*PAGES, *ASSETS)}
+
+
+def _json(status: int, payload: Any) -> web.Response:
+    """JSON that a browser's parser takes: no NaN or Infinity (codec writes them as text)."""
+    text = json.dumps(codec.jsonable(payload), allow_nan=False, separators=(",", ":"))
+    return web.Response(status=status, text=text, content_type="application/json")
+
+
+class WebApp:
+    """The web app for one running gateway: an integration in `assembly.INTEGRATIONS` (`[web]`)."""
+
+    def __init__(self, config: Config, gateway: Gateway, *, clock: Clock | None = None,
+                 store: OwnerStore | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.clocks = gateway.clocks
+        self.host, self.port = parse_host_port(config.web.listen, "web.listen")
+        store = store or OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
+        self.desk = OwnerDesk(gateway, store, gateway.clocks)
+        clock = clock or gateway.clocks.monotonic
+        self.sessions = SessionBook(clock)
+        self.throttle = LoginThrottle(clock)
+        self.tls = bool(config.web.tls_cert)
+        self._keys: Keys | None = None
+        self._assets: dict[str, bytes] = {}
+        self._runner: web.AppRunner | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
+
+    async def start(self, sink: Any = None) -> int:
+        """Read the tokens (the installer's created 0600 on first start) and bind; InputError when it cannot."""
+        if self._runner is not None:
+            return self.port
+        owner = ensure_token(self.config.owner.token_file)
+        installer = ensure_token(self.config.web.installer_token_file, what="installer token")
+        self._keys = Keys(owner=owner, installer=installer)
+        self._assets = _assets()
+        runner = web.AppRunner(self._application(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=tls_context(self.config), reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise InputError(f"web.listen: cannot listen on {self.config.web.listen}: {err.strerror or err}") from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info("web app on %s (owner and installer logins)", self.url)
+        return self.port
+
+    async def run(self, sink: Any = None) -> None:
+        """Serve until cancelled."""
+        await self.start(sink)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def _application(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
+        add = app.router.add_route
+        add("GET", "/", self._page)
+        add("POST", "/login", self._login)
+        for name in ASSETS:
+            add("GET", f"/{name}", self._asset)
+        known = self._known
+        add("POST", "/logout", known(self._logout))
+        add("GET", "/api/session", known(self._session))
+        add("GET", "/api/status", known(self._status))
+        add("GET", "/api/settings", known(self._settings))
+        add("GET", "/api/history", known(self._history))
+        add("GET", "/api/installer", known(self._installer, Role.INSTALLER))
+        add("POST", "/api/lockout-reset", known(self._lockout_reset, Role.INSTALLER))
+        for control in CONTROLS:
+            add("PUT", f"/api/{control.path}", known(self._setter(control)))
+            if control.clear is not None:
+                add("DELETE", f"/api/{control.path}", known(self._clearer(control)))
+        return app
+
+    def _known(self, handler: CallerHandler, role: Role = Role.OWNER) -> Handler:
+        """`handler` for identified callers with at least `role` only: every /api route is built through here."""
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            caller = self._identify(request)
+            if role is Role.INSTALLER and caller.role is not Role.INSTALLER:
+                raise Refused(403, "for the installer only: log in with the installer token")
+            return await handler(request, caller)
+        return guarded
+
+    # --- who is asking ------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every refusal as JSON; every response with the security headers."""
+        try:
+            response = await handler(request)
+        except Refused as err:
+            response = _json(err.status, {"error": str(err)})
+            if err.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="powershare-gw"'
+        except BadRequest as err:
+            response = _json(400, {"error": str(err)})
+        except SaveFailed as err:
+            response = _json(500, {"error": str(err)})
+        except web.HTTPRequestEntityTooLarge:
+            response = _json(400, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            response = _json(err.status, {"error": err.reason})
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def _identify(self, request: web.Request) -> Caller:
+        """The bearer token's role, or the session's (a change with a session also needs its CSRF token);
+        Refused(401) otherwise."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            role = self._keys.role_of(token) if self._keys else None
+            if role is None:
+                raise Refused(401, "wrong bearer token")
+            return Caller(role, None)
+        session = self.sessions.find(request.cookies.get(COOKIE))
+        if session is None:
+            raise Refused(401, "log in first (or send Authorization: Bearer TOKEN)")
+        if request.method not in ("GET", "HEAD") and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
+            raise Refused(401, f"missing or wrong CSRF token (send the session's token in {CSRF_HEADER})")
+        return Caller(session.role, session)
+
+    # --- pages and login ----------------------------------------------------------------------
+
+    def _html(self, name: str, status: int = 200, message: str = "") -> web.Response:
+        body = self._assets[name].decode()
+        if message:  # only our own fixed texts: never anything a client sent
+            body = body.replace("<!--message-->", f'<p class="error" id="login-error" role="alert">{message}</p>')
+        return web.Response(status=status, text=body, content_type="text/html")
+
+    async def _page(self, request: web.Request) -> web.Response:
+        session = self.sessions.find(request.cookies.get(COOKIE))
+        return self._html("index.html" if session is not None else "login.html")
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        name = request.path.lstrip("/")
+        return web.Response(body=self._assets[name], content_type=ASSETS[name])
+
+    async def _login(self, request: web.Request) -> web.Response:
+        client = request.remote or "unknown"
+        wait = self.throttle.wait_s(client)
+        if wait > 0:
+            response = self._html("login.html", 429, f"Too many failed logins: try again in {wait:.0f} s.")
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
+        form = await request.post()
+        offered = form.get("token")
+        role = self._keys.role_of(offered) if isinstance(offered, str) and self._keys else None
+        if role is None:
+            failures = self.throttle.failed(client)
+            log.warning("web: failed login from %s (%d within %.0f s)", printable(client), failures,
+                        self.throttle.window_s)
+            return self._html("login.html", 401, "That token is not valid.")
+        self.throttle.succeeded(client)
+        session = self.sessions.start(role)
+        log.info("web: %s logged in from %s", role, printable(client))
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", secure=self.tls, path="/")
+        response.headers.update(SECURITY_HEADERS)
+        raise response
+
+    async def _logout(self, request: web.Request, caller: Caller) -> web.Response:
+        session = caller.session
+        if session is not None:
+            self.sessions.end(session.id)
+            log.info("web: %s logged out", session.role)
+        response = _json(200, {"logged_out": True})
+        response.del_cookie(COOKIE, path="/")
+        return response
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def _session(self, request: web.Request, caller: Caller) -> web.Response:
+        session = caller.session
+        return _json(200, {"role": str(caller.role), "csrf_token": session.csrf if session else None})
+
+    async def _status(self, request: web.Request, caller: Caller) -> web.Response:
+        return _json(200, self.gateway.status())
+
+    async def _settings(self, request: web.Request, caller: Caller) -> web.Response:
+        """The owner's settings (wall time) and what they imply now: the floor the departure asks for."""
+        policy, owner, now = self.gateway.policy, self.gateway.owner_settings(), self.gateway.now()
+        departure_floor = None
+        if owner.departure_at is not None and owner.departure_soc_pct is not None and owner.departure_at > now:
+            departure_floor = {
+                "now_pct": round(floors.floor_pct(policy, owner, now), 2),  # the whole floor, departure included
+                "at_departure_pct": round(min(100.0, owner.departure_soc_pct + policy.soc_margin_pct), 2),
+            }
+        return _json(200, {"settings": encode(self.desk.settings()), "now": self.clocks.wall(),
+                           "departure_floor": departure_floor, "soc_margin_pct": policy.soc_margin_pct,
+                           "departure_charge_w": policy.departure_charge_w,
+                           "usable_capacity_wh": policy.usable_capacity_wh,
+                           "can_charge": policy.max_charge_w > 0})
+
+    async def _history(self, request: web.Request, caller: Caller) -> web.Response:
+        doc = await asyncio.to_thread(read_history, self.config.journal.path, self.clocks.wall())
+        return _json(200, doc)
+
+    async def _installer(self, request: web.Request, caller: Caller) -> web.Response:
+        now = self.gateway.now()
+        return _json(200, installer_view(self.config, self.gateway.telemetry(), self.gateway.links.view(now),
+                                         self.clocks.to_wall(now)))
+
+    # --- changes ------------------------------------------------------------------------------
+
+    async def _lockout_reset(self, request: web.Request, caller: Caller) -> web.Response:
+        cleared = await self.gateway.reset_lockout()
+        log.info("web: installer reset (%s)", "lockout cleared" if cleared else "there was no lockout")
+        return _json(200, {"cleared": cleared, "status": self.gateway.status()})
+
+    def _setter(self, control: Control) -> CallerHandler:
+        async def handle(request: web.Request, caller: Caller) -> web.Response:
+            body = await self._body(request)
+            return _json(200, {"settings": encode(await self.desk.set(control, body))})
+        return handle
+
+    def _clearer(self, control: Control) -> CallerHandler:
+        async def handle(request: web.Request, caller: Caller) -> web.Response:
+            return _json(200, {"settings": encode(await self.desk.clear(control))})
+        return handle
+
+    @staticmethod
+    async def _body(request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadRequest(f"request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise BadRequest("request body is not valid JSON: nested too deeply") from None

@@ -1,0 +1,367 @@
+// powershare-gw web app: plain JavaScript, no build step, nothing loaded from anywhere but the gateway.
+// Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
+"use strict";
+
+const state = { csrf: null, role: null, status: null, settings: null, view: "now" };
+const SVG = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+
+const MODES = {
+  STARTUP: "Starting: waiting for the truck and the inverter",
+  STANDBY: "Ready, not moving energy",
+  DISCHARGE: "Powering the grid event from the truck",
+  CHARGE: "Charging the truck",
+  BACKUP: "Backing up the home in a power cut",
+  FAULT: "Stopped by a fault (0 W)",
+  LOCKOUT: "Locked out: an installer must check it",
+};
+const REASONS = [
+  [/^clamped: reserve/, "held down so the truck stays above its floor"],
+  [/^clamped: bms limit/, "held to what the truck's battery allows now"],
+  [/^clamped: site limit/, "held to the site's limit"],
+  [/^clamped: rating/, "held to the inverter's rating"],
+  [/^clamped: full/, "the battery is full"],
+  [/^stale: bms/, "no fresh data from the truck"],
+  [/^stale: inverter/, "no fresh data from the inverter"],
+  [/^inhibit/, "the truck's contactors are open: no energy can flow"],
+  [/^resync/, "catching up after a pause of the gateway"],
+  [/^fault: /, "a fault holds it at 0 W: "],
+  [/^storm watch: charging toward (.*)/, "storm watch: charging toward $1"],
+  [/^floor reached \((.*)\)/, "the floor is reached ($1)"],
+];
+const LINKS = { bms: "Truck (BMS)", inverter: "Inverter", openadr: "Aggregator (OpenADR)",
+                sunspec_server: "Aggregator (SunSpec)" };
+
+// ------------------------------------------------------------------ talking to the gateway
+
+async function api(method, path, body) {
+  const headers = { "Accept": "application/json" };
+  if (method !== "GET") headers["X-CSRF-Token"] = state.csrf || "";
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { method, headers, credentials: "same-origin",
+                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) { window.location.assign("/"); throw new Error("logged out"); }
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+  return answer;
+}
+
+function say(text, error) {
+  const box = $("message");
+  box.textContent = text;
+  box.className = error ? "error" : "";
+  box.hidden = !text;
+}
+
+// ------------------------------------------------------------------ formatting
+
+const pct = (x) => (x === null || x === undefined ? "unknown" : `${Number(x).toFixed(1)} %`);
+const watts = (w) => (Math.abs(w) >= 1000 ? `${(w / 1000).toFixed(2)} kW` : `${Math.round(w)} W`);
+const when = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "");
+const epochText = (s) => (s === null || s === undefined || typeof s !== "number"
+  ? "open" : new Date(s * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" }));
+
+function duration(hours) {
+  if (!isFinite(hours)) return "—";
+  const h = Math.floor(hours), m = Math.round((hours - h) * 60);
+  return h > 0 ? `${h} h ${m} min` : `${m} min`;
+}
+
+function plainReason(reason) {
+  for (const [pattern, words] of REASONS) {
+    if (pattern.test(reason)) return reason.replace(pattern, words);
+  }
+  return reason;
+}
+
+function answerText(event) {
+  if (event.answer === "accepted") return "accepted";
+  if (event.answer === "accepted_capped") return `accepted, capped at ${watts(event.cap_w)}`;
+  return `refused ${event.reason || ""}${event.detail ? ": " + event.detail : ""}`;
+}
+
+function localInput(date) {  // a Date as a datetime-local input value
+  const p = (n) => String(n).padStart(2, "0");
+  return `${date.getFullYear()}-${p(date.getMonth() + 1)}-${p(date.getDate())}T${p(date.getHours())}:${p(date.getMinutes())}`;
+}
+
+// ------------------------------------------------------------------ Now
+
+function svg(name, attrs, parent) {
+  const node = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+function drawGauge(s) {
+  const g = $("gauge");
+  g.replaceChildren();
+  const x = (p) => 6 + 288 * Math.max(0, Math.min(100, p)) / 100;
+  svg("rect", { x: 6, y: 18, width: 288, height: 24, rx: 5, fill: "#e7ebf0" }, g);
+  if (s.soc_pct !== null) svg("rect", { x: 6, y: 18, width: x(s.soc_pct) - 6, height: 24, rx: 5, fill: "var(--soc)" }, g);
+  const mark = (p, colour, dash, label, above) => {
+    svg("line", { x1: x(p), x2: x(p), y1: 14, y2: 46, stroke: colour, "stroke-width": 3, "stroke-dasharray": dash }, g);
+    const t = svg("text", { x: x(p), y: above ? 11 : 58, "text-anchor": "middle", fill: colour }, g);
+    t.textContent = label;
+  };
+  mark(s.reserve_pct, "var(--reserve)", "4 3", `reserve ${Math.round(s.reserve_pct)}`, false);
+  mark(s.floor_pct, "var(--floor)", "", `floor ${Math.round(s.floor_pct)}`, true);
+  if (s.storm_watch) mark(s.storm_watch.floor_pct, "var(--storm)", "2 2", `storm ${s.storm_watch.floor_pct}`, false);
+}
+
+function renderStatus(s) {
+  $("soc").textContent = pct(s.soc_pct);
+  $("floor").textContent = pct(s.floor_pct);
+  $("reserve").textContent = pct(s.reserve_pct);
+  drawGauge(s);
+  $("mode").textContent = MODES[s.mode] || s.mode;
+  $("mode").dataset.mode = s.mode;
+  $("reason").textContent = plainReason(s.reason || "");
+  $("power").textContent = watts(s.power_w);
+  $("setpoint").textContent = watts(s.setpoint_w);
+  $("time-to-floor").textContent = s.power_w > 50 && s.available_wh > 0
+    ? `${duration(s.available_wh / s.power_w)} at ${watts(s.power_w)}` : "not discharging";
+  const e = s.event;
+  $("event").textContent = e
+    ? `${e.id}: ${answerText(e)}, ${e.delivered_wh === null ? 0 : Math.round(e.delivered_wh).toLocaleString()} Wh so far`
+    : "No grid event being served.";
+  const links = $("links");
+  links.replaceChildren();
+  for (const [name, link] of Object.entries(s.links || {})) {
+    const li = document.createElement("li");
+    li.className = link.ok ? "ok" : "down";
+    const age = link.age_s === null ? "no data yet" : `last good ${link.age_s.toFixed(1)} s ago`;
+    li.textContent = `${LINKS[name] || name}: ${link.ok ? "ok" : "DOWN"} (${age})${link.cause ? ": " + link.cause : ""}`;
+    links.appendChild(li);
+  }
+  $("faults").textContent = s.faults.length ? s.faults.join(", ") : "none";
+  $("storm-status").textContent = s.storm_watch
+    ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
+}
+
+async function refreshStatus() {
+  try {
+    state.status = await api("GET", "/api/status");
+    renderStatus(state.status);
+  } catch (err) {
+    if (err.message !== "logged out") say(`Cannot reach the gateway: ${err.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------ Controls
+
+function renderSettings(doc) {
+  const s = doc.settings, now = doc.now;
+  state.settings = doc;
+  if (document.activeElement !== $("reserve-pct")) $("reserve-pct").value = s.reserve_pct;
+  const outs = [];
+  if (s.opt_out_until === "until_revoked") outs.push("opted out until you opt back in");
+  else if (s.opt_out_until && s.opt_out_until > now) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
+  if (s.opt_out_events.length) outs.push(`opted out of ${s.opt_out_events.join(", ")}`);
+  $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
+  $("departure-state").textContent = s.departure_at
+    ? `Leaving ${epochText(s.departure_at)} with ${s.departure_soc_pct} %.` : "No departure set.";
+  const f = doc.departure_floor;
+  $("departure-floor").textContent = f
+    ? `That makes the floor ${f.now_pct} % now, rising to ${f.at_departure_pct} % at departure.` : "";
+  $("storm-state").textContent = s.storm_watch_until
+    ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
+  if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
+}
+
+async function refreshSettings() {
+  renderSettings(await api("GET", "/api/settings"));
+}
+
+async function change(method, path, body, done) {
+  try {
+    await api(method, path, body);
+    say(done, false);
+    await Promise.all([refreshSettings(), refreshStatus()]);
+  } catch (err) {
+    if (err.message !== "logged out") say(`Refused: ${err.message}`, true);
+  }
+}
+
+function previewDeparture() {
+  const doc = state.settings, time = $("departure-time").value, soc = Number($("departure-soc").value);
+  if (!doc || !time || $("departure-soc").value === "") return;
+  const [h, m] = time.split(":").map(Number);
+  const at = new Date(); at.setHours(h, m, 0, 0);
+  if (at <= new Date()) at.setDate(at.getDate() + 1);
+  const hours = (at - new Date()) / 3.6e6;
+  const need = Math.max(0, soc - doc.departure_charge_w * hours / doc.usable_capacity_wh * 100,
+                        doc.settings.reserve_pct);
+  $("departure-floor").textContent = `That makes the floor ${Math.min(100, need + doc.soc_margin_pct).toFixed(1)} % ` +
+    `now, rising to ${Math.min(100, soc + doc.soc_margin_pct)} % at departure.`;
+}
+
+function wireControls() {
+  $("reserve-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    change("PUT", "/api/reserve", { pct: Number($("reserve-pct").value) }, "Reserve set.");
+  });
+  const mode = $("opt-out-mode"), form = $("opt-out-form");
+  const showMode = () => { form.className = `card mode-${mode.value}`; };
+  mode.addEventListener("change", showMode);
+  showMode();
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    let body = { now: true };
+    if (mode.value === "event") body = { event: $("opt-out-event").value };
+    if (mode.value === "until") {
+      const until = $("opt-out-until").value;
+      body = { until: until ? new Date(until).toISOString() : "" };
+    }
+    change("PUT", "/api/opt-out", body, "Opted out.");
+  });
+  $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in."));
+  $("departure-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    change("PUT", "/api/departure", { time: $("departure-time").value, soc_pct: Number($("departure-soc").value) },
+           "Departure set.");
+  });
+  for (const id of ["departure-time", "departure-soc"]) $(id).addEventListener("input", previewDeparture);
+  $("departure-clear").addEventListener("click", () => change("DELETE", "/api/departure", undefined, "Departure cleared."));
+  $("storm-until").value = localInput(new Date(Date.now() + 24 * 3.6e6));
+  $("storm-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const until = $("storm-until").value;
+    change("PUT", "/api/storm-watch", { floor_pct: Number($("storm-floor").value),
+                                        until: until ? new Date(until).toISOString() : "" }, "Storm watch on.");
+  });
+  $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
+}
+
+// ------------------------------------------------------------------ History
+
+function drawChart(id, samples, series, from, to, unit, fixed) {
+  const g = $(id);
+  g.replaceChildren();
+  const W = 600, H = 200, L = 40, R = 10, T = 10, B = 24;
+  let lo = fixed ? fixed[0] : Infinity, hi = fixed ? fixed[1] : -Infinity;
+  if (!fixed) {
+    for (const row of samples) for (const s of series) if (row[s.col] !== null) {
+      lo = Math.min(lo, s.scale * row[s.col]); hi = Math.max(hi, s.scale * row[s.col]);
+    }
+    if (!isFinite(lo)) { lo = -1; hi = 1; }
+    lo = Math.min(lo, 0); hi = Math.max(hi, 0);
+    if (hi - lo < 1) hi = lo + 1;
+  }
+  const x = (t) => L + (W - L - R) * (t - from) / (to - from);
+  const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
+  for (let i = 0; i <= 4; i++) {
+    const v = lo + (hi - lo) * i / 4;
+    svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#e1e4e8" }, g);
+    svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, g).textContent = `${Math.round(v * 10) / 10}${unit}`;
+  }
+  const short = to - from < 3600;
+  for (let i = 0; i <= 4; i++) {
+    const t = from + (to - from) * i / 4;
+    svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, g).textContent =
+      new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: short ? "2-digit" : undefined });
+  }
+  for (const s of series) {
+    const points = samples.filter((row) => row[s.col] !== null)
+      .map((row) => `${x(row[0]).toFixed(1)},${y(s.scale * row[s.col]).toFixed(1)}`);
+    if (points.length) svg("polyline", { points: points.join(" "), fill: "none", stroke: s.colour,
+                                         "stroke-width": 2, "data-series": s.name }, g);
+  }
+}
+
+async function refreshHistory() {
+  const doc = await api("GET", "/api/history");
+  // A gateway younger than a day: draw from its first sample (at least a minute), not an empty day.
+  const first = doc.samples.length ? doc.samples[0][0] : doc.to;
+  const from = Math.max(doc.from, Math.min(first, doc.to - 60));
+  const kw = (col) => ({ col, scale: 0.001 });
+  drawChart("chart-soc", doc.samples, [{ col: 1, scale: 1, colour: "var(--soc)", name: "soc" },
+                                       { col: 2, scale: 1, colour: "var(--floor)", name: "floor" }],
+            from, doc.to, "%", [0, 100]);
+  const power = [{ ...kw(3), colour: "var(--setpoint)", name: "setpoint" }, { ...kw(4), colour: "var(--accent)", name: "power" }];
+  drawChart("chart-power", doc.samples, power, from, doc.to, "", null);
+  $("history-note").textContent = `${doc.samples.length} samples from the journal` +
+    (from > doc.from ? `, since ${new Date(from * 1000).toLocaleString([], { timeStyle: "short" })}.` : ".");
+  const body = $("events").tBodies[0];
+  body.replaceChildren();
+  for (const e of doc.events) {
+    const row = body.insertRow();
+    const cells = [e.id, e.source || "", answerText(e),
+                   `${Math.round(e.delivered_wh).toLocaleString()} Wh${e.final ? "" : " so far"}`,
+                   `${epochText(e.start)} – ${epochText(e.end)}`];
+    for (const text of cells) row.insertCell().textContent = text;
+  }
+  if (!doc.events.length) body.insertRow().insertCell().textContent = "No events in the last 24 hours.";
+}
+
+// ------------------------------------------------------------------ Installer
+
+async function refreshInstaller() {
+  const doc = await api("GET", "/api/installer");
+  const latches = $("latches");
+  latches.replaceChildren();
+  for (const l of doc.latches) {
+    const li = document.createElement("li");
+    li.textContent = `${l.kind} since ${when(l.since)}: ${l.detail}; ` + (l.clears_in_s === null
+      ? `still present (clears ${doc.holdoff_s} s after it is gone)` : `clears in ${l.clears_in_s} s`);
+    latches.appendChild(li);
+  }
+  if (!doc.latches.length) latches.appendChild(Object.assign(document.createElement("li"), { textContent: "none" }));
+  const lock = doc.lockout;
+  $("lockout").textContent = lock.locked_out ? "LOCKED OUT: check the truck and the inverter, then reset."
+    : `Not locked out (${lock.faults_in_window} of ${lock.limit} faults within ${lock.window_s} s).`;
+  const links = $("installer-links");
+  links.replaceChildren();
+  for (const [name, link] of Object.entries(doc.links)) {
+    const li = document.createElement("li");
+    li.className = link.ok ? "ok" : "down";
+    li.textContent = `${name}: ${link.ok ? "ok" : "DOWN"}, ${link.where}` +
+      (link.age_s === null ? "" : `, last good ${link.age_s.toFixed(1)} s ago`) + (link.cause ? `: ${link.cause}` : "");
+    links.appendChild(li);
+  }
+  $("config-file").textContent = doc.config_file;
+  $("config").textContent = JSON.stringify(doc.config, null, 2);
+}
+
+// ------------------------------------------------------------------ views
+
+async function show(view) {
+  if (view === "installer" && state.role !== "installer") view = "now";
+  state.view = view;
+  for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== `view-${view}`;
+  for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.view === view);
+  try {
+    if (view === "controls") await refreshSettings();
+    if (view === "history") await refreshHistory();
+    if (view === "installer") await refreshInstaller();
+    document.body.dataset.view = view;
+  } catch (err) {
+    if (err.message !== "logged out") say(err.message, true);
+  }
+}
+
+async function start() {
+  const session = await api("GET", "/api/session");
+  state.csrf = session.csrf_token;
+  state.role = session.role;
+  $("nav-installer").hidden = state.role !== "installer";
+  document.body.dataset.role = state.role;
+  wireControls();
+  $("lockout-reset").addEventListener("click", async () => {
+    try {
+      const answer = await api("POST", "/api/lockout-reset");
+      say(answer.cleared ? "Lockout reset: the gateway starts again." : "There was no lockout to reset.", false);
+      await refreshInstaller();
+    } catch (err) { say(`Refused: ${err.message}`, true); }
+  });
+  $("logout").addEventListener("click", async () => {
+    try { await api("POST", "/logout"); } finally { window.location.assign("/"); }
+  });
+  window.addEventListener("hashchange", () => show(location.hash.slice(1) || "now"));
+  await refreshStatus();
+  await show(location.hash.slice(1) || "now");
+  setInterval(refreshStatus, 2000);
+}
+
+document.addEventListener("DOMContentLoaded", () => { start().catch((err) => say(err.message, true)); });

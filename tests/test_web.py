@@ -1,0 +1,437 @@
+"""The web app's server and JSON API (issue 14): a real aiohttp server on 127.0.0.1 in front of a real gateway.
+
+The gateway runs in lock-step (`lockstep.Rig`: the simulated pack and BMS on a
+virtual CAN bus, the simulated inverter over Modbus TCP, the journal in SQLite),
+built by `assemble` with `[web] enabled`, so the web app is the integration `run`
+starts. A real HTTP client logs in, keeps the cookie and sends what a browser or a
+script would. Time is the rig's: the login throttle and sessions run on its
+monotonic clock, so nothing here waits on the real one. The browser itself is
+driven in `test_web_browser.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from lockstep import Rig
+
+from firmware_py import cli
+from firmware_py.config import Config
+from firmware_py.core import Mode
+from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
+from firmware_py.errors import InputError
+from firmware_py.journal import Journal
+from firmware_py.narration import Narrator
+from firmware_py.web.installer import REDACTED, redacted
+from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
+
+
+def web_enabled(tmp: Path, **web: Any):
+    def configure(config: Config) -> Config:
+        settings = {"enabled": True, "listen": "127.0.0.1:0", "installer_token_file": str(tmp / "installer.token"),
+                    **web}
+        return replace(config, web=replace(config.web, **settings))
+    return configure
+
+
+class Client:
+    """One HTTP client with its own cookie jar: a browser tab, or a script with a bearer token."""
+
+    def __init__(self, app: WebApp, session: aiohttp.ClientSession, ssl: Any = None) -> None:
+        self.app, self.http, self.ssl = app, session, ssl
+        self.csrf: str | None = None
+
+    async def call(self, method: str, path: str, body: Any = None, *, csrf: bool = True,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        sent = dict(headers or {})
+        if csrf and self.csrf:
+            sent[CSRF_HEADER] = self.csrf
+        async with self.http.request(method, self.app.url.rstrip("/") + path, headers=sent, ssl=self.ssl,
+                                     data=None if body is None else json.dumps(body),
+                                     allow_redirects=False) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text)
+            except ValueError:
+                return response.status, text
+
+    async def login(self, token: str) -> aiohttp.ClientResponse:
+        async with self.http.post(self.app.url + "login", data={"token": token}, allow_redirects=False,
+                                  ssl=self.ssl) as response:
+            await response.read()
+            if response.status == 303:
+                status, session = await self.call("GET", "/api/session")
+                assert status == 200, session
+                self.csrf = session["csrf_token"]
+            return response
+
+
+@asynccontextmanager
+async def serving(tmp: Path, soc_pct: float = 80.0, **web: Any) -> AsyncIterator[tuple[Rig, WebApp, dict[str, str]]]:
+    async with Rig(tmp, soc_pct=soc_pct, configure=web_enabled(tmp, **web)) as rig:
+        app = rig.assembly.integrations["web"]
+        assert isinstance(app, WebApp)
+        await app.start(rig.gateway)
+        try:
+            await rig.run(2.0)
+            tokens = {"owner": (tmp / "owner.token").read_text().strip(),
+                      "installer": (tmp / "installer.token").read_text().strip()}
+            yield rig, app, tokens
+        finally:
+            await app.stop()
+
+
+@asynccontextmanager
+async def client(app: WebApp, ssl: Any = None) -> AsyncIterator[Client]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        yield Client(app, http, ssl)
+
+
+def until_iso(rig: Rig, hours: float) -> str:
+    return dt.datetime.fromtimestamp(rig.time.wall() + hours * 3600, dt.UTC).isoformat()
+
+
+def journal_kinds(path: Path) -> list[str]:
+    with Journal.open(path, readonly=True) as journal:
+        return [str(r.kind) for r in journal.records()]
+
+
+# ------------------------------------------------------------------ login, sessions, CSRF, roles
+
+
+def test_login_gives_an_http_only_strict_cookie_and_every_refusal_is_401(tmp_path, caplog):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            status, page = await browser.call("GET", "/")
+            assert status == 200 and 'name="token"' in page and "soc" not in page  # the login form, no data
+            assert (await browser.call("GET", "/api/status"))[0] == 401
+            refused = await browser.login("f" * 64)
+            assert refused.status == 401 and COOKIE not in refused.cookies
+            response = await browser.login(tokens["owner"])
+            assert response.status == 303 and response.headers["Location"] == "/"
+            cookie = response.cookies[COOKIE]
+            assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+            assert not cookie["secure"]  # plain HTTP here; TLS below
+            status, page = await browser.call("GET", "/")
+            assert status == 200 and 'src="/app.js"' in page and tokens["owner"] not in page
+            status, doc = await browser.call("GET", "/api/status")
+            assert status == 200 and 70 < doc["soc_pct"] <= 80 and doc["mode"] == "STANDBY"
+            for field in ("mode", "reason", "soc_pct", "floor_pct", "reserve_pct", "setpoint_w", "power_w",
+                          "event", "faults", "links", "storm_watch"):
+                assert field in doc
+            assert (await browser.call("POST", "/logout"))[0] == 200
+            assert (await browser.call("GET", "/api/status"))[0] == 401
+            assert 'name="token"' in (await browser.call("GET", "/"))[1]
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    tokens = [(tmp_path / name).read_text().strip() for name in ("owner.token", "installer.token")]
+    assert not any(token in caplog.text for token in tokens), "a token reached a log line"
+    assert "web: failed login from 127.0.0.1" in caplog.text and "web: owner logged in" in caplog.text
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        stored = "".join(json.dumps(r.payload) for r in journal.records())
+    assert not any(token in stored for token in tokens), "a token reached the journal"
+
+
+def test_a_change_needs_the_sessions_csrf_token_or_a_bearer_token(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser, client(app) as script:
+            await browser.login(tokens["owner"])
+            status, answer = await browser.call("PUT", "/api/reserve", {"pct": 60}, csrf=False)
+            assert status == 401 and "CSRF" in answer["error"]
+            status, answer = await browser.call("PUT", "/api/reserve", {"pct": 60}, csrf=False,
+                                                headers={CSRF_HEADER: "not-the-token"})
+            assert status == 401
+            assert rig.gateway.owner_settings().reserve_pct == 40  # nothing changed
+            status, answer = await browser.call("PUT", "/api/reserve", {"pct": 60})
+            assert status == 200 and answer["settings"]["reserve_pct"] == 60
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["reserve_pct"] == 60 and doc["floor_pct"] == 62  # the floor moved with it
+            # A script: bearer token, no cookie, no CSRF token.
+            bearer = {"Authorization": f"Bearer {tokens['owner']}"}
+            assert (await script.call("PUT", "/api/reserve", {"pct": 45}, headers=bearer))[0] == 200
+            assert rig.gateway.owner_settings().reserve_pct == 45
+            wrong = {"Authorization": "Bearer " + "0" * 64}
+            assert (await script.call("GET", "/api/status", headers=wrong))[0] == 401
+            assert (await script.call("PUT", "/api/reserve", {"pct": 50}))[0] == 401
+            status, answer = await browser.call("PUT", "/api/reserve", {"pct": 140})
+            assert status == 400 and answer["error"] == "pct: 140 is out of range (0 to 100)"  # owner's rule, word for word
+            await rig.run(0.5)
+
+    asyncio.run(main())
+    assert journal_kinds(tmp_path / "journal.sqlite").count("OwnerSettings") == 2
+    out = cli_report(tmp_path)
+    assert [c["text"] for c in out["owner_changes"]] == ["owner settings: reserve 60 %", "owner settings: reserve 45 %"]
+
+
+def cli_report(tmp_path: Path) -> dict:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert cli.main(["report", "--journal", str(tmp_path / "journal.sqlite"), "--format", "json"]) == 0
+    return json.loads(buffer.getvalue())
+
+
+def test_the_installer_sees_the_installer_view_and_the_owner_does_not(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as owner, client(app) as installer:
+            await owner.login(tokens["owner"])
+            await installer.login(tokens["installer"])
+            assert (await owner.call("GET", "/api/session"))[1]["role"] == "owner"
+            assert (await owner.call("GET", "/api/installer"))[0] == 403
+            assert (await owner.call("POST", "/api/lockout-reset"))[0] == 403
+            status, view = await installer.call("GET", "/api/installer")
+            assert status == 200 and view["config"]["web"]["enabled"] is True
+            assert view["links"]["inverter"]["where"].startswith("Modbus TCP 127.0.0.1:")
+            assert view["latches"] == [] and view["lockout"]["locked_out"] is False
+            assert tokens["owner"] not in json.dumps(view) and tokens["installer"] not in json.dumps(view)
+            assert (await installer.call("PUT", "/api/reserve", {"pct": 50}))[0] == 200  # everything the owner may
+
+    asyncio.run(main())
+    mode = stat.S_IMODE(os.stat(tmp_path / "installer.token").st_mode)
+    assert mode == 0o600
+
+
+def test_failed_logins_are_throttled_on_the_gateway_clock(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as guesser:
+            for _ in range(app.throttle.per_client):
+                assert (await guesser.login("wrong")).status == 401
+            throttled = await guesser.login(tokens["owner"])  # even the right token waits its turn
+            assert throttled.status == 429 and 1 <= int(throttled.headers["Retry-After"]) <= 60
+            rig.time.mono += app.throttle.window_s + 0.1  # the window passes on the injected clock
+            assert (await guesser.login(tokens["owner"])).status == 303
+
+    asyncio.run(main())
+
+
+def test_sessions_end_when_idle_too_long(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            assert (await browser.call("GET", "/api/status"))[0] == 200
+            rig.time.mono += app.sessions.idle_s + 1
+            assert (await browser.call("GET", "/api/status"))[0] == 401
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the controls reach the core
+
+
+def test_storm_watch_from_the_api_refuses_dispatch_charges_the_truck_and_is_journaled(tmp_path, caplog):
+    async def main() -> None:
+        async with serving(tmp_path, soc_pct=60.0) as (rig, app, tokens), client(app) as browser:
+            rig.gateway.observers.append(Narrator(rig.gateway.clocks))  # as `run` attaches it
+            await rig.run(0.1)  # it has seen the settings before the change
+            await browser.login(tokens["owner"])
+            status, answer = await browser.call("PUT", "/api/storm-watch", {"floor_pct": 70, "until": "tomorrow"})
+            assert status == 400 and "until: 'tomorrow' is not an ISO-8601 time" in answer["error"]
+            status, answer = await browser.call("PUT", "/api/storm-watch",
+                                                {"floor_pct": 70, "until": until_iso(rig, 6)})
+            assert status == 200 and answer["settings"]["storm_watch_floor_pct"] == 70
+            await rig.run(3.0)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["storm_watch"]["floor_pct"] == 70 and doc["storm_watch"]["until"].endswith("Z")
+            assert doc["mode"] == "CHARGE" and doc["setpoint_w"] < 0 and doc["floor_pct"] == 72
+            now = rig.gateway.now()
+            request = DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 5_000, now, now + 600, now)
+            refused = await rig.gateway.submit(request)
+            assert refused.verdict is Verdict.REJECTED and refused.reason.value == "STORM_WATCH"
+            assert (await browser.call("DELETE", "/api/storm-watch"))[0] == 200
+            await rig.run(1.0)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["storm_watch"] is None and doc["mode"] == "STANDBY"
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "firmware_py.gateway.narration"]
+    assert "owner settings changed: reserve 40 %, storm watch 70 % until 2025-06-01 18:00:02Z" in said
+    assert "mode STANDBY -> CHARGE: storm watch: charging toward 70 %" in said
+    assert any(line.startswith("dispatch peak from test") and "refused STORM_WATCH" in line for line in said)
+    texts = [c["text"] for c in cli_report(tmp_path)["owner_changes"]]
+    assert len(texts) == 2 and "storm watch 70 % until 2025-06-01 18:00:02Z" in texts[0]
+    assert texts[1] == "owner settings: reserve 40 %"
+
+
+def test_opt_out_from_the_api_ends_the_event_being_served(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            now = rig.gateway.now()
+            await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now, now + 600, now))
+            await rig.run(3.0)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["event"]["id"] == "peak" and doc["mode"] == "DISCHARGE"
+            assert (await browser.call("PUT", "/api/opt-out", {"now": True}))[0] == 200
+            await rig.run(0.5)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["event"] is None and doc["mode"] == "STANDBY" and doc["setpoint_w"] == 0
+            status, answer = await browser.call("PUT", "/api/departure", {"time": "07:30", "soc_pct": 90})
+            assert status == 200
+            status, settings = await browser.call("GET", "/api/settings")
+            assert settings["settings"]["opt_out_until"] == "until_revoked"
+            assert settings["departure_floor"]["at_departure_pct"] == 92
+            assert 42 <= settings["departure_floor"]["now_pct"] < 92
+            for path in ("/api/opt-out", "/api/departure"):
+                assert (await browser.call("DELETE", path))[0] == 200
+            assert (await browser.call("DELETE", "/api/reserve"))[0] == 405
+
+    asyncio.run(main())
+
+
+def test_history_comes_from_the_journal(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            now = rig.gateway.now()
+            await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now, now + 20, now))
+            for _ in range(30):
+                await rig.run(1.0)
+                rig.gateway.sample()  # what the service's sample task does every sample_interval_s
+            rig.gateway.flush_journal()
+            status, doc = await browser.call("GET", "/api/history")
+            assert status == 200 and doc["to"] - doc["from"] == 24 * 3600
+            samples = doc["samples"]
+            assert len(samples) == 30 and all(len(row) == 5 for row in samples)
+            assert max(row[3] for row in samples) == 4_000 and max(row[4] for row in samples) > 3_000
+            assert all(row[2] == 42 for row in samples)  # the floor
+            assert [(e["id"], e["answer"], e["final"]) for e in doc["events"]] == [("peak", "accepted", True)]
+            assert doc["events"][0]["delivered_wh"] > 0
+
+    asyncio.run(main())
+
+
+def test_the_installer_resets_a_lockout_and_the_reset_is_journaled(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as installer:
+            await installer.login(tokens["installer"])
+            for _ in range(rig.config.safety.lockout_faults):
+                rig.node.inject("bms_fault", until=rig.time.mono + 0.5)
+                await rig.run(3.0)  # raised, then cleared after the 2 s hold-off
+            assert rig.gateway.controller.mode is Mode.LOCKOUT
+            status, view = await installer.call("GET", "/api/installer")
+            assert view["lockout"]["locked_out"] is True
+            status, answer = await installer.call("POST", "/api/lockout-reset")
+            assert status == 200 and answer["cleared"] is True and answer["status"]["mode"] == "STANDBY"
+            await rig.run(0.5)
+
+    asyncio.run(main())
+    assert "InstallerReset" in journal_kinds(tmp_path / "journal.sqlite")
+    assert "installer reset (clears a lockout)" in [c["text"] for c in cli_report(tmp_path)["owner_changes"]]
+
+
+# ------------------------------------------------------------------ serving, TLS, checks
+
+
+def test_the_page_and_its_assets_are_served_with_a_strict_policy(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), aiohttp.ClientSession() as http:
+            for path, kind in (("/", "text/html"), ("/app.js", "text/javascript"), ("/app.css", "text/css")):
+                async with http.get(app.url.rstrip("/") + path) as response:
+                    assert response.status == 200 and response.content_type == kind
+                    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+                    assert response.headers["X-Frame-Options"] == "DENY"
+            async with http.put(app.url + "api/reserve", data=b'{"pct": 5' + b"0" * 5000 + b"}",
+                                headers={"Authorization": f"Bearer {tokens['owner']}"}) as response:
+                assert response.status == 400 and "larger than 4096 bytes" in (await response.json())["error"]
+
+    asyncio.run(main())
+
+
+def test_https_with_the_configured_certificate_and_a_secure_cookie(tmp_path):
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+
+    async def main() -> None:
+        async with serving(tmp_path, tls_cert=str(cert), tls_key=str(key)) as (rig, app, tokens):
+            context = ssl.create_default_context(cafile=str(cert))
+            assert app.url.startswith("https://127.0.0.1:")
+            async with client(app, ssl=context) as browser:
+                response = await browser.login(tokens["owner"])
+                assert response.status == 303 and response.cookies[COOKIE]["secure"]
+                assert (await browser.call("GET", "/api/status"))[0] == 200
+
+    asyncio.run(main())
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (cryptography comes with openleadr)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "web.crt", folder / "web.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_a_taken_port_is_input_error_not_a_restart_loop(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens):
+            other = WebApp(replace(rig.config, web=replace(rig.config.web, listen=f"127.0.0.1:{app.port}")),
+                           rig.gateway)
+            with pytest.raises(InputError, match=r"web.listen: cannot listen on 127.0.0.1:\d+: "):
+                await other.start()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("web, message", [
+    ({"listen": "everywhere"}, "web.listen: expected HOST:PORT"),
+    ({"listen": "gateway.local:8080"}, "web.listen: 'gateway.local' is not an IP address"),
+    ({"tls_cert": "web.crt"}, "web.tls_cert, web.tls_key: set both (HTTPS) or neither"),
+    ({"tls_cert": "missing.crt", "tls_key": "missing.key"}, "web.tls_cert: "),
+    ({"tls_cert": "gateway.toml", "tls_key": "gateway.toml"}, "not a usable certificate and key"),
+    ({"installer_token_file": "."}, "web.installer_token_file: "),
+])
+def test_check_config_runs_the_web_apps_checks(tmp_path, capsys, web, message):
+    lines = "\n".join(f'{key} = "{value}"' for key, value in {"enabled": "true", **web}.items())
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"[web]\n{lines}\n".replace('"true"', "true"))
+    assert cli.main(["check-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_check_accepts_the_defaults_and_a_good_certificate(tmp_path):
+    cert, key = self_signed(tmp_path)
+    base = Config()
+    assert check(replace(base, web=replace(base.web, enabled=True))) == []
+    assert check(replace(base, web=replace(base.web, tls_cert=str(cert), tls_key=str(key)))) == []
+
+
+def test_secrets_are_hidden_from_the_installer_view_but_paths_are_shown():
+    shown = redacted({"mqtt": {"password": "hunter2", "password_file": "/etc/pw", "username": "u"},
+                      "api_token": "abc", "client_secret": "", "ok": 1})
+    assert shown == {"mqtt": {"password": REDACTED, "password_file": "/etc/pw", "username": "u"},
+                     "api_token": REDACTED, "client_secret": "", "ok": 1}

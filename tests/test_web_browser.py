@@ -1,0 +1,282 @@
+"""The web app in a real browser (issue 14, item 3): Debian's Chromium, headless, through chromedriver.
+
+The gateway runs as `powershare-gw run` with `[web]` enabled, between the simulated BMS
+(python-can-remote on 127.0.0.1) and the simulated inverter, each its own process
+(`test_bench_processes.Bench`); a SunSpec client dispatches an event through the
+gateway's DER server. The browser does what an owner does: logs in, reads the SoC,
+raises the reserve and sees the floor move, opts out and sees the event end, turns
+on storm watch, reads the history, logs out; then the installer logs in. On the way,
+a page without a session, a change without its CSRF token and a wrong token are refused.
+
+One bench and one browser for the whole story (one test: with xdist's work stealing,
+tests of a module may run on both workers, each of which would start its own).
+Every wait is bounded (`WebDriverWait`), none is a sleep. With WEB_SCREENSHOTS=DIR the
+main pages are saved there as PNGs (the README's come from `WEB_SCREENSHOTS=docs/screenshots`).
+
+Chromium missing: skipped with the reason, except where CI_REQUIRE_BROWSER=1 (CI), where
+that is a failure: `.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_bench_processes import (
+    START_S,
+    Bench,
+    bench as bench,  # noqa: F401 - the process bench fixture, used by `gateway` below
+    dispatch_through_gateway,
+    sunspec_device,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 20.0
+SOC_PCT = 70.0  # the bench's simulated BMS (test_bench_processes.SOC_PCT)
+
+
+def browser_or_skip() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    if not missing:
+        return
+    why = (f"{' and '.join(missing)} not installed: `apt-get install -y chromium chromium-driver` "
+           "(Debian's packages; .ci/run installs them)")
+    if os.environ.get("CI_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CI_REQUIRE_BROWSER=1 but {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def gateway(bench: Bench) -> Iterator[Bench]:  # noqa: F811 - the imported fixture is this one's argument
+    """The bench's gateway with the web app (and a history sample every second) on a free loopback port."""
+    from test_bench_processes import free_port
+
+    bench.ports["web"] = free_port()
+    bench.config.write_text(bench.config.read_text() + f"""
+[web]
+enabled = true
+listen = "127.0.0.1:{bench.ports['web']}"
+installer_token_file = "installer.token"
+""")
+    text = bench.config.read_text().replace('[journal]\npath = "journal.sqlite"\n',
+                                            '[journal]\npath = "journal.sqlite"\nsample_interval_s = 1\n')
+    bench.config.write_text(text)
+    bench.start_gateway()
+    bench.outputs["gateway"].wait_for_line(rf"web app on http://127\.0\.0\.1:{bench.ports['web']}/", START_S)
+    yield bench
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[object]:
+    browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-extensions", "--window-size=1000,900",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    driver.set_script_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+# --- what the owner does, in words the test reads --------------------------------------------------
+
+
+class Page:
+    """The browser on the gateway's page: bounded waits on what the page shows."""
+
+    def __init__(self, driver, base: str, shots: Path | None) -> None:
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.d, self.base, self.shots = driver, base, shots
+        self.wait = WebDriverWait(driver, WAIT_S, poll_frequency=0.1,
+                                  ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+
+    def el(self, element_id: str):
+        from selenium.webdriver.common.by import By
+
+        return self.d.find_element(By.ID, element_id)
+
+    def text(self, element_id: str) -> str:
+        return self.el(element_id).text
+
+    def until_text(self, element_id: str, predicate, what: str) -> str:
+        """The element's text once `predicate` holds for it (fails after WAIT_S with what it showed)."""
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            return self.wait.until(lambda d: (t := self.text(element_id)) and predicate(t) and t)
+        except TimeoutException:
+            pytest.fail(f"{what}: #{element_id} shows {self.text(element_id)!r} after {WAIT_S} s")
+
+    def until(self, condition, what: str):
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            return self.wait.until(lambda d: condition())
+        except TimeoutException:
+            pytest.fail(f"{what}: not within {WAIT_S} s")
+
+    def open(self, view: str = "") -> None:
+        self.d.get(self.base + (f"#{view}" if view else ""))
+
+    def view(self, name: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.d.find_element(By.CSS_SELECTOR, f'nav a[data-view="{name}"]').click()
+        self.until(lambda: self.d.execute_script("return document.body.dataset.view") == name, f"the {name} view")
+
+    def fill(self, element_id: str, value: str) -> None:
+        field = self.el(element_id)
+        field.clear()
+        field.send_keys(value)
+
+    def set_datetime(self, element_id: str, local_value: str) -> None:
+        self.d.execute_script("document.getElementById(arguments[0]).value = arguments[1];", element_id, local_value)
+
+    def submit(self, form_id: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.el(form_id).find_element(By.CSS_SELECTOR, 'button[type="submit"]').click()
+
+    def login(self, token: str) -> None:
+        self.fill("token", token)
+        self.el("login-button").click()
+
+    def fetch(self, method: str, path: str, headers: dict[str, str], body: object = None) -> int:
+        """A request from the page's own origin, with its cookies: what a script on the page could send."""
+        return self.d.execute_async_script("""
+            const [method, path, headers, body, done] = arguments;
+            fetch(path, {method, headers, credentials: "same-origin",
+                         body: body === null ? undefined : JSON.stringify(body)})
+              .then(r => done(r.status), e => done(String(e)));""", method, path, headers, body)
+
+    def shot(self, name: str, width: int = 1000, height: int = 900) -> None:
+        """A small PNG of the page now (palette-reduced), when screenshots were asked for."""
+        if self.shots is None:
+            return
+        from PIL import Image
+
+        self.d.set_window_size(width, height)
+        png = self.d.get_screenshot_as_png()
+        self.d.set_window_size(1000, 900)
+        image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=128)
+        self.shots.mkdir(parents=True, exist_ok=True)
+        image.save(self.shots / f"{name}.png", optimize=True)
+
+
+def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chromium):
+    bench = gateway
+    shots = Path(os.environ["WEB_SCREENSHOTS"]).resolve() if os.environ.get("WEB_SCREENSHOTS") else None
+    page = Page(chromium, f"http://127.0.0.1:{bench.ports['web']}/", shots)
+    owner_token = (bench.tmp / "owner.token").read_text().strip()
+    installer_token = (bench.tmp / "installer.token").read_text().strip()
+
+    # Without a session: the login form, no data; the API refuses; a wrong token is refused.
+    page.open()
+    assert page.el("login") and not page.d.find_elements("id", "soc")
+    assert page.fetch("GET", "/api/status", {}) == 401
+    page.login("0" * 64)
+    page.until_text("login-error", lambda t: t == "That token is not valid.", "the refusal of a wrong token")
+    page.shot("login", 420, 640)
+
+    # The owner logs in and reads the SoC.
+    page.login(owner_token)
+    soc = page.until_text("soc", lambda t: t.endswith("%"), "the SoC")
+    assert SOC_PCT - 2 <= float(soc.split()[0]) <= SOC_PCT
+    page.until_text("mode", lambda t: t == "Ready, not moving energy", "STANDBY in plain words")
+    assert page.text("floor") == "42.0 %" and page.text("reserve") == "40.0 %"
+    assert "Truck (BMS): ok" in page.text("links") and "Inverter: ok" in page.text("links")
+
+    # An aggregator's event, through the gateway's SunSpec DER server: the page shows it served.
+    der = sunspec_device(bench.ports["der"])
+    try:
+        dispatch_through_gateway(der, 4_000)
+    finally:
+        der.close()
+    page.until_text("event", lambda t: ": accepted" in t, "the event being served")
+    page.until_text("time-to-floor", lambda t: t.endswith("kW") or t.endswith(" W"), "the time to the floor")
+    page.shot("now")
+    page.shot("now-phone", 400, 1100)
+
+    # Raise the reserve: the floor moves.
+    page.view("controls")
+    page.fill("reserve-pct", "60")
+    page.submit("reserve-form")
+    page.until_text("message", lambda t: t == "Reserve set.", "the reserve confirmed")
+    page.view("now")
+    page.until_text("floor", lambda t: t == "62.0 %", "the floor at the new reserve")
+
+    # A change without its CSRF token (the cookie alone) is refused, and changes nothing.
+    assert page.fetch("PUT", "/api/reserve", {"Content-Type": "application/json"}, {"pct": 10}) == 401
+    assert page.text("reserve") == "60.0 %"
+
+    # Opt out: the event ends.
+    page.view("controls")
+    page.submit("opt-out-form")  # "now, until I opt back in" is the first choice
+    page.until_text("message", lambda t: t == "Opted out.", "the opt-out confirmed")
+    page.view("now")
+    page.until_text("event", lambda t: t == "No grid event being served.", "the event ended")
+    page.until_text("mode", lambda t: t == "Ready, not moving energy", "back in STANDBY")
+
+    # Storm watch: keep 75 % (above the SoC) until tomorrow; the truck charges toward it.
+    page.view("controls")
+    page.fill("storm-floor", "75")
+    page.submit("storm-form")
+    page.until_text("message", lambda t: t == "Storm watch on.", "the storm watch confirmed")
+    page.until_text("storm-state", lambda t: t.startswith("On: keeping 75 %"), "the storm watch in the controls")
+    page.shot("controls", 1000, 1500)
+    page.view("now")
+    page.until_text("storm-status", lambda t: t.startswith("Storm watch: keeping 75 % until"), "the storm watch")
+    page.until_text("mode", lambda t: t == "Charging the truck", "charging toward the storm watch")
+    page.until_text("reason", lambda t: "storm watch: charging toward 75 %" in t, "why it charges")
+
+    # History: the day's curves from the journal, and the event with its answer.
+    page.view("history")
+    page.until(lambda: page.d.find_elements("css selector", '#chart-soc polyline[data-series="soc"]'),
+               "the SoC curve")
+    assert "accepted" in page.text("events")
+    page.shot("history", 1000, 1250)
+
+    # Log out: the login form again, and the API refuses the old cookie.
+    page.el("logout").click()
+    page.until(lambda: page.d.find_elements("id", "login"), "the login form after logging out")
+    assert page.fetch("GET", "/api/status", {}) == 401
+
+    # The installer: the installer view with the configuration and the fault latches.
+    page.login(installer_token)
+    page.until(lambda: page.el("nav-installer").is_displayed(), "the installer's tab")
+    page.view("installer")
+    page.until_text("config", lambda t: '"web"' in t, "the effective configuration")
+    assert owner_token not in page.d.page_source and installer_token not in page.d.page_source
+    assert page.text("latches") == "none"
+    page.shot("installer", 1000, 1100)
+
+    # Everything the page changed is in the journal, and `report` says so.
+    assert bench.stop("gateway") == 0
+    out = subprocess.run([sys.executable, "-m", "firmware_py", "report", "--journal", str(bench.journal),
+                          "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    changes = [c["text"] for c in json.loads(out.stdout)["owner_changes"]]
+    assert any(t.startswith("owner settings: reserve 60 %") for t in changes), changes
+    assert any("opted out until revoked" in t for t in changes), changes
+    assert any("storm watch 75 % until" in t for t in changes), changes
