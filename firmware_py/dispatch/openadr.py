@@ -380,9 +380,11 @@ class OpenAdrVen:
         sink = self._sink
         if sink is None:
             return
-        present = {_event_id_of(e) for e in events}
+        present, now = {_event_id_of(e) for e in events}, sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            if tracked.ends_at <= now:
+                continue  # over anyway: a VTN drops completed events, which is no cancellation
             try:
                 await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
             except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll
