@@ -37,8 +37,6 @@ from firmware_py.statements.figures import (
     totals,
 )
 
-TERMS = ["--config"]
-
 
 def make(journal: Path, out: Path, *extra: str, config: Path | None = None) -> dict:
     args = ["statement", "--journal", str(journal), "--format", "json", "--out", str(out), *extra]

@@ -25,6 +25,7 @@ from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
 from firmware_py.statements.figures import ProgramTerms
 from firmware_py.statements.make import Basis, differences, recompute, statement_from_journal
+from firmware_py.statements.reading import HeadBound
 
 CSV_COLUMNS = ("id", "source", "kind", "window_from", "window_to", "answer", "cap_w", "reason", "status",
                "delivered_wh", "integrated_wh", "avg_w", "peak_w", "soc_start_pct", "soc_end_pct", "soc_min_pct",
@@ -167,8 +168,6 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
                            "(cut back, or another journal)"]
     unsigned = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
     computed = recompute(chain, unsigned)
-    from firmware_py.statements.reading import HeadBound
-
     actual_head = HeadBound(chain, seq).head_hash()
     if actual_head != statement.get("journal_head"):
         problems.append(f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
