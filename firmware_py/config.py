@@ -122,6 +122,16 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class ProgramConfig:
+    """The owner's enrolment terms (DESIGN §3.11): what `statement` credits and charges."""
+
+    name: str = spec("", doc="the program's name, printed on statements")
+    currency: str = spec("USD", doc="ISO 4217 code of the amounts")
+    credit_per_kwh: float = spec(0.0, lo=0, hi=100, doc="bill credit per kWh delivered in grid events")
+    wear_cost_per_kwh: float = spec(0.0, lo=0, hi=100, doc="battery wear cost per kWh out of the pack")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig = field(default_factory=VehicleConfig)
     can: CanConfig = field(default_factory=CanConfig)
@@ -131,6 +141,7 @@ class Config:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    program: ProgramConfig = field(default_factory=ProgramConfig)
     source: str = "<defaults>"
 
     def dbc_path(self) -> Path:

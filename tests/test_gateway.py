@@ -150,3 +150,40 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
     assert moves[-1][:2] == ("STANDBY", "DISCHARGE")  # resumed
     assert not ended  # held, never ended: its energy records go on in one account
     assert {r.payload["request_id"] for r in energies} == {"r1"} and energies[-1].at == t  # the one queued
+
+
+def test_a_full_disk_refuses_dispatch_loses_nothing_and_recovers_when_space_returns(tmp_path):
+    """SQLite's own "database or disk is full" (its page limit reached, as a full disk gives it)."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    conn = gateway.journal._conn  # the gateway's own connection: the limit must bind its writes
+
+    async def main() -> list:
+        reasons = [await answer(gateway, 1, 0.0)]
+        gateway.flush_journal()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page more
+        for n in range(2, 40):  # enough records to need a new page
+            clock[0] = float(n)
+            reasons.append(await answer(gateway, n, float(n)))
+            if gateway.flush_journal() == 0:
+                break
+        clock[0] += 1
+        reasons.append(await answer(gateway, 100, clock[0]))
+        conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        clock[0] += 1
+        assert gateway.flush_journal() > 0
+        reasons.append(await answer(gateway, 101, clock[0]))
+        return reasons
+
+    try:
+        reasons = asyncio.run(main())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert ReasonCode.JOURNAL in reasons and reasons[-1] is ReasonCode.NO_DATA  # refused while full, then not
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]
+    assert "r100" in requests and "r101" in requests and len(requests) == len(reasons)  # nothing queued lost

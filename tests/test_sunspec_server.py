@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
@@ -568,8 +568,13 @@ def test_fuzzed_writes_get_an_answer_a_journal_entry_and_only_well_formed_reques
     addresses, end = dict(server.addresses), server.map.end()
     revisions: dict[str, int] = {}
 
+    at = addresses[704]
+    start, regs = ctl_regs(WSetEna=1, WSetMod=1, WSet=5_000)
+    both = [("regs", at + start, regs), ("reg", 0, [1])]  # one served, one refused, whatever else is drawn
+
     @settings(max_examples=150, deadline=None)
     @given(ops=st.lists(operations(addresses, end), min_size=1, max_size=4), dt=st.floats(0, 20))
+    @example(ops=both, dt=1.0)
     def check(ops: list[tuple[str, int, list[int]]], dt: float) -> None:
         sink.t += dt
         for op, address, values in ops:

@@ -645,11 +645,22 @@ def _anchor_log(path: Path, key: AnchorKey, segment: int) -> AnchorLog:
 def _connect(path: Path, readonly: bool, busy_timeout_s: float) -> sqlite3.Connection:
     try:
         if readonly:
-            return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False, timeout=busy_timeout_s)
+            return sqlite3.connect(f"{path.resolve().as_uri()}?{_read_only_mode(path)}", uri=True,
+                                   isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
         return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     except sqlite3.Error as err:
         raise InputError(f"{path}: cannot open journal: {err}") from err
+
+
+def _read_only_mode(path: Path) -> str:
+    """How to open for reading: on read-only media (a copy on a USB stick, a mounted backup) SQLite
+    cannot create the WAL index beside the file; nothing can change such a file, so it is opened
+    immutable, unless a WAL file beside it still holds records that only the index can find."""
+    folder_writable = os.access(path.resolve().parent, os.W_OK)
+    wal = Path(f"{path}-wal")
+    if folder_writable or (wal.exists() and wal.stat().st_size > 0):
+        return "mode=ro"
+    return "mode=ro&immutable=1"
 
 
 def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
@@ -659,6 +670,11 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise InputError(f"{path}: the journal is locked by another process (waited "
+                             f"{conn.execute('PRAGMA busy_timeout').fetchone()[0] / 1000:g} s); try again") from err
+        raise InputError(f"{path}: cannot read the journal: {err}") from err
     except sqlite3.DatabaseError as err:
         raise InputError(f"{path}: not a powershare-gw journal (not an SQLite database: {err})") from err
     if not tables and app_id == 0:

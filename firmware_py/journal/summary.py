@@ -22,7 +22,7 @@ from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.owner_log import describe as describe_owner_change
-from firmware_py.journal.store import Journal, Record
+from firmware_py.journal.store import Record
 
 EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
                          RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
