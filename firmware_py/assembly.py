@@ -93,6 +93,30 @@ def _check_web(config: Config) -> list[str]:
     return check_web(config)
 
 
+def _mqtt(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.mqtt.bridge import MqttBridge
+
+    return MqttBridge(config, gateway)
+
+
+def _check_mqtt(config: Config) -> list[str]:
+    from firmware_py.mqtt.bridge import check as check_mqtt
+
+    return check_mqtt(config)
+
+
+def _metrics(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.metrics.server import MetricsServer
+
+    return MetricsServer(config, gateway)
+
+
+def _check_metrics(config: Config) -> list[str]:
+    from firmware_py.metrics.server import check as check_metrics
+
+    return check_metrics(config)
+
+
 @dataclass(frozen=True)
 class IntegrationKind:
     """How to build an integration from its config section, and what to check before anything opens."""
@@ -106,6 +130,8 @@ INTEGRATIONS: dict[str, IntegrationKind] = {
     "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
     "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
     "web": IntegrationKind(_web, _check_web),
+    "mqtt": IntegrationKind(_mqtt, _check_mqtt),
+    "metrics": IntegrationKind(_metrics, _check_metrics),
 }
 
 

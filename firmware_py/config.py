@@ -132,6 +132,33 @@ class ProgramConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = spec(False)
+    broker: str = spec("127.0.0.1:1883", doc="HOST:PORT of the MQTT broker (8883 is the usual port with TLS)")
+    username: str = spec("", doc="empty: connect without a username")
+    password_file: str = spec("", path=True, doc="a file holding the broker password (read at start, never logged)")
+    tls: bool = spec(False, doc="TLS to the broker, checked against the system's CAs (or tls_ca_file)")
+    tls_ca_file: str = spec("", path=True, doc="PEM CA bundle the broker's certificate must chain to; "
+                                               "set: TLS on")
+    client_id: str = spec("", doc="the MQTT client id; empty: derived from topic_prefix")
+    topic_prefix: str = spec("powershare-gw/truck-1", doc="P in P/state, P/availability, P/set/..., P/result")
+    discovery: bool = spec(True, doc="publish Home Assistant discovery configurations")
+    discovery_prefix: str = spec("homeassistant", doc="Home Assistant's discovery prefix")
+    publish_interval_s: float = spec(10, lo=1, hi=3_600, doc="P/state at least this often, and on every change")
+    keepalive_s: int = spec(30, lo=5, hi=3_600, doc="MQTT keep-alive: the broker publishes the will this long "
+                                                   "(times 1.5) after the gateway went silent")
+    storm_watch_pct: float = spec(80, lo=0, hi=100, doc="the floor a bare ON on P/set/storm_watch asks for "
+                                                        "(the Home Assistant switch)")
+    storm_watch_hours: float = spec(24, lo=1, hi=336, doc="... and for how long")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = spec(False)
+    listen: str = spec("127.0.0.1:9108", doc="HOST:PORT of the Prometheus endpoint /metrics")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig = field(default_factory=VehicleConfig)
     can: CanConfig = field(default_factory=CanConfig)
@@ -142,6 +169,8 @@ class Config:
     journal: JournalConfig = field(default_factory=JournalConfig)
     web: WebConfig = field(default_factory=WebConfig)
     program: ProgramConfig = field(default_factory=ProgramConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
     def dbc_path(self) -> Path:

@@ -20,6 +20,11 @@ the gateway keeps the journal in shape: it rotates the live segment past
 `[journal] segment_mb` (carrying the open events' accounts, which the core
 names) and prunes archives past `retain_days`.
 
+Reaction time (for the metrics): when a BMS snapshot changes the setpoint, the
+gateway keeps where that started (the snapshot's decode, on the frame path's own
+timestamp) and, once the inverter client has written the command, tells the
+`reaction_observers` how long it took; nothing more is added to the frame path.
+
 Time: the core runs on the monotonic clock of `clocks` (`self.clock`); each journal
 record also gets its instant on the wall clock, for people. Watching for stalls
 (`watch_stalls`, on in `run`): when a step comes longer than the policy's
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -103,6 +109,11 @@ class Gateway:
         self.watch_stalls = False
         self.resync_wanted = asyncio.Event()
         """Set when a stall was seen: the service reads the inverter again at once."""
+        self.reaction_observers: list[Callable[[float], None]] = []
+        """Told, in seconds, how long a BMS snapshot that changed the setpoint took to reach the inverter."""
+        self.perf_clock: Callable[[], float] = time.perf_counter
+        """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
+        self._reaction_from: float | None = None
 
     # ------------------------------------------------------------------ core
 
@@ -152,8 +163,18 @@ class Gateway:
         return self.on_snapshot(latest) if latest is not None else None
 
     def on_snapshot(self, snapshot: BmsSnapshot) -> StepResult:
-        """New BMS data the core decides on (the reader has already judged that it is new)."""
-        return self.feed(snapshot)
+        """New BMS data the core decides on (the reader has already judged that it is new).
+
+        When it changes the setpoint, the reaction starts at the snapshot's decode: the
+        step's `now` less its `received_at` is the hop from the frame path to this step.
+        """
+        if not self.reaction_observers:  # nobody measures: the step alone
+            return self.feed(snapshot)
+        began, before = self.perf_clock(), self.command.setpoint_w
+        result = self.feed(snapshot)
+        if result.command.setpoint_w != before:
+            self._reaction_from = began - max(0.0, (result.controller.last_step_at or 0.0) - snapshot.received_at)
+        return result
 
     def tick(self) -> StepResult:
         """Time passing: freshness as of now (a silent bus turns stale here), ramps, windows."""
@@ -172,7 +193,13 @@ class Gateway:
     async def write_command(self) -> None:
         """Send the current command (the client writes only on change or when a refresh is due)."""
         self.command_changed.clear()
+        began, self._reaction_from = self._reaction_from, None
+        writes = self.inverter.writes
         await self.inverter.apply(self.command)
+        if began is not None and self.inverter.writes != writes:
+            elapsed = self.perf_clock() - began
+            for observe in self.reaction_observers:
+                observe(elapsed)
 
     # ------------------------------------------------------------------ DispatchSink
 

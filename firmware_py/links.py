@@ -35,6 +35,7 @@ class Link(StrEnum):
     INVERTER = "inverter"  # Modbus to the inverter
     OPENADR = "openadr"  # the aggregator's OpenADR 2.0b VTN
     SUNSPEC_SERVER = "sunspec_server"  # the gateway's own SunSpec DER server (its clients come and go)
+    MQTT = "mqtt"  # the MQTT broker (Home Assistant, a fleet's broker): state out, owner commands in
 
 
 @dataclass

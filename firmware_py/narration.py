@@ -139,7 +139,7 @@ class JournaldFormatter(logging.Formatter):
 
 
 QUIETED = {"pymodbus": logging.CRITICAL, "openleadr": logging.CRITICAL, "apscheduler": logging.WARNING,
-           "can_remote": logging.WARNING, "aiohttp": logging.WARNING}
+           "can_remote": logging.WARNING, "aiohttp": logging.WARNING, "mqtt": logging.ERROR}
 """Libraries that log every failed retry of a link (pymodbus an ERROR per timed-out poll) or their
 chatter: the gateway tells each outage once itself (`links.py`). `-v` lets them all speak."""
 

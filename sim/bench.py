@@ -21,6 +21,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -528,15 +529,20 @@ def _proc_status(pid: int) -> dict[str, float]:
 
 async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
     """`powershare-gw run` as its own process with every interface it has enabled, hardware-like peers:
-    start (spawn -> systemd READY with fresh BMS and inverter data), then RSS and open descriptors."""
+    start (spawn -> systemd READY with fresh BMS and inverter data), then RSS and open descriptors.
+
+    Every interface: the OpenADR VEN against a real VTN, the SunSpec DER server, the owner API, the
+    web app, the metrics endpoint, and MQTT to Debian's mosquitto when it is installed (without it
+    MQTT stays off and the result says so)."""
     from firmware_py.sim.vtn import LoopbackVtn
 
-    ports = {name: _free_port() for name in ("can", "inverter", "der", "owner")}
+    ports = {name: _free_port() for name in ("can", "inverter", "der", "owner", "web", "metrics", "mqtt")}
     children: list[subprocess.Popen] = []
 
-    def spawn(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(name: str, *args: str, env: dict[str, str] | None = None, program: str = sys.executable
+              ) -> subprocess.Popen:
         with open(workdir / f"{name}.log", "ab") as log:
-            child = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+            child = subprocess.Popen([program, *args], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=workdir, env=env)
         children.append(child)
         return child
@@ -554,8 +560,14 @@ async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
             spawn("bms", "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
                   "--can-channel", f"ws://127.0.0.1:{ports['can']}/")
             await _listening(ports["inverter"], "the simulated inverter", deadline)
+            mosquitto = _mosquitto()
+            if mosquitto:
+                (workdir / "mosquitto.conf").write_text(f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\n"
+                                                        "persistence false\n")
+                spawn("mosquitto", "-c", str(workdir / "mosquitto.conf"), program=mosquitto)
+                await _listening(ports["mqtt"], "mosquitto", deadline)
             config = workdir / "gateway.toml"
-            config.write_text(PROCESS_CONFIG.format(vtn_url=vtn.url, **ports))
+            config.write_text(PROCESS_CONFIG.format(vtn_url=vtn.url, mqtt_on=str(bool(mosquitto)).lower(), **ports))
             env = {**os.environ, "NOTIFY_SOCKET": str(workdir / "notify.sock")}
             begin = time.perf_counter()
             gateway = spawn("gateway", "-m", "firmware_py", "run", "--config", str(config), env=env)
@@ -580,7 +592,8 @@ async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
                 child.kill()
         notify.close()
     return {"what": "powershare-gw run as a process (CAN over python-can-remote, simulated BMS and inverter as "
-                    "processes; OpenADR VEN against a real VTN, SunSpec DER server and owner API enabled)",
+                    "processes; OpenADR VEN against a real VTN, SunSpec DER server, owner API, web app, metrics "
+                    f"and {'MQTT to mosquitto' if mosquitto else 'no MQTT (mosquitto is not installed)'} enabled)",
             "start_s": round(start_s, 3), "ready_with_fresh_data": fresh, "target_start_s": 2,
             "rss_mb": last["rss_mb"], "rss_mb_after_2_s": first["rss_mb"], "target_rss_mb": 80,
             "fds": last["fds"], "fds_after_2_s": first["fds"], "steady_s": steady_s}
@@ -606,9 +619,29 @@ enabled = true
 vtn_url = "{vtn_url}"
 ven_name = "bench-truck"
 
+[web]
+enabled = true
+listen = "127.0.0.1:{web}"
+
+[metrics]
+enabled = true
+listen = "127.0.0.1:{metrics}"
+
+[mqtt]
+enabled = {mqtt_on}
+broker = "127.0.0.1:{mqtt}"
+
 [journal]
 path = "journal.sqlite"
 """
+
+
+def _mosquitto() -> str | None:
+    """Debian's mosquitto broker, when installed (it lives in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 
 
 def simulator(scenario_name: str) -> dict[str, Any]:

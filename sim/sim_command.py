@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--journal", type=Path, help="the run's journal (default: bench-journal.sqlite here)")
     p.add_argument("--list", action="store_true", help="list the bundled scenarios and exit")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve the simulated gateway's Prometheus metrics at "
+                                                          "http://HOST:PORT/metrics while it runs (e.g. "
+                                                          "127.0.0.1:9108, with --realtime)")
     p.set_defaults(handler=_sim)
     parts = p.add_subparsers(dest="sim_part", metavar="PART")
     bms_node.register(parts)
@@ -122,7 +125,8 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
     trace = _open(args.trace) if args.trace else None
     progress = None if args.quiet or not sys.stderr.isatty() else Progress(loaded)
     options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
-                           on_progress=progress.update if progress else None, aggregator=for_scenario(loaded))
+                           on_progress=progress.update if progress else None, aggregator=for_scenario(loaded),
+                           metrics_listen=args.metrics)
     try:
         outcome = await Simulation(loaded, options).run()
     finally:

@@ -30,7 +30,7 @@ from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
 from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
 from firmware_py.sim.scenario import BENCH_DBC, Scenario
 
-from firmware_py.assembly import assemble
+from firmware_py.assembly import assemble, integration
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode, StepResult
 from firmware_py.core.energy import delivered_wh
@@ -90,6 +90,7 @@ class SimulationOptions:
     progress_every_s: float = 0.25
     aggregator: Aggregator | None = None
     series: list[tuple[float, ...]] = field(default_factory=list)  # for the plot
+    metrics_listen: str | None = None  # HOST:PORT: serve the gateway's /metrics while it runs (`sim --metrics`)
 
 
 class Simulation:
@@ -104,6 +105,7 @@ class Simulation:
         self.records = 0
         self._last_trace: tuple | None = None
         self._next_trace_t = 0.0
+        self.metrics: Any = None  # the metrics server, with `SimulationOptions.metrics_listen`
 
     # ------------------------------------------------------------------ set-up
 
@@ -145,8 +147,20 @@ class Simulation:
             self.options.aggregator = for_scenario(s)
         self.aggregator = self.options.aggregator
         await self.aggregator.start(self.gateway)
+        if self.options.metrics_listen:  # the same endpoint `run` serves ([metrics]), on the bench's gateway
+            config = replace(self.config, metrics=replace(self.config.metrics, enabled=True,
+                                                          listen=self.options.metrics_listen))
+            try:
+                self.metrics = integration("metrics", config, self.gateway)
+                await self.metrics.start(self.gateway)
+            except BaseException:  # a bad or taken address: release the bench before saying so
+                self.metrics = None
+                await self._teardown()
+                raise
 
     async def _teardown(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.aggregator.stop()
         await self.gateway.inverter.safe_stop()
         self.gateway.flush_journal(final=True)

@@ -153,6 +153,11 @@ class BmsReader:
     def frame_ids(self) -> frozenset[int]:
         return frozenset(self._frames)
 
+    def frame_counts(self) -> tuple[int, dict[str, int]]:
+        """Frames accepted, and dropped by reason, read together (the Notifier thread may be counting)."""
+        with self._lock:
+            return self.accepted, dict(self.dropped)
+
     def period_s(self, frame_id: int) -> float:
         """The DBC period of a BMS message (replay uses it to estimate capture time)."""
         return self._frames[frame_id].timeout_s / TIMEOUT_PERIODS

@@ -32,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from firmware_py.config import InverterConfig
@@ -76,18 +78,36 @@ WSET_SPAN = M704.span("WSetEna", "WSet")
 ES_REMAINING = M703.span("ESDlyRemTms", "ESDlyRemTms")
 
 
+class ModbusErrorCause(StrEnum):
+    """Why an exchange with the inverter failed, in the few kinds an installer tells apart
+    (counted for the metrics: a timeout is wiring or load, an exception is the device's refusal)."""
+
+    CONNECT = "connect"  # the link could not be opened
+    TIMEOUT = "timeout"  # no reply within `timeout_s`
+    DISCONNECTED = "disconnected"  # the inverter (or the network) closed the connection
+    EXCEPTION = "exception"  # a Modbus exception reply
+    BAD_REPLY = "bad_reply"  # a reply that does not fit: a short read, another model, not SunSpec
+    READBACK = "readback"  # a command did not read back as written
+    INVALID_REQUEST = "invalid_request"  # pymodbus could not frame the request
+    TRANSPORT = "transport"  # any other transport failure (an OS error, a pymodbus error)
+
+
 class LinkError(Exception):
     """One failed exchange with the inverter; `str()` is what an installer reads.
 
     `cause` alone (without the operation it hit) is what gets logged once:
-    a dead link fails every poll and every write the same way.
+    a dead link fails every poll and every write the same way. `kind` is what the
+    error counters count; None when nothing was exchanged (waiting out a back-off,
+    a read-back mismatch already counted).
     """
 
-    def __init__(self, cause: str, *, what: str = "", drop: bool = True):
+    def __init__(self, cause: str, *, what: str = "", drop: bool = True,
+                 kind: ModbusErrorCause | None = ModbusErrorCause.BAD_REPLY):
         super().__init__(f"{what}: {cause}" if what else cause)
         self.cause = cause
         self.drop = drop
         """True when the connection itself is suspect and must be reopened."""
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,10 @@ class InverterClient:
         # One Modbus exchange at a time: pymodbus pairs replies with requests per connection,
         # and a write must not interleave with another write's read-back.
         self._busy = asyncio.Lock()
+        self.errors: Counter[ModbusErrorCause] = Counter()
+        """Failed exchanges by cause since start (the metrics read it; nothing here decides on it)."""
+        self.writes = 0
+        """Command blocks written since start: the gateway tells a write from a skipped apply by it."""
 
     @property
     def refresh_s(self) -> float:
@@ -170,7 +194,7 @@ class InverterClient:
             detail = ""
         if not ok:
             await self._close_transport()
-            raise LinkError(f"cannot connect to {self._where()}{detail}")
+            raise LinkError(f"cannot connect to {self._where()}{detail}", kind=ModbusErrorCause.CONNECT)
         try:
             self.discovery = await self._discover()
         except LinkError:
@@ -199,7 +223,7 @@ class InverterClient:
             return
         now = self.clock()
         if now < self._next_attempt:
-            raise LinkError(self._logged or "not connected", what="waiting to reconnect", drop=False)
+            raise LinkError(self._logged or "not connected", what="waiting to reconnect", drop=False, kind=None)
         try:
             await self.connect()
         except LinkError:
@@ -278,7 +302,7 @@ class InverterClient:
                 status = await self._status(self.discovery, setpoint)
                 await self._check_hold(self.discovery, status)
             if self._untrusted:  # until a command reads back as written, the core must not rely on it
-                raise LinkError(self._untrusted, drop=False)
+                raise LinkError(self._untrusted, drop=False, kind=None)
         except LinkError as err:
             return await self._failed(err)
         self._recovered()
@@ -373,6 +397,7 @@ class InverterClient:
         try:
             async with self._busy:
                 await self._write(addr, block)
+                self.writes += 1
                 self._written, self._written_at = raw, now
                 back = await self._read(addr, count)
                 if back != block and raw != 0:
@@ -382,7 +407,7 @@ class InverterClient:
                 self._untrusted = (f"704 read-back differs from what was written (WSet raw {raw}): "
                                    f"{_diff(M704, lo, block, back)}")
                 log.warning("inverter %s: %s", self._where(), self._untrusted)
-                raise LinkError(self._untrusted, drop=False)
+                raise LinkError(self._untrusted, drop=False, kind=ModbusErrorCause.READBACK)
             self._untrusted = None
         except LinkError as err:
             self._written = None
@@ -423,29 +448,35 @@ class InverterClient:
         from pymodbus.exceptions import ModbusException
 
         if self._client is None or not self._client.connected:
-            raise LinkError(f"not connected to {self._where()}", what=what)
+            raise LinkError(f"not connected to {self._where()}", what=what, kind=ModbusErrorCause.DISCONNECTED)
         try:
             reply = await asyncio.wait_for(call(*args, **kwargs), self.settings.timeout_s + 0.5)
         except (asyncio.TimeoutError, ModbusException) as err:
             if self._client is None or not self._client.connected:
-                raise LinkError("connection closed by the inverter", what=what) from None
+                raise LinkError("connection closed by the inverter", what=what,
+                                kind=ModbusErrorCause.DISCONNECTED) from None
             if isinstance(err, asyncio.TimeoutError) or "No response" in str(err):
-                raise LinkError(f"no reply within {self.settings.timeout_s} s", what=what) from None
-            raise LinkError(str(err).strip(), what=what) from None
+                raise LinkError(f"no reply within {self.settings.timeout_s} s", what=what,
+                                kind=ModbusErrorCause.TIMEOUT) from None
+            raise LinkError(str(err).strip(), what=what, kind=ModbusErrorCause.TRANSPORT) from None
         except OSError as err:
-            raise LinkError(str(err), what=what) from None
+            raise LinkError(str(err), what=what, kind=ModbusErrorCause.TRANSPORT) from None
         except ValueError as err:  # pymodbus refuses a request it cannot frame (an address past 65535)
-            raise LinkError(f"invalid request: {err}", what=what, drop=False) from None
+            raise LinkError(f"invalid request: {err}", what=what, drop=False,
+                            kind=ModbusErrorCause.INVALID_REQUEST) from None
         if reply is None:
-            raise LinkError("no reply", what=what)
+            raise LinkError("no reply", what=what, kind=ModbusErrorCause.TIMEOUT)
         if reply.isError():
             code = getattr(reply, "exception_code", None)
-            raise LinkError(f"Modbus exception {code} ({_exception_name(code)})", what=what, drop=False)
+            raise LinkError(f"Modbus exception {code} ({_exception_name(code)})", what=what, drop=False,
+                            kind=ModbusErrorCause.EXCEPTION)
         return reply
 
     # --- failure bookkeeping ------------------------------------------------------------
     async def _failed(self, err: LinkError) -> InverterStatus:
         cause = str(err)
+        if err.kind is not None:
+            self.errors[err.kind] += 1
         if err.drop and self._client is not None:
             await self._close_transport()
             self._next_attempt = self.clock() + self._backoff

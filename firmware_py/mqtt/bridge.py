@@ -1,0 +1,395 @@
+"""The `[mqtt]` integration: the gateway's state to a broker, owner commands from it.
+
+One integration (`assembly.INTEGRATIONS`), run by the service as its own task, apart
+from the control path, which it never waits on and which never waits on it:
+
+- **pacing** (`pace_once`, every `PACE_S`): the state document is built from the
+  gateway's read model and queued when it changed or `publish_interval_s` passed;
+  nothing is added to the gateway's steps;
+- **the outbox**: bounded; when the broker is slow or gone, the oldest queued state
+  publications are dropped (the newest state is what a retained topic is for), and
+  command results wait (a few, also bounded) for the next connection;
+- **sessions**: connect (TLS and username/password when configured, the last will
+  `offline` retained on P/availability), announce `online`, publish the Home
+  Assistant discovery configurations and the state, subscribe to P/set/+; when the
+  broker goes away, reconnect with back-off (0.5 s doubling to 30 s) and do it all
+  again. Home Assistant announcing itself (`<discovery_prefix>/status` = online)
+  gets the configurations and the state again;
+- **commands** go through `OwnerDesk` (validation, save, core, journal), are rate
+  limited, and each gets one result on P/result; a retained command is refused
+  (it would be applied again at every reconnect, undoing later changes).
+
+The link book shows the broker as the `mqtt` link (status, metrics). The password
+is read from `password_file` when connecting and is never logged or published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import ssl
+from collections import Counter, deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+
+from firmware_py.addresses import parse_host_port
+from firmware_py.config import Config, MqttConfig
+from firmware_py.core.tally import Tally, tallied
+from firmware_py.errors import InputError
+from firmware_py.files import read_text
+from firmware_py.journal import codec
+from firmware_py.links import Link
+from firmware_py.mqtt import commands
+from firmware_py.mqtt.discovery import configurations
+from firmware_py.mqtt.state import Pacer, state_document
+from firmware_py.mqtt.topics import Topics, node_id, prefix_problem
+from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.desk import OwnerDesk, SaveFailed
+from firmware_py.owner.store import OwnerStore
+from firmware_py.quoting import printable
+from firmware_py.version import software_version
+
+if TYPE_CHECKING:
+    from firmware_py.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+PACE_S = 0.5
+"""How often the state is looked at: a change reaches the broker within this (and `MIN_GAP_S`)."""
+STATE_QUEUE = 16
+"""State publications kept while the broker is away; older ones are dropped first."""
+RESULT_QUEUE = 32
+"""Command results kept while the broker is away (a command can only arrive while connected)."""
+PUBLISH_TIMEOUT_S = 10.0
+"""A publication the broker has not taken by then ends the session: the broker is stalled."""
+INCOMING_QUEUE = 100
+"""Messages received and not yet handled; a flood beyond it is discarded by the client."""
+STOP_S = 0.25
+"""At a stop: how long `offline` and the goodbye may take (the service's safe stop waits for this task)."""
+QOS = 1
+
+
+def check(config: Config) -> list[str]:
+    """What `check-config` and `run` refuse before anything opens: the broker address, the prefixes,
+    the password file (readable) and the TLS CA file (a usable PEM bundle)."""
+    mqtt, problems = config.mqtt, []
+    try:
+        parse_host_port(mqtt.broker, "mqtt.broker")
+    except InputError as err:
+        problems += err.problems
+    for key, prefix in (("mqtt.topic_prefix", mqtt.topic_prefix), ("mqtt.discovery_prefix", mqtt.discovery_prefix)):
+        if problem := prefix_problem(prefix, key):
+            problems.append(problem)
+    if mqtt.password_file and not mqtt.username:
+        problems.append("mqtt.password_file: set mqtt.username too (a password goes with a username)")
+    for attempt in (lambda: password(mqtt), lambda: tls_context(mqtt)):
+        try:
+            attempt()
+        except InputError as err:
+            problems += err.problems
+    return problems
+
+
+def password(mqtt: MqttConfig) -> str | None:
+    """The broker password from `password_file` (its first line), or None without one; InputError
+    naming the file when it cannot be read. The password itself never appears in a message."""
+    if not mqtt.password_file:
+        return None
+    try:
+        text = read_text(mqtt.password_file, "MQTT password file", max_bytes=4096)
+    except FileNotFoundError:
+        raise InputError(f"mqtt.password_file: {mqtt.password_file}: no such file") from None
+    except InputError as err:
+        raise InputError([f"mqtt.password_file: {p}" for p in err.problems]) from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise InputError(f"mqtt.password_file: {mqtt.password_file}: the first line (the password) is empty")
+    return lines[0]
+
+
+def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
+    """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
+    if not mqtt.tls and not mqtt.tls_ca_file:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=mqtt.tls_ca_file or None)
+    except (ssl.SSLError, OSError) as err:
+        raise InputError(f"mqtt.tls_ca_file: {mqtt.tls_ca_file}: not a usable PEM CA bundle "
+                         f"({getattr(err, 'strerror', None) or getattr(err, 'reason', None) or err})") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class Kind(StrEnum):
+    """What a publication is: how the outbox treats it, and what `published` counts."""
+
+    STATE = "state"
+    RESULT = "result"
+    DISCOVERY = "discovery"
+    AVAILABILITY = "availability"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One publication waiting in the outbox (a state or a result)."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    kind: Kind
+
+
+class Outbox:
+    """What waits for the broker: the newest states (the oldest dropped first) and command results."""
+
+    def __init__(self, states: int = STATE_QUEUE, results: int = RESULT_QUEUE) -> None:
+        self._states: deque[Outgoing] = deque(maxlen=states)
+        self._results: deque[Outgoing] = deque(maxlen=results)
+        self._ready = asyncio.Event()
+        self.dropped: Counter[Kind] = Counter()
+
+    def put(self, item: Outgoing) -> None:
+        """Queue `item` at once, never waiting: a full queue drops its oldest."""
+        queue = self._results if item.kind is Kind.RESULT else self._states
+        if len(queue) == queue.maxlen:
+            self.dropped[item.kind] += 1
+        queue.append(item)
+        self._ready.set()
+
+    def put_back(self, item: Outgoing) -> None:
+        """A result the broker did not take goes first next time (a state is simply published anew)."""
+        if item.kind is Kind.RESULT:
+            self._results.appendleft(item)
+            self._ready.set()
+
+    async def get(self) -> Outgoing:
+        """The next publication: results first (someone waits for them), then states, oldest first."""
+        while not (self._results or self._states):
+            self._ready.clear()
+            await self._ready.wait()
+        return self._results.popleft() if self._results else self._states.popleft()
+
+    def __len__(self) -> int:
+        return len(self._states) + len(self._results)
+
+
+class MqttBridge:
+    """The MQTT integration for one running gateway (`[mqtt]`)."""
+
+    def __init__(self, config: Config, gateway: Gateway, *, store: OwnerStore | None = None,
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
+        self.config, self.settings, self.gateway = config, config.mqtt, gateway
+        self.topics = Topics(config.mqtt.topic_prefix)
+        store = store or OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
+        self.desk = OwnerDesk(gateway, store, gateway.clocks)
+        self.link = gateway.links.handle(Link.MQTT)
+        self.host, self.port = parse_host_port(config.mqtt.broker, "mqtt.broker")
+        self.pacer = Pacer(config.mqtt.publish_interval_s)
+        self.outbox = Outbox()
+        self.gate = commands.CommandGate(gateway.clock)
+        self.tally = Tally()
+        self.version = software_version()
+        self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.published: Counter[Kind] = Counter()
+        """Publications the broker took, by kind (state, result, discovery, availability)."""
+        self.connected = asyncio.Event()
+        """Set while a session with the broker is up."""
+        self.unreachable = asyncio.Event()
+        """Set while the broker is out of reach (the last attempt or session failed)."""
+        self._wake = asyncio.Event()
+        self._was_connected = False
+
+    @property
+    def client_id(self) -> str:
+        return self.settings.client_id or f"powershare-gw-{node_id(self.settings.topic_prefix)}"
+
+    # --- the integration -------------------------------------------------------------------
+
+    async def run(self, sink: Any = None) -> None:
+        """Until cancelled: pace the state, and keep a session with the broker.
+
+        What a broker or a network can do ends a session and is retried; anything else
+        is a bug, raised to the service, which logs it and starts the integration again.
+        """
+        try:
+            await _first_failure(self._pace(), self._stay_connected())
+        finally:
+            self.connected.clear()
+
+    async def _stay_connected(self) -> None:
+        """Sessions one after another, with back-off (0.5 s doubling to 30 s) after each failure."""
+        backoff = 0.0
+        while True:
+            try:
+                await self._session()
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
+                self.connected.clear()
+                self.unreachable.set()
+                self.link.lost(_cause(err))
+                backoff = min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
+            else:
+                backoff = self.backoff_min_s
+            await asyncio.sleep(backoff)
+
+    async def _pace(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), PACE_S)
+            urgent = self._wake.is_set()
+            self._wake.clear()
+            self.pace_once(urgent=urgent)
+
+    def pace_once(self, *, urgent: bool = False) -> bool:
+        """Look at the gateway now; queue the state when it is due (`Pacer.due`). True when queued."""
+        gateway, now = self.gateway, self.gateway.now()
+        self.tally = tallied(self.tally, gateway.controller)
+        doc = state_document(gateway.status(), gateway.owner_settings(), self.tally, gateway.clocks, now)
+        if not self.pacer.due(doc, now, urgent=urgent):
+            return False
+        self.pacer.sent(doc, now)
+        self.outbox.put(Outgoing(self.topics.state, _encode(doc), retain=True, kind=Kind.STATE))
+        return True
+
+    # --- one session ------------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        return aiomqtt.Client(
+            self.host, self.port, identifier=self.client_id, username=s.username or None, password=password(s),
+            will=aiomqtt.Will(self.topics.availability, b"offline", qos=QOS, retain=True),
+            keepalive=s.keepalive_s, tls_context=tls_context(s), timeout=PUBLISH_TIMEOUT_S,
+            max_queued_incoming_messages=INCOMING_QUEUE, logger=logging.getLogger("mqtt"),
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))  # a result is one small packet: now
+
+    async def _session(self) -> None:
+        """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled."""
+        async with self._client() as client:
+            self.unreachable.clear()
+            self.link.good()
+            try:
+                await client.subscribe(self.topics.commands, qos=QOS)
+                if self.settings.discovery:
+                    await client.subscribe(f"{self.settings.discovery_prefix}/status", qos=QOS)
+                await self._announce(client)
+                self.connected.set()
+                log.log(logging.DEBUG if self._was_connected else logging.INFO, "mqtt: connected to %s as %s; "
+                        "state on %s", self.settings.broker, self.client_id, self.topics.state)
+                self._was_connected = True
+                await _first_failure(self._send(client), self._receive(client))
+            except asyncio.CancelledError:
+                await self._say_offline(client)
+                raise
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        """`online`, the discovery configurations, and the state at once (whatever the pacer last sent)."""
+        await self._publish(client, self.topics.availability, b"online", retain=True, kind=Kind.AVAILABILITY)
+        await self._discover(client)
+        self.pacer.forget()
+        self.pace_once()
+
+    async def _discover(self, client: aiomqtt.Client) -> None:
+        if not self.settings.discovery:
+            return
+        for topic, payload in configurations(self.config, self.version):
+            await self._publish(client, topic, _encode(payload), retain=True, kind=Kind.DISCOVERY)
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """A clean stop sends no will: say `offline` ourselves, and leave within `STOP_S` whatever the broker
+        does (the service's safe stop waits for this task to end)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.publish(self.topics.availability, b"offline", qos=QOS, retain=True),
+                                   STOP_S)
+        client.timeout = STOP_S  # the goodbye (DISCONNECT) waits no longer either
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: Kind) -> None:
+        await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
+        self.published[kind] += 1
+        self.link.good()
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        while True:
+            item = await self.outbox.get()
+            try:
+                await self._publish(client, item.topic, item.payload, retain=item.retain, kind=item.kind)
+            except BaseException:
+                self.outbox.put_back(item)
+                raise
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        ha_status = f"{self.settings.discovery_prefix}/status"
+        async for message in client.messages:
+            topic = str(message.topic)
+            payload = _bytes(message.payload)
+            if topic == ha_status:
+                if payload.strip() == b"online":  # Home Assistant (re)started: tell it everything again
+                    await self._announce(client)
+                continue
+            if not payload:  # how MQTT clears a retained message: nothing was asked
+                continue
+            self.outbox.put(self._retained(topic) if message.retain else await self._command(topic, payload))
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def _retained(self, topic: str) -> Outgoing:
+        return self._result(topic.rpartition("/")[2], False, "a retained command is not applied (it would be "
+                            "applied again at every reconnect); publish commands without the retain flag, and "
+                            "clear the retained one (an empty retained message)")
+
+    async def _command(self, topic: str, payload: bytes) -> Outgoing:
+        """Apply one command through the owner desk; its result, whatever the payload."""
+        command = self.topics.command_of(topic)
+        name = topic.rpartition("/")[2]
+        if command is None:
+            return self._result(name, False, f"unknown command {printable(name)!r}; the commands are "
+                                             f"{', '.join(c.value for c in commands.Command)}")
+        if not self.gate.admit():
+            return self._result(name, False, self.gate.refusal())
+        try:
+            change = commands.read(command, payload, self.settings, self.gateway.clocks.wall())
+            control = change.control
+            settings = await (self.desk.clear(control) if change.clear else self.desk.set(control, change.body))
+        except (BadRequest, SaveFailed) as err:
+            log.info("mqtt: %s refused: %s", command, printable(str(err)))
+            return self._result(name, False, str(err))
+        self._wake.set()  # the state changed: publish it at once
+        return self._result(name, True, commands.done(change, settings))
+
+    def _result(self, name: str, ok: bool, reason: str) -> Outgoing:
+        doc = commands.result(printable(name)[:64], ok, reason, self.gateway.clocks.wall())
+        return Outgoing(self.topics.result, _encode(doc), retain=False, kind=Kind.RESULT)
+
+
+async def _first_failure(*work: Any) -> None:
+    """Run coroutines together until one ends; raise what it raised (the others are cancelled)."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    """JSON a strict parser takes (no NaN or Infinity), compact."""
+    return json.dumps(codec.jsonable(doc), allow_nan=False, separators=(",", ":")).encode()
+
+
+def _bytes(payload: Any) -> bytes:
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return b"" if payload is None else str(payload).encode()
+
+
+def _cause(err: BaseException) -> str:
+    """One line for the link book: what went wrong with the broker, never a credential."""
+    text = str(err) or type(err).__name__
+    return f"{printable(text)[:200]}"

@@ -1,0 +1,135 @@
+"""Home Assistant MQTT discovery: the configurations that make the gateway appear as one device.
+
+Home Assistant reads a retained JSON configuration per entity at
+`<discovery_prefix>/<component>/<node_id>/<object_id>/config` and from then on
+reads the entity's value from P/state with the configuration's `value_template`,
+marks it unavailable when P/availability says `offline`, and publishes to the
+command topic when someone moves a number or flips a switch. Every entity carries
+the same `device` block (identifiers, name, manufacturer, model, software version),
+so they are grouped as one device; `unique_id` lets people rename them.
+
+The entities (`ENTITIES`): SoC, floor, reserve (a number that sets it), power,
+mode, the event served, energy above the floor, the energy of the event served
+(or the last one), delivered energy in total (`device_class: energy`,
+`state_class: total_increasing`: what the energy dashboard takes), opt-out and
+storm watch (switches), a fault indicator, and one connectivity sensor per link
+the configuration uses. Device classes, units and state classes are those Home
+Assistant documents for sensors: `battery` in %, `power` in W, `energy` (total or
+total_increasing) and `energy_storage` (measurement) in Wh, `enum` with its options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from firmware_py.config import Config
+from firmware_py.core.types import Mode
+from firmware_py.mqtt.topics import Command, Topics, node_id
+
+MANUFACTURER = "powershare-gw"
+MODEL = "Powershare vehicle-to-home gateway"
+
+
+class Component(StrEnum):
+    """Home Assistant's entity platforms used here (the `<component>` level of the topic)."""
+
+    SENSOR = "sensor"
+    BINARY_SENSOR = "binary_sensor"
+    NUMBER = "number"
+    SWITCH = "switch"
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One discovered entity: where it sits, what it shows, and what it may command."""
+
+    component: Component
+    object_id: str
+    name: str
+    template: str
+    options: dict[str, Any] = field(default_factory=dict)
+    command: Command | None = None
+
+
+def _switch_state(test: str) -> str:
+    return "{{ 'ON' if " + test + " else 'OFF' }}"
+
+
+ENTITIES: tuple[Entity, ...] = (
+    Entity(Component.SENSOR, "soc", "State of charge", "{{ value_json.soc_pct }}",
+           {"device_class": "battery", "unit_of_measurement": "%", "state_class": "measurement"}),
+    Entity(Component.SENSOR, "floor", "Floor", "{{ value_json.floor_pct }}",
+           {"unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:battery-lock"}),
+    Entity(Component.NUMBER, "reserve", "Reserve", "{{ value_json.reserve_pct }}",
+           {"min": 0, "max": 100, "step": 1, "unit_of_measurement": "%", "mode": "slider",
+            "icon": "mdi:car-battery"}, Command.RESERVE),
+    Entity(Component.SENSOR, "power", "Power", "{{ value_json.power_w }}",
+           {"device_class": "power", "unit_of_measurement": "W", "state_class": "measurement"}),
+    Entity(Component.SENSOR, "mode", "Mode", "{{ value_json.mode }}",
+           {"device_class": "enum", "options": [m.value for m in Mode]}),
+    Entity(Component.SENSOR, "event", "Event", "{{ value_json.event.id if value_json.event else 'none' }}",
+           {"icon": "mdi:transmission-tower-export",
+            "json_attributes_template": "{{ (value_json.event if value_json.event else {}) | tojson }}"}),
+    Entity(Component.SENSOR, "available_energy", "Energy above the floor", "{{ value_json.available_wh }}",
+           {"device_class": "energy_storage", "unit_of_measurement": "Wh", "state_class": "measurement"}),
+    Entity(Component.SENSOR, "event_energy", "Event energy", "{{ value_json.delivered.event_wh }}",
+           {"device_class": "energy", "unit_of_measurement": "Wh",
+            "json_attributes_template": "{{ {'event_id': value_json.delivered.event_id} | tojson }}"}),
+    Entity(Component.SENSOR, "delivered_energy", "Delivered energy", "{{ value_json.delivered.total_wh }}",
+           {"device_class": "energy", "unit_of_measurement": "Wh", "state_class": "total_increasing"}),
+    Entity(Component.SWITCH, "opt_out", "Opt-out", _switch_state("value_json.opt_out.active"),
+           {"icon": "mdi:hand-back-left"}, Command.OPT_OUT),
+    Entity(Component.SWITCH, "storm_watch", "Storm watch", _switch_state("value_json.storm_watch"),
+           {"icon": "mdi:weather-lightning-rainy"}, Command.STORM_WATCH),
+    Entity(Component.BINARY_SENSOR, "faults", "Faults", _switch_state("value_json.faults"),
+           {"device_class": "problem",
+            "json_attributes_template": "{{ {'faults': value_json.faults, 'reason': value_json.reason} | tojson }}"}),
+)
+"""Every entity but the link sensors, which depend on the configuration (`link_entities`)."""
+
+LINK_NAMES = {"bms": "BMS link", "inverter": "Inverter link", "openadr": "OpenADR link",
+              "sunspec_server": "SunSpec server"}
+
+
+def link_entities(config: Config) -> tuple[Entity, ...]:
+    """A connectivity sensor for each link the configuration uses (the BMS and the inverter always)."""
+    links = ["bms", "inverter"]
+    if config.dispatch.openadr.enabled:
+        links.append("openadr")
+    if config.dispatch.sunspec_server.enabled:
+        links.append("sunspec_server")
+    return tuple(Entity(Component.BINARY_SENSOR, f"link_{name}", LINK_NAMES[name],
+                        _switch_state(f"(value_json.links.get('{name}') or {{}}).get('ok')"),
+                        {"device_class": "connectivity", "entity_category": "diagnostic"}) for name in links)
+
+
+def device(config: Config, version: str) -> dict[str, Any]:
+    """The one device every entity belongs to."""
+    label = config.mqtt.topic_prefix.rsplit("/", 1)[-1]
+    return {"identifiers": [node_id(config.mqtt.topic_prefix)], "name": f"Powershare {label}",
+            "manufacturer": MANUFACTURER, "model": MODEL, "sw_version": version}
+
+
+def configurations(config: Config, version: str) -> list[tuple[str, dict[str, Any]]]:
+    """(topic, configuration) for every entity, to publish retained."""
+    topics, node = Topics(config.mqtt.topic_prefix), node_id(config.mqtt.topic_prefix)
+    shared = {"state_topic": topics.state, "availability_topic": topics.availability,
+              "payload_available": "online", "payload_not_available": "offline",
+              "device": device(config, version), "origin": {"name": MANUFACTURER, "sw_version": version}}
+    found = []
+    for entity in (*ENTITIES, *link_entities(config)):
+        payload: dict[str, Any] = {"name": entity.name, "unique_id": f"{node}_{entity.object_id}",
+                                   **shared, "value_template": entity.template, **entity.options}
+        if "json_attributes_template" in payload:
+            payload["json_attributes_topic"] = topics.state
+        if entity.command is not None:
+            payload["command_topic"] = topics.command(entity.command)
+        if entity.component in (Component.SWITCH, Component.BINARY_SENSOR):
+            payload |= {"payload_on": "ON", "payload_off": "OFF"}
+        if entity.component is Component.SWITCH:
+            payload |= {"state_on": "ON", "state_off": "OFF"}
+        topic = f"{config.mqtt.discovery_prefix}/{entity.component}/{node}/{entity.object_id}/config"
+        found.append((topic, payload))
+    return found

@@ -1,0 +1,475 @@
+"""MQTT (issue 15): state out, commands in, Home Assistant discovery, against Debian's mosquitto.
+
+The gateway runs in lock-step (`lockstep.Rig`: simulated pack and BMS on a virtual
+bus, the simulated inverter over Modbus TCP, the journal in SQLite), assembled with
+`[mqtt] enabled` so the bridge is the integration `run` starts. The broker is the real
+mosquitto on a free loopback port (`broker.Mosquitto`); a second, independent client
+(`broker.Watcher`) publishes what an automation or a Home Assistant entity would and
+waits, bounded, for what the gateway answers. Time is the rig's: the state is paced
+on it, so a test advances the rig to let a publication come due.
+
+The broker restarting under a gateway that runs in real time, and the will of a
+killed gateway process, are in `test_mqtt_process.py` (slow tier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
+from lockstep import Rig
+
+from firmware_py import cli
+from firmware_py.config import Config, MqttConfig
+from firmware_py.core.types import DispatchKind, DispatchRequest, Mode
+from firmware_py.journal import Journal
+from firmware_py.mqtt import commands
+from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing
+from firmware_py.mqtt.commands import CommandGate
+from firmware_py.mqtt.state import Pacer, changed
+from firmware_py.mqtt.topics import Command, Topics, prefix_problem
+from firmware_py.owner.changes import BadRequest
+
+PREFIX = "powershare-gw/truck-1"
+TOPICS = Topics(PREFIX)
+
+
+def mqtt_enabled(broker: Mosquitto, **mqtt: Any):
+    def configure(config: Config) -> Config:
+        return replace(config, mqtt=replace(config.mqtt, enabled=True, broker=broker.address, **mqtt))
+    return configure
+
+
+def is_state(message: Seen) -> bool:
+    return message.topic == TOPICS.state
+
+
+def result_after(watcher: Watcher, index: int):
+    return watcher.wait_for("on P/result", lambda m: m.topic == TOPICS.result, after=index)
+
+
+@asynccontextmanager
+async def gateway_on(tmp: Path, broker: Mosquitto, watcher: dict[str, Any] | None = None,
+                     **mqtt: Any) -> AsyncIterator[tuple[Rig, MqttBridge, Watcher]]:
+    """A rig with fresh data (STANDBY), its MQTT bridge running, and a watcher subscribed to everything
+    (`watcher`: its client's options, for a broker with TLS or passwords)."""
+    async with Rig(tmp, configure=mqtt_enabled(broker, **mqtt)) as rig, \
+            Watcher(broker, **(watcher or {})) as watcher:
+        bridge = rig.assembly.integrations["mqtt"]
+        assert isinstance(bridge, MqttBridge)
+        await rig.run(2.0)
+        task = asyncio.create_task(bridge.run())
+        try:
+            await watcher.wait_for("online", lambda m: m.topic == TOPICS.availability and m.payload == b"online")
+            await watcher.wait_for("a STANDBY state", lambda m: is_state(m) and m.json()["mode"] == "STANDBY")
+            yield rig, bridge, watcher
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def advance(rig: Rig, bridge: MqttBridge, seconds: float) -> int:
+    """Run the rig `seconds` on, the bridge looking at the gateway every half second of it (as `run`
+    paces, on the gateway's clock); how many states it queued."""
+    queued = 0
+    for _ in range(round(seconds / 0.5)):
+        await rig.run(0.5)
+        queued += bridge.pace_once()
+    return queued
+
+
+async def command(rig: Rig, watcher: Watcher, name: str, payload: bytes | str, *,
+                  settle_s: float = 0.2) -> dict[str, Any]:
+    """Publish a command as an automation would; its result (and the rig `settle_s` on, so state comes due)."""
+    index = len(watcher.seen)
+    await watcher.publish(TOPICS.command(Command(name)) if name in set(Command) else f"{PREFIX}/set/{name}",
+                          payload)
+    answer = (await result_after(watcher, index)).json()
+    await rig.run(settle_s)
+    return answer
+
+
+# ------------------------------------------------------------------ Home Assistant discovery
+
+COMMON_FIELDS = {"name", "unique_id", "state_topic", "availability_topic", "payload_available",
+                 "payload_not_available", "device", "origin", "value_template", "icon", "json_attributes_topic",
+                 "json_attributes_template", "entity_category", "enabled_by_default", "qos", "object_id"}
+"""Options every MQTT entity platform documents (Home Assistant's MQTT sensor, binary sensor, number
+and switch pages), of those this gateway could use."""
+COMPONENT_FIELDS = {
+    "sensor": {"device_class", "state_class", "unit_of_measurement", "options", "expire_after", "force_update",
+               "suggested_display_precision"},
+    "binary_sensor": {"device_class", "payload_on", "payload_off", "expire_after", "force_update", "off_delay"},
+    "number": {"command_topic", "command_template", "min", "max", "step", "mode", "unit_of_measurement",
+               "device_class", "optimistic", "retain"},
+    "switch": {"command_topic", "payload_on", "payload_off", "state_on", "state_off", "optimistic", "retain",
+               "device_class"},
+}
+REQUIRED = {"sensor": {"state_topic"}, "binary_sensor": {"state_topic"}, "number": {"command_topic"},
+            "switch": {"command_topic"}}
+DEVICE_FIELDS = {"identifiers", "connections", "name", "manufacturer", "model", "model_id", "sw_version",
+                 "hw_version", "serial_number", "configuration_url", "suggested_area", "via_device"}
+SENSOR_CLASSES = {  # device class: (units allowed, state classes allowed), as Home Assistant's sensor docs
+    "battery": ({"%"}, {"measurement"}),
+    "power": ({"W", "kW"}, {"measurement"}),
+    "energy": ({"Wh", "kWh", "MWh"}, {"total", "total_increasing"}),
+    "energy_storage": ({"Wh", "kWh", "MWh"}, {"measurement"}),
+    "enum": ({None}, {None}),
+}
+BINARY_SENSOR_CLASSES = {"connectivity", "problem"}
+DISCOVERY_TOPIC = re.compile(r"homeassistant/(sensor|binary_sensor|number|switch)/([a-zA-Z0-9_-]+)/"
+                             r"([a-zA-Z0-9_-]+)/config")
+
+
+def check_entity(component: str, config: dict[str, Any]) -> None:
+    unknown = set(config) - COMMON_FIELDS - COMPONENT_FIELDS[component]
+    assert not unknown, f"{component} {config['unique_id']}: fields Home Assistant does not document: {unknown}"
+    assert REQUIRED[component] <= set(config)
+    assert set(config["device"]) <= DEVICE_FIELDS and config["device"]["identifiers"]
+    assert config["origin"]["name"] == "powershare-gw"
+    device_class = config.get("device_class")
+    if component == "sensor" and device_class is not None:
+        units, state_classes = SENSOR_CLASSES[device_class]
+        assert config.get("unit_of_measurement") in units
+        assert config.get("state_class") in state_classes | {None}  # none: shown, but kept out of statistics
+        if device_class == "enum":
+            assert config["options"] and all(isinstance(o, str) for o in config["options"])
+    if component == "binary_sensor":
+        assert device_class in BINARY_SENSOR_CLASSES
+    if component == "number":
+        assert config["min"] < config["max"] and config["step"] >= 0.001 and config["mode"] in ("box", "slider")
+
+
+def render(template: str, state: dict[str, Any]) -> str:
+    """A value template rendered the way Home Assistant does: Jinja, the payload as `value_json`."""
+    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(value_json=state)
+
+
+def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_the_state(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                state = (await watcher.wait_for("a state", is_state)).json()
+                await watcher.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
+                configs = {m.topic: m.json() for m in watcher.seen if m.topic.startswith("homeassistant/")}
+                async with Watcher(broker) as late:  # what Home Assistant gets when it subscribes later
+                    await late.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
+                    await late.wait_for("the state", is_state)
+                    retained = {m.topic for m in late.seen if m.retain}
+        assert len(configs) == 14
+        devices, unique_ids = set(), set()
+        for topic, config in configs.items():
+            match = DISCOVERY_TOPIC.fullmatch(topic)
+            assert match, topic
+            component, node, object_id = match.groups()
+            assert node == "powershare-gw_truck-1" and config["unique_id"] == f"{node}_{object_id}"
+            check_entity(component, config)
+            devices.add(json.dumps(config["device"], sort_keys=True))
+            unique_ids.add(config["unique_id"])
+            assert config["state_topic"] == TOPICS.state and config["availability_topic"] == TOPICS.availability
+            value = render(config["value_template"], state)
+            if component in ("switch", "binary_sensor"):
+                assert value in ("ON", "OFF"), (topic, value)
+            if "json_attributes_template" in config:
+                assert isinstance(json.loads(render(config["json_attributes_template"], state)), dict)
+        assert len(devices) == 1 and len(unique_ids) == len(configs)  # one device; every entity its own id
+        device = json.loads(devices.pop())
+        assert device["sw_version"] and device["name"] == "Powershare truck-1"
+        by_id = {topic.split("/")[3]: config for topic, config in configs.items()}
+        assert by_id["delivered_energy"]["state_class"] == "total_increasing"  # the energy dashboard's sensor
+        assert by_id["delivered_energy"]["device_class"] == "energy"
+        assert by_id["reserve"]["command_topic"] == TOPICS.command(Command.RESERVE)
+        assert by_id["storm_watch"]["command_topic"] == TOPICS.command(Command.STORM_WATCH)
+        assert by_id["opt_out"]["command_topic"] == TOPICS.command(Command.OPT_OUT)
+        assert render(by_id["soc"]["value_template"], state) == str(state["soc_pct"])
+        assert render(by_id["mode"]["value_template"], state) == "STANDBY"
+        assert render(by_id["link_bms"]["value_template"], state) == "ON"
+        assert set(configs) <= retained and TOPICS.state in retained and TOPICS.availability in retained
+        for field in ("mode", "reason", "soc_pct", "floor_pct", "reserve_pct", "setpoint_w", "power_w", "event",
+                      "faults", "links", "storm_watch"):  # DESIGN 3.9's status fields
+            assert field in state
+
+    bounded(main())
+
+
+def test_home_assistant_coming_online_gets_the_configs_and_the_state_again(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                index = len(watcher.seen)
+                await watcher.publish("homeassistant/status", "online")
+                await watcher.wait_for("configs again", lambda m: m.topic.endswith("/soc/config"), after=index)
+                await watcher.wait_for("the state again", is_state, after=index)
+
+    bounded(main())
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_an_automation_sets_the_reserve_and_switches_turn_storm_watch_and_opt_out_on(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                answer = await command(rig, watcher, "reserve", "55")
+                assert answer == {"command": "reserve", "ok": True, "reason": "reserve 55 %", "at": answer["at"]}
+                assert rig.gateway.owner_settings().reserve_pct == 55
+                state = await watcher.wait_for("reserve 55", lambda m: is_state(m) and m.json()["reserve_pct"] == 55)
+                assert state.retain is False  # a live publication (retained for those who subscribe later)
+
+                answer = await command(rig, watcher, "storm_watch", "ON")  # what the Home Assistant switch sends
+                assert answer["ok"] and answer["reason"].startswith("storm watch: keeping 80 % until ")
+                storm = await watcher.wait_for("storm watch on", lambda m: is_state(m) and m.json()["storm_watch"])
+                assert storm.json()["storm_watch"]["floor_pct"] == 80
+                answer = await command(rig, watcher, "storm_watch", json.dumps(
+                    {"floor_pct": 70, "until": "2025-06-02T06:00:00Z"}))
+                assert answer["reason"] == "storm watch: keeping 70 % until 2025-06-02T06:00:00Z"
+
+                assert (await command(rig, watcher, "opt_out", "ON"))["reason"] == "opted out until revoked"
+                await watcher.wait_for("opted out", lambda m: is_state(m) and m.json()["opt_out"]["active"])
+                assert (await command(rig, watcher, "opt_out", "OFF"))["reason"] == "opted back in"
+                answer = await command(rig, watcher, "departure", '{"time": "07:30", "soc_pct": 90}')
+                assert answer["ok"] and "at 90 %" in answer["reason"]
+                await watcher.wait_for("departure", lambda m: is_state(m) and m.json()["departure"])
+                assert (await command(rig, watcher, "storm_watch", "OFF"))["reason"] == "storm watch off"
+                await watcher.wait_for("storm watch off", lambda m: is_state(m) and m.json()["storm_watch"] is None)
+
+        saved = json.loads((tmp_path / "owner.json").read_text())  # the same settings file as the owner API's
+        assert saved["reserve_pct"] == 55 and saved["departure_soc_pct"] == 90
+        assert saved["storm_watch_until"] is None and saved["opt_out_until"] is None
+        with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:  # journaled like every change
+            assert [str(r.kind) for r in journal.records()].count("OwnerSettings") == 7
+
+    bounded(main())
+
+
+BAD_PAYLOADS = [
+    ("reserve", b"abc", 'reserve: expected a number 0 to 100 (or {"pct": N}), got \'abc\''),
+    ("reserve", b"140", "pct: 140 is out of range (0 to 100)"),
+    ("reserve", b"ON", "reserve: expected a number 0 to 100"),
+    ("reserve", b"NaN", "reserve: expected a number 0 to 100 (or {\"pct\": N}), got NaN"),
+    ("storm_watch", b'{"floor_pct": 80', "storm_watch: expected ON, OFF or"),
+    ("storm_watch", b'{"floor_pct": 80, "until": "2020-01-01T00:00Z"}', "is not in the future"),
+    ("departure", b'{"time": "25:00", "soc_pct": 90}', "time: expected HH:MM"),
+    ("departure", b"ON", "departure: expected OFF or"),
+    ("opt_out", b"[1, 2]", "opt_out: expected ON, OFF"),
+    ("opt_out", b"\xff\xfe", "payload is not UTF-8 text"),
+    ("reserve", b"9" * 5000, "payload of 5,000 bytes; at most 4,096 are read"),
+    ("reserve", b"[" * 3000 + b"]" * 3000, "payload of 6,000 bytes"),
+    ("brightness", b"50", "unknown command 'brightness'"),
+]
+
+
+def test_a_bad_payload_gets_a_clear_result_and_changes_nothing(tmp_path, caplog):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                before = rig.gateway.owner_settings()
+                bridge.gate = CommandGate(rig.gateway.clock, burst=len(BAD_PAYLOADS))  # all in one burst
+                for name, payload, reason in BAD_PAYLOADS:
+                    answer = await command(rig, watcher, name, payload, settle_s=0)
+                    assert answer["ok"] is False and answer["command"] == name, answer
+                    assert reason in answer["reason"], (reason, answer["reason"])
+                after = rig.gateway.owner_settings()
+                assert (after.reserve_pct, after.storm_watch_until, after.departure_at, after.opt_out_until) == \
+                    (before.reserve_pct, before.storm_watch_until, before.departure_at, before.opt_out_until)
+                assert bridge.connected.is_set()  # nothing a payload says ends the session
+
+    with caplog.at_level(logging.DEBUG):
+        bounded(main())
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert not (tmp_path / "owner.json").exists()  # nothing was saved
+
+
+def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with Watcher(broker) as publisher:  # left behind on the broker before the gateway connects
+                await publisher.publish(TOPICS.command(Command.RESERVE), "70", retain=True)
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                answer = (await watcher.wait_for("a result", lambda m: m.topic == TOPICS.result)).json()
+                assert answer["ok"] is False and "retained command is not applied" in answer["reason"]
+                assert rig.gateway.owner_settings().reserve_pct == 40
+
+    bounded(main())
+
+
+def test_commands_beyond_the_rate_are_refused_on_the_gateway_clock():
+    now = [0.0]
+    gate = CommandGate(lambda: now[0], burst=3, per_s=0.5)
+    assert [gate.admit() for _ in range(4)] == [True, True, True, False]
+    now[0] += 2.0  # one more token
+    assert [gate.admit(), gate.admit()] == [True, False]
+    assert "at most 3 at once, then 0.5 a second" in gate.refusal()
+
+
+def test_payloads_are_read_into_the_owner_apis_requests():
+    settings, now = MqttConfig(storm_watch_pct=75, storm_watch_hours=12), 1_000.0
+    assert commands.read(Command.RESERVE, b" 45.5\n", settings, now).body == {"pct": 45.5}
+    assert commands.read(Command.RESERVE, b'{"pct": 45}', settings, now).body == {"pct": 45}
+    assert commands.read(Command.OPT_OUT, b"on", settings, now).body == {"now": True}
+    assert commands.read(Command.OPT_OUT, b'{"event": "peak-1"}', settings, now).body == {"event": "peak-1"}
+    assert commands.read(Command.STORM_WATCH, b"ON", settings, now).body == {"floor_pct": 75, "until": 44_200.0}
+    assert commands.read(Command.DEPARTURE, b"OFF", settings, now).clear
+    with pytest.raises(BadRequest, match="empty payload"):
+        commands.read(Command.DEPARTURE, b"  ", settings, now)
+
+
+# ------------------------------------------------------------------ state
+
+
+def test_state_follows_the_bench_through_an_event(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                now = rig.gateway.now()
+                await rig.gateway.submit(DispatchRequest("peak-1", "test", DispatchKind.DISCHARGE, 5_000, now,
+                                                         now + 60, received_at=now))
+                await advance(rig, bridge, 5.0)
+                serving = await watcher.wait_for("the event served", lambda m: is_state(m) and m.json()["event"])
+                assert serving.json()["mode"] == "DISCHARGE" and serving.json()["event"]["id"] == "peak-1"
+                await advance(rig, bridge, 62.0)
+                ended = await watcher.wait_for("the event over", lambda m: is_state(m) and m.json()["mode"] ==
+                                               "STANDBY" and m.json()["delivered"]["total_wh"] > 0)
+        delivered = ended.json()["delivered"]
+        assert delivered["event_id"] == "peak-1" and delivered["event_wh"] == delivered["total_wh"]
+        assert 60 < delivered["total_wh"] < 5_000 * 61 / 3600 + 1  # about 5 kW for a minute, by the meter
+        power = [m.json()["power_w"] for m in watcher.seen if is_state(m)]
+        assert max(power) > 4_000 and power[-1] == 0
+
+    bounded(main())
+
+
+def test_the_state_is_paced_on_change_and_at_least_every_interval():
+    base = {"at": "t0", "mode": "STANDBY", "power_w": 0.0, "links": {"bms": {"ok": True, "age_s": 0.1}},
+            "delivered": {"event_wh": None, "total_wh": 0.0}}
+    assert not changed(base, {**base, "at": "t1", "links": {"bms": {"ok": True, "age_s": 3.0}}})
+    assert not changed(base, {**base, "power_w": 99.0})  # inside the dead band
+    assert changed(base, {**base, "power_w": 100.0})
+    assert changed(base, {**base, "mode": "DISCHARGE"})
+    assert changed(base, {**base, "links": {"bms": {"ok": False, "age_s": 0.1}}})
+    assert changed(base, {**base, "delivered": {"event_wh": 5.0, "total_wh": 0.0}})
+    pacer = Pacer(interval_s=10.0)
+    assert pacer.due(base, 0.0)
+    pacer.sent(base, 0.0)
+    moved = {**base, "mode": "DISCHARGE"}
+    assert not pacer.due(moved, 0.5)  # within the minimum gap...
+    assert pacer.due(moved, 0.5, urgent=True)  # ...unless an owner's command just changed it
+    assert pacer.due(moved, 1.0)
+    assert not pacer.due(base, 9.9) and pacer.due(base, 10.0)
+
+
+def test_the_outbox_drops_the_oldest_state_first_and_keeps_results_ahead():
+    async def main() -> None:
+        outbox = Outbox(states=3, results=2)
+        for n in range(5):
+            outbox.put(Outgoing("s", str(n).encode(), True, Kind.STATE))
+        outbox.put(Outgoing("r", b"answer", False, Kind.RESULT))
+        assert outbox.dropped[Kind.STATE] == 2 and len(outbox) == 4
+        assert [(await outbox.get()).payload for _ in range(4)] == [b"answer", b"2", b"3", b"4"]
+
+    bounded(main())
+
+
+def test_messages_per_minute_in_steady_state_and_during_an_event(tmp_path):
+    """What one gateway costs a fleet's broker (README, fleet scale): pacing on the rig's clock."""
+    async def main() -> dict[str, float]:
+        with running_broker(tmp_path) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker)) as rig:
+                bridge = rig.assembly.integrations["mqtt"]
+                return await publication_rates(rig, bridge, minutes=2.0)
+
+    rates = bounded(main())
+    assert rates["steady_per_min"] <= 7  # every publish_interval_s (10 s), and little else
+    assert rates["event_per_min"] <= 15
+
+
+async def publication_rates(rig: Rig, bridge: MqttBridge, minutes: float) -> dict[str, float]:
+    """State publications a minute, idle and then serving an 11.5 kW event, paced as `run` paces them."""
+    await rig.run(2.0)
+    await advance(rig, bridge, 10.0)  # the first publication and the start-up's changes
+    steady = await advance(rig, bridge, minutes * 60)
+    now = rig.gateway.now()
+    await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 11_500, now, now + 3600,
+                                             received_at=now))
+    event = await advance(rig, bridge, minutes * 60)
+    assert rig.gateway.controller.mode is Mode.DISCHARGE
+    return {"steady_per_min": steady / minutes, "event_per_min": event / minutes}
+
+
+# ------------------------------------------------------------------ TLS and a password
+
+
+def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_path, caplog):
+    from test_web import self_signed
+
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "mqtt.secret").write_text("correct horse battery\n")
+    tls = Tls(ca=cert, cert=cert, key=key)
+
+    async def main() -> None:
+        with running_broker(tmp_path, users={"gateway": "correct horse battery"}, tls=tls) as broker:
+            client = {"username": "gateway", "password": "correct horse battery",
+                      "tls_context": ssl.create_default_context(cafile=str(cert))}
+            async with gateway_on(tmp_path, broker, username="gateway", password_file=str(tmp_path / "mqtt.secret"),
+                                  tls_ca_file=str(cert), watcher=client) as (rig, bridge, watcher):
+                assert rig.gateway.status()["links"]["mqtt"]["ok"] is True
+            (tmp_path / "mqtt.secret").write_text("wrong horse\n")
+            async with Rig(tmp_path, configure=mqtt_enabled(
+                    broker, username="gateway", password_file=str(tmp_path / "mqtt.secret"),
+                    tls_ca_file=str(cert))) as rig:
+                bridge = rig.assembly.integrations["mqtt"]
+                task = asyncio.create_task(bridge.run())
+                try:
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
+                    await rig.run(1.0)  # the control path goes on meanwhile
+                    link = rig.gateway.status()["links"]["mqtt"]
+                finally:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        assert "authori" in link["cause"].lower(), link
+        assert rig.gateway.controller.mode is Mode.STANDBY
+
+    with caplog.at_level(logging.DEBUG):
+        bounded(main())
+    assert "horse" not in caplog.text
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("mqtt, message", [
+    ('broker = "broker.local"', "mqtt.broker: expected HOST:PORT"),
+    ('topic_prefix = "home/+/truck"', "mqtt.topic_prefix: 'home/+/truck' holds an MQTT wildcard"),
+    ('topic_prefix = "truck/"', "mqtt.topic_prefix: 'truck/' has an empty level"),
+    ('discovery_prefix = "$SYS"', "mqtt.discovery_prefix: '$SYS' starts with $"),
+    ('username = "gw"\npassword_file = "missing.secret"', "mqtt.password_file:"),
+    ('password_file = "gw.secret"', "mqtt.password_file: set mqtt.username too"),
+    ('tls_ca_file = "ca.pem"', "mqtt.tls_ca_file:"),
+    ("publish_interval_s = 0", "mqtt.publish_interval_s: 0 is out of range"),
+])
+def test_check_config_runs_the_mqtt_checks(tmp_path, capsys, mqtt, message):
+    (tmp_path / "gw.secret").write_text("s3cret\n")
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    path = tmp_path / "gw.toml"
+    path.write_text(f"[mqtt]\nenabled = true\n{mqtt}\n")
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "s3cret" not in err
+
+
+def test_prefixes_that_root_a_topic_tree():
+    assert prefix_problem("powershare-gw/truck-1", "k") is None
+    assert prefix_problem("", "k") == "k: must not be empty"
+    assert "control characters" in prefix_problem("a\nb", "k")
