@@ -51,8 +51,10 @@ class Integration(Protocol):
 def _openadr(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.openadr import OpenAdrVen
 
-    return OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
-                      to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
+    ven = OpenAdrVen(config.dispatch.openadr, rating_w=lambda: gateway.policy.max_discharge_w,
+                     to_gateway_time=gateway.clocks.from_datetime, link=gateway.links.handle(Link.OPENADR))
+    gateway.observers.append(ven.notice_step)  # a refused event is asked again as soon as the mode changes
+    return ven
 
 
 def _check_openadr(config: Config) -> list[str]:
@@ -65,8 +67,10 @@ def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
     # Ratings and meters from the gateway's telemetry; session ids stamped in wall time, unique across boots.
-    return SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
-                            link=gateway.links.handle(Link.SUNSPEC_SERVER))
+    server = SunSpecDerServer(config.dispatch.sunspec_server, id_clock=gateway.clocks.wall,
+                              link=gateway.links.handle(Link.SUNSPEC_SERVER))
+    gateway.observers.append(server.notice_step)  # a standing setting is asked again as soon as the mode changes
+    return server
 
 
 def _check_sunspec_server(config: Config) -> list[str]:

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_py.journal import commands as journal_commands
     from firmware_py.owner import commands as owner_commands
     from firmware_py.sim import bench, sim_command
+    from firmware_py.statements import commands as statement_commands
 
     parser = argparse.ArgumentParser(
         prog="powershare-gw",
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('powershare-gw')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (service, status, bms_commands, inverter_commands, journal_commands, owner_commands,
-                   sim_command, bench):
+                   sim_command, bench, statement_commands):
         module.register(sub)
     return parser
 

@@ -105,6 +105,10 @@ class JournalConfig:
                                  "(then dispatch is refused until the journal writes again)")
     sample_interval_s: float = spec(60.0, lo=1, hi=3_600, doc="seconds between the SoC, floor, setpoint and "
                                     "power samples journaled for the web app's history chart")
+    segment_mb: float = spec(64, lo=1, hi=4_096, doc="the live file is archived and a new segment started "
+                             "once it is this large (MB); start-up reads the live segment only")
+    retain_days: float = spec(400, lo=1, hi=36_500, doc="archived segments whose newest record is older than "
+                              "this are deleted (the deletion is recorded in the chain)")
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,16 @@ class WebConfig:
                                      doc="the installer role's token; created 0600 on first start")
     tls_cert: str = spec("", path=True, doc="PEM certificate (chain); with tls_key, HTTPS; both empty: HTTP")
     tls_key: str = spec("", path=True, doc="PEM private key of tls_cert")
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    """The owner's enrolment terms (DESIGN §3.11): what `statement` credits and charges."""
+
+    name: str = spec("", doc="the program's name, printed on statements")
+    currency: str = spec("USD", doc="ISO 4217 code of the amounts")
+    credit_per_kwh: float = spec(0.0, lo=0, hi=100, doc="bill credit per kWh delivered in grid events")
+    wear_cost_per_kwh: float = spec(0.0, lo=0, hi=100, doc="battery wear cost per kWh out of the pack")
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,7 @@ class Config:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    program: ProgramConfig = field(default_factory=ProgramConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"

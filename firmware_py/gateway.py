@@ -15,7 +15,10 @@ Paths through it:
 - `write_command` → the inverter client, which writes when the value differs from
   what the inverter holds or its revert timer needs a refresh (the one output check).
 Journal records are queued by each step and written in batches off the hot
-path, after the command: a slow disk never delays a safe stop.
+path, after the command: a slow disk never delays a safe stop. After a write
+the gateway keeps the journal in shape: it rotates the live segment past
+`[journal] segment_mb` (carrying the open events' accounts, which the core
+names) and prunes archives past `retain_days`.
 
 Reaction time (for the metrics): when a BMS snapshot changes the setpoint, the
 gateway keeps where that started (the snapshot's decode, on the frame path's own
@@ -43,20 +46,20 @@ from firmware_py.bms.reader import BmsReader
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step, telemetry
-from firmware_py.core.energy import close_after_restart, open_events
+from firmware_py.core.energy import close_after_restart, open_events, still_open
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import (
     BmsSnapshot,
     DispatchAnswer,
     DispatchCancel,
     DispatchRequest,
-    Event,
     Input,
     InstallerReset,
     InverterCommand,
     InverterStatus,
     JournalHealth,
     OwnerSettings,
+    SiteLimit,
     Stall,
     Tick,
 )
@@ -74,7 +77,10 @@ from firmware_py.status import status_document
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall)
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall, SiteLimit)
+MAINTAIN_RETRY_S = 60.0
+"""After a rotation that could not be done (a reader holds the file, the disk is full), wait this long."""
+PRUNE_EVERY_S = 3_600.0
 
 
 class Gateway:
@@ -97,6 +103,8 @@ class Gateway:
         self.observers: list[Callable[[StepResult], None]] = []
         self.steps = StepRecorder()
         self._pending: list[Any] = [(START_KIND, now, start_payload(self.policy, self.controller.owner, now))]
+        self._maintain_after = now  # the gateway clock: when rotation and pruning are next looked at
+        self._prune_after = now
         self.links = LinkBook(clock, self.note)
         self.watch_stalls = False
         self.resync_wanted = asyncio.Event()
@@ -195,7 +203,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ DispatchSink
 
-    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
         result = self.feed(item)
         await self.write_command()
         return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
@@ -265,7 +273,41 @@ class Gateway:
                         self.journal.append_event(item, wall=codec.event_time(item) + offset)
         except JournalWriteError as err:
             return err
+        self._maintain()
         return None
+
+    def _maintain(self) -> None:
+        """Rotate the live segment once it passes `segment_mb`; prune archives past `retain_days`.
+
+        Runs where the writes run (off the event loop), after a write that succeeded.
+        A rotation that cannot be done now costs nothing but a retry later: the
+        live segment simply grows meanwhile.
+        """
+        now, settings = self.clock(), self.config.journal
+        if now < self._maintain_after:
+            return
+        try:
+            if self.journal.size_bytes() >= settings.segment_mb * 1e6:
+                archive = self.journal.rotate(now, self._carry())
+                log.info("journal rotated: %s archived, %s continues the chain", archive.name, self.journal.path.name)
+                self._prune_after = now
+            if now >= self._prune_after:
+                for pruned in self.journal.prune(now, settings.retain_days * 86_400):
+                    log.info("journal segment %s pruned (older than %g days)", pruned.name, settings.retain_days)
+                self._prune_after = now + PRUNE_EVERY_S
+        except (JournalWriteError, OSError) as err:
+            log.warning("journal upkeep postponed %.0f s: %s", MAINTAIN_RETRY_S, err)
+            self._maintain_after = now + MAINTAIN_RETRY_S
+
+    def _carry(self) -> list[tuple[str, dict[str, Any]]]:
+        """What the next segment must hold for the events the core says are still open:
+        each one's request, answer and last energy record, as journal payloads."""
+        carry = []
+        for event in still_open(self._event_life()).values():
+            for item in (event.request, event.answer, event.last):
+                if item is not None:
+                    carry.append((str(RecordKind.of(item)), codec.jsonable(item)))
+        return carry
 
     def _settle(self, pending: list[Any], failure: JournalWriteError | None) -> int:
         """After a write: on failure put the records back in front (nothing is lost).
@@ -292,22 +334,33 @@ class Gateway:
 
         Which events are open and what the gap bills are the core's rules
         (`core.energy`); this reads the journal for them and journals the result.
+        It reads the live segment only (a rotation carried the older open events
+        into it), a page at a time: its cost does not grow with the journal.
         """
-        still_open = open_events(self._answer_records())
+        still_open = open_events(self._event_life())
         self._pending += close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason)
         self.flush_journal()
         return list(still_open)
 
-    def _answer_records(self) -> Iterator[Event]:
-        """The journal's answers, energy and end records, decoded; a damaged one is logged and skipped."""
-        for record in self.journal.records():
-            if record.kind not in EVENT_LIFE:
-                continue
+    def unwritten(self) -> int:
+        """How many records are queued and not yet in the journal (lost if the process ends now)."""
+        return len(self._pending)
+
+    def _event_life(self) -> Iterator[Any]:
+        """The live segment's requests, answers, energy and end records, decoded, after those a
+        rotation carried in; a damaged one is logged and skipped."""
+        for kind, payload in self.journal.carried():
+            try:
+                yield codec.decode_event(kind, payload)
+            except ValueError as err:
+                log.error("journal segment start: a carried %s record skipped: %s", kind, err)
+        for record in self.journal.iter_records(EVENT_LIFE):
             try:
                 yield record.event()
             except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
                 log.error("journal record %d skipped: %s", record.seq, err)
 
 
-EVENT_LIFE = frozenset({RecordKind.DISPATCH_ANSWER, RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
-"""The record kinds that tell which events are open."""
+EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.EVENT_ENERGY,
+                        RecordKind.DISPATCH_ENDED})
+"""The record kinds that tell which events are open (and what a rotation carries for them)."""

@@ -169,9 +169,7 @@ class Service:
     async def stop(self) -> None:
         """Tasks first, then the safe stop, then the journal: each step on its own so one failure skips no other."""
         self.gateway.watch_stalls = False  # stopping takes its time; it is no stall
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (
             ("safe stop", self._safe_stop),
@@ -179,6 +177,7 @@ class Service:
             ("final step", lambda: gateway.feed(Tick(gateway.now()))),
             ("journal", lambda: gateway.flush_journal(final=True)),
             ("open events", self._end_open_events),
+            ("journal queue", self._report_unwritten),
             ("inverter link", gateway.inverter.close),
             ("owner API", self.owner_api.stop if self.owner_api is not None else _nothing),
             ("assembly", self.assembly.close),
@@ -198,6 +197,11 @@ class Service:
             log.warning("safe stop: the inverter could not be told (%s); its revert timer takes it to 0 W "
                         "within %.0f s", self.gateway.inverter.last_error or "not connected",
                         self.assembly.config.inverter.revert_timeout_s)
+
+    def _report_unwritten(self) -> None:
+        """Records still queued now are lost with the process: the journal failed to the end. Say how many."""
+        if left := self.gateway.unwritten():
+            log.error("journal still failing at the stop: %d queued records are lost", left)
 
     async def _end_open_events(self) -> None:
         last = await self.gateway.inverter.read_status()
@@ -219,6 +223,24 @@ class Service:
 
 def _nothing() -> None:
     return None
+
+
+CANCEL_AGAIN_S = 0.5
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again any that swallowed it.
+
+    On Python 3.11 `asyncio.wait_for` returns the inner result, and drops the
+    cancellation, when both land in the same loop turn (a refused connect under
+    load, inside the inverter poll): the task then runs on, and a stop that waited
+    for it once would wait for ever (seen: `run` on a busy board ignoring SIGTERM).
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
 
 
 async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,

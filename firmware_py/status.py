@@ -30,7 +30,9 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
     event = None
     if t.active_event_id is not None:
         event = {"id": t.active_event_id, "answer": t.verdict.value if t.verdict is not None else None,
-                 "cap_w": t.cap_w, "delivered_wh": t.meter_wh}
+                 "cap_w": t.cap_w, "delivered_wh": t.meter_wh,
+                 # when the floor's envelope starts to reduce the power served (at the power it runs at)
+                 "envelope_from": _utc(wall_now + t.envelope_in_s) if t.envelope_in_s is not None else None}
     shown = {name: {"ok": False, "age_s": None} for name in CORE_LINKS}
     shown.update(links)
     return {
@@ -49,6 +51,9 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "storm_watch": _storm_watch(t, wall_now),
         "resyncing": t.resyncing,
         "journal_ok": t.journal_ok,
+        # why new dispatch would not be followed now (null: nothing blocks it), and the site limit in force
+        "dispatch_blocked": {"reason": t.refusal.value, "detail": t.refusal_detail} if t.refusal else None,
+        "site_limit_w": t.site_limit_w,
     }
 
 
@@ -70,7 +75,9 @@ def render(doc: dict[str, Any]) -> list[str]:
         cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
         delivered = event.get("delivered_wh")
         energy = f"{delivered:,.1f} Wh delivered" if delivered is not None else "nothing delivered yet"
-        served = f"{event['id']}: {event.get('answer')}{cap}, {energy}"
+        envelope = f", the floor's envelope reduces power from {event['envelope_from']}" \
+            if event.get("envelope_from") else ""
+        served = f"{event['id']}: {event.get('answer')}{cap}, {energy}{envelope}"
     else:
         served = "none"
     soc = doc.get("soc_pct")
@@ -85,6 +92,9 @@ def render(doc: dict[str, Any]) -> list[str]:
         f"storm:   {_storm(doc.get('storm_watch'))}",
         "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
     ]
+    blocked = doc.get("dispatch_blocked")
+    if blocked:
+        lines.append(f"dispatch: not followed now: {blocked['reason']}: {blocked['detail']}")
     if doc.get("resyncing"):
         lines.append("resync:  the gateway stalled; holding 0 W until fresh BMS and inverter data")
     if not doc.get("journal_ok", True):

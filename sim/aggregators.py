@@ -98,7 +98,8 @@ def for_scenario(scenario: Any) -> Aggregator:
                              "be sent by OpenADR (LOAD_DISPATCH asks for discharge); use kind = 'sunspec'")
         return OpenAdrAggregator()
     if kind == "sunspec":
-        return SunSpecAggregator()
+        revert_s = scenario.aggregator.revert_s
+        return SunSpecAggregator(revert_s=revert_s, refresh_s=revert_s / 3 if revert_s else 0.0)
     raise InputError(f"scenario {scenario.name}: aggregator.kind = {kind!r} is not one of {', '.join(KINDS)}")
 
 
@@ -153,6 +154,7 @@ class OpenAdrAggregator:
         config = OpenAdrConfig(enabled=True, vtn_url=self.vtn.url, ven_name=self.ven_name)
         self.ven = OpenAdrVen(config, rating_w=lambda: gateway.policy.max_discharge_w,
                               to_gateway_time=self.to_bench_time)
+        gateway.observers.append(self.ven.notice_step)
         self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr-ven")
         await self._wait(lambda: self.vtn.ven_id and self.ven.registered, "the VEN to register with the VTN")
 
@@ -243,7 +245,9 @@ class SunSpecAggregator:
     At the request's start it writes WSetEna = 1, WSetMod = WATTS, WSet and an
     armed revert timer (`revert_s`); it re-writes WSetRvrtTms every `refresh_s`
     of simulated time, as a controller's keep-alive, so the timer never fires
-    while the event runs; at the end it writes WSetEna = 0.
+    while the event runs; at the end it writes WSetEna = 0. With `revert_s = 0`
+    the setpoint is written without the revert function: an open-ended standing
+    setting, with no keep-alive.
 
     The DER server names its requests `sunspec-<epoch>-<n>`: `request_ids`
     maps each to the scenario's dispatch id, and `answers` holds the core's
@@ -251,7 +255,7 @@ class SunSpecAggregator:
     """
 
     def __init__(self, revert_s: int = 60, refresh_s: float = 20.0, unit_id: int = 1) -> None:
-        if not 0 < refresh_s < revert_s:
+        if revert_s and not 0 < refresh_s < revert_s:
             raise ValueError("the keep-alive must come before the revert timer fires")
         self.revert_s, self.refresh_s, self.unit_id = revert_s, refresh_s, unit_id
         self.setpoints: list[_Setpoint] = []
@@ -306,7 +310,7 @@ class SunSpecAggregator:
                 setpoint.ended = True
             elif not setpoint.started and t + 1e-9 >= setpoint.request.start:
                 await self._begin(setpoint)
-            elif setpoint.started and t >= setpoint.refreshed_at + self.refresh_s:
+            elif setpoint.started and self.revert_s and t >= setpoint.refreshed_at + self.refresh_s:
                 await self._write(WSetRvrtTms=self.revert_s)
                 setpoint.refreshed_at = t
                 self._note_session(setpoint)
@@ -320,8 +324,9 @@ class SunSpecAggregator:
     async def _begin(self, setpoint: _Setpoint) -> None:
         r = setpoint.request
         watts = round(r.target_w if r.kind is DispatchKind.DISCHARGE else -r.target_w)
+        armed = WSET_ENA if self.revert_s else WSetEna.DISABLED
         await self._write(WSetEna=WSET_ENA, WSetMod=WSET_MOD_WATTS, WSet=watts, WSetRvrt=0, WSetPct=0,
-                          WSetPctRvrt=0, WSetEnaRvrt=WSET_ENA, WSetRvrtTms=self.revert_s)
+                          WSetPctRvrt=0, WSetEnaRvrt=armed, WSetRvrtTms=self.revert_s)
         setpoint.started, setpoint.refreshed_at = True, self.gateway.now()
         assert self.server is not None
         status = self.server.status

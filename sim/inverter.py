@@ -1,10 +1,15 @@
 """The simulated 11.5 kW bidirectional "Powershare" inverter.
 
 Two halves. `InverterModel` is pure (no I/O, time passed in): it follows the
-SunSpec 704 controls a real DER would (WSet, WSetEna, WMaxLimPct, and its own
-revert timer, so a silent gateway still ends at 0 W), moves energy to and from
+SunSpec 704 controls a real DER would (WSet, WSetEna, WMaxLimPct, and both
+revert functions, so a silent gateway still ends at 0 W), moves energy to and from
 the pack through an efficiency, islands on a grid outage and can be told to
-misbehave. `SimInverterServer` serves it over Modbus (TCP, or RTU on any
+misbehave. After an outage it enters service again as IEEE 1547-2018 requires
+(model 703): no power at all for `ESDlyTms` (300 s by default; `ESDlyRemTms`
+counts down, `ConnSt` DISCONNECTED, `InvSt` STARTING), then at most a share of
+its rating that rises linearly over `ESRmpTms` (300 s). Writes out of range
+(a setpoint beyond the rating, a percentage outside 0..100, an undefined enum)
+are refused with ILLEGAL_DATA_VALUE, read-only points with ILLEGAL_DATA_ADDRESS. `SimInverterServer` serves it over Modbus (TCP, or RTU on any
 pyserial URL) with pymodbus 3.16's `SimDevice`/`SimData` API: the device
 `action` hook refreshes the live models before each read and applies each
 write to the model, so the registers are never a second copy of the truth.
@@ -32,8 +37,13 @@ from firmware_py.addresses import parse_host_port
 from firmware_py.core.types import InverterState
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import (
+    COMMON,
     DEFAULT_BASE,
-    MODELS,
+    DER_CAPACITY,
+    DER_CONTROL_AC,
+    DER_ENTER_SERVICE,
+    DER_MEASURE_AC,
+    DER_STORAGE,
     AlrmBit,
     ModelDef,
     SunSpecMap,
@@ -44,6 +54,21 @@ log = logging.getLogger(__name__)
 
 FAULT_ALARM_BIT = AlrmBit.OVER_TEMP  # the alarm a simulated inverter fault raises
 
+# The simulated inverter's model chain: the gateway's own DER set, and IEEE 1547 enter service (703).
+SIM_MODELS = (COMMON, DER_MEASURE_AC, DER_CAPACITY, DER_ENTER_SERVICE, DER_CONTROL_AC, DER_STORAGE)
+
+# IEEE 1547-2018 enter-service defaults (Table 4 ranges' defaults): voltage 91.7..105 % of nominal,
+# frequency 59.5..60.1 Hz, a 300 s delay and a 300 s ramp.
+ENTER_SERVICE_DEFAULTS: dict[str, Any] = {
+    "ES": 1, "ESVHi": 105.0, "ESVLo": 91.7, "ESHzHi": 60.1, "ESHzLo": 59.5,
+    "ESDlyTms": 300, "ESRndTms": 0, "ESRmpTms": 300,
+}
+
+# Engineering ranges the simulated inverter accepts for its writable points (beyond: ILLEGAL_DATA_VALUE).
+PCT_RANGES = {"WMaxLimPct": (0.0, 100.0), "WMaxLimPctRvrt": (0.0, 100.0), "WSetPct": (-100.0, 100.0),
+              "WSetPctRvrt": (-100.0, 100.0), "ESVHi": (100.0, 120.0), "ESVLo": (50.0, 100.0)}
+HZ_RANGES = {"ESHzHi": (60.0, 66.0), "ESHzLo": (50.0, 60.0)}
+SECONDS_MAX = 86_400 * 7  # a revert or enter-service time beyond a week is a mistake, not a setting
 # Scale factors the simulated device publishes: WSet in 0.1 W exercises a client's scaling.
 SCALE = {
     701: {"W_SF": 0, "VA_SF": 0, "Var_SF": 0, "PF_SF": -2, "A_SF": -2, "V_SF": -1, "Hz_SF": -2,
@@ -52,6 +77,7 @@ SCALE = {
     704: {"PF_SF": -2, "WMaxLimPct_SF": 0, "WSet_SF": -1, "WSetPct_SF": 0, "VarSet_SF": 0,
           "VarSetPct_SF": 0},
     713: {"WH_SF": 1, "Pct_SF": -1},
+    703: {"V_SF": -1, "Hz_SF": -2},
 }
 
 
@@ -94,9 +120,15 @@ class InverterModel:
         self.controls: dict[str, Any] = {
             "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
             "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
-            "WMaxLimPctEnaRvrt": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
+            "WMaxLimPctEnaRvrt": 0, "WMaxLimPctRvrtTms": 0, "WMax": ratings.w_max, "AntiIslEna": 1,
+            "WSetPct": 0, "WSetPctRvrt": 0, "WRmp": None, "WRmpRef": 1, **ENTER_SERVICE_DEFAULTS,
         }
         self.last_refresh = now
+        self.limit_refresh = now  # the WMaxLimPct revert function's last refresh
+        self.limit_reverted = False
+        self.grid_back_at: float | None = None
+        """When the grid last came back after an outage: the enter-service delay and ramp run from it."""
+        self._islanded = False
 
     # --- the bench's contract -------------------------------------------------
     @property
@@ -113,6 +145,7 @@ class InverterModel:
     def advance(self, dt_s: float, now: float, pack_max_discharge_w: float, pack_max_charge_w: float) -> float:
         """Move time on by `dt_s` to `now`; return DC power drawn from the pack (+ = discharge)."""
         self.now = now
+        self._check_grid()
         self._check_revert()
         target = self._limited(self._wanted(), pack_max_discharge_w, pack_max_charge_w)
         self.ac_power_w = self._ramped(target, dt_s)
@@ -124,28 +157,77 @@ class InverterModel:
 
     # --- control writes ---------------------------------------------------------
     def write(self, name: str, value: Any) -> None:
-        """Apply one written control point (engineering units); WSet/WSetEna refresh the revert timer."""
+        """Apply one written control point (engineering units); a write to a setpoint or its revert
+        settings refreshes that revert timer."""
         self.controls[name] = value
-        if name in ("WSet", "WSetEna", "WSetRvrtTms", "WSetEnaRvrt"):
+        if name in ("WSet", "WSetPct", "WSetEna", "WSetMod", "WSetRvrtTms", "WSetEnaRvrt"):
             self.last_refresh = self.now
             self.reverted = False
+        if name in ("WMaxLimPct", "WMaxLimPctEna", "WMaxLimPctRvrtTms", "WMaxLimPctEnaRvrt"):
+            self.limit_refresh = self.now
+            self.limit_reverted = False
 
     def revert_remaining_s(self) -> float:
         if not self.controls["WSetEnaRvrt"]:
             return 0.0
         return max(0.0, float(self.controls["WSetRvrtTms"]) - (self.now - self.last_refresh))
 
+    def limit_revert_remaining_s(self) -> float:
+        c = self.controls
+        if not (c["WMaxLimPctEnaRvrt"] and c["WMaxLimPctEna"]) or self.limit_reverted:
+            return 0.0
+        return max(0.0, float(c["WMaxLimPctRvrtTms"]) - (self.now - self.limit_refresh))
+
     def _check_revert(self) -> None:
         c = self.controls
         if c["WSetEnaRvrt"] and c["WSetEna"] and not self.reverted and self.revert_remaining_s() <= 0:
             log.info("revert timer expired after %ss: WSet %s -> %s W", c["WSetRvrtTms"], c["WSet"], c["WSetRvrt"])
-            c["WSet"] = c["WSetRvrt"]
+            c["WSet"], c["WSetPct"] = c["WSetRvrt"], c["WSetPctRvrt"]
             self.reverted = True
+        if c["WMaxLimPctEnaRvrt"] and c["WMaxLimPctEna"] and not self.limit_reverted \
+                and self.limit_revert_remaining_s() <= 0:
+            log.info("limit revert timer expired after %ss: WMaxLimPct %s -> %s %%", c["WMaxLimPctRvrtTms"],
+                     c["WMaxLimPct"], c["WMaxLimPctRvrt"])
+            c["WMaxLimPct"] = c["WMaxLimPctRvrt"]
+            self.limit_reverted = True
+
+    # --- IEEE 1547 enter service (model 703) ---------------------------------------
+    def _check_grid(self) -> None:
+        """Note the instant the grid comes back after an outage: enter service runs from it."""
+        islanded = self.active(InverterFault.GRID_OUTAGE)
+        if self._islanded and not islanded:
+            self.grid_back_at = self.now
+            log.info("grid back: entering service after %ss, ramping over %ss", self.controls["ESDlyTms"],
+                     self.controls["ESRmpTms"])
+        self._islanded = islanded
+
+    def enter_service_remaining_s(self) -> float:
+        """Seconds left before the inverter may export again after a grid return (`ESDlyRemTms`)."""
+        if self.grid_back_at is None:
+            return 0.0
+        return max(0.0, self.grid_back_at + float(self.controls["ESDlyTms"]) - self.now)
+
+    def in_service(self) -> bool:
+        """Connected to the grid and allowed to move power: not islanded, enter service permitted and
+        its delay over."""
+        if self.active(InverterFault.GRID_OUTAGE):
+            return True  # islanded: serving the home, not the grid
+        return bool(self.controls["ES"]) and self.enter_service_remaining_s() <= 0
+
+    def _ramp_share(self) -> float:
+        """The share of the rating allowed while ramping in after the delay (1.0 when done)."""
+        if self.grid_back_at is None:
+            return 1.0
+        ramp = float(self.controls["ESRmpTms"])
+        since = self.now - self.grid_back_at - float(self.controls["ESDlyTms"])
+        return 1.0 if ramp <= 0 else min(1.0, max(0.0, since / ramp))
 
     def _wanted(self) -> float:
-        if self.active(InverterFault.INVERTER_FAULT):
+        if self.active(InverterFault.INVERTER_FAULT) or not self.in_service():
             return 0.0
         c = self.controls
+        if c["WSetEna"] and c["WSetMod"] == WSetMod.W_MAX_PCT:
+            return float(c["WSetPct"]) / 100.0 * min(float(c["WMax"]), self.ratings.w_max)
         commanded = c["WSetEna"] and c["WSetMod"] == WSetMod.WATTS
         if self.active(InverterFault.GRID_OUTAGE):
             # Islanded: the home's load. An enabled WSet is the ceiling, which is how the
@@ -159,6 +241,8 @@ class InverterModel:
         limit = min(float(c["WMax"]), r.w_max)
         if c["WMaxLimPctEna"]:
             limit *= float(c["WMaxLimPct"]) / 100.0
+        if not self.active(InverterFault.GRID_OUTAGE):
+            limit *= self._ramp_share()  # entering service: the ramp after the delay
         high = min(limit, r.w_discha_max, max(pack_discharge_w, 0.0) * r.efficiency)
         low = -min(limit, r.w_cha_max, max(pack_charge_w, 0.0) / r.efficiency)
         if self.active(InverterFault.GRID_OUTAGE):
@@ -167,19 +251,26 @@ class InverterModel:
         self.throttled = not math.isclose(limited, target)
         return limited
 
+    def ramp_w_per_s(self) -> float:
+        """The normal ramp-up rate: 704 `WRmp` (% of WMax per second) once written, else the rating's."""
+        rate = float(self.controls.get("WRmp") or 0)
+        return rate / 100.0 * self.ratings.w_max if rate > 0 else self.ratings.ramp_w_per_s
+
     def _ramped(self, target: float, dt_s: float) -> float:
         p = self.ac_power_w
         if p * target < 0:
             p = 0.0  # a change of direction passes through zero first
         if abs(target) <= abs(p):
             return target  # reductions are immediate
-        step = self.ratings.ramp_w_per_s * max(dt_s, 0.0)
+        step = self.ramp_w_per_s() * max(dt_s, 0.0)
         return math.copysign(min(abs(target), abs(p) + step), target)
 
     # --- what the registers show -------------------------------------------------
     def inv_state(self) -> InverterState:
         if self.active(InverterFault.INVERTER_FAULT):
             return InverterState.FAULT
+        if not self.in_service():
+            return InverterState.STARTING
         if self.ac_power_w == 0.0:
             return InverterState.STANDBY
         return InverterState.THROTTLED if self.throttled else InverterState.RUNNING
@@ -201,8 +292,9 @@ class InverterModel:
         if model_id == 701:
             w = self.ac_power_w
             outage = self.active(InverterFault.GRID_OUTAGE)
+            connected = not outage and self.in_service()
             return {**sf, "ACType": 1, "St": int(w != 0.0), "InvSt": int(self.inv_state()),
-                    "ConnSt": 0 if outage else 1, "Alrm": self.alarms(), "DERMode": 2 if outage else 1,
+                    "ConnSt": 1 if connected else 0, "Alrm": self.alarms(), "DERMode": 2 if outage else 1,
                     "W": w, "VA": abs(w), "Var": 0, "PF": 1.0, "A": abs(w) / r.v_nom, "LLV": r.v_nom,
                     "LNV": r.v_nom / 2, "Hz": 60.0, "TotWhInj": int(self.tot_wh_inj),
                     "TotWhAbs": int(self.tot_wh_abs), "TmpCab": 35,
@@ -217,7 +309,11 @@ class InverterModel:
         if model_id == 704:
             c = self.controls
             return {**sf, **c, "WSetRvrtRem": int(math.ceil(self.revert_remaining_s())),
-                    "WRmp": round(100 * r.ramp_w_per_s / r.w_max), "WRmpRef": 1}
+                    "WMaxLimPctRvrtRem": int(math.ceil(self.limit_revert_remaining_s())),
+                    "WRmp": c["WRmp"] if c["WRmp"] is not None else round(100 * r.ramp_w_per_s / r.w_max)}
+        if model_id == 703:
+            return {**sf, **{k: self.controls[k] for k in ENTER_SERVICE_DEFAULTS},
+                    "ESDlyRemTms": int(math.ceil(self.enter_service_remaining_s()))}
         if model_id == 713:
             soc = self.soc_pct
             return {**sf, "WHRtg": r.wh_rtg, "WHAvail": None if soc is None else r.wh_rtg * soc / 100,
@@ -226,9 +322,41 @@ class InverterModel:
 
     def register_map(self, base: int = DEFAULT_BASE) -> SunSpecMap:
         sunspec = SunSpecMap(base)
-        for model_id in MODELS:
+        for model_id in SIM_MODELS:
             sunspec.add(model_id, self.values(model_id))
         return sunspec
+
+
+def _pipelined_server_class() -> type:
+    """pymodbus' TCP server, answering every request a TCP segment carries (SunSpec TCP-3).
+
+    pymodbus 3.16 decodes one frame per segment received and leaves the rest in its buffer,
+    which sending the answer then empties (a client's habit), so a client that sends several
+    requests at once never hears about all but the first. This handler keeps what followed
+    the request being answered and serves it once the answer is sent, in order. (A request
+    arriving while another is being answered is pymodbus' own race; the gateway's client never
+    sends one.) Built on first use: the simulator imports pymodbus only when it serves.
+    """
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.server.requesthandler import ServerRequestHandler
+
+    class PipelinedHandler(ServerRequestHandler):
+        async def handle_request(self) -> None:
+            following = self.recv_buffer  # `send` empties the buffer: keep what came after this request
+            await super().handle_request()
+            self.recv_buffer = following + self.recv_buffer
+            if self.recv_buffer:  # the next request of the same segment: frame and answer it
+                self.datagram_received(b"", None)
+
+    class PipelinedTcpServer(ModbusTcpServer):
+        def callback_new_connection(self) -> ServerRequestHandler:
+            return PipelinedHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+    return PipelinedTcpServer
+
+
+def _PipelinedTcpServer(*args: Any, **kwargs: Any) -> Any:
+    return _pipelined_server_class()(*args, **kwargs)
 
 
 class SimInverterServer:
@@ -246,7 +374,7 @@ class SimInverterServer:
 
     async def start(self) -> int:
         """Listen; return the TCP port (0 for a serial line)."""
-        from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+        from pymodbus.server import ModbusSerialServer
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         block = SimData(self.map.base, values=self.map.registers(), datatype=DataType.REGISTERS)
@@ -255,7 +383,7 @@ class SimInverterServer:
             self._server = ModbusSerialServer(device, port=self.rtu, baudrate=self.baudrate,
                                               ignore_missing_devices=True)
         else:
-            self._server = ModbusTcpServer(device, address=(self.host, self.port), ignore_missing_devices=True)
+            self._server = _PipelinedTcpServer(device, address=(self.host, self.port), ignore_missing_devices=True)
         await self._server.serve_forever(background=True)
         transport = self._server.transport
         sockets = getattr(transport, "sockets", None)
@@ -333,15 +461,31 @@ class SimInverterServer:
         if any(not p.writable or p.offset < rel or p.offset + p.size > rel + len(values) for p in points):
             return ExcCodes.ILLEGAL_ADDRESS
         decoded = mdef.decode(values, rel, sfs=SCALE.get(mdef.id, {}))
-        for p in points:
-            value = decoded[p.name]
-            if p.symbols and p.type.startswith("enum") and value is not None and value not in p.symbols.values():
-                return ExcCodes.ILLEGAL_VALUE
+        if any(not self._in_range(p, decoded[p.name]) for p in points):
+            return ExcCodes.ILLEGAL_VALUE
         for p in points:
             if decoded[p.name] is not None:
                 self.model.write(p.name, decoded[p.name])
         self.writes += 1
         return None
+
+    def _in_range(self, p: Any, value: Any) -> bool:
+        """Whether a written value is one this inverter can take (the conformance "rejection" rule)."""
+        if value is None:
+            return True  # "not implemented": leaves the point as it is
+        if p.symbols and p.type.startswith("enum"):
+            return value in p.symbols.values()
+        rated = self.model.ratings.w_max
+        if p.name in ("WSet", "WSetRvrt"):
+            return abs(value) <= rated
+        if p.name == "WMax":
+            return 0 <= value <= rated
+        bounds = PCT_RANGES.get(p.name) or HZ_RANGES.get(p.name)
+        if bounds is not None:
+            return bounds[0] <= value <= bounds[1]
+        if p.units == "Secs":
+            return 0 <= value <= SECONDS_MAX
+        return True
 
 
 # --- standalone ---------------------------------------------------------------------
@@ -382,7 +526,7 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot listen on {args.rtu or args.listen}: {err}") from None
         where = f"RTU {args.rtu}" if args.rtu else f"{host}:{bound}"
         print(f"simulated inverter (11.5 kW, unit {args.unit_id}) serving SunSpec models "
-              f"{', '.join(map(str, MODELS))} on {where}; Ctrl-C stops", flush=True)
+              f"{', '.join(map(str, SIM_MODELS))} on {where}; Ctrl-C stops", flush=True)
         try:
             await run_realtime(model, server, ConstantPack())
         finally:

@@ -16,12 +16,13 @@ from firmware_py.sim.faults import SCENARIO_FAULT_KINDS, BmsFault
 
 from firmware_py.bms.reader import load_dbc
 from firmware_py.config import bundled_dbc
-from firmware_py.core.types import Verdict
+from firmware_py.core.types import ReasonCode, Verdict
 from firmware_py.errors import InputError
 from firmware_py.quoting import shown
 from firmware_py.schema import load_table, read_toml, spec
 
 VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
+REASONS = tuple(r.value for r in ReasonCode)  # what expect.reasons may name
 
 DEFAULT = "summer-peak.toml"
 BENCH_DBC = "cybertruck_bms.dbc"
@@ -54,6 +55,16 @@ class OwnerSection:
 @dataclass(frozen=True)
 class AggregatorSection:
     kind: str = spec("scripted", choices=("scripted", "openadr", "sunspec"))
+    revert_s: int = spec(60, lo=0, hi=3_600, doc="sunspec: the site controller's WSetRvrtTms, refreshed every "
+                                                 "third of it; 0: written without the revert function")
+
+
+@dataclass(frozen=True)
+class InverterSection:
+    """The simulated inverter's IEEE 1547 enter-service settings (model 703)."""
+
+    enter_service_delay_s: float = spec(300, lo=0, hi=3_600, doc="ESDlyTms: no power after a grid return")
+    enter_service_ramp_s: float = spec(300, lo=0, hi=3_600, doc="ESRmpTms: then a ramp to the full rating")
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,7 @@ class Expect:
     final_state: str = spec("")
     max_safe_after_s: float = spec(-1, lo=-1, hi=MAX_RUN_S, doc="every fault: inverter at 0 W (or backup) within this")
     answers: dict[str, str] = spec({}, doc="event id -> accepted | accepted_capped | rejected")
+    reasons: dict[str, str] = spec({}, doc="event id -> the reason code its refusal must carry")
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Scenario:
     vehicle: VehicleSection = field(default_factory=VehicleSection)
     owner: OwnerSection = field(default_factory=OwnerSection)
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
+    inverter: InverterSection = field(default_factory=InverterSection)
     dispatch: tuple[Dispatch, ...] = ()
     cancel: tuple[Cancel, ...] = ()
     owner_change: tuple[OwnerChange, ...] = ()
@@ -168,4 +181,9 @@ def _cross_checks(s: Scenario) -> list[str]:
         if verdict not in VERDICTS:
             problems.append(f"expect.answers.{event_id}: {verdict!r} is not {', '.join(VERDICTS[:-1])} "
                             f"or {VERDICTS[-1]}")
+    for event_id, reason in s.expect.reasons.items():
+        if event_id not in ids:
+            problems.append(f"expect.reasons.{event_id}: no dispatch has that id")
+        if reason not in REASONS:
+            problems.append(f"expect.reasons.{event_id}: {reason!r} is not a reason code ({', '.join(REASONS)})")
     return problems

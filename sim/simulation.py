@@ -44,6 +44,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal import files as journal_files
 
 _channels = itertools.count()
 
@@ -132,6 +133,8 @@ class Simulation:
         self.node = BmsNode(self.battery, self.node_bus, dbc, seed=s.run.seed)
         day_offset = s.run.start_hour * 3600
         self.model = InverterModel(home_load=lambda now: default_home_load(now + day_offset), now=0.0)
+        self.model.write("ESDlyTms", s.inverter.enter_service_delay_s)
+        self.model.write("ESRmpTms", s.inverter.enter_service_ramp_s)
         self.server = SimInverterServer(self.model)
         port = await self.server.start()
         self.config = self._config(port)
@@ -286,7 +289,7 @@ class Simulation:
         if key == self._last_trace and self.t + 1e-9 < self._next_trace_t:
             return
         self._last_trace, self._next_trace_t = key, math.floor(self.t + 1e-9) + 1.0
-        self.floor_violations += soc < floor and self.model.ac_power_w > 0  # energy leaving below the floor
+        self.floor_violations += floor_violation(soc, floor, self.model.ac_power_w)
         self.records += 1
         record = {"t": _round(self.t), "state": c.mode.value, "soc_pct": round(soc, 4), "floor_pct": round(floor, 3),
                   "setpoint_w": round(cmd.setpoint_w, 1), "inverter_w": round(self.model.ac_power_w, 1),
@@ -349,6 +352,9 @@ class Simulation:
         for event_id, verdict in e.answers.items():
             got = summary["answers"].get(event_id)
             checks.append((f"answer {event_id}", got == verdict, f"{got} == {verdict}"))
+        for event_id, reason in e.reasons.items():
+            got = (summary["answer_details"].get(event_id) or {}).get("reason")
+            checks.append((f"reason {event_id}", got == reason, f"{got} == {reason}"))
         if e.max_safe_after_s >= 0:
             for w in summary["faults"]:
                 safe = w["safe_after_s"]
@@ -365,14 +371,20 @@ def _replace_bench_journal(path: Path) -> None:
     if path.exists():
         try:
             with Journal.open(path, readonly=True) as old:
-                first = old.records()[:1]
+                first = next(old.iter_records(), None)
         except InputError:
-            first = []
-        if not first or first[0].kind != BENCH_MARK:
+            first = None
+        if first is None or first.kind != BENCH_MARK:
             raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
                              "(give --journal a new file)")
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
+    journal_files.remove_all(path)  # its anchors and key too: they belong to the run they checkpointed
+
+
+def floor_violation(soc_pct: float, floor_pct: float, inverter_w: float) -> bool:
+    """One trace record's share of `floor_violations` (DESIGN §3.8): energy left the pack
+    (`inverter_w > 0`) while its true SoC was below the floor in force. A truck that starts below
+    its floor and stays idle, or charges back up to it, has none."""
+    return inverter_w > 0 and soc_pct < floor_pct
 
 
 def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:

@@ -314,6 +314,15 @@ class LoopbackVtn:
         self.server.cancel_event(self._require_ven(), event_id)
         self._requeue(event)
 
+    def withdraw_event(self, event_id: str) -> None:
+        """Stop distributing the event without marking it cancelled: the next distribution lacks it,
+        and the VEN must infer the cancellation (OpenADR 2.0b implicit cancellation)."""
+        ven_id = self._require_ven()
+        event = self._event(event_id)
+        self.server.events[ven_id].remove(event)
+        self.server.event_callbacks.pop(event_id, None)
+        self.server.events_updated[ven_id] = True
+
     def add_raw_event(self, event: objects.Event | dict[str, Any]) -> None:
         """Queue an event exactly as given (for payloads add_event cannot express)."""
         number = utils.getmember(event, "event_descriptor.modification_number")

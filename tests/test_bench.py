@@ -26,7 +26,7 @@ from firmware_py.core.replay import replay
 from firmware_py.journal import Journal, codec, event_summaries
 from firmware_py.journal.steps import decode_start, journaled_steps
 from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, floor_violation
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:
 # the default once below, the protocol ones shortened in test_bench_aggregators.py.
@@ -42,6 +42,9 @@ SCALE = {"grid-outage.toml": 1 / 16, "budget-limited.toml": 1 / 16, "owner-opt-o
 DEFAULT_SCALE = 1 / 8
 # These two have their own shortened tests below, with the bundled checks and what the run is for.
 OWN_TESTS = {"grid-outage.toml", "budget-limited.toml"}
+# Short enough to run whole in the fast tier (their times are physical: a 300 s enter-service delay,
+# a pack emptied to its floor), each with its own test below; the slow tier does not repeat them.
+WHOLE_IN_FAST_TIER = {"grid-return.toml", "open-ended-sunspec.toml"}
 
 
 def shortened(name: str) -> scenario.Scenario:
@@ -89,12 +92,12 @@ def run_and_check(loaded: scenario.Scenario, tmp_path: Path) -> tuple[Outcome, l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", QUICK)
+@pytest.mark.parametrize("name", [name for name in QUICK if name not in WHOLE_IN_FAST_TIER])
 def test_bundled_scenario_passes_its_checks(name, tmp_path):
     run_and_check(scenario.load(scenario.bundled(name)), tmp_path)
 
 
-@pytest.mark.parametrize("name", [name for name in QUICK if name not in OWN_TESTS])
+@pytest.mark.parametrize("name", [name for name in QUICK if name not in OWN_TESTS | WHOLE_IN_FAST_TIER])
 def test_shortened_scenario_passes_the_bundled_checks(name, tmp_path):
     full, short = scenario.load(scenario.bundled(name)), shortened(name)
     assert short.run.duration_s < full.run.duration_s and short.expect.answers == full.expect.answers
@@ -127,6 +130,86 @@ def test_shortened_budget_limited_event_is_capped_and_stops_above_the_floor(tmp_
     serving = [r for r in records if r["event_id"] == event.id and r["inverter_w"] > 0]
     assert serving and max(r["inverter_w"] for r in serving) <= cap_w + 1
     assert outcome.summary["min_soc_pct"] >= short.expect.min_soc_pct
+
+
+def test_grid_return_waits_the_enter_service_delay_then_ramps_in(tmp_path):
+    """IEEE 1547 enter service, end to end: an event runs, a 300 s outage (BACKUP), then the grid
+    returns: 0 W and new dispatch refused (ENTER_SERVICE_DELAY) for the 300 s delay the gateway reads
+    from model 703, then the inverter ramps to full power over 300 s and the event is served again."""
+    loaded = scenario.load(scenario.bundled("grid-return.toml"))
+    outcome, records = run_and_check(loaded, tmp_path)  # includes: the refusal's reason, final DISCHARGE
+    (outage,) = loaded.fault
+    back = outage.at_s + outage.duration_s
+    delay, ramp = loaded.inverter.enter_service_delay_s, loaded.inverter.enter_service_ramp_s
+
+    def at(t: float) -> dict:
+        return next(r for r in records if r["t"] >= t)
+
+    assert at(outage.at_s + 10)["state"] == "BACKUP"
+    waiting = [r for r in records if back + 2 <= r["t"] < back + delay]
+    assert waiting and all(r["inverter_w"] == 0 and r["setpoint_w"] == 0 for r in waiting)
+    assert at(back + 50)["reason"].startswith("enter service: grid back: export may resume in")
+    assert "export may resume in" in outcome.summary["answer_details"]["during-delay"]["detail"]
+    halfway = at(back + delay + ramp / 2)
+    assert halfway["inverter_w"] == pytest.approx(11_500 / 2, rel=0.05)  # the ramp, not a step
+    assert at(back + delay + ramp + 5)["inverter_w"] == pytest.approx(11_500)
+
+
+class Watched(Simulation):
+    """The bench, noting the gateway's telemetry once, at `at_s`: what the status showed then."""
+
+    def __init__(self, loaded: scenario.Scenario, options: SimulationOptions, at_s: float) -> None:
+        super().__init__(loaded, options)
+        self.at_s, self.seen = at_s, None
+
+    def _trace_step(self) -> None:
+        if self.seen is None and self.t >= self.at_s:
+            self.seen = self.gateway.telemetry()
+        super()._trace_step()
+
+
+def test_an_open_ended_setpoint_is_served_at_full_power_until_the_envelope_takes_over(tmp_path):
+    """Issue 12's bench: WSet = 11500 written once without a revert timer to a 20 kWh pack at 45 %
+    (floor 42 %). At least 80 % of the energy the gateway saw above the floor leaves at the requested
+    power; the status said, early on, when the floor's envelope would start to reduce it."""
+    loaded = scenario.load(scenario.bundled("open-ended-sunspec.toml"))
+    (setpoint,) = loaded.dispatch
+    trace = (tmp_path / "trace.jsonl").open("w")
+    sim = Watched(loaded, SimulationOptions(trace=trace, journal_path=tmp_path / "j.sqlite"), setpoint.start_s + 5)
+    outcome = asyncio.run(sim.run())
+    trace.close()
+    assert [c for c in outcome.checks if not c[1]] == [] and outcome.summary["floor_violations"] == 0
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    seen = sim.seen
+    assert seen.verdict.value == "accepted" and seen.cap_w is None and seen.envelope_in_s > 60
+    above_floor_wh = seen.available_wh + seen.meter_wh  # what the gateway saw above the floor at the start
+    full = sum(r["inverter_w"] * (b["t"] - r["t"]) / 3600 for r, b in zip(records, records[1:])
+               if r["inverter_w"] >= 0.98 * setpoint.target_w)
+    assert full >= 0.8 * above_floor_wh, (full, above_floor_wh)
+    reached = next(r["t"] for r in records if r["setpoint_w"] >= setpoint.target_w)
+    reduced = next(r["t"] for r in records if r["t"] > reached and r["setpoint_w"] < setpoint.target_w)
+    assert reduced == pytest.approx(sim.at_s + seen.envelope_in_s, abs=15)  # the status said when
+
+
+def test_a_truck_below_its_floor_left_idle_counts_no_floor_violation(tmp_path):
+    """DESIGN §3.8: a violation is energy leaving the pack below the floor, not a low SoC."""
+    below = replace(scenario.Scenario(), run=scenario.RunSection(duration_s=20),
+                    vehicle=scenario.VehicleSection(initial_soc_pct=38, usable_capacity_wh=20_000),
+                    name="below-floor")
+    trace = (tmp_path / "trace.jsonl").open("w")
+    outcome = asyncio.run(Simulation(below, SimulationOptions(trace=trace, journal_path=tmp_path / "j.sqlite")).run())
+    trace.close()
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert records and all(r["soc_pct"] < r["floor_pct"] for r in records)  # below the floor throughout
+    assert outcome.summary["floor_violations"] == 0 and outcome.passed
+
+
+@pytest.mark.parametrize("soc, floor, inverter_w, counted", [
+    (38.0, 42.0, 0.0, False), (38.0, 42.0, -3_000.0, False), (38.0, 42.0, 5.0, True), (43.0, 42.0, 5_000.0, False),
+])
+def test_a_trace_record_is_a_floor_violation_only_when_energy_leaves_below_the_floor(soc, floor, inverter_w,
+                                                                                    counted):
+    assert floor_violation(soc, floor, inverter_w) is counted
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_garbled_frames_never_raise_and_are_mostly_caught(bench):
 def test_unknown_fault_names_the_valid_kinds(bench):
     with pytest.raises(ValueError, match="can_silence.*wrong_length"):
         bench.node.inject("meteor")
-    assert len(FAULT_KINDS) == 8
+    assert len(FAULT_KINDS) == 9  # the fault matrix added message_silence
 
 
 def test_falling_behind_sends_one_frame_per_message_not_a_burst(bench):

@@ -12,13 +12,16 @@ from hypothesis import strategies as st
 from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.answers import Judgement, invalid_reason, judge
+from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchEnded,
     DispatchKind,
     DispatchRequest,
+    EventEnergy,
     JournalHealth,
     ReasonCode,
+    Tick,
     Verdict,
     describe,
     is_finite_number,
@@ -70,16 +73,46 @@ def test_the_controller_remembers_the_journal_until_it_recovers():
     assert answer_of(step(c, [discharge("later", 4.0, 4, 100)], 4.0), "later").verdict is Verdict.ACCEPTED
 
 
-def test_a_failing_journal_leaves_running_events_and_repeats_alone():
-    """Only new promises are refused: an event already running keeps running (its energy is
-    queued for the journal), and the same request again still gets its original answer."""
+def test_a_failing_journal_holds_a_running_event_at_zero_and_it_resumes_when_the_journal_returns():
+    """Energy the gateway cannot account for is not delivered: a running discharge drops to 0 W at once
+    with the journal's reason, stays in force (not ended, no new energy record), the same request
+    again still gets its original answer, and power comes back once the journal writes again."""
     req = discharge("e1", 0.0, 0, 100, target=5_000)
     c = step(ready(), [req], 0.0).controller
-    c = step(c, [bms(3.0), inverter(3.0), JournalHealth(3.0, False, "disk full")], 3.0).controller
+    c = step(c, [bms(2.0), inverter(2.0)], 2.0).controller
     assert c.mode is Mode.DISCHARGE and c.setpoint_w > 0
-    again = step(c, [replace(req, received_at=3.0)], 3.0)
+    held = step(c, [bms(3.0), inverter(3.0), JournalHealth(3.0, False, "disk full")], 3.0)
+    assert held.controller.mode is Mode.STANDBY
+    assert held.command.setpoint_w == 0
+    assert held.command.reason == f"{JOURNAL_HOLD}: disk full"
+    assert not [e for e in held.events if isinstance(e, (DispatchEnded, EventEnergy))]
+    c = held.controller
+    for t in (4.0, 5.0):  # still failing: still held, whatever else arrives
+        r = step(c, [bms(t), inverter(t), Tick(t)], t)
+        assert (r.controller.mode, r.command.setpoint_w, r.command.reason) == (Mode.STANDBY, 0, held.command.reason)
+        c = r.controller
+    again = step(c, [replace(req, received_at=5.0)], 5.0)
     assert answer_of(again, "e1").verdict is Verdict.ACCEPTED
-    assert not [e for e in again.events if isinstance(e, DispatchEnded)]
+    resumed = step(again.controller, [bms(6.0), inverter(6.0), JournalHealth(6.0, True)], 6.0)
+    assert resumed.controller.mode is Mode.DISCHARGE and resumed.controller.serving_id == "e1"
+    later = step(resumed.controller, [bms(7.0), inverter(7.0), Tick(7.0)], 7.0)
+    assert later.command.setpoint_w > 0
+
+
+def test_a_failing_journal_holds_a_running_charge_too():
+    c = step(ready(soc=60.0), [DispatchRequest("c1", "test", DispatchKind.CHARGE, 3_000, 0, 100, received_at=0)],
+             0.0).controller
+    c = step(c, [bms(1.0, soc=60.0), inverter(1.0)], 1.0).controller
+    assert c.mode is Mode.CHARGE and c.setpoint_w < 0
+    held = step(c, [bms(2.0, soc=60.0), inverter(2.0), JournalHealth(2.0, False, "locked")], 2.0)
+    assert (held.controller.mode, held.command.setpoint_w) == (Mode.STANDBY, 0)
+
+
+def test_an_outage_outranks_the_journal_hold():
+    """Backing up the home is never credited, so it needs no journal: it outranks the hold."""
+    c = step(ready(), [discharge("e1", 0.0, 0, 100, target=5_000)], 0.0).controller
+    c = step(c, [bms(1.0), inverter(1.0, grid_outage=True), JournalHealth(1.0, False, "disk full")], 1.0).controller
+    assert c.mode is Mode.BACKUP and c.setpoint_w > 0
 
 
 def test_a_stop_is_still_accepted_while_the_journal_fails():

@@ -29,6 +29,7 @@ from firmware_py.core.types import (
     OwnerSettings,
     PackContactor,
     ReasonCode,
+    SiteLimit,
     Stall,
     Tick,
     Verdict,
@@ -47,11 +48,14 @@ bms_snapshots = st.builds(
     stale=st.lists(st.sampled_from(["soc_min_pct", "max_discharge_w", "bms_state", "max_temp_c"]), max_size=2))
 
 inverter_statuses = st.builds(
-    lambda age, ok, state, outage, rating: inverter(
+    lambda age, ok, state, outage, rating, entering: inverter(
         T - age, comms_ok=ok, error=None if ok else "timeout", inv_state=state, grid_outage=outage,
-        w_max_rtg=rating, w_discha_max_rtg=rating, w_cha_max_rtg=rating),
+        w_max_rtg=rating, w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=entering),
     age=st.floats(0, 5), ok=st.booleans(), state=st.sampled_from(list(InverterState)), outage=st.booleans(),
-    rating=st.floats(0, 20_000))
+    rating=st.floats(0, 20_000), entering=st.sampled_from([0.0, 0.0, 0.0, 120.0]))
+
+site_limits = st.builds(SiteLimit, st.just(T), st.sampled_from(["sunspec", "owner"]),
+                        st.none() | st.floats(0, 20_000) | st.just(math.nan))
 
 requests = st.builds(
     lambda rid, kind, target, start, length, ramp: DispatchRequest(
@@ -73,7 +77,7 @@ journal_reports = st.builds(JournalHealth, st.just(T), st.booleans(), st.sampled
 inputs = st.one_of(bms_snapshots, inverter_statuses, requests, owners, st.just(Tick(T)), journal_reports,
                    st.just(InstallerReset(T)), st.builds(DispatchCancel, st.sampled_from(["a", "b"]),
                                                          st.just("agg"), st.just(T)),
-                   st.builds(Stall, st.just(T), st.floats(0.3, 600)))
+                   st.builds(Stall, st.just(T), st.floats(0.3, 600)), site_limits)
 
 
 @st.composite
@@ -108,6 +112,9 @@ def test_every_command_is_within_every_limit(c, items):
     assert abs(w) <= (after.bms.max_discharge_w if w > 0 else after.bms.max_charge_w) + 1e-6
     assert abs(w) <= rating + 1e-6 or rating == 0
     assert abs(w) <= (POLICY.max_discharge_w if w > 0 else POLICY.max_charge_w) + 1e-6
+    if after.mode is not Mode.BACKUP:  # a site controller's limit: what goes to the grid
+        assert abs(w) <= after.site_limit_w(discharge=w > 0) + 1e-6
+        assert after.inverter.enter_service_s == 0, "power during the inverter's enter-service delay"
     if w > 0:
         assert after.bms.soc_min_pct > after.floor_pct(T)
         assert after.mode in (Mode.DISCHARGE, Mode.BACKUP)
@@ -120,6 +127,22 @@ def test_every_command_is_within_every_limit(c, items):
         charge_asked = in_force is not None and in_force.request.kind is DispatchKind.CHARGE
         assert charge_asked or (after.owner.storm_watch(T) is not None and not after.outage(T)), \
             "charging with neither a charge request nor a storm watch"
+
+
+@given(controllers(), st.lists(inputs, max_size=4), st.booleans(), st.sampled_from(["disk full", "locked"]))
+def test_while_the_journal_fails_only_backup_moves_energy(c, items, failing_before, detail):
+    """Energy the gateway cannot account for is not delivered: from any state, once the newest journal
+    report says it fails (remembered from before, or arriving in this step), dispatch holds at 0 W;
+    only the islanded home's backup, which is never credited, may draw on the pack."""
+    if failing_before:
+        c = replace(c, journal=JournalHealth(T - 1, False, detail))
+        items = [i for i in items if not isinstance(i, JournalHealth)]
+    else:
+        items = [*items, JournalHealth(T, False, detail)]
+    result = step(c, items, T)
+    assert result.controller.mode not in (Mode.DISCHARGE, Mode.CHARGE)
+    if result.command.setpoint_w != 0:
+        assert result.controller.mode is Mode.BACKUP and result.command.setpoint_w > 0
 
 
 @given(controllers(), st.lists(inputs, max_size=4))

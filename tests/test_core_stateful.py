@@ -34,6 +34,7 @@ from firmware_py.core.types import (
     JournalHealth,
     OwnerSettings,
     ReasonCode,
+    SiteLimit,
     Stall,
     Tick,
 )
@@ -64,6 +65,7 @@ class GatewayWorld(RuleBasedStateMachine):
         self.bms_state_visible = True
         self.temp_c = 30.0
         self.outage = False
+        self.entering_s = 0.0  # the inverter's enter-service delay left (after a grid return)
         self.inv_fault = False
         self.last_present = {kind: -math.inf for kind in INJECTED}
         self.ids: list[str] = []
@@ -124,7 +126,7 @@ class GatewayWorld(RuleBasedStateMachine):
             self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
                           max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
                       inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
-                               grid_connected=not self.outage))
+                               grid_connected=not self.outage, enter_service_s=self.entering_s))
 
     @rule(power=st.floats(500, 20_000), duration=st.floats(10, 4 * 3600), dt=st.floats(0.01, 0.4),
           steps=st.integers(1, 60), noise=st.floats(0, 1))
@@ -134,24 +136,30 @@ class GatewayWorld(RuleBasedStateMachine):
         self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
                       max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
                   inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
-                           grid_connected=not self.outage),
+                           grid_connected=not self.outage, enter_service_s=self.entering_s),
                   DispatchRequest(self.ids[-1], "agg", DispatchKind.DISCHARGE, power, self.now, self.now + duration,
                                   received_at=self.now))
         self.healthy_run(dt, noise, 1.0, steps)
 
     @rule(outage=st.booleans(), fault=st.booleans(), comms=st.sampled_from([True, True, True, False]),
-          rating=st.sampled_from([11_500.0, 7_600.0]))
-    def inverter_update(self, outage, fault, comms, rating):
+          rating=st.sampled_from([11_500.0, 7_600.0]), entering=st.sampled_from([0.0, 0.0, 0.0, 300.0]))
+    def inverter_update(self, outage, fault, comms, rating, entering):
         self.outage, self.inv_fault = outage, fault and comms
+        self.entering_s = 0.0 if outage else entering
         self.note_conditions()
         self.feed(inverter(self.now, comms_ok=comms, error=None if comms else "timeout", grid_outage=outage,
                            grid_connected=not outage, measured_w=self.applied_w, w_max_rtg=rating,
-                           w_discha_max_rtg=rating, w_cha_max_rtg=rating,
+                           w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=self.entering_s,
                            inv_state=InverterState.FAULT if fault else InverterState.RUNNING))
+
+    @rule(limit=st.none() | st.floats(0, 15_000), source=st.sampled_from(["sunspec", "owner"]))
+    def site_limit(self, limit, source):
+        """A site controller (or another source) sets or lifts the site limit."""
+        self.feed(SiteLimit(self.now, source, limit))
 
     @rule(kind=st.sampled_from([DispatchKind.DISCHARGE] * 4 + [DispatchKind.CHARGE, DispatchKind.STOP]),
           power=st.floats(500, 20_000) | st.floats(500, 20_000) | st.floats(-100, 100),
-          start=st.floats(-10, 20), duration=st.floats(1, 4 * 3600) | st.floats(-5, 5),
+          start=st.floats(-10, 20), duration=st.floats(1, 4 * 3600) | st.floats(-5, 5) | st.just(math.inf),
           ramp=st.none() | st.none() | st.floats(0, 5_000), reuse=st.booleans())
     def dispatch(self, kind, power, start, duration, ramp, reuse):
         rid = self.ids[-1] if reuse and self.ids else f"e{len(self.ids)}"
@@ -257,6 +265,11 @@ class GatewayWorld(RuleBasedStateMachine):
         for answer in (e for e in result.events if isinstance(e, DispatchAnswer)):
             if answer.reason is ReasonCode.STORM_WATCH:
                 assert storm is not None, "refused STORM_WATCH without a storm watch"
+        if c.journal_failing():
+            assert w == 0 or c.mode is Mode.BACKUP, f"{w} W in {c.mode} while the journal fails"
+        if w != 0 and c.mode is not Mode.BACKUP:
+            assert abs(w) <= c.site_limit_w(discharge=w > 0) + 1e-6, "above the site limit in force"
+            assert inv.enter_service_s == 0, f"{w} W during the inverter's enter-service delay"
         for e in result.events:
             if isinstance(e, FaultCleared) and e.kind in INJECTED:
                 assert self.now - self.last_present[e.kind] >= self.policy.fault_holdoff_s - 1e-9, \

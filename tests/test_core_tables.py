@@ -13,6 +13,7 @@ import pytest
 
 from core_builders import POLICY, bms, discharge, inverter
 from firmware_py.core import Controller, Mode, step
+from firmware_py.core.energy import delivered_wh
 from firmware_py.core.types import (
     BmsState,
     ContactorState,
@@ -185,7 +186,9 @@ def answers(results):
     (discharge("x", 0.0, 20, 10), ReasonCode.INVALID),
     (discharge("x", 0.0, 10, 20, target=-5), ReasonCode.INVALID),
     (discharge("x", 0.0, 10, 20, target=math.nan), ReasonCode.INVALID),
-    (discharge("x", 0.0, 10, math.inf), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, -math.inf), ReasonCode.INVALID),
+    (discharge("x", 0.0, 10, math.nan), ReasonCode.INVALID),
+    (discharge("x", 0.0, math.inf, math.inf), ReasonCode.INVALID),
     (discharge("x", 0.0, 10, 20, ramp_w_per_s=0), ReasonCode.INVALID),
     (discharge("x", 0.0, -20, -10), ReasonCode.EXPIRED),
 ])
@@ -308,7 +311,9 @@ def test_a_refused_revision_ends_the_event_but_keeps_its_energy():
     owner = OwnerSettings(reserve_pct=40, received_at=2.5, opt_out_events=frozenset())
     r = step(c, [bms(2.5), owner, discharge("e1", 2.5, 2.5, 2.0, target=4_000, revision=1)], 2.5)  # invalid
     entry = r.controller.book.find("e1")
-    assert entry.accepted and entry.ended and entry.meter_wh == pytest.approx(2.0)
+    assert entry.ended and entry.meter_wh == pytest.approx(2.0)
+    assert (entry.request.revision, entry.answer.reason) == (1, ReasonCode.INVALID)  # a repeat gets this answer
+    assert delivered_wh(r.controller) == {"e1": pytest.approx(2.0)}
 
 
 def test_a_cancel_from_another_source_is_ignored():

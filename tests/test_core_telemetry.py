@@ -15,6 +15,7 @@ from firmware_py.core.types import (
     FaultKind,
     JournalHealth,
     OwnerSettings,
+    ReasonCode,
     Verdict,
 )
 
@@ -25,7 +26,8 @@ def test_before_any_data():
                           available_wh=0.0, active_event_id=None, reason="starting: waiting for BMS and inverter data",
                           faults=(), reserve_pct=40, verdict=None, cap_w=None, meter_wh=None, bms_age_s=None,
                           inverter_age_s=None, journal_ok=True, ratings=DerRatings.of(POLICY, None),
-                          inverter_meters_wh=None)
+                          inverter_meters_wh=None, refusal=ReasonCode.NO_DATA,
+                          refusal_detail="no fresh BMS or inverter data", site_limit_w=POLICY.max_discharge_w)
 
 
 def test_serving_an_event():

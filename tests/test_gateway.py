@@ -10,8 +10,11 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+from core_builders import bms, inverter
+
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
+from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchKind,
@@ -19,6 +22,7 @@ from firmware_py.core.types import (
     EventEnergy,
     OwnerSettings,
     ReasonCode,
+    Verdict,
 )
 from firmware_py.journal import Journal, RecordKind
 
@@ -90,3 +94,96 @@ def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
         final = journal.records(RecordKind.EVENT_ENERGY)[-1]
     assert ended.payload["request_id"] == "peak" and ended.at == 500.0
     assert final.payload["final"] is True and final.payload["meter_wh"] == 180.0  # 150 + the 30 Wh gap
+
+
+def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_answer_lands_after(tmp_path):
+    """Energy the gateway cannot account for is not delivered: with the journal locked by another
+    writer, the event running at 3 kW drops to 0 W (the core's reason says why), a change of
+    request is refused JOURNAL_UNAVAILABLE, and once the journal writes again every request,
+    answer and transition of the outage is in it and the event resumes."""
+    path = tmp_path / "journal.sqlite"
+    clock = [0.0]
+    assembly = gateway_on(path, clock)
+    gateway = assembly.gateway
+
+    def at(t: float, *inputs):
+        clock[0] = t
+        return gateway.feed(bms(t), inverter(t), *inputs)
+
+    try:
+        at(0.0)
+        assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
+        assert at(2.0).command.setpoint_w > 0
+        assert gateway.flush_journal() > 0
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the journal cannot take a write from here on
+        t = 2.0
+        while not any(isinstance(e, EventEnergy) for e in at(t).events):  # a minute on, its energy record is due
+            t += 1.0
+        assert gateway.command.setpoint_w > 0
+        assert gateway.flush_journal() == 0  # failed: the records stay queued, the core hears of it
+        held = (0.0, f"{JOURNAL_HOLD}: {gateway.controller.journal.detail}")
+        assert (gateway.command.setpoint_w, gateway.command.reason) == held
+        changed = at(t + 1, replace(request(2, t + 1), target_w=5_000))
+        assert changed.answer_for("r2").reason is ReasonCode.JOURNAL
+        for later in (t + 2, t + 3):
+            assert at(later).command.setpoint_w == 0
+            assert gateway.flush_journal() == 0
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert gateway.flush_journal() > 0  # everything queued lands; the core hears the journal is back
+        assert at(t + 4).command.setpoint_w > 0
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        assert journal.verify() == []
+        requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]
+        answers = [(r.payload["request_id"], r.payload["reason"]) for r in journal.records(RecordKind.DISPATCH_ANSWER)]
+        moves = [(r.payload["from_state"], r.payload["to_state"], r.payload["reason"])
+                 for r in journal.records(RecordKind.TRANSITION)]
+        ended = journal.records(RecordKind.DISPATCH_ENDED)
+        energies = journal.records(RecordKind.EVENT_ENERGY)
+    assert requests == ["r1", "r2"]
+    assert answers == [("r1", None), ("r2", "JOURNAL_UNAVAILABLE")]
+    assert any(to == "STANDBY" and why.startswith(JOURNAL_HOLD) for _, to, why in moves)
+    assert moves[-1][:2] == ("STANDBY", "DISCHARGE")  # resumed
+    assert not ended  # held, never ended: its energy records go on in one account
+    assert {r.payload["request_id"] for r in energies} == {"r1"} and energies[-1].at == t  # the one queued
+
+
+def test_a_full_disk_refuses_dispatch_loses_nothing_and_recovers_when_space_returns(tmp_path):
+    """SQLite's own "database or disk is full" (its page limit reached, as a full disk gives it)."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    conn = gateway.journal._conn  # the gateway's own connection: the limit must bind its writes
+
+    async def main() -> list:
+        reasons = [await answer(gateway, 1, 0.0)]
+        gateway.flush_journal()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page more
+        for n in range(2, 40):  # enough records to need a new page
+            clock[0] = float(n)
+            reasons.append(await answer(gateway, n, float(n)))
+            if gateway.flush_journal() == 0:
+                break
+        clock[0] += 1
+        reasons.append(await answer(gateway, 100, clock[0]))
+        conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        clock[0] += 1
+        assert gateway.flush_journal() > 0
+        reasons.append(await answer(gateway, 101, clock[0]))
+        return reasons
+
+    try:
+        reasons = asyncio.run(main())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert ReasonCode.JOURNAL in reasons and reasons[-1] is ReasonCode.NO_DATA  # refused while full, then not
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]
+    assert "r100" in requests and "r101" in requests and len(requests) == len(reasons)  # nothing queued lost

@@ -103,3 +103,13 @@ def test_nothing_installs_a_generic_top_level_name():
     packages = pyproject.split("packages = [", 1)[1].split("]", 1)[0]
     names = [line.strip().strip('",') for line in packages.splitlines() if line.strip()]
     assert names and all(n == "firmware_py" or n.startswith("firmware_py.") for n in names), names
+
+
+def test_every_package_of_the_gateway_is_installed():
+    """A package missing from pyproject's list works from a checkout and is absent from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "firmware_py").rglob("__init__.py")
+             if "bundled" not in p.parts}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"

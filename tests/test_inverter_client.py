@@ -53,7 +53,7 @@ def test_discovery_reports_models_ratings_and_common():
     async def scenario(rig):
         disc = rig.client.discovery
         assert disc.base == 40000
-        assert sorted(disc.models) == [1, 701, 702, 704, 713]
+        assert sorted(disc.models) == [1, 701, 702, 703, 704, 713]
         assert disc.common["Mn"] == "powershare-gw"
         assert disc.ratings["WMaxRtg"] == 11_500.0
         assert disc.storage["WHRtg"] == 123_000.0

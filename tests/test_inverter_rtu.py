@@ -132,7 +132,7 @@ KINDS = ["socket", "pty"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_rtu_discovers_reads_and_commands(kind):
     async def scenario(model, client, now, drained):
-        assert sorted(client.discovery.models) == [1, 701, 702, 704, 713]
+        assert sorted(client.discovery.models) == [1, 701, 702, 703, 704, 713]
         await client.apply(InverterCommand(-4_000.0, "charge"))
         model.advance(1.0, 1.0, BIG, BIG)
         st = await client.read_status(setpoint=True)

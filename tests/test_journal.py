@@ -122,10 +122,9 @@ def test_a_batch_is_one_transaction_and_vanishes_whole_when_it_fails(path):
         with journal.batch():
             for i in range(100):
                 journal.append("tick", 2 + i, {"i": i})
-        with pytest.raises(RuntimeError):
-            with journal.batch():
-                journal.append("lost", 200, {})
-                raise RuntimeError("the caller failed mid-batch")
+        with pytest.raises(RuntimeError), journal.batch():
+            journal.append("lost", 200, {})
+            raise RuntimeError("the caller failed mid-batch")
         assert journal.append("after", 201, {}) == 102
         assert [r.kind for r in journal.records()][-2:] == ["tick", "after"]
         assert journal.verify() == []

@@ -153,3 +153,23 @@ def test_a_library_that_sets_its_own_level_on_import_stays_quiet(capsys):
         assert "Adding 0.0 to report" not in err and "mode STANDBY -> DISCHARGE" in err
     finally:
         root.handlers[:], root.level = saved
+
+
+def test_status_shows_when_the_envelope_reduces_power_and_what_blocks_dispatch():
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.core.types import ReasonCode
+    from firmware_py.status import status_document
+
+    serving = Telemetry(at=10.0, mode=Mode.DISCHARGE, soc_pct=44.0, floor_pct=42.0, power_w=11_500.0,
+                        setpoint_w=11_500.0, available_wh=400.0, active_event_id="sunspec-1-1",
+                        verdict=Verdict.ACCEPTED, meter_wh=50.0, envelope_in_s=120.0, site_limit_w=11_500.0,
+                        reserve_pct=40.0)
+    doc = status_document(serving, {}, wall_now=1_750_000_000.0)
+    assert doc["event"]["envelope_from"] == "2025-06-15T15:08:40Z" and doc["dispatch_blocked"] is None
+    assert "envelope reduces power from 2025-06-15T15:08:40Z" in "\n".join(render(doc))
+    blocked = replace(serving, active_event_id=None, refusal=ReasonCode.ENTER_SERVICE,
+                      refusal_detail="grid back: export may resume in 212 s (enter-service delay)")
+    doc = status_document(blocked, {}, wall_now=1_750_000_000.0)
+    assert doc["dispatch_blocked"] == {"reason": "ENTER_SERVICE_DELAY",
+                                       "detail": "grid back: export may resume in 212 s (enter-service delay)"}
+    assert "dispatch: not followed now: ENTER_SERVICE_DELAY" in "\n".join(render(doc))

@@ -62,6 +62,8 @@ class ScriptedSink:
         self.policy = policy
         self.mode = mode
         self.received: list[DispatchRequest | DispatchCancel] = []
+        self.refusal: ReasonCode | None = None  # what the core's telemetry says blocks dispatch now
+        self.improvable: frozenset[str] = frozenset()  # what it says a new revision would serve better
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
         self.received.append(item)
@@ -69,7 +71,8 @@ class ScriptedSink:
 
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
-                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None)
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None, refusal=self.refusal,
+                         improvable=tuple(self.improvable))
 
     def now(self) -> float:
         return time.time()
@@ -114,10 +117,12 @@ def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
             ven, sink = make_ven(vtn), ScriptedSink(mode=Mode.DISCHARGE)
+            sink.refusal = ReasonCode.OUTAGE
             async with serving(ven, sink):
                 await registered(vtn, ven)
                 assert vtn.registrations[0]["ven_name"] == "truck-1"
-                wanted = {"RealPower", "stateOfCharge", "availableEnergy", "gatewayState", "committedPower"}
+                wanted = {"RealPower", "stateOfCharge", "availableEnergy", "gatewayState", "committedPower",
+                          "dispatchBlocked"}
                 await vtn.wait_for(lambda: wanted <= {r.measurement for r in vtn.reports})
         latest = {r.measurement: r.value for r in vtn.reports}
         assert latest["RealPower"] == -1234.0
@@ -125,6 +130,7 @@ def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
         assert latest["availableEnergy"] == 40_000.0
         assert latest["gatewayState"] == 2
         assert latest["committedPower"] == 0.0
+        assert latest["dispatchBlocked"] == 4  # OUTAGE: why an event would not be followed now
 
     run(scenario)
 
@@ -258,6 +264,51 @@ def test_cancellation_mid_event_cancels_the_request() -> None:
                 assert await vtn.wait_for_response(event_id, 1) == "optIn"
         assert [(c.id, c.source) for c in sink.cancels()] == [(event_id, "openadr")]
         assert len(sink.requests()) == 1
+
+    run(scenario)
+
+
+def test_an_event_missing_from_a_later_complete_distribution_is_cancelled_with_that_reason() -> None:
+    """OpenADR 2.0b implicit cancellation: the VTN stops distributing an event without cancelling it."""
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                gone = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                kept = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
+                assert await vtn.wait_for_response(gone) == "optIn" and await vtn.wait_for_response(kept) == "optIn"
+                vtn.withdraw_event(gone)
+                await vtn.wait_for(lambda: sink.cancels())
+                newer = vtn.add_event(LOAD_DISPATCH, in_seconds(120), 600, 4.0)
+                assert await vtn.wait_for_response(newer) == "optIn"
+        [cancel] = sink.cancels()
+        assert (cancel.id, cancel.source) == (gone, "openadr") and "implicitly cancelled" in cancel.reason
+        assert [r.id for r in sink.requests()] == [gone, kept, newer]  # the one kept is not asked again
+        assert ven.implicit_cancellations == 1 and "implicitly cancelled" in ven.outcomes[-2].detail
+
+    run(scenario)
+
+
+def test_an_event_refused_in_its_active_period_is_asked_again_once_the_core_would_serve_it() -> None:
+    def no_data(request: DispatchRequest) -> DispatchAnswer:
+        return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.NO_DATA, detail="start")
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(no_data)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optOut"
+                sink.policy, sink.improvable = accept, frozenset({event_id})
+                await vtn.wait_for(lambda: len(sink.requests()) == 2)
+                sink.improvable = frozenset()
+                await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
+        first, again = sink.requests()
+        assert (again.id, again.revision, again.target_w) == (first.id, first.revision + 1, first.target_w)
+        assert ven.reasks == 1 and ven.outcomes[-1].opt == "optIn"
+        assert ven.client.responded_events.get(event_id) in (None, "optIn")  # a redistribution says optIn
 
     run(scenario)
 

@@ -6,8 +6,12 @@ import argparse
 import csv
 import io
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +19,7 @@ import pytest
 
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal
-from firmware_py.journal import codec, commands
+from firmware_py.journal import Journal, codec, commands
 
 
 def main(argv: Sequence[str]) -> int:
@@ -180,3 +183,41 @@ def test_ids_from_an_aggregator_reach_the_terminal_inert(tmp_path, capsys, event
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "chain: intact" in out
     assert event_id.replace("\x1b", "\\x1b").replace("\x07", "\\x07")[:6] in out
+
+
+def test_a_journal_on_read_only_media_is_reported(journal_path):
+    """A copy on a read-only mount: no WAL index can be created beside it, the report reads it all the same.
+
+    The folder is made read-only for the user who reads it; root ignores folder modes, so as root
+    the report runs as `nobody`, which is what a person plugging in a backup stick is.
+    """
+    media = Path(tempfile.mkdtemp(prefix="powershare-ro-"))
+    try:
+        for leftover in journal_path.parent.glob(journal_path.name + "*"):
+            (media / leftover.name).write_bytes(leftover.read_bytes())
+            (media / leftover.name).chmod(0o644)
+        media.chmod(0o555)
+        command = [sys.executable, "-m", "firmware_py", "report", "--journal", str(media / journal_path.name)]
+        if os.geteuid() == 0:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=media, env={
+            **os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        media.chmod(0o755)
+        shutil.rmtree(media)
+    assert run.returncode == 0, run.stderr
+    assert "peak-1" in run.stdout and "chain: intact" in run.stdout
+
+
+def test_a_journal_locked_by_another_process_says_so(journal_path, capsys):
+    holder = sqlite3.connect(journal_path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO head (id, seq, hash) SELECT id, seq, hash FROM head WHERE 0")
+    try:
+        code = main(["report", "--journal", str(journal_path)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    assert code == 2 and "locked by another process" in err and "not a powershare-gw journal" not in err

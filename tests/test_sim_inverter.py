@@ -123,8 +123,40 @@ def test_grid_outage_islands_and_serves_the_home_up_to_an_enabled_wset():
     m.advance(1.0, 4.0, BIG, BIG)
     assert m.ac_power_w == pytest.approx(1_000.0)  # the gateway's ceiling holds the backup floor
     _enable(m, -5_000.0)
-    m.advance(1.0, 100.0, BIG, BIG)
+    m.advance(1.0, 100.0, BIG, BIG)  # the grid is back: IEEE 1547 enter service, 300 s delay, 300 s ramp
+    assert m.values(701)["ConnSt"] == 0 and m.ac_power_w == 0.0
+    assert m.values(703)["ESDlyRemTms"] == 300 and m.values(701)["InvSt"] == 2  # STARTING
+    m.advance(1.0, 1000.0, BIG, BIG)
     assert m.values(701)["ConnSt"] == 1 and m.ac_power_w == pytest.approx(-5_000.0)
+
+
+def test_after_an_outage_the_inverter_waits_the_enter_service_delay_then_ramps_in():
+    m = InverterModel(home_load=lambda now: 2_000.0)
+    m.write("ESDlyTms", 60)
+    m.write("ESRmpTms", 100)
+    m.inject(Fault.GRID_OUTAGE, until=10.0)
+    _enable(m, 11_500.0)
+    m.advance(1.0, 5.0, BIG, BIG)
+    assert m.ac_power_w == pytest.approx(2_000.0)  # islanded: the home
+    powers = {}
+    for t in range(10, 200):
+        m.advance(1.0, float(t), BIG, BIG)
+        powers[t] = m.ac_power_w
+    assert all(powers[t] == 0.0 for t in range(10, 70))  # the delay: nothing, grid or home
+    assert powers[95] == pytest.approx(11_500 * 25 / 100, rel=0.02)  # a quarter into the ramp
+    assert powers[170] == pytest.approx(11_500) and m.enter_service_remaining_s() == 0
+
+
+def test_the_wmaxlimpct_revert_function_returns_the_limit_in_time():
+    m = InverterModel()
+    _enable(m, 11_500.0)
+    for name, value in (("WMaxLimPctRvrt", 100), ("WMaxLimPctEnaRvrt", 1), ("WMaxLimPctRvrtTms", 20),
+                        ("WMaxLimPct", 30), ("WMaxLimPctEna", 1)):
+        m.write(name, value)
+    m.advance(10.0, 10.0, BIG, BIG)
+    assert m.ac_power_w == pytest.approx(3_450.0) and m.values(704)["WMaxLimPctRvrtRem"] == 10
+    m.advance(10.0, 20.0, BIG, BIG)
+    assert m.controls["WMaxLimPct"] == 100 and m.limit_reverted
 
 
 def test_inverter_fault_stops_at_once_and_raises_an_alarm():

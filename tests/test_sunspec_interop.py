@@ -55,7 +55,7 @@ def test_pysunspec2_scans_reads_every_model_and_writes_wset():
         return m, got
 
     m, got = asyncio.run(main())
-    assert got["ids"] == [1, 701, 702, 704, 713]
+    assert got["ids"] == [1, 701, 702, 703, 704, 713]
     assert (got["Mn"], got["SN"]) == ("powershare-gw", "SIM-0001")
     assert got["W"] == pytest.approx(m.ac_power_w)  # islanded: the home load
     assert got["InvSt"] == 3 and got["ConnSt"] == 0 and got["Alrm"] == 1 << 4

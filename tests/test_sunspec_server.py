@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
@@ -33,6 +34,7 @@ from firmware_py.core.types import (
     InverterStatus,
     Mode,
     ReasonCode,
+    SiteLimit,
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
@@ -69,22 +71,32 @@ def opted_out(r: DispatchRequest) -> DispatchAnswer:
 
 
 class ScriptedSink:
-    """Stands in for the core: answers by `policy`, records requests, cancels and notes."""
+    """Stands in for the core: answers by `policy`, records requests, cancels, site limits and notes.
+
+    `refusal` and `improvable` stand for what the core's telemetry says blocks dispatch now and
+    which requests it would now serve better; the site limit in force is the lowest one received."""
 
     def __init__(self, policy: Answering = accept) -> None:
         self.policy = policy
         self.t = T0
         self.mode, self.power_w, self.soc_pct, self.available_wh = Mode.STANDBY, 0.0, 72.5, 40_000.0
-        self.received: list[DispatchRequest | DispatchCancel] = []
+        self.received: list[DispatchRequest | DispatchCancel | SiteLimit] = []
         self.notes: list[tuple[str, dict]] = []
+        self.refusal: tuple[ReasonCode, str] | None = None
+        self.improvable: tuple[str, ...] = ()
 
-    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
         self.received.append(item)
         return self.policy(item) if isinstance(item, DispatchRequest) else None
 
     def telemetry(self) -> Telemetry:
+        limits = {item.source: item.limit_w for item in self.received if isinstance(item, SiteLimit)}
+        site = min([RATINGS.w_max, *(v for v in limits.values() if v is not None)])
         return Telemetry(at=self.t, mode=self.mode, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
-                         setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None)
+                         setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None,
+                         refusal=self.refusal[0] if self.refusal else None,
+                         refusal_detail=self.refusal[1] if self.refusal else "", improvable=tuple(self.improvable),
+                         site_limit_w=site)
 
     def now(self) -> float:
         return self.t
@@ -97,6 +109,9 @@ class ScriptedSink:
 
     def cancels(self) -> list[DispatchCancel]:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
+
+    def limits(self) -> list[SiteLimit]:
+        return [r for r in self.received if isinstance(r, SiteLimit)]
 
 
 def config(**changes: Any) -> SunSpecServerConfig:
@@ -200,35 +215,32 @@ def test_pysunspec2_scans_reads_live_models_and_dispatches_through_the_core():
     assert got["WSetEna_before"] == 0
     discharge, charge = sink.requests()
     assert (discharge.source, discharge.kind, discharge.target_w) == ("sunspec", DispatchKind.DISCHARGE, 4_000)
-    assert (discharge.start, discharge.end, discharge.received_at) == (T0, T0 + 30, T0)
+    assert (discharge.start, discharge.end, discharge.received_at) == (T0, math.inf, T0)  # a standing setpoint
     assert (charge.id, charge.revision, charge.kind, charge.target_w) == (discharge.id, 1, DispatchKind.CHARGE, 3_000)
-    assert charge.end == T0 + 30  # a WSet write refreshes the revert timer
-    assert got["WSet_after"] == -3_000 and got["WSetRvrtRem"] == 30
-    assert sink.cancels() == [] and sink.notes == []
+    assert charge.is_open_ended
+    assert got["WSet_after"] == -3_000 and got["WSetRvrtRem"] == 30  # a WSet write refreshes the revert timer
+    assert sink.notes == []
+    assert sink.cancels() == [DispatchCancel(discharge.id, "sunspec", T0, "the DER server stopped")]
 
 
 # --- pymodbus client: the meaning of each write ---------------------------------------------
-def test_wsetena_zero_cancels_the_request_and_unarmed_setpoints_are_renewed():
+def test_an_unarmed_setpoint_is_one_open_ended_request_until_wsetena_zero_cancels_it():
     sink = ScriptedSink()
 
     async def main() -> dict[str, Any]:
-        async with serving(sink, open_horizon_s=600) as (server, client):
+        async with serving(sink) as (server, client):
             assert not (await write(server, client, WSetEna=1, WSetMod=1, WSet=6_000)).isError()
-            sink.t += 299
-            await server.tick()
-            renewals_early = len(sink.requests())
-            sink.t += 2
-            await server.tick()
+            for _ in range(3):  # hours pass: nothing to renew, nothing to budget
+                sink.t += 3_600
+                await server.tick()
             assert not (await write(server, client, WSetEna=0)).isError()
-            return {"early": renewals_early, "ctl": await read_model(server, client, 704)}
+            return await read_model(server, client, 704)
 
-    got = run(main())
-    first, renewed = sink.requests()
-    assert got["early"] == 1
-    assert (first.kind, first.target_w, first.start, first.end) == (DispatchKind.DISCHARGE, 6_000, T0, T0 + 600)
-    assert (renewed.id, renewed.revision, renewed.start, renewed.end) == (first.id, 1, T0 + 301, T0 + 901)
-    assert sink.cancels() == [DispatchCancel(id=first.id, source="sunspec", received_at=T0 + 301)]
-    assert got["ctl"]["WSetEna"] == 0 and got["ctl"]["WSet"] == 6_000
+    ctl = run(main())
+    [first] = sink.requests()
+    assert (first.kind, first.target_w, first.start, first.end) == (DispatchKind.DISCHARGE, 6_000, T0, math.inf)
+    assert sink.cancels() == [DispatchCancel(id=first.id, source="sunspec", received_at=T0 + 3 * 3_600)]
+    assert ctl["WSetEna"] == 0 and ctl["WSet"] == 6_000
 
 
 def test_revert_timer_refreshed_by_writes_then_expiring_ends_the_request():
@@ -248,15 +260,14 @@ def test_revert_timer_refreshed_by_writes_then_expiring_ends_the_request():
             return [during, after]
 
     during, after = run(main())
-    first, refreshed = sink.requests()
-    assert (first.start, first.end) == (T0, T0 + 10)
-    assert (refreshed.id, refreshed.revision, refreshed.start, refreshed.end) == (first.id, 1, T0 + 6, T0 + 16)
+    [first] = sink.requests()  # the keep-alive changed nothing asked: no new revision
+    assert (first.start, first.end) == (T0, math.inf)
     assert during["WSetRvrtRem"] == 6 and during["WSet"] == 5_000
     assert after["WSet"] == 0 and after["WSetRvrtRem"] == 0  # WSet = WSetRvrt, as a DER does
-    assert len(sink.received) == 2  # the core ends it at `end`: no cancel, no new request
+    assert sink.cancels() == [DispatchCancel(first.id, "sunspec", T0 + 17)]  # the revert ends the request
 
 
-def test_wmaxlimpct_caps_requests_and_shows_as_max_w_throttling():
+def test_wmaxlimpct_is_a_site_limit_for_the_core_and_shows_as_max_w_throttling():
     sink = ScriptedSink()
     sink.mode, sink.power_w = Mode.DISCHARGE, 5_750.0
 
@@ -266,13 +277,17 @@ def test_wmaxlimpct_caps_requests_and_shows_as_max_w_throttling():
             await write(server, client, WSetEna=1, WSetMod=1, WSet=8_000)
             capped = await read_model(server, client, 701)
             await write(server, client, WMaxLimPct=100)
+            await write(server, client, WMaxLimPctEna=0)
             return capped
 
     capped = run(main())
-    limited, lifted = sink.requests()
-    assert limited.target_w == 5_750 and (lifted.id, lifted.revision, lifted.target_w) == (limited.id, 1, 8_000)
+    [request] = sink.requests()  # the setpoint as asked: the core applies the limit to every source
+    assert request.target_w == 8_000
+    assert [(s.source, s.limit_w) for s in sink.limits()] == [("sunspec", 5_750), ("sunspec", 11_500),
+                                                                ("sunspec", None)]
     assert capped["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("MAX_W")
     assert capped["ThrotPct"] == round(100 * 2_250 / 11_500) and capped["InvSt"] == 4  # THROTTLED
+    assert capped["MnAlrmInfo"] == "site limit 5750 W"
 
 
 def test_percent_mode_asks_for_a_share_of_the_rating():
@@ -473,7 +488,7 @@ def test_run_serves_ticks_revert_timers_and_closes_when_cancelled():
     wset, closed = run(main())
     assert wset == 0 and closed
     [request] = sink.requests()
-    assert request.end == T0 + 5
+    assert request.is_open_ended and sink.cancels() == [DispatchCancel(request.id, "sunspec", T0 + 6)]
 
 
 def test_config_errors_name_the_key():
@@ -492,7 +507,7 @@ def threaded() -> Iterator[tuple[SunSpecDerServer, ScriptedSink, ModbusTcpClient
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = SunSpecDerServer(config(), RATINGS, open_horizon_s=60)
+    server = SunSpecDerServer(config(), RATINGS)
     port = asyncio.run_coroutine_threadsafe(server.start(sink), loop).result(5)
     client = ModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     assert client.connect()
@@ -553,8 +568,13 @@ def test_fuzzed_writes_get_an_answer_a_journal_entry_and_only_well_formed_reques
     addresses, end = dict(server.addresses), server.map.end()
     revisions: dict[str, int] = {}
 
+    at = addresses[704]
+    start, regs = ctl_regs(WSetEna=1, WSetMod=1, WSet=5_000)
+    both = [("regs", at + start, regs), ("reg", 0, [1])]  # one served, one refused, whatever else is drawn
+
     @settings(max_examples=150, deadline=None)
     @given(ops=st.lists(operations(addresses, end), min_size=1, max_size=4), dt=st.floats(0, 20))
+    @example(ops=both, dt=1.0)
     def check(ops: list[tuple[str, int, list[int]]], dt: float) -> None:
         sink.t += dt
         for op, address, values in ops:
@@ -572,6 +592,9 @@ def test_fuzzed_writes_get_an_answer_a_journal_entry_and_only_well_formed_reques
                     assert item.start == item.received_at == sink.t
                     assert item.revision > revisions.get(item.id, -1)
                     revisions[item.id] = item.revision
+                elif isinstance(item, SiteLimit):
+                    assert item.source == "sunspec"
+                    assert item.limit_w is None or 0 <= item.limit_w <= RATINGS.w_max
                 else:
                     assert item.id in revisions
         header = client.read_holding_registers(40_000, count=4, device_id=1)
@@ -629,3 +652,77 @@ def test_a_client_that_disconnects_mid_request_costs_nothing(caplog):
     assert [r.target_w for r in sink.requests()] == [4_000]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
     assert links.view(sink.t)["sunspec_server"]["ok"]
+
+
+# --- standing settings: asked again when what refused them has cleared ---------------------------
+def no_data(r: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(r.id, T0, Verdict.REJECTED, reason=ReasonCode.NO_DATA,
+                          detail="no fresh BMS or inverter data")
+
+
+def test_a_refused_setting_shows_why_and_is_asked_again_once_the_core_would_serve_it():
+    sink = ScriptedSink(policy=no_data)
+    sink.refusal = (ReasonCode.NO_DATA, "no fresh BMS or inverter data")
+
+    async def main() -> tuple[dict, dict, int]:
+        async with serving(sink) as (server, client):
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=6_000)
+            refused = await read_model(server, client, 701)
+            await server.tick()  # nothing has cleared: nothing asked
+            sink.policy, sink.refusal = accept, None
+            sink.improvable = frozenset({server.session.id})  # the core: a new revision would be served
+            await server.tick()
+            sink.improvable = frozenset()
+            return refused, await read_model(server, client, 701), server.reasks
+
+    refused, served, reasks = run(main())
+    first, again = sink.requests()
+    assert (again.id, again.revision, again.target_w, again.received_at) == (first.id, 1, 6_000, T0)
+    assert reasks == 1
+    assert refused["MnAlrmInfo"] == "NO_DATA: no fresh BMS or inverter data"
+    assert refused["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("DERATED")
+    assert refused["ThrotPct"] == round(100 * 6_000 / 11_500)
+    assert served["MnAlrmInfo"] is None and served["ThrotSrc"] == 0 and served["ThrotPct"] == 0
+
+
+def test_a_mode_change_wakes_the_server_at_once_while_its_setting_is_refused():
+    """`notice_step` (a gateway observer) wakes the run loop: no waiting for the next tick."""
+    from firmware_py.core.controller import Controller, StepResult
+    from firmware_py.core.types import InverterCommand, Transition
+
+    sink = ScriptedSink(policy=no_data)
+
+    async def main() -> int:
+        server = ObservedDerServer(config(), RATINGS, tick_s=3_600.0)  # the tick alone would never come
+        task = asyncio.create_task(server.run(sink))
+        await server.listening.wait()
+        client = AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=2, retries=0)
+        await client.connect()
+        await write(server, client, WSetEna=1, WSetMod=1, WSet=6_000)
+        client.close()
+        sink.policy, sink.improvable = accept, frozenset({server.session.id})
+        ready = StepResult(controller=Controller.start(Policy(), now=T0).evolve(mode=Mode.STANDBY),
+                           command=InverterCommand(0.0, "ready"),
+                           events=[Transition(T0, Mode.STARTUP, Mode.STANDBY, "BMS and inverter data ready")])
+        server.notice_step(ready)
+        await server.ticked.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return len(sink.requests())
+
+    assert run(main()) == 2
+
+
+def test_stopping_withdraws_the_setting_and_the_site_limit():
+    sink = ScriptedSink()
+
+    async def main() -> str:
+        async with serving(sink) as (server, client):
+            await write(server, client, WMaxLimPctEna=1, WMaxLimPct=40)
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            return server.session.id
+
+    session = run(main())
+    assert sink.cancels() == [DispatchCancel(session, "sunspec", T0, "the DER server stopped")]
+    assert [s.limit_w for s in sink.limits()] == [4_600, None]

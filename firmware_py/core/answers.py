@@ -3,21 +3,31 @@
 `answer` is the whole path a `DispatchRequest` takes: malformed -> INVALID;
 an id already used -> the same answer again (idempotent) or DUPLICATE;
 otherwise `judge` weighs it against a `Judgement` of the gateway at that
-moment (refusals first: lockout, fault, journal, data, outage; then the owner's
-opt-out; then the energy budget above the floor). A new revision of a running
-event continues it (its energy carries over), and an accepted STOP ends the
-source's other events. `cancel` is the one way a source ends its own event early.
+moment (refusals first: lockout, fault, journal, data, outage, the inverter's
+enter-service delay; then the owner's opt-out; then the power limits, the site
+limit among them, and for a request with a window the energy budget above the
+floor; an open-ended request has no window to budget: it is followed until the
+floor's envelope ends it). A new revision of a running event continues it (its
+energy carries over), and an accepted STOP ends the source's other events.
+`cancel` is the one way a source ends its own event early.
+
+`improvable` is how standing settings are served once what refused or capped
+them has cleared: it names the requests in their window that a new revision
+would get a better answer for now, and the source that holds the setting asks
+again (the core never answers a request twice, nor revises a source's request
+behind its back).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
 from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event
 from firmware_py.core.faults import bms_usable, inverter_usable
-from firmware_py.core.floor import stopping_energy_wh
+from firmware_py.core.floor import discharge_envelope_w, stopping_energy_wh
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -25,6 +35,7 @@ from firmware_py.core.types import (
     DispatchKind,
     DispatchRequest,
     Event,
+    Mode,
     ReasonCode,
     Verdict,
     is_finite_number,
@@ -32,6 +43,11 @@ from firmware_py.core.types import (
 
 # Below this a "capped" discharge is not worth running: refuse it instead.
 MIN_USEFUL_W = 100.0
+# A capped request is asked again only for a cap this much higher (a share of the old cap, or
+# MIN_USEFUL_W if more): SoC noise must not make a standing setting ask again every tick.
+BETTER_CAP_SHARE = 0.05
+# Refusals a new revision can never escape: the request itself is wrong.
+FINAL_REFUSALS = frozenset({ReasonCode.INVALID, ReasonCode.DUPLICATE, ReasonCode.EXPIRED})
 
 
 @dataclass(frozen=True)
@@ -42,11 +58,14 @@ class Judgement:
     refusal: ReasonCode | None  # LOCKOUT, FAULT, JOURNAL, NO_DATA, OUTAGE: the gateway cannot serve at all
     refusal_detail: str
     opted_out: bool
-    energy_above_floor_wh: float  # above the highest floor in the request's window
+    energy_above_floor_wh: float  # above the highest floor in the request's window (open-ended: now)
     discharge_limit_w: float
     charge_limit_w: float
     charge_headroom_wh: float
     ramp_w_per_s: float
+    discharge_limit_name: str = "power limit"  # which limit `discharge_limit_w` is, for the answer's detail
+    charge_limit_name: str = "charge limit"
+    envelope_w: float = 0.0  # what the floor's envelope allows now: an open-ended request's test
     storm_watch_pct: float | None = None  # the storm watch's SoC when it alone sets the window's floor
 
     @classmethod
@@ -57,35 +76,57 @@ class Judgement:
 
 
 def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
-    """The gateway as a request finds it: a refusal, or the limits over the request's window."""
-    refused = _refusal(c, now)
+    """The gateway as a request finds it: a refusal, or the limits over the request's window.
+
+    A request with a window is judged on the highest floor in it (a departure inside
+    it included); an open-ended one on the floor now, which the clamp follows as it moves.
+    """
+    refused = refusal(c, now)
     if refused is not None:
         return Judgement.refused(now, *refused, c.policy.ramp_w_per_s)
     policy, bms, inv = c.policy, c.bms, c.inverter
     start = max(now, req.start)
-    checkpoints = [start, req.end]
-    if c.owner.departure_at is not None and start <= c.owner.departure_at <= req.end:
-        checkpoints.append(c.owner.departure_at)
+    checkpoints = [start]
+    if not req.is_open_ended:
+        checkpoints.append(req.end)
+        if c.owner.departure_at is not None and start <= c.owner.departure_at <= req.end:
+            checkpoints.append(c.owner.departure_at)
     floor = max(floors.floor_pct(policy, c.owner, t) for t in checkpoints)
     storm_binds = any(floors.storm_watch_binds(policy, c.owner, t) and floors.floor_pct(policy, c.owner, t) == floor
                       for t in checkpoints)
     soc_max = bms.soc_max_pct if bms.soc_max_pct is not None else bms.soc_min_pct
+    energy = floors.energy_above_wh(policy, bms.soc_min_pct, floor)
+    discharge_name, discharge_w = _lowest(
+        ("site limit", c.site_limit_w(discharge=True)), ("BMS limit", bms.max_discharge_w),
+        ("inverter rating", inv.w_discha_max_rtg or inv.w_max_rtg or policy.max_discharge_w))
+    charge_name, charge_w = _lowest(
+        ("site limit", c.site_limit_w(discharge=False)), ("BMS charge limit", bms.max_charge_w),
+        ("inverter charge rating", inv.w_cha_max_rtg or inv.w_max_rtg or policy.max_charge_w))
     return Judgement(
         now=now, refusal=None, refusal_detail="",
         opted_out=c.owner.opted_out(start, req.id),
-        energy_above_floor_wh=floors.energy_above_wh(policy, bms.soc_min_pct, floor),
-        discharge_limit_w=min(policy.max_discharge_w, bms.max_discharge_w,
-                              inv.w_discha_max_rtg or inv.w_max_rtg or policy.max_discharge_w),
-        charge_limit_w=min(policy.max_charge_w, bms.max_charge_w,
-                           inv.w_cha_max_rtg or inv.w_max_rtg or policy.max_charge_w),
+        energy_above_floor_wh=energy,
+        discharge_limit_w=discharge_w, charge_limit_w=charge_w,
         charge_headroom_wh=max(0.0, (100 - soc_max) / 100 * policy.usable_capacity_wh),
         ramp_w_per_s=policy.ramp_w_per_s,
+        discharge_limit_name=discharge_name, charge_limit_name=charge_name,
+        envelope_w=discharge_envelope_w(policy, energy if c.mode is Mode.DISCHARGE else floors.energy_above_wh(
+            policy, bms.soc_min_pct, floor + floors.ENTRY_HYSTERESIS_PCT)),
         storm_watch_pct=c.owner.storm_watch(start) if storm_binds else None,
     )
 
 
-def _refusal(c: Controller, now: float) -> tuple[ReasonCode, str] | None:
-    """Why the gateway cannot take on any request now, most serious first."""
+def _lowest(*limits: tuple[str, float]) -> tuple[str, float]:
+    """The lowest of named limits (the first named on a tie), never below 0 W."""
+    name, value = min(limits, key=lambda item: item[1])
+    return name, max(0.0, value)
+
+
+def refusal(c: Controller, now: float) -> tuple[ReasonCode, str] | None:
+    """Why the gateway cannot take on any request now, most serious first (None: it can).
+
+    The telemetry shows the same, so an interface can say why a standing setting is not
+    followed at the moment, and the same answers clear when this does."""
     if c.faults.locked_out:
         return ReasonCode.LOCKOUT, "locked out until an installer reset"
     if c.faults.latches:
@@ -98,7 +139,14 @@ def _refusal(c: Controller, now: float) -> tuple[ReasonCode, str] | None:
         return ReasonCode.NO_DATA, "no fresh BMS or inverter data"
     if c.inverter.grid_outage:
         return ReasonCode.OUTAGE, "grid outage: serving the home"
+    if c.inverter.enter_service_s > 0:
+        return ReasonCode.ENTER_SERVICE, enter_service_detail(c.inverter.enter_service_s)
     return None
+
+
+def enter_service_detail(remaining_s: float) -> str:
+    """When export can resume, in words: the inverter's IEEE 1547 enter-service delay after a grid return."""
+    return f"grid back: export may resume in {math.ceil(remaining_s):.0f} s (enter-service delay)"
 
 
 def invalid_reason(req: DispatchRequest) -> str | None:
@@ -107,7 +155,7 @@ def invalid_reason(req: DispatchRequest) -> str | None:
         return "empty id"
     numbers = {"target_w": req.target_w, "start": req.start, "end": req.end}
     for name, value in numbers.items():
-        if not is_finite_number(value):
+        if not is_finite_number(value) and not (name == "end" and value == math.inf):  # inf: open-ended
             return f"{name} is not a finite number: {value!r}"
     if not isinstance(req.kind, DispatchKind):
         return f"unknown kind {req.kind!r}"
@@ -135,18 +183,26 @@ def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
     if j.opted_out and req.kind is DispatchKind.DISCHARGE:
         return DispatchAnswer.refused(req.id, now, ReasonCode.OPTED_OUT, "the owner has opted out")
     if req.kind is DispatchKind.CHARGE:
-        return _capped(req, now, min(req.target_w, j.charge_limit_w), "charge limit",
+        return _capped(req, now, min(req.target_w, j.charge_limit_w), j.charge_limit_name,
                        j.charge_headroom_wh > 0)
+    power = min(req.target_w, j.discharge_limit_w)
+    if req.is_open_ended:  # no window to budget: followed to the floor, whose envelope ends it
+        if min(power, j.envelope_w) < MIN_USEFUL_W <= power:
+            if j.storm_watch_pct is not None:
+                return _storm_watch(req, now, j.envelope_w, j)
+            return DispatchAnswer.refused(req.id, now, ReasonCode.INSUFFICIENT_ENERGY,
+                                          f"at most {j.envelope_w:.0f} W can be served now "
+                                          f"(energy above the floor {j.energy_above_floor_wh:.0f} Wh)")
+        return _capped(req, now, power, j.discharge_limit_name, True)
     duration_h = (req.end - max(req.start, now)) / 3600
     ramp = req.ramp_w_per_s or j.ramp_w_per_s
-    power = min(req.target_w, j.discharge_limit_w)
     budget = j.energy_above_floor_wh - stopping_energy_wh(power, ramp)
     if budget < power * duration_h:
         power = max(0.0, budget / duration_h)
         if j.storm_watch_pct is not None:
             return _storm_watch(req, now, power, j)
         return _capped(req, now, power, f"energy above the floor {j.energy_above_floor_wh:.0f} Wh", True)
-    return _capped(req, now, power, "power limit", True)
+    return _capped(req, now, power, j.discharge_limit_name, True)
 
 
 def _storm_watch(req: DispatchRequest, now: float, power: float, j: Judgement) -> DispatchAnswer:
@@ -160,8 +216,8 @@ def _storm_watch(req: DispatchRequest, now: float, power: float, j: Judgement) -
 
 def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: bool) -> DispatchAnswer:
     if not possible or power < MIN_USEFUL_W:
-        return DispatchAnswer.refused(req.id, now, ReasonCode.INSUFFICIENT_ENERGY,
-                                      f"at most {power:.0f} W can be served ({why})")
+        code = ReasonCode.INSUFFICIENT_ENERGY
+        return DispatchAnswer.refused(req.id, now, code, f"at most {power:.0f} W can be served ({why})")
     if power < req.target_w:
         return DispatchAnswer.capped(req.id, now, round(power, 1), f"capped by {why}")
     return DispatchAnswer.accepted(req.id, now)
@@ -203,7 +259,10 @@ def _revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply:
         change = "refused" if rejected else f"changed it to {req.kind.value}"
         c, events = close_event(c, earlier, now, f"revision {req.revision} {change}")
     if earlier is not None and rejected:
-        return c, events + [reply]  # the book keeps the event as it ran, energy and all
+        # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
+        # that revision gets that answer, and a standing setting is asked again from it).
+        entry = replace(earlier, request=req, answer=reply, ended=True)
+        return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected)
     if earlier is not None and req.kind is earlier.request.kind:
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
@@ -222,8 +281,56 @@ def _stop_source(c: Controller, stop: DispatchRequest, now: float) -> tuple[Cont
 
 
 def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller, list[Event]]:
-    """End an accepted, live event early; one source cannot end another's event."""
+    """End an accepted, live event early; one source cannot end another's event.
+
+    A refused request that is cancelled is ended too, so it is never asked again for."""
     entry = c.book.find(item.id)
-    if entry is None or not entry.accepted or entry.ended or entry.request.source != item.source:
+    if entry is None or entry.withdrawn or (entry.ended and entry.accepted) or entry.request.source != item.source:
         return c, []
-    return close_event(c, entry, now, f"cancelled by {item.source}")
+    if not entry.accepted:
+        return c.evolve(book=c.book.replace(replace(entry, withdrawn=True))), []
+    why = f"cancelled by {item.source}" + (f": {item.reason}" if item.reason else "")
+    return close_event(c, entry, now, why)
+
+
+# ---------------------------------------------------------------- standing settings
+
+
+def improvable(c: Controller, now: float) -> frozenset[str]:
+    """Requests in their window, refused or capped, that a new revision would get a better answer for now.
+
+    The reason they were refused or capped has cleared (the gateway became ready, a fault
+    cleared, the grid came back, the owner revoked an opt-out, an installer reset the
+    lockout, a limit rose). Only the request's own source can ask again; this says when.
+    """
+    found = []
+    for entry in c.book.entries:
+        request, answered = entry.request, _standing_answer(entry)
+        if not request.start <= now < request.end or request.kind is DispatchKind.STOP:
+            continue
+        if answered.verdict is Verdict.ACCEPTED or (entry.ended and answered.verdict is not Verdict.REJECTED) \
+                or entry.withdrawn:
+            continue  # served in full, or ended by its source or its window, or withdrawn
+        if answered.reason in FINAL_REFUSALS:
+            continue
+        again = replace(request, revision=request.revision + 1, received_at=now)
+        if better(judge(again, judgement(c, again, now)), answered):
+            found.append(request.id)
+    return frozenset(found)
+
+
+def _standing_answer(entry: Booked) -> DispatchAnswer:
+    """How the request stands now: its answer, or a refusal once the owner's opt-out ended it."""
+    if entry.stopped_by_owner:
+        return DispatchAnswer.refused(entry.request.id, entry.answer.at, ReasonCode.OPTED_OUT, "ended by the owner")
+    return entry.answer
+
+
+def better(new: DispatchAnswer, old: DispatchAnswer) -> bool:
+    """Whether `new` serves more than `old`: a refusal lifted, or a cap raised by a margin."""
+    if new.verdict is Verdict.REJECTED or old.verdict is Verdict.ACCEPTED:
+        return False
+    if old.verdict is Verdict.REJECTED or new.verdict is Verdict.ACCEPTED:
+        return True
+    old_cap, new_cap = old.cap_w or 0.0, new.cap_w or 0.0
+    return new_cap >= old_cap + max(MIN_USEFUL_W, BETTER_CAP_SHARE * old_cap)

@@ -23,6 +23,8 @@ from firmware_py.core.types import (
     JournalHealth,
     Mode,
     OwnerSettings,
+    SiteLimit,
+    is_finite_number,
 )
 
 
@@ -47,6 +49,7 @@ class Controller:
     journal: JournalHealth | None = None  # None: no report yet, taken as working
     resync_since: float | None = None  # a `Stall` was seen then: 0 W until fresh data (or the grace ends)
     stall_gap_s: float = 0.0  # how long that stall was
+    site_limits: tuple[SiteLimit, ...] = ()  # one per source that set one (a site controller's WMaxLimPct)
 
     @classmethod
     def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":
@@ -63,6 +66,21 @@ class Controller:
         if not bms_usable(self.bms, now, self.policy):
             return 0.0
         return floors.energy_above_wh(self.policy, self.bms.soc_min_pct, self.floor_pct(now))
+
+    def site_limit_w(self, discharge: bool = True) -> float:
+        """The site limit in force for one direction: the configured maximum, lowered by every
+        source's `SiteLimit` (a site controller's WMaxLimPct caps every source's requests)."""
+        configured = self.policy.max_discharge_w if discharge else self.policy.max_charge_w
+        return min([configured, *(s.limit_w for s in self.site_limits if s.limit_w is not None)])
+
+    def with_site_limit(self, limit: SiteLimit) -> "Controller":
+        """`limit` replaces the one its source set before (a negative or non-finite limit counts as 0 W)."""
+        value = limit.limit_w
+        if value is not None and not (is_finite_number(value) and value >= 0):
+            value = 0.0  # the safe reading of a nonsense limit
+        kept = tuple(s for s in self.site_limits if s.source != limit.source)
+        return self.evolve(site_limits=kept if value is None else (*kept, SiteLimit(limit.received_at,
+                                                                                     limit.source, value)))
 
     @property
     def resyncing(self) -> bool:

@@ -11,7 +11,7 @@ step (`close_event`) or was left open by a gateway that died
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from firmware_py.core.controller import Controller
 from firmware_py.core.policy import Policy
@@ -20,6 +20,7 @@ from firmware_py.core.types import (
     DispatchAnswer,
     DispatchEnded,
     DispatchKind,
+    DispatchRequest,
     Event,
     EventEnergy,
     InverterStatus,
@@ -78,9 +79,10 @@ def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Con
 
 
 def delivered_wh(c: Controller) -> dict[str, float]:
-    """Billed (meter) energy of each accepted discharge event the controller remembers, by request id."""
+    """Billed (meter) energy of each accepted discharge event the controller remembers, by request id
+    (one whose last revision was refused keeps the energy it delivered before)."""
     return {e.request.id: e.meter_wh for e in c.book.entries
-            if e.accepted and e.request.kind is DispatchKind.DISCHARGE}
+            if e.request.kind is DispatchKind.DISCHARGE and (e.accepted or e.meter_wh or e.integrated_wh)}
 
 
 def most_unreported_wh(policy: Policy) -> float:
@@ -93,24 +95,50 @@ def most_unreported_wh(policy: Policy) -> float:
     return policy.max_discharge_w * seconds / 3600
 
 
-def open_events(events: Iterable[Event]) -> dict[str, EventEnergy | None]:
+@dataclass(frozen=True)
+class OpenEvent:
+    """An accepted request with no end yet: what a restart needs to close it, and what a journal
+    rotation carries into the next segment so that the restart need not read the older ones."""
+
+    answer: DispatchAnswer
+    request: DispatchRequest | None = None
+    last: EventEnergy | None = None
+
+
+def still_open(events: Iterable[Event | DispatchRequest]) -> dict[str, OpenEvent]:
     """Accepted requests with no end among `events` (decoded journal records, oldest first),
-    each with its last energy record (None when none was written).
+    each with its request (latest revision) and last energy record, when the records hold them.
 
     A DUPLICATE refusal restates a request already answered, so it does not close it.
+    Memory grows with the open events only: requests are forgotten once refused or ended.
     """
-    accepted: dict[str, EventEnergy | None] = {}
+    requests: dict[str, DispatchRequest] = {}
+    accepted: dict[str, OpenEvent] = {}
     for event in events:
-        if isinstance(event, DispatchAnswer):
+        if isinstance(event, DispatchRequest):
+            requests[event.id] = event
+        elif isinstance(event, DispatchAnswer):
+            before = accepted.get(event.request_id)
+            if event.reason is ReasonCode.DUPLICATE and before is not None:
+                continue  # restates the answer in force: keep that one
             if event.verdict is not Verdict.REJECTED:
-                accepted.setdefault(event.request_id, None)
+                accepted[event.request_id] = OpenEvent(event, requests.get(event.request_id),
+                                                       before.last if before else None)
             elif event.reason is not ReasonCode.DUPLICATE:
                 accepted.pop(event.request_id, None)
+                requests.pop(event.request_id, None)
         elif isinstance(event, EventEnergy) and event.request_id in accepted:
-            accepted[event.request_id] = event
+            accepted[event.request_id] = replace(accepted[event.request_id], last=event)
         elif isinstance(event, DispatchEnded):
             accepted.pop(event.request_id, None)
+            requests.pop(event.request_id, None)
     return accepted
+
+
+def open_events(events: Iterable[Event | DispatchRequest]) -> dict[str, EventEnergy | None]:
+    """Accepted requests with no end among `events` (decoded journal records, oldest first),
+    each with its last energy record (None when none was written)."""
+    return {request_id: event.last for request_id, event in still_open(events).items()}
 
 
 def close_after_restart(still_open: Mapping[str, EventEnergy | None], meter_total_wh: float | None,

@@ -13,6 +13,10 @@ from dataclasses import replace
 from firmware_py.core.policy import Policy
 from firmware_py.core.types import OwnerSettings
 
+# Discharge starts only this far above the floor, so SoC noise at the floor
+# cannot toggle the mode every frame.
+ENTRY_HYSTERESIS_PCT = 0.5
+
 
 def departure_requirement_pct(policy: Policy, owner: OwnerSettings, at: float) -> float:
     """SoC needed at `at` so that charging until departure still reaches the target.
@@ -68,3 +72,10 @@ def discharge_envelope_w(policy: Policy, energy_wh: float) -> float:
     """
     energy_j = max(0.0, energy_wh) * 3600
     return min(math.sqrt(2 * policy.ramp_w_per_s * energy_j), energy_j / policy.command_horizon_s)
+
+
+def envelope_takes_over_wh(policy: Policy, power_w: float) -> float:
+    """The energy above the floor at which the envelope starts to cut `power_w`: the inverse of
+    `discharge_envelope_w`, max(P²/2r, P·horizon) (in Wh)."""
+    power_w = max(0.0, power_w)
+    return max(power_w * power_w / (2 * policy.ramp_w_per_s), power_w * policy.command_horizon_s) / 3600

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
-from firmware_py.core.answers import answer, cancel
+from firmware_py.core.answers import answer, cancel, enter_service_detail
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.energy import account, close_event, report_energy
 from firmware_py.core.faults import (
@@ -45,16 +45,18 @@ from firmware_py.core.types import (
     Mode,
     OwnerSettings,
     Resynced,
+    SiteLimit,
     Stall,
     Transition,
     is_finite_number,
 )
 
-__all__ = ["Controller", "Mode", "StepResult", "TRANSITIONS", "diagram", "step"]
+__all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
-# Enter DISCHARGE only this far above the floor, so SoC noise at the floor
-# cannot toggle the mode every frame.
-ENTRY_HYSTERESIS_PCT = 0.5
+ENTRY_HYSTERESIS_PCT = floors.ENTRY_HYSTERESIS_PCT  # enter DISCHARGE only this far above the floor
+OPTED_OUT_END = "owner opted out"
+JOURNAL_HOLD = "journal: unavailable, dispatch held at 0 W"
+"""The reason (command and transition) while dispatch waits for the journal to write again."""
 
 
 # ---------------------------------------------------------------- transitions
@@ -135,7 +137,15 @@ def _grid_restored(v: View) -> str | None:
     return None if v.outage else "grid restored"
 
 
+def _journal_failing(v: View) -> str | None:
+    """Energy the gateway cannot account for is not delivered: while the journal fails, dispatch
+    holds at 0 W. The request stays in force, so it resumes once the journal writes again."""
+    return f"{JOURNAL_HOLD}: {v.c.journal.detail or 'write failed'}" if v.c.journal_failing() else None
+
+
 def _discharge_wanted(v: View) -> str | None:
+    if v.c.journal_failing():
+        return None
     if v.wants(DispatchKind.DISCHARGE) and v.path_closed() and v.soc_min > v.floor + ENTRY_HYSTERESIS_PCT:
         return f"dispatch {v.request.request.id}"
     return None
@@ -154,7 +164,8 @@ def _discharge_done(v: View) -> str | None:
 
 def _charge_wanted(v: View, entering: bool = True) -> str | None:
     """A charge request in force, or the storm watch below its SoC; the path closed and the pack not full."""
-    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100:
+    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100 \
+            or v.c.journal_failing():  # energy that cannot be accounted for does not move
         return None
     if v.wants(DispatchKind.CHARGE):
         return f"dispatch {v.request.request.id}"
@@ -178,7 +189,9 @@ class Rule:
 
 # Priority order: the first rule that fires wins. Safety, then outage backup,
 # then the owner and dispatch (the owner's opt-out and reserve act inside the
-# dispatch guards via the floor and the request in force), then idle.
+# dispatch guards via the floor and the request in force), then idle. The
+# journal rule is a condition of dispatch itself (no energy is delivered that
+# cannot be accounted for): it only ever ends dispatch, below the outage.
 TRANSITIONS: tuple[Rule, ...] = (
     Rule(ANY - {Mode.LOCKOUT}, Mode.LOCKOUT, _locked_out),
     Rule(frozenset({Mode.LOCKOUT}), Mode.STARTUP, _reset),
@@ -187,6 +200,7 @@ TRANSITIONS: tuple[Rule, ...] = (
     Rule(frozenset({Mode.STARTUP}), Mode.STANDBY, _data_ready),
     Rule(RUNNING, Mode.BACKUP, _grid_outage),
     Rule(frozenset({Mode.BACKUP}), Mode.STANDBY, _grid_restored),
+    Rule(frozenset({Mode.DISCHARGE, Mode.CHARGE}), Mode.STANDBY, _journal_failing),
     Rule(frozenset({Mode.DISCHARGE}), Mode.STANDBY, _discharge_done),
     Rule(frozenset({Mode.CHARGE}), Mode.STANDBY, _charge_done),
     Rule(frozenset({Mode.STANDBY}), Mode.DISCHARGE, _discharge_wanted),
@@ -280,16 +294,20 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     if not v.path_closed():
         return 0.0, "inhibit: BMS state or contactors"
     bms, inv, policy = v.c.bms, v.c.inverter, v.c.policy
+    if inv.enter_service_s > 0 and not v.outage:
+        return 0.0, f"enter service: {enter_service_detail(inv.enter_service_s)}"
     if setpoint > 0:
         # The snapshot's SoC is as old as the snapshot: discount what may have left since.
         used_since = v.c.peak_since_bms_w * max(0.0, v.now - bms.received_at) / 3600
         energy = max(0.0, floors.energy_above_wh(policy, bms.soc_min_pct, v.floor) - used_since)
-        limits = [("bms limit", bms.max_discharge_w), ("site limit", policy.max_discharge_w),
+        # A site controller's limit is on what goes to the grid; islanded, the home's load is no export.
+        site = policy.max_discharge_w if v.outage else v.c.site_limit_w(discharge=True)
+        limits = [("bms limit", bms.max_discharge_w), ("site limit", site),
                   ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
     else:
         full = bms.soc_max_pct is not None and bms.soc_max_pct >= 100
-        limits = [("bms limit", bms.max_charge_w), ("site limit", policy.max_charge_w),
+        limits = [("bms limit", bms.max_charge_w), ("site limit", v.c.site_limit_w(discharge=False)),
                   ("rating", inv.w_cha_max_rtg or inv.w_max_rtg or -setpoint),
                   ("full", 0.0 if full else -setpoint)]
     name, limit = min(limits, key=lambda item: item[1])
@@ -324,6 +342,8 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
         return c.evolve(faults=book), events
     if isinstance(item, Stall):
         return c.evolve(resync_since=now, stall_gap_s=item.gap_s), []
+    if isinstance(item, SiteLimit):
+        return c.with_site_limit(item), []
     return c, []  # Tick
 
 
@@ -354,9 +374,11 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
             why = "window closed"
         elif entry.request.kind is DispatchKind.DISCHARGE and \
                 c.owner.opted_out(max(now, entry.request.start), entry.request.id):
-            why = "owner opted out"
+            why = OPTED_OUT_END
         if why:
             c, ended = close_event(c, entry, now, why)
+            if why == OPTED_OUT_END:
+                c = c.evolve(book=c.book.replace(replace(c.book.find(entry.request.id), stopped_by_owner=True)))
             events += ended
     return c, events
 

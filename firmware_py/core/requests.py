@@ -23,6 +23,8 @@ class Booked:
     request: DispatchRequest
     answer: DispatchAnswer
     ended: bool = False
+    withdrawn: bool = False  # a refused request its source cancelled: never asked again for
+    stopped_by_owner: bool = False  # ended by the owner's opt-out: asked again for once it is revoked
     meter_wh: float = 0.0
     integrated_wh: float = 0.0
     last_report_at: float = -math.inf

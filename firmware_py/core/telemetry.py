@@ -9,11 +9,15 @@ should not need the gateway clock to tell that the BMS went quiet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from firmware_py.core import floor as floors
+from firmware_py.core.answers import improvable, refusal
 from firmware_py.core.controller import Controller
 from firmware_py.core.faults import Latch
 from firmware_py.core.policy import Policy
-from firmware_py.core.types import FaultKind, InverterStatus, Mode, Verdict
+from firmware_py.core.requests import Booked
+from firmware_py.core.types import DispatchKind, FaultKind, InverterStatus, Mode, ReasonCode, Verdict
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,12 @@ class Telemetry:
     storm_watch_until: float | None = None  # its end, on the core's clock
     latches: tuple[LatchView, ...] = ()  # every latched fault with its hold-off
     lockout_count: int = 0  # faults counted toward the lockout within its window
+    refusal: ReasonCode | None = None  # why any new request would be refused now (None: the gateway can serve)
+    refusal_detail: str = ""
+    opted_out: bool = False  # the owner is opted out of discharge now (not counting per-event opt-outs)
+    improvable: tuple[str, ...] = ()  # refused or capped requests a new revision would now serve better
+    site_limit_w: float | None = None  # the discharge site limit in force (config, lowered by site controllers)
+    envelope_in_s: float | None = None  # the serving discharge: when the floor's envelope starts to cut it (0: now)
 
 
 def telemetry(c: Controller, now: float) -> Telemetry:
@@ -106,9 +116,32 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         storm_watch_until=c.owner.storm_watch_until if c.owner.storm_watch(now) is not None else None,
         latches=tuple(_latch(latch, now, c.policy) for latch in c.faults.latches),
         lockout_count=len(c.faults.raised_times),
+        **_dispatch_view(c, now, serving),
     )
 
 
 def _latch(latch: Latch, now: float, policy: Policy) -> LatchView:
     clears_in = None if latch.gone_since is None else max(0.0, policy.fault_holdoff_s - (now - latch.gone_since))
     return LatchView(latch.kind, latch.raised_at, latch.detail, clears_in)
+
+
+def _dispatch_view(c: Controller, now: float, serving: Booked | None) -> dict[str, Any]:
+    """What blocks or caps dispatch now, and what would be served better if asked again."""
+    refused = refusal(c, now)
+    return {"refusal": refused[0] if refused else None, "refusal_detail": refused[1] if refused else "",
+            "opted_out": c.owner.opted_out(now), "improvable": tuple(sorted(improvable(c, now))),
+            "site_limit_w": c.site_limit_w(discharge=True), "envelope_in_s": _envelope_in_s(c, now, serving)}
+
+
+def _envelope_in_s(c: Controller, now: float, serving: Booked | None) -> float | None:
+    """Seconds until the floor's envelope starts to reduce the serving discharge, at the power it runs at.
+
+    The envelope takes over when the energy above the floor falls to max(P²/2r, P·horizon):
+    from then on power ramps down so SoC min meets the floor, never crosses it."""
+    if serving is None or serving.request.kind is not DispatchKind.DISCHARGE or c.mode is not Mode.DISCHARGE:
+        return None
+    power = min(serving.target_w, c.site_limit_w(discharge=True))
+    if power <= 0:
+        return None
+    above = c.available_wh(now) - floors.envelope_takes_over_wh(c.policy, power)
+    return max(0.0, above / power * 3600)

@@ -189,6 +189,9 @@ class InverterStatus:
     w_cha_max_rtg: float = 0.0
     w_discha_max_rtg: float = 0.0
     wset_w: float | None = None
+    enter_service_s: float = 0.0
+    """Seconds left on the inverter's IEEE 1547 enter-service delay (model 703 `ESDlyRemTms`) after
+    the grid came back: it may not export (or draw) until then. 0 when none, or not reported."""
 
     @property
     def faulted(self) -> bool:
@@ -216,6 +219,9 @@ class DispatchRequest:
     `revision` lets a source modify an event it already sent (OpenADR's
     modificationNumber): the same id at a higher revision replaces it; the same
     id and revision again is a duplicate and gets the original answer.
+    `end = math.inf` is an open-ended request (a standing setpoint "until told
+    otherwise"): there is no window to budget, so it is followed up to every
+    limit and the floor's envelope ends it (`is_open_ended`).
     """
 
     id: str
@@ -228,14 +234,36 @@ class DispatchRequest:
     ramp_w_per_s: float | None = None
     revision: int = 0
 
+    @property
+    def is_open_ended(self) -> bool:
+        """No end: followed until cancelled or the floor, never budgeted over a window."""
+        return self.end == math.inf
+
 
 @dataclass(frozen=True)
 class DispatchCancel:
-    """Ends a request early; its energy so far still counts."""
+    """Ends a request early; its energy so far still counts. `reason` says why when the source
+    inferred it (an OpenADR event missing from a complete distribution: implicit cancellation)."""
 
     id: str
     source: str
     received_at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SiteLimit:
+    """The most power (W, each direction) any source's request may be served at, as `source` sets it.
+
+    A site controller's SunSpec `WMaxLimPct` arrives as one of these: the limit is the site's, so
+    it caps OpenADR and scheduled requests as much as the controller's own. `limit_w = None`
+    lifts that source's limit. The limit in force is the lowest of every source's, and never
+    above the configured `max_discharge_w` / `max_charge_w`.
+    """
+
+    received_at: float
+    source: str
+    limit_w: float | None
 
 
 @dataclass(frozen=True)
@@ -308,7 +336,7 @@ class JournalHealth:
 
 
 Input = (BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
-         | JournalHealth | Stall)
+         | JournalHealth | Stall | SiteLimit)
 
 
 class Verdict(str, Enum):
@@ -329,6 +357,7 @@ class ReasonCode(str, Enum):
     NO_DATA = "NO_DATA"
     UNKNOWN_EVENT = "UNKNOWN_EVENT"
     JOURNAL = "JOURNAL_UNAVAILABLE"
+    ENTER_SERVICE = "ENTER_SERVICE_DELAY"  # grid back; the inverter's IEEE 1547 enter-service delay runs
     STORM_WATCH = "STORM_WATCH"  # the owner keeps energy for an expected outage (storm watch)
 
 

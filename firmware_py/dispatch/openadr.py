@@ -11,8 +11,22 @@ when the VTN asks. Losing the VTN changes nothing the core already accepted:
 every request carries its own start and end, so the event neither stops early
 nor runs over.
 
+Implicit cancellation (OpenADR 2.0b): an oadrDistributeEvent carries every
+event the VTN still holds for this VEN, so an event the VEN knows that is
+missing from a later one was cancelled; openleadr does not act on that, so
+`_Client._on_event` hands the VEN the ids of every distribution first, and the
+VEN cancels what is missing, journaled with that reason.
+
+Standing settings: an event in its active period that the core refused or
+capped is asked for again (a new revision) as soon as the core's telemetry says
+a new revision would be served better (the gateway became ready, a fault or an
+outage ended, the owner revoked an opt-out...): checked every second and at once
+when a gateway step changes what admits dispatch (`notice_step`). The opt the VTN last heard
+stands until its next distribution, which is then answered with the new opt.
+
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
-returned), `_report_queue_worker`, `_event_cleanup`, `report_requests`.
+returned), `_on_event`, `received_events`, `responded_events`,
+`_report_queue_worker`, `_event_cleanup`, `report_requests`.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -31,17 +45,20 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
+from firmware_py.core.controller import StepResult
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchRequest,
     Mode,
+    ReasonCode,
     Verdict,
     describe,
     is_finite_number,
 )
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.links import LinkHandle
@@ -71,6 +88,23 @@ MIN_POLL_S = 0.5
 # First retry of a failed registration; the VTN's poll interval is not known yet.
 REGISTRATION_RETRY_S = 1.0
 
+# How often the VEN looks for refused or capped events the core would now serve better (and at once
+# when the gateway's mode changes).
+STANDING_CHECK_S = 1.0
+
+IMPLICIT_CANCEL = "implicitly cancelled: missing from the VTN's complete oadrDistributeEvent"
+
+# Why dispatch is not followed now, as the number the `dispatchBlocked` telemetry carries (0: nothing blocks).
+BLOCKED_CODES: Mapping[ReasonCode, int] = {
+    ReasonCode.NO_DATA: 1,
+    ReasonCode.FAULT: 2,
+    ReasonCode.LOCKOUT: 3,
+    ReasonCode.OUTAGE: 4,
+    ReasonCode.JOURNAL: 5,
+    ReasonCode.ENTER_SERVICE: 6,
+    ReasonCode.OPTED_OUT: 7,
+}
+
 
 @dataclass(frozen=True)
 class EventOutcome:
@@ -90,24 +124,41 @@ class EventOutcome:
 
 @dataclass
 class _Tracked:
-    """An event the core has heard about: the revision it knows and the request ids it holds."""
+    """An event the core has heard about: the revision it knows and the requests it holds.
+
+    `asked` is the revision last submitted per request id: the event's modificationNumber,
+    or higher once the VEN has asked again on its own (a standing setting)."""
 
     revision: int
     opt: str
     request_ids: tuple[str, ...]
     ends_at: float
     windows: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # id -> start, end, committed W
+    requests: dict[str, DispatchRequest] = field(default_factory=dict)  # id -> the request last submitted
+    answers: dict[str, DispatchAnswer] = field(default_factory=dict)  # id -> its answer
 
 
 class _Client(OpenADRClient):
-    """openleadr's client, telling its owner whether the last poll reached the VTN."""
+    """openleadr's client, telling its owner whether the last poll reached the VTN and which
+    events each complete distribution holds (for implicit cancellation)."""
 
     poll_ok = False
+    on_distribution: Callable[[list[Any]], Any] | None = None
 
     async def poll(self) -> tuple[str | None, dict[str, Any]]:
         response_type, payload = await super().poll()
         self.poll_ok = response_type is not None
         return response_type, payload
+
+    async def _on_event(self, message: dict[str, Any]) -> None:
+        if self.on_distribution is not None:
+            await self.on_distribution(message.get("events") or [])
+        await super()._on_event(message)
+
+    def forget_event(self, event_id: str) -> None:
+        """Drop openleadr's memory of an event, so a later copy of it is handled afresh."""
+        utils.pop_by(self.received_events, "event_descriptor.event_id", event_id)
+        self.responded_events.pop(event_id, None)
 
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr's own version stops the client if the VTN does not answer at once;
@@ -148,6 +199,10 @@ class OpenAdrVen:
         self.failed_polls = 0
         self.client: _Client | None = None
         self._told_ok: bool | None = None
+        self._wake: asyncio.Event | None = None
+        self._watch = StandingWatch()
+        self.reasks = 0
+        self.implicit_cancellations = 0
 
     # ------------------------------------------------------------------ running
 
@@ -157,6 +212,8 @@ class OpenAdrVen:
         client = self.client = self._make_client()
         reporter: asyncio.Task[None] | None = None
         backoff = _Backoff(self._retry_max_s)
+        self._wake = asyncio.Event()
+        standing = asyncio.create_task(self._standing(sink), name="openadr-standing")
         try:
             client.loop = asyncio.get_running_loop()
             client.scheduler.start()
@@ -187,6 +244,7 @@ class OpenAdrVen:
                     await asyncio.sleep(backoff.next(self._poll_s(client)))
         finally:
             self.registered = False
+            standing.cancel()
             if reporter is not None:
                 reporter.cancel()
             if client.scheduler.running:
@@ -216,6 +274,7 @@ class OpenAdrVen:
             log.warning("OpenADR: no vtn_fingerprint configured: VTN message signatures are not checked")
         client.add_handler("on_event", self._on_event)
         client.add_handler("on_update_event", self._on_event)
+        client.on_distribution = self._implicit_cancellations
         self._add_reports(client)
         return client
 
@@ -277,16 +336,19 @@ class OpenAdrVen:
             return OPT_IN
         if tracked is not None and plan.revision <= tracked.revision:
             return tracked.opt  # a stale or repeated copy: the core already has this revision
+        requests = plan.requests
         if tracked is not None:
             await self._cancel(sink, plan.event_id, tuple(set(tracked.request_ids) - set(plan.request_ids)))
-        answers = tuple([await self._answer(sink, request) for request in plan.requests])
-        served = [a for a in answers if a.verdict in (Verdict.ACCEPTED, Verdict.CAPPED)]
-        opt = OPT_IN if served else OPT_OUT
-        windows = {r.id: (r.start, r.end, a.cap_w if a.verdict is Verdict.CAPPED and a.cap_w is not None
-                          else r.target_w)
-                   for r, a in zip(plan.requests, answers) if a.verdict is not Verdict.REJECTED}
-        ends_at = max(r.end for r in plan.requests)
-        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, windows)
+            # after the VEN's own re-asks the core may know a request at a higher revision than this
+            requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
+                             if r.id in tracked.requests else r for r in requests)
+        answers = tuple([await self._answer(sink, request) for request in requests])
+        opt = _opt_of(answers)
+        windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
+                   if a.verdict is not Verdict.REJECTED}
+        ends_at = max(r.end for r in requests)
+        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, windows,
+                                               {r.id: r for r in requests}, {a.request_id: a for a in answers})
         outcome = EventOutcome(plan.event_id, plan.revision, opt, answers,
                                detail="; ".join(_describe(a) for a in answers))
         self._record(outcome)
@@ -307,9 +369,74 @@ class OpenAdrVen:
         self._record(EventOutcome(refusal.request_id, revision, OPT_OUT, (refusal,), _describe(refusal)))
         return OPT_OUT
 
-    async def _cancel(self, sink: DispatchSink, event_id: str, request_ids: tuple[str, ...]) -> None:
+    async def _cancel(self, sink: DispatchSink, event_id: str, request_ids: tuple[str, ...],
+                      reason: str = "") -> None:
         for request_id in request_ids:
-            await sink.submit(DispatchCancel(id=request_id, source=self._source, received_at=sink.now()))
+            await sink.submit(DispatchCancel(id=request_id, source=self._source, received_at=sink.now(),
+                                             reason=reason))
+
+    async def _implicit_cancellations(self, events: list[Any]) -> None:
+        """A complete distribution: every event the VEN holds that it lacks was cancelled (OpenADR 2.0b)."""
+        sink = self._sink
+        if sink is None:
+            return
+        present, now = {_event_id_of(e) for e in events}, sink.now()
+        for event_id in [e for e in self._events if e not in present]:
+            tracked = self._events.pop(event_id)
+            if tracked.ends_at <= now:
+                continue  # over anyway: a VTN drops completed events, which is no cancellation
+            try:
+                await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
+            except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll
+                log.exception("OpenADR: the core failed on the implicit cancellation of %s", event_id)
+            if self.client is not None:
+                self.client.forget_event(event_id)
+            self.implicit_cancellations += 1
+            self._record(EventOutcome(event_id, tracked.revision, tracked.opt, detail=IMPLICIT_CANCEL))
+
+    # ------------------------------------------------------------------ standing settings
+
+    def notice_step(self, result: StepResult) -> None:
+        """A gateway observer: a step that changed what admits dispatch may have cleared what refused
+        or capped an event: look at once."""
+        if self._watch.changed(result) and self._wake is not None and self._events:
+            self._wake.set()
+
+    async def _standing(self, sink: DispatchSink) -> None:
+        """Ask again for events in their active period the core would now serve better."""
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), STANDING_CHECK_S)
+            self._wake.clear()
+            if not self._events:
+                continue
+            try:
+                await self._reask(sink)
+            except Exception:  # noqa: BLE001 - the next check tries again; the VTN link is unaffected
+                log.exception("OpenADR: asking the core again failed")
+
+    async def _reask(self, sink: DispatchSink) -> None:
+        better = sink.telemetry().improvable
+        for event_id, tracked in list(self._events.items()):
+            due = [r for rid, r in tracked.requests.items() if rid in better]
+            for request in due:
+                again = replace(request, revision=request.revision + 1, received_at=sink.now())
+                answer = await self._answer(sink, again)
+                tracked.requests[again.id], tracked.answers[again.id] = again, answer
+                if answer.verdict is Verdict.REJECTED:
+                    tracked.windows.pop(again.id, None)
+                else:
+                    tracked.windows[again.id] = (again.start, again.end, _committed_w(again, answer))
+                self.reasks += 1
+            if due:
+                tracked.opt = _opt_of(tuple(tracked.answers.values()))
+                if self.client is not None and event_id in self.client.responded_events:
+                    self.client.responded_events[event_id] = tracked.opt  # the next distribution says so
+                self._record(EventOutcome(event_id, tracked.revision, tracked.opt,
+                                          tuple(tracked.answers[r.id] for r in due),
+                                          "asked again: " + "; ".join(_describe(tracked.answers[r.id])
+                                                                      for r in due)))
 
     def _record(self, outcome: EventOutcome) -> None:
         self.outcomes.append(outcome)
@@ -345,6 +472,7 @@ class OpenAdrVen:
             (self._reading(lambda t: t.available_wh), "availableEnergy", "Wh"),
             (self._reading(lambda t: self._state_code(t.mode)), "gatewayState", "code"),
             (self._reading(lambda t: self.committed_w()), "committedPower", "W"),
+            (self._reading(lambda t: self.blocked_code(t)), "dispatchBlocked", "code"),
         ]
         for callback, measurement, unit in items:
             client.add_report(callback=callback, resource_id=name, measurement=measurement, unit=unit,
@@ -370,6 +498,13 @@ class OpenAdrVen:
     def _state_code(self, mode: Mode) -> int:
         return self._state_codes.get(mode, UNKNOWN_STATE_CODE)
 
+    @staticmethod
+    def blocked_code(t: Any) -> int:
+        """Why dispatch is not followed now, as `BLOCKED_CODES` numbers it (0: nothing blocks)."""
+        if t.refusal is not None:
+            return BLOCKED_CODES.get(t.refusal, 0)
+        return BLOCKED_CODES[ReasonCode.OPTED_OUT] if t.opted_out else 0
+
 
 class _Backoff:
     """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
@@ -388,6 +523,22 @@ class _Backoff:
 
 def _describe(answer: DispatchAnswer) -> str:
     return f"{answer.request_id}: {describe(answer)}"
+
+
+def _opt_of(answers: tuple[DispatchAnswer, ...]) -> str:
+    """optIn when at least one interval is served (with or without a cap), else optOut."""
+    return OPT_IN if any(a.verdict in (Verdict.ACCEPTED, Verdict.CAPPED) for a in answers) else OPT_OUT
+
+
+def _committed_w(request: DispatchRequest, answer: DispatchAnswer) -> float:
+    return answer.cap_w if answer.verdict is Verdict.CAPPED and answer.cap_w is not None else request.target_w
+
+
+def _event_id_of(event: Any) -> str | None:
+    try:
+        return event["event_descriptor"]["event_id"]
+    except (TypeError, KeyError):
+        return None
 
 
 def _revision_of(event: Any) -> int:

@@ -8,10 +8,13 @@ register can be tested without a server. `sunspec_server` puts this on Modbus.
   units. `check_write` turns raw registers into point values or a
   `WriteRefused` naming why, before anything changes, so a write is applied
   whole or not at all.
-- `Wanted` is what the controls ask of the core right now; `sunspec_server`
-  turns its changes into dispatch requests.
+- `Wanted` is what the controls ask of the core right now (a standing setpoint:
+  open-ended), and `DerControls.site_limit_w` the site limit `WMaxLimPct` sets for
+  every source; `sunspec_server` turns their changes into requests and limits.
 - `model_values` builds each model's point values from the core's `Telemetry`,
   the ratings and the controls: the registers are never a second copy of the truth.
+  Model 701 says why a setting is not followed now: whatever blocks dispatch at
+  the moment (the core's telemetry), else the core's answer, else the site limit.
 
 Points this DER does not implement (power factor, var, ramp, anti-islanding,
 the 702 settings, model 1 DA) read as "not implemented" and refuse writes:
@@ -124,16 +127,12 @@ class RevertTimer:
 
 @dataclass(frozen=True)
 class Wanted:
-    """What the 704 controls ask for now; `end` None means "until told otherwise"."""
+    """What the 704 controls ask for now: a standing setpoint, until `WSetEna = 0` or the revert
+    function fires at `revert_at` (None: not armed)."""
 
     kind: DispatchKind
     target_w: float
-    requested_w: float  # before WMaxLimPct
-    end: float | None
-
-    @property
-    def limited(self) -> bool:
-        return self.target_w < self.requested_w
+    revert_at: float | None
 
 
 @dataclass
@@ -182,19 +181,22 @@ class DerControls:
         return fired
 
     def wanted(self, ratings: DerRatings) -> Wanted | None:
+        """The setpoint asked for, before any limit (the core applies `WMaxLimPct` to every source)."""
         c = self.values
         if c["WSetEna"] != WSetEna.ENABLED:
             return None
         raw = float(c["WSet"]) if c["WSetMod"] == WSetMod.WATTS else float(c["WSetPct"]) / 100 * ratings.w_max
-        if raw == 0:
-            return None
-        target = abs(raw)
-        if c["WMaxLimPctEna"] == WSetEna.ENABLED:
-            target = min(target, float(c["WMaxLimPct"]) / 100 * ratings.w_max)
-        if target < 0.05:  # nothing a request could carry (target_w is sent to 0.1 W)
+        if abs(raw) < 0.05:  # nothing a request could carry (target_w is sent to 0.1 W)
             return None
         kind = DispatchKind.DISCHARGE if raw > 0 else DispatchKind.CHARGE
-        return Wanted(kind, target, abs(raw), self.wset_timer.deadline(c))
+        return Wanted(kind, abs(raw), self.wset_timer.deadline(c))
+
+    def site_limit_w(self, ratings: DerRatings) -> float | None:
+        """The site limit `WMaxLimPct` sets while enabled (a share of `WMaxRtg`), else None."""
+        c = self.values
+        if c["WMaxLimPctEna"] != WSetEna.ENABLED:
+            return None
+        return float(c["WMaxLimPct"]) / 100 * ratings.w_max
 
     def registers_view(self, now: float) -> dict[str, Any]:
         return {**self.values, "WSetRvrtRem": self.wset_timer.remaining(self.values, now),
@@ -222,14 +224,34 @@ class DispatchStatus:
     answer: DispatchAnswer | None  # None: the core gave no answer
 
     def allowed_w(self) -> float:
+        """What the answer allows (0 when refused or unanswered)."""
         if self.answer is None or self.answer.verdict is Verdict.REJECTED:
             return 0.0
         if self.answer.cap_w is not None:
             return min(self.answer.cap_w, self.wanted.target_w)
         return self.wanted.target_w
 
+    def followed(self, t: Telemetry) -> tuple[float, str | None]:
+        """The power the setting is followed at now, and why not in full (None when it is).
+
+        What blocks dispatch now comes first (the gateway starting, a fault, an outage, the
+        enter-service delay, the owner's opt-out): it is why the setting is not followed at
+        the moment, whatever the answer said when it was given. Then the answer's refusal
+        or cap, then the site limit in force (`WMaxLimPct` or the configured one)."""
+        if t.refusal is not None:
+            return 0.0, f"{t.refusal.value}: {t.refusal_detail}"
+        if t.opted_out and self.wanted.kind is DispatchKind.DISCHARGE:
+            return 0.0, "OPTED_OUT: the owner has opted out"
+        a = self.answer
+        if a is None:
+            return 0.0, "refused: no answer from the gateway core"
+        allowed = self.allowed_w()
+        if t.site_limit_w is not None and t.site_limit_w < allowed:
+            return t.site_limit_w, f"site limit {t.site_limit_w:.0f} W"
+        return allowed, None if a.verdict is Verdict.ACCEPTED else describe(a)
+
     def text(self) -> str | None:
-        """MnAlrmInfo (64 characters): why the setpoint is not served in full; None when it is."""
+        """The answer in words (64 characters) when it does not serve the setpoint in full."""
         a = self.answer
         if a is None:
             return "refused: no answer from the gateway core"
@@ -269,14 +291,15 @@ def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: 
               else InvSt.RUNNING if running else InvSt.STANDBY)
     throt_pct, throt_src, info = 0, 0, None
     if status is not None:
-        allowed = status.allowed_w()
-        if status.wanted.limited:
-            throt_src |= 1 << ThrotSrcBit.MAX_W
-        if allowed < status.wanted.target_w:
-            throt_src |= 1 << ThrotSrcBit.DERATED
+        allowed, info = status.followed(t)
+        requested = status.wanted.target_w
+        if t.site_limit_w is not None and t.site_limit_w < requested:
+            throt_src |= 1 << ThrotSrcBit.MAX_W  # the site limit (WMaxLimPct) holds it back
+        if allowed < min(requested, t.site_limit_w if t.site_limit_w is not None else requested):
+            throt_src |= 1 << ThrotSrcBit.DERATED  # the gateway holds it back: a refusal, a cap, a block
         if r.w_max > 0:
-            throt_pct = round(100 * (status.wanted.requested_w - allowed) / r.w_max)
-        info = status.text()
+            throt_pct = round(100 * (requested - allowed) / r.w_max)
+        info = info[:64] if info else None
         if running and throt_src:
             inv_st = InvSt.THROTTLED
     alarms = 0

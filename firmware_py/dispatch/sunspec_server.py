@@ -9,21 +9,28 @@ limit apply exactly as for OpenADR.
 How writes become requests (choices documented here because clients see them):
 - One *session* per continuous setpoint: the first non-zero setpoint opens a
   request `sunspec-<epoch>-<n>` (epoch seconds of `id_clock`: the wall clock in
-  `run`, so ids stay unique across restarts); each later change (WSet, WSetMod, WSetPct,
-  WMaxLimPct, a revert refresh) is the same id at revision + 1, so the journal
-  reads as one dispatch that was modified. `WSetEna = 0` (or a zero setpoint,
-  or WMaxLimPct = 0) sends `DispatchCancel` and closes the session.
-- End time: with the revert function armed (`WSetEnaRvrt = 1`, `WSetRvrtTms > 0`)
-  the request ends at the last WSet/WSetEna write + WSetRvrtTms, and every such
-  write re-submits it with the new end. The core ends the request at `end`
-  itself; the server then shows `WSet = WSetRvrt` as a real DER does (a
-  non-zero WSetRvrt opens a new open-ended session). Unarmed, the setpoint holds
-  "until WSetEna = 0", but the core refuses an infinite end and would budget a
-  24 h end against the floor (capping a 11.5 kW request to a trickle), so the
-  request covers `open_horizon_s` (15 min) and is renewed (a new revision) when
-  half of it has passed, re-checking the energy budget each time.
-- WMaxLimPct (when WMaxLimPctEna = 1) caps this server's requests at that share
-  of WMaxRtg, with its own revert function.
+  `run`, so ids stay unique across restarts); each later change of what is
+  asked (WSet, WSetMod, WSetPct, a revert) is the same id at revision + 1, so the
+  journal reads as one dispatch that was modified. `WSetEna = 0` (or a zero
+  setpoint) sends `DispatchCancel` and closes the session.
+- A setpoint is a *standing setting*: open-ended (`end = inf`) in the core, so
+  it is followed up to every limit and the floor's envelope ends it, never
+  budgeted over a window it does not have. The revert function (`WSetEnaRvrt =
+  1`, `WSetRvrtTms > 0`) is a keep-alive, not a window: this server runs it as a
+  real DER does (`WSet` takes `WSetRvrt` when no refresh came in time) and then
+  revises or cancels the request. A keep-alive that changes nothing asks nothing.
+- Standing also means asked again: when the core's telemetry says a new revision
+  would now be answered better than the session's refusal or cap (the gateway
+  became ready, a fault cleared, the outage or enter-service delay ended, the
+  owner revoked an opt-out, a lockout was reset, a limit rose), the server
+  re-submits without the client writing again. It looks on every tick, every
+  Modbus access, and at once when a gateway step changes what admits dispatch
+  (`notice_step`, `standing.StandingWatch`).
+- WMaxLimPct (when WMaxLimPctEna = 1) is the site's limit: it goes to the core as
+  a `SiteLimit` and caps every source's requests (OpenADR and scheduled ones as
+  much as this server's), with its own revert function.
+- Stopping (or a restart after a failure) cancels the session and lifts the
+  limit: an open-ended request must not outlive the server that stands for it.
 - The core's answer never turns a valid write into a Modbus exception: the
   registers keep what was written (the client's intent) and model 701 shows the
   effect: W is the measured power, ThrotSrc has DERATED (core cap or refusal)
@@ -64,9 +71,11 @@ server integrates telemetry power at each tick and read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ipaddress
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -80,11 +89,13 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from firmware_py.addresses import parse_host_port
 from firmware_py.config import SunSpecServerConfig
+from firmware_py.core.controller import StepResult
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchRequest,
+    SiteLimit,
     Verdict,
 )
 from firmware_py.dispatch import DispatchSink
@@ -105,6 +116,7 @@ from firmware_py.dispatch.refusals import (
     Refusal,
     RefusalLedger,
 )
+from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.dispatch.sunspec_der import (
     DerControls,
     DerRatings,
@@ -175,7 +187,6 @@ class _Session:
     revision: int
     wanted: Wanted
     submitted_at: float
-    open_ended: bool
 
 
 class SunSpecDerServer:
@@ -183,7 +194,7 @@ class SunSpecDerServer:
 
     def __init__(self, config: SunSpecServerConfig, ratings: DerRatings | None = None, *,
                  meter: Callable[[], tuple[float, float]] | None = None, serial: str = "PSGW-0001",
-                 base: int = DEFAULT_BASE, open_horizon_s: float = 900.0, tick_s: float = 0.5,
+                 base: int = DEFAULT_BASE, tick_s: float = 0.5,
                  monotonic: Callable[[], float] = time.monotonic,
                  summary_interval_s: float = SUMMARY_INTERVAL_S,
                  id_clock: Callable[[], float] | None = None, link: LinkHandle | None = None) -> None:
@@ -198,13 +209,17 @@ class SunSpecDerServer:
         self.allowed = parse_allow_list(list(config.allow_write_from))
         self._ratings = ratings  # fixed (tests); None: the gateway's own, from its telemetry
         self._meter = meter
-        self.serial, self.open_horizon_s, self.tick_s = serial, open_horizon_s, tick_s
+        self.serial, self.tick_s = serial, tick_s
         self.map = layout(base)
         self.addresses = self.map.addresses()
         self.map_end = self.map.end()  # one past the end model (computing it encodes the whole map: once)
         self.controls = DerControls()
         self.session: _Session | None = None
         self.status: DispatchStatus | None = None
+        self.site_limit_w: float | None = None  # the limit last handed to the core (None: none)
+        self.reasks = 0  # standing settings asked for again without a write
+        self._wake: asyncio.Event | None = None
+        self._watch = StandingWatch()
         self._sfs = scale_factors(ratings) if ratings is not None else {}  # fixed again at `start`
         self._sessions = 0
         self._integrated = [0.0, 0.0]
@@ -225,20 +240,36 @@ class SunSpecDerServer:
 
     # --- lifecycle ---------------------------------------------------------------
     async def run(self, sink: DispatchSink) -> None:
-        """Serve until cancelled; revert timers, open-ended renewals, connection timeouts
-        and refusal summaries run on each tick.
+        """Serve until cancelled; revert timers, standing settings asked again, connection
+        timeouts and refusal summaries run on each tick (and at once when `notice_step` wakes it).
 
         Already listening (the service binds first, so a bad address stops start-up
         with a clear error instead of a restart loop) it serves on that socket.
         """
         if self._server is None:
             await self.start(sink)
+        assert self._wake is not None
         try:
             while True:
-                await asyncio.sleep(self.tick_s)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.tick_s)
+                self._wake.clear()
                 await self.tick()
         finally:
             await self.stop()
+
+    def notice_step(self, result: StepResult) -> None:
+        """A gateway observer: wake the server when a step changed what admits dispatch while its
+        setting is not served in full, so it is asked again at once (the gateway became ready, a
+        fault or an outage ended, the owner revoked an opt-out, a lockout was reset) rather than at
+        the next tick."""
+        moved = self._watch.changed(result)
+        if self._wake is None or self.session is None or not moved:
+            return
+        served = self.status is not None and self.status.answer is not None \
+            and self.status.answer.verdict is Verdict.ACCEPTED and result.controller.serving_id == self.session.id
+        if not served:
+            self._wake.set()
 
     async def start(self, sink: DispatchSink | None = None) -> int:
         """Listen on the configured address only; return the bound port."""
@@ -248,6 +279,7 @@ class SunSpecDerServer:
             raise RuntimeError("SunSpecDerServer.start needs a sink")
         self._sfs = scale_factors(self._ratings_now())
         self._lock = asyncio.Lock()  # made here: a Lock belongs to the loop that serves
+        self._wake = asyncio.Event()
         self._fit_descriptor_budget()
         # The whole address space, so every access reaches the action (and every refusal the ledger).
         device = SimDevice(id=self.config.unit_id, action=self._action,
@@ -277,15 +309,33 @@ class SunSpecDerServer:
         self.connections = ConnectionTable(self.limits)
 
     async def stop(self) -> None:
-        """Close the listener and every connection, then journal every refusal still only counted."""
+        """Close the listener and every connection, withdraw the setting and the limit this server
+        stands for, then journal every refusal still only counted."""
         if self._server is not None:
             await self._server.shutdown()
             self._server = None
+        await self._withdraw()
         self.refusals.flush()
+
+    async def _withdraw(self) -> None:
+        """Cancel the session and lift the site limit: nothing open-ended outlives the server."""
+        sink, session = self._sink, self.session
+        self.session = self.status = None
+        if sink is None:
+            return
+        try:
+            if session is not None:
+                await sink.submit(DispatchCancel(id=session.id, source=SOURCE, received_at=sink.now(),
+                                                 reason="the DER server stopped"))
+            if self.site_limit_w is not None:
+                self.site_limit_w = None
+                await sink.submit(SiteLimit(sink.now(), SOURCE, None))
+        except Exception:  # noqa: BLE001 - stopping must finish; the gateway's own stop makes it safe
+            log.exception("SunSpec DER server: could not withdraw its setting at the stop")
 
     async def tick(self) -> None:
         """Time passing: overdue connections close, refusal summaries are due, revert functions
-        fire and open-ended requests are renewed."""
+        fire and a standing setting the core would now serve better is asked for again."""
         self._close_overdue()
         self.refusals.tick()
         if self._lock is None:
@@ -411,8 +461,7 @@ class SunSpecDerServer:
             return refusal.code
         sink = self._require_sink()
         self.controls.apply(written, sink.now())
-        # Writing the setpoint again after a refusal asks the core again (an armed revert
-        # timer re-submits anyway, because the end moves).
+        # Writing the setpoint again after a refusal asks the core again.
         refused = self.status is not None and self.status.allowed_w() == 0
         retry = refused and bool(self.controls.wset_timer.refreshers & written.keys())
         try:
@@ -514,38 +563,48 @@ class SunSpecDerServer:
         if sink is None:
             return
         now = sink.now()
-        fired = self.controls.expire(now)
-        if "WSet" in fired and self.session is not None:
-            self.session = self.status = None  # the core ends the request at its end by itself
-        renew = self.session is not None and self.session.open_ended and \
-            now >= self.session.submitted_at + self.open_horizon_s / 2
-        if fired or renew:
-            await self._reconcile(sink, force=renew)
+        fired = self.controls.expire(now)  # a revert changes what is asked: revise or cancel below
+        t = sink.telemetry()
+        reask = self.session is not None and self.session.id in t.improvable
+        if fired or reask:
+            if reask:
+                self.reasks += 1
+                log.info("SunSpec setpoint %s: what held it back has cleared; asking the core again",
+                         self.session.id if self.session else "?")
+            await self._reconcile(sink, force=reask)
         if self._meter is None:
-            self._sample(sink.telemetry())
+            self._sample(t)
 
     async def _reconcile(self, sink: DispatchSink, *, force: bool = False) -> None:
-        """Hand the core what the controls ask for, if it differs from the request in force."""
-        wanted = self.controls.wanted(self._ratings_now())
+        """Hand the core the site limit and what the controls ask for, where they changed."""
+        ratings = self._ratings_now()
+        limit = self.controls.site_limit_w(ratings)
+        if limit != self.site_limit_w:
+            self.site_limit_w = limit
+            log.info("SunSpec WMaxLimPct: %s for every source's requests",
+                     "site limit lifted" if limit is None else f"site limit {limit:.0f} W")
+            await sink.submit(SiteLimit(sink.now(), SOURCE, limit))
+        wanted = self.controls.wanted(ratings)
         s = self.session
         if wanted is None:
             if s is not None:
                 await sink.submit(DispatchCancel(id=s.id, source=SOURCE, received_at=sink.now()))
             self.session = self.status = None
             return
-        same = s is not None and (s.wanted.kind, s.wanted.target_w, s.wanted.end) == \
-            (wanted.kind, wanted.target_w, wanted.end)
+        same = s is not None and (s.wanted.kind, s.wanted.target_w) == (wanted.kind, wanted.target_w)
         if same and not force:
+            if s is not None:
+                self.session = replace(s, wanted=wanted)  # a keep-alive: the revert deadline moved
             return
         now = sink.now()
         if s is None:
             self._sessions += 1
             stamp = self._id_clock() if self._id_clock is not None else now
-            s = _Session(f"{SOURCE}-{int(stamp)}-{self._sessions}", -1, wanted, now, True)
-        end = wanted.end if wanted.end is not None else now + self.open_horizon_s
+            s = _Session(f"{SOURCE}-{int(stamp)}-{self._sessions}", -1, wanted, now)
+        # Open-ended: a standing setpoint has no window to budget; the floor's envelope ends it.
         request = DispatchRequest(id=s.id, source=SOURCE, kind=wanted.kind, target_w=round(wanted.target_w, 1),
-                                  start=now, end=max(end, now + 1.0), received_at=now, revision=s.revision + 1)
-        self.session = _Session(s.id, request.revision, wanted, now, wanted.end is None)
+                                  start=now, end=math.inf, received_at=now, revision=s.revision + 1)
+        self.session = _Session(s.id, request.revision, wanted, now)
         answer = await sink.submit(request)
         self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None)
         if answer is None or answer.verdict is Verdict.REJECTED:

@@ -12,6 +12,12 @@ read once per connection. The command path writes one contiguous 704 block
 (WSetEna..WSetRvrtTms) only when the setpoint changes or a refresh is due, so
 an event (a BMS fault) costs exactly one write before the inverter has it.
 
+Enter service (IEEE 1547-2018, model 703): after a grid outage an inverter waits
+`ESDlyTms` before it may export again. When the inverter has model 703 and 701
+says it is not connected to the grid although no outage is alarmed, the poll
+also reads `ESDlyRemTms`, so the core can say when export may resume (no extra
+read while the inverter is connected).
+
 Healing: a dropped link is reopened (and the device re-discovered) by the next
 poll, with back-off; the command is written again at once after a reconnect, and
 after the inverter has let go of it (its revert fired, or it restarted): a poll
@@ -43,6 +49,7 @@ from firmware_py.inverter.sunspec import (
     BASE_ADDRESSES,
     DER_CAPACITY,
     DER_CONTROL_AC,
+    DER_ENTER_SERVICE,
     DER_MEASURE_AC,
     DER_STORAGE,
     END_MODEL_ID,
@@ -61,12 +68,14 @@ log = logging.getLogger(__name__)
 MAX_READ = 125  # registers per Modbus read
 LAST_ADDRESS = 0xFFFF
 MAX_MODELS = 64  # a chain longer than this is a device bug, not a device
-M701, M702, M704, M713 = (ModelDef.load(m) for m in (DER_MEASURE_AC, DER_CAPACITY, DER_CONTROL_AC, DER_STORAGE))
+M701, M702, M703, M704, M713 = (ModelDef.load(m) for m in (DER_MEASURE_AC, DER_CAPACITY, DER_ENTER_SERVICE,
+                                                             DER_CONTROL_AC, DER_STORAGE))
 IDLE_STATES = frozenset({InverterState.OFF, InverterState.SLEEPING, InverterState.STANDBY})
 """InvSt values of an inverter moving no power: under a non-zero command, worth checking it still holds it."""
 STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .. TotWhAbs
 CONTROL_SPAN = M704.span("WSetEna", "WSetRvrtTms")
 WSET_SPAN = M704.span("WSetEna", "WSet")
+ES_REMAINING = M703.span("ESDlyRemTms", "ESDlyRemTms")
 
 
 class ModbusErrorCause(StrEnum):
@@ -111,6 +120,8 @@ class Discovery:
     common: dict[str, Any] = field(default_factory=dict)
     ratings: dict[str, Any] = field(default_factory=dict)
     storage: dict[str, Any] | None = None
+    enter_service: dict[str, Any] | None = None
+    """Model 703 as read at discovery (`ESDlyTms`, `ESRmpTms`...), when the inverter has it."""
 
     def address(self, model_id: int, point: str = "ID") -> int:
         return self.models[model_id][0] + ModelDef.load(model_id).offset(point)
@@ -245,12 +256,13 @@ class InverterClient:
         common = await self._read_model(disc, 1) if 1 in models else {}
         ratings = await self._read_model(disc, 702) if 702 in models else {}
         storage = await self._read_model(disc, 713) if 713 in models else None
+        enter_service = await self._read_model(disc, DER_ENTER_SERVICE) if DER_ENTER_SERVICE in models else None
         m701 = await self._read_model(disc, 701, scaled=False)
         m704 = await self._read_model(disc, 704, scaled=False)
         self._sfs = {701: _sfs(M701, m701), 704: _sfs(M704, m704)}
         lo, count = CONTROL_SPAN
         self._control_regs = await self._read(disc.address(704) + lo, count)
-        return Discovery(base, models, common, ratings, storage)
+        return Discovery(base, models, common, ratings, storage, enter_service)
 
     async def _find_base(self) -> int:
         tried = []
@@ -309,17 +321,27 @@ class InverterClient:
         if inv_state is not None and inv_state not in InverterState._value2member_map_:
             raise LinkError(f"model 701 InvSt={inv_state} is not a defined state")
         alarms = v["Alrm"] or 0
+        outage = bool(alarms >> AlrmBit.GRID_DISCONNECT & 1)
+        connected = v["ConnSt"] in (None, ConnSt.CONNECTED)
+        entering = 0.0 if connected or outage else await self._enter_service_s(disc)
         r = disc.ratings
         return InverterStatus(
             received_at=self.clock(), measured_w=float(v["W"]),
             inv_state=InverterState.OFF if inv_state is None else inv_state,
-            grid_connected=v["ConnSt"] in (None, ConnSt.CONNECTED),
-            grid_outage=bool(alarms >> AlrmBit.GRID_DISCONNECT & 1),
+            grid_connected=connected, grid_outage=outage, enter_service_s=entering,
             alarms=alarms, tot_wh_inj=float(v["TotWhInj"] or 0.0), tot_wh_abs=float(v["TotWhAbs"] or 0.0),
             w_max_rtg=float(r.get("WMaxRtg") or 0.0), w_cha_max_rtg=float(r.get("WChaRteMaxRtg") or 0.0),
             w_discha_max_rtg=float(r.get("WDisChaRteMaxRtg") or 0.0),
             wset_w=wset,
         )
+
+    async def _enter_service_s(self, disc: Discovery) -> float:
+        """Model 703 `ESDlyRemTms`: the enter-service delay left (0 without model 703 or the point)."""
+        if DER_ENTER_SERVICE not in disc.models:
+            return 0.0
+        lo, count = ES_REMAINING
+        remaining = M703.decode(await self._read(disc.address(DER_ENTER_SERVICE) + lo, count), lo)["ESDlyRemTms"]
+        return float(remaining) if is_finite_number(remaining) and remaining > 0 else 0.0
 
     async def _check_hold(self, disc: Discovery, status: InverterStatus) -> None:
         """Forget a non-zero command the inverter no longer holds, so the next apply writes it again.

@@ -42,13 +42,19 @@ async def _probe(settings: config.InverterConfig) -> list[str]:
     if disc.storage is not None:
         s = disc.storage
         lines.append(f"storage (713): WHRtg {_fmt(s.get('WHRtg'), 'Wh')}, SoC {_fmt(s.get('SoC'), '%')}")
+    if disc.enter_service is not None:
+        e = disc.enter_service
+        lines.append(f"enter service (703): {'permitted' if e.get('ES') else 'NOT permitted'}, "
+                     f"delay ESDlyTms {_fmt(e.get('ESDlyTms'), 's')}, ramp ESRmpTms {_fmt(e.get('ESRmpTms'), 's')}")
     if not status.comms_ok:
         lines.append(f"state: unreadable: {status.error}")
         return lines
     lines.append(
         f"state: {InverterState(status.inv_state).name}, W {_fmt(status.measured_w, 'W')}, "
         f"WSet {_fmt(status.wset_w, 'W')}, grid {'connected' if status.grid_connected else 'DISCONNECTED'}"
-        f"{', GRID OUTAGE' if status.grid_outage else ''}, alarms 0x{status.alarms:08x}, "
+        f"{', GRID OUTAGE' if status.grid_outage else ''}"
+        f"{f', entering service in {status.enter_service_s:.0f} s' if status.enter_service_s else ''}, "
+        f"alarms 0x{status.alarms:08x}, "
         f"TotWhInj {_fmt(status.tot_wh_inj, 'Wh')}, TotWhAbs {_fmt(status.tot_wh_abs, 'Wh')}")
     return lines
 

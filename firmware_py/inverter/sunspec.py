@@ -10,7 +10,7 @@ device: 'SunS', the model chain and the end model.
 
 Word order is SunSpec's: big-endian registers, most significant word first.
 Repeating groups (count 0 or a point name) are not part of the fixed block and
-are left out; the models this gateway uses (1, 701, 702, 704, 713) have none.
+are left out; the models this gateway uses (1, 701, 702, 703, 704, 713) have none.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ DEFAULT_BASE = BASE_ADDRESSES[0]  # where our servers (the DER server, the simul
 COMMON = 1
 DER_MEASURE_AC = 701
 DER_CAPACITY = 702
+DER_ENTER_SERVICE = 703
 DER_CONTROL_AC = 704
 DER_STORAGE = 713
 MODELS = (COMMON, DER_MEASURE_AC, DER_CAPACITY, DER_CONTROL_AC, DER_STORAGE)
+"""What the gateway's own DER server serves; an inverter may have more (the simulated one adds 703)."""
 
 # register count, struct code, "not implemented" raw value (SunSpec spec)
 _INTS: dict[str, tuple[int, str, int]] = {

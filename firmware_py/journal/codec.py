@@ -37,6 +37,7 @@ JOURNALED: tuple[type, ...] = (
     core.OwnerSettings,
     core.InstallerReset,
     core.Stall,
+    core.SiteLimit,
 )
 """The dataclasses `Journal.append_event` accepts; kind = `RecordKind.of(event)`, the class name."""
 

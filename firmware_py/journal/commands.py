@@ -1,5 +1,10 @@
 """`powershare-gw report`: per-event energy and timeline from a journal, and its chain check.
 
+The journal is read as one chain over all its segments (`chain.Chain`), a page at
+a time: its memory does not grow with the journal's length. The check covers the
+hash chain of every segment, the links between segments, and the signed anchors
+beside them (a tail cut back shows there).
+
 Exit codes (docs/command-line.md): 0 the chain is intact, 1 it is broken (the report is
 still printed, so an operator sees what the damaged journal claims), 2 the file
 is missing or not a journal, or `--event` names no event in it.
@@ -12,13 +17,12 @@ import csv
 import json
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
-from firmware_py.journal.kinds import RecordKind
-from firmware_py.journal.owner_log import OwnerChange, owner_changes
-from firmware_py.journal.store import Journal
+from firmware_py.journal.chain import Chain, ChainReport
+from firmware_py.journal.owner_log import OWNER_KINDS, OwnerChange, owner_changes
 from firmware_py.journal.summary import EventSummary, event_summaries
 from firmware_py.quoting import printable
 
@@ -40,26 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def report(args: argparse.Namespace) -> int:
     """Print the report in the chosen format; 1 when the chain is broken."""
-    with Journal.open(args.journal, readonly=True) as journal:
-        problems = journal.verify()
-        count = len(journal)
-        try:
-            events = event_summaries(journal)
-            changes = owner_changes(journal.records(RecordKind.OWNER_SETTINGS) +
-                                    journal.records(RecordKind.INSTALLER_RESET))
-        except InputError:
-            if not problems:
-                raise
-            events, changes = [], []  # the damage that verify() reported also hides them: say so, exit 1
-        changes.sort(key=lambda change: change.seq)
-    if args.event is not None:
-        events = [e for e in events if e.request_id == args.event]
-        if not events:
-            raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
-    if args.event is not None:
-        changes = []  # one event's report: its timeline already holds the changes made while it ran
-    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, count, problems, changes)
-    return 1 if problems else 0
+    chain = Chain(args.journal)
+    verdict = chain.check()
+    try:
+        events = event_summaries(chain, only=args.event)
+        # One event's report: its timeline already holds the changes made while it ran.
+        changes = [] if args.event is not None else owner_changes(chain.iter_records(OWNER_KINDS))
+    except InputError:
+        if not verdict.problems:
+            raise
+        events, changes = [], []  # the damage that the check reported also hides them: say so, exit 1
+    if args.event is not None and not events:
+        raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
+    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, verdict, changes)
+    return 1 if verdict.problems else 0
 
 
 def chain_line(count: int, problems: list[str]) -> str:
@@ -69,10 +67,30 @@ def chain_line(count: int, problems: list[str]) -> str:
     return f"chain: BROKEN ({count} records, {len(problems)} {noun})"
 
 
-def _print_text(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
+def anchor_lines(verdict: ChainReport) -> list[str]:
+    """Where the chain was last anchored and by which key; which segments it spans."""
+    lines = []
+    if len(verdict.segments) > 1 or verdict.pruned_through:
+        files = ", ".join(s.file for s in verdict.segments)
+        pruned = f"; segments 1..{verdict.pruned_through} pruned by retention" if verdict.pruned_through else ""
+        lines.append(f"segments: {len(verdict.segments)} ({files}){pruned}")
+    newest = verdict.newest_anchor
+    if newest is None:
+        lines.append("anchor: none (a journal written before anchors, or an empty one)")
+    else:
+        how = "verified with the key file" if verdict.key_checked else \
+            "verified with the anchors' own key (key file not readable here)"
+        when = f"{newest.why}, {_time(newest.wall)}"
+        lines.append(f"anchor: newest at record {newest.seq} ({when}), key {newest.key[:16]}…, {how}")
+    return lines
+
+
+def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text  # never parsed as markup: ids and texts came from aggregators
+    from rich.text import Text
+
+    # Text is never parsed as markup: ids and texts came from aggregators.
 
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
     table = Table(title="Dispatch events", title_justify="left")
@@ -103,14 +121,24 @@ def _print_text(events: list[EventSummary], count: int, problems: list[str], cha
         for change in changes:
             table.add_row(_time(change.at), str(change.seq), printable(change.text))
         console.print(table, markup=False)
-    console.print(chain_line(count, problems), markup=False)
-    for problem in problems:
+    for line in anchor_lines(verdict):
+        console.print(line, markup=False, soft_wrap=True)
+    console.print(chain_line(verdict.records, verdict.problems), markup=False)
+    for problem in verdict.problems:
         console.print(f"  - {printable(problem)}", markup=False)
 
 
-def _print_json(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
+def _print_json(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
+    newest = verdict.newest_anchor
     document = {
-        "chain": {"intact": not problems, "records": count, "problems": problems},
+        "chain": {"intact": not verdict.problems, "records": verdict.records, "problems": verdict.problems},
+        "journal": {  # what the chain check walked (beside the contract's "chain", never inside it)
+            "head": {"seq": verdict.head_seq, "hash": verdict.head_hash},
+            "segments": [{"number": s.number, "file": s.file, "records": s.records, "first_seq": s.first_seq,
+                          "last_seq": s.last_seq, "anchor_lines": s.anchor_lines} for s in verdict.segments],
+            "pruned_through_segment": verdict.pruned_through,
+            "anchor": None if newest is None else {**newest.body(), "key_checked": verdict.key_checked},
+        },
         "events": [asdict(e) for e in events],
         "owner_changes": [asdict(c) for c in changes],
     }
@@ -118,7 +146,7 @@ def _print_json(events: list[EventSummary], count: int, problems: list[str], cha
     sys.stdout.write("\n")
 
 
-def _print_csv(events: list[EventSummary], count: int, problems: list[str], changes: list[OwnerChange]) -> None:
+def _print_csv(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
     """One row per event (the owner's changes are in the text and JSON reports); the chain verdict goes to
     stderr so the CSV stays pure data."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -126,8 +154,10 @@ def _print_csv(events: list[EventSummary], count: int, problems: list[str], chan
     for e in events:
         row = codec.jsonable({name: getattr(e, name) for name in CSV_COLUMNS})
         writer.writerow(_csv_cell(row[name]) for name in CSV_COLUMNS)
-    print(chain_line(count, problems), file=sys.stderr)
-    for problem in problems:
+    for line in anchor_lines(verdict):
+        print(line, file=sys.stderr)
+    print(chain_line(verdict.records, verdict.problems), file=sys.stderr)
+    for problem in verdict.problems:
         print(f"  - {problem}", file=sys.stderr)
 
 
@@ -159,5 +189,5 @@ def _time(at: float | None) -> str:
     if at == float("inf"):
         return "open"
     if at >= EPOCH_THRESHOLD_S:
-        return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return f"{at:.1f} s"

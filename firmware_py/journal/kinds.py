@@ -26,9 +26,13 @@ class RecordKind(StrEnum):
     OWNER_SETTINGS = "OwnerSettings"
     INSTALLER_RESET = "InstallerReset"
     STALL = "Stall"
+    SITE_LIMIT = "SiteLimit"
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
+    # the journal's own housekeeping: where a segment begins (after a rotation), which were pruned
+    SEGMENT_START = "SegmentStart"
+    SEGMENT_PRUNED = "SegmentPruned"
     # notes: what a source refused before it became a request, links lost and back, run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
@@ -39,12 +43,12 @@ class RecordKind(StrEnum):
     BENCH_LOAD = "BenchLoad"
 
     @classmethod
-    def of(cls, event: Any) -> "RecordKind":
+    def of(cls, event: Any) -> RecordKind:
         """The kind a core event or input is journaled as (ValueError for anything else)."""
         return cls(type(event).__name__)
 
     @classmethod
-    def read(cls, text: str) -> "RecordKind | str":
+    def read(cls, text: str) -> RecordKind | str:
         """A stored kind as a member, or the text itself for a kind this gateway does not know."""
         try:
             return cls(text)

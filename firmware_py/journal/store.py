@@ -9,36 +9,57 @@ It is the evidence behind bill credits and the trail after a fault, so:
   appends faster than real time, groups records with `with journal.batch():`.
 - Tampering is detectable. Each record's hash covers the previous record's
   hash, its seq, times, kind and payload; a one-row `head` table, written in the
-  same transaction as every append, anchors the last seq and hash so that
-  deleting the newest rows is detected too. What no local check can catch is a
-  forger who rewrites every later hash and the head: that needs an outside anchor
-  (e.g. the aggregator's copy of the last hash).
+  same transaction as every append, anchors the last seq and hash. Because a
+  forger with the file can rewrite the head too, the writer also appends signed
+  checkpoints of the head to a file outside the database (`anchors.py`), so a
+  tail cut back below the newest checkpoint shows.
 - A failed write is never silent: it raises `JournalWriteError`, the record is
   not in the journal, and the runtime must treat that as a fault (stop
   dispatching: energy it cannot account for must not be delivered).
+- Its cost does not grow with its length. Readers page through the records
+  (`iter_records`, `check`), never holding more than a page; and the journal is
+  kept in segments: `rotate` archives the live file and starts the next one with a
+  `SegmentStart` record that carries the chain on (the previous segment's head)
+  and the accounts of the events still open, so a start-up reads the live
+  segment only. `prune` deletes archives past retention and says so in the chain.
+  `chain.py` checks all the segments together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
-from firmware_py.journal import codec
+from firmware_py.journal import codec, files
+from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorKey, AnchorLog, AnchorWhy
 from firmware_py.journal.kinds import RecordKind
 
+log = logging.getLogger(__name__)
+
 APPLICATION_ID = 0x50534757  # "PSGW": marks the file as ours (PRAGMA application_id)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: one file, no anchors. 2: anchored (an anchor file beside each segment), segments may follow
+each other. A writer upgrades a version-1 file by anchoring it; the rows are the same."""
+ANCHORED_VERSION = 2
 GENESIS_HASH = "0" * 64
+PAGE_ROWS = 512
+"""Rows read per query: readers hold one page, whatever the journal's length."""
+ANCHOR_KINDS = frozenset({RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL, RecordKind.DISPATCH_ENDED,
+                          RecordKind.SEGMENT_PRUNED})
+"""Kinds that anchor the head as soon as they commit (with a final EventEnergy): what billing rests on."""
 
 _SCHEMA = f"""
 CREATE TABLE records (
@@ -62,6 +83,7 @@ CREATE TRIGGER records_no_update BEFORE UPDATE ON records
 CREATE TRIGGER records_no_delete BEFORE DELETE ON records
     BEGIN SELECT RAISE(ABORT, 'journal records are append-only'); END;
 """
+_COLUMNS = "seq, at, wall, kind, payload, prev_hash, hash"
 
 
 class JournalWriteError(Exception):
@@ -98,6 +120,18 @@ class Record:
         return core_s + (self.wall - self.at)
 
 
+@dataclass
+class SegmentCheck:
+    """What walking one segment's stored chain found (`Journal.check`)."""
+
+    problems: list[str] = field(default_factory=list)
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
+    start: dict[str, Any] | None = None  # the SegmentStart payload, when the segment begins with one
+
+
 def _row_types_ok(seq: Any, at: Any, wall: Any, kind: Any, text: Any, prev: Any, digest: Any) -> bool:
     """What the schema promises and SQLite's loose typing does not enforce."""
     return (isinstance(seq, int) and all(isinstance(v, (int, float)) for v in (at, wall))
@@ -111,15 +145,30 @@ def record_hash(prev_hash: str, seq: int, at: float, wall: float, kind: str, pay
 
 
 class Journal:
-    """An open journal file. Not for sharing between processes as writers: one gateway, one writer."""
+    """One open segment file: the live one (to append) or any one (to read).
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, wall_clock: Callable[[], float]):
+    Not for sharing between processes as writers: one gateway, one writer.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, wall_clock: Callable[[], float],
+                 key: AnchorKey | None = None, busy_timeout_s: float = 5.0, was_anchored: bool = False):
         self.path = path
         self._conn = conn
+        self._busy_timeout_s = busy_timeout_s
         self._wall_clock = wall_clock
         self._lock = threading.RLock()
         self._batch_depth = 0
-        self._seq, self._hash = self._read_tail()
+        self._key = key
+        self._load_segment()
+        self._anchors = _anchor_log(path, key, self.segment) if key is not None else None
+        self._anchor_due: AnchorWhy | None = None
+        self._uncommitted_due: AnchorWhy | None = None
+        self._anchor_failing = False
+        if self._anchors is not None:
+            self._check_against_anchor(was_anchored)
+            self._anchor(AnchorWhy.OPEN)
+            if not was_anchored:
+                self._mark_anchored()
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -130,26 +179,42 @@ class Journal:
 
         InputError when the file is missing (readonly), is not SQLite, or holds
         some other schema, because those are the operator's mistakes to fix.
+        Opening to write finishes a rotation a crash interrupted, makes the anchor
+        key if there is none, and anchors the head it finds.
         """
         path = Path(path)
         if readonly and not path.is_file():
             raise InputError(f"{path}: no such journal file")
+        if not readonly:
+            try:
+                _finish_rotation(path)
+            except OSError as err:
+                raise InputError(f"{path}: cannot finish the rotation a crash interrupted: {err}") from err
+            if not path.exists() and files.archives(path):
+                raise InputError(f"{path}: missing, but archived segments of it are beside it "
+                                 f"({files.archives(path)[-1].path.name}, ...); restore it, or move the "
+                                 "archives away to start a new journal")
+        conn = _connect(path, readonly, busy_timeout_s)
         try:
-            if readonly:
-                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                                       isolation_level=None, check_same_thread=False,
-                                       timeout=busy_timeout_s)
-            else:
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                       timeout=busy_timeout_s)
-        except sqlite3.Error as err:
-            raise InputError(f"{path}: cannot open journal: {err}") from err
-        try:
-            _prepare(conn, path, readonly)
+            version = _prepare(conn, path, readonly)
+            key = None if readonly else AnchorKey.load_or_create(files.key_path(path))
+            return cls(path, conn, wall_clock, key, busy_timeout_s, was_anchored=version >= ANCHORED_VERSION)
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, wall_clock)
+
+    def _load_segment(self) -> None:
+        """Which segment this file is, and where its chain continues from."""
+        self._seq, self._hash = self._read_tail()
+        self.anchored = self._read("PRAGMA user_version")[0][0] >= ANCHORED_VERSION
+        first = self._read("SELECT kind, payload FROM records ORDER BY seq LIMIT 1")
+        self.start: dict[str, Any] | None = None
+        if first and first[0][0] == RecordKind.SEGMENT_START:
+            with contextlib.suppress(ValueError, TypeError):
+                payload = json.loads(first[0][1])
+                if isinstance(payload, dict) and isinstance(payload.get("segment"), int):
+                    self.start = payload
+        self.segment: int = self.start["segment"] if self.start else 1
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -169,11 +234,12 @@ class Journal:
             seq = self._seq + 1
             digest = record_hash(self._hash, seq, at, wall, kind, text)
             with self._transaction():
-                self._write(
-                    "INSERT INTO records (seq, at, wall, kind, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
-                    (seq, at, wall, kind, text, self._hash, digest))
+                self._write(f"INSERT INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                            (seq, at, wall, kind, text, self._hash, digest))
                 self._write("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, digest))
                 self._seq, self._hash = seq, digest
+                if kind in ANCHOR_KINDS or (kind == RecordKind.EVENT_ENERGY and payload.get("final")):
+                    self._uncommitted_due = AnchorWhy.BILLING
             return seq
 
     def append_event(self, event: Any, *, wall: float | None = None) -> int:
@@ -211,9 +277,11 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
             self._seq, self._hash = self._read_tail()
+            self._uncommitted_due = None
             raise
         finally:
             self._batch_depth = 0
+        self._after_commit()
 
     def _write(self, sql: str, params: tuple = ()) -> None:
         try:
@@ -221,19 +289,103 @@ class Journal:
         except sqlite3.Error as err:
             raise JournalWriteError(f"{self.path}: journal write failed: {err}") from err
 
+    # -- anchoring ---------------------------------------------------------------------------
+
+    def _after_commit(self) -> None:
+        """Anchor the head now if a billing record just committed, or the period has passed."""
+        if self._anchors is None:
+            return
+        self._anchor_due = self._anchor_due or self._uncommitted_due
+        self._uncommitted_due = None
+        newest = self._anchors.newest
+        if self._anchor_due is None and newest is not None and self._wall_clock() - newest.wall < ANCHOR_PERIOD_S:
+            return
+        self._anchor(self._anchor_due or AnchorWhy.PERIODIC)
+
+    def _anchor(self, why: AnchorWhy) -> None:
+        """One signed line for the head, unless the newest line already names it. Never raises:
+        the records are committed whatever happens to their checkpoint (it is retried next commit)."""
+        anchors = self._anchors
+        if anchors is None:
+            return
+        newest = anchors.newest
+        if newest is not None and (newest.seq, newest.hash) == (self._seq, self._hash):
+            self._anchor_due = None
+            return
+        try:
+            anchor = anchors.append(self._seq, self._hash, float(self._wall_clock()), why)
+        except OSError as err:
+            if not self._anchor_failing:
+                log.error("%s: cannot write the journal's anchor (retried with the next commit): %s",
+                          anchors.path, err)
+            self._anchor_failing, self._anchor_due = True, why
+            return
+        self._anchor_failing, self._anchor_due = False, None
+        log.debug("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
+
+    def _mark_anchored(self) -> None:
+        """A file from before anchors, now anchored: say so in it (after its first anchor is written,
+        so that no anchored file is ever without one)."""
+        try:
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as err:
+            raise InputError(f"{self.path}: cannot open journal for writing: {err}") from err
+        self.anchored = True
+
+    def _check_against_anchor(self, was_anchored: bool) -> None:
+        """At open: a head behind or beside the newest anchor means records were removed; say so
+        loudly (`report` flags it whatever is appended later: every anchor line is checked).
+        An anchored segment with records and no anchors at all lost its anchor file: the first
+        new line says so, so that the loss stays in the file for `report`."""
+        newest = self._anchors.newest if self._anchors is not None else None
+        if newest is None:
+            if was_anchored and self._seq > 0 and self._key is not None:
+                log.error("%s: the journal's anchor file is missing or empty: records cut before now cannot "
+                          "be shown; `powershare-gw report` flags it", files.anchors_path(self.path))
+                self._anchor(AnchorWhy.MISSING)
+            return
+        if newest.seq > self._seq or (self.hash_at(newest.seq) if newest.seq else GENESIS_HASH) != newest.hash:
+            log.error("%s: the journal does not match its newest anchor (record %d, hash %s): records were "
+                      "removed or rewritten while the gateway was stopped; `powershare-gw report` shows what",
+                      self.path, newest.seq, newest.hash)
+
     # -- reading -----------------------------------------------------------------------------
 
+    def iter_records(self, kinds: Collection[RecordKind | str] | None = None, since_seq: int = 0) -> Iterator[Record]:
+        """Records with seq > since_seq, oldest first, optionally of some kinds only: a page at a time.
+
+        Each kind is read through the (kind, seq) index and the kinds merged by seq,
+        so asking for the rare kinds of a long journal reads those rows only.
+        """
+        if kinds is None:
+            yield from self._records_where("", (), since_seq)
+            return
+        streams = [self._records_where(" AND kind = ?", (str(kind),), since_seq) for kind in sorted(set(map(str, kinds)))]
+        yield from heapq.merge(*streams, key=lambda record: record.seq)
+
     def records(self, kind: RecordKind | str | None = None, since_seq: int = 0) -> list[Record]:
-        """Records with seq > since_seq, oldest first, optionally of one kind."""
-        sql = "SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records WHERE seq > ?"
-        params: tuple = (since_seq,)
-        if kind is not None:
-            sql += " AND kind = ?"
-            params += (str(kind),)
-        with self._lock:
-            rows = self._read(sql + " ORDER BY seq", params)
-        return [Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h)
-                for seq, at, wall, k, text, prev, h in rows]
+        """Records with seq > since_seq, oldest first, optionally of one kind: all in memory at once,
+        so for small journals and tests; anything that may meet a long journal uses `iter_records`."""
+        return list(self.iter_records(None if kind is None else [kind], since_seq))
+
+    def _records_where(self, where: str, params: tuple, since_seq: int) -> Iterator[Record]:
+        for rows in self._pages(where, params, since_seq):
+            for seq, at, wall, k, text, prev, h in rows:
+                yield Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h)
+
+    def _pages(self, where: str, params: tuple, since_seq: int) -> Iterator[list[tuple]]:
+        """Raw rows, PAGE_ROWS at a time (keyset paging: each page its own short query)."""
+        sql = f"SELECT {_COLUMNS} FROM records WHERE seq > ?{where} ORDER BY seq LIMIT {PAGE_ROWS}"
+        after = since_seq
+        while True:
+            with self._lock:
+                rows = self._read(sql, (after, *params))
+            if not rows:
+                return
+            yield rows
+            if not isinstance(rows[-1][0], int):
+                return  # a seq rewritten as another type: paging cannot go on past it (check() says so)
+            after = rows[-1][0]
 
     def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512) -> list[Record]:
         """Records of `kinds` made at or after `since_wall` (wall time), oldest first.
@@ -267,42 +419,100 @@ class Journal:
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def head_hash(self) -> str:
+        return self._hash
+
+    def newest_at(self) -> float | None:
+        """The gateway time of the newest record (None when there is none)."""
+        with self._lock:
+            rows = self._read("SELECT at FROM records ORDER BY seq DESC LIMIT 1")
+        return rows[0][0] if rows else None
+
+    def hash_at(self, seq: int) -> str | None:
+        with self._lock:
+            rows = self._read("SELECT hash FROM records WHERE seq = ?", (seq,))
+        return rows[0][0] if rows else None
+
+    def carried(self) -> list[tuple[str, dict[str, Any]]]:
+        """The records a rotation carried into this segment (kind, payload): the open events' accounts."""
+        carry = (self.start or {}).get("carry") or []
+        return [(str(item.get("kind")), item.get("payload") or {}) for item in carry if isinstance(item, dict)]
+
+    def size_bytes(self) -> int:
+        """The segment's size as a database (what it will take as an archive), committed pages included
+        whether or not they have reached the main file yet (the write-ahead log is reused, not a measure)."""
+        with self._lock:
+            (pages,), = self._read("PRAGMA page_count")
+            (page_size,), = self._read("PRAGMA page_size")
+        return int(pages) * int(page_size)
+
     def verify(self) -> list[str]:
         """Every way the stored chain differs from what was appended; empty when intact."""
-        problems: list[str] = []
-        expected_seq, prev_hash = 1, GENESIS_HASH
+        return self.check().problems
+
+    def check(self) -> SegmentCheck:
+        """Walk the stored chain, a page at a time: every problem, and where the segment begins and ends.
+
+        A segment after a rotation begins where its `SegmentStart` says the one before ended.
+        """
+        result = SegmentCheck()
+        expected_seq, prev_hash = None, None
+        for rows in self._pages("", (), -(2**63)):
+            for seq, at, wall, kind, text, stored_prev, stored_hash in rows:
+                if expected_seq is None:
+                    expected_seq, prev_hash = self._base(result, seq, kind, text)
+                result.records += 1
+                if not _row_types_ok(seq, at, wall, kind, text, stored_prev, stored_hash):
+                    result.problems.append(f"record {seq}: a column holds the wrong type (edited outside the journal)")
+                    expected_seq, prev_hash = (seq + 1 if isinstance(seq, int) else expected_seq), stored_hash
+                    continue
+                if seq != expected_seq:
+                    result.problems.append(_gap(expected_seq, seq))
+                if stored_prev != prev_hash:
+                    result.problems.append(f"record {seq}: does not chain to the record before it "
+                                           "(a record was inserted, deleted or edited)")
+                if record_hash(stored_prev, seq, at, wall, kind, text) != stored_hash:
+                    result.problems.append(f"record {seq}: contents do not match its hash (edited)")
+                try:
+                    json.loads(text)
+                except ValueError:
+                    result.problems.append(f"record {seq}: payload is not valid JSON")
+                expected_seq, prev_hash = seq + 1, stored_hash
+        if expected_seq is None:
+            expected_seq, prev_hash = 1, GENESIS_HASH
+        result.last_seq, result.last_hash = expected_seq - 1, prev_hash
+        result.problems += self._head_problems(result.last_seq, prev_hash)
+        return result
+
+    def _base(self, result: SegmentCheck, seq: Any, kind: Any, text: Any) -> tuple[int, str]:
+        """Where the chain of this segment starts: genesis, or the previous segment's head."""
+        result.first_seq = seq if isinstance(seq, int) else None
+        if kind != RecordKind.SEGMENT_START:
+            return 1, GENESIS_HASH
+        try:
+            payload = json.loads(text)
+            previous = payload["previous"]
+            base = (int(previous["last_seq"]) + 1, str(previous["last_hash"]))
+        except (ValueError, TypeError, KeyError):
+            result.problems.append(f"record {seq}: a segment start that does not say where the chain came from")
+            return (seq if isinstance(seq, int) else 1), GENESIS_HASH
+        result.start = payload
+        return base
+
+    def _head_problems(self, last_seq: int, last_hash: str) -> list[str]:
         with self._lock:
-            rows = self._read("SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records ORDER BY seq")
             head = self._read("SELECT seq, hash FROM head WHERE id = 1")
-        for seq, at, wall, kind, text, stored_prev, stored_hash in rows:
-            if not _row_types_ok(seq, at, wall, kind, text, stored_prev, stored_hash):
-                problems.append(f"record {seq}: a column holds the wrong type (edited outside the journal)")
-                expected_seq, prev_hash = (seq + 1 if isinstance(seq, int) else expected_seq), stored_hash
-                continue
-            if seq != expected_seq:
-                problems.append(_gap(expected_seq, seq))
-            if stored_prev != prev_hash:
-                problems.append(f"record {seq}: does not chain to the record before it "
-                                "(a record was inserted, deleted or edited)")
-            if record_hash(stored_prev, seq, at, wall, kind, text) != stored_hash:
-                problems.append(f"record {seq}: contents do not match its hash (edited)")
-            try:
-                json.loads(text)
-            except ValueError:
-                problems.append(f"record {seq}: payload is not valid JSON")
-            expected_seq, prev_hash = seq + 1, stored_hash
-        last_seq = expected_seq - 1
         if not head:
-            problems.append("head: the chain anchor row is missing")
-        else:
-            head_seq, head_hash = head[0]
-            if head_seq > last_seq:
-                problems.append(f"records {last_seq + 1}..{head_seq}: missing at the end (deleted)")
-            elif head_seq < last_seq:
-                problems.append(f"records {head_seq + 1}..{last_seq}: added after the chain head (inserted)")
-            elif head_hash != prev_hash:
-                problems.append(f"record {last_seq}: does not match the chain head (edited or replaced)")
-        return problems
+            return ["head: the chain anchor row is missing"]
+        head_seq, head_hash = head[0]
+        if head_seq > last_seq:
+            return [f"records {last_seq + 1}..{head_seq}: missing at the end (deleted)"]
+        if head_seq < last_seq:
+            return [f"records {head_seq + 1}..{last_seq}: added after the chain head (inserted)"]
+        if head_hash != last_hash:
+            return [f"record {last_seq}: does not match the chain head (edited or replaced)"]
+        return []
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:
@@ -318,31 +528,160 @@ class Journal:
             return last[0][0], last[0][1]
         return head_seq, head_hash
 
+    # -- segments ----------------------------------------------------------------------------
+
+    def rotate(self, at: float, carry: list[tuple[str, dict[str, Any]]]) -> Path:
+        """Archive this segment and continue the chain in a new live file; returns the archive's path.
+
+        `carry` is what the next segment must hold for the events still open (the
+        runtime asks the core which those are). Crash-safe in every step: the new
+        segment is complete under a temporary name before the old one moves, and
+        `open` finishes a rotation that a crash interrupted. JournalWriteError when
+        it cannot be done now (the old segment then stays live and nothing is lost).
+        """
+        with self._lock:
+            if self._batch_depth or self._anchors is None:
+                raise JournalWriteError(f"{self.path}: cannot rotate inside a batch or a read-only journal")
+            archive, temp = files.archive_path(self.path, self.segment), files.rotating_path(self.path)
+            if archive.exists():
+                raise JournalWriteError(f"{self.path}: cannot rotate: {archive.name} already exists")
+            for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
+                leftover.unlink(missing_ok=True)
+            start = self._next_start(archive, carry)
+            try:
+                first = _write_segment(temp, at, float(self._wall_clock()), start, self._seq, self._hash)
+                AnchorLog(files.anchors_path(temp), self._key, self.segment + 1).append(
+                    self._seq + 1, first, float(self._wall_clock()), AnchorWhy.SEGMENT)
+                self._anchor(AnchorWhy.ROTATE)
+                self._write("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._write("PRAGMA journal_mode = DELETE")  # the archive: one self-contained file
+            except (JournalWriteError, sqlite3.Error, OSError) as err:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA journal_mode = WAL")
+                for leftover in (temp, files.anchors_path(temp)):
+                    leftover.unlink(missing_ok=True)
+                raise JournalWriteError(f"{self.path}: rotation postponed: {err}") from err
+            self._conn.close()
+            try:
+                _swap(self.path, archive, temp)
+                failure = None
+            except OSError as err:
+                failure = err
+            self._reopen()
+            if failure is not None:
+                raise JournalWriteError(f"{self.path}: rotation failed half-way, finished at the next open: "
+                                        f"{failure}") from failure
+            return archive
+
+    def _next_start(self, archive: Path, carry: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        first = self._read("SELECT seq FROM records ORDER BY seq LIMIT 1")
+        previous = {"segment": self.segment, "file": archive.name, "first_seq": first[0][0] if first else None,
+                    "last_seq": self._seq, "last_hash": self._hash}
+        return {"segment": self.segment + 1, "previous": previous, "pruned_through": self.pruned_through(),
+                "carry": [{"kind": kind, "payload": payload} for kind, payload in carry]}
+
+    def _reopen(self) -> None:
+        """After a rotation (or one that failed half-way): finish it and open whatever is live now."""
+        try:
+            _finish_rotation(self.path)
+            self._conn = _connect(self.path, False, self._busy_timeout_s)
+            _prepare(self._conn, self.path, False)
+        except (InputError, sqlite3.Error, OSError) as err:
+            raise JournalWriteError(f"{self.path}: cannot reopen the journal after rotating: {err}") from err
+        self._load_segment()
+        assert self._key is not None
+        try:
+            self._anchors = _anchor_log(self.path, self._key, self.segment)
+        except InputError as err:
+            raise JournalWriteError(str(err)) from err
+        self._anchor(AnchorWhy.SEGMENT)
+
+    def pruned_through(self) -> dict[str, Any] | None:
+        """The newest archive this segment knows was pruned (carried in, or pruned since)."""
+        newest = (self.start or {}).get("pruned_through")
+        for record in self.iter_records([RecordKind.SEGMENT_PRUNED]):
+            if newest is None or record.payload.get("segment", 0) > newest.get("segment", 0):
+                newest = {k: record.payload.get(k) for k in ("segment", "file", "last_seq", "last_hash")}
+        return newest
+
+    def prune(self, at: float, retain_s: float) -> list[Path]:
+        """Delete archived segments whose newest record is more than `retain_s` old (wall clock), oldest
+        first, each after a `SegmentPruned` record (its head) is committed: pruning is in the chain,
+        deleting is not."""
+        older_than_wall = float(self._wall_clock()) - retain_s
+        pruned: list[Path] = []
+        for archive in files.archives(self.path):
+            tail = _segment_tail(archive.path)
+            if tail is None or tail["newest_wall"] >= older_than_wall or archive.number >= self.segment:
+                break
+            self.append(RecordKind.SEGMENT_PRUNED, at, {"segment": archive.number, "file": archive.path.name, **tail})
+            for doomed in (archive.path, files.anchors_path(archive.path), *files.sqlite_side_files(archive.path)):
+                doomed.unlink(missing_ok=True)
+            pruned.append(archive.path)
+        return pruned
+
     # -- closing -----------------------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
+            self._anchor(AnchorWhy.CLOSE)
             self._conn.close()
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
-    """Check the file is our journal (creating the schema in a new file) and set durability."""
+def _anchor_log(path: Path, key: AnchorKey, segment: int) -> AnchorLog:
+    anchors = files.anchors_path(path)
+    try:
+        return AnchorLog(anchors, key, segment)
+    except OSError as err:
+        raise InputError(f"{anchors}: cannot open the journal's anchor file: {err.strerror or err}") from None
+
+
+def _connect(path: Path, readonly: bool, busy_timeout_s: float) -> sqlite3.Connection:
+    try:
+        if readonly:
+            return sqlite3.connect(f"{path.resolve().as_uri()}?{_read_only_mode(path)}", uri=True,
+                                   isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
+    except sqlite3.Error as err:
+        raise InputError(f"{path}: cannot open journal: {err}") from err
+
+
+def _read_only_mode(path: Path) -> str:
+    """How to open for reading: on read-only media (a copy on a USB stick, a mounted backup) SQLite
+    cannot create the WAL index beside the file; nothing can change such a file, so it is opened
+    immutable, unless a WAL file beside it still holds records that only the index can find."""
+    folder_writable = os.access(path.resolve().parent, os.W_OK)
+    wal = Path(f"{path}-wal")
+    if folder_writable or (wal.exists() and wal.stat().st_size > 0):
+        return "mode=ro"
+    return "mode=ro&immutable=1"
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
+    """Check the file is our journal (creating the schema in a new file) and set durability;
+    returns the schema version the file had (a new file: the current one)."""
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise InputError(f"{path}: the journal is locked by another process (waited "
+                             f"{conn.execute('PRAGMA busy_timeout').fetchone()[0] / 1000:g} s); try again") from err
+        raise InputError(f"{path}: cannot read the journal: {err}") from err
     except sqlite3.DatabaseError as err:
         raise InputError(f"{path}: not a powershare-gw journal (not an SQLite database: {err})") from err
     if not tables and app_id == 0:
         if readonly:
             raise InputError(f"{path}: not a powershare-gw journal (empty database)")
         _create(conn, path)
+        version = SCHEMA_VERSION
     elif app_id != APPLICATION_ID or not {"records", "head"} <= tables:
         names = ", ".join(sorted(tables)) or "none"
         raise InputError(f"{path}: not a powershare-gw journal (foreign SQLite schema; tables: {names})")
@@ -355,6 +694,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as err:
             raise InputError(f"{path}: cannot open journal for writing: {err}") from err
+    return int(version)
 
 
 def _create(conn: sqlite3.Connection, path: Path) -> None:
@@ -372,10 +712,89 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
         raise InputError(f"{path}: cannot create journal: {err}") from err
 
 
+def _write_segment(path: Path, at: float, wall: float, start: dict[str, Any], prev_seq: int, prev_hash: str) -> str:
+    """A new segment file holding only its `SegmentStart`, committed and synced, in rollback mode
+    (no write-ahead log beside it, so renaming the file moves all of it); returns that record's hash."""
+    text, at, wall = codec.canonical(start), float(at), float(wall)
+    seq = prev_seq + 1
+    digest = record_hash(prev_hash, seq, at, wall, str(RecordKind.SEGMENT_START), text)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.executescript(f"""BEGIN IMMEDIATE;
+            {_SCHEMA}
+            PRAGMA application_id = {APPLICATION_ID};
+            PRAGMA user_version = {SCHEMA_VERSION};""")
+        conn.execute(f"INSERT INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                     (seq, at, wall, str(RecordKind.SEGMENT_START), text, prev_hash, digest))
+        conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, digest))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return digest
+
+
+def _swap(live: Path, archive: Path, temp: Path) -> None:
+    """The old live file (and its anchors) become the archive; the new segment becomes live."""
+    os.rename(live, archive)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(files.anchors_path(live), files.anchors_path(archive))
+    with contextlib.suppress(OSError):
+        os.chmod(archive, 0o444)
+    os.rename(temp, live)
+    os.rename(files.anchors_path(temp), files.anchors_path(live))
+    _sync_folder(live.parent)
+
+
+def _finish_rotation(live: Path) -> None:
+    """A rotation a crash interrupted: before the old file moved, forget the new one; after, finish."""
+    temp = files.rotating_path(live)
+    if not temp.exists():
+        return
+    if live.exists():
+        for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
+            leftover.unlink(missing_ok=True)
+        return
+    newest = files.archives(live)
+    if newest and not files.anchors_path(newest[-1].path).exists() and files.anchors_path(live).exists():
+        os.rename(files.anchors_path(live), files.anchors_path(newest[-1].path))
+    os.rename(temp, live)
+    if files.anchors_path(temp).exists():
+        os.rename(files.anchors_path(temp), files.anchors_path(live))
+    _sync_folder(live.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make renames in `folder` durable (a directory entry is data too)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _segment_tail(path: Path) -> dict[str, Any] | None:
+    """An archive's first seq, last seq and hash and newest wall time; None when it cannot be read."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            first = conn.execute("SELECT seq FROM records ORDER BY seq LIMIT 1").fetchone()
+            last = conn.execute("SELECT seq, hash, wall FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    if first is None or last is None:
+        return None
+    return {"first_seq": first[0], "last_seq": last[0], "last_hash": last[1], "newest_wall": last[2]}
+
+
 def _load_payload(path: Path, seq: int, text: str) -> dict[str, Any]:
     try:
         payload = json.loads(text)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise InputError(f"{path}: record {seq}: payload is not valid JSON ({err})") from err
     if not isinstance(payload, dict):
         raise InputError(f"{path}: record {seq}: payload is not a JSON object")

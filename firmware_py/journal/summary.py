@@ -14,14 +14,15 @@ journal, simulated seconds for a bench's.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.owner_log import describe as describe_owner_change
-from firmware_py.journal.store import Journal, Record
+from firmware_py.journal.store import Record
 
 EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
                          RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
@@ -86,27 +87,63 @@ class _Window:
     ended_at: float | None = None
 
 
-def event_summaries(journal: Journal) -> list[EventSummary]:
-    """One summary per request id, in the order the events first appear in the journal."""
-    records = journal.records()
+class RecordSource(Protocol):
+    """Where summaries read records from: one segment (`Journal`) or the whole journal (`Chain`)."""
+
+    def iter_records(self, kinds: Collection[RecordKind | str] | None = None) -> Iterator[Record]: ...
+
+    def newest_at(self) -> float | None: ...
+
+
+def event_summaries(source: RecordSource, only: str | None = None) -> list[EventSummary]:
+    """One summary per request id (or only `only`), in the order the events first appear in the journal.
+
+    Two streaming passes: the events' own records, then the records that fall in
+    the windows of the events that ran. Memory grows with the events and their
+    timelines, never with the journal's length.
+    """
     events: dict[str, EventSummary] = {}
     windows: dict[str, _Window] = {}
-    for record in records:
-        if record.kind in EVENT_KINDS:
-            request_id = str(record.payload.get("request_id", record.payload.get("id")))
+    last_at = source.newest_at() or 0.0
+    for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START}):
+        for own in _carried(record, events) if record.kind == RecordKind.SEGMENT_START else (record,):
+            request_id = str(own.payload.get("request_id", own.payload.get("id")))
+            if only is not None and request_id != only:
+                continue
             summary = events.setdefault(request_id, EventSummary(request_id))
-            window = windows.setdefault(request_id, _Window(first_at=record.at))
-            _apply(summary, window, record)
-            summary.timeline.append(_entry(record))
-    window_records = [r for r in records if r.kind in WINDOW_KINDS]
-    last_at = max((r.at for r in records), default=0.0)
+            window = windows.setdefault(request_id, _Window(first_at=own.at))
+            _apply(summary, window, own)
+            summary.timeline.append(_entry(own))
+            last_at = max(last_at, own.at)
+    ran = []
     for request_id, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
-            lo, hi = _bounds(windows[request_id], last_at)
-            summary.timeline += [_entry(r) for r in window_records if lo <= r.at <= hi]
+            ran.append((*_bounds(windows[request_id], last_at), summary))
+    if ran:
+        for record in source.iter_records(WINDOW_KINDS):
+            for lo, hi, summary in ran:
+                if lo <= record.at <= hi:
+                    summary.timeline.append(_entry(record))
+    for summary in events.values():
         summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
+
+
+def _carried(start: Record, known: dict[str, EventSummary]) -> list[Record]:
+    """The records a rotation carried for events still open, for events whose own records were
+    pruned with an older segment (an event already read from its own records is not read twice).
+    They stand at the segment start's place in the journal, with its offset to the wall clock."""
+    carried = []
+    for item in start.payload.get("carry") or []:
+        payload = item.get("payload") if isinstance(item, dict) else None
+        if not isinstance(payload, dict) or str(payload.get("request_id", payload.get("id"))) in known:
+            continue
+        at = _num(payload.get("at", payload.get("received_at")))
+        at = start.at if at is None else at
+        carried.append(Record(start.seq, at, start.on_wall(at), RecordKind.read(str(item.get("kind"))), payload,
+                              start.prev_hash, start.hash))
+    return carried
 
 
 def _apply(summary: EventSummary, window: _Window, record: Record) -> None:

@@ -85,7 +85,7 @@ def _shape(doc: dict[str, Any]) -> dict[str, Any]:
     shape = {k: v for k, v in doc.items() if k not in IGNORED}
     shape["links"] = {name: {k: v for k, v in link.items() if k != "age_s"}
                       for name, link in (doc.get("links") or {}).items()}
-    for path in DEAD_BANDS:
+    for path in (*DEAD_BANDS, ("event", "envelope_from")):  # the envelope's start moves with every reading
         shape = _without(shape, path)
     return shape
 

@@ -62,7 +62,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
         token = read_token(owner.token_file)
     except FileNotFoundError:
         raise Unavailable(f"no gateway answering on {listen.describe()}: its token file "
-                          f"{owner.token_file} does not exist (has the gateway been started with this config?)")
+                          f"{owner.token_file} does not exist (has the gateway been started with this config?)") from None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     try:

@@ -1,0 +1,80 @@
+"""The files one journal is made of, by name: the live segment, its archives, anchors and key.
+
+A journal configured as `journal.sqlite` lives in these files beside each other:
+
+| file | what |
+|---|---|
+| `journal.sqlite` | the live segment: the one the gateway appends to |
+| `journal.000001.sqlite`, `journal.000002.sqlite`, ... | archived segments, oldest first, read-only |
+| `journal.sqlite.anchors`, `journal.000001.sqlite.anchors`, ... | each segment's signed checkpoints of its head |
+| `journal.sqlite.anchor-key` | the Ed25519 key that signs the anchors (mode 0600) |
+| `journal.sqlite.rotating` | a new segment being made (exists only during a rotation) |
+
+Names only: nothing here opens or changes a file, except `remove_all`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHIVE_DIGITS = 6
+ANCHORS_SUFFIX = ".anchors"
+KEY_SUFFIX = ".anchor-key"
+ROTATING_SUFFIX = ".rotating"
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+@dataclass(frozen=True)
+class SegmentFile:
+    """One segment's file: `number` counts from 1; the live segment is the newest."""
+
+    number: int
+    path: Path
+    live: bool
+
+
+def archive_path(live: Path, number: int) -> Path:
+    """Where segment `number` of the journal at `live` is kept once rotated out."""
+    return live.with_name(f"{live.stem}.{number:0{ARCHIVE_DIGITS}d}{live.suffix}")
+
+
+def anchors_path(segment: Path) -> Path:
+    """The anchor file of one segment (it moves with the segment when that is archived)."""
+    return segment.with_name(segment.name + ANCHORS_SUFFIX)
+
+
+def key_path(live: Path) -> Path:
+    return live.with_name(live.name + KEY_SUFFIX)
+
+
+def rotating_path(live: Path) -> Path:
+    return live.with_name(live.name + ROTATING_SUFFIX)
+
+
+def archives(live: Path) -> list[SegmentFile]:
+    """The archived segments beside `live`, oldest first (by the number in their name)."""
+    pattern = re.compile(rf"{re.escape(live.stem)}\.(\d{{{ARCHIVE_DIGITS}}}){re.escape(live.suffix)}")
+    found = []
+    folder = live.parent if str(live.parent) else Path(".")
+    if not folder.is_dir():
+        return []
+    for candidate in folder.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and candidate != live:
+            found.append(SegmentFile(int(match.group(1)), candidate, live=False))
+    return sorted(found, key=lambda s: s.number)
+
+
+def sqlite_side_files(path: Path) -> list[Path]:
+    return [Path(f"{path}{suffix}") for suffix in SQLITE_SIDE_FILES]
+
+
+def remove_all(live: Path) -> None:
+    """Delete every file of the journal at `live` (the bench replaces its own run's journal this way)."""
+    segments = [live, *(a.path for a in archives(live)), rotating_path(live)]
+    for segment in segments:
+        for leftover in (segment, anchors_path(segment), *sqlite_side_files(segment)):
+            leftover.unlink(missing_ok=True)
+    key_path(live).unlink(missing_ok=True)

@@ -1,0 +1,254 @@
+"""`powershare-gw statement` and `statement verify` (DESIGN §3.2, §3.11; docs/command-line.md).
+
+A thin adapter: options in, the journal read by `make`, the figures by
+`figures`/`document`, signed by `evidence`, rendered here.
+
+Exit codes: 0 made / verified; 1 the journal's chain is broken (no statement is
+made from it), or verification found a changed figure, a changed journal or a
+wrong key; 2 bad input (a missing or unreadable file, a bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from firmware_py.errors import InputError
+from firmware_py.journal.chain import Chain
+from firmware_py.quoting import printable
+from firmware_py.statements import evidence
+from firmware_py.statements.document import Selection, month_period, range_period
+from firmware_py.statements.figures import ProgramTerms
+from firmware_py.statements.make import Basis, differences, recompute, statement_from_journal
+from firmware_py.statements.reading import HeadBound
+
+CSV_COLUMNS = ("id", "source", "kind", "window_from", "window_to", "answer", "cap_w", "reason", "status",
+               "delivered_wh", "integrated_wh", "avg_w", "peak_w", "soc_start_pct", "soc_end_pct", "soc_min_pct",
+               "floor_pct", "throughput_wh", "equivalent_cycles", "outage_wh", "credited_wh", "credit",
+               "wear_cost", "net", "notes")
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("statement", help="a signed bill-credit statement from the journal; `statement verify FILE`",
+                       description="A signed bill-credit statement per event, month or date range "
+                                   "(docs/command-line.md). `powershare-gw statement verify FILE [--journal FILE]` "
+                                   "checks one.")
+    p.add_argument("--journal", metavar="FILE", help="the journal SQLite file (default: [journal] path of --config)")
+    p.add_argument("--config", metavar="FILE", help="the gateway's configuration: [program] terms and the journal")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--month", metavar="YYYY-MM", help="a calendar month, UTC (default: the newest record's)")
+    which.add_argument("--event", metavar="ID", help="one dispatch event (request id)")
+    which.add_argument("--from", dest="start", metavar="DATE", help="from this date or ISO time (with --to)")
+    p.add_argument("--to", dest="end", metavar="DATE", help="to this date (included) or ISO time (excluded)")
+    p.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    p.set_defaults(handler=make_statement)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    v = actions.add_parser("verify", help="check a JSON statement's signature and, with --journal, every figure")
+    v.add_argument("statement", metavar="FILE", help="the JSON statement")
+    v.add_argument("--journal", metavar="FILE", help="recompute every figure from this journal")
+    v.set_defaults(handler=verify_statement)
+
+
+# ---------------------------------------------------------------- making
+
+
+def make_statement(args: argparse.Namespace) -> int:
+    journal, terms, gateway = _basis_from(args)
+    chain = Chain(journal)
+    verdict = chain.check()
+    if verdict.problems:
+        print(f"error: {journal}: the journal's chain is broken; a statement made from it would not hold up:",
+              file=sys.stderr)
+        for problem in verdict.problems:
+            print(f"  - {printable(problem)}", file=sys.stderr)
+        return EXIT_FAILED
+    key = evidence.load_or_create_key(evidence.key_path(journal))
+    unsigned = statement_from_journal(chain, _selection(args), Basis(terms, gateway), verdict.head_seq,
+                                      verdict.head_hash)
+    signed = evidence.sign(unsigned, key)
+    text = {"json": render_json, "csv": render_csv, "text": render_text}[args.format](signed)
+    _write(text, args.out)
+    return EXIT_OK
+
+
+def _basis_from(args: argparse.Namespace) -> tuple[Path, ProgramTerms, dict[str, Any]]:
+    if args.config:
+        from firmware_py import config as config_module
+
+        config = config_module.load(args.config)
+        program = config.program
+        terms = ProgramTerms(program.name, program.currency, program.credit_per_kwh, program.wear_cost_per_kwh)
+        journal = Path(args.journal or config.journal.path)
+        gateway = {"name": config.dispatch.openadr.ven_name, "journal": journal.name}
+    else:
+        if not args.journal:
+            raise InputError("statement: give --journal FILE (or --config FILE naming one)")
+        journal, terms = Path(args.journal), ProgramTerms()
+        gateway = {"name": None, "journal": journal.name}
+    return journal, terms, gateway
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    if (args.start is None) != (args.end is None):
+        raise InputError("statement: --from and --to go together")
+    if args.event is not None:
+        return Selection(event=args.event)
+    if args.month is not None:
+        return Selection(period=month_period(args.month))
+    if args.start is not None:
+        return Selection(period=range_period(args.start, args.end))
+    return Selection()
+
+
+def _write(text: str, out: str | None) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        Path(out).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{out}: cannot write the statement: {err.strerror or err}") from None
+
+
+# ---------------------------------------------------------------- verifying
+
+
+def verify_statement(args: argparse.Namespace) -> int:
+    statement = _read_statement(Path(args.statement))
+    problems = []
+    bad_signature = evidence.signature_problem(statement)
+    if bad_signature:
+        problems.append(bad_signature)
+    if args.journal:
+        problems += _journal_problems(Path(args.journal), statement)
+    if problems:
+        print(f"{args.statement}: FAILED verification", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {printable(problem)}", file=sys.stderr)
+        return EXIT_FAILED
+    scope = "signature good and every figure follows from the journal" if args.journal else \
+        "signature good (give --journal FILE to check the figures against the journal too)"
+    print(f"{args.statement}: verified: {scope}; signed by {statement['public_key'][:16]}…, "
+          f"journal head {str(statement.get('journal_head'))[:16]}… (record {statement.get('journal_seq')})")
+    return EXIT_OK
+
+
+def _read_statement(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such statement file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the statement: {err.strerror or err}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path}: not a JSON statement (make one with --format json): {err}") from None
+    if not isinstance(document, dict) or "signature" not in document or "public_key" not in document:
+        raise InputError(f"{path}: not a signed statement (no signature or public_key)")
+    return document
+
+
+def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
+    chain = Chain(journal)
+    verdict = chain.check()
+    problems = [f"journal: {p}" for p in verdict.problems]
+    expected = evidence.readable_public_key(evidence.key_path(journal))
+    if expected is not None and expected != statement.get("public_key"):
+        problems.append(f"signed by key {str(statement.get('public_key'))[:16]}…, not by this gateway's statement "
+                        f"key {expected[:16]}… ({evidence.key_path(journal).name})")
+    seq = statement.get("journal_seq")
+    if not isinstance(seq, int) or seq > verdict.head_seq:
+        return [*problems, f"journal_seq {seq!r}: the journal holds records up to {verdict.head_seq} only "
+                           "(cut back, or another journal)"]
+    unsigned = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
+    computed = recompute(chain, unsigned)
+    actual_head = HeadBound(chain, seq).head_hash()
+    if actual_head != statement.get("journal_head"):
+        problems.append(f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
+                        f"statement names {str(statement.get('journal_head'))[:16]}… (the journal was changed)")
+    problems += differences(unsigned, computed)
+    return problems
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_json(statement: dict[str, Any]) -> str:
+    return json.dumps(statement, indent=2, allow_nan=False) + "\n"
+
+
+def render_csv(statement: dict[str, Any]) -> str:
+    """One row per event, then a TOTAL row and an OUTAGE row (never credited)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for e in statement["events"]:
+        row = {**e, "window_from": e["window"]["from"], "window_to": e["window"]["to"], "notes": "; ".join(e["notes"])}
+        writer.writerow("" if row.get(name) is None else row[name] for name in CSV_COLUMNS)
+    t = statement["totals"]
+    writer.writerow(["TOTAL", "", "", statement["period"]["from"], statement["period"]["to"], "", "", "", "",
+                     t["delivered_wh"], "", "", "", "", "", "", "", t["throughput_wh"], t["equivalent_cycles"], "",
+                     t["credited_wh"], t["credit"], t["wear_cost"], t["net"], statement["currency"]])
+    writer.writerow(["OUTAGE_BACKUP", "", "", "", "", "", "", "", "", statement["outage_backup_wh"], "", "", "", "",
+                     "", "", "", "", "", statement["outage_backup_wh"], 0, 0, "", "", "never credited"])
+    return out.getvalue()
+
+
+def render_text(statement: dict[str, Any]) -> str:
+    """A statement a person reads: a block per event, then the totals and the evidence."""
+    cur = statement["currency"]
+    program = statement["program"]
+    lines = [f"Bill-credit statement  {statement['period']['from']} .. {statement['period']['to']}",
+             f"program: {program['name'] or '(none configured)'}  credit {program['credit_per_kwh']} {cur}/kWh, "
+             f"wear {program['wear_cost_per_kwh']} {cur}/kWh",
+             f"gateway: {statement['gateway'].get('name') or '-'}  journal {statement['gateway'].get('journal')}  "
+             f"usable capacity {statement['gateway']['usable_capacity_wh']:.0f} Wh", ""]
+    if not statement["events"]:
+        lines += ["no dispatch events in this period", ""]
+    for e in statement["events"]:
+        lines += _event_text(e, cur)
+    t = statement["totals"]
+    lines += [f"TOTAL  {t['events']} events ({t['events_served']} served)  delivered {t['delivered_wh']:.1f} Wh  "
+              f"credited {t['credited_wh']:.1f} Wh  throughput {t['throughput_wh']:.1f} Wh "
+              f"({t['equivalent_cycles']:.4f} cycles)",
+              f"       credit {t['credit']:.2f} {cur}  wear {t['wear_cost']:.2f} {cur}  net {t['net']:.2f} {cur}",
+              f"OUTAGE BACKUP  {statement['outage_backup_wh']:.1f} Wh served to the home during grid outages "
+              "(never credited)", "",
+              f"journal head {statement['journal_head']} (record {statement['journal_seq']})",
+              f"signed by {statement['public_key']}",
+              f"signature {statement['signature']}",
+              "check it: powershare-gw statement verify FILE.json --journal JOURNAL (make FILE.json with --format json)"]
+    return "\n".join(printable(line) for line in lines) + "\n"
+
+
+def _event_text(e: dict[str, Any], cur: str) -> list[str]:
+    answer = e["answer"] or "no answer"
+    if e["cap_w"] is not None:
+        answer += f" (cap {e['cap_w']:.0f} W)"
+    if e["reason"]:
+        answer += f" {e['reason']}"
+    lines = [f"event {e['id']}  [{e['status']}]  from {e['source']}: {e['kind']} {_fmt(e['target_w'], 'W', 0)}  "
+             f"answer {answer}",
+             f"  window   {e['window']['from']} .. {e['window']['to']}",
+             f"  energy   delivered {e['delivered_wh']:.1f} Wh (meter), integrated {e['integrated_wh']:.1f} Wh, "
+             f"difference {e['delivered_wh'] - e['integrated_wh']:+.1f} Wh; avg {e['avg_w']:.0f} W, "
+             f"peak {e['peak_w']:.0f} W",
+             f"  battery  SoC {_fmt(e['soc_start_pct'], '%')} -> {_fmt(e['soc_end_pct'], '%')}, "
+             f"min {_fmt(e['soc_min_pct'], '%')} (floor {_fmt(e['floor_pct'], '%')}); throughput "
+             f"{e['throughput_wh']:.1f} Wh = {e['equivalent_cycles']:.4f} equivalent full cycles",
+             f"  money    credited {e['credited_wh']:.1f} Wh -> credit {e['credit']:.2f} {cur}, "
+             f"wear {e['wear_cost']:.2f} {cur}, net {e['net']:.2f} {cur}"]
+    if e["outage_wh"]:
+        lines.append(f"  outage   {e['outage_wh']:.1f} Wh during a grid outage: not credited")
+    lines += [f"  note     {note}" for note in e["notes"]]
+    return [*lines, ""]
+
+
+def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} {unit}".replace(" %", " %")

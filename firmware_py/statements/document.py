@@ -1,0 +1,107 @@
+"""A statement as one JSON document (DESIGN §3.11), composed from facts: no I/O.
+
+Also what the period means: an event belongs to the period its window starts
+in; `--event` makes the event's own window the period; no selection means the
+calendar month (UTC) of the journal's newest record.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from firmware_py.errors import InputError
+from firmware_py.journal.summary import EventSummary
+from firmware_py.statements.figures import (
+    EnergyRecords,
+    Ledger,
+    Period,
+    ProgramTerms,
+    event_figures,
+    iso,
+    totals,
+)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which events a statement covers: one event (by id), or a period."""
+
+    event: str | None = None
+    period: Period | None = None
+
+
+def month_period(text: str) -> Period:
+    """YYYY-MM as [first of the month, first of the next), UTC."""
+    try:
+        first = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise InputError(f"--month: {text!r} is not YYYY-MM") from None
+    days = calendar.monthrange(first.year, first.month)[1]
+    return Period(first.timestamp(), (first + timedelta(days=days)).timestamp())
+
+
+def month_of(at: float) -> Period:
+    when = datetime.fromtimestamp(at, UTC)
+    return month_period(f"{when.year:04d}-{when.month:02d}")
+
+
+def range_period(start: str, end: str) -> Period:
+    """--from/--to: a date (YYYY-MM-DD, whole days, --to included) or an ISO-8601 instant (UTC if no zone)."""
+    lo, hi = _instant(start, "--from", end_of_day=False), _instant(end, "--to", end_of_day=True)
+    if hi <= lo:
+        raise InputError(f"--to: {end!r} is not after --from {start!r}")
+    return Period(lo, hi)
+
+
+def _instant(text: str, option: str, end_of_day: bool) -> float:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        day = None
+    if day is not None and len(text) == 10:
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{option}: {text!r} is neither a date (YYYY-MM-DD) nor an ISO-8601 time") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def parse_iso(text: Any, name: str) -> float:
+    """A time this module wrote with `iso`, back to wall seconds."""
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise InputError(f"{name}: {text!r} is not an ISO-8601 time") from None
+
+
+def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, EnergyRecords],
+            terms: ProgramTerms, capacity_wh: float, selection: Selection, gateway: dict[str, Any],
+            journal_head: str, journal_seq: int, software_version: str) -> dict[str, Any]:
+    """The unsigned statement: each event's line, the period's totals, outage energy apart."""
+    lines = []
+    for summary in summaries:
+        tally = ledger.tallies[summary.request_id]
+        if selection.event is None and not ledger.period.holds(tally.lo):
+            continue
+        lines.append(event_figures(summary, tally, terms, capacity_wh,
+                                   energy.get(summary.request_id, EnergyRecords())))
+    return {
+        "format": FORMAT_VERSION,
+        "gateway": {**gateway, "usable_capacity_wh": capacity_wh},
+        "program": terms.as_dict(),
+        "period": {"from": iso(ledger.period.start), "to": iso(ledger.period.end), "event": selection.event},
+        "events": lines,
+        "outage_backup_wh": round(ledger.outage_backup_wh, 3) + 0.0,
+        "totals": totals(lines, ledger.outage_backup_wh),
+        "currency": terms.currency,
+        "journal_head": journal_head,
+        "journal_seq": journal_seq,
+        "software_version": software_version,
+    }

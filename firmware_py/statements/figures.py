@@ -1,0 +1,276 @@
+"""The figures of a bill-credit statement, from facts already read out of a journal (no I/O).
+
+Why pure: a statement must be recomputable by anyone holding the journal
+(`statement verify --journal`), so every figure is a function of the event
+summaries (`journal.summary`, the same folding `report` uses), the samples the
+core stepped on and the program's terms, and nothing else.
+
+Definitions (docs/command-line.md, "statement"):
+- delivered_wh: the inverter meter (TotWhInj delta) as the journal's final
+  `EventEnergy` bills it; integrated_wh: the power integral beside it.
+- outage_wh: meter energy that flowed while the gateway was in BACKUP (a grid
+  outage: the truck carried the home). It is never credited.
+- credited_wh = delivered_wh - outage_wh, never below 0 and never above the
+  meter; only discharge events the gateway accepted earn credit.
+- throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
+  from the event's start to its end times the usable capacity (net drop, not the
+  sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
+  throughput_wh / usable capacity (one full cycle = one capacity's worth out).
+- credit = credited kWh x credit_per_kwh; wear_cost = throughput kWh x
+  wear_cost_per_kwh; net = credit - wear_cost (money rounded to cents per event;
+  totals are sums of the rounded amounts, so a statement adds up on paper).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from firmware_py.core.types import DispatchKind, Verdict
+from firmware_py.journal.summary import SERVED, EventSummary
+
+MONEY_DIGITS = 2
+ENERGY_DIGITS = 3
+DISCREPANCY_NOTE_PCT = 2.0
+"""A meter and power integral further apart than this get a note (a meter the aggregator may query)."""
+RESTART_REASON = "gateway restarted"
+"""How `Gateway.close_open_events` begins the end reason of an event a dead run left open."""
+
+
+class EventStatus(StrEnum):
+    """Where an event stands in the journal: only ENDED and RESTARTED accounts are final."""
+
+    ENDED = "ended"
+    OPEN = "open"
+    RESTARTED = "closed_after_restart"
+    REFUSED = "refused"
+    NOT_ANSWERED = "not_answered"
+
+
+@dataclass(frozen=True)
+class ProgramTerms:
+    """The owner's enrolment (`[program]` in the configuration)."""
+
+    name: str = ""
+    currency: str = "USD"
+    credit_per_kwh: float = 0.0
+    wear_cost_per_kwh: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "currency": self.currency, "credit_per_kwh": self.credit_per_kwh,
+                "wear_cost_per_kwh": self.wear_cost_per_kwh}
+
+
+@dataclass(frozen=True)
+class Period:
+    """[start, end) in wall seconds (UTC epoch for a gateway, simulated seconds for a bench)."""
+
+    start: float
+    end: float
+
+    def holds(self, at: float) -> bool:
+        return self.start <= at < self.end
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the core was told at one step, in wall time: `soc_pct` (BMS soc_min), `power_w` and
+    `meter_wh` (TotWhInj) from the inverter, the floor in force and whether the gateway was in BACKUP."""
+
+    wall: float
+    soc_pct: float | None
+    power_w: float | None
+    meter_wh: float | None
+    floor_pct: float | None
+    backup: bool
+
+
+@dataclass
+class Tally:
+    """What the samples in one event's window add up to (a fold: memory does not grow with them)."""
+
+    lo: float
+    hi: float
+    soc_start: float | None = None
+    soc_end: float | None = None
+    soc_min: float | None = None
+    floor_pct: float | None = None
+    peak_w: float | None = None
+    outage_wh: float = 0.0
+
+    @property
+    def drop_pct(self) -> float:
+        if self.soc_start is None or self.soc_end is None:
+            return 0.0
+        return max(0.0, self.soc_start - self.soc_end)
+
+    def covers(self, at: float) -> bool:
+        return self.lo <= at <= self.hi
+
+    def add(self, sample: Sample, previous: Sample | None) -> None:
+        if sample.soc_pct is not None:
+            if self.soc_start is None:
+                self.soc_start = sample.soc_pct
+            self.soc_end = sample.soc_pct
+            self.soc_min = _lowest(self.soc_min, sample.soc_pct)
+        if sample.power_w is not None:
+            self.peak_w = sample.power_w if self.peak_w is None else max(self.peak_w, sample.power_w)
+        if sample.floor_pct is not None:
+            self.floor_pct = sample.floor_pct if self.floor_pct is None else max(self.floor_pct, sample.floor_pct)
+        self.outage_wh += outage_step_wh(sample, previous)
+
+
+def outage_step_wh(sample: Sample, previous: Sample | None) -> float:
+    """Meter energy between two samples that belongs to an outage: the later one in BACKUP, forward only."""
+    if not sample.backup or previous is None or sample.meter_wh is None or previous.meter_wh is None:
+        return 0.0
+    return max(0.0, sample.meter_wh - previous.meter_wh)
+
+
+@dataclass
+class Ledger:
+    """Folds the run's samples, oldest first, into each event's tally and the period's outage energy."""
+
+    period: Period
+    tallies: dict[str, Tally]
+    outage_backup_wh: float = 0.0
+    _previous: Sample | None = field(default=None, repr=False)
+
+    def feed(self, sample: Sample) -> None:
+        previous, self._previous = self._previous, sample
+        if self.period.holds(sample.wall):
+            self.outage_backup_wh += outage_step_wh(sample, previous)
+        for tally in self.tallies.values():
+            if tally.covers(sample.wall):
+                tally.add(sample, previous)
+
+
+@dataclass(frozen=True)
+class EnergyRecords:
+    """An event's energy records as billed: the last before the final one (what a restart's gap adds to)."""
+
+    before_final_wh: float | None = None
+
+
+def window(summary: EventSummary, journal_end: float) -> tuple[float, float]:
+    """The event's bounds in wall time: from its start (or its answer) to its end (or the journal's end)."""
+    lo = summary.start if summary.start is not None else _first_at(summary, journal_end)
+    if summary.ended_at is not None:
+        hi = summary.ended_at
+    elif summary.end is not None and math.isfinite(summary.end):
+        hi = min(summary.end, journal_end)
+    else:
+        hi = journal_end
+    return lo, max(lo, hi)
+
+
+def _first_at(summary: EventSummary, journal_end: float) -> float:
+    if summary.received_at is not None:
+        return summary.received_at
+    return summary.timeline[0].at if summary.timeline else journal_end
+
+
+def status_of(summary: EventSummary) -> EventStatus:
+    if summary.verdict is None:
+        return EventStatus.NOT_ANSWERED
+    if not summary.ran:
+        return EventStatus.REFUSED
+    if summary.ended_at is None:
+        return EventStatus.OPEN
+    if (summary.ended_reason or "").startswith(RESTART_REASON):
+        return EventStatus.RESTARTED
+    return EventStatus.ENDED
+
+
+def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capacity_wh: float,
+                  energy: EnergyRecords) -> dict[str, Any]:
+    """One event's line of the statement (§3.11 names, plus kind, target, reason, status and credited_wh)."""
+    status = status_of(summary)
+    served = summary.verdict in SERVED
+    discharge = summary.kind == DispatchKind.DISCHARGE.value
+    delivered = summary.meter_wh if served else 0.0
+    outage = min(tally.outage_wh, delivered) if served else 0.0
+    credited = min(delivered, max(0.0, delivered - outage)) if discharge else 0.0
+    throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
+    hours = (tally.hi - tally.lo) / 3600
+    credit = _money(credited / 1000 * terms.credit_per_kwh)
+    wear = _money(throughput / 1000 * terms.wear_cost_per_kwh)
+    return {
+        "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": summary.target_w,
+        "window": {"from": iso(tally.lo), "to": iso(tally.hi)},
+        "answer": summary.verdict, "cap_w": summary.cap_w, "reason": summary.reason, "status": status.value,
+        "delivered_wh": _wh(delivered), "integrated_wh": _wh(summary.integrated_wh if served else 0.0),
+        "avg_w": round(summary.integrated_wh / hours, 1) if served and hours > 0 else 0.0,
+        "peak_w": round(max(0.0, tally.peak_w or 0.0), 1) if served else 0.0,
+        "soc_start_pct": _pct(tally.soc_start), "soc_end_pct": _pct(tally.soc_end),
+        "soc_min_pct": _pct(tally.soc_min), "floor_pct": _pct(tally.floor_pct),
+        "throughput_wh": _wh(throughput), "equivalent_cycles": round(throughput / capacity_wh, 6),
+        "outage_wh": _wh(outage), "credited_wh": _wh(credited),
+        "credit": credit, "wear_cost": wear, "net": _money(credit - wear),
+        "notes": notes(summary, status, served, discharge, outage, energy),
+    }
+
+
+def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: bool, outage_wh: float,
+          energy: EnergyRecords) -> list[str]:
+    """What a reader must know to trust (or dispute) the line's figures."""
+    said: list[str] = []
+    if status is EventStatus.REFUSED:
+        said.append(f"refused {summary.reason or ''}: {summary.detail}".replace(" :", ":").rstrip(": "))
+    elif summary.verdict == Verdict.CAPPED.value and summary.cap_w is not None:
+        said.append(f"capped to {summary.cap_w:.0f} W" + (f": {summary.detail}" if summary.detail else ""))
+    if status is EventStatus.OPEN:
+        said.append("still open: figures so far (the journal has no end for this event yet)")
+    if status is EventStatus.RESTARTED:
+        gap = summary.meter_wh - energy.before_final_wh if energy.before_final_wh is not None else None
+        billed = f"the meter gap of {gap:.1f} Wh since its last report billed" if gap else "no meter gap billed"
+        said.append(f"closed after a gateway restart ({summary.ended_reason}): {billed}")
+    if served and not discharge:
+        said.append(f"a {summary.kind} request: energy into the truck earns no credit")
+    if outage_wh > 0:
+        said.append(f"{outage_wh:.1f} Wh flowed during a grid outage (backup): not credited")
+    if served and summary.discrepancy_pct is None:
+        said.append("the meter stood still while power flowed: check the inverter's meter")
+    elif served and abs(summary.discrepancy_pct or 0.0) > DISCREPANCY_NOTE_PCT:
+        said.append(f"meter and integrated power differ by {summary.discrepancy_pct:.1f} %")
+    return said
+
+
+def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str, Any]:
+    """The period's sums; outage energy beside them, never credited."""
+    lines = list(lines)
+
+    def total(name: str, digits: int) -> float:
+        return round(sum(line[name] for line in lines), digits)
+
+    return {"events": len(lines), "events_served": sum(1 for line in lines if line["answer"] in SERVED),
+            "delivered_wh": total("delivered_wh", ENERGY_DIGITS), "credited_wh": total("credited_wh", ENERGY_DIGITS),
+            "throughput_wh": total("throughput_wh", ENERGY_DIGITS),
+            "equivalent_cycles": total("equivalent_cycles", 6), "outage_backup_wh": _wh(outage_backup_wh),
+            "credit": total("credit", MONEY_DIGITS), "wear_cost": total("wear_cost", MONEY_DIGITS),
+            "net": total("net", MONEY_DIGITS)}
+
+
+def iso(at: float) -> str:
+    """Wall seconds as UTC ISO-8601 (a bench's simulated seconds read as 1970-01-01)."""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+
+
+def _lowest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
+
+
+def _money(value: float) -> float:
+    return round(value + 0.0, MONEY_DIGITS) + 0.0  # + 0.0: never "-0.0"
+
+
+def _wh(value: float) -> float:
+    return round(value, ENERGY_DIGITS) + 0.0
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

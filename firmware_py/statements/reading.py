@@ -1,0 +1,172 @@
+"""What a statement needs from a journal, read once, up to a given head record.
+
+The thin I/O side of statements: it streams the chain (every segment, a page at a
+time) and hands plain facts to the pure figures (`figures`, `document`). Reading
+stops at `head_seq`, so a statement verified later, against a journal that has
+grown since, is recomputed from exactly the records it was made from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware_py.core import types as core
+from firmware_py.core.floor import floor_pct
+from firmware_py.core.policy import Policy
+from firmware_py.errors import InputError
+from firmware_py.journal.chain import Chain
+from firmware_py.journal.kinds import RecordKind
+from firmware_py.journal.steps import decode_batch, decode_start
+from firmware_py.journal.store import Record
+from firmware_py.journal.summary import EventSummary, event_summaries
+from firmware_py.statements.figures import EnergyRecords, Ledger, Period, Sample, Tally, window
+
+
+class HeadBound:
+    """A chain's records up to and including `head_seq` (a `summary.RecordSource`)."""
+
+    def __init__(self, chain: Chain, head_seq: int):
+        self.chain, self.head_seq = chain, head_seq
+        self._newest: tuple[float, float] | None = None
+
+    def iter_records(self, kinds: Collection[RecordKind | str] | None = None) -> Iterator[Record]:
+        for record in self.chain.iter_records(kinds):
+            if record.seq > self.head_seq:
+                return
+            yield record
+
+    def newest(self) -> tuple[float, float]:
+        """(core time, wall time) of the newest record up to the head; (0, 0) for none."""
+        if self._newest is None:
+            self._newest = (0.0, 0.0)
+            for record in self.iter_records():
+                self._newest = (record.at, record.wall)
+        return self._newest
+
+    def newest_at(self) -> float | None:
+        return self.newest()[0]
+
+    def head_hash(self) -> str | None:
+        for record in self.iter_records():
+            if record.seq == self.head_seq:
+                return record.hash
+        return None
+
+
+@dataclass
+class JournalFacts:
+    """Everything the figures are computed from."""
+
+    summaries: list[EventSummary]
+    ledger: Ledger
+    energy: dict[str, EnergyRecords]
+    capacity_wh: float | None
+    journal_end: float  # wall time of the newest record read
+    first_wall: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def select_summaries(source: HeadBound, only: str | None) -> list[EventSummary]:
+    try:
+        return event_summaries(source, only=only)
+    except InputError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{source.chain.live}: a dispatch record cannot be read: {err}") from None
+
+
+def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary]) -> JournalFacts:
+    """The samples folded into each event's tally, the outage energy and the energy records."""
+    journal_end = source.newest()[1]
+    tallies = {s.request_id: Tally(*window(s, journal_end)) for s in summaries}
+    ledger = Ledger(period, tallies)
+    backup = _backup_spans(source)
+    energy = _energy_records(source)
+    capacity = _fold_steps(source, ledger, backup)
+    return JournalFacts(summaries, ledger, energy, capacity, journal_end)
+
+
+def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
+    """When the gateway was in BACKUP (a grid outage), on the core's time base."""
+    spans: list[tuple[float, float]] = []
+    since: float | None = None
+    for record in source.iter_records({RecordKind.TRANSITION}):
+        to_state, from_state = record.payload.get("to_state"), record.payload.get("from_state")
+        if to_state == core.Mode.BACKUP.value and since is None:
+            since = record.at
+        elif from_state == core.Mode.BACKUP.value and since is not None:
+            spans.append((since, record.at))
+            since = None
+    if since is not None:
+        spans.append((since, math.inf))
+    return spans
+
+
+def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
+    """Per event, the meter energy its last report before the final one billed."""
+    last: dict[str, float] = {}
+    found: dict[str, EnergyRecords] = {}
+    for record in source.iter_records({RecordKind.EVENT_ENERGY}):
+        request_id = str(record.payload.get("request_id"))
+        meter = _num(record.payload.get("meter_wh"))
+        if record.payload.get("final"):
+            found[request_id] = EnergyRecords(last.get(request_id))
+        elif meter is not None:
+            last[request_id] = meter
+    return found
+
+
+def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, float]]) -> float | None:
+    """Feed every journaled core step, as a sample, to the ledger; the usable capacity the core ran with."""
+    policy: Policy | None = None
+    owner: core.OwnerSettings | None = None
+    bms: core.BmsSnapshot | None = None
+    inverter: core.InverterStatus | None = None
+    for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS}):
+        if record.kind == RecordKind.CORE_START:
+            try:
+                policy, owner, _ = decode_start(record.payload)
+            except (KeyError, TypeError, ValueError) as err:
+                raise InputError(f"record {record.seq}: a core start that cannot be read: {err}") from None
+            continue
+        try:
+            steps = decode_batch(record.payload)
+        except (ValueError, TypeError) as err:
+            raise InputError(f"record {record.seq}: {err}") from None
+        offset = record.wall - record.at
+        for now, inputs in steps:
+            seen = False
+            for item in inputs:
+                if isinstance(item, core.BmsSnapshot):
+                    bms, seen = item, True
+                elif isinstance(item, core.InverterStatus):
+                    inverter, seen = item, True
+                elif isinstance(item, core.OwnerSettings):
+                    owner = item
+            if seen:
+                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup))
+    return None if policy is None else policy.usable_capacity_wh
+
+
+def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
+            policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]]) -> Sample:
+    usable = inverter is not None and inverter.comms_ok
+    outage = usable and inverter is not None and inverter.grid_outage
+    return Sample(
+        wall=now + offset,
+        soc_pct=bms.soc_min_pct if bms is not None else None,
+        power_w=inverter.measured_w if usable and inverter is not None else None,
+        meter_wh=inverter.tot_wh_inj if usable and inverter is not None else None,
+        floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
+        backup=any(lo <= now <= hi for lo, hi in backup),
+    )
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,225 @@
+"""Segments: rotation, retention and the chain across them, on real files.
+
+A rotation archives the live file and starts the next segment with a `SegmentStart`
+that names the previous head (so the chain runs on) and carries the accounts of the
+events still open (so a start-up reads the live segment only). Pruning deletes old
+archives after recording it in the chain; any other missing segment is a problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from firmware_py import cli
+from firmware_py.assembly import assemble
+from firmware_py.config import Config
+from firmware_py.core import types as t
+from firmware_py.journal import (
+    Chain,
+    Journal,
+    JournalWriteError,
+    RecordKind,
+    event_summaries,
+    files,
+)
+from firmware_py.journal.codec import jsonable
+
+DAY_S = 86_400.0
+
+
+def open_event_carry(request_id: str = "long") -> list[tuple[str, dict]]:
+    request = t.DispatchRequest(request_id, "openadr", t.DispatchKind.DISCHARGE, 4_000, 0, 90_000, 0)
+    answer = t.DispatchAnswer.accepted(request_id, 0)
+    energy = t.EventEnergy(60, request_id, 66.0, 66.5, meter_total_wh=1_066.0)
+    return [(str(RecordKind.of(item)), jsonable(item)) for item in (request, answer, energy)]
+
+
+def filled(journal: Journal, first_at: float, count: int = 5) -> None:
+    for n in range(count):
+        journal.append_event(t.FaultRaised(first_at + n, t.FaultKind.BMS_STALE, f"note {n}"))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "journal.sqlite"
+
+
+def report(path: Path, capsys, *extra: str) -> tuple[int, str]:
+    code = cli.main(["report", "--journal", str(path), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_a_rotation_continues_the_chain_in_a_new_file_and_carries_open_events(path, capsys):
+    with Journal.open(path) as journal:
+        journal.append_event(t.DispatchRequest("long", "openadr", t.DispatchKind.DISCHARGE, 4_000, 0, 90_000, 0))
+        journal.append_event(t.DispatchAnswer.accepted("long", 0))
+        filled(journal, 10)
+        head = (journal.last_seq, journal.head_hash)
+        archive = journal.rotate(100, open_event_carry())
+        assert archive == files.archive_path(path, 1) and archive.name == "journal.000001.sqlite"
+        assert journal.segment == 2 and journal.last_seq == head[0] + 1
+        (start,) = journal.records()
+        assert start.kind == RecordKind.SEGMENT_START and start.prev_hash == head[1]
+        assert start.payload["previous"] == {"segment": 1, "file": archive.name, "first_seq": 1,
+                                             "last_seq": head[0], "last_hash": head[1]}
+        assert [kind for kind, _ in journal.carried()] == ["DispatchRequest", "DispatchAnswer", "EventEnergy"]
+        filled(journal, 200)
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o444  # archived read-only
+    verdict = Chain(path).check()
+    assert verdict.problems == [] and verdict.records == 7 + 1 + 5
+    assert [s.file for s in verdict.segments] == ["journal.000001.sqlite", "journal.sqlite"]
+    assert all(s.newest_anchor is not None for s in verdict.segments)
+    code, out = report(path, capsys)
+    assert code == 0 and "segments: 2 (journal.000001.sqlite, journal.sqlite)" in out
+    assert out.rstrip().endswith("chain: intact (13 records)")
+    (event,) = event_summaries(Chain(path))
+    assert event.request_id == "long" and event.verdict == "accepted"  # read once, from its own records
+
+
+def test_a_restart_after_a_rotation_finds_the_open_event_in_the_live_segment_alone(path):
+    with Journal.open(path) as journal:
+        filled(journal, 1)
+        journal.rotate(100, open_event_carry("long"))
+    files.archive_path(path, 1).rename(path.with_name("elsewhere.sqlite"))  # not read at all
+    clock = [500.0]
+    base = Config()
+    config = replace(base, can=replace(base.can, interface="virtual", channel=f"segments-{path}"),
+                     journal=replace(base.journal, path=str(path)))
+    assembly = assemble(config, lambda: clock[0], owner=t.OwnerSettings(40, 0.0))
+    try:
+        assert assembly.gateway.close_open_events(meter_total_wh=1_086.0) == ["long"]
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        final = journal.records(RecordKind.EVENT_ENERGY)[-1]
+    assert final.payload["final"] is True and final.payload["meter_wh"] == 86.0  # 66 + the 20 Wh gap
+
+
+def test_the_gateway_rotates_past_segment_mb_and_its_report_spans_the_segments(path, capsys):
+    clock = [0.0]
+    base = Config()
+    config = replace(base, can=replace(base.can, interface="virtual", channel=f"rotate-{path}"),
+                     journal=replace(base.journal, path=str(path), segment_mb=1))
+    assembly = assemble(config, lambda: clock[0], owner=t.OwnerSettings(40, 0.0))
+    gateway = assembly.gateway
+    pad = "x" * 8_000
+    try:
+        asyncio.run(gateway.submit(t.DispatchRequest("r", "test", t.DispatchKind.DISCHARGE, 3_000, 0, 60, 0)))
+        for n in range(300):  # ~2.4 MB of notes, flushed as the service would: two rotations
+            clock[0] = float(n)
+            gateway.note(RecordKind.SUNSPEC_WRITE_REFUSED, {"n": n, "pad": pad})
+            gateway.flush_journal()
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    archives = files.archives(path)
+    assert [a.number for a in archives] == [1, 2]
+    assert all(a.path.stat().st_size < 2e6 for a in archives)
+    verdict = Chain(path).check()
+    assert verdict.problems == [] and len(verdict.segments) == 3
+    code, out = report(path, capsys, "--format", "json")
+    assert code == 0 and '"request_id": "r"' in out
+
+
+def test_a_rotation_a_crash_interrupted_is_finished_or_forgotten_at_the_next_open(path):
+    with Journal.open(path) as journal:
+        filled(journal, 1)
+        journal.rotate(100, [])
+        filled(journal, 200)
+    # A crash after the old file moved but before the new one (and its anchor file) took its name:
+    live, temp = path, files.rotating_path(path)
+    live.rename(temp)
+    files.anchors_path(live).rename(files.anchors_path(temp))
+    with Journal.open(path) as journal:
+        assert journal.segment == 2 and not temp.exists() and not files.anchors_path(temp).exists()
+    assert Chain(path).check().problems == []
+    # A crash before the old file moved: the half-made next segment is dropped.
+    temp.write_bytes(b"half a segment")
+    with Journal.open(path) as journal:
+        assert journal.segment == 2 and not temp.exists()
+        filled(journal, 300)
+    assert Chain(path).check().problems == []
+
+
+def test_a_rotation_that_cannot_be_done_now_leaves_the_live_segment_as_it_was(path):
+    with Journal.open(path, busy_timeout_s=0.05) as journal:
+        filled(journal, 1)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM records").fetchone()  # a report reading right now
+        with pytest.raises(JournalWriteError, match="rotation postponed"):
+            journal.rotate(100, [])
+        reader.execute("ROLLBACK")
+        reader.close()
+        assert journal.segment == 1 and not files.rotating_path(path).exists()
+        filled(journal, 10)
+        journal.rotate(200, [])
+        assert journal.segment == 2
+    assert Chain(path).check().problems == []
+
+
+def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
+    wall = [0.0]
+    with Journal.open(path, wall_clock=lambda: wall[0]) as journal:
+        for day in range(4):  # four segments, a day apart
+            wall[0] = day * DAY_S
+            filled(journal, wall[0])
+            journal.rotate(wall[0], [])
+        wall[0] = 4 * DAY_S + 1
+        pruned = journal.prune(wall[0], 2.5 * DAY_S)
+        assert [p.name for p in pruned] == ["journal.000001.sqlite", "journal.000002.sqlite"]
+        mark = journal.records(RecordKind.SEGMENT_PRUNED)[-1]
+        assert mark.payload["segment"] == 2
+        journal.rotate(wall[0], [])  # the pruning mark is carried on by the next segment
+    assert [a.number for a in files.archives(path)] == [3, 4, 5]
+    verdict = Chain(path).check()
+    assert verdict.problems == [] and verdict.pruned_through == 2
+    code, out = report(path, capsys)
+    assert code == 0 and "segments 1..2 pruned by retention" in out
+
+
+def test_an_archive_deleted_by_hand_is_missing_from_the_chain(path, capsys):
+    with Journal.open(path) as journal:
+        for n in range(3):
+            filled(journal, n * 100)
+            journal.rotate(n * 100 + 50, [])
+    files.archive_path(path, 2).unlink()
+    code, out = report(path, capsys)
+    assert code == 1 and "segments 2..2: missing (deleted)" in out
+    files.archive_path(path, 1).rename(files.archive_path(path, 7))
+    code, out = report(path, capsys)
+    assert code == 1 and "segments 1..2: missing, and the chain does not record pruning them" in out
+    assert "journal.000007.sqlite: an archive numbered after the live segment (4)" in out
+
+
+def test_an_archive_cut_back_or_swapped_does_not_continue_into_the_next(path, capsys):
+    with Journal.open(path) as journal:
+        filled(journal, 1)
+        journal.rotate(50, [])
+        filled(journal, 100)
+    archive = files.archive_path(path, 1)
+    archive.chmod(0o644)
+    conn = sqlite3.connect(archive)
+    conn.execute("DROP TRIGGER records_no_delete")
+    conn.execute("DELETE FROM records WHERE seq > 3")
+    conn.execute("UPDATE head SET seq = 3, hash = (SELECT hash FROM records WHERE seq = 3)")
+    conn.commit()
+    conn.close()
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.sqlite: does not continue journal.000001.sqlite" in out
+
+
+def test_a_live_journal_missing_beside_its_archives_is_refused(path):
+    with Journal.open(path) as journal:
+        filled(journal, 1)
+        journal.rotate(50, [])
+    path.unlink()
+    with pytest.raises(Exception, match="missing, but archived segments of it are beside it"):
+        Journal.open(path)

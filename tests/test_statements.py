@@ -1,0 +1,245 @@
+"""Bill-credit statements (DESIGN §3.11): figures from real journals, signed, and checked again.
+
+Fast tier: one shortened bench run (the default 4-hour peak event at 1/100 of its time and
+pack, ~1.5 s), a journal a crash left open and a restart closed, and the pure figures under
+hypothesis. Slow: the grid-outage scenario, whose backup energy must never be credited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_bench import scaled
+from test_gateway import gateway_on
+
+from firmware_py.cli import main
+from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, EventEnergy
+from firmware_py.journal import Chain, Journal, event_summaries
+from firmware_py.journal.summary import EventSummary
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Simulation, SimulationOptions
+from firmware_py.statements import evidence
+from firmware_py.statements.figures import (
+    EnergyRecords,
+    Ledger,
+    Period,
+    ProgramTerms,
+    Sample,
+    Tally,
+    event_figures,
+    totals,
+)
+
+
+def make(journal: Path, out: Path, *extra: str, config: Path | None = None) -> dict:
+    args = ["statement", "--journal", str(journal), "--format", "json", "--out", str(out), *extra]
+    if config is not None:
+        args += ["--config", str(config)]
+    assert main(args) == 0
+    return json.loads(out.read_text())
+
+
+def verify(statement: Path, journal: Path | None = None) -> int:
+    return main(["statement", "verify", str(statement), *(["--journal", str(journal)] if journal else [])])
+
+
+def program_config(tmp_path: Path, journal: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[journal]\npath = "{journal}"\n[program]\nname = "Peak Rewards"\ncurrency = "USD"\n'
+                    'credit_per_kwh = 1.0\nwear_cost_per_kwh = 0.05\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A short bench run of the bundled peak event: (journal, the run's summary)."""
+    folder = tmp_path_factory.mktemp("bench")
+    loaded = scaled(scenario.load(scenario.bundled("summer-peak.toml")), 0.01)
+    journal = folder / "bench-journal.sqlite"
+    outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=journal)).run())
+    return journal, outcome.summary
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A journal a run that died mid-event left open, closed by the next start with a 30 Wh meter gap."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 3_600.0,
+                                             received_at=5.0))
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        assert assembly.gateway.close_open_events(meter_total_wh=1_180.0) == ["peak"]
+    finally:
+        assembly.close()
+    return path
+
+
+# ---------------------------------------------------------------- figures from real journals
+
+
+def test_a_bench_statement_bills_the_summary_and_the_inverter_meter_and_verifies(bench, tmp_path):
+    journal, summary = bench
+    statement = make(journal, tmp_path / "s.json", config=program_config(tmp_path, journal))
+    (event,) = statement["events"]
+    (summed,) = event_summaries(Chain(journal))
+    assert event["delivered_wh"] == pytest.approx(summed.meter_wh, rel=0.005)
+    assert event["delivered_wh"] == pytest.approx(summary["delivered_wh"]["peak-1"], rel=0.005)
+    assert event["delivered_wh"] == pytest.approx(summary["inverter_meter_wh"], rel=0.005)
+    assert event["integrated_wh"] == pytest.approx(event["delivered_wh"], rel=0.01)
+    assert event["credited_wh"] == event["delivered_wh"]
+    assert event["credit"] == round(event["delivered_wh"] / 1000 * 1.0, 2)
+    assert event["net"] == round(event["credit"] - event["wear_cost"], 2)
+    assert event["soc_start_pct"] > event["soc_end_pct"] >= event["floor_pct"] - 0.5
+    assert event["soc_min_pct"] <= event["soc_end_pct"]
+    assert 0 < event["peak_w"] <= 11_500 and 0 < event["avg_w"] <= event["peak_w"]
+    assert event["throughput_wh"] >= event["delivered_wh"]  # the inverter's losses come out of the pack too
+    assert event["equivalent_cycles"] == pytest.approx(event["throughput_wh"] / statement["gateway"]["usable_capacity_wh"], abs=1e-6)
+    assert statement["totals"]["credit"] == event["credit"] and statement["outage_backup_wh"] == 0
+    assert statement["journal_head"] == Chain(journal).check().head_hash
+    assert verify(tmp_path / "s.json", journal) == 0
+
+
+def test_text_and_csv_render_the_event_with_its_credit(bench, tmp_path, capsys):
+    journal, _ = bench
+    config = program_config(tmp_path, journal)
+    assert main(["statement", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "event peak-1" in text and "credit" in text and "OUTAGE BACKUP" in text and "Peak Rewards" in text
+    assert main(["statement", "--journal", str(journal), "--format", "csv", "--event", "peak-1"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("id,source") and rows[1].startswith("peak-1,") and rows[-1].startswith("OUTAGE_BACKUP")
+
+
+def test_a_crash_and_restart_bills_the_meter_gap_the_journal_records(crashed, tmp_path):
+    statement = make(crashed, tmp_path / "s.json", "--event", "peak")
+    (event,) = statement["events"]
+    assert event["status"] == "closed_after_restart"
+    assert event["delivered_wh"] == 180.0  # 150 Wh reported + the 30 Wh gap the restart billed
+    assert any("meter gap of 30.0 Wh" in note for note in event["notes"])
+    assert verify(tmp_path / "s.json", crashed) == 0
+
+
+def test_an_open_event_says_so(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    (event,) = make(path, tmp_path / "s.json", "--event", "peak")["events"]
+    assert event["status"] == "open" and any("still open" in note for note in event["notes"])
+
+
+# ---------------------------------------------------------------- evidence
+
+
+def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(crashed, tmp_path, capsys):
+    good = tmp_path / "s.json"
+    statement = make(crashed, good, "--event", "peak")
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({**statement, "totals": {**statement["totals"], "credit": 99.0}}))
+    assert verify(changed) == 1
+    assert "changed after it was signed" in capsys.readouterr().err
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    forged = tmp_path / "forged.json"
+    body = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
+    body["events"][0]["delivered_wh"] = 999.0
+    forged.write_text(json.dumps(evidence.sign(body, Ed25519PrivateKey.generate())))
+    assert verify(forged) == 0  # a good signature by some key: only the journal's side knows whose
+    assert verify(forged, crashed) == 1
+    err = capsys.readouterr().err
+    assert "not by this gateway's statement key" in err and "delivered_wh" in err
+
+    with sqlite3.connect(crashed) as db:  # the meter figure rewritten in the journal itself, guards dropped
+        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f"DROP TRIGGER {trigger}")
+        row = db.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy' ORDER BY seq DESC").fetchone()
+        db.execute("UPDATE records SET payload = ? WHERE seq = ?", (row[1].replace("180.0", "280.0"), row[0]))
+    assert verify(good, crashed) == 1
+    assert "journal" in capsys.readouterr().err
+
+
+def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("{not json")
+    assert verify(tmp_path / "x.json") == 2
+    assert verify(tmp_path / "missing.json") == 2
+    assert main(["statement", "--journal", str(tmp_path / "nope.sqlite")]) == 2
+    assert main(["statement", "--journal", str(tmp_path / "nope.sqlite"), "--from", "2025-01-01"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_the_statement_key_is_made_private_and_refused_when_others_can_read_it(crashed, tmp_path):
+    make(crashed, tmp_path / "s.json")
+    key = evidence.key_path(crashed)
+    assert key.stat().st_mode & 0o777 == 0o600
+    os.chmod(key, 0o644)
+    assert main(["statement", "--journal", str(crashed)]) == 2
+
+
+# ---------------------------------------------------------------- the figures' promises
+
+
+@st.composite
+def runs(draw):
+    """A run of samples (meter forward, some in BACKUP) and events over windows of it."""
+    n = draw(st.integers(2, 40))
+    steps = draw(st.lists(st.tuples(st.floats(0, 50), st.booleans()), min_size=n, max_size=n))
+    samples, meter = [], 1_000.0
+    for i, (delta, backup) in enumerate(steps):
+        meter += delta
+        samples.append(Sample(float(i), 80.0 - i * 0.1, delta * 3600, meter, 42.0, backup))
+    events = []
+    for k in range(draw(st.integers(1, 4))):
+        lo = draw(st.integers(0, n - 1))
+        hi = draw(st.integers(lo, n - 1))
+        verdict = draw(st.sampled_from(["accepted", "accepted_capped", "rejected"]))
+        kind = draw(st.sampled_from(["discharge", "charge"]))
+        meter_wh = sum(d for d, _ in steps[lo + 1:hi + 1])
+        events.append((EventSummary(f"e{k}", "test", kind, 3_000, 0, float(lo), float(lo), float(hi), verdict,
+                                    ended_at=float(hi), ended_reason="window closed", meter_wh=meter_wh,
+                                    integrated_wh=meter_wh), lo, hi))
+    return samples, events
+
+
+@given(runs(), st.floats(0, 2), st.floats(0, 1))
+def test_credited_energy_never_exceeds_the_meter_and_outage_energy_is_never_credited(run, rate, wear):
+    samples, events = run
+    ledger = Ledger(Period(0, 1e9), {e.request_id: Tally(float(lo), float(hi)) for e, lo, hi in events})
+    for sample in samples:
+        ledger.feed(sample)
+    lines = [event_figures(e, ledger.tallies[e.request_id], ProgramTerms("p", "USD", rate, wear), 10_000,
+                           EnergyRecords()) for e, _, _ in events]
+    for (summary, lo, hi), line in zip(events, lines):
+        outage = sum(max(0.0, b.meter_wh - a.meter_wh) for a, b in zip(samples, samples[1:])
+                     if b.backup and lo <= b.wall <= hi)
+        assert line["credited_wh"] <= line["delivered_wh"] <= summary.meter_wh + 5e-4  # Wh rounded to 3 places
+        assert line["credited_wh"] <= max(0.0, summary.meter_wh - outage) + 1e-3
+        if summary.verdict == "rejected" or summary.kind == "charge":
+            assert line["credited_wh"] == 0 and line["credit"] == 0
+    total = totals(lines, ledger.outage_backup_wh)
+    assert total["credited_wh"] <= total["delivered_wh"] + 1e-6
+    assert total["credit"] == pytest.approx(sum(line["credit"] for line in lines))
+
+
+@pytest.mark.slow
+def test_energy_served_in_a_grid_outage_is_on_its_own_line_and_never_credited(tmp_path):
+    loaded = scaled(scenario.load(scenario.bundled("grid-outage.toml")), 1 / 16)
+    journal = tmp_path / "j.sqlite"
+    outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=journal)).run())
+    statement = make(journal, tmp_path / "s.json")
+    assert statement["outage_backup_wh"] == pytest.approx(outcome.summary["inverter_meter_wh"], rel=0.02)
+    assert statement["totals"]["credited_wh"] == 0 and statement["totals"]["credit"] == 0
+    assert all(e["credited_wh"] == 0 for e in statement["events"])
+    assert verify(tmp_path / "s.json", journal) == 0
