@@ -266,6 +266,35 @@ class SiteLimit:
     limit_w: float | None
 
 
+class PriceKind(str, Enum):
+    """What a published price is paid for (OpenADR 3 payload types of the same names)."""
+
+    PRICE = "PRICE"  # the price of energy bought from the grid
+    EXPORT_PRICE = "EXPORT_PRICE"  # the price paid for energy sent to the grid
+
+
+@dataclass(frozen=True)
+class PriceInterval:
+    """One published price for one interval (docs/dispatch.md, price-responsive mode).
+
+    A price is not a request: nobody asked for power. It is a fact the core weighs
+    against the owner's threshold and daily energy budget, so the decision to
+    discharge for it is made (and replayed) where every other decision is. `id`
+    names the interval within its source (event id and interval id); the same id at
+    a higher `revision` replaces it. `price_per_kwh` is in the program's currency.
+    """
+
+    id: str
+    source: str
+    program: str
+    kind: PriceKind
+    price_per_kwh: float
+    start: float
+    end: float
+    received_at: float
+    revision: int = 0
+
+
 @dataclass(frozen=True)
 class OwnerSettings:
     """The owner's wishes. `opt_out_until` = math.inf opts out until revoked.
