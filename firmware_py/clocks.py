@@ -26,7 +26,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, tzinfo
+from datetime import time as day_time
 
 Clock = Callable[[], float]
 
@@ -72,3 +73,11 @@ class Clocks:
 def as_clocks(clock: Clocks | Clock) -> Clocks:
     """`Clocks` as given, or one clock serving as both (a simulation's or a test's)."""
     return clock if isinstance(clock, Clocks) else Clocks.simulated(clock)
+
+
+def calendar_day(wall_s: float, tz: tzinfo | None = None) -> tuple[str, float]:
+    """The date (ISO `YYYY-MM-DD`) at wall instant `wall_s` in `tz` (None: the gateway's local
+    time zone), and the wall instant the next date begins: what a daily budget counts by."""
+    moment = datetime.fromtimestamp(wall_s, tz).astimezone(tz)
+    following = datetime.combine(moment.date() + timedelta(days=1), day_time(0), tzinfo=moment.tzinfo)
+    return moment.date().isoformat(), following.timestamp()

@@ -11,7 +11,11 @@ Paths through it:
   the reader hands out a snapshot only when a field the core decides on
   changed, so nothing else asks "did anything change?" before the step;
 - `tick` (timeouts, ramps, windows) and `poll_inverter` (status in, energy accounted);
-- dispatch sources and the owner API → `submit` / `set_owner` → core step;
+- dispatch sources and the owner API → `submit` / `set_owner` → core step (a published
+  price, `PriceInterval`, is submitted like a request and answered the same way);
+- the local date → a `CalendarDay` ahead of the first step and of the first step of
+  each new date (looked at again hourly, in case the wall clock was stepped): the core
+  counts the owner's daily price budget by it, and has no wall clock of its own;
 - `write_command` → the inverter client, which writes when the value differs from
   what the inverter holds or its revert timer needs a refresh (the one output check).
 Journal records are queued by each step and written in batches off the hot
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -43,13 +48,14 @@ from typing import Any
 import can
 
 from firmware_py.bms.reader import BmsReader
-from firmware_py.clocks import Clocks
+from firmware_py.clocks import Clocks, calendar_day
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step, telemetry
 from firmware_py.core.energy import close_after_restart, open_events, still_open
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import (
     BmsSnapshot,
+    CalendarDay,
     DispatchAnswer,
     DispatchCancel,
     DispatchRequest,
@@ -59,6 +65,7 @@ from firmware_py.core.types import (
     InverterStatus,
     JournalHealth,
     OwnerSettings,
+    PriceInterval,
     SiteLimit,
     Stall,
     Tick,
@@ -77,7 +84,9 @@ from firmware_py.status import status_document
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall, SiteLimit)
+JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall, SiteLimit, PriceInterval)
+DAY_RECHECK_S = 3_600.0
+"""How often the date is looked at again even before the next one is due (a stepped wall clock)."""
 MAINTAIN_RETRY_S = 60.0
 """After a rotation that could not be done (a reader holds the file, the disk is full), wait this long."""
 PRUNE_EVERY_S = 3_600.0
@@ -114,6 +123,9 @@ class Gateway:
         self.perf_clock: Callable[[], float] = time.perf_counter
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
+        self._day_due = -math.inf  # the core clock: when the date is next looked at
+        self.day_spent_wh: Callable[[str], float] = lambda date: 0.0
+        """What the journal says was spent on price-driven discharge on a date (set by the assembly)."""
 
     # ------------------------------------------------------------------ core
 
@@ -122,6 +134,8 @@ class Gateway:
         now = self.clock()
         if self.watch_stalls:
             inputs = self._noticing_stall(now, inputs)
+        if now >= self._day_due:
+            inputs = (self._calendar_day(now), *inputs)
         result = step(self.controller, inputs, now)
         batch = self.steps.record(now, inputs)
         if batch is not None:
@@ -145,6 +159,13 @@ class Gateway:
                     "holding 0 W until fresh BMS and inverter data; not counted as a vehicle fault", gap)
         self.resync_wanted.set()
         return (Stall(now, gap), *inputs)
+
+    def _calendar_day(self, now: float) -> CalendarDay:
+        """Which date it is, for the core's daily price budget, and when to look again."""
+        date, next_wall = calendar_day(self.clocks.to_wall(now))
+        self._day_due = min(self.clocks.to_core(next_wall), now + DAY_RECHECK_S)
+        spent = self.day_spent_wh(date) if self.controller.day is None else 0.0  # after a start: the journal's count
+        return CalendarDay(now, date, spent)
 
     def now(self) -> float:
         return self.clock()
@@ -203,10 +224,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ DispatchSink
 
-    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit | PriceInterval) -> DispatchAnswer | None:
         result = self.feed(item)
         await self.write_command()
-        return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
+        return result.answer_for(item.id) if isinstance(item, (DispatchRequest, PriceInterval)) else None
 
     def telemetry(self) -> Telemetry:
         return telemetry(self.controller, self.clock())
@@ -361,6 +382,6 @@ class Gateway:
                 log.error("journal record %d skipped: %s", record.seq, err)
 
 
-EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.EVENT_ENERGY,
-                        RecordKind.DISPATCH_ENDED})
+EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,
+                        RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
 """The record kinds that tell which events are open (and what a rotation carries for them)."""

@@ -36,6 +36,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     Event,
     Mode,
+    PriceInterval,
     ReasonCode,
     Verdict,
     is_finite_number,
@@ -226,6 +227,8 @@ def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: 
 def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """Answer `req` on arrival and book it; the events include the answer and any event it ends."""
     existing = c.book.find(req.id)
+    if existing is not None and existing.price_driven:
+        return c, [DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE, "id already used by a published price")]
     bad = invalid_reason(req)
     if bad is not None:
         reply = DispatchAnswer.refused(req.id, now, ReasonCode.INVALID, bad)
@@ -233,7 +236,7 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
         return c, [_repeat(existing, req, now)]
     else:
         reply = judge(req, judgement(c, req, now))
-    c, events = _revise(c, existing, req, reply, now)
+    c, events = revise(c, existing, req, reply, now)
     if req.kind is DispatchKind.STOP and reply.verdict is Verdict.ACCEPTED:
         c, ended = _stop_source(c, req, now)
         events += ended
@@ -248,10 +251,11 @@ def _repeat(existing: Booked, req: DispatchRequest, now: float) -> DispatchAnswe
                                   f"id already used with other content (revision {existing.request.revision})")
 
 
-def _revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
-            now: float) -> tuple[Controller, list[Event]]:
-    """Book the answered request. A new revision of an accepted event continues it (energy and
-    all) when its kind is unchanged; a refused or kind-changing revision ends the running one."""
+def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
+           now: float, price: PriceInterval | None = None) -> tuple[Controller, list[Event]]:
+    """Book the answered request (`price`: the published price it stands for). A new revision of an
+    accepted event continues it (energy and all) when its kind is unchanged; a refused or
+    kind-changing revision ends the running one."""
     events: list[Event] = []
     rejected = reply.verdict is Verdict.REJECTED
     earlier = existing if existing is not None and existing.accepted else None
@@ -261,9 +265,9 @@ def _revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply:
     if earlier is not None and rejected:
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
         # that revision gets that answer, and a standing setting is asked again from it).
-        entry = replace(earlier, request=req, answer=reply, ended=True)
+        entry = replace(earlier, request=req, answer=reply, ended=True, price=price)
         return c.evolve(book=c.book.replace(entry)), events + [reply]
-    entry = Booked(req, reply, ended=rejected)
+    entry = Booked(req, reply, ended=rejected, price=price)
     if earlier is not None and req.kind is earlier.request.kind:
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
                         last_report_at=earlier.last_report_at)
@@ -306,8 +310,8 @@ def improvable(c: Controller, now: float) -> frozenset[str]:
     found = []
     for entry in c.book.entries:
         request, answered = entry.request, _standing_answer(entry)
-        if not request.start <= now < request.end or request.kind is DispatchKind.STOP:
-            continue
+        if not request.start <= now < request.end or request.kind is DispatchKind.STOP or entry.price_driven:
+            continue  # a price is no source's standing setting: nobody would ask again
         if answered.verdict is Verdict.ACCEPTED or (entry.ended and answered.verdict is not Verdict.REJECTED) \
                 or entry.withdrawn:
             continue  # served in full, or ended by its source or its window, or withdrawn

@@ -50,6 +50,9 @@ class Controller:
     resync_since: float | None = None  # a `Stall` was seen then: 0 W until fresh data (or the grace ends)
     stall_gap_s: float = 0.0  # how long that stall was
     site_limits: tuple[SiteLimit, ...] = ()  # one per source that set one (a site controller's WMaxLimPct)
+    day: str | None = None  # the local date the runtime last said it is (`CalendarDay`)
+    price_day_wh: float = 0.0  # price-driven energy out that day: what the owner's daily maximum caps
+    peak_since_inverter_w: float = 0.0  # highest discharge commanded since the newest inverter reading
 
     @classmethod
     def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":

@@ -24,6 +24,7 @@ from firmware_py.core.types import (
     Event,
     EventEnergy,
     InverterStatus,
+    PriceInterval,
     ReasonCode,
     Verdict,
 )
@@ -44,6 +45,8 @@ def account(c: Controller, new: InverterStatus) -> Controller:
     if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
     entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
+    if entry.price_driven:  # the owner's daily budget counts the larger of the two: it must not be overrun
+        return c.evolve(book=c.book.replace(entry), price_day_wh=c.price_day_wh + max(meter, integrated))
     return c.evolve(book=c.book.replace(entry))
 
 
@@ -101,21 +104,22 @@ class OpenEvent:
     rotation carries into the next segment so that the restart need not read the older ones."""
 
     answer: DispatchAnswer
-    request: DispatchRequest | None = None
+    request: DispatchRequest | PriceInterval | None = None  # a price-driven event: its published price
     last: EventEnergy | None = None
 
 
-def still_open(events: Iterable[Event | DispatchRequest]) -> dict[str, OpenEvent]:
+def still_open(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dict[str, OpenEvent]:
     """Accepted requests with no end among `events` (decoded journal records, oldest first),
-    each with its request (latest revision) and last energy record, when the records hold them.
+    each with its request (latest revision; for a price-driven event, its `PriceInterval`)
+    and last energy record, when the records hold them.
 
     A DUPLICATE refusal restates a request already answered, so it does not close it.
     Memory grows with the open events only: requests are forgotten once refused or ended.
     """
-    requests: dict[str, DispatchRequest] = {}
+    requests: dict[str, DispatchRequest | PriceInterval] = {}
     accepted: dict[str, OpenEvent] = {}
     for event in events:
-        if isinstance(event, DispatchRequest):
+        if isinstance(event, (DispatchRequest, PriceInterval)):
             requests[event.id] = event
         elif isinstance(event, DispatchAnswer):
             before = accepted.get(event.request_id)
@@ -135,7 +139,7 @@ def still_open(events: Iterable[Event | DispatchRequest]) -> dict[str, OpenEvent
     return accepted
 
 
-def open_events(events: Iterable[Event | DispatchRequest]) -> dict[str, EventEnergy | None]:
+def open_events(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dict[str, EventEnergy | None]:
     """Accepted requests with no end among `events` (decoded journal records, oldest first),
     each with its last energy record (None when none was written)."""
     return {request_id: event.last for request_id, event in still_open(events).items()}

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
+from firmware_py.core import prices
 from firmware_py.core.answers import answer, cancel, enter_service_detail
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.energy import account, close_event, report_energy
@@ -33,6 +34,7 @@ from firmware_py.core.faults import (
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import (
     BmsSnapshot,
+    CalendarDay,
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
@@ -44,6 +46,7 @@ from firmware_py.core.types import (
     JournalHealth,
     Mode,
     OwnerSettings,
+    PriceInterval,
     Resynced,
     SiteLimit,
     Stall,
@@ -249,6 +252,10 @@ def _ramped(v: View, base: float, magnitude: float, dt: float, kind: DispatchKin
 
 def _discharge(v: View, base: float, dt: float) -> tuple[float, str]:
     r = v.request
+    if r.price is not None:  # the day's budget left ramps it down so the energy stops at the budget
+        power = min(r.target_w, prices.budget_power_w(v.c, v.now))
+        return _ramped(v, base, power, dt, DispatchKind.DISCHARGE), (
+            f"price {r.request.id}: {r.price.price_per_kwh:g} per kWh, {power:.0f} W")
     return _ramped(v, base, r.target_w, dt, DispatchKind.DISCHARGE), f"dispatch {r.request.id}: {r.target_w:.0f} W"
 
 
@@ -328,11 +335,17 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
         c = account(c, item)
-        return c.evolve(inverter=item, inverter_seen=c.inverter_seen or item.comms_ok), []
+        return c.evolve(inverter=item, inverter_seen=c.inverter_seen or item.comms_ok,
+                        peak_since_inverter_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, OwnerSettings):
-        return c.evolve(owner=replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct)))), []
+        owner = prices.settled_owner(replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct))))
+        return c.evolve(owner=owner), []
     if isinstance(item, DispatchRequest):
         return answer(c, item, now)
+    if isinstance(item, PriceInterval):
+        return prices.answer_price(c, item, now)
+    if isinstance(item, CalendarDay):
+        return prices.new_day(c, item), []
     if isinstance(item, DispatchCancel):
         return cancel(c, item, now)
     if isinstance(item, JournalHealth):
@@ -396,6 +409,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
         events += produced
     c, produced = _expire(c, now)
     events += produced
+    c, produced = prices.follow(c, now)
+    events += produced
     present = conditions(c.bms, c.inverter, now, c.policy, c.bms_seen, c.inverter_seen)
     if c.resync_since is not None:
         present = forgive_stall(present, c.faults.kinds)
@@ -417,7 +432,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
         (mode is Mode.DISCHARGE and view.wants(DispatchKind.DISCHARGE))
         or (mode is Mode.CHARGE and view.wants(DispatchKind.CHARGE))) else None  # not the storm watch's charge
     c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
-                peak_since_bms_w=max(c.peak_since_bms_w, setpoint))
+                peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
+                peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint))
     c, produced = report_energy(c, now)
     events += produced
     return StepResult(c, InverterCommand(setpoint, reason), events)

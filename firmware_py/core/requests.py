@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from firmware_py.core.types import DispatchAnswer, DispatchRequest, Verdict
+from firmware_py.core.types import DispatchAnswer, DispatchRequest, PriceInterval, Verdict
 
 # How many ended requests are remembered, so a late duplicate still gets its answer.
 ENDED_MEMORY = 128
@@ -28,6 +28,11 @@ class Booked:
     meter_wh: float = 0.0
     integrated_wh: float = 0.0
     last_report_at: float = -math.inf
+    price: PriceInterval | None = None  # a price-driven event: the published price it discharges for
+
+    @property
+    def price_driven(self) -> bool:
+        return self.price is not None
 
     @property
     def accepted(self) -> bool:
@@ -71,9 +76,13 @@ class RequestBook:
         return tuple(e for e in self.entries if e.accepted and not e.ended)
 
     def in_force(self, now: float) -> Booked | None:
-        """The request that applies now: of those in their window, the newest received."""
+        """The request that applies now: of those in their window, the newest received.
+
+        An aggregator's request takes precedence over price-driven discharge: a price
+        event applies only while no request is in its window (docs/dispatch.md)."""
         current = [e for e in self.live() if e.in_window(now)]
-        return max(current, key=lambda e: e.request.received_at, default=None)
+        asked = [e for e in current if e.price is None] or current
+        return max(asked, key=lambda e: e.request.received_at, default=None)
 
     def end(self, request_id: str) -> "RequestBook":
         entry = self.find(request_id)

@@ -304,6 +304,12 @@ class OwnerSettings:
     come. Until then the floor is at least that SoC while the grid is up (dispatch below
     it is refused `STORM_WATCH`), and the truck charges toward it where the inverter can;
     when the outage does come, the house may use it down to the backup floor as always.
+
+    Price-responsive mode (docs/dispatch.md): while a published price of `price_kind` in
+    force is at least `price_threshold_per_kwh` (the program's currency), the truck
+    discharges at `price_power_w` (None: as much as every limit allows) until
+    `price_max_wh_per_day` of price-driven energy has gone out that calendar day.
+    `price_threshold_per_kwh = None` turns the mode off.
     """
 
     reserve_pct: float
@@ -314,6 +320,15 @@ class OwnerSettings:
     departure_soc_pct: float | None = None
     storm_watch_floor_pct: float | None = None
     storm_watch_until: float | None = None
+    price_threshold_per_kwh: float | None = None
+    price_max_wh_per_day: float = 0.0
+    price_kind: PriceKind = PriceKind.EXPORT_PRICE
+    price_power_w: float | None = None
+
+    @property
+    def price_mode(self) -> bool:
+        """Price-responsive mode is on: a threshold is set and the day's budget is above 0 Wh."""
+        return self.price_threshold_per_kwh is not None and self.price_max_wh_per_day > 0
 
     def opted_out(self, now: float, event_id: str | None = None) -> bool:
         if self.opt_out_until is not None and now < self.opt_out_until:
@@ -355,6 +370,23 @@ class Stall:
 
 
 @dataclass(frozen=True)
+class CalendarDay:
+    """The local calendar date the runtime's wall clock says it is (ISO `YYYY-MM-DD`).
+
+    The core has no wall clock, yet the owner's price budget is per day: the
+    runtime says which day it is when it starts and each time the date changes,
+    and the core counts price-driven energy per date. `spent_wh` is what the
+    journal shows was already spent on price-driven discharge that day (a restart
+    must not grant the day's budget twice); the core keeps the larger of it and
+    its own count.
+    """
+
+    received_at: float
+    date: str
+    spent_wh: float = 0.0
+
+
+@dataclass(frozen=True)
 class JournalHealth:
     """Whether the journal took the last write. While it does not, no new request is accepted:
     energy the gateway cannot account for must not be promised."""
@@ -365,7 +397,7 @@ class JournalHealth:
 
 
 Input = (BmsSnapshot | InverterStatus | DispatchRequest | DispatchCancel | OwnerSettings | InstallerReset | Tick
-         | JournalHealth | Stall | SiteLimit)
+         | JournalHealth | Stall | SiteLimit | PriceInterval | CalendarDay)
 
 
 class Verdict(str, Enum):
@@ -388,11 +420,16 @@ class ReasonCode(str, Enum):
     JOURNAL = "JOURNAL_UNAVAILABLE"
     ENTER_SERVICE = "ENTER_SERVICE_DELAY"  # grid back; the inverter's IEEE 1547 enter-service delay runs
     STORM_WATCH = "STORM_WATCH"  # the owner keeps energy for an expected outage (storm watch)
+    PRICE_MODE_OFF = "PRICE_MODE_OFF"  # a published price, but the owner has not turned price mode on
+    PRICE_KIND = "PRICE_KIND_NOT_FOLLOWED"  # the owner's threshold is for the other kind of price
+    BELOW_THRESHOLD = "BELOW_THRESHOLD"  # the price is under the owner's threshold
+    BUDGET_SPENT = "DAILY_BUDGET_SPENT"  # the day's price-driven energy has reached the owner's maximum
 
 
 @dataclass(frozen=True)
 class DispatchAnswer:
-    """Exactly one per request: accepted, accepted with `cap_w`, or rejected with `reason`."""
+    """Exactly one per request (and per `PriceInterval`, `request_id` its id): accepted,
+    accepted with `cap_w`, or rejected with `reason`."""
 
     request_id: str
     at: float

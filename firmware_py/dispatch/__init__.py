@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from firmware_py.core.telemetry import Telemetry
-from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, SiteLimit
+from firmware_py.core.types import DispatchAnswer, DispatchCancel, DispatchRequest, PriceInterval, SiteLimit
 from firmware_py.journal.kinds import RecordKind
 
 __all__ = ["DispatchSink", "DispatchSource", "Telemetry"]
@@ -18,8 +18,8 @@ __all__ = ["DispatchSink", "DispatchSource", "Telemetry"]
 class DispatchSink(Protocol):
     """The gateway as seen by a dispatch source."""
 
-    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
-        """Hand a request (answered), a cancel or a site limit (None) to the core."""
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit | PriceInterval) -> DispatchAnswer | None:
+        """Hand a request or a published price (answered), a cancel or a site limit (None) to the core."""
 
     def telemetry(self) -> Telemetry:
         """The newest state, for reports and SunSpec reads."""

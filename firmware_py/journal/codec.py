@@ -38,6 +38,7 @@ JOURNALED: tuple[type, ...] = (
     core.InstallerReset,
     core.Stall,
     core.SiteLimit,
+    core.PriceInterval,
 )
 """The dataclasses `Journal.append_event` accepts; kind = `RecordKind.of(event)`, the class name."""
 

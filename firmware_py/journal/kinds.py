@@ -27,6 +27,7 @@ class RecordKind(StrEnum):
     INSTALLER_RESET = "InstallerReset"
     STALL = "Stall"
     SITE_LIMIT = "SiteLimit"
+    PRICE_INTERVAL = "PriceInterval"  # a published price (answered like a request: DispatchAnswer, same id)
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"

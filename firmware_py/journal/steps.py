@@ -36,7 +36,8 @@ BATCH_STEPS = 600
 
 STEP_INPUTS: dict[str, type] = {cls.__name__: cls for cls in (
     core.BmsSnapshot, core.InverterStatus, core.DispatchRequest, core.DispatchCancel, core.OwnerSettings,
-    core.InstallerReset, core.JournalHealth, core.Tick, core.Stall, core.SiteLimit)}
+    core.InstallerReset, core.JournalHealth, core.Tick, core.Stall, core.SiteLimit, core.PriceInterval,
+    core.CalendarDay)}
 _BMS_KEPT = ("received_at", *DECISION_BMS_FIELDS)
 
 Step = tuple[float, tuple[Any, ...]]

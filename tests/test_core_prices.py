@@ -1,0 +1,267 @@
+"""Price-responsive mode in the pure core: one answer per published price, discharge above the
+owner's threshold under every rule a request obeys, aggregator precedence, and a daily budget
+that the billed energy stops at."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from core_builders import POLICY, bms, discharge, inverter, ready
+from firmware_py.core import Controller, Mode, step
+from firmware_py.core.prices import BUDGET_SPENT_END, budget_left_wh
+from firmware_py.core.types import (
+    CalendarDay,
+    DispatchAnswer,
+    DispatchEnded,
+    EventEnergy,
+    OwnerSettings,
+    PriceInterval,
+    PriceKind,
+    ReasonCode,
+    Verdict,
+)
+
+HOUR = 3600.0
+
+
+def owner(threshold: float | None = 0.30, budget_wh: float = 5_000.0, **changes) -> OwnerSettings:
+    return OwnerSettings(reserve_pct=40, received_at=0.0, price_threshold_per_kwh=threshold,
+                         price_max_wh_per_day=budget_wh, **changes)
+
+
+def price(id: str = "p1", per_kwh: float = 0.42, start: float = 0.0, end: float = HOUR, t: float = 0.0,
+          **changes) -> PriceInterval:
+    base = PriceInterval(id, "oadr3", "tou", PriceKind.EXPORT_PRICE, per_kwh, start, end, received_at=t)
+    return replace(base, **changes)
+
+
+def priced(settings: OwnerSettings, t: float = 0.0, soc: float = 80.0) -> Controller:
+    c = ready(t, soc)
+    return step(c, [replace(settings, received_at=t), CalendarDay(t, "2026-12-02")], t).controller
+
+
+def answer_of(result, id: str) -> DispatchAnswer:
+    found = result.answer_for(id)
+    assert found is not None, f"no answer for {id}"
+    return found
+
+
+class Run:
+    """Steps the core the way a healthy gateway does, with an inverter that follows its setpoint
+    exactly and a meter (TotWhInj) that counts what it delivers."""
+
+    def __init__(self, c: Controller, t: float = 0.0, soc: float = 80.0):
+        self.c, self.t, self.soc = c, t, soc
+        self.meter_wh, self.applied_w = 0.0, 0.0
+        self.events: list = []
+
+    def feed(self, *inputs) -> object:
+        result = step(self.c, list(inputs), self.t)
+        self.c, self.applied_w = result.controller, result.command.setpoint_w
+        self.events += result.events
+        return result
+
+    def run(self, seconds: float, dt: float = 1.0) -> None:
+        for _ in range(round(seconds / dt)):
+            self.meter_wh += max(0.0, self.applied_w) * dt / HOUR
+            self.t += dt
+            self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w, tot_wh_inj=self.meter_wh))
+
+    def ended(self, id: str) -> DispatchEnded | None:
+        return next((e for e in self.events if isinstance(e, DispatchEnded) and e.request_id == id), None)
+
+    def final(self, id: str) -> EventEnergy | None:
+        return next((e for e in self.events if isinstance(e, EventEnergy) and e.request_id == id and e.final), None)
+
+
+# ---------------------------------------------------------------- the answer
+
+
+def test_a_price_above_the_threshold_is_accepted_and_discharged_for():
+    run = Run(priced(owner()))
+    reply = answer_of(run.feed(price()), "p1")
+    assert reply.verdict is Verdict.ACCEPTED
+    assert "0.42 per kWh meets the threshold 0.3" in reply.detail and "5000 Wh" in reply.detail
+    run.run(10)
+    assert run.c.mode is Mode.DISCHARGE and run.c.serving_id == "p1"
+    assert run.applied_w == POLICY.max_discharge_w  # no price power set: as much as the limits allow
+    assert run.c.reason.startswith("price p1: 0.42 per kWh")
+
+
+def test_a_price_below_the_threshold_is_refused_and_nothing_moves():
+    run = Run(priced(owner(threshold=0.50)))
+    reply = answer_of(run.feed(price()), "p1")
+    assert (reply.verdict, reply.reason) == (Verdict.REJECTED, ReasonCode.BELOW_THRESHOLD)
+    assert "0.42 per kWh is below the owner's threshold 0.5" in reply.detail
+    run.run(10)
+    assert run.c.mode is Mode.STANDBY and run.applied_w == 0
+
+
+def test_the_threshold_itself_counts_as_crossed():
+    run = Run(priced(owner(threshold=0.42)))
+    assert answer_of(run.feed(price()), "p1").verdict is Verdict.ACCEPTED
+
+
+def test_mode_off_and_the_other_kind_are_refused_with_their_own_reasons():
+    off = Run(priced(owner(threshold=None)))
+    assert answer_of(off.feed(price()), "p1").reason is ReasonCode.PRICE_MODE_OFF
+    no_budget = Run(priced(owner(budget_wh=0)))
+    assert answer_of(no_budget.feed(price()), "p1").reason is ReasonCode.PRICE_MODE_OFF
+    import_price = Run(priced(owner()))
+    reply = answer_of(import_price.feed(price(kind=PriceKind.PRICE)), "p1")
+    assert reply.reason is ReasonCode.PRICE_KIND and "EXPORT_PRICE, not PRICE" in reply.detail
+    follows_import = Run(priced(owner(price_kind=PriceKind.PRICE)))
+    assert answer_of(follows_import.feed(price(kind=PriceKind.PRICE)), "p1").verdict is Verdict.ACCEPTED
+
+
+def test_the_owner_price_power_is_the_target():
+    run = Run(priced(owner(price_power_w=4_000)))
+    run.feed(price())
+    run.run(10)
+    assert run.applied_w == 4_000
+
+
+def test_malformed_expired_and_reused_ids_are_refused():
+    run = Run(priced(owner()))
+    assert answer_of(run.feed(price("bad", per_kwh=math.nan)), "bad").reason is ReasonCode.INVALID
+    assert answer_of(run.feed(price("back", start=10, end=5)), "back").reason is ReasonCode.INVALID
+    assert answer_of(run.feed(price(" ")), " ").reason is ReasonCode.INVALID
+    run.t = 2 * HOUR
+    assert answer_of(run.feed(price("old")), "old").reason is ReasonCode.EXPIRED
+    run.feed(discharge("d1", run.t, run.t, run.t + 60))
+    reply = answer_of(run.feed(price("d1", start=run.t, end=run.t + HOUR, t=run.t)), "d1")
+    assert reply.reason is ReasonCode.DUPLICATE and "dispatch request" in reply.detail
+    run.feed(price("p9", start=run.t, end=run.t + HOUR, t=run.t))
+    reply = answer_of(run.feed(discharge("p9", run.t, run.t, run.t + 60)), "p9")
+    assert reply.reason is ReasonCode.DUPLICATE and "published price" in reply.detail
+
+
+def test_the_same_price_again_gets_the_same_answer_and_other_content_is_refused():
+    run = Run(priced(owner()))
+    first = answer_of(run.feed(price()), "p1")
+    run.run(5)
+    again = answer_of(run.feed(price(t=run.t)), "p1")
+    assert (again.verdict, again.detail) == (first.verdict, first.detail)
+    changed = answer_of(run.feed(price(per_kwh=0.10, t=run.t)), "p1")
+    assert changed.reason is ReasonCode.DUPLICATE
+
+
+def test_a_revision_below_the_threshold_ends_the_event_with_its_energy():
+    run = Run(priced(owner()))
+    run.feed(price())
+    run.run(60)
+    reply = answer_of(run.feed(price(per_kwh=0.10, revision=1, t=run.t)), "p1")
+    assert reply.reason is ReasonCode.BELOW_THRESHOLD
+    assert "revision 1 refused" in run.ended("p1").reason
+    assert run.final("p1").meter_wh > 0
+    run.run(5)
+    assert run.applied_w == 0
+
+
+def test_floor_storm_watch_opt_out_and_faults_govern_a_price_like_a_request():
+    near_floor = Run(priced(owner(), soc=42.05))  # floor 42 %: 58 Wh above it, 58 W for the hour
+    assert answer_of(near_floor.feed(price()), "p1").reason is ReasonCode.INSUFFICIENT_ENERGY
+    storm = Run(priced(owner(storm_watch_floor_pct=79.9, storm_watch_until=10 * HOUR)))
+    assert answer_of(storm.feed(price()), "p1").reason is ReasonCode.STORM_WATCH
+    opted = Run(priced(owner(opt_out_until=math.inf)))
+    assert answer_of(opted.feed(price()), "p1").reason is ReasonCode.OPTED_OUT
+    stale = Run(priced(owner()))
+    stale.t = 30.0  # no data for 30 s
+    assert answer_of(stale.feed(price(t=30.0)), "p1").reason is ReasonCode.NO_DATA
+
+
+def test_the_reserve_ends_a_price_event_like_any_other():
+    run = Run(priced(owner(budget_wh=50_000)), soc=43.0)
+    assert answer_of(run.feed(price()), "p1").verdict is not Verdict.REJECTED
+    for _ in range(200):
+        run.run(5)
+        run.soc -= max(0.0, run.applied_w) * 5 / HOUR / POLICY.usable_capacity_wh * 100
+        assert run.soc > 42.0 - 1e-9
+    assert run.applied_w < 1.0  # the floor's envelope has ramped it down to almost nothing
+
+
+# ---------------------------------------------------------------- what the price yields to
+
+
+def test_an_aggregator_request_takes_precedence_and_the_price_resumes_after_it():
+    run = Run(priced(owner()))
+    run.feed(price())
+    run.run(10)
+    run.feed(discharge("agg", run.t, run.t, run.t + 30, target=3_000))
+    run.run(5)
+    assert run.c.serving_id == "agg" and run.applied_w == 3_000
+    run.run(40)
+    assert run.c.serving_id == "p1" and run.applied_w == POLICY.max_discharge_w
+    assert run.ended("p1") is None  # it waited, it did not end
+
+
+def test_a_price_published_during_a_request_waits_for_it():
+    run = Run(priced(owner()))
+    run.feed(discharge("agg", 0.0, 0.0, 60, target=2_000))
+    run.feed(price(t=0.0))
+    run.run(10)
+    assert run.c.serving_id == "agg" and run.applied_w == 2_000
+
+
+def test_turning_price_mode_off_or_raising_the_threshold_ends_the_event():
+    for change in ({"price_threshold_per_kwh": None}, {"price_threshold_per_kwh": 0.9},
+                   {"price_kind": PriceKind.PRICE}):
+        run = Run(priced(owner()))
+        run.feed(price())
+        run.run(10)
+        run.feed(replace(run.c.owner, received_at=run.t, **change))
+        assert run.ended("p1").reason.startswith("owner's price settings")
+        run.run(2)
+        assert run.applied_w == 0 and run.c.mode is Mode.STANDBY
+
+
+# ---------------------------------------------------------------- the daily budget
+
+
+def test_the_budget_stops_discharge_mid_interval_at_the_budget():
+    run = Run(priced(owner(budget_wh=100)))  # 100 Wh at 11.5 kW: about 31 s
+    run.feed(price())
+    run.run(120, dt=0.1)
+    ended = run.ended("p1")
+    assert ended is not None and ended.reason.startswith(BUDGET_SPENT_END)
+    assert 99.0 <= run.final("p1").meter_wh <= 100.0 + 1e-6
+    assert run.c.price_day_wh <= 100.0 + 1e-6
+    assert run.applied_w == 0 and run.c.mode is Mode.STANDBY
+    late = answer_of(run.feed(price("p2", start=run.t, end=run.t + HOUR, t=run.t)), "p2")
+    assert late.reason is ReasonCode.BUDGET_SPENT and "maximum is 100 Wh" in late.detail
+
+
+def test_the_budget_is_shared_by_the_day_and_renewed_by_the_next():
+    run = Run(priced(owner(budget_wh=200)))
+    run.feed(price("p1", end=60))
+    run.run(70)
+    spent_first = run.c.price_day_wh
+    assert 150 < spent_first < 200
+    run.feed(price("p2", start=run.t, end=run.t + HOUR, t=run.t))
+    run.run(60, dt=0.1)
+    assert run.ended("p2").reason.startswith(BUDGET_SPENT_END)
+    assert run.c.price_day_wh <= 200 + 1e-6
+    run.feed(CalendarDay(run.t, "2026-12-03"))
+    assert run.c.price_day_wh == 0
+    reply = answer_of(run.feed(price("p3", start=run.t, end=run.t + HOUR, t=run.t)), "p3")
+    assert reply.verdict is Verdict.ACCEPTED
+
+
+def test_a_restart_does_not_grant_the_day_again():
+    run = Run(priced(owner(budget_wh=500)))
+    run.feed(CalendarDay(0.0, "2026-12-02", spent_wh=500))
+    assert answer_of(run.feed(price()), "p1").reason is ReasonCode.BUDGET_SPENT
+    assert budget_left_wh(run.c, run.t) == 0
+
+
+def test_a_later_interval_is_not_refused_for_today_budget():
+    run = Run(priced(owner(budget_wh=500)))
+    run.feed(CalendarDay(0.0, "2026-12-02", spent_wh=500))
+    assert answer_of(run.feed(price(start=20 * HOUR, end=21 * HOUR)), "p1").verdict is Verdict.ACCEPTED
+
+
+def test_nonsense_owner_price_settings_are_read_safely():
+    c = priced(OwnerSettings(40, 0.0, price_threshold_per_kwh=math.nan, price_max_wh_per_day=-5,
+                             price_power_w=math.inf))
+    assert not c.owner.price_mode and c.owner.price_power_w is None and c.owner.price_max_wh_per_day == 0
