@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
 from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.prices import BUDGET_SPENT_END, budget_left_wh
@@ -265,3 +269,114 @@ def test_nonsense_owner_price_settings_are_read_safely():
     c = priced(OwnerSettings(40, 0.0, price_threshold_per_kwh=math.nan, price_max_wh_per_day=-5,
                              price_power_w=math.inf))
     assert not c.owner.price_mode and c.owner.price_power_w is None and c.owner.price_max_wh_per_day == 0
+
+
+# ---------------------------------------------------------------- properties
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("price"), st.sampled_from([0.1, 0.3, 0.5, 2.0]), st.floats(-30, 20), st.floats(10, 3 * HOUR),
+              st.sampled_from([PriceKind.EXPORT_PRICE, PriceKind.EXPORT_PRICE, PriceKind.PRICE])),
+    st.tuples(st.just("aggregator"), st.floats(500, 15_000), st.floats(5, 600)),
+    st.tuples(st.just("owner"), st.sampled_from([None, 0.0, 0.3, 0.3, 1.0]), st.sampled_from([0.0, 2.0, 80.0, 80.0, 400.0]),
+              st.none() | st.floats(100, 15_000)),
+    st.tuples(st.just("day"),),
+    st.tuples(st.just("run"), st.integers(1, 120), st.sampled_from([0.05, 0.1, 0.5, 1.0, 3.0])),
+)
+
+
+class PricedWorld:
+    """A pack whose true SoC falls with what the inverter sends, a BMS that reports it a little low,
+    an inverter that follows the setpoint (until its revert timer runs out) and a meter that counts
+    exactly what it delivered."""
+
+    def __init__(self, soc: float, reserve: float, ramp: float, horizon: float, dcl: float, rating: float):
+        self.policy = replace(POLICY, reserve_pct=reserve, ramp_w_per_s=ramp, command_horizon_s=horizon)
+        self.soc, self.dcl, self.rating = soc, dcl, rating
+        self.t, self.meter_wh, self.applied_w, self.ids, self.day = 0.0, 0.0, 0.0, 0, 0
+        self.c = Controller.start(self.policy, owner(threshold=0.3, budget_wh=80.0), 0.0)
+        self.day_budget = self.c.owner.price_max_wh_per_day
+
+    def readings(self):
+        return (bms(self.t, max(0.0, self.soc - 0.05), soc_max_pct=min(100.0, self.soc + 0.05),
+                    max_discharge_w=self.dcl),
+                inverter(self.t, measured_w=self.applied_w, tot_wh_inj=self.meter_wh, w_max_rtg=self.rating,
+                         w_discha_max_rtg=self.rating))
+
+    def feed(self, *inputs) -> None:
+        before = self.c.price_day_wh
+        result = step(self.c, [*self.readings(), *inputs], self.t)
+        self.c, self.applied_w = result.controller, result.command.setpoint_w
+        for price_input in (i for i in inputs if isinstance(i, PriceInterval)):
+            assert result.answer_for(price_input.id) is not None, "a price without an answer"
+        self.day_budget = max(self.day_budget, self.c.owner.price_max_wh_per_day)
+        if self.c.price_day_wh > before:
+            assert self.c.price_day_wh <= self.day_budget * (1 + 1e-9) + 1e-6, "the daily budget was overrun"
+        w = self.applied_w
+        assert w <= min(self.dcl, self.rating, self.policy.max_discharge_w) + 1e-6, "above a power limit"
+        serving = self.c.book.find(self.c.serving_id) if self.c.serving_id else None
+        for ended in (e for e in result.events if isinstance(e, DispatchEnded) and e.request_id.startswith("p")):
+            event(f"price event ended: {ended.reason.split(' (')[0].split(':')[0]}")
+        if w > 0 and serving is not None and serving.price_driven:
+            event("discharging for a price")
+            assert serving.target_w >= w - 1e-6 and serving.price.price_per_kwh >= self.c.owner.price_threshold_per_kwh
+
+    def run(self, seconds: float, dt: float) -> None:
+        for _ in range(max(1, round(seconds / dt))):
+            floor = self.c.floor_pct(self.t)
+            above = self.soc >= floor
+            running = min(dt, self.policy.command_horizon_s)  # unrefreshed, the inverter reverts to 0 W
+            self.meter_wh += max(0.0, self.applied_w) * running / HOUR
+            self.soc -= self.applied_w / 0.96 * running / HOUR / self.policy.usable_capacity_wh * 100
+            self.applied_w = self.applied_w if dt <= self.policy.command_horizon_s else 0.0
+            self.t += dt
+            if above:
+                assert self.soc >= floor - 1e-9, f"SoC {self.soc} crossed the floor {floor}"
+            self.feed()
+
+    def act(self, action) -> None:
+        match action:
+            case ("price", per_kwh, start, duration, kind):
+                self.ids += 1
+                self.feed(PriceInterval(f"p{self.ids}", "oadr3", "tou", kind, per_kwh, self.t + start,
+                                        self.t + start + duration, self.t))
+            case ("aggregator", power, duration):
+                self.ids += 1
+                self.feed(discharge(f"a{self.ids}", self.t, self.t, self.t + duration, target=power))
+            case ("owner", threshold, budget, power):
+                self.feed(replace(self.c.owner, received_at=self.t, price_threshold_per_kwh=threshold,
+                                  price_max_wh_per_day=budget, price_power_w=power))
+            case ("day",):
+                self.day += 1
+                self.day_budget = self.c.owner.price_max_wh_per_day
+                self.feed(CalendarDay(self.t, f"day {self.day}"))
+            case ("run", seconds, dt):
+                self.run(seconds, dt)
+
+
+def check_world(actions, above, reserve, ramp, horizon, dcl, rating) -> None:
+    world = PricedWorld(min(100.0, reserve + 2 + above), reserve, ramp, horizon, dcl, rating)
+    world.run(1, 0.1)
+    for action in actions:
+        world.act(action)
+    world.run(30, 0.5)
+
+
+WORLDS = given(actions=st.lists(ACTIONS, min_size=1, max_size=15), above=st.floats(-1, 1) | st.floats(0.5, 40), reserve=st.floats(10, 80),
+       ramp=st.sampled_from([200.0, 2_000.0]), horizon=st.sampled_from([2.0, 10.0]),
+       dcl=st.sampled_from([11_500.0, 3_000.0]), rating=st.sampled_from([11_500.0, 7_600.0]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@WORLDS
+def test_with_prices_the_reserve_the_limits_and_the_daily_budget_hold(**world):
+    """Prices, aggregator requests, owner changes and new days in any order: the true SoC never
+    crosses the floor, no limit is passed, every price is answered, the day's billed price energy
+    stays within the budget (the fast tier's count; the slow tier explores many more)."""
+    check_world(**world)
+
+
+@pytest.mark.slow
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@WORLDS
+def test_with_prices_the_claims_hold_in_many_more_worlds(**world):
+    check_world(**world)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -22,9 +23,11 @@ from firmware_py.core import Controller, Mode, Policy, step
 from firmware_py.core.faults import FRESHNESS_FAULTS, bms_usable, inverter_usable
 from firmware_py.core.types import (
     BmsState,
+    CalendarDay,
     ContactorState,
     DispatchAnswer,
     DispatchCancel,
+    DispatchEnded,
     DispatchKind,
     DispatchRequest,
     FaultCleared,
@@ -33,6 +36,8 @@ from firmware_py.core.types import (
     InverterState,
     JournalHealth,
     OwnerSettings,
+    PriceInterval,
+    PriceKind,
     ReasonCode,
     SiteLimit,
     Stall,
@@ -49,15 +54,18 @@ QUICK_EXAMPLES = 100
 class GatewayWorld(RuleBasedStateMachine):
     @initialize(capacity=st.sampled_from([1_000.0, 5_000.0, 123_000.0]),
                 above=st.floats(-3, 6) | st.floats(-100, 100), reserve=st.floats(0, 90),
-                horizon=st.sampled_from([2.0, 10.0]), ramp=st.sampled_from([200.0, 2_000.0, 20_000.0]))
-    def start(self, capacity, above, reserve, horizon, ramp):
+                horizon=st.sampled_from([2.0, 10.0]), ramp=st.sampled_from([200.0, 2_000.0, 20_000.0]),
+                price_budget=st.sampled_from([None, 1.0, 20.0, 300.0, 1e5]))
+    def start(self, capacity, above, reserve, horizon, ramp, price_budget):
         """Start near the floor more often than not: that is where the reserve is tested."""
         soc = min(100.0, max(0.0, max(reserve, 10.0) + 2.0 + above))
         self.policy = Policy(usable_capacity_wh=capacity, reserve_pct=reserve, command_horizon_s=horizon,
                              ramp_w_per_s=ramp, fault_holdoff_s=3, lockout_faults=4, lockout_window_s=120)
         self.now = 0.0
         self.true_soc = soc
-        self.controller = Controller.start(self.policy)
+        owner = OwnerSettings(reserve, 0.0, price_threshold_per_kwh=None if price_budget is None else 0.25,
+                              price_max_wh_per_day=price_budget or 0.0)  # price mode on from the start, often
+        self.controller = Controller.start(self.policy, owner)
         self.applied_w = 0.0  # what the inverter is doing
         self.applied_at = 0.0  # when the gateway last commanded it
         self.dcl_w = 11_500.0
@@ -70,6 +78,10 @@ class GatewayWorld(RuleBasedStateMachine):
         self.last_present = {kind: -math.inf for kind in INJECTED}
         self.ids: list[str] = []
         self.results = []
+        self.meter_wh = 0.0  # the inverter's TotWhInj: every Wh it sent out, counted exactly
+        self.prices: dict[str, PriceInterval] = {}
+        self.day = 0
+        self.day_budget_wh = owner.price_max_wh_per_day  # the highest daily price budget in force since the day began
 
     # ---------------------------------------------------------------- the world
 
@@ -82,14 +94,17 @@ class GatewayWorld(RuleBasedStateMachine):
         running = min(dt, live_for)
         dc_w = self.applied_w / PACK_EFFICIENCY if self.applied_w > 0 else self.applied_w * PACK_EFFICIENCY
         self.true_soc = min(100.0, self.true_soc - dc_w * running / 3600 / self.policy.usable_capacity_wh * 100)
+        self.meter_wh += max(0.0, self.applied_w) * running / 3600
         self.now += dt
         if was_above:
             assert self.true_soc >= floor - 1e-9, (
                 f"true SoC {self.true_soc:.6f} crossed the floor {floor:.6f} at {self.applied_w:.1f} W")
 
     def feed(self, *inputs):
+        before_wh = self.controller.price_day_wh
         result = step(self.controller, list(inputs), self.now)
         self.controller = result.controller
+        self.check_prices(result, inputs, before_wh)
         self.applied_w, self.applied_at = result.command.setpoint_w, self.now
         self.results.append(result)
         event(f"mode {result.controller.mode.value}, {result.command.reason.split()[0]}")
@@ -125,7 +140,7 @@ class GatewayWorld(RuleBasedStateMachine):
             self.note_conditions()
             self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
                           max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
-                      inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
+                      inverter(self.now, measured_w=self.applied_w, tot_wh_inj=self.meter_wh, grid_outage=self.outage,
                                grid_connected=not self.outage, enter_service_s=self.entering_s))
 
     @rule(power=st.floats(500, 20_000), duration=st.floats(10, 4 * 3600), dt=st.floats(0.01, 0.4),
@@ -135,7 +150,7 @@ class GatewayWorld(RuleBasedStateMachine):
         self.ids.append(f"e{len(self.ids)}")
         self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
                       max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
-                  inverter(self.now, measured_w=self.applied_w, grid_outage=self.outage,
+                  inverter(self.now, measured_w=self.applied_w, tot_wh_inj=self.meter_wh, grid_outage=self.outage,
                            grid_connected=not self.outage, enter_service_s=self.entering_s),
                   DispatchRequest(self.ids[-1], "agg", DispatchKind.DISCHARGE, power, self.now, self.now + duration,
                                   received_at=self.now))
@@ -148,7 +163,8 @@ class GatewayWorld(RuleBasedStateMachine):
         self.entering_s = 0.0 if outage else entering
         self.note_conditions()
         self.feed(inverter(self.now, comms_ok=comms, error=None if comms else "timeout", grid_outage=outage,
-                           grid_connected=not outage, measured_w=self.applied_w, w_max_rtg=rating,
+                           grid_connected=not outage, measured_w=self.applied_w, tot_wh_inj=self.meter_wh,
+                           w_max_rtg=rating,
                            w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=self.entering_s,
                            inv_state=InverterState.FAULT if fault else InverterState.RUNNING))
 
@@ -197,6 +213,38 @@ class GatewayWorld(RuleBasedStateMachine):
         self.feed(OwnerSettings(owner.reserve_pct, self.now, owner.opt_out_until, owner.opt_out_events,
                                 owner.departure_at, owner.departure_soc_pct))
 
+    @rule(threshold=st.none() | st.sampled_from([0.0, 0.25, 0.5]), budget=st.sampled_from([0.0, 1.0, 50.0, 500.0, 1e5]),
+          power=st.none() | st.floats(0, 15_000), kind=st.sampled_from(list(PriceKind)))
+    def price_settings(self, threshold, budget, power, kind):
+        """The owner sets (or turns off) price-responsive mode, keeping every other wish."""
+        self.feed(replace(self.controller.owner, received_at=self.now, price_threshold_per_kwh=threshold,
+                          price_max_wh_per_day=budget, price_power_w=power, price_kind=kind))
+
+    @rule(per_kwh=st.sampled_from([0.1, 0.25, 0.4, 0.9]), start=st.floats(-10, 20),
+          duration=st.floats(60, 2 * 3600) | st.floats(1, 60) | st.floats(-5, 5),
+          kind=st.sampled_from(list(PriceKind) + [PriceKind.EXPORT_PRICE]),
+          reuse=st.booleans(), dt=st.floats(0.01, 0.4), steps=st.integers(1, 60), noise=st.floats(0, 1))
+    def publish_price(self, per_kwh, start, duration, kind, reuse, dt, steps, noise):
+        """A program publishes a price (a new interval, or a revision of the last), then normal life."""
+        last = self.prices.get(f"p{len(self.prices) - 1}")
+        pid = last.id if reuse and last is not None else f"p{len(self.prices)}"
+        revision = last.revision + 1 if reuse and last is not None else 0
+        self.prices[pid] = PriceInterval(pid, "oadr3", "tou", kind, per_kwh, self.now + start,
+                                         self.now + start + duration, self.now, revision)
+        self.feed(bms(self.now, max(0.0, self.true_soc - noise), soc_max_pct=min(100.0, self.true_soc + noise),
+                      max_discharge_w=self.dcl_w, max_charge_w=self.dcl_w),
+                  inverter(self.now, measured_w=self.applied_w, tot_wh_inj=self.meter_wh, grid_outage=self.outage,
+                           grid_connected=not self.outage, enter_service_s=self.entering_s),
+                  self.prices[pid])
+        self.healthy_run(dt, noise, 1.0, steps)
+
+    @rule()
+    def next_day(self):
+        """The runtime says the date changed: a new daily budget."""
+        self.day += 1
+        self.day_budget_wh = 0.0
+        self.feed(CalendarDay(self.now, f"2026-12-{self.day + 1:02d}"))
+
     @rule(ok=st.sampled_from([True, True, False]))
     def journal(self, ok):
         """The runtime reports whether the journal took its last write."""
@@ -227,6 +275,29 @@ class GatewayWorld(RuleBasedStateMachine):
                 self.last_present[kind] = self.now
 
     # ---------------------------------------------------------------- the claims
+
+    def check_prices(self, result, inputs, before_wh):
+        """One answer per published price; price-driven discharge only as the owner's settings and
+        the aggregator's precedence allow; the day's billed price energy within its budget."""
+        c = result.controller
+        for price in (i for i in inputs if isinstance(i, PriceInterval)):
+            answered = result.answer_for(price.id)
+            assert answered is not None, f"price {price.id} got no answer"
+            event(f"price answered {answered.verdict.value} {answered.reason.value if answered.reason else ''}")
+        self.day_budget_wh = max(self.day_budget_wh, c.owner.price_max_wh_per_day)
+        if c.price_day_wh > before_wh:
+            assert c.price_day_wh <= self.day_budget_wh * (1 + 1e-9) + 1e-6, (
+                f"{c.price_day_wh:.6f} Wh of price-driven energy today, budget {self.day_budget_wh} Wh")
+        for ended in (e for e in result.events if isinstance(e, DispatchEnded) and e.request_id in self.prices):
+            event(f"price event ended: {ended.reason.split('(')[0].split(':')[0]}")
+        serving = c.book.find(c.serving_id) if c.serving_id else None
+        if serving is not None and serving.price_driven and result.command.setpoint_w > 0:
+            event("discharging for a price")
+            owner, price = c.owner, serving.price
+            assert owner.price_mode and price.kind is owner.price_kind, "price discharge with the mode off"
+            assert price.price_per_kwh >= owner.price_threshold_per_kwh, "price discharge below the threshold"
+            assert all(e.price_driven for e in c.book.live() if e.in_window(self.now)), \
+                "price discharge while an aggregator's request is in its window"
 
     def check(self, result):
         c, w = result.controller, result.command.setpoint_w
