@@ -44,9 +44,11 @@ def account(c: Controller, new: InverterStatus) -> Controller:
     meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
     if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
+    before = max(entry.meter_wh, entry.integrated_wh)
     entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
-    if entry.price_driven:  # the owner's daily budget counts the larger of the two: it must not be overrun
-        return c.evolve(book=c.book.replace(entry), price_day_wh=c.price_day_wh + max(meter, integrated))
+    if entry.price_driven:  # the owner's daily budget counts the larger of the two totals: it must not be overrun
+        grown = max(entry.meter_wh, entry.integrated_wh) - before
+        return c.evolve(book=c.book.replace(entry), price_day_wh=c.price_day_wh + max(0.0, grown))
     return c.evolve(book=c.book.replace(entry))
 
 

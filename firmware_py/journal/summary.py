@@ -18,14 +18,14 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from firmware_py.core.types import DispatchAnswer, ReasonCode, Verdict
+from firmware_py.core.types import DispatchAnswer, DispatchKind, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.owner_log import describe as describe_owner_change
 from firmware_py.journal.store import Record
 
-EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL,
-                         RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
+EVENT_KINDS = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,
+                         RecordKind.DISPATCH_CANCEL, RecordKind.DISPATCH_ENDED, RecordKind.EVENT_ENERGY})
 WINDOW_KINDS = frozenset({RecordKind.TRANSITION, RecordKind.FAULT_RAISED, RecordKind.FAULT_CLEARED,
                           RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET, RecordKind.STALL,
                           RecordKind.RESYNCED, RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED})
@@ -45,6 +45,11 @@ class EventSummary:
     """One dispatch event as the journal tells it. None = the journal holds no such record.
 
     Times (`received_at`, `start`, `end`, `ended_at`) are wall time, as people read them.
+
+    A price-driven event (price-responsive mode) comes from a `PriceInterval` record
+    instead of a request: `price_per_kwh` and `price_kind` are the published price it
+    discharged for (the latest revision the gateway accepted; a refused one shows the
+    price first published), None for every other event.
 
     `discrepancy_pct` = (meter - integrated) / meter x 100: how far the billed
     meter and the power integral disagree; None when the meter shows 0 Wh but
@@ -70,6 +75,8 @@ class EventSummary:
     final: bool = False
     discrepancy_pct: float | None = 0.0
     timeline: list[TimelineEntry] = field(default_factory=list)
+    price_per_kwh: float | None = None
+    price_kind: str | None = None
 
     @property
     def ran(self) -> bool:
@@ -85,6 +92,7 @@ class _Window:
     start: float | None = None
     end: float | None = None
     ended_at: float | None = None
+    offered: tuple[float | None, str | None] | None = None  # a price event: the price its last record published
 
 
 class RecordSource(Protocol):
@@ -155,9 +163,19 @@ def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
         window.start, window.end = _num(p.get("start")), _num(p.get("end"))
         summary.received_at, summary.start, summary.end = (
             _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
+    elif record.kind == RecordKind.PRICE_INTERVAL:
+        summary.source, summary.kind, summary.revision = p.get("source"), DispatchKind.DISCHARGE.value, p.get("revision")
+        window.offered = (_num(p.get("price_per_kwh")), p.get("kind"))
+        if summary.price_per_kwh is None:
+            summary.price_per_kwh, summary.price_kind = window.offered
+        window.start, window.end = _num(p.get("start")), _num(p.get("end"))
+        summary.received_at, summary.start, summary.end = (
+            _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered: keep the real answer.
         if p.get("reason") != ReasonCode.DUPLICATE or summary.verdict is None:
+            if window.offered is not None and p.get("verdict") in SERVED:  # the price it now discharges for
+                summary.price_per_kwh, summary.price_kind = window.offered
             summary.verdict, summary.cap_w = p.get("verdict"), _num(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
@@ -209,6 +227,9 @@ def describe(record: Record) -> str:
     match record.kind:
         case RecordKind.DISPATCH_REQUEST:
             return f"request {p.get('kind')} {_w(p.get('target_w'))} from {p.get('source')} (rev {p.get('revision')})"
+        case RecordKind.PRICE_INTERVAL:
+            return (f"price {p.get('kind')} {p.get('price_per_kwh')} per kWh from {p.get('source')}"
+                    f" (program {p.get('program')}, rev {p.get('revision')})")
         case RecordKind.DISPATCH_ANSWER:
             return _answer_text(record)
         case RecordKind.DISPATCH_CANCEL:

@@ -16,7 +16,9 @@ Definitions (docs/command-line.md, "statement"):
   from the event's start to its end times the usable capacity (net drop, not the
   sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
-- credit = credited kWh x credit_per_kwh; wear_cost = throughput kWh x
+- credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
+  mode), one per published interval: credited kWh x the interval's published price;
+  wear_cost = throughput kWh x
   wear_cost_per_kwh; net = credit - wear_cost (money rounded to cents per event;
   totals are sums of the rounded amounts, so a statement adds up on paper).
 """
@@ -197,7 +199,8 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     credited = min(delivered, max(0.0, delivered - outage)) if discharge else 0.0
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
-    credit = _money(credited / 1000 * terms.credit_per_kwh)
+    rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
+    credit = _money(credited / 1000 * rate)
     wear = _money(throughput / 1000 * terms.wear_cost_per_kwh)
     return {
         "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": summary.target_w,
@@ -219,6 +222,9 @@ def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: b
           energy: EnergyRecords) -> list[str]:
     """What a reader must know to trust (or dispute) the line's figures."""
     said: list[str] = []
+    if summary.price_per_kwh is not None:
+        said.append(f"price-driven: credited at the published {summary.price_kind} of {summary.price_per_kwh:g} "
+                    f"per kWh, not the program's credit_per_kwh")
     if status is EventStatus.REFUSED:
         said.append(f"refused {summary.reason or ''}: {summary.detail}".replace(" :", ":").rstrip(": "))
     elif summary.verdict == Verdict.CAPPED.value and summary.cap_w is not None:

@@ -1,0 +1,132 @@
+"""Price-responsive mode through the real gateway: published prices submitted to `Gateway.submit`
+on the in-process bench (a real virtual CAN bus and BMS node, the simulated inverter behind a real
+Modbus TCP server, a real SQLite journal), then the journal, a replay and a statement read back.
+
+One run shows both cases and the budget: a price below the owner's threshold (refused, 0 W), then
+one above it (discharged for) until the day's budget is spent, well before its interval ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_bench import replayed_and_journaled
+from test_statements import make
+
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchRequest,
+    PriceInterval,
+    PriceKind,
+    ReasonCode,
+    Verdict,
+)
+from firmware_py.gateway import Gateway
+from firmware_py.journal import Journal, RecordKind
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Simulation, SimulationOptions
+
+THRESHOLD = 0.30
+BUDGET_WH = 60.0  # at 11.5 kW: about 20 s of discharge, then the budget's ramp-down
+LOW = PriceInterval("tou/low", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.20, 5.0, 30.0, received_at=2.0)
+HIGH = PriceInterval("tou/high", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.55, 30.0, 150.0, received_at=28.0)
+
+
+class PricePublisher:
+    """A program that publishes prices: the owner's price settings at the start, then each interval
+    handed to `Gateway.submit` at its time, as the OpenADR 3 VEN hands them over. It records what
+    the gateway commanded at every bench step."""
+
+    def __init__(self, prices: list[PriceInterval]):
+        self.prices = sorted(prices, key=lambda p: p.received_at)
+        self.answers: dict[str, DispatchAnswer | None] = {}
+        self.setpoints: list[tuple[float, float]] = []
+
+    async def start(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        await gateway.set_owner(replace(gateway.owner_settings(), received_at=gateway.now(),
+                                        price_threshold_per_kwh=THRESHOLD, price_max_wh_per_day=BUDGET_WH))
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
+        return await self.gateway.submit(request)
+
+    async def cancel(self, event_id: str) -> None:
+        raise AssertionError("this program cancels nothing")
+
+    async def step(self, t: float) -> None:
+        while self.prices and self.prices[0].received_at <= t + 1e-9:
+            price = self.prices.pop(0)
+            self.answers[price.id] = await self.gateway.submit(replace(price, received_at=t))
+        self.setpoints.append((t, self.gateway.command.setpoint_w))
+
+    async def stop(self) -> None:
+        pass
+
+    def commanded(self, lo: float, hi: float) -> list[float]:
+        return [w for t, w in self.setpoints if lo <= t < hi]
+
+
+@pytest.fixture(scope="module")
+def priced_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prices")
+    path = folder / "scenario.toml"
+    path.write_text('[run]\nduration_s = 160\nstep_s = 0.2\n[vehicle]\ninitial_soc_pct = 80\n[owner]\nreserve_pct = 30\n')
+    publisher = PricePublisher([LOW, HIGH])
+    journal = folder / "journal.sqlite"
+    asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal, aggregator=publisher)).run())
+    return publisher, journal, folder
+
+
+def records(journal: Path, kind: RecordKind) -> list[dict]:
+    with Journal.open(journal, readonly=True) as opened:
+        return [r.payload for r in opened.records(kind)]
+
+
+def test_a_price_below_the_threshold_is_refused_and_the_truck_stays_at_zero(priced_run):
+    publisher, _, _ = priced_run
+    low = publisher.answers[LOW.id]
+    assert (low.verdict, low.reason) == (Verdict.REJECTED, ReasonCode.BELOW_THRESHOLD)
+    assert "0.2 per kWh is below the owner's threshold 0.3" in low.detail
+    assert set(publisher.commanded(LOW.start, LOW.end)) == {0.0}
+
+
+def test_a_price_above_the_threshold_discharges_until_the_day_budget_is_spent(priced_run):
+    publisher, journal, _ = priced_run
+    high = publisher.answers[HIGH.id]
+    assert high.verdict is Verdict.ACCEPTED and "0.55 per kWh meets the threshold 0.3" in high.detail
+    assert max(publisher.commanded(HIGH.start, HIGH.start + 20)) == 11_500
+    (ended,) = [e for e in records(journal, RecordKind.DISPATCH_ENDED) if e["request_id"] == HIGH.id]
+    assert ended["reason"].startswith("daily price budget spent")
+    final = [e for e in records(journal, RecordKind.EVENT_ENERGY) if e["request_id"] == HIGH.id and e["final"]][-1]
+    assert BUDGET_WH - 5 <= final["meter_wh"] <= BUDGET_WH + 1.0  # the meter counts whole Wh
+    stopped_at = max(t for t, w in publisher.setpoints if w > 0)
+    assert stopped_at < HIGH.end - 30  # mid-interval: the budget, not the interval, ended it
+    assert set(publisher.commanded(stopped_at + 1, HIGH.end)) == {0.0}
+
+
+def test_the_journal_holds_each_price_and_its_one_answer_and_replays(priced_run):
+    _, journal, _ = priced_run
+    prices = records(journal, RecordKind.PRICE_INTERVAL)
+    assert [(p["id"], p["kind"], p["price_per_kwh"]) for p in prices] == [
+        (LOW.id, "EXPORT_PRICE", 0.20), (HIGH.id, "EXPORT_PRICE", 0.55)]
+    answers = [(a["request_id"], a["verdict"], a["reason"]) for a in records(journal, RecordKind.DISPATCH_ANSWER)]
+    assert answers == [(LOW.id, "rejected", "BELOW_THRESHOLD"), (HIGH.id, "accepted", None)]
+    steps, replayed, decided = replayed_and_journaled(journal)
+    assert steps > 700 and replayed == decided
+
+
+def test_the_statement_credits_the_price_event_at_its_published_price(priced_run, tmp_path):
+    _, journal, _ = priced_run
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[journal]\npath = "{journal}"\n[program]\nname = "Time of use"\ncurrency = "USD"\n'
+                      'credit_per_kwh = 1.0\nwear_cost_per_kwh = 0.0\n')
+    statement = make(journal, tmp_path / "s.json", config=config)
+    lines = {line["id"]: line for line in statement["events"]}
+    high, low = lines[HIGH.id], lines[LOW.id]
+    assert high["credited_wh"] > 0
+    assert high["credit"] == round(high["credited_wh"] / 1000 * 0.55, 2)  # not the program's 1.0 per kWh
+    assert any("published EXPORT_PRICE of 0.55 per kWh" in note for note in high["notes"])
+    assert low["status"] == "refused" and low["credit"] == 0
