@@ -75,9 +75,10 @@ def as_clocks(clock: Clocks | Clock) -> Clocks:
     return clock if isinstance(clock, Clocks) else Clocks.simulated(clock)
 
 
-def calendar_day(wall_s: float, tz: tzinfo | None = None) -> tuple[str, float]:
+def calendar_day(wall_s: float, tz: tzinfo | None = None) -> tuple[str, float, float]:
     """The date (ISO `YYYY-MM-DD`) at wall instant `wall_s` in `tz` (None: the gateway's local
-    time zone), and the wall instant the next date begins: what a daily budget counts by."""
+    time zone), and the wall instants it began and the next one begins: what a daily budget counts by."""
     moment = datetime.fromtimestamp(wall_s, tz).astimezone(tz)
+    began = datetime.combine(moment.date(), day_time(0), tzinfo=moment.tzinfo)
     following = datetime.combine(moment.date() + timedelta(days=1), day_time(0), tzinfo=moment.tzinfo)
-    return moment.date().isoformat(), following.timestamp()
+    return moment.date().isoformat(), began.timestamp(), following.timestamp()

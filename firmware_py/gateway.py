@@ -70,6 +70,7 @@ from firmware_py.core.types import (
     Stall,
     Tick,
 )
+from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind, codec
 from firmware_py.journal.steps import (
@@ -85,6 +86,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1
 JOURNALED_INPUTS = (DispatchRequest, DispatchCancel, OwnerSettings, InstallerReset, Stall, SiteLimit, PriceInterval)
+PRICE_LOOKBACK_S = 2 * 86_400.0
+"""How far before today's start a price may have been published for an event that ran today."""
 DAY_RECHECK_S = 3_600.0
 """How often the date is looked at again even before the next one is due (a stepped wall clock)."""
 MAINTAIN_RETRY_S = 60.0
@@ -124,8 +127,6 @@ class Gateway:
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
         self._day_due = -math.inf  # the core clock: when the date is next looked at
-        self.day_spent_wh: Callable[[str], float] = lambda date: 0.0
-        """What the journal says was spent on price-driven discharge on a date (set by the assembly)."""
 
     # ------------------------------------------------------------------ core
 
@@ -162,10 +163,28 @@ class Gateway:
 
     def _calendar_day(self, now: float) -> CalendarDay:
         """Which date it is, for the core's daily price budget, and when to look again."""
-        date, next_wall = calendar_day(self.clocks.to_wall(now))
+        date, began_wall, next_wall = calendar_day(self.clocks.to_wall(now))
         self._day_due = min(self.clocks.to_core(next_wall), now + DAY_RECHECK_S)
-        spent = self.day_spent_wh(date) if self.controller.day is None else 0.0  # after a start: the journal's count
+        spent = self._price_spent_since(began_wall) if self.controller.day is None else 0.0  # at a start
         return CalendarDay(now, date, spent)
+
+    def _price_spent_since(self, began_wall: float) -> float:
+        """Price-driven energy the journal holds since `began_wall` (this date's start), so a restart
+        does not grant the day's budget again: each price event's last energy record today, whole
+        (an event that began before midnight counts whole: the budget errs toward less discharge).
+        Read from the live journal segment, the window only."""
+        try:
+            ids = {r.payload.get("id") for r in self.journal.recent({RecordKind.PRICE_INTERVAL},
+                                                                    began_wall - PRICE_LOOKBACK_S)}
+            last: dict[str, float] = {}
+            for record in self.journal.recent({RecordKind.EVENT_ENERGY}, began_wall):
+                p = record.payload
+                if p.get("request_id") in ids:
+                    last[p["request_id"]] = max(float(p.get("meter_wh") or 0.0), float(p.get("integrated_wh") or 0.0))
+        except (InputError, OSError, TypeError, ValueError) as err:
+            log.warning("today's price-driven energy could not be read from the journal (%s): counting from 0", err)
+            return 0.0
+        return sum(last.values())
 
     def now(self) -> float:
         return self.clock()

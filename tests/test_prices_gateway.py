@@ -13,12 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from core_builders import bms, inverter
 from test_bench import replayed_and_journaled
 from test_statements import make
 
+from firmware_py.assembly import assemble
+from firmware_py.config import Config
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchRequest,
+    EventEnergy,
+    OwnerSettings,
     PriceInterval,
     PriceKind,
     ReasonCode,
@@ -130,3 +135,29 @@ def test_the_statement_credits_the_price_event_at_its_published_price(priced_run
     assert high["credit"] == round(high["credited_wh"] / 1000 * 0.55, 2)  # not the program's 1.0 per kWh
     assert any("published EXPORT_PRICE of 0.55 per kWh" in note for note in high["notes"])
     assert low["status"] == "refused" and low["credit"] == 0
+
+
+def test_a_restart_counts_what_the_journal_says_today_already_spent(tmp_path):
+    """The core has no memory across a restart: the gateway reads today's price-driven energy
+    back from the journal, so the owner's daily maximum is not granted twice."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:  # what the run before spent today, on one price event
+        journal.append_event(replace(HIGH, received_at=10.0), wall=10.0)
+        journal.append_event(DispatchAnswer.accepted(HIGH.id, 10.0), wall=10.0)
+        journal.append_event(EventEnergy(70.0, HIGH.id, 40.0, 41.5, True), wall=70.0)
+        journal.append_event(EventEnergy(80.0, "agg-1", 500.0, 500.0, True), wall=80.0)  # not price-driven
+    clock = [500.0]
+    owner = OwnerSettings(40, 0.0, price_threshold_per_kwh=THRESHOLD, price_max_wh_per_day=BUDGET_WH)
+    assembly = assemble(replace(Config(), journal=replace(Config().journal, path=str(path)),
+                                can=replace(Config().can, interface="virtual", channel=f"prices-{path}")),
+                        lambda: clock[0], owner=owner)
+    try:
+        gateway = assembly.gateway
+        gateway.feed(bms(500.0), inverter(500.0))
+        assert gateway.controller.price_day_wh == 41.5  # the larger of the event's meter and integrated
+        clock[0] = 501.0
+        later = PriceInterval("tou/later", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.9, 501.0, 900.0, 501.0)
+        answer = gateway.feed(bms(501.0), inverter(501.0), later).answer_for("tou/later")
+        assert answer.verdict is Verdict.ACCEPTED and f"{BUDGET_WH - 41.5:.0f} Wh of the day's" in answer.detail
+    finally:
+        assembly.close()
