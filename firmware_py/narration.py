@@ -71,6 +71,8 @@ class Narrator:
                 log.warning("lockout cleared by an installer reset: the gateway starts again")
             else:
                 log.info("fault cleared: %s", event.kind)
+        elif isinstance(event, DispatchAnswer) and (price := self._price(event.request_id, c)) is not None:
+            log.info("price %s: %s", price, describe(event))  # a price under the threshold is no trouble
         elif isinstance(event, DispatchAnswer):
             level = logging.WARNING if event.verdict is Verdict.REJECTED else logging.INFO
             log.log(level, "dispatch %s: %s", self._request(event.request_id, c), describe(event))
@@ -86,6 +88,15 @@ class Narrator:
             else:
                 log.warning("no fresh data %.0f s after the %.2f s stall: stale data faults as usual now",
                             event.waited_s, event.gap_s)
+
+    def _price(self, request_id: str, c: Controller) -> str | None:
+        """A published price in words, when `request_id` names one (None for a request)."""
+        entry = c.book.find(request_id)
+        if entry is None or entry.price is None:
+            return None
+        p = entry.price
+        return (f"{p.id} from {p.source} ({p.kind.value} {p.price_per_kwh:g} per kWh, {self._when(p.start)} to "
+                f"{self._when(p.end)}, rev {p.revision})")
 
     def _request(self, request_id: str, c: Controller) -> str:
         entry = c.book.find(request_id)
@@ -106,6 +117,9 @@ class Narrator:
             parts.append(f"departure {self._when(s.departure_at)} at {s.departure_soc_pct:g} %")
         if s.storm_watch_until is not None and s.storm_watch_floor_pct is not None:
             parts.append(f"storm watch {s.storm_watch_floor_pct:g} % until {self._when(s.storm_watch_until)}")
+        if s.price_mode:
+            parts.append(f"price mode {s.price_kind.value} >= {s.price_threshold_per_kwh:g} per kWh, "
+                         f"up to {s.price_max_wh_per_day:g} Wh a day")
         return ", ".join(parts)
 
     def _when(self, core_s: float) -> str:
@@ -121,7 +135,8 @@ class Narrator:
 def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:
     """A new wish, not merely the same settings received again."""
     keys = ("reserve_pct", "opt_out_until", "opt_out_events", "departure_at", "departure_soc_pct",
-            "storm_watch_floor_pct", "storm_watch_until")
+            "storm_watch_floor_pct", "storm_watch_until", "price_threshold_per_kwh", "price_max_wh_per_day",
+            "price_kind", "price_power_w")
     return any(getattr(before, k) != getattr(after, k) for k in keys)
 
 

@@ -49,6 +49,10 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "faults": [str(kind) for kind in t.faults],
         "links": shown,
         "storm_watch": _storm_watch(t, wall_now),
+        # price-responsive mode while it is on: what it follows and today's price-driven energy
+        "price_mode": {"threshold_per_kwh": t.price_threshold_per_kwh, "kind": t.price_kind,
+                       "max_wh_per_day": t.price_max_wh_per_day, "today_wh": t.price_day_wh}
+        if t.price_threshold_per_kwh is not None else None,
         "resyncing": t.resyncing,
         "journal_ok": t.journal_ok,
         # why new dispatch would not be followed now (null: nothing blocks it), and the site limit in force
@@ -95,6 +99,10 @@ def render(doc: dict[str, Any]) -> list[str]:
     blocked = doc.get("dispatch_blocked")
     if blocked:
         lines.append(f"dispatch: not followed now: {blocked['reason']}: {blocked['detail']}")
+    price = doc.get("price_mode")
+    if price:
+        lines.append(f"price:   discharging while {price['kind']} >= {price['threshold_per_kwh']:g} per kWh; "
+                     f"{price['today_wh']:,.0f} of {price['max_wh_per_day']:,.0f} Wh today")
     if doc.get("resyncing"):
         lines.append("resync:  the gateway stalled; holding 0 W until fresh BMS and inverter data")
     if not doc.get("journal_ok", True):

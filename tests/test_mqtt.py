@@ -254,6 +254,26 @@ def test_an_automation_sets_the_reserve_and_switches_turn_storm_watch_and_opt_ou
     bounded(main())
 
 
+def test_an_automation_turns_price_mode_on_and_off(tmp_path):
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                answer = await command(rig, watcher, "price", json.dumps(
+                    {"threshold_per_kwh": 0.3, "max_wh_per_day": 8000, "kind": "PRICE"}))
+                assert answer["ok"] and answer["reason"] == (
+                    "price mode: discharging while PRICE >= 0.3 per kWh, up to 8,000 Wh a day"), answer
+                settings = rig.gateway.owner_settings()
+                assert settings.price_mode and settings.price_max_wh_per_day == 8000
+                state = await watcher.wait_for("price mode", lambda m: is_state(m) and m.json()["price_mode"])
+                assert state.json()["price_mode"] == {"threshold_per_kwh": 0.3, "kind": "PRICE",
+                                                      "max_wh_per_day": 8000, "today_wh": 0.0}
+                assert (await command(rig, watcher, "price", "OFF"))["reason"] == "price mode off"
+                await watcher.wait_for("price mode off", lambda m: is_state(m) and m.json()["price_mode"] is None)
+                assert not rig.gateway.owner_settings().price_mode
+
+    bounded(main())
+
+
 BAD_PAYLOADS = [
     ("reserve", b"abc", 'reserve: expected a number 0 to 100 (or {"pct": N}), got \'abc\''),
     ("reserve", b"140", "pct: 140 is out of range (0 to 100)"),
@@ -268,6 +288,9 @@ BAD_PAYLOADS = [
     ("reserve", b"9" * 5000, "payload of 5,000 bytes; at most 4,096 are read"),
     ("reserve", b"[" * 3000 + b"]" * 3000, "payload of 6,000 bytes"),
     ("brightness", b"50", "unknown command 'brightness'"),
+    ("price", b"ON", "price: expected OFF or"),
+    ("price", b'{"threshold_per_kwh": 0.3}', "max_wh_per_day: missing"),
+    ("price", b'{"threshold_per_kwh": -1, "max_wh_per_day": 100}', "threshold_per_kwh: -1 is out of range"),
 ]
 
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from firmware_py import cli
 from firmware_py.config import OwnerConfig
-from firmware_py.core.types import Mode, OwnerSettings
+from firmware_py.core.types import Mode, OwnerSettings, PriceKind
 from firmware_py.dispatch import Telemetry
 from firmware_py.errors import InputError
 from firmware_py.owner import changes, commands
@@ -541,7 +541,7 @@ def test_a_change_drops_opt_outs_and_departures_already_past():
 
 def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
     code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
-    assert code == 2 and "give an action: status, reserve, opt-out, departure or storm-watch" in err
+    assert code == 2 and "give an action: status, reserve, opt-out, departure, storm-watch or price" in err
 
 
 # --- hostile input: far-future times, huge numbers, deep nesting, oversized headers ---------------
@@ -632,11 +632,13 @@ def test_a_version_1_settings_file_is_still_read(tmp_path):
                                 "opt_out_events": ["e1"], "departure_at": None, "departure_soc_pct": None}))
     assert OwnerStore(path, 40).load() == OwnerSettings(55, NOW, opt_out_events=frozenset({"e1"}))
     OwnerStore(path, 40).save(OwnerSettings(55, NOW, storm_watch_floor_pct=80, storm_watch_until=NOW + 60))
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == 3
 
 
 @pytest.mark.parametrize("content, reason", [
-    ('{"version": 3, "reserve_pct": 40}', "version: expected one of 1, 2, got 3"),
+    ('{"version": 4, "reserve_pct": 40}', "version: expected one of 1, 2, 3, got 4"),
+    ('{"reserve_pct": 40, "price_kind": "CHEAP"}', "price_kind: expected one of PRICE, EXPORT_PRICE"),
+    ('{"reserve_pct": 40, "price_threshold_per_kwh": -1}', "price_threshold_per_kwh: -1 is out of range"),
     ('{"reserve_pct": 40, "storm_watch_floor_pct": 80}', "must be set together"),
     ('{"reserve_pct": 40, "storm_watch_floor_pct": 180, "storm_watch_until": 1e9}', "out of range"),
 ])
@@ -650,3 +652,55 @@ def test_a_bad_storm_watch_in_the_settings_file_is_corrupt(tmp_path, content, re
 def test_an_expired_storm_watch_is_dropped_by_the_next_change():
     stale = OwnerSettings(40, NOW - 100, storm_watch_floor_pct=80, storm_watch_until=NOW - 1)
     assert changes.set_reserve(stale, {"pct": 45}, NOW) == OwnerSettings(45, NOW)
+
+
+# --- price-responsive mode ---------------------------------------------------------------------------
+
+
+def test_price_mode_through_the_cli_reaches_the_gateway_persists_and_turns_off(tmp_path, owner_cli):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        gateway = write_gateway_config(tmp_path, api.address)
+        code, out, err = owner_cli(gateway, "price", "0.30", "10000")
+        assert (code, out) == (0, "price mode: discharging while EXPORT_PRICE >= 0.3 per kWh, at as much power as "
+                                  "the limits allow, up to 10,000 Wh a day\n"), err
+        s = port.calls[-1]
+        assert (s.price_threshold_per_kwh, s.price_max_wh_per_day, s.price_kind, s.price_power_w) == (
+            0.30, 10_000, PriceKind.EXPORT_PRICE, None) and s.price_mode
+        code, out, _ = owner_cli(gateway, "price", "0.5", "2000", "--kind", "PRICE", "--power-w", "5000")
+        assert code == 0 and "PRICE >= 0.5 per kWh, at 5,000 W, up to 2,000 Wh a day" in out
+        assert "price mode:   discharging while PRICE >= 0.5" in owner_cli(gateway, "status")[1]
+        assert start_port(cfg).settings == port.calls[-1], "price mode persists across a restart"
+        assert owner_cli(gateway, "price", "off")[:2] == (0, "price mode: off\n")
+        assert not port.calls[-1].price_mode and port.calls[-1].price_kind is PriceKind.PRICE  # kept for next time
+        assert "price mode:   off" in owner_cli(gateway, "status")[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("price", "0.30"), "usage: price THRESHOLD_PER_KWH MAX_WH_PER_DAY"),
+    (("price", "cheap", "100"), "price THRESHOLD_PER_KWH: expected a number, got 'cheap'"),
+    (("price", "-0.1", "100"), "threshold_per_kwh: -0.1 is out of range (0 to 1000)"),
+    (("price", "0.3", "0"), "max_wh_per_day: 0 is out of range (above 0 to 1e+06)"),
+    (("price", "0.3", "100", "--power-w", "-5"), "power_w: -5 is out of range (above 0 to 1e+06)"),
+    (("price", "off", "100"), "usage: price off"),
+])
+def test_a_bad_price_setting_is_refused_with_its_reason_and_exit_2(tmp_path, owner_cli, argv, message):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        code, out, err = owner_cli(write_gateway_config(tmp_path, api.address), *argv)
+    assert code == 2 and message in err and out == "", err
+    assert not any(call.price_mode for call in port.calls)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"threshold_per_kwh": 0.3}, "max_wh_per_day: missing"),
+    ({"threshold_per_kwh": True, "max_wh_per_day": 10}, "threshold_per_kwh: expected a price per kWh"),
+    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 10, "kind": "CHEAP"}, "kind: expected one of PRICE, EXPORT_PRICE"),
+    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 10, "colour": "red"}, "unknown field(s) colour"),
+    ({"threshold_per_kwh": 0.3, "max_wh_per_day": float("nan")}, "max_wh_per_day: expected a number of Wh"),
+])
+def test_price_mode_rules_refuse_what_cannot_mean_anything(body, message):
+    with pytest.raises(changes.BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        changes.set_price_mode(OwnerSettings(40, NOW), body, NOW)

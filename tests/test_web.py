@@ -30,7 +30,7 @@ from lockstep import Rig
 from firmware_py import cli
 from firmware_py.config import Config
 from firmware_py.core import Mode
-from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
+from firmware_py.core.types import DispatchKind, DispatchRequest, PriceInterval, PriceKind, Verdict
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal
 from firmware_py.narration import Narrator
@@ -231,6 +231,32 @@ def test_sessions_end_when_idle_too_long(tmp_path):
 
 
 # ------------------------------------------------------------------ the controls reach the core
+
+
+def test_price_mode_from_the_api_discharges_for_a_published_price_and_turns_off(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path, soc_pct=80.0) as (rig, app, tokens), client(app) as browser:
+            await rig.run(0.1)
+            await browser.login(tokens["owner"])
+            status, answer = await browser.call("PUT", "/api/price", {"threshold_per_kwh": 0.3})
+            assert status == 400 and "max_wh_per_day: missing" in answer["error"]
+            status, answer = await browser.call("PUT", "/api/price", {"threshold_per_kwh": 0.3,
+                                                                       "max_wh_per_day": 4000})
+            assert status == 200 and answer["settings"]["price_threshold_per_kwh"] == 0.3
+            assert answer["settings"]["price_kind"] == "EXPORT_PRICE"
+            now = rig.gateway.now()
+            price = PriceInterval("tou/1", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.45, now, now + 900, now)
+            assert (await rig.gateway.submit(price)).verdict is Verdict.ACCEPTED
+            await rig.run(3.0)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["mode"] == "DISCHARGE" and doc["event"]["id"] == "tou/1" and doc["setpoint_w"] > 0
+            assert doc["price_mode"]["threshold_per_kwh"] == 0.3 and doc["price_mode"]["max_wh_per_day"] == 4000
+            assert (await browser.call("DELETE", "/api/price"))[0] == 200
+            await rig.run(1.0)
+            status, doc = await browser.call("GET", "/api/status")
+            assert doc["price_mode"] is None and doc["mode"] == "STANDBY" and doc["setpoint_w"] == 0
+
+    asyncio.run(main())
 
 
 def test_storm_watch_from_the_api_refuses_dispatch_charges_the_truck_and_is_journaled(tmp_path, caplog):

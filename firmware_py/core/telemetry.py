@@ -92,6 +92,10 @@ class Telemetry:
     improvable: tuple[str, ...] = ()  # refused or capped requests a new revision would now serve better
     site_limit_w: float | None = None  # the discharge site limit in force (config, lowered by site controllers)
     envelope_in_s: float | None = None  # the serving discharge: when the floor's envelope starts to cut it (0: now)
+    price_threshold_per_kwh: float | None = None  # price-responsive mode's threshold (None: the mode is off)
+    price_kind: str | None = None  # which published price it follows
+    price_max_wh_per_day: float = 0.0
+    price_day_wh: float = 0.0  # price-driven energy out today (the day the runtime last gave)
 
 
 def telemetry(c: Controller, now: float) -> Telemetry:
@@ -115,6 +119,10 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         storm_watch_pct=c.owner.storm_watch(now),
         storm_watch_until=c.owner.storm_watch_until if c.owner.storm_watch(now) is not None else None,
         latches=tuple(_latch(latch, now, c.policy) for latch in c.faults.latches),
+        price_threshold_per_kwh=c.owner.price_threshold_per_kwh if c.owner.price_mode else None,
+        price_kind=c.owner.price_kind.value if c.owner.price_mode else None,
+        price_max_wh_per_day=c.owner.price_max_wh_per_day,
+        price_day_wh=round(c.price_day_wh, 3),
         lockout_count=len(c.faults.raised_times),
         **_dispatch_view(c, now, serving),
     )

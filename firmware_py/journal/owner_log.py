@@ -1,6 +1,6 @@
 """The owner's and the installer's changes as the journal tells them, for `report` and the web app.
 
-Every owner change (reserve, opt-out, departure, storm watch), whether made with
+Every owner change (reserve, opt-out, departure, storm watch, price mode), whether made with
 the `owner` command, the web app or a script, reaches the core as an
 `OwnerSettings` input, and every lockout reset as an `InstallerReset`; the
 gateway journals both. This reads them back in words. Instants inside a record
@@ -60,6 +60,9 @@ def settings_text(p: dict[str, Any], on_wall: Any = lambda at: at) -> str:
     if p.get("storm_watch_until") is not None:
         parts.append(f"storm watch {_num(p.get('storm_watch_floor_pct'))} % until "
                      f"{_when(on_wall(float(p['storm_watch_until'])))}")
+    if p.get("price_threshold_per_kwh") is not None and p.get("price_max_wh_per_day"):
+        parts.append(f"price mode {p.get('price_kind')} >= {_num(p['price_threshold_per_kwh'])} per kWh, "
+                     f"up to {_num(p['price_max_wh_per_day'])} Wh a day")
     return ", ".join(parts)
 
 

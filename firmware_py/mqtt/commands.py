@@ -12,6 +12,8 @@ payload, the answer is one result document; never a traceback.
     P/set/storm_watch   {"floor_pct": N, "until": ISO-8601} | OFF | ON ([mqtt] storm_watch_pct
                         for storm_watch_hours: what the Home Assistant switch sends)
     P/set/departure     {"time": "HH:MM", "soc_pct": N} | OFF
+    P/set/price         {"threshold_per_kwh": N, "max_wh_per_day": N, "kind": ..., "power_w": ...} | OFF
+                        (price-responsive mode, as the owner API's PUT /price)
 
 Commands are also rate limited (`CommandGate`): each accepted change is saved to
 disk and journaled, so a publisher looping on a command topic is refused, not
@@ -40,11 +42,12 @@ MAX_PAYLOAD_BYTES = 4096
 EXPECTED = {Command.RESERVE: 'a number 0 to 100 (or {"pct": N})',
             Command.OPT_OUT: 'ON, OFF, {"until": ISO-8601} or {"event": ID}',
             Command.STORM_WATCH: 'ON, OFF or {"floor_pct": N, "until": ISO-8601}',
-            Command.DEPARTURE: 'OFF or {"time": "HH:MM", "soc_pct": N}'}
+            Command.DEPARTURE: 'OFF or {"time": "HH:MM", "soc_pct": N}',
+            Command.PRICE: 'OFF or {"threshold_per_kwh": N, "max_wh_per_day": N}'}
 """What each command takes, as its refusals say."""
 
 CONTROL_PATHS = {Command.RESERVE: "reserve", Command.OPT_OUT: "opt-out",
-                 Command.STORM_WATCH: "storm-watch", Command.DEPARTURE: "departure"}
+                 Command.STORM_WATCH: "storm-watch", Command.DEPARTURE: "departure", Command.PRICE: "price"}
 """Each MQTT command and the owner control (`desk.CONTROLS`) it sets."""
 
 
@@ -134,6 +137,11 @@ def done(change: Change, settings: OwnerSettings) -> str:
         if change.clear or s.storm_watch_until is None:
             return "storm watch off"
         return f"storm watch: keeping {s.storm_watch_floor_pct:g} % until {utc(s.storm_watch_until)}"
+    if change.command is Command.PRICE:
+        if change.clear or s.price_threshold_per_kwh is None:
+            return "price mode off"
+        return (f"price mode: discharging while {s.price_kind.value} >= {s.price_threshold_per_kwh:g} per kWh, "
+                f"up to {s.price_max_wh_per_day:,.0f} Wh a day")
     if change.clear or s.departure_at is None:
         return "departure cleared"
     return f"departure {utc(s.departure_at)} at {s.departure_soc_pct:g} %"

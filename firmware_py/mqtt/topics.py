@@ -2,7 +2,7 @@
 
     P/state             retained JSON: the status document (§3.9) and a few owner fields
     P/availability      retained "online" / "offline" (the last will)
-    P/set/<command>     commands: reserve, opt_out, storm_watch, departure
+    P/set/<command>     commands: reserve, opt_out, storm_watch, departure, price
     P/result            one JSON answer per command: {"command", "ok", "reason", ...}
 
 Prefixes come from a person's config file, so they are checked here before the
@@ -30,6 +30,7 @@ class Command(StrEnum):
     OPT_OUT = "opt_out"
     STORM_WATCH = "storm_watch"
     DEPARTURE = "departure"
+    PRICE = "price"
 
 
 @dataclass(frozen=True)

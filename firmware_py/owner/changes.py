@@ -15,7 +15,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from firmware_py.core.types import OwnerSettings, is_finite_number
+from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.quoting import shown, shown_text
 
 MAX_EVENT_ID = 200
@@ -25,6 +25,11 @@ MAX_STORM_WATCH_S = 14 * 86_400
 """The longest storm watch: a storm is forecast days ahead, not months; a longer one is a typo
 (a standing floor is the reserve's job)."""
 MAX_TIME_TEXT = 64
+MAX_PRICE_PER_KWH = 1_000.0
+"""The highest threshold taken (program currency per kWh): wholesale price caps stay far below it."""
+MAX_PRICE_WH_PER_DAY = 1_000_000.0
+"""The most price-driven energy a day may be set to (Wh): several times any pack; a larger one is a typo."""
+MAX_PRICE_POWER_W = 1_000_000.0
 _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
 
@@ -168,3 +173,43 @@ def set_storm_watch(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo
 def clear_storm_watch(current: OwnerSettings, now: float) -> OwnerSettings:
     """The storm has passed: back to the reserve (and any departure) alone."""
     return _changed(current, now, storm_watch_floor_pct=None, storm_watch_until=None)
+
+
+def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str, low_open: bool = False) -> float:
+    value = body[key]
+    if not is_finite_number(value):
+        raise BadRequest(f"{key}: expected {what}, got {shown(value)}")
+    if value > hi or value < lo or (low_open and value == lo):
+        bound = f"above {lo:g}" if low_open else f"{lo:g}"
+        raise BadRequest(f"{key}: {value:g} is out of range ({bound} to {hi:g})")
+    return float(value)
+
+
+def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:
+    """{"threshold_per_kwh": N, "max_wh_per_day": N, "kind": "EXPORT_PRICE"|"PRICE", "power_w": N|null}:
+    discharge while a published price of that kind is at least N (the program's currency per kWh),
+    up to that much energy a day, at that power (null or absent: as much as every limit allows).
+    `kind` absent keeps the one set before (EXPORT_PRICE at first: what export is paid)."""
+    body = _fields(body, ("threshold_per_kwh", "max_wh_per_day", "kind", "power_w"))
+    for key, what in (("threshold_per_kwh", "the price at or above which the truck discharges"),
+                      ("max_wh_per_day", "the most price-driven energy a day, Wh")):
+        if key not in body:
+            raise BadRequest(f"{key}: missing ({what})")
+    threshold = _bounded(body, "threshold_per_kwh", 0, MAX_PRICE_PER_KWH, "a price per kWh, 0 or more")
+    budget = _bounded(body, "max_wh_per_day", 0, MAX_PRICE_WH_PER_DAY, "a number of Wh above 0", low_open=True)
+    kind = current.price_kind
+    if "kind" in body:
+        names = tuple(k.value for k in PriceKind)
+        if body["kind"] not in names:
+            raise BadRequest(f"kind: expected one of {', '.join(names)}, got {shown(body['kind'])}")
+        kind = PriceKind(body["kind"])
+    power = body.get("power_w")
+    if power is not None:
+        power = _bounded(body, "power_w", 0, MAX_PRICE_POWER_W, "a power in W above 0, or null", low_open=True)
+    return _changed(current, now, price_threshold_per_kwh=threshold, price_max_wh_per_day=budget,
+                    price_kind=kind, price_power_w=power)
+
+
+def clear_price_mode(current: OwnerSettings, now: float) -> OwnerSettings:
+    """Price-responsive mode off (the daily maximum, kind and power are kept for the next time it is set)."""
+    return _changed(current, now, price_threshold_per_kwh=None)

@@ -126,6 +126,16 @@ def describe_storm_watch(settings: dict[str, Any], now: float) -> str:
     return f"keeping {_pct(floor)} for an outage until {_when(until)}"
 
 
+def describe_price_mode(settings: dict[str, Any]) -> str:
+    threshold = settings.get("price_threshold_per_kwh")
+    if threshold is None or not settings.get("price_max_wh_per_day"):
+        return "off"
+    power = settings.get("price_power_w")
+    at = "as much power as the limits allow" if power is None else f"{power:,.0f} W"
+    return (f"discharging while {settings.get('price_kind')} >= {threshold:g} per kWh, at {at}, "
+            f"up to {settings['price_max_wh_per_day']:,.0f} Wh a day")
+
+
 def describe_status(answer: dict[str, Any]) -> list[str]:
     settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
     return [
@@ -136,6 +146,9 @@ def describe_status(answer: dict[str, Any]) -> list[str]:
         f"opt-out:      {describe_opt_out(settings, now)}",
         f"departure:    {describe_departure(settings, now)}",
         f"storm watch:  {describe_storm_watch(settings, now)}",
+        f"price mode:   {describe_price_mode(settings)}"
+        + (f" ({tel.get('price_day_wh', 0):,.0f} Wh today)" if settings.get("price_threshold_per_kwh") is not None
+           else ""),
         f"active event: {tel.get('active_event_id') or 'none'}",
     ]
 
@@ -209,12 +222,31 @@ def _storm_watch(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     return [f"storm watch: {describe_storm_watch(settings, settings['received_at'])}"]
 
 
+def _price(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
+    if args.threshold == "off":
+        if args.max_wh is not None or args.kind is not None or args.power_w is not None:
+            raise InputError("owner price: usage: price off (nothing more)")
+        settings = call(owner, "DELETE", "/price")["settings"]
+    else:
+        if args.max_wh is None:
+            raise InputError("owner price: usage: price THRESHOLD_PER_KWH MAX_WH_PER_DAY [--kind EXPORT_PRICE|PRICE] "
+                             "[--power-w W] (e.g. price 0.30 10000)")
+        body: dict[str, Any] = {"threshold_per_kwh": _number(args.threshold, "price THRESHOLD_PER_KWH"),
+                                "max_wh_per_day": _number(args.max_wh, "price MAX_WH_PER_DAY")}
+        if args.kind is not None:
+            body["kind"] = args.kind
+        if args.power_w is not None:
+            body["power_w"] = _number(args.power_w, "price --power-w")
+        settings = call(owner, "PUT", "/price", body)["settings"]
+    return [f"price mode: {describe_price_mode(settings)}"]
+
+
 def _owner(args: argparse.Namespace) -> int:
     action = getattr(args, "owner_action_handler", None)
     if args.config is None:
         raise InputError("owner: --config FILE is required (the running gateway's configuration)")
     if action is None:
-        raise InputError("owner: give an action: status, reserve, opt-out, departure or storm-watch")
+        raise InputError("owner: give an action: status, reserve, opt-out, departure, storm-watch or price")
     owner = config.load(args.config).owner
     try:
         lines = action(owner, args)
@@ -226,8 +258,8 @@ def _owner(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `owner status|reserve|opt-out|departure|storm-watch`."""
-    p = sub.add_parser("owner", help="the owner's controls: reserve, opt-out, departure, storm watch "
+    """Add `owner status|reserve|opt-out|departure|storm-watch|price`."""
+    p = sub.add_parser("owner", help="the owner's controls: reserve, opt-out, departure, storm watch, price mode "
                                      "(via the running gateway)")
     p.add_argument("--config", help="the gateway's TOML configuration ([owner] api_listen and token_file)")
     p.set_defaults(handler=_owner)
@@ -255,3 +287,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     storm.add_argument("until", nargs="?", metavar="UNTIL",
                        help="ISO-8601 (without an offset: the gateway's local time) or epoch seconds; "
                             "at most 14 days ahead")
+    price = action("price", _price, "price-responsive mode: discharge while a published price is at or above "
+                                    "THRESHOLD_PER_KWH, up to MAX_WH_PER_DAY a day (always above the reserve, "
+                                    "departure and storm watch); or off")
+    price.add_argument("threshold", metavar="THRESHOLD_PER_KWH",
+                       help="in the program's currency per kWh (e.g. 0.30); or off")
+    price.add_argument("max_wh", nargs="?", metavar="MAX_WH_PER_DAY", help="the most price-driven energy a day, Wh")
+    price.add_argument("--kind", choices=("EXPORT_PRICE", "PRICE"),
+                       help="which published price counts (default EXPORT_PRICE, what export is paid; "
+                            "PRICE: what the home's import costs)")
+    price.add_argument("--power-w", dest="power_w", help="the discharge power (default: as much as every limit allows)")

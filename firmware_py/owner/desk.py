@@ -52,6 +52,7 @@ CONTROLS: tuple[Control, ...] = (
     Control("opt-out", _with_body(changes.opt_out, zoned=True), changes.revoke_opt_out),
     Control("departure", _with_body(changes.set_departure, zoned=True), changes.clear_departure),
     Control("storm-watch", _with_body(changes.set_storm_watch, zoned=True), changes.clear_storm_watch),
+    Control("price", _with_body(changes.set_price_mode, zoned=False), changes.clear_price_mode),
 )
 """Every owner control, in the order the owner command and the docs list them."""
 

@@ -22,14 +22,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from firmware_py.core.types import OwnerSettings, is_finite_number
+from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.quoting import shown
 
-FORMAT_VERSION = 2
-"""1: reserve, opt-out, departure. 2: and the storm watch. Every older version is still read."""
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+"""1: reserve, opt-out, departure. 2: and the storm watch. 3: and price-responsive mode.
+Every older version is still read."""
+READABLE_VERSIONS = (1, 2, 3)
 UNTIL_REVOKED = "until_revoked"
 """How `opt_out_until = math.inf` is written: JSON has no infinity."""
 
@@ -37,7 +38,8 @@ MAX_INSTANT = 253_402_300_799.0
 """9999-12-31T23:59:59Z: the last instant a clock can print; a saved time beyond it is corrupt."""
 
 _FIELDS = ("version", "reserve_pct", "received_at", "opt_out_until", "opt_out_events",
-           "departure_at", "departure_soc_pct", "storm_watch_floor_pct", "storm_watch_until")
+           "departure_at", "departure_soc_pct", "storm_watch_floor_pct", "storm_watch_until",
+           "price_threshold_per_kwh", "price_max_wh_per_day", "price_kind", "price_power_w")
 
 
 def on_clock(settings: OwnerSettings, convert: Callable[[float], float]) -> OwnerSettings:
@@ -63,6 +65,10 @@ def encode(settings: OwnerSettings) -> dict[str, Any]:
         "departure_soc_pct": settings.departure_soc_pct,
         "storm_watch_floor_pct": settings.storm_watch_floor_pct,
         "storm_watch_until": settings.storm_watch_until,
+        "price_threshold_per_kwh": settings.price_threshold_per_kwh,
+        "price_max_wh_per_day": settings.price_max_wh_per_day,
+        "price_kind": settings.price_kind.value,
+        "price_power_w": settings.price_power_w,
     }
 
 
@@ -104,6 +110,9 @@ def decode(data: Any) -> OwnerSettings:
     storm_until = _number(data, "storm_watch_until", -MAX_INSTANT, MAX_INSTANT, optional=True)
     if (storm_floor is None) != (storm_until is None):
         raise ValueError("storm_watch_floor_pct and storm_watch_until must be set together")
+    kind = data.get("price_kind", PriceKind.EXPORT_PRICE.value)
+    if kind not in tuple(k.value for k in PriceKind):
+        raise ValueError(f"price_kind: expected one of {', '.join(k.value for k in PriceKind)}, got {shown(kind)}")
     return OwnerSettings(
         reserve_pct=_number(data, "reserve_pct", 0, 100),
         received_at=_number(data, "received_at") if "received_at" in data else 0.0,
@@ -113,6 +122,10 @@ def decode(data: Any) -> OwnerSettings:
         departure_soc_pct=departure_soc,
         storm_watch_floor_pct=storm_floor,
         storm_watch_until=storm_until,
+        price_threshold_per_kwh=_number(data, "price_threshold_per_kwh", 0, math.inf, optional=True),
+        price_max_wh_per_day=_number(data, "price_max_wh_per_day", 0, math.inf, optional=True) or 0.0,
+        price_kind=PriceKind(kind),
+        price_power_w=_number(data, "price_power_w", 0, math.inf, optional=True),
     )
 
 

@@ -168,6 +168,15 @@ function renderSettings(doc) {
   $("storm-state").textContent = s.storm_watch_until
     ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
   if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
+  const on = s.price_threshold_per_kwh !== null && s.price_max_wh_per_day > 0;
+  $("price-state").textContent = on
+    ? `On: discharging while the ${s.price_kind === "PRICE" ? "import" : "export"} price is at least ` +
+      `${s.price_threshold_per_kwh} per kWh, up to ${s.price_max_wh_per_day / 1000} kWh a day.` : "Off.";
+  if (on && document.activeElement !== $("price-threshold")) $("price-threshold").value = s.price_threshold_per_kwh;
+  if (s.price_max_wh_per_day > 0 && document.activeElement !== $("price-max")) {
+    $("price-max").value = s.price_max_wh_per_day / 1000;
+  }
+  $("price-kind").value = s.price_kind;
 }
 
 async function refreshSettings() {
@@ -232,6 +241,13 @@ function wireControls() {
                                         until: until ? new Date(until).toISOString() : "" }, "Storm watch on.");
   });
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
+  $("price-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    change("PUT", "/api/price", { threshold_per_kwh: Number($("price-threshold").value),
+                                  max_wh_per_day: Math.round(Number($("price-max").value) * 1000),
+                                  kind: $("price-kind").value }, "Price mode on.");
+  });
+  $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off."));
 }
 
 // ------------------------------------------------------------------ History
