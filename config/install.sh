@@ -58,8 +58,11 @@ for needed in bundle.env requirements.txt SHA256SUMS wheels "config/gateway.toml
     [ -e "$HERE/$needed" ] || fail "$HERE/$needed: missing: this folder is not a whole bundle (make it again with powershare-gw bundle)" 2
 done
 VERSION=; ARCH=; PYTHON=
+# shellcheck source=/dev/null
 . "$HERE/bundle.env"
-[ -n "$VERSION" ] && [ -n "$ARCH" ] && [ -n "$PYTHON" ] || fail "$HERE/bundle.env: VERSION, ARCH or PYTHON missing" 2
+if [ -z "$VERSION" ] || [ -z "$ARCH" ] || [ -z "$PYTHON" ]; then
+    fail "$HERE/bundle.env: VERSION, ARCH or PYTHON missing" 2
+fi
 
 machine=$(uname -m)
 [ "$machine" = "$ARCH" ] || fail "this bundle is for $ARCH, this machine is $machine: make one with powershare-gw bundle --platform $machine" 2

@@ -9,6 +9,7 @@ Every test works on a copy.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -98,7 +99,13 @@ def test_the_next_run_on_an_upgraded_journal_names_its_software_and_the_report_s
     assert starts[1].payload["software_version"] == software_version()
     assert main(["report", "--journal", str(old)]) == 0
     out = capsys.readouterr().out
-    assert "chain: intact" in out and "fixture-peak" in out
+    assert "chain: intact (29 records)" in out and "fixture-peak" in out
+    assert (f"software: not named (before journal schema 3) × 1 from record 2, {software_version()} × 1 from "
+            f"record 29; journal schema 2 -> 3 at record 28 by {software_version()}") in out
+    assert main(["report", "--journal", str(old), "--format", "json"]) == 0
+    journal = json.loads(capsys.readouterr().out)["journal"]
+    assert [run["software_version"] for run in journal["runs"]] == [None, software_version()]
+    assert [(u["seq"], u["from_version"], u["to_version"]) for u in journal["schema_upgrades"]] == [(28, 2, 3)]
 
 
 def test_a_journal_of_a_newer_schema_is_refused_saying_what_to_do(old):
