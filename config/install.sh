@@ -80,10 +80,10 @@ say "checking the wheels against SHA256SUMS"
 (cd "$HERE/wheels" && sha256sum --quiet --check ../SHA256SUMS) || fail "the bundle's wheels do not match SHA256SUMS (damaged in transfer?)"
 
 # --- the service user ------------------------------------------------------------------------
-if id -u "$SERVICE_USER" >/dev/null 2>&1; then
+if [ -z "$ROOT" ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then
     say "user $SERVICE_USER: exists"
 else
-    say "user $SERVICE_USER: creating"
+    say "user $SERVICE_USER: creating"  # under --root: DIR's users are not this machine's; always said
     as_system useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
         --shell /usr/sbin/nologin --comment "powershare-gw gateway" "$SERVICE_USER"
 fi
