@@ -170,8 +170,17 @@ def _run_pip(pip: list[str], args: list[str], doing: str) -> None:
         raise BundleError(f"{doing}: {_why(done.stderr)}")
 
 
+UNREACHABLE = re.compile(r"NewConnectionError|Failed to establish a new connection|ConnectTimeout|ProxyError|"
+                         r"SSLError|Could not fetch URL|Network is unreachable|Temporary failure in name resolution")
+"""pip's words when the registry could not be reached: then "no matching distribution" means nothing more."""
+
+
 def _why(stderr: str) -> str:
-    """pip's reason, shortest first: a dependency with no wheel for the target is named as such."""
+    """pip's reason, shortest first: an unreachable registry, or a dependency with no wheel for the target."""
+    unreachable = UNREACHABLE.search(stderr)
+    if unreachable:
+        return (f"the package registry could not be reached ({unreachable.group(0)}): bundle runs on a machine "
+                "with access to it (pip's configuration names it)")
     missing = re.findall(r"No matching distribution found for ([^\s]+)", stderr)
     if missing:
         return (f"{', '.join(sorted(set(missing)))}: no wheel for this processor and Python in the registry "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from firmware_py import bundle
 from firmware_py.bundle import Arch, Target
 from firmware_py.cli import main
 from firmware_py.config import bundled_config
@@ -87,6 +88,23 @@ def test_wheels_are_chosen_for_the_target_not_for_this_machine():
     assert options[options.index("--python-version") + 1] == "3.11" and options[options.index("--abi") + 1] == "cp311"
 
 
+PIP_OFFLINE = """WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after \
+connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f8b>: Failed to \
+establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/rich/
+ERROR: Could not find a version that satisfies the requirement rich (from versions: none)
+ERROR: No matching distribution found for rich
+"""
+
+
+def test_pip_failures_are_told_as_what_to_do():
+    """pip's own words (as it printed them here, in a namespace with no network) turned into the reason."""
+    assert bundle._why(PIP_OFFLINE).startswith("the package registry could not be reached (NewConnectionError)")
+    no_wheel = PIP_OFFLINE.split("\n", 2)[2]  # the registry answered; nothing fits the target
+    assert bundle._why(no_wheel) == ("rich: no wheel for this processor and Python in the registry (bundle takes "
+                                     "wheels only: the gateway has no compiler)")
+    assert bundle._why("ERROR: something else\n") == "pip failed: ERROR: something else"
+
+
 def fake_bundle(folder: Path, arch: str, python: str) -> Path:
     """A bundle's files without wheels: enough for install.sh's checks, which come before any change."""
     (folder / "wheels").mkdir(parents=True)
@@ -124,16 +142,16 @@ def test_install_refuses_an_incomplete_bundle_and_unknown_arguments(tmp_path):
 
 @pytest.mark.slow
 def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
-    bundle = tmp_path / "bundle"
-    made = run([sys.executable, "-m", "firmware_py", "bundle", "--out", str(bundle), "--source", str(ROOT)])
+    out = tmp_path / "bundle"
+    made = run([sys.executable, "-m", "firmware_py", "bundle", "--out", str(out), "--source", str(ROOT)])
     assert made.returncode == 0, f"bundle failed (it needs the package registry):\n{made.stderr}"
-    wheels = {normalized(w.name.split("-")[0]): w for w in (bundle / "wheels").glob("*.whl")}
+    wheels = {normalized(w.name.split("-")[0]): w for w in (out / "wheels").glob("*.whl")}
     assert {"powershare-gw", "python-can", "cantools", "pymodbus", "pyserial", "aiohttp", "cryptography"} <= set(wheels)
-    assert (bundle / "bundle.env").read_text().splitlines()[1:] == [
+    assert (out / "bundle.env").read_text().splitlines()[1:] == [
         f"VERSION={SOURCE_VERSION}", f"ARCH={os.uname().machine}", f"PYTHON={HOST_PYTHON}"]
 
     root = tmp_path / "root"
-    installed = run(without_network(["sh", str(bundle / "install.sh"), "--root", str(root),
+    installed = run(without_network(["sh", str(out / "install.sh"), "--root", str(root),
                                      "--python", sys.executable]))
     assert installed.returncode == 0, installed.stdout + installed.stderr
     venv = root / "opt" / "powershare-gw"
@@ -141,7 +159,7 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     assert version.stdout.strip() == f"powershare-gw {SOURCE_VERSION}"
     frozen = run([str(venv / "bin" / "python"), "-m", "pip", "--isolated", "freeze", "--all"],
                  env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
-    pins = {normalized(line) for line in (bundle / "requirements.txt").read_text().split()}
+    pins = {normalized(line) for line in (out / "requirements.txt").read_text().split()}
     assert pins <= {normalized(line) for line in frozen.stdout.split()}  # exactly the bundle's wheels
 
     config_dir, state_dir = root / "etc" / "powershare-gw", root / "var" / "lib" / "powershare-gw"
@@ -156,7 +174,7 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
         assert would in installed.stdout
 
     (config_dir / "gateway.toml").write_text("version = 1\n[owner]\nreserve_pct = 55\n")  # the installer's edits
-    again = run(without_network(["sh", str(bundle / "install.sh"), "--root", str(root), "--python", sys.executable]))
+    again = run(without_network(["sh", str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "gateway.toml: kept" in again.stdout
     assert (config_dir / "gateway.toml").read_text() == "version = 1\n[owner]\nreserve_pct = 55\n"
