@@ -250,6 +250,18 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("mode", lambda t: t == "Charging the truck", "charging toward the storm watch")
     page.until_text("reason", lambda t: "storm watch: charging toward 75 %" in t, "why it charges")
 
+    # Price mode: on with a threshold and a daily amount, then off again.
+    page.view("controls")
+    page.fill("price-threshold", "0.3")
+    page.fill("price-max", "10")
+    page.submit("price-form")
+    page.until_text("message", lambda t: t == "Price mode on.", "price mode confirmed")
+    page.until_text("price-state", lambda t: t == "On: discharging while the export price is at least 0.3 per kWh, "
+                    "up to 10 kWh a day.", "price mode in the controls")
+    page.el("price-clear").click()
+    page.until_text("message", lambda t: t == "Price mode off.", "price mode off confirmed")
+    page.until_text("price-state", lambda t: t == "Off.", "price mode off in the controls")
+
     # History: the day's curves from the journal, and the event with its answer.
     page.view("history")
     page.until(lambda: page.d.find_elements("css selector", '#chart-soc polyline[data-series="soc"]'),
@@ -280,3 +292,4 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     assert any(t.startswith("owner settings: reserve 60 %") for t in changes), changes
     assert any("opted out until revoked" in t for t in changes), changes
     assert any("storm watch 75 % until" in t for t in changes), changes
+    assert any("price mode EXPORT_PRICE >= 0.3 per kWh, up to 10000 Wh a day" in t for t in changes), changes

@@ -164,7 +164,8 @@ def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
         summary.received_at, summary.start, summary.end = (
             _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.PRICE_INTERVAL:
-        summary.source, summary.kind, summary.revision = p.get("source"), DispatchKind.DISCHARGE.value, p.get("revision")
+        summary.source, summary.revision = p.get("source"), p.get("revision")
+        summary.kind = DispatchKind.DISCHARGE.value  # a price is only ever discharged for
         window.offered = (_num(p.get("price_per_kwh")), p.get("kind"))
         if summary.price_per_kwh is None:
             summary.price_per_kwh, summary.price_kind = window.offered

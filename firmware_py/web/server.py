@@ -14,7 +14,8 @@ saved, fed to the core and journaled exactly like an `owner` command.
     GET  /api/status           the status document (`powershare-gw status`)
     GET  /api/settings         the owner's settings and what they imply
     GET  /api/history          the last 24 h from the journal
-    PUT  /api/reserve | opt-out | departure | storm-watch | price;  DELETE /api/opt-out | departure | storm-watch | price
+    PUT  /api/reserve | opt-out | departure | storm-watch | price
+    DELETE /api/opt-out | departure | storm-watch | price
     GET  /api/installer        (installer) configuration, links, fault latches
     POST /api/lockout-reset    (installer) the installer reset
 
