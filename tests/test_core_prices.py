@@ -380,3 +380,21 @@ def test_with_prices_the_reserve_the_limits_and_the_daily_budget_hold(**world):
 @WORLDS
 def test_with_prices_the_claims_hold_in_many_more_worlds(**world):
     check_world(**world)
+
+
+def test_a_price_refused_for_what_has_passed_is_weighed_again_when_published_again():
+    c = step(Controller.start(POLICY, owner(), 0.0), [CalendarDay(0.0, "2026-12-02")], 0.0).controller
+    run = Run(c)
+    assert answer_of(run.feed(price()), "p1").reason is ReasonCode.NO_DATA  # the gateway is still starting
+    run.run(2)
+    assert answer_of(run.feed(price(t=run.t)), "p1").verdict is Verdict.ACCEPTED  # the VEN's next poll
+    run.run(5)
+    assert run.c.serving_id == "p1" and run.applied_w > 0
+    run.feed(replace(run.c.owner, received_at=run.t, price_threshold_per_kwh=0.9))
+    assert answer_of(run.feed(price("p2", start=run.t, end=run.t + HOUR, t=run.t)), "p2").reason is \
+        ReasonCode.BELOW_THRESHOLD
+    run.feed(replace(run.c.owner, received_at=run.t, price_threshold_per_kwh=0.4))  # the owner lowers it
+    assert answer_of(run.feed(price("p2", start=run.t, end=run.t + HOUR, t=run.t)), "p2").verdict is \
+        Verdict.ACCEPTED
+    bad = answer_of(run.feed(price("bad", per_kwh=math.nan, t=run.t)), "bad")
+    assert answer_of(run.feed(price("bad", per_kwh=math.nan, t=run.t)), "bad") == replace(bad, at=run.t)

@@ -12,7 +12,9 @@ What is the price's own:
 - `answer_price`: the one answer per interval, given on arrival (EXPIRED, then the
   owner's settings: PRICE_MODE_OFF, PRICE_KIND_NOT_FOLLOWED, BELOW_THRESHOLD; then,
   for an interval already in force, DAILY_BUDGET_SPENT; then every refusal and cap
-  a request of that power and window would get);
+  a request of that power and window would get). The same interval again gets the
+  same answer, except after a refusal for what may pass (no data, a fault, the
+  owner's settings, the budget): published again, it is weighed again as things are;
 - `follow`: each step, ends a price event the owner's settings no longer allow (the
   mode turned off, the threshold raised above its price, the other kind chosen) or,
   once in its window, whose day's budget is spent;
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from firmware_py.core.answers import MIN_USEFUL_W, judge, judgement, revise
+from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, judge, judgement, revise
 from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event
 from firmware_py.core.floor import discharge_envelope_w
@@ -144,11 +146,19 @@ def answer_price(c: Controller, p: PriceInterval, now: float) -> tuple[Controlle
     bad = invalid_price(p)
     if bad is not None:
         reply = DispatchAnswer.refused(p.id, now, ReasonCode.INVALID, bad)
-    elif existing is not None and p.revision <= existing.price.revision:
+    elif existing is not None and p.revision <= existing.price.revision and not _judged_again(existing, p):
         return c, [_repeat(existing, p, now)]
     else:
         reply = judge_price(c, p, req, now)
     return revise(c, existing, req, reply, now, price=p)
+
+
+def _judged_again(existing: Booked, p: PriceInterval) -> bool:
+    """The same price published again after it was refused for what may have passed (no data yet, a
+    fault, the owner's settings, the day's budget): a price is a fact, not a request that was turned
+    down, so it is weighed again as things stand now. Malformed, expired or clashing ids are not."""
+    return (existing.answer.verdict is Verdict.REJECTED and existing.answer.reason not in FINAL_REFUSALS
+            and replace(p, received_at=existing.price.received_at) == existing.price)
 
 
 def _repeat(existing: Booked, p: PriceInterval, now: float) -> DispatchAnswer:
