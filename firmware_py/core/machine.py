@@ -150,7 +150,7 @@ def _discharge_wanted(v: View) -> str | None:
     if v.c.journal_failing():
         return None
     if v.wants(DispatchKind.DISCHARGE) and v.path_closed() and v.soc_min > v.floor + ENTRY_HYSTERESIS_PCT:
-        return f"dispatch {v.request.request.id}"
+        return f"{'price' if v.request.price_driven else 'dispatch'} {v.request.request.id}"
     return None
 
 
