@@ -238,6 +238,15 @@ class GatewayWorld(RuleBasedStateMachine):
                   self.prices[pid])
         self.healthy_run(dt, noise, 1.0, steps)
 
+    @rule(budget=st.sampled_from([1.0, 20.0, 300.0, 1e5]), power=st.none() | st.floats(500, 15_000),
+          duration=st.floats(10, 2 * 3600), dt=st.floats(0.01, 0.4), steps=st.integers(1, 60),
+          noise=st.floats(0, 1))
+    def price_event_now(self, budget, power, duration, dt, steps, noise):
+        """The owner's price mode on and a price above its threshold in force now, then normal life."""
+        self.feed(replace(self.controller.owner, received_at=self.now, price_threshold_per_kwh=0.25,
+                          price_max_wh_per_day=budget, price_power_w=power, price_kind=PriceKind.EXPORT_PRICE))
+        self.publish_price(0.9, 0.0, duration, PriceKind.EXPORT_PRICE, False, dt, steps, noise)
+
     @rule()
     def next_day(self):
         """The runtime says the date changed: a new daily budget."""
