@@ -40,6 +40,7 @@ from firmware_py.core.types import (
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
+    PriceInterval,
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
@@ -111,9 +112,9 @@ class _Recorder:
         self.answers: dict[str, DispatchAnswer | None] = {}
         self.cancelled: set[str] = set()
 
-    async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
+    async def submit(self, item: DispatchRequest | DispatchCancel | PriceInterval) -> DispatchAnswer | None:
         answer = await self.gateway.submit(item)
-        if isinstance(item, DispatchRequest):
+        if isinstance(item, (DispatchRequest, PriceInterval)):
             self.answers[item.id] = answer
         else:
             self.cancelled.add(item.id)
