@@ -164,7 +164,7 @@ def test_a_revision_below_the_threshold_ends_the_event_with_its_energy():
 
 
 def test_floor_storm_watch_opt_out_and_faults_govern_a_price_like_a_request():
-    near_floor = Run(priced(owner(), soc=42.05))  # floor 42 %: 58 Wh above it, 58 W for the hour
+    near_floor = Run(priced(owner(), soc=42.02))  # floor 42 %: 23 Wh above it, too little
     assert answer_of(near_floor.feed(price()), "p1").reason is ReasonCode.INSUFFICIENT_ENERGY
     storm = Run(priced(owner(storm_watch_floor_pct=79.9, storm_watch_until=10 * HOUR)))
     assert answer_of(storm.feed(price()), "p1").reason is ReasonCode.STORM_WATCH
@@ -398,3 +398,15 @@ def test_a_price_refused_for_what_has_passed_is_weighed_again_when_published_aga
         Verdict.ACCEPTED
     bad = answer_of(run.feed(price("bad", per_kwh=math.nan, t=run.t)), "bad")
     assert answer_of(run.feed(price("bad", per_kwh=math.nan, t=run.t)), "bad") == replace(bad, at=run.t)
+
+
+def test_a_long_interval_is_judged_on_the_energy_the_budget_lets_out():
+    """A day-long price with 10 kWh a day at most and 15 kWh above the floor: full power, not the
+    15 kWh spread over 24 hours."""
+    soc = 42.0 + 15_000 / (POLICY.usable_capacity_wh * 0.95) * 100
+    run = Run(priced(owner(budget_wh=10_000), soc=soc))
+    reply = answer_of(run.feed(price(end=24 * HOUR)), "p1")
+    assert reply.verdict is Verdict.ACCEPTED, reply
+    greedy = Run(priced(owner(budget_wh=20_000), soc=soc))
+    capped = answer_of(greedy.feed(price(end=24 * HOUR)), "p1")
+    assert capped.verdict is Verdict.CAPPED and "energy above the floor" in capped.detail

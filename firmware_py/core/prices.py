@@ -123,13 +123,24 @@ def judge_price(c: Controller, p: PriceInterval, req: DispatchRequest, now: floa
         return DispatchAnswer.refused(p.id, now, *objected)
     if p.start <= now and spent(c, now):
         return DispatchAnswer.refused(p.id, now, ReasonCode.BUDGET_SPENT, _spent_detail(c))
-    reply = judge(req, judgement(c, req, now))
+    budgeted = _as_far_as_the_budget_goes(c, req, now)
+    reply = judge(budgeted, judgement(c, budgeted, now))
     if reply.verdict is Verdict.REJECTED:
         return reply
     left = max(0.0, budget_left_wh(c, now))
     why = (f"price {p.price_per_kwh:g} per kWh meets the threshold {c.owner.price_threshold_per_kwh:g}; "
            f"{left:.0f} Wh of the day's {c.owner.price_max_wh_per_day:.0f} Wh left")
     return replace(reply, detail=f"{reply.detail}; {why}" if reply.detail else why)
+
+
+def _as_far_as_the_budget_goes(c: Controller, req: DispatchRequest, now: float) -> DispatchRequest:
+    """`req` with its window cut to what the daily budget can run at its power, for judging the floor's
+    energy: a long interval is not capped for energy the budget would never let out (today's budget
+    left for an interval in force, a whole day's for a later one)."""
+    start = max(req.start, now)
+    energy = budget_left_wh(c, now) if req.start <= now else c.owner.price_max_wh_per_day
+    end = start + max(1.0, max(0.0, energy) / req.target_w * 3600)
+    return replace(req, end=min(req.end, end))
 
 
 def _spent_detail(c: Controller) -> str:
