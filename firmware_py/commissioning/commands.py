@@ -83,15 +83,17 @@ def _commission(args: argparse.Namespace) -> int:
     report = Report(config=str(args.config), at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     software_version=_version())
     console = Console(report)
-    console.say(f"powershare-gw commission: {args.config} at {report.at}")
     try:
         config = config_module.load(args.config)
         check(config)
     except InputError as err:
+        console.say(f"powershare-gw commission: {args.config} at {report.at}")
         console.step(Step.CONFIG, judgement.judge_config(str(args.config), err.problems))
         _finish(console, report_path)
         raise
+    _check_window(config, args.can_seconds)
     _refuse_if_running(config)
+    console.say(f"powershare-gw commission: {args.config} at {report.at}")
     console.step(Step.CONFIG, judgement.judge_config(config.source, []))
     try:
         asyncio.run(_steps(config, args, console))
@@ -118,6 +120,18 @@ def _check_writable(path: Path) -> None:
         raise InputError(f"--report {path}: is a folder; give a file name")
     if not path.resolve().parent.is_dir():
         raise InputError(f"--report {path}: cannot write: folder {path.resolve().parent} does not exist")
+
+
+WINDOW_PERIODS = 3
+"""The CAN window holds at least this many periods of the slowest message: enough to time each page."""
+
+
+def _check_window(config: Config, window_s: float) -> None:
+    specs = probes.message_specs(reader_from_config(config, time.monotonic))
+    slowest = max(specs, key=lambda s: s.period_s, default=None)
+    if slowest is not None and window_s < WINDOW_PERIODS * slowest.period_s:
+        raise InputError(f"--can-seconds {window_s:g}: too short to time the DBC's slowest message ({slowest.label}, "
+                         f"every {slowest.period_s * 1e3:g} ms): give at least {WINDOW_PERIODS * slowest.period_s:g} s")
 
 
 def _refuse_if_running(config: Config) -> None:
@@ -243,7 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--discharge-seconds", type=float, default=DEFAULT_DISCHARGE_S,
                    help=f"how long the test discharge lasts (default {DEFAULT_DISCHARGE_S:g} s)")
     p.add_argument("--can-seconds", type=float, default=DEFAULT_CAN_S,
-                   help=f"how long the CAN bus is observed (default {DEFAULT_CAN_S:g} s; at least 3 periods "
-                        "of the slowest BMS message)")
+                   help=f"how long the CAN bus is observed (default {DEFAULT_CAN_S:g} s; at least {WINDOW_PERIODS} "
+                        "periods of the slowest BMS message)")
     p.add_argument("-v", "--verbose", action="store_true", help="the gateway's own log lines too (stderr)")
     p.set_defaults(handler=_commission)

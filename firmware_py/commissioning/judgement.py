@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from statistics import fmean
 from typing import Any
 
@@ -159,7 +160,7 @@ def _judge_message(obs: CanObservation, spec: MessageSpec) -> Check:
     measured = _period(obs, spec)
     if measured is None:
         return failed(step, name, f"seen {timing.count} time(s) in {obs.window_s:g} s: too few to measure its "
-                      f"period ({want})", "observe longer (--can-seconds at least three periods)")
+                      f"period ({want})", "observe longer (--can-seconds)")
     if abs(measured - spec.period_s) > PERIOD_TOLERANCE * spec.period_s:
         return failed(step, name, f"every {measured * 1e3:.0f} ms, the DBC says {want} (±50 %)",
                       "another message with this id (a DBC for another vehicle), or a bus losing frames: "
@@ -306,7 +307,7 @@ class InverterObservation:
 def judge_inverter(obs: InverterObservation) -> list[Check]:
     step = Step.INVERTER
     if obs.error:
-        return [failed(step, "SunSpec discovery", obs.error, _link_advice(obs))]
+        return [failed(step, "SunSpec discovery", _link_detail(obs), _link_advice(obs))]
     c = obs.common
     checks = [passed(step, "SunSpec discovery", f"{obs.where}: base {obs.base}, {c.get('Mn') or '?'} "
                      f"{c.get('Md') or '?'}, serial {c.get('SN') or '?'}, version {c.get('Vr') or '?'}")]
@@ -334,20 +335,54 @@ def _w(value: Any) -> str:
     return "not implemented" if value is None else f"{value:g} W"
 
 
+class LinkTrouble(StrEnum):
+    """Why the inverter could not be discovered, as an installer tells the causes apart."""
+
+    UNREACHABLE = "unreachable"  # nothing to connect to: address, port, network, serial port
+    UNIT_ID = "unit_id"  # something answers Modbus there, but not for this unit id
+    NOT_SUNSPEC = "not_sunspec"  # a Modbus device answers, without the SunSpec marker
+    OTHER = "other"
+
+
+def link_trouble(obs: InverterObservation) -> LinkTrouble:
+    """Connect failures are the address; a device that answers every SunSpec base with a Modbus
+    exception (or not at all) is another unit id's; one that answers without 'SunS' is not SunSpec."""
+    if obs.error_kind == "connect":
+        return LinkTrouble.UNREACHABLE
+    if obs.error_kind in ("timeout", "disconnected", "exception"):
+        return LinkTrouble.UNIT_ID
+    if "not a SunSpec device" in obs.error:
+        if "no 'SunS' marker" in obs.error:
+            return LinkTrouble.NOT_SUNSPEC
+        return LinkTrouble.UNIT_ID
+    return LinkTrouble.OTHER
+
+
+def _link_detail(obs: InverterObservation) -> str:
+    trouble = link_trouble(obs)
+    if trouble is LinkTrouble.UNIT_ID:
+        return f"{obs.where}: a Modbus device answers there, but not for unit id {obs.unit_id}: {obs.error}"
+    if trouble is LinkTrouble.NOT_SUNSPEC:
+        return f"{obs.where}: a Modbus device answers there, but it is not a SunSpec device: {obs.error}"
+    return obs.error
+
+
 def _link_advice(obs: InverterObservation) -> str:
     unit = (f"[inverter] unit_id ({obs.unit_id}): the inverter's Modbus address (device or slave id) "
             "as set on the inverter")
+    trouble = link_trouble(obs)
     if obs.transport == "rtu":
-        if obs.error_kind == "connect":
+        if trouble is LinkTrouble.UNREACHABLE:
             return "[inverter] serial_port exists and this user may open it (group dialout)"
         return (f"{unit}, [inverter] baudrate, the RS-485 wiring (A/B swapped? common ground), termination "
                 "(120 ohm at each end of the line)")
-    if obs.error_kind == "connect":
+    if trouble is LinkTrouble.UNREACHABLE:
         return ("[inverter] host and port, that the inverter's Modbus TCP server is enabled, the network "
                 "(cable, switch, the inverter's IP address), and any firewall between them")
-    if obs.error_kind in ("timeout", "disconnected", "exception"):
-        return f"{unit}; the address answers Modbus TCP but not for this unit id"
-    return f"that host and port are the inverter's SunSpec interface (not a meter or datalogger), and {unit}"
+    if trouble is LinkTrouble.UNIT_ID:
+        return unit
+    return (f"that [inverter] host and port are the inverter's SunSpec interface (not a meter or datalogger) "
+            f"with SunSpec enabled, and {unit}")
 
 
 def _judge_state(obs: InverterObservation) -> Check:
