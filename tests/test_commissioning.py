@@ -11,6 +11,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from firmware_py.sim.inverter import InverterModel
 
 from firmware_py.commissioning.judgement import (
     CanObservation,
@@ -28,9 +29,19 @@ from firmware_py.commissioning.judgement import (
     judge_sign,
     link_trouble,
 )
-from firmware_py.commissioning.report import Outcome, Report, Step, step_lines, verdict_line
-from firmware_py.core.types import BmsState, ContactorState, InverterState, PackContactor
-from firmware_py.sim.inverter import InverterModel
+from firmware_py.commissioning.report import (
+    Outcome,
+    Report,
+    Step,
+    step_lines,
+    verdict_line,
+)
+from firmware_py.core.types import (
+    BmsState,
+    ContactorState,
+    InverterState,
+    PackContactor,
+)
 
 # --- CAN ------------------------------------------------------------------------------------------
 
