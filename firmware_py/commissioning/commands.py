@@ -31,6 +31,7 @@ from firmware_py.commissioning.report import (
     Check,
     Report,
     Step,
+    failed,
     skipped,
     step_lines,
     verdict_line,
@@ -191,11 +192,17 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         can_obs = await asyncio.to_thread(
             probes.observe_can, assembly.bus, reader, config.can.interface, args.can_seconds, where=where,
             usable_capacity_wh=config.vehicle.usable_capacity_wh, stop=stop_thread)
+        if _interrupted(console, stop, Step.CAN):
+            return
         console.step(Step.CAN, judgement.judge_can(can_obs, probes.message_specs(reader)))
         console.say(f"-- asking the inverter at {probes.where_of(config.inverter)} ...")
         inverter = await probes.probe_inverter(assembly.gateway.inverter, config.inverter)
         console.step(Step.INVERTER, judgement.judge_inverter(inverter))
+        if _interrupted(console, stop, Step.SIGN):
+            return
         service = await _sign_test(assembly, args, console, stop)
+        if _interrupted(console, stop, Step.DISPATCH):
+            return
         console.say("-- asking the aggregator interfaces ...")
         console.step(Step.DISPATCH, judgement.judge_dispatch(await probes.probe_dispatch(assembly)))
     finally:
@@ -204,6 +211,15 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         else:
             await assembly.gateway.inverter.close()
             assembly.close()
+
+
+def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
+    """SIGINT or SIGTERM: the step under way fails as interrupted and nothing more is tried
+    (the caller's clean-up still takes the inverter to 0 W)."""
+    if not stop.is_set():
+        return False
+    console.step(step, [failed(step, "interrupted", "stopped by a signal before this step was done", "run again")])
+    return True
 
 
 async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Console,
@@ -218,12 +234,8 @@ async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Cons
         console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "needs the CAN and inverter checks to pass")])
         return None
     console.say(f"-- test discharge: {args.discharge_w:g} W for {args.discharge_seconds:g} s through the core ...")
-    integrations, assembly.integrations = assembly.integrations, {}
-    service = Service(assembly, RunOptions(owner_api=False))
-    try:
-        await service.start()
-    finally:
-        assembly.integrations = integrations
+    service = Service(assembly, RunOptions(owner_api=False, integrations=False))
+    await service.start()
     observed = await probes.test_discharge(service, args.discharge_w, args.discharge_seconds, stop)
     console.step(Step.SIGN, judgement.judge_sign(observed))
     return service
