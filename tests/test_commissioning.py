@@ -289,6 +289,14 @@ def test_a_refused_test_says_why_and_still_confirms_0_w():
     assert "below the floor" in checks[0].advice
 
 
+def test_a_test_the_core_held_at_0_w_says_why():
+    obs = signed(0.0, 0.0, during=tuple(Sample(6 + t / 10, 0.0, 0.0, 0.0) for t in range(40)),
+                 reason="clamped: contactors open")
+    check = by_name(judge_sign(obs))["sign"]
+    assert check.outcome is Outcome.FAIL and "(clamped: contactors open)" in check.detail
+    assert "open contactors" in check.advice
+
+
 def test_a_gateway_that_never_got_ready_fails_the_test():
     (check,) = judge_sign(SignObservation(500.0, 10.0, not_ready="stale: bms"))
     assert check.outcome is Outcome.FAIL and "stale: bms" in check.detail

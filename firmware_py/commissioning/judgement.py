@@ -442,6 +442,7 @@ class SignObservation:
     before: tuple[Sample, ...] = ()  # the baseline, before the request
     during: tuple[Sample, ...] = ()  # the second half of the window (the ramp is over)
     pack_voltage_v: float | None = None
+    reason: str = ""  # the core's reason for its command at the end of the window
     interrupted: bool = False
     stopped: bool = False  # WSet = 0 written and read back at the end
     after_w: float | None = None  # the inverter's measured W after the stop
@@ -479,8 +480,10 @@ def judge_sign(obs: SignObservation) -> list[Check]:
     commanded = fmean(s.setpoint_w for s in obs.during) if obs.during else 0.0
     watts = [s.measured_w for s in obs.during if s.measured_w is not None]
     if commanded <= 0 or not watts:
-        checks.append(failed(step, "sign", f"nothing to judge: commanded {commanded:.0f} W, "
-                             f"{len(watts)} inverter readings", "the gateway's reason in the status; run again"))
+        checks.append(failed(step, "sign", f"nothing to judge: the core commanded {commanded:.0f} W on average "
+                             f"({obs.reason or 'no reason given'}), {len(watts)} inverter readings",
+                             "what holds the command back, in the core's reason (open contactors, a BMS limit, "
+                             "a latched fault); the CAN and inverter checks above"))
         return [*checks, _judge_end(obs)]
     measured = fmean(watts)
     w_dir = _direction(measured, SIGN_SHARE * commanded)

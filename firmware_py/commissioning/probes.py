@@ -187,11 +187,13 @@ async def test_discharge(service: Service, target_w: float, seconds: float, stop
                               target_w=target_w, start=now, end=now + seconds, received_at=now)
     answer = None
     during: list[Sample] = []
+    reason = ""
     try:
         answer = await gateway.submit(request)
         if answer is not None and answer.verdict is not Verdict.REJECTED:
             await _samples(service, seconds / 2, stop)
             during = await _samples(service, max(0.0, request.end - gateway.now()), stop)
+        reason = gateway.controller.reason
     finally:
         stopped, after_w, detail = await _back_to_zero(service, request)
     words = describe(answer) if answer is not None else "no answer"
@@ -199,7 +201,7 @@ async def test_discharge(service: Service, target_w: float, seconds: float, stop
         and answer.verdict is Verdict.REJECTED else ""
     voltage = gateway.controller.bms.pack_voltage_v if gateway.controller.bms is not None else None
     return SignObservation(**base, answer=words, refusal=refusal, before=tuple(before), during=tuple(during),
-                           pack_voltage_v=voltage, interrupted=stop.is_set(), stopped=stopped, after_w=after_w,
+                           pack_voltage_v=voltage, reason=reason, interrupted=stop.is_set(), stopped=stopped, after_w=after_w,
                            stop_detail=detail)
 
 
