@@ -540,7 +540,8 @@ def _judge_bms_sign(w_dir: int, i_dir: int, measured: float, delta: float | None
                       "[vehicle.signals] pack_current_a and its message")
     seen = f"pack current changed by {delta:+.2f} A ({expected:+.2f} A expected at {obs.pack_voltage_v or 0:.0f} V)"
     if i_dir > 0:
-        return passed(step, name, f"{seen}: the pack discharges")
+        pack_w = f", about {delta * obs.pack_voltage_v:.0f} W out of the pack" if obs.pack_voltage_v else ""
+        return passed(step, name, f"{seen}: the pack discharges{pack_w}")
     if i_dir < 0:
         advice = ("the DBC's current sign ([vehicle] dbc, [vehicle.signals] pack_current_a; positive must be "
                   "discharge): the gateway reads every pack limit by it" if w_dir > 0 else
