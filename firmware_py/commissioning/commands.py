@@ -24,6 +24,7 @@ from pathlib import Path
 
 from firmware_py import config as config_module
 from firmware_py.assembly import Assembly, assemble, check
+from firmware_py.bms.bus import shutdown_quietly
 from firmware_py.bms.reader import reader_from_config
 from firmware_py.clocks import Clocks
 from firmware_py.commissioning import judgement, probes
@@ -40,6 +41,8 @@ from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DISCHARGE_W = 500.0
 DEFAULT_DISCHARGE_S = 10.0
@@ -175,26 +178,30 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
     where = f"{config.can.interface} {config.can.channel}"
+    reader = reader_from_config(config, time.monotonic)
+    try:
+        bus = probes.open_unfiltered(config)
+    except InputError as err:
+        await _without_bus(config, console, where, args.can_seconds, err)
+        return
+    console.say(f"-- listening to {where} for {args.can_seconds:g} s ...")
+    try:
+        can_obs = await asyncio.to_thread(probes.observe_can, bus, reader, args.can_seconds, where=where,
+                                          usable_capacity_wh=config.vehicle.usable_capacity_wh, stop=stop_thread)
+    finally:
+        shutdown_quietly(bus, log)
+    if _interrupted(console, stop, Step.CAN):
+        return
+    console.step(Step.CAN, judgement.judge_can(can_obs, probes.message_specs(reader)))
     try:
         assembly = assemble(config, Clocks.system())
-    except InputError as err:
-        can_problems = [p for p in err.problems if p.startswith(f"{config.source}: can")]
-        if not can_problems:
+    except InputError as err:  # the bus, just open, cannot be opened again (an adapter gone since)
+        if not any(p.startswith(f"{config.source}: can") for p in err.problems):
             raise
-        console.step(Step.CAN, judgement.judge_can(judgement.CanObservation(
-            where, config.vehicle.dbc, args.can_seconds, open_error="; ".join(can_problems)), []))
-        await _without_assembly(config, console)
+        await _without_bus(config, console, where, args.can_seconds, err, judged=True)
         return
     service: Service | None = None
     try:
-        console.say(f"-- listening to {where} for {args.can_seconds:g} s ...")
-        reader = reader_from_config(config, time.monotonic)
-        can_obs = await asyncio.to_thread(
-            probes.observe_can, assembly.bus, reader, config.can.interface, args.can_seconds, where=where,
-            usable_capacity_wh=config.vehicle.usable_capacity_wh, stop=stop_thread)
-        if _interrupted(console, stop, Step.CAN):
-            return
-        console.step(Step.CAN, judgement.judge_can(can_obs, probes.message_specs(reader)))
         console.say(f"-- asking the inverter at {probes.where_of(config.inverter)} ...")
         inverter = await probes.probe_inverter(assembly.gateway.inverter, config.inverter)
         console.step(Step.INVERTER, judgement.judge_inverter(inverter))
@@ -241,17 +248,23 @@ async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Cons
     return service
 
 
-async def _without_assembly(config: Config, console: Console) -> None:
-    """The CAN bus could not be opened, so the gateway cannot be assembled: the inverter is still asked,
-    with the same client on its own; what needs the gateway is skipped."""
+async def _without_bus(config: Config, console: Console, where: str, window_s: float, err: InputError, *,
+                       judged: bool = False) -> None:
+    """The CAN bus cannot be opened, so the gateway cannot be assembled: the inverter is still asked,
+    with the gateway's client on its own; what needs the gateway is skipped."""
     from firmware_py.inverter.client import InverterClient
 
+    problems = "; ".join(err.problems)
+    if judged:  # observed, then gone when the gateway opened it
+        problems = f"{problems} (when opened again for the gateway, after the observation)"
+    console.step(Step.CAN, judgement.judge_can(judgement.CanObservation(
+        where, config.vehicle.dbc, window_s, open_error=problems), []))
     client = InverterClient(config.inverter, time.monotonic)
     try:
         console.step(Step.INVERTER, judgement.judge_inverter(await probes.probe_inverter(client, config.inverter)))
     finally:
         await client.close()
-    console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "needs the CAN bus")])
+    console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", f"needs the CAN bus: {problems}")])
     console.step(Step.DISPATCH, [skipped(Step.DISPATCH, "aggregator interfaces", "needs the CAN bus open "
                                          "(the gateway they serve cannot be assembled without it)")])
 

@@ -21,7 +21,7 @@ import can
 
 from firmware_py.addresses import parse_host_port
 from firmware_py.assembly import INTEGRATIONS, Assembly, section
-from firmware_py.bms.bus import driver_filters
+from firmware_py.bms.bus import open_bus
 from firmware_py.bms.reader import BmsReader
 from firmware_py.commissioning.judgement import (
     CanObservation,
@@ -32,7 +32,7 @@ from firmware_py.commissioning.judgement import (
     SignObservation,
     Timing,
 )
-from firmware_py.config import InverterConfig
+from firmware_py.config import Config, InverterConfig
 from firmware_py.core.types import (
     DispatchCancel,
     DispatchKind,
@@ -69,15 +69,22 @@ def message_specs(reader: BmsReader) -> list[MessageSpec]:
     return sorted(specs, key=lambda s: s.frame_id)
 
 
-def observe_can(bus: can.BusABC, reader: BmsReader, interface: str, window_s: float, *, where: str,
-                usable_capacity_wh: float, clock: Callable[[], float] = time.monotonic,
-                stop: threading.Event | None = None) -> CanObservation:
-    """Everything on `bus` for `window_s`, fed to `reader` (blocking: run it in a thread).
+def open_unfiltered(config: Config) -> can.BusABC:
+    """The configuration's CAN bus as `run` opens it (interface, channel, bitrate), but passing every id.
 
-    The gateway's bus normally passes only the BMS ids (driver filters); the filters
-    are lifted for the window, so that "no traffic" can be told from "traffic, but
-    not what the DBC describes", and put back after.
+    The gateway's own bus passes only the BMS ids (filters in the driver, the kernel or
+    the CAN server), so on it "no traffic" and "traffic, but not what the DBC describes"
+    would look the same. Opened before the gateway is assembled, and closed after the
+    window, so an adapter that takes one user at a time works too.
     """
+    return open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
+                    bitrate=config.can.bitrate)
+
+
+def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: str, usable_capacity_wh: float,
+                clock: Callable[[], float] = time.monotonic, stop: threading.Event | None = None) -> CanObservation:
+    """Everything on `bus` (unfiltered: `open_unfiltered`) for `window_s`, fed to `reader`
+    (blocking: run it in a thread)."""
     specs = {s.frame_id: s for s in message_specs(reader)}
     muxes = {fid: _multiplexer(reader, fid) for fid, s in specs.items() if s.pages > 1}
     by_id: dict[int, Timing] = {}
@@ -86,31 +93,27 @@ def observe_can(bus: can.BusABC, reader: BmsReader, interface: str, window_s: fl
     refused: dict[int, Counter[str]] = {}
     foreign: set[int] = set()
     frames = 0
-    bus.set_filters(None)
-    try:
-        deadline = clock() + window_s
-        while (left := deadline - clock()) > 0 and not (stop is not None and stop.is_set()):
-            msg = bus.recv(timeout=min(RECV_S, left))
-            if msg is None or msg.is_error_frame:
-                continue
-            frames += 1
-            now, fid = clock(), msg.arbitration_id
-            if fid not in specs or msg.is_extended_id:
-                if len(foreign) < FOREIGN_IDS_KEPT:
-                    foreign.add(fid)
-                continue
-            by_id[fid] = by_id[fid].seen(now) if fid in by_id else Timing(1, now, now)
-            if (page := _page(muxes.get(fid), msg.data)) is not None:
-                key = (fid, page)
-                by_page[key] = by_page[key].seen(now) if key in by_page else Timing(1, now, now)
-            before_ok, before_drops = reader.accepted, Counter(reader.dropped)
-            reader.on_message(msg, now)
-            if reader.accepted != before_ok:
-                accepted[fid] += 1
-            else:
-                refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
-    finally:
-        bus.set_filters(driver_filters(interface, reader.can_filters()))
+    deadline = clock() + window_s
+    while (left := deadline - clock()) > 0 and not (stop is not None and stop.is_set()):
+        msg = bus.recv(timeout=min(RECV_S, left))
+        if msg is None or msg.is_error_frame:
+            continue
+        frames += 1
+        now, fid = clock(), msg.arbitration_id
+        if fid not in specs or msg.is_extended_id:
+            if len(foreign) < FOREIGN_IDS_KEPT:
+                foreign.add(fid)
+            continue
+        by_id[fid] = by_id[fid].seen(now) if fid in by_id else Timing(1, now, now)
+        if (page := _page(muxes.get(fid), msg.data)) is not None:
+            key = (fid, page)
+            by_page[key] = by_page[key].seen(now) if key in by_page else Timing(1, now, now)
+        before_ok, before_drops = reader.accepted, Counter(reader.dropped)
+        reader.on_message(msg, now)
+        if reader.accepted != before_ok:
+            accepted[fid] += 1
+        else:
+            refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
     snapshot = reader.snapshot(clock())
     values = {name: getattr(snapshot, name) for name in reader.fields}
     return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
