@@ -575,7 +575,7 @@ class WiredPack:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from firmware_py.bms.bus import open_bus
+    from firmware_py.bms.bus import SEND_ONLY, open_bus
     from firmware_py.bms.commands import resolve_dbc
 
     host, port = parse_host_port(args.listen, "--listen")
@@ -586,7 +586,8 @@ def _run(args: argparse.Namespace) -> int:
     wired = None
     if args.can_interface:
         dbc, _ = resolve_dbc(args.dbc, elm=False)
-        bus = open_bus(args.can_interface, args.can_channel, blame="--can-interface/--can-channel")
+        # The pack's BMS only talks: what others send on the bus is not carried to it.
+        bus = open_bus(args.can_interface, args.can_channel, blame="--can-interface/--can-channel", filters=SEND_ONLY)
         wired = WiredPack(Battery(soc_pct=args.soc), bus, dbc)
 
     async def main() -> None:
