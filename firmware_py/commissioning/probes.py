@@ -93,7 +93,8 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
     refused: dict[int, Counter[str]] = {}
     foreign: set[int] = set()
     frames = 0
-    deadline = clock() + window_s
+    last_at = clock()
+    deadline = last_at + window_s
     while (left := deadline - clock()) > 0 and not (stop is not None and stop.is_set()):
         msg = bus.recv(timeout=min(RECV_S, left))
         if msg is None or msg.is_error_frame:
@@ -104,6 +105,7 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
             if len(foreign) < FOREIGN_IDS_KEPT:
                 foreign.add(fid)
             continue
+        last_at = now
         by_id[fid] = by_id[fid].seen(now) if fid in by_id else Timing(1, now, now)
         if (page := _page(muxes.get(fid), msg.data)) is not None:
             key = (fid, page)
@@ -114,7 +116,8 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
             accepted[fid] += 1
         else:
             refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
-    snapshot = reader.snapshot(clock())
+    # As of the last BMS frame: what this process believed then, not how late its own last look came.
+    snapshot = reader.snapshot(last_at)
     values = {name: getattr(snapshot, name) for name in reader.fields}
     return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
                           foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
