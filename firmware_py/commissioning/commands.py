@@ -243,7 +243,7 @@ async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Cons
     console.say(f"-- test discharge: {args.discharge_w:g} W for {args.discharge_seconds:g} s through the core ...")
     service = Service(assembly, RunOptions(owner_api=False, integrations=False))
     await service.start()
-    observed = await probes.test_discharge(service, args.discharge_w, args.discharge_seconds, stop)
+    observed = await probes.sign_test(service, args.discharge_w, args.discharge_seconds, stop)
     console.step(Step.SIGN, judgement.judge_sign(observed))
     return service
 

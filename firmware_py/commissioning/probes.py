@@ -1,9 +1,10 @@
 """The I/O of commissioning: gathering the observations `judgement` decides on.
 
-Everything runs on the gateway's own assembly (`assembly.assemble`), so what is
-checked is what `run` would use: its CAN bus and BMS reader, its SunSpec client,
-its core (the test discharge is a dispatch request like any aggregator's, so the
-floor and every limit apply), and its integrations. Every wait is bounded.
+What is checked is what `run` would use: the configuration's CAN bus (opened as
+`run` opens it, but passing every id, for the observation alone) and the gateway's
+BMS reader, then the gateway's own assembly (`assembly.assemble`): its SunSpec
+client, its core (the test discharge is a dispatch request like any aggregator's,
+so the floor and every limit apply) and its integrations. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -170,12 +171,13 @@ async def probe_inverter(client: InverterClient, settings: InverterConfig) -> In
 
 
 def where_of(s: InverterConfig) -> str:
+    """The inverter's address as the client names it in its messages."""
     return f"RTU {s.serial_port} unit {s.unit_id}" if s.transport == "rtu" else f"{s.host}:{s.port} unit {s.unit_id}"
 
 
 # ---------------------------------------------------------------------------------------------- sign test
 
-async def test_discharge(service: Service, target_w: float, seconds: float, stop: asyncio.Event) -> SignObservation:
+async def sign_test(service: Service, target_w: float, seconds: float, stop: asyncio.Event) -> SignObservation:
     """A discharge of `target_w` for `seconds`, asked of the core like any aggregator's request.
 
     The service must be started. The request ends itself after `seconds` (the core
