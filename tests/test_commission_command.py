@@ -1,8 +1,9 @@
-"""`powershare-gw commission` as a command, in-process: bad input, and an installation it cannot reach.
+"""`powershare-gw commission` in-process: bad input, an installation it cannot reach, the CAN observation.
 
 The runs against a working bench (and one failing run per case) are separate
 processes in `test_commission_bench.py`; these are the quick paths: exit 2 with a
-message for what cannot be used, and exit 1 with a full report when nothing answers.
+message for what cannot be used, exit 1 with a full report when nothing answers,
+and what the CAN observation counts on a real (virtual) python-can bus.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import can
 import pytest
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
 
+from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main
+from firmware_py.commissioning.probes import message_specs, observe_can
+from firmware_py.config import bundled_dbc
 
 
 def closed_port() -> int:
@@ -125,3 +132,31 @@ def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, runn
     assert "a gateway is running with this configuration" in err and "systemctl stop powershare-gw" in err
     assert token not in err
     assert not (tmp_path / "journal.sqlite").exists()  # nothing was assembled
+
+
+# --- the CAN observation, on a real virtual bus ---------------------------------------------------------
+
+def test_the_can_observation_counts_each_page_each_refusal_and_the_foreign_ids():
+    """Frames queued on a python-can virtual bus before the window: the counts are exact (their
+    receive times all fall together, so periods are the judgement's tests, not this one's)."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    channel = "commission-observation"
+    rx, tx = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    try:
+        node = BmsNode(Battery(soc_pct=70), tx, dbc)
+        for t in range(3):
+            node.emit_due(float(t))  # every message once a second: both pages of the multiplexed ones
+        tx.send(can.Message(arbitration_id=0x132, data=b"\x00\x01", is_extended_id=False))  # too short
+        tx.send(can.Message(arbitration_id=0x7FF, data=b"\x01", is_extended_id=False))  # another node's
+        reader = BmsReader(dbc, clock=lambda: 0.0)
+        obs = observe_can(rx, reader, 0.2, where="virtual commission-observation", usable_capacity_wh=123_000)
+    finally:
+        rx.shutdown()
+        tx.shutdown()
+    specs = {s.frame_id: s for s in message_specs(reader)}
+    assert specs[0x352].pages == 2 and specs[0x132].pages == 1 and specs[0x132].period_s == 0.01
+    assert obs.frames == node.sent + 2 and obs.foreign_ids == (0x7FF,)
+    assert obs.by_id[0x352].count == 6
+    assert {key: t.count for key, t in obs.by_page.items() if key[0] == 0x352} == {(0x352, 0): 3, (0x352, 1): 3}
+    assert obs.refused == {0x132: {"wrong_length": 1}} and obs.accepted[0x132] == 3
+    assert obs.values["soc_min_pct"] is not None and "soc_min_pct" not in obs.stale
