@@ -184,6 +184,17 @@ def held_at_zero(port: int) -> dict[str, Any]:
         dev.close()
 
 
+def meter(port: int) -> float:
+    """The inverter's injected-energy meter (701 TotWhInj), read by pysunspec2."""
+    dev = sunspec(port)
+    try:
+        m701 = dev.models[701][0]
+        m701.read()
+        return m701.TotWhInj.cvalue
+    finally:
+        dev.close()
+
+
 def wrong_dbc(folder: Path) -> Path:
     """The bundled DBC with every id moved by 0x400: another vehicle's DBC, same signal names."""
     text = bundled_dbc("cybertruck_bms.dbc").read_text(encoding="utf-8")
@@ -236,6 +247,9 @@ FAILING = {
                            "reports its power with the opposite sign", "CT is fitted backwards"),
     "VTN unreachable": ({}, (), "dispatch.openadr (http://127.0.0.1:{closed}/OpenADR2/Simple/2.0b)",
                         "no answer from the VTN", "vtn_url"),
+    "below the floor": ({"reserve_pct": "reserve_pct = 80"},  # the truck is at 70 %: the floor is 82 %
+                        ("--allow-test-discharge", "--discharge-seconds", DISCHARGE_S), "test discharge",
+                        "refused INSUFFICIENT_ENERGY", "never discharges below it"),
 }
 
 
@@ -243,6 +257,7 @@ FAILING = {
 def failing_runs(peers: Peers) -> dict[str, Run]:
     """Every failing case at once (after the passing run, which discharges the shared inverter)."""
     fill = {"closed": free_port(), "can_swapped": peers.can["swapped"], "inv_swapped": peers.inverter["swapped"]}
+    injected_before = meter(peers.inverter["good"])
     started = {}
     for case, (overrides, flags, *_) in FAILING.items():
         config = peers.config(case.replace(" ", "-"), **{k: v.format(**fill) for k, v in overrides.items()})
@@ -255,6 +270,8 @@ def failing_runs(peers: Peers) -> dict[str, Run]:
         started[case] = (config, commission(config, *flags))
     runs = {case: finished(config, proc) for case, (config, proc) in started.items()}
     peers.wait_alive()
+    # Not one of them moved energy out of the good truck (the one below its floor asked to).
+    assert meter(peers.inverter["good"]) == injected_before
     return {case: (run, fill) for case, run in runs.items()}
 
 
