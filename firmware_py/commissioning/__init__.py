@@ -1,6 +1,6 @@
 """`powershare-gw commission`: a guided check of a real installation, ending in a pass/fail report.
 
-Three parts, so that what decides is apart from what touches the hardware:
+Four modules, so that what decides stays apart from what touches the hardware:
 - `report`: the report itself (steps, checks, outcomes), its terminal and JSON forms;
 - `judgement`: pure functions that turn observations (frame timings, decoded values,
   SunSpec discovery, samples of a test discharge) into checks, each failure saying
