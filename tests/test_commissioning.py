@@ -7,12 +7,16 @@ separate-process runs against the bench are in `test_commission_bench.py`.
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from firmware_py.sim.inverter import InverterModel
+from test_core_purity import FORBIDDEN, imported_roots
 
+from firmware_py import commissioning
 from firmware_py.commissioning.judgement import (
     CanObservation,
     InverterObservation,
@@ -353,3 +357,17 @@ def test_the_simulated_inverter_can_report_its_power_with_the_wrong_sign():
     assert dc > 0 and model.ac_power_w == 500.0  # the power flows as commanded ...
     assert model.values(701)["W"] == -500.0  # ... and is reported reversed
     assert InverterModel().values(701)["W"] == 0.0
+
+
+# --- purity ------------------------------------------------------------------------------------------------
+
+def test_the_judgement_and_the_report_touch_no_io():
+    """What decides imports no clock, bus, socket or disk (the core's purity rule), and of the
+    project only the core's types, the report and quoting."""
+    folder = Path(commissioning.__file__).parent
+    for name in ("judgement.py", "report.py"):
+        path = folder / name
+        assert imported_roots(path) & FORBIDDEN == set(), name
+        project = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("firmware_py")}
+        assert project <= {"firmware_py.core.types", "firmware_py.commissioning.report", "firmware_py.quoting"}, name
