@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from firmware_py import config as config_module
@@ -41,6 +40,7 @@ from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
+from firmware_py.version import software_version
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _commission(args: argparse.Namespace) -> int:
     if not args.verbose:  # the report is the output; the gateway's narration only when asked for
         logging.getLogger().setLevel(logging.WARNING)
     report = Report(config=str(args.config), at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    software_version=_version())
+                    software_version=software_version())
     console = Console(report)
     try:
         config = config_module.load(args.config)
@@ -150,13 +150,6 @@ def _refuse_if_running(config: Config) -> None:
     raise InputError(f"{config.source}: a gateway is running with this configuration (its owner API answers on "
                      f"{parse_listen(config.owner.api_listen).describe()}): stop it first "
                      "(`sudo systemctl stop powershare-gw`), commission, then start it again")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("powershare-gw")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _finish(console: Console, path: Path | None) -> None:
