@@ -31,15 +31,12 @@ def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str
     `blame` names what the operator gave (a config file and section, or the flags)
     so the message says what to fix.
     """
+    if interface in SOFTWARE_BUSES:
+        filters = None
     try:
-        return can.Bus(interface=interface, channel=channel, can_filters=driver_filters(interface, filters), **kwargs)
+        return can.Bus(interface=interface, channel=channel, can_filters=filters, **kwargs)
     except Exception as err:  # noqa: BLE001 - each interface raises its own types; all mean "cannot open"
         raise InputError(f"{blame}: cannot open the {interface} bus {channel!r}: {err}") from None
-
-
-def driver_filters(interface: str, filters: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """The acceptance filters worth giving `interface`'s driver (none for a software bus; see above)."""
-    return None if interface in SOFTWARE_BUSES else filters
 
 
 def shutdown_quietly(bus: can.BusABC, log: logging.Logger) -> None:
