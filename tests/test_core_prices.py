@@ -410,3 +410,20 @@ def test_a_long_interval_is_judged_on_the_energy_the_budget_lets_out():
     greedy = Run(priced(owner(budget_wh=20_000), soc=soc))
     capped = answer_of(greedy.feed(price(end=24 * HOUR)), "p1")
     assert capped.verdict is Verdict.CAPPED and "energy above the floor" in capped.detail
+
+
+def test_price_mode_off_and_on_again_serves_a_price_published_again_and_keeps_a_later_one():
+    run = Run(priced(owner()))
+    run.feed(price(end=40))
+    run.feed(price("later", start=45, end=HOUR))
+    run.run(10)
+    settings = run.c.owner
+    run.feed(replace(settings, received_at=run.t, price_threshold_per_kwh=None))
+    assert run.ended("p1") is not None and run.ended("later") is None  # only the one in force ends
+    run.run(2)
+    run.feed(replace(settings, received_at=run.t))
+    assert answer_of(run.feed(price(end=40, t=run.t)), "p1").verdict is Verdict.ACCEPTED  # the VEN's next poll
+    run.run(5)
+    assert run.c.serving_id == "p1" and run.applied_w > 0
+    run.run(30)
+    assert run.c.serving_id == "later" and run.applied_w > 0

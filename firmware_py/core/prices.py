@@ -15,9 +15,9 @@ What is the price's own:
   a request of that power and window would get). The same interval again gets the
   same answer, except after a refusal for what may pass (no data, a fault, the
   owner's settings, the budget): published again, it is weighed again as things are;
-- `follow`: each step, ends a price event the owner's settings no longer allow (the
-  mode turned off, the threshold raised above its price, the other kind chosen) or,
-  once in its window, whose day's budget is spent;
+- `follow`: each step, ends a price event in its window that the owner's settings no
+  longer allow (the mode turned off, the threshold raised above its price, the other
+  kind chosen) or whose day's budget is spent;
 - `budget_power_w`: the most power the budget left allows, the floor's envelope
   applied to the budget (ramping down from P at r uses P²/2r, and a setpoint may
   run unrefreshed for the inverter's revert time). Energy since the inverter's last
@@ -166,10 +166,12 @@ def answer_price(c: Controller, p: PriceInterval, now: float) -> tuple[Controlle
 
 def _judged_again(existing: Booked, p: PriceInterval) -> bool:
     """The same price published again after it was refused for what may have passed (no data yet, a
-    fault, the owner's settings, the day's budget): a price is a fact, not a request that was turned
-    down, so it is weighed again as things stand now. Malformed, expired or clashing ids are not."""
-    return (existing.answer.verdict is Verdict.REJECTED and existing.answer.reason not in FINAL_REFUSALS
-            and replace(p, received_at=existing.price.received_at) == existing.price)
+    fault, the owner's settings, the day's budget), or after the owner's settings or opt-out ended it:
+    a price is a fact, not a request that was turned down, so it is weighed again as things stand
+    now (an event it ended continues, its energy carried on). Malformed, expired or clashing ids are not."""
+    stopped = existing.stopped_by_owner or (existing.answer.verdict is Verdict.REJECTED
+                                            and existing.answer.reason not in FINAL_REFUSALS)
+    return stopped and replace(p, received_at=existing.price.received_at) == existing.price
 
 
 def _repeat(existing: Booked, p: PriceInterval, now: float) -> DispatchAnswer:
@@ -184,16 +186,18 @@ def follow(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     """End price events the owner's settings no longer want, or (in their window) the budget no longer allows."""
     events: list[Event] = []
     for entry in c.book.live():
-        if entry.price is None:
-            continue
+        if entry.price is None or not entry.in_window(now):
+            continue  # a later one is weighed when it begins: the settings may have changed back by then
         objected = objection(c.owner, entry.price)
         if objected is not None:
             why = f"{SETTINGS_END}: {objected[1]}"
-        elif entry.in_window(now) and spent(c, now):
+        elif spent(c, now):
             why = f"{BUDGET_SPENT_END} ({_spent_detail(c)})"
         else:
             continue
         c, ended = close_event(c, entry, now, why)
+        if objected is not None:  # published again once the owner wants it, it is weighed again
+            c = c.evolve(book=c.book.replace(replace(c.book.find(entry.request.id), stopped_by_owner=True)))
         events += ended
     return c, events
 
