@@ -215,6 +215,7 @@ class OpenAdr3Ven:
         self.reasks = 0
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
+        self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[dict[str, Any]] = deque()
         self._limit_applied: float | None = None
@@ -411,14 +412,17 @@ class OpenAdr3Ven:
             event_id = event_id_of(event)
             present.add(event_id)
             key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
-            tracked = self._events.get(event_id)
-            if tracked is not None and tracked.key == key:
-                continue
-            revision = tracked.plan.revision + 1 if tracked is not None else 0
+            seen = self._seen.get(event_id)
+            if seen is not None and seen[0] == key:
+                continue  # handled already (held, refused, or over)
+            revision = seen[1] + 1 if seen is not None else 0
+            self._seen[event_id] = (key, revision)
             try:
                 await self._on_event(sink, event, key, revision)
             except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
                 log.exception("OpenADR 3: the core failed on event %s", event_id)
+        for event_id in [e for e in self._seen if e not in present]:
+            del self._seen[event_id]  # gone from the VTN: a later event of that id is new
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
