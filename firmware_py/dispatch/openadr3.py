@@ -276,6 +276,7 @@ class OpenAdr3Ven:
             await self._load_programs(session)  # enrolled in a new program since
         await self._take(sink, events)
         await self._send_reports(session, sink)
+        await self._hold_limit(sink)
 
     def _tell(self, ok: bool, cause: str = "") -> None:
         """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
@@ -518,7 +519,7 @@ class OpenAdr3Ven:
             booked = c.book.find(c.serving_id)
             if booked is not None:
                 self._metered[c.serving_id] = max(self._metered[c.serving_id], booked.meter_wh)
-        if not self._events or self._standing_wake is None:
+        if self._standing_wake is None or not (self._events or self._limit_applied is not None):
             return
         now = self._sink.now() if self._sink is not None else 0.0
         if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
@@ -533,11 +534,10 @@ class OpenAdr3Ven:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._standing_wake.wait(), STANDING_CHECK_S)
             self._standing_wake.clear()
-            if not self._events:
-                continue
             try:
                 await self._hold_limit(sink)
-                await self._reask(sink)
+                if self._events:
+                    await self._reask(sink)
             except Exception:  # noqa: BLE001 - the next check tries again; the VTN link is unaffected
                 log.exception("OpenADR 3: asking the core again failed")
 

@@ -209,9 +209,9 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
 
 def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
             to_gateway_time: Callable[[datetime], float]) -> tuple[list[IntervalWindow], list[list[Mapping[str, Any]]]]:
-    """Each interval's window and payloads. An interval without its own start follows the previous one
-    (the first starts at the event's intervalPeriod, else the program's); without its own duration it
-    takes the event's (else the program's), as OpenADR 3 lays them out."""
+    """Each interval's window and payloads, laid out as OpenADR 3 inherits periods: an interval's own
+    start and duration where given, else the event's (else the program's) duration, and the event's
+    start advanced by the durations of every interval before it."""
     intervals = event.get("intervals")
     if not isinstance(intervals, list) or not intervals:
         raise _Invalid("event has no intervals")
@@ -219,8 +219,9 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         raise _Invalid(f"{len(intervals)} intervals in one event (at most {MAX_INTERVALS})")
     default = event.get("intervalPeriod") if event.get("intervalPeriod") is not None else program.get("intervalPeriod")
     default = _mapping(default, "intervalPeriod") if default is not None else {}
-    at = _start(default.get("start"), "intervalPeriod.start")
+    first = _start(default.get("start"), "intervalPeriod.start")
     default_s = _duration(default.get("duration"), "intervalPeriod.duration")
+    elapsed_s = 0.0
     windows, payloads, seen = [], [], set()
     for index, interval in enumerate(intervals):
         interval = _mapping(interval, f"interval {index}")
@@ -233,19 +234,21 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         where = f"interval {interval_id}"
         own = interval.get("intervalPeriod")
         own = _mapping(own, f"{where}.intervalPeriod") if own is not None else {}
-        start = _start(own.get("start"), f"{where}.intervalPeriod.start") or at
         seconds = _duration(own.get("duration"), f"{where}.intervalPeriod.duration") or default_s
-        if start is None:
-            raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
         if seconds is None:
             raise _Invalid(f"{where} has no duration (none of its own, the event's or the program's)")
+        start = _start(own.get("start"), f"{where}.intervalPeriod.start")
+        if start is None and first is not None:
+            start = first + timedelta(seconds=elapsed_s)
+        if start is None:
+            raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
+        elapsed_s += seconds
         end = start + timedelta(seconds=seconds)
         start_s, end_s = to_gateway_time(start), to_gateway_time(end)
         if not (is_finite_number(start_s) and is_finite_number(end_s)):
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
         payloads.append(_payloads(interval.get("payloads"), where))
-        at = end
     return windows, payloads
 
 
