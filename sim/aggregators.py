@@ -290,10 +290,15 @@ class OpenAdr3Aggregator:
         await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR 3 event {event_id}")
 
     async def step(self, t: float) -> None:
+        """A report that fell due reaches the VTN at its simulated time (the clock waits for it)."""
         if self._task is not None and self._task.done() and not self._task.cancelled():
             error = self._task.exception()
             self._task = None
             log.error("OpenADR 3 VEN stopped: %s", error)
+        if self._task is not None and (t >= self.ven.next_report_at or self.ven.pending_reports):
+            self.ven.wake()
+            await self._wait(lambda: t < self.ven.next_report_at and not self.ven.pending_reports,
+                             "the VEN's reports to reach the VTN")
 
     async def stop(self) -> None:
         if self._task is not None:

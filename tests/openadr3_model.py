@@ -18,7 +18,14 @@ from typing import Any
 
 from openadr3.entities import coerce
 from openadr3.entities.models import Event
-from openadr3.entities.raw import RawBase, RawEvent, RawProgram, RawReport, RawSubscription, RawVen
+from openadr3.entities.raw import (
+    RawBase,
+    RawEvent,
+    RawProgram,
+    RawReport,
+    RawSubscription,
+    RawVen,
+)
 
 MODELS: dict[str, type[RawBase]] = {"EVENT": RawEvent, "PROGRAM": RawProgram, "REPORT": RawReport,
                                     "VEN": RawVen, "SUBSCRIPTION": RawSubscription}

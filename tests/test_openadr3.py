@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
@@ -51,7 +52,6 @@ from firmware_py.dispatch.openadr3_events import (
 )
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
-from firmware_py.sim.vtn3 import BenchVtn3
 
 T = TypeVar("T")
 RATING_W = 11_500.0
@@ -633,7 +633,7 @@ NEAR_VALID = st.builds(
 
 
 @given(st.one_of(JSON, NEAR_VALID))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_fuzzed_events_get_a_plan_or_a_clear_refusal_never_an_exception(payload: Any) -> None:
     answer = translate(payload)
     if isinstance(answer, DispatchAnswer):

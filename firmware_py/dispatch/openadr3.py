@@ -224,7 +224,7 @@ class OpenAdr3Ven:
         self._standing_wake: asyncio.Event | None = None
         self._watch = StandingWatch()
         self._callback_token = secrets.token_hex(16)
-        self._next_report_at = math.inf
+        self.next_report_at = math.inf  # when the next cadence report falls due (gateway clock)
 
     # ------------------------------------------------------------------ running
 
@@ -524,8 +524,7 @@ class OpenAdr3Ven:
         now = self._sink.now() if self._sink is not None else 0.0
         if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
             self._standing_wake.set()
-        if now >= self._next_report_at:
-            self._next_report_at = math.inf
+        if now >= self.next_report_at:
             self.wake()
 
     async def _standing(self, sink: DispatchSink) -> None:
@@ -591,7 +590,7 @@ class OpenAdr3Ven:
     def _queue_cadence(self, sink: DispatchSink) -> None:
         """The reports an event's descriptors ask for whose intervals have ended; drop events that are over."""
         now = sink.now()
-        self._next_report_at = math.inf
+        self.next_report_at = math.inf
         for event_id, tracked in list(self._events.items()):
             plan = tracked.plan
             ended = sum(1 for w in plan.intervals if w.end <= now)
@@ -605,9 +604,9 @@ class OpenAdr3Ven:
                     tracked.reported_upto = upto
                 following = tracked.reported_upto + step
                 if following <= len(plan.intervals):
-                    self._next_report_at = min(self._next_report_at, plan.intervals[following - 1].end)
+                    self.next_report_at = min(self.next_report_at, plan.intervals[following - 1].end)
                 elif tracked.reported_upto < len(plan.intervals):
-                    self._next_report_at = min(self._next_report_at, plan.intervals[-1].end)
+                    self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
             if ended == len(plan.intervals):
                 del self._events[event_id]
                 for rid in tracked.requests:
@@ -639,6 +638,11 @@ class OpenAdr3Ven:
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
                 log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
             self._pending.popleft()
+
+    @property
+    def pending_reports(self) -> int:
+        """Reports made and not yet taken by the VTN."""
+        return len(self._pending)
 
     def _record(self, outcome: EventOutcome) -> None:
         self.outcomes.append(outcome)
