@@ -24,6 +24,7 @@ from firmware_py.sim.aggregators import (
 from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
 from openadr3_model import conforms
 from pymodbus.client import AsyncModbusTcpClient
+from test_bench import scaled
 
 from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
@@ -127,6 +128,7 @@ def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
 # ---------------------------------------------------------------------- OpenADR 3
 
 
+@pytest.mark.slow
 def test_openadr3_event_is_accepted_delivered_and_reported_back(tmp_path):
     loaded = write_scenario(tmp_path, "openadr3")
     aggregator = for_scenario(loaded)
@@ -147,6 +149,19 @@ def test_openadr3_event_is_accepted_delivered_and_reported_back(tmp_path):
         conforms(message, kind)
 
 
+@pytest.mark.slow
+def test_bundled_openadr3_peak_event_shortened_passes_its_checks_and_reports_the_delivered_energy(tmp_path):
+    """The bundled default peak event through the OpenADR 3 VTN, scaled to 1/16 (time and capacity together,
+    so the energy budget caps it exactly as in the 4-hour run)."""
+    loaded = scaled(scenario.load(scenario.bundled("summer-peak-openadr3.toml")), 1 / 16)
+    aggregator = for_scenario(loaded)
+    outcome, _ = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.passed, outcome.checks  # accepted_capped, the delivered energy, the floor
+    assert outcome.summary["delivered_wh"]["peak-1"] >= loaded.expect.min_delivered_wh
+    assert aggregator.vtn.delivered_wh("peak-1") == pytest.approx(outcome.summary["delivered_wh"]["peak-1"], abs=1.0)
+
+
+@pytest.mark.slow
 def test_openadr3_event_is_capped_by_the_energy_budget(tmp_path):
     loaded = write_scenario(tmp_path, "openadr3", extra="[vehicle]\ninitial_soc_pct = 50\nusable_capacity_wh = 10000\n")
     aggregator = for_scenario(loaded)
@@ -159,6 +174,7 @@ def test_openadr3_event_is_capped_by_the_energy_budget(tmp_path):
     assert outcome.summary["floor_violations"] == 0
 
 
+@pytest.mark.slow
 def test_openadr3_event_is_refused_while_the_owner_is_opted_out(tmp_path):
     loaded = write_scenario(tmp_path, "openadr3", run_s=300,
                             extra="[[owner_change]]\nat_s = 30\nopt_out = true\n")
