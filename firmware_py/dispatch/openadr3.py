@@ -334,10 +334,9 @@ class OpenAdr3Ven:
             if not isinstance(got, list):
                 raise VtnError(f"GET /{path} did not answer a list")
             found += got
-            if len(got) < PAGE:
+            if len(got) != PAGE:  # the last page (or a VTN that ignores paging and sent everything)
                 return found
-        log.warning("OpenADR 3: GET /%s has more than %d objects; the rest are not read", path, len(found))
-        return found
+        raise VtnError(f"GET /{path} lists more than {len(found)} objects: not a listing the VEN can hold")
 
     # ------------------------------------------------------------------ registration
 
@@ -408,11 +407,15 @@ class OpenAdr3Ven:
 
     async def _take(self, sink: DispatchSink, events: list[Any]) -> None:
         """A complete listing: new and changed events to the core, missing ones cancelled."""
-        present = set()
+        present = {event_id_of(e) for e in events}
+        if len(events) > MAX_EVENTS:
+            log.warning("OpenADR 3: the VTN lists %d events; the first %d are taken", len(events), MAX_EVENTS)
         for event in events[:MAX_EVENTS]:
-            event_id = event_id_of(event)
-            present.add(event_id)
             key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
+            event_id = event_id_of(event)
+            if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
+                event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
+                present.add(event_id)
             seen = self._seen.get(event_id)
             if seen is not None and seen[0] == key:
                 continue  # handled already (held, refused, or over)
