@@ -330,6 +330,27 @@ def test_an_invalid_event_is_refused_clearly_and_the_others_still_served() -> No
     run(scenario)
 
 
+def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            bad_units = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0, units="HP")
+            no_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            del vtn.events[no_id]["id"]
+            vtn.events["twice"] = vtn.events[bad_units]  # a second listing entry under another key, same id
+            await vtn.wait_for(lambda: vtn.answers_for(bad_units) and len(ven.outcomes) >= 2)
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 3)
+            assert vtn.answers_for(bad_units) == ["refused"]
+            assert "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'" in vtn.reasons_for(bad_units)[0][1]
+            assert sorted(o.answers[0].detail for o in ven.outcomes) == [
+                "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'",
+                "event id is missing or not a string of letters, digits, '_' or '-'"]
+            assert not sink.received
+
+    run(scenario)
+
+
 def test_modification_is_a_new_revision_and_withdraws_dropped_intervals() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()

@@ -410,12 +410,16 @@ class OpenAdr3Ven:
         present = {event_id_of(e) for e in events}
         if len(events) > MAX_EVENTS:
             log.warning("OpenADR 3: the VTN lists %d events; the first %d are taken", len(events), MAX_EVENTS)
+        handled: set[str] = set()
         for event in events[:MAX_EVENTS]:
             key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
             event_id = event_id_of(event)
             if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
                 event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
                 present.add(event_id)
+            if event_id in handled:
+                continue  # a second object under one id: the first one listed stands
+            handled.add(event_id)
             seen = self._seen.get(event_id)
             if seen is not None and seen[0] == key:
                 continue  # handled already (held, refused, or over)
