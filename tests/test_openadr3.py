@@ -718,3 +718,15 @@ def test_the_secret_is_read_from_its_file(tmp_path: Path) -> None:
     assert ven._secret == SECRET
     empty = OpenAdr3Config(enabled=True, client_secret_file=str(write_secret(tmp_path, text="\n")))
     assert any("is empty" in p for p in check(empty))
+
+
+def test_check_config_names_the_secret_file_when_the_section_is_enabled(tmp_path: Path) -> None:
+    from firmware_py import assembly
+
+    secret = write_secret(tmp_path, 0o640)
+    config = parse(f'[dispatch.openadr3]\nenabled = true\nclient_secret_file = "{secret}"\n', "gw.toml", tmp_path)
+    with pytest.raises(InputError) as err:
+        assembly.check(config)
+    assert any("gw.toml: dispatch.openadr3.client_secret_file" in p and "chmod 600" in p for p in err.value.problems)
+    os.chmod(secret, 0o600)
+    assembly.check(config)  # nothing else to refuse
