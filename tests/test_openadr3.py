@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from firmware_py.sim.vtn3 import BenchVtn3
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
 
@@ -613,7 +613,6 @@ def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
 @given(st.lists(st.tuples(st.integers(1, 7200), st.one_of(st.none(), st.integers(-86_400, 86_400))),
                 min_size=1, max_size=8),
        st.integers(60, 7200))
-@settings(max_examples=60, deadline=None)
 def test_intervals_are_laid_out_as_the_independent_model_lays_them_out(layout: list[tuple[int, int | None]],
                                                                      default_s: int) -> None:
     """Own durations and starts mixed with the event's defaults: the same windows as python-oa3's."""
@@ -654,7 +653,6 @@ NEAR_VALID = st.builds(
 
 
 @given(st.one_of(JSON, NEAR_VALID))
-@settings(max_examples=150, deadline=None)
 def test_fuzzed_events_get_a_plan_or_a_clear_refusal_never_an_exception(payload: Any) -> None:
     answer = translate(payload)
     if isinstance(answer, DispatchAnswer):
