@@ -476,7 +476,8 @@ def test_a_price_event_hands_price_intervals_to_the_gateway_and_reports_its_answ
             assert second.price_per_kwh == 0.48 and second.start == first.end
             assert not sink.of(DispatchRequest)
             await vtn.wait_for(lambda: vtn.answers_for(event_id))
-            assert vtn.answers_for(event_id) == ["accepted"]
+            assert vtn.answers_for(event_id) == ["accepted", "accepted"]  # one per price interval answered
+            assert [r[1] for r in vtn.reasons_for(event_id)] == ["below the threshold"] * 2
 
     run(scenario)
 
@@ -558,6 +559,14 @@ def test_an_export_limit_caps_the_same_intervals_discharge_and_is_a_limit_window
     assert isinstance(plan, EventPlan)
     assert [r.target_w for r in plan.requests] == [4000.0]
     assert [(w.limit_w, w.start) for w in plan.limits] == [(4000.0, NOW.timestamp())]
+
+
+def test_one_interval_asking_for_power_is_requested_under_the_event_id_and_only_that_window_carries_it() -> None:
+    plan = translate(event([interval(0, "EXPORT_CAPACITY_LIMIT", 3.0), interval(1, value=2.0),
+                            interval(2, "PRICE", 0.2)]))
+    assert isinstance(plan, EventPlan)
+    assert [r.id for r in plan.requests] == ["ev-1"] and plan.requests[0].start == NOW.timestamp() + 600
+    assert [w.request_id for w in plan.intervals] == [None, "ev-1", None]
 
 
 def test_intervals_take_their_own_period_or_the_events_start_plus_the_durations_before_them() -> None:

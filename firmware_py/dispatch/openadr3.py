@@ -469,20 +469,20 @@ class OpenAdr3Ven:
         for request in requests:
             self._metered.setdefault(request.id, 0.0)
             answers[request.id] = await self._answer(sink, request)
-        price_answers = []
+        price_answers: dict[str, DispatchAnswer] = {}
         for price in plan.prices:
             answer = await sink.submit(price)  # type: ignore[arg-type]  # the price-responsive mode takes these
             if isinstance(answer, DispatchAnswer):
-                price_answers.append(answer)
+                price_answers[price.id] = answer
         self._events[plan.event_id] = _Tracked(key, plan, {r.id: r for r in requests}, answers,
                                                reported_upto=tracked.reported_upto if tracked else 0)
-        everything = tuple(answers.values()) + tuple(price_answers)
+        everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
                           f"{len(plan.limits)} export limit(s)" if plan.limits else "")))
         self._record(EventOutcome(plan.event_id, revision, everything, detail, plan.prices))
         self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals,
-                           {**answers, **{a.request_id: a for a in price_answers}})
+                           {**answers, **price_answers})
         await self._hold_limit(sink)
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
@@ -571,8 +571,7 @@ class OpenAdr3Ven:
         """The answer to one revision: per interval that carries a request, or for the event as a whole."""
         intervals = []
         for window in windows:
-            answer = answers.get(event_id) if len(answers) == 1 and event_id in answers else \
-                answers.get(f"{event_id}#{window.interval_id}")
+            answer = answers.get(window.request_id or "") or answers.get(f"{event_id}#{window.interval_id}")
             if answer is not None:
                 intervals.append(_interval(window, _answer_payloads(answer)))
         if not intervals and answers:  # refused whole (a bad event), or nothing per interval
@@ -624,9 +623,8 @@ class OpenAdr3Ven:
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            rid = plan.event_id if plan.event_id in tracked.requests else f"{plan.event_id}#{window.interval_id}"
-            payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY,
-                                               "values": [round(self._metered.get(rid, 0.0), 3)]}]
+            delivered = self._metered.get(window.request_id, 0.0) if window.request_id else 0.0
+            payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
                 if t.soc_pct is not None:
                     payloads.append({"type": CHARGE_LEVEL, "values": [round(t.soc_pct, 2)]})

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any
@@ -71,13 +71,15 @@ ENERGY_UNITS = {"KWH": 1.0, "WH": 1e-3, "MWH": 1e3}  # kWh per unit: a price per
 
 @dataclass(frozen=True)
 class IntervalWindow:
-    """One interval of an event: its id, where it sits on the gateway clock, and its wall start (for reports)."""
+    """One interval of an event: its id, where it sits on the gateway clock, its wall start (for reports),
+    and the id of the request it asks for, if it asks for power."""
 
     interval_id: int
     start: float
     end: float
     wall_start: datetime
     duration_s: float
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
     requests, request_ids, prices, limits = [], [], [], []
     single = sum(1 for p in payloads if _asks_power(p)) == 1
     label = program.get("programName") if isinstance(program.get("programName"), str) else program_id
-    for window, values in zip(windows, payloads, strict=True):
+    for n, (window, values) in enumerate(zip(windows, payloads, strict=True)):
         where = f"interval {window.interval_id}"
         limit_w = _power(values, PayloadType.EXPORT_CAPACITY_LIMIT, descriptors, where, signed=False)
         if limit_w is not None:
@@ -178,6 +180,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
         if target is not None:
             rid = event_id if single else f"{event_id}#{window.interval_id}"
             request_ids.append(rid)
+            windows[n] = window = replace(window, request_id=rid)
             if limit_w is not None and target > limit_w:
                 target = limit_w  # the event caps its own discharge
             kind = (DispatchKind.DISCHARGE if target > 0 else DispatchKind.CHARGE if target < 0
