@@ -164,13 +164,17 @@ class TokenSource:
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise VtnError(f"cannot reach the token endpoint {self.token_url}: {_why(err)}") from None
-        answer = _json(body, f"the token endpoint {self.token_url}")
         if status in (400, 401, 403):
+            try:
+                answer = _json(body, "")
+            except VtnError:
+                answer = None
             code = answer.get("error") if isinstance(answer, dict) else None
             raise VtnRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
                              f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
                              "and the secret in client_secret_file")
-        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+        answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
             raise VtnError(f"the token endpoint {self.token_url} answered HTTP {status} without an access_token")
         life = answer.get("expires_in")
         life_s = float(life) if isinstance(life, (int, float)) and not isinstance(life, bool) and life > 0 \
