@@ -737,3 +737,28 @@ def test_check_config_names_the_secret_file_when_the_section_is_enabled(tmp_path
     assert any("gw.toml: dispatch.openadr3.client_secret_file" in p and "chmod 600" in p for p in err.value.problems)
     os.chmod(secret, 0o600)
     assembly.check(config)  # nothing else to refuse
+
+
+def test_assembly_builds_the_ven_on_the_gateways_clocks_link_and_levels(tmp_path: Path) -> None:
+    from firmware_py.assembly import assemble
+    from firmware_py.clocks import Clocks
+    from firmware_py.config import Config
+    from firmware_py.core.types import OwnerSettings
+
+    base = Config()
+    secret = write_secret(tmp_path)
+    config = replace(base, can=replace(base.can, interface="virtual", channel=f"oadr3-{tmp_path}"),
+                     journal=replace(base.journal, path=str(tmp_path / "j.sqlite")),
+                     dispatch=replace(base.dispatch, openadr3=replace(base.dispatch.openadr3, enabled=True,
+                                                                      client_secret_file=str(secret))))
+    clocks = Clocks(monotonic=lambda: 100.0, wall=lambda: 1_000_100.0)
+    built = assemble(config, clocks, owner=OwnerSettings(40, 0.0))
+    try:
+        ven = built.integrations["dispatch.openadr3"]
+        assert isinstance(ven, OpenAdr3Ven) and ven.notice_step in built.gateway.observers
+        assert Link.OPENADR3.value in built.gateway.links.view(100.0)
+        # an event's wall-clock instant lands on the core's monotonic base
+        assert ven._to_gateway_time(dt.datetime.fromtimestamp(1_000_160.0, UTC)) == 160.0
+        assert ven._levels == built.gateway.policy.simple_levels_pct
+    finally:
+        built.close()
