@@ -120,7 +120,6 @@ class EventOutcome:
 class _Tracked:
     """An event the core has heard about, at the revision it knows."""
 
-    key: str
     plan: EventPlan
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
@@ -430,7 +429,7 @@ class OpenAdr3Ven:
             revision = seen[1] + 1 if seen is not None else 0
             self._seen[event_id] = (key, revision)
             try:
-                await self._on_event(sink, event, key, revision)
+                await self._on_event(sink, event, revision)
             except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
                 log.exception("OpenADR 3: the core failed on event %s", event_id)
         for event_id in [e for e in self._seen if e not in present]:
@@ -442,7 +441,7 @@ class OpenAdr3Ven:
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
 
-    async def _on_event(self, sink: DispatchSink, event: Any, key: str, revision: int) -> None:
+    async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
             rating = float(self._rating())
         except Exception as err:  # noqa: BLE001 - a broken rating source must not cost the VTN an answer
@@ -478,7 +477,7 @@ class OpenAdr3Ven:
             answer = await sink.submit(price)  # type: ignore[arg-type]  # the price-responsive mode takes these
             if isinstance(answer, DispatchAnswer):
                 price_answers[price.id] = answer
-        self._events[plan.event_id] = _Tracked(key, plan, {r.id: r for r in requests}, answers,
+        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
                                                reported_upto=tracked.reported_upto if tracked else 0)
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
@@ -658,21 +657,6 @@ class OpenAdr3Ven:
         refused = outcome.answers and all(a.verdict is Verdict.REJECTED for a in outcome.answers)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
-
-    def committed_w(self) -> float:
-        """The W the gateway has committed to for the OpenADR 3 interval running now (the cap if capped)."""
-        if self._sink is None:
-            return 0.0
-        now = self._sink.now()
-        total = 0.0
-        for tracked in self._events.values():
-            for rid, request in tracked.requests.items():
-                answer = tracked.answers.get(rid)
-                if answer is None or answer.verdict is Verdict.REJECTED or not request.start <= now < request.end:
-                    continue
-                total += answer.cap_w if answer.verdict is Verdict.CAPPED and answer.cap_w is not None \
-                    else request.target_w
-        return total
 
 
 class _Backoff:
