@@ -21,6 +21,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 def build_parser() -> argparse.ArgumentParser:
     from firmware_py import bundle, service, status
     from firmware_py.bms import commands as bms_commands
+    from firmware_py.commissioning import commands as commissioning_commands
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
     from firmware_py.owner import commands as owner_commands
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {software_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (service, status, bms_commands, inverter_commands, journal_commands, owner_commands,
-                   sim_command, bench, statement_commands, bundle):
+                   sim_command, bench, statement_commands, bundle, commissioning_commands):
         module.register(sub)
     return parser
 

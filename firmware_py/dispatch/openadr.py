@@ -300,6 +300,28 @@ class OpenAdrVen:
         await client.sync_events()
         return True
 
+    async def probe_registration(self) -> str | None:
+        """Register with the VTN once, as `run` does first, and nothing more: no polls, no events,
+        no reports. None when the VTN registered this VEN, else why not (what openleadr logged
+        included). Commissioning asks it; the running gateway registers again on its own."""
+        client = self._make_client()
+        heard = _Heard()
+        openleadr_log = logging.getLogger("openleadr")
+        openleadr_log.addHandler(heard)
+        try:
+            response_type, payload = await client.query_registration()
+            if response_type is None:
+                return f"no answer from the VTN at {self.config.vtn_url}{heard.said()}"
+            request_id = (payload.get("response") or {}).get("request_id")
+            await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
+            if client.registration_id is None:
+                return f"the VTN at {self.config.vtn_url} did not register VEN {self.config.ven_name!r}{heard.said()}"
+            return None
+        finally:
+            openleadr_log.removeHandler(heard)
+            if client.client_session is not None:
+                await client.client_session.close()
+
     @staticmethod
     def _poll_s(client: _Client) -> float:
         """The VTN's requested poll interval, kept within [MIN_POLL_S, 24 h]."""
@@ -505,6 +527,21 @@ class OpenAdrVen:
         if t.refusal is not None:
             return BLOCKED_CODES.get(t.refusal, 0)
         return BLOCKED_CODES[ReasonCode.OPTED_OUT] if t.opted_out else 0
+
+
+class _Heard(logging.Handler):
+    """openleadr's own warnings and errors during one exchange (it logs the cause instead of raising)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < 4:
+            self.messages.append(record.getMessage().strip())
+
+    def said(self) -> str:
+        return f" ({'; '.join(m for m in self.messages if m)})" if self.messages else ""
 
 
 class _Backoff:
