@@ -237,6 +237,21 @@ def test_a_refused_secret_is_a_lost_link_that_names_the_client_never_the_secret(
     run(scenario)
 
 
+def test_commissioning_probe_logs_in_registers_and_finds_the_programs() -> None:
+    async def scenario() -> None:
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            assert "shows it no program" in await make_ven(vtn).probe_registration()
+            vtn.add_program("summer-peak")
+            assert await make_ven(vtn).probe_registration() is None
+            assert [v["venName"] for v in vtn.vens.values()] == ["truck-1"]  # created once, then found
+            problem = await make_ven(vtn, secret="wrong").probe_registration()
+            assert "refused client_id 'truck-1'" in problem and "wrong" not in problem
+        problem = await make_ven(vtn).probe_registration()  # the VTN is gone
+        assert "cannot reach the VTN" in problem
+
+    run(scenario)
+
+
 # ---------------------------------------------------------------------- events and answers
 
 

@@ -259,6 +259,22 @@ class OpenAdr3Ven:
             if callback is not None:
                 await callback.cleanup()
 
+    async def probe_registration(self) -> str | None:
+        """Log in, find or create this VEN's object and read its programs, as `run` does first, and
+        nothing more: no events, no reports. None when all of it worked, else why not. Commissioning
+        asks it; the running gateway does it again on its own."""
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                self.tokens = TokenSource(await self._token_url(session), self.config.client_id, self._secret)
+                await self._register(session)
+                await self._load_programs(session)
+        except VtnError as err:
+            return str(err)
+        if not self.programs:
+            return f"VEN {self.config.ven_name!r} is registered, but the VTN shows it no program to take part in"
+        return None
+
     def wake(self) -> None:
         """Poll now (a notification arrived, or a report fell due)."""
         if self._wake is not None:
