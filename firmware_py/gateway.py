@@ -72,6 +72,7 @@ from firmware_py.journal.steps import (
     start_payload,
 )
 from firmware_py.links import Link, LinkBook
+from firmware_py.statements.earnings import EarningsBook, basis_of
 from firmware_py.status import status_document
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Gateway:
         self.perf_clock: Callable[[], float] = time.perf_counter
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
+        self.earnings = EarningsBook(*basis_of(config), clocks)
+        """This month's earnings for the status (computed off the loop by the service's `earnings` task)."""
 
     # ------------------------------------------------------------------ core
 
@@ -214,7 +217,8 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         """The live state as `powershare-gw status` and `GET /api/status` show it."""
         now = self.clock()
-        return status_document(telemetry(self.controller, now), self.links.view(now), self.clocks.to_wall(now))
+        return status_document(telemetry(self.controller, now), self.links.view(now), self.clocks.to_wall(now),
+                               self.earnings.latest())
 
     def note(self, kind: RecordKind, payload: dict) -> None:
         self._pending.append((kind, self.clock(), payload))
@@ -318,6 +322,7 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
+            self.earnings.journaled(sum(1 for item in pending if _event_life(item)))
             if failing:
                 log.info("journal writes again")
                 self.feed(JournalHealth(self.clock(), ok=True))
@@ -364,3 +369,9 @@ class Gateway:
 EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER, RecordKind.EVENT_ENERGY,
                         RecordKind.DISPATCH_ENDED})
 """The record kinds that tell which events are open (and what a rotation carries for them)."""
+
+
+def _event_life(item: Any) -> bool:
+    """Whether a queued journal item is an event's request, answer, energy or end (what earnings follow)."""
+    kind = item[0] if isinstance(item, tuple) else type(item).__name__
+    return kind in EVENT_LIFE

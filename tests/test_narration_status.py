@@ -173,3 +173,46 @@ def test_status_shows_when_the_envelope_reduces_power_and_what_blocks_dispatch()
     assert doc["dispatch_blocked"] == {"reason": "ENTER_SERVICE_DELAY",
                                        "detail": "grid back: export may resume in 212 s (enter-service delay)"}
     assert "dispatch: not followed now: ENTER_SERVICE_DELAY" in "\n".join(render(doc))
+
+
+def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_code(tmp_path, capsys):
+    """After an event, the status's `earnings` are the month statement's totals, to the cent."""
+    async def main() -> tuple[dict, str]:
+        def enrolled(config):
+            return replace(config, owner=replace(config.owner, api_listen="127.0.0.1:0"),
+                           program=replace(config.program, name="Peak Rewards", credit_per_kwh=100.0,
+                                           wear_cost_per_kwh=1.0))
+
+        async with Rig(tmp_path, configure=enrolled) as rig:
+            api = OwnerApi(rig.config.owner, rig.gateway, clocks=rig.gateway.clocks)
+            await api.start()
+            try:
+                await rig.run(2.0)
+                assert rig.gateway.status()["earnings"] is None  # not read yet: nothing made up meanwhile
+                now = rig.gateway.now()
+                await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now,
+                                                         now + 30, now))
+                await rig.run(35.0)
+                rig.gateway.flush_journal()
+                await rig.gateway.earnings.refresh()  # what the service's earnings task does when due
+                config = write_config(tmp_path, api.address, Path(rig.config.owner.token_file))
+                assert await asyncio.to_thread(cli.main, ["status", "--config", str(config), "--json"]) == 0
+                doc = json.loads(capsys.readouterr().out)
+                assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
+                return doc, capsys.readouterr().out
+            finally:
+                await api.stop()
+
+    doc, text = asyncio.run(main())
+    earnings = doc["earnings"]
+    statement_config = tmp_path / "statement.toml"
+    statement_config.write_text(f'[journal]\npath = "{tmp_path / "journal.sqlite"}"\n[program]\n'
+                                'name = "Peak Rewards"\ncredit_per_kwh = 100.0\nwear_cost_per_kwh = 1.0\n')
+    assert cli.main(["statement", "--config", str(statement_config), "--month", "2025-06", "--format", "json"]) == 0
+    statement = json.loads(capsys.readouterr().out)
+    totals = statement["totals"]
+    assert earnings["month"] == "2025-06" and earnings["currency"] == "USD" and earnings["program"] == "Peak Rewards"
+    assert earnings["events_served"] == 1 and earnings["credit"] > 2.0  # ~30 s at 4 kW, at 100 USD/kWh
+    for name in ("delivered_wh", "credited_wh", "throughput_wh", "credit", "wear_cost", "net"):
+        assert earnings[name] == totals[name], name
+    assert f"earned:  2025-06: credit {totals['credit']:,.2f} USD for" in text

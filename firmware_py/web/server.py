@@ -13,7 +13,7 @@ saved, fed to the core and journaled exactly like an `owner` command.
     GET  /api/session          the session's role and CSRF token
     GET  /api/status           the status document (`powershare-gw status`)
     GET  /api/settings         the owner's settings and what they imply
-    GET  /api/history          the last 24 h from the journal
+    GET  /api/history          the last 24 h from the journal, each event with its statement figures
     PUT  /api/reserve | opt-out | departure | storm-watch;  DELETE /api/opt-out | departure | storm-watch
     GET  /api/installer        (installer) configuration, links, fault latches
     POST /api/lockout-reset    (installer) the installer reset
@@ -50,7 +50,7 @@ from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
-from firmware_py.web.history import read_history
+from firmware_py.web.history import HISTORY_S, read_history, with_figures
 from firmware_py.web.installer import installer_view
 from firmware_py.web.sessions import Clock, Keys, LoginThrottle, Role, Session, SessionBook
 
@@ -360,8 +360,12 @@ class WebApp:
                            "can_charge": policy.max_charge_w > 0})
 
     async def _history(self, request: web.Request, caller: Caller) -> web.Response:
-        doc = await asyncio.to_thread(read_history, self.config.journal.path, self.clocks.wall())
-        return _json(200, doc)
+        """The day from the journal; each event with its statement figures (computed off the loop, when due)."""
+        now = self.clocks.wall()
+        earnings = self.gateway.earnings
+        await earnings.refresh(now - HISTORY_S)
+        doc = await asyncio.to_thread(read_history, self.config.journal.path, now)
+        return _json(200, with_figures(doc, *earnings.figures(now - HISTORY_S)))
 
     async def _installer(self, request: web.Request, caller: Caller) -> web.Response:
         now = self.gateway.now()
