@@ -322,7 +322,8 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
-            self.earnings.journaled(sum(1 for item in pending if _event_life(item)))
+            self.earnings.journaled(sum(1 for item in pending if _event_life(item)),
+                                    steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing:
                 log.info("journal writes again")
                 self.feed(JournalHealth(self.clock(), ok=True))

@@ -193,7 +193,7 @@ def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_
                 await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now,
                                                          now + 30, now))
                 await rig.run(35.0)
-                rig.gateway.flush_journal()
+                rig.gateway.flush_journal(final=True)  # with the steps' batch, as `run` writes it each minute
                 await rig.gateway.earnings.refresh()  # what the service's earnings task does when due
                 config = write_config(tmp_path, api.address, Path(rig.config.owner.token_file))
                 assert await asyncio.to_thread(cli.main, ["status", "--config", str(config), "--json"]) == 0

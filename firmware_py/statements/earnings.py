@@ -12,8 +12,9 @@ event loop and never on a reader's behalf:
 - reading the status costs nothing: it shows the last result (`latest`, with the
   journal record it was computed at);
 - the result is made again, in a worker thread and one at a time, only when the
-  gateway has journaled event records since (a request, an answer, energy, an end:
-  `journaled`), at most every `refresh_s`, and when the month turns. Between events
+  gateway has journaled event records since (a request, an answer, energy, an end,
+  and the batch of core steps after them: `journaled`), at most every `refresh_s`,
+  and when the month turns. Between events
   the journal is not read at all; during one, about once a minute.
 - the history asks for the figures of the day's events; on the first day of a month
   those include last month's, computed once then kept with the month.
@@ -108,12 +109,20 @@ class EarningsBook:
         self._written = 0  # event records journaled so far
         self._computed_written = -1  # ... when the current month was last computed
         self._computed_mono = -float("inf")
+        self._steps_owed = False  # event records were written, and no batch of steps since
         self._lock = asyncio.Lock()
         self._failing = False
 
-    def journaled(self, records: int) -> None:
-        """The gateway wrote `records` event records (requests, answers, energy, ends) to the journal."""
-        self._written += records
+    def journaled(self, records: int, *, steps: bool = False) -> None:
+        """The gateway wrote `records` event records (requests, answers, energy, ends) to the journal, and
+        with `steps` a batch of core steps. The first batch after event records counts too: the SoC and power
+        an event's figures take from the steps reach the journal up to a batch later than its records."""
+        if records:
+            self._written += records
+            self._steps_owed = True
+        elif steps and self._steps_owed:
+            self._written += 1
+            self._steps_owed = False
 
     def latest(self) -> dict[str, Any] | None:
         """This month's earnings as last computed (None before the first computation)."""
