@@ -3,7 +3,9 @@
 The CLI never edits the settings file itself: only the gateway may change what
 the core runs on, so a change made here takes effect at once and is journaled
 like any other, or is refused with the gateway's reason.
-Exit codes: 0 done, 2 bad input (ours or the gateway's 400), 1 no gateway or not authorized.
+Exit codes: 0 done; 2 bad input (ours or the gateway's 400) or no gateway to ask (not running,
+another address, the token missing or not accepted), as `status`; 1 the gateway answered but
+could not make the change (it could not save the settings).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ TIMEOUT_S = 5.0
 
 
 class Unavailable(Exception):
-    """The gateway could not be asked: not running, not reachable, or not authorized (exit 1)."""
+    """The gateway did not do what was asked: it answered with an error (exit 1), or `Unreachable`."""
+
+
+class Unreachable(Unavailable):
+    """No gateway to ask: not running, not reachable, or the token not accepted (exit 2, as `status`)."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -61,7 +67,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     try:
         token = read_token(owner.token_file)
     except FileNotFoundError:
-        raise Unavailable(f"no gateway answering on {listen.describe()}: its token file "
+        raise Unreachable(f"no gateway answering on {listen.describe()}: its token file "
                           f"{owner.token_file} does not exist (has the gateway been started with this config?)") from None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -70,7 +76,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
         response = conn.getresponse()
         status, raw = response.status, response.read()
     except (OSError, http.client.HTTPException) as err:
-        raise Unavailable(f"no gateway answering on {listen.describe()} ({err})") from None
+        raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
     finally:
         conn.close()
     try:
@@ -83,7 +89,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     if status == 400:
         raise InputError(f"owner {path.strip('/')}: the gateway refused: {error}")
     if status == 401:
-        raise Unavailable(f"unauthorized: the gateway on {listen.describe()} did not accept the token in "
+        raise Unreachable(f"unauthorized: the gateway on {listen.describe()} did not accept the token in "
                           f"{owner.token_file} (is it the gateway's own config?)")
     raise Unavailable(f"the gateway on {listen.describe()} answered {status}: {error}")
 
@@ -218,8 +224,10 @@ def _owner(args: argparse.Namespace) -> int:
     owner = config.load(args.config).owner
     try:
         lines = action(owner, args)
+    except Unreachable as err:
+        raise InputError(f"owner: {err}") from None
     except Unavailable as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
+        print(f"error: owner: {printable(str(err))}", file=sys.stderr)
         return 1
     print("\n".join(printable(line) for line in lines))  # ids and errors come from aggregators and peers
     return 0

@@ -44,6 +44,7 @@ from firmware_py.config import Config
 from firmware_py.core import floor as floors
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
+from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
 from firmware_py.owner.changes import BadRequest
@@ -174,7 +175,7 @@ class WebApp:
         self.tls = bool(config.web.tls_cert)
         self._keys: Keys | None = None
         self._assets: dict[str, bytes] = {}
-        self._runner: web.AppRunner | None = None
+        self.listener = HttpListener(f"web.listen: cannot listen on {config.web.listen}")
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -185,37 +186,25 @@ class WebApp:
 
     async def start(self, sink: Any = None) -> int:
         """Read the tokens (the installer's created 0600 on first start) and bind; InputError when it cannot."""
-        if self._runner is not None:
+        if self.listener.listening:
             return self.port
         owner = ensure_token(self.config.owner.token_file)
         installer = ensure_token(self.config.web.installer_token_file, what="installer token")
         self._keys = Keys(owner=owner, installer=installer)
         self._assets = _assets()
-        runner = web.AppRunner(self._application(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=tls_context(self.config), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as err:
-            await runner.cleanup()
-            raise InputError(f"web.listen: cannot listen on {self.config.web.listen}: {err.strerror or err}") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        tls = tls_context(self.config)
+        await self.listener.start(self._application(), lambda runner: web.TCPSite(
+            runner, self.host, self.port, ssl_context=tls, reuse_address=True))
+        self.port = self.listener.bound[1]
         log.info("web app on %s (owner and installer logins)", self.url)
         return self.port
 
     async def run(self, sink: Any = None) -> None:
         """Serve until cancelled."""
-        await self.start(sink)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve_until_cancelled(self.start, self.stop)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.listener.stop()
 
     def _application(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
