@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from firmware_py.core.telemetry import Telemetry
+from firmware_py.narration import percent
 
 CORE_LINKS = ("bms", "inverter")
 """Always shown, even before their first report: without them the gateway cannot command power."""
@@ -74,7 +75,7 @@ def _utc(epoch_s: float) -> str:
 
 
 def render(doc: dict[str, Any]) -> list[str]:
-    """The document as lines for a person."""
+    """The document as lines for a person: rounded as people read them (`--json` keeps every digit)."""
     event = doc.get("event")
     if event:
         cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
@@ -85,12 +86,11 @@ def render(doc: dict[str, Any]) -> list[str]:
         served = f"{event['id']}: {event.get('answer')}{cap}, {energy}{envelope}"
     else:
         served = "none"
-    soc = doc.get("soc_pct")
     lines = [
         f"at:      {doc.get('at')}",
         f"mode:    {doc.get('mode')}: {doc.get('reason')}",
-        (f"SoC:     {'unknown' if soc is None else f'{soc:g} %'} (floor {doc.get('floor_pct'):g} %, "
-         f"reserve {doc.get('reserve_pct'):g} %)"),
+        f"SoC:     {percent(doc.get('soc_pct'))} (floor {percent(doc.get('floor_pct'))}, "
+        f"reserve {percent(doc.get('reserve_pct'))})",
         f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
@@ -121,7 +121,7 @@ def _earnings(earnings: dict[str, Any] | None) -> str:
 def _storm(storm: dict[str, Any] | None) -> str:
     if not storm:
         return "no storm watch"
-    return f"storm watch: keeping {storm.get('floor_pct'):g} % for an outage until {storm.get('until')}"
+    return f"storm watch: keeping {percent(storm.get('floor_pct'))} for an outage until {storm.get('until')}"
 
 
 def _link(name: str, link: dict[str, Any]) -> str:

@@ -216,3 +216,20 @@ def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_
     for name in ("delivered_wh", "credited_wh", "throughput_wh", "credit", "wear_cost", "net"):
         assert earnings[name] == totals[name], name
     assert f"earned:  2025-06: credit {totals['credit']:,.2f} USD for" in text
+
+
+def test_status_text_rounds_for_people_and_the_json_keeps_every_digit():
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.status import status_document
+
+    raw = Telemetry(at=10.0, mode=Mode.DISCHARGE, soc_pct=79.833333, floor_pct=42.123456, power_w=3_999.74,
+                    setpoint_w=4_000.0, available_wh=4_567.891, active_event_id="peak", verdict=Verdict.ACCEPTED,
+                    meter_wh=12.345678, reserve_pct=40.0, storm_watch_pct=75.25, storm_watch_until=3_610.0)
+    doc = status_document(raw, {"bms": {"ok": True, "age_s": 0.0333}}, wall_now=1_750_000_000.0)
+    assert doc["soc_pct"] == 79.833333 and doc["floor_pct"] == 42.123 and doc["event"]["delivered_wh"] == 12.345678
+    text = "\n".join(render(doc))
+    assert "SoC:     79.8 % (floor 42.1 %, reserve 40 %)" in text
+    assert "power:   4,000 W measured, setpoint 4,000 W" in text
+    assert "peak: accepted, 12.3 Wh delivered" in text and "keeping 75.2 % for an outage" in text
+    assert "bms ok (last good 0.0 s ago)" in text
+    assert "79.83" not in text and "42.12" not in text and "12.34" not in text

@@ -22,6 +22,7 @@ from firmware_py import config
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
+from firmware_py.narration import percent
 from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.store import UNTIL_REVOKED
 from firmware_py.quoting import printable
@@ -102,8 +103,6 @@ def _when(epoch: float) -> str:
         return f"{epoch:g} s after the epoch"
 
 
-def _pct(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:g} %"
 
 
 def describe_opt_out(settings: dict[str, Any], now: float) -> str:
@@ -122,21 +121,21 @@ def describe_departure(settings: dict[str, Any], now: float) -> str:
     at = settings.get("departure_at")
     if at is None or at <= now:
         return "none"
-    return f"{_when(at)}, {_pct(settings.get('departure_soc_pct'))} wanted"
+    return f"{_when(at)}, {percent(settings.get('departure_soc_pct'))} wanted"
 
 
 def describe_storm_watch(settings: dict[str, Any], now: float) -> str:
     floor, until = settings.get("storm_watch_floor_pct"), settings.get("storm_watch_until")
     if floor is None or until is None or until <= now:
         return "off"
-    return f"keeping {_pct(floor)} for an outage until {_when(until)}"
+    return f"keeping {percent(floor)} for an outage until {_when(until)}"
 
 
 def describe_status(answer: dict[str, Any]) -> list[str]:
     settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
     return [
-        f"reserve:      {_pct(settings['reserve_pct'])} (floor now {_pct(answer['floor_pct'])})",
-        f"SoC:          {_pct(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
+        f"reserve:      {percent(settings['reserve_pct'])} (floor now {percent(answer['floor_pct'])})",
+        f"SoC:          {percent(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
         f"state:        {tel.get('mode')}, power {tel.get('power_w', 0):,.0f} W "
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
@@ -162,7 +161,7 @@ def _status(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
 
 def _reserve(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     settings = call(owner, "PUT", "/reserve", {"pct": _number(args.pct, "reserve")})["settings"]
-    return [f"reserve set to {_pct(settings['reserve_pct'])}"]
+    return [f"reserve set to {percent(settings['reserve_pct'])}"]
 
 
 def _opt_out(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
