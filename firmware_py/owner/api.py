@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,7 @@ from firmware_py.core.types import OwnerSettings
 from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
-from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
@@ -160,18 +159,12 @@ class OwnerApi:
     async def _live_status(self, request: web.Request) -> web.Response:
         return _json_response(200, self.port.status())
 
-
     async def _body(self, request: web.Request) -> Any:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        return parse_body(raw)
 
     def _setter(self, control: Control) -> Handler:
         async def handle(request: web.Request) -> web.Response:

@@ -47,7 +47,7 @@ from firmware_py.files import regular_or_absent
 from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
-from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
@@ -381,10 +381,4 @@ class WebApp:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        return parse_body(await request.read())  # too large: the guard's 400
