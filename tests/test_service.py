@@ -99,6 +99,9 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
             try:
                 await service.start()
                 await ready.wait("the gateway to have fresh BMS and inverter data")
+                await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
+                month = service.gateway.status()["earnings"]
+                assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
                 now = time.time()
                 answer = await service.gateway.submit(DispatchRequest(
                     "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))

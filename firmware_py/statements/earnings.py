@@ -112,6 +112,8 @@ class EarningsBook:
         self._steps_owed = False  # event records were written, and no batch of steps since
         self._lock = asyncio.Lock()
         self._failing = False
+        self.updated = asyncio.Event()
+        """Set once a month has been computed (for whoever waits for the first figures)."""
 
     def journaled(self, records: int, *, steps: bool = False) -> None:
         """The gateway wrote `records` event records (requests, answers, energy, ends) to the journal, and
@@ -178,6 +180,7 @@ class EarningsBook:
             return
         self._failing = False
         self._months[earnings.month] = earnings
+        self.updated.set()
         if current:
             self._current = earnings.month
             self._computed_written, self._computed_mono = written, started
