@@ -52,7 +52,9 @@ from firmware_py.core.types import (
     BmsSnapshot,
     DispatchAnswer,
     DispatchCancel,
+    DispatchEnded,
     DispatchRequest,
+    EventEnergy,
     Input,
     InstallerReset,
     InverterCommand,
@@ -62,6 +64,7 @@ from firmware_py.core.types import (
     SiteLimit,
     Stall,
     Tick,
+    Verdict,
 )
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind, codec
@@ -322,7 +325,7 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
-            self.earnings.journaled(sum(1 for item in pending if _event_life(item)),
+            self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
                                     steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing:
                 log.info("journal writes again")
@@ -372,7 +375,14 @@ EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.DISPATCH_ANSWER,
 """The record kinds that tell which events are open (and what a rotation carries for them)."""
 
 
-def _event_life(item: Any) -> bool:
-    """Whether a queued journal item is an event's request, answer, energy or end (what earnings follow)."""
-    kind = item[0] if isinstance(item, tuple) else type(item).__name__
-    return kind in EVENT_LIFE
+def _settles_an_event(item: Any) -> bool:
+    """Whether a queued journal item settles an event's account: its end, its final energy, or a refusal.
+
+    What the month's earnings are computed again after (`statements.earnings`): not the periodic energy
+    records of an event still running, so the journal is not read over and over while the truck serves one.
+    """
+    if isinstance(item, DispatchEnded):
+        return True
+    if isinstance(item, EventEnergy):
+        return item.final
+    return isinstance(item, DispatchAnswer) and item.verdict is Verdict.REJECTED

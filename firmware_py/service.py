@@ -14,8 +14,8 @@ Paths through it:
 - every `tick_s` → the CAN link looks at itself and reopens a broken bus (`bms/link.py`);
 - every `poll_interval_s` → `Gateway.poll_inverter` (at once after a stall: resync);
 - every `journal_flush_s` → queued journal records are written off the loop;
-- every `EARNINGS_CHECK_S` → this month's earnings are computed again (off the loop) when new
-  event records were journaled and a minute has passed (`statements/earnings.py`).
+- every `EARNINGS_CHECK_S` → this month's earnings are computed again (off the loop) when an
+  event was settled since and a minute has passed (`statements/earnings.py`).
 
 Time: `run` assembles with `Clocks.system()`: the core on the monotonic clock, wall
 time only for people (`firmware_py/clocks.py`). The gateway watches its own

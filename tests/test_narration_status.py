@@ -188,13 +188,20 @@ def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_
             await api.start()
             try:
                 await rig.run(2.0)
+                earnings = rig.gateway.earnings
                 assert rig.gateway.status()["earnings"] is None  # not read yet: nothing made up meanwhile
+                await earnings.refresh()  # what the service's earnings task does at start
+                assert rig.gateway.status()["earnings"]["events"] == 0
                 now = rig.gateway.now()
                 await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now,
-                                                         now + 30, now))
-                await rig.run(35.0)
+                                                         now + 90, now))
+                await rig.run(70.0)
+                rig.gateway.flush_journal(final=True)
+                assert not earnings.due()  # its energy so far is journaled, but a running event is not read for
+                await rig.run(25.0)
                 rig.gateway.flush_journal(final=True)  # with the steps' batch, as `run` writes it each minute
-                await rig.gateway.earnings.refresh()  # what the service's earnings task does when due
+                assert earnings.due()  # it ended
+                await earnings.refresh()
                 config = write_config(tmp_path, api.address, Path(rig.config.owner.token_file))
                 assert await asyncio.to_thread(cli.main, ["status", "--config", str(config), "--json"]) == 0
                 doc = json.loads(capsys.readouterr().out)
@@ -212,7 +219,7 @@ def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_
     statement = json.loads(capsys.readouterr().out)
     totals = statement["totals"]
     assert earnings["month"] == "2025-06" and earnings["currency"] == "USD" and earnings["program"] == "Peak Rewards"
-    assert earnings["events_served"] == 1 and earnings["credit"] > 2.0  # ~30 s at 4 kW, at 100 USD/kWh
+    assert earnings["events_served"] == 1 and earnings["credit"] > 8.0  # ~90 s at 4 kW, at 100 USD/kWh
     for name in ("delivered_wh", "credited_wh", "throughput_wh", "credit", "wear_cost", "net"):
         assert earnings[name] == totals[name], name
     assert f"earned:  2025-06: credit {totals['credit']:,.2f} USD for" in text

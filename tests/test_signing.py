@@ -6,7 +6,6 @@ Real files in a temporary folder; the anchor key and the statement key are both 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -289,7 +289,7 @@ def test_the_earnings_book_reads_the_journal_only_when_event_records_came_and_at
         mono[0] += 600
         await book.refresh()
         assert reads == ["2025-06"]
-        book.journaled(3)  # an event's records: read again
+        book.journaled(2)  # an event settled (its end, its final energy): read again
         await book.refresh()
         book.journaled(0, steps=True)  # the steps' batch after them (its SoC and power): once more, but
         assert not book.due()  # not before `refresh_s` has passed since the last read

@@ -12,10 +12,11 @@ event loop and never on a reader's behalf:
 - reading the status costs nothing: it shows the last result (`latest`, with the
   journal record it was computed at);
 - the result is made again, in a worker thread and one at a time, only when the
-  gateway has journaled event records since (a request, an answer, energy, an end,
-  and the batch of core steps after them: `journaled`), at most every `refresh_s`,
-  and when the month turns. Between events
-  the journal is not read at all; during one, about once a minute.
+  gateway has journaled what settles an event's account since (its end, its final
+  energy or a refusal, and the batch of core steps after them: `journaled`), at most
+  every `refresh_s`, and when the month turns. Neither between events nor while the
+  truck serves one is the journal read for it: an event's figures follow its end
+  (meanwhile the status shows its energy so far, live).
 - the history asks for the figures of the day's events; on the first day of a month
   those include last month's, computed once then kept with the month.
 """
@@ -43,7 +44,7 @@ from firmware_py.statements.make import Basis, statement_from_journal
 log = logging.getLogger(__name__)
 
 REFRESH_S = 60.0
-"""At most this often (gateway clock) the month is computed again, and only after new event records."""
+"""At most this often (gateway clock) the month is computed again, and only after an event was settled."""
 SHOWN_TOTALS = ("events", "events_served", "delivered_wh", "credited_wh", "throughput_wh", "credit", "wear_cost",
                 "net")
 """The month's totals the status shows (the statement's own `totals`)."""
@@ -106,19 +107,19 @@ class EarningsBook:
         self._compute = compute
         self._months: dict[str, Earnings] = {}
         self._current: str | None = None
-        self._written = 0  # event records journaled so far
+        self._written = 0  # records that settle an event, journaled so far
         self._computed_written = -1  # ... when the current month was last computed
         self._computed_mono = -float("inf")
-        self._steps_owed = False  # event records were written, and no batch of steps since
+        self._steps_owed = False  # such records were written, and no batch of steps since
         self._lock = asyncio.Lock()
         self._failing = False
         self.updated = asyncio.Event()
         """Set once a month has been computed (for whoever waits for the first figures)."""
 
     def journaled(self, records: int, *, steps: bool = False) -> None:
-        """The gateway wrote `records` event records (requests, answers, energy, ends) to the journal, and
-        with `steps` a batch of core steps. The first batch after event records counts too: the SoC and power
-        an event's figures take from the steps reach the journal up to a batch later than its records."""
+        """The gateway wrote `records` that settle an event's account (an end, final energy, a refusal) to
+        the journal, and with `steps` a batch of core steps. The first batch after such records counts too:
+        the SoC and power an event's figures take from the steps reach the journal up to a batch later."""
         if records:
             self._written += records
             self._steps_owed = True
