@@ -1,8 +1,9 @@
 """`powershare-gw bench`: the performance targets (the README's performance section), measured, never asserted in tests.
 
 - reaction: a BMS fault frame on the CAN bus -> `WSet = 0` received by the simulated
-  inverter over Modbus TCP loopback, through the real runtime (Notifier on the event
-  loop, core step, command writer), in real time;
+  inverter over Modbus TCP loopback, in real time: first with `powershare-gw run` and
+  every peer and load in processes of their own (`process_bench.py`), then with the
+  real runtime and its peers sharing one process (`RealtimeRig`), each beside its floor;
 - dispatch: a SunSpec `WSet` write by an aggregator to the gateway's DER server ->
   the inverter's new setpoint;
 - bus load: CPU of the gateway's CAN intake on a worst-case 500 kbit/s bus (3,704
@@ -21,12 +22,6 @@ import json
 import os
 import random
 import resource
-import shutil
-import signal
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,9 +32,11 @@ from typing import Any
 
 import can
 from cantools.database.errors import DecodeError
+from firmware_py.sim import process_bench
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
+from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, percentiles, signed
 
 from firmware_py.assembly import assemble
 from firmware_py.bms.reader import BmsReader
@@ -48,25 +45,14 @@ from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import (
-    DEFAULT_BASE,
     DER_CONTROL_AC,
-    END_MODEL_ID,
-    SUNS_MARKER,
     WSetEna,
     WSetMod,
 )
 from firmware_py.journal import RecordKind
 from firmware_py.service import RunOptions, Service, every
 
-BUS_FRAMES_PER_S = 3_704
 WAIT_S = 10.0
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered), 3), "p99_ms": round(pick(0.99), 3),
-            "max_ms": round(ordered[-1], 3)}
 
 
 class RealtimeRig:
@@ -86,14 +72,7 @@ class RealtimeRig:
         self.node_bus = can.Bus(interface="virtual", channel=self.channel)
         self.node = BmsNode(self.battery, self.node_bus, dbc)
         self.model = InverterModel(now=self.clock())
-        write = self.model.write
-
-        def noting_write(name: str, value: Any) -> None:
-            write(name, value)
-            if name == "WSet":
-                self.setpoints.append((time.perf_counter(), float(value)))
-
-        self.model.write = noting_write  # type: ignore[method-assign]
+        self.model.on_wset = lambda watts: self.setpoints.append((time.perf_counter(), watts))
         self.server = SimInverterServer(self.model)
         port = await self.server.start()
         base = Config()
@@ -262,14 +241,7 @@ async def reaction_floor(samples: int) -> dict[str, Any]:
 
     received: list[tuple[float, float]] = []
     model = InverterModel(now=time.time())
-    write = model.write
-
-    def noting_write(name: str, value: Any) -> None:
-        write(name, value)
-        if name == "WSet":
-            received.append((time.perf_counter(), float(value)))
-
-    model.write = noting_write  # type: ignore[method-assign]
+    model.on_wset = lambda watts: received.append((time.perf_counter(), watts))
     async with SimInverterServer(model) as server:
         probe = InverterClient(InverterConfig(port=server.port), time.time)
         address = (await probe.connect()).address(704, "WSet")
@@ -320,9 +292,9 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
         await client.connect()
         try:
             m704 = ModelDef.load(DER_CONTROL_AC)
-            base = await _find_model(client, DER_CONTROL_AC)
+            base = await find_model(client, DER_CONTROL_AC)
             regs = await client.read_holding_registers(base + m704.offset("WSet_SF"), count=1, device_id=1)
-            sf = _signed(regs.registers[0])
+            sf = signed(regs.registers[0])
             await client.write_registers(base + m704.offset("WSetMod"), [WSetMod.WATTS], device_id=1)
             warm = round(9_500 / 10 ** sf)
             await client.write_registers(base + m704.offset("WSet"), [warm >> 16, warm & 0xFFFF], device_id=1)
@@ -389,23 +361,6 @@ async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
                 await asyncio.gather(task, return_exceptions=True)
     return {"what": "OpenADR event on the VTN -> first discharge setpoint at the inverter",
             "target_p99_ms": round(MIN_POLL_S * 1000 + 50), **percentiles(latencies)}
-
-
-async def _find_model(client, model_id: int) -> int:
-    addr = DEFAULT_BASE + len(SUNS_MARKER)
-    for _ in range(64):
-        head = await client.read_holding_registers(addr, count=2, device_id=1)
-        mid, length = head.registers
-        if mid == model_id:
-            return addr
-        if mid == END_MODEL_ID:
-            break
-        addr += 2 + length
-    raise RuntimeError(f"model {model_id} not found")
-
-
-def _signed(raw: int) -> int:
-    return raw - 0x10000 if raw & 0x8000 else raw
 
 
 def bus_load(seconds: float) -> dict[str, Any]:
@@ -502,148 +457,6 @@ def _intake_cpu(frames: list[can.Message], seconds: float, make: Callable[[], Ca
     return {"cpu_pct_of_one_core": round(100 * cpu.get("s", float("nan")) / elapsed, 2)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def _listening(port: int, what: str, deadline: float) -> None:
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark: {what} never listened on 127.0.0.1:{port}") from None
-            await asyncio.sleep(0.05)
-
-
-def _proc_status(pid: int) -> dict[str, float]:
-    """RSS (MB) and open file descriptors of process `pid`."""
-    with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
-    return {"rss_mb": round(rss, 1), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
-async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
-    """`powershare-gw run` as its own process with every interface it has enabled, hardware-like peers:
-    start (spawn -> systemd READY with fresh BMS and inverter data), then RSS and open descriptors.
-
-    Every interface: the OpenADR VEN against a real VTN, the SunSpec DER server, the owner API, the
-    web app, the metrics endpoint, and MQTT to Debian's mosquitto when it is installed (without it
-    MQTT stays off and the result says so)."""
-    from firmware_py.sim.vtn import LoopbackVtn
-
-    ports = {name: _free_port() for name in ("can", "inverter", "der", "owner", "web", "metrics", "mqtt")}
-    children: list[subprocess.Popen] = []
-
-    def spawn(name: str, *args: str, env: dict[str, str] | None = None, program: str = sys.executable
-              ) -> subprocess.Popen:
-        with open(workdir / f"{name}.log", "ab") as log:
-            child = subprocess.Popen([program, *args], stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=workdir, env=env)
-        children.append(child)
-        return child
-
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(workdir / "notify.sock"))
-    notify.setblocking(False)
-    deadline = time.monotonic() + 30
-    try:
-        async with LoopbackVtn(ven_name="bench-truck", poll_s=1) as vtn:
-            spawn("can", "-m", "can_remote", "-i", "virtual", "-c", "bench", "-H", "127.0.0.1",
-                  "-p", str(ports["can"]))
-            spawn("inverter", "-m", "firmware_py", "sim", "inverter", "--listen", f"127.0.0.1:{ports['inverter']}")
-            await _listening(ports["can"], "the CAN server", deadline)
-            spawn("bms", "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
-                  "--can-channel", f"ws://127.0.0.1:{ports['can']}/")
-            await _listening(ports["inverter"], "the simulated inverter", deadline)
-            mosquitto = _mosquitto()
-            if mosquitto:
-                (workdir / "mosquitto.conf").write_text(f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\n"
-                                                        "persistence false\n")
-                spawn("mosquitto", "-c", str(workdir / "mosquitto.conf"), program=mosquitto)
-                await _listening(ports["mqtt"], "mosquitto", deadline)
-            config = workdir / "gateway.toml"
-            config.write_text(PROCESS_CONFIG.format(vtn_url=vtn.url, mqtt_on=str(bool(mosquitto)).lower(), **ports))
-            env = {**os.environ, "NOTIFY_SOCKET": str(workdir / "notify.sock")}
-            begin = time.perf_counter()
-            gateway = spawn("gateway", "-m", "firmware_py", "run", "--config", str(config), env=env)
-            loop = asyncio.get_running_loop()
-            while b"READY=1" not in await asyncio.wait_for(loop.sock_recv(notify, 256), 30):
-                pass
-            start_s = time.perf_counter() - begin
-            ready_log = (workdir / "gateway.log").read_text(errors="replace")
-            fresh = "ready without fresh data" not in ready_log
-            await asyncio.sleep(2.0)
-            first = _proc_status(gateway.pid)
-            await asyncio.sleep(steady_s)
-            last = _proc_status(gateway.pid)
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        notify.close()
-    return {"what": "powershare-gw run as a process (CAN over python-can-remote, simulated BMS and inverter as "
-                    "processes; OpenADR VEN against a real VTN, SunSpec DER server, owner API, web app, metrics "
-                    f"and {'MQTT to mosquitto' if mosquitto else 'no MQTT (mosquitto is not installed)'} enabled)",
-            "start_s": round(start_s, 3), "ready_with_fresh_data": fresh, "target_start_s": 2,
-            "rss_mb": last["rss_mb"], "rss_mb_after_2_s": first["rss_mb"], "target_rss_mb": 80,
-            "fds": last["fds"], "fds_after_2_s": first["fds"], "steady_s": steady_s}
-
-
-PROCESS_CONFIG = """\
-[can]
-interface = "remote"
-channel = "ws://127.0.0.1:{can}/"
-
-[inverter]
-port = {inverter}
-
-[owner]
-api_listen = "127.0.0.1:{owner}"
-
-[dispatch.sunspec_server]
-enabled = true
-listen = "127.0.0.1:{der}"
-
-[dispatch.openadr]
-enabled = true
-vtn_url = "{vtn_url}"
-ven_name = "bench-truck"
-
-[web]
-enabled = true
-listen = "127.0.0.1:{web}"
-
-[metrics]
-enabled = true
-listen = "127.0.0.1:{metrics}"
-
-[mqtt]
-enabled = {mqtt_on}
-broker = "127.0.0.1:{mqtt}"
-
-[journal]
-path = "journal.sqlite"
-"""
-
-
-def _mosquitto() -> str | None:
-    """Debian's mosquitto broker, when installed (it lives in /usr/sbin, often not on a user's PATH)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-
-
 def simulator(scenario_name: str) -> dict[str, Any]:
     from firmware_py.sim import scenario
     from firmware_py.sim.simulation import Simulation, SimulationOptions
@@ -653,7 +466,7 @@ def simulator(scenario_name: str) -> dict[str, Any]:
         outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = outcome.summary
-    return {"what": f"bench simulator, scenario {scenario_name}", "target_speed_x": 500, "sim_s": s["sim_s"],
+    return {"what": f"bench simulator, scenario {scenario_name}", "target_speed_x": 1000, "sim_s": s["sim_s"],
             "wall_s": s["wall_s"], "speed_x": s["speed_x"], "max_rss_mb": round(rss_mb, 1),
             "target_rss_mb": 80}
 
@@ -751,6 +564,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "reaction_ms": {"idle": ms(results.get("reaction_idle")), "loaded": ms(results.get("reaction_loaded")),
                         "floor": ms(results.get("reaction_floor"))},
+        "reaction_one_process_ms": {layer: ms(results.get(f"reaction_one_process_{layer}"))
+                                    for layer in ("idle", "loaded", "floor")},
         "dispatch_ms": ms(results.get("dispatch")),
         "openadr_ms": ms(results.get("openadr")),
         "bus_cpu_pct": bus.get("cpu_pct_of_one_core"),
@@ -773,16 +588,21 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "reaction" in args.only:
-            results["reaction_idle"] = asyncio.run(reaction(args.samples, work / "idle"))
-            results["reaction_loaded"] = asyncio.run(reaction(args.samples, work / "loaded", loaded=True))
-            results["reaction_floor"] = asyncio.run(reaction_floor(args.samples))
+            # The gateway and each peer in its own process (the headline figures), then all in one.
+            layered = asyncio.run(process_bench.reactions(args.samples, work / "reaction"))
+            results["reaction_idle"], results["reaction_loaded"] = layered["idle"], layered["loaded"]
+            results["reaction_floor"] = asyncio.run(process_bench.floor(args.samples, work / "floor"))
+            results["reaction_one_process_idle"] = asyncio.run(reaction(args.samples, work / "one-idle"))
+            results["reaction_one_process_loaded"] = asyncio.run(reaction(args.samples, work / "one-loaded",
+                                                                          loaded=True))
+            results["reaction_one_process_floor"] = asyncio.run(reaction_floor(args.samples))
         if "dispatch" in args.only:
             results["dispatch"] = asyncio.run(dispatch(args.samples, work / "dispatch"))
         if "openadr" in args.only:
             results["openadr"] = asyncio.run(openadr(min(args.samples, 50), work / "openadr"))
         if "start" in args.only:
             (work / "processes").mkdir()
-            results["processes"] = asyncio.run(processes(work / "processes"))
+            results["processes"] = asyncio.run(process_bench.processes(work / "processes"))
     if "bus" in args.only:
         results["bus_load"] = bus_load(args.bus_seconds)
     if "sim" in args.only:

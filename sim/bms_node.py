@@ -234,7 +234,7 @@ def _frame(frame_id: int, data: bytes, now: float) -> can.Message:
 def _sim_bms(args: argparse.Namespace) -> int:
     from firmware_py.sim import scenario as scenarios
 
-    from firmware_py.bms.bus import open_bus
+    from firmware_py.bms.bus import SEND_ONLY, open_bus
     from firmware_py.bms.commands import CAN_FLAGS, resolve_dbc, stop_on_signals
 
     loaded = scenarios.load(Path(args.scenario)) if args.scenario else None
@@ -248,7 +248,8 @@ def _sim_bms(args: argparse.Namespace) -> int:
     dbc, _ = resolve_dbc(args.dbc, elm=False)
     battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
                       seed=args.seed)
-    bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
+    # A BMS only talks: what others send on the bus is not carried to it.
+    bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args), filters=SEND_ONLY)
     try:
         node = BmsNode(battery, bus, dbc, seed=args.seed)
         print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "

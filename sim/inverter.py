@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from firmware_py.sim.faults import InverterFault
@@ -117,6 +118,8 @@ class InverterModel:
         self.reverted = False
         self.soc_pct: float | None = None
         """The pack's SoC for model 713, when whoever owns the pack tells us."""
+        self.on_wset: Callable[[float], None] | None = None
+        """Told each WSet as it is accepted (the benchmarks time reactions by it)."""
         self.controls: dict[str, Any] = {
             "WSetEna": 0, "WSetMod": WSetMod.WATTS, "WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0,
             "WSetRvrtTms": 0, "WMaxLimPctEna": 0, "WMaxLimPct": 100, "WMaxLimPctRvrt": 100,
@@ -160,6 +163,8 @@ class InverterModel:
         """Apply one written control point (engineering units); a write to a setpoint or its revert
         settings refreshes that revert timer."""
         self.controls[name] = value
+        if name == "WSet" and self.on_wset is not None:
+            self.on_wset(float(value))
         if name in ("WSet", "WSetPct", "WSetEna", "WSetMod", "WSetRvrtTms", "WSetEnaRvrt"):
             self.last_refresh = self.now
             self.reverted = False
@@ -519,6 +524,8 @@ def _run(args: argparse.Namespace) -> int:
     async def main() -> None:
         model = InverterModel(now=time.time(), unit_id=args.unit_id)
         model.soc_pct = ConstantPack.soc_pct
+        if args.setpoint_log:
+            _log_setpoints(model, args.setpoint_log)
         server = SimInverterServer(model, host, port, rtu=args.rtu)
         try:
             bound = await server.start()
@@ -536,6 +543,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_setpoints(model: InverterModel, path: Path) -> None:
+    """Append "<CLOCK_MONOTONIC ns> <W>" for every WSet the inverter accepts, as it accepts it.
+
+    The benchmarks time a reaction from another process: CLOCK_MONOTONIC is one clock for
+    every process on the machine, so the sender's instant and this one can be subtracted.
+    """
+    try:
+        log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the process's life
+    except OSError as err:
+        raise InputError(f"--setpoint-log {path}: cannot open: {err.strerror or err}") from None
+    model.on_wset = lambda watts: log.write(f"{time.monotonic_ns()} {watts}\n")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `sim inverter` to the `sim` command's parts."""
     p = sub.add_parser("inverter", help="run the simulated SunSpec inverter alone, in real time")
@@ -543,4 +563,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtu", default=None, metavar="URL",
                    help="serve Modbus RTU on this pyserial URL instead (a tty, or socket://HOST:PORT)")
     p.add_argument("--unit-id", type=int, default=1, help="Modbus unit id (default 1)")
+    p.add_argument("--setpoint-log", type=Path, default=None, metavar="FILE",
+                   help="append each accepted WSet to FILE as '<CLOCK_MONOTONIC ns> <W>' (for benchmarks)")
     p.set_defaults(handler=_run)

@@ -23,7 +23,6 @@ import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import can
 import pytest
@@ -61,16 +60,13 @@ def test_a_stalled_then_restarted_broker_costs_nothing_but_a_reconnect(tmp_path:
     async def main() -> None:
         model = InverterModel(now=time.time())
         discharging, stopped = Watch(lambda w: w > 0), Watch(lambda w: w == 0)
-        write = model.write
 
-        def noting_write(name: str, value: Any) -> None:
-            write(name, value)
-            if name == "WSet":
-                discharging.see(float(value))
-                if discharging.event.is_set():
-                    stopped.see(float(value))
+        def noting(watts: float) -> None:
+            discharging.see(watts)
+            if discharging.event.is_set():
+                stopped.see(watts)
 
-        model.write = noting_write  # type: ignore[method-assign]
+        model.on_wset = noting
         broker = Mosquitto(tmp_path)
         broker.start()
         async with SimInverterServer(model) as server:

@@ -58,16 +58,13 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
         model = InverterModel(now=time.time())
         wsets: list[float] = []
         discharging, stopped = Watch(lambda w: w > 0), Watch(lambda w: w == 0 and wsets and max(wsets) > 0)
-        write = model.write
 
-        def noting_write(name: str, value: Any) -> None:
-            write(name, value)
-            if name == "WSet":
-                wsets.append(float(value))
-                discharging.see(float(value))
-                stopped.see(float(value))
+        def noting(watts: float) -> None:
+            wsets.append(watts)
+            discharging.see(watts)
+            stopped.see(watts)
 
-        model.write = noting_write  # type: ignore[method-assign]
+        model.on_wset = noting
         async with SimInverterServer(model) as server:
             channel = f"service-test-{next(_channels)}"
             base = Config()

@@ -14,10 +14,14 @@ import can
 
 from firmware_py.errors import InputError
 
-# Buses that are software all the way down: python-can would apply acceptance filters in Python,
-# frame by frame, which costs more than the reader's own id lookup. Every other interface gets
-# the filters, which its kernel driver or hardware applies before a frame reaches user space.
-SOFTWARE_BUSES = frozenset({"virtual", "remote"})
+# A bus that is software all the way down: python-can would apply acceptance filters in Python,
+# frame by frame, in this process, which costs more than the reader's own id lookup. Every other
+# interface gets the filters, applied before a frame reaches this process: by the kernel driver or
+# the adapter's hardware, or, for `remote`, by the CAN server in its own process, so a frame the
+# gateway does not want never crosses the socket.
+SOFTWARE_BUSES = frozenset({"virtual"})
+SEND_ONLY = [{"can_id": 0, "can_mask": 0x1FFFFFFF, "extended": True}]
+"""Acceptance filters for a node that only sends (the simulated BMS): nothing it would ever be sent."""
 
 
 def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str, Any]] | None = None,

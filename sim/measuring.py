@@ -1,0 +1,38 @@
+"""What every benchmark shares: how latencies are summed up, the saturated bus's rate, and
+finding a SunSpec model the way an aggregator's client would (walking the chain, not assuming)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from firmware_py.inverter.sunspec import DEFAULT_BASE, END_MODEL_ID, SUNS_MARKER
+
+BUS_FRAMES_PER_S = 3_704
+"""A 500 kbit/s bus at its worst case: 8-byte standard frames back to back (DESIGN's saturated bus)."""
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered), 3), "p99_ms": round(pick(0.99), 3),
+            "max_ms": round(ordered[-1], 3)}
+
+
+async def find_model(client: Any, model_id: int) -> int:
+    """The address of SunSpec model `model_id` on a pymodbus client's device (unit 1)."""
+    addr = DEFAULT_BASE + len(SUNS_MARKER)
+    for _ in range(64):
+        head = await client.read_holding_registers(addr, count=2, device_id=1)
+        mid, length = head.registers
+        if mid == model_id:
+            return addr
+        if mid == END_MODEL_ID:
+            break
+        addr += 2 + length
+    raise RuntimeError(f"model {model_id} not found")
+
+
+def signed(raw: int) -> int:
+    """A register's int16 (SunSpec scale factors are signed)."""
+    return raw - 0x10000 if raw & 0x8000 else raw
