@@ -35,6 +35,7 @@ carries a `Stall`, and the core decides what that means (see `core/machine.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -262,9 +263,26 @@ class Gateway:
         return self._settle(pending, self._write(pending))
 
     async def flush_journal_async(self) -> int:
-        """The same off the event loop: the queue is taken here, only the disk work moves to a thread."""
+        """The same off the event loop: the queue is taken here, only the disk work moves to a thread.
+
+        A write handed to the thread pool is seen through even when the task is cancelled (a stop):
+        cancelled while it waited for a worker it would never run, and the records it took from the
+        queue would be lost with nobody told. So the stop waits for it (bounded by the journal's busy
+        timeout) and it is settled like any other; then the cancellation goes on.
+        """
         pending, self._pending = self._pending, []
-        return self._settle(pending, await asyncio.to_thread(self._write, pending) if pending else None)
+        if not pending:
+            return self._settle(pending, None)
+        write = asyncio.ensure_future(asyncio.to_thread(self._write, pending))
+        try:
+            failure = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            while not write.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({write})
+            self._settle(pending, write.result())
+            raise
+        return self._settle(pending, failure)
 
     def _write(self, pending: list[Any]) -> JournalWriteError | None:
         if not pending:
