@@ -96,9 +96,6 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
             try:
                 await service.start()
                 await ready.wait("the gateway to have fresh BMS and inverter data")
-                await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
-                month = service.gateway.status()["earnings"]
-                assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
                 now = time.time()
                 answer = await service.gateway.submit(DispatchRequest(
                     "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
@@ -109,6 +106,9 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
                 await stopped.wait("WSet = 0 at the inverter after the fault frame")
                 assert service.gateway.controller.mode is Mode.FAULT
                 assert service.gateway.command.setpoint_w == 0
+                await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
+                month = service.gateway.status()["earnings"]
+                assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
             finally:
                 physics_task.cancel()
                 await asyncio.gather(physics_task, return_exceptions=True)
