@@ -10,17 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
 from firmware_py.errors import InputError
 from firmware_py.quoting import printable
+from firmware_py.version import software_version
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from firmware_py import service, status
+    from firmware_py import bundle, service, status
     from firmware_py.bms import commands as bms_commands
+    from firmware_py.commissioning import commands as commissioning_commands
     from firmware_py.inverter import commands as inverter_commands
     from firmware_py.journal import commands as journal_commands
     from firmware_py.owner import commands as owner_commands
@@ -31,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="powershare-gw",
         description="Vehicle-to-home gateway: BMS over CAN, inverter over SunSpec Modbus, grid dispatch.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('powershare-gw')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {software_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (service, status, bms_commands, inverter_commands, journal_commands, owner_commands,
-                   sim_command, bench, statement_commands):
+                   sim_command, bench, statement_commands, bundle, commissioning_commands):
         module.register(sub)
     return parser
 

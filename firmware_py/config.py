@@ -3,6 +3,12 @@
 The schema is the dataclasses below (loaded by `firmware_py.schema`, which
 reports every problem at once). Relative paths are resolved against the config
 file's own directory; nothing is merged from the environment or home folder.
+
+The file says which format it is written in (`version`, top level). A release
+that changes the format raises `FORMAT_VERSION` and either reads the older
+versions as they are or refuses them naming each key to change; a file newer
+than this release is refused on its version alone (its other keys would only
+show up as "unknown" and hide the one thing to do: upgrade).
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from typing import Any
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.schema import load_table, parse_toml, spec
+from firmware_py.version import software_version
+
+FORMAT_VERSION = 1
+"""The configuration format this release writes and reads. Files from before `version` existed are version 1."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,28 @@ class OpenAdrConfig:
 
 
 @dataclass(frozen=True)
+class OpenAdr3Config:
+    """The OpenADR 3 VEN (docs/dispatch.md); SIMPLE levels use `[dispatch.openadr] simple_levels_pct`."""
+
+    enabled: bool = spec(False)
+    vtn_url: str = spec("http://127.0.0.1:8081/openadr3/3.0.1", doc="the VTN's base URL (programs, events, ...)")
+    token_url: str = spec("", doc="the OAuth2 token endpoint; empty: the one the VTN names at /auth/server")
+    client_id: str = spec("truck-1", doc="the OAuth2 client id the aggregator issued")
+    client_secret_file: str = spec("openadr3.secret", path=True,
+                                   doc="a 0600 file holding the OAuth2 client secret (never logged)")
+    ven_name: str = spec("truck-1", doc="the VEN's name at the VTN (one VEN object per gateway)")
+    poll_interval_s: float = spec(30, lo=0.2, hi=3_600, doc="how often events are fetched (at once on a "
+                                                             "subscription's notification)")
+    callback_listen: str = spec("", doc="HOST:PORT for the VTN's notifications (subscriptions); empty: poll only")
+    callback_url: str = spec("", doc="the URL the VTN posts notifications to; empty: http://callback_listen/"
+                                     "openadr3/notify")
+
+
+@dataclass(frozen=True)
 class DispatchConfig:
     sunspec_server: SunSpecServerConfig = field(default_factory=SunSpecServerConfig)
     openadr: OpenAdrConfig = field(default_factory=OpenAdrConfig)
+    openadr3: OpenAdr3Config = field(default_factory=OpenAdr3Config)
 
 
 @dataclass(frozen=True)
@@ -160,6 +189,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class Config:
+    version: int = spec(FORMAT_VERSION, lo=1, hi=FORMAT_VERSION,
+                        doc="the format the file is written in; absent: 1 (files older than the key)")
     vehicle: VehicleConfig = field(default_factory=VehicleConfig)
     can: CanConfig = field(default_factory=CanConfig)
     inverter: InverterConfig = field(default_factory=InverterConfig)
@@ -220,6 +251,7 @@ def _default_paths(config: Config, base: Path) -> Config:
 def parse(text: str, source: str, base: Path) -> Config:
     """Parse TOML text into a Config; raises InputError listing every problem."""
     table = parse_toml(text, source)
+    _check_format(table, source)
     problems: list[str] = []
     config = load_table(Config, table, "", base, problems)
     if problems:
@@ -227,6 +259,16 @@ def parse(text: str, source: str, base: Path) -> Config:
     config = _default_paths(config, base)
     return Config(**{f.name: getattr(config, f.name) for f in fields(Config) if f.name != "source"},
                   source=source)
+
+
+def _check_format(table: dict[str, Any], source: str) -> None:
+    """Refuse a file written for a newer format before looking at anything else in it."""
+    version = table.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise InputError(f"{source}: version: {version} is a newer configuration format than powershare-gw "
+                         f"{software_version()} reads (version {FORMAT_VERSION}): install the release the file "
+                         f"was written for, or rewrite the file for version {FORMAT_VERSION} "
+                         f"(docs/configuration.md) and set version = {FORMAT_VERSION}")
 
 
 def load(path: str | Path) -> Config:

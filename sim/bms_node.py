@@ -192,14 +192,16 @@ class BmsNode:
             return 0
         return 1
 
-    def run(self, stop: threading.Event, load_w: float = 0.0, duration_s: float | None = None,
+    def run(self, stop: threading.Event, load_w: float | Callable[[], float] = 0.0, duration_s: float | None = None,
             faults: list[tuple[float, str, float | None]] = (), clock: Callable[[], float] = time.monotonic,
             tick_s: float = 0.002) -> None:
-        """Real time: step the pack with a constant `load_w` and emit, until `stop` or `duration_s`.
+        """Real time: step the pack with `load_w` (constant, or asked each step) and emit, until `stop`
+        or `duration_s`.
 
         `faults` are (at_s, kind, duration_s or None) from the start of the run.
         """
         start = last = clock()
+        load = load_w if callable(load_w) else lambda: load_w
         pending = sorted(faults, key=lambda f: f[0])
         while not stop.is_set():
             now = clock()
@@ -209,7 +211,7 @@ class BmsNode:
             while pending and pending[0][0] <= elapsed:
                 _, kind, length = pending.pop(0)
                 self.inject(kind, None if length is None else now + length)
-            self.battery.step(now - last, load_w)
+            self.battery.step(now - last, load())
             last = now
             self.emit_due(now)
             stop.wait(tick_s)

@@ -26,12 +26,16 @@ import argparse
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import can
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.faults import InverterFault
 
 from firmware_py.addresses import parse_host_port
@@ -103,10 +107,13 @@ class InverterModel:
     """The inverter's behaviour, advanced by whoever owns time (the bench or a real-time loop)."""
 
     def __init__(self, ratings: Ratings = Ratings(), *, home_load: Callable[[float], float] = default_home_load,
-                 now: float = 0.0, unit_id: int = 1):
+                 now: float = 0.0, unit_id: int = 1, reversed_w: bool = False):
         self.ratings = ratings
         self.home_load = home_load
         self.unit_id = unit_id
+        self.reversed_w = reversed_w
+        """Report 701 `W` with the wrong sign (a meter or CT fitted backwards, a vendor's own convention)
+        while the power itself flows as commanded: what commissioning's sign self-test must catch."""
         self.now = now
         self.faults: dict[InverterFault, float] = {}
         self.exception_code = 4
@@ -296,11 +303,12 @@ class InverterModel:
                     "SN": "SIM-0001", "DA": self.unit_id}
         if model_id == 701:
             w = self.ac_power_w
+            shown_w = -w if self.reversed_w else w
             outage = self.active(InverterFault.GRID_OUTAGE)
             connected = not outage and self.in_service()
             return {**sf, "ACType": 1, "St": int(w != 0.0), "InvSt": int(self.inv_state()),
                     "ConnSt": 1 if connected else 0, "Alrm": self.alarms(), "DERMode": 2 if outage else 1,
-                    "W": w, "VA": abs(w), "Var": 0, "PF": 1.0, "A": abs(w) / r.v_nom, "LLV": r.v_nom,
+                    "W": shown_w, "VA": abs(w), "Var": 0, "PF": 1.0, "A": abs(w) / r.v_nom, "LLV": r.v_nom,
                     "LNV": r.v_nom / 2, "Hz": 60.0, "TotWhInj": int(self.tot_wh_inj),
                     "TotWhAbs": int(self.tot_wh_abs), "TmpCab": 35,
                     "MnAlrmInfo": "over temperature" if self.active(InverterFault.INVERTER_FAULT) else None}
@@ -503,9 +511,21 @@ class ConstantPack:
     soc_pct: float = 80.0
 
 
-async def run_realtime(model: InverterModel, server: SimInverterServer, pack: ConstantPack,
-                       step_s: float = 0.1, stop: asyncio.Event | None = None) -> None:
-    """Advance `model` on the wall clock until `stop` is set."""
+class Pack(Protocol):
+    """What the inverter needs of the pack it is wired to: the BMS's limits now."""
+
+    @property
+    def max_discharge_w(self) -> float: ...
+
+    @property
+    def max_charge_w(self) -> float: ...
+
+
+async def run_realtime(model: InverterModel, server: SimInverterServer, pack: Pack,
+                       step_s: float = 0.1, stop: asyncio.Event | None = None,
+                       on_dc: Callable[[float], None] | None = None) -> None:
+    """Advance `model` on the wall clock until `stop` is set; `on_dc` is told the DC power drawn
+    from the pack after each step (+ = discharge)."""
     stop = stop or asyncio.Event()
     last = time.time()
     while not stop.is_set():
@@ -514,16 +534,66 @@ async def run_realtime(model: InverterModel, server: SimInverterServer, pack: Co
         except asyncio.TimeoutError:
             pass
         now = time.time()
-        model.advance(now - last, now, pack.max_discharge_w, pack.max_charge_w)
+        dc_w = model.advance(now - last, now, pack.max_discharge_w, pack.max_charge_w)
         last = now
+        if on_dc is not None:
+            on_dc(dc_w)
+
+
+class WiredPack:
+    """The truck's pack wired to the inverter, its simulated BMS on a CAN bus (`sim inverter --can-*`).
+
+    The DC power the inverter really draws moves the pack, so the BMS current shows
+    what the inverter does, whatever its registers say (`--swap-sign`). The BMS node
+    sends in its own thread at its DBC periods, as `sim bms` does.
+    """
+
+    def __init__(self, battery: Battery, bus: can.BusABC, dbc: Path) -> None:
+        self.battery, self.bus = battery, bus
+        self.node = BmsNode(battery, bus, dbc)
+        self.dc_w = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.node.run, args=(self._stop,),
+                                        kwargs={"load_w": lambda: self.dc_w}, name="simulated BMS", daemon=True)
+
+    @property
+    def max_discharge_w(self) -> float:
+        return self.battery.max_discharge_w
+
+    @property
+    def max_charge_w(self) -> float:
+        return self.battery.max_charge_w
+
+    def __enter__(self) -> WiredPack:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self.bus.shutdown()
 
 
 def _run(args: argparse.Namespace) -> int:
+    from firmware_py.bms.bus import SEND_ONLY, open_bus
+    from firmware_py.bms.commands import resolve_dbc
+
     host, port = parse_host_port(args.listen, "--listen")
+    if (args.can_interface is None) != (args.can_channel is None):
+        raise InputError("--can-interface and --can-channel go together: the bus of the wired pack's BMS")
+    if not 0 <= args.soc <= 100:
+        raise InputError(f"--soc: expected 0 to 100 %, got {args.soc:g}")
+    wired = None
+    if args.can_interface:
+        dbc, _ = resolve_dbc(args.dbc, elm=False)
+        # The pack's BMS only talks: what others send on the bus is not carried to it.
+        bus = open_bus(args.can_interface, args.can_channel, blame="--can-interface/--can-channel", filters=SEND_ONLY)
+        wired = WiredPack(Battery(soc_pct=args.soc), bus, dbc)
 
     async def main() -> None:
-        model = InverterModel(now=time.time(), unit_id=args.unit_id)
-        model.soc_pct = ConstantPack.soc_pct
+        model = InverterModel(now=time.time(), unit_id=args.unit_id, reversed_w=args.swap_sign)
+        pack: Pack = wired if wired is not None else ConstantPack()
+        model.soc_pct = wired.battery.soc_ui_pct if wired is not None else ConstantPack.soc_pct
         if args.setpoint_log:
             _log_setpoints(model, args.setpoint_log)
         server = SimInverterServer(model, host, port, rtu=args.rtu)
@@ -534,12 +604,27 @@ def _run(args: argparse.Namespace) -> int:
         where = f"RTU {args.rtu}" if args.rtu else f"{host}:{bound}"
         print(f"simulated inverter (11.5 kW, unit {args.unit_id}) serving SunSpec models "
               f"{', '.join(map(str, SIM_MODELS))} on {where}; Ctrl-C stops", flush=True)
+        if args.swap_sign:
+            print("# --swap-sign: model 701 W is reported with the wrong sign", flush=True)
+        if wired is not None:
+            print(f"# wired to a simulated pack at SoC {args.soc:g} %, its BMS on {args.can_interface} "
+                  f"{args.can_channel}", flush=True)
+
+        def draw(dc_w: float) -> None:
+            assert wired is not None
+            wired.dc_w = dc_w
+            model.soc_pct = wired.battery.soc_ui_pct
+
         try:
-            await run_realtime(model, server, ConstantPack())
+            await run_realtime(model, server, pack, on_dc=draw if wired is not None else None)
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    if wired is None:
+        asyncio.run(main())
+        return 0
+    with wired:
+        asyncio.run(main())
     return 0
 
 
@@ -563,6 +648,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtu", default=None, metavar="URL",
                    help="serve Modbus RTU on this pyserial URL instead (a tty, or socket://HOST:PORT)")
     p.add_argument("--unit-id", type=int, default=1, help="Modbus unit id (default 1)")
+    p.add_argument("--swap-sign", action="store_true",
+                   help="report the measured power (701 W) with the wrong sign, as a meter or CT fitted "
+                        "backwards would; the power itself flows as commanded (commissioning's sign test)")
+    p.add_argument("--can-interface", default=None,
+                   help="also simulate the pack wired to this inverter, its BMS on this python-can interface: "
+                        "the BMS current then follows the power the inverter draws")
+    p.add_argument("--can-channel", default=None, help="the wired pack's CAN channel, e.g. ws://127.0.0.1:54701/")
+    p.add_argument("--soc", type=float, default=80.0, help="the wired pack's initial SoC in %% (default 80)")
+    p.add_argument("--dbc", default=None, help="the wired pack's DBC, bundled name or path (default cybertruck_bms.dbc)")
     p.add_argument("--setpoint-log", type=Path, default=None, metavar="FILE",
                    help="append each accepted WSet to FILE as '<CLOCK_MONOTONIC ns> <W>' (for benchmarks)")
     p.set_defaults(handler=_run)

@@ -191,3 +191,32 @@ def test_huge_numbers_and_deep_nesting_are_clear_refusals(tmp_path, capsys, text
     assert main(["check-config", str(write(tmp_path, text))]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err) < 400
+
+
+# --- the format's version (top-level `version`) -------------------------------------------------
+
+def test_a_file_without_version_is_read_as_version_1_and_version_1_is_accepted(tmp_path):
+    assert config.load(write(tmp_path, "[owner]\nreserve_pct = 45\n")).version == 1
+    assert config.load(write(tmp_path, "version = 1\n[owner]\nreserve_pct = 45\n")).version == 1
+    for name in ("example.toml", "bench.toml"):
+        assert bundled_config(name).read_text().count("\nversion = 1") == 1, name
+
+
+def test_a_newer_format_is_refused_on_its_version_alone_saying_what_to_do(tmp_path, capsys):
+    newer = write(tmp_path, f"version = {config.FORMAT_VERSION + 1}\n[owner]\nreserve_pct = 45\n"
+                            "[charger]\nmode = \"solar\"\n")
+    assert main(["check-config", str(newer)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # not a list of "unknown key" for keys the newer format has
+    assert f"version: {config.FORMAT_VERSION + 1} is a newer configuration format" in err[0]
+    assert f"set version = {config.FORMAT_VERSION}" in err[0] and str(newer) in err[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("version = 0\n", "version: 0 is out of range"),
+    ('version = "1"\n', "version: expected an integer"),
+    ("version = 1.5\n", "version: expected an integer"),
+])
+def test_a_malformed_version_names_the_key(tmp_path, text, message):
+    with pytest.raises(InputError, match=message):
+        config.load(write(tmp_path, text))

@@ -16,7 +16,7 @@ import pytest
 from firmware_py import cli
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
-from firmware_py.journal import Chain, Journal, files
+from firmware_py.journal import Chain, Journal, RecordKind, files
 from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorWhy
 
 
@@ -204,10 +204,14 @@ def test_a_journal_from_before_anchors_is_intact_and_is_anchored_once_written(pa
         conn.execute("PRAGMA user_version = 1")  # what an older gateway left
     code, out = report(path, capsys)
     assert code == 0 and "anchor: none" in out
-    Journal.open(path).close()  # the new gateway anchors what it found
-    assert anchor_lines(path)[-1]["seq"] == 24
+    Journal.open(path).close()  # the new gateway anchors what it found, then upgrades the file
+    lines = anchor_lines(path)
+    assert lines[0]["seq"] == 24 and lines[-1]["seq"] == 25  # 25: the upgrade, chained on after them
+    with Journal.open(path, readonly=True) as journal:
+        (upgraded,) = journal.records(RecordKind.SCHEMA_UPGRADED)
+    assert upgraded.seq == 25 and upgraded.payload["from_version"] == 1
     code, out = report(path, capsys)
-    assert code == 0 and "anchor: newest at record 24 (opened" in out
+    assert code == 0 and "anchor: newest at record 25 (opened" in out
 
 
 def test_a_key_others_can_read_is_refused(path):

@@ -153,6 +153,11 @@ class BmsReader:
     def frame_ids(self) -> frozenset[int]:
         return frozenset(self._frames)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The snapshot fields this reader fills (the mapping's, less those unmapped)."""
+        return tuple(self._timeout)
+
     def frame_counts(self) -> tuple[int, dict[str, int]]:
         """Frames accepted, and dropped by reason, read together (the Notifier thread may be counting)."""
         with self._lock:

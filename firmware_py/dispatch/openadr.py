@@ -58,6 +58,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
@@ -299,6 +300,28 @@ class OpenAdrVen:
         await client.sync_events()
         return True
 
+    async def probe_registration(self) -> str | None:
+        """Register with the VTN once, as `run` does first, and nothing more: no polls, no events,
+        no reports. None when the VTN registered this VEN, else why not (what openleadr logged
+        included). Commissioning asks it; the running gateway registers again on its own."""
+        client = self._make_client()
+        heard = _Heard()
+        openleadr_log = logging.getLogger("openleadr")
+        openleadr_log.addHandler(heard)
+        try:
+            response_type, payload = await client.query_registration()
+            if response_type is None:
+                return f"no answer from the VTN at {self.config.vtn_url}{heard.said()}"
+            request_id = (payload.get("response") or {}).get("request_id")
+            await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
+            if client.registration_id is None:
+                return f"the VTN at {self.config.vtn_url} did not register VEN {self.config.ven_name!r}{heard.said()}"
+            return None
+        finally:
+            openleadr_log.removeHandler(heard)
+            if client.client_session is not None:
+                await client.client_session.close()
+
     @staticmethod
     def _poll_s(client: _Client) -> float:
         """The VTN's requested poll interval, kept within [MIN_POLL_S, 24 h]."""
@@ -506,6 +529,21 @@ class OpenAdrVen:
         return BLOCKED_CODES[ReasonCode.OPTED_OUT] if t.opted_out else 0
 
 
+class _Heard(logging.Handler):
+    """openleadr's own warnings and errors during one exchange (it logs the cause instead of raising)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < 4:
+            self.messages.append(record.getMessage().strip())
+
+    def said(self) -> str:
+        return f" ({'; '.join(m for m in self.messages if m)})" if self.messages else ""
+
+
 class _Backoff:
     """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
 
@@ -575,7 +613,5 @@ def check(config: OpenAdrConfig) -> list[str]:
     for name in ("cert", "key", "ca_file"):
         if path := getattr(config, name):
             problems += _unreadable(path, f"{key}: {name}")
-    levels = config.simple_levels_pct
-    if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
-        problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
+    problems += check_levels(config.simple_levels_pct, f"{key}: simple_levels_pct")
     return problems

@@ -361,6 +361,16 @@ class InverterClient:
                      "writing the command again", self._where(), held, wanted)
             self._written = None
 
+    async def read_controls(self) -> dict[str, Any]:
+        """Model 704's command block (WSetEna..WSetRvrtTms) as the inverter holds it now, scaled: what
+        commissioning shows an installer after writing it. Raises LinkError."""
+        async with self._busy:
+            await self._ensure()
+            assert self.discovery is not None
+            lo, count = CONTROL_SPAN
+            regs = await self._read(self.discovery.address(704) + lo, count)
+        return M704.decode(regs, lo, sfs=self._sfs[704])
+
     async def _setpoint(self, disc: Discovery) -> float:
         """The setpoint the inverter holds now (0 W when not enabled)."""
         wlo, wcount = WSET_SPAN

@@ -23,6 +23,8 @@ from firmware_py.errors import InputError
 from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain, ChainReport
 from firmware_py.journal.owner_log import OWNER_KINDS, OwnerChange, owner_changes
+from firmware_py.journal.runs import KINDS as RUN_KINDS
+from firmware_py.journal.runs import Run, Upgrade, runs_and_upgrades, software_line
 from firmware_py.journal.summary import EventSummary, event_summaries
 from firmware_py.quoting import printable
 
@@ -50,13 +52,14 @@ def report(args: argparse.Namespace) -> int:
         events = event_summaries(chain, only=args.event)
         # One event's report: its timeline already holds the changes made while it ran.
         changes = [] if args.event is not None else owner_changes(chain.iter_records(OWNER_KINDS))
+        software = runs_and_upgrades(chain.iter_records(RUN_KINDS))
     except InputError:
         if not verdict.problems:
             raise
-        events, changes = [], []  # the damage that the check reported also hides them: say so, exit 1
+        events, changes, software = [], [], ([], [])  # the damage the check reported also hides them: exit 1
     if args.event is not None and not events:
         raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
-    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, verdict, changes)
+    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, verdict, changes, software)
     return 1 if verdict.problems else 0
 
 
@@ -85,7 +88,11 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
     return lines
 
 
-def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
+Software = tuple[list[Run], list[Upgrade]]
+
+
+def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange],
+                software: Software) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -121,6 +128,8 @@ def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[
         for change in changes:
             table.add_row(_time(change.at), str(change.seq), printable(change.text))
         console.print(table, markup=False)
+    if (line := software_line(*software)) is not None:
+        console.print(printable(line), markup=False, soft_wrap=True)
     for line in anchor_lines(verdict):
         console.print(line, markup=False, soft_wrap=True)
     console.print(chain_line(verdict.records, verdict.problems), markup=False)
@@ -128,7 +137,8 @@ def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[
         console.print(f"  - {printable(problem)}", markup=False)
 
 
-def _print_json(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
+def _print_json(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange],
+                software: Software) -> None:
     newest = verdict.newest_anchor
     document = {
         "chain": {"intact": not verdict.problems, "records": verdict.records, "problems": verdict.problems},
@@ -138,6 +148,8 @@ def _print_json(events: list[EventSummary], verdict: ChainReport, changes: list[
                           "last_seq": s.last_seq, "anchor_lines": s.anchor_lines} for s in verdict.segments],
             "pruned_through_segment": verdict.pruned_through,
             "anchor": None if newest is None else {**newest.body(), "key_checked": verdict.key_checked},
+            "runs": [asdict(run) for run in software[0]],
+            "schema_upgrades": [asdict(upgrade) for upgrade in software[1]],
         },
         "events": [asdict(e) for e in events],
         "owner_changes": [asdict(c) for c in changes],
@@ -146,7 +158,8 @@ def _print_json(events: list[EventSummary], verdict: ChainReport, changes: list[
     sys.stdout.write("\n")
 
 
-def _print_csv(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange]) -> None:
+def _print_csv(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange],
+               software: Software) -> None:
     """One row per event (the owner's changes are in the text and JSON reports); the chain verdict goes to
     stderr so the CSV stays pure data."""
     writer = csv.writer(sys.stdout, lineterminator="\n")

@@ -30,9 +30,11 @@ class RecordKind(StrEnum):
     # for replay: where the core started and the inputs of its steps, in batches
     CORE_START = "CoreStart"
     CORE_STEPS = "CoreSteps"
-    # the journal's own housekeeping: where a segment begins (after a rotation), which were pruned
+    # the journal's own housekeeping: where a segment begins (after a rotation), which were pruned,
+    # when the file's schema was upgraded
     SEGMENT_START = "SegmentStart"
     SEGMENT_PRUNED = "SegmentPruned"
+    SCHEMA_UPGRADED = "SchemaUpgraded"  # a file of an older schema was brought to this one (from, to, software)
     # notes: what a source refused before it became a request, links lost and back, run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval

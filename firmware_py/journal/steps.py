@@ -28,6 +28,7 @@ from firmware_py.core.faults import DECISION_BMS_FIELDS
 from firmware_py.core.policy import Policy
 from firmware_py.journal import codec
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.version import software_version
 
 STEPS_KIND = RecordKind.CORE_STEPS
 START_KIND = RecordKind.CORE_START
@@ -133,8 +134,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def start_payload(policy: Any, owner: core.OwnerSettings, now: float) -> dict[str, Any]:
-    """What the core started from: its policy, the owner's settings and the time."""
-    return {"policy": codec.jsonable(policy), "owner": codec.jsonable(owner), "now": now}
+    """What the core started from: its policy, the owner's settings and the time; and the software
+    that ran it, so every run in a journal names its release (journals before schema 3 lack it)."""
+    return {"policy": codec.jsonable(policy), "owner": codec.jsonable(owner), "now": now,
+            "software_version": software_version()}
 
 
 def decode_start(payload: dict[str, Any]) -> tuple[Policy, core.OwnerSettings, float]:

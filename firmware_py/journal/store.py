@@ -46,13 +46,25 @@ from firmware_py.errors import InputError
 from firmware_py.journal import codec, files
 from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorKey, AnchorLog, AnchorWhy
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.version import software_version
 
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x50534757  # "PSGW": marks the file as ours (PRAGMA application_id)
-SCHEMA_VERSION = 2
-"""1: one file, no anchors. 2: anchored (an anchor file beside each segment), segments may follow
-each other. A writer upgrades a version-1 file by anchoring it; the rows are the same."""
+SCHEMA_VERSION = 3
+"""The journal's schema (PRAGMA user_version), what each version added:
+
+1. one file, no anchors;
+2. anchored (an anchor file beside each segment), segments may follow each other;
+3. each run names its software: a core start carries `software_version`, and a file
+   upgraded from an older schema says so in its chain (`SchemaUpgraded`).
+
+The tables and the hash of a record are the same in every version, so a writer upgrades
+a file forward without touching a stored row (`Journal._upgrade`): it anchors a version-1
+file, then appends one `SchemaUpgraded` record to the chain and sets the version, in one
+transaction. Readers read every version; archived segments keep the version they were
+closed with. A file newer than this release is refused (an older gateway must not append
+records the newer one would misread)."""
 ANCHORED_VERSION = 2
 GENESIS_HASH = "0" * 64
 PAGE_ROWS = 512
@@ -167,8 +179,6 @@ class Journal:
         if self._anchors is not None:
             self._check_against_anchor(was_anchored)
             self._anchor(AnchorWhy.OPEN)
-            if not was_anchored:
-                self._mark_anchored()
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -180,7 +190,8 @@ class Journal:
         InputError when the file is missing (readonly), is not SQLite, or holds
         some other schema, because those are the operator's mistakes to fix.
         Opening to write finishes a rotation a crash interrupted, makes the anchor
-        key if there is none, and anchors the head it finds.
+        key if there is none, anchors the head it finds, and upgrades a file of an
+        older schema (`_upgrade`); opening to read changes nothing.
         """
         path = Path(path)
         if readonly and not path.is_file():
@@ -198,10 +209,17 @@ class Journal:
         try:
             version = _prepare(conn, path, readonly)
             key = None if readonly else AnchorKey.load_or_create(files.key_path(path))
-            return cls(path, conn, wall_clock, key, busy_timeout_s, was_anchored=version >= ANCHORED_VERSION)
+            journal = cls(path, conn, wall_clock, key, busy_timeout_s, was_anchored=version >= ANCHORED_VERSION)
         except BaseException:
             conn.close()
             raise
+        if not readonly and version < SCHEMA_VERSION:
+            try:
+                journal._upgrade(version)
+            except BaseException:
+                journal.close()
+                raise
+        return journal
 
     def _load_segment(self) -> None:
         """Which segment this file is, and where its chain continues from."""
@@ -323,14 +341,27 @@ class Journal:
         self._anchor_failing, self._anchor_due = False, None
         log.debug("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
 
-    def _mark_anchored(self) -> None:
-        """A file from before anchors, now anchored: say so in it (after its first anchor is written,
-        so that no anchored file is ever without one)."""
+    def _upgrade(self, found: int) -> None:
+        """Bring a file of an older schema to this one, never rewriting or re-chaining a stored record:
+        the rows stay as they are; one `SchemaUpgraded` record, chained onto the head found, says
+        from which version, when and by which software, and commits with the new version number.
+
+        A version-1 file has been anchored by now (in `__init__`), so no anchored file is ever
+        without an anchor. The record's core time is the newest record's (the next run's clock
+        is not known here); its wall time is now.
+        """
+        payload = {"from_version": found, "to_version": SCHEMA_VERSION, "software_version": software_version()}
         try:
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.Error as err:
-            raise InputError(f"{self.path}: cannot open journal for writing: {err}") from err
+            with self.batch():
+                self.append(RecordKind.SCHEMA_UPGRADED, self.newest_at() or 0.0, payload)
+                self._write(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except JournalWriteError as err:
+            raise InputError(f"{self.path}: cannot upgrade the journal from schema {found} to {SCHEMA_VERSION}: "
+                             f"{err}") from err
         self.anchored = True
+        self._anchor(AnchorWhy.OPEN)
+        log.info("%s: journal upgraded from schema %d to %d (record %d); no stored record changed",
+                 self.path, found, SCHEMA_VERSION, self._seq)
 
     def _check_against_anchor(self, was_anchored: bool) -> None:
         """At open: a head behind or beside the newest anchor means records were removed; say so

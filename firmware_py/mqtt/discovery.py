@@ -92,7 +92,7 @@ ENTITIES: tuple[Entity, ...] = (
 """Every entity but those that depend on the configuration (`earnings_entities`, `link_entities`)."""
 
 LINK_NAMES = {"bms": "BMS link", "inverter": "Inverter link", "openadr": "OpenADR link",
-              "sunspec_server": "SunSpec server"}
+              "openadr3": "OpenADR 3 link", "sunspec_server": "SunSpec server"}
 
 
 def link_entities(config: Config) -> tuple[Entity, ...]:
@@ -100,6 +100,8 @@ def link_entities(config: Config) -> tuple[Entity, ...]:
     links = ["bms", "inverter"]
     if config.dispatch.openadr.enabled:
         links.append("openadr")
+    if config.dispatch.openadr3.enabled:
+        links.append("openadr3")
     if config.dispatch.sunspec_server.enabled:
         links.append("sunspec_server")
     return tuple(Entity(Component.BINARY_SENSOR, f"link_{name}", LINK_NAMES[name],

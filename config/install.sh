@@ -1,0 +1,159 @@
+#!/bin/sh
+# Install powershare-gw on a gateway from this bundle, with no network.
+# Made by `powershare-gw bundle`; see the README, "Installing on a gateway".
+#
+#   sudo ./install.sh [--python PATH]
+#       /opt/powershare-gw          a virtual environment holding the bundle's wheels, exactly
+#       user and group powershare   the service's (a system user, no login; in dialout for RS-485)
+#       /etc/powershare-gw          the configuration: root:powershare 0750; gateway.toml 0640,
+#                                   written from the template only when there is none yet
+#       /var/lib/powershare-gw      the journal and the gateway's other files: powershare 0750
+#       /etc/systemd/system/powershare-gw.service   installed and enabled (not started: configure first)
+#   Run again with a newer bundle to upgrade: the configuration and the journal are kept.
+#
+#   ./install.sh --root DIR [--python PATH]
+#       the same files under DIR instead of / (a test, an image being built): no user is
+#       created, no ownership changed and systemctl is not run; what would be is printed.
+#
+# Exit codes: 0 installed, 1 a step failed, 2 bad arguments or a bundle that does not fit here.
+set -eu
+
+SERVICE_USER=powershare
+PREFIX=/opt/powershare-gw
+CONF_DIR=/etc/powershare-gw
+STATE_DIR=/var/lib/powershare-gw
+UNIT_DIR=/etc/systemd/system
+UNIT=powershare-gw.service
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=
+PYTHON_BIN=python3
+
+say() { printf '%s\n' "$*"; }
+fail() { printf 'install.sh: %s\n' "$1" >&2; exit "${2:-1}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root)
+            [ $# -ge 2 ] || fail "--root needs a folder" 2
+            case "$2" in /*) ROOT=$2 ;; *) ROOT=$(pwd)/$2 ;; esac
+            shift 2 ;;
+        --python)
+            [ $# -ge 2 ] || fail "--python needs the path of a Python interpreter" 2
+            PYTHON_BIN=$2
+            shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) fail "unknown argument: $1 (see --help)" 2 ;;
+    esac
+done
+
+# Run a command, or under --root only say it would be run (what needs the real system).
+as_system() {
+    if [ -n "$ROOT" ]; then say "  (--root: would run: $*)"; else "$@"; fi
+}
+
+# --- does this bundle fit this machine? ----------------------------------------------------
+for needed in bundle.env requirements.txt SHA256SUMS wheels "config/gateway.toml" "config/example.toml" "config/$UNIT"; do
+    [ -e "$HERE/$needed" ] || fail "$HERE/$needed: missing: this folder is not a whole bundle (make it again with powershare-gw bundle)" 2
+done
+VERSION=; ARCH=; PYTHON=
+# shellcheck source=/dev/null
+. "$HERE/bundle.env"
+if [ -z "$VERSION" ] || [ -z "$ARCH" ] || [ -z "$PYTHON" ]; then
+    fail "$HERE/bundle.env: VERSION, ARCH or PYTHON missing" 2
+fi
+
+machine=$(uname -m)
+[ "$machine" = "$ARCH" ] || fail "this bundle is for $ARCH, this machine is $machine: make one with powershare-gw bundle --platform $machine" 2
+command -v "$PYTHON_BIN" >/dev/null 2>&1 || fail "$PYTHON_BIN: not found: install Python $PYTHON, or name it with --python PATH" 2
+have=$("$PYTHON_BIN" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$have" = "$PYTHON" ] || fail "this bundle is for Python $PYTHON, $PYTHON_BIN is $have: make one with powershare-gw bundle --python $have, or name another interpreter with --python PATH" 2
+"$PYTHON_BIN" -c 'import venv, ensurepip' 2>/dev/null || fail "$PYTHON_BIN cannot make virtual environments: install Debian's python3-venv package (from the system's own media when there is no network)" 2
+if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
+    fail "run as root (sudo ./install.sh), or with --root DIR to install under DIR" 2
+fi
+
+say "powershare-gw $VERSION for $ARCH, Python $PYTHON, from $HERE${ROOT:+, under $ROOT}"
+
+say "checking the wheels against SHA256SUMS"
+(cd "$HERE/wheels" && sha256sum --quiet --check ../SHA256SUMS) || fail "the bundle's wheels do not match SHA256SUMS (damaged in transfer?)"
+
+# --- the service user ------------------------------------------------------------------------
+if [ -z "$ROOT" ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then
+    say "user $SERVICE_USER: exists"
+else
+    say "user $SERVICE_USER: creating"  # under --root: DIR's users are not this machine's; always said
+    as_system useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+        --shell /usr/sbin/nologin --comment "powershare-gw gateway" "$SERVICE_USER"
+fi
+if getent group dialout >/dev/null 2>&1; then
+    as_system usermod --append --groups dialout "$SERVICE_USER"  # RS-485 adapters (/dev/ttyUSB*)
+fi
+
+# --- the software ----------------------------------------------------------------------------
+venv=$ROOT$PREFIX
+if [ -x "$venv/bin/python" ] && [ "$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$PYTHON" ]; then
+    say "$PREFIX: made for another Python: making it again"
+    "$PYTHON_BIN" -m venv --clear "$venv"
+elif [ ! -x "$venv/bin/python" ]; then
+    say "$PREFIX: making the virtual environment"
+    "$PYTHON_BIN" -m venv "$venv"
+fi
+say "$PREFIX: installing the bundle's wheels (no network: --no-index, no pip configuration read)"
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated --disable-pip-version-check --no-cache-dir \
+    install --quiet --no-index --find-links "$HERE/wheels" --requirement "$HERE/requirements.txt" \
+    || fail "pip could not install the bundle's wheels into $PREFIX"
+installed=$("$venv/bin/powershare-gw" --version) || fail "$PREFIX/bin/powershare-gw does not run"
+say "$PREFIX: $installed"
+
+# --- configuration and state -----------------------------------------------------------------
+install -d -m 0750 "$ROOT$CONF_DIR"
+as_system chown "root:$SERVICE_USER" "$CONF_DIR"
+if [ -e "$ROOT$CONF_DIR/gateway.toml" ]; then
+    say "$CONF_DIR/gateway.toml: kept (the template is $CONF_DIR/gateway.toml.template)"
+else
+    install -m 0640 "$HERE/config/gateway.toml" "$ROOT$CONF_DIR/gateway.toml"
+    as_system chown "root:$SERVICE_USER" "$CONF_DIR/gateway.toml"
+    say "$CONF_DIR/gateway.toml: written from the template: set the keys marked SET"
+fi
+install -m 0640 "$HERE/config/gateway.toml" "$ROOT$CONF_DIR/gateway.toml.template"
+install -m 0640 "$HERE/config/example.toml" "$ROOT$CONF_DIR/example.toml"
+as_system chown "root:$SERVICE_USER" "$CONF_DIR/gateway.toml.template" "$CONF_DIR/example.toml"
+
+install -d -m 0750 "$ROOT$STATE_DIR"
+as_system chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
+say "$STATE_DIR: the journal and the gateway's other files (only the service writes here)"
+
+if problems=$("$venv/bin/powershare-gw" check-config "$ROOT$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
+    say "$CONF_DIR/gateway.toml: valid"
+else
+    say "$CONF_DIR/gateway.toml: not valid yet:"
+    printf '%s\n' "$problems" | sed 's/^/  /'
+fi
+
+# --- the service -----------------------------------------------------------------------------
+install -d -m 0755 "$ROOT$UNIT_DIR"
+install -m 0644 "$HERE/config/$UNIT" "$ROOT$UNIT_DIR/$UNIT"
+say "$UNIT_DIR/$UNIT: installed"
+if [ -n "$ROOT" ]; then
+    as_system systemctl daemon-reload
+    as_system systemctl enable "$UNIT"
+elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable "$UNIT"
+    if systemctl is-active --quiet "$UNIT"; then
+        say "the gateway is running the version it started with: sudo systemctl restart $UNIT to run $VERSION"
+    fi
+else
+    say "systemd is not running here: enable the service where it is (systemctl enable $UNIT)"
+fi
+
+cat <<EOF
+
+Installed. Next:
+  1. edit $CONF_DIR/gateway.toml (every key: $CONF_DIR/example.toml)
+  2. $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml
+  3. bring up the CAN interface (ip link set can0 up type can bitrate 500000)
+  4. sudo systemctl start $UNIT && journalctl -u $UNIT -f
+EOF

@@ -1,0 +1,281 @@
+"""`powershare-gw commission --config FILE [--report FILE] [--allow-test-discharge]`.
+
+The steps run in order, each printed as soon as it is judged, on one assembly of
+the gateway (as `run` builds it): the configuration; the CAN bus and the BMS; the
+inverter; with `--allow-test-discharge`, a small discharge through the core to
+catch a swapped power sign before a peak event does; each enabled aggregator
+interface. A step that needs an earlier one to pass is skipped when it failed.
+Exit 0 when every check that ran passed, 1 when one failed, 2 for bad input (the
+configuration itself, an option, the report path, a gateway already running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from firmware_py import config as config_module
+from firmware_py.assembly import Assembly, assemble, check
+from firmware_py.bms.bus import shutdown_quietly
+from firmware_py.bms.reader import reader_from_config
+from firmware_py.clocks import Clocks
+from firmware_py.commissioning import judgement, probes
+from firmware_py.commissioning.report import (
+    Check,
+    Report,
+    Step,
+    failed,
+    skipped,
+    step_lines,
+    verdict_line,
+)
+from firmware_py.config import Config
+from firmware_py.errors import InputError
+from firmware_py.narration import configure_logging
+from firmware_py.service import RunOptions, Service
+from firmware_py.version import software_version
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISCHARGE_W = 500.0
+DEFAULT_DISCHARGE_S = 10.0
+DEFAULT_CAN_S = 5.0
+MAX_DISCHARGE_S = 60.0
+MAX_CAN_S = 120.0
+
+DESCRIPTION = """\
+A guided check of an installation, ending in a pass/fail report (on the terminal, and as JSON
+with --report). It builds the gateway as `run` does, so stop the gateway service first.
+Steps: the configuration; CAN traffic on the configured interface, every BMS message of the
+DBC at its period (+-50 %), plausible values, contactor and BMS state; the inverter's SunSpec
+discovery, ratings and revert function (written and read back); with --allow-test-discharge,
+a small discharge through the gateway's core (never below the owner's floor, bounded in time,
+ending at 0 W) to check that the inverter's measured power is positive and the BMS current
+shows a discharge; each enabled aggregator interface reachable. Every failed check says what
+is wrong and what to check. Exit 0 passed, 1 a check failed, 2 bad input."""
+
+
+class Console:
+    """Prints each step of the report as it completes (a guided check, not a wait for the end)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def step(self, step: Step, checks: list[Check]) -> None:
+        self.report.add(checks)
+        self.say("\n".join(step_lines(self.report, step)))
+
+
+def _commission(args: argparse.Namespace) -> int:
+    _check_options(args)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:
+        _check_writable(report_path)
+    configure_logging(args.verbose)
+    if not args.verbose:  # the report is the output; the gateway's narration only when asked for
+        logging.getLogger().setLevel(logging.WARNING)
+    report = Report(config=str(args.config), at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    software_version=software_version())
+    console = Console(report)
+    try:
+        config = config_module.load(args.config)
+        check(config)
+    except InputError as err:
+        console.say(f"powershare-gw commission: {args.config} at {report.at}")
+        console.step(Step.CONFIG, judgement.judge_config(str(args.config), err.problems))
+        _finish(console, report_path)
+        raise
+    _check_window(config, args.can_seconds)
+    _refuse_if_running(config)
+    console.say(f"powershare-gw commission: {args.config} at {report.at}")
+    console.step(Step.CONFIG, judgement.judge_config(config.source, []))
+    try:
+        asyncio.run(_steps(config, args, console))
+    finally:
+        _finish(console, report_path)
+    return 0 if report.passed else 1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    problems = []
+    if not 0 < args.discharge_w <= 100_000:
+        problems.append(f"--discharge-w: expected a power above 0 W (default {DEFAULT_DISCHARGE_W:g}), "
+                        f"got {args.discharge_w:g}")
+    if not 0 < args.discharge_seconds <= MAX_DISCHARGE_S:
+        problems.append(f"--discharge-seconds: expected 0 to {MAX_DISCHARGE_S:g} s, got {args.discharge_seconds:g}")
+    if not 0 < args.can_seconds <= MAX_CAN_S:
+        problems.append(f"--can-seconds: expected 0 to {MAX_CAN_S:g} s, got {args.can_seconds:g}")
+    if problems:
+        raise InputError(problems)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"--report {path}: is a folder; give a file name")
+    if not path.resolve().parent.is_dir():
+        raise InputError(f"--report {path}: cannot write: folder {path.resolve().parent} does not exist")
+
+
+WINDOW_PERIODS = 3
+"""The CAN window holds at least this many periods of the slowest message: enough to time each page."""
+
+
+def _check_window(config: Config, window_s: float) -> None:
+    specs = probes.message_specs(reader_from_config(config, time.monotonic))
+    slowest = max(specs, key=lambda s: s.period_s, default=None)
+    if slowest is not None and window_s < WINDOW_PERIODS * slowest.period_s:
+        raise InputError(f"--can-seconds {window_s:g}: too short to time the DBC's slowest message ({slowest.label}, "
+                         f"every {slowest.period_s * 1e3:g} ms): give at least {WINDOW_PERIODS * slowest.period_s:g} s")
+
+
+def _refuse_if_running(config: Config) -> None:
+    """Two gateways on one inverter would fight over its setpoint: commissioning needs the service stopped."""
+    from firmware_py.owner.access import parse_listen
+    from firmware_py.owner.commands import Unavailable, call
+
+    try:
+        call(config.owner, "GET", "/api/status")
+    except (Unavailable, InputError):
+        return
+    raise InputError(f"{config.source}: a gateway is running with this configuration (its owner API answers on "
+                     f"{parse_listen(config.owner.api_listen).describe()}): stop it first "
+                     "(`sudo systemctl stop powershare-gw`), commission, then start it again")
+
+
+def _finish(console: Console, path: Path | None) -> None:
+    console.say(verdict_line(console.report))
+    if path is None:
+        return
+    try:
+        path.write_text(json.dumps(console.report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"--report {path}: cannot write: {err.strerror or err}") from None
+    console.say(f"report: {path}")
+
+
+async def _steps(config: Config, args: argparse.Namespace, console: Console) -> None:
+    """CAN, inverter, sign test and dispatch on one assembly; whatever happens, the inverter ends at 0 W
+    and everything assembling opened is closed."""
+    stop, stop_thread = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
+    where = f"{config.can.interface} {config.can.channel}"
+    reader = reader_from_config(config, time.monotonic)
+    try:
+        bus = probes.open_unfiltered(config)
+    except InputError as err:
+        await _without_bus(config, console, where, args.can_seconds, err)
+        return
+    console.say(f"-- listening to {where} for {args.can_seconds:g} s ...")
+    try:
+        can_obs = await asyncio.to_thread(probes.observe_can, bus, reader, args.can_seconds, where=where,
+                                          usable_capacity_wh=config.vehicle.usable_capacity_wh, stop=stop_thread)
+    finally:
+        shutdown_quietly(bus, log)
+    if _interrupted(console, stop, Step.CAN):
+        return
+    console.step(Step.CAN, judgement.judge_can(can_obs, probes.message_specs(reader)))
+    try:
+        assembly = assemble(config, Clocks.system())
+    except InputError as err:  # the bus, just open, cannot be opened again (an adapter gone since)
+        if not any(p.startswith(f"{config.source}: can") for p in err.problems):
+            raise
+        await _without_bus(config, console, where, args.can_seconds, err, judged=True)
+        return
+    service: Service | None = None
+    try:
+        console.say(f"-- asking the inverter at {probes.where_of(config.inverter)} ...")
+        inverter = await probes.probe_inverter(assembly.gateway.inverter, config.inverter)
+        console.step(Step.INVERTER, judgement.judge_inverter(inverter))
+        if _interrupted(console, stop, Step.SIGN):
+            return
+        service = await _sign_test(assembly, args, console, stop)
+        if _interrupted(console, stop, Step.DISPATCH):
+            return
+        console.say("-- asking the aggregator interfaces ...")
+        console.step(Step.DISPATCH, judgement.judge_dispatch(await probes.probe_dispatch(assembly)))
+    finally:
+        if service is not None:
+            await service.stop()  # its safe stop (WSet = 0), then it closes the assembly
+        else:
+            await assembly.gateway.inverter.close()
+            assembly.close()
+
+
+def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
+    """SIGINT or SIGTERM: the step under way fails as interrupted and nothing more is tried
+    (the caller's clean-up still takes the inverter to 0 W)."""
+    if not stop.is_set():
+        return False
+    console.step(step, [failed(step, "interrupted", "stopped by a signal before this step was done", "run again")])
+    return True
+
+
+async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Console,
+                     stop: asyncio.Event) -> Service | None:
+    """The test discharge on the running gateway, with no aggregator connected (nothing else may
+    dispatch meanwhile). Returns the service it started, for the caller to stop."""
+    report = console.report
+    if not args.allow_test_discharge:
+        console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "not asked for (--allow-test-discharge)")])
+        return None
+    if any(report.step_outcome(s).value == "fail" for s in (Step.CAN, Step.INVERTER)):
+        console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "needs the CAN and inverter checks to pass")])
+        return None
+    console.say(f"-- test discharge: {args.discharge_w:g} W for {args.discharge_seconds:g} s through the core ...")
+    service = Service(assembly, RunOptions(owner_api=False, integrations=False))
+    await service.start()
+    observed = await probes.sign_test(service, args.discharge_w, args.discharge_seconds, stop)
+    console.step(Step.SIGN, judgement.judge_sign(observed))
+    return service
+
+
+async def _without_bus(config: Config, console: Console, where: str, window_s: float, err: InputError, *,
+                       judged: bool = False) -> None:
+    """The CAN bus cannot be opened, so the gateway cannot be assembled: the inverter is still asked,
+    with the gateway's client on its own; what needs the gateway is skipped."""
+    from firmware_py.inverter.client import InverterClient
+
+    problems = "; ".join(err.problems)
+    if judged:  # observed, then gone when the gateway opened it
+        problems = f"{problems} (when opened again for the gateway, after the observation)"
+    console.step(Step.CAN, judgement.judge_can(judgement.CanObservation(
+        where, config.vehicle.dbc, window_s, open_error=problems), []))
+    client = InverterClient(config.inverter, time.monotonic)
+    try:
+        console.step(Step.INVERTER, judgement.judge_inverter(await probes.probe_inverter(client, config.inverter)))
+    finally:
+        await client.close()
+    console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", f"needs the CAN bus: {problems}")])
+    console.step(Step.DISPATCH, [skipped(Step.DISPATCH, "aggregator interfaces", "needs the CAN bus open "
+                                         "(the gateway they serve cannot be assembled without it)")])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("commission", help="check an installation step by step and report pass/fail",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the gateway's TOML configuration")
+    p.add_argument("--report", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("--allow-test-discharge", action="store_true",
+                   help="run the sign self-test: a small discharge through the gateway's core")
+    p.add_argument("--discharge-w", type=float, default=DEFAULT_DISCHARGE_W,
+                   help=f"the test discharge's power (default {DEFAULT_DISCHARGE_W:g} W; the core caps it and "
+                        "refuses it at or below the floor)")
+    p.add_argument("--discharge-seconds", type=float, default=DEFAULT_DISCHARGE_S,
+                   help=f"how long the test discharge lasts (default {DEFAULT_DISCHARGE_S:g} s)")
+    p.add_argument("--can-seconds", type=float, default=DEFAULT_CAN_S,
+                   help=f"how long the CAN bus is observed (default {DEFAULT_CAN_S:g} s; at least {WINDOW_PERIODS} "
+                        "periods of the slowest BMS message)")
+    p.add_argument("-v", "--verbose", action="store_true", help="the gateway's own log lines too (stderr)")
+    p.set_defaults(handler=_commission)

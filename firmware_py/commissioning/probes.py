@@ -1,0 +1,305 @@
+"""The I/O of commissioning: gathering the observations `judgement` decides on.
+
+What is checked is what `run` would use: the configuration's CAN bus (opened as
+`run` opens it, but passing every id, for the observation alone) and the gateway's
+BMS reader, then the gateway's own assembly (`assembly.assemble`): its SunSpec
+client, its core (the test discharge is a dispatch request like any aggregator's,
+so the floor and every limit apply) and its integrations. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import can
+
+from firmware_py.addresses import parse_host_port
+from firmware_py.assembly import INTEGRATIONS, Assembly, section
+from firmware_py.bms.bus import open_bus
+from firmware_py.bms.reader import BmsReader
+from firmware_py.commissioning.judgement import (
+    CanObservation,
+    InverterObservation,
+    MessageSpec,
+    Reach,
+    Sample,
+    SignObservation,
+    Timing,
+)
+from firmware_py.config import Config, InverterConfig
+from firmware_py.core.types import (
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    Verdict,
+    describe,
+)
+from firmware_py.errors import InputError
+from firmware_py.inverter.client import InverterClient, LinkError
+from firmware_py.service import Service
+
+SOURCE = "commission"
+"""The source of the test discharge's request, in the journal and the logs."""
+RECV_S = 0.05
+FOREIGN_IDS_KEPT = 32
+BASELINE_S = 1.0
+"""How long the BMS current is sampled before the test discharge starts (its baseline)."""
+SAMPLE_S = 0.1
+SETTLE_S = 5.0
+"""After the test: how long the inverter may take to read 0 W again."""
+DISPATCH_TIMEOUT_S = 15.0
+
+
+# ---------------------------------------------------------------------------------------------- CAN
+
+def message_specs(reader: BmsReader) -> list[MessageSpec]:
+    """Every message of the DBC that has a period (the BMS messages commissioning expects to see)."""
+    specs = []
+    for message in reader.db.messages:
+        if not message.cycle_time:
+            continue
+        pages = {page for signal in message.signals for page in (signal.multiplexer_ids or ())}
+        specs.append(MessageSpec(message.name, message.frame_id, message.cycle_time / 1000.0, max(1, len(pages))))
+    return sorted(specs, key=lambda s: s.frame_id)
+
+
+def open_unfiltered(config: Config) -> can.BusABC:
+    """The configuration's CAN bus as `run` opens it (interface, channel, bitrate), but passing every id.
+
+    The gateway's own bus passes only the BMS ids (filters in the driver, the kernel or
+    the CAN server), so on it "no traffic" and "traffic, but not what the DBC describes"
+    would look the same. Opened before the gateway is assembled, and closed after the
+    window, so an adapter that takes one user at a time works too.
+    """
+    return open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",
+                    bitrate=config.can.bitrate)
+
+
+def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: str, usable_capacity_wh: float,
+                clock: Callable[[], float] = time.monotonic, stop: threading.Event | None = None) -> CanObservation:
+    """Everything on `bus` (unfiltered: `open_unfiltered`) for `window_s`, fed to `reader`
+    (blocking: run it in a thread)."""
+    specs = {s.frame_id: s for s in message_specs(reader)}
+    muxes = {fid: _multiplexer(reader, fid) for fid, s in specs.items() if s.pages > 1}
+    by_id: dict[int, Timing] = {}
+    by_page: dict[tuple[int, int], Timing] = {}
+    accepted: Counter[int] = Counter()
+    refused: dict[int, Counter[str]] = {}
+    foreign: set[int] = set()
+    frames = 0
+    last_at = clock()
+    deadline = last_at + window_s
+    while (left := deadline - clock()) > 0 and not (stop is not None and stop.is_set()):
+        msg = bus.recv(timeout=min(RECV_S, left))
+        if msg is None or msg.is_error_frame:
+            continue
+        frames += 1
+        now, fid = clock(), msg.arbitration_id
+        if fid not in specs or msg.is_extended_id:
+            if len(foreign) < FOREIGN_IDS_KEPT:
+                foreign.add(fid)
+            continue
+        last_at = now
+        by_id[fid] = by_id[fid].seen(now) if fid in by_id else Timing(1, now, now)
+        if (page := _page(muxes.get(fid), msg.data)) is not None:
+            key = (fid, page)
+            by_page[key] = by_page[key].seen(now) if key in by_page else Timing(1, now, now)
+        before_ok, before_drops = reader.accepted, Counter(reader.dropped)
+        reader.on_message(msg, now)
+        if reader.accepted != before_ok:
+            accepted[fid] += 1
+        else:
+            refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
+    # As of the last BMS frame: what this process believed then, not how late its own last look came.
+    snapshot = reader.snapshot(last_at)
+    values = {name: getattr(snapshot, name) for name in reader.fields}
+    return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
+                          foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
+                          refused={fid: dict(c) for fid, c in refused.items()}, last_refusal=reader.last_drop,
+                          values=values, stale=snapshot.stale, mapped=reader.fields,
+                          usable_capacity_wh=usable_capacity_wh)
+
+
+def _multiplexer(reader: BmsReader, frame_id: int) -> tuple[Any, str] | None:
+    message = reader.db.get_message_by_frame_id(frame_id)
+    names = [s.name for s in message.signals if s.is_multiplexer]
+    return (message, names[0]) if names else None
+
+
+def _page(mux: tuple[Any, str] | None, data: bytes | bytearray) -> int | None:
+    """The multiplexer page a frame carries (None: not multiplexed, or undecodable)."""
+    if mux is None:
+        return None
+    message, name = mux
+    try:
+        return int(message.decode(bytes(data), decode_choices=False)[name])
+    except Exception:  # noqa: BLE001 - cantools raises several types for a frame that does not fit
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- inverter
+
+async def probe_inverter(client: InverterClient, settings: InverterConfig) -> InverterObservation:
+    """Discover the inverter, read its state, then write the command block with the revert armed
+    and WSet = 0 (the gateway's safe stop) and read it back."""
+    base = dict(where=where_of(settings), transport=settings.transport, unit_id=settings.unit_id,
+                revert_timeout_s=settings.revert_timeout_s)
+    try:
+        disc = await client.connect()
+    except LinkError as err:
+        return InverterObservation(**base, error=str(err), error_kind=err.kind.value if err.kind else "")
+    status = await client.read_status(setpoint=True)
+    found = dict(base=disc.base, models=dict(disc.models), common=dict(disc.common), ratings=dict(disc.ratings))
+    if not status.comms_ok:
+        return InverterObservation(**base, **found, status_error=status.error or "no answer")
+    armed = await client.safe_stop()
+    controls: dict[str, Any] = {}
+    if armed:
+        with contextlib.suppress(LinkError):
+            controls = await client.read_controls()
+    return InverterObservation(
+        **base, **found, inv_state=int(status.inv_state), measured_w=status.measured_w,
+        grid_connected=status.grid_connected, grid_outage=status.grid_outage, alarms=status.alarms,
+        revert_ok=armed, revert_error="" if armed else (client.last_error or "not written"), controls=controls)
+
+
+def where_of(s: InverterConfig) -> str:
+    """The inverter's address as the client names it in its messages."""
+    return f"RTU {s.serial_port} unit {s.unit_id}" if s.transport == "rtu" else f"{s.host}:{s.port} unit {s.unit_id}"
+
+
+# ---------------------------------------------------------------------------------------------- sign test
+
+async def sign_test(service: Service, target_w: float, seconds: float, stop: asyncio.Event) -> SignObservation:
+    """A discharge of `target_w` for `seconds`, asked of the core like any aggregator's request.
+
+    The service must be started. The request ends itself after `seconds` (the core
+    ends its window); whatever happens, it is cancelled if still in force and the
+    inverter is told WSet = 0 and read back before this returns.
+    """
+    gateway = service.gateway
+    base = dict(target_w=target_w, seconds=seconds)
+    if not await service.ready(stop):
+        return SignObservation(**base, not_ready=gateway.controller.reason)
+    before = await _samples(service, BASELINE_S, stop)
+    now = gateway.now()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    request = DispatchRequest(id=f"commission-{stamp}", source=SOURCE, kind=DispatchKind.DISCHARGE,
+                              target_w=target_w, start=now, end=now + seconds, received_at=now)
+    answer = None
+    during: list[Sample] = []
+    reason = ""
+    try:
+        answer = await gateway.submit(request)
+        if answer is not None and answer.verdict is not Verdict.REJECTED:
+            await _samples(service, seconds / 2, stop)
+            during = await _samples(service, max(0.0, request.end - gateway.now()), stop)
+        reason = gateway.controller.reason
+    finally:
+        stopped, after_w, detail = await _back_to_zero(service, request)
+    words = describe(answer) if answer is not None else "no answer"
+    refusal = answer.reason.value if answer is not None and answer.reason is not None \
+        and answer.verdict is Verdict.REJECTED else ""
+    voltage = gateway.controller.bms.pack_voltage_v if gateway.controller.bms is not None else None
+    return SignObservation(**base, answer=words, refusal=refusal, before=tuple(before), during=tuple(during),
+                           pack_voltage_v=voltage, reason=reason, interrupted=stop.is_set(), stopped=stopped, after_w=after_w,
+                           stop_detail=detail)
+
+
+async def _samples(service: Service, seconds: float, stop: asyncio.Event) -> list[Sample]:
+    """What the running gateway holds every SAMPLE_S for `seconds` (sooner when `stop` is set)."""
+    gateway, out = service.gateway, []
+    end = gateway.now() + seconds
+    while gateway.now() < end and not stop.is_set():
+        c = gateway.controller
+        out.append(Sample(gateway.now(), c.setpoint_w, c.inverter.measured_w if c.inverter else None,
+                          c.bms.pack_current_a if c.bms else None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(SAMPLE_S, max(0.0, end - gateway.now())))
+    return out
+
+
+async def _back_to_zero(service: Service, request: DispatchRequest) -> tuple[bool, float | None, str]:
+    """End the test: cancel the request if still in force, WSet = 0 read back, the inverter measuring ~0 W."""
+    gateway = service.gateway
+    booked = gateway.controller.book.find(request.id)
+    if booked is not None and booked.accepted and not booked.ended:
+        await gateway.submit(DispatchCancel(request.id, SOURCE, gateway.now(), reason="commissioning: test over"))
+    stopped = await gateway.inverter.safe_stop()
+    detail = "WSet = 0 written and read back" if stopped else f"WSet = 0 not confirmed: {gateway.inverter.last_error}"
+    after_w = None
+    deadline = gateway.now() + SETTLE_S
+    while gateway.now() < deadline:
+        status = await gateway.poll_inverter()
+        after_w = status.measured_w if status.comms_ok else None
+        if after_w is not None and abs(after_w) < 1.0:
+            break
+        await asyncio.sleep(SAMPLE_S)
+    return stopped, after_w, detail
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+async def probe_dispatch(assembly: Assembly, timeout_s: float = DISPATCH_TIMEOUT_S) -> list[Reach]:
+    """Each enabled aggregator interface: the VTN registers this VEN; the SunSpec server listens and serves."""
+    reaches = []
+    for name in INTEGRATIONS:
+        if not name.startswith("dispatch.") or not section(assembly.config, name).enabled:
+            continue
+        probe = DISPATCH_PROBES.get(name)
+        if probe is None:
+            reaches.append(Reach(name, "", None, "not checked by this version of commission"))
+            continue
+        try:
+            reaches.append(await asyncio.wait_for(probe(assembly, name), timeout_s))
+        except asyncio.TimeoutError:
+            reaches.append(Reach(name, _target(assembly, name), False, f"no outcome within {timeout_s:g} s"))
+    return reaches
+
+
+def _target(assembly: Assembly, name: str) -> str:
+    settings = section(assembly.config, name)
+    return getattr(settings, "vtn_url", "") or getattr(settings, "listen", "")
+
+
+async def _openadr(assembly: Assembly, name: str) -> Reach:
+    ven = assembly.integrations[name]
+    settings = section(assembly.config, name)
+    problem = await ven.probe_registration()
+    if problem is None:
+        return Reach(name, settings.vtn_url, True, f"the VTN registered VEN {settings.ven_name!r}")
+    return Reach(name, settings.vtn_url, False, problem)
+
+
+async def _sunspec_server(assembly: Assembly, name: str) -> Reach:
+    """Start the gateway's DER server where configured, then discover it as an aggregator would."""
+    server, settings = assembly.integrations[name], section(assembly.config, name)
+    try:
+        port = await server.start(assembly.gateway)
+    except InputError as err:
+        return Reach(name, settings.listen, False, "; ".join(err.problems))
+    host, _ = parse_host_port(settings.listen, f"{name}.listen")
+    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    client = InverterClient(InverterConfig(host=local, port=port, unit_id=settings.unit_id), time.monotonic)
+    try:
+        disc = await client.connect()
+    except LinkError as err:
+        return Reach(name, settings.listen, False, f"listening, but a SunSpec client there failed: {err}")
+    finally:
+        await client.close()
+        await server.stop()
+    models = ", ".join(str(m) for m in sorted(disc.models))
+    return Reach(name, settings.listen, True, f"listening on {local}:{port}, unit {settings.unit_id}: "
+                 f"a SunSpec client discovers models {models}")
+
+
+DISPATCH_PROBES = {"dispatch.openadr": _openadr, "dispatch.openadr3": _openadr,
+                   "dispatch.sunspec_server": _sunspec_server}
+

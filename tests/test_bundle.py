@@ -1,0 +1,187 @@
+"""`powershare-gw bundle` and the bundle's install.sh: a gateway installed with no network.
+
+The slow test builds a real bundle for this machine from this checkout (pip reaches the
+package registry: allowed in CI, and a failed download fails the test with pip's words),
+then runs its install.sh under a test root inside a network namespace with no network at
+all, and runs the installed `powershare-gw` from the fresh virtual environment. No user is
+created and systemctl is not run (install.sh's `--root` prints what it would do).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from firmware_py import bundle
+from firmware_py.bundle import Arch, Target
+from firmware_py.cli import main
+from firmware_py.config import bundled_config
+from firmware_py.version import software_version
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+HOST_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def without_network(command: list[str]) -> list[str]:
+    """`command` in a new network namespace (no interface up: nothing can be reached), where the
+    machine allows one (root here and in CI); elsewhere as it is: install.sh reads no pip
+    configuration and passes --no-index either way."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "--net", "true"], capture_output=True, timeout=30).returncode == 0:
+        return [unshare, "--net", *command]
+    return command
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+# --- fast: the version, the arguments, install.sh's refusals --------------------------------------
+
+def test_version_prints_the_installed_distribution_version():
+    done = run([sys.executable, "-m", "firmware_py", "--version"])
+    assert done.returncode == 0 and done.stdout.strip() == f"powershare-gw {software_version()}"
+    assert software_version() == SOURCE_VERSION
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--platform", "armv7l"], "--platform: 'armv7l' is not a gateway processor this bundles for"),
+    (["--python", "3.9"], "--python: powershare-gw needs Python 3.11 or newer"),
+    (["--python", "three"], "--python: expected MAJOR.MINOR"),
+    (["--source", "/"], "--source: not a powershare-gw checkout"),
+])
+def test_bad_bundle_arguments_exit_2_naming_them(tmp_path, capsys, args, message):
+    assert main(["bundle", "--out", str(tmp_path / "b"), "--source", str(ROOT), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_bundle_goes_into_a_new_or_empty_folder_only(tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "old.whl").write_text("")
+    assert main(["bundle", "--out", str(tmp_path / "b"), "--source", str(ROOT)]) == 2
+    assert "--out: must be a new or empty folder" in capsys.readouterr().err
+
+
+def test_wheels_are_chosen_for_the_target_not_for_this_machine():
+    options = Target(Arch.AARCH64, (3, 11)).pip_options()
+    platforms = [options[i + 1] for i, option in enumerate(options) if option == "--platform"]
+    assert "manylinux2014_aarch64" in platforms and "manylinux_2_36_aarch64" in platforms
+    assert all(p.endswith("_aarch64") for p in platforms) and "--only-binary=:all:" in options
+    assert options[options.index("--python-version") + 1] == "3.11" and options[options.index("--abi") + 1] == "cp311"
+
+
+PIP_OFFLINE = """WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after \
+connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f8b>: Failed to \
+establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/rich/
+ERROR: Could not find a version that satisfies the requirement rich (from versions: none)
+ERROR: No matching distribution found for rich
+"""
+
+
+def test_pip_failures_are_told_as_what_to_do():
+    """pip's own words (as it printed them here, in a namespace with no network) turned into the reason."""
+    assert bundle._why(PIP_OFFLINE).startswith("the package registry could not be reached (NewConnectionError)")
+    no_wheel = PIP_OFFLINE.split("\n", 2)[2]  # the registry answered; nothing fits the target
+    assert bundle._why(no_wheel) == ("rich: no wheel for this processor and Python in the registry (bundle takes "
+                                     "wheels only: the gateway has no compiler)")
+    assert bundle._why("ERROR: something else\n") == "pip failed: ERROR: something else"
+
+
+def fake_bundle(folder: Path, arch: str, python: str) -> Path:
+    """A bundle's files without wheels: enough for install.sh's checks, which come before any change."""
+    (folder / "wheels").mkdir(parents=True)
+    (folder / "config").mkdir()
+    for name in ("gateway.toml", "example.toml", "powershare-gw.service"):
+        shutil.copy2(bundled_config(name), folder / "config" / name)
+    shutil.copy2(bundled_config("install.sh"), folder / "install.sh")
+    (folder / "bundle.env").write_text(f"VERSION=0.1.0\nARCH={arch}\nPYTHON={python}\n")
+    (folder / "requirements.txt").write_text("")
+    (folder / "SHA256SUMS").write_text("")
+    return folder / "install.sh"
+
+
+@pytest.mark.parametrize("arch, python, message", [
+    ("riscv64", HOST_PYTHON, "this bundle is for riscv64, this machine is"),
+    (os.uname().machine, "3.99", "this bundle is for Python 3.99"),
+])
+def test_install_refuses_a_bundle_made_for_another_machine_saying_what_to_make(tmp_path, arch, python, message):
+    installer = fake_bundle(tmp_path / "bundle", arch, python)
+    done = run(["sh", str(installer), "--root", str(tmp_path / "root"), "--python", sys.executable])
+    assert done.returncode == 2 and message in done.stderr and "powershare-gw bundle --" in done.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_install_refuses_an_incomplete_bundle_and_unknown_arguments(tmp_path):
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    (tmp_path / "bundle" / "SHA256SUMS").unlink()
+    done = run(["sh", str(installer), "--root", str(tmp_path / "root")])
+    assert done.returncode == 2 and "SHA256SUMS: missing: this folder is not a whole bundle" in done.stderr
+    done = run(["sh", str(installer), "--prefix", "/usr"])
+    assert done.returncode == 2 and "unknown argument: --prefix" in done.stderr
+
+
+# --- slow: a real bundle, installed with no network -----------------------------------------------
+
+@pytest.mark.slow
+def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
+    out = tmp_path / "bundle"
+    made = run([sys.executable, "-m", "firmware_py", "bundle", "--out", str(out), "--source", str(ROOT)])
+    assert made.returncode == 0, f"bundle failed (it needs the package registry):\n{made.stderr}"
+    wheels = {normalized(w.name.split("-")[0]): w for w in (out / "wheels").glob("*.whl")}
+    assert {"powershare-gw", "python-can", "cantools", "pymodbus", "pyserial", "aiohttp", "cryptography"} <= set(wheels)
+    assert (out / "bundle.env").read_text().splitlines()[1:] == [
+        f"VERSION={SOURCE_VERSION}", f"ARCH={os.uname().machine}", f"PYTHON={HOST_PYTHON}"]
+
+    root = tmp_path / "root"
+    installed = run(without_network(["sh", str(out / "install.sh"), "--root", str(root),
+                                     "--python", sys.executable]))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    venv = root / "opt" / "powershare-gw"
+    version = run([str(venv / "bin" / "powershare-gw"), "--version"])
+    assert version.stdout.strip() == f"powershare-gw {SOURCE_VERSION}"
+    frozen = run([str(venv / "bin" / "python"), "-m", "pip", "--isolated", "freeze", "--all"],
+                 env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    pins = {normalized(line) for line in (out / "requirements.txt").read_text().split()}
+    assert pins <= {normalized(line) for line in frozen.stdout.split()}  # exactly the bundle's wheels
+
+    config_dir, state_dir = root / "etc" / "powershare-gw", root / "var" / "lib" / "powershare-gw"
+    unit = root / "etc" / "systemd" / "system" / "powershare-gw.service"
+    assert (mode(config_dir), mode(config_dir / "gateway.toml"), mode(state_dir), mode(unit)) == \
+        (0o750, 0o640, 0o750, 0o644)
+    assert (config_dir / "gateway.toml").read_text() == bundled_config("gateway.toml").read_text()
+    assert unit.read_text() == bundled_config("powershare-gw.service").read_text()
+    for would in ("useradd --system --user-group --home-dir /var/lib/powershare-gw",
+                  "chown root:powershare /etc/powershare-gw", "chown powershare:powershare /var/lib/powershare-gw",
+                  "systemctl enable powershare-gw.service", "/etc/powershare-gw/gateway.toml: valid"):
+        assert would in installed.stdout
+
+    (config_dir / "gateway.toml").write_text("version = 1\n[owner]\nreserve_pct = 55\n")  # the installer's edits
+    again = run(without_network(["sh", str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "gateway.toml: kept" in again.stdout
+    assert (config_dir / "gateway.toml").read_text() == "version = 1\n[owner]\nreserve_pct = 55\n"
+
+    other = Arch.AARCH64 if os.uname().machine == Arch.X86_64 else Arch.X86_64
+    target = Target(other, sys.version_info[:2])
+    download = run([sys.executable, "-m", "pip", "download", *target.pip_options(), "--dest", str(tmp_path / other),
+                    str(wheels["powershare-gw"])])
+    assert download.returncode == 0, f"no wheel of some dependency for {other}:\n{download.stderr}"
+    assert {normalized(w.name.split("-")[0]) for w in (tmp_path / other).glob("*.whl")} == set(wheels)

@@ -1,0 +1,297 @@
+"""`powershare-gw commission` against the bench in separate processes (issue 16, item 1).
+
+The peers run as an installer would run them (README, "Commissioning on the bench"):
+python-can-remote servers carry two CAN buses on 127.0.0.1, and `sim inverter --can-*`
+serves SunSpec Modbus TCP while simulating the truck's pack wired to it, its BMS on
+the bus, so the BMS current follows the power the inverter really draws. A second
+such truck has `--swap-sign`. An openleadr VTN runs in this process. Every config
+is the bundled `config/commission-bench.toml` with this bench's ports and one change
+per failing case; `commission` itself is a child process, like on site.
+
+One set of peers serves every case; the passing run goes first (it discharges), then
+the failing ones run at once, each with its own config and files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from children import CAN_SERVER_PORT, SIM_INVERTER_PORT, ChildOutput, spawn
+from firmware_py.sim.vtn import LoopbackVtn
+from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+
+from firmware_py.config import bundled_config, bundled_dbc
+from firmware_py.journal import Journal
+
+pytestmark = pytest.mark.slow  # separate processes and real-time windows
+
+START_S = 25.0
+RUN_S = 60.0  # bound on one commissioning run (each takes ~10 s)
+CAN_S = "3"  # the shortest window the bundled DBC allows (three periods of its 1 s messages)
+DISCHARGE_S = "2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VtnThread:
+    """openleadr's VTN on its own event loop in a thread: the tests here are synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="VTN", daemon=True)
+        self.thread.start()
+
+        async def started() -> LoopbackVtn:
+            vtn = LoopbackVtn(ven_name="truck-1")
+            await vtn.start()
+            return vtn
+
+        self.vtn = asyncio.run_coroutine_threadsafe(started(), self.loop).result(timeout=START_S)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.vtn.close(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@dataclass
+class Peers:
+    tmp: Path
+    can: dict[str, int]
+    inverter: dict[str, int]
+    vtn: LoopbackVtn
+    children: list[tuple[subprocess.Popen, ChildOutput]]
+
+    def config(self, case: str, **overrides: Any) -> Path:
+        """The bundled commissioning config with this bench's ports, then `overrides` (key -> line)."""
+        folder = self.tmp / case
+        folder.mkdir()
+        text = bundled_config("commission-bench.toml").read_text(encoding="utf-8")
+        lines = {
+            "channel": f'channel = "ws://127.0.0.1:{self.can["good"]}/"',
+            "port": f"port = {self.inverter['good']}",
+            "listen": f'listen = "127.0.0.1:{free_port()}"',
+            "api_listen": f'api_listen = "127.0.0.1:{free_port()}"',
+            "revert_timeout_s": "revert_timeout_s = 10\ntimeout_s = 0.5\npoll_interval_s = 0.2",
+            **overrides,
+        }
+        for key, line in lines.items():
+            text, n = re.subn(rf"^{key} = .*$", lambda _m, line=line: line, text, count=1, flags=re.M)
+            assert n == 1, key
+        text += f'\n[dispatch.openadr]\nenabled = true\nvtn_url = "{self.vtn.url}"\nven_name = "truck-1"\n'
+        path = folder / "gateway.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def wait_alive(self) -> None:
+        for proc, output in self.children:
+            assert proc.poll() is None, output.text()
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
+    tmp = tmp_path_factory.mktemp("commission-bench")
+    children: list[tuple[subprocess.Popen, ChildOutput]] = []
+
+    def start(name: str, *args: str) -> ChildOutput:
+        proc, output = spawn([sys.executable, *args], tmp / f"{name}.log", cwd=tmp)
+        children.append((proc, output))
+        return output
+
+    vtn = VtnThread()
+    try:
+        buses = {name: start(f"can-{name}", "-m", "can_remote", "-i", "virtual", "-c", f"commission-{name}",
+                             "-H", "127.0.0.1", "-p", "0") for name in ("good", "swapped")}
+        can = {name: int(out.wait_for_line(CAN_SERVER_PORT, START_S).group(1)) for name, out in buses.items()}
+        inverters = {name: start(f"inverter-{name}", "-m", "firmware_py", "sim", "inverter", "--listen",
+                                 "127.0.0.1:0", "--can-interface", "remote", "--can-channel",
+                                 f"ws://127.0.0.1:{can[name]}/", "--soc", "70",
+                                 *(["--swap-sign"] if name == "swapped" else []))
+                     for name in ("good", "swapped")}
+        ports = {name: int(out.wait_for_line(SIM_INVERTER_PORT, START_S).group(1)) for name, out in inverters.items()}
+        for out in inverters.values():
+            out.wait_for_line(r"wired to a simulated pack", START_S)
+        yield Peers(tmp, can, ports, vtn.vtn, children)
+    finally:
+        for proc, output in children:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            output.join()
+        vtn.close()
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    report: dict[str, Any]
+
+    def checks(self, step: str) -> dict[str, dict[str, Any]]:
+        (found,) = [s for s in self.report["steps"] if s["step"] == step]
+        return {c["name"]: c for c in found["checks"]}
+
+    def failed(self) -> dict[str, dict[str, Any]]:
+        return {c["name"]: c for s in self.report["steps"] for c in s["checks"] if c["outcome"] == "fail"}
+
+
+def commission(config: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "firmware_py", "commission", "--config", str(config),
+            "--report", str(config.parent / "report.json"), "--can-seconds", CAN_S, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent)
+
+
+def finished(config: Path, proc: subprocess.Popen) -> Run:
+    out, _ = proc.communicate(timeout=RUN_S)
+    report = json.loads((config.parent / "report.json").read_text(encoding="utf-8"))
+    return Run(proc.returncode, out, report)
+
+
+def sunspec(port: int) -> SunSpecModbusClientDeviceTCP:
+    dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
+    dev.scan()
+    return dev
+
+
+def held_at_zero(port: int) -> dict[str, Any]:
+    """The inverter as pysunspec2 (an independent SunSpec client) reads it: what it measures and holds."""
+    dev = sunspec(port)
+    try:
+        m701, m704 = dev.models[701][0], dev.models[704][0]
+        m701.read()
+        m704.read()
+        return {"W": m701.W.cvalue, "WSet": m704.WSet.cvalue, "WSetEnaRvrt": m704.WSetEnaRvrt.value}
+    finally:
+        dev.close()
+
+
+def meter(port: int) -> float:
+    """The inverter's injected-energy meter (701 TotWhInj), read by pysunspec2."""
+    dev = sunspec(port)
+    try:
+        m701 = dev.models[701][0]
+        m701.read()
+        return m701.TotWhInj.cvalue
+    finally:
+        dev.close()
+
+
+def wrong_dbc(folder: Path) -> Path:
+    """The bundled DBC with every id moved by 0x400: another vehicle's DBC, same signal names."""
+    text = bundled_dbc("cybertruck_bms.dbc").read_text(encoding="utf-8")
+    moved = re.sub(r"\b(BO_|SG_|VAL_) (\d+)\b", lambda m: f"{m.group(1)} {int(m.group(2)) + 0x400}", text)
+    path = folder / "other-vehicle.dbc"
+    path.write_text(moved, encoding="utf-8")
+    return path
+
+
+def test_commissioning_passes_against_the_bench(peers: Peers):
+    config = peers.config("pass")
+    run = finished(config, commission(config, "--allow-test-discharge", "--discharge-seconds", DISCHARGE_S))
+    assert run.code == 0, run.out
+    assert run.report["passed"] and run.failed() == {}, run.out
+    assert [s["outcome"] for s in run.report["steps"]] == ["pass"] * 5, run.out
+    assert "COMMISSIONING PASSED: 25 passed, 0 failed, 0 skipped" in run.out
+    can = run.checks("can")
+    assert can["BmsEnergyStatus (0x352)"]["detail"].endswith("(DBC: 1000 ms)")
+    assert "discharge allowed now" in can["contactors and BMS state"]["detail"]
+    assert run.checks("inverter")["revert function"]["detail"].startswith("WSetEnaRvrt 1, WSetRvrt 0 W, WSetRvrtTms 10 s")
+    sign = run.checks("sign_test")
+    assert "pack discharges" in sign["BMS current"]["detail"]
+    assert sign["back to 0 W"]["outcome"] == "pass"
+    dispatch = run.checks("dispatch")
+    assert all(c["outcome"] == "pass" for c in dispatch.values()) and len(dispatch) == 2
+    assert [r["ven_name"] for r in peers.vtn.registrations] == ["truck-1"]  # the VTN saw it register
+
+    # The test discharge went through the core, journaled like any request, and ended.
+    with Journal.open(config.parent / "commission-journal.sqlite", readonly=True) as journal:
+        events = [r.event() for r in journal.records() if r.kind in ("DispatchRequest", "DispatchAnswer",
+                                                                     "DispatchEnded")]
+    request, answer, *rest = events
+    assert request.source == "commission" and request.target_w == 500 and answer.verdict.value == "accepted"
+    assert any(type(e).__name__ == "DispatchEnded" and e.request_id == request.id for e in rest)
+    held = held_at_zero(peers.inverter["good"])
+    assert held["W"] == 0 and held["WSet"] == 0 and held["WSetEnaRvrt"] == 1
+
+
+FAILING = {
+    # case -> (config overrides, extra flags, the failed check, words it must say, words its advice must say)
+    "no CAN traffic": ({"interface": 'interface = "virtual"', "channel": 'channel = "commission-silent"'}, (),
+                       "traffic", "no CAN traffic on virtual commission-silent", "termination"),
+    "wrong DBC": ({}, (), "BMS messages of other-vehicle.dbc", "none of its 9 messages", "another vehicle"),
+    "inverter unreachable": ({"port": "port = {closed}"}, (), "SunSpec discovery",
+                             "cannot connect to 127.0.0.1:{closed} unit 1", "[inverter] host and port"),
+    "wrong unit id": ({"unit_id": "unit_id = 2"}, (), "SunSpec discovery", "not for unit id 2",
+                      "[inverter] unit_id (2)"),
+    "swapped power sign": ({"channel": 'channel = "ws://127.0.0.1:{can_swapped}/"', "port": "port = {inv_swapped}"},
+                           ("--allow-test-discharge", "--discharge-seconds", DISCHARGE_S), "inverter measured power",
+                           "reports its power with the opposite sign", "CT is fitted backwards"),
+    "VTN unreachable": ({}, (), "dispatch.openadr (http://127.0.0.1:{closed}/OpenADR2/Simple/2.0b)",
+                        "no answer from the VTN", "vtn_url"),
+    "below the floor": ({"reserve_pct": "reserve_pct = 80"},  # the truck is at 70 %: the floor is 82 %
+                        ("--allow-test-discharge", "--discharge-seconds", DISCHARGE_S), "test discharge",
+                        "refused INSUFFICIENT_ENERGY", "never discharges below it"),
+}
+
+
+@pytest.fixture(scope="module")
+def failing_runs(peers: Peers) -> dict[str, Run]:
+    """Every failing case at once (after the passing run, which discharges the shared inverter)."""
+    fill = {"closed": free_port(), "can_swapped": peers.can["swapped"], "inv_swapped": peers.inverter["swapped"]}
+    injected_before = meter(peers.inverter["good"])
+    started = {}
+    for case, (overrides, flags, *_) in FAILING.items():
+        config = peers.config(case.replace(" ", "-"), **{k: v.format(**fill) for k, v in overrides.items()})
+        if case == "wrong DBC":
+            dbc = wrong_dbc(config.parent)
+            config.write_text(config.read_text().replace('dbc = "cybertruck_bms.dbc"', f'dbc = "{dbc.name}"'))
+        if case == "VTN unreachable":
+            config.write_text(config.read_text().replace(peers.vtn.url, f"http://127.0.0.1:{fill['closed']}/"
+                                                                         "OpenADR2/Simple/2.0b"))
+        started[case] = (config, commission(config, *flags))
+    runs = {case: finished(config, proc) for case, (config, proc) in started.items()}
+    peers.wait_alive()
+    # Not one of them moved energy out of the good truck (the one below its floor asked to).
+    assert meter(peers.inverter["good"]) == injected_before
+    return {case: (run, fill) for case, run in runs.items()}
+
+
+@pytest.mark.parametrize("case", list(FAILING))
+def test_commissioning_fails_with_the_right_message(failing_runs, case: str, peers: Peers):
+    run, fill = failing_runs[case]
+    _, _, name, words, advice = FAILING[case]
+    name, words = name.format(**fill), words.format(**fill)
+    assert run.code == 1, run.out
+    assert not run.report["passed"]
+    failed = run.failed()
+    assert list(failed) == [name], run.out  # this failure and no other
+    assert words in failed[name]["detail"] and advice in failed[name]["advice"], failed[name]
+    assert f"FAIL  {name}: " in run.out and "COMMISSIONING FAILED" in run.out  # the terminal says it too
+
+
+def test_a_swapped_sign_is_confirmed_by_the_bms_and_the_inverter_ends_at_0_w(failing_runs, peers: Peers):
+    run, _ = failing_runs["swapped power sign"]
+    sign = run.checks("sign_test")
+    assert sign["BMS current"]["outcome"] == "pass"  # the pack did discharge: only the reading is reversed
+    assert sign["back to 0 W"]["outcome"] == "pass"
+    held = held_at_zero(peers.inverter["swapped"])
+    assert held["W"] == 0 and held["WSet"] == 0 and held["WSetEnaRvrt"] == 1

@@ -1,0 +1,162 @@
+"""`powershare-gw commission` in-process: bad input, an installation it cannot reach, the CAN observation.
+
+The runs against a working bench (and one failing run per case) are separate
+processes in `test_commission_bench.py`; these are the quick paths: exit 2 with a
+message for what cannot be used, exit 1 with a full report when nothing answers,
+and what the CAN observation counts on a real (virtual) python-can bus.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import can
+import pytest
+from firmware_py.sim.battery import Battery
+from firmware_py.sim.bms_node import BmsNode
+
+from firmware_py.bms.reader import BmsReader
+from firmware_py.cli import main
+from firmware_py.commissioning.probes import message_specs, observe_can
+from firmware_py.config import bundled_dbc
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, can: str, *, api_port: int | None = None) -> Path:
+    path = folder / "gateway.toml"
+    path.write_text(f"""\
+[can]
+{can}
+
+[inverter]
+host = "127.0.0.1"
+port = {closed_port()}
+timeout_s = 0.2
+
+[owner]
+api_listen = "127.0.0.1:{api_port or closed_port()}"
+
+[journal]
+path = "journal.sqlite"
+""", encoding="utf-8")
+    return path
+
+
+NO_BUS = 'interface = "socketcan"\nchannel = "nosuchcan9"'
+
+
+def test_an_installation_that_cannot_be_reached_fails_every_step_it_can_try(tmp_path: Path, capsys):
+    config = write_config(tmp_path, NO_BUS)
+    report = tmp_path / "report.json"
+    code = main(["commission", "--config", str(config), "--report", str(report), "--allow-test-discharge"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    doc = json.loads(report.read_text())
+    assert not doc["passed"]
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert [steps[s]["outcome"] for s in ("config", "can", "inverter", "sign_test", "dispatch")] == \
+        ["pass", "fail", "fail", "skipped", "skipped"]
+    (bus,) = steps["can"]["checks"]
+    assert bus["name"] == "bus" and "nosuchcan9" in bus["detail"] and "ip link show" in bus["advice"]
+    (inverter,) = steps["inverter"]["checks"]
+    assert "cannot connect to 127.0.0.1:" in inverter["detail"] and "[inverter] host and port" in inverter["advice"]
+    assert "COMMISSIONING FAILED: 1 passed, 2 failed, 2 skipped" in out
+    assert "check: [inverter] host and port" in out
+
+
+def test_an_invalid_configuration_is_bad_input_and_still_reported(tmp_path: Path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("[owner]\nresrve = 40\n", encoding="utf-8")
+    report = tmp_path / "report.json"
+    assert main(["commission", "--config", str(config), "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert "owner.resrve: unknown key" in captured.err and "Traceback" not in captured.err
+    doc = json.loads(report.read_text())
+    assert doc["steps"][0]["outcome"] == "fail" and "owner.resrve" in doc["steps"][0]["checks"][0]["detail"]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--discharge-seconds", "0"], "--discharge-seconds: expected 0 to 60 s"),
+    (["--discharge-w", "-500"], "--discharge-w: expected a power above 0 W"),
+    (["--can-seconds", "2"], "--can-seconds 2: too short to time the DBC's slowest message"),
+    (["--report", "/no/such/folder/report.json"], "folder /no/such/folder does not exist"),
+])
+def test_unusable_options_are_bad_input(tmp_path: Path, capsys, args: list[str], words: str):
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-options"')
+    assert main(["commission", "--config", str(config), *args]) == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.fixture
+def running_gateway() -> Iterator[int]:
+    """Something answering GET /api/status with the token, as a running gateway's owner API does."""
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b'{"mode": "STANDBY"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Status)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, running_gateway: int):
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-running"', api_port=running_gateway)
+    token = "0123456789abcdef" * 4
+    (tmp_path / "owner.token").write_text(token + "\n", encoding="utf-8")
+    assert main(["commission", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "a gateway is running with this configuration" in err and "systemctl stop powershare-gw" in err
+    assert token not in err
+    assert not (tmp_path / "journal.sqlite").exists()  # nothing was assembled
+
+
+# --- the CAN observation, on a real virtual bus ---------------------------------------------------------
+
+def test_the_can_observation_counts_each_page_each_refusal_and_the_foreign_ids():
+    """Frames queued on a python-can virtual bus before the window: the counts are exact (their
+    receive times all fall together, so periods are the judgement's tests, not this one's)."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    channel = "commission-observation"
+    rx, tx = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    try:
+        node = BmsNode(Battery(soc_pct=70), tx, dbc)
+        for t in range(3):
+            node.emit_due(float(t))  # every message once a second: both pages of the multiplexed ones
+        tx.send(can.Message(arbitration_id=0x132, data=b"\x00\x01", is_extended_id=False))  # too short
+        tx.send(can.Message(arbitration_id=0x7FF, data=b"\x01", is_extended_id=False))  # another node's
+        reader = BmsReader(dbc, clock=lambda: 0.0)
+        obs = observe_can(rx, reader, 0.2, where="virtual commission-observation", usable_capacity_wh=123_000)
+    finally:
+        rx.shutdown()
+        tx.shutdown()
+    specs = {s.frame_id: s for s in message_specs(reader)}
+    assert specs[0x352].pages == 2 and specs[0x132].pages == 1 and specs[0x132].period_s == 0.01
+    assert obs.frames == node.sent + 2 and obs.foreign_ids == (0x7FF,)
+    assert obs.by_id[0x352].count == 6
+    assert {key: t.count for key, t in obs.by_page.items() if key[0] == 0x352} == {(0x352, 0): 3, (0x352, 1): 3}
+    assert obs.refused == {0x132: {"wrong_length": 1}} and obs.accepted[0x132] == 3
+    assert obs.values["soc_min_pct"] is not None and "soc_min_pct" not in obs.stale
