@@ -70,6 +70,7 @@ from firmware_py.dispatch.openadr3_events import (
 )
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
+from firmware_py.http_listener import HttpListener
 from firmware_py.links import LinkHandle
 from firmware_py.owner.access import read_secret
 
@@ -257,7 +258,7 @@ class OpenAdr3Ven:
         finally:
             standing.cancel()
             if callback is not None:
-                await callback.cleanup()
+                await callback.stop()
 
     async def probe_registration(self) -> str | None:
         """Log in, find or create this VEN's object and read its programs, as `run` does first, and
@@ -393,17 +394,16 @@ class OpenAdr3Ven:
                      err, self.config.poll_interval_s)
         self.subscribed = True
 
-    async def _start_callback(self) -> web.AppRunner | None:
+    async def _start_callback(self) -> HttpListener | None:
         """The gateway's endpoint for the VTN's notifications: any valid one wakes the poller."""
         if not self.config.callback_listen:
             return None
         host, port = parse_host_port(self.config.callback_listen, "dispatch.openadr3.callback_listen")
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_post(NOTIFY_PATH, self._on_notification)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        return runner
+        listener = HttpListener(f"dispatch.openadr3.callback_listen: cannot listen on {self.config.callback_listen}")
+        await listener.start(app, lambda runner: web.TCPSite(runner, host, port))
+        return listener
 
     async def _on_notification(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self._callback_token}":
