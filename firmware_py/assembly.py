@@ -63,6 +63,22 @@ def _check_openadr(config: Config) -> list[str]:
     return check(config.dispatch.openadr)
 
 
+def _openadr3(config: Config, gateway: Gateway) -> Integration:
+    from firmware_py.dispatch.openadr3 import OpenAdr3Ven
+
+    ven = OpenAdr3Ven(config.dispatch.openadr3, rating_w=lambda: gateway.policy.max_discharge_w,
+                      levels_pct=gateway.policy.simple_levels_pct, to_gateway_time=gateway.clocks.from_datetime,
+                      link=gateway.links.handle(Link.OPENADR3))
+    gateway.observers.append(ven.notice_step)  # meters its intervals; a refused event is asked again at once
+    return ven
+
+
+def _check_openadr3(config: Config) -> list[str]:
+    from firmware_py.dispatch.openadr3 import check
+
+    return check(config.dispatch.openadr3)
+
+
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 
@@ -128,6 +144,7 @@ class IntegrationKind:
 # Config section -> its integration. Each section has `enabled`; off unless true.
 INTEGRATIONS: dict[str, IntegrationKind] = {
     "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
+    "dispatch.openadr3": IntegrationKind(_openadr3, _check_openadr3),
     "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
     "web": IntegrationKind(_web, _check_web),
     "mqtt": IntegrationKind(_mqtt, _check_mqtt),

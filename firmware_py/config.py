@@ -103,9 +103,28 @@ class OpenAdrConfig:
 
 
 @dataclass(frozen=True)
+class OpenAdr3Config:
+    """The OpenADR 3 VEN (docs/dispatch.md); SIMPLE levels use `[dispatch.openadr] simple_levels_pct`."""
+
+    enabled: bool = spec(False)
+    vtn_url: str = spec("http://127.0.0.1:8081/openadr3/3.0.1", doc="the VTN's base URL (programs, events, ...)")
+    token_url: str = spec("", doc="the OAuth2 token endpoint; empty: the one the VTN names at /auth/server")
+    client_id: str = spec("truck-1", doc="the OAuth2 client id the aggregator issued")
+    client_secret_file: str = spec("openadr3.secret", path=True,
+                                   doc="a 0600 file holding the OAuth2 client secret (never logged)")
+    ven_name: str = spec("truck-1", doc="the VEN's name at the VTN (one VEN object per gateway)")
+    poll_interval_s: float = spec(30, lo=0.2, hi=3_600, doc="how often events are fetched (at once on a "
+                                                             "subscription's notification)")
+    callback_listen: str = spec("", doc="HOST:PORT for the VTN's notifications (subscriptions); empty: poll only")
+    callback_url: str = spec("", doc="the URL the VTN posts notifications to; empty: http://callback_listen/"
+                                     "openadr3/notify")
+
+
+@dataclass(frozen=True)
 class DispatchConfig:
     sunspec_server: SunSpecServerConfig = field(default_factory=SunSpecServerConfig)
     openadr: OpenAdrConfig = field(default_factory=OpenAdrConfig)
+    openadr3: OpenAdr3Config = field(default_factory=OpenAdr3Config)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ carries a `Stall`, and the core decides what that means (see `core/machine.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -58,7 +59,9 @@ from firmware_py.core.types import (
     CalendarDay,
     DispatchAnswer,
     DispatchCancel,
+    DispatchEnded,
     DispatchRequest,
+    EventEnergy,
     Input,
     InstallerReset,
     InverterCommand,
@@ -69,6 +72,7 @@ from firmware_py.core.types import (
     SiteLimit,
     Stall,
     Tick,
+    Verdict,
 )
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
@@ -80,6 +84,7 @@ from firmware_py.journal.steps import (
     start_payload,
 )
 from firmware_py.links import Link, LinkBook
+from firmware_py.statements.earnings import EarningsBook, basis_of
 from firmware_py.status import status_document
 
 log = logging.getLogger(__name__)
@@ -127,6 +132,8 @@ class Gateway:
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
         self._day_due = -math.inf  # the core clock: when the date is next looked at
+        self.earnings = EarningsBook(*basis_of(config), clocks)
+        """This month's earnings for the status (computed off the loop by the service's `earnings` task)."""
 
     # ------------------------------------------------------------------ core
 
@@ -254,7 +261,8 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         """The live state as `powershare-gw status` and `GET /api/status` show it."""
         now = self.clock()
-        return status_document(telemetry(self.controller, now), self.links.view(now), self.clocks.to_wall(now))
+        return status_document(telemetry(self.controller, now), self.links.view(now), self.clocks.to_wall(now),
+                               self.earnings.latest())
 
     def note(self, kind: RecordKind, payload: dict) -> None:
         self._pending.append((kind, self.clock(), payload))
@@ -295,9 +303,26 @@ class Gateway:
         return self._settle(pending, self._write(pending))
 
     async def flush_journal_async(self) -> int:
-        """The same off the event loop: the queue is taken here, only the disk work moves to a thread."""
+        """The same off the event loop: the queue is taken here, only the disk work moves to a thread.
+
+        A write handed to the thread pool is seen through even when the task is cancelled (a stop):
+        cancelled while it waited for a worker it would never run, and the records it took from the
+        queue would be lost with nobody told. So the stop waits for it (bounded by the journal's busy
+        timeout) and it is settled like any other; then the cancellation goes on.
+        """
         pending, self._pending = self._pending, []
-        return self._settle(pending, await asyncio.to_thread(self._write, pending) if pending else None)
+        if not pending:
+            return self._settle(pending, None)
+        write = asyncio.ensure_future(asyncio.to_thread(self._write, pending))
+        try:
+            failure = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            while not write.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({write})
+            self._settle(pending, write.result())
+            raise
+        return self._settle(pending, failure)
 
     def _write(self, pending: list[Any]) -> JournalWriteError | None:
         if not pending:
@@ -358,6 +383,8 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
+            self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
+                                    steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing:
                 log.info("journal writes again")
                 self.feed(JournalHealth(self.clock(), ok=True))
@@ -404,3 +431,16 @@ class Gateway:
 EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,
                         RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
 """The record kinds that tell which events are open (and what a rotation carries for them)."""
+
+
+def _settles_an_event(item: Any) -> bool:
+    """Whether a queued journal item settles an event's account: its end, its final energy, or a refusal.
+
+    What the month's earnings are computed again after (`statements.earnings`): not the periodic energy
+    records of an event still running, so the journal is not read over and over while the truck serves one.
+    """
+    if isinstance(item, DispatchEnded):
+        return True
+    if isinstance(item, EventEnergy):
+        return item.final
+    return isinstance(item, DispatchAnswer) and item.verdict is Verdict.REJECTED

@@ -34,6 +34,7 @@ class Link(StrEnum):
     BMS = "bms"  # the CAN bus to the vehicle's BMS
     INVERTER = "inverter"  # Modbus to the inverter
     OPENADR = "openadr"  # the aggregator's OpenADR 2.0b VTN
+    OPENADR3 = "openadr3"  # the aggregator's OpenADR 3 VTN
     SUNSPEC_SERVER = "sunspec_server"  # the gateway's own SunSpec DER server (its clients come and go)
     MQTT = "mqtt"  # the MQTT broker (Home Assistant, a fleet's broker): state out, owner commands in
 

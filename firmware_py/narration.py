@@ -108,15 +108,15 @@ class Narrator:
                 f"rev {r.revision})")
 
     def _settings(self, s: OwnerSettings) -> str:
-        parts = [f"reserve {s.reserve_pct:g} %"]
+        parts = [f"reserve {percent(s.reserve_pct)}"]
         if s.opt_out_until is not None:
             parts.append("opted out until " + ("revoked" if s.opt_out_until == math.inf else self._when(s.opt_out_until)))
         if s.opt_out_events:
             parts.append("opted out of " + ", ".join(sorted(s.opt_out_events)))
         if s.departure_at is not None:
-            parts.append(f"departure {self._when(s.departure_at)} at {s.departure_soc_pct:g} %")
+            parts.append(f"departure {self._when(s.departure_at)} at {percent(s.departure_soc_pct)}")
         if s.storm_watch_until is not None and s.storm_watch_floor_pct is not None:
-            parts.append(f"storm watch {s.storm_watch_floor_pct:g} % until {self._when(s.storm_watch_until)}")
+            parts.append(f"storm watch {percent(s.storm_watch_floor_pct)} until {self._when(s.storm_watch_until)}")
         if s.price_mode:
             parts.append(f"price mode {s.price_kind.value} >= {s.price_threshold_per_kwh:g} per kWh, "
                          f"up to {s.price_max_wh_per_day:g} Wh a day")
@@ -130,6 +130,11 @@ class Narrator:
         if wall < 1e8:  # a simulated clock: seconds since its start
             return f"{wall:.1f} s"
         return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def percent(value: float | None) -> str:
+    """A percentage as people read it: to a tenth, no more than a SoC means ("63.2 %", "42 %")."""
+    return "unknown" if value is None else f"{round(value, 1):g} %"
 
 
 def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:

@@ -13,7 +13,9 @@ Paths through it:
 - every `tick_s` → `Gateway.tick`, and the writer at least that often (refreshes);
 - every `tick_s` → the CAN link looks at itself and reopens a broken bus (`bms/link.py`);
 - every `poll_interval_s` → `Gateway.poll_inverter` (at once after a stall: resync);
-- every `journal_flush_s` → queued journal records are written off the loop.
+- every `journal_flush_s` → queued journal records are written off the loop;
+- every `EARNINGS_CHECK_S` → this month's earnings are computed again (off the loop) when an
+  event was settled since and a minute has passed (`statements/earnings.py`).
 
 Time: `run` assembles with `Clocks.system()`: the core on the monotonic clock, wall
 time only for people (`firmware_py/clocks.py`). The gateway watches its own
@@ -47,6 +49,8 @@ from firmware_py.owner.api import OwnerApi
 
 log = logging.getLogger(__name__)
 
+EARNINGS_CHECK_S = 5.0
+"""How often the earnings task asks whether the month must be computed again (`EarningsBook.due`)."""
 GIL_SWITCH_S = 0.0005
 """How long the CAN thread may hold the interpreter before the loop gets a turn (Python's default
 is 5 ms: on a busy bus a fault frame's step could wait that long for the thread decoding the rest)."""
@@ -116,6 +120,7 @@ class Service:
             ("CAN link", self.options.tick_s, self.assembly.can_link.supervise),
             ("journal", self.options.journal_flush_s, gateway.flush_journal_async),
             ("history sample", config.journal.sample_interval_s, gateway.sample),
+            ("earnings", EARNINGS_CHECK_S, gateway.earnings.refresh),  # reads the journal only when due
         ]
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))

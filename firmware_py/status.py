@@ -5,7 +5,9 @@ book, served by the running gateway at `GET /api/status` on its owner API
 (loopback or a Unix socket, bearer token) and printed by this command as text
 or `--json`. Its fields are the contract's status fields (mode, reason, SoC,
 floor, reserve, setpoint and measured power, the event served, latched faults,
-each link with the age of its last good data, storm watch) plus a few more.
+each link with the age of its last good data, storm watch) plus a few more, among them
+this month's earnings (`earnings`: the month's statement totals, computed by the
+statement's own code off the event loop, with the journal record they go up to).
 
 Exit codes (the contract): 0 printed, 2 the gateway cannot be reached (not
 running, wrong address, token not accepted) or the configuration is bad.
@@ -20,13 +22,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from firmware_py.core.telemetry import Telemetry
+from firmware_py.narration import percent
 
 CORE_LINKS = ("bms", "inverter")
 """Always shown, even before their first report: without them the gateway cannot command power."""
 
 
-def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: float) -> dict[str, Any]:
-    """The status fields from the core's read model and the links' health (see the module docstring)."""
+def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: float,
+                    earnings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status fields from the core's read model and the links' health (see the module docstring);
+    `earnings`: this month's, as the statement's code last computed them (`statements.earnings`)."""
     event = None
     if t.active_event_id is not None:
         event = {"id": t.active_event_id, "answer": t.verdict.value if t.verdict is not None else None,
@@ -58,6 +63,7 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         # why new dispatch would not be followed now (null: nothing blocks it), and the site limit in force
         "dispatch_blocked": {"reason": t.refusal.value, "detail": t.refusal_detail} if t.refusal else None,
         "site_limit_w": t.site_limit_w,
+        "earnings": earnings,
     }
 
 
@@ -73,7 +79,7 @@ def _utc(epoch_s: float) -> str:
 
 
 def render(doc: dict[str, Any]) -> list[str]:
-    """The document as lines for a person."""
+    """The document as lines for a person: rounded as people read them (`--json` keeps every digit)."""
     event = doc.get("event")
     if event:
         cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
@@ -84,16 +90,16 @@ def render(doc: dict[str, Any]) -> list[str]:
         served = f"{event['id']}: {event.get('answer')}{cap}, {energy}{envelope}"
     else:
         served = "none"
-    soc = doc.get("soc_pct")
     lines = [
         f"at:      {doc.get('at')}",
         f"mode:    {doc.get('mode')}: {doc.get('reason')}",
-        (f"SoC:     {'unknown' if soc is None else f'{soc:g} %'} (floor {doc.get('floor_pct'):g} %, "
-         f"reserve {doc.get('reserve_pct'):g} %)"),
+        f"SoC:     {percent(doc.get('soc_pct'))} (floor {percent(doc.get('floor_pct'))}, "
+        f"reserve {percent(doc.get('reserve_pct'))})",
         f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
         f"storm:   {_storm(doc.get('storm_watch'))}",
+        f"earned:  {_earnings(doc.get('earnings'))}",
         "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
     ]
     blocked = doc.get("dispatch_blocked")
@@ -110,10 +116,20 @@ def render(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _earnings(earnings: dict[str, Any] | None) -> str:
+    if not earnings:
+        return "not computed yet (the month's figures follow once the journal has been read)"
+    cur = earnings.get("currency", "")
+    served = earnings.get("events_served", 0)
+    return (f"{earnings.get('month')}: credit {earnings.get('credit', 0):,.2f} {cur} for "
+            f"{earnings.get('credited_wh', 0) / 1000:,.2f} kWh credited in {served} event{'s' * (served != 1)}, "
+            f"wear {earnings.get('wear_cost', 0):,.2f} {cur}, net {earnings.get('net', 0):,.2f} {cur}")
+
+
 def _storm(storm: dict[str, Any] | None) -> str:
     if not storm:
         return "no storm watch"
-    return f"storm watch: keeping {storm.get('floor_pct'):g} % for an outage until {storm.get('until')}"
+    return f"storm watch: keeping {percent(storm.get('floor_pct'))} for an outage until {storm.get('until')}"
 
 
 def _link(name: str, link: dict[str, Any]) -> str:

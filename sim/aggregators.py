@@ -4,6 +4,10 @@
 - `openadr` runs a real openleadr VTN on loopback and the gateway's own VEN
   (`OpenAdrVen`) against it: each scenario dispatch becomes a LOAD_DISPATCH
   event, the VEN's optIn/optOut is what the VTN hears back.
+- `openadr3` runs the bench OpenADR 3 VTN (`sim.vtn3`) on loopback and the
+  gateway's own OpenADR 3 VEN (`OpenAdr3Ven`) against it: each scenario
+  dispatch becomes a DISPATCH_SETPOINT event (kW), and the answer is the one the
+  VEN reports back to the VTN.
 - `sunspec` serves the gateway's own SunSpec DER server (built exactly as
   `powershare-gw run` builds it) and dispatches through it with a Modbus TCP
   client acting as a site controller writing model 704.
@@ -31,10 +35,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from firmware_py.sim.vtn import LOAD_DISPATCH, LoopbackVtn
+from firmware_py.sim.vtn3 import BenchVtn3
 from pymodbus.client import AsyncModbusTcpClient
 
 from firmware_py.assembly import integration
-from firmware_py.config import OpenAdrConfig
+from firmware_py.config import OpenAdr3Config, OpenAdrConfig
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -51,7 +56,7 @@ from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSet
 
 log = logging.getLogger(__name__)
 
-KINDS = ("scripted", "openadr", "sunspec")
+KINDS = ("scripted", "openadr", "openadr3", "sunspec")
 
 
 class Aggregator(Protocol):
@@ -98,6 +103,8 @@ def for_scenario(scenario: Any) -> Aggregator:
             raise InputError(f"scenario {scenario.name}: dispatch {', '.join(charges)}: kind = 'charge' cannot "
                              "be sent by OpenADR (LOAD_DISPATCH asks for discharge); use kind = 'sunspec'")
         return OpenAdrAggregator()
+    if kind == "openadr3":
+        return OpenAdr3Aggregator()
     if kind == "sunspec":
         revert_s = scenario.aggregator.revert_s
         return SunSpecAggregator(revert_s=revert_s, refresh_s=revert_s / 3 if revert_s else 0.0)
@@ -112,11 +119,11 @@ class _Recorder:
         self.answers: dict[str, DispatchAnswer | None] = {}
         self.cancelled: set[str] = set()
 
-    async def submit(self, item: DispatchRequest | DispatchCancel | PriceInterval) -> DispatchAnswer | None:
+    async def submit(self, item: Any) -> DispatchAnswer | None:
         answer = await self.gateway.submit(item)
         if isinstance(item, (DispatchRequest, PriceInterval)):
             self.answers[item.id] = answer
-        else:
+        elif isinstance(item, DispatchCancel):
             self.cancelled.add(item.id)
         return answer
 
@@ -213,6 +220,98 @@ class OpenAdrAggregator:
 
     async def _wait(self, probe: Any, what: str) -> bool:
         """Real-time wait (simulated time is paused), re-checked on every VTN message; False on timeout."""
+        assert self.vtn is not None
+        try:
+            await self.vtn.wait_for(probe, self.reply_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.error("bench: gave up waiting %.0f s for %s", self.reply_timeout_s, what)
+            return False
+
+
+# ---------------------------------------------------------------------- OpenADR 3
+
+
+class OpenAdr3Aggregator:
+    """The bench OpenADR 3 VTN on 127.0.0.1 dispatching the gateway's real OpenADR 3 VEN.
+
+    The clocks meet as for OpenADR 2.0b (the module docstring): one fixed origin `t0`.
+    The VEN polls as fast as the VTN allows (`poll_s`), with the simulated clock paused
+    while the bench waits for its answer, so the answer lands at the scenario's `at_s`."""
+
+    def __init__(self, ven_name: str = "bench-truck", reply_timeout_s: float = 20.0, poll_s: float = 0.2) -> None:
+        self.ven_name = ven_name
+        self.reply_timeout_s = reply_timeout_s
+        self.poll_s = poll_s
+        self.vtn: BenchVtn3 | None = None
+        self.t0 = datetime.now(timezone.utc)
+        self.program_id = ""
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, gateway: Gateway) -> None:
+        from firmware_py.dispatch.openadr3 import OpenAdr3Ven
+
+        self.sink = _Recorder(gateway)
+        self.t0 = datetime.now(timezone.utc) - timedelta(seconds=gateway.now())
+        self.vtn = BenchVtn3(client_id=self.ven_name, secret="bench-secret")
+        await self.vtn.start()
+        self.program_id = self.vtn.add_program("bench-peak")
+        config = OpenAdr3Config(enabled=True, vtn_url=self.vtn.url, client_id=self.ven_name,
+                                ven_name=self.ven_name, poll_interval_s=self.poll_s)
+        self.ven = OpenAdr3Ven(config, rating_w=lambda: gateway.policy.max_discharge_w,
+                               levels_pct=gateway.policy.simple_levels_pct, to_gateway_time=self.to_bench_time,
+                               secret=self.vtn.secret)
+        gateway.observers.append(self.ven.notice_step)
+        self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr3-ven")
+        await self._wait(lambda: self.vtn.ven_id and self.ven.polls, "the VEN to register with the VTN")
+
+    def to_bench_time(self, at: datetime) -> float:
+        return (at - self.t0).total_seconds()
+
+    async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
+        """One DISPATCH_SETPOINT event (kW) for the request's window; the core's answer once the VTN has it."""
+        assert self.vtn is not None
+        watts = request.target_w if request.kind is DispatchKind.DISCHARGE else \
+            -request.target_w if request.kind is DispatchKind.CHARGE else 0.0
+        self.vtn.add_event(self.program_id, "DISPATCH_SETPOINT", self.t0 + timedelta(seconds=request.start),
+                           request.end - request.start, watts / 1000.0, event_id=request.id, units="KW",
+                           report_every=-1)
+        self.ven.wake()
+        done = await self._wait(lambda: request.id in self.sink.answers and self.vtn.answers_for(request.id),
+                                f"the answer to OpenADR 3 event {request.id}")
+        return self.sink.answers.get(request.id) if done else None
+
+    async def cancel(self, event_id: str) -> None:
+        assert self.vtn is not None
+        if event_id not in self.vtn.events:
+            return
+        self.sink.cancelled.discard(event_id)
+        self.vtn.delete_event(event_id)
+        self.ven.wake()
+        await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR 3 event {event_id}")
+
+    async def step(self, t: float) -> None:
+        """A report that fell due reaches the VTN at its simulated time (the clock waits for it)."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            error = self._task.exception()
+            self._task = None
+            log.error("OpenADR 3 VEN stopped: %s", error)
+        if self._task is not None and (t >= self.ven.next_report_at or self.ven.pending_reports):
+            self.ven.wake()
+            await self._wait(lambda: t < self.ven.next_report_at and not self.ven.pending_reports,
+                             "the VEN's reports to reach the VTN")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.vtn is not None:
+            await self.vtn.close()
+
+    async def _wait(self, probe: Any, what: str) -> bool:
+        """Real-time wait (simulated time is paused), re-checked on every VTN request; False on timeout."""
         assert self.vtn is not None
         try:
             await self.vtn.wait_for(probe, self.reply_timeout_s)

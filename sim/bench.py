@@ -363,6 +363,48 @@ async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
             "target_p99_ms": round(MIN_POLL_S * 1000 + 50), **percentiles(latencies)}
 
 
+async def openadr3(samples: int, workdir: Path) -> dict[str, Any]:
+    """An OpenADR 3 event published on the bench VTN -> the first discharge setpoint at the inverter.
+
+    The twin of `openadr`: the VEN polls every 0.5 s (as the 2.0b VEN does at its floor), so the
+    target is that poll interval + 50 ms; each sample is one DISPATCH_SETPOINT event starting now,
+    published at a random phase of the poll cycle and deleted (cancelled) before the next."""
+    from datetime import datetime, timezone
+
+    from firmware_py.sim.vtn3 import BenchVtn3
+
+    from firmware_py.config import OpenAdr3Config
+    from firmware_py.dispatch.openadr3 import OpenAdr3Ven
+
+    poll_s = 0.5
+    async with RealtimeRig(workdir) as rig:
+        await rig.wait_for(lambda: rig.gateway.controller.mode is Mode.STANDBY, "the gateway to be ready")
+        async with BenchVtn3(client_id="bench-latency", secret="bench-secret") as vtn:
+            program = vtn.add_program("bench-latency")
+            config = OpenAdr3Config(enabled=True, vtn_url=vtn.url, client_id="bench-latency",
+                                    ven_name="bench-latency", poll_interval_s=poll_s)
+            ven = OpenAdr3Ven(config, rating_w=lambda: rig.gateway.policy.max_discharge_w, secret=vtn.secret)
+            task = asyncio.create_task(ven.run(rig.gateway))
+            try:
+                await vtn.wait_for(lambda: ven.polls, timeout_s=WAIT_S)
+                latencies, rng = [], random.Random(7)
+                for n in range(samples):
+                    await rig.wait_for(lambda: rig.model.wset_w == 0, "the inverter at 0 W between events")
+                    await asyncio.sleep(rng.uniform(0, poll_s))  # any phase of the VEN's poll cycle
+                    seen = len(rig.setpoints)
+                    sent = time.perf_counter()
+                    event_id = vtn.add_event(program, "DISPATCH_SETPOINT", datetime.now(timezone.utc), 600, 5.0,
+                                             event_id=f"latency-{n}")
+                    await rig.wait_for(lambda: any(w > 0 for _, w in rig.setpoints[seen:]), "a discharge setpoint")
+                    latencies.append((next(t for t, w in rig.setpoints[seen:] if w > 0) - sent) * 1000)
+                    vtn.delete_event(event_id)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    return {"what": "OpenADR 3 event on the VTN -> first discharge setpoint at the inverter",
+            "target_p99_ms": round(poll_s * 1000 + 50), **percentiles(latencies)}
+
+
 def bus_load(seconds: float) -> dict[str, Any]:
     """CPU share of one core spent taking a worst-case bus in, three ways, on a python-can virtual bus."""
     dbc = bundled_dbc("cybertruck_bms.dbc")
@@ -568,6 +610,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                                     for layer in ("idle", "loaded", "floor")},
         "dispatch_ms": ms(results.get("dispatch")),
         "openadr_ms": ms(results.get("openadr")),
+        "openadr3_ms": ms(results.get("openadr3")),
         "bus_cpu_pct": bus.get("cpu_pct_of_one_core"),
         "sim_speed_x": results.get("simulator", {}).get("speed_x"),
         "start_s": process.get("start_s"),
@@ -600,6 +643,7 @@ def _bench(args: argparse.Namespace) -> int:
             results["dispatch"] = asyncio.run(dispatch(args.samples, work / "dispatch"))
         if "openadr" in args.only:
             results["openadr"] = asyncio.run(openadr(min(args.samples, 50), work / "openadr"))
+            results["openadr3"] = asyncio.run(openadr3(min(args.samples, 50), work / "openadr3"))
         if "start" in args.only:
             (work / "processes").mkdir()
             results["processes"] = asyncio.run(process_bench.processes(work / "processes"))

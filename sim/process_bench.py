@@ -192,20 +192,25 @@ async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
     """`powershare-gw run` as its own process with every interface it has enabled, hardware-like peers:
     start (spawn -> systemd READY with fresh BMS and inverter data), then RSS and open descriptors.
 
-    Every interface: the OpenADR VEN against a real VTN, the SunSpec DER server, the owner API, the
-    web app, the metrics endpoint, and MQTT to Debian's mosquitto when it is installed (without it
-    MQTT stays off and the result says so)."""
+    Every interface: the OpenADR 2.0b VEN against a real VTN, the OpenADR 3 VEN against the bench
+    VTN, the SunSpec DER server, the owner API, the web app, the metrics endpoint, and MQTT to
+    Debian's mosquitto when it is installed (without it MQTT stays off and the result says so)."""
     from firmware_py.sim.vtn import LoopbackVtn
+    from firmware_py.sim.vtn3 import BenchVtn3
 
-    async with LoopbackVtn(ven_name="bench-truck", poll_s=1) as vtn, Hardware(workdir) as hw:
+    secret = workdir / "openadr3.secret"
+    secret.write_text("bench-secret\n")
+    secret.chmod(0o600)
+    async with LoopbackVtn(ven_name="bench-truck", poll_s=1) as vtn, \
+            BenchVtn3(client_id="bench-truck", secret="bench-secret") as vtn3, Hardware(workdir) as hw:
         broker = mosquitto()
         if broker:
             (workdir / "mosquitto.conf").write_text(f"listener {hw.ports['mqtt']} 127.0.0.1\n"
                                                     "allow_anonymous true\npersistence false\n")
             hw.spawn("mosquitto", "-c", str(workdir / "mosquitto.conf"), program=broker)
             await listening(hw.ports["mqtt"], "mosquitto", time.monotonic() + START_S)
-        start_s = await hw.start_gateway(EVERY_INTERFACE.format(vtn_url=vtn.url, mqtt_on=str(bool(broker)).lower(),
-                                                                **hw.ports))
+        start_s = await hw.start_gateway(EVERY_INTERFACE.format(vtn_url=vtn.url, vtn3_url=vtn3.url,
+                                                                mqtt_on=str(bool(broker)).lower(), **hw.ports))
         fresh = "ready without fresh data" not in hw.log_text("gateway")
         assert hw.gateway is not None
         await asyncio.sleep(2.0)
@@ -213,7 +218,8 @@ async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
         await asyncio.sleep(steady_s)
         last = proc_status(hw.gateway.pid)
     return {"what": "powershare-gw run as a process (CAN over python-can-remote, simulated BMS and inverter as "
-                    "processes; OpenADR VEN against a real VTN, SunSpec DER server, owner API, web app, metrics "
+                    "processes; OpenADR 2.0b VEN against a real VTN, OpenADR 3 VEN against the bench VTN, SunSpec "
+                    "DER server, owner API, web app, metrics "
                     f"and {'MQTT to mosquitto' if broker else 'no MQTT (mosquitto is not installed)'} enabled)",
             "start_s": round(start_s, 3), "ready_with_fresh_data": fresh, "target_start_s": 2,
             "rss_mb": last["rss_mb"], "rss_mb_after_2_s": first["rss_mb"], "target_rss_mb": 80,
@@ -239,6 +245,14 @@ listen = "127.0.0.1:{der}"
 enabled = true
 vtn_url = "{vtn_url}"
 ven_name = "bench-truck"
+
+[dispatch.openadr3]
+enabled = true
+vtn_url = "{vtn3_url}"
+client_id = "bench-truck"
+client_secret_file = "openadr3.secret"
+ven_name = "bench-truck"
+poll_interval_s = 1
 
 [web]
 enabled = true

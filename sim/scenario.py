@@ -54,7 +54,7 @@ class OwnerSection:
 
 @dataclass(frozen=True)
 class AggregatorSection:
-    kind: str = spec("scripted", choices=("scripted", "openadr", "sunspec"))
+    kind: str = spec("scripted", choices=("scripted", "openadr", "openadr3", "sunspec"))
     revert_s: int = spec(60, lo=0, hi=3_600, doc="sunspec: the site controller's WSetRvrtTms, refreshed every "
                                                  "third of it; 0: written without the revert function")
 

@@ -13,15 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from firmware_py.sim import scenario
+from firmware_py.sim.aggregators import (
+    OpenAdr3Aggregator,
+    OpenAdrAggregator,
+    ScriptedAggregator,
+    SunSpecAggregator,
+    for_scenario,
+)
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
+from openadr3_model import conforms
 from pymodbus.client import AsyncModbusTcpClient
+from test_bench import scaled
 
 from firmware_py.core.types import Verdict
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
-from firmware_py.sim import scenario
-from firmware_py.sim.aggregators import OpenAdrAggregator, SunSpecAggregator, for_scenario
-from firmware_py.sim.aggregators import ScriptedAggregator
-from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions
 
 TARGET_W = 11_500
 
@@ -70,6 +77,7 @@ def assert_meter_agrees(outcome: Outcome) -> None:
 def test_for_scenario_picks_the_named_aggregator(tmp_path):
     assert isinstance(for_scenario(write_scenario(tmp_path, "scripted")), ScriptedAggregator)
     assert isinstance(for_scenario(write_scenario(tmp_path, "openadr")), OpenAdrAggregator)
+    assert isinstance(for_scenario(write_scenario(tmp_path, "openadr3")), OpenAdr3Aggregator)
     assert isinstance(for_scenario(write_scenario(tmp_path, "sunspec")), SunSpecAggregator)
 
 
@@ -81,7 +89,7 @@ def test_a_charge_request_cannot_go_through_openadr(tmp_path):
         for_scenario(charging)
 
 
-@pytest.mark.parametrize("name", ["summer-peak-openadr.toml", "summer-peak-sunspec.toml"])
+@pytest.mark.parametrize("name", ["summer-peak-openadr.toml", "summer-peak-openadr3.toml", "summer-peak-sunspec.toml"])
 def test_bundled_protocol_scenarios_name_their_aggregator(name):
     loaded = scenario.load(scenario.bundled(name))
     assert loaded.aggregator.kind == name.removeprefix("summer-peak-").removesuffix(".toml")
@@ -115,6 +123,67 @@ def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
     assert after and all(r["inverter_w"] <= 0 and r["event_id"] is None for r in after)
     assert 0 < delivered(outcome) < TARGET_W * (410 - 120) / 3600
     assert_meter_agrees(outcome)
+
+
+# ---------------------------------------------------------------------- OpenADR 3
+
+
+@pytest.mark.slow
+def test_openadr3_event_is_accepted_delivered_and_reported_back(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr3")
+    aggregator = for_scenario(loaded)
+    assert isinstance(aggregator, OpenAdr3Aggregator)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.passed, outcome.checks
+    assert outcome.summary["answers"] == {"peak-1": "accepted"}
+    vtn = aggregator.vtn
+    assert vtn.answers_for("peak-1") == ["accepted"]
+    assert_meter_agrees(outcome)
+    # the energy the VEN reported once the event was over is the gateway's own count for it
+    assert vtn.delivered_wh("peak-1") == pytest.approx(outcome.summary["delivered_wh"]["peak-1"], abs=1.0)
+    serving = [r["t"] for r in records if r["event_id"] == "peak-1" and r["inverter_w"] > 0]
+    assert min(serving) >= 120 and max(serving) <= 120 + 300 + 1  # the VTN's window, mapped onto the bench clock
+    for served in vtn.served:
+        conforms(served)
+    for kind, message in vtn.received:
+        conforms(message, kind)
+
+
+@pytest.mark.slow
+def test_bundled_openadr3_peak_event_shortened_passes_its_checks_and_reports_the_delivered_energy(tmp_path):
+    """The bundled default peak event through the OpenADR 3 VTN, scaled to 1/16 (time and capacity together,
+    so the energy budget caps it exactly as in the 4-hour run)."""
+    loaded = scaled(scenario.load(scenario.bundled("summer-peak-openadr3.toml")), 1 / 16)
+    aggregator = for_scenario(loaded)
+    outcome, _ = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.passed, outcome.checks  # accepted_capped, the delivered energy, the floor
+    assert outcome.summary["delivered_wh"]["peak-1"] >= loaded.expect.min_delivered_wh
+    assert aggregator.vtn.delivered_wh("peak-1") == pytest.approx(outcome.summary["delivered_wh"]["peak-1"], abs=1.0)
+
+
+@pytest.mark.slow
+def test_openadr3_event_is_capped_by_the_energy_budget(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr3", extra="[vehicle]\ninitial_soc_pct = 50\nusable_capacity_wh = 10000\n")
+    aggregator = for_scenario(loaded)
+    outcome, _ = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.summary["answers"] == {"peak-1": "accepted_capped"}
+    # the first answer, then one per time the VEN asked again as the budget allowed more (a standing setting)
+    answers = aggregator.vtn.answers_for("peak-1")
+    assert answers[0] == "capped" and len(answers) == 1 + aggregator.ven.reasks
+    assert "energy above the floor" in aggregator.vtn.reasons_for("peak-1")[0][1]
+    assert outcome.summary["floor_violations"] == 0
+
+
+@pytest.mark.slow
+def test_openadr3_event_is_refused_while_the_owner_is_opted_out(tmp_path):
+    loaded = write_scenario(tmp_path, "openadr3", run_s=300,
+                            extra="[[owner_change]]\nat_s = 30\nopt_out = true\n")
+    aggregator = for_scenario(loaded)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    assert outcome.summary["answers"] == {"peak-1": "rejected"}
+    assert aggregator.vtn.answers_for("peak-1") == ["refused"]
+    assert aggregator.vtn.reasons_for("peak-1")[0][0] == "OPTED_OUT"
+    assert all(r["inverter_w"] <= 0 for r in records)
 
 
 # ---------------------------------------------------------------------- SunSpec

@@ -427,3 +427,26 @@ def test_price_mode_off_and_on_again_serves_a_price_published_again_and_keeps_a_
     assert run.c.serving_id == "p1" and run.applied_w > 0
     run.run(30)
     assert run.c.serving_id == "later" and run.applied_w > 0
+
+
+def test_both_kinds_published_for_one_interval_under_one_id_serve_the_one_followed():
+    """OpenADR 3 may carry PRICE and EXPORT_PRICE in one interval; the VEN names both by the interval."""
+    for first, second in ((PriceKind.PRICE, PriceKind.EXPORT_PRICE), (PriceKind.EXPORT_PRICE, PriceKind.PRICE)):
+        run = Run(priced(owner()))
+        answers = {kind: answer_of(run.feed(price(kind=kind, per_kwh=0.5)), "p1") for kind in (first, second)}
+        assert answers[PriceKind.EXPORT_PRICE].verdict is Verdict.ACCEPTED
+        assert answers[PriceKind.PRICE].reason is ReasonCode.PRICE_KIND
+        run.run(5)
+        assert run.c.serving_id == "p1" and run.applied_w > 0
+        again = answer_of(run.feed(price(kind=PriceKind.EXPORT_PRICE, per_kwh=0.5, t=run.t)), "p1")
+        assert again.verdict is Verdict.ACCEPTED  # the followed one again: its answer, not a DUPLICATE
+
+
+def test_the_journal_reading_keeps_a_price_event_open_beside_the_other_kind():
+    from firmware_py.core.energy import still_open
+    export = price(kind=PriceKind.EXPORT_PRICE, per_kwh=0.5)
+    other = price(kind=PriceKind.PRICE, per_kwh=0.2)
+    records = [export, DispatchAnswer.accepted("p1", 0.0), other,
+               DispatchAnswer.refused("p1", 0.0, ReasonCode.PRICE_KIND, "the owner's threshold is for EXPORT_PRICE")]
+    opened = still_open(records)
+    assert list(opened) == ["p1"] and opened["p1"].request == export

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,3 +189,35 @@ def test_a_full_disk_refuses_dispatch_loses_nothing_and_recovers_when_space_retu
         assert journal.verify() == []
         requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]
     assert "r100" in requests and "r101" in requests and len(requests) == len(reasons)  # nothing queued lost
+
+
+def test_a_journal_write_cancelled_before_a_worker_took_it_is_still_written_once(tmp_path):
+    """A stop cancels the flush task while its write waits for a free worker thread (a busy machine):
+    the records it took from the queue must still reach the journal, once, not vanish."""
+    clock = [0.0]
+    path = tmp_path / "journal.sqlite"
+    assembly = gateway_on(path, clock)
+    gateway = assembly.gateway
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        busy = threading.Event()
+        occupied = loop.run_in_executor(None, busy.wait)  # the only worker is taken
+        await answer(gateway, 1, 0.0)  # a request and its answer queued for the journal
+        flush = asyncio.create_task(gateway.flush_journal_async())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the flush has handed its write to the pool and waits
+        flush.cancel()
+        busy.set()
+        await asyncio.gather(occupied, flush, return_exceptions=True)
+        assert flush.cancelled()
+        gateway.flush_journal(final=True)  # what the stop does next
+
+    try:
+        asyncio.run(main())
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        kinds = [str(r.kind) for r in journal.records()]
+    assert kinds.count("DispatchRequest") == 1 and kinds.count("DispatchAnswer") == 1

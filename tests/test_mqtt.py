@@ -37,6 +37,7 @@ from firmware_py.journal import Journal
 from firmware_py.mqtt import commands
 from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing, _first_failure
 from firmware_py.mqtt.commands import CommandGate
+from firmware_py.mqtt.discovery import configurations
 from firmware_py.mqtt.state import Pacer, changed
 from firmware_py.mqtt.topics import Command, Topics, prefix_problem
 from firmware_py.owner.changes import BadRequest
@@ -45,9 +46,10 @@ PREFIX = "powershare-gw/truck-1"
 TOPICS = Topics(PREFIX)
 
 
-def mqtt_enabled(broker: Mosquitto, **mqtt: Any):
+def mqtt_enabled(broker: Mosquitto, program: dict[str, Any] | None = None, **mqtt: Any):
     def configure(config: Config) -> Config:
-        return replace(config, mqtt=replace(config.mqtt, enabled=True, broker=broker.address, **mqtt))
+        return replace(config, mqtt=replace(config.mqtt, enabled=True, broker=broker.address, **mqtt),
+                       program=replace(config.program, **(program or {})))
     return configure
 
 
@@ -61,10 +63,10 @@ def result_after(watcher: Watcher, index: int):
 
 @asynccontextmanager
 async def gateway_on(tmp: Path, broker: Mosquitto, watcher: dict[str, Any] | None = None,
-                     **mqtt: Any) -> AsyncIterator[tuple[Rig, MqttBridge, Watcher]]:
+                     program: dict[str, Any] | None = None, **mqtt: Any) -> AsyncIterator[tuple[Rig, MqttBridge, Watcher]]:
     """A rig with fresh data (STANDBY), its MQTT bridge running, and a watcher subscribed to everything
-    (`watcher`: its client's options, for a broker with TLS or passwords)."""
-    async with Rig(tmp, configure=mqtt_enabled(broker, **mqtt)) as rig, \
+    (`watcher`: its client's options, for a broker with TLS or passwords; `program`: its `[program]` terms)."""
+    async with Rig(tmp, configure=mqtt_enabled(broker, program, **mqtt)) as rig, \
             Watcher(broker, **(watcher or {})) as watcher:
         bridge = rig.assembly.integrations["mqtt"]
         assert isinstance(bridge, MqttBridge)
@@ -109,7 +111,7 @@ COMMON_FIELDS = {"name", "unique_id", "state_topic", "availability_topic", "payl
 and switch pages), of those this gateway could use."""
 COMPONENT_FIELDS = {
     "sensor": {"device_class", "state_class", "unit_of_measurement", "options", "expire_after", "force_update",
-               "suggested_display_precision"},
+               "suggested_display_precision", "last_reset_value_template"},
     "binary_sensor": {"device_class", "payload_on", "payload_off", "expire_after", "force_update", "off_delay"},
     "number": {"command_topic", "command_template", "min", "max", "step", "mode", "unit_of_measurement",
                "device_class", "optimistic", "retain"},
@@ -126,6 +128,7 @@ SENSOR_CLASSES = {  # device class: (units allowed, state classes allowed), as H
     "energy": ({"Wh", "kWh", "MWh"}, {"total", "total_increasing"}),
     "energy_storage": ({"Wh", "kWh", "MWh"}, {"measurement"}),
     "enum": ({None}, {None}),
+    "monetary": ({"USD"}, {"total"}),  # any ISO 4217 code (the tests' [program] is in USD)
 }
 BINARY_SENSOR_CLASSES = {"connectivity", "problem"}
 DISCOVERY_TOPIC = re.compile(r"homeassistant/(sensor|binary_sensor|number|switch)/([a-zA-Z0-9_-]+)/"
@@ -167,7 +170,7 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
                     await late.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
                     await late.wait_for("the state", is_state)
                     retained = {m.topic for m in late.seen if m.retain}
-        assert len(configs) == 14
+        assert len(configs) == 16
         devices, unique_ids = set(), set()
         for topic, config in configs.items():
             match = DISCOVERY_TOPIC.fullmatch(topic)
@@ -189,6 +192,8 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
         by_id = {topic.split("/")[3]: config for topic, config in configs.items()}
         assert by_id["delivered_energy"]["state_class"] == "total_increasing"  # the energy dashboard's sensor
         assert by_id["delivered_energy"]["device_class"] == "energy"
+        assert by_id["credit_month"]["device_class"] == "monetary" and by_id["credit_month"]["unit_of_measurement"] == "USD"
+        assert render(by_id["credit_month"]["value_template"], state) == "None"  # unknown until computed
         assert by_id["reserve"]["command_topic"] == TOPICS.command(Command.RESERVE)
         assert by_id["storm_watch"]["command_topic"] == TOPICS.command(Command.STORM_WATCH)
         assert by_id["opt_out"]["command_topic"] == TOPICS.command(Command.OPT_OUT)
@@ -352,10 +357,10 @@ def test_payloads_are_read_into_the_owner_apis_requests():
 # ------------------------------------------------------------------ state
 
 
-def test_state_follows_the_bench_through_an_event(tmp_path):
+def test_state_follows_the_bench_through_an_event_to_the_months_credit(tmp_path):
     async def main() -> None:
         with running_broker(tmp_path) as broker:
-            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+            async with gateway_on(tmp_path, broker, program={"credit_per_kwh": 2.0}) as (rig, bridge, watcher):
                 now = rig.gateway.now()
                 await rig.gateway.submit(DispatchRequest("peak-1", "test", DispatchKind.DISCHARGE, 5_000, now,
                                                          now + 60, received_at=now))
@@ -365,7 +370,18 @@ def test_state_follows_the_bench_through_an_event(tmp_path):
                 await advance(rig, bridge, 62.0)
                 ended = await watcher.wait_for("the event over", lambda m: is_state(m) and m.json()["mode"] ==
                                                "STANDBY" and m.json()["delivered"]["total_wh"] > 0)
+                rig.gateway.flush_journal(final=True)  # with the steps' batch, as `run` writes it each minute
+                await rig.gateway.earnings.refresh()  # what the service's earnings task does when due
+                await advance(rig, bridge, 1.0)
+                earned = await watcher.wait_for("the month's credit", lambda m: is_state(m) and m.json()["earnings"])
+                entities = dict(configurations(rig.config, "test"))
         delivered = ended.json()["delivered"]
+        earnings = earned.json()["earnings"]
+        assert earnings["delivered_wh"] == pytest.approx(delivered["total_wh"], abs=0.01)
+        assert earnings["credit"] == round(earnings["credited_wh"] / 1000 * 2.0, 2) > 0
+        credit = next(c for topic, c in entities.items() if topic.endswith("/credit_month/config"))
+        assert render(credit["value_template"], earned.json()) == str(earnings["credit"])
+        assert render(credit["last_reset_value_template"], earned.json()) == "2025-06-01T00:00:00+00:00"
         assert delivered["event_id"] == "peak-1" and delivered["event_wh"] == delivered["total_wh"]
         assert 60 < delivered["total_wh"] < 5_000 * 61 / 3600 + 1  # about 5 kW for a minute, by the meter
         power = [m.json()["power_w"] for m in watcher.seen if is_state(m)]

@@ -173,3 +173,70 @@ def test_status_shows_when_the_envelope_reduces_power_and_what_blocks_dispatch()
     assert doc["dispatch_blocked"] == {"reason": "ENTER_SERVICE_DELAY",
                                        "detail": "grid back: export may resume in 212 s (enter-service delay)"}
     assert "dispatch: not followed now: ENTER_SERVICE_DELAY" in "\n".join(render(doc))
+
+
+def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_code(tmp_path, capsys):
+    """After an event, the status's `earnings` are the month statement's totals, to the cent."""
+    async def main() -> tuple[dict, str]:
+        def enrolled(config):
+            return replace(config, owner=replace(config.owner, api_listen="127.0.0.1:0"),
+                           program=replace(config.program, name="Peak Rewards", credit_per_kwh=100.0,
+                                           wear_cost_per_kwh=1.0))
+
+        async with Rig(tmp_path, configure=enrolled) as rig:
+            api = OwnerApi(rig.config.owner, rig.gateway, clocks=rig.gateway.clocks)
+            await api.start()
+            try:
+                await rig.run(2.0)
+                earnings = rig.gateway.earnings
+                assert rig.gateway.status()["earnings"] is None  # not read yet: nothing made up meanwhile
+                await earnings.refresh()  # what the service's earnings task does at start
+                assert rig.gateway.status()["earnings"]["events"] == 0
+                now = rig.gateway.now()
+                await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now,
+                                                         now + 90, now))
+                await rig.run(70.0)
+                rig.gateway.flush_journal(final=True)
+                assert not earnings.due()  # its energy so far is journaled, but a running event is not read for
+                await rig.run(25.0)
+                rig.gateway.flush_journal(final=True)  # with the steps' batch, as `run` writes it each minute
+                assert earnings.due()  # it ended
+                await earnings.refresh()
+                config = write_config(tmp_path, api.address, Path(rig.config.owner.token_file))
+                assert await asyncio.to_thread(cli.main, ["status", "--config", str(config), "--json"]) == 0
+                doc = json.loads(capsys.readouterr().out)
+                assert await asyncio.to_thread(cli.main, ["status", "--config", str(config)]) == 0
+                return doc, capsys.readouterr().out
+            finally:
+                await api.stop()
+
+    doc, text = asyncio.run(main())
+    earnings = doc["earnings"]
+    statement_config = tmp_path / "statement.toml"
+    statement_config.write_text(f'[journal]\npath = "{tmp_path / "journal.sqlite"}"\n[program]\n'
+                                'name = "Peak Rewards"\ncredit_per_kwh = 100.0\nwear_cost_per_kwh = 1.0\n')
+    assert cli.main(["statement", "--config", str(statement_config), "--month", "2025-06", "--format", "json"]) == 0
+    statement = json.loads(capsys.readouterr().out)
+    totals = statement["totals"]
+    assert earnings["month"] == "2025-06" and earnings["currency"] == "USD" and earnings["program"] == "Peak Rewards"
+    assert earnings["events_served"] == 1 and earnings["credit"] > 8.0  # ~90 s at 4 kW, at 100 USD/kWh
+    for name in ("delivered_wh", "credited_wh", "throughput_wh", "credit", "wear_cost", "net"):
+        assert earnings[name] == totals[name], name
+    assert f"earned:  2025-06: credit {totals['credit']:,.2f} USD for" in text
+
+
+def test_status_text_rounds_for_people_and_the_json_keeps_every_digit():
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.status import status_document
+
+    raw = Telemetry(at=10.0, mode=Mode.DISCHARGE, soc_pct=79.833333, floor_pct=42.123456, power_w=3_999.74,
+                    setpoint_w=4_000.0, available_wh=4_567.891, active_event_id="peak", verdict=Verdict.ACCEPTED,
+                    meter_wh=12.345678, reserve_pct=40.0, storm_watch_pct=75.25, storm_watch_until=3_610.0)
+    doc = status_document(raw, {"bms": {"ok": True, "age_s": 0.0333}}, wall_now=1_750_000_000.0)
+    assert doc["soc_pct"] == 79.833333 and doc["floor_pct"] == 42.123 and doc["event"]["delivered_wh"] == 12.345678
+    text = "\n".join(render(doc))
+    assert "SoC:     79.8 % (floor 42.1 %, reserve 40 %)" in text
+    assert "power:   4,000 W measured, setpoint 4,000 W" in text
+    assert "peak: accepted, 12.3 Wh delivered" in text and "keeping 75.2 % for an outage" in text
+    assert "bms ok (last good 0.0 s ago)" in text
+    assert "79.83" not in text and "42.12" not in text and "12.34" not in text

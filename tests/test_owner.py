@@ -376,26 +376,28 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def test_no_gateway_answering_exits_1(tmp_path, owner_cli):
+def test_no_gateway_answering_exits_2_as_status_does(tmp_path, owner_cli):
+    """No gateway to ask is exit 2 with `error: owner: ...`, as `powershare-gw status` says it."""
     gateway = write_gateway_config(tmp_path, f"127.0.0.1:{free_tcp_port()}")
     code, _, err = owner_cli(gateway, "status")
-    assert code == 1 and "no gateway answering on 127.0.0.1:" in err and "has the gateway been started" in err
+    assert code == 2 and err.startswith("error: owner: no gateway answering on 127.0.0.1:")
+    assert "has the gateway been started" in err and "Traceback" not in err
 
     (tmp_path / "owner.token").write_text("ab" * 32)
     code, _, err = owner_cli(gateway, "reserve", "50")
-    assert code == 1 and "no gateway answering on 127.0.0.1:" in err
+    assert code == 2 and err.startswith("error: owner: no gateway answering on 127.0.0.1:")
 
     unix_gateway = write_gateway_config(tmp_path, f"unix:{tmp_path / 'nobody.sock'}")
     code, _, err = owner_cli(unix_gateway, "status")
-    assert code == 1 and f"no gateway answering on unix:{tmp_path / 'nobody.sock'}" in err
+    assert code == 2 and f"error: owner: no gateway answering on unix:{tmp_path / 'nobody.sock'}" in err
 
 
-def test_wrong_token_exits_1_unauthorized(tmp_path, owner_cli):
+def test_wrong_token_exits_2_unauthorized(tmp_path, owner_cli):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
     (tmp_path / "other.token").write_text("cd" * 32)
     with Serving(OwnerApi(cfg, start_port(cfg))) as api:
         code, _, err = owner_cli(write_gateway_config(tmp_path, api.address, "other.token"), "reserve", "90")
-        assert code == 1 and "unauthorized" in err and "other.token" in err
+        assert code == 2 and "error: owner: unauthorized" in err and "other.token" in err
         assert api.port.calls == []
 
 
@@ -405,7 +407,7 @@ def test_a_change_that_cannot_be_saved_is_not_applied(tmp_path, owner_cli):
                       settings_file=str(tmp_path / "not-a-dir" / "owner-settings.json"))
     with Serving(OwnerApi(cfg, RecordingPort(OwnerSettings(40, NOW)))) as api:
         code, _, err = owner_cli(write_gateway_config(tmp_path, api.address), "reserve", "60")
-        assert code == 1 and "could not save the owner settings" in err and "nothing changed" in err
+        assert code == 1 and "could not save the owner settings" in err and "nothing changed" in err  # answered
         assert api.port.calls == []
 
 

@@ -3,7 +3,8 @@ on the in-process bench (a real virtual CAN bus and BMS node, the simulated inve
 Modbus TCP server, a real SQLite journal), then the journal, a replay and a statement read back.
 
 One run shows both cases and the budget: a price below the owner's threshold (refused, 0 W), then
-one above it (discharged for) until the day's budget is spent, well before its interval ends.
+one above it (discharged for) until the day's budget is spent, well before its interval ends; the
+same interval's import price, published beside it under the same id, is refused as not followed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ THRESHOLD = 0.30
 BUDGET_WH = 60.0  # at 11.5 kW: about 20 s of discharge, then the budget's ramp-down
 LOW = PriceInterval("tou/low", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.20, 5.0, 30.0, received_at=2.0)
 HIGH = PriceInterval("tou/high", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.55, 30.0, 150.0, received_at=28.0)
+HIGH_IMPORT = replace(HIGH, kind=PriceKind.PRICE, price_per_kwh=0.25)  # the same interval's import price
 
 
 class PricePublisher:
@@ -47,7 +49,7 @@ class PricePublisher:
 
     def __init__(self, prices: list[PriceInterval]):
         self.prices = sorted(prices, key=lambda p: p.received_at)
-        self.answers: dict[str, DispatchAnswer | None] = {}
+        self.answers: dict[tuple[str, PriceKind], DispatchAnswer | None] = {}
         self.setpoints: list[tuple[float, float]] = []
 
     async def start(self, gateway: Gateway) -> None:
@@ -64,7 +66,7 @@ class PricePublisher:
     async def step(self, t: float) -> None:
         while self.prices and self.prices[0].received_at <= t + 1e-9:
             price = self.prices.pop(0)
-            self.answers[price.id] = await self.gateway.submit(replace(price, received_at=t))
+            self.answers[price.id, price.kind] = await self.gateway.submit(replace(price, received_at=t))
         self.setpoints.append((t, self.gateway.command.setpoint_w))
 
     async def stop(self) -> None:
@@ -79,7 +81,7 @@ def priced_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prices")
     path = folder / "scenario.toml"
     path.write_text('[run]\nduration_s = 160\nstep_s = 0.2\n[vehicle]\ninitial_soc_pct = 80\n[owner]\nreserve_pct = 30\n')
-    publisher = PricePublisher([LOW, HIGH])
+    publisher = PricePublisher([LOW, HIGH, HIGH_IMPORT])
     journal = folder / "journal.sqlite"
     asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal, aggregator=publisher)).run())
     return publisher, journal, folder
@@ -92,7 +94,7 @@ def records(journal: Path, kind: RecordKind) -> list[dict]:
 
 def test_a_price_below_the_threshold_is_refused_and_the_truck_stays_at_zero(priced_run):
     publisher, _, _ = priced_run
-    low = publisher.answers[LOW.id]
+    low = publisher.answers[LOW.id, LOW.kind]
     assert (low.verdict, low.reason) == (Verdict.REJECTED, ReasonCode.BELOW_THRESHOLD)
     assert "0.2 per kWh is below the owner's threshold 0.3" in low.detail
     assert set(publisher.commanded(LOW.start, LOW.end)) == {0.0}
@@ -100,7 +102,8 @@ def test_a_price_below_the_threshold_is_refused_and_the_truck_stays_at_zero(pric
 
 def test_a_price_above_the_threshold_discharges_until_the_day_budget_is_spent(priced_run):
     publisher, journal, _ = priced_run
-    high = publisher.answers[HIGH.id]
+    high = publisher.answers[HIGH.id, HIGH.kind]
+    assert publisher.answers[HIGH.id, PriceKind.PRICE].reason is ReasonCode.PRICE_KIND
     assert high.verdict is Verdict.ACCEPTED and "0.55 per kWh meets the threshold 0.3" in high.detail
     assert max(publisher.commanded(HIGH.start, HIGH.start + 20)) == 11_500
     (ended,) = [e for e in records(journal, RecordKind.DISPATCH_ENDED) if e["request_id"] == HIGH.id]
@@ -116,9 +119,10 @@ def test_the_journal_holds_each_price_and_its_one_answer_and_replays(priced_run)
     _, journal, _ = priced_run
     prices = records(journal, RecordKind.PRICE_INTERVAL)
     assert [(p["id"], p["kind"], p["price_per_kwh"]) for p in prices] == [
-        (LOW.id, "EXPORT_PRICE", 0.20), (HIGH.id, "EXPORT_PRICE", 0.55)]
+        (LOW.id, "EXPORT_PRICE", 0.20), (HIGH.id, "EXPORT_PRICE", 0.55), (HIGH.id, "PRICE", 0.25)]
     answers = [(a["request_id"], a["verdict"], a["reason"]) for a in records(journal, RecordKind.DISPATCH_ANSWER)]
-    assert answers == [(LOW.id, "rejected", "BELOW_THRESHOLD"), (HIGH.id, "accepted", None)]
+    assert answers == [(LOW.id, "rejected", "BELOW_THRESHOLD"), (HIGH.id, "accepted", None),
+                       (HIGH.id, "rejected", "PRICE_KIND_NOT_FOLLOWED")]
     steps, replayed, decided = replayed_and_journaled(journal)
     assert steps > 700 and replayed == decided
 
@@ -131,7 +135,7 @@ def test_the_statement_credits_the_price_event_at_its_published_price(priced_run
     statement = make(journal, tmp_path / "s.json", config=config)
     lines = {line["id"]: line for line in statement["events"]}
     high, low = lines[HIGH.id], lines[LOW.id]
-    assert high["credited_wh"] > 0
+    assert high["answer"] == "accepted" and high["credited_wh"] > 0  # the import price beside it changes nothing
     assert high["credit"] == round(high["credited_wh"] / 1000 * 0.55, 2)  # not the program's 1.0 per kWh
     assert any("published EXPORT_PRICE of 0.55 per kWh" in note for note in high["notes"])
     assert low["status"] == "refused" and low["credit"] == 0

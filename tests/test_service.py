@@ -106,6 +106,9 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
                 await stopped.wait("WSet = 0 at the inverter after the fault frame")
                 assert service.gateway.controller.mode is Mode.FAULT
                 assert service.gateway.command.setpoint_w == 0
+                await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
+                month = service.gateway.status()["earnings"]
+                assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
             finally:
                 physics_task.cancel()
                 await asyncio.gather(physics_task, return_exceptions=True)

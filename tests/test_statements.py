@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,12 +22,14 @@ from test_bench import scaled
 from test_gateway import gateway_on
 
 from firmware_py.cli import main
-from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, EventEnergy
+from firmware_py.clocks import Clocks
+from firmware_py.core.types import DispatchAnswer, DispatchEnded, DispatchKind, DispatchRequest, EventEnergy
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
 from firmware_py.sim import scenario
 from firmware_py.sim.simulation import Simulation, SimulationOptions
 from firmware_py.statements import evidence
+from firmware_py.statements.earnings import EarningsBook, month_earnings
 from firmware_py.statements.figures import (
     EnergyRecords,
     Ledger,
@@ -36,6 +40,7 @@ from firmware_py.statements.figures import (
     event_figures,
     totals,
 )
+from firmware_py.statements.make import Basis
 
 
 def make(journal: Path, out: Path, *extra: str, config: Path | None = None) -> dict:
@@ -243,3 +248,73 @@ def test_energy_served_in_a_grid_outage_is_on_its_own_line_and_never_credited(tm
     assert statement["totals"]["credited_wh"] == 0 and statement["totals"]["credit"] == 0
     assert all(e["credited_wh"] == 0 for e in statement["events"])
     assert verify(tmp_path / "s.json", journal) == 0
+
+
+# ---------------------------------------------------------------- earnings while the gateway runs
+
+JUNE_30 = datetime(2025, 6, 30, 20, 0, tzinfo=UTC).timestamp()
+
+
+def june_event(path: Path) -> None:
+    """A journal with one served event on the evening of 30 June 2025 (150 Wh on the meter)."""
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchRequest("june", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 65.0,
+                                             received_at=5.0), wall=JUNE_30 + 5)
+        journal.append_event(DispatchAnswer.accepted("june", 5.0), wall=JUNE_30 + 5)
+        journal.append_event(EventEnergy(65.0, "june", 150.0, 149.0, True, meter_total_wh=1_150.0), wall=JUNE_30 + 65)
+        journal.append_event(DispatchEnded(65.0, "june", "window closed"), wall=JUNE_30 + 65)
+
+
+def test_the_earnings_book_reads_the_journal_only_when_event_records_came_and_at_most_every_refresh(tmp_path,
+                                                                                                  caplog):
+    path = tmp_path / "journal.sqlite"
+    june_event(path)
+    mono, wall = [0.0], [JUNE_30 + 3_600]
+    reads: list[str] = []
+
+    def counted(journal: Path, basis: Basis, period: Period, at: float):
+        reads.append(datetime.fromtimestamp(period.start, UTC).strftime("%Y-%m"))
+        return month_earnings(journal, basis, period, at)
+
+    book = EarningsBook(path, Basis(ProgramTerms("Peak Rewards", "USD", 1.0, 0.0), {"name": "truck-1"}),
+                        Clocks(lambda: mono[0], lambda: wall[0]), refresh_s=60.0, compute=counted)
+
+    async def main() -> None:
+        assert book.latest() is None and book.due()
+        await book.refresh()
+        latest = book.latest()
+        assert latest["month"] == "2025-06" and latest["credit"] == 0.15 and latest["events_served"] == 1
+        await book.refresh()
+        book.journaled(0, steps=True)  # steps alone, long after the last event record: nothing to read again
+        mono[0] += 600
+        await book.refresh()
+        assert reads == ["2025-06"]
+        book.journaled(2)  # an event settled (its end, its final energy): read again
+        await book.refresh()
+        book.journaled(0, steps=True)  # the steps' batch after them (its SoC and power): once more, but
+        assert not book.due()  # not before `refresh_s` has passed since the last read
+        mono[0] += 60
+        await book.refresh()
+        book.journaled(0, steps=True)
+        mono[0] += 60
+        await book.refresh()
+        assert reads == ["2025-06"] * 3
+
+        wall[0] = JUNE_30 + 8 * 3_600  # 1 July, 04:00 UTC: a new month, whose history still shows 30 June
+        await book.refresh(since_wall=wall[0] - 24 * 3_600)
+        assert reads[3:] == ["2025-06", "2025-07"]
+        assert book.latest()["month"] == "2025-07" and book.latest()["events"] == 0
+        currency, figures = book.figures(wall[0] - 24 * 3_600)
+        assert currency == "USD" and figures["june"]["credit"] == 0.15 and figures["june"]["status"] == "ended"
+        assert book.figures(wall[0] - 3_600)[1] == {}  # the last hour: July only
+
+        path.unlink()  # a journal that cannot be read: said once, the last figures kept
+        book.journaled(1)
+        for _ in range(2):
+            mono[0] += 60
+            await book.refresh()
+        assert book.latest()["month"] == "2025-07"
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert len([r for r in caplog.records if "earnings" in r.getMessage()]) == 1

@@ -342,6 +342,47 @@ def test_history_comes_from_the_journal(tmp_path):
     asyncio.run(main())
 
 
+def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):
+    def enrolled(config: Config) -> Config:
+        config = web_enabled(tmp_path)(config)
+        return replace(config, program=replace(config.program, credit_per_kwh=50.0, wear_cost_per_kwh=2.0))
+
+    async def main() -> dict:
+        async with Rig(tmp_path, configure=enrolled) as rig:
+            app = rig.assembly.integrations["web"]
+            await app.start(rig.gateway)
+            try:
+                await rig.run(2.0)
+                async with client(app) as browser:
+                    await browser.login((tmp_path / "owner.token").read_text().strip())
+                    now = rig.gateway.now()
+                    await rig.gateway.submit(DispatchRequest("peak", "test", DispatchKind.DISCHARGE, 4_000, now,
+                                                             now + 20, now))
+                    await rig.run(25.0)
+                    rig.gateway.flush_journal(final=True)  # with the steps' batch, as `run` writes it each minute
+                    status, doc = await browser.call("GET", "/api/history")  # computes the month: it is due
+                    assert status == 200
+                    status, again = await browser.call("GET", "/api/status")
+                    assert again["earnings"]["credit"] == doc["events"][0]["figures"]["credit"]
+                    return doc
+            finally:
+                await app.stop()
+
+    doc = asyncio.run(main())
+    assert cli.main(["statement", "--journal", str(tmp_path / "journal.sqlite"), "--event", "peak",
+                     "--format", "json"]) == 0
+    (line,) = json.loads(capsys.readouterr().out)["events"]
+    (event,) = doc["events"]
+    figures = event["figures"]
+    assert doc["currency"] == "USD" and figures["status"] == "ended" and figures["credit"] > 0.5
+    assert figures["credit"] == round(figures["credited_wh"] / 1000 * 50.0, 2)
+    assert figures["net"] == round(figures["credit"] - figures["wear_cost"], 2)
+    for name in ("delivered_wh", "integrated_wh", "avg_w", "peak_w", "soc_start_pct", "soc_end_pct", "soc_min_pct",
+                 "floor_pct", "throughput_wh", "equivalent_cycles", "credited_wh"):  # terms-free: same as --event's
+        assert figures[name] == line[name], name
+    assert event["delivered_wh"] == round(figures["delivered_wh"], 1)
+
+
 def test_the_installer_resets_a_lockout_and_the_reset_is_journaled(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as installer:

@@ -262,12 +262,16 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("message", lambda t: t == "Price mode off.", "price mode off confirmed")
     page.until_text("price-state", lambda t: t == "Off.", "price mode off in the controls")
 
-    # History: the day's curves from the journal, and the event with its answer.
+    # History: the day's curves from the journal, and the event with its answer and its credit.
     page.view("history")
     page.until(lambda: page.d.find_elements("css selector", '#chart-soc polyline[data-series="soc"]'),
                "the SoC curve")
     assert "accepted" in page.text("events")
+    events = page.text("events")  # the event's credit as its statement computes it, once the gateway has
+    assert "Credit" in events and ("USD (net" in events or "not computed yet" in events)  # (at most a minute)
     page.shot("history", 1000, 1250)
+    page.view("now")  # the month's earnings, computed when the gateway started and after events since
+    page.until_text("earnings", lambda t: " USD for " in t and "net" in t, "this month's earnings")
 
     # Log out: the login form again, and the API refuses the old cookie.
     page.el("logout").click()

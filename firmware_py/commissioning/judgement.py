@@ -577,6 +577,9 @@ class Reach:
 DISPATCH_ADVICE = {
     "dispatch.openadr": "[dispatch.openadr] vtn_url and ven_name (as the aggregator registered this VEN), the "
                         "certificates (cert, key, ca_file, vtn_fingerprint), DNS and the network to the VTN",
+    "dispatch.openadr3": "[dispatch.openadr3] vtn_url, token_url, client_id and the secret in client_secret_file "
+                         "(as the aggregator issued them), ven_name, the programs the aggregator enrolled this VEN "
+                         "in, DNS and the network to the VTN",
     "dispatch.sunspec_server": "[dispatch.sunspec_server] listen: an address of this machine and a free port "
                                "(is the gateway service still running? stop it while commissioning)",
 }

@@ -300,5 +300,6 @@ async def _sunspec_server(assembly: Assembly, name: str) -> Reach:
                  f"a SunSpec client discovers models {models}")
 
 
-DISPATCH_PROBES = {"dispatch.openadr": _openadr, "dispatch.sunspec_server": _sunspec_server}
+DISPATCH_PROBES = {"dispatch.openadr": _openadr, "dispatch.openadr3": _openadr,
+                   "dispatch.sunspec_server": _sunspec_server}
 

@@ -110,27 +110,35 @@ class OpenEvent:
     last: EventEnergy | None = None
 
 
+ASIDE = frozenset({ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND})
+"""Refusals that leave the event of their id as it was: a DUPLICATE restates it; a price of the kind the
+owner does not follow may share its interval's id with the one followed (OpenADR 3 may publish both)."""
+
+
 def still_open(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dict[str, OpenEvent]:
     """Accepted requests with no end among `events` (decoded journal records, oldest first),
     each with its request (latest revision; for a price-driven event, its `PriceInterval`)
     and last energy record, when the records hold them.
 
-    A DUPLICATE refusal restates a request already answered, so it does not close it.
+    A refusal in `ASIDE` does not close the event of its id.
     Memory grows with the open events only: requests are forgotten once refused or ended.
     """
     requests: dict[str, DispatchRequest | PriceInterval] = {}
     accepted: dict[str, OpenEvent] = {}
     for event in events:
+        if isinstance(event, PriceInterval) and event.id in accepted and \
+                getattr(requests.get(event.id), "kind", event.kind) is not event.kind:
+            continue  # the other kind of price of a running price event's interval
         if isinstance(event, (DispatchRequest, PriceInterval)):
             requests[event.id] = event
         elif isinstance(event, DispatchAnswer):
             before = accepted.get(event.request_id)
-            if event.reason is ReasonCode.DUPLICATE and before is not None:
-                continue  # restates the answer in force: keep that one
+            if event.reason in ASIDE and before is not None:
+                continue  # restates the answer in force, or answers another price of its interval: keep it
             if event.verdict is not Verdict.REJECTED:
                 accepted[event.request_id] = OpenEvent(event, requests.get(event.request_id),
                                                        before.last if before else None)
-            elif event.reason is not ReasonCode.DUPLICATE:
+            elif event.reason not in ASIDE:
                 accepted.pop(event.request_id, None)
                 requests.pop(event.request_id, None)
         elif isinstance(event, EventEnergy) and event.request_id in accepted:

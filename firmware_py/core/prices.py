@@ -155,9 +155,14 @@ def answer_price(c: Controller, p: PriceInterval, now: float) -> tuple[Controlle
         return c, [DispatchAnswer.refused(p.id, now, ReasonCode.DUPLICATE, "id already used by a dispatch request")]
     req = request_for(p, c.owner, c.policy.max_discharge_w)
     bad = invalid_price(p)
+    if bad is None and p.kind is not c.owner.price_kind:
+        # Not booked: a program may publish both kinds for one interval under one id, and the one
+        # the owner follows must not be taken for a duplicate of the other.
+        return c, [DispatchAnswer.refused(p.id, now, *objection(c.owner, p))]
     if bad is not None:
         reply = DispatchAnswer.refused(p.id, now, ReasonCode.INVALID, bad)
-    elif existing is not None and p.revision <= existing.price.revision and not _judged_again(existing, p):
+    elif existing is not None and existing.price.kind is p.kind and p.revision <= existing.price.revision \
+            and not _judged_again(existing, p):
         return c, [_repeat(existing, p, now)]
     else:
         reply = judge_price(c, p, req, now)

@@ -58,6 +58,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
@@ -612,7 +613,5 @@ def check(config: OpenAdrConfig) -> list[str]:
     for name in ("cert", "key", "ca_file"):
         if path := getattr(config, name):
             problems += _unreadable(path, f"{key}: {name}")
-    levels = config.simple_levels_pct
-    if len(levels) != 3 or not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in levels):
-        problems.append(f"{key}: simple_levels_pct: three shares 0-100 for SIMPLE levels 1, 2, 3, got {levels!r}")
+    problems += check_levels(config.simple_levels_pct, f"{key}: simple_levels_pct")
     return problems

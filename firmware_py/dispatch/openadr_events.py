@@ -20,6 +20,7 @@ from firmware_py.core.types import (
     ReasonCode,
     is_finite_number,
 )
+from firmware_py.dispatch.simple_levels import level_target_w
 
 SOURCE = "openadr"
 LOAD_DISPATCH = "LOAD_DISPATCH"
@@ -193,9 +194,10 @@ def _dispatch_target(watts: float) -> float:
 
 
 def _simple_target(level: float, rating_w: float, levels_pct: Sequence[float]) -> float:
-    if level not in (0, 1, 2, 3):
-        raise _Invalid(f"SIMPLE level must be 0, 1, 2 or 3, got {level!r}")
-    return 0.0 if level == 0 else rating_w * float(levels_pct[int(level) - 1]) / 100.0
+    try:
+        return level_target_w(level, rating_w, levels_pct)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
 
 
 def _refusal(event_id: str, at: float, reason: ReasonCode, detail: str) -> DispatchAnswer:

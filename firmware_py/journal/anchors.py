@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -33,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
-from firmware_py.errors import InputError
+from firmware_py import signing
+from firmware_py.signing import public_hex
 
 GENESIS_LINK = "0" * 64
 EMPTY_HEAD = "0" * 64
@@ -97,69 +96,32 @@ def link_of(line: str) -> str:
 # ---------------------------------------------------------------- the key
 
 
+ANCHOR_KEY = "the journal's anchor key"
+
+
 class AnchorKey:
-    """The Ed25519 key that signs a journal's anchors: created 0600 on first open for writing."""
+    """The Ed25519 key that signs a journal's anchors: created 0600 on first open for writing (`signing`)."""
 
     def __init__(self, private: Ed25519PrivateKey):
         self._private = private
-        self.public_hex = public_hex(private.public_key())
+        self.public_hex = public_hex(private)
 
     @classmethod
     def load_or_create(cls, path: Path) -> AnchorKey:
         """The key at `path`, or a new one there. Refused when group or others can read it,
         or another user owns it: whoever can read the key can forge anchors."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(_load_private(path, check_private=True))
-        except OSError as err:
-            raise InputError(f"{path}: cannot create the journal's anchor key: {err.strerror or err}") from None
-        private = Ed25519PrivateKey.generate()
-        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-            out.flush()
-            os.fsync(out.fileno())
-        return cls(private)
+        return cls(signing.load_or_create(path, ANCHOR_KEY, fix=" and start again",
+                                          replace="; move it away to let the gateway make a new one (anchors "
+                                                  "signed by the old key will then show as signed by another key)"))
 
     def sign(self, anchor: Anchor) -> Anchor:
         signature = self._private.sign(_canonical(anchor.body()).encode()).hex()
         return Anchor(**{**anchor.body(), "sig": signature})
 
 
-def public_hex(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
 def readable_public_key(path: Path) -> str | None:
     """The public half of the key at `path`, for a reader; None when it is missing or not readable here."""
-    try:
-        return public_hex(_load_private(path, check_private=False).public_key())
-    except (InputError, OSError):
-        return None
-
-
-def _load_private(path: Path, check_private: bool) -> Ed25519PrivateKey:
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path}: the journal's anchor key is not a regular file")
-        if check_private and (info.st_mode & 0o077 or info.st_uid != os.geteuid()):
-            raise InputError(f"{path}: the journal's anchor key must belong to this user and be private "
-                             f"(mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}); "
-                             f"run `chown $(id -u) {path} && chmod 600 {path}` and start again")
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the journal's anchor key: {err.strerror or err}") from None
-    try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        private = None
-    if not isinstance(private, Ed25519PrivateKey):
-        raise InputError(f"{path}: not an Ed25519 private key in PEM; move it away to let the gateway make a new one "
-                         "(anchors signed by the old key will then show as signed by another key)")
-    return private
+    return signing.readable_public_key(path, ANCHOR_KEY, private=False)
 
 
 # ---------------------------------------------------------------- writing

@@ -68,6 +68,15 @@ def jsonable(value: Any) -> Any:
     raise TypeError(f"cannot journal a value of type {type(value).__name__}: {value!r}")
 
 
+def number(value: Any) -> float | None:
+    """A number read back from a payload ("inf" as written for math.inf); None when absent or unreadable,
+    so a reader of old or damaged records gets a gap, not an exception."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def canonical(payload: Any) -> str:
     """The one text form of a payload: what is stored and what is hashed."""
     return json.dumps(jsonable(payload), sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from firmware_py.core.types import DispatchAnswer, DispatchKind, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
+from firmware_py.journal.codec import number
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.owner_log import describe as describe_owner_change
 from firmware_py.journal.store import Record
@@ -147,7 +148,7 @@ def _carried(start: Record, known: dict[str, EventSummary]) -> list[Record]:
         payload = item.get("payload") if isinstance(item, dict) else None
         if not isinstance(payload, dict) or str(payload.get("request_id", payload.get("id"))) in known:
             continue
-        at = _num(payload.get("at", payload.get("received_at")))
+        at = number(payload.get("at", payload.get("received_at")))
         at = start.at if at is None else at
         carried.append(Record(start.seq, at, start.on_wall(at), RecordKind.read(str(item.get("kind"))), payload,
                               start.prev_hash, start.hash))
@@ -159,32 +160,33 @@ def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
     p = record.payload
     if record.kind == RecordKind.DISPATCH_REQUEST:
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
-        summary.target_w = _num(p.get("target_w"))
-        window.start, window.end = _num(p.get("start")), _num(p.get("end"))
+        summary.target_w = number(p.get("target_w"))
+        window.start, window.end = number(p.get("start")), number(p.get("end"))
         summary.received_at, summary.start, summary.end = (
-            _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
+            _on_wall(record, number(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.PRICE_INTERVAL:
         summary.source, summary.revision = p.get("source"), p.get("revision")
         summary.kind = DispatchKind.DISCHARGE.value  # a price is only ever discharged for
-        window.offered = (_num(p.get("price_per_kwh")), p.get("kind"))
+        window.offered = (number(p.get("price_per_kwh")), p.get("kind"))
         if summary.price_per_kwh is None:
             summary.price_per_kwh, summary.price_kind = window.offered
-        window.start, window.end = _num(p.get("start")), _num(p.get("end"))
+        window.start, window.end = number(p.get("start")), number(p.get("end"))
         summary.received_at, summary.start, summary.end = (
-            _on_wall(record, _num(p.get(name))) for name in ("received_at", "start", "end"))
+            _on_wall(record, number(p.get(name))) for name in ("received_at", "start", "end"))
     elif record.kind == RecordKind.DISPATCH_ANSWER:
-        # A DUPLICATE answer restates a request already answered: keep the real answer.
-        if p.get("reason") != ReasonCode.DUPLICATE or summary.verdict is None:
+        # A DUPLICATE answer restates a request already answered, and the price of the kind the owner does
+        # not follow may share its interval's id with the one followed: keep the real answer.
+        if p.get("reason") not in (ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND) or summary.verdict is None:
             if window.offered is not None and p.get("verdict") in SERVED:  # the price it now discharges for
                 summary.price_per_kwh, summary.price_kind = window.offered
-            summary.verdict, summary.cap_w = p.get("verdict"), _num(p.get("cap_w"))
+            summary.verdict, summary.cap_w = p.get("verdict"), number(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
         window.ended_at = record.at
         summary.ended_at, summary.ended_reason = record.wall, p.get("reason")
     elif record.kind == RecordKind.EVENT_ENERGY:
-        summary.meter_wh = _num(p.get("meter_wh")) or 0.0
-        summary.integrated_wh = _num(p.get("integrated_wh")) or 0.0
+        summary.meter_wh = number(p.get("meter_wh")) or 0.0
+        summary.integrated_wh = number(p.get("integrated_wh")) or 0.0
         summary.final = bool(p.get("final", False))
 
 
@@ -210,12 +212,6 @@ def _discrepancy(meter_wh: float, integrated_wh: float) -> float | None:
     return (meter_wh - integrated_wh) / meter_wh * 100.0
 
 
-def _num(value: Any) -> float | None:
-    """Journal payloads store inf as "inf"; float() reads that back. Unreadable -> None."""
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _entry(record: Record) -> TimelineEntry:

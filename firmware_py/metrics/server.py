@@ -28,6 +28,7 @@ from prometheus_client.core import Metric
 from firmware_py.addresses import parse_host_port
 from firmware_py.config import Config
 from firmware_py.errors import InputError
+from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.metrics.families import PREFIX, GatewayMetrics
 from firmware_py.version import software_version
 
@@ -71,7 +72,8 @@ class MetricsServer:
         disable_created_metrics()  # no `_created` series: a scraper derives nothing from them here
         self.metrics = GatewayMetrics(gateway, software_version())
         self.process = ProcessCollector(namespace=PREFIX, registry=None)
-        self._runner: web.AppRunner | None = None
+        self.listener = HttpListener(f"metrics.listen: cannot listen on {config.metrics.listen}",
+                                     shutdown_timeout_s=0.5)
 
     @property
     def url(self) -> str:
@@ -80,36 +82,22 @@ class MetricsServer:
 
     async def start(self, sink: Any = None) -> int:
         """Bind; InputError (exit 2) when the address cannot be listened on."""
-        if self._runner is not None:
+        if self.listener.listening:
             return self.port
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port, reuse_address=True).start()
-        except OSError as err:
-            await runner.cleanup()
-            raise InputError(f"metrics.listen: cannot listen on {self.config.metrics.listen}: "
-                             f"{err.strerror or err}") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        await self.listener.start(app, lambda runner: web.TCPSite(runner, self.host, self.port, reuse_address=True))
+        self.port = self.listener.bound[1]
         log.info("metrics on %s", self.url)
         return self.port
 
     async def run(self, sink: Any = None) -> None:
         """Serve until cancelled."""
-        await self.start(sink)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve_until_cancelled(self.start, self.stop)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.listener.stop()
 
     async def render(self) -> bytes:
         """The text a scrape gets: read here, rendered (and /proc read) in a worker thread."""

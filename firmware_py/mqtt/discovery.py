@@ -12,8 +12,10 @@ The entities (`ENTITIES`): SoC, floor, reserve (a number that sets it), power,
 mode, the event served, energy above the floor, the energy of the event served
 (or the last one), delivered energy in total (`device_class: energy`,
 `state_class: total_increasing`: what the energy dashboard takes), opt-out and
-storm watch (switches), a fault indicator, and one connectivity sensor per link
-the configuration uses. Device classes, units and state classes are those Home
+storm watch (switches), a fault indicator, this month's bill credit and the energy it
+credits (the status's `earnings`: the statement's own figures, `device_class: monetary`
+in the `[program]` currency, and `energy`; both `state_class: total`, reset at the
+month's start), and one connectivity sensor per link the configuration uses. Device classes, units and state classes are those Home
 Assistant documents for sensors: `battery` in %, `power` in W, `energy` (total or
 total_increasing) and `energy_storage` (measurement) in Wh, `enum` with its options.
 """
@@ -87,10 +89,10 @@ ENTITIES: tuple[Entity, ...] = (
            {"device_class": "problem",
             "json_attributes_template": "{{ {'faults': value_json.faults, 'reason': value_json.reason} | tojson }}"}),
 )
-"""Every entity but the link sensors, which depend on the configuration (`link_entities`)."""
+"""Every entity but those that depend on the configuration (`earnings_entities`, `link_entities`)."""
 
 LINK_NAMES = {"bms": "BMS link", "inverter": "Inverter link", "openadr": "OpenADR link",
-              "sunspec_server": "SunSpec server"}
+              "openadr3": "OpenADR 3 link", "sunspec_server": "SunSpec server"}
 
 
 def link_entities(config: Config) -> tuple[Entity, ...]:
@@ -98,11 +100,31 @@ def link_entities(config: Config) -> tuple[Entity, ...]:
     links = ["bms", "inverter"]
     if config.dispatch.openadr.enabled:
         links.append("openadr")
+    if config.dispatch.openadr3.enabled:
+        links.append("openadr3")
     if config.dispatch.sunspec_server.enabled:
         links.append("sunspec_server")
     return tuple(Entity(Component.BINARY_SENSOR, f"link_{name}", LINK_NAMES[name],
                         _switch_state(f"(value_json.links.get('{name}') or {{}}).get('ok')"),
                         {"device_class": "connectivity", "entity_category": "diagnostic"}) for name in links)
+
+
+MONTH_STARTED = "{{ value_json.earnings.month ~ '-01T00:00:00+00:00' if value_json.earnings else None }}"
+"""When this month's figures were last reset to 0 (the first of the month, UTC), for `state_class: total`."""
+
+
+def earnings_entities(config: Config) -> tuple[Entity, ...]:
+    """This month's credit (in the program's currency) and the energy it credits, from the status's `earnings`."""
+    monthly = {"state_class": "total", "last_reset_value_template": MONTH_STARTED}
+    return (
+        Entity(Component.SENSOR, "credit_month", "Credit this month",
+               "{{ value_json.earnings.credit if value_json.earnings else None }}",
+               {"device_class": "monetary", "unit_of_measurement": config.program.currency, **monthly,
+                "json_attributes_template": "{{ (value_json.earnings if value_json.earnings else {}) | tojson }}"}),
+        Entity(Component.SENSOR, "credited_energy_month", "Energy credited this month",
+               "{{ value_json.earnings.credited_wh if value_json.earnings else None }}",
+               {"device_class": "energy", "unit_of_measurement": "Wh", **monthly}),
+    )
 
 
 def device(config: Config, version: str) -> dict[str, Any]:
@@ -119,7 +141,7 @@ def configurations(config: Config, version: str) -> list[tuple[str, dict[str, An
               "payload_available": "online", "payload_not_available": "offline",
               "device": device(config, version), "origin": {"name": MANUFACTURER, "sw_version": version}}
     found = []
-    for entity in (*ENTITIES, *link_entities(config)):
+    for entity in (*ENTITIES, *earnings_entities(config), *link_entities(config)):
         payload: dict[str, Any] = {"name": entity.name, "unique_id": f"{node}_{entity.object_id}",
                                    **shared, "value_template": entity.template, **entity.options}
         if "json_attributes_template" in payload:

@@ -123,6 +123,42 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
     return text
 
 
+def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) -> str:
+    """The first line of a private file holding a secret (an OAuth2 client secret, say).
+
+    The same privacy rules as `read_token` with `check_private` (a regular file of the
+    gateway's user, no access for group or others), checked on the open descriptor; the
+    secret itself never appears in a message. FileNotFoundError passes through.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if os.path.islink(path):
+            raise InputError(f"{path}: the {what} file is a symbolic link; point the configuration at "
+                             "the file itself") from None
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    try:
+        _check_private(path, os.fstat(fd), os.geteuid() if owner_uid is None else owner_uid, what)
+        raw = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise InputError(f"{path}: the {what} file is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a secret")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the {what} file is not UTF-8 text") from None
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise InputError(f"{path}: the {what} file is empty (the secret goes on its first line)")
+    return secret
+
+
 def _check_private(path: Path, info: os.stat_result, owner_uid: int, what: str) -> None:
     """InputError unless `info` is a regular file owned by `owner_uid` that only its owner can access."""
     if not stat.S_ISREG(info.st_mode):

@@ -27,10 +27,8 @@ UTC epoch seconds; the core gets them on its monotonic base (`firmware_py/clocks
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hmac
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -43,10 +41,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
-from firmware_py.errors import InputError
+from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
-from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
@@ -89,19 +87,19 @@ class OwnerApi:
         self.desk = OwnerDesk(port, self.store, self.clocks, tz)
         self.listen = parse_listen(config.api_listen)
         self._token = ""
-        self._runner: web.AppRunner | None = None
+        self.listener = HttpListener(f"owner.api_listen: cannot listen on {self.listen.describe()}")
 
     @property
     def address(self) -> str:
         """Where it actually listens (the real port when configured with port 0)."""
-        if self._runner is None or self.listen.unix_path:
+        if not self.listener.listening or self.listen.unix_path:
             return self.listen.describe()
-        host, port = self._runner.addresses[0][:2]
+        host, port = self.listener.bound[:2]
         return Listen(host=host, port=port).describe()
 
     async def start(self) -> None:
         """Bind and serve in the background; InputError for a bad token file or address."""
-        if self._runner is not None:
+        if self.listener.listening:
             return
         self._token = ensure_token(self.config.token_file)
         app = web.Application(middlewares=[self._errors_and_auth], client_max_size=MAX_BODY_BYTES)
@@ -112,17 +110,9 @@ class OwnerApi:
             app.router.add_route("POST", f"/{control.path}", self._setter(control))
             if control.clear is not None:
                 app.router.add_route("DELETE", f"/{control.path}", self._clearer(control))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await self._site(runner).start()
-        except OSError as err:
-            await runner.cleanup()
-            raise InputError(f"owner.api_listen: cannot listen on {self.listen.describe()}: "
-                             f"{err.strerror or err}") from None
+        await self.listener.start(app, self._site)
         if self.listen.unix_path:
             os.chmod(self.listen.unix_path, 0o600)
-        self._runner = runner
 
     def _site(self, runner: web.AppRunner) -> web.BaseSite:
         if self.listen.unix_path:
@@ -130,10 +120,9 @@ class OwnerApi:
         return web.TCPSite(runner, self.listen.host, self.listen.port, reuse_address=True)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
+        if not self.listener.listening:
             return
-        await runner.cleanup()
+        await self.listener.stop()
         if self.listen.unix_path:
             try:
                 os.unlink(self.listen.unix_path)
@@ -142,11 +131,7 @@ class OwnerApi:
 
     async def run(self) -> None:
         """Serve until cancelled (a dispatch-source-like task for the runtime)."""
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve_until_cancelled(self.start, self.stop)
 
     @web.middleware
     async def _errors_and_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -177,18 +162,12 @@ class OwnerApi:
     async def _live_status(self, request: web.Request) -> web.Response:
         return _json_response(200, self.port.status())
 
-
     async def _body(self, request: web.Request) -> Any:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        return parse_body(raw)
 
     def _setter(self, control: Control) -> Handler:
         async def handle(request: web.Request) -> web.Response:

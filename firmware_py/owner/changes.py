@@ -1,6 +1,6 @@
 """What each owner request does to the settings: pure, so every rule is testable alone.
 
-Each function takes the current settings, the request body and the gateway's
+Each function takes the current settings, the request body (`parse_body`) and the gateway's
 `now` (and the owner's time zone where a wall-clock time is involved) and
 returns the new settings, or raises BadRequest with a message meant for the
 owner. Times are stored absolute, on the gateway clock, so the core never has
@@ -10,6 +10,7 @@ to know about time zones.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import re
 from dataclasses import replace
@@ -35,6 +36,16 @@ _HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
 
 class BadRequest(ValueError):
     """The request cannot be applied; the message says why, for the owner."""
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request's JSON body (empty: null), as every owner API reads it; BadRequest saying what is wrong."""
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
 
 
 def _fields(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 The CLI never edits the settings file itself: only the gateway may change what
 the core runs on, so a change made here takes effect at once and is journaled
 like any other, or is refused with the gateway's reason.
-Exit codes: 0 done, 2 bad input (ours or the gateway's 400), 1 no gateway or not authorized.
+Exit codes: 0 done; 2 bad input (ours or the gateway's 400) or no gateway to ask (not running,
+another address, the token missing or not accepted), as `status`; 1 the gateway answered but
+could not make the change (it could not save the settings).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from firmware_py import config
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
+from firmware_py.narration import percent
 from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.store import UNTIL_REVOKED
 from firmware_py.quoting import printable
@@ -28,7 +31,11 @@ TIMEOUT_S = 5.0
 
 
 class Unavailable(Exception):
-    """The gateway could not be asked: not running, not reachable, or not authorized (exit 1)."""
+    """The gateway did not do what was asked: it answered with an error (exit 1), or `Unreachable`."""
+
+
+class Unreachable(Unavailable):
+    """No gateway to ask: not running, not reachable, or the token not accepted (exit 2, as `status`)."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -61,7 +68,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     try:
         token = read_token(owner.token_file)
     except FileNotFoundError:
-        raise Unavailable(f"no gateway answering on {listen.describe()}: its token file "
+        raise Unreachable(f"no gateway answering on {listen.describe()}: its token file "
                           f"{owner.token_file} does not exist (has the gateway been started with this config?)") from None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
@@ -70,7 +77,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
         response = conn.getresponse()
         status, raw = response.status, response.read()
     except (OSError, http.client.HTTPException) as err:
-        raise Unavailable(f"no gateway answering on {listen.describe()} ({err})") from None
+        raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
     finally:
         conn.close()
     try:
@@ -83,7 +90,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     if status == 400:
         raise InputError(f"owner {path.strip('/')}: the gateway refused: {error}")
     if status == 401:
-        raise Unavailable(f"unauthorized: the gateway on {listen.describe()} did not accept the token in "
+        raise Unreachable(f"unauthorized: the gateway on {listen.describe()} did not accept the token in "
                           f"{owner.token_file} (is it the gateway's own config?)")
     raise Unavailable(f"the gateway on {listen.describe()} answered {status}: {error}")
 
@@ -96,8 +103,6 @@ def _when(epoch: float) -> str:
         return f"{epoch:g} s after the epoch"
 
 
-def _pct(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:g} %"
 
 
 def describe_opt_out(settings: dict[str, Any], now: float) -> str:
@@ -116,14 +121,14 @@ def describe_departure(settings: dict[str, Any], now: float) -> str:
     at = settings.get("departure_at")
     if at is None or at <= now:
         return "none"
-    return f"{_when(at)}, {_pct(settings.get('departure_soc_pct'))} wanted"
+    return f"{_when(at)}, {percent(settings.get('departure_soc_pct'))} wanted"
 
 
 def describe_storm_watch(settings: dict[str, Any], now: float) -> str:
     floor, until = settings.get("storm_watch_floor_pct"), settings.get("storm_watch_until")
     if floor is None or until is None or until <= now:
         return "off"
-    return f"keeping {_pct(floor)} for an outage until {_when(until)}"
+    return f"keeping {percent(floor)} for an outage until {_when(until)}"
 
 
 def describe_price_mode(settings: dict[str, Any]) -> str:
@@ -139,8 +144,8 @@ def describe_price_mode(settings: dict[str, Any]) -> str:
 def describe_status(answer: dict[str, Any]) -> list[str]:
     settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
     return [
-        f"reserve:      {_pct(settings['reserve_pct'])} (floor now {_pct(answer['floor_pct'])})",
-        f"SoC:          {_pct(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
+        f"reserve:      {percent(settings['reserve_pct'])} (floor now {percent(answer['floor_pct'])})",
+        f"SoC:          {percent(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
         f"state:        {tel.get('mode')}, power {tel.get('power_w', 0):,.0f} W "
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
@@ -169,7 +174,7 @@ def _status(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
 
 def _reserve(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     settings = call(owner, "PUT", "/reserve", {"pct": _number(args.pct, "reserve")})["settings"]
-    return [f"reserve set to {_pct(settings['reserve_pct'])}"]
+    return [f"reserve set to {percent(settings['reserve_pct'])}"]
 
 
 def _opt_out(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
@@ -250,8 +255,10 @@ def _owner(args: argparse.Namespace) -> int:
     owner = config.load(args.config).owner
     try:
         lines = action(owner, args)
+    except Unreachable as err:
+        raise InputError(f"owner: {err}") from None
     except Unavailable as err:
-        print(f"error: {printable(str(err))}", file=sys.stderr)
+        print(f"error: owner: {printable(str(err))}", file=sys.stderr)
         return 1
     print("\n".join(printable(line) for line in lines))  # ids and errors come from aggregators and peers
     return 0

@@ -23,6 +23,7 @@ from firmware_py.journal.chain import Chain
 from firmware_py.quoting import printable
 from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
+from firmware_py.statements.earnings import basis_of
 from firmware_py.statements.figures import ProgramTerms
 from firmware_py.statements.make import Basis, differences, recompute, statement_from_journal
 from firmware_py.statements.reading import HeadBound
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def make_statement(args: argparse.Namespace) -> int:
-    journal, terms, gateway = _basis_from(args)
+    journal, basis = _basis_from(args)
     chain = Chain(journal)
     verdict = chain.check()
     if verdict.problems:
@@ -70,29 +71,22 @@ def make_statement(args: argparse.Namespace) -> int:
             print(f"  - {printable(problem)}", file=sys.stderr)
         return EXIT_FAILED
     key = evidence.load_or_create_key(evidence.key_path(journal))
-    unsigned = statement_from_journal(chain, _selection(args), Basis(terms, gateway), verdict.head_seq,
-                                      verdict.head_hash)
+    unsigned = statement_from_journal(chain, _selection(args), basis, verdict.head_seq, verdict.head_hash)
     signed = evidence.sign(unsigned, key)
     text = {"json": render_json, "csv": render_csv, "text": render_text}[args.format](signed)
     _write(text, args.out)
     return EXIT_OK
 
 
-def _basis_from(args: argparse.Namespace) -> tuple[Path, ProgramTerms, dict[str, Any]]:
+def _basis_from(args: argparse.Namespace) -> tuple[Path, Basis]:
     if args.config:
         from firmware_py import config as config_module
 
-        config = config_module.load(args.config)
-        program = config.program
-        terms = ProgramTerms(program.name, program.currency, program.credit_per_kwh, program.wear_cost_per_kwh)
-        journal = Path(args.journal or config.journal.path)
-        gateway = {"name": config.dispatch.openadr.ven_name, "journal": journal.name}
-    else:
-        if not args.journal:
-            raise InputError("statement: give --journal FILE (or --config FILE naming one)")
-        journal, terms = Path(args.journal), ProgramTerms()
-        gateway = {"name": None, "journal": journal.name}
-    return journal, terms, gateway
+        return basis_of(config_module.load(args.config), args.journal)
+    if not args.journal:
+        raise InputError("statement: give --journal FILE (or --config FILE naming one)")
+    journal = Path(args.journal)
+    return journal, Basis(ProgramTerms(), {"name": None, "journal": journal.name})
 
 
 def _selection(args: argparse.Namespace) -> Selection:

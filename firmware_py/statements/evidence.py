@@ -11,16 +11,13 @@ for the journal itself. The public half travels in the statement
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from firmware_py.errors import InputError
+from firmware_py import signing
 
 KEY_SUFFIX = ".statement-key"
 SIGNED_FIELDS_EXCLUDE = ("signature",)
@@ -36,59 +33,22 @@ def canonical(document: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+STATEMENT_KEY = "the gateway's statement key"
+
+
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """The gateway's statement key at `path`, or a new one made there 0600."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _load(path)
-    except OSError as err:
-        raise InputError(f"{path}: cannot create the gateway's statement key: {err.strerror or err}") from None
-    key = Ed25519PrivateKey.generate()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-        out.flush()
-        os.fsync(out.fileno())
-    return key
-
-
-def _load(path: Path) -> Ed25519PrivateKey:
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path}: the statement key is not a regular file")
-        if info.st_mode & 0o077 or info.st_uid != os.geteuid():
-            raise InputError(f"{path}: the statement key must belong to this user and be private "
-                             f"(mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}); "
-                             f"run `chown $(id -u) {path} && chmod 600 {path}`")
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the statement key: {err.strerror or err}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        key = None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InputError(f"{path}: not an Ed25519 private key in PEM")
-    return key
-
-
-def public_hex_of(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    """The gateway's statement key at `path`, or a new one made there 0600 (`signing`)."""
+    return signing.load_or_create(path, STATEMENT_KEY)
 
 
 def readable_public_key(path: Path) -> str | None:
     """The public half of the key at `path` when this user can read it (for `verify`), else None."""
-    try:
-        return public_hex_of(_load(path))
-    except InputError:
-        return None
+    return signing.readable_public_key(path, STATEMENT_KEY)
 
 
 def sign(document: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """`document` with `public_key` and `signature` (hex) added."""
-    signed = {**document, "public_key": public_hex_of(key)}
+    signed = {**document, "public_key": signing.public_hex(key)}
     signed["signature"] = key.sign(canonical(signed)).hex()
     return signed
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from firmware_py.errors import InputError
@@ -11,6 +10,7 @@ from firmware_py.journal.chain import Chain
 from firmware_py.statements.document import Selection, compose, month_of, parse_iso
 from firmware_py.statements.figures import Period, ProgramTerms, window
 from firmware_py.statements.reading import HeadBound, read_facts, select_summaries
+from firmware_py.version import software_version
 
 DEFAULT_CAPACITY_WH = 123_000.0
 """Only when the journal holds no core start (which names the capacity the gateway ran with)."""
@@ -24,13 +24,6 @@ class Basis:
     gateway: dict[str, Any]
     fallback_capacity_wh: float = DEFAULT_CAPACITY_WH
     software_version: str = ""
-
-
-def software_version() -> str:
-    try:
-        return metadata.version("powershare-gw")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def statement_from_journal(chain: Chain, selection: Selection, basis: Basis, head_seq: int,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from firmware_py.core import types as core
 from firmware_py.core.floor import floor_pct
 from firmware_py.core.policy import Policy
 from firmware_py.errors import InputError
 from firmware_py.journal.chain import Chain
+from firmware_py.journal.codec import number
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.steps import decode_batch, decode_start
 from firmware_py.journal.store import Record
@@ -111,7 +111,7 @@ def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
     found: dict[str, EnergyRecords] = {}
     for record in source.iter_records({RecordKind.EVENT_ENERGY}):
         request_id = str(record.payload.get("request_id"))
-        meter = _num(record.payload.get("meter_wh"))
+        meter = number(record.payload.get("meter_wh"))
         if record.payload.get("final"):
             found[request_id] = EnergyRecords(last.get(request_id))
         elif meter is not None:
@@ -163,10 +163,3 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
         backup=any(lo <= now <= hi for lo, hi in backup),
     )
-
-
-def _num(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None

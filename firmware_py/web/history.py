@@ -5,7 +5,9 @@ them, so the chart survives a restart and shows what an auditor would find:
 - the curves from the `Sample` records the gateway journals every
   `[journal] sample_interval_s` (what the core's read model said then);
 - the events from their own records (request, answer, end, energy), folded the
-  way `report` folds them (`journal.summary`).
+  way `report` folds them (`journal.summary`), each with its line of this month's
+  statement (`figures`: credit, wear, net, SoC, throughput...), which the
+  statement's own code computed (`statements.earnings`; null until it has).
 
 The journal is opened read-only on its own connection (SQLite in WAL mode lets
 it read beside the gateway's writer), in a worker thread, and read newest first
@@ -70,3 +72,9 @@ def _events(records: list[Record]) -> list[dict[str, Any]]:
                       "start": e.start, "end": e.ended_at if e.ended_at is not None else e.end,
                       "ended": e.ended_reason, "delivered_wh": round(e.meter_wh, 1), "final": e.final})
     return shown[::-1]
+
+
+def with_figures(doc: dict[str, Any], currency: str, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`doc` with the statement's currency and each event's statement line (`figures`, null when not computed)."""
+    events = [{**e, "figures": figures.get(e["id"])} for e in doc["events"]]
+    return {**doc, "currency": currency, "events": events}

@@ -58,6 +58,7 @@ def _links(config: Config, links: dict[str, dict[str, Any]]) -> dict[str, dict[s
                      else f"Modbus RTU {config.inverter.serial_port} at {config.inverter.baudrate} Bd, "
                           f"unit {config.inverter.unit_id}"),
         "openadr": f"VTN {config.dispatch.openadr.vtn_url}",
+        "openadr3": f"VTN {config.dispatch.openadr3.vtn_url}",
         "sunspec_server": f"listening on {config.dispatch.sunspec_server.listen}",
     }
     return {name: {**state, "where": where.get(name, "")} for name, state in links.items()}

@@ -13,7 +13,7 @@ saved, fed to the core and journaled exactly like an `owner` command.
     GET  /api/session          the session's role and CSRF token
     GET  /api/status           the status document (`powershare-gw status`)
     GET  /api/settings         the owner's settings and what they imply
-    GET  /api/history          the last 24 h from the journal
+    GET  /api/history          the last 24 h from the journal, each event with its statement figures
     PUT  /api/reserve | opt-out | departure | storm-watch | price
     DELETE /api/opt-out | departure | storm-watch | price
     GET  /api/installer        (installer) configuration, links, fault latches
@@ -45,13 +45,14 @@ from firmware_py.config import Config
 from firmware_py.core import floor as floors
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
+from firmware_py.http_listener import HttpListener, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
-from firmware_py.owner.changes import BadRequest
+from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
-from firmware_py.web.history import read_history
+from firmware_py.web.history import HISTORY_S, read_history, with_figures
 from firmware_py.web.installer import installer_view
 from firmware_py.web.sessions import Clock, Keys, LoginThrottle, Role, Session, SessionBook
 
@@ -175,7 +176,7 @@ class WebApp:
         self.tls = bool(config.web.tls_cert)
         self._keys: Keys | None = None
         self._assets: dict[str, bytes] = {}
-        self._runner: web.AppRunner | None = None
+        self.listener = HttpListener(f"web.listen: cannot listen on {config.web.listen}")
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -186,37 +187,25 @@ class WebApp:
 
     async def start(self, sink: Any = None) -> int:
         """Read the tokens (the installer's created 0600 on first start) and bind; InputError when it cannot."""
-        if self._runner is not None:
+        if self.listener.listening:
             return self.port
         owner = ensure_token(self.config.owner.token_file)
         installer = ensure_token(self.config.web.installer_token_file, what="installer token")
         self._keys = Keys(owner=owner, installer=installer)
         self._assets = _assets()
-        runner = web.AppRunner(self._application(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=tls_context(self.config), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as err:
-            await runner.cleanup()
-            raise InputError(f"web.listen: cannot listen on {self.config.web.listen}: {err.strerror or err}") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        tls = tls_context(self.config)
+        await self.listener.start(self._application(), lambda runner: web.TCPSite(
+            runner, self.host, self.port, ssl_context=tls, reuse_address=True))
+        self.port = self.listener.bound[1]
         log.info("web app on %s (owner and installer logins)", self.url)
         return self.port
 
     async def run(self, sink: Any = None) -> None:
         """Serve until cancelled."""
-        await self.start(sink)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve_until_cancelled(self.start, self.stop)
 
     async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.listener.stop()
 
     def _application(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
@@ -361,8 +350,12 @@ class WebApp:
                            "can_charge": policy.max_charge_w > 0})
 
     async def _history(self, request: web.Request, caller: Caller) -> web.Response:
-        doc = await asyncio.to_thread(read_history, self.config.journal.path, self.clocks.wall())
-        return _json(200, doc)
+        """The day from the journal; each event with its statement figures (computed off the loop, when due)."""
+        now = self.clocks.wall()
+        earnings = self.gateway.earnings
+        await earnings.refresh(now - HISTORY_S)
+        doc = await asyncio.to_thread(read_history, self.config.journal.path, now)
+        return _json(200, with_figures(doc, *earnings.figures(now - HISTORY_S)))
 
     async def _installer(self, request: web.Request, caller: Caller) -> web.Response:
         now = self.gateway.now()
@@ -389,10 +382,4 @@ class WebApp:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            return json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        return parse_body(await request.read())  # too large: the guard's 400

@@ -61,6 +61,21 @@ const when = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "medi
 const epochText = (s) => (s === null || s === undefined || typeof s !== "number"
   ? "open" : new Date(s * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" }));
 
+const money = (x, currency) => `${Number(x).toFixed(2)} ${currency}`;
+const kwh = (wh) => `${(wh / 1000).toLocaleString([], { maximumFractionDigits: 2 })} kWh`;
+
+function earningsText(m) {
+  if (!m) return "Not computed yet: the month's figures follow once the gateway has read its journal.";
+  const events = `${m.events_served} event${m.events_served === 1 ? "" : "s"}`;
+  return `${m.month}: credit ${money(m.credit, m.currency)} for ${kwh(m.credited_wh)} delivered in ${events}; ` +
+    `battery wear ${money(m.wear_cost, m.currency)}, net ${money(m.net, m.currency)}.`;
+}
+
+function figuresText(f, currency) {
+  if (!f) return "not computed yet";
+  return `${money(f.credit, currency)} (net ${money(f.net, currency)})`;
+}
+
 function duration(hours) {
   if (!isFinite(hours)) return "—";
   const h = Math.floor(hours), m = Math.round((hours - h) * 60);
@@ -136,6 +151,7 @@ function renderStatus(s) {
     links.appendChild(li);
   }
   $("faults").textContent = s.faults.length ? s.faults.join(", ") : "none";
+  $("earnings").textContent = earningsText(s.earnings);
   $("storm-status").textContent = s.storm_watch
     ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
 }
@@ -305,6 +321,7 @@ async function refreshHistory() {
     const row = body.insertRow();
     const cells = [e.id, e.source || "", answerText(e),
                    `${Math.round(e.delivered_wh).toLocaleString()} Wh${e.final ? "" : " so far"}`,
+                   figuresText(e.figures, doc.currency),
                    `${epochText(e.start)} – ${epochText(e.end)}`];
     for (const text of cells) row.insertCell().textContent = text;
   }

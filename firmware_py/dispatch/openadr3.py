@@ -1,0 +1,778 @@
+"""OpenADR 3 VEN: an aggregator's VTN dispatching the gateway over REST/JSON (docs/dispatch.md).
+
+The VEN is a client of the VTN's OpenADR 3.0.1 API, authenticated by OAuth2
+client credentials (the secret read from a private file, never logged):
+
+1. a token from the token endpoint (the configured one, else the one the VTN
+   names at `/auth/server`), renewed before it expires and again whenever the
+   VTN answers 401;
+2. its VEN object (`/vens`, created once under `ven_name`) and the programs it
+   is enrolled in (`/programs`: those the VTN shows this client);
+3. the events (`/events`) every poll interval, and at once when the VTN notifies
+   a change (a subscription posting to the gateway's callback, when configured);
+4. each new or modified event goes through `openadr3_events.translate_event` to the
+   core: requests (answered), prices (for the price-responsive mode), export limits
+   (held as this source's site limit while their interval runs);
+5. reports back (`/reports`): the answer to every revision at once, and the
+   delivered energy per interval, SoC and energy above the floor at the cadence
+   the event's report descriptors ask.
+
+OpenADR 3 has no modification number and no explicit cancellation: a changed
+event is a new revision, and an event that disappears from a complete listing
+was cancelled (deleted at the VTN). Losing the VTN changes nothing the core
+already accepted: every request carries its own window, so it neither ends early
+nor runs over; an event is only cancelled when a listing the VTN did answer
+lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from firmware_py.addresses import parse_host_port
+from firmware_py.config import OpenAdr3Config
+from firmware_py.core.controller import StepResult
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchRequest,
+    PriceInterval,
+    SiteLimit,
+    Verdict,
+    describe,
+)
+from firmware_py.dispatch import DispatchSink
+from firmware_py.dispatch.openadr3_events import (
+    SOURCE,
+    UNKNOWN_EVENT,
+    EventPlan,
+    IntervalWindow,
+    event_id_of,
+    iso_datetime,
+    iso_duration,
+    translate_event,
+)
+from firmware_py.dispatch.standing import StandingWatch
+from firmware_py.errors import InputError
+from firmware_py.http_listener import HttpListener
+from firmware_py.links import LinkHandle
+from firmware_py.owner.access import read_secret
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 4 * 1024 * 1024  # one VTN answer; an event list larger than this is not a residential feed
+PAGE = 50  # objects asked per page of a listing
+MAX_PAGES = 40  # ... and at most this many pages (2,000 objects) per listing
+MAX_EVENTS = 500  # events tracked at once
+MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
+RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
+DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
+STANDING_CHECK_S = 1.0
+NOTIFY_PATH = "/openadr3/notify"
+
+# Report payload types the gateway writes (private ones where OpenADR 3 has no standard name).
+DELIVERED_ENERGY = "DELIVERED_ENERGY"  # Wh out of the inverter in the interval (the event's meter)
+CHARGE_LEVEL = "STORAGE_CHARGE_LEVEL"  # SoC %, as of the report
+USABLE_CAPACITY = "STORAGE_USABLE_CAPACITY"  # Wh above the floor, as of the report
+ANSWER = "DISPATCH_ANSWER"  # accepted | capped | refused
+ANSWER_REASON = "DISPATCH_REASON"  # [reason code or "", the detail in words]
+ANSWER_CAP = "DISPATCH_CAP"  # kW, when capped
+UNITS = {DELIVERED_ENERGY: "WH", CHARGE_LEVEL: "PERCENT", USABLE_CAPACITY: "WH", ANSWER_CAP: "KW"}
+VERDICT_WORDS = {Verdict.ACCEPTED: "accepted", Verdict.CAPPED: "capped", Verdict.REJECTED: "refused"}
+
+
+class VtnError(Exception):
+    """The VTN could not be reached, or answered something the VEN cannot use; the message says which."""
+
+
+class VtnRefused(VtnError):
+    """The VTN (or its token endpoint) refused the request: a 4xx, a refused secret."""
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What the VEN did with one event revision: for the log, the bench and the tests."""
+
+    event_id: str
+    revision: int
+    answers: tuple[DispatchAnswer, ...] = ()
+    detail: str = ""
+    prices: tuple[PriceInterval, ...] = ()
+
+
+@dataclass
+class _Tracked:
+    """An event the core has heard about, at the revision it knows."""
+
+    plan: EventPlan
+    requests: dict[str, DispatchRequest] = field(default_factory=dict)
+    answers: dict[str, DispatchAnswer] = field(default_factory=dict)
+    reported_upto: int = 0  # intervals already covered by cadence reports
+
+
+class TokenSource:
+    """OAuth2 client credentials: one bearer token, fetched when missing and renewed before it expires.
+
+    `clock` is a monotonic clock (the token's life is real time, whatever clock the core runs on).
+    """
+
+    def __init__(self, token_url: str, client_id: str, secret: str, clock: Callable[[], float] = time.monotonic):
+        self.token_url = token_url
+        self.client_id = client_id
+        self._secret = secret
+        self._clock = clock
+        self._token: str | None = None
+        self._renew_at = -math.inf
+        self.fetches = 0
+
+    def __repr__(self) -> str:  # never the secret, never the token
+        return f"TokenSource({self.token_url!r}, client_id={self.client_id!r})"
+
+    def drop(self) -> None:
+        """Forget the token (the VTN said 401): the next request fetches a new one."""
+        self._token = None
+
+    async def bearer(self, session: aiohttp.ClientSession) -> str:
+        if self._token is None or self._clock() >= self._renew_at:
+            await self._fetch(session)
+        assert self._token is not None
+        return self._token
+
+    async def _fetch(self, session: aiohttp.ClientSession) -> None:
+        self.fetches += 1
+        form = {"grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self._secret}
+        try:
+            async with session.post(self.token_url, data=form) as resp:
+                body = await _body(resp)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            raise VtnError(f"cannot reach the token endpoint {self.token_url}: {_why(err)}") from None
+        if status in (400, 401, 403):
+            try:
+                answer = _json(body, "")
+            except VtnError:
+                answer = None
+            code = answer.get("error") if isinstance(answer, dict) else None
+            raise VtnRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
+                             f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
+                             "and the secret in client_secret_file")
+        answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
+        if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
+            raise VtnError(f"the token endpoint {self.token_url} answered HTTP {status} without an access_token")
+        life = answer.get("expires_in")
+        life_s = float(life) if isinstance(life, (int, float)) and not isinstance(life, bool) and life > 0 \
+            else DEFAULT_TOKEN_LIFE_S
+        self._token = answer["access_token"]
+        self._renew_at = self._clock() + life_s - min(RENEW_MARGIN_S, life_s / 10)
+
+
+class OpenAdr3Ven:
+    """The gateway's OpenADR 3 VEN, a `DispatchSource` (see the module docstring).
+
+    `rating_w` (a number or a callable read at each event) is what SIMPLE levels are shares
+    of (`levels_pct`). `to_gateway_time` maps a VTN UTC datetime onto the sink's clock at
+    reception (`Clocks.from_datetime` in `run`). `link`, when given, is told when the VTN is
+    lost and reached again. `secret` overrides `client_secret_file` (the bench's own VTN).
+    """
+
+    def __init__(self, config: OpenAdr3Config, rating_w: Callable[[], float] | float, *,
+                 levels_pct: Sequence[float] = (33.0, 66.0, 100.0),
+                 to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
+                 source: str = SOURCE, link: LinkHandle | None = None, retry_max_s: float = 60.0,
+                 secret: str | None = None) -> None:
+        if problems := check(config, secret_given=secret is not None):
+            raise InputError(problems)
+        self.config = config
+        self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
+        self._levels = tuple(levels_pct)
+        self._to_gateway_time = to_gateway_time
+        self._source = source
+        self._link = link
+        self._retry_max_s = retry_max_s
+        self._secret = secret if secret is not None else read_secret(config.client_secret_file,
+                                                                     "OpenADR 3 client secret")
+        self.base = config.vtn_url.rstrip("/")
+        self.tokens: TokenSource | None = None
+        self.ven_id: str | None = None
+        self.programs: dict[str, dict[str, Any]] = {}
+        self.subscribed = False
+        self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
+        self.failed_polls = 0
+        self.polls = 0
+        self.reasks = 0
+        self._sink: DispatchSink | None = None
+        self._events: dict[str, _Tracked] = {}
+        self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
+        self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
+        self._pending: deque[dict[str, Any]] = deque()
+        self._limit_applied: float | None = None
+        self._told_ok: bool | None = None
+        self._wake: asyncio.Event | None = None
+        self._standing_wake: asyncio.Event | None = None
+        self._watch = StandingWatch()
+        self._callback_token = secrets.token_hex(16)
+        self.next_report_at = math.inf  # when the next cadence report falls due (gateway clock)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, sink: DispatchSink) -> None:
+        """Log in, register, poll, answer and report until cancelled; a VTN outage only delays the next poll."""
+        self._sink = sink
+        self._wake, self._standing_wake = asyncio.Event(), asyncio.Event()
+        backoff = _Backoff(self._retry_max_s)
+        callback = await self._start_callback()
+        standing = asyncio.create_task(self._standing(sink), name="openadr3-standing")
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                while True:
+                    try:
+                        await self._cycle(session, sink)
+                        self._tell(True)
+                        backoff.reset()
+                        delay = self.config.poll_interval_s
+                    except VtnError as err:
+                        self.failed_polls += 1
+                        self._tell(False, f"{err}; accepted events keep their windows")
+                        delay = backoff.next(self.config.poll_interval_s)
+                    self._wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            standing.cancel()
+            if callback is not None:
+                await callback.stop()
+
+    async def probe_registration(self) -> str | None:
+        """Log in, find or create this VEN's object and read its programs, as `run` does first, and
+        nothing more: no events, no reports. None when all of it worked, else why not. Commissioning
+        asks it; the running gateway does it again on its own."""
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                self.tokens = TokenSource(await self._token_url(session), self.config.client_id, self._secret)
+                await self._register(session)
+                await self._load_programs(session)
+        except VtnError as err:
+            return str(err)
+        if not self.programs:
+            return f"VEN {self.config.ven_name!r} is registered, but the VTN shows it no program to take part in"
+        return None
+
+    def wake(self) -> None:
+        """Poll now (a notification arrived, or a report fell due)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _cycle(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
+        if self.tokens is None:
+            self.tokens = TokenSource(await self._token_url(session), self.config.client_id, self._secret)
+        if self.ven_id is None:
+            await self._register(session)
+        if not self.programs:
+            await self._load_programs(session)
+        if self.config.callback_listen and not self.subscribed:
+            await self._subscribe(session)
+        events = await self._list(session, "events")
+        self.polls += 1
+        if any(isinstance(e, dict) and e.get("programID") not in self.programs for e in events):
+            await self._load_programs(session)  # enrolled in a new program since
+        await self._take(sink, events)
+        await self._send_reports(session, sink)
+        await self._hold_limit(sink)
+
+    def _tell(self, ok: bool, cause: str = "") -> None:
+        """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
+        if self._link is not None:
+            self._link.good() if ok else self._link.lost(cause)
+        elif not ok and self._told_ok is not False:
+            log.warning("OpenADR 3: %s; retrying with back-off", cause)
+        elif ok and self._told_ok is False:
+            log.info("OpenADR 3: VTN reachable again")
+        self._told_ok = ok
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _token_url(self, session: aiohttp.ClientSession) -> str:
+        """The configured token endpoint, else the one the VTN names (`GET /auth/server`), else `/auth/token`."""
+        if self.config.token_url:
+            return self.config.token_url
+        try:
+            async with session.get(f"{self.base}/auth/server") as resp:
+                body, status = await _body(resp), resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
+        info = _json(body, "GET /auth/server") if status == 200 else None
+        url = info.get("tokenURL") if isinstance(info, dict) else None
+        return url if isinstance(url, str) and url.startswith(("http://", "https://")) else f"{self.base}/auth/token"
+
+    async def _call(self, session: aiohttp.ClientSession, method: str, path: str, *,
+                    params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        """One authenticated request; a 401 fetches a new token and tries once more."""
+        assert self.tokens is not None
+        for attempt in (1, 2):
+            token = await self.tokens.bearer(session)
+            try:
+                async with session.request(method, f"{self.base}/{path}", params=params, json=body,
+                                           headers={"Authorization": f"Bearer {token}"}) as resp:
+                    raw, status = await _body(resp), resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+                raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
+            if status == 401 and attempt == 1:
+                log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
+                self.tokens.drop()
+                continue
+            if 400 <= status < 500:
+                raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
+            if status >= 300:
+                raise VtnError(f"{method} /{path}: the VTN answered HTTP {status}")
+            return _json(raw, f"{method} /{path}") if raw else None
+        raise VtnRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401)")
+
+    async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
+        """A whole listing, page by page (bounded)."""
+        found: list[Any] = []
+        for page in range(MAX_PAGES):
+            got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
+            if not isinstance(got, list):
+                raise VtnError(f"GET /{path} did not answer a list")
+            found += got
+            if len(got) != PAGE:  # the last page (or a VTN that ignores paging and sent everything)
+                return found
+        raise VtnError(f"GET /{path} lists more than {len(found)} objects: not a listing the VEN can hold")
+
+    # ------------------------------------------------------------------ registration
+
+    async def _register(self, session: aiohttp.ClientSession) -> None:
+        """This VEN's object at the VTN: the one named `ven_name`, created when there is none."""
+        name = self.config.ven_name
+        mine = [v for v in await self._list(session, "vens") if isinstance(v, dict) and v.get("venName") == name]
+        if not mine:
+            created = await self._call(session, "POST", "vens", body={"objectType": "VEN", "venName": name})
+            mine = [created] if isinstance(created, dict) else []
+        ven_id = mine[0].get("id") if mine else None
+        if not isinstance(ven_id, str) or not ven_id:
+            raise VtnError(f"the VTN gave VEN {name!r} no id")
+        self.ven_id = ven_id
+        log.info("OpenADR 3: registered as VEN %r (id %s) at %s", name, ven_id, self.base)
+
+    async def _load_programs(self, session: aiohttp.ClientSession) -> None:
+        programs = {p["id"]: p for p in await self._list(session, "programs")
+                    if isinstance(p, dict) and isinstance(p.get("id"), str)}
+        if programs.keys() != self.programs.keys():
+            names = ", ".join(str(p.get("programName", pid)) for pid, p in programs.items()) or "none"
+            log.info("OpenADR 3: enrolled in %d program(s): %s", len(programs), names)
+        self.programs = programs
+
+    async def _subscribe(self, session: aiohttp.ClientSession) -> None:
+        """Ask the VTN to post event changes to the gateway; a VTN without subscriptions is polled only."""
+        url = self.config.callback_url or f"http://{self.config.callback_listen}{NOTIFY_PATH}"
+        body = {"objectType": "SUBSCRIPTION", "clientName": self.config.ven_name,
+                "objectOperations": [{"objects": ["EVENT", "PROGRAM"], "operations": ["POST", "PUT", "DELETE"],
+                                      "callbackUrl": url, "bearerToken": self._callback_token}]}
+        try:
+            await self._call(session, "POST", "subscriptions", body=body)
+        except VtnRefused as err:
+            log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
+                     err, self.config.poll_interval_s)
+        self.subscribed = True
+
+    async def _start_callback(self) -> HttpListener | None:
+        """The gateway's endpoint for the VTN's notifications: any valid one wakes the poller."""
+        if not self.config.callback_listen:
+            return None
+        host, port = parse_host_port(self.config.callback_listen, "dispatch.openadr3.callback_listen")
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_post(NOTIFY_PATH, self._on_notification)
+        listener = HttpListener(f"dispatch.openadr3.callback_listen: cannot listen on {self.config.callback_listen}")
+        await listener.start(app, lambda runner: web.TCPSite(runner, host, port))
+        return listener
+
+    async def _on_notification(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self._callback_token}":
+            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+        try:
+            note = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return web.json_response({"title": "Bad Request", "status": 400,
+                                      "detail": "the notification is not JSON"}, status=400)
+        if not (isinstance(note, dict) and isinstance(note.get("objectType"), str)
+                and isinstance(note.get("operation"), str) and isinstance(note.get("object"), dict)):
+            return web.json_response({"title": "Bad Request", "status": 400,
+                                      "detail": "a notification has objectType, operation and object"}, status=400)
+        if note["objectType"] == "PROGRAM":
+            self.programs = {}  # reloaded on the poll this wakes
+        self.wake()
+        return web.Response(status=200)
+
+    # ------------------------------------------------------------------ events
+
+    async def _take(self, sink: DispatchSink, events: list[Any]) -> None:
+        """A complete listing: new and changed events to the core, missing ones cancelled."""
+        present = {event_id_of(e) for e in events}
+        if len(events) > MAX_EVENTS:
+            log.warning("OpenADR 3: the VTN lists %d events; the first %d are taken", len(events), MAX_EVENTS)
+        handled: set[str] = set()
+        for event in events[:MAX_EVENTS]:
+            key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
+            event_id = event_id_of(event)
+            if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
+                event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
+                present.add(event_id)
+            if event_id in handled:
+                continue  # a second object under one id: the first one listed stands
+            handled.add(event_id)
+            seen = self._seen.get(event_id)
+            if seen is not None and seen[0] == key:
+                continue  # handled already (held, refused, or over)
+            revision = seen[1] + 1 if seen is not None else 0
+            self._seen[event_id] = (key, revision)
+            try:
+                await self._on_event(sink, event, revision)
+            except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
+                log.exception("OpenADR 3: the core failed on event %s", event_id)
+        for event_id in [e for e in self._seen if e not in present]:
+            del self._seen[event_id]  # gone from the VTN: a later event of that id is new
+        now = sink.now()
+        for event_id in [e for e in self._events if e not in present]:
+            tracked = self._events.pop(event_id)
+            if tracked.plan.ends_at > now:
+                await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
+                self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
+
+    async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
+        try:
+            rating = float(self._rating())
+        except Exception as err:  # noqa: BLE001 - a broken rating source must not cost the VTN an answer
+            log.error("OpenADR 3: rating unavailable: %s", err)
+            rating = math.nan
+        program = self.programs.get(event.get("programID")) if isinstance(event, dict) else None
+        plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
+                               to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source)
+        tracked = self._events.get(event_id_of(event))
+        if isinstance(plan, DispatchAnswer):
+            if tracked is not None:
+                await self._withdraw(sink, self._events.pop(plan.request_id), "the event's new revision is refused")
+            self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
+            if isinstance(event, dict) and isinstance(event.get("programID"), str) and plan.request_id != UNKNOWN_EVENT:
+                self._queue_answer(event["programID"], plan.request_id, revision, (), {plan.request_id: plan})
+            return
+        requests = plan.requests
+        if tracked is not None:
+            dropped = set(tracked.plan.request_ids) - set(plan.request_ids)
+            await self._cancel(sink, tuple(dropped), "dropped by the event's new revision")
+            # after the VEN's own re-asks the core may know a request at a higher revision than this
+            requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
+                             if r.id in tracked.requests else r for r in requests)
+        if len(self._events) >= MAX_EVENTS and tracked is None:
+            log.warning("OpenADR 3: %d events held already; event %s is not taken", MAX_EVENTS, plan.event_id)
+            return
+        answers = {}
+        for request in requests:
+            self._metered.setdefault(request.id, 0.0)
+            answers[request.id] = await self._answer(sink, request)
+        price_answers: dict[str, DispatchAnswer] = {}
+        for price in plan.prices:
+            answer = await sink.submit(price)  # type: ignore[arg-type]  # the price-responsive mode takes these
+            if isinstance(answer, DispatchAnswer):
+                price_answers[price.id] = answer
+        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
+                                               reported_upto=tracked.reported_upto if tracked else 0)
+        everything = tuple(answers.values()) + tuple(price_answers.values())
+        detail = "; ".join(_describe(a) for a in everything) or ", ".join(
+            filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
+                          f"{len(plan.limits)} export limit(s)" if plan.limits else "")))
+        self._record(EventOutcome(plan.event_id, revision, everything, detail, plan.prices))
+        self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals,
+                           {**answers, **price_answers})
+        await self._hold_limit(sink)
+
+    async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
+        answer = await sink.submit(request)
+        if answer is None:  # the contract says every request is answered; treat silence as a no
+            return DispatchAnswer.refused(request.id, sink.now(), None, "no answer from the core")
+        return answer
+
+    async def _withdraw(self, sink: DispatchSink, tracked: _Tracked, reason: str) -> None:
+        """Take back what an event asked for: its requests not yet over, its export limits."""
+        now = sink.now()
+        await self._cancel(sink, tuple(r.id for r in tracked.requests.values() if r.end > now), reason)
+        await self._hold_limit(sink)
+
+    async def _cancel(self, sink: DispatchSink, request_ids: tuple[str, ...], reason: str) -> None:
+        for request_id in request_ids:
+            await sink.submit(DispatchCancel(id=request_id, source=self._source, received_at=sink.now(),
+                                             reason=reason))
+
+    # ------------------------------------------------------------------ export limits, standing settings
+
+    def limit_in_force(self, now: float) -> float | None:
+        """The lowest export limit (W) of every held event whose interval runs now; None: no limit."""
+        limits = [w.limit_w for t in self._events.values() for w in t.plan.limits if w.start <= now < w.end]
+        return min(limits) if limits else None
+
+    async def _hold_limit(self, sink: DispatchSink) -> None:
+        """The core's site limit for this source follows the export limit in force (set, changed, lifted)."""
+        wanted = self.limit_in_force(sink.now())
+        if wanted == self._limit_applied:
+            return
+        await sink.submit(SiteLimit(received_at=sink.now(), source=self._source, limit_w=wanted))
+        self._limit_applied = wanted
+        log.info("OpenADR 3: export limit %s", "lifted" if wanted is None else f"{wanted:.0f} W")
+
+    def notice_step(self, result: StepResult) -> None:
+        """A gateway observer: meter the request being served, and look again at once when something
+        that admits dispatch changed, an export limit's interval began or ended, or a report fell due."""
+        c = result.controller
+        if c.serving_id in self._metered:
+            booked = c.book.find(c.serving_id)
+            if booked is not None:
+                self._metered[c.serving_id] = max(self._metered[c.serving_id], booked.meter_wh)
+        if self._standing_wake is None or not (self._events or self._limit_applied is not None):
+            return
+        now = self._sink.now() if self._sink is not None else 0.0
+        if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
+            self._standing_wake.set()
+        if now >= self.next_report_at:
+            self.wake()
+
+    async def _standing(self, sink: DispatchSink) -> None:
+        assert self._standing_wake is not None
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._standing_wake.wait(), STANDING_CHECK_S)
+            self._standing_wake.clear()
+            try:
+                await self._hold_limit(sink)
+                if self._events:
+                    await self._reask(sink)
+            except Exception:  # noqa: BLE001 - the next check tries again; the VTN link is unaffected
+                log.exception("OpenADR 3: asking the core again failed")
+
+    async def _reask(self, sink: DispatchSink) -> None:
+        """Ask again for requests the core would now serve better (a refusal or cap that no longer holds)."""
+        better = sink.telemetry().improvable
+        for tracked in list(self._events.values()):
+            due = [r for rid, r in tracked.requests.items() if rid in better]
+            for request in due:
+                again = replace(request, revision=request.revision + 1, received_at=sink.now())
+                tracked.requests[again.id], tracked.answers[again.id] = again, await self._answer(sink, again)
+                self.reasks += 1
+            if due:
+                answers = {r.id: tracked.answers[r.id] for r in due}
+                self._record(EventOutcome(tracked.plan.event_id, tracked.plan.revision, tuple(answers.values()),
+                                          "asked again: " + "; ".join(_describe(a) for a in answers.values())))
+                self._queue_answer(tracked.plan.program_id, tracked.plan.event_id, tracked.plan.revision,
+                                   tracked.plan.intervals, answers)
+                self.wake()
+
+    # ------------------------------------------------------------------ reports
+
+    def _queue_answer(self, program_id: str, event_id: str, revision: int, windows: tuple[IntervalWindow, ...],
+                      answers: dict[str, DispatchAnswer]) -> None:
+        """The answer to one revision: per interval that carries a request, or for the event as a whole."""
+        intervals = []
+        for window in windows:
+            answer = answers.get(window.request_id or "") or answers.get(f"{event_id}#{window.interval_id}")
+            if answer is not None:
+                intervals.append(_interval(window, _answer_payloads(answer)))
+        if not intervals and answers:  # refused whole (a bad event), or nothing per interval
+            answer = next(iter(answers.values()))
+            intervals.append({"id": 0, "payloads": _answer_payloads(answer)})
+        if intervals:
+            self._queue(program_id, event_id, f"{event_id} answer r{revision}", intervals,
+                        (ANSWER, ANSWER_REASON, ANSWER_CAP))
+
+    def _queue(self, program_id: str, event_id: str, name: str, intervals: list[dict[str, Any]],
+               types: Sequence[str]) -> None:
+        report = {"objectType": "REPORT", "programID": program_id, "eventID": event_id,
+                  "clientName": self.config.ven_name, "reportName": name,
+                  "payloadDescriptors": [_descriptor(t) for t in types],
+                  "resources": [{"resourceName": self.config.ven_name, "intervals": intervals}]}
+        if len(self._pending) >= MAX_PENDING_REPORTS:
+            dropped = self._pending.popleft()
+            log.warning("OpenADR 3: report %r dropped: %d reports wait for the VTN already",
+                        dropped["reportName"], MAX_PENDING_REPORTS)
+        self._pending.append(report)
+
+    def _queue_cadence(self, sink: DispatchSink) -> None:
+        """The reports an event's descriptors ask for whose intervals have ended; drop events that are over."""
+        now = sink.now()
+        self.next_report_at = math.inf
+        for event_id, tracked in list(self._events.items()):
+            plan = tracked.plan
+            ended = sum(1 for w in plan.intervals if w.end <= now)
+            every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
+            if every is not None:
+                step = every or len(plan.intervals)
+                while tracked.reported_upto + step <= ended or (ended == len(plan.intervals)
+                                                                 and tracked.reported_upto < ended):
+                    upto = min(tracked.reported_upto + step, ended)
+                    self._queue_usage(sink, tracked, plan.intervals[tracked.reported_upto:upto])
+                    tracked.reported_upto = upto
+                following = tracked.reported_upto + step
+                if following <= len(plan.intervals):
+                    self.next_report_at = min(self.next_report_at, plan.intervals[following - 1].end)
+                elif tracked.reported_upto < len(plan.intervals):
+                    self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
+            if ended == len(plan.intervals):
+                del self._events[event_id]
+                for rid in tracked.requests:
+                    self._metered.pop(rid, None)
+
+    def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
+        plan = tracked.plan
+        t = sink.telemetry()
+        intervals = []
+        for n, window in enumerate(windows):
+            delivered = self._metered.get(window.request_id, 0.0) if window.request_id else 0.0
+            payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
+            if n == len(windows) - 1:  # the state as of the report, on its last interval
+                if t.soc_pct is not None:
+                    payloads.append({"type": CHARGE_LEVEL, "values": [round(t.soc_pct, 2)]})
+                payloads.append({"type": USABLE_CAPACITY, "values": [round(t.available_wh, 1)]})
+            intervals.append(_interval(window, payloads))
+        first, last = windows[0].interval_id, windows[-1].interval_id
+        self._queue(plan.program_id, plan.event_id, f"{plan.event_id} intervals {first}-{last}", intervals,
+                    (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY))
+
+    async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
+        self._queue_cadence(sink)
+        while self._pending:
+            report = self._pending[0]
+            try:
+                await self._call(session, "POST", "reports", body=report)
+            except VtnRefused as err:  # the VTN will never take this one: do not block the others
+                log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
+            self._pending.popleft()
+
+    @property
+    def pending_reports(self) -> int:
+        """Reports made and not yet taken by the VTN."""
+        return len(self._pending)
+
+    def _record(self, outcome: EventOutcome) -> None:
+        self.outcomes.append(outcome)
+        refused = outcome.answers and all(a.verdict is Verdict.REJECTED for a in outcome.answers)
+        log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
+                outcome.event_id, outcome.revision, outcome.detail)
+
+
+class _Backoff:
+    """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
+
+    def __init__(self, ceiling_s: float) -> None:
+        self.ceiling_s = ceiling_s
+        self.failures = 0
+
+    def next(self, base_s: float) -> float:
+        self.failures += 1
+        return min(base_s * 2 ** min(self.failures - 1, 16), max(self.ceiling_s, base_s))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _interval(window: IntervalWindow, payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": window.interval_id, "intervalPeriod": {"start": iso_datetime(window.wall_start),
+                                                         "duration": iso_duration(window.duration_s)},
+            "payloads": payloads}
+
+
+def _answer_payloads(answer: DispatchAnswer) -> list[dict[str, Any]]:
+    payloads: list[dict[str, Any]] = [
+        {"type": ANSWER, "values": [VERDICT_WORDS[answer.verdict]]},
+        {"type": ANSWER_REASON, "values": [answer.reason.value if answer.reason else "", answer.detail]},
+    ]
+    if answer.verdict is Verdict.CAPPED and answer.cap_w is not None:
+        payloads.append({"type": ANSWER_CAP, "values": [round(answer.cap_w / 1000.0, 3)]})
+    return payloads
+
+
+def _descriptor(payload_type: str) -> dict[str, Any]:
+    found = {"objectType": "REPORT_PAYLOAD_DESCRIPTOR", "payloadType": payload_type, "readingType": "DIRECT_READ"}
+    if payload_type in UNITS:
+        found["units"] = UNITS[payload_type]
+    return found
+
+
+def _describe(answer: DispatchAnswer) -> str:
+    return f"{answer.request_id}: {describe(answer)}"
+
+
+async def _body(resp: aiohttp.ClientResponse) -> bytes:
+    """The response body, refused beyond MAX_BODY_BYTES (a VTN cannot make the gateway hold gigabytes)."""
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise VtnError(f"{resp.method} {resp.url.path}: the answer is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise VtnError(f"{what}: the answer is not JSON") from None
+
+
+def _problem(raw: bytes) -> str:
+    """What an error answer says (an OpenADR 3 problem object's title and detail), short."""
+    try:
+        problem = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "no details"
+    if isinstance(problem, dict):
+        words = " - ".join(str(problem[k]) for k in ("title", "detail") if isinstance(problem.get(k), str))
+        return words[:300] or "no details"
+    return "no details"
+
+
+def _why(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+def check(config: OpenAdr3Config, *, secret_given: bool = False) -> list[str]:
+    """Settings the config schema cannot check alone, named the way check-config names keys."""
+    key = "dispatch.openadr3"
+    problems = []
+    for name in ("vtn_url", "token_url"):
+        url = getattr(config, name)
+        if (url or name == "vtn_url") and (not url.startswith(("http://", "https://")) or not urlsplit(url).hostname):
+            problems.append(f"{key}.{name}: must be an http:// or https:// URL, got {url!r}")
+    for name in ("client_id", "ven_name"):
+        if not getattr(config, name).strip():
+            problems.append(f"{key}.{name}: must not be empty")
+    if config.callback_listen:
+        try:
+            parse_host_port(config.callback_listen, f"{key}.callback_listen")
+        except InputError as err:
+            problems += err.problems
+    if not secret_given:
+        try:
+            read_secret(config.client_secret_file, "OpenADR 3 client secret")
+        except FileNotFoundError:
+            problems.append(f"{key}.client_secret_file: {config.client_secret_file}: no such file "
+                            "(put the client secret the aggregator issued on its first line, mode 0600)")
+        except InputError as err:
+            problems += [f"{key}.client_secret_file: {p}" for p in err.problems]
+    return problems

@@ -1,0 +1,778 @@
+"""The OpenADR 3 VEN against the bench OpenADR 3 VTN on 127.0.0.1, and its translation of events.
+
+The core is not part of the protocol tests: a scripted sink stands in for it,
+answering by a fixed policy and recording everything the VEN handed over, so each
+test checks what the VEN translated and what the VTN heard back (the bench tests
+in test_bench_aggregators.py run the same VEN against the real core). Every
+message either side sent is checked against the `openadr3` package's model of
+the specification (`openadr3_model.conforms`), not only against the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from firmware_py.sim.vtn3 import BenchVtn3
+from hypothesis import given
+from hypothesis import strategies as st
+from openadr3_model import conforms, resolved_windows
+
+from firmware_py.config import OpenAdr3Config, parse
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    Mode,
+    PriceInterval,
+    PriceKind,
+    ReasonCode,
+    SiteLimit,
+    Verdict,
+)
+from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenSource, VtnRefused, check
+from firmware_py.dispatch.openadr3_events import (
+    EventPlan,
+    iso_datetime,
+    parse_duration,
+    translate_event,
+)
+from firmware_py.errors import InputError
+from firmware_py.links import Link, LinkBook
+
+T = TypeVar("T")
+RATING_W = 11_500.0
+UTC = dt.timezone.utc
+SECRET = "s3cret-of-the-aggregator"
+
+Policy = Callable[[DispatchRequest], DispatchAnswer]
+
+
+def accept(request: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(request.id, time.time(), Verdict.ACCEPTED)
+
+
+def cap_at(watts: float) -> Policy:
+    def policy(request: DispatchRequest) -> DispatchAnswer:
+        if request.target_w <= watts:
+            return accept(request)
+        return DispatchAnswer(request.id, time.time(), Verdict.CAPPED, cap_w=watts,
+                              reason=ReasonCode.INSUFFICIENT_ENERGY, detail="capped by energy above the floor")
+    return policy
+
+
+def opted_out(request: DispatchRequest) -> DispatchAnswer:
+    return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.OPTED_OUT,
+                          detail="the owner opted out")
+
+
+class ScriptedSink:
+    """Stands in for the core: answers requests by `policy`, records everything it was given.
+
+    Its clock is the wall clock shifted by `offset_s`, so a test can move to an interval's
+    start or past its end without waiting."""
+
+    def __init__(self, policy: Policy = accept, price_answer: DispatchAnswer | None = None) -> None:
+        self.policy = policy
+        self.price_answer = price_answer
+        self.received: list[Any] = []
+        self.offset_s = 0.0
+
+    async def submit(self, item: Any) -> DispatchAnswer | None:
+        self.received.append(item)
+        if isinstance(item, DispatchRequest):
+            return self.policy(item)
+        if isinstance(item, PriceInterval):
+            return self.price_answer
+        return None
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry(at=self.now(), mode=Mode.STANDBY, soc_pct=72.5, floor_pct=40.0, power_w=0.0,
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None)
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
+
+    def note(self, kind: Any, payload: dict) -> None:
+        pass
+
+    def of(self, kind: type[T]) -> list[T]:
+        return [item for item in self.received if isinstance(item, kind)]
+
+
+def run(scenario: Callable[[], Awaitable[T]], timeout_s: float = 20.0) -> T:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout_s))
+
+
+def make_ven(vtn: BenchVtn3, *, secret: str = SECRET, link: Any = None, **changes: Any) -> OpenAdr3Ven:
+    config = OpenAdr3Config(enabled=True, vtn_url=vtn.url, client_id=vtn.client_id, ven_name="truck-1",
+                            poll_interval_s=0.2)
+    return OpenAdr3Ven(replace(config, **changes), rating_w=RATING_W, levels_pct=(25.0, 50.0, 90.0),
+                       secret=secret, link=link)
+
+
+@contextlib.asynccontextmanager
+async def serving(ven: OpenAdr3Ven, sink: ScriptedSink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(ven.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def enrolled(sink: ScriptedSink, **ven_changes: Any) -> AsyncIterator[tuple[BenchVtn3, OpenAdr3Ven, str]]:
+    """A VTN with one program, and the VEN registered and polling it."""
+    async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+        program = vtn.add_program("summer-peak")
+        ven = make_ven(vtn, **ven_changes)
+        async with serving(ven, sink):
+            await vtn.wait_for(lambda: ven.polls)
+            yield vtn, ven, program
+        assert_conforming(vtn)
+
+
+def assert_conforming(vtn: BenchVtn3) -> None:
+    """Everything the VTN served and the VEN sent, against the specification's model."""
+    for served in vtn.served:
+        conforms(served)
+    for kind, message in vtn.received:
+        conforms(message, kind)
+
+
+def in_seconds(seconds: float) -> dt.datetime:
+    return dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds)
+
+
+# ---------------------------------------------------------------------- login and registration
+
+
+def test_registers_once_and_reads_the_programs_it_is_enrolled_in() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            await vtn.wait_for(lambda: ven.polls >= 3)
+            assert list(vtn.vens.values())[0]["venName"] == "truck-1"
+            assert ven.ven_id == vtn.ven_id
+            assert set(ven.programs) == {program}
+            assert vtn.token_grants == 1  # one token serves every call until it expires
+            assert [kind for kind, _ in vtn.received] == ["VEN"]
+        # a restarted VEN finds its VEN object instead of creating a second one
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.vens["ven-9"] = {"id": "ven-9", "objectType": "VEN", "venName": "truck-1"}
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.polls)
+            assert ven.ven_id == "ven-9" and len(vtn.vens) == 1
+
+    run(scenario)
+
+
+def test_an_expired_token_is_renewed_without_losing_the_link() -> None:
+    async def scenario() -> None:
+        links = LinkBook(time.monotonic)
+        sink = ScriptedSink()
+        async with enrolled(sink, link=links.handle(Link.OPENADR3)) as (vtn, ven, _):
+            polls = ven.polls
+            vtn.expire_tokens()
+            await vtn.wait_for(lambda: ven.polls >= polls + 2)
+            assert vtn.token_grants == 2 and vtn.refused_tokens >= 1
+            assert links.states[Link.OPENADR3].ok and links.states[Link.OPENADR3].lost_at is None
+
+    run(scenario)
+
+
+def test_the_token_is_renewed_before_it_expires() -> None:
+    async def scenario() -> None:
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, token_life_s=100) as vtn:
+            now = [0.0]
+            tokens = TokenSource(f"{vtn.url}/auth/token", "truck-1", SECRET, clock=lambda: now[0])
+            async with aiohttp.ClientSession() as session:
+                first = await tokens.bearer(session)
+                now[0] = 89.0  # inside its life, before the renewal margin (a tenth of 100 s)
+                assert await tokens.bearer(session) == first
+                now[0] = 91.0
+                assert await tokens.bearer(session) != first
+            assert vtn.token_grants == 2
+            assert SECRET not in repr(tokens)
+
+    run(scenario)
+
+
+def test_a_refused_secret_is_a_lost_link_that_names_the_client_never_the_secret(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        links = LinkBook(time.monotonic)
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            ven = make_ven(vtn, secret="not-the-secret", link=links.handle(Link.OPENADR3))
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: vtn.refused_logins >= 1 and links.states[Link.OPENADR3].ok is False)
+            cause = links.states[Link.OPENADR3].cause
+            assert "refused client_id 'truck-1'" in cause and "invalid_client" in cause
+            assert not vtn.vens and ven.polls == 0
+        assert "not-the-secret" not in caplog.text and "not-the-secret" not in cause
+
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            tokens = TokenSource(f"{vtn.url}/auth/token", "truck-1", "wrong")
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(VtnRefused, match="client_secret_file"):
+                    await tokens.bearer(session)
+
+    run(scenario)
+
+
+def test_commissioning_probe_logs_in_registers_and_finds_the_programs() -> None:
+    async def scenario() -> None:
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            assert "shows it no program" in await make_ven(vtn).probe_registration()
+            vtn.add_program("summer-peak")
+            assert await make_ven(vtn).probe_registration() is None
+            assert [v["venName"] for v in vtn.vens.values()] == ["truck-1"]  # created once, then found
+            problem = await make_ven(vtn, secret="wrong").probe_registration()
+            assert "refused client_id 'truck-1'" in problem and "wrong" not in problem
+        problem = await make_ven(vtn).probe_registration()  # the VTN is gone
+        assert "cannot reach the VTN" in problem
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------- events and answers
+
+
+def test_a_setpoint_event_accepted_becomes_a_discharge_request_and_the_answer_is_reported() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(60)
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 600, 5.0, units="KW")
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            (request,) = sink.of(DispatchRequest)
+            assert (request.id, request.source, request.kind, request.target_w) == (
+                event_id, "openadr3", DispatchKind.DISCHARGE, 5000.0)
+            assert request.start == start.timestamp() and request.end == start.timestamp() + 600
+            assert vtn.answers_for(event_id) == ["accepted"]
+            (report,) = vtn.reports_for(event_id)
+            assert report["programID"] == program and report["clientName"] == "truck-1"
+            await vtn.wait_for(lambda: ven.polls >= 4)
+            assert len(sink.of(DispatchRequest)) == 1  # an unchanged event is not asked again
+
+    run(scenario)
+
+
+def test_a_negative_setpoint_asks_for_charge_and_zero_for_a_stop() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), [300, 300], [-3.5, 0.0])
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            first, second = sink.of(DispatchRequest)
+            assert (first.id, first.kind, first.target_w) == (f"{event_id}#0", DispatchKind.CHARGE, 3500.0)
+            assert (second.id, second.kind, second.target_w) == (f"{event_id}#1", DispatchKind.STOP, 0.0)
+            assert second.start == first.end
+
+    run(scenario)
+
+
+def test_simple_levels_map_through_the_configured_shares() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "SIMPLE", in_seconds(60), 300, [1, 2, 3, 0])
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            assert [r.target_w for r in sink.of(DispatchRequest)] == [
+                RATING_W * 0.25, RATING_W * 0.5, RATING_W * 0.9, 0.0]
+
+    run(scenario)
+
+
+def test_a_capped_event_reports_the_cap_and_its_reason() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink(cap_at(4200.0))
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 11.5)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            assert vtn.answers_for(event_id) == ["capped"]
+            assert vtn.reasons_for(event_id) == [["INSUFFICIENT_ENERGY", "capped by energy above the floor"]]
+            caps = [p["values"] for r in vtn.reports_for(event_id) for res in r["resources"]
+                    for i in res["intervals"] for p in i["payloads"] if p["type"] == "DISPATCH_CAP"]
+            assert caps == [[4.2]]
+
+    run(scenario)
+
+
+def test_an_event_refused_while_opted_out_reports_opted_out() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink(opted_out)
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            assert vtn.answers_for(event_id) == ["refused"]
+            assert vtn.reasons_for(event_id)[0][0] == "OPTED_OUT"
+
+    run(scenario)
+
+
+def test_an_invalid_event_is_refused_clearly_and_the_others_still_served() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            broken = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            vtn.events[broken]["intervals"][0]["payloads"][0]["values"] = ["lots"]
+            good = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            await vtn.wait_for(lambda: vtn.answers_for(broken) and vtn.answers_for(good))
+            assert vtn.answers_for(broken) == ["refused"]
+            code, detail = vtn.reasons_for(broken)[0]
+            assert code == "INVALID" and "DISPATCH_SETPOINT must carry exactly one finite number" in detail
+            assert [r.id for r in sink.of(DispatchRequest)] == [good]
+
+    run(scenario)
+
+
+def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            bad_units = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0, units="HP")
+            no_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            del vtn.events[no_id]["id"]
+            vtn.events["twice"] = vtn.events[bad_units]  # a second listing entry under another key, same id
+            await vtn.wait_for(lambda: vtn.answers_for(bad_units) and len(ven.outcomes) >= 2)
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 3)
+            assert vtn.answers_for(bad_units) == ["refused"]
+            assert "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'" in vtn.reasons_for(bad_units)[0][1]
+            assert sorted(o.answers[0].detail for o in ven.outcomes) == [
+                "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'",
+                "event id is missing or not a string of letters, digits, '_' or '-'"]
+            assert not sink.received
+
+    run(scenario)
+
+
+def test_modification_is_a_new_revision_and_withdraws_dropped_intervals() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 6.0])
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            vtn.modify_event(event_id, values=[7.0], duration_s=600)
+            await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 3)
+            requests = sink.of(DispatchRequest)
+            assert [(r.id, r.target_w, r.revision) for r in requests[2:]] == [(event_id, 7000.0, 1)]
+            assert {c.id for c in sink.of(DispatchCancel)} == {f"{event_id}#0", f"{event_id}#1"}
+            assert requests[-1].end - requests[-1].start == 600
+
+    run(scenario)
+
+
+def test_cancellation_deletes_the_event_and_cancels_its_request() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-30), 600, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            vtn.delete_event(event_id)
+            await vtn.wait_for(lambda: sink.of(DispatchCancel))
+            (cancel,) = sink.of(DispatchCancel)
+            assert cancel.id == event_id and "no longer lists" in cancel.reason
+
+    run(scenario)
+
+
+def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resumes() -> None:
+    async def scenario() -> None:
+        links = LinkBook(time.monotonic)
+        sink = ScriptedSink()
+        async with enrolled(sink, link=links.handle(Link.OPENADR3)) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-30), 600, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            (request,) = sink.of(DispatchRequest)
+            await vtn.stop()
+            while links.states[Link.OPENADR3].ok is not False:
+                await asyncio.sleep(0.05)
+            assert ven.failed_polls >= 1
+            assert not sink.of(DispatchCancel)  # the accepted window stands
+            gets = vtn.event_gets
+            await vtn.start()
+            await vtn.wait_for(lambda: vtn.event_gets > gets and links.states[Link.OPENADR3].ok, 10)
+            assert sink.of(DispatchRequest) == [request]  # same window, not asked again, not extended
+            assert not sink.of(DispatchCancel)
+
+    run(scenario)
+
+
+def test_subscription_notifications_poll_at_once() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        with contextlib.closing(__import__("socket").socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: ven.polls and ven.subscribed)
+                event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))  # long before the 600 s poll
+                assert vtn.notifications_sent >= 1
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
+def test_a_notification_without_the_bearer_token_is_refused() -> None:
+    async def scenario() -> None:
+        with contextlib.closing(__import__("socket").socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.subscribed)
+                url = f"http://127.0.0.1:{port}/openadr3/notify"
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(url, json={"objectType": "EVENT"}) as resp:
+                        assert resp.status == 401
+                    token = vtn.received[-1][1]["objectOperations"][0]["bearerToken"]
+                    async with session.post(url, data=b"{", headers={"Authorization": f"Bearer {token}"}) as resp:
+                        assert resp.status == 400 and "not JSON" in (await resp.json())["detail"]
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------- export limits, prices, reports
+
+
+def test_an_export_capacity_limit_holds_a_site_limit_for_its_interval_only() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(3600)
+            event_id = vtn.add_event(program, "EXPORT_CAPACITY_LIMIT", start, 600, 3.0)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id) or ven.outcomes)
+            assert not sink.of(SiteLimit)  # not yet: the interval starts in an hour
+            sink.offset_s = 3600 + 10
+            await vtn.wait_for(lambda: sink.of(SiteLimit), 5)
+            assert sink.of(SiteLimit)[-1].limit_w == 3000.0 and sink.of(SiteLimit)[-1].source == "openadr3"
+            sink.offset_s = 3600 + 700
+            await vtn.wait_for(lambda: sink.of(SiteLimit)[-1].limit_w is None, 5)
+
+    run(scenario)
+
+
+def test_a_price_event_hands_price_intervals_to_the_gateway_and_reports_its_answer() -> None:
+    async def scenario() -> None:
+        answer = DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED, detail="below the threshold")
+        sink = ScriptedSink(price_answer=answer)
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "PRICE", in_seconds(60), 3600, [0.12, 0.48], units="KWH",
+                                     currency="USD")
+            await vtn.wait_for(lambda: len(sink.of(PriceInterval)) == 2)
+            first, second = sink.of(PriceInterval)
+            assert (first.id, first.kind, first.price_per_kwh, first.program) == (
+                f"{event_id}#0", PriceKind.PRICE, 0.12, "summer-peak")
+            assert second.price_per_kwh == 0.48 and second.start == first.end
+            assert not sink.of(DispatchRequest)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            assert vtn.answers_for(event_id) == ["accepted", "accepted"]  # one per price interval answered
+            assert [r[1] for r in vtn.reasons_for(event_id)] == ["below the threshold"] * 2
+
+    run(scenario)
+
+
+def test_reports_follow_the_cadence_the_event_asks() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(60)
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [5.0, 5.0, 5.0], report_every=1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            sink.offset_s = 60 + 310  # the first interval is over
+            await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == 2)
+            usage = vtn.reports_for(event_id)[1]
+            (interval,) = usage["resources"][0]["intervals"]
+            assert interval["id"] == 0 and interval["intervalPeriod"]["start"] == iso_datetime(start)
+            kinds = {p["type"]: p["values"] for p in interval["payloads"]}
+            assert kinds == {"DELIVERED_ENERGY": [0.0], "STORAGE_CHARGE_LEVEL": [72.5],
+                             "STORAGE_USABLE_CAPACITY": [40000.0]}
+            sink.offset_s = 60 + 910  # all over: the last two, then nothing more
+            await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == 4)
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 3)
+            assert len(vtn.reports_for(event_id)) == 4
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------- translation (no I/O)
+
+NOW = dt.datetime(2026, 7, 1, 15, 0, tzinfo=UTC)
+
+
+def event(intervals: Any, **fields: Any) -> dict[str, Any]:
+    found = {"id": "ev-1", "objectType": "EVENT", "programID": "prog-1",
+             "intervalPeriod": {"start": iso_datetime(NOW), "duration": "PT10M"}, "intervals": intervals}
+    found.update(fields)
+    return found
+
+
+def interval(n: int, kind: str = "DISPATCH_SETPOINT", value: Any = 5.0, **more: Any) -> dict[str, Any]:
+    return {"id": n, "payloads": [{"type": kind, "values": [value]}], **more}
+
+
+def translate(payload: Any, *, program: dict[str, Any] | None = None, revision: int = 0,
+              now: dt.datetime = NOW - dt.timedelta(minutes=5)) -> EventPlan | DispatchAnswer:
+    return translate_event(payload, revision=revision, program=program, rating_w=RATING_W,
+                           levels_pct=(33.0, 66.0, 100.0), to_gateway_time=dt.datetime.timestamp,
+                           received_at=now.timestamp())
+
+
+def test_prices_become_price_intervals_in_the_currency_per_kwh() -> None:
+    program = {"id": "prog-1", "programName": "TOU summer", "objectType": "PROGRAM",
+               "payloadDescriptors": [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "EXPORT_PRICE",
+                                       "units": "MWH", "currency": "USD"}]}
+    plan = translate(event([interval(0, "PRICE", 0.31), interval(1, "EXPORT_PRICE", 250.0)],
+                           payloadDescriptors=[{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "PRICE",
+                                                "units": "KWH", "currency": "USD"}]),
+                     program=program, revision=3)
+    assert isinstance(plan, EventPlan) and not plan.requests
+    assert plan.prices == (
+        PriceInterval("ev-1#0", "openadr3", "TOU summer", PriceKind.PRICE, 0.31, NOW.timestamp(),
+                      NOW.timestamp() + 600, (NOW - dt.timedelta(minutes=5)).timestamp(), 3),
+        PriceInterval("ev-1#1", "openadr3", "TOU summer", PriceKind.EXPORT_PRICE, 0.25, NOW.timestamp() + 600,
+                      NOW.timestamp() + 1200, (NOW - dt.timedelta(minutes=5)).timestamp(), 3))
+
+
+def test_prices_of_ended_intervals_are_dropped_and_an_all_past_price_event_expires() -> None:
+    plan = translate(event([interval(0, "PRICE", 0.1), interval(1, "PRICE", 0.2)]),
+                     now=NOW + dt.timedelta(minutes=15))
+    assert isinstance(plan, EventPlan) and [p.id for p in plan.prices] == ["ev-1#1"]
+    expired = translate(event([interval(0, "PRICE", 0.1)]), now=NOW + dt.timedelta(hours=1))
+    assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
+
+
+def test_an_export_limit_caps_the_same_intervals_discharge_and_is_a_limit_window() -> None:
+    plan = translate(event([{"id": 0, "payloads": [{"type": "DISPATCH_SETPOINT", "values": [9.0]},
+                                                   {"type": "EXPORT_CAPACITY_LIMIT", "values": [4.0]}]}]))
+    assert isinstance(plan, EventPlan)
+    assert [r.target_w for r in plan.requests] == [4000.0]
+    assert [(w.limit_w, w.start) for w in plan.limits] == [(4000.0, NOW.timestamp())]
+
+
+def test_one_interval_asking_for_power_is_requested_under_the_event_id_and_only_that_window_carries_it() -> None:
+    plan = translate(event([interval(0, "EXPORT_CAPACITY_LIMIT", 3.0), interval(1, value=2.0),
+                            interval(2, "PRICE", 0.2)]))
+    assert isinstance(plan, EventPlan)
+    assert [r.id for r in plan.requests] == ["ev-1"] and plan.requests[0].start == NOW.timestamp() + 600
+    assert [w.request_id for w in plan.intervals] == [None, "ev-1", None]
+
+
+def test_intervals_take_their_own_period_or_the_events_start_plus_the_durations_before_them() -> None:
+    later = NOW + dt.timedelta(hours=2)
+    plan = translate(event([interval(0), interval(1, intervalPeriod={"duration": "PT30M"}),
+                            interval(2, intervalPeriod={"start": iso_datetime(later)}), interval(3)]))
+    assert isinstance(plan, EventPlan)
+    t0 = NOW.timestamp()
+    assert [(w.start - t0, w.end - t0) for w in plan.intervals] == [
+        (0, 600), (600, 2400), (7200, 7800), (3000, 3600)]
+
+
+def test_program_interval_period_and_descriptors_are_the_defaults() -> None:
+    program = {"id": "prog-1", "programName": "p", "intervalPeriod": {"start": iso_datetime(NOW), "duration": "PT1H"},
+               "payloadDescriptors": [{"payloadType": "DISPATCH_SETPOINT", "units": "W"}]}
+    payload = event([interval(0, value=2500)])
+    del payload["intervalPeriod"]
+    plan = translate(payload, program=program)
+    assert isinstance(plan, EventPlan)
+    assert [(r.target_w, r.end - r.start) for r in plan.requests] == [(2500.0, 3600.0)]
+
+
+@pytest.mark.parametrize("payload, words", [
+    ("not an event", "event must be an object"),
+    (event([interval(0)], id="bad id!"), "event id is missing"),
+    (event([interval(0)], programID=None), "programID is missing"),
+    (event([]), "event has no intervals"),
+    (event([interval(0), interval(0)]), "interval id 0 appears twice"),
+    (event([interval(0, value=math.inf)]), "exactly one finite number"),
+    (event([interval(0, value=True)]), "exactly one finite number"),
+    (event([interval(0, value=20_000)]), "implausible"),
+    (event([interval(0, "SIMPLE", 4)]), "SIMPLE level must be 0, 1, 2 or 3"),
+    (event([interval(0, "EXPORT_CAPACITY_LIMIT", -1)]), "EXPORT_CAPACITY_LIMIT must be >= 0"),
+    (event([interval(0, "GHG", 300)]), "no DISPATCH_SETPOINT, SIMPLE, EXPORT_CAPACITY_LIMIT, PRICE or EXPORT_PRICE"),
+    (event([interval(0)], intervalPeriod={"start": "yesterday", "duration": "PT1H"}), "not an RFC 3339"),
+    (event([interval(0)], intervalPeriod={"start": "2026-07-01T15:00:00", "duration": "PT1H"}), "UTC offset"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "P1M"}), "calendar durations"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "P9999Y"}), "calendar"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "PT0S"}), "must be > 0"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW)}), "has no duration"),
+    (event([interval(0)], intervalPeriod={"start": "0001-01-01T00:00:00Z", "duration": "PT1H"}), "'now'"),
+    (event([interval(0)], payloadDescriptors=[{"payloadType": "DISPATCH_SETPOINT", "units": "HP"}]), "units"),
+    (event([{"id": 0, "payloads": [{"type": "PRICE", "values": [1]}, {"type": "PRICE", "values": [2]}]}]),
+     "appears twice"),
+    (event([interval(0)], reportDescriptors=[{"payloadType": "USAGE", "frequency": "often"}]), "frequency"),
+])
+def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
+    answer = translate(payload)
+    assert isinstance(answer, DispatchAnswer) and answer.verdict is Verdict.REJECTED
+    assert answer.reason is ReasonCode.INVALID and words in answer.detail
+
+
+@given(st.lists(st.tuples(st.integers(1, 7200), st.one_of(st.none(), st.integers(-86_400, 86_400))),
+                min_size=1, max_size=8),
+       st.integers(60, 7200))
+def test_intervals_are_laid_out_as_the_independent_model_lays_them_out(layout: list[tuple[int, int | None]],
+                                                                     default_s: int) -> None:
+    """Own durations and starts mixed with the event's defaults: the same windows as python-oa3's."""
+    intervals = []
+    for n, (seconds, start_shift) in enumerate(layout):
+        period: dict[str, Any] = {"duration": f"PT{seconds}S"}
+        if start_shift is not None:
+            period["start"] = iso_datetime(NOW + dt.timedelta(seconds=start_shift))
+        intervals.append(interval(n, intervalPeriod=period))
+    payload = event(intervals, intervalPeriod={"start": iso_datetime(NOW), "duration": f"PT{default_s}S"})
+    conforms(payload)
+    plan = translate(payload, now=NOW - dt.timedelta(days=2))
+    assert isinstance(plan, EventPlan)
+    assert [(w.interval_id, w.start, w.end) for w in plan.intervals] == resolved_windows(payload)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                max_size=4), max_leaves=20)
+PAYLOAD_TYPES = st.sampled_from(["DISPATCH_SETPOINT", "SIMPLE", "EXPORT_CAPACITY_LIMIT", "PRICE", "EXPORT_PRICE",
+                                 "GHG"])
+NEAR_VALID = st.builds(
+    lambda ints, period, descriptors: event(ints, **({"intervalPeriod": period} if period is not None else {}),
+                                            **({"payloadDescriptors": descriptors} if descriptors else {})),
+    st.lists(st.fixed_dictionaries({"id": st.one_of(st.integers(-3, 3), JSON),
+                                    "payloads": st.lists(st.fixed_dictionaries(
+                                        {"type": st.one_of(PAYLOAD_TYPES, JSON),
+                                         "values": st.one_of(st.lists(st.one_of(st.floats(), st.integers(), JSON),
+                                                                      max_size=2), JSON)}), max_size=3)},
+                                   optional={"intervalPeriod": JSON}), max_size=4),
+    st.one_of(st.none(), JSON, st.fixed_dictionaries({"start": st.one_of(st.just(iso_datetime(NOW)), JSON),
+                                                      "duration": st.one_of(st.sampled_from(
+                                                          ["PT1H", "PT0S", "P1D", "PT0.5S", "P", "PT"]), JSON)})),
+    st.one_of(st.none(), st.lists(st.fixed_dictionaries({"payloadType": PAYLOAD_TYPES,
+                                                         "units": st.one_of(st.sampled_from(
+                                                             ["KW", "W", "KWH", "MWH", "HP"]), JSON)}),
+                                  max_size=2)))
+
+
+@given(st.one_of(JSON, NEAR_VALID))
+def test_fuzzed_events_get_a_plan_or_a_clear_refusal_never_an_exception(payload: Any) -> None:
+    answer = translate(payload)
+    if isinstance(answer, DispatchAnswer):
+        assert answer.verdict is Verdict.REJECTED and answer.reason in (ReasonCode.INVALID, ReasonCode.EXPIRED)
+        assert answer.detail and "Traceback" not in answer.detail
+    else:
+        assert isinstance(answer, EventPlan)
+        for request in answer.requests:
+            assert math.isfinite(request.target_w) and 0 <= request.target_w <= 10_000_000
+            assert request.start < request.end
+        for price in answer.prices:
+            assert math.isfinite(price.price_per_kwh) and price.start < price.end
+
+
+@pytest.mark.parametrize("text, seconds", [("PT1H", 3600), ("P1DT30M", 88_200), ("PT0.5S", 0.5), ("P1W", 604_800),
+                                           ("PT90M", 5400)])
+def test_iso_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def write_secret(tmp_path: Path, mode: int = 0o600, text: str = SECRET + "\n") -> Path:
+    path = tmp_path / "openadr3.secret"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_config_section_is_read_with_its_defaults(tmp_path: Path) -> None:
+    config = parse("[dispatch.openadr3]\nenabled = true\n", "gw.toml", tmp_path)
+    section = config.dispatch.openadr3
+    assert (section.vtn_url, section.token_url, section.client_id, section.ven_name, section.poll_interval_s) == (
+        "http://127.0.0.1:8081/openadr3/3.0.1", "", "truck-1", "truck-1", 30)
+    assert section.client_secret_file == str(tmp_path / "openadr3.secret")
+
+
+@pytest.mark.parametrize("mode, changes, words", [
+    (0o600, {"vtn_url": "ftp://vtn"}, "dispatch.openadr3.vtn_url: must be an http"),
+    (0o600, {"token_url": "vtn/token"}, "dispatch.openadr3.token_url"),
+    (0o600, {"client_id": " "}, "dispatch.openadr3.client_id: must not be empty"),
+    (0o600, {"callback_listen": "nowhere"}, "dispatch.openadr3.callback_listen"),
+    (0o644, {}, "accessible by group or others"),
+    (None, {}, "no such file"),
+])
+def test_config_mistakes_name_the_key(tmp_path: Path, mode: int | None, changes: dict[str, Any], words: str) -> None:
+    path = write_secret(tmp_path, mode) if mode is not None else tmp_path / "absent.secret"
+    config = replace(OpenAdr3Config(enabled=True, client_secret_file=str(path)), **changes)
+    problems = check(config)
+    assert any(words in p for p in problems), problems
+    assert not any(SECRET in p for p in problems)
+    with pytest.raises(InputError):
+        OpenAdr3Ven(config, rating_w=RATING_W)
+
+
+def test_the_secret_is_read_from_its_file(tmp_path: Path) -> None:
+    config = OpenAdr3Config(enabled=True, client_secret_file=str(write_secret(tmp_path)))
+    assert check(config) == []
+    ven = OpenAdr3Ven(config, rating_w=RATING_W)
+    assert ven._secret == SECRET
+    empty = OpenAdr3Config(enabled=True, client_secret_file=str(write_secret(tmp_path, text="\n")))
+    assert any("is empty" in p for p in check(empty))
+
+
+def test_check_config_names_the_secret_file_when_the_section_is_enabled(tmp_path: Path) -> None:
+    from firmware_py import assembly
+
+    secret = write_secret(tmp_path, 0o640)
+    config = parse(f'[dispatch.openadr3]\nenabled = true\nclient_secret_file = "{secret}"\n', "gw.toml", tmp_path)
+    with pytest.raises(InputError) as err:
+        assembly.check(config)
+    assert any("gw.toml: dispatch.openadr3.client_secret_file" in p and "chmod 600" in p for p in err.value.problems)
+    os.chmod(secret, 0o600)
+    assembly.check(config)  # nothing else to refuse
+
+
+def test_assembly_builds_the_ven_on_the_gateways_clocks_link_and_levels(tmp_path: Path) -> None:
+    from firmware_py.assembly import assemble
+    from firmware_py.clocks import Clocks
+    from firmware_py.config import Config
+    from firmware_py.core.types import OwnerSettings
+
+    base = Config()
+    secret = write_secret(tmp_path)
+    config = replace(base, can=replace(base.can, interface="virtual", channel=f"oadr3-{tmp_path}"),
+                     journal=replace(base.journal, path=str(tmp_path / "j.sqlite")),
+                     dispatch=replace(base.dispatch, openadr3=replace(base.dispatch.openadr3, enabled=True,
+                                                                      client_secret_file=str(secret))))
+    clocks = Clocks(monotonic=lambda: 100.0, wall=lambda: 1_000_100.0)
+    built = assemble(config, clocks, owner=OwnerSettings(40, 0.0))
+    try:
+        ven = built.integrations["dispatch.openadr3"]
+        assert isinstance(ven, OpenAdr3Ven) and ven.notice_step in built.gateway.observers
+        assert Link.OPENADR3.value in built.gateway.links.view(100.0)
+        # an event's wall-clock instant lands on the core's monotonic base
+        assert ven._to_gateway_time(dt.datetime.fromtimestamp(1_000_160.0, UTC)) == 160.0
+        assert ven._levels == built.gateway.policy.simple_levels_pct
+    finally:
+        built.close()
