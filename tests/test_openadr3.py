@@ -486,7 +486,7 @@ def test_a_price_event_hands_price_intervals_to_the_gateway_and_reports_its_answ
             await vtn.wait_for(lambda: len(sink.of(PriceInterval)) == 2)
             first, second = sink.of(PriceInterval)
             assert (first.id, first.kind, first.price_per_kwh, first.program) == (
-                f"{event_id}#0", PriceKind.PRICE, 0.12, "summer-peak")
+                f"{event_id}#0:PRICE", PriceKind.PRICE, 0.12, "summer-peak")
             assert second.price_per_kwh == 0.48 and second.start == first.end
             assert not sink.of(DispatchRequest)
             await vtn.wait_for(lambda: vtn.answers_for(event_id))
@@ -553,16 +553,16 @@ def test_prices_become_price_intervals_in_the_currency_per_kwh() -> None:
                      program=program, revision=3)
     assert isinstance(plan, EventPlan) and not plan.requests
     assert plan.prices == (
-        PriceInterval("ev-1#0", "openadr3", "TOU summer", PriceKind.PRICE, 0.31, NOW.timestamp(),
+        PriceInterval("ev-1#0:PRICE", "openadr3", "TOU summer", PriceKind.PRICE, 0.31, NOW.timestamp(),
                       NOW.timestamp() + 600, (NOW - dt.timedelta(minutes=5)).timestamp(), 3),
-        PriceInterval("ev-1#1", "openadr3", "TOU summer", PriceKind.EXPORT_PRICE, 0.25, NOW.timestamp() + 600,
+        PriceInterval("ev-1#1:EXPORT_PRICE", "openadr3", "TOU summer", PriceKind.EXPORT_PRICE, 0.25, NOW.timestamp() + 600,
                       NOW.timestamp() + 1200, (NOW - dt.timedelta(minutes=5)).timestamp(), 3))
 
 
 def test_prices_of_ended_intervals_are_dropped_and_an_all_past_price_event_expires() -> None:
     plan = translate(event([interval(0, "PRICE", 0.1), interval(1, "PRICE", 0.2)]),
                      now=NOW + dt.timedelta(minutes=15))
-    assert isinstance(plan, EventPlan) and [p.id for p in plan.prices] == ["ev-1#1"]
+    assert isinstance(plan, EventPlan) and [p.id for p in plan.prices] == ["ev-1#1:PRICE"]
     expired = translate(event([interval(0, "PRICE", 0.1)]), now=NOW + dt.timedelta(hours=1))
     assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
 

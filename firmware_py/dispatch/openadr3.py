@@ -53,6 +53,7 @@ from firmware_py.core.types import (
     DispatchCancel,
     DispatchRequest,
     PriceInterval,
+    PriceKind,
     SiteLimit,
     Verdict,
     describe,
@@ -66,6 +67,7 @@ from firmware_py.dispatch.openadr3_events import (
     event_id_of,
     iso_datetime,
     iso_duration,
+    price_id,
     translate_event,
 )
 from firmware_py.dispatch.standing import StandingWatch
@@ -490,7 +492,7 @@ class OpenAdr3Ven:
             answers[request.id] = await self._answer(sink, request)
         price_answers: dict[str, DispatchAnswer] = {}
         for price in plan.prices:
-            answer = await sink.submit(price)  # type: ignore[arg-type]  # the price-responsive mode takes these
+            answer = await sink.submit(price)
             if isinstance(answer, DispatchAnswer):
                 price_answers[price.id] = answer
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
@@ -590,7 +592,7 @@ class OpenAdr3Ven:
         """The answer to one revision: per interval that carries a request, or for the event as a whole."""
         intervals = []
         for window in windows:
-            answer = answers.get(window.request_id or "") or answers.get(f"{event_id}#{window.interval_id}")
+            answer = answers.get(window.request_id or "") or _price_answer(answers, event_id, window.interval_id)
             if answer is not None:
                 intervals.append(_interval(window, _answer_payloads(answer)))
         if not intervals and answers:  # refused whole (a bad event), or nothing per interval
@@ -670,7 +672,10 @@ class OpenAdr3Ven:
 
     def _record(self, outcome: EventOutcome) -> None:
         self.outcomes.append(outcome)
-        refused = outcome.answers and all(a.verdict is Verdict.REJECTED for a in outcome.answers)
+        # A request refused is the aggregator's trouble; a price not followed is the owner's mode at work.
+        prices = {p.id for p in outcome.prices}
+        to_requests = [a for a in outcome.answers if a.request_id not in prices]
+        refused = to_requests and all(a.verdict is Verdict.REJECTED for a in to_requests)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
 
@@ -776,3 +781,9 @@ def check(config: OpenAdr3Config, *, secret_given: bool = False) -> list[str]:
         except InputError as err:
             problems += [f"{key}.client_secret_file: {p}" for p in err.problems]
     return problems
+
+
+def _price_answer(answers: dict[str, DispatchAnswer], event_id: str, interval_id: int) -> DispatchAnswer | None:
+    """The answer to an interval's prices: the one the owner's mode followed (served), else the first."""
+    found = [a for kind in PriceKind if (a := answers.get(price_id(event_id, interval_id, kind))) is not None]
+    return next((a for a in found if a.verdict is not Verdict.REJECTED), found[0] if found else None)

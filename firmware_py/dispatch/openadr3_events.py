@@ -132,6 +132,12 @@ class _Invalid(Exception):
     """The event is malformed; the message is the detail answered and journaled."""
 
 
+def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
+    """A published price's id: its event, interval and kind, so a PRICE and an EXPORT_PRICE of one
+    interval, and a DISPATCH_SETPOINT request of the same interval, never share an id in the core."""
+    return f"{event_id}#{interval_id}:{kind.value}"
+
+
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
                     received_at: float, source: str = SOURCE) -> EventPlan | DispatchAnswer:
@@ -192,7 +198,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
         for kind in PriceKind:
             price = _price(values, kind, descriptors, where)
             if price is not None and window.end > received_at:
-                prices.append(PriceInterval(id=f"{event_id}#{window.interval_id}", source=source,
+                prices.append(PriceInterval(id=price_id(event_id, window.interval_id, kind), source=source,
                                             program=label, kind=kind, price_per_kwh=price, start=window.start,
                                             end=window.end, received_at=received_at, revision=revision))
     if not (request_ids or prices or limits or any(_has(p, PayloadType.PRICE) or _has(p, PayloadType.EXPORT_PRICE)
