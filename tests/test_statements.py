@@ -238,6 +238,26 @@ def test_credited_energy_never_exceeds_the_meter_and_outage_energy_is_never_cred
     assert total["credit"] == pytest.approx(sum(line["credit"] for line in lines))
 
 
+def test_a_commissioning_test_discharge_is_listed_with_its_energy_and_never_credited():
+    from firmware_py.commissioning.probes import SOURCE
+
+    samples = [Sample(float(i), 80.0 - i * 0.01, 500.0, 1_000.0 + i, 42.0, False) for i in range(11)]
+    ledger = Ledger(Period(0, 1e9), {"commission-1": Tally(0.0, 10.0), "peak-1": Tally(0.0, 10.0)})
+    for sample in samples:
+        ledger.feed(sample)
+    terms = ProgramTerms("p", "USD", 0.5, 0.0)
+
+    def line(request_id: str, source: str) -> dict:
+        summary = EventSummary(request_id, source, "discharge", 500, 0, 0.0, 0.0, 10.0, "accepted", ended_at=10.0,
+                               ended_reason="window closed", meter_wh=10.0, integrated_wh=10.0)
+        return event_figures(summary, ledger.tallies[request_id], terms, 10_000, EnergyRecords())
+
+    test, grid = line("commission-1", SOURCE), line("peak-1", "openadr3")
+    assert test["delivered_wh"] == grid["delivered_wh"] == 10.0
+    assert (test["credited_wh"], test["credit"]) == (0, 0) and grid["credit"] == 0.01
+    assert any("commissioning test" in note for note in test["notes"])
+
+
 @pytest.mark.slow
 def test_energy_served_in_a_grid_outage_is_on_its_own_line_and_never_credited(tmp_path):
     loaded = scaled(scenario.load(scenario.bundled("grid-outage.toml")), 1 / 16)

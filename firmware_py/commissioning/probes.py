@@ -44,8 +44,9 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient, LinkError
 from firmware_py.service import Service
+from firmware_py.statements.figures import COMMISSIONING_SOURCE
 
-SOURCE = "commission"
+SOURCE = COMMISSIONING_SOURCE  # statements list its energy and never credit it
 """The source of the test discharge's request, in the journal and the logs."""
 RECV_S = 0.05
 FOREIGN_IDS_KEPT = 32

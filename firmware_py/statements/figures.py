@@ -188,6 +188,11 @@ def status_of(summary: EventSummary) -> EventStatus:
     return EventStatus.ENDED
 
 
+COMMISSIONING_SOURCE = "commission"
+"""The source of an installer's test discharge (`powershare-gw commission`): energy that proved the
+wiring, not energy the grid asked for, so it is listed and never credited."""
+
+
 def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capacity_wh: float,
                   energy: EnergyRecords) -> dict[str, Any]:
     """One event's line of the statement (§3.11 names, plus kind, target, reason, status and credited_wh)."""
@@ -196,7 +201,8 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     discharge = summary.kind == DispatchKind.DISCHARGE.value
     delivered = summary.meter_wh if served else 0.0
     outage = min(tally.outage_wh, delivered) if served else 0.0
-    credited = min(delivered, max(0.0, delivered - outage)) if discharge else 0.0
+    creditable = discharge and summary.source != COMMISSIONING_SOURCE
+    credited = min(delivered, max(0.0, delivered - outage)) if creditable else 0.0
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
@@ -237,6 +243,8 @@ def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: b
         said.append(f"closed after a gateway restart ({summary.ended_reason}): {billed}")
     if served and not discharge:
         said.append(f"a {summary.kind} request: energy into the truck earns no credit")
+    if served and summary.source == COMMISSIONING_SOURCE:
+        said.append("the installer's commissioning test discharge: not a grid event, earns no credit")
     if outage_wh > 0:
         said.append(f"{outage_wh:.1f} Wh flowed during a grid outage (backup): not credited")
     if served and summary.discrepancy_pct is None:
