@@ -123,3 +123,21 @@ class LinkHandle:
 
     def lost(self, cause: str) -> None:
         self.book.lost(self.link, cause)
+
+
+class Backoff:
+    """Retry delays for a lost link: the normal interval, doubling per failure, up to a ceiling.
+
+    A peer that is down is asked again soon, then less and less often, so a long outage
+    costs neither side anything, and one success (`reset`) returns to the normal pace."""
+
+    def __init__(self, ceiling_s: float) -> None:
+        self.ceiling_s = ceiling_s
+        self.failures = 0
+
+    def next(self, base_s: float) -> float:
+        self.failures += 1
+        return min(base_s * 2 ** min(self.failures - 1, 16), max(self.ceiling_s, base_s))
+
+    def reset(self) -> None:
+        self.failures = 0

@@ -111,6 +111,17 @@ def for_scenario(scenario: Any) -> Aggregator:
     raise InputError(f"scenario {scenario.name}: aggregator.kind = {kind!r} is not one of {', '.join(KINDS)}")
 
 
+async def wait_on(vtn: Any, probe: Any, what: str, timeout_s: float) -> bool:
+    """Real-time wait (simulated time is paused), re-checked on every message the VTN takes; False,
+    logged, on timeout: the bench goes on and the scenario's checks say what did not happen."""
+    try:
+        await vtn.wait_for(probe, timeout_s)
+        return True
+    except asyncio.TimeoutError:
+        log.error("bench: gave up waiting %.0f s for %s", timeout_s, what)
+        return False
+
+
 class _Recorder:
     """The gateway as a DispatchSink, remembering what reached it so the aggregator can wait for it."""
 
@@ -219,14 +230,8 @@ class OpenAdrAggregator:
             logger.setLevel(logging.WARNING)
 
     async def _wait(self, probe: Any, what: str) -> bool:
-        """Real-time wait (simulated time is paused), re-checked on every VTN message; False on timeout."""
         assert self.vtn is not None
-        try:
-            await self.vtn.wait_for(probe, self.reply_timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            log.error("bench: gave up waiting %.0f s for %s", self.reply_timeout_s, what)
-            return False
+        return await wait_on(self.vtn, probe, what, self.reply_timeout_s)
 
 
 # ---------------------------------------------------------------------- OpenADR 3
@@ -311,14 +316,8 @@ class OpenAdr3Aggregator:
             await self.vtn.close()
 
     async def _wait(self, probe: Any, what: str) -> bool:
-        """Real-time wait (simulated time is paused), re-checked on every VTN request; False on timeout."""
         assert self.vtn is not None
-        try:
-            await self.vtn.wait_for(probe, self.reply_timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            log.error("bench: gave up waiting %.0f s for %s", self.reply_timeout_s, what)
-            return False
+        return await wait_on(self.vtn, probe, what, self.reply_timeout_s)
 
 
 # ---------------------------------------------------------------------- SunSpec

@@ -62,7 +62,7 @@ from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
-from firmware_py.links import LinkHandle
+from firmware_py.links import Backoff, LinkHandle
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class OpenAdrVen:
         self._sink = sink
         client = self.client = self._make_client()
         reporter: asyncio.Task[None] | None = None
-        backoff = _Backoff(self._retry_max_s)
+        backoff = Backoff(self._retry_max_s)
         self._wake = asyncio.Event()
         standing = asyncio.create_task(self._standing(sink), name="openadr-standing")
         try:
@@ -542,21 +542,6 @@ class _Heard(logging.Handler):
 
     def said(self) -> str:
         return f" ({'; '.join(m for m in self.messages if m)})" if self.messages else ""
-
-
-class _Backoff:
-    """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
-
-    def __init__(self, ceiling_s: float) -> None:
-        self.ceiling_s = ceiling_s
-        self.failures = 0
-
-    def next(self, base_s: float) -> float:
-        self.failures += 1
-        return min(base_s * 2 ** min(self.failures - 1, 16), max(self.ceiling_s, base_s))
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def _describe(answer: DispatchAnswer) -> str:

@@ -73,7 +73,7 @@ from firmware_py.dispatch.openadr3_events import (
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
-from firmware_py.links import LinkHandle
+from firmware_py.links import Backoff, LinkHandle
 from firmware_py.owner.access import read_secret
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class OpenAdr3Ven:
         """Log in, register, poll, answer and report until cancelled; a VTN outage only delays the next poll."""
         self._sink = sink
         self._wake, self._standing_wake = asyncio.Event(), asyncio.Event()
-        backoff = _Backoff(self._retry_max_s)
+        backoff = Backoff(self._retry_max_s)
         callback = await self._start_callback()
         standing = asyncio.create_task(self._standing(sink), name="openadr3-standing")
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
@@ -678,21 +678,6 @@ class OpenAdr3Ven:
         refused = to_requests and all(a.verdict is Verdict.REJECTED for a in to_requests)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
-
-
-class _Backoff:
-    """Retry delays: the poll interval, doubling per failure, up to a ceiling."""
-
-    def __init__(self, ceiling_s: float) -> None:
-        self.ceiling_s = ceiling_s
-        self.failures = 0
-
-    def next(self, base_s: float) -> float:
-        self.failures += 1
-        return min(base_s * 2 ** min(self.failures - 1, 16), max(self.ceiling_s, base_s))
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def _interval(window: IntervalWindow, payloads: list[dict[str, Any]]) -> dict[str, Any]:
