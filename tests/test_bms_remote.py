@@ -43,6 +43,7 @@ def remote_url(tmp_path):
         stop(server)
 
 
+@pytest.mark.slow  # a CAN server and a BMS node as processes of their own
 def test_node_and_reader_in_two_processes(remote_url, tmp_path):
     scenario = tmp_path / "bms.toml"
     scenario.write_text(f"[run]\nduration_s = 30\n[vehicle]\ninitial_soc_pct = {SOC}\n"

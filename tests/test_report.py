@@ -209,6 +209,7 @@ def test_a_journal_on_read_only_media_is_reported(journal_path):
     assert "peak-1" in run.stdout and "chain: intact" in run.stdout
 
 
+@pytest.mark.slow  # waits out the journal's busy timeout (5 s) before saying so
 def test_a_journal_locked_by_another_process_says_so(journal_path, capsys):
     holder = sqlite3.connect(journal_path, isolation_level=None)
     holder.execute("PRAGMA locking_mode = EXCLUSIVE")
