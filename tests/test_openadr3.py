@@ -48,6 +48,7 @@ from firmware_py.dispatch.openadr3_events import (
     EventPlan,
     iso_datetime,
     parse_duration,
+    price_id,
     translate_event,
 )
 from firmware_py.errors import InputError
@@ -391,6 +392,22 @@ def test_cancellation_deletes_the_event_and_cancels_its_request() -> None:
             await vtn.wait_for(lambda: sink.of(DispatchCancel))
             (cancel,) = sink.of(DispatchCancel)
             assert cancel.id == event_id and "no longer lists" in cancel.reason
+
+    run(scenario)
+
+
+def test_a_price_event_deleted_at_the_vtn_is_taken_back_from_the_core() -> None:
+    async def scenario() -> None:
+        accepted = DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED, detail="meets the threshold")
+        sink = ScriptedSink(price_answer=accepted)
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "EXPORT_PRICE", in_seconds(-30), 3600, 0.55, units="KWH",
+                                     currency="USD")
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            vtn.delete_event(event_id)
+            await vtn.wait_for(lambda: sink.of(DispatchCancel))
+            (cancel,) = sink.of(DispatchCancel)
+            assert cancel.id == price_id(event_id, 0, PriceKind.EXPORT_PRICE) and "no longer lists" in cancel.reason
 
     run(scenario)
 

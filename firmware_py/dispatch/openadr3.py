@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -408,7 +409,8 @@ class OpenAdr3Ven:
         return listener
 
     async def _on_notification(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {self._callback_token}":
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                   f"Bearer {self._callback_token}".encode()):
             return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
         try:
             note = await request.json()
@@ -445,11 +447,12 @@ class OpenAdr3Ven:
             if seen is not None and seen[0] == key:
                 continue  # handled already (held, refused, or over)
             revision = seen[1] + 1 if seen is not None else 0
-            self._seen[event_id] = (key, revision)
             try:
                 await self._on_event(sink, event, revision)
             except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
-                log.exception("OpenADR 3: the core failed on event %s", event_id)
+                log.exception("OpenADR 3: the core failed on event %s; it is taken again on the next poll", event_id)
+                continue
+            self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
         now = sink.now()
@@ -478,8 +481,8 @@ class OpenAdr3Ven:
             return
         requests = plan.requests
         if tracked is not None:
-            dropped = set(tracked.plan.request_ids) - set(plan.request_ids)
-            await self._cancel(sink, tuple(dropped), "dropped by the event's new revision")
+            dropped = _asked(tracked.plan) - _asked(plan)
+            await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
@@ -513,9 +516,12 @@ class OpenAdr3Ven:
         return answer
 
     async def _withdraw(self, sink: DispatchSink, tracked: _Tracked, reason: str) -> None:
-        """Take back what an event asked for: its requests not yet over, its export limits."""
+        """Take back what an event asked for: its requests and prices not yet over, its export limits.
+        A price the core is discharging for stops with it: the VTN no longer publishes it."""
         now = sink.now()
-        await self._cancel(sink, tuple(r.id for r in tracked.requests.values() if r.end > now), reason)
+        live = [r.id for r in tracked.requests.values() if r.end > now] + \
+            [p.id for p in tracked.plan.prices if p.end > now]
+        await self._cancel(sink, tuple(live), reason)
         await self._hold_limit(sink)
 
     async def _cancel(self, sink: DispatchSink, request_ids: tuple[str, ...], reason: str) -> None:
@@ -772,3 +778,8 @@ def _price_answer(answers: dict[str, DispatchAnswer], event_id: str, interval_id
     """The answer to an interval's prices: the one the owner's mode followed (served), else the first."""
     found = [a for kind in PriceKind if (a := answers.get(price_id(event_id, interval_id, kind))) is not None]
     return next((a for a in found if a.verdict is not Verdict.REJECTED), found[0] if found else None)
+
+
+def _asked(plan: EventPlan) -> set[str]:
+    """Every id an event's revision put to the core: its intervals' requests and its prices."""
+    return set(plan.request_ids) | {p.id for p in plan.prices}
