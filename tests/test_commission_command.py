@@ -160,3 +160,15 @@ def test_the_can_observation_counts_each_page_each_refusal_and_the_foreign_ids()
     assert {key: t.count for key, t in obs.by_page.items() if key[0] == 0x352} == {(0x352, 0): 3, (0x352, 1): 3}
     assert obs.refused == {0x132: {"wrong_length": 1}} and obs.accepted[0x132] == 3
     assert obs.values["soc_min_pct"] is not None and "soc_min_pct" not in obs.stale
+
+
+def test_it_refuses_beside_anything_on_the_owner_api_address_even_a_gateway_still_starting(tmp_path: Path, capsys):
+    """No token file, no HTTP answer yet: a gateway that is starting has already bound its owner API."""
+    with socket.socket() as starting:
+        starting.bind(("127.0.0.1", 0))
+        starting.listen()
+        config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-starting"',
+                              api_port=starting.getsockname()[1])
+        assert main(["commission", "--config", str(config)]) == 2
+    assert "a gateway is running with this configuration" in capsys.readouterr().err
+    assert not (tmp_path / "journal.sqlite").exists()

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -139,14 +140,22 @@ def _check_window(config: Config, window_s: float) -> None:
 
 
 def _refuse_if_running(config: Config) -> None:
-    """Two gateways on one inverter would fight over its setpoint: commissioning needs the service stopped."""
-    from firmware_py.owner.access import parse_listen
-    from firmware_py.owner.commands import Unavailable, call
+    """Two gateways on one inverter would fight over its setpoint: commissioning needs the service stopped.
 
-    try:
-        call(config.owner, "GET", "/api/status")
-    except (Unavailable, InputError):
-        return
+    Anything listening where this configuration's owner API listens counts as running, whatever
+    it answers: a gateway still starting, or one whose token file is elsewhere, is a gateway.
+    """
+    from firmware_py.owner.access import parse_listen
+
+    where = parse_listen(config.owner.api_listen)
+    family, address = ((socket.AF_UNIX, where.unix_path) if where.unix_path
+                       else (socket.AF_INET6 if ":" in where.host else socket.AF_INET, (where.host, where.port)))
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(address)
+        except OSError:
+            return
     raise InputError(f"{config.source}: a gateway is running with this configuration (its owner API answers on "
                      f"{parse_listen(config.owner.api_listen).describe()}): stop it first "
                      "(`sudo systemctl stop powershare-gw`), commission, then start it again")
