@@ -222,3 +222,33 @@ def test_a_journal_locked_by_another_process_says_so(journal_path, capsys):
         holder.close()
     err = capsys.readouterr().err
     assert code == 2 and "locked by another process" in err and "not a powershare-gw journal" not in err
+
+
+def test_a_revision_refused_after_the_event_was_served_keeps_it_served_and_billed(tmp_path):
+    """A price lowered below the threshold mid-interval (or any later revision refused) ends the event;
+    the energy already delivered was served, so the summary (and the statement built on it) keeps the
+    served answer and the meter's energy, and says why it ended."""
+    from firmware_py.core.types import (
+        DispatchAnswer,
+        DispatchEnded,
+        EventEnergy,
+        PriceInterval,
+        PriceKind,
+        ReasonCode,
+    )
+    from firmware_py.journal import Journal, event_summaries
+
+    price = PriceInterval("tou#0:EXPORT_PRICE", "openadr3", "tou", PriceKind.EXPORT_PRICE, 0.55, 10.0, 3600.0, 5.0)
+    with Journal.open(tmp_path / "j.sqlite") as journal:
+        journal.append_event(price, wall=5.0)
+        journal.append_event(DispatchAnswer.accepted(price.id, 5.0), wall=5.0)
+        journal.append_event(EventEnergy(600.0, price.id, 800.0, 805.0, False), wall=600.0)
+        lowered = PriceInterval(price.id, "openadr3", "tou", PriceKind.EXPORT_PRICE, 0.10, 10.0, 3600.0, 600.0, 1)
+        journal.append_event(lowered, wall=600.0)
+        journal.append_event(DispatchAnswer.refused(price.id, 600.0, ReasonCode.BELOW_THRESHOLD, "0.1 < 0.3"),
+                             wall=600.0)
+        journal.append_event(DispatchEnded(600.0, price.id, "price below the owner's threshold"), wall=600.0)
+        journal.append_event(EventEnergy(600.0, price.id, 800.0, 805.0, True), wall=600.0)
+        (summary,) = event_summaries(journal)
+    assert summary.verdict == "accepted" and summary.meter_wh == 800.0
+    assert summary.ended_reason == "price below the owner's threshold"

@@ -176,7 +176,11 @@ def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered, and the price of the kind the owner does
         # not follow may share its interval's id with the one followed: keep the real answer.
-        if p.get("reason") not in (ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND) or summary.verdict is None:
+        # A revision refused after the event was served ends it (its DispatchEnded says why), but the
+        # energy already delivered was served: the event keeps its served answer, and is billed.
+        refused_after_serving = summary.verdict in SERVED and p.get("verdict") not in SERVED
+        if not refused_after_serving and (
+                p.get("reason") not in (ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND) or summary.verdict is None):
             if window.offered is not None and p.get("verdict") in SERVED:  # the price it now discharges for
                 summary.price_per_kwh, summary.price_kind = window.offered
             summary.verdict, summary.cap_w = p.get("verdict"), number(p.get("cap_w"))
