@@ -37,7 +37,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -458,6 +458,7 @@ class OpenAdr3Ven:
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            self._forget(tracked.requests)
             if tracked.plan.ends_at > now:
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
@@ -474,6 +475,7 @@ class OpenAdr3Ven:
         tracked = self._events.get(event_id_of(event))
         if isinstance(plan, DispatchAnswer):
             if tracked is not None:
+                self._forget(tracked.requests)
                 await self._withdraw(sink, self._events.pop(plan.request_id), "the event's new revision is refused")
             self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
             if isinstance(event, dict) and isinstance(event.get("programID"), str) and plan.request_id != UNKNOWN_EVENT:
@@ -482,6 +484,7 @@ class OpenAdr3Ven:
         requests = plan.requests
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
+            self._forget(dropped)
             await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
@@ -508,6 +511,11 @@ class OpenAdr3Ven:
         self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals,
                            {**answers, **price_answers})
         await self._hold_limit(sink)
+
+    def _forget(self, request_ids: Iterable[str]) -> None:
+        """The requests' delivered energy is no longer reported: the event ended or took them back."""
+        for request_id in request_ids:
+            self._metered.pop(request_id, None)
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
@@ -642,8 +650,7 @@ class OpenAdr3Ven:
                     self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
             if ended == len(plan.intervals):
                 del self._events[event_id]
-                for rid in tracked.requests:
-                    self._metered.pop(rid, None)
+                self._forget(tracked.requests)
 
     def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
         plan = tracked.plan
