@@ -68,7 +68,7 @@ def _openadr3(config: Config, gateway: Gateway) -> Integration:
 
     ven = OpenAdr3Ven(config.dispatch.openadr3, rating_w=lambda: gateway.policy.max_discharge_w,
                       levels_pct=gateway.policy.simple_levels_pct, to_gateway_time=gateway.clocks.from_datetime,
-                      link=gateway.links.handle(Link.OPENADR3))
+                      link=gateway.links.handle(Link.OPENADR3), currency=config.program.currency)
     gateway.observers.append(ven.notice_step)  # meters its intervals; a refused event is asked again at once
     return ven
 

@@ -554,10 +554,21 @@ def interval(n: int, kind: str = "DISPATCH_SETPOINT", value: Any = 5.0, **more: 
 
 
 def translate(payload: Any, *, program: dict[str, Any] | None = None, revision: int = 0,
-              now: dt.datetime = NOW - dt.timedelta(minutes=5)) -> EventPlan | DispatchAnswer:
+              now: dt.datetime = NOW - dt.timedelta(minutes=5), currency: str | None = None
+              ) -> EventPlan | DispatchAnswer:
     return translate_event(payload, revision=revision, program=program, rating_w=RATING_W,
                            levels_pct=(33.0, 66.0, 100.0), to_gateway_time=dt.datetime.timestamp,
-                           received_at=now.timestamp())
+                           received_at=now.timestamp(), currency=currency)
+
+
+def test_a_price_in_another_currency_than_the_program_pays_in_is_refused_naming_both() -> None:
+    priced = event([interval(0, "EXPORT_PRICE", 0.31)],
+                   payloadDescriptors=[{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "EXPORT_PRICE",
+                                        "units": "KWH", "currency": "EUR"}])
+    refused = translate(priced, currency="USD")
+    assert isinstance(refused, DispatchAnswer) and refused.reason is ReasonCode.INVALID
+    assert "'EUR'" in refused.detail and "'USD'" in refused.detail
+    assert isinstance(translate(priced, currency="EUR"), EventPlan)
 
 
 def test_prices_become_price_intervals_in_the_currency_per_kwh() -> None:

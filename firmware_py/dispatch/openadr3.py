@@ -199,7 +199,7 @@ class OpenAdr3Ven:
                  levels_pct: Sequence[float] = (33.0, 66.0, 100.0),
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, link: LinkHandle | None = None, retry_max_s: float = 60.0,
-                 secret: str | None = None) -> None:
+                 secret: str | None = None, currency: str | None = None) -> None:
         if problems := check(config, secret_given=secret is not None):
             raise InputError(problems)
         self.config = config
@@ -207,6 +207,7 @@ class OpenAdr3Ven:
         self._levels = tuple(levels_pct)
         self._to_gateway_time = to_gateway_time
         self._source = source
+        self._currency = currency  # the owner's program's: prices in another are refused
         self._link = link
         self._retry_max_s = retry_max_s
         self._secret = secret if secret is not None else read_secret(config.client_secret_file,
@@ -471,7 +472,8 @@ class OpenAdr3Ven:
             rating = math.nan
         program = self.programs.get(event.get("programID")) if isinstance(event, dict) else None
         plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
-                               to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source)
+                               to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
+                               currency=self._currency)
         tracked = self._events.get(event_id_of(event))
         if isinstance(plan, DispatchAnswer):
             if tracked is not None:

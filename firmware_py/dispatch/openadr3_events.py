@@ -140,18 +140,21 @@ def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
 
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
-                    received_at: float, source: str = SOURCE) -> EventPlan | DispatchAnswer:
+                    received_at: float, source: str = SOURCE, currency: str | None = None
+                    ) -> EventPlan | DispatchAnswer:
     """One OpenADR 3 event object (parsed JSON) -> a plan, or a REJECTED answer naming the fault.
 
     `revision` is the VEN's count of the versions of this event it has seen (OpenADR 3 has no
     modification number); `program` is the event's program object when the VEN has it (its
     intervalPeriod and payload descriptors are the event's defaults, its name labels prices).
     `to_gateway_time` maps a UTC datetime onto the core's clock; `received_at` is that clock's now.
+    `currency` is what the owner's program pays in (`[program] currency`): a price published in
+    another is refused, since the statement could only credit it as a number in the wrong money.
     """
     event_id = event_id_of(event)
     try:
         return _translate(event, event_id, revision, program, rating_w, levels_pct, to_gateway_time,
-                          received_at, source)
+                          received_at, source, currency)
     except _Invalid as err:
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as err:
@@ -162,7 +165,7 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str) -> EventPlan | DispatchAnswer:
+               source: str, currency: str | None) -> EventPlan | DispatchAnswer:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
@@ -196,7 +199,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
                                                 start=window.start, end=window.end, received_at=received_at,
                                                 revision=revision))
         for kind in PriceKind:
-            price = _price(values, kind, descriptors, where)
+            price = _price(values, kind, descriptors, where, currency)
             if price is not None and window.end > received_at:
                 prices.append(PriceInterval(id=price_id(event_id, window.interval_id, kind), source=source,
                                             program=label, kind=kind, price_per_kwh=price, start=window.start,
@@ -331,10 +334,13 @@ def _target(payloads: list[Mapping[str, Any]], descriptors: Mapping[str, Mapping
 
 
 def _price(payloads: list[Mapping[str, Any]], kind: PriceKind, descriptors: Mapping[str, Mapping[str, Any]],
-           where: str) -> float | None:
+           where: str, currency: str | None) -> float | None:
     value = _value(payloads, PayloadType(kind.value), where)
     if value is None:
         return None
+    published = descriptors.get(kind.value, {}).get("currency")
+    if currency and published and published != currency:
+        raise _Invalid(f"{kind.value} is published in {published!r}; the owner's program pays in {currency!r}")
     units = descriptors.get(kind.value, {}).get("units") or "KWH"
     if units not in ENERGY_UNITS:
         raise _Invalid(f"{kind.value} units must be one of {', '.join(ENERGY_UNITS)}, got {units!r}")
