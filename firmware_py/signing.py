@@ -36,11 +36,15 @@ def load_or_create(path: Path, what: str, *, fix: str = "", replace: str = "") -
     except OSError as err:
         raise InputError(f"{path}: cannot create {what}: {err.strerror or err}") from None
     key = Ed25519PrivateKey.generate()
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as err:  # a full disk: leave no empty key behind for the next start to refuse
+        path.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write {what}: {err.strerror or err}") from None
     return key
 
 
