@@ -94,6 +94,21 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
     FileNotFoundError passes through: the CLI reads it as "the gateway has never started".
     """
     path = Path(path)
+    raw = _read_small(path, what, check_private=check_private, owner_uid=owner_uid)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: the {what} is not ASCII text") from None
+    if len(raw) > MAX_TOKEN_FILE_BYTES or len(text) < 32 or not all(c in "0123456789abcdef" for c in text):
+        raise InputError(f"{path}: not an {what} (expected 64 hex digits); "
+                         "delete it and the gateway will create a new one")
+    return text
+
+
+def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | None) -> bytes:
+    """Up to MAX_TOKEN_FILE_BYTES + 1 bytes of `path` (none of a non-regular file); with
+    `check_private`, only from a private regular file, checked on the open descriptor so the
+    file cannot be swapped between the check and the read. FileNotFoundError passes through."""
     flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if check_private else 0)
     try:
         fd = os.open(path, flags)
@@ -108,19 +123,11 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
         info = os.fstat(fd)
         if check_private:
             _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid, what)
-        raw = os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
+        return os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
     except OSError as err:
         raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     finally:
         os.close(fd)
-    try:
-        text = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: the {what} is not ASCII text") from None
-    if len(raw) > MAX_TOKEN_FILE_BYTES or len(text) < 32 or not all(c in "0123456789abcdef" for c in text):
-        raise InputError(f"{path}: not an {what} (expected 64 hex digits); "
-                         "delete it and the gateway will create a new one")
-    return text
 
 
 def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) -> str:
@@ -131,22 +138,7 @@ def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) ->
     secret itself never appears in a message. FileNotFoundError passes through.
     """
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        if os.path.islink(path):
-            raise InputError(f"{path}: the {what} file is a symbolic link; point the configuration at "
-                             "the file itself") from None
-        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
-    try:
-        _check_private(path, os.fstat(fd), os.geteuid() if owner_uid is None else owner_uid, what)
-        raw = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
+    raw = _read_small(path, what, check_private=True, owner_uid=owner_uid)
     if len(raw) > MAX_TOKEN_FILE_BYTES:
         raise InputError(f"{path}: the {what} file is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a secret")
     try:
