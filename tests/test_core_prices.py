@@ -236,6 +236,24 @@ def test_the_budget_stops_discharge_mid_interval_at_the_budget():
     assert late.reason is ReasonCode.BUDGET_SPENT and "maximum is 100 Wh" in late.detail
 
 
+def test_energy_that_flowed_while_inverter_readings_failed_counts_toward_the_budget():
+    """A link down mid-event: the inverter goes on at the last setpoint it heard (until its revert)
+    and its meter counts it; the next good reading must bring that energy to the day's total, and
+    while readings fail the budget already allows for it, so the daily maximum is not overrun."""
+    run = Run(priced(owner(budget_wh=1_000)))
+    run.feed(price())
+    run.run(20)
+    held_w = run.applied_w
+    assert held_w > 0
+    for _ in range(3):  # three polls fail; the inverter cannot be told anything else meanwhile
+        run.meter_wh += held_w / HOUR
+        run.t += 1.0
+        run.feed(bms(run.t, run.soc), inverter(run.t, comms_ok=False, error="timeout"))
+        assert budget_left_wh(run.c, run.t) <= 1_000 - run.meter_wh + 1e-6  # what may be out is allowed for
+    run.run(1)  # readings come back
+    assert run.c.price_day_wh == pytest.approx(run.meter_wh, abs=0.5)  # everything the meter counted
+
+
 def test_the_budget_is_shared_by_the_day_and_renewed_by_the_next():
     run = Run(priced(owner(budget_wh=200)))
     run.feed(price("p1", end=60))

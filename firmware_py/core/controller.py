@@ -52,7 +52,9 @@ class Controller:
     site_limits: tuple[SiteLimit, ...] = ()  # one per source that set one (a site controller's WMaxLimPct)
     day: str | None = None  # the local date the runtime last said it is (`CalendarDay`)
     price_day_wh: float = 0.0  # price-driven energy out that day: what the owner's daily maximum caps
-    peak_since_inverter_w: float = 0.0  # highest discharge commanded since the newest inverter reading
+    peak_since_inverter_w: float = 0.0  # highest discharge commanded since the newest good inverter reading
+    metered: InverterStatus | None = None  # the newest good reading: energy is accounted between good ones
+    metered_serving: str | None = None  # the request served at that reading (a link lost mid-event stops it)
 
     @classmethod
     def start(cls, policy: Policy, owner: OwnerSettings | None = None, now: float = 0.0) -> "Controller":

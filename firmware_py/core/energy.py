@@ -31,9 +31,16 @@ from firmware_py.core.types import (
 
 
 def account(c: Controller, new: InverterStatus) -> Controller:
-    """Add the energy between the last two inverter readings to the request being served."""
-    prev, entry = c.inverter, c.book.find(c.serving_id) if c.serving_id else None
-    if entry is None or prev is None or not (prev.comms_ok and new.comms_ok):
+    """Add the energy between the last two good inverter readings to the request being served.
+
+    Readings that failed in between are passed over, not a reason to drop the interval: the
+    meter counted what flowed while the link was down (until the inverter's own revert), and
+    the owner's daily price budget must count it too."""
+    prev, entry = c.metered, c.book.find(c.serving_id) if c.serving_id else None
+    if entry is None and c.metered_serving:  # a lost link stopped the serving; the inverter went on for it
+        entry = c.book.find(c.metered_serving)
+        entry = None if entry is None or entry.ended else entry
+    if entry is None or prev is None or not new.comms_ok:
         return c
     dt = new.received_at - prev.received_at
     if dt <= 0:

@@ -335,7 +335,9 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
         c = account(c, item)
-        return c.evolve(inverter=item, inverter_seen=c.inverter_seen or item.comms_ok,
+        if not item.comms_ok:  # energy may flow on until the revert: still unread, counted from the last good
+            return c.evolve(inverter=item), []
+        return c.evolve(inverter=item, inverter_seen=True, metered=item, metered_serving=c.serving_id,
                         peak_since_inverter_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, OwnerSettings):
         owner = prices.settled_owner(replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct))))

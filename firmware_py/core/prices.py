@@ -91,10 +91,10 @@ def objection(owner: OwnerSettings, p: PriceInterval) -> tuple[ReasonCode, str] 
 
 
 def unread_wh(c: Controller, now: float) -> float:
-    """Energy that may have gone out since the inverter's last reading, not yet on its meter."""
-    if c.inverter is None:
+    """Energy that may have gone out since the inverter's last good reading, not yet on its meter."""
+    if c.metered is None:
         return 0.0
-    age = max(0.0, now - c.inverter.received_at)
+    age = max(0.0, now - c.metered.received_at)
     return c.peak_since_inverter_w * min(age, c.policy.inverter_timeout_s + c.policy.command_horizon_s) / 3600
 
 
