@@ -18,13 +18,21 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
+from dispatch_policies import Policy, accept, cap_at, opted_out
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
 
 from firmware_py.config import OpenAdrConfig
-from firmware_py.core.types import (DispatchAnswer, DispatchCancel, DispatchKind, DispatchRequest,
-                                    Mode, ReasonCode, Verdict)
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchCancel,
+    DispatchKind,
+    DispatchRequest,
+    Mode,
+    ReasonCode,
+    Verdict,
+)
 from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr import OpenAdrVen
 from firmware_py.dispatch.openadr_events import EventPlan, translate_event
@@ -34,26 +42,6 @@ from firmware_py.links import Link, LinkBook
 T = TypeVar("T")
 RATING_W = 11_500.0
 UTC = dt.timezone.utc
-
-Policy = Callable[[DispatchRequest], DispatchAnswer]
-
-
-def accept(request: DispatchRequest) -> DispatchAnswer:
-    return DispatchAnswer(request.id, time.time(), Verdict.ACCEPTED)
-
-
-def cap_at(watts: float) -> Policy:
-    def policy(request: DispatchRequest) -> DispatchAnswer:
-        if request.target_w <= watts:
-            return accept(request)
-        return DispatchAnswer(request.id, time.time(), Verdict.CAPPED, cap_w=watts,
-                              reason=ReasonCode.INSUFFICIENT_ENERGY)
-    return policy
-
-
-def opted_out(request: DispatchRequest) -> DispatchAnswer:
-    return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.OPTED_OUT)
-
 
 class ScriptedSink:
     """Stands in for the core: answers by `policy`, records every item it was given."""

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from dispatch_policies import Policy, accept, cap_at, opted_out
 from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,27 +59,6 @@ T = TypeVar("T")
 RATING_W = 11_500.0
 UTC = dt.timezone.utc
 SECRET = "s3cret-of-the-aggregator"
-
-Policy = Callable[[DispatchRequest], DispatchAnswer]
-
-
-def accept(request: DispatchRequest) -> DispatchAnswer:
-    return DispatchAnswer(request.id, time.time(), Verdict.ACCEPTED)
-
-
-def cap_at(watts: float) -> Policy:
-    def policy(request: DispatchRequest) -> DispatchAnswer:
-        if request.target_w <= watts:
-            return accept(request)
-        return DispatchAnswer(request.id, time.time(), Verdict.CAPPED, cap_w=watts,
-                              reason=ReasonCode.INSUFFICIENT_ENERGY, detail="capped by energy above the floor")
-    return policy
-
-
-def opted_out(request: DispatchRequest) -> DispatchAnswer:
-    return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.OPTED_OUT,
-                          detail="the owner opted out")
-
 
 class ScriptedSink:
     """Stands in for the core: answers requests by `policy`, records everything it was given.
