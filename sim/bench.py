@@ -345,17 +345,10 @@ async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
             task = asyncio.create_task(ven.run(rig.gateway))
             try:
                 await vtn.wait_for_registration(timeout_s=WAIT_S)
-                latencies, rng = [], random.Random(7)
-                for n in range(samples):
-                    await rig.wait_for(lambda: rig.model.wset_w == 0, "the inverter at 0 W between events")
-                    await asyncio.sleep(rng.uniform(0, MIN_POLL_S))  # any phase of the VEN's poll cycle
-                    seen = len(rig.setpoints)
-                    sent = time.perf_counter()
-                    event_id = vtn.add_event(LOAD_DISPATCH, datetime.now(timezone.utc), 600, 5.0,
-                                             event_id=f"latency-{n}")
-                    await rig.wait_for(lambda: any(w > 0 for _, w in rig.setpoints[seen:]), "a discharge setpoint")
-                    latencies.append((next(t for t, w in rig.setpoints[seen:] if w > 0) - sent) * 1000)
-                    vtn.cancel_event(event_id)
+                latencies = await _event_latencies(
+                    rig, samples, MIN_POLL_S, vtn.cancel_event,
+                    lambda n: vtn.add_event(LOAD_DISPATCH, datetime.now(timezone.utc), 600, 5.0,
+                                            event_id=f"latency-{n}"))
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -387,22 +380,32 @@ async def openadr3(samples: int, workdir: Path) -> dict[str, Any]:
             task = asyncio.create_task(ven.run(rig.gateway))
             try:
                 await vtn.wait_for(lambda: ven.polls, timeout_s=WAIT_S)
-                latencies, rng = [], random.Random(7)
-                for n in range(samples):
-                    await rig.wait_for(lambda: rig.model.wset_w == 0, "the inverter at 0 W between events")
-                    await asyncio.sleep(rng.uniform(0, poll_s))  # any phase of the VEN's poll cycle
-                    seen = len(rig.setpoints)
-                    sent = time.perf_counter()
-                    event_id = vtn.add_event(program, "DISPATCH_SETPOINT", datetime.now(timezone.utc), 600, 5.0,
-                                             event_id=f"latency-{n}")
-                    await rig.wait_for(lambda: any(w > 0 for _, w in rig.setpoints[seen:]), "a discharge setpoint")
-                    latencies.append((next(t for t, w in rig.setpoints[seen:] if w > 0) - sent) * 1000)
-                    vtn.delete_event(event_id)
+                latencies = await _event_latencies(
+                    rig, samples, poll_s, vtn.delete_event,
+                    lambda n: vtn.add_event(program, "DISPATCH_SETPOINT", datetime.now(timezone.utc), 600, 5.0,
+                                            event_id=f"latency-{n}"))
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
     return {"what": "OpenADR 3 event on the VTN -> first discharge setpoint at the inverter",
             "target_p99_ms": round(poll_s * 1000 + 50), **percentiles(latencies)}
+
+
+async def _event_latencies(rig: RealtimeRig, samples: int, poll_s: float, withdraw: Callable[[str], Any],
+                           publish: Callable[[int], str]) -> list[float]:
+    """ms from each event published on a VTN to the first discharge setpoint at the inverter; each
+    published at a random phase of the VEN's poll cycle, once the last one is withdrawn and at 0 W."""
+    latencies, rng = [], random.Random(7)
+    for n in range(samples):
+        await rig.wait_for(lambda: rig.model.wset_w == 0, "the inverter at 0 W between events")
+        await asyncio.sleep(rng.uniform(0, poll_s))
+        seen = len(rig.setpoints)
+        sent = time.perf_counter()
+        event_id = publish(n)
+        await rig.wait_for(lambda: any(w > 0 for _, w in rig.setpoints[seen:]), "a discharge setpoint")  # noqa: B023
+        latencies.append((next(t for t, w in rig.setpoints[seen:] if w > 0) - sent) * 1000)
+        withdraw(event_id)
+    return latencies
 
 
 def bus_load(seconds: float) -> dict[str, Any]:
