@@ -151,15 +151,48 @@ class _Recorder:
 # ---------------------------------------------------------------------- OpenADR
 
 
-class OpenAdrAggregator:
+class _VenAggregator:
+    """What both OpenADR aggregators share: a bench VTN, the gateway's real VEN as a task, one clock
+    origin `t0` the two meet on, and real-time waits while simulated time is paused."""
+
+    vtn: Any = None
+
+    def __init__(self, ven_name: str, reply_timeout_s: float) -> None:
+        self.ven_name = ven_name
+        self.reply_timeout_s = reply_timeout_s
+        self.t0 = datetime.now(timezone.utc)
+        self._task: asyncio.Task[None] | None = None
+
+    def to_bench_time(self, at: datetime) -> float:
+        return (at - self.t0).total_seconds()
+
+    def _check_ven(self, what: str) -> None:
+        """Log, once, a VEN task that ended by itself (a bug: it never raises for a peer's input)."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            error = self._task.exception()
+            self._task = None
+            log.error("%s stopped: %s", what, error)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.vtn is not None:
+            await self.vtn.close()
+
+    async def _wait(self, probe: Any, what: str) -> bool:
+        assert self.vtn is not None
+        return await wait_on(self.vtn, probe, what, self.reply_timeout_s)
+
+
+class OpenAdrAggregator(_VenAggregator):
     """A real openleadr VTN on 127.0.0.1 dispatching the gateway's real VEN (see the module docstring)."""
 
     def __init__(self, ven_name: str = "bench-truck", reply_timeout_s: float = 20.0) -> None:
-        self.ven_name = ven_name
-        self.reply_timeout_s = reply_timeout_s
+        super().__init__(ven_name, reply_timeout_s)
         self.vtn: LoopbackVtn | None = None
-        self.t0 = datetime.now(timezone.utc)
-        self._task: asyncio.Task[None] | None = None
         self._openleadr_level: int | None = None
 
     async def start(self, gateway: Gateway) -> None:
@@ -176,9 +209,6 @@ class OpenAdrAggregator:
         gateway.observers.append(self.ven.notice_step)
         self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr-ven")
         await self._wait(lambda: self.vtn.ven_id and self.ven.registered, "the VEN to register with the VTN")
-
-    def to_bench_time(self, at: datetime) -> float:
-        return (at - self.t0).total_seconds()
 
     def at(self, bench_s: float) -> datetime:
         return self.t0 + timedelta(seconds=bench_s)
@@ -205,19 +235,10 @@ class OpenAdrAggregator:
         await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
 
     async def step(self, t: float) -> None:
-        if self._task is not None and self._task.done() and not self._task.cancelled():
-            error = self._task.exception()
-            self._task = None
-            log.error("OpenADR VEN stopped: %s", error)
+        self._check_ven("OpenADR VEN")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self.vtn is not None:
-            await self.vtn.close()
+        await super().stop()
         if self._openleadr_level is not None:
             logging.getLogger("openleadr").setLevel(self._openleadr_level)
 
@@ -229,15 +250,11 @@ class OpenAdrAggregator:
         if logger.getEffectiveLevel() < logging.WARNING:
             logger.setLevel(logging.WARNING)
 
-    async def _wait(self, probe: Any, what: str) -> bool:
-        assert self.vtn is not None
-        return await wait_on(self.vtn, probe, what, self.reply_timeout_s)
-
 
 # ---------------------------------------------------------------------- OpenADR 3
 
 
-class OpenAdr3Aggregator:
+class OpenAdr3Aggregator(_VenAggregator):
     """The bench OpenADR 3 VTN on 127.0.0.1 dispatching the gateway's real OpenADR 3 VEN.
 
     The clocks meet as for OpenADR 2.0b (the module docstring): one fixed origin `t0`.
@@ -245,13 +262,10 @@ class OpenAdr3Aggregator:
     while the bench waits for its answer, so the answer lands at the scenario's `at_s`."""
 
     def __init__(self, ven_name: str = "bench-truck", reply_timeout_s: float = 20.0, poll_s: float = 0.2) -> None:
-        self.ven_name = ven_name
-        self.reply_timeout_s = reply_timeout_s
+        super().__init__(ven_name, reply_timeout_s)
         self.poll_s = poll_s
         self.vtn: BenchVtn3 | None = None
-        self.t0 = datetime.now(timezone.utc)
         self.program_id = ""
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self, gateway: Gateway) -> None:
         from firmware_py.dispatch.openadr3 import OpenAdr3Ven
@@ -269,9 +283,6 @@ class OpenAdr3Aggregator:
         gateway.observers.append(self.ven.notice_step)
         self._task = asyncio.create_task(self.ven.run(self.sink), name="bench-openadr3-ven")
         await self._wait(lambda: self.vtn.ven_id and self.ven.polls, "the VEN to register with the VTN")
-
-    def to_bench_time(self, at: datetime) -> float:
-        return (at - self.t0).total_seconds()
 
     async def send(self, request: DispatchRequest) -> DispatchAnswer | None:
         """One DISPATCH_SETPOINT event (kW) for the request's window; the core's answer once the VTN has it."""
@@ -297,27 +308,11 @@ class OpenAdr3Aggregator:
 
     async def step(self, t: float) -> None:
         """A report that fell due reaches the VTN at its simulated time (the clock waits for it)."""
-        if self._task is not None and self._task.done() and not self._task.cancelled():
-            error = self._task.exception()
-            self._task = None
-            log.error("OpenADR 3 VEN stopped: %s", error)
+        self._check_ven("OpenADR 3 VEN")
         if self._task is not None and (t >= self.ven.next_report_at or self.ven.pending_reports):
             self.ven.wake()
             await self._wait(lambda: t < self.ven.next_report_at and not self.ven.pending_reports,
                              "the VEN's reports to reach the VTN")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self.vtn is not None:
-            await self.vtn.close()
-
-    async def _wait(self, probe: Any, what: str) -> bool:
-        assert self.vtn is not None
-        return await wait_on(self.vtn, probe, what, self.reply_timeout_s)
 
 
 # ---------------------------------------------------------------------- SunSpec
