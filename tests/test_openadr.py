@@ -7,21 +7,18 @@ checks what the VEN translated and what the VTN heard back.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from dispatch_policies import Policy, accept, cap_at, opted_out
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
+from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.types import (
@@ -39,7 +36,6 @@ from firmware_py.dispatch.openadr_events import EventPlan, translate_event
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
 
-T = TypeVar("T")
 RATING_W = 11_500.0
 UTC = dt.timezone.utc
 
@@ -70,21 +66,6 @@ class ScriptedSink:
 
     def cancels(self) -> list[DispatchCancel]:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
-
-
-def run(scenario: Callable[[], Awaitable[T]], timeout_s: float = 20.0) -> T:
-    return asyncio.run(asyncio.wait_for(scenario(), timeout_s))
-
-
-@contextlib.asynccontextmanager
-async def serving(ven: OpenAdrVen, sink: ScriptedSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(ven.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def make_ven(vtn: LoopbackVtn, **changes: Any) -> OpenAdrVen:

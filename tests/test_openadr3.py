@@ -17,18 +17,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-from dispatch_policies import Policy, accept, cap_at, opted_out
 from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
+from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse
 from firmware_py.core.types import (
@@ -94,26 +94,11 @@ class ScriptedSink:
         return [item for item in self.received if isinstance(item, kind)]
 
 
-def run(scenario: Callable[[], Awaitable[T]], timeout_s: float = 20.0) -> T:
-    return asyncio.run(asyncio.wait_for(scenario(), timeout_s))
-
-
 def make_ven(vtn: BenchVtn3, *, secret: str = SECRET, link: Any = None, **changes: Any) -> OpenAdr3Ven:
     config = OpenAdr3Config(enabled=True, vtn_url=vtn.url, client_id=vtn.client_id, ven_name="truck-1",
                             poll_interval_s=0.2)
     return OpenAdr3Ven(replace(config, **changes), rating_w=RATING_W, levels_pct=(25.0, 50.0, 90.0),
                        secret=secret, link=link)
-
-
-@contextlib.asynccontextmanager
-async def serving(ven: OpenAdr3Ven, sink: ScriptedSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(ven.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
