@@ -9,16 +9,22 @@ the service. Expected conditions never print a traceback, and no secret (tokens,
 keys) is ever part of a line: only what the core decided and why.
 
 `Narrator` watches the gateway's steps (an observer); `configure_logging` sets up
-stderr so that journald files each line at its priority.
+stderr so that journald files each line at its priority. `run` logs through
+`lines_written_aside`: a line is queued where it is said and written by a thread
+of its own, so the warning a BMS fault raises never delays the 0 W it decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler, QueueListener
 
 from firmware_py.clocks import Clocks
 from firmware_py.core import StepResult
@@ -178,6 +184,28 @@ def configure_logging(verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name, level in QUIETED.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
+
+
+@contextlib.contextmanager
+def lines_written_aside(verbose: bool = False) -> Iterator[None]:
+    """`configure_logging`, with each line written to stderr by a thread of its own.
+
+    On the gateway's loop, saying a line costs only its queueing: the formatting and the
+    write to the journal's pipe (hundreds of microseconds on a small machine) happen in
+    the writer thread. Every line queued is written before this returns.
+    """
+    configure_logging(verbose)
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = QueueListener(lines, *handlers, respect_handler_level=True)
+    root.handlers[:] = [QueueHandler(lines)]
+    writer.start()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        writer.stop()
 
 
 def _quiet(record: logging.LogRecord) -> bool:

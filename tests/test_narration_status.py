@@ -20,7 +20,7 @@ from lockstep import Rig
 from firmware_py import cli
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
-from firmware_py.narration import JournaldFormatter, Narrator, configure_logging
+from firmware_py.narration import JournaldFormatter, Narrator, configure_logging, lines_written_aside
 from firmware_py.owner.api import OwnerApi
 from firmware_py.status import render
 
@@ -151,6 +151,24 @@ def test_a_library_that_sets_its_own_level_on_import_stays_quiet(capsys):
         logging.getLogger("firmware_py.gateway.narration").info("mode STANDBY -> DISCHARGE")
         err = capsys.readouterr().err
         assert "Adding 0.0 to report" not in err and "mode STANDBY -> DISCHARGE" in err
+    finally:
+        root.handlers[:], root.level = saved
+
+
+def test_run_says_its_lines_through_a_queue_and_loses_none_of_them(capsys):
+    """`run` logs aside (the fault's 0 W is not kept waiting for the journal's pipe): inside, the
+    gateway's log call only queues; when `run` ends, every line said was written, in order."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    narration = logging.getLogger("firmware_py.gateway.narration")
+    try:
+        with lines_written_aside(verbose=False):
+            assert [type(h).__name__ for h in root.handlers] == ["QueueHandler"]
+            for n in range(500):
+                narration.warning("fault raised: bms_fault (line %d)", n)
+        assert [type(h).__name__ for h in root.handlers] == ["StreamHandler"]
+        lines = [line for line in capsys.readouterr().err.splitlines() if "fault raised" in line]
+        assert [line.rpartition("(line ")[2] for line in lines] == [f"{n})" for n in range(500)]
     finally:
         root.handlers[:], root.level = saved
 
