@@ -254,6 +254,24 @@ def test_energy_that_flowed_while_inverter_readings_failed_counts_toward_the_bud
     assert run.c.price_day_wh == pytest.approx(run.meter_wh, abs=0.5)  # everything the meter counted
 
 
+def test_readings_far_apart_do_not_count_energy_that_never_flowed():
+    """Found by the stateful machine: power fell right after a reading and the next came seconds later.
+    The average of the two readings' power over the gap is far more than flowed; the day's counter
+    takes the meter's count, the integral no more than the commands allowed."""
+    run = Run(priced(owner(budget_wh=1_000)))
+    run.feed(price())
+    run.run(20)
+    held_w = run.applied_w
+    assert held_w > 0
+    run.t += 0.01  # the pack allows nothing more, just after the reading: 0 W, still serving the price
+    run.feed(bms(run.t, run.soc, max_discharge_w=0))
+    assert run.applied_w == 0 and run.c.serving_id == "p1"
+    counted, metered = run.c.price_day_wh, run.meter_wh + held_w * 0.01 / HOUR
+    run.t += 5.0
+    run.feed(bms(run.t, run.soc, max_discharge_w=0), inverter(run.t, measured_w=0.0, tot_wh_inj=metered))
+    assert run.c.price_day_wh - counted == pytest.approx(held_w * 0.01 / HOUR)  # not held_w / 2 for 5 s
+
+
 def test_the_budget_is_shared_by_the_day_and_renewed_by_the_next():
     run = Run(priced(owner(budget_wh=200)))
     run.feed(price("p1", end=60))

@@ -53,6 +53,8 @@ class Controller:
     day: str | None = None  # the local date the runtime last said it is (`CalendarDay`)
     price_day_wh: float = 0.0  # price-driven energy out that day: what the owner's daily maximum caps
     peak_since_inverter_w: float = 0.0  # highest discharge commanded since the newest good inverter reading
+    commanded_wh: float = 0.0  # discharge energy the commands allowed, all told, up to the last step
+    metered_commanded_wh: float = 0.0  # that total at the newest good inverter reading (`energy.commanded_wh`)
     metered: InverterStatus | None = None  # the newest good reading: energy is accounted between good ones
     metered_serving: str | None = None  # the request served at that reading (a link lost mid-event stops it)
 

@@ -30,7 +30,7 @@ from firmware_py.core.types import (
 )
 
 
-def account(c: Controller, new: InverterStatus) -> Controller:
+def account(c: Controller, new: InverterStatus, now: float) -> Controller:
     """Add the energy between the last two good inverter readings to the request being served.
 
     Readings that failed in between are passed over, not a reason to drop the interval: the
@@ -51,12 +51,33 @@ def account(c: Controller, new: InverterStatus) -> Controller:
     meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
     if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
-    before = max(entry.meter_wh, entry.integrated_wh)
-    entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated)
-    if entry.price_driven:  # the owner's daily budget counts the larger of the two totals: it must not be overrun
-        grown = max(entry.meter_wh, entry.integrated_wh) - before
-        return c.evolve(book=c.book.replace(entry), price_day_wh=c.price_day_wh + max(0.0, grown))
-    return c.evolve(book=c.book.replace(entry))
+    bounded = min(integrated, commanded_wh(c, now) - c.metered_commanded_wh) if discharge else integrated
+    before = max(entry.meter_wh, entry.commanded_integral_wh)
+    entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated,
+                    commanded_integral_wh=entry.commanded_integral_wh + bounded)
+    c = c.evolve(book=c.book.replace(entry))
+    if entry.price_driven:
+        # The owner's daily budget must not be overrun: it counts the larger of the meter's total and the
+        # integral of measured power (a stalled meter counts nothing), each interval's integral no more
+        # than the commands allowed, since two readings far apart overstate it when the power changed.
+        grown = max(entry.meter_wh, entry.commanded_integral_wh) - before
+        return c.evolve(price_day_wh=c.price_day_wh + max(0.0, grown))
+    return c
+
+
+def commanded_wh(c: Controller, now: float) -> float:
+    """The most discharge energy the gateway's commands allowed up to `now`, all told.
+
+    Each setpoint counts for as long as it stood, and never past its revert horizon: the
+    inverter does not exceed a setpoint, and drops to 0 W when none refreshes it. Between two
+    good readings it bounds the integral of measured power, which readings far apart overstate
+    when the power changed between them (a price's budget counter must not run past energy that
+    never flowed)."""
+    standing = 0.0
+    if c.last_step_at is not None:
+        stood = min(max(0.0, now - c.last_step_at), c.policy.command_horizon_s)
+        standing = max(0.0, c.setpoint_w) * stood / 3600
+    return c.commanded_wh + standing
 
 
 def meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:

@@ -24,7 +24,7 @@ from firmware_py.core import floor as floors
 from firmware_py.core import prices
 from firmware_py.core.answers import answer, cancel, enter_service_detail
 from firmware_py.core.controller import Controller, StepResult
-from firmware_py.core.energy import account, close_event, report_energy
+from firmware_py.core.energy import account, close_event, commanded_wh, report_energy
 from firmware_py.core.faults import (
     bms_usable,
     conditions,
@@ -334,11 +334,12 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
         return c.evolve(bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
-        c = account(c, item)
+        c = account(c, item, now)
         if not item.comms_ok:  # energy may flow on until the revert: still unread, counted from the last good
             return c.evolve(inverter=item), []
         return c.evolve(inverter=item, inverter_seen=True, metered=item, metered_serving=c.serving_id,
-                        peak_since_inverter_w=max(0.0, c.setpoint_w)), []
+                        peak_since_inverter_w=max(0.0, c.setpoint_w),
+                        metered_commanded_wh=commanded_wh(c, now)), []
     if isinstance(item, OwnerSettings):
         owner = prices.settled_owner(replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct))))
         return c.evolve(owner=owner), []
@@ -435,7 +436,7 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
         or (mode is Mode.CHARGE and view.wants(DispatchKind.CHARGE))) else None  # not the storm watch's charge
     c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
-                peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint))
+                peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint), commanded_wh=commanded_wh(c, now))
     c, produced = report_energy(c, now)
     events += produced
     return StepResult(c, InverterCommand(setpoint, reason), events)

@@ -27,6 +27,7 @@ class Booked:
     stopped_by_owner: bool = False  # ended by the owner's opt-out: asked again for once it is revoked
     meter_wh: float = 0.0
     integrated_wh: float = 0.0
+    commanded_integral_wh: float = 0.0  # the integral, each interval no more than the commands allowed
     last_report_at: float = -math.inf
     price: PriceInterval | None = None  # a price-driven event: the published price it discharges for
 
