@@ -192,7 +192,8 @@ def lines_written_aside(verbose: bool = False) -> Iterator[None]:
 
     On the gateway's loop, saying a line costs only its queueing: the formatting and the
     write to the journal's pipe (hundreds of microseconds on a small machine) happen in
-    the writer thread. Every line queued is written before this returns.
+    the writer thread. Every line queued is written before this returns (a process killed outright
+    loses at most the lines still queued, a few milliseconds' worth; the journal keeps every record).
     """
     configure_logging(verbose)
     root = logging.getLogger()
