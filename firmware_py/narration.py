@@ -25,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
+from typing import TextIO
 
 from firmware_py.clocks import Clocks
 from firmware_py.core import StepResult
@@ -170,9 +171,10 @@ QUIETED = {"pymodbus": logging.CRITICAL, "openleadr": logging.CRITICAL, "apsched
 chatter: the gateway tells each outage once itself (`links.py`). `-v` lets them all speak."""
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """Log to stderr: journald's format when systemd connected stderr to the journal, else timestamped."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(verbose: bool = False, stream: TextIO | None = None) -> None:
+    """Log to stderr (or `stream`): journald's format when systemd connected stderr to the journal,
+    else timestamped."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournaldFormatter("%(message)s"))
     else:
@@ -187,7 +189,7 @@ def configure_logging(verbose: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def lines_written_aside(verbose: bool = False) -> Iterator[None]:
+def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> Iterator[None]:
     """`configure_logging`, with each line written to stderr by a thread of its own.
 
     On the gateway's loop, saying a line costs only its queueing: the formatting and the
@@ -195,7 +197,7 @@ def lines_written_aside(verbose: bool = False) -> Iterator[None]:
     the writer thread. Every line queued is written before this returns (a process killed outright
     loses at most the lines still queued, a few milliseconds' worth; the journal keeps every record).
     """
-    configure_logging(verbose)
+    configure_logging(verbose, stream)
     root = logging.getLogger()
     handlers = root.handlers[:]
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

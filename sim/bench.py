@@ -50,6 +50,7 @@ from firmware_py.inverter.sunspec import (
     WSetMod,
 )
 from firmware_py.journal import RecordKind
+from firmware_py.narration import lines_written_aside
 from firmware_py.service import RunOptions, Service, every
 
 WAIT_S = 10.0
@@ -631,7 +632,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise InputError(f"--samples: must be >= 1, got {args.samples}")
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "gateway.log", "a", encoding="utf-8") as log, \
+            lines_written_aside(stream=log):  # the in-process gateways log as `run` does, not onto the table
         work = Path(tmp)
         if "reaction" in args.only:
             # The gateway and each peer in its own process (the headline figures), then all in one.
