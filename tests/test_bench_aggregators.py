@@ -149,6 +149,21 @@ def test_openadr3_event_is_accepted_delivered_and_reported_back(tmp_path):
         conforms(message, kind)
 
 
+def test_openadr3_event_cancelled_mid_event_stops_delivery_and_still_reports_the_energy(tmp_path):
+    """Deleted at the VTN mid-event: the core stops, and the usage report the event asked for comes
+    anyway, with what was delivered before the cancellation (the aggregator settles on it)."""
+    loaded = write_scenario(tmp_path, "openadr3", duration_s=480, run_s=600,
+                            extra='[[cancel]]\nat_s = 400\nid = "peak-1"\n')
+    aggregator = for_scenario(loaded)
+    outcome, records = run_bench(loaded, aggregator, tmp_path)
+    after = [r for r in records if r["t"] >= 410]
+    assert after and all(r["inverter_w"] <= 0 and r["event_id"] is None for r in after)
+    delivered_wh = outcome.summary["delivered_wh"]["peak-1"]
+    assert 0 < delivered_wh < TARGET_W * (410 - 120) / 3600
+    assert aggregator.vtn.delivered_wh("peak-1") == pytest.approx(delivered_wh, abs=1.0)
+    assert_meter_agrees(outcome)
+
+
 @pytest.mark.slow
 def test_bundled_openadr3_peak_event_shortened_passes_its_checks_and_reports_the_delivered_energy(tmp_path):
     """The bundled default peak event through the OpenADR 3 VTN, scaled to 1/16 (time and capacity together,

@@ -459,6 +459,7 @@ class OpenAdr3Ven:
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            self._report_begun(sink, tracked)
             self._forget(tracked.requests)
             if tracked.plan.ends_at > now:
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
@@ -669,6 +670,15 @@ class OpenAdr3Ven:
         first, last = windows[0].interval_id, windows[-1].interval_id
         self._queue(plan.program_id, plan.event_id, f"{plan.event_id} intervals {first}-{last}", intervals,
                     (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY))
+
+    def _report_begun(self, sink: DispatchSink, tracked: _Tracked) -> None:
+        """An event cancelled at the VTN still has its usage reported, as its descriptors asked: every
+        interval begun and not reported yet, with the energy delivered in it (the aggregator settles
+        on it, cancelled or not)."""
+        begun = sum(1 for w in tracked.plan.intervals if w.start < sink.now())
+        if tracked.plan.reports and begun > tracked.reported_upto:
+            self._queue_usage(sink, tracked, tracked.plan.intervals[tracked.reported_upto:begun])
+            tracked.reported_upto = begun
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
         self._queue_cadence(sink)
