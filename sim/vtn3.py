@@ -253,6 +253,7 @@ class BenchVtn3:
         app.router.add_post(f"{PREFIX}/reports", self._authorized(self._post_report))
         if self.subscriptions:
             app.router.add_post(f"{PREFIX}/subscriptions", self._authorized(self._post_subscription))
+            app.router.add_get(f"{PREFIX}/subscriptions", self._authorized(self._get_subscriptions))
         return app
 
     @web.middleware
@@ -337,6 +338,18 @@ class BenchVtn3:
         subscription = {"id": self._new_id("subscription"), **self._stamps(), **body}
         self._subscriptions[subscription["id"]] = subscription
         return web.json_response(subscription, status=201)
+
+    async def _get_subscriptions(self, request: web.Request) -> web.Response:
+        wanted = request.query.get("clientName")
+        return self._page(request, [s for s in self._subscriptions.values() if wanted in (None, s.get("clientName"))])
+
+    def forget_subscriptions(self) -> None:
+        """As a VTN restored without its subscriptions: nobody is notified until they subscribe again."""
+        self._subscriptions.clear()
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self._subscriptions)
 
     def _page(self, request: web.Request, objects: list[dict[str, Any]]) -> web.Response:
         try:

@@ -418,6 +418,36 @@ def test_subscription_notifications_poll_at_once() -> None:
     run(scenario)
 
 
+def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_not_doubled() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        with contextlib.closing(__import__("socket").socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: ven.polls and ven.subscribed)
+                for lost in (False, True):  # a network blip (the VTN keeps it), then a VTN restored without it
+                    await vtn.stop()
+                    if lost:
+                        vtn.forget_subscriptions()
+                    failed = ven.failed_polls
+                    ven.wake()
+                    await vtn.wait_for(lambda: ven.failed_polls > failed)
+                    await vtn.start()
+                    polls = ven.polls
+                    ven.wake()
+                    await vtn.wait_for(lambda: ven.polls > polls)
+                    assert vtn.subscription_count == 1
+                event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))  # notified: long before the 600 s poll
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
 def test_a_notification_without_the_bearer_token_is_refused() -> None:
     async def scenario() -> None:
         with contextlib.closing(__import__("socket").socket()) as probe:

@@ -88,6 +88,7 @@ MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldes
 RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
 DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
 STANDING_CHECK_S = 1.0
+SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 NOTIFY_PATH = "/openadr3/notify"
 
 # Report payload types the gateway writes (private ones where OpenADR 3 has no standard name).
@@ -217,6 +218,7 @@ class OpenAdr3Ven:
         self.ven_id: str | None = None
         self.programs: dict[str, dict[str, Any]] = {}
         self.subscribed = False
+        self._subscription_due = math.inf  # when the VTN's copy of the subscription is next looked at
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
         self.failed_polls = 0
         self.polls = 0
@@ -254,6 +256,7 @@ class OpenAdr3Ven:
                         delay = self.config.poll_interval_s
                     except VtnError as err:
                         self.failed_polls += 1
+                        self.subscribed = False  # a VTN back from an outage may have lost it: looked at again
                         self._tell(False, f"{err}; accepted events keep their windows")
                         delay = backoff.next(self.config.poll_interval_s)
                     self._wake.clear()
@@ -292,7 +295,7 @@ class OpenAdr3Ven:
             await self._register(session)
         if not self.programs:
             await self._load_programs(session)
-        if self.config.callback_listen and not self.subscribed:
+        if self.config.callback_listen and (not self.subscribed or time.monotonic() >= self._subscription_due):
             await self._subscribe(session)
         events = await self._list(session, "events")
         self.polls += 1
@@ -386,13 +389,19 @@ class OpenAdr3Ven:
         self.programs = programs
 
     async def _subscribe(self, session: aiohttp.ClientSession) -> None:
-        """Ask the VTN to post event changes to the gateway; a VTN without subscriptions is polled only."""
+        """Ask the VTN to post event changes to the gateway, unless it holds this VEN's subscription
+        already (a VTN that restarted without it, or lost it, is asked again: after an outage, and
+        every `SUBSCRIPTION_CHECK_S`). A VTN without subscriptions is polled only."""
+        self._subscription_due = time.monotonic() + SUBSCRIPTION_CHECK_S
         url = self.config.callback_url or f"http://{self.config.callback_listen}{NOTIFY_PATH}"
-        body = {"objectType": "SUBSCRIPTION", "clientName": self.config.ven_name,
-                "objectOperations": [{"objects": ["EVENT", "PROGRAM"], "operations": ["POST", "PUT", "DELETE"],
-                                      "callbackUrl": url, "bearerToken": self._callback_token}]}
+        operations = [{"objects": ["EVENT", "PROGRAM"], "operations": ["POST", "PUT", "DELETE"],
+                       "callbackUrl": url, "bearerToken": self._callback_token}]
         try:
-            await self._call(session, "POST", "subscriptions", body=body)
+            held = await self._list(session, "subscriptions", clientName=self.config.ven_name)
+            if not any(isinstance(sub, dict) and sub.get("objectOperations") == operations for sub in held):
+                await self._call(session, "POST", "subscriptions", body={
+                    "objectType": "SUBSCRIPTION", "clientName": self.config.ven_name, "objectOperations": operations})
+                log.info("OpenADR 3: subscribed to event changes at %s", url)
         except VtnRefused as err:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
                      err, self.config.poll_interval_s)
