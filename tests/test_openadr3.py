@@ -435,11 +435,11 @@ def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is
                         vtn.forget_subscriptions()
                     failed = ven.failed_polls
                     ven.wake()
-                    await vtn.wait_for(lambda: ven.failed_polls > failed)
+                    await vtn.wait_for(lambda failed=failed: ven.failed_polls > failed)
                     await vtn.start()
                     polls = ven.polls
                     ven.wake()
-                    await vtn.wait_for(lambda: ven.polls > polls)
+                    await vtn.wait_for(lambda polls=polls: ven.polls > polls)
                     assert vtn.subscription_count == 1
                 event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
                 await vtn.wait_for(lambda: vtn.answers_for(event_id))  # notified: long before the 600 s poll
