@@ -254,6 +254,18 @@ def test_energy_that_flowed_while_inverter_readings_failed_counts_toward_the_bud
     assert run.c.price_day_wh == pytest.approx(run.meter_wh, abs=0.5)  # everything the meter counted
 
 
+def test_the_owner_lowering_the_price_power_mid_event_holds_at_once():
+    run = Run(priced(owner(price_power_w=6_000)))
+    run.feed(price())
+    run.run(20)
+    assert run.applied_w == 6_000
+    run.feed(replace(run.c.owner, received_at=run.t, price_power_w=2_500))
+    assert run.applied_w == 2_500 and run.c.serving_id == "p1"  # the same event, at the new power
+    run.feed(replace(run.c.owner, received_at=run.t, price_power_w=9_000))
+    run.run(20)
+    assert run.applied_w == 6_000  # a higher power is not what this interval was judged at
+
+
 def test_readings_far_apart_do_not_count_energy_that_never_flowed():
     """Found by the stateful machine: power fell right after a reading and the next came seconds later.
     The average of the two readings' power over the gap is far more than flowed; the day's counter

@@ -253,7 +253,7 @@ def _ramped(v: View, base: float, magnitude: float, dt: float, kind: DispatchKin
 def _discharge(v: View, base: float, dt: float) -> tuple[float, str]:
     r = v.request
     if r.price is not None:  # the day's budget left ramps it down so the energy stops at the budget
-        power = min(r.target_w, prices.budget_power_w(v.c, v.now))
+        power = min(r.target_w, prices.owner_power_w(v.c.owner), prices.budget_power_w(v.c, v.now))
         return _ramped(v, base, power, dt, DispatchKind.DISCHARGE), (
             f"price {r.request.id}: {r.price.price_per_kwh:g} per kWh, {power:.0f} W")
     return _ramped(v, base, r.target_w, dt, DispatchKind.DISCHARGE), f"dispatch {r.request.id}: {r.target_w:.0f} W"

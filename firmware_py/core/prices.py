@@ -31,6 +31,7 @@ What is the price's own:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, judge, judgement, revise
@@ -76,6 +77,12 @@ def request_for(p: PriceInterval, owner: OwnerSettings, max_discharge_w: float) 
     power = owner.price_power_w if owner.price_power_w is not None else max_discharge_w
     return DispatchRequest(p.id, p.source, DispatchKind.DISCHARGE, power, p.start, p.end, p.received_at,
                            revision=p.revision)
+
+
+def owner_power_w(owner: OwnerSettings) -> float:
+    """The most a price event may discharge at under the owner's settings as they are now: a power
+    lowered mid-event holds at once (a higher one waits for the next interval, judged at that power)."""
+    return owner.price_power_w if owner.price_power_w is not None else math.inf
 
 
 def objection(owner: OwnerSettings, p: PriceInterval) -> tuple[ReasonCode, str] | None:
