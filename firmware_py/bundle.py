@@ -125,9 +125,30 @@ def check_out(out: Path) -> None:
 
 
 def build(out: Path, target: Target, source: Path, pip: list[str] | None = None) -> list[Path]:
-    """Make the bundle in `out`; the wheels it holds. BundleError when pip cannot complete it."""
+    """Make the bundle in `out`; the wheels it holds. BundleError when pip cannot complete it, and
+    then `out` is as it was (absent or empty), so the same command can simply be run again."""
     check_out(out)
-    pip = pip or [sys.executable, "-m", "pip"]
+    existed = out.exists()
+    try:
+        return _fill(out, target, source, pip or [sys.executable, "-m", "pip"])
+    except BaseException:
+        _empty(out, remove=not existed)
+        raise
+
+
+def _empty(out: Path, *, remove: bool) -> None:
+    """Take away what a failed build made in `out` (the folder too, when the build made it)."""
+    if remove:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _fill(out: Path, target: Target, source: Path, pip: list[str]) -> list[Path]:
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     own = _own_wheel(pip, source, wheels)

@@ -105,6 +105,17 @@ def test_pip_failures_are_told_as_what_to_do():
     assert bundle._why("ERROR: something else\n") == "pip failed: ERROR: something else"
 
 
+@pytest.mark.parametrize("made_empty", [False, True])
+def test_a_failed_build_leaves_out_as_it_was_so_it_can_simply_run_again(tmp_path, made_empty):
+    out = tmp_path / "bundle"
+    if made_empty:
+        out.mkdir()
+    failing_pip = [sys.executable, "-c", "import sys; print('ERROR: no network', file=sys.stderr); sys.exit(1)"]
+    with pytest.raises(bundle.BundleError, match="no network"):
+        bundle.build(out, bundle.Target(bundle.Arch.X86_64, (3, 11)), bundle.default_source(), pip=failing_pip)
+    assert (out.is_dir() and not any(out.iterdir())) if made_empty else not out.exists()
+
+
 def fake_bundle(folder: Path, arch: str, python: str) -> Path:
     """A bundle's files without wheels: enough for install.sh's checks, which come before any change."""
     (folder / "wheels").mkdir(parents=True)
