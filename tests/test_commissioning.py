@@ -281,6 +281,18 @@ def test_a_swapped_inverter_sign_still_confirms_the_discharge_on_the_bms():
     assert "CT is fitted backwards" in checks["inverter measured power"].advice
 
 
+@pytest.mark.parametrize(("volts", "current", "ok"), [
+    (842.0, 0.6, True), (842.0, 0.7, True),  # losses and the current's resolution
+    (421.0, 0.6, False),  # the Model 3 layout's voltage scale on an 800 V pack: half the power out of the pack
+    (842.0, 1.2, False),  # a current scaled twice over
+])
+def test_a_pack_power_that_disagrees_with_the_inverter_is_a_dbc_scale(volts, current, ok):
+    check = by_name(judge_sign(signed(500.0, current, pack_voltage_v=volts)))["BMS current"]
+    assert (check.outcome is Outcome.PASS) is ok
+    if not ok:
+        assert "W out of the pack for 500 W at the inverter" in check.detail and "scale" in check.advice
+
+
 def test_a_current_change_below_the_bms_resolution_is_no_discharge():
     checks = by_name(judge_sign(signed(500.0, 0.05, pack_voltage_v=None)))
     assert checks["BMS current"].outcome is Outcome.FAIL

@@ -46,6 +46,10 @@ MIN_CURRENT_STEP_A = 0.1
 """The smallest current change believed (the usual BMS current resolution)."""
 ZERO_W = 50.0
 """Below this the inverter is taken to be at 0 W after the test (meters read a little noise)."""
+PACK_TO_AC_RATIO = (0.7, 1.45)
+"""Power out of the pack (BMS volts x amps) over the inverter's AC power in the test: losses put it a
+little above 1, the current's resolution moves it a little; a DBC scaling the pack's voltage or current
+for another vehicle puts it near 0.5 or 2."""
 
 CAN_WIRING = ("the truck is awake and its BMS talking (Powershare on), CAN-H/CAN-L wiring and the connector, "
               "termination (120 ohm at each end of the bus: about 60 ohm across CAN-H and CAN-L with power off), "
@@ -540,8 +544,18 @@ def _judge_bms_sign(w_dir: int, i_dir: int, measured: float, delta: float | None
                       "[vehicle.signals] pack_current_a and its message")
     seen = f"pack current changed by {delta:+.2f} A ({expected:+.2f} A expected at {obs.pack_voltage_v or 0:.0f} V)"
     if i_dir > 0:
-        pack_w = f", about {delta * obs.pack_voltage_v:.0f} W out of the pack" if obs.pack_voltage_v else ""
-        return passed(step, name, f"{seen}: the pack discharges{pack_w}")
+        if not obs.pack_voltage_v:
+            return passed(step, name, f"{seen}: the pack discharges")
+        pack_w = delta * obs.pack_voltage_v
+        low, high = PACK_TO_AC_RATIO
+        if w_dir > 0 and not low <= pack_w / measured <= high:
+            return failed(step, name, f"{seen}: about {pack_w:.0f} W out of the pack for {measured:.0f} W at the "
+                          f"inverter ({pack_w / measured:.2f} times)",
+                          "the DBC's scale for the pack's voltage or current: a DBC made for another vehicle with "
+                          "the same layout ([vehicle] dbc; the Model 3 layout reads an 800 V pack at half its "
+                          "voltage), or [vehicle.signals] pack_voltage_v and pack_current_a: the gateway reads "
+                          "every pack limit by them")
+        return passed(step, name, f"{seen}: the pack discharges, about {pack_w:.0f} W out of the pack")
     if i_dir < 0:
         advice = ("the DBC's current sign ([vehicle] dbc, [vehicle.signals] pack_current_a; positive must be "
                   "discharge): the gateway reads every pack limit by it" if w_dir > 0 else
