@@ -185,6 +185,23 @@ def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
     assert code == 0 and "segments 1..2 pruned by retention" in out
 
 
+def test_a_window_reaching_back_past_a_rotation_reads_on_into_the_archives(path):
+    """A day's price energy, the history chart: a rotation earlier that day must not hide the morning."""
+    wall = [0.0]
+    with Journal.open(path, wall_clock=lambda: wall[0]) as journal:
+        for day in range(3):  # three segments, half a day apart
+            wall[0] = day * DAY_S / 2
+            filled(journal, wall[0], count=2)
+            journal.rotate(wall[0] + 10, [])
+        wall[0] = 1.5 * DAY_S
+        filled(journal, wall[0], count=2)
+        kinds = {RecordKind.FAULT_RAISED}
+        notes = [r.wall for r in journal.recent(kinds, DAY_S / 2 - 1)]
+        assert notes == sorted(notes) and len(notes) == 6  # the live segment's two, and the two archives' before
+        assert [r.wall for r in journal.recent(kinds, 1.5 * DAY_S)] == [1.5 * DAY_S] * 2  # the live segment alone
+        assert len(journal.recent(kinds, -1.0)) == 8  # back to the first segment
+
+
 def test_an_archive_deleted_by_hand_is_missing_from_the_chain(path, capsys):
     with Journal.open(path) as journal:
         for n in range(3):

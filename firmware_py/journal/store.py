@@ -32,6 +32,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -423,8 +424,29 @@ class Journal:
 
         Read newest first through the (kind, seq) index, a page at a time, stopping at
         the first older record: what it costs is the window's size, never the journal's
-        (the history chart asks for a day of a journal that may hold years).
+        (the history chart asks for a day of a journal that may hold years). A window
+        reaching back past this segment's first record goes on into the archived ones,
+        newest first: a rotation earlier that day must not hide what the day spent.
         """
+        found, whole = self._recent_here(kinds, since_wall, page)
+        if not whole:
+            return found
+        for segment in reversed(files.archives(self.path)):
+            try:
+                with Journal.open(segment.path, readonly=True) as older:
+                    earlier, whole = older._recent_here(kinds, since_wall, page)
+            except InputError as err:
+                log.warning("journal: the archived segment %s could not be read (%s): %s", segment.path.name,
+                            err, "the window starts after it")
+                break
+            found = earlier + found
+            if not whole:
+                break
+        return found
+
+    def _recent_here(self, kinds: Collection[RecordKind | str], since_wall: float,
+                     page: int) -> tuple[list[Record], bool]:
+        """`recent` within this segment, and whether the window reached back past its first record."""
         wanted = sorted(str(kind) for kind in kinds)
         marks = ",".join("?" * len(wanted))
         sql = (f"SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records "
@@ -436,11 +458,17 @@ class Journal:
                 rows = self._read(sql, (*wanted, before, page))
             for seq, at, wall, k, text, prev, h in rows:
                 if wall < since_wall:
-                    return found[::-1]
+                    return found[::-1], False
                 found.append(Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h))
             if len(rows) < page:
-                return found[::-1]
+                return found[::-1], self._first_wall() >= since_wall
             before = rows[-1][0]
+
+    def _first_wall(self) -> float:
+        """When this segment's first record was made (+inf when it has none)."""
+        with self._lock:
+            rows = self._read("SELECT wall FROM records ORDER BY seq LIMIT 1", ())
+        return rows[0][0] if rows else math.inf
 
     def __len__(self) -> int:
         with self._lock:
