@@ -36,7 +36,7 @@ from firmware_py.sim import process_bench
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
-from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, percentiles, signed
+from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
 
 from firmware_py.assembly import assemble
 from firmware_py.bms.reader import BmsReader
@@ -158,15 +158,9 @@ class Load:
     def _flood(self) -> None:
         """Frames the BMS reader must look past, at the bus's worst-case rate (a thread, as a bus would)."""
         bus = can.Bus(interface="virtual", channel=self.rig.channel)
-        rng, ids = random.Random(3), [i for i in range(0x100, 0x7FF) if i not in self.rig.gateway.reader.frame_ids]
-        begin = time.perf_counter()
         try:
-            while not self.stopping.is_set():
-                n = self.counts["foreign frames"]
-                if (lag := begin + n / self.foreign_per_s - time.perf_counter()) > 0.002:
-                    time.sleep(lag)
-                bus.send(can.Message(arbitration_id=rng.choice(ids), data=rng.randbytes(8), is_extended_id=False))
-                self.counts["foreign frames"] = n + 1
+            flood(bus, self.foreign_per_s, self.rig.gateway.reader.frame_ids, self.stopping.is_set,
+                  lambda n: self.counts.__setitem__("foreign frames", n))
         finally:
             bus.shutdown()
 

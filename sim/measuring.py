@@ -3,8 +3,13 @@ finding a SunSpec model the way an aggregator's client would (walking the chain,
 
 from __future__ import annotations
 
+import random
 import statistics
+import time
+from collections.abc import Callable, Collection
 from typing import Any
+
+import can
 
 from firmware_py.inverter.sunspec import DEFAULT_BASE, END_MODEL_ID, SUNS_MARKER
 
@@ -36,3 +41,22 @@ async def find_model(client: Any, model_id: int) -> int:
 def signed(raw: int) -> int:
     """A register's int16 (SunSpec scale factors are signed)."""
     return raw - 0x10000 if raw & 0x8000 else raw
+
+
+def flood(bus: can.BusABC, per_s: float, bms_ids: Collection[int], stopping: Callable[[], bool],
+          sent: Callable[[int], None]) -> None:
+    """Frames no BMS sends (other ids, random payloads) on `bus` at `per_s` until `stopping()`: the
+    saturated bus of the loaded benchmarks. `sent` is told the running count every 256 frames and at
+    the end, whatever ended it."""
+    rng, ids = random.Random(3), [i for i in range(0x100, 0x7FF) if i not in bms_ids]
+    begin, n = time.perf_counter(), 0
+    try:
+        while not stopping():
+            if (lag := begin + n / per_s - time.perf_counter()) > 0.002:
+                time.sleep(lag)
+            bus.send(can.Message(arbitration_id=rng.choice(ids), data=rng.randbytes(8), is_extended_id=False))
+            n += 1
+            if n % 256 == 0:
+                sent(n)
+    finally:
+        sent(n)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import random
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ from typing import Any
 import can
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
-from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, percentiles, signed
+from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
 
 from firmware_py.bms.bus import SEND_ONLY
 from firmware_py.config import bundled_dbc
@@ -434,7 +433,7 @@ class ProcessLoad:
         context = multiprocessing.get_context("spawn")
         load.stopping, running = context.Event(), context.Event()
         load.sent = context.Value("q", 0)
-        load.flood = context.Process(target=flood, name="bench-flood", daemon=True,
+        load.flood = context.Process(target=flood_process, name="bench-flood", daemon=True,
                                      args=(hw.can_url, load.foreign_per_s, running, load.stopping, load.sent))
         load.flood.start()
         if not await asyncio.to_thread(running.wait, START_S):
@@ -486,23 +485,14 @@ class ProcessLoad:
 
 
 
-def flood(url: str, per_s: float, running: Any, stopping: Any, sent: Any) -> None:
+def flood_process(url: str, per_s: float, running: Any, stopping: Any, sent: Any) -> None:
     """Frames no BMS sends, at `per_s`, from `running` until `stopping` is set (a process of its own)."""
     from firmware_py.bms.reader import BmsReader
 
     bus = can.Bus(interface="remote", channel=url, can_filters=SEND_ONLY)
     bms_ids = BmsReader(bundled_dbc("cybertruck_bms.dbc"), time.monotonic).frame_ids
-    rng, ids = random.Random(3), [i for i in range(0x100, 0x7FF) if i not in bms_ids]
-    begin, n = time.perf_counter(), 0
     running.set()
     try:
-        while not stopping.is_set():
-            if (lag := begin + n / per_s - time.perf_counter()) > 0.002:
-                time.sleep(lag)
-            bus.send(can.Message(arbitration_id=rng.choice(ids), data=rng.randbytes(8), is_extended_id=False))
-            n += 1
-            if n % 256 == 0:
-                sent.value = n
+        flood(bus, per_s, bms_ids, stopping.is_set, lambda n: setattr(sent, "value", n))
     finally:
-        sent.value = n
         bus.shutdown()
