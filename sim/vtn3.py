@@ -63,6 +63,7 @@ class BenchVtn3:
     secret: str = "bench-secret"
     token_life_s: int = TOKEN_LIFE_S
     subscriptions: bool = False
+    lists_subscriptions: bool = True  # False: takes subscriptions but cannot list them (GET answers 405)
     vens: dict[str, dict[str, Any]] = field(default_factory=dict)
     programs: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -253,7 +254,8 @@ class BenchVtn3:
         app.router.add_post(f"{PREFIX}/reports", self._authorized(self._post_report))
         if self.subscriptions:
             app.router.add_post(f"{PREFIX}/subscriptions", self._authorized(self._post_subscription))
-            app.router.add_get(f"{PREFIX}/subscriptions", self._authorized(self._get_subscriptions))
+            if self.lists_subscriptions:
+                app.router.add_get(f"{PREFIX}/subscriptions", self._authorized(self._get_subscriptions))
         return app
 
     @web.middleware

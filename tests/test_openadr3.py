@@ -399,13 +399,14 @@ def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resum
     run(scenario)
 
 
-def test_subscription_notifications_poll_at_once() -> None:
+@pytest.mark.parametrize("lists", [True, False], ids=["VTN lists subscriptions", "VTN cannot list them"])
+def test_subscription_notifications_poll_at_once(lists: bool) -> None:
     async def scenario() -> None:
         sink = ScriptedSink()
         with contextlib.closing(__import__("socket").socket()) as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True, lists_subscriptions=lists) as vtn:
             program = vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
             async with serving(ven, sink):

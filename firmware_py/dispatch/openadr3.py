@@ -398,6 +398,9 @@ class OpenAdr3Ven:
                        "callbackUrl": url, "bearerToken": self._callback_token}]
         try:
             held = await self._list(session, "subscriptions", clientName=self.config.ven_name)
+        except VtnRefused:  # a VTN that cannot list them: subscribed to, and not looked at again
+            held, self._subscription_due = [], math.inf
+        try:
             if not any(isinstance(sub, dict) and sub.get("objectOperations") == operations for sub in held):
                 await self._call(session, "POST", "subscriptions", body={
                     "objectType": "SUBSCRIPTION", "clientName": self.config.ven_name, "objectOperations": operations})

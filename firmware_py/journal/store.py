@@ -436,8 +436,8 @@ class Journal:
                 with Journal.open(segment.path, readonly=True) as older:
                     earlier, whole = older._recent_here(kinds, since_wall, page)
             except InputError as err:
-                log.warning("journal: the archived segment %s could not be read (%s): %s", segment.path.name,
-                            err, "the window starts after it")
+                log.warning("journal: the archived segment %s could not be read (%s); the window starts after it",
+                            segment.path.name, err)
                 break
             found = earlier + found
             if not whole:
