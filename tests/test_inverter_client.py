@@ -104,6 +104,17 @@ def test_writes_only_on_change_or_when_a_refresh_is_due():
     run(scenario)
 
 
+def test_the_same_command_applied_twice_at_once_is_written_once():
+    """The command writer and a dispatch's own write, woken by one step: the second waits for the link,
+    then finds the setpoint written."""
+    async def scenario(rig):
+        cmd = InverterCommand(3_000.0, "dispatch")
+        await asyncio.gather(rig.client.apply(cmd), rig.client.apply(cmd))
+        assert rig.server.writes == 1 and rig.model.wset_w == pytest.approx(3_000.0)
+
+    run(scenario)
+
+
 def test_safe_stop_writes_zero_even_when_unchanged():
     async def scenario(rig):
         await rig.client.apply(InverterCommand(0.0, "idle"))

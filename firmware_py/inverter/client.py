@@ -406,6 +406,8 @@ class InverterClient:
         addr = self.discovery.address(704) + lo
         try:
             async with self._busy:
+                if not force and raw == self._written and now - self._written_at < self.refresh_s:
+                    return True  # written while this waited for the link (the writer and a dispatch at once)
                 await self._write(addr, block)
                 self.writes += 1
                 self._written, self._written_at = raw, now
