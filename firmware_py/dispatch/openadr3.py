@@ -687,7 +687,8 @@ class OpenAdr3Ven:
         """An event cancelled at the VTN still has its usage reported, as its descriptors asked: every
         interval begun and not reported yet, with the energy delivered in it (the aggregator settles
         on it, cancelled or not)."""
-        begun = sum(1 for w in tracked.plan.intervals if w.start < sink.now())
+        now = sink.now()
+        begun = sum(1 for w in tracked.plan.intervals if w.start < now)
         if tracked.plan.reports and begun > tracked.reported_upto:
             self._queue_usage(sink, tracked, tracked.plan.intervals[tracked.reported_upto:begun])
             tracked.reported_upto = begun

@@ -399,14 +399,14 @@ class InverterClient:
             setpoint_w = 0.0  # never forward a number the inverter cannot represent
         raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()
-        if not force and raw == self._written and now - self._written_at < self.refresh_s:
+        if not force and self._holds(raw, now):
             return True
         lo, count = CONTROL_SPAN
         block = self._control_block(raw)
         addr = self.discovery.address(704) + lo
         try:
             async with self._busy:
-                if not force and raw == self._written and now - self._written_at < self.refresh_s:
+                if not force and self._holds(raw, now):
                     return True  # written while this waited for the link (the writer and a dispatch at once)
                 await self._write(addr, block)
                 self.writes += 1
@@ -426,6 +426,10 @@ class InverterClient:
             await self._failed(err)
             return False
         return True
+
+    def _holds(self, raw: int, now: float) -> bool:
+        """The inverter has this setpoint from a write recent enough that no refresh is due."""
+        return raw == self._written and now - self._written_at < self.refresh_s
 
     def _control_block(self, raw_wset: int) -> list[int]:
         """WSetEna..WSetRvrtTms: WATTS mode, the setpoint, and the revert to 0 W armed."""
