@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,3 +31,14 @@ def tesla_capture():
         return path
 
     return find
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A command run in-process (`main([...])`) sets up logging on the stderr pytest captured for
+    that test; later tests must not log into that closed stream, so the root logger is put back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -69,6 +69,18 @@ class World:
         self.send()
         if not await asyncio.to_thread(self.arrived.wait, WAIT_S):
             raise AssertionError(f"no frame reached the gateway within {WAIT_S} s")
+        await self.all_taken()
+
+    async def all_taken(self) -> None:
+        """Until the receive thread has taken every frame the node sent (bounded): a backlog still
+        being decoded after the test's clock moved on would read as frames arriving later."""
+        reader = self.link.reader
+        for _ in range(int(WAIT_S / 0.001)):
+            if reader.accepted + reader.dropped.total() >= self.node.sent:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"the gateway took {reader.accepted + reader.dropped.total()} of the node's "
+                             f"{self.node.sent} frames within {WAIT_S} s")
 
     async def look(self, after_s: float = 0.1) -> None:
         self.now += after_s
