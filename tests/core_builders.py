@@ -20,21 +20,23 @@ POLICY = Policy(usable_capacity_wh=123_000, reserve_pct=40, fault_holdoff_s=5, l
                 lockout_window_s=600, energy_report_interval_s=60)
 
 
+_HEALTHY_BMS = dict(
+    pack_voltage_v=820.0, pack_current_a=0.0, max_discharge_w=250_000, max_charge_w=150_000,
+    min_temp_c=24.0, max_temp_c=27.0, bms_state=BmsState.SUPPORT, contactor_state=ContactorState.CLOSED,
+    pack_contactor_neg=PackContactor.ECONOMIZED, pack_contactor_pos=PackContactor.ECONOMIZED, hvil_ok=True)
+_RUNNING_INVERTER = dict(inv_state=InverterState.RUNNING, w_max_rtg=11_500, w_discha_max_rtg=11_500,
+                         w_cha_max_rtg=11_500)
+
+
 def bms(t: float, soc: float = 80.0, **changes) -> BmsSnapshot:
-    """A healthy BMS in SUPPORT with contactors closed, as of time t."""
-    base = BmsSnapshot(
-        received_at=t, soc_min_pct=soc, soc_ui_pct=soc + 0.3, soc_max_pct=soc + 0.5, soc_avg_pct=soc + 0.2,
-        pack_voltage_v=820.0, pack_current_a=0.0, max_discharge_w=250_000, max_charge_w=150_000,
-        min_temp_c=24.0, max_temp_c=27.0, bms_state=BmsState.SUPPORT, contactor_state=ContactorState.CLOSED,
-        pack_contactor_neg=PackContactor.ECONOMIZED, pack_contactor_pos=PackContactor.ECONOMIZED, hvil_ok=True,
-    )
-    return replace(base, **changes)
+    """A healthy BMS in SUPPORT with contactors closed, as of time t (built once: the state machine
+    makes millions)."""
+    return BmsSnapshot(**{"received_at": t, "soc_min_pct": soc, "soc_ui_pct": soc + 0.3, "soc_max_pct": soc + 0.5,
+                          "soc_avg_pct": soc + 0.2, **_HEALTHY_BMS, **changes})
 
 
 def inverter(t: float, **changes) -> InverterStatus:
-    base = InverterStatus(received_at=t, inv_state=InverterState.RUNNING, w_max_rtg=11_500,
-                          w_discha_max_rtg=11_500, w_cha_max_rtg=11_500)
-    return replace(base, **changes)
+    return InverterStatus(**{"received_at": t, **_RUNNING_INVERTER, **changes})
 
 
 def discharge(id: str, t: float, start: float, end: float, target: float = 11_500, **changes) -> DispatchRequest:

@@ -37,7 +37,7 @@ QUICK = [name for name in scenario.bundled_names() if not name.startswith("summe
 # scenarios keep their fault and a resumed event well inside the run; the inverter-link ones
 # less shortened, as their recovery (timeouts, reconnect, hold-off) takes a fixed 40-50 s.
 # The 4-hour energy scenarios shrink most: what they show depends on energy over capacity.
-SCALE = {"grid-outage.toml": 1 / 16, "budget-limited.toml": 1 / 16, "owner-opt-out.toml": 1 / 4,
+SCALE = {"grid-outage.toml": 1 / 32, "budget-limited.toml": 1 / 32, "owner-opt-out.toml": 1 / 8,
          "fault-modbus-exception.toml": 1 / 4}
 DEFAULT_SCALE = 1 / 8
 # These two have their own shortened tests below, with the bundled checks and what the run is for.
@@ -139,7 +139,7 @@ def test_shortened_budget_limited_event_is_capped_and_stops_above_the_floor(tmp_
 
 
 def test_grid_return_waits_the_enter_service_delay_then_ramps_in(tmp_path):
-    """IEEE 1547 enter service, end to end: an event runs, a 300 s outage (BACKUP), then the grid
+    """IEEE 1547 enter service, end to end: an event runs, a 2-minute outage (BACKUP), then the grid
     returns: 0 W and new dispatch refused (ENTER_SERVICE_DELAY) for the 300 s delay the gateway reads
     from model 703, then the inverter ramps to full power over 300 s and the event is served again."""
     loaded = scenario.load(scenario.bundled("grid-return.toml"))
