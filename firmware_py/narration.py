@@ -196,9 +196,11 @@ def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> 
     write to the journal's pipe (hundreds of microseconds on a small machine) happen in
     the writer thread. Every line queued is written before this returns (a process killed outright
     loses at most the lines still queued, a few milliseconds' worth; the journal keeps every record).
+    Then the root logger is as it was before: `stream` may be closed once this returns.
     """
-    configure_logging(verbose, stream)
     root = logging.getLogger()
+    before, level = root.handlers[:], root.level
+    configure_logging(verbose, stream)
     handlers = root.handlers[:]
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = QueueListener(lines, *handlers, respect_handler_level=True)
@@ -207,8 +209,9 @@ def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> 
     try:
         yield
     finally:
-        root.handlers[:] = handlers
         writer.stop()
+        root.handlers[:] = before
+        root.setLevel(level)
 
 
 def _quiet(record: logging.LogRecord) -> bool:

@@ -8,6 +8,7 @@ measured what it says, and wrote the JSON a CI job or an installer's script read
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -43,3 +44,21 @@ def test_headline_names_cover_every_benchmark():
     assert set(bench.BENCHMARKS) == {"reaction", "dispatch", "openadr", "bus", "sim", "start", "soak"}
     empty = bench.summary({})
     assert {"reaction_ms", "dispatch_ms", "bus_cpu_pct", "sim_speed_x", "start_s", "rss_mb", "machine"} <= set(empty)
+
+
+@pytest.mark.slow  # half an hour simulated: seconds
+def test_a_short_soak_reports_its_memory_by_hour_and_its_accounting(tmp_path, capsys):
+    """The soak with one fault in it (the first comes at 31 minutes): the figures it is read for are
+    there, and the bench leaves logging as it found it (its own log file is closed by then)."""
+    root = logging.getLogger()
+    before = root.handlers[:], root.level
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--only", "soak", "--soak-hours", "0.55", "--json", str(out)]) == 0
+    assert (root.handlers, root.level) == before
+    logging.getLogger("firmware_py").warning("a line after the bench")
+    soak = json.loads(out.read_text())["details"]["soak"]
+    assert soak["faults"] == 1 and soak["faults_made_safe"] == 1
+    assert len(soak["rss_mb_by_hour"]) == 1 and soak["rss_mb_by_hour"][0] > 0
+    assert soak["floor_violations"] == 0 and soak["min_soc_pct"] >= soak["reserve_pct"]
+    assert soak["delivered_wh"] > 0 and abs(soak["drift_pct"]) < 0.1
+    assert "Logging error" not in capsys.readouterr().err
