@@ -69,6 +69,10 @@ records the newer one would misread)."""
 ANCHORED_VERSION = 2
 GENESIS_HASH = "0" * 64
 PAGE_ROWS = 512
+WRITER_CACHE_KIB = 512
+"""SQLite's page cache for the gateway's own connection (SQLite's default is 2 MiB per connection).
+Appends touch only the table's right edge and reads go by index, and the kernel caches the file
+anyway: a bigger cache only raises the gateway's resident memory as the journal grows."""
 """Rows read per query: readers hold one page, whatever the journal's length."""
 ANCHOR_KINDS = frozenset({RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL, RecordKind.DISPATCH_ENDED,
                           RecordKind.SEGMENT_PRUNED})
@@ -751,6 +755,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         except sqlite3.Error as err:
             raise InputError(f"{path}: cannot open journal for writing: {err}") from err
     return int(version)
