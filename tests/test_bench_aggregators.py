@@ -34,7 +34,7 @@ TARGET_W = 11_500
 
 
 def write_scenario(tmp_path: Path, kind: str, *, at_s: float = 60, start_s: float = 120,
-                   duration_s: float = 300, run_s: float = 600, extra: str = "") -> scenario.Scenario:
+                   duration_s: float = 300, run_s: float = 450, extra: str = "") -> scenario.Scenario:
     path = tmp_path / f"short-{kind}.toml"
     path.write_text(f"""
 [run]
@@ -114,7 +114,7 @@ def test_openadr_event_is_opted_in_and_delivered(tmp_path):
 
 
 def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
-    loaded = write_scenario(tmp_path, "openadr", duration_s=480, run_s=600,
+    loaded = write_scenario(tmp_path, "openadr", duration_s=480, run_s=450,
                             extra='[[cancel]]\nat_s = 400\nid = "peak-1"\n')
     aggregator = for_scenario(loaded)
     outcome, records = run_bench(loaded, aggregator, tmp_path)
@@ -152,7 +152,7 @@ def test_openadr3_event_is_accepted_delivered_and_reported_back(tmp_path):
 def test_openadr3_event_cancelled_mid_event_stops_delivery_and_still_reports_the_energy(tmp_path):
     """Deleted at the VTN mid-event: the core stops, and the usage report the event asked for comes
     anyway, with what was delivered before the cancellation (the aggregator settles on it)."""
-    loaded = write_scenario(tmp_path, "openadr3", duration_s=480, run_s=600,
+    loaded = write_scenario(tmp_path, "openadr3", duration_s=480, run_s=450,
                             extra='[[cancel]]\nat_s = 400\nid = "peak-1"\n')
     aggregator = for_scenario(loaded)
     outcome, records = run_bench(loaded, aggregator, tmp_path)
