@@ -362,3 +362,12 @@ def test_verify_reports_a_column_rewritten_with_the_wrong_type(tmp_path):
     with Journal.open(path, readonly=True) as journal:
         problems = journal.verify()
     assert any("record 2" in p and "wrong type" in p for p in problems)
+
+
+def test_the_writer_keeps_a_small_page_cache(path):
+    """SQLite's 2 MiB default would grow the gateway's resident memory with the journal (the soak)."""
+    from firmware_py.journal.store import WRITER_CACHE_KIB
+
+    with Journal.open(path) as journal:
+        assert journal._read("PRAGMA cache_size") == [(-WRITER_CACHE_KIB,)]
+        assert WRITER_CACHE_KIB < 2000

@@ -69,11 +69,11 @@ records the newer one would misread)."""
 ANCHORED_VERSION = 2
 GENESIS_HASH = "0" * 64
 PAGE_ROWS = 512
+"""Rows read per query: readers hold one page, whatever the journal's length."""
 WRITER_CACHE_KIB = 512
 """SQLite's page cache for the gateway's own connection (SQLite's default is 2 MiB per connection).
 Appends touch only the table's right edge and reads go by index, and the kernel caches the file
 anyway: a bigger cache only raises the gateway's resident memory as the journal grows."""
-"""Rows read per query: readers hold one page, whatever the journal's length."""
 ANCHOR_KINDS = frozenset({RecordKind.DISPATCH_ANSWER, RecordKind.DISPATCH_CANCEL, RecordKind.DISPATCH_ENDED,
                           RecordKind.SEGMENT_PRUNED})
 """Kinds that anchor the head as soon as they commit (with a final EventEnergy): what billing rests on."""
