@@ -48,6 +48,7 @@ from typing import Any
 
 import can
 
+from firmware_py import heap
 from firmware_py.bms.reader import BmsReader
 from firmware_py.clocks import Clocks, calendar_day
 from firmware_py.config import Config
@@ -360,6 +361,7 @@ class Gateway:
                 for pruned in self.journal.prune(now, settings.retain_days * 86_400):
                     log.info("journal segment %s pruned (older than %g days)", pruned.name, settings.retain_days)
                 self._prune_after = now + PRUNE_EVERY_S
+                heap.release_free_pages()  # the hourly upkeep of the process's memory too (see heap.py)
         except (JournalWriteError, OSError) as err:
             log.warning("journal upkeep postponed %.0f s: %s", MAINTAIN_RETRY_S, err)
             self._maintain_after = now + MAINTAIN_RETRY_S
