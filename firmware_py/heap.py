@@ -4,24 +4,22 @@ A gateway runs for months. glibc's malloc returns memory to the system only from
 heap; the pages of chunks freed below it stay resident. The journal's batches (JSON, zlib) and
 SQLite's work leave such holes: in a 24-hour simulated soak the heap in use stayed flat (16.4 to
 16.7 MB) while its free lists grew from 0.7 to 7 MB, and RSS with them. `malloc_trim(0)` gives
-every whole free page back (it costs milliseconds); with it once an hour the same soak's RSS
-stayed within 1 MB from its third hour to its twelfth. Where the C library is not glibc
+every whole free page back; with it once an hour the 24-hour soak's RSS stayed at 78.6-79.1 MB
+from its second hour to its last. It runs where the journal's writes run (a worker thread in
+`run`) and takes about a millisecond, holding each malloc arena in turn meanwhile. Where the C library is not glibc
 (musl, macOS) there is no such call and nothing is done.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's `malloc_trim` from the symbols the process already has (no library search at start-up)."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int

@@ -209,9 +209,9 @@ def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> 
     try:
         yield
     finally:
-        writer.stop()
-        root.handlers[:] = before
+        root.handlers[:] = before  # first: a line said meanwhile goes straight out, not to a queue nobody reads
         root.setLevel(level)
+        writer.stop()
 
 
 def _quiet(record: logging.LogRecord) -> bool:

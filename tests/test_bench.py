@@ -1,7 +1,8 @@
 """The whole bench: every bundled scenario passes its own checks, and the default run's
 journal, trace and plot say what the gateway really did.
 
-Every bundled scenario runs once. Most are shrunk in time and pack size (`scaled`), which
+Every bundled scenario run here runs once (the default event's protocol twins have shorter
+benches in test_bench_aggregators.py). Most are shrunk in time and pack size (`scaled`), which
 keeps every SoC trajectory, power cap and fault reaction of the full one, in the fast tier;
 those whose times are physical run whole. The slow tier (`-m slow`, run by CI) adds the two
 whose recovery cannot be shortened and the 5-hour default run through the CLI that the journal,
@@ -34,8 +35,8 @@ from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, f
 QUICK = [name for name in scenario.bundled_names() if not name.startswith("summer-peak")]
 
 # How much shorter the fast tier's copy of each bundled scenario is (`scaled`). The fault
-# scenarios keep their fault and a resumed event well inside the run; the inverter-link ones
-# less shortened, as their recovery (timeouts, reconnect, hold-off) takes a fixed 40-50 s.
+# scenarios keep their fault and a resumed event well inside the run; the Modbus exception one
+# less shortened, as its recovery (reconnect, hold-off) takes a fixed time.
 # The 4-hour energy scenarios shrink most: what they show depends on energy over capacity.
 SCALE = {"grid-outage.toml": 1 / 32, "budget-limited.toml": 1 / 32, "owner-opt-out.toml": 1 / 8,
          "fault-modbus-exception.toml": 1 / 4}

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from dataclasses import replace
 
 import can
@@ -74,13 +75,16 @@ class World:
     async def all_taken(self) -> None:
         """Until the receive thread has taken every frame the node sent (bounded): a backlog still
         being decoded after the test's clock moved on would read as frames arriving later."""
-        reader = self.link.reader
-        for _ in range(int(WAIT_S / 0.001)):
-            if reader.accepted + reader.dropped.total() >= self.node.sent:
-                return
+        deadline = time.monotonic() + WAIT_S
+        while (taken := self.taken()) < self.node.sent:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the gateway took {taken} of the node's {self.node.sent} frames within {WAIT_S} s")
             await asyncio.sleep(0.001)
-        raise AssertionError(f"the gateway took {reader.accepted + reader.dropped.total()} of the node's "
-                             f"{self.node.sent} frames within {WAIT_S} s")
+
+    def taken(self) -> int:
+        """Frames the reader accepted or dropped (it counts every frame, known id or not)."""
+        accepted, dropped = self.link.reader.frame_counts()
+        return accepted + sum(dropped.values())
 
     async def look(self, after_s: float = 0.1) -> None:
         self.now += after_s

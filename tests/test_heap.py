@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 
 from firmware_py import heap
 
 
 def glibc() -> bool:
-    name = ctypes.util.find_library("c")
-    return name is not None and platform.libc_ver()[0] == "glibc"
+    return platform.libc_ver()[0] == "glibc"
 
 
 def rss_kib() -> int:
