@@ -6,8 +6,8 @@ SQLite's work leave such holes: in a 24-hour simulated soak the heap in use stay
 16.7 MB) while its free lists grew from 0.7 to 7 MB, and RSS with them. `malloc_trim(0)` gives
 every whole free page back; with it once an hour the 24-hour soak's RSS stayed at 78.6-79.1 MB
 from its second hour to its last. It runs where the journal's writes run (a worker thread in
-`run`) and takes about a millisecond, holding each malloc arena in turn meanwhile. Where the C library is not glibc
-(musl, macOS) there is no such call and nothing is done.
+`run`) and takes about a millisecond, holding each malloc arena in turn meanwhile. Where the C
+library is not glibc (musl, macOS) there is no such call and nothing is done.
 """
 
 from __future__ import annotations

@@ -78,11 +78,13 @@ class World:
         deadline = time.monotonic() + WAIT_S
         while (taken := self.taken()) < self.node.sent:
             if time.monotonic() > deadline:
-                raise AssertionError(f"the gateway took {taken} of the node's {self.node.sent} frames within {WAIT_S} s")
+                raise AssertionError(f"the gateway took {taken} of the node's {self.node.sent} frames "
+                                     f"within {WAIT_S} s")
             await asyncio.sleep(0.001)
 
     def taken(self) -> int:
-        """Frames the reader accepted or dropped (it counts every frame, known id or not)."""
+        """Frames the reader accepted or dropped. It skips ids its DBC does not know without counting
+        them; the node sends only ids from the same DBC, so every frame it sent is counted."""
         accepted, dropped = self.link.reader.frame_counts()
         return accepted + sum(dropped.values())
 
