@@ -41,7 +41,7 @@ from typing import Any
 from firmware_py.assembly import Assembly, Integration, assemble, check
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
-from firmware_py.core import Mode
+from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
@@ -94,6 +94,7 @@ class Service:
                                   clocks=self.gateway.clocks) if options.owner_api else None
         self.tasks: list[asyncio.Task[Any]] = []
         self.gateway.observers.append(Narrator(self.gateway.clocks))
+        self._step_again: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -112,6 +113,7 @@ class Service:
         if closed:
             log.warning("ended events left open by the last run: %s", ", ".join(closed))
         loop = asyncio.get_running_loop()
+        gateway.observers.append(self._stepping_again)
         self.assembly.can_link.start(lambda snapshot: loop.call_soon_threadsafe(gateway.on_snapshot, snapshot))
         gateway.feed(Tick(gateway.now()))  # start-up's slow parts (the journal read) are behind this step:
         gateway.watch_stalls = True  # from here on, a long gap between steps is the gateway's own stall
@@ -133,6 +135,15 @@ class Service:
         for name, integration in integrations.items():
             self.tasks.append(asyncio.create_task(self._supervised(name, integration), name=name))
         gc.freeze()  # what start-up built lives for the whole run: later collections need not walk it
+
+    def _stepping_again(self, result: StepResult) -> None:
+        """Step once more when the core asks for it before the next tick (`StepResult.step_again_at`)."""
+        if result.step_again_at is None:
+            return
+        if self._step_again is not None:
+            self._step_again.cancel()
+        delay = max(0.0, result.step_again_at - self.gateway.now())
+        self._step_again = asyncio.get_running_loop().call_later(delay, self.gateway.tick)
 
     async def ready(self, stop: asyncio.Event | None = None) -> bool:
         """Wait until the core has fresh BMS and inverter data (it left STARTUP), at most `ready_timeout_s`
@@ -176,6 +187,10 @@ class Service:
     async def stop(self) -> None:
         """Tasks first, then the safe stop, then the journal: each step on its own so one failure skips no other."""
         self.gateway.watch_stalls = False  # stopping takes its time; it is no stall
+        with contextlib.suppress(ValueError):
+            self.gateway.observers.remove(self._stepping_again)
+        if self._step_again is not None:
+            self._step_again.cancel()
         await cancel_all(self.tasks)
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (

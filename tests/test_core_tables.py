@@ -78,6 +78,22 @@ def test_discharge_ramps_holds_and_ends_with_the_window():
     assert any(isinstance(e, EventEnergy) and e.final for e in results[-1].events)
 
 
+def test_the_step_that_enters_a_ramp_asks_for_the_next_one_soon():
+    """The core keeps no timers: the step entering DISCHARGE at 0 W says when its first watts are due."""
+    from firmware_py.core.machine import RAMP_START_S
+
+    req = discharge("e1", 1.0, start=1.0, end=12.0, target=5_000)
+    standby, entering = run_table([
+        (0.5, both(0.5), Mode.STANDBY, 0, "data ready"),
+        (1.0, both(1.0) + [req], Mode.DISCHARGE, 0, "dispatch e1"),
+    ], controller=Controller.start(POLICY, now=0))
+    assert standby.step_again_at is None
+    assert entering.step_again_at == pytest.approx(1.0 + RAMP_START_S)
+    following = step(entering.controller, both(entering.step_again_at), entering.step_again_at)
+    assert following.command.setpoint_w == pytest.approx(POLICY.ramp_w_per_s * RAMP_START_S)
+    assert following.step_again_at is None  # the ramp goes on at the adapter's own cadence
+
+
 def test_stale_bms_gives_zero_in_the_same_step_and_latches_a_fault():
     req = discharge("e1", 0.0, start=0.0, end=100.0, target=5_000)
     run_table([

@@ -125,6 +125,56 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
     asyncio.run(main())
 
 
+def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the_next_tick(tmp_path: Path):
+    """The step that enters DISCHARGE holds 0 W and asks to be stepped again soon; the service does.
+
+    Nothing else steps the core here: no tick for an hour, no inverter poll for a minute once the
+    start-up's two are done, and a pack that does not change (the reader hands out no snapshot for
+    unchanged frames). So the first watts at the inverter can only come from the step the core asked for.
+    """
+    async def main() -> list[StepResult]:
+        model = InverterModel(now=time.time())
+        first = Watch(lambda w: w > 0)
+        model.on_wset = first.see
+        async with SimInverterServer(model) as server:
+            channel = f"service-test-{next(_channels)}"
+            base = Config()
+            config = replace(
+                base, can=replace(base.can, interface="virtual", channel=channel),
+                inverter=replace(base.inverter, port=server.port, poll_interval_s=60),
+                safety=replace(base.safety, bms_timeout_s=10, inverter_timeout_s=60),
+                journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
+                owner=replace(base.owner, settings_file=str(tmp_path / "owner.json")))
+            node_bus = can.Bus(interface="virtual", channel=channel)
+            node = BmsNode(Battery(soc_pct=80), node_bus, bundled_dbc("cybertruck_bms.dbc"))
+            service = Service(assemble(config, time.time), RunOptions(owner_api=False, tick_s=3_600))
+            polls: set[float] = set()
+            polled = Watch(lambda r: polls.add(r.controller.inverter.received_at) or len(polls) == 2)
+            ready = Watch(lambda r: r.controller.mode is Mode.STANDBY)
+            results: list[StepResult] = []
+            service.gateway.observers += [polled.see, ready.see, results.append]
+            frames = asyncio.create_task(every(0.05, lambda: node.emit_due(time.time())))
+            try:
+                await service.start()
+                await ready.wait("the gateway to have fresh BMS and inverter data")
+                await polled.wait("the start-up's inverter reads (the service's own, then its poll task's first)")
+                now = time.time()
+                answer = await service.gateway.submit(DispatchRequest(
+                    "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
+                assert answer is not None and answer.verdict is Verdict.ACCEPTED
+                await first.wait("the first discharge watts at the inverter")
+                return [r for r in results if r.controller.mode is Mode.DISCHARGE]
+            finally:
+                frames.cancel()
+                await asyncio.gather(frames, return_exceptions=True)
+                await service.stop()
+                node_bus.shutdown()
+
+    entering, following = asyncio.run(main())[:2]
+    assert entering.command.setpoint_w == 0 and entering.step_again_at is not None
+    assert following.controller.last_step_at >= entering.step_again_at and following.command.setpoint_w > 0
+
+
 def test_ready_waits_for_fresh_data_at_most_its_bound_and_never_holds_up_a_stop(tmp_path: Path, caplog):
     """No BMS and no inverter: READY comes after the bound, saying what is missing; a stop ends the wait."""
     async def main() -> tuple[bool, bool]:

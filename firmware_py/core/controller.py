@@ -122,6 +122,9 @@ class StepResult:
     controller: Controller
     command: InverterCommand
     events: list[Event]
+    step_again_at: float | None = None
+    """When the core wants its next step, if sooner than the adapter's own cadence would bring it:
+    the core keeps no timers, so it says when time passing will change its answer."""
 
     def answer_for(self, request_id: str) -> DispatchAnswer | None:
         return next((e for e in self.events if isinstance(e, DispatchAnswer) and e.request_id == request_id), None)

@@ -58,6 +58,11 @@ __all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
 ENTRY_HYSTERESIS_PCT = floors.ENTRY_HYSTERESIS_PCT  # enter DISCHARGE only this far above the floor
 OPTED_OUT_END = "owner opted out"
+RAMP_START_S = 0.01
+"""A ramping mode's first step holds 0 W; the step this long after gives its first watts. Without it the
+first watts would wait for the adapter's next tick (up to 100 ms in `run`), the largest share of a
+dispatch's latency after the aggregator's own poll."""
+RAMPING_MODES = frozenset({Mode.DISCHARGE, Mode.CHARGE})
 JOURNAL_HOLD = "journal: unavailable, dispatch held at 0 W"
 """The reason (command and transition) while dispatch waits for the journal to write again."""
 
@@ -439,4 +444,5 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
                 peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint), commanded_wh=commanded_wh(c, now))
     c, produced = report_energy(c, now)
     events += produced
-    return StepResult(c, InverterCommand(setpoint, reason), events)
+    again = now + RAMP_START_S if mode in RAMPING_MODES and not same_mode else None
+    return StepResult(c, InverterCommand(setpoint, reason), events, again)

@@ -216,7 +216,7 @@ class OpenAdrVen:
         self._wake = asyncio.Event()
         standing = asyncio.create_task(self._standing(sink), name="openadr-standing")
         try:
-            client.loop = asyncio.get_running_loop()
+            loop = client.loop = asyncio.get_running_loop()
             client.scheduler.start()
             client.scheduler.add_job(client._event_cleanup, trigger="interval",
                                      seconds=client.events_clean_up_period)
@@ -231,6 +231,7 @@ class OpenAdrVen:
                     backoff.reset()
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
+                began = loop.time()
                 await client._poll()
                 self._forget_ended()
                 if client.poll_ok:
@@ -238,7 +239,7 @@ class OpenAdrVen:
                         log.debug("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
                     self._tell(True)
                     backoff.reset()
-                    await asyncio.sleep(self._poll_s(client))
+                    await asyncio.sleep(max(0.0, began + self._poll_s(client) - loop.time()))  # a steady beat
                 else:
                     self.failed_polls += 1
                     self._tell(False, f"VTN {self.config.vtn_url} unreachable; accepted events keep their windows")

@@ -248,12 +248,14 @@ class OpenAdr3Ven:
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
+                loop = asyncio.get_running_loop()
                 while True:
+                    began = loop.time()
                     try:
                         await self._cycle(session, sink)
                         self._tell(True)
                         backoff.reset()
-                        delay = self.config.poll_interval_s
+                        delay = max(0.0, began + self.config.poll_interval_s - loop.time())  # polls on a steady beat
                     except VtnError as err:
                         self.failed_polls += 1
                         self.subscribed = False  # a VTN back from an outage may have lost it: looked at again
