@@ -8,6 +8,7 @@ failed, 2 bad input (with a message on stderr naming file, key and reason).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -18,30 +19,44 @@ from firmware_py.version import software_version
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from firmware_py import bundle, service, status
-    from firmware_py.bms import commands as bms_commands
-    from firmware_py.commissioning import commands as commissioning_commands
-    from firmware_py.inverter import commands as inverter_commands
-    from firmware_py.journal import commands as journal_commands
-    from firmware_py.owner import commands as owner_commands
-    from firmware_py.sim import bench, sim_command
-    from firmware_py.statements import commands as statement_commands
+COMMANDS: dict[str, str] = {
+    "check-config": "firmware_py.service",
+    "run": "firmware_py.service",
+    "status": "firmware_py.status",
+    "bms": "firmware_py.bms.commands",
+    "inverter": "firmware_py.inverter.commands",
+    "report": "firmware_py.journal.commands",
+    "owner": "firmware_py.owner.commands",
+    "sim": "firmware_py.sim.sim_command",
+    "bench": "firmware_py.sim.bench",
+    "statement": "firmware_py.statements.commands",
+    "bundle": "firmware_py.bundle",
+    "commission": "firmware_py.commissioning.commands",
+}
+"""Each command and the module that registers it (its `register(sub)`), in the order help lists them.
 
+Only the named command's module is imported: `run` on a small board then never loads the
+simulator, the benchmarks or the statement tools (about 1.6 MB of RSS and their import time).
+Help, and a command that is not known, load them all."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone, or for every command when it is None or not one of `COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="powershare-gw",
         description="Vehicle-to-home gateway: BMS over CAN, inverter over SunSpec Modbus, grid dispatch.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {software_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (service, status, bms_commands, inverter_commands, journal_commands, owner_commands,
-                   sim_command, bench, statement_commands, bundle, commissioning_commands):
-        module.register(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:

@@ -8,7 +8,6 @@ persisted, and what the owner was told.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -115,22 +114,9 @@ def write_gateway_config(tmp_path: Path, address: str, token_file: str = "owner.
     return path
 
 
-_build_parser = cli.build_parser
-
-
-def parser_with_owner() -> argparse.ArgumentParser:
-    """cli.build_parser plus `owner`, until the lead wires owner.commands.register into cli.py."""
-    parser = _build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "owner" not in sub.choices:
-        commands.register(sub)
-    return parser
-
-
 @pytest.fixture
-def owner_cli(monkeypatch, capsys):
+def owner_cli(capsys):
     """Run `powershare-gw owner ...` through cli.main; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "build_parser", parser_with_owner)
 
     def run(config_file: Path, *argv: str) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -12,33 +11,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from firmware_py.cli import main
 from firmware_py.core import types as t
-from firmware_py.errors import InputError
-from firmware_py.journal import Journal, codec, commands
-
-
-def main(argv: Sequence[str]) -> int:
-    """The real CLI once it registers `report`; until then the same handler behind the CLI's exit mapping."""
-    from firmware_py import cli
-
-    parser = cli.build_parser()
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "report" in subcommands.choices:
-        return cli.main(list(argv))
-    parser = argparse.ArgumentParser(prog="powershare-gw")
-    commands.register(parser.add_subparsers())
-    args = parser.parse_args(list(argv))
-    try:
-        return args.handler(args)
-    except InputError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return cli.EXIT_BAD_INPUT
+from firmware_py.journal import Journal, codec
 
 
 @pytest.fixture

@@ -1,0 +1,45 @@
+"""The command line's table of commands: each command comes from the module it names, and a
+command loads only its own module (`run` on a gateway never loads the simulator)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from firmware_py import cli
+
+
+def commands_of(parser: argparse.ArgumentParser) -> list[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_help_lists_every_command_in_the_tables_order():
+    assert commands_of(cli.build_parser()) == list(cli.COMMANDS)
+
+
+def test_each_command_is_registered_by_the_module_the_table_names():
+    for command, module in cli.COMMANDS.items():
+        registered = commands_of(cli.build_parser(command))
+        assert command in registered, f"{module} does not register {command!r}"
+        assert registered == [c for c, m in cli.COMMANDS.items() if m == module]
+
+
+def test_run_loads_neither_the_simulator_nor_the_other_commands():
+    probe = ("import sys; from firmware_py import cli; cli.build_parser('run'); "
+             "print(sorted(m for m in sys.modules if m.startswith(('firmware_py.sim', 'firmware_py.commissioning', "
+             "'firmware_py.bundle', 'firmware_py.statements.commands', 'firmware_py.journal.commands'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_unknown_command_is_named_with_every_command_it_could_have_been(capsys):
+    try:
+        cli.main(["nope"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("an unknown command must exit with a usage error")
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(repr(c) in err for c in cli.COMMANDS)
