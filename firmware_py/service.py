@@ -11,6 +11,7 @@ Paths through it:
   hops to the loop → `Gateway.on_snapshot` → the writer wakes at once (a fault
   frame reaches the inverter without waiting for a tick);
 - every `tick_s` → `Gateway.tick`, and the writer at least that often (refreshes);
+- once more, sooner, when a step asks for it (`StepResult.step_again_at`: a ramp's first watts);
 - every `tick_s` → the CAN link looks at itself and reopens a broken bus (`bms/link.py`);
 - every `poll_interval_s` → `Gateway.poll_inverter` (at once after a stall: resync);
 - every `journal_flush_s` → queued journal records are written off the loop;
