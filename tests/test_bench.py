@@ -45,9 +45,10 @@ DEFAULT_SCALE = 1 / 8
 # They are not run again at full length: what they show is energy over capacity, which `scaled`
 # keeps exactly (their 4-hour runs were a third of the whole suite's scenario time).
 OWN_TESTS = {"grid-outage.toml", "budget-limited.toml"}
-# Short enough to run whole in the fast tier (their times are physical: a 300 s enter-service delay,
-# a pack emptied to its floor), each with its own test below; the slow tier does not repeat them.
-WHOLE_IN_FAST_TIER = {"grid-return.toml", "open-ended-sunspec.toml"}
+# Run whole by their own tests below, in the slow tier (their times are physical: a 300 s
+# enter-service delay and ramp, a pack emptied to its floor); the enter-service rules and the
+# open-ended requests have unit tests of their own in the fast tier.
+WHOLE_BY_OWN_TESTS = {"grid-return.toml", "open-ended-sunspec.toml"}
 # Their recovery (Modbus timeouts, reconnect, hold-off) takes a fixed 40-50 s, so a shortened copy is
 # nearly the whole run: the slow tier's whole run is their only one.
 WHOLE_IN_SLOW_TIER_ONLY = {"fault-modbus-disconnect.toml", "fault-modbus-timeout.toml"}
@@ -104,7 +105,7 @@ def test_bundled_scenario_passes_its_checks(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", [name for name in QUICK
-                                  if name not in OWN_TESTS | WHOLE_IN_FAST_TIER | WHOLE_IN_SLOW_TIER_ONLY])
+                                  if name not in OWN_TESTS | WHOLE_BY_OWN_TESTS | WHOLE_IN_SLOW_TIER_ONLY])
 def test_shortened_scenario_passes_the_bundled_checks(name, tmp_path):
     full, short = scenario.load(scenario.bundled(name)), shortened(name)
     assert short.run.duration_s < full.run.duration_s and short.expect.answers == full.expect.answers
@@ -139,6 +140,7 @@ def test_shortened_budget_limited_event_is_capped_and_stops_above_the_floor(tmp_
     assert outcome.summary["min_soc_pct"] >= short.expect.min_soc_pct
 
 
+@pytest.mark.slow
 def test_grid_return_waits_the_enter_service_delay_then_ramps_in(tmp_path):
     """IEEE 1547 enter service, end to end: an event runs, a 2-minute outage (BACKUP), then the grid
     returns: 0 W and new dispatch refused (ENTER_SERVICE_DELAY) for the 300 s delay the gateway reads
@@ -175,6 +177,7 @@ class Watched(Simulation):
         super()._trace_step()
 
 
+@pytest.mark.slow
 def test_an_open_ended_setpoint_is_served_at_full_power_until_the_envelope_takes_over(tmp_path):
     """Issue 12's bench: WSet = 11500 written once without a revert timer to a 20 kWh pack at 45 %
     (floor 42 %). At least 80 % of the energy the gateway saw above the floor leaves at the requested

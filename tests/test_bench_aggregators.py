@@ -113,6 +113,7 @@ def test_openadr_event_is_opted_in_and_delivered(tmp_path):
     assert min(serving) >= 120 and max(serving) <= 120 + 300 + 1  # the VTN's window, mapped onto the bench clock
 
 
+@pytest.mark.slow  # the fast tier keeps one bench per protocol; this one's logic has unit tests too
 def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
     loaded = write_scenario(tmp_path, "openadr", duration_s=300,
                             extra='[[cancel]]\nat_s = 300\nid = "peak-1"\n')
@@ -244,6 +245,7 @@ def test_sunspec_setpoint_is_accepted_and_delivered(tmp_path):
     assert min(serving) >= 120 and max(serving) <= 120 + 300 + 1  # WSetEna = 0 at the end stops it
 
 
+@pytest.mark.slow  # the fast tier keeps one bench per protocol; this one's logic has unit tests too
 def test_sunspec_setpoint_announced_early_is_written_at_its_start(tmp_path):
     loaded = write_scenario(tmp_path, "sunspec", at_s=30)
     aggregator = for_scenario(loaded)
