@@ -54,6 +54,8 @@ from firmware_py.narration import lines_written_aside
 from firmware_py.service import RunOptions, Service, every
 
 WAIT_S = 10.0
+DESCENT = 300
+"""Dispatch samples per descent of the setpoint (9,000 W down by 20 W a sample), then raised again."""
 
 
 class RealtimeRig:
@@ -291,19 +293,28 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
             regs = await client.read_holding_registers(base + m704.offset("WSet_SF"), count=1, device_id=1)
             sf = signed(regs.registers[0])
             await client.write_registers(base + m704.offset("WSetMod"), [WSetMod.WATTS], device_id=1)
-            warm = round(9_500 / 10 ** sf)
-            await client.write_registers(base + m704.offset("WSet"), [warm >> 16, warm & 0xFFFF], device_id=1)
+
+            async def write_wset(watts: int) -> None:
+                raw = round(watts / 10 ** sf) & 0xFFFFFFFF
+                await client.write_registers(base + m704.offset("WSet"), [raw >> 16, raw & 0xFFFF], device_id=1)
+
+            async def warm_up() -> None:  # untimed: a higher setpoint ramps at the gateway's ramp rate
+                await write_wset(9_500)
+                await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
+
+            await write_wset(9_500)
             await client.write_registers(base + m704.offset("WSetEna"), [WSetEna.ENABLED], device_id=1)
-            await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
             latencies = []
             # Decreasing targets: a lower setpoint holds at once, while a higher one ramps at the
             # gateway's ramp rate (a policy, not a latency), so each sample times the path alone.
+            # After each descent of DESCENT samples the setpoint is raised again, untimed.
             for n in range(samples):
-                watts = 9_000 - 20 * (n % 300)
-                raw = round(watts / 10 ** sf) & 0xFFFFFFFF
+                if n % DESCENT == 0:
+                    await warm_up()
+                watts = 9_000 - 20 * (n % DESCENT)
                 seen = len(rig.setpoints)
                 sent = time.perf_counter()
-                await client.write_registers(base + m704.offset("WSet"), [raw >> 16, raw & 0xFFFF], device_id=1)
+                await write_wset(watts)
                 await rig.wait_for(lambda: any(abs(w - watts) < 1 for _, w in rig.setpoints[seen:])
                                    or rig.model.wset_w == watts, f"WSet {watts} W at the inverter")
                 got = [t for t, w in rig.setpoints[seen:] if abs(w - watts) < 1]

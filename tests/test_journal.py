@@ -98,6 +98,20 @@ def test_events_and_inputs_round_trip_through_the_journal(path):
         assert journal.records()[0].payload["end"] == "inf"  # JSON has no infinity
 
 
+def test_payload_text_is_the_same_for_every_kind_of_value():
+    """The canonical text is what the hash chain covers: enums as their values (an IntEnum too, though
+    it is an int), bools as bools, non-finite floats as text, sets sorted, nested dataclasses as dicts."""
+    payload = {"verdict": t.Verdict.ACCEPTED, "state": t.BmsState.FAULT, "ok": True, "none": None, "n": 3,
+               "w": 1.5, "end": math.inf, "low": -math.inf, "gap": math.nan, "set": frozenset({"b", "a"}),
+               "list": (1, 2.5), "request": t.DispatchCancel("e1", "test", 5.0), 7: "key"}
+    assert codec.canonical(payload) == (
+        '{"7":"key","end":"inf","gap":"nan","list":[1,2.5],"low":"-inf","n":3,"none":null,"ok":true,'
+        '"request":{"id":"e1","reason":"","received_at":5.0,"source":"test"},"set":["a","b"],'
+        f'"state":{int(t.BmsState.FAULT)},"verdict":"{t.Verdict.ACCEPTED.value}","w":1.5}}')
+    request = t.DispatchRequest("e1", "test", t.DispatchKind.DISCHARGE, 5_000.0, 0.0, math.inf, received_at=0.0)
+    assert codec.text_of(codec.jsonable(request)) == codec.canonical(request)
+
+
 def test_only_core_events_and_inputs_are_accepted(path):
     with Journal.open(path) as journal:
         with pytest.raises(TypeError, match="BmsSnapshot"):

@@ -11,6 +11,7 @@ replayed through the core from its journal (docs/architecture.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -47,18 +48,28 @@ BY_KIND: dict[RecordKind, type] = {RecordKind(cls.__name__): cls for cls in JOUR
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Types written as they are. Exact types only: an IntEnum is an int, but is written as its value."""
+
+
 def jsonable(value: Any) -> Any:
-    """A JSON-safe copy of `value`: enums as their values, sets as sorted lists, inf as "inf"."""
+    """A JSON-safe copy of `value`: enums as their values, sets as sorted lists, inf as "inf".
+
+    Every journal record passes through here (twice: the event, then its payload as text), in the
+    writer thread that shares the interpreter with the control loop, so the common types come first."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is float:
+        return value if is_finite_number(value) else _non_finite_text(value)
     if isinstance(value, Enum):
         return jsonable(value.value)
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        if is_finite_number(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return value if is_finite_number(value) else _non_finite_text(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: jsonable(getattr(value, name)) for name in _field_names(kind)}
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (set, frozenset)):
@@ -66,6 +77,15 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     raise TypeError(f"cannot journal a value of type {type(value).__name__}: {value!r}")
+
+
+def _non_finite_text(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def number(value: Any) -> float | None:
@@ -79,7 +99,12 @@ def number(value: Any) -> float | None:
 
 def canonical(payload: Any) -> str:
     """The one text form of a payload: what is stored and what is hashed."""
-    return json.dumps(jsonable(payload), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text_of(jsonable(payload))
+
+
+def text_of(plain: Any) -> str:
+    """`canonical` for a value `jsonable` already made plain (not converted a second time)."""
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def event_time(event: Any) -> float:

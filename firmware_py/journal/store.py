@@ -247,11 +247,14 @@ class Journal:
         `wall` is `at` on the wall clock (the gateway converts it, see `firmware_py/clocks.py`);
         without it the journal's wall clock is read at the write.
         """
-        kind = str(kind)  # the stored text: a member's value, exactly as older journals hold it
+        return self._append(str(kind), at, payload, codec.canonical(payload), wall)
+
+    def _append(self, kind: str, at: float, payload: dict[str, Any], text: str, wall: float | None) -> int:
+        """`append` with the payload's canonical text made already (`kind` as stored: a member's
+        value, exactly as older journals hold it)."""
         at = float(at)
         if not is_finite_number(at):
             raise ValueError(f"journal record {kind!r}: time must be finite, got {at!r}")
-        text = codec.canonical(payload)
         with self._lock:
             wall = float(self._wall_clock() if wall is None else wall)
             seq = self._seq + 1
@@ -269,7 +272,8 @@ class Journal:
         """Journal a core event or input (see codec.JOURNALED); kind = its class name."""
         if not isinstance(event, codec.JOURNALED):
             raise TypeError(f"the journal does not record {type(event).__name__} values")
-        return self.append(RecordKind.of(event), codec.event_time(event), codec.jsonable(event), wall=wall)
+        payload = codec.jsonable(event)
+        return self._append(str(RecordKind.of(event)), codec.event_time(event), payload, codec.text_of(payload), wall)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Journal]:
