@@ -125,6 +125,13 @@ class LinkHandle:
         self.book.lost(self.link, cause)
 
 
+def next_poll_in(began: float, ended: float, interval_s: float) -> float:
+    """Seconds until the next poll: one interval after the last one began (a steady beat, so the
+    poll's own time does not stretch it), but never less than half an interval after it ended, so
+    a peer slower than the interval is not asked again the moment it answers. Times on one clock."""
+    return max(began + interval_s - ended, interval_s / 2)
+
+
 class Backoff:
     """Retry delays for a lost link: the normal interval, doubling per failure, up to a ceiling.
 

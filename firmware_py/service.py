@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from firmware_py import heap
 from firmware_py.assembly import Assembly, Integration, assemble, check
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
@@ -95,7 +96,8 @@ class Service:
                                   clocks=self.gateway.clocks) if options.owner_api else None
         self.tasks: list[asyncio.Task[Any]] = []
         self.gateway.observers.append(Narrator(self.gateway.clocks))
-        self._step_again: asyncio.TimerHandle | None = None
+        self._step_wanted = asyncio.Event()  # wakes the tick task for a step the core asked for
+        self._step_again_handle: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -119,7 +121,6 @@ class Service:
         gateway.feed(Tick(gateway.now()))  # start-up's slow parts (the journal read) are behind this step:
         gateway.watch_stalls = True  # from here on, a long gap between steps is the gateway's own stall
         periodic: list[tuple[str, float, Callable[[], Any]]] = [
-            ("tick", self.options.tick_s, gateway.tick),
             ("CAN link", self.options.tick_s, self.assembly.can_link.supervise),
             ("journal", self.options.journal_flush_s, gateway.flush_journal_async),
             ("history sample", config.journal.sample_interval_s, gateway.sample),
@@ -127,7 +128,8 @@ class Service:
         ]
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))
-        self.tasks = [asyncio.create_task(every(period, action), name=name) for name, period, action in periodic]
+        self.tasks = [asyncio.create_task(every(self.options.tick_s, gateway.tick, wake=self._step_wanted), name="tick")]
+        self.tasks += [asyncio.create_task(every(period, action), name=name) for name, period, action in periodic]
         self.tasks.append(asyncio.create_task(
             every(config.inverter.poll_interval_s, gateway.poll_inverter, wake=gateway.resync_wanted), name="poll"))
         self.tasks.append(asyncio.create_task(command_writer(gateway, self.options.tick_s), name="writer"))
@@ -138,13 +140,14 @@ class Service:
         gc.freeze()  # what start-up built lives for the whole run: later collections need not walk it
 
     def _stepping_again(self, result: StepResult) -> None:
-        """Step once more when the core asks for it before the next tick (`StepResult.step_again_at`)."""
+        """Wake the tick task when the core asks for a step before the next tick (`StepResult.step_again_at`);
+        the step runs in that task, so a failing one stops the service as any failing tick does."""
         if result.step_again_at is None:
             return
-        if self._step_again is not None:
-            self._step_again.cancel()
+        if self._step_again_handle is not None:
+            self._step_again_handle.cancel()
         delay = max(0.0, result.step_again_at - self.gateway.now())
-        self._step_again = asyncio.get_running_loop().call_later(delay, self.gateway.tick)
+        self._step_again_handle = asyncio.get_running_loop().call_later(delay, self._step_wanted.set)
 
     async def ready(self, stop: asyncio.Event | None = None) -> bool:
         """Wait until the core has fresh BMS and inverter data (it left STARTUP), at most `ready_timeout_s`
@@ -190,8 +193,8 @@ class Service:
         self.gateway.watch_stalls = False  # stopping takes its time; it is no stall
         with contextlib.suppress(ValueError):
             self.gateway.observers.remove(self._stepping_again)
-        if self._step_again is not None:
-            self._step_again.cancel()
+        if self._step_again_handle is not None:
+            self._step_again_handle.cancel()
         await cancel_all(self.tasks)
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (
@@ -296,7 +299,8 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
 
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM/SIGINT, then a safe stop. Returns the exit code."""
-    assembly = assemble(config, Clocks.system())
+    with heap.collection_paused():  # the integrations' modules are imported here
+        assembly = assemble(config, Clocks.system())
     try:
         service = Service(assembly, options)
     except BaseException:  # a bad owner API address: nothing started, release what assembling opened

@@ -302,7 +302,6 @@ async def dispatch(samples: int, workdir: Path) -> dict[str, Any]:
                 await write_wset(9_500)
                 await rig.wait_for(lambda: rig.model.wset_w == 9_500, "the warm-up setpoint (ramped up)")
 
-            await write_wset(9_500)
             await client.write_registers(base + m704.offset("WSetEna"), [WSetEna.ENABLED], device_id=1)
             latencies = []
             # Decreasing targets: a lower setpoint holds at once, while a higher one ramps at the

@@ -3,10 +3,11 @@ journal, trace and plot say what the gateway really did.
 
 Every bundled scenario run here runs once (the default event's protocol twins have shorter
 benches in test_bench_aggregators.py). Most are shrunk in time and pack size (`scaled`), which
-keeps every SoC trajectory, power cap and fault reaction of the full one, in the fast tier;
-those whose times are physical run whole. The slow tier (`-m slow`, run by CI) adds the two
-whose recovery cannot be shortened and the 5-hour default run through the CLI that the journal,
-trace and report tests share.
+keeps every SoC trajectory, power cap and fault reaction of the full one, in the fast tier. The
+slow tier (`-m slow`, run by CI) runs whole those whose times are physical (the grid return's
+enter-service delay, the open-ended setpoint emptying the pack), the two whose recovery cannot
+be shortened, and the 5-hour default run through the CLI that the journal, trace and report
+tests share.
 """
 
 from __future__ import annotations

@@ -29,3 +29,22 @@ def test_free_pages_in_the_middle_of_the_heap_go_back_to_the_system():
     assert heap.release_free_pages() is True
     assert before - rss_kib() > 20_000, "the freed pages stayed resident"
     del keep
+
+
+def test_collection_is_paused_inside_and_resumes_as_it_was_even_after_an_error():
+    import gc
+
+    import pytest
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), heap.collection_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("an import failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with heap.collection_paused():
+            pass
+        assert not gc.isenabled()  # paused before: left paused
+    finally:
+        gc.enable()

@@ -54,7 +54,7 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 
-__all__ = ["TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
+__all__ = ["RAMP_START_S", "TRANSITIONS", "Controller", "Mode", "StepResult", "diagram", "step"]
 
 ENTRY_HYSTERESIS_PCT = floors.ENTRY_HYSTERESIS_PCT  # enter DISCHARGE only this far above the floor
 OPTED_OUT_END = "owner opted out"

@@ -62,7 +62,7 @@ from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
-from firmware_py.links import Backoff, LinkHandle
+from firmware_py.links import Backoff, LinkHandle, next_poll_in
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class OpenAdrVen:
                         log.debug("OpenADR: VTN reachable again after %d failed polls", backoff.failures)
                     self._tell(True)
                     backoff.reset()
-                    await asyncio.sleep(max(0.0, began + self._poll_s(client) - loop.time()))  # a steady beat
+                    await asyncio.sleep(next_poll_in(began, loop.time(), self._poll_s(client)))
                 else:
                     self.failed_polls += 1
                     self._tell(False, f"VTN {self.config.vtn_url} unreachable; accepted events keep their windows")

@@ -74,7 +74,7 @@ from firmware_py.dispatch.openadr3_events import (
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
-from firmware_py.links import Backoff, LinkHandle
+from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class OpenAdr3Ven:
                         await self._cycle(session, sink)
                         self._tell(True)
                         backoff.reset()
-                        delay = max(0.0, began + self.config.poll_interval_s - loop.time())  # polls on a steady beat
+                        delay = next_poll_in(began, loop.time(), self.config.poll_interval_s)
                     except VtnError as err:
                         self.failed_polls += 1
                         self.subscribed = False  # a VTN back from an outage may have lost it: looked at again

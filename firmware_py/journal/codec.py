@@ -55,19 +55,19 @@ _PLAIN = frozenset({str, int, bool, type(None)})
 def jsonable(value: Any) -> Any:
     """A JSON-safe copy of `value`: enums as their values, sets as sorted lists, inf as "inf".
 
-    Every journal record passes through here (twice: the event, then its payload as text), in the
-    writer thread that shares the interpreter with the control loop, so the common types come first."""
+    Every journal record passes through here, in the writer thread that shares the interpreter
+    with the control loop, so the common types are looked at first, by their exact type."""
     kind = type(value)
     if kind in _PLAIN:
         return value
-    if kind is float:
-        return value if is_finite_number(value) else _non_finite_text(value)
     if isinstance(value, Enum):
         return jsonable(value.value)
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
     if isinstance(value, float):
-        return value if is_finite_number(value) else _non_finite_text(value)
+        if is_finite_number(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, str)):  # subclasses of int and str that are no enum
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {name: jsonable(getattr(value, name)) for name in _field_names(kind)}
     if isinstance(value, dict):
@@ -77,10 +77,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     raise TypeError(f"cannot journal a value of type {type(value).__name__}: {value!r}")
-
-
-def _non_finite_text(value: float) -> str:
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 @functools.cache
