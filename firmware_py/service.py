@@ -128,7 +128,8 @@ class Service:
         ]
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))
-        self.tasks = [asyncio.create_task(every(self.options.tick_s, gateway.tick, wake=self._step_wanted), name="tick")]
+        ticking = every(self.options.tick_s, gateway.tick, wake=self._step_wanted)
+        self.tasks = [asyncio.create_task(ticking, name="tick")]
         self.tasks += [asyncio.create_task(every(period, action), name=name) for name, period, action in periodic]
         self.tasks.append(asyncio.create_task(
             every(config.inverter.poll_interval_s, gateway.poll_inverter, wake=gateway.resync_wanted), name="poll"))
