@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import platform
+
+import pytest
 
 from firmware_py import heap
 
@@ -32,10 +35,6 @@ def test_free_pages_in_the_middle_of_the_heap_go_back_to_the_system():
 
 
 def test_collection_is_paused_inside_and_resumes_as_it_was_even_after_an_error():
-    import gc
-
-    import pytest
-
     assert gc.isenabled()
     with pytest.raises(RuntimeError), heap.collection_paused():
         assert not gc.isenabled()

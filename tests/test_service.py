@@ -53,6 +53,17 @@ class Watch:
             raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}") from None
 
 
+def gateway_config(tmp_path: Path, channel: str, **inverter: Any) -> Config:
+    """A gateway on the virtual CAN `channel`, the inverter as `inverter` says, its files in `tmp_path`."""
+    base = Config()
+    return replace(
+        base, can=replace(base.can, interface="virtual", channel=channel),
+        inverter=replace(base.inverter, **inverter),
+        journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
+        owner=replace(base.owner, settings_file=str(tmp_path / "owner.json"),
+                      token_file=str(tmp_path / "owner.token"), api_listen="127.0.0.1:0"))
+
+
 def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_inverter_as_zero(tmp_path: Path):
     async def main() -> None:
         model = InverterModel(now=time.time())
@@ -67,13 +78,7 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
         model.on_wset = noting
         async with SimInverterServer(model) as server:
             channel = f"service-test-{next(_channels)}"
-            base = Config()
-            config = replace(
-                base, can=replace(base.can, interface="virtual", channel=channel),
-                inverter=replace(base.inverter, port=server.port, poll_interval_s=0.2),
-                journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
-                owner=replace(base.owner, settings_file=str(tmp_path / "owner.json"),
-                              token_file=str(tmp_path / "owner.token"), api_listen="127.0.0.1:0"))
+            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2)
             battery = Battery(soc_pct=80)
             node_bus = can.Bus(interface="virtual", channel=channel)
             node = BmsNode(battery, node_bus, bundled_dbc("cybertruck_bms.dbc"))
@@ -138,13 +143,8 @@ def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the
         model.on_wset = first.see
         async with SimInverterServer(model) as server:
             channel = f"service-test-{next(_channels)}"
-            base = Config()
-            config = replace(
-                base, can=replace(base.can, interface="virtual", channel=channel),
-                inverter=replace(base.inverter, port=server.port, poll_interval_s=60),
-                safety=replace(base.safety, bms_timeout_s=10, inverter_timeout_s=60),
-                journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
-                owner=replace(base.owner, settings_file=str(tmp_path / "owner.json")))
+            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=60)
+            config = replace(config, safety=replace(config.safety, bms_timeout_s=10, inverter_timeout_s=60))
             node_bus = can.Bus(interface="virtual", channel=channel)
             node = BmsNode(Battery(soc_pct=80), node_bus, bundled_dbc("cybertruck_bms.dbc"))
             service = Service(assemble(config, time.time), RunOptions(owner_api=False, tick_s=3_600))
@@ -178,15 +178,10 @@ def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the
 def test_ready_waits_for_fresh_data_at_most_its_bound_and_never_holds_up_a_stop(tmp_path: Path, caplog):
     """No BMS and no inverter: READY comes after the bound, saying what is missing; a stop ends the wait."""
     async def main() -> tuple[bool, bool]:
-        base = Config()
         with socket.socket() as sock:  # a port nobody listens on: the inverter is unreachable
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        config = replace(
-            base, can=replace(base.can, interface="virtual", channel=f"service-test-{next(_channels)}"),
-            inverter=replace(base.inverter, port=port, timeout_s=0.2),
-            journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
-            owner=replace(base.owner, settings_file=str(tmp_path / "owner.json")))
+        config = gateway_config(tmp_path, f"service-test-{next(_channels)}", port=port, timeout_s=0.2)
         service = Service(assemble(config, time.time), RunOptions(owner_api=False, ready_timeout_s=0.3))
         try:
             await service.start()
