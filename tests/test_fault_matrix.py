@@ -16,7 +16,7 @@ import pytest
 from pymodbus.constants import ExcCodes
 
 from firmware_py.config import InverterConfig
-from firmware_py.core.faults import CRITICAL_BMS_FIELDS
+from firmware_py.core.types import CRITICAL_BMS_FIELDS
 from firmware_py.core.types import InverterCommand
 from firmware_py.inverter.client import InverterClient
 from firmware_py.sim import scenario

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from firmware_py.core.policy import Policy
 from firmware_py.core.types import (
+    CRITICAL_BMS_FIELDS,
     BmsSnapshot,
     BmsState,
     ContactorState,
@@ -29,12 +30,6 @@ from firmware_py.core.types import (
     InverterStatus,
     PackContactor,
 )
-
-# Fields without which no power decision can be made safely (a silent thermal message
-# would otherwise switch the temperature checks off).
-CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
-                       "contactor_state", "pack_contactor_neg", "pack_contactor_pos",
-                       "min_temp_c", "max_temp_c")
 
 # Every BMS field the core decides on. A snapshot that changes none of them (only pack
 # voltage and current noise, say) cannot change a decision: the BMS reader hands one out
@@ -59,7 +54,7 @@ def forgive_stall(present: dict[FaultKind, str], latched: tuple[FaultKind, ...])
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
     """Fresh enough to act on: recent, and every critical field present and not stale."""
     return (bms is not None and now - bms.received_at <= policy.bms_timeout_s
-            and all(bms.fresh(name) for name in CRITICAL_BMS_FIELDS))
+            and not bms.missing_critical)
 
 
 def inverter_usable(inv: InverterStatus | None, now: float, policy: Policy) -> bool:
@@ -96,9 +91,8 @@ def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, 
 def _bms_stale_detail(bms: BmsSnapshot | None, now: float) -> str:
     if bms is None:
         return "no BMS data"
-    missing = [n for n in CRITICAL_BMS_FIELDS if not bms.fresh(n)]
-    if missing:
-        return "stale: " + ", ".join(missing)
+    if bms.missing_critical:
+        return "stale: " + ", ".join(bms.missing_critical)
     return f"no BMS data for {now - bms.received_at:.2f} s"
 
 
@@ -121,6 +115,8 @@ class FaultBook:
         return tuple(latch.kind for latch in self.latches)
 
     def update(self, present: dict[FaultKind, str], now: float, policy: Policy) -> tuple["FaultBook", list[Event]]:
+        if not present and not self.latches and not self.raised_times:
+            return self, []  # nothing latched, nothing present, nothing to forget: most steps
         events: list[Event] = []
         kept: list[Latch] = []
         for latch in self.latches:

@@ -216,13 +216,16 @@ TRANSITIONS: tuple[Rule, ...] = (
 )
 
 
+RULES_FROM: dict[Mode, tuple[Rule, ...]] = {mode: tuple(r for r in TRANSITIONS if mode in r.sources) for mode in Mode}
+"""TRANSITIONS by source mode, in the same order: a step asks only the guards that may fire."""
+
+
 def settle(view: View, mode: Mode, reason: str) -> tuple[Mode, str, list[Transition]]:
     """Apply rules until none fires (each mode at most once, so it always ends)."""
     transitions: list[Transition] = []
     visited = {mode}
     while True:
-        fired = next(((rule, why) for rule in TRANSITIONS if mode in rule.sources
-                      for why in [rule.guard(view)] if why), None)
+        fired = next(((rule, why) for rule in RULES_FROM[mode] if (why := rule.guard(view))), None)
         if fired is None or fired[0].target in visited:
             return mode, reason, transitions
         rule, reason = fired

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum, IntEnum, StrEnum
 
 
@@ -97,6 +98,11 @@ class PackContactor(IntEnum):
 
 ENERGY_BMS_STATES = frozenset({BmsState.STANDBY, BmsState.SUPPORT, BmsState.CHARGE})
 CLOSED_PACK_CONTACTORS = frozenset({PackContactor.PULLED_IN, PackContactor.ECONOMIZED})
+CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
+                       "contactor_state", "pack_contactor_neg", "pack_contactor_pos",
+                       "min_temp_c", "max_temp_c")
+"""Fields without which no power decision can be made safely (a silent thermal message
+would otherwise switch the temperature checks off)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,15 @@ class BmsSnapshot:
     def fresh(self, name: str) -> bool:
         """True when field `name` has a value that is neither missing nor stale."""
         return getattr(self, name) is not None and name not in self.stale
+
+    @cached_property
+    def missing_critical(self) -> tuple[str, ...]:
+        """The critical fields missing or stale, in `CRITICAL_BMS_FIELDS` order.
+
+        A snapshot never changes, and a step asks this of it several times (freshness,
+        the fault conditions, the view): worked out once, on first asking.
+        """
+        return tuple(name for name in CRITICAL_BMS_FIELDS if not self.fresh(name))
 
     def energy_path_closed(self) -> bool:
         """docs/can.md: energy may flow only in these BMS and contactor states."""

@@ -155,9 +155,13 @@ def _row_types_ok(seq: Any, at: Any, wall: Any, kind: Any, text: Any, prev: Any,
             and all(isinstance(v, str) for v in (kind, text, prev, digest)))
 
 
+_CHAINED = json.JSONEncoder(separators=(",", ":"))
+"""Built once: `json.dumps` with options builds an encoder at every call, most of a record hash's cost."""
+
+
 def record_hash(prev_hash: str, seq: int, at: float, wall: float, kind: str, payload_text: str) -> str:
     """sha256 over the canonical JSON of the chained fields (payload as its stored text)."""
-    fields = json.dumps([prev_hash, seq, at, wall, kind, payload_text], separators=(",", ":"))
+    fields = _CHAINED.encode([prev_hash, seq, at, wall, kind, payload_text])
     return hashlib.sha256(fields.encode()).hexdigest()
 
 
