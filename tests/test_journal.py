@@ -399,3 +399,27 @@ def test_the_writer_keeps_a_small_page_cache(path):
 
     with Journal.open(path) as journal:
         assert journal._read("PRAGMA cache_size") == [(-WRITER_CACHE_KIB,)]
+
+
+def test_step_batches_roll_over_at_their_size_and_store_the_rows_of_the_format_replays_read():
+    """Steps are encoded as they come; the stored text stays the one JSON array of rows that
+    journals written before held: each kind in full first in a batch, then only what changed."""
+    import base64
+    import zlib
+
+    from firmware_py.journal.steps import StepRecorder, decode_batch
+
+    recorder = StepRecorder(batch_steps=3)
+    steps = [(1.0, (t.Tick(1.0),)), (1.5, (t.JournalHealth(1.5, True, ""),)), (2.0, (t.Tick(2.0),)),
+             (2.5, (t.Tick(2.5),))]
+    handed = [recorder.record(now, inputs) for now, inputs in steps]
+    assert handed[:2] == [None, None] and handed[3] is None
+    first = handed[2]
+    assert (first["from"], first["to"], first["count"], first["format"]) == (1.0, 2.0, 3, "json+zlib+base64")
+    assert zlib.decompress(base64.b64decode(first["data"])).decode() == (
+        '[[1.0,["Tick",{"received_at":1.0}]],[1.5,["JournalHealth",{"received_at":1.5,"ok":true,"detail":""}]],'
+        '[2.0,["Tick",{"received_at":2.0}]]]')
+    assert decode_batch(first) == steps[:3]
+    rest = recorder.take()  # a new batch starts over: the first Tick in full again
+    assert (rest["from"], rest["count"]) == (2.5, 1) and decode_batch(rest) == steps[3:]
+    assert recorder.take() is None
