@@ -24,7 +24,7 @@ from firmware_py.sim.faults import InverterFault
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
 from firmware_py.sim.simulation import Simulation, SimulationOptions
 
-SILENCE_AT_S, SILENCE_S = 60.0, 10.0
+SILENCE_AT_S, SILENCE_S = 20.0, 10.0
 TICK_S = 0.1
 
 
@@ -32,7 +32,7 @@ def silence_run(message: str, tmp_path: Path) -> tuple[dict, list[dict]]:
     """A small pack serving a 2 kW event; one BMS message stops for 10 s in the middle of it."""
     base = scenario.load(scenario.bundled("fault-bms-fault.toml"))
     run = replace(
-        base, run=replace(base.run, duration_s=150),
+        base, run=replace(base.run, duration_s=SILENCE_AT_S + SILENCE_S + 50),  # the 30 s hold-off, then served again
         vehicle=replace(base.vehicle, usable_capacity_wh=20_000, initial_soc_pct=80),
         dispatch=(scenario.Dispatch(at_s=5, id="ev", start_s=10, duration_s=600, target_w=2_000),),
         fault=(scenario.Fault(at_s=SILENCE_AT_S, kind="message_silence", duration_s=SILENCE_S, message=message),),
