@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from enum import Enum, IntEnum, StrEnum
+from functools import cached_property
 
 
 def is_finite_number(x: object) -> bool:

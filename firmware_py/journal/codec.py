@@ -99,7 +99,7 @@ def canonical(payload: Any) -> str:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
-"""Built once: `json.dumps` with options builds an encoder at every call, half the cost of a short payload."""
+"""Built once: `json.dumps` with options builds an encoder at every call, for every record."""
 
 
 def text_of(plain: Any) -> str:

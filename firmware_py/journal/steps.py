@@ -65,7 +65,9 @@ class StepRecorder:
 
     def record(self, now: float, inputs: Sequence[Any]) -> dict[str, Any] | None:
         """Note one step; the batch's payload when this step filled it, else None."""
-        row = _ROWS.encode(_row(now, inputs, self._previous))
+        seen = dict(self._previous)  # kept only once the row is encoded, so a refused value leaves no gap
+        row = _ROWS.encode(_row(now, inputs, seen))
+        self._previous = seen
         self._packed.append(self._packer.compress((("," if self._count else "[") + row).encode()))
         if not self._count:
             self._first = now

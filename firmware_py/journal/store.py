@@ -156,7 +156,7 @@ def _row_types_ok(seq: Any, at: Any, wall: Any, kind: Any, text: Any, prev: Any,
 
 
 _CHAINED = json.JSONEncoder(separators=(",", ":"))
-"""Built once: `json.dumps` with options builds an encoder at every call, most of a record hash's cost."""
+"""Built once: `json.dumps` with options builds an encoder at every call, a share of a record hash's cost."""
 
 
 def record_hash(prev_hash: str, seq: int, at: float, wall: float, kind: str, payload_text: str) -> str:
