@@ -123,9 +123,9 @@ def run(coro: Any, timeout_s: float = 15.0) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serving(sink: ScriptedSink, cfg: SunSpecServerConfig | None = None,
+async def serving(sink: ScriptedSink, cfg: SunSpecServerConfig | None = None, ratings: DerRatings | None = RATINGS,
                   **kwargs: Any) -> AsyncIterator[tuple[SunSpecDerServer, AsyncModbusTcpClient]]:
-    server = SunSpecDerServer(cfg or config(), RATINGS, **kwargs)
+    server = SunSpecDerServer(cfg or config(), ratings, **kwargs)
     port = await server.start(sink)
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     await client.connect()
@@ -726,3 +726,37 @@ def test_stopping_withdraws_the_setting_and_the_site_limit():
     session = run(main())
     assert sink.cancels() == [DispatchCancel(session, "sunspec", T0, "the DER server stopped")]
     assert [s.limit_w for s in sink.limits()] == [4_600, None]
+
+
+class CountingSink(ScriptedSink):
+    """A ScriptedSink that counts how often the server reads the gateway's state, which carries the
+    ratings (as the gateway's does: a server given none takes them from there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.telemetry_reads = 0
+
+    def telemetry(self) -> Telemetry:
+        self.telemetry_reads += 1
+        return replace(super().telemetry(), ratings=RATINGS)
+
+
+def test_each_request_reads_the_gateways_state_once():
+    """One read model per Modbus request, writes included: the telemetry is the costliest thing a
+    request asks of the gateway (what refuses dispatch, the envelope, what it would serve better),
+    and each write on a dispatch's way to the inverter once read it three times."""
+    sink = CountingSink()
+
+    async def main() -> list[int]:
+        async with serving(sink, ratings=None) as (server, client):
+            counts = []
+            for request in (lambda: write(server, client, WSetEna=1, WSetMod=1, WSet=6_000),
+                            lambda: write(server, client, WSet=5_000),
+                            lambda: client.read_holding_registers(server.addresses[701], count=50, device_id=1)):
+                before = sink.telemetry_reads
+                assert not (await request()).isError()
+                counts.append(sink.telemetry_reads - before)
+            return counts
+
+    assert run(main()) == [1, 1, 1]
+    assert [r.target_w for r in sink.requests()] == [6_000, 5_000]

@@ -433,16 +433,16 @@ class SunSpecDerServer:
             self._link.good()  # a client is being served: the server's last good data is now
         asking = _ASKING.get() or _Asking("unknown")
         async with self._lock:
-            await self._tick_locked()
+            t = await self._tick_locked()
             if values is None:
                 if not (self.map.base <= address and address + count <= self.map_end):
                     asking.refuse(Cause.BAD_ADDRESS, self._describe_read(address, count))
                     return ExcCodes.ILLEGAL_ADDRESS
-                self._refresh(start, registers, address, count)
+                self._refresh(t, start, registers, address, count)
                 return None
-            return await self._write(asking, address, list(values))
+            return await self._write(asking, address, list(values), t)
 
-    async def _write(self, asking: _Asking, address: int, values: list[Any]) -> ExcCodes | None:
+    async def _write(self, asking: _Asking, address: int, values: list[Any], t: Telemetry) -> ExcCodes | None:
         try:
             if not self._allowed(asking.client):
                 raise _Refusal(ExcCodes.ILLEGAL_FUNCTION, f"client {asking.client} is not in allow_write_from")
@@ -451,8 +451,8 @@ class SunSpecDerServer:
             if not (at + 2 <= address and address + len(values) <= at + ctl.size):
                 raise _Refusal(ExcCodes.ILLEGAL_ADDRESS, self._describe_target(address, len(values)))
             try:
-                written = self.controls.check_write(address - at, [int(v) for v in values],
-                                                    self._ratings_now(), self._sfs[704])
+                written = self.controls.check_write(address - at, [int(v) for v in values], self._ratings_of(t),
+                                                    self._sfs[704])
             except WriteRefused as refused:
                 code = ExcCodes.ILLEGAL_VALUE if refused.code == "value" else ExcCodes.ILLEGAL_ADDRESS
                 raise _Refusal(code, refused.reason) from None
@@ -465,7 +465,7 @@ class SunSpecDerServer:
         refused = self.status is not None and self.status.allowed_w() == 0
         retry = refused and bool(self.controls.wset_timer.refreshers & written.keys())
         try:
-            await self._reconcile(sink, force=retry)
+            await self._reconcile(sink, self._ratings_of(t), force=retry)
         except Exception as err:  # noqa: BLE001 - the core failing is ours, not the client's: say so, count it
             asking.refuse(Cause.CORE_ERROR, f"core error: {err}", traceback.format_exc())
             return ExcCodes.DEVICE_FAILURE
@@ -498,15 +498,14 @@ class SunSpecDerServer:
         return any(ip in net for net in self.allowed)
 
     # --- reads -----------------------------------------------------------------------
-    def _refresh(self, start: int, registers: list[int], address: int, count: int) -> None:
-        """Fill the registers a read of `count` at `address` covers, from one telemetry read.
+    def _refresh(self, t: Telemetry, start: int, registers: list[int], address: int, count: int) -> None:
+        """Fill the registers a read of `count` at `address` covers, from one telemetry read (`t`,
+        the action's: one read model for every model of this read).
 
         Only the models the read overlaps are built: a poll of model 701 need not encode the
         other four (reads are open to anyone who can connect, so each costs the loop little).
         """
-        sink = self._require_sink()
-        t, now = sink.telemetry(), sink.now()  # one read model for every model of this read
-        self._sample(t)
+        now = t.at
         r, meter = self._ratings_of(t), self._meter_of(t)
 
         def put(at: int, regs: list[int]) -> None:
@@ -558,10 +557,10 @@ class SunSpecDerServer:
         return self._sink
 
     # --- requests -----------------------------------------------------------------------
-    async def _tick_locked(self) -> None:
-        sink = self._sink
-        if sink is None:
-            return
+    async def _tick_locked(self) -> Telemetry:
+        """Expire the controls and ask again what the core would now serve better; the telemetry
+        the caller goes on with (one read model per request: it was read three times a write)."""
+        sink = self._require_sink()
         now = sink.now()
         fired = self.controls.expire(now)  # a revert changes what is asked: revise or cancel below
         t = sink.telemetry()
@@ -571,13 +570,14 @@ class SunSpecDerServer:
                 self.reasks += 1
                 log.info("SunSpec setpoint %s: what held it back has cleared; asking the core again",
                          self.session.id if self.session else "?")
-            await self._reconcile(sink, force=reask)
+            await self._reconcile(sink, self._ratings_of(t), force=reask)
+            t = sink.telemetry()  # what the core made of it
         if self._meter is None:
             self._sample(t)
+        return t
 
-    async def _reconcile(self, sink: DispatchSink, *, force: bool = False) -> None:
+    async def _reconcile(self, sink: DispatchSink, ratings: DerRatings, *, force: bool = False) -> None:
         """Hand the core the site limit and what the controls ask for, where they changed."""
-        ratings = self._ratings_now()
         limit = self.controls.site_limit_w(ratings)
         if limit != self.site_limit_w:
             self.site_limit_w = limit
