@@ -29,6 +29,7 @@ from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
+from firmware_py.gateway import Gateway
 from firmware_py.journal import Journal
 from firmware_py.service import RunOptions, Service, every
 
@@ -62,6 +63,15 @@ def gateway_config(tmp_path: Path, channel: str, **inverter: Any) -> Config:
         journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
         owner=replace(base.owner, settings_file=str(tmp_path / "owner.json"),
                       token_file=str(tmp_path / "owner.token"), api_listen="127.0.0.1:0"))
+
+
+async def evening_dispatch_accepted(gateway: Gateway) -> float:
+    """An aggregator's 5 kW discharge from now for an hour, submitted and accepted; when it was sent."""
+    now = time.time()
+    answer = await gateway.submit(DispatchRequest(
+        "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
+    assert answer is not None and answer.verdict is Verdict.ACCEPTED
+    return now
 
 
 def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_inverter_as_zero(tmp_path: Path):
@@ -101,10 +111,7 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
             try:
                 await service.start()
                 await ready.wait("the gateway to have fresh BMS and inverter data")
-                now = time.time()
-                answer = await service.gateway.submit(DispatchRequest(
-                    "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
-                assert answer is not None and answer.verdict is Verdict.ACCEPTED
+                now = await evening_dispatch_accepted(service.gateway)
                 await discharging.wait("a discharge setpoint at the inverter")
                 node.inject("bms_fault", until=now + 3_600)
                 await faulted.wait("the BMS fault to be raised")
@@ -158,10 +165,7 @@ def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the
                 await service.start()
                 await ready.wait("the gateway to have fresh BMS and inverter data")
                 await polled.wait("the start-up's inverter reads (the service's own, then its poll task's first)")
-                now = time.time()
-                answer = await service.gateway.submit(DispatchRequest(
-                    "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
-                assert answer is not None and answer.verdict is Verdict.ACCEPTED
+                await evening_dispatch_accepted(service.gateway)
                 await first.wait("the first discharge watts at the inverter")
                 return [r for r in results if r.controller.mode is Mode.DISCHARGE]
             finally:
