@@ -10,7 +10,6 @@ the specification (`openadr3_model.conforms`), not only against the other side.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -386,8 +385,7 @@ def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resum
             await vtn.wait_for(lambda: vtn.answers_for(event_id))
             (request,) = sink.of(DispatchRequest)
             await vtn.stop()
-            while links.states[Link.OPENADR3].ok is not False:
-                await asyncio.sleep(0.05)
+            await vtn.wait_for(lambda: links.states[Link.OPENADR3].ok is False, 10)  # its polls fail now
             assert ven.failed_polls >= 1
             assert not sink.of(DispatchCancel)  # the accepted window stands
             gets = vtn.event_gets
