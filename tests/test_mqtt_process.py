@@ -24,23 +24,18 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-import can
 import pytest
 from broker import Mosquitto, Seen, Watcher, bounded, free_port, running_broker
-from firmware_py.sim.battery import Battery
-from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_bench_processes import Bench, bench  # noqa: F401 - the bench fixture, shared
-from test_service import Watch
+from test_service import LivePack, Watch, evening_dispatch_accepted, gateway_config
 
 from firmware_py.assembly import assemble
-from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Mode, StepResult
-from firmware_py.core.types import DispatchKind, DispatchRequest, Verdict
 from firmware_py.journal import Journal
 from firmware_py.mqtt.bridge import MqttBridge
-from firmware_py.service import RunOptions, Service, every
+from firmware_py.service import RunOptions, Service
 
 pytestmark = pytest.mark.slow
 
@@ -71,23 +66,8 @@ def test_a_stalled_then_restarted_broker_costs_nothing_but_a_reconnect(tmp_path:
         broker.start()
         async with SimInverterServer(model) as server:
             channel = f"mqtt-service-{next(_channels)}"
-            base = Config()
-            config = replace(
-                base, can=replace(base.can, interface="virtual", channel=channel),
-                inverter=replace(base.inverter, port=server.port, poll_interval_s=0.2),
-                journal=replace(base.journal, path=str(tmp_path / "journal.sqlite")),
-                owner=replace(base.owner, settings_file=str(tmp_path / "owner.json"),
-                              token_file=str(tmp_path / "owner.token"), api_listen="127.0.0.1:0"),
-                mqtt=replace(base.mqtt, enabled=True, broker=broker.address, keepalive_s=5))
-            battery = Battery(soc_pct=80)
-            node_bus = can.Bus(interface="virtual", channel=channel)
-            node = BmsNode(battery, node_bus, bundled_dbc("cybertruck_bms.dbc"))
-
-            def physics() -> None:
-                now = time.time()
-                battery.step(0.01, model.advance(0.01, now, battery.max_discharge_w, battery.max_charge_w))
-                node.emit_due(now)
-
+            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2)
+            config = replace(config, mqtt=replace(config.mqtt, enabled=True, broker=broker.address, keepalive_s=5))
             service = Service(assemble(config, time.time), RunOptions())
             bridge = service.assembly.integrations["mqtt"]
             assert isinstance(bridge, MqttBridge)
@@ -98,44 +78,38 @@ def test_a_stalled_then_restarted_broker_costs_nothing_but_a_reconnect(tmp_path:
                 ready.see(result)
 
             service.gateway.observers.append(observe)
-            physics_task = asyncio.create_task(every(0.01, physics))
-            try:
-                await service.start()
-                await ready.wait("fresh BMS and inverter data")
-                async with Watcher(broker) as watcher:
-                    await watcher.wait_for("online", is_online)
-                    now = time.time()
-                    answer = await service.gateway.submit(DispatchRequest(
-                        "evening", "test", DispatchKind.DISCHARGE, 5_000, now, now + 3_600, received_at=now))
-                    assert answer is not None and answer.verdict is Verdict.ACCEPTED
-                    await discharging.wait("a discharge setpoint at the inverter")
-                    await watcher.wait_for("the event on P/state", lambda m: m.topic.endswith("/state")
-                                           and m.json()["event"] is not None)
-                broker.pause()  # stalled: the connection stays, nothing is answered
-                node.inject("bms_fault", until=time.time() + 3_600)
-                await stopped.wait("WSet = 0 at the inverter while the broker is stalled")
-                assert service.gateway.controller.mode is Mode.FAULT
-                broker.stop(signal.SIGKILL)
-                broker.start()  # the same port, nothing retained any more
-                async with Watcher(broker) as watcher:
-                    # States queued while the broker was away come first, then the one of now.
-                    state = await watcher.wait_for("the state of now", lambda m: is_state(m) and
-                                                   m.json()["mode"] == "FAULT", timeout=20)
-                    assert "bms_fault" in state.json()["faults"]
-                    async with Watcher(broker) as late:  # what the restarted broker now keeps for newcomers
-                        for what, test in (("state", is_state), ("availability", is_online),
-                                           ("discovery", lambda m: m.topic.startswith("homeassistant/"))):
-                            assert (await late.wait_for(f"retained {what}", test)).retain
-                    index = len(watcher.seen)
-                    await watcher.publish(f"{PREFIX}/set/reserve", "50")
-                    result = await watcher.wait_for("a result", lambda m: m.topic.endswith("/result"), after=index)
-                    assert result.json()["ok"] is True
-            finally:
-                physics_task.cancel()
-                await asyncio.gather(physics_task, return_exceptions=True)
-                await service.stop()
-                node_bus.shutdown()
-                broker.stop(signal.SIGKILL)
+            async with LivePack(channel, model) as node:
+                try:
+                    await service.start()
+                    await ready.wait("fresh BMS and inverter data")
+                    async with Watcher(broker) as watcher:
+                        await watcher.wait_for("online", is_online)
+                        await evening_dispatch_accepted(service.gateway)
+                        await discharging.wait("a discharge setpoint at the inverter")
+                        await watcher.wait_for("the event on P/state", lambda m: m.topic.endswith("/state")
+                                               and m.json()["event"] is not None)
+                    broker.pause()  # stalled: the connection stays, nothing is answered
+                    node.inject("bms_fault", until=time.time() + 3_600)
+                    await stopped.wait("WSet = 0 at the inverter while the broker is stalled")
+                    assert service.gateway.controller.mode is Mode.FAULT
+                    broker.stop(signal.SIGKILL)
+                    broker.start()  # the same port, nothing retained any more
+                    async with Watcher(broker) as watcher:
+                        # States queued while the broker was away come first, then the one of now.
+                        state = await watcher.wait_for("the state of now", lambda m: is_state(m) and
+                                                       m.json()["mode"] == "FAULT", timeout=20)
+                        assert "bms_fault" in state.json()["faults"]
+                        async with Watcher(broker) as late:  # what the restarted broker now keeps for newcomers
+                            for what, test in (("state", is_state), ("availability", is_online),
+                                               ("discovery", lambda m: m.topic.startswith("homeassistant/"))):
+                                assert (await late.wait_for(f"retained {what}", test)).retain
+                        index = len(watcher.seen)
+                        await watcher.publish(f"{PREFIX}/set/reserve", "50")
+                        result = await watcher.wait_for("a result", lambda m: m.topic.endswith("/result"), after=index)
+                        assert result.json()["ok"] is True
+                finally:
+                    await service.stop()
+                    broker.stop(signal.SIGKILL)
         with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
             records = list(journal.records())
         kinds = [str(r.kind) for r in records]

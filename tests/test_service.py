@@ -54,6 +54,30 @@ class Watch:
             raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}") from None
 
 
+class LivePack:
+    """The truck on the virtual CAN `channel` while the context is open: a pack that follows what the
+    inverter `model` draws and its BMS sending on the bus, both stepped every 10 ms on the real clock."""
+
+    def __init__(self, channel: str, model: InverterModel) -> None:
+        self.battery, self.model = Battery(soc_pct=80), model
+        self.bus = can.Bus(interface="virtual", channel=channel)
+        self.node = BmsNode(self.battery, self.bus, bundled_dbc("cybertruck_bms.dbc"))
+
+    def _physics(self) -> None:
+        now, b = time.time(), self.battery
+        b.step(0.01, self.model.advance(0.01, now, b.max_discharge_w, b.max_charge_w))
+        self.node.emit_due(now)
+
+    async def __aenter__(self) -> BmsNode:
+        self._task = asyncio.create_task(every(0.01, self._physics))
+        return self.node
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.bus.shutdown()
+
+
 def gateway_config(tmp_path: Path, channel: str, **inverter: Any) -> Config:
     """A gateway on the virtual CAN `channel`, the inverter as `inverter` says, its files in `tmp_path`."""
     base = Config()
@@ -89,15 +113,6 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
         async with SimInverterServer(model) as server:
             channel = f"service-test-{next(_channels)}"
             config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2)
-            battery = Battery(soc_pct=80)
-            node_bus = can.Bus(interface="virtual", channel=channel)
-            node = BmsNode(battery, node_bus, bundled_dbc("cybertruck_bms.dbc"))
-
-            def physics() -> None:
-                now = time.time()
-                battery.step(0.01, model.advance(0.01, now, battery.max_discharge_w, battery.max_charge_w))
-                node.emit_due(now)
-
             service = Service(assemble(config, time.time), RunOptions())
             ready, faulted = Watch(lambda r: r.controller.mode is Mode.STANDBY), \
                 Watch(lambda r: any(isinstance(e, FaultRaised) and e.kind == "bms_fault" for e in r.events))
@@ -107,25 +122,22 @@ def test_run_path_reads_the_bms_serves_dispatch_and_a_fault_frame_reaches_the_in
                 faulted.see(result)
 
             service.gateway.observers.append(observe)
-            physics_task = asyncio.create_task(every(0.01, physics))
-            try:
-                await service.start()
-                await ready.wait("the gateway to have fresh BMS and inverter data")
-                now = await evening_dispatch_accepted(service.gateway)
-                await discharging.wait("a discharge setpoint at the inverter")
-                node.inject("bms_fault", until=now + 3_600)
-                await faulted.wait("the BMS fault to be raised")
-                await stopped.wait("WSet = 0 at the inverter after the fault frame")
-                assert service.gateway.controller.mode is Mode.FAULT
-                assert service.gateway.command.setpoint_w == 0
-                await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
-                month = service.gateway.status()["earnings"]
-                assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
-            finally:
-                physics_task.cancel()
-                await asyncio.gather(physics_task, return_exceptions=True)
-                await service.stop()
-                node_bus.shutdown()
+            async with LivePack(channel, model) as node:
+                try:
+                    await service.start()
+                    await ready.wait("the gateway to have fresh BMS and inverter data")
+                    now = await evening_dispatch_accepted(service.gateway)
+                    await discharging.wait("a discharge setpoint at the inverter")
+                    node.inject("bms_fault", until=now + 3_600)
+                    await faulted.wait("the BMS fault to be raised")
+                    await stopped.wait("WSet = 0 at the inverter after the fault frame")
+                    assert service.gateway.controller.mode is Mode.FAULT
+                    assert service.gateway.command.setpoint_w == 0
+                    await asyncio.wait_for(service.gateway.earnings.updated.wait(), 10)  # the earnings task, at start
+                    month = service.gateway.status()["earnings"]
+                    assert month["month"] == time.strftime("%Y-%m", time.gmtime()) and month["events"] == 0
+                finally:
+                    await service.stop()
         assert wsets[-1] == 0  # the stop's safe write
         journal = Journal.open(tmp_path / "journal.sqlite", readonly=True)
         try:
