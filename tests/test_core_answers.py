@@ -188,3 +188,46 @@ def test_is_finite_number(value, finite):
 
 def test_a_boolean_ramp_is_not_a_ramp():
     assert invalid_reason(discharge("e", 0.0, 0, 10, ramp_w_per_s=True)) is not None
+
+
+# --- who may revise a request, and what a damaged copy does ---------------------------------------
+
+def running(source: str = "agg-a") -> Controller:
+    """A 5 kW discharge from `source` under way (id "e"), five seconds in."""
+    c = step(ready(0.0), [discharge("e", 0.0, 0.0, 3_600, 5_000, source=source)], 0.0).controller
+    for t in range(1, 6):
+        c = step(c, [bms(float(t)), inverter(float(t))], float(t)).controller
+    assert c.mode is Mode.DISCHARGE and c.serving_id == "e"
+    return c
+
+
+def test_another_source_cannot_take_over_an_event_by_its_id():
+    c = running("agg-a")
+    other = replace(discharge("e", 5.0, 5.0, 3_600, 3_000, source="agg-b"), kind=DispatchKind.CHARGE, revision=1)
+    result = step(c, [other], 5.0)
+    answer = result.answer_for("e")
+    assert answer.verdict is Verdict.REJECTED and answer.reason is ReasonCode.DUPLICATE
+    assert "agg-a" in answer.detail
+    assert result.controller.mode is Mode.DISCHARGE and result.controller.serving_id == "e"
+    assert result.controller.book.find("e").request.source == "agg-a"
+    assert not [e for e in result.events if isinstance(e, DispatchEnded)]
+
+
+def test_a_damaged_copy_of_a_running_request_is_refused_and_ends_nothing():
+    c = running()
+    original = c.book.find("e").request
+    result = step(c, [replace(original, target_w=math.nan, received_at=5.0)], 5.0)
+    answer = result.answer_for("e")
+    assert answer.verdict is Verdict.REJECTED and answer.reason is ReasonCode.DUPLICATE
+    assert result.controller.serving_id == "e" and result.controller.mode is Mode.DISCHARGE
+    assert not [e for e in result.events if isinstance(e, DispatchEnded)]
+    again = step(result.controller, [replace(original, received_at=6.0)], 6.0).answer_for("e")
+    assert again.verdict is Verdict.ACCEPTED  # the original's answer is unchanged
+
+
+def test_a_damaged_new_revision_is_refused_and_ends_the_event_it_revises():
+    c = running()
+    revised = replace(c.book.find("e").request, target_w=math.nan, revision=1, received_at=5.0)
+    result = step(c, [revised], 5.0)
+    assert result.answer_for("e").reason is ReasonCode.INVALID
+    assert [e.request_id for e in result.events if isinstance(e, DispatchEnded)] == ["e"]

@@ -11,6 +11,8 @@ from firmware_py.core.energy import close_after_restart, most_unreported_wh, ope
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchEnded,
+    DispatchKind,
+    DispatchRequest,
     EventEnergy,
     FaultRaised,
     FaultKind,
@@ -36,6 +38,8 @@ def test_most_unreported_is_a_report_interval_and_the_revert_time_at_full_power(
 
 
 E1 = energy("a", 60.0, 100.0, 5_000.0)
+STOP = DispatchRequest("stop-1", "agg", DispatchKind.STOP, 0.0, 1.0, 3_600.0, received_at=1.0)
+STOP_A = DispatchRequest("a", "agg", DispatchKind.STOP, 0.0, 5.0, 3_600.0, received_at=5.0, revision=1)
 
 OPEN_ROWS = [
     ("nothing journaled", [], {}),
@@ -52,6 +56,9 @@ OPEN_ROWS = [
     ("other records change nothing", [ok("a"), Transition(1, Mode.STANDBY, Mode.DISCHARGE, "x"),
                                       FaultRaised(2, FaultKind.OVER_TEMP, "hot")], {"a": None}),
     ("two open", [ok("a"), ok("b"), E1], {"a": E1, "b": None}),
+    ("an accepted STOP holds nothing: never open", [STOP, ok("stop-1")], {}),
+    ("a STOP revision of an event closes it", [ok("a"), E1, DispatchEnded(5, "a", "revision 1 changed it to stop"),
+                                              STOP_A, ok("a", 5)], {}),
 ]
 
 

@@ -498,3 +498,13 @@ def test_the_journal_reading_keeps_a_price_event_open_beside_the_other_kind():
                DispatchAnswer.refused("p1", 0.0, ReasonCode.PRICE_KIND, "the owner's threshold is for EXPORT_PRICE")]
     opened = still_open(records)
     assert list(opened) == ["p1"] and opened["p1"].request == export
+
+
+def test_a_price_on_a_site_that_may_not_discharge_is_refused_not_a_crash():
+    """`max_discharge_w = 0` (a charge-only site) and no price power of the owner's: 0 W to run at."""
+    c = ready(0.0, policy=replace(POLICY, max_discharge_w=0.0))
+    c = step(c, [owner(), CalendarDay(0.0, "2026-12-02")], 0.0).controller
+    result = step(c, [bms(0.1), inverter(0.1), price(t=0.1)], 0.1)
+    reply = answer_of(result, "p1")
+    assert reply.verdict is Verdict.REJECTED and reply.reason is ReasonCode.INSUFFICIENT_ENERGY
+    assert result.command.setpoint_w == 0

@@ -23,6 +23,7 @@ from firmware_py.core.types import (
     DispatchKind,
     DispatchRequest,
     EventEnergy,
+    FaultKind,
     FaultRaised,
     InstallerReset,
     InverterState,
@@ -431,3 +432,28 @@ def test_storm_watch_ends_at_its_time_and_the_floor_falls_back():
     assert c.floor_pct(99.0) == pytest.approx(82.0) and c.floor_pct(100.0) == pytest.approx(42.0)
     r = step(c, [bms(100.0, 70.0), inverter(100.0, w_cha_max_rtg=0), discharge("e1", 100.0, 100, 200, 5_000)], 100.0)
     assert answers([r])[0].verdict is Verdict.ACCEPTED and r.controller.mode is Mode.DISCHARGE
+
+
+def test_bms_data_stamped_after_now_is_not_believed_and_hides_nothing():
+    """A snapshot from the future would look fresh for as long as its stamp is ahead and hide every
+    real one behind it; it is dropped, so real data (here a FAULT) still rules and silence still stales."""
+    req = discharge("e1", 0.0, start=0.0, end=100.0, target=5_000)
+    *_, last = run_table([
+        (0.0, both(0.0) + [req], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0) + [bms(1e9)], Mode.DISCHARGE, 2_000, "dispatch"),
+        (1.6, [inverter(1.6)], Mode.FAULT, 0, "bms_stale"),  # the real snapshot of 1.0 s is 0.6 s old
+        (2.0, both(2.0, bms_state=BmsState.FAULT), Mode.FAULT, 0, "fault"),
+    ])
+    assert [e.kind for e in last.events if isinstance(e, FaultRaised)] == [FaultKind.BMS_FAULT]
+
+
+def test_a_late_inverter_reading_sets_neither_freshness_nor_the_meter_back():
+    c = step(step(Controller.start(POLICY, now=0.0), both(0.0), 0.0).controller,
+             [discharge("e1", 0.0, 0.0, 100.0, 10_000)], 0.0).controller
+    for t in range(1, 11):
+        readings = [inverter(float(t), measured_w=10_000, tot_wh_inj=10_000 * t / 3600)]
+        if t == 6:  # a reading taken at 5.5 s arrives after the one of 6 s
+            readings.append(inverter(5.5, measured_w=10_000, tot_wh_inj=10_000 * 5.5 / 3600))
+        c = step(c, [bms(float(t)), *readings], float(t)).controller
+        assert c.inverter.received_at == float(t)
+    assert c.book.find("e1").meter_wh == pytest.approx(10_000 * 10 / 3600)  # what the meter counted

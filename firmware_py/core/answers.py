@@ -229,11 +229,14 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
     existing = c.book.find(req.id)
     if existing is not None and existing.price_driven:
         return c, [DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE, "id already used by a published price")]
+    if existing is not None and existing.request.source != req.source:  # one source cannot revise another's
+        return c, [DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE,
+                                          f"id already used by {existing.request.source}")]
+    if existing is not None and req.revision <= existing.request.revision:
+        return c, [_repeat(existing, req, now)]  # a damaged copy is refused as such and ends nothing
     bad = invalid_reason(req)
     if bad is not None:
         reply = DispatchAnswer.refused(req.id, now, ReasonCode.INVALID, bad)
-    elif existing is not None and req.revision <= existing.request.revision:
-        return c, [_repeat(existing, req, now)]
     else:
         reply = judge(req, judgement(c, req, now))
     c, events = revise(c, existing, req, reply, now)

@@ -163,7 +163,10 @@ def still_open(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dic
             before = accepted.get(event.request_id)
             if event.reason in ASIDE and before is not None:
                 continue  # restates the answer in force, or answers another price of its interval: keep it
-            if event.verdict is not Verdict.REJECTED:
+            if isinstance(requests.get(event.request_id), DispatchRequest) and \
+                    requests[event.request_id].kind is DispatchKind.STOP:
+                requests.pop(event.request_id)  # a STOP ends others and holds nothing itself: never open
+            elif event.verdict is not Verdict.REJECTED:
                 accepted[event.request_id] = OpenEvent(event, requests.get(event.request_id),
                                                        before.last if before else None)
             elif event.reason not in ASIDE:

@@ -337,11 +337,13 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
 
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
-        if c.bms is not None and item.received_at < c.bms.received_at:
-            return c, []  # older than what the core holds (a receive thread's hop overtaken by a tick)
+        if not _believable_time(item.received_at, c.bms, now):
+            return c, []
         return c.evolve(bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
     if isinstance(item, InverterStatus):
+        if not _believable_time(item.received_at, c.inverter, now):
+            return c, []
         c = account(c, item, now)
         if not item.comms_ok:  # energy may flow on until the revert: still unread, counted from the last good
             return c.evolve(inverter=item), []
@@ -369,6 +371,13 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
     if isinstance(item, SiteLimit):
         return c.with_site_limit(item), []
     return c, []  # Tick
+
+
+def _believable_time(received_at: float, held: BmsSnapshot | InverterStatus | None, now: float) -> bool:
+    """Data stamped after `now` would look fresh for as long as its stamp is ahead (and hide all real data
+    behind it); data older than what the core holds (a receive thread's hop overtaken by a tick, a late
+    poll) would set freshness and the meter back. Neither is believed."""
+    return received_at <= now and (held is None or received_at >= held.received_at)
 
 
 def _resync(c: Controller, now: float) -> tuple[Controller, list[Event]]:

@@ -130,6 +130,9 @@ def judge_price(c: Controller, p: PriceInterval, req: DispatchRequest, now: floa
         return DispatchAnswer.refused(p.id, now, *objected)
     if p.start <= now and spent(c, now):
         return DispatchAnswer.refused(p.id, now, ReasonCode.BUDGET_SPENT, _spent_detail(c))
+    if req.target_w < MIN_USEFUL_W:  # the owner's price power (or, without one, the site's maximum) is ~0 W
+        return DispatchAnswer.refused(p.id, now, ReasonCode.INSUFFICIENT_ENERGY,
+                                      f"at most {req.target_w:.0f} W can be served (the price power)")
     budgeted = _as_far_as_the_budget_goes(c, req, now)
     reply = judge(budgeted, judgement(c, budgeted, now))
     if reply.verdict is Verdict.REJECTED:
