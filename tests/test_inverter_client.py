@@ -281,6 +281,38 @@ def test_a_command_the_inverter_let_go_of_is_written_again_at_the_next_apply():
     run(scenario)
 
 
+def test_a_setpoint_that_reads_not_implemented_after_a_restart_is_written_again_not_an_error():
+    """An inverter restarted with WSetEna kept and WSet reading "not implemented" (0x80000000), idle:
+    the poll still answers (it used to raise and end the service's poll task) and the command is
+    written again at the next apply."""
+
+    async def scenario(rig):
+        cmd = InverterCommand(4_000.0, "dispatch")
+        await rig.client.apply(cmd)
+        rig.advance(1.0)
+        writes = rig.server.writes
+        rig.model.controls["WSet"] = 0.0
+        rig.advance(1.0)  # idle at 0 W
+        rig.model.controls["WSet"] = None
+        status = await rig.client.read_status()
+        assert status.comms_ok and status.measured_w == 0.0
+        await rig.client.apply(cmd)
+        assert rig.server.writes == writes + 1 and rig.model.wset_w == pytest.approx(4_000.0)
+
+    run(scenario)
+
+
+def test_a_setpoint_the_scale_factor_cannot_carry_is_refused_as_a_link_error_not_raised():
+    async def scenario(rig):
+        writes = rig.server.writes
+        await rig.client.apply(InverterCommand(3e8, "dispatch"))  # 3e9 in tenths of a watt: past int32
+        assert rig.server.writes == writes
+        assert "cannot write the setpoint" in (rig.client.last_error or "")
+        assert await rig.client.safe_stop()  # the link itself is fine
+
+    run(scenario)
+
+
 def test_a_reconnect_writes_the_command_again_at_once():
     async def scenario(rig):
         cmd = InverterCommand(3_000.0, "dispatch")

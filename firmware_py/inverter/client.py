@@ -356,7 +356,7 @@ class InverterClient:
         self._revert_checked = written
         held = await self._setpoint(disc)
         wanted = self._written * 10.0 ** (self._sfs[704].get("WSet_SF") or 0)
-        if abs(held - wanted) > 10.0 ** (self._sfs[704].get("WSet_SF") or 0) / 2:
+        if held is None or abs(held - wanted) > 10.0 ** (self._sfs[704].get("WSet_SF") or 0) / 2:
             log.info("inverter %s holds WSet %g W, not the %g W written (its revert fired or it restarted): "
                      "writing the command again", self._where(), held, wanted)
             self._written = None
@@ -371,8 +371,9 @@ class InverterClient:
             regs = await self._read(self.discovery.address(704) + lo, count)
         return M704.decode(regs, lo, sfs=self._sfs[704])
 
-    async def _setpoint(self, disc: Discovery) -> float:
-        """The setpoint the inverter holds now (0 W when not enabled)."""
+    async def _setpoint(self, disc: Discovery) -> float | None:
+        """The setpoint the inverter holds now (0 W when not enabled; None when WSet reads "not implemented",
+        as after a restart that kept WSetEna)."""
         wlo, wcount = WSET_SPAN
         ctl = M704.decode(await self._read(disc.address(704) + wlo, wcount), wlo, sfs=self._sfs[704])
         return ctl["WSet"] if ctl.get("WSetEna") == WSetEna.ENABLED else 0.0
@@ -402,9 +403,9 @@ class InverterClient:
         if not force and self._holds(raw, now):
             return True
         lo, count = CONTROL_SPAN
-        block = self._control_block(raw)
         addr = self.discovery.address(704) + lo
         try:
+            block = self._control_block(raw)
             async with self._busy:
                 if not force and self._holds(raw, now):
                     return True  # written while this waited for the link (the writer and a dispatch at once)
@@ -432,14 +433,19 @@ class InverterClient:
         return raw == self._written and now - self._written_at < self.refresh_s
 
     def _control_block(self, raw_wset: int) -> list[int]:
-        """WSetEna..WSetRvrtTms: WATTS mode, the setpoint, and the revert to 0 W armed."""
+        """WSetEna..WSetRvrtTms: WATTS mode, the setpoint, and the revert to 0 W armed. LinkError when
+        the inverter's scale factor cannot carry the setpoint (nothing is written)."""
         lo, _ = CONTROL_SPAN
         block = list(self._control_regs)
         tms = max(1, int(self.settings.revert_timeout_s))
         for name, value in (("WSetEna", WSetEna.ENABLED), ("WSetMod", WSetMod.WATTS), ("WSet", raw_wset),
                             ("WSetRvrt", 0), ("WSetEnaRvrt", WSetEna.ENABLED), ("WSetRvrtTms", tms)):
             p = M704.point(name)
-            block[p.offset - lo:p.offset - lo + p.size] = p.from_raw(value)
+            try:
+                block[p.offset - lo:p.offset - lo + p.size] = p.from_raw(value)
+            except SunSpecError as err:
+                raise LinkError(f"cannot write the setpoint: {err} (WSet_SF {self._sfs[704].get('WSet_SF')})",
+                                drop=False, kind=ModbusErrorCause.INVALID_REQUEST) from None
         return block
 
     # --- one exchange -----------------------------------------------------------------
