@@ -219,6 +219,24 @@ def test_failed_logins_are_throttled_on_the_gateway_clock(tmp_path):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("content_type, body", [
+    ("application/x-www-form-urlencoded; charset=bogus-xx", b"token=abc"),
+    ("multipart/form-data; boundary=zz", b"not multipart at all"),
+], ids=["unknown charset", "no multipart boundary"])
+def test_a_login_form_that_cannot_be_read_is_a_failed_login_not_a_server_error(tmp_path, caplog, content_type, body):
+    async def main() -> None:
+        async with serving(tmp_path) as (_, app, _tokens), client(app) as sender:
+            async with sender.http.post(app.url + "login", data=body, headers={"Content-Type": content_type},
+                                        allow_redirects=False) as response:
+                page = await response.text()
+                assert response.status == 401 and "That token is not valid." in page
+                assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    asyncio.run(main())
+    assert "web: failed login from 127.0.0.1 (1 within" in caplog.text  # counted by the throttle
+    assert "Error handling request" not in caplog.text and "Traceback" not in caplog.text
+
+
 def test_sessions_end_when_idle_too_long(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:

@@ -300,7 +300,10 @@ class WebApp:
             response = self._html("login.html", 429, f"Too many failed logins: try again in {wait:.0f} s.")
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, LookupError):  # a body aiohttp cannot read as the form (an unknown charset, no boundary)
+            form = {}  # no token offered: a failed login like any other, counted by the throttle
         offered = form.get("token")
         role = self._keys.role_of(offered) if isinstance(offered, str) and self._keys else None
         if role is None:
