@@ -457,3 +457,31 @@ def test_a_late_inverter_reading_sets_neither_freshness_nor_the_meter_back():
         c = step(c, [bms(float(t)), *readings], float(t)).controller
         assert c.inverter.received_at == float(t)
     assert c.book.find("e1").meter_wh == pytest.approx(10_000 * 10 / 3600)  # what the meter counted
+
+
+@pytest.mark.parametrize("resolution_wh", [1.0, 10.0, 100.0])
+def test_a_coarse_meter_is_billed_as_it_counts(resolution_wh):
+    """A meter register of 10 or 100 Wh a count (SunSpec TotWh_SF 1 or 2) holds still, then steps by a
+    count: each step stands for the time since it last moved, so the bill is what the meter counted
+    (before, a step above the rating's worth of one poll was refused, and 10 Wh counts billed a twelfth)."""
+    c = step(step(Controller.start(POLICY, now=0.0), both(0.0), 0.0).controller,
+             [discharge("e1", 0.0, 0.0, 3_600.0, 3_000)], 0.0).controller
+    flowed = 0.0
+    for t in range(1, 601):
+        flowed += c.setpoint_w / 3600
+        meter = 5_000 + math.floor(flowed / resolution_wh) * resolution_wh
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
+    counted = math.floor(flowed / resolution_wh) * resolution_wh
+    assert c.book.find("e1").meter_wh == pytest.approx(counted)
+    assert flowed - resolution_wh <= counted <= flowed
+
+
+def test_a_meter_that_jumps_after_one_poll_is_still_not_billed():
+    c = step(step(Controller.start(POLICY, now=0.0), both(0.0), 0.0).controller,
+             [discharge("e1", 0.0, 0.0, 3_600.0, 3_000)], 0.0).controller
+    meter = 5_000.0
+    for t in range(1, 11):
+        meter += c.setpoint_w / 3600 + (500.0 if t == 5 else 0.0)  # a glitch of 500 Wh in one second
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
+    entry = c.book.find("e1")
+    assert entry.meter_wh < 100 and entry.meter_wh == pytest.approx(entry.integrated_wh, abs=5)

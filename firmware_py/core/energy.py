@@ -49,7 +49,7 @@ def account(c: Controller, new: InverterStatus, now: float) -> Controller:
     power = (prev.measured_w + new.measured_w) / 2
     integrated = (max(0.0, power) if discharge else min(0.0, power)) * dt / 3600
     meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
-    if not meter_plausible(meter if discharge else -meter, new, dt, c.policy):
+    if not meter_plausible(meter if discharge else -meter, new, _quiet_s(c, new, dt), c.policy):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
     bounded = min(integrated, commanded_wh(c, now) - c.metered_commanded_wh) if discharge else integrated
     before = max(entry.meter_wh, entry.commanded_integral_wh)
@@ -80,8 +80,21 @@ def commanded_wh(c: Controller, now: float) -> float:
     return c.commanded_wh + standing
 
 
+METER_QUIET_MAX_S = 900.0
+"""The longest a meter may hold still and then step for what flowed meanwhile: a 100 Wh register at
+400 W moves every 15 minutes."""
+
+
+def _quiet_s(c: Controller, new: InverterStatus, dt: float) -> float:
+    """The time the meter's step in `new` may stand for: since the reading at which it last moved (a
+    coarse register, 10 or 100 Wh a count, steps after holding still), at least `dt`, at most
+    `METER_QUIET_MAX_S`."""
+    moved_at = c.meter_moved_at if c.meter_moved_at is not None else new.received_at - dt
+    return max(dt, min(new.received_at - moved_at, METER_QUIET_MAX_S))
+
+
 def meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:
-    """A meter step is plausible when it is forward and no larger than twice the rating allows."""
+    """A meter step is plausible when it is forward and no larger than twice the rating allows in `dt`."""
     rating = max(status.w_max_rtg, policy.max_discharge_w, policy.max_charge_w)
     return 0.0 <= delta_wh <= 2 * rating * dt / 3600 + 1.0
 

@@ -347,7 +347,10 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
         c = account(c, item, now)
         if not item.comms_ok:  # energy may flow on until the revert: still unread, counted from the last good
             return c.evolve(inverter=item), []
+        held = c.metered
+        moved = held is None or (item.tot_wh_inj, item.tot_wh_abs) != (held.tot_wh_inj, held.tot_wh_abs)
         return c.evolve(inverter=item, inverter_seen=True, metered=item, metered_serving=c.serving_id,
+                        meter_moved_at=item.received_at if moved else c.meter_moved_at,
                         peak_since_inverter_w=max(0.0, c.setpoint_w),
                         metered_commanded_wh=commanded_wh(c, now)), []
     if isinstance(item, OwnerSettings):
