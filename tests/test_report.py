@@ -231,3 +231,61 @@ def test_a_revision_refused_after_the_event_was_served_keeps_it_served_and_bille
         (summary,) = event_summaries(journal)
     assert summary.verdict == "accepted" and summary.meter_wh == 800.0
     assert summary.ended_reason == "price below the owner's threshold"
+
+
+def _summary_of(tmp_path: Path, records: list) -> "object":
+    """The one event summary of a journal holding `records` (core events, or ("start", at) for a new run)."""
+    from firmware_py.journal import event_summaries
+    from firmware_py.journal.kinds import RecordKind
+
+    with Journal.open(tmp_path / "j.sqlite") as journal:
+        for item in records:
+            if isinstance(item, tuple):
+                journal.append(RecordKind.CORE_START, item[1], {"software_version": "test"}, wall=item[1])
+            else:
+                journal.append_event(item, wall=codec.event_time(item))
+        (summary,) = event_summaries(journal)
+    return summary
+
+
+def test_a_revision_to_stop_ends_the_event_and_keeps_what_it_delivered(tmp_path):
+    """OpenADR 2.0b's payload 0 under the event's own id is a STOP revision: the event ends, and it is
+    still the discharge it served, billed for its energy."""
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0),
+        t.DispatchRequest("ev", "openadr", t.DispatchKind.DISCHARGE, 5_000, 10, 3_600, 5),
+        t.DispatchAnswer.accepted("ev", 5),
+        t.EventEnergy(600, "ev", 800.0, 805.0),
+        t.DispatchEnded(900, "ev", "revision 1 changed it to stop"),
+        t.EventEnergy(900, "ev", 1_200.0, 1_204.0, final=True),
+        t.DispatchRequest("ev", "openadr", t.DispatchKind.STOP, 0, 900, 3_600, 900, revision=1),
+        t.DispatchAnswer.accepted("ev", 900),
+    ])
+    assert (summary.kind, summary.target_w, summary.revision) == ("discharge", 5_000, 1)
+    assert summary.verdict == "accepted" and summary.meter_wh == 1_200.0 and summary.final
+
+
+def test_an_event_answered_again_after_a_restart_adds_its_second_account_to_the_first(tmp_path):
+    """A restart closes the open event (its meter's gap billed); the aggregator then delivers it again and
+    the new run's core, which remembers no account, starts it from 0 Wh: the event is billed both."""
+    request = t.DispatchRequest("ev", "openadr3", t.DispatchKind.DISCHARGE, 5_000, 10, 7_200, 5)
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0), request, t.DispatchAnswer.accepted("ev", 5), t.EventEnergy(600, "ev", 500.0, 502.0),
+        ("start", 1_000.0),
+        t.DispatchEnded(1_000, "ev", "gateway restarted"), t.EventEnergy(1_000, "ev", 520.0, 502.0, final=True),
+        request, t.DispatchAnswer.accepted("ev", 1_001), t.EventEnergy(1_600, "ev", 300.0, 301.0),
+        t.DispatchEnded(2_000, "ev", "window closed"), t.EventEnergy(2_000, "ev", 480.0, 482.0, final=True),
+    ])
+    assert summary.meter_wh == 1_000.0 and summary.integrated_wh == 984.0 and summary.final
+
+
+def test_an_event_weighed_again_in_the_same_run_carries_its_energy_and_is_not_counted_twice(tmp_path):
+    price = t.PriceInterval("p", "oadr3", "tou", t.PriceKind.EXPORT_PRICE, 0.5, 10, 3_600, 5)
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0), price, t.DispatchAnswer.accepted("p", 5), t.EventEnergy(600, "p", 500.0, 500.0),
+        t.DispatchEnded(700, "p", "the owner's settings no longer want it"),
+        t.EventEnergy(700, "p", 550.0, 550.0, final=True),
+        t.PriceInterval("p", "oadr3", "tou", t.PriceKind.EXPORT_PRICE, 0.5, 10, 3_600, 800),
+        t.DispatchAnswer.accepted("p", 800), t.EventEnergy(1_400, "p", 900.0, 900.0),  # 550 carried on
+    ])
+    assert summary.meter_wh == 900.0 and not summary.final

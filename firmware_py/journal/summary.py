@@ -94,6 +94,8 @@ class _Window:
     end: float | None = None
     ended_at: float | None = None
     offered: tuple[float | None, str | None] | None = None  # a price event: the price its last record published
+    closed_wh: tuple[float, float] = (0.0, 0.0)  # meter and integral of its accounts closed in earlier runs
+    opened_in: int = 0  # the run (counted by `CoreStart` records) whose answer opened its account
 
 
 class RecordSource(Protocol):
@@ -114,14 +116,18 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
     events: dict[str, EventSummary] = {}
     windows: dict[str, _Window] = {}
     last_at = source.newest_at() or 0.0
-    for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START}):
+    run = 0  # a restarted gateway's core starts with no account: an event it answers again starts from 0 Wh
+    for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START, RecordKind.CORE_START}):
+        if record.kind == RecordKind.CORE_START:
+            run += 1
+            continue
         for own in _carried(record, events) if record.kind == RecordKind.SEGMENT_START else (record,):
             request_id = str(own.payload.get("request_id", own.payload.get("id")))
             if only is not None and request_id != only:
                 continue
             summary = events.setdefault(request_id, EventSummary(request_id))
             window = windows.setdefault(request_id, _Window(first_at=own.at))
-            _apply(summary, window, own)
+            _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
             last_at = max(last_at, own.at)
     ran = []
@@ -155,10 +161,17 @@ def _carried(start: Record, known: dict[str, EventSummary]) -> list[Record]:
     return carried
 
 
-def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
-    """Fold one of the event's own records into its summary (later records win)."""
+def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> None:
+    """Fold one of the event's own records into its summary (later records win).
+
+    An event answered again in a later run (an aggregator delivering it again after a restart closed it)
+    has a second account, counted from 0 Wh: the two are added. Within one run an account closed and
+    opened again (a price weighed again) carries its energy on, and its records already include it."""
     p = record.payload
     if record.kind == RecordKind.DISPATCH_REQUEST:
+        if p.get("kind") == DispatchKind.STOP.value and summary.kind not in (None, DispatchKind.STOP.value):
+            summary.revision = p.get("revision")  # a revision to STOP ends the event: it stays what it served
+            return
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
         summary.target_w = number(p.get("target_w"))
         window.start, window.end = number(p.get("start")), number(p.get("end"))
@@ -183,14 +196,18 @@ def _apply(summary: EventSummary, window: _Window, record: Record) -> None:
                 p.get("reason") not in (ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND) or summary.verdict is None):
             if window.offered is not None and p.get("verdict") in SERVED:  # the price it now discharges for
                 summary.price_per_kwh, summary.price_kind = window.offered
+            if p.get("verdict") in SERVED and (summary.final or summary.verdict not in SERVED):  # an account opens
+                if summary.final and run > window.opened_in:
+                    window.closed_wh = (summary.meter_wh, summary.integrated_wh)
+                window.opened_in = run
             summary.verdict, summary.cap_w = p.get("verdict"), number(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
         window.ended_at = record.at
         summary.ended_at, summary.ended_reason = record.wall, p.get("reason")
     elif record.kind == RecordKind.EVENT_ENERGY:
-        summary.meter_wh = number(p.get("meter_wh")) or 0.0
-        summary.integrated_wh = number(p.get("integrated_wh")) or 0.0
+        summary.meter_wh = window.closed_wh[0] + (number(p.get("meter_wh")) or 0.0)
+        summary.integrated_wh = window.closed_wh[1] + (number(p.get("integrated_wh")) or 0.0)
         summary.final = bool(p.get("final", False))
 
 
