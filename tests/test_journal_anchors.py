@@ -163,6 +163,18 @@ def test_a_deleted_anchor_file_is_detected(path, capsys):
     assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 holds records" in out
 
 
+def test_a_deleted_anchor_file_is_detected_though_the_files_version_was_set_back(path, capsys):
+    """The version number that says a file is anchored is not signed: setting it back to a release before
+    anchors must not excuse the missing anchor file while the anchor key lies beside the journal."""
+    with Journal.open(path) as journal:
+        billed_event(journal)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 1")
+    files.anchors_path(path).unlink()
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 holds records" in out
+
+
 def test_anchors_signed_by_another_key_are_detected(path, tmp_path, capsys):
     with Journal.open(path) as journal:
         billed_event(journal)
@@ -200,6 +212,7 @@ def test_a_journal_from_before_anchors_is_intact_and_is_anchored_once_written(pa
     with Journal.open(path) as journal:
         billed_event(journal)
     files.anchors_path(path).unlink()
+    files.key_path(path).unlink()  # an older gateway kept no anchor key either
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA user_version = 1")  # what an older gateway left
     code, out = report(path, capsys)

@@ -118,7 +118,10 @@ class Chain:
                                              result.last_seq, verdict.newest, verdict.lines))
         if segment.live:
             report.key_checked = verdict.key_checked
-        if verdict.lines == 0 and journal.anchored and result.records:
+        # The file's own version says whether it is anchored, but nothing signs that number: an anchor key
+        # beside the journal says so too, so setting the version back cannot excuse a deleted anchor file.
+        expected = journal.anchored or files.key_path(self.live).exists()
+        if verdict.lines == 0 and expected and result.records:
             missing = f"{path.name}: missing or empty, though segment {segment.number} holds records"
             return [f"{missing} (its anchor file was deleted)"]
         return verdict.problems
