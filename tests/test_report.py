@@ -151,6 +151,22 @@ def test_a_payload_that_is_no_longer_json_is_a_broken_chain_not_a_crash(journal_
     assert "record 3: payload is not valid JSON" in chain["problems"]
 
 
+@pytest.mark.parametrize("field, value", [("meter_wh", None), ("meter_wh", "x"), ("integrated_wh", [])])
+@pytest.mark.parametrize("form", ["text", "json", "csv"])
+def test_a_value_no_record_of_its_kind_holds_is_a_problem_of_the_journal_not_a_crash(journal_path, capsys, field,
+                                                                                  value, form):
+    conn = sqlite3.connect(journal_path)
+    conn.execute("DROP TRIGGER records_no_update")
+    seq, payload = conn.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy'").fetchone()
+    conn.execute("UPDATE records SET payload = ? WHERE seq = ?", (json.dumps({**json.loads(payload), field: value}),
+                                                                 seq))
+    conn.commit()
+    conn.close()
+    assert main(["report", "--journal", str(journal_path), "--format", form]) == 1
+    out, err = capsys.readouterr()
+    assert "a record holds a value it cannot hold" in out + err and "Traceback" not in out + err
+
+
 @pytest.mark.parametrize("event_id", ["ev[/]1", "ev[bold]2[/bold]", "ev\x1b[31m3\x07"])
 def test_ids_from_an_aggregator_reach_the_terminal_inert(tmp_path, capsys, event_id):
     """A VTN chose these ids: no markup error (exit 1 would say "chain broken"), no escape sequence."""

@@ -175,6 +175,20 @@ def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(cra
     assert "journal" in capsys.readouterr().err
 
 
+def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_not_a_traceback(
+        crashed, tmp_path, capsys):
+    good = tmp_path / "s.json"
+    make(crashed, good, "--event", "peak")
+    with sqlite3.connect(crashed) as db:  # an edit: the end's reason a number, guards dropped
+        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f"DROP TRIGGER {trigger}")
+        row = db.execute("SELECT seq, payload FROM records WHERE kind = 'DispatchEnded'").fetchone()
+        db.execute("UPDATE records SET payload = ? WHERE seq = ?",
+                   (json.dumps({**json.loads(row[1]), "reason": 1e300}), row[0]))
+    assert verify(good, crashed) == 1
+    assert "a record holds a value it cannot hold" in capsys.readouterr().err
+
+
 def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{not json")
     assert verify(tmp_path / "x.json") == 2

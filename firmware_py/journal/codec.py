@@ -84,6 +84,11 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+DAMAGED_VALUE = (TypeError, ValueError, AttributeError, OverflowError, KeyError, IndexError)
+"""What reading a record whose values are not what its kind holds can raise (an edited or damaged journal):
+readers that show records to people turn it into a problem of the journal, never a traceback."""
+
+
 def number(value: Any) -> float | None:
     """A number read back from a payload ("inf" as written for math.inf); None when absent or unreadable,
     so a reader of old or damaged records gets a gap, not an exception."""

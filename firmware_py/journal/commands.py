@@ -13,10 +13,13 @@ is missing or not a journal, or `--event` names no event in it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import sys
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from firmware_py.errors import InputError
@@ -44,10 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=report)
 
 
+Software = tuple[list[Run], list[Upgrade]]
+Printer = Callable[[list[EventSummary], ChainReport, list[OwnerChange], Software], None]
+
+
 def report(args: argparse.Namespace) -> int:
-    """Print the report in the chosen format; 1 when the chain is broken."""
+    """Print the report in the chosen format; 1 when the chain is broken or a record cannot be read."""
     chain = Chain(args.journal)
     verdict = chain.check()
+    printer = {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format]
     try:
         events = event_summaries(chain, only=args.event)
         # One event's report: its timeline already holds the changes made while it ran.
@@ -57,10 +65,35 @@ def report(args: argparse.Namespace) -> int:
         if not verdict.problems:
             raise
         events, changes, software = [], [], ([], [])  # the damage the check reported also hides them: exit 1
+    except codec.DAMAGED_VALUE as damage:
+        return _unreadable(printer, verdict, damage)
     if args.event is not None and not events:
         raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
-    {"text": _print_text, "json": _print_json, "csv": _print_csv}[args.format](events, verdict, changes, software)
+    try:
+        with _held_output() as (out, err):
+            printer(events, verdict, changes, software)
+    except codec.DAMAGED_VALUE as damage:
+        return _unreadable(printer, verdict, damage)
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
     return 1 if verdict.problems else 0
+
+
+def _unreadable(printer: Printer, verdict: ChainReport, damage: Exception) -> int:
+    """The report of a journal with a value an edit left that no record of its kind holds: the chain's
+    verdict with that problem added, no events (exit 1)."""
+    problem = f"a record holds a value it cannot hold ({type(damage).__name__}: {damage}); events not shown"
+    printer([], replace(verdict, problems=[*verdict.problems, problem]), [], ([], []))
+    return 1
+
+
+@contextlib.contextmanager
+def _held_output() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """Standard output and error held back until the whole report is made (so a damaged record found
+    half-way through leaves no half report)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
 
 
 def chain_line(count: int, problems: list[str]) -> str:
@@ -86,9 +119,6 @@ def anchor_lines(verdict: ChainReport) -> list[str]:
         when = f"{newest.why}, {_time(newest.wall)}"
         lines.append(f"anchor: newest at record {newest.seq} ({when}), key {newest.key[:16]}…, {how}")
     return lines
-
-
-Software = tuple[list[Run], list[Upgrade]]
 
 
 def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[OwnerChange],

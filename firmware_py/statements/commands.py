@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_py.errors import InputError
+from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain
 from firmware_py.quoting import printable
 from firmware_py.statements import evidence
@@ -71,7 +72,12 @@ def make_statement(args: argparse.Namespace) -> int:
             print(f"  - {printable(problem)}", file=sys.stderr)
         return EXIT_FAILED
     key = evidence.load_or_create_key(evidence.key_path(journal))
-    unsigned = statement_from_journal(chain, _selection(args), basis, verdict.head_seq, verdict.head_hash)
+    try:
+        unsigned = statement_from_journal(chain, _selection(args), basis, verdict.head_seq, verdict.head_hash)
+    except codec.DAMAGED_VALUE as damage:
+        print(f"error: {journal}: a record holds a value it cannot hold ({type(damage).__name__}: {damage}); "
+              "a statement made from it would not hold up", file=sys.stderr)
+        return EXIT_FAILED
     signed = evidence.sign(unsigned, key)
     text = {"json": render_json, "csv": render_csv, "text": render_text}[args.format](signed)
     _write(text, args.out)
@@ -161,7 +167,11 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
         return [*problems, f"journal_seq {seq!r}: the journal holds records up to {verdict.head_seq} only "
                            "(cut back, or another journal)"]
     unsigned = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
-    computed = recompute(chain, unsigned)
+    try:
+        computed = recompute(chain, unsigned)
+    except codec.DAMAGED_VALUE as damage:
+        return [*problems, f"journal: a record holds a value it cannot hold ({type(damage).__name__}: {damage}): "
+                           "its figures cannot be recomputed"]
     actual_head = HeadBound(chain, seq).head_hash()
     if actual_head != statement.get("journal_head"):
         problems.append(f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
