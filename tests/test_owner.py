@@ -527,6 +527,15 @@ def test_a_change_drops_opt_outs_and_departures_already_past():
     assert changes.set_reserve(stale, {"pct": 45}, NOW) == OwnerSettings(45, NOW, opt_out_events=frozenset({"e1"}))
 
 
+def test_single_event_opt_outs_are_bounded_and_revoking_makes_room():
+    full = OwnerSettings(40, NOW, opt_out_events=frozenset(f"e{n}" for n in range(changes.MAX_OPT_OUT_EVENTS)))
+    with pytest.raises(changes.BadRequest, match=f"{changes.MAX_OPT_OUT_EVENTS} events are opted out of already"):
+        changes.opt_out(full, {"event": "one-more"}, NOW, None)
+    assert changes.opt_out(full, {"event": "e0"}, NOW, None).opt_out_events == full.opt_out_events  # kept
+    assert changes.opt_out(changes.revoke_opt_out(full, NOW), {"event": "one-more"}, NOW, None).opt_out_events == \
+        frozenset({"one-more"})
+
+
 def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
     code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
     assert code == 2 and "give an action: status, reserve, opt-out, departure, storm-watch or price" in err

@@ -20,6 +20,8 @@ from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.quoting import shown, shown_text
 
 MAX_EVENT_ID = 200
+MAX_OPT_OUT_EVENTS = 32
+"""Single-event opt-outs kept at once: every change rewrites them all, and the MQTT state carries them."""
 MAX_AHEAD_S = 366 * 86_400
 """The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
 MAX_STORM_WATCH_S = 14 * 86_400
@@ -128,6 +130,9 @@ def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None)
         if not isinstance(event, str) or not event.strip() or len(event) > MAX_EVENT_ID or not event.isprintable():
             raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} printable characters, "
                              f"got {shown(event)}")
+        if event not in current.opt_out_events and len(current.opt_out_events) >= MAX_OPT_OUT_EVENTS:
+            raise BadRequest(f"event: {MAX_OPT_OUT_EVENTS} events are opted out of already; revoke the opt-outs "
+                             "(DELETE /api/opt-out, or opt-out off) or opt out until a time instead")
         return _changed(current, now, opt_out_events=current.opt_out_events | {event})
     until = _ahead(parse_instant(body["until"], tz), body["until"], now)
     return _changed(current, now, opt_out_until=until)
