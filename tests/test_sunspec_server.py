@@ -392,6 +392,23 @@ def test_bad_writes_get_a_modbus_exception_and_a_journal_entry(what, target, cod
     assert sink.received == []
 
 
+def test_a_charge_setpoint_beyond_the_advertised_charge_rating_is_refused():
+    """Model 702 says WChaRteMaxRtg 3,000 W: a WSet of -5,000 W is as illegal as one beyond WMaxRtg."""
+    sink = ScriptedSink()
+
+    async def main() -> tuple[Any, Any]:
+        async with serving(sink, ratings=replace(RATINGS, w_cha_max=3_000.0)) as (server, client):
+            wset = server.addresses[704] + CTL.offset("WSet")
+            beyond = await client.write_registers(wset, CTL.encode_point("WSet", -5_000), device_id=1)
+            within = await client.write_registers(wset, CTL.encode_point("WSet", -3_000), device_id=1)
+            return beyond, within
+
+    beyond, within = run(main())
+    assert beyond.isError() and beyond.exception_code == ILLEGAL_VALUE
+    assert not within.isError()
+    assert "beyond the charge rating 3000 W" in sink.notes[0][1]["reason"]
+
+
 def test_other_unit_ids_get_a_clear_exception_and_are_counted():
     sink = ScriptedSink()
 

@@ -214,6 +214,8 @@ def _check_value(name: str, value: Any, symbols: Mapping[str, int], ratings: Der
             raise WriteRefused("value", f"{name}: {value} % is outside {lo}..{hi} %")
     if name in WATT_POINTS and abs(value) > ratings.w_max:
         raise WriteRefused("value", f"{name}: {value} W is beyond the rating ±{ratings.w_max:.0f} W")
+    if name in WATT_POINTS and value < 0 and 0 < ratings.w_cha_max < -value:  # as model 702 advertises it
+        raise WriteRefused("value", f"{name}: {value} W is beyond the charge rating {ratings.w_cha_max:.0f} W")
 
 
 @dataclass(frozen=True)
