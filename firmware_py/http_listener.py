@@ -7,28 +7,43 @@ application; what they share is how it listens. Binding comes first and on its o
 task the service cancels (`run`); the runner is released whatever happened. No access
 log: a request is the application's to narrate, and a token in a URL must never reach
 a log line.
+
+Connections are bounded, because a client that connects and says nothing would otherwise
+be kept for ever (aiohttp waits for a first request without a deadline): each listener holds
+at most `max_connections` (a newer one is closed at once), a connection must send its first
+request within `first_request_s`, and one idle between requests is closed after `idle_s`.
+The gateway's journal, CAN bus and Modbus link need file descriptors too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from firmware_py.errors import InputError
 
 SiteOf = Callable[[web.AppRunner], web.BaseSite]
 
+MAX_CONNECTIONS = 64
+FIRST_REQUEST_S = 10.0
+IDLE_S = 30.0
+
 
 class HttpListener:
     """An application bound to one address (`where` names its configuration key and value in messages)."""
 
-    def __init__(self, where: str, *, shutdown_timeout_s: float = 1.0) -> None:
+    def __init__(self, where: str, *, shutdown_timeout_s: float = 1.0, max_connections: int = MAX_CONNECTIONS,
+                 first_request_s: float = FIRST_REQUEST_S, idle_s: float = IDLE_S) -> None:
         self.where = where
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.max_connections, self.first_request_s, self.idle_s = max_connections, first_request_s, idle_s
         self.runner: web.AppRunner | None = None
+        self._asked: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections that sent a request
 
     @property
     def listening(self) -> bool:
@@ -45,14 +60,41 @@ class HttpListener:
         """Serve `app` on the site `site_of` makes; InputError when it cannot bind. Once: a second call does nothing."""
         if self.runner is not None:
             return
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout_s)
+        app.middlewares.insert(0, self._noting_requests)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_timeout_s,
+                               keepalive_timeout=self.idle_s)
         await runner.setup()
+        self._bound_connections(runner.server)
         try:
             await site_of(runner).start()
         except OSError as err:
             await runner.cleanup()
             raise InputError(f"{self.where}: {err.strerror or err}") from None
         self.runner = runner
+
+    def _bound_connections(self, server: web.Server) -> None:
+        """Close a connection beyond `max_connections` at once, and one without a request after
+        `first_request_s` (aiohttp tells its server of every connection it makes)."""
+        loop, made = asyncio.get_running_loop(), server.connection_made
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            if len(server.connections) > self.max_connections:
+                transport.close()
+            else:
+                loop.call_later(self.first_request_s, self._unless_asked, transport)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+
+    def _unless_asked(self, transport: asyncio.Transport) -> None:
+        if transport not in self._asked and not transport.is_closing():
+            transport.close()
+
+    @web.middleware
+    async def _noting_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.transport is not None:
+            self._asked.add(request.transport)
+        return await handler(request)
 
     async def stop(self) -> None:
         runner, self.runner = self.runner, None
