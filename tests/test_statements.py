@@ -23,7 +23,7 @@ from test_gateway import gateway_on
 
 from firmware_py.cli import main
 from firmware_py.clocks import Clocks
-from firmware_py.core.types import DispatchAnswer, DispatchEnded, DispatchKind, DispatchRequest, EventEnergy
+from firmware_py.core.types import DispatchAnswer, DispatchEnded, DispatchKind, DispatchRequest, EventEnergy, Mode
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
 from firmware_py.sim import scenario
@@ -187,6 +187,42 @@ def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_n
                    (json.dumps({**json.loads(row[1]), "reason": 1e300}), row[0]))
     assert verify(good, crashed) == 1
     assert "a record holds a value it cannot hold" in capsys.readouterr().err
+
+
+def test_an_outage_a_run_died_in_ends_with_that_run_and_the_next_runs_event_is_credited(tmp_path):
+    """Run 1 enters BACKUP and dies in it (no transition out is ever journaled); run 2, grid back, serves an
+    event. The core's clock starts again with each run, so outages are placed on the wall clock and one a
+    run left open ends where the next run starts: run 2's energy is not outage energy."""
+    from core_builders import bms, inverter
+
+    path, clock = tmp_path / "journal.sqlite", [0.0]
+    first = gateway_on(path, clock)
+    for i in range(60):
+        clock[0] = t = i * 0.5
+        first.gateway.feed(bms(t), inverter(t, grid_outage=t > 5, grid_connected=t <= 5, tot_wh_inj=1_000.0))
+    assert first.gateway.controller.mode is Mode.BACKUP
+    first.gateway.flush_journal(final=True)
+    first.gateway.journal.close()  # the power goes: nothing more is written
+    first.can_link.close()
+
+    clock[0], meter = 1_000.0, 1_000.0
+    second = gateway_on(path, clock)
+    request = DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 1_001.0, 5_000.0, received_at=1_001.0)
+    for i in range(1, 1_200):
+        clock[0] = t = 1_000.0 + i * 0.5
+        watts = max(0.0, second.gateway.command.setpoint_w)
+        meter += watts / 3600 * 0.5
+        second.gateway.feed(bms(t), inverter(t, measured_w=watts, tot_wh_inj=meter), *([request] if i == 2 else []))
+    assert second.gateway.controller.mode is Mode.DISCHARGE
+    clock[0] += 1
+    second.gateway.close_open_events(meter, "gateway stopped: event ended")
+    second.gateway.flush_journal(final=True)
+    second.close()
+
+    statement = make(path, tmp_path / "s.json", "--event", "peak")
+    (event,) = statement["events"]
+    assert event["delivered_wh"] > 400 and event["outage_wh"] == 0
+    assert event["credited_wh"] == event["delivered_wh"] and statement["outage_backup_wh"] == 0
 
 
 def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):

@@ -90,15 +90,22 @@ def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary])
 
 
 def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
-    """When the gateway was in BACKUP (a grid outage), on the core's time base."""
+    """When the gateway was in BACKUP (a grid outage), on the wall clock: the core's own clock starts
+    again with every run. A span a run left open (it died in an outage) ends where the next run
+    starts, whose core begins in STARTUP, never in BACKUP."""
     spans: list[tuple[float, float]] = []
     since: float | None = None
-    for record in source.iter_records({RecordKind.TRANSITION}):
+    for record in source.iter_records({RecordKind.TRANSITION, RecordKind.CORE_START}):
+        if record.kind == RecordKind.CORE_START:
+            if since is not None:
+                spans.append((since, record.wall))
+                since = None
+            continue
         to_state, from_state = record.payload.get("to_state"), record.payload.get("from_state")
         if to_state == core.Mode.BACKUP.value and since is None:
-            since = record.at
+            since = record.wall
         elif from_state == core.Mode.BACKUP.value and since is not None:
-            spans.append((since, record.at))
+            spans.append((since, record.wall))
             since = None
     if since is not None:
         spans.append((since, math.inf))
@@ -155,11 +162,12 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
             policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]]) -> Sample:
     usable = inverter is not None and inverter.comms_ok
     outage = usable and inverter is not None and inverter.grid_outage
+    wall = now + offset
     return Sample(
-        wall=now + offset,
+        wall=wall,
         soc_pct=bms.soc_min_pct if bms is not None else None,
         power_w=inverter.measured_w if usable and inverter is not None else None,
         meter_wh=inverter.tot_wh_inj if usable and inverter is not None else None,
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
-        backup=any(lo <= now <= hi for lo, hi in backup),
+        backup=any(lo <= wall <= hi for lo, hi in backup),
     )
