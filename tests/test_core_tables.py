@@ -485,3 +485,24 @@ def test_a_meter_that_jumps_after_one_poll_is_still_not_billed():
         c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
     entry = c.book.find("e1")
     assert entry.meter_wh < 100 and entry.meter_wh == pytest.approx(entry.integrated_wh, abs=5)
+
+
+@pytest.mark.parametrize("field, fault", [("max_temp_c", FaultKind.OVER_TEMP), ("min_temp_c", FaultKind.UNDER_TEMP)])
+def test_a_temperature_that_is_no_number_is_a_fault_not_a_cool_pack(field, fault):
+    """CAN decoding cannot give NaN, but the core's claims must not rest on that: a comparison with NaN is
+    always false, so it is written to fault on a temperature it cannot read."""
+    *_, last = run_table([
+        (0.0, both(0.0) + [discharge("e1", 0.0, 0.0, 100.0, 5_000)], Mode.DISCHARGE, 0, "dispatch"),
+        (1.0, both(1.0), Mode.DISCHARGE, 2_000, "dispatch"),
+        (1.1, both(1.1, **{field: math.nan}), Mode.FAULT, 0, fault.value),
+    ])
+    assert [e.kind for e in last.events if isinstance(e, FaultRaised)] == [fault]
+
+
+def test_a_pack_whose_soc_max_is_no_number_is_never_charged():
+    charge = replace(discharge("c1", 0.0, 0.0, 100.0, 3_000), kind=DispatchKind.CHARGE)
+    run_table([
+        (0.0, both(0.0, soc=50.0) + [charge], Mode.CHARGE, 0, "dispatch"),
+        (1.0, both(1.0, soc=50.0), Mode.CHARGE, -2_000, "dispatch"),
+        (1.1, both(1.1, soc=50.0, soc_max_pct=math.nan), Mode.STANDBY, 0, ""),
+    ])

@@ -77,9 +77,10 @@ def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, 
         if ContactorState.WELDED in (bms.contactor_state,) or PackContactor.WELDED in (
                 bms.pack_contactor_neg, bms.pack_contactor_pos):
             found[FaultKind.CONTACTOR_WELDED] = "a contactor reports WELDED"
-        if bms.fresh("max_temp_c") and bms.max_temp_c > policy.max_temp_c:
+        # Written so that a temperature that is no number (NaN) is a fault, never taken for a cool pack.
+        if bms.fresh("max_temp_c") and not bms.max_temp_c <= policy.max_temp_c:
             found[FaultKind.OVER_TEMP] = f"pack {bms.max_temp_c:.1f} °C > {policy.max_temp_c:.0f} °C"
-        if bms.fresh("min_temp_c") and bms.min_temp_c < policy.min_temp_c:
+        if bms.fresh("min_temp_c") and not bms.min_temp_c >= policy.min_temp_c:
             found[FaultKind.UNDER_TEMP] = f"pack {bms.min_temp_c:.1f} °C < {policy.min_temp_c:.0f} °C"
     if inverter_seen and not inverter_usable(inv, now, policy):
         found[FaultKind.INVERTER_COMMS] = (inv.error if inv is not None and inv.error else "inverter data too old")

@@ -172,7 +172,7 @@ def _discharge_done(v: View) -> str | None:
 
 def _charge_wanted(v: View, entering: bool = True) -> str | None:
     """A charge request in force, or the storm watch below its SoC; the path closed and the pack not full."""
-    if not v.path_closed() or v.c.bms.soc_max_pct is None or v.c.bms.soc_max_pct >= 100 \
+    if not v.path_closed() or v.c.bms.soc_max_pct is None or not v.c.bms.soc_max_pct < 100 \
             or v.c.journal_failing():  # energy that cannot be accounted for does not move
         return None
     if v.wants(DispatchKind.CHARGE):
@@ -321,7 +321,7 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
                   ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
     else:
-        full = bms.soc_max_pct is not None and bms.soc_max_pct >= 100
+        full = bms.soc_max_pct is not None and not bms.soc_max_pct < 100  # NaN: not known to have room
         limits = [("bms limit", bms.max_charge_w), ("site limit", v.c.site_limit_w(discharge=False)),
                   ("rating", inv.w_cha_max_rtg or inv.w_max_rtg or -setpoint),
                   ("full", 0.0 if full else -setpoint)]
