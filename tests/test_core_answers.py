@@ -13,6 +13,7 @@ from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.answers import Judgement, invalid_reason, judge
 from firmware_py.core.machine import JOURNAL_HOLD
+from firmware_py.core.requests import ENDED_MEMORY
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchEnded,
@@ -231,3 +232,20 @@ def test_a_damaged_new_revision_is_refused_and_ends_the_event_it_revises():
     result = step(c, [revised], 5.0)
     assert result.answer_for("e").reason is ReasonCode.INVALID
     assert [e.request_id for e in result.events if isinstance(e, DispatchEnded)] == ["e"]
+
+
+def test_a_stopped_request_is_remembered_while_its_window_is_open_however_many_end_meanwhile():
+    """The book forgets ended requests beyond ENDED_MEMORY, those whose window has closed first: an unchanged
+    copy of a stopped request whose window is still open must get its answer again, not be served anew."""
+    c = step(ready(0.0), [discharge("x", 0.0, 0.0, 7_200, 5_000, source="vtn")], 0.0).controller
+    stop = DispatchRequest("stop", "vtn", DispatchKind.STOP, 0, 1.0, 7_200, received_at=1.0)
+    c = step(c, [bms(1.0), inverter(1.0), stop], 1.0).controller
+    t = 1.0
+    for n in range(ENDED_MEMORY + 10):  # short requests whose windows close: they end and are forgotten
+        t += 0.1
+        c = step(c, [bms(t), inverter(t), discharge(f"o{n}", t, 0.0, 1.0)], t).controller
+    t += 0.1
+    again = step(c, [bms(t), inverter(t), replace(c.book.find("x").request, received_at=t)], t)
+    assert again.answer_for("x").verdict is Verdict.ACCEPTED  # the same answer as before ...
+    assert again.controller.serving_id is None and again.command.setpoint_w == 0  # ... and nothing served
+    assert len(again.controller.book.entries) <= ENDED_MEMORY + 3

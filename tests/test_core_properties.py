@@ -90,7 +90,7 @@ def controllers(draw):
         target = draw(st.floats(100, 20_000))
         req = DispatchRequest("a", "agg", draw(st.sampled_from([DispatchKind.DISCHARGE, DispatchKind.CHARGE])),
                               target, T - 10, T + 3600, received_at=T - 20)
-        book = book.add(Booked(req, DispatchAnswer("a", T - 20, Verdict.ACCEPTED)))
+        book = book.add(Booked(req, DispatchAnswer("a", T - 20, Verdict.ACCEPTED)), T - 20)
     return replace(
         c, mode=draw(st.sampled_from(list(Mode))), bms=draw(bms_snapshots), inverter=draw(inverter_statuses),
         bms_seen=True, inverter_seen=True, setpoint_w=draw(st.floats(-20_000, 20_000)), last_step_at=T - 0.1,

@@ -274,7 +274,7 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
     if earlier is not None and req.kind is earlier.request.kind:
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
                         commanded_integral_wh=earlier.commanded_integral_wh, last_report_at=earlier.last_report_at)
-    return c.evolve(book=c.book.add(entry)), events + [reply]
+    return c.evolve(book=c.book.add(entry, now)), events + [reply]
 
 
 def _stop_source(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:

@@ -12,8 +12,11 @@ from dataclasses import dataclass, replace
 
 from firmware_py.core.types import DispatchAnswer, DispatchRequest, PriceInterval, Verdict
 
-# How many ended requests are remembered, so a late duplicate still gets its answer.
+# How many ended requests are remembered, so a late duplicate still gets its answer: those whose window has
+# closed (a late copy of one is refused as expired anyway) are forgotten first; one whose window is still open
+# (stopped, cancelled, refused) is kept, so an unchanged copy is never served again, up to a hard bound.
 ENDED_MEMORY = 128
+ENDED_MEMORY_MAX = 4 * ENDED_MEMORY
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,14 @@ class RequestBook:
                 return entry
         return None
 
-    def add(self, entry: Booked) -> "RequestBook":
+    def add(self, entry: Booked, now: float) -> "RequestBook":
         kept = [e for e in self.entries if e.request.id != entry.request.id]
         ended = [e for e in kept if e.ended]
         if len(ended) > ENDED_MEMORY:
-            drop = {id(e) for e in ended[: len(ended) - ENDED_MEMORY]}
+            closed = [e for e in ended if e.request.end <= now]  # oldest first, as booked
+            drop = {id(e) for e in closed[: len(ended) - ENDED_MEMORY]}
+            still = [e for e in ended if id(e) not in drop]
+            drop |= {id(e) for e in still[: max(0, len(still) - ENDED_MEMORY_MAX)]}
             kept = [e for e in kept if id(e) not in drop]
         return RequestBook((*kept, entry))
 
