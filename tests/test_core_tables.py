@@ -506,3 +506,22 @@ def test_a_pack_whose_soc_max_is_no_number_is_never_charged():
         (1.0, both(1.0, soc=50.0), Mode.CHARGE, -2_000, "dispatch"),
         (1.1, both(1.1, soc=50.0, soc_max_pct=math.nan), Mode.STANDBY, 0, ""),
     ])
+
+
+@pytest.mark.parametrize("cancel_first", [False, True], ids=["reading then cancel", "cancel then reading"])
+def test_an_event_cancelled_in_a_step_with_a_reading_bills_the_reading_whatever_the_order(cancel_first):
+    """Readings tell what happened up to now and a cancel acts at now: the final record holds the energy
+    up to the cancel, and the book agrees with it, in whatever order the step's inputs came."""
+    c = step(step(Controller.start(POLICY, now=0.0), both(0.0), 0.0).controller,
+             [discharge("e1", 0.0, 0.0, 3_600.0, 10_000)], 0.0).controller
+    meter, final = 0.0, None
+    for t in range(1, 21):
+        meter += c.setpoint_w / 3600
+        inputs = [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)]
+        if t == 16:
+            inputs.insert(0 if cancel_first else 2, DispatchCancel("e1", "test", 16.0))
+        result = step(c, inputs, float(t))
+        c = result.controller
+        final = next((e for e in result.events if isinstance(e, EventEnergy) and e.final), final)
+    assert final is not None and final.meter_wh == pytest.approx(c.book.find("e1").meter_wh, abs=1e-3)
+    assert final.meter_wh == pytest.approx(sum(10_000 * min(1.0, t / 5) / 3600 for t in range(1, 16)), rel=0.05)

@@ -17,7 +17,7 @@ the order of TRANSITIONS and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
@@ -376,6 +376,15 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
     return c, []  # Tick
 
 
+def _readings_first(inputs: Iterable[Input]) -> Sequence[Input]:
+    """Readings tell what happened up to now; requests, cancels and settings act at now. Readings go first, so
+    an event ended in this step has the energy up to now in its final record whatever order the inputs came in."""
+    inputs = inputs if isinstance(inputs, (list, tuple)) else list(inputs)
+    if len(inputs) < 2:
+        return inputs
+    return sorted(inputs, key=lambda item: not isinstance(item, (BmsSnapshot, InverterStatus)))
+
+
 def _believable_time(received_at: float, held: BmsSnapshot | InverterStatus | None, now: float) -> bool:
     """Data stamped after `now` would look fresh for as long as its stamp is ahead (and hide all real data
     behind it); data older than what the core holds (a receive thread's hop overtaken by a tick, a late
@@ -424,7 +433,7 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
 
 def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     events: list[Event] = []
-    for item in inputs:
+    for item in _readings_first(inputs):
         c, produced = _absorb(c, item, now)
         events += produced
     if c.resync_since is not None:
