@@ -275,8 +275,9 @@ def test_cancel_and_stop_end_events_and_report_final_energy():
         c = step(c, inputs + ([discharge("e1", 0.0, 0, 100)] if t == 0 else []), t).controller
     r = step(c, [DispatchCancel("e1", "test", 4.0), bms(4.0), inverter(4.0, tot_wh_inj=1004)], 4.0)
     final = [e for e in r.events if isinstance(e, EventEnergy) and e.final]
-    assert final and final[0].meter_wh == pytest.approx(3.0)
-    assert final[0].integrated_wh == pytest.approx(4_000 * 3 / 3600, abs=1e-3)
+    # The step's reading counts before its cancel (listed first or not): the energy up to 4 s is the event's.
+    assert final and final[0].meter_wh == pytest.approx(4.0)
+    assert final[0].integrated_wh == pytest.approx(4_000 * 3 / 3600 + 2_000 / 3600, abs=1e-3)
     stop = DispatchRequest("s", "test", DispatchKind.STOP, 0, 5.0, 6.0, received_at=5.0)
     c2 = step(r.controller, both(5.0) + [discharge("e2", 5.0, 5, 100)], 5.0).controller
     r2 = step(c2, [stop], 5.0)
