@@ -220,6 +220,23 @@ def test_home_assistant_coming_online_gets_the_configs_and_the_state_again(tmp_p
     bounded(main())
 
 
+def test_home_assistant_online_sent_again_and_again_is_answered_twice_then_once_in_30_s(tmp_path):
+    """Anyone on the broker may publish Home Assistant's "online": each answer is every discovery config and
+    the state, so the answers are rationed (the configs are retained for whoever subscribes meanwhile)."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                index = len(watcher.seen)
+                for _ in range(5):
+                    await watcher.publish("homeassistant/status", "online")
+                await watcher.publish(f"{TOPICS.prefix}/set/nothing", "1")  # its result follows all five
+                await watcher.wait_for("the marker's result", lambda m: m.topic == TOPICS.result, after=index)
+                configs = [m for m in watcher.seen[index:] if m.topic.endswith("/soc/config")]
+                assert len(configs) == 2
+
+    bounded(main())
+
+
 # ------------------------------------------------------------------ commands
 
 

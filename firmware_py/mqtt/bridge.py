@@ -193,6 +193,9 @@ class MqttBridge:
         self.pacer = Pacer(config.mqtt.publish_interval_s)
         self.outbox = Outbox()
         self.gate = commands.CommandGate(gateway.clock)
+        # Home Assistant's "online" is answered with every discovery config and the state again: unauthenticated
+        # anyone on the broker may send it, so at most twice at once, then once in 30 s (the configs are retained).
+        self.announcing = commands.CommandGate(gateway.clock, burst=2, per_s=1 / 30)
         self.tally = Tally()
         self.version = software_version()
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
@@ -327,7 +330,7 @@ class MqttBridge:
             topic = str(message.topic)
             payload = _bytes(message.payload)
             if topic == ha_status:
-                if payload.strip() == b"online":  # Home Assistant (re)started: tell it everything again
+                if payload.strip() == b"online" and self.announcing.admit():  # Home Assistant (re)started
                     await self._announce(client)
                 continue
             if not payload:  # how MQTT clears a retained message: nothing was asked
@@ -345,11 +348,11 @@ class MqttBridge:
         """Apply one command through the owner desk; its result, whatever the payload."""
         command = self.topics.command_of(topic)
         name = topic.rpartition("/")[2]
+        if not self.gate.admit():  # every command counts, an unknown one too
+            return self._result(name, False, self.gate.refusal())
         if command is None:
             return self._result(name, False, f"unknown command {printable(name)!r}; the commands are "
                                              f"{', '.join(c.value for c in commands.Command)}")
-        if not self.gate.admit():
-            return self._result(name, False, self.gate.refusal())
         try:
             change = commands.read(command, payload, self.settings, self.gateway.clocks.wall())
             control = change.control
