@@ -305,3 +305,46 @@ def test_an_event_weighed_again_in_the_same_run_carries_its_energy_and_is_not_co
         t.DispatchAnswer.accepted("p", 800), t.EventEnergy(1_400, "p", 900.0, 900.0),  # 550 carried on
     ])
     assert summary.meter_wh == 900.0 and not summary.final
+
+
+def test_a_discharge_revised_into_a_charge_is_billed_as_two_accounts_each_of_its_kind(tmp_path):
+    """The revision ends the discharge (its energy final) and begins a charge under the same id: the
+    discharge stays a discharge with its energy, and the charge gets a summary of its own."""
+    from firmware_py.journal import event_summaries
+
+    with Journal.open(tmp_path / "j.sqlite") as journal:
+        for item in (
+            t.DispatchRequest("ev", "openadr3", t.DispatchKind.DISCHARGE, 5_000, 10, 3_600, 5),
+            t.DispatchAnswer.accepted("ev", 5),
+            t.EventEnergy(600, "ev", 800.0, 805.0),
+            t.DispatchRequest("ev", "openadr3", t.DispatchKind.CHARGE, 3_000, 900, 3_600, 900, revision=1),
+            t.DispatchEnded(900, "ev", "revision 1 changed it to charge"),
+            t.EventEnergy(900, "ev", 1_200.0, 1_204.0, final=True),
+            t.DispatchAnswer.accepted("ev", 900),
+            t.DispatchEnded(1_500, "ev", "window closed"),
+            t.EventEnergy(1_500, "ev", 500.0, 498.0, final=True),
+        ):
+            journal.append_event(item, wall=codec.event_time(item))
+        discharge, charge = event_summaries(journal)
+    assert (discharge.request_id, discharge.kind, discharge.meter_wh, discharge.verdict) == \
+        ("ev", "discharge", 1_200.0, "accepted")
+    assert discharge.ended_reason == "revision 1 changed it to charge"
+    assert (charge.request_id, charge.kind, charge.target_w, charge.revision, charge.meter_wh) == \
+        ("ev", "charge", 3_000, 1, 500.0)
+
+
+def test_a_revision_into_a_charge_that_is_refused_leaves_the_served_discharge_as_it_was(tmp_path):
+    from firmware_py.journal import event_summaries
+
+    with Journal.open(tmp_path / "j.sqlite") as journal:
+        for item in (
+            t.DispatchRequest("ev", "openadr3", t.DispatchKind.DISCHARGE, 5_000, 10, 3_600, 5),
+            t.DispatchAnswer.accepted("ev", 5),
+            t.DispatchRequest("ev", "openadr3", t.DispatchKind.CHARGE, 3_000, 900, 3_600, 900, revision=1),
+            t.DispatchEnded(900, "ev", "revision 1 refused"),
+            t.EventEnergy(900, "ev", 1_200.0, 1_204.0, final=True),
+            t.DispatchAnswer.refused("ev", 900, t.ReasonCode.INSUFFICIENT_ENERGY, "full"),
+        ):
+            journal.append_event(item, wall=codec.event_time(item))
+        (summary,) = event_summaries(journal)
+    assert (summary.kind, summary.verdict, summary.meter_wh) == ("discharge", "accepted", 1_200.0)

@@ -225,6 +225,27 @@ def test_an_outage_a_run_died_in_ends_with_that_run_and_the_next_runs_event_is_c
     assert event["credited_wh"] == event["delivered_wh"] and statement["outage_backup_wh"] == 0
 
 
+def test_a_discharge_revised_into_a_charge_is_two_lines_and_the_discharge_is_credited(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        for item in (
+            DispatchRequest("ev", "openadr3", DispatchKind.DISCHARGE, 5_000, 10.0, 3_600.0, received_at=5.0),
+            DispatchAnswer.accepted("ev", 5.0),
+            DispatchRequest("ev", "openadr3", DispatchKind.CHARGE, 3_000, 900.0, 3_600.0, received_at=900.0,
+                            revision=1),
+            DispatchEnded(900.0, "ev", "revision 1 changed it to charge"),
+            EventEnergy(900.0, "ev", 1_200.0, 1_204.0, True),
+            DispatchAnswer.accepted("ev", 900.0),
+            DispatchEnded(1_500.0, "ev", "window closed"),
+            EventEnergy(1_500.0, "ev", 500.0, 498.0, True),
+        ):
+            journal.append_event(item)
+    statement = make(path, tmp_path / "s.json", "--event", "ev")
+    assert [(e["id"], e["kind"], e["delivered_wh"], e["credited_wh"]) for e in statement["events"]] == \
+        [("ev", "discharge", 1_200.0, 1_200.0), ("ev", "charge", 500.0, 0)]
+    assert verify(tmp_path / "s.json", path) == 0
+
+
 def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{not json")
     assert verify(tmp_path / "x.json") == 2

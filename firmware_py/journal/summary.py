@@ -111,10 +111,14 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
 
     Two streaming passes: the events' own records, then the records that fall in
     the windows of the events that ran. Memory grows with the events and their
-    timelines, never with the journal's length.
+    timelines, never with the journal's length. A revision that turned a served event
+    into the other kind (a discharge into a charge) ended it and began a new account:
+    the id then has a second summary, so each kind's energy is billed as what it was.
     """
     events: dict[str, EventSummary] = {}
     windows: dict[str, _Window] = {}
+    keys: dict[str, str] = {}  # request id -> the key of its summary now (a second one after a change of kind)
+    turning: dict[str, Record] = {}  # a revision to the other kind, until its answer says whether it began
     last_at = source.newest_at() or 0.0
     run = 0  # a restarted gateway's core starts with no account: an event it answers again starts from 0 Wh
     for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START, RecordKind.CORE_START}):
@@ -125,16 +129,26 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             request_id = str(own.payload.get("request_id", own.payload.get("id")))
             if only is not None and request_id != only:
                 continue
-            summary = events.setdefault(request_id, EventSummary(request_id))
-            window = windows.setdefault(request_id, _Window(first_at=own.at))
+            key = keys.setdefault(request_id, request_id)
+            last_at = max(last_at, own.at)
+            if own.kind == RecordKind.DISPATCH_REQUEST and _changes_kind(events.get(key), own.payload.get("kind")):
+                turning[request_id] = own  # the old event's end and final energy come before its answer
+                events[key].timeline.append(_entry(own))
+                continue
+            revision = turning.pop(request_id, None) if own.kind == RecordKind.DISPATCH_ANSWER else None
+            if revision is not None and own.payload.get("verdict") in SERVED:  # a new account, of the other kind
+                key = keys[request_id] = f"{request_id}\x1f{len(events)}"
+                events[key], windows[key] = EventSummary(request_id), _Window(first_at=revision.at)
+                _apply(events[key], windows[key], revision, run)
+            summary = events.setdefault(key, EventSummary(request_id))
+            window = windows.setdefault(key, _Window(first_at=own.at))
             _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
-            last_at = max(last_at, own.at)
     ran = []
-    for request_id, summary in events.items():
+    for key, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
-            ran.append((*_bounds(windows[request_id], last_at), summary))
+            ran.append((*_bounds(windows[key], last_at), summary))
     if ran:
         for record in source.iter_records(WINDOW_KINDS):
             for lo, hi, summary in ran:
@@ -143,6 +157,12 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
     for summary in events.values():
         summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
+
+
+def _changes_kind(summary: EventSummary | None, kind: Any) -> bool:
+    """A revision to `kind` of an event served as the other kind (a STOP only ends it: it changes nothing)."""
+    stop = DispatchKind.STOP.value
+    return summary is not None and summary.ran and summary.kind not in (None, stop, kind) and kind != stop
 
 
 def _carried(start: Record, known: dict[str, EventSummary]) -> list[Record]:

@@ -21,6 +21,7 @@ from firmware_py.statements.figures import (
     ProgramTerms,
     event_figures,
     iso,
+    line_keys,
     totals,
 )
 
@@ -86,8 +87,8 @@ def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, Ene
             journal_head: str, journal_seq: int, software_version: str) -> dict[str, Any]:
     """The unsigned statement: each event's line, the period's totals, outage energy apart."""
     lines = []
-    for summary in summaries:
-        tally = ledger.tallies[summary.request_id]
+    for key, summary in zip(line_keys(summaries), summaries, strict=True):
+        tally = ledger.tallies[key]
         if selection.event is None and not ledger.period.holds(tally.lo):
             continue
         lines.append(event_figures(summary, tally, terms, capacity_wh,

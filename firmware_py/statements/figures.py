@@ -133,6 +133,17 @@ def outage_step_wh(sample: Sample, previous: Sample | None) -> float:
     return max(0.0, sample.meter_wh - previous.meter_wh)
 
 
+def line_keys(summaries: list[EventSummary]) -> list[str]:
+    """Each summary's key in a ledger: its request id, and for a second account under the same id (a
+    revision that turned a discharge into a charge) the id and its count."""
+    seen: dict[str, int] = {}
+    keys = []
+    for summary in summaries:
+        n = seen[summary.request_id] = seen.get(summary.request_id, -1) + 1
+        keys.append(summary.request_id if n == 0 else f"{summary.request_id}\x1f{n}")
+    return keys
+
+
 @dataclass
 class Ledger:
     """Folds the run's samples, oldest first, into each event's tally and the period's outage energy."""

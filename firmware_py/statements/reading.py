@@ -22,7 +22,7 @@ from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.steps import decode_batch, decode_start
 from firmware_py.journal.store import Record
 from firmware_py.journal.summary import EventSummary, event_summaries
-from firmware_py.statements.figures import EnergyRecords, Ledger, Period, Sample, Tally, window
+from firmware_py.statements.figures import EnergyRecords, Ledger, Period, Sample, Tally, line_keys, window
 
 
 class HeadBound:
@@ -81,7 +81,7 @@ def select_summaries(source: HeadBound, only: str | None) -> list[EventSummary]:
 def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary]) -> JournalFacts:
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
-    tallies = {s.request_id: Tally(*window(s, journal_end)) for s in summaries}
+    tallies = {key: Tally(*window(s, journal_end)) for key, s in zip(line_keys(summaries), summaries, strict=True)}
     ledger = Ledger(period, tallies)
     backup = _backup_spans(source)
     energy = _energy_records(source)
