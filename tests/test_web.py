@@ -36,6 +36,7 @@ from firmware_py.journal import Journal
 from firmware_py.narration import Narrator
 from firmware_py.web.installer import REDACTED, redacted
 from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
+from firmware_py.web.sessions import LoginThrottle
 
 
 def web_enabled(tmp: Path, **web: Any):
@@ -235,6 +236,33 @@ def test_a_login_form_that_cannot_be_read_is_a_failed_login_not_a_server_error(t
     asyncio.run(main())
     assert "web: failed login from 127.0.0.1 (1 within" in caplog.text  # counted by the throttle
     assert "Error handling request" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_wrong_bearer_tokens_are_throttled_like_failed_logins(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as script:
+            for _ in range(app.throttle.per_client):
+                status, _ = await script.call("GET", "/api/status", headers={"Authorization": "Bearer wrong"})
+                assert status == 401
+            status, answer = await script.call("GET", "/api/status",
+                                               headers={"Authorization": f"Bearer {tokens['owner']}"})
+            assert status == 429 and "too many failed logins" in answer["error"]
+            rig.time.mono += app.throttle.window_s + 0.1
+            status, _ = await script.call("GET", "/api/status", headers={"Authorization": f"Bearer {tokens['owner']}"})
+            assert status == 200
+
+    asyncio.run(main())
+
+
+def test_guessers_past_the_total_wait_and_an_address_that_never_failed_does_not():
+    now = [0.0]
+    throttle = LoginThrottle(lambda: now[0], per_client=5, total=30)
+    for n in range(6):
+        for _ in range(5):
+            throttle.failed(f"10.0.0.{n}")
+    throttle.failed("10.0.0.7")
+    assert throttle.wait_s("10.0.0.99") == 0  # the owner, who has not failed
+    assert throttle.wait_s("10.0.0.7") > 0 and throttle.wait_s("10.0.0.0") > 0
 
 
 def test_sessions_end_when_idle_too_long(tmp_path):

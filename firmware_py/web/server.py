@@ -266,8 +266,13 @@ class WebApp:
         Refused(401) otherwise."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
+            client = request.remote or "unknown"
+            wait = self.throttle.wait_s(client)
+            if wait > 0:  # a wrong bearer token is a failed login like a wrong one in the form
+                raise Refused(429, f"too many failed logins: try again in {wait:.0f} s")
             role = self._keys.role_of(token) if self._keys else None
             if role is None:
+                self.throttle.failed(client)
                 raise Refused(401, "wrong bearer token")
             return Caller(role, None)
         session = self.sessions.find(request.cookies.get(COOKIE))

@@ -34,7 +34,8 @@ LOGIN_WINDOW_S = 60.0
 MAX_FAILURES_PER_CLIENT = 5
 """Failed logins one address may make within the window before it must wait."""
 MAX_FAILURES_TOTAL = 30
-"""Failed logins all addresses together may make within the window (a spread-out guesser)."""
+"""Failed logins all addresses together may make within the window (a spread-out guesser): beyond it, every
+address that has failed itself waits, and one that has not (the owner) may still log in."""
 MAX_TRACKED_CLIENTS = 256
 
 
@@ -137,7 +138,7 @@ class LoginThrottle:
         mine = self._by_client.get(client)
         if mine is not None and len(mine) >= self.per_client:
             waits.append(mine[0] + self.window_s - now)
-        if len(self._all) >= self.total:
+        if mine and len(self._all) >= self.total:
             waits.append(self._all[0] + self.window_s - now)
         return max(waits)
 
