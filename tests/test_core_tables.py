@@ -526,3 +526,16 @@ def test_an_event_cancelled_in_a_step_with_a_reading_bills_the_reading_whatever_
         final = next((e for e in result.events if isinstance(e, EventEnergy) and e.final), final)
     assert final is not None and final.meter_wh == pytest.approx(c.book.find("e1").meter_wh, abs=1e-3)
     assert final.meter_wh == pytest.approx(sum(10_000 * min(1.0, t / 5) / 3600 for t in range(1, 16)), rel=0.05)
+
+
+def test_a_charge_request_where_the_inverter_says_it_cannot_charge_is_refused_and_never_commanded():
+    """WChaRteMaxRtg 0 (or not implemented) means the inverter cannot charge, for a request as for the storm
+    watch: before, the request was judged and clamped against WMaxRtg and charged at 11.5 kW."""
+    cannot = dict(w_cha_max_rtg=0.0)
+    charge = replace(discharge("c1", 0.0, 0.0, 100.0, 11_500), kind=DispatchKind.CHARGE)
+    first, *_ = run_table([
+        (0.0, [bms(0.0, 50.0), inverter(0.0, **cannot), charge], Mode.STANDBY, 0, ""),
+        (1.0, [bms(1.0, 50.0), inverter(1.0, **cannot)], Mode.STANDBY, 0, ""),
+    ])
+    answer = first.answer_for("c1")
+    assert answer.verdict is Verdict.REJECTED and "inverter charge rating" in answer.detail

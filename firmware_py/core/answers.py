@@ -102,7 +102,7 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
         ("inverter rating", inv.w_discha_max_rtg or inv.w_max_rtg or policy.max_discharge_w))
     charge_name, charge_w = _lowest(
         ("site limit", c.site_limit_w(discharge=False)), ("BMS charge limit", bms.max_charge_w),
-        ("inverter charge rating", inv.w_cha_max_rtg or inv.w_max_rtg or policy.max_charge_w))
+        ("inverter charge rating", inv.w_cha_max_rtg))  # 0: the inverter says it cannot charge (`can_charge`)
     return Judgement(
         now=now, refusal=None, refusal_detail="",
         opted_out=c.owner.opted_out(start, req.id),

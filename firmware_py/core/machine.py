@@ -323,7 +323,7 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
     else:
         full = bms.soc_max_pct is not None and not bms.soc_max_pct < 100  # NaN: not known to have room
         limits = [("bms limit", bms.max_charge_w), ("site limit", v.c.site_limit_w(discharge=False)),
-                  ("rating", inv.w_cha_max_rtg or inv.w_max_rtg or -setpoint),
+                  ("rating", inv.w_cha_max_rtg),  # 0: it cannot charge, as `can_charge` reads it
                   ("full", 0.0 if full else -setpoint)]
     name, limit = min(limits, key=lambda item: item[1])
     limit = max(0.0, limit)
