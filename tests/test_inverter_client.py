@@ -281,7 +281,7 @@ def test_a_command_the_inverter_let_go_of_is_written_again_at_the_next_apply():
     run(scenario)
 
 
-def test_a_setpoint_that_reads_not_implemented_after_a_restart_is_written_again_not_an_error():
+def test_a_setpoint_that_reads_not_implemented_after_a_restart_is_written_again_not_an_error(caplog):
     """An inverter restarted with WSetEna kept and WSet reading "not implemented" (0x80000000), idle:
     the poll still answers (it used to raise and end the service's poll task) and the command is
     written again at the next apply."""
@@ -299,7 +299,9 @@ def test_a_setpoint_that_reads_not_implemented_after_a_restart_is_written_again_
         await rig.client.apply(cmd)
         assert rig.server.writes == writes + 1 and rig.model.wset_w == pytest.approx(4_000.0)
 
-    run(scenario)
+    with caplog.at_level(logging.INFO):
+        run(scenario)
+    assert "holds WSet 'not implemented', not the 4000 W written" in caplog.text
 
 
 def test_a_setpoint_the_scale_factor_cannot_carry_is_refused_as_a_link_error_not_raised():

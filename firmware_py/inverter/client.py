@@ -357,8 +357,9 @@ class InverterClient:
         held = await self._setpoint(disc)
         wanted = self._written * 10.0 ** (self._sfs[704].get("WSet_SF") or 0)
         if held is None or abs(held - wanted) > 10.0 ** (self._sfs[704].get("WSet_SF") or 0) / 2:
-            log.info("inverter %s holds WSet %g W, not the %g W written (its revert fired or it restarted): "
-                     "writing the command again", self._where(), held, wanted)
+            log.info("inverter %s holds WSet %s, not the %g W written (its revert fired or it restarted): "
+                     "writing the command again", self._where(),
+                     "'not implemented'" if held is None else f"{held:g} W", wanted)
             self._written = None
 
     async def read_controls(self) -> dict[str, Any]:
