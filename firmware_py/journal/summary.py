@@ -140,6 +140,7 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
                 key = keys[request_id] = f"{request_id}\x1f{len(events)}"
                 events[key], windows[key] = EventSummary(request_id), _Window(first_at=revision.at)
                 _apply(events[key], windows[key], revision, run)
+                events[key].timeline.append(_entry(revision))
             summary = events.setdefault(key, EventSummary(request_id))
             window = windows.setdefault(key, _Window(first_at=own.at))
             _apply(summary, window, own, run)
