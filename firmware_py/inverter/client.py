@@ -396,20 +396,22 @@ class InverterClient:
         """Write the setpoint when needed; True when the inverter holds it (written and read back now)."""
         if not self.connected:
             return False
-        assert self.discovery is not None
         if not is_finite_number(setpoint_w):
             setpoint_w = 0.0  # never forward a number the inverter cannot represent
-        raw = round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
         now = self.clock()
-        if not force and self._holds(raw, now):
+        if not force and self._holds(self._raw(setpoint_w), now):
             return True
         lo, count = CONTROL_SPAN
-        addr = self.discovery.address(704) + lo
         try:
-            block = self._control_block(raw)
             async with self._busy:
+                # Scale and address are those of the connection now: the link may have been lost, or
+                # found again on an inverter that scales differently, while this waited for it.
+                if self.discovery is None:
+                    raise LinkError(f"not connected to {self._where()}", kind=ModbusErrorCause.DISCONNECTED)
+                raw = self._raw(setpoint_w)
                 if not force and self._holds(raw, now):
                     return True  # written while this waited for the link (the writer and a dispatch at once)
+                addr, block = self.discovery.address(704) + lo, self._control_block(raw)
                 await self._write(addr, block)
                 self.writes += 1
                 self._written, self._written_at = raw, now
@@ -428,6 +430,10 @@ class InverterClient:
             await self._failed(err)
             return False
         return True
+
+    def _raw(self, setpoint_w: float) -> int:
+        """The setpoint in WSet's register units (its scale factor as discovered)."""
+        return round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
 
     def _holds(self, raw: int, now: float) -> bool:
         """The inverter has this setpoint from a write recent enough that no refresh is due."""
