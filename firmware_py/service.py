@@ -196,10 +196,14 @@ class Service:
             self.gateway.observers.remove(self._stepping_again)
         if self._step_again_handle is not None:
             self._step_again_handle.cancel()
-        await cancel_all(self.tasks)
+        # What could command or step the gateway ends first, then the inverter is told 0 W; only then does
+        # the journal task end, which waits for a write already handed to its thread (a slow or locked disk).
+        journal = [task for task in self.tasks if task.get_name() == "journal"]
+        await cancel_all([task for task in self.tasks if task not in journal])
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (
             ("safe stop", self._safe_stop),
+            ("journal task", lambda: cancel_all(journal)),
             ("CAN", self.assembly.can_link.stop),
             ("final step", lambda: gateway.feed(Tick(gateway.now()))),
             ("journal", lambda: gateway.flush_journal(final=True)),

@@ -14,8 +14,10 @@ import asyncio
 import itertools
 import logging
 import socket
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -240,3 +242,69 @@ def test_a_stop_ends_a_task_that_swallowed_its_cancellation():
         return swallowed
 
     assert asyncio.run(main()) == 1
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Re-check `condition` (bounded by WAIT_S): only for what raises no event (a queue taken, a socket closed)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def discharging_service(tmp_path: Path, channel: str) -> AsyncIterator[tuple[Service, list[float]]]:
+    """The production service discharging 5 kW for an aggregator; the inverter's WSet writes as they come."""
+    model = InverterModel(now=time.time())
+    wsets: list[float] = []
+    model.on_wset = wsets.append
+    async with SimInverterServer(model) as server:
+        service = Service(assemble(gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2),
+                                   time.time), RunOptions(owner_api=False))
+        async with LivePack(channel, model):
+            await service.start()
+            try:
+                await until(lambda: service.gateway.controller.mode is Mode.STANDBY, "fresh BMS and inverter data")
+                await evening_dispatch_accepted(service.gateway)
+                await until(lambda: model.wset_w > 0, "a discharge setpoint at the inverter")
+                service.server = server  # type: ignore[attr-defined]  # for the test to drop its connections
+                yield service, wsets
+            finally:
+                if not all(task.done() for task in service.tasks):  # the test did not stop it itself
+                    await service.stop()
+
+
+def test_the_safe_stop_is_written_while_the_journal_still_waits_on_a_locked_disk(tmp_path: Path):
+    """A journal write held by another process's lock must not hold back the 0 W: the tasks that command
+    and step the gateway end, the inverter is told, and only then does the stop wait for the journal."""
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}") as (service, wsets):
+            other = sqlite3.connect(service.assembly.config.journal.path, isolation_level=None, timeout=0.1)
+            other.execute("BEGIN EXCLUSIVE")  # a backup, or a second writer
+            try:
+                service.gateway.sample()
+                await until(lambda: service.gateway.unwritten() == 0, "the journal task to take the record")
+                journal = next(task for task in service.tasks if task.get_name() == "journal")
+                stopping = asyncio.create_task(service.stop())
+                await until(lambda: wsets and wsets[-1] == 0, "WSet = 0 while the journal is locked")
+                assert not journal.done()  # told before the journal's write, still waiting on the lock, ended
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            await asyncio.wait_for(stopping, WAIT_S)
+
+    asyncio.run(main())
+
+
+def test_the_safe_stop_opens_a_dropped_link_once_more_to_write_zero(tmp_path: Path, caplog):
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}") as (service, wsets):
+            service.server.drop_connections()
+            await until(lambda: not service.gateway.inverter.connected, "the client to see the link dropped")
+            await service.stop()
+            assert wsets[-1] == 0  # the stop wrote it, not the revert timer
+
+    with caplog.at_level(logging.INFO, logger="firmware_py.service"):
+        asyncio.run(main())
+    assert "safe stop: WSet = 0 written to the inverter and read back" in caplog.text

@@ -389,7 +389,18 @@ class InverterClient:
         await self._command(cmd.setpoint_w, force=False)
 
     async def safe_stop(self) -> bool:
-        """WSet = 0 now, whatever was written before; True when it read back as written."""
+        """WSet = 0 now, whatever was written before; True when it read back as written.
+
+        A link that is down is opened once more for it, whatever the back-off says: the inverter
+        may well answer, and its revert timer is the fallback, not the plan."""
+        if not self.connected:
+            try:
+                async with self._busy:
+                    if not self.connected:
+                        await self.connect()
+            except LinkError as err:
+                await self._failed(err)
+                return False
         return await self._command(0.0, force=True)
 
     async def _command(self, setpoint_w: float, *, force: bool) -> bool:
