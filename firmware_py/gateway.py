@@ -300,8 +300,15 @@ class Gateway:
         """
         if final and (batch := self.steps.take()) is not None:
             self._pending.append((STEPS_KIND, self.clock(), batch))
-        pending, self._pending = self._pending, []
-        return self._settle(pending, self._write(pending))
+        written, first = 0, True
+        while first or self._pending:  # again when the write that recovered the journal queued the core's step for it
+            first = False
+            pending, self._pending = self._pending, []
+            done = self._settle(pending, self._write(pending))
+            if pending and not done:
+                break  # it failed: put back, for the next flush
+            written += done
+        return written
 
     async def flush_journal_async(self) -> int:
         """The same off the event loop: the queue is taken here, only the disk work moves to a thread.

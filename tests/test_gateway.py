@@ -80,6 +80,31 @@ def test_a_failing_journal_refuses_dispatch_through_the_core_loses_nothing_and_r
     assert answers == [("r1", "NO_DATA"), ("r2", "NO_DATA"), ("r3", "JOURNAL_UNAVAILABLE"), ("r4", "NO_DATA")]
 
 
+def test_the_flush_that_finds_the_journal_writing_again_also_writes_what_the_recovery_step_queued(tmp_path):
+    """The write that succeeds again feeds the core its recovery (a step: a transition back, say): those
+    records are written by the same flush, not left behind (at a stop they were lost, and reported as
+    'journal still failing')."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    try:
+        gateway.feed(bms(0.0), inverter(0.0))
+        gateway.flush_journal()
+        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        clock[0] = 1.0
+        gateway.feed(bms(1.0), inverter(1.0))
+        gateway.sample()  # a record to write
+        assert gateway.flush_journal() == 0 and gateway.controller.journal_failing()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        clock[0] = 2.0
+        assert gateway.flush_journal() > 0
+        assert not gateway.controller.journal_failing() and gateway.unwritten() == 0
+    finally:
+        assembly.close()
+
+
 def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
     path = tmp_path / "journal.sqlite"
     with Journal.open(path) as journal:  # what a run that died mid-event left behind
