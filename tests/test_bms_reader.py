@@ -222,3 +222,19 @@ def test_listener_on_a_virtual_bus_with_a_notifier():
         finally:
             notifier.stop()
         assert got[-1].soc_min_pct == pytest.approx(72.5) and got[-1].bms_state == 2
+
+
+def test_a_frame_is_stamped_under_the_readers_lock_so_a_tick_cannot_come_between():
+    """The receive thread stamps a frame and the loop's tick takes a snapshot, each under the reader's lock:
+    stamped outside it, a tick could stamp a later time in between, and the frame's snapshot (a fault, say),
+    older than the one the core then holds, would not be believed until the next tick."""
+    locked_at_stamp: list[bool] = []
+
+    def clock() -> float:
+        locked_at_stamp.append(stamped.locked())
+        return 1.0
+
+    timed = BmsReader(DBC, clock=clock)
+    stamped = timed._lock
+    timed.on_message(status(bms=6))
+    assert locked_at_stamp == [True]

@@ -178,8 +178,10 @@ class BmsReader:
         frame = self._frames.get(msg.arbitration_id)
         if frame is None or msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
             return None
-        now = self._clock() if now is None else now
         with self._lock:
+            # Read under the lock: a tick's `snapshot` in between would otherwise stamp a later time first,
+            # and this snapshot, older than the one the core holds, would not be believed.
+            now = self._clock() if now is None else now
             values = self._decode(frame, msg.data, now)
             if values is None:
                 return None
