@@ -16,6 +16,7 @@ from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.requests import ENDED_MEMORY
 from firmware_py.core.types import (
     DispatchAnswer,
+    DispatchCancel,
     DispatchEnded,
     DispatchKind,
     DispatchRequest,
@@ -249,3 +250,27 @@ def test_a_stopped_request_is_remembered_while_its_window_is_open_however_many_e
     assert again.answer_for("x").verdict is Verdict.ACCEPTED  # the same answer as before ...
     assert again.controller.serving_id is None and again.command.setpoint_w == 0  # ... and nothing served
     assert len(again.controller.book.entries) <= ENDED_MEMORY + 3
+
+
+def test_a_cancelled_request_sent_again_unchanged_in_its_window_is_served_again():
+    """A VEN that took an event missing from one listing for withdrawn cancels it; listed again, unchanged,
+    it is sent again: it is judged anew and served, where it used to get its old "accepted" and no watts."""
+    c = running("agg-a")
+    original = c.book.find("e").request
+    c = step(c, [bms(6.0), inverter(6.0), DispatchCancel("e", "agg-a", 6.0)], 6.0).controller
+    assert c.serving_id is None
+    again = step(c, [bms(7.0), inverter(7.0), replace(original, received_at=7.0)], 7.0)
+    assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id == "e"
+    c = again.controller
+    for t in (8.0, 9.0):
+        c = step(c, [bms(t), inverter(t)], t).controller
+    assert c.mode is Mode.DISCHARGE and c.setpoint_w > 0
+
+
+def test_a_request_that_ended_otherwise_sent_again_gets_its_answer_and_is_not_served():
+    c = running("agg-a")
+    original = c.book.find("e").request
+    stop = DispatchRequest("stop", "agg-a", DispatchKind.STOP, 0, 6.0, 3_600, received_at=6.0)
+    c = step(c, [bms(6.0), inverter(6.0), stop], 6.0).controller
+    again = step(c, [bms(7.0), inverter(7.0), replace(original, received_at=7.0)], 7.0)
+    assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id is None

@@ -232,7 +232,7 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
     if existing is not None and existing.request.source != req.source:  # one source cannot revise another's
         return c, [DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE,
                                           f"id already used by {existing.request.source}")]
-    if existing is not None and req.revision <= existing.request.revision:
+    if existing is not None and req.revision <= existing.request.revision and not _asked_again(existing, req, now):
         return c, [_repeat(existing, req, now)]  # a damaged copy is refused as such and ends nothing
     bad = invalid_reason(req)
     if bad is not None:
@@ -244,6 +244,14 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
         c, ended = _stop_source(c, req, now)
         events += ended
     return c, events
+
+
+def _asked_again(existing: Booked, req: DispatchRequest, now: float) -> bool:
+    """The same request, cancelled by its source, sent again while its window is open: the source wants it
+    after all (a VTN lists an event again that one listing lacked, and its VEN took for withdrawn), so it is
+    judged anew, not answered with the answer of an event that no longer runs."""
+    return existing.cancelled and now < req.end and replace(req, received_at=existing.request.received_at) == \
+        existing.request
 
 
 def _repeat(existing: Booked, req: DispatchRequest, now: float) -> DispatchAnswer:
@@ -297,7 +305,8 @@ def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller,
     if not entry.accepted:
         return c.evolve(book=c.book.replace(replace(entry, withdrawn=True))), []
     why = f"cancelled by {item.source}" + (f": {item.reason}" if item.reason else "")
-    return close_event(c, entry, now, why)
+    c, ended = close_event(c, entry, now, why)
+    return c.evolve(book=c.book.replace(replace(c.book.find(item.id), cancelled=True))), ended
 
 
 # ---------------------------------------------------------------- standing settings

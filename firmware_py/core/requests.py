@@ -28,6 +28,7 @@ class Booked:
     ended: bool = False
     withdrawn: bool = False  # a refused request its source cancelled: never asked again for
     stopped_by_owner: bool = False  # ended by the owner's opt-out: asked again for once it is revoked
+    cancelled: bool = False  # ended by its source's cancel: served again if asked for again, unchanged, in its window
     meter_wh: float = 0.0
     integrated_wh: float = 0.0
     commanded_integral_wh: float = 0.0  # the integral, each interval no more than the commands allowed
