@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from aiohttp import web
 from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
@@ -372,6 +373,33 @@ def test_a_price_event_deleted_at_the_vtn_is_taken_back_from_the_core() -> None:
             await vtn.wait_for(lambda: sink.of(DispatchCancel))
             (cancel,) = sink.of(DispatchCancel)
             assert cancel.id == price_id(event_id, 0, PriceKind.EXPORT_PRICE) and "no longer lists" in cancel.reason
+
+    run(scenario)
+
+
+class BusyVtn(BenchVtn3):
+    """Answers the next POST /reports with 429 Too Many Requests, `busy` times."""
+
+    busy = 1
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.busy > 0:
+            self.busy -= 1
+            return web.json_response({"title": "Too Many Requests", "status": 429}, status=429)
+        return await super()._post_report(request)
+
+
+def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with BusyVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: ven.polls)
+                event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+                assert await vtn.wait_for(lambda: vtn.answers_for(event_id), 10) == ["accepted"]
+                assert vtn.busy == 0 and ven.pending_reports == 0
 
     run(scenario)
 

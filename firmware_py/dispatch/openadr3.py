@@ -348,6 +348,8 @@ class OpenAdr3Ven:
                 log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 self.tokens.drop()
                 continue
+            if status in (408, 429):  # "not now" (too many requests, or too slow): the report is sent again
+                raise VtnError(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again later")
             if 400 <= status < 500:
                 raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
             if status >= 300:
