@@ -7,6 +7,7 @@ checks what the VEN translated and what the VTN heard back.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -340,6 +341,55 @@ def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes(caplog) ->
     told = [r.getMessage() for r in caplog.records if r.name == "firmware_py.links"]
     assert [m.split(":")[0] for m in told] == ["link lost", "link recovered"], told
     assert "openadr" in told[0] and "unreachable" in told[0]
+
+
+@pytest.mark.parametrize("answer", ["empty", "trickle"])
+def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_keeps_trying(monkeypatch,
+                                                                                            answer) -> None:
+    """An empty 200 used to end the VEN's task (openleadr gives None, which did not unpack); a VTN that
+    sends a byte every few seconds was never timed out (openleadr bounds each read, not the exchange)."""
+    from aiohttp import web
+
+    from firmware_py.dispatch import openadr
+
+    monkeypatch.setattr(openadr, "VTN_REQUEST_S", 0.3)
+
+    async def vtn(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if answer == "empty":
+            return web.Response(status=200, body=b"")
+        response = web.StreamResponse(status=200)
+        response.content_length = 10_000
+        await response.prepare(request)
+        while True:
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_route("POST", "/{tail:.*}", vtn)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        links = LinkBook(time.monotonic)
+        config = OpenAdrConfig(enabled=True, vtn_url=f"http://127.0.0.1:{port}/OpenADR2/Simple/2.0b",
+                               ven_name="truck-1")
+        ven = OpenAdrVen(config, RATING_W, retry_max_s=0.2, link=links.handle(Link.OPENADR))
+        try:
+            async with serving(ven, ScriptedSink(accept)) as task:
+                deadline = time.monotonic() + 10
+                while ven.registration_attempts < 3:
+                    assert not task.done(), task.exception()
+                    assert time.monotonic() < deadline, "the VEN stopped trying"
+                    await asyncio.sleep(0.05)
+                assert not task.done() and not ven.registered
+                assert not links.view(time.monotonic())["openadr"]["ok"]
+        finally:
+            await runner.cleanup()
+
+    run(scenario)
 
 
 def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_request() -> None:

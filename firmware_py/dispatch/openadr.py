@@ -86,6 +86,9 @@ STATE_CODES: Mapping[Mode, int] = {
 # this is as fast as the VEN then polls (it never hammers a VTN in a tight loop).
 MIN_POLL_S = 0.5
 
+# The longest one exchange with the VTN may take, all told (openleadr bounds only each read).
+VTN_REQUEST_S = 30.0
+
 # First retry of a failed registration; the VTN's poll interval is not known yet.
 REGISTRATION_RETRY_S = 1.0
 
@@ -145,6 +148,17 @@ class _Client(OpenADRClient):
 
     poll_ok = False
     on_distribution: Callable[[list[Any]], Any] | None = None
+
+    async def _perform_request(self, service: str, message: Any) -> tuple[str | None, dict[str, Any]]:
+        """openleadr's exchange with the VTN, bounded in time (a VTN that trickles its answer a byte at a time
+        is never timed out by the session's per-read timeout) and always a pair (an empty answer gave None,
+        and unpacking it ended the VEN's task): (None, {}) is the VTN not answering, as openleadr says it."""
+        try:
+            answered = await asyncio.wait_for(super()._perform_request(service, message), VTN_REQUEST_S)
+        except asyncio.TimeoutError:
+            log.debug("OpenADR: %s/%s took more than %.0f s", self.vtn_url, service, VTN_REQUEST_S)
+            return None, {}
+        return answered if isinstance(answered, tuple) else (None, {})
 
     async def poll(self) -> tuple[str | None, dict[str, Any]]:
         response_type, payload = await super().poll()
