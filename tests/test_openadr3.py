@@ -44,7 +44,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
-from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenSource, VtnRefused, check
+from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
     iso_datetime,
@@ -826,3 +826,18 @@ def test_assembly_builds_the_ven_on_the_gateways_clocks_link_and_levels(tmp_path
         assert ven._levels == built.gateway.policy.simple_levels_pct
     finally:
         built.close()
+
+
+@pytest.mark.parametrize("base, named, expected", [
+    ("https://vtn.example/openadr3", "https://auth.example/token", "https://auth.example/token"),
+    ("http://127.0.0.1:8081/openadr3", "http://127.0.0.1:9000/token", "http://127.0.0.1:9000/token"),
+    ("https://vtn.example/openadr3", None, "https://vtn.example/openadr3/auth/token"),
+    ("https://vtn.example/openadr3", "ftp://x/token", "https://vtn.example/openadr3/auth/token"),
+])
+def test_the_client_secret_goes_to_the_token_endpoint_the_vtn_names_or_its_own(base, named, expected) -> None:
+    assert token_endpoint(base, named) == expected
+
+
+def test_a_vtn_on_https_naming_a_plain_http_token_endpoint_never_gets_the_secret_sent_in_clear() -> None:
+    with pytest.raises(VtnRefused, match="plain HTTP for a VTN on HTTPS: the client secret is not sent there"):
+        token_endpoint("https://vtn.example/openadr3", "http://vtn.example:8080/token")

@@ -131,6 +131,17 @@ class _Tracked:
     reported_upto: int = 0  # intervals already covered by cadence reports
 
 
+def token_endpoint(base: str, named: Any) -> str:
+    """Where the client secret goes: the token endpoint the VTN at `base` names at /auth/server, else its own
+    /auth/token. Never plain HTTP for a VTN on HTTPS (the secret would travel in clear): VtnRefused."""
+    if not isinstance(named, str) or not named.startswith(("http://", "https://")):
+        return f"{base}/auth/token"
+    if base.startswith("https://") and not named.startswith("https://"):
+        raise VtnRefused(f"GET /auth/server names the token endpoint {named}, plain HTTP for a VTN on HTTPS: the "
+                         "client secret is not sent there (set [dispatch.openadr3] token_url to choose it)")
+    return named
+
+
 class TokenSource:
     """OAuth2 client credentials: one bearer token, fetched when missing and renewed before it expires.
 
@@ -329,8 +340,7 @@ class OpenAdr3Ven:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
         info = _json(body, "GET /auth/server") if status == 200 else None
-        url = info.get("tokenURL") if isinstance(info, dict) else None
-        return url if isinstance(url, str) and url.startswith(("http://", "https://")) else f"{self.base}/auth/token"
+        return token_endpoint(self.base, info.get("tokenURL") if isinstance(info, dict) else None)
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str, *,
                     params: dict[str, Any] | None = None, body: Any = None) -> Any:
