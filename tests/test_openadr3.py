@@ -841,3 +841,28 @@ def test_the_client_secret_goes_to_the_token_endpoint_the_vtn_names_or_its_own(b
 def test_a_vtn_on_https_naming_a_plain_http_token_endpoint_never_gets_the_secret_sent_in_clear() -> None:
     with pytest.raises(VtnRefused, match="plain HTTP for a VTN on HTTPS: the client secret is not sent there"):
         token_endpoint("https://vtn.example/openadr3", "http://vtn.example:8080/token")
+
+
+class UnpagedVtn(BenchVtn3):
+    """A VTN that ignores `skip` and `limit` and sends the whole listing each time."""
+
+    def _page(self, request: web.Request, objects: list[Any]) -> web.Response:
+        self.served.extend(objects)
+        return web.json_response(objects)
+
+
+def test_a_vtn_that_ignores_paging_with_a_whole_page_of_events_is_read_once_not_forty_times() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with UnpagedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            ids = [vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600 + 700 * n), 600, 1.0)
+                   for n in range(50)]  # exactly one page's worth
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: ven.polls >= 2)
+                assert ven.failed_polls == 0
+                assert {r.id for r in sink.of(DispatchRequest)} == set(ids)
+                assert vtn.event_gets <= 2 * ven.polls  # the page again once, then it knows it had all
+
+    run(scenario)

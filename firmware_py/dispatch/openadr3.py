@@ -370,13 +370,17 @@ class OpenAdr3Ven:
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
         """A whole listing, page by page (bounded)."""
         found: list[Any] = []
+        previous: list[Any] | None = None
         for page in range(MAX_PAGES):
             got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
             if not isinstance(got, list):
                 raise VtnError(f"GET /{path} did not answer a list")
+            if got == previous:  # a VTN that ignores `skip` sends its first page again: that was all of it
+                return found
             found += got
             if len(got) != PAGE:  # the last page (or a VTN that ignores paging and sent everything)
                 return found
+            previous = got
         raise VtnError(f"GET /{path} lists more than {len(found)} objects: not a listing the VEN can hold")
 
     # ------------------------------------------------------------------ registration
