@@ -392,6 +392,31 @@ def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_
     run(scenario)
 
 
+def test_a_vtn_listing_a_cancelled_event_again_costs_no_other_event_its_answer() -> None:
+    """openleadr looked up its answer to an event it knew, and the answer went with the event's cancellation:
+    the KeyError made it opt out of every event of the distribution, and a new one never reached the core."""
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                cancelled = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(cancelled) == "optIn"
+                running = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 2.0)
+                assert await vtn.wait_for_response(running) == "optIn"
+                event = vtn._event(cancelled)
+                vtn.cancel_event(cancelled)
+                await vtn.wait_for(lambda: any(c.id == cancelled for c in sink.cancels()))
+                await vtn.wait_for(lambda: event not in vtn.server.events[vtn.ven_id])
+                vtn.server.events[vtn.ven_id].append(event)  # its confirmation lost, the VTN lists it again
+                later = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 3.0)
+                assert await vtn.wait_for_response(later) == "optIn"
+                assert vtn.opt_for(running) == "optIn"
+        assert [r.id for r in sink.requests()] == [cancelled, running, later]
+
+    run(scenario)
+
+
 def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_request() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0) as vtn:

@@ -168,6 +168,13 @@ class _Client(OpenADRClient):
     async def _on_event(self, message: dict[str, Any]) -> None:
         if self.on_distribution is not None:
             await self.on_distribution(message.get("events") or [])
+        known = {utils.getmember(e, "event_descriptor.event_id") for e in self.received_events}
+        for event in message.get("events") or []:
+            event_id = utils.getmember(event, "event_descriptor.event_id")
+            if event_id in known and event_id not in self.responded_events:
+                # openleadr would look up its answer to an event it knows, and the answer went with the event's
+                # cancellation: the KeyError made it opt out of every event in the distribution. Afresh, then.
+                self.forget_event(event_id)
         await super()._on_event(message)
 
     def forget_event(self, event_id: str) -> None:
