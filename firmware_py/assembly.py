@@ -76,7 +76,7 @@ def _openadr3(config: Config, gateway: Gateway) -> Integration:
 def _check_openadr3(config: Config) -> list[str]:
     from firmware_py.dispatch.openadr3 import check
 
-    return check(config.dispatch.openadr3)
+    return check(config.dispatch.openadr3, simple_levels_pct=config.dispatch.openadr.simple_levels_pct)
 
 
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:

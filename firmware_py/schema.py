@@ -109,6 +109,8 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
                 problems.append(f"{key}: expected an array of tables ([[{key}]]), got {shown(value)}")
             continue
         problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
+        if not problem and f.metadata.get("path") and "\x00" in value:
+            problem = f"{shown(value)} holds a NUL character, which no path can"
         if problem:
             problems.append(f"{key}: {problem}")
             continue

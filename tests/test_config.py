@@ -140,6 +140,12 @@ def test_bundled_data_is_found():
     ('[dispatch.openadr]\nenabled = true\nvtn_url = "https://x"\ncert = "ven.crt"\n', "cert and key: give both"),
     ('[journal]\npath = "/dev/null"\n', "/dev/null: the journal must be a regular file, not a device"),
     ('[owner]\nsettings_file = "."\n', "the owner settings file must be a regular file, not a directory"),
+    ('[owner]\napi_listen = "127.0.0.1:\u00b2"\n', "owner.api_listen: '127.0.0.1:²'"),  # a digit to isdigit()
+    ('[journal]\npath = "a\\u0000b"\n', "journal.path: 'a\\x00b' holds a NUL character"),
+    # OpenADR 3 uses the SIMPLE levels of [dispatch.openadr] though that section's VEN is off: a level
+    # below 0 % turned a shed into a charge.
+    ('[dispatch.openadr]\nsimple_levels_pct = [-50.0, 50.0, 100.0]\n[dispatch.openadr3]\nenabled = true\n'
+     'client_secret_file = "secret"\n', "dispatch.openadr.simple_levels_pct: three shares 0-100"),
 ])
 def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
     path = write(tmp_path, text)

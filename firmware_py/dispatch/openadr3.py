@@ -71,6 +71,7 @@ from firmware_py.dispatch.openadr3_events import (
     price_id,
     translate_event,
 )
+from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
@@ -212,7 +213,7 @@ class OpenAdr3Ven:
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, link: LinkHandle | None = None, retry_max_s: float = 60.0,
                  secret: str | None = None, currency: str | None = None) -> None:
-        if problems := check(config, secret_given=secret is not None):
+        if problems := check(config, secret_given=secret is not None, simple_levels_pct=levels_pct):
             raise InputError(problems)
         self.config = config
         self._rating = rating_w if callable(rating_w) else (lambda: float(rating_w))
@@ -797,10 +798,12 @@ def _why(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def check(config: OpenAdr3Config, *, secret_given: bool = False) -> list[str]:
-    """Settings the config schema cannot check alone, named the way check-config names keys."""
+def check(config: OpenAdr3Config, *, secret_given: bool = False,
+          simple_levels_pct: Sequence[object] = (33.0, 66.0, 100.0)) -> list[str]:
+    """Settings the config schema cannot check alone, named the way check-config names keys; the SIMPLE
+    levels too, which this VEN shares with OpenADR 2.0b's section (checked here whether that one is on or not)."""
     key = "dispatch.openadr3"
-    problems = []
+    problems = check_levels(simple_levels_pct, "dispatch.openadr.simple_levels_pct")
     for name in ("vtn_url", "token_url"):
         url = getattr(config, name)
         if (url or name == "vtn_url") and (not url.startswith(("http://", "https://")) or not urlsplit(url).hostname):
