@@ -17,6 +17,7 @@
 #
 # Exit codes: 0 installed, 1 a step failed, 2 bad arguments or a bundle that does not fit here.
 set -eu
+umask 022  # what is installed must be readable by the service's user, whatever root's own umask is
 
 SERVICE_USER=powershare
 PREFIX=/opt/powershare-gw
@@ -78,6 +79,11 @@ say "powershare-gw $VERSION for $ARCH, Python $PYTHON, from $HERE${ROOT:+, under
 
 say "checking the wheels against SHA256SUMS"
 (cd "$HERE/wheels" && sha256sum --quiet --check ../SHA256SUMS) || fail "the bundle's wheels do not match SHA256SUMS (damaged in transfer?)"
+for wheel in "$HERE"/wheels/*; do  # pip would take any wheel in the folder, listed or not
+    name=$(basename "$wheel")
+    awk -v name="$name" '$2 == name { found = 1 } END { exit !found }' "$HERE/SHA256SUMS" \
+        || fail "$HERE/wheels/$name: not in SHA256SUMS (left from another bundle?): remove it, or make the bundle again"
+done
 
 # --- the service user ------------------------------------------------------------------------
 if [ -z "$ROOT" ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then

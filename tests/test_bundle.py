@@ -9,6 +9,8 @@ created and systemctl is not run (install.sh's `--root` prints what it would do)
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import os
 import re
 import shutil
@@ -149,6 +151,29 @@ def test_install_refuses_an_incomplete_bundle_and_unknown_arguments(tmp_path):
     assert done.returncode == 2 and "unknown argument: --prefix" in done.stderr
 
 
+def test_install_refuses_a_wheel_that_sha256sums_does_not_list(tmp_path):
+    """pip takes any wheel in the folder: one left from another bundle, or slipped in, is not installed."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    wheels = tmp_path / "bundle" / "wheels"
+    (wheels / "listed-1.0-py3-none-any.whl").write_bytes(b"listed")
+    (wheels / "pyserial-9.9-py3-none-any.whl").write_bytes(b"not listed")
+    digest = hashlib.sha256(b"listed").hexdigest()
+    (tmp_path / "bundle" / "SHA256SUMS").write_text(f"{digest}  listed-1.0-py3-none-any.whl\n")
+    done = run(["sh", str(installer), "--root", str(tmp_path / "root"), "--python", sys.executable])
+    assert done.returncode == 1 and "pyserial-9.9-py3-none-any.whl: not in SHA256SUMS" in done.stderr
+    assert not (tmp_path / "root" / "opt").exists()
+
+
+def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
+    """In [Service] systemd ignores StartLimitIntervalSec ("Unknown key"): a configuration that exits 2
+    would then be restarted every 5 s for ever."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd's keys are case-sensitive
+    unit.read_string(bundled_config("powershare-gw.service").read_text())
+    assert unit["Unit"]["StartLimitIntervalSec"] == "300" and unit["Unit"]["StartLimitBurst"] == "10"
+    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & set(unit["Service"])
+
+
 # --- slow: a real bundle, installed with no network -----------------------------------------------
 
 @pytest.mark.slow
@@ -162,10 +187,12 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
         f"VERSION={SOURCE_VERSION}", f"ARCH={os.uname().machine}", f"PYTHON={HOST_PYTHON}"]
 
     root = tmp_path / "root"
-    installed = run(without_network(["sh", str(out / "install.sh"), "--root", str(root),
-                                     "--python", sys.executable]))
+    installed = run(without_network(["sh", "-c", 'umask 077; exec sh "$0" "$@"',  # root's umask must not matter
+                                     str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
     assert installed.returncode == 0, installed.stdout + installed.stderr
     venv = root / "opt" / "powershare-gw"
+    package = next((venv / "lib").glob("python3.*/site-packages/firmware_py/__init__.py"))
+    assert (mode(venv), mode(package)) == (0o755, 0o644)  # the service's user reads and runs it
     version = run([str(venv / "bin" / "powershare-gw"), "--version"])
     assert version.stdout.strip() == f"powershare-gw {SOURCE_VERSION}"
     frozen = run([str(venv / "bin" / "python"), "-m", "pip", "--isolated", "freeze", "--all"],
