@@ -315,6 +315,25 @@ def test_a_setpoint_the_scale_factor_cannot_carry_is_refused_as_a_link_error_not
     run(scenario)
 
 
+def test_a_safe_stop_opens_a_dropped_link_once_more_to_write_zero():
+    """The stop's 0 W was skipped whenever the link was down (a drop, a back-off), leaving the inverter
+    at its setpoint until its revert timer: the link is opened once more for it, whatever the back-off."""
+
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(4_000.0, "dispatch"))
+        assert rig.model.wset_w == pytest.approx(4_000.0)
+        rig.server.drop_connections()
+        for _ in range(500):  # nothing reconnects here (no poll): wait until the client has seen the drop
+            if not rig.client.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not rig.client.connected
+        assert await rig.client.safe_stop()
+        assert rig.model.wset_w == 0.0
+
+    run(scenario)
+
+
 def test_a_reconnect_writes_the_command_again_at_once():
     async def scenario(rig):
         cmd = InverterCommand(3_000.0, "dispatch")
