@@ -325,6 +325,14 @@ def test_an_end_not_confirmed_at_0_w_fails(changes):
     assert check.outcome is Outcome.FAIL and "revert timer" in check.advice
 
 
+@pytest.mark.parametrize("target_w, after_w", [(20_000.0, 1_900.0), (20_000.0, -900.0), (500.0, -60.0)])
+def test_back_to_0_w_means_0_w_whatever_the_tests_power(target_w, after_w):
+    """The tolerance was a tenth of the test's power: 1.9 kW still flowing after a 20 kW test passed."""
+    check = by_name(judge_sign(signed(target_w, target_w / 500.0 * 0.6, target_w=target_w, after_w=after_w)))[
+        "back to 0 W"]
+    assert check.outcome is Outcome.FAIL
+
+
 # --- dispatch, config, the report ---------------------------------------------------------------------
 
 def test_dispatch_interfaces():

@@ -102,9 +102,21 @@ def _commission(args: argparse.Namespace) -> int:
     console.step(Step.CONFIG, judgement.judge_config(config.source, []))
     try:
         asyncio.run(_steps(config, args, console))
+    except BaseException as err:
+        _ended_early(console, err)
+        raise
     finally:
         _finish(console, report_path)
     return 0 if report.passed else 1
+
+
+def _ended_early(console: Console, err: BaseException) -> None:
+    """A failed check in the first step that has none: a run that stopped part-way never reads (or is
+    kept) as passed on the checks it got to."""
+    step = next((s for s in Step if not console.report.of(s)), Step.DISPATCH)
+    why = "; ".join(err.problems) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+    console.step(step, [failed(step, "commissioning ended early", why or type(err).__name__,
+                               "fix what it names and commission again: the steps after this one did not run")])
 
 
 def _check_options(args: argparse.Namespace) -> None:
