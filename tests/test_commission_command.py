@@ -12,6 +12,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +201,22 @@ def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, c
     assert steps["can"]["outcome"] == "pass"
     ended = [c for s in doc["steps"] for c in s["checks"] if c["name"] == "commissioning ended early"]
     assert len(ended) == 1 and "owner" in ended[0]["detail"]
+
+
+def test_a_bms_that_falls_silent_part_way_through_the_window_is_stale_at_its_end():
+    """Values are judged as of the window's end, not its last frame: a BMS (or a bus) that stopped part-way
+    passed every CAN check before."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    channel = "commission-silent-part-way"
+    rx, tx = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    talking = threading.Thread(target=BmsNode(Battery(soc_pct=70), tx, dbc).run, args=(threading.Event(),),
+                               kwargs={"duration_s": 0.5}, daemon=True)
+    try:
+        talking.start()
+        obs = observe_can(rx, BmsReader(dbc, clock=time.monotonic), 1.5, where=f"virtual {channel}",
+                          usable_capacity_wh=123_000)
+    finally:
+        talking.join(timeout=5)
+        rx.shutdown()
+        tx.shutdown()
+    assert obs.frames > 0 and {"soc_min_pct", "bms_state", "max_discharge_w"} <= set(obs.stale)

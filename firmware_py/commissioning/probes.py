@@ -118,8 +118,9 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
             accepted[fid] += 1
         else:
             refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
-    # As of the last BMS frame: what this process believed then, not how late its own last look came.
-    snapshot = reader.snapshot(last_at)
+    # As of the window's end (or the stop), not its last BMS frame: a BMS that fell silent part-way through
+    # the window has its fields stale here, as the gateway would see them (not how late its own last look came).
+    snapshot = reader.snapshot(min(clock(), deadline))
     values = {name: getattr(snapshot, name) for name in reader.fields}
     return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
                           foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
