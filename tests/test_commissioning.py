@@ -240,6 +240,7 @@ def test_rtu_advice_names_the_line():
     ({"revert_ok": False, "revert_error": "704 read-back differs"}, "revert function", "not accepted"),
     ({"controls": {"WSet": 0.0, "WSetRvrt": 0.0, "WSetEnaRvrt": 0, "WSetRvrtTms": 10}}, "revert function",
      "read back WSetEnaRvrt 0"),
+    ({"controls": {}}, "revert function", "not read back"),  # it said "written and read back"
 ])
 def test_inverter_failures(changes, name, words):
     (check,) = failures(judge_inverter(found_inverter(**changes)))
@@ -391,3 +392,16 @@ def test_the_judgement_and_the_report_touch_no_io():
         project = {node.module for node in ast.walk(ast.parse(path.read_text()))
                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("firmware_py")}
         assert project <= {"firmware_py.core.types", "firmware_py.commissioning.report", "firmware_py.quoting"}, name
+
+
+def test_an_inverter_measuring_far_more_than_commanded_fails_even_without_the_pack_voltage():
+    """Without a mapped pack voltage the pack-versus-inverter check cannot run: a reading ten times the
+    command (a CT ratio, a scale factor) passed every check."""
+    checks = by_name(judge_sign(signed(5_000.0, 0.2, pack_voltage_v=None)))
+    assert checks["inverter measured power"].outcome is Outcome.FAIL
+    assert "far more than commanded" in checks["inverter measured power"].detail
+
+
+def test_a_test_discharge_the_core_gave_no_answer_to_fails():
+    (test, end) = judge_sign(signed(500.0, 0.6, answer="no answer"))
+    assert test.outcome is Outcome.FAIL and "no answer" in test.detail and end.name == "back to 0 W"

@@ -44,6 +44,10 @@ SIGN_SHARE = 0.5
 """The sign test wants at least half the commanded power measured, and half the expected current change."""
 MIN_CURRENT_STEP_A = 0.1
 """The smallest current change believed (the usual BMS current resolution)."""
+NO_ANSWER = "no answer"
+"""The sign test's answer in words when the core gave none."""
+MAX_OVER_COMMAND = 1.5
+"""The test's measured power may exceed the command by this factor (plus ZERO_W): beyond, the reading is wrong."""
 ZERO_W = 50.0
 """Below this the inverter is taken to be at 0 W after the test (meters read a little noise)."""
 PACK_TO_AC_RATIO = (0.7, 1.45)
@@ -416,8 +420,10 @@ def _judge_revert(obs: InverterObservation) -> Check:
     c = obs.controls
     back = (f"WSetEnaRvrt {c.get('WSetEnaRvrt')}, WSetRvrt {_w(c.get('WSetRvrt'))}, "
             f"WSetRvrtTms {c.get('WSetRvrtTms')} s")
-    if c and (c.get("WSetEnaRvrt") != 1 or c.get("WSetRvrt") not in (0, 0.0)
-              or c.get("WSetRvrtTms") != max(1, int(obs.revert_timeout_s))):
+    if not c:  # written, but the read-back did not come: nothing says the inverter holds it
+        return failed(step, name, f"{want} written, not read back", advice)
+    if (c.get("WSetEnaRvrt") != 1 or c.get("WSetRvrt") not in (0, 0.0)
+            or c.get("WSetRvrtTms") != max(1, int(obs.revert_timeout_s))):
         return failed(step, name, f"wrote {want}, read back {back}", advice)
     return passed(step, name, f"{back} written and read back (WSet {_w(c.get('WSet'))})")
 
@@ -476,6 +482,9 @@ def judge_sign(obs: SignObservation) -> list[Check]:
     if obs.refusal:
         return [failed(step, "test discharge", f"{obs.target_w:g} W for {obs.seconds:g} s {obs.answer}",
                        REFUSAL_ADVICE.get(obs.refusal, "the core's reason above")), _judge_end(obs)]
+    if obs.answer in ("", NO_ANSWER):
+        return [failed(step, "test discharge", f"{obs.target_w:g} W for {obs.seconds:g} s: the core gave no answer",
+                       "the gateway's log (run commission with -v)"), _judge_end(obs)]
     checks = [passed(step, "test discharge", f"{obs.target_w:g} W for {obs.seconds:g} s through the core: "
                      f"{obs.answer}")]
     if obs.interrupted:
@@ -516,6 +525,10 @@ def _current_change(obs: SignObservation, commanded_w: float) -> tuple[float | N
 def _judge_inverter_sign(w_dir: int, i_dir: int, commanded: float, measured: float, delta: float | None) -> Check:
     step, name = Step.SIGN, "inverter measured power"
     seen = f"W {measured:+.0f} W while commanded to discharge {commanded:.0f} W"
+    if w_dir > 0 and measured > MAX_OVER_COMMAND * commanded + ZERO_W:
+        return failed(step, name, f"{seen}: far more than commanded",
+                      "the inverter's meter (its CT ratio) or W scale factor, or another source feeding the same "
+                      "meter: the gateway bills energy and answers aggregators by this reading")
     if w_dir > 0:
         return passed(step, name, f"{seen}: positive = discharge, as the gateway expects")
     if w_dir == 0:

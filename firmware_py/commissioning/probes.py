@@ -25,6 +25,7 @@ from firmware_py.assembly import INTEGRATIONS, Assembly, section
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.reader import BmsReader
 from firmware_py.commissioning.judgement import (
+    NO_ANSWER,
     CanObservation,
     InverterObservation,
     MessageSpec,
@@ -206,7 +207,7 @@ async def sign_test(service: Service, target_w: float, seconds: float, stop: asy
         reason = gateway.controller.reason
     finally:
         stopped, after_w, detail = await _back_to_zero(service, request)
-    words = describe(answer) if answer is not None else "no answer"
+    words = describe(answer) if answer is not None else NO_ANSWER
     refusal = answer.reason.value if answer is not None and answer.reason is not None \
         and answer.verdict is Verdict.REJECTED else ""
     voltage = gateway.controller.bms.pack_voltage_v if gateway.controller.bms is not None else None
