@@ -201,6 +201,10 @@ def check(config: Config) -> None:
                        (config.owner.token_file, "owner API token file")):
         if problem := regular_or_absent(path, what):
             problems.append(problem)
+    timeout_s, poll_s = config.safety.inverter_timeout_s, config.inverter.poll_interval_s
+    if timeout_s <= poll_s:  # every reading would be stale before the next: 0 W for ever
+        problems.append(f"safety.inverter_timeout_s: {timeout_s:g} s is not above inverter.poll_interval_s "
+                        f"({poll_s:g} s): each inverter reading would be too old before the next came")
     for name, kind in INTEGRATIONS.items():
         if section(config, name).enabled:
             problems += kind.check(config)

@@ -152,7 +152,7 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class ProgramConfig:
-    """The owner's enrolment terms (DESIGN §3.11): what `statement` credits and charges."""
+    """The owner's enrolment terms (docs/configuration.md, [program]): what `statement` credits and charges."""
 
     name: str = spec("", doc="the program's name, printed on statements")
     currency: str = spec("USD", doc="ISO 4217 code of the amounts")

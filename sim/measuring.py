@@ -14,7 +14,7 @@ import can
 from firmware_py.inverter.sunspec import DEFAULT_BASE, END_MODEL_ID, SUNS_MARKER
 
 BUS_FRAMES_PER_S = 3_704
-"""A 500 kbit/s bus at its worst case: 8-byte standard frames back to back (DESIGN's saturated bus)."""
+"""A 500 kbit/s bus at its worst case: 8-byte standard frames back to back (the bus-load benchmark's)."""
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

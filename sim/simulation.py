@@ -381,7 +381,7 @@ def _replace_bench_journal(path: Path) -> None:
 
 
 def floor_violation(soc_pct: float, floor_pct: float, inverter_w: float) -> bool:
-    """One trace record's share of `floor_violations` (DESIGN §3.8): energy left the pack
+    """One trace record's share of `floor_violations` (docs/simulator.md): energy left the pack
     (`inverter_w > 0`) while its true SoC was below the floor in force. A truck that starts below
     its floor and stays idle, or charges back up to it, has none."""
     return inverter_w > 0 and soc_pct < floor_pct

@@ -203,7 +203,7 @@ def test_an_open_ended_setpoint_is_served_at_full_power_until_the_envelope_takes
 
 
 def test_a_truck_below_its_floor_left_idle_counts_no_floor_violation(tmp_path):
-    """DESIGN §3.8: a violation is energy leaving the pack below the floor, not a low SoC."""
+    """A floor violation is energy leaving the pack below the floor, not a low SoC."""
     below = replace(scenario.Scenario(), run=scenario.RunSection(duration_s=20),
                     vehicle=scenario.VehicleSection(initial_soc_pct=38, usable_capacity_wh=20_000),
                     name="below-floor")

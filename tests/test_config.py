@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,8 @@ def test_bundled_data_is_found():
     ('[journal]\npath = "/dev/null"\n', "/dev/null: the journal must be a regular file, not a device"),
     ('[owner]\nsettings_file = "."\n', "the owner settings file must be a regular file, not a directory"),
     ('[owner]\napi_listen = "127.0.0.1:\u00b2"\n', "owner.api_listen: '127.0.0.1:²'"),  # a digit to isdigit()
+    ('[inverter]\npoll_interval_s = 60\n[safety]\ninverter_timeout_s = 0.1\n',
+     "safety.inverter_timeout_s: 0.1 s is not above inverter.poll_interval_s (60 s)"),
     ('[journal]\npath = "a\\u0000b"\n', "journal.path: 'a\\x00b' holds a NUL character"),
     # OpenADR 3 uses the SIMPLE levels of [dispatch.openadr] though that section's VEN is off: a level
     # below 0 % turned a shed into a charge.
@@ -226,3 +231,24 @@ def test_a_newer_format_is_refused_on_its_version_alone_saying_what_to_do(tmp_pa
 def test_a_malformed_version_names_the_key(tmp_path, text, message):
     with pytest.raises(InputError, match=message):
         config.load(write(tmp_path, text))
+
+
+def test_the_example_configuration_shows_every_key():
+    """config/example.toml is where an installer looks for what can be set: every key of every section."""
+    example = tomllib.loads(bundled_config("example.toml").read_text())
+    assert missing_all(config.Config, example, "") == []
+
+
+def missing_all(cls: type, table: dict, prefix: str) -> list[str]:
+    """The keys of dataclass `cls` (and of its nested sections) that `table` lacks, dotted; a field the
+    schema does not read from the file (no `spec`, not a section) is not a key."""
+    hints, gaps = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        section = dataclasses.is_dataclass(hints[f.name])
+        if not section and not f.metadata:
+            continue
+        if f.name not in table:
+            gaps.append(prefix + f.name)
+        elif section:
+            gaps += missing_all(hints[f.name], table[f.name], f"{prefix}{f.name}.")
+    return gaps

@@ -202,7 +202,7 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
         assert render(by_id["link_bms"]["value_template"], state) == "ON"
         assert set(configs) <= retained and TOPICS.state in retained and TOPICS.availability in retained
         for field in ("mode", "reason", "soc_pct", "floor_pct", "reserve_pct", "setpoint_w", "power_w", "event",
-                      "faults", "links", "storm_watch"):  # DESIGN 3.9's status fields
+                      "faults", "links", "storm_watch"):  # the status document's fields
             assert field in state
 
     bounded(main())

@@ -1,4 +1,4 @@
-"""Bill-credit statements (DESIGN §3.11): figures from real journals, signed, and checked again.
+"""Bill-credit statements (docs/command-line.md, statement): figures from real journals, signed, and checked again.
 
 Fast tier: one shortened bench run (the default 4-hour peak event at 1/100 of its time and
 pack, ~1.5 s), a journal a crash left open and a restart closed, and the pure figures under

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 PREFIX = "powershare"
 REACTION_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-"""Around the 2 ms target (DESIGN §4), out to the 1 s a cycle-based controller would take."""
+"""Around the 2 ms target (the README's Performance section), out to the 1 s a cycle-based controller would take."""
 
 
 class AnswerCounts:

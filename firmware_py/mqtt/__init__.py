@@ -1,4 +1,4 @@
-"""MQTT for Home Assistant and fleets (`[mqtt]`, DESIGN §3.10): state out, owner commands in.
+"""MQTT for Home Assistant and fleets (`[mqtt]`; the README's MQTT section): state out, owner commands in.
 
 `topics` names the topic tree and checks the prefixes, `commands` turns a command
 payload into an owner change (applied through the same `OwnerDesk` as the owner

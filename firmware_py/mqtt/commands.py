@@ -2,7 +2,7 @@
 
 A payload is anything a broker delivers: bytes of any size and content, from an
 automation, a Home Assistant entity or a stranger with the broker's password. It
-is read here into the same requests the owner API takes (DESIGN §3.9), then
+is read here into the same requests the owner API takes (docs/command-line.md, owner), then
 applied by the caller through `OwnerDesk`, the one path for owner changes (the
 rules of `owner/changes.py`, the save, the core, the journal). Whatever the
 payload, the answer is one result document; never a traceback.
@@ -116,7 +116,7 @@ def _body(command: Command, value: Any) -> Any:
 
 
 def result(command: str, ok: bool, reason: str, wall_now: float) -> dict[str, Any]:
-    """The document published on P/result (DESIGN §3.10: command, ok, reason)."""
+    """The document published on P/result (command, ok, reason; the README's topic table)."""
     return {"command": command, "ok": ok, "reason": reason, "at": utc(wall_now)}
 
 

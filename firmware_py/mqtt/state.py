@@ -1,6 +1,6 @@
 """The state document on P/state, and when it is worth publishing again.
 
-The document is the status of DESIGN §3.9 (`Gateway.status()`: mode, reason, SoC,
+The document is the status document (`Gateway.status()`: mode, reason, SoC,
 floor, reserve, setpoint, power, the event served, faults, links, storm watch, this
 month's earnings...)
 plus what a home automation needs that the status leaves out:

@@ -1,4 +1,4 @@
-"""The gateway's topic tree under `topic_prefix` (P), fixed by DESIGN §3.10.
+"""The gateway's topic tree under `topic_prefix` (P), fixed by the README's topic table.
 
     P/state             retained JSON: the status document (§3.9) and a few owner fields
     P/availability      retained "online" / "offline" (the last will)

@@ -1,1 +1,1 @@
-"""Bill-credit statements: per event and per period, from the journal, signed (DESIGN §3.11)."""
+"""Bill-credit statements: per event and per period, from the journal, signed (docs/command-line.md, statement)."""

@@ -1,4 +1,4 @@
-"""`powershare-gw statement` and `statement verify` (DESIGN §3.2, §3.11; docs/command-line.md).
+"""`powershare-gw statement` and `statement verify` (docs/command-line.md).
 
 A thin adapter: options in, the journal read by `make`, the figures by
 `figures`/`document`, signed by `evidence`, rendered here.

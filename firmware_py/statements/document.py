@@ -1,4 +1,4 @@
-"""A statement as one JSON document (DESIGN §3.11), composed from facts: no I/O.
+"""A statement as one JSON document (docs/command-line.md, statement), composed from facts: no I/O.
 
 Also what the period means: an event belongs to the period its window starts
 in; `--event` makes the event's own window the period; no selection means the

@@ -1,4 +1,4 @@
-"""The owner's web app and its JSON API on `[web] listen` (DESIGN §3.9), served by the gateway itself.
+"""The owner's web app and its JSON API on `[web] listen` (docs/command-line.md), served by the gateway itself.
 
 One aiohttp server: the page (hand-written HTML, CSS and JavaScript shipped in the
 package, nothing fetched from anywhere at run time) and the API it calls. The API is
