@@ -164,7 +164,7 @@ def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the
         model.on_wset = first.see
         async with SimInverterServer(model) as server:
             channel = f"service-test-{next(_channels)}"
-            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=60)
+            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=50)
             config = replace(config, safety=replace(config.safety, bms_timeout_s=10, inverter_timeout_s=60))
             node_bus = can.Bus(interface="virtual", channel=channel)
             node = BmsNode(Battery(soc_pct=80), node_bus, bundled_dbc("cybertruck_bms.dbc"))
