@@ -300,15 +300,13 @@ class Gateway:
         """
         if final and (batch := self.steps.take()) is not None:
             self._pending.append((STEPS_KIND, self.clock(), batch))
-        written, first = 0, True
-        while first or self._pending:  # again when the write that recovered the journal queued the core's step for it
-            first = False
+        written = 0
+        while True:  # again when the write that recovered the journal queued the core's step for it
             pending, self._pending = self._pending, []
             done = self._settle(pending, self._write(pending))
-            if pending and not done:
-                break  # it failed: put back, for the next flush
             written += done
-        return written
+            if not self._pending or (pending and not done):  # all written, or it failed (put back for the next)
+                return written
 
     async def flush_journal_async(self) -> int:
         """The same off the event loop: the queue is taken here, only the disk work moves to a thread.

@@ -71,7 +71,7 @@ from firmware_py.dispatch.openadr3_events import (
     price_id,
     translate_event,
 )
-from firmware_py.dispatch.simple_levels import check_levels
+from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
@@ -209,7 +209,7 @@ class OpenAdr3Ven:
     """
 
     def __init__(self, config: OpenAdr3Config, rating_w: Callable[[], float] | float, *,
-                 levels_pct: Sequence[float] = (33.0, 66.0, 100.0),
+                 levels_pct: Sequence[float] = DEFAULT_LEVELS_PCT,
                  to_gateway_time: Callable[[datetime], float] = datetime.timestamp,
                  source: str = SOURCE, link: LinkHandle | None = None, retry_max_s: float = 60.0,
                  secret: str | None = None, currency: str | None = None) -> None:
@@ -799,7 +799,7 @@ def _why(err: BaseException) -> str:
 
 
 def check(config: OpenAdr3Config, *, secret_given: bool = False,
-          simple_levels_pct: Sequence[object] = (33.0, 66.0, 100.0)) -> list[str]:
+          simple_levels_pct: Sequence[object] = DEFAULT_LEVELS_PCT) -> list[str]:
     """Settings the config schema cannot check alone, named the way check-config names keys; the SIMPLE
     levels too, which this VEN shares with OpenADR 2.0b's section (checked here whether that one is on or not)."""
     key = "dispatch.openadr3"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 LEVELS = (0, 1, 2, 3)
+DEFAULT_LEVELS_PCT = (33.0, 66.0, 100.0)
 
 
 def level_target_w(level: float, rating_w: float, levels_pct: Sequence[float]) -> float:

@@ -89,6 +89,11 @@ DAMAGED_VALUE = (TypeError, ValueError, AttributeError, OverflowError, KeyError,
 readers that show records to people turn it into a problem of the journal, never a traceback."""
 
 
+def unreadable(damage: Exception) -> str:
+    """What a reader says of a record holding a value its kind cannot hold (one of `DAMAGED_VALUE`)."""
+    return f"a record holds a value it cannot hold ({type(damage).__name__}: {damage})"
+
+
 def number(value: Any) -> float | None:
     """A number read back from a payload ("inf" as written for math.inf); None when absent or unreadable,
     so a reader of old or damaged records gets a gap, not an exception."""

@@ -82,7 +82,7 @@ def report(args: argparse.Namespace) -> int:
 def _unreadable(printer: Printer, verdict: ChainReport, damage: Exception) -> int:
     """The report of a journal with a value an edit left that no record of its kind holds: the chain's
     verdict with that problem added, no events (exit 1)."""
-    problem = f"a record holds a value it cannot hold ({type(damage).__name__}: {damage}); events not shown"
+    problem = f"{codec.unreadable(damage)}; events not shown"
     printer([], replace(verdict, problems=[*verdict.problems, problem]), [], ([], []))
     return 1
 

@@ -75,8 +75,8 @@ def make_statement(args: argparse.Namespace) -> int:
     try:
         unsigned = statement_from_journal(chain, _selection(args), basis, verdict.head_seq, verdict.head_hash)
     except codec.DAMAGED_VALUE as damage:
-        print(f"error: {journal}: a record holds a value it cannot hold ({type(damage).__name__}: {damage}); "
-              "a statement made from it would not hold up", file=sys.stderr)
+        print(f"error: {journal}: {codec.unreadable(damage)}; a statement made from it would not hold up",
+              file=sys.stderr)
         return EXIT_FAILED
     signed = evidence.sign(unsigned, key)
     text = {"json": render_json, "csv": render_csv, "text": render_text}[args.format](signed)
@@ -170,8 +170,7 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
     try:
         computed = recompute(chain, unsigned)
     except codec.DAMAGED_VALUE as damage:
-        return [*problems, f"journal: a record holds a value it cannot hold ({type(damage).__name__}: {damage}): "
-                           "its figures cannot be recomputed"]
+        return [*problems, f"journal: {codec.unreadable(damage)}: its figures cannot be recomputed"]
     actual_head = HeadBound(chain, seq).head_hash()
     if actual_head != statement.get("journal_head"):
         problems.append(f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
