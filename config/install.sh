@@ -54,10 +54,22 @@ as_system() {
     if [ -n "$ROOT" ]; then say "  (--root: would run: $*)"; else "$@"; fi
 }
 
-# --- does this bundle fit this machine? ----------------------------------------------------
+# --- is the bundle whole and undamaged? (before anything in it is read) ----------------------
 for needed in bundle.env requirements.txt SHA256SUMS wheels "config/gateway.toml" "config/example.toml" "config/$UNIT"; do
     [ -e "$HERE/$needed" ] || fail "$HERE/$needed: missing: this folder is not a whole bundle (make it again with powershare-gw bundle)" 2
 done
+listed() {  # is this path (relative to the bundle) in SHA256SUMS?
+    awk -v name="$1" '$2 == name { found = 1 } END { exit !found }' "$HERE/SHA256SUMS"
+}
+for file in install.sh bundle.env requirements.txt "config/gateway.toml" "config/example.toml" "config/$UNIT" "$HERE"/wheels/*; do
+    name=${file#"$HERE"/}
+    [ -e "$HERE/$name" ] || continue  # no wheels at all (the pattern itself): pip says what is missing
+    listed "$name" || fail "$HERE/$name: not in SHA256SUMS (left from another bundle?): remove it, or make the bundle again"
+done
+(cd "$HERE" && sha256sum --quiet --strict --check SHA256SUMS) \
+    || fail "the bundle's files do not match SHA256SUMS (damaged in transfer?): copy the bundle again"
+
+# --- does this bundle fit this machine? ----------------------------------------------------
 VERSION=; ARCH=; PYTHON=
 # shellcheck source=/dev/null
 . "$HERE/bundle.env"
@@ -75,15 +87,7 @@ if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
     fail "run as root (sudo ./install.sh), or with --root DIR to install under DIR" 2
 fi
 
-say "powershare-gw $VERSION for $ARCH, Python $PYTHON, from $HERE${ROOT:+, under $ROOT}"
-
-say "checking the wheels against SHA256SUMS"
-(cd "$HERE/wheels" && sha256sum --quiet --check ../SHA256SUMS) || fail "the bundle's wheels do not match SHA256SUMS (damaged in transfer?)"
-for wheel in "$HERE"/wheels/*; do  # pip would take any wheel in the folder, listed or not
-    name=$(basename "$wheel")
-    awk -v name="$name" '$2 == name { found = 1 } END { exit !found }' "$HERE/SHA256SUMS" \
-        || fail "$HERE/wheels/$name: not in SHA256SUMS (left from another bundle?): remove it, or make the bundle again"
-done
+say "powershare-gw $VERSION for $ARCH, Python $PYTHON, from $HERE${ROOT:+, under $ROOT} (every file matches SHA256SUMS)"
 
 # --- the service user ------------------------------------------------------------------------
 if [ -z "$ROOT" ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then
@@ -107,8 +111,9 @@ elif [ ! -x "$venv/bin/python" ]; then
     "$PYTHON_BIN" -m venv "$venv"
 fi
 say "$PREFIX: installing the bundle's wheels (no network: --no-index, no pip configuration read)"
+# --force-reinstall: a bundle rebuilt at the same version replaces what an earlier one installed.
 PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated --disable-pip-version-check --no-cache-dir \
-    install --quiet --no-index --find-links "$HERE/wheels" --requirement "$HERE/requirements.txt" \
+    install --quiet --no-index --force-reinstall --find-links "$HERE/wheels" --requirement "$HERE/requirements.txt" \
     || fail "pip could not install the bundle's wheels into $PREFIX"
 installed=$("$venv/bin/powershare-gw" --version) || fail "$PREFIX/bin/powershare-gw does not run"
 say "$PREFIX: $installed"

@@ -8,7 +8,7 @@ scp); there its `install.sh` installs from the folder alone (docs/command-line.m
     DIR/install.sh                the installer (config/install.sh)
     DIR/bundle.env                version, processor and Python the wheels are for
     DIR/requirements.txt          every wheel pinned: install.sh installs exactly these
-    DIR/SHA256SUMS                the wheels' checksums, checked before installing
+    DIR/SHA256SUMS                every other file's checksum, checked before anything is read or installed
     DIR/wheels/*.whl              powershare-gw and every dependency, built or downloaded
     DIR/config/gateway.toml       the installed gateway's configuration template
     DIR/config/example.toml       every key with its default, for reference
@@ -168,8 +168,15 @@ def _fill(out: Path, target: Target, source: Path, pip: list[str]) -> list[Path]
     (out / "bundle.env").write_text("# Written by `powershare-gw bundle`; read by install.sh.\n"
                                     f"VERSION={version}\nARCH={target.arch}\nPYTHON={target.python_text}\n")
     (out / "requirements.txt").write_text("".join(f"{_wheel_name(w)}=={_wheel_version(w)}\n" for w in found))
-    (out / "SHA256SUMS").write_text("".join(f"{_sha256(w)}  {w.name}\n" for w in found))
+    write_checksums(out)
     return found
+
+
+def write_checksums(out: Path) -> None:
+    """Every file of the bundle, by its path in it: install.sh checks them all before it reads
+    bundle.env or installs a wheel, so a file damaged on the USB stick stops it, whichever it is."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p != out / "SHA256SUMS")
+    (out / "SHA256SUMS").write_text("".join(f"{_sha256(p)}  {p.relative_to(out).as_posix()}\n" for p in files))
 
 
 def _own_wheel(pip: list[str], source: Path, wheels: Path) -> Path:

@@ -10,7 +10,6 @@ created and systemctl is not run (install.sh's `--root` prints what it would do)
 from __future__ import annotations
 
 import configparser
-import hashlib
 import os
 import re
 import shutil
@@ -127,7 +126,7 @@ def fake_bundle(folder: Path, arch: str, python: str) -> Path:
     shutil.copy2(bundled_config("install.sh"), folder / "install.sh")
     (folder / "bundle.env").write_text(f"VERSION=0.1.0\nARCH={arch}\nPYTHON={python}\n")
     (folder / "requirements.txt").write_text("")
-    (folder / "SHA256SUMS").write_text("")
+    bundle.write_checksums(folder)
     return folder / "install.sh"
 
 
@@ -156,12 +155,26 @@ def test_install_refuses_a_wheel_that_sha256sums_does_not_list(tmp_path):
     installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
     wheels = tmp_path / "bundle" / "wheels"
     (wheels / "listed-1.0-py3-none-any.whl").write_bytes(b"listed")
+    bundle.write_checksums(tmp_path / "bundle")
     (wheels / "pyserial-9.9-py3-none-any.whl").write_bytes(b"not listed")
-    digest = hashlib.sha256(b"listed").hexdigest()
-    (tmp_path / "bundle" / "SHA256SUMS").write_text(f"{digest}  listed-1.0-py3-none-any.whl\n")
     done = run(["sh", str(installer), "--root", str(tmp_path / "root"), "--python", sys.executable])
-    assert done.returncode == 1 and "pyserial-9.9-py3-none-any.whl: not in SHA256SUMS" in done.stderr
+    assert done.returncode == 1 and "wheels/pyserial-9.9-py3-none-any.whl: not in SHA256SUMS" in done.stderr
     assert not (tmp_path / "root" / "opt").exists()
+
+
+@pytest.mark.parametrize("damaged", ["config/powershare-gw.service", "bundle.env", "requirements.txt",
+                                     "wheels/listed-1.0-py3-none-any.whl"])
+def test_install_refuses_a_bundle_with_any_file_damaged_before_reading_it(tmp_path, damaged):
+    """Not only the wheels: a unit or a bundle.env damaged on the way would be installed or sourced."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    (tmp_path / "bundle" / "wheels" / "listed-1.0-py3-none-any.whl").write_bytes(b"listed")
+    bundle.write_checksums(tmp_path / "bundle")
+    with (tmp_path / "bundle" / damaged).open("a") as f:
+        f.write("\nARCH=riscv64\n")  # in bundle.env this would also make the machine check fail with exit 2
+    done = run(["sh", str(installer), "--root", str(tmp_path / "root"), "--python", sys.executable])
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "do not match SHA256SUMS (damaged in transfer?)" in done.stderr
+    assert not (tmp_path / "root").exists()
 
 
 def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
@@ -212,10 +225,15 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
         assert would in installed.stdout
 
     (config_dir / "gateway.toml").write_text("version = 1\n[owner]\nreserve_pct = 55\n")  # the installer's edits
+    shipped = package.read_text()
+    package.write_text("raise SystemExit('an earlier build of the same version')\n")
     again = run(without_network(["sh", str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "gateway.toml: kept" in again.stdout
     assert (config_dir / "gateway.toml").read_text() == "version = 1\n[owner]\nreserve_pct = 55\n"
+    assert package.read_text() == shipped  # the same version installed again replaces what is there
+    listed = {line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()}
+    assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"SHA256SUMS"}
 
     other = Arch.AARCH64 if os.uname().machine == Arch.X86_64 else Arch.X86_64
     target = Target(other, sys.version_info[:2])
