@@ -20,7 +20,7 @@ from typing import Any
 
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
-from firmware_py.schema import load_table, parse_toml, spec
+from firmware_py.schema import given_by_loader, load_table, parse_toml, spec
 from firmware_py.version import software_version
 
 FORMAT_VERSION = 1
@@ -202,7 +202,7 @@ class Config:
     program: ProgramConfig = field(default_factory=ProgramConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    source: str = "<defaults>"
+    source: str = given_by_loader("<defaults>")
 
     def dbc_path(self) -> Path:
         """The DBC file: a path (relative to the config file's folder, like every path), else a bundled name."""

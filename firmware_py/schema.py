@@ -56,6 +56,11 @@ def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
     return field(default=default, metadata=meta)
 
 
+def given_by_loader(default: Any) -> Any:
+    """A field the loader fills in (where the file came from), never a key of the file itself."""
+    return field(default=default, metadata={"given_by_loader": True})
+
+
 def _type_problem(value: Any, hint: Any) -> str | None:
     """Why `value` does not fit type `hint`, or None when it does."""
     origin = typing.get_origin(hint)
@@ -82,7 +87,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, problems: list[str]) -> Any:
     """An instance of dataclass `cls` from `table`; problems go to `problems` as "key: reason"."""
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if f.init and f.name != "source"}
+    known = {f.name: f for f in fields(cls) if f.init and not f.metadata.get("given_by_loader")}
     for key in table:
         if key not in known:
             problems.append(f"{prefix}{shown_text(key)}: unknown key (expected one of: {', '.join(known)})")
@@ -134,7 +139,8 @@ def _table_list_item(hint: Any) -> type | None:
 def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices and value not in choices:
-        return f"must be one of {', '.join(choices)}, got {shown(value)}"
+        listed = ", ".join(c or '""' for c in choices)
+        return f"must be one of {listed}, got {shown(value)}"
     if lo is not None and value < lo or hi is not None and value > hi:
         return f"{shown(value)} is out of range ({lo} to {hi})"
     return None

@@ -32,6 +32,7 @@ from typing import Any
 
 import can
 from cantools.database.errors import DecodeError
+from firmware_py.arguments import number, whole
 from firmware_py.sim import process_bench
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
@@ -638,8 +639,6 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    if args.samples < 1:
-        raise InputError(f"--samples: must be >= 1, got {args.samples}")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "gateway.log", "a", encoding="utf-8") as log, \
             lines_written_aside(stream=log):  # the in-process gateways log as `run` does, not onto the table
@@ -688,9 +687,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance targets")
     p.add_argument("--only", nargs="+", default=[b for b in BENCHMARKS if b != "soak"], choices=BENCHMARKS,
                    help="which benchmarks (default: all but soak, which takes minutes)")
-    p.add_argument("--soak-hours", type=float, default=24.0, help="simulated hours of the soak")
-    p.add_argument("--samples", type=int, default=200, help="latency samples (default 200)")
-    p.add_argument("--bus-seconds", type=float, default=10.0, help="seconds of worst-case bus traffic")
+    p.add_argument("--soak-hours", type=number(0, 24 * 30, above=True), default=24.0, help="simulated hours of the soak")
+    p.add_argument("--samples", type=whole(1, 100_000), default=200, help="latency samples (default 200)")
+    p.add_argument("--bus-seconds", type=number(0, 3_600, above=True), default=10.0, help="seconds of worst-case bus traffic")
     p.add_argument("--scenario", default="summer-peak.toml", help="bundled scenario for the simulator figure")
     p.add_argument("--json", type=Path, help="also write the results here as JSON")
     p.set_defaults(handler=_bench)

@@ -39,6 +39,7 @@ from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.faults import InverterFault
 
 from firmware_py.addresses import parse_host_port
+from firmware_py.arguments import number, whole
 from firmware_py.core.types import InverterState
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import (
@@ -647,7 +648,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default="127.0.0.1:1502", help="Modbus TCP HOST:PORT (default 127.0.0.1:1502)")
     p.add_argument("--rtu", default=None, metavar="URL",
                    help="serve Modbus RTU on this pyserial URL instead (a tty, or socket://HOST:PORT)")
-    p.add_argument("--unit-id", type=int, default=1, help="Modbus unit id (default 1)")
+    p.add_argument("--unit-id", type=whole(1, 247), default=1, help="Modbus unit id (default 1)")
     p.add_argument("--swap-sign", action="store_true",
                    help="report the measured power (701 W) with the wrong sign, as a meter or CT fitted "
                         "backwards would; the power itself flows as commanded (commissioning's sign test)")
@@ -655,7 +656,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also simulate the pack wired to this inverter, its BMS on this python-can interface: "
                         "the BMS current then follows the power the inverter draws")
     p.add_argument("--can-channel", default=None, help="the wired pack's CAN channel, e.g. ws://127.0.0.1:54701/")
-    p.add_argument("--soc", type=float, default=80.0, help="the wired pack's initial SoC in %% (default 80)")
+    p.add_argument("--soc", type=number(0, 100), default=80.0, help="the wired pack's initial SoC in %% (default 80)")
     p.add_argument("--dbc", default=None, help="the wired pack's DBC, bundled name or path (default cybertruck_bms.dbc)")
     p.add_argument("--setpoint-log", type=Path, default=None, metavar="FILE",
                    help="append each accepted WSet to FILE as '<CLOCK_MONOTONIC ns> <W>' (for benchmarks)")

@@ -16,10 +16,11 @@ from firmware_py.sim.faults import SCENARIO_FAULT_KINDS, BmsFault
 
 from firmware_py.bms.reader import load_dbc
 from firmware_py.config import bundled_dbc
+from firmware_py.core import Mode
 from firmware_py.core.types import ReasonCode, Verdict
 from firmware_py.errors import InputError
 from firmware_py.quoting import shown
-from firmware_py.schema import load_table, read_toml, spec
+from firmware_py.schema import given_by_loader, load_table, read_toml, spec
 
 VERDICTS = tuple(v.value for v in Verdict)  # what expect.answers may name
 REASONS = tuple(r.value for r in ReasonCode)  # what expect.reasons may name
@@ -30,12 +31,15 @@ BENCH_DBC = "cybertruck_bms.dbc"
 MAX_RUN_S = 30 * 86_400
 """The longest run, and so the bound of every time in a scenario (times are seconds from its start)."""
 MAX_ID_CHARS = 200
+MAX_STEP_S = 0.25
+"""The gateway's stall gap (`Policy.stall_gap_s`): a longer step would look to it like its own
+process pausing at every step (0 W until fresh data), and would let BMS data age past its timeout."""
 
 
 @dataclass(frozen=True)
 class RunSection:
     duration_s: float = spec(18_000, lo=1, hi=MAX_RUN_S)
-    step_s: float = spec(0.1, lo=0.01, hi=1.0, doc="simulated time per bench step")
+    step_s: float = spec(0.1, lo=0.01, hi=MAX_STEP_S, doc="simulated time per bench step")
     seed: int = spec(0, lo=0, hi=2**31)
     start_hour: float = spec(15.0, lo=0, hi=24, doc="time of day at t=0, for the home-load profile")
 
@@ -105,7 +109,7 @@ class Expect:
     max_delivered_wh: float = spec(-1, lo=-1, hi=1e9)
     max_floor_violations: int = spec(0, lo=0, hi=10**9)
     min_soc_pct: float = spec(-1, lo=-1, hi=100)
-    final_state: str = spec("")
+    final_state: str = spec("", choices=("", *(m.value for m in Mode)))
     max_safe_after_s: float = spec(-1, lo=-1, hi=MAX_RUN_S, doc="every fault: inverter at 0 W (or backup) within this")
     answers: dict[str, str] = spec({}, doc="event id -> accepted | accepted_capped | rejected")
     reasons: dict[str, str] = spec({}, doc="event id -> the reason code its refusal must carry")
@@ -123,7 +127,7 @@ class Scenario:
     owner_change: tuple[OwnerChange, ...] = ()
     fault: tuple[Fault, ...] = ()
     expect: Expect = field(default_factory=Expect)
-    name: str = "scenario"
+    name: str = given_by_loader("scenario")  # the file's name
 
 
 @cache
@@ -172,6 +176,7 @@ def _cross_checks(s: Scenario) -> list[str]:
         elif f.message and f.message not in messages:
             problems.append(f"fault[{i}].message: {shown(f.message)} is not a message of the bench's DBC "
                             f"(one of: {', '.join(messages)})")
+    problems += _overlapping_faults(s.fault)
     for i, c in enumerate(s.cancel):
         if c.id not in ids:
             problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")
@@ -186,4 +191,17 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"expect.reasons.{event_id}: no dispatch has that id")
         if reason not in REASONS:
             problems.append(f"expect.reasons.{event_id}: {reason!r} is not a reason code ({', '.join(REASONS)})")
+    return problems
+
+
+def _overlapping_faults(faults: tuple[Fault, ...]) -> list[str]:
+    """A fault of a kind already injected would replace the first one's end (and, for a silenced
+    message, the message), cutting it short while the summary still listed both: refused instead."""
+    problems, ends = [], {}
+    for i, f in sorted(enumerate(faults), key=lambda item: item[1].at_s):
+        earlier = ends.get(f.kind)
+        if earlier is not None and f.at_s < earlier[1]:
+            problems.append(f"fault[{i}]: a {f.kind} at {f.at_s:g} s while fault[{earlier[0]}] of the same kind "
+                            f"lasts to {earlier[1]:g} s: one at a time (lengthen the first instead)")
+        ends[f.kind] = (i, f.at_s + f.duration_s)
     return problems

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from firmware_py.arguments import number
 from firmware_py.errors import InputError
 from firmware_py.quoting import printable
 
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", help="scenario TOML (default: the bundled summer-peak.toml); "
                                       "a bare name picks a bundled one, see --list")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, help="run at this many times real time (default: as fast as possible)")
+    pace.add_argument("--speed", type=number(0, 1e6, above=True), help="run at this many times real time (default: as fast as possible)")
     pace.add_argument("--realtime", action="store_true", help="run in real time (same as --speed 1)")
     p.add_argument("--trace", type=Path, help="write the JSON Lines trace here")
     p.add_argument("--summary", type=Path, help="write the JSON summary here")
@@ -73,8 +74,6 @@ def _sim(args: argparse.Namespace) -> int:
     loaded = scenario.load(_scenario_path(args.scenario))
     _check_outputs([summary_path, plot_path, args.trace, args.journal], plot_path)
     speed = 1.0 if args.realtime else args.speed
-    if speed is not None and speed <= 0:
-        raise InputError(f"--speed: must be > 0, got {speed}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     outcome, series = asyncio.run(_run(loaded, args, speed))
     _report(outcome, loaded)

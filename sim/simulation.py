@@ -184,11 +184,14 @@ class Simulation:
         s = self.scenario
         step_s, poll_s = s.run.step_s, self.config.inverter.poll_interval_s
         timeline = self._timeline()
-        steps = int(round(s.run.duration_s / step_s))
+        # The last step may be shorter, so the run ends exactly at duration_s and nothing scheduled
+        # inside it (a fault at 9.95 s of 10 s, 0.3 s a step) is left out.
+        steps = math.ceil(s.run.duration_s / step_s - 1e-9)
         next_poll, next_progress = 0.0, 0.0
         await self.gateway.poll_inverter()
         for n in range(1, steps + 1):
-            dt, self.t = step_s, n * step_s
+            t = min(n * step_s, s.run.duration_s)
+            dt, self.t = t - self.t, t
             self._physics(dt)
             while timeline and timeline[0][0] <= self.t + 1e-9:
                 await timeline.pop(0)[1]()

@@ -385,11 +385,30 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
     ('[[dispatch]]\nat_s = 1\nid = "x\\u001b"\nstart_s = 10\nduration_s = 60\ntarget_w = 1000\n',
      "expected 1 to 200 printable characters"),
     ("[run]\nseed = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    # Longer than the gateway's stall gap: every step would look like its own process pausing.
+    ("[run]\nstep_s = 0.6\n", "run.step_s: 0.6 is out of range"),
+    # The second would have cut the first short (its end replaced) while the summary listed both.
+    ('[[fault]]\nat_s = 10\nkind = "dcl_zero"\nduration_s = 20\n[[fault]]\nat_s = 12\nkind = "dcl_zero"\n'
+     'duration_s = 1\n', "fault[1]: a dcl_zero at 12 s while fault[0] of the same kind lasts to 30 s"),
+    # A mode's name in the wrong case could never pass, and said so only after the run.
+    ('[expect]\nfinal_state = "standby"\n', 'expect.final_state: must be one of "", STARTUP, STANDBY'),
+    ('name = "x"\n', "name: unknown key"),  # the scenario's name is its file's, never a key
 ])
 def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, capsys, text, message):
     (tmp_path / "bad.toml").write_text(text)
     assert main(["sim", "--scenario", str(tmp_path / "bad.toml"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_fault_in_the_last_partial_step_is_injected_and_the_run_ends_at_its_duration(tmp_path):
+    """10 s in steps of 0.22 s: the run takes a last step of 0.1 s, so the fault at 9.95 s is injected."""
+    path = tmp_path / "edge.toml"
+    path.write_text('[run]\nduration_s = 10\nstep_s = 0.22\n[[fault]]\nat_s = 9.95\nkind = "bms_fault"\n')
+    with (tmp_path / "trace.jsonl").open("w") as trace:
+        outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(
+            trace=trace, journal_path=tmp_path / "j.sqlite")).run())
+    assert [f["kind"] for f in outcome.summary["faults"]] == ["bms_fault"]
+    assert json.loads((tmp_path / "trace.jsonl").read_text().splitlines()[-1])["t"] == pytest.approx(10.0)
 
 
 def test_a_scenario_that_is_a_device_is_refused(capsys):

@@ -36,8 +36,9 @@ def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
 
 
 def test_bad_samples_exit_2(capsys):
-    assert main(["bench", "--only", "reaction", "--samples", "0"]) == 2
-    assert "--samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--only", "reaction", "--samples", "0"])
+    assert exited.value.code == 2 and "argument --samples" in capsys.readouterr().err
 
 
 def test_headline_names_cover_every_benchmark():

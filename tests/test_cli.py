@@ -42,3 +42,22 @@ def test_an_unknown_command_is_named_with_every_command_it_could_have_been(capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice" in err and "nope" in err and all(command in err for command in cli.COMMANDS)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["sim", "--speed", "nan"], "--speed"),
+    (["sim", "bms", "--can-interface", "virtual", "--can-channel", "x", "--load-w", "nan"], "--load-w"),
+    (["sim", "bms", "--can-interface", "virtual", "--can-channel", "x", "--soc", "101"], "--soc"),
+    (["sim", "inverter", "--unit-id", "300"], "--unit-id"),
+    (["bench", "--only", "soak", "--soak-hours", "0"], "--soak-hours"),
+    (["bench", "--samples", "-1"], "--samples"),
+    (["bench", "--bus-seconds", "inf"], "--bus-seconds"),
+    (["bms", "record", "--can-interface", "virtual", "--can-channel", "x", "--duration", "-1", "f.asc"], "--duration"),
+    (["bms", "decode", "f.asc", "--every", "abc"], "--every"),
+])
+def test_a_number_an_option_cannot_take_exits_2_naming_the_option_and_its_range(argv, option, capsys):
+    """NaN ran the pack model into NaN and a 0 h soak ended in a traceback after minutes: refused first."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"argument {option}: expected a" in err, err

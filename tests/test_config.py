@@ -245,7 +245,7 @@ def missing_all(cls: type, table: dict, prefix: str) -> list[str]:
     hints, gaps = typing.get_type_hints(cls), []
     for f in dataclasses.fields(cls):
         section = dataclasses.is_dataclass(hints[f.name])
-        if not section and not f.metadata:
+        if not section and (not f.metadata or f.metadata.get("given_by_loader")):
             continue
         if f.name not in table:
             gaps.append(prefix + f.name)
