@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from firmware_py.bms import BmsListener, BmsReader
 from firmware_py.bms.signals import PLAUSIBLE
 from firmware_py.config import bundled_dbc
+from firmware_py.core import Policy
+from firmware_py.core.faults import bms_usable, conditions
+from firmware_py.core.types import FaultKind
 from firmware_py.errors import InputError
 
 DBC = bundled_dbc("cybertruck_bms.dbc")
@@ -112,11 +115,46 @@ def test_non_bms_and_extended_frames_are_ignored_without_counting(reader):
 def test_bad_frames_are_counted_and_dropped_with_a_reason(reader, msg, reason):
     reader.on_message(status(), now=0.0)
     reader.on_message(soc(50.0), now=0.0)
-    assert reader.on_message(msg, now=0.05) is None
+    handed = reader.on_message(msg, now=0.05)
     assert reader.dropped == {reason: 1}
     assert reason in reader.last_drop
     s = reader.snapshot(0.05)
     assert s.soc_min_pct == pytest.approx(50.0) and s.bms_state == 2  # old values kept
+    # The fields the frame would have fed are stale now: that change reaches the core at once, with
+    # the last believed frame's time; an unknown page feeds nothing, so nothing changed.
+    assert (handed is None) == (reason == "unknown_mux_page")
+    assert handed is None or (handed.stale == s.stale != frozenset() and handed.received_at == 0.0)
+
+
+def test_a_refused_frame_that_stales_a_critical_field_steps_the_core_at_once_not_at_the_tick(reader):
+    """docs/can.md: the core is stepped whenever the set of stale fields changes."""
+    reader.on_message(status(), now=0.0)
+    handed = reader.on_message(can.Message(arbitration_id=0x212, data=bytes([0, 4, 6, 0, 15, 0, 0, 0]),
+                                           is_extended_id=False), now=0.05)
+    assert handed is not None and {"bms_state", "contactor_state"} <= handed.stale
+
+
+def test_a_snapshot_is_as_old_as_the_last_frame_believed_so_bms_timeout_judges_a_silent_bus(tmp_path):
+    """With a DBC of 1 s periods each field stays fresh for 3 s, but `bms_timeout_s` (0.5 s) must still
+    see a silent bus: a tick's snapshot carries the last believed frame's time, not the tick's."""
+    slow = tmp_path / "slow.dbc"
+    slow.write_text(DBC.read_text().replace('GenMsgCycleTime" BO_ 658 100',
+                                                                    'GenMsgCycleTime" BO_ 658 1000'))
+    assert 'GenMsgCycleTime" BO_ 658 1000' in slow.read_text()
+    reader = BmsReader(slow, clock=lambda: 0.0)
+    assert reader.on_message(soc(60.0), now=0.0).received_at == 0.0
+    late = reader.snapshot(2.9)
+    assert late.stale == frozenset() and late.received_at == 0.0  # fresh by its period, 2.9 s old
+    assert not bms_usable(late, 2.9, Policy())
+
+
+def test_an_soc_move_of_exactly_the_slack_passes_from_any_start(reader):
+    """0.1 × raw is not exact in binary: a +0.5 % move at the same instant was refused from 0.1 %, 0.7 %..."""
+    for tenths in range(0, 995):
+        start = 1_000.0 * tenths  # long after the pair before: any move to the start is possible
+        reader.on_message(soc(tenths / 10), now=start)
+        reader.on_message(soc(tenths / 10 + 0.5), now=start)
+    assert reader.dropped == {} and reader.accepted == 2 * 995
 
 
 def test_implausible_frame_makes_its_fields_stale_until_a_good_one(reader):
@@ -129,7 +167,7 @@ def test_implausible_frame_makes_its_fields_stale_until_a_good_one(reader):
 
 def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
     reader.on_message(soc(60.0), now=0.0)
-    assert reader.on_message(soc(35.0), now=0.1) is None
+    assert "soc_min_pct" in reader.on_message(soc(35.0), now=0.1).stale  # refused: stale at once
     assert reader.dropped["soc_jump"] == 1
     s = reader.snapshot(0.1)
     assert s.soc_min_pct == pytest.approx(60.0) and "soc_min_pct" in s.stale
@@ -140,8 +178,8 @@ def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
 def test_a_repeated_payload_is_still_judged_on_time(reader):
     """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
     reader.on_message(soc(60.0), now=0.0)
-    assert reader.on_message(soc(35.0), now=0.1) is None
-    assert reader.on_message(soc(35.0), now=0.2) is None
+    assert "soc_min_pct" in reader.on_message(soc(35.0), now=0.1).stale
+    assert reader.on_message(soc(35.0), now=0.2) is None  # refused again: nothing new to say
     assert reader.dropped["soc_jump"] == 2 and "soc_min_pct" in reader.snapshot(0.2).stale
     assert reader.on_message(soc(60.0), now=0.3) is not None  # the believed value again: fresh, not stale
     assert reader.snapshot(0.3).stale == frozenset() and reader.accepted == 2
@@ -238,3 +276,13 @@ def test_a_frame_is_stamped_under_the_readers_lock_so_a_tick_cannot_come_between
     stamped = timed._lock
     timed.on_message(status(bms=6))
     assert locked_at_stamp == [True]
+
+
+@pytest.mark.parametrize("coldest, fault", [(-25.0, True), (-24.75, False)])
+def test_the_coldest_pack_0x312_can_report_is_an_under_temp_fault(reader, coldest, fault):
+    """MinPackTemp starts at −25 °C (raw 0): a limit below that, as −30 °C was, could never be reached."""
+    reader.on_message(frame("BmsThermal", MinPackTemp=coldest, MaxPackTemp=20.0), now=0.0)
+    s = reader.snapshot(0.0)
+    assert s.min_temp_c == coldest
+    found = conditions(s, None, 0.0, Policy(), bms_seen=False, inverter_seen=False)
+    assert (FaultKind.UNDER_TEMP in found) is fault

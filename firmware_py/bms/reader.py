@@ -133,6 +133,9 @@ class BmsReader:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._rejected: set[str] = set()
+        self._believed_at: float | None = None
+        """When the last frame was believed: a snapshot's `received_at`, so the core's `bms_timeout_s`
+        judges how old the BMS data is (a tick's snapshot stamped `now` would always look new)."""
         self._last_key: tuple | None = None
         self._parsed: dict[int, tuple[bytes, dict[str, Any]]] = {}
         """Per frame id, the last payload that parsed and its values: most frames repeat the last one."""
@@ -183,26 +186,32 @@ class BmsReader:
             # and this snapshot, older than the one the core holds, would not be believed.
             now = self._clock() if now is None else now
             values = self._decode(frame, msg.data, now)
-            if values is None:
-                return None
-            self.accepted += 1
-            self._values.update(values)
-            self._touch(values, now)
-            if self._rejected:
-                self._rejected.difference_update(values)
+            if values is not None:
+                self.accepted += 1
+                self._believed_at = now
+                self._values.update(values)
+                self._touch(values, now)
+                if self._rejected:
+                    self._rejected.difference_update(values)
+            # A refused frame counts too: the fields it would have fed are stale now, and a critical
+            # one among them must reach the core at once, not at the next tick.
             stale = self._stale_at(now)
             key = self._decision_key(stale)
             if key == self._last_key:
                 return None
             self._last_key = key
-            return BmsSnapshot(received_at=now, stale=stale, **self._values)
+            return self._snapshot(now, stale)
 
     def snapshot(self, now: float) -> BmsSnapshot:
         """What is believed as of `now`, with fields past their timeout listed as stale."""
         with self._lock:
             stale = self._stale_at(now)
             self._last_key = self._decision_key(stale)
-            return BmsSnapshot(received_at=now, stale=stale, **self._values)
+            return self._snapshot(now, stale)
+
+    def _snapshot(self, now: float, stale: frozenset[str]) -> BmsSnapshot:
+        received_at = now if self._believed_at is None else self._believed_at
+        return BmsSnapshot(received_at=received_at, stale=stale, **self._values)
 
     def _decision_key(self, stale: frozenset[str]) -> tuple:
         return tuple(self._values.get(name) for name in DECISION_BMS_FIELDS) + (stale,)
@@ -231,7 +240,9 @@ class BmsReader:
             if before is None:
                 continue
             allowed = signals.MAX_SOC_RATE_PCT_PER_S * max(0.0, now - self._times[name])
-            if abs(values[name] - before) > allowed + signals.SOC_JUMP_SLACK_PCT:
+            # The rounding margin: decoded tenths (0.1 × raw) are not exact, and a move of exactly the
+            # slack must pass whatever SoC it starts from.
+            if abs(values[name] - before) > allowed + signals.SOC_JUMP_SLACK_PCT + 1e-9:
                 return f"{name} {before:g} -> {values[name]:g}"
         return ""
 

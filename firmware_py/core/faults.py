@@ -80,8 +80,8 @@ def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, 
         # Written so that a temperature that is no number (NaN) is a fault, never taken for a cool pack.
         if bms.fresh("max_temp_c") and not bms.max_temp_c <= policy.max_temp_c:
             found[FaultKind.OVER_TEMP] = f"pack {bms.max_temp_c:.1f} °C > {policy.max_temp_c:.0f} °C"
-        if bms.fresh("min_temp_c") and not bms.min_temp_c >= policy.min_temp_c:
-            found[FaultKind.UNDER_TEMP] = f"pack {bms.min_temp_c:.1f} °C < {policy.min_temp_c:.0f} °C"
+        if bms.fresh("min_temp_c") and not bms.min_temp_c > policy.min_temp_c:
+            found[FaultKind.UNDER_TEMP] = f"pack {bms.min_temp_c:.1f} °C, at or below {policy.min_temp_c:.0f} °C"
     if inverter_seen and not inverter_usable(inv, now, policy):
         found[FaultKind.INVERTER_COMMS] = (inv.error if inv is not None and inv.error else "inverter data too old")
     if inv is not None and inv.comms_ok and inv.faulted:

@@ -30,7 +30,9 @@ class Policy:
     max_charge_w: float = 11_500
     command_horizon_s: float = 10
     max_temp_c: float = 60
-    min_temp_c: float = -30
+    min_temp_c: float = -25
+    """At or below it: `under_temp`. The coldest 0x312 can carry (0.25 °C a count from −25 °C), so a colder
+    pack reads −25 °C too: a limit below it (once −30 °C) could never be reached."""
     departure_charge_w: float = 7_600
     dc_efficiency: float = 0.95
     energy_report_interval_s: float = 60
