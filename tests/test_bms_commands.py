@@ -119,6 +119,18 @@ def test_record_to_unknown_suffix_is_bad_input(tmp_path, capsys):
     assert "rec.xyz" in capsys.readouterr().err
 
 
+def test_a_recording_bms_decode_could_not_read_back_is_refused_before_the_bus_opens(tmp_path, capsys):
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "x",
+                 "--duration", "0.1", str(tmp_path / "rec.txt")]) == 2
+    assert "cannot read it back" in capsys.readouterr().err and not (tmp_path / "rec.txt").exists()
+
+
+def test_a_bad_dbc_for_bms_only_is_said_before_the_bus_or_the_file_is_opened(tmp_path, capsys):
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "x", "--bms-only",
+                 "--dbc", "bogus", "--duration", "0.1", str(tmp_path / "rec.asc")]) == 2
+    assert "bogus" in capsys.readouterr().err and not (tmp_path / "rec.asc").exists()
+
+
 def test_sim_bms_bad_scenario_is_bad_input(tmp_path, capsys):
     bad = tmp_path / "s.toml"
     bad.write_text("[vehicle]\ninitial_soc_pct = 140\n")

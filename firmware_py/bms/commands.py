@@ -186,6 +186,9 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _record(args: argparse.Namespace) -> int:
     out = Path(args.file)
+    _check_readable_back(out)
+    filters = BmsReader(resolve_dbc(args.dbc, elm=False)[0], clock=time.monotonic).can_filters() \
+        if args.bms_only else None  # a bad --dbc is said before the bus or the file is opened
     try:
         writer = can.Logger(str(out))
     except ValueError as err:
@@ -198,9 +201,8 @@ def _record(args: argparse.Namespace) -> int:
     except InputError:
         writer.stop()
         raise
-    if args.bms_only:
-        dbc, _ = resolve_dbc(args.dbc, elm=False)
-        bus.set_filters(BmsReader(dbc, clock=time.monotonic).can_filters())
+    if filters is not None:
+        bus.set_filters(filters)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     failure: OSError | None = None
     try:
@@ -223,6 +225,15 @@ def _record(args: argparse.Namespace) -> int:
                          "what was written before is kept")
     print(f"# recorded {frames} frames to {out}")
     return 0
+
+
+def _check_readable_back(out: Path) -> None:
+    """A recording is for `bms decode` (or a replay) later: python-can writes `.txt` but cannot read it."""
+    suffix = (out.suffixes[-2] if out.suffix == ".gz" and len(out.suffixes) > 1 else out.suffix).lower()
+    readable = sorted(can.io.player.MESSAGE_READERS)
+    if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in readable:
+        raise InputError(f"{out}: python-can writes {suffix} but cannot read it back, so bms decode could not: "
+                         f"use one of {', '.join(readable)}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
