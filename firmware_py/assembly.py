@@ -17,8 +17,10 @@ service changes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import can
@@ -37,7 +39,7 @@ from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.links import Link
-from firmware_py.owner.access import parse_listen
+from firmware_py.owner.access import parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
 
 
@@ -197,10 +199,16 @@ def check(config: Config) -> None:
     """
     problems = _problems(lambda: reader_from_config(config, lambda: 0.0),
                          lambda: parse_listen(config.owner.api_listen))
-    for path, what in ((config.journal.path, "journal"), (config.owner.settings_file, "owner settings file"),
-                       (config.owner.token_file, "owner API token file")):
+    owner = config.owner
+    kept: tuple[tuple[str, str, Callable[[], object] | None], ...] = (
+        (config.journal.path, "journal", None),
+        (owner.settings_file, "owner settings file", OwnerStore(owner.settings_file, owner.reserve_pct).load),
+        (owner.token_file, "owner API token file", partial(_read_token_as_its_owner, owner.token_file)))
+    for path, what, read in kept:
         if problem := regular_or_absent(path, what):
             problems.append(problem)
+        elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
+            problems += _problems(read)
     timeout_s, poll_s = config.safety.inverter_timeout_s, config.inverter.poll_interval_s
     if timeout_s <= poll_s:  # every reading would be stale before the next: 0 W for ever
         problems.append(f"safety.inverter_timeout_s: {timeout_s:g} s is not above inverter.poll_interval_s "
@@ -210,6 +218,12 @@ def check(config: Config) -> None:
             problems += kind.check(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def _read_token_as_its_owner(path: str) -> None:
+    """The token as `run` reads it (private, a token), for whoever owns it: `check-config` may run as
+    root while the service runs as its own user, whose ownership `run` itself then checks."""
+    read_token(path, check_private=True, owner_uid=os.stat(path).st_uid)
 
 
 def _problems(*checks: Callable[[], object]) -> list[str]:

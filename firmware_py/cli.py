@@ -8,6 +8,7 @@ failed, 2 bad input (with a message on stderr naming file, key and reason).
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from firmware_py.quoting import printable
 from firmware_py.version import software_version
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OUTPUT_CLOSED = 128 + 13
+"""What a shell reports for a command that SIGPIPE ended: the output's reader left first."""
 
 
 COMMANDS: dict[str, str] = {
@@ -65,10 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
-        return int(handler(args))
+        code = int(handler(args))
+        sys.stdout.flush()  # here, so a reader that left is met below rather than as Python exits
+        return code
     except InputError as err:
         for problem in err.problems:
             print(f"error: {printable(problem)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_CHECK_FAILED
+    except BrokenPipeError:
+        # The reader of the output went away (`report --format json | head`): nothing to say, and no
+        # 1, which would read as a failed check. Python's own flush at exit must not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OUTPUT_CLOSED

@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from firmware_py.errors import InputError
 
@@ -49,6 +50,22 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_TEXT_BYTES) -
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: the {what} is not UTF-8 text") from None
+
+
+def open_regular(path: str | Path, what: str) -> BinaryIO | None:
+    """A regular file opened for reading, None when there is none; InputError naming `what` when it
+    cannot be read or is not a regular file (a FIFO would block the read for ever, a folder fail it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"{path}: the {what} must be a regular file, not {_kind(mode)}")
+    return os.fdopen(fd, "rb")
 
 
 def regular_or_absent(path: str | Path, what: str) -> str | None:

@@ -28,6 +28,7 @@ from logging.handlers import QueueHandler, QueueListener
 from typing import TextIO
 
 from firmware_py.clocks import Clocks
+from firmware_py.quoting import printable
 from firmware_py.core import StepResult
 from firmware_py.core.controller import Controller
 from firmware_py.core.types import (
@@ -157,7 +158,16 @@ def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 
-class JournaldFormatter(logging.Formatter):
+class OneLineFormatter(logging.Formatter):
+    """Each message one line, control characters escaped: an event id from a VTN holding a newline
+    and `<3>` would otherwise forge a line of its own in the journal, and an escape rewrite a terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class JournaldFormatter(OneLineFormatter):
     """`<priority>logger: message`: journald files the line at that priority and stamps it itself."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -178,7 +188,7 @@ def configure_logging(verbose: bool = False, stream: TextIO | None = None) -> No
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournaldFormatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if not verbose:
         handler.addFilter(_quiet)  # on the handler too: openleadr sets its own level again when imported
     root = logging.getLogger()

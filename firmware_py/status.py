@@ -23,6 +23,7 @@ from typing import Any
 
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.narration import percent
+from firmware_py.quoting import printable
 
 CORE_LINKS = ("bms", "inverter")
 """Always shown, even before their first report: without them the gateway cannot command power."""
@@ -148,14 +149,14 @@ def _status_command(args: argparse.Namespace) -> int:
 
     owner = config.load(args.config).owner
     try:
-        doc = call(owner, "GET", "/api/status")
+        doc = call(owner, "GET", "/api/status", wants=("at", "mode", "reason"))
     except Unavailable as err:
         raise InputError(f"status: {err}") from None
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print("\n".join(render(doc)))
+        print("\n".join(printable(line) for line in render(doc)))  # ids and causes come from aggregators
     return 0
 
 

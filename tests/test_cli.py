@@ -4,6 +4,7 @@ command loads only its own module (`run` on a gateway never loads the simulator)
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,17 @@ def test_a_number_an_option_cannot_take_exits_2_naming_the_option_and_its_range(
         cli.main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and f"argument {option}: expected a" in err, err
+
+
+def test_output_whose_reader_left_ends_141_without_a_traceback(tmp_path):
+    """`report --format json | head`: a 1 would read as a failed check, a traceback as a crash."""
+    config = tmp_path / "gateway.toml"
+    config.write_text("version = 1\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "firmware_py", "check-config", str(config)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr

@@ -160,6 +160,20 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+def test_check_config_reads_the_owner_settings_and_the_token_as_run_does(tmp_path, capsys):
+    """Both were only checked to be files: `check-config` said valid, `run` then exited 2."""
+    path = write(tmp_path, '[owner]\nsettings_file = "settings.json"\ntoken_file = "owner.token"\n')
+    (tmp_path / "settings.json").write_text('{"reserve_pct": 400')
+    (tmp_path / "owner.token").write_text("ab" * 32)
+    (tmp_path / "owner.token").chmod(0o644)
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "settings.json: corrupt owner settings" in err and "owner.token" in err and "group or others" in err
+    (tmp_path / "settings.json").unlink()
+    (tmp_path / "owner.token").chmod(0o600)
+    assert main(["check-config", str(path)]) == 0  # a private token, and no settings yet: valid
+
+
 @pytest.mark.parametrize("dbc, message", [
     (b"", "not a valid DBC"),
     (bytes(range(256)) * 4, "the DBC is not UTF-8 text"),

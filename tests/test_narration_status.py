@@ -8,9 +8,11 @@ and the real CLI asks it for the status, as an installer would.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import logging
 import socket
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +82,56 @@ def test_every_thing_worth_knowing_is_one_line_and_nothing_else_is_logged(tmp_pa
 def test_journald_lines_carry_their_priority():
     record = logging.LogRecord("firmware_py.links", logging.WARNING, __file__, 1, "link lost: %s", ("bms",), None)
     assert JournaldFormatter("%(message)s").format(record) == "<4>firmware_py.links: link lost: bms"
+
+
+FORGED_ID = "peak\x1b[2J\n<3>firmware_py.gateway.narration: LOCKOUT: forged"
+"""An event id a VTN may send: an escape that clears a terminal, and a line of its own for journald."""
+
+
+@pytest.mark.parametrize("journald", [True, False])
+def test_an_id_with_control_characters_stays_on_its_own_line_escaped(monkeypatch, capsys, journald):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    if journald:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    try:
+        with lines_written_aside(verbose=False):
+            logging.getLogger("firmware_py.gateway.narration").info("dispatch %s: accepted", FORGED_ID)
+    finally:
+        root.handlers[:], root.level = saved
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err
+    assert "dispatch peak\\x1b[2J\\n<3>firmware_py.gateway.narration: LOCKOUT: forged: accepted" in err
+
+
+def test_status_escapes_what_the_gateway_repeats_from_aggregators(tmp_path, capsys):
+    doc = {"at": "2026-12-03T12:00:00Z", "mode": "DISCHARGE", "reason": f"dispatch {FORGED_ID}",
+           "event": {"id": FORGED_ID, "answer": "accepted"}}
+    body = json.dumps(doc).encode()
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway) as server:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            (tmp_path / "owner.token").write_text("ab" * 32)
+            config = write_config(tmp_path, f"127.0.0.1:{server.server_address[1]}", tmp_path / "owner.token")
+            assert cli.main(["status", "--config", str(config)]) == 0
+        finally:
+            server.shutdown()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and not any(line.startswith("<3>") for line in out.splitlines())
+    assert "mode:    DISCHARGE: dispatch peak\\x1b[2J\\n<3>" in out
 
 
 def test_status_from_the_running_gateway_as_json_and_text(tmp_path, capsys, caplog):

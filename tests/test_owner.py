@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import http.server
 import json
 import logging
 import math
@@ -376,6 +377,45 @@ def test_no_gateway_answering_exits_2_as_status_does(tmp_path, owner_cli):
     unix_gateway = write_gateway_config(tmp_path, f"unix:{tmp_path / 'nobody.sock'}")
     code, _, err = owner_cli(unix_gateway, "status")
     assert code == 2 and f"error: owner: no gateway answering on unix:{tmp_path / 'nobody.sock'}" in err
+
+
+class _NotTheGateway(http.server.BaseHTTPRequestHandler):
+    """Another service on the owner API's address: any 200 or 404 it gives is no gateway's answer."""
+
+    answer: tuple[int, bytes] = (200, b"<html>ok</html>")
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        status, body = self.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_DELETE = do_GET  # noqa: N815
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status, body", [(200, b"<html>ok</html>"), (200, b"[1, 2]"), (200, b"{}"),
+                                          (404, b"not found")])
+def test_another_service_on_the_api_address_is_no_gateway_exit_2_never_a_made_up_state(
+        tmp_path, owner_cli, capsys, status, body):
+    """A 200 that is not the API's JSON printed `mode: None` with exit 0 (`status`) or a KeyError (`owner`)."""
+    handler = type("Handler", (_NotTheGateway,), {"answer": (status, body)})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            gateway = write_gateway_config(tmp_path, f"127.0.0.1:{server.server_address[1]}")
+            (tmp_path / "owner.token").write_text("ab" * 32)
+            for argv in (["status"], ["reserve", "50"]):
+                code, out, err = owner_cli(gateway, *argv)
+                assert code == 2 and "not a powershare-gw owner API" in err and "Traceback" not in err, err
+            assert cli.main(["status", "--config", str(gateway)]) == 2
+            printed = capsys.readouterr()
+            assert "not a powershare-gw owner API" in printed.err and printed.out == ""
+        finally:
+            server.shutdown()
 
 
 def test_wrong_token_exits_2_unauthorized(tmp_path, owner_cli):

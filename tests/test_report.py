@@ -18,6 +18,7 @@ import pytest
 from firmware_py.cli import main
 from firmware_py.core import types as t
 from firmware_py.journal import Journal, codec
+from firmware_py.journal.files import anchors_path
 
 
 @pytest.fixture
@@ -121,6 +122,21 @@ def test_files_that_are_not_journals_are_bad_input(tmp_path, capsys, content, me
     assert main(["report", "--journal", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("make, kind", [(os.mkdir, "a directory"), (os.mkfifo, "a FIFO")])
+def test_an_anchor_file_that_is_not_a_file_is_named_never_a_traceback_or_a_hang(journal_path, capsys, make, kind):
+    """A FIFO blocked `report` for ever; a folder gave IsADirectoryError with exit 1 (read as a broken chain)."""
+    anchors_path(journal_path).unlink()
+    make(anchors_path(journal_path))
+    assert main(["report", "--journal", str(journal_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"anchors: the anchor file must be a regular file, not {kind}" in err and "Traceback" not in err
+
+
+def test_a_journal_path_that_is_a_folder_is_said_so(tmp_path, capsys):
+    assert main(["report", "--journal", str(tmp_path)]) == 2
+    assert "the journal must be a regular file, not a directory" in capsys.readouterr().err
 
 
 def test_foreign_sqlite_is_bad_input(tmp_path, capsys):

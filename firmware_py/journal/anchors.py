@@ -21,7 +21,6 @@ each anchor at debug level, for a system log shipped elsewhere).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_py import signing
+from firmware_py.files import open_regular
 from firmware_py.signing import public_hex
 
 GENESIS_LINK = "0" * 64
@@ -261,7 +261,10 @@ def _signature_problems(name: str, result: AnchorCheck, expected_key: str | None
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Complete lines, numbered from 1 (a torn last line, left by a crash mid-write, is not one)."""
-    with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+    f = open_regular(path, "anchor file")
+    if f is None:
+        return
+    with f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 return  # only the last line can lack its newline

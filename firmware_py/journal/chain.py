@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_py.errors import InputError
+from firmware_py.files import regular_or_absent
 from firmware_py.journal import anchors, files
 from firmware_py.journal.anchors import Anchor
 from firmware_py.journal.kinds import RecordKind
@@ -63,8 +64,11 @@ class Chain:
 
     def __init__(self, live: str | Path):
         self.live = Path(live)
-        if not self.live.is_file():
+        if not self.live.exists():
             raise InputError(f"{self.live}: no such journal file")
+        problem = regular_or_absent(self.live, "journal")
+        if problem:
+            raise InputError(problem)
         with Journal.open(self.live, readonly=True):
             pass  # a file that is not a journal is bad input before anything is printed
 

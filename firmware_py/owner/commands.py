@@ -62,8 +62,10 @@ def _connection(listen: Listen) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(listen.host, listen.port, timeout=TIMEOUT_S)
 
 
-def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One API request; the decoded JSON answer, InputError for a 400, Unavailable otherwise."""
+def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None,
+         wants: tuple[str, ...] = ("settings",)) -> dict[str, Any]:
+    """One API request; the decoded JSON answer (an object holding the keys `wants`), InputError for a
+    400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API."""
     listen = parse_listen(owner.api_listen)
     try:
         token = read_token(owner.token_file)
@@ -85,7 +87,15 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     except ValueError:
         answer = {"error": raw.decode("utf-8", "replace").strip()}
     if status == 200:
+        missing = [key for key in wants if key not in answer] if isinstance(answer, dict) else list(wants)
+        if missing or not isinstance(answer, dict):
+            raise Unreachable(f"what answers on {listen.describe()} is not a powershare-gw owner API "
+                              f"(its answer to {path} lacks {', '.join(missing) or 'a JSON object'}): "
+                              "is api_listen the gateway's own?")
         return answer
+    if status == 404:
+        raise Unreachable(f"what answers on {listen.describe()} has no {path}: not a powershare-gw owner API "
+                          "(is api_listen the gateway's own?)")
     error = answer.get("error", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}"
     if status == 400:
         raise InputError(f"owner {path.strip('/')}: the gateway refused: {error}")
@@ -169,7 +179,7 @@ def _number(text: str, what: str) -> float:
 
 
 def _status(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
-    return describe_status(call(owner, "GET", "/status"))
+    return describe_status(call(owner, "GET", "/status", wants=("settings", "telemetry", "now")))
 
 
 def _reserve(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
