@@ -176,8 +176,11 @@ def test_a_bus_that_cannot_be_reopened_keeps_being_retried_and_heals_when_it_can
         view = world.assembly.gateway.links.view(world.now)["bms"]
         assert not view["ok"] and "adapter unplugged" in view["cause"]
         world.link._opener = opener  # plugged back in
-        while world.link.bus is None:
+        for _ in range(200):  # 50 s: past the longest back-off (30 s)
+            if world.link.bus is not None:
+                break
             await world.look(0.25)
+        assert world.link.bus is not None, "the bus was not reopened once the adapter was back"
         await world.frames_arrive()
         await world.look()
         assert world.assembly.gateway.links.view(world.now)["bms"]["ok"]

@@ -29,6 +29,7 @@ from firmware_py.core.types import (
     InverterState,
     Tick,
     OwnerSettings,
+    PackContactor,
     ReasonCode,
     Verdict,
 )
@@ -234,10 +235,35 @@ def test_budget_caps_or_refuses():
     # 45 %: 3 % above the 42 % floor = 3.5 kWh AC. Four hours at 11.5 kW cannot be served.
     c = step(Controller.start(POLICY), both(0.0, soc=45.0), 0.0).controller
     capped = answers([step(c, [discharge("a", 0.0, 0, 4 * 3600)], 0.0)])[0]
-    assert capped.verdict is Verdict.CAPPED and 0 < capped.cap_w < 1_000
+    above_floor_wh = (45.0 - 42.0) / 100 * POLICY.usable_capacity_wh * POLICY.dc_efficiency  # AC, after losses
+    stopping_wh = 11_500 ** 2 / (2 * POLICY.ramp_w_per_s) / 3600  # ramping down from the asked power
+    assert capped.verdict is Verdict.CAPPED
+    assert capped.cap_w == pytest.approx((above_floor_wh - stopping_wh) / 4, abs=0.05)
     c42 = step(Controller.start(POLICY), both(0.0, soc=42.01), 0.0).controller
     refused = answers([step(c42, [discharge("b", 0.0, 0, 4 * 3600)], 0.0)])[0]
     assert refused.reason is ReasonCode.INSUFFICIENT_ENERGY
+
+
+def test_a_charge_request_for_a_full_pack_is_refused_for_want_of_room():
+    c = step(Controller.start(POLICY), both(0.0, soc=99.0, soc_max_pct=100.0), 0.0).controller
+    charge = replace(discharge("c", 0.0, 0, 3600, 3_000), kind=DispatchKind.CHARGE)
+    (refused,) = answers([step(c, [charge], 0.0)])
+    assert refused.verdict is Verdict.REJECTED and refused.reason is ReasonCode.INSUFFICIENT_ENERGY
+
+
+@pytest.mark.parametrize("welded", [{"contactor_state": ContactorState.WELDED},
+                                    {"pack_contactor_neg": PackContactor.WELDED},
+                                    {"pack_contactor_pos": PackContactor.WELDED}], ids=["contactor", "neg", "pos"])
+def test_each_welded_contactor_raises_its_fault_and_counts_toward_the_lockout(welded):
+    c = step(Controller.start(POLICY), both(0.0), 0.0).controller
+    t = 0.0
+    for _ in range(POLICY.lockout_faults):
+        r = step(c, both(t + 1, **welded), t + 1)
+        assert [e.kind for e in r.events if isinstance(e, FaultRaised)][:1] == [FaultKind.CONTACTOR_WELDED]
+        assert r.command.setpoint_w == 0
+        c = step(step(r.controller, both(t + 2), t + 2).controller, both(t + 8), t + 8).controller  # gone, cleared
+        t += 10
+    assert c.mode is Mode.LOCKOUT
 
 
 def test_owner_opt_out_refuses_and_ends_running_events():

@@ -186,14 +186,19 @@ def _mbap_read(transaction: int, address: int, count: int) -> bytes:
 
 
 def _reply(sock: socket.socket) -> tuple[int, bytes]:
-    header = b""
-    while len(header) < 7:
-        header += sock.recv(7 - len(header))
-    transaction, _, length, _ = struct.unpack(">HHHB", header)
-    body = b""
-    while len(body) < length - 1:
-        body += sock.recv(length - 1 - len(body))
-    return transaction, body
+    transaction, _, length, _ = struct.unpack(">HHHB", _exactly(sock, 7))
+    return transaction, _exactly(sock, length - 1)
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes; a peer that closes first fails the test (recv gives b"" at once, for ever)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError(f"the device closed the connection after {len(data)} of {size} bytes")
+        data += chunk
+    return data
 
 
 def test_tcp1_tcp_interface_answers_with_the_request_transaction_id(device: Device):
