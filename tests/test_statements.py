@@ -172,7 +172,22 @@ def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(cra
         row = db.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy' ORDER BY seq DESC").fetchone()
         db.execute("UPDATE records SET payload = ? WHERE seq = ?", (row[1].replace("180.0", "280.0"), row[0]))
     assert verify(good, crashed) == 1
-    assert "journal" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"journal: record {row[0]}: contents do not match its hash (edited)" in err
+
+
+def test_an_edit_no_figure_reads_still_fails_verification_by_the_chain_alone(crashed, tmp_path, capsys):
+    good = tmp_path / "s.json"
+    make(crashed, good, "--event", "peak")
+    with sqlite3.connect(crashed) as db:
+        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("UPDATE records SET payload = replace(payload, '\"detail\":\"\"', '\"detail\":\"edited\"') "
+                   "WHERE kind = 'DispatchAnswer'")
+        assert db.total_changes == 1
+    assert verify(good, crashed) == 1
+    err = capsys.readouterr().err
+    assert "contents do not match its hash (edited)" in err and "the journal gives" not in err
 
 
 def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_not_a_traceback(
@@ -338,6 +353,38 @@ def test_energy_served_in_a_grid_outage_is_on_its_own_line_and_never_credited(tm
     assert statement["outage_backup_wh"] == pytest.approx(outcome.summary["inverter_meter_wh"], rel=0.02)
     assert statement["totals"]["credited_wh"] == 0 and statement["totals"]["credit"] == 0
     assert all(e["credited_wh"] == 0 for e in statement["events"])
+    assert verify(tmp_path / "s.json", journal) == 0
+
+
+def test_an_event_running_into_an_outage_is_credited_only_what_it_delivered_with_the_grid_up(tmp_path):
+    """The outage's backup energy is the house's, never the aggregator's: an accepted event that runs
+    into an outage and on after it is credited its delivery less the outage's share."""
+    path = tmp_path / "into-outage.toml"
+    path.write_text("""
+[run]
+duration_s = 300
+[inverter]
+enter_service_delay_s = 0
+enter_service_ramp_s = 0
+[[dispatch]]
+at_s = 5
+id = "peak"
+start_s = 10
+duration_s = 280
+target_w = 5000
+[[fault]]
+at_s = 100
+kind = "grid_outage"
+duration_s = 60
+[expect]
+answers = { "peak" = "accepted" }
+""")
+    journal = tmp_path / "j.sqlite"
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal)).run())
+    assert all(ok for _, ok, _ in outcome.checks), outcome.checks
+    (event,) = make(journal, tmp_path / "s.json")["events"]
+    assert event["answer"] == "accepted" and event["outage_wh"] > 10 and event["delivered_wh"] > event["outage_wh"]
+    assert event["credited_wh"] == pytest.approx(event["delivered_wh"] - event["outage_wh"], abs=0.01)
     assert verify(tmp_path / "s.json", journal) == 0
 
 
