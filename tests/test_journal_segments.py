@@ -233,6 +233,35 @@ def test_an_archive_cut_back_or_swapped_does_not_continue_into_the_next(path, ca
     assert code == 1 and "journal.sqlite: does not continue journal.000001.sqlite" in out
 
 
+def test_an_archive_swapped_for_another_of_the_same_length_does_not_continue_into_the_next(path, tmp_path, capsys):
+    """Same records counted, other contents: only the hashes tell, and the next segment names the old one's."""
+    other = tmp_path / "other" / "journal.sqlite"
+    other.parent.mkdir()
+    for journal_path, first_at in ((path, 1), (other, 2)):
+        with Journal.open(journal_path) as journal:
+            filled(journal, first_at)
+            journal.rotate(50, [])
+            filled(journal, 100)
+    for suffix in ("", files.ANCHORS_SUFFIX):  # the archive with its own anchors: a whole, intact segment
+        swapped, original = (Path(f"{files.archive_path(j, 1)}{suffix}") for j in (other, path))
+        original.chmod(0o644)
+        original.write_bytes(swapped.read_bytes())
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.sqlite: does not continue journal.000001.sqlite" in out
+
+
+def test_a_segment_renamed_to_another_number_is_said_to_hold_its_own(path, capsys):
+    with Journal.open(path) as journal:
+        for n in range(2):
+            filled(journal, n * 100)
+            journal.rotate(n * 100 + 50, [])
+        filled(journal, 300)
+    first, second = files.archive_path(path, 1), files.archive_path(path, 2)
+    first.rename(first.with_name("swap")), second.rename(first), first.with_name("swap").rename(second)
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.000001.sqlite: holds segment 2, not 1 (renamed?)" in out
+
+
 def test_a_live_journal_missing_beside_its_archives_is_refused(path):
     with Journal.open(path) as journal:
         filled(journal, 1)
