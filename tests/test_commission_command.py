@@ -177,12 +177,12 @@ def test_it_refuses_beside_anything_on_the_owner_api_address_even_a_gateway_stil
 
 @pytest.mark.slow  # a real-time CAN window
 def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, capsys):
-    """The CAN step passes, then the owner settings file cannot be read: exit 2 as for any bad input,
-    and the report kept for the installer says FAILED, naming why (it said PASSED on the checks it had)."""
+    """The CAN step passes, then the journal (a file, but not a journal: only opening it tells) cannot
+    be opened: exit 2 as for any bad input, and the report kept for the installer says FAILED, naming
+    why (it said PASSED on the checks it had)."""
     channel = f"commission-ended-early-{tmp_path.name}"
     config = write_config(tmp_path, f'interface = "virtual"\nchannel = "{channel}"')
-    config.write_text(config.read_text().replace("[owner]\n", '[owner]\nsettings_file = "owner.json"\n'))
-    (tmp_path / "owner.json").write_text("{ not json", encoding="utf-8")
+    (tmp_path / "journal.sqlite").write_text("not a journal\n" * 100, encoding="utf-8")
     tx, stop = can.Bus(interface="virtual", channel=channel), threading.Event()
     node = threading.Thread(target=BmsNode(Battery(soc_pct=70), tx, bundled_dbc("cybertruck_bms.dbc")).run,
                             args=(stop,), daemon=True)
@@ -200,7 +200,7 @@ def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, c
     steps = {s["step"]: s for s in doc["steps"]}
     assert steps["can"]["outcome"] == "pass"
     ended = [c for s in doc["steps"] for c in s["checks"] if c["name"] == "commissioning ended early"]
-    assert len(ended) == 1 and "owner" in ended[0]["detail"]
+    assert len(ended) == 1 and "journal.sqlite" in ended[0]["detail"]
 
 
 def test_a_bms_that_falls_silent_part_way_through_the_window_is_stale_at_its_end():
