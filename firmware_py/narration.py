@@ -17,6 +17,7 @@ of its own, so the warning a BMS fault raises never delays the 0 W it decides.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -168,11 +169,28 @@ class OneLineFormatter(logging.Formatter):
 
 
 class JournaldFormatter(OneLineFormatter):
-    """`<priority>logger: message`: journald files the line at that priority and stamps it itself."""
+    """`<priority>logger: message`: journald files the line at that priority and stamps it itself (each
+    line of a traceback too, so the whole of it is filed where its first line is)."""
 
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
-        return f"<{priority}>{record.name}: {super().format(record)}"
+        first, *rest = super().format(record).split("\n")
+        return "\n".join([f"<{priority}>{record.name}: {first}", *(f"<{priority}>{line}" for line in rest)])
+
+
+class _AsideHandler(QueueHandler):
+    """Queues a record with its message made and its traceback as text, kept apart: the stock
+    QueueHandler joins them into one message, which the one-line formatter would then flatten."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 QUIETED = {"pymodbus": logging.CRITICAL, "openleadr": logging.CRITICAL, "apscheduler": logging.WARNING,
@@ -214,7 +232,7 @@ def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> 
     handlers = root.handlers[:]
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = QueueListener(lines, *handlers, respect_handler_level=True)
-    root.handlers[:] = [QueueHandler(lines)]
+    root.handlers[:] = [_AsideHandler(lines)]
     writer.start()
     try:
         yield

@@ -32,8 +32,9 @@ MAX_RUN_S = 30 * 86_400
 """The longest run, and so the bound of every time in a scenario (times are seconds from its start)."""
 MAX_ID_CHARS = 200
 MAX_STEP_S = 0.25
-"""The gateway's stall gap (`Policy.stall_gap_s`): a longer step would look to it like its own
-process pausing at every step (0 W until fresh data), and would let BMS data age past its timeout."""
+"""Half the gateway's BMS timeout (0.5 s): the BMS node's frames reach the gateway once a step, and what
+comes between two deliveries (a dispatch, a tick) must find them fresh. At 0.6 s every dispatch was
+refused NO_DATA and the gateway faulted bms_stale with nothing injected."""
 
 
 @dataclass(frozen=True)

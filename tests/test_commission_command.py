@@ -128,6 +128,7 @@ def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, runn
     config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-running"', api_port=running_gateway)
     token = "0123456789abcdef" * 4
     (tmp_path / "owner.token").write_text(token + "\n", encoding="utf-8")
+    (tmp_path / "owner.token").chmod(0o600)  # as the gateway keeps it (a readable one is refused first)
     assert main(["commission", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "a gateway is running with this configuration" in err and "systemctl stop powershare-gw" in err

@@ -106,6 +106,30 @@ def test_an_id_with_control_characters_stays_on_its_own_line_escaped(monkeypatch
     assert "dispatch peak\\x1b[2J\\n<3>firmware_py.gateway.narration: LOCKOUT: forged: accepted" in err
 
 
+@pytest.mark.parametrize("journald", [True, False])
+def test_a_traceback_said_aside_keeps_its_lines_and_each_is_filed_at_its_priority(monkeypatch, capsys, journald):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    if journald:
+        monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    try:
+        with lines_written_aside(verbose=False):
+            try:
+                raise ZeroDivisionError("division by zero")
+            except ZeroDivisionError:
+                logging.getLogger("firmware_py.service").exception("task %s died", FORGED_ID)
+    finally:
+        root.handlers[:], root.level = saved
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1].endswith("Traceback (most recent call last):") and lines[-1].endswith("ZeroDivisionError: "
+                                                                                         "division by zero")
+    assert "\\n<3>" in lines[0] and not any(line.startswith("<3>firmware_py.gateway") for line in lines)
+    if journald:
+        assert all(line.startswith("<3>") for line in lines)
+
+
 def test_status_escapes_what_the_gateway_repeats_from_aggregators(tmp_path, capsys):
     doc = {"at": "2026-12-03T12:00:00Z", "mode": "DISCHARGE", "reason": f"dispatch {FORGED_ID}",
            "event": {"id": FORGED_ID, "answer": "accepted"}}
@@ -216,7 +240,7 @@ def test_run_says_its_lines_through_a_queue_and_loses_none_of_them(capsys):
     narration = logging.getLogger("firmware_py.gateway.narration")
     try:
         with lines_written_aside(verbose=False):
-            assert [type(h).__name__ for h in root.handlers] == ["QueueHandler"]
+            assert [type(h).__mro__[1].__name__ for h in root.handlers] == ["QueueHandler"]
             for n in range(500):
                 narration.warning("fault raised: bms_fault (line %d)", n)
         assert (root.handlers, root.level) == saved  # as before: the stream may be closed now
