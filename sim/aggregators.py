@@ -97,11 +97,7 @@ def for_scenario(scenario: Any) -> Aggregator:
     kind = scenario.aggregator.kind
     if kind == "scripted":
         return ScriptedAggregator()
-    if kind == "openadr":
-        charges = [d.id for d in scenario.dispatch if d.kind == "charge"]
-        if charges:
-            raise InputError(f"scenario {scenario.name}: dispatch {', '.join(charges)}: kind = 'charge' cannot "
-                             "be sent by OpenADR (LOAD_DISPATCH asks for discharge); use kind = 'sunspec'")
+    if kind == "openadr":  # charges refused when the scenario was loaded
         return OpenAdrAggregator()
     if kind == "openadr3":
         return OpenAdr3Aggregator()

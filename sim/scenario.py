@@ -168,6 +168,9 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"dispatch[{i}].id: {shown(d.id)}: expected 1 to {MAX_ID_CHARS} printable characters")
         if d.at_s >= s.run.duration_s:
             problems.append(f"dispatch[{i}].at_s: {d.at_s} is after the run ends ({s.run.duration_s} s)")
+        if d.kind == "charge" and s.aggregator.kind == "openadr":
+            problems.append(f"dispatch[{i}].kind: 'charge' cannot be sent by OpenADR 2.0b (its LOAD_DISPATCH asks "
+                            "for discharge only): set [aggregator] kind to \"sunspec\", \"openadr3\" or \"scripted\"")
     messages = bundled_dbc_messages()
     for i, f in enumerate(s.fault):
         if f.at_s >= s.run.duration_s:

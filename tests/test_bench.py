@@ -393,6 +393,9 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
     # A mode's name in the wrong case could never pass, and said so only after the run.
     ('[expect]\nfinal_state = "standby"\n', 'expect.final_state: must be one of "", STARTUP, STANDBY'),
     ('name = "x"\n', "name: unknown key"),  # the scenario's name is its file's, never a key
+    # Said only once the run had begun, naming neither the file nor the key.
+    ('[aggregator]\nkind = "openadr"\n[[dispatch]]\nat_s = 1\nid = "c1"\nstart_s = 10\nduration_s = 60\n'
+     'target_w = 1000\nkind = "charge"\n', "bad.toml: dispatch[0].kind: 'charge' cannot be sent by OpenADR 2.0b"),
 ])
 def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, capsys, text, message):
     (tmp_path / "bad.toml").write_text(text)

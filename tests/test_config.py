@@ -160,6 +160,14 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+def test_every_bad_signal_entry_is_named_at_once(tmp_path, capsys):
+    path = write(tmp_path, '[vehicle.signals]\nsoc_min_pct = "NoSuch.Signal"\nbogus = "A.B"\nsoc_max_pct = "BmsSoc"\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "soc_min_pct: message 'NoSuch' is not in the DBC" in err and "bogus: unknown field" in err
+    assert "soc_max_pct: 'BmsSoc' is not 'MESSAGE.SIGNAL'" in err
+
+
 def test_check_config_reads_the_owner_settings_and_the_token_as_run_does(tmp_path, capsys):
     """Both were only checked to be files: `check-config` said valid, `run` then exited 2."""
     path = write(tmp_path, '[owner]\nsettings_file = "settings.json"\ntoken_file = "owner.token"\n')

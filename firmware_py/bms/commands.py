@@ -245,7 +245,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rec = parts.add_parser("record", help="record CAN traffic to a python-can log (format by suffix)",
                            description="Record CAN traffic until --duration or Ctrl-C/SIGTERM. The "
                                        "writer is chosen by FILE's suffix: "
-                                       + ", ".join(sorted(can.io.logger.MESSAGE_WRITERS)) + ".")
+                                       + ", ".join(sorted(can.io.player.MESSAGE_READERS)) + " (what python-can "
+                                       "can read back for `bms decode`; each may end in .gz).")
     rec.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
     rec.add_argument("--can-channel", required=True, help="channel, e.g. can0 or ws://127.0.0.1:54701/")
     rec.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None, help="seconds to record (default: until stopped)")

@@ -97,19 +97,25 @@ def _binding(db: Any, name: str, ref: str, source: str) -> tuple[Any, _Binding]:
 
 def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]:
     grouped: dict[int, tuple[Any, list[_Binding]]] = {}
+    problems: list[str] = []  # every entry's, at once: an installer fitting a vehicle fixes them together
     for name, ref in table.items():
         if name not in signals.SNAPSHOT_FIELDS:
-            raise InputError(f"{source}.{name}: unknown field (expected one of: "
-                             f"{', '.join(signals.SNAPSHOT_FIELDS)})")
-        if ref.count(".") != 1:
-            raise InputError(f"{source}.{name}: {ref!r} is not 'MESSAGE.SIGNAL'")
-        message, binding = _binding(db, name, ref, source)
-        grouped.setdefault(message.frame_id, (message, []))[1].append(binding)
+            problems.append(f"{source}.{name}: unknown field (expected one of: {', '.join(signals.SNAPSHOT_FIELDS)})")
+        elif ref.count(".") != 1:
+            problems.append(f"{source}.{name}: {ref!r} is not 'MESSAGE.SIGNAL'")
+        else:
+            try:
+                message, binding = _binding(db, name, ref, source)
+            except InputError as err:
+                problems += err.problems
+                continue
+            grouped.setdefault(message.frame_id, (message, []))[1].append(binding)
+    problems += [f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, so its freshness cannot "
+                 "be judged" for message, _ in grouped.values() if not message.cycle_time]
+    if problems:
+        raise InputError(problems)
     frames = {}
     for frame_id, (message, bindings) in grouped.items():
-        if not message.cycle_time:
-            raise InputError(f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, "
-                             "so its freshness cannot be judged")
         timeout = TIMEOUT_PERIODS * message.cycle_time / 1000.0
         rate_limited = any(b.field in signals.RATE_LIMITED for b in bindings)
         frames[frame_id] = _Frame(message, timeout, tuple(bindings), rate_limited)
