@@ -27,7 +27,6 @@ from pymodbus.client import AsyncModbusTcpClient
 from test_bench import scaled
 
 from firmware_py.core.types import Verdict
-from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
 
 TARGET_W = 11_500
@@ -79,14 +78,6 @@ def test_for_scenario_picks_the_named_aggregator(tmp_path):
     assert isinstance(for_scenario(write_scenario(tmp_path, "openadr")), OpenAdrAggregator)
     assert isinstance(for_scenario(write_scenario(tmp_path, "openadr3")), OpenAdr3Aggregator)
     assert isinstance(for_scenario(write_scenario(tmp_path, "sunspec")), SunSpecAggregator)
-
-
-def test_a_charge_request_cannot_go_through_openadr(tmp_path):
-    loaded = write_scenario(tmp_path, "openadr")
-    charging = scenario.Scenario(**{**loaded.__dict__, "dispatch": (
-        scenario.Dispatch(at_s=60, id="night", start_s=120, duration_s=60, target_w=3000, kind="charge"),)})
-    with pytest.raises(InputError, match="night.*charge.*sunspec"):
-        for_scenario(charging)
 
 
 @pytest.mark.parametrize("name", ["summer-peak-openadr.toml", "summer-peak-openadr3.toml", "summer-peak-sunspec.toml"])
