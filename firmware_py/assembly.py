@@ -197,7 +197,7 @@ def check(config: Config) -> None:
     the DBC and the signal map, every listen address and allow list, the files the
     gateway keeps (journal, owner settings, token), each enabled integration's own.
     """
-    problems = _problems(lambda: reader_from_config(config, lambda: 0.0),
+    problems = _problems(lambda: _check_timeout_against_the_dbc(config),
                          lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
     kept: tuple[tuple[str, str, Callable[[], object] | None], ...] = (
@@ -218,6 +218,17 @@ def check(config: Config) -> None:
             problems += kind.check(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def _check_timeout_against_the_dbc(config: Config) -> None:
+    """The DBC and its mapping read; and `bms_timeout_s` above the fastest mapped message's period: a
+    snapshot is as old as the last frame believed, so a shorter timeout would find every gap stale."""
+    reader = reader_from_config(config, lambda: 0.0)
+    fastest = min((reader.period_s(frame_id) for frame_id in reader.frame_ids), default=0.0)
+    if config.safety.bms_timeout_s <= fastest:
+        raise InputError(f"safety.bms_timeout_s: {config.safety.bms_timeout_s:g} s is not above the fastest "
+                         f"BMS message's period in the DBC ({fastest:g} s): the data would be too old "
+                         "between every two frames")
 
 
 def _read_token_as_its_owner(path: str) -> None:

@@ -160,6 +160,19 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+def test_a_bms_timeout_no_longer_than_the_fastest_message_period_is_refused(tmp_path, capsys):
+    """A snapshot is as old as the last frame believed: with every message once a second, a 0.5 s timeout
+    would find the data stale between any two frames (0 W, and a bms_stale fault, half the time)."""
+    slow = re.sub(r'(BA_ "GenMsgCycleTime" BO_ \d+) \d+;', r"\1 1000;", bundled_dbc("cybertruck_bms.dbc").read_text())
+    (tmp_path / "slow.dbc").write_text(slow)
+    path = write(tmp_path, '[vehicle]\ndbc = "slow.dbc"\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "safety.bms_timeout_s: 0.5 s is not above the fastest BMS message's period in the DBC (1 s)" in \
+        capsys.readouterr().err
+    path.write_text('[vehicle]\ndbc = "slow.dbc"\n[safety]\nbms_timeout_s = 1.5\n')
+    assert main(["check-config", str(path)]) == 0
+
+
 def test_every_bad_signal_entry_is_named_at_once(tmp_path, capsys):
     path = write(tmp_path, '[vehicle.signals]\nsoc_min_pct = "NoSuch.Signal"\nbogus = "A.B"\nsoc_max_pct = "BmsSoc"\n')
     assert main(["check-config", str(path)]) == 2
