@@ -17,8 +17,7 @@ from firmware_py.quoting import shown_text
 
 def number(lo: float, hi: float, *, above: bool = False) -> Callable[[str], float]:
     """A finite number from `lo` (exclusive when `above`) to `hi`."""
-    wanted = f"a number {'above' if above else 'from'} {lo:g}{'' if above else f' to {hi:g}'}" + \
-        (f", at most {hi:g}" if above else "")
+    wanted = f"a number above {lo:g}, at most {hi:g}" if above else f"a number from {lo:g} to {hi:g}"
 
     def parse(text: str) -> float:
         try:

@@ -8,8 +8,8 @@ failed, 2 bad input (with a message on stderr naming file, key and reason).
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 

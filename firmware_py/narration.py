@@ -29,7 +29,6 @@ from logging.handlers import QueueHandler, QueueListener
 from typing import TextIO
 
 from firmware_py.clocks import Clocks
-from firmware_py.quoting import printable
 from firmware_py.core import StepResult
 from firmware_py.core.controller import Controller
 from firmware_py.core.types import (
@@ -47,6 +46,7 @@ from firmware_py.core.types import (
     Verdict,
     describe,
 )
+from firmware_py.quoting import printable
 
 log = logging.getLogger("firmware_py.gateway.narration")
 
@@ -178,6 +178,9 @@ class JournaldFormatter(OneLineFormatter):
         return "\n".join([f"<{priority}>{record.name}: {first}", *(f"<{priority}>{line}" for line in rest)])
 
 
+_TRACEBACKS = logging.Formatter()
+
+
 class _AsideHandler(QueueHandler):
     """Queues a record with its message made and its traceback as text, kept apart: the stock
     QueueHandler joins them into one message, which the one-line formatter would then flatten."""
@@ -188,9 +191,6 @@ class _AsideHandler(QueueHandler):
             record.exc_text = _TRACEBACKS.formatException(record.exc_info)
         record.msg, record.args, record.exc_info = record.getMessage(), None, None
         return record
-
-
-_TRACEBACKS = logging.Formatter()
 
 
 QUIETED = {"pymodbus": logging.CRITICAL, "openleadr": logging.CRITICAL, "apscheduler": logging.WARNING,

@@ -687,9 +687,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure the performance targets")
     p.add_argument("--only", nargs="+", default=[b for b in BENCHMARKS if b != "soak"], choices=BENCHMARKS,
                    help="which benchmarks (default: all but soak, which takes minutes)")
-    p.add_argument("--soak-hours", type=number(0, 24 * 30, above=True), default=24.0, help="simulated hours of the soak")
+    p.add_argument("--soak-hours", type=number(0, 24 * 30, above=True), default=24.0,
+                   help="simulated hours of the soak")
     p.add_argument("--samples", type=whole(1, 100_000), default=200, help="latency samples (default 200)")
-    p.add_argument("--bus-seconds", type=number(0, 3_600, above=True), default=10.0, help="seconds of worst-case bus traffic")
+    p.add_argument("--bus-seconds", type=number(0, 3_600, above=True), default=10.0,
+                   help="seconds of worst-case bus traffic")
     p.add_argument("--scenario", default="summer-peak.toml", help="bundled scenario for the simulator figure")
     p.add_argument("--json", type=Path, help="also write the results here as JSON")
     p.set_defaults(handler=_bench)

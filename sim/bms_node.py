@@ -25,9 +25,9 @@ from firmware_py.sim.battery import Battery, temperature_derate
 from firmware_py.sim.faults import BMS_FAULT_KINDS, BmsFault
 from firmware_py.sim.frame_encoder import page_encoders
 
+from firmware_py.arguments import number, whole
 from firmware_py.bms import signals
 from firmware_py.bms.reader import load_dbc
-from firmware_py.arguments import number, whole
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
 
 log = logging.getLogger(__name__)
@@ -274,10 +274,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
     p.add_argument("--can-channel", required=True, help="channel, e.g. vcan0 or ws://127.0.0.1:54701/")
     p.add_argument("--scenario", default=None, help="scenario TOML: [vehicle] initial_soc_pct, [run] duration_s, [[fault]]")
-    p.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None, help="seconds to run (default: scenario's, else until stopped)")
+    p.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None,
+                   help="seconds to run (default: scenario's, else until stopped)")
     p.add_argument("--dbc", default=None, help="bundled DBC name or path (default cybertruck_bms.dbc)")
     p.add_argument("--soc", type=number(0, 100), default=None, help="initial SoC in %% (overrides the scenario)")
-    p.add_argument("--load-w", type=number(-1e6, 1e6), default=0.0, help="constant DC power drawn, W (positive = discharge)")
+    p.add_argument("--load-w", type=number(-1e6, 1e6), default=0.0,
+                   help="constant DC power drawn, W (positive = discharge)")
     p.add_argument("--seed", type=whole(0, 2**31), default=0, help="seed of the SoC estimator noise and garbled frames")
     p.set_defaults(handler=_sim_bms)
 

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenario", help="scenario TOML (default: the bundled summer-peak.toml); "
                                       "a bare name picks a bundled one, see --list")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=number(0, 1e6, above=True), help="run at this many times real time (default: as fast as possible)")
+    pace.add_argument("--speed", type=number(0, 1e6, above=True),
+                      help="run at this many times real time (default: as fast as possible)")
     pace.add_argument("--realtime", action="store_true", help="run in real time (same as --speed 1)")
     p.add_argument("--trace", type=Path, help="write the JSON Lines trace here")
     p.add_argument("--summary", type=Path, help="write the JSON summary here")

@@ -134,7 +134,8 @@ def test_a_fault_latched_before_the_stall_stays_latched():
     result = resumed(c, now + 0.2 + GAP)
     assert set(result.controller.faults.kinds) == latched
     # Still present as far as the latch knows: its hold-off must not start counting during the resync.
-    assert {latch.kind: latch.gone_since for latch in result.controller.faults.latches}[FaultKind.INVERTER_COMMS] is None
+    gone_since = {latch.kind: latch.gone_since for latch in result.controller.faults.latches}
+    assert gone_since[FaultKind.INVERTER_COMMS] is None
 
 
 def test_dispatch_during_the_resync_is_refused_with_no_data():

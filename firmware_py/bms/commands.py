@@ -249,7 +249,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "can read back for `bms decode`; each may end in .gz).")
     rec.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
     rec.add_argument("--can-channel", required=True, help="channel, e.g. can0 or ws://127.0.0.1:54701/")
-    rec.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None, help="seconds to record (default: until stopped)")
+    rec.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None,
+                     help="seconds to record (default: until stopped)")
     rec.add_argument("--bms-only", action="store_true", help="record only the BMS ids of the DBC")
     rec.add_argument("--dbc", default=None, help=f"DBC for --bms-only (bundled name or path; default {DEFAULT_DBC})")
     rec.add_argument("file", help="output log file")
@@ -260,5 +261,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("log", help="python-can log or ELM327 text capture")
     dec.add_argument("--dbc", default=None, help="bundled DBC name or path (see above for the default)")
     dec.add_argument("--config", default=None, help="take the DBC and signal mapping from this gateway config")
-    dec.add_argument("--every", type=number(0, 86_400), default=1.0, help="seconds of log time between printed rows (default 1)")
+    dec.add_argument("--every", type=number(0, 86_400), default=1.0,
+                     help="seconds of log time between printed rows (default 1)")
     dec.set_defaults(handler=_decode)
