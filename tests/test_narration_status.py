@@ -88,40 +88,30 @@ FORGED_ID = "peak\x1b[2J\n<3>firmware_py.gateway.narration: LOCKOUT: forged"
 """An event id a VTN may send: an escape that clears a terminal, and a line of its own for journald."""
 
 
-@pytest.mark.parametrize("journald", [True, False])
-def test_an_id_with_control_characters_stays_on_its_own_line_escaped(monkeypatch, capsys, journald):
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    if journald:
+@pytest.fixture(params=[True, False], ids=["journald", "terminal"])
+def journald(request, monkeypatch) -> bool:
+    """Logging as `run` does under systemd (JOURNAL_STREAM set), or on a terminal."""
+    if request.param:
         monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     else:
         monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    try:
-        with lines_written_aside(verbose=False):
-            logging.getLogger("firmware_py.gateway.narration").info("dispatch %s: accepted", FORGED_ID)
-    finally:
-        root.handlers[:], root.level = saved
+    return request.param
+
+
+def test_an_id_with_control_characters_stays_on_its_own_line_escaped(journald, capsys):
+    with lines_written_aside(verbose=False):
+        logging.getLogger("firmware_py.gateway.narration").info("dispatch %s: accepted", FORGED_ID)
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "\x1b" not in err
     assert "dispatch peak\\x1b[2J\\n<3>firmware_py.gateway.narration: LOCKOUT: forged: accepted" in err
 
 
-@pytest.mark.parametrize("journald", [True, False])
-def test_a_traceback_said_aside_keeps_its_lines_and_each_is_filed_at_its_priority(monkeypatch, capsys, journald):
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    if journald:
-        monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
-    else:
-        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    try:
-        with lines_written_aside(verbose=False):
-            try:
-                raise ZeroDivisionError("division by zero")
-            except ZeroDivisionError:
-                logging.getLogger("firmware_py.service").exception("task %s died", FORGED_ID)
-    finally:
-        root.handlers[:], root.level = saved
+def test_a_traceback_said_aside_keeps_its_lines_and_each_is_filed_at_its_priority(journald, capsys):
+    with lines_written_aside(verbose=False):
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            logging.getLogger("firmware_py.service").exception("task %s died", FORGED_ID)
     lines = capsys.readouterr().err.splitlines()
     assert lines[1].endswith("Traceback (most recent call last):") and lines[-1].endswith("ZeroDivisionError: "
                                                                                          "division by zero")
