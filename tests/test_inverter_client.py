@@ -237,6 +237,36 @@ def test_read_status_when_unreachable_is_a_status_not_an_exception():
     asyncio.run(main())
 
 
+def test_a_common_model_of_65_registers_without_its_pad_is_a_sunspec_device():
+    """SunSpec accepts model 1 with L = 65 (devices from before its Pad): refusing it left such an
+    inverter never commanded, the link down for ever."""
+    async def main():
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        registers = InverterModel().register_map(40000).registers()
+        assert registers[2:4] == [1, 66]  # after the SunS marker: model 1, L = 66, its last register the Pad
+        legacy = registers[:3] + [65] + registers[4:4 + 65] + registers[4 + 66:]
+        server = ModbusTcpServer(SimDevice(1, [SimData(40000, values=legacy, datatype=DataType.REGISTERS)]),
+                                 address=("127.0.0.1", 0))
+        await server.serve_forever(background=True)
+        try:
+            port = server.transport.sockets[0].getsockname()[1]
+            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+            await client.connect()
+            try:
+                assert sorted(client.discovery.models) == [1, 701, 702, 703, 704, 713]
+                assert client.discovery.common["Mn"] == "powershare-gw"
+                status = await client.read_status()
+                assert status.comms_ok and status.w_max_rtg == 11_500.0
+            finally:
+                await client.close()
+        finally:
+            await server.shutdown()
+
+    asyncio.run(main())
+
+
 def test_a_device_without_sunspec_is_named_as_such():
     async def main():
         from pymodbus.server import ModbusTcpServer

@@ -173,6 +173,17 @@ class ModelDef:
         """Registers including ID and L."""
         return self.length + 2
 
+    @property
+    def shortest_length(self) -> int:
+        """The least L a device may report: the definition less its trailing padding. SunSpec accepts
+        model 1 with L = 65, its Pad left out, as many inverters (from before the Pad) still report it."""
+        length = self.length
+        for point in sorted(self.points.values(), key=lambda p: p.offset, reverse=True):
+            if point.type != "pad":
+                break
+            length -= point.size
+        return length
+
     def point(self, name: str) -> Point:
         try:
             return self.points[name]
@@ -355,8 +366,9 @@ def walk_chain(headers: Iterable[tuple[int, int, int]]) -> dict[int, tuple[int, 
             model = ModelDef.load(model_id)
         except SunSpecError:
             model = None
-        if model is not None and length < model.length:
-            raise SunSpecError(f"model {model_id} at {addr} has L={length}, its definition needs {model.length}")
+        if model is not None and length < model.shortest_length:
+            raise SunSpecError(f"model {model_id} at {addr} has L={length}, its definition needs "
+                               f"{model.shortest_length}")
         found.setdefault(model_id, (addr, length))
     return found
 
