@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from core_builders import bms, inverter
 from firmware_py.core import Controller, Mode, Policy, step
+from firmware_py.core import floor as floors
 from firmware_py.core.faults import FRESHNESS_FAULTS, bms_usable, inverter_usable
 from firmware_py.core.types import (
     BmsState,
@@ -88,7 +89,7 @@ class GatewayWorld(RuleBasedStateMachine):
     @rule(dt=st.floats(0.01, 15))
     def advance(self, dt):
         """Time passes: the inverter moves energy at its setpoint until it reverts."""
-        floor = self.controller.floor_pct(self.now)
+        floor = self.world_floor_pct()
         was_above = self.true_soc >= floor
         live_for = max(0.0, self.applied_at + self.policy.command_horizon_s - self.now)
         running = min(dt, live_for)
@@ -99,6 +100,14 @@ class GatewayWorld(RuleBasedStateMachine):
         if was_above:
             assert self.true_soc >= floor - 1e-9, (
                 f"true SoC {self.true_soc:.6f} crossed the floor {floor:.6f} at {self.applied_w:.1f} W")
+
+    def world_floor_pct(self) -> float:
+        """The floor as the world is. In a grid outage the house draws from the pack down to the backup
+        floor, whether or not the gateway still hears of the outage: an inverter that falls silent in one
+        holds its last setpoint (planned on the backup floor) until it reverts, while the gateway's own
+        floor, no longer knowing of the outage, is the owner's reserve again."""
+        c = self.controller
+        return floors.floor_pct(c.policy, c.owner, self.now, c.outage(self.now) or self.outage)
 
     def feed(self, *inputs):
         before_wh = self.controller.price_day_wh
