@@ -332,8 +332,9 @@ class BenchVtn3:
 
     async def _post_subscription(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        if body is None or not isinstance(body.get("objectOperations"), list):
-            return _problem(400, "Bad Request", "a subscription needs objectOperations")
+        problem = _subscription_problem(body)
+        if problem:
+            return _problem(400, "Bad Request", problem)
         self.received.append(("SUBSCRIPTION", body))
         if len(self._subscriptions) >= MAX_OBJECTS:
             return _problem(507, "Insufficient Storage", "too many subscriptions")
@@ -367,9 +368,13 @@ class BenchVtn3:
         """Post a notification to every subscriber of this object type (in the background, bounded by time)."""
         if not self._subscriptions or self._runner is None:
             return
+        subscribed_as = NOTIFIED_AS[operation]
+        program_id = obj.get("id") if object_type == "PROGRAM" else obj.get("programID")
         for subscription in list(self._subscriptions.values()):
+            if subscription.get("programID") != program_id:
+                continue
             for op in subscription.get("objectOperations", []):
-                if object_type in op.get("objects", []) and operation in op.get("operations", []):
+                if object_type in op.get("objects", []) and subscribed_as in op.get("operations", []):
                     note = {"objectType": object_type, "operation": operation, "object": obj}
                     asyncio.get_running_loop().create_task(self._post_note(op, note))
 
@@ -430,6 +435,27 @@ async def _body(request: web.Request) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return body if isinstance(body, dict) else None
+
+
+NOTIFIED_AS = {"POST": "CREATE", "PUT": "UPDATE", "DELETE": "DELETE"}
+"""A notification's operation (OpenADR 3.0.1: GET, POST, PUT, DELETE) as a subscription names it."""
+SUBSCRIBABLE = ("READ", "CREATE", "UPDATE", "DELETE")
+
+
+def _subscription_problem(body: dict[str, Any] | None) -> str:
+    """What OpenADR 3.0.1's subscription schema refuses in `body` ("" when it conforms)."""
+    if body is None:
+        return "a subscription is a JSON object"
+    missing = [key for key in ("clientName", "programID", "objectOperations") if not body.get(key)]
+    if missing:
+        return f"a subscription needs {', '.join(missing)}"
+    for op in body["objectOperations"] if isinstance(body["objectOperations"], list) else [None]:
+        if not isinstance(op, dict) or not isinstance(op.get("operations"), list) or not op.get("callbackUrl"):
+            return "each objectOperations entry needs objects, operations and callbackUrl"
+        wrong = [o for o in op["operations"] if o not in SUBSCRIBABLE]
+        if wrong:
+            return f"operations {wrong!r}: each one of {', '.join(SUBSCRIBABLE)}"
+    return ""
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:

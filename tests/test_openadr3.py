@@ -31,6 +31,7 @@ from openadr3_model import conforms, resolved_windows
 from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse
+from firmware_py.core.telemetry import DerRatings
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -82,7 +83,8 @@ class ScriptedSink:
 
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.now(), mode=Mode.STANDBY, soc_pct=72.5, floor_pct=40.0, power_w=0.0,
-                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None)
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None,
+                         ratings=DerRatings(11_500.0, 11_500.0, 11_500.0, 123_000.0))
 
     def now(self) -> float:
         return time.time() + self.offset_s
@@ -481,6 +483,7 @@ def test_a_notification_without_the_bearer_token_is_refused() -> None:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
             async with serving(ven, ScriptedSink()):
                 await vtn.wait_for(lambda: ven.subscribed)
@@ -548,8 +551,10 @@ def test_reports_follow_the_cadence_the_event_asks() -> None:
             (interval,) = usage["resources"][0]["intervals"]
             assert interval["id"] == 0 and interval["intervalPeriod"]["start"] == iso_datetime(start)
             kinds = {p["type"]: p["values"] for p in interval["payloads"]}
+            # OpenADR 3's STORAGE_USABLE_CAPACITY is what the pack holds when full; what is left above
+            # the floor (it was sent under that name) has a name of its own.
             assert kinds == {"DELIVERED_ENERGY": [0.0], "STORAGE_CHARGE_LEVEL": [72.5],
-                             "STORAGE_USABLE_CAPACITY": [40000.0]}
+                             "STORAGE_USABLE_CAPACITY": [123000.0], "ENERGY_ABOVE_FLOOR": [40000.0]}
             sink.offset_s = 60 + 910  # all over: the last two, then nothing more
             await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == 4)
             polls = ven.polls
@@ -650,6 +655,17 @@ def test_program_interval_period_and_descriptors_are_the_defaults() -> None:
     del payload["intervalPeriod"]
     plan = translate(payload, program=program)
     assert isinstance(plan, EventPlan)
+    assert [(r.target_w, r.end - r.start) for r in plan.requests] == [(2500.0, 3600.0)]
+
+
+@pytest.mark.parametrize("span", ["P1Y", "P400D"])
+def test_a_program_a_year_long_refuses_no_event_whose_intervals_carry_their_own_periods(span) -> None:
+    """The program's intervalPeriod is its span, "could be years long": read only where an interval needs it."""
+    program = {"id": "prog-1", "programName": "p", "intervalPeriod": {"start": iso_datetime(NOW), "duration": span}}
+    payload = event([interval(0, value=2.5, intervalPeriod={"start": iso_datetime(NOW), "duration": "PT1H"})])
+    del payload["intervalPeriod"]
+    plan = translate(payload, program=program)
+    assert isinstance(plan, EventPlan), plan
     assert [(r.target_w, r.end - r.start) for r in plan.requests] == [(2500.0, 3600.0)]
 
 

@@ -91,15 +91,18 @@ DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 NOTIFY_PATH = "/openadr3/notify"
+SUBSCRIBED_OPERATIONS = ("CREATE", "UPDATE", "DELETE")  # OpenADR 3.0.1's words (a notification says POST, PUT...)
 
 # Report payload types the gateway writes (private ones where OpenADR 3 has no standard name).
 DELIVERED_ENERGY = "DELIVERED_ENERGY"  # Wh out of the inverter in the interval (the event's meter)
 CHARGE_LEVEL = "STORAGE_CHARGE_LEVEL"  # SoC %, as of the report
-USABLE_CAPACITY = "STORAGE_USABLE_CAPACITY"  # Wh above the floor, as of the report
+USABLE_CAPACITY = "STORAGE_USABLE_CAPACITY"  # Wh the pack holds when full (OpenADR 3's meaning)
+ABOVE_FLOOR = "ENERGY_ABOVE_FLOOR"  # Wh the gateway may still deliver before the floor, as of the report
 ANSWER = "DISPATCH_ANSWER"  # accepted | capped | refused
 ANSWER_REASON = "DISPATCH_REASON"  # [reason code or "", the detail in words]
 ANSWER_CAP = "DISPATCH_CAP"  # kW, when capped
-UNITS = {DELIVERED_ENERGY: "WH", CHARGE_LEVEL: "PERCENT", USABLE_CAPACITY: "WH", ANSWER_CAP: "KW"}
+UNITS = {DELIVERED_ENERGY: "WH", CHARGE_LEVEL: "PERCENT", USABLE_CAPACITY: "WH", ABOVE_FLOOR: "WH",
+         ANSWER_CAP: "KW"}
 VERDICT_WORDS = {Verdict.ACCEPTED: "accepted", Verdict.CAPPED: "capped", Verdict.REJECTED: "refused"}
 
 
@@ -405,25 +408,30 @@ class OpenAdr3Ven:
         if programs.keys() != self.programs.keys():
             names = ", ".join(str(p.get("programName", pid)) for pid, p in programs.items()) or "none"
             log.info("OpenADR 3: enrolled in %d program(s): %s", len(programs), names)
+            self.subscribed = False  # a new program's changes are subscribed to at the next cycle
         self.programs = programs
 
     async def _subscribe(self, session: aiohttp.ClientSession) -> None:
-        """Ask the VTN to post event changes to the gateway, unless it holds this VEN's subscription
-        already (a VTN that restarted without it, or lost it, is asked again: after an outage, and
-        every `SUBSCRIPTION_CHECK_S`). A VTN without subscriptions is polled only."""
+        """Ask the VTN to post event changes to the gateway, one subscription per program enrolled in
+        (OpenADR 3.0.1 names the program of each), unless it holds it already (a VTN that restarted
+        without it, or lost it, is asked again: after an outage, and every `SUBSCRIPTION_CHECK_S`).
+        A VTN without subscriptions is polled only."""
         self._subscription_due = time.monotonic() + SUBSCRIPTION_CHECK_S
         url = self.config.callback_url or f"http://{self.config.callback_listen}{NOTIFY_PATH}"
-        operations = [{"objects": ["EVENT", "PROGRAM"], "operations": ["POST", "PUT", "DELETE"],
+        operations = [{"objects": ["EVENT", "PROGRAM"], "operations": list(SUBSCRIBED_OPERATIONS),
                        "callbackUrl": url, "bearerToken": self._callback_token}]
         try:
             held = await self._list(session, "subscriptions", clientName=self.config.ven_name)
         except VtnRefused:  # a VTN that cannot list them: subscribed to, and not looked at again
             held, self._subscription_due = [], math.inf
+        covered = {sub.get("programID") for sub in held
+                   if isinstance(sub, dict) and sub.get("objectOperations") == operations}
         try:
-            if not any(isinstance(sub, dict) and sub.get("objectOperations") == operations for sub in held):
+            for program_id in sorted(self.programs.keys() - covered):
                 await self._call(session, "POST", "subscriptions", body={
-                    "objectType": "SUBSCRIPTION", "clientName": self.config.ven_name, "objectOperations": operations})
-                log.info("OpenADR 3: subscribed to event changes at %s", url)
+                    "objectType": "SUBSCRIPTION", "clientName": self.config.ven_name, "programID": program_id,
+                    "objectOperations": operations})
+                log.info("OpenADR 3: subscribed to the changes of program %s at %s", program_id, url)
         except VtnRefused as err:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
                      err, self.config.poll_interval_s)
@@ -696,11 +704,13 @@ class OpenAdr3Ven:
             if n == len(windows) - 1:  # the state as of the report, on its last interval
                 if t.soc_pct is not None:
                     payloads.append({"type": CHARGE_LEVEL, "values": [round(t.soc_pct, 2)]})
-                payloads.append({"type": USABLE_CAPACITY, "values": [round(t.available_wh, 1)]})
+                if t.ratings is not None:
+                    payloads.append({"type": USABLE_CAPACITY, "values": [round(t.ratings.wh_rtg, 1)]})
+                payloads.append({"type": ABOVE_FLOOR, "values": [round(t.available_wh, 1)]})
             intervals.append(_interval(window, payloads))
         first, last = windows[0].interval_id, windows[-1].interval_id
         self._queue(plan.program_id, plan.event_id, f"{plan.event_id} intervals {first}-{last}", intervals,
-                    (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY))
+                    (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY, ABOVE_FLOOR))
 
     def _report_begun(self, sink: DispatchSink, tracked: _Tracked) -> None:
         """An event cancelled at the VTN still has its usage reported, as its descriptors asked: every

@@ -231,8 +231,17 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         raise _Invalid(f"{len(intervals)} intervals in one event (at most {MAX_INTERVALS})")
     default = event.get("intervalPeriod") if event.get("intervalPeriod") is not None else program.get("intervalPeriod")
     default = _mapping(default, "intervalPeriod") if default is not None else {}
-    first = _start(default.get("start"), "intervalPeriod.start")
-    default_s = _duration(default.get("duration"), "intervalPeriod.duration")
+    inherited: dict[str, Any] = {}
+
+    def inherit(key: str) -> Any:
+        """The default's start or duration, read only when an interval lacks its own: a program's span
+        may be a year (`P1Y`), which no interval can be, and events whose intervals say their own
+        periods must not be refused for it."""
+        if key not in inherited:
+            parse = _start if key == "start" else _duration
+            inherited[key] = parse(default.get(key), f"intervalPeriod.{key}")
+        return inherited[key]
+
     elapsed_s = 0.0
     windows, payloads, seen = [], [], set()
     for index, interval in enumerate(intervals):
@@ -246,12 +255,12 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         where = f"interval {interval_id}"
         own = interval.get("intervalPeriod")
         own = _mapping(own, f"{where}.intervalPeriod") if own is not None else {}
-        seconds = _duration(own.get("duration"), f"{where}.intervalPeriod.duration") or default_s
+        seconds = _duration(own.get("duration"), f"{where}.intervalPeriod.duration") or inherit("duration")
         if seconds is None:
             raise _Invalid(f"{where} has no duration (none of its own, the event's or the program's)")
         start = _start(own.get("start"), f"{where}.intervalPeriod.start")
-        if start is None and first is not None:
-            start = first + timedelta(seconds=elapsed_s)
+        if start is None and inherit("start") is not None:
+            start = inherit("start") + timedelta(seconds=elapsed_s)
         if start is None:
             raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
         elapsed_s += seconds
