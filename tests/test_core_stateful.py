@@ -49,7 +49,7 @@ PACK_EFFICIENCY = 0.96  # AC out per DC in: better than the core's assumed 0.95
 INJECTED = {"bms_fault", "over_temp", "inverter_fault"}
 
 EXAMPLES = {"ci": 2_000, "long": 20_000, "dev": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 2_000)
-QUICK_EXAMPLES = 100
+QUICK_EXAMPLES = 60
 
 
 class GatewayWorld(RuleBasedStateMachine):

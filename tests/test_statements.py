@@ -362,7 +362,7 @@ def test_an_event_running_into_an_outage_is_credited_only_what_it_delivered_with
     path = tmp_path / "into-outage.toml"
     path.write_text("""
 [run]
-duration_s = 300
+duration_s = 130
 [inverter]
 enter_service_delay_s = 0
 enter_service_ramp_s = 0
@@ -370,12 +370,12 @@ enter_service_ramp_s = 0
 at_s = 5
 id = "peak"
 start_s = 10
-duration_s = 280
+duration_s = 110
 target_w = 5000
 [[fault]]
-at_s = 100
+at_s = 50
 kind = "grid_outage"
-duration_s = 60
+duration_s = 30
 [expect]
 answers = { "peak" = "accepted" }
 """)
