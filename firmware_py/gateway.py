@@ -117,6 +117,7 @@ class Gateway:
         now = clock()
         self.controller = Controller.start(self.policy, owner, now)
         self.command = InverterCommand(0.0, self.controller.reason)
+        inverter.follow(lambda: self.command)  # a write that waited for the link writes the newest decision
         self.command_changed = asyncio.Event()
         self.observers: list[Callable[[StepResult], None]] = []
         self.steps = StepRecorder()

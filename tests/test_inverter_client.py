@@ -16,7 +16,7 @@ from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
 from firmware_py.inverter.client import InverterClient, LinkError
 from firmware_py.sim.faults import InverterFault as Fault
-from firmware_py.sim.inverter import InverterModel, SimInverterServer
+from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
 
 BIG = 50_000.0
 
@@ -111,6 +111,37 @@ def test_the_same_command_applied_twice_at_once_is_written_once():
         cmd = InverterCommand(3_000.0, "dispatch")
         await asyncio.gather(rig.client.apply(cmd), rig.client.apply(cmd))
         assert rig.server.writes == 1 and rig.model.wset_w == pytest.approx(3_000.0)
+
+    run(scenario)
+
+
+def test_a_write_that_waited_for_the_link_writes_the_newest_decision_not_the_one_it_was_given():
+    """A poll holds the link; the writer is handed 6 kW and waits; a fault makes the core decide 0 W.
+    The old setpoint was then written (re-arming the revert timer for it) before the 0 W."""
+    async def scenario(rig):
+        decided = [InverterCommand(5_000.0, "dispatch")]
+        rig.client.follow(lambda: decided[0])
+        await rig.client.apply(decided[0])
+        async with rig.client._busy:  # the poll's exchange, under way
+            decided[0] = InverterCommand(6_000.0, "dispatch")
+            waiting = asyncio.create_task(rig.client.apply(decided[0]))
+            await asyncio.sleep(0)  # the writer is waiting for the link now
+            decided[0] = InverterCommand(0.0, "fault: bms_fault")
+        await waiting
+        assert rig.model.wset_w == 0.0 and rig.server.writes == 2  # 6 kW never reached the inverter
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("decided, written", [(60.0, 0.0), (150.0, 100.0), (11_470.0, 11_400.0),
+                                              (-150.0, -100.0), (-11_470.0, -11_400.0), (11_500.0, 11_500.0)])
+def test_a_coarse_scale_factor_never_rounds_a_setpoint_beyond_what_the_core_decided(monkeypatch, decided, written):
+    """WSet in hundreds of watts (WSet_SF = 2): rounded to nearest, a 60 W envelope became 100 W."""
+    monkeypatch.setitem(SCALE[704], "WSet_SF", 2)
+
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(decided, "dispatch"))
+        assert rig.model.wset_w == written
 
     run(scenario)
 

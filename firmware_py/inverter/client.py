@@ -156,6 +156,13 @@ class InverterClient:
         """Failed exchanges by cause since start (the metrics read it; nothing here decides on it)."""
         self.writes = 0
         """Command blocks written since start: the gateway tells a write from a skipped apply by it."""
+        self._newest: Callable[[], InverterCommand] | None = None
+
+    def follow(self, newest: Callable[[], InverterCommand]) -> None:
+        """Where the newest command is read when a write gets the link: an `apply` that waited for a
+        poll must not write the command it was given if the core has decided another since (a fault's
+        0 W would wait behind the old setpoint, and that write would re-arm the revert timer for it)."""
+        self._newest = newest
 
     @property
     def refresh_s(self) -> float:
@@ -407,8 +414,6 @@ class InverterClient:
         """Write the setpoint when needed; True when the inverter holds it (written and read back now)."""
         if not self.connected:
             return False
-        if not is_finite_number(setpoint_w):
-            setpoint_w = 0.0  # never forward a number the inverter cannot represent
         now = self.clock()
         if not force and self._holds(self._raw(setpoint_w), now):
             return True
@@ -419,6 +424,8 @@ class InverterClient:
                 # found again on an inverter that scales differently, while this waited for it.
                 if self.discovery is None:
                     raise LinkError(f"not connected to {self._where()}", kind=ModbusErrorCause.DISCONNECTED)
+                if not force and self._newest is not None:
+                    setpoint_w = self._newest().setpoint_w
                 raw = self._raw(setpoint_w)
                 if not force and self._holds(raw, now):
                     return True  # written while this waited for the link (the writer and a dispatch at once)
@@ -443,8 +450,13 @@ class InverterClient:
         return True
 
     def _raw(self, setpoint_w: float) -> int:
-        """The setpoint in WSet's register units (its scale factor as discovered)."""
-        return round(setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0))
+        """The setpoint in WSet's register units (its scale factor as discovered), rounded toward 0 W:
+        at WSet_SF = 2 a 60 W envelope rounded to nearest was 100 W, beyond every limit the core kept.
+        A number the inverter cannot represent (NaN, infinity) is never forwarded: 0 W."""
+        if not is_finite_number(setpoint_w):
+            return 0
+        units = setpoint_w / 10.0 ** (self._sfs[704].get("WSet_SF") or 0)
+        return math.trunc(round(units, 6))  # the rounding only takes away float error (1149.9999999)
 
     def _holds(self, raw: int, now: float) -> bool:
         """The inverter has this setpoint from a write recent enough that no refresh is due."""
