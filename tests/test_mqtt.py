@@ -165,9 +165,10 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
             async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
                 state = (await watcher.wait_for("a state", is_state)).json()
                 await watcher.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
-                configs = {m.topic: m.json() for m in watcher.seen if m.topic.startswith("homeassistant/")}
+                configs = {m.topic: m.json() for m in watcher.seen if m.topic.startswith("homeassistant/") and m.payload}
                 async with Watcher(broker) as late:  # what Home Assistant gets when it subscribes later
-                    await late.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
+                    for topic in configs:  # the broker hands retained messages over in an order of its own
+                        await late.wait_for(topic, lambda m, topic=topic: m.topic == topic)
                     await late.wait_for("the state", is_state)
                     retained = {m.topic for m in late.seen if m.retain}
         assert len(configs) == 16
@@ -204,6 +205,38 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
         for field in ("mode", "reason", "soc_pct", "floor_pct", "reserve_pct", "setpoint_w", "power_w", "event",
                       "faults", "links", "storm_watch"):  # the status document's fields
             assert field in state
+
+    bounded(main())
+
+
+def test_an_entity_announced_before_and_gone_now_is_removed_from_home_assistant(tmp_path):
+    """A run with the DER server left its link's retained config; HA showed it "Disconnected" for ever."""
+    node = "powershare-gw_truck-1"
+    stale = f"homeassistant/binary_sensor/{node}/link_sunspec_server/config"
+
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with Watcher(broker) as earlier:
+                await earlier.publish(stale, json.dumps({"name": "SunSpec server"}), retain=True)
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                await watcher.wait_for("the stale config cleared", lambda m: m.topic == stale and not m.payload)
+                async with Watcher(broker) as late:  # what Home Assistant gets when it subscribes later
+                    await late.wait_for("the last config", lambda m: m.topic.endswith("/link_inverter/config"))
+                    assert not [m for m in late.seen if m.topic == stale]
+
+    bounded(main())
+
+
+def test_a_custom_discovery_prefix_still_hears_home_assistant_come_online_on_its_birth_topic(tmp_path):
+    """Home Assistant says `online` on homeassistant/status whatever its discovery prefix."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker, discovery_prefix="ha") as (rig, bridge, watcher):
+                await watcher.wait_for("the configs", lambda m: m.topic.startswith("ha/") and m.topic.endswith(
+                    "/soc/config"))
+                index = len(watcher.seen)
+                await watcher.publish("homeassistant/status", "online")
+                await watcher.wait_for("configs again", lambda m: m.topic.endswith("/soc/config"), after=index)
 
     bounded(main())
 
@@ -399,6 +432,7 @@ def test_state_follows_the_bench_through_an_event_to_the_months_credit(tmp_path)
         credit = next(c for topic, c in entities.items() if topic.endswith("/credit_month/config"))
         assert render(credit["value_template"], earned.json()) == str(earnings["credit"])
         assert render(credit["last_reset_value_template"], earned.json()) == "2025-06-01T00:00:00+00:00"
+        assert render(credit["last_reset_value_template"], ended.json()) == ""  # none yet: HA ignores it quietly
         assert delivered["event_id"] == "peak-1" and delivered["event_wh"] == delivered["total_wh"]
         assert 60 < delivered["total_wh"] < 5_000 * 61 / 3600 + 1  # about 5 kW for a minute, by the meter
         power = [m.json()["power_w"] for m in watcher.seen if is_state(m)]

@@ -11,10 +11,12 @@ from the control path, which it never waits on and which never waits on it:
   command results wait (a few, also bounded) for the next connection;
 - **sessions**: connect (TLS and username/password when configured, the last will
   `offline` retained on P/availability), announce `online`, publish the Home
-  Assistant discovery configurations and the state, subscribe to P/set/+; when the
-  broker goes away, reconnect with back-off (0.5 s doubling to 30 s) and do it all
-  again. Home Assistant announcing itself (`<discovery_prefix>/status` = online)
-  gets the configurations and the state again;
+  Assistant discovery configurations and the state (and an empty retained configuration
+  for each entity announced before and gone now: a link turned off, or every one with
+  discovery off), subscribe to P/set/+; when the broker goes away, reconnect with
+  back-off (0.5 s doubling to 30 s) and do it all again. Home Assistant announcing
+  itself (`homeassistant/status`, or `<discovery_prefix>/status`, = online) gets the
+  configurations and the state again;
 - **commands** go through `OwnerDesk` (validation, save, core, journal), are rate
   limited, and each gets one result on P/result; a retained command is refused
   (it would be applied again at every reconnect, undoing later changes).
@@ -46,7 +48,7 @@ from firmware_py.files import read_text
 from firmware_py.journal import codec
 from firmware_py.links import Link
 from firmware_py.mqtt import commands
-from firmware_py.mqtt.discovery import configurations
+from firmware_py.mqtt.discovery import configurations, retired
 from firmware_py.mqtt.state import Pacer, state_document
 from firmware_py.mqtt.topics import Topics, node_id, prefix_problem
 from firmware_py.owner.changes import BadRequest
@@ -73,6 +75,7 @@ INCOMING_QUEUE = 100
 STOP_S = 0.25
 """At a stop: how long `offline` and the goodbye may take (the service's safe stop waits for this task)."""
 QOS = 1
+HA_BIRTH_TOPIC = "homeassistant/status"  # Home Assistant's, whatever its discovery prefix
 
 
 def check(config: Config) -> list[str]:
@@ -278,7 +281,8 @@ class MqttBridge:
             try:
                 await client.subscribe(self.topics.commands, qos=QOS)
                 if self.settings.discovery:
-                    await client.subscribe(f"{self.settings.discovery_prefix}/status", qos=QOS)
+                    for topic in self._birth_topics():
+                        await client.subscribe(topic, qos=QOS)
                 await self._announce(client)
                 self.connected.set()
                 log.log(logging.DEBUG if self._was_connected else logging.INFO, "mqtt: connected to %s as %s; "
@@ -297,6 +301,8 @@ class MqttBridge:
         self.pace_once()
 
     async def _discover(self, client: aiomqtt.Client) -> None:
+        for topic in retired(self.config):
+            await self._publish(client, topic, b"", retain=True, kind=Kind.DISCOVERY)
         if not self.settings.discovery:
             return
         for topic, payload in configurations(self.config, self.version):
@@ -324,12 +330,17 @@ class MqttBridge:
                 self.outbox.put_back(item)
                 raise
 
+    def _birth_topics(self) -> set[str]:
+        """Where Home Assistant says `online`: `homeassistant/status` whatever the discovery prefix (its
+        birth topic does not follow one), and `<discovery_prefix>/status` for one set up to match it."""
+        return {HA_BIRTH_TOPIC, f"{self.settings.discovery_prefix}/status"}
+
     async def _receive(self, client: aiomqtt.Client) -> None:
-        ha_status = f"{self.settings.discovery_prefix}/status"
+        births = self._birth_topics()
         async for message in client.messages:
             topic = str(message.topic)
             payload = _bytes(message.payload)
-            if topic == ha_status:
+            if topic in births:
                 if payload.strip() == b"online" and self.announcing.admit():  # Home Assistant (re)started
                     await self._announce(client)
                 continue

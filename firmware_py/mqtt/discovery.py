@@ -109,8 +109,9 @@ def link_entities(config: Config) -> tuple[Entity, ...]:
                         {"device_class": "connectivity", "entity_category": "diagnostic"}) for name in links)
 
 
-MONTH_STARTED = "{{ value_json.earnings.month ~ '-01T00:00:00+00:00' if value_json.earnings else None }}"
-"""When this month's figures were last reset to 0 (the first of the month, UTC), for `state_class: total`."""
+MONTH_STARTED = "{{ value_json.earnings.month ~ '-01T00:00:00+00:00' if value_json.earnings else '' }}"
+"""When this month's figures were last reset to 0 (the first of the month, UTC), for `state_class: total`;
+empty before the first figures, which Home Assistant ignores (`None` it logs, each state, as a bad date)."""
 
 
 def earnings_entities(config: Config) -> tuple[Entity, ...]:
@@ -132,6 +133,19 @@ def device(config: Config, version: str) -> dict[str, Any]:
     label = config.mqtt.topic_prefix.rsplit("/", 1)[-1]
     return {"identifiers": [node_id(config.mqtt.topic_prefix)], "name": f"Powershare {label}",
             "manufacturer": MANUFACTURER, "model": MODEL, "sw_version": version}
+
+
+def retired(config: Config) -> list[str]:
+    """Configuration topics of entities this gateway may have announced before but does not now (a link
+    turned off; every entity, with discovery turned off): each is cleared with an empty retained
+    message, how Home Assistant removes an entity, or it would show a stale one for ever."""
+    node = node_id(config.mqtt.topic_prefix)
+    everyone = [*ENTITIES, *earnings_entities(config), *(Entity(Component.BINARY_SENSOR, f"link_{name}", "", "")
+                                                         for name in LINK_NAMES)]
+    current = set() if not config.mqtt.discovery else {topic for topic, _ in configurations(config, "")}
+    topics = {f"{config.mqtt.discovery_prefix}/{entity.component}/{node}/{entity.object_id}/config"
+              for entity in everyone}
+    return sorted(topics - current)
 
 
 def configurations(config: Config, version: str) -> list[tuple[str, dict[str, Any]]]:
