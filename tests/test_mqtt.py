@@ -200,6 +200,8 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
         assert by_id["opt_out"]["command_topic"] == TOPICS.command(Command.OPT_OUT)
         assert render(by_id["soc"]["value_template"], state) == str(state["soc_pct"])
         assert render(by_id["mode"]["value_template"], state) == "STANDBY"
+        # Home Assistant refuses a sensor state over 255 characters; an OpenADR 2.0b event id has no bound.
+        assert render(by_id["event"]["value_template"], {**state, "event": {"id": "x" * 4_000}}) == "x" * 255
         assert render(by_id["link_bms"]["value_template"], state) == "ON"
         assert set(configs) <= retained and TOPICS.state in retained and TOPICS.availability in retained
         for field in ("mode", "reason", "soc_pct", "floor_pct", "reserve_pct", "setpoint_w", "power_w", "event",

@@ -71,7 +71,7 @@ ENTITIES: tuple[Entity, ...] = (
            {"device_class": "power", "unit_of_measurement": "W", "state_class": "measurement"}),
     Entity(Component.SENSOR, "mode", "Mode", "{{ value_json.mode }}",
            {"device_class": "enum", "options": [m.value for m in Mode]}),
-    Entity(Component.SENSOR, "event", "Event", "{{ value_json.event.id if value_json.event else 'none' }}",
+    Entity(Component.SENSOR, "event", "Event", "{{ value_json.event.id[:255] if value_json.event else 'none' }}",
            {"icon": "mdi:transmission-tower-export",
             "json_attributes_template": "{{ (value_json.event if value_json.event else {}) | tojson }}"}),
     Entity(Component.SENSOR, "available_energy", "Energy above the floor", "{{ value_json.available_wh }}",
