@@ -257,7 +257,7 @@ class LoopbackVtn:
     def add_event(self, signal: str, start: dt.datetime, duration_s: float | Sequence[float],
                   values: float | Sequence[float], *, event_id: str | None = None,
                   signal_type: str | None = None, scale: str = "k",
-                  unit: str = "W", response_required: str = "always") -> str:
+                  unit: str = "W", response_required: str = "always", test_event: bool = False) -> str:
         """Queue an event for the VEN; returns its id.
 
         `values` gives one payload per interval (kW for LOAD_DISPATCH with the
@@ -270,7 +270,7 @@ class LoopbackVtn:
         event = objects.Event(
             event_descriptor=objects.EventDescriptor(
                 event_id=event_id, modification_number=0,
-                market_context="oadr://powershare.test/peak", event_status="far",
+                market_context="oadr://powershare.test/peak", event_status="far", test_event=test_event,
                 created_date_time=dt.datetime.now(dt.timezone.utc)),
             event_signals=[self._signal(signal, start, duration_s, values, signal_type, scale, unit)],
             targets=[{"ven_id": ven_id}],

@@ -140,6 +140,19 @@ def test_load_dispatch_event_accepted_becomes_a_discharge_request() -> None:
     run(scenario)
 
 
+def test_a_test_event_is_opted_in_and_nothing_reaches_the_core() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, test_event=True)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        assert sink.requests() == []
+
+    run(scenario)
+
+
 def test_several_intervals_become_one_request_each() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0) as vtn:
@@ -533,6 +546,30 @@ def test_translation_skips_ended_intervals_and_expires_when_none_is_left() -> No
     assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
 
 
+def test_translation_falls_back_to_the_simple_signal_when_load_dispatch_is_not_a_setpoint() -> None:
+    """A delta LOAD_DISPATCH with a SIMPLE signal beside it was refused whole (opted out)."""
+    plan = translate(event([signal(SIMPLE, [2]), signal(payloads=[-5.0], signal_type="delta")]))
+    assert isinstance(plan, EventPlan) and plan.requests[0].target_w == pytest.approx(0.66 * RATING_W)
+
+
+def test_a_test_event_is_acknowledged_and_never_acted_on() -> None:
+    """OpenADR 2.0b: a test_event other than false is a test; it was served as a real 5 kW event."""
+    payload = event([signal()])
+    payload["event_descriptor"]["test_event"] = True
+    plan = translate(payload)
+    assert isinstance(plan, EventPlan) and plan.test and plan.requests == ()
+
+
+def test_an_event_whose_last_interval_lasts_0_runs_until_it_is_cancelled() -> None:
+    """OpenADR 2.0b: an overall duration of 0 means no defined end; it was refused INVALID."""
+    payload = event([signal(payloads=[5.0, 2.0])])
+    payload["event_signals"][0]["intervals"][-1]["duration"] = dt.timedelta(0)
+    plan = translate(payload)
+    assert isinstance(plan, EventPlan)
+    assert [(r.end - r.start, r.target_w) for r in plan.requests] == [(1800.0, 5000.0), (math.inf, 2000.0)]
+    assert plan.requests[-1].is_open_ended
+
+
 def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     plan = translate(event([], number=3, status="cancelled"))
     assert isinstance(plan, EventPlan) and plan.cancelled and plan.revision == 3
@@ -545,7 +582,10 @@ def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     (event([signal(payloads=["5"])]), "finite number"),
     (event([signal(SIMPLE, [4])]), "SIMPLE level"),
     (event([signal("ELECTRICITY_PRICE")]), "no LOAD_DISPATCH or SIMPLE"),
-    (event([signal(signal_type="delta")]), "delta"),
+    (event([signal(signal_type="delta")]), "delta"),  # and no SIMPLE signal to fall back on
+    (event([signal(payloads=[0.0, 5.0])]) | {"event_signals": [signal(payloads=[0.0, 5.0]) | {"intervals": [
+        {"duration": dt.timedelta(0), "signal_payload": 5.0}, {"duration": dt.timedelta(minutes=5),
+                                                                "signal_payload": 5.0}]}]}, "only the last"),
     (event([signal(measurement={"unit": "A", "scale": "k"})]), "unit must be W"),
     (event([signal(), signal()]), "ambiguous"),
     (event([]), "no event_signals"),

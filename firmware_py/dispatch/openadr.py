@@ -381,6 +381,12 @@ class OpenAdrVen:
             return OPT_IN
         if tracked is not None and plan.revision <= tracked.revision:
             return tracked.opt  # a stale or repeated copy: the core already has this revision
+        if plan.test:  # acknowledged as the VTN asks, and nothing served (what an earlier revision asked, withdrawn)
+            if tracked is not None:
+                await self._cancel(sink, plan.event_id, tracked.request_ids)
+                self._events.pop(plan.event_id, None)
+            self._record(EventOutcome(plan.event_id, plan.revision, OPT_IN, detail="a test event: not acted on"))
+            return OPT_IN
         requests = plan.requests
         if tracked is not None:
             await self._cancel(sink, plan.event_id, tuple(set(tracked.request_ids) - set(plan.request_ids)))

@@ -8,6 +8,7 @@ a peer's bad message must not take the gateway's OpenADR link down.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,6 +49,8 @@ class EventPlan:
     cancelled: bool
     requests: tuple[DispatchRequest, ...] = ()
     request_ids: tuple[str, ...] = ()
+    test: bool = False
+    """A test event (`test_event` anything but false): acknowledged, never acted on."""
 
 
 class _Invalid(Exception):
@@ -86,6 +89,8 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
         raise _Invalid(f"modification_number must be a whole number >= 0, got {revision!r}")
     if descriptor.get("event_status") == "cancelled":
         return EventPlan(event_id, revision, cancelled=True)
+    if descriptor.get("test_event") not in (None, False, "false", "False"):  # 2.0b: anything but false
+        return EventPlan(event_id, revision, cancelled=False, test=True)
 
     signal = _pick_signal(event)
     name = signal["signal_name"]
@@ -122,13 +127,19 @@ def _pick_signal(event: Mapping[str, Any]) -> Mapping[str, Any]:
     if not all(isinstance(s, Mapping) for s in signals):
         raise _Invalid("an event signal is not a structure")
     names = [s.get("signal_name") for s in signals]
-    for wanted in ((LOAD_DISPATCH,), SIMPLE_NAMES):
-        found = [s for s in signals if s.get("signal_name") in wanted]
-        if len(found) > 1:
-            raise _Invalid(f"{len(found)} {wanted[0]} signals in one event: ambiguous")
-        if found:
-            return found[0]
+    load, simple = (_one(signals, wanted) for wanted in ((LOAD_DISPATCH,), SIMPLE_NAMES))
+    if load is not None and (simple is None or load.get("signal_type", "setpoint") == "setpoint"):
+        return load  # (a signal type other than setpoint is refused, naming it, when no SIMPLE rides along)
+    if simple is not None:
+        return simple
     raise _Invalid(f"no LOAD_DISPATCH or SIMPLE signal (got {', '.join(map(repr, names))})")
+
+
+def _one(signals: list[Mapping[str, Any]], names: tuple[str, ...]) -> Mapping[str, Any] | None:
+    found = [s for s in signals if s.get("signal_name") in names]
+    if len(found) > 1:
+        raise _Invalid(f"{len(found)} {names[0]} signals in one event: ambiguous")
+    return found[0] if found else None
 
 
 def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
@@ -154,14 +165,16 @@ def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
         duration = interval.get("duration")
         if not isinstance(duration, timedelta):
             raise _Invalid(f"{where}.duration must be a duration, got {duration!r}")
-        if duration <= timedelta(0):
-            raise _Invalid(f"{where}.duration must be > 0 (open-ended events are not supported), got {duration}")
+        open_ended = duration == timedelta(0) and index == len(intervals) - 1
+        if duration <= timedelta(0) and not open_ended:
+            raise _Invalid(f"{where}.duration must be > 0 (only the last interval may be 0: no end), got {duration}")
         payload = interval.get("signal_payload")
         if not is_finite_number(payload):
             raise _Invalid(f"{where}.signal_payload must be a finite number, got {payload!r}")
         end = at + duration
-        start_s, end_s = to_gateway_time(at), to_gateway_time(end)
-        if not (is_finite_number(start_s) and is_finite_number(end_s)):
+        start_s = to_gateway_time(at)
+        end_s = math.inf if open_ended else to_gateway_time(end)  # 2.0b: 0 = until cancelled
+        if not (is_finite_number(start_s) and (open_ended or is_finite_number(end_s))):
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append((float(start_s), float(end_s), float(payload)))
         at = end
