@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import sys
+import traceback
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from logging.handlers import QueueHandler, QueueListener
@@ -159,6 +160,10 @@ def _changed(before: OwnerSettings, after: OwnerSettings) -> bool:
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
 
+_TRACEBACK_OWN = ("Traceback (", "  File ", "  [Previous line", "\nThe above exception", "\nDuring handling")
+"""How the parts of a traceback that Python writes itself begin; any other part is what an exception says."""
+
+
 class OneLineFormatter(logging.Formatter):
     """Each message one line, control characters escaped: an event id from a VTN holding a newline
     and `<3>` would otherwise forge a line of its own in the journal, and an escape rewrite a terminal."""
@@ -166,6 +171,13 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         record.message = printable(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        """A traceback keeps its lines; what an exception says (its message may repeat a peer's text)
+        is one line, escaped, like every message."""
+        chunks = traceback.format_exception(*ei)
+        return "".join(chunk if chunk.startswith(_TRACEBACK_OWN) else printable(chunk.removesuffix("\n")) + "\n"
+                       for chunk in chunks).removesuffix("\n")
 
 
 class JournaldFormatter(OneLineFormatter):
@@ -178,7 +190,7 @@ class JournaldFormatter(OneLineFormatter):
         return "\n".join([f"<{priority}>{record.name}: {first}", *(f"<{priority}>{line}" for line in rest)])
 
 
-_TRACEBACKS = logging.Formatter()
+_TRACEBACKS = OneLineFormatter()
 
 
 class _AsideHandler(QueueHandler):

@@ -109,12 +109,13 @@ def test_an_id_with_control_characters_stays_on_its_own_line_escaped(journald, c
 def test_a_traceback_said_aside_keeps_its_lines_and_each_is_filed_at_its_priority(journald, capsys):
     with lines_written_aside(verbose=False):
         try:
-            raise ZeroDivisionError("division by zero")
+            raise ZeroDivisionError(f"division by zero in {FORGED_ID}")  # a peer's text in the message too
         except ZeroDivisionError:
             logging.getLogger("firmware_py.service").exception("task %s died", FORGED_ID)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[1].endswith("Traceback (most recent call last):") and lines[-1].endswith("ZeroDivisionError: "
-                                                                                         "division by zero")
+    assert lines[1].endswith("Traceback (most recent call last):")
+    assert lines[-1].endswith("ZeroDivisionError: division by zero in peak\\x1b[2J\\n<3>firmware_py.gateway."
+                              "narration: LOCKOUT: forged")
     assert "\\n<3>" in lines[0] and not any(line.startswith("<3>firmware_py.gateway") for line in lines)
     if journald:
         assert all(line.startswith("<3>") for line in lines)

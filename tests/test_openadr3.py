@@ -477,6 +477,41 @@ def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is
     run(scenario)
 
 
+def test_a_vtn_that_cannot_list_subscriptions_gets_one_per_program_however_often_programs_change() -> None:
+    """Each PROGRAM notification made the VEN subscribe to every program again: copies piled up at a VTN
+    that cannot list them, each notifying once more."""
+    async def scenario() -> None:
+        with contextlib.closing(__import__("socket").socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True, lists_subscriptions=False) as vtn:
+            vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.polls and ven.subscribed)
+                token = next(body for kind, body in vtn.received if kind == "SUBSCRIPTION")[
+                    "objectOperations"][0]["bearerToken"]
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(3):
+                        polls = ven.polls
+                        note = {"objectType": "PROGRAM", "operation": "PUT", "object": {"id": "x"}}
+                        async with session.post(f"http://127.0.0.1:{port}/openadr3/notify", json=note,
+                                                headers={"Authorization": f"Bearer {token}"}) as resp:
+                            assert resp.status == 200
+                        await vtn.wait_for(lambda polls=polls: ven.polls > polls)
+                assert vtn.subscription_count == 1
+                winter = vtn.add_program("winter-peak")  # a second program: its own subscription, and only that
+                vtn.add_event(winter, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)  # how the VEN hears of it
+                # The poll that finds the program, then the one that subscribes to it: woken until it has.
+                await vtn.wait_for(lambda: vtn.subscription_count >= 2 or ven.wake())
+                polls = ven.polls
+                ven.wake()
+                await vtn.wait_for(lambda: ven.polls > polls)
+                assert vtn.subscription_count == 2
+
+    run(scenario)
+
+
 def test_a_notification_without_the_bearer_token_is_refused() -> None:
     async def scenario() -> None:
         with contextlib.closing(__import__("socket").socket()) as probe:

@@ -234,6 +234,9 @@ class OpenAdr3Ven:
         self.programs: dict[str, dict[str, Any]] = {}
         self.subscribed = False
         self._subscription_due = math.inf  # when the VTN's copy of the subscription is next looked at
+        self._subscribed_programs: set[str] = set()
+        """Programs this VEN holds a subscription for, as far as it knows: what a VTN that cannot list
+        subscriptions holds (asking again for each would pile up copies, each notifying once more)."""
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
         self.failed_polls = 0
         self.polls = 0
@@ -274,6 +277,7 @@ class OpenAdr3Ven:
                     except VtnError as err:
                         self.failed_polls += 1
                         self.subscribed = False  # a VTN back from an outage may have lost it: looked at again
+                        self._subscribed_programs.clear()
                         self._tell(False, f"{err}; accepted events keep their windows")
                         delay = backoff.next(self.config.poll_interval_s)
                     self._wake.clear()
@@ -408,6 +412,7 @@ class OpenAdr3Ven:
         if programs.keys() != self.programs.keys():
             names = ", ".join(str(p.get("programName", pid)) for pid, p in programs.items()) or "none"
             log.info("OpenADR 3: enrolled in %d program(s): %s", len(programs), names)
+        if programs.keys() - self._subscribed_programs:
             self.subscribed = False  # a new program's changes are subscribed to at the next cycle
         self.programs = programs
 
@@ -422,15 +427,16 @@ class OpenAdr3Ven:
                        "callbackUrl": url, "bearerToken": self._callback_token}]
         try:
             held = await self._list(session, "subscriptions", clientName=self.config.ven_name)
-        except VtnRefused:  # a VTN that cannot list them: subscribed to, and not looked at again
-            held, self._subscription_due = [], math.inf
-        covered = {sub.get("programID") for sub in held
-                   if isinstance(sub, dict) and sub.get("objectOperations") == operations}
+            self._subscribed_programs = {sub.get("programID") for sub in held
+                                         if isinstance(sub, dict) and sub.get("objectOperations") == operations}
+        except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
+            self._subscription_due = math.inf
         try:
-            for program_id in sorted(self.programs.keys() - covered):
+            for program_id in sorted(self.programs.keys() - self._subscribed_programs):
                 await self._call(session, "POST", "subscriptions", body={
                     "objectType": "SUBSCRIPTION", "clientName": self.config.ven_name, "programID": program_id,
                     "objectOperations": operations})
+                self._subscribed_programs.add(program_id)
                 log.info("OpenADR 3: subscribed to the changes of program %s at %s", program_id, url)
         except VtnRefused as err:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
