@@ -256,6 +256,7 @@ class BenchVtn3:
             app.router.add_post(f"{PREFIX}/subscriptions", self._authorized(self._post_subscription))
             if self.lists_subscriptions:
                 app.router.add_get(f"{PREFIX}/subscriptions", self._authorized(self._get_subscriptions))
+            app.router.add_delete(f"{PREFIX}/subscriptions/{{id}}", self._authorized(self._delete_subscription))
         return app
 
     @web.middleware
@@ -345,6 +346,12 @@ class BenchVtn3:
     async def _get_subscriptions(self, request: web.Request) -> web.Response:
         wanted = request.query.get("clientName")
         return self._page(request, [s for s in self._subscriptions.values() if wanted in (None, s.get("clientName"))])
+
+    async def _delete_subscription(self, request: web.Request) -> web.Response:
+        subscription = self._subscriptions.pop(request.match_info["id"], None)
+        if subscription is None:
+            return _problem(404, "Not Found", "no such subscription")
+        return web.json_response(subscription)
 
     def forget_subscriptions(self) -> None:
         """As a VTN restored without its subscriptions: nobody is notified until they subscribe again."""

@@ -512,6 +512,24 @@ def test_a_vtn_that_cannot_list_subscriptions_gets_one_per_program_however_often
     run(scenario)
 
 
+def test_a_restarted_gateway_removes_the_subscription_its_earlier_run_left() -> None:
+    """Each run has a callback token of its own: the last run's subscription notified an endpoint that
+    refuses it, and one more piled up at every restart."""
+    async def scenario() -> None:
+        with contextlib.closing(__import__("socket").socket()) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            vtn.add_program("summer-peak")
+            for _run in range(2):
+                ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+                async with serving(ven, ScriptedSink()):
+                    await vtn.wait_for(lambda ven=ven: ven.polls and ven.subscribed)
+                    assert vtn.subscription_count == 1
+
+    run(scenario)
+
+
 def test_a_notification_without_the_bearer_token_is_refused() -> None:
     async def scenario() -> None:
         with contextlib.closing(__import__("socket").socket()) as probe:

@@ -61,6 +61,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr3_events import (
+    OBJECT_ID,
     SOURCE,
     UNKNOWN_EVENT,
     EventPlan,
@@ -426,9 +427,10 @@ class OpenAdr3Ven:
         operations = [{"objects": ["EVENT", "PROGRAM"], "operations": list(SUBSCRIBED_OPERATIONS),
                        "callbackUrl": url, "bearerToken": self._callback_token}]
         try:
-            held = await self._list(session, "subscriptions", clientName=self.config.ven_name)
-            self._subscribed_programs = {sub.get("programID") for sub in held
-                                         if isinstance(sub, dict) and sub.get("objectOperations") == operations}
+            held = [sub for sub in await self._list(session, "subscriptions", clientName=self.config.ven_name)
+                    if isinstance(sub, dict)]
+            self._subscribed_programs = {sub.get("programID") for sub in held if sub.get("objectOperations") == operations}
+            await self._unsubscribe_stale(session, [sub for sub in held if sub.get("objectOperations") != operations])
         except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
             self._subscription_due = math.inf
         try:
@@ -442,6 +444,19 @@ class OpenAdr3Ven:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
                      err, self.config.poll_interval_s)
         self.subscribed = True
+
+    async def _unsubscribe_stale(self, session: aiohttp.ClientSession, stale: list[dict[str, Any]]) -> None:
+        """This VEN's subscriptions from an earlier run (another callback token or address): each would
+        notify an endpoint that refuses it, for as long as the VTN keeps it. A VTN that will not delete
+        one keeps it; nothing else depends on it."""
+        for sub in stale:
+            if not (isinstance(sub.get("id"), str) and OBJECT_ID.fullmatch(sub["id"])):
+                continue
+            try:
+                await self._call(session, "DELETE", f"subscriptions/{sub['id']}")
+                log.info("OpenADR 3: removed subscription %s of an earlier run", sub["id"])
+            except VtnRefused as err:
+                log.info("OpenADR 3: the VTN keeps subscription %s of an earlier run (%s)", sub["id"], err)
 
     async def _start_callback(self) -> HttpListener | None:
         """The gateway's endpoint for the VTN's notifications: any valid one wakes the poller."""

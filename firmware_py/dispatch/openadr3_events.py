@@ -471,13 +471,14 @@ def _duration(value: Any, where: str) -> float | None:
 # ---------------------------------------------------------------------- small parts
 
 UNKNOWN_EVENT = "<unknown event>"
-_OBJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+OBJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""OpenADR 3's objectID: what an id of an event, a program or a subscription may be."""
 
 
 def event_id_of(event: Any) -> str:
     """The id to answer under, even when the event is too broken to translate (OpenADR 3 objectID)."""
     event_id = event.get("id") if isinstance(event, Mapping) else None
-    return event_id if isinstance(event_id, str) and _OBJECT_ID.fullmatch(event_id) else UNKNOWN_EVENT
+    return event_id if isinstance(event_id, str) and OBJECT_ID.fullmatch(event_id) else UNKNOWN_EVENT
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
