@@ -323,7 +323,9 @@ def test_bad_input_is_refused_with_exit_2_and_changes_nothing(tmp_path, owner_cl
     ("PUT", "/opt-out", b'{"now": false}', "now: expected true, got False"),
     ("PUT", "/opt-out", b'{"event": ""}', "event: expected a non-empty event id"),
     ("PUT", "/opt-out", b'{"until": 1000}', "until: 1000 is not in the future"),
-    ("POST", "/departure", b'{"soc_pct": 80}', "time: missing"),
+    ("POST", "/departure", b'{"soc_pct": 80}', "give one of time"),
+    ("POST", "/departure", b'{"time": "07:30", "at": "2025-06-02T07:30:00Z", "soc_pct": 80}', "give one of time"),
+    ("POST", "/departure", b'{"at": 1000, "soc_pct": 80}', "until: 1000 is not in the future"),
     ("POST", "/departure", b'{"time": "7:30pm", "soc_pct": 80}', "time: expected HH:MM"),
     ("PUT", "/reserve", b'{"pct": 1' + b"0" * 5000 + b"}", "larger than 4096 bytes"),
     ("PUT", "/storm-watch", b'{"floor_pct": 80}', "until: missing"),
@@ -507,6 +509,19 @@ def test_departure_through_the_api_uses_the_gateway_clock(tmp_path):
     assert status == 200
     assert port.calls[-1].departure_at == dt.datetime(2025, 6, 1, 6, 15, tzinfo=MINUS_7).timestamp()
     assert port.calls[-1].received_at == port.clock
+
+
+def test_departure_as_an_instant_is_the_owners_own_clock_whatever_the_gateways(tmp_path):
+    """The web page works out the next 07:00 in the owner's time zone and sends that instant: a gateway
+    in UTC read "07:00" as its own, the New York owner's 03:00."""
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    port.clock = dt.datetime(2025, 6, 1, 5, 0, tzinfo=UTC).timestamp()
+    new_york_7am = dt.datetime(2025, 6, 1, 7, 0, tzinfo=ZoneInfo("America/New_York"))
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        body = json.dumps({"at": new_york_7am.isoformat(), "soc_pct": 90}).encode()
+        status, _ = request(api, "PUT", "/departure", body)
+    assert status == 200 and port.calls[-1].departure_at == new_york_7am.timestamp()
 
 
 # --- the settings file -------------------------------------------------------------------------

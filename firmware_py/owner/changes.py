@@ -162,11 +162,16 @@ def next_occurrence(hhmm: str, now: float, tz: dt.tzinfo | None) -> float:
 
 
 def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
-    """{"time": "HH:MM", "soc_pct": N}: be at N % by the next HH:MM."""
-    body = _fields(body, ("time", "soc_pct"))
-    if "time" not in body:
-        raise BadRequest('time: missing (the departure time, "HH:MM")')
-    at = next_occurrence(body["time"], now, tz)
+    """{"time": "HH:MM", "soc_pct": N}: be at N % by the next HH:MM on the gateway's clock; or
+    {"at": instant, "soc_pct": N}, for a page that worked out the next HH:MM on the owner's own
+    clock (a gateway in UTC would read 07:00 as the owner's 03:00 in New York)."""
+    body = _fields(body, ("time", "at", "soc_pct"))
+    if ("time" in body) == ("at" in body):
+        raise BadRequest('give one of time ("HH:MM", the next one) or at (an ISO-8601 instant)')
+    if "time" in body:
+        at = next_occurrence(body["time"], now, tz)
+    else:
+        at = _ahead(parse_instant(body["at"], tz), body["at"], now, hint="a departure is at most days ahead")
     return _changed(current, now, departure_at=at, departure_soc_pct=_percent(body, "soc_pct"))
 
 

@@ -209,13 +209,18 @@ async function change(method, path, body, done) {
   }
 }
 
-function previewDeparture() {
-  const doc = state.settings, time = $("departure-time").value, soc = Number($("departure-soc").value);
-  if (!doc || !time || $("departure-soc").value === "") return;
+// The next HH:MM on the owner's own clock (the browser's), never the gateway's, which may run in UTC.
+function nextDeparture(time) {
   const [h, m] = time.split(":").map(Number);
   const at = new Date(); at.setHours(h, m, 0, 0);
   if (at <= new Date()) at.setDate(at.getDate() + 1);
-  const hours = (at - new Date()) / 3.6e6;
+  return at;
+}
+
+function previewDeparture() {
+  const doc = state.settings, time = $("departure-time").value, soc = Number($("departure-soc").value);
+  if (!doc || !time || $("departure-soc").value === "") return;
+  const hours = (nextDeparture(time) - new Date()) / 3.6e6;
   const need = Math.max(0, soc - doc.departure_charge_w * hours / doc.usable_capacity_wh * 100,
                         doc.settings.reserve_pct);
   $("departure-floor").textContent = `That makes the floor ${Math.min(100, need + doc.soc_margin_pct).toFixed(1)} % ` +
@@ -244,8 +249,8 @@ function wireControls() {
   $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in."));
   $("departure-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    change("PUT", "/api/departure", { time: $("departure-time").value, soc_pct: Number($("departure-soc").value) },
-           "Departure set.");
+    change("PUT", "/api/departure", { at: nextDeparture($("departure-time").value).toISOString(),
+                                      soc_pct: Number($("departure-soc").value) }, "Departure set.");
   });
   for (const id of ["departure-time", "departure-soc"]) $(id).addEventListener("input", previewDeparture);
   $("departure-clear").addEventListener("click", () => change("DELETE", "/api/departure", undefined, "Departure cleared."));
@@ -259,9 +264,12 @@ function wireControls() {
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
   $("price-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
+    // The power limit has no field here: what was set elsewhere (the command line, MQTT) is sent back as it is.
     change("PUT", "/api/price", { threshold_per_kwh: Number($("price-threshold").value),
                                   max_wh_per_day: Math.round(Number($("price-max").value) * 1000),
-                                  kind: $("price-kind").value }, "Price mode on.");
+                                  kind: $("price-kind").value,
+                                  power_w: state.settings ? state.settings.settings.price_power_w : null },
+           "Price mode on.");
   });
   $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off."));
 }
