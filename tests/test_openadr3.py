@@ -11,6 +11,7 @@ the specification (`openadr3_model.conforms`), not only against the other side.
 from __future__ import annotations
 
 import contextlib
+import socket
 import datetime as dt
 import logging
 import math
@@ -427,13 +428,18 @@ def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resum
     run(scenario)
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now: the VEN's callback endpoint binds it."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.parametrize("lists", [True, False], ids=["VTN lists subscriptions", "VTN cannot list them"])
 def test_subscription_notifications_poll_at_once(lists: bool) -> None:
     async def scenario() -> None:
         sink = ScriptedSink()
-        with contextlib.closing(__import__("socket").socket()) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True, lists_subscriptions=lists) as vtn:
             program = vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
@@ -450,9 +456,7 @@ def test_subscription_notifications_poll_at_once(lists: bool) -> None:
 def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_not_doubled() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()
-        with contextlib.closing(__import__("socket").socket()) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
             program = vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
@@ -481,9 +485,7 @@ def test_a_vtn_that_cannot_list_subscriptions_gets_one_per_program_however_often
     """Each PROGRAM notification made the VEN subscribe to every program again: copies piled up at a VTN
     that cannot list them, each notifying once more."""
     async def scenario() -> None:
-        with contextlib.closing(__import__("socket").socket()) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True, lists_subscriptions=False) as vtn:
             vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
@@ -516,9 +518,7 @@ def test_a_restarted_gateway_removes_the_subscription_its_earlier_run_left() -> 
     """Each run has a callback token of its own: the last run's subscription notified an endpoint that
     refuses it, and one more piled up at every restart."""
     async def scenario() -> None:
-        with contextlib.closing(__import__("socket").socket()) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
             vtn.add_program("summer-peak")
             for _run in range(2):
@@ -532,9 +532,7 @@ def test_a_restarted_gateway_removes_the_subscription_its_earlier_run_left() -> 
 
 def test_a_notification_without_the_bearer_token_is_refused() -> None:
     async def scenario() -> None:
-        with contextlib.closing(__import__("socket").socket()) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
             vtn.add_program("summer-peak")
             ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
