@@ -429,7 +429,8 @@ class OpenAdr3Ven:
         try:
             held = [sub for sub in await self._list(session, "subscriptions", clientName=self.config.ven_name)
                     if isinstance(sub, dict)]
-            self._subscribed_programs = {sub.get("programID") for sub in held if sub.get("objectOperations") == operations}
+            self._subscribed_programs = {sub.get("programID") for sub in held
+                                         if sub.get("objectOperations") == operations}
             await self._unsubscribe_stale(session, [sub for sub in held if sub.get("objectOperations") != operations])
         except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
             self._subscription_due = math.inf
