@@ -23,20 +23,11 @@ MAX_TEXT_BYTES = 4 << 20
 def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of a regular file of at most `max_bytes`; InputError naming `what` otherwise.
 
-    Opened non-blocking so a FIFO is refused rather than waited on; FileNotFoundError
-    passes through for callers to whom a missing file means something (no settings yet).
+    FileNotFoundError passes through for callers to whom a missing file means something (no settings yet).
     """
     path = Path(path)
+    fd, info = _open_regular(path, what)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path}: the {what} must be a regular file, not {_kind(info.st_mode)}")
         if info.st_size > max_bytes:
             raise InputError(f"{path}: the {what} is {info.st_size:,} bytes; at most {max_bytes:,} are read")
         data = _read_at_most(fd, max_bytes + 1)
@@ -54,18 +45,32 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_TEXT_BYTES) -
 
 def open_regular(path: str | Path, what: str) -> BinaryIO | None:
     """A regular file opened for reading, None when there is none; InputError naming `what` when it
-    cannot be read or is not a regular file (a FIFO would block the read for ever, a folder fail it)."""
+    cannot be read or is not a regular file."""
+    try:
+        fd, _ = _open_regular(path, what)
+    except FileNotFoundError:
+        return None
+    return os.fdopen(fd, "rb")
+
+
+def _open_regular(path: str | Path, what: str) -> tuple[int, os.stat_result]:
+    """A descriptor of a regular file and its status. Opened non-blocking, so a FIFO is refused rather
+    than waited on for ever (and a folder or a device refused too); FileNotFoundError passes through."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        return None
+        raise
     except OSError as err:
         raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        info = os.fstat(fd)
+    except OSError as err:
         os.close(fd)
-        raise InputError(f"{path}: the {what} must be a regular file, not {_kind(mode)}")
-    return os.fdopen(fd, "rb")
+        raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: the {what} must be a regular file, not {_kind(info.st_mode)}")
+    return fd, info
 
 
 def regular_or_absent(path: str | Path, what: str) -> str | None:
