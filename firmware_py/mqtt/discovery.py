@@ -22,6 +22,7 @@ total_increasing) and `energy_storage` (measurement) in Wh, `enum` with its opti
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -95,8 +96,8 @@ LINK_NAMES = {"bms": "BMS link", "inverter": "Inverter link", "openadr": "OpenAD
               "openadr3": "OpenADR 3 link", "sunspec_server": "SunSpec server"}
 
 
-def link_entities(config: Config) -> tuple[Entity, ...]:
-    """A connectivity sensor for each link the configuration uses (the BMS and the inverter always)."""
+def links_in_use(config: Config) -> list[str]:
+    """The links the configuration uses (the BMS and the inverter always)."""
     links = ["bms", "inverter"]
     if config.dispatch.openadr.enabled:
         links.append("openadr")
@@ -104,6 +105,11 @@ def link_entities(config: Config) -> tuple[Entity, ...]:
         links.append("openadr3")
     if config.dispatch.sunspec_server.enabled:
         links.append("sunspec_server")
+    return links
+
+
+def link_entities(links: Iterable[str]) -> tuple[Entity, ...]:
+    """A connectivity sensor for each of `links`."""
     return tuple(Entity(Component.BINARY_SENSOR, f"link_{name}", LINK_NAMES[name],
                         _switch_state(f"(value_json.links.get('{name}') or {{}}).get('ok')"),
                         {"device_class": "connectivity", "entity_category": "diagnostic"}) for name in links)
@@ -135,17 +141,24 @@ def device(config: Config, version: str) -> dict[str, Any]:
             "manufacturer": MANUFACTURER, "model": MODEL, "sw_version": version}
 
 
+def _announced(config: Config) -> tuple[Entity, ...]:
+    """Every entity this configuration makes the gateway announce."""
+    return (*ENTITIES, *earnings_entities(config), *link_entities(links_in_use(config)))
+
+
+def _config_topic(config: Config, entity: Entity) -> str:
+    """`<discovery_prefix>/<component>/<node_id>/<object_id>/config`, where Home Assistant reads the entity."""
+    return f"{config.mqtt.discovery_prefix}/{entity.component}/{node_id(config.mqtt.topic_prefix)}/" \
+           f"{entity.object_id}/config"
+
+
 def retired(config: Config) -> list[str]:
     """Configuration topics of entities this gateway may have announced before but does not now (a link
     turned off; every entity, with discovery turned off): each is cleared with an empty retained
     message, how Home Assistant removes an entity, or it would show a stale one for ever."""
-    node = node_id(config.mqtt.topic_prefix)
-    everyone = [*ENTITIES, *earnings_entities(config), *(Entity(Component.BINARY_SENSOR, f"link_{name}", "", "")
-                                                         for name in LINK_NAMES)]
-    current = set() if not config.mqtt.discovery else {topic for topic, _ in configurations(config, "")}
-    topics = {f"{config.mqtt.discovery_prefix}/{entity.component}/{node}/{entity.object_id}/config"
-              for entity in everyone}
-    return sorted(topics - current)
+    possible = (*ENTITIES, *earnings_entities(config), *link_entities(LINK_NAMES))
+    current = _announced(config) if config.mqtt.discovery else ()
+    return sorted({_config_topic(config, e) for e in possible} - {_config_topic(config, e) for e in current})
 
 
 def configurations(config: Config, version: str) -> list[tuple[str, dict[str, Any]]]:
@@ -155,7 +168,7 @@ def configurations(config: Config, version: str) -> list[tuple[str, dict[str, An
               "payload_available": "online", "payload_not_available": "offline",
               "device": device(config, version), "origin": {"name": MANUFACTURER, "sw_version": version}}
     found = []
-    for entity in (*ENTITIES, *earnings_entities(config), *link_entities(config)):
+    for entity in _announced(config):
         payload: dict[str, Any] = {"name": entity.name, "unique_id": f"{node}_{entity.object_id}",
                                    **shared, "value_template": entity.template, **entity.options}
         if "json_attributes_template" in payload:
@@ -166,6 +179,5 @@ def configurations(config: Config, version: str) -> list[tuple[str, dict[str, An
             payload |= {"payload_on": "ON", "payload_off": "OFF"}
         if entity.component is Component.SWITCH:
             payload |= {"state_on": "ON", "state_off": "OFF"}
-        topic = f"{config.mqtt.discovery_prefix}/{entity.component}/{node}/{entity.object_id}/config"
-        found.append((topic, payload))
+        found.append((_config_topic(config, entity), payload))
     return found
