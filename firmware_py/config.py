@@ -13,7 +13,7 @@ show up as "unknown" and hide the one thing to do: upgrade).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,7 @@ def _default_paths(config: Config, base: Path) -> Config:
                 changes[f.name] = resolve(value)
             elif f.metadata.get("path") and value and not Path(value).is_absolute():
                 changes[f.name] = str((base / value).resolve())
-        return type(obj)(**{**{f.name: getattr(obj, f.name) for f in fields(obj)}, **changes})
+        return replace(obj, **changes)
 
     return resolve(config)
 
@@ -257,8 +257,7 @@ def parse(text: str, source: str, base: Path) -> Config:
     if problems:
         raise InputError([f"{source}: {p}" for p in problems])
     config = _default_paths(config, base)
-    return Config(**{f.name: getattr(config, f.name) for f in fields(Config) if f.name != "source"},
-                  source=source)
+    return replace(config, source=source)
 
 
 def _check_format(table: dict[str, Any], source: str) -> None:
