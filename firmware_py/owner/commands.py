@@ -87,11 +87,10 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     except ValueError:
         answer = {"error": raw.decode("utf-8", "replace").strip()}
     if status == 200:
-        missing = [key for key in wants if key not in answer] if isinstance(answer, dict) else list(wants)
-        if missing or not isinstance(answer, dict):
+        missing = [key for key in wants if key not in answer] if isinstance(answer, dict) else ["a JSON object"]
+        if missing:
             raise Unreachable(f"what answers on {listen.describe()} is not a powershare-gw owner API "
-                              f"(its answer to {path} lacks {', '.join(missing) or 'a JSON object'}): "
-                              "is api_listen the gateway's own?")
+                              f"(its answer to {path} lacks {', '.join(missing)}): is api_listen the gateway's own?")
         return answer
     if status == 404:
         raise Unreachable(f"what answers on {listen.describe()} has no {path}: not a powershare-gw owner API "
