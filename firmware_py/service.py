@@ -35,7 +35,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
+from firmware_py.tasks import cancel_all, every
 
 log = logging.getLogger(__name__)
 
@@ -254,40 +255,6 @@ class Service:
 
 def _nothing() -> None:
     return None
-
-
-CANCEL_AGAIN_S = 0.5
-
-
-async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait until every one has ended, cancelling again any that swallowed it.
-
-    On Python 3.11 `asyncio.wait_for` returns the inner result, and drops the
-    cancellation, when both land in the same loop turn (a refused connect under
-    load, inside the inverter poll): the task then runs on, and a stop that waited
-    for it once would wait for ever (seen: `run` on a busy board ignoring SIGTERM).
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
-
-
-async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,
-                wake: asyncio.Event | None = None) -> None:
-    """Call `action` now and then every `period_s` (after it finishes), or sooner when `wake` is set,
-    until cancelled."""
-    while True:
-        outcome = action()
-        if asyncio.iscoroutine(outcome):
-            await outcome
-        if wake is None:
-            await asyncio.sleep(period_s)
-            continue
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wake.wait(), period_s)
-        wake.clear()
 
 
 async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:

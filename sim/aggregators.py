@@ -28,7 +28,6 @@ own schedule (start, keep-alive, end) on the simulated clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -53,6 +52,7 @@ from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.errors import InputError
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSetMod
+from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,7 @@ class _VenAggregator:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
             self._task = None
         if self.vtn is not None:
             await self.vtn.close()

@@ -52,7 +52,8 @@ from firmware_py.inverter.sunspec import (
 )
 from firmware_py.journal import RecordKind
 from firmware_py.narration import lines_written_aside
-from firmware_py.service import RunOptions, Service, every
+from firmware_py.service import RunOptions, Service
+from firmware_py.tasks import cancel_all, every
 
 WAIT_S = 10.0
 DESCENT = 300
@@ -126,8 +127,7 @@ class RealtimeRig:
         await self.wait_for(lambda: self.model.wset_w > 0, "the inverter to discharge")
 
     async def __aexit__(self, *exc: object) -> None:
-        self.physics.cancel()
-        await asyncio.gather(self.physics, return_exceptions=True)
+        await cancel_all([self.physics])
         await self.service.stop()
         await self.server.stop()
         self.node_bus.shutdown()
@@ -193,9 +193,7 @@ class Load:
 
     async def stop(self) -> None:
         self.stopping.set()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_all(self.tasks)
         await asyncio.to_thread(self.flood.join, 5)
         if hasattr(self, "der"):
             self.der.close()
@@ -356,8 +354,7 @@ async def openadr(samples: int, workdir: Path) -> dict[str, Any]:
                     lambda n: vtn.add_event(LOAD_DISPATCH, datetime.now(timezone.utc), 600, 5.0,
                                             event_id=f"latency-{n}"))
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_all([task])
     return {"what": "OpenADR event on the VTN -> first discharge setpoint at the inverter",
             "target_p99_ms": round(MIN_POLL_S * 1000 + 50), **percentiles(latencies)}
 
@@ -391,8 +388,7 @@ async def openadr3(samples: int, workdir: Path) -> dict[str, Any]:
                     lambda n: vtn.add_event(program, "DISPATCH_SETPOINT", datetime.now(timezone.utc), 600, 5.0,
                                             event_id=f"latency-{n}"))
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_all([task])
     return {"what": "OpenADR 3 event on the VTN -> first discharge setpoint at the inverter",
             "target_p99_ms": round(poll_s * 1000 + 50), **percentiles(latencies)}
 

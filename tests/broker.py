@@ -31,6 +31,8 @@ import aiomqtt
 import pytest
 from children import ChildOutput, spawn
 
+from firmware_py.tasks import cancel_all
+
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 PASSWD = shutil.which("mosquitto_passwd")
 START_S = 10.0
@@ -176,10 +178,10 @@ class Watcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        while self._task is not None and not self._task.done():  # again if a cancellation was lost (3.11)
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=1.0)
-        if self._task is not None and not self._task.cancelled():
+        if self._task is None:
+            return
+        await cancel_all([self._task])
+        if not self._task.cancelled():
             with contextlib.suppress(aiomqtt.MqttError):
                 self._task.result()
 

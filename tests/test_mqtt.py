@@ -41,6 +41,7 @@ from firmware_py.mqtt.discovery import configurations
 from firmware_py.mqtt.state import Pacer, changed
 from firmware_py.mqtt.topics import Command, Topics, prefix_problem
 from firmware_py.owner.changes import BadRequest
+from firmware_py.tasks import cancel_all
 
 PREFIX = "powershare-gw/truck-1"
 TOPICS = Topics(PREFIX)
@@ -77,8 +78,7 @@ async def gateway_on(tmp: Path, broker: Mosquitto, watcher: dict[str, Any] | Non
             await watcher.wait_for("a STANDBY state", lambda m: is_state(m) and m.json()["mode"] == "STANDBY")
             yield rig, bridge, watcher
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_all([task])
 
 
 async def advance(rig: Rig, bridge: MqttBridge, seconds: float) -> int:
@@ -550,8 +550,7 @@ def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_pat
                     await rig.run(1.0)  # the control path goes on meanwhile
                     link = rig.gateway.status()["links"]["mqtt"]
                 finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                    await cancel_all([task])
         assert "authori" in link["cause"].lower(), link
         assert rig.gateway.controller.mode is Mode.STANDBY
 

@@ -35,6 +35,7 @@ from firmware_py.owner import changes, commands
 from firmware_py.owner.access import ensure_token, parse_listen, read_token
 from firmware_py.owner.api import OwnerApi
 from firmware_py.owner.store import OwnerStore, decode, encode
+from firmware_py.tasks import cancel_all
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 UTC = dt.timezone.utc
@@ -468,9 +469,8 @@ def test_run_serves_until_cancelled_and_removes_its_socket(tmp_path):
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         status, answer = await asyncio.to_thread(request, api, "GET", "/status")
         assert status == 200 and answer["floor_pct"] == 42 and answer["telemetry"]["active_event_id"] == "peak-1"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_all([task])
+        assert task.cancelled()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert not sock.exists()

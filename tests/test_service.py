@@ -33,7 +33,8 @@ from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
 from firmware_py.gateway import Gateway
 from firmware_py.journal import Journal
-from firmware_py.service import RunOptions, Service, every
+from firmware_py.service import RunOptions, Service
+from firmware_py.tasks import cancel_all, every
 
 WAIT_S = 10.0
 _channels = itertools.count()
@@ -75,8 +76,7 @@ class LivePack:
         return self.node
 
     async def __aexit__(self, *exc: object) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_all([self._task])
         self.bus.shutdown()
 
 
@@ -183,8 +183,7 @@ def test_a_dispatch_gets_its_first_watts_from_the_step_the_core_asks_for_not_the
                 await first.wait("the first discharge watts at the inverter")
                 return [r for r in results if r.controller.mode is Mode.DISCHARGE]
             finally:
-                frames.cancel()
-                await asyncio.gather(frames, return_exceptions=True)
+                await cancel_all([frames])
                 await service.stop()
                 node_bus.shutdown()
 
@@ -220,7 +219,7 @@ def test_ready_waits_for_fresh_data_at_most_its_bound_and_never_holds_up_a_stop(
 def test_a_stop_ends_a_task_that_swallowed_its_cancellation():
     """Python 3.11's wait_for drops a cancellation that lands with the inner result (a refused
     connect inside the inverter poll, on a busy board): the stop must cancel again, not wait for ever."""
-    from firmware_py.service import cancel_all
+    from firmware_py.tasks import cancel_all
 
     async def main() -> int:
         swallowed = 0

@@ -23,6 +23,7 @@ from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 from firmware_py.core.types import DispatchAnswer, ReasonCode, Transition, Verdict
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.journal import Journal, RecordKind
+from firmware_py.tasks import cancel_all
 
 SETPOINT_W = 6_000
 
@@ -123,8 +124,7 @@ def test_a_setting_written_while_the_gateway_starts_is_served_within_a_second_of
                     await asyncio.wait_for(woken.ticked.wait(), 5)
                 resumed_at = await step_until(rig, woken, server, lambda: rig.model.wset_w > 0, 5.0)
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_all([task])
             answers = rig.events(DispatchAnswer)
             return {"refused_701": refused_701, "refused": refused, "asked_while_starting": asked_while_starting,
                     "ready_at": ready_at, "served_at": served_at, "served_701": served_701, "answers": answers,

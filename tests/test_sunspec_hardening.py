@@ -45,6 +45,7 @@ from firmware_py.dispatch.refusals import OTHER_CLIENTS, Cause, Refusal, Refusal
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.owner.api import OwnerApi
+from firmware_py.tasks import cancel_all
 
 FIRST, SUMMARY = RecordKind.SUNSPEC_WRITE_REFUSED, RecordKind.SUNSPEC_REFUSALS
 WAIT_S = 5.0
@@ -683,9 +684,7 @@ path = "journal.sqlite"
                     if refused == opened - 24:
                         break  # the rest are the connections the server holds
             code = await asyncio.to_thread(cli.main, ["owner", "--config", str(cfg), "status"])
-            for task in closes:
-                task.cancel()
-            await asyncio.gather(*closes, return_exceptions=True)
+            await cancel_all(closes)
             for _, writer in conns:
                 writer.close()
             return refused, code

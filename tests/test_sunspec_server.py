@@ -43,6 +43,7 @@ from firmware_py.dispatch.sunspec_der import CONTROL_DEFAULTS
 from firmware_py.dispatch.sunspec_server import NOTE_KIND, DerRatings, SunSpecDerServer
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
+from firmware_py.tasks import cancel_all
 
 RATINGS = DerRatings(w_max=11_500, w_cha_max=11_500, w_discha_max=11_500, wh_rtg=123_000)
 CTL = ModelDef.load(704)
@@ -492,9 +493,7 @@ def test_run_serves_ticks_revert_timers_and_closes_when_cancelled():
         sink.t += 6
         await server.next_tick()  # no client reads: the run loop's tick reverts WSet
         wset = server.controls.values["WSet"]
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_all([task])
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
         except OSError:
@@ -723,9 +722,7 @@ def test_a_mode_change_wakes_the_server_at_once_while_its_setting_is_refused():
                            events=[Transition(T0, Mode.STARTUP, Mode.STANDBY, "BMS and inverter data ready")])
         server.notice_step(ready)
         await server.ticked.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_all([task])
         return len(sink.requests())
 
     assert run(main()) == 2

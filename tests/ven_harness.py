@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from firmware_py.core.types import DispatchAnswer, DispatchRequest, ReasonCode, Verdict
+from firmware_py.tasks import cancel_all
 
 Policy = Callable[[DispatchRequest], DispatchAnswer]
 T = TypeVar("T")
@@ -45,6 +46,4 @@ async def serving(ven: Any, sink: Any) -> AsyncIterator[asyncio.Task[None]]:
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_all([task])

@@ -63,6 +63,7 @@ from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
+from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -267,11 +268,9 @@ class OpenAdrVen:
                     await asyncio.sleep(backoff.next(self._poll_s(client)))
         finally:
             self.registered = False
-            standing.cancel()
-            if reporter is not None:
-                reporter.cancel()
             if client.scheduler.running:
                 client.scheduler.shutdown(wait=False)
+            await cancel_all([task for task in (standing, reporter) if task is not None])
             if client.client_session is not None:
                 await client.client_session.close()
 

@@ -78,6 +78,7 @@ from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
+from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class OpenAdr3Ven:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
         finally:
-            standing.cancel()
+            await cancel_all([standing])
             if callback is not None:
                 await callback.stop()
 

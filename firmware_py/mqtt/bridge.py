@@ -55,6 +55,7 @@ from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.desk import OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore
 from firmware_py.quoting import printable
+from firmware_py.tasks import cancel_all
 from firmware_py.version import software_version
 
 if TYPE_CHECKING:
@@ -383,31 +384,18 @@ async def _first_failure(*work: Any) -> None:
     """Run coroutines together until one ends; raise what it raised (the others are ended).
 
     Waited for with `asyncio.wait`, which never loses a cancellation: cancelling the caller
-    always reaches here, and `_end` makes sure every part has stopped before this returns.
+    always reaches here, and every part has stopped before this returns.
     """
     tasks = [asyncio.ensure_future(w) for w in work]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _end(tasks)
+        await cancel_all(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: a part that failed while the others were ended is not reported twice
     for task in done:
         task.result()
-
-
-async def _end(tasks: list[asyncio.Future[Any]]) -> None:
-    """Cancel `tasks` and wait until every one has ended, cancelling again any that carried on.
-
-    On Python 3.11 a cancellation that arrives just as an `asyncio.wait_for` inside a task
-    completes is lost (the MQTT client waits that way on every acknowledgement): the task
-    runs on as if nothing was asked. Cancelling again until it ends makes a stop a stop.
-    """
-    while pending := [task for task in tasks if not task.done()]:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=STOP_S)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: a part that failed while the others were ended is not reported twice
 
 
 def _encode(doc: dict[str, Any]) -> bytes:

@@ -1,0 +1,50 @@
+"""How the gateway's concurrent work is repeated and ended: a stop must be a stop.
+
+Every task that is cancelled and then waited for is ended through `cancel_all`, in the
+service, the integrations, the bench and the tests alike. On Python 3.11 a cancellation
+can be lost (below), and a single `task.cancel(); await task` then waits for ever: a
+gateway that ignores SIGTERM, a bench or a test run that never ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+CANCEL_AGAIN_S = 0.5
+"""How long a cancelled task has to end before it is cancelled again."""
+
+
+async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again any that swallowed it.
+
+    On Python 3.11 `asyncio.wait_for` returns the inner result, and drops the
+    cancellation, when both land in the same loop turn (a refused connect under
+    load, inside the inverter poll; an acknowledgement inside the MQTT client): the
+    task then runs on as if nothing was asked (seen: `run` on a busy board ignoring
+    SIGTERM). `asyncio.wait` never loses one, so the caller's own cancellation still
+    reaches it here.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+
+
+async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,
+                wake: asyncio.Event | None = None) -> None:
+    """Call `action` now and then every `period_s` (after it finishes), or sooner when `wake` is set,
+    until cancelled."""
+    while True:
+        outcome = action()
+        if asyncio.iscoroutine(outcome):
+            await outcome
+        if wake is None:
+            await asyncio.sleep(period_s)
+            continue
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), period_s)
+        wake.clear()
