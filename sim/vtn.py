@@ -257,13 +257,14 @@ class LoopbackVtn:
     def add_event(self, signal: str, start: dt.datetime, duration_s: float | Sequence[float],
                   values: float | Sequence[float], *, event_id: str | None = None,
                   signal_type: str | None = None, scale: str = "k",
-                  unit: str = "W", response_required: str = "always", test_event: bool = False) -> str:
+                  unit: str = "W", response_required: str = "always", test_event: bool = False,
+                  priority: int = 0) -> str:
         """Queue an event for the VEN; returns its id.
 
         `values` gives one payload per interval (kW for LOAD_DISPATCH with the
         default scale, a level 0-3 for SIMPLE); `duration_s` is one duration
         for every interval or one per interval. Intervals follow each other
-        from `start`.
+        from `start`. `priority`: 1 is the highest, 0 none (2.0b).
         """
         ven_id = self._require_ven()
         event_id = event_id or utils.generate_id()
@@ -271,7 +272,7 @@ class LoopbackVtn:
             event_descriptor=objects.EventDescriptor(
                 event_id=event_id, modification_number=0,
                 market_context="oadr://powershare.test/peak", event_status="far", test_event=test_event,
-                created_date_time=dt.datetime.now(dt.timezone.utc)),
+                priority=priority, created_date_time=dt.datetime.now(dt.timezone.utc)),
             event_signals=[self._signal(signal, start, duration_s, values, signal_type, scale, unit)],
             targets=[{"ven_id": ven_id}],
             response_required=response_required,

@@ -153,15 +153,16 @@ class BenchVtn3:
     def add_event(self, program_id: str, payload_type: str, start: dt.datetime, duration_s: float | Sequence[float],
                   values: float | Sequence[float], *, event_id: str | None = None, units: str | None = None,
                   currency: str | None = None, report_every: int | None = None,
-                  extra: Sequence[tuple[str, float]] = ()) -> str:
+                  extra: Sequence[tuple[str, float]] = (), priority: int | None = 0) -> str:
         """An event with one payload per interval (`values`, kW for DISPATCH_SETPOINT); returns its id.
 
         `duration_s` is one duration for every interval or one per interval; intervals follow each other
         from `start`. `report_every` asks for reports every that many intervals (-1: at the end).
-        `extra` adds (payload type, value) to every interval (an EXPORT_CAPACITY_LIMIT beside a setpoint)."""
+        `extra` adds (payload type, value) to every interval (an EXPORT_CAPACITY_LIMIT beside a setpoint).
+        `priority`: 0 is the highest, None (null) the lowest."""
         event_id = event_id or self._new_id("event")
         event = {"id": event_id, **self._stamps(), "objectType": "EVENT", "programID": program_id,
-                 "eventName": event_id, "priority": 0}
+                 "eventName": event_id, "priority": priority}
         self._lay_out(event, payload_type, start, duration_s, values, units, currency, report_every, extra)
         return self.add_raw_event(event)
 

@@ -274,3 +274,58 @@ def test_a_request_that_ended_otherwise_sent_again_gets_its_answer_and_is_not_se
     c = step(c, [bms(6.0), inverter(6.0), stop], 6.0).controller
     again = step(c, [bms(7.0), inverter(7.0), replace(original, received_at=7.0)], 7.0)
     assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id is None
+
+
+# --- overlapping requests: which one is in force --------------------------------------------------
+
+def in_force_after(requests: list[DispatchRequest], now: float = 10.0) -> str | None:
+    """The id in force once `requests` are answered, each at its own received_at."""
+    c = ready(0.0)
+    for request in sorted(requests, key=lambda r: r.received_at):
+        t = request.received_at
+        c = step(c, [bms(t), inverter(t), request], t).controller
+        assert c.book.find(request.id).accepted, request
+    entry = c.book.in_force(now)
+    return None if entry is None else entry.request.id
+
+
+def test_of_one_sources_overlapping_requests_the_highest_priority_is_in_force_whatever_came_later():
+    """OpenADR: the lower the priority number, the more the event matters; it wins over a newer one."""
+    first = discharge("urgent", 1.0, 0.0, 3_600, 9_000, priority=1)
+    later = discharge("routine", 2.0, 0.0, 3_600, 3_000, priority=5)
+    assert in_force_after([first, later]) == "urgent"
+    assert in_force_after([later, replace(first, received_at=3.0)]) == "urgent"
+
+
+def test_a_request_without_priority_ranks_after_any_with_one_and_equals_go_to_the_newest():
+    ranked = discharge("ranked", 1.0, 0.0, 3_600, priority=7)
+    unranked = discharge("unranked", 2.0, 0.0, 3_600)
+    assert in_force_after([ranked, unranked]) == "ranked"
+    twin = discharge("twin", 3.0, 0.0, 3_600, priority=7)
+    assert in_force_after([ranked, unranked, twin]) == "twin"
+    assert in_force_after([unranked, discharge("newer", 4.0, 0.0, 3_600)]) == "newer"
+
+
+def test_a_priority_orders_its_own_sources_requests_never_another_sources():
+    """A site controller's setpoint and an aggregator's event are taken in the order they came,
+    however the aggregator ranks its own events."""
+    event = discharge("event", 1.0, 0.0, 3_600, priority=1, source="openadr")
+    setpoint = discharge("setpoint", 2.0, 0.0, 3_600, 4_000, source="sunspec")
+    assert in_force_after([event, setpoint]) == "setpoint"
+    minor = discharge("minor", 3.0, 0.0, 3_600, priority=9, source="openadr")
+    assert in_force_after([event, setpoint, minor]) == "setpoint"  # the aggregator's first is still `event`
+    assert in_force_after([setpoint, replace(event, received_at=3.0)]) == "event"
+
+
+def test_the_higher_priority_request_ends_and_the_other_resumes_in_its_window():
+    urgent = discharge("urgent", 1.0, 0.0, 600, 9_000, priority=1)
+    routine = discharge("routine", 2.0, 0.0, 3_600, 3_000, priority=5)
+    assert in_force_after([urgent, routine], now=599.0) == "urgent"
+    assert in_force_after([urgent, routine], now=600.0) == "routine"
+
+
+@pytest.mark.parametrize("priority", [-1, 1.5, True, "1"])
+def test_a_priority_that_is_no_whole_number_from_0_is_invalid(priority):
+    result = step(ready(0.0), [discharge("e", 1.0, 0.0, 3_600, priority=priority)], 1.0)
+    answer = result.answer_for("e")
+    assert answer.reason is ReasonCode.INVALID and "priority" in answer.detail

@@ -185,12 +185,13 @@ class GatewayWorld(RuleBasedStateMachine):
     @rule(kind=st.sampled_from([DispatchKind.DISCHARGE] * 4 + [DispatchKind.CHARGE, DispatchKind.STOP]),
           power=st.floats(500, 20_000) | st.floats(500, 20_000) | st.floats(-100, 100),
           start=st.floats(-10, 20), duration=st.floats(1, 4 * 3600) | st.floats(-5, 5) | st.just(math.inf),
-          ramp=st.none() | st.none() | st.floats(0, 5_000), reuse=st.booleans())
-    def dispatch(self, kind, power, start, duration, ramp, reuse):
+          ramp=st.none() | st.none() | st.floats(0, 5_000), reuse=st.booleans(),
+          priority=st.none() | st.integers(0, 3))
+    def dispatch(self, kind, power, start, duration, ramp, reuse, priority):
         rid = self.ids[-1] if reuse and self.ids else f"e{len(self.ids)}"
         self.ids.append(rid)
         self.feed(DispatchRequest(rid, "agg", kind, power, self.now + start, self.now + start + duration,
-                                  received_at=self.now, ramp_w_per_s=ramp))
+                                  received_at=self.now, ramp_w_per_s=ramp, priority=priority))
 
     @precondition(lambda self: self.ids)
     @rule(data=st.data())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import select
@@ -117,14 +118,18 @@ def test_payload_text_is_the_same_for_every_kind_of_value():
 
 
 def test_an_event_is_stored_as_the_text_the_chain_has_always_covered(path):
-    """Written once to a journal, read back as stored: the exact text earlier releases wrote."""
+    """Written once to a journal, read back as stored: the exact text earlier releases wrote, with the
+    fields added since (`priority`) in their place; a record written before a field existed reads back
+    with the field's default."""
     request = t.DispatchRequest("e1", "test", t.DispatchKind.DISCHARGE, 5_000.0, 0.0, math.inf, received_at=0.0)
     with Journal.open(path) as journal:
         journal.append_event(request)
     with sqlite3.connect(path) as conn:
         (text,) = conn.execute("SELECT payload FROM records WHERE kind = 'DispatchRequest'").fetchone()
-    assert text == ('{"end":"inf","id":"e1","kind":"discharge","ramp_w_per_s":null,"received_at":0.0,'
-                    '"revision":0,"source":"test","start":0.0,"target_w":5000.0}')
+    assert text == ('{"end":"inf","id":"e1","kind":"discharge","priority":null,"ramp_w_per_s":null,'
+                    '"received_at":0.0,"revision":0,"source":"test","start":0.0,"target_w":5000.0}')
+    earlier = json.loads(text.replace('"priority":null,', ""))
+    assert codec.decode_event("DispatchRequest", earlier) == request
 
 
 def test_only_core_events_and_inputs_are_accepted(path):

@@ -140,6 +140,22 @@ def test_load_dispatch_event_accepted_becomes_a_discharge_request() -> None:
     run(scenario)
 
 
+def test_an_events_priority_crosses_the_wire_onto_its_request() -> None:
+    """The core serves the highest-priority of one VTN's overlapping events: the VEN must hand it on."""
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                ranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, priority=2)
+                unranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
+                for event_id in (ranked, unranked):
+                    assert await vtn.wait_for_response(event_id) == "optIn"
+        assert {r.id: r.priority for r in sink.requests()} == {ranked: 2, unranked: None}
+
+    run(scenario)
+
+
 def test_a_test_event_is_opted_in_and_nothing_reaches_the_core() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0) as vtn:
@@ -570,6 +586,16 @@ def test_an_event_whose_last_interval_lasts_0_runs_until_it_is_cancelled() -> No
     assert plan.requests[-1].is_open_ended
 
 
+@pytest.mark.parametrize("priority, carried", [(None, None), (0, None), (1, 1), (7, 7)])
+def test_an_events_priority_is_carried_on_its_requests_and_0_is_none(priority: Any, carried: Any) -> None:
+    """OpenADR 2.0b: the lower the number the higher the priority, and 0 means none (ranked last)."""
+    payload = event([signal(payloads=[5.0, 2.5])])
+    if priority is not None:
+        payload["event_descriptor"]["priority"] = priority
+    plan = translate(payload)
+    assert isinstance(plan, EventPlan) and [r.priority for r in plan.requests] == [carried, carried]
+
+
 def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     plan = translate(event([], number=3, status="cancelled"))
     assert isinstance(plan, EventPlan) and plan.cancelled and plan.revision == 3
@@ -591,6 +617,10 @@ def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     (event([]), "no event_signals"),
     (event([signal()], number=-1), "modification_number"),
     (event([signal()], number=True), "modification_number"),
+    (event([signal()]) | {"event_descriptor": {"event_id": "e", "modification_number": 0, "priority": -1}},
+     "priority must be a whole number >= 0, got -1"),
+    (event([signal()]) | {"event_descriptor": {"event_id": "e", "modification_number": 0, "priority": "high"}},
+     "priority must be a whole number >= 0, got 'high'"),
     ({"event_descriptor": None}, "event_descriptor"),
     ("not an event", "event must be a structure"),
 ])

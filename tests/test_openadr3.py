@@ -639,6 +639,14 @@ def translate(payload: Any, *, program: dict[str, Any] | None = None, revision: 
                            received_at=now.timestamp(), currency=currency)
 
 
+@pytest.mark.parametrize("priority", [None, 0, 3])
+def test_an_events_priority_is_carried_on_its_requests(priority: Any) -> None:
+    """OpenADR 3: 0 is the highest priority, null (the default) the lowest; the core ranks one VTN's
+    overlapping events by it."""
+    plan = translate(event([interval(0), interval(1, value=2.0)], priority=priority))
+    assert isinstance(plan, EventPlan) and [r.priority for r in plan.requests] == [priority, priority]
+
+
 def test_a_price_in_another_currency_than_the_program_pays_in_is_refused_naming_both() -> None:
     priced = event([interval(0, "EXPORT_PRICE", 0.31)],
                    payloadDescriptors=[{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "EXPORT_PRICE",
@@ -743,6 +751,8 @@ def test_a_program_a_year_long_refuses_no_event_whose_intervals_carry_their_own_
     (event([{"id": 0, "payloads": [{"type": "PRICE", "values": [1]}, {"type": "PRICE", "values": [2]}]}]),
      "appears twice"),
     (event([interval(0)], reportDescriptors=[{"payloadType": "USAGE", "frequency": "often"}]), "frequency"),
+    (event([interval(0)], priority=-1), "priority must be a whole number >= 0 or null, got -1"),
+    (event([interval(0)], priority=1.5), "priority must be a whole number >= 0 or null, got 1.5"),
 ])
 def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     answer = translate(payload)

@@ -166,6 +166,9 @@ def invalid_reason(req: DispatchRequest) -> str | None:
         return f"end {req.end} is not after start {req.start}"
     if req.ramp_w_per_s is not None and not (is_finite_number(req.ramp_w_per_s) and req.ramp_w_per_s > 0):
         return f"ramp_w_per_s must be > 0, got {req.ramp_w_per_s!r}"
+    if req.priority is not None and not (isinstance(req.priority, int) and not isinstance(req.priority, bool)
+                                         and req.priority >= 0):
+        return f"priority must be a whole number >= 0, got {req.priority!r}"
     return None
 
 

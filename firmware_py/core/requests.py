@@ -84,14 +84,29 @@ class RequestBook:
         return tuple(e for e in self.entries if e.accepted and not e.ended)
 
     def in_force(self, now: float) -> Booked | None:
-        """The request that applies now: of those in their window, the newest received.
+        """The request that applies now: of those in their window, each source's first by its
+        own priority (the newest of equals), then the newest received of those.
 
-        An aggregator's request takes precedence over price-driven discharge: a price
-        event applies only while no request is in its window (docs/dispatch.md)."""
+        A priority is a source's ranking of its own requests (OpenADR's event priority), so it
+        never compares requests of two sources: an aggregator's and a site controller's are
+        taken in the order they came. An aggregator's request takes precedence over
+        price-driven discharge: a price event applies only while no request is in its window
+        (docs/dispatch.md)."""
         current = [e for e in self.live() if e.in_window(now)]
         asked = [e for e in current if e.price is None] or current
-        return max(asked, key=lambda e: e.request.received_at, default=None)
+        first: dict[str, Booked] = {}
+        for entry in asked:
+            held = first.get(entry.request.source)
+            if held is None or _rank(entry.request) < _rank(held.request):
+                first[entry.request.source] = entry
+        return max(first.values(), key=lambda e: e.request.received_at, default=None)
 
     def end(self, request_id: str) -> "RequestBook":
         entry = self.find(request_id)
         return self if entry is None else self.replace(replace(entry, ended=True))
+
+
+def _rank(request: DispatchRequest) -> tuple[float, float]:
+    """Sorts first what matters most: the lowest priority number (none after every number), then the newest."""
+    priority = math.inf if request.priority is None else request.priority
+    return priority, -request.received_at

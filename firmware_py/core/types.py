@@ -237,6 +237,9 @@ class DispatchRequest:
     `end = math.inf` is an open-ended request (a standing setpoint "until told
     otherwise"): there is no window to budget, so it is followed up to every
     limit and the floor's envelope ends it (`is_open_ended`).
+    `priority` is the source's own rank for requests whose windows overlap (an
+    OpenADR event's priority): the lower the number the more it matters, and None
+    ranks after every number. It orders one source's requests only (`in_force`).
     """
 
     id: str
@@ -248,6 +251,7 @@ class DispatchRequest:
     received_at: float
     ramp_w_per_s: float | None = None
     revision: int = 0
+    priority: int | None = None
 
     @property
     def is_open_ended(self) -> bool:

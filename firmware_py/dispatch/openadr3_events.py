@@ -176,6 +176,9 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
     descriptors = _descriptors(event.get("payloadDescriptors"), program.get("payloadDescriptors"))
     windows, payloads = _layout(event, program, to_gateway_time)
     reports = _report_asks(event.get("reportDescriptors"))
+    priority = event.get("priority")  # 0 ranks first; null after every number
+    if priority is not None and (not _is_int(priority) or priority < 0):
+        raise _Invalid(f"priority must be a whole number >= 0 or null, got {priority!r}")
 
     requests, request_ids, prices, limits = [], [], [], []
     single = sum(1 for p in payloads if _asks_power(p)) == 1
@@ -197,7 +200,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
             if window.end > received_at:
                 requests.append(DispatchRequest(id=rid, source=source, kind=kind, target_w=abs(target),
                                                 start=window.start, end=window.end, received_at=received_at,
-                                                revision=revision))
+                                                revision=revision, priority=priority))
         for kind in PriceKind:
             price = _price(values, kind, descriptors, where, currency)
             if price is not None and window.end > received_at:

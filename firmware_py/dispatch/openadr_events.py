@@ -91,6 +91,9 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
         return EventPlan(event_id, revision, cancelled=True)
     if descriptor.get("test_event") not in (None, False, "false", "False"):  # 2.0b: anything but false
         return EventPlan(event_id, revision, cancelled=False, test=True)
+    priority = descriptor.get("priority")
+    if priority is not None and (not _is_int(priority) or priority < 0):
+        raise _Invalid(f"priority must be a whole number >= 0, got {priority!r}")
 
     signal = _pick_signal(event)
     name = signal["signal_name"]
@@ -108,7 +111,8 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
     requests = tuple(
         DispatchRequest(id=request_id, source=source,
                         kind=DispatchKind.DISCHARGE if target > 0 else DispatchKind.STOP,
-                        target_w=target, start=start, end=end, received_at=received_at, revision=revision)
+                        target_w=target, start=start, end=end, received_at=received_at, revision=revision,
+                        priority=priority or None)  # 2.0b: 0 is no priority, ranked after every other
         for request_id, (start, end, _), target in zip(ids, windows, targets)
         if end > received_at
     )
