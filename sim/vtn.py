@@ -258,13 +258,14 @@ class LoopbackVtn:
                   values: float | Sequence[float], *, event_id: str | None = None,
                   signal_type: str | None = None, scale: str = "k",
                   unit: str = "W", response_required: str = "always", test_event: bool = False,
-                  priority: int = 0) -> str:
+                  priority: int = 0, startafter_s: float = 0.0) -> str:
         """Queue an event for the VEN; returns its id.
 
         `values` gives one payload per interval (kW for LOAD_DISPATCH with the
         default scale, a level 0-3 for SIMPLE); `duration_s` is one duration
         for every interval or one per interval. Intervals follow each other
-        from `start`. `priority`: 1 is the highest, 0 none (2.0b).
+        from `start`. `priority`: 1 is the highest, 0 none (2.0b). `startafter_s`:
+        the window each VEN spreads the event's start over (its tolerance).
         """
         ven_id = self._require_ven()
         event_id = event_id or utils.generate_id()
@@ -278,6 +279,8 @@ class LoopbackVtn:
             response_required=response_required,
         )
         self.server.add_raw_event(ven_id=ven_id, event=event, callback=self._opt_callback(0))
+        if startafter_s:  # after: openleadr lays the active period out again from the intervals
+            event.active_period["tolerance"] = {"startafter": dt.timedelta(seconds=startafter_s)}
         return event_id
 
     def modify_event(self, event_id: str, *, start: dt.datetime | None = None,

@@ -34,6 +34,7 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr import OpenAdrVen
 from firmware_py.dispatch.openadr_events import EventPlan, translate_event
+from firmware_py.dispatch.start_delay import start_delay_s
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
 
@@ -152,6 +153,23 @@ def test_an_events_priority_crosses_the_wire_onto_its_request() -> None:
                 for event_id in (ranked, unranked):
                     assert await vtn.wait_for_response(event_id) == "optIn"
         assert {r.id: r.priority for r in sink.requests()} == {ranked: 2, unranked: None}
+
+    run(scenario)
+
+
+def test_a_randomised_start_crosses_the_wire_and_moves_the_request_by_this_vens_delay() -> None:
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                start = in_seconds(60)
+                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=300)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+        [request] = sink.requests()
+        delay = start_delay_s(vtn.ven_name, event_id, 300.0)
+        assert request.start == pytest.approx(start.timestamp() + delay, abs=1e-3)
+        assert request.end - request.start == pytest.approx(600, abs=1e-3)
 
     run(scenario)
 
@@ -596,6 +614,22 @@ def test_an_events_priority_is_carried_on_its_requests_and_0_is_none(priority: A
     assert isinstance(plan, EventPlan) and [r.priority for r in plan.requests] == [carried, carried]
 
 
+def test_an_event_whose_start_is_randomised_starts_this_vens_delay_later_and_runs_its_whole_length() -> None:
+    """2.0b tolerance `startafter`: the VTN spreads its VENs' starts; each moves the whole event."""
+    payload = event([signal(payloads=[5.0, 2.5])])
+    payload["active_period"]["tolerance"] = {"tolerate": {"startafter": dt.timedelta(minutes=10)}}
+    plain = translate(event([signal(payloads=[5.0, 2.5])]))
+    delay = start_delay_s("truck-1", "ev-1", 600.0)
+    assert 0 < delay < 600
+    spread = translate_event(payload, rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0], ven_name="truck-1",
+                             to_gateway_time=dt.datetime.timestamp, received_at=NOW.timestamp() - 300)
+    assert isinstance(plain, EventPlan) and isinstance(spread, EventPlan)
+    assert [(r.start, r.end) for r in spread.requests] == [(r.start + delay, r.end + delay) for r in plain.requests]
+    assert translate(payload) != translate_event(payload, rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0],
+                                                 ven_name="truck-2", to_gateway_time=dt.datetime.timestamp,
+                                                 received_at=NOW.timestamp() - 300)
+
+
 def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     plan = translate(event([], number=3, status="cancelled"))
     assert isinstance(plan, EventPlan) and plan.cancelled and plan.revision == 3
@@ -617,6 +651,10 @@ def test_translation_of_a_cancelled_event_is_a_cancel_plan() -> None:
     (event([]), "no event_signals"),
     (event([signal()], number=-1), "modification_number"),
     (event([signal()], number=True), "modification_number"),
+    (event([signal()]) | {"active_period": {"dtstart": NOW, "tolerance": {"tolerate": {"startafter": "soon"}}}},
+     "startafter must be a duration >= 0, got 'soon'"),
+    (event([signal()]) | {"active_period": {"dtstart": NOW, "tolerance": {"tolerate": {
+        "startafter": dt.timedelta(minutes=-1)}}}}, "startafter must be a duration >= 0"),
     (event([signal()]) | {"event_descriptor": {"event_id": "e", "modification_number": 0, "priority": -1}},
      "priority must be a whole number >= 0, got -1"),
     (event([signal()]) | {"event_descriptor": {"event_id": "e", "modification_number": 0, "priority": "high"}},

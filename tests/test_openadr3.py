@@ -54,6 +54,7 @@ from firmware_py.dispatch.openadr3_events import (
     price_id,
     translate_event,
 )
+from firmware_py.dispatch.start_delay import start_delay_s
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
 
@@ -639,6 +640,30 @@ def translate(payload: Any, *, program: dict[str, Any] | None = None, revision: 
                            received_at=now.timestamp(), currency=currency)
 
 
+def test_a_randomised_start_moves_every_interval_by_this_vens_delay_and_keeps_its_length() -> None:
+    """OpenADR 3 `randomizeStart`: the VTN spreads its VENs' starts; an interval's own window overrides
+    the event's, and PT0S is none."""
+    def windows(**changes: Any) -> list[tuple[float, float]]:
+        payload = event([interval(0), interval(1, value=2.0)])
+        payload["intervalPeriod"] = {**payload["intervalPeriod"], **changes}
+        plan = translate_event(payload, revision=0, program=None, rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0),
+                               to_gateway_time=dt.datetime.timestamp, received_at=NOW.timestamp() - 300,
+                               ven_name="truck-1")
+        assert isinstance(plan, EventPlan), plan
+        return [(r.start, r.end) for r in plan.requests]
+
+    plain = windows()
+    delay = start_delay_s("truck-1", "ev-1", 900.0)
+    assert 0 < delay < 900 and windows(randomizeStart="PT0S") == plain
+    moved = windows(randomizeStart="PT15M")  # to the microsecond: the windows are date-times first
+    assert moved == [pytest.approx((start + delay, end + delay), abs=1e-5) for start, end in plain]
+    payload = event([interval(0, intervalPeriod={"start": iso_datetime(NOW), "duration": "PT10M",
+                                                 "randomizeStart": "PT15M"}), interval(1, value=2.0)])
+    plan = translate(payload)
+    assert isinstance(plan, EventPlan) and plan.requests[1].start == plain[1][0]  # only its own is moved
+    assert plan.requests[0].start == pytest.approx(plain[0][0] + start_delay_s("", "ev-1", 900.0))
+
+
 @pytest.mark.parametrize("priority", [None, 0, 3])
 def test_an_events_priority_is_carried_on_its_requests(priority: Any) -> None:
     """OpenADR 3: 0 is the highest priority, null (the default) the lowest; the core ranks one VTN's
@@ -752,6 +777,10 @@ def test_a_program_a_year_long_refuses_no_event_whose_intervals_carry_their_own_
      "appears twice"),
     (event([interval(0)], reportDescriptors=[{"payloadType": "USAGE", "frequency": "often"}]), "frequency"),
     (event([interval(0)], priority=-1), "priority must be a whole number >= 0 or null, got -1"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "PT1H", "randomizeStart": "soon"}),
+     "intervalPeriod.randomizeStart"),
+    (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "PT1H", "randomizeStart": "P2Y"}),
+     "randomizeStart"),
     (event([interval(0)], priority=1.5), "priority must be a whole number >= 0 or null, got 1.5"),
 ])
 def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:

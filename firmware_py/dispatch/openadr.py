@@ -362,7 +362,7 @@ class OpenAdrVen:
             rating = math.nan
         plan = translate_event(event, rating_w=rating, levels_pct=self.config.simple_levels_pct,
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(),
-                               source=self._source)
+                               source=self._source, ven_name=self.config.ven_name)
         try:
             return await self._apply(sink, plan, event)
         except Exception:

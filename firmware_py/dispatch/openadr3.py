@@ -536,7 +536,7 @@ class OpenAdr3Ven:
         program = self.programs.get(event.get("programID")) if isinstance(event, dict) else None
         plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
-                               currency=self._currency)
+                               currency=self._currency, ven_name=self.config.ven_name)
         tracked = self._events.get(event_id_of(event))
         if isinstance(plan, DispatchAnswer):
             if tracked is not None:

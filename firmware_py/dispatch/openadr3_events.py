@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from firmware_py.core.types import (
@@ -42,6 +43,7 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 from firmware_py.dispatch.simple_levels import level_target_w
+from firmware_py.dispatch.start_delay import start_delay_s
 
 SOURCE = "openadr3"
 
@@ -140,7 +142,7 @@ def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
 
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
-                    received_at: float, source: str = SOURCE, currency: str | None = None
+                    received_at: float, source: str = SOURCE, currency: str | None = None, ven_name: str = ""
                     ) -> EventPlan | DispatchAnswer:
     """One OpenADR 3 event object (parsed JSON) -> a plan, or a REJECTED answer naming the fault.
 
@@ -150,11 +152,12 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
     `to_gateway_time` maps a UTC datetime onto the core's clock; `received_at` is that clock's now.
     `currency` is what the owner's program pays in (`[program] currency`): a price published in
     another is refused, since the statement could only credit it as a number in the wrong money.
+    `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`).
     """
     event_id = event_id_of(event)
     try:
         return _translate(event, event_id, revision, program, rating_w, levels_pct, to_gateway_time,
-                          received_at, source, currency)
+                          received_at, source, currency, ven_name)
     except _Invalid as err:
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as err:
@@ -165,7 +168,7 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str, currency: str | None) -> EventPlan | DispatchAnswer:
+               source: str, currency: str | None, ven_name: str) -> EventPlan | DispatchAnswer:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
@@ -174,7 +177,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
         raise _Invalid("programID is missing or not a string")
     program = program if isinstance(program, Mapping) else {}
     descriptors = _descriptors(event.get("payloadDescriptors"), program.get("payloadDescriptors"))
-    windows, payloads = _layout(event, program, to_gateway_time)
+    windows, payloads = _layout(event, program, to_gateway_time, partial(start_delay_s, ven_name, event_id))
     reports = _report_asks(event.get("reportDescriptors"))
     priority = event.get("priority")  # 0 ranks first; null after every number
     if priority is not None and (not _is_int(priority) or priority < 0):
@@ -222,11 +225,12 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
 # ---------------------------------------------------------------------- intervals
 
 
-def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
-            to_gateway_time: Callable[[datetime], float]) -> tuple[list[IntervalWindow], list[list[Mapping[str, Any]]]]:
+def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_time: Callable[[datetime], float],
+            delay_s: Callable[[float], float]) -> tuple[list[IntervalWindow], list[list[Mapping[str, Any]]]]:
     """Each interval's window and payloads, laid out as OpenADR 3 inherits periods: an interval's own
     start and duration where given, else the event's (else the program's) duration, and the event's
-    start advanced by the durations of every interval before it."""
+    start advanced by the durations of every interval before it. An interval whose period (or the
+    default it inherits) has a `randomizeStart` is moved, whole, `delay_s` of that window later."""
     intervals = event.get("intervals")
     if not isinstance(intervals, list) or not intervals:
         raise _Invalid("event has no intervals")
@@ -241,7 +245,7 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         may be a year (`P1Y`), which no interval can be, and events whose intervals say their own
         periods must not be refused for it."""
         if key not in inherited:
-            parse = _start if key == "start" else _duration
+            parse = {"start": _start, "duration": _duration, "randomizeStart": _randomize_s}[key]
             inherited[key] = parse(default.get(key), f"intervalPeriod.{key}")
         return inherited[key]
 
@@ -267,6 +271,9 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any],
         if start is None:
             raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
         elapsed_s += seconds
+        spread = own.get("randomizeStart")
+        start += timedelta(seconds=delay_s(_randomize_s(spread, f"{where}.intervalPeriod.randomizeStart")
+                                           if spread is not None else inherit("randomizeStart")))
         end = start + timedelta(seconds=seconds)
         start_s, end_s = to_gateway_time(start), to_gateway_time(end)
         if not (is_finite_number(start_s) and is_finite_number(end_s)):
@@ -468,6 +475,19 @@ def _duration(value: Any, where: str) -> float | None:
         raise _Invalid(f"{where} must be > 0, got {value!r}")
     if seconds > MAX_DURATION_S:
         raise _Invalid(f"{where} {value!r} is longer than a year (open-ended intervals are not supported)")
+    return seconds
+
+
+def _randomize_s(value: Any, where: str) -> float:
+    """A `randomizeStart` window in seconds: none (null) or PT0S is 0."""
+    if value is None:
+        return 0.0
+    try:
+        seconds = parse_duration(value)
+    except ValueError as err:
+        raise _Invalid(f"{where}: {err}") from None
+    if not 0 <= seconds <= MAX_DURATION_S:
+        raise _Invalid(f"{where} must be from PT0S to a year, got {value!r}")
     return seconds
 
 

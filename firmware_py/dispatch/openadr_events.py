@@ -22,6 +22,7 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 from firmware_py.dispatch.simple_levels import level_target_w
+from firmware_py.dispatch.start_delay import start_delay_s
 
 SOURCE = "openadr"
 LOAD_DISPATCH = "LOAD_DISPATCH"
@@ -59,17 +60,18 @@ class _Invalid(Exception):
 
 def translate_event(event: Any, *, rating_w: float, levels_pct: Sequence[float],
                     to_gateway_time: Callable[[datetime], float], received_at: float,
-                    source: str = SOURCE) -> EventPlan | DispatchAnswer:
+                    source: str = SOURCE, ven_name: str = "") -> EventPlan | DispatchAnswer:
     """Turn one openleadr event dict into a plan, or a REJECTED answer naming the fault.
 
     `to_gateway_time` maps the event's UTC datetimes onto the core's clock
     (identity-ish `datetime.timestamp` in `run`, a mapping in the simulator);
     `received_at` is that clock's now. Intervals that have already ended get no
-    request; if none is left the answer is EXPIRED.
+    request; if none is left the answer is EXPIRED. An event whose start the VTN
+    randomises (`startafter`) starts this VEN's delay later (`start_delay`).
     """
     event_id = _event_id_of(event)
     try:
-        return _translate(event, event_id, rating_w, levels_pct, to_gateway_time, received_at, source)
+        return _translate(event, event_id, rating_w, levels_pct, to_gateway_time, received_at, source, ven_name)
     except _Invalid as err:
         return _refusal(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, OSError) as err:
@@ -80,7 +82,7 @@ def translate_event(event: Any, *, rating_w: float, levels_pct: Sequence[float],
 
 def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[float],
                to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str) -> EventPlan | DispatchAnswer:
+               source: str, ven_name: str) -> EventPlan | DispatchAnswer:
     descriptor = _mapping(_mapping(event, "event").get("event_descriptor"), "event_descriptor")
     if not isinstance(descriptor.get("event_id"), str) or not descriptor["event_id"]:
         raise _Invalid("event_descriptor.event_id is missing or not a string")
@@ -97,7 +99,9 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
 
     signal = _pick_signal(event)
     name = signal["signal_name"]
-    windows = _windows(event, signal, to_gateway_time)
+    delay_s = start_delay_s(ven_name, event_id, _startafter_s(event))
+    windows = [(start + delay_s, end + delay_s, payload)
+               for start, end, payload in _windows(event, signal, to_gateway_time)]
     ids = tuple(event_id if len(windows) == 1 else f"{event_id}#{index}" for index in range(len(windows)))
     if name == LOAD_DISPATCH:
         scale = _load_dispatch_scale(signal)
@@ -183,6 +187,20 @@ def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
         windows.append((float(start_s), float(end_s), float(payload)))
         at = end
     return windows
+
+
+def _startafter_s(event: Mapping[str, Any]) -> float:
+    """The window the VTN spreads the event's start over (`active_period.tolerance.tolerate.startafter`),
+    in seconds; 0 when it gives none."""
+    period = event.get("active_period")
+    tolerance = period.get("tolerance") if isinstance(period, Mapping) else None
+    tolerate = _mapping(tolerance, "active_period.tolerance").get("tolerate") if tolerance is not None else None
+    startafter = _mapping(tolerate, "tolerance.tolerate").get("startafter") if tolerate is not None else None
+    if startafter is None:
+        return 0.0
+    if not isinstance(startafter, timedelta) or startafter < timedelta(0):
+        raise _Invalid(f"tolerance.tolerate.startafter must be a duration >= 0, got {startafter!r}")
+    return startafter.total_seconds()
 
 
 def _load_dispatch_scale(signal: Mapping[str, Any]) -> float:
