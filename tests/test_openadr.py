@@ -174,6 +174,29 @@ def test_a_randomised_start_crosses_the_wire_and_moves_the_request_by_this_vens_
     run(scenario)
 
 
+def test_an_event_the_vtn_drops_as_completed_is_no_cancellation_of_its_randomised_tail() -> None:
+    """A VTN stops distributing an event once its own schedule is over; this VEN, having started it a delay
+    later, still runs it: the event missing from the distribution must not cut that tail short."""
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                start = in_seconds(60)
+                late = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=1_800, event_id="late-start")
+                assert await vtn.wait_for_response(late) == "optIn"
+                delay = start_delay_s(vtn.ven_name, late, 1_800.0)
+                assert delay > 60  # the tail outlasts the VTN's schedule by more than the clock is moved
+                vtn_end = start.timestamp() + 600
+                sink.now = lambda: vtn_end + 30  # type: ignore[method-assign] - the VTN's window is over
+                vtn.withdraw_event(late)
+                newer = vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 4.0)
+                assert await vtn.wait_for_response(newer) == "optIn"  # a distribution after the withdrawal
+        assert sink.cancels() == [] and ven.implicit_cancellations == 0
+
+    run(scenario)
+
+
 def test_a_test_event_is_opted_in_and_nothing_reaches_the_core() -> None:
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0) as vtn:

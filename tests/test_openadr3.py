@@ -365,6 +365,28 @@ def test_cancellation_deletes_the_event_and_cancels_its_request() -> None:
     run(scenario)
 
 
+def test_an_event_the_vtn_deletes_once_its_schedule_is_over_is_no_cancellation_of_its_randomised_tail() -> None:
+    """A VTN that cleans up ended events deletes one this VEN, having started it a delay later, still runs:
+    the deletion of an event over on the VTN's schedule must not cut that tail short."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(60)
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 600, 5.0, event_id="late-start")
+            vtn.events[event_id]["intervalPeriod"]["randomizeStart"] = "PT30M"  # no await between: served so
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            (request,) = sink.of(DispatchRequest)
+            delay = start_delay_s(ven.config.ven_name, event_id, 1_800.0)
+            assert delay > 60 and request.start == pytest.approx(start.timestamp() + delay, abs=1e-3)
+            sink.offset_s = start.timestamp() + 600 + 30 - time.time()  # over on the VTN's schedule only
+            vtn.delete_event(event_id)
+            later = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(7_200), 600, 4.0)
+            await vtn.wait_for(lambda: vtn.answers_for(later))  # the listing without it has been read
+            assert sink.of(DispatchCancel) == []
+
+    run(scenario)
+
+
 def test_a_price_event_deleted_at_the_vtn_is_taken_back_from_the_core() -> None:
     async def scenario() -> None:
         accepted = DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED, detail="meets the threshold")

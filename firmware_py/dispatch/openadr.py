@@ -138,6 +138,7 @@ class _Tracked:
     opt: str
     request_ids: tuple[str, ...]
     ends_at: float
+    delay_s: float  # a randomised start: the VTN's own schedule ends this much earlier than ends_at
     windows: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # id -> start, end, committed W
     requests: dict[str, DispatchRequest] = field(default_factory=dict)  # id -> the request last submitted
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)  # id -> its answer
@@ -397,7 +398,7 @@ class OpenAdrVen:
         windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
                    if a.verdict is not Verdict.REJECTED}
         ends_at = max(r.end for r in requests)
-        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, windows,
+        self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, plan.delay_s, windows,
                                                {r.id: r for r in requests}, {a.request_id: a for a in answers})
         outcome = EventOutcome(plan.event_id, plan.revision, opt, answers,
                                detail="; ".join(_describe(a) for a in answers))
@@ -433,8 +434,8 @@ class OpenAdrVen:
         present, now = {_event_id_of(e) for e in events}, sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
-            if tracked.ends_at <= now:
-                continue  # over anyway: a VTN drops completed events, which is no cancellation
+            if tracked.ends_at - tracked.delay_s <= now:
+                continue  # over on the VTN's schedule: it drops completed events, which is no cancellation
             try:
                 await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
             except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll

@@ -523,7 +523,7 @@ class OpenAdr3Ven:
             tracked = self._events.pop(event_id)
             self._report_begun(sink, tracked)
             self._forget(tracked.requests)
-            if tracked.plan.ends_at > now:
+            if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
 

@@ -82,6 +82,7 @@ class IntervalWindow:
     wall_start: datetime
     duration_s: float
     request_id: str | None = None
+    delay_s: float = 0.0  # a randomised start: how much later than the VTN's schedule it runs
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ class EventPlan:
     @property
     def ends_at(self) -> float:
         return max((w.end for w in self.intervals), default=-math.inf)
+
+    @property
+    def scheduled_end(self) -> float:
+        """Where the event ends on the VTN's own schedule, before any randomised start moved it."""
+        return max((w.end - w.delay_s for w in self.intervals), default=-math.inf)
 
 
 class _Invalid(Exception):
@@ -272,13 +278,14 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
         elapsed_s += seconds
         spread = own.get("randomizeStart")
-        start += timedelta(seconds=delay_s(_randomize_s(spread, f"{where}.intervalPeriod.randomizeStart")
-                                           if spread is not None else inherit("randomizeStart")))
+        delay = delay_s(_randomize_s(spread, f"{where}.intervalPeriod.randomizeStart")
+                        if spread is not None else inherit("randomizeStart"))
+        start += timedelta(seconds=delay)
         end = start + timedelta(seconds=seconds)
         start_s, end_s = to_gateway_time(start), to_gateway_time(end)
         if not (is_finite_number(start_s) and is_finite_number(end_s)):
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
-        windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
+        windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds, delay_s=delay))
         payloads.append(_payloads(interval.get("payloads"), where))
     return windows, payloads
 

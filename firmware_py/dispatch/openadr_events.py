@@ -52,6 +52,8 @@ class EventPlan:
     request_ids: tuple[str, ...] = ()
     test: bool = False
     """A test event (`test_event` anything but false): acknowledged, never acted on."""
+    delay_s: float = 0.0
+    """How much later than the VTN's schedule this VEN runs the event (a randomised start)."""
 
 
 class _Invalid(Exception):
@@ -122,7 +124,7 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
     )
     if not requests:
         return _refusal(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
-    return EventPlan(event_id, revision, cancelled=False, requests=requests, request_ids=ids)
+    return EventPlan(event_id, revision, cancelled=False, requests=requests, request_ids=ids, delay_s=delay_s)
 
 
 def _pick_signal(event: Mapping[str, Any]) -> Mapping[str, Any]:
