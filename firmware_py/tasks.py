@@ -24,14 +24,23 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
     cancellation, when both land in the same loop turn (a refused connect under
     load, inside the inverter poll; an acknowledgement inside the MQTT client): the
     task then runs on as if nothing was asked (seen: `run` on a busy board ignoring
-    SIGTERM). `asyncio.wait` never loses one, so the caller's own cancellation still
-    reaches it here.
+    SIGTERM). `asyncio.wait` never loses one. A cancellation of the caller itself while
+    it waits (a stop cancelling again a task that is ending its parts) is held until
+    every one has ended, then raised: called from a `finally`, this must not leave a
+    part running, nor skip the clean-up after it.
     """
     pending = {task for task in tasks if not task.done()}
+    interrupted: asyncio.CancelledError | None = None
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        except asyncio.CancelledError as err:
+            interrupted = err
+            pending = {task for task in pending if not task.done()}
+    if interrupted is not None:
+        raise interrupted
 
 
 async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,

@@ -663,8 +663,7 @@ def translate(payload: Any, *, program: dict[str, Any] | None = None, revision: 
 
 
 def test_a_randomised_start_moves_every_interval_by_this_vens_delay_and_keeps_its_length() -> None:
-    """OpenADR 3 `randomizeStart`: the VTN spreads its VENs' starts; an interval's own window overrides
-    the event's, and PT0S is none."""
+    """OpenADR 3 `randomizeStart`: the VTN spreads its VENs' starts; PT0S is none."""
     def windows(**changes: Any) -> list[tuple[float, float]]:
         payload = event([interval(0), interval(1, value=2.0)])
         payload["intervalPeriod"] = {**payload["intervalPeriod"], **changes}
@@ -679,11 +678,16 @@ def test_a_randomised_start_moves_every_interval_by_this_vens_delay_and_keeps_it
     assert 0 < delay < 900 and windows(randomizeStart="PT0S") == plain
     moved = windows(randomizeStart="PT15M")  # to the microsecond: the windows are date-times first
     assert moved == [pytest.approx((start + delay, end + delay), abs=1e-5) for start, end in plain]
+    # One interval's own window moves them all (one delay per event: moved apart, intervals could overlap
+    # or end out of order), by a delay drawn over the widest window.
     payload = event([interval(0, intervalPeriod={"start": iso_datetime(NOW), "duration": "PT10M",
                                                  "randomizeStart": "PT15M"}), interval(1, value=2.0)])
+    payload["intervalPeriod"]["randomizeStart"] = "PT5M"
     plan = translate(payload)
-    assert isinstance(plan, EventPlan) and plan.requests[1].start == plain[1][0]  # only its own is moved
-    assert plan.requests[0].start == pytest.approx(plain[0][0] + start_delay_s("", "ev-1", 900.0))
+    delay = start_delay_s("", "ev-1", 900.0)
+    assert isinstance(plan, EventPlan) and [(r.start, r.end) for r in plan.requests] == [
+        pytest.approx((start + delay, end + delay), abs=1e-5) for start, end in plain]
+    assert plan.scheduled_end == pytest.approx(plain[-1][1], abs=1e-5)
 
 
 @pytest.mark.parametrize("priority", [None, 0, 3])

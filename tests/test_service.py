@@ -216,33 +216,6 @@ def test_ready_waits_for_fresh_data_at_most_its_bound_and_never_holds_up_a_stop(
     assert "ready without fresh data" in caplog.text and "waiting for BMS and inverter data" in caplog.text
 
 
-def test_a_stop_ends_a_task_that_swallowed_its_cancellation():
-    """Python 3.11's wait_for drops a cancellation that lands with the inner result (a refused
-    connect inside the inverter poll, on a busy board): the stop must cancel again, not wait for ever."""
-    from firmware_py.tasks import cancel_all
-
-    async def main() -> int:
-        swallowed = 0
-
-        async def stubborn() -> None:
-            nonlocal swallowed
-            while True:
-                try:
-                    await asyncio.Event().wait()
-                except asyncio.CancelledError:
-                    if swallowed:
-                        raise
-                    swallowed += 1  # the first cancellation is lost, as in the race
-
-        task = asyncio.create_task(stubborn())
-        await asyncio.sleep(0)
-        await asyncio.wait_for(cancel_all([task]), WAIT_S)
-        assert task.cancelled()
-        return swallowed
-
-    assert asyncio.run(main()) == 1
-
-
 async def until(condition: Callable[[], bool], what: str) -> None:
     """Re-check `condition` (bounded by WAIT_S): only for what raises no event (a queue taken, a socket closed)."""
     deadline = time.monotonic() + WAIT_S

@@ -271,9 +271,11 @@ class OpenAdrVen:
             self.registered = False
             if client.scheduler.running:
                 client.scheduler.shutdown(wait=False)
-            await cancel_all([task for task in (standing, reporter) if task is not None])
-            if client.client_session is not None:
-                await client.client_session.close()
+            try:
+                await cancel_all([task for task in (standing, reporter) if task is not None])
+            finally:
+                if client.client_session is not None:
+                    await client.client_session.close()
 
     def _tell(self, ok: bool, cause: str = "") -> None:
         """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""

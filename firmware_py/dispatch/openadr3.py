@@ -286,9 +286,11 @@ class OpenAdr3Ven:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
         finally:
-            await cancel_all([standing])
-            if callback is not None:
-                await callback.stop()
+            try:
+                await cancel_all([standing])
+            finally:
+                if callback is not None:
+                    await callback.stop()
 
     async def probe_registration(self) -> str | None:
         """Log in, find or create this VEN's object and read its programs, as `run` does first, and

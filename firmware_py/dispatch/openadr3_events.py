@@ -235,8 +235,8 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             delay_s: Callable[[float], float]) -> tuple[list[IntervalWindow], list[list[Mapping[str, Any]]]]:
     """Each interval's window and payloads, laid out as OpenADR 3 inherits periods: an interval's own
     start and duration where given, else the event's (else the program's) duration, and the event's
-    start advanced by the durations of every interval before it. An interval whose period (or the
-    default it inherits) has a `randomizeStart` is moved, whole, `delay_s` of that window later."""
+    start advanced by the durations of every interval before it. When any interval's period (or the
+    default it inherits) has a `randomizeStart`, every interval moves `delay_s` of the widest later."""
     intervals = event.get("intervals")
     if not isinstance(intervals, list) or not intervals:
         raise _Invalid("event has no intervals")
@@ -256,7 +256,7 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
         return inherited[key]
 
     elapsed_s = 0.0
-    windows, payloads, seen = [], [], set()
+    windows, payloads, seen, spreads = [], [], set(), []
     for index, interval in enumerate(intervals):
         interval = _mapping(interval, f"interval {index}")
         interval_id = interval.get("id")
@@ -278,15 +278,20 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             raise _Invalid(f"{where} has no start (none of its own, the event's or the program's)")
         elapsed_s += seconds
         spread = own.get("randomizeStart")
-        delay = delay_s(_randomize_s(spread, f"{where}.intervalPeriod.randomizeStart")
-                        if spread is not None else inherit("randomizeStart"))
-        start += timedelta(seconds=delay)
+        spreads.append(_randomize_s(spread, f"{where}.intervalPeriod.randomizeStart") if spread is not None
+                       else inherit("randomizeStart"))
         end = start + timedelta(seconds=seconds)
         start_s, end_s = to_gateway_time(start), to_gateway_time(end)
         if not (is_finite_number(start_s) and is_finite_number(end_s)):
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
-        windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds, delay_s=delay))
+        windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
         payloads.append(_payloads(interval.get("payloads"), where))
+    # One delay for the whole event, over its widest window: intervals moved apart could overlap or
+    # end out of order, and both the request in force and the reports go by their order.
+    delay = delay_s(max(spreads))
+    if delay:
+        windows = [replace(w, start=w.start + delay, end=w.end + delay, delay_s=delay,
+                           wall_start=w.wall_start + timedelta(seconds=delay)) for w in windows]
     return windows, payloads
 
 

@@ -1,0 +1,70 @@
+"""Ending tasks: a stop is a stop, even when Python 3.11 loses a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from firmware_py.tasks import cancel_all
+
+WAIT_S = 10.0
+
+
+def stubborn(swallowed: list[int], lost: int = 1):
+    """A task body that loses its first `lost` cancellations, as `asyncio.wait_for` does on 3.11 when
+    the cancellation lands with the inner result."""
+    async def body() -> None:
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if len(swallowed) >= lost:
+                    raise
+                swallowed.append(1)
+    return body()
+
+
+def test_a_stop_ends_a_task_that_swallowed_its_cancellation():
+    """A refused connect inside the inverter poll, on a busy board: the stop must cancel again, not wait
+    for ever."""
+    async def main() -> int:
+        swallowed: list[int] = []
+        task = asyncio.create_task(stubborn(swallowed))
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_all([task]), WAIT_S)
+        assert task.cancelled()
+        return len(swallowed)
+
+    assert asyncio.run(main()) == 1
+
+
+def test_a_caller_cancelled_while_it_ends_its_parts_ends_them_all_then_its_clean_up_runs():
+    """A VEN ends its own parts in a `finally` while the service cancels it again: the second cancellation
+    left a part running and skipped the clean-up after it (an HTTP session never closed)."""
+    async def main() -> tuple[bool, bool, bool]:
+        swallowed: list[int] = []
+        cleaned = asyncio.Event()
+        parts: list[asyncio.Task[None]] = []
+
+        async def owner() -> None:
+            part = asyncio.create_task(stubborn(swallowed, lost=3))
+            parts.append(part)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                try:
+                    await cancel_all([part])
+                finally:
+                    assert part.done()
+                    cleaned.set()
+
+        task = asyncio.create_task(owner())
+        await asyncio.sleep(0)
+        task.cancel()  # the stop
+        await asyncio.sleep(0.01)
+        task.cancel()  # ... cancelling again while the owner still ends its part
+        await asyncio.wait_for(asyncio.wait({task}), WAIT_S)
+        outcome = task.cancelled(), cleaned.is_set(), all(part.done() for part in parts)
+        await asyncio.wait_for(cancel_all(parts), WAIT_S)  # what a failure left running ends here
+        return outcome
+
+    assert asyncio.run(main()) == (True, True, True)
