@@ -14,7 +14,7 @@ from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware_py.core.types import is_finite_number
+from firmware_py.core.types import is_finite_number, is_whole_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.quoting import shown, shown_text
@@ -79,8 +79,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is float:
         return None if is_finite_number(value) else f"expected a finite number, got {shown(value)}"
     if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"expected an integer, got {shown(value)}"
+        return None if is_whole_number(value) else f"expected an integer, got {shown(value)}"
     return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {shown(value)}"
 
 

@@ -37,7 +37,7 @@ from firmware_py.bms.bus import SEND_ONLY
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState
 from firmware_py.inverter.sunspec import DER_CONTROL_AC, ModelDef, WSetEna, WSetMod
-from firmware_py.tasks import cancel_all
+from firmware_py.tasks import cancel_all, every
 
 START_S = 30.0
 """Bound for a child to come up: imports of pymodbus and cantools are slow on a busy 2-core machine."""
@@ -427,8 +427,6 @@ class ProcessLoad:
 
     @classmethod
     async def start(cls, hw: Hardware, der: Any) -> "ProcessLoad":
-        from firmware_py.tasks import every
-
         bms_per_s = BmsNode(Battery(), None, bundled_dbc("cybertruck_bms.dbc")).frames_per_s()
         load = cls(hw, der, BUS_FRAMES_PER_S - bms_per_s)
         context = multiprocessing.get_context("spawn")

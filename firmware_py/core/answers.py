@@ -40,6 +40,7 @@ from firmware_py.core.types import (
     ReasonCode,
     Verdict,
     is_finite_number,
+    is_whole_number,
 )
 
 # Below this a "capped" discharge is not worth running: refuse it instead.
@@ -166,8 +167,7 @@ def invalid_reason(req: DispatchRequest) -> str | None:
         return f"end {req.end} is not after start {req.start}"
     if req.ramp_w_per_s is not None and not (is_finite_number(req.ramp_w_per_s) and req.ramp_w_per_s > 0):
         return f"ramp_w_per_s must be > 0, got {req.ramp_w_per_s!r}"
-    if req.priority is not None and not (isinstance(req.priority, int) and not isinstance(req.priority, bool)
-                                         and req.priority >= 0):
+    if req.priority is not None and not (is_whole_number(req.priority) and req.priority >= 0):
         return f"priority must be a whole number >= 0, got {req.priority!r}"
     return None
 

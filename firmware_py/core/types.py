@@ -30,6 +30,11 @@ def is_finite_number(x: object) -> bool:
         return False
 
 
+def is_whole_number(x: object) -> bool:
+    """A real int: not a bool (`True` is no count, revision or priority), nor a float that looks whole."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class Mode(str, Enum):
     """The controller's operating mode: one at a time, settled by the transition table."""
 

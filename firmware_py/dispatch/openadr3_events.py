@@ -41,6 +41,7 @@ from firmware_py.core.types import (
     PriceKind,
     ReasonCode,
     is_finite_number,
+    is_whole_number,
 )
 from firmware_py.dispatch.simple_levels import level_target_w
 from firmware_py.dispatch.start_delay import start_delay_s
@@ -186,7 +187,7 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
     windows, payloads = _layout(event, program, to_gateway_time, partial(start_delay_s, ven_name, event_id))
     reports = _report_asks(event.get("reportDescriptors"))
     priority = event.get("priority")  # 0 ranks first; null after every number
-    if priority is not None and (not _is_int(priority) or priority < 0):
+    if priority is not None and (not is_whole_number(priority) or priority < 0):
         raise _Invalid(f"priority must be a whole number >= 0 or null, got {priority!r}")
 
     requests, request_ids, prices, limits = [], [], [], []
@@ -260,7 +261,7 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
     for index, interval in enumerate(intervals):
         interval = _mapping(interval, f"interval {index}")
         interval_id = interval.get("id")
-        if not _is_int(interval_id) or abs(interval_id) > 2**31:
+        if not is_whole_number(interval_id) or abs(interval_id) > 2**31:
             raise _Invalid(f"interval {index}: id must be a whole number, got {interval_id!r}")
         if interval_id in seen:
             raise _Invalid(f"interval id {interval_id} appears twice")
@@ -412,7 +413,7 @@ def _report_asks(value: Any) -> tuple[ReportAsk, ...]:
         kind, every = item.get("payloadType"), item.get("frequency", -1)
         if not isinstance(kind, str) or not kind:
             raise _Invalid(f"reportDescriptors[{n}].payloadType must be a string, got {kind!r}")
-        if not _is_int(every) or every < -1 or every > MAX_INTERVALS:
+        if not is_whole_number(every) or every < -1 or every > MAX_INTERVALS:
             raise _Invalid(f"reportDescriptors[{n}].frequency must be -1 or a whole number of intervals, "
                            f"got {every!r}")
         units = item.get("units")
@@ -520,7 +521,3 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise _Invalid(f"{where} must be an object, got {type(value).__name__}")
     return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -20,6 +20,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     ReasonCode,
     is_finite_number,
+    is_whole_number,
 )
 from firmware_py.dispatch.simple_levels import level_target_w
 from firmware_py.dispatch.start_delay import start_delay_s
@@ -89,14 +90,14 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
     if not isinstance(descriptor.get("event_id"), str) or not descriptor["event_id"]:
         raise _Invalid("event_descriptor.event_id is missing or not a string")
     revision = descriptor.get("modification_number")
-    if not _is_int(revision) or revision < 0:
+    if not is_whole_number(revision) or revision < 0:
         raise _Invalid(f"modification_number must be a whole number >= 0, got {revision!r}")
     if descriptor.get("event_status") == "cancelled":
         return EventPlan(event_id, revision, cancelled=True)
     if descriptor.get("test_event") not in (None, False, "false", "False"):  # 2.0b: anything but false
         return EventPlan(event_id, revision, cancelled=False, test=True)
     priority = descriptor.get("priority")
-    if priority is not None and (not _is_int(priority) or priority < 0):
+    if priority is not None and (not is_whole_number(priority) or priority < 0):
         raise _Invalid(f"priority must be a whole number >= 0, got {priority!r}")
 
     signal = _pick_signal(event)
@@ -258,8 +259,3 @@ def _datetime(value: Any, where: str) -> datetime:
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise _Invalid(f"{where} must be a UTC date-time, got {value!r}")
     return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
