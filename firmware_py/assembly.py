@@ -39,7 +39,7 @@ from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.links import Link
-from firmware_py.owner.access import parse_listen, read_token
+from firmware_py.owner.access import UNIX_PREFIX, parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
 
 
@@ -141,16 +141,18 @@ class IntegrationKind:
 
     build: Callable[[Config, Gateway], Integration]
     check: Callable[[Config], list[str]]
+    listen: str = ""
+    """The section's key of the address a peer connects to (empty: it connects out, or not at all)."""
 
 
 # Config section -> its integration. Each section has `enabled`; off unless true.
 INTEGRATIONS: dict[str, IntegrationKind] = {
     "dispatch.openadr": IntegrationKind(_openadr, _check_openadr),
-    "dispatch.openadr3": IntegrationKind(_openadr3, _check_openadr3),
-    "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server),
-    "web": IntegrationKind(_web, _check_web),
+    "dispatch.openadr3": IntegrationKind(_openadr3, _check_openadr3, listen="callback_listen"),
+    "dispatch.sunspec_server": IntegrationKind(_sunspec_server, _check_sunspec_server, listen="listen"),
+    "web": IntegrationKind(_web, _check_web, listen="listen"),
     "mqtt": IntegrationKind(_mqtt, _check_mqtt),
-    "metrics": IntegrationKind(_metrics, _check_metrics),
+    "metrics": IntegrationKind(_metrics, _check_metrics, listen="listen"),
 }
 
 
@@ -218,6 +220,19 @@ def check(config: Config) -> None:
             problems += kind.check(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def notes(config: Config) -> list[str]:
+    """What is valid but most likely not meant, for `check-config` and `run` to point out, not refuse.
+
+    A listen address on port 0 takes whatever port is free at each start: right for a test, useless to
+    the aggregator, the VTN, the owner or the monitoring that must be told where to connect.
+    """
+    listens = [("owner.api_listen", config.owner.api_listen)]
+    listens += [(f"{name}.{kind.listen}", getattr(section(config, name), kind.listen))
+                for name, kind in INTEGRATIONS.items() if kind.listen and section(config, name).enabled]
+    return [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
+            for key, address in listens if not address.startswith(UNIX_PREFIX) and address.rpartition(":")[2] == "0"]
 
 
 def _check_timeout_against_the_dbc(config: Config) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firmware_py import heap
-from firmware_py.assembly import Assembly, Integration, assemble, check
+from firmware_py.assembly import Assembly, Integration, assemble, check, notes
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode, StepResult
@@ -289,6 +289,8 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         log.info("gateway running: CAN %s %s, inverter %s, journal %s", config.can.interface, config.can.channel,
                  f"{config.inverter.host}:{config.inverter.port}" if config.inverter.transport == "tcp"
                  else config.inverter.serial_port, config.journal.path)
+        for note in notes(config):
+            log.warning("%s: %s", config.source, note)
         code = await service.until_stopped(stop)
     finally:
         service.systemd.notify("STOPPING=1")
@@ -311,6 +313,8 @@ def _check_config_command(args: argparse.Namespace) -> int:
 
     config = config_module.load(args.file)
     check(config)
+    for note in notes(config):
+        print(f"{config.source}: note: {note}", file=sys.stderr)
     print(f"# {config.source}: valid; effective configuration:")
     print(json.dumps(config_module.as_dict(config), indent=2))
     return 0

@@ -118,6 +118,19 @@ def test_check_config_exits_2_naming_the_wrong_key_and_the_out_of_range_reserve(
     assert "Traceback" not in run.stderr
 
 
+def test_check_config_points_out_a_listen_address_on_port_0_and_still_calls_it_valid(tmp_path, capsys):
+    """Port 0 is a free port picked at each start: right for tests, and nobody's address to connect to."""
+    path = write(tmp_path, '[dispatch.sunspec_server]\nenabled = true\nlisten = "127.0.0.1:0"\n'
+                           '[metrics]\nlisten = "127.0.0.1:0"\n[owner]\napi_listen = "unix:/run/gw:0"\n')
+    assert main(["check-config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "valid" in captured.out
+    notes = [line for line in captured.err.splitlines() if ": note: " in line]
+    assert len(notes) == 1 and "dispatch.sunspec_server.listen: port 0" in notes[0]  # metrics is off, unix: a path
+    assert main(["check-config", str(bundled_config("example.toml"))]) == 0
+    assert ": note: " not in capsys.readouterr().err
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr import OpenAdrVen
-from firmware_py.dispatch.openadr_events import EventPlan, translate_event
+from firmware_py.dispatch.openadr_events import EventPlan, request_ids, translate_event
 from firmware_py.dispatch.start_delay import start_delay_s
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
@@ -187,11 +187,13 @@ def test_an_event_the_vtn_drops_as_completed_is_no_cancellation_of_its_randomise
                 assert await vtn.wait_for_response(late) == "optIn"
                 delay = start_delay_s(vtn.ven_name, late, 1_800.0)
                 assert delay > 60  # the tail outlasts the VTN's schedule by more than the clock is moved
-                vtn_end = start.timestamp() + 600
-                sink.now = lambda: vtn_end + 30  # type: ignore[method-assign] - the VTN's window is over
+                vtn_end, tail_start = start.timestamp() + 600, start.timestamp() + delay
+                in_tail = max(vtn_end, tail_start) + 30  # the VTN's window is over, this VEN's is not
+                sink.now = lambda: in_tail  # type: ignore[method-assign]
                 vtn.withdraw_event(late)
                 newer = vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 4.0)
                 assert await vtn.wait_for_response(newer) == "optIn"  # a distribution after the withdrawal
+                assert ven.committed_w() == 5000.0  # the tail is still tracked: reported, asked again for
         assert sink.cancels() == [] and ven.implicit_cancellations == 0
 
     run(scenario)
@@ -593,6 +595,20 @@ def test_translation_prefers_load_dispatch_over_a_companion_simple_signal() -> N
 def test_translation_uses_the_measurement_scale() -> None:
     plan = translate(event([signal(payloads=[2500.0], measurement={"unit": "W", "scale": "none"})]))
     assert isinstance(plan, EventPlan) and plan.requests[0].target_w == 2500.0
+
+
+def test_an_event_named_like_another_events_interval_gets_an_id_of_its_own() -> None:
+    two = translate(event([signal(payloads=[5.0, 3.0])], event_id="peak"))
+    named = translate(event([signal(payloads=[4.0])], event_id="peak#1"))
+    assert isinstance(two, EventPlan) and isinstance(named, EventPlan)
+    assert two.request_ids == ("peak#0", "peak#1") and named.request_ids == ("peak##1",)
+
+
+@given(st.lists(st.tuples(st.text(alphabet="a#0", max_size=5), st.integers(1, 3)), max_size=6,
+                unique_by=lambda pair: pair[0]))
+def test_request_ids_of_different_events_never_meet(events: list[tuple[str, int]]) -> None:
+    ids = [request_id for event_id, intervals in events for request_id in request_ids(event_id, intervals)]
+    assert len(ids) == len(set(ids))
 
 
 def test_translation_skips_ended_intervals_and_expires_when_none_is_left() -> None:

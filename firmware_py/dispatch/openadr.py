@@ -435,9 +435,12 @@ class OpenAdrVen:
             return
         present, now = {_event_id_of(e) for e in events}, sink.now()
         for event_id in [e for e in self._events if e not in present]:
-            tracked = self._events.pop(event_id)
+            tracked = self._events[event_id]
             if tracked.ends_at - tracked.delay_s <= now:
-                continue  # over on the VTN's schedule: it drops completed events, which is no cancellation
+                # Over on the VTN's schedule: it drops completed events, which is no cancellation. A randomised
+                # start's tail is still this VEN's to run, report and ask again for, until `_forget_ended`.
+                continue
+            del self._events[event_id]
             try:
                 await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
             except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll

@@ -105,7 +105,7 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
     delay_s = start_delay_s(ven_name, event_id, _startafter_s(event))
     windows = [(start + delay_s, end + delay_s, payload)
                for start, end, payload in _windows(event, signal, to_gateway_time)]
-    ids = tuple(event_id if len(windows) == 1 else f"{event_id}#{index}" for index in range(len(windows)))
+    ids = request_ids(event_id, len(windows))
     if name == LOAD_DISPATCH:
         scale = _load_dispatch_scale(signal)
         targets = [_dispatch_target(payload * scale) for _, _, payload in windows]
@@ -126,6 +126,18 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
     if not requests:
         return _refusal(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
     return EventPlan(event_id, revision, cancelled=False, requests=requests, request_ids=ids, delay_s=delay_s)
+
+
+def request_ids(event_id: str, intervals: int) -> tuple[str, ...]:
+    """One request id per interval: the event's id for a one-interval event, `EVENTID#N` otherwise.
+
+    Every `#` of the event's id is written twice, so that no id can name two things: an event
+    called `peak#1` would otherwise take the id of the second interval of an event `peak`.
+    """
+    escaped = event_id.replace("#", "##")
+    if intervals == 1:
+        return (escaped,)
+    return tuple(f"{escaped}#{index}" for index in range(intervals))
 
 
 def _pick_signal(event: Mapping[str, Any]) -> Mapping[str, Any]:
