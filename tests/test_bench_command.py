@@ -18,7 +18,8 @@ from firmware_py.sim import bench
 @pytest.mark.slow  # real-time rigs and a separate-process gateway: seconds each
 def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--only", "reaction", "dispatch", "start", "--samples", "5", "--json", str(out)]) == 0
+    assert main(["bench", "--only", "reaction", "dispatch", "start", "--samples", "5", "--steady-seconds", "0.5",
+                 "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     for layout in ("reaction_ms", "reaction_one_process_ms"):
         for name in ("idle", "loaded", "floor"):

@@ -253,9 +253,8 @@ FAILING = {
 }
 
 
-@pytest.fixture(scope="module")
-def failing_runs(peers: Peers) -> dict[str, Run]:
-    """Every failing case at once (after the passing run, which discharges the shared inverter)."""
+def run_failing_cases(peers: Peers) -> dict[str, tuple[Run, dict[str, Any]]]:
+    """Every failing case at once (after the passing run where both run, which discharges the shared inverter)."""
     fill = {"closed": free_port(), "can_swapped": peers.can["swapped"], "inv_swapped": peers.inverter["swapped"]}
     injected_before = meter(peers.inverter["good"])
     started = {}
@@ -275,22 +274,31 @@ def failing_runs(peers: Peers) -> dict[str, Run]:
     return {case: (run, fill) for case, run in runs.items()}
 
 
-@pytest.mark.parametrize("case", list(FAILING))
-def test_commissioning_fails_with_the_right_message(failing_runs, case: str, peers: Peers):
-    run, fill = failing_runs[case]
+def wrong_in(case: str, run: Run, fill: dict[str, Any]) -> list[str]:
+    """What a failing case's run got wrong: not exit 1, another failed check, the wrong words or advice."""
     _, _, name, words, advice = FAILING[case]
     name, words = name.format(**fill), words.format(**fill)
-    assert run.code == 1, run.out
-    assert not run.report["passed"]
     failed = run.failed()
-    assert list(failed) == [name], run.out  # this failure and no other
-    assert words in failed[name]["detail"] and advice in failed[name]["advice"], failed[name]
-    assert f"FAIL  {name}: " in run.out and "COMMISSIONING FAILED" in run.out  # the terminal says it too
+    if run.code != 1 or run.report["passed"]:
+        return [f"{case}: exit {run.code}, passed {run.report['passed']}\n{run.out}"]
+    if list(failed) != [name]:  # this failure and no other
+        return [f"{case}: failed {list(failed)}, expected only {name!r}\n{run.out}"]
+    if words not in failed[name]["detail"] or advice not in failed[name]["advice"]:
+        return [f"{case}: {failed[name]} does not say {words!r} with advice {advice!r}"]
+    if f"FAIL  {name}: " not in run.out or "COMMISSIONING FAILED" not in run.out:  # the terminal says it too
+        return [f"{case}: the terminal does not say so\n{run.out}"]
+    return []
 
 
-def test_a_swapped_sign_is_confirmed_by_the_bms_and_the_inverter_ends_at_0_w(failing_runs, peers: Peers):
-    run, _ = failing_runs["swapped power sign"]
-    sign = run.checks("sign_test")
+def test_each_failing_case_fails_by_its_own_check_with_its_message_and_advice(peers: Peers):
+    """One test for every case (their runs share the peers and go at once, ~10 s together): as a test per case,
+    xdist could hand some to another worker, which set the peers up and ran every case again."""
+    runs = run_failing_cases(peers)
+    wrong = [problem for case, (run, fill) in runs.items() for problem in wrong_in(case, run, fill)]
+    assert not wrong, "\n\n".join(wrong)
+
+    # A swapped sign is confirmed by the BMS, and the inverter still ends at 0 W.
+    sign = runs["swapped power sign"][0].checks("sign_test")
     assert sign["BMS current"]["outcome"] == "pass"  # the pack did discharge: only the reading is reversed
     assert sign["back to 0 W"]["outcome"] == "pass"
     held = held_at_zero(peers.inverter["swapped"])
