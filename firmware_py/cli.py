@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from firmware_py.errors import InputError
 from firmware_py.heap import collection_paused
+from firmware_py.narration import configure_command_logging
 from firmware_py.quoting import printable
 from firmware_py.version import software_version
 
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_OK
+    configure_command_logging()
     try:
         code = int(handler(args))
         sys.stdout.flush()  # here, so a reader that left is met below rather than as Python exits

@@ -228,6 +228,17 @@ def configure_logging(verbose: bool = False, stream: TextIO | None = None) -> No
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
 
 
+def configure_command_logging() -> None:
+    """What a command that sets up no logging of its own shows on stderr: warnings and errors, the
+    libraries' retry chatter left out (pymodbus logs an ERROR and a dump of the last frames for each
+    request that times out, where the command says what failed in one line). Nothing changes when the
+    process already logs somewhere (`run`, `commission` and a test runner set their own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_quiet)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 @contextlib.contextmanager
 def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> Iterator[None]:
     """`configure_logging`, with each line written to stderr by a thread of its own.

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -75,7 +74,6 @@ def _sim(args: argparse.Namespace) -> int:
     loaded = scenario.load(_scenario_path(args.scenario))
     _check_outputs([summary_path, plot_path, args.trace, args.journal], plot_path)
     speed = 1.0 if args.realtime else args.speed
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     outcome, series = asyncio.run(_run(loaded, args, speed))
     _report(outcome, loaded)
     if summary_path:

@@ -76,3 +76,19 @@ def test_output_whose_reader_left_ends_141_without_a_traceback(tmp_path):
     finally:
         os.close(write_end)
     assert done.returncode == 141 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_a_command_says_what_failed_in_one_line_without_the_libraries_retry_chatter(tmp_path):
+    """pymodbus logs an ERROR and a hex dump of its last frames for every request that times out; an
+    installer probing a silent inverter read those before the one line that says what is wrong."""
+    import socket
+
+    with socket.socket() as silent:  # the kernel completes the handshake; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[inverter]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\ntimeout_s = 0.2\n')
+        done = subprocess.run([sys.executable, "-m", "firmware_py", "inverter", "probe", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: inverter: reading 40000+2: no reply within 0.2 s"]
