@@ -21,10 +21,13 @@ from dataclasses import replace
 
 import can
 import pytest
+from can.interfaces.virtual import VirtualBus
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 
 from firmware_py.assembly import assemble
+from firmware_py.bms.link import CanLink
+from firmware_py.bms.reader import reader_from_config
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
@@ -199,3 +202,57 @@ def test_a_pause_of_the_gateway_itself_is_not_silence(world):
         assert world.link.reopens == 0
 
     asyncio.run(main())
+
+
+class _Watched(VirtualBus):
+    """A virtual bus that says when it is shut down."""
+
+    def __init__(self, channel: str, closed: threading.Event) -> None:
+        super().__init__(channel=channel)
+        self.closed = closed
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.closed.set()
+
+
+def test_a_reopen_whose_open_never_returns_holds_neither_the_close_nor_the_exit(tmp_path):
+    """An adapter (or a remote server) that never answers the open: the gateway stopping must not wait
+    for it. `close` gives up after its bound; `asyncio.run` returns (asyncio's executor would have held
+    it); the bus, when it opens at last, is closed by the reopen itself."""
+    channel, now = "can-link-never-opens", [100.0]
+    opening, release, late_closed = threading.Event(), threading.Event(), threading.Event()
+    config = replace(Config(), journal=replace(Config().journal, path=str(tmp_path / "j.sqlite")))
+    buses = iter([can.Bus(interface="virtual", channel=channel)])
+
+    def opener() -> can.BusABC:
+        first = next(buses, None)
+        if first is not None:
+            return first
+        opening.set()
+        release.wait()  # the driver's open, blocked
+        return _Watched(channel, late_closed)
+
+    link = CanLink(opener, reader_from_config(config, lambda: now[0]), lambda: now[0], silence_s=0.5,
+                   stall_gap_s=5.0, close_wait_s=0.05)
+    link.start(lambda snapshot: None)
+
+    async def stopping_while_it_opens() -> None:
+        await link.supervise()  # the first look: the link as it starts
+        now[0] += 1.0  # then a silent bus: the next look reopens it
+        look = asyncio.create_task(link.supervise())
+        assert await asyncio.to_thread(opening.wait, WAIT_S), "the reopen never began"
+        look.cancel()  # the service stops
+        await asyncio.gather(look, return_exceptions=True)
+
+    exited = threading.Event()
+    runner = threading.Thread(target=lambda: (asyncio.run(stopping_while_it_opens()), exited.set()), daemon=True)
+    try:
+        runner.start()
+        assert exited.wait(WAIT_S), "asyncio.run waited for the reopen's open on its way out"
+        link.close()  # returns though the open has not
+        assert link.bus is None and not late_closed.is_set()
+    finally:
+        release.set()
+    assert late_closed.wait(WAIT_S), "the bus opened after the close was left open"
+    assert link.bus is None

@@ -24,6 +24,7 @@ from the reader's own counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -44,6 +45,8 @@ RECV_TIMEOUT_S = 0.1
 """How often python-can's receive thread wakes on a quiet bus: what closing the bus may wait for it."""
 NOTIFIER_STOP_S = 2.0
 """The most closing waits for that thread (a bus blocked in its driver is left to finish alone)."""
+CLOSE_WAIT_S = 2.0
+"""The most closing waits for a reopen still opening the bus, which then closes what it opens itself."""
 
 
 class _Listener(BmsListener):
@@ -71,12 +74,13 @@ class CanLink:
 
     def __init__(self, opener: Callable[[], can.BusABC], reader: BmsReader, clock: Callable[[], float], *,
                  silence_s: float, stall_gap_s: float, link: LinkHandle | None = None,
-                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S) -> None:
         self._opener = opener
         self.bus: can.BusABC | None = opener()
         self.reader, self.clock, self.link = reader, clock, link
         self.silence_s, self.stall_gap_s = silence_s, stall_gap_s
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
+        self.close_wait_s = close_wait_s
         self.notifier: can.Notifier | None = None
         self.listener: _Listener | None = None
         self.reopens = 0
@@ -115,10 +119,20 @@ class CanLink:
             notifier.stop(timeout=NOTIFIER_STOP_S)
 
     def close(self) -> None:
-        """Stop receiving and close the bus for good, quietly if it is already broken."""
-        with self._lock:
-            self._closed = True
+        """Stop receiving and close the bus for good, quietly if it is already broken.
+
+        A reopen still waiting for its driver to open the bus is waited for at most `close_wait_s`:
+        the gateway's exit must not hang on an adapter (or a remote server) that never answers.
+        """
+        self._closed = True  # first: a reopen that outlasts the wait sees it and closes what it opened
+        if not self._lock.acquire(timeout=self.close_wait_s):
+            log.warning("the CAN bus is still being reopened after %g s: it will be closed once it opens",
+                        self.close_wait_s)
+            return
+        try:
             self._close_bus()
+        finally:
+            self._lock.release()
 
     def _close_bus(self) -> None:
         self.stop()
@@ -169,7 +183,7 @@ class CanLink:
         self._backoff = min(max(2 * self._backoff, self.backoff_min_s), self.backoff_max_s)
         log.debug("reopening the CAN bus (attempt %d, next in %.1f s at the latest)", self.reopens, self._backoff)
         try:
-            await asyncio.to_thread(self._swap)
+            await _in_a_thread_of_its_own(self._swap)
         except InputError as err:
             self._open_error = f"cannot reopen the bus: {err}"
             if self.link is not None:
@@ -186,6 +200,37 @@ class CanLink:
             if self._closed:
                 return
             self._close_bus()
-            self.bus = self._opener()
+            bus = self._opener()
+            if self._closed:  # closed meanwhile, `close` having given up waiting: the bus is nobody's
+                shutdown_quietly(bus, log)
+                return
+            self.bus = bus
             if self._on_snapshot is not None:
                 self._listen()
+
+
+async def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
+    """`work` in a daemon thread, awaited. Not asyncio's executor: `asyncio.run` waits for its threads
+    on the way out, so a driver call that never returns would hold the gateway's exit for ever."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # the waiting task was cancelled meanwhile
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting task, which decides
+            error = err
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="can-reopen", daemon=True).start()
+    await done
