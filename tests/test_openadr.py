@@ -8,6 +8,7 @@ checks what the VEN translated and what the VTN heard back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -415,22 +416,32 @@ def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes(caplog) ->
     assert "openadr" in told[0] and "unreachable" in told[0]
 
 
-@pytest.mark.parametrize("answer", ["empty", "trickle"])
+@pytest.mark.parametrize("answer", ["empty", "trickle", "endless"])
 def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_keeps_trying(monkeypatch,
                                                                                             answer) -> None:
     """An empty 200 used to end the VEN's task (openleadr gives None, which did not unpack); a VTN that
-    sends a byte every few seconds was never timed out (openleadr bounds each read, not the exchange)."""
+    sends a byte every few seconds was never timed out (openleadr bounds each read, not the exchange);
+    one that sends without end was read into memory until it stopped (openleadr caps no answer)."""
     from aiohttp import web
 
-    from firmware_py.dispatch import openadr
+    from firmware_py.dispatch import openadr, vtn_answers
 
-    monkeypatch.setattr(openadr, "VTN_REQUEST_S", 0.3)
+    monkeypatch.setattr(openadr, "VTN_REQUEST_S", 5.0 if answer == "endless" else 0.3)  # endless: the cap ends it
+    monkeypatch.setattr(vtn_answers, "MAX_ANSWER_BYTES", 64 * 1024)
+    sent = [0]  # bytes an endless VTN got out before the VEN hung up
 
     async def vtn(request: web.Request) -> web.StreamResponse:
         await request.read()
         if answer == "empty":
             return web.Response(status=200, body=b"")
         response = web.StreamResponse(status=200)
+        if answer == "endless":  # as fast as it can, chunked, never done
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                while sent[0] < 64 * 1024 * 1024:
+                    await response.write(b"<" * 65_536)
+                    sent[0] += 65_536
+            return response
         response.content_length = 10_000
         await response.prepare(request)
         while True:
@@ -458,6 +469,7 @@ def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_
                     await asyncio.sleep(0.05)
                 assert not task.done() and not ven.registered
                 assert not links.view(time.monotonic())["openadr"]["ok"]
+                assert sent[0] < 3 * 8 * 1024 * 1024  # each answer dropped near the cap, not read to its end
         finally:
             await runner.cleanup()
 

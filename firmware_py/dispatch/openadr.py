@@ -26,7 +26,8 @@ stands until its next distribution, which is then answered with the new opt.
 
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
 returned), `_on_event`, `received_events`, `responded_events`,
-`_report_queue_worker`, `_event_cleanup`, `report_requests`.
+`_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`;
+and on aiohttp's `ClientSession._response_class` (a VTN's answer read with a cap).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import aiohttp
 from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 
@@ -59,7 +61,9 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.dispatch.simple_levels import check_levels
+from firmware_py.dispatch import vtn_answers
 from firmware_py.dispatch.standing import StandingWatch
+from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
@@ -144,6 +148,17 @@ class _Tracked:
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)  # id -> its answer
 
 
+class _CappedResponse(aiohttp.ClientResponse):
+    """A VTN's answer, read with its cap (openleadr reads any size into memory)."""
+
+    async def read(self) -> bytes:
+        try:
+            return await read_capped(self, vtn_answers.MAX_ANSWER_BYTES)
+        except AnswerTooLarge as err:  # openleadr's own log of the failed exchange is quieted
+            log.warning("OpenADR: %s: not read, the exchange failed", err)
+            raise
+
+
 class _Client(OpenADRClient):
     """openleadr's client, telling its owner whether the last poll reached the VTN and which
     events each complete distribution holds (for implicit cancellation)."""
@@ -161,6 +176,10 @@ class _Client(OpenADRClient):
             log.debug("OpenADR: %s/%s took more than %.0f s", self.vtn_url, service, VTN_REQUEST_S)
             return None, {}
         return answered if isinstance(answered, tuple) else (None, {})
+
+    async def _ensure_client_session(self) -> None:
+        await super()._ensure_client_session()
+        self.client_session._response_class = _CappedResponse  # every answer read with its cap
 
     async def poll(self) -> tuple[str | None, dict[str, Any]]:
         response_type, payload = await super().poll()

@@ -74,6 +74,7 @@ from firmware_py.dispatch.openadr3_events import (
 )
 from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
 from firmware_py.dispatch.standing import StandingWatch
+from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
@@ -83,7 +84,6 @@ from firmware_py.tasks import cancel_all
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 10.0
-MAX_BODY_BYTES = 4 * 1024 * 1024  # one VTN answer; an event list larger than this is not a residential feed
 PAGE = 50  # objects asked per page of a listing
 MAX_PAGES = 40  # ... and at most this many pages (2,000 objects) per listing
 MAX_EVENTS = 500  # events tracked at once
@@ -800,14 +800,11 @@ def _describe(answer: DispatchAnswer) -> str:
 
 
 async def _body(resp: aiohttp.ClientResponse) -> bytes:
-    """The response body, refused beyond MAX_BODY_BYTES (a VTN cannot make the gateway hold gigabytes)."""
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise VtnError(f"{resp.method} {resp.url.path}: the answer is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The response body, with its cap (a VTN cannot make the gateway hold gigabytes)."""
+    try:
+        return await read_capped(resp)
+    except AnswerTooLarge as err:
+        raise VtnError(str(err)) from None
 
 
 def _json(raw: bytes, what: str) -> Any:
