@@ -232,7 +232,8 @@ def notes(config: Config) -> list[str]:
     listens += [(f"{name}.{kind.listen}", getattr(section(config, name), kind.listen))
                 for name, kind in INTEGRATIONS.items() if kind.listen and section(config, name).enabled]
     return [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
-            for key, address in listens if not address.startswith(UNIX_PREFIX) and address.rpartition(":")[2] == "0"]
+            for key, address in listens if address and not address.startswith(UNIX_PREFIX)
+            and parse_host_port(address, key)[1] == 0]
 
 
 def _check_timeout_against_the_dbc(config: Config) -> None:

@@ -48,6 +48,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch.openadr_events import request_ids
 from firmware_py.dispatch.sunspec_server import SunSpecDerServer
 from firmware_py.errors import InputError
 from firmware_py.gateway import Gateway
@@ -188,6 +189,7 @@ class OpenAdrAggregator(_VenAggregator):
         super().__init__(ven_name, reply_timeout_s)
         self.vtn: LoopbackVtn | None = None
         self._openleadr_level: int | None = None
+        self.request_ids: dict[str, str] = {}  # the VEN's request id -> the scenario's dispatch id
 
     async def start(self, gateway: Gateway) -> None:
         from firmware_py.dispatch.openadr import OpenAdrVen
@@ -216,17 +218,20 @@ class OpenAdrAggregator(_VenAggregator):
             return None
         self.vtn.add_event(LOAD_DISPATCH, self.at(request.start), request.end - request.start,
                            request.target_w / 1000.0, event_id=request.id)
-        done = await self._wait(lambda: request.id in self.sink.answers and self.vtn.opt_for(request.id),
+        (rid,) = request_ids(request.id, 1)  # what the VEN names the event's one interval
+        self.request_ids[rid] = request.id
+        done = await self._wait(lambda: rid in self.sink.answers and self.vtn.opt_for(request.id),
                                 f"the answer to OpenADR event {request.id}")
-        return self.sink.answers.get(request.id) if done else None
+        return self.sink.answers.get(rid) if done else None
 
     async def cancel(self, event_id: str) -> None:
         assert self.vtn is not None
         if self.vtn.ven_id is None:
             return
-        self.sink.cancelled.discard(event_id)
+        (rid,) = request_ids(event_id, 1)
+        self.sink.cancelled.discard(rid)
         self.vtn.cancel_event(event_id)
-        await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
+        await self._wait(lambda: rid in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
 
     async def step(self, t: float) -> None:
         self._check_ven("OpenADR VEN")
@@ -237,8 +242,9 @@ class OpenAdrAggregator(_VenAggregator):
             logging.getLogger("openleadr").setLevel(self._openleadr_level)
 
     def _quiet_openleadr(self) -> None:
-        """openleadr's client pins its logger at INFO (a line per poll and report): the bench's
-        progress line and summary would drown, so only its warnings show while the bench runs."""
+        """openleadr's client pins its logger at INFO (a line per poll and report): while the bench runs
+        those lines are not even made. (What is left, `sim` shows as `run` does: none of openleadr's lines,
+        the gateway tells each VTN outage itself.)"""
         logger = logging.getLogger("openleadr")
         self._openleadr_level = logger.level
         if logger.getEffectiveLevel() < logging.WARNING:

@@ -33,7 +33,8 @@ TARGET_W = 11_500
 
 
 def write_scenario(tmp_path: Path, kind: str, *, at_s: float = 60, start_s: float = 120,
-                   duration_s: float = 300, run_s: float = 450, extra: str = "") -> scenario.Scenario:
+                   duration_s: float = 300, run_s: float = 450, extra: str = "",
+                   dispatch_id: str = "peak-1") -> scenario.Scenario:
     path = tmp_path / f"short-{kind}.toml"
     path.write_text(f"""
 [run]
@@ -42,7 +43,7 @@ duration_s = {run_s}
 kind = "{kind}"
 [[dispatch]]
 at_s = {at_s}
-id = "peak-1"
+id = "{dispatch_id}"
 start_s = {start_s}
 duration_s = {duration_s}
 target_w = {TARGET_W}
@@ -106,11 +107,14 @@ def test_openadr_event_is_opted_in_and_delivered(tmp_path):
 
 @pytest.mark.slow  # the fast tier keeps one bench per protocol; this one's logic has unit tests too
 def test_openadr_cancel_mid_event_stops_delivery(tmp_path):
-    loaded = write_scenario(tmp_path, "openadr", duration_s=300,
-                            extra='[[cancel]]\nat_s = 300\nid = "peak-1"\n')
+    """With an event id holding a '#', which the VEN writes twice in its request id: the bench still finds
+    the answer, the cancellation and the delivered energy under the scenario's id."""
+    loaded = write_scenario(tmp_path, "openadr", duration_s=300, dispatch_id="peak#1",
+                            extra='[[cancel]]\nat_s = 300\nid = "peak#1"\n')
     aggregator = for_scenario(loaded)
     outcome, records = run_bench(loaded, aggregator, tmp_path)
-    assert "peak-1" in aggregator.sink.cancelled  # the VEN handed the VTN's cancellation to the core
+    assert "peak##1" in aggregator.sink.cancelled  # the VEN handed the VTN's cancellation to the core
+    assert outcome.summary["answers"] == {"peak#1": "accepted"} and set(outcome.summary["delivered_wh"]) == {"peak#1"}
     after = [r for r in records if r["t"] >= 310]
     assert after and all(r["inverter_w"] <= 0 and r["event_id"] is None for r in after)
     assert 0 < delivered(outcome) < TARGET_W * (310 - 120) / 3600

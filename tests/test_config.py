@@ -120,7 +120,7 @@ def test_check_config_exits_2_naming_the_wrong_key_and_the_out_of_range_reserve(
 
 def test_check_config_points_out_a_listen_address_on_port_0_and_still_calls_it_valid(tmp_path, capsys):
     """Port 0 is a free port picked at each start: right for tests, and nobody's address to connect to."""
-    path = write(tmp_path, '[dispatch.sunspec_server]\nenabled = true\nlisten = "127.0.0.1:0"\n'
+    path = write(tmp_path, '[dispatch.sunspec_server]\nenabled = true\nlisten = "127.0.0.1:00"\n'
                            '[metrics]\nlisten = "127.0.0.1:0"\n[owner]\napi_listen = "unix:/run/gw:0"\n')
     assert main(["check-config", str(path)]) == 0
     captured = capsys.readouterr()

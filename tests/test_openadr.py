@@ -33,6 +33,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch import openadr as openadr_module
 from firmware_py.dispatch.openadr import OpenAdrVen
 from firmware_py.dispatch.openadr_events import EventPlan, request_ids, translate_event
 from firmware_py.dispatch.start_delay import start_delay_s
@@ -69,6 +70,13 @@ class ScriptedSink:
 
     def cancels(self) -> list[DispatchCancel]:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
+
+
+@pytest.fixture(autouse=True)
+def polls_every_50_ms(monkeypatch):
+    """The loopback VTN asks for polls as fast as they come (PT0S); the VEN's floor of 0.5 s, which spares
+    a real VTN, would only make each test wait for it."""
+    monkeypatch.setattr(openadr_module, "MIN_POLL_S", 0.05)
 
 
 def make_ven(vtn: LoopbackVtn, **changes: Any) -> OpenAdrVen:

@@ -27,7 +27,8 @@ stands until its next distribution, which is then answered with the new opt.
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
 returned), `_on_event`, `received_events`, `responded_events`,
 `_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`;
-and on aiohttp's `ClientSession._response_class` (a VTN's answer read with a cap).
+and on aiohttp's `ClientSession._response_class` and `ClientResponse._body` (a VTN's answer read with a
+cap).
 """
 
 from __future__ import annotations
@@ -152,11 +153,13 @@ class _CappedResponse(aiohttp.ClientResponse):
     """A VTN's answer, read with its cap (openleadr reads any size into memory)."""
 
     async def read(self) -> bytes:
-        try:
-            return await read_capped(self, vtn_answers.MAX_ANSWER_BYTES)
-        except AnswerTooLarge as err:  # openleadr's own log of the failed exchange is quieted
-            log.warning("OpenADR: %s: not read, the exchange failed", err)
-            raise
+        if self._body is None:  # kept, as aiohttp's own read keeps it, for a second read or text()
+            try:
+                self._body = await read_capped(self, vtn_answers.MAX_ANSWER_BYTES)
+            except AnswerTooLarge as err:  # openleadr's own log of the failed exchange is quieted
+                log.warning("OpenADR: %s: not read, the exchange failed", err)
+                raise
+        return self._body
 
 
 class _Client(OpenADRClient):
