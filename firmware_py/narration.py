@@ -231,8 +231,8 @@ def configure_logging(verbose: bool = False, stream: TextIO | None = None) -> No
 def configure_command_logging() -> None:
     """What a command that sets up no logging of its own shows on stderr: warnings and errors, the
     libraries' retry chatter left out (pymodbus logs an ERROR and a dump of the last frames for each
-    request that times out, where the command says what failed in one line). Nothing changes when the
-    process already logs somewhere (`run`, `commission` and a test runner set their own)."""
+    request that times out, where the command says what failed in one line). `run` and `commission`
+    replace it with their own; where the process already logs somewhere (a test runner) it is not added."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_quiet)
