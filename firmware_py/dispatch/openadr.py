@@ -62,7 +62,6 @@ from firmware_py.core.types import (
 from firmware_py.dispatch import DispatchSink
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.dispatch.simple_levels import check_levels
-from firmware_py.dispatch import vtn_answers
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
@@ -155,7 +154,7 @@ class _CappedResponse(aiohttp.ClientResponse):
     async def read(self) -> bytes:
         if self._body is None:  # kept, as aiohttp's own read keeps it, for a second read or text()
             try:
-                self._body = await read_capped(self, vtn_answers.MAX_ANSWER_BYTES)
+                self._body = await read_capped(self)
             except AnswerTooLarge as err:  # openleadr's own log of the failed exchange is quieted
                 log.warning("OpenADR: %s: not read, the exchange failed", err)
                 raise

@@ -15,8 +15,10 @@ class AnswerTooLarge(Exception):
     """The answer passed its cap; the connection is closed, nothing more of it is read."""
 
 
-async def read_capped(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
-    """The whole body of `response`, or AnswerTooLarge as soon as it passes `limit` bytes."""
+async def read_capped(response: aiohttp.ClientResponse, limit: int | None = None) -> bytes:
+    """The whole body of `response`, or AnswerTooLarge as soon as it passes `limit` bytes (None:
+    `MAX_ANSWER_BYTES`, read at each call)."""
+    limit = MAX_ANSWER_BYTES if limit is None else limit
     chunks, size = [], 0
     async for chunk in response.content.iter_any():
         size += len(chunk)
