@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 
 import can
@@ -124,6 +125,37 @@ def test_bad_frames_are_counted_and_dropped_with_a_reason(reader, msg, reason):
     # the last believed frame's time; an unknown page feeds nothing, so nothing changed.
     assert (handed is None) == (reason == "unknown_mux_page")
     assert handed is None or (handed.stale == s.stale != frozenset() and handed.received_at == 0.0)
+
+
+@pytest.mark.parametrize("dlc,data", [(2, status().data), (8, bytes(2))], ids=["bytes-past-the-dlc", "dlc-past-the-bytes"])
+def test_a_frame_is_as_long_as_its_dlc_says_and_refused_when_that_is_not_the_dbcs(reader, dlc, data):
+    """A DLC of 2 with 8 bytes in the buffer (python-can-remote carries the two apart) is a 2-byte
+    frame: the BMS state in byte 4 was never sent and must not be believed."""
+    reader.on_message(status(), now=0.0)
+    fault = frame("BmsStatus", BmsState=6, ContactorState=4, HvState=6, Isolation=5000).data
+    msg = can.Message(arbitration_id=0x212, data=fault if dlc == 2 else data, dlc=dlc, is_extended_id=False)
+    handed = reader.on_message(msg, now=0.05)
+    assert reader.dropped == {"wrong_length": 1} and "DLC" in reader.last_drop
+    assert handed is not None and {"bms_state", "contactor_state"} <= handed.stale
+    assert reader.snapshot(0.05).bms_state == 2  # the refused frame's FAULT was not believed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_float_signal_carrying_nan_or_infinity_is_refused_not_raised(tmp_path, value):
+    """An installer's DBC may declare an IEEE float signal (docs/can.md, fitting another vehicle)."""
+    text = DBC.read_text().replace(" SG_ HvilStatus : 40|4@1+ (1,0) [0|15]", " SG_ HvilStatus : 16|32@1- (1,0) [0|15]")
+    floats = tmp_path / "float-hvil.dbc"
+    floats.write_text(text + "\nSIG_VALTYPE_ 522 HvilStatus : 1;\n")
+    reader = BmsReader(floats, clock=lambda: 0.0)
+    assert reader.db.get_message_by_frame_id(0x20A).get_signal_by_name("HvilStatus").is_float
+    contactors = bytes([4 | (4 << 3), 0])
+    reader.on_message(can.Message(arbitration_id=0x20A, data=contactors + struct.pack("<f", 1.0),
+                                  is_extended_id=False), now=0.0)
+    assert reader.snapshot(0.0).hvil_ok is True
+    handed = reader.on_message(can.Message(arbitration_id=0x20A, data=contactors + struct.pack("<f", value),
+                                           is_extended_id=False), now=0.05)
+    assert reader.dropped == {"out_of_range": 1} and "HvilStatus" in reader.last_drop
+    assert handed is not None and {"hvil_ok", "pack_contactor_neg", "pack_contactor_pos"} <= handed.stale
 
 
 def test_a_refused_frame_that_stales_a_critical_field_steps_the_core_at_once_not_at_the_tick(reader):

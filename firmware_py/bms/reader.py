@@ -14,6 +14,7 @@ first thing `on_message` does is one dict lookup by arbitration id.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -191,7 +192,7 @@ class BmsReader:
             # Read under the lock: a tick's `snapshot` in between would otherwise stamp a later time first,
             # and this snapshot, older than the one the core holds, would not be believed.
             now = self._clock() if now is None else now
-            values = self._decode(frame, msg.data, now)
+            values = self._decode(frame, msg.data, msg.dlc, now)
             if values is not None:
                 self.accepted += 1
                 self._believed_at = now
@@ -224,8 +225,10 @@ class BmsReader:
 
     # -- decoding and plausibility -----------------------------------------
 
-    def _decode(self, frame: _Frame, data: bytes | bytearray, now: float) -> dict[str, Any] | None:
+    def _decode(self, frame: _Frame, data: bytes | bytearray, dlc: int, now: float) -> dict[str, Any] | None:
         payload = bytes(data)
+        if dlc != len(payload):  # a frame is as long as its DLC says: bytes past it were never sent
+            return self._drop("wrong_length", frame, frame.fields, f"DLC {dlc} with {len(payload)} data bytes")
         last = self._parsed.get(frame.message.frame_id)
         if last is not None and last[0] == payload:
             values = last[1]  # the same bytes parse to the same values: only the time-dependent check remains
@@ -304,6 +307,8 @@ def _parse(frame: _Frame, data: bytes) -> dict[str, Any] | _Refusal:
     values: dict[str, Any] = {}
     for b in present:
         raw = decoded[b.signal]
+        if not math.isfinite(raw):  # an IEEE float signal of an installer's DBC can carry NaN or infinity
+            return _Refusal("out_of_range", names, f"{b.signal}={raw}")
         if b.choices is not None and int(raw) not in b.choices:
             return _Refusal("not_in_value_table", names, f"{b.signal}={raw}")
         if b.field == "hvil_ok":
