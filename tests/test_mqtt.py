@@ -32,7 +32,7 @@ from lockstep import Rig
 
 from firmware_py import cli
 from firmware_py.config import Config, MqttConfig
-from firmware_py.core.types import DispatchKind, DispatchRequest, Mode
+from firmware_py.core.types import DispatchKind, DispatchRequest, Mode, OwnerSettings
 from firmware_py.journal import Journal
 from firmware_py.mqtt import commands
 from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing, _first_failure
@@ -407,6 +407,14 @@ def test_payloads_are_read_into_the_owner_apis_requests():
 
 
 # ------------------------------------------------------------------ state
+
+
+def test_an_opt_out_of_one_event_is_reported_as_that_even_while_a_timed_opt_out_runs():
+    settings = OwnerSettings(40.0, 0.0, opt_out_until=1_748_786_402.0, opt_out_events=frozenset({"peak-9"}))
+    change = commands.Change(Command.OPT_OUT, {"event": "peak-9"})
+    assert commands.done(change, settings) == "opted out of event peak-9"
+    assert commands.done(commands.Change(Command.OPT_OUT, {"until": 1_748_786_402.0}), settings) == \
+        "opted out until 2025-06-01T14:00:02Z"
 
 
 def test_state_follows_the_bench_through_an_event_to_the_months_credit(tmp_path):

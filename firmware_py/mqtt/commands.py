@@ -128,6 +128,8 @@ def done(change: Change, settings: OwnerSettings) -> str:
     if change.command is Command.OPT_OUT:
         if change.clear:
             return "opted back in"
+        if isinstance(change.body, dict) and "event" in change.body:  # whatever else is in force: this was asked
+            return f"opted out of event {change.body['event']}"
         if s.opt_out_until == math.inf:
             return "opted out until revoked"
         if s.opt_out_until is not None:
