@@ -18,6 +18,7 @@ from firmware_py.core import types as t
 from firmware_py.errors import InputError
 from firmware_py.journal import Chain, Journal, RecordKind, files
 from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorWhy
+from firmware_py.journal.store import GENESIS_HASH
 
 
 def billed_event(journal: Journal, energies: int = 20) -> None:
@@ -36,7 +37,8 @@ def cut_tail(path: Path, keep: int) -> None:
     conn = sqlite3.connect(path)
     conn.execute("DROP TRIGGER records_no_delete")
     conn.execute("DELETE FROM records WHERE seq > ?", (keep,))
-    conn.execute("UPDATE head SET seq = ?, hash = (SELECT hash FROM records WHERE seq = ?)", (keep, keep))
+    conn.execute("UPDATE head SET seq = ?, hash = COALESCE((SELECT hash FROM records WHERE seq = ?), ?)",
+                 (keep, keep, GENESIS_HASH))
     conn.commit()
     conn.close()
 
@@ -173,6 +175,18 @@ def test_a_deleted_anchor_file_is_detected_though_the_files_version_was_set_back
     files.anchors_path(path).unlink()
     code, out = report(path, capsys)
     assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 holds records" in out
+
+
+def test_every_record_and_the_anchor_file_deleted_is_detected(path, capsys):
+    """Emptied to nothing, the journal is a good empty chain; but the key beside it says it was anchored,
+    and the writer anchors seq 0 before anything else, so no anchored journal lacks its anchor file."""
+    with Journal.open(path) as journal:
+        billed_event(journal)
+    cut_tail(path, keep=0)
+    files.anchors_path(path).unlink()
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 was anchored" in out
+    assert "chain: intact" not in out
 
 
 def test_anchors_signed_by_another_key_are_detected(path, tmp_path, capsys):

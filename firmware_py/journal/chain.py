@@ -125,8 +125,9 @@ class Chain:
         # The file's own version says whether it is anchored, but nothing signs that number: an anchor key
         # beside the journal says so too, so setting the version back cannot excuse a deleted anchor file.
         expected = journal.anchored or files.key_path(self.live).exists()
-        if verdict.lines == 0 and expected and result.records:
-            missing = f"{path.name}: missing or empty, though segment {segment.number} holds records"
+        if verdict.lines == 0 and expected:  # the writer anchors seq 0 as it opens: never a segment without one
+            missing = f"{path.name}: missing or empty, though segment {segment.number} " + \
+                ("holds records" if result.records else "was anchored (its records were deleted too?)")
             return [f"{missing} (its anchor file was deleted)"]
         return verdict.problems
 
