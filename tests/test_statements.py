@@ -176,6 +176,40 @@ def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(cra
     assert f"journal: record {row[0]}: contents do not match its hash (edited)" in err
 
 
+def test_a_statement_resigned_by_another_key_fails_wherever_the_key_is_checked_and_says_when_it_cannot_be(
+        crashed, tmp_path, capsys):
+    """Figures that follow from the journal prove nothing about the rate unless the gateway signed them: a
+    forger with the journal alone re-signs a statement at ten times the rate."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    good = tmp_path / "s.json"
+    statement = make(crashed, good, "--event", "peak", config=program_config(tmp_path, crashed))
+    genuine_key = statement["public_key"]
+    body = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
+    body["program"] = {**body["program"], "credit_per_kwh": 10.0}
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(evidence.sign(body, Ed25519PrivateKey.generate())))
+    capsys.readouterr()
+
+    key = evidence.key_path(crashed)
+    key.chmod(0o640)  # the key file readable here though not private: its public half is all a checker needs
+    assert verify(forged, crashed) == 1
+    assert "not by this gateway's statement key" in capsys.readouterr().err
+    key.rename(tmp_path / "elsewhere")  # the aggregator's copy: the journal and its anchors, not the private key
+    assert verify(forged, crashed) == 1
+    assert "the signing key was not checked" in capsys.readouterr().err
+    pinned = ["--public-key", genuine_key]
+    assert main(["statement", "verify", str(forged), "--journal", str(crashed), *pinned]) == 1
+    assert "not by the pinned key" in capsys.readouterr().err
+    assert main(["statement", "verify", str(forged), *pinned]) == 1
+    assert main(["statement", "verify", str(good), "--journal", str(crashed), *pinned]) == 0
+    assert "(the pinned key)" in capsys.readouterr().out
+    assert verify(forged) == 0  # the signature alone asked for: good, and the output says whose key it is not
+    assert "give --public-key HEX to check it is the gateway's" in capsys.readouterr().out
+    assert main(["statement", "verify", str(good), "--public-key", "abc"]) == 2
+    assert "--public-key: expected the 64 hex digits" in capsys.readouterr().err
+
+
 def test_an_edit_no_figure_reads_still_fails_verification_by_the_chain_alone(crashed, tmp_path, capsys):
     good = tmp_path / "s.json"
     make(crashed, good, "--event", "peak")
@@ -269,6 +303,11 @@ def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
     assert main(["statement", "--journal", str(tmp_path / "nope.sqlite"), "--from", "2025-01-01"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+    with Journal.open(tmp_path / "journal.sqlite"):
+        pass
+    for option in (["--month", "9999-12"], ["--from", "9999-12-31", "--to", "9999-12-31"]):
+        assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), *option]) == 2
+        assert "past the last" in capsys.readouterr().err  # not a damaged journal (1)
 
 
 def test_the_statement_key_is_made_private_and_refused_when_others_can_read_it(crashed, tmp_path):

@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = actions.add_parser("verify", help="check a JSON statement's signature and, with --journal, every figure")
     v.add_argument("statement", metavar="FILE", help="the JSON statement")
     v.add_argument("--journal", metavar="FILE", help="recompute every figure from this journal")
+    v.add_argument("--public-key", metavar="HEX", help="the gateway's statement key as pinned from an earlier "
+                                                       "statement: the statement must be signed by it")
     v.set_defaults(handler=verify_statement)
 
 
@@ -71,9 +73,10 @@ def make_statement(args: argparse.Namespace) -> int:
         for problem in verdict.problems:
             print(f"  - {printable(problem)}", file=sys.stderr)
         return EXIT_FAILED
+    selection = _selection(args)  # a bad option is bad input (exit 2), never taken for a damaged journal
     key = evidence.load_or_create_key(evidence.key_path(journal))
     try:
-        unsigned = statement_from_journal(chain, _selection(args), basis, verdict.head_seq, verdict.head_hash)
+        unsigned = statement_from_journal(chain, selection, basis, verdict.head_seq, verdict.head_hash)
     except codec.DAMAGED_VALUE as damage:
         print(f"error: {journal}: {codec.unreadable(damage)}; a statement made from it would not hold up",
               file=sys.stderr)
@@ -122,10 +125,12 @@ def _write(text: str, out: str | None) -> None:
 
 def verify_statement(args: argparse.Namespace) -> int:
     statement = _read_statement(Path(args.statement))
+    signer = _expected_signer(args)
     problems = []
     bad_signature = evidence.signature_problem(statement)
     if bad_signature:
         problems.append(bad_signature)
+    problems += _signer_problems(statement, signer, args.journal)
     if args.journal:
         problems += _journal_problems(Path(args.journal), statement)
     if problems:
@@ -135,9 +140,45 @@ def verify_statement(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     scope = "signature good and every figure follows from the journal" if args.journal else \
         "signature good (give --journal FILE to check the figures against the journal too)"
-    print(f"{args.statement}: verified: {scope}; signed by {statement['public_key'][:16]}…, "
+    whose = f" ({signer[1]})" if signer else \
+        " (the key the statement names: give --public-key HEX to check it is the gateway's)"
+    print(f"{args.statement}: verified: {scope}; signed by {statement['public_key'][:16]}…{whose}, "
           f"journal head {str(statement.get('journal_head'))[:16]}… (record {statement.get('journal_seq')})")
     return EXIT_OK
+
+
+def _expected_signer(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The key the statement must be signed by, and what it is: the one pinned on the command line,
+    else the one beside the journal when it is readable here (its public half: the file need not be
+    private to the verifier, only to the gateway that signs with it)."""
+    if args.public_key is not None:
+        pinned = args.public_key.strip().lower()
+        if len(pinned) != 64 or any(ch not in "0123456789abcdef" for ch in pinned):
+            raise InputError(f"--public-key: expected the 64 hex digits of an Ed25519 public key (a statement's "
+                             f"public_key), got {args.public_key!r}")
+        return pinned, "the pinned key"
+    if args.journal:
+        beside = evidence.key_path(Path(args.journal))
+        found = evidence.readable_public_key(beside)
+        if found is not None:
+            return found, f"this gateway's statement key, {beside.name}"
+    return None
+
+
+def _signer_problems(statement: dict[str, Any], signer: tuple[str, str] | None, journal: str | None) -> list[str]:
+    """Whose signature it is: anyone can sign a statement with a key of their own, so figures that follow from
+    a journal prove nothing about the rates and credits unless the key is the gateway's."""
+    if signer is None:
+        if not journal:
+            return []  # the signature alone was asked for, and the output says whose key it names
+        where = evidence.key_path(Path(journal)).name
+        return [f"the signing key was not checked: {where} is not readable here; give --public-key HEX (the "
+                "gateway's statement key, pinned from a statement you trust)"]
+    key, what = signer
+    named = str(statement.get("public_key", ""))
+    if named.lower() != key:
+        return [f"signed by key {named[:16]}…, not by {what} {key[:16]}…"]
+    return []
 
 
 def _read_statement(path: Path) -> dict[str, Any]:
@@ -158,10 +199,6 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
     chain = Chain(journal)
     verdict = chain.check()
     problems = [f"journal: {p}" for p in verdict.problems]
-    expected = evidence.readable_public_key(evidence.key_path(journal))
-    if expected is not None and expected != statement.get("public_key"):
-        problems.append(f"signed by key {str(statement.get('public_key'))[:16]}…, not by this gateway's statement "
-                        f"key {expected[:16]}… ({evidence.key_path(journal).name})")
     seq = statement.get("journal_seq")
     if not isinstance(seq, int) or seq > verdict.head_seq:
         return [*problems, f"journal_seq {seq!r}: the journal holds records up to {verdict.head_seq} only "

@@ -43,7 +43,10 @@ def month_period(text: str) -> Period:
     except ValueError:
         raise InputError(f"--month: {text!r} is not YYYY-MM") from None
     days = calendar.monthrange(first.year, first.month)[1]
-    return Period(first.timestamp(), (first + timedelta(days=days)).timestamp())
+    try:
+        return Period(first.timestamp(), (first + timedelta(days=days)).timestamp())
+    except OverflowError:  # December 9999: its end is past the last date there is
+        raise InputError(f"--month: {text!r} is past the last month a statement can cover") from None
 
 
 def month_of(at: float) -> Period:
@@ -64,14 +67,16 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
         day = date.fromisoformat(text)
     except ValueError:
         day = None
-    if day is not None and len(text) == 10:
-        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
     try:
+        if day is not None and len(text) == 10:
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
     except ValueError:
         raise InputError(f"{option}: {text!r} is neither a date (YYYY-MM-DD) nor an ISO-8601 time") from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    except OverflowError:  # the last day there is, taken whole, or a time zone that moves it past the end
+        raise InputError(f"{option}: {text!r} is past the last time a statement can cover") from None
 
 
 def parse_iso(text: Any, name: str) -> float:

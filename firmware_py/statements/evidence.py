@@ -42,8 +42,9 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
 
 
 def readable_public_key(path: Path) -> str | None:
-    """The public half of the key at `path` when this user can read it (for `verify`), else None."""
-    return signing.readable_public_key(path, STATEMENT_KEY)
+    """The public half of the key at `path` when this user can read it (for `verify`), else None:
+    however open its mode, a checker only derives the public half from it."""
+    return signing.readable_public_key(path, STATEMENT_KEY, private=False)
 
 
 def sign(document: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
