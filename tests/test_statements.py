@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sqlite3
 from datetime import UTC, datetime
@@ -23,7 +24,15 @@ from test_gateway import gateway_on
 
 from firmware_py.cli import main
 from firmware_py.clocks import Clocks
-from firmware_py.core.types import DispatchAnswer, DispatchEnded, DispatchKind, DispatchRequest, EventEnergy, Mode
+from firmware_py.core.types import (
+    DispatchAnswer,
+    DispatchEnded,
+    DispatchKind,
+    DispatchRequest,
+    EventEnergy,
+    Mode,
+    ReasonCode,
+)
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
 from firmware_py.sim import scenario
@@ -142,6 +151,17 @@ def test_an_open_event_says_so(tmp_path):
         journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
     (event,) = make(path, tmp_path / "s.json", "--event", "peak")["events"]
     assert event["status"] == "open" and any("still open" in note for note in event["notes"])
+
+
+def test_a_request_refused_for_a_target_that_is_not_a_number_is_listed_without_it(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchRequest("odd", "openadr", DispatchKind.DISCHARGE, math.nan, 5.0, 3_600.0,
+                                             received_at=5.0))
+        journal.append_event(DispatchAnswer.refused("odd", 5.0, ReasonCode.INVALID, "target_w is not a finite number"))
+    (event,) = make(path, tmp_path / "s.json", "--event", "odd")["events"]
+    assert event["target_w"] is None and event["reason"] == "INVALID" and event["status"] == "refused"
+    assert verify(tmp_path / "s.json", path) == 0
 
 
 # ---------------------------------------------------------------- evidence

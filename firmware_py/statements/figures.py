@@ -220,9 +220,9 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     credit = _money(credited / 1000 * rate)
     wear = _money(throughput / 1000 * terms.wear_cost_per_kwh)
     return {
-        "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": summary.target_w,
+        "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": _asked(summary.target_w),
         "window": {"from": iso(tally.lo), "to": iso(tally.hi)},
-        "answer": summary.verdict, "cap_w": summary.cap_w, "reason": summary.reason, "status": status.value,
+        "answer": summary.verdict, "cap_w": _asked(summary.cap_w), "reason": summary.reason, "status": status.value,
         "delivered_wh": _wh(delivered), "integrated_wh": _wh(summary.integrated_wh if served else 0.0),
         "avg_w": round(summary.integrated_wh / hours, 1) if served and hours > 0 else 0.0,
         "peak_w": round(max(0.0, tally.peak_w or 0.0), 1) if served else 0.0,
@@ -295,6 +295,12 @@ def _money(value: float) -> float:
 
 def _wh(value: float) -> float:
     return round(value, ENERGY_DIGITS) + 0.0
+
+
+def _asked(value: float | None) -> float | None:
+    """A power as the request or answer stated it; None for one that is not a number (a request the core
+    refused as INVALID for it): a statement is strict JSON, and its `reason` says what was wrong."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _pct(value: float | None) -> float | None:
