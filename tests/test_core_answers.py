@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.answers import Judgement, invalid_reason, judge
+from firmware_py.core.energy import still_open
 from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.requests import ENDED_MEMORY
 from firmware_py.core.types import (
@@ -237,7 +238,7 @@ def test_a_damaged_new_revision_is_refused_and_ends_the_event_it_revises():
 
 def test_a_stopped_request_is_remembered_while_its_window_is_open_however_many_end_meanwhile():
     """The book forgets ended requests beyond ENDED_MEMORY, those whose window has closed first: an unchanged
-    copy of a stopped request whose window is still open must get its answer again, not be served anew."""
+    copy of a stopped request whose window is still open must be known as ended, not be served anew."""
     c = step(ready(0.0), [discharge("x", 0.0, 0.0, 7_200, 5_000, source="vtn")], 0.0).controller
     stop = DispatchRequest("stop", "vtn", DispatchKind.STOP, 0, 1.0, 7_200, received_at=1.0)
     c = step(c, [bms(1.0), inverter(1.0), stop], 1.0).controller
@@ -247,8 +248,10 @@ def test_a_stopped_request_is_remembered_while_its_window_is_open_however_many_e
         c = step(c, [bms(t), inverter(t), discharge(f"o{n}", t, 0.0, 1.0)], t).controller
     t += 0.1
     again = step(c, [bms(t), inverter(t), replace(c.book.find("x").request, received_at=t)], t)
-    assert again.answer_for("x").verdict is Verdict.ACCEPTED  # the same answer as before ...
-    assert again.controller.serving_id is None and again.command.setpoint_w == 0  # ... and nothing served
+    answered = again.answer_for("x")  # not accepted for nothing, nor judged anew: known to have ended
+    assert (answered.verdict, answered.reason) == (Verdict.REJECTED, ReasonCode.DUPLICATE), answered
+    assert "has ended" in answered.detail
+    assert again.controller.serving_id is None and again.command.setpoint_w == 0
     assert len(again.controller.book.entries) <= ENDED_MEMORY + 3
 
 
@@ -267,13 +270,68 @@ def test_a_cancelled_request_sent_again_unchanged_in_its_window_is_served_again(
     assert c.mode is Mode.DISCHARGE and c.setpoint_w > 0
 
 
-def test_a_request_that_ended_otherwise_sent_again_gets_its_answer_and_is_not_served():
-    c = running("agg-a")
-    original = c.book.find("e").request
-    stop = DispatchRequest("stop", "agg-a", DispatchKind.STOP, 0, 6.0, 3_600, received_at=6.0)
-    c = step(c, [bms(6.0), inverter(6.0), stop], 6.0).controller
-    again = step(c, [bms(7.0), inverter(7.0), replace(original, received_at=7.0)], 7.0)
-    assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id is None
+class Ledger:
+    """A core run with what the gateway journals of it (requests, answers, energy, ends): the records a
+    stop or a restart reads to find the events still open (`still_open`)."""
+
+    def __init__(self, c: Controller):
+        self.c, self.records = c, []
+
+    def step(self, inputs, now):
+        result = step(self.c, inputs, now)
+        self.c = result.controller
+        self.records += [i for i in inputs if isinstance(i, DispatchRequest)]
+        self.records += [e for e in result.events if isinstance(e, (DispatchAnswer, DispatchEnded, EventEnergy))]
+        return result
+
+    def run(self, until: float, now: float) -> float:
+        """A second a step, the inverter's meter counting what the setpoint sends."""
+        meter = 0.0
+        while now < until:
+            now += 1.0
+            meter += max(0.0, self.c.setpoint_w) / 3600
+            self.step([bms(now), inverter(now, measured_w=self.c.setpoint_w, tot_wh_inj=meter)], now)
+        return now
+
+
+@pytest.mark.parametrize("ending,reason", [
+    ("stopped", ReasonCode.DUPLICATE), ("opted out", ReasonCode.OPTED_OUT), ("window closed", ReasonCode.EXPIRED)])
+def test_an_event_that_ended_sent_again_unchanged_is_refused_for_how_it_ended_and_stays_closed(ending, reason):
+    """Its old "accepted" would opt a VEN in to nothing, and the journal would show the event open again, to be
+    closed at the next stop with a final account of 0 Wh (what the statement then bills)."""
+    original = discharge("e", 0.0, 0.0, 120, 5_000, source="agg-a")
+    ledger = Ledger(ready(0.0))
+    ledger.step([original], 0.0)
+    now = ledger.run(30.0, 0.0)
+    if ending == "stopped":
+        ledger.step([DispatchRequest("stop", "agg-a", DispatchKind.STOP, 0, now, 3_600, received_at=now)], now)
+    elif ending == "opted out":
+        ledger.step([replace(ledger.c.owner, opt_out_until=math.inf, received_at=now)], now)
+    else:
+        now = ledger.run(125.0, now)
+    assert ledger.c.book.find("e").ended and not still_open(ledger.records)
+    again = ledger.step([bms(now + 1), inverter(now + 1), replace(original, received_at=now + 1)], now + 1)
+    answered = again.answer_for("e")
+    assert (answered.verdict, answered.reason) == (Verdict.REJECTED, reason), answered
+    assert again.controller.serving_id is None and again.command.setpoint_w == 0
+    assert not still_open(ledger.records)  # nothing for a stop or a restart to close at 0 Wh
+
+
+def test_an_event_asked_again_after_a_cancel_carries_its_energy_into_what_a_stop_reads():
+    """Served again with its energy carried on (`_asked_again`): the journal must say so at once, not at the
+    next minute's report, or a stop in between closes the event at 0 Wh."""
+    original = discharge("e", 0.0, 0.0, 3_600, 5_000, source="agg-a")
+    ledger = Ledger(ready(0.0))
+    ledger.step([original], 0.0)
+    now = ledger.run(30.0, 0.0)
+    ledger.step([DispatchCancel("e", "agg-a", now)], now)
+    served = ledger.c.book.find("e").meter_wh
+    assert served > 30
+    again = ledger.step([bms(now + 1), inverter(now + 1, tot_wh_inj=served), replace(original, received_at=now + 1)],
+                        now + 1)
+    assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id == "e"
+    (reopened,) = still_open(ledger.records).values()
+    assert reopened.last is not None and reopened.last.meter_wh == pytest.approx(served, abs=1e-3)
 
 
 # --- overlapping requests: which one is in force --------------------------------------------------

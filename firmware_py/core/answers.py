@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
 from firmware_py.core.controller import Controller
-from firmware_py.core.energy import close_event
+from firmware_py.core.energy import close_event, energy_record
 from firmware_py.core.faults import bms_usable, inverter_usable
 from firmware_py.core.floor import discharge_envelope_w, stopping_energy_wh
 from firmware_py.core.requests import Booked
@@ -258,11 +258,28 @@ def _asked_again(existing: Booked, req: DispatchRequest, now: float) -> bool:
 
 
 def _repeat(existing: Booked, req: DispatchRequest, now: float) -> DispatchAnswer:
-    """The same request again gets the same answer; the same id with other content is refused."""
+    """The same request again gets the answer it stands with; the same id with other content is refused."""
     if replace(req, received_at=existing.request.received_at) == existing.request:
-        return replace(existing.answer, at=now)
+        return standing(existing, now)
     return DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE,
                                   f"id already used with other content (revision {existing.request.revision})")
+
+
+def standing(existing: Booked, now: float) -> DispatchAnswer:
+    """The answer a repeat of a booked request gets at `now`: its own answer while the event may still run.
+
+    An accepted event that has ended is not accepted again by a repeat: a VEN would opt in to an
+    event that no longer runs, and the journal would show it open again, to be closed at the next stop
+    with an account of 0 Wh. A STOP holds nothing once applied: its repeat is accepted as it was.
+    """
+    entry, rid = existing, existing.request.id
+    if not (entry.ended and entry.accepted) or entry.request.kind is DispatchKind.STOP:
+        return replace(entry.answer, at=now)
+    if entry.stopped_by_owner:
+        return DispatchAnswer.refused(rid, now, ReasonCode.OPTED_OUT, "ended by the owner")
+    if now >= entry.request.end:
+        return DispatchAnswer.refused(rid, now, ReasonCode.EXPIRED, f"ended at {entry.request.end}, now {now}")
+    return DispatchAnswer.refused(rid, now, ReasonCode.DUPLICATE, "this event has ended; a new revision starts it again")
 
 
 def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
@@ -285,6 +302,10 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
     if earlier is not None and req.kind is earlier.request.kind:
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
                         commanded_integral_wh=earlier.commanded_integral_wh, last_report_at=earlier.last_report_at)
+        if earlier.ended and not rejected:
+            # An account closed and opened again carries its energy on: say so with the answer, since what a stop
+            # or a restart reads from the journal starts the reopened event from its next energy record.
+            return c.evolve(book=c.book.add(entry, now)), events + [reply, energy_record(c, entry, now)]
     return c.evolve(book=c.book.add(entry, now)), events + [reply]
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, judge, judgement, revise
+from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, judge, judgement, revise, standing
 from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event
 from firmware_py.core.floor import discharge_envelope_w
@@ -190,9 +190,9 @@ def _judged_again(existing: Booked, p: PriceInterval) -> bool:
 
 
 def _repeat(existing: Booked, p: PriceInterval, now: float) -> DispatchAnswer:
-    """The same interval again gets the same answer; the same id with other content is refused."""
+    """The same interval again gets the answer it stands with; the same id with other content is refused."""
     if replace(p, received_at=existing.price.received_at) == existing.price:
-        return replace(existing.answer, at=now)
+        return standing(existing, now)
     return DispatchAnswer.refused(p.id, now, ReasonCode.DUPLICATE,
                                   f"id already used with other content (revision {existing.price.revision})")
 
