@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core_builders import POLICY
+from core_builders import POLICY, bms, discharge, inverter, ready
+from firmware_py.core import step
 from firmware_py.core.energy import close_after_restart, most_unreported_wh, open_events
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -126,3 +127,22 @@ def test_a_restart_never_bills_more_than_a_crash_can_leave(still_open, total):
     assert all(x >= -1e-3 for x in extra)
     assert sum(extra) <= MOST + 1e-3
     assert sum(1 for x in extra if x > 1e-3) <= 1
+
+
+def test_no_meter_interval_with_the_grid_down_is_billed_to_the_event():
+    """The house's backup is never the aggregator's: neither the interval in which the outage began (its end
+    reading reports it) nor the ones after, though the event stays booked through the outage."""
+    c = step(ready(0.0), [discharge("peak", 0.0, 0.0, 3_600, 5_000)], 0.0).controller
+    meter = 0.0
+    for t in range(1, 31):
+        meter += c.setpoint_w / 3600
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
+    billed = c.book.find("peak").meter_wh
+    assert billed > 30
+    for t in range(31, 41):  # islanded: the house draws 8 kW from the pack, the meter counts it
+        meter += 8_000 / 3600
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=8_000, tot_wh_inj=meter, grid_outage=True,
+                                               grid_connected=False)], float(t)).controller
+        assert c.mode is Mode.BACKUP
+    entry = c.book.find("peak")
+    assert entry.meter_wh == billed and entry.integrated_wh <= billed + 1e-9

@@ -43,6 +43,7 @@ from firmware_py.statements.figures import (
     EnergyRecords,
     Ledger,
     Period,
+    RESTART_REASON,
     ProgramTerms,
     Sample,
     Tally,
@@ -356,7 +357,7 @@ def runs(draw):
         hi = draw(st.integers(lo, n - 1))
         verdict = draw(st.sampled_from(["accepted", "accepted_capped", "rejected"]))
         kind = draw(st.sampled_from(["discharge", "charge"]))
-        meter_wh = sum(d for d, _ in steps[lo + 1:hi + 1])
+        meter_wh = sum(d for d, backup in steps[lo + 1:hi + 1] if not backup)  # the core bills grid-up intervals
         events.append((EventSummary(f"e{k}", "test", kind, 3_000, 0, float(lo), float(lo), float(hi), verdict,
                                     ended_at=float(hi), ended_reason="window closed", meter_wh=meter_wh,
                                     integrated_wh=meter_wh), lo, hi))
@@ -374,13 +375,35 @@ def test_credited_energy_never_exceeds_the_meter_and_outage_energy_is_never_cred
     for (summary, lo, hi), line in zip(events, lines):
         outage = sum(max(0.0, b.meter_wh - a.meter_wh) for a, b in zip(samples, samples[1:])
                      if b.backup and lo <= b.wall <= hi)
+        in_window = sum(max(0.0, b.meter_wh - a.meter_wh) for a, b in zip(samples, samples[1:]) if lo <= b.wall <= hi)
         assert line["credited_wh"] <= line["delivered_wh"] <= summary.meter_wh + 5e-4  # Wh rounded to 3 places
-        assert line["credited_wh"] <= max(0.0, summary.meter_wh - outage) + 1e-3
+        assert line["credited_wh"] <= max(0.0, in_window - outage) + 1e-3  # what the meter counted, less backup
         if summary.verdict == "rejected" or summary.kind == "charge":
             assert line["credited_wh"] == 0 and line["credit"] == 0
     total = totals(lines, ledger.outage_backup_wh)
     assert total["credited_wh"] <= total["delivered_wh"] + 1e-6
     assert total["credit"] == pytest.approx(sum(line["credit"] for line in lines))
+
+
+def test_a_restarts_meter_gap_across_an_outage_loses_the_outage_energy_and_nothing_else():
+    """The one meter figure that can hold backup energy: the gap since the last report, read after a restart."""
+    samples = [Sample(float(i), 80.0, 5_000.0, 1_000.0 + 10 * i, 42.0, 4 <= i <= 6) for i in range(11)]
+    ledger = Ledger(Period(0, 1e9), {"peak": Tally(0.0, 10.0)})
+    for sample in samples:
+        ledger.feed(sample)
+    assert ledger.tallies["peak"].outage_wh == 30.0
+    terms = ProgramTerms("p", "USD", 1.0, 0.0)
+
+    def credited(gap_wh: float, restarted: bool) -> float:
+        summary = EventSummary("peak", "openadr", "discharge", 5_000, 0, 0.0, 0.0, 10.0, "accepted", ended_at=10.0,
+                               ended_reason=(RESTART_REASON + ": event ended") if restarted else "window closed",
+                               meter_wh=70.0 + gap_wh, integrated_wh=70.0)
+        return event_figures(summary, ledger.tallies["peak"], terms, 10_000, EnergyRecords(70.0))["credited_wh"]
+
+    assert credited(0.0, restarted=False) == 70.0  # the core billed grid-up intervals only
+    assert credited(0.0, restarted=True) == 70.0  # no gap billed: nothing to take off
+    assert credited(20.0, restarted=True) == 70.0  # a gap smaller than the outage: all of it may be backup
+    assert credited(45.0, restarted=True) == 85.0  # a larger one: the outage's 30 Wh off, the rest the event's
 
 
 def test_a_commissioning_test_discharge_is_listed_with_its_energy_and_never_credited():
@@ -417,7 +440,8 @@ def test_energy_served_in_a_grid_outage_is_on_its_own_line_and_never_credited(tm
 
 def test_an_event_running_into_an_outage_is_credited_only_what_it_delivered_with_the_grid_up(tmp_path):
     """The outage's backup energy is the house's, never the aggregator's: an accepted event that runs
-    into an outage and on after it is credited its delivery less the outage's share."""
+    into an outage and on after it is credited what it delivered with the grid up, all of it (the core
+    never bills it the outage's intervals, so nothing is taken off twice)."""
     path = tmp_path / "into-outage.toml"
     path.write_text("""
 [run]
@@ -443,7 +467,10 @@ answers = { "peak" = "accepted" }
     assert all(ok for _, ok, _ in outcome.checks), outcome.checks
     (event,) = make(journal, tmp_path / "s.json")["events"]
     assert event["answer"] == "accepted" and event["outage_wh"] > 10 and event["delivered_wh"] > event["outage_wh"]
-    assert event["credited_wh"] == pytest.approx(event["delivered_wh"] - event["outage_wh"], abs=0.01)
+    grid_up_s = (50 - 10) + (120 - 80)  # 5 kW but for the ramps and at most a poll either side of the outage
+    assert 5_000 * (grid_up_s - 8) / 3600 < event["delivered_wh"] <= 5_000 * grid_up_s / 3600
+    assert event["credited_wh"] == event["delivered_wh"]
+    assert any("grid outage (backup)" in note for note in event["notes"])
     assert verify(tmp_path / "s.json", journal) == 0
 
 

@@ -35,13 +35,15 @@ def account(c: Controller, new: InverterStatus, now: float) -> Controller:
 
     Readings that failed in between are passed over, not a reason to drop the interval: the
     meter counted what flowed while the link was down (until the inverter's own revert), and
-    the owner's daily price budget must count it too."""
+    the owner's daily price budget must count it too. An interval either reading of which
+    reports a grid outage is not the event's: some or all of it was the house's backup, which
+    no event is billed (at most one poll of the event's own energy, before the outage, goes with it)."""
     prev, entry = c.metered, c.book.find(c.serving_id) if c.serving_id else None
     if entry is None and c.metered_serving:  # a lost link stopped the serving; the inverter went on for it
         entry = c.book.find(c.metered_serving)
         entry = None if entry is None or entry.ended else entry
-    if entry is None or prev is None or not new.comms_ok:
-        return c
+    if entry is None or prev is None or not new.comms_ok or prev.grid_outage or new.grid_outage:
+        return c  # the grid went down in the interval or was down: the pack served the house, never the event
     dt = new.received_at - prev.received_at
     if dt <= 0:
         return c

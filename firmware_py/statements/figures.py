@@ -9,9 +9,12 @@ Definitions (docs/command-line.md, "statement"):
 - delivered_wh: the inverter meter (TotWhInj delta) as the journal's final
   `EventEnergy` bills it; integrated_wh: the power integral beside it.
 - outage_wh: meter energy that flowed while the gateway was in BACKUP (a grid
-  outage: the truck carried the home). It is never credited.
-- credited_wh = delivered_wh - outage_wh, never below 0 and never above the
-  meter; only discharge events the gateway accepted earn credit.
+  outage: the truck carried the home), shown beside the event. It is never credited:
+  the core bills an event no meter interval with the grid down, so delivered_wh
+  holds none of it, except where a restart billed the meter's gap since the last
+  report (which may span an outage): that gap loses the outage energy.
+- credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
+  only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
   from the event's start to its end times the usable capacity (net drop, not the
   sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
@@ -213,7 +216,7 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     delivered = summary.meter_wh if served else 0.0
     outage = min(tally.outage_wh, delivered) if served else 0.0
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
-    credited = min(delivered, max(0.0, delivered - outage)) if creditable else 0.0
+    credited = max(0.0, delivered - min(outage, _restart_gap_wh(summary, status, energy))) if creditable else 0.0
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
@@ -235,6 +238,14 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     }
 
 
+def _restart_gap_wh(summary: EventSummary, status: EventStatus, energy: EnergyRecords) -> float:
+    """The meter gap a restart billed to the event: the one part of its meter figure read across a time the
+    gateway did not see, so the one part that can hold backup energy."""
+    if status is not EventStatus.RESTARTED or energy.before_final_wh is None:
+        return 0.0
+    return max(0.0, summary.meter_wh - energy.before_final_wh)
+
+
 def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: bool, outage_wh: float,
           energy: EnergyRecords) -> list[str]:
     """What a reader must know to trust (or dispute) the line's figures."""
@@ -249,7 +260,7 @@ def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: b
     if status is EventStatus.OPEN:
         said.append("still open: figures so far (the journal has no end for this event yet)")
     if status is EventStatus.RESTARTED:
-        gap = summary.meter_wh - energy.before_final_wh if energy.before_final_wh is not None else None
+        gap = _restart_gap_wh(summary, status, energy)
         billed = f"the meter gap of {gap:.1f} Wh since its last report billed" if gap else "no meter gap billed"
         said.append(f"closed after a gateway restart ({summary.ended_reason}): {billed}")
     if served and not discharge:
@@ -257,7 +268,8 @@ def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: b
     if served and summary.source == COMMISSIONING_SOURCE:
         said.append("the installer's commissioning test discharge: not a grid event, earns no credit")
     if outage_wh > 0:
-        said.append(f"{outage_wh:.1f} Wh flowed during a grid outage (backup): not credited")
+        said.append(f"{outage_wh:.1f} Wh flowed during a grid outage (backup): the house's, not the event's, "
+                    "never credited")
     if served and summary.discrepancy_pct is None:
         said.append("the meter stood still while power flowed: check the inverter's meter")
     elif served and abs(summary.discrepancy_pct or 0.0) > DISCREPANCY_NOTE_PCT:
