@@ -514,6 +514,21 @@ def test_a_meter_that_jumps_after_one_poll_is_still_not_billed():
     assert entry.meter_wh < 100 and entry.meter_wh == pytest.approx(entry.integrated_wh, abs=5)
 
 
+def test_a_meter_that_jumps_in_an_events_first_reading_after_a_quiet_quarter_hour_is_not_billed():
+    """Held still for 15 minutes, a coarse meter's step may stand for all of them: but only for what the
+    commands let flow meanwhile (plus a count), not for 5 kWh the gateway never asked for."""
+    meter = 5_000.0
+    c = step(Controller.start(POLICY, now=0.0), [bms(0.0), inverter(0.0, tot_wh_inj=meter)], 0.0).controller
+    for t in range(1, 901):  # idle: the meter holds still
+        c = step(c, [bms(float(t)), inverter(float(t), tot_wh_inj=meter)], float(t)).controller
+    c = step(c, [discharge("e1", 900.0, 900.0, 4_500.0, 3_000)], 900.0).controller
+    for t in range(901, 911):
+        meter += c.setpoint_w / 3600 + (5_000.0 if t == 901 else 0.0)
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
+    entry = c.book.find("e1")
+    assert entry.meter_wh < 50 and entry.meter_wh == pytest.approx(entry.integrated_wh, abs=5)
+
+
 @pytest.mark.parametrize("field, fault", [("max_temp_c", FaultKind.OVER_TEMP), ("min_temp_c", FaultKind.UNDER_TEMP)])
 def test_a_temperature_that_is_no_number_is_a_fault_not_a_cool_pack(field, fault):
     """CAN decoding cannot give NaN, but the core's claims must not rest on that: a comparison with NaN is
@@ -524,6 +539,27 @@ def test_a_temperature_that_is_no_number_is_a_fault_not_a_cool_pack(field, fault
         (1.1, both(1.1, **{field: math.nan}), Mode.FAULT, 0, fault.value),
     ])
     assert [e.kind for e in last.events if isinstance(e, FaultRaised)] == [fault]
+
+
+@pytest.mark.parametrize("snapshot", [
+    pytest.param(dict(soc_max_pct=99.0, stale=frozenset({"soc_max_pct"})), id="stale"),
+    pytest.param(dict(soc_max_pct=None), id="missing")])
+def test_a_pack_whose_soc_max_is_stale_is_charged_no_more_than_one_whose_soc_max_is_missing(snapshot):
+    """A stale field is no value (the snapshot's promise): room to charge is not known."""
+    charge = replace(discharge("c1", 0.0, 0.0, 3_600.0, 7_000), kind=DispatchKind.CHARGE)
+    c = step(step(Controller.start(POLICY, now=0.0), both(0.0, 90.0), 0.0).controller, [charge], 0.0).controller
+    for k in range(1, 30):
+        c = step(c, both(k / 10, 90.0), k / 10).controller
+    assert c.mode is Mode.CHARGE and c.setpoint_w < 0
+    result = step(c, [bms(3.0, 90.0, **snapshot), inverter(3.0)], 3.0)
+    assert result.controller.mode is not Mode.CHARGE and result.command.setpoint_w == 0
+
+
+def test_a_reserve_that_is_no_number_keeps_the_reserve_in_force():
+    c = step(Controller.start(POLICY, now=0.0), both(0.0), 0.0).controller
+    assert c.owner.reserve_pct == POLICY.reserve_pct
+    c = step(c, [replace(c.owner, reserve_pct=math.nan, received_at=1.0), *both(1.0)], 1.0).controller
+    assert c.owner.reserve_pct == POLICY.reserve_pct  # not 0 %, which max(0, NaN) would give
 
 
 def test_a_pack_whose_soc_max_is_no_number_is_never_charged():

@@ -96,7 +96,8 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
     floor = max(floors.floor_pct(policy, c.owner, t) for t in checkpoints)
     storm_binds = any(floors.storm_watch_binds(policy, c.owner, t) and floors.floor_pct(policy, c.owner, t) == floor
                       for t in checkpoints)
-    soc_max = bms.soc_max_pct if bms.soc_max_pct is not None else bms.soc_min_pct
+    soc_max = bms.believed("soc_max_pct")
+    soc_max = soc_max if soc_max is not None else bms.soc_min_pct
     energy = floors.energy_above_wh(policy, bms.soc_min_pct, floor)
     discharge_name, discharge_w = _lowest(
         ("site limit", c.site_limit_w(discharge=True)), ("BMS limit", bms.max_discharge_w),

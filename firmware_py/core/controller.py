@@ -57,6 +57,7 @@ class Controller:
     metered_commanded_wh: float = 0.0  # that total at the newest good inverter reading (`energy.commanded_wh`)
     metered: InverterStatus | None = None  # the newest good reading: energy is accounted between good ones
     meter_moved_at: float | None = None  # the good reading at which the meter's counters last changed
+    meter_moved_commanded_wh: float = 0.0  # `commanded_wh`'s total at that reading
     metered_serving: str | None = None  # the request served at that reading (a link lost mid-event stops it)
 
     @classmethod

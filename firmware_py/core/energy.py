@@ -51,7 +51,9 @@ def account(c: Controller, new: InverterStatus, now: float) -> Controller:
     power = (prev.measured_w + new.measured_w) / 2
     integrated = (max(0.0, power) if discharge else min(0.0, power)) * dt / 3600
     meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
-    if not meter_plausible(meter if discharge else -meter, new, _quiet_s(c, new, dt), c.policy):
+    quiet = _quiet_s(c, new, dt)
+    if not meter_plausible(meter if discharge else -meter, new, quiet, c.policy) or \
+            (discharge and quiet > dt and meter > commanded_wh(c, now) - c.meter_moved_commanded_wh + METER_COUNT_MAX_WH):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
     bounded = min(integrated, commanded_wh(c, now) - c.metered_commanded_wh) if discharge else integrated
     before = max(entry.meter_wh, entry.commanded_integral_wh)
@@ -85,6 +87,10 @@ def commanded_wh(c: Controller, now: float) -> float:
 METER_QUIET_MAX_S = 900.0
 """The longest a meter may hold still and then step for what flowed meanwhile: a 100 Wh register at
 400 W moves every 15 minutes."""
+METER_COUNT_MAX_WH = 100.0
+"""The coarsest meter count (SunSpec TotWh_SF 2). A discharge step after the meter held still is billed only
+up to what the commands allowed since it last moved, plus one count: a meter idle for a quarter of an hour
+whose first step in an event is 5 kWh counted something else (a glitch, another user), not the event."""
 
 
 def _quiet_s(c: Controller, new: InverterStatus, dt: float) -> float:

@@ -172,7 +172,8 @@ def _discharge_done(v: View) -> str | None:
 
 def _charge_wanted(v: View, entering: bool = True) -> str | None:
     """A charge request in force, or the storm watch below its SoC; the path closed and the pack not full."""
-    if not v.path_closed() or v.c.bms.soc_max_pct is None or not v.c.bms.soc_max_pct < 100 \
+    soc_max = v.c.bms.believed("soc_max_pct")
+    if not v.path_closed() or soc_max is None or not soc_max < 100 \
             or v.c.journal_failing():  # energy that cannot be accounted for does not move
         return None
     if v.wants(DispatchKind.CHARGE):
@@ -321,7 +322,8 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
                   ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
     else:
-        full = bms.soc_max_pct is not None and not bms.soc_max_pct < 100  # NaN: not known to have room
+        soc_max = bms.believed("soc_max_pct")
+        full = soc_max is None or not soc_max < 100  # unknown, stale or NaN: not known to have room
         limits = [("bms limit", bms.max_charge_w), ("site limit", v.c.site_limit_w(discharge=False)),
                   ("rating", inv.w_cha_max_rtg),  # 0: it cannot charge, as `can_charge` reads it
                   ("full", 0.0 if full else -setpoint)]
@@ -349,12 +351,15 @@ def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Ev
             return c.evolve(inverter=item), []
         held = c.metered
         moved = held is None or (item.tot_wh_inj, item.tot_wh_abs) != (held.tot_wh_inj, held.tot_wh_abs)
+        commanded = commanded_wh(c, now)
         return c.evolve(inverter=item, inverter_seen=True, metered=item, metered_serving=c.serving_id,
                         meter_moved_at=item.received_at if moved else c.meter_moved_at,
-                        peak_since_inverter_w=max(0.0, c.setpoint_w),
-                        metered_commanded_wh=commanded_wh(c, now)), []
+                        meter_moved_commanded_wh=commanded if moved else c.meter_moved_commanded_wh,
+                        peak_since_inverter_w=max(0.0, c.setpoint_w), metered_commanded_wh=commanded), []
     if isinstance(item, OwnerSettings):
-        owner = prices.settled_owner(replace(item, reserve_pct=min(100.0, max(0.0, item.reserve_pct))))
+        # A reserve that is no number keeps the one in force: max(0, NaN) would make it 0 %.
+        reserve = min(100.0, max(0.0, item.reserve_pct)) if is_finite_number(item.reserve_pct) else c.owner.reserve_pct
+        owner = prices.settled_owner(replace(item, reserve_pct=reserve))
         return c.evolve(owner=owner), []
     if isinstance(item, DispatchRequest):
         return answer(c, item, now)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 from functools import cached_property
+from typing import Any
 
 
 def is_finite_number(x: object) -> bool:
@@ -151,6 +152,10 @@ class BmsSnapshot:
     def fresh(self, name: str) -> bool:
         """True when field `name` has a value that is neither missing nor stale."""
         return getattr(self, name) is not None and name not in self.stale
+
+    def believed(self, name: str) -> Any:
+        """Field `name` when fresh, else None: what a decision reads, a stale value being no value."""
+        return getattr(self, name) if name not in self.stale else None
 
     @cached_property
     def missing_critical(self) -> tuple[str, ...]:
