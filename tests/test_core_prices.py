@@ -17,6 +17,7 @@ from firmware_py.core.prices import BUDGET_SPENT_END, budget_left_wh
 from firmware_py.core.types import (
     CalendarDay,
     DispatchAnswer,
+    DispatchCancel,
     DispatchEnded,
     EventEnergy,
     OwnerSettings,
@@ -508,3 +509,19 @@ def test_a_price_on_a_site_that_may_not_discharge_is_refused_not_a_crash():
     reply = answer_of(result, "p1")
     assert reply.verdict is Verdict.REJECTED and reply.reason is ReasonCode.INSUFFICIENT_ENERGY
     assert result.command.setpoint_w == 0
+
+
+def test_a_price_its_program_withdrew_and_lists_again_unchanged_in_its_interval_is_served_again():
+    """A listing that lacked the event once: the VEN cancelled its price, the next listing has it again at the
+    same revision. Like a request in that case it is weighed anew and served, not refused as ended."""
+    run = Run(priced(owner()))
+    p = price("ev#0#EXPORT_PRICE", start=0.0, end=HOUR, t=0.0)
+    assert answer_of(run.feed(p), p.id).verdict is Verdict.ACCEPTED
+    run.run(30)
+    assert run.c.mode is Mode.DISCHARGE
+    run.feed(DispatchCancel(id=p.id, source=p.source, received_at=run.t, reason="the VTN no longer lists it"))
+    run.run(5)
+    assert run.c.mode is not Mode.DISCHARGE
+    again = answer_of(run.feed(replace(p, received_at=run.t)), p.id)
+    run.run(30)
+    assert again.verdict is Verdict.ACCEPTED and run.c.mode is Mode.DISCHARGE and run.c.setpoint_w > 0

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from core_builders import POLICY, bms, discharge, inverter
+from core_builders import POLICY, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.energy import delivered_wh
 from firmware_py.core.types import (
@@ -539,6 +539,27 @@ def test_a_temperature_that_is_no_number_is_a_fault_not_a_cool_pack(field, fault
         (1.1, both(1.1, **{field: math.nan}), Mode.FAULT, 0, fault.value),
     ])
     assert [e.kind for e in last.events if isinstance(e, FaultRaised)] == [fault]
+
+
+@pytest.mark.parametrize("resolution_wh", [10.0, 100.0])
+def test_a_coarse_meters_step_after_a_lost_link_bills_what_the_inverter_ran_on_for(resolution_wh):
+    """Blind, the core commands 0 W at once, but the inverter runs on at the setpoint it last heard until its own
+    revert (60 s here): the meter's step when the link returns is billed, not cut to what the core commanded."""
+    c = step(ready(0.0, policy=replace(POLICY, command_horizon_s=60.0)),
+             [discharge("e1", 0.0, 0.0, 3_600.0, 11_500)], 0.0).controller
+    flowed, heard, heard_at, t = 0.0, 0.0, 0.0, 0.0
+    while t < 115.0:
+        t = round(t + 0.5, 3)
+        link = not 40.0 <= t < 110.0
+        power = heard if t - heard_at <= 60.0 else 0.0  # the inverter's own revert
+        flowed += power / 3600 * 0.5
+        meter = 5_000 + math.floor(flowed / resolution_wh) * resolution_wh
+        reading = inverter(t, measured_w=power, tot_wh_inj=meter) if link else inverter(t, comms_ok=False, error="timeout")
+        result = step(c, [bms(t), reading], t)
+        c = result.controller
+        if link:
+            heard, heard_at = max(0.0, result.command.setpoint_w), t
+    assert c.book.find("e1").meter_wh == pytest.approx(math.floor(flowed / resolution_wh) * resolution_wh)
 
 
 @pytest.mark.parametrize("snapshot", [

@@ -172,20 +172,21 @@ def answer_price(c: Controller, p: PriceInterval, now: float) -> tuple[Controlle
     if bad is not None:
         reply = DispatchAnswer.refused(p.id, now, ReasonCode.INVALID, bad)
     elif existing is not None and existing.price.kind is p.kind and p.revision <= existing.price.revision \
-            and not _judged_again(existing, p):
+            and not _judged_again(existing, p, now):
         return c, [_repeat(existing, p, now)]
     else:
         reply = judge_price(c, p, req, now)
     return revise(c, existing, req, reply, now, price=p)
 
 
-def _judged_again(existing: Booked, p: PriceInterval) -> bool:
+def _judged_again(existing: Booked, p: PriceInterval, now: float) -> bool:
     """The same price published again after it was refused for what may have passed (no data yet, a
-    fault, the owner's settings, the day's budget), or after the owner's settings or opt-out ended it:
+    fault, the owner's settings, the day's budget), after the owner's settings or opt-out ended it, or
+    after its program withdrew it while its interval is still to run (a listing that lacked it once):
     a price is a fact, not a request that was turned down, so it is weighed again as things stand
     now (an event it ended continues, its energy carried on). Malformed, expired or clashing ids are not."""
-    stopped = existing.stopped_by_owner or (existing.answer.verdict is Verdict.REJECTED
-                                            and existing.answer.reason not in FINAL_REFUSALS)
+    stopped = existing.stopped_by_owner or (existing.cancelled and now < p.end) or \
+        (existing.answer.verdict is Verdict.REJECTED and existing.answer.reason not in FINAL_REFUSALS)
     return stopped and replace(p, received_at=existing.price.received_at) == existing.price
 
 
