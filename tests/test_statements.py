@@ -388,22 +388,24 @@ def test_credited_energy_never_exceeds_the_meter_and_outage_energy_is_never_cred
 def test_a_restarts_meter_gap_across_an_outage_loses_the_outage_energy_and_nothing_else():
     """The one meter figure that can hold backup energy: the gap since the last report, read after a restart."""
     samples = [Sample(float(i), 80.0, 5_000.0, 1_000.0 + 10 * i, 42.0, 4 <= i <= 6) for i in range(11)]
-    ledger = Ledger(Period(0, 1e9), {"peak": Tally(0.0, 10.0)})
-    for sample in samples:
-        ledger.feed(sample)
-    assert ledger.tallies["peak"].outage_wh == 30.0
-    terms = ProgramTerms("p", "USD", 1.0, 0.0)
 
-    def credited(gap_wh: float, restarted: bool) -> float:
+    def credited(gap_wh: float, restarted: bool, last_report_at: float = 3.0) -> float:
+        ledger = Ledger(Period(0, 1e9), {"peak": Tally(0.0, 10.0, gap_from=last_report_at)})
+        for sample in samples:
+            ledger.feed(sample)
+        assert ledger.tallies["peak"].outage_wh == 30.0
         summary = EventSummary("peak", "openadr", "discharge", 5_000, 0, 0.0, 0.0, 10.0, "accepted", ended_at=10.0,
                                ended_reason=(RESTART_REASON + ": event ended") if restarted else "window closed",
                                meter_wh=70.0 + gap_wh, integrated_wh=70.0)
-        return event_figures(summary, ledger.tallies["peak"], terms, 10_000, EnergyRecords(70.0))["credited_wh"]
+        energy = EnergyRecords(70.0, last_report_at)
+        return event_figures(summary, ledger.tallies["peak"], ProgramTerms("p", "USD", 1.0, 0.0), 10_000,
+                             energy)["credited_wh"]
 
     assert credited(0.0, restarted=False) == 70.0  # the core billed grid-up intervals only
     assert credited(0.0, restarted=True) == 70.0  # no gap billed: nothing to take off
-    assert credited(20.0, restarted=True) == 70.0  # a gap smaller than the outage: all of it may be backup
+    assert credited(20.0, restarted=True) == 70.0  # a gap smaller than the outage after the report: may all be backup
     assert credited(45.0, restarted=True) == 85.0  # a larger one: the outage's 30 Wh off, the rest the event's
+    assert credited(45.0, restarted=True, last_report_at=7.0) == 115.0  # the outage was before the report: none
 
 
 def test_a_commissioning_test_discharge_is_listed_with_its_energy_and_never_credited():

@@ -12,7 +12,7 @@ Definitions (docs/command-line.md, "statement"):
   outage: the truck carried the home), shown beside the event. It is never credited:
   the core bills an event no meter interval with the grid down, so delivered_wh
   holds none of it, except where a restart billed the meter's gap since the last
-  report (which may span an outage): that gap loses the outage energy.
+  report (which may span an outage): that gap loses the outage energy after that report.
 - credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
@@ -106,6 +106,8 @@ class Tally:
     floor_pct: float | None = None
     peak_w: float | None = None
     outage_wh: float = 0.0
+    gap_from: float | None = None  # the wall time of the event's last report before its final one
+    gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
 
     @property
     def drop_pct(self) -> float:
@@ -126,7 +128,10 @@ class Tally:
             self.peak_w = sample.power_w if self.peak_w is None else max(self.peak_w, sample.power_w)
         if sample.floor_pct is not None:
             self.floor_pct = sample.floor_pct if self.floor_pct is None else max(self.floor_pct, sample.floor_pct)
-        self.outage_wh += outage_step_wh(sample, previous)
+        outage = outage_step_wh(sample, previous)
+        self.outage_wh += outage
+        if self.gap_from is not None and sample.wall > self.gap_from:
+            self.gap_outage_wh += outage
 
 
 def outage_step_wh(sample: Sample, previous: Sample | None) -> float:
@@ -167,9 +172,11 @@ class Ledger:
 
 @dataclass(frozen=True)
 class EnergyRecords:
-    """An event's energy records as billed: the last before the final one (what a restart's gap adds to)."""
+    """An event's energy records as billed: the last before the final one (what a restart's gap adds to),
+    and its wall time (outage energy after it may be in the gap)."""
 
     before_final_wh: float | None = None
+    before_final_wall: float | None = None
 
 
 def window(summary: EventSummary, journal_end: float) -> tuple[float, float]:
@@ -216,7 +223,8 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     delivered = summary.meter_wh if served else 0.0
     outage = min(tally.outage_wh, delivered) if served else 0.0
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
-    credited = max(0.0, delivered - min(outage, _restart_gap_wh(summary, status, energy))) if creditable else 0.0
+    in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
+    credited = max(0.0, delivered - in_gap) if creditable else 0.0
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh

@@ -81,10 +81,11 @@ def select_summaries(source: HeadBound, only: str | None) -> list[EventSummary]:
 def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary]) -> JournalFacts:
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
-    tallies = {key: Tally(*window(s, journal_end)) for key, s in zip(line_keys(summaries), summaries, strict=True)}
+    energy = _energy_records(source)
+    tallies = {key: Tally(*window(s, journal_end), gap_from=energy.get(key, EnergyRecords()).before_final_wall)
+               for key, s in zip(line_keys(summaries), summaries, strict=True)}
     ledger = Ledger(period, tallies)
     backup = _backup_spans(source)
-    energy = _energy_records(source)
     capacity = _fold_steps(source, ledger, backup)
     return JournalFacts(summaries, ledger, energy, capacity, journal_end)
 
@@ -113,16 +114,16 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
 
 
 def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
-    """Per event, the meter energy its last report before the final one billed."""
-    last: dict[str, float] = {}
+    """Per event, the meter energy its last report before the final one billed, and when (wall time)."""
+    last: dict[str, tuple[float, float]] = {}
     found: dict[str, EnergyRecords] = {}
     for record in source.iter_records({RecordKind.EVENT_ENERGY}):
         request_id = str(record.payload.get("request_id"))
         meter = number(record.payload.get("meter_wh"))
         if record.payload.get("final"):
-            found[request_id] = EnergyRecords(last.get(request_id))
+            found[request_id] = EnergyRecords(*last.get(request_id, (None, None)))
         elif meter is not None:
-            last[request_id] = meter
+            last[request_id] = (meter, record.wall)
     return found
 
 
