@@ -266,14 +266,14 @@ def _repeat(existing: Booked, req: DispatchRequest, now: float) -> DispatchAnswe
                                   f"id already used with other content (revision {existing.request.revision})")
 
 
-def standing(existing: Booked, now: float) -> DispatchAnswer:
+def standing(entry: Booked, now: float) -> DispatchAnswer:
     """The answer a repeat of a booked request gets at `now`: its own answer while the event may still run.
 
     An accepted event that has ended is not accepted again by a repeat: a VEN would opt in to an
     event that no longer runs, and the journal would show it open again, to be closed at the next stop
     with an account of 0 Wh. A STOP holds nothing once applied: its repeat is accepted as it was.
     """
-    entry, rid = existing, existing.request.id
+    rid = entry.request.id
     if not (entry.ended and entry.accepted) or entry.request.kind is DispatchKind.STOP:
         return replace(entry.answer, at=now)
     if entry.stopped_by_owner:
