@@ -9,11 +9,14 @@ from firmware_py.core.types import (
     BmsSnapshot,
     BmsState,
     ContactorState,
+    DispatchEnded,
     DispatchKind,
     DispatchRequest,
+    EventEnergy,
     InverterState,
     InverterStatus,
     PackContactor,
+    PriceInterval,
 )
 
 POLICY = Policy(usable_capacity_wh=123_000, reserve_pct=40, fault_holdoff_s=5, lockout_faults=3,
@@ -46,3 +49,34 @@ def discharge(id: str, t: float, start: float, end: float, target: float = 11_50
 def ready(t: float = 0.0, soc: float = 80.0, policy: Policy = POLICY) -> Controller:
     """A controller that has seen healthy data and settled in STANDBY."""
     return step(Controller.start(policy, now=t), [bms(t, soc), inverter(t)], t).controller
+
+
+class Run:
+    """Steps the core the way a healthy gateway does, with an inverter that follows its setpoint
+    exactly and a meter (TotWhInj) that counts what it delivers. `records` is what the gateway
+    journals of it (requests, prices and every event): what a stop or a restart reads back."""
+
+    def __init__(self, c: Controller, t: float = 0.0, soc: float = 80.0):
+        self.c, self.t, self.soc = c, t, soc
+        self.meter_wh, self.applied_w = 0.0, 0.0
+        self.events: list = []
+        self.records: list = []
+
+    def feed(self, *inputs) -> object:
+        result = step(self.c, list(inputs), self.t)
+        self.c, self.applied_w = result.controller, result.command.setpoint_w
+        self.events += result.events
+        self.records += [i for i in inputs if isinstance(i, (DispatchRequest, PriceInterval))] + list(result.events)
+        return result
+
+    def run(self, seconds: float, dt: float = 1.0) -> None:
+        for _ in range(round(seconds / dt)):
+            self.meter_wh += max(0.0, self.applied_w) * dt / 3600
+            self.t += dt
+            self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w, tot_wh_inj=self.meter_wh))
+
+    def ended(self, id: str) -> DispatchEnded | None:
+        return next((e for e in self.events if isinstance(e, DispatchEnded) and e.request_id == id), None)
+
+    def final(self, id: str) -> EventEnergy | None:
+        return next((e for e in self.events if isinstance(e, EventEnergy) and e.request_id == id and e.final), None)

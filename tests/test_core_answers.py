@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core_builders import POLICY, bms, discharge, inverter, ready
+from core_builders import POLICY, Run, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.answers import Judgement, invalid_reason, judge
 from firmware_py.core.energy import still_open
@@ -270,67 +270,44 @@ def test_a_cancelled_request_sent_again_unchanged_in_its_window_is_served_again(
     assert c.mode is Mode.DISCHARGE and c.setpoint_w > 0
 
 
-class Ledger:
-    """A core run with what the gateway journals of it (requests, answers, energy, ends): the records a
-    stop or a restart reads to find the events still open (`still_open`)."""
-
-    def __init__(self, c: Controller):
-        self.c, self.records = c, []
-
-    def step(self, inputs, now):
-        result = step(self.c, inputs, now)
-        self.c = result.controller
-        self.records += [i for i in inputs if isinstance(i, DispatchRequest)]
-        self.records += [e for e in result.events if isinstance(e, (DispatchAnswer, DispatchEnded, EventEnergy))]
-        return result
-
-    def run(self, until: float, now: float) -> float:
-        """A second a step, the inverter's meter counting what the setpoint sends."""
-        meter = 0.0
-        while now < until:
-            now += 1.0
-            meter += max(0.0, self.c.setpoint_w) / 3600
-            self.step([bms(now), inverter(now, measured_w=self.c.setpoint_w, tot_wh_inj=meter)], now)
-        return now
-
-
 @pytest.mark.parametrize("ending,reason", [
     ("stopped", ReasonCode.DUPLICATE), ("opted out", ReasonCode.OPTED_OUT), ("window closed", ReasonCode.EXPIRED)])
 def test_an_event_that_ended_sent_again_unchanged_is_refused_for_how_it_ended_and_stays_closed(ending, reason):
     """Its old "accepted" would opt a VEN in to nothing, and the journal would show the event open again, to be
     closed at the next stop with a final account of 0 Wh (what the statement then bills)."""
     original = discharge("e", 0.0, 0.0, 120, 5_000, source="agg-a")
-    ledger = Ledger(ready(0.0))
-    ledger.step([original], 0.0)
-    now = ledger.run(30.0, 0.0)
+    run = Run(ready(0.0))
+    run.feed(original)
+    run.run(30)
     if ending == "stopped":
-        ledger.step([DispatchRequest("stop", "agg-a", DispatchKind.STOP, 0, now, 3_600, received_at=now)], now)
+        run.feed(DispatchRequest("stop", "agg-a", DispatchKind.STOP, 0, run.t, 3_600, received_at=run.t))
     elif ending == "opted out":
-        ledger.step([replace(ledger.c.owner, opt_out_until=math.inf, received_at=now)], now)
+        run.feed(replace(run.c.owner, opt_out_until=math.inf, received_at=run.t))
     else:
-        now = ledger.run(125.0, now)
-    assert ledger.c.book.find("e").ended and not still_open(ledger.records)
-    again = ledger.step([bms(now + 1), inverter(now + 1), replace(original, received_at=now + 1)], now + 1)
+        run.run(95)
+    assert run.c.book.find("e").ended and not still_open(run.records)
+    run.t += 1
+    again = run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh), replace(original, received_at=run.t))
     answered = again.answer_for("e")
     assert (answered.verdict, answered.reason) == (Verdict.REJECTED, reason), answered
     assert again.controller.serving_id is None and again.command.setpoint_w == 0
-    assert not still_open(ledger.records)  # nothing for a stop or a restart to close at 0 Wh
+    assert not still_open(run.records)  # nothing for a stop or a restart to close at 0 Wh
 
 
 def test_an_event_asked_again_after_a_cancel_carries_its_energy_into_what_a_stop_reads():
     """Served again with its energy carried on (`_asked_again`): the journal must say so at once, not at the
     next minute's report, or a stop in between closes the event at 0 Wh."""
     original = discharge("e", 0.0, 0.0, 3_600, 5_000, source="agg-a")
-    ledger = Ledger(ready(0.0))
-    ledger.step([original], 0.0)
-    now = ledger.run(30.0, 0.0)
-    ledger.step([DispatchCancel("e", "agg-a", now)], now)
-    served = ledger.c.book.find("e").meter_wh
+    run = Run(ready(0.0))
+    run.feed(original)
+    run.run(30)
+    run.feed(DispatchCancel("e", "agg-a", run.t))
+    served = run.c.book.find("e").meter_wh
     assert served > 30
-    again = ledger.step([bms(now + 1), inverter(now + 1, tot_wh_inj=served), replace(original, received_at=now + 1)],
-                        now + 1)
+    run.t += 1
+    again = run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh), replace(original, received_at=run.t))
     assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id == "e"
-    (reopened,) = still_open(ledger.records).values()
+    (reopened,) = still_open(run.records).values()
     assert reopened.last is not None and reopened.last.meter_wh == pytest.approx(served, abs=1e-3)
 
 

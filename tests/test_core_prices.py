@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from core_builders import POLICY, bms, discharge, inverter, ready
+from core_builders import POLICY, Run, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
 from firmware_py.core.prices import BUDGET_SPENT_END, budget_left_wh
 from firmware_py.core.types import (
@@ -19,7 +19,6 @@ from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchEnded,
-    EventEnergy,
     OwnerSettings,
     PriceInterval,
     PriceKind,
@@ -50,34 +49,6 @@ def answer_of(result, id: str) -> DispatchAnswer:
     found = result.answer_for(id)
     assert found is not None, f"no answer for {id}"
     return found
-
-
-class Run:
-    """Steps the core the way a healthy gateway does, with an inverter that follows its setpoint
-    exactly and a meter (TotWhInj) that counts what it delivers."""
-
-    def __init__(self, c: Controller, t: float = 0.0, soc: float = 80.0):
-        self.c, self.t, self.soc = c, t, soc
-        self.meter_wh, self.applied_w = 0.0, 0.0
-        self.events: list = []
-
-    def feed(self, *inputs) -> object:
-        result = step(self.c, list(inputs), self.t)
-        self.c, self.applied_w = result.controller, result.command.setpoint_w
-        self.events += result.events
-        return result
-
-    def run(self, seconds: float, dt: float = 1.0) -> None:
-        for _ in range(round(seconds / dt)):
-            self.meter_wh += max(0.0, self.applied_w) * dt / HOUR
-            self.t += dt
-            self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w, tot_wh_inj=self.meter_wh))
-
-    def ended(self, id: str) -> DispatchEnded | None:
-        return next((e for e in self.events if isinstance(e, DispatchEnded) and e.request_id == id), None)
-
-    def final(self, id: str) -> EventEnergy | None:
-        return next((e for e in self.events if isinstance(e, EventEnergy) and e.request_id == id and e.final), None)
 
 
 # ---------------------------------------------------------------- the answer
