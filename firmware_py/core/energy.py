@@ -51,11 +51,11 @@ def account(c: Controller, new: InverterStatus, now: float) -> Controller:
     power = (prev.measured_w + new.measured_w) / 2
     integrated = (max(0.0, power) if discharge else min(0.0, power)) * dt / 3600
     meter = (new.tot_wh_inj - prev.tot_wh_inj) if discharge else (prev.tot_wh_abs - new.tot_wh_abs)
-    quiet = _quiet_s(c, new, dt)
+    quiet, commanded = _quiet_s(c, new, dt), commanded_wh(c, now)
     if not meter_plausible(meter if discharge else -meter, new, quiet, c.policy) or \
-            (discharge and quiet > dt and _beyond_commands(c, meter, now)):
+            (discharge and quiet > dt and _beyond_commands(c, meter, commanded)):
         meter = integrated  # a meter that jumped or ran backwards is not billed; power stands in
-    bounded = min(integrated, commanded_wh(c, now) - c.metered_commanded_wh) if discharge else integrated
+    bounded = min(integrated, commanded - c.metered_commanded_wh) if discharge else integrated
     before = max(entry.meter_wh, entry.commanded_integral_wh)
     entry = replace(entry, meter_wh=entry.meter_wh + meter, integrated_wh=entry.integrated_wh + integrated,
                     commanded_integral_wh=entry.commanded_integral_wh + bounded)
@@ -101,13 +101,13 @@ def _quiet_s(c: Controller, new: InverterStatus, dt: float) -> float:
     return max(dt, min(new.received_at - moved_at, METER_QUIET_MAX_S))
 
 
-def _beyond_commands(c: Controller, meter_wh: float, now: float) -> bool:
-    """Whether a discharge step after a quiet meter exceeds what the commands let flow since it last moved,
-    plus a count. Not asked across a lost link: the inverter ran on at the setpoint it last heard, until its
-    revert, whatever the gateway commanded meanwhile."""
+def _beyond_commands(c: Controller, meter_wh: float, commanded: float) -> bool:
+    """Whether a discharge step after a quiet meter exceeds what the commands let flow since it last moved
+    (`commanded`: `commanded_wh` now), plus a count. Not asked across a lost link: the inverter ran on at the
+    setpoint it last heard, until its revert, whatever the gateway commanded meanwhile."""
     if c.inverter is not None and not c.inverter.comms_ok:
         return False
-    return meter_wh > commanded_wh(c, now) - c.meter_moved_commanded_wh + METER_COUNT_MAX_WH
+    return meter_wh > commanded - c.meter_moved_commanded_wh + METER_COUNT_MAX_WH
 
 
 def meter_plausible(delta_wh: float, status: InverterStatus, dt: float, policy: Policy) -> bool:
