@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from firmware_py.core.types import DispatchKind, Verdict
+from firmware_py.core.types import DispatchKind, Verdict, is_finite_number
 from firmware_py.journal.summary import SERVED, EventSummary
 
 MONEY_DIGITS = 2
@@ -320,7 +320,7 @@ def _wh(value: float) -> float:
 def _asked(value: float | None) -> float | None:
     """A power as the request or answer stated it; None for one that is not a number (a request the core
     refused as INVALID for it): a statement is strict JSON, and its `reason` says what was wrong."""
-    return value if value is not None and math.isfinite(value) else None
+    return value if is_finite_number(value) else None
 
 
 def _pct(value: float | None) -> float | None:
