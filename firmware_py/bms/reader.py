@@ -14,7 +14,6 @@ first thing `on_message` does is one dict lookup by arbitration id.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from cantools.database.errors import DecodeError
 
 from firmware_py.bms import signals
 from firmware_py.core.faults import DECISION_BMS_FIELDS
-from firmware_py.core.types import BmsSnapshot
+from firmware_py.core.types import BmsSnapshot, is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.quoting import shown_text
@@ -307,7 +306,7 @@ def _parse(frame: _Frame, data: bytes) -> dict[str, Any] | _Refusal:
     values: dict[str, Any] = {}
     for b in present:
         raw = decoded[b.signal]
-        if not math.isfinite(raw):  # an IEEE float signal of an installer's DBC can carry NaN or infinity
+        if not is_finite_number(raw):  # an IEEE float signal of an installer's DBC can carry NaN or infinity
             return _Refusal("out_of_range", names, f"{b.signal}={raw}")
         if b.choices is not None and int(raw) not in b.choices:
             return _Refusal("not_in_value_table", names, f"{b.signal}={raw}")
