@@ -346,25 +346,17 @@ def improvable(c: Controller, now: float) -> frozenset[str]:
     """
     found = []
     for entry in c.book.entries:
-        request, answered = entry.request, _standing_answer(entry)
-        if not request.start <= now < request.end or request.kind is DispatchKind.STOP or entry.price_driven:
-            continue  # a price is no source's standing setting: nobody would ask again
-        if answered.verdict is Verdict.ACCEPTED or (entry.ended and answered.verdict is not Verdict.REJECTED) \
+        request = entry.request
+        if not request.start <= now < request.end or request.kind is DispatchKind.STOP or entry.price_driven \
                 or entry.withdrawn:
-            continue  # served in full, or ended by its source or its window, or withdrawn
-        if answered.reason in FINAL_REFUSALS:
-            continue
+            continue  # a price is no source's standing setting: nobody would ask again
+        answered = standing(entry, now)  # an event that ended stands refused: for good, unless by the owner's opt-out
+        if answered.verdict is Verdict.ACCEPTED or answered.reason in FINAL_REFUSALS:
+            continue  # served in full, or refused for good
         again = replace(request, revision=request.revision + 1, received_at=now)
         if better(judge(again, judgement(c, again, now)), answered):
             found.append(request.id)
     return frozenset(found)
-
-
-def _standing_answer(entry: Booked) -> DispatchAnswer:
-    """How the request stands now: its answer, or a refusal once the owner's opt-out ended it."""
-    if entry.stopped_by_owner:
-        return DispatchAnswer.refused(entry.request.id, entry.answer.at, ReasonCode.OPTED_OUT, "ended by the owner")
-    return entry.answer
 
 
 def better(new: DispatchAnswer, old: DispatchAnswer) -> bool:
