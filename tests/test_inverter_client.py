@@ -298,6 +298,36 @@ def test_a_common_model_of_65_registers_without_its_pad_is_a_sunspec_device():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("models, found", [(64, "accepted"), (65, "no end model within 64 models")])
+def test_a_model_chain_of_64_models_is_walked_to_its_end_and_a_longer_one_refused(models, found):
+    """docs/sunspec.md allows at most 64 models: a device with exactly 64 (its six, then vendor
+    models of L = 0) was refused because the end model's header was never read."""
+    async def main() -> str:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        registers = InverterModel().register_map(40000).registers()
+        assert registers[-2:] == [0xFFFF, 0]  # the end model, after the six models the simulator serves
+        vendor = [64000, 0] * (models - 6)
+        chain = registers[:-2] + vendor + registers[-2:]
+        server = ModbusTcpServer(SimDevice(1, [SimData(40000, values=chain, datatype=DataType.REGISTERS)]),
+                                 address=("127.0.0.1", 0))
+        await server.serve_forever(background=True)
+        try:
+            port = server.transport.sockets[0].getsockname()[1]
+            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+            try:
+                await client.connect()
+            except LinkError as err:
+                return str(err)
+            await client.close()
+            return "accepted"
+        finally:
+            await server.shutdown()
+
+    assert found in asyncio.run(main())
+
+
 def test_a_device_without_sunspec_is_named_as_such():
     async def main():
         from pymodbus.server import ModbusTcpServer

@@ -313,6 +313,14 @@ def test_ratings_are_the_gateway_limits_lowered_by_the_inverter_once_it_reports(
     assert DerRatings.of(policy, silent) == DerRatings.of(policy, None)
 
 
+def test_an_inverter_that_cannot_charge_makes_a_der_that_cannot_charge():
+    """A WChaRteMaxRtg of 0 is "cannot charge" to the core (`can_charge`): the DER advertised the
+    policy's 9,600 W instead, and took charge setpoints the core then refused."""
+    policy = Policy(max_discharge_w=11_500, max_charge_w=9_600, usable_capacity_wh=123_000)
+    inverter = InverterStatus(received_at=T0, w_max_rtg=11_500, w_cha_max_rtg=0, w_discha_max_rtg=11_500)
+    assert DerRatings.of(policy, inverter).w_cha_max == 0
+
+
 def test_core_refusal_keeps_the_write_but_shows_the_reason():
     sink = ScriptedSink(policy=opted_out)
 
@@ -393,21 +401,31 @@ def test_bad_writes_get_a_modbus_exception_and_a_journal_entry(what, target, cod
     assert sink.received == []
 
 
-def test_a_charge_setpoint_beyond_the_advertised_charge_rating_is_refused():
-    """Model 702 says WChaRteMaxRtg 3,000 W: a WSet of -5,000 W is as illegal as one beyond WMaxRtg."""
+@pytest.mark.parametrize("point, beyond_value, within_value, rating", [
+    ("WSet", -5_000, -3_000, 3_000.0),
+    ("WSetRvrt", -5_000, -3_000, 3_000.0),
+    ("WSetPct", -50, -26, 3_000.0),  # 50 % of 11,500 W is a 5,750 W charge; 26 % is 2,990 W
+    ("WSetPctRvrt", -50, -26, 3_000.0),
+    ("WSet", -100, 0, 0.0),  # a DER that cannot charge takes no charge at all
+    ("WSetPct", -1, 0, 0.0),
+])
+def test_a_charge_setpoint_beyond_the_advertised_charge_rating_is_refused(point, beyond_value, within_value, rating):
+    """Model 702 says WChaRteMaxRtg: a charge beyond it is as illegal as a setpoint beyond WMaxRtg,
+    whether asked in watts or as a share of WMaxRtg. Before, the share was not checked, and a
+    rating of 0 was taken for no limit."""
     sink = ScriptedSink()
 
     async def main() -> tuple[Any, Any]:
-        async with serving(sink, ratings=replace(RATINGS, w_cha_max=3_000.0)) as (server, client):
-            wset = server.addresses[704] + CTL.offset("WSet")
-            beyond = await client.write_registers(wset, CTL.encode_point("WSet", -5_000), device_id=1)
-            within = await client.write_registers(wset, CTL.encode_point("WSet", -3_000), device_id=1)
+        async with serving(sink, ratings=replace(RATINGS, w_cha_max=rating)) as (server, client):
+            address = server.addresses[704] + CTL.offset(point)
+            beyond = await client.write_registers(address, CTL.encode_point(point, beyond_value), device_id=1)
+            within = await client.write_registers(address, CTL.encode_point(point, within_value), device_id=1)
             return beyond, within
 
     beyond, within = run(main())
     assert beyond.isError() and beyond.exception_code == ILLEGAL_VALUE
     assert not within.isError()
-    assert "beyond the charge rating 3000 W" in sink.notes[0][1]["reason"]
+    assert f"beyond the charge rating {rating:.0f} W" in sink.notes[0][1]["reason"]
 
 
 def test_other_unit_ids_get_a_clear_exception_and_are_counted():

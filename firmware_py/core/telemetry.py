@@ -33,15 +33,17 @@ class DerRatings:
     @classmethod
     def of(cls, policy: Policy, inverter: InverterStatus | None) -> DerRatings:
         """The DER as an aggregator may use it: the gateway's limits, lowered by the inverter's
-        ratings once it has reported them (0 means "not reported yet")."""
+        ratings once it has reported them. A `WMaxRtg` or `WDisChaRteMaxRtg` of 0 is "not
+        reported"; a `WChaRteMaxRtg` of 0 is "cannot charge", as the core reads it (`can_charge`),
+        so the DER does not advertise a charge the core would refuse."""
 
         def lower(limit: float, rating: float) -> float:
             return min(limit, rating) if rating > 0 else limit
 
         inv = inverter if inverter is not None and inverter.comms_ok else None
         w_max = lower(max(policy.max_discharge_w, policy.max_charge_w), inv.w_max_rtg if inv else 0.0)
-        return cls(w_max=w_max, wh_rtg=policy.usable_capacity_wh,
-                   w_cha_max=min(w_max, lower(policy.max_charge_w, inv.w_cha_max_rtg if inv else 0.0)),
+        w_cha_max = min(w_max, policy.max_charge_w, inv.w_cha_max_rtg if inv else policy.max_charge_w)
+        return cls(w_max=w_max, wh_rtg=policy.usable_capacity_wh, w_cha_max=w_cha_max,
                    w_discha_max=min(w_max, lower(policy.max_discharge_w, inv.w_discha_max_rtg if inv else 0.0)))
 
 

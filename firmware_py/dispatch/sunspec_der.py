@@ -68,6 +68,7 @@ CONTROL_DEFAULTS: dict[str, Any] = {
 PCT_POINTS = {"WMaxLimPct": (0, 100), "WMaxLimPctRvrt": (0, 100),
               "WSetPct": (-100, 100), "WSetPctRvrt": (-100, 100)}
 WATT_POINTS = ("WSet", "WSetRvrt")
+SETPOINT_PCT_POINTS = ("WSetPct", "WSetPctRvrt")  # shares of WMaxRtg
 MODES_RUNNING = frozenset({Mode.DISCHARGE, Mode.CHARGE, Mode.BACKUP})
 MODES_FAULT = frozenset({Mode.FAULT, Mode.LOCKOUT})
 
@@ -214,8 +215,10 @@ def _check_value(name: str, value: Any, symbols: Mapping[str, int], ratings: Der
             raise WriteRefused("value", f"{name}: {value} % is outside {lo}..{hi} %")
     if name in WATT_POINTS and abs(value) > ratings.w_max:
         raise WriteRefused("value", f"{name}: {value} W is beyond the rating ±{ratings.w_max:.0f} W")
-    if name in WATT_POINTS and value < 0 and 0 < ratings.w_cha_max < -value:  # as model 702 advertises it
-        raise WriteRefused("value", f"{name}: {value} W is beyond the charge rating {ratings.w_cha_max:.0f} W")
+    charge_w = -value if name in WATT_POINTS else -value / 100 * ratings.w_max if name in SETPOINT_PCT_POINTS else 0
+    if charge_w > ratings.w_cha_max:  # as model 702 advertises it (0: the DER cannot charge)
+        raise WriteRefused("value", f"{name}: {value}{' W' if name in WATT_POINTS else ' %'} asks a "
+                           f"{charge_w:.0f} W charge, beyond the charge rating {ratings.w_cha_max:.0f} W")
 
 
 @dataclass(frozen=True)

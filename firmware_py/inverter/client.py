@@ -242,16 +242,16 @@ class InverterClient:
     async def _discover(self) -> Discovery:
         base = await self._find_base()
         headers, addr = [], base + 2
-        for _ in range(MAX_MODELS):
+        for _ in range(MAX_MODELS + 1):  # the models, then the end model's header
             model_id, length = await self._read(addr, 2)
             if model_id == END_MODEL_ID:
                 break
+            if len(headers) == MAX_MODELS:
+                raise LinkError(f"SunSpec model chain at {base} has no end model within {MAX_MODELS} models")
             if addr + 2 + length > LAST_ADDRESS:
                 raise LinkError(f"model {model_id} at {addr} with L={length} runs past the last Modbus address")
             headers.append((addr, model_id, length))
             addr += length + 2
-        else:
-            raise LinkError(f"SunSpec model chain at {base} has no end model within {MAX_MODELS} models")
         try:
             models = walk_chain(headers)
         except SunSpecError as err:
