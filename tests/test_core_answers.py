@@ -255,6 +255,55 @@ def test_a_stopped_request_is_remembered_while_its_window_is_open_however_many_e
     assert len(again.controller.book.entries) <= ENDED_MEMORY + 3
 
 
+def test_a_stop_whose_window_begins_later_stops_only_what_runs_when_it_begins():
+    """An OpenADR event of levels 2, 1, 0 four hours ahead carries a STOP for its last interval: answered at
+    once, it used to end at once the event running now and the event's own two earlier intervals."""
+    run = Run(ready(0.0))
+    run.feed(discharge("now", 0.0, 0.0, 7_200, 5_000, source="vtn"),
+             discharge("other", 0.0, 0.0, 20_000, 1_000, source="site"))
+    run.run(10)
+    later = [discharge("ev#0", run.t, 14_400, 16_200, 3_000, source="vtn"),
+             discharge("ev#1", run.t, 16_200, 18_000, 2_000, source="vtn"),
+             DispatchRequest("ev#2", "vtn", DispatchKind.STOP, 0, 18_000, 19_800, received_at=run.t),
+             discharge("after", run.t, 19_000, 19_700, 4_000, source="vtn")]
+    answered = run.feed(*later)
+    assert all(answered.answer_for(r.id).verdict is Verdict.ACCEPTED for r in later)
+    assert run.ended("now") is None and run.c.serving_id == "now"
+    run.run(14_400 - run.t + 1, dt=100)
+    assert run.ended("now").reason == "window closed" and run.c.serving_id == "ev#0"
+    run.run(18_000 - run.t - 50, dt=100)
+    assert run.c.serving_id == "ev#1" and run.ended("ev#0").reason == "window closed"
+    run.run(200, dt=100)  # the STOP's window opens: what runs of its source then is stopped, the rest stands
+    assert run.ended("ev#1").reason == "window closed"  # it ended at 18,000 s, as the STOP began
+    assert run.ended("other") is None and run.c.serving_id == "other"  # another source's event is not its to stop
+    assert run.ended("after") is None and not run.c.book.find("after").ended  # begins later: a later instruction
+    run.run(19_000 - run.t + 1, dt=100)
+    assert run.c.serving_id == "after" and run.c.mode is Mode.DISCHARGE
+
+
+def test_a_stop_ends_what_runs_of_its_source_when_its_window_begins():
+    run = Run(ready(0.0))
+    run.feed(discharge("e", 0.0, 0.0, 3_600, 5_000, source="vtn"),
+             DispatchRequest("s", "vtn", DispatchKind.STOP, 0, 600, 1_200, received_at=0.0))
+    run.run(599)
+    assert run.ended("e") is None and run.c.mode is Mode.DISCHARGE
+    run.run(2)
+    assert run.ended("e").reason == "stopped by s" and run.c.serving_id is None
+    assert run.final("e").meter_wh > 0 and run.final("s") is None  # a STOP has no account of its own
+    assert not still_open(run.records)
+
+
+def test_a_stop_cancelled_before_its_window_stops_nothing_and_leaves_no_account():
+    run = Run(ready(0.0))
+    run.feed(discharge("e", 0.0, 0.0, 3_600, 5_000, source="vtn"),
+             DispatchRequest("s", "vtn", DispatchKind.STOP, 0, 600, 1_200, received_at=0.0))
+    run.run(10)
+    run.feed(DispatchCancel("s", "vtn", run.t))
+    assert run.ended("s") is not None and run.final("s") is None
+    run.run(700, dt=10)
+    assert run.ended("e") is None and run.c.serving_id == "e"
+
+
 def test_a_cancelled_request_sent_again_unchanged_in_its_window_is_served_again():
     """A VEN that took an event missing from one listing for withdrawn cancels it; listed again, unchanged,
     it is sent again: it is judged anew and served, where it used to get its old "accepted" and no watts."""

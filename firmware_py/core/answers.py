@@ -244,8 +244,8 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
     else:
         reply = judge(req, judgement(c, req, now))
     c, events = revise(c, existing, req, reply, now)
-    if req.kind is DispatchKind.STOP and reply.verdict is Verdict.ACCEPTED:
-        c, ended = _stop_source(c, req, now)
+    if req.kind is DispatchKind.STOP and reply.verdict is Verdict.ACCEPTED and req.start <= now:
+        c, ended = apply_stop(c, req, now)  # a later one waits, booked, for its window (`machine._expire`)
         events += ended
     return c, events
 
@@ -310,11 +310,16 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
     return c.evolve(book=c.book.add(entry, now)), events + [reply]
 
 
-def _stop_source(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
-    """An accepted STOP ends every other live event of its source; the STOP itself holds nothing."""
+def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
+    """An accepted STOP, once its window has begun, ends every other live event of its source that
+    has begun by now; the STOP itself holds nothing.
+
+    Applied when its window opens, not when it is answered: an OpenADR event's interval of level 0
+    hours ahead stops what runs then, not the event running now nor its own earlier intervals. An
+    event that begins later is a later instruction, and stands."""
     events: list[Event] = []
     for entry in c.book.live():
-        if entry.request.source == stop.source and entry.request.id != stop.id:
+        if entry.request.source == stop.source and entry.request.id != stop.id and entry.request.start <= now:
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
     return c.evolve(book=c.book.end(stop.id)), events

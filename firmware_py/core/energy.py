@@ -133,8 +133,11 @@ def report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
 
 
 def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
-    """End a booked request: it stops applying, and its account closes with a final record."""
+    """End a booked request: it stops applying, and its account closes with a final record (a STOP
+    waiting for its window, cancelled or revised, has no account: it holds nothing)."""
     c = c.evolve(book=c.book.replace(replace(entry, ended=True)))
+    if entry.request.kind is DispatchKind.STOP:
+        return c, [DispatchEnded(now, entry.request.id, why)]
     return c, [DispatchEnded(now, entry.request.id, why), energy_record(c, entry, now, final=True)]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from firmware_py.core import floor as floors
 from firmware_py.core import prices
-from firmware_py.core.answers import answer, cancel, enter_service_detail
+from firmware_py.core.answers import answer, apply_stop, cancel, enter_service_detail
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.energy import account, close_event, commanded_wh, report_energy
 from firmware_py.core.faults import (
@@ -417,9 +417,13 @@ def _resync(c: Controller, now: float) -> tuple[Controller, list[Event]]:
 
 
 def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
+    """End what its window, or the owner's opt-out, ends; then apply the STOPs whose window has begun
+    (after, so an event whose window closed as a STOP began is ended by its window, as it was)."""
     events: list[Event] = []
     for entry in c.book.live():
         why = None
+        if entry.request.kind is DispatchKind.STOP:
+            continue
         if now >= entry.request.end:
             why = "window closed"
         elif entry.request.kind is DispatchKind.DISCHARGE and \
@@ -429,6 +433,11 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
             c, ended = close_event(c, entry, now, why)
             if why == OPTED_OUT_END:
                 c = c.evolve(book=c.book.replace(replace(c.book.find(entry.request.id), stopped_by_owner=True)))
+            events += ended
+    for entry in c.book.live():
+        if entry.request.kind is DispatchKind.STOP and entry.request.start <= now and \
+                not c.book.find(entry.request.id).ended:  # another STOP applied before may have ended it
+            c, ended = apply_stop(c, entry.request, now)
             events += ended
     return c, events
 
