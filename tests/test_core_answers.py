@@ -24,6 +24,7 @@ from firmware_py.core.types import (
     EventEnergy,
     JournalHealth,
     ReasonCode,
+    SiteLimit,
     Tick,
     Verdict,
     describe,
@@ -413,3 +414,19 @@ def test_a_priority_that_is_no_whole_number_from_0_is_invalid(priority):
     result = step(ready(0.0), [discharge("e", 1.0, 0.0, 3_600, priority=priority)], 1.0)
     answer = result.answer_for("e")
     assert answer.reason is ReasonCode.INVALID and "priority" in answer.detail
+
+
+@pytest.mark.parametrize("export_only, charge_cap", [(True, None), (False, 0.0)])
+def test_an_export_limit_caps_discharge_only_and_a_site_limit_both_ways(export_only, charge_cap):
+    """OpenADR 3's EXPORT_CAPACITY_LIMIT of 0 W (a midday surplus) refused every charge: charging imports,
+    it exports nothing. A site controller's WMaxLimPct is the site's limit each way, as before."""
+    c = step(ready(0.0), [SiteLimit(0.0, "src", 0.0, export_only=export_only)], 0.0).controller
+    r = step(c, [bms(1.0), inverter(1.0), discharge("d", 1.0, 1.0, 600, 5_000),
+                 DispatchRequest("c", "test", DispatchKind.CHARGE, 5_000, 1.0, 600, received_at=1.0)], 1.0)
+    assert answer_of(r, "d").verdict is Verdict.REJECTED and "site limit" in answer_of(r, "d").detail
+    charged = answer_of(r, "c")
+    if charge_cap is None:
+        assert charged.verdict is Verdict.ACCEPTED, charged
+        assert step(r.controller, [bms(2.0), inverter(2.0)], 2.0).controller.mode is Mode.CHARGE
+    else:
+        assert charged.verdict is Verdict.REJECTED and "site limit" in charged.detail, charged

@@ -586,6 +586,7 @@ def test_an_export_capacity_limit_holds_a_site_limit_for_its_interval_only() -> 
             sink.offset_s = 3600 + 10
             await vtn.wait_for(lambda: sink.of(SiteLimit), 5)
             assert sink.of(SiteLimit)[-1].limit_w == 3000.0 and sink.of(SiteLimit)[-1].source == "openadr3"
+            assert sink.of(SiteLimit)[-1].export_only  # it caps discharge only
             sink.offset_s = 3600 + 700
             await vtn.wait_for(lambda: sink.of(SiteLimit)[-1].limit_w is None, 5)
 

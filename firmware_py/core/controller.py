@@ -7,7 +7,7 @@ energy and build telemetry can read the controller without importing the step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from firmware_py.core import floor as floors
@@ -78,9 +78,11 @@ class Controller:
 
     def site_limit_w(self, discharge: bool = True) -> float:
         """The site limit in force for one direction: the configured maximum, lowered by every
-        source's `SiteLimit` (a site controller's WMaxLimPct caps every source's requests)."""
+        source's `SiteLimit` (a site controller's WMaxLimPct caps every source's requests; an
+        export limit only discharge)."""
         configured = self.policy.max_discharge_w if discharge else self.policy.max_charge_w
-        return min([configured, *(s.limit_w for s in self.site_limits if s.limit_w is not None)])
+        return min([configured, *(s.limit_w for s in self.site_limits
+                                  if s.limit_w is not None and (discharge or not s.export_only))])
 
     def with_site_limit(self, limit: SiteLimit) -> "Controller":
         """`limit` replaces the one its source set before (a negative or non-finite limit counts as 0 W)."""
@@ -88,8 +90,7 @@ class Controller:
         if value is not None and not (is_finite_number(value) and value >= 0):
             value = 0.0  # the safe reading of a nonsense limit
         kept = tuple(s for s in self.site_limits if s.source != limit.source)
-        return self.evolve(site_limits=kept if value is None else (*kept, SiteLimit(limit.received_at,
-                                                                                     limit.source, value)))
+        return self.evolve(site_limits=kept if value is None else (*kept, replace(limit, limit_w=value)))
 
     @property
     def resyncing(self) -> bool:

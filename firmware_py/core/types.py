@@ -287,12 +287,14 @@ class SiteLimit:
     A site controller's SunSpec `WMaxLimPct` arrives as one of these: the limit is the site's, so
     it caps OpenADR and scheduled requests as much as the controller's own. `limit_w = None`
     lifts that source's limit. The limit in force is the lowest of every source's, and never
-    above the configured `max_discharge_w` / `max_charge_w`.
+    above the configured `max_discharge_w` / `max_charge_w`. An export limit (OpenADR 3's
+    `EXPORT_CAPACITY_LIMIT`, `export_only`) caps discharge only: charging imports, it exports nothing.
     """
 
     received_at: float
     source: str
     limit_w: float | None
+    export_only: bool = False
 
 
 class PriceKind(str, Enum):

@@ -616,7 +616,8 @@ class OpenAdr3Ven:
         wanted = self.limit_in_force(sink.now())
         if wanted == self._limit_applied:
             return
-        await sink.submit(SiteLimit(received_at=sink.now(), source=self._source, limit_w=wanted))
+        await sink.submit(SiteLimit(received_at=sink.now(), source=self._source, limit_w=wanted,
+                                   export_only=True))
         self._limit_applied = wanted
         log.info("OpenADR 3: export limit %s", "lifted" if wanted is None else f"{wanted:.0f} W")
 
