@@ -32,12 +32,16 @@ from openadr3_model import conforms, resolved_windows
 from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse
+from firmware_py.core.controller import Controller, StepResult
+from firmware_py.core.policy import Policy as CorePolicy
+from firmware_py.core.requests import Booked
 from firmware_py.core.telemetry import DerRatings
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
+    InverterCommand,
     Mode,
     PriceInterval,
     PriceKind,
@@ -637,6 +641,58 @@ def test_reports_follow_the_cadence_the_event_asks() -> None:
             assert len(vtn.reports_for(event_id)) == 4
 
     run(scenario)
+
+
+def served(ven: OpenAdr3Ven, request_id: str, meter_wh: float) -> None:
+    """What the gateway's observer hands the VEN after a step in which the core serves `request_id`
+    with `meter_wh` on its account (a real controller, booked as the core books it)."""
+    request = DispatchRequest(request_id, "openadr3", DispatchKind.DISCHARGE, 1.0, 0.0, 1.0, received_at=0.0)
+    booked = Booked(request, DispatchAnswer.accepted(request_id, 0.0), meter_wh=meter_wh)
+    c = Controller.start(CorePolicy())
+    c = c.evolve(book=c.book.add(booked, 0.0), serving_id=request_id)
+    ven.notice_step(StepResult(c, InverterCommand(0.0, "test"), [], None))
+
+
+def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
+    return {i["id"]: p["values"][0] for r in vtn.reports_for(event_id) for i in r["resources"][0]["intervals"]
+            for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
+
+
+@pytest.mark.parametrize("case", ["charge", "price", "extended", "refused revision"])
+def test_the_energy_report_carries_what_the_core_metered_for_the_interval(case: str) -> None:
+    """Each of these reported DELIVERED_ENERGY 0 (or nothing): a charge's energy is negative, and the
+    VEN kept the largest figure seen from 0; a price event is served under its price's id; an event
+    given a second interval moves its first from EVENT to EVENT#0; and a revision the VEN refuses
+    dropped the event without reporting what it had delivered."""
+    async def scenario() -> dict[int, float]:
+        sink = ScriptedSink(price_answer=DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED))
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(-60)
+            if case == "price":
+                event_id = vtn.add_event(program, "EXPORT_PRICE", start, 300, [0.5], units="KWH", currency="USD",
+                                         report_every=-1)
+            else:
+                event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [-5.0 if case == "charge" else 5.0],
+                                         report_every=-1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            served(ven, f"{event_id}#0:EXPORT_PRICE" if case == "price" else event_id,
+                   -413.0 if case == "charge" else 115.0)
+            if case == "extended":
+                vtn.modify_event(event_id, values=[5.0, 3.0])
+                await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 3)
+                served(ven, f"{event_id}#0", 50.0)  # the core's new account for the interval's new id
+                sink.offset_s = 660
+            elif case == "refused revision":
+                vtn.modify_event(event_id, values=[5.0, "a typo"])
+                await vtn.wait_for(lambda: "refused" in vtn.answers_for(event_id))
+            else:
+                sink.offset_s = 300
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            return delivered_per_interval(vtn, event_id)
+
+    expected = {"charge": {0: -413.0}, "price": {0: 115.0}, "extended": {0: 165.0, 1: 0.0},
+                "refused revision": {0: 115.0}}
+    assert run(scenario) == expected[case]
 
 
 # ---------------------------------------------------------------------- translation (no I/O)

@@ -135,6 +135,7 @@ class _Tracked:
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
     reported_upto: int = 0  # intervals already covered by cadence reports
+    carried_wh: dict[int, float] = field(default_factory=dict)  # interval id -> Wh under its earlier request ids
 
 
 def token_endpoint(base: str, named: Any) -> str:
@@ -524,7 +525,7 @@ class OpenAdr3Ven:
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
             self._report_begun(sink, tracked)
-            self._forget(tracked.requests)
+            self._forget(_asked(tracked.plan))
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
@@ -541,16 +542,19 @@ class OpenAdr3Ven:
                                currency=self._currency, ven_name=self.config.ven_name)
         tracked = self._events.get(event_id_of(event))
         if isinstance(plan, DispatchAnswer):
-            if tracked is not None:
-                self._forget(tracked.requests)
+            if tracked is not None:  # what it delivered so far is still reported, as for a deleted event
+                self._report_begun(sink, tracked)
+                self._forget(_asked(tracked.plan))
                 await self._withdraw(sink, self._events.pop(plan.request_id), "the event's new revision is refused")
             self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
             if isinstance(event, dict) and isinstance(event.get("programID"), str) and plan.request_id != UNKNOWN_EVENT:
                 self._queue_answer(event["programID"], plan.request_id, revision, (), {plan.request_id: plan})
             return
         requests = plan.requests
+        carried_wh: dict[int, float] = {}
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
+            carried_wh = self._carry(tracked, plan)
             self._forget(dropped)
             await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
             # after the VEN's own re-asks the core may know a request at a higher revision than this
@@ -565,11 +569,13 @@ class OpenAdr3Ven:
             answers[request.id] = await self._answer(sink, request)
         price_answers: dict[str, DispatchAnswer] = {}
         for price in plan.prices:
+            self._metered.setdefault(price.id, 0.0)  # the core serves a price it discharges for by its id
             answer = await sink.submit(price)
             if isinstance(answer, DispatchAnswer):
                 price_answers[price.id] = answer
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
-                                               reported_upto=tracked.reported_upto if tracked else 0)
+                                               reported_upto=tracked.reported_upto if tracked else 0,
+                                               carried_wh=carried_wh)
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -578,6 +584,17 @@ class OpenAdr3Ven:
         self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals,
                            {**answers, **price_answers})
         await self._hold_limit(sink)
+
+    def _carry(self, tracked: _Tracked, plan: EventPlan) -> dict[int, float]:
+        """Each interval's energy so far that a revision moves to another request id (an event of one
+        interval, `EVENT`, given a second becomes `EVENT#0`, `EVENT#1`): it stays the interval's."""
+        carried = dict(tracked.carried_wh)
+        now_asks = {w.interval_id: w.request_id for w in plan.intervals}
+        for window in tracked.plan.intervals:
+            if window.request_id is not None and now_asks.get(window.interval_id) != window.request_id:
+                carried[window.interval_id] = carried.get(window.interval_id, 0.0) + \
+                    self._metered.get(window.request_id, 0.0)
+        return carried
 
     def _forget(self, request_ids: Iterable[str]) -> None:
         """The requests' delivered energy is no longer reported: the event ended or took them back."""
@@ -626,9 +643,9 @@ class OpenAdr3Ven:
         that admits dispatch changed, an export limit's interval began or ended, or a report fell due."""
         c = result.controller
         if c.serving_id in self._metered:
-            booked = c.book.find(c.serving_id)
-            if booked is not None:
-                self._metered[c.serving_id] = max(self._metered[c.serving_id], booked.meter_wh)
+            booked = c.book.find(c.serving_id)  # a charge's energy is negative: the larger in size is kept
+            if booked is not None and abs(booked.meter_wh) > abs(self._metered[c.serving_id]):
+                self._metered[c.serving_id] = booked.meter_wh
         if self._standing_wake is None or not (self._events or self._limit_applied is not None):
             return
         now = self._sink.now() if self._sink is not None else 0.0
@@ -718,14 +735,15 @@ class OpenAdr3Ven:
                     self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
             if ended == len(plan.intervals):
                 del self._events[event_id]
-                self._forget(tracked.requests)
+                self._forget(_asked(plan))
 
     def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
         plan = tracked.plan
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            delivered = self._metered.get(window.request_id, 0.0) if window.request_id else 0.0
+            delivered = tracked.carried_wh.get(window.interval_id, 0.0) + sum(
+                self._metered.get(metered_id, 0.0) for metered_id in _served_ids(plan, window))
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
                 if t.soc_pct is not None:
@@ -864,6 +882,13 @@ def _price_answer(answers: dict[str, DispatchAnswer], event_id: str, interval_id
     """The answer to an interval's prices: the one the owner's mode followed (served), else the first."""
     found = [a for kind in PriceKind if (a := answers.get(price_id(event_id, interval_id, kind))) is not None]
     return next((a for a in found if a.verdict is not Verdict.REJECTED), found[0] if found else None)
+
+
+def _served_ids(plan: EventPlan, window: IntervalWindow) -> tuple[str, ...]:
+    """The ids the core may serve an interval by: its request's, else its prices' (each kind)."""
+    if window.request_id is not None:
+        return (window.request_id,)
+    return tuple(price_id(plan.event_id, window.interval_id, kind) for kind in PriceKind)
 
 
 def _asked(plan: EventPlan) -> set[str]:
