@@ -180,6 +180,16 @@ class LoopbackVtn:
             self.server = self._make_server(tls)
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
         self.server.add_handler("on_register_report", self._on_register_report)
+        events = self.server.services["event_service"]
+        openleadr_request_event = events.request_event
+
+        async def request_event(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            """A complete distribution, also of no events (openleadr answers none with oadrResponse): a VTN
+            that withdraws a VEN's last event says so this way, as the 2.0b schema allows."""
+            answer = await openleadr_request_event(payload)
+            return ("oadrDistributeEvent", {"events": []}) if answer == ("oadrResponse", {}) else answer
+
+        events.request_event = request_event
 
     def _make_server(self, tls: TlsMaterial | None) -> OpenADRServer:
         return OpenADRServer(

@@ -23,11 +23,15 @@ from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
 from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
+from firmware_py.core.controller import Controller, StepResult
+from firmware_py.core.policy import Policy as CorePolicy
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
+    DispatchEnded,
     DispatchKind,
     DispatchRequest,
+    InverterCommand,
     Mode,
     ReasonCode,
     Verdict,
@@ -341,6 +345,25 @@ def test_an_event_missing_from_a_later_complete_distribution_is_cancelled_with_t
     run(scenario)
 
 
+def test_a_complete_distribution_of_no_events_cancels_the_last_event_held() -> None:
+    """A VTN withdrawing a VEN's only event sends an oadrDistributeEvent of no events (the 2.0b schema
+    allows none); openleadr does not hand such a distribution on, and the event ran on, uncancelled."""
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                only = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(only) == "optIn"
+                vtn.withdraw_event(only)
+                await vtn.wait_for(lambda: sink.cancels())
+        [cancel] = sink.cancels()
+        assert (cancel.id, cancel.source) == (only, "openadr") and "implicitly cancelled" in cancel.reason
+        assert ven.implicit_cancellations == 1
+
+    run(scenario)
+
+
 def test_an_event_refused_in_its_active_period_is_asked_again_once_the_core_would_serve_it() -> None:
     def no_data(request: DispatchRequest) -> DispatchAnswer:
         return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.NO_DATA, detail="start")
@@ -360,6 +383,32 @@ def test_an_event_refused_in_its_active_period_is_asked_again_once_the_core_woul
         assert (again.id, again.revision, again.target_w) == (first.id, first.revision + 1, first.target_w)
         assert ven.reasks == 1 and ven.outcomes[-1].opt == "optIn"
         assert ven.client.responded_events.get(event_id) in (None, "optIn")  # a redistribution says optIn
+
+    run(scenario)
+
+
+def test_committed_power_drops_when_the_core_ends_the_request_and_returns_when_it_is_asked_again() -> None:
+    """The owner's opt-out ends an accepted event in the core: committedPower went on saying 5,000 W
+    while the gateway served nothing."""
+    before, after = Controller.start(CorePolicy()), Controller.start(CorePolicy())  # two owners: a change
+
+    def ended(request_id: str) -> StepResult:
+        return StepResult(before, InverterCommand(0.0, "test"),
+                          [DispatchEnded(time.time(), request_id, "owner opted out")], None)
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0) as vtn:
+            ven, sink = make_ven(vtn), ScriptedSink(accept)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                assert ven.committed_w() == 5_000.0
+                ven.notice_step(ended(event_id))
+                assert ven.committed_w() == 0.0
+                sink.improvable = frozenset({event_id})  # the opt-out revoked: the core would serve it again
+                ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
+                await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
 
     run(scenario)
 

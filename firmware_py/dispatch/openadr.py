@@ -52,6 +52,7 @@ from firmware_py.core.controller import StepResult
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
+    DispatchEnded,
     DispatchRequest,
     Mode,
     ReasonCode,
@@ -186,7 +187,20 @@ class _Client(OpenADRClient):
     async def poll(self) -> tuple[str | None, dict[str, Any]]:
         response_type, payload = await super().poll()
         self.poll_ok = response_type is not None
+        await self._withdrawn_all(response_type, payload)
         return response_type, payload
+
+    async def request_event(self, reply_limit: int | None = None) -> tuple[str | None, dict[str, Any]]:
+        response_type, payload = await super().request_event(reply_limit)
+        await self._withdrawn_all(response_type, payload)
+        return response_type, payload
+
+    async def _withdrawn_all(self, response_type: str | None, payload: Any) -> None:
+        """A distribution of no events is complete too: the VTN holds none for this VEN, so every event
+        the VEN holds was withdrawn. openleadr hands only distributions with events to `_on_event`."""
+        if response_type == "oadrDistributeEvent" and not (isinstance(payload, dict) and payload.get("events")) \
+                and self.on_distribution is not None:
+            await self.on_distribution([])
 
     async def _on_event(self, message: dict[str, Any]) -> None:
         if self.on_distribution is not None:
@@ -474,8 +488,13 @@ class OpenAdrVen:
     # ------------------------------------------------------------------ standing settings
 
     def notice_step(self, result: StepResult) -> None:
-        """A gateway observer: a step that changed what admits dispatch may have cleared what refused
-        or capped an event: look at once."""
+        """A gateway observer: a request the core ended commits no power any more (`committedPower`:
+        the owner's opt-out ends one, and asking again once it is revoked commits it anew); and a step
+        that changed what admits dispatch may have cleared what refused or capped an event: look at once."""
+        for event in result.events:
+            if isinstance(event, DispatchEnded):
+                for tracked in self._events.values():
+                    tracked.windows.pop(event.request_id, None)
         if self._watch.changed(result) and self._wake is not None and self._events:
             self._wake.set()
 
