@@ -265,6 +265,24 @@ def test_guessers_past_the_total_wait_and_an_address_that_never_failed_does_not(
     assert throttle.wait_s("10.0.0.7") > 0 and throttle.wait_s("10.0.0.0") > 0
 
 
+def test_guessers_spread_over_more_addresses_than_are_tracked_still_meet_the_total():
+    """With 257 addresses failing 4 times each, the oldest's record was dropped and it looked new:
+    1,028 guesses a minute went through against a total of 30."""
+    now = [0.0]
+    throttle = LoginThrottle(lambda: now[0], per_client=5, total=30, max_clients=256)
+    let_through = []
+    for _round in range(4):
+        let_through.append(0)
+        for n in range(257):
+            client = f"10.0.{n // 256}.{n % 256}"
+            if throttle.wait_s(client) == 0:
+                let_through[-1] += 1
+                throttle.failed(client)
+    assert let_through == [257, 0, 0, 0]  # an address that never failed may try once (the owner's case)
+    now[0] += throttle.window_s + 1  # a minute later, with no more guesses, the owner is not held
+    assert throttle.wait_s("10.0.9.9") == 0
+
+
 def test_sessions_end_when_idle_too_long(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:

@@ -16,6 +16,7 @@ Nothing here logs or returns a token.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -120,7 +121,10 @@ class LoginThrottle:
     """Failed logins within the last `window_s`, per client address and in total.
 
     `wait_s(client)` says how long a client must wait before its next attempt
-    (0: it may try now). Successes forget a client's failures.
+    (0: it may try now). Successes forget a client's failures. Past the total, only
+    clients that failed themselves wait, so guessers cannot lock the owner out; but
+    once more clients have failed than are tracked, one without a record may be a
+    guesser whose record was dropped, so then every client waits for the total.
     """
 
     def __init__(self, clock: Clock, *, window_s: float = LOGIN_WINDOW_S,
@@ -130,6 +134,7 @@ class LoginThrottle:
         self.window_s, self.per_client, self.total, self.max_clients = window_s, per_client, total, max_clients
         self._by_client: OrderedDict[str, deque[float]] = OrderedDict()
         self._all: deque[float] = deque()
+        self._dropped_at = -math.inf  # when a client's record last went for want of room
 
     def wait_s(self, client: str) -> float:
         now = self.clock()
@@ -138,7 +143,8 @@ class LoginThrottle:
         mine = self._by_client.get(client)
         if mine is not None and len(mine) >= self.per_client:
             waits.append(mine[0] + self.window_s - now)
-        if mine and len(self._all) >= self.total:
+        untold = now - self._dropped_at < self.window_s  # a client with no record may have had one
+        if (mine or untold) and len(self._all) >= self.total:
             waits.append(self._all[0] + self.window_s - now)
         return max(waits)
 
@@ -151,6 +157,7 @@ class LoginThrottle:
         self._all.append(now)
         while len(self._by_client) > self.max_clients:  # the oldest client's count goes; the total keeps it
             self._by_client.popitem(last=False)
+            self._dropped_at = now
         return len(mine)
 
     def succeeded(self, client: str) -> None:
