@@ -12,26 +12,79 @@ Connections are bounded, because a client that connects and says nothing would o
 be kept for ever (aiohttp waits for a first request without a deadline): each listener holds
 at most `max_connections` (a newer one is closed at once), a connection must send its first
 request within `first_request_s`, and one idle between requests is closed after `idle_s`.
-The gateway's journal, CAN bus and Modbus link need file descriptors too.
+A body is read within `BODY_S` (`body_of`): aiohttp reads one without a deadline, so 64
+half-sent bodies would hold every connection. The gateway's journal, CAN bus and Modbus link
+need file descriptors too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from firmware_py.errors import InputError
+from firmware_py.quoting import printable
 
 SiteOf = Callable[[web.AppRunner], web.BaseSite]
 
 MAX_CONNECTIONS = 64
 FIRST_REQUEST_S = 10.0
 IDLE_S = 30.0
+BODY_S = 10.0
+
+T = TypeVar("T")
+
+
+class BodyUnread(Exception):
+    """A request body that did not arrive whole within `BODY_S`, or that could not be decoded
+    (a broken `Content-Encoding` or multipart body): the client's fault, answered 400."""
+
+
+async def body_of(reading: Awaitable[T], deadline_s: float = BODY_S) -> T:
+    """`reading` (`request.read()`, `.post()`, `.json()`) within `deadline_s`; BodyUnread otherwise.
+    A body larger than the application's limit still raises aiohttp's own 413, for its handler."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await reading
+    except TimeoutError:
+        raise BodyUnread(f"the request body did not arrive within {deadline_s:.0f} s") from None
+    except (RequestPayloadError, HttpProcessingError, ConnectionResetError) as err:
+        raise BodyUnread(f"the request body could not be read: {_reason(err)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in aiohttp's words up to the bytes it quotes: those may hold a token."""
+    if isinstance(error, RequestPayloadError) and error.__cause__ is not None:
+        error = error.__cause__  # the parser's own error says what was wrong with the body
+    text = str(getattr(error, "message", "") or error)
+    return printable(re.split(r"[:'\"]", text, maxsplit=1)[0].strip()[:120]) or type(error).__name__
+
+
+class _RefusedRequests(logging.Filter):
+    """aiohttp logs a malformed request (a header over 8 KB, a bad request line, a body it cannot
+    decode) as an ERROR with a traceback and the raw line; it has been answered with 400 already
+    (by aiohttp, or by the handler through `body_of`): one INFO line, and only the kind of fault
+    (the raw line may carry a token, in a header or a URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (HttpProcessingError, RequestPayloadError)):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "HTTP: refused a malformed request: %s", (_reason(error),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
 
 
 class HttpListener:
@@ -80,7 +133,9 @@ class HttpListener:
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             made(handler, transport)
             if len(server.connections) > self.max_connections:
-                transport.close()
+                # Closed once aiohttp has set the connection up: closed inside its own connection_made,
+                # its request task started on a connection already lost and failed an assertion.
+                loop.call_soon(transport.close)
             else:
                 loop.call_later(self.first_request_s, self._unless_asked, transport)
 

@@ -238,6 +238,25 @@ def test_a_login_form_that_cannot_be_read_is_a_failed_login_not_a_server_error(t
     assert "Error handling request" not in caplog.text and "Traceback" not in caplog.text
 
 
+def test_a_body_that_cannot_be_decoded_is_a_400_not_a_server_error(tmp_path, caplog):
+    """A body declared gzip that is not: aiohttp's decoding error escaped as a 500 with a traceback,
+    at the login form (anyone on the network) and at the API."""
+    async def main() -> None:
+        async with serving(tmp_path) as (_, app, tokens), client(app) as sender:
+            garbled = {"Content-Encoding": "gzip"}
+            async with sender.http.post(app.url + "login", data=b"token=abc", allow_redirects=False,
+                                        headers={**garbled, "Content-Type": "application/x-www-form-urlencoded"}
+                                        ) as response:
+                assert response.status == 400 and "not received whole" in await response.text()
+            async with sender.http.put(app.url + "api/reserve", data=b'{"pct": 50}',
+                                       headers={**garbled, "Authorization": f"Bearer {tokens['owner']}"}) as response:
+                assert response.status == 400
+                assert "could not be read" in (await response.json())["error"]
+
+    asyncio.run(main())
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
 def test_wrong_bearer_tokens_are_throttled_like_failed_logins(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as script:

@@ -76,7 +76,7 @@ from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
-from firmware_py.http_listener import HttpListener
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
 from firmware_py.tasks import cancel_all
@@ -479,10 +479,10 @@ class OpenAdr3Ven:
                                    f"Bearer {self._callback_token}".encode()):
             return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
         try:
-            note = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response({"title": "Bad Request", "status": 400,
-                                      "detail": "the notification is not JSON"}, status=400)
+            note = await body_of(request.json())
+        except (ValueError, UnicodeDecodeError, BodyUnread) as err:
+            detail = str(err) if isinstance(err, BodyUnread) else "the notification is not JSON"
+            return web.json_response({"title": "Bad Request", "status": 400, "detail": detail}, status=400)
         if not (isinstance(note, dict) and isinstance(note.get("objectType"), str)
                 and isinstance(note.get("operation"), str) and isinstance(note.get("object"), dict)):
             return web.json_response({"title": "Bad Request", "status": 400,

@@ -29,44 +29,24 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
-from firmware_py.http_listener import HttpListener, serve_until_cancelled
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
-from firmware_py.quoting import printable
 
 MAX_BODY_BYTES = 4096
-
-
-class _RefusedRequests(logging.Filter):
-    """aiohttp logs a malformed request (a header over 8 KB, a bad request line) as an ERROR with a
-    traceback; for this API it is a refusal aiohttp has already answered with 400: one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "owner API: refused a malformed request: %s", (printable(str(error.message)),)
-            record.exc_info = record.exc_text = None
-        return True
-
-
-logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
-
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -164,9 +144,11 @@ class OwnerApi:
 
     async def _body(self, request: web.Request) -> Any:
         try:
-            raw = await request.read()
+            raw = await body_of(request.read())
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
+        except BodyUnread as err:
+            raise BadRequest(str(err)) from None
         return parse_body(raw)
 
     def _setter(self, control: Control) -> Handler:

@@ -45,7 +45,7 @@ from firmware_py.config import Config
 from firmware_py.core import floor as floors
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
-from firmware_py.http_listener import HttpListener, serve_until_cancelled
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
 from firmware_py.owner.changes import BadRequest, parse_body
@@ -306,9 +306,11 @@ class WebApp:
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
         try:
-            form = await request.post()
+            form = await body_of(request.post())
         except (ValueError, LookupError):  # a body aiohttp cannot read as the form (an unknown charset, no boundary)
             form = {}  # no token offered: a failed login like any other, counted by the throttle
+        except BodyUnread:  # no guess was made: not counted
+            return self._html("login.html", 400, "The login form was not received whole: try again.")
         offered = form.get("token")
         role = self._keys.role_of(offered) if isinstance(offered, str) and self._keys else None
         if role is None:
@@ -390,4 +392,7 @@ class WebApp:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
-        return parse_body(await request.read())  # too large: the guard's 400
+        try:
+            return parse_body(await body_of(request.read()))  # too large: the guard's 400
+        except BodyUnread as err:
+            raise BadRequest(str(err)) from None
