@@ -25,6 +25,7 @@ MAX_OPT_OUT_EVENTS = 32
 MAX_AHEAD_S = 366 * 86_400
 """The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
 MAX_STORM_WATCH_S = 14 * 86_400
+MAX_DEPARTURE_S = 2 * 86_400  # the next HH:MM is at most a day ahead; a day's margin for clocks and time zones
 """The longest storm watch: a storm is forecast days ahead, not months; a longer one is a typo
 (a standing floor is the reserve's job)."""
 MAX_TIME_TEXT = 64
@@ -91,28 +92,28 @@ def set_reserve(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:
     return _changed(current, now, reserve_pct=_percent(_fields(body, ("pct",)), "pct"))
 
 
-def parse_instant(value: Any, tz: dt.tzinfo | None) -> float:
+def parse_instant(value: Any, tz: dt.tzinfo | None, name: str = "until") -> float:
     """Epoch seconds, or ISO-8601 (a time without an offset is the owner's local time)."""
     if is_finite_number(value):
         return float(value)
     if not isinstance(value, str) or len(value) > MAX_TIME_TEXT:
-        raise BadRequest(f"until: expected an ISO-8601 time or epoch seconds, got {shown(value)}")
+        raise BadRequest(f"{name}: expected an ISO-8601 time or epoch seconds, got {shown(value)}")
     try:
         moment = dt.datetime.fromisoformat(value)
         if moment.tzinfo is None and tz is not None:
             moment = moment.replace(tzinfo=tz)
         return moment.timestamp()
     except (ValueError, OverflowError):
-        raise BadRequest(f"until: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
+        raise BadRequest(f"{name}: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
 
 
 def _ahead(until: float, raw: Any, now: float, limit_s: float = MAX_AHEAD_S,
-           hint: str = 'for an opt-out with no end use {"now": true}') -> float:
+           hint: str = 'for an opt-out with no end use {"now": true}', name: str = "until") -> float:
     """`until` when it is in the future and within `limit_s`: a far-future time is a typo, not a plan."""
     if until <= now:
-        raise BadRequest(f"until: {shown(raw)} is not in the future")
+        raise BadRequest(f"{name}: {shown(raw)} is not in the future")
     if until - now > limit_s:
-        raise BadRequest(f"until: {shown(raw)} is more than {limit_s / 86_400:g} days ahead; {hint}")
+        raise BadRequest(f"{name}: {shown(raw)} is more than {limit_s / 86_400:g} days ahead; {hint}")
     return until
 
 
@@ -171,7 +172,8 @@ def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo |
     if "time" in body:
         at = next_occurrence(body["time"], now, tz)
     else:
-        at = _ahead(parse_instant(body["at"], tz), body["at"], now, hint="a departure is at most days ahead")
+        at = _ahead(parse_instant(body["at"], tz, "at"), body["at"], now, MAX_DEPARTURE_S,
+                    "a departure is the next time the truck leaves", "at")
     return _changed(current, now, departure_at=at, departure_soc_pct=_percent(body, "soc_pct"))
 
 
