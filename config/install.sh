@@ -164,7 +164,7 @@ cat <<EOF
 
 Installed. Next:
   1. edit $CONF_DIR/gateway.toml (every key: $CONF_DIR/example.toml)
-  2. $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml
+  2. sudo -u $SERVICE_USER $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml
   3. bring up the CAN interface (ip link set can0 up type can bitrate 500000)
   4. sudo systemctl start $UNIT && journalctl -u $UNIT -f
 EOF

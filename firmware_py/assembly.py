@@ -218,6 +218,8 @@ def check(config: Config) -> None:
     for name, kind in INTEGRATIONS.items():
         if section(config, name).enabled:
             problems += kind.check(config)
+    if not problems:  # every address parses: none may be another's
+        problems += _shared_listens(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
 
@@ -228,12 +230,34 @@ def notes(config: Config) -> list[str]:
     A listen address on port 0 takes whatever port is free at each start: right for a test, useless to
     the aggregator, the VTN, the owner or the monitoring that must be told where to connect.
     """
+    return [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
+            for key, address in _listens(config) if parse_host_port(address, key)[1] == 0]
+
+
+def _listens(config: Config) -> list[tuple[str, str]]:
+    """Every TCP address the gateway will listen on, with its configuration key."""
     listens = [("owner.api_listen", config.owner.api_listen)]
     listens += [(f"{name}.{kind.listen}", getattr(section(config, name), kind.listen))
                 for name, kind in INTEGRATIONS.items() if kind.listen and section(config, name).enabled]
-    return [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
-            for key, address in listens if address and not address.startswith(UNIX_PREFIX)
-            and parse_host_port(address, key)[1] == 0]
+    return [(key, address) for key, address in listens if address and not address.startswith(UNIX_PREFIX)]
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def _shared_listens(config: Config) -> list[str]:
+    """Two listeners on one address: the second could not bind, and `run` would stop there (under
+    systemd, again at every restart). A wildcard host takes its port on every address."""
+    problems, taken = [], []
+    for key, address in _listens(config):
+        host, port = parse_host_port(address, key)
+        clash = next(((k, a) for k, a, h, p in taken if p == port != 0 and (h == host or _WILDCARDS & {h, host})),
+                     None)
+        if clash is not None:
+            problems.append(f"{key}: {address} and {clash[0]} ({clash[1]}) cannot both listen there: "
+                            "give each listener its own port")
+        taken.append((key, address, host, port))
+    return problems
 
 
 def _check_timeout_against_the_dbc(config: Config) -> None:

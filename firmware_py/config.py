@@ -155,7 +155,8 @@ class ProgramConfig:
     """The owner's enrolment terms (docs/configuration.md, [program]): what `statement` credits and charges."""
 
     name: str = spec("", doc="the program's name, printed on statements")
-    currency: str = spec("USD", doc="ISO 4217 code of the amounts")
+    currency: str = spec("USD", form=("[A-Z]{3}", "an ISO 4217 code, three capital letters (e.g. USD)"),
+                         doc="ISO 4217 code of the amounts")
     credit_per_kwh: float = spec(0.0, lo=0, hi=100, doc="bill credit per kWh delivered in grid events")
     wear_cost_per_kwh: float = spec(0.0, lo=0, hi=100, doc="battery wear cost per kWh out of the pack")
 

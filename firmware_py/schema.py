@@ -8,6 +8,7 @@ fixes a file in one pass), and resolves relative paths against a base folder.
 
 from __future__ import annotations
 
+import re
 import tomllib
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -46,9 +47,11 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
-          choices: tuple[str, ...] | None = None, path: bool = False, doc: str = "") -> Any:
-    """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "doc": doc}
+          choices: tuple[str, ...] | None = None, path: bool = False, form: tuple[str, str] | None = None,
+          doc: str = "") -> Any:
+    """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path,
+    and the form a string must have (a regular expression, and how to say it to a person)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "form": form, "doc": doc}
     if default is ...:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -115,6 +118,8 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
         problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
         if not problem and f.metadata.get("path") and "\x00" in value:
             problem = f"{shown(value)} holds a NUL character, which no path can"
+        if not problem and f.metadata.get("path") and not value and f.default:  # "" means "none" only where that is the default
+            problem = f"must not be empty: the file is needed (default {f.default!r})"
         if problem:
             problems.append(f"{key}: {problem}")
             continue
@@ -142,4 +147,7 @@ def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
         return f"must be one of {listed}, got {shown(value)}"
     if lo is not None and value < lo or hi is not None and value > hi:
         return f"{shown(value)} is out of range ({lo} to {hi})"
+    form = meta.get("form")
+    if form and not re.fullmatch(form[0], value):
+        return f"expected {form[1]}, got {shown(value)}"
     return None

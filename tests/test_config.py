@@ -160,6 +160,19 @@ def test_bundled_data_is_found():
     ('[inverter]\npoll_interval_s = 60\n[safety]\ninverter_timeout_s = 0.1\n',
      "safety.inverter_timeout_s: 0.1 s is not above inverter.poll_interval_s (60 s)"),
     ('[journal]\npath = "a\\u0000b"\n', "journal.path: 'a\\x00b' holds a NUL character"),
+    # an empty path meant "the current folder" to `run`: a traceback for the journal, a message naming no key
+    ('[journal]\npath = ""\n', "journal.path: must not be empty"),
+    ('[owner]\ntoken_file = ""\n', "owner.token_file: must not be empty"),
+    ('[owner]\nsettings_file = ""\n', "owner.settings_file: must not be empty"),
+    ('[web]\nenabled = true\ninstaller_token_file = ""\n', "web.installer_token_file: must not be empty"),
+    # two listeners on one address: `run` stopped at the second (under systemd, at every restart)
+    ('[owner]\napi_listen = "127.0.0.1:18095"\n[web]\nenabled = true\nlisten = "127.0.0.1:18095"\n',
+     "web.listen: 127.0.0.1:18095 and owner.api_listen (127.0.0.1:18095) cannot both listen there"),
+    ('[metrics]\nenabled = true\nlisten = "0.0.0.0:9100"\n[dispatch.sunspec_server]\nenabled = true\n'
+     'listen = "127.0.0.1:9100"\n', "metrics.listen: 0.0.0.0:9100 and dispatch.sunspec_server.listen "
+                                     "(127.0.0.1:9100) cannot both listen there"),
+    ('[mqtt]\nenabled = true\nbroker = "127.0.0.1:0"\n', "mqtt.broker: '127.0.0.1:0': port 0 is no broker's port"),
+    ('[program]\ncurrency = "dollars!!"\n', "program.currency: expected an ISO 4217 code"),
     # OpenADR 3 uses the SIMPLE levels of [dispatch.openadr] though that section's VEN is off: a level
     # below 0 % turned a shed into a charge.
     ('[dispatch.openadr]\nsimple_levels_pct = [-50.0, 50.0, 100.0]\n[dispatch.openadr3]\nenabled = true\n'

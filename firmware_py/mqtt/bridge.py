@@ -84,7 +84,8 @@ def check(config: Config) -> list[str]:
     the password file (readable) and the TLS CA file (a usable PEM bundle)."""
     mqtt, problems = config.mqtt, []
     try:
-        parse_host_port(mqtt.broker, "mqtt.broker")
+        if parse_host_port(mqtt.broker, "mqtt.broker")[1] == 0:
+            problems.append(f"mqtt.broker: {mqtt.broker!r}: port 0 is no broker's port (1 to 65535; 1883 is MQTT's)")
     except InputError as err:
         problems += err.problems
     for key, prefix in (("mqtt.topic_prefix", mqtt.topic_prefix), ("mqtt.discovery_prefix", mqtt.discovery_prefix)):
