@@ -385,6 +385,24 @@ def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
     bounded(main())
 
 
+def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_off(tmp_path):
+    """A session only ends by failing, so the back-off never started afresh: each broker restart was
+    met later than the one before (0.5, 1, 2, 4, 8 s ... 30 s), however long the sessions between."""
+    async def main() -> list[float]:
+        waits = []
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                for _ in range(3):
+                    broker.stop()
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
+                    waits.append(bridge.retry_in_s)  # the first wait after the loss
+                    broker.start()
+                    await asyncio.wait_for(bridge.connected.wait(), 20)
+        return waits
+
+    assert bounded(main()) == [0.5, 0.5, 0.5]
+
+
 def test_commands_beyond_the_rate_are_refused_on_the_gateway_clock():
     now = [0.0]
     gate = CommandGate(lambda: now[0], burst=3, per_s=0.5)
@@ -460,6 +478,10 @@ def test_the_state_is_paced_on_change_and_at_least_every_interval():
     assert changed(base, {**base, "mode": "DISCHARGE"})
     assert changed(base, {**base, "links": {"bms": {"ok": False, "age_s": 0.1}}})
     assert changed(base, {**base, "delivered": {"event_wh": 5.0, "total_wh": 0.0}})
+    # a price-driven discharge's energy grows every second: it was a change each time (42 states a minute)
+    priced = {**base, "price_mode": {"active": True, "today_wh": 100.0}}
+    assert not changed(priced, {**priced, "price_mode": {"active": True, "today_wh": 199.0}})
+    assert changed(priced, {**priced, "price_mode": {"active": True, "today_wh": 200.0}})
     pacer = Pacer(interval_s=10.0)
     assert pacer.due(base, 0.0)
     pacer.sent(base, 0.0)

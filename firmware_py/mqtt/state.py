@@ -37,6 +37,7 @@ DEAD_BANDS: dict[tuple[str, ...], float] = {
     ("event", "delivered_wh"): 100.0,
     ("delivered", "event_wh"): 100.0,
     ("delivered", "total_wh"): 100.0,
+    ("price_mode", "today_wh"): 100.0,  # grows through every price-driven discharge
 }
 """Numbers that count as changed only once they moved this far from the last published value."""
 IGNORED = frozenset({"at"})
