@@ -157,6 +157,18 @@ def load(path: str | Path) -> Scenario:
     return Scenario(**{**scenario.__dict__, "name": path.stem})
 
 
+def _overlapping_setpoints(dispatch: tuple[Dispatch, ...]) -> list[str]:
+    """A SunSpec site controller holds one setpoint at a time: the end of one window would end the
+    other's too (WSetEna = 0), and the DER would serve both as one request."""
+    problems = []
+    ordered = sorted(enumerate(dispatch), key=lambda item: item[1].start_s)
+    for (i, a), (j, b) in zip(ordered, ordered[1:]):
+        if b.start_s < a.start_s + a.duration_s:
+            problems.append(f"dispatch[{j}]: its window overlaps dispatch[{i}]'s; a SunSpec aggregator holds one "
+                            "setpoint at a time (use kind \"openadr3\" or \"scripted\" for overlapping events)")
+    return problems
+
+
 def _cross_checks(s: Scenario) -> list[str]:
     """What no single key can say: ids unique, times inside the run, answers naming events."""
     problems = []
@@ -181,9 +193,19 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"fault[{i}].message: {shown(f.message)} is not a message of the bench's DBC "
                             f"(one of: {', '.join(messages)})")
     problems += _overlapping_faults(s.fault)
+    if s.aggregator.kind == "sunspec":
+        problems += _overlapping_setpoints(s.dispatch)
+    sent_at = {d.id: d.at_s for d in s.dispatch}
     for i, c in enumerate(s.cancel):
         if c.id not in ids:
             problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")
+        elif c.at_s < sent_at[c.id]:
+            problems.append(f"cancel[{i}].at_s: {c.at_s} is before dispatch {c.id!r} is sent ({sent_at[c.id]} s)")
+        if c.at_s >= s.run.duration_s:
+            problems.append(f"cancel[{i}].at_s: {c.at_s} is after the run ends ({s.run.duration_s} s)")
+    for i, o in enumerate(s.owner_change):
+        if o.at_s >= s.run.duration_s:
+            problems.append(f"owner_change[{i}].at_s: {o.at_s} is after the run ends ({s.run.duration_s} s)")
     for event_id, verdict in s.expect.answers.items():
         if event_id not in ids:
             problems.append(f"expect.answers.{event_id}: no dispatch has that id")

@@ -396,6 +396,19 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
     # Said only once the run had begun, naming neither the file nor the key.
     ('[aggregator]\nkind = "openadr"\n[[dispatch]]\nat_s = 1\nid = "c1"\nstart_s = 10\nduration_s = 60\n'
      'target_w = 1000\nkind = "charge"\n', "bad.toml: dispatch[0].kind: 'charge' cannot be sent by OpenADR 2.0b"),
+    # Each was accepted and did nothing (or the wrong thing) without a word:
+    # a cancel sent before its dispatch (the event then ran in full),
+    ('[[dispatch]]\nat_s = 30\nid = "ev"\nstart_s = 30\nduration_s = 60\ntarget_w = 1000\n'
+     '[[cancel]]\nat_s = 10\nid = "ev"\n', "cancel[0].at_s: 10 is before dispatch 'ev' is sent (30 s)"),
+    # a cancel or an owner's change after the run ends,
+    ('[run]\nduration_s = 60\n[[dispatch]]\nat_s = 1\nid = "ev"\nstart_s = 1\nduration_s = 30\ntarget_w = 1000\n'
+     '[[cancel]]\nat_s = 5000\nid = "ev"\n', "cancel[0].at_s: 5000 is after the run ends (60 s)"),
+    ('[run]\nduration_s = 60\n[[owner_change]]\nat_s = 9000\nopt_out = true\n',
+     "owner_change[0].at_s: 9000 is after the run ends (60 s)"),
+    # and two SunSpec setpoints at once: the end of the shorter ended the other, and its energy went to it.
+    ('[aggregator]\nkind = "sunspec"\n[[dispatch]]\nat_s = 10\nid = "A"\nstart_s = 10\nduration_s = 90\n'
+     'target_w = 5000\n[[dispatch]]\nat_s = 30\nid = "B"\nstart_s = 30\nduration_s = 10\ntarget_w = 3000\n',
+     "dispatch[1]: its window overlaps dispatch[0]'s; a SunSpec aggregator holds one setpoint at a time"),
 ])
 def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, capsys, text, message):
     (tmp_path / "bad.toml").write_text(text)
