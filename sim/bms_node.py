@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,12 +193,13 @@ class BmsNode:
         return 1
 
     def run(self, stop: threading.Event, load_w: float | Callable[[], float] = 0.0, duration_s: float | None = None,
-            faults: list[tuple[float, str, float | None]] = (), clock: Callable[[], float] = time.monotonic,
+            faults: Sequence[tuple[float, str, float | None, str]] = (), clock: Callable[[], float] = time.monotonic,
             tick_s: float = 0.002) -> None:
         """Real time: step the pack with `load_w` (constant, or asked each step) and emit, until `stop`
         or `duration_s`.
 
-        `faults` are (at_s, kind, duration_s or None) from the start of the run.
+        `faults` are (at_s, kind, duration_s or None, the message a `message_silence` stops) from the
+        start of the run.
         """
         start = last = clock()
         load = load_w if callable(load_w) else lambda: load_w
@@ -209,8 +210,8 @@ class BmsNode:
             if duration_s is not None and elapsed >= duration_s:
                 break
             while pending and pending[0][0] <= elapsed:
-                _, kind, length = pending.pop(0)
-                self.inject(kind, None if length is None else now + length)
+                _, kind, length, message = pending.pop(0)
+                self.inject(kind, None if length is None else now + length, message)
             self.battery.step(now - last, load())
             last = now
             self.emit_due(now)
@@ -244,7 +245,8 @@ def _sim_bms(args: argparse.Namespace) -> int:
     soc = vehicle.initial_soc_pct if args.soc is None else args.soc
     duration = args.duration if args.duration is not None else (loaded.run.duration_s if loaded else None)
     # Inverter and grid faults belong to other parts of the bench.
-    faults = [(f.at_s, f.kind, f.duration_s) for f in (loaded.fault if loaded else ()) if f.kind in FAULT_KINDS]
+    faults = [(f.at_s, f.kind, f.duration_s, f.message) for f in (loaded.fault if loaded else ())
+              if f.kind in FAULT_KINDS]
     dbc, _ = resolve_dbc(args.dbc, elm=False)
     battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
                       seed=args.seed)

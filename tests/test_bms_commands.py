@@ -146,6 +146,17 @@ def test_sim_bms_runs_for_its_duration_on_a_virtual_bus(capsys):
     assert sent >= 20  # 0x132 alone is due every 10 ms
 
 
+def test_sim_bms_silences_the_message_a_scenario_names(tmp_path, capsys):
+    """The message a `message_silence` fault names was dropped on the way to the node: a valid
+    scenario ended in a traceback."""
+    scenario = tmp_path / "silence.toml"
+    scenario.write_text('[run]\nduration_s = 1\n[[fault]]\nat_s = 0.05\nkind = "message_silence"\n'
+                        'message = "BmsThermal"\nduration_s = 0.1\n')
+    assert main(["sim", "bms", "--can-interface", "virtual", "--can-channel", "test_sim_bms_silence",
+                 "--scenario", str(scenario), "--duration", "0.3"]) == 0
+    assert "sent" in capsys.readouterr().out
+
+
 def test_decode_takes_dbc_and_mapping_from_a_config(tesla_capture, tmp_path, capsys):
     path = tesla_capture("drive-80.txt")
     cfg = tmp_path / "gw.toml"
