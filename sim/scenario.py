@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 from firmware_py.sim.faults import SCENARIO_FAULT_KINDS, BmsFault
@@ -162,7 +163,7 @@ def _overlapping_setpoints(dispatch: tuple[Dispatch, ...]) -> list[str]:
     other's too (WSetEna = 0), and the DER would serve both as one request."""
     problems = []
     ordered = sorted(enumerate(dispatch), key=lambda item: item[1].start_s)
-    for (i, a), (j, b) in zip(ordered, ordered[1:]):
+    for (i, a), (j, b) in pairwise(ordered):
         if b.start_s < a.start_s + a.duration_s:
             problems.append(f"dispatch[{j}]: its window overlaps dispatch[{i}]'s; a SunSpec aggregator holds one "
                             "setpoint at a time (use kind \"openadr3\" or \"scripted\" for overlapping events)")
