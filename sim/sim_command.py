@@ -72,7 +72,8 @@ def _sim(args: argparse.Namespace) -> int:
     summary_path = args.summary or (Path("summary.json") if default_run else None)
     plot_path = args.plot or (Path("plot.png") if default_run else None)
     loaded = scenario.load(_scenario_path(args.scenario))
-    _check_outputs([summary_path, plot_path, args.trace, args.journal], plot_path)
+    _check_outputs({"--summary": summary_path, "--plot": plot_path, "--trace": args.trace,
+                    "--journal": args.journal or DEFAULT_JOURNAL}, plot_path)
     speed = 1.0 if args.realtime else args.speed
     outcome, series = asyncio.run(_run(loaded, args, speed))
     _report(outcome, loaded)
@@ -93,16 +94,30 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
+DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 
 
-def _check_outputs(paths: list[Path | None], plot_path: Path | None) -> None:
-    """Every file the run will write is writable where asked, checked before an hour-long run, not after."""
-    problems = []
-    for path in filter(None, paths):
+def _check_outputs(outputs: dict[str, Path | None], plot_path: Path | None) -> None:
+    """Every file the run will write is writable where asked, each its own, and the journal's place
+    free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
+    from firmware_py.sim.simulation import check_bench_journal
+
+    problems, taken = [], {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
         if path.is_dir():
             problems.append(f"{path}: is a folder; give a file name")
         elif not path.resolve().parent.is_dir():
             problems.append(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
+        elif path.resolve() in taken:
+            problems.append(f"{path}: given to both {taken[path.resolve()]} and {option}; give each its own file")
+        taken.setdefault(path.resolve(), option)
+    if outputs.get("--journal") is not None and not problems:
+        try:
+            check_bench_journal(outputs["--journal"])
+        except InputError as err:
+            problems += err.problems
     if plot_path is not None:
         if plot_path.suffix.lower() not in PLOT_FORMATS:
             problems.append(f"{plot_path}: --plot draws {', '.join(PLOT_FORMATS)} files, "
@@ -119,7 +134,7 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
     from firmware_py.sim.progress import Progress
     from firmware_py.sim.simulation import Simulation, SimulationOptions
 
-    journal = args.journal or Path("bench-journal.sqlite")
+    journal = args.journal or DEFAULT_JOURNAL
     trace = _open(args.trace) if args.trace else None
     progress = None if args.quiet or not sys.stderr.isatty() else Progress(loaded)
     options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),

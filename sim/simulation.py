@@ -371,6 +371,12 @@ BENCH_MARK = RecordKind.BENCH_RUN
 
 def _replace_bench_journal(path: Path) -> None:
     """A bench journal is one run's record: replace the last run's, never anything else."""
+    check_bench_journal(path)
+    journal_files.remove_all(path)  # its anchors and key too: they belong to the run they checkpointed
+
+
+def check_bench_journal(path: Path) -> None:
+    """InputError unless `path` is free for a bench journal: absent, or the journal of an earlier run."""
     if path.exists():
         try:
             with Journal.open(path, readonly=True) as old:
@@ -380,7 +386,6 @@ def _replace_bench_journal(path: Path) -> None:
         if first is None or first.kind != BENCH_MARK:
             raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
                              "(give --journal a new file)")
-    journal_files.remove_all(path)  # its anchors and key too: they belong to the run they checkpointed
 
 
 def floor_violation(soc_pct: float, floor_pct: float, inverter_w: float) -> bool:

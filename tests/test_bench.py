@@ -379,6 +379,24 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
         assert len(journal) == 1
 
 
+def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_before_anything_is_written(
+        tmp_path, capsys):
+    """--trace and --summary on one file left a summary and no trace (exit 0); and the trace was
+    emptied before the journal was found not to be the bench's."""
+    same = tmp_path / "out.json"
+    assert main(["sim", "--scenario", "fault-bms-fault", "--quiet", "--trace", str(same), "--summary", str(same),
+                 "--journal", str(tmp_path / "j.sqlite")]) == 2
+    assert "given to both --summary and --trace" in capsys.readouterr().err
+    precious, foreign = tmp_path / "precious.jsonl", tmp_path / "gateway.sqlite"
+    precious.write_text("an earlier trace\n")
+    with Journal.open(foreign) as journal:
+        journal.append("Note", 0.0, {"what": "a real gateway's record"})
+    assert main(["sim", "--scenario", "fault-bms-fault", "--quiet", "--trace", str(precious),
+                 "--journal", str(foreign)]) == 2
+    assert "not a bench journal" in capsys.readouterr().err
+    assert precious.read_text() == "an earlier trace\n" and not same.exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ('[[dispatch]]\nat_s = 1\nid = "x"\nstart_s = 1e300\nduration_s = 60\ntarget_w = 1000\n',
      "dispatch[0].start_s: 1e+300 is out of range"),
