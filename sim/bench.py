@@ -33,11 +33,12 @@ from typing import Any
 import can
 from cantools.database.errors import DecodeError
 from firmware_py.arguments import number, whole
-from firmware_py.sim import process_bench
+from firmware_py.sim import process_bench, scenario
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
 from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
+from firmware_py.sim.sim_command import check_outputs
 
 from firmware_py.assembly import assemble
 from firmware_py.bms.reader import BmsReader
@@ -511,16 +512,14 @@ def _intake_cpu(frames: list[can.Message], seconds: float, make: Callable[[], Ca
     return {"cpu_pct_of_one_core": round(100 * cpu.get("s", float("nan")) / elapsed, 2)}
 
 
-def simulator(scenario_name: str) -> dict[str, Any]:
-    from firmware_py.sim import scenario
+def simulator(loaded: scenario.Scenario) -> dict[str, Any]:
     from firmware_py.sim.simulation import Simulation, SimulationOptions
 
-    loaded = scenario.load(scenario.bundled(scenario_name))
     with tempfile.TemporaryDirectory() as tmp:
         outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = outcome.summary
-    return {"what": f"bench simulator, scenario {scenario_name}", "target_speed_x": 1000, "sim_s": s["sim_s"],
+    return {"what": f"bench simulator, scenario {loaded.name}", "target_speed_x": 1000, "sim_s": s["sim_s"],
             "wall_s": s["wall_s"], "speed_x": s["speed_x"], "max_rss_mb": round(rss_mb, 1),
             "target_rss_mb": 80}
 
@@ -541,7 +540,6 @@ def soak(hours: float) -> dict[str, Any]:
     is read on the second half. Delivered energy is set against the inverter's own meter (drift);
     the reserve must never be crossed.
     """
-    from firmware_py.sim import scenario
     from firmware_py.sim.faults import SCENARIO_FAULT_KINDS
     from firmware_py.sim.simulation import Simulation, SimulationOptions
 
@@ -642,6 +640,9 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    # What could be wrong with the command line is said before the first benchmark, not minutes in.
+    loaded = scenario.load(scenario.find(args.scenario)) if "sim" in args.only else None
+    check_outputs({"--json": args.json})
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "gateway.log", "a", encoding="utf-8") as log, \
             lines_written_aside(stream=log):  # the in-process gateways log as `run` does, not onto the table
@@ -665,8 +666,8 @@ def _bench(args: argparse.Namespace) -> int:
             results["processes"] = asyncio.run(process_bench.processes(work / "processes", args.steady_seconds))
         if "bus" in args.only:
             results["bus_load"] = bus_load(args.bus_seconds)
-        if "sim" in args.only:
-            results["simulator"] = simulator(args.scenario)
+        if loaded is not None:
+            results["simulator"] = simulator(loaded)
         if "soak" in args.only:
             results["soak"] = soak(args.soak_hours)
     table = Table(title="powershare-gw bench")
@@ -697,6 +698,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds of worst-case bus traffic")
     p.add_argument("--steady-seconds", type=number(0, 3_600, above=True), default=10.0,
                    help="seconds the started gateway is watched for memory and descriptors (start; default 10)")
-    p.add_argument("--scenario", default="summer-peak.toml", help="bundled scenario for the simulator figure")
+    p.add_argument("--scenario", default="summer-peak.toml",
+                   help="scenario for the simulator figure: a bundled name (as `sim --list` shows) or a file")
     p.add_argument("--json", type=Path, help="also write the results here as JSON")
     p.set_defaults(handler=_bench)

@@ -146,6 +146,19 @@ def bundled_names() -> list[str]:
     return sorted(p.name for p in resources.files("firmware_py.sim.scenarios").iterdir() if p.name.endswith(".toml"))
 
 
+def find(given: str | None) -> Path:
+    """The scenario a command line names: a file, else a bundled scenario by its name (with or
+    without `.toml`); none given: the default one. A name found nowhere is returned as a path,
+    for `load` to say it cannot be read."""
+    if given is None:
+        return bundled()
+    path = Path(given)
+    if path.exists() or path.suffix == ".toml" and path.parent != Path("."):
+        return path
+    name = given if given.endswith(".toml") else f"{given}.toml"
+    return bundled(name) if name in bundled_names() else path
+
+
 def load(path: str | Path) -> Scenario:
     path = Path(path)
     table = read_toml(path, "scenario")

@@ -47,20 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     inverter.register(parts)
 
 
-def _scenario_path(given: str | None) -> Path:
-    from firmware_py.sim import scenario
-
-    if given is None:
-        return scenario.bundled()
-    path = Path(given)
-    if path.exists() or path.suffix == ".toml" and path.parent != Path("."):
-        return path
-    name = given if given.endswith(".toml") else f"{given}.toml"
-    if name in scenario.bundled_names():
-        return scenario.bundled(name)
-    return path
-
-
 def _sim(args: argparse.Namespace) -> int:
     from firmware_py.sim import scenario
 
@@ -71,8 +57,8 @@ def _sim(args: argparse.Namespace) -> int:
     default_run = args.scenario is None  # the newcomer's run: summary and plot land here
     summary_path = args.summary or (Path("summary.json") if default_run else None)
     plot_path = args.plot or (Path("plot.png") if default_run else None)
-    loaded = scenario.load(_scenario_path(args.scenario))
-    _check_outputs({"--summary": summary_path, "--plot": plot_path, "--trace": args.trace,
+    loaded = scenario.load(scenario.find(args.scenario))
+    check_outputs({"--summary": summary_path, "--plot": plot_path, "--trace": args.trace,
                     "--journal": args.journal or DEFAULT_JOURNAL}, plot_path)
     speed = 1.0 if args.realtime else args.speed
     outcome, series = asyncio.run(_run(loaded, args, speed))
@@ -97,7 +83,7 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 
 
-def _check_outputs(outputs: dict[str, Path | None], plot_path: Path | None) -> None:
+def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None) -> None:
     """Every file the run will write is writable where asked, each its own, and the journal's place
     free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
     from firmware_py.sim.simulation import check_bench_journal

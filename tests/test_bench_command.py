@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from firmware_py.cli import main
-from firmware_py.sim import bench
+from firmware_py.sim import bench, scenario
 
 @pytest.mark.slow  # real-time rigs and a separate-process gateway: seconds each
 def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
@@ -40,6 +40,22 @@ def test_bad_samples_exit_2(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["bench", "--only", "reaction", "--samples", "0"])
     assert exited.value.code == 2 and "argument --samples" in capsys.readouterr().err
+
+
+def test_a_bad_scenario_or_json_path_is_said_before_any_benchmark_runs(tmp_path, capsys):
+    """Both were found only after the benchmarks before them had run (minutes, with the defaults)."""
+    assert main(["bench", "--only", "bus", "sim", "--bus-seconds", "3", "--scenario", "no-such-scenario"]) == 2
+    out, err = capsys.readouterr()
+    assert "no-such-scenario" in err and "bench" not in out  # no table: nothing was measured
+    assert main(["bench", "--only", "bus", "--bus-seconds", "3", "--json", str(tmp_path / "nodir" / "b.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "folder" in err and "does not exist" in err and "bench" not in out
+
+
+def test_a_bundled_scenario_is_found_by_its_bare_name_as_sim_finds_it():
+    """`bench --scenario grid-return` looked for a file of that name in the package folder."""
+    assert scenario.find("grid-return") == scenario.find("grid-return.toml") == scenario.bundled("grid-return.toml")
+    assert scenario.find(None) == scenario.bundled()
 
 
 def test_headline_names_cover_every_benchmark():
