@@ -32,7 +32,7 @@ from firmware_py.sim.scenario import BENCH_DBC, Scenario
 
 from firmware_py.assembly import assemble, integration
 from firmware_py.config import Config, bundled_dbc
-from firmware_py.core import Mode, StepResult
+from firmware_py.core import Controller, Mode, StepResult
 from firmware_py.core.energy import delivered_wh
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -54,14 +54,17 @@ class FaultWatch:
     """When a scenario fault was injected, noticed by the gateway, and made safe.
 
     Noticed = the gateway's own reaction after the injection: a fault raised, a change of
-    mode, or a new reason for its command. Safe = the inverter at 0 W after that (for a
-    grid outage: serving the house in BACKUP).
+    mode, or a new reason for its command. A change the requests explain (a window closing or
+    opening, a cancellation: another request in force) is no reaction to the fault: it becomes
+    the new baseline. Safe = the inverter at 0 W after that (for a grid outage: serving the house in
+    BACKUP).
     """
 
     kind: str
     at_s: float
     mode: Mode
     reason: str
+    asked: str | None  # the request in force (whatever faults allow of it)
     detected_at: float | None = None
     safe_at: float | None = None
 
@@ -260,7 +263,7 @@ class Simulation:
         else:
             self.node.inject(f.kind, until, f.message)
         c = self.gateway.controller
-        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason))
+        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason, _in_force(c, self.t)))
 
     # ------------------------------------------------------------------ watching
 
@@ -271,8 +274,13 @@ class Simulation:
             return
         c = result.controller
         raised = any(isinstance(e, FaultRaised) for e in result.events)
+        asked = _in_force(c, self.t)
         for w in pending:
-            if raised or c.mode is not w.mode or result.command.reason != w.reason:
+            if raised:
+                w.detected_at = self.t
+            elif asked != w.asked:  # a window opened or closed, a request came or went: not the fault's doing
+                w.mode, w.reason, w.asked = c.mode, result.command.reason, asked
+            elif c.mode is not w.mode or result.command.reason != w.reason:
                 w.detected_at = self.t
 
     def _watch_safety(self) -> None:
@@ -386,6 +394,11 @@ def check_bench_journal(path: Path) -> None:
         if first is None or first.kind != BENCH_MARK:
             raise InputError(f"{path}: exists and is not a bench journal; refusing to overwrite it "
                              "(give --journal a new file)")
+
+
+def _in_force(c: Controller, now: float) -> str | None:
+    entry = c.book.in_force(now)
+    return entry.request.id if entry is not None else None
 
 
 def floor_violation(soc_pct: float, floor_pct: float, inverter_w: float) -> bool:

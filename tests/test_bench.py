@@ -434,6 +434,19 @@ def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, c
     assert message in capsys.readouterr().err
 
 
+def test_a_window_closing_after_a_fault_is_not_the_gateways_reaction_to_it(tmp_path):
+    """A silence of a message the gateway only shows as stale, during an event that ends on schedule
+    half a second later: the window's close was taken for the fault detected and made safe."""
+    path = tmp_path / "coincide.toml"
+    path.write_text('[run]\nduration_s = 80\n[[dispatch]]\nat_s = 5\nid = "ev"\nstart_s = 10\nduration_s = 40\n'
+                    'target_w = 5000\n[[fault]]\nat_s = 49.5\nkind = "message_silence"\nmessage = "LifetimeEnergy"\n'
+                    'duration_s = 20\n')
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=tmp_path / "j.sqlite")).run())
+    [fault] = outcome.summary["faults"]
+    assert (fault["detected_after_s"], fault["safe_after_s"]) == (None, None)
+    assert outcome.summary["delivered_wh"]["ev"] > 0  # the event ran its window
+
+
 def test_a_fault_in_the_last_partial_step_is_injected_and_the_run_ends_at_its_duration(tmp_path):
     """10 s in steps of 0.22 s: the run takes a last step of 0.1 s, so the fault at 9.95 s is injected."""
     path = tmp_path / "edge.toml"
