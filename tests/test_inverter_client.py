@@ -7,8 +7,10 @@ client's clock is a plain variable, so nothing here depends on timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -268,32 +270,39 @@ def test_read_status_when_unreachable_is_a_status_not_an_exception():
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def device_serving(registers: list[int], at: int = 40000) -> AsyncIterator[InverterClient]:
+    """A plain pymodbus device holding `registers` from `at` on 127.0.0.1, and a client for it (not connected)."""
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    server = ModbusTcpServer(SimDevice(1, [SimData(at, values=registers, datatype=DataType.REGISTERS)]),
+                             address=("127.0.0.1", 0))
+    await server.serve_forever(background=True)
+    try:
+        port = server.transport.sockets[0].getsockname()[1]
+        client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+        try:
+            yield client
+        finally:
+            await client.close()
+    finally:
+        await server.shutdown()
+
+
 def test_a_common_model_of_65_registers_without_its_pad_is_a_sunspec_device():
     """SunSpec accepts model 1 with L = 65 (devices from before its Pad): refusing it left such an
     inverter never commanded, the link down for ever."""
     async def main():
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
         registers = InverterModel().register_map(40000).registers()
         assert registers[2:4] == [1, 66]  # after the SunS marker: model 1, L = 66, its last register the Pad
         legacy = registers[:3] + [65] + registers[4:4 + 65] + registers[4 + 66:]
-        server = ModbusTcpServer(SimDevice(1, [SimData(40000, values=legacy, datatype=DataType.REGISTERS)]),
-                                 address=("127.0.0.1", 0))
-        await server.serve_forever(background=True)
-        try:
-            port = server.transport.sockets[0].getsockname()[1]
-            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+        async with device_serving(legacy) as client:
             await client.connect()
-            try:
-                assert sorted(client.discovery.models) == [1, 701, 702, 703, 704, 713]
-                assert client.discovery.common["Mn"] == "powershare-gw"
-                status = await client.read_status()
-                assert status.comms_ok and status.w_max_rtg == 11_500.0
-            finally:
-                await client.close()
-        finally:
-            await server.shutdown()
+            assert sorted(client.discovery.models) == [1, 701, 702, 703, 704, 713]
+            assert client.discovery.common["Mn"] == "powershare-gw"
+            status = await client.read_status()
+            assert status.comms_ok and status.w_max_rtg == 11_500.0
 
     asyncio.run(main())
 
@@ -303,46 +312,24 @@ def test_a_model_chain_of_64_models_is_walked_to_its_end_and_a_longer_one_refuse
     """docs/sunspec.md allows at most 64 models: a device with exactly 64 (its six, then vendor
     models of L = 0) was refused because the end model's header was never read."""
     async def main() -> str:
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
         registers = InverterModel().register_map(40000).registers()
         assert registers[-2:] == [0xFFFF, 0]  # the end model, after the six models the simulator serves
         vendor = [64000, 0] * (models - 6)
-        chain = registers[:-2] + vendor + registers[-2:]
-        server = ModbusTcpServer(SimDevice(1, [SimData(40000, values=chain, datatype=DataType.REGISTERS)]),
-                                 address=("127.0.0.1", 0))
-        await server.serve_forever(background=True)
-        try:
-            port = server.transport.sockets[0].getsockname()[1]
-            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+        async with device_serving(registers[:-2] + vendor + registers[-2:]) as client:
             try:
                 await client.connect()
             except LinkError as err:
                 return str(err)
-            await client.close()
             return "accepted"
-        finally:
-            await server.shutdown()
 
     assert found in asyncio.run(main())
 
 
 def test_a_device_without_sunspec_is_named_as_such():
     async def main():
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
-        server = ModbusTcpServer(SimDevice(1, [SimData(0, count=10, values=7, datatype=DataType.REGISTERS)]),
-                                 address=("127.0.0.1", 0))
-        await server.serve_forever(background=True)
-        try:
-            port = server.transport.sockets[0].getsockname()[1]
-            client = InverterClient(InverterConfig(port=port, timeout_s=0.5), lambda: 0.0)
+        async with device_serving([7] * 10, at=0) as client:
             with pytest.raises(LinkError, match="not a SunSpec device"):
                 await client.connect()
-        finally:
-            await server.shutdown()
 
     asyncio.run(main())
 
