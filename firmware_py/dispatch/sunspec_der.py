@@ -215,10 +215,12 @@ def _check_value(name: str, value: Any, symbols: Mapping[str, int], ratings: Der
             raise WriteRefused("value", f"{name}: {value} % is outside {lo}..{hi} %")
     if name in WATT_POINTS and abs(value) > ratings.w_max:
         raise WriteRefused("value", f"{name}: {value} W is beyond the rating ±{ratings.w_max:.0f} W")
-    charge_w = -value if name in WATT_POINTS else -value / 100 * ratings.w_max if name in SETPOINT_PCT_POINTS else 0
-    if charge_w > ratings.w_cha_max:  # as model 702 advertises it (0: the DER cannot charge)
-        raise WriteRefused("value", f"{name}: {value}{' W' if name in WATT_POINTS else ' %'} asks a "
-                           f"{charge_w:.0f} W charge, beyond the charge rating {ratings.w_cha_max:.0f} W")
+    if name in WATT_POINTS or name in SETPOINT_PCT_POINTS:
+        watts = value if name in WATT_POINTS else value / 100 * ratings.w_max
+        if -watts > ratings.w_cha_max:  # as model 702 advertises it (0: the DER cannot charge)
+            unit = "W" if name in WATT_POINTS else "%"
+            raise WriteRefused("value", f"{name}: {value} {unit} asks a {-watts:.0f} W charge, beyond the charge "
+                               f"rating {ratings.w_cha_max:.0f} W")
 
 
 @dataclass(frozen=True)
