@@ -21,11 +21,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient, ModbusTcpClient
+from core_builders import Run, ready
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.config import SunSpecServerConfig
 from firmware_py.core.answers import invalid_reason
 from firmware_py.core.policy import Policy
+from firmware_py.core.telemetry import telemetry
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -39,7 +41,7 @@ from firmware_py.core.types import (
 )
 from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.refusals import Cause
-from firmware_py.dispatch.sunspec_der import CONTROL_DEFAULTS
+from firmware_py.dispatch.sunspec_der import CONTROL_DEFAULTS, DispatchStatus, Wanted, _measure
 from firmware_py.dispatch.sunspec_server import NOTE_KIND, DerRatings, SunSpecDerServer
 from firmware_py.errors import InputError
 from firmware_py.inverter.sunspec import ModelDef
@@ -97,7 +99,7 @@ class ScriptedSink:
                          setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None,
                          refusal=self.refusal[0] if self.refusal else None,
                          refusal_detail=self.refusal[1] if self.refusal else "", improvable=tuple(self.improvable),
-                         site_limit_w=site)
+                         site_limit_w=site, site_charge_limit_w=site)
 
     def now(self) -> float:
         return self.t
@@ -319,6 +321,23 @@ def test_an_inverter_that_cannot_charge_makes_a_der_that_cannot_charge():
     policy = Policy(max_discharge_w=11_500, max_charge_w=9_600, usable_capacity_wh=123_000)
     inverter = InverterStatus(received_at=T0, w_max_rtg=11_500, w_cha_max_rtg=0, w_discha_max_rtg=11_500)
     assert DerRatings.of(policy, inverter).w_cha_max == 0
+
+
+def test_an_export_limit_holds_back_no_charge_setpoint_in_what_the_der_reports():
+    """An OpenADR 3 export limit of 0 W caps discharge only: the core charged at 5 kW while model 701
+    said the charge setpoint was held to 0 W by the site limit (ThrotSrc MAX_W, ThrotPct 43)."""
+    run = Run(ready(0.0, soc=50.0), soc=50.0)
+    run.feed(SiteLimit(0.0, "openadr3", 0.0, export_only=True))
+    answered = run.feed(DispatchRequest("wset", "sunspec", DispatchKind.CHARGE, 5_000, 0.0, 3_600, received_at=0.0))
+    run.run(30)
+    t = telemetry(run.c, run.t)
+    assert run.c.mode is Mode.CHARGE and run.c.setpoint_w == -5_000
+    charge = DispatchStatus(Wanted(DispatchKind.CHARGE, 5_000.0, None), answered.answer_for("wset"))
+    assert charge.followed(t) == (5_000.0, None)
+    measured = _measure(t, t.ratings, charge, (0.0, 0.0))
+    assert (measured["ThrotPct"], measured["ThrotSrc"]) == (0, 0)
+    discharge = DispatchStatus(Wanted(DispatchKind.DISCHARGE, 5_000.0, None), DispatchAnswer.accepted("d", 0.0))
+    assert discharge.followed(t) == (0.0, "site limit 0 W")  # the export it does hold back
 
 
 def test_core_refusal_keeps_the_write_but_shows_the_reason():

@@ -93,6 +93,7 @@ class Telemetry:
     opted_out: bool = False  # the owner is opted out of discharge now (not counting per-event opt-outs)
     improvable: tuple[str, ...] = ()  # refused or capped requests a new revision would now serve better
     site_limit_w: float | None = None  # the discharge site limit in force (config, lowered by site controllers)
+    site_charge_limit_w: float | None = None  # the charge one (an export limit does not lower it)
     envelope_in_s: float | None = None  # the serving discharge: when the floor's envelope starts to cut it (0: now)
     price_threshold_per_kwh: float | None = None  # price-responsive mode's threshold (None: the mode is off)
     price_kind: str | None = None  # which published price it follows
@@ -140,7 +141,8 @@ def _dispatch_view(c: Controller, now: float, serving: Booked | None) -> dict[st
     refused = refusal(c, now)
     return {"refusal": refused[0] if refused else None, "refusal_detail": refused[1] if refused else "",
             "opted_out": c.owner.opted_out(now), "improvable": tuple(sorted(improvable(c, now))),
-            "site_limit_w": c.site_limit_w(discharge=True), "envelope_in_s": _envelope_in_s(c, now, serving)}
+            "site_limit_w": c.site_limit_w(discharge=True), "site_charge_limit_w": c.site_limit_w(discharge=False),
+            "envelope_in_s": _envelope_in_s(c, now, serving)}
 
 
 def _envelope_in_s(c: Controller, now: float, serving: Booked | None) -> float | None:

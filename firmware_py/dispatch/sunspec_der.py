@@ -252,10 +252,14 @@ class DispatchStatus:
         a = self.answer
         if a is None:
             return 0.0, "refused: no answer from the gateway core"
-        allowed = self.allowed_w()
-        if t.site_limit_w is not None and t.site_limit_w < allowed:
-            return t.site_limit_w, f"site limit {t.site_limit_w:.0f} W"
+        allowed, limit = self.allowed_w(), self.site_limit_w(t)
+        if limit is not None and limit < allowed:
+            return limit, f"site limit {limit:.0f} W"
         return allowed, None if a.verdict is Verdict.ACCEPTED else describe(a)
+
+    def site_limit_w(self, t: Telemetry) -> float | None:
+        """The site limit in force in the setting's direction (an export limit holds back no charge)."""
+        return t.site_limit_w if self.wanted.kind is DispatchKind.DISCHARGE else t.site_charge_limit_w
 
     def text(self) -> str | None:
         """The answer in words (64 characters) when it does not serve the setpoint in full."""
@@ -299,10 +303,10 @@ def _measure(t: Telemetry, r: DerRatings, status: DispatchStatus | None, meter: 
     throt_pct, throt_src, info = 0, 0, None
     if status is not None:
         allowed, info = status.followed(t)
-        requested = status.wanted.target_w
-        if t.site_limit_w is not None and t.site_limit_w < requested:
+        requested, limit = status.wanted.target_w, status.site_limit_w(t)
+        if limit is not None and limit < requested:
             throt_src |= 1 << ThrotSrcBit.MAX_W  # the site limit (WMaxLimPct) holds it back
-        if allowed < min(requested, t.site_limit_w if t.site_limit_w is not None else requested):
+        if allowed < min(requested, limit if limit is not None else requested):
             throt_src |= 1 << ThrotSrcBit.DERATED  # the gateway holds it back: a refusal, a cap, a block
         if r.w_max > 0:
             throt_pct = round(100 * (requested - allowed) / r.w_max)
