@@ -294,6 +294,19 @@ def test_a_stop_ends_what_runs_of_its_source_when_its_window_begins():
     assert not still_open(run.records)
 
 
+def test_a_revised_stop_has_no_account_either():
+    """A new revision of a STOP already applied was taken for an account reopened: an EventEnergy for it."""
+    run = Run(ready(0.0))
+    run.feed(discharge("e", 0.0, 0.0, 3_600, 5_000, source="vtn"))
+    run.run(60)
+    stop = DispatchRequest("s", "vtn", DispatchKind.STOP, 0, 0.0, 1_200, received_at=run.t)
+    run.feed(stop)
+    run.run(5)
+    revised = run.feed(replace(stop, revision=1, end=1_500, received_at=run.t))
+    assert [type(e).__name__ for e in revised.events if getattr(e, "request_id", None) == "s"] == ["DispatchAnswer"]
+    assert not [e for e in run.events if isinstance(e, EventEnergy) and e.request_id == "s"]
+
+
 def test_a_stop_cancelled_before_its_window_stops_nothing_and_leaves_no_account():
     run = Run(ready(0.0))
     run.feed(discharge("e", 0.0, 0.0, 3_600, 5_000, source="vtn"),
