@@ -658,40 +658,53 @@ def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
 
 
-@pytest.mark.parametrize("case", ["charge", "price", "extended", "refused revision"])
+@pytest.mark.parametrize("case", ["charge", "price", "extended", "extended and back", "price of another kind",
+                                  "refused revision"])
 def test_the_energy_report_carries_what_the_core_metered_for_the_interval(case: str) -> None:
     """Each of these reported DELIVERED_ENERGY 0 (or nothing): a charge's energy is negative, and the
     VEN kept the largest figure seen from 0; a price event is served under its price's id; an event
     given a second interval moves its first from EVENT to EVENT#0; and a revision the VEN refuses
-    dropped the event without reporting what it had delivered."""
+    dropped the event without reporting what it had delivered. Taken back to one interval, the event's
+    first id reopens in the core with its energy: counted once, not again from what was carried; and
+    a price published again as the other kind is served under another id."""
     async def scenario() -> dict[int, float]:
         sink = ScriptedSink(price_answer=DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED))
         async with enrolled(sink) as (vtn, ven, program):
             start = in_seconds(-60)
-            if case == "price":
+            if case.startswith("price"):
                 event_id = vtn.add_event(program, "EXPORT_PRICE", start, 300, [0.5], units="KWH", currency="USD",
                                          report_every=-1)
             else:
                 event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [-5.0 if case == "charge" else 5.0],
                                          report_every=-1)
             await vtn.wait_for(lambda: vtn.answers_for(event_id))
-            served(ven, f"{event_id}#0:EXPORT_PRICE" if case == "price" else event_id,
+            served(ven, f"{event_id}#0:EXPORT_PRICE" if case.startswith("price") else event_id,
                    -413.0 if case == "charge" else 115.0)
-            if case == "extended":
+            if case.startswith("extended"):
                 vtn.modify_event(event_id, values=[5.0, 3.0])
                 await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 3)
                 served(ven, f"{event_id}#0", 50.0)  # the core's new account for the interval's new id
-                sink.offset_s = 660
+                if case == "extended and back":
+                    vtn.modify_event(event_id, values=[5.0], duration_s=300)
+                    await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 4)
+                    served(ven, event_id, 135.0)  # its account reopened at 115 Wh, and 20 Wh more
+            elif case == "price of another kind":
+                for payload in (i["payloads"][0] for i in vtn.events[event_id]["intervals"]):
+                    payload["type"] = "PRICE"
+                for descriptor in vtn.events[event_id].get("payloadDescriptors") or []:
+                    descriptor["payloadType"] = "PRICE"
+                vtn.modify_event(event_id, values=[0.5])
+                await vtn.wait_for(lambda: any(p.id.endswith(":PRICE") for p in sink.of(PriceInterval)))
+                served(ven, f"{event_id}#0:PRICE", 50.0)
             elif case == "refused revision":
                 vtn.modify_event(event_id, values=[5.0, "a typo"])
                 await vtn.wait_for(lambda: "refused" in vtn.answers_for(event_id))
-            else:
-                sink.offset_s = 300
+            sink.offset_s = 660  # every interval is over: the report falls due
             await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
             return delivered_per_interval(vtn, event_id)
 
     expected = {"charge": {0: -413.0}, "price": {0: 115.0}, "extended": {0: 165.0, 1: 0.0},
-                "refused revision": {0: 115.0}}
+                "extended and back": {0: 185.0}, "price of another kind": {0: 165.0}, "refused revision": {0: 115.0}}
     assert run(scenario) == expected[case]
 
 

@@ -135,7 +135,8 @@ class _Tracked:
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
     reported_upto: int = 0  # intervals already covered by cadence reports
-    carried_wh: dict[int, float] = field(default_factory=dict)  # interval id -> Wh under its earlier request ids
+    carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
+    # (its interval's id, the Wh served under it)
 
 
 def token_endpoint(base: str, named: Any) -> str:
@@ -551,7 +552,7 @@ class OpenAdr3Ven:
                 self._queue_answer(event["programID"], plan.request_id, revision, (), {plan.request_id: plan})
             return
         requests = plan.requests
-        carried_wh: dict[int, float] = {}
+        carried_wh: dict[str, tuple[int, float]] = {}
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
             carried_wh = self._carry(tracked, plan)
@@ -585,15 +586,18 @@ class OpenAdr3Ven:
                            {**answers, **price_answers})
         await self._hold_limit(sink)
 
-    def _carry(self, tracked: _Tracked, plan: EventPlan) -> dict[int, float]:
-        """Each interval's energy so far that a revision moves to another request id (an event of one
-        interval, `EVENT`, given a second becomes `EVENT#0`, `EVENT#1`): it stays the interval's."""
+    def _carry(self, tracked: _Tracked, plan: EventPlan) -> dict[str, tuple[int, float]]:
+        """The energy served under ids a revision no longer asks for stays its interval's (an event of
+        one interval, `EVENT`, given a second becomes `EVENT#0`, `EVENT#1`; a price of another kind
+        takes another id). An id asked for again takes its energy back: the core carries its account on."""
         carried = dict(tracked.carried_wh)
-        now_asks = {w.interval_id: w.request_id for w in plan.intervals}
+        asked = _asked(plan)
         for window in tracked.plan.intervals:
-            if window.request_id is not None and now_asks.get(window.interval_id) != window.request_id:
-                carried[window.interval_id] = carried.get(window.interval_id, 0.0) + \
-                    self._metered.get(window.request_id, 0.0)
+            for served in _served_ids(tracked.plan, window):
+                if served not in asked and served in self._metered:
+                    carried[served] = (window.interval_id, self._metered[served])
+        for served in asked & carried.keys():
+            self._metered[served] = carried.pop(served)[1]
         return carried
 
     def _forget(self, request_ids: Iterable[str]) -> None:
@@ -742,8 +746,8 @@ class OpenAdr3Ven:
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            delivered = tracked.carried_wh.get(window.interval_id, 0.0) + sum(
-                self._metered.get(metered_id, 0.0) for metered_id in _served_ids(plan, window))
+            delivered = sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
+            delivered += sum(self._metered.get(served, 0.0) for served in _served_ids(plan, window))
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
                 if t.soc_pct is not None:
