@@ -17,6 +17,7 @@ service changes.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -242,22 +243,30 @@ def _listens(config: Config) -> list[tuple[str, str]]:
     return [(key, address) for key, address in listens if address and not address.startswith(UNIX_PREFIX)]
 
 
-_WILDCARDS = frozenset({"0.0.0.0", "::"})
-
-
 def _shared_listens(config: Config) -> list[str]:
     """Two listeners on one address: the second could not bind, and `run` would stop there (under
-    systemd, again at every restart). A wildcard host takes its port on every address."""
+    systemd, again at every restart). A wildcard host (0.0.0.0, ::) takes its port on every address
+    of its own family (the gateway's IPv6 sockets are IPv6 only)."""
     problems, taken = [], []
     for key, address in _listens(config):
         host, port = parse_host_port(address, key)
-        clash = next(((k, a) for k, a, h, p in taken if p == port != 0 and (h == host or _WILDCARDS & {h, host})),
-                     None)
+        clash = next(((k, a) for k, a, h, p in taken if p == port != 0 and _same_place(h, host)), None)
         if clash is not None:
             problems.append(f"{key}: {address} and {clash[0]} ({clash[1]}) cannot both listen there: "
                             "give each listener its own port")
         taken.append((key, address, host, port))
     return problems
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether listening on host `a` and on host `b` (one port) would take the same socket address."""
+    if a == b:
+        return True
+    try:
+        ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:  # a host name: only the same name is known to clash
+        return False
+    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
 
 
 def _check_timeout_against_the_dbc(config: Config) -> None:

@@ -186,6 +186,15 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+@pytest.mark.parametrize("metrics, sunspec", [("0.0.0.0:9100", "[::1]:9100"), ("[::]:9100", "127.0.0.1:9100"),
+                                               ("127.0.0.1:9100", "127.0.0.2:9100")])
+def test_listeners_on_one_port_of_other_addresses_or_families_are_valid(tmp_path, capsys, metrics, sunspec):
+    """An IPv4 wildcard and an IPv6 address bind together on one port (IPv6 sockets are IPv6 only)."""
+    path = write(tmp_path, f'[metrics]\nenabled = true\nlisten = "{metrics}"\n[dispatch.sunspec_server]\n'
+                           f'enabled = true\nlisten = "{sunspec}"\n')
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+
+
 def test_a_bms_timeout_no_longer_than_the_fastest_message_period_is_refused(tmp_path, capsys):
     """A snapshot is as old as the last frame believed: with every message once a second, a 0.5 s timeout
     would find the data stale between any two frames (0 W, and a bms_stale fault, half the time)."""
