@@ -125,7 +125,7 @@ class OwnerApi:
             return response
         try:
             return await handler(request)
-        except BadRequest as err:
+        except (BadRequest, BodyUnread) as err:
             return _json_response(400, {"error": str(err)})
         except web.HTTPException as err:
             return _json_response(err.status, {"error": err.reason})
@@ -144,11 +144,9 @@ class OwnerApi:
 
     async def _body(self, request: web.Request) -> Any:
         try:
-            raw = await body_of(request.read())
+            raw = await body_of(request.read())  # not whole in time, or undecodable: the middleware's 400
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
-        except BodyUnread as err:
-            raise BadRequest(str(err)) from None
         return parse_body(raw)
 
     def _setter(self, control: Control) -> Handler:

@@ -248,7 +248,7 @@ class WebApp:
             response = _json(err.status, {"error": str(err)})
             if err.status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="powershare-gw"'
-        except BadRequest as err:
+        except (BadRequest, BodyUnread) as err:
             response = _json(400, {"error": str(err)})
         except SaveFailed as err:
             response = _json(500, {"error": str(err)})
@@ -392,7 +392,4 @@ class WebApp:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
-        try:
-            return parse_body(await body_of(request.read()))  # too large: the guard's 400
-        except BodyUnread as err:
-            raise BadRequest(str(err)) from None
+        return parse_body(await body_of(request.read()))  # too large, not whole in time, undecodable: the guard's 400
