@@ -300,7 +300,7 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
         entry = replace(earlier, request=req, answer=reply, ended=True, price=price)
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
-    if earlier is not None and req.kind is earlier.request.kind and req.kind is not DispatchKind.STOP:  # a STOP: no energy
+    if earlier is not None and req.kind is earlier.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
         entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
                         commanded_integral_wh=earlier.commanded_integral_wh, last_report_at=earlier.last_report_at)
         if earlier.ended and not rejected:
