@@ -27,7 +27,8 @@ def test_before_any_data():
                           faults=(), reserve_pct=40, verdict=None, cap_w=None, meter_wh=None, bms_age_s=None,
                           inverter_age_s=None, journal_ok=True, ratings=DerRatings.of(POLICY, None),
                           inverter_meters_wh=None, refusal=ReasonCode.NO_DATA,
-                          refusal_detail="no fresh BMS or inverter data", site_limit_w=POLICY.max_discharge_w)
+                          refusal_detail="no fresh BMS or inverter data", site_limit_w=POLICY.max_discharge_w,
+                          site_charge_limit_w=POLICY.max_charge_w)
 
 
 def test_serving_an_event():
