@@ -186,21 +186,21 @@ def _overlapping_setpoints(dispatch: tuple[Dispatch, ...]) -> list[str]:
 def _cross_checks(s: Scenario) -> list[str]:
     """What no single key can say: ids unique, times inside the run, answers naming events."""
     problems = []
+    for name, actions in (("dispatch", s.dispatch), ("fault", s.fault), ("cancel", s.cancel),
+                          ("owner_change", s.owner_change)):
+        problems += [f"{name}[{i}].at_s: {a.at_s} is after the run ends ({s.run.duration_s} s)"
+                     for i, a in enumerate(actions) if a.at_s >= s.run.duration_s]
     ids = [d.id for d in s.dispatch]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"dispatch: id {dup!r} used twice")
     for i, d in enumerate(s.dispatch):
         if not d.id.strip() or len(d.id) > MAX_ID_CHARS or not d.id.isprintable():
             problems.append(f"dispatch[{i}].id: {shown(d.id)}: expected 1 to {MAX_ID_CHARS} printable characters")
-        if d.at_s >= s.run.duration_s:
-            problems.append(f"dispatch[{i}].at_s: {d.at_s} is after the run ends ({s.run.duration_s} s)")
         if d.kind == "charge" and s.aggregator.kind == "openadr":
             problems.append(f"dispatch[{i}].kind: 'charge' cannot be sent by OpenADR 2.0b (its LOAD_DISPATCH asks "
                             "for discharge only): set [aggregator] kind to \"sunspec\", \"openadr3\" or \"scripted\"")
     messages = bundled_dbc_messages()
     for i, f in enumerate(s.fault):
-        if f.at_s >= s.run.duration_s:
-            problems.append(f"fault[{i}].at_s: {f.at_s} is after the run ends ({s.run.duration_s} s)")
         if (f.kind == BmsFault.MESSAGE_SILENCE) != bool(f.message):
             problems.append(f"fault[{i}].message: give it exactly for kind message_silence")
         elif f.message and f.message not in messages:
@@ -215,11 +215,6 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"cancel[{i}].id: no dispatch has id {c.id!r}")
         elif c.at_s < sent_at[c.id]:
             problems.append(f"cancel[{i}].at_s: {c.at_s} is before dispatch {c.id!r} is sent ({sent_at[c.id]} s)")
-        if c.at_s >= s.run.duration_s:
-            problems.append(f"cancel[{i}].at_s: {c.at_s} is after the run ends ({s.run.duration_s} s)")
-    for i, o in enumerate(s.owner_change):
-        if o.at_s >= s.run.duration_s:
-            problems.append(f"owner_change[{i}].at_s: {o.at_s} is after the run ends ({s.run.duration_s} s)")
     for event_id, verdict in s.expect.answers.items():
         if event_id not in ids:
             problems.append(f"expect.answers.{event_id}: no dispatch has that id")
