@@ -318,6 +318,28 @@ def test_an_invalid_event_is_refused_clearly_and_the_others_still_served() -> No
     run(scenario)
 
 
+def test_an_event_beyond_what_the_ven_holds_is_refused_with_why_not_left_unanswered(monkeypatch) -> None:
+    monkeypatch.setattr("firmware_py.dispatch.openadr3.MAX_EVENTS", 1)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            held = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(held))
+            more = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            await vtn.wait_for(lambda: vtn.answers_for(more))
+            assert vtn.answers_for(held) == ["accepted"] and vtn.answers_for(more) == ["refused"]
+            assert vtn.reasons_for(more)[0] == ["INVALID", "the gateway holds 1 OpenADR 3 events already"]
+            assert [r.id for r in sink.of(DispatchRequest)] == [held]
+            vtn.delete_event(held)  # in one poll: what the deleted event held is free for the new one
+            third = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 3.0)
+            await vtn.wait_for(lambda: vtn.answers_for(third))
+            assert vtn.answers_for(third) == ["accepted"] and vtn.answers_for(more) == ["refused"]
+            assert [r.id for r in sink.of(DispatchRequest)] == [held, third]
+
+    run(scenario)
+
+
 def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()

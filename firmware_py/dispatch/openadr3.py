@@ -55,6 +55,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     PriceInterval,
     PriceKind,
+    ReasonCode,
     SiteLimit,
     Verdict,
     describe,
@@ -496,12 +497,19 @@ class OpenAdr3Ven:
     # ------------------------------------------------------------------ events
 
     async def _take(self, sink: DispatchSink, events: list[Any]) -> None:
-        """A complete listing: new and changed events to the core, missing ones cancelled."""
+        """A complete listing: missing events cancelled first (so what they held is free for new
+        ones), then new and changed events to the core."""
         present = {event_id_of(e) for e in events}
-        if len(events) > MAX_EVENTS:
-            log.warning("OpenADR 3: the VTN lists %d events; the first %d are taken", len(events), MAX_EVENTS)
+        now = sink.now()
+        for event_id in [e for e in self._events if e not in present]:
+            tracked = self._events.pop(event_id)
+            self._report_begun(sink, tracked)
+            self._forget(_asked(tracked.plan))
+            if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
+                await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
+                self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
         handled: set[str] = set()
-        for event in events[:MAX_EVENTS]:
+        for event in events:
             key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
             event_id = event_id_of(event)
             if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
@@ -522,14 +530,6 @@ class OpenAdr3Ven:
             self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
-        now = sink.now()
-        for event_id in [e for e in self._events if e not in present]:
-            tracked = self._events.pop(event_id)
-            self._report_begun(sink, tracked)
-            self._forget(_asked(tracked.plan))
-            if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
-                await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
-                self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
@@ -562,7 +562,7 @@ class OpenAdr3Ven:
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
         if len(self._events) >= MAX_EVENTS and tracked is None:
-            log.warning("OpenADR 3: %d events held already; event %s is not taken", MAX_EVENTS, plan.event_id)
+            self._refuse_whole(plan, revision, sink.now(), f"the gateway holds {MAX_EVENTS} OpenADR 3 events already")
             return
         answers = {}
         for request in requests:
@@ -585,6 +585,14 @@ class OpenAdr3Ven:
         self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals,
                            {**answers, **price_answers})
         await self._hold_limit(sink)
+
+    def _refuse_whole(self, plan: EventPlan, revision: int, now: float, detail: str) -> None:
+        """An event the VEN cannot take is still answered, each request and price refused with why:
+        the contract gives every request one answer, and the aggregator can ask again later."""
+        ids = [r.id for r in plan.requests] + [p.id for p in plan.prices] or [plan.event_id]
+        answers = {i: DispatchAnswer.refused(i, now, ReasonCode.INVALID, detail) for i in ids}
+        self._record(EventOutcome(plan.event_id, revision, tuple(answers.values()), detail, plan.prices))
+        self._queue_answer(plan.program_id, plan.event_id, revision, plan.intervals, answers)
 
     def _carry(self, tracked: _Tracked, plan: EventPlan) -> dict[str, tuple[int, float]]:
         """The energy served under ids a revision no longer asks for stays its interval's (an event of
