@@ -1,4 +1,5 @@
-"""Files a person names (configs, scenarios, DBCs, settings, journals): regular and bounded.
+"""Files a person names (configs, scenarios, DBCs, settings, journals): regular and bounded,
+and written whole or not at all.
 
 A path typed by an installer may point anywhere: `/dev/zero` would be read
 until memory runs out, a FIFO would block a read forever, `/dev/null` would
@@ -8,9 +9,11 @@ goes through here first, so each of those ends in one clear refusal instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -109,3 +112,37 @@ def _kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a special file"
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` durably, or leave what was there: a full disk, a quota or a power
+    cut part-way never leaves a truncated report, statement or settings file. OSError reaches the caller."""
+    path = Path(path).resolve()  # through a symlink, as writing in place would
+    if path.exists() and not path.is_file():
+        raise OSError(errno.EINVAL, f"it is {_kind(path.stat().st_mode)}, not a regular file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; some filesystems refuse, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

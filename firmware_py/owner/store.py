@@ -12,11 +12,8 @@ between the two at the boundary (`firmware_py/clocks.py`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +21,7 @@ from typing import Any
 
 from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.errors import InputError
-from firmware_py.files import read_text
+from firmware_py.files import read_text, write_atomically
 from firmware_py.quoting import shown
 
 FORMAT_VERSION = 3
@@ -157,30 +154,4 @@ class OwnerStore:
     def save(self, settings: OwnerSettings) -> None:
         """Replace the file atomically and durably; OSError reaches the caller."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(encode(settings), out, indent=2)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; some filesystems refuse, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        write_atomically(self.path, json.dumps(encode(settings), indent=2) + "\n")

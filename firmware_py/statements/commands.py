@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_py.errors import InputError
+from firmware_py.files import write_atomically
 from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain
 from firmware_py.quoting import printable
@@ -115,7 +116,7 @@ def _write(text: str, out: str | None) -> None:
         sys.stdout.write(text)
         return
     try:
-        Path(out).write_text(text, encoding="utf-8")
+        write_atomically(out, text)
     except OSError as err:
         raise InputError(f"{out}: cannot write the statement: {err.strerror or err}") from None
 
