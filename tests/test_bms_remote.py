@@ -5,13 +5,16 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import can
 import pytest
 
 from children import CAN_SERVER_PORT, spawn
 from firmware_py.bms import BmsReader
+from firmware_py.cli import main
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState
 from firmware_py.sim.battery import Battery
@@ -32,15 +35,20 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def remote_url(tmp_path):
-    """A python-can-remote server on a port of its own choosing; its URL once it says it listens."""
+def can_server(tmp_path):
+    """A python-can-remote server on a port of its own choosing, its URL known once it says it listens."""
     server, output = spawn([sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "bench",
                             "-H", "127.0.0.1", "-p", "0"], tmp_path / "can-server.log")
     try:
         port = output.wait_for_line(CAN_SERVER_PORT, timeout=20).group(1)
-        yield f"ws://127.0.0.1:{port}/"
+        yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/", process=server, output=output)
     finally:
         stop(server)
+
+
+@pytest.fixture
+def remote_url(can_server):
+    return can_server.url
 
 
 @pytest.mark.slow  # a CAN server and a BMS node as processes of their own
@@ -88,3 +96,24 @@ def test_node_and_reader_in_two_processes(remote_url, tmp_path):
     assert fresh.energy_path_closed() and fresh.hvil_ok
     assert seen_states[-2:] == [BmsState.FAULT, BmsState.SUPPORT], seen_states
     assert not reader.dropped
+
+
+@pytest.mark.slow  # a CAN server as a process of its own
+def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(can_server, tmp_path, capsys):
+    """The adapter unplugged or the CAN server gone mid-recording: the frames before are kept in a
+    file closed properly (its footer written), and the command says what happened, without a traceback."""
+    out = tmp_path / "rec.asc"
+    code: list[int] = []
+    recorder = threading.Thread(target=lambda: code.append(main(
+        ["bms", "record", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30", str(out)])))
+    recorder.start()
+    try:
+        can_server.output.wait_for_line("Connected to bus", timeout=20)
+        can_server.process.kill()
+    finally:
+        recorder.join(30)
+    assert code == [2]
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert f"--can-channel {can_server.url}: the bus failed after 0 frames:" in err
+    assert out.read_text().rstrip().endswith("End TriggerBlock")

@@ -138,6 +138,21 @@ def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, runn
 
 # --- the CAN observation, on a real virtual bus ---------------------------------------------------------
 
+def test_a_bus_that_fails_during_the_window_is_a_failed_bus_check_not_a_crash():
+    """An adapter unplugged or a CAN server gone mid-window: the bus check fails naming it, and the
+    commissioning goes on to the inverter (the command's no-bus path)."""
+    from firmware_py.commissioning.judgement import judge_can
+    from firmware_py.commissioning.report import Outcome
+
+    bus = can.Bus(interface="virtual", channel="commission-lost")
+    bus.shutdown()  # every receive now fails
+    obs = observe_can(bus, BmsReader(bundled_dbc("cybertruck_bms.dbc"), clock=lambda: 0.0), 1.0,
+                      where="virtual commission-lost", usable_capacity_wh=123_000)
+    (check,) = judge_can(obs, [])
+    assert check.outcome is Outcome.FAIL and check.name == "bus"
+    assert check.detail.startswith("virtual commission-lost: receiving failed 0.0 s into the window, after 0 frame(s):")
+
+
 def test_the_can_observation_counts_each_page_each_refusal_and_the_foreign_ids():
     """Frames queued on a python-can virtual bus before the window: the counts are exact (their
     receive times all fall together, so periods are the judgement's tests, not this one's)."""

@@ -219,6 +219,24 @@ def test_a_device_that_answers_but_not_for_this_unit_id_is_a_unit_id_problem(err
     assert check.advice.startswith("[inverter] unit_id (2)")
 
 
+@pytest.mark.parametrize("transport", ["tcp", "rtu"])
+def test_nothing_answering_in_time_names_the_unit_id_and_the_timeout(transport):
+    obs = InverterObservation("127.0.0.1:502 unit 2", transport, 2, 10, error="reading 40000+2: no reply within 0.3 s",
+                              error_kind="timeout", timeout_s=0.3)
+    (check,) = judge_inverter(obs)
+    assert "nothing answered for unit id 2 within 0.3 s" in check.detail and "a Modbus device answers" not in check.detail
+    assert check.advice.startswith("[inverter] unit_id (2)") and "[inverter] timeout_s (0.3 s)" in check.advice
+
+
+@pytest.mark.parametrize("kind", ["timeout", "exception"])
+def test_a_failure_after_the_sunspec_marker_is_the_model_chains_not_the_unit_ids(kind):
+    obs = InverterObservation("127.0.0.1:502 unit 1", "tcp", 1, 10, error="reading 40225+52: Modbus exception 2",
+                              error_kind=kind, marker_at=40000, timeout_s=0.3)
+    (check,) = judge_inverter(obs)
+    assert link_trouble(obs) is LinkTrouble.MODEL_CHAIN and "unit_id" not in check.advice
+    assert ("[inverter] timeout_s (0.3 s)" in check.advice) is (kind == "timeout")
+
+
 def test_a_modbus_device_without_sunspec_is_said_to_be_another_device():
     obs = InverterObservation("127.0.0.1:502 unit 1", "tcp", 1, 10, error_kind="bad_reply",
                               error="not a SunSpec device (40000: no 'SunS' marker; 0: no 'SunS' marker)")
@@ -405,3 +423,4 @@ def test_an_inverter_measuring_far_more_than_commanded_fails_even_without_the_pa
 def test_a_test_discharge_the_core_gave_no_answer_to_fails():
     (test, end) = judge_sign(signed(500.0, 0.6, answer="no answer"))
     assert test.outcome is Outcome.FAIL and "no answer" in test.detail and end.name == "back to 0 W"
+

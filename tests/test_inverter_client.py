@@ -426,3 +426,23 @@ def test_a_reconnect_writes_the_command_again_at_once():
         assert rig.server.writes == writes + 1 and rig.model.wset_w == pytest.approx(3_000.0)
 
     run(scenario)
+
+
+def test_a_device_that_answers_the_marker_then_refuses_its_models_is_judged_on_its_model_chain():
+    """Exceptions past the 'SunS' marker come from the device found at this unit id: sending the installer
+    to change a unit id that answered would be wrong."""
+    from firmware_py.commissioning.judgement import LinkTrouble, judge_inverter, link_trouble
+    from firmware_py.commissioning.probes import probe_inverter
+
+    async def main():
+        registers = InverterModel().register_map(40000).registers()
+        cut = registers[:2 + 2 + 66]  # the marker and model 1, then nothing: the next header is refused
+        async with device_serving(cut) as client:
+            obs = await probe_inverter(client, client.settings)
+        assert obs.marker_at == 40000 and obs.error_kind == "exception"
+        assert link_trouble(obs) is LinkTrouble.MODEL_CHAIN
+        (check,) = judge_inverter(obs)
+        assert "the SunSpec marker answers at 40000, but the model chain after it could not be read" in check.detail
+        assert "unit_id" not in check.advice and "firmware and SunSpec settings" in check.advice
+
+    asyncio.run(main())

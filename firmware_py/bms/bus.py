@@ -49,3 +49,6 @@ def shutdown_quietly(bus: can.BusABC, log: logging.Logger) -> None:
         bus.shutdown()
     except Exception as err:  # noqa: BLE001 - each interface fails its own way on a dead link
         log.info("closing the broken CAN bus %r: %s", getattr(bus, "channel_info", bus), err or type(err).__name__)
+        # An interface that failed before python-can's own part of closing ran would be closed again, with a
+        # traceback, when the object is collected; that part only marks the bus closed and stops periodic sends.
+        can.BusABC.shutdown(bus)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 import time
@@ -15,12 +16,14 @@ import can
 from firmware_py import config as config_mod
 from firmware_py.arguments import number
 from firmware_py.bms import captures
-from firmware_py.bms.bus import open_bus
+from firmware_py.bms.bus import open_bus, shutdown_quietly
 from firmware_py.bms.reader import BmsReader
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
 
 DEFAULT_DBC = "cybertruck_bms.dbc"
+log = logging.getLogger(__name__)
+
 CAN_FLAGS = "--can-interface {0.can_interface} --can-channel {0.can_channel}"
 ELM_DBC = "tesla_model3_bms.dbc"
 RANGE_FIELDS = (("soc_min_pct", "SoC min", "%", 1), ("pack_voltage_v", "voltage", "V", 1),
@@ -205,17 +208,22 @@ def _record(args: argparse.Namespace) -> int:
         bus.set_filters(filters)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     failure: OSError | None = None
+    lost: Exception | None = None
     try:
         with stop_on_signals() as stop:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                msg = bus.recv(timeout=0.1)
+                try:
+                    msg = bus.recv(timeout=0.1)
+                except Exception as err:  # noqa: BLE001 - an adapter unplugged, a CAN server gone: each its own error
+                    lost = err
+                    break
                 if msg is not None:
                     writer(msg)
                     frames += 1
     except OSError as err:  # the disk filled up (or went away) under the recording
         failure = err
     finally:
-        bus.shutdown()
+        shutdown_quietly(bus, log)
         try:
             writer.stop()
         except OSError as err:  # the last flush meets the same full disk
@@ -223,6 +231,9 @@ def _record(args: argparse.Namespace) -> int:
     if failure is not None:
         raise InputError(f"{out}: cannot write after {frames} frames: {failure.strerror or failure}; "
                          "what was written before is kept")
+    if lost is not None:
+        raise InputError(f"{CAN_FLAGS.format(args)}: the bus failed after {frames} frames: "
+                         f"{lost or type(lost).__name__}; the {frames} frames before it are kept in {out}")
     print(f"# recorded {frames} frames to {out}")
     return 0
 

@@ -39,6 +39,7 @@ from firmware_py.commissioning.report import (
 )
 from firmware_py.config import Config
 from firmware_py.errors import InputError
+from firmware_py.files import write_atomically
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
 from firmware_py.version import software_version
@@ -73,8 +74,10 @@ class Console:
         print(text, flush=True)
 
     def step(self, step: Step, checks: list[Check]) -> None:
+        """A step's checks; a step told again (the bus lost after its window) prints only what is new."""
+        again = bool(self.report.of(step))
         self.report.add(checks)
-        self.say("\n".join(step_lines(self.report, step)))
+        self.say("\n".join(step_lines(self.report, step, checks if again else None)))
 
 
 def _commission(args: argparse.Namespace) -> int:
@@ -178,7 +181,7 @@ def _finish(console: Console, path: Path | None) -> None:
     if path is None:
         return
     try:
-        path.write_text(json.dumps(console.report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        write_atomically(path, json.dumps(console.report.as_dict(), indent=2) + "\n")
     except OSError as err:
         raise InputError(f"--report {path}: cannot write: {err.strerror or err}") from None
     console.say(f"report: {path}")

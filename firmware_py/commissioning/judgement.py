@@ -121,7 +121,7 @@ class CanObservation:
     stale: frozenset[str] = frozenset()
     mapped: tuple[str, ...] = ()  # the snapshot fields the configuration maps to a signal
     usable_capacity_wh: float = 0.0
-    open_error: str = ""
+    open_error: str = ""  # the bus could not be opened, or failed during the window
 
 
 def judge_can(obs: CanObservation, specs: Sequence[MessageSpec]) -> list[Check]:
@@ -297,6 +297,8 @@ class InverterObservation:
     revert_timeout_s: float
     error: str = ""  # connecting or discovering failed: why
     error_kind: str = ""  # the client's ModbusErrorCause value ("connect", "timeout", "exception"...)
+    marker_at: int | None = None  # where discovery found the 'SunS' marker before it failed
+    timeout_s: float = 1.0  # [inverter] timeout_s
     base: int | None = None
     models: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     common: Mapping[str, Any] = field(default_factory=dict)
@@ -349,14 +351,18 @@ class LinkTrouble(StrEnum):
     UNREACHABLE = "unreachable"  # nothing to connect to: address, port, network, serial port
     UNIT_ID = "unit_id"  # something answers Modbus there, but not for this unit id
     NOT_SUNSPEC = "not_sunspec"  # a Modbus device answers, without the SunSpec marker
+    MODEL_CHAIN = "model_chain"  # the SunSpec marker answers at this unit id, its models do not
     OTHER = "other"
 
 
 def link_trouble(obs: InverterObservation) -> LinkTrouble:
     """Connect failures are the address; a device that answers every SunSpec base with a Modbus
-    exception (or not at all) is another unit id's; one that answers without 'SunS' is not SunSpec."""
+    exception (or not at all) is another unit id's; one that answers without 'SunS' is not SunSpec;
+    one that answered 'SunS' at this unit id and then failed is its model chain's."""
     if obs.error_kind == "connect":
         return LinkTrouble.UNREACHABLE
+    if obs.marker_at is not None:
+        return LinkTrouble.MODEL_CHAIN
     if obs.error_kind in ("timeout", "disconnected", "exception"):
         return LinkTrouble.UNIT_ID
     if "not a SunSpec device" in obs.error:
@@ -368,6 +374,11 @@ def link_trouble(obs: InverterObservation) -> LinkTrouble:
 
 def _link_detail(obs: InverterObservation) -> str:
     trouble = link_trouble(obs)
+    if trouble is LinkTrouble.MODEL_CHAIN:
+        return (f"{obs.where}: the SunSpec marker answers at {obs.marker_at}, but the model chain after it "
+                f"could not be read: {obs.error}")
+    if trouble is LinkTrouble.UNIT_ID and obs.error_kind == "timeout":
+        return f"{obs.where}: nothing answered for unit id {obs.unit_id} within {obs.timeout_s:g} s: {obs.error}"
     if trouble is LinkTrouble.UNIT_ID:
         return f"{obs.where}: a Modbus device answers there, but not for unit id {obs.unit_id}: {obs.error}"
     if trouble is LinkTrouble.NOT_SUNSPEC:
@@ -378,17 +389,22 @@ def _link_detail(obs: InverterObservation) -> str:
 def _link_advice(obs: InverterObservation) -> str:
     unit = (f"[inverter] unit_id ({obs.unit_id}): the inverter's Modbus address (device or slave id) "
             "as set on the inverter")
+    slow = (f"; or, for an inverter slower to answer than that, [inverter] timeout_s ({obs.timeout_s:g} s)"
+            if obs.error_kind == "timeout" else "")
     trouble = link_trouble(obs)
+    if trouble is LinkTrouble.MODEL_CHAIN:
+        return ("the inverter's firmware and SunSpec settings: its map must read whole from the marker to the "
+                f"end model (models 1, 701, 702 and 704 at least){slow}")
     if obs.transport == "rtu":
         if trouble is LinkTrouble.UNREACHABLE:
             return "[inverter] serial_port exists and this user may open it (group dialout)"
         return (f"{unit}, [inverter] baudrate, the RS-485 wiring (A/B swapped? common ground), termination "
-                "(120 ohm at each end of the line)")
+                f"(120 ohm at each end of the line){slow}")
     if trouble is LinkTrouble.UNREACHABLE:
         return ("[inverter] host and port, that the inverter's Modbus TCP server is enabled, the network "
                 "(cable, switch, the inverter's IP address), and any firewall between them")
     if trouble is LinkTrouble.UNIT_ID:
-        return unit
+        return unit + slow
     return (f"that [inverter] host and port are the inverter's SunSpec interface (not a meter or datalogger) "
             f"with SunSpec enabled, and {unit}")
 

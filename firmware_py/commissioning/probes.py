@@ -96,10 +96,16 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
     refused: dict[int, Counter[str]] = {}
     foreign: set[int] = set()
     frames = 0
+    lost = ""
     last_at = clock()
     deadline = last_at + window_s
     while (left := deadline - clock()) > 0 and not (stop is not None and stop.is_set()):
-        msg = bus.recv(timeout=min(RECV_S, left))
+        try:
+            msg = bus.recv(timeout=min(RECV_S, left))
+        except Exception as err:  # noqa: BLE001 - an adapter unplugged, a CAN server gone: each driver its own error
+            lost = (f"{where}: receiving failed {window_s - left:.1f} s into the window, after {frames} frame(s): "
+                    f"{err or type(err).__name__}")
+            break
         if msg is None or msg.is_error_frame:
             continue
         frames += 1
@@ -127,7 +133,7 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
                           foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
                           refused={fid: dict(c) for fid, c in refused.items()}, last_refusal=reader.last_drop,
                           values=values, stale=snapshot.stale, mapped=reader.fields,
-                          usable_capacity_wh=usable_capacity_wh)
+                          usable_capacity_wh=usable_capacity_wh, open_error=lost)
 
 
 def _multiplexer(reader: BmsReader, frame_id: int) -> tuple[Any, str] | None:
@@ -153,11 +159,12 @@ async def probe_inverter(client: InverterClient, settings: InverterConfig) -> In
     """Discover the inverter, read its state, then write the command block with the revert armed
     and WSet = 0 (the gateway's safe stop) and read it back."""
     base = dict(where=where_of(settings), transport=settings.transport, unit_id=settings.unit_id,
-                revert_timeout_s=settings.revert_timeout_s)
+                revert_timeout_s=settings.revert_timeout_s, timeout_s=settings.timeout_s)
     try:
         disc = await client.connect()
     except LinkError as err:
-        return InverterObservation(**base, error=str(err), error_kind=err.kind.value if err.kind else "")
+        return InverterObservation(**base, error=str(err), error_kind=err.kind.value if err.kind else "",
+                                   marker_at=client.marker_at)
     status = await client.read_status(setpoint=True)
     found = dict(base=disc.base, models=dict(disc.models), common=dict(disc.common), ratings=dict(disc.ratings))
     if not status.comms_ok:

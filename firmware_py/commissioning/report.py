@@ -7,7 +7,7 @@ what to check, so the report alone is enough to fix the installation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -119,10 +119,11 @@ class Report:
 MARKS = {Outcome.PASS: "PASS", Outcome.FAIL: "FAIL", Outcome.SKIPPED: "skip"}
 
 
-def step_lines(report: Report, step: Step) -> list[str]:
-    """One step as the terminal shows it: a heading, then a line per check, advice under a failure."""
+def step_lines(report: Report, step: Step, checks: Sequence[Check] | None = None) -> list[str]:
+    """One step as the terminal shows it: a heading, then a line per check (`checks`: only those, a step's
+    later findings), advice under a failure."""
     lines = [f"== {step.title}: {report.step_outcome(step).value.upper()}"]
-    for check in report.of(step):
+    for check in report.of(step) if checks is None else checks:
         lines.append(f"  {MARKS[check.outcome]}  {printable(check.name)}: {printable(check.detail)}")
         if check.advice:
             lines.append(f"        check: {printable(check.advice)}")

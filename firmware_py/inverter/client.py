@@ -136,6 +136,9 @@ class InverterClient:
         self.clock = clock
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.discovery: Discovery | None = None
+        self.marker_at: int | None = None
+        """Where the last discovery found the 'SunS' marker (None: not found): past it, a failure is
+        the device's model chain, not another unit id's silence."""
         self._client: Any = None
         self._sfs: dict[int, dict[str, int | None]] = {}
         self._control_regs: list[int] = []
@@ -273,6 +276,7 @@ class InverterClient:
 
     async def _find_base(self) -> int:
         tried = []
+        self.marker_at = None
         for base in BASE_ADDRESSES:
             try:
                 marker = await self._read(base, 2)
@@ -282,6 +286,7 @@ class InverterClient:
                 tried.append(f"{base}: {err}")
                 continue
             if tuple(marker) == SUNS_MARKER:
+                self.marker_at = base
                 return base
             tried.append(f"{base}: no 'SunS' marker")
         raise LinkError("not a SunSpec device (" + "; ".join(tried) + ")")
