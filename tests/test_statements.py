@@ -331,6 +331,95 @@ def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
         assert "past the last" in capsys.readouterr().err  # not a damaged journal (1)
 
 
+def test_dates_a_time_zone_moves_out_of_the_calendar_are_bad_input_not_a_damaged_journal(tmp_path, capsys):
+    with Journal.open(tmp_path / "journal.sqlite"):
+        pass
+    for option in (["--from", "0001-01-01T00:00:00+01:00", "--to", "2026-01-01"],
+                   ["--from", "2026-01-01", "--to", "9999-12-31T23:59:59-01:00"]):
+        assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), *option]) == 2
+        assert "is outside the years 1 to 9999 in UTC" in capsys.readouterr().err
+
+
+def test_a_statement_file_with_a_key_given_twice_or_nested_past_any_statement_is_refused(crashed, tmp_path, capsys):
+    make(crashed, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_text()
+    assert '"totals": {' in text
+    (tmp_path / "twice.json").write_text(text.replace('"totals": {', '"totals": {"credit": 999.0, ', 1))
+    assert verify(tmp_path / "twice.json", crashed) == 2
+    assert "the key 'credit' is given twice in one object" in capsys.readouterr().err
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert verify(tmp_path / "deep.json") == 2
+    err = capsys.readouterr().err
+    assert "nested deeper than any statement is" in err and "Traceback" not in err
+
+
+def _as_other_tools_write_it(value):
+    """What jq or a browser's JSON.stringify makes of a statement: integral numbers without their
+    `.0`, every non-ASCII letter escaped or not as the tool likes, keys in another order."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _as_other_tools_write_it(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_as_other_tools_write_it(v) for v in value]
+    return value
+
+
+def test_a_statement_rewritten_by_another_json_tool_still_verifies_and_one_signed_before_rfc_8785_too(
+        crashed, tmp_path):
+    document = make(crashed, tmp_path / "s.json", "--event", "peak")
+    document["events"][0]["notes"].append("Zürich ☃ 1e-07")  # a document of any text, re-signed below
+    key = evidence.load_or_create_key(evidence.key_path(crashed))
+    signed = evidence.sign({k: v for k, v in document.items() if k not in ("signature", "public_key")}, key)
+    assert evidence.signature_problem(signed) is None
+    rewritten = json.loads(json.dumps(_as_other_tools_write_it(signed), ensure_ascii=True, indent=4))
+    assert rewritten != signed or json.dumps(rewritten) != json.dumps(signed)
+    assert evidence.signature_problem(rewritten) is None
+    assert evidence.signature_problem({**rewritten, "journal_seq": rewritten["journal_seq"] + 1}) is not None
+    old_style = {k: v for k, v in signed.items() if k != "signature"}
+    old_style["signature"] = key.sign(json.dumps(old_style, sort_keys=True, separators=(",", ":")).encode()).hex()
+    assert evidence.signature_problem(old_style) is None
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (830.0, "830"), (1e-07, "1e-7"), (0.000001, "0.000001"), (1e21, "1e+21"), (1e20, "100000000000000000000"),
+    (-0.0, "0"), (0.1, "0.1"), (5e-324, "5e-324"), (1.5e-7, "1.5e-7"), (123.456, "123.456"), (-2.5, "-2.5"),
+])
+def test_numbers_are_signed_as_ecmascript_writes_them(value, text):
+    assert evidence.canonical({"n": value}) == f'{{"n":{text}}}'.encode()
+
+
+def test_a_charge_has_no_outage_energy_and_money_rounds_half_up_on_the_printed_figures():
+    from firmware_py.statements.commands import _event_text
+
+    terms = ProgramTerms("p", "USD", 0.5, 0.0)
+
+    def line(kind: str, meter_wh: float) -> dict:
+        summary = EventSummary("e", "openadr3", kind, 3_000, 0, 0.0, 0.0, 10.0, "accepted", ended_at=10.0,
+                               ended_reason="window closed", meter_wh=meter_wh, integrated_wh=meter_wh)
+        return event_figures(summary, Tally(0.0, 10.0), terms, 10_000, EnergyRecords())
+
+    charge = line("charge", -830.0)
+    assert charge["outage_wh"] == 0 and not any("outage" in text for text in _event_text(charge, "USD"))
+    assert line("discharge", 830.0)["credit"] == 0.42  # 0.83 kWh at 0.50: 0.415, which binary floats hold as 0.41499…
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path, capsys):
+    import csv
+    import io
+
+    path = tmp_path / "journal.sqlite"
+    ids = ("=HYPERLINK(\"http://evil.example\")", "+1", "-2", "@SUM(A1)", "plain")
+    with Journal.open(path) as journal:
+        for i, request_id in enumerate(ids):
+            journal.append_event(DispatchRequest(request_id, "openadr3", DispatchKind.DISCHARGE, 1_000, 100.0 * i,
+                                                 100.0 * i + 50, received_at=100.0 * i))
+            journal.append_event(DispatchAnswer.accepted(request_id, 100.0 * i))
+    assert main(["statement", "--journal", str(path), "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert [row[0] for row in rows[1:-2]] == ["'=HYPERLINK(\"http://evil.example\")", "'+1", "'-2", "'@SUM(A1)", "plain"]
+
+
 def test_the_statement_key_is_made_private_and_refused_when_others_can_read_it(crashed, tmp_path):
     make(crashed, tmp_path / "s.json")
     key = evidence.key_path(crashed)

@@ -184,15 +184,27 @@ def _signer_problems(statement: dict[str, Any], signer: tuple[str, str] | None, 
 
 def _read_statement(path: Path) -> dict[str, Any]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise InputError(f"{path}: no such statement file") from None
     except OSError as err:
         raise InputError(f"{path}: cannot read the statement: {err.strerror or err}") from None
     except (UnicodeDecodeError, ValueError) as err:
         raise InputError(f"{path}: not a JSON statement (make one with --format json): {err}") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a JSON statement (nested deeper than any statement is)") from None
     if not isinstance(document, dict) or "signature" not in document or "public_key" not in document:
         raise InputError(f"{path}: not a signed statement (no signature or public_key)")
+    return document
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is refused: a reader would see one value, the check another."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        document[key] = value
     return document
 
 
@@ -231,7 +243,7 @@ def render_csv(statement: dict[str, Any]) -> str:
     writer.writerow(CSV_COLUMNS)
     for e in statement["events"]:
         row = {**e, "window_from": e["window"]["from"], "window_to": e["window"]["to"], "notes": "; ".join(e["notes"])}
-        writer.writerow("" if row.get(name) is None else row[name] for name in CSV_COLUMNS)
+        writer.writerow(_cell(row.get(name)) for name in CSV_COLUMNS)
     t = statement["totals"]
     writer.writerow(["TOTAL", "", "", statement["period"]["from"], statement["period"]["to"], "", "", "", "",
                      t["delivered_wh"], "", "", "", "", "", "", "", t["throughput_wh"], t["equivalent_cycles"], "",
@@ -239,6 +251,18 @@ def render_csv(statement: dict[str, Any]) -> str:
     writer.writerow(["OUTAGE_BACKUP", "", "", "", "", "", "", "", "", statement["outage_backup_wh"], "", "", "", "",
                      "", "", "", "", "", statement["outage_backup_wh"], 0, 0, "", "", "never credited"])
     return out.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""A spreadsheet runs a text cell beginning so as a formula (an event id is the aggregator's text)."""
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value  # shown as text, as OWASP advises for CSV
+    return value
 
 
 def render_text(statement: dict[str, Any]) -> str:
@@ -285,7 +309,7 @@ def _event_text(e: dict[str, Any], cur: str) -> list[str]:
              f"{e['throughput_wh']:.1f} Wh = {e['equivalent_cycles']:.4f} equivalent full cycles",
              f"  money    credited {e['credited_wh']:.1f} Wh -> credit {e['credit']:.2f} {cur}, "
              f"wear {e['wear_cost']:.2f} {cur}, net {e['net']:.2f} {cur}"]
-    if e["outage_wh"]:
+    if e["outage_wh"] > 0:
         lines.append(f"  outage   {e['outage_wh']:.1f} Wh during a grid outage: not credited")
     lines += [f"  note     {note}" for note in e["notes"]]
     return [*lines, ""]

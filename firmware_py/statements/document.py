@@ -70,13 +70,20 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
     try:
         if day is not None and len(text) == 10:
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return (start + timedelta(days=1 if end_of_day else 0)).timestamp()
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+            at = (start + timedelta(days=1 if end_of_day else 0)).timestamp()
+        else:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
     except ValueError:
         raise InputError(f"{option}: {text!r} is neither a date (YYYY-MM-DD) nor an ISO-8601 time") from None
-    except OverflowError:  # the last day there is, taken whole, or a time zone that moves it past the end
+    except OverflowError:  # the last day there is, taken whole
         raise InputError(f"{option}: {text!r} is past the last time a statement can cover") from None
+    try:
+        datetime.fromtimestamp(at, UTC)  # a time zone can move it out of the years 1 to 9999
+    except (ValueError, OverflowError, OSError):
+        raise InputError(f"{option}: {text!r} is outside the years 1 to 9999 in UTC, which a statement "
+                         "covers") from None
+    return at
 
 
 def parse_iso(text: Any, name: str) -> float:

@@ -11,6 +11,7 @@ for the journal itself. The public half travels in the statement
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,60 @@ def key_path(journal: Path) -> Path:
 
 
 def canonical(document: dict[str, Any]) -> bytes:
-    """The one byte form that is signed: sorted keys, no spaces, no NaN; the signature left out."""
+    """The one byte form that is signed, the signature left out: the JSON Canonicalization Scheme
+    (RFC 8785), so a statement passed through any JSON tool (jq, a browser, a spreadsheet's
+    import) that keeps its values still verifies: 830.0 and 830 are one number there."""
+    body = {k: v for k, v in document.items() if k not in SIGNED_FIELDS_EXCLUDE}
+    return _jcs(body).encode()
+
+
+def _legacy_canonical(document: dict[str, Any]) -> bytes:
+    """The form statements were signed in before RFC 8785 (Python's own spelling of numbers)."""
     body = {k: v for k, v in document.items() if k not in SIGNED_FIELDS_EXCLUDE}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _jcs(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return _number(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_jcs(v) for v in value) + "]"
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: str(k).encode("utf-16-be"))  # RFC 8785: by UTF-16 code units
+        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _jcs(value[k]) for k in keys) + "}"
+    raise TypeError(f"a statement holds only JSON values, not {type(value).__name__}")
+
+
+def _number(value: float) -> str:
+    """A number as ECMAScript writes it (RFC 8785 §3.2.2.3): the shortest digits that read back as
+    the same double, an exponent only below 1e-6 or from 1e21 on."""
+    if isinstance(value, int) and abs(value) < 2**53:
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{value} has no JSON form")
+    if value == 0:
+        return "0"
+    mantissa, _, exponent = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(whole + fraction) - len((whole + fraction).lstrip("0")))
+    digits = digits.rstrip("0")
+    sign, k, n = "-" if value < 0 else "", len(digits), point
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        mant = digits if k == 1 else digits[0] + "." + digits[1:]
+        text = f"{mant}e{'+' if n - 1 >= 0 else '-'}{abs(n - 1)}"
+    return sign + text
 
 
 STATEMENT_KEY = "the gateway's statement key"
@@ -58,7 +110,11 @@ def signature_problem(document: dict[str, Any]) -> str | None:
     """None when the signature is good for the document's own public key; else why not."""
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(document.get("public_key", ""))))
-        public.verify(bytes.fromhex(str(document.get("signature", ""))), canonical(document))
+        signature = bytes.fromhex(str(document.get("signature", "")))
+        try:
+            public.verify(signature, canonical(document))
+        except InvalidSignature:
+            public.verify(signature, _legacy_canonical(document))  # a statement made before RFC 8785
     except (ValueError, TypeError):
         return "the statement's public_key or signature is not a valid Ed25519 hex value"
     except InvalidSignature:

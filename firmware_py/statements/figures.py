@@ -32,6 +32,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -39,6 +40,7 @@ from firmware_py.core.types import DispatchKind, Verdict, is_finite_number
 from firmware_py.journal.summary import SERVED, EventSummary
 
 MONEY_DIGITS = 2
+CENT = Decimal(1).scaleb(-MONEY_DIGITS)
 ENERGY_DIGITS = 3
 DISCREPANCY_NOTE_PCT = 2.0
 """A meter and power integral further apart than this get a note (a meter the aggregator may query)."""
@@ -221,15 +223,15 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     served = summary.verdict in SERVED
     discharge = summary.kind == DispatchKind.DISCHARGE.value
     delivered = summary.meter_wh if served else 0.0
-    outage = min(tally.outage_wh, delivered) if served else 0.0
+    outage = min(tally.outage_wh, max(0.0, delivered)) if served else 0.0  # a charge's meter runs negative
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
     in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
     credited = max(0.0, delivered - in_gap) if creditable else 0.0
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
-    credit = _money(credited / 1000 * rate)
-    wear = _money(throughput / 1000 * terms.wear_cost_per_kwh)
+    credit = _priced(credited, rate)
+    wear = _priced(throughput, terms.wear_cost_per_kwh)
     return {
         "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": _asked(summary.target_w),
         "window": {"from": iso(tally.lo), "to": iso(tally.hi)},
@@ -241,7 +243,7 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
         "soc_min_pct": _pct(tally.soc_min), "floor_pct": _pct(tally.floor_pct),
         "throughput_wh": _wh(throughput), "equivalent_cycles": round(throughput / capacity_wh, 6),
         "outage_wh": _wh(outage), "credited_wh": _wh(credited),
-        "credit": credit, "wear_cost": wear, "net": _money(credit - wear),
+        "credit": credit, "wear_cost": wear, "net": _money(Decimal(repr(credit)) - Decimal(repr(wear))),
         "notes": notes(summary, status, served, discharge, outage, energy),
     }
 
@@ -309,8 +311,16 @@ def _lowest(a: float | None, b: float) -> float:
     return b if a is None else min(a, b)
 
 
-def _money(value: float) -> float:
-    return round(value + 0.0, MONEY_DIGITS) + 0.0  # + 0.0: never "-0.0"
+def _priced(wh: float, per_kwh: float) -> float:
+    """The statement's own energy figure (as rounded there) at a price per kWh, in decimal: a reader
+    multiplying the printed figures gets the same cent (0.83 kWh at 0.50 is 0.42; binary floats, 0.41)."""
+    return _money(Decimal(repr(_wh(wh))) / 1000 * Decimal(repr(per_kwh)))
+
+
+def _money(value: float | Decimal) -> float:
+    """To the cent, half up (away from zero), as people round money."""
+    exact = value if isinstance(value, Decimal) else Decimal(repr(value))
+    return float(exact.quantize(CENT, ROUND_HALF_UP)) + 0.0  # + 0.0: never "-0.0"
 
 
 def _wh(value: float) -> float:
