@@ -282,6 +282,48 @@ def test_a_stop_whose_window_begins_later_stops_only_what_runs_when_it_begins():
     assert run.c.serving_id == "after" and run.c.mode is Mode.DISCHARGE
 
 
+def test_an_event_beginning_after_a_stops_window_began_stands_though_one_step_applies_both():
+    """The step that applies a STOP comes when it comes (every 0.1 s here, later after a stall):
+    what had not begun when the STOP's window began is a later instruction all the same."""
+    run = Run(ready(0.0))
+    run.feed(discharge("running", 0.0, 0.0, 3_600, 2_000, source="vtn"),
+             DispatchRequest("stop", "vtn", DispatchKind.STOP, 0, 100.0, 100.05, received_at=0.0),
+             discharge("next", 0.0, 100.05, 3_600, 3_000, source="vtn"))
+    run.run(99.9, dt=0.1)
+    run.run(0.2, dt=0.2)  # one step at 100.1: past both the STOP's start and the next event's
+    assert run.ended("running").reason == "stopped by stop"
+    assert run.ended("next") is None and run.c.serving_id == "next" and run.c.mode is Mode.DISCHARGE
+
+
+def test_a_stop_answered_after_its_window_began_ends_what_runs_on_arrival():
+    run = Run(ready(0.0))
+    run.feed(discharge("early", 0.0, 0.0, 3_600, 2_000, source="vtn"),
+             discharge("later", 0.0, 50.0, 3_600, 3_000, source="vtn"))
+    run.run(60)
+    run.feed(DispatchRequest("stop", "vtn", DispatchKind.STOP, 0, 10.0, 600.0, received_at=run.t))
+    assert run.ended("early").reason == run.ended("later").reason == "stopped by stop"
+
+
+@pytest.mark.parametrize("kind", [DispatchKind.STOP, DispatchKind.CHARGE])
+def test_a_running_event_revised_to_another_kind_is_read_back_as_the_core_left_it(kind):
+    """The journal holds the revision, the earlier event's end and final energy, then the revision's
+    answer: read back, a STOP revision left nothing open (a restart billed the event again at 0 Wh),
+    and a charge revision is the event's next account, with its request."""
+    run = Run(ready(0.0))
+    run.feed(discharge("e1", 0.0, start=0.0, end=3_600.0, target=5_000))
+    run.run(120)
+    revision = DispatchRequest("e1", "test", kind, 0 if kind is DispatchKind.STOP else 3_000, run.t, 3_600.0,
+                               received_at=run.t, revision=1)
+    assert run.feed(revision).answer_for("e1").verdict is Verdict.ACCEPTED
+    run.run(5)
+    assert run.final("e1").meter_wh > 0
+    opened = still_open(run.records)
+    if kind is DispatchKind.STOP:
+        assert opened == {}
+    else:
+        assert opened["e1"].request == revision
+
+
 def test_a_stop_ends_what_runs_of_its_source_when_its_window_begins():
     run = Run(ready(0.0))
     run.feed(discharge("e", 0.0, 0.0, 3_600, 5_000, source="vtn"),

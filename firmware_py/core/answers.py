@@ -312,14 +312,18 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
 
 def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """An accepted STOP, once its window has begun, ends every other live event of its source that
-    has begun by now; the STOP itself holds nothing.
+    had begun when it took effect; the STOP itself holds nothing.
 
     Applied when its window opens, not when it is answered: an OpenADR event's interval of level 0
     hours ahead stops what runs then, not the event running now nor its own earlier intervals. An
-    event that begins later is a later instruction, and stands."""
+    event that begins later is a later instruction, and stands, even where the step that applies
+    the STOP comes a tick after both began. A STOP answered after its window began takes effect
+    on arrival."""
+    took_effect = max(stop.start, stop.received_at)
     events: list[Event] = []
     for entry in c.book.live():
-        if entry.request.source == stop.source and entry.request.id != stop.id and entry.request.start <= now:
+        if entry.request.source == stop.source and entry.request.id != stop.id and \
+                entry.request.start <= took_effect:
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
     return c.evolve(book=c.book.end(stop.id)), events

@@ -208,8 +208,11 @@ def still_open(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dic
         elif isinstance(event, EventEnergy) and event.request_id in accepted:
             accepted[event.request_id] = replace(accepted[event.request_id], last=event)
         elif isinstance(event, DispatchEnded):
-            accepted.pop(event.request_id, None)
-            requests.pop(event.request_id, None)
+            ended = accepted.pop(event.request_id, None)
+            if ended is None or requests.get(event.request_id) is ended.request:
+                requests.pop(event.request_id, None)
+            # else a revision that ended the event came before this end: its answer follows, and is read
+            # as that revision's (a STOP's, holding nothing; a charge's, the event's next account)
     return accepted
 
 
