@@ -146,3 +146,43 @@ def test_no_meter_interval_with_the_grid_down_is_billed_to_the_event():
         assert c.mode is Mode.BACKUP
     entry = c.book.find("peak")
     assert entry.meter_wh == billed and entry.integrated_wh <= billed + 1e-9
+
+
+def test_a_restart_after_the_grid_went_down_bills_the_event_none_of_the_houses_backup():
+    """The pack serves the house in BACKUP and the meter counts it; a gateway that dies then (a likely
+    moment to lose power) must not bill that gap to the event served before. Once the grid is back and
+    the event served again, its next record comes at once: a crash after it bills the gap from there."""
+    request = discharge("peak", 0.0, 0.0, 3_600, 5_000)
+    first = step(ready(0.0), [request], 0.0)
+    c, records, meter = first.controller, [request, *first.events], 0.0
+
+    def at(t: float, **changes) -> None:
+        nonlocal c
+        result = step(c, [bms(t), inverter(t, tot_wh_inj=meter, **changes)], t)
+        c = result.controller
+        records.extend(result.events)
+
+    for t in range(1, 66):
+        meter += c.setpoint_w / 3600
+        at(float(t), measured_w=c.setpoint_w)
+    served = c.book.find("peak").meter_wh
+    for t in range(66, 106):  # islanded: the house draws 5 kW through the inverter
+        meter += 5_000 / 3600
+        at(float(t), measured_w=5_000, grid_outage=True, grid_connected=False)
+        assert c.mode is Mode.BACKUP
+    closing = close_after_restart(open_events(records), meter, POLICY, 110.0, "gateway restarted: event ended")
+    (final,) = [e for e in closing if isinstance(e, EventEnergy)]
+    assert final.meter_wh == pytest.approx(served, abs=1e-3)  # not the 55 Wh of the house's backup on top
+
+    for t in range(106, 120):  # the grid back (its enter-service delay), then the event served again
+        meter += max(0.0, c.setpoint_w) / 3600
+        at(float(t), measured_w=c.setpoint_w)
+    assert c.serving_id == "peak"
+    resumed = [e for e in records if isinstance(e, EventEnergy) and e.at > 105]
+    assert resumed and resumed[0].meter_total_wh is not None  # reported at once on serving again
+    meter += 20.0  # a crash now: what the meter counted since that record is the event's
+    closing = close_after_restart(open_events(records), meter, POLICY, 121.0, "gateway restarted: event ended")
+    last = open_events(records)["peak"]
+    (final,) = [e for e in closing if isinstance(e, EventEnergy)]
+    assert final.meter_wh == pytest.approx(last.meter_wh + meter - last.meter_total_wh, abs=1e-3)
+    assert final.meter_wh >= last.meter_wh + 20

@@ -10,6 +10,8 @@ step (`close_event`) or was left open by a gateway that died
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -130,6 +132,22 @@ def report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
         return c, []
     c = c.evolve(book=c.book.replace(replace(entry, last_report_at=now)))
     return c, [energy_record(c, entry, now)]
+
+
+def pause_energy(c: Controller, backup: bool, now: float) -> tuple[Controller, list[Event]]:
+    """The event served until now, still live, is not served from now because the grid went down
+    and the pack serves the house (`backup`): its energy so far, recorded without a meter reading,
+    so a restart never bills it the meter's gap after, which is the house's backup. When it is
+    served again, its next record comes at once, with the meter reading it bills from.
+
+    Only for an outage: after anything else that stops the serving the inverter holds 0 W (its meter
+    still), or, with its link lost, goes on for the event until its revert, which is the event's."""
+    entry = c.book.find(c.serving_id) if c.serving_id and backup else None
+    if entry is None or entry.ended:
+        return c, []
+    entry = replace(entry, last_report_at=-math.inf)
+    c = c.evolve(book=c.book.replace(entry))
+    return c, [replace(energy_record(c, entry, now), meter_total_wh=None)]
 
 
 def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
