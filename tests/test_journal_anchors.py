@@ -177,6 +177,36 @@ def test_a_deleted_anchor_file_is_detected_though_the_files_version_was_set_back
     assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 holds records" in out
 
 
+def test_a_journal_whose_records_prove_an_anchoring_release_is_expected_anchored_without_key_or_version(
+        path, capsys):
+    """Version set back, anchor file and key deleted: the file still holds a run that named its software,
+    which only a release that anchors does, so the missing anchor file is a problem all the same."""
+    with Journal.open(path) as journal:
+        journal.append(RecordKind.CORE_START, 0.0, {"software_version": "0.1.0"})
+        billed_event(journal)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 1")
+    files.anchors_path(path).unlink()
+    files.key_path(path).unlink()
+    code, out = report(path, capsys)
+    assert code == 1 and "journal.sqlite.anchors: missing or empty, though segment 1 holds records" in out
+
+
+@pytest.mark.parametrize("change", [{"seq": -2**70}, {"seq": 2**64}, {"wall": 1e300}, {"wall": -1e300}])
+def test_an_anchor_line_edited_past_what_sqlite_or_a_calendar_holds_is_reported_not_a_traceback(path, capsys, change):
+    with Journal.open(path) as journal:
+        billed_event(journal)
+    anchors = files.anchors_path(path)
+    lines = anchors.read_text().splitlines()
+    lines[-1] = json.dumps({**json.loads(lines[-1]), **change}, sort_keys=True, separators=(",", ":"))
+    anchors.write_text("\n".join(lines) + "\n")
+    for extra in ((), ("--format", "json")):
+        code, out = report(path, capsys, *extra)
+        assert code == 1 and "is not an anchor (the file was edited)" in out and "Traceback" not in out
+    with Journal.open(path) as journal:  # the gateway starts on it, and appends
+        billed_event(journal, energies=1)
+
+
 def test_every_record_and_the_anchor_file_deleted_is_detected(path, capsys):
     """Emptied to nothing, the journal is a good empty chain; but the key beside it says it was anchored,
     and the writer anchors seq 0 before anything else, so no anchored journal lacks its anchor file."""

@@ -140,6 +140,11 @@ def test_a_rotation_a_crash_interrupted_is_finished_or_forgotten_at_the_next_ope
     with Journal.open(path) as journal:
         assert journal.segment == 2 and not temp.exists() and not files.anchors_path(temp).exists()
     assert Chain(path).check().problems == []
+    # A crash after the new segment took its name, before its anchor file did.
+    files.anchors_path(live).rename(files.anchors_path(temp))
+    with Journal.open(path) as journal:
+        assert not files.anchors_path(temp).exists() and files.anchors_path(live).exists()
+    assert Chain(path).check().problems == []
     # A crash before the old file moved: the half-made next segment is dropped.
     temp.write_bytes(b"half a segment")
     with Journal.open(path) as journal:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_py import signing
+from firmware_py.core.types import is_finite_number
 from firmware_py.files import open_regular
 from firmware_py.signing import public_hex
 
@@ -169,6 +170,10 @@ def _repair_tail(path: Path) -> tuple[Anchor | None, str]:
     return _parse(lines[-1]), link_of(lines[-1])
 
 
+SQLITE_INT_MAX = 2**63 - 1
+MAX_WALL_S = 253_402_300_799.0  # 9999-12-31T23:59:59Z, the last second a date can be told in
+
+
 def _parse(line: str) -> Anchor | None:
     """An anchor line as an Anchor; None when it is not one."""
     try:
@@ -179,7 +184,10 @@ def _parse(line: str) -> Anchor | None:
     types_ok = (isinstance(anchor.segment, int) and isinstance(anchor.seq, int)
                 and isinstance(anchor.wall, (int, float))
                 and all(isinstance(v, str) for v in (anchor.hash, anchor.why, anchor.prev, anchor.key, anchor.sig)))
-    return anchor if types_ok else None
+    # Numbers SQLite and the calendar can hold: an edited line's 2**70 or 1e300 is no anchor, not a traceback.
+    in_range = types_ok and all(-SQLITE_INT_MAX <= n <= SQLITE_INT_MAX for n in (anchor.segment, anchor.seq)) \
+        and is_finite_number(anchor.wall) and abs(anchor.wall) <= MAX_WALL_S
+    return anchor if in_range else None
 
 
 # ---------------------------------------------------------------- checking

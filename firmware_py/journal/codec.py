@@ -16,6 +16,7 @@ import json
 import math
 import types
 import typing
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -153,3 +154,18 @@ def restore(hint: Any, value: Any) -> Any:
         if option is float:
             return _NON_FINITE[value] if isinstance(value, str) else float(value)
     return value
+
+
+EPOCH_THRESHOLD_S = 1e8
+"""A time above this is UTC epoch seconds (`run`); below, seconds of simulated time (`sim`)."""
+
+
+def time_text(at: float) -> str:
+    """A record's time for people: a UTC date, or a bench run's seconds. A time no calendar holds
+    (an edited file) is shown as the number it is, never a traceback."""
+    if at >= EPOCH_THRESHOLD_S:
+        try:
+            return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        except (OverflowError, ValueError, OSError):
+            return f"{at:g}"
+    return f"{at:.1f} s"

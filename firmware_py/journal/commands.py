@@ -20,11 +20,11 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
 
 from firmware_py.errors import InputError
 from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain, ChainReport
+from firmware_py.journal.codec import time_text
 from firmware_py.journal.owner_log import OWNER_KINDS, OwnerChange, owner_changes
 from firmware_py.journal.runs import KINDS as RUN_KINDS
 from firmware_py.journal.runs import Run, Upgrade, runs_and_upgrades, software_line
@@ -33,9 +33,6 @@ from firmware_py.quoting import printable
 
 CSV_COLUMNS = ("request_id", "source", "kind", "target_w", "revision", "start", "end", "verdict", "cap_w",
                "reason", "ended_at", "ended_reason", "meter_wh", "integrated_wh", "final", "discrepancy_pct")
-
-EPOCH_THRESHOLD_S = 1e8
-"""`at` above this is UTC epoch seconds (`run`); below, seconds of simulated time (`sim`)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -231,6 +228,4 @@ def _time(at: float | None) -> str:
         return "-"
     if at == float("inf"):
         return "open"
-    if at >= EPOCH_THRESHOLD_S:
-        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    return f"{at:.1f} s"
+    return time_text(at)

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from firmware_py.journal.codec import time_text
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.store import Record
 
 OWNER_KINDS = frozenset({RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET})
-
-EPOCH_THRESHOLD_S = 1e8
-"""A wall time above this is UTC epoch seconds (`run`); below, seconds of simulated time (`sim`)."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +49,14 @@ def settings_text(p: dict[str, Any], on_wall: Any = lambda at: at) -> str:
     if until == "inf":
         parts.append("opted out until revoked")
     elif until is not None:
-        parts.append(f"opted out until {_when(on_wall(float(until)))}")
+        parts.append(f"opted out until {time_text(on_wall(float(until)))}")
     if p.get("opt_out_events"):
         parts.append("opted out of " + ", ".join(map(str, p["opt_out_events"])))
     if p.get("departure_at") is not None:
-        parts.append(f"departure {_when(on_wall(float(p['departure_at'])))} at {_num(p.get('departure_soc_pct'))} %")
+        parts.append(f"departure {time_text(on_wall(float(p['departure_at'])))} at {_num(p.get('departure_soc_pct'))} %")
     if p.get("storm_watch_until") is not None:
         parts.append(f"storm watch {_num(p.get('storm_watch_floor_pct'))} % until "
-                     f"{_when(on_wall(float(p['storm_watch_until'])))}")
+                     f"{time_text(on_wall(float(p['storm_watch_until'])))}")
     if p.get("price_threshold_per_kwh") is not None and p.get("price_max_wh_per_day"):
         parts.append(f"price mode {p.get('price_kind')} >= {_num(p['price_threshold_per_kwh'])} per kWh, "
                      f"up to {_num(p['price_max_wh_per_day'])} Wh a day")
@@ -73,10 +70,3 @@ def _num(value: Any) -> str:
         return "?"
 
 
-def _when(wall: float) -> str:
-    if wall >= EPOCH_THRESHOLD_S:
-        try:
-            return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        except (OverflowError, ValueError, OSError):
-            return f"{wall:g}"
-    return f"{wall:.1f} s"

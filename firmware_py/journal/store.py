@@ -242,6 +242,22 @@ class Journal:
                 if isinstance(payload, dict) and isinstance(payload.get("segment"), int):
                     self.start = payload
         self.segment: int = self.start["segment"] if self.start else 1
+        self.anchored = self.anchored or self._written_by_an_anchoring_release(first)
+
+    def _written_by_an_anchoring_release(self, first: list[tuple[Any, ...]]) -> bool:
+        """Whether the records prove a release that anchors wrote this file, whatever its version number
+        says (nothing signs that number: a file set back to version 1 must not excuse a missing anchor file).
+        Only such a release starts a segment with `SegmentStart`, upgrades a file, or names its software
+        in `CoreStart`; each is read through the kind index (the newest run's start only)."""
+        if first and first[0][0] == RecordKind.SEGMENT_START:
+            return True
+        if self._read("SELECT 1 FROM records WHERE kind = ? LIMIT 1", (str(RecordKind.SCHEMA_UPGRADED),)):
+            return True
+        newest = self._read("SELECT payload FROM records WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+                            (str(RecordKind.CORE_START),))
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            return bool(newest) and json.loads(newest[0][0]).get("software_version") is not None
+        return False
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -384,8 +400,9 @@ class Journal:
         newest = self._anchors.newest if self._anchors is not None else None
         if newest is None:
             if was_anchored and self._seq > 0 and self._key is not None:
-                log.error("%s: the journal's anchor file is missing or empty: records cut before now cannot "
-                          "be shown; `powershare-gw report` flags it", files.anchors_path(self.path))
+                log.error("%s: the journal's anchor file is missing or empty (or its last line is no anchor): "
+                          "records cut before now cannot be shown; `powershare-gw report` flags it",
+                          files.anchors_path(self.path))
                 self._anchor(AnchorWhy.MISSING)
             return
         if newest.seq > self._seq or (self.hash_at(newest.seq) if newest.seq else GENESIS_HASH) != newest.hash:
@@ -823,6 +840,10 @@ def _finish_rotation(live: Path) -> None:
     """A rotation a crash interrupted: before the old file moved, forget the new one; after, finish."""
     temp = files.rotating_path(live)
     if not temp.exists():
+        orphan = files.anchors_path(temp)
+        if orphan.exists() and live.exists() and not files.anchors_path(live).exists():
+            os.rename(orphan, files.anchors_path(live))  # the crash came between `_swap`'s last two renames
+            _sync_folder(live.parent)
         return
     if live.exists():
         for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
