@@ -207,6 +207,35 @@ def test_an_anchor_line_edited_past_what_sqlite_or_a_calendar_holds_is_reported_
         billed_event(journal, energies=1)
 
 
+@pytest.mark.parametrize("gap", ["before the head is read", "before the anchor file is read"])
+def test_a_check_while_the_gateway_appends_reads_an_intact_journal_as_intact(path, monkeypatch, gap):
+    """`report` or `statement` on the live journal: the gateway commits (and anchors) between the check's
+    reads. The records it saw, the head and the anchors it compared them with must be of one moment."""
+    from firmware_py.journal import chain as chain_module
+    from firmware_py.journal.store import Journal as Store
+
+    gateway = Journal.open(path)
+    try:
+        gateway.append_event(t.DispatchRequest("peak", "openadr", t.DispatchKind.DISCHARGE, 4_000, 0, 7_200, 0))
+        appended = []
+
+        def meanwhile(read):
+            def wrapped(*args, **kwargs):
+                if not appended:
+                    appended.append(gateway.append_event(t.DispatchAnswer.accepted("peak", 0)))  # anchored at once
+                return read(*args, **kwargs)
+            return wrapped
+
+        if gap == "before the head is read":
+            monkeypatch.setattr(Store, "_head_problems", meanwhile(Store._head_problems))
+        else:
+            monkeypatch.setattr(chain_module.anchors, "check", meanwhile(chain_module.anchors.check))
+        assert Chain(path).check().problems == [] and appended
+    finally:
+        gateway.close()
+    assert Chain(path).check().problems == []
+
+
 def test_every_record_and_the_anchor_file_deleted_is_detected(path, capsys):
     """Emptied to nothing, the journal is a good empty chain; but the key beside it says it was anchored,
     and the writer anchors seq 0 before anything else, so no anchored journal lacks its anchor file."""

@@ -204,16 +204,18 @@ class AnchorCheck:
 
 
 def check(path: Path, segment: int, hash_at: Callable[[int], str | None], last_seq: int,
-          expected_key: str | None) -> AnchorCheck:
+          expected_key: str | None, upto: int | None = None) -> AnchorCheck:
     """Every line linked to the one before, naming this segment and a record the segment holds
     with the same hash; the newest line's signature good (by `expected_key` when known).
 
+    `upto`: the file's length (`size`) taken before the records were read, while the gateway may
+    append: a line written after that names a record newer than `last_seq`, and is no cut.
     Streams the file: memory does not grow with its length.
     """
     result = AnchorCheck()
     name = path.name
     link, truncated_to, mismatched, first_key = GENESIS_LINK, None, [], None
-    for number, line in _lines(path):
+    for number, line in _lines(path, upto):
         result.lines = number
         anchor = _parse(line)
         if anchor is None:
@@ -267,13 +269,24 @@ def _signature_problems(name: str, result: AnchorCheck, expected_key: str | None
     return []
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Complete lines, numbered from 1 (a torn last line, left by a crash mid-write, is not one)."""
+def _lines(path: Path, upto: int | None = None) -> Iterator[tuple[int, str]]:
+    """Complete lines, numbered from 1 (a torn last line, left by a crash mid-write, is not one),
+    within the first `upto` bytes when given."""
     f = open_regular(path, "anchor file")
     if f is None:
         return
     with f:
+        read = 0
         for number, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
+            read += len(raw)
+            if not raw.endswith(b"\n") or (upto is not None and read > upto):
                 return  # only the last line can lack its newline
             yield number, raw[:-1].decode(errors="replace")
+
+
+def size(path: Path) -> int:
+    """The anchor file's length now (0 when there is none): `check` reads no line written after it."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

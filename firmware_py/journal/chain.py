@@ -99,12 +99,13 @@ class Chain:
         pruned: dict[str, Any] | None = None
         for segment in self.segment_files():
             with Journal.open(segment.path, readonly=True) as journal:
+                anchored_upto = anchors.size(files.anchors_path(segment.path))  # before the records, as they were
                 result = journal.check()
                 report.problems += result.problems
                 if journal.segment != segment.number:
                     report.problems.append(f"{segment.path.name}: holds segment {journal.segment}, "
                                            f"not {segment.number} (renamed?)")
-                report.problems += self._anchor_problems(report, segment, journal, result)
+                report.problems += self._anchor_problems(report, segment, journal, result, anchored_upto)
                 pruned = _newer_pruning(pruned, journal.pruned_through())
             report.records += result.records
             checked.append((segment, result))
@@ -115,9 +116,9 @@ class Chain:
         return report
 
     def _anchor_problems(self, report: ChainReport, segment: files.SegmentFile, journal: Journal,
-                         result: SegmentCheck) -> list[str]:
+                         result: SegmentCheck, anchored_upto: int) -> list[str]:
         path = files.anchors_path(segment.path)
-        verdict = anchors.check(path, segment.number, journal.hash_at, result.last_seq, report.key)
+        verdict = anchors.check(path, segment.number, journal.hash_at, result.last_seq, report.key, anchored_upto)
         report.segments.append(SegmentReport(segment.number, segment.path.name, result.records, result.first_seq,
                                              result.last_seq, verdict.newest, verdict.lines))
         if segment.live:

@@ -544,6 +544,24 @@ class Journal:
 
         A segment after a rotation begins where its `SegmentStart` says the one before ended.
         """
+        with self._lock, self._snapshot():
+            return self._check()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction: every page and the head as of one moment, though the gateway appends
+        meanwhile (a live segment is in WAL mode, so the writer is not held up)."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._read("BEGIN")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("COMMIT")
+
+    def _check(self) -> SegmentCheck:
         result = SegmentCheck()
         expected_seq, prev_hash = None, None
         for rows in self._pages("", (), -(2**63)):
