@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 
 EARNINGS_CHECK_S = 5.0
 """How often the earnings task asks whether the month must be computed again (`EarningsBook.due`)."""
+SAFE_STOP_S = 8.0
+"""The most the stop waits for the inverter's WSet = 0: systemd kills the service 15 s after SIGTERM
+(`TimeoutStopSec` in powershare-gw.service), and the journal must close before that."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""A closed terminal or SSH session (SIGHUP) stops the gateway as safely as `systemctl stop`."""
 GIL_SWITCH_S = 0.0005
 """How long the CAN thread may hold the interpreter before the loop gets a turn (Python's default
 is 5 ms: on a busy bus a fault frame's step could wait that long for the thread decoding the rest)."""
@@ -99,6 +104,7 @@ class Service:
         self.gateway.observers.append(Narrator(self.gateway.clocks))
         self._step_wanted = asyncio.Event()  # wakes the tick task for a step the core asked for
         self._step_again_handle: asyncio.TimerHandle | None = None
+        self._inverter_told = False  # the safe stop's WSet = 0 written and read back
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -223,12 +229,19 @@ class Service:
                 log.exception("shutdown: %s failed", what)
 
     async def _safe_stop(self) -> None:
-        if await self.gateway.inverter.safe_stop():
+        """WSet = 0, given at most `SAFE_STOP_S`: an inverter that does not answer must not keep the
+        journal from closing before systemd's stop timeout (its revert timer stops it anyway)."""
+        try:
+            async with asyncio.timeout(SAFE_STOP_S):
+                self._inverter_told = await self.gateway.inverter.safe_stop()
+                why = self.gateway.inverter.last_error or "not connected"
+        except TimeoutError:
+            self._inverter_told, why = False, f"no answer within {SAFE_STOP_S:g} s"
+        if self._inverter_told:
             log.info("safe stop: WSet = 0 written to the inverter and read back")
         else:
             log.warning("safe stop: the inverter could not be told (%s); its revert timer takes it to 0 W "
-                        "within %.0f s", self.gateway.inverter.last_error or "not connected",
-                        self.assembly.config.inverter.revert_timeout_s)
+                        "within %.0f s", why, self.assembly.config.inverter.revert_timeout_s)
 
     def _report_unwritten(self) -> None:
         """Records still queued now are lost with the process: the journal failed to the end. Say how many."""
@@ -236,8 +249,11 @@ class Service:
             log.error("journal still failing at the stop: %d queued records are lost", left)
 
     async def _end_open_events(self) -> None:
-        last = await self.gateway.inverter.read_status()
-        self.gateway.close_open_events(last.tot_wh_inj if last.comms_ok else None, "gateway stopped: event ended")
+        """The meter read once more for the events' final energy, unless the safe stop just found the
+        inverter silent: asking again would only double the wait (no meter: no gap billed)."""
+        last = await self.gateway.inverter.read_status() if self._inverter_told else None
+        meter = last.tot_wh_inj if last is not None and last.comms_ok else None
+        self.gateway.close_open_events(meter, "gateway stopped: event ended")
 
     async def _supervised(self, name: str, integration: Integration) -> None:
         """Run an integration; a peer that makes it fail costs that integration a restart, not the gateway."""
@@ -270,7 +286,7 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
 
 
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
-    """`powershare-gw run`: until SIGTERM/SIGINT, then a safe stop. Returns the exit code."""
+    """`powershare-gw run`: until SIGTERM, SIGINT or SIGHUP, then a safe stop. Returns the exit code."""
     with heap.collection_paused():  # the integrations' modules are imported here
         assembly = assemble(config, Clocks.system())
     try:
@@ -280,7 +296,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()

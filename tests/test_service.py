@@ -226,14 +226,17 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 @asynccontextmanager
-async def discharging_service(tmp_path: Path, channel: str) -> AsyncIterator[tuple[Service, list[float]]]:
-    """The production service discharging 5 kW for an aggregator; the inverter's WSet writes as they come."""
-    model = InverterModel(now=time.time())
+async def discharging_service(tmp_path: Path, channel: str, server: SimInverterServer | None = None,
+                              **inverter: Any) -> AsyncIterator[tuple[Service, list[float]]]:
+    """The production service discharging 5 kW for an aggregator; the inverter's WSet writes as they come.
+    `server`: an inverter of the test's own (not started), `inverter`: more [inverter] settings."""
+    server = server or SimInverterServer(InverterModel(now=time.time()))
+    model = server.model
     wsets: list[float] = []
     model.on_wset = wsets.append
-    async with SimInverterServer(model) as server:
-        service = Service(assemble(gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2),
-                                   time.time), RunOptions(owner_api=False))
+    async with server:
+        service = Service(assemble(gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2,
+                                                  **inverter), time.time), RunOptions(owner_api=False))
         async with LivePack(channel, model):
             await service.start()
             try:
@@ -266,3 +269,45 @@ def test_the_safe_stop_is_written_while_the_journal_still_waits_on_a_locked_disk
             await asyncio.wait_for(stopping, WAIT_S)
 
     asyncio.run(main())
+
+
+def test_a_silent_inverter_costs_the_stop_one_bounded_safe_stop_and_is_not_asked_again(tmp_path: Path, monkeypatch,
+                                                                                        caplog):
+    """systemd kills the service 15 s after SIGTERM: an inverter that stops answering (its timeout may be
+    set long) must get one try at WSet = 0 within `SAFE_STOP_S`, and no second wait for the final meter
+    reading, so the open event is ended and the journal closed in time."""
+    from firmware_py import service as service_module
+    from firmware_py.sim.faults import InverterFault
+
+    monkeypatch.setattr(service_module, "SAFE_STOP_S", 0.5)
+    asked: list[int] = []
+    server = SimInverterServer(InverterModel(now=time.time()), slow_reply_s=60.0)
+    action = server._action
+
+    async def counted(*args: Any) -> Any:
+        asked.append(1)
+        return await action(*args)
+
+    server._action = counted
+
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}", server, timeout_s=5.0) \
+                as (service, _):
+            server.model.inject(InverterFault.SLOW_REPLY, until=float("inf"))
+            safe_stop = service._safe_stop
+
+            async def safe_stop_then_count() -> None:
+                await safe_stop()
+                asked_by_the_safe_stop.append(len(asked))
+
+            service._safe_stop = safe_stop_then_count
+            with caplog.at_level(logging.WARNING, logger="firmware_py.service"):
+                await asyncio.wait_for(service.stop(), WAIT_S)
+            assert "the inverter could not be told (no answer within 0.5 s)" in caplog.text
+
+    asked_by_the_safe_stop: list[int] = []
+    asyncio.run(main())
+    assert asked_by_the_safe_stop == [len(asked)]  # nothing more asked of the silent inverter
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        ended = [r for r in journal.records() if r.kind == "DispatchEnded"]
+    assert [r.payload["reason"] for r in ended] == ["gateway stopped: event ended"]
