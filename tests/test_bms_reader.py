@@ -207,6 +207,26 @@ def test_impossible_soc_jump_is_refused_until_time_makes_it_possible(reader):
     assert reader.on_message(soc(35.0), now=30.0).soc_min_pct == pytest.approx(35.0)
 
 
+@pytest.mark.parametrize("direction", [-1, 1])
+def test_a_soc_ramp_faster_than_believable_is_refused_however_small_its_steps(reader, direction):
+    """Steps of the slack (0.5 %) every 100 ms are 5 %/s: each alone is within rate and slack of the
+    value before it, but a pack's SoC cannot move so (the fastest believable is 1 %/s)."""
+    reader.on_message(soc(50.0), now=0.0)
+    for n in range(1, 30):
+        reader.on_message(soc(50.0 + direction * 0.5 * n), now=0.1 * n)
+    assert reader.dropped["soc_jump"] > 0
+    believed = reader.snapshot(2.9).soc_min_pct
+    assert abs(believed - 50.0) <= 1.0 * 2.9 + 0.5 and "soc_min_pct" in reader.snapshot(2.9).stale
+
+
+def test_a_soc_at_the_believable_rate_with_noise_is_never_refused(reader):
+    """1 %/s (the fastest believable) with ±0.2 % of estimator noise, at 10 Hz: every frame believed."""
+    for n in range(300):
+        noise = 0.2 if n % 2 else -0.2
+        reader.on_message(soc(round(80.0 - 0.1 * n + noise, 1)), now=0.1 * n)
+    assert reader.dropped == {} and reader.accepted == 300
+
+
 def test_a_repeated_payload_is_still_judged_on_time(reader):
     """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
     reader.on_message(soc(60.0), now=0.0)
