@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,24 +114,39 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-def write_atomically(path: str | Path, text: str) -> None:
+def write_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> None:
     """Replace `path` with `text` durably, or leave what was there: a full disk, a quota or a power
-    cut part-way never leaves a truncated report, statement or settings file. OSError reaches the caller."""
-    path = Path(path).resolve()  # through a symlink, as writing in place would
-    if path.exists() and not path.is_file():
-        raise OSError(errno.EINVAL, f"it is {_kind(path.stat().st_mode)}, not a regular file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    cut part-way never leaves a truncated report, statement or settings file. The file keeps the
+    mode and owner it had; a new one gets `new_mode` less the umask, as any write would make it.
+    A target that is not a regular file (`/dev/stdout`) is written to as it is. OSError reaches
+    the caller."""
+    given = Path(path)
+    if given.exists() and not given.is_file():
+        with open(given, "w", encoding="utf-8") as out:
+            out.write(text)
+        return
+    target = Path(os.path.realpath(given))  # through a symlink, as writing in place would
+    try:
+        before: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        before = None
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_mode)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
+            if before is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(out.fileno(), before.st_uid, before.st_gid)
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -57,8 +57,8 @@ EARNINGS_CHECK_S = 5.0
 SAFE_STOP_S = 8.0
 """The most the stop waits for the inverter's WSet = 0: systemd kills the service 15 s after SIGTERM
 (`TimeoutStopSec` in powershare-gw.service), and the journal must close before that."""
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-"""A closed terminal or SSH session (SIGHUP) stops the gateway as safely as `systemctl stop`."""
+FINAL_READ_S = 3.0
+"""The most the stop waits for the meter reading that closes open events (after the safe stop)."""
 GIL_SWITCH_S = 0.0005
 """How long the CAN thread may hold the interpreter before the loop gets a turn (Python's default
 is 5 ms: on a busy bus a fault frame's step could wait that long for the thread decoding the rest)."""
@@ -104,7 +104,7 @@ class Service:
         self.gateway.observers.append(Narrator(self.gateway.clocks))
         self._step_wanted = asyncio.Event()  # wakes the tick task for a step the core asked for
         self._step_again_handle: asyncio.TimerHandle | None = None
-        self._inverter_told = False  # the safe stop's WSet = 0 written and read back
+        self._inverter_silent = False  # the safe stop waited all of `SAFE_STOP_S` for the inverter
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -233,11 +233,11 @@ class Service:
         journal from closing before systemd's stop timeout (its revert timer stops it anyway)."""
         try:
             async with asyncio.timeout(SAFE_STOP_S):
-                self._inverter_told = await self.gateway.inverter.safe_stop()
+                told = await self.gateway.inverter.safe_stop()
                 why = self.gateway.inverter.last_error or "not connected"
         except TimeoutError:
-            self._inverter_told, why = False, f"no answer within {SAFE_STOP_S:g} s"
-        if self._inverter_told:
+            told, why, self._inverter_silent = False, f"no answer within {SAFE_STOP_S:g} s", True
+        if told:
             log.info("safe stop: WSet = 0 written to the inverter and read back")
         else:
             log.warning("safe stop: the inverter could not be told (%s); its revert timer takes it to 0 W "
@@ -249,10 +249,14 @@ class Service:
             log.error("journal still failing at the stop: %d queued records are lost", left)
 
     async def _end_open_events(self) -> None:
-        """The meter read once more for the events' final energy, unless the safe stop just found the
-        inverter silent: asking again would only double the wait (no meter: no gap billed)."""
-        last = await self.gateway.inverter.read_status() if self._inverter_told else None
-        meter = last.tot_wh_inj if last is not None and last.comms_ok else None
+        """The meter read once more for the events' final energy, within `FINAL_READ_S`, unless the safe
+        stop just waited its whole time on a silent inverter (no meter: no gap billed)."""
+        meter = None
+        if not self._inverter_silent:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FINAL_READ_S):
+                    last = await self.gateway.inverter.read_status()
+                    meter = last.tot_wh_inj if last.comms_ok else None
         self.gateway.close_open_events(meter, "gateway stopped: event ended")
 
     async def _supervised(self, name: str, integration: Integration) -> None:
@@ -285,6 +289,13 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
         await gateway.write_command()
 
 
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGTERM and SIGINT; SIGHUP too (a closed terminal or SSH session stops the gateway as safely as
+    `systemctl stop`), unless the gateway was started to outlive its terminal (`nohup`: SIGHUP ignored)."""
+    hang_up = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hang_up)
+
+
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM, SIGINT or SIGHUP, then a safe stop. Returns the exit code."""
     with heap.collection_paused():  # the integrations' modules are imported here
@@ -296,7 +307,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
+    for sig in _stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from firmware_py.files import write_atomically
 
@@ -30,11 +30,26 @@ def test_a_write_that_fails_part_way_leaves_the_previous_file_whole_and_no_tempo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
-def test_a_symlink_is_written_through_and_a_device_is_refused(tmp_path: Path) -> None:
+def test_a_symlink_is_written_through_and_a_device_written_as_it_is(tmp_path: Path) -> None:
     real = tmp_path / "real.txt"
     real.write_text("old")
     (tmp_path / "link.txt").symlink_to(real)
     write_atomically(tmp_path / "link.txt", "new")
     assert real.read_text() == "new" and (tmp_path / "link.txt").is_symlink()
-    with pytest.raises(OSError, match="it is a device, not a regular file"):
-        write_atomically("/dev/null", "anything")
+    write_atomically("/dev/null", "anything")  # `--out /dev/stdout` is a device too: written, not replaced
+
+
+def test_a_replaced_file_keeps_its_mode_and_a_new_one_follows_the_umask(tmp_path: Path) -> None:
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    kept.chmod(0o640)
+    write_atomically(kept, "[]")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "[]"
+    umask = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "new.json", "{}")
+        write_atomically(tmp_path / "private.json", "{}", new_mode=0o600)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600

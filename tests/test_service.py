@@ -311,3 +311,23 @@ def test_a_silent_inverter_costs_the_stop_one_bounded_safe_stop_and_is_not_asked
     with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
         ended = [r for r in journal.records() if r.kind == "DispatchEnded"]
     assert [r.payload["reason"] for r in ended] == ["gateway stopped: event ended"]
+
+
+def test_an_inverter_that_refuses_the_safe_stop_but_answers_is_still_read_for_the_final_energy(tmp_path: Path):
+    """Only a silent inverter is spared the final meter reading: one that refuses the write (remote
+    control disabled) still answers, and the open event's gap since its last report is billed."""
+    from firmware_py.inverter.client import LinkError, ModbusErrorCause
+
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}") as (service, _):
+            async def refused(address: int, values: Any) -> None:
+                raise LinkError("Modbus exception 4 (device failure)", what=f"writing {address}", drop=False,
+                                kind=ModbusErrorCause.EXCEPTION)
+
+            service.gateway.inverter._write = refused
+            await asyncio.wait_for(service.stop(), WAIT_S)
+
+    asyncio.run(main())
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        (final,) = [r.payload for r in journal.records() if r.kind == "EventEnergy" and r.payload["final"]]
+    assert final["meter_total_wh"] is not None

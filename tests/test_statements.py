@@ -347,10 +347,12 @@ def test_a_statement_file_with_a_key_given_twice_or_nested_past_any_statement_is
     (tmp_path / "twice.json").write_text(text.replace('"totals": {', '"totals": {"credit": 999.0, ', 1))
     assert verify(tmp_path / "twice.json", crashed) == 2
     assert "the key 'credit' is given twice in one object" in capsys.readouterr().err
-    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    assert verify(tmp_path / "deep.json") == 2
-    err = capsys.readouterr().err
-    assert "nested deeper than any statement is" in err and "Traceback" not in err
+    for deep in ("[" * 100_000 + "]" * 100_000,  # past what the parser takes
+                 '{"signature": "00", "public_key": "00", "x": ' + "[" * 600 + "]" * 600 + "}"):  # past what is signed
+        (tmp_path / "deep.json").write_text(deep)
+        assert verify(tmp_path / "deep.json") == 2
+        err = capsys.readouterr().err
+        assert "nested deeper than any statement is" in err and "Traceback" not in err
 
 
 def _as_other_tools_write_it(value):
@@ -379,6 +381,16 @@ def test_a_statement_rewritten_by_another_json_tool_still_verifies_and_one_signe
     old_style = {k: v for k, v in signed.items() if k != "signature"}
     old_style["signature"] = key.sign(json.dumps(old_style, sort_keys=True, separators=(",", ":")).encode()).hex()
     assert evidence.signature_problem(old_style) is None
+
+
+def test_text_no_valid_unicode_holds_and_a_price_that_is_no_number_neither_crash_a_statement(crashed):
+    """Only an edited journal holds either (ids are checked at the door, the core refuses such a price)."""
+    key = evidence.load_or_create_key(evidence.key_path(crashed))
+    assert evidence.signature_problem(evidence.sign({"id": "peak\ud800"}, key)) is None
+    summary = EventSummary("p", "openadr3", "discharge", 3_000, 0, 0.0, 0.0, 10.0, "rejected", ended_at=10.0,
+                           ended_reason="refused", price_per_kwh=float("inf"))
+    line = event_figures(summary, Tally(0.0, 10.0), ProgramTerms("p", "USD", 0.5, 0.0), 10_000, EnergyRecords())
+    assert (line["credit"], line["net"]) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(("value", "text"), [

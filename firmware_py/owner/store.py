@@ -154,4 +154,4 @@ class OwnerStore:
     def save(self, settings: OwnerSettings) -> None:
         """Replace the file atomically and durably; OSError reaches the caller."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, json.dumps(encode(settings), indent=2) + "\n")
+        write_atomically(self.path, json.dumps(encode(settings), indent=2) + "\n", new_mode=0o600)

@@ -192,10 +192,26 @@ def _read_statement(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as err:
         raise InputError(f"{path}: not a JSON statement (make one with --format json): {err}") from None
     except RecursionError:
-        raise InputError(f"{path}: not a JSON statement (nested deeper than any statement is)") from None
+        document = None
+    if document is None or _depth(document) > MAX_DEPTH:
+        raise InputError(f"{path}: not a JSON statement (nested deeper than any statement is)")
     if not isinstance(document, dict) or "signature" not in document or "public_key" not in document:
         raise InputError(f"{path}: not a signed statement (no signature or public_key)")
     return document
+
+
+MAX_DEPTH = 8
+"""A statement nests 4 deep (statement, events, an event, its window); checking one nested deeper
+would only exhaust the stack."""
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return depth - 1
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

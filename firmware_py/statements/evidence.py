@@ -33,7 +33,7 @@ def canonical(document: dict[str, Any]) -> bytes:
     (RFC 8785), so a statement passed through any JSON tool (jq, a browser, a spreadsheet's
     import) that keeps its values still verifies: 830.0 and 830 are one number there."""
     body = {k: v for k, v in document.items() if k not in SIGNED_FIELDS_EXCLUDE}
-    return _jcs(body).encode()
+    return _jcs(body).encode(errors="surrogatepass")  # a lone surrogate (an edited journal) still has one form
 
 
 def _legacy_canonical(document: dict[str, Any]) -> bytes:

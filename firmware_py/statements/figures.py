@@ -313,7 +313,10 @@ def _lowest(a: float | None, b: float) -> float:
 
 def _priced(wh: float, per_kwh: float) -> float:
     """The statement's own energy figure (as rounded there) at a price per kWh, in decimal: a reader
-    multiplying the printed figures gets the same cent (0.83 kWh at 0.50 is 0.42; binary floats, 0.41)."""
+    multiplying the printed figures gets the same cent (0.83 kWh at 0.50 is 0.42; binary floats, 0.41).
+    A price that is no number (only an edited journal holds one: the core refuses it) prices nothing."""
+    if not (is_finite_number(wh) and is_finite_number(per_kwh)):
+        return 0.0
     return _money(Decimal(repr(_wh(wh))) / 1000 * Decimal(repr(per_kwh)))
 
 
