@@ -11,7 +11,6 @@ step (`close_event`) or was left open by a gateway that died
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
