@@ -403,6 +403,32 @@ def test_opt_out_from_the_api_ends_the_event_being_served(tmp_path):
     asyncio.run(main())
 
 
+def test_the_settings_leave_out_what_has_ended(tmp_path):
+    """A storm watch, departure and timed opt-out past their time were still in `GET /api/settings`
+    (the core no longer counted them, but kept them until the next change): the page showed the storm
+    watch "On" and the departure as planned, hours after both had ended."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            soon = until_iso(rig, 10 / 3600)
+            for path, body in (("/api/storm-watch", {"floor_pct": 30, "until": soon}),
+                               ("/api/departure", {"at": soon, "soc_pct": 50}), ("/api/opt-out", {"until": soon})):
+                assert (await browser.call("PUT", path, body))[0] == 200
+            status, doc = await browser.call("GET", "/api/settings")
+            s = doc["settings"]
+            assert (s["storm_watch_floor_pct"], s["departure_soc_pct"]) == (30, 50) and s["opt_out_until"] > doc["now"]
+            await rig.run(11.0)
+            status, doc = await browser.call("GET", "/api/settings")
+            assert status == 200 and doc["departure_floor"] is None
+            s = doc["settings"]
+            assert [s[k] for k in ("storm_watch_floor_pct", "storm_watch_until", "departure_at", "departure_soc_pct",
+                                   "opt_out_until")] == [None] * 5
+            assert s["reserve_pct"] == 40  # what has not ended stays
+            assert (await browser.call("GET", "/api/status"))[1]["storm_watch"] is None  # as the core counts it
+
+    asyncio.run(main())
+
+
 def test_history_comes_from_the_journal(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:

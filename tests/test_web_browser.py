@@ -19,6 +19,7 @@ that is a failure: `.ci/run` installs it.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -237,6 +238,19 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.view("now")
     page.until_text("event", lambda t: t == "No grid event being served.", "the event ended")
     page.until_text("mode", lambda t: t == "Ready, not moving energy", "back in STANDBY")
+
+    # A storm watch and a departure that end in a few seconds: Controls shows them, then shows them ended
+    # (set by a script with the session's CSRF token, as the page's time fields take whole minutes only).
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)).isoformat()
+    csrf = {"Content-Type": "application/json", "X-CSRF-Token": page.d.execute_script("return state.csrf")}
+    assert page.fetch("PUT", "/api/storm-watch", csrf, {"floor_pct": 30, "until": soon}) == 200
+    assert page.fetch("PUT", "/api/departure", csrf, {"at": soon, "soc_pct": 50}) == 200
+    page.view("controls")
+    page.until_text("storm-state", lambda t: t.startswith("On: keeping 30 %"), "the short storm watch on")
+    assert page.text("departure-state").startswith("Leaving ")
+    page.until_text("storm-state", lambda t: t == "Off.", "the storm watch ended at its time")
+    page.until_text("departure-state", lambda t: t == "No departure set.", "the departure ended at its time")
+    page.view("now")
 
     # Storm watch: keep 75 % (above the SoC) until tomorrow; the truck charges toward it.
     page.view("controls")

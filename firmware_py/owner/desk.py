@@ -69,8 +69,11 @@ class OwnerDesk:
         self._lock = asyncio.Lock()
 
     def settings(self) -> OwnerSettings:
-        """The settings the core uses now, with wall-clock instants (as the file and the owner hold them)."""
-        return on_clock(self.port.owner_settings(), self.clocks.to_wall)
+        """The settings the core uses now, with wall-clock instants (as the file and the owner hold them),
+        without what has ended: the core stops counting a storm watch, departure or opt-out at its time,
+        but keeps it until the next change, and a reader (the web page's Controls, `owner status`)
+        should not show it as still on."""
+        return changes.pruned(on_clock(self.port.owner_settings(), self.clocks.to_wall), self.clocks.wall())
 
     async def apply(self, change: Change) -> OwnerSettings:
         """Make one change; the new settings on the wall clock. BadRequest (with the owner's reason)

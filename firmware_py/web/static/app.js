@@ -2,7 +2,7 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, settings: null, view: "now" };
+const state = { csrf: null, role: null, status: null, settings: null, settingsTimer: null, view: "now" };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -167,13 +167,16 @@ async function refreshStatus() {
 
 // ------------------------------------------------------------------ Controls
 
+// The gateway leaves out of the settings what has ended (an opt-out, departure or storm watch past its
+// time): the page shows them as they come, and asks again when the first of them ends.
 function renderSettings(doc) {
-  const s = doc.settings, now = doc.now;
+  const s = doc.settings;
   state.settings = doc;
+  askAgainAtTheNextEnd(doc);
   if (document.activeElement !== $("reserve-pct")) $("reserve-pct").value = s.reserve_pct;
   const outs = [];
   if (s.opt_out_until === "until_revoked") outs.push("opted out until you opt back in");
-  else if (s.opt_out_until && s.opt_out_until > now) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
+  else if (s.opt_out_until) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
   if (s.opt_out_events.length) outs.push(`opted out of ${s.opt_out_events.join(", ")}`);
   $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
   $("departure-state").textContent = s.departure_at
@@ -197,6 +200,18 @@ function renderSettings(doc) {
 
 async function refreshSettings() {
   renderSettings(await api("GET", "/api/settings"));
+}
+
+const MAX_TIMER_S = 86400;  // a setTimeout beyond 24.8 days fires at once: re-arm daily instead
+
+function askAgainAtTheNextEnd(doc) {
+  const s = doc.settings;
+  const ends = [s.opt_out_until, s.departure_at, s.storm_watch_until].filter((t) => typeof t === "number");
+  clearTimeout(state.settingsTimer);
+  if (!ends.length) return;
+  // Counted on the gateway's clock (`now` is its wall time), so an offset between the two clocks does not matter.
+  const waitS = Math.min(MAX_TIMER_S, Math.max(0, Math.min(...ends) - doc.now));
+  state.settingsTimer = setTimeout(() => refreshSettings().catch(() => {}), waitS * 1000 + 250);
 }
 
 async function change(method, path, body, done) {
