@@ -6,7 +6,8 @@ The gateway runs as `powershare-gw run` with `[web]` enabled, between the simula
 gateway's DER server. The browser does what an owner does: logs in, reads the SoC,
 raises the reserve and sees the floor move, opts out and sees the event end, turns
 on storm watch, reads the history, logs out; then the installer logs in. On the way,
-a page without a session, a change without its CSRF token and a wrong token are refused.
+a page without a session, a change without its CSRF token and a wrong token are refused, and the
+gateway stops answering for a while (SIGSTOP): the page says so, and takes it back when it answers.
 
 One bench and one browser for the whole story (one test: with xdist's work stealing,
 tests of a module may run on both workers, each of which would start its own).
@@ -24,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -120,6 +122,10 @@ class Page:
     def text(self, element_id: str) -> str:
         return self.el(element_id).text
 
+    def content(self, element_id: str) -> str:
+        """The element's text, shown or not (`text` is empty for an element in a hidden view)."""
+        return self.d.execute_script("return document.getElementById(arguments[0]).textContent;", element_id)
+
     def until_text(self, element_id: str, predicate, what: str) -> str:
         """The element's text once `predicate` holds for it (fails after WAIT_S with what it showed)."""
         from selenium.common.exceptions import TimeoutException
@@ -207,6 +213,31 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("mode", lambda t: t == "Ready, not moving energy", "STANDBY in plain words")
     assert page.text("floor") == "42.0 %" and page.text("reserve") == "40.0 %"
     assert "Truck (BMS): ok" in page.text("links") and "Inverter: ok" in page.text("links")
+    page.until_text("updated", lambda t: t.startswith("Live, as of "), "the figures shown live")
+
+    # The gateway stops answering (stopped like a hung process: connections accepted, never answered). The
+    # page showed its last figures as live for ever; now it says so and greys them within a few seconds,
+    # and takes the warning back once fresh figures arrive.
+    bench.procs["gateway"].send_signal(signal.SIGSTOP)
+    try:
+        page.until_text("message", lambda t: t == "Cannot reach the gateway: no answer within 5 s.", "the gateway lost")
+        assert page.d.execute_script("return document.body.dataset.gateway") == "lost"
+        assert page.text("updated").startswith("Not live: figures as of ")
+    finally:
+        bench.procs["gateway"].send_signal(signal.SIGCONT)
+    page.until(lambda: not page.el("message").is_displayed(), "the warning taken back")
+    page.until_text("updated", lambda t: t.startswith("Live, as of "), "live figures again")
+    assert page.d.execute_script("return document.body.dataset.gateway") == "live"
+    # Answers that come but stop moving on (as from a cache between the page and the gateway): the same.
+    page.d.execute_script("""
+        const real = window.fetch, frozen = state.status.at;
+        window.realFetch = real;
+        window.fetch = (path, options) => path !== "/api/status" ? real(path, options) : real(path, options)
+          .then((r) => r.json()).then((s) => new Response(JSON.stringify({ ...s, at: frozen })));""")
+    page.until_text("message", lambda t: t.startswith("Cannot reach the gateway: its answer is "), "old answers")
+    assert page.text("message").endswith(" s old.") and page.text("updated").startswith("Not live: ")
+    page.d.execute_script("window.fetch = window.realFetch;")
+    page.until(lambda: not page.el("message").is_displayed(), "the warning taken back")
 
     # An aggregator's event, through the gateway's SunSpec DER server: the page shows it served.
     der = sunspec_device(bench.ports["der"])
@@ -251,6 +282,18 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("storm-state", lambda t: t == "Off.", "the storm watch ended at its time")
     page.until_text("departure-state", lambda t: t == "No departure set.", "the departure ended at its time")
     page.view("now")
+
+    # A refused change says why, and stays for the owner to read while fresh figures arrive.
+    page.view("controls")
+    page.fill("storm-floor", "75")
+    page.set_datetime("storm-until", "2020-01-01T10:00")
+    page.submit("storm-form")
+    refusal = page.until_text("message", lambda t: t.startswith("Refused: until: "), "the refusal of a past time")
+    assert refusal.endswith(" is not in the future")
+    updated = page.content("updated")
+    page.until(lambda: page.content("updated") != updated, "a fresh status")
+    assert page.text("message") == refusal
+    page.d.execute_script("document.getElementById('storm-until').value = localInput(new Date(Date.now() + 864e5));")
 
     # Storm watch: keep 75 % (above the SoC) until tomorrow; the truck charges toward it.
     page.view("controls")

@@ -2,7 +2,7 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, settings: null, settingsTimer: null, view: "now" };
+const state = { csrf: null, role: null, status: null, lags: [], settings: null, settingsTimer: null, view: "now" };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -34,22 +34,39 @@ const LINKS = { bms: "Truck (BMS)", inverter: "Inverter", openadr: "Aggregator (
 
 // ------------------------------------------------------------------ talking to the gateway
 
-async function api(method, path, body) {
+// A gateway that hangs still accepts connections, and a request without a limit waits for ever: the
+// page kept showing its last figures as live. Every request has a limit; the status poll a short one.
+const REQUEST_TIMEOUT_S = 15;
+const STATUS_TIMEOUT_S = 5;
+
+// What the gateway answered with an error (a refusal the owner reads), as opposed to no answer at all.
+class Refusal extends Error {}
+
+async function api(method, path, body, timeoutS = REQUEST_TIMEOUT_S) {
   const headers = { "Accept": "application/json" };
   if (method !== "GET") headers["X-CSRF-Token"] = state.csrf || "";
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, credentials: "same-origin",
-                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  let response, answer;
+  try {
+    response = await fetch(path, { method, headers, credentials: "same-origin",
+                                   signal: AbortSignal.timeout(timeoutS * 1000),
+                                   body: body === undefined ? undefined : JSON.stringify(body) });
+    answer = await response.json().catch((err) => { if (err.name === "TimeoutError") throw err; return {}; });
+  } catch (err) {
+    throw new Error(err.name === "TimeoutError" ? `no answer within ${timeoutS} s` : err.message);
+  }
   if (response.status === 401) { window.location.assign("/"); throw new Error("logged out"); }
-  const answer = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+  if (!response.ok) throw new Refusal(answer.error || `HTTP ${response.status}`);
   return answer;
 }
 
-function say(text, error) {
+// `about` names what the message is about, so the page can take back its own: "connection" for the
+// gateway not answering, which the next fresh status clears (a refusal stays for the owner to read).
+function say(text, error, about = "") {
   const box = $("message");
   box.textContent = text;
   box.className = error ? "error" : "";
+  box.dataset.about = about;
   box.hidden = !text;
 }
 
@@ -57,6 +74,7 @@ function say(text, error) {
 
 const pct = (x) => (x === null || x === undefined ? "unknown" : `${Number(x).toFixed(1)} %`);
 const watts = (w) => (Math.abs(w) >= 1000 ? `${(w / 1000).toFixed(2)} kW` : `${Math.round(w)} W`);
+const clock = (iso) => new Date(iso).toLocaleTimeString();
 const when = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "");
 const epochText = (s) => (s === null || s === undefined || typeof s !== "number"
   ? "open" : new Date(s * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" }));
@@ -156,13 +174,40 @@ function renderStatus(s) {
     ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
 }
 
+// How old a status is, against the freshest answers: the browser's monotonic clock minus the gateway's
+// `at` stays the same while answers are live, whatever the offset between the two clocks. Kept over the
+// last few answers only, so a step of the gateway's clock is forgotten within them.
+const STALE_S = 6;
+const LAGS_KEPT = 10;
+
+function statusAge(s) {
+  const lag = performance.now() / 1000 - Date.parse(s.at) / 1000;
+  state.lags = [...state.lags.slice(1 - LAGS_KEPT), lag];
+  return lag - Math.min(...state.lags);
+}
+
+function lost(why) {
+  document.body.dataset.gateway = "lost";
+  $("updated").textContent = state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.";
+  say(`Cannot reach the gateway: ${why}.`, true, "connection");
+}
+
 async function refreshStatus() {
+  let s;
   try {
-    state.status = await api("GET", "/api/status");
-    renderStatus(state.status);
+    s = await api("GET", "/api/status", undefined, STATUS_TIMEOUT_S);
   } catch (err) {
-    if (err.message !== "logged out") say(`Cannot reach the gateway: ${err.message}`, true);
+    if (err.message !== "logged out") lost(err.message);
+    return;
   }
+  if (state.status && Date.parse(s.at) < Date.parse(state.status.at)) return;  // overtaken by a newer answer
+  const age = statusAge(s);
+  if (age > STALE_S) { lost(`its answer is ${Math.round(age)} s old`); return; }
+  state.status = s;
+  renderStatus(s);
+  document.body.dataset.gateway = "live";
+  $("updated").textContent = `Live, as of ${clock(s.at)}.`;
+  if ($("message").dataset.about === "connection") say("", false);
 }
 
 // ------------------------------------------------------------------ Controls
@@ -217,11 +262,13 @@ function askAgainAtTheNextEnd(doc) {
 async function change(method, path, body, done) {
   try {
     await api(method, path, body);
-    say(done, false);
-    await Promise.all([refreshSettings(), refreshStatus()]);
   } catch (err) {
-    if (err.message !== "logged out") say(`Refused: ${err.message}`, true);
+    if (err instanceof Refusal) say(`Refused: ${err.message}`, true);
+    else if (err.message !== "logged out") say(`Not confirmed: ${err.message}; the change may not have been made.`, true);
+    return;
   }
+  say(done, false);
+  await Promise.all([refreshSettings().catch(() => {}), refreshStatus()]);  // a lost gateway: the poll says so
 }
 
 // The next HH:MM on the owner's own clock (the browser's), never the gateway's, which may run in UTC.
@@ -393,7 +440,8 @@ async function show(view) {
     if (view === "installer") await refreshInstaller();
     document.body.dataset.view = view;
   } catch (err) {
-    if (err.message !== "logged out") say(err.message, true);
+    if (err instanceof Refusal) say(err.message, true);
+    else if (err.message !== "logged out") say(`Cannot reach the gateway: ${err.message}.`, true, "connection");
   }
 }
 
