@@ -113,9 +113,17 @@ function answerText(event) {
   return `refused ${event.reason || ""}${event.detail ? ": " + event.detail : ""}`;
 }
 
+const p2 = (n) => String(Math.floor(Math.abs(n))).padStart(2, "0");
+
 function localInput(date) {  // a Date as a datetime-local input value
-  const p = (n) => String(n).padStart(2, "0");
-  return `${date.getFullYear()}-${p(date.getMonth() + 1)}-${p(date.getDate())}T${p(date.getHours())}:${p(date.getMinutes())}`;
+  return `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())}T${p2(date.getHours())}:${p2(date.getMinutes())}`;
+}
+
+// A time as sent to the gateway: the owner's own wall time with its offset ("2026-12-04T10:00-05:00"), not
+// UTC, so a refusal that quotes it reads as the owner wrote it.
+function localIso(date) {
+  const offset = -date.getTimezoneOffset();
+  return `${localInput(date)}${offset < 0 ? "-" : "+"}${p2(offset / 60)}:${p2(offset % 60)}`;
 }
 
 // ------------------------------------------------------------------ Now
@@ -304,14 +312,14 @@ function wireControls() {
     if (mode.value === "event") body = { event: $("opt-out-event").value };
     if (mode.value === "until") {
       const until = $("opt-out-until").value;
-      body = { until: until ? new Date(until).toISOString() : "" };
+      body = { until: until ? localIso(new Date(until)) : "" };
     }
     change("PUT", "/api/opt-out", body, "Opted out.");
   });
   $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in."));
   $("departure-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    change("PUT", "/api/departure", { at: nextDeparture($("departure-time").value).toISOString(),
+    change("PUT", "/api/departure", { at: localIso(nextDeparture($("departure-time").value)),
                                       soc_pct: Number($("departure-soc").value) }, "Departure set.");
   });
   for (const id of ["departure-time", "departure-soc"]) $(id).addEventListener("input", previewDeparture);
@@ -321,7 +329,7 @@ function wireControls() {
     ev.preventDefault();
     const until = $("storm-until").value;
     change("PUT", "/api/storm-watch", { floor_pct: Number($("storm-floor").value),
-                                        until: until ? new Date(until).toISOString() : "" }, "Storm watch on.");
+                                        until: until ? localIso(new Date(until)) : "" }, "Storm watch on.");
   });
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
   $("price-form").addEventListener("submit", (ev) => {
