@@ -304,6 +304,13 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.submit("storm-form")
     page.until_text("message", lambda t: t == "Storm watch on.", "the storm watch confirmed")
     page.until_text("storm-state", lambda t: t.startswith("On: keeping 75 %"), "the storm watch in the controls")
+    # The departure's preview is the floor the gateway applies, storm watch included (it said 62 %).
+    in_3_h = page.d.execute_script("const d = new Date(Date.now() + 3 * 3.6e6); return d.toTimeString().slice(0, 5);")
+    page.d.execute_script("const e = document.getElementById('departure-time'); e.value = arguments[0];"
+                          "e.dispatchEvent(new Event('input'));", in_3_h)
+    page.fill("departure-soc", "60")
+    page.until_text("departure-floor", lambda t: t == "That makes the floor 77.0 % now and 77.0 % at departure.",
+                    "the departure's preview")
     page.shot("controls", 1000, 1500)
     page.view("now")
     page.until_text("storm-status", lambda t: t.startswith("Storm watch: keeping 75 % until"), "the storm watch")

@@ -2,7 +2,8 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, lags: [], settings: null, settingsTimer: null, view: "now" };
+const state = { csrf: null, role: null, status: null, lags: [], settings: null, settingsTimer: null,
+                previews: 0, view: "now" };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -116,7 +117,8 @@ function answerText(event) {
 const p2 = (n) => String(Math.floor(Math.abs(n))).padStart(2, "0");
 
 function localInput(date) {  // a Date as a datetime-local input value
-  return `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())}T${p2(date.getHours())}:${p2(date.getMinutes())}`;
+  const day = `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())}`;
+  return `${day}T${p2(date.getHours())}:${p2(date.getMinutes())}`;
 }
 
 // A time as sent to the gateway: the owner's own wall time with its offset ("2026-12-04T10:00-05:00"), not
@@ -234,9 +236,7 @@ function renderSettings(doc) {
   $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
   $("departure-state").textContent = s.departure_at
     ? `Leaving ${epochText(s.departure_at)} with ${s.departure_soc_pct} %.` : "No departure set.";
-  const f = doc.departure_floor;
-  $("departure-floor").textContent = f
-    ? `That makes the floor ${f.now_pct} % now, rising to ${f.at_departure_pct} % at departure.` : "";
+  $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
   $("storm-state").textContent = s.storm_watch_until
     ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
   if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
@@ -272,7 +272,9 @@ async function change(method, path, body, done) {
     await api(method, path, body);
   } catch (err) {
     if (err instanceof Refusal) say(`Refused: ${err.message}`, true);
-    else if (err.message !== "logged out") say(`Not confirmed: ${err.message}; the change may not have been made.`, true);
+    else if (err.message !== "logged out") {
+      say(`Not confirmed: ${err.message}; the change may not have been made.`, true);
+    }
     return;
   }
   say(done, false);
@@ -287,14 +289,22 @@ function nextDeparture(time) {
   return at;
 }
 
-function previewDeparture() {
-  const doc = state.settings, time = $("departure-time").value, soc = Number($("departure-soc").value);
-  if (!doc || !time || $("departure-soc").value === "") return;
-  const hours = (nextDeparture(time) - new Date()) / 3.6e6;
-  const need = Math.max(0, soc - doc.departure_charge_w * hours / doc.usable_capacity_wh * 100,
-                        doc.settings.reserve_pct);
-  $("departure-floor").textContent = `That makes the floor ${Math.min(100, need + doc.soc_margin_pct).toFixed(1)} % ` +
-    `now, rising to ${Math.min(100, soc + doc.soc_margin_pct)} % at departure.`;
+const floorText = (f) => `That makes the floor ${pct(f.now_pct)} now and ${pct(f.at_departure_pct)} at departure.`;
+
+// The gateway works the preview out (`GET /api/departure-floor`): the whole floor rule (reserve, hard
+// minimum, storm watch, margin) lives there only, so what the page promises is what the gateway applies.
+async function previewDeparture() {
+  const time = $("departure-time").value, soc = $("departure-soc").value;
+  if (!time || soc === "") return;
+  const asked = ++state.previews;  // answers may overtake one another: only the latest question's is shown
+  let text = "";
+  try {
+    const query = new URLSearchParams({ at: localIso(nextDeparture(time)), soc_pct: soc });
+    text = floorText(await api("GET", `/api/departure-floor?${query}`));
+  } catch (err) {
+    if (err instanceof Refusal) text = err.message;
+  }
+  if (asked === state.previews) $("departure-floor").textContent = text;
 }
 
 function wireControls() {
