@@ -337,6 +337,27 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     events = page.text("events")  # the event's credit as its statement computes it, once the gateway has
     assert "Credit" in events and ("USD (net" in events or "not computed yet" in events)  # (at most a minute)
     page.shot("history", 1000, 1250)
+    # On a phone (360 px) the events fit the screen, a long event id too: the table was wider than the
+    # phone, its Answer, Delivered, Credit and Window off-screen.
+    page.d.execute_script("""
+        const real = window.fetch;
+        window.fetch = (path, options) => path !== "/api/history" ? real(path, options) : real(path, options)
+          .then((r) => r.json()).then((doc) => new Response(JSON.stringify({ ...doc, events: doc.events.map(
+            (e) => ({ ...e, id: "urn:uuid:6f1c1a4e-9b7d-4c1e-8f43-2f0d9a5b7c31/interval-0" })) })));""")
+    page.d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        page.view("now")
+        page.view("history")
+        page.until_text("events", lambda t: "urn:uuid:" in t, "the event with a long id")
+        width, card, cells = page.d.execute_script("""
+            const table = document.getElementById("events");
+            return [document.documentElement.scrollWidth, table.parentElement.getBoundingClientRect().right,
+                    [...table.tBodies[0].rows[0].cells].map((c) => [c.textContent, c.getBoundingClientRect().right])];""")
+        assert width <= 360, f"the page is {width} px wide on a 360 px phone"
+        assert [text for text, right in cells if right > card] == [], "cells beyond the card's edge"
+    finally:
+        page.d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     page.view("now")  # the month's earnings, computed when the gateway started and after events since
     page.until_text("earnings", lambda t: " USD for " in t and "net" in t, "this month's earnings")
 

@@ -404,6 +404,7 @@ async function refreshHistory() {
   $("history-note").textContent = `${doc.samples.length} samples from the journal` +
     (from > doc.from ? `, since ${new Date(from * 1000).toLocaleString([], { timeStyle: "short" })}.` : ".");
   const body = $("events").tBodies[0];
+  const labels = [...$("events").tHead.rows[0].cells].map((th) => th.textContent);
   body.replaceChildren();
   for (const e of doc.events) {
     const row = body.insertRow();
@@ -411,7 +412,11 @@ async function refreshHistory() {
                    `${Math.round(e.delivered_wh).toLocaleString()} Wh${e.final ? "" : " so far"}`,
                    figuresText(e.figures, doc.currency),
                    `${epochText(e.start)} – ${epochText(e.end)}`];
-    for (const text of cells) row.insertCell().textContent = text;
+    cells.forEach((text, i) => {
+      const cell = row.insertCell();
+      cell.textContent = text;
+      cell.dataset.label = labels[i];  // on a phone the cells stack, each under its column's name (app.css)
+    });
   }
   if (!doc.events.length) body.insertRow().insertCell().textContent = "No events in the last 24 hours.";
 }
