@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -399,6 +400,67 @@ def test_opt_out_from_the_api_ends_the_event_being_served(tmp_path):
             for path in ("/api/opt-out", "/api/departure"):
                 assert (await browser.call("DELETE", path))[0] == 200
             assert (await browser.call("DELETE", "/api/reserve"))[0] == 405
+
+    asyncio.run(main())
+
+
+def test_the_settings_leave_out_what_has_ended(tmp_path):
+    """A storm watch, departure and timed opt-out past their time were still in `GET /api/settings`
+    (the core no longer counted them, but kept them until the next change): the page showed the storm
+    watch "On" and the departure as planned, hours after both had ended."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            soon = until_iso(rig, 10 / 3600)
+            for path, body in (("/api/storm-watch", {"floor_pct": 30, "until": soon}),
+                               ("/api/departure", {"at": soon, "soc_pct": 50}), ("/api/opt-out", {"until": soon})):
+                assert (await browser.call("PUT", path, body))[0] == 200
+            status, doc = await browser.call("GET", "/api/settings")
+            s = doc["settings"]
+            assert (s["storm_watch_floor_pct"], s["departure_soc_pct"]) == (30, 50) and s["opt_out_until"] > doc["now"]
+            await rig.run(11.0)
+            status, doc = await browser.call("GET", "/api/settings")
+            assert status == 200 and doc["departure_floor"] is None
+            s = doc["settings"]
+            assert [s[k] for k in ("storm_watch_floor_pct", "storm_watch_until", "departure_at", "departure_soc_pct",
+                                   "opt_out_until")] == [None] * 5
+            assert s["reserve_pct"] == 40  # what has not ended stays
+            assert (await browser.call("GET", "/api/status"))[1]["storm_watch"] is None  # as the core counts it
+
+    asyncio.run(main())
+
+
+def test_the_departure_preview_is_the_floor_the_gateway_then_applies(tmp_path):
+    """The page worked the preview out itself from the reserve and the departure alone: with a storm watch
+    at 75 % it promised a floor of 57 % where the gateway applied 77 %, and it left out the hard minimum."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+            policy = rig.gateway.policy
+
+            async def preview(at: str, soc_pct: object) -> tuple[int, dict]:
+                return await browser.call("GET", "/api/departure-floor?" + urlencode({"at": at, "soc_pct": soc_pct}))
+
+            storm = {"floor_pct": 75, "until": until_iso(rig, 6)}
+            assert (await browser.call("PUT", "/api/storm-watch", storm))[0] == 200
+            leave = until_iso(rig, 3)
+            status, shown = await preview(leave, 60)
+            assert status == 200 and shown == {"now_pct": 75 + policy.soc_margin_pct, "at_departure_pct": 77}
+            assert (await browser.call("PUT", "/api/departure", {"at": leave, "soc_pct": 60}))[0] == 200
+            status, settings = await browser.call("GET", "/api/settings")
+            assert settings["departure_floor"] == shown
+            await rig.run(0.5)
+            assert (await browser.call("GET", "/api/status"))[1]["floor_pct"] == shown["now_pct"]  # as promised
+            # No reserve and no storm watch: the hard minimum still holds.
+            assert (await browser.call("DELETE", "/api/storm-watch"))[0] == 200
+            assert (await browser.call("PUT", "/api/reserve", {"pct": 0}))[0] == 200
+            status, shown = await preview(until_iso(rig, 20), 1)
+            assert shown["now_pct"] == shown["at_departure_pct"] == policy.hard_min_soc_pct + policy.soc_margin_pct
+            # Refused as setting it would be, and nothing set.
+            assert await preview(until_iso(rig, -1), 60) == (400, {"error": f"at: '{until_iso(rig, -1)}' is not "
+                                                                            "in the future"})
+            assert (await preview(leave, "lots"))[1] == {"error": "soc_pct: expected a number 0 to 100, got 'lots'"}
+            assert rig.gateway.owner_settings().departure_soc_pct == 60
 
     asyncio.run(main())
 

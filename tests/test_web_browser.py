@@ -6,7 +6,8 @@ The gateway runs as `powershare-gw run` with `[web]` enabled, between the simula
 gateway's DER server. The browser does what an owner does: logs in, reads the SoC,
 raises the reserve and sees the floor move, opts out and sees the event end, turns
 on storm watch, reads the history, logs out; then the installer logs in. On the way,
-a page without a session, a change without its CSRF token and a wrong token are refused.
+a page without a session, a change without its CSRF token and a wrong token are refused, and the
+gateway stops answering for a while (SIGSTOP): the page says so, and takes it back when it answers.
 
 One bench and one browser for the whole story (one test: with xdist's work stealing,
 tests of a module may run on both workers, each of which would start its own).
@@ -19,10 +20,12 @@ that is a failure: `.ci/run` installs it.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 20.0
+OWNER_TZ = "America/New_York"
 SOC_PCT = 70.0  # the bench's simulated BMS (test_bench_processes.SOC_PCT)
 
 
@@ -88,7 +92,8 @@ def chromium(tmp_path: Path) -> Iterator[object]:
                  "--disable-sync", "--disable-extensions", "--window-size=1000,900",
                  f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # The owner in New York, the gateway (this machine) in its own zone: the page works in the owner's.
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, env={**os.environ, "TZ": OWNER_TZ}), options=options)
     driver.set_page_load_timeout(WAIT_S)
     driver.set_script_timeout(WAIT_S)
     try:
@@ -118,6 +123,10 @@ class Page:
 
     def text(self, element_id: str) -> str:
         return self.el(element_id).text
+
+    def content(self, element_id: str) -> str:
+        """The element's text, shown or not (`text` is empty for an element in a hidden view)."""
+        return self.d.execute_script("return document.getElementById(arguments[0]).textContent;", element_id)
 
     def until_text(self, element_id: str, predicate, what: str) -> str:
         """The element's text once `predicate` holds for it (fails after WAIT_S with what it showed)."""
@@ -206,6 +215,31 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("mode", lambda t: t == "Ready, not moving energy", "STANDBY in plain words")
     assert page.text("floor") == "42.0 %" and page.text("reserve") == "40.0 %"
     assert "Truck (BMS): ok" in page.text("links") and "Inverter: ok" in page.text("links")
+    page.until_text("updated", lambda t: t.startswith("Live, as of "), "the figures shown live")
+
+    # The gateway stops answering (stopped like a hung process: connections accepted, never answered). The
+    # page showed its last figures as live for ever; now it says so and greys them within a few seconds,
+    # and takes the warning back once fresh figures arrive.
+    bench.procs["gateway"].send_signal(signal.SIGSTOP)
+    try:
+        page.until_text("message", lambda t: t == "Cannot reach the gateway: no answer within 5 s.", "the gateway lost")
+        assert page.d.execute_script("return document.body.dataset.gateway") == "lost"
+        assert page.text("updated").startswith("Not live: figures as of ")
+    finally:
+        bench.procs["gateway"].send_signal(signal.SIGCONT)
+    page.until(lambda: not page.el("message").is_displayed(), "the warning taken back")
+    page.until_text("updated", lambda t: t.startswith("Live, as of "), "live figures again")
+    assert page.d.execute_script("return document.body.dataset.gateway") == "live"
+    # Answers that come but stop moving on (as from a cache between the page and the gateway): the same.
+    page.d.execute_script("""
+        const real = window.fetch, frozen = state.status.at;
+        window.realFetch = real;
+        window.fetch = (path, options) => path !== "/api/status" ? real(path, options) : real(path, options)
+          .then((r) => r.json()).then((s) => new Response(JSON.stringify({ ...s, at: frozen })));""")
+    page.until_text("message", lambda t: t.startswith("Cannot reach the gateway: its answer is "), "old answers")
+    assert page.text("message").endswith(" s old.") and page.text("updated").startswith("Not live: ")
+    page.d.execute_script("window.fetch = window.realFetch;")
+    page.until(lambda: not page.el("message").is_displayed(), "the warning taken back")
 
     # An aggregator's event, through the gateway's SunSpec DER server: the page shows it served.
     der = sunspec_device(bench.ports["der"])
@@ -238,12 +272,45 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     page.until_text("event", lambda t: t == "No grid event being served.", "the event ended")
     page.until_text("mode", lambda t: t == "Ready, not moving energy", "back in STANDBY")
 
+    # A storm watch and a departure that end in a few seconds: Controls shows them, then shows them ended
+    # (set by a script with the session's CSRF token, as the page's time fields take whole minutes only).
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)).isoformat()
+    csrf = {"Content-Type": "application/json", "X-CSRF-Token": page.d.execute_script("return state.csrf")}
+    assert page.fetch("PUT", "/api/storm-watch", csrf, {"floor_pct": 30, "until": soon}) == 200
+    assert page.fetch("PUT", "/api/departure", csrf, {"at": soon, "soc_pct": 50}) == 200
+    page.view("controls")
+    page.until_text("storm-state", lambda t: t.startswith("On: keeping 30 %"), "the short storm watch on")
+    assert page.text("departure-state").startswith("Leaving ")
+    page.until_text("storm-state", lambda t: t == "Off.", "the storm watch ended at its time")
+    page.until_text("departure-state", lambda t: t == "No departure set.", "the departure ended at its time")
+    page.view("now")
+
+    # A refused change says why, in the owner's own time (it quoted '2020-01-01T15:00:00.000Z', UTC, for the
+    # 10:00 typed in New York), and stays for the owner to read while fresh figures arrive.
+    page.view("controls")
+    page.fill("storm-floor", "75")
+    page.set_datetime("storm-until", "2020-01-01T10:00")
+    page.submit("storm-form")
+    refusal = page.until_text("message", lambda t: t.startswith("Refused: until: "), "the refusal of a past time")
+    assert refusal == "Refused: until: '2020-01-01T10:00-05:00' is not in the future"
+    updated = page.content("updated")
+    page.until(lambda: page.content("updated") != updated, "a fresh status")
+    assert page.text("message") == refusal
+    page.d.execute_script("document.getElementById('storm-until').value = localInput(new Date(Date.now() + 864e5));")
+
     # Storm watch: keep 75 % (above the SoC) until tomorrow; the truck charges toward it.
     page.view("controls")
     page.fill("storm-floor", "75")
     page.submit("storm-form")
     page.until_text("message", lambda t: t == "Storm watch on.", "the storm watch confirmed")
     page.until_text("storm-state", lambda t: t.startswith("On: keeping 75 %"), "the storm watch in the controls")
+    # The departure's preview is the floor the gateway applies, storm watch included (it said 62 %).
+    in_3_h = page.d.execute_script("const d = new Date(Date.now() + 3 * 3.6e6); return d.toTimeString().slice(0, 5);")
+    page.d.execute_script("const e = document.getElementById('departure-time'); e.value = arguments[0];"
+                          "e.dispatchEvent(new Event('input'));", in_3_h)
+    page.fill("departure-soc", "60")
+    page.until_text("departure-floor", lambda t: t == "That makes the floor 77.0 % now and 77.0 % at departure.",
+                    "the departure's preview")
     page.shot("controls", 1000, 1500)
     page.view("now")
     page.until_text("storm-status", lambda t: t.startswith("Storm watch: keeping 75 % until"), "the storm watch")
@@ -270,6 +337,27 @@ def test_an_owner_and_an_installer_use_the_page_in_chromium(gateway: Bench, chro
     events = page.text("events")  # the event's credit as its statement computes it, once the gateway has
     assert "Credit" in events and ("USD (net" in events or "not computed yet" in events)  # (at most a minute)
     page.shot("history", 1000, 1250)
+    # On a phone (360 px) the events fit the screen, a long event id too: the table was wider than the
+    # phone, its Answer, Delivered, Credit and Window off-screen.
+    page.d.execute_script("""
+        const real = window.fetch;
+        window.fetch = (path, options) => path !== "/api/history" ? real(path, options) : real(path, options)
+          .then((r) => r.json()).then((doc) => new Response(JSON.stringify({ ...doc, events: doc.events.map(
+            (e) => ({ ...e, id: "urn:uuid:6f1c1a4e-9b7d-4c1e-8f43-2f0d9a5b7c31/interval-0" })) })));""")
+    page.d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        page.view("now")
+        page.view("history")
+        page.until_text("events", lambda t: "urn:uuid:" in t, "the event with a long id")
+        width, card, cells = page.d.execute_script("""
+            const table = document.getElementById("events");
+            return [document.documentElement.scrollWidth, table.parentElement.getBoundingClientRect().right,
+                    [...table.tBodies[0].rows[0].cells].map((c) => [c.textContent, c.getBoundingClientRect().right])];""")
+        assert width <= 360, f"the page is {width} px wide on a 360 px phone"
+        assert [text for text, right in cells if right > card] == [], "cells beyond the card's edge"
+    finally:
+        page.d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     page.view("now")  # the month's earnings, computed when the gateway started and after events since
     page.until_text("earnings", lambda t: " USD for " in t and "net" in t, "this month's earnings")
 

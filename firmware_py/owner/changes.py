@@ -72,8 +72,9 @@ def _percent(body: dict[str, Any], key: str) -> float:
     return float(value)
 
 
-def _pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
-    """Drop an opt-out, departure or storm watch already in the past, so status shows only what still applies."""
+def pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
+    """Drop an opt-out, departure or storm watch already in the past, so status shows only what still applies
+    (each change, and every read of the settings through `desk.OwnerDesk.settings`)."""
     if settings.opt_out_until is not None and settings.opt_out_until <= now:
         settings = replace(settings, opt_out_until=None)
     if settings.departure_at is not None and settings.departure_at <= now:
@@ -84,7 +85,7 @@ def _pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
 
 
 def _changed(current: OwnerSettings, now: float, **changes: Any) -> OwnerSettings:
-    return _pruned(replace(current, received_at=now, **changes), now)
+    return pruned(replace(current, received_at=now, **changes), now)
 
 
 def set_reserve(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:

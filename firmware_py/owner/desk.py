@@ -55,6 +55,7 @@ CONTROLS: tuple[Control, ...] = (
     Control("price", _with_body(changes.set_price_mode, zoned=False), changes.clear_price_mode),
 )
 """Every owner control, in the order the owner command and the docs list them."""
+DEPARTURE = next(control for control in CONTROLS if control.path == "departure")
 
 
 class OwnerDesk:
@@ -69,8 +70,17 @@ class OwnerDesk:
         self._lock = asyncio.Lock()
 
     def settings(self) -> OwnerSettings:
-        """The settings the core uses now, with wall-clock instants (as the file and the owner hold them)."""
-        return on_clock(self.port.owner_settings(), self.clocks.to_wall)
+        """The settings the core uses now, with wall-clock instants (as the file and the owner hold them),
+        without what has ended: the core stops counting a storm watch, departure or opt-out at its time,
+        but keeps it until the next change, and a reader (the web page's Controls, `owner status`)
+        should not show it as still on."""
+        return changes.pruned(on_clock(self.port.owner_settings(), self.clocks.to_wall), self.clocks.wall())
+
+    def preview(self, control: Control, body: Any) -> OwnerSettings:
+        """The settings `control` would make from `body` now, on the core's clock, checked by the same
+        rules as `set` (BadRequest) but neither saved nor applied: what the page shows before the owner
+        commits to a change (the departure's floor)."""
+        return on_clock(control.set(body, self.tz)(self.settings(), self.clocks.wall()), self.clocks.to_core)
 
     async def apply(self, change: Change) -> OwnerSettings:
         """Make one change; the new settings on the wall clock. BadRequest (with the owner's reason)

@@ -13,6 +13,7 @@ saved, fed to the core and journaled exactly like an `owner` command.
     GET  /api/session          the session's role and CSRF token
     GET  /api/status           the status document (`powershare-gw status`)
     GET  /api/settings         the owner's settings and what they imply
+    GET  /api/departure-floor  ?at=ISO-8601&soc_pct=N: the floor that departure would make, before it is set
     GET  /api/history          the last 24 h from the journal, each event with its statement figures
     PUT  /api/reserve | opt-out | departure | storm-watch | price
     DELETE /api/opt-out | departure | storm-watch | price
@@ -43,13 +44,14 @@ from aiohttp import web
 from firmware_py.addresses import parse_host_port
 from firmware_py.config import Config
 from firmware_py.core import floor as floors
+from firmware_py.core.types import OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
 from firmware_py.owner.changes import BadRequest, parse_body
-from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
+from firmware_py.owner.desk import CONTROLS, DEPARTURE, Control, OwnerDesk, SaveFailed
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
 from firmware_py.web.history import HISTORY_S, read_history, with_figures
@@ -159,6 +161,17 @@ def _json(status: int, payload: Any) -> web.Response:
     return web.Response(status=status, text=text, content_type="application/json")
 
 
+def _query_value(text: str | None) -> Any:
+    """A query parameter as JSON reads it ("60" a number), else the text as it came: the change's rule
+    then judges it as it would in a body."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 class WebApp:
     """The web app for one running gateway: an integration in `assembly.INTEGRATIONS` (`[web]`)."""
 
@@ -219,6 +232,7 @@ class WebApp:
         add("GET", "/api/session", known(self._session))
         add("GET", "/api/status", known(self._status))
         add("GET", "/api/settings", known(self._settings))
+        add("GET", "/api/departure-floor", known(self._departure_floor))
         add("GET", "/api/history", known(self._history))
         add("GET", "/api/installer", known(self._installer, Role.INSTALLER))
         add("POST", "/api/lockout-reset", known(self._lockout_reset, Role.INSTALLER))
@@ -346,18 +360,26 @@ class WebApp:
 
     async def _settings(self, request: web.Request, caller: Caller) -> web.Response:
         """The owner's settings (wall time) and what they imply now: the floor the departure asks for."""
-        policy, owner, now = self.gateway.policy, self.gateway.owner_settings(), self.gateway.now()
-        departure_floor = None
-        if owner.departure_at is not None and owner.departure_soc_pct is not None and owner.departure_at > now:
-            departure_floor = {
-                "now_pct": round(floors.floor_pct(policy, owner, now), 2),  # the whole floor, departure included
-                "at_departure_pct": round(min(100.0, owner.departure_soc_pct + policy.soc_margin_pct), 2),
-            }
         return _json(200, {"settings": encode(self.desk.settings()), "now": self.clocks.wall(),
-                           "departure_floor": departure_floor, "soc_margin_pct": policy.soc_margin_pct,
-                           "departure_charge_w": policy.departure_charge_w,
-                           "usable_capacity_wh": policy.usable_capacity_wh,
-                           "can_charge": policy.max_charge_w > 0})
+                           "departure_floor": self._departure_floor_of(self.gateway.owner_settings()),
+                           "can_charge": self.gateway.policy.max_charge_w > 0})
+
+    async def _departure_floor(self, request: web.Request, caller: Caller) -> web.Response:
+        """The floor a departure (`?at=ISO-8601&soc_pct=N`) would make, before the owner sets it: the page
+        worked it out itself from the reserve and the departure alone and promised 57 % where the gateway,
+        with a storm watch at 75 %, applied 77 %. Now it is the change's own rules (`OwnerDesk.preview`:
+        refused the same) and the core's floor."""
+        body = {"at": request.query.get("at"), "soc_pct": _query_value(request.query.get("soc_pct"))}
+        return _json(200, self._departure_floor_of(self.desk.preview(DEPARTURE, body)))
+
+    def _departure_floor_of(self, owner: OwnerSettings) -> dict[str, float] | None:
+        """The whole floor (reserve, hard minimum, storm watch, margin: `floor.floor_pct`) that `owner`'s
+        departure makes now and at departure; None without a departure ahead."""
+        policy, now, at = self.gateway.policy, self.gateway.now(), owner.departure_at
+        if at is None or owner.departure_soc_pct is None or at <= now:
+            return None
+        return {"now_pct": round(floors.floor_pct(policy, owner, now), 2),
+                "at_departure_pct": round(floors.floor_pct(policy, owner, at), 2)}
 
     async def _history(self, request: web.Request, caller: Caller) -> web.Response:
         """The day from the journal; each event with its statement figures (computed off the loop, when due)."""

@@ -2,7 +2,8 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, settings: null, view: "now" };
+const state = { csrf: null, role: null, status: null, lags: [], settings: null, settingsTimer: null,
+                previews: 0, view: "now" };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -34,22 +35,39 @@ const LINKS = { bms: "Truck (BMS)", inverter: "Inverter", openadr: "Aggregator (
 
 // ------------------------------------------------------------------ talking to the gateway
 
-async function api(method, path, body) {
+// A gateway that hangs still accepts connections, and a request without a limit waits for ever: the
+// page kept showing its last figures as live. Every request has a limit; the status poll a short one.
+const REQUEST_TIMEOUT_S = 15;
+const STATUS_TIMEOUT_S = 5;
+
+// What the gateway answered with an error (a refusal the owner reads), as opposed to no answer at all.
+class Refusal extends Error {}
+
+async function api(method, path, body, timeoutS = REQUEST_TIMEOUT_S) {
   const headers = { "Accept": "application/json" };
   if (method !== "GET") headers["X-CSRF-Token"] = state.csrf || "";
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, { method, headers, credentials: "same-origin",
-                                       body: body === undefined ? undefined : JSON.stringify(body) });
+  let response, answer;
+  try {
+    response = await fetch(path, { method, headers, credentials: "same-origin",
+                                   signal: AbortSignal.timeout(timeoutS * 1000),
+                                   body: body === undefined ? undefined : JSON.stringify(body) });
+    answer = await response.json().catch((err) => { if (err.name === "TimeoutError") throw err; return {}; });
+  } catch (err) {
+    throw new Error(err.name === "TimeoutError" ? `no answer within ${timeoutS} s` : err.message);
+  }
   if (response.status === 401) { window.location.assign("/"); throw new Error("logged out"); }
-  const answer = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+  if (!response.ok) throw new Refusal(answer.error || `HTTP ${response.status}`);
   return answer;
 }
 
-function say(text, error) {
+// `about` names what the message is about, so the page can take back its own: "connection" for the
+// gateway not answering, which the next fresh status clears (a refusal stays for the owner to read).
+function say(text, error, about = "") {
   const box = $("message");
   box.textContent = text;
   box.className = error ? "error" : "";
+  box.dataset.about = about;
   box.hidden = !text;
 }
 
@@ -57,6 +75,7 @@ function say(text, error) {
 
 const pct = (x) => (x === null || x === undefined ? "unknown" : `${Number(x).toFixed(1)} %`);
 const watts = (w) => (Math.abs(w) >= 1000 ? `${(w / 1000).toFixed(2)} kW` : `${Math.round(w)} W`);
+const clock = (iso) => new Date(iso).toLocaleTimeString();
 const when = (iso) => (iso ? new Date(iso).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "");
 const epochText = (s) => (s === null || s === undefined || typeof s !== "number"
   ? "open" : new Date(s * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" }));
@@ -95,9 +114,18 @@ function answerText(event) {
   return `refused ${event.reason || ""}${event.detail ? ": " + event.detail : ""}`;
 }
 
+const p2 = (n) => String(Math.floor(Math.abs(n))).padStart(2, "0");
+
 function localInput(date) {  // a Date as a datetime-local input value
-  const p = (n) => String(n).padStart(2, "0");
-  return `${date.getFullYear()}-${p(date.getMonth() + 1)}-${p(date.getDate())}T${p(date.getHours())}:${p(date.getMinutes())}`;
+  const day = `${date.getFullYear()}-${p2(date.getMonth() + 1)}-${p2(date.getDate())}`;
+  return `${day}T${p2(date.getHours())}:${p2(date.getMinutes())}`;
+}
+
+// A time as sent to the gateway: the owner's own wall time with its offset ("2026-12-04T10:00-05:00"), not
+// UTC, so a refusal that quotes it reads as the owner wrote it.
+function localIso(date) {
+  const offset = -date.getTimezoneOffset();
+  return `${localInput(date)}${offset < 0 ? "-" : "+"}${p2(offset / 60)}:${p2(offset % 60)}`;
 }
 
 // ------------------------------------------------------------------ Now
@@ -156,31 +184,59 @@ function renderStatus(s) {
     ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
 }
 
+// How old a status is, against the freshest answers: the browser's monotonic clock minus the gateway's
+// `at` stays the same while answers are live, whatever the offset between the two clocks. Kept over the
+// last few answers only, so a step of the gateway's clock is forgotten within them.
+const STALE_S = 6;
+const LAGS_KEPT = 10;
+
+function statusAge(s) {
+  const lag = performance.now() / 1000 - Date.parse(s.at) / 1000;
+  state.lags = [...state.lags.slice(1 - LAGS_KEPT), lag];
+  return lag - Math.min(...state.lags);
+}
+
+function lost(why) {
+  document.body.dataset.gateway = "lost";
+  $("updated").textContent = state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.";
+  say(`Cannot reach the gateway: ${why}.`, true, "connection");
+}
+
 async function refreshStatus() {
+  let s;
   try {
-    state.status = await api("GET", "/api/status");
-    renderStatus(state.status);
+    s = await api("GET", "/api/status", undefined, STATUS_TIMEOUT_S);
   } catch (err) {
-    if (err.message !== "logged out") say(`Cannot reach the gateway: ${err.message}`, true);
+    if (err.message !== "logged out") lost(err.message);
+    return;
   }
+  if (state.status && Date.parse(s.at) < Date.parse(state.status.at)) return;  // overtaken by a newer answer
+  const age = statusAge(s);
+  if (age > STALE_S) { lost(`its answer is ${Math.round(age)} s old`); return; }
+  state.status = s;
+  renderStatus(s);
+  document.body.dataset.gateway = "live";
+  $("updated").textContent = `Live, as of ${clock(s.at)}.`;
+  if ($("message").dataset.about === "connection") say("", false);
 }
 
 // ------------------------------------------------------------------ Controls
 
+// The gateway leaves out of the settings what has ended (an opt-out, departure or storm watch past its
+// time): the page shows them as they come, and asks again when the first of them ends.
 function renderSettings(doc) {
-  const s = doc.settings, now = doc.now;
+  const s = doc.settings;
   state.settings = doc;
+  askAgainAtTheNextEnd(doc);
   if (document.activeElement !== $("reserve-pct")) $("reserve-pct").value = s.reserve_pct;
   const outs = [];
   if (s.opt_out_until === "until_revoked") outs.push("opted out until you opt back in");
-  else if (s.opt_out_until && s.opt_out_until > now) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
+  else if (s.opt_out_until) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
   if (s.opt_out_events.length) outs.push(`opted out of ${s.opt_out_events.join(", ")}`);
   $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
   $("departure-state").textContent = s.departure_at
     ? `Leaving ${epochText(s.departure_at)} with ${s.departure_soc_pct} %.` : "No departure set.";
-  const f = doc.departure_floor;
-  $("departure-floor").textContent = f
-    ? `That makes the floor ${f.now_pct} % now, rising to ${f.at_departure_pct} % at departure.` : "";
+  $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
   $("storm-state").textContent = s.storm_watch_until
     ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
   if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
@@ -199,14 +255,30 @@ async function refreshSettings() {
   renderSettings(await api("GET", "/api/settings"));
 }
 
+const MAX_TIMER_S = 86400;  // a setTimeout beyond 24.8 days fires at once: re-arm daily instead
+
+function askAgainAtTheNextEnd(doc) {
+  const s = doc.settings;
+  const ends = [s.opt_out_until, s.departure_at, s.storm_watch_until].filter((t) => typeof t === "number");
+  clearTimeout(state.settingsTimer);
+  if (!ends.length) return;
+  // Counted on the gateway's clock (`now` is its wall time), so an offset between the two clocks does not matter.
+  const waitS = Math.min(MAX_TIMER_S, Math.max(0, Math.min(...ends) - doc.now));
+  state.settingsTimer = setTimeout(() => refreshSettings().catch(() => {}), waitS * 1000 + 250);
+}
+
 async function change(method, path, body, done) {
   try {
     await api(method, path, body);
-    say(done, false);
-    await Promise.all([refreshSettings(), refreshStatus()]);
   } catch (err) {
-    if (err.message !== "logged out") say(`Refused: ${err.message}`, true);
+    if (err instanceof Refusal) say(`Refused: ${err.message}`, true);
+    else if (err.message !== "logged out") {
+      say(`Not confirmed: ${err.message}; the change may not have been made.`, true);
+    }
+    return;
   }
+  say(done, false);
+  await Promise.all([refreshSettings().catch(() => {}), refreshStatus()]);  // a lost gateway: the poll says so
 }
 
 // The next HH:MM on the owner's own clock (the browser's), never the gateway's, which may run in UTC.
@@ -217,14 +289,22 @@ function nextDeparture(time) {
   return at;
 }
 
-function previewDeparture() {
-  const doc = state.settings, time = $("departure-time").value, soc = Number($("departure-soc").value);
-  if (!doc || !time || $("departure-soc").value === "") return;
-  const hours = (nextDeparture(time) - new Date()) / 3.6e6;
-  const need = Math.max(0, soc - doc.departure_charge_w * hours / doc.usable_capacity_wh * 100,
-                        doc.settings.reserve_pct);
-  $("departure-floor").textContent = `That makes the floor ${Math.min(100, need + doc.soc_margin_pct).toFixed(1)} % ` +
-    `now, rising to ${Math.min(100, soc + doc.soc_margin_pct)} % at departure.`;
+const floorText = (f) => `That makes the floor ${pct(f.now_pct)} now and ${pct(f.at_departure_pct)} at departure.`;
+
+// The gateway works the preview out (`GET /api/departure-floor`): the whole floor rule (reserve, hard
+// minimum, storm watch, margin) lives there only, so what the page promises is what the gateway applies.
+async function previewDeparture() {
+  const time = $("departure-time").value, soc = $("departure-soc").value;
+  if (!time || soc === "") return;
+  const asked = ++state.previews;  // answers may overtake one another: only the latest question's is shown
+  let text = "";
+  try {
+    const query = new URLSearchParams({ at: localIso(nextDeparture(time)), soc_pct: soc });
+    text = floorText(await api("GET", `/api/departure-floor?${query}`));
+  } catch (err) {
+    if (err instanceof Refusal) text = err.message;
+  }
+  if (asked === state.previews) $("departure-floor").textContent = text;
 }
 
 function wireControls() {
@@ -242,14 +322,14 @@ function wireControls() {
     if (mode.value === "event") body = { event: $("opt-out-event").value };
     if (mode.value === "until") {
       const until = $("opt-out-until").value;
-      body = { until: until ? new Date(until).toISOString() : "" };
+      body = { until: until ? localIso(new Date(until)) : "" };
     }
     change("PUT", "/api/opt-out", body, "Opted out.");
   });
   $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in."));
   $("departure-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    change("PUT", "/api/departure", { at: nextDeparture($("departure-time").value).toISOString(),
+    change("PUT", "/api/departure", { at: localIso(nextDeparture($("departure-time").value)),
                                       soc_pct: Number($("departure-soc").value) }, "Departure set.");
   });
   for (const id of ["departure-time", "departure-soc"]) $(id).addEventListener("input", previewDeparture);
@@ -259,7 +339,7 @@ function wireControls() {
     ev.preventDefault();
     const until = $("storm-until").value;
     change("PUT", "/api/storm-watch", { floor_pct: Number($("storm-floor").value),
-                                        until: until ? new Date(until).toISOString() : "" }, "Storm watch on.");
+                                        until: until ? localIso(new Date(until)) : "" }, "Storm watch on.");
   });
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
   $("price-form").addEventListener("submit", (ev) => {
@@ -324,6 +404,7 @@ async function refreshHistory() {
   $("history-note").textContent = `${doc.samples.length} samples from the journal` +
     (from > doc.from ? `, since ${new Date(from * 1000).toLocaleString([], { timeStyle: "short" })}.` : ".");
   const body = $("events").tBodies[0];
+  const labels = [...$("events").tHead.rows[0].cells].map((th) => th.textContent);
   body.replaceChildren();
   for (const e of doc.events) {
     const row = body.insertRow();
@@ -331,7 +412,11 @@ async function refreshHistory() {
                    `${Math.round(e.delivered_wh).toLocaleString()} Wh${e.final ? "" : " so far"}`,
                    figuresText(e.figures, doc.currency),
                    `${epochText(e.start)} – ${epochText(e.end)}`];
-    for (const text of cells) row.insertCell().textContent = text;
+    cells.forEach((text, i) => {
+      const cell = row.insertCell();
+      cell.textContent = text;
+      cell.dataset.label = labels[i];  // on a phone the cells stack, each under its column's name (app.css)
+    });
   }
   if (!doc.events.length) body.insertRow().insertCell().textContent = "No events in the last 24 hours.";
 }
@@ -378,7 +463,8 @@ async function show(view) {
     if (view === "installer") await refreshInstaller();
     document.body.dataset.view = view;
   } catch (err) {
-    if (err.message !== "logged out") say(err.message, true);
+    if (err instanceof Refusal) say(err.message, true);
+    else if (err.message !== "logged out") say(`Cannot reach the gateway: ${err.message}.`, true, "connection");
   }
 }
 
