@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -97,17 +98,26 @@ async def registered(vtn: LoopbackVtn, ven: OpenAdrVen) -> None:
     await vtn.wait_for(lambda: ven.registered)
 
 
+@contextlib.asynccontextmanager
+async def enrolled(sink: ScriptedSink, *, vtn_options: dict[str, Any] | None = None,
+                   **ven_changes: Any) -> AsyncIterator[tuple[LoopbackVtn, OpenAdrVen]]:
+    """A loopback VTN polled as fast as it likes, and the VEN registered with it, serving `sink`."""
+    async with LoopbackVtn(poll_s=0, **(vtn_options or {})) as vtn:
+        ven = make_ven(vtn, **ven_changes)
+        async with serving(ven, sink):
+            await registered(vtn, ven)
+            yield vtn, ven
+
+
 def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(mode=Mode.DISCHARGE)
-            sink.refusal = ReasonCode.OUTAGE
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                assert vtn.registrations[0]["ven_name"] == "truck-1"
-                wanted = {"RealPower", "stateOfCharge", "availableEnergy", "gatewayState", "committedPower",
-                          "dispatchBlocked"}
-                await vtn.wait_for(lambda: wanted <= {r.measurement for r in vtn.reports})
+        sink = ScriptedSink(mode=Mode.DISCHARGE)
+        sink.refusal = ReasonCode.OUTAGE
+        async with enrolled(sink, vtn_options=dict(report_s=1)) as (vtn, ven):
+            assert vtn.registrations[0]["ven_name"] == "truck-1"
+            wanted = {"RealPower", "stateOfCharge", "availableEnergy", "gatewayState", "committedPower",
+                      "dispatchBlocked"}
+            await vtn.wait_for(lambda: wanted <= {r.measurement for r in vtn.reports})
         latest = {r.measurement: r.value for r in vtn.reports}
         assert latest["RealPower"] == -1234.0
         assert latest["stateOfCharge"] == 72.5
@@ -135,13 +145,11 @@ def test_an_unknown_ven_name_is_not_registered() -> None:
 
 def test_load_dispatch_event_accepted_becomes_a_discharge_request() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                start = in_seconds(60)
-                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0)   # 5 kW
-                assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            start = in_seconds(60)
+            event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0)   # 5 kW
+            assert await vtn.wait_for_response(event_id) == "optIn"
         [request] = sink.requests()
         assert request.id == event_id
         assert request.source == "openadr"
@@ -157,14 +165,12 @@ def test_load_dispatch_event_accepted_becomes_a_discharge_request() -> None:
 def test_an_events_priority_crosses_the_wire_onto_its_request() -> None:
     """The core serves the highest-priority of one VTN's overlapping events: the VEN must hand it on."""
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                ranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, priority=2)
-                unranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
-                for event_id in (ranked, unranked):
-                    assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            ranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, priority=2)
+            unranked = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
+            for event_id in (ranked, unranked):
+                assert await vtn.wait_for_response(event_id) == "optIn"
         assert {r.id: r.priority for r in sink.requests()} == {ranked: 2, unranked: None}
 
     run(scenario)
@@ -172,13 +178,11 @@ def test_an_events_priority_crosses_the_wire_onto_its_request() -> None:
 
 def test_a_randomised_start_crosses_the_wire_and_moves_the_request_by_this_vens_delay() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                start = in_seconds(60)
-                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=300)
-                assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            start = in_seconds(60)
+            event_id = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=300)
+            assert await vtn.wait_for_response(event_id) == "optIn"
         [request] = sink.requests()
         delay = start_delay_s(vtn.ven_name, event_id, 300.0)
         assert request.start == pytest.approx(start.timestamp() + delay, abs=1e-3)
@@ -191,22 +195,20 @@ def test_an_event_the_vtn_drops_as_completed_is_no_cancellation_of_its_randomise
     """A VTN stops distributing an event once its own schedule is over; this VEN, having started it a delay
     later, still runs it: the event missing from the distribution must not cut that tail short."""
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                start = in_seconds(60)
-                late = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=1_800, event_id="late-start")
-                assert await vtn.wait_for_response(late) == "optIn"
-                delay = start_delay_s(vtn.ven_name, late, 1_800.0)
-                assert delay > 60  # the tail outlasts the VTN's schedule by more than the clock is moved
-                vtn_end, tail_start = start.timestamp() + 600, start.timestamp() + delay
-                in_tail = max(vtn_end, tail_start) + 30  # the VTN's window is over, this VEN's is not
-                sink.now = lambda: in_tail  # type: ignore[method-assign]
-                vtn.withdraw_event(late)
-                newer = vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 4.0)
-                assert await vtn.wait_for_response(newer) == "optIn"  # a distribution after the withdrawal
-                assert ven.committed_w() == 5000.0  # the tail is still tracked: reported, asked again for
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            start = in_seconds(60)
+            late = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0, startafter_s=1_800, event_id="late-start")
+            assert await vtn.wait_for_response(late) == "optIn"
+            delay = start_delay_s(vtn.ven_name, late, 1_800.0)
+            assert delay > 60  # the tail outlasts the VTN's schedule by more than the clock is moved
+            vtn_end, tail_start = start.timestamp() + 600, start.timestamp() + delay
+            in_tail = max(vtn_end, tail_start) + 30  # the VTN's window is over, this VEN's is not
+            sink.now = lambda: in_tail  # type: ignore[method-assign]
+            vtn.withdraw_event(late)
+            newer = vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 4.0)
+            assert await vtn.wait_for_response(newer) == "optIn"  # a distribution after the withdrawal
+            assert ven.committed_w() == 5000.0  # the tail is still tracked: reported, asked again for
         assert sink.cancels() == [] and ven.implicit_cancellations == 0
 
     run(scenario)
@@ -214,12 +216,10 @@ def test_an_event_the_vtn_drops_as_completed_is_no_cancellation_of_its_randomise
 
 def test_a_test_event_is_opted_in_and_nothing_reaches_the_core() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, test_event=True)
-                assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0, test_event=True)
+            assert await vtn.wait_for_response(event_id) == "optIn"
         assert sink.requests() == []
 
     run(scenario)
@@ -227,13 +227,11 @@ def test_a_test_event_is_opted_in_and_nothing_reaches_the_core() -> None:
 
 def test_several_intervals_become_one_request_each() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                start = in_seconds(30)
-                event_id = vtn.add_event(LOAD_DISPATCH, start, [300, 600], [7.2, 0.0])
-                assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            start = in_seconds(30)
+            event_id = vtn.add_event(LOAD_DISPATCH, start, [300, 600], [7.2, 0.0])
+            assert await vtn.wait_for_response(event_id) == "optIn"
         first, second = sink.requests()
         assert (first.id, second.id) == (f"{event_id}#0", f"{event_id}#1")
         assert (first.kind, first.target_w) == (DispatchKind.DISCHARGE, pytest.approx(7200.0))
@@ -246,12 +244,10 @@ def test_several_intervals_become_one_request_each() -> None:
 
 def test_simple_level_maps_to_a_share_of_the_rating() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn, simple_levels_pct=[25.0, 50.0, 90.0]), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(SIMPLE, in_seconds(30), 600, 2)
-                assert await vtn.wait_for_response(event_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink, simple_levels_pct=[25.0, 50.0, 90.0]) as (vtn, ven):
+            event_id = vtn.add_event(SIMPLE, in_seconds(30), 600, 2)
+            assert await vtn.wait_for_response(event_id) == "optIn"
         [request] = sink.requests()
         assert request.target_w == pytest.approx(0.5 * RATING_W)
 
@@ -260,14 +256,12 @@ def test_simple_level_maps_to_a_share_of_the_rating() -> None:
 
 def test_capped_event_opts_in_and_reports_the_cap() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0, report_s=1) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(cap_at(3000.0))
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 9.0)   # running now
-                assert await vtn.wait_for_response(event_id) == "optIn"
-                await vtn.wait_for(lambda: any(r.measurement == "committedPower" and r.value == 3000.0
-                                               for r in vtn.reports))
+        sink = ScriptedSink(cap_at(3000.0))
+        async with enrolled(sink, vtn_options=dict(report_s=1)) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 9.0)   # running now
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            await vtn.wait_for(lambda: any(r.measurement == "committedPower" and r.value == 3000.0
+                                           for r in vtn.reports))
         outcome = ven.outcomes[-1]
         assert (outcome.event_id, outcome.opt, outcome.cap_w) == (event_id, "optIn", 3000.0)
         assert sink.requests()[0].target_w == pytest.approx(9000.0)
@@ -277,12 +271,10 @@ def test_capped_event_opts_in_and_reports_the_cap() -> None:
 
 def test_event_refused_while_opted_out() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(opted_out)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 5.0)
-                assert await vtn.wait_for_response(event_id) == "optOut"
+        sink = ScriptedSink(opted_out)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optOut"
         assert len(sink.requests()) == 1
         assert ven.outcomes[-1].answers[0].reason is ReasonCode.OPTED_OUT
 
@@ -291,15 +283,13 @@ def test_event_refused_while_opted_out() -> None:
 
 def test_invalid_event_is_refused_without_reaching_the_core() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, -4.0)
-                assert await vtn.wait_for_response(event_id) == "optOut"
-                # the link survives the bad event: the next one is served
-                good_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 4.0)
-                assert await vtn.wait_for_response(good_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, -4.0)
+            assert await vtn.wait_for_response(event_id) == "optOut"
+            # the link survives the bad event: the next one is served
+            good_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 4.0)
+            assert await vtn.wait_for_response(good_id) == "optIn"
         assert [r.id for r in sink.requests()] == [good_id]
         refusal = ven.outcomes[0].answers[0]
         assert refusal.reason is ReasonCode.INVALID and "-4000" in refusal.detail
@@ -309,14 +299,12 @@ def test_invalid_event_is_refused_without_reaching_the_core() -> None:
 
 def test_cancellation_mid_event_cancels_the_request() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(event_id, 0) == "optIn"
-                vtn.cancel_event(event_id)
-                assert await vtn.wait_for_response(event_id, 1) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id, 0) == "optIn"
+            vtn.cancel_event(event_id)
+            assert await vtn.wait_for_response(event_id, 1) == "optIn"
         assert [(c.id, c.source) for c in sink.cancels()] == [(event_id, "openadr")]
         assert len(sink.requests()) == 1
 
@@ -326,17 +314,15 @@ def test_cancellation_mid_event_cancels_the_request() -> None:
 def test_an_event_missing_from_a_later_complete_distribution_is_cancelled_with_that_reason() -> None:
     """OpenADR 2.0b implicit cancellation: the VTN stops distributing an event without cancelling it."""
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                gone = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                kept = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
-                assert await vtn.wait_for_response(gone) == "optIn" and await vtn.wait_for_response(kept) == "optIn"
-                vtn.withdraw_event(gone)
-                await vtn.wait_for(lambda: sink.cancels())
-                newer = vtn.add_event(LOAD_DISPATCH, in_seconds(120), 600, 4.0)
-                assert await vtn.wait_for_response(newer) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            gone = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            kept = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
+            assert await vtn.wait_for_response(gone) == "optIn" and await vtn.wait_for_response(kept) == "optIn"
+            vtn.withdraw_event(gone)
+            await vtn.wait_for(lambda: sink.cancels())
+            newer = vtn.add_event(LOAD_DISPATCH, in_seconds(120), 600, 4.0)
+            assert await vtn.wait_for_response(newer) == "optIn"
         [cancel] = sink.cancels()
         assert (cancel.id, cancel.source) == (gone, "openadr") and "implicitly cancelled" in cancel.reason
         assert [r.id for r in sink.requests()] == [gone, kept, newer]  # the one kept is not asked again
@@ -349,14 +335,12 @@ def test_a_complete_distribution_of_no_events_cancels_the_last_event_held() -> N
     """A VTN withdrawing a VEN's only event sends an oadrDistributeEvent of no events (the 2.0b schema
     allows none); openleadr does not hand such a distribution on, and the event ran on, uncancelled."""
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                only = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(only) == "optIn"
-                vtn.withdraw_event(only)
-                await vtn.wait_for(lambda: sink.cancels())
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            only = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(only) == "optIn"
+            vtn.withdraw_event(only)
+            await vtn.wait_for(lambda: sink.cancels())
         [cancel] = sink.cancels()
         assert (cancel.id, cancel.source) == (only, "openadr") and "implicitly cancelled" in cancel.reason
         assert ven.implicit_cancellations == 1
@@ -369,16 +353,14 @@ def test_an_event_refused_in_its_active_period_is_asked_again_once_the_core_woul
         return DispatchAnswer(request.id, time.time(), Verdict.REJECTED, reason=ReasonCode.NO_DATA, detail="start")
 
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(no_data)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(event_id) == "optOut"
-                sink.policy, sink.improvable = accept, frozenset({event_id})
-                await vtn.wait_for(lambda: len(sink.requests()) == 2)
-                sink.improvable = frozenset()
-                await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
+        sink = ScriptedSink(no_data)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optOut"
+            sink.policy, sink.improvable = accept, frozenset({event_id})
+            await vtn.wait_for(lambda: len(sink.requests()) == 2)
+            sink.improvable = frozenset()
+            await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
         first, again = sink.requests()
         assert (again.id, again.revision, again.target_w) == (first.id, first.revision + 1, first.target_w)
         assert ven.reasks == 1 and ven.outcomes[-1].opt == "optIn"
@@ -397,35 +379,31 @@ def test_committed_power_drops_when_the_core_ends_the_request_and_returns_when_i
                           [DispatchEnded(time.time(), request_id, "owner opted out")], None)
 
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(event_id) == "optIn"
-                assert ven.committed_w() == 5_000.0
-                ven.notice_step(ended(event_id))
-                assert ven.committed_w() == 0.0
-                sink.improvable = frozenset({event_id})  # the opt-out revoked: the core would serve it again
-                ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
-                await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            assert ven.committed_w() == 5_000.0
+            ven.notice_step(ended(event_id))
+            assert ven.committed_w() == 0.0
+            sink.improvable = frozenset({event_id})  # the opt-out revoked: the core would serve it again
+            ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
+            await vtn.wait_for(lambda: ven.committed_w() == 5_000.0)
 
     run(scenario)
 
 
 def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                start = in_seconds(60)
-                event_id = vtn.add_event(LOAD_DISPATCH, start, 600, [5.0, 6.0])
-                assert await vtn.wait_for_response(event_id, 0) == "optIn"
-                number = vtn.modify_event(event_id, values=[6.0, 4.0])
-                assert await vtn.wait_for_response(event_id, number) == "optIn"
-                number = vtn.modify_event(event_id, values=[3.0], duration_s=900)
-                assert await vtn.wait_for_response(event_id, number) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            start = in_seconds(60)
+            event_id = vtn.add_event(LOAD_DISPATCH, start, 600, [5.0, 6.0])
+            assert await vtn.wait_for_response(event_id, 0) == "optIn"
+            number = vtn.modify_event(event_id, values=[6.0, 4.0])
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
+            number = vtn.modify_event(event_id, values=[3.0], duration_s=900)
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
         requests = sink.requests()
         assert [(r.id, r.revision, r.target_w) for r in requests] == [
             (f"{event_id}#0", 0, 5000.0), (f"{event_id}#1", 0, 6000.0),
@@ -537,22 +515,20 @@ def test_a_vtn_listing_a_cancelled_event_again_costs_no_other_event_its_answer()
     """openleadr looked up its answer to an event it knew, and the answer went with the event's cancellation:
     the KeyError made it opt out of every event of the distribution, and a new one never reached the core."""
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                cancelled = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(cancelled) == "optIn"
-                running = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 2.0)
-                assert await vtn.wait_for_response(running) == "optIn"
-                event = vtn._event(cancelled)
-                vtn.cancel_event(cancelled)
-                await vtn.wait_for(lambda: any(c.id == cancelled for c in sink.cancels()))
-                await vtn.wait_for(lambda: event not in vtn.server.events[vtn.ven_id])
-                vtn.server.events[vtn.ven_id].append(event)  # its confirmation lost, the VTN lists it again
-                later = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 3.0)
-                assert await vtn.wait_for_response(later) == "optIn"
-                assert vtn.opt_for(running) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            cancelled = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(cancelled) == "optIn"
+            running = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 2.0)
+            assert await vtn.wait_for_response(running) == "optIn"
+            event = vtn._event(cancelled)
+            vtn.cancel_event(cancelled)
+            await vtn.wait_for(lambda: any(c.id == cancelled for c in sink.cancels()))
+            await vtn.wait_for(lambda: event not in vtn.server.events[vtn.ven_id])
+            vtn.server.events[vtn.ven_id].append(event)  # its confirmation lost, the VTN lists it again
+            later = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 3.0)
+            assert await vtn.wait_for_response(later) == "optIn"
+            assert vtn.opt_for(running) == "optIn"
         assert [r.id for r in sink.requests()] == [cancelled, running, later]
 
     run(scenario)
@@ -560,16 +536,14 @@ def test_a_vtn_listing_a_cancelled_event_again_costs_no_other_event_its_answer()
 
 def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_request() -> None:
     async def scenario() -> None:
-        async with LoopbackVtn(poll_s=0) as vtn:
-            ven, sink = make_ven(vtn), ScriptedSink(accept)
-            async with serving(ven, sink):
-                await registered(vtn, ven)
-                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
-                assert await vtn.wait_for_response(event_id) == "optIn"
-                vtn.forget_registration()
-                await vtn.wait_for(lambda: len(vtn.registrations) >= 2 and vtn.ven_id and ven.registered)
-                later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
-                assert await vtn.wait_for_response(later_id) == "optIn"
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            vtn.forget_registration()
+            await vtn.wait_for(lambda: len(vtn.registrations) >= 2 and vtn.ven_id and ven.registered)
+            later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+            assert await vtn.wait_for_response(later_id) == "optIn"
         assert [r.id for r in sink.requests()] == [event_id, later_id]
         assert sink.cancels() == []
 
