@@ -14,6 +14,7 @@ import pytest
 
 from children import CAN_SERVER_PORT, spawn
 from firmware_py.bms import BmsReader
+from firmware_py.bms import commands as bms_commands
 from firmware_py.cli import main
 from firmware_py.config import bundled_dbc
 from firmware_py.core.types import BmsState
@@ -99,16 +100,27 @@ def test_node_and_reader_in_two_processes(remote_url, tmp_path):
 
 
 @pytest.mark.slow  # a CAN server as a process of its own
-def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(can_server, tmp_path, capsys):
+def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(
+        can_server, tmp_path, capsys, monkeypatch):
     """The adapter unplugged or the CAN server gone mid-recording: the frames before are kept in a
     file closed properly (its footer written), and the command says what happened, without a traceback."""
     out = tmp_path / "rec.asc"
     code: list[int] = []
+    opened = threading.Event()  # the server says "Connected" before the client's handshake ends
+
+    real_open = bms_commands.open_bus
+
+    def open_then_tell(*args, **kwargs):
+        bus = real_open(*args, **kwargs)
+        opened.set()
+        return bus
+
+    monkeypatch.setattr(bms_commands, "open_bus", open_then_tell)
     recorder = threading.Thread(target=lambda: code.append(main(
         ["bms", "record", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30", str(out)])))
     recorder.start()
     try:
-        can_server.output.wait_for_line("Connected to bus", timeout=20)
+        assert opened.wait(20), "the recorder never opened its bus"
         can_server.process.kill()
     finally:
         recorder.join(30)
