@@ -40,7 +40,7 @@ from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.links import Link
-from firmware_py.owner.access import UNIX_PREFIX, parse_listen, read_token
+from firmware_py.owner.access import UNIX_PREFIX, owner_of, parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
 
 
@@ -280,10 +280,11 @@ def _check_timeout_against_the_dbc(config: Config) -> None:
                          "between every two frames")
 
 
+
+
 def _read_token_as_its_owner(path: str) -> None:
-    """The token as `run` reads it (private, a token), for whoever owns it: `check-config` may run as
-    root while the service runs as its own user, whose ownership `run` itself then checks."""
-    read_token(path, check_private=True, owner_uid=os.stat(path).st_uid)
+    """The token as `run` reads it (private, a token), for whoever owns it (see `owner_of`)."""
+    read_token(path, check_private=True, owner_uid=owner_of(path))
 
 
 def _problems(*checks: Callable[[], object]) -> list[str]:

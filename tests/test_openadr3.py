@@ -1027,6 +1027,23 @@ def test_check_config_names_the_secret_file_when_the_section_is_enabled(tmp_path
     assembly.check(config)  # nothing else to refuse
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_check_config_run_as_root_takes_a_secret_the_services_user_owns(tmp_path: Path) -> None:
+    """The installer runs `check-config` as root; the secret belongs to the service's user, as `run`
+    (that user) requires. Run as anyone else, the same file is refused, with no advice to delete a
+    secret only the aggregator can issue again."""
+    service_user = 54_321
+    path = write_secret(tmp_path)
+    os.chown(path, service_user, service_user)
+    config = OpenAdr3Config(enabled=True, client_secret_file=str(path))
+    assert check(config) == []
+    with pytest.raises(InputError) as err:
+        OpenAdr3Ven(config, rating_w=RATING_W)  # `run` as root: not the file's owner
+    (problem,) = err.value.problems
+    assert "belongs to uid 54321" in problem and f"chown root {path}" in problem
+    assert "Delete" not in problem and SECRET not in problem
+
+
 def test_assembly_builds_the_ven_on_the_gateways_clocks_link_and_levels(tmp_path: Path) -> None:
     from firmware_py.assembly import assemble
     from firmware_py.clocks import Clocks

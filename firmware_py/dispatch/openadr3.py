@@ -79,7 +79,7 @@ from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
-from firmware_py.owner.access import read_secret
+from firmware_py.owner.access import owner_of, read_secret
 from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -881,7 +881,8 @@ def check(config: OpenAdr3Config, *, secret_given: bool = False,
             problems += err.problems
     if not secret_given:
         try:
-            read_secret(config.client_secret_file, "OpenADR 3 client secret")
+            read_secret(config.client_secret_file, "OpenADR 3 client secret",
+                        owner_uid=owner_of(config.client_secret_file))
         except FileNotFoundError:
             problems.append(f"{key}.client_secret_file: {config.client_secret_file}: no such file "
                             "(put the client secret the aggregator issued on its first line, mode 0600)")

@@ -94,7 +94,7 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
     FileNotFoundError passes through: the CLI reads it as "the gateway has never started".
     """
     path = Path(path)
-    raw = _read_small(path, what, check_private=check_private, owner_uid=owner_uid)
+    raw = _read_small(path, what, check_private=check_private, owner_uid=owner_uid, made_by_gateway=True)
     try:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -105,7 +105,8 @@ def read_token(path: str | Path, check_private: bool = False, *, owner_uid: int 
     return text
 
 
-def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | None) -> bytes:
+def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | None,
+                made_by_gateway: bool = False) -> bytes:
     """Up to MAX_TOKEN_FILE_BYTES + 1 bytes of `path` (none of a non-regular file); with
     `check_private`, only from a private regular file, checked on the open descriptor so the
     file cannot be swapped between the check and the read. FileNotFoundError passes through."""
@@ -122,12 +123,22 @@ def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | 
     try:
         info = os.fstat(fd)
         if check_private:
-            _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid, what)
+            _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid, what, made_by_gateway)
         return os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""
     except OSError as err:
         raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     finally:
         os.close(fd)
+
+
+def owner_of(path: str | Path) -> int | None:
+    """Whose private file `path` is, for `check-config` to check it as that user would read it:
+    run as root, it must not refuse a file the service's own user owns (as `run` requires).
+    None when it cannot be looked at; reading it then says why."""
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
 
 
 def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) -> str:
@@ -151,15 +162,18 @@ def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) ->
     return secret
 
 
-def _check_private(path: Path, info: os.stat_result, owner_uid: int, what: str) -> None:
-    """InputError unless `info` is a regular file owned by `owner_uid` that only its owner can access."""
+def _check_private(path: Path, info: os.stat_result, owner_uid: int, what: str, made_by_gateway: bool) -> None:
+    """InputError unless `info` is a regular file owned by `owner_uid` that only its owner can access.
+
+    Deleting a planted file is advice only for one the gateway makes again (a token); a secret the
+    aggregator issued would be lost, so then only handing it to the right user is suggested."""
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{path}: the {what} file is not a regular file")
     if info.st_uid != owner_uid:
         raise InputError(f"{path}: the {what} file belongs to {_user(info.st_uid)}, not to "
                          f"{_user(owner_uid)} that the gateway runs as; someone else may have planted it. "
-                         "Delete it (the gateway creates a new one) or "
-                         f"`chown {_user_name(owner_uid)} {path}` if you made it yourself")
+                         + ("Delete it (the gateway creates a new one) or " if made_by_gateway else "Run ")
+                         + f"`chown {_user_name(owner_uid)} {path}` if you made it yourself")
     mode = info.st_mode
     if mode & 0o077:
         raise InputError(f"{path}: the {what} file is accessible by group or others "
