@@ -58,14 +58,16 @@ def test_node_and_reader_in_two_processes(remote_url, tmp_path):
     scenario.write_text(f"[run]\nduration_s = 30\n[vehicle]\ninitial_soc_pct = {SOC}\n"
                         "[[fault]]\nat_s = 1.5\nkind = \"bms_fault\"\nduration_s = 0.5\n"
                         "[[fault]]\nat_s = 1\nkind = \"grid_outage\"\nduration_s = 1\n")
-    node = subprocess.Popen([sys.executable, "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
-                             "--can-channel", remote_url, "--scenario", str(scenario), "--load-w", str(LOAD_W)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reader = BmsReader(DBC, clock=time.monotonic)
     seen_states: list[int] = []
     fresh = None
-    try:
-        with can.Bus(interface="remote", channel=remote_url) as bus:
+    # The reader's bus is open before the node starts: the server relays only to connected clients, and
+    # the node's faults are timed on its own clock, so a late reader would miss them.
+    with can.Bus(interface="remote", channel=remote_url) as bus:
+        node = subprocess.Popen([sys.executable, "-m", "firmware_py", "sim", "bms", "--can-interface", "remote",
+                                 "--can-channel", remote_url, "--scenario", str(scenario), "--load-w", str(LOAD_W)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and node.poll() is None:
                 msg = bus.recv(timeout=0.5)
@@ -82,9 +84,9 @@ def test_node_and_reader_in_two_processes(remote_url, tmp_path):
                     fresh = s
                 if BmsState.FAULT in seen_states and seen_states[-1] == BmsState.SUPPORT:
                     break
-    finally:
-        stop(node)
-        out, err = node.communicate(timeout=5)
+        finally:
+            stop(node)
+            out, err = node.communicate(timeout=5)
     assert node.returncode == 0, err
     assert "sent" in out  # stopped cleanly by SIGTERM and said so
     assert fresh is not None, f"no complete snapshot; dropped {reader.dropped}"

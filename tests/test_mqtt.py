@@ -385,6 +385,25 @@ def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
     bounded(main())
 
 
+def test_states_queued_before_a_session_are_not_published_after_its_fresh_one(tmp_path):
+    """States built while the bridge was still connecting (the link down, older figures) were sent after
+    the session's own state, so Home Assistant showed the past until the next change."""
+    async def main() -> dict[str, Any]:
+        with running_broker(tmp_path) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker)) as rig, Watcher(broker) as watcher:
+                bridge = rig.assembly.integrations["mqtt"]
+                assert isinstance(bridge, MqttBridge)
+                assert await advance(rig, bridge, 2.0)  # queued before any connection
+                task = asyncio.create_task(bridge.run())
+                try:
+                    return (await watcher.wait_for("a state", is_state)).json()
+                finally:
+                    await cancel_all([task])
+
+    first = bounded(main())
+    assert first["links"]["mqtt"]["ok"] is True
+
+
 def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_off(tmp_path):
     """A session only ends by failing, so the back-off never started afresh: each broker restart was
     met later than the one before (0.5, 1, 2, 4, 8 s ... 30 s), however long the sessions between."""

@@ -173,6 +173,11 @@ class Outbox:
             self._results.appendleft(item)
             self._ready.set()
 
+    def forget_states(self) -> None:
+        """Drop the states queued so far: a new session publishes the state as it is now, and older
+        ones sent after it would only show the owner the past (the link still down, old figures)."""
+        self._states.clear()
+
     async def get(self) -> Outgoing:
         """The next publication: results first (someone waits for them), then states, oldest first."""
         while not (self._results or self._states):
@@ -304,6 +309,7 @@ class MqttBridge:
         await self._publish(client, self.topics.availability, b"online", retain=True, kind=Kind.AVAILABILITY)
         await self._discover(client)
         self.pacer.forget()
+        self.outbox.forget_states()
         self.pace_once()
 
     async def _discover(self, client: aiomqtt.Client) -> None:
