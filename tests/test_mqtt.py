@@ -28,6 +28,8 @@ from typing import Any
 import jinja2
 import pytest
 from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from lockstep import Rig
 
 from firmware_py import cli
@@ -39,7 +41,7 @@ from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing, _first_f
 from firmware_py.mqtt.commands import CommandGate
 from firmware_py.mqtt.discovery import configurations
 from firmware_py.mqtt.state import Pacer, changed
-from firmware_py.mqtt.topics import Command, Topics, prefix_problem
+from firmware_py.mqtt.topics import NODE_ID_CHARS, Command, Topics, node_id, prefix_problem
 from firmware_py.owner.changes import BadRequest
 from firmware_py.tasks import cancel_all
 
@@ -635,3 +637,18 @@ def test_prefixes_that_root_a_topic_tree():
     assert prefix_problem("powershare-gw/truck-1", "k") is None
     assert prefix_problem("", "k") == "k: must not be empty"
     assert "control characters" in prefix_problem("a\nb", "k")
+
+
+@given(st.lists(st.text(alphabet="ab1_/-. ", min_size=1, max_size=8), min_size=2, max_size=2, unique=True))
+def test_two_valid_prefixes_never_share_a_node_id(prefixes):
+    """One node id for two gateways (`fleet/site_1/truck`, `fleet/site/1/truck`) made the broker close
+    each one's connection whenever the other connected, and each overwrote the other's entities."""
+    assume(all(prefix_problem(p, "k") is None for p in prefixes))
+    first, second = (node_id(p) for p in prefixes)
+    assert first != second and not any(NODE_ID_CHARS.search(n) for n in (first, second))
+
+
+def test_a_plain_prefix_keeps_its_readable_node_id_and_others_gain_a_digest():
+    assert node_id("powershare-gw/truck-1") == "powershare-gw_truck-1"  # ids installed gateways already use
+    assert node_id("fleet/site_1/truck").startswith("fleet_site_1_truck_")
+    assert node_id("fleet/site_1/truck") != node_id("fleet/site/1/truck") == "fleet_site_1_truck"

@@ -12,6 +12,7 @@ topics or publish where nobody looks.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,6 +22,8 @@ from firmware_py.quoting import shown
 MAX_PREFIX_CHARS = 200
 NODE_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]+")
 """Home Assistant's node ids take letters, digits, `_` and `-` only."""
+PLAIN_PREFIX = re.compile(r"[a-zA-Z0-9-]+(/[a-zA-Z0-9-]+)*")
+"""A topic prefix whose node id is itself with `/` as `_`: no two such prefixes give one node id."""
 
 
 class Command(StrEnum):
@@ -88,5 +91,15 @@ def prefix_problem(prefix: str, key: str) -> str | None:
 
 
 def node_id(prefix: str) -> str:
-    """The gateway's Home Assistant node id: its topic prefix in the characters node ids allow."""
-    return NODE_ID_CHARS.sub("_", prefix).strip("_") or "powershare_gw"
+    """The gateway's Home Assistant node id (and its MQTT client id's tail): its topic prefix in the
+    characters node ids allow.
+
+    Two gateways must never share one: the broker would close one's connection whenever the other
+    connected, and each would overwrite the other's entities. A prefix of letters, digits, `-` and
+    `/` maps one to one (each `/` becomes `_`, as the default prefix always has); any other (an `_`
+    of its own, a space, a dot...) could meet another's, so a short digest of the prefix follows.
+    """
+    readable = NODE_ID_CHARS.sub("_", prefix).strip("_") or "powershare_gw"
+    if PLAIN_PREFIX.fullmatch(prefix):
+        return readable
+    return f"{readable}_{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"
