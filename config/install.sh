@@ -103,18 +103,38 @@ fi
 
 # --- the software ----------------------------------------------------------------------------
 venv=$ROOT$PREFIX
-if [ -x "$venv/bin/python" ] && [ "$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$PYTHON" ]; then
-    say "$PREFIX: made for another Python: making it again"
+# The Python the environment runs on: none when its interpreter is gone (an OS upgrade removed it).
+made_for=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || made_for=
+if [ "$made_for" = "$PYTHON" ]; then
+    :
+elif [ -e "$venv/pyvenv.cfg" ]; then
+    say "$PREFIX: made for Python ${made_for:-that is no longer installed}: making it again"
     "$PYTHON_BIN" -m venv --clear "$venv"
-elif [ ! -x "$venv/bin/python" ]; then
+else
     say "$PREFIX: making the virtual environment"
     "$PYTHON_BIN" -m venv "$venv"
 fi
+pip_here() {
+    PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated --disable-pip-version-check --no-cache-dir "$@"
+}
 say "$PREFIX: installing the bundle's wheels (no network: --no-index, no pip configuration read)"
 # --force-reinstall: a bundle rebuilt at the same version replaces what an earlier one installed.
-PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated --disable-pip-version-check --no-cache-dir \
-    install --quiet --no-index --force-reinstall --find-links "$HERE/wheels" --requirement "$HERE/requirements.txt" \
-    || fail "pip could not install the bundle's wheels into $PREFIX"
+pip_here install --quiet --no-index --force-reinstall --find-links "$HERE/wheels" \
+    --requirement "$HERE/requirements.txt" || fail "pip could not install the bundle's wheels into $PREFIX"
+# What an earlier bundle installed and this one does not hold goes: the environment is exactly this bundle.
+leftovers=$("$venv/bin/python" - "$HERE/requirements.txt" <<'PYTHON'
+import re, sys
+from importlib.metadata import distributions
+def name(text): return re.sub(r"[-_.]+", "-", text).lower()
+wanted = {name(line.split("==")[0]) for line in open(sys.argv[1]) if line.strip()} | {"pip", "setuptools"}
+print(" ".join(sorted({d.metadata["Name"] for d in distributions() if name(d.metadata["Name"]) not in wanted})))
+PYTHON
+) || fail "cannot list what $PREFIX holds"
+if [ -n "$leftovers" ]; then
+    say "$PREFIX: removing what this bundle no longer holds: $leftovers"
+    # shellcheck disable=SC2086 # one argument per package name
+    pip_here uninstall --quiet --yes $leftovers || fail "pip could not remove $leftovers from $PREFIX"
+fi
 installed=$("$venv/bin/powershare-gw" --version) || fail "$PREFIX/bin/powershare-gw does not run"
 say "$PREFIX: $installed"
 

@@ -177,6 +177,23 @@ def test_install_refuses_a_bundle_with_any_file_damaged_before_reading_it(tmp_pa
     assert not (tmp_path / "root").exists()
 
 
+def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_path):
+    """A Debian upgrade that drops the Python the environment was made with leaves bin/python pointing at
+    nothing: `venv` without --clear then failed on it at every attempt, and the gateway could not be
+    upgraded at all. The fake bundle has no wheels, so this run stops later, at the missing command."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    root = tmp_path / "root"
+    run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    venv_bin = root / "opt" / "powershare-gw" / "bin"
+    for link in venv_bin.glob("python*"):
+        link.unlink()
+        link.symlink_to(tmp_path / "removed-by-the-os-upgrade" / "python3")
+    again = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert "made for Python that is no longer installed: making it again" in again.stdout, again.stderr
+    assert "No such file" not in again.stderr
+    assert run([str(venv_bin / "python"), "-c", "print('runs')"]).stdout == "runs\n"
+
+
 def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
     """In [Service] systemd ignores StartLimitIntervalSec ("Unknown key"): a configuration that exits 2
     would then be restarted every 5 s for ever."""
@@ -225,6 +242,12 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
         assert would in installed.stdout
 
     (config_dir / "gateway.toml").write_text("version = 1\n[owner]\nreserve_pct = 55\n")  # the installer's edits
+    site = package.parent.parent  # a package an earlier bundle installed and this one does not hold
+    (site / "leftover.py").write_text("")
+    (site / "leftover-1.0.dist-info").mkdir()
+    (site / "leftover-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: leftover\nVersion: 1.0\n")
+    (site / "leftover-1.0.dist-info" / "RECORD").write_text("leftover.py,,\nleftover-1.0.dist-info/METADATA,,\n"
+                                                           "leftover-1.0.dist-info/RECORD,,\n")
     shipped = package.read_text()
     package.write_text("raise SystemExit('an earlier build of the same version')\n")
     again = run(without_network(["sh", str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
@@ -232,6 +255,11 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     assert "gateway.toml: kept" in again.stdout
     assert (config_dir / "gateway.toml").read_text() == "version = 1\n[owner]\nreserve_pct = 55\n"
     assert package.read_text() == shipped  # the same version installed again replaces what is there
+    assert "removing what this bundle no longer holds: leftover" in again.stdout
+    frozen = run([str(venv / "bin" / "python"), "-m", "pip", "--isolated", "freeze", "--all", "--exclude", "pip"],
+                 env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    assert {normalized(line) for line in frozen.stdout.split() if not line.startswith("setuptools==")} == pins
+    assert not (site / "leftover.py").exists()
     listed = {line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()}
     assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"SHA256SUMS"}
 
