@@ -212,6 +212,9 @@ def check(config: Config) -> None:
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
             problems += _problems(read)
+    if config.can.interface not in can.interfaces.VALID_INTERFACES:  # python-can's own and its plugins'
+        problems.append(f"can.interface: python-can has no interface {config.can.interface!r} (it has "
+                        f"{', '.join(sorted(can.interfaces.VALID_INTERFACES))})")
     timeout_s, poll_s = config.safety.inverter_timeout_s, config.inverter.poll_interval_s
     if timeout_s <= poll_s:  # every reading would be stale before the next: 0 W for ever
         problems.append(f"safety.inverter_timeout_s: {timeout_s:g} s is not above inverter.poll_interval_s "

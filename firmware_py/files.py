@@ -77,11 +77,13 @@ def _open_regular(path: str | Path, what: str) -> tuple[int, os.stat_result]:
 
 
 def regular_or_absent(path: str | Path, what: str) -> str | None:
-    """Why `path` cannot hold a file the gateway writes (a device, a directory...), or None if it can."""
+    """Why `path` cannot hold a file the gateway writes (a device, a directory, a folder that is not
+    there: the gateway makes the file, never its folder), or None if it can."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return None
+        folder = Path(path).parent
+        return None if folder.is_dir() else f"{path}: the {what}'s folder {folder} does not exist"
     except OSError as err:
         if err.errno == errno.ENOTDIR:
             return f"{path}: the {what}'s folder is not a directory"

@@ -173,6 +173,10 @@ def test_bundled_data_is_found():
                                      "(127.0.0.1:9100) cannot both listen there"),
     ('[mqtt]\nenabled = true\nbroker = "127.0.0.1:0"\n', "mqtt.broker: '127.0.0.1:0': port 0 is no broker's port"),
     ('[program]\ncurrency = "dollars!!"\n', "program.currency: expected an ISO 4217 code"),
+    # a typo in a folder or an interface: check-config said valid, `run` exited 2 at once
+    ('[journal]\npath = "no-such-dir/journal.sqlite"\n', "journal.sqlite: the journal's folder"),
+    ('[owner]\ntoken_file = "no-such-dir/owner.token"\n', "owner.token: the owner API token file's folder"),
+    ('[can]\ninterface = "socketcann"\n', "can.interface: python-can has no interface 'socketcann'"),
     # OpenADR 3 uses the SIMPLE levels of [dispatch.openadr] though that section's VEN is off: a level
     # below 0 % turned a shed into a charge.
     ('[dispatch.openadr]\nsimple_levels_pct = [-50.0, 50.0, 100.0]\n[dispatch.openadr3]\nenabled = true\n'
