@@ -156,7 +156,9 @@ install -d -m 0750 "$ROOT$STATE_DIR"
 as_system chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
 say "$STATE_DIR: the journal and the gateway's other files (only the service writes here)"
 
-if problems=$("$venv/bin/powershare-gw" check-config "$ROOT$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
+if [ -n "$ROOT" ]; then  # the paths the configuration names are the gateway's, not under DIR
+    say "  (--root: would run: $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml)"
+elif problems=$("$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
     say "$CONF_DIR/gateway.toml: valid"
 else
     say "$CONF_DIR/gateway.toml: not valid yet:"

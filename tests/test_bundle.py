@@ -238,8 +238,14 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     assert unit.read_text() == bundled_config("powershare-gw.service").read_text()
     for would in ("useradd --system --user-group --home-dir /var/lib/powershare-gw",
                   "chown root:powershare /etc/powershare-gw", "chown powershare:powershare /var/lib/powershare-gw",
-                  "systemctl enable powershare-gw.service", "/etc/powershare-gw/gateway.toml: valid"):
+                  "systemctl enable powershare-gw.service",
+                  "would run: /opt/powershare-gw/bin/powershare-gw check-config /etc/powershare-gw/gateway.toml"):
         assert would in installed.stdout
+    on_the_gateway = tmp_path / "gateway.toml"  # the template, its paths where --root put their folder
+    on_the_gateway.write_text((config_dir / "gateway.toml").read_text().replace("/var/lib/powershare-gw",
+                                                                                str(state_dir)))
+    checked = run([str(venv / "bin" / "powershare-gw"), "check-config", str(on_the_gateway)])
+    assert checked.returncode == 0, checked.stderr
 
     (config_dir / "gateway.toml").write_text("version = 1\n[owner]\nreserve_pct = 55\n")  # the installer's edits
     site = package.parent.parent  # a package an earlier bundle installed and this one does not hold
