@@ -393,6 +393,56 @@ def test_committed_power_drops_when_the_core_ends_the_request_and_returns_when_i
     run(scenario)
 
 
+def every_answer(vtn: LoopbackVtn) -> list[tuple[str, str]]:
+    """(event id, opt) of every oadrCreatedEvent answer the VTN receives from now on: its `responses` keep only
+    the first answer to each modification (openleadr calls an event's callback once)."""
+    heard: list[tuple[str, str]] = []
+    service = vtn.server.services["event_service"]
+    created = service.handlers["oadrCreatedEvent"]
+
+    async def tap(payload: dict[str, Any]) -> Any:
+        heard.extend((r["event_id"], r["opt_type"]) for r in payload.get("event_responses", []))
+        return await created(payload)
+
+    service.handlers["oadrCreatedEvent"] = tap
+    return heard
+
+
+def test_an_event_the_owners_opt_out_ended_is_answered_opt_out_and_opt_in_once_asked_again() -> None:
+    """openleadr answers every later distribution of an event with the opt on record: after the owner's
+    opt-out ended the event's only interval in the core, the VTN went on hearing optIn for it."""
+    before, after = Controller.start(CorePolicy()), Controller.start(CorePolicy())  # two owners: a change
+
+    def ended(request_id: str) -> StepResult:
+        return StepResult(before, InverterCommand(0.0, "test"),
+                          [DispatchEnded(time.time(), request_id, "owner opted out")], None)
+
+    async def redistributed(vtn: LoopbackVtn, heard: list[tuple[str, str]], *event_ids: str) -> dict[str, str]:
+        """What the VEN answers when the VTN distributes its events again (it does on each new event)."""
+        del heard[:]
+        vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 3.0)
+        await vtn.wait_for(lambda: set(event_ids) <= {event_id for event_id, _ in heard})
+        return {event_id: opt for event_id, opt in heard if event_id in event_ids}
+
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            heard = every_answer(vtn)
+            one = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            two = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), [600, 600], [4.0, 4.0])
+            assert await vtn.wait_for_response(one) == await vtn.wait_for_response(two) == "optIn"
+            ven.notice_step(ended(one))
+            ven.notice_step(ended(f"{two}#0"))  # its second interval is still served
+            assert await redistributed(vtn, heard, one, two) == {one: "optOut", two: "optIn"}
+            sink.improvable = frozenset({one})  # the opt-out revoked: the core would serve it again
+            ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
+            await vtn.wait_for(lambda: ven.reasks == 1)
+            sink.improvable = frozenset()
+            assert await redistributed(vtn, heard, one) == {one: "optIn"}
+
+    run(scenario)
+
+
 def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> None:
     async def scenario() -> None:
         sink = ScriptedSink(accept)

@@ -49,6 +49,7 @@ from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
+from firmware_py.core.machine import OPTED_OUT_END
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -493,10 +494,29 @@ class OpenAdrVen:
         that changed what admits dispatch may have cleared what refused or capped an event: look at once."""
         for event in result.events:
             if isinstance(event, DispatchEnded):
-                for tracked in self._events.values():
-                    tracked.windows.pop(event.request_id, None)
+                self._ended(event)
         if self._watch.changed(result) and self._wake is not None and self._events:
             self._wake.set()
+
+    def _ended(self, ended: DispatchEnded) -> None:
+        """A request the core ended holds no window any more. One the owner's opt-out ended changes the
+        event's opt too: openleadr answers every later distribution of the event with the opt on record, and
+        an event the gateway no longer serves any interval of is optOut (asked again once the opt-out is
+        revoked, it opts in anew: `_reask`)."""
+        for event_id, tracked in self._events.items():
+            if tracked.windows.pop(ended.request_id, None) is None or ended.reason != OPTED_OUT_END:
+                continue
+            opt = OPT_IN if tracked.windows else OPT_OUT  # the intervals still served (begun or not)
+            if opt != tracked.opt:
+                self._set_opt(event_id, tracked, opt)
+                self._record(EventOutcome(event_id, tracked.revision, opt,
+                                          detail=f"{ended.request_id}: ended by the owner's opt-out"))
+
+    def _set_opt(self, event_id: str, tracked: _Tracked, opt: str) -> None:
+        """The opt the VTN's next distribution of the event is answered with (openleadr's record of it)."""
+        tracked.opt = opt
+        if self.client is not None and event_id in self.client.responded_events:
+            self.client.responded_events[event_id] = opt
 
     async def _standing(self, sink: DispatchSink) -> None:
         """Ask again for events in their active period the core would now serve better."""
@@ -526,9 +546,7 @@ class OpenAdrVen:
                     tracked.windows[again.id] = (again.start, again.end, _committed_w(again, answer))
                 self.reasks += 1
             if due:
-                tracked.opt = _opt_of(tuple(tracked.answers.values()))
-                if self.client is not None and event_id in self.client.responded_events:
-                    self.client.responded_events[event_id] = tracked.opt  # the next distribution says so
+                self._set_opt(event_id, tracked, _opt_of(tuple(tracked.answers.values())))
                 self._record(EventOutcome(event_id, tracked.revision, tracked.opt,
                                           tuple(tracked.answers[r.id] for r in due),
                                           "asked again: " + "; ".join(_describe(tracked.answers[r.id])
