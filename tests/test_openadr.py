@@ -1,8 +1,10 @@
 """The OpenADR 2.0b VEN against a real openleadr VTN on 127.0.0.1.
 
-The core is not part of these tests: a scripted sink stands in for it, answering
-by a fixed policy and recording everything the VEN handed over, so each test
-checks what the VEN translated and what the VTN heard back.
+Most tests leave the core out: a scripted sink stands in for it, answering by a
+fixed policy and recording everything the VEN handed over, so each test checks
+what the VEN translated and what the VTN heard back. Where what the VEN says
+depends on what the core serves (power through a modification, the request in
+force), `CoreSink` puts the real pure core behind it, on a clock the test moves.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
+from core_builders import Run, bms, inverter, ready
 from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
+from firmware_py.core.telemetry import telemetry
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -77,6 +81,42 @@ class ScriptedSink:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
 
 
+class CoreSink(Run):
+    """The real pure core behind the VEN, stepped with healthy BMS and inverter data at each item the VEN
+    hands over and as the test moves its clock on (`run`), never waiting for the wall clock. Its clock
+    starts at the wall clock's now, which the VEN places the VTN's times on; `observers` see every step
+    as the gateway's do, and `setpoints` is every step's command."""
+
+    def __init__(self) -> None:
+        now = time.time()
+        super().__init__(ready(now), t=now)
+        self.received: list[Any] = []
+        self.observers: list[Any] = []
+        self.setpoints: list[float] = []
+
+    def feed(self, *inputs: Any) -> StepResult:
+        result = super().feed(*inputs)
+        self.setpoints.append(result.command.setpoint_w)
+        for observe in self.observers:
+            observe(result)
+        return result
+
+    async def submit(self, item: Any) -> DispatchAnswer | None:
+        self.received.append(item)
+        result = self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w,
+                                                           tot_wh_inj=self.meter_wh), item)
+        return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
+
+    def telemetry(self) -> Telemetry:
+        return telemetry(self.c, self.t)
+
+    def now(self) -> float:
+        return self.t
+
+    def note(self, kind: Any, payload: dict[str, Any]) -> None:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def polls_every_50_ms(monkeypatch):
     """The loopback VTN asks for polls as fast as they come (PT0S); the VEN's floor of 0.5 s, which spares
@@ -99,7 +139,7 @@ async def registered(vtn: LoopbackVtn, ven: OpenAdrVen) -> None:
 
 
 @contextlib.asynccontextmanager
-async def enrolled(sink: ScriptedSink, *, vtn_options: dict[str, Any] | None = None,
+async def enrolled(sink: ScriptedSink | CoreSink, *, vtn_options: dict[str, Any] | None = None,
                    **ven_changes: Any) -> AsyncIterator[tuple[LoopbackVtn, OpenAdrVen]]:
     """A loopback VTN polled as fast as it likes, and the VEN registered with it, serving `sink`."""
     async with LoopbackVtn(poll_s=0, **(vtn_options or {})) as vtn:
@@ -460,8 +500,34 @@ def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> 
             (f"{event_id}#0", 1, 6000.0), (f"{event_id}#1", 1, 4000.0),
             (event_id, 2, 3000.0)]
         assert sorted(c.id for c in sink.cancels()) == [f"{event_id}#0", f"{event_id}#1"]
-        assert sink.received.index(sink.cancels()[0]) < sink.received.index(requests[-1])
+        assert sink.received.index(sink.cancels()[0]) > sink.received.index(requests[-1])  # no break between them
         assert requests[-1].end == pytest.approx(start.timestamp() + 900, abs=1e-3)
+
+    run(scenario)
+
+
+def test_a_modification_moving_a_running_interval_to_another_id_serves_it_on_without_a_break() -> None:
+    """An event of one interval given a second moves the first from EVENT to EVENT#0: the VEN cancelled EVENT
+    before asking for EVENT#0, so the gateway fell to 0 W and ramped up again, and the journal showed a
+    cancellation the VTN never sent."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven):
+            sink.observers.append(ven.notice_step)
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            sink.run(60)
+            assert sink.applied_w == 5_000.0
+            before = len(sink.setpoints)
+            number = vtn.modify_event(event_id, values=[5.0, 5.0], duration_s=600)  # the first interval unchanged
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
+            sink.run(5)
+            assert min(sink.setpoints[before:]) == 5_000.0 and sink.c.serving_id == f"{event_id}#0"
+            assert ven.committed_w() == 5_000.0
+        assert [type(i).__name__ for i in sink.received[-3:]] == ["DispatchRequest", "DispatchRequest",
+                                                                  "DispatchCancel"]
+        assert sink.ended(event_id).reason == f"cancelled by openadr: dropped by the event's modification {number}"
+        assert sink.final(event_id).meter_wh > 80  # a minute at 5 kW: its energy stays its own, billed
 
     run(scenario)
 

@@ -425,13 +425,14 @@ class OpenAdrVen:
                 self._events.pop(plan.event_id, None)
             self._record(EventOutcome(plan.event_id, plan.revision, OPT_IN, detail="a test event: not acted on"))
             return OPT_IN
-        requests = plan.requests
+        requests, dropped = plan.requests, ()
         if tracked is not None:
-            await self._cancel(sink, plan.event_id, tuple(set(tracked.request_ids) - set(plan.request_ids)))
+            dropped = tuple(sorted(set(tracked.request_ids) - set(plan.request_ids)))
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
         answers = tuple([await self._answer(sink, request) for request in requests])
+        await self._drop(sink, plan, dropped)
         opt = _opt_of(answers)
         windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
                    if a.verdict is not Verdict.REJECTED}
@@ -442,6 +443,13 @@ class OpenAdrVen:
                                detail="; ".join(_describe(a) for a in answers))
         self._record(outcome)
         return opt
+
+    async def _drop(self, sink: DispatchSink, plan: EventPlan, dropped: tuple[str, ...]) -> None:
+        """Cancel the requests a modification no longer holds, once its own are answered: an interval it moves
+        to another id (an event of one interval given a second: `EVENT` becomes `EVENT#0`, `EVENT#1`) is then
+        served on under its new id without a break, as the newest request in force, while the old id's energy
+        account closes with what it served, saying why (the VTN cancelled nothing)."""
+        await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
