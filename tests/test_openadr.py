@@ -61,15 +61,29 @@ class ScriptedSink:
         self.received: list[DispatchRequest | DispatchCancel] = []
         self.refusal: ReasonCode | None = None  # what the core's telemetry says blocks dispatch now
         self.improvable: frozenset[str] = frozenset()  # what it says a new revision would serve better
+        self.served: dict[str, DispatchRequest] = {}  # accepted and not cancelled, the newest last
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
         self.received.append(item)
-        return self.policy(item) if isinstance(item, DispatchRequest) else None
+        if isinstance(item, DispatchCancel):
+            self.served.pop(item.id, None)
+            return None
+        answer = self.policy(item)
+        self.served.pop(item.id, None)  # a new revision is the newest request
+        if answer.verdict is not Verdict.REJECTED:
+            self.served[item.id] = item
+        return answer
 
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
-                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None, refusal=self.refusal,
-                         improvable=tuple(self.improvable))
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=self.in_force(),
+                         refusal=self.refusal, improvable=tuple(self.improvable))
+
+    def in_force(self) -> str | None:
+        """The request the core would serve, as a stand-in tells it: the newest one accepted in its window
+        (the core's ranking by priority is the core's tests' business)."""
+        now = self.now()
+        return next((r.id for r in reversed(self.served.values()) if r.start <= now < r.end), None)
 
     def now(self) -> float:
         return time.time()
@@ -528,6 +542,32 @@ def test_a_modification_moving_a_running_interval_to_another_id_serves_it_on_wit
                                                                   "DispatchCancel"]
         assert sink.ended(event_id).reason == f"cancelled by openadr: dropped by the event's modification {number}"
         assert sink.final(event_id).meter_wh > 80  # a minute at 5 kW: its energy stays its own, billed
+
+    run(scenario)
+
+
+def test_committed_power_is_the_request_in_force_not_the_sum_of_overlapping_events() -> None:
+    """Two overlapping events, 9 kW at priority 1 and 3 kW at priority 5: the core serves the first, and
+    committedPower said 12,000 W."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink, vtn_options=dict(report_s=1)) as (vtn, ven):
+            sink.observers.append(ven.notice_step)
+            high = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 9.0, priority=1)
+            low = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 3.0, priority=5)
+            assert await vtn.wait_for_response(high) == await vtn.wait_for_response(low) == "optIn"
+            sink.run(1)
+            assert sink.telemetry().active_event_id == high
+            reported = len(vtn.reports)
+            await vtn.wait_for(lambda: [r for r in vtn.reports[reported:] if r.measurement == "committedPower"])
+            assert [r.value for r in vtn.reports[reported:] if r.measurement == "committedPower"] == [9_000.0]
+            vtn.cancel_event(high)
+            assert await vtn.wait_for_response(high, 1) == "optIn"
+            sink.run(1)
+            assert sink.telemetry().active_event_id == low and ven.committed_w() == 3_000.0
+            await sink.submit(DispatchRequest("site-1", "sunspec", DispatchKind.DISCHARGE, 2_000.0, sink.t,
+                                              sink.t + 600, received_at=sink.t))  # another source's, received last
+            assert sink.telemetry().active_event_id == "site-1" and ven.committed_w() == 0.0
 
     run(scenario)
 

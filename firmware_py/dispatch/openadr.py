@@ -61,7 +61,7 @@ from firmware_py.core.types import (
     describe,
     is_finite_number,
 )
-from firmware_py.dispatch import DispatchSink
+from firmware_py.dispatch import DispatchSink, Telemetry
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
@@ -574,12 +574,19 @@ class OpenAdrVen:
         for event_id in [e for e, t in self._events.items() if t.ends_at <= now]:
             del self._events[event_id]
 
-    def committed_w(self) -> float:
-        """The W the gateway has committed to for the OpenADR interval running now (the cap if capped)."""
+    def committed_w(self, telemetry: Telemetry | None = None) -> float:
+        """The W the gateway has committed to for the OpenADR request in force now (the cap if capped), 0 when
+        no OpenADR request is. Of overlapping events the core serves one (the highest priority): their sum
+        was never committed. `telemetry`: the core's, if the caller has it already."""
         if self._sink is None:
             return 0.0
+        in_force = (telemetry or self._sink.telemetry()).active_event_id
         now = self._sink.now()
-        return sum(w for t in self._events.values() for start, end, w in t.windows.values() if start <= now < end)
+        for tracked in self._events.values():
+            start, end, watts = tracked.windows.get(in_force or "", (0.0, 0.0, 0.0))
+            if start <= now < end:
+                return watts
+        return 0.0
 
     # ------------------------------------------------------------------ reports
 
@@ -593,7 +600,7 @@ class OpenAdrVen:
             (self._reading(lambda t: t.soc_pct), "stateOfCharge", "%"),
             (self._reading(lambda t: t.available_wh), "availableEnergy", "Wh"),
             (self._reading(lambda t: self._state_code(t.mode)), "gatewayState", "code"),
-            (self._reading(lambda t: self.committed_w()), "committedPower", "W"),
+            (self._reading(self.committed_w), "committedPower", "W"),
             (self._reading(lambda t: self.blocked_code(t)), "dispatchBlocked", "code"),
         ]
         for callback, measurement, unit in items:
