@@ -336,6 +336,26 @@ def test_a_stop_ends_what_runs_of_its_source_when_its_window_begins():
     assert not still_open(run.records)
 
 
+@pytest.mark.parametrize("stop_priority, running_priority, stands", [
+    (5, 1, True),  # an event ranked above the STOP is none of its business
+    (5, None, False), (1, 5, False), (3, 3, False),  # ranked below it, or equal: stopped
+    (None, 1, True), (None, None, False),  # a STOP of no priority ranks last; SunSpec's have none: unchanged
+])
+def test_a_stop_ends_only_what_of_its_source_does_not_outrank_it(stop_priority, running_priority, stands):
+    """A lower-priority OpenADR event's 0 kW interval ended a higher-priority event of the same VTN for good:
+    the event in force, by the source's own ranking, was stopped by an instruction that ranks below it."""
+    run = Run(ready(0.0))
+    run.feed(discharge("high", 0.0, 0.0, 3_600, 5_000, source="vtn", priority=running_priority))
+    run.run(10)
+    run.feed(DispatchRequest("low", "vtn", DispatchKind.STOP, 0, run.t, 600, received_at=run.t,
+                             priority=stop_priority))
+    run.run(700)  # past the STOP's window
+    if stands:
+        assert run.ended("high") is None and run.c.serving_id == "high" and run.c.mode is Mode.DISCHARGE
+    else:
+        assert run.ended("high").reason == "stopped by low" and run.c.serving_id is None
+
+
 def test_a_revised_stop_has_no_account_either():
     """A new revision of a STOP already applied was taken for an account reopened: an EventEnergy for it."""
     run = Run(ready(0.0))

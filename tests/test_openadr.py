@@ -1,8 +1,10 @@
 """The OpenADR 2.0b VEN against a real openleadr VTN on 127.0.0.1.
 
-The core is not part of these tests: a scripted sink stands in for it, answering
-by a fixed policy and recording everything the VEN handed over, so each test
-checks what the VEN translated and what the VTN heard back.
+Most tests leave the core out: a scripted sink stands in for it, answering by a
+fixed policy and recording everything the VEN handed over, so each test checks
+what the VEN translated and what the VTN heard back. Where what the VEN says
+depends on what the core serves (power through a modification, the request in
+force), `CoreSink` puts the real pure core behind it, on a clock the test moves.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
+from core_builders import Run, bms, inverter, ready
 from ven_harness import Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
+from firmware_py.core.telemetry import telemetry
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -57,15 +61,29 @@ class ScriptedSink:
         self.received: list[DispatchRequest | DispatchCancel] = []
         self.refusal: ReasonCode | None = None  # what the core's telemetry says blocks dispatch now
         self.improvable: frozenset[str] = frozenset()  # what it says a new revision would serve better
+        self.served: dict[str, DispatchRequest] = {}  # accepted and not cancelled, the newest last
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
         self.received.append(item)
-        return self.policy(item) if isinstance(item, DispatchRequest) else None
+        if isinstance(item, DispatchCancel):
+            self.served.pop(item.id, None)
+            return None
+        answer = self.policy(item)
+        self.served.pop(item.id, None)  # a new revision is the newest request
+        if answer.verdict is not Verdict.REJECTED:
+            self.served[item.id] = item
+        return answer
 
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
-                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=None, refusal=self.refusal,
-                         improvable=tuple(self.improvable))
+                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=self.in_force(),
+                         refusal=self.refusal, improvable=tuple(self.improvable))
+
+    def in_force(self) -> str | None:
+        """The request the core would serve, as a stand-in tells it: the newest one accepted in its window
+        (the core's ranking by priority is the core's tests' business)."""
+        now = self.now()
+        return next((r.id for r in reversed(self.served.values()) if r.start <= now < r.end), None)
 
     def now(self) -> float:
         return time.time()
@@ -75,6 +93,42 @@ class ScriptedSink:
 
     def cancels(self) -> list[DispatchCancel]:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
+
+
+class CoreSink(Run):
+    """The real pure core behind the VEN, stepped with healthy BMS and inverter data at each item the VEN
+    hands over and as the test moves its clock on (`run`), never waiting for the wall clock. Its clock
+    starts at the wall clock's now, which the VEN places the VTN's times on; `observers` see every step
+    as the gateway's do, and `setpoints` is every step's command."""
+
+    def __init__(self) -> None:
+        now = time.time()
+        super().__init__(ready(now), t=now)
+        self.received: list[Any] = []
+        self.observers: list[Any] = []
+        self.setpoints: list[float] = []
+
+    def feed(self, *inputs: Any) -> StepResult:
+        result = super().feed(*inputs)
+        self.setpoints.append(result.command.setpoint_w)
+        for observe in self.observers:
+            observe(result)
+        return result
+
+    async def submit(self, item: Any) -> DispatchAnswer | None:
+        self.received.append(item)
+        result = self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w,
+                                                           tot_wh_inj=self.meter_wh), item)
+        return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
+
+    def telemetry(self) -> Telemetry:
+        return telemetry(self.c, self.t)
+
+    def now(self) -> float:
+        return self.t
+
+    def note(self, kind: Any, payload: dict[str, Any]) -> None:
+        pass
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +153,7 @@ async def registered(vtn: LoopbackVtn, ven: OpenAdrVen) -> None:
 
 
 @contextlib.asynccontextmanager
-async def enrolled(sink: ScriptedSink, *, vtn_options: dict[str, Any] | None = None,
+async def enrolled(sink: ScriptedSink | CoreSink, *, vtn_options: dict[str, Any] | None = None,
                    **ven_changes: Any) -> AsyncIterator[tuple[LoopbackVtn, OpenAdrVen]]:
     """A loopback VTN polled as fast as it likes, and the VEN registered with it, serving `sink`."""
     async with LoopbackVtn(poll_s=0, **(vtn_options or {})) as vtn:
@@ -393,6 +447,56 @@ def test_committed_power_drops_when_the_core_ends_the_request_and_returns_when_i
     run(scenario)
 
 
+def every_answer(vtn: LoopbackVtn) -> list[tuple[str, str]]:
+    """(event id, opt) of every oadrCreatedEvent answer the VTN receives from now on: its `responses` keep only
+    the first answer to each modification (openleadr calls an event's callback once)."""
+    heard: list[tuple[str, str]] = []
+    service = vtn.server.services["event_service"]
+    created = service.handlers["oadrCreatedEvent"]
+
+    async def tap(payload: dict[str, Any]) -> Any:
+        heard.extend((r["event_id"], r["opt_type"]) for r in payload.get("event_responses", []))
+        return await created(payload)
+
+    service.handlers["oadrCreatedEvent"] = tap
+    return heard
+
+
+def test_an_event_the_owners_opt_out_ended_is_answered_opt_out_and_opt_in_once_asked_again() -> None:
+    """openleadr answers every later distribution of an event with the opt on record: after the owner's
+    opt-out ended the event's only interval in the core, the VTN went on hearing optIn for it."""
+    before, after = Controller.start(CorePolicy()), Controller.start(CorePolicy())  # two owners: a change
+
+    def ended(request_id: str) -> StepResult:
+        return StepResult(before, InverterCommand(0.0, "test"),
+                          [DispatchEnded(time.time(), request_id, "owner opted out")], None)
+
+    async def redistributed(vtn: LoopbackVtn, heard: list[tuple[str, str]], *event_ids: str) -> dict[str, str]:
+        """What the VEN answers when the VTN distributes its events again (it does on each new event)."""
+        del heard[:]
+        vtn.add_event(LOAD_DISPATCH, in_seconds(3_600), 600, 3.0)
+        await vtn.wait_for(lambda: set(event_ids) <= {event_id for event_id, _ in heard})
+        return {event_id: opt for event_id, opt in heard if event_id in event_ids}
+
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            heard = every_answer(vtn)
+            one = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            two = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), [600, 600], [4.0, 4.0])
+            assert await vtn.wait_for_response(one) == await vtn.wait_for_response(two) == "optIn"
+            ven.notice_step(ended(one))
+            ven.notice_step(ended(f"{two}#0"))  # its second interval is still served
+            assert await redistributed(vtn, heard, one, two) == {one: "optOut", two: "optIn"}
+            sink.improvable = frozenset({one})  # the opt-out revoked: the core would serve it again
+            ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
+            await vtn.wait_for(lambda: ven.reasks == 1)
+            sink.improvable = frozenset()
+            assert await redistributed(vtn, heard, one) == {one: "optIn"}
+
+    run(scenario)
+
+
 def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> None:
     async def scenario() -> None:
         sink = ScriptedSink(accept)
@@ -410,8 +514,60 @@ def test_modification_sends_a_new_revision_and_withdraws_dropped_intervals() -> 
             (f"{event_id}#0", 1, 6000.0), (f"{event_id}#1", 1, 4000.0),
             (event_id, 2, 3000.0)]
         assert sorted(c.id for c in sink.cancels()) == [f"{event_id}#0", f"{event_id}#1"]
-        assert sink.received.index(sink.cancels()[0]) < sink.received.index(requests[-1])
+        assert sink.received.index(sink.cancels()[0]) > sink.received.index(requests[-1])  # no break between them
         assert requests[-1].end == pytest.approx(start.timestamp() + 900, abs=1e-3)
+
+    run(scenario)
+
+
+def test_a_modification_moving_a_running_interval_to_another_id_serves_it_on_without_a_break() -> None:
+    """An event of one interval given a second moves the first from EVENT to EVENT#0: the VEN cancelled EVENT
+    before asking for EVENT#0, so the gateway fell to 0 W and ramped up again, and the journal showed a
+    cancellation the VTN never sent."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven):
+            sink.observers.append(ven.notice_step)
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 5.0)
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            sink.run(60)
+            assert sink.applied_w == 5_000.0
+            before = len(sink.setpoints)
+            number = vtn.modify_event(event_id, values=[5.0, 5.0], duration_s=600)  # the first interval unchanged
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
+            sink.run(5)
+            assert min(sink.setpoints[before:]) == 5_000.0 and sink.c.serving_id == f"{event_id}#0"
+            assert ven.committed_w() == 5_000.0
+        assert [type(i).__name__ for i in sink.received[-3:]] == ["DispatchRequest", "DispatchRequest",
+                                                                  "DispatchCancel"]
+        assert sink.ended(event_id).reason == f"cancelled by openadr: dropped by the event's modification {number}"
+        assert sink.final(event_id).meter_wh > 80  # a minute at 5 kW: its energy stays its own, billed
+
+    run(scenario)
+
+
+def test_committed_power_is_the_request_in_force_not_the_sum_of_overlapping_events() -> None:
+    """Two overlapping events, 9 kW at priority 1 and 3 kW at priority 5: the core serves the first, and
+    committedPower said 12,000 W."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink, vtn_options=dict(report_s=1)) as (vtn, ven):
+            sink.observers.append(ven.notice_step)
+            high = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 9.0, priority=1)
+            low = vtn.add_event(LOAD_DISPATCH, in_seconds(-60), 600, 3.0, priority=5)
+            assert await vtn.wait_for_response(high) == await vtn.wait_for_response(low) == "optIn"
+            sink.run(1)
+            assert sink.telemetry().active_event_id == high
+            reported = len(vtn.reports)
+            await vtn.wait_for(lambda: [r for r in vtn.reports[reported:] if r.measurement == "committedPower"])
+            assert [r.value for r in vtn.reports[reported:] if r.measurement == "committedPower"] == [9_000.0]
+            vtn.cancel_event(high)
+            assert await vtn.wait_for_response(high, 1) == "optIn"
+            sink.run(1)
+            assert sink.telemetry().active_event_id == low and ven.committed_w() == 3_000.0
+            await sink.submit(DispatchRequest("site-1", "sunspec", DispatchKind.DISCHARGE, 2_000.0, sink.t,
+                                              sink.t + 600, received_at=sink.t))  # another source's, received last
+            assert sink.telemetry().active_event_id == "site-1" and ven.committed_w() == 0.0
 
     run(scenario)
 

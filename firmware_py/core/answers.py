@@ -8,7 +8,8 @@ enter-service delay; then the owner's opt-out; then the power limits, the site
 limit among them, and for a request with a window the energy budget above the
 floor; an open-ended request has no window to budget: it is followed until the
 floor's envelope ends it). A new revision of a running event continues it (its
-energy carries over), and an accepted STOP ends the source's other events.
+energy carries over), and an accepted STOP ends the source's other events but those that
+outrank it (a better priority).
 `cancel` is the one way a source ends its own event early.
 
 `improvable` is how standing settings are served once what refused or capped
@@ -28,7 +29,7 @@ from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event, energy_record
 from firmware_py.core.faults import bms_usable, inverter_usable
 from firmware_py.core.floor import discharge_envelope_w, stopping_energy_wh
-from firmware_py.core.requests import Booked
+from firmware_py.core.requests import Booked, outranks
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -312,7 +313,11 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
 
 def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """An accepted STOP, once its window has begun, ends every other live event of its source that
-    had begun when it took effect; the STOP itself holds nothing.
+    had begun when it took effect and does not outrank it; the STOP itself holds nothing.
+
+    A priority is the source's own ranking of its requests (`in_force`): a STOP of priority 5 says
+    nothing of an event of priority 1 of its source, which would be in force over it, so that one
+    stands. Requests without a priority (SunSpec's, an event of none) never outrank a STOP.
 
     Applied when its window opens, not when it is answered: an OpenADR event's interval of level 0
     hours ahead stops what runs then, not the event running now nor its own earlier intervals. An
@@ -323,7 +328,7 @@ def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Contro
     events: list[Event] = []
     for entry in c.book.live():
         if entry.request.source == stop.source and entry.request.id != stop.id and \
-                entry.request.start <= took_effect:
+                entry.request.start <= took_effect and not outranks(entry.request, stop):
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
     return c.evolve(book=c.book.end(stop.id)), events

@@ -108,5 +108,16 @@ class RequestBook:
 
 def _rank(request: DispatchRequest) -> tuple[float, float]:
     """Sorts first what matters most: the lowest priority number (none after every number), then the newest."""
-    priority = math.inf if request.priority is None else request.priority
-    return priority, -request.received_at
+    return _priority_rank(request), -request.received_at
+
+
+def _priority_rank(request: DispatchRequest) -> float:
+    """A request's priority as a number to sort by: the lower the more it matters, none after every number."""
+    return math.inf if request.priority is None else request.priority
+
+
+def outranks(request: DispatchRequest, other: DispatchRequest) -> bool:
+    """Whether `request` has a better priority than `other`, as `in_force` ranks one source's requests:
+    a STOP of lower priority does not end it (an OpenADR event's 0 kW interval ends its own event's
+    intervals and the source's events that matter no more than it, not an event ranked above it)."""
+    return _priority_rank(request) < _priority_rank(other)

@@ -49,6 +49,7 @@ from openleadr import OpenADRClient, enums, objects, utils
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
+from firmware_py.core.machine import OPTED_OUT_END
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -60,7 +61,7 @@ from firmware_py.core.types import (
     describe,
     is_finite_number,
 )
-from firmware_py.dispatch import DispatchSink
+from firmware_py.dispatch import DispatchSink, Telemetry
 from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
 from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
@@ -424,13 +425,14 @@ class OpenAdrVen:
                 self._events.pop(plan.event_id, None)
             self._record(EventOutcome(plan.event_id, plan.revision, OPT_IN, detail="a test event: not acted on"))
             return OPT_IN
-        requests = plan.requests
+        requests, dropped = plan.requests, ()
         if tracked is not None:
-            await self._cancel(sink, plan.event_id, tuple(set(tracked.request_ids) - set(plan.request_ids)))
+            dropped = tuple(sorted(set(tracked.request_ids) - set(plan.request_ids)))
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
         answers = tuple([await self._answer(sink, request) for request in requests])
+        await self._drop(sink, plan, dropped)
         opt = _opt_of(answers)
         windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
                    if a.verdict is not Verdict.REJECTED}
@@ -441,6 +443,13 @@ class OpenAdrVen:
                                detail="; ".join(_describe(a) for a in answers))
         self._record(outcome)
         return opt
+
+    async def _drop(self, sink: DispatchSink, plan: EventPlan, dropped: tuple[str, ...]) -> None:
+        """Cancel the requests a modification no longer holds, once its own are answered: an interval it moves
+        to another id (an event of one interval given a second: `EVENT` becomes `EVENT#0`, `EVENT#1`) is then
+        served on under its new id without a break, as the newest request in force, while the old id's energy
+        account closes with what it served, saying why (the VTN cancelled nothing)."""
+        await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
@@ -493,10 +502,29 @@ class OpenAdrVen:
         that changed what admits dispatch may have cleared what refused or capped an event: look at once."""
         for event in result.events:
             if isinstance(event, DispatchEnded):
-                for tracked in self._events.values():
-                    tracked.windows.pop(event.request_id, None)
+                self._ended(event)
         if self._watch.changed(result) and self._wake is not None and self._events:
             self._wake.set()
+
+    def _ended(self, ended: DispatchEnded) -> None:
+        """A request the core ended holds no window any more. One the owner's opt-out ended changes the
+        event's opt too: openleadr answers every later distribution of the event with the opt on record, and
+        an event the gateway no longer serves any interval of is optOut (asked again once the opt-out is
+        revoked, it opts in anew: `_reask`)."""
+        for event_id, tracked in self._events.items():
+            if tracked.windows.pop(ended.request_id, None) is None or ended.reason != OPTED_OUT_END:
+                continue
+            opt = OPT_IN if tracked.windows else OPT_OUT  # the intervals still served (begun or not)
+            if opt != tracked.opt:
+                self._set_opt(event_id, tracked, opt)
+                self._record(EventOutcome(event_id, tracked.revision, opt,
+                                          detail=f"{ended.request_id}: ended by the owner's opt-out"))
+
+    def _set_opt(self, event_id: str, tracked: _Tracked, opt: str) -> None:
+        """The opt the VTN's next distribution of the event is answered with (openleadr's record of it)."""
+        tracked.opt = opt
+        if self.client is not None and event_id in self.client.responded_events:
+            self.client.responded_events[event_id] = opt
 
     async def _standing(self, sink: DispatchSink) -> None:
         """Ask again for events in their active period the core would now serve better."""
@@ -526,9 +554,7 @@ class OpenAdrVen:
                     tracked.windows[again.id] = (again.start, again.end, _committed_w(again, answer))
                 self.reasks += 1
             if due:
-                tracked.opt = _opt_of(tuple(tracked.answers.values()))
-                if self.client is not None and event_id in self.client.responded_events:
-                    self.client.responded_events[event_id] = tracked.opt  # the next distribution says so
+                self._set_opt(event_id, tracked, _opt_of(tuple(tracked.answers.values())))
                 self._record(EventOutcome(event_id, tracked.revision, tracked.opt,
                                           tuple(tracked.answers[r.id] for r in due),
                                           "asked again: " + "; ".join(_describe(tracked.answers[r.id])
@@ -548,12 +574,19 @@ class OpenAdrVen:
         for event_id in [e for e, t in self._events.items() if t.ends_at <= now]:
             del self._events[event_id]
 
-    def committed_w(self) -> float:
-        """The W the gateway has committed to for the OpenADR interval running now (the cap if capped)."""
+    def committed_w(self, telemetry: Telemetry | None = None) -> float:
+        """The W the gateway has committed to for the OpenADR request in force now (the cap if capped), 0 when
+        no OpenADR request is. Of overlapping events the core serves one (the highest priority): their sum
+        was never committed. `telemetry`: the core's, if the caller has it already."""
         if self._sink is None:
             return 0.0
+        in_force = (telemetry or self._sink.telemetry()).active_event_id
         now = self._sink.now()
-        return sum(w for t in self._events.values() for start, end, w in t.windows.values() if start <= now < end)
+        for tracked in self._events.values():
+            start, end, watts = tracked.windows.get(in_force or "", (0.0, 0.0, 0.0))
+            if start <= now < end:
+                return watts
+        return 0.0
 
     # ------------------------------------------------------------------ reports
 
@@ -567,7 +600,7 @@ class OpenAdrVen:
             (self._reading(lambda t: t.soc_pct), "stateOfCharge", "%"),
             (self._reading(lambda t: t.available_wh), "availableEnergy", "Wh"),
             (self._reading(lambda t: self._state_code(t.mode)), "gatewayState", "code"),
-            (self._reading(lambda t: self.committed_w()), "committedPower", "W"),
+            (self._reading(self.committed_w), "committedPower", "W"),
             (self._reading(lambda t: self.blocked_code(t)), "dispatchBlocked", "code"),
         ]
         for callback, measurement, unit in items:
