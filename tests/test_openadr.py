@@ -23,13 +23,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
-from core_builders import Run, bms, inverter, ready
-from ven_harness import Policy, accept, cap_at, opted_out, run, serving
+from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
-from firmware_py.core.telemetry import telemetry
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -93,42 +91,6 @@ class ScriptedSink:
 
     def cancels(self) -> list[DispatchCancel]:
         return [r for r in self.received if isinstance(r, DispatchCancel)]
-
-
-class CoreSink(Run):
-    """The real pure core behind the VEN, stepped with healthy BMS and inverter data at each item the VEN
-    hands over and as the test moves its clock on (`run`), never waiting for the wall clock. Its clock
-    starts at the wall clock's now, which the VEN places the VTN's times on; `observers` see every step
-    as the gateway's do, and `setpoints` is every step's command."""
-
-    def __init__(self) -> None:
-        now = time.time()
-        super().__init__(ready(now), t=now)
-        self.received: list[Any] = []
-        self.observers: list[Any] = []
-        self.setpoints: list[float] = []
-
-    def feed(self, *inputs: Any) -> StepResult:
-        result = super().feed(*inputs)
-        self.setpoints.append(result.command.setpoint_w)
-        for observe in self.observers:
-            observe(result)
-        return result
-
-    async def submit(self, item: Any) -> DispatchAnswer | None:
-        self.received.append(item)
-        result = self.feed(bms(self.t, self.soc), inverter(self.t, measured_w=self.applied_w,
-                                                           tot_wh_inj=self.meter_wh), item)
-        return result.answer_for(item.id) if isinstance(item, DispatchRequest) else None
-
-    def telemetry(self) -> Telemetry:
-        return telemetry(self.c, self.t)
-
-    def now(self) -> float:
-        return self.t
-
-    def note(self, kind: Any, payload: dict[str, Any]) -> None:
-        pass
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
-from ven_harness import Policy, accept, cap_at, opted_out, run, serving
+from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse
 from firmware_py.core.controller import Controller, StepResult
@@ -373,6 +373,26 @@ def test_modification_is_a_new_revision_and_withdraws_dropped_intervals() -> Non
             assert [(r.id, r.target_w, r.revision) for r in requests[2:]] == [(event_id, 7000.0, 1)]
             assert {c.id for c in sink.of(DispatchCancel)} == {f"{event_id}#0", f"{event_id}#1"}
             assert requests[-1].end - requests[-1].start == 600
+
+    run(scenario)
+
+
+def test_a_revision_moving_a_running_interval_to_another_id_serves_it_on_without_a_break() -> None:
+    """An event of one interval given a second moves the first from EVENT to EVENT#0: the VEN cancelled
+    EVENT before asking for EVENT#0, so the gateway fell to 0 W and ramped up again."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 600, [5.0])
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            sink.run(60)
+            assert sink.applied_w == 5_000.0
+            before = len(sink.setpoints)
+            vtn.modify_event(event_id, values=[5.0, 5.0])  # the first interval unchanged
+            await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 3)
+            sink.run(5)
+            assert min(sink.setpoints[before:]) == 5_000.0 and sink.c.serving_id == f"{event_id}#0"
+        assert sink.ended(event_id).reason == "cancelled by openadr3: dropped by the event's new revision"
 
     run(scenario)
 

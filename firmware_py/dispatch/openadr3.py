@@ -553,11 +553,11 @@ class OpenAdr3Ven:
             return
         requests = plan.requests
         carried_wh: dict[str, tuple[int, float]] = {}
+        dropped: set[str] = set()
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
             carried_wh = self._carry(tracked, plan)
             self._forget(dropped)
-            await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
@@ -574,6 +574,9 @@ class OpenAdr3Ven:
             answer = await sink.submit(price)
             if isinstance(answer, DispatchAnswer):
                 price_answers[price.id] = answer
+        # Only now, so that an interval the revision moves to another id (EVENT to EVENT#0) is served on
+        # under the new one, the newest in force, without falling to 0 W and ramping up again.
+        await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
                                                reported_upto=tracked.reported_upto if tracked else 0,
                                                carried_wh=carried_wh)
