@@ -344,12 +344,10 @@ function wireControls() {
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
   $("price-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    // The power limit has no field here: what was set elsewhere (the command line, MQTT) is sent back as it is.
+    // The power limit has no field here: left out, the gateway keeps what was set elsewhere (command line, MQTT).
     change("PUT", "/api/price", { threshold_per_kwh: Number($("price-threshold").value),
                                   max_wh_per_day: Math.round(Number($("price-max").value) * 1000),
-                                  kind: $("price-kind").value,
-                                  power_w: state.settings ? state.settings.settings.price_power_w : null },
-           "Price mode on.");
+                                  kind: $("price-kind").value }, "Price mode on.");
   });
   $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off."));
 }
