@@ -326,6 +326,11 @@ def test_an_automation_turns_price_mode_on_and_off(tmp_path):
                 state = await watcher.wait_for("price mode", lambda m: is_state(m) and m.json()["price_mode"])
                 assert state.json()["price_mode"] == {"threshold_per_kwh": 0.3, "kind": "PRICE",
                                                       "max_wh_per_day": 8000, "today_wh": 0.0}
+                # A power limit, then a change that leaves it out: kept (the same rule as the web app's).
+                for body in ({"threshold_per_kwh": 0.3, "max_wh_per_day": 8000, "power_w": 2500},
+                             {"threshold_per_kwh": 0.4, "max_wh_per_day": 8000}):
+                    assert (await command(rig, watcher, "price", json.dumps(body)))["ok"]
+                assert rig.gateway.owner_settings().price_power_w == 2500
                 assert (await command(rig, watcher, "price", "OFF"))["reason"] == "price mode off"
                 await watcher.wait_for("price mode off", lambda m: is_state(m) and m.json()["price_mode"] is None)
                 assert not rig.gateway.owner_settings().price_mode

@@ -758,3 +758,29 @@ def test_a_bad_price_setting_is_refused_with_its_reason_and_exit_2(tmp_path, own
 def test_price_mode_rules_refuse_what_cannot_mean_anything(body, message):
     with pytest.raises(changes.BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
         changes.set_price_mode(OwnerSettings(40, NOW), body, NOW)
+
+
+def test_a_price_change_without_power_w_keeps_the_limit_set_before_and_null_lifts_it():
+    """The web page has no power field and sent back the limit it had read, undoing one set since (the
+    command line, MQTT); a missing `power_w` now keeps the current one, as a missing `kind` does."""
+    limited = changes.set_price_mode(OwnerSettings(40, NOW), {"threshold_per_kwh": 0.3, "max_wh_per_day": 10_000,
+                                                              "kind": "PRICE", "power_w": 3000}, NOW)
+    again = changes.set_price_mode(limited, {"threshold_per_kwh": 0.35, "max_wh_per_day": 10_000}, NOW)
+    assert (again.price_threshold_per_kwh, again.price_kind, again.price_power_w) == (0.35, PriceKind.PRICE, 3000)
+    lifted = changes.set_price_mode(again, {"threshold_per_kwh": 0.35, "max_wh_per_day": 10_000, "power_w": None}, NOW)
+    assert lifted.price_power_w is None
+    assert changes.set_price_mode(OwnerSettings(40, NOW), {"threshold_per_kwh": 0.3, "max_wh_per_day": 1},
+                                  NOW).price_power_w is None  # no limit at first
+
+
+def test_the_cli_keeps_the_power_limit_unless_told_and_max_lifts_it(tmp_path, owner_cli):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    with Serving(OwnerApi(cfg, port, tz=UTC)) as api:
+        gateway = write_gateway_config(tmp_path, api.address)
+        assert owner_cli(gateway, "price", "0.3", "1000", "--power-w", "4000")[0] == 0
+        code, out, err = owner_cli(gateway, "price", "0.4", "1000")
+        assert code == 0 and "at 4,000 W" in out and port.calls[-1].price_power_w == 4000, err
+        code, out, err = owner_cli(gateway, "price", "0.4", "1000", "--power-w", "max")
+        assert code == 0 and "at as much power as the limits allow" in out, err
+        assert port.calls[-1].price_power_w is None

@@ -460,6 +460,10 @@ def test_the_departure_preview_is_the_floor_the_gateway_then_applies(tmp_path):
             assert await preview(until_iso(rig, -1), 60) == (400, {"error": f"at: '{until_iso(rig, -1)}' is not "
                                                                             "in the future"})
             assert (await preview(leave, "lots"))[1] == {"error": "soc_pct: expected a number 0 to 100, got 'lots'"}
+            # An epoch `at`, which PUT /api/departure takes, is taken here too (it was refused as not a time).
+            epoch = rig.time.wall() + 3 * 3600
+            status, by_epoch = await preview(f"{epoch:.0f}", 60)
+            assert status == 200 and by_epoch == (await preview(until_iso(rig, 3), 60))[1], by_epoch
             assert rig.gateway.owner_settings().departure_soc_pct == 60
 
     asyncio.run(main())
@@ -560,7 +564,52 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy(tmp_path):
                     assert response.headers["X-Frame-Options"] == "DENY"
             async with http.put(app.url + "api/reserve", data=b'{"pct": 5' + b"0" * 5000 + b"}",
                                 headers={"Authorization": f"Bearer {tokens['owner']}"}) as response:
-                assert response.status == 400 and "larger than 4096 bytes" in (await response.json())["error"]
+                assert response.status == 413 and "larger than 4096 bytes" in (await response.json())["error"]
+
+    asyncio.run(main())
+
+
+def test_a_405_says_which_methods_the_path_takes(tmp_path):
+    """A 405 came without `Allow` (the JSON error built a new response and dropped aiohttp's headers)."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            bearer = {"Authorization": f"Bearer {tokens['owner']}"}
+            base = app.url.rstrip("/")
+            for method, path, allowed in (("POST", "/api/reserve", {"PUT"}), ("DELETE", "/api/reserve", {"PUT"}),
+                                          ("PUT", "/api/status", {"GET", "HEAD"})):
+                async with browser.http.request(method, base + path, headers=bearer, data=b"{}") as response:
+                    assert response.status == 405, (method, path)
+                    assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed, (method, path)
+                    assert response.headers["X-Frame-Options"] == "DENY"
+
+    asyncio.run(main())
+
+
+def test_head_is_answered_wherever_get_is(tmp_path):
+    """HEAD on the page and on every GET resource was 405."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            bearer = {"Authorization": f"Bearer {tokens['owner']}"}
+            base = app.url.rstrip("/")
+            for path, headers in (("/", {}), ("/app.js", {}), ("/api/status", bearer), ("/api/settings", bearer)):
+                async with browser.http.head(base + path, headers=headers) as response:
+                    assert response.status == 200, path
+            async with browser.http.head(base + "/api/status") as response:
+                assert response.status == 401  # HEAD is no way around the login
+
+    asyncio.run(main())
+
+
+def test_get_login_in_the_address_bar_goes_to_the_page(tmp_path):
+    """`/login` in the address bar (where a wrong token leaves it: reloaded, bookmarked) gave raw JSON 405."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            base = app.url.rstrip("/")
+            async with browser.http.get(base + "/login", allow_redirects=False) as response:
+                assert response.status == 303 and response.headers["Location"] == "/"
+                assert response.headers["X-Frame-Options"] == "DENY"
+            async with browser.http.get(base + "/login") as response:
+                assert response.status == 200 and 'name="token"' in await response.text()
 
     asyncio.run(main())
 

@@ -13,7 +13,8 @@ payload, the answer is one result document; never a traceback.
                         for storm_watch_hours: what the Home Assistant switch sends)
     P/set/departure     {"time": "HH:MM", "soc_pct": N} | OFF
     P/set/price         {"threshold_per_kwh": N, "max_wh_per_day": N, "kind": ..., "power_w": ...} | OFF
-                        (price-responsive mode, as the owner API's PUT /price)
+                        (price-responsive mode, as the owner API's PUT /price: `kind` and
+                        `power_w` left out keep the ones set before, `power_w` null lifts the limit)
 
 Commands are also rate limited (`CommandGate`): each accepted change is saved to
 disk and journaled, so a publisher looping on a command topic is refused, not

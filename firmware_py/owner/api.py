@@ -15,7 +15,8 @@ so what the core runs on is always what a restart will load.
     PUT|POST /storm-watch {"floor_pct": N, "until": ISO-8601 or epoch}
     DELETE /storm-watch
     PUT|POST /price      {"threshold_per_kwh": N, "max_wh_per_day": N, "kind": "EXPORT_PRICE"|"PRICE",
-                          "power_w": N|null}   price-responsive mode (kind and power_w optional)
+                          "power_w": N|null}   price-responsive mode (kind and power_w optional:
+                                         absent, each keeps the one set before)
     DELETE /price                        price-responsive mode off
     GET    /api/status                   the live state (`powershare-gw status`)
 

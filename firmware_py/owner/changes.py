@@ -212,8 +212,9 @@ def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str, lo
 def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:
     """{"threshold_per_kwh": N, "max_wh_per_day": N, "kind": "EXPORT_PRICE"|"PRICE", "power_w": N|null}:
     discharge while a published price of that kind is at least N (the program's currency per kWh),
-    up to that much energy a day, at that power (null or absent: as much as every limit allows).
-    `kind` absent keeps the one set before (EXPORT_PRICE at first: what export is paid)."""
+    up to that much energy a day, at that power (null: as much as every limit allows).
+    `kind` and `power_w` absent keep the ones set before (at first EXPORT_PRICE, what export is paid, and
+    no power limit): the page, which has no power field, no longer undid a limit set elsewhere."""
     body = _fields(body, ("threshold_per_kwh", "max_wh_per_day", "kind", "power_w"))
     for key, what in (("threshold_per_kwh", "the price at or above which the truck discharges"),
                       ("max_wh_per_day", "the most price-driven energy a day, Wh")):
@@ -227,8 +228,8 @@ def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettin
         if body["kind"] not in names:
             raise BadRequest(f"kind: expected one of {', '.join(names)}, got {shown(body['kind'])}")
         kind = PriceKind(body["kind"])
-    power = body.get("power_w")
-    if power is not None:
+    power = body["power_w"] if "power_w" in body else current.price_power_w
+    if "power_w" in body and power is not None:
         power = _bounded(body, "power_w", 0, MAX_PRICE_POWER_W, "a power in W above 0, or null", low_open=True)
     return _changed(current, now, price_threshold_per_kwh=threshold, price_max_wh_per_day=budget,
                     price_kind=kind, price_power_w=power)

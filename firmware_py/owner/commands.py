@@ -249,7 +249,9 @@ def _price(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
                                 "max_wh_per_day": _number(args.max_wh, "price MAX_WH_PER_DAY")}
         if args.kind is not None:
             body["kind"] = args.kind
-        if args.power_w is not None:
+        if args.power_w == "max":  # no limit of its own; left out, the limit set before is kept
+            body["power_w"] = None
+        elif args.power_w is not None:
             body["power_w"] = _number(args.power_w, "price --power-w")
         settings = call(owner, "PUT", "/price", body)["settings"]
     return [f"price mode: {describe_price_mode(settings)}"]
@@ -312,4 +314,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     price.add_argument("--kind", choices=("EXPORT_PRICE", "PRICE"),
                        help="which published price counts (default EXPORT_PRICE, what export is paid; "
                             "PRICE: what the home's import costs)")
-    price.add_argument("--power-w", dest="power_w", help="the discharge power (default: as much as every limit allows)")
+    price.add_argument("--power-w", dest="power_w", help="the discharge power in W, or max: as much as every limit allows (default: as set before; max at first)")

@@ -7,13 +7,13 @@ model and the journal; every change goes through the same `OwnerDesk` as the
 loopback owner API, so it is validated by the same rules (`owner/changes.py`),
 saved, fed to the core and journaled exactly like an `owner` command.
 
-    GET  /                     the page; the login form without a session
+    GET  /                     the page; the login form without a session (GET /login: 303 to it)
     POST /login                form field `token` -> session cookie (HttpOnly, SameSite=Strict)
     POST /logout               ends the session
     GET  /api/session          the session's role and CSRF token
     GET  /api/status           the status document (`powershare-gw status`)
     GET  /api/settings         the owner's settings and what they imply
-    GET  /api/departure-floor  ?at=ISO-8601&soc_pct=N: the floor that departure would make, before it is set
+    GET  /api/departure-floor  ?at=ISO-8601|epoch&soc_pct=N: the floor that departure would make, before it is set
     GET  /api/history          the last 24 h from the journal, each event with its statement figures
     PUT  /api/reserve | opt-out | departure | storm-watch | price
     DELETE /api/opt-out | departure | storm-watch | price
@@ -23,7 +23,8 @@ saved, fed to the core and journaled exactly like an `owner` command.
 Every /api request needs the session cookie or `Authorization: Bearer TOKEN`; every
 change made with a session also needs its CSRF token in `X-CSRF-Token`. Without
 them: 401. An owner asking for an installer's action: 403. A refused change: 400
-with the reason. Bodies are at most 4 KiB; tokens never appear in a page, a log
+with the reason. Bodies are at most 4 KiB (413 beyond); every GET answers HEAD too, and a
+405 names the methods the path takes in `Allow`. Tokens never appear in a page, a log
 line or the journal.
 """
 
@@ -222,19 +223,20 @@ class WebApp:
 
     def _application(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
-        add = app.router.add_route
-        add("GET", "/", self._page)
+        add, get = app.router.add_route, app.router.add_get  # add_get answers HEAD too
+        get("/", self._page)
+        get("/login", self._to_page)
         add("POST", "/login", self._login)
         for name in ASSETS:
-            add("GET", f"/{name}", self._asset)
+            get(f"/{name}", self._asset)
         known = self._known
         add("POST", "/logout", known(self._logout))
-        add("GET", "/api/session", known(self._session))
-        add("GET", "/api/status", known(self._status))
-        add("GET", "/api/settings", known(self._settings))
-        add("GET", "/api/departure-floor", known(self._departure_floor))
-        add("GET", "/api/history", known(self._history))
-        add("GET", "/api/installer", known(self._installer, Role.INSTALLER))
+        get("/api/session", known(self._session))
+        get("/api/status", known(self._status))
+        get("/api/settings", known(self._settings))
+        get("/api/departure-floor", known(self._departure_floor))
+        get("/api/history", known(self._history))
+        get("/api/installer", known(self._installer, Role.INSTALLER))
         add("POST", "/api/lockout-reset", known(self._lockout_reset, Role.INSTALLER))
         for control in CONTROLS:
             add("PUT", f"/api/{control.path}", known(self._setter(control)))
@@ -267,11 +269,13 @@ class WebApp:
         except SaveFailed as err:
             response = _json(500, {"error": str(err)})
         except web.HTTPRequestEntityTooLarge:
-            response = _json(400, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
+            response = _json(413, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
         except web.HTTPException as err:
             if err.status < 400:
                 raise
             response = _json(err.status, {"error": err.reason})
+            if "Allow" in err.headers:  # a 405 says which methods the path takes (RFC 9110)
+                response.headers["Allow"] = err.headers["Allow"]
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -307,6 +311,12 @@ class WebApp:
     async def _page(self, request: web.Request) -> web.Response:
         session = self.sessions.find(request.cookies.get(COOKIE))
         return self._html("index.html" if session is not None else "login.html")
+
+    async def _to_page(self, request: web.Request) -> web.Response:
+        """`/login` in the address bar (where a refused token left it, reloaded or bookmarked): the page."""
+        response = web.HTTPSeeOther("/")
+        response.headers.update(SECURITY_HEADERS)
+        raise response
 
     async def _asset(self, request: web.Request) -> web.Response:
         name = request.path.lstrip("/")
@@ -369,7 +379,7 @@ class WebApp:
         worked it out itself from the reserve and the departure alone and promised 57 % where the gateway,
         with a storm watch at 75 %, applied 77 %. Now it is the change's own rules (`OwnerDesk.preview`:
         refused the same) and the core's floor."""
-        body = {"at": request.query.get("at"), "soc_pct": _query_value(request.query.get("soc_pct"))}
+        body = {"at": _query_value(request.query.get("at")), "soc_pct": _query_value(request.query.get("soc_pct"))}
         return _json(200, self._departure_floor_of(self.desk.preview(DEPARTURE, body)))
 
     def _departure_floor_of(self, owner: OwnerSettings) -> dict[str, float] | None:
@@ -414,4 +424,4 @@ class WebApp:
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
-        return parse_body(await body_of(request.read()))  # too large, not whole in time, undecodable: the guard's 400
+        return parse_body(await body_of(request.read()))  # too large: the guard's 413; not whole in time, undecodable: its 400

@@ -2,8 +2,8 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, lags: [], settings: null, settingsTimer: null,
-                previews: 0, view: "now" };
+const state = { csrf: null, role: null, status: null, lags: [], lastAt: -Infinity, asked: 0, answered: 0,
+                settings: null, settingsTimer: null, previews: 0, view: "now" };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -186,7 +186,8 @@ function renderStatus(s) {
 
 // How old a status is, against the freshest answers: the browser's monotonic clock minus the gateway's
 // `at` stays the same while answers are live, whatever the offset between the two clocks. Kept over the
-// last few answers only, so a step of the gateway's clock is forgotten within them.
+// last few answers only, so a step of the gateway's clock is forgotten within them; a step back (an `at`
+// earlier than the last answer's) is forgotten at once: only a gateway's clock goes back, never a cache.
 const STALE_S = 6;
 const LAGS_KEPT = 10;
 
@@ -196,23 +197,34 @@ function statusAge(s) {
   return lag - Math.min(...state.lags);
 }
 
+// #message is a live region: a screen reader reads out every change, so the warning is written again only
+// when what it says changes (not on every poll), and it carries no number that ticks.
 function lost(why) {
   document.body.dataset.gateway = "lost";
   $("updated").textContent = state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.";
-  say(`Cannot reach the gateway: ${why}.`, true, "connection");
+  const text = `Cannot reach the gateway: ${why}.`;
+  if ($("message").hidden || $("message").textContent !== text) say(text, true, "connection");
 }
 
 async function refreshStatus() {
-  let s;
+  // Answers may overtake one another: they are ordered by the page's own count of its questions, never by
+  // the gateway's wall time, which may step back (every answer was dropped as "overtaken" until it caught up).
+  const asked = ++state.asked;
+  let s, failure;
   try {
     s = await api("GET", "/api/status", undefined, STATUS_TIMEOUT_S);
   } catch (err) {
-    if (err.message !== "logged out") lost(err.message);
+    failure = err;
+  }
+  if (asked < state.answered) return;  // a later question was answered already
+  state.answered = asked;
+  if (failure) {
+    if (failure.message !== "logged out") lost(failure.message);
     return;
   }
-  if (state.status && Date.parse(s.at) < Date.parse(state.status.at)) return;  // overtaken by a newer answer
-  const age = statusAge(s);
-  if (age > STALE_S) { lost(`its answer is ${Math.round(age)} s old`); return; }
+  if (Date.parse(s.at) < state.lastAt) state.lags = [];  // the gateway's clock stepped back
+  state.lastAt = Date.parse(s.at);
+  if (statusAge(s) > STALE_S) { lost("its answers are old"); return; }
   state.status = s;
   renderStatus(s);
   document.body.dataset.gateway = "live";
@@ -281,12 +293,13 @@ async function change(method, path, body, done) {
   await Promise.all([refreshSettings().catch(() => {}), refreshStatus()]);  // a lost gateway: the poll says so
 }
 
-// The next HH:MM on the owner's own clock (the browser's), never the gateway's, which may run in UTC.
+// The next HH:MM on the owner's own clock (the browser's), never the gateway's, which may run in UTC. Each
+// day's from its own date: today's HH:MM moved a day on kept today's daylight-saving shift (02:30 on the
+// night clocks spring forward is 03:30, and tomorrow's 02:30 was sent as 03:30).
 function nextDeparture(time) {
-  const [h, m] = time.split(":").map(Number);
-  const at = new Date(); at.setHours(h, m, 0, 0);
-  if (at <= new Date()) at.setDate(at.getDate() + 1);
-  return at;
+  const [h, m] = time.split(":").map(Number), now = new Date();
+  const on = (day) => new Date(now.getFullYear(), now.getMonth(), now.getDate() + day, h, m);
+  return on(0) > now ? on(0) : on(1);
 }
 
 const floorText = (f) => `That makes the floor ${pct(f.now_pct)} now and ${pct(f.at_departure_pct)} at departure.`;
@@ -344,12 +357,10 @@ function wireControls() {
   $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
   $("price-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    // The power limit has no field here: what was set elsewhere (the command line, MQTT) is sent back as it is.
+    // The power limit has no field here: left out, the gateway keeps what was set elsewhere (command line, MQTT).
     change("PUT", "/api/price", { threshold_per_kwh: Number($("price-threshold").value),
                                   max_wh_per_day: Math.round(Number($("price-max").value) * 1000),
-                                  kind: $("price-kind").value,
-                                  power_w: state.settings ? state.settings.settings.price_power_w : null },
-           "Price mode on.");
+                                  kind: $("price-kind").value }, "Price mode on.");
   });
   $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off."));
 }
@@ -359,7 +370,11 @@ function wireControls() {
 function drawChart(id, samples, series, from, to, unit, fixed) {
   const g = $(id);
   g.replaceChildren();
-  const W = 600, H = 200, L = 40, R = 10, T = 10, B = 24;
+  // Drawn at the width it is shown, so its labels are the size app.css says: a 600-wide drawing shrunk to a
+  // phone made them 6 px tall. Fewer time labels where they would not fit.
+  const W = Math.round(g.getBoundingClientRect().width) || 600, H = Math.max(200, Math.round(W / 3));
+  const L = 44, R = 10, T = 10, B = 24, ticks = W < 480 ? 2 : 4;
+  g.setAttribute("viewBox", `0 0 ${W} ${H}`);
   let lo = fixed ? fixed[0] : Infinity, hi = fixed ? fixed[1] : -Infinity;
   if (!fixed) {
     for (const row of samples) for (const s of series) if (row[s.col] !== null) {
@@ -377,9 +392,9 @@ function drawChart(id, samples, series, from, to, unit, fixed) {
     svg("text", { x: L - 4, y: y(v) + 4, "text-anchor": "end" }, g).textContent = `${Math.round(v * 10) / 10}${unit}`;
   }
   const short = to - from < 3600;
-  for (let i = 0; i <= 4; i++) {
-    const t = from + (to - from) * i / 4;
-    svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, g).textContent =
+  for (let i = 0; i <= ticks; i++) {
+    const t = from + (to - from) * i / ticks;
+    svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" }, g).textContent =
       new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: short ? "2-digit" : undefined });
   }
   for (const s of series) {
@@ -468,8 +483,21 @@ async function show(view) {
   }
 }
 
+const RETRY_MAX_S = 30;
+
 async function start() {
-  const session = await api("GET", "/api/session");
+  // A gateway slow or away while the page loads: say so and ask again, a little later each time (the page
+  // gave up for good, its figures '…' and its forms dead, after one request past its limit).
+  let session;
+  for (let waitS = 1; !session; waitS = Math.min(2 * waitS, RETRY_MAX_S)) {
+    try {
+      session = await api("GET", "/api/session");
+    } catch (err) {
+      if (err.message === "logged out") return;
+      lost(err.message);
+      await new Promise((resolve) => setTimeout(resolve, waitS * 1000));
+    }
+  }
   state.csrf = session.csrf_token;
   state.role = session.role;
   $("nav-installer").hidden = state.role !== "installer";
