@@ -25,7 +25,7 @@ import pytest
 from test_web import serving
 from test_web_browser import CHROMEDRIVER, CHROMIUM, OWNER_TZ, WAIT_S, browser_or_skip
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a Chromium per test: the full suite, not the fast tier
 
 
 class Live:
