@@ -122,12 +122,13 @@ say "$PREFIX: installing the bundle's wheels (no network: --no-index, no pip con
 pip_here install --quiet --no-index --force-reinstall --find-links "$HERE/wheels" \
     --requirement "$HERE/requirements.txt" || fail "pip could not install the bundle's wheels into $PREFIX"
 # What an earlier bundle installed and this one does not hold goes: the environment is exactly this bundle.
-leftovers=$("$venv/bin/python" - "$HERE/requirements.txt" <<'PYTHON'
+leftovers=$("$venv/bin/python" -I - "$HERE/requirements.txt" <<'PYTHON'
 import re, sys
 from importlib.metadata import distributions
 def name(text): return re.sub(r"[-_.]+", "-", text).lower()
 wanted = {name(line.split("==")[0]) for line in open(sys.argv[1]) if line.strip()} | {"pip", "setuptools"}
-print(" ".join(sorted({d.metadata["Name"] for d in distributions() if name(d.metadata["Name"]) not in wanted})))
+found = {d.metadata["Name"] for d in distributions()} - {None}  # a damaged dist-info names nothing
+print(" ".join(sorted(n for n in found if name(n) not in wanted)))
 PYTHON
 ) || fail "cannot list what $PREFIX holds"
 if [ -n "$leftovers" ]; then

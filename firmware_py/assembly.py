@@ -203,12 +203,12 @@ def check(config: Config) -> None:
     problems = _problems(lambda: _check_timeout_against_the_dbc(config),
                          lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
-    kept: tuple[tuple[str, str, Callable[[], object] | None], ...] = (
-        (config.journal.path, "journal", None),
-        (owner.settings_file, "owner settings file", OwnerStore(owner.settings_file, owner.reserve_pct).load),
-        (owner.token_file, "owner API token file", partial(_read_token_as_its_owner, owner.token_file)))
-    for path, what, read in kept:
-        if problem := regular_or_absent(path, what):
+    kept: tuple[tuple[str, str, Callable[[], object] | None, bool], ...] = (  # path, what, read, folder made
+        (config.journal.path, "journal", None, False),
+        (owner.settings_file, "owner settings file", OwnerStore(owner.settings_file, owner.reserve_pct).load, True),
+        (owner.token_file, "owner API token file", partial(_read_token_as_its_owner, owner.token_file), False))
+    for path, what, read, folder_made in kept:
+        if problem := regular_or_absent(path, what, folder_made=folder_made):
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
             problems += _problems(read)

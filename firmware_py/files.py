@@ -76,14 +76,16 @@ def _open_regular(path: str | Path, what: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
-def regular_or_absent(path: str | Path, what: str) -> str | None:
+def regular_or_absent(path: str | Path, what: str, *, folder_made: bool = False) -> str | None:
     """Why `path` cannot hold a file the gateway writes (a device, a directory, a folder that is not
-    there: the gateway makes the file, never its folder), or None if it can."""
+    there, unless its writer makes it: `folder_made`), or None if it can."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         folder = Path(path).parent
-        return None if folder.is_dir() else f"{path}: the {what}'s folder {folder} does not exist"
+        if folder_made or folder.is_dir():
+            return None
+        return f"{path}: the {what}'s folder {folder} does not exist"
     except OSError as err:
         if err.errno == errno.ENOTDIR:
             return f"{path}: the {what}'s folder is not a directory"

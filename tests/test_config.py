@@ -190,6 +190,11 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+def test_the_owner_settings_may_wait_for_their_folder_which_the_first_change_makes(tmp_path, capsys):
+    path = write(tmp_path, '[owner]\nsettings_file = "owner/settings.json"\n')
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("metrics, sunspec", [("0.0.0.0:9100", "[::1]:9100"), ("[::]:9100", "127.0.0.1:9100"),
                                                ("127.0.0.1:9100", "127.0.0.2:9100")])
 def test_listeners_on_one_port_of_other_addresses_or_families_are_valid(tmp_path, capsys, metrics, sunspec):

@@ -655,5 +655,7 @@ def test_two_valid_prefixes_never_share_a_node_id(prefixes):
 
 def test_a_plain_prefix_keeps_its_readable_node_id_and_others_gain_a_digest():
     assert node_id("powershare-gw/truck-1") == "powershare-gw_truck-1"  # ids installed gateways already use
-    assert node_id("fleet/site_1/truck").startswith("fleet_site_1_truck_")
+    assert node_id("fleet/site_1/truck").startswith("fleet_site_1_truck__")
+    digested = node_id("fleet/site_1")  # a plain prefix spelling another's digest still has its own id
+    assert node_id("fleet/site/1/" + digested.rsplit("_", 1)[1]) != digested
     assert node_id("fleet/site_1/truck") != node_id("fleet/site/1/truck") == "fleet_site_1_truck"

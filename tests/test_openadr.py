@@ -446,10 +446,13 @@ def test_an_event_the_owners_opt_out_ended_is_answered_opt_out_and_opt_in_once_a
             heard = every_answer(vtn)
             one = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
             two = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), [600, 600], [4.0, 4.0])
+            stops = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), [600, 600], [4.0, 0.0])
             assert await vtn.wait_for_response(one) == await vtn.wait_for_response(two) == "optIn"
+            assert await vtn.wait_for_response(stops) == "optIn"
             ven.notice_step(ended(one))
             ven.notice_step(ended(f"{two}#0"))  # its second interval is still served
-            assert await redistributed(vtn, heard, one, two) == {one: "optOut", two: "optIn"}
+            ven.notice_step(ended(f"{stops}#0"))  # its second interval, 0 kW, serves nothing
+            assert await redistributed(vtn, heard, one, two, stops) == {one: "optOut", two: "optIn", stops: "optOut"}
             sink.improvable = frozenset({one})  # the opt-out revoked: the core would serve it again
             ven.notice_step(StepResult(after, InverterCommand(0.0, "test"), [], None))
             await vtn.wait_for(lambda: ven.reasks == 1)

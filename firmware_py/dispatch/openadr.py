@@ -54,6 +54,7 @@ from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
     DispatchEnded,
+    DispatchKind,
     DispatchRequest,
     Mode,
     ReasonCode,
@@ -514,7 +515,9 @@ class OpenAdrVen:
         for event_id, tracked in self._events.items():
             if tracked.windows.pop(ended.request_id, None) is None or ended.reason != OPTED_OUT_END:
                 continue
-            opt = OPT_IN if tracked.windows else OPT_OUT  # the intervals still served (begun or not)
+            # the intervals still served, begun or not; a 0 kW one (a STOP) serves nothing of the event
+            asked = (tracked.requests.get(request_id) for request_id in tracked.windows)
+            opt = OPT_IN if any(r is not None and r.kind is not DispatchKind.STOP for r in asked) else OPT_OUT
             if opt != tracked.opt:
                 self._set_opt(event_id, tracked, opt)
                 self._record(EventOutcome(event_id, tracked.revision, opt,
