@@ -283,8 +283,6 @@ def _check_timeout_against_the_dbc(config: Config) -> None:
                          "between every two frames")
 
 
-
-
 def _read_token_as_its_owner(path: str) -> None:
     """The token as `run` reads it (private, a token), for whoever owns it (see `owner_of`)."""
     read_token(path, check_private=True, owner_uid=owner_of(path))

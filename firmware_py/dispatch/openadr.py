@@ -433,7 +433,10 @@ class OpenAdrVen:
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
         answers = tuple([await self._answer(sink, request) for request in requests])
-        await self._drop(sink, plan, dropped)
+        # Only now, so that an interval the modification moves to another id (EVENT to EVENT#0) is served on
+        # under the new one, the newest in force, without falling to 0 W and ramping up again; the old id's
+        # account closes with what it served, saying why (the VTN cancelled nothing).
+        await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
         opt = _opt_of(answers)
         windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
                    if a.verdict is not Verdict.REJECTED}
@@ -444,13 +447,6 @@ class OpenAdrVen:
                                detail="; ".join(_describe(a) for a in answers))
         self._record(outcome)
         return opt
-
-    async def _drop(self, sink: DispatchSink, plan: EventPlan, dropped: tuple[str, ...]) -> None:
-        """Cancel the requests a modification no longer holds, once its own are answered: an interval it moves
-        to another id (an event of one interval given a second: `EVENT` becomes `EVENT#0`, `EVENT#1`) is then
-        served on under its new id without a break, as the newest request in force, while the old id's energy
-        account closes with what it served, saying why (the VTN cancelled nothing)."""
-        await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
@@ -585,11 +581,8 @@ class OpenAdrVen:
             return 0.0
         in_force = (telemetry or self._sink.telemetry()).active_event_id
         now = self._sink.now()
-        for tracked in self._events.values():
-            start, end, watts = tracked.windows.get(in_force or "", (0.0, 0.0, 0.0))
-            if start <= now < end:
-                return watts
-        return 0.0
+        windows = (t.windows[in_force] for t in self._events.values() if in_force in t.windows)
+        return next((watts for start, end, watts in windows if start <= now < end), 0.0)
 
     # ------------------------------------------------------------------ reports
 

@@ -214,8 +214,8 @@ class MqttBridge:
         self.connected = asyncio.Event()
         """Set while a session with the broker is up."""
         self.unreachable = asyncio.Event()
-        self.retry_in_s = 0.0  # the back-off before the next attempt, since the last failure
         """Set while the broker is out of reach (the last attempt or session failed)."""
+        self.retry_in_s = 0.0  # the back-off before the next attempt, since the last failure
         self._wake = asyncio.Event()
         self._was_connected = False
 

@@ -97,9 +97,10 @@ def node_id(prefix: str) -> str:
     Two gateways must never share one: the broker would close one's connection whenever the other
     connected, and each would overwrite the other's entities. A prefix of letters, digits, `-` and
     `/` maps one to one (each `/` becomes `_`, as the default prefix always has); any other (an `_`
-    of its own, a space, a dot...) could meet another's, so a short digest of the prefix follows, after `__`, which no plain prefix's id holds.
+    of its own, a space, a dot...) could meet another's, so a short digest of the prefix follows,
+    after `__`, which no plain prefix's id holds.
     """
     readable = NODE_ID_CHARS.sub("_", prefix).strip("_") or "powershare_gw"
     if PLAIN_PREFIX.fullmatch(prefix):
         return readable
-    return f"{readable}__{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"  # `__`: in no plain prefix's id
+    return f"{readable}__{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"

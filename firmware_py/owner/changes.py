@@ -25,9 +25,9 @@ MAX_OPT_OUT_EVENTS = 32
 MAX_AHEAD_S = 366 * 86_400
 """The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
 MAX_STORM_WATCH_S = 14 * 86_400
-MAX_DEPARTURE_S = 2 * 86_400  # the next HH:MM is at most a day ahead; a day's margin for clocks and time zones
 """The longest storm watch: a storm is forecast days ahead, not months; a longer one is a typo
 (a standing floor is the reserve's job)."""
+MAX_DEPARTURE_S = 2 * 86_400  # the next HH:MM is at most a day ahead; a day's margin for clocks and time zones
 MAX_TIME_TEXT = 64
 MAX_PRICE_PER_KWH = 1_000.0
 """The highest threshold taken (program currency per kWh): wholesale price caps stay far below it."""
@@ -228,9 +228,10 @@ def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettin
         if body["kind"] not in names:
             raise BadRequest(f"kind: expected one of {', '.join(names)}, got {shown(body['kind'])}")
         kind = PriceKind(body["kind"])
-    power = body["power_w"] if "power_w" in body else current.price_power_w
-    if "power_w" in body and power is not None:
-        power = _bounded(body, "power_w", 0, MAX_PRICE_POWER_W, "a power in W above 0, or null", low_open=True)
+    power = current.price_power_w
+    if "power_w" in body:
+        power = None if body["power_w"] is None else \
+            _bounded(body, "power_w", 0, MAX_PRICE_POWER_W, "a power in W above 0, or null", low_open=True)
     return _changed(current, now, price_threshold_per_kwh=threshold, price_max_wh_per_day=budget,
                     price_kind=kind, price_power_w=power)
 
