@@ -286,7 +286,7 @@ def test_not_live_fades_the_figures_not_the_warning_and_announces_it_once(tmp_pa
             live.paused = True  # the gateway's figures stop moving on
             await on(b, "until", lambda: b.js("return document.body.dataset.gateway") == "lost", "not live")
             polls = b.js("return polls")
-            await on(b, "until", lambda: b.js("return polls") >= polls + 3, "three more polls")
+            await on(b, "until", lambda: b.js("return polls") >= polls + 2, "two more polls")
             assert b.js("return announced") == ["Cannot reach the gateway: its answers are old."]
             colour, background, opacity = b.js(SHOWN, "#updated")
             assert opacity == 1 and contrast(colour, background) >= 4.5, (colour, background, opacity)
@@ -297,7 +297,7 @@ def test_not_live_fades_the_figures_not_the_warning_and_announces_it_once(tmp_pa
                     window.fetch = (path, options) => path === "/api/status"
                       ? (polls++, Promise.reject(new TypeError("Failed to fetch"))) : real(path, options);""")
             polls = b.js("return polls")
-            await on(b, "until", lambda: b.js("return polls") >= polls + 3, "three polls unanswered")
+            await on(b, "until", lambda: b.js("return polls") >= polls + 2, "two polls unanswered")
             assert b.js("return announced").count("Cannot reach the gateway: Failed to fetch.") == 1
 
     asyncio.run(main())
