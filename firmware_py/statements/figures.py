@@ -175,10 +175,13 @@ class Ledger:
 @dataclass(frozen=True)
 class EnergyRecords:
     """An event's energy records as billed: the last before the final one (what a restart's gap adds to),
-    and its wall time (outage energy after it may be in the gap)."""
+    and its wall time (outage energy after it may be in the gap). All of its last account: an event
+    delivered again after a restart closed it is counted afresh from 0 Wh, so the final record's own
+    figure, not the event's sum over its accounts, is what the gap is measured against."""
 
     before_final_wh: float | None = None
     before_final_wall: float | None = None
+    final_wh: float | None = None
 
 
 def window(summary: EventSummary, journal_end: float) -> tuple[float, float]:
@@ -253,7 +256,8 @@ def _restart_gap_wh(summary: EventSummary, status: EventStatus, energy: EnergyRe
     gateway did not see, so the one part that can hold backup energy."""
     if status is not EventStatus.RESTARTED or energy.before_final_wh is None:
         return 0.0
-    return max(0.0, summary.meter_wh - energy.before_final_wh)
+    final = summary.meter_wh if energy.final_wh is None else energy.final_wh
+    return max(0.0, final - energy.before_final_wh)
 
 
 def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: bool, outage_wh: float,
