@@ -554,6 +554,40 @@ def test_a_second_accounts_restart_gap_is_measured_within_that_account_not_again
     assert not any("meter gap of" in note for note in event["notes"]), event["notes"]
 
 
+def test_an_events_throughput_is_priced_with_its_own_runs_capacity_not_a_later_runs(tmp_path):
+    """The installer re-rates the pack (a later core start with another usable capacity): an earlier
+    event's throughput, cycles and wear must not change with it, or the same month's statement made
+    before and after disagree although the event's records are the same."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+
+    path, day = tmp_path / "journal.sqlite", 86_400.0
+
+    def start(capacity_wh: float, at: float) -> None:
+        with Journal.open(path) as j:
+            j.append(START_KIND, at, start_payload(Policy(usable_capacity_wh=capacity_wh), OwnerSettings(40, 0.0),
+                                                   at), wall=at)
+
+    start(100_000.0, 0.0)
+    with Journal.open(path) as j:  # the event takes the 100 kWh pack from 80 % to 70 %
+        j.append_event(DispatchRequest("A", "openadr", DispatchKind.DISCHARGE, 10_000, 0.0, 3_600.0,
+                                       received_at=0.0), wall=0.0)
+        j.append_event(DispatchAnswer.accepted("A", 0.0), wall=0.0)
+        steps = [(float(t), (BmsSnapshot(float(t), soc_min_pct=80.0 - 10.0 * t / 3_600),
+                             InverterStatus(float(t), measured_w=10_000.0, tot_wh_inj=10_000.0 * t / 3_600)))
+                 for t in range(0, 3_601, 60)]
+        j.append(STEPS_KIND, 3_600.0, encode_batch(steps), wall=3_600.0)
+        j.append_event(DispatchEnded(3_600.0, "A", "window over"), wall=3_600.0)
+        j.append_event(EventEnergy(3_600.0, "A", 10_000.0, 10_000.0, True), wall=3_600.0)
+    (before,) = make(path, tmp_path / "before.json", "--month", "1970-01")["events"]
+    start(60_000.0, 5 * day)
+    after = make(path, tmp_path / "after.json", "--month", "1970-01")
+    assert before["throughput_wh"] == 10_000.0 and before["equivalent_cycles"] == 0.1
+    assert after["events"][0] == before
+    assert after["gateway"]["usable_capacity_wh"] == 60_000.0  # the header still names the newest
+
+
 def test_a_commissioning_test_discharge_is_listed_with_its_energy_and_never_credited():
     from firmware_py.commissioning.probes import SOURCE
 

@@ -16,7 +16,7 @@ Definitions (docs/command-line.md, "statement"):
 - credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
-  from the event's start to its end times the usable capacity (net drop, not the
+  from the event's start to its end times the usable capacity of its own run (net drop, not the
   sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
@@ -86,7 +86,8 @@ class Period:
 @dataclass(frozen=True)
 class Sample:
     """What the core was told at one step, in wall time: `soc_pct` (BMS soc_min), `power_w` and
-    `meter_wh` (TotWhInj) from the inverter, the floor in force and whether the gateway was in BACKUP."""
+    `meter_wh` (TotWhInj) from the inverter, the floor in force, whether the gateway was in BACKUP, and
+    the usable capacity its run's core started with (a later run's may differ: a pack re-rated)."""
 
     wall: float
     soc_pct: float | None
@@ -94,6 +95,7 @@ class Sample:
     meter_wh: float | None
     floor_pct: float | None
     backup: bool
+    capacity_wh: float | None = None
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Tally:
     outage_wh: float = 0.0
     gap_from: float | None = None  # the wall time of the event's last report before its final one
     gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
+    capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
 
     @property
     def drop_pct(self) -> float:
@@ -123,7 +126,7 @@ class Tally:
     def add(self, sample: Sample, previous: Sample | None) -> None:
         if sample.soc_pct is not None:
             if self.soc_start is None:
-                self.soc_start = sample.soc_pct
+                self.soc_start, self.capacity_wh = sample.soc_pct, sample.capacity_wh
             self.soc_end = sample.soc_pct
             self.soc_min = _lowest(self.soc_min, sample.soc_pct)
         if sample.power_w is not None:
@@ -230,6 +233,7 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
     in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
     credited = max(0.0, delivered - in_gap) if creditable else 0.0
+    capacity_wh = tally.capacity_wh or capacity_wh  # the event's own run's, not the last run's
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh

@@ -173,4 +173,5 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         meter_wh=inverter.tot_wh_inj if usable and inverter is not None else None,
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
         backup=any(lo <= wall <= hi for lo, hi in backup),
+        capacity_wh=None if policy is None else policy.usable_capacity_wh,
     )
