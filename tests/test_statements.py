@@ -509,6 +509,85 @@ def test_a_restarts_meter_gap_across_an_outage_loses_the_outage_energy_and_nothi
     assert credited(45.0, restarted=True, last_report_at=7.0) == 115.0  # the outage was before the report: none
 
 
+def test_a_second_accounts_restart_gap_is_measured_within_that_account_not_against_the_first(tmp_path):
+    """An event delivered again after a restart closed it is a second account, counted from 0 Wh; when a
+    second restart closes that one (no meter reading since its last report: no gap), none of the first
+    account's 180 Wh is a "gap", so the outage after the last report takes nothing off the credit."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings, Transition
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+
+    path = tmp_path / "journal.sqlite"
+
+    def request(at: float) -> DispatchRequest:
+        return DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 20_000.0, received_at=at)
+
+    def restart(at: float, meter_total: float) -> None:
+        assembly = gateway_on(path, [at])
+        try:
+            assert assembly.gateway.close_open_events(meter_total_wh=meter_total) == ["peak"]
+        finally:
+            assembly.close()
+
+    with Journal.open(path) as j:
+        j.append(START_KIND, 0.0, start_payload(Policy(), OwnerSettings(40, 0.0), 0.0), wall=0.0)
+        j.append_event(request(5.0), wall=5.0)
+        j.append_event(DispatchAnswer.accepted("peak", 10.0), wall=10.0)
+        j.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0), wall=70.0)
+    restart(500.0, 1_180.0)  # bills a 30 Wh gap: the first account closes at 180 Wh
+    with Journal.open(path) as j:
+        j.append_event(request(510.0), wall=510.0)
+        j.append_event(DispatchAnswer.accepted("peak", 510.0), wall=510.0)
+        j.append_event(EventEnergy(600.0, "peak", 100.0, 99.0, False, meter_total_wh=2_000.0), wall=600.0)
+        j.append_event(Transition(610.0, Mode.DISCHARGE, Mode.BACKUP, "grid outage"), wall=610.0)
+        j.append_event(EventEnergy(610.0, "peak", 100.0, 99.0, False, meter_total_wh=None), wall=610.0)
+        steps = [(600.0 + i * 10, (BmsSnapshot(600.0 + i * 10, soc_min_pct=70.0),
+                                   InverterStatus(600.0 + i * 10, measured_w=2_000.0, grid_outage=i >= 1,
+                                                  grid_connected=i < 1, tot_wh_inj=2_000.0 + 50 * i)))
+                 for i in range(9)]
+        j.append(STEPS_KIND, 690.0, encode_batch(steps), wall=690.0)
+    restart(900.0, 2_400.0)  # the last record had no meter reading: no gap billed
+
+    (event,) = make(path, tmp_path / "s.json", "--event", "peak")["events"]
+    assert event["status"] == "closed_after_restart" and event["delivered_wh"] == 280.0
+    assert event["credited_wh"] == 280.0
+    assert not any("meter gap of" in note for note in event["notes"]), event["notes"]
+
+
+def test_an_events_throughput_is_priced_with_its_own_runs_capacity_not_a_later_runs(tmp_path):
+    """The installer re-rates the pack (a later core start with another usable capacity): an earlier
+    event's throughput, cycles and wear must not change with it, or the same month's statement made
+    before and after disagree although the event's records are the same."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+
+    path, day = tmp_path / "journal.sqlite", 86_400.0
+
+    def start(capacity_wh: float, at: float) -> None:
+        with Journal.open(path) as j:
+            j.append(START_KIND, at, start_payload(Policy(usable_capacity_wh=capacity_wh), OwnerSettings(40, 0.0),
+                                                   at), wall=at)
+
+    start(100_000.0, 0.0)
+    with Journal.open(path) as j:  # the event takes the 100 kWh pack from 80 % to 70 %
+        j.append_event(DispatchRequest("A", "openadr", DispatchKind.DISCHARGE, 10_000, 0.0, 3_600.0,
+                                       received_at=0.0), wall=0.0)
+        j.append_event(DispatchAnswer.accepted("A", 0.0), wall=0.0)
+        steps = [(float(t), (BmsSnapshot(float(t), soc_min_pct=80.0 - 10.0 * t / 3_600),
+                             InverterStatus(float(t), measured_w=10_000.0, tot_wh_inj=10_000.0 * t / 3_600)))
+                 for t in range(0, 3_601, 60)]
+        j.append(STEPS_KIND, 3_600.0, encode_batch(steps), wall=3_600.0)
+        j.append_event(DispatchEnded(3_600.0, "A", "window over"), wall=3_600.0)
+        j.append_event(EventEnergy(3_600.0, "A", 10_000.0, 10_000.0, True), wall=3_600.0)
+    (before,) = make(path, tmp_path / "before.json", "--month", "1970-01")["events"]
+    start(60_000.0, 5 * day)
+    after = make(path, tmp_path / "after.json", "--month", "1970-01")
+    assert before["throughput_wh"] == 10_000.0 and before["equivalent_cycles"] == 0.1
+    assert after["events"][0] == before
+    assert after["gateway"]["usable_capacity_wh"] == 60_000.0  # the header still names the newest
+
+
 def test_a_commissioning_test_discharge_is_listed_with_its_energy_and_never_credited():
     from firmware_py.commissioning.probes import SOURCE
 

@@ -16,7 +16,7 @@ Definitions (docs/command-line.md, "statement"):
 - credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
-  from the event's start to its end times the usable capacity (net drop, not the
+  from the event's start to its end times the usable capacity of its own run (net drop, not the
   sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
@@ -86,7 +86,8 @@ class Period:
 @dataclass(frozen=True)
 class Sample:
     """What the core was told at one step, in wall time: `soc_pct` (BMS soc_min), `power_w` and
-    `meter_wh` (TotWhInj) from the inverter, the floor in force and whether the gateway was in BACKUP."""
+    `meter_wh` (TotWhInj) from the inverter, the floor in force, whether the gateway was in BACKUP, and
+    the usable capacity its run's core started with (a later run's may differ: a pack re-rated)."""
 
     wall: float
     soc_pct: float | None
@@ -94,6 +95,7 @@ class Sample:
     meter_wh: float | None
     floor_pct: float | None
     backup: bool
+    capacity_wh: float | None = None
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Tally:
     outage_wh: float = 0.0
     gap_from: float | None = None  # the wall time of the event's last report before its final one
     gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
+    capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
 
     @property
     def drop_pct(self) -> float:
@@ -123,7 +126,7 @@ class Tally:
     def add(self, sample: Sample, previous: Sample | None) -> None:
         if sample.soc_pct is not None:
             if self.soc_start is None:
-                self.soc_start = sample.soc_pct
+                self.soc_start, self.capacity_wh = sample.soc_pct, sample.capacity_wh
             self.soc_end = sample.soc_pct
             self.soc_min = _lowest(self.soc_min, sample.soc_pct)
         if sample.power_w is not None:
@@ -175,10 +178,13 @@ class Ledger:
 @dataclass(frozen=True)
 class EnergyRecords:
     """An event's energy records as billed: the last before the final one (what a restart's gap adds to),
-    and its wall time (outage energy after it may be in the gap)."""
+    and its wall time (outage energy after it may be in the gap). All of its last account: an event
+    delivered again after a restart closed it is counted afresh from 0 Wh, so the final record's own
+    figure, not the event's sum over its accounts, is what the gap is measured against."""
 
     before_final_wh: float | None = None
     before_final_wall: float | None = None
+    final_wh: float | None = None
 
 
 def window(summary: EventSummary, journal_end: float) -> tuple[float, float]:
@@ -227,6 +233,7 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
     in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
     credited = max(0.0, delivered - in_gap) if creditable else 0.0
+    capacity_wh = tally.capacity_wh or capacity_wh  # the event's own run's, not the last run's
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
@@ -253,7 +260,8 @@ def _restart_gap_wh(summary: EventSummary, status: EventStatus, energy: EnergyRe
     gateway did not see, so the one part that can hold backup energy."""
     if status is not EventStatus.RESTARTED or energy.before_final_wh is None:
         return 0.0
-    return max(0.0, summary.meter_wh - energy.before_final_wh)
+    final = summary.meter_wh if energy.final_wh is None else energy.final_wh
+    return max(0.0, final - energy.before_final_wh)
 
 
 def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: bool, outage_wh: float,

@@ -114,14 +114,16 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
 
 
 def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
-    """Per event, the meter energy its last report before the final one billed, and when (wall time)."""
+    """Per event, the meter energy its last report before the final one billed, and when (wall time), with
+    the final figure: all within the event's last account (a final record closes an account; one the
+    event is delivered again after starts from 0 Wh, and must not measure against the old one's reports)."""
     last: dict[str, tuple[float, float]] = {}
     found: dict[str, EnergyRecords] = {}
     for record in source.iter_records({RecordKind.EVENT_ENERGY}):
         request_id = str(record.payload.get("request_id"))
         meter = number(record.payload.get("meter_wh"))
         if record.payload.get("final"):
-            found[request_id] = EnergyRecords(*last.get(request_id, (None, None)))
+            found[request_id] = EnergyRecords(*last.pop(request_id, (None, None)), final_wh=meter)
         elif meter is not None:
             last[request_id] = (meter, record.wall)
     return found
@@ -171,4 +173,5 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         meter_wh=inverter.tot_wh_inj if usable and inverter is not None else None,
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
         backup=any(lo <= wall <= hi for lo, hi in backup),
+        capacity_wh=None if policy is None else policy.usable_capacity_wh,
     )
