@@ -476,6 +476,41 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
     run(scenario)
 
 
+class RotatingVtn(BenchVtn3):
+    """Re-issues the client's credentials at the first POST /reports: tokens revoked, the old secret refused."""
+
+    rotate = True
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.rotate:
+            self.rotate = False
+            self.expire_tokens()
+            self.secret = "new-secret"
+            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+        return await super()._post_report(request)
+
+
+def test_reports_wait_while_the_token_endpoint_refuses_the_secret_not_dropped(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        async with RotatingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            a = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+            b = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3600), 600, 3.0)
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: vtn.refused_logins and ven.failed_polls, 10)
+                assert ven.pending_reports >= 1  # the credential was refused, not the reports
+                vtn.secret = SECRET  # the installer fixes the secret
+                await vtn.wait_for(lambda: vtn.answers_for(a) and vtn.answers_for(b), 15)
+                assert vtn.answers_for(a) == ["accepted"] and vtn.answers_for(b) == ["accepted"]
+                assert ven.pending_reports == 0
+        assert "refused client_id 'truck-1'" in caplog.text and SECRET not in caplog.text
+
+    run(scenario)
+
+
 def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resumes() -> None:
     async def scenario() -> None:
         links = LinkBook(time.monotonic)

@@ -117,6 +117,11 @@ class VtnRefused(VtnError):
     """The VTN (or its token endpoint) refused the request: a 4xx, a refused secret."""
 
 
+class TokenRefused(VtnRefused):
+    """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
+    what was to be sent (a report) waits for the credential to be fixed instead of being dropped."""
+
+
 @dataclass(frozen=True)
 class EventOutcome:
     """What the VEN did with one event revision: for the log, the bench and the tests."""
@@ -194,7 +199,7 @@ class TokenSource:
             except VtnError:
                 answer = None
             code = answer.get("error") if isinstance(answer, dict) else None
-            raise VtnRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
+            raise TokenRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
                              f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
                              "and the secret in client_secret_file")
         answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
@@ -787,6 +792,8 @@ class OpenAdr3Ven:
             report = self._pending[0]
             try:
                 await self._call(session, "POST", "reports", body=report)
+            except TokenRefused:  # the credential, not this report, was refused: every report stays queued
+                raise
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
                 log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
             self._pending.popleft()
