@@ -511,6 +511,42 @@ def test_reports_wait_while_the_token_endpoint_refuses_the_secret_not_dropped(ca
     run(scenario)
 
 
+class RacyVtn(BenchVtn3):
+    """Deletes event old-0 when the VEN asks for the second page of events (armed once)."""
+
+    armed = False
+
+    async def _get_events(self, request: web.Request) -> web.Response:
+        if self.armed and request.query.get("skip") == "50":
+            self.armed = False
+            self.delete_event("old-0")  # the aggregator deletes an event while the VEN pages
+        return await super()._get_events(request)
+
+
+def test_an_event_a_paging_race_hides_is_kept_and_one_deleted_is_cancelled() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with RacyVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("day-ahead")
+            for n in range(50):  # listed before the running event: it is the 51st, on the second page
+                vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(86_400 + 3_600 * n), 600, 1.0,
+                              event_id=f"old-{n}")
+            running = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 3_600, 5.0, event_id="running")
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(running), 10)
+                vtn.armed = True
+                await vtn.wait_for(lambda: not vtn.armed, 10)
+                await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-0"], 10)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 2, 10)
+            assert "running" not in [c.id for c in sink.of(DispatchCancel)]  # on no page once, never deleted
+            assert [r.revision for r in sink.of(DispatchRequest) if r.id == running] == [0]  # not taken anew
+            assert vtn.single_event_gets >= 2  # asked about both: 'running' still there, 'old-0' a 404
+
+    run(scenario)
+
+
 def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resumes() -> None:
     async def scenario() -> None:
         links = LinkBook(time.monotonic)
