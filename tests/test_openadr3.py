@@ -771,6 +771,35 @@ def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
 
 
+def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> None:
+    """Each interval may carry its own start, in any order: the one that ends first is reported first,
+    with its own energy, and the later one's energy is not lost."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            early, late = in_seconds(60), in_seconds(60 + 1200)
+            vtn.add_raw_event({"id": "ooo", "objectType": "EVENT", "programID": program, "priority": 0,
+                               "intervals": [
+                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(late), "duration": "PT600S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
+                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(early), "duration": "PT600S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [4.0]}]}],
+                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            await vtn.wait_for(lambda: vtn.answers_for("ooo"))
+            sink.offset_s = 60 + 300
+            served(ven, "ooo#1", 100.0)  # the early interval (id 1) delivers 100 Wh
+            sink.offset_s = 60 + 610  # id 1 is over, id 0 has not begun
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, "ooo"))
+            assert delivered_per_interval(vtn, "ooo") == {1: 100.0}
+            sink.offset_s = 60 + 1500
+            served(ven, "ooo#0", 200.0)  # the late interval (id 0) delivers 200 Wh
+            sink.offset_s = 60 + 1810  # every interval over
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, "ooo")) == 2)
+            assert delivered_per_interval(vtn, "ooo") == {0: 200.0, 1: 100.0}
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("case", ["charge", "price", "extended", "extended and back", "price of another kind",
                                   "refused revision"])
 def test_the_energy_report_carries_what_the_core_metered_for_the_interval(case: str) -> None:
@@ -937,8 +966,8 @@ def test_intervals_take_their_own_period_or_the_events_start_plus_the_durations_
                             interval(2, intervalPeriod={"start": iso_datetime(later)}), interval(3)]))
     assert isinstance(plan, EventPlan)
     t0 = NOW.timestamp()
-    assert [(w.start - t0, w.end - t0) for w in plan.intervals] == [
-        (0, 600), (600, 2400), (7200, 7800), (3000, 3600)]
+    assert [(w.start - t0, w.end - t0) for w in plan.intervals] == [  # laid out by time, not as listed
+        (0, 600), (600, 2400), (3000, 3600), (7200, 7800)]
 
 
 def test_program_interval_period_and_descriptors_are_the_defaults() -> None:
@@ -1014,7 +1043,8 @@ def test_intervals_are_laid_out_as_the_independent_model_lays_them_out(layout: l
     conforms(payload)
     plan = translate(payload, now=NOW - dt.timedelta(days=2))
     assert isinstance(plan, EventPlan)
-    assert [(w.interval_id, w.start, w.end) for w in plan.intervals] == resolved_windows(payload)
+    by_start = sorted(resolved_windows(payload), key=lambda w: w[1])  # laid out by time, ties as listed
+    assert [(w.interval_id, w.start, w.end) for w in plan.intervals] == by_start
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),

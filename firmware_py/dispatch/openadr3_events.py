@@ -287,6 +287,10 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
         payloads.append(_payloads(interval.get("payloads"), where))
+    # Listed in any order (each interval may carry its own start): laid out by time, as the request in
+    # force and the cadence reports (which count the intervals over from the front) go by it.
+    order = sorted(range(len(windows)), key=lambda n: windows[n].start)
+    windows, payloads = [windows[n] for n in order], [payloads[n] for n in order]
     # One delay for the whole event, over its widest window: intervals moved apart could overlap or
     # end out of order, and both the request in force and the reports go by their order.
     delay = delay_s(max(spreads))
