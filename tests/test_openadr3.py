@@ -1027,6 +1027,24 @@ def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     assert answer.reason is ReasonCode.INVALID and words in answer.detail
 
 
+@pytest.mark.parametrize("descriptor, every", [
+    ({"numIntervals": 1, "frequency": -1}, 1),  # -1: "the same as numIntervals"
+    ({"numIntervals": 2}, 2),  # frequency defaults to -1
+    ({"frequency": -1}, 0),  # numIntervals defaults to -1: all of them, once at the end
+    ({"numIntervals": 3, "frequency": 2}, 2),
+])
+def test_a_report_frequency_of_minus_one_follows_num_intervals(descriptor: dict[str, Any], every: int) -> None:
+    plan = translate(event([interval(n) for n in range(4)],
+                           reportDescriptors=[{"payloadType": "USAGE", **descriptor}]))
+    assert isinstance(plan, EventPlan) and [a.every for a in plan.reports] == [every]
+
+
+def test_a_report_descriptor_with_a_bad_num_intervals_is_refused_clearly() -> None:
+    answer = translate(event([interval(0)], reportDescriptors=[{"payloadType": "USAGE", "numIntervals": "all"}]))
+    assert isinstance(answer, DispatchAnswer) and answer.verdict is Verdict.REJECTED
+    assert "numIntervals" in answer.detail
+
+
 @given(st.lists(st.tuples(st.integers(1, 7200), st.one_of(st.none(), st.integers(-86_400, 86_400))),
                 min_size=1, max_size=8),
        st.integers(60, 7200))
