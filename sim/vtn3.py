@@ -74,6 +74,7 @@ class BenchVtn3:
     refused_logins: int = 0
     refused_tokens: int = 0
     event_gets: int = 0
+    single_event_gets: int = 0
     notifications_sent: int = 0
 
     def __post_init__(self) -> None:
@@ -252,6 +253,7 @@ class BenchVtn3:
         app.router.add_post(f"{PREFIX}/vens", self._authorized(self._post_ven))
         app.router.add_get(f"{PREFIX}/programs", self._authorized(self._listing(self.programs)))
         app.router.add_get(f"{PREFIX}/events", self._authorized(self._get_events))
+        app.router.add_get(f"{PREFIX}/events/{{id}}", self._authorized(self._get_event))
         app.router.add_post(f"{PREFIX}/reports", self._authorized(self._post_report))
         if self.subscriptions:
             app.router.add_post(f"{PREFIX}/subscriptions", self._authorized(self._post_subscription))
@@ -322,6 +324,14 @@ class BenchVtn3:
         self.event_gets += 1
         wanted = request.query.get("programID")
         return self._page(request, [e for e in self.events.values() if wanted in (None, e.get("programID"))])
+
+    async def _get_event(self, request: web.Request) -> web.Response:
+        """One event by id (the VEN asks when an event is missing from a listing of several pages)."""
+        self.single_event_gets += 1
+        event = self.events.get(request.match_info["id"])
+        if event is None:
+            return _problem(404, "Not Found", f"no event {request.match_info['id']}")
+        return web.json_response(event)
 
     async def _post_report(self, request: web.Request) -> web.Response:
         body = await _body(request)

@@ -476,6 +476,77 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
     run(scenario)
 
 
+class RotatingVtn(BenchVtn3):
+    """Re-issues the client's credentials at the first POST /reports: tokens revoked, the old secret refused."""
+
+    rotate = True
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.rotate:
+            self.rotate = False
+            self.expire_tokens()
+            self.secret = "new-secret"
+            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+        return await super()._post_report(request)
+
+
+def test_reports_wait_while_the_token_endpoint_refuses_the_secret_not_dropped(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        async with RotatingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            a = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+            b = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3600), 600, 3.0)
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: vtn.refused_logins and ven.failed_polls, 10)
+                assert ven.pending_reports >= 1  # the credential was refused, not the reports
+                vtn.secret = SECRET  # the installer fixes the secret
+                await vtn.wait_for(lambda: vtn.answers_for(a) and vtn.answers_for(b), 15)
+                assert vtn.answers_for(a) == ["accepted"] and vtn.answers_for(b) == ["accepted"]
+                assert ven.pending_reports == 0
+        assert "refused client_id 'truck-1'" in caplog.text and SECRET not in caplog.text
+
+    run(scenario)
+
+
+class RacyVtn(BenchVtn3):
+    """Deletes event old-0 when the VEN asks for the second page of events (armed once)."""
+
+    armed = False
+
+    async def _get_events(self, request: web.Request) -> web.Response:
+        if self.armed and request.query.get("skip") == "50":
+            self.armed = False
+            self.delete_event("old-0")  # the aggregator deletes an event while the VEN pages
+        return await super()._get_events(request)
+
+
+def test_an_event_a_paging_race_hides_is_kept_and_one_deleted_is_cancelled() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with RacyVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("day-ahead")
+            for n in range(50):  # listed before the running event: it is the 51st, on the second page
+                vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(86_400 + 3_600 * n), 600, 1.0,
+                              event_id=f"old-{n}")
+            running = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 3_600, 5.0, event_id="running")
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(running), 10)
+                vtn.armed = True
+                await vtn.wait_for(lambda: not vtn.armed, 10)
+                await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-0"], 10)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 2, 10)
+            assert "running" not in [c.id for c in sink.of(DispatchCancel)]  # on no page once, never deleted
+            assert [r.revision for r in sink.of(DispatchRequest) if r.id == running] == [0]  # not taken anew
+            assert vtn.single_event_gets >= 2  # asked about both: 'running' still there, 'old-0' a 404
+
+    run(scenario)
+
+
 def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resumes() -> None:
     async def scenario() -> None:
         links = LinkBook(time.monotonic)
@@ -700,6 +771,35 @@ def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
 
 
+def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> None:
+    """Each interval may carry its own start, in any order: the one that ends first is reported first,
+    with its own energy, and the later one's energy is not lost."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            early, late = in_seconds(60), in_seconds(60 + 1200)
+            vtn.add_raw_event({"id": "ooo", "objectType": "EVENT", "programID": program, "priority": 0,
+                               "intervals": [
+                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(late), "duration": "PT600S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
+                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(early), "duration": "PT600S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [4.0]}]}],
+                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            await vtn.wait_for(lambda: vtn.answers_for("ooo"))
+            sink.offset_s = 60 + 300
+            served(ven, "ooo#1", 100.0)  # the early interval (id 1) delivers 100 Wh
+            sink.offset_s = 60 + 610  # id 1 is over, id 0 has not begun
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, "ooo"))
+            assert delivered_per_interval(vtn, "ooo") == {1: 100.0}
+            sink.offset_s = 60 + 1500
+            served(ven, "ooo#0", 200.0)  # the late interval (id 0) delivers 200 Wh
+            sink.offset_s = 60 + 1810  # every interval over
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, "ooo")) == 2)
+            assert delivered_per_interval(vtn, "ooo") == {0: 200.0, 1: 100.0}
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("case", ["charge", "price", "extended", "extended and back", "price of another kind",
                                   "refused revision"])
 def test_the_energy_report_carries_what_the_core_metered_for_the_interval(case: str) -> None:
@@ -866,8 +966,8 @@ def test_intervals_take_their_own_period_or_the_events_start_plus_the_durations_
                             interval(2, intervalPeriod={"start": iso_datetime(later)}), interval(3)]))
     assert isinstance(plan, EventPlan)
     t0 = NOW.timestamp()
-    assert [(w.start - t0, w.end - t0) for w in plan.intervals] == [
-        (0, 600), (600, 2400), (7200, 7800), (3000, 3600)]
+    assert [(w.start - t0, w.end - t0) for w in plan.intervals] == [  # laid out by time, not as listed
+        (0, 600), (600, 2400), (3000, 3600), (7200, 7800)]
 
 
 def test_program_interval_period_and_descriptors_are_the_defaults() -> None:
@@ -927,6 +1027,24 @@ def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     assert answer.reason is ReasonCode.INVALID and words in answer.detail
 
 
+@pytest.mark.parametrize("descriptor, every", [
+    ({"numIntervals": 1, "frequency": -1}, 1),  # -1: "the same as numIntervals"
+    ({"numIntervals": 2}, 2),  # frequency defaults to -1
+    ({"frequency": -1}, 0),  # numIntervals defaults to -1: all of them, once at the end
+    ({"numIntervals": 3, "frequency": 2}, 2),
+])
+def test_a_report_frequency_of_minus_one_follows_num_intervals(descriptor: dict[str, Any], every: int) -> None:
+    plan = translate(event([interval(n) for n in range(4)],
+                           reportDescriptors=[{"payloadType": "USAGE", **descriptor}]))
+    assert isinstance(plan, EventPlan) and [a.every for a in plan.reports] == [every]
+
+
+def test_a_report_descriptor_with_a_bad_num_intervals_is_refused_clearly() -> None:
+    answer = translate(event([interval(0)], reportDescriptors=[{"payloadType": "USAGE", "numIntervals": "all"}]))
+    assert isinstance(answer, DispatchAnswer) and answer.verdict is Verdict.REJECTED
+    assert "numIntervals" in answer.detail
+
+
 @given(st.lists(st.tuples(st.integers(1, 7200), st.one_of(st.none(), st.integers(-86_400, 86_400))),
                 min_size=1, max_size=8),
        st.integers(60, 7200))
@@ -943,7 +1061,8 @@ def test_intervals_are_laid_out_as_the_independent_model_lays_them_out(layout: l
     conforms(payload)
     plan = translate(payload, now=NOW - dt.timedelta(days=2))
     assert isinstance(plan, EventPlan)
-    assert [(w.interval_id, w.start, w.end) for w in plan.intervals] == resolved_windows(payload)
+    by_start = sorted(resolved_windows(payload), key=lambda w: w[1])  # laid out by time, ties as listed
+    assert [(w.interval_id, w.start, w.end) for w in plan.intervals] == by_start
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),

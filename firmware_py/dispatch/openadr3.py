@@ -117,6 +117,15 @@ class VtnRefused(VtnError):
     """The VTN (or its token endpoint) refused the request: a 4xx, a refused secret."""
 
 
+class VtnNotFound(VtnRefused):
+    """The VTN answered 404: the object asked for is not there (an event it deleted)."""
+
+
+class TokenRefused(VtnRefused):
+    """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
+    what was to be sent (a report) waits for the credential to be fixed instead of being dropped."""
+
+
 @dataclass(frozen=True)
 class EventOutcome:
     """What the VEN did with one event revision: for the log, the bench and the tests."""
@@ -194,7 +203,7 @@ class TokenSource:
             except VtnError:
                 answer = None
             code = answer.get("error") if isinstance(answer, dict) else None
-            raise VtnRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
+            raise TokenRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
                              f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
                              "and the secret in client_secret_file")
         answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
@@ -325,11 +334,12 @@ class OpenAdr3Ven:
             await self._load_programs(session)
         if self.config.callback_listen and (not self.subscribed or time.monotonic() >= self._subscription_due):
             await self._subscribe(session)
-        events = await self._list(session, "events")
+        events, pages = await self._list_pages(session, "events")
+        kept = await self._still_there(session, events) if pages > 1 else set()
         self.polls += 1
         if any(isinstance(e, dict) and e.get("programID") not in self.programs for e in events):
             await self._load_programs(session)  # enrolled in a new program since
-        await self._take(sink, events)
+        await self._take(sink, events, kept)
         await self._send_reports(session, sink)
         await self._hold_limit(sink)
 
@@ -375,6 +385,8 @@ class OpenAdr3Ven:
                 continue
             if status in (408, 429):  # "not now" (too many requests, or too slow): the report is sent again
                 raise VtnError(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again later")
+            if status == 404:
+                raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: {_problem(raw)}")
             if 400 <= status < 500:
                 raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
             if status >= 300:
@@ -384,6 +396,12 @@ class OpenAdr3Ven:
 
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
         """A whole listing, page by page (bounded)."""
+        return (await self._list_pages(session, path, **params))[0]
+
+    async def _list_pages(self, session: aiohttp.ClientSession, path: str,
+                          **params: Any) -> tuple[list[Any], int]:
+        """A whole listing and the number of pages it took: pages read apart are no snapshot (an object
+        deleted on an earlier page shifts a later one past the page it would have been on)."""
         found: list[Any] = []
         previous: list[Any] | None = None
         for page in range(MAX_PAGES):
@@ -391,12 +409,31 @@ class OpenAdr3Ven:
             if not isinstance(got, list):
                 raise VtnError(f"GET /{path} did not answer a list")
             if got == previous:  # a VTN that ignores `skip` sends its first page again: that was all of it
-                return found
+                return found, page
             found += got
             if len(got) != PAGE:  # the last page (or a VTN that ignores paging and sent everything)
-                return found
+                return found, page + 1
             previous = got
         raise VtnError(f"GET /{path} lists more than {len(found)} objects: not a listing the VEN can hold")
+
+    async def _still_there(self, session: aiohttp.ClientSession, events: list[Any]) -> set[str]:
+        """The held events a listing of several pages lacks that the VTN may still have: only a 404 for
+        the event itself says the VTN deleted it; the listing may have missed it in a paging race."""
+        listed = {event_id_of(e) for e in events}
+        kept: set[str] = set()
+        for event_id in [e for e in self._events if e not in listed]:
+            try:
+                await self._call(session, "GET", f"events/{event_id}")
+            except VtnNotFound:
+                continue  # deleted at the VTN: cancelled by _take
+            except VtnRefused as err:  # not confirmed gone: kept until a listing or a 404 says otherwise
+                log.info("OpenADR 3: event %s is on no page of the listing; the VTN would not say if it is "
+                         "gone (%s): kept", event_id, err)
+            else:
+                log.info("OpenADR 3: event %s is on no page of the listing but the VTN still has it: kept",
+                         event_id)
+            kept.add(event_id)
+        return kept
 
     # ------------------------------------------------------------------ registration
 
@@ -496,10 +533,12 @@ class OpenAdr3Ven:
 
     # ------------------------------------------------------------------ events
 
-    async def _take(self, sink: DispatchSink, events: list[Any]) -> None:
+    async def _take(self, sink: DispatchSink, events: list[Any],
+                    kept: set[str] | frozenset[str] = frozenset()) -> None:
         """A complete listing: missing events cancelled first (so what they held is free for new
-        ones), then new and changed events to the core."""
-        present = {event_id_of(e) for e in events}
+        ones), then new and changed events to the core. `kept`: events the listing missed that the VTN
+        did not confirm gone (a paging race), neither cancelled nor forgotten."""
+        present = {event_id_of(e) for e in events} | kept
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
@@ -787,6 +826,8 @@ class OpenAdr3Ven:
             report = self._pending[0]
             try:
                 await self._call(session, "POST", "reports", body=report)
+            except TokenRefused:  # the credential, not this report, was refused: every report stays queued
+                raise
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
                 log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
             self._pending.popleft()

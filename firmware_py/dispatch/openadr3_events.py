@@ -100,8 +100,9 @@ class LimitWindow:
 class ReportAsk:
     """One report descriptor of the event: which payload type, and after how many intervals each report goes.
 
-    `every` is the descriptor's `frequency` (intervals between reports); 0 means one report once
-    the event's last interval has ended (OpenADR's -1, "the same as numIntervals")."""
+    `every` is the descriptor's `frequency` (intervals between reports), its `numIntervals` where the
+    frequency is -1 ("the same as numIntervals"); 0 means one report once the event's last interval
+    has ended (both -1, their default: all the intervals in one report)."""
 
     payload_type: str
     every: int
@@ -287,6 +288,10 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
         payloads.append(_payloads(interval.get("payloads"), where))
+    # Listed in any order (each interval may carry its own start): laid out by time, as the request in
+    # force and the cadence reports (which count the intervals over from the front) go by it.
+    order = sorted(range(len(windows)), key=lambda n: windows[n].start)
+    windows, payloads = [windows[n] for n in order], [payloads[n] for n in order]
     # One delay for the whole event, over its widest window: intervals moved apart could overlap or
     # end out of order, and both the request in force and the reports go by their order.
     delay = delay_s(max(spreads))
@@ -416,6 +421,12 @@ def _report_asks(value: Any) -> tuple[ReportAsk, ...]:
         if not is_whole_number(every) or every < -1 or every > MAX_INTERVALS:
             raise _Invalid(f"reportDescriptors[{n}].frequency must be -1 or a whole number of intervals, "
                            f"got {every!r}")
+        count = item.get("numIntervals", -1)
+        if not is_whole_number(count) or count < -1 or count > MAX_INTERVALS:
+            raise _Invalid(f"reportDescriptors[{n}].numIntervals must be -1 or a whole number of intervals, "
+                           f"got {count!r}")
+        if every == -1:  # "the same as numIntervals", itself -1 (all intervals: once at the end) by default
+            every = count
         units = item.get("units")
         asks.append(ReportAsk(kind, max(every, 0), units if isinstance(units, str) else None))
     return tuple(asks)
