@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core_builders import POLICY, bms, discharge, inverter, ready
+from core_builders import POLICY, Run, bms, discharge, inverter, ready
 from firmware_py.core import step
 from firmware_py.core.energy import close_after_restart, most_unreported_wh, open_events
 from firmware_py.core.types import (
@@ -186,3 +188,38 @@ def test_a_restart_after_the_grid_went_down_bills_the_event_none_of_the_houses_b
     (final,) = [e for e in closing if isinstance(e, EventEnergy)]
     assert final.meter_wh == pytest.approx(last.meter_wh + meter - last.meter_total_wh, abs=1e-3)
     assert final.meter_wh >= last.meter_wh + 20
+
+
+def test_an_event_handed_over_to_a_newer_request_gets_its_energy_record_at_once():
+    """A newer request in force takes the inverter from the event served: the step that hands it over
+    journals the first event's energy so far with the meter reading, before the newer one's first report,
+    so its energy since its last periodic report is in the journal (only the served event is reported)."""
+    c = step(ready(0.0), [discharge("A", 0.0, 0.0, 7_200, 10_000)], 0.0).controller
+    meter = 0.0
+    for t in range(1, 176):  # A's periodic reports at 0, 60 and 120 s
+        meter += c.setpoint_w / 3600
+        c = step(c, [bms(float(t)), inverter(float(t), measured_w=c.setpoint_w, tot_wh_inj=meter)], float(t)).controller
+    assert c.serving_id == "A"
+    result = step(c, [replace(discharge("B", 175.0, 175.0, 7_200, 10_000), source="site")], 175.0)
+    assert result.controller.serving_id == "B"
+    records = [e for e in result.events if isinstance(e, EventEnergy)]
+    assert [(e.request_id, e.at) for e in records] == [("A", 175.0), ("B", 175.0)]
+    assert records[0].meter_wh == pytest.approx(c.book.find("A").meter_wh, abs=1e-3)
+    assert records[0].meter_total_wh == pytest.approx(meter) and not records[0].final
+
+
+def test_a_crash_after_a_handover_bills_every_event_what_it_delivered():
+    """After a handover the restart bills the meter's gap to the event served last from its last report;
+    the event handed over closes at its record from the handover, which holds its energy up to then, so
+    none of the meter's count is billed to no one, and none of one event's to the other."""
+    run = Run(ready(0.0))
+    run.feed(discharge("A", 0.0, 0.0, 7_200.0, target=10_000, source="aggregator"))
+    run.run(175.0)  # A served; its reports come a minute apart, the last at 120 s
+    run.feed(replace(discharge("B", run.t, run.t, 7_200.0, target=10_000), source="site"))  # newer: in force
+    run.run(20.0)  # B served, then the gateway dies
+    assert run.c.serving_id == "B"
+    finals = close_after_restart(open_events(run.records), run.meter_wh, POLICY, run.t + 30, "gateway restarted")
+    billed = {e.request_id: e.meter_wh for e in finals if isinstance(e, EventEnergy)}
+    assert sum(billed.values()) == pytest.approx(run.meter_wh, abs=1e-2)
+    assert billed["A"] == pytest.approx(run.c.book.find("A").meter_wh, abs=1e-2)
+    assert billed["B"] == pytest.approx(run.c.book.find("B").meter_wh, abs=1e-2)

@@ -149,6 +149,20 @@ def pause_energy(c: Controller, backup: bool, now: float) -> tuple[Controller, l
     return c, [replace(energy_record(c, entry, now), meter_total_wh=None)]
 
 
+def handover_energy(c: Controller, serving: str | None, now: float) -> tuple[Controller, list[Event]]:
+    """The event served until now, still live, hands the inverter over to another request (`serving`, a
+    newer one in force): its energy so far, with the meter reading, at once. Only the event served last
+    is reported from then on, and a restart bills the meter's gap to that one alone, so without this
+    record the handed-over event's energy since its last report would be billed to no one after a crash.
+    When it is served again, its next record comes at once, with the meter reading it bills from."""
+    entry = c.book.find(c.serving_id) if c.serving_id and serving and serving != c.serving_id else None
+    if entry is None or entry.ended:
+        return c, []
+    entry = replace(entry, last_report_at=-math.inf)
+    c = c.evolve(book=c.book.replace(entry))
+    return c, [energy_record(c, entry, now)]
+
+
 def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:
     """End a booked request: it stops applying, and its account closes with a final record (a STOP
     waiting for its window, cancelled or revised, has no account: it holds nothing)."""
@@ -223,7 +237,9 @@ def still_open(events: Iterable[Event | DispatchRequest | PriceInterval]) -> dic
                 accepted.pop(event.request_id, None)
                 requests.pop(event.request_id, None)
         elif isinstance(event, EventEnergy) and event.request_id in accepted:
-            accepted[event.request_id] = replace(accepted[event.request_id], last=event)
+            # Last in order once reported: of two records at the same instant (a handover's), the later is the
+            # event served from then on, to which the meter's gap after them belongs (`close_after_restart`).
+            accepted[event.request_id] = replace(accepted.pop(event.request_id), last=event)
         elif isinstance(event, DispatchEnded):
             ended = accepted.pop(event.request_id, None)
             if ended is None or requests.get(event.request_id) is ended.request:
@@ -244,11 +260,12 @@ def close_after_restart(still_open: Mapping[str, EventEnergy | None], meter_tota
     """End every event a previous run left open: DispatchEnded and a final EventEnergy each.
 
     The meter's gap since the last report belongs to the event served last, the
-    one reported most recently, and is billed to it only when it is forward and
+    one reported most recently (of records at the same instant, as at a handover, the
+    one journaled last: `still_open` keeps that order), and is billed to it only when it is forward and
     no more than a crash can leave unreported; every other event closes at its
     last reported energy.
     """
-    newest = max(still_open, key=lambda rid: _reported_at(still_open[rid]), default=None)
+    newest = max(reversed(list(still_open)), key=lambda rid: _reported_at(still_open[rid]), default=None)
     events: list[Event] = []
     for request_id, last in still_open.items():
         meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)

@@ -24,7 +24,14 @@ from firmware_py.core import floor as floors
 from firmware_py.core import prices
 from firmware_py.core.answers import answer, apply_stop, cancel, enter_service_detail
 from firmware_py.core.controller import Controller, StepResult
-from firmware_py.core.energy import account, close_event, commanded_wh, pause_energy, report_energy
+from firmware_py.core.energy import (
+    account,
+    close_event,
+    commanded_wh,
+    handover_energy,
+    pause_energy,
+    report_energy,
+)
 from firmware_py.core.faults import (
     bms_usable,
     conditions,
@@ -478,6 +485,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
         (mode is Mode.DISCHARGE and view.wants(DispatchKind.DISCHARGE))
         or (mode is Mode.CHARGE and view.wants(DispatchKind.CHARGE))) else None  # not the storm watch's charge
     c, produced = pause_energy(c, mode is Mode.BACKUP, now)
+    events += produced
+    c, produced = handover_energy(c, serving, now)
     events += produced
     c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
