@@ -287,7 +287,8 @@ def test_default_journal_energy_matches_the_inverter_meter(default_run):
     assert event.integrated_wh == pytest.approx(meter, rel=0.005)
 
 
-DECISIONS = {"DispatchAnswer", "Transition", "FaultRaised", "FaultCleared", "DispatchEnded", "EventEnergy"}
+DECISIONS = {"DispatchAnswer", "Transition", "FaultRaised", "FaultCleared", "DispatchEnded", "EventEnergy",
+             "ServingChanged"}
 
 
 def replayed_and_journaled(path: Path) -> tuple[int, list, list]:

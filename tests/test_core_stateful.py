@@ -40,6 +40,7 @@ from firmware_py.core.types import (
     PriceInterval,
     PriceKind,
     ReasonCode,
+    ServingChanged,
     SiteLimit,
     Stall,
     Tick,
@@ -378,6 +379,15 @@ class GatewayWorld(RuleBasedStateMachine):
                 open_kinds.discard(e.kind)
         assert open_kinds - {"lockout"} <= set(self.controller.faults.kinds)
         assert ("lockout" in open_kinds) == self.controller.faults.locked_out
+
+    @invariant()
+    def the_journal_hears_of_every_change_of_the_request_served(self):
+        """A statement charges overlapping events by the `ServingChanged` records: one per change, none else."""
+        if len(getattr(self, "results", ())) < 2:
+            return
+        before, after = self.results[-2].controller.serving_id, self.results[-1].controller.serving_id
+        told = [e.request_id for e in self.results[-1].events if isinstance(e, ServingChanged)]
+        assert told == ([after] if after != before else [])
 
     @invariant()
     def lockout_only_clears_by_reset(self):

@@ -656,6 +656,48 @@ answers = { "peak" = "accepted" }
     assert verify(tmp_path / "s.json", journal) == 0
 
 
+def test_overlapping_events_are_each_charged_only_the_wear_and_peak_of_the_time_they_were_served(tmp_path):
+    """A newer event in force inside an older one's window: the battery worked for one at a time, so the
+    older is charged no throughput, wear or peak power for the newer one's minutes, and the two lines'
+    throughput adds up to the pack's drop, not more (each was once charged the whole drop of its window)."""
+    path = tmp_path / "overlap.toml"
+    path.write_text("""
+[run]
+duration_s = 140
+[vehicle]
+usable_capacity_wh = 2000
+[inverter]
+enter_service_delay_s = 0
+enter_service_ramp_s = 0
+[[dispatch]]
+at_s = 5
+id = "long"
+start_s = 10
+duration_s = 120
+target_w = 4000
+[[dispatch]]
+at_s = 20
+id = "short"
+start_s = 50
+duration_s = 30
+target_w = 9000
+[expect]
+answers = { "long" = "accepted", "short" = "accepted" }
+""")
+    journal = tmp_path / "j.sqlite"
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal)).run())
+    assert all(ok for _, ok, _ in outcome.checks), outcome.checks
+    lines = {e["id"]: e for e in make(journal, tmp_path / "s.json", config=program_config(tmp_path, journal))["events"]}
+    long, short = lines["long"], lines["short"]
+    assert 3_800 < long["peak_w"] <= 4_100 and short["peak_w"] > 8_500  # the long one never ran at 9 kW
+    pack_drop_wh = (long["soc_start_pct"] - long["soc_end_pct"]) / 100 * 2000  # the long window holds both
+    assert long["throughput_wh"] + short["throughput_wh"] == pytest.approx(pack_drop_wh, abs=6)
+    for line in (long, short):  # each event's wear follows its own energy: the pack's losses, nothing more
+        assert line["delivered_wh"] < line["throughput_wh"] < 1.15 * line["delivered_wh"] + 5, line
+        assert line["wear_cost"] == pytest.approx(line["throughput_wh"] / 1000 * 0.05, abs=0.006)
+    assert verify(tmp_path / "s.json", journal) == 0
+
+
 # ---------------------------------------------------------------- earnings while the gateway runs
 
 JUNE_30 = datetime(2025, 6, 30, 20, 0, tzinfo=UTC).timestamp()

@@ -55,6 +55,7 @@ from firmware_py.core.types import (
     OwnerSettings,
     PriceInterval,
     Resynced,
+    ServingChanged,
     SiteLimit,
     Stall,
     Transition,
@@ -488,6 +489,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     events += produced
     c, produced = handover_energy(c, serving, now)
     events += produced
+    if serving != c.serving_id:
+        events.append(ServingChanged(now, serving))
     c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
                 peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
                 peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint), commanded_wh=commanded_wh(c, now))

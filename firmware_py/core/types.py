@@ -552,6 +552,19 @@ class Resynced:
     fresh: bool
 
 
-Event = DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy | Resynced
+@dataclass(frozen=True)
+class ServingChanged:
+    """The request the inverter works for from now on (None: none), as it changes.
+
+    Of overlapping events only one is served at a time; a statement charges each event the battery's
+    wear and peak power only while it was served, and this says when that was (the energy records alone
+    come once a minute)."""
+
+    at: float
+    request_id: str | None
+
+
+Event = (DispatchAnswer | Transition | FaultRaised | FaultCleared | DispatchEnded | EventEnergy | Resynced
+         | ServingChanged)
 
 NEVER = math.inf

@@ -33,6 +33,7 @@ JOURNALED: tuple[type, ...] = (
     core.DispatchEnded,
     core.EventEnergy,
     core.Resynced,
+    core.ServingChanged,
     # what came in that shaped those decisions
     core.DispatchRequest,
     core.DispatchCancel,

@@ -20,6 +20,7 @@ class RecordKind(StrEnum):
     DISPATCH_ENDED = "DispatchEnded"
     EVENT_ENERGY = "EventEnergy"
     RESYNCED = "Resynced"
+    SERVING_CHANGED = "ServingChanged"
     # what came in that shaped those decisions
     DISPATCH_REQUEST = "DispatchRequest"
     DISPATCH_CANCEL = "DispatchCancel"

@@ -17,7 +17,9 @@ Definitions (docs/command-line.md, "statement"):
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
   from the event's start to its end times the usable capacity of its own run (net drop, not the
-  sum of every wiggle: BMS SoC jitters by tenths); equivalent_cycles =
+  sum of every wiggle: BMS SoC jitters by tenths), less the drop while the gateway served another
+  event (overlapping windows: the battery worked for one at a time, and each is charged only its
+  own); peak_w likewise counts only while no other event was served; equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
   mode), one per published interval: credited kWh x the interval's published price;
@@ -86,8 +88,9 @@ class Period:
 @dataclass(frozen=True)
 class Sample:
     """What the core was told at one step, in wall time: `soc_pct` (BMS soc_min), `power_w` and
-    `meter_wh` (TotWhInj) from the inverter, the floor in force, whether the gateway was in BACKUP, and
-    the usable capacity its run's core started with (a later run's may differ: a pack re-rated)."""
+    `meter_wh` (TotWhInj) from the inverter, the floor in force, whether the gateway was in BACKUP, the
+    usable capacity its run's core started with (a later run's may differ: a pack re-rated), and which
+    request the core served after the step."""
 
     wall: float
     soc_pct: float | None
@@ -96,6 +99,7 @@ class Sample:
     floor_pct: float | None
     backup: bool
     capacity_wh: float | None = None
+    serving: str | None = None  # the request the inverter worked for from this sample on (None: none, or not journaled)
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Tally:
 
     lo: float
     hi: float
+    request_id: str | None = None  # whose tally: the samples while another request was served are not its own
     soc_start: float | None = None
     soc_end: float | None = None
     soc_min: float | None = None
@@ -113,23 +118,34 @@ class Tally:
     gap_from: float | None = None  # the wall time of the event's last report before its final one
     gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
     capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
+    lent_pct: float = 0.0  # the net SoC drop while another request was served: the other's wear, not this one's
 
     @property
     def drop_pct(self) -> float:
+        """The event's own net SoC drop: start to end, less what went to another request meanwhile."""
         if self.soc_start is None or self.soc_end is None:
             return 0.0
-        return max(0.0, self.soc_start - self.soc_end)
+        return max(0.0, self.soc_start - self.soc_end - self.lent_pct)
 
     def covers(self, at: float) -> bool:
         return self.lo <= at <= self.hi
 
+    def lent(self, sample: Sample, previous: Sample | None) -> bool:
+        """Whether the time up to `sample` went to another request: the one the core served after the
+        sample before (a step's decision holds until the next). Time served by none stays the event's."""
+        served = (previous or sample).serving
+        return served is not None and served != self.request_id
+
     def add(self, sample: Sample, previous: Sample | None) -> None:
+        lent = self.lent(sample, previous)
         if sample.soc_pct is not None:
             if self.soc_start is None:
                 self.soc_start, self.capacity_wh = sample.soc_pct, sample.capacity_wh
+            elif lent and self.soc_end is not None:
+                self.lent_pct += self.soc_end - sample.soc_pct
             self.soc_end = sample.soc_pct
             self.soc_min = _lowest(self.soc_min, sample.soc_pct)
-        if sample.power_w is not None:
+        if sample.power_w is not None and not lent:
             self.peak_w = sample.power_w if self.peak_w is None else max(self.peak_w, sample.power_w)
         if sample.floor_pct is not None:
             self.floor_pct = sample.floor_pct if self.floor_pct is None else max(self.floor_pct, sample.floor_pct)

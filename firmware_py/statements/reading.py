@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from firmware_py.core import types as core
 from firmware_py.core.floor import floor_pct
@@ -82,7 +82,8 @@ def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary])
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
     energy = _energy_records(source)
-    tallies = {key: Tally(*window(s, journal_end), gap_from=energy.get(key, EnergyRecords()).before_final_wall)
+    tallies = {key: Tally(*window(s, journal_end), request_id=s.request_id,
+                          gap_from=energy.get(key, EnergyRecords()).before_final_wall)
                for key, s in zip(line_keys(summaries), summaries, strict=True)}
     ledger = Ledger(period, tallies)
     backup = _backup_spans(source)
@@ -129,18 +130,51 @@ def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
     return found
 
 
+class ServedRequests:
+    """Which request the core served at a step, from its `ServingChanged` records, run by run.
+
+    A batch of steps is journaled after the changes it holds, so the changes are read first; each run's
+    core time is its own, so they are kept per run (counted by `CoreStart` records). A run that journaled
+    none served nothing, or ran software that did not journal them: either way no time is lent."""
+
+    def __init__(self, source: HeadBound):
+        self._runs: list[list[tuple[float, str | None]]] = [[]]
+        for record in source.iter_records({RecordKind.CORE_START, RecordKind.SERVING_CHANGED}):
+            if record.kind == RecordKind.CORE_START:
+                self._runs.append([])
+            else:
+                served = record.payload.get("request_id")
+                self._runs[-1].append((record.at, None if served is None else str(served)))
+        self._changes: list[tuple[float, str | None]] = self._runs[0]
+        self._next, self._serving = 0, None
+
+    def start_run(self, run: int) -> None:
+        self._changes = self._runs[run] if run < len(self._runs) else []
+        self._next, self._serving = 0, None
+
+    def at(self, now: float) -> str | None:
+        """The request served after the step at `now` (steps come in time order within a run)."""
+        while self._next < len(self._changes) and self._changes[self._next][0] <= now:
+            self._serving = self._changes[self._next][1]
+            self._next += 1
+        return self._serving
+
+
 def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, float]]) -> float | None:
     """Feed every journaled core step, as a sample, to the ledger; the usable capacity the core ran with."""
     policy: Policy | None = None
     owner: core.OwnerSettings | None = None
     bms: core.BmsSnapshot | None = None
     inverter: core.InverterStatus | None = None
+    served, run = ServedRequests(source), 0
     for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS}):
         if record.kind == RecordKind.CORE_START:
             try:
                 policy, owner, _ = decode_start(record.payload)
             except (KeyError, TypeError, ValueError) as err:
                 raise InputError(f"record {record.seq}: a core start that cannot be read: {err}") from None
+            run += 1
+            served.start_run(run)
             continue
         try:
             steps = decode_batch(record.payload)
@@ -148,28 +182,32 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
             raise InputError(f"record {record.seq}: {err}") from None
         offset = record.wall - record.at
         for now, inputs in steps:
-            seen = False
+            seen = measured = False
             for item in inputs:
                 if isinstance(item, core.BmsSnapshot):
                     bms, seen = item, True
                 elif isinstance(item, core.InverterStatus):
-                    inverter, seen = item, True
+                    inverter, seen, measured = item, True, True
                 elif isinstance(item, core.OwnerSettings):
                     owner = item
             if seen:
-                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup))
+                sample = _sample(now, offset, bms, inverter, policy, owner, backup, measured)
+                ledger.feed(replace(sample, serving=served.at(now)))
     return None if policy is None else policy.usable_capacity_wh
 
 
 def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
-            policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]]) -> Sample:
+            policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]],
+            measured: bool) -> Sample:
+    """The step's sample; its power only from a reading taken at this step (`measured`): an older one
+    belongs to the time it was read, which may have been another request's."""
     usable = inverter is not None and inverter.comms_ok
     outage = usable and inverter is not None and inverter.grid_outage
     wall = now + offset
     return Sample(
         wall=wall,
         soc_pct=bms.soc_min_pct if bms is not None else None,
-        power_w=inverter.measured_w if usable and inverter is not None else None,
+        power_w=inverter.measured_w if measured and usable and inverter is not None else None,
         meter_wh=inverter.tot_wh_inj if usable and inverter is not None else None,
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
         backup=any(lo <= wall <= hi for lo, hi in backup),
