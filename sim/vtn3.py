@@ -386,13 +386,12 @@ class BenchVtn3:
         """Post a notification to every subscriber of this object type (in the background, bounded by time)."""
         if not self._subscriptions or self._runner is None:
             return
-        subscribed_as = NOTIFIED_AS[operation]
         program_id = obj.get("id") if object_type == "PROGRAM" else obj.get("programID")
         for subscription in list(self._subscriptions.values()):
             if subscription.get("programID") != program_id:
                 continue
             for op in subscription.get("objectOperations", []):
-                if object_type in op.get("objects", []) and subscribed_as in op.get("operations", []):
+                if object_type in op.get("objects", []) and operation in op.get("operations", []):
                     note = {"objectType": object_type, "operation": operation, "object": obj}
                     asyncio.get_running_loop().create_task(self._post_note(op, note))
 
@@ -455,9 +454,8 @@ async def _body(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-NOTIFIED_AS = {"POST": "CREATE", "PUT": "UPDATE", "DELETE": "DELETE"}
-"""A notification's operation (OpenADR 3.0.1: GET, POST, PUT, DELETE) as a subscription names it."""
-SUBSCRIBABLE = ("READ", "CREATE", "UPDATE", "DELETE")
+SUBSCRIBABLE = ("GET", "POST", "PUT", "DELETE")
+"""OpenADR 3.0.1's operations, for a subscription and a notification alike (3.1 renames them: refused here)."""
 
 
 def _subscription_problem(body: dict[str, Any] | None) -> str:

@@ -94,7 +94,7 @@ DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 NOTIFY_PATH = "/openadr3/notify"
-SUBSCRIBED_OPERATIONS = ("CREATE", "UPDATE", "DELETE")  # OpenADR 3.0.1's words (a notification says POST, PUT...)
+SUBSCRIBED_OPERATIONS = ("POST", "PUT", "DELETE")  # OpenADR 3.0.1's words: GET, POST, PUT, DELETE
 
 # Report payload types the gateway writes (private ones where OpenADR 3 has no standard name).
 DELIVERED_ENERGY = "DELIVERED_ENERGY"  # Wh out of the inverter in the interval (the event's meter)
