@@ -593,6 +593,41 @@ def test_subscription_notifications_poll_at_once(lists: bool) -> None:
     run(scenario)
 
 
+class RevokingVtn(BenchVtn3):
+    """Re-issues the client's credentials when the VEN first lists its subscriptions (armed once)."""
+
+    armed = True
+
+    async def _get_subscriptions(self, request: web.Request) -> web.Response:
+        if self.armed:
+            self.armed = False
+            self.expire_tokens()
+            self.secret = "new-secret"
+            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+        return await super()._get_subscriptions(request)
+
+
+def test_a_credential_refused_while_subscribing_is_a_failed_cycle_not_a_vtn_without_subscriptions(caplog) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        port = free_port()
+        async with RevokingVtn(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: vtn.refused_logins and ven.failed_polls, 10)
+                assert vtn.subscription_count == 0 and not ven.subscribed
+                vtn.secret = SECRET  # the installer fixes the secret
+                ven.wake()
+                await vtn.wait_for(lambda: vtn.subscription_count == 1 and ven.subscribed, 15)
+                event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))  # notified: long before the 600 s poll
+        assert "takes no subscription" not in caplog.text and SECRET not in caplog.text
+
+    run(scenario)
+
+
 def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_not_doubled() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()

@@ -475,6 +475,8 @@ class OpenAdr3Ven:
             self._subscribed_programs = {sub.get("programID") for sub in held
                                          if sub.get("objectOperations") == operations}
             await self._unsubscribe_stale(session, [sub for sub in held if sub.get("objectOperations") != operations])
+        except TokenRefused:
+            raise  # the credential, not the subscriptions, was refused: the cycle fails, and all is asked again
         except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
             self._subscription_due = math.inf
         try:
@@ -484,6 +486,8 @@ class OpenAdr3Ven:
                     "objectOperations": operations})
                 self._subscribed_programs.add(program_id)
                 log.info("OpenADR 3: subscribed to the changes of program %s at %s", program_id, url)
+        except TokenRefused:
+            raise
         except VtnRefused as err:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
                      err, self.config.poll_interval_s)
