@@ -547,6 +547,42 @@ def test_an_event_a_paging_race_hides_is_kept_and_one_deleted_is_cancelled() -> 
     run(scenario)
 
 
+class TightLippedVtn(RacyVtn):
+    """A racy listing, and no answer for one event by id (403): the VEN must judge from listings alone."""
+
+    async def _get_event(self, request: web.Request) -> web.Response:
+        self.single_event_gets += 1
+        return web.json_response({"title": "Forbidden", "status": 403}, status=403)
+
+
+def test_where_the_vtn_will_not_say_an_event_missing_from_one_listing_is_kept_and_from_two_cancelled() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with TightLippedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("day-ahead")
+            for n in range(50):  # listed before the running event: it is the 51st, on the second page
+                vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(86_400 + 3_600 * n), 600, 1.0,
+                              event_id=f"old-{n}")
+            running = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 3_600, 5.0, event_id="running")
+            for n in range(10):  # listings keep two pages after two deletions
+                vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(2 * 86_400 + 3_600 * n), 600, 1.0)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(running), 10)
+                vtn.armed = True  # the paging race hides 'running' from one listing
+                await vtn.wait_for(lambda: not vtn.armed, 10)
+                await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-0"], 10)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 2, 10)
+                assert "running" not in [c.id for c in sink.of(DispatchCancel)]  # missing from one listing: kept
+                vtn.delete_event("old-1")  # on the first page: every later listing of several pages lacks it
+                await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-1"], 10)
+            assert "running" not in [c.id for c in sink.of(DispatchCancel)]
+            assert vtn.single_event_gets >= 3  # asked, and refused, each time
+
+    run(scenario)
+
+
 def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resumes() -> None:
     async def scenario() -> None:
         links = LinkBook(time.monotonic)

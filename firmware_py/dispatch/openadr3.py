@@ -94,6 +94,9 @@ DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 NOTIFY_PATH = "/openadr3/notify"
+UNLISTED_GONE = 2
+"""Listings of several pages running that may lack an event before it counts as deleted, where the VTN
+will not answer for the event itself: a paging race hides an event from one listing, not from two."""
 SUBSCRIBED_OPERATIONS = ("POST", "PUT", "DELETE")  # OpenADR 3.0.1's words: GET, POST, PUT, DELETE
 
 # Report payload types the gateway writes (private ones where OpenADR 3 has no standard name).
@@ -257,6 +260,7 @@ class OpenAdr3Ven:
         self.reasks = 0
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
+        self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[dict[str, Any]] = deque()
@@ -420,15 +424,23 @@ class OpenAdr3Ven:
         """The held events a listing of several pages lacks that the VTN may still have: only a 404 for
         the event itself says the VTN deleted it; the listing may have missed it in a paging race."""
         listed = {event_id_of(e) for e in events}
+        self._unlisted = {e: n for e, n in self._unlisted.items() if e not in listed and e in self._events}
         kept: set[str] = set()
         for event_id in [e for e in self._events if e not in listed]:
             try:
                 await self._call(session, "GET", f"events/{event_id}")
             except VtnNotFound:
                 continue  # deleted at the VTN: cancelled by _take
-            except VtnRefused as err:  # not confirmed gone: kept until a listing or a 404 says otherwise
+            except TokenRefused:
+                raise
+            except VtnRefused as err:  # not confirmed gone: kept, unless it is missing listing after listing
+                misses = self._unlisted[event_id] = self._unlisted.get(event_id, 0) + 1
+                if misses >= UNLISTED_GONE:
+                    log.info("OpenADR 3: event %s is on no page of %d listings running and the VTN would not say "
+                             "if it is gone (%s): taken as deleted", event_id, misses, err)
+                    continue
                 log.info("OpenADR 3: event %s is on no page of the listing; the VTN would not say if it is "
-                         "gone (%s): kept", event_id, err)
+                         "gone (%s): kept until the next listing", event_id, err)
             else:
                 log.info("OpenADR 3: event %s is on no page of the listing but the VTN still has it: kept",
                          event_id)
