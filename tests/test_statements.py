@@ -416,6 +416,25 @@ def test_a_charge_has_no_outage_energy_and_money_rounds_half_up_on_the_printed_f
     assert line("discharge", 830.0)["credit"] == 0.42  # 0.83 kWh at 0.50: 0.415, which binary floats hold as 0.41499…
 
 
+def test_an_outage_longer_than_the_events_own_delivery_shows_all_its_backup_energy_and_credits_none():
+    """30 s delivering 50 Wh a step with the grid up, then 70 s of backup at 100 Wh a step in the window:
+    the line shows the outage's 700 Wh (it once showed no more than the event delivered, 150 Wh)."""
+    samples, meter = [], 1_000.0
+    for i in range(11):
+        backup = i > 3
+        meter += 0.0 if i == 0 else (100.0 if backup else 50.0)
+        samples.append(Sample(float(i), 80.0 - i, 5_000.0, meter, 42.0, backup))
+    ledger = Ledger(Period(0, 1e9), {"peak": Tally(0.0, 10.0)})
+    for sample in samples:
+        ledger.feed(sample)
+    summary = EventSummary("peak", "openadr3", "discharge", 5_000, 0, 0.0, 0.0, 10.0, "accepted", ended_at=10.0,
+                           ended_reason="window closed", meter_wh=150.0, integrated_wh=150.0)
+    line = event_figures(summary, ledger.tallies["peak"], ProgramTerms("p", "USD", 1.0, 0.0), 10_000,
+                         EnergyRecords())
+    assert (line["delivered_wh"], line["outage_wh"], line["credited_wh"]) == (150.0, 700.0, 150.0)
+    assert any("700.0 Wh flowed during a grid outage" in note for note in line["notes"])
+
+
 def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path, capsys):
     import csv
     import io

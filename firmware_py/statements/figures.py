@@ -245,7 +245,7 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     served = summary.verdict in SERVED
     discharge = summary.kind == DispatchKind.DISCHARGE.value
     delivered = summary.meter_wh if served else 0.0
-    outage = min(tally.outage_wh, max(0.0, delivered)) if served else 0.0  # a charge's meter runs negative
+    outage = tally.outage_wh if served else 0.0  # the house's energy in the window, whatever the event delivered
     creditable = discharge and summary.source != COMMISSIONING_SOURCE
     in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
     credited = max(0.0, delivered - in_gap) if creditable else 0.0
