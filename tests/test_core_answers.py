@@ -79,7 +79,7 @@ def test_the_controller_remembers_the_journal_until_it_recovers():
 
 def test_a_failing_journal_holds_a_running_event_at_zero_and_it_resumes_when_the_journal_returns():
     """Energy the gateway cannot account for is not delivered: a running discharge drops to 0 W at once
-    with the journal's reason, stays in force (not ended, no new energy record), the same request
+    with the journal's reason, stays in force (not ended: its energy so far recorded, not closed), the same request
     again still gets its original answer, and power comes back once the journal writes again."""
     req = discharge("e1", 0.0, 0, 100, target=5_000)
     c = step(ready(), [req], 0.0).controller
@@ -89,7 +89,9 @@ def test_a_failing_journal_holds_a_running_event_at_zero_and_it_resumes_when_the
     assert held.controller.mode is Mode.STANDBY
     assert held.command.setpoint_w == 0
     assert held.command.reason == f"{JOURNAL_HOLD}: disk full"
-    assert not [e for e in held.events if isinstance(e, (DispatchEnded, EventEnergy))]
+    assert not [e for e in held.events if isinstance(e, DispatchEnded) or (isinstance(e, EventEnergy) and e.final)]
+    # only its energy so far, queued behind the journal: a restart bills the meter's gap after it
+    assert [(e.request_id, e.final) for e in held.events if isinstance(e, EventEnergy)] == [("e1", False)]
     c = held.controller
     for t in (4.0, 5.0):  # still failing: still held, whatever else arrives
         r = step(c, [bms(t), inverter(t), Tick(t)], t)

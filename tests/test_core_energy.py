@@ -22,6 +22,7 @@ from firmware_py.core.types import (
     ReasonCode,
     Transition,
     Mode,
+    OwnerSettings,
 )
 
 MOST = most_unreported_wh(POLICY)  # 11.5 kW for 60 + 10 + 3 s
@@ -223,3 +224,23 @@ def test_a_crash_after_a_handover_bills_every_event_what_it_delivered():
     assert sum(billed.values()) == pytest.approx(run.meter_wh, abs=1e-2)
     assert billed["A"] == pytest.approx(run.c.book.find("A").meter_wh, abs=1e-2)
     assert billed["B"] == pytest.approx(run.c.book.find("B").meter_wh, abs=1e-2)
+
+
+def test_a_crash_after_one_event_paused_and_a_newer_one_ran_bills_every_event_what_it_delivered():
+    """The owner raises the reserve above the SoC: A stops with no successor, its window still open; B,
+    a newer charge, is served then. The step that stopped A journals A's energy so far with the meter
+    reading, so a crash while B runs (the restart billing the meter's gap to B, served last) leaves none
+    of A's last minute billed to no one."""
+    run = Run(ready(0.0))
+    run.feed(discharge("A", 0.0, 0.0, 7_200.0, target=10_000, source="aggregator"))
+    run.run(175.0)  # A served; its reports come a minute apart, the last at 120 s
+    run.feed(OwnerSettings(85, run.t))  # the floor now above the SoC: A paused, not ended
+    run.run(3.0)
+    assert run.c.serving_id is None and not run.c.book.find("A").ended
+    run.feed(replace(discharge("B", run.t, run.t, 7_200.0, target=5_000), source="site", kind=DispatchKind.CHARGE))
+    run.run(30.0)  # B served, then the gateway dies
+    assert run.c.serving_id == "B"
+    finals = close_after_restart(open_events(run.records), run.meter_wh, POLICY, run.t + 30, "gateway restarted")
+    billed = {e.request_id: e.meter_wh for e in finals if isinstance(e, EventEnergy)}
+    assert billed["A"] == pytest.approx(run.c.book.find("A").meter_wh, abs=1e-2)
+    assert billed["A"] == pytest.approx(run.meter_wh, abs=1e-2)  # all the meter counted was A's

@@ -133,34 +133,25 @@ def report_energy(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     return c, [energy_record(c, entry, now)]
 
 
-def pause_energy(c: Controller, backup: bool, now: float) -> tuple[Controller, list[Event]]:
-    """The event served until now, still live, is not served from now because the grid went down
-    and the pack serves the house (`backup`): its energy so far, recorded without a meter reading,
-    so a restart never bills it the meter's gap after, which is the house's backup. When it is
-    served again, its next record comes at once, with the meter reading it bills from.
+def release_energy(c: Controller, serving: str | None, backup: bool, now: float) -> tuple[Controller, list[Event]]:
+    """The event served until now, still live, is not served from this step (`serving` is another request
+    or none): its energy so far, at once. Only the event served last is reported periodically, and a restart
+    bills the meter's gap to the event reported last, so without this record its energy since its last
+    report would be billed to no one once another request ran. When it is served again, its next record
+    comes at once, with the meter reading it bills from.
 
-    Only for an outage: after anything else that stops the serving the inverter holds 0 W (its meter
-    still), or, with its link lost, goes on for the event until its revert, which is the event's."""
-    entry = c.book.find(c.serving_id) if c.serving_id and backup else None
+    The record carries the meter reading, except in an outage (`backup`: the pack serves the house, and
+    the meter's gap after is the house's), and except with no successor while the inverter's link is
+    lost: the inverter goes on for the event until its revert, so its last record with a reading stands
+    (`account` adds what flowed, once the link is back)."""
+    entry = c.book.find(c.serving_id) if c.serving_id and serving != c.serving_id else None
     if entry is None or entry.ended:
         return c, []
-    entry = replace(entry, last_report_at=-math.inf)
-    c = c.evolve(book=c.book.replace(entry))
-    return c, [replace(energy_record(c, entry, now), meter_total_wh=None)]
-
-
-def handover_energy(c: Controller, serving: str | None, now: float) -> tuple[Controller, list[Event]]:
-    """The event served until now, still live, hands the inverter over to another request (`serving`, a
-    newer one in force): its energy so far, with the meter reading, at once. Only the event served last
-    is reported from then on, and a restart bills the meter's gap to that one alone, so without this
-    record the handed-over event's energy since its last report would be billed to no one after a crash.
-    When it is served again, its next record comes at once, with the meter reading it bills from."""
-    entry = c.book.find(c.serving_id) if c.serving_id and serving and serving != c.serving_id else None
-    if entry is None or entry.ended:
+    record = energy_record(c, entry, now)
+    if record.meter_total_wh is None and serving is None and not backup:
         return c, []
-    entry = replace(entry, last_report_at=-math.inf)
-    c = c.evolve(book=c.book.replace(entry))
-    return c, [energy_record(c, entry, now)]
+    c = c.evolve(book=c.book.replace(replace(entry, last_report_at=-math.inf)))
+    return c, [replace(record, meter_total_wh=None) if backup else record]
 
 
 def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Controller, list[Event]]:

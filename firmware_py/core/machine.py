@@ -28,8 +28,7 @@ from firmware_py.core.energy import (
     account,
     close_event,
     commanded_wh,
-    handover_energy,
-    pause_energy,
+    release_energy,
     report_energy,
 )
 from firmware_py.core.faults import (
@@ -485,9 +484,7 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     serving = view.request.request.id if view.request and (
         (mode is Mode.DISCHARGE and view.wants(DispatchKind.DISCHARGE))
         or (mode is Mode.CHARGE and view.wants(DispatchKind.CHARGE))) else None  # not the storm watch's charge
-    c, produced = pause_energy(c, mode is Mode.BACKUP, now)
-    events += produced
-    c, produced = handover_energy(c, serving, now)
+    c, produced = release_energy(c, serving, mode is Mode.BACKUP, now)
     events += produced
     if serving != c.serving_id:
         events.append(ServingChanged(now, serving))
