@@ -256,3 +256,52 @@ def test_a_reopen_whose_open_never_returns_holds_neither_the_close_nor_the_exit(
         release.set()
     assert late_closed.wait(WAIT_S), "the bus opened after the close was left open"
     assert link.bus is None
+
+
+def test_a_reopen_that_never_returns_is_abandoned_and_the_next_one_heals_the_link(world, caplog):
+    """A remote server that accepts the connection and never answers: the reopen's open blocks for
+    good. The link gives up on it after `open_timeout_s`, counts it as a failed open (same back-off,
+    the cause told once), reopens the bus on the next attempt once the server answers again, and the
+    abandoned attempt's bus, when it opens at last, is shut down rather than leaked."""
+    world.link.open_timeout_s = 0.2  # a bounded wait on the wall clock: the open runs in a real thread
+    opener, hung, release, late_closed = world.link._opener, threading.Event(), threading.Event(), threading.Event()
+    attempts: list[float] = []
+
+    def hanging_once() -> can.BusABC:
+        attempts.append(world.now)
+        if len(attempts) > 1:
+            return opener()  # the server answers again
+        hung.set()
+        release.wait()  # can_remote's connection, which has no timeout
+        return _Watched(world.config.can.channel, late_closed)
+
+    async def look() -> None:
+        await asyncio.wait_for(world.look(0.25), WAIT_S)  # bounded: a look that never returns fails here
+
+    async def main() -> None:
+        await world.frames_arrive()
+        await world.look()
+        world.link._opener = hanging_once
+        with caplog.at_level(logging.INFO):
+            for _ in range(200):  # silence, a reopen that hangs, then one that opens
+                if len(attempts) > 1:
+                    break
+                await look()
+            assert hung.is_set() and len(attempts) == 2, attempts
+            assert attempts[1] - attempts[0] >= world.link.backoff_min_s  # the timeout was a failed open
+            assert world.link.bus is not None
+            await world.frames_arrive()
+            await look()
+        assert world.assembly.gateway.links.view(world.now)["bms"]["ok"]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
+        assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+        assert len([m for m in lines if "did not open within 0.2 s" in m]) == 1, lines
+
+    try:
+        asyncio.run(main())
+        assert not late_closed.is_set()
+    finally:
+        release.set()
+    assert late_closed.wait(WAIT_S), "the bus the abandoned reopen opened at last was left open"
+    assert world.link.bus is not None and not isinstance(world.link.bus, _Watched)

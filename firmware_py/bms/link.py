@@ -12,7 +12,9 @@ the bus and open it again. The service asks `supervise()` every tick:
   first time, then with back-off doubling to `backoff_max_s`, until frames flow
   again (then the back-off starts over);
 - a bus that cannot be reopened is retried the same way; the core meanwhile sees
-  stale BMS data and holds 0 W.
+  stale BMS data and holds 0 W. So is a reopen that takes longer than
+  `OPEN_TIMEOUT_S` (a remote server that accepts the connection and never
+  answers): it is abandoned, and its thread closes the bus should it open later.
 
 A long gap between two looks is the gateway's own stall, not the bus's: the
 silence is then measured afresh. The blocking python-can calls (stopping the
@@ -46,7 +48,13 @@ RECV_TIMEOUT_S = 0.1
 NOTIFIER_STOP_S = 2.0
 """The most closing waits for that thread (a bus blocked in its driver is left to finish alone)."""
 CLOSE_WAIT_S = 2.0
-"""The most closing waits for a reopen still opening the bus, which then closes what it opens itself."""
+"""The most closing waits for a reopen still closing the old bus (the open itself is never waited for:
+a reopen closes what it opens once the link is closed)."""
+OPEN_TIMEOUT_S = 5.0
+"""The most one reopen is waited for. python-can opens a bus in well under a second (a local adapter,
+a python-can-remote server that answers); a driver that never returns (can_remote's connection has no
+timeout) must not stop the link from trying again once the far end recovers. A few seconds, not less:
+an open cut short by a slow but healthy server would be abandoned every time."""
 
 
 class _Listener(BmsListener):
@@ -74,13 +82,14 @@ class CanLink:
 
     def __init__(self, opener: Callable[[], can.BusABC], reader: BmsReader, clock: Callable[[], float], *,
                  silence_s: float, stall_gap_s: float, link: LinkHandle | None = None,
-                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S) -> None:
+                 backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S,
+                 open_timeout_s: float = OPEN_TIMEOUT_S) -> None:
         self._opener = opener
         self.bus: can.BusABC | None = opener()
         self.reader, self.clock, self.link = reader, clock, link
         self.silence_s, self.stall_gap_s = silence_s, stall_gap_s
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
-        self.close_wait_s = close_wait_s
+        self.close_wait_s, self.open_timeout_s = close_wait_s, open_timeout_s
         self.notifier: can.Notifier | None = None
         self.listener: _Listener | None = None
         self.reopens = 0
@@ -92,6 +101,7 @@ class CanLink:
         self._backoff = 0.0
         self._next_attempt = -math.inf
         self._open_error = ""
+        self._hang_told = False  # a reopen timed out in this outage and was logged: once is enough
         self._lock = threading.RLock()  # a reopen in its worker thread and a shutdown never interleave
         self._closed = False
 
@@ -121,13 +131,14 @@ class CanLink:
     def close(self) -> None:
         """Stop receiving and close the bus for good, quietly if it is already broken.
 
-        A reopen still waiting for its driver to open the bus is waited for at most `close_wait_s`:
-        the gateway's exit must not hang on an adapter (or a remote server) that never answers.
+        A reopen still closing the old bus is waited for at most `close_wait_s`, one opening the new
+        one not at all (it shuts that bus down itself): the gateway's exit must not hang on an adapter
+        (or a remote server) that never answers.
         """
         self._closed = True  # first: a reopen that outlasts the wait sees it and closes what it opened
         if not self._lock.acquire(timeout=self.close_wait_s):
-            log.warning("the CAN bus is still being reopened after %g s: it will be closed once it opens",
-                        self.close_wait_s)
+            log.warning("the CAN bus is still being closed by a reopen after %g s: "
+                        "that reopen closes whatever it opens", self.close_wait_s)
             return
         try:
             self._close_bus()
@@ -150,6 +161,7 @@ class CanLink:
         if flowing:
             self._frames_seen, self._last_frame_at = frames, now
             self._backoff, self._next_attempt = 0.0, -math.inf
+            self._hang_told = False
             if self.link is not None:
                 self.link.good(now)
         elif stalled:
@@ -182,31 +194,92 @@ class CanLink:
         self.reopens += 1
         self._backoff = min(max(2 * self._backoff, self.backoff_min_s), self.backoff_max_s)
         log.debug("reopening the CAN bus (attempt %d, next in %.1f s at the latest)", self.reopens, self._backoff)
+        attempt = _Attempt()
         try:
-            await _in_a_thread_of_its_own(self._swap)
+            opened = await self._swapped_in_time(attempt)
         except InputError as err:
             self._open_error = f"cannot reopen the bus: {err}"
             if self.link is not None:
                 self.link.lost(self._open_error)
         else:
-            self._open_error = ""
+            self._open_error = "" if opened else f"cannot reopen the bus: no answer within {self.open_timeout_s:g} s"
+            if not opened:
+                self._told_hung()
         now = self.clock()
         self._last_frame_at = now  # a reopened bus gets a whole timeout to bring frames
         self._next_attempt = now + self._backoff
 
-    def _swap(self) -> None:
-        """Close the bus and open it again (in a worker thread: python-can blocks)."""
+    def _told_hung(self) -> None:
+        """A reopen timed out: the cause for `status`, and one warning per outage (the link book tells
+        only an outage's first cause, and a driver that hangs is worth knowing about)."""
+        if self.link is not None:
+            self.link.lost(self._open_error)
+        if not self._hang_told:
+            self._hang_told = True
+            log.warning("the CAN bus did not open within %g s: abandoned, retried with back-off "
+                        "(the bus is closed should that open ever return)", self.open_timeout_s)
+
+    async def _swapped_in_time(self, attempt: _Attempt) -> bool:
+        """`_swap` in its thread, waited for at most `open_timeout_s`: False when it was abandoned.
+
+        Whoever claims the attempt first decides: the thread (its bus is then installed, and
+        waited for) or the waiter giving up (the thread then closes what it opens).
+        """
+        swapping = asyncio.ensure_future(_in_a_thread_of_its_own(lambda: self._swap(attempt)))
+        try:
+            await asyncio.wait_for(asyncio.shield(swapping), self.open_timeout_s)
+        except asyncio.CancelledError:
+            swapping.add_done_callback(_retrieved)  # the service stops: the thread finishes alone
+            raise
+        except TimeoutError:
+            if not attempt.claim():  # the bus opened just now: it is being installed
+                await swapping
+                return True
+            swapping.add_done_callback(_retrieved)
+            return False
+        return True
+
+    def _swap(self, attempt: _Attempt) -> None:
+        """Close the bus and open it again (in a worker thread: python-can blocks).
+
+        The open is not under the lock: one that never returns must hold up neither the next
+        attempt nor `close`. A bus opened for an attempt abandoned or a link closed meanwhile is
+        nobody's, and is shut down here.
+        """
         with self._lock:
-            if self._closed:
+            if self._closed or attempt.abandoned():
                 return
             self._close_bus()
-            bus = self._opener()
-            if self._closed:  # closed meanwhile, `close` having given up waiting: the bus is nobody's
+        bus = self._opener()
+        with self._lock:
+            if self._closed or not attempt.claim():
                 shutdown_quietly(bus, log)
                 return
             self.bus = bus
             if self._on_snapshot is not None:
                 self._listen()
+
+
+class _Attempt:
+    """One reopen, claimed once: by its thread (which installs the bus it opened) or by the waiter
+    giving up on it (the thread then shuts that bus down), never both."""
+
+    def __init__(self) -> None:
+        self._claim = threading.Lock()
+
+    def claim(self) -> bool:
+        """True for the first caller only."""
+        return self._claim.acquire(blocking=False)
+
+    def abandoned(self) -> bool:
+        """Whether the attempt is already claimed (by the waiter, before the thread could open)."""
+        return self._claim.locked()
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Read an abandoned attempt's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _in_a_thread_of_its_own(work: Callable[[], None]) -> None:
