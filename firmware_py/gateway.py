@@ -126,6 +126,9 @@ class Gateway:
         self._prune_after = now
         self.links = LinkBook(clock, self.note)
         self.watch_stalls = False
+        self.stopping = False
+        """Set by `begin_stop`: the inputs have ended, so the core is stepped no more (see there)."""
+        self._stop_write_failed = False  # a journal write failed during the stop: no other is attempted
         self.resync_wanted = asyncio.Event()
         """Set when a stall was seen: the service reads the inverter again at once."""
         self.reaction_observers: list[Callable[[float], None]] = []
@@ -198,6 +201,18 @@ class Gateway:
     def now(self) -> float:
         return self.clock()
 
+    def begin_stop(self) -> None:
+        """The service is stopping: its inputs (poll, tick, CAN) end and 0 W goes to the inverter outside the core.
+
+        From here the core is not stepped: a step would judge the freshness of data the gateway no
+        longer collects, and a stop slower than the inverter's or the BMS's timeout would journal a
+        fault (and a transition to FAULT) that only the stop caused. Records still queue and are
+        written; the open events are ended by `close_open_events`. After the first journal write that
+        fails during the stop no other is attempted: each would wait the journal's busy timeout, and
+        systemd kills the service `TimeoutStopSec` after SIGTERM (what stays queued is reported).
+        """
+        self.stopping = True
+
     # ------------------------------------------------------------------ inputs
 
     def on_frames(self, msgs: Iterable[can.Message]) -> StepResult | None:
@@ -211,12 +226,14 @@ class Gateway:
             latest = self.reader.on_message(msg, now) or latest
         return self.on_snapshot(latest) if latest is not None else None
 
-    def on_snapshot(self, snapshot: BmsSnapshot) -> StepResult:
+    def on_snapshot(self, snapshot: BmsSnapshot) -> StepResult | None:
         """New BMS data the core decides on (the reader has already judged that it is new).
 
         When it changes the setpoint, the reaction starts at the snapshot's decode: the
         step's `now` less its `received_at` is the hop from the frame path to this step.
         """
+        if self.stopping:  # a frame decoded before the CAN intake ended: the core is stepped no more
+            return None
         if not self.reaction_observers:  # nobody measures: the step alone
             return self.feed(snapshot)
         began, before = self.perf_clock(), self.command.setpoint_w
@@ -334,6 +351,8 @@ class Gateway:
     def _write(self, pending: list[Any]) -> JournalWriteError | None:
         if not pending:
             return None
+        if self._stop_write_failed:
+            return JournalWriteError("not attempted: a journal write already failed during the stop")
         try:
             offset = self.clocks.offset()  # each record's instant for people, on the wall clock
             with self.journal.batch():
@@ -393,11 +412,16 @@ class Gateway:
         if failure is None:
             self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
                                     steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
-            if failing:
+            if failing and not self.stopping:
                 log.info("journal writes again")
                 self.feed(JournalHealth(self.clock(), ok=True))
             return len(pending)
         self._pending[:0] = pending
+        if self.stopping:  # no step (see `begin_stop`); no more writes either
+            if not self._stop_write_failed:
+                log.error("journal write failed during the stop; no more writes are attempted: %s", failure)
+            self._stop_write_failed = True
+            return 0
         if not failing:
             log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
             self.feed(JournalHealth(self.clock(), ok=False, detail=str(failure)))

@@ -197,8 +197,13 @@ class Service:
         return 1 if failed else 0
 
     async def stop(self) -> None:
-        """Tasks first, then the safe stop, then the journal: each step on its own so one failure skips no other."""
+        """Tasks first, then the safe stop, then the journal: each step on its own so one failure skips no other.
+
+        No step of the core after the inputs end (`Gateway.begin_stop`): it would judge stopped inputs stale.
+        After a journal write fails during the stop no other is attempted, so a locked journal costs its
+        busy timeout once, not once per write, within systemd's stop timeout."""
         self.gateway.watch_stalls = False  # stopping takes its time; it is no stall
+        self.gateway.begin_stop()  # the core is stepped no more: its inputs end here (no false faults)
         with contextlib.suppress(ValueError):
             self.gateway.observers.remove(self._stepping_again)
         if self._step_again_handle is not None:
@@ -212,8 +217,7 @@ class Service:
             ("safe stop", self._safe_stop),
             ("journal task", lambda: cancel_all(journal)),
             ("CAN", self.assembly.can_link.stop),
-            ("final step", lambda: gateway.feed(Tick(gateway.now()))),
-            ("journal", lambda: gateway.flush_journal(final=True)),
+            ("journal", lambda: gateway.flush_journal(final=True)),  # with the unfinished batch of steps
             ("open events", self._end_open_events),
             ("journal queue", self._report_unwritten),
             ("inverter link", gateway.inverter.close),

@@ -249,3 +249,35 @@ def test_a_journal_write_cancelled_before_a_worker_took_it_is_still_written_once
     with Journal.open(path, readonly=True) as journal:
         kinds = [str(r.kind) for r in journal.records()]
     assert kinds.count("DispatchRequest") == 1 and kinds.count("DispatchAnswer") == 1
+
+
+def test_at_a_stop_a_failing_journal_steps_no_core_and_is_tried_once(tmp_path):
+    """Once the stop began (`begin_stop`: the inputs ended) the journal's failure is fed to no step (a step
+    then would judge the stopped BMS and inverter data stale and journal faults the stop caused), and after
+    that failure no other write is attempted (each would wait the busy timeout, in systemd's stop timeout):
+    what stays queued is counted for the report, and nothing is stepped."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    try:
+        gateway.feed(bms(0.0), inverter(0.0))
+        gateway.flush_journal()
+        stepped_at, mode = gateway.controller.last_step_at, gateway.controller.mode
+        gateway.begin_stop()
+        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        clock[0] = 10.0  # past the inverter's and the BMS's timeouts
+        gateway.sample()
+        assert gateway.flush_journal(final=True) == 0
+        batches = []
+        batch = gateway.journal.batch
+        gateway.journal.batch = lambda: batches.append(1) or batch()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        gateway.close_open_events(None, "gateway stopped: event ended")
+        assert gateway.flush_journal(final=True) == 0 and batches == []  # not tried again
+        assert gateway.unwritten() > 0
+        assert gateway.controller.last_step_at == stepped_at and gateway.controller.mode is mode
+        assert not gateway.controller.journal_failing()
+    finally:
+        assembly.close()

@@ -331,3 +331,27 @@ def test_an_inverter_that_refuses_the_safe_stop_but_answers_is_still_read_for_th
     with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
         (final,) = [r.payload for r in journal.records() if r.kind == "EventEnergy" and r.payload["final"]]
     assert final["meter_total_wh"] is not None
+
+
+def test_a_stop_slower_than_the_data_timeouts_journals_no_fault_the_stop_caused(tmp_path: Path):
+    """The stop ends the poll, tick and CAN intake first; a stop that then takes longer than the inverter's
+    and the BMS's timeouts (a slow safe stop, a journal write waiting on a lock) must not step the core on
+    the data it no longer collects: no fault and no transition to FAULT is journaled, and the open event
+    is still ended. The stop's slowness is the gateway's clock moved on by 10 s after the safe stop."""
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}") as (service, _):
+            gateway, safe_stop = service.gateway, service._safe_stop
+
+            async def slow_safe_stop() -> None:
+                await safe_stop()
+                gateway.clock = lambda: time.time() + 10.0  # past inverter_timeout_s (3 s) and the BMS's
+
+            service._safe_stop = slow_safe_stop
+            await asyncio.wait_for(service.stop(), WAIT_S)
+
+    asyncio.run(main())
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        records = journal.records()
+    assert [r.payload for r in records if r.kind == "FaultRaised"] == []
+    assert [r.payload for r in records if r.kind == "Transition" and r.payload["to_state"] == "FAULT"] == []
+    assert [r.payload["reason"] for r in records if r.kind == "DispatchEnded"] == ["gateway stopped: event ended"]
