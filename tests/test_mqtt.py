@@ -530,6 +530,25 @@ def test_the_outbox_drops_the_oldest_state_first_and_keeps_results_ahead():
     bounded(main())
 
 
+def test_a_burst_of_refused_commands_never_pushes_out_the_result_of_an_applied_one():
+    """Results wait for the broker's acknowledgement one by one: a burst of bad commands after good ones
+    fills the queue, and what it gives up is refusals, oldest first, never the word that a change was made."""
+    async def main() -> None:
+        outbox = Outbox(states=3, results=3)
+        outbox.put(Outgoing("r", b"ok-1", False, Kind.RESULT, applied=True))
+        outbox.put(Outgoing("r", b"ok-2", False, Kind.RESULT, applied=True))
+        for n in range(5):
+            outbox.put(Outgoing("r", f"bad-{n}".encode(), False, Kind.RESULT))
+        assert [(await outbox.get()).payload for _ in range(3)] == [b"ok-1", b"ok-2", b"bad-4"]
+        for n in range(4):
+            outbox.put(Outgoing("r", f"ok-{n + 3}".encode(), False, Kind.RESULT, applied=True))
+        outbox.put(Outgoing("r", b"bad-5", False, Kind.RESULT))  # every queued result applied: it goes
+        assert [(await outbox.get()).payload for _ in range(3)] == [b"ok-4", b"ok-5", b"ok-6"]
+        assert outbox.dropped[Kind.RESULT] == 4 + 2 and not len(outbox)
+
+    bounded(main())
+
+
 def test_a_part_that_loses_a_cancellation_is_cancelled_again_so_a_stop_is_a_stop():
     """Python 3.11's `asyncio.wait_for` can lose a cancellation that comes as what it waits for completes
     (the MQTT client waits that way for every acknowledgement); the bridge's parts must end all the same."""

@@ -148,6 +148,7 @@ class Outgoing:
     payload: bytes
     retain: bool
     kind: Kind
+    applied: bool = False  # a result saying a change was made: the last a full queue gives up
 
 
 class Outbox:
@@ -160,10 +161,19 @@ class Outbox:
         self.dropped: Counter[Kind] = Counter()
 
     def put(self, item: Outgoing) -> None:
-        """Queue `item` at once, never waiting: a full queue drops its oldest."""
+        """Queue `item` at once, never waiting: a full queue drops its oldest, and of results the oldest
+        refusal first (a burst of bad commands must not cost the owner the word that a change was made)."""
         queue = self._results if item.kind is Kind.RESULT else self._states
         if len(queue) == queue.maxlen:
+            if not self.dropped[item.kind]:
+                log.warning("MQTT: the %s queue is full (%d): the oldest %s are dropped", item.kind.value,
+                            queue.maxlen, "refusals" if item.kind is Kind.RESULT else "states")
             self.dropped[item.kind] += 1
+            refusal = next((old for old in queue if not old.applied), None) if item.kind is Kind.RESULT else None
+            if refusal is not None:
+                queue.remove(refusal)
+            elif not item.applied and item.kind is Kind.RESULT:
+                return  # every queued result says a change was made: this refusal is the one to go
         queue.append(item)
         self._ready.set()
 
@@ -388,7 +398,7 @@ class MqttBridge:
 
     def _result(self, name: str, ok: bool, reason: str) -> Outgoing:
         doc = commands.result(printable(name)[:64], ok, reason, self.gateway.clocks.wall())
-        return Outgoing(self.topics.result, _encode(doc), retain=False, kind=Kind.RESULT)
+        return Outgoing(self.topics.result, _encode(doc), retain=False, kind=Kind.RESULT, applied=ok)
 
 
 async def _first_failure(*work: Any) -> None:
