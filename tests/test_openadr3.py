@@ -476,17 +476,22 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
     run(scenario)
 
 
+def revoked(vtn: BenchVtn3) -> web.Response:
+    """The client's credentials re-issued: its tokens revoked, the old secret refused, this request 401."""
+    vtn.expire_tokens()
+    vtn.secret = "new-secret"
+    return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+
+
 class RotatingVtn(BenchVtn3):
-    """Re-issues the client's credentials at the first POST /reports: tokens revoked, the old secret refused."""
+    """Re-issues the client's credentials at the first POST /reports."""
 
     rotate = True
 
     async def _post_report(self, request: web.Request) -> web.Response:
         if self.rotate:
             self.rotate = False
-            self.expire_tokens()
-            self.secret = "new-secret"
-            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+            return revoked(self)
         return await super()._post_report(request)
 
 
@@ -637,9 +642,7 @@ class RevokingVtn(BenchVtn3):
     async def _get_subscriptions(self, request: web.Request) -> web.Response:
         if self.armed:
             self.armed = False
-            self.expire_tokens()
-            self.secret = "new-secret"
-            return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
+            return revoked(self)
         return await super()._get_subscriptions(request)
 
 
