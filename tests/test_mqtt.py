@@ -15,11 +15,12 @@ killed gateway process, are in `test_mqtt_process.py` (slow tier).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from firmware_py import cli
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.types import DispatchKind, DispatchRequest, Mode, OwnerSettings
 from firmware_py.journal import Journal
+from firmware_py.mqtt import bridge as bridge_module
 from firmware_py.mqtt import commands
 from firmware_py.mqtt.bridge import Kind, MqttBridge, Outbox, Outgoing, _first_failure
 from firmware_py.mqtt.commands import CommandGate
@@ -595,6 +597,67 @@ async def publication_rates(rig: Rig, bridge: MqttBridge, minutes: float) -> dic
     event = await advance(rig, bridge, minutes * 60)
     assert rig.gateway.controller.mode is Mode.DISCHARGE
     return {"steady_per_min": steady / minutes, "event_per_min": event / minutes}
+
+
+class SilentBroker:
+    """A listener on 127.0.0.1 that accepts connections and never answers: each MQTT connect times out."""
+
+    def __init__(self) -> None:
+        self.accepted, self.open = 0, set()
+        self.server: asyncio.Server | None = None
+        self.address = ""
+        self._changed = asyncio.Event()
+
+    async def until(self, what: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until `what` holds, looked at whenever a connection comes or goes."""
+        async with asyncio.timeout(timeout_s):
+            while not what():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def __aenter__(self) -> SilentBroker:
+        self.server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        self.address = "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        for writer in list(self.open):
+            writer.close()
+        self.server.close()
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open.add(writer)
+        self._changed.set()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024):
+                pass  # the CONNECT, never answered
+        self.open.discard(writer)
+        self._changed.set()
+
+
+def test_connect_attempts_a_silent_broker_never_answers_leave_no_socket_behind(tmp_path, monkeypatch):
+    """aiomqtt gives up a connect with no CONNACK but leaves its socket open until the broker's keep-alive
+    ends it: every attempt against a broker that accepts and never answers left one more behind."""
+    monkeypatch.setattr(bridge_module, "PUBLISH_TIMEOUT_S", 0.2)  # the CONNACK wait, shortened
+
+    async def main() -> None:
+        async with SilentBroker() as broker, Rig(tmp_path, configure=mqtt_enabled(broker)) as rig:
+            bridge = rig.assembly.integrations["mqtt"]
+            bridge.backoff_min_s = bridge.backoff_max_s = 0.05
+            task = asyncio.create_task(bridge.run())
+            try:
+                await broker.until(lambda: broker.accepted >= 4)
+                await broker.until(lambda: len(broker.open) <= 1)  # the attempt under way (keep-alive: 30 s+)
+                assert rig.gateway.status()["links"]["mqtt"]["ok"] is False
+            finally:
+                await cancel_all([task])
+            # Once the bridge stopped, at most the attempt a stop caught in its connect (its socket is opened in
+            # aiomqtt's thread, after the cancel, and closed with the process or by the broker's keep-alive).
+            await broker.until(lambda: len(broker.open) <= 1)
+
+    bounded(main())
 
 
 # ------------------------------------------------------------------ TLS and a password

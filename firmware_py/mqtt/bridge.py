@@ -34,6 +34,7 @@ import logging
 import socket
 import ssl
 from collections import Counter, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -296,7 +297,7 @@ class MqttBridge:
 
     async def _session(self) -> None:
         """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled."""
-        async with self._client() as client:
+        async with _connection(self._client()) as client:
             self.unreachable.clear()
             self.link.good()
             try:
@@ -399,6 +400,24 @@ class MqttBridge:
     def _result(self, name: str, ok: bool, reason: str) -> Outgoing:
         doc = commands.result(printable(name)[:64], ok, reason, self.gateway.clocks.wall())
         return Outgoing(self.topics.result, _encode(doc), retain=False, kind=Kind.RESULT, applied=ok)
+
+
+@contextlib.asynccontextmanager
+async def _connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """`async with client`, except that a connect that fails (no CONNACK in time, a refusal, a cancel)
+    closes its socket. aiomqtt gives such a client up with its socket open and its reader still on the
+    loop until the broker's keep-alive ends it: against a broker that accepts connections and never
+    answers, every attempt would leave one more. Closing it through paho runs aiomqtt's own clean-up."""
+    try:
+        await client.__aenter__()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client._client._sock_close()  # paho's own close, which calls aiomqtt's on_socket_close
+        raise
+    try:
+        yield client
+    finally:
+        await client.__aexit__(None, None, None)
 
 
 async def _first_failure(*work: Any) -> None:
