@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from firmware_py.core import types as core
 from firmware_py.core.floor import floor_pct
@@ -191,14 +191,13 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
                 elif isinstance(item, core.OwnerSettings):
                     owner = item
             if seen:
-                sample = _sample(now, offset, bms, inverter, policy, owner, backup, measured)
-                ledger.feed(replace(sample, serving=served.at(now)))
+                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup, measured, served.at(now)))
     return None if policy is None else policy.usable_capacity_wh
 
 
 def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
             policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]],
-            measured: bool) -> Sample:
+            measured: bool, serving: str | None) -> Sample:
     """The step's sample; its power only from a reading taken at this step (`measured`): an older one
     belongs to the time it was read, which may have been another request's."""
     usable = inverter is not None and inverter.comms_ok
@@ -212,4 +211,5 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         floor_pct=None if policy is None or owner is None else round(floor_pct(policy, owner, now, outage), 3),
         backup=any(lo <= wall <= hi for lo, hi in backup),
         capacity_wh=None if policy is None else policy.usable_capacity_wh,
+        serving=serving,
     )
