@@ -50,7 +50,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
-from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenSource, VtnRefused, check, token_endpoint
+from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
     iso_datetime,
@@ -205,7 +205,7 @@ def test_a_refused_secret_is_a_lost_link_that_names_the_client_never_the_secret(
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
             tokens = TokenSource(f"{vtn.url}/auth/token", "truck-1", "wrong")
             async with aiohttp.ClientSession() as session:
-                with pytest.raises(VtnRefused, match="client_secret_file"):
+                with pytest.raises(TokenRefused, match="client_secret_file"):
                     await tokens.bearer(session)
 
     run(scenario)

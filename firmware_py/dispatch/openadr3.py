@@ -117,16 +117,17 @@ class VtnError(Exception):
 
 
 class VtnRefused(VtnError):
-    """The VTN (or its token endpoint) refused the request: a 4xx, a refused secret."""
+    """The VTN refused the request (a 4xx): this request, not the link, so the VEN goes on without it."""
 
 
 class VtnNotFound(VtnRefused):
     """The VTN answered 404: the object asked for is not there (an event it deleted)."""
 
 
-class TokenRefused(VtnRefused):
+class TokenRefused(VtnError):
     """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
-    what was to be sent (a report) waits for the credential to be fixed instead of being dropped."""
+    it is not a `VtnRefused`: the cycle fails as with an unreachable VTN, and what was to be sent (a
+    report, a subscription) waits for the credential to be fixed instead of being given up."""
 
 
 @dataclass(frozen=True)
@@ -431,8 +432,6 @@ class OpenAdr3Ven:
                 await self._call(session, "GET", f"events/{event_id}")
             except VtnNotFound:
                 continue  # deleted at the VTN: cancelled by _take
-            except TokenRefused:
-                raise
             except VtnRefused as err:  # not confirmed gone: kept, unless it is missing listing after listing
                 misses = self._unlisted[event_id] = self._unlisted.get(event_id, 0) + 1
                 if misses >= UNLISTED_GONE:
@@ -487,8 +486,6 @@ class OpenAdr3Ven:
             self._subscribed_programs = {sub.get("programID") for sub in held
                                          if sub.get("objectOperations") == operations}
             await self._unsubscribe_stale(session, [sub for sub in held if sub.get("objectOperations") != operations])
-        except TokenRefused:
-            raise  # the credential, not the subscriptions, was refused: the cycle fails, and all is asked again
         except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
             self._subscription_due = math.inf
         try:
@@ -498,8 +495,6 @@ class OpenAdr3Ven:
                     "objectOperations": operations})
                 self._subscribed_programs.add(program_id)
                 log.info("OpenADR 3: subscribed to the changes of program %s at %s", program_id, url)
-        except TokenRefused:
-            raise
         except VtnRefused as err:
             log.info("OpenADR 3: the VTN takes no subscription (%s): polling every %g s only",
                      err, self.config.poll_interval_s)
@@ -842,8 +837,6 @@ class OpenAdr3Ven:
             report = self._pending[0]
             try:
                 await self._call(session, "POST", "reports", body=report)
-            except TokenRefused:  # the credential, not this report, was refused: every report stays queued
-                raise
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
                 log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
             self._pending.popleft()
