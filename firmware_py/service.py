@@ -1,7 +1,7 @@
 """The service: what keeps an assembled gateway running, and stops it safely.
 
 Tasks on the event loop (tick, inverter poll, command writer, journal flush,
-the integrations, the systemd watchdog), the CAN intake on python-can's
+the integrations, the systemd watchdog: `watchdog.py`), the CAN intake on python-can's
 Notifier thread, signals, and an ordered shutdown. `powershare-gw run` is
 `run(config)`; the real-time benchmarks start the same `Service` on their own
 assembly, so they measure the production path.
@@ -49,6 +49,7 @@ from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
 from firmware_py.tasks import cancel_all, every
+from firmware_py.watchdog import HUNG_AFTER_S, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class RunOptions:
     integrations: bool = True  # commissioning's test discharge runs with no aggregator connected
     restart_pause_s: float = 5.0  # before an integration that failed is started again
     ready_timeout_s: float = 10.0  # READY waits this long for fresh BMS and inverter data
+    hung_after_s: float = HUNG_AFTER_S  # a control task this long past its longest round stops the watchdog's pings
 
 
 class Service:
@@ -105,6 +107,7 @@ class Service:
         self._step_wanted = asyncio.Event()  # wakes the tick task for a step the core asked for
         self._step_again_handle: asyncio.TimerHandle | None = None
         self._inverter_silent = False  # the safe stop waited all of `SAFE_STOP_S` for the inverter
+        self.watchdog = Watchdog(self.gateway.clocks.monotonic, self.systemd.notify, options.hung_after_s)
 
     async def start(self) -> None:
         """Bind the owner API (a bad address is input error, before anything runs), read the
@@ -127,20 +130,26 @@ class Service:
         self.assembly.can_link.start(lambda snapshot: loop.call_soon_threadsafe(gateway.on_snapshot, snapshot))
         gateway.feed(Tick(gateway.now()))  # start-up's slow parts (the journal read) are behind this step:
         gateway.watch_stalls = True  # from here on, a long gap between steps is the gateway's own stall
-        periodic: list[tuple[str, float, Callable[[], Any]]] = [
-            ("CAN link", self.options.tick_s, self.assembly.can_link.supervise),
-            ("journal", self.options.journal_flush_s, gateway.flush_journal_async),
-            ("history sample", config.journal.sample_interval_s, gateway.sample),
-            ("earnings", EARNINGS_CHECK_S, gateway.earnings.refresh),  # reads the journal only when due
+        tick_s, exchange_s, link = self.options.tick_s, config.inverter.timeout_s + 1.0, self.assembly.can_link
+        watched = self.watchdog.expect  # each watched task with its longest healthy round (`watchdog.py`)
+        periodic: list[tuple[str, float, Callable[[], Any], Callable[[], None] | None]] = [
+            ("CAN link", tick_s, link.supervise, watched("CAN link", tick_s + link.close_wait_s + link.open_timeout_s)),
+            ("journal", self.options.journal_flush_s, gateway.flush_journal_async,
+             watched("journal", self.options.journal_flush_s + config.journal.busy_timeout_s)),
+            ("history sample", config.journal.sample_interval_s, gateway.sample, None),
+            ("earnings", EARNINGS_CHECK_S, gateway.earnings.refresh, None),  # reads the journal only when due
         ]
         if self.systemd.watchdog_s:
-            periodic.append(("watchdog", self.systemd.watchdog_s, lambda: self.systemd.notify("WATCHDOG=1")))
-        ticking = every(self.options.tick_s, gateway.tick, wake=self._step_wanted)
+            periodic.append(("watchdog", self.systemd.watchdog_s, self.watchdog.ping, None))
+        ticking = every(tick_s, gateway.tick, wake=self._step_wanted, finished=watched("tick", tick_s))
         self.tasks = [asyncio.create_task(ticking, name="tick")]
-        self.tasks += [asyncio.create_task(every(period, action), name=name) for name, period, action in periodic]
+        self.tasks += [asyncio.create_task(every(period, action, finished=finished), name=name)
+                       for name, period, action, finished in periodic]
         self.tasks.append(asyncio.create_task(
-            every(config.inverter.poll_interval_s, gateway.poll_inverter, wake=gateway.resync_wanted), name="poll"))
-        self.tasks.append(asyncio.create_task(command_writer(gateway, self.options.tick_s), name="writer"))
+            every(config.inverter.poll_interval_s, gateway.poll_inverter, wake=gateway.resync_wanted,
+                  finished=watched("poll", config.inverter.poll_interval_s + exchange_s)), name="poll"))
+        self.tasks.append(asyncio.create_task(
+            command_writer(gateway, tick_s, finished=watched("writer", tick_s + exchange_s)), name="writer"))
         if self.owner_api is not None:
             self.tasks.append(asyncio.create_task(self.owner_api.run(), name="owner API"))
         for name, integration in integrations.items():
@@ -281,8 +290,10 @@ def _nothing() -> None:
     return None
 
 
-async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
-    """Hand the command to the inverter client on every step at once, and at least every `refresh_s`.
+async def command_writer(gateway: Gateway, refresh_s: float = TICK_S,
+                         finished: Callable[[], None] = lambda: None) -> None:
+    """Hand the command to the inverter client on every step at once, and at least every `refresh_s`;
+    `finished` is told after each hand-over (the watchdog's proof of progress).
 
     Woken straight from the step's event (no `wait_for`, whose inner task costs the fault's
     0 W two more turns of the loop)."""
@@ -291,6 +302,7 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S) -> None:
             async with asyncio.timeout(refresh_s):
                 await gateway.command_changed.wait()
         await gateway.write_command()
+        finished()
 
 
 def _stop_signals() -> tuple[signal.Signals, ...]:

@@ -44,13 +44,15 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
 
 
 async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,
-                wake: asyncio.Event | None = None) -> None:
+                wake: asyncio.Event | None = None, finished: Callable[[], None] | None = None) -> None:
     """Call `action` now and then every `period_s` (after it finishes), or sooner when `wake` is set,
-    until cancelled."""
+    until cancelled. `finished` is told after each call (the watchdog's proof of progress)."""
     while True:
         outcome = action()
         if asyncio.iscoroutine(outcome):
             await outcome
+        if finished is not None:
+            finished()
         if wake is None:
             await asyncio.sleep(period_s)
             continue

@@ -33,7 +33,7 @@ from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
 from firmware_py.gateway import Gateway
 from firmware_py.journal import Journal
-from firmware_py.service import RunOptions, Service
+from firmware_py.service import RunOptions, Service, Systemd
 from firmware_py.tasks import cancel_all, every
 
 WAIT_S = 10.0
@@ -227,16 +227,18 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 @asynccontextmanager
 async def discharging_service(tmp_path: Path, channel: str, server: SimInverterServer | None = None,
+                              options: RunOptions = RunOptions(owner_api=False), systemd: Systemd | None = None,
                               **inverter: Any) -> AsyncIterator[tuple[Service, list[float]]]:
     """The production service discharging 5 kW for an aggregator; the inverter's WSet writes as they come.
-    `server`: an inverter of the test's own (not started), `inverter`: more [inverter] settings."""
+    `server`: an inverter of the test's own (not started), `options` and `systemd` the service's,
+    `inverter`: more [inverter] settings."""
     server = server or SimInverterServer(InverterModel(now=time.time()))
     model = server.model
     wsets: list[float] = []
     model.on_wset = wsets.append
     async with server:
         service = Service(assemble(gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2,
-                                                  **inverter), time.time), RunOptions(owner_api=False))
+                                                  **inverter), time.time), options, systemd)
         async with LivePack(channel, model):
             await service.start()
             try:
@@ -355,3 +357,59 @@ def test_a_stop_slower_than_the_data_timeouts_journals_no_fault_the_stop_caused(
     assert [r.payload for r in records if r.kind == "FaultRaised"] == []
     assert [r.payload for r in records if r.kind == "Transition" and r.payload["to_state"] == "FAULT"] == []
     assert [r.payload["reason"] for r in records if r.kind == "DispatchEnded"] == ["gateway stopped: event ended"]
+
+
+class WatchedSystemd(Systemd):
+    """systemd as the service sees it with `WatchdogSec` set: a ping asked for every 20 ms; what it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchdog_s, self.sent = 0.02, list[str]()
+
+    def notify(self, message: str) -> None:
+        self.sent.append(message)
+
+
+def test_the_watchdog_is_fed_only_while_the_control_tasks_finish_their_rounds(tmp_path: Path, caplog):
+    """An inverter read that never returns (a hang inside an await leaves the event loop free) stops the
+    pings, so systemd restarts the gateway; the read returning after all (slow, not hung) resumes them.
+    Each ping decision is watched as it is taken: no wait on the wall clock beyond the bounds."""
+    async def main() -> None:
+        systemd, options = WatchedSystemd(), RunOptions(owner_api=False, hung_after_s=0.1)
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}", options=options,
+                                       systemd=systemd, timeout_s=0.2) as (service, _):
+            decisions: list[bool] = []
+            withheld, resumed = Watch(lambda d: decisions[-3:] == [False] * 3), Watch(lambda d: d and False in decisions)
+            ping = service.watchdog.ping
+
+            def deciding() -> bool:
+                decisions.append(ping())
+                withheld.see(decisions[-1])
+                resumed.see(decisions[-1])
+                return decisions[-1]
+
+            watching = asyncio.create_task(every(systemd.watchdog_s, deciding))  # beside the service's own
+            inverter, released = service.gateway.inverter, asyncio.Event()
+            read_status = inverter.read_status
+
+            async def hung(**kwargs: Any):
+                await released.wait()
+                return await read_status(**kwargs)
+
+            try:
+                inverter.read_status = hung
+                await withheld.wait("three pings withheld while the poll hangs")
+                pings_before = systemd.sent.count("WATCHDOG=1")
+                assert all(decisions[:decisions.index(False)])  # fed until the hang, on every decision
+                released.set()
+                await resumed.wait("a ping once the poll ends its round")
+                assert systemd.sent.count("WATCHDOG=1") >= pings_before + 1
+            finally:
+                inverter.read_status = read_status
+                await cancel_all([watching])
+
+    with caplog.at_level(logging.WARNING, logger="firmware_py.watchdog"):
+        asyncio.run(main())
+    messages = [r.getMessage() for r in caplog.records if r.name == "firmware_py.watchdog"]
+    assert len(messages) == 2 and "no ping while poll has finished no round" in messages[0]
+    assert "pings resume" in messages[1]
