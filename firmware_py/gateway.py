@@ -143,7 +143,14 @@ class Gateway:
     # ------------------------------------------------------------------ core
 
     def feed(self, *inputs: Input) -> StepResult:
-        """Step the core with `inputs` now; queue what must be journaled; wake the command writer."""
+        """Step the core with `inputs` now; queue what must be journaled; wake the command writer.
+
+        Stopping (`begin_stop`), nothing is stepped or journaled: the answer is the state as it stands.
+        What still arrives then (a dispatch source's last words as it stops) is moot: the stop ends
+        every open event itself; the owner's changes are refused before they get here (`OwnerDesk`)."""
+        if self.stopping:
+            log.debug("stopping: not stepped: %s", ", ".join(type(i).__name__ for i in inputs))
+            return StepResult(self.controller, self.command, [])
         now = self.clock()
         if self.watch_stalls:
             inputs = self._noticing_stall(now, inputs)
@@ -204,8 +211,9 @@ class Gateway:
     def begin_stop(self) -> None:
         """The service is stopping: its inputs (poll, tick, CAN) end and 0 W goes to the inverter outside the core.
 
-        From here the core is not stepped: a step would judge the freshness of data the gateway no
-        longer collects, and a stop slower than the inverter's or the BMS's timeout would journal a
+        From here the core is not stepped (`feed` answers with the state as it stands) and no command
+        but the safe stop's goes to the inverter (`write_command`): a step would judge the freshness
+        of data the gateway no longer collects, and a stop slower than the inverter's or the BMS's timeout would journal a
         fault (and a transition to FAULT) that only the stop caused. Records still queue and are
         written; the open events are ended by `close_open_events`. After the first journal write that
         fails during the stop no other is attempted: each would wait the journal's busy timeout, and
@@ -257,7 +265,10 @@ class Gateway:
         return status
 
     async def write_command(self) -> None:
-        """Send the current command (the client writes only on change or when a refresh is due)."""
+        """Send the current command (the client writes only on change or when a refresh is due).
+        Stopping, the safe stop alone commands the inverter: nothing may follow its 0 W."""
+        if self.stopping:
+            return
         self.command_changed.clear()
         began, self._reaction_from = self._reaction_from, None
         writes = self.inverter.writes

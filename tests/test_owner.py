@@ -48,6 +48,7 @@ class RecordingPort:
     settings: OwnerSettings
     clock: float = NOW
     calls: list[OwnerSettings] = field(default_factory=list)
+    stopping: bool = False
 
     def owner_settings(self) -> OwnerSettings:
         return self.settings
@@ -440,6 +441,20 @@ def test_a_change_that_cannot_be_saved_is_not_applied(tmp_path, owner_cli):
         code, _, err = owner_cli(write_gateway_config(tmp_path, api.address), "reserve", "60")
         assert code == 1 and "could not save the owner settings" in err and "nothing changed" in err  # answered
         assert api.port.calls == []
+
+
+def test_a_change_while_the_gateway_stops_is_refused_and_nothing_is_saved(tmp_path, owner_cli):
+    """Once the stop began the core is stepped no more and the safe stop alone commands the inverter:
+    a change then is answered 503 (the owner asks again once it runs), neither saved nor applied."""
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = start_port(cfg)
+    port.stopping = True
+    with Serving(OwnerApi(cfg, port)) as api:
+        code, _, err = owner_cli(write_gateway_config(tmp_path, api.address), "reserve", "60")
+        assert code == 1 and "the gateway is stopping: nothing changed; ask again once it runs" in err
+        assert request(api, "PUT", "/reserve", b'{"pct": 60}')[0] == 503
+        assert request(api, "DELETE", "/opt-out")[0] == 503
+    assert port.calls == [] and not Path(cfg.settings_file).exists()
 
 
 def test_missing_config_option_is_bad_input(owner_cli, monkeypatch, capsys):

@@ -227,10 +227,11 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 @asynccontextmanager
 async def discharging_service(tmp_path: Path, channel: str, server: SimInverterServer | None = None,
-                              options: RunOptions = RunOptions(owner_api=False), systemd: Systemd | None = None,
+                              options: RunOptions | None = None, systemd: Systemd | None = None,
                               **inverter: Any) -> AsyncIterator[tuple[Service, list[float]]]:
     """The production service discharging 5 kW for an aggregator; the inverter's WSet writes as they come.
-    `server`: an inverter of the test's own (not started), `options` and `systemd` the service's,
+    `server`: an inverter of the test's own (not started), `options` and `systemd` the service's (by default
+    no owner API and no systemd),
     `inverter`: more [inverter] settings."""
     server = server or SimInverterServer(InverterModel(now=time.time()))
     model = server.model
@@ -238,7 +239,7 @@ async def discharging_service(tmp_path: Path, channel: str, server: SimInverterS
     model.on_wset = wsets.append
     async with server:
         service = Service(assemble(gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2,
-                                                  **inverter), time.time), options, systemd)
+                                                  **inverter), time.time), options or RunOptions(owner_api=False), systemd)
         async with LivePack(channel, model):
             await service.start()
             try:
@@ -413,3 +414,36 @@ def test_the_watchdog_is_fed_only_while_the_control_tasks_finish_their_rounds(tm
     messages = [r.getMessage() for r in caplog.records if r.name == "firmware_py.watchdog"]
     assert len(messages) == 2 and "no ping while poll has finished no round" in messages[0]
     assert "pings resume" in messages[1]
+
+
+def test_an_owner_change_arriving_while_the_service_stops_neither_steps_the_core_nor_commands_the_inverter(
+        tmp_path: Path):
+    """The owner API serves until late in the stop (after the safe stop): a change arriving once the stop
+    began is answered 503, and no step and no inverter write but the safe stop's 0 W follow it."""
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}",
+                                       options=RunOptions()) as (service, wsets):
+            gateway = service.gateway
+            stepped: list[Mode] = []
+            gateway.observers.append(lambda result: stepped.append(result.controller.mode) if gateway.stopping else None)
+            host, port = service.owner_api.listener.bound[:2]
+            token = (tmp_path / "owner.token").read_text().strip()
+            reader, writer = await asyncio.open_connection(host, port)
+            stopping = asyncio.create_task(service.stop())
+            await asyncio.sleep(0)  # the stop has begun: `begin_stop` runs before its first wait
+            assert gateway.stopping
+            writes_at_stop = len(wsets)
+            body = b'{"pct": 20}'
+            writer.write(f"PUT /reserve HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {token}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), WAIT_S)
+            await asyncio.wait_for(stopping, WAIT_S)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+            assert b"the gateway is stopping: nothing changed" in answer
+            assert stepped == []
+            assert wsets[writes_at_stop:] == [0.0]  # the safe stop's, alone
+
+    asyncio.run(main())

@@ -541,6 +541,7 @@ class OwnerPortStub:
 
     def __init__(self) -> None:
         self.settings = OwnerSettings(reserve_pct=40, received_at=0.0)
+        self.stopping = False
 
     def owner_settings(self) -> OwnerSettings:
         return self.settings

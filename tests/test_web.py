@@ -542,6 +542,11 @@ def test_the_installer_resets_a_lockout_and_the_reset_is_journaled(tmp_path):
             assert rig.gateway.controller.mode is Mode.LOCKOUT
             status, view = await installer.call("GET", "/api/installer")
             assert view["lockout"]["locked_out"] is True
+            rig.gateway.stopping = True  # as `begin_stop` leaves it: the safe stop alone commands the inverter
+            status, answer = await installer.call("POST", "/api/lockout-reset")
+            assert status == 503 and answer["error"].startswith("the gateway is stopping: the lockout was not reset")
+            assert rig.gateway.controller.mode is Mode.LOCKOUT
+            rig.gateway.stopping = False
             status, answer = await installer.call("POST", "/api/lockout-reset")
             assert status == 200 and answer["cleared"] is True and answer["status"]["mode"] == "STANDBY"
             await rig.run(0.5)

@@ -53,7 +53,7 @@ from firmware_py.mqtt.discovery import configurations, retired
 from firmware_py.mqtt.state import Pacer, state_document
 from firmware_py.mqtt.topics import Topics, node_id, prefix_problem
 from firmware_py.owner.changes import BadRequest
-from firmware_py.owner.desk import OwnerDesk, SaveFailed
+from firmware_py.owner.desk import NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore
 from firmware_py.quoting import printable
 from firmware_py.tasks import cancel_all
@@ -391,7 +391,7 @@ class MqttBridge:
             change = commands.read(command, payload, self.settings, self.gateway.clocks.wall())
             control = change.control
             settings = await (self.desk.clear(control) if change.clear else self.desk.set(control, change.body))
-        except (BadRequest, SaveFailed) as err:
+        except (BadRequest, NotApplied) as err:
             log.info("mqtt: %s refused: %s", command, printable(str(err)))
             return self._result(name, False, str(err))
         self._wake.set()  # the state changed: publish it at once

@@ -18,6 +18,9 @@ from firmware_py.core.types import OwnerSettings
 class OwnerPort(Protocol):
     """The running gateway as the owner API sees it."""
 
+    stopping: bool
+    """The gateway is stopping: no change is made any more."""
+
     def owner_settings(self) -> OwnerSettings:
         """The settings the core is using now."""
 

@@ -44,7 +44,7 @@ from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_u
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest, parse_body
-from firmware_py.owner.desk import CONTROLS, Control, OwnerDesk, SaveFailed
+from firmware_py.owner.desk import CONTROLS, Control, NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore, encode
 
 MAX_BODY_BYTES = 4096
@@ -162,9 +162,10 @@ class OwnerApi:
         return handle
 
     async def _answer(self, change: Awaitable[OwnerSettings]) -> web.Response:
-        """The new settings, or 500 when they could not be saved (BadRequest is the middleware's 400)."""
+        """The new settings, or why the change was not made: 500 not saved, 503 stopping (BadRequest is
+        the middleware's 400)."""
         try:
             settings = await change
-        except SaveFailed as err:
-            return _json_response(500, {"error": str(err)})
+        except NotApplied as err:
+            return _json_response(err.status, {"error": str(err)})
         return _json_response(200, {"settings": encode(settings)})

@@ -28,8 +28,24 @@ from firmware_py.owner.store import OwnerStore, on_clock
 Change = Callable[[OwnerSettings, float], OwnerSettings]
 
 
-class SaveFailed(Exception):
-    """The settings file could not be written: the change was not made (the message says why)."""
+class NotApplied(Exception):
+    """A change that was not made, nothing changed (the message says why); `status` is its HTTP answer."""
+
+    status = 500
+
+
+class SaveFailed(NotApplied):
+    """The settings file could not be written."""
+
+
+class Stopping(NotApplied):
+    """The gateway is stopping: a change now would be lost with the process, or worse, command the
+    inverter after its safe stop. Refused before anything is saved; the owner asks again once it runs."""
+
+    status = 503
+
+    def __init__(self, what: str = "nothing changed") -> None:
+        super().__init__(f"the gateway is stopping: {what}; ask again once it runs")
 
 
 @dataclass(frozen=True)
@@ -84,8 +100,11 @@ class OwnerDesk:
 
     async def apply(self, change: Change) -> OwnerSettings:
         """Make one change; the new settings on the wall clock. BadRequest (with the owner's reason)
-        when the change is refused, SaveFailed when it could not be saved: either way nothing changed."""
+        when the change is refused, NotApplied when it could not be made now (not saved, the gateway
+        stopping): either way nothing changed."""
         async with self._lock:
+            if self.port.stopping:
+                raise Stopping()
             settings = change(self.settings(), self.clocks.wall())
             try:
                 self.store.save(settings)

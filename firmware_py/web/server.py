@@ -52,7 +52,7 @@ from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_u
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
 from firmware_py.owner.changes import BadRequest, parse_body
-from firmware_py.owner.desk import CONTROLS, DEPARTURE, Control, OwnerDesk, SaveFailed
+from firmware_py.owner.desk import CONTROLS, DEPARTURE, Control, NotApplied, OwnerDesk, Stopping
 from firmware_py.owner.store import OwnerStore, encode
 from firmware_py.quoting import printable
 from firmware_py.web.history import HISTORY_S, read_history, with_figures
@@ -266,8 +266,8 @@ class WebApp:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="powershare-gw"'
         except (BadRequest, BodyUnread) as err:
             response = _json(400, {"error": str(err)})
-        except SaveFailed as err:
-            response = _json(500, {"error": str(err)})
+        except NotApplied as err:
+            response = _json(err.status, {"error": str(err)})
         except web.HTTPRequestEntityTooLarge:
             response = _json(413, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
         except web.HTTPException as err:
@@ -407,6 +407,8 @@ class WebApp:
     # --- changes ------------------------------------------------------------------------------
 
     async def _lockout_reset(self, request: web.Request, caller: Caller) -> web.Response:
+        if self.gateway.stopping:
+            raise Stopping("the lockout was not reset")
         cleared = await self.gateway.reset_lockout()
         log.info("web: installer reset (%s)", "lockout cleared" if cleared else "there was no lockout")
         return _json(200, {"cleared": cleared, "status": self.gateway.status()})
