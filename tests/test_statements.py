@@ -954,3 +954,28 @@ def test_a_journal_without_serving_records_keeps_the_whole_window_rule():
     assert drop(False) == (10.0, 2_000.0)  # today's rule for an old journal: the whole window
     assert drop(True) == (5.0, 1_000.0)  # a journal that says what was served: only the event's own time
 
+
+def test_a_revision_that_moves_a_served_events_start_to_now_keeps_its_window_from_when_it_began(tmp_path):
+    """The aggregator extends a running event as a new interval (revision 2: start now, end later). The event
+    was served from its first start: its window, SoC start, throughput and average power count from there.
+    The revision's start once became the window's start: 667 of 1491 Wh of throughput and an average of
+    6.7 kW for a 3 kW event."""
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.run_until(2)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, 10.0, 1_210.0, received_at=plant.t))
+    plant.run_until(1_000)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, 1_000.0, 1_800.0, received_at=plant.t,
+                               revision=2))
+    plant.run_until(1_900)
+    plant.stop()
+    (event,) = make(path, tmp_path / "s.json", config=program_config(tmp_path, path))["events"]
+    (summary,) = event_summaries(Chain(path))  # what `report` shows too, and the records its timeline holds
+    assert summary.start == 10.0 and summary.end == 1_800.0 and summary.revision == 2
+    assert summary.timeline[0].at < 1_000.0
+    assert event["window"]["from"] == "1970-01-01T00:00:10Z", event["window"]
+    assert event["soc_start_pct"] == 80.0
+    pack_drop_wh = (80.0 - plant.soc) / 100 * plant.capacity_wh
+    assert event["throughput_wh"] == pytest.approx(pack_drop_wh, abs=5)
+    assert 2_900 < event["avg_w"] <= 3_050
+    assert verify(tmp_path / "s.json", path) == 0
