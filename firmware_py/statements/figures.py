@@ -17,9 +17,11 @@ Definitions (docs/command-line.md, "statement"):
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
   from the event's start to its end times the usable capacity of its own run (net drop, not the
-  sum of every wiggle: BMS SoC jitters by tenths), less the drop while the gateway served another
-  event (overlapping windows: the battery worked for one at a time, and each is charged only its
-  own); peak_w likewise counts only while no other event was served; equivalent_cycles =
+  sum of every wiggle: BMS SoC jitters by tenths), less the net change over time that was not the
+  event's own: another event served (overlapping windows: the battery worked for one at a time, and
+  each is charged only its own) and, where the run journaled what it served (`ServingChanged`), time
+  that served no event (a grid outage's backup, a storm watch's charge); peak_w likewise counts only
+  the event's own time; equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
   mode), one per published interval: credited kWh x the interval's published price;
