@@ -785,3 +785,197 @@ def test_the_earnings_book_reads_the_journal_only_when_event_records_came_and_at
     with caplog.at_level(logging.WARNING):
         asyncio.run(main())
     assert len([r for r in caplog.records if "earnings" in r.getMessage()]) == 1
+
+
+# ---------------------------------------------------------------- time no request was served: not the event's own
+
+
+OUTAGE_IN_WINDOW = """
+[run]
+duration_s = 200
+start_hour = 19.0
+[vehicle]
+usable_capacity_wh = 2000
+[inverter]
+enter_service_delay_s = 0
+enter_service_ramp_s = 0
+[[dispatch]]
+at_s = 5
+id = "peak"
+start_s = 10
+duration_s = 180
+target_w = 1500
+[[fault]]
+at_s = 60
+kind = "grid_outage"
+duration_s = 60
+"""
+
+
+def test_a_grid_outage_inside_an_events_window_is_not_charged_to_its_throughput_wear_or_peak(tmp_path):
+    """A 1.5 kW event with a minute's grid outage in its window (the house draws ~3 kW and more at 19:00): the
+    backup energy is the house's. It was once charged to the event's throughput and wear (108 Wh for 48 Wh
+    delivered) and its peak_w showed the house's load (5.5 kW), because time no request was served counted
+    as the event's own."""
+    path = tmp_path / "outage.toml"
+    path.write_text(OUTAGE_IN_WINDOW)
+    journal = tmp_path / "j.sqlite"
+    asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal)).run())
+    (event,) = make(journal, tmp_path / "s.json", config=program_config(tmp_path, journal))["events"]
+    assert event["outage_wh"] > 20 and event["credited_wh"] == event["delivered_wh"] > 20
+    assert event["peak_w"] <= 1.05 * event["target_w"], event
+    assert event["throughput_wh"] < 1.15 * event["delivered_wh"] + 5, event
+    assert verify(tmp_path / "s.json", journal) == 0
+
+
+def test_overlapping_events_with_an_outage_in_both_windows_are_charged_no_more_than_they_delivered(tmp_path):
+    """The outage's drop went to neither event: once it went to both, and the lines' throughput summed past
+    the pack's whole drop over the windows."""
+    path = tmp_path / "overlap-outage.toml"
+    path.write_text("""
+[run]
+duration_s = 140
+[vehicle]
+usable_capacity_wh = 2000
+[inverter]
+enter_service_delay_s = 0
+enter_service_ramp_s = 0
+[[dispatch]]
+at_s = 5
+id = "long"
+start_s = 10
+duration_s = 120
+target_w = 4000
+[[dispatch]]
+at_s = 20
+id = "short"
+start_s = 50
+duration_s = 50
+target_w = 4000
+[[fault]]
+at_s = 60
+kind = "grid_outage"
+duration_s = 30
+""")
+    journal = tmp_path / "j.sqlite"
+    asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal)).run())
+    statement = make(journal, tmp_path / "s.json", config=program_config(tmp_path, journal))
+    lines = {e["id"]: e for e in statement["events"]}
+    long, short = lines["long"], lines["short"]
+    pack_drop_wh = (long["soc_start_pct"] - long["soc_end_pct"]) / 100 * 2000
+    assert long["throughput_wh"] + short["throughput_wh"] < pack_drop_wh - 0.5 * statement["outage_backup_wh"]
+    for line in (long, short):
+        assert line["throughput_wh"] < 1.15 * line["delivered_wh"] + 5, line
+    assert verify(tmp_path / "s.json", journal) == 0
+
+
+class _Plant:
+    """A real Gateway with a SQLite journal, a pack that follows its setpoint and a meter that counts it."""
+
+    def __init__(self, path: Path, capacity_wh: float = 10_000.0, soc: float = 80.0):
+        from dataclasses import replace
+
+        from firmware_py.assembly import assemble
+        from firmware_py.config import Config
+        from firmware_py.core.types import OwnerSettings
+
+        base = Config()
+        config = replace(base, can=replace(base.can, interface="virtual", channel=f"plant-{path}"),
+                         journal=replace(base.journal, path=str(path), busy_timeout_s=0.05),
+                         vehicle=replace(base.vehicle, usable_capacity_wh=capacity_wh))
+        self.t, self.capacity_wh, self.soc, self.meter, self.absorbed = 0.0, capacity_wh, soc, 1_000.0, 500.0
+        self.assembly = assemble(config, lambda: self.t, owner=OwnerSettings(20, 0.0))
+        self.gateway = self.assembly.gateway
+
+    def step(self, *extra, dt: float = 0.5) -> None:
+        from core_builders import bms, inverter
+
+        self.t += dt
+        watts = self.gateway.command.setpoint_w
+        if watts > 0:
+            self.meter += watts * dt / 3600
+        else:
+            self.absorbed -= watts * dt / 3600
+        self.soc -= watts * dt / 3600 / self.capacity_wh * 100
+        self.gateway.feed(bms(self.t, soc=self.soc),
+                          inverter(self.t, measured_w=watts, tot_wh_inj=self.meter, tot_wh_abs=self.absorbed), *extra)
+
+    def run_until(self, t: float) -> None:
+        while self.t < t:
+            self.step()
+
+    def stop(self) -> None:
+        self.gateway.flush_journal(final=True)
+        self.gateway.close_open_events(self.meter, "gateway stopped: event ended")
+        self.assembly.close()
+
+
+def test_a_storm_watch_charge_inside_an_events_window_leaves_the_events_wear_its_own(tmp_path):
+    """An event discharges, the owner sets a storm watch (floor 90 %) inside its window: the gateway charges
+    the truck serving no request, then the event resumes. The charge is nobody's event: it was once netted
+    against the event's SoC drop, and the event was charged no throughput or wear (0 Wh for 1.6 kWh out)."""
+    from firmware_py.core.types import OwnerSettings
+
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.run_until(2)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 5_000, 10.0, 2_400.0, received_at=plant.t))
+    plant.run_until(600)
+    plant.step(OwnerSettings(20, plant.t, storm_watch_floor_pct=90.0, storm_watch_until=plant.t + 1_200))
+    modes = set()
+    while plant.t < 1_800:
+        plant.step()
+        modes.add(plant.gateway.controller.mode)
+    assert {Mode.CHARGE, Mode.DISCHARGE} <= modes and plant.soc > 85  # it charged, then discharged again
+    plant.run_until(2_400)
+    plant.stop()
+    (event,) = make(path, tmp_path / "s.json", config=program_config(tmp_path, path))["events"]
+    assert event["soc_end_pct"] > event["soc_start_pct"]  # the window's own figures: the charge is in them
+    assert event["delivered_wh"] > 1_000
+    assert event["delivered_wh"] * 0.98 < event["throughput_wh"] < 1.15 * event["delivered_wh"] + 5, event
+    assert event["wear_cost"] > 0
+    assert event["wear_cost"] == pytest.approx(event["throughput_wh"] / 1000 * 0.05, abs=0.006)
+    assert verify(tmp_path / "s.json", path) == 0
+
+
+def test_a_journal_without_serving_records_keeps_the_whole_window_rule():
+    """An older release journaled no `ServingChanged`: its time served by none stays the event's, so a
+    statement made from its journal keeps the figures it was signed with."""
+    def drop(journaled: bool) -> tuple[float, float | None]:
+        tally = Tally(0.0, 10.0, request_id="peak")
+        previous = None
+        for i in range(11):
+            serving = "peak" if i < 5 else None  # served, then nothing (an outage, a storm watch)
+            sample = Sample(float(i), 80.0 - i, 1_000.0 * (1 + (i > 5)), None, None, False, None, serving, journaled)
+            tally.add(sample, previous)
+            previous = sample
+        return tally.drop_pct, tally.peak_w
+
+    assert drop(False) == (10.0, 2_000.0)  # today's rule for an old journal: the whole window
+    assert drop(True) == (5.0, 1_000.0)  # a journal that says what was served: only the event's own time
+
+
+def test_a_revision_that_moves_a_served_events_start_to_now_keeps_its_window_from_when_it_began(tmp_path):
+    """The aggregator extends a running event as a new interval (revision 2: start now, end later). The event
+    was served from its first start: its window, SoC start, throughput and average power count from there.
+    The revision's start once became the window's start: 667 of 1491 Wh of throughput and an average of
+    6.7 kW for a 3 kW event."""
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.run_until(2)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, 10.0, 1_210.0, received_at=plant.t))
+    plant.run_until(1_000)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, 1_000.0, 1_800.0, received_at=plant.t,
+                               revision=2))
+    plant.run_until(1_900)
+    plant.stop()
+    (event,) = make(path, tmp_path / "s.json", config=program_config(tmp_path, path))["events"]
+    (summary,) = event_summaries(Chain(path))  # what `report` shows too, and the records its timeline holds
+    assert summary.start == 10.0 and summary.end == 1_800.0 and summary.revision == 2
+    assert summary.timeline[0].at < 1_000.0
+    assert event["window"]["from"] == "1970-01-01T00:00:10Z", event["window"]
+    assert event["soc_start_pct"] == 80.0
+    pack_drop_wh = (80.0 - plant.soc) / 100 * plant.capacity_wh
+    assert event["throughput_wh"] == pytest.approx(pack_drop_wh, abs=5)
+    assert 2_900 < event["avg_w"] <= 3_050
+    assert verify(tmp_path / "s.json", path) == 0

@@ -195,18 +195,14 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
             return
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
         summary.target_w = number(p.get("target_w"))
-        window.start, window.end = number(p.get("start")), number(p.get("end"))
-        summary.received_at, summary.start, summary.end = (
-            _on_wall(record, number(p.get(name))) for name in ("received_at", "start", "end"))
+        _set_window(summary, window, record)
     elif record.kind == RecordKind.PRICE_INTERVAL:
         summary.source, summary.revision = p.get("source"), p.get("revision")
         summary.kind = DispatchKind.DISCHARGE.value  # a price is only ever discharged for
         window.offered = (number(p.get("price_per_kwh")), p.get("kind"))
         if summary.price_per_kwh is None:
             summary.price_per_kwh, summary.price_kind = window.offered
-        window.start, window.end = number(p.get("start")), number(p.get("end"))
-        summary.received_at, summary.start, summary.end = (
-            _on_wall(record, number(p.get(name))) for name in ("received_at", "start", "end"))
+        _set_window(summary, window, record)
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered, and the price of the kind the owner does
         # not follow may share its interval's id with the one followed: keep the real answer.
@@ -230,6 +226,23 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
         summary.meter_wh = window.closed_wh[0] + (number(p.get("meter_wh")) or 0.0)
         summary.integrated_wh = window.closed_wh[1] + (number(p.get("integrated_wh")) or 0.0)
         summary.final = bool(p.get("final", False))
+
+
+def _set_window(summary: EventSummary, window: _Window, record: Record) -> None:
+    """The bounds a request or price record states (later records win), but for the start of an account
+    already being served: a revision arriving after its window began (an aggregator extending an event as a
+    new interval from now) does not move the start later, or the time already served, with its energy, SoC
+    drop and wear, would fall outside the event's window. A revision before the window began, or of an
+    account closed (a later run's delivery opens a new one), states the start afresh."""
+    p = record.payload
+    start, end = number(p.get("start")), number(p.get("end"))
+    wall_start = _on_wall(record, start)
+    began = summary.ran and not summary.final and window.start is not None and window.start <= record.at
+    if began and (start is None or start > window.start):
+        start, wall_start = window.start, summary.start
+    window.start, window.end = start, end
+    summary.received_at, summary.start, summary.end = (
+        _on_wall(record, number(p.get("received_at"))), wall_start, _on_wall(record, end))
 
 
 def _bounds(window: _Window, last_at: float) -> tuple[float, float]:

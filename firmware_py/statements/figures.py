@@ -17,9 +17,11 @@ Definitions (docs/command-line.md, "statement"):
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
   from the event's start to its end times the usable capacity of its own run (net drop, not the
-  sum of every wiggle: BMS SoC jitters by tenths), less the drop while the gateway served another
-  event (overlapping windows: the battery worked for one at a time, and each is charged only its
-  own); peak_w likewise counts only while no other event was served; equivalent_cycles =
+  sum of every wiggle: BMS SoC jitters by tenths), less the net change over time that was not the
+  event's own: another event served (overlapping windows: the battery worked for one at a time, and
+  each is charged only its own) and, where the run journaled what it served (`ServingChanged`), time
+  that served no event (a grid outage's backup, a storm watch's charge); peak_w likewise counts only
+  the event's own time; equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
   mode), one per published interval: credited kWh x the interval's published price;
@@ -89,8 +91,9 @@ class Period:
 class Sample:
     """What the core was told at one step, in wall time: `soc_pct` (BMS soc_min), `power_w` and
     `meter_wh` (TotWhInj) from the inverter, the floor in force, whether the gateway was in BACKUP, the
-    usable capacity its run's core started with (a later run's may differ: a pack re-rated), and which
-    request the core served after the step."""
+    usable capacity its run's core started with (a later run's may differ: a pack re-rated), which
+    request the core served after the step, and whether its run journaled which request it served (a run of
+    an older release did not: there `serving` None cannot tell "none served" from "not journaled")."""
 
     wall: float
     soc_pct: float | None
@@ -100,6 +103,7 @@ class Sample:
     backup: bool
     capacity_wh: float | None = None
     serving: str | None = None  # the request the inverter worked for from this sample on (None: none, or not journaled)
+    servings_journaled: bool = False  # its run journaled `ServingChanged` records: None above means none served
 
 
 @dataclass
@@ -118,11 +122,12 @@ class Tally:
     gap_from: float | None = None  # the wall time of the event's last report before its final one
     gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
     capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
-    lent_pct: float = 0.0  # the net SoC drop while another request was served: the other's wear, not this one's
+    lent_pct: float = 0.0  # the net SoC change over time not the event's own (see `lent`): not its wear
 
     @property
     def drop_pct(self) -> float:
-        """The event's own net SoC drop: start to end, less what went to another request meanwhile."""
+        """The event's own net SoC drop: start to end, less the net change over time not its own (another
+        request served, or, where the run journaled it, none: a grid outage's backup, a storm watch's charge)."""
         if self.soc_start is None or self.soc_end is None:
             return 0.0
         return max(0.0, self.soc_start - self.soc_end - self.lent_pct)
@@ -131,9 +136,14 @@ class Tally:
         return self.lo <= at <= self.hi
 
     def lent(self, sample: Sample, previous: Sample | None) -> bool:
-        """Whether the time up to `sample` went to another request: the one the core served after the
-        sample before (a step's decision holds until the next). Time served by none stays the event's."""
+        """Whether the time up to `sample` was not the event's own: the request the core served after the
+        sample before (a step's decision holds until the next) was not this one. Where the run journaled
+        which request it served, time served by none (a grid outage carrying the house, a storm watch
+        charging the truck, standby) is not the event's either; in a journal of an older release, which
+        did not journal it, time served by none stays the event's, so its statements keep their figures."""
         served = (previous or sample).serving
+        if sample.servings_journaled:  # and a step that found the grid down: its reading is the house's load
+            return served != self.request_id or sample.backup
         return served is not None and served != self.request_id
 
     def add(self, sample: Sample, previous: Sample | None) -> None:

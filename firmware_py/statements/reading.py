@@ -135,7 +135,9 @@ class ServedRequests:
 
     A batch of steps is journaled after the changes it holds, so the changes are read first; each run's
     core time is its own, so they are kept per run (counted by `CoreStart` records). A run that journaled
-    none served nothing, or ran software that did not journal them: either way no time is lent."""
+    none served nothing, or ran an older release that did not journal them: it counts as journaling them
+    (`journaled`) when it or an earlier run journaled any (a release that journals them keeps doing so);
+    otherwise its time served by none is charged as before (`Tally.lent`)."""
 
     def __init__(self, source: HeadBound):
         self._runs: list[list[tuple[float, str | None]]] = [[]]
@@ -145,12 +147,15 @@ class ServedRequests:
             else:
                 served = record.payload.get("request_id")
                 self._runs[-1].append((record.at, None if served is None else str(served)))
+        self._journaled = [any(self._runs[: n + 1]) for n in range(len(self._runs))]
         self._changes: list[tuple[float, str | None]] = self._runs[0]
         self._next, self._serving = 0, None
+        self.journaled = self._journaled[0]
 
     def start_run(self, run: int) -> None:
         self._changes = self._runs[run] if run < len(self._runs) else []
         self._next, self._serving = 0, None
+        self.journaled = self._journaled[min(run, len(self._journaled) - 1)]
 
     def at(self, now: float) -> str | None:
         """The request served after the step at `now` (steps come in time order within a run)."""
@@ -191,13 +196,14 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
                 elif isinstance(item, core.OwnerSettings):
                     owner = item
             if seen:
-                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup, measured, served.at(now)))
+                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup, measured, served.at(now),
+                                    served.journaled))
     return None if policy is None else policy.usable_capacity_wh
 
 
 def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
             policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]],
-            measured: bool, serving: str | None) -> Sample:
+            measured: bool, serving: str | None, servings_journaled: bool = False) -> Sample:
     """The step's sample; its power only from a reading taken at this step (`measured`): an older one
     belongs to the time it was read, which may have been another request's."""
     usable = inverter is not None and inverter.comms_ok
@@ -212,4 +218,5 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         backup=any(lo <= wall <= hi for lo, hi in backup),
         capacity_wh=None if policy is None else policy.usable_capacity_wh,
         serving=serving,
+        servings_journaled=servings_journaled,
     )
