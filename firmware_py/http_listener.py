@@ -10,8 +10,14 @@ a log line.
 
 Connections are bounded, because a client that connects and says nothing would otherwise
 be kept for ever (aiohttp waits for a first request without a deadline): each listener holds
-at most `max_connections` (a newer one is closed at once), a connection must send its first
-request within `first_request_s`, and one idle between requests is closed after `idle_s`.
+at most `max_connections`, and at most `per_address` from one remote address (None: no such
+bound, for the owner API, whose clients all come from loopback or a Unix socket). A connection
+must send its first request within `first_request_s`, and one idle between requests is closed
+after `idle_s`. When a bound is reached, the connection let go is the OLDEST that has not yet
+sent a request (from the same address, for the per-address bound), and the newcomer only when
+every other has: closing the newcomer let 64 half-sent header lines, re-opened every 10 s, lock
+every other client (the owner's browser too) out for as long as the sender liked, while the
+per-address bound keeps one device's sockets from pushing out another device's.
 A body is read within `BODY_S` (`body_of`): aiohttp reads one without a deadline, so 64
 half-sent bodies would hold every connection. The gateway's journal, CAN bus and Modbus link
 need file descriptors too.
@@ -37,6 +43,7 @@ from firmware_py.quoting import printable
 SiteOf = Callable[[web.AppRunner], web.BaseSite]
 
 MAX_CONNECTIONS = 64
+PER_ADDRESS = 8
 FIRST_REQUEST_S = 10.0
 IDLE_S = 30.0
 BODY_S = 10.0
@@ -91,12 +98,16 @@ class HttpListener:
     """An application bound to one address (`where` names its configuration key and value in messages)."""
 
     def __init__(self, where: str, *, shutdown_timeout_s: float = 1.0, max_connections: int = MAX_CONNECTIONS,
-                 first_request_s: float = FIRST_REQUEST_S, idle_s: float = IDLE_S) -> None:
+                 per_address: int | None = PER_ADDRESS, first_request_s: float = FIRST_REQUEST_S,
+                 idle_s: float = IDLE_S) -> None:
         self.where = where
         self.shutdown_timeout_s = shutdown_timeout_s
-        self.max_connections, self.first_request_s, self.idle_s = max_connections, first_request_s, idle_s
+        self.max_connections, self.per_address = max_connections, per_address
+        self.first_request_s, self.idle_s = first_request_s, idle_s
         self.runner: web.AppRunner | None = None
         self._asked: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections that sent a request
+        # Open connections, oldest first, each with its remote host (None: a Unix socket's peer).
+        self._open: dict[asyncio.BaseTransport, Any] = {}
 
     @property
     def listening(self) -> bool:
@@ -126,23 +137,52 @@ class HttpListener:
         self.runner = runner
 
     def _bound_connections(self, server: web.Server) -> None:
-        """Close a connection beyond `max_connections` at once, and one without a request after
-        `first_request_s` (aiohttp tells its server of every connection it makes)."""
-        loop, made = asyncio.get_running_loop(), server.connection_made
+        """Keep at most `max_connections`, and `per_address` from one host, letting the oldest connection
+        without a request go first; close one without a request after `first_request_s` (aiohttp tells its
+        server of every connection it makes and loses)."""
+        loop, made, lost = asyncio.get_running_loop(), server.connection_made, server.connection_lost
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            if len(server.connections) > self.max_connections:
+            peer = transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) and peer else None
+            self._open[transport] = host
+            victim = self._over_bound(host)
+            if victim is not None:
+                del self._open[victim]
                 # Closed once aiohttp has set the connection up: closed inside its own connection_made,
                 # its request task started on a connection already lost and failed an assertion.
-                loop.call_soon(transport.close)
-            else:
+                loop.call_soon(victim.close)
+            if victim is not transport:
                 loop.call_later(self.first_request_s, self._unless_asked, transport)
 
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            transport = getattr(handler, "transport", None)
+            if transport is not None:
+                self._open.pop(transport, None)
+            lost(handler, exc)
+
         server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _over_bound(self, host: Any) -> asyncio.BaseTransport | None:
+        """The connection to let go now that one from `host` was added, if a bound is passed: the oldest
+        that has not sent a request (the newest connection itself when every other has), else None."""
+        if self.per_address is not None and host is not None:
+            same = [t for t, h in self._open.items() if h == host]
+            if len(same) > self.per_address:
+                return self._oldest_unasked(same)
+        if len(self._open) > self.max_connections:
+            return self._oldest_unasked(list(self._open))
+        return None
+
+    def _oldest_unasked(self, transports: list[asyncio.BaseTransport]) -> asyncio.BaseTransport:
+        """`transports` are oldest first and end with the newest connection, which has not asked yet."""
+        return next(t for t in transports if t not in self._asked and not t.is_closing())
 
     def _unless_asked(self, transport: asyncio.Transport) -> None:
         if transport not in self._asked and not transport.is_closing():
+            self._open.pop(transport, None)
             transport.close()
 
     @web.middleware
@@ -155,6 +195,7 @@ class HttpListener:
         runner, self.runner = self.runner, None
         if runner is not None:
             await runner.cleanup()
+        self._open.clear()
 
 
 async def serve_until_cancelled(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:

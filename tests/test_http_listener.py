@@ -71,16 +71,17 @@ async def send(sock: socket.socket, raw: bytes) -> bytes:
     return await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT_S)
 
 
-def test_connections_beyond_the_bound_are_closed_at_once_and_the_others_served(caplog):
+def test_connections_beyond_the_bound_close_the_oldest_silent_ones_at_once_and_the_others_are_served(caplog):
     async def main() -> None:
-        async with listening(max_connections=4, first_request_s=60) as address:
-            kept = [await connect(address) for _ in range(4)]
-            beyond = [await connect(address) for _ in range(3)]
+        async with listening(max_connections=4, per_address=None, first_request_s=60) as address:
+            oldest = [await connect(address) for _ in range(3)]
+            newest = [await connect(address) for _ in range(4)]
             try:
-                assert [await closed_by_server(s) for s in beyond] == [True, True, True]
-                assert (await get(kept[0])).startswith(b"HTTP/1.1 200")
+                assert [await closed_by_server(s) for s in oldest] == [True, True, True]
+                for s in newest:
+                    assert (await get(s)).startswith(b"HTTP/1.1 200")
             finally:
-                for s in kept + beyond:
+                for s in oldest + newest:
                     s.close()
 
     asyncio.run(main())
@@ -149,3 +150,76 @@ def test_a_connection_without_a_request_is_closed_and_one_that_asked_is_kept():
                 asking.close()
 
     asyncio.run(main())
+
+
+def test_half_sent_requests_filling_the_bound_do_not_lock_out_a_client_that_asks(caplog):
+    """Connections that send half a header line and wait filled the bound, and every later connection
+    (the owner's too) was closed at once: the oldest without a request now goes instead."""
+    async def main() -> None:
+        async with listening(max_connections=4, per_address=None, first_request_s=60, idle_s=60) as address:
+            loop = asyncio.get_running_loop()
+            stalled = [await connect(address) for _ in range(4)]
+            for s in stalled:
+                await loop.sock_sendall(s, b"GET / HTTP/1.1\r\nHost: g")
+            newcomers = []
+            try:
+                for n in range(3):
+                    newcomers.append(await connect(address))
+                    assert await closed_by_server(stalled[n])  # the oldest half-sent one made room
+                    assert (await get(newcomers[-1])).startswith(b"HTTP/1.1 200")
+                assert not await closed_by_server_soon(stalled[3])
+            finally:
+                for s in stalled + newcomers:
+                    s.close()
+
+    asyncio.run(main())
+    gc.collect()
+    assert "Task exception was never retrieved" not in caplog.text and "AssertionError" not in caplog.text
+
+
+def test_connections_that_asked_are_kept_and_the_newcomer_closed_when_all_have():
+    async def main() -> None:
+        async with listening(max_connections=2, per_address=None, first_request_s=60, idle_s=60) as address:
+            asked = [await connect(address) for _ in range(2)]
+            late = None
+            try:
+                for s in asked:
+                    assert (await get(s)).startswith(b"HTTP/1.1 200")
+                late = await connect(address)
+                assert await closed_by_server(late)
+                assert (await get(asked[0])).startswith(b"HTTP/1.1 200")
+            finally:
+                for s in asked + ([late] if late else []):
+                    s.close()
+
+    asyncio.run(main())
+
+
+def test_one_address_holds_at_most_per_address_connections_its_oldest_unasked_let_go_first():
+    async def main() -> None:
+        async with listening(max_connections=64, per_address=3, first_request_s=60, idle_s=60) as address:
+            first = [await connect(address) for _ in range(3)]
+            fourth = None
+            try:
+                assert (await get(first[0])).startswith(b"HTTP/1.1 200")  # asked: kept
+                fourth = await connect(address)
+                assert await closed_by_server(first[1])  # the oldest that has not asked
+                assert not await closed_by_server_soon(first[2])
+                assert (await get(fourth)).startswith(b"HTTP/1.1 200")
+                assert (await get(first[0])).startswith(b"HTTP/1.1 200")
+            finally:
+                for s in first + ([fourth] if fourth else []):
+                    s.close()
+
+    asyncio.run(main())
+
+
+async def closed_by_server_soon(sock: socket.socket, within_s: float = 0.3) -> bool:
+    """True if the server closed `sock` within `within_s` (a short wait, to see it is still open)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.sock_recv(sock, 1), within_s) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False

@@ -469,6 +469,44 @@ def test_the_departure_preview_is_the_floor_the_gateway_then_applies(tmp_path):
     asyncio.run(main())
 
 
+def test_a_deeply_nested_query_value_is_refused_with_a_reason_not_a_500(tmp_path, caplog):
+    """2,000 '[' in ?at= made JSON's parser recurse: aiohttp's plain 500 and a RecursionError traceback."""
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            auth = {"Authorization": f"Bearer {tokens['owner']}"}
+            for at in ("[" * 2000, "{" * 2000, "[1]"):
+                query = urlencode({"at": at, "soc_pct": 80})
+                status, answer = await browser.call("GET", f"/api/departure-floor?{query}", headers=auth)
+                assert status == 400 and answer["error"].startswith("at: "), (status, str(answer)[:200])
+
+    asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_an_unexpected_fault_in_a_handler_is_a_json_500_with_the_security_headers_and_one_log_line(tmp_path, caplog):
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            def broken(control: Any, body: Any) -> Any:
+                raise RuntimeError("quoting s3cret-t0ken")
+
+            app.desk.preview = broken  # type: ignore[method-assign]
+            query = urlencode({"at": until_iso(rig, 3), "soc_pct": 60})
+            async with browser.http.get(f"{app.url}api/departure-floor?{query}",
+                                        headers={"Authorization": f"Bearer {tokens['owner']}"}) as response:
+                assert response.status == 500 and response.content_type == "application/json"
+                assert "error" in await response.json()
+                assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
+                assert "Content-Security-Policy" in response.headers
+            # The app goes on serving.
+            assert (await browser.call("GET", "/api/status", headers={"Authorization": f"Bearer {tokens['owner']}"}))[0] == 200
+
+    asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "RuntimeError" in errors[0].getMessage() and "/api/departure-floor" in errors[0].getMessage()
+    assert "s3cret-t0ken" not in caplog.text and "Traceback" not in caplog.text
+
+
 def test_history_comes_from_the_journal(tmp_path):
     async def main() -> None:
         async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:

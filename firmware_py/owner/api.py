@@ -68,7 +68,8 @@ class OwnerApi:
         self.desk = OwnerDesk(port, self.store, self.clocks, tz)
         self.listen = parse_listen(config.api_listen)
         self._token = ""
-        self.listener = HttpListener(f"owner.api_listen: cannot listen on {self.listen.describe()}")
+        # No per-address bound: the API listens on loopback or a Unix socket, where every client shares one address.
+        self.listener = HttpListener(f"owner.api_listen: cannot listen on {self.listen.describe()}", per_address=None)
 
     @property
     def address(self) -> str:

@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import ssl
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -164,13 +165,25 @@ def _json(status: int, payload: Any) -> web.Response:
 
 def _query_value(text: str | None) -> Any:
     """A query parameter as JSON reads it ("60" a number), else the text as it came: the change's rule
-    then judges it as it would in a body."""
+    then judges it as it would in a body. Only a single JSON value is read: a list or an object is kept
+    as text (no rule takes one), because JSON's parser recurses into nested ones, and 2,000 '[' in a URL
+    raised RecursionError, a 500 and a traceback in the log instead of the 400 any other bad value gets."""
     if text is None:
         return None
+    if text.lstrip()[:1] in ("[", "{"):
+        return text
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
+
+
+def _where(error: BaseException) -> str:
+    """The exception's type and the line that raised it: its message is left out, for it may quote a
+    request's bytes (a token)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{type(error).__name__} at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames \
+        else type(error).__name__
 
 
 class WebApp:
@@ -257,7 +270,7 @@ class WebApp:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every refusal as JSON; every response with the security headers."""
+        """Every refusal and every fault as JSON; every response with the security headers."""
         try:
             response = await handler(request)
         except Refused as err:
@@ -276,6 +289,9 @@ class WebApp:
             response = _json(err.status, {"error": err.reason})
             if "Allow" in err.headers:  # a 405 says which methods the path takes (RFC 9110)
                 response.headers["Allow"] = err.headers["Allow"]
+        except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
+            log.error("web app: %s %s failed: %s", request.method, printable(request.path[:120]), _where(err))
+            response = _json(500, {"error": "internal error: the gateway's log has a line about it"})
         response.headers.update(SECURITY_HEADERS)
         return response
 
