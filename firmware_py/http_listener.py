@@ -106,6 +106,7 @@ class HttpListener:
         self.first_request_s, self.idle_s = first_request_s, idle_s
         self.runner: web.AppRunner | None = None
         self._asked: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections that sent a request
+        self._serving: dict[asyncio.BaseTransport, int] = {}  # connections with a request in hand: how many
         # Open connections, oldest first, each with its remote host (None: a Unix socket's peer).
         self._open: dict[asyncio.BaseTransport, Any] = {}
 
@@ -138,8 +139,9 @@ class HttpListener:
 
     def _bound_connections(self, server: web.Server) -> None:
         """Keep at most `max_connections`, and `per_address` from one host, letting the oldest connection
-        without a request go first; close one without a request after `first_request_s` (aiohttp tells its
-        server of every connection it makes and loses)."""
+        with no request in hand go first (one that has not asked yet, or one kept alive between requests:
+        either way nobody waits on it, and clients open a new one); close one without a request after
+        `first_request_s` (aiohttp tells its server of every connection it makes and loses)."""
         loop, made, lost = asyncio.get_running_loop(), server.connection_made, server.connection_lost
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
@@ -167,18 +169,20 @@ class HttpListener:
 
     def _over_bound(self, host: Any) -> asyncio.BaseTransport | None:
         """The connection to let go now that one from `host` was added, if a bound is passed: the oldest
-        that has not sent a request (the newest connection itself when every other has), else None."""
+        with no request in hand (the newest connection itself when every other is serving one), else None.
+        Keeping the busy ones and any idle newcomer means idle sockets, however many, never lock a client
+        out: it is turned away only while every connection is in the middle of a request."""
         if self.per_address is not None and host is not None:
             same = [t for t, h in self._open.items() if h == host]
             if len(same) > self.per_address:
-                return self._oldest_unasked(same)
+                return self._oldest_idle(same)
         if len(self._open) > self.max_connections:
-            return self._oldest_unasked(list(self._open))
+            return self._oldest_idle(list(self._open))
         return None
 
-    def _oldest_unasked(self, transports: list[asyncio.BaseTransport]) -> asyncio.BaseTransport:
-        """`transports` are oldest first and end with the newest connection, which has not asked yet."""
-        return next(t for t in transports if t not in self._asked and not t.is_closing())
+    def _oldest_idle(self, transports: list[asyncio.BaseTransport]) -> asyncio.BaseTransport:
+        """`transports` are oldest first and end with the newest connection, which has no request yet."""
+        return next(t for t in transports if t not in self._serving and not t.is_closing())
 
     def _unless_asked(self, transport: asyncio.Transport) -> None:
         if transport not in self._asked and not transport.is_closing():
@@ -187,15 +191,23 @@ class HttpListener:
 
     @web.middleware
     async def _noting_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.transport is not None:
-            self._asked.add(request.transport)
-        return await handler(request)
+        transport = request.transport
+        if transport is None:
+            return await handler(request)
+        self._asked.add(transport)
+        self._serving[transport] = self._serving.get(transport, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            if (left := self._serving.pop(transport, 1) - 1) > 0:  # (a stop may have cleared it)
+                self._serving[transport] = left
 
     async def stop(self) -> None:
         runner, self.runner = self.runner, None
         if runner is not None:
             await runner.cleanup()
         self._open.clear()
+        self._serving.clear()
 
 
 async def serve_until_cancelled(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:

@@ -21,10 +21,25 @@ WAIT_S = 5.0
 BODY_S = 0.2  # the test application's body deadline
 
 
+class Hold:
+    """Requests to `/hold` are told to `arrived` (in the handler: the request is in hand) and answered on `release`."""
+
+    def __init__(self) -> None:
+        self.arrived: asyncio.Queue[str] = asyncio.Queue()
+        self.release = asyncio.Event()
+
+
 @asynccontextmanager
-async def listening(**bounds: float) -> AsyncIterator[tuple[str, int]]:
+async def listening(held: Hold | None = None, **bounds: float) -> AsyncIterator[tuple[str, int]]:
+    """The test application (`/hold` answers once `held` is released) served on a port of its own."""
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
+
+    async def hold(request: web.Request) -> web.Response:
+        assert held is not None
+        held.arrived.put_nowait(request.path)
+        await held.release.wait()
+        return web.Response(text="held")
 
     async def echo(request: web.Request) -> web.Response:
         try:
@@ -36,6 +51,7 @@ async def listening(**bounds: float) -> AsyncIterator[tuple[str, int]]:
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_post("/echo", echo)
+    app.router.add_get("/hold", hold)
     listener = HttpListener("test.listen", **bounds)
     await listener.start(app, lambda runner: web.TCPSite(runner, "127.0.0.1", 0))
     try:
@@ -177,7 +193,9 @@ def test_half_sent_requests_filling_the_bound_do_not_lock_out_a_client_that_asks
     assert "Task exception was never retrieved" not in caplog.text and "AssertionError" not in caplog.text
 
 
-def test_connections_that_asked_are_kept_and_the_newcomer_closed_when_all_have():
+def test_connections_kept_alive_between_requests_make_room_as_silent_ones_do():
+    """Complete requests on every connection, then idle until the keep-alive ends, locked everyone else out
+    as well as half-sent ones did: a connection with no request in hand is let go, oldest first."""
     async def main() -> None:
         async with listening(max_connections=2, per_address=None, first_request_s=60, idle_s=60) as address:
             asked = [await connect(address) for _ in range(2)]
@@ -186,8 +204,9 @@ def test_connections_that_asked_are_kept_and_the_newcomer_closed_when_all_have()
                 for s in asked:
                     assert (await get(s)).startswith(b"HTTP/1.1 200")
                 late = await connect(address)
-                assert await closed_by_server(late)
-                assert (await get(asked[0])).startswith(b"HTTP/1.1 200")
+                assert await closed_by_server(asked[0])
+                assert (await get(late)).startswith(b"HTTP/1.1 200")
+                assert (await get(asked[1])).startswith(b"HTTP/1.1 200")
             finally:
                 for s in asked + ([late] if late else []):
                     s.close()
@@ -195,18 +214,45 @@ def test_connections_that_asked_are_kept_and_the_newcomer_closed_when_all_have()
     asyncio.run(main())
 
 
-def test_one_address_holds_at_most_per_address_connections_its_oldest_unasked_let_go_first():
+def test_connections_in_the_middle_of_a_request_are_kept_and_the_newcomer_closed_when_all_are():
     async def main() -> None:
-        async with listening(max_connections=64, per_address=3, first_request_s=60, idle_s=60) as address:
+        held = Hold()
+        async with listening(held, max_connections=2, per_address=None, first_request_s=60, idle_s=60) as address:
+            loop = asyncio.get_running_loop()
+            busy = [await connect(address) for _ in range(2)]
+            late = None
+            try:
+                for s in busy:
+                    await loop.sock_sendall(s, b"GET /hold HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                    await asyncio.wait_for(held.arrived.get(), WAIT_S)
+                late = await connect(address)
+                assert await closed_by_server(late)
+                held.release.set()
+                for s in busy:
+                    assert (await asyncio.wait_for(loop.sock_recv(s, 4096), WAIT_S)).startswith(b"HTTP/1.1 200")
+            finally:
+                for s in busy + ([late] if late else []):
+                    s.close()
+
+    asyncio.run(main())
+
+
+def test_one_address_holds_at_most_per_address_connections_its_oldest_idle_let_go_first():
+    async def main() -> None:
+        held = Hold()
+        async with listening(held, max_connections=64, per_address=3, first_request_s=60, idle_s=60) as address:
+            loop = asyncio.get_running_loop()
             first = [await connect(address) for _ in range(3)]
             fourth = None
             try:
-                assert (await get(first[0])).startswith(b"HTTP/1.1 200")  # asked: kept
+                await loop.sock_sendall(first[0], b"GET /hold HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                await asyncio.wait_for(held.arrived.get(), WAIT_S)  # a request in hand: kept
                 fourth = await connect(address)
-                assert await closed_by_server(first[1])  # the oldest that has not asked
+                assert await closed_by_server(first[1])  # the oldest with none
                 assert not await closed_by_server_soon(first[2])
                 assert (await get(fourth)).startswith(b"HTTP/1.1 200")
-                assert (await get(first[0])).startswith(b"HTTP/1.1 200")
+                held.release.set()
+                assert (await asyncio.wait_for(loop.sock_recv(first[0], 4096), WAIT_S)).startswith(b"HTTP/1.1 200")
             finally:
                 for s in first + ([fourth] if fourth else []):
                     s.close()
