@@ -52,7 +52,7 @@ def _sim(args: argparse.Namespace) -> int:
 
     if args.list:
         for name in scenario.bundled_names():
-            print(name)
+            print(name.removesuffix(".toml"))  # as `--scenario` takes it and the docs name it
         return 0
     default_run = args.scenario is None  # the newcomer's run: summary and plot land here
     summary_path = args.summary or (Path("summary.json") if default_run else None)

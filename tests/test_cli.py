@@ -92,3 +92,12 @@ def test_a_command_says_what_failed_in_one_line_without_the_libraries_retry_chat
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["error: inverter: reading 40000+2: no reply within 0.2 s"]
+
+
+def test_sim_list_names_each_bundled_scenario_as_scenario_takes_it_and_the_readme_names_it(capsys):
+    from firmware_py.sim import scenario
+
+    assert cli.main(["sim", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "fault-garbled" in names and "summer-peak" in names and not any(n.endswith(".toml") for n in names)
+    assert [scenario.find(name) for name in names] == [scenario.bundled(f"{name}.toml") for name in names]
