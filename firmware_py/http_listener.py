@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import traceback
 import weakref
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -39,6 +41,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from firmware_py.errors import InputError
 from firmware_py.quoting import printable
+from firmware_py.tasks import seen_through
 
 SiteOf = Callable[[web.AppRunner], web.BaseSite]
 
@@ -203,11 +206,21 @@ class HttpListener:
                 self._serving[transport] = left
 
     async def stop(self) -> None:
+        """Close the listener and every connection, ending the requests still in hand (after at most
+        `shutdown_timeout_s`), even when the stop is cancelled again meanwhile (`seen_through`)."""
         runner, self.runner = self.runner, None
         if runner is not None:
-            await runner.cleanup()
+            await seen_through(runner.cleanup())
         self._open.clear()
         self._serving.clear()
+
+
+def raised_at(error: BaseException) -> str:
+    """The exception's type and the line that raised it, for the one log line of a handler's own fault:
+    its message is left out, for it may quote a request's bytes (a token)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{type(error).__name__} at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames \
+        else type(error).__name__
 
 
 async def serve_until_cancelled(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:

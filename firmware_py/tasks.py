@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CANCEL_AGAIN_S = 0.5
 """How long a cancelled task has to end before it is cancelled again."""
@@ -41,6 +43,27 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
             pending = {task for task in pending if not task.done()}
     if interrupted is not None:
         raise interrupted
+
+
+async def seen_through(work: Awaitable[T]) -> T:
+    """Await `work` to its end even when the caller is cancelled meanwhile, then raise that cancellation.
+
+    For a clean-up that must not be cut short by `cancel_all` cancelling again: aiohttp's
+    runner clean-up, cancelled in its graceful wait, skips ending the requests still in
+    hand, and a handler then runs on (and answers) after the gateway has stopped.
+    """
+    task = asyncio.ensure_future(work)
+    interrupted: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as err:
+            interrupted = err
+    if interrupted is not None:
+        if not task.cancelled() and task.exception() is not None:
+            raise interrupted from task.exception()
+        raise interrupted
+    return task.result()
 
 
 async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,

@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
+from firmware_py.tasks import cancel_all
 
 WAIT_S = 5.0
 BODY_S = 0.2  # the test application's body deadline
@@ -29,9 +30,8 @@ class Hold:
         self.release = asyncio.Event()
 
 
-@asynccontextmanager
-async def listening(held: Hold | None = None, **bounds: float) -> AsyncIterator[tuple[str, int]]:
-    """The test application (`/hold` answers once `held` is released) served on a port of its own."""
+def application(held: Hold | None = None) -> web.Application:
+    """The test application: `/` says hello, `/echo` reads a body, `/hold` answers once `held` is released."""
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
 
@@ -52,8 +52,18 @@ async def listening(held: Hold | None = None, **bounds: float) -> AsyncIterator[
     app.router.add_get("/", hello)
     app.router.add_post("/echo", echo)
     app.router.add_get("/hold", hold)
+    return app
+
+
+def on_loopback(runner: web.AppRunner) -> web.BaseSite:
+    return web.TCPSite(runner, "127.0.0.1", 0)
+
+
+@asynccontextmanager
+async def listening(held: Hold | None = None, **bounds: float) -> AsyncIterator[tuple[str, int]]:
+    """The test application served on a port of its own."""
     listener = HttpListener("test.listen", **bounds)
-    await listener.start(app, lambda runner: web.TCPSite(runner, "127.0.0.1", 0))
+    await listener.start(application(held), on_loopback)
     try:
         yield listener.bound[:2]
     finally:
@@ -269,3 +279,28 @@ async def closed_by_server_soon(sock: socket.socket, within_s: float = 0.3) -> b
         return True
     except asyncio.TimeoutError:
         return False
+
+
+def test_a_stop_cancelled_again_while_it_waits_still_ends_the_requests_in_hand():
+    """A service's stop cancels its tasks again every `CANCEL_AGAIN_S` (0.5 s) until they end; the listener's
+    graceful wait is 1 s. Cut short, aiohttp skipped ending the requests still in hand: a handler ran on, and
+    answered, after the gateway had stopped. The request is now ended with the listener."""
+    async def main() -> None:
+        held = Hold()
+        listener = HttpListener("test.listen", shutdown_timeout_s=1.0)
+        serving = asyncio.create_task(serve_until_cancelled(lambda: listener.start(application(held), on_loopback),
+                                                            listener.stop))
+        async with asyncio.timeout(WAIT_S):
+            while not listener.listening:
+                await asyncio.sleep(0)
+        sock = await connect(listener.bound[:2])
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, b"GET /hold HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            await asyncio.wait_for(held.arrived.get(), WAIT_S)
+            await cancel_all([serving])
+            assert await closed_by_server(sock)
+        finally:
+            held.release.set()
+            sock.close()
+
+    asyncio.run(main())

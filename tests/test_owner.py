@@ -457,6 +457,23 @@ def test_a_change_while_the_gateway_stops_is_refused_and_nothing_is_saved(tmp_pa
     assert port.calls == [] and not Path(cfg.settings_file).exists()
 
 
+def test_a_fault_of_the_gateways_own_is_a_json_500_in_one_log_line_without_its_message(tmp_path, caplog):
+    """aiohttp's plain-text 500 and a traceback were the answer; the exception's message may quote a
+    request's bytes (a token), so the log line names only its type and where it was raised."""
+    class FailingPort(RecordingPort):
+        def telemetry(self) -> Telemetry:
+            raise RuntimeError("a message quoting secret-bytes")
+
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with caplog.at_level(logging.INFO), Serving(OwnerApi(cfg, FailingPort(OwnerSettings(40, NOW)))) as api:
+        status, answer = request(api, "GET", "/status")
+        assert request(api, "PUT", "/reserve", b'{"pct": 55}')[0] == 200  # it serves on
+    assert status == 500 and answer == {"error": "internal error: the gateway's log has a line about it"}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "owner API: GET /status failed: RuntimeError at test_owner.py:" in errors[0].getMessage()
+    assert "secret-bytes" not in caplog.text and errors[0].exc_info is None
+
+
 def test_missing_config_option_is_bad_input(owner_cli, monkeypatch, capsys):
     assert cli.main(["owner", "status"]) == 2
     assert "--config FILE is required" in capsys.readouterr().err

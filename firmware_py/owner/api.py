@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -40,12 +41,15 @@ from aiohttp import web
 from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of, raised_at, serve_until_cancelled
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, Control, NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore, encode
+from firmware_py.quoting import printable
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
 
@@ -131,6 +135,9 @@ class OwnerApi:
             return _json_response(400, {"error": str(err)})
         except web.HTTPException as err:
             return _json_response(err.status, {"error": err.reason})
+        except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
+            log.error("owner API: %s %s failed: %s", request.method, printable(request.path[:120]), raised_at(err))
+            return _json_response(500, {"error": "internal error: the gateway's log has a line about it"})
 
     async def _status(self, request: web.Request) -> web.Response:
         telemetry = self.port.telemetry()

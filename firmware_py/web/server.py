@@ -34,7 +34,6 @@ import asyncio
 import json
 import logging
 import ssl
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -49,7 +48,7 @@ from firmware_py.core import floor as floors
 from firmware_py.core.types import OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
+from firmware_py.http_listener import BodyUnread, HttpListener, body_of, raised_at, serve_until_cancelled
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token
 from firmware_py.owner.changes import BadRequest, parse_body
@@ -178,14 +177,6 @@ def _query_value(text: str | None) -> Any:
         return text
 
 
-def _where(error: BaseException) -> str:
-    """The exception's type and the line that raised it: its message is left out, for it may quote a
-    request's bytes (a token)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return f"{type(error).__name__} at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames \
-        else type(error).__name__
-
-
 class WebApp:
     """The web app for one running gateway: an integration in `assembly.INTEGRATIONS` (`[web]`)."""
 
@@ -290,7 +281,7 @@ class WebApp:
             if "Allow" in err.headers:  # a 405 says which methods the path takes (RFC 9110)
                 response.headers["Allow"] = err.headers["Allow"]
         except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
-            log.error("web app: %s %s failed: %s", request.method, printable(request.path[:120]), _where(err))
+            log.error("web app: %s %s failed: %s", request.method, printable(request.path[:120]), raised_at(err))
             response = _json(500, {"error": "internal error: the gateway's log has a line about it"})
         response.headers.update(SECURITY_HEADERS)
         return response
