@@ -675,12 +675,11 @@ answers = { "peak" = "accepted" }
     assert verify(tmp_path / "s.json", journal) == 0
 
 
-def test_overlapping_events_are_each_charged_only_the_wear_and_peak_of_the_time_they_were_served(tmp_path):
-    """A newer event in force inside an older one's window: the battery worked for one at a time, so the
-    older is charged no throughput, wear or peak power for the newer one's minutes, and the two lines'
-    throughput adds up to the pack's drop, not more (each was once charged the whole drop of its window)."""
+def overlapping_events(tmp_path: Path, *, short_s: int, short_w: int, also: str = "") -> Path:
+    """A bench scenario on a 2 kWh pack: a 4 kW event from 10 s to 130 s and a `short_w` one from 50 s for
+    `short_s` inside it (accepted after it, so served while in force), with `also` (faults, checks) added."""
     path = tmp_path / "overlap.toml"
-    path.write_text("""
+    path.write_text(f"""
 [run]
 duration_s = 140
 [vehicle]
@@ -698,8 +697,17 @@ target_w = 4000
 at_s = 20
 id = "short"
 start_s = 50
-duration_s = 30
-target_w = 9000
+duration_s = {short_s}
+target_w = {short_w}
+{also}""")
+    return path
+
+
+def test_overlapping_events_are_each_charged_only_the_wear_and_peak_of_the_time_they_were_served(tmp_path):
+    """A newer event in force inside an older one's window: the battery worked for one at a time, so the
+    older is charged no throughput, wear or peak power for the newer one's minutes, and the two lines'
+    throughput adds up to the pack's drop, not more (each was once charged the whole drop of its window)."""
+    path = overlapping_events(tmp_path, short_s=30, short_w=9000, also="""
 [expect]
 answers = { "long" = "accepted", "short" = "accepted" }
 """)
@@ -831,27 +839,7 @@ def test_a_grid_outage_inside_an_events_window_is_not_charged_to_its_throughput_
 def test_overlapping_events_with_an_outage_in_both_windows_are_charged_no_more_than_they_delivered(tmp_path):
     """The outage's drop went to neither event: once it went to both, and the lines' throughput summed past
     the pack's whole drop over the windows."""
-    path = tmp_path / "overlap-outage.toml"
-    path.write_text("""
-[run]
-duration_s = 140
-[vehicle]
-usable_capacity_wh = 2000
-[inverter]
-enter_service_delay_s = 0
-enter_service_ramp_s = 0
-[[dispatch]]
-at_s = 5
-id = "long"
-start_s = 10
-duration_s = 120
-target_w = 4000
-[[dispatch]]
-at_s = 20
-id = "short"
-start_s = 50
-duration_s = 50
-target_w = 4000
+    path = overlapping_events(tmp_path, short_s=50, short_w=4000, also="""
 [[fault]]
 at_s = 60
 kind = "grid_outage"
