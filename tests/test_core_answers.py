@@ -15,6 +15,7 @@ from firmware_py.core.answers import Judgement, invalid_reason, judge
 from firmware_py.core.energy import still_open
 from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.requests import ENDED_MEMORY
+from firmware_py.core.telemetry import DerRatings
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -22,6 +23,7 @@ from firmware_py.core.types import (
     DispatchKind,
     DispatchRequest,
     EventEnergy,
+    InverterStatus,
     JournalHealth,
     ReasonCode,
     SiteLimit,
@@ -507,3 +509,25 @@ def test_an_export_limit_caps_discharge_only_and_a_site_limit_both_ways(export_o
         assert step(r.controller, [bms(2.0), inverter(2.0)], 2.0).controller.mode is Mode.CHARGE
     else:
         assert charged.verdict is Verdict.REJECTED and "site limit" in charged.detail, charged
+
+
+@pytest.mark.parametrize("kind, soc", [(DispatchKind.DISCHARGE, 80.0), (DispatchKind.CHARGE, 50.0)])
+def test_an_ac_rating_below_the_storage_rates_caps_the_answer_and_the_command_both_ways(kind, soc):
+    """A 7.6 kW AC inverter behind an 11.5 kW storage port: the core once took the storage rate alone,
+    accepted 11.5 kW uncapped and commanded it, while the DER ratings it publishes said 7.6 kW."""
+    def ac_limited(t: float) -> InverterStatus:
+        return inverter(t, w_max_rtg=7_600, w_discha_max_rtg=11_500, w_cha_max_rtg=11_500)
+
+    c = step(Controller.start(POLICY, now=0), [bms(0, soc), ac_limited(0)], 0).controller
+    result = step(c, [bms(0.1, soc), ac_limited(0.1), discharge("d", 0.1, 0.1, 3_600.1, 11_500, kind=kind)], 0.1)
+    answer = result.answer_for("d")
+    assert answer is not None and answer.verdict is Verdict.CAPPED and answer.cap_w == 7_600
+    assert "inverter" in answer.detail and "rating" in answer.detail
+    c = result.controller
+    for i in range(2, 80):  # past the ramp
+        t = i * 0.1
+        result = step(c, [bms(t, soc), ac_limited(t)], t)
+        c = result.controller
+    assert abs(result.command.setpoint_w) == 7_600
+    ratings = DerRatings.of(POLICY, ac_limited(t))
+    assert ratings.w_discha_max == ratings.w_cha_max == 7_600

@@ -48,11 +48,11 @@ bms_snapshots = st.builds(
     stale=st.lists(st.sampled_from(["soc_min_pct", "max_discharge_w", "bms_state", "max_temp_c"]), max_size=2))
 
 inverter_statuses = st.builds(
-    lambda age, ok, state, outage, rating, entering: inverter(
+    lambda age, ok, state, outage, ac, rating, entering: inverter(
         T - age, comms_ok=ok, error=None if ok else "timeout", inv_state=state, grid_outage=outage,
-        w_max_rtg=rating, w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=entering),
+        w_max_rtg=ac, w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=entering),
     age=st.floats(0, 5), ok=st.booleans(), state=st.sampled_from(list(InverterState)), outage=st.booleans(),
-    rating=st.floats(0, 20_000), entering=st.sampled_from([0.0, 0.0, 0.0, 120.0]))
+    ac=st.floats(0, 20_000), rating=st.floats(0, 20_000), entering=st.sampled_from([0.0, 0.0, 0.0, 120.0]))
 
 site_limits = st.builds(SiteLimit, st.just(T), st.sampled_from(["sunspec", "owner"]),
                         st.none() | st.floats(0, 20_000) | st.just(math.nan))
@@ -108,9 +108,10 @@ def test_every_command_is_within_every_limit(c, items):
     assert bms_usable(after.bms, T, POLICY) and inverter_usable(after.inverter, T, POLICY)
     assert not after.faults.latches and not after.faults.locked_out
     assert after.bms.energy_path_closed()
-    rating = after.inverter.w_discha_max_rtg if w > 0 else after.inverter.w_cha_max_rtg
+    inv = after.inverter
     assert abs(w) <= (after.bms.max_discharge_w if w > 0 else after.bms.max_charge_w) + 1e-6
-    assert abs(w) <= rating + 1e-6 or rating == 0
+    assert abs(w) <= (inv.w_discha_max_rtg if w > 0 else inv.w_cha_max_rtg) + 1e-6 or w > 0 and inv.w_discha_max_rtg == 0
+    assert abs(w) <= inv.w_max_rtg + 1e-6 or inv.w_max_rtg == 0, "above the inverter's AC rating"
     assert abs(w) <= (POLICY.max_discharge_w if w > 0 else POLICY.max_charge_w) + 1e-6
     if after.mode is not Mode.BACKUP:  # a site controller's limit: what goes to the grid
         assert abs(w) <= after.site_limit_w(discharge=w > 0) + 1e-6

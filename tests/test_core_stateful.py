@@ -167,14 +167,15 @@ class GatewayWorld(RuleBasedStateMachine):
         self.healthy_run(dt, noise, 1.0, steps)
 
     @rule(outage=st.booleans(), fault=st.booleans(), comms=st.sampled_from([True, True, True, False]),
-          rating=st.sampled_from([11_500.0, 7_600.0]), entering=st.sampled_from([0.0, 0.0, 0.0, 300.0]))
-    def inverter_update(self, outage, fault, comms, rating, entering):
+          rating=st.sampled_from([11_500.0, 7_600.0]), ac=st.sampled_from([0.0, 11_500.0, 7_600.0, 5_000.0]),
+          entering=st.sampled_from([0.0, 0.0, 0.0, 300.0]))
+    def inverter_update(self, outage, fault, comms, rating, ac, entering):
         self.outage, self.inv_fault = outage, fault and comms
         self.entering_s = 0.0 if outage else entering
         self.note_conditions()
         self.feed(inverter(self.now, comms_ok=comms, error=None if comms else "timeout", grid_outage=outage,
                            grid_connected=not outage, measured_w=self.applied_w, tot_wh_inj=self.meter_wh,
-                           w_max_rtg=rating,
+                           w_max_rtg=ac,  # an AC rating below the storage rates, or none reported
                            w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=self.entering_s,
                            inv_state=InverterState.FAULT if fault else InverterState.RUNNING))
 
@@ -334,7 +335,8 @@ class GatewayWorld(RuleBasedStateMachine):
         if w > 0:
             assert w <= b.max_discharge_w + 1e-6, "above the BMS discharge limit"
             assert w <= self.policy.max_discharge_w + 1e-6, "above the site limit"
-            assert w <= (inv.w_discha_max_rtg or inv.w_max_rtg) + 1e-6, "above the inverter rating"
+            assert w <= inv.w_discha_max_rtg + 1e-6, "above the inverter's discharge rating"
+            assert w <= inv.w_max_rtg + 1e-6 or inv.w_max_rtg == 0, "above the inverter's AC rating"
             assert b.soc_min_pct > c.floor_pct(self.now), "discharging at or below the floor"
             assert b.energy_path_closed()
             if c.mode is Mode.DISCHARGE:
@@ -344,6 +346,8 @@ class GatewayWorld(RuleBasedStateMachine):
                 assert c.mode is Mode.BACKUP, f"discharging in {c.mode}"
         if w < 0:
             assert -w <= b.max_charge_w + 1e-6 and -w <= self.policy.max_charge_w + 1e-6
+            assert -w <= inv.w_cha_max_rtg + 1e-6, "above the inverter's charge rating"
+            assert -w <= inv.w_max_rtg + 1e-6 or inv.w_max_rtg == 0, "above the inverter's AC rating"
             assert c.mode is Mode.CHARGE, f"charging in {c.mode}"
             in_force = c.book.in_force(self.now)
             storm = c.owner.storm_watch(self.now)

@@ -100,12 +100,13 @@ def judgement(c: Controller, req: DispatchRequest, now: float) -> Judgement:
     soc_max = bms.believed("soc_max_pct")
     soc_max = soc_max if soc_max is not None else bms.soc_min_pct
     energy = floors.energy_above_wh(policy, bms.soc_min_pct, floor)
+    rating_w = inv.discharge_rating_w()
     discharge_name, discharge_w = _lowest(
         ("site limit", c.site_limit_w(discharge=True)), ("BMS limit", bms.max_discharge_w),
-        ("inverter rating", inv.w_discha_max_rtg or inv.w_max_rtg or policy.max_discharge_w))
+        ("inverter rating", rating_w if math.isfinite(rating_w) else policy.max_discharge_w))
     charge_name, charge_w = _lowest(
         ("site limit", c.site_limit_w(discharge=False)), ("BMS charge limit", bms.max_charge_w),
-        ("inverter charge rating", inv.w_cha_max_rtg))  # 0: the inverter says it cannot charge (`can_charge`)
+        ("inverter charge rating", inv.charge_rating_w()))  # 0: the inverter says it cannot charge (`can_charge`)
     return Judgement(
         now=now, refusal=None, refusal_detail="",
         opted_out=c.owner.opted_out(start, req.id),

@@ -326,13 +326,13 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
         # A site controller's limit is on what goes to the grid; islanded, the home's load is no export.
         site = policy.max_discharge_w if v.outage else v.c.site_limit_w(discharge=True)
         limits = [("bms limit", bms.max_discharge_w), ("site limit", site),
-                  ("rating", inv.w_discha_max_rtg or inv.w_max_rtg or setpoint),
+                  ("rating", inv.discharge_rating_w()),
                   ("reserve", floors.discharge_envelope_w(policy, energy))]
     else:
         soc_max = bms.believed("soc_max_pct")
         full = soc_max is None or not soc_max < 100  # unknown, stale or NaN: not known to have room
         limits = [("bms limit", bms.max_charge_w), ("site limit", v.c.site_limit_w(discharge=False)),
-                  ("rating", inv.w_cha_max_rtg),  # 0: it cannot charge, as `can_charge` reads it
+                  ("rating", inv.charge_rating_w()),  # 0: it cannot charge, as `can_charge` reads it
                   ("full", 0.0 if full else -setpoint)]
     name, limit = min(limits, key=lambda item: item[1])
     limit = max(0.0, limit)

@@ -41,10 +41,12 @@ class DerRatings:
             return min(limit, rating) if rating > 0 else limit
 
         inv = inverter if inverter is not None and inverter.comms_ok else None
-        w_max = lower(max(policy.max_discharge_w, policy.max_charge_w), inv.w_max_rtg if inv else 0.0)
-        w_cha_max = min(w_max, policy.max_charge_w, inv.w_cha_max_rtg if inv else policy.max_charge_w)
-        return cls(w_max=w_max, wh_rtg=policy.usable_capacity_wh, w_cha_max=w_cha_max,
-                   w_discha_max=min(w_max, lower(policy.max_discharge_w, inv.w_discha_max_rtg if inv else 0.0)))
+        if inv is None:
+            return cls(w_max=max(policy.max_discharge_w, policy.max_charge_w), wh_rtg=policy.usable_capacity_wh,
+                       w_cha_max=policy.max_charge_w, w_discha_max=policy.max_discharge_w)
+        return cls(w_max=lower(max(policy.max_discharge_w, policy.max_charge_w), inv.w_max_rtg),
+                   wh_rtg=policy.usable_capacity_wh, w_cha_max=max(0.0, min(policy.max_charge_w, inv.charge_rating_w())),
+                   w_discha_max=max(0.0, min(policy.max_discharge_w, inv.discharge_rating_w())))
 
 
 @dataclass(frozen=True)

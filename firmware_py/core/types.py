@@ -222,6 +222,17 @@ class InverterStatus:
     def faulted(self) -> bool:
         return self.inv_state == InverterState.FAULT
 
+    def discharge_rating_w(self) -> float:
+        """The most its nameplate lets it discharge: the lower of its AC rating (`WMaxRtg`) and its
+        storage discharge rate (`WDisChaRteMaxRtg`), each only where reported (0 is "not reported");
+        neither reported, no bound. A 7.6 kW AC unit behind an 11.5 kW DC port is a 7.6 kW discharger."""
+        return min((r for r in (self.w_max_rtg, self.w_discha_max_rtg) if r != 0), default=math.inf)
+
+    def charge_rating_w(self) -> float:
+        """The most its nameplate lets it charge: its storage charge rate (`WChaRteMaxRtg`; 0 is "it cannot
+        charge", as `can_charge` reads it), lowered by its AC rating (`WMaxRtg`) where reported."""
+        return min(self.w_cha_max_rtg, self.w_max_rtg) if self.w_max_rtg != 0 else self.w_cha_max_rtg
+
 
 @dataclass(frozen=True)
 class InverterCommand:
