@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import os
 import tempfile
@@ -360,5 +361,39 @@ def test_the_price_form_keeps_a_power_limit_set_elsewhere(tmp_path):
             await on(b, "until", lambda: b.text("message") == "Price mode on.", "price mode set from the page")
             settings = (await api(app, tokens["owner"], "GET", "/api/settings"))["settings"]
             assert (settings["price_threshold_per_kwh"], settings["price_power_w"]) == (0.35, 3000)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the gauge's labels
+
+GAUGE_LABELS = """return [...document.querySelectorAll('#gauge text')].map((t) => { const r = t.getBoundingClientRect();
+  return [t.textContent, r.left, r.right, r.top, r.bottom]; });"""
+
+
+def test_gauge_labels_neither_overlap_nor_leave_the_gauge(tmp_path):
+    # Storm watch 30 and reserve 40 were both drawn below the gauge over one another; a label at 0 % was
+    # centred on the edge and cut in half.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            until = dt.datetime.fromtimestamp(rig.time.wall() + 86400, dt.UTC).isoformat()
+            await api(app, tokens["owner"], "PUT", "/api/storm-watch", {"floor_pct": 30, "until": until})
+            await on(b, "until", lambda: b.text("storm-status").startswith("Storm watch: keeping 30"), "storm watch 30")
+            for reserve in (40, 0):
+                await api(app, tokens["owner"], "PUT", "/api/reserve", {"pct": reserve})
+                await on(b, "until", lambda: b.text("reserve") == f"{reserve}.0 %", f"reserve {reserve}")  # noqa: B023
+                labels = b.js(GAUGE_LABELS)
+                clash = [(a[0], c[0]) for i, a in enumerate(labels) for c in labels[i + 1:]
+                         if a[1] < c[2] and c[1] < a[2] and a[3] < c[4] and c[3] < a[4]]
+                assert clash == [], f"gauge labels drawn over one another: {clash} ({labels})"
+            box = b.js("const r = document.getElementById('gauge').getBoundingClientRect(); "
+                       "return [r.left, r.right, r.top, r.bottom];")
+            cut = [t for t in labels if t[1] < box[0] - 0.5 or t[2] > box[1] + 0.5 or t[3] < box[2] - 0.5
+                   or t[4] > box[3] + 0.5]
+            assert cut == [], f"labels outside the gauge's {box} (clipped): {cut}"
+            # Storm watch is in the legend too (it had a mark on the gauge but no key).
+            assert b.js("const e = document.getElementById('legend-storm'); return e ? !e.hidden : null") is True
+            assert b.text("storm-watch-pct") == "30.0 %"
 
     asyncio.run(main())

@@ -143,14 +143,25 @@ function drawGauge(s) {
   const x = (p) => 6 + 288 * Math.max(0, Math.min(100, p)) / 100;
   svg("rect", { x: 6, y: 18, width: 288, height: 24, rx: 5, fill: "#e7ebf0" }, g);
   if (s.soc_pct !== null) svg("rect", { x: 6, y: 18, width: x(s.soc_pct) - 6, height: 24, rx: 5, fill: "var(--soc)" }, g);
-  const mark = (p, colour, dash, label, above) => {
-    svg("line", { x1: x(p), x2: x(p), y1: 14, y2: 46, stroke: colour, "stroke-width": 3, "stroke-dasharray": dash }, g);
-    const t = svg("text", { x: x(p), y: above ? 11 : 58, "text-anchor": "middle", fill: colour }, g);
-    t.textContent = label;
-  };
-  mark(s.reserve_pct, "var(--reserve)", "4 3", `reserve ${Math.round(s.reserve_pct)}`, false);
-  mark(s.floor_pct, "var(--floor)", "", `floor ${Math.round(s.floor_pct)}`, true);
-  if (s.storm_watch) mark(s.storm_watch.floor_pct, "var(--storm)", "2 2", `storm ${s.storm_watch.floor_pct}`, false);
+  const marks = [{ p: s.floor_pct, colour: "var(--floor)", dash: "", label: `floor ${Math.round(s.floor_pct)}` },
+                 { p: s.reserve_pct, colour: "var(--reserve)", dash: "4 3", label: `reserve ${Math.round(s.reserve_pct)}` }];
+  if (s.storm_watch) {
+    marks.push({ p: s.storm_watch.floor_pct, colour: "var(--storm)", dash: "2 2", label: `storm ${s.storm_watch.floor_pct}` });
+  }
+  // Each label on a line of its own where it would cover another (storm 30 and reserve 40 were drawn over one
+  // another), and kept inside the drawing: one centred on 0 % or 100 % was cut in half at its edge.
+  const ROWS = [11, 58, 70], EDGE = 2, placed = ROWS.map(() => []);
+  for (const m of marks) {
+    svg("line", { x1: x(m.p), x2: x(m.p), y1: 14, y2: 46, stroke: m.colour, "stroke-width": 3, "stroke-dasharray": m.dash }, g);
+    const w = m.label.length * 6 + 4;  // 10 px text: under 6 px a character
+    let left = x(m.p) - w / 2, anchor = "middle", at = x(m.p);
+    if (left < EDGE) { left = EDGE; anchor = "start"; at = EDGE; }
+    if (left + w > 300 - EDGE) { left = 300 - EDGE - w; anchor = "end"; at = 300 - EDGE; }
+    let row = ROWS.findIndex((_, i) => placed[i].every(([l, r]) => left + w <= l || r <= left));
+    if (row < 0) row = ROWS.length - 1;
+    placed[row].push([left, left + w]);
+    svg("text", { x: at, y: ROWS[row], "text-anchor": anchor, fill: m.colour }, g).textContent = m.label;
+  }
 }
 
 function renderStatus(s) {
@@ -180,6 +191,8 @@ function renderStatus(s) {
   }
   $("faults").textContent = s.faults.length ? s.faults.join(", ") : "none";
   $("earnings").textContent = earningsText(s.earnings);
+  $("legend-storm").hidden = !s.storm_watch;
+  $("storm-watch-pct").textContent = s.storm_watch ? pct(s.storm_watch.floor_pct) : "";
   $("storm-status").textContent = s.storm_watch
     ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
 }
