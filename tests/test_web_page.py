@@ -512,3 +512,24 @@ def test_gauge_labels_neither_overlap_nor_leave_the_gauge(tmp_path):
             assert b.text("storm-watch-pct") == "30.0 %"
 
     asyncio.run(main())
+
+
+def test_the_departure_preview_stays_while_the_settings_are_read_again(tmp_path):
+    # Controls read the settings with every poll: the floor of the departure set (none here) must not
+    # replace the preview of the one the owner is typing.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            b.js("""window.reads = 0; const real = window.fetch;
+                    window.fetch = (p, o) => { if (p === "/api/settings") window.reads++; return real(p, o); };""")
+            b.js("const e = document.getElementById('departure-time'); e.value = '07:30';"
+                 "e.dispatchEvent(new Event('input'));")
+            b.d.find_element("id", "departure-soc").send_keys("80")
+            b.js("window.reads = 0;")
+            await on(b, "until", lambda: b.text("departure-floor"), "the preview")
+            preview = b.text("departure-floor")  # the floor, or why not (the rig's clock is not the browser's)
+            await on(b, "until", lambda: b.js("return window.reads") >= 2, "two more reads of the settings")
+            assert b.text("departure-floor") == preview
+
+    asyncio.run(main())

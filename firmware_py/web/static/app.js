@@ -300,7 +300,9 @@ function renderSettings(doc) {
   $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
   $("departure-state").textContent = s.departure_at
     ? `Leaving ${epochText(s.departure_at)} with ${s.departure_soc_pct} %.` : "No departure set.";
-  $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
+  // While the owner types a departure its preview (previewDeparture) stays: settings are read every poll now.
+  const typing = ["departure-time", "departure-soc"].some((id) => state.edited.has(id) || document.activeElement === $(id));
+  if (!typing) $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
   $("storm-state").textContent = s.storm_watch_until
     ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
   if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
