@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import os
 import tempfile
@@ -360,5 +361,175 @@ def test_the_price_form_keeps_a_power_limit_set_elsewhere(tmp_path):
             await on(b, "until", lambda: b.text("message") == "Price mode on.", "price mode set from the page")
             settings = (await api(app, tokens["owner"], "GET", "/api/settings"))["settings"]
             assert (settings["price_threshold_per_kwh"], settings["price_power_w"]) == (0.35, 3000)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ Controls follow changes made elsewhere
+
+def field(b: Browser, element_id: str) -> str:
+    return b.js("const e = document.getElementById(arguments[0]); return e ? e.value : null;", element_id)
+
+
+def test_controls_show_a_change_made_elsewhere_and_mark_a_field_being_edited(tmp_path):
+    # Settings were read only when Controls opened: a reserve changed with MQTT, the `owner` command or the
+    # API while it was open never showed, and the owner was offered the old one as current.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            assert field(b, "reserve-pct") == "40"
+            await api(app, tokens["owner"], "PUT", "/api/reserve", {"pct": 66})
+            await on(b, "until", lambda: field(b, "reserve-pct") == "66", "the reserve changed elsewhere shown")
+            # The owner is typing a reserve: a change elsewhere is marked, never written over the owner's text.
+            box = b.d.find_element("id", "reserve-pct")
+            box.clear()
+            box.send_keys("50")
+            await api(app, tokens["owner"], "PUT", "/api/reserve", {"pct": 77})
+            await on(b, "until", lambda: b.text("reserve-pct-elsewhere") == "Changed elsewhere: now 77.",
+                     "the change elsewhere marked")
+            assert field(b, "reserve-pct") == "50"
+            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            await on(b, "until", lambda: b.text("message") == "Reserve set.", "the owner's reserve set")
+            await on(b, "until", lambda: not b.text("reserve-pct-elsewhere"), "the mark gone once saved")
+
+    asyncio.run(main())
+
+
+def test_a_price_form_shown_before_a_change_elsewhere_does_not_undo_it(tmp_path):
+    # The form sends every field it shows: one shown before the daily limit was lowered elsewhere set it back.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await api(app, tokens["owner"], "PUT", "/api/price", {"threshold_per_kwh": 0.3, "max_wh_per_day": 10_000})
+            await on(b, "view", "controls")
+            assert b.text("price-state").endswith("up to 10 kWh a day.")
+            await api(app, tokens["owner"], "PUT", "/api/price", {"threshold_per_kwh": 0.3, "max_wh_per_day": 2_000})
+            await on(b, "until", lambda: b.text("price-state").endswith("up to 2 kWh a day.") and
+                     field(b, "price-max") == "2", "the lowered daily limit shown")
+            box = b.d.find_element("id", "price-threshold")
+            box.clear()
+            box.send_keys("0.4")
+            b.d.find_element("css selector", '#price-form button[type="submit"]').click()
+            await on(b, "until", lambda: b.text("message") == "Price mode on.", "price mode set")
+            settings = (await api(app, tokens["owner"], "GET", "/api/settings"))["settings"]
+            assert (settings["price_threshold_per_kwh"], settings["price_max_wh_per_day"]) == (0.4, 2_000)
+
+    asyncio.run(main())
+
+
+RECORD_MESSAGES = """
+    window.said = [];
+    new MutationObserver(() => window.said.push(document.getElementById("message").textContent))
+      .observe(document.getElementById("message"), { childList: true, characterData: true, subtree: true });"""
+
+
+def test_not_confirmed_is_taken_back_once_the_settings_show_the_change_made(tmp_path):
+    # "Not confirmed" was never tagged, so nothing took it back: it stayed while the page showed the change made.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            b.js(RECORD_MESSAGES)
+            # The change reaches the gateway, its answer is lost: the page's own limit fires (at once here).
+            b.js("""const real = window.fetch;
+                    window.fetch = (p, o) => p === "/api/reserve" ? real(p, o).then(() => {
+                      throw new DOMException("signal timed out", "TimeoutError"); }) : real(p, o);""")
+            box = b.d.find_element("id", "reserve-pct")
+            box.clear()
+            box.send_keys("70")
+            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            await on(b, "until", lambda: b.text("message") == "Reserve set. (the gateway's settings show it made.)",
+                     "the change confirmed by the settings")
+            assert any(text.startswith("Not confirmed") for text in b.js("return window.said")), b.js("return window.said")
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ a session ending mid-edit
+
+def test_a_session_ending_mid_edit_keeps_the_page_says_so_and_brings_the_typing_back(tmp_path):
+    # The status poll's 401 (a restart of the gateway ends every session) jumped to the login page: no word
+    # why, and the storm watch being typed was gone.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            b.d.find_element("id", "storm-floor").send_keys("85")
+            app.sessions._open.clear()  # what a restart does to every session
+            await on(b, "until", lambda: b.text("message").startswith("Your session ended (did the gateway restart?)"),
+                     "the session's end said")
+            assert "nothing you had not saved was changed" in b.text("message")
+            assert field(b, "storm-floor") == "85" and b.d.current_url.endswith("#controls")
+            # A change submitted now says it was not made.
+            box = b.d.find_element("id", "reserve-pct")
+            box.clear()
+            box.send_keys("70")
+            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            await on(b, "until", lambda: "the reserve change was not made" in b.text("message"), "the change refused")
+            await asyncio.to_thread(b.d.find_element("id", "log-in-again").click)  # a page load: off the loop
+            await on(b, "until", lambda: b.d.find_elements("id", "token"), "the login form")
+            b.d.find_element("id", "token").send_keys(tokens["owner"])
+            await asyncio.to_thread(b.d.find_element("id", "login-button").click)
+            await on(b, "until", lambda: b.js("return document.body.dataset.view") == "controls", "back on Controls")
+            await on(b, "until", lambda: field(b, "storm-floor") == "85" and field(b, "reserve-pct") == "70",
+                     "the unsaved typing back")
+            assert b.text("message") == "Logged in again: what you had typed is back, not saved yet."
+            assert "owner" not in b.js("return JSON.stringify(sessionStorage)").lower()  # nothing kept, no token
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the gauge's labels
+
+GAUGE_LABELS = """return [...document.querySelectorAll('#gauge text')].map((t) => { const r = t.getBoundingClientRect();
+  return [t.textContent, r.left, r.right, r.top, r.bottom]; });"""
+
+
+def test_gauge_labels_neither_overlap_nor_leave_the_gauge(tmp_path):
+    # Storm watch 30 and reserve 40 were both drawn below the gauge over one another; a label at 0 % was
+    # centred on the edge and cut in half.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            until = dt.datetime.fromtimestamp(rig.time.wall() + 86400, dt.UTC).isoformat()
+            await api(app, tokens["owner"], "PUT", "/api/storm-watch", {"floor_pct": 30, "until": until})
+            await on(b, "until", lambda: b.text("storm-status").startswith("Storm watch: keeping 30"), "storm watch 30")
+            for reserve in (40, 0):
+                await api(app, tokens["owner"], "PUT", "/api/reserve", {"pct": reserve})
+                await on(b, "until", lambda: b.text("reserve") == f"{reserve}.0 %", f"reserve {reserve}")  # noqa: B023
+                labels = b.js(GAUGE_LABELS)
+                clash = [(a[0], c[0]) for i, a in enumerate(labels) for c in labels[i + 1:]
+                         if a[1] < c[2] and c[1] < a[2] and a[3] < c[4] and c[3] < a[4]]
+                assert clash == [], f"gauge labels drawn over one another: {clash} ({labels})"
+            box = b.js("const r = document.getElementById('gauge').getBoundingClientRect(); "
+                       "return [r.left, r.right, r.top, r.bottom];")
+            cut = [t for t in labels if t[1] < box[0] - 0.5 or t[2] > box[1] + 0.5 or t[3] < box[2] - 0.5
+                   or t[4] > box[3] + 0.5]
+            assert cut == [], f"labels outside the gauge's {box} (clipped): {cut}"
+            # Storm watch is in the legend too (it had a mark on the gauge but no key).
+            assert b.js("const e = document.getElementById('legend-storm'); return e ? !e.hidden : null") is True
+            assert b.text("storm-watch-pct") == "30.0 %"
+
+    asyncio.run(main())
+
+
+def test_the_departure_preview_stays_while_the_settings_are_read_again(tmp_path):
+    # Controls read the settings with every poll: the floor of the departure set (none here) must not
+    # replace the preview of the one the owner is typing.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            b.js("""window.reads = 0; const real = window.fetch;
+                    window.fetch = (p, o) => { if (p === "/api/settings") window.reads++; return real(p, o); };""")
+            b.js("const e = document.getElementById('departure-time'); e.value = '07:30';"
+                 "e.dispatchEvent(new Event('input'));")
+            b.d.find_element("id", "departure-soc").send_keys("80")
+            b.js("window.reads = 0;")
+            await on(b, "until", lambda: b.text("departure-floor"), "the preview")
+            preview = b.text("departure-floor")  # the floor, or why not (the rig's clock is not the browser's)
+            await on(b, "until", lambda: b.js("return window.reads") >= 2, "two more reads of the settings")
+            assert b.text("departure-floor") == preview
 
     asyncio.run(main())

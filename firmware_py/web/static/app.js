@@ -3,7 +3,8 @@
 "use strict";
 
 const state = { csrf: null, role: null, status: null, lags: [], lastAt: -Infinity, asked: 0, answered: 0,
-                settings: null, settingsTimer: null, previews: 0, view: "now" };
+                settings: null, settingsTimer: null, previews: 0, view: "now",
+                edited: new Set(), reading: null, unconfirmed: null, ended: false, poll: null };
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -56,7 +57,7 @@ async function api(method, path, body, timeoutS = REQUEST_TIMEOUT_S) {
   } catch (err) {
     throw new Error(err.name === "TimeoutError" ? `no answer within ${timeoutS} s` : err.message);
   }
-  if (response.status === 401) { window.location.assign("/"); throw new Error("logged out"); }
+  if (response.status === 401) { sessionEnded(); throw new Error("logged out"); }
   if (!response.ok) throw new Refusal(answer.error || `HTTP ${response.status}`);
   return answer;
 }
@@ -69,6 +70,38 @@ function say(text, error, about = "") {
   box.className = error ? "error" : "";
   box.dataset.about = about;
   box.hidden = !text;
+}
+
+// A session ended (a restart of the gateway ends them all, they live in its memory only): the page stays, says
+// so, and keeps what the owner typed and had not saved (in this tab's sessionStorage, never a token), so
+// logging in again brings back the same view with it. Jumping to the login page at once lost both, unsaid.
+const KEPT = "powershare-gw:unsaved";
+
+function keepUnsaved() {
+  if (state.csrf === null) return;  // not started: nothing typed (and a kept one is not written over)
+  const values = {};
+  for (const id of state.edited) values[id] = $(id).value;
+  try { sessionStorage.setItem(KEPT, JSON.stringify({ view: state.view, values })); } catch (err) { /* private mode */ }
+}
+
+function sessionEnded(what = "") {
+  if (!state.ended) {
+    state.ended = true;
+    clearInterval(state.poll);
+    clearTimeout(state.settingsTimer);
+  }
+  keepUnsaved();
+  say(`Your session ended (did the gateway restart?)${what ? ": " + what : ""}: log in again; ` +
+      "nothing you had not saved was changed.", true, "session");
+  const again = Object.assign(document.createElement("a"), { href: "/", id: "log-in-again", textContent: "Log in again" });
+  again.addEventListener("click", keepUnsaved);  // what was typed since
+  $("message").append(" ", again);
+}
+
+function restoreUnsaved() {
+  let kept = null;
+  try { kept = JSON.parse(sessionStorage.getItem(KEPT) || "null"); sessionStorage.removeItem(KEPT); } catch (err) { kept = null; }
+  return kept;
 }
 
 // ------------------------------------------------------------------ formatting
@@ -143,14 +176,25 @@ function drawGauge(s) {
   const x = (p) => 6 + 288 * Math.max(0, Math.min(100, p)) / 100;
   svg("rect", { x: 6, y: 18, width: 288, height: 24, rx: 5, fill: "#e7ebf0" }, g);
   if (s.soc_pct !== null) svg("rect", { x: 6, y: 18, width: x(s.soc_pct) - 6, height: 24, rx: 5, fill: "var(--soc)" }, g);
-  const mark = (p, colour, dash, label, above) => {
-    svg("line", { x1: x(p), x2: x(p), y1: 14, y2: 46, stroke: colour, "stroke-width": 3, "stroke-dasharray": dash }, g);
-    const t = svg("text", { x: x(p), y: above ? 11 : 58, "text-anchor": "middle", fill: colour }, g);
-    t.textContent = label;
-  };
-  mark(s.reserve_pct, "var(--reserve)", "4 3", `reserve ${Math.round(s.reserve_pct)}`, false);
-  mark(s.floor_pct, "var(--floor)", "", `floor ${Math.round(s.floor_pct)}`, true);
-  if (s.storm_watch) mark(s.storm_watch.floor_pct, "var(--storm)", "2 2", `storm ${s.storm_watch.floor_pct}`, false);
+  const marks = [{ p: s.floor_pct, colour: "var(--floor)", dash: "", label: `floor ${Math.round(s.floor_pct)}` },
+                 { p: s.reserve_pct, colour: "var(--reserve)", dash: "4 3", label: `reserve ${Math.round(s.reserve_pct)}` }];
+  if (s.storm_watch) {
+    marks.push({ p: s.storm_watch.floor_pct, colour: "var(--storm)", dash: "2 2", label: `storm ${s.storm_watch.floor_pct}` });
+  }
+  // Each label on a line of its own where it would cover another (storm 30 and reserve 40 were drawn over one
+  // another), and kept inside the drawing: one centred on 0 % or 100 % was cut in half at its edge.
+  const ROWS = [11, 58, 70], EDGE = 2, placed = ROWS.map(() => []);
+  for (const m of marks) {
+    svg("line", { x1: x(m.p), x2: x(m.p), y1: 14, y2: 46, stroke: m.colour, "stroke-width": 3, "stroke-dasharray": m.dash }, g);
+    const w = m.label.length * 6 + 4;  // 10 px text: under 6 px a character
+    let left = x(m.p) - w / 2, anchor = "middle", at = x(m.p);
+    if (left < EDGE) { left = EDGE; anchor = "start"; at = EDGE; }
+    if (left + w > 300 - EDGE) { left = 300 - EDGE - w; anchor = "end"; at = 300 - EDGE; }
+    let row = ROWS.findIndex((_, i) => placed[i].every(([l, r]) => left + w <= l || r <= left));
+    if (row < 0) row = ROWS.length - 1;
+    placed[row].push([left, left + w]);
+    svg("text", { x: at, y: ROWS[row], "text-anchor": anchor, fill: m.colour }, g).textContent = m.label;
+  }
 }
 
 function renderStatus(s) {
@@ -180,6 +224,8 @@ function renderStatus(s) {
   }
   $("faults").textContent = s.faults.length ? s.faults.join(", ") : "none";
   $("earnings").textContent = earningsText(s.earnings);
+  $("legend-storm").hidden = !s.storm_watch;
+  $("storm-watch-pct").textContent = s.storm_watch ? pct(s.storm_watch.floor_pct) : "";
   $("storm-status").textContent = s.storm_watch
     ? `Storm watch: keeping ${s.storm_watch.floor_pct} % until ${when(s.storm_watch.until)}` : "";
 }
@@ -230,6 +276,12 @@ async function refreshStatus() {
   document.body.dataset.gateway = "live";
   $("updated").textContent = `Live, as of ${clock(s.at)}.`;
   if ($("message").dataset.about === "connection") say("", false);
+  // Settings changed elsewhere (MQTT, the owner command, the API) show while Controls is open, not only
+  // when it opens: read again with each poll (one read at a time).
+  if (state.view === "controls" && !state.reading) {
+    state.reading = true;
+    refreshSettings().catch(() => {}).finally(() => { state.reading = false; });
+  }
 }
 
 // ------------------------------------------------------------------ Controls
@@ -240,7 +292,7 @@ function renderSettings(doc) {
   const s = doc.settings;
   state.settings = doc;
   askAgainAtTheNextEnd(doc);
-  if (document.activeElement !== $("reserve-pct")) $("reserve-pct").value = s.reserve_pct;
+  offer("reserve-pct", s.reserve_pct);
   const outs = [];
   if (s.opt_out_until === "until_revoked") outs.push("opted out until you opt back in");
   else if (s.opt_out_until) outs.push(`opted out until ${epochText(s.opt_out_until)}`);
@@ -248,7 +300,9 @@ function renderSettings(doc) {
   $("opt-out-state").textContent = outs.length ? outs.join("; ") : "Taking part in grid events.";
   $("departure-state").textContent = s.departure_at
     ? `Leaving ${epochText(s.departure_at)} with ${s.departure_soc_pct} %.` : "No departure set.";
-  $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
+  // While the owner types a departure its preview (previewDeparture) stays: settings are read every poll now.
+  const typing = ["departure-time", "departure-soc"].some((id) => state.edited.has(id) || document.activeElement === $(id));
+  if (!typing) $("departure-floor").textContent = doc.departure_floor ? floorText(doc.departure_floor) : "";
   $("storm-state").textContent = s.storm_watch_until
     ? `On: keeping ${s.storm_watch_floor_pct} % until ${epochText(s.storm_watch_until)}.` : "Off.";
   if (!doc.can_charge) $("storm-state").textContent += " (This site does not charge the truck.)";
@@ -256,15 +310,56 @@ function renderSettings(doc) {
   $("price-state").textContent = on
     ? `On: discharging while the ${s.price_kind === "PRICE" ? "import" : "export"} price is at least ` +
       `${s.price_threshold_per_kwh} per kWh, up to ${s.price_max_wh_per_day / 1000} kWh a day.` : "Off.";
-  if (on && document.activeElement !== $("price-threshold")) $("price-threshold").value = s.price_threshold_per_kwh;
-  if (s.price_max_wh_per_day > 0 && document.activeElement !== $("price-max")) {
-    $("price-max").value = s.price_max_wh_per_day / 1000;
+  if (on) offer("price-threshold", s.price_threshold_per_kwh);
+  if (s.price_max_wh_per_day > 0) offer("price-max", s.price_max_wh_per_day / 1000);
+  offer("price-kind", s.price_kind);
+  const pending = state.unconfirmed;
+  if (pending && $("message").dataset.about !== "unconfirmed") state.unconfirmed = null;
+  else if (pending && pending.made(s)) {
+    state.unconfirmed = null;
+    say(`${pending.done} (the gateway's settings show it made.)`, false);
   }
-  $("price-kind").value = s.price_kind;
+}
+
+// A setting shown in a field: refreshed unless the owner is at it (the field has focus or was changed since it
+// was shown). Then the owner's text stays and a note under it says what the gateway has now.
+function offer(id, value) {
+  const field = $(id), text = String(value);
+  let note = $(`${id}-elsewhere`);
+  const was = field.dataset.shown;
+  field.dataset.shown = text;
+  if (document.activeElement !== field && !state.edited.has(id)) {
+    field.value = text;
+    if (note) note.remove();
+    return;
+  }
+  if (field.value === text) { if (note) note.remove(); return; }
+  if (was === undefined || was === text) return;  // not changed since shown: nothing to mark
+  if (!note) {
+    note = Object.assign(document.createElement("p"), { id: `${id}-elsewhere`, className: "elsewhere" });
+    note.setAttribute("aria-live", "polite");
+    field.after(note);
+    field.setAttribute("aria-describedby", note.id);
+  }
+  const shown = field.tagName === "SELECT" ? field.querySelector(`option[value="${text}"]`)?.textContent || text : text;
+  note.textContent = `Changed elsewhere: now ${shown}.`;
+}
+
+// The owner's change saved: its fields follow the gateway again.
+function saved(form) {
+  for (const field of $(form).querySelectorAll("input, select")) {
+    state.edited.delete(field.id);
+    $(`${field.id}-elsewhere`)?.remove();
+  }
 }
 
 async function refreshSettings() {
-  renderSettings(await api("GET", "/api/settings"));
+  // Answers may overtake one another (a poll's read and a change's): only the latest question's is shown.
+  const asked = state.settingsAsked = (state.settingsAsked || 0) + 1;
+  const doc = await api("GET", "/api/settings");
+  if (asked < (state.settingsAnswered || 0)) return;
+  state.settingsAnswered = asked;
+  renderSettings(doc);
 }
 
 const MAX_TIMER_S = 86400;  // a setTimeout beyond 24.8 days fires at once: re-arm daily instead
@@ -279,16 +374,23 @@ function askAgainAtTheNextEnd(doc) {
   state.settingsTimer = setTimeout(() => refreshSettings().catch(() => {}), waitS * 1000 + 250);
 }
 
-async function change(method, path, body, done) {
+// `made` tells from the settings whether the change is in them: a change whose answer was lost ("Not
+// confirmed") is confirmed, and the message taken back, once fresh settings show it (it stayed for good).
+async function change(method, path, body, done, form, made) {
   try {
     await api(method, path, body);
   } catch (err) {
+    const what = path.replace("/api/", "").replace("-", " ");
     if (err instanceof Refusal) say(`Refused: ${err.message}`, true);
-    else if (err.message !== "logged out") {
-      say(`Not confirmed: ${err.message}; the change may not have been made.`, true);
+    else if (err.message === "logged out") sessionEnded(`the ${what} change was not made`);
+    else {
+      say(`Not confirmed: ${err.message}; the change may not have been made.`, true, "unconfirmed");
+      state.unconfirmed = { done, made };
+      await refreshSettings().catch(() => {});
     }
     return;
   }
+  if (form) saved(form);
   say(done, false);
   await Promise.all([refreshSettings().catch(() => {}), refreshStatus()]);  // a lost gateway: the poll says so
 }
@@ -323,7 +425,8 @@ async function previewDeparture() {
 function wireControls() {
   $("reserve-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    change("PUT", "/api/reserve", { pct: Number($("reserve-pct").value) }, "Reserve set.");
+    const pct = Number($("reserve-pct").value);
+    change("PUT", "/api/reserve", { pct }, "Reserve set.", "reserve-form", (s) => s.reserve_pct === pct);
   });
   const mode = $("opt-out-mode"), form = $("opt-out-form");
   const showMode = () => { form.className = `card mode-${mode.value}`; };
@@ -331,38 +434,60 @@ function wireControls() {
   showMode();
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    let body = { now: true };
-    if (mode.value === "event") body = { event: $("opt-out-event").value };
+    let body = { now: true }, made = (s) => s.opt_out_until === "until_revoked";
+    if (mode.value === "event") {
+      body = { event: $("opt-out-event").value };
+      made = (s) => s.opt_out_events.includes(body.event);
+    }
     if (mode.value === "until") {
       const until = $("opt-out-until").value;
       body = { until: until ? localIso(new Date(until)) : "" };
+      made = (s) => typeof s.opt_out_until === "number";
     }
-    change("PUT", "/api/opt-out", body, "Opted out.");
+    change("PUT", "/api/opt-out", body, "Opted out.", "opt-out-form", made);
   });
-  $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in."));
+  $("opt-in").addEventListener("click", () => change("DELETE", "/api/opt-out", undefined, "Opted back in.", null,
+    (s) => !s.opt_out_until && !s.opt_out_events.length));
   $("departure-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    change("PUT", "/api/departure", { at: localIso(nextDeparture($("departure-time").value)),
-                                      soc_pct: Number($("departure-soc").value) }, "Departure set.");
+    const soc = Number($("departure-soc").value);
+    change("PUT", "/api/departure", { at: localIso(nextDeparture($("departure-time").value)), soc_pct: soc },
+           "Departure set.", "departure-form", (s) => s.departure_soc_pct === soc && typeof s.departure_at === "number");
   });
   for (const id of ["departure-time", "departure-soc"]) $(id).addEventListener("input", previewDeparture);
-  $("departure-clear").addEventListener("click", () => change("DELETE", "/api/departure", undefined, "Departure cleared."));
+  $("departure-clear").addEventListener("click", () => change("DELETE", "/api/departure", undefined, "Departure cleared.",
+                                                                   null, (s) => !s.departure_at));
   $("storm-until").value = localInput(new Date(Date.now() + 24 * 3.6e6));
   $("storm-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const until = $("storm-until").value;
-    change("PUT", "/api/storm-watch", { floor_pct: Number($("storm-floor").value),
-                                        until: until ? localIso(new Date(until)) : "" }, "Storm watch on.");
+    const floor = Number($("storm-floor").value);
+    change("PUT", "/api/storm-watch", { floor_pct: floor, until: until ? localIso(new Date(until)) : "" },
+           "Storm watch on.", "storm-form", (s) => s.storm_watch_floor_pct === floor && Boolean(s.storm_watch_until));
   });
-  $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off."));
-  $("price-form").addEventListener("submit", (ev) => {
+  $("storm-clear").addEventListener("click", () => change("DELETE", "/api/storm-watch", undefined, "Storm watch off.",
+                                                          null, (s) => !s.storm_watch_until));
+  $("price-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    // The form sends every field: read the settings first, so a field the owner did not touch carries what the
+    // gateway has now (a daily limit lowered elsewhere was set back by a form shown before it).
+    await refreshSettings().catch(() => {});
+    const now = state.settings ? state.settings.settings : null, on = now && now.price_threshold_per_kwh !== null;
+    const mine = (id) => state.edited.has(id) || !on;
+    const body = { threshold_per_kwh: Number(mine("price-threshold") ? $("price-threshold").value : now.price_threshold_per_kwh),
+                   max_wh_per_day: mine("price-max") || !(now.price_max_wh_per_day > 0)
+                     ? Math.round(Number($("price-max").value) * 1000) : now.price_max_wh_per_day,
+                   kind: mine("price-kind") ? $("price-kind").value : now.price_kind };
     // The power limit has no field here: left out, the gateway keeps what was set elsewhere (command line, MQTT).
-    change("PUT", "/api/price", { threshold_per_kwh: Number($("price-threshold").value),
-                                  max_wh_per_day: Math.round(Number($("price-max").value) * 1000),
-                                  kind: $("price-kind").value }, "Price mode on.");
+    change("PUT", "/api/price", body, "Price mode on.", "price-form", (s) => s.price_threshold_per_kwh === body.threshold_per_kwh &&
+           s.price_max_wh_per_day === body.max_wh_per_day && s.price_kind === body.kind);
   });
-  $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off."));
+  $("price-clear").addEventListener("click", () => change("DELETE", "/api/price", undefined, "Price mode off.", null,
+    (s) => s.price_threshold_per_kwh === null || !(s.price_max_wh_per_day > 0)));
+  // What the owner types is theirs until saved: a settings read never writes over it (renderSettings).
+  for (const field of $("view-controls").querySelectorAll("input, select")) {
+    for (const kind of ["input", "change"]) field.addEventListener(kind, () => state.edited.add(field.id));
+  }
 }
 
 // ------------------------------------------------------------------ History
@@ -514,9 +639,19 @@ async function start() {
     try { await api("POST", "/logout"); } finally { window.location.assign("/"); }
   });
   window.addEventListener("hashchange", () => show(location.hash.slice(1) || "now"));
+  const kept = restoreUnsaved();  // logged in again after a session ended: the same view, the typing back
   await refreshStatus();
-  await show(location.hash.slice(1) || "now");
-  setInterval(refreshStatus, 2000);
+  await show(location.hash.slice(1) || (kept && kept.view) || "now");
+  if (kept && Object.keys(kept.values).length) {
+    for (const [id, value] of Object.entries(kept.values)) {
+      if (!$(id)) continue;
+      $(id).value = value;
+      state.edited.add(id);
+    }
+    if (state.view === "controls") await refreshSettings().catch(() => {});  // marks what changed meanwhile
+    say("Logged in again: what you had typed is back, not saved yet.", false);
+  }
+  state.poll = setInterval(refreshStatus, 2000);
 }
 
 document.addEventListener("DOMContentLoaded", () => { start().catch((err) => say(err.message, true)); });
