@@ -245,9 +245,7 @@ def test_the_page_asks_again_when_the_gateway_does_not_answer_while_it_loads(tmp
             assert b.js("return sessionAsks") == 3 and b.text("soc").endswith("%")
             assert not b.d.find_element("id", "message").is_displayed()
             await on(b, "view", "controls")  # and its forms work
-            b.d.find_element("id", "reserve-pct").clear()
-            b.d.find_element("id", "reserve-pct").send_keys("55")
-            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            submit_reserve(b, "55")
             await on(b, "until", lambda: b.text("message") == "Reserve set.", "the reserve set from the page")
 
     asyncio.run(main())
@@ -371,6 +369,14 @@ def field(b: Browser, element_id: str) -> str:
     return b.js("const e = document.getElementById(arguments[0]); return e ? e.value : null;", element_id)
 
 
+def submit_reserve(b: Browser, pct: str) -> None:
+    """What an owner does on Controls: type a reserve over the one shown, and set it."""
+    box = b.d.find_element("id", "reserve-pct")
+    box.clear()
+    box.send_keys(pct)
+    b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+
+
 def test_controls_show_a_change_made_elsewhere_and_mark_a_field_being_edited(tmp_path):
     # Settings were read only when Controls opened: a reserve changed with MQTT, the `owner` command or the
     # API while it was open never showed, and the owner was offered the old one as current.
@@ -435,10 +441,7 @@ def test_not_confirmed_is_taken_back_once_the_settings_show_the_change_made(tmp_
             b.js("""const real = window.fetch;
                     window.fetch = (p, o) => p === "/api/reserve" ? real(p, o).then(() => {
                       throw new DOMException("signal timed out", "TimeoutError"); }) : real(p, o);""")
-            box = b.d.find_element("id", "reserve-pct")
-            box.clear()
-            box.send_keys("70")
-            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            submit_reserve(b, "70")
             await on(b, "until", lambda: b.text("message") == "Reserve set. (the gateway's settings show it made.)",
                      "the change confirmed by the settings")
             assert any(text.startswith("Not confirmed") for text in b.js("return window.said")), b.js("return window.said")
@@ -462,10 +465,7 @@ def test_a_session_ending_mid_edit_keeps_the_page_says_so_and_brings_the_typing_
             assert "nothing you had not saved was changed" in b.text("message")
             assert field(b, "storm-floor") == "85" and b.d.current_url.endswith("#controls")
             # A change submitted now says it was not made.
-            box = b.d.find_element("id", "reserve-pct")
-            box.clear()
-            box.send_keys("70")
-            b.d.find_element("css selector", '#reserve-form button[type="submit"]').click()
+            submit_reserve(b, "70")
             await on(b, "until", lambda: "the reserve change was not made" in b.text("message"), "the change refused")
             await asyncio.to_thread(b.d.find_element("id", "log-in-again").click)  # a page load: off the loop
             await on(b, "until", lambda: b.d.find_elements("id", "token"), "the login form")

@@ -203,7 +203,7 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
 
 def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
             policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]],
-            measured: bool, serving: str | None, servings_journaled: bool = False) -> Sample:
+            measured: bool, serving: str | None, servings_journaled: bool) -> Sample:
     """The step's sample; its power only from a reading taken at this step (`measured`): an older one
     belongs to the time it was read, which may have been another request's."""
     usable = inverter is not None and inverter.comms_ok

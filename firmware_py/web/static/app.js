@@ -2,7 +2,7 @@
 // Every text that came from outside (event ids, reasons) is set with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: null, role: null, status: null, lags: [], lastAt: -Infinity, asked: 0, answered: 0,
+const state = { csrf: null, role: null, status: null, lags: [], lastAt: -Infinity,
                 settings: null, settingsTimer: null, previews: 0, view: "now",
                 edited: new Set(), reading: null, unconfirmed: null, ended: false, poll: null };
 const SVG = "http://www.w3.org/2000/svg";
@@ -252,18 +252,27 @@ function lost(why) {
   if ($("message").hidden || $("message").textContent !== text) say(text, true, "connection");
 }
 
+// Answers may overtake one another (a poll's and a change's): each kind of question is counted by the page,
+// and an answer to an earlier question than one already answered is dropped. Never ordered by the gateway's
+// wall time, which may step back (every answer was dropped as "overtaken" until it caught up).
+function questions() {
+  let asked = 0, answered = 0;
+  return {
+    ask: () => ++asked,
+    latest: (n) => { if (n < answered) return false; answered = n; return true; },
+  };
+}
+const statusQuestions = questions(), settingsQuestions = questions();
+
 async function refreshStatus() {
-  // Answers may overtake one another: they are ordered by the page's own count of its questions, never by
-  // the gateway's wall time, which may step back (every answer was dropped as "overtaken" until it caught up).
-  const asked = ++state.asked;
+  const asked = statusQuestions.ask();
   let s, failure;
   try {
     s = await api("GET", "/api/status", undefined, STATUS_TIMEOUT_S);
   } catch (err) {
     failure = err;
   }
-  if (asked < state.answered) return;  // a later question was answered already
-  state.answered = asked;
+  if (!statusQuestions.latest(asked)) return;  // a later question was answered already
   if (failure) {
     if (failure.message !== "logged out") lost(failure.message);
     return;
@@ -354,12 +363,9 @@ function saved(form) {
 }
 
 async function refreshSettings() {
-  // Answers may overtake one another (a poll's read and a change's): only the latest question's is shown.
-  const asked = state.settingsAsked = (state.settingsAsked || 0) + 1;
+  const asked = settingsQuestions.ask();
   const doc = await api("GET", "/api/settings");
-  if (asked < (state.settingsAnswered || 0)) return;
-  state.settingsAnswered = asked;
-  renderSettings(doc);
+  if (settingsQuestions.latest(asked)) renderSettings(doc);
 }
 
 const MAX_TIMER_S = 86400;  // a setTimeout beyond 24.8 days fires at once: re-arm daily instead
