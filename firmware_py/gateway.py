@@ -18,8 +18,8 @@ Paths through it:
   counts the owner's daily price budget by it, and has no wall clock of its own;
 - `write_command` → the inverter client, which writes when the value differs from
   what the inverter holds or its revert timer needs a refresh (the one output check).
-Journal records are queued by each step and written in batches off the hot
-path, after the command: a slow disk never delays a safe stop. After a write
+Journal records are queued by each step (`journal.backlog`, which bounds the
+bulk while writes fail) and written in batches off the hot path, after the command: a slow disk never delays a safe stop. After a write
 the gateway keeps the journal in shape: it rotates the live segment past
 `[journal] segment_mb` (carrying the open events' accounts, which the core
 names) and prunes archives past `retain_days`.
@@ -78,6 +78,7 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind, codec
+from firmware_py.journal.backlog import Backlog
 from firmware_py.journal.steps import (
     START_KIND,
     STEPS_KIND,
@@ -121,7 +122,9 @@ class Gateway:
         self.command_changed = asyncio.Event()
         self.observers: list[Callable[[StepResult], None]] = []
         self.steps = StepRecorder()
-        self._pending: list[Any] = [(START_KIND, now, start_payload(self.policy, self.controller.owner, now))]
+        self.backlog = Backlog()
+        """What waits to be journaled (bounded while writes fail: see `journal.backlog`)."""
+        self.backlog.add_note(START_KIND, now, start_payload(self.policy, self.controller.owner, now))
         self._maintain_after = now  # the gateway clock: when rotation and pruning are next looked at
         self._prune_after = now
         self.links = LinkBook(clock, self.note)
@@ -159,12 +162,12 @@ class Gateway:
         result = step(self.controller, inputs, now)
         batch = self.steps.record(now, inputs)
         if batch is not None:
-            self._pending.append((STEPS_KIND, now, batch))
+            self.backlog.add_note(STEPS_KIND, now, batch)
         self.controller = result.controller
         self.command = result.command
         self.command_changed.set()  # the client alone judges whether the inverter needs a write
-        self._pending += [i for i in inputs if isinstance(i, JOURNALED_INPUTS)]
-        self._pending += result.events
+        self.backlog.extend(i for i in inputs if isinstance(i, JOURNALED_INPUTS))
+        self.backlog.extend(result.events)
         for observer in self.observers:
             observer(result)
         return result
@@ -295,7 +298,7 @@ class Gateway:
                                self.earnings.latest())
 
     def note(self, kind: RecordKind, payload: dict) -> None:
-        self._pending.append((kind, self.clock(), payload))
+        self.backlog.add_note(kind, self.clock(), payload)
 
     # ------------------------------------------------------------------ OwnerPort
 
@@ -328,13 +331,13 @@ class Gateway:
         `final` also writes the unfinished batch of recorded steps (at a stop).
         """
         if final and (batch := self.steps.take()) is not None:
-            self._pending.append((STEPS_KIND, self.clock(), batch))
+            self.backlog.add_note(STEPS_KIND, self.clock(), batch)
         written = 0
         while True:  # again when the write that recovered the journal queued the core's step for it
-            pending, self._pending = self._pending, []
+            pending = self.backlog.take()
             done = self._settle(pending, self._write(pending))
             written += done
-            if not self._pending or (pending and not done):  # all written, or it failed (put back for the next)
+            if not self.backlog or (pending and not done):  # all written, or it failed (put back for the next)
                 return written
 
     async def flush_journal_async(self) -> int:
@@ -345,7 +348,7 @@ class Gateway:
         queue would be lost with nobody told. So the stop waits for it (bounded by the journal's busy
         timeout) and it is settled like any other; then the cancellation goes on.
         """
-        pending, self._pending = self._pending, []
+        pending = self.backlog.take()
         if not pending:
             return self._settle(pending, None)
         write = asyncio.ensure_future(asyncio.to_thread(self._write, pending))
@@ -424,10 +427,10 @@ class Gateway:
             self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
                                     steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing and not self.stopping:
-                log.info("journal writes again")
+                log.info("journal writes again%s", _dropped(pending))
                 self.feed(JournalHealth(self.clock(), ok=True))
             return len(pending)
-        self._pending[:0] = pending
+        self.backlog.put_back(pending)
         if self.stopping:  # no step (see `begin_stop`); no more writes either
             if not self._stop_write_failed:
                 log.error("journal write failed during the stop; no more writes are attempted: %s", failure)
@@ -448,13 +451,13 @@ class Gateway:
         into it), a page at a time: its cost does not grow with the journal.
         """
         still_open = open_events(self._event_life())
-        self._pending += close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason)
+        self.backlog.extend(close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason))
         self.flush_journal()
         return list(still_open)
 
     def unwritten(self) -> int:
         """How many records are queued and not yet in the journal (lost if the process ends now)."""
-        return len(self._pending)
+        return len(self.backlog)
 
     def _event_life(self) -> Iterator[Any]:
         """The live segment's requests, answers, energy and end records, decoded, after those a
@@ -474,6 +477,15 @@ class Gateway:
 EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,
                         RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
 """The record kinds that tell which events are open (and what a rotation carries for them)."""
+
+
+def _dropped(written: list[Any]) -> str:
+    """What the failure cost, for the recovery's log line: the steps and samples its gaps count."""
+    gaps = [item[2] for item in written if isinstance(item, tuple) and item[0] is RecordKind.JOURNAL_GAP]
+    if not gaps:
+        return ""
+    steps, samples = sum(g["steps"] for g in gaps), sum(g["samples"] for g in gaps)
+    return f" ({steps} core steps and {samples} history samples were not kept meanwhile: see JournalGap)"
 
 
 def _settles_an_event(item: Any) -> bool:

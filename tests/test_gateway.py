@@ -27,6 +27,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal.steps import StepRecorder, journaled_steps
 
 
 def gateway_on(path: Path, clock: list[float]):
@@ -281,3 +282,58 @@ def test_at_a_stop_a_failing_journal_steps_no_core_and_is_tried_once(tmp_path):
         assert not gateway.controller.journal_failing()
     finally:
         assembly.close()
+
+
+def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_gap_says_what_is_missing(tmp_path):
+    """A failure lasting days must not fill the gateway's memory with the bulk that grows with time alone
+    (a batch of core steps a minute, a history sample a minute): past their bound they are dropped, while
+    every request and answer is kept, and once writes work again one JournalGap says what is missing.
+    A replay of the run ends at the gap (the steps after it follow steps nobody has)."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    gateway.steps = StepRecorder(batch_steps=5)
+    gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
+    stepped = []
+    gateway.observers.append(stepped.append)
+
+    async def fail_for_long() -> int:
+        gateway.feed(bms(0.0), inverter(0.0))
+        gateway.flush_journal()
+        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        most = 0
+        for n in range(1, 201):
+            clock[0] = float(n)
+            gateway.feed(bms(clock[0]), inverter(clock[0]))
+            if n % 10 == 0:
+                gateway.sample()
+                await answer(gateway, n, clock[0])
+                gateway.flush_journal()
+            most = max(most, gateway.unwritten())
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        clock[0] += 1
+        assert gateway.flush_journal() > 0 and gateway.unwritten() == 0
+        return most
+
+    try:
+        most = asyncio.run(fail_for_long())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    # 200 steps in 40 batches and 20 samples would have waited; 3 batches and 2 samples did, beside the requests
+    assert most <= 3 + 2 + 1 + 20 * 2 + 10  # steps, samples, the gap, 20 requests and answers, a few transitions
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        records = journal.records()
+    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
+    kept_steps = [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+    assert gap["samples"] == 18 and gap["step_batches"] >= 35
+    assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
+    assert [r.payload["id"] for r in records if r.kind == RecordKind.DISPATCH_REQUEST] == \
+        [f"r{n}" for n in range(10, 201, 10)]  # every request kept
+    found = list(journaled_steps(records))
+    assert [what for what, _ in found if what != "step"] == ["start", "gap"]
+    replayable = [one for what, one in found if what == "step"]
+    assert replayable and replayable[-1][0] < gap["from"]  # the replay ends where the gap begins

@@ -33,8 +33,9 @@ from firmware_py.config import Config
 from firmware_py.core import Mode
 from firmware_py.core.types import DispatchKind, DispatchRequest, PriceInterval, PriceKind, Verdict
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal
+from firmware_py.journal import Journal, RecordKind
 from firmware_py.narration import Narrator
+from firmware_py.web.history import read_history
 from firmware_py.web.installer import REDACTED, redacted
 from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
 from firmware_py.web.sessions import LoginThrottle
@@ -527,6 +528,20 @@ def test_history_comes_from_the_journal(tmp_path):
             assert doc["events"][0]["delivered_wh"] > 0
 
     asyncio.run(main())
+
+
+def test_the_history_marks_a_hole_where_samples_are_missing_rather_than_joining_across_it(tmp_path):
+    """A stop, or a journal failure long enough that samples were not kept: no line across what nobody measured."""
+    with Journal.open(tmp_path / "journal.sqlite") as journal:
+        for minute in (0, 1, 2, 30, 31):  # a sample a minute, then none for 28 minutes
+            journal.append(RecordKind.SAMPLE, minute * 60.0, {"mode": "STANDBY", "soc_pct": 80 - minute,
+                           "floor_pct": 40, "setpoint_w": 0, "power_w": 0}, wall=1e9 + minute * 60.0)
+    doc = read_history(tmp_path / "journal.sqlite", 1e9 + 32 * 60.0, interval_s=60.0)
+    assert [row[0] - 1e9 for row in doc["samples"]] == [0, 60, 120, 960, 1800, 1860]
+    assert doc["samples"][3][1:] == [None, None, None, None] and doc["samples"][4][1] == 50
+    assert all(None not in row for i, row in enumerate(doc["samples"]) if i != 3)
+    joined = read_history(tmp_path / "journal.sqlite", 1e9 + 32 * 60.0, interval_s=600.0)  # 10 minutes apart: none
+    assert len(joined["samples"]) == 5
 
 
 def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):

@@ -341,6 +341,31 @@ def test_the_history_charts_labels_are_readable_on_a_phone(tmp_path):
     asyncio.run(main())
 
 
+def test_the_history_charts_leave_a_hole_where_the_gateway_kept_no_samples(tmp_path):
+    """A row of nulls (the server's mark: stopped, or samples not kept while the journal failed) ends a line;
+    a lone sample between holes is a dot; the note counts samples, not marks, and names the gap."""
+    async def main() -> None:
+        async with page(tmp_path, history_s=120) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            b.js("""
+                const real = window.fetch;
+                window.fetch = (path, options) => path !== "/api/history" ? real(path, options) : real(path, options)
+                  .then((r) => r.json()).then((doc) => {
+                    const t = doc.to, row = (at, soc) => [at, soc, 40, 0, 0], hole = (at) => [at, null, null, null, null];
+                    const samples = [row(t - 600, 80), row(t - 540, 79), hole(t - 400), row(t - 300, 77), hole(t - 200),
+                                     row(t - 120, 75), row(t - 60, 74)];
+                    return new Response(JSON.stringify({ ...doc, samples }));
+                  });""")
+            await on(b, "view", "history")
+            await on(b, "until", lambda: "samples from the journal" in b.text("history-note"), "the history drawn")
+            drawn = b.js("""return [...document.querySelectorAll('#chart-soc [data-series="soc"]')].map((e) =>
+                                [e.tagName, e.tagName === "polyline" ? e.getAttribute("points").split(" ").length : 1]);""")
+            assert drawn == [["polyline", 2], ["circle", 1], ["polyline", 2]]
+            assert b.text("history-note").startswith("5 samples from the journal (2 gaps where the gateway kept none)")
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------ price form and a power limit set elsewhere
 
 

@@ -37,6 +37,7 @@ class RecordKind(StrEnum):
     SEGMENT_START = "SegmentStart"
     SEGMENT_PRUNED = "SegmentPruned"
     SCHEMA_UPGRADED = "SchemaUpgraded"  # a file of an older schema was brought to this one (from, to, software)
+    JOURNAL_GAP = "JournalGap"  # while writes failed, core steps and samples past their bound were not kept
     # notes: what a source refused before it became a request, links lost and back, run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval

@@ -183,10 +183,17 @@ def decode_start(payload: dict[str, Any]) -> tuple[Policy, core.OwnerSettings, f
 
 
 def journaled_steps(records: Iterable[Any]) -> Iterator[tuple[str, Any]]:
-    """From journal records: ("start", payload) for each core start, ("step", Step) for each step."""
+    """From journal records: ("start", payload) for each core start, ("step", Step) for each step,
+    ("gap", payload) where steps were not kept (`journal.backlog`). A run's replay ends at its gap:
+    the steps after it, to the next start, follow steps nobody has, so none of them is given."""
+    gapped = False
     for record in records:
         if record.kind == START_KIND:
+            gapped = False
             yield "start", record.payload
-        elif record.kind == STEPS_KIND:
+        elif record.kind == RecordKind.JOURNAL_GAP and record.payload.get("steps"):
+            gapped = True
+            yield "gap", record.payload
+        elif record.kind == STEPS_KIND and not gapped:
             for one in decode_batch(record.payload):
                 yield "step", one

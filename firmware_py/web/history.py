@@ -28,6 +28,10 @@ from firmware_py.journal.summary import EVENT_KINDS, WINDOW_KINDS, event_summari
 HISTORY_S = 24 * 3600.0
 MAX_POINTS = 1_500
 """About one a minute over a day: a phone's chart has no use for more."""
+HOLE_INTERVALS = 3
+"""Samples further apart than this many sample intervals are not joined on the chart: the gateway was
+stopped, or its journal failed so long that samples were not kept (`journal.backlog`). A line drawn
+across would show values nobody measured."""
 
 
 class _Window:
@@ -46,19 +50,28 @@ class _Window:
         return max((r.at for r in self._records), default=None)
 
 
-def read_history(journal_path: str | Path, now_wall: float, span_s: float = HISTORY_S) -> dict[str, Any]:
-    """`{"from", "to", "samples": [[wall, soc, floor, setpoint, power], ...], "events": [...]}` (wall = UTC s)."""
+def read_history(journal_path: str | Path, now_wall: float, interval_s: float,
+                 span_s: float = HISTORY_S) -> dict[str, Any]:
+    """`{"from", "to", "samples": [[wall, soc, floor, setpoint, power], ...], "events": [...]}` (wall = UTC s).
+
+    Where samples `interval_s` apart are missing, a row of nulls marks the hole (`HOLE_INTERVALS`)."""
     since = now_wall - span_s
     with Journal.open(journal_path, readonly=True) as journal:
         samples = journal.recent([RecordKind.SAMPLE], since)
         window = journal.recent(EVENT_KINDS | WINDOW_KINDS, since)
-    return {"from": since, "to": now_wall, "samples": _points(samples), "events": _events(window)}
+    return {"from": since, "to": now_wall, "samples": _points(samples, interval_s), "events": _events(window)}
 
 
-def _points(samples: list[Record]) -> list[list[Any]]:
+def _points(samples: list[Record], interval_s: float) -> list[list[Any]]:
     stride = max(1, -(-len(samples) // MAX_POINTS))
-    return [[round(r.wall, 1), r.payload.get("soc_pct"), r.payload.get("floor_pct"), r.payload.get("setpoint_w"),
-             r.payload.get("power_w")] for r in samples[::stride]]
+    hole_s = HOLE_INTERVALS * interval_s * stride
+    points: list[list[Any]] = []
+    for r in samples[::stride]:
+        if points and r.wall - points[-1][0] > hole_s:
+            points.append([round((points[-1][0] + r.wall) / 2, 1), None, None, None, None])
+        points.append([round(r.wall, 1), r.payload.get("soc_pct"), r.payload.get("floor_pct"),
+                       r.payload.get("setpoint_w"), r.payload.get("power_w")])
+    return points
 
 
 def _events(records: list[Record]) -> list[dict[str, Any]]:

@@ -403,7 +403,8 @@ class WebApp:
         now = self.clocks.wall()
         earnings = self.gateway.earnings
         await earnings.refresh(now - HISTORY_S)
-        doc = await asyncio.to_thread(read_history, self.config.journal.path, now)
+        journal = self.config.journal
+        doc = await asyncio.to_thread(read_history, journal.path, now, journal.sample_interval_s)
         return _json(200, with_figures(doc, *earnings.figures(now - HISTORY_S)))
 
     async def _installer(self, request: web.Request, caller: Caller) -> web.Response:

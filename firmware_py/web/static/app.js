@@ -528,11 +528,21 @@ function drawChart(id, samples, series, from, to, unit, fixed) {
     svg("text", { x: x(t), y: H - 6, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" }, g).textContent =
       new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: short ? "2-digit" : undefined });
   }
+  // A null (the server's mark of a hole: the gateway stopped, or samples not kept) ends a line; nothing is
+  // drawn across what nobody measured. A lone sample between two holes is a dot.
   for (const s of series) {
-    const points = samples.filter((row) => row[s.col] !== null)
-      .map((row) => `${x(row[0]).toFixed(1)},${y(s.scale * row[s.col]).toFixed(1)}`);
-    if (points.length) svg("polyline", { points: points.join(" "), fill: "none", stroke: s.colour,
-                                         "stroke-width": 2, "data-series": s.name }, g);
+    let run = [];
+    const draw = () => {
+      if (run.length > 1) svg("polyline", { points: run.map(([px, py]) => `${px},${py}`).join(" "), fill: "none",
+                                            stroke: s.colour, "stroke-width": 2, "data-series": s.name }, g);
+      else if (run.length) svg("circle", { cx: run[0][0], cy: run[0][1], r: 2, fill: s.colour, "data-series": s.name }, g);
+      run = [];
+    };
+    for (const row of samples) {
+      if (row[s.col] === null) draw();
+      else run.push([x(row[0]).toFixed(1), y(s.scale * row[s.col]).toFixed(1)]);
+    }
+    draw();
   }
 }
 
@@ -547,7 +557,9 @@ async function refreshHistory() {
             from, doc.to, "%", [0, 100]);
   const power = [{ ...kw(3), colour: "var(--setpoint)", name: "setpoint" }, { ...kw(4), colour: "var(--accent)", name: "power" }];
   drawChart("chart-power", doc.samples, power, from, doc.to, "", null);
-  $("history-note").textContent = `${doc.samples.length} samples from the journal` +
+  const holes = doc.samples.filter((row) => row.slice(1).every((v) => v === null)).length;
+  $("history-note").textContent = `${doc.samples.length - holes} samples from the journal` +
+    (holes ? ` (${holes === 1 ? "one gap" : `${holes} gaps`} where the gateway kept none)` : "") +
     (from > doc.from ? `, since ${new Date(from * 1000).toLocaleString([], { timeStyle: "short" })}.` : ".");
   const body = $("events").tBodies[0];
   const labels = [...$("events").tHead.rows[0].cells].map((th) => th.textContent);
