@@ -20,12 +20,14 @@ import json
 import logging
 import re
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import jinja2
 import pytest
 from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
@@ -392,6 +394,112 @@ def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
                 assert rig.gateway.owner_settings().reserve_pct == 40
 
     bounded(main())
+
+
+async def take_over_the_session(broker: Mosquitto, bridge: MqttBridge, watcher: Watcher) -> None:
+    """A network blip: another client takes the gateway's client id for a moment, the broker drops the
+    gateway, and it connects again (back at `online`)."""
+    index = len(watcher.seen)
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=bridge.client_id):
+        pass
+    await watcher.wait_for("online again", lambda m: m.topic == TOPICS.availability and m.payload == b"online",
+                           after=index)
+
+
+async def retained_on(broker: Mosquitto, topic: str) -> list[Seen]:
+    """What a fresh subscriber gets retained on `topic`: it subscribes to `topic`, then to the retained
+    availability, whose arrival means the broker has handed over whatever `topic` held."""
+    async with Watcher(broker, (topic, TOPICS.availability)) as fresh:
+        await fresh.wait_for("the availability", lambda m: m.topic == TOPICS.availability)
+        return [m for m in fresh.on(topic) if m.retain]
+
+
+def test_a_retained_command_is_applied_live_then_refused_and_cleared_once_when_replayed(tmp_path):
+    """MQTT 3.1.1 forwards a retained command to a connected gateway without the retain flag: it was
+    applied, stayed on the broker, and was refused at every later reconnect, a result the owner had not
+    asked for. The replay is refused once and cleared; an empty payload arriving back is no command."""
+    async def main() -> None:
+        reserve = TOPICS.command(Command.RESERVE)
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                index = len(watcher.seen)
+                await watcher.publish(reserve, "63", retain=True)
+                assert (await result_after(watcher, index)).json()["ok"] is True
+                assert rig.gateway.owner_settings().reserve_pct == 63
+
+                index = len(watcher.seen)
+                await take_over_the_session(broker, bridge, watcher)
+                answer = (await result_after(watcher, index)).json()
+                assert answer["ok"] is False and "retained command is not applied" in answer["reason"], answer
+                await watcher.wait_for("the clearing", lambda m: m.topic == reserve and m.payload == b"", after=index)
+                assert await retained_on(broker, reserve) == []
+                assert "cleared" in answer["reason"]
+
+                index = len(watcher.seen)
+                await take_over_the_session(broker, bridge, watcher)
+                await watcher.publish(reserve, "50")  # the replay, had there been one, is answered before it
+                answer = (await result_after(watcher, index)).json()
+                assert (answer["ok"], answer["reason"]) == (True, "reserve 50 %"), answer
+                refusals = [m for m in watcher.on(TOPICS.result) if not m.json()["ok"]]
+                assert len(refusals) == 1, refusals  # the empty payload was no "bad command" either
+                assert bridge.published[Kind.CLEARED] == 1
+
+    bounded(main())
+
+
+FLOODER = """
+import sys, paho.mqtt.client as mqtt
+port, topic, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder")
+client.connect("127.0.0.1", port)
+client.loop_start()
+for _ in range(count):
+    client.publish(topic, b"offline", qos=0)
+client.publish(topic, b"offline", qos=1).wait_for_publish(10)  # the broker has them all, in order
+client.disconnect()
+client.loop_stop()
+"""
+"""Anyone who may publish on the broker: a plain paho client, another process, as fast as it can."""
+
+
+class Warnings(logging.Handler):
+    """WARNING and above, as they come; `reported` set at the line that counts a flood's discards."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.reported = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if "incoming messages were discarded" in record.getMessage():
+            self.reported.set()
+
+
+def test_a_flood_beyond_the_incoming_queue_costs_two_log_lines_not_one_per_message(tmp_path):
+    """aiomqtt logged "Message queue is full" for every discarded message (33,000 to 50,000 lines for
+    50,000 messages): whoever may publish on the broker set the gateway's log rate."""
+    flood = 20_000
+    warnings = Warnings()
+
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (_, bridge, _):
+                flooder = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", FLOODER, str(broker.port), bridge_module.HA_BIRTH_TOPIC, str(flood))
+                assert await asyncio.wait_for(flooder.wait(), 30) == 0
+                await asyncio.wait_for(warnings.reported.wait(), 30)
+                assert bridge.connected.is_set()
+
+    logging.getLogger().addHandler(warnings)
+    try:
+        bounded(main())
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    lines = [r.getMessage() for r in warnings.records]
+    assert len(lines) <= 2, lines[:5]
+    report = next(r for r in warnings.records if "incoming messages were discarded" in r.getMessage())
+    assert 0 < report.args[0] <= flood + 1, lines  # type: ignore[index]
 
 
 def test_states_queued_before_a_session_are_not_published_after_its_fresh_one(tmp_path):

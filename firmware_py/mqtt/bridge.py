@@ -18,8 +18,12 @@ from the control path, which it never waits on and which never waits on it:
   itself (`homeassistant/status`, or `<discovery_prefix>/status`, = online) gets the
   configurations and the state again;
 - **commands** go through `OwnerDesk` (validation, save, core, journal), are rate
-  limited, and each gets one result on P/result; a retained command is refused
-  (it would be applied again at every reconnect, undoing later changes).
+  limited, and each gets one result on P/result. A command the broker replays at connect (retained) is
+  refused and cleared from the broker (an empty retained message on its topic): applied at every
+  reconnect, it would undo later changes. (Under MQTT 3.1.1 a retained command published while the
+  gateway is connected reaches it without the retain flag and is applied; the replay clears it.)
+- **a flood** beyond the client's incoming queue is discarded by aiomqtt, which logs one warning per
+  message: `Discards` lets the first through and counts the rest, reported once the flood is over.
 
 The link book shows the broker as the `mqtt` link (status, metrics). The password
 is read from `password_file` when connecting and is never logged or published.
@@ -74,6 +78,10 @@ PUBLISH_TIMEOUT_S = 10.0
 """A publication the broker has not taken by then ends the session: the broker is stalled."""
 INCOMING_QUEUE = 100
 """Messages received and not yet handled; a flood beyond it is discarded by the client."""
+DISCARDED = "Message queue is full. Discarding message."
+"""What aiomqtt 2.5 logs (its `_on_message`) for each message a full incoming queue discards."""
+CLIENT_LOG = logging.getLogger("mqtt")
+"""The logger aiomqtt and paho are given; `Discards` filters it."""
 STOP_S = 0.25
 """At a stop: how long `offline` and the goodbye may take (the service's safe stop waits for this task)."""
 QOS = 1
@@ -139,6 +147,7 @@ class Kind(StrEnum):
     RESULT = "result"
     DISCOVERY = "discovery"
     AVAILABILITY = "availability"
+    CLEARED = "cleared"  # an empty retained message: a replayed command taken off the broker
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,32 @@ class Outbox:
         return len(self._states) + len(self._results)
 
 
+class Discards(logging.Filter):
+    """aiomqtt's "queue is full" warning, once per flood: it logs one per discarded message, so anyone who
+    may publish on the broker would set the gateway's log rate (and journald's rate limit would then drop
+    real fault lines). The first of a flood passes; the rest are counted and reported by `over`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0  # discarded in this flood, the first one (logged) included
+        self._looked = 0  # the count at the last `over`
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != DISCARDED:
+            return True
+        self.count += 1
+        return self.count == 1
+
+    def over(self, *, ending: bool = False) -> int:
+        """How many a flood discarded, once it is over (none discarded since the last look, or `ending`:
+        the session ends), the count then starting again; 0 while a flood goes on, or without one."""
+        count, looked, self._looked = self.count, self._looked, self.count
+        if not count or (count != looked and not ending):
+            return 0
+        self.count = self._looked = 0
+        return count
+
+
 class MqttBridge:
     """The MQTT integration for one running gateway (`[mqtt]`)."""
 
@@ -217,6 +252,7 @@ class MqttBridge:
         # Home Assistant's "online" is answered with every discovery config and the state again: unauthenticated
         # anyone on the broker may send it, so at most twice at once, then once in 30 s (the configs are retained).
         self.announcing = commands.CommandGate(gateway.clock, burst=2, per_s=1 / 30)
+        self.discards = Discards()
         self.tally = Tally()
         self.version = software_version()
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
@@ -272,6 +308,7 @@ class MqttBridge:
             urgent = self._wake.is_set()
             self._wake.clear()
             self.pace_once(urgent=urgent)
+            self._report_discards()
 
     def pace_once(self, *, urgent: bool = False) -> bool:
         """Look at the gateway now; queue the state when it is due (`Pacer.due`). True when queued."""
@@ -284,6 +321,12 @@ class MqttBridge:
         self.outbox.put(Outgoing(self.topics.state, _encode(doc), retain=True, kind=Kind.STATE))
         return True
 
+    def _report_discards(self, *, ending: bool = False) -> None:
+        """The one line a flood gets besides its first warning: how many messages it cost."""
+        if count := self.discards.over(ending=ending):
+            log.warning("MQTT: %d incoming messages were discarded, the client's queue (%d) being full: "
+                        "something on the broker publishes faster than the gateway reads", count, INCOMING_QUEUE)
+
     # --- one session ------------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
@@ -292,11 +335,20 @@ class MqttBridge:
             self.host, self.port, identifier=self.client_id, username=s.username or None, password=password(s),
             will=aiomqtt.Will(self.topics.availability, b"offline", qos=QOS, retain=True),
             keepalive=s.keepalive_s, tls_context=tls_context(s), timeout=PUBLISH_TIMEOUT_S,
-            max_queued_incoming_messages=INCOMING_QUEUE, logger=logging.getLogger("mqtt"),
+            max_queued_incoming_messages=INCOMING_QUEUE, logger=CLIENT_LOG,
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))  # a result is one small packet: now
 
     async def _session(self) -> None:
-        """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled."""
+        """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled;
+        aiomqtt's discard warnings filtered meanwhile, and a flood still uncounted reported at the end."""
+        CLIENT_LOG.addFilter(self.discards)
+        try:
+            await self._serve()
+        finally:
+            CLIENT_LOG.removeFilter(self.discards)
+            self._report_discards(ending=True)
+
+    async def _serve(self) -> None:
         async with _connection(self._client()) as client:
             self.unreachable.clear()
             self.link.good()
@@ -367,16 +419,21 @@ class MqttBridge:
                 if payload.strip() == b"online" and self.announcing.admit():  # Home Assistant (re)started
                     await self._announce(client)
                 continue
-            if not payload:  # how MQTT clears a retained message: nothing was asked
+            if not payload:  # how MQTT clears a retained message (ours too, below): nothing was asked
                 continue
-            self.outbox.put(self._retained(topic) if message.retain else await self._command(topic, payload))
+            if message.retain:  # replayed at connect: refused, and taken off the broker so it is refused once
+                self.outbox.put(self._retained(topic))
+                await self._publish(client, topic, b"", retain=True, kind=Kind.CLEARED)
+                continue
+            self.outbox.put(await self._command(topic, payload))
 
     # --- commands ---------------------------------------------------------------------------
 
     def _retained(self, topic: str) -> Outgoing:
+        """The refusal of a command the broker replayed at connect (the caller clears it from the broker)."""
         return self._result(topic.rpartition("/")[2], False, "a retained command is not applied (it would be "
-                            "applied again at every reconnect); publish commands without the retain flag, and "
-                            "clear the retained one (an empty retained message)")
+                            "applied again at every reconnect) and has been cleared from the broker; publish "
+                            "commands without the retain flag")
 
     async def _command(self, topic: str, payload: bytes) -> Outgoing:
         """Apply one command through the owner desk; its result, whatever the payload."""
