@@ -671,6 +671,34 @@ def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_r
     run(scenario)
 
 
+def test_vtn_cancelling_the_registration_gets_a_new_registration_and_later_events_are_answered() -> None:
+    """openleadr's answer to oadrCancelPartyRegistration set the report structures to None, and the VEN's
+    next registration failed on them: its task ended until the service restarted it."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            poll = vtn.server.services["poll_service"]
+            answer_poll = poll.handlers["oadrPoll"]
+            cancelled: list[str] = []
+
+            async def cancel_once(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                if cancelled:
+                    return await answer_poll(payload)
+                cancelled.append(ven.client.registration_id)
+                return "oadrCancelPartyRegistration", {"request_id": "cancel-1", "ven_id": vtn.ven_id,
+                                                       "registration_id": cancelled[0]}
+
+            poll.handlers["oadrPoll"] = cancel_once
+            await vtn.wait_for(lambda: cancelled and ven.registration_attempts >= 2 and ven.registered)
+            later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+            assert await vtn.wait_for_response(later_id) == "optIn"
+            assert len(vtn.registrations) >= 2
+            assert ven.client.reports and ven.client.pending_reports is not None  # reports offered still
+        assert [r.id for r in sink.requests()] == [later_id]
+
+    run(scenario)
+
+
 def test_tls_and_signatures_registration_and_event(tmp_path: Any) -> None:
     tls = make_tls_material(tmp_path / "pki")
 

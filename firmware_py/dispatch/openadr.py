@@ -26,7 +26,8 @@ stands until its next distribution, which is then answered with the new opt.
 
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
 returned), `_on_event`, `received_events`, `responded_events`,
-`_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`;
+`_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`,
+`_create_message` (the answer to oadrCancelPartyRegistration);
 and on aiohttp's `ClientSession._response_class` and `ClientResponse._body` (a VTN's answer read with a
 cap).
 """
@@ -220,6 +221,27 @@ class _Client(OpenADRClient):
         """Drop openleadr's memory of an event, so a later copy of it is handled afresh."""
         utils.pop_by(self.received_events, "event_descriptor.event_id", event_id)
         self.responded_events.pop(event_id, None)
+
+    async def on_cancel_party_registration(self, message: dict[str, Any]) -> None:
+        """The VTN ended this VEN's registration (oadrCancelPartyRegistration). openleadr's own version sets the
+        report structures to None and removes every scheduler job, and the next registration then failed on
+        them and ended the VEN's task; here only the registration is forgotten, so the VEN's loop registers
+        again (with backoff) and asks for its reports afresh, as after oadrRequestReregistration."""
+        registration_id = message.get("registration_id")
+        if self.registration_id is None or registration_id is None:
+            return  # openleadr ignores these too: nothing registered, or no registration named
+        ours = registration_id == self.registration_id
+        response = {"response_code": 200 if ours else 452, "response_description": "OK" if ours else "ERROR",
+                    "request_id": message.get("request_id")}
+        answer = self._create_message("oadrCanceledPartyRegistration", response=response, ven_id=self.ven_id,
+                                      registration_id=self.registration_id)
+        await self._perform_request("EiRegisterParty", answer)
+        if not ours:
+            log.info("OpenADR: the VTN cancelled registration %s, not this VEN's (%s)",
+                     registration_id, self.registration_id)
+            return
+        log.warning("OpenADR: the VTN cancelled this VEN's registration %s; registering again", registration_id)
+        self.registration_id = None
 
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr's own version stops the client if the VTN does not answer at once;
