@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import math
 import time
@@ -343,6 +344,38 @@ def test_an_event_missing_from_a_later_complete_distribution_is_cancelled_with_t
         assert (cancel.id, cancel.source) == (gone, "openadr") and "implicitly cancelled" in cancel.reason
         assert [r.id for r in sink.requests()] == [gone, kept, newer]  # the one kept is not asked again
         assert ven.implicit_cancellations == 1 and "implicitly cancelled" in ven.outcomes[-2].detail
+
+    run(scenario)
+
+
+def test_an_event_listed_again_unchanged_after_its_implicit_cancellation_is_served_again() -> None:
+    """The VTN's times are placed on the gateway's clock once, at reception. Placed again when the withdrawn
+    event came back, a wall-to-monotonic conversion that is off by a microsecond (the production clock's is)
+    made requests differ from the ones the core cancelled, and it refused them as DUPLICATE."""
+    offsets = itertools.count()
+
+    def drifting(moment: dt.datetime) -> float:
+        return moment.timestamp() + next(offsets) * 1e-6  # each conversion a microsecond further off
+
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with LoopbackVtn(poll_s=0) as vtn:
+            config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name)
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, to_gateway_time=drifting)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                event = vtn._event(event_id)
+                vtn.withdraw_event(event_id)
+                await vtn.wait_for(lambda: ven.implicit_cancellations == 1)
+                answered = len(vtn.responses)
+                vtn.server.events[vtn.ven_id].append(event)  # listed again, same modificationNumber
+                vtn._requeue(event)
+                await vtn.wait_for(lambda: len(vtn.responses) > answered)
+                assert vtn.responses[-1].opt_type == "optIn", ven.outcomes[-1].detail
+        first, again = [r for r in sink.received if isinstance(r, DispatchRequest)]
+        assert (again.id, again.start, again.end) == (first.id, first.start, first.end)
 
     run(scenario)
 

@@ -105,6 +105,10 @@ REGISTRATION_RETRY_S = 1.0
 # when the gateway's mode changes).
 STANDING_CHECK_S = 1.0
 
+# Implicitly cancelled events whose requests are kept, should the VTN list one again unchanged (its withdrawal was
+# a glitch): a VTN withdraws a handful of events at a time, and the oldest are the least likely to come back.
+WITHDRAWN_KEPT = 32
+
 IMPLICIT_CANCEL = "implicitly cancelled: missing from the VTN's complete oadrDistributeEvent"
 
 # Why dispatch is not followed now, as the number the `dispatchBlocked` telemetry carries (0: nothing blocks).
@@ -276,6 +280,7 @@ class OpenAdrVen:
         self._state_codes = dict(state_codes)
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
+        self._withdrawn: dict[str, tuple[int, dict[str, DispatchRequest]]] = {}  # id -> revision, requests
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
         self.registered = False
         self.registration_attempts = 0
@@ -435,6 +440,9 @@ class OpenAdrVen:
         if isinstance(plan, DispatchAnswer):
             return await self._refuse(sink, plan, event)
         tracked = self._events.get(plan.event_id)
+        withdrawn = self._withdrawn.pop(plan.event_id, None)
+        if withdrawn is not None and withdrawn[0] == plan.revision and not plan.cancelled:
+            plan = replace(plan, requests=self._as_first_heard(plan, withdrawn[1]))
         if plan.cancelled:
             await self._cancel(sink, plan.event_id, tracked.request_ids if tracked else ())
             self._events.pop(plan.event_id, None)
@@ -470,6 +478,23 @@ class OpenAdrVen:
         self._record(outcome)
         return opt
 
+    @staticmethod
+    def _as_first_heard(plan: EventPlan, earlier: Mapping[str, DispatchRequest]) -> tuple[DispatchRequest, ...]:
+        """The requests an implicitly cancelled event listed again at the same revision made, with this
+        reception's time. Its times were placed on the gateway's clock once, when it was first heard: placed
+        again, a wall-to-monotonic conversion a microsecond off made requests differ from the ones the core
+        cancelled, which it refuses (DUPLICATE: the id is used with other content)."""
+        return tuple(replace(earlier[r.id], received_at=r.received_at) if r.id in earlier else r
+                     for r in plan.requests)
+
+    def _keep_withdrawn(self, event_id: str, tracked: _Tracked) -> None:
+        """Remember an implicitly cancelled event's requests (`WITHDRAWN_KEPT` events at most, the oldest
+        forgotten first), for `_as_first_heard`."""
+        self._withdrawn.pop(event_id, None)
+        self._withdrawn[event_id] = (tracked.revision, dict(tracked.requests))
+        while len(self._withdrawn) > WITHDRAWN_KEPT:
+            del self._withdrawn[next(iter(self._withdrawn))]
+
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
         if answer is None:  # the contract says every request is answered; treat silence as a no
@@ -504,6 +529,7 @@ class OpenAdrVen:
                 # start's tail is still this VEN's to run, report and ask again for, until `_forget_ended`.
                 continue
             del self._events[event_id]
+            self._keep_withdrawn(event_id, tracked)
             try:
                 await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
             except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll
