@@ -665,6 +665,47 @@ def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_
     run(scenario)
 
 
+def test_reports_queued_while_the_vtn_link_stalls_keep_only_the_newest(monkeypatch, caplog) -> None:
+    """A half-open link (the VTN's address accepts connections and never answers) held each report for a whole
+    exchange timeout while new ones came every second: openleadr's queue grew without bound, and the stale
+    backlog went to the VTN when the link healed."""
+    monkeypatch.setattr(openadr_module, "VTN_REQUEST_S", 3.0)  # 30 s in service: reports (1 s) outpace the sends
+    monkeypatch.setattr(openadr_module, "REPORTS_KEPT", 2)
+    held: list[asyncio.StreamWriter] = []
+    healed = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered, until the test ends
+        await healed.wait()
+
+    async def scenario() -> None:
+        vtn = LoopbackVtn(poll_s=0, report_s=1)
+        await vtn.start()
+        ven = make_ven(vtn)
+        async with serving(ven, ScriptedSink(accept)) as task:
+            await registered(vtn, ven)
+            await vtn.wait_for(lambda: vtn.reports)
+            port = vtn._port
+            await vtn.stop()
+            stalled = await asyncio.start_server(stall, "127.0.0.1", port, reuse_address=True)
+            try:
+                queue = ven.client.pending_reports
+                await vtn.wait_for(lambda: queue.qsize() > 2 or getattr(ven, "reports_dropped", 0) >= 2,
+                                   timeout_s=20.0)
+                assert queue.qsize() <= 2 and ven.reports_dropped >= 2
+                assert not task.done()
+            finally:
+                healed.set()
+                stalled.close()
+                for writer in held:
+                    writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="firmware_py"):
+        run(scenario)
+    told = [r.getMessage() for r in caplog.records if "reports are not reaching the VTN" in r.getMessage()]
+    assert len(told) == 1, told
+
+
 def test_a_vtn_listing_a_cancelled_event_again_costs_no_other_event_its_answer() -> None:
     """openleadr looked up its answer to an event it knew, and the answer went with the event's cancellation:
     the KeyError made it opt out of every event of the distribution, and a new one never reached the core."""

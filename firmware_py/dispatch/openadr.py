@@ -105,6 +105,11 @@ REGISTRATION_RETRY_S = 1.0
 # when the gateway's mode changes).
 STANDING_CHECK_S = 1.0
 
+# Reports waiting for the VTN, at most. They are telemetry: an aggregator steers on the newest values, and a backlog
+# replayed when a stalled link heals is stale by then (at 1 s reports and a 30 s exchange timeout, the queue grew by
+# about one a second for as long as the link stalled). 30 is that timeout's worth at 1 s; the oldest go first.
+REPORTS_KEPT = 30
+
 # Implicitly cancelled events whose requests are kept, should the VTN list one again unchanged (its withdrawal was
 # a glitch): a VTN withdraws a handful of events at a time, and the oldest are the least likely to come back.
 WITHDRAWN_KEPT = 32
@@ -169,12 +174,47 @@ class _CappedResponse(aiohttp.ClientResponse):
         return self._body
 
 
+class _ReportQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """openleadr's queue of reports for the VTN, keeping the newest `bound` (see `REPORTS_KEPT`): the oldest
+    is dropped and counted, logged once per outage (until the queue has drained again)."""
+
+    def __init__(self, bound: int) -> None:
+        super().__init__()
+        self.bound = bound
+        self.dropped = 0  # over the VEN's life
+        self._dropped_now = 0  # in this outage
+
+    def put_nowait(self, item: Any) -> None:
+        if self.qsize() >= self.bound:
+            super().get_nowait()
+            self.dropped += 1
+            self._dropped_now += 1
+            if self._dropped_now == 1:
+                log.warning("OpenADR: reports are not reaching the VTN; keeping the newest %d, dropping older ones",
+                            self.bound)
+        super().put_nowait(item)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)  # never waits: full means the oldest goes
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if self._dropped_now and self.empty():
+            log.info("OpenADR: the report backlog is sent; %d older reports were dropped", self._dropped_now)
+            self._dropped_now = 0
+        return item
+
+
 class _Client(OpenADRClient):
     """openleadr's client, telling its owner whether the last poll reached the VTN and which
     events each complete distribution holds (for implicit cancellation)."""
 
     poll_ok = False
     on_distribution: Callable[[list[Any]], Any] | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pending_reports: _ReportQueue = _ReportQueue(REPORTS_KEPT)  # openleadr's grew without bound
 
     async def _perform_request(self, service: str, message: Any) -> tuple[str | None, dict[str, Any]]:
         """openleadr's exchange with the VTN, bounded in time (a VTN that trickles its answer a byte at a time
@@ -291,6 +331,11 @@ class OpenAdrVen:
         self._watch = StandingWatch()
         self.reasks = 0
         self.implicit_cancellations = 0
+
+    @property
+    def reports_dropped(self) -> int:
+        """Reports dropped, the oldest first, while they could not reach the VTN (`REPORTS_KEPT`)."""
+        return self.client.pending_reports.dropped if self.client is not None else 0
 
     # ------------------------------------------------------------------ running
 
