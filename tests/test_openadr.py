@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import math
 import time
@@ -347,6 +348,38 @@ def test_an_event_missing_from_a_later_complete_distribution_is_cancelled_with_t
     run(scenario)
 
 
+def test_an_event_listed_again_unchanged_after_its_implicit_cancellation_is_served_again() -> None:
+    """The VTN's times are placed on the gateway's clock once, at reception. Placed again when the withdrawn
+    event came back, a wall-to-monotonic conversion that is off by a microsecond (the production clock's is)
+    made requests differ from the ones the core cancelled, and it refused them as DUPLICATE."""
+    offsets = itertools.count()
+
+    def drifting(moment: dt.datetime) -> float:
+        return moment.timestamp() + next(offsets) * 1e-6  # each conversion a microsecond further off
+
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with LoopbackVtn(poll_s=0) as vtn:
+            config = OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name)
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, to_gateway_time=drifting)
+            async with serving(ven, sink):
+                await registered(vtn, ven)
+                event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(30), 600, 5.0)
+                assert await vtn.wait_for_response(event_id) == "optIn"
+                event = vtn._event(event_id)
+                vtn.withdraw_event(event_id)
+                await vtn.wait_for(lambda: ven.implicit_cancellations == 1)
+                answered = len(vtn.responses)
+                vtn.server.events[vtn.ven_id].append(event)  # listed again, same modificationNumber
+                vtn._requeue(event)
+                await vtn.wait_for(lambda: len(vtn.responses) > answered)
+                assert vtn.responses[-1].opt_type == "optIn", ven.outcomes[-1].detail
+        first, again = [r for r in sink.received if isinstance(r, DispatchRequest)]
+        assert (again.id, again.start, again.end) == (first.id, first.start, first.end)
+
+    run(scenario)
+
+
 def test_a_complete_distribution_of_no_events_cancels_the_last_event_held() -> None:
     """A VTN withdrawing a VEN's only event sends an oadrDistributeEvent of no events (the 2.0b schema
     allows none); openleadr does not hand such a distribution on, and the event ran on, uncancelled."""
@@ -632,6 +665,47 @@ def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_
     run(scenario)
 
 
+def test_reports_queued_while_the_vtn_link_stalls_keep_only_the_newest(monkeypatch, caplog) -> None:
+    """A half-open link (the VTN's address accepts connections and never answers) held each report for a whole
+    exchange timeout while new ones came every second: openleadr's queue grew without bound, and the stale
+    backlog went to the VTN when the link healed."""
+    monkeypatch.setattr(openadr_module, "VTN_REQUEST_S", 3.0)  # 30 s in service: reports (1 s) outpace the sends
+    monkeypatch.setattr(openadr_module, "REPORTS_KEPT", 2)
+    held: list[asyncio.StreamWriter] = []
+    healed = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered, until the test ends
+        await healed.wait()
+
+    async def scenario() -> None:
+        vtn = LoopbackVtn(poll_s=0, report_s=1)
+        await vtn.start()
+        ven = make_ven(vtn)
+        async with serving(ven, ScriptedSink(accept)) as task:
+            await registered(vtn, ven)
+            await vtn.wait_for(lambda: vtn.reports)
+            port = vtn._port
+            await vtn.stop()
+            stalled = await asyncio.start_server(stall, "127.0.0.1", port, reuse_address=True)
+            try:
+                queue = ven.client.pending_reports
+                await vtn.wait_for(lambda: queue.qsize() > 2 or getattr(ven, "reports_dropped", 0) >= 2,
+                                   timeout_s=20.0)
+                assert queue.qsize() <= 2 and ven.reports_dropped >= 2
+                assert not task.done()
+            finally:
+                healed.set()
+                stalled.close()
+                for writer in held:
+                    writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="firmware_py"):
+        run(scenario)
+    told = [r.getMessage() for r in caplog.records if "reports are not reaching the VTN" in r.getMessage()]
+    assert len(told) == 1, told
+
+
 def test_a_vtn_listing_a_cancelled_event_again_costs_no_other_event_its_answer() -> None:
     """openleadr looked up its answer to an event it knew, and the answer went with the event's cancellation:
     the KeyError made it opt out of every event of the distribution, and a new one never reached the core."""
@@ -667,6 +741,34 @@ def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_r
             assert await vtn.wait_for_response(later_id) == "optIn"
         assert [r.id for r in sink.requests()] == [event_id, later_id]
         assert sink.cancels() == []
+
+    run(scenario)
+
+
+def test_vtn_cancelling_the_registration_gets_a_new_registration_and_later_events_are_answered() -> None:
+    """openleadr's answer to oadrCancelPartyRegistration set the report structures to None, and the VEN's
+    next registration failed on them: its task ended until the service restarted it."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            poll = vtn.server.services["poll_service"]
+            answer_poll = poll.handlers["oadrPoll"]
+            cancelled: list[str] = []
+
+            async def cancel_once(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                if cancelled:
+                    return await answer_poll(payload)
+                cancelled.append(ven.client.registration_id)
+                return "oadrCancelPartyRegistration", {"request_id": "cancel-1", "ven_id": vtn.ven_id,
+                                                       "registration_id": cancelled[0]}
+
+            poll.handlers["oadrPoll"] = cancel_once
+            await vtn.wait_for(lambda: cancelled and ven.registration_attempts >= 2 and ven.registered)
+            later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+            assert await vtn.wait_for_response(later_id) == "optIn"
+            assert len(vtn.registrations) >= 2
+            assert ven.client.reports and ven.client.pending_reports is not None  # reports offered still
+        assert [r.id for r in sink.requests()] == [later_id]
 
     run(scenario)
 

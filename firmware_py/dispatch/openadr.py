@@ -26,7 +26,8 @@ stands until its next distribution, which is then answered with the new opt.
 
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
 returned), `_on_event`, `received_events`, `responded_events`,
-`_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`;
+`_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`,
+`_create_message` (the answer to oadrCancelPartyRegistration);
 and on aiohttp's `ClientSession._response_class` and `ClientResponse._body` (a VTN's answer read with a
 cap).
 """
@@ -104,6 +105,15 @@ REGISTRATION_RETRY_S = 1.0
 # when the gateway's mode changes).
 STANDING_CHECK_S = 1.0
 
+# Reports waiting for the VTN, at most. They are telemetry: an aggregator steers on the newest values, and a backlog
+# replayed when a stalled link heals is stale by then (at 1 s reports and a 30 s exchange timeout, the queue grew by
+# about one a second for as long as the link stalled). 30 is that timeout's worth at 1 s; the oldest go first.
+REPORTS_KEPT = 30
+
+# Implicitly cancelled events whose requests are kept, should the VTN list one again unchanged (its withdrawal was
+# a glitch): a VTN withdraws a handful of events at a time, and the oldest are the least likely to come back.
+WITHDRAWN_KEPT = 32
+
 IMPLICIT_CANCEL = "implicitly cancelled: missing from the VTN's complete oadrDistributeEvent"
 
 # Why dispatch is not followed now, as the number the `dispatchBlocked` telemetry carries (0: nothing blocks).
@@ -164,12 +174,47 @@ class _CappedResponse(aiohttp.ClientResponse):
         return self._body
 
 
+class _ReportQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """openleadr's queue of reports for the VTN, keeping the newest `bound` (see `REPORTS_KEPT`): the oldest
+    is dropped and counted, logged once per outage (until the queue has drained again)."""
+
+    def __init__(self, bound: int) -> None:
+        super().__init__()
+        self.bound = bound
+        self.dropped = 0  # over the VEN's life
+        self._dropped_now = 0  # in this outage
+
+    def put_nowait(self, item: Any) -> None:
+        if self.qsize() >= self.bound:
+            super().get_nowait()
+            self.dropped += 1
+            self._dropped_now += 1
+            if self._dropped_now == 1:
+                log.warning("OpenADR: reports are not reaching the VTN; keeping the newest %d, dropping older ones",
+                            self.bound)
+        super().put_nowait(item)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)  # never waits: full means the oldest goes
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if self._dropped_now and self.empty():
+            log.info("OpenADR: the report backlog is sent; %d older reports were dropped", self._dropped_now)
+            self._dropped_now = 0
+        return item
+
+
 class _Client(OpenADRClient):
     """openleadr's client, telling its owner whether the last poll reached the VTN and which
     events each complete distribution holds (for implicit cancellation)."""
 
     poll_ok = False
     on_distribution: Callable[[list[Any]], Any] | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pending_reports: _ReportQueue = _ReportQueue(REPORTS_KEPT)  # openleadr's grew without bound
 
     async def _perform_request(self, service: str, message: Any) -> tuple[str | None, dict[str, Any]]:
         """openleadr's exchange with the VTN, bounded in time (a VTN that trickles its answer a byte at a time
@@ -221,6 +266,27 @@ class _Client(OpenADRClient):
         utils.pop_by(self.received_events, "event_descriptor.event_id", event_id)
         self.responded_events.pop(event_id, None)
 
+    async def on_cancel_party_registration(self, message: dict[str, Any]) -> None:
+        """The VTN ended this VEN's registration (oadrCancelPartyRegistration). openleadr's own version sets the
+        report structures to None and removes every scheduler job, and the next registration then failed on
+        them and ended the VEN's task; here only the registration is forgotten, so the VEN's loop registers
+        again (with backoff) and asks for its reports afresh, as after oadrRequestReregistration."""
+        registration_id = message.get("registration_id")
+        if self.registration_id is None or registration_id is None:
+            return  # openleadr ignores these too: nothing registered, or no registration named
+        ours = registration_id == self.registration_id
+        response = {"response_code": 200 if ours else 452, "response_description": "OK" if ours else "ERROR",
+                    "request_id": message.get("request_id")}
+        answer = self._create_message("oadrCanceledPartyRegistration", response=response, ven_id=self.ven_id,
+                                      registration_id=self.registration_id)
+        await self._perform_request("EiRegisterParty", answer)
+        if not ours:
+            log.info("OpenADR: the VTN cancelled registration %s, not this VEN's (%s)",
+                     registration_id, self.registration_id)
+            return
+        log.warning("OpenADR: the VTN cancelled this VEN's registration %s; registering again", registration_id)
+        self.registration_id = None
+
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr's own version stops the client if the VTN does not answer at once;
         # forgetting the registration lets the VEN's loop register again, with backoff.
@@ -254,6 +320,7 @@ class OpenAdrVen:
         self._state_codes = dict(state_codes)
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
+        self._withdrawn: dict[str, tuple[int, dict[str, DispatchRequest]]] = {}  # id -> revision, requests
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
         self.registered = False
         self.registration_attempts = 0
@@ -264,6 +331,11 @@ class OpenAdrVen:
         self._watch = StandingWatch()
         self.reasks = 0
         self.implicit_cancellations = 0
+
+    @property
+    def reports_dropped(self) -> int:
+        """Reports dropped, the oldest first, while they could not reach the VTN (`REPORTS_KEPT`)."""
+        return self.client.pending_reports.dropped if self.client is not None else 0
 
     # ------------------------------------------------------------------ running
 
@@ -413,6 +485,9 @@ class OpenAdrVen:
         if isinstance(plan, DispatchAnswer):
             return await self._refuse(sink, plan, event)
         tracked = self._events.get(plan.event_id)
+        withdrawn = self._withdrawn.pop(plan.event_id, None)
+        if withdrawn is not None and withdrawn[0] == plan.revision and not plan.cancelled:
+            plan = replace(plan, requests=self._as_first_heard(plan, withdrawn[1]))
         if plan.cancelled:
             await self._cancel(sink, plan.event_id, tracked.request_ids if tracked else ())
             self._events.pop(plan.event_id, None)
@@ -448,6 +523,23 @@ class OpenAdrVen:
         self._record(outcome)
         return opt
 
+    @staticmethod
+    def _as_first_heard(plan: EventPlan, earlier: Mapping[str, DispatchRequest]) -> tuple[DispatchRequest, ...]:
+        """The requests an implicitly cancelled event listed again at the same revision made, with this
+        reception's time. Its times were placed on the gateway's clock once, when it was first heard: placed
+        again, a wall-to-monotonic conversion a microsecond off made requests differ from the ones the core
+        cancelled, which it refuses (DUPLICATE: the id is used with other content)."""
+        return tuple(replace(earlier[r.id], received_at=r.received_at) if r.id in earlier else r
+                     for r in plan.requests)
+
+    def _keep_withdrawn(self, event_id: str, tracked: _Tracked) -> None:
+        """Remember an implicitly cancelled event's requests (`WITHDRAWN_KEPT` events at most, the oldest
+        forgotten first), for `_as_first_heard`."""
+        self._withdrawn.pop(event_id, None)
+        self._withdrawn[event_id] = (tracked.revision, dict(tracked.requests))
+        while len(self._withdrawn) > WITHDRAWN_KEPT:
+            del self._withdrawn[next(iter(self._withdrawn))]
+
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
         if answer is None:  # the contract says every request is answered; treat silence as a no
@@ -482,6 +574,7 @@ class OpenAdrVen:
                 # start's tail is still this VEN's to run, report and ask again for, until `_forget_ended`.
                 continue
             del self._events[event_id]
+            self._keep_withdrawn(event_id, tracked)
             try:
                 await self._cancel(sink, event_id, tracked.request_ids, IMPLICIT_CANCEL)
             except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its poll
