@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
 from firmware_py.inverter.client import InverterClient, LinkError
+from firmware_py.inverter.sunspec import ModelDef
 from firmware_py.sim.faults import InverterFault as Fault
 from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
 
@@ -446,3 +448,101 @@ def test_a_device_that_answers_the_marker_then_refuses_its_models_is_judged_on_i
         assert "unit_id" not in check.advice and "firmware and SunSpec settings" in check.advice
 
     asyncio.run(main())
+
+
+class MovingDevice:
+    """A Modbus TCP device on 127.0.0.1 whose SunSpec map can move to another base, or go away (answering
+    exception 11 as a TCP<->RS-485 gateway does while the device behind it restarts), while the client's
+    TCP connection stays up. Outside its map it answers exception 2 (ILLEGAL_ADDRESS), as devices do."""
+
+    def __init__(self, base: int):
+        self.connections = 0
+        self.move(base)
+
+    def move(self, base: int | None) -> None:
+        self.base = base
+        self.regs = [] if base is None else InverterModel().register_map(base).registers()
+
+    def wset_w(self) -> float:
+        """WSet as the device holds it now, scaled by the simulated inverter's WSet_SF."""
+        m704 = ModelDef.load(704)
+        at = InverterModel().register_map(self.base).addresses()[704] - self.base
+        raw = m704.decode(self.regs[at:at + m704.size], scaled=False)
+        return raw["WSet"] * 10.0 ** SCALE[704]["WSet_SF"]
+
+    def reply(self, pdu: bytes) -> bytes:
+        fc = pdu[0]
+        if self.base is None:
+            return bytes([fc | 0x80, 11])
+        addr, n = struct.unpack(">HH", pdu[1:5])
+        lo = addr - self.base
+        if fc not in (3, 16) or lo < 0 or lo + n > len(self.regs):
+            return bytes([fc | 0x80, 2])
+        if fc == 3:
+            return bytes([3, 2 * n]) + struct.pack(f">{n}H", *self.regs[lo:lo + n])
+        self.regs[lo:lo + n] = struct.unpack(f">{n}H", pdu[6:6 + 2 * n])
+        return pdu[:5]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                body = self.reply(await reader.readexactly(length - 1))
+                writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+@pytest.mark.parametrize("restart", ["map moved", "unreachable, then map moved"])
+def test_a_map_that_moves_base_while_tcp_stays_up_is_discovered_again(restart):
+    """An inverter behind a Modbus TCP gateway restarts with its map at another base: the TCP link
+    never drops, so the client polled the old address for ever (exception 2) and wrote nothing.
+    Once discovered, exception 2 (or a gateway's 11) closes the link; the next poll rediscovers."""
+    async def main():
+        device = MovingDevice(40000)
+        server = await asyncio.start_server(device.handle, "127.0.0.1", 0)
+        now = [0.0]
+        client = InverterClient(InverterConfig(port=server.sockets[0].getsockname()[1], timeout_s=0.5),
+                                lambda: now[0])
+        try:
+            assert (await client.read_status()).comms_ok and client.discovery.base == 40000
+            if restart.startswith("unreachable"):
+                device.move(None)
+                st = await client.read_status()
+                assert not st.comms_ok and "Modbus exception 11" in st.error
+            device.move(50000)
+            for _ in range(4):  # bounded: each poll is past every back-off
+                now[0] += 60.0
+                st = await client.read_status()
+                if st.comms_ok:
+                    break
+            assert st.comms_ok, st.error
+            assert client.discovery.base == 50000
+            await client.apply(InverterCommand(3_000.0, "dispatch"))
+            assert client.last_error is None and device.wset_w() == pytest.approx(3_000.0)
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("model, point, value", [(701, "W_SF", 400), (704, "WSet_SF", -400), (702, "W_SF", 11)])
+def test_a_scale_factor_outside_sunspec_range_is_a_link_error_not_a_crash(model, point, value):
+    """A scale factor outside -10..10 overflowed (10.0 ** 400) or divided by zero (10.0 ** -400) inside
+    read_status()/apply(), both documented never to raise: discovery refuses the device instead."""
+    async def main():
+        smap = InverterModel().register_map(40000)
+        registers = smap.registers()
+        registers[smap.addresses()[model] - 40000 + ModelDef.load(model).offset(point)] = value & 0xFFFF
+        async with device_serving(registers) as client:
+            status = await client.read_status()
+            await client.apply(InverterCommand(3_000.0, "dispatch"))
+            assert client.writes == 0
+        return status
+
+    status = asyncio.run(main())
+    assert not status.comms_ok
+    assert f"model {model} {point} = {value} is outside -10..10: not a usable SunSpec device" in status.error

@@ -8,7 +8,7 @@ inverter's own revert timer (armed on every write) takes it to 0 W if the
 gateway goes silent.
 
 Discovery walks the model chain instead of trusting offsets; scale factors are
-read once per connection. The command path writes one contiguous 704 block
+read once per connection, and one outside SunSpec's -10..10 refuses the device. The command path writes one contiguous 704 block
 (WSetEna..WSetRvrtTms) only when the setpoint changes or a refresh is due, so
 an event (a BMS fault) costs exactly one write before the inverter has it.
 
@@ -19,7 +19,8 @@ also reads `ESDlyRemTms`, so the core can say when export may resume (no extra
 read while the inverter is connected).
 
 Healing: a dropped link is reopened (and the device re-discovered) by the next
-poll, with back-off; the command is written again at once after a reconnect, and
+poll, with back-off; so is one whose discovered addresses answer ILLEGAL_ADDRESS, or
+a gateway's exception 10/11 (the map moved behind a TCP link that stayed up); the command is written again at once after a reconnect, and
 after the inverter has let go of it (its revert fired, or it restarted): a poll
 that finds the inverter idle under a non-zero command reads the setpoint back and,
 if the inverter no longer holds it, forgets what was written so the next apply
@@ -76,6 +77,12 @@ STATUS_SPAN = (0, M701.offset("TotWhAbs") + M701.point("TotWhAbs").size)  # ID .
 CONTROL_SPAN = M704.span("WSetEna", "WSetRvrtTms")
 WSET_SPAN = M704.span("WSetEna", "WSet")
 ES_REMAINING = M703.span("ESDlyRemTms", "ESDlyRemTms")
+SF_RANGE = range(-10, 11)  # SunSpec's scale factors; anything else overflows (or divides by zero) when used
+REDISCOVER_ON = frozenset({2, 10, 11})  # ILLEGAL_ADDRESS, GATEWAY_PATH_UNAVAILABLE, GATEWAY_NO_RESPONSE
+"""Modbus exceptions that, once discovered, close the link so it is reopened and the device discovered
+again: at an address discovery found, ILLEGAL_ADDRESS means the map has moved; a gateway exception means
+the device behind it was unreachable and may come back changed (another base, other scale factors),
+which a direct TCP link would have seen as a drop. Discovery itself keeps them (the next base is tried)."""
 
 
 class ModbusErrorCause(StrEnum):
@@ -297,7 +304,9 @@ class InverterClient:
         regs = await self._read(at, min(length + 2, mdef.size))
         if regs[0] != model_id:
             raise LinkError(f"model {model_id} at {at} now reads as model {regs[0]}")
-        return mdef.decode(regs, scaled=scaled)
+        raw = mdef.decode(regs, scaled=False)
+        _check_sfs(model_id, mdef, raw)
+        return mdef.decode(regs) if scaled else raw
 
     # --- status -------------------------------------------------------------------
     async def read_status(self, *, setpoint: bool = False) -> InverterStatus:
@@ -525,7 +534,8 @@ class InverterClient:
             raise LinkError("no reply", what=what, kind=ModbusErrorCause.TIMEOUT)
         if reply.isError():
             code = getattr(reply, "exception_code", None)
-            raise LinkError(f"Modbus exception {code} ({_exception_name(code)})", what=what, drop=False,
+            raise LinkError(f"Modbus exception {code} ({_exception_name(code)})", what=what,
+                            drop=self.discovery is not None and code in REDISCOVER_ON,
                             kind=ModbusErrorCause.EXCEPTION)
         return reply
 
@@ -552,6 +562,14 @@ class InverterClient:
 
 def _sfs(mdef: ModelDef, raw: dict[str, Any]) -> dict[str, int | None]:
     return {n: raw.get(n) for n, p in mdef.points.items() if p.type == "sunssf"}
+
+
+def _check_sfs(model_id: int, mdef: ModelDef, raw: dict[str, Any]) -> None:
+    """Refuse a scale factor outside SunSpec's -10..10 at discovery (a device bug, a non-conforming map):
+    used later it would overflow or divide by zero in the middle of a poll or a command."""
+    for name, value in _sfs(mdef, raw).items():
+        if value is not None and value not in SF_RANGE:
+            raise LinkError(f"model {model_id} {name} = {value} is outside -10..10: not a usable SunSpec device")
 
 
 def _diff(mdef: ModelDef, lo: int, wrote: list[int], read: list[int]) -> str:
