@@ -8,9 +8,10 @@ inverter's own revert timer (armed on every write) takes it to 0 W if the
 gateway goes silent.
 
 Discovery walks the model chain instead of trusting offsets; scale factors are
-read once per connection, and one outside SunSpec's -10..10 refuses the device. The command path writes one contiguous 704 block
-(WSetEna..WSetRvrtTms) only when the setpoint changes or a refresh is due, so
-an event (a BMS fault) costs exactly one write before the inverter has it.
+read once per connection, and one outside SunSpec's -10..10 refuses the device.
+The command path writes one contiguous 704 block (WSetEna..WSetRvrtTms) only when
+the setpoint changes or a refresh is due, so an event (a BMS fault) costs exactly
+one write before the inverter has it.
 
 Enter service (IEEE 1547-2018, model 703): after a grid outage an inverter waits
 `ESDlyTms` before it may export again. When the inverter has model 703 and 701
@@ -20,8 +21,8 @@ read while the inverter is connected).
 
 Healing: a dropped link is reopened (and the device re-discovered) by the next
 poll, with back-off; so is one whose discovered addresses answer ILLEGAL_ADDRESS, or
-a gateway's exception 10/11 (the map moved behind a TCP link that stayed up); the command is written again at once after a reconnect, and
-after the inverter has let go of it (its revert fired, or it restarted): a poll
+a gateway's exception 10/11 (the map moved behind a TCP link that stayed up). The
+command is written again at once after a reconnect, and after the inverter has let go of it (its revert fired, or it restarted): a poll
 that finds the inverter idle under a non-zero command reads the setpoint back and,
 if the inverter no longer holds it, forgets what was written so the next apply
 writes it again. Outages are told by the gateway's link book; this client logs
