@@ -35,7 +35,7 @@ from firmware_py.config import Config
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
 from firmware_py.errors import InputError
-from firmware_py.files import regular_or_absent
+from firmware_py.files import regular_or_absent, unwritable
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
@@ -203,12 +203,16 @@ def check(config: Config) -> None:
     problems = _problems(lambda: _check_timeout_against_the_dbc(config),
                          lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
-    kept: tuple[tuple[str, str, Callable[[], object] | None, bool], ...] = (  # path, what, read, folder made
-        (config.journal.path, "journal", None, False),
-        (owner.settings_file, "owner settings file", OwnerStore(owner.settings_file, owner.reserve_pct).load, True),
-        (owner.token_file, "owner API token file", partial(_read_token_as_its_owner, owner.token_file), False))
-    for path, what, read, folder_made in kept:
-        if problem := regular_or_absent(path, what, folder_made=folder_made):
+    # path, its key, what, read, folder made, an existing file written again
+    kept: tuple[tuple[str, str, str, Callable[[], object] | None, bool, bool], ...] = (
+        (config.journal.path, "journal.path", "journal", None, False, True),
+        (owner.settings_file, "owner.settings_file", "owner settings file",
+         OwnerStore(owner.settings_file, owner.reserve_pct).load, True, True),
+        (owner.token_file, "owner.token_file", "owner API token file",
+         partial(_read_token_as_its_owner, owner.token_file), False, False))
+    for path, key, what, read, folder_made, kept_writing in kept:
+        if problem := (regular_or_absent(path, what, folder_made=folder_made)
+                       or unwritable(path, key, kept_writing=kept_writing)):
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
             problems += _problems(read)

@@ -95,6 +95,46 @@ def regular_or_absent(path: str | Path, what: str, *, folder_made: bool = False)
     return None
 
 
+def unwritable(path: str | Path, key: str, *, kept_writing: bool) -> str | None:
+    """Why this user (the service's, when it runs check-config) cannot write `path`, or None.
+
+    Found here, not at the first write: a journal beside a root-owned 0750 config was called
+    valid, then failed at its open with SQLite's "unable to open database file", naming neither
+    the key nor the cause. A file yet to be made needs its folder writable. `kept_writing`: an
+    existing file is written again (a journal, with SQLite's files beside it; settings replaced
+    through a temporary file beside them), so it and its folder must be writable too; otherwise
+    (a token made once) an existing file is only read.
+    """
+    target, folder = Path(path), Path(path).parent
+    exists = target.exists()
+    if exists and not kept_writing:
+        return None
+    if exists and not _may(target, os.W_OK):
+        where = ""
+    elif folder.is_dir() and not _may(folder, os.W_OK | os.X_OK):
+        where = f": its folder {folder} is not writable for it"
+    else:
+        return None
+    return f"{key}: {path}: cannot be written by this user ({_user()}){where}"
+
+
+def _may(path: Path, mode: int) -> bool:
+    """os.access for the user that will write (effective ids where the platform tells them apart)."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, mode, effective_ids=True)
+    return os.access(path, mode)
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
 def _read_at_most(fd: int, limit: int) -> bytes:
     chunks, size = [], 0
     while size < limit:

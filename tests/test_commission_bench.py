@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,16 @@ def meter(port: int) -> float:
         dev.close()
 
 
+def discharging(port: int, within_s: float = 20.0) -> bool:
+    """Whether the inverter holds a WSet above 0 within `within_s` (no event to wait on from outside the
+    process: its registers are asked, a bounded number of times)."""
+    for _ in range(int(within_s / 0.2)):
+        if held_at_zero(port)["WSet"] > 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def wrong_dbc(folder: Path) -> Path:
     """The bundled DBC with every id moved by 0x400: another vehicle's DBC, same signal names."""
     text = bundled_dbc("cybertruck_bms.dbc").read_text(encoding="utf-8")
@@ -303,3 +315,35 @@ def test_each_failing_case_fails_by_its_own_check_with_its_message_and_advice(pe
     assert sign["back to 0 W"]["outcome"] == "pass"
     held = held_at_zero(peers.inverter["swapped"])
     assert held["W"] == 0 and held["WSet"] == 0 and held["WSetEnaRvrt"] == 1
+
+
+def test_a_dropped_ssh_session_during_the_test_discharge_still_ends_at_0_w_with_the_report(peers: Peers):
+    """SIGHUP (the installer's SSH session dropped) killed the run at once: no WSet = 0, no report, the
+    inverter discharging until its revert timer. Its terminal is gone too (here: the pipe closed), so the
+    console's lines fail; the clean-up must still run to the end. Last in this file: it discharges the good
+    truck, which the failing cases check nothing did."""
+    config = peers.config("sighup")
+    proc = commission(config, "--allow-test-discharge", "--discharge-seconds", "30", "--discharge-w", "2000")
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # bounded by the guard below: the run ends within RUN_S whatever happens
+            seen.append(line)
+            if line.startswith("-- test discharge:"):
+                break
+        assert seen and seen[-1].startswith("-- test discharge:"), "".join(seen)
+        assert discharging(peers.inverter["good"]), "".join(seen)
+        proc.stdout.close()  # the terminal is gone: every later line fails to print
+        proc.send_signal(signal.SIGHUP)
+        code = proc.wait(timeout=RUN_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    held = held_at_zero(peers.inverter["good"])  # well within the 10 s revert timer of its last write
+    report = json.loads((config.parent / "report.json").read_text(encoding="utf-8"))
+    assert code == 1 and report["passed"] is False
+    sign = {c["name"]: c for s in report["steps"] if s["step"] == "sign_test" for c in s["checks"]}
+    assert sign["sign"]["outcome"] == "fail" and "interrupted" in sign["sign"]["detail"]
+    assert sign["back to 0 W"]["outcome"] == "pass"
+    assert held["WSet"] == 0 and held["W"] == 0

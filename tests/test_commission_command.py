@@ -8,8 +8,11 @@ and what the CAN observation counts on a real (virtual) python-can bus.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import can
 import pytest
+from aiohttp import web
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 
@@ -236,3 +240,120 @@ def test_a_bms_that_falls_silent_part_way_through_the_window_is_stale_at_its_end
         rx.shutdown()
         tx.shutdown()
     assert obs.frames > 0 and {"soc_min_pct", "bms_state", "max_discharge_w"} <= set(obs.stale)
+
+
+# --- found before anything runs: paths that cannot be written ---------------------------------------------
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_anything_runs(tmp_path: Path, capsys):
+    """/proc is a folder even root cannot create a file in: found after the whole run (the test discharge
+    included) before; now exit 2 at once, naming --report, with nothing assembled or commanded."""
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-report-proc"')
+    started = time.monotonic()
+    code = main(["commission", "--config", str(config), "--report", "/proc/commissioning.json",
+                 "--allow-test-discharge"])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert "--report /proc/commissioning.json: cannot write" in captured.err and "Traceback" not in captured.err
+    assert "-- listening" not in captured.out and "-- asking the inverter" not in captured.out
+    assert not (tmp_path / "journal.sqlite").exists()
+    assert time.monotonic() - started < 5  # not after a CAN window
+
+
+def test_a_journal_this_user_cannot_write_fails_the_configuration_step_naming_its_key(tmp_path: Path, capsys):
+    """SQLite's "unable to open database file", filed under the inverter step, named neither the key nor
+    the cause. /proc/self is a folder no user can write, root included (CI runs as root)."""
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-journal-proc"')
+    config.write_text(config.read_text().replace('path = "journal.sqlite"', 'path = "/proc/self/journal.sqlite"'))
+    report = tmp_path / "report.json"
+    assert main(["commission", "--config", str(config), "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    words = "journal.path: /proc/self/journal.sqlite: cannot be written by this user"
+    assert words in captured.err and "Traceback" not in captured.err
+    doc = json.loads(report.read_text())
+    assert doc["steps"][0]["step"] == "config" and doc["steps"][0]["outcome"] == "fail"
+    assert all(s["outcome"] != "pass" for s in doc["steps"][1:])  # nothing after it ran
+    assert words in doc["steps"][0]["checks"][0]["detail"]
+
+
+# --- Ctrl-C while an aggregator interface is asked ----------------------------------------------------------
+
+class SlowVtn:
+    """An OpenADR 3 VTN on its own loop in a thread that answers correctly, but holds GET /vens until
+    closed; `asked` is set when that request arrives (the dispatch probe then waits on it)."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="slow-VTN", daemon=True)
+        self.thread.start()
+        self.runner, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+        self.url = f"http://127.0.0.1:{self.port}/openadr3/3.0.1"
+
+    async def _start(self) -> tuple[web.AppRunner, int]:
+        base = "/openadr3/3.0.1"
+        self.hold = asyncio.Event()  # set at close: until then the answer waits
+
+        async def server(_r: web.Request) -> web.Response:
+            return web.json_response({"tokenURL": f"{self.url}/auth/token"})
+
+        async def token(_r: web.Request) -> web.Response:
+            return web.json_response({"access_token": "tok", "token_type": "Bearer", "expires_in": 3600})
+
+        async def vens(_r: web.Request) -> web.Response:
+            self.asked.set()
+            await self.hold.wait()
+            return web.json_response([])
+
+        app = web.Application()
+        app.add_routes([web.get(f"{base}/auth/server", server), web.post(f"{base}/auth/token", token),
+                        web.get(f"{base}/vens", vens)])
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, runner.addresses[0][1]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.hold.set)
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.mark.slow  # a real-time CAN window
+def test_ctrl_c_while_an_aggregator_is_asked_fails_the_dispatch_step_as_interrupted(tmp_path: Path, capsys):
+    """The stop was looked at only before the dispatch probes, which may each wait 15 s: Ctrl-C then was
+    ignored and the run said PASSED, exit 0. Now the probe is cut short and the step fails as interrupted."""
+    vtn = SlowVtn()
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-ctrl-c-dispatch"')
+    secret = tmp_path / "oa3.secret"
+    secret.write_text("secret\n", encoding="utf-8")
+    secret.chmod(0o600)
+    config.write_text(config.read_text() + f'\n[dispatch.openadr3]\nenabled = true\nvtn_url = "{vtn.url}"\n'
+                      f'client_secret_file = "{secret.name}"\n', encoding="utf-8")
+    report = tmp_path / "report.json"
+
+    sent: list[float] = []
+
+    def ctrl_c_once_asked() -> None:
+        if vtn.asked.wait(timeout=60):
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=ctrl_c_once_asked, daemon=True)
+    interrupter.start()
+    try:
+        code = main(["commission", "--config", str(config), "--report", str(report), "--can-seconds", "3"])
+        ended = time.monotonic()
+    finally:
+        interrupter.join(timeout=60)
+        vtn.close()
+    out = capsys.readouterr().out
+    assert vtn.asked.is_set(), out
+    doc = json.loads(report.read_text())
+    assert code != 0 and doc["passed"] is False and "COMMISSIONING FAILED" in out, out
+    dispatch = [s for s in doc["steps"] if s["step"] == "dispatch"]
+    assert len(dispatch) == 1 and dispatch[0]["outcome"] == "fail"
+    assert [c["name"] for c in dispatch[0]["checks"]] == ["interrupted"]
+    assert ended - sent[0] < 5  # at once, not after the probe's 15 s

@@ -177,6 +177,14 @@ def test_bundled_data_is_found():
     ('[journal]\npath = "no-such-dir/journal.sqlite"\n', "journal.sqlite: the journal's folder"),
     ('[owner]\ntoken_file = "no-such-dir/owner.token"\n', "owner.token: the owner API token file's folder"),
     ('[can]\ninterface = "socketcann"\n', "can.interface: python-can has no interface 'socketcann'"),
+    # a folder this user cannot write (under /proc/self, which not even root can): valid, then SQLite's
+    # "unable to open database file" at the start, naming neither the key nor the cause
+    ('[journal]\npath = "/proc/self/journal.sqlite"\n',
+     "journal.path: /proc/self/journal.sqlite: cannot be written by this user"),
+    ('[owner]\nsettings_file = "/proc/self/settings.json"\n',
+     "owner.settings_file: /proc/self/settings.json: cannot be written by this user"),
+    ('[owner]\ntoken_file = "/proc/self/owner.token"\n',
+     "owner.token_file: /proc/self/owner.token: cannot be written by this user"),
     # OpenADR 3 uses the SIMPLE levels of [dispatch.openadr] though that section's VEN is off: a level
     # below 0 % turned a shed into a charge.
     ('[dispatch.openadr]\nsimple_levels_pct = [-50.0, 50.0, 100.0]\n[dispatch.openadr3]\nenabled = true\n'

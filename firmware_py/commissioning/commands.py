@@ -15,8 +15,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -71,13 +74,28 @@ class Console:
         self.report = report
 
     def say(self, text: str) -> None:
-        print(text, flush=True)
+        """A terminal gone (an SSH session dropped: EIO; a closed pipe) must not cut the clean-up short:
+        the inverter still goes to 0 W and the report file is still written, so the rest goes nowhere."""
+        try:
+            print(text, flush=True)
+        except OSError:
+            _silence_stdout()
 
     def step(self, step: Step, checks: list[Check]) -> None:
         """A step's checks; a step told again (the bus lost after its window) prints only what is new."""
         again = bool(self.report.of(step))
         self.report.add(checks)
         self.say("\n".join(step_lines(self.report, step, checks if again else None)))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so neither later lines nor the flush at exit fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _commission(args: argparse.Namespace) -> int:
@@ -136,10 +154,24 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _check_writable(path: Path) -> None:
+    """Refuse a report path that cannot be written before anything runs: found after the run, it cost
+    the whole run (the test discharge included). A file is tried in the folder, as the report is written
+    (a temporary file beside it, then renamed): root passes os.access where it still cannot create one."""
     if path.is_dir():
         raise InputError(f"--report {path}: is a folder; give a file name")
-    if not path.resolve().parent.is_dir():
-        raise InputError(f"--report {path}: cannot write: folder {path.resolve().parent} does not exist")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise InputError(f"--report {path}: cannot write: folder {folder} does not exist")
+    if path.exists() and not path.is_file():  # a device such as /dev/stdout is written to as it is
+        if not os.access(path, os.W_OK):
+            raise InputError(f"--report {path}: cannot write: permission denied")
+        return
+    try:
+        fd, trial = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".check")
+    except OSError as err:
+        raise InputError(f"--report {path}: cannot write in folder {folder}: {err.strerror or err}") from None
+    os.close(fd)
+    os.unlink(trial)
 
 
 WINDOW_PERIODS = 3
@@ -192,7 +224,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
     and everything assembling opened is closed."""
     stop, stop_thread = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the installer's SSH session dropped
         loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
     where = f"{config.can.interface} {config.can.channel}"
     reader = reader_from_config(config, time.monotonic)
@@ -228,7 +260,10 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         if _interrupted(console, stop, Step.DISPATCH):
             return
         console.say("-- asking the aggregator interfaces ...")
-        console.step(Step.DISPATCH, judgement.judge_dispatch(await probes.probe_dispatch(assembly)))
+        reaches = await probes.probe_dispatch(assembly, stop=stop)
+        if _interrupted(console, stop, Step.DISPATCH):  # an interface cut short is no pass
+            return
+        console.step(Step.DISPATCH, judgement.judge_dispatch(reaches))
     finally:
         if service is not None:
             await service.stop()  # its safe stop (WSet = 0), then it closes the assembly
@@ -238,7 +273,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
 
 
 def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
-    """SIGINT or SIGTERM: the step under way fails as interrupted and nothing more is tried
+    """SIGINT, SIGTERM or SIGHUP: the step under way fails as interrupted and nothing more is tried
     (the caller's clean-up still takes the inverter to 0 W)."""
     if not stop.is_set():
         return False

@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -257,21 +257,47 @@ async def _back_to_zero(service: Service, request: DispatchRequest) -> tuple[boo
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
-async def probe_dispatch(assembly: Assembly, timeout_s: float = DISPATCH_TIMEOUT_S) -> list[Reach]:
-    """Each enabled aggregator interface: the VTN registers this VEN; the SunSpec server listens and serves."""
+async def probe_dispatch(assembly: Assembly, timeout_s: float = DISPATCH_TIMEOUT_S,
+                         stop: asyncio.Event | None = None) -> list[Reach]:
+    """Each enabled aggregator interface: the VTN registers this VEN; the SunSpec server listens and serves.
+
+    Each probe may wait `timeout_s`: when `stop` is set meanwhile (Ctrl-C), the probe is cancelled and
+    the interfaces not yet checked are not tried; the caller tells an interrupted step by `stop`."""
     reaches = []
     for name in INTEGRATIONS:
         if not name.startswith("dispatch.") or not section(assembly.config, name).enabled:
             continue
+        if stop is not None and stop.is_set():
+            break
         probe = DISPATCH_PROBES.get(name)
         if probe is None:
             reaches.append(Reach(name, "", None, "not checked by this version of commission"))
             continue
         try:
-            reaches.append(await asyncio.wait_for(probe(assembly, name), timeout_s))
+            reach = await _unless_stopped(asyncio.wait_for(probe(assembly, name), timeout_s), stop)
         except asyncio.TimeoutError:
-            reaches.append(Reach(name, _target(assembly, name), False, f"no outcome within {timeout_s:g} s"))
+            reach = Reach(name, _target(assembly, name), False, f"no outcome within {timeout_s:g} s")
+        if reach is None:  # stopped
+            break
+        reaches.append(reach)
     return reaches
+
+
+async def _unless_stopped(probe: Awaitable[Reach], stop: asyncio.Event | None) -> Reach | None:
+    """The probe's outcome, or None as soon as `stop` is set (the probe then cancelled and awaited)."""
+    task = asyncio.ensure_future(probe)
+    if stop is None:
+        return await task
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopped):
+            pending.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if stop.is_set():
+        return None
+    return task.result()
 
 
 def _target(assembly: Assembly, name: str) -> str:
