@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
+from pathlib import Path
 
 import can
 import cantools
@@ -156,6 +158,38 @@ def test_a_float_signal_carrying_nan_or_infinity_is_refused_not_raised(tmp_path,
                                            is_extended_id=False), now=0.05)
     assert reader.dropped == {"out_of_range": 1} and "HvilStatus" in reader.last_drop
     assert handed is not None and {"hvil_ok", "pack_contactor_neg", "pack_contactor_pos"} <= handed.stale
+
+
+def shifted_state_dbc(tmp_path) -> Path:
+    """The bundled DBC for a vehicle numbering its BMS states from 1: offset -1 yields the gateway's codes,
+    and the value table (keyed by raw value, as DBCs are) runs 1..11."""
+    text = DBC.read_text().replace(" SG_ BmsState : 32|4@1+ (1,0) [0|15]", " SG_ BmsState : 32|4@1+ (1,-1) [-1|14]")
+    table = " ".join(f'{code + 1} "S{code}"' for code in range(11))
+    text = re.sub(r"VAL_ 530 BmsState [^;]*;", f"VAL_ 530 BmsState {table} ;", text)
+    path = tmp_path / "shifted-state.dbc"
+    path.write_text(text)
+    return path
+
+
+def test_a_value_table_is_checked_against_the_raw_value_when_scale_and_offset_shift_the_codes(tmp_path):
+    """docs/can.md: a DBC whose scale and offset yield the gateway's codes is fine, and a raw value outside
+    its value table is refused. Raw 1 (the vehicle's STANDBY) must be believed as code 0; raw 12 refused."""
+    reader = BmsReader(shifted_state_dbc(tmp_path), clock=lambda: 0.0)
+    message = reader.db.get_message_by_name("BmsStatus")
+
+    def state(raw: int) -> can.Message:
+        data = bytearray(message.encode({"BmsState": 0, "ContactorState": 4, "HvState": 6, "Isolation": 5000}))
+        data[4] = (data[4] & 0xF0) | raw
+        return can.Message(arbitration_id=message.frame_id, data=bytes(data), is_extended_id=False)
+
+    for now, (raw, code) in enumerate([(1, 0), (3, 2), (11, 10)]):
+        reader.on_message(state(raw), now=float(now))
+        snap = reader.snapshot(float(now))
+        assert snap.bms_state == code and "bms_state" not in snap.stale, reader.last_drop
+    assert not reader.dropped
+    reader.on_message(state(12), now=3.0)
+    assert reader.dropped == {"not_in_value_table": 1} and "BmsState" in reader.last_drop
+    assert "bms_state" in reader.snapshot(3.0).stale
 
 
 def test_a_refused_frame_that_stales_a_critical_field_steps_the_core_at_once_not_at_the_tick(reader):

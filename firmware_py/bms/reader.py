@@ -46,7 +46,8 @@ class _Binding:
     field: str
     signal: str
     factor: float
-    choices: frozenset[int] | None
+    choices: frozenset[float] | None
+    """The value table's codes as decoded (scaled) values, which is what `_parse` checks."""
     bounds: tuple[float, float] | None
 
 
@@ -87,12 +88,24 @@ def _binding(db: Any, name: str, ref: str, source: str) -> tuple[Any, _Binding]:
         signal = message.get_signal_by_name(sig_name)
     except KeyError:
         raise InputError(f"{source}.{name}: signal {sig_name!r} is not in message {msg_name}") from None
-    choices = frozenset(int(k) for k in signal.choices) if signal.choices else None
+    choices = _scaled_choices(signal)
     if name == "hvil_ok":
         factor, bounds = 1.0, None
     else:
         factor, bounds = signals.UNIT_FACTORS.get(signal.unit or "", 1.0), signals.PLAUSIBLE.get(name)
     return message, _Binding(name, sig_name, factor, choices, bounds)
+
+
+def _scaled_choices(signal: Any) -> frozenset[float] | None:
+    """The value table's keys scaled as `decode` scales a value, or None without a table.
+
+    cantools keys `choices` by raw value while `_parse` sees the scaled one: with a
+    DBC whose offset shifts the vehicle's codes onto the gateway's (docs/can.md), raw
+    keys would refuse a defined state for ever and believe an undefined one.
+    """
+    if not signal.choices:
+        return None
+    return frozenset(signal.conversion.raw_to_scaled(int(k), decode_choices=False) for k in signal.choices)
 
 
 def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]:
@@ -318,7 +331,7 @@ def _parse(frame: _Frame, data: bytes) -> dict[str, Any] | _Refusal:
         raw = decoded[b.signal]
         if not is_finite_number(raw):  # an IEEE float signal of an installer's DBC can carry NaN or infinity
             return _Refusal("out_of_range", names, f"{b.signal}={raw}")
-        if b.choices is not None and int(raw) not in b.choices:
+        if b.choices is not None and raw not in b.choices:
             return _Refusal("not_in_value_table", names, f"{b.signal}={raw}")
         if b.field == "hvil_ok":
             values[b.field] = int(raw) == signals.HVIL_OK_VALUE
