@@ -102,10 +102,39 @@ def test_never_received_is_none_not_a_default(reader):
     assert s.soc_min_pct is None and s.bms_state is None and not s.fresh("soc_min_pct")
 
 
-def test_non_bms_and_extended_frames_are_ignored_without_counting(reader):
+def test_non_bms_frames_are_ignored_without_counting(reader):
     assert reader.on_message(can.Message(arbitration_id=0x123, data=bytes(8), is_extended_id=False)) is None
-    assert reader.on_message(can.Message(arbitration_id=0x292, data=soc(50).data, is_extended_id=True)) is None
+    assert reader.on_message(can.Message(arbitration_id=0x123, data=bytes(8), is_extended_id=True)) is None
     assert reader.accepted == 0 and not reader.dropped
+
+
+def test_an_extended_frame_with_a_bms_id_is_counted_as_dropped_not_read_and_stales_nothing(reader):
+    """A 29-bit id that happens to share a BMS id's number is another message: not read, but said."""
+    reader.on_message(soc(50.0), now=0.0)
+    assert reader.on_message(can.Message(arbitration_id=0x292, data=soc(10).data, is_extended_id=True),
+                             now=0.05) is None
+    assert reader.accepted == 1 and reader.dropped == {"extended_id": 1} and "extended_id" in reader.last_drop
+    s = reader.snapshot(0.05)
+    assert s.soc_min_pct == pytest.approx(50.0) and not s.stale
+
+
+def extended_dbc(tmp_path) -> Path:
+    """The bundled DBC with BmsSoc on a 29-bit id (a DBC marks one with bit 31 of the id)."""
+    path = tmp_path / "extended.dbc"
+    path.write_text(DBC.read_text().replace("BO_ 658 ", f"BO_ {0x80000000 | 0x18FF0292} "))
+    return path
+
+
+def test_a_dbc_whose_mapped_message_has_a_29_bit_id_is_refused_naming_it(tmp_path):
+    """Every filter and lookup is 11-bit: such a DBC loaded fine and then every BmsSoc frame vanished."""
+    path = extended_dbc(tmp_path)
+    assert cantools.database.load_file(str(path)).get_message_by_name("BmsSoc").is_extended_frame
+    with pytest.raises(InputError, match=re.escape(f"{path}: message BmsSoc (0x18FF0292) has a 29-bit id: "
+                                                   "not supported")):
+        BmsReader(path, clock=lambda: 0.0)
+    # Unmapped, the message is never read, so the DBC is fine.
+    assert 0x18FF0292 not in BmsReader(path, clock=lambda: 0.0, mapping={f: "" for f in (
+        "soc_min_pct", "soc_ui_pct", "soc_max_pct", "soc_avg_pct")}).frame_ids
 
 
 @pytest.mark.parametrize("msg,reason", [

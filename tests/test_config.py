@@ -259,6 +259,15 @@ def test_a_random_empty_or_foreign_dbc_is_refused_by_check_config(tmp_path, caps
     assert message in capsys.readouterr().err
 
 
+def test_a_dbc_with_a_29_bit_mapped_message_is_refused_by_check_config(tmp_path, capsys):
+    """It passed, and then the gateway dropped every frame of it without a word: 0 W for ever."""
+    text = bundled_dbc("cybertruck_bms.dbc").read_text()
+    (tmp_path / "vehicle.dbc").write_text(text.replace("BO_ 658 ", f"BO_ {0x80000000 | 0x18FF0292} "))
+    path = write(tmp_path, '[vehicle]\ndbc = "vehicle.dbc"\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "vehicle.dbc: message BmsSoc (0x18FF0292) has a 29-bit id: not supported" in capsys.readouterr().err
+
+
 # --- special files, huge numbers, deep nesting ------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "directory", "oversized"])

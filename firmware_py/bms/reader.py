@@ -108,7 +108,7 @@ def _scaled_choices(signal: Any) -> frozenset[float] | None:
     return frozenset(signal.conversion.raw_to_scaled(int(k), decode_choices=False) for k in signal.choices)
 
 
-def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]:
+def _frames(db: Any, table: Mapping[str, str], source: str, dbc: Path) -> dict[int, _Frame]:
     grouped: dict[int, tuple[Any, list[_Binding]]] = {}
     problems: list[str] = []  # every entry's, at once: an installer fitting a vehicle fixes them together
     for name, ref in table.items():
@@ -123,6 +123,10 @@ def _frames(db: Any, table: Mapping[str, str], source: str) -> dict[int, _Frame]
                 problems += err.problems
                 continue
             grouped.setdefault(message.frame_id, (message, []))[1].append(binding)
+    # Frames, filters and the id lookup are all 11-bit: a 29-bit message would pass every check here
+    # and then never be read. Said now rather than found as a truck that is never usable.
+    problems += [f"{dbc}: message {message.name} (0x{message.frame_id:X}) has a 29-bit id: not supported"
+                 for message, _ in grouped.values() if message.is_extended_frame]
     problems += [f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, so its freshness cannot "
                  "be judged" for message, _ in grouped.values() if not message.cycle_time]
     if problems:
@@ -147,7 +151,7 @@ class BmsReader:
         self.db_path = Path(db_path)
         self.db = load_dbc(self.db_path)
         self._clock = clock
-        self._frames = _frames(self.db, signals.merged(mapping), source)
+        self._frames = _frames(self.db, signals.merged(mapping), source, self.db_path)
         self._timeout = {b.field: f.timeout_s for f in self._frames.values() for b in f.bindings}
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
@@ -199,9 +203,11 @@ class BmsReader:
         core for every snapshot it receives and for nothing else.
         """
         frame = self._frames.get(msg.arbitration_id)
-        if frame is None or msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
+        if frame is None or msg.is_remote_frame or msg.is_error_frame:
             return None
         with self._lock:
+            if msg.is_extended_id:  # a 29-bit id sharing a BMS id's number: another message, counted not read
+                return self._drop("extended_id", frame, (), f"29-bit id 0x{msg.arbitration_id:X}")
             # Read under the lock: a tick's `snapshot` in between would otherwise stamp a later time first,
             # and this snapshot, older than the one the core holds, would not be believed.
             now = self._clock() if now is None else now
