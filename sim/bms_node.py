@@ -29,6 +29,7 @@ from firmware_py.arguments import number, whole
 from firmware_py.bms import signals
 from firmware_py.bms.reader import load_dbc
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
+from firmware_py.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,27 @@ HVIL_OK = 1
 FLOW_THRESHOLD_A = 0.5
 EXTRA_SIGNALS = {"HvBattAmpVolt.RawCurrent": "pack_current_a"}
 """Signals the reader does not map but a real BMS still sends; filled from these fields."""
+
+
+def sent_messages(db: Any) -> tuple[str, ...]:
+    """The messages of DBC `db` (cantools) the node sends: those with a period, the only ones a
+    `message_silence` can stop."""
+    return tuple(m.name for m in db.messages if m.cycle_time)
+
+
+def check_silenced_messages(scenario_path: Path, faults: Sequence[Any], dbc: Path) -> None:
+    """Refuse a scenario whose `message_silence` names a message `dbc` does not send.
+
+    The scenario loader can only check against the bundled DBC; with `--dbc` another one is used,
+    and without this check the fault failed mid-run with a traceback, the bus already open.
+    """
+    names = sent_messages(load_dbc(dbc))
+    problems = [f"{scenario_path}: fault[{i}].message: {f.message!r} is not a message {dbc.name} sends "
+                f"(it has: {', '.join(names)})"
+                for i, f in enumerate(faults)
+                if f.kind == BmsFault.MESSAGE_SILENCE and f.message not in names]
+    if problems:
+        raise InputError(problems)
 
 
 @dataclass
@@ -97,7 +119,7 @@ class BmsNode:
 
     @property
     def message_names(self) -> tuple[str, ...]:
-        return tuple(sched.message.name for sched in self._schedules)
+        return sent_messages(self.db)
 
     def _expire(self, now: float) -> None:
         for kind, until in list(self._faults.items()):
@@ -248,6 +270,8 @@ def _sim_bms(args: argparse.Namespace) -> int:
     faults = [(f.at_s, f.kind, f.duration_s, f.message) for f in (loaded.fault if loaded else ())
               if f.kind in FAULT_KINDS]
     dbc, _ = resolve_dbc(args.dbc, elm=False)
+    if loaded:
+        check_silenced_messages(Path(args.scenario), loaded.fault, dbc)
     battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
                       seed=args.seed)
     # A BMS only talks: what others send on the bus is not carried to it.

@@ -31,6 +31,9 @@ BENCH_DBC = "cybertruck_bms.dbc"
 
 MAX_RUN_S = 30 * 86_400
 """The longest run, and so the bound of every time in a scenario (times are seconds from its start)."""
+NOT_SET = -1
+"""The documented "unchanged" / "not checked" value: exactly -1, never any negative (a typo'd sign
+would otherwise switch a check off without a word)."""
 MAX_ID_CHARS = 200
 MAX_STEP_S = 0.25
 """Half the gateway's BMS timeout (0.5 s): the BMS node's frames reach the gateway once a step, and what
@@ -93,7 +96,7 @@ class Cancel:
 @dataclass(frozen=True)
 class OwnerChange:
     at_s: float = spec(..., lo=0, hi=MAX_RUN_S)
-    reserve_pct: float = spec(-1, lo=-1, hi=100, doc="-1: unchanged")
+    reserve_pct: float = spec(NOT_SET, lo=0, hi=100, unset=NOT_SET, doc="-1: unchanged")
     opt_out: bool = spec(False)
 
 
@@ -107,12 +110,12 @@ class Fault:
 
 @dataclass(frozen=True)
 class Expect:
-    min_delivered_wh: float = spec(-1, lo=-1, hi=1e9, doc="-1: not checked; all events together")
-    max_delivered_wh: float = spec(-1, lo=-1, hi=1e9)
+    min_delivered_wh: float = spec(NOT_SET, lo=0, hi=1e9, unset=NOT_SET, doc="-1: not checked; all events together")
+    max_delivered_wh: float = spec(NOT_SET, lo=0, hi=1e9, unset=NOT_SET)
     max_floor_violations: int = spec(0, lo=0, hi=10**9)
-    min_soc_pct: float = spec(-1, lo=-1, hi=100)
+    min_soc_pct: float = spec(NOT_SET, lo=0, hi=100, unset=NOT_SET)
     final_state: str = spec("", choices=("", *(m.value for m in Mode)))
-    max_safe_after_s: float = spec(-1, lo=-1, hi=MAX_RUN_S, doc="every fault: inverter at 0 W (or backup) within this")
+    max_safe_after_s: float = spec(NOT_SET, lo=0, hi=MAX_RUN_S, unset=NOT_SET, doc="every fault: inverter at 0 W (or backup) within this")
     answers: dict[str, str] = spec({}, doc="event id -> accepted | accepted_capped | rejected")
     reasons: dict[str, str] = spec({}, doc="event id -> the reason code its refusal must carry")
 

@@ -28,7 +28,7 @@ from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
 from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
-from firmware_py.sim.scenario import BENCH_DBC, Scenario
+from firmware_py.sim.scenario import BENCH_DBC, NOT_SET, Scenario
 
 from firmware_py.assembly import assemble, integration
 from firmware_py.config import Config, bundled_dbc
@@ -252,7 +252,7 @@ class Simulation:
 
     async def _owner(self, change) -> None:
         current = self.gateway.owner_settings()
-        reserve = current.reserve_pct if change.reserve_pct < 0 else change.reserve_pct
+        reserve = current.reserve_pct if change.reserve_pct == NOT_SET else change.reserve_pct
         await self.gateway.set_owner(replace(current, reserve_pct=reserve, received_at=self.t,
                                              opt_out_until=math.inf if change.opt_out else None))
 
@@ -350,11 +350,11 @@ class Simulation:
         total = sum(summary["delivered_wh"].values())
         checks.append(("floor violations", summary["floor_violations"] <= e.max_floor_violations,
                        f"{summary['floor_violations']} (allowed {e.max_floor_violations})"))
-        if e.min_delivered_wh >= 0:
+        if e.min_delivered_wh != NOT_SET:
             checks.append(("min delivered", total >= e.min_delivered_wh, f"{total:.0f} Wh >= {e.min_delivered_wh:.0f}"))
-        if e.max_delivered_wh >= 0:
+        if e.max_delivered_wh != NOT_SET:
             checks.append(("max delivered", total <= e.max_delivered_wh, f"{total:.0f} Wh <= {e.max_delivered_wh:.0f}"))
-        if e.min_soc_pct >= 0:
+        if e.min_soc_pct != NOT_SET:
             checks.append(("min SoC", summary["min_soc_pct"] >= e.min_soc_pct,
                            f"{summary['min_soc_pct']:.2f} % >= {e.min_soc_pct}"))
         if e.final_state:
@@ -366,7 +366,7 @@ class Simulation:
         for event_id, reason in e.reasons.items():
             got = (summary["answer_details"].get(event_id) or {}).get("reason")
             checks.append((f"reason {event_id}", got == reason, f"{got} == {reason}"))
-        if e.max_safe_after_s >= 0:
+        if e.max_safe_after_s != NOT_SET:
             for w in summary["faults"]:
                 safe = w["safe_after_s"]
                 checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,

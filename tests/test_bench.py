@@ -435,6 +435,34 @@ def test_scenario_values_out_of_any_bound_are_refused_before_the_run(tmp_path, c
     assert message in capsys.readouterr().err
 
 
+SENTINEL_KEYS = {"owner_change": ("reserve_pct",),
+                 "expect": ("min_delivered_wh", "max_delivered_wh", "min_soc_pct", "max_safe_after_s")}
+
+
+def test_a_mistyped_sign_is_refused_not_taken_for_not_set(tmp_path, capsys):
+    """-1 means "unchanged" / "not checked"; any negative used to be accepted as it, so -0.5 for 0.5
+    silently dropped the check."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nduration_s = 5\n[[owner_change]]\nat_s = 1\nreserve_pct = -0.5\n[expect]\n"
+                   + "".join(f"{key} = -0.5\n" for key in SENTINEL_KEYS["expect"]))
+    assert main(["sim", "--scenario", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: owner_change[0].reserve_pct: -0.5 is out of range (0 to 100, or -1 for not set)" in err
+    for key in SENTINEL_KEYS["expect"]:
+        assert f"{bad}: expect.{key}: -0.5 is out of range" in err
+
+
+def test_minus_one_still_means_not_set(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text("[run]\nduration_s = 5\n[[owner_change]]\nat_s = 1\nreserve_pct = -1\n[expect]\n"
+                    + "".join(f"{key} = -1\n" for key in SENTINEL_KEYS["expect"]))
+    loaded = scenario.load(good)
+    assert loaded.owner_change[0].reserve_pct == -1 and loaded.expect.min_soc_pct == -1
+    outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=tmp_path / "j.sqlite")).run())
+    assert outcome.passed
+    assert [name for name, _, _ in outcome.checks] == ["floor violations"]  # the -1 checks are not made
+
+
 def test_a_window_closing_after_a_fault_is_not_the_gateways_reaction_to_it(tmp_path):
     """A silence of a message the gateway only shows as stale, during an event that ends on schedule
     half a second later: the window's close was taken for the fault detected and made safe."""

@@ -157,6 +157,22 @@ def test_sim_bms_silences_the_message_a_scenario_names(tmp_path, capsys):
     assert "sent" in capsys.readouterr().out
 
 
+def test_sim_bms_refuses_a_silence_the_other_dbc_lacks(tmp_path, capsys):
+    """With --dbc another DBC, a `message_silence` naming a message only the bundled DBC has
+    crashed mid-run with a traceback (exit 1); it is bad input, refused before the bus opens."""
+    other = tmp_path / "other.dbc"
+    other.write_text(bundled_dbc("cybertruck_bms.dbc").read_text().replace("BmsThermal", "PackThermal"))
+    scenario = tmp_path / "silence.toml"
+    scenario.write_text('[run]\nduration_s = 1\n[[fault]]\nat_s = 0\nkind = "message_silence"\n'
+                        'message = "BmsThermal"\nduration_s = 0.1\n')
+    assert main(["sim", "bms", "--can-interface", "virtual", "--can-channel", "test_sim_bms_other_dbc",
+                 "--scenario", str(scenario), "--dbc", str(other), "--duration", "0.3"]) == 2
+    captured = capsys.readouterr()
+    assert f"{scenario}: fault[0].message: 'BmsThermal' is not a message other.dbc sends" in captured.err
+    assert "PackThermal" in captured.err and "Traceback" not in captured.err
+    assert "sent" not in captured.out  # refused before the node ran
+
+
 def test_decode_takes_dbc_and_mapping_from_a_config(tesla_capture, tmp_path, capsys):
     path = tesla_capture("drive-80.txt")
     cfg = tmp_path / "gw.toml"

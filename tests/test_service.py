@@ -447,3 +447,41 @@ def test_an_owner_change_arriving_while_the_service_stops_neither_steps_the_core
             assert wsets[writes_at_stop:] == [0.0]  # the safe stop's, alone
 
     asyncio.run(main())
+
+
+def test_a_can_adapter_missing_at_start_leaves_the_bms_link_down_and_the_service_up_until_it_opens(
+        tmp_path: Path, caplog):
+    """An adapter not there at start (here socketcan on an interface that does not exist: OSError) stopped
+    `run` with exit 2, and systemd's start limit then left the gateway down until a reboot. It now
+    starts with the BMS link down, holds 0 W, retries, and heals once the bus can be opened."""
+    async def main() -> None:
+        model = InverterModel(now=time.time())
+        async with SimInverterServer(model) as server:
+            channel = f"service-test-{next(_channels)}"
+            config = gateway_config(tmp_path, channel, port=server.port, poll_interval_s=0.2)
+            config = replace(config, can=replace(config.can, interface="socketcan", channel="psgw-absent0"))
+            service = Service(assemble(config, time.time), RunOptions(owner_api=False))
+            link = service.assembly.can_link
+            assert link.bus is None
+            try:
+                await service.start()
+                await until(lambda: link.reopens >= 2, "the link to retry the missing adapter")
+                assert not any(task.done() for task in service.tasks)  # running, not exited
+                view = service.gateway.links.view(time.time())["bms"]
+                assert not view["ok"] and "cannot open the socketcan bus 'psgw-absent0'" in view["cause"]
+                assert service.gateway.command.setpoint_w == 0
+                assert service.gateway.controller.mode is not Mode.STANDBY  # no BMS data: not ready to serve
+                # The adapter appears: the same channel now opens (a virtual bus stands in for it).
+                link._opener = lambda: can.Bus(interface="virtual", channel=channel)
+                async with LivePack(channel, model):
+                    await until(lambda: service.gateway.controller.mode is Mode.STANDBY, "fresh BMS data")
+                    await until(lambda: service.gateway.links.view(time.time())["bms"]["ok"], "the link shown up")
+                    assert link.bus is not None
+            finally:
+                await service.stop()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert len([r for r in caplog.records if "starts without BMS data" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if r.getMessage().startswith("link lost: bms")]) == 1
+    assert not [r for r in caplog.records if r.exc_info]

@@ -24,6 +24,22 @@ SEND_ONLY = [{"can_id": 0, "can_mask": 0x1FFFFFFF, "extended": True}]
 """Acceptance filters for a node that only sends (the simulated BMS): nothing it would ever be sent."""
 
 
+class BusUnavailable(InputError):
+    """The bus could not be opened now: the driver or the device said no (an adapter not yet
+    enumerated or unplugged, `can0` down, a CAN server not running), not the configuration.
+
+    Still an `InputError`, so a one-shot command fails at once with its clear message; the
+    gateway's link instead starts without the bus and keeps trying, as it does for a bus that
+    breaks later. An interface python-can does not know stays a plain `InputError`: no retry
+    will ever fix that.
+    """
+
+
+def _transient(err: Exception) -> bool:
+    """Whether opening may work later: an OS or python-can error, but not an unknown interface."""
+    return isinstance(err, (OSError, can.CanError)) and not isinstance(err, can.CanInterfaceNotImplementedError)
+
+
 def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str, Any]] | None = None,
              **kwargs: Any) -> can.BusABC:
     """A python-can bus, with acceptance `filters` where its driver applies them.
@@ -36,7 +52,8 @@ def open_bus(interface: str, channel: str, *, blame: str, filters: list[dict[str
     try:
         return can.Bus(interface=interface, channel=channel, can_filters=filters, **kwargs)
     except Exception as err:  # noqa: BLE001 - each interface raises its own types; all mean "cannot open"
-        raise InputError(f"{blame}: cannot open the {interface} bus {channel!r}: {err}") from None
+        problem = f"{blame}: cannot open the {interface} bus {channel!r}: {err}"
+        raise (BusUnavailable(problem) if _transient(err) else InputError(problem)) from None
 
 
 def shutdown_quietly(bus: can.BusABC, log: logging.Logger) -> None:

@@ -12,7 +12,10 @@ the bus and open it again. The service asks `supervise()` every tick:
   first time, then with back-off doubling to `backoff_max_s`, until frames flow
   again (then the back-off starts over);
 - a bus that cannot be reopened is retried the same way; the core meanwhile sees
-  stale BMS data and holds 0 W. So is a reopen that takes longer than
+  stale BMS data and holds 0 W. So is a bus that cannot be opened at start for
+  want of the device (`BusUnavailable`: a USB-CAN adapter enumerated late, `can0`
+  not up yet): the link starts down and heals when the bus opens. A bus the
+  configuration cannot name (an unknown interface) still stops start-up. So is a reopen that takes longer than
   `OPEN_TIMEOUT_S` (a remote server that accepts the connection and never
   answers): it is abandoned, and its thread closes the bus should it open later.
 
@@ -35,7 +38,7 @@ from collections.abc import Callable
 
 import can
 
-from firmware_py.bms.bus import shutdown_quietly
+from firmware_py.bms.bus import BusUnavailable, shutdown_quietly
 from firmware_py.bms.reader import ERROR_PAUSE_S, BmsListener, BmsReader
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
@@ -77,7 +80,8 @@ class CanLink:
     """One CAN bus, reopened when it breaks; see the module docstring.
 
     `opener` opens the bus as the configuration says (an `InputError` when it
-    cannot); the first open happens here, so a wrong interface stops start-up.
+    cannot); the first open happens here, so a wrong interface stops start-up, while
+    a device that is not there yet (`BusUnavailable`) leaves the link down and retried.
     """
 
     def __init__(self, opener: Callable[[], can.BusABC], reader: BmsReader, clock: Callable[[], float], *,
@@ -85,7 +89,6 @@ class CanLink:
                  backoff_min_s: float = 0.5, backoff_max_s: float = 30.0, close_wait_s: float = CLOSE_WAIT_S,
                  open_timeout_s: float = OPEN_TIMEOUT_S) -> None:
         self._opener = opener
-        self.bus: can.BusABC | None = opener()
         self.reader, self.clock, self.link = reader, clock, link
         self.silence_s, self.stall_gap_s = silence_s, stall_gap_s
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
@@ -104,6 +107,22 @@ class CanLink:
         self._hang_told = False  # a reopen timed out in this outage and was logged: once is enough
         self._lock = threading.RLock()  # a reopen in its worker thread and a shutdown never interleave
         self._closed = False
+        self.bus: can.BusABC | None = self._first_open()
+
+    def _first_open(self) -> can.BusABC | None:
+        """The bus, or None when its device is not there yet: with systemd's start limit, failing
+        here would leave the gateway down until a reboot for an adapter that shows up a minute late."""
+        try:
+            return self._opener()
+        except BusUnavailable as err:
+            self._open_error = f"cannot open the bus: {err}"
+            log.warning("%s; the gateway starts without BMS data (0 W) and retries with back-off", self._open_error)
+            return None  # the first look (`supervise`) tells the link book: the outage is logged once
+
+    @property
+    def open_error(self) -> str:
+        """Why the bus is not open (empty while it is, or before any open failed)."""
+        return self._open_error
 
     # --- intake -------------------------------------------------------------------------
     def start(self, on_snapshot: Callable[[BmsSnapshot], None]) -> None:
@@ -113,7 +132,8 @@ class CanLink:
         re-raises a receive error and its thread dies, silencing the BMS.
         """
         self._on_snapshot = on_snapshot
-        self._listen()
+        if self.bus is not None:  # else the first reopen that succeeds starts listening
+            self._listen()
         self._last_frame_at = self._checked_at = self.clock()
 
     def _listen(self) -> None:

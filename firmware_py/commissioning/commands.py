@@ -249,6 +249,11 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
             raise
         await _without_bus(config, console, where, args.can_seconds, err, judged=True)
         return
+    if assembly.can_link.bus is None:  # gone since: the gateway would wait for it, commissioning cannot
+        assembly.close()
+        await _without_bus(config, console, where, args.can_seconds, InputError(assembly.can_link.open_error),
+                           judged=True)
+        return
     service: Service | None = None
     try:
         console.say(f"-- asking the inverter at {probes.where_of(config.inverter)} ...")
