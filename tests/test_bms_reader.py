@@ -321,16 +321,6 @@ def test_a_pack_temperature_fall_is_believed_once_time_makes_it_possible(reader)
     assert s.max_temp_c == 25.0 and not s.stale
 
 
-def test_the_coldest_temperature_falls_at_once_but_may_not_warm_faster_than_a_pack_can(reader):
-    """The mirror for an under-temperature: colder is the safe direction; a leap warmer would clear the fault."""
-    reader.on_message(thermal(-24.0, 20.0), now=0.0)
-    reader.on_message(thermal(-25.0, 20.0), now=0.5)  # colder: believed at once
-    assert reader.snapshot(0.5).min_temp_c == -25.0 and not reader.dropped
-    reader.on_message(thermal(15.0, 20.0), now=1.0)  # 40 degC warmer in 0.5 s: refused
-    assert reader.dropped == {"implausible_jump": 1} and "min_temp_c -25 -> 15" in reader.last_drop
-    assert reader.snapshot(1.0).min_temp_c == -25.0
-
-
 def test_a_repeated_payload_is_still_judged_on_time(reader):
     """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
     reader.on_message(soc(60.0), now=0.0)

@@ -4,7 +4,7 @@ Real Tesla BMS frames carry no checksum or counter (docs/can.md), so every
 defence is here: the length must match the DBC, the multiplexer page must be
 known, enumerations must be in their value table, values must be physically
 possible, SoC may not jump faster than a pack can charge nor a pack temperature
-move toward clearing a fault faster than a pack can warm or cool, and each field goes
+fall faster than a pack can cool, and each field goes
 stale 3 periods after its message was last believed. A bad frame is counted by
 reason and dropped; nothing a bus can send raises.
 
@@ -135,7 +135,7 @@ def _frames(db: Any, table: Mapping[str, str], source: str, dbc: Path) -> dict[i
     frames = {}
     for frame_id, (message, bindings) in grouped.items():
         timeout = TIMEOUT_PERIODS * message.cycle_time / 1000.0
-        rate_limited = any(b.field in signals.RATE_LIMITED or b.field in signals.TEMP_LIMITED for b in bindings)
+        rate_limited = any(b.field in signals.RATE_LIMITED | signals.FALL_LIMITED for b in bindings)
         frames[frame_id] = _Frame(message, timeout, tuple(bindings), rate_limited)
     return frames
 
@@ -157,7 +157,7 @@ class BmsReader:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._soc_trends: dict[str, tuple[float, float]] = {}  # SoC field -> (trend level, when), `_soc_jump`
-        self._temp_trends: dict[str, tuple[float, float]] = {}  # temperature -> (trend level, when), `_temp_leap`
+        self._temp_trends: dict[str, tuple[float, float]] = {}  # temperature -> (trend level, when), `_temp_fall`
         self._rejected: set[str] = set()
         self._believed_at: float | None = None
         """When the last frame was believed: a snapshot's `received_at`, so the core's `bms_timeout_s`
@@ -262,27 +262,26 @@ class BmsReader:
         jump = self._soc_jump(values, now) if frame.rate_limited else ""
         if jump:
             return self._drop("soc_jump", frame, tuple(values), jump)
-        leap = self._temp_leap(values, now) if frame.rate_limited else ""
-        if leap:
-            return self._drop("implausible_jump", frame, tuple(values), leap)
+        fall = self._temp_fall(values, now) if frame.rate_limited else ""
+        if fall:
+            return self._drop("implausible_jump", frame, tuple(values), fall)
         return values
 
-    def _temp_leap(self, values: Mapping[str, Any], now: float) -> str:
-        """One-sided (`signals.TEMP_LIMITED`): a pack temperature moving toward a fault is believed at once
-        (an over- or under-temperature must reach the core); moving away from one, it may pass its trend
-        only by the slack, the trend following at the fastest believable rate. Otherwise a garbled frame
-        could clear a temperature fault at once."""
+    def _temp_fall(self, values: Mapping[str, Any], now: float) -> str:
+        """One-sided: a pack temperature may rise at once (an over-temperature must reach the core), but
+        may fall below its trend only by the slack, the trend following at the fastest believable rate.
+        Otherwise a garbled frame could clear an over-temperature fault at once."""
         moved: dict[str, tuple[float, float]] = {}
-        for name in values.keys() & signals.TEMP_LIMITED.keys():
-            value, trend, side = values[name], self._temp_trends.get(name), signals.TEMP_LIMITED[name]
-            if trend is None or (value - trend[0]) * side <= 0:
+        for name in signals.FALL_LIMITED.intersection(values):
+            value, trend = values[name], self._temp_trends.get(name)
+            if trend is None or value >= trend[0]:
                 moved[name] = (value, now)
                 continue
             level, at = trend
-            reach = signals.MAX_TEMP_RATE_C_PER_S * max(0.0, now - at)
-            if (value - level) * side > reach + signals.TEMP_SLACK_C + 1e-9:
+            reach = signals.MAX_TEMP_FALL_C_PER_S * max(0.0, now - at)
+            if level - value > reach + signals.TEMP_FALL_SLACK_C + 1e-9:
                 return f"{name} {self._values.get(name, level):g} -> {value:g}"
-            moved[name] = (value if abs(value - level) <= reach else level + side * reach, now)
+            moved[name] = (max(value, level - reach), now)
         self._temp_trends.update(moved)
         return ""
 
