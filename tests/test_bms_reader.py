@@ -290,37 +290,6 @@ def test_a_soc_at_the_believable_rate_with_noise_is_never_refused(reader):
     assert reader.dropped == {} and reader.accepted == 300
 
 
-def thermal(tmin: float, tmax: float) -> can.Message:
-    return frame("BmsThermal", MinPackTemp=tmin, MaxPackTemp=tmax)
-
-
-def test_a_pack_temperature_rises_at_once_but_may_not_fall_faster_than_a_pack_cools(reader):
-    """A garbled frame must not clear an over-temperature at once; the hotter direction is the safe one."""
-    reader.on_message(thermal(24.0, 25.0), now=0.0)
-    reader.on_message(thermal(24.0, 70.0), now=0.5)  # hotter: believed at once
-    assert reader.snapshot(0.5).max_temp_c == 70.0 and not reader.dropped
-    handed = reader.on_message(thermal(24.0, 25.0), now=1.0)  # 45 degC cooler in 0.5 s: refused
-    assert reader.dropped == {"implausible_jump": 1} and "max_temp_c 70 -> 25" in reader.last_drop
-    assert handed is not None and {"min_temp_c", "max_temp_c"} <= handed.stale
-    assert reader.snapshot(1.0).max_temp_c == 70.0
-    # A believable cooling, within the slack and the rate, is believed frame by frame.
-    now, t = 1.0, 70.0
-    while t > 60.0:
-        now, t = now + 0.5, t - 0.5
-        reader.on_message(thermal(24.0, t), now=now)
-    s = reader.snapshot(now)
-    assert s.max_temp_c == t and not s.stale and reader.dropped == {"implausible_jump": 1}
-
-
-def test_a_pack_temperature_fall_is_believed_once_time_makes_it_possible(reader):
-    reader.on_message(thermal(24.0, 70.0), now=0.0)
-    reader.on_message(thermal(24.0, 25.0), now=0.5)
-    assert reader.dropped == {"implausible_jump": 1}
-    reader.on_message(thermal(24.0, 25.0), now=45.0)  # 45 degC in 45 s: within 1 degC/s and the slack
-    s = reader.snapshot(45.0)
-    assert s.max_temp_c == 25.0 and not s.stale
-
-
 def test_a_repeated_payload_is_still_judged_on_time(reader):
     """A repeat skips the decode, not the time-dependent checks: the same jump is refused again."""
     reader.on_message(soc(60.0), now=0.0)

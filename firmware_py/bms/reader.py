@@ -3,8 +3,7 @@
 Real Tesla BMS frames carry no checksum or counter (docs/can.md), so every
 defence is here: the length must match the DBC, the multiplexer page must be
 known, enumerations must be in their value table, values must be physically
-possible, SoC may not jump faster than a pack can charge nor a pack temperature
-fall faster than a pack can cool, and each field goes
+possible, SoC may not jump faster than a pack can charge, and each field goes
 stale 3 periods after its message was last believed. A bad frame is counted by
 reason and dropped; nothing a bus can send raises.
 
@@ -60,7 +59,7 @@ class _Frame:
     timeout_s: float
     bindings: tuple[_Binding, ...]
     rate_limited: bool = False
-    """True when it feeds an SoC or pack temperature field, whose rate of change is checked (most frames feed none)."""
+    """True when it feeds an SoC field, whose rate of change is checked (most frames feed none)."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -135,7 +134,7 @@ def _frames(db: Any, table: Mapping[str, str], source: str, dbc: Path) -> dict[i
     frames = {}
     for frame_id, (message, bindings) in grouped.items():
         timeout = TIMEOUT_PERIODS * message.cycle_time / 1000.0
-        rate_limited = any(b.field in signals.RATE_LIMITED | signals.FALL_LIMITED for b in bindings)
+        rate_limited = any(b.field in signals.RATE_LIMITED for b in bindings)
         frames[frame_id] = _Frame(message, timeout, tuple(bindings), rate_limited)
     return frames
 
@@ -157,7 +156,6 @@ class BmsReader:
         self._values: dict[str, Any] = {}
         self._times: dict[str, float] = {}
         self._soc_trends: dict[str, tuple[float, float]] = {}  # SoC field -> (trend level, when), `_soc_jump`
-        self._temp_trends: dict[str, tuple[float, float]] = {}  # temperature -> (trend level, when), `_temp_fall`
         self._rejected: set[str] = set()
         self._believed_at: float | None = None
         """When the last frame was believed: a snapshot's `received_at`, so the core's `bms_timeout_s`
@@ -262,28 +260,7 @@ class BmsReader:
         jump = self._soc_jump(values, now) if frame.rate_limited else ""
         if jump:
             return self._drop("soc_jump", frame, tuple(values), jump)
-        fall = self._temp_fall(values, now) if frame.rate_limited else ""
-        if fall:
-            return self._drop("implausible_jump", frame, tuple(values), fall)
         return values
-
-    def _temp_fall(self, values: Mapping[str, Any], now: float) -> str:
-        """One-sided: a pack temperature may rise at once (an over-temperature must reach the core), but
-        may fall below its trend only by the slack, the trend following at the fastest believable rate.
-        Otherwise a garbled frame could clear an over-temperature fault at once."""
-        moved: dict[str, tuple[float, float]] = {}
-        for name in signals.FALL_LIMITED.intersection(values):
-            value, trend = values[name], self._temp_trends.get(name)
-            if trend is None or value >= trend[0]:
-                moved[name] = (value, now)
-                continue
-            level, at = trend
-            reach = signals.MAX_TEMP_FALL_C_PER_S * max(0.0, now - at)
-            if level - value > reach + signals.TEMP_FALL_SLACK_C + 1e-9:
-                return f"{name} {self._values.get(name, level):g} -> {value:g}"
-            moved[name] = (max(value, level - reach), now)
-        self._temp_trends.update(moved)
-        return ""
 
     def _soc_jump(self, values: Mapping[str, Any], now: float) -> str:
         """A SoC may stray from its trend by the slack (quantisation, estimator noise), and the trend

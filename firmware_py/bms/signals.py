@@ -90,16 +90,6 @@ SOC_JUMP_SLACK_PCT = 0.5
 
 RATE_LIMITED = frozenset({"soc_min_pct", "soc_ui_pct", "soc_max_pct", "soc_avg_pct"})
 
-MAX_TEMP_FALL_C_PER_S = 1.0
-"""Fastest believable fall of a pack temperature. A pack of several hundred kg cools by well under
-0.1 degC/s even on full coolant flow; 1 degC/s leaves room for the hottest or coldest sensor changing.
-Only falls are limited: a rise (toward an over-temperature fault) is the safe direction, believed at once."""
-
-TEMP_FALL_SLACK_C = 2.0
-"""Allowed on top of the rate: quantisation (0.25 degC) and sensor noise between frames."""
-
-FALL_LIMITED = frozenset({"min_temp_c", "max_temp_c"})
-
 
 def merged(overrides: Mapping[str, str] | None) -> dict[str, str]:
     """The default table with `overrides` applied; unmapped ("") fields dropped."""
