@@ -12,12 +12,13 @@ the bus and open it again. The service asks `supervise()` every tick:
   first time, then with back-off doubling to `backoff_max_s`, until frames flow
   again (then the back-off starts over);
 - a bus that cannot be reopened is retried the same way; the core meanwhile sees
-  stale BMS data and holds 0 W. So is a bus that cannot be opened at start for
-  want of the device (`BusUnavailable`: a USB-CAN adapter enumerated late, `can0`
-  not up yet): the link starts down and heals when the bus opens. A bus the
-  configuration cannot name (an unknown interface) still stops start-up. So is a reopen that takes longer than
+  stale BMS data and holds 0 W. So is a reopen that takes longer than
   `OPEN_TIMEOUT_S` (a remote server that accepts the connection and never
-  answers): it is abandoned, and its thread closes the bus should it open later.
+  answers): it is abandoned, and its thread closes the bus should it open later;
+- a bus that cannot be opened at start for want of the device (`BusUnavailable`:
+  a USB-CAN adapter enumerated late, `can0` not up yet) starts the link down, and
+  it heals when the bus opens. A bus the configuration cannot name (an unknown
+  interface) still stops start-up.
 
 A long gap between two looks is the gateway's own stall, not the bus's: the
 silence is then measured afresh. The blocking python-can calls (stopping the
