@@ -665,6 +665,7 @@ def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_
     run(scenario)
 
 
+@pytest.mark.slow  # about 7 s: it waits out real exchange timeouts against a listener that never answers
 def test_reports_queued_while_the_vtn_link_stalls_keep_only_the_newest(monkeypatch, caplog) -> None:
     """A half-open link (the VTN's address accepts connections and never answers) held each report for a whole
     exchange timeout while new ones came every second: openleadr's queue grew without bound, and the stale
