@@ -568,6 +568,7 @@ def test_departure_as_an_instant_is_the_owners_own_clock_whatever_the_gateways(t
     ('{"reserve_pct": 40, "mood": "sunny"}', "unknown field(s) mood"),
     ("[]", "expected a JSON object"),
     ("", "corrupt owner settings"),
+    ('{"reserve_pct": ' + "[" * 100_000 + "]" * 100_000 + "}", "corrupt owner settings"),  # json recurses
 ])
 def test_corrupt_settings_file_is_an_input_error_naming_it(tmp_path, content, reason):
     path = tmp_path / "owner-settings.json"

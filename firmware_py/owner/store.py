@@ -145,7 +145,7 @@ class OwnerStore:
             return OwnerSettings(reserve_pct=self.defaults_reserve_pct, received_at=now)
         try:
             return decode(json.loads(text))
-        except ValueError as err:  # json.JSONDecodeError is a ValueError too
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError; deep nesting recurses
             raise InputError(
                 f"{self.path}: corrupt owner settings ({err}); the owner's reserve is not reset "
                 f"silently: fix the file, or delete it to return to the configured reserve "
