@@ -174,6 +174,34 @@ def write_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> N
         before: os.stat_result | None = target.stat()
     except FileNotFoundError:
         before = None
+    tmp = _written_beside(target, text, new_mode, before)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+
+
+def create_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> None:
+    """Make `path` holding `text`, whole and durable, or make nothing: never an empty or half-written
+    file that a later start would take for a broken one. An existing `path` (even a dangling symlink)
+    is left alone and FileExistsError raised, as O_EXCL would: the file is linked into place, not
+    renamed over. OSError reaches the caller."""
+    target = Path(path)
+    tmp = _written_beside(target, text, new_mode, None)
+    try:
+        os.link(tmp, target)  # fails with FileExistsError rather than replace what is there
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _fsync_dir(target.parent)
+
+
+def _written_beside(target: Path, text: str, new_mode: int, before: os.stat_result | None) -> Path:
+    """A temporary file beside `target` holding `text`, fsynced, with the mode and owner of `before` when
+    given; removed again if writing it fails."""
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_mode)  # the kernel applies the umask
     try:
@@ -185,12 +213,11 @@ def write_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> N
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    return tmp
 
 
 def _fsync_dir(directory: Path) -> None:

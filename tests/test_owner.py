@@ -17,6 +17,8 @@ import math
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +166,32 @@ def test_token_file_is_created_private_and_required(tmp_path, kind):
         assert status == 200 and body["settings"]["reserve_pct"] == 40
     with Serving(OwnerApi(cfg, start_port(cfg))):
         assert token_file.read_text().strip() == token, "a restart keeps the token"
+
+
+FULL_DISK_FIRST_START = """
+import resource, signal, sys
+from firmware_py.errors import InputError
+from firmware_py.owner.access import ensure_token
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+try:
+    ensure_token(sys.argv[1])
+except InputError as err:
+    print(err)
+"""
+
+
+def test_a_token_that_cannot_be_written_leaves_no_file_and_the_next_start_makes_one(tmp_path):
+    """A full disk at the first start once left an empty token file that refused every later start."""
+    path = tmp_path / "owner.token"
+    first = subprocess.run([sys.executable, "-c", FULL_DISK_FIRST_START, str(path)], capture_output=True,
+                           text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert first.stdout.startswith(f"{path}: cannot create the owner API token file"), first.stdout + first.stderr
+    assert list(tmp_path.iterdir()) == []
+    token = ensure_token(path)
+    assert path.read_text() == token + "\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ensure_token(path) == token and list(tmp_path.iterdir()) == [path]
 
 
 def test_token_file_readable_by_others_is_refused(tmp_path):

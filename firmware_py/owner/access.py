@@ -17,6 +17,7 @@ from pathlib import Path
 
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
+from firmware_py.files import create_atomically
 
 UNIX_PREFIX = "unix:"
 
@@ -69,15 +70,14 @@ def ensure_token(path: str | Path, *, owner_uid: int | None = None, what: str = 
     messages (the web app's installer token shares these rules).
     """
     path = Path(path)
+    token = secrets.token_hex(32)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+        # Whole or not at all: an empty file left by a full disk or a power cut would refuse every later start.
+        create_atomically(path, token + "\n", new_mode=0o600)
+    except FileExistsError:  # made by an earlier start (or a symlink, which reading refuses)
         return read_token(path, check_private=True, owner_uid=owner_uid, what=what)
     except OSError as err:
         raise InputError(f"{path}: cannot create the {what} file: {err.strerror or err}") from None
-    token = secrets.token_hex(32)
-    with os.fdopen(fd, "w", encoding="ascii") as out:
-        out.write(token + "\n")
     return token
 
 
