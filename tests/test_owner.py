@@ -562,6 +562,22 @@ def test_departure_across_a_daylight_saving_change_keeps_the_wall_clock_time():
     assert at - now == 22.5 * 3600
 
 
+@pytest.mark.parametrize("now_fold, expected", [
+    (0, dt.datetime(2025, 11, 2, 5, 20, tzinfo=UTC)),  # 01:15 EDT: 01:20 EDT
+    (1, dt.datetime(2025, 11, 2, 6, 20, tzinfo=UTC)),  # the second 01:15 (EST): 01:20 EST, not tomorrow's
+])
+def test_departure_in_the_hour_repeated_at_fall_back_is_the_next_pass(now_fold, expected):
+    new_york = ZoneInfo("America/New_York")
+    now = dt.datetime(2025, 11, 2, 1, 15, fold=now_fold, tzinfo=new_york).timestamp()
+    assert changes.next_occurrence("01:20", now, new_york) == expected.timestamp()
+
+
+def test_departure_at_a_time_skipped_at_spring_forward_is_after_the_jump():
+    new_york = ZoneInfo("America/New_York")
+    now = dt.datetime(2025, 3, 9, 1, 0, tzinfo=new_york).timestamp()  # 01:00 EST; 02:00 becomes 03:00
+    assert changes.next_occurrence("02:30", now, new_york) == dt.datetime(2025, 3, 9, 7, 30, tzinfo=UTC).timestamp()
+
+
 def test_departure_through_the_api_uses_the_gateway_clock(tmp_path):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
     port = start_port(cfg)

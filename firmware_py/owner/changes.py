@@ -149,7 +149,9 @@ def next_occurrence(hhmm: str, now: float, tz: dt.tzinfo | None) -> float:
     """The first HH:MM on the owner's wall clock strictly after `now` (tz None = system local).
 
     Steps by calendar day, not by 86,400 s, so a departure set on the eve of a
-    daylight-saving change still lands on the wall-clock time the owner meant.
+    daylight-saving change still lands on the wall-clock time the owner meant. A time the
+    clocks pass twice (the hour repeated when they fall back) is tried at both passes: at
+    the second 01:15 the next 01:20 is five minutes away, not tomorrow's.
     """
     match = _HHMM.fullmatch(hhmm) if isinstance(hhmm, str) else None
     if match is None:
@@ -157,10 +159,18 @@ def next_occurrence(hhmm: str, now: float, tz: dt.tzinfo | None) -> float:
     wall = dt.time(int(match[1]), int(match[2]))
     today = dt.datetime.fromtimestamp(now, tz).date()
     for days in (0, 1, 2):
-        candidate = dt.datetime.combine(today + dt.timedelta(days=days), wall, tzinfo=tz).timestamp()
-        if candidate > now:
-            return candidate
+        ahead = [t for t in _passes(today + dt.timedelta(days=days), wall, tz) if t > now]
+        if ahead:
+            return min(ahead)
     raise AssertionError("unreachable: a wall-clock time recurs within two days")  # pragma: no cover
+
+
+def _passes(day: dt.date, wall: dt.time, tz: dt.tzinfo | None) -> list[float]:
+    """The instants the clock reads `wall` on `day`: two in a repeated hour, otherwise one. A time the
+    clocks skip (spring forward) keeps fold=0's reading, the instant after the jump (PEP 495)."""
+    first = dt.datetime.combine(day, wall, tzinfo=tz).timestamp()
+    second = dt.datetime.combine(day, wall.replace(fold=1), tzinfo=tz).timestamp()
+    return [first, second] if second > first else [first]
 
 
 def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None) -> OwnerSettings:
