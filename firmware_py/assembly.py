@@ -319,7 +319,8 @@ def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | N
                            wall_clock=clocks.wall)
     try:
         saved = owner if owner is not None else on_clock(store.load(clocks.wall()), clocks.to_core)
-        gateway = Gateway(config, clocks, reader, InverterClient(config.inverter, clock), journal, saved)
+        gateway = Gateway(config, clocks, reader, InverterClient(config.inverter, clock), journal, saved,
+                          owner_store=store if owner is None else None)
 
         def opener() -> can.BusABC:
             return open_bus(config.can.interface, config.can.channel, blame=f"{config.source}: can",

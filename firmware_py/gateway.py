@@ -16,6 +16,10 @@ Paths through it:
 - the local date → a `CalendarDay` ahead of the first step and of the first step of
   each new date (looked at again hourly, in case the wall clock was stepped): the core
   counts the owner's daily price budget by it, and has no wall clock of its own;
+- a stepped wall clock (a board without RTC that boots with a wrong date until NTP) → the
+  owner settings file read again and fed like an owner change: the owner's times
+  (departure, storm watch, opt-out) were placed on the core's line with the wrong offset
+  at start, and would stay shifted by the whole correction (and be saved so at the next change);
 - `write_command` → the inverter client, which writes when the value differs from
   what the inverter holds or its revert timer needs a refresh (the one output check).
 Journal records are queued by each step (`journal.backlog`, which bounds the
@@ -86,6 +90,7 @@ from firmware_py.journal.steps import (
     start_payload,
 )
 from firmware_py.links import Link, LinkBook
+from firmware_py.owner.store import OwnerStore, on_clock
 from firmware_py.statements.earnings import EarningsBook, basis_of
 from firmware_py.status import status_document
 
@@ -100,13 +105,17 @@ DAY_RECHECK_S = 3_600.0
 MAINTAIN_RETRY_S = 60.0
 """After a rotation that could not be done (a reader holds the file, the disk is full), wait this long."""
 PRUNE_EVERY_S = 3_600.0
+WALL_STEP_S = 5.0
+"""A change this large in the wall clock's offset from the monotonic one is a step (NTP's first sync, a
+person setting the date), not drift: the owner's saved times are placed on the core's line again."""
 
 
 class Gateway:
     """One gateway: core state, its inputs and outputs. Implements DispatchSink and OwnerPort."""
 
     def __init__(self, config: Config, clocks: Clocks, reader: BmsReader,
-                 inverter: InverterClient, journal: Journal, owner: OwnerSettings | None = None):
+                 inverter: InverterClient, journal: Journal, owner: OwnerSettings | None = None,
+                 owner_store: OwnerStore | None = None):
         self.config = config
         self.clocks = clocks
         self.clock = clocks.monotonic
@@ -140,6 +149,9 @@ class Gateway:
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
         self._day_due = -math.inf  # the core clock: when the date is next looked at
+        self.owner_store = owner_store
+        """Where `owner` was loaded from (None: given by a scenario), read again when the wall clock steps."""
+        self._owner_offset = clocks.offset()  # the wall clock's offset the owner's times were placed with
         self.earnings = EarningsBook(*basis_of(config), clocks)
         """This month's earnings for the status (computed off the loop by the service's `earnings` task)."""
 
@@ -159,6 +171,8 @@ class Gateway:
             inputs = self._noticing_stall(now, inputs)
         if now >= self._day_due:
             inputs = (self._calendar_day(now), *inputs)
+        if self._wall_stepped():
+            inputs = (*self._owner_placed_again(), *inputs)  # ahead of an owner change in this step
         result = step(self.controller, inputs, now)
         batch = self.steps.record(now, inputs)
         if batch is not None:
@@ -182,6 +196,26 @@ class Gateway:
                     "holding 0 W until fresh BMS and inverter data; not counted as a vehicle fault", gap)
         self.resync_wanted.set()
         return (Stall(now, gap), *inputs)
+
+    def _wall_stepped(self) -> bool:
+        """Whether the wall clock moved against the monotonic one since the owner's times were placed."""
+        return self.owner_store is not None and abs(self.clocks.offset() - self._owner_offset) > WALL_STEP_S
+
+    def _owner_placed_again(self) -> tuple[OwnerSettings, ...]:
+        """The owner settings file on the core's line as of the corrected wall clock (the file holds what the
+        owner asked for, in wall time); none when it cannot be read, the times then staying as they were."""
+        assert self.owner_store is not None
+        offset = self.clocks.offset()
+        moved, self._owner_offset = offset - self._owner_offset, offset
+        try:
+            saved = self.owner_store.load(self.clocks.wall())
+        except InputError as err:
+            log.warning("the wall clock was corrected by %+.0f s, but the owner settings could not be read "
+                        "again (%s): the owner's times stay where they were placed", moved, err)
+            return ()
+        log.warning("the wall clock was corrected by %+.0f s: the owner's times were placed again from %s",
+                    moved, self.owner_store.path)
+        return (on_clock(saved, self.clocks.to_core),)
 
     def _calendar_day(self, now: float) -> CalendarDay:
         """Which date it is, for the core's daily price budget, and when to look again."""
@@ -303,6 +337,10 @@ class Gateway:
     # ------------------------------------------------------------------ OwnerPort
 
     def owner_settings(self) -> OwnerSettings:
+        """The core's owner settings; placed again first if the wall clock stepped since the last step, so
+        an owner change made right after an NTP step starts from the owner's times, not shifted ones."""
+        if self._wall_stepped() and not self.stopping:
+            self.feed()
         return self.controller.owner
 
     async def set_owner(self, settings: OwnerSettings) -> None:

@@ -155,3 +155,42 @@ def test_an_answer_is_journaled_with_its_wall_time(tmp_path):
         (record,) = journal.records(RecordKind.DISPATCH_ANSWER)
     assert record.at == answer.at < 10_000  # the core's base: monotonic, not the epoch
     assert record.wall == pytest.approx(TestClocks().offset + answer.at)
+
+
+def test_owner_times_saved_before_a_boot_with_a_wrong_clock_are_placed_again_when_ntp_steps_it(tmp_path, caplog):
+    """A board without RTC boots 30 days behind: the saved departure, storm watch and opt-out were placed on
+    the core's line with that offset. Once NTP steps the clock, they are at the file's wall times again,
+    journaled as an owner input, and a later change saves them unshifted."""
+    from firmware_py.owner.desk import CONTROLS, OwnerDesk
+    from firmware_py.owner.store import OwnerStore
+
+    lag, true_now = 30 * 86_400.0, TestClocks().wall()
+    saved = OwnerSettings(reserve_pct=40, received_at=true_now - 60, storm_watch_floor_pct=80,
+                          storm_watch_until=true_now + 86_400, departure_at=true_now + 10 * HOUR,
+                          departure_soc_pct=90, opt_out_until=true_now + 2 * HOUR)
+    OwnerStore(tmp_path / "owner.json", 40).save(saved)
+    clocks = TestClocks(wall_start=true_now - lag)
+
+    async def scenario() -> None:
+        async with Rig(tmp_path, clocks) as rig:
+            await rig.run(1.0)
+            clocks.step_wall(lag)
+            with caplog.at_level("WARNING"):
+                await rig.run(1.0)
+            core, to_core = rig.gateway.owner_settings(), rig.gateway.clocks.to_core
+            assert (core.departure_at, core.storm_watch_until, core.opt_out_until) == (
+                to_core(saved.departure_at), to_core(saved.storm_watch_until), to_core(saved.opt_out_until))
+            assert [r.message for r in caplog.records if "owner's times were placed again" in r.message] == [
+                f"the wall clock was corrected by +{lag:.0f} s: the owner's times were placed again "
+                f"from {tmp_path / 'owner.json'}"]
+            desk = OwnerDesk(rig.gateway, rig.assembly.store, rig.gateway.clocks)
+            await desk.set(next(c for c in CONTROLS if c.path == "reserve"), {"pct": 45})
+            now_saved = OwnerStore(tmp_path / "owner.json", 40).load()
+            assert (now_saved.departure_at, now_saved.storm_watch_until, now_saved.opt_out_until) == (
+                saved.departure_at, saved.storm_watch_until, saved.opt_out_until)
+            rig.gateway.flush_journal()
+        with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+            owner_inputs = journal.recent({RecordKind.OWNER_SETTINGS}, 0.0)
+        assert len(owner_inputs) == 2  # the settings placed again, then the reserve change
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
