@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import secrets
 import stat
 from pathlib import Path
@@ -115,7 +116,7 @@ def unwritable(path: str | Path, key: str, *, kept_writing: bool) -> str | None:
         where = f": its folder {folder} is not writable for it"
     else:
         return None
-    return f"{key}: {path}: cannot be written by this user ({_user()}){where}"
+    return f"{key}: {path}: cannot be written by this user ({user_name(os.geteuid())}){where}"
 
 
 def _may(path: Path, mode: int) -> bool:
@@ -125,14 +126,18 @@ def _may(path: Path, mode: int) -> bool:
     return os.access(path, mode)
 
 
-def _user() -> str:
-    uid = os.geteuid()
+def user_name(uid: int) -> str:
+    """The user's name, or the number when the system has no name for it."""
     try:
-        import pwd
-
         return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return f"uid {uid}"
+    except KeyError:
+        return str(uid)
+
+
+def user_text(uid: int) -> str:
+    """A user as a message names it: "user NAME (uid N)", or "uid N" without a name."""
+    name = user_name(uid)
+    return f"uid {uid}" if name == str(uid) else f"user {name} (uid {uid})"
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:

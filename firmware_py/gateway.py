@@ -16,14 +16,15 @@ Paths through it:
 - the local date → a `CalendarDay` ahead of the first step and of the first step of
   each new date (looked at again hourly, in case the wall clock was stepped): the core
   counts the owner's daily price budget by it, and has no wall clock of its own;
-- a stepped wall clock (a board without RTC that boots with a wrong date until NTP) → the
-  owner settings file read again and fed like an owner change: the owner's times
+- a stepped wall clock (a board without RTC that boots with a wrong date until NTP), seen
+  by the next tick → the owner settings file read again and fed like an owner change: the owner's times
   (departure, storm watch, opt-out) were placed on the core's line with the wrong offset
   at start, and would stay shifted by the whole correction (and be saved so at the next change);
 - `write_command` → the inverter client, which writes when the value differs from
   what the inverter holds or its revert timer needs a refresh (the one output check).
 Journal records are queued by each step (`journal.backlog`, which bounds the
-bulk while writes fail) and written in batches off the hot path, after the command: a slow disk never delays a safe stop. After a write
+bulk while writes fail) and written in batches off the hot path, after the
+command: a slow disk never delays a safe stop. After a write
 the gateway keeps the journal in shape: it rotates the live segment past
 `[journal] segment_mb` (carrying the open events' accounts, which the core
 names) and prunes archives past `retain_days`.
@@ -171,8 +172,6 @@ class Gateway:
             inputs = self._noticing_stall(now, inputs)
         if now >= self._day_due:
             inputs = (self._calendar_day(now), *inputs)
-        if self._wall_stepped():
-            inputs = (*self._owner_placed_again(), *inputs)  # ahead of an owner change in this step
         result = step(self.controller, inputs, now)
         batch = self.steps.record(now, inputs)
         if batch is not None:
@@ -197,15 +196,16 @@ class Gateway:
         self.resync_wanted.set()
         return (Stall(now, gap), *inputs)
 
-    def _wall_stepped(self) -> bool:
-        """Whether the wall clock moved against the monotonic one since the owner's times were placed."""
-        return self.owner_store is not None and abs(self.clocks.offset() - self._owner_offset) > WALL_STEP_S
-
-    def _owner_placed_again(self) -> tuple[OwnerSettings, ...]:
-        """The owner settings file on the core's line as of the corrected wall clock (the file holds what the
-        owner asked for, in wall time); none when it cannot be read, the times then staying as they were."""
-        assert self.owner_store is not None
+    def _owner_if_wall_stepped(self) -> tuple[OwnerSettings, ...]:
+        """Once the wall clock moved against the monotonic one since the owner's times were placed: the
+        owner settings file on the core's line as of the corrected wall clock (the file holds what the owner
+        asked for, in wall time). Otherwise none, as when the file cannot be read (the times then stay).
+        Looked at by the tick, not on the frame path: a step of the wall clock is rare and a tick away."""
+        if self.owner_store is None:
+            return ()
         offset = self.clocks.offset()
+        if abs(offset - self._owner_offset) <= WALL_STEP_S:
+            return ()
         moved, self._owner_offset = offset - self._owner_offset, offset
         try:
             saved = self.owner_store.load(self.clocks.wall())
@@ -290,7 +290,7 @@ class Gateway:
     def tick(self) -> StepResult:
         """Time passing: freshness as of now (a silent bus turns stale here), ramps, windows."""
         now = self.clock()
-        return self.feed(self.reader.snapshot(now), Tick(now))
+        return self.feed(*self._owner_if_wall_stepped(), self.reader.snapshot(now), Tick(now))
 
     async def poll_inverter(self) -> InverterStatus:
         status = await self.inverter.read_status()
@@ -339,8 +339,8 @@ class Gateway:
     def owner_settings(self) -> OwnerSettings:
         """The core's owner settings; placed again first if the wall clock stepped since the last step, so
         an owner change made right after an NTP step starts from the owner's times, not shifted ones."""
-        if self._wall_stepped() and not self.stopping:
-            self.feed()
+        if not self.stopping and (placed := self._owner_if_wall_stepped()):
+            self.feed(*placed)
         return self.controller.owner
 
     async def set_owner(self, settings: OwnerSettings) -> None:

@@ -6,8 +6,10 @@ Real SQLite files throughout; the gateway's clock is a plain number the test mov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +30,18 @@ from firmware_py.core.types import (
 )
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.journal.steps import StepRecorder, journaled_steps
+
+
+@contextlib.contextmanager
+def another_writer(path: Path) -> Iterator[None]:
+    """Another writer holds the journal's lock meanwhile: no write of the gateway's can land."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        yield
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
 
 
 def gateway_on(path: Path, clock: list[float]):
@@ -53,15 +67,12 @@ def test_a_failing_journal_refuses_dispatch_through_the_core_loses_nothing_and_r
     async def main() -> list:
         reasons = [await answer(gateway, 1, 0.0)]  # no data yet: the ordinary refusal
         gateway.flush_journal()
-        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the next write cannot land
-        clock[0] = 1.0
-        reasons.append(await answer(gateway, 2, 1.0))
-        assert gateway.flush_journal() == 0
-        clock[0] = 2.0
-        reasons.append(await answer(gateway, 3, 2.0))
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with another_writer(tmp_path / "journal.sqlite"):  # the next write cannot land
+            clock[0] = 1.0
+            reasons.append(await answer(gateway, 2, 1.0))
+            assert gateway.flush_journal() == 0
+            clock[0] = 2.0
+            reasons.append(await answer(gateway, 3, 2.0))
         clock[0] = 3.0
         assert gateway.flush_journal() > 0
         reasons.append(await answer(gateway, 4, 3.0))
@@ -91,14 +102,11 @@ def test_the_flush_that_finds_the_journal_writing_again_also_writes_what_the_rec
     try:
         gateway.feed(bms(0.0), inverter(0.0))
         gateway.flush_journal()
-        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        clock[0] = 1.0
-        gateway.feed(bms(1.0), inverter(1.0))
-        gateway.sample()  # a record to write
-        assert gateway.flush_journal() == 0 and gateway.controller.journal_failing()
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with another_writer(tmp_path / "journal.sqlite"):
+            clock[0] = 1.0
+            gateway.feed(bms(1.0), inverter(1.0))
+            gateway.sample()  # a record to write
+            assert gateway.flush_journal() == 0 and gateway.controller.journal_failing()
         clock[0] = 2.0
         assert gateway.flush_journal() > 0
         assert not gateway.controller.journal_failing() and gateway.unwritten() == 0
@@ -143,23 +151,20 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
         assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
         assert at(2.0).command.setpoint_w > 0
         assert gateway.flush_journal() > 0
-        blocker = sqlite3.connect(path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")  # the journal cannot take a write from here on
-        t = 2.0
-        while not any(isinstance(e, EventEnergy) for e in at(t).events):  # a minute on, its energy record is due
-            t += 1.0
-            assert t < 200, "no energy record in the event's first minutes"
-        assert gateway.command.setpoint_w > 0
-        assert gateway.flush_journal() == 0  # failed: the records stay queued, the core hears of it
-        held = (0.0, f"{JOURNAL_HOLD}: {gateway.controller.journal.detail}")
-        assert (gateway.command.setpoint_w, gateway.command.reason) == held
-        changed = at(t + 1, replace(request(2, t + 1), target_w=5_000))
-        assert changed.answer_for("r2").reason is ReasonCode.JOURNAL
-        for later in (t + 2, t + 3):
-            assert at(later).command.setpoint_w == 0
-            assert gateway.flush_journal() == 0
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with another_writer(path):  # the journal cannot take a write from here on
+            t = 2.0
+            while not any(isinstance(e, EventEnergy) for e in at(t).events):  # a minute on, its energy record is due
+                t += 1.0
+                assert t < 200, "no energy record in the event's first minutes"
+            assert gateway.command.setpoint_w > 0
+            assert gateway.flush_journal() == 0  # failed: the records stay queued, the core hears of it
+            held = (0.0, f"{JOURNAL_HOLD}: {gateway.controller.journal.detail}")
+            assert (gateway.command.setpoint_w, gateway.command.reason) == held
+            changed = at(t + 1, replace(request(2, t + 1), target_w=5_000))
+            assert changed.answer_for("r2").reason is ReasonCode.JOURNAL
+            for later in (t + 2, t + 3):
+                assert at(later).command.setpoint_w == 0
+                assert gateway.flush_journal() == 0
         assert gateway.flush_journal() > 0  # everything queued lands; the core hears the journal is back
         assert at(t + 4).command.setpoint_w > 0
         gateway.flush_journal(final=True)
@@ -265,16 +270,13 @@ def test_at_a_stop_a_failing_journal_steps_no_core_and_is_tried_once(tmp_path):
         gateway.flush_journal()
         stepped_at, mode = gateway.controller.last_step_at, gateway.controller.mode
         gateway.begin_stop()
-        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        clock[0] = 10.0  # past the inverter's and the BMS's timeouts
-        gateway.sample()
-        assert gateway.flush_journal(final=True) == 0
-        batches = []
-        batch = gateway.journal.batch
-        gateway.journal.batch = lambda: batches.append(1) or batch()
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with another_writer(tmp_path / "journal.sqlite"):
+            clock[0] = 10.0  # past the inverter's and the BMS's timeouts
+            gateway.sample()
+            assert gateway.flush_journal(final=True) == 0
+            batches = []
+            batch = gateway.journal.batch
+            gateway.journal.batch = lambda: batches.append(1) or batch()
         gateway.close_open_events(None, "gateway stopped: event ended")
         assert gateway.flush_journal(final=True) == 0 and batches == []  # not tried again
         assert gateway.unwritten() > 0
@@ -300,19 +302,16 @@ def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_ga
     async def fail_for_long() -> int:
         gateway.feed(bms(0.0), inverter(0.0))
         gateway.flush_journal()
-        blocker = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        most = 0
-        for n in range(1, 201):
-            clock[0] = float(n)
-            gateway.feed(bms(clock[0]), inverter(clock[0]))
-            if n % 10 == 0:
-                gateway.sample()
-                await answer(gateway, n, clock[0])
-                gateway.flush_journal()
-            most = max(most, gateway.unwritten())
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with another_writer(tmp_path / "journal.sqlite"):
+            most = 0
+            for n in range(1, 201):
+                clock[0] = float(n)
+                gateway.feed(bms(clock[0]), inverter(clock[0]))
+                if n % 10 == 0:
+                    gateway.sample()
+                    await answer(gateway, n, clock[0])
+                    gateway.flush_journal()
+                most = max(most, gateway.unwritten())
         clock[0] += 1
         assert gateway.flush_journal() > 0 and gateway.unwritten() == 0
         return most

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import pwd
 import secrets
 import stat
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from firmware_py.addresses import parse_host_port
 from firmware_py.errors import InputError
-from firmware_py.files import create_atomically
+from firmware_py.files import create_atomically, user_name, user_text
 
 UNIX_PREFIX = "unix:"
 
@@ -170,24 +169,11 @@ def _check_private(path: Path, info: os.stat_result, owner_uid: int, what: str, 
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{path}: the {what} file is not a regular file")
     if info.st_uid != owner_uid:
-        raise InputError(f"{path}: the {what} file belongs to {_user(info.st_uid)}, not to "
-                         f"{_user(owner_uid)} that the gateway runs as; someone else may have planted it. "
+        raise InputError(f"{path}: the {what} file belongs to {user_text(info.st_uid)}, not to "
+                         f"{user_text(owner_uid)} that the gateway runs as; someone else may have planted it. "
                          + ("Delete it (the gateway creates a new one) or " if made_by_gateway else "Run ")
-                         + f"`chown {_user_name(owner_uid)} {path}` if you made it yourself")
+                         + f"`chown {user_name(owner_uid)} {path}` if you made it yourself")
     mode = info.st_mode
     if mode & 0o077:
         raise InputError(f"{path}: the {what} file is accessible by group or others "
                          f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}` and start again")
-
-
-def _user_name(uid: int) -> str:
-    """The user's name, or the number when the system has no name for it."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _user(uid: int) -> str:
-    name = _user_name(uid)
-    return f"uid {uid}" if name == str(uid) else f"user {name} (uid {uid})"
