@@ -17,6 +17,7 @@ from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.requests import ENDED_MEMORY
 from firmware_py.core.telemetry import DerRatings
 from firmware_py.core.types import (
+    BmsState,
     DispatchAnswer,
     DispatchCancel,
     DispatchEnded,
@@ -493,6 +494,31 @@ def test_a_priority_that_is_no_whole_number_from_0_is_invalid(priority):
     result = step(ready(0.0), [discharge("e", 1.0, 0.0, 3_600, priority=priority)], 1.0)
     answer = result.answer_for("e")
     assert answer.reason is ReasonCode.INVALID and "priority" in answer.detail
+
+
+@pytest.mark.parametrize("revision", [-1, 1.5, True, "1", None])
+def test_a_revision_that_is_no_whole_number_from_0_is_invalid_and_never_booked(revision):
+    """A booked revision that is no count broke the next step of its id (a TypeError, and no answer at all)."""
+    run = Run(ready(0.0))
+    answer = answer_of(run.feed(discharge("e", 0.0, 0.0, 3_600, revision=revision)), "e")
+    assert answer.reason is ReasonCode.INVALID and "revision" in answer.detail
+    assert run.c.book.find("e") is None
+    run.run(1)
+    assert answer_of(run.feed(discharge("e", run.t, 0.0, 3_600)), "e").verdict is Verdict.ACCEPTED
+
+
+def test_a_clock_gone_back_believes_the_readings_stamped_on_it():
+    """A replay or bench stepped out of order: what the core held is stamped after `now`. It is not fresh (its
+    age is unknown), and the readings stamped on the new clock are taken, a BMS fault among them, at once."""
+    run = Run(ready(0.0))
+    run.feed(discharge("e", 0.0, 0.0, 3_600, 10_000))
+    run.run(100)
+    assert run.c.mode is Mode.DISCHARGE and run.applied_w > 0
+    back = run.t - 60.0
+    result = step(run.c, [bms(back, bms_state=BmsState.FAULT), inverter(back, measured_w=run.c.setpoint_w)], back)
+    assert result.command.setpoint_w == 0 and result.controller.mode is Mode.FAULT
+    silent = step(run.c, [Tick(back)], back)  # nothing stamped on the new clock yet: the held data is no news
+    assert silent.command.setpoint_w == 0
 
 
 @pytest.mark.parametrize("export_only, charge_cap", [(True, None), (False, 0.0)])

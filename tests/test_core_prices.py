@@ -98,6 +98,15 @@ def test_the_owner_price_power_is_the_target():
     assert run.applied_w == 4_000
 
 
+@pytest.mark.parametrize("revision", [None, "1", 1.5])
+def test_a_price_whose_revision_is_no_count_is_invalid_and_never_booked(revision):
+    """Booked, it broke the next step that published its id again (a TypeError: no answer at all)."""
+    run = Run(priced(owner()))
+    reply = answer_of(run.feed(price(revision=revision)), "p1")
+    assert reply.reason is ReasonCode.INVALID and "revision" in reply.detail
+    assert answer_of(run.feed(price()), "p1").verdict is Verdict.ACCEPTED
+
+
 def test_malformed_expired_and_reused_ids_are_refused():
     run = Run(priced(owner()))
     assert answer_of(run.feed(price("bad", per_kwh=math.nan)), "bad").reason is ReasonCode.INVALID

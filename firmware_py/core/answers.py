@@ -175,6 +175,14 @@ def invalid_reason(req: DispatchRequest) -> str | None:
     return None
 
 
+def invalid_revision(revision: object) -> str | None:
+    """Why a revision cannot be ordered against another, or None. Asked before any other check, since a
+    booked revision that is no count would break every later comparison of its id."""
+    if is_whole_number(revision) and revision >= 0:
+        return None
+    return f"revision must be a whole number >= 0, got {revision!r}"
+
+
 def judge(req: DispatchRequest, j: Judgement) -> DispatchAnswer:
     """The answer for a new, well-formed, not yet seen request.
 
@@ -232,6 +240,8 @@ def _capped(req: DispatchRequest, now: float, power: float, why: str, possible: 
 
 def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """Answer `req` on arrival and book it; the events include the answer and any event it ends."""
+    if (bad := invalid_revision(req.revision)) is not None:  # never booked: it is no revision of anything
+        return c, [DispatchAnswer.refused(req.id, now, ReasonCode.INVALID, bad)]
     existing = c.book.find(req.id)
     if existing is not None and existing.price_driven:
         return c, [DispatchAnswer.refused(req.id, now, ReasonCode.DUPLICATE, "id already used by a published price")]

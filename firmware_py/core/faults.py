@@ -52,13 +52,15 @@ def forgive_stall(present: dict[FaultKind, str], latched: tuple[FaultKind, ...])
 
 
 def bms_usable(bms: BmsSnapshot | None, now: float, policy: Policy) -> bool:
-    """Fresh enough to act on: recent, and every critical field present and not stale."""
-    return (bms is not None and now - bms.received_at <= policy.bms_timeout_s
+    """Fresh enough to act on: recent, and every critical field present and not stale. Data stamped after
+    `now` (the clock went back since) is not recent: its age is unknown, and it would stay "fresh" for as
+    long as the step back."""
+    return (bms is not None and 0.0 <= now - bms.received_at <= policy.bms_timeout_s
             and not bms.missing_critical)
 
 
 def inverter_usable(inv: InverterStatus | None, now: float, policy: Policy) -> bool:
-    return inv is not None and inv.comms_ok and now - inv.received_at <= policy.inverter_timeout_s
+    return inv is not None and inv.comms_ok and 0.0 <= now - inv.received_at <= policy.inverter_timeout_s
 
 
 def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, policy: Policy,

@@ -400,8 +400,10 @@ def _readings_first(inputs: Iterable[Input]) -> Sequence[Input]:
 def _believable_time(received_at: float, held: BmsSnapshot | InverterStatus | None, now: float) -> bool:
     """Data stamped after `now` would look fresh for as long as its stamp is ahead (and hide all real data
     behind it); data older than what the core holds (a receive thread's hop overtaken by a tick, a late
-    poll) would set freshness and the meter back. Neither is believed."""
-    return received_at <= now and (held is None or received_at >= held.received_at)
+    poll) would set freshness and the meter back. Neither is believed. Unless what the core holds is itself
+    stamped after `now`: the clock it was stamped on went back (a replay or a bench fed out of order), and
+    the reading in hand is the only one on the clock the core now runs on."""
+    return received_at <= now and (held is None or received_at >= held.received_at or held.received_at > now)
 
 
 def _resync(c: Controller, now: float) -> tuple[Controller, list[Event]]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, judge, judgement, revise, standing
+from firmware_py.core.answers import FINAL_REFUSALS, MIN_USEFUL_W, invalid_revision, judge, judgement, revise, standing
 from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event
 from firmware_py.core.floor import discharge_envelope_w
@@ -160,6 +160,8 @@ def _spent_detail(c: Controller) -> str:
 
 def answer_price(c: Controller, p: PriceInterval, now: float) -> tuple[Controller, list[Event]]:
     """Answer a published price on arrival and book it (as a request when it qualifies)."""
+    if (bad := invalid_revision(p.revision)) is not None:  # never booked: it is no revision of anything
+        return c, [DispatchAnswer.refused(p.id, now, ReasonCode.INVALID, bad)]
     existing = c.book.find(p.id)
     if existing is not None and existing.price is None:
         return c, [DispatchAnswer.refused(p.id, now, ReasonCode.DUPLICATE, "id already used by a dispatch request")]
