@@ -364,3 +364,59 @@ def test_a_revision_into_a_charge_that_is_refused_leaves_the_served_discharge_as
             journal.append_event(item, wall=codec.event_time(item))
         (summary,) = event_summaries(journal)
     assert (summary.kind, summary.verdict, summary.meter_wh) == ("discharge", "accepted", 1_200.0)
+
+
+def _timeline(summary) -> list[str]:
+    return [entry.text for entry in summary.timeline]
+
+
+def test_a_later_boots_records_stay_out_of_an_event_that_ended_before_it(tmp_path, capsys):
+    """The core's clock starts again near 0 at every boot: a fault a later boot journals at the same core
+    time as an old event's window did not happen during it, in the summary nor in `report --event`."""
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0),
+        t.DispatchRequest("ev", "openadr", t.DispatchKind.DISCHARGE, 5_000, 5_000, 6_000, 4_900),
+        t.DispatchAnswer.accepted("ev", 4_900), t.FaultRaised(5_200, "over_temp", "pack 61 C"),
+        t.DispatchEnded(6_000, "ev", "window closed"), t.EventEnergy(6_000, "ev", 1_389.0, 1_388.0, final=True),
+        ("start", 2.0),
+        t.FaultRaised(5_500, "bms_fault", "BMS state FAULT"), t.Transition(5_500, "IDLE", "FAULT", "bms_fault"),
+    ])
+    assert "fault raised: over_temp (pack 61 C)" in _timeline(summary)
+    assert not {"fault raised: bms_fault (BMS state FAULT)", "IDLE -> FAULT: bms_fault"} & set(_timeline(summary))
+    assert main(["report", "--journal", str(tmp_path / "j.sqlite"), "--event", "ev", "--format", "json"]) == 0
+    (event,) = json.loads(capsys.readouterr().out)["events"]
+    assert [entry["kind"] for entry in event["timeline"]].count("FaultRaised") == 1
+
+
+def test_an_event_a_power_cut_left_open_keeps_what_happened_in_it_until_the_next_boot_closes_it(tmp_path):
+    """The next boot ends the event at a core time near 0, below its start: its window runs from its
+    start in its own run to that end in the next, and no further."""
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0),
+        t.DispatchRequest("ev", "openadr", t.DispatchKind.DISCHARGE, 5_000, 5_000, 9_000, 4_900),
+        t.DispatchAnswer.accepted("ev", 4_900), t.FaultRaised(4_950, "bms_fault", "before it"),
+        t.Transition(5_000, "IDLE", "DISCHARGING", "dispatch: ev"), t.FaultRaised(5_600, "over_temp", "pack 61 C"),
+        t.EventEnergy(5_600, "ev", 800.0, 799.0),
+        ("start", 2.0),
+        t.Transition(2.5, "STARTUP", "IDLE", "ready"),
+        t.EventEnergy(3.0, "ev", 800.0, 799.0, final=True), t.DispatchEnded(3.0, "ev", "gateway restarted"),
+        t.FaultRaised(5_300, "bms_fault", "after it"),
+    ])
+    shown = _timeline(summary)
+    assert {"IDLE -> DISCHARGING: dispatch: ev", "fault raised: over_temp (pack 61 C)", "STARTUP -> IDLE: ready"} <= set(
+        shown)
+    assert not {"fault raised: bms_fault (before it)", "fault raised: bms_fault (after it)"} & set(shown)
+
+
+def test_an_event_the_journal_never_ended_takes_in_nothing_of_a_later_boot(tmp_path):
+    """With no `DispatchEnded` (a journal an older release wrote), an open-ended event's window runs to the
+    end of its own run: the next boot's core ran nothing of it."""
+    summary = _summary_of(tmp_path, [
+        ("start", 0.0),
+        t.DispatchRequest("ev", "openadr", t.DispatchKind.DISCHARGE, 5_000, 100, float("inf"), 90),
+        t.DispatchAnswer.accepted("ev", 90), t.FaultRaised(700, "over_temp", "in it"),
+        ("start", 2.0),
+        t.FaultRaised(800, "bms_fault", "a later boot"),
+    ])
+    assert "fault raised: over_temp (in it)" in _timeline(summary)
+    assert "fault raised: bms_fault (a later boot)" not in _timeline(summary)

@@ -84,11 +84,6 @@ class Chain:
             with Journal.open(segment.path, readonly=True) as journal:
                 yield from journal.iter_records(kinds)
 
-    def newest_at(self) -> float | None:
-        """The gateway time of the newest record (None for an empty journal)."""
-        with Journal.open(self.live, readonly=True) as journal:
-            return journal.newest_at()
-
     def check(self) -> ChainReport:
         """Every segment's chain and anchors, and the links between segments: all problems at once."""
         report = ChainReport(key=anchors.readable_public_key(files.key_path(self.live)))

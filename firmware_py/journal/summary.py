@@ -6,17 +6,20 @@ ended, the last energy record (the inverter meter delta, cross-checked with
 integrated power) and what happened to the gateway while the event ran.
 
 Two clocks (`firmware_py/clocks.py`): which records fall in an event's window is
-judged on the core's time base (`Record.at`, which no wall-clock step moves);
-every time shown is wall time (`Record.wall`, and an instant named in a record
-converted with that record's own offset), UTC epoch seconds for a gateway's
-journal, simulated seconds for a bench's.
+judged on the core's time base (`Record.at`, which no wall-clock step moves)
+within its run: that clock starts again near 0 at every boot, so a record's place
+in time is its run (counted by `CoreStart` records), then its `at`. Every time
+shown is wall time (`Record.wall`, and an instant named in a record converted
+with that record's own offset), UTC epoch seconds for a gateway's journal,
+simulated seconds for a bench's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from firmware_py.core.types import DispatchAnswer, DispatchKind, ReasonCode, Verdict
 from firmware_py.core.types import describe as describe_answer
@@ -31,6 +34,10 @@ WINDOW_KINDS = frozenset({RecordKind.TRANSITION, RecordKind.FAULT_RAISED, Record
                           RecordKind.OWNER_SETTINGS, RecordKind.INSTALLER_RESET, RecordKind.STALL,
                           RecordKind.RESYNCED, RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED})
 SERVED = frozenset({Verdict.ACCEPTED, Verdict.CAPPED})
+
+Position: TypeAlias = tuple[int, float]
+"""A record's place in time: (its run, counted by `CoreStart` records, its core time `at`). The core's
+clock starts again near 0 at every boot, so `at` alone cannot order records of different runs."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,11 @@ class EventSummary:
 class _Window:
     """An event's bounds on the core's time base: which other records happened while it ran."""
 
-    first_at: float | None = None  # its first record
+    first: Position  # its first record
     start: float | None = None
+    start_run: int = 0  # the run whose request or price record stated `start` and `end`
     end: float | None = None
-    ended_at: float | None = None
+    ended: Position | None = None  # its `DispatchEnded`, which a later run writes for an event a restart cut
     offered: tuple[float | None, str | None] | None = None  # a price event: the price its last record published
     closed_wh: tuple[float, float] = (0.0, 0.0)  # meter and integral of its accounts closed in earlier runs
     opened_in: int = 0  # the run (counted by `CoreStart` records) whose answer opened its account
@@ -103,34 +111,28 @@ class RecordSource(Protocol):
 
     def iter_records(self, kinds: Collection[RecordKind | str] | None = None) -> Iterator[Record]: ...
 
-    def newest_at(self) -> float | None: ...
-
 
 def event_summaries(source: RecordSource, only: str | None = None) -> list[EventSummary]:
     """One summary per request id (or only `only`), in the order the events first appear in the journal.
 
     Two streaming passes: the events' own records, then the records that fall in
-    the windows of the events that ran. Memory grows with the events and their
-    timelines, never with the journal's length. A revision that turned a served event
-    into the other kind (a discharge into a charge) ended it and began a new account:
-    the id then has a second summary, so each kind's energy is billed as what it was.
+    the windows of the events that ran, both placing each record by its run
+    (`_positioned`). Memory grows with the events and their timelines, never with
+    the journal's length. A revision that turned a served event into the other kind
+    (a discharge into a charge) ended it and began a new account: the id then has a
+    second summary, so each kind's energy is billed as what it was.
     """
     events: dict[str, EventSummary] = {}
     windows: dict[str, _Window] = {}
     keys: dict[str, str] = {}  # request id -> the key of its summary now (a second one after a change of kind)
     turning: dict[str, Record] = {}  # a revision to the other kind, until its answer says whether it began
-    last_at = source.newest_at() or 0.0
-    run = 0  # a restarted gateway's core starts with no account: an event it answers again starts from 0 Wh
-    for record in source.iter_records(EVENT_KINDS | {RecordKind.SEGMENT_START, RecordKind.CORE_START}):
-        if record.kind == RecordKind.CORE_START:
-            run += 1
-            continue
+    # A restarted gateway's core starts with no account: an event it answers again starts from 0 Wh.
+    for run, record in _positioned(source, EVENT_KINDS | {RecordKind.SEGMENT_START}):
         for own in _carried(record, events) if record.kind == RecordKind.SEGMENT_START else (record,):
             request_id = str(own.payload.get("request_id", own.payload.get("id")))
             if only is not None and request_id != only:
                 continue
             key = keys.setdefault(request_id, request_id)
-            last_at = max(last_at, own.at)
             if own.kind == RecordKind.DISPATCH_REQUEST and _changes_kind(events.get(key), own.payload.get("kind")):
                 turning[request_id] = own  # the old event's end and final energy come before its answer
                 events[key].timeline.append(_entry(own))
@@ -138,26 +140,39 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             revision = turning.pop(request_id, None) if own.kind == RecordKind.DISPATCH_ANSWER else None
             if revision is not None and own.payload.get("verdict") in SERVED:  # a new account, of the other kind
                 key = keys[request_id] = f"{request_id}\x1f{len(events)}"
-                events[key], windows[key] = EventSummary(request_id), _Window(first_at=revision.at)
+                events[key], windows[key] = EventSummary(request_id), _Window(first=(run, revision.at))
                 _apply(events[key], windows[key], revision, run)
                 events[key].timeline.append(_entry(revision))
             summary = events.setdefault(key, EventSummary(request_id))
-            window = windows.setdefault(key, _Window(first_at=own.at))
+            window = windows.setdefault(key, _Window(first=(run, own.at)))
             _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
     ran = []
     for key, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
         if summary.ran:
-            ran.append((*_bounds(windows[key], last_at), summary))
+            ran.append((*_bounds(windows[key]), summary))
     if ran:
-        for record in source.iter_records(WINDOW_KINDS):
+        for run, record in _positioned(source, WINDOW_KINDS):
             for lo, hi, summary in ran:
-                if lo <= record.at <= hi:
+                if lo <= (run, record.at) <= hi:
                     summary.timeline.append(_entry(record))
     for summary in events.values():
         summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
+
+
+def _positioned(source: RecordSource, kinds: Collection[RecordKind | str]) -> Iterator[tuple[int, Record]]:
+    """The records of `kinds` with the run each belongs to (counted by `CoreStart` records, in journal order).
+
+    Both passes count over the same source, so an event's bounds and the records they take in are
+    numbered alike, even when older segments (and the runs they began) were pruned."""
+    run = 0
+    for record in source.iter_records({*kinds, RecordKind.CORE_START}):
+        if record.kind == RecordKind.CORE_START:
+            run += 1
+        else:
+            yield run, record
 
 
 def _changes_kind(summary: EventSummary | None, kind: Any) -> bool:
@@ -195,14 +210,14 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
             return
         summary.source, summary.kind, summary.revision = p.get("source"), p.get("kind"), p.get("revision")
         summary.target_w = number(p.get("target_w"))
-        _set_window(summary, window, record)
+        _set_window(summary, window, record, run)
     elif record.kind == RecordKind.PRICE_INTERVAL:
         summary.source, summary.revision = p.get("source"), p.get("revision")
         summary.kind = DispatchKind.DISCHARGE.value  # a price is only ever discharged for
         window.offered = (number(p.get("price_per_kwh")), p.get("kind"))
         if summary.price_per_kwh is None:
             summary.price_per_kwh, summary.price_kind = window.offered
-        _set_window(summary, window, record)
+        _set_window(summary, window, record, run)
     elif record.kind == RecordKind.DISPATCH_ANSWER:
         # A DUPLICATE answer restates a request already answered, and the price of the kind the owner does
         # not follow may share its interval's id with the one followed: keep the real answer.
@@ -216,11 +231,11 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
             if p.get("verdict") in SERVED and (summary.final or summary.verdict not in SERVED):  # an account opens
                 if summary.final and run > window.opened_in:
                     window.closed_wh = (summary.meter_wh, summary.integrated_wh)
-                window.opened_in = run
+                window.opened_in, window.ended = run, None  # the account before it ended, not this one
             summary.verdict, summary.cap_w = p.get("verdict"), number(p.get("cap_w"))
             summary.reason, summary.detail = p.get("reason"), p.get("detail", "")
     elif record.kind == RecordKind.DISPATCH_ENDED:
-        window.ended_at = record.at
+        window.ended = (run, record.at)
         summary.ended_at, summary.ended_reason = record.wall, p.get("reason")
     elif record.kind == RecordKind.EVENT_ENERGY:
         summary.meter_wh = window.closed_wh[0] + (number(p.get("meter_wh")) or 0.0)
@@ -228,7 +243,7 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
         summary.final = bool(p.get("final", False))
 
 
-def _set_window(summary: EventSummary, window: _Window, record: Record) -> None:
+def _set_window(summary: EventSummary, window: _Window, record: Record, run: int) -> None:
     """The bounds a request or price record states (later records win), but for the start of an account
     already being served: a revision arriving after its window began (an aggregator extending an event as a
     new interval from now) does not move the start later, or the time already served, with its energy, SoC
@@ -237,24 +252,25 @@ def _set_window(summary: EventSummary, window: _Window, record: Record) -> None:
     p = record.payload
     start, end = number(p.get("start")), number(p.get("end"))
     wall_start = _on_wall(record, start)
-    began = summary.ran and not summary.final and window.start is not None and window.start <= record.at
+    began = (summary.ran and not summary.final and window.start is not None
+             and (window.start_run, window.start) <= (run, record.at))
     if began and (start is None or start > window.start):
         start, wall_start = window.start, summary.start
+    else:
+        window.start_run = run
     window.start, window.end = start, end
     summary.received_at, summary.start, summary.end = (
         _on_wall(record, number(p.get("received_at"))), wall_start, _on_wall(record, end))
 
 
-def _bounds(window: _Window, last_at: float) -> tuple[float, float]:
-    """From the event's start (or first record) to its end (or the journal's last record), core time."""
-    lo = window.start if window.start is not None else window.first_at
-    if window.ended_at is not None:
-        hi = window.ended_at
-    elif window.end is not None:
-        hi = min(window.end, last_at)
-    else:
-        hi = last_at
-    return (lo if lo is not None else last_at), hi
+def _bounds(window: _Window) -> tuple[Position, Position]:
+    """From the event's start (or first record) to its `DispatchEnded`, which may stand in a later run (the
+    next boot closes an event a power cut left open). With none, to its stated end or, for an open-ended
+    or never-ended one, to the last record of the run it started in: a later boot's core ran nothing of it."""
+    lo = (window.start_run, window.start) if window.start is not None else window.first
+    if window.ended is not None:
+        return lo, window.ended
+    return lo, (lo[0], window.end if window.end is not None else math.inf)
 
 
 def _on_wall(record: Record, core_s: float | None) -> float | None:

@@ -46,9 +46,6 @@ class HeadBound:
                 self._newest = (record.at, record.wall)
         return self._newest
 
-    def newest_at(self) -> float | None:
-        return self.newest()[0]
-
     def head_hash(self) -> str | None:
         for record in self.iter_records():
             if record.seq == self.head_seq:

@@ -46,9 +46,6 @@ class _Window:
     def iter_records(self, kinds: Collection[RecordKind | str] | None = None, since_seq: int = 0) -> Iterator[Record]:
         return iter([r for r in self._records if r.seq > since_seq and (kinds is None or r.kind in kinds)])
 
-    def newest_at(self) -> float | None:
-        return max((r.at for r in self._records), default=None)
-
 
 def read_history(journal_path: str | Path, now_wall: float, interval_s: float,
                  span_s: float = HISTORY_S) -> dict[str, Any]:
