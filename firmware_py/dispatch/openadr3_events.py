@@ -528,6 +528,13 @@ def event_id_of(event: Any) -> str:
     return event_id if isinstance(event_id, str) and OBJECT_ID.fullmatch(event_id) else UNKNOWN_EVENT
 
 
+def program_id_of(obj: Any) -> str | None:
+    """The programID an event or subscription names, None when it names none a program could have (a list,
+    an object, a number): such an object is in none of this VEN's programs, and looking it up must not raise."""
+    program_id = obj.get("programID") if isinstance(obj, Mapping) else None
+    return program_id if isinstance(program_id, str) else None
+
+
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise _Invalid(f"{where} must be an object, got {type(value).__name__}")
