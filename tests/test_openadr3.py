@@ -53,6 +53,7 @@ from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
+    NotAddressed,
     iso_datetime,
     parse_duration,
     price_id,
@@ -510,6 +511,35 @@ def test_a_subscription_listed_with_a_program_id_that_is_not_a_string_is_not_thi
                 await vtn.wait_for(lambda: ven.polls and ven.subscribed)
                 assert not task.done() and ven.failed_polls == 0
             assert vtn.subscription_count == 2  # the odd one names no program: the VEN's own is made beside it
+
+    run(scenario)
+
+
+def test_an_event_targeted_at_other_vens_is_ignored_unanswered_and_logged_once(caplog) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        # Not `enrolled`: its model of the specification is OpenADR 3.1's, whose targets are bare strings.
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn, serving(ven := make_ven(vtn), sink):
+            program = vtn.add_program("summer-peak")
+            theirs = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 9.0)
+            vtn.events[theirs]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2"]}]
+            ours = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            vtn.events[ours]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2", "truck-1"]},
+                                           {"type": "GROUP", "values": ["north"]}]
+            everyones = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 1.0)
+            await vtn.wait_for(lambda: vtn.answers_for(ours) and vtn.answers_for(everyones))
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 3)
+            assert sorted(r.id for r in sink.of(DispatchRequest)) == sorted([ours, everyones])
+            assert vtn.answers_for(theirs) == [] and theirs not in [o.event_id for o in ven.outcomes]
+            assert caplog.text.count(f"event {theirs} is addressed to VEN 'truck-2', not 'truck-1': ignored") == 1
+
+            vtn.modify_event(ours, values=3.0)  # a revision retargeting an event this VEN holds takes it back
+            vtn.events[ours]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2"]}]
+            await vtn.wait_for(lambda: sink.of(DispatchCancel))
+            assert [c.id for c in sink.of(DispatchCancel)] == [ours]
 
     run(scenario)
 
@@ -1247,11 +1277,34 @@ def test_a_program_a_year_long_refuses_no_event_whose_intervals_carry_their_own_
     (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "PT1H", "randomizeStart": "P2Y"}),
      "randomizeStart"),
     (event([interval(0)], priority=1.5), "priority must be a whole number >= 0 or null, got 1.5"),
+    (event([interval(0)], targets={"type": "VEN_NAME", "values": ["truck-1"]}), "targets must be a list"),
+    (event([interval(0)], targets=[{"type": "VEN_NAME", "values": "truck-1"}]), "targets[0] must be an object"),
+    (event([interval(0)], targets=[{"values": ["truck-1"]}]), "targets[0] must be an object with a string type"),
 ])
 def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     answer = translate(payload)
     assert isinstance(answer, DispatchAnswer) and answer.verdict is Verdict.REJECTED
     assert answer.reason is ReasonCode.INVALID and words in answer.detail
+
+
+@pytest.mark.parametrize("targets, ours", [
+    (None, True),
+    ([], True),
+    ([{"type": "VEN_NAME", "values": ["truck-1"]}], True),
+    ([{"type": "VEN_NAME", "values": ["truck-2"]}], False),
+    ([{"type": "VEN_NAME", "values": []}], False),
+    ([{"type": "VEN_NAME", "values": ["truck-1", "truck-2"]}, {"type": "VEN_NAME", "values": ["truck-2"]}], False),
+    ([{"type": "GROUP", "values": ["north"]}, {"type": "RESOURCE_NAME", "values": ["pack-9"]}], True),
+    ([{"type": "GROUP", "values": ["north"]}, {"type": "VEN_NAME", "values": ["truck-3"]}], False),
+    (["truck-2", "north"], True),  # OpenADR 3.1's form: the VTN matches them, the VEN cannot
+])
+def test_an_event_is_this_vens_unless_a_ven_name_target_leaves_it_out(targets: Any, ours: bool) -> None:
+    payload = event([interval(0)], targets=targets)
+    plan = translate_event(payload, revision=0, program=None, rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0),
+                           to_gateway_time=dt.datetime.timestamp, received_at=(NOW - dt.timedelta(minutes=5)).timestamp(),
+                           ven_name="truck-1")
+    assert isinstance(plan, EventPlan if ours else NotAddressed), plan
+    assert isinstance(translate(payload), EventPlan)  # a VEN without a name judges no target
 
 
 @pytest.mark.parametrize("descriptor, every", [

@@ -68,6 +68,7 @@ from firmware_py.dispatch.openadr3_events import (
     UNKNOWN_EVENT,
     EventPlan,
     IntervalWindow,
+    NotAddressed,
     event_id_of,
     iso_datetime,
     iso_duration,
@@ -279,6 +280,7 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
+        self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[dict[str, Any]] = deque()
         self._limit_applied: float | None = None
@@ -599,6 +601,7 @@ class OpenAdr3Ven:
             self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
+        self._not_addressed &= present
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
@@ -611,11 +614,13 @@ class OpenAdr3Ven:
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
                                currency=self._currency, ven_name=self.config.ven_name)
         tracked = self._events.get(event_id_of(event))
+        if isinstance(plan, NotAddressed):
+            await self._not_for_this_ven(sink, plan, revision)
+            return
+        self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, DispatchAnswer):
-            if tracked is not None:  # what it delivered so far is still reported, as for a deleted event
-                self._report_begun(sink, tracked)
-                self._forget(_asked(tracked.plan))
-                await self._withdraw(sink, self._events.pop(plan.request_id), "the event's new revision is refused")
+            if tracked is not None:
+                await self._drop(sink, plan.request_id, "the event's new revision is refused")
             self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
             if (program_id := program_id_of(event)) is not None and plan.request_id != UNKNOWN_EVENT:
                 self._queue_answer(program_id, plan.request_id, revision, (), {plan.request_id: plan})
@@ -690,6 +695,25 @@ class OpenAdr3Ven:
         if answer is None:  # the contract says every request is answered; treat silence as a no
             return DispatchAnswer.refused(request.id, sink.now(), None, "no answer from the core")
         return answer
+
+    async def _not_for_this_ven(self, sink: DispatchSink, plan: NotAddressed, revision: int) -> None:
+        """Another VEN's event: not answered, logged once per event id; one this VEN held (a revision
+        that retargets it) is taken back as a deleted one is."""
+        if plan.event_id in self._events:
+            await self._drop(sink, plan.event_id, "the event's new revision is addressed to other VENs")
+            self._record(EventOutcome(plan.event_id, revision, detail="retargeted to other VENs at the VTN"))
+        if plan.event_id not in self._not_addressed:
+            self._not_addressed.add(plan.event_id)
+            names = ", ".join(repr(n) for n in plan.ven_names[:5]) + (", ..." if len(plan.ven_names) > 5 else "")
+            log.info("OpenADR 3: event %s is addressed to VEN %s, not %r: ignored", plan.event_id,
+                     names or "(none)", self.config.ven_name)
+
+    async def _drop(self, sink: DispatchSink, event_id: str, reason: str) -> None:
+        """Stop holding an event: what it delivered so far is still reported, as for a deleted event."""
+        tracked = self._events.pop(event_id)
+        self._report_begun(sink, tracked)
+        self._forget(_asked(tracked.plan))
+        await self._withdraw(sink, tracked, reason)
 
     async def _withdraw(self, sink: DispatchSink, tracked: _Tracked, reason: str) -> None:
         """Take back what an event asked for: its requests and prices not yet over, its export limits.
