@@ -939,8 +939,11 @@ def _refuse_redirect(resp: aiohttp.ClientResponse, what: str, consequence: str) 
     Location may carry a query with anything in it); the request is not followed there."""
     location = resp.headers.get("Location")
     if 300 <= resp.status < 400 and location is not None:
-        target = urlsplit(urljoin(str(resp.url), location))
-        origin = f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.netloc else "nowhere usable"
+        try:
+            target = urlsplit(urljoin(str(resp.url), location))
+            origin = f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.netloc else "no server"
+        except ValueError:  # "http://[bad": no address at all
+            origin = "an address that is not a URL"
         raise VtnError(f"{what}: answered HTTP {resp.status}, a redirect to {origin}: {consequence} "
                        "(configure the address it moved to)")
 
