@@ -11,11 +11,11 @@ the specification (`openadr3_model.conforms`), not only against the other side.
 from __future__ import annotations
 
 import contextlib
-import socket
 import datetime as dt
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -53,6 +53,7 @@ from firmware_py.dispatch import Telemetry
 from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
+    NotAddressed,
     iso_datetime,
     parse_duration,
     price_id,
@@ -211,6 +212,120 @@ def test_a_refused_secret_is_a_lost_link_that_names_the_client_never_the_secret(
     run(scenario)
 
 
+class ScriptedTokenVtn(BenchVtn3):
+    """Its token endpoint answers `token_body` as it is (a broken or hostile token answer)."""
+
+    token_body = b""
+
+    async def _token(self, request: web.Request) -> web.Response:
+        await request.post()
+        return web.Response(body=self.token_body, content_type="application/json")
+
+
+@pytest.mark.parametrize("token_body, words", [
+    (b'{"access_token": "tok\\r\\nX-Injected: 1", "expires_in": 3600}', "not a bearer token"),
+    (b'{"access_token": "' + b"[" * 50 + b'", "expires_in": 3600}', "not a bearer token"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+], ids=["control characters", "not b64token characters", "deeply nested JSON"])
+def test_a_token_answer_the_ven_cannot_use_is_a_lost_link_never_a_crash_nor_the_token_logged(
+        caplog, token_body: bytes, words: str) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        links = LinkBook(time.monotonic)
+        async with ScriptedTokenVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.token_body = token_body
+            ven = make_ven(vtn, link=links.handle(Link.OPENADR3))
+            async with serving(ven, ScriptedSink()) as task:
+                await vtn.wait_for(lambda: ven.failed_polls >= 2)
+                assert not task.done()
+            cause = links.states[Link.OPENADR3].cause
+            assert links.states[Link.OPENADR3].ok is False and words in cause, cause
+        assert "X-Injected" not in caplog.text and "[[[" not in caplog.text
+
+    run(scenario)
+
+
+def test_a_token_said_to_live_beyond_any_float_is_renewed_after_a_day() -> None:
+    async def scenario() -> None:
+        async with ScriptedTokenVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.token_body = b'{"access_token": "tok-1", "expires_in": 1' + b"0" * 400 + b"}"
+            now = [0.0]
+            tokens = TokenSource(f"{vtn.url}/auth/token", "truck-1", SECRET, clock=lambda: now[0])
+            async with aiohttp.ClientSession() as session:
+                assert await tokens.bearer(session) == "tok-1"
+                now[0] = 86_400.0
+                vtn.token_body = b'{"access_token": "tok-2", "expires_in": 3600}'
+                assert await tokens.bearer(session) == "tok-2"
+
+    run(scenario)
+
+
+class Collector:
+    """Another server on 127.0.0.1, somewhere a redirect could send the VEN: it records what reaches it."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, str], bytes]] = []
+        self.runner: web.AppRunner | None = None
+        self.port = free_port()
+
+    async def _any(self, request: web.Request) -> web.Response:
+        self.got.append((request.path, dict(request.headers), await request.read()))
+        return web.json_response({"access_token": "stolen", "expires_in": 3600})
+
+    async def __aenter__(self) -> Collector:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+class RedirectingVtn(BenchVtn3):
+    """Answers `redirected` (a path: the token endpoint or the events) with a 307 to `elsewhere`."""
+
+    redirected = "/auth/token"
+    elsewhere = ""
+
+    async def _token(self, request: web.Request) -> web.Response:
+        if self.redirected == "/auth/token":
+            raise web.HTTPTemporaryRedirect(f"{self.elsewhere}/steal?client=truck-1")
+        return await super()._token(request)
+
+    async def _get_events(self, request: web.Request) -> web.Response:
+        if self.redirected == "/events":
+            raise web.HTTPTemporaryRedirect(f"{self.elsewhere}/events")
+        return await super()._get_events(request)
+
+
+@pytest.mark.parametrize("redirected, words", [("/auth/token", "the client secret is not sent there"),
+                                               ("/events", "GET /events: answered HTTP 307")])
+def test_a_redirect_to_another_server_carries_neither_the_secret_nor_the_token_there(
+        caplog, redirected: str, words: str) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        links = LinkBook(time.monotonic)
+        async with Collector() as collector, RedirectingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.redirected, vtn.elsewhere = redirected, f"http://127.0.0.1:{collector.port}"
+            vtn.add_program("summer-peak")
+            ven = make_ven(vtn, link=links.handle(Link.OPENADR3))
+            async with serving(ven, ScriptedSink()) as task:
+                await vtn.wait_for(lambda: ven.failed_polls >= 2)
+                assert not task.done()
+            assert collector.got == []
+            cause = links.states[Link.OPENADR3].cause
+            assert words in cause and f"307, a redirect to http://127.0.0.1:{collector.port}:" in cause, cause
+        assert SECRET not in caplog.text and "client=truck-1" not in caplog.text
+
+    run(scenario)
+
+
 def test_commissioning_probe_logs_in_registers_and_finds_the_programs() -> None:
     async def scenario() -> None:
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
@@ -357,6 +472,74 @@ def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
                 "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'",
                 "event id is missing or not a string of letters, digits, '_' or '-'"]
             assert not sink.received
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("program_id", [["p"], {"id": "p"}, 7], ids=["list", "object", "number"])
+def test_an_event_whose_program_id_is_not_a_string_is_refused_and_the_others_still_taken(program_id: Any) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            odd = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
+            vtn.events[odd]["programID"] = program_id
+            good = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            ven = make_ven(vtn)
+            async with serving(ven, sink) as task:
+                await vtn.wait_for(lambda: vtn.answers_for(good) and len(ven.outcomes) >= 2)
+                assert not task.done() and ven.failed_polls == 0
+            assert [r.id for r in sink.of(DispatchRequest)] == [good]
+            (refused,) = [o for o in ven.outcomes if o.event_id == odd]
+            assert refused.answers[0].detail == "programID is missing or not a string"
+
+    run(scenario)
+
+
+def test_a_subscription_listed_with_a_program_id_that_is_not_a_string_is_not_this_vens() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET, subscriptions=True) as vtn:
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600, callback_listen=f"127.0.0.1:{port}")
+            operations = [{"objects": ["EVENT", "PROGRAM"], "operations": ["POST", "PUT", "DELETE"],
+                           "callbackUrl": f"http://127.0.0.1:{port}/openadr3/notify",
+                           "bearerToken": ven._callback_token}]
+            vtn._subscriptions["odd"] = {"id": "odd", "objectType": "SUBSCRIPTION", "clientName": "truck-1",
+                                         "programID": [program], "objectOperations": operations}
+            async with serving(ven, ScriptedSink()) as task:
+                await vtn.wait_for(lambda: ven.polls and ven.subscribed)
+                assert not task.done() and ven.failed_polls == 0
+            assert vtn.subscription_count == 2  # the odd one names no program: the VEN's own is made beside it
+
+    run(scenario)
+
+
+def test_an_event_targeted_at_other_vens_is_ignored_unanswered_and_logged_once(caplog) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        # Not `enrolled`: its model of the specification is OpenADR 3.1's, whose targets are bare strings.
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn, serving(ven := make_ven(vtn), sink):
+            program = vtn.add_program("summer-peak")
+            theirs = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 9.0)
+            vtn.events[theirs]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2"]}]
+            ours = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            vtn.events[ours]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2", "truck-1"]},
+                                           {"type": "GROUP", "values": ["north"]}]
+            everyones = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 1.0)
+            await vtn.wait_for(lambda: vtn.answers_for(ours) and vtn.answers_for(everyones))
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 3)
+            assert sorted(r.id for r in sink.of(DispatchRequest)) == sorted([ours, everyones])
+            assert vtn.answers_for(theirs) == [] and theirs not in [o.event_id for o in ven.outcomes]
+            assert caplog.text.count(f"event {theirs} is addressed to VEN 'truck-2', not 'truck-1': ignored") == 1
+
+            vtn.modify_event(ours, values=3.0)  # a revision retargeting an event this VEN holds takes it back
+            vtn.events[ours]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2"]}]
+            await vtn.wait_for(lambda: sink.of(DispatchCancel))
+            assert [c.id for c in sink.of(DispatchCancel)] == [ours]
 
     run(scenario)
 
@@ -1094,11 +1277,34 @@ def test_a_program_a_year_long_refuses_no_event_whose_intervals_carry_their_own_
     (event([interval(0)], intervalPeriod={"start": iso_datetime(NOW), "duration": "PT1H", "randomizeStart": "P2Y"}),
      "randomizeStart"),
     (event([interval(0)], priority=1.5), "priority must be a whole number >= 0 or null, got 1.5"),
+    (event([interval(0)], targets={"type": "VEN_NAME", "values": ["truck-1"]}), "targets must be a list"),
+    (event([interval(0)], targets=[{"type": "VEN_NAME", "values": "truck-1"}]), "targets[0] must be an object"),
+    (event([interval(0)], targets=[{"values": ["truck-1"]}]), "targets[0] must be an object with a string type"),
 ])
 def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     answer = translate(payload)
     assert isinstance(answer, DispatchAnswer) and answer.verdict is Verdict.REJECTED
     assert answer.reason is ReasonCode.INVALID and words in answer.detail
+
+
+@pytest.mark.parametrize("targets, ours", [
+    (None, True),
+    ([], True),
+    ([{"type": "VEN_NAME", "values": ["truck-1"]}], True),
+    ([{"type": "VEN_NAME", "values": ["truck-2"]}], False),
+    ([{"type": "VEN_NAME", "values": []}], False),
+    ([{"type": "VEN_NAME", "values": ["truck-1", "truck-2"]}, {"type": "VEN_NAME", "values": ["truck-2"]}], False),
+    ([{"type": "GROUP", "values": ["north"]}, {"type": "RESOURCE_NAME", "values": ["pack-9"]}], True),
+    ([{"type": "GROUP", "values": ["north"]}, {"type": "VEN_NAME", "values": ["truck-3"]}], False),
+    (["truck-2", "north"], True),  # OpenADR 3.1's form: the VTN matches them, the VEN cannot
+])
+def test_an_event_is_this_vens_unless_a_ven_name_target_leaves_it_out(targets: Any, ours: bool) -> None:
+    payload = event([interval(0)], targets=targets)
+    plan = translate_event(payload, revision=0, program=None, rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0),
+                           to_gateway_time=dt.datetime.timestamp, received_at=(NOW - dt.timedelta(minutes=5)).timestamp(),
+                           ven_name="truck-1")
+    assert isinstance(plan, EventPlan if ours else NotAddressed), plan
+    assert isinstance(translate(payload), EventPlan)  # a VEN without a name judges no target
 
 
 @pytest.mark.parametrize("descriptor, every", [

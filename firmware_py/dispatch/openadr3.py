@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -67,10 +68,12 @@ from firmware_py.dispatch.openadr3_events import (
     UNKNOWN_EVENT,
     EventPlan,
     IntervalWindow,
+    NotAddressed,
     event_id_of,
     iso_datetime,
     iso_duration,
     price_id,
+    program_id_of,
     translate_event,
 )
 from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
@@ -91,6 +94,9 @@ MAX_EVENTS = 500  # events tracked at once
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
 RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
 DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
+MAX_TOKEN_LIFE_S = 86_400.0  # a token said to live longer is renewed after a day all the same
+B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+"""RFC 6750's b64token: all a bearer token may be, so it goes into the Authorization header as it came."""
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 NOTIFY_PATH = "/openadr3/notify"
@@ -195,10 +201,11 @@ class TokenSource:
     async def _fetch(self, session: aiohttp.ClientSession) -> None:
         self.fetches += 1
         form = {"grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self._secret}
-        try:
-            async with session.post(self.token_url, data=form) as resp:
+        try:  # never redirected: a redirect would carry the secret to wherever the answer points
+            async with session.post(self.token_url, data=form, allow_redirects=False) as resp:
                 body = await _body(resp)
                 status = resp.status
+                _refuse_redirect(resp, f"the token endpoint {self.token_url}", "the client secret is not sent there")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise VtnError(f"cannot reach the token endpoint {self.token_url}: {_why(err)}") from None
         if status in (400, 401, 403):
@@ -213,11 +220,21 @@ class TokenSource:
         answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
             raise VtnError(f"the token endpoint {self.token_url} answered HTTP {status} without an access_token")
-        life = answer.get("expires_in")
-        life_s = float(life) if isinstance(life, (int, float)) and not isinstance(life, bool) and life > 0 \
-            else DEFAULT_TOKEN_LIFE_S
+        if not B64TOKEN.fullmatch(answer["access_token"]):  # the token itself is a credential: never in the message
+            raise VtnError(f"the token endpoint {self.token_url} answered an access_token that is not a bearer "
+                           "token (RFC 6750 allows letters, digits and -._~+/ then '=' padding)")
+        life_s = token_life_s(answer.get("expires_in"))
         self._token = answer["access_token"]
         self._renew_at = self._clock() + life_s - min(RENEW_MARGIN_S, life_s / 10)
+
+
+def token_life_s(expires_in: Any) -> float:
+    """How long to take a token to live: its `expires_in` seconds, at most `MAX_TOKEN_LIFE_S` (a huge or
+    infinite figure is a broken answer, not a token to keep for ever); `DEFAULT_TOKEN_LIFE_S` when it says
+    none that is a number above 0 (the field is optional in OAuth2)."""
+    if not isinstance(expires_in, (int, float)) or isinstance(expires_in, bool) or not expires_in > 0:
+        return DEFAULT_TOKEN_LIFE_S
+    return float(min(expires_in, MAX_TOKEN_LIFE_S))  # compared before float(): 10**400 has no float
 
 
 class OpenAdr3Ven:
@@ -263,6 +280,7 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
+        self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[dict[str, Any]] = deque()
         self._limit_applied: float | None = None
@@ -342,7 +360,7 @@ class OpenAdr3Ven:
         events, pages = await self._list_pages(session, "events")
         kept = await self._still_there(session, events) if pages > 1 else set()
         self.polls += 1
-        if any(isinstance(e, dict) and e.get("programID") not in self.programs for e in events):
+        if any((program_id := program_id_of(e)) is not None and program_id not in self.programs for e in events):
             await self._load_programs(session)  # enrolled in a new program since
         await self._take(sink, events, kept)
         await self._send_reports(session, sink)
@@ -365,8 +383,9 @@ class OpenAdr3Ven:
         if self.config.token_url:
             return self.config.token_url
         try:
-            async with session.get(f"{self.base}/auth/server") as resp:
+            async with session.get(f"{self.base}/auth/server", allow_redirects=False) as resp:
                 body, status = await _body(resp), resp.status
+                _refuse_redirect(resp, "GET /auth/server", "the token endpoint is not asked of another server")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
         info = _json(body, "GET /auth/server") if status == 200 else None
@@ -380,8 +399,10 @@ class OpenAdr3Ven:
             token = await self.tokens.bearer(session)
             try:
                 async with session.request(method, f"{self.base}/{path}", params=params, json=body,
-                                           headers={"Authorization": f"Bearer {token}"}) as resp:
+                                           headers={"Authorization": f"Bearer {token}"},
+                                           allow_redirects=False) as resp:  # the token stays with the VTN
                     raw, status = await _body(resp), resp.status
+                    _refuse_redirect(resp, f"{method} /{path}", "the bearer token is not sent there")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
             if status == 401 and attempt == 1:
@@ -483,8 +504,8 @@ class OpenAdr3Ven:
         try:
             held = [sub for sub in await self._list(session, "subscriptions", clientName=self.config.ven_name)
                     if isinstance(sub, dict)]
-            self._subscribed_programs = {sub.get("programID") for sub in held
-                                         if sub.get("objectOperations") == operations}
+            self._subscribed_programs = {program_id for sub in held if sub.get("objectOperations") == operations
+                                         and (program_id := program_id_of(sub)) is not None}
             await self._unsubscribe_stale(session, [sub for sub in held if sub.get("objectOperations") != operations])
         except VtnRefused:  # a VTN that cannot list them: what this VEN subscribed to, not looked at again
             self._subscription_due = math.inf
@@ -530,8 +551,8 @@ class OpenAdr3Ven:
             return web.json_response({"title": "Unauthorized", "status": 401}, status=401)
         try:
             note = await body_of(request.json())
-        except (ValueError, UnicodeDecodeError, BodyUnread) as err:
-            detail = str(err) if isinstance(err, BodyUnread) else "the notification is not JSON"
+        except (ValueError, UnicodeDecodeError, RecursionError, BodyUnread) as err:
+            detail = str(err) if isinstance(err, BodyUnread) else "the notification is not JSON the VEN can read"
             return web.json_response({"title": "Bad Request", "status": 400, "detail": detail}, status=400)
         if not (isinstance(note, dict) and isinstance(note.get("objectType"), str)
                 and isinstance(note.get("operation"), str) and isinstance(note.get("object"), dict)):
@@ -580,6 +601,7 @@ class OpenAdr3Ven:
             self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
+        self._not_addressed &= present
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
@@ -587,19 +609,21 @@ class OpenAdr3Ven:
         except Exception as err:  # noqa: BLE001 - a broken rating source must not cost the VTN an answer
             log.error("OpenADR 3: rating unavailable: %s", err)
             rating = math.nan
-        program = self.programs.get(event.get("programID")) if isinstance(event, dict) else None
+        program = self.programs.get(program_id_of(event) or "")
         plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
                                currency=self._currency, ven_name=self.config.ven_name)
         tracked = self._events.get(event_id_of(event))
+        if isinstance(plan, NotAddressed):
+            await self._not_for_this_ven(sink, plan, revision)
+            return
+        self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, DispatchAnswer):
-            if tracked is not None:  # what it delivered so far is still reported, as for a deleted event
-                self._report_begun(sink, tracked)
-                self._forget(_asked(tracked.plan))
-                await self._withdraw(sink, self._events.pop(plan.request_id), "the event's new revision is refused")
+            if tracked is not None:
+                await self._drop(sink, plan.request_id, "the event's new revision is refused")
             self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
-            if isinstance(event, dict) and isinstance(event.get("programID"), str) and plan.request_id != UNKNOWN_EVENT:
-                self._queue_answer(event["programID"], plan.request_id, revision, (), {plan.request_id: plan})
+            if (program_id := program_id_of(event)) is not None and plan.request_id != UNKNOWN_EVENT:
+                self._queue_answer(program_id, plan.request_id, revision, (), {plan.request_id: plan})
             return
         requests = plan.requests
         carried_wh: dict[str, tuple[int, float]] = {}
@@ -671,6 +695,25 @@ class OpenAdr3Ven:
         if answer is None:  # the contract says every request is answered; treat silence as a no
             return DispatchAnswer.refused(request.id, sink.now(), None, "no answer from the core")
         return answer
+
+    async def _not_for_this_ven(self, sink: DispatchSink, plan: NotAddressed, revision: int) -> None:
+        """Another VEN's event: not answered, logged once per event id; one this VEN held (a revision
+        that retargets it) is taken back as a deleted one is."""
+        if plan.event_id in self._events:
+            await self._drop(sink, plan.event_id, "the event's new revision is addressed to other VENs")
+            self._record(EventOutcome(plan.event_id, revision, detail="retargeted to other VENs at the VTN"))
+        if plan.event_id not in self._not_addressed:
+            self._not_addressed.add(plan.event_id)
+            names = ", ".join(repr(n) for n in plan.ven_names[:5]) + (", ..." if len(plan.ven_names) > 5 else "")
+            log.info("OpenADR 3: event %s is addressed to VEN %s, not %r: ignored", plan.event_id,
+                     names or "(none)", self.config.ven_name)
+
+    async def _drop(self, sink: DispatchSink, event_id: str, reason: str) -> None:
+        """Stop holding an event: what it delivered so far is still reported, as for a deleted event."""
+        tracked = self._events.pop(event_id)
+        self._report_begun(sink, tracked)
+        self._forget(_asked(tracked.plan))
+        await self._withdraw(sink, tracked, reason)
 
     async def _withdraw(self, sink: DispatchSink, tracked: _Tracked, reason: str) -> None:
         """Take back what an event asked for: its requests and prices not yet over, its export limits.
@@ -891,18 +934,34 @@ async def _body(resp: aiohttp.ClientResponse) -> bytes:
         raise VtnError(str(err)) from None
 
 
+def _refuse_redirect(resp: aiohttp.ClientResponse, what: str, consequence: str) -> None:
+    """A 3xx with a Location is a VtnError naming the status and where it points (its origin only: a
+    Location may carry a query with anything in it); the request is not followed there."""
+    location = resp.headers.get("Location")
+    if 300 <= resp.status < 400 and location is not None:
+        try:
+            target = urlsplit(urljoin(str(resp.url), location))
+            origin = f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.netloc else "no server"
+        except ValueError:  # "http://[bad": no address at all
+            origin = "an address that is not a URL"
+        raise VtnError(f"{what}: answered HTTP {resp.status}, a redirect to {origin}: {consequence} "
+                       "(configure the address it moved to)")
+
+
 def _json(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         raise VtnError(f"{what}: the answer is not JSON") from None
+    except RecursionError:
+        raise VtnError(f"{what}: the answer is JSON nested too deeply to read") from None
 
 
 def _problem(raw: bytes) -> str:
     """What an error answer says (an OpenADR 3 problem object's title and detail), short."""
     try:
         problem = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "no details"
     if isinstance(problem, dict):
         words = " - ".join(str(problem[k]) for k in ("title", "detail") if isinstance(problem.get(k), str))

@@ -18,8 +18,10 @@ What an event's interval payloads mean (the OpenADR 3.0.1 payload types):
 - `PRICE` / `EXPORT_PRICE` (currency per kWh): a `PriceInterval` for the owner's
   price-responsive mode; a price is a fact, not a request.
 
-Other payload types ride along unread. Wire formats (RFC 3339 date-times, ISO
-8601 durations) are parsed here too: `parse_duration`, `iso_duration`.
+Other payload types ride along unread. An event whose `targets` name VENs, this
+one not among them, comes out `NotAddressed` (another VEN's, not answered). Wire
+formats (RFC 3339 date-times, ISO 8601 durations) are parsed here too:
+`parse_duration`, `iso_duration`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,16 @@ class EventPlan:
         return max((w.end - w.delay_s for w in self.intervals), default=-math.inf)
 
 
+@dataclass(frozen=True)
+class NotAddressed:
+    """An event whose `targets` name the VENs it is for, this one not among them: another VEN's event on a
+    program several VENs share, neither taken nor answered (a refusal would tell the aggregator this VEN
+    failed an event it never asked this VEN to run)."""
+
+    event_id: str
+    ven_names: tuple[str, ...]
+
+
 class _Invalid(Exception):
     """The event is malformed; the message is the detail answered and journaled."""
 
@@ -151,7 +163,7 @@ def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
                     received_at: float, source: str = SOURCE, currency: str | None = None, ven_name: str = ""
-                    ) -> EventPlan | DispatchAnswer:
+                    ) -> EventPlan | DispatchAnswer | NotAddressed:
     """One OpenADR 3 event object (parsed JSON) -> a plan, or a REJECTED answer naming the fault.
 
     `revision` is the VEN's count of the versions of this event it has seen (OpenADR 3 has no
@@ -160,7 +172,8 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
     `to_gateway_time` maps a UTC datetime onto the core's clock; `received_at` is that clock's now.
     `currency` is what the owner's program pays in (`[program] currency`): a price published in
     another is refused, since the statement could only credit it as a number in the wrong money.
-    `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`).
+    `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`), and is what a `VEN_NAME`
+    target must list for the event to be this VEN's (`addressed_to`): else the event is `NotAddressed`.
     """
     event_id = event_id_of(event)
     try:
@@ -176,13 +189,16 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str, currency: str | None, ven_name: str) -> EventPlan | DispatchAnswer:
+               source: str, currency: str | None, ven_name: str) -> EventPlan | DispatchAnswer | NotAddressed:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
     program_id = event.get("programID")
     if not isinstance(program_id, str) or not program_id:
         raise _Invalid("programID is missing or not a string")
+    named = ven_names_targeted(event.get("targets"))  # before the rest: another VEN's event is not ours to refuse
+    if ven_name and named is not None and ven_name not in named:
+        return NotAddressed(event_id, named)
     program = program if isinstance(program, Mapping) else {}
     descriptors = _descriptors(event.get("payloadDescriptors"), program.get("payloadDescriptors"))
     windows, payloads = _layout(event, program, to_gateway_time, partial(start_delay_s, ven_name, event_id))
@@ -228,6 +244,32 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
     return EventPlan(event_id, program_id, revision, tuple(windows), tuple(requests), tuple(request_ids),
                      tuple(prices), tuple(limits), reports)
+
+
+# ---------------------------------------------------------------------- targets
+
+
+def ven_names_targeted(targets: Any) -> tuple[str, ...] | None:
+    """The VEN names an event's `targets` (OpenADR 3.0.1: a list of {type, values}) allow, None when they
+    name no VEN (no targets, or only types the gateway cannot judge: a group, a resource, or OpenADR
+    3.1's bare strings, which the VTN matches against targets the VEN object does not carry here).
+    Several `VEN_NAME` entries each narrow the event: only a name every one of them lists is allowed.
+    Malformed targets are `_Invalid`, naming `targets`."""
+    if targets is None:
+        return None
+    if not isinstance(targets, list):
+        raise _Invalid(f"targets must be a list of {{type, values}} objects, got {type(targets).__name__}")
+    allowed: set[str] | None = None
+    for n, target in enumerate(targets):
+        if isinstance(target, str):
+            continue
+        if not (isinstance(target, Mapping) and isinstance(target.get("type"), str)
+                and isinstance(target.get("values"), list)):
+            raise _Invalid(f"targets[{n}] must be an object with a string type and a list of values")
+        if target["type"] == "VEN_NAME":
+            names = {v for v in target["values"] if isinstance(v, str)}
+            allowed = names if allowed is None else allowed & names
+    return None if allowed is None else tuple(sorted(allowed))
 
 
 # ---------------------------------------------------------------------- intervals
@@ -526,6 +568,13 @@ def event_id_of(event: Any) -> str:
     """The id to answer under, even when the event is too broken to translate (OpenADR 3 objectID)."""
     event_id = event.get("id") if isinstance(event, Mapping) else None
     return event_id if isinstance(event_id, str) and OBJECT_ID.fullmatch(event_id) else UNKNOWN_EVENT
+
+
+def program_id_of(obj: Any) -> str | None:
+    """The programID an event or subscription names, None when it names none a program could have (a list,
+    an object, a number): such an object is in none of this VEN's programs, and looking it up must not raise."""
+    program_id = obj.get("programID") if isinstance(obj, Mapping) else None
+    return program_id if isinstance(program_id, str) else None
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
