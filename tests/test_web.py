@@ -275,6 +275,75 @@ def test_wrong_bearer_tokens_are_throttled_like_failed_logins(tmp_path):
     asyncio.run(main())
 
 
+async def guesses_at_once(app: WebApp, addresses: list[str], each: int) -> list[int]:
+    """`each` wrong form logins from every address, sent as a guesser would race them: every request's
+    headers first, and its body only once every handler has checked the throttle; their statuses."""
+    checked, checks = asyncio.Event(), [0]
+    wait_s = app.throttle.wait_s
+
+    def counting(client: str) -> float:
+        checks[0] += 1
+        if checks[0] == len(addresses) * each:
+            checked.set()
+        return wait_s(client)
+
+    app.throttle.wait_s = counting  # type: ignore[method-assign]
+    sent = []
+    for n, address in enumerate(a for a in addresses for _ in range(each)):
+        reader, writer = await asyncio.open_connection(app.host, app.port, local_addr=(address, 0))
+        guess = b"token=%064x" % n
+        writer.write(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(guess))
+        sent.append((reader, writer, guess))
+    await asyncio.wait_for(checked.wait(), 10)
+    statuses = []
+    for reader, writer, guess in sent:
+        writer.write(guess)
+        statuses.append(int((await asyncio.wait_for(reader.readline(), 10)).split()[1]))
+        writer.close()
+    return statuses
+
+
+def test_form_logins_racing_their_bodies_are_counted_when_checked_not_when_read(tmp_path):
+    """The throttle was checked when the headers came and counted only once the body had: eight
+    requests holding their bodies back all passed the check, and eight guesses were judged."""
+    async def main() -> None:
+        async with serving(tmp_path) as (_, app, _tokens):
+            statuses = await guesses_at_once(app, ["127.0.0.1"], each=8)
+            assert statuses.count(401) == app.throttle.per_client and statuses.count(429) == 3
+            assert app.throttle.failures("127.0.0.1") == app.throttle.per_client
+
+    asyncio.run(main())
+
+
+def test_form_logins_racing_from_many_addresses_meet_the_total(tmp_path):
+    """Eight addresses racing eight guesses each had 64 judged against a total of 30."""
+    async def main() -> None:
+        async with serving(tmp_path) as (_, app, _tokens):
+            addresses = [f"127.0.0.{n}" for n in range(1, 9)]
+            statuses = await guesses_at_once(app, addresses, each=8)
+            # past the total an address that never failed may still try once (the owner's case): 30 + 2
+            assert statuses.count(401) == app.throttle.total + 2 and statuses.count(429) == 64 - 32
+
+    asyncio.run(main())
+
+
+def test_a_login_that_makes_no_guess_or_the_right_one_leaves_no_failure(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as (_, app, tokens), client(app) as sender:
+            async with sender.http.post(app.url + "login", data=b"token=abc", allow_redirects=False,
+                                        headers={"Content-Encoding": "gzip",
+                                                 "Content-Type": "application/x-www-form-urlencoded"}) as response:
+                assert response.status == 400  # the body could not be read: no guess was made
+            status, _ = await sender.call("GET", "/api/status", headers={"Authorization": f"Bearer {tokens['owner']}"})
+            assert status == 200
+            assert (await sender.login(tokens["owner"])).status == 303
+            assert app.throttle.failures("127.0.0.1") == 0 and app.throttle.wait_s("127.0.0.9") == 0
+            assert len(app.throttle._all) == 0  # nor in the total
+
+    asyncio.run(main())
+
+
 def test_guessers_past_the_total_wait_and_an_address_that_never_failed_does_not():
     now = [0.0]
     throttle = LoginThrottle(lambda: now[0], per_client=5, total=30)

@@ -302,6 +302,34 @@ def test_not_live_fades_the_figures_not_the_warning_and_announces_it_once(tmp_pa
     asyncio.run(main())
 
 
+def bms_age(b: Browser) -> float:
+    """The age of the BMS link's last good data, as the installer view shows it."""
+    line = b.js("return [...document.querySelectorAll('#installer-links li')]"
+                ".find((li) => li.textContent.startsWith('bms:')).textContent")
+    return float(line.split("last good ")[1].split(" s ago")[0])
+
+
+def test_the_installer_view_follows_the_links_while_open_and_says_when_it_is_not_live(tmp_path):
+    """The installer view was read only when it opened: with the truck's BMS silent it went on showing
+    "bms: ok" and no latch under a page that said "Live"; and nothing on it said when it was not live."""
+    async def main() -> None:
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["installer"])
+            await on(b, "view", "installer")
+            await on(b, "until", lambda: bms_age(b) < 1 and b.text("latches") == "none", "the BMS link fresh")
+            rig.bms_on = False  # the truck's BMS stops sending
+            await on(b, "until", lambda: bms_age(b) >= 3 and b.text("latches").startswith("bms_stale since")
+                     and b.text("installer-updated").startswith("Live"), "the BMS data old and latched stale, live")
+            live.paused = True  # the gateway's figures stop moving on
+            await on(b, "until", lambda: b.text("installer-updated").startswith("Not live: figures as of "),
+                     "the installer view saying it is not live")
+            assert b.js(SHOWN, "#installer-links")[2] < 1 and b.js(SHOWN, "#latches")[2] < 1  # faded
+            colour, background, opacity = b.js(SHOWN, "#installer-updated")
+            assert opacity == 1 and contrast(colour, background) >= 4.5, (colour, background, opacity)
+
+    asyncio.run(main())
+
+
 def test_link_ok_text_is_dark_enough_to_read(tmp_path):
     """"ok" in the links was the gauge's green, #2da44e: 3.2:1 on white, under the 4.5:1 text needs."""
     async def main() -> None:

@@ -292,13 +292,13 @@ class WebApp:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             client = request.remote or "unknown"
-            wait = self.throttle.wait_s(client)
+            wait, when = self.throttle.attempt(client)
             if wait > 0:  # a wrong bearer token is a failed login like a wrong one in the form
                 raise Refused(429, f"too many failed logins: try again in {wait:.0f} s")
             role = self._keys.role_of(token) if self._keys else None
             if role is None:
-                self.throttle.failed(client)
                 raise Refused(401, "wrong bearer token")
+            self.throttle.take_back(client, when)
             return Caller(role, None)
         session = self.sessions.find(request.cookies.get(COOKIE))
         if session is None:
@@ -331,7 +331,7 @@ class WebApp:
 
     async def _login(self, request: web.Request) -> web.Response:
         client = request.remote or "unknown"
-        wait = self.throttle.wait_s(client)
+        wait, when = self.throttle.attempt(client)  # counted as failed before the body is awaited
         if wait > 0:
             response = self._html("login.html", 429, f"Too many failed logins: try again in {wait:.0f} s.")
             response.headers["Retry-After"] = str(max(1, round(wait)))
@@ -341,14 +341,18 @@ class WebApp:
         except (ValueError, LookupError):  # a body aiohttp cannot read as the form (an unknown charset, no boundary)
             form = {}  # no token offered: a failed login like any other, counted by the throttle
         except BodyUnread:  # no guess was made: not counted
+            self.throttle.take_back(client, when)
             return self._html("login.html", 400, "The login form was not received whole: try again.")
+        except BaseException:  # too large (aiohttp's 413) or the client gone: no guess made either
+            self.throttle.take_back(client, when)
+            raise
         offered = form.get("token")
         role = self._keys.role_of(offered) if isinstance(offered, str) and self._keys else None
         if role is None:
-            failures = self.throttle.failed(client)
-            log.warning("web: failed login from %s (%d within %.0f s)", printable(client), failures,
-                        self.throttle.window_s)
+            log.warning("web: failed login from %s (%d within %.0f s)", printable(client),
+                        self.throttle.failures(client), self.throttle.window_s)
             return self._html("login.html", 401, "That token is not valid.")
+        self.throttle.take_back(client, when)
         self.throttle.succeeded(client)
         session = self.sessions.start(role)
         log.info("web: %s logged in from %s", role, printable(client))

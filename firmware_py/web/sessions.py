@@ -160,6 +160,30 @@ class LoginThrottle:
             self._dropped_at = now
         return len(mine)
 
+    def attempt(self, client: str) -> tuple[float, float]:
+        """(wait, when): `wait_s(client)`, and when that is 0 the attempt is counted as a failure at `when`
+        already. Checked and counted with no await between, so requests still sending their bodies cannot
+        all pass one check before any is counted; `take_back(client, when)` an attempt that did not fail."""
+        wait = self.wait_s(client)
+        if wait > 0:
+            return wait, math.nan
+        self.failed(client)
+        return 0.0, self._all[-1]
+
+    def take_back(self, client: str, when: float) -> None:
+        """Uncount an `attempt` counted at `when` that was no failed guess (the right token, or no body read)."""
+        mine = self._by_client.get(client)
+        if mine is not None and when in mine:
+            mine.remove(when)
+            if not mine:
+                del self._by_client[client]
+        if when in self._all:
+            self._all.remove(when)
+
+    def failures(self, client: str) -> int:
+        """How many failures `client` has within the window, its attempts still being judged included."""
+        return len(self._by_client.get(client, ()))
+
     def succeeded(self, client: str) -> None:
         self._by_client.pop(client, None)
 

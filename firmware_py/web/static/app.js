@@ -243,11 +243,16 @@ function statusAge(s) {
   return lag - Math.min(...state.lags);
 }
 
+// Whether the figures are live, said on Now and on Installer (each view's figures come from the gateway).
+function asOf(text) {
+  for (const id of ["updated", "installer-updated"]) $(id).textContent = text;
+}
+
 // #message is a live region: a screen reader reads out every change, so the warning is written again only
 // when what it says changes (not on every poll), and it carries no number that ticks.
 function lost(why) {
   document.body.dataset.gateway = "lost";
-  $("updated").textContent = state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.";
+  asOf(state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.");
   const text = `Cannot reach the gateway: ${why}.`;
   if ($("message").hidden || $("message").textContent !== text) say(text, true, "connection");
 }
@@ -283,14 +288,19 @@ async function refreshStatus() {
   state.status = s;
   renderStatus(s);
   document.body.dataset.gateway = "live";
-  $("updated").textContent = `Live, as of ${clock(s.at)}.`;
+  asOf(`Live, as of ${clock(s.at)}.`);
   if ($("message").dataset.about === "connection") say("", false);
-  // Settings changed elsewhere (MQTT, the owner command, the API) show while Controls is open, not only
-  // when it opens: read again with each poll (one read at a time).
-  if (state.view === "controls" && !state.reading) {
-    state.reading = true;
-    refreshSettings().catch(() => {}).finally(() => { state.reading = false; });
-  }
+  readAgain();
+}
+
+// What the open view shows changes while it is open, not only when it opens: settings changed elsewhere
+// (MQTT, the owner command, the API) on Controls; links, latches and the lockout on Installer. Read again
+// with each live poll, one read at a time.
+function readAgain() {
+  const read = { controls: refreshSettings, installer: refreshInstaller }[state.view];
+  if (!read || state.reading) return;
+  state.reading = true;
+  read().catch(() => {}).finally(() => { state.reading = false; });
 }
 
 // ------------------------------------------------------------------ Controls
@@ -604,8 +614,10 @@ async function refreshInstaller() {
       (link.age_s === null ? "" : `, last good ${link.age_s.toFixed(1)} s ago`) + (link.cause ? `: ${link.cause}` : "");
     links.appendChild(li);
   }
-  $("config-file").textContent = doc.config_file;
-  $("config").textContent = JSON.stringify(doc.config, null, 2);
+  // Read again every 2 s while shown: rewritten only when changed, so text selected in it stays selected.
+  for (const [id, text] of [["config-file", doc.config_file], ["config", JSON.stringify(doc.config, null, 2)]]) {
+    if ($(id).textContent !== text) $(id).textContent = text;
+  }
 }
 
 // ------------------------------------------------------------------ views
