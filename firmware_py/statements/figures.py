@@ -12,7 +12,9 @@ Definitions (docs/command-line.md, "statement"):
   outage: the truck carried the home), shown beside the event. It is never credited:
   the core bills an event no meter interval with the grid down, so delivered_wh
   holds none of it, except where a restart billed the meter's gap since the last
-  report (which may span an outage): that gap loses the outage energy after that report.
+  report (which may span an outage): that gap loses the outage energy after that report. No meter
+  change is read across a `JournalGap` (core steps not kept): when it happened, and whether the grid
+  was up, nobody knows; the event's own energy records bill it, and a note names the gap.
 - credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
