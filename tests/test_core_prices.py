@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core_builders import POLICY, Run, bms, discharge, inverter, ready
 from firmware_py.core import Controller, Mode, step
-from firmware_py.core.prices import BUDGET_SPENT_END, budget_left_wh
+from firmware_py.core.prices import BUDGET_SPENT_END, MAX_PRICE_PER_KWH, budget_left_wh
 from firmware_py.core.types import (
     CalendarDay,
     DispatchAnswer,
@@ -120,6 +120,16 @@ def test_malformed_expired_and_reused_ids_are_refused():
     run.feed(price("p9", start=run.t, end=run.t + HOUR, t=run.t))
     reply = answer_of(run.feed(discharge("p9", run.t, run.t, run.t + 60)), "p9")
     assert reply.reason is ReasonCode.DUPLICATE and "published price" in reply.detail
+
+
+def test_a_price_beyond_any_tariff_is_refused_as_invalid_with_its_reason_and_a_large_real_one_is_not():
+    """1e27 per kWh is finite, yet no amount priced with it can be stated to the cent: it is the
+    publisher's fault, and is refused like a price that is no number."""
+    run = Run(priced(owner()))
+    for bad in (1e27, -1e27, MAX_PRICE_PER_KWH * 1.01):
+        reply = answer_of(run.feed(price(f"huge{bad}", per_kwh=bad)), f"huge{bad}")
+        assert reply.reason is ReasonCode.INVALID and "price_per_kwh" in reply.detail
+    assert answer_of(run.feed(price("dear", per_kwh=MAX_PRICE_PER_KWH)), "dear").verdict is not Verdict.REJECTED
 
 
 def test_the_same_price_again_gets_the_same_answer_and_other_content_is_refused():

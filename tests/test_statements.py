@@ -872,6 +872,7 @@ class _Plant:
                          journal=replace(base.journal, path=str(path), busy_timeout_s=0.05),
                          vehicle=replace(base.vehicle, usable_capacity_wh=capacity_wh))
         self.t, self.capacity_wh, self.soc, self.meter, self.absorbed = 0.0, capacity_wh, soc, 1_000.0, 500.0
+        self.grid_outage = False
         self.assembly = assemble(config, lambda: self.t, owner=OwnerSettings(20, 0.0))
         self.gateway = self.assembly.gateway
 
@@ -886,7 +887,8 @@ class _Plant:
             self.absorbed -= watts * dt / 3600
         self.soc -= watts * dt / 3600 / self.capacity_wh * 100
         self.gateway.feed(bms(self.t, soc=self.soc),
-                          inverter(self.t, measured_w=watts, tot_wh_inj=self.meter, tot_wh_abs=self.absorbed), *extra)
+                          inverter(self.t, measured_w=watts, tot_wh_inj=self.meter, tot_wh_abs=self.absorbed,
+                                   grid_outage=self.grid_outage), *extra)
 
     def run_until(self, t: float) -> None:
         while self.t < t:
@@ -966,4 +968,122 @@ def test_a_revision_that_moves_a_served_events_start_to_now_keeps_its_window_fro
     pack_drop_wh = (80.0 - plant.soc) / 100 * plant.capacity_wh
     assert event["throughput_wh"] == pytest.approx(pack_drop_wh, abs=5)
     assert 2_900 < event["avg_w"] <= 3_050
+    assert verify(tmp_path / "s.json", path) == 0
+
+
+# ---------------------------------------------------------------- malformed figures and journals
+
+
+def resigned(statement: dict, path: Path, **changes) -> tuple[Path, list[str]]:
+    """`statement` with `changes` (dotted names), signed by a key of the test's own: the file and the
+    option that pins that key, so verification checks the figures, not whose key it is."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware_py import signing
+
+    body = json.loads(json.dumps({k: v for k, v in statement.items() if k not in ("signature", "public_key")}))
+    for name, value in changes.items():
+        *parents, last = name.split("__")
+        target = body
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    key = Ed25519PrivateKey.generate()
+    path.write_text(json.dumps(evidence.sign(body, key)))
+    return path, ["--public-key", signing.public_hex(key)]
+
+
+def test_a_price_no_amount_can_hold_is_bad_input_naming_the_event_and_live_earnings_carry_on(tmp_path, capsys,
+                                                                                              caplog):
+    """A journal holding a price of 1e27 per kWh as accepted (an older release took any finite price): its
+    credit cannot be stated to the cent. Once a decimal.InvalidOperation traceback, and the live earnings
+    (status, web, MQTT) broke with it."""
+    from firmware_py.core.types import PriceInterval, PriceKind
+
+    path = tmp_path / "journal.sqlite"
+    price = PriceInterval("evt/1/EXPORT_PRICE", "openadr3", "prog", PriceKind.EXPORT_PRICE, 1e27, 10.0, 3_610.0,
+                          5.0)
+    with Journal.open(path) as journal:
+        journal.append_event(price, wall=JUNE_30 + 5)
+        journal.append_event(DispatchAnswer.accepted(price.id, 10.0), wall=JUNE_30 + 10)
+        journal.append_event(EventEnergy(3_610.0, price.id, 1_000.0, 1_000.0, True), wall=JUNE_30 + 3_610)
+        journal.append_event(DispatchEnded(3_610.0, price.id, "window over"), wall=JUNE_30 + 3_610)
+    assert main(["statement", "--journal", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "event 'evt/1/EXPORT_PRICE': its credit at 1e+27 per kWh" in err and "Traceback" not in err
+
+    book = EarningsBook(path, Basis(ProgramTerms(), {"name": None}), Clocks(lambda: 0.0, lambda: JUNE_30 + 7_200))
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(book.refresh())
+    assert book.latest() is None and "evt/1/EXPORT_PRICE" in caplog.text
+
+
+def test_a_statement_at_a_rate_no_amount_can_hold_fails_with_a_message_not_a_traceback(crashed, tmp_path, capsys):
+    statement = make(crashed, tmp_path / "s.json", "--event", "peak")
+    path, pinned = resigned(statement, tmp_path / "absurd.json", program__credit_per_kwh=1e308)
+    assert main(["statement", "verify", str(path), "--journal", str(crashed), *pinned]) == 2
+    err = capsys.readouterr().err
+    assert "event 'peak': its credit at 1e+308 per kWh" in err and "Traceback" not in err
+
+
+def test_an_event_statement_checked_against_another_journal_names_the_journal_not_an_option(
+        bench, crashed, tmp_path, capsys):
+    """The other journal holds more records and not the event: a failed check (exit 1) naming the changed head
+    and the missing event. It was once bad input (exit 2) about an --event option nobody gave."""
+    statement = make(crashed, tmp_path / "s.json", "--event", "peak")
+    other, _ = bench
+    pinned = ["--public-key", statement["public_key"]]
+    assert main(["statement", "verify", str(tmp_path / "s.json"), "--journal", str(other), *pinned]) == 1
+    err = capsys.readouterr().err
+    assert "journal_head: record" in err and "events: the journal holds no event 'peak'" in err
+    assert "--event" not in err
+
+
+def test_a_statement_period_a_time_zone_moves_out_of_the_calendar_is_bad_input_not_a_damaged_journal(
+        crashed, tmp_path, capsys):
+    statement = make(crashed, tmp_path / "s.json")
+    path, pinned = resigned(statement, tmp_path / "period.json", period__to="0001-01-01T00:00:00+14:00")
+    assert main(["statement", "verify", str(path), "--journal", str(crashed), *pinned]) == 2
+    err = capsys.readouterr().err
+    assert "period.to: '0001-01-01T00:00:00+14:00' is outside the years 1 to 9999 in UTC" in err
+    assert "journal:" not in err
+
+
+def test_no_meter_change_is_read_across_a_journal_gap_and_the_event_and_period_say_there_is_one(tmp_path):
+    """The journal failed for long while an event ran: past their bound, core steps were dropped and a
+    JournalGap counts them. The meter moved 5 kWh over the hole, and the grid failed just as the journal
+    worked again: the statement once read the whole 5 kWh as the outage's (the first step after the gap
+    was in BACKUP). Over a gap nobody knows when the meter moved or whether the grid was up."""
+    from test_gateway import another_writer
+
+    from firmware_py.journal import RecordKind
+    from firmware_py.journal.steps import StepRecorder
+
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.gateway.steps = StepRecorder(batch_steps=5)
+    plant.gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
+    plant.run_until(2)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 5_000, 10.0, 7_200.0, received_at=plant.t))
+    while plant.t < 600:
+        plant.step()
+        plant.gateway.flush_journal()
+    with another_writer(path):
+        for n in range(200):
+            plant.meter += 5_000 / 170 if 20 <= n < 190 else 0.0  # 5 kWh, grid up, in steps not kept
+            plant.grid_outage = n >= 190  # the grid fails as the journal is about to work again
+            plant.step()
+            if n % 10 == 0:
+                plant.gateway.flush_journal()
+    while plant.t < 710:
+        plant.step()
+        plant.gateway.flush_journal()
+    plant.stop()
+    with Journal.open(path, readonly=True) as journal:
+        assert [r for r in journal.records() if r.kind == RecordKind.JOURNAL_GAP]
+    statement = make(path, tmp_path / "s.json")
+    (event,) = statement["events"]
+    assert event["delivered_wh"] > 100 and event["credited_wh"] == event["delivered_wh"]
+    assert 0 < event["outage_wh"] == statement["outage_backup_wh"] < 100, statement  # the kept BACKUP steps' own
+    assert any("JournalGap" in note for note in event["notes"]) and "JournalGap" in statement["notes"][0]
     assert verify(tmp_path / "s.json", path) == 0

@@ -55,6 +55,10 @@ from firmware_py.core.types import (
 
 BUDGET_SPENT_END = "daily price budget spent"
 SETTINGS_END = "owner's price settings"
+MAX_PRICE_PER_KWH = 1_000_000.0
+"""The largest price per kWh (either sign) taken as meant: far above any tariff in any currency, yet
+small enough that every amount a statement prices with it fits the decimal arithmetic money is
+rounded in. A larger published figure is a fault of the publisher, refused like any malformed one."""
 
 
 def invalid_price(p: PriceInterval) -> str | None:
@@ -67,6 +71,8 @@ def invalid_price(p: PriceInterval) -> str | None:
         value = getattr(p, name)
         if not is_finite_number(value):
             return f"{name} is not a finite number: {value!r}"
+    if abs(p.price_per_kwh) > MAX_PRICE_PER_KWH:
+        return f"price_per_kwh {p.price_per_kwh:g} is beyond {MAX_PRICE_PER_KWH:g} per kWh either way"
     if p.end <= p.start:
         return f"end {p.end} is not after start {p.start}"
     return None

@@ -27,7 +27,7 @@ from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
 from firmware_py.statements.earnings import basis_of
 from firmware_py.statements.figures import ProgramTerms
-from firmware_py.statements.make import Basis, differences, recompute, statement_from_journal
+from firmware_py.statements.make import Basis, NoSuchEvent, differences, recompute, statement_from_journal
 from firmware_py.statements.reading import HeadBound
 
 CSV_COLUMNS = ("id", "source", "kind", "window_from", "window_to", "answer", "cap_w", "reason", "status",
@@ -237,12 +237,19 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
         computed = recompute(chain, unsigned)
     except codec.DAMAGED_VALUE as damage:
         return [*problems, f"journal: {codec.unreadable(damage)}: its figures cannot be recomputed"]
+    except NoSuchEvent as missing:  # the statement's own event: this is another journal, or a changed one
+        return [*problems, *_head_problems(chain, statement, seq),
+                f"events: the journal holds no event {missing.event!r}"]
+    return [*problems, *_head_problems(chain, statement, seq), *differences(unsigned, computed)]
+
+
+def _head_problems(chain: Chain, statement: dict[str, Any], seq: int) -> list[str]:
+    """Whether the journal's record `seq` is the one the statement was made up to."""
     actual_head = HeadBound(chain, seq).head_hash()
     if actual_head != statement.get("journal_head"):
-        problems.append(f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
-                        f"statement names {str(statement.get('journal_head'))[:16]}… (the journal was changed)")
-    problems += differences(unsigned, computed)
-    return problems
+        return [f"journal_head: record {seq} of the journal has hash {str(actual_head)[:16]}…, the "
+                f"statement names {str(statement.get('journal_head'))[:16]}… (the journal was changed)"]
+    return []
 
 
 # ---------------------------------------------------------------- rendering
@@ -300,7 +307,7 @@ def render_text(statement: dict[str, Any]) -> str:
               f"({t['equivalent_cycles']:.4f} cycles)",
               f"       credit {t['credit']:.2f} {cur}  wear {t['wear_cost']:.2f} {cur}  net {t['net']:.2f} {cur}",
               f"OUTAGE BACKUP  {statement['outage_backup_wh']:.1f} Wh served to the home during grid outages "
-              "(never credited)", "",
+              "(never credited)", *[f"note  {note}" for note in statement.get("notes", [])], "",
               f"journal head {statement['journal_head']} (record {statement['journal_seq']})",
               f"signed by {statement['public_key']}",
               f"signature {statement['signature']}",

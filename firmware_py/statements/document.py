@@ -20,6 +20,7 @@ from firmware_py.statements.figures import (
     Period,
     ProgramTerms,
     event_figures,
+    gap_notes,
     iso,
     line_keys,
     totals,
@@ -78,20 +79,28 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
         raise InputError(f"{option}: {text!r} is neither a date (YYYY-MM-DD) nor an ISO-8601 time") from None
     except OverflowError:  # the last day there is, taken whole
         raise InputError(f"{option}: {text!r} is past the last time a statement can cover") from None
+    return _in_calendar(at, text, option)
+
+
+def _in_calendar(at: float, text: Any, name: str) -> float:
+    """`at`, if it is a time a statement can print (`iso`): a time zone can move a time written within
+    the years 1 to 9999 out of them in UTC."""
     try:
-        datetime.fromtimestamp(at, UTC)  # a time zone can move it out of the years 1 to 9999
+        datetime.fromtimestamp(at, UTC)
     except (ValueError, OverflowError, OSError):
-        raise InputError(f"{option}: {text!r} is outside the years 1 to 9999 in UTC, which a statement "
+        raise InputError(f"{name}: {text!r} is outside the years 1 to 9999 in UTC, which a statement "
                          "covers") from None
     return at
 
 
 def parse_iso(text: Any, name: str) -> float:
-    """A time this module wrote with `iso`, back to wall seconds."""
+    """A time this module wrote with `iso`, back to wall seconds; one outside the calendar `iso` prints is
+    bad input named by `name`, as on the command line."""
     try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+        at = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
     except ValueError:
         raise InputError(f"{name}: {text!r} is not an ISO-8601 time") from None
+    return _in_calendar(at, text, name)
 
 
 def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, EnergyRecords],
@@ -105,7 +114,7 @@ def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, Ene
             continue
         lines.append(event_figures(summary, tally, terms, capacity_wh,
                                    energy.get(summary.request_id, EnergyRecords())))
-    return {
+    statement = {
         "format": FORMAT_VERSION,
         "gateway": {**gateway, "usable_capacity_wh": capacity_wh},
         "program": terms.as_dict(),
@@ -118,3 +127,5 @@ def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, Ene
         "journal_seq": journal_seq,
         "software_version": software_version,
     }
+    said = gap_notes(ledger.gaps)
+    return {**statement, "notes": said} if said else statement  # only then: earlier statements still verify

@@ -12,7 +12,9 @@ Definitions (docs/command-line.md, "statement"):
   outage: the truck carried the home), shown beside the event. It is never credited:
   the core bills an event no meter interval with the grid down, so delivered_wh
   holds none of it, except where a restart billed the meter's gap since the last
-  report (which may span an outage): that gap loses the outage energy after that report.
+  report (which may span an outage): that gap loses the outage energy after that report. No meter
+  change is read across a `JournalGap` (core steps not kept): when it happened, and whether the grid
+  was up, nobody knows; the event's own energy records bill it, and a note names the gap.
 - credited_wh = delivered_wh, less that share of a restart's gap, never below 0;
   only discharge events the gateway accepted earn credit.
 - throughput_wh: energy out of the pack, the drop of the BMS's SoC (soc_min)
@@ -36,11 +38,12 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
 from firmware_py.core.types import DispatchKind, Verdict, is_finite_number
+from firmware_py.errors import InputError
 from firmware_py.journal.summary import SERVED, EventSummary
 
 MONEY_DIGITS = 2
@@ -123,6 +126,7 @@ class Tally:
     gap_outage_wh: float = 0.0  # outage energy after it: what a restart's meter gap may hold
     capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
     lent_pct: float = 0.0  # the net SoC change over time not the event's own (see `lent`): not its wear
+    gaps: int = 0  # journal gaps (core steps not kept) in its window: no meter change is read across one
 
     @property
     def drop_pct(self) -> float:
@@ -190,7 +194,20 @@ class Ledger:
     period: Period
     tallies: dict[str, Tally]
     outage_backup_wh: float = 0.0
+    gaps: int = 0  # journal gaps in the period
     _previous: Sample | None = field(default=None, repr=False)
+
+    def gap(self, lo: float, hi: float) -> None:
+        """Core steps from `lo` to `hi` (wall time) were not kept (a `JournalGap`): the next sample follows
+        none. The meter change across the hole is nobody's to read: whether the grid was up or down over
+        it is not known, so none of it is taken for outage energy (what an event delivered in it is what
+        its own energy records billed)."""
+        self._previous = None
+        if lo < self.period.end and self.period.start <= hi:
+            self.gaps += 1
+        for tally in self.tallies.values():
+            if lo <= tally.hi and tally.lo <= hi:
+                tally.gaps += 1
 
     def feed(self, sample: Sample) -> None:
         previous, self._previous = self._previous, sample
@@ -263,8 +280,11 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
-    credit = _priced(credited, rate)
-    wear = _priced(throughput, terms.wear_cost_per_kwh)
+    what = f"event {summary.request_id!r}"
+    credit = _priced(credited, rate, f"{what}: its credit at {rate!r} per kWh")
+    wear = _priced(throughput, terms.wear_cost_per_kwh,
+                   f"{what}: its wear cost at {terms.wear_cost_per_kwh!r} per kWh")
+    net = _money(Decimal(repr(credit)) - Decimal(repr(wear)), f"{what}: its net")
     return {
         "id": summary.request_id, "source": summary.source, "kind": summary.kind, "target_w": _asked(summary.target_w),
         "window": {"from": iso(tally.lo), "to": iso(tally.hi)},
@@ -276,8 +296,8 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
         "soc_min_pct": _pct(tally.soc_min), "floor_pct": _pct(tally.floor_pct),
         "throughput_wh": _wh(throughput), "equivalent_cycles": round(throughput / capacity_wh, 6),
         "outage_wh": _wh(outage), "credited_wh": _wh(credited),
-        "credit": credit, "wear_cost": wear, "net": _money(Decimal(repr(credit)) - Decimal(repr(wear))),
-        "notes": notes(summary, status, served, discharge, outage, energy),
+        "credit": credit, "wear_cost": wear, "net": net,
+        "notes": [*notes(summary, status, served, discharge, outage, energy), *gap_notes(tally.gaps if served else 0)],
     }
 
 
@@ -321,6 +341,15 @@ def notes(summary: EventSummary, status: EventStatus, served: bool, discharge: b
     return said
 
 
+def gap_notes(gaps: int) -> list[str]:
+    """What a reader must know of a window (an event's, or the period) that holds journal gaps."""
+    if not gaps:
+        return []
+    return [f"the journal kept no core steps for part of this window ({gaps} JournalGap record(s): writes failed "
+            "for long): energy across a gap is not counted as outage energy; an event's own energy reports "
+            "bill it"]
+
+
 def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str, Any]:
     """The period's sums; outage energy beside them, never credited."""
     lines = list(lines)
@@ -345,19 +374,24 @@ def _lowest(a: float | None, b: float) -> float:
     return b if a is None else min(a, b)
 
 
-def _priced(wh: float, per_kwh: float) -> float:
+def _priced(wh: float, per_kwh: float, what: str) -> float:
     """The statement's own energy figure (as rounded there) at a price per kWh, in decimal: a reader
     multiplying the printed figures gets the same cent (0.83 kWh at 0.50 is 0.42; binary floats, 0.41).
     A price that is no number (only an edited journal holds one: the core refuses it) prices nothing."""
     if not (is_finite_number(wh) and is_finite_number(per_kwh)):
         return 0.0
-    return _money(Decimal(repr(_wh(wh))) / 1000 * Decimal(repr(per_kwh)))
+    return _money(Decimal(repr(_wh(wh))) / 1000 * Decimal(repr(per_kwh)), what)
 
 
-def _money(value: float | Decimal) -> float:
-    """To the cent, half up (away from zero), as people round money."""
+def _money(value: float | Decimal, what: str) -> float:
+    """To the cent, half up (away from zero), as people round money. An amount too large to hold to the
+    cent (a price the core refuses, in a journal of an older release or an edited statement) is bad input
+    named by `what`: a statement priced with it would mean nothing."""
     exact = value if isinstance(value, Decimal) else Decimal(repr(value))
-    return float(exact.quantize(CENT, ROUND_HALF_UP)) + 0.0  # + 0.0: never "-0.0"
+    try:
+        return float(exact.quantize(CENT, ROUND_HALF_UP)) + 0.0  # + 0.0: never "-0.0"
+    except InvalidOperation:
+        raise InputError(f"{what}: {exact:.6g} is too large an amount of money to state to the cent") from None
 
 
 def _wh(value: float) -> float:

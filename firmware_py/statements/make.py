@@ -16,6 +16,15 @@ DEFAULT_CAPACITY_WH = 123_000.0
 """Only when the journal holds no core start (which names the capacity the gateway ran with)."""
 
 
+class NoSuchEvent(InputError):
+    """The one event a statement was asked for is not in the journal: bad input when making one (the
+    --event option), a changed or other journal when verifying one."""
+
+    def __init__(self, journal: object, event: str):
+        super().__init__(f"{journal}: --event: no dispatch event with id {event!r} in this journal")
+        self.event = event
+
+
 @dataclass(frozen=True)
 class Basis:
     """What a statement is computed from besides the journal: the terms and who made it."""
@@ -32,7 +41,7 @@ def statement_from_journal(chain: Chain, selection: Selection, basis: Basis, hea
     source = HeadBound(chain, head_seq)
     summaries = select_summaries(source, selection.event)
     if selection.event is not None and not summaries:
-        raise InputError(f"{chain.live}: --event: no dispatch event with id {selection.event!r} in this journal")
+        raise NoSuchEvent(chain.live, selection.event)
     journal_end = source.newest()[1]
     period = selection.period
     if period is None:

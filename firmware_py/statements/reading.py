@@ -169,7 +169,10 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
     bms: core.BmsSnapshot | None = None
     inverter: core.InverterStatus | None = None
     served, run = ServedRequests(source), 0
-    for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS}):
+    for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS, RecordKind.JOURNAL_GAP}):
+        if record.kind == RecordKind.JOURNAL_GAP:
+            _gap(record, ledger)
+            continue
         if record.kind == RecordKind.CORE_START:
             try:
                 policy, owner, _ = decode_start(record.payload)
@@ -196,6 +199,16 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
                 ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup, measured, served.at(now),
                                     served.journaled))
     return None if policy is None else policy.usable_capacity_wh
+
+
+def _gap(record: Record, ledger: Ledger) -> None:
+    """A `JournalGap` that dropped core steps: the ledger reads no meter change across it. Its bounds are on
+    the core's clock, placed on the wall clock as its record was (an unreadable bound: the record's own time)."""
+    if not record.payload.get("steps"):
+        return  # only history samples were dropped: every core step is here
+    offset = record.wall - record.at
+    lo, hi = number(record.payload.get("from")), number(record.payload.get("to"))
+    ledger.gap(record.wall if lo is None else lo + offset, record.wall if hi is None else hi + offset)
 
 
 def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
