@@ -326,7 +326,8 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     for sig in _stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
-        await service.start()
+        if not await _started(service, stop):
+            return 0  # stopped while starting: straight to the safe stop (`finally`)
         await service.ready(stop)
         service.systemd.notify("READY=1")
         log.info("gateway running: CAN %s %s, inverter %s, journal %s", config.can.interface, config.can.channel,
@@ -340,6 +341,27 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         await service.stop()
         log.info("gateway stopped: journal closed")
     return code
+
+
+async def _started(service: Service, stop: asyncio.Event) -> bool:
+    """`service.start()`, unless `stop` is set first: then start-up is cancelled and False returned.
+
+    Start-up waits on the inverter (its first reading: up to `[inverter] timeout_s`, 30 s at most);
+    a SIGTERM meanwhile must not wait for it, or the safe stop after it would run past systemd's
+    `TimeoutStopSec` (SIGKILL before the journal is closed). `Service.stop` copes with a half start."""
+    starting = asyncio.create_task(service.start(), name="start")
+    stopping = asyncio.create_task(stop.wait(), name="stop while starting")
+    try:
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_all([stopping])
+    if not starting.done():
+        await cancel_all([starting])
+    if starting.cancelled():
+        log.info("stop asked for while starting: start-up abandoned for the safe stop")
+        return False
+    starting.result()  # start-up's own error (a bad address: input error) is raised as before
+    return True  # started (perhaps in the stop's own turn: `until_stopped` then returns at once)
 
 
 def _run_command(args: argparse.Namespace) -> int:

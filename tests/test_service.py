@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import signal
 import socket
 import sqlite3
 import time
@@ -33,7 +35,7 @@ from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import DispatchKind, DispatchRequest, FaultRaised, Verdict
 from firmware_py.gateway import Gateway
 from firmware_py.journal import Journal
-from firmware_py.service import RunOptions, Service, Systemd
+from firmware_py.service import RunOptions, Service, Systemd, run
 from firmware_py.tasks import cancel_all, every
 
 WAIT_S = 10.0
@@ -314,6 +316,44 @@ def test_a_silent_inverter_costs_the_stop_one_bounded_safe_stop_and_is_not_asked
     with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
         ended = [r for r in journal.records() if r.kind == "DispatchEnded"]
     assert [r.payload["reason"] for r in ended] == ["gateway stopped: event ended"]
+
+
+def test_a_sigterm_while_start_up_waits_on_a_silent_inverter_goes_straight_to_the_safe_stop(
+        tmp_path: Path, monkeypatch, caplog):
+    """Start-up's first inverter reading may wait `[inverter] timeout_s` (30 s at most); a SIGTERM meanwhile
+    must not wait for it and then for the safe stop too (past systemd's `TimeoutStopSec`: SIGKILL before the
+    journal closes). `run` abandons the start-up, tries WSet = 0 within its own bound, closes the journal."""
+    from firmware_py import service as service_module
+
+    monkeypatch.setattr(service_module, "SAFE_STOP_S", 0.5)
+
+    async def main() -> int:
+        asked = asyncio.Event()
+        held: list[asyncio.StreamWriter] = []
+
+        async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            asked.set()
+
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        config = gateway_config(tmp_path, f"service-test-{next(_channels)}", port=port, timeout_s=30.0)
+        running = asyncio.create_task(run(config, RunOptions(owner_api=False)))
+        try:
+            await asyncio.wait_for(asked.wait(), WAIT_S)  # start-up asks the inverter its first reading
+            os.kill(os.getpid(), signal.SIGTERM)
+            return await asyncio.wait_for(running, WAIT_S)  # not after the 30 s the first reading may take
+        finally:
+            await cancel_all([running])
+            for writer in held:
+                writer.close()
+            server.close()
+
+    with caplog.at_level(logging.INFO, logger="firmware_py.service"):
+        assert asyncio.run(main()) == 0
+    assert "gateway running" not in caplog.text
+    assert "safe stop: the inverter could not be told (no answer within 0.5 s)" in caplog.text
+    assert "gateway stopped: journal closed" in caplog.text
 
 
 def test_an_inverter_that_refuses_the_safe_stop_but_answers_is_still_read_for_the_final_energy(tmp_path: Path):
