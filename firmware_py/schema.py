@@ -48,14 +48,16 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
           choices: tuple[str, ...] | None = None, path: bool = False, form: tuple[str, str] | None = None,
-          unset: float | None = None, doc: str = "") -> Any:
+          unset: float | None = None, doc: str = "", bound_why: str = "") -> Any:
     """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path,
     and the form a string must have (a regular expression, and how to say it to a person).
 
     `unset` is the one value outside the bounds that means "not set" (e.g. -1). It is named
     exactly, not as a wider range, so that a mistyped sign (-0.5 for 0.5) is refused instead
-    of silently switching the setting off."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "form": form, "unset": unset, "doc": doc}
+    of silently switching the setting off. `bound_why` is said with an out-of-range value, where a bound
+    is not obvious (a limit another part of the system sets)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "form": form, "unset": unset, "doc": doc,
+            "bound_why": bound_why}
     if default is ...:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -154,7 +156,8 @@ def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
         return None
     if lo is not None and value < lo or hi is not None and value > hi:
         also = f", or {unset:g} for not set" if unset is not None else ""
-        return f"{shown(value)} is out of range ({lo} to {hi}{also})"
+        why = f": {meta['bound_why']}" if meta.get("bound_why") else ""
+        return f"{shown(value)} is out of range ({lo} to {hi}{also}){why}"
     form = meta.get("form")
     if form and not re.fullmatch(form[0], value):
         return f"expected {form[1]}, got {shown(value)}"

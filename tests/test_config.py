@@ -348,3 +348,25 @@ def missing_all(cls: type, table: dict, prefix: str) -> list[str]:
         elif section:
             gaps += missing_all(hints[f.name], table[f.name], f"{prefix}{f.name}.")
     return gaps
+
+
+# --- what a stop may wait for -------------------------------------------------------------------
+
+def test_a_journal_busy_timeout_a_stop_could_not_wait_out_is_refused_saying_why(tmp_path):
+    """A stop waits for a journal write held by another process's lock up to `busy_timeout_s`: 60 s made a
+    SIGTERM take 59 s, and systemd SIGKILLs at 15 s, before the journal is closed."""
+    with pytest.raises(InputError, match=r"journal\.busy_timeout_s: 60 is out of range \(0\.01 to 3\): a stop waits"):
+        config.load(write(tmp_path, "[journal]\nbusy_timeout_s = 60\n"))
+    assert config.load(write(tmp_path, "[journal]\nbusy_timeout_s = 3\n")).journal.busy_timeout_s == 3
+
+
+def test_the_longest_journal_wait_leaves_the_stop_within_systemds_stop_timeout():
+    """The stop's bounded waits in a row (safe stop, final meter reading, one journal write) plus a second
+    for closing the links fit in the shipped unit's `TimeoutStopSec`."""
+    from firmware_py.service import FINAL_READ_S, SAFE_STOP_S
+
+    unit = (Path(config.__file__).parent.parent / "config" / "powershare-gw.service").read_text()
+    stop_timeout_s = float(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))
+    busy = next(f for f in dataclasses.fields(config.JournalConfig) if f.name == "busy_timeout_s")
+    assert SAFE_STOP_S + FINAL_READ_S + busy.metadata["hi"] + 1.0 <= stop_timeout_s
+    assert busy.default <= busy.metadata["hi"]
