@@ -19,6 +19,7 @@ from firmware_py.core import Mode, step
 from firmware_py.core.faults import FRESHNESS_FAULTS
 from firmware_py.core.replay import replay
 from firmware_py.core.types import (
+    BmsState,
     FaultKind,
     FaultRaised,
     ReasonCode,
@@ -184,3 +185,18 @@ def test_from_any_stall_zero_until_fresh_data_and_no_freshness_fault_within_the_
             assert fresh_since_stall
         assert not [e for e in result.events if isinstance(e, FaultRaised) and e.kind in FRESHNESS_FAULTS]
     assert not c.faults.locked_out
+
+
+def test_a_resync_in_a_mode_that_commands_nothing_leaves_the_mode_its_own_reason_once_over():
+    """`status` said "resync: ... waiting for fresh BMS and inverter data" for as long as a fault held the
+    mode after the resync had ended: a mode without a handler carried the clamp's override as its reason."""
+    c = discharging()
+    at = c.last_step_at + GAP
+    faulted = step(c, [bms(at, bms_state=BmsState.FAULT), inverter(at)], at).controller
+    assert faulted.mode is Mode.FAULT
+    c = step(faulted, [Stall(at + GAP, GAP), Tick(at + GAP)], at + GAP).controller
+    assert c.resyncing and c.reason.startswith("resync:")
+    now = at + GAP + POLICY.bms_timeout_s
+    result = step(c, [bms(now, bms_state=BmsState.FAULT), inverter(now)], now)
+    assert not result.controller.resyncing and result.controller.mode is Mode.FAULT
+    assert result.command.setpoint_w == 0 and result.command.reason == faulted.reason

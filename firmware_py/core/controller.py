@@ -42,7 +42,10 @@ class Controller:
     faults: FaultBook = field(default_factory=FaultBook)
     book: RequestBook = field(default_factory=RequestBook)
     setpoint_w: float = 0.0
-    reason: str = "starting: waiting for BMS and inverter data"
+    reason: str = "starting: waiting for BMS and inverter data"  # why the setpoint is what it is
+    mode_reason: str = "starting: waiting for BMS and inverter data"
+    """Why the mode is what it is: what a mode that commands nothing says for as long as it lasts. Kept apart
+    from `reason`, which the clamp may override for a while (a resync), so an override ends with its cause."""
     serving_id: str | None = None
     last_step_at: float | None = None
     peak_since_bms_w: float = 0.0  # highest discharge commanded since the newest BMS snapshot

@@ -475,13 +475,13 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
 
     view = View(c, now, bms_usable(c.bms, now, c.policy), inverter_usable(c.inverter, now, c.policy),
                 c.outage(now), c.floor_pct(now), c.book.in_force(now))
-    mode, reason, transitions = settle(view, c.mode, c.reason)
+    mode, mode_reason, transitions = settle(view, c.mode, c.mode_reason)
     events += transitions
     # Power rises from 0 at the ramp rate from the step that enters a mode, never from a stale setpoint.
     same_mode = mode is c.mode and c.last_step_at is not None
     base, dt = (c.setpoint_w, max(0.0, now - c.last_step_at)) if same_mode else (0.0, 0.0)
     handler = HANDLERS.get(mode)
-    setpoint, reason = handler(view, base, dt) if handler else (0.0, reason)
+    setpoint, reason = handler(view, base, dt) if handler else (0.0, mode_reason)
     setpoint, reason = clamp(view, setpoint, reason)
     serving = view.request.request.id if view.request and (
         (mode is Mode.DISCHARGE and view.wants(DispatchKind.DISCHARGE))
@@ -490,8 +490,8 @@ def step(c: Controller, inputs: Iterable[Input], now: float) -> StepResult:
     events += produced
     if serving != c.serving_id:
         events.append(ServingChanged(now, serving))
-    c = c.evolve(mode=mode, setpoint_w=setpoint, reason=reason, serving_id=serving, last_step_at=now,
-                peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
+    c = c.evolve(mode=mode, mode_reason=mode_reason, setpoint_w=setpoint, reason=reason, serving_id=serving,
+                last_step_at=now, peak_since_bms_w=max(c.peak_since_bms_w, setpoint),
                 peak_since_inverter_w=max(c.peak_since_inverter_w, setpoint), commanded_wh=commanded_wh(c, now))
     c, produced = report_energy(c, now)
     events += produced
