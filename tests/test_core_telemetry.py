@@ -88,6 +88,16 @@ def test_stale_inverter_power_reads_zero():
     assert telemetry(c, 1.0).power_w == 0.0
 
 
+def test_the_inverters_lifetime_meters_hold_their_last_good_reading_through_a_failed_read():
+    """A failed read carries no counters (0 Wh): shown, the metrics' counters fell to 0 at every Modbus
+    timeout and came back, which Prometheus reads as a reset, and `increase()` as the whole meter again."""
+    c = step(ready(), [bms(1.0), inverter(1.0, tot_wh_inj=10_000_000.0, tot_wh_abs=2_000.0)], 1.0).controller
+    assert telemetry(c, 1.0).inverter_meters_wh == (10_000_000.0, 2_000.0)
+    c = step(c, [bms(2.0), inverter(2.0, comms_ok=False, error="timeout", tot_wh_inj=0.0, tot_wh_abs=0.0)],
+             2.0).controller
+    assert telemetry(c, 2.0).inverter_meters_wh == (10_000_000.0, 2_000.0)
+
+
 @given(st.floats(0, 100), st.floats(0, 10))
 def test_telemetry_is_only_the_controller(soc, later):
     c = step(ready(soc=soc), [discharge("e", 0.0, 0, 600)], 0.0).controller

@@ -659,6 +659,30 @@ def test_a_burst_of_refused_commands_never_pushes_out_the_result_of_an_applied_o
     bounded(main())
 
 
+def test_a_result_put_back_on_a_full_queue_follows_the_same_rule_and_never_pushes_out_the_newest():
+    """A publish that failed puts its result back first; on a full deque that silently dropped the newest
+    result, one saying a change was made among them. The put-back refusal goes instead, counted."""
+    async def main() -> None:
+        outbox = Outbox(states=3, results=3)
+        outbox.put(Outgoing("r", b"bad-1", False, Kind.RESULT))
+        in_flight = await outbox.get()
+        for n in range(3):
+            outbox.put(Outgoing("r", f"ok-{n}".encode(), False, Kind.RESULT, applied=True))
+        outbox.put_back(in_flight)
+        assert [(await outbox.get()).payload for _ in range(3)] == [b"ok-0", b"ok-1", b"ok-2"]
+        assert outbox.dropped[Kind.RESULT] == 1 and not len(outbox)
+        outbox.put(Outgoing("r", b"bad-2", False, Kind.RESULT))
+        second = await outbox.get()
+        outbox.put(Outgoing("r", b"bad-3", False, Kind.RESULT))
+        outbox.put(Outgoing("r", b"ok-3", False, Kind.RESULT, applied=True))
+        outbox.put(Outgoing("r", b"ok-4", False, Kind.RESULT, applied=True))
+        outbox.put_back(second)  # a refusal queued: it makes the room
+        assert [(await outbox.get()).payload for _ in range(3)] == [b"bad-2", b"ok-3", b"ok-4"]
+        assert outbox.dropped[Kind.RESULT] == 2
+
+    bounded(main())
+
+
 def test_a_part_that_loses_a_cancellation_is_cancelled_again_so_a_stop_is_a_stop():
     """Python 3.11's `asyncio.wait_for` can lose a cancellation that comes as what it waits for completes
     (the MQTT client waits that way for every acknowledgement); the bridge's parts must end all the same."""

@@ -119,7 +119,8 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         inverter_age_s=now - c.inverter.received_at if c.inverter is not None else None,
         journal_ok=not c.journal_failing(),
         ratings=DerRatings.of(c.policy, c.inverter),
-        inverter_meters_wh=(c.inverter.tot_wh_inj, c.inverter.tot_wh_abs) if c.inverter is not None else None,
+        # The newest good reading's: a failed read carries no counters, and 0 would read as a meter reset.
+        inverter_meters_wh=(c.metered.tot_wh_inj, c.metered.tot_wh_abs) if c.metered is not None else None,
         resyncing=c.resyncing,
         storm_watch_pct=c.owner.storm_watch(now),
         storm_watch_until=c.owner.storm_watch_until if c.owner.storm_watch(now) is not None else None,

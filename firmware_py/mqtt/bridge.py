@@ -173,25 +173,35 @@ class Outbox:
     def put(self, item: Outgoing) -> None:
         """Queue `item` at once, never waiting: a full queue drops its oldest, and of results the oldest
         refusal first (a burst of bad commands must not cost the owner the word that a change was made)."""
-        queue = self._results if item.kind is Kind.RESULT else self._states
-        if len(queue) == queue.maxlen:
-            if not self.dropped[item.kind]:
-                log.warning("MQTT: the %s queue is full (%d): the oldest %s are dropped", item.kind.value,
-                            queue.maxlen, "refusals" if item.kind is Kind.RESULT else "states")
-            self.dropped[item.kind] += 1
-            refusal = next((old for old in queue if not old.applied), None) if item.kind is Kind.RESULT else None
-            if refusal is not None:
-                queue.remove(refusal)
-            elif not item.applied and item.kind is Kind.RESULT:
-                return  # every queued result says a change was made: this refusal is the one to go
-        queue.append(item)
-        self._ready.set()
+        if self._room_for(item):
+            (self._results if item.kind is Kind.RESULT else self._states).append(item)
+            self._ready.set()
 
     def put_back(self, item: Outgoing) -> None:
-        """A result the broker did not take goes first next time (a state is simply published anew)."""
-        if item.kind is Kind.RESULT:
+        """A result the broker did not take goes first next time (a state is simply published anew), by
+        the same rule as `put`: a full queue's newest result is no less owed than the one put back."""
+        if item.kind is Kind.RESULT and self._room_for(item):
             self._results.appendleft(item)
             self._ready.set()
+
+    def _room_for(self, item: Outgoing) -> bool:
+        """Make room for `item` in its full queue (its oldest state, or oldest refusal, counted as dropped);
+        False when `item` itself is the one to go: a refusal, every queued result saying a change was made."""
+        queue = self._results if item.kind is Kind.RESULT else self._states
+        if len(queue) < queue.maxlen:
+            return True
+        if not self.dropped[item.kind]:
+            log.warning("MQTT: the %s queue is full (%d): the oldest %s are dropped", item.kind.value,
+                        queue.maxlen, "refusals" if item.kind is Kind.RESULT else "states")
+        self.dropped[item.kind] += 1
+        refusal = next((old for old in queue if not old.applied), None) if item.kind is Kind.RESULT else None
+        if refusal is not None:
+            queue.remove(refusal)
+        elif item.kind is Kind.RESULT and not item.applied:
+            return False
+        else:  # a state, or every result says a change was made: the oldest goes
+            queue.popleft()
+        return True
 
     def forget_states(self) -> None:
         """Drop the states queued so far: a new session publishes the state as it is now, and older
