@@ -424,6 +424,9 @@ def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_befor
      '[[cancel]]\nat_s = 5000\nid = "ev"\n', "cancel[0].at_s: 5000 is after the run ends (60 s)"),
     ('[run]\nduration_s = 60\n[[owner_change]]\nat_s = 9000\nopt_out = true\n',
      "owner_change[0].at_s: 9000 is after the run ends (60 s)"),
+    # a window that opens only after the run ends (the scenario passed with 0 Wh delivered),
+    ('[run]\nduration_s = 100\n[[dispatch]]\nat_s = 10\nid = "late"\nstart_s = 5000\nduration_s = 3600\n'
+     'target_w = 11500\n', "bad.toml: dispatch[0].start_s: 5000 is at or after the run's end (100 s)"),
     # and two SunSpec setpoints at once: the end of the shorter ended the other, and its energy went to it.
     ('[aggregator]\nkind = "sunspec"\n[[dispatch]]\nat_s = 10\nid = "A"\nstart_s = 10\nduration_s = 90\n'
      'target_w = 5000\n[[dispatch]]\nat_s = 30\nid = "B"\nstart_s = 30\nduration_s = 10\ntarget_w = 3000\n',
