@@ -17,6 +17,7 @@ import fcntl
 import json
 import math
 import os
+import socket
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -396,6 +397,28 @@ def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_befor
                  "--journal", str(foreign)]) == 2
     assert "not a bench journal" in capsys.readouterr().err
     assert precious.read_text() == "an earlier trace\n" and not same.exists()
+
+
+def test_a_run_that_fails_to_start_leaves_the_trace_and_summary_as_they_were(tmp_path, capsys):
+    """The trace was opened (emptied) before the bench was built: a metrics port in use then failed
+    the run and an earlier trace given by mistake was lost. Outputs are put in place only at the end."""
+    trace, summary = tmp_path / "precious.jsonl", tmp_path / "summary.json"
+    trace.write_text("an earlier trace\n")
+    summary.write_text("an earlier summary\n")
+    (tmp_path / "short.toml").write_text("[run]\nduration_s = 5\n")
+    outputs = ["--quiet", "--trace", str(trace), "--summary", str(summary), "--journal", str(tmp_path / "j.sqlite")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["sim", "--scenario", str(tmp_path / "short.toml"), *outputs,
+                     "--metrics", f"127.0.0.1:{port}"]) == 2
+    assert "address already in use" in capsys.readouterr().err
+    assert trace.read_text() == "an earlier trace\n" and summary.read_text() == "an earlier summary\n"
+    assert main(["sim", "--scenario", str(tmp_path / "short.toml"), *outputs]) == 0  # a run that ends replaces them
+    assert json.loads(trace.read_text().splitlines()[-1])["t"] == pytest.approx(5.0)
+    assert json.loads(summary.read_text())["sim_s"] == pytest.approx(5.0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
 
 
 @pytest.mark.parametrize("text, message", [
