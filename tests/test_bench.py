@@ -502,6 +502,26 @@ def test_a_window_closing_after_a_fault_is_not_the_gateways_reaction_to_it(tmp_p
     assert outcome.summary["delivered_wh"]["ev"] > 0  # the event ran its window
 
 
+def test_a_fault_while_charging_is_safe_only_when_the_inverter_stops_charging(tmp_path):
+    """Charging power is negative: "at or below 0 W" called a fault during a charge at 11.5 kW safe
+    the moment it was detected, so a max_safe_after_s check during charging could never fail."""
+    path = tmp_path / "charge-fault.toml"
+    path.write_text('[run]\nduration_s = 80\n[vehicle]\ninitial_soc_pct = 50\n[[dispatch]]\nat_s = 5\n'
+                    'id = "chg"\nkind = "charge"\nstart_s = 10\nduration_s = 60\ntarget_w = 11500\n'
+                    '[[fault]]\nat_s = 40\nkind = "over_temp"\nduration_s = 5\n')
+    trace = (tmp_path / "trace.jsonl").open("w")
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(
+        trace=trace, journal_path=tmp_path / "j.sqlite")).run())
+    trace.close()
+    [fault] = outcome.summary["faults"]
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    detected_t = 40 + fault["detected_after_s"]
+    assert [r for r in records if r["t"] <= detected_t][-1]["inverter_w"] < -1000  # still charging when noticed
+    safe_t = 40 + fault["safe_after_s"]
+    assert fault["safe_after_s"] > fault["detected_after_s"]
+    assert [r for r in records if r["t"] <= safe_t + 1e-9][-1]["inverter_w"] == 0
+
+
 def test_a_fault_in_the_last_partial_step_is_injected_and_the_run_ends_at_its_duration(tmp_path):
     """10 s in steps of 0.22 s: the run takes a last step of 0.1 s, so the fault at 9.95 s is injected."""
     path = tmp_path / "edge.toml"
