@@ -15,8 +15,9 @@ import os
 import pwd
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any, BinaryIO
 
 from firmware_py.errors import InputError
 
@@ -169,18 +170,32 @@ def write_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> N
     mode and owner it had; a new one gets `new_mode` less the umask, as any write would make it.
     A target that is not a regular file (`/dev/stdout`) is written to as it is. OSError reaches
     the caller."""
+    with replacing(path, new_mode=new_mode) as out:
+        out.write(text)
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, *, binary: bool = False, new_mode: int = 0o666) -> Iterator[IO[Any]]:
+    """A file to write `path`'s new content into, put in place only when the block ends without an
+    exception, as `write_atomically` does: for content written over a long run (a bench trace), so
+    a run that fails part-way leaves the file that was there, not an empty or half-written one.
+    Text (UTF-8) unless `binary`. A target that is not a regular file is written to as it is."""
     given = Path(path)
     if given.exists() and not given.is_file():
-        with open(given, "w", encoding="utf-8") as out:
-            out.write(text)
+        with open(given, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as out:
+            yield out
         return
     target = Path(os.path.realpath(given))  # through a symlink, as writing in place would
     try:
         before: os.stat_result | None = target.stat()
     except FileNotFoundError:
         before = None
-    tmp = _written_beside(target, text, new_mode, before)
+    tmp, out = _open_beside(target, new_mode, before, binary=binary)
     try:
+        with out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -207,14 +222,9 @@ def create_atomically(path: str | Path, text: str, *, new_mode: int = 0o666) -> 
 def _written_beside(target: Path, text: str, new_mode: int, before: os.stat_result | None) -> Path:
     """A temporary file beside `target` holding `text`, fsynced, with the mode and owner of `before` when
     given; removed again if writing it fails."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_mode)  # the kernel applies the umask
+    tmp, out = _open_beside(target, new_mode, before)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            if before is not None:
-                os.fchmod(out.fileno(), stat.S_IMODE(before.st_mode))
-                with contextlib.suppress(PermissionError):  # only root may give a file away
-                    os.fchown(out.fileno(), before.st_uid, before.st_gid)
+        with out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
@@ -223,6 +233,26 @@ def _written_beside(target: Path, text: str, new_mode: int, before: os.stat_resu
             os.unlink(tmp)
         raise
     return tmp
+
+
+def _open_beside(target: Path, new_mode: int, before: os.stat_result | None, *,
+                 binary: bool = False) -> tuple[Path, IO[Any]]:
+    """A new temporary file beside `target` (so a rename puts it in place), open for writing, with the
+    mode and owner of `before` when given."""
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, new_mode)  # the kernel applies the umask
+    try:
+        if before is not None:
+            os.fchmod(fd, stat.S_IMODE(before.st_mode))
+            with contextlib.suppress(PermissionError):  # only root may give a file away
+                os.fchown(fd, before.st_uid, before.st_gid)
+        out = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp, out
 
 
 def _fsync_dir(directory: Path) -> None:

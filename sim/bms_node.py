@@ -272,12 +272,14 @@ def _sim_bms(args: argparse.Namespace) -> int:
     dbc, _ = resolve_dbc(args.dbc, elm=False)
     if loaded:
         check_silenced_messages(Path(args.scenario), loaded.fault, dbc)
+    # As `sim` seeds them: a scenario's garbled frames are the same in either.
+    seed = args.seed if args.seed is not None else (loaded.run.seed if loaded else 0)
     battery = Battery(capacity_wh=vehicle.usable_capacity_wh, soc_pct=soc, ambient_c=vehicle.ambient_c,
-                      seed=args.seed)
+                      seed=seed)
     # A BMS only talks: what others send on the bus is not carried to it.
     bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args), filters=SEND_ONLY)
     try:
-        node = BmsNode(battery, bus, dbc, seed=args.seed)
+        node = BmsNode(battery, bus, dbc, seed=seed)
         print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "
               f"load {args.load_w:g} W; Ctrl-C or SIGTERM stops", flush=True)
         with stop_on_signals() as stop:
@@ -306,7 +308,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--soc", type=number(0, 100), default=None, help="initial SoC in %% (overrides the scenario)")
     p.add_argument("--load-w", type=number(-1e6, 1e6), default=0.0,
                    help="constant DC power drawn, W (positive = discharge)")
-    p.add_argument("--seed", type=whole(0, 2**31), default=0, help="seed of the SoC estimator noise and garbled frames")
+    p.add_argument("--seed", type=whole(0, 2**31), default=None,
+                   help="seed of the SoC estimator noise and garbled frames (default: the scenario's [run] seed, "
+                        "else 0)")
     p.set_defaults(handler=_sim_bms)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from firmware_py.errors import InputError
+from firmware_py.files import replacing
 
 
 def draw(series: list[tuple[float, ...]], faults: list[dict], title: str, path: Path) -> None:
@@ -44,7 +45,8 @@ def draw(series: list[tuple[float, ...]], faults: list[dict], title: str, path: 
                      va="top", ha="right")
     top.set_title(title)
     try:
-        fig.savefig(path, dpi=110)
+        with replacing(path, binary=True) as out:  # a plot that fails part-way leaves the one that was there
+            fig.savefig(out, format=path.suffix.lstrip(".").lower(), dpi=110)
     except OSError as err:
         raise InputError(f"{path}: cannot write the plot: {err.strerror or err}") from None
     finally:

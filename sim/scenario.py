@@ -193,6 +193,8 @@ def _cross_checks(s: Scenario) -> list[str]:
                           ("owner_change", s.owner_change)):
         problems += [f"{name}[{i}].at_s: {a.at_s} is after the run ends ({s.run.duration_s} s)"
                      for i, a in enumerate(actions) if a.at_s >= s.run.duration_s]
+    problems += [f"dispatch[{i}].start_s: {d.start_s} is at or after the run's end ({s.run.duration_s} s)"
+                 for i, d in enumerate(s.dispatch) if d.start_s >= s.run.duration_s]
     ids = [d.id for d in s.dispatch]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(f"dispatch: id {dup!r} used twice")

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from firmware_py.arguments import number
 from firmware_py.errors import InputError
+from firmware_py.files import replacing, write_atomically
 from firmware_py.quoting import printable
 
 
@@ -121,16 +125,14 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
     from firmware_py.sim.simulation import Simulation, SimulationOptions
 
     journal = args.journal or DEFAULT_JOURNAL
-    trace = _open(args.trace) if args.trace else None
     progress = None if args.quiet or not sys.stderr.isatty() else Progress(loaded)
-    options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
-                           on_progress=progress.update if progress else None, aggregator=for_scenario(loaded),
-                           metrics_listen=args.metrics)
     try:
-        outcome = await Simulation(loaded, options).run()
+        with _output(args.trace) as trace:
+            options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
+                                        on_progress=progress.update if progress else None,
+                                        aggregator=for_scenario(loaded), metrics_listen=args.metrics)
+            outcome = await Simulation(loaded, options).run()
     finally:
-        if trace:
-            trace.close()
         if progress:
             progress.close()
     return outcome, options.series
@@ -168,15 +170,31 @@ def _report(outcome, loaded) -> None:
     Console().print(table)
 
 
-def _open(path: Path):
+@contextlib.contextmanager
+def _output(path: Path | None) -> Iterator[TextIO | None]:
+    """The trace, written beside `path` and put in place only when the run ends well: opened before
+    the bench is built, it emptied a file given by mistake even when the run then failed to start
+    (a metrics port in use), and a failed run left a partial trace. A failure of the run itself
+    passes through as it is; only opening or placing the file is said to be this file's."""
+    if path is None:
+        yield None
+        return
+    run_failed = False
     try:
-        return path.open("w", encoding="utf-8")
+        with replacing(path) as out:
+            try:
+                yield out
+            except BaseException:
+                run_failed = True
+                raise
     except OSError as err:
+        if run_failed:
+            raise
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
 
 
 def _write(path: Path, text: str) -> None:
     try:
-        path.write_text(text, encoding="utf-8")
+        write_atomically(path, text)
     except OSError as err:
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None

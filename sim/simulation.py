@@ -48,6 +48,9 @@ from firmware_py.journal import files as journal_files
 
 _channels = itertools.count()
 
+SAFE_TOLERANCE_W = 1.0
+"""How far from 0 W (either way: charging is negative) the inverter may be and still count as made safe."""
+
 
 @dataclass
 class FaultWatch:
@@ -284,10 +287,12 @@ class Simulation:
                 w.detected_at = self.t
 
     def _watch_safety(self) -> None:
+        """Safe means the inverter at 0 W in either direction: charging power is negative, so "at or
+        below 0 W" called a fault during a charge event safe while the pack still took 11.5 kW."""
         for w in self.faults:
             if w.safe_at is None and w.detected_at is not None:
                 outage_served = w.kind == "grid_outage" and self.gateway.controller.mode is Mode.BACKUP
-                if self.model.ac_power_w <= 0 or outage_served:
+                if abs(self.model.ac_power_w) <= SAFE_TOLERANCE_W or outage_served:
                     w.safe_at = self.t
 
     def _trace_step(self) -> None:

@@ -17,6 +17,7 @@ import fcntl
 import json
 import math
 import os
+import socket
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -398,6 +399,28 @@ def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_befor
     assert precious.read_text() == "an earlier trace\n" and not same.exists()
 
 
+def test_a_run_that_fails_to_start_leaves_the_trace_and_summary_as_they_were(tmp_path, capsys):
+    """The trace was opened (emptied) before the bench was built: a metrics port in use then failed
+    the run and an earlier trace given by mistake was lost. Outputs are put in place only at the end."""
+    trace, summary = tmp_path / "precious.jsonl", tmp_path / "summary.json"
+    trace.write_text("an earlier trace\n")
+    summary.write_text("an earlier summary\n")
+    (tmp_path / "short.toml").write_text("[run]\nduration_s = 5\n")
+    outputs = ["--quiet", "--trace", str(trace), "--summary", str(summary), "--journal", str(tmp_path / "j.sqlite")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["sim", "--scenario", str(tmp_path / "short.toml"), *outputs,
+                     "--metrics", f"127.0.0.1:{port}"]) == 2
+    assert "address already in use" in capsys.readouterr().err
+    assert trace.read_text() == "an earlier trace\n" and summary.read_text() == "an earlier summary\n"
+    assert main(["sim", "--scenario", str(tmp_path / "short.toml"), *outputs]) == 0  # a run that ends replaces them
+    assert json.loads(trace.read_text().splitlines()[-1])["t"] == pytest.approx(5.0)
+    assert json.loads(summary.read_text())["sim_s"] == pytest.approx(5.0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
+
+
 @pytest.mark.parametrize("text, message", [
     ('[[dispatch]]\nat_s = 1\nid = "x"\nstart_s = 1e300\nduration_s = 60\ntarget_w = 1000\n',
      "dispatch[0].start_s: 1e+300 is out of range"),
@@ -424,6 +447,9 @@ def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_befor
      '[[cancel]]\nat_s = 5000\nid = "ev"\n', "cancel[0].at_s: 5000 is after the run ends (60 s)"),
     ('[run]\nduration_s = 60\n[[owner_change]]\nat_s = 9000\nopt_out = true\n',
      "owner_change[0].at_s: 9000 is after the run ends (60 s)"),
+    # a window that opens only after the run ends (the scenario passed with 0 Wh delivered),
+    ('[run]\nduration_s = 100\n[[dispatch]]\nat_s = 10\nid = "late"\nstart_s = 5000\nduration_s = 3600\n'
+     'target_w = 11500\n', "bad.toml: dispatch[0].start_s: 5000 is at or after the run's end (100 s)"),
     # and two SunSpec setpoints at once: the end of the shorter ended the other, and its energy went to it.
     ('[aggregator]\nkind = "sunspec"\n[[dispatch]]\nat_s = 10\nid = "A"\nstart_s = 10\nduration_s = 90\n'
      'target_w = 5000\n[[dispatch]]\nat_s = 30\nid = "B"\nstart_s = 30\nduration_s = 10\ntarget_w = 3000\n',
@@ -474,6 +500,26 @@ def test_a_window_closing_after_a_fault_is_not_the_gateways_reaction_to_it(tmp_p
     [fault] = outcome.summary["faults"]
     assert (fault["detected_after_s"], fault["safe_after_s"]) == (None, None)
     assert outcome.summary["delivered_wh"]["ev"] > 0  # the event ran its window
+
+
+def test_a_fault_while_charging_is_safe_only_when_the_inverter_stops_charging(tmp_path):
+    """Charging power is negative: "at or below 0 W" called a fault during a charge at 11.5 kW safe
+    the moment it was detected, so a max_safe_after_s check during charging could never fail."""
+    path = tmp_path / "charge-fault.toml"
+    path.write_text('[run]\nduration_s = 80\n[vehicle]\ninitial_soc_pct = 50\n[[dispatch]]\nat_s = 5\n'
+                    'id = "chg"\nkind = "charge"\nstart_s = 10\nduration_s = 60\ntarget_w = 11500\n'
+                    '[[fault]]\nat_s = 40\nkind = "over_temp"\nduration_s = 5\n')
+    trace = (tmp_path / "trace.jsonl").open("w")
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(
+        trace=trace, journal_path=tmp_path / "j.sqlite")).run())
+    trace.close()
+    [fault] = outcome.summary["faults"]
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    detected_t = 40 + fault["detected_after_s"]
+    assert [r for r in records if r["t"] <= detected_t][-1]["inverter_w"] < -1000  # still charging when noticed
+    safe_t = 40 + fault["safe_after_s"]
+    assert fault["safe_after_s"] > fault["detected_after_s"]
+    assert [r for r in records if r["t"] <= safe_t + 1e-9][-1]["inverter_w"] == 0
 
 
 def test_a_fault_in_the_last_partial_step_is_injected_and_the_run_ends_at_its_duration(tmp_path):

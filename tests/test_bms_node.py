@@ -171,3 +171,29 @@ def test_received_frames_are_ordinary_messages_with_the_encoded_bytes(bench):
     msg = received[0x212]
     assert isinstance(msg.data, bytearray) and bytes(msg.data) == expected
     assert msg.dlc == status.length and not msg.is_extended_id and msg.is_rx
+
+
+def _garbled_frames(tmp_path, *seed_args: str, count: int = 12) -> list[bytes]:
+    """The first frames `sim bms` sends for a scenario with `[run] seed = 7` garbling every frame
+    from the start, read off the same virtual bus."""
+    from firmware_py.cli import main
+
+    scenario = tmp_path / "seed7.toml"
+    scenario.write_text('[run]\nduration_s = 60\nseed = 7\n[[fault]]\nat_s = 0\nkind = "garbled"\nduration_s = 30\n')
+    channel = f"test_bms_node_{next(_channels)}"
+    with can.Bus(interface="virtual", channel=channel) as rx:
+        assert main(["sim", "bms", "--can-interface", "virtual", "--can-channel", channel,
+                     "--scenario", str(scenario), "--duration", "0.05", *seed_args]) == 0
+        frames = []
+        while len(frames) < count and (msg := rx.recv(0)) is not None:
+            frames.append(bytes(msg.data))
+    assert len(frames) == count
+    return frames
+
+
+def test_sim_bms_takes_the_scenarios_seed_unless_told_otherwise(tmp_path):
+    """Like `sim`, `sim bms --scenario` seeds its noise and garbled frames from `[run] seed`: it took
+    --seed's default of 0, so the same scenario garbled its frames differently in the two."""
+    from_scenario = _garbled_frames(tmp_path)
+    assert from_scenario == _garbled_frames(tmp_path, "--seed", "7")
+    assert from_scenario != _garbled_frames(tmp_path, "--seed", "0")  # --seed still wins
