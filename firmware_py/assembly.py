@@ -20,13 +20,15 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import can
+import serial
 
-from firmware_py.addresses import parse_host_port
+from firmware_py.addresses import parse_host_port, parse_ip_listen
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
@@ -39,6 +41,7 @@ from firmware_py.files import regular_or_absent, unwritable
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
+from firmware_py.journal.files import part_of
 from firmware_py.links import Link
 from firmware_py.owner.access import UNIX_PREFIX, owner_of, parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
@@ -96,7 +99,9 @@ def _check_sunspec_server(config: Config) -> list[str]:
     from firmware_py.dispatch.sunspec_server import parse_allow_list
 
     served = config.dispatch.sunspec_server
-    return _problems(lambda: parse_host_port(served.listen, "dispatch.sunspec_server.listen"),
+    return _problems(lambda: parse_ip_listen(served.listen, "dispatch.sunspec_server.listen", "127.0.0.1 for "
+                                             "this machine only, the gateway's LAN address, or 0.0.0.0 for every "
+                                             "interface"),
                      lambda: parse_allow_list(list(served.allow_write_from)))
 
 
@@ -216,6 +221,7 @@ def check(config: Config) -> None:
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
             problems += _problems(read)
+    problems += _shared_files(config) + _inverter_link(config)
     if config.can.interface not in can.interfaces.VALID_INTERFACES:  # python-can's own and its plugins'
         problems.append(f"can.interface: python-can has no interface {config.can.interface!r} (it has "
                         f"{', '.join(sorted(can.interfaces.VALID_INTERFACES))})")
@@ -226,8 +232,8 @@ def check(config: Config) -> None:
     for name, kind in INTEGRATIONS.items():
         if section(config, name).enabled:
             problems += kind.check(config)
-    if not problems:  # every address parses: none may be another's
-        problems += _shared_listens(config)
+    if not problems:  # every address parses: none may be another's, nor the inverter's
+        problems += _shared_listens(config) + _inverter_on_own_listen(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
 
@@ -269,11 +275,135 @@ def _same_place(a: str, b: str) -> bool:
     """Whether listening on host `a` and on host `b` (one port) would take the same socket address."""
     if a == b:
         return True
-    try:
-        ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    except ValueError:  # a host name: only the same name is known to clash
+    ips_a, ips_b = _ips(a), _ips(b)
+    if ips_a is None or ips_b is None:  # a host name: only the same name is known to clash (no DNS here)
         return False
-    return ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    return any(ip_a.version == ip_b.version and (ip_a == ip_b or ip_a.is_unspecified or ip_b.is_unspecified)
+               for ip_a in ips_a for ip_b in ips_b)
+
+
+def _ips(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses `host` stands for: "localhost" is loopback (both families, as a listener binds it);
+    None for another host name, which `check` does not look up."""
+    if host == "localhost":
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return None
+
+
+def _inverter_on_own_listen(config: Config) -> list[str]:
+    """The inverter at one of the gateway's own listen addresses: `run` would discover its own server
+    (the SunSpec DER server answers as an inverter would) and report healthy while controlling nothing.
+    A wildcard listener is reached through loopback; another of its addresses may be a peer's, so only
+    a loopback (or wildcard) inverter host is taken to dial it."""
+    inverter = config.inverter
+    if inverter.transport != "tcp":
+        return []
+    problems = []
+    for key, address in _listens(config):
+        host, port = parse_host_port(address, key)
+        if port == inverter.port and _same_place(host, inverter.host) and (
+                not _is_wildcard(host) or _is_local(inverter.host)):
+            problems.append(f"inverter.host and inverter.port: {inverter.host}:{inverter.port} is the gateway's "
+                            f"own {key} ({address}): give the inverter's address")
+    return problems
+
+
+def _is_wildcard(host: str) -> bool:
+    return any(ip.is_unspecified for ip in _ips(host) or [])
+
+
+def _is_local(host: str) -> bool:
+    """Loopback or a wildcard: an address that, dialled, reaches this machine whatever its interfaces."""
+    return any(ip.is_loopback or ip.is_unspecified for ip in _ips(host) or [])
+
+
+WRITTEN_FILES = ("journal.path", "owner.settings_file", "owner.token_file", "web.installer_token_file")
+"""The path keys of files the gateway writes: none may be any other path key's file."""
+
+
+def _shared_files(config: Config) -> list[str]:
+    """Two keys naming one file the gateway writes (or a journal's file): each would overwrite the
+    other's content, or be read as the other (the owner's token as the installer's: installer role).
+    Paths are compared resolved (symlinks, relative parts) and, for files already there, by identity."""
+    paths = _path_keys(config)
+    journal = Path(os.path.realpath(config.journal.path))
+    problems = []
+    for i, (key, path) in enumerate(paths):
+        real = Path(os.path.realpath(path))
+        if key != "journal.path" and (what := part_of(journal, real) or (
+                "the live segment" if _same_existing_file(path, config.journal.path) else None)):
+            problems.append(f"{key}: {path} is {what} of the journal (journal.path = {config.journal.path}): "
+                            "give each its own file")
+            continue
+        for other_key, other in paths[:i]:
+            if (key in WRITTEN_FILES or other_key in WRITTEN_FILES) and other_key != "journal.path" and (
+                    real == Path(os.path.realpath(other)) or _same_existing_file(path, other)):
+                problems.append(f"{key}: {path} is also {other_key}'s file: give each its own file")
+    return problems
+
+
+def _same_existing_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there yet
+        return False
+
+
+def _path_keys(config: Config) -> list[tuple[str, str]]:
+    """Every set path key of the configuration (journal.path first), skipping disabled sections."""
+
+    def walk(node: Any, prefix: str) -> list[tuple[str, str]]:
+        if getattr(node, "enabled", True) is False:
+            return []
+        found = []
+        for f in fields(node):
+            value = getattr(node, f.name)
+            if is_dataclass(value):
+                found += walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get("path") and value:
+                found.append((f"{prefix}{f.name}", value))
+        return found
+
+    keys = walk(config, "")
+    return sorted(keys, key=lambda kv: kv[0] != "journal.path")
+
+
+def _inverter_link(config: Config) -> list[str]:
+    """The inverter's address and the CAN channel: an empty one (or an RTU port no serial device or
+    pyserial URL) is accepted by nothing, so `run` would sit at 0 W reporting the link lost for ever."""
+    inverter, problems = config.inverter, []
+    if not config.can.channel.strip():
+        problems.append("can.channel: must not be empty (e.g. can0)")
+    if inverter.transport == "tcp" and not inverter.host.strip():
+        problems.append("inverter.host: must not be empty with transport = \"tcp\" (the inverter's IP address)")
+    if inverter.transport == "rtu" and (problem := _serial_port_problem(inverter.serial_port)):
+        problems.append(f"inverter.serial_port: {problem}")
+    return problems
+
+
+def _serial_port_problem(port: str) -> str | None:
+    """Why pyserial could not open `port` whatever the hardware (None: it may); the device is not opened."""
+    if "://" in port:
+        try:
+            serial.serial_for_url(port, do_not_open=True)
+        except (ValueError, serial.SerialException) as err:
+            return f"{port!r}: {err} (pyserial knows {', '.join(_url_schemes())})"
+        return None
+    if not os.path.isabs(port):
+        return (f"{port!r} is neither a device path (e.g. /dev/ttyUSB0) nor a pyserial URL "
+                f"({', '.join(_url_schemes())})")
+    return None
+
+
+def _url_schemes() -> list[str]:
+    """The URL schemes pyserial's own handlers know, to say what to write instead."""
+    import serial.urlhandler
+
+    folder = Path(serial.urlhandler.__file__).parent
+    return sorted(f"{p.stem.removeprefix('protocol_')}://" for p in folder.glob("protocol_*.py"))
 
 
 def _check_timeout_against_the_dbc(config: Config) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import platform
 import re
 import shutil
@@ -118,21 +119,32 @@ def check_source(source: Path) -> Path:
     return source.resolve()
 
 
-def check_out(out: Path) -> None:
-    """The bundle goes into a new or empty folder, so no wheel of another target is ever mixed in."""
+def check_out(out: Path) -> bool:
+    """The bundle goes into a new or empty folder, so no wheel of another target is ever mixed in.
+
+    The folder is made here (True: this made it), before pip runs, so a path no folder can be made at
+    (under a file, under /proc, not this user's) is refused naming --out and the reason, not a traceback."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: --out: must be a new or empty folder")
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:  # an empty folder: it must take the bundle's files
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InputError(f"{out}: --out: this user cannot write in the folder") from None
+        return False
+    except OSError as err:
+        raise InputError(f"{out}: --out: cannot make the folder: {err.strerror or err}") from None
+    return True
 
 
 def build(out: Path, target: Target, source: Path, pip: list[str] | None = None) -> list[Path]:
     """Make the bundle in `out`; the wheels it holds. BundleError when pip cannot complete it, and
     then `out` is as it was (absent or empty), so the same command can simply be run again."""
-    check_out(out)
-    existed = out.exists()
+    made = check_out(out)
     try:
         return _fill(out, target, source, pip or [sys.executable, "-m", "pip"])
     except BaseException:
-        _empty(out, remove=not existed)
+        _empty(out, remove=made)
         raise
 
 

@@ -81,6 +81,16 @@ def test_the_bundle_goes_into_a_new_or_empty_folder_only(tmp_path, capsys):
     assert "--out: must be a new or empty folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("under", ["a-file", "/proc/self"])
+def test_an_out_folder_that_cannot_be_made_exits_2_naming_out_and_why(tmp_path, capsys, under):
+    """A traceback (exit 1) came from pip's first mkdir; now the folder is made before anything runs."""
+    (tmp_path / "a-file").write_text("")
+    out = Path(under) / "bundle" if under.startswith("/") else tmp_path / under / "bundle"
+    assert main(["bundle", "--out", str(out), "--source", str(ROOT)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: --out: cannot make the folder: " in err and "Traceback" not in err
+
+
 def test_wheels_are_chosen_for_the_target_not_for_this_machine():
     options = Target(Arch.AARCH64, (3, 11)).pip_options()
     platforms = [options[i + 1] for i, option in enumerate(options) if option == "--platform"]

@@ -189,6 +189,36 @@ def test_bundled_data_is_found():
     # below 0 % turned a shed into a charge.
     ('[dispatch.openadr]\nsimple_levels_pct = [-50.0, 50.0, 100.0]\n[dispatch.openadr3]\nenabled = true\n'
      'client_secret_file = "secret"\n', "dispatch.openadr.simple_levels_pct: three shares 0-100"),
+    # two keys naming one file: the owner's token read as the installer's (installer role for the owner),
+    # the journal made in the owner settings' file (valid, then every `run` exited 2)
+    ('[owner]\ntoken_file = "shared.token"\n[web]\nenabled = true\ninstaller_token_file = "./x/../shared.token"\n',
+     "shared.token is also owner.token_file's file"),
+    ('[owner]\nsettings_file = "state.db"\n[journal]\npath = "state.db"\n',
+     "state.db is the live segment of the journal (journal.path = "),
+    ('[owner]\ntoken_file = "j.sqlite-wal"\n[journal]\npath = "j.sqlite"\n',
+     "j.sqlite-wal is a segment's SQLite side file of the journal"),
+    ('[owner]\nsettings_file = "j.000003.sqlite"\n[journal]\npath = "j.sqlite"\n',
+     "j.000003.sqlite is a segment of the journal"),
+    ('[journal]\npath = "j.sqlite"\n[dispatch.openadr3]\nenabled = true\nclient_secret_file = "j.sqlite.anchor-key"\n',
+     "j.sqlite.anchor-key is the anchor key of the journal"),
+    # the inverter at the gateway's own listener: `run` discovered its own DER server and reported healthy
+    ('[inverter]\nhost = "127.0.0.1"\nport = 1502\n[dispatch.sunspec_server]\nenabled = true\n'
+     'listen = "127.0.0.1:1502"\n', "inverter.host and inverter.port: 127.0.0.1:1502 is the gateway's own "
+                                    "dispatch.sunspec_server.listen (127.0.0.1:1502)"),
+    ('[inverter]\nhost = "localhost"\nport = 9108\n[metrics]\nenabled = true\nlisten = "0.0.0.0:9108"\n',
+     "localhost:9108 is the gateway's own metrics.listen (0.0.0.0:9108)"),
+    ('[inverter]\nport = 8765\n', "127.0.0.1:8765 is the gateway's own owner.api_listen"),
+    # localhost is loopback: valid, then `run` exited 2 (address in use)
+    ('[owner]\napi_listen = "localhost:18096"\n[metrics]\nenabled = true\nlisten = "127.0.0.1:18096"\n',
+     "metrics.listen: 127.0.0.1:18096 and owner.api_listen (localhost:18096) cannot both listen there"),
+    ('[dispatch.sunspec_server]\nenabled = true\nlisten = "nohost.invalid:1502"\n',
+     "dispatch.sunspec_server.listen: 'nohost.invalid' is not an IP address"),
+    # accepted, then `run` sat at 0 W reporting the link lost for ever
+    ('[can]\nchannel = ""\n', "can.channel: must not be empty"),
+    ('[inverter]\nhost = ""\n', "inverter.host: must not be empty"),
+    ('[inverter]\ntransport = "rtu"\nserial_port = ""\n', "inverter.serial_port: '' is neither a device path"),
+    ('[inverter]\ntransport = "rtu"\nserial_port = "bogus://x"\n',
+     "inverter.serial_port: 'bogus://x': invalid URL, protocol 'bogus' not known"),
 ])
 def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
     path = write(tmp_path, text)
@@ -209,6 +239,25 @@ def test_listeners_on_one_port_of_other_addresses_or_families_are_valid(tmp_path
     """An IPv4 wildcard and an IPv6 address bind together on one port (IPv6 sockets are IPv6 only)."""
     path = write(tmp_path, f'[metrics]\nenabled = true\nlisten = "{metrics}"\n[dispatch.sunspec_server]\n'
                            f'enabled = true\nlisten = "{sunspec}"\n')
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [
+    # the inverter on another machine at the port the gateway serves on every interface
+    '[inverter]\nhost = "192.0.2.10"\nport = 502\n[dispatch.sunspec_server]\nenabled = true\nlisten = "0.0.0.0:502"\n',
+    '[inverter]\ntransport = "rtu"\nserial_port = "rfc2217://192.0.2.10:4000"\n',
+    '[inverter]\ntransport = "rtu"\nserial_port = "/dev/ttyUSB7"\nhost = ""\n',  # the host unused by RTU
+    # two keys reading one file: a PEM holding both the certificate and its key
+    '[web]\nenabled = true\ntls_cert = "both.pem"\ntls_key = "both.pem"\n',
+])
+def test_what_looks_alike_but_works_is_valid(tmp_path, capsys, text):
+    if "both.pem" in text:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=gw", "-days", "2",
+                        "-keyout", tmp_path / "both.pem", "-out", tmp_path / "cert.pem"], check=True,
+                       capture_output=True)
+        (tmp_path / "both.pem").write_text((tmp_path / "both.pem").read_text() + (tmp_path / "cert.pem").read_text())
+        (tmp_path / "both.pem").chmod(0o600)
+    path = write(tmp_path, text)
     assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
 
 

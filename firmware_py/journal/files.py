@@ -53,9 +53,34 @@ def rotating_path(live: Path) -> Path:
     return live.with_name(live.name + ROTATING_SUFFIX)
 
 
+def _archive_pattern(live: Path) -> re.Pattern[str]:
+    """The name of an archived segment of `live`, its number the one group."""
+    return re.compile(rf"{re.escape(live.stem)}\.(\d{{{ARCHIVE_DIGITS}}}){re.escape(live.suffix)}")
+
+
+def part_of(live: Path, candidate: Path) -> str | None:
+    """Which of the journal's files at `live` `candidate` names (None: none of them).
+
+    Names only, as everywhere here: a configuration that puts another file the gateway keeps at one
+    of these names would have the journal and that file overwrite each other (`assembly.check`)."""
+    if candidate == key_path(live):
+        return "the anchor key"
+    segment, what = candidate, "a segment"
+    if candidate.name.endswith(ANCHORS_SUFFIX):
+        segment, what = candidate.with_name(candidate.name[:-len(ANCHORS_SUFFIX)]), "a segment's anchors"
+    elif side := next((s for s in SQLITE_SIDE_FILES if candidate.name.endswith(s)), None):
+        segment, what = candidate.with_name(candidate.name[:-len(side)]), "a segment's SQLite side file"
+    if segment == live and what == "a segment":
+        return "the live segment"
+    if segment in (live, rotating_path(live)) or (
+            segment.parent == live.parent and _archive_pattern(live).fullmatch(segment.name)):
+        return what
+    return None
+
+
 def archives(live: Path) -> list[SegmentFile]:
     """The archived segments beside `live`, oldest first (by the number in their name)."""
-    pattern = re.compile(rf"{re.escape(live.stem)}\.(\d{{{ARCHIVE_DIGITS}}}){re.escape(live.suffix)}")
+    pattern = _archive_pattern(live)
     found = []
     folder = live.parent if str(live.parent) else Path(".")
     if not folder.is_dir():

@@ -17,7 +17,6 @@ truck is doing).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, disable_created_metrics, generate_latest
 from prometheus_client.core import Metric
 
-from firmware_py.addresses import parse_host_port
+from firmware_py.addresses import parse_host_port, parse_ip_listen
 from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.http_listener import HttpListener, serve_until_cancelled
@@ -41,15 +40,10 @@ log = logging.getLogger(__name__)
 def check(config: Config) -> list[str]:
     """The listen address: HOST:PORT with an IP address (or localhost) for the host."""
     try:
-        host, _ = parse_host_port(config.metrics.listen, "metrics.listen")
+        parse_ip_listen(config.metrics.listen, "metrics.listen", "127.0.0.1 for this machine only, the "
+                        "gateway's LAN address, or 0.0.0.0 for every interface")
     except InputError as err:
         return err.problems
-    if host != "localhost":
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            return [f"metrics.listen: {host!r} is not an IP address (127.0.0.1 for this machine only, the "
-                    "gateway's LAN address, or 0.0.0.0 for every interface)"]
     return []
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from firmware_py.addresses import parse_host_port
+from firmware_py.addresses import parse_host_port, parse_ip_listen
 from firmware_py.config import Config
 from firmware_py.core import floor as floors
 from firmware_py.core.types import OwnerSettings
@@ -105,8 +105,8 @@ def check(config: Config) -> list[str]:
     """What `check-config` and `run` refuse before anything opens: the address, TLS files, the token path."""
     web_config, problems = config.web, []
     try:
-        host, _ = parse_host_port(web_config.listen, "web.listen")
-        _check_host(host)
+        parse_ip_listen(web_config.listen, "web.listen", "e.g. 0.0.0.0 for every interface, or the gateway's "
+                        "LAN address")
     except InputError as err:
         problems += err.problems
     if problem := regular_or_absent(web_config.installer_token_file, "installer token file"):
@@ -116,18 +116,6 @@ def check(config: Config) -> list[str]:
     except InputError as err:
         problems += err.problems
     return problems
-
-
-def _check_host(host: str) -> None:
-    import ipaddress
-
-    if host == "localhost":
-        return
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise InputError(f"web.listen: {host!r} is not an IP address (e.g. 0.0.0.0 for every interface, "
-                         "or the gateway's LAN address)") from None
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
