@@ -252,10 +252,10 @@ def test_listeners_on_one_port_of_other_addresses_or_families_are_valid(tmp_path
 ])
 def test_what_looks_alike_but_works_is_valid(tmp_path, capsys, text):
     if "both.pem" in text:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=gw", "-days", "2",
-                        "-keyout", tmp_path / "both.pem", "-out", tmp_path / "cert.pem"], check=True,
-                       capture_output=True)
-        (tmp_path / "both.pem").write_text((tmp_path / "both.pem").read_text() + (tmp_path / "cert.pem").read_text())
+        from test_web import self_signed  # made with cryptography: no openssl command needed
+
+        cert, key = self_signed(tmp_path)
+        (tmp_path / "both.pem").write_text(key.read_text() + cert.read_text())
         (tmp_path / "both.pem").chmod(0o600)
     path = write(tmp_path, text)
     assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
