@@ -216,8 +216,9 @@ def check(config: Config) -> None:
         (owner.token_file, "owner.token_file", "owner API token file",
          partial(_read_token_as_its_owner, owner.token_file), False, False))
     for path, key, what, read, folder_made, kept_writing in kept:
-        if problem := (regular_or_absent(path, what, folder_made=folder_made)
-                       or unwritable(path, key, kept_writing=kept_writing)):
+        if problem := regular_or_absent(path, what, folder_made=folder_made):
+            problems.append(f"{key}: {problem}")
+        elif problem := unwritable(path, key, kept_writing=kept_writing):  # names its key itself
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
             problems += _problems(read)

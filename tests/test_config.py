@@ -228,6 +228,14 @@ def test_check_config_refuses_what_run_refuses(tmp_path, capsys, text, message):
         assemble(config.load(path), lambda: 0.0)
 
 
+@pytest.mark.parametrize("text, key", [('[journal]\npath = "no-such-dir/journal.sqlite"\n', "journal.path"),
+                                       ('[owner]\ntoken_file = "no-such-dir/owner.token"\n', "owner.token_file")])
+def test_a_kept_file_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys, text, key):
+    """The message named the path only: an installer with the shipped template had to guess which key held it."""
+    assert main(["check-config", str(write(tmp_path, text))]) == 2
+    assert f": {key}: {tmp_path}/no-such-dir/" in capsys.readouterr().err
+
+
 def test_the_owner_settings_may_wait_for_their_folder_which_the_first_change_makes(tmp_path, capsys):
     path = write(tmp_path, '[owner]\nsettings_file = "owner/settings.json"\n')
     assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
