@@ -422,7 +422,7 @@ def test_the_longest_journal_wait_leaves_the_stop_within_systemds_stop_timeout()
     for closing the links fit in the shipped unit's `TimeoutStopSec`."""
     from firmware_py.service import FINAL_READ_S, SAFE_STOP_S
 
-    unit = (Path(config.__file__).parent.parent / "config" / "powershare-gw.service").read_text()
+    unit = (Path(__file__).resolve().parents[1] / "config" / "powershare-gw.service").read_text()  # the checkout's
     stop_timeout_s = float(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))
     busy = next(f for f in dataclasses.fields(config.JournalConfig) if f.name == "busy_timeout_s")
     assert SAFE_STOP_S + FINAL_READ_S + busy.metadata["hi"] + 1.0 <= stop_timeout_s
