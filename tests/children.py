@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import threading
@@ -72,10 +73,16 @@ class ChildOutput:
 
 
 def spawn(args: list[str], log_path: Path, **popen: object) -> tuple[subprocess.Popen, ChildOutput]:
-    """Start `args` with its output piped to a ChildOutput (and so to `log_path`)."""
+    """Start `args` with its output piped to a ChildOutput (and so to `log_path`), with SIGHUP's default
+    action: a suite run under `nohup` would pass its ignored SIGHUP on, and `run` keeps ignoring it then."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace", **popen)  # type: ignore[call-overload]
+                            text=True, errors="replace", preexec_fn=_hang_up_as_from_a_terminal,
+                            **popen)  # type: ignore[call-overload]
     return proc, ChildOutput(proc, log_path)
+
+
+def _hang_up_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 # What the children print once they listen (python-can-remote logs the port it got).
