@@ -75,14 +75,16 @@ class ChildOutput:
 def spawn(args: list[str], log_path: Path, **popen: object) -> tuple[subprocess.Popen, ChildOutput]:
     """Start `args` with its output piped to a ChildOutput (and so to `log_path`), with SIGHUP's default
     action: a suite run under `nohup` would pass its ignored SIGHUP on, and `run` keeps ignoring it then."""
+    own = popen.pop("preexec_fn", None)
+
+    def before_exec() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        if callable(own):
+            own()
+
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace", preexec_fn=_hang_up_as_from_a_terminal,
-                            **popen)  # type: ignore[call-overload]
+                            text=True, errors="replace", preexec_fn=before_exec, **popen)  # type: ignore[call-overload]
     return proc, ChildOutput(proc, log_path)
-
-
-def _hang_up_as_from_a_terminal() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 # What the children print once they listen (python-can-remote logs the port it got).
