@@ -132,8 +132,8 @@ class JournalConfig:
     path: str = spec("journal.sqlite", path=True)
     busy_timeout_s: float = spec(2.0, lo=0.01, hi=3, doc="how long a write waits for a lock before it fails "
                                  "(then dispatch is refused until the journal writes again)",
-                                 bound_why="a stop waits for a journal write, after the safe stop (8 s) and the "
-                                 "final meter reading (3 s), and systemd kills the gateway 15 s after SIGTERM")
+                                 bound_why="a stop waits for a journal write, after the tasks' ending (1 s), the safe "
+                                 "stop (7 s) and the final meter reading (3 s), and systemd kills the gateway 15 s after SIGTERM")
     sample_interval_s: float = spec(60.0, lo=1, hi=3_600, doc="seconds between the SoC, floor, setpoint and "
                                     "power samples journaled for the web app's history chart")
     segment_mb: float = spec(64, lo=1, hi=4_096, doc="the live file is archived and a new segment started "

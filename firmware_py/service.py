@@ -55,7 +55,11 @@ log = logging.getLogger(__name__)
 
 EARNINGS_CHECK_S = 5.0
 """How often the earnings task asks whether the month must be computed again (`EarningsBook.due`)."""
-SAFE_STOP_S = 8.0
+TASKS_END_S = 1.0
+"""The most the stop waits for the running tasks to end before the safe stop (they end in milliseconds;
+one whose clean-up hangs is named and left cancelled: the core is no longer stepped, so it cannot
+command the inverter)."""
+SAFE_STOP_S = 7.0
 """The most the stop waits for the inverter's WSet = 0: systemd kills the service 15 s after SIGTERM
 (`TimeoutStopSec` in powershare-gw.service), and the journal must close before that."""
 FINAL_READ_S = 3.0
@@ -220,7 +224,9 @@ class Service:
         # What could command or step the gateway ends first, then the inverter is told 0 W; only then does
         # the journal task end, which waits for a write already handed to its thread (a slow or locked disk).
         journal = [task for task in self.tasks if task.get_name() == "journal"]
-        await cancel_all([task for task in self.tasks if task not in journal])
+        if hung := await cancel_all([task for task in self.tasks if task not in journal], within_s=TASKS_END_S):
+            log.error("stop: %s did not end within %g s of being cancelled; going on to the safe stop",
+                      ", ".join(sorted(task.get_name() for task in hung)), TASKS_END_S)
         gateway = self.gateway
         steps: tuple[tuple[str, Callable[[], Any]], ...] = (
             ("safe stop", self._safe_stop),

@@ -19,7 +19,8 @@ CANCEL_AGAIN_S = 0.5
 """How long a cancelled task has to end before it is cancelled again."""
 
 
-async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
+async def cancel_all(tasks: Iterable[asyncio.Future[Any]], *,
+                     within_s: float | None = None) -> set[asyncio.Future[Any]]:
     """Cancel `tasks` and wait until every one has ended, cancelling again any that swallowed it.
 
     On Python 3.11 `asyncio.wait_for` returns the inner result, and drops the
@@ -30,19 +31,30 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
     it waits (a stop cancelling again a task that is ending its parts) is held until
     every one has ended, then raised: called from a `finally`, this must not leave a
     part running, nor skip the clean-up after it.
+
+    With `within_s` the wait ends then, and the tasks still running are returned (they stay
+    cancelled): for the service's stop, whose safe stop must come within systemd's stop timeout
+    even when a task's clean-up hangs. Without it the wait has no end and nothing is returned.
     """
     pending = {task for task in tasks if not task.done()}
+    deadline = None if within_s is None else asyncio.get_running_loop().time() + within_s
     interrupted: asyncio.CancelledError | None = None
     while pending:
+        wait_s = CANCEL_AGAIN_S
+        if deadline is not None:
+            wait_s = min(wait_s, deadline - asyncio.get_running_loop().time())
+            if wait_s <= 0:
+                break
         for task in pending:
             task.cancel()
         try:
-            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+            _, pending = await asyncio.wait(pending, timeout=wait_s)
         except asyncio.CancelledError as err:
             interrupted = err
             pending = {task for task in pending if not task.done()}
     if interrupted is not None:
         raise interrupted
+    return pending
 
 
 async def seen_through(work: Awaitable[T]) -> T:

@@ -11,6 +11,7 @@ themselves, bounded by a timeout; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -272,6 +273,34 @@ def test_the_safe_stop_is_written_while_the_journal_still_waits_on_a_locked_disk
                 other.execute("ROLLBACK")
                 other.close()
             await asyncio.wait_for(stopping, WAIT_S)
+
+    asyncio.run(main())
+
+
+def test_a_task_whose_clean_up_hangs_is_named_and_the_safe_stop_still_comes(tmp_path: Path, monkeypatch, caplog):
+    """The stop cancels the tasks before the safe stop; one that never ends (a clean-up awaiting a peer
+    that never answers) held back the 0 W for ever, past systemd's SIGKILL. It gets `TASKS_END_S`."""
+    from firmware_py import service as service_module
+
+    monkeypatch.setattr(service_module, "TASKS_END_S", 0.2)
+    released = asyncio.Event()
+
+    async def clean_up_hangs() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    async def main() -> None:
+        async with discharging_service(tmp_path, f"service-test-{next(_channels)}") as (service, wsets):
+            hanging = asyncio.create_task(clean_up_hangs(), name="stuck integration")
+            service.tasks.append(hanging)
+            with caplog.at_level(logging.INFO, logger="firmware_py.service"):
+                await asyncio.wait_for(service.stop(), WAIT_S)
+            assert wsets[-1] == 0 and not hanging.done()
+            released.set()
+            await asyncio.wait_for(hanging, WAIT_S)
+        assert "stop: stuck integration did not end within 0.2 s of being cancelled" in caplog.text
+        assert "safe stop: WSet = 0 written to the inverter and read back" in caplog.text
 
     asyncio.run(main())
 

@@ -68,3 +68,38 @@ def test_a_caller_cancelled_while_it_ends_its_parts_ends_them_all_then_its_clean
         return outcome
 
     assert asyncio.run(main()) == (True, True, True)
+
+
+def test_a_bounded_wait_returns_the_tasks_that_would_not_end_still_cancelled():
+    """The service's stop gives its tasks a bound before the safe stop: a task whose clean-up hangs (it
+    swallows every cancellation) is returned, not waited for; one that ends is not."""
+    async def main() -> tuple[bool, bool, int]:
+        released = asyncio.Event()
+        cancelled: list[int] = []
+
+        async def hangs_until_released() -> None:
+            while not released.is_set():
+                try:
+                    await released.wait()
+                except asyncio.CancelledError:
+                    cancelled.append(1)
+
+        hanging = asyncio.create_task(hangs_until_released())
+        ending = asyncio.create_task(asyncio.Event().wait())
+        await asyncio.sleep(0)
+        left = await asyncio.wait_for(cancel_all([hanging, ending], within_s=0.05), WAIT_S)
+        outcome = left == {hanging}, ending.cancelled(), len(cancelled)
+        released.set()  # the test's own clean-up: let it end
+        await asyncio.wait_for(hanging, WAIT_S)
+        return outcome
+
+    assert asyncio.run(main()) == (True, True, 1)
+
+
+def test_an_unbounded_wait_returns_nothing_left():
+    async def main() -> set:
+        task = asyncio.create_task(asyncio.Event().wait())
+        await asyncio.sleep(0)
+        return await asyncio.wait_for(cancel_all([task]), WAIT_S)
+
+    assert asyncio.run(main()) == set()
