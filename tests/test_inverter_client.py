@@ -327,6 +327,31 @@ def test_a_model_chain_of_64_models_is_walked_to_its_end_and_a_longer_one_refuse
     assert found in asyncio.run(main())
 
 
+def test_a_map_that_ends_with_the_end_model_id_and_no_length_is_a_sunspec_device():
+    """Some devices end their map with the end model's ID (0xFFFF) and no L register after it: reading ID and
+    L at once is refused (ILLEGAL_ADDRESS) there, and discovery failed for ever. The ID alone ends the chain."""
+    async def main():
+        registers = InverterModel().register_map(40000).registers()
+        assert registers[-2:] == [0xFFFF, 0]
+        async with device_serving(registers[:-1]) as client:
+            await client.connect()
+            assert sorted(client.discovery.models) == [1, 701, 702, 703, 704, 713]
+            assert (await client.read_status()).comms_ok
+
+    asyncio.run(main())
+
+
+def test_a_chain_cut_short_before_its_end_model_is_still_refused():
+    """Reading the ID alone is only for the end model: a chain whose next model header is refused is no device."""
+    async def main():
+        registers = InverterModel().register_map(40000).registers()
+        async with device_serving(registers[:-2] + [64000]) as client:  # a vendor model's ID, then nothing
+            with pytest.raises(LinkError, match="Modbus exception 2"):
+                await client.connect()
+
+    asyncio.run(main())
+
+
 def test_a_device_without_sunspec_is_named_as_such():
     async def main():
         async with device_serving([7] * 10, at=0) as client:

@@ -254,7 +254,7 @@ class InverterClient:
         base = await self._find_base()
         headers, addr = [], base + 2
         for _ in range(MAX_MODELS + 1):  # the models, then the end model's header
-            model_id, length = await self._read(addr, 2)
+            model_id, length = await self._header(addr)
             if model_id == END_MODEL_ID:
                 break
             if len(headers) == MAX_MODELS:
@@ -281,6 +281,24 @@ class InverterClient:
         lo, count = CONTROL_SPAN
         self._control_regs = await self._read(disc.address(704) + lo, count)
         return Discovery(base, models, common, ratings, storage, enter_service)
+
+    async def _header(self, addr: int) -> tuple[int, int | None]:
+        """A model's ID and L, read at once; when that read is refused, its ID alone: some devices end their
+        map with the end model's ID and no L after it (pysunspec2 reads the ID alone for them), and refusing
+        them left the inverter never commanded. L is None only for the end model."""
+        try:
+            model_id, length = await self._read(addr, 2)
+        except LinkError as err:
+            if err.kind is not ModbusErrorCause.EXCEPTION:
+                raise
+            try:
+                (model_id,) = await self._read(addr, 1)
+            except LinkError:
+                raise err from None
+            if model_id != END_MODEL_ID:
+                raise err from None
+            return END_MODEL_ID, None
+        return model_id, length
 
     async def _find_base(self) -> int:
         tried = []
