@@ -17,7 +17,7 @@ import pytest
 
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
-from firmware_py.inverter.client import InverterClient, LinkError
+from firmware_py.inverter.client import STATUS_SPAN, InverterClient, LinkError
 from firmware_py.inverter.sunspec import ModelDef
 from firmware_py.sim.faults import InverterFault as Fault
 from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
@@ -198,6 +198,33 @@ def test_each_fault_becomes_comms_lost_then_recovers(fault, cause, caplog):
         assert rig.model.wset_w == pytest.approx(6_000.0)
 
     run(scenario)
+
+
+@pytest.mark.parametrize(("point", "value", "cause"), [
+    ("W", None, "model 701 W is 'not implemented'"),
+    ("InvSt", 99, "model 701 InvSt=99 is not a defined state"),
+])
+def test_a_reading_that_does_not_fit_is_a_failed_reading_not_a_reconnect(point, value, cause):
+    """701 `W` reading 'not implemented' (or an undefined InvSt) closed the link: since each connect reset the
+    back-off, every poll reconnected, discovered the device again and rewrote the command. The reply came over
+    a healthy link: docs/sunspec.md treats it as a failed reading, and the link stays as it is."""
+    async def scenario(rig):
+        await rig.client.apply(InverterCommand(3_000.0, "dispatch"))
+        disc, writes = rig.client.discovery, rig.client.writes
+        assert writes == 1
+        values = rig.model.values
+        rig.model.values = lambda mid: {**values(mid), point: value} if mid == 701 else values(mid)
+        for _ in range(5):  # a poll a second, each followed by the core's unchanged command
+            rig.now += 1.0
+            st = await rig.client.read_status()
+            assert not st.comms_ok and cause in st.error and "link closed" not in st.error
+            await rig.client.apply(InverterCommand(3_000.0, "dispatch"))
+        assert rig.client.discovery is disc and rig.client.connected  # never reopened nor rediscovered
+        assert rig.client.writes == writes  # nor the command rewritten (a refresh is due only after 10 s)
+        rig.model.values = values
+        assert (await rig.client.read_status()).comms_ok
+
+    run(scenario, revert_timeout_s=30)
 
 
 def test_a_faulted_link_ends_at_zero_watts_by_revert():
@@ -550,6 +577,40 @@ def test_a_map_that_moves_base_while_tcp_stays_up_is_discovered_again(restart):
         finally:
             await client.close()
             server.close()
+
+    asyncio.run(main())
+
+
+class StatusRefusingDevice(MovingDevice):
+    """A device that is discovered, then refuses every status read (701 from its ID to TotWhAbs) with
+    ILLEGAL_ADDRESS: once discovered, a reply that closes the link and sends the client to rediscover."""
+
+    def reply(self, pdu: bytes) -> bytes:
+        addr, n = struct.unpack(">HH", pdu[1:5])
+        status_at = InverterModel().register_map(self.base).addresses()[701]
+        if pdu[0] == 3 and addr == status_at and n == STATUS_SPAN[1]:
+            return bytes([0x83, 2])
+        return super().reply(pdu)
+
+
+def test_a_link_that_connects_then_fails_every_poll_backs_off():
+    """Only a poll that worked ends the back-off: each connect() reset it, so a device discovered at every
+    connect whose polls then closed the link was reconnected and rediscovered at every poll, for ever."""
+    async def main():
+        device = StatusRefusingDevice(40000)
+        server = await asyncio.start_server(device.handle, "127.0.0.1", 0)
+        now = [0.0]
+        client = InverterClient(InverterConfig(port=server.sockets[0].getsockname()[1], timeout_s=0.5),
+                                lambda: now[0], backoff_min_s=1.0)
+        try:
+            for _ in range(10):  # ten polls a second apart: backing off 1, 2, 4 s, not a reconnect at each
+                st = await client.read_status()
+                assert not st.comms_ok and "Modbus exception 2" in st.error
+                now[0] += 1.0
+        finally:
+            await client.close()
+            server.close()
+        assert device.connections <= 4, device.connections
 
     asyncio.run(main())
 

@@ -219,7 +219,6 @@ class InverterClient:
             await self._close_transport()
             raise
         self._written, self._written_at = None, -math.inf
-        self._backoff = 0.0
         self._recovered()
         return self.discovery
 
@@ -345,6 +344,7 @@ class InverterClient:
                 raise LinkError(self._untrusted, drop=False, kind=None)
         except LinkError as err:
             return await self._failed(err)
+        self._backoff = 0.0  # only a poll that worked ends a back-off: a link that connects, then fails, grows it
         self._recovered()
         return status
 
@@ -356,10 +356,12 @@ class InverterClient:
         v = M701.decode(regs, lo, sfs=self._sfs[701])
         wset = await self._setpoint(disc) if setpoint else None
         inv_state = v["InvSt"]
+        # A reading that does not fit comes over a healthy link: a failed reading, not a reason to reopen it
+        # (each reopen rediscovered the device and rewrote the command, every poll).
         if v["W"] is None:
-            raise LinkError("model 701 W is 'not implemented': cannot measure power")
+            raise LinkError("model 701 W is 'not implemented': cannot measure power", drop=False)
         if inv_state is not None and inv_state not in InverterState._value2member_map_:
-            raise LinkError(f"model 701 InvSt={inv_state} is not a defined state")
+            raise LinkError(f"model 701 InvSt={inv_state} is not a defined state", drop=False)
         alarms = v["Alrm"] or 0
         outage = bool(alarms >> AlrmBit.GRID_DISCONNECT & 1)
         connected = v["ConnSt"] in (None, ConnSt.CONNECTED)
@@ -565,6 +567,7 @@ class InverterClient:
             self.errors[err.kind] += 1
         if err.drop and self._client is not None:
             await self._close_transport()
+            self._backoff = min(max(self._backoff * 2, self.backoff_min_s), self.backoff_max_s)
             self._next_attempt = self.clock() + self._backoff
             cause = f"{cause} (link closed, reconnecting)"
         if err.cause != self._logged:
