@@ -17,7 +17,7 @@ import pytest
 
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand, InverterState
-from firmware_py.inverter.client import STATUS_SPAN, InverterClient, LinkError
+from firmware_py.inverter.client import STATUS_SPAN, InverterClient, LinkError, ModbusErrorCause
 from firmware_py.inverter.sunspec import ModelDef
 from firmware_py.sim.faults import InverterFault as Fault
 from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
@@ -613,6 +613,55 @@ def test_a_link_that_connects_then_fails_every_poll_backs_off():
         assert device.connections <= 4, device.connections
 
     asyncio.run(main())
+
+
+class SilentOutsideDevice(MovingDevice):
+    """A device with its map at `base` that sends nothing at all for a read from `silent_from` on, as some
+    devices (and RS-485 gateways) do for addresses they do not map."""
+
+    def __init__(self, base: int, silent_from: int):
+        super().__init__(base)
+        self.silent_from = silent_from
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                pdu = await reader.readexactly(length - 1)
+                if struct.unpack(">H", pdu[1:3])[0] >= self.silent_from:
+                    continue
+                body = self.reply(pdu)
+                writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+@pytest.mark.parametrize(("base", "silent_from", "found"), [
+    (0, 40000, "base 0"),
+    (50000, 0, "looking for the 'SunS' marker: no reply within 0.2 s at 40000, 0, 50000"),
+])
+def test_a_base_that_times_out_sends_the_search_on_to_the_next(base, silent_from, found):
+    """docs/sunspec.md promises 40000, then 0, then 50000: a timeout at 40000 ended the search, so a device
+    silent outside its map at 0 was refused (and commissioning blamed the unit id). A device silent at every
+    base is still told as a timeout (a silent unit id), after at most one timeout per base."""
+    async def main() -> str:
+        device = SilentOutsideDevice(base, silent_from)
+        server = await asyncio.start_server(device.handle, "127.0.0.1", 0)
+        client = InverterClient(InverterConfig(port=server.sockets[0].getsockname()[1], timeout_s=0.2),
+                                lambda: 0.0)
+        try:
+            disc = await asyncio.wait_for(client.connect(), 3 * (0.2 + 0.5) + 2.0)
+            return f"base {disc.base}"
+        except LinkError as err:
+            assert err.kind is ModbusErrorCause.TIMEOUT
+            return str(err)
+        finally:
+            await client.close()
+            server.close()
+
+    assert found in asyncio.run(main())
 
 
 @pytest.mark.parametrize("model, point, value", [(701, "W_SF", 400), (704, "WSet_SF", -400), (702, "W_SF", 11)])

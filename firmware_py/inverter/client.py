@@ -300,21 +300,41 @@ class InverterClient:
         return model_id, length
 
     async def _find_base(self) -> int:
-        tried = []
+        """The first of 40000, 0, 50000 holding the 'SunS' marker; raises LinkError.
+
+        A base that times out is passed like one refused: some devices stay silent for addresses they do not
+        map, and giving up at 40000 refused a map at 0. Each base waits at most one timeout, so the search
+        takes at most three; when no base answered at all, the error is the timeout (a silent unit id), not
+        'not a SunSpec device'. A link that closed ends the search at once."""
+        tried: list[str] = []
+        silent: LinkError | None = None
+        answered = False
         self.marker_at = None
         for base in BASE_ADDRESSES:
             try:
                 marker = await self._read(base, 2)
             except LinkError as err:
-                if err.drop:
+                if err.drop and not self._silent_but_connected(err):
                     raise
+                if err.kind is ModbusErrorCause.TIMEOUT:
+                    silent = silent or err
+                else:
+                    answered = True
                 tried.append(f"{base}: {err}")
                 continue
+            answered = True
             if tuple(marker) == SUNS_MARKER:
                 self.marker_at = base
                 return base
             tried.append(f"{base}: no 'SunS' marker")
+        if silent is not None and not answered:
+            raise LinkError(silent.cause + " at " + ", ".join(map(str, BASE_ADDRESSES)),
+                            what="looking for the 'SunS' marker", kind=ModbusErrorCause.TIMEOUT)
         raise LinkError("not a SunSpec device (" + "; ".join(tried) + ")")
+
+    def _silent_but_connected(self, err: LinkError) -> bool:
+        """A timeout on a link still open: the device may only be silent at that address."""
+        return err.kind is ModbusErrorCause.TIMEOUT and self._client is not None and self._client.connected
 
     async def _read_model(self, disc: Discovery, model_id: int, *, scaled: bool = True) -> dict[str, Any]:
         at, length = disc.models[model_id]
