@@ -18,6 +18,14 @@ def _fmt(value: object, unit: str = "") -> str:
     return f"{value} {unit}".strip()
 
 
+def _es(value: object) -> str:
+    """703 `ES` for an installer: 'NOT permitted' only when the inverter says so (0); a point it does not
+    implement says nothing about whether it may enter service."""
+    if value is None:
+        return "ES not implemented"
+    return "permitted" if value else "NOT permitted"
+
+
 async def _probe(settings: config.InverterConfig) -> list[str]:
     from firmware_py.core.types import InverterState
     from firmware_py.inverter.client import InverterClient, LinkError
@@ -44,7 +52,7 @@ async def _probe(settings: config.InverterConfig) -> list[str]:
         lines.append(f"storage (713): WHRtg {_fmt(s.get('WHRtg'), 'Wh')}, SoC {_fmt(s.get('SoC'), '%')}")
     if disc.enter_service is not None:
         e = disc.enter_service
-        lines.append(f"enter service (703): {'permitted' if e.get('ES') else 'NOT permitted'}, "
+        lines.append(f"enter service (703): {_es(e.get('ES'))}, "
                      f"delay ESDlyTms {_fmt(e.get('ESDlyTms'), 's')}, ramp ESRmpTms {_fmt(e.get('ESRmpTms'), 's')}")
     if not status.comms_ok:
         lines.append(f"state: unreadable: {status.error}")
