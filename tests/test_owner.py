@@ -861,3 +861,48 @@ def test_the_cli_keeps_the_power_limit_unless_told_and_max_lifts_it(tmp_path, ow
         code, out, err = owner_cli(gateway, "price", "0.4", "1000", "--power-w", "max")
         assert code == 0 and "at as much power as the limits allow" in out, err
         assert port.calls[-1].price_power_w is None
+
+
+# --- a slow answer, negative zero, a time before any clock ---------------------------------------------------
+
+
+class SlowPort(RecordingPort):
+    """The gateway's side when the inverter link is slow: the core has the change at once (as
+    `Gateway.feed` does), then `set_owner` waits on the inverter write until `released`."""
+
+    def __init__(self, settings: OwnerSettings) -> None:
+        super().__init__(settings)
+        self.released = asyncio.Event()
+
+    async def set_owner(self, settings: OwnerSettings) -> None:
+        await super().set_owner(settings)
+        await self.released.wait()
+
+
+def test_a_change_whose_answer_is_late_is_no_answer_exit_3_not_no_gateway(tmp_path, owner_cli, monkeypatch):
+    """A read timeout after the change was sent was "no gateway answering" (exit 2) while the reserve was
+    saved and in the core: the owner is told it may have been made and how to look."""
+    monkeypatch.setattr(commands, "answer_wait_s", lambda inverter_timeout_s: 0.3, raising=False)
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = SlowPort(start_port(cfg).settings)
+    serving = Serving(OwnerApi(cfg, port))
+    with serving as api:
+        try:
+            gateway = write_gateway_config(tmp_path, api.address)
+            code, _, err = owner_cli(gateway, "reserve", "80")
+            assert code == 3, err
+            assert "did not answer within 0.3 s" in err and "the change may have been made" in err
+            assert "owner status" in err and "no gateway answering" not in err
+            assert port.settings.reserve_pct == 80.0
+            assert json.loads(Path(cfg.settings_file).read_text())["reserve_pct"] == 80.0
+            code, out, _ = owner_cli(gateway, "status")
+            assert code == 0 and "reserve:      80 %" in out
+        finally:
+            serving.loop.call_soon_threadsafe(port.released.set)
+
+
+def test_the_wait_for_a_changes_answer_outlasts_the_inverter_exchanges_it_may_wait_on():
+    """The API answers a change after the inverter write (`Gateway.set_owner`): a fixed 5 s was shorter
+    than one exchange at `[inverter] timeout_s` 30."""
+    assert commands.answer_wait_s(1.0) >= 5.0 + 4 * 1.5
+    assert commands.answer_wait_s(30.0) >= 4 * 30.5
