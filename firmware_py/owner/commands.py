@@ -5,7 +5,7 @@ the core runs on, so a change made here takes effect at once and is journaled
 like any other, or is refused with the gateway's reason.
 Exit codes: 0 done; 2 bad input (ours or the gateway's 400) or no gateway to ask (not running,
 another address, the token missing or not accepted), as `status`; 1 the gateway answered but
-could not make the change (it could not save the settings); 3 a change was sent but no answer
+could not make the change (it could not save the settings), or a change was sent but no answer
 came in time: it may well have been made (saved and in the core, the inverter write pending),
 so the owner is sent to `owner status`, never told there is no gateway.
 """
@@ -36,7 +36,6 @@ INVERTER_EXCHANGES = 8
 the command's write, which queues for the Modbus link behind a poll in progress (a reconnect, its reads)
 and then writes, reads back and, on a mismatch, writes 0 W; each exchange bounded by `[inverter] timeout_s`
 plus at most 1 s (`InverterClient`)."""
-NO_ANSWER_EXIT = 3
 
 
 def answer_wait_s(inverter_timeout_s: float) -> float:
@@ -54,7 +53,7 @@ class Unreachable(Unavailable):
 
 
 class NoAnswer(Unavailable):
-    """A change was sent but no answer came (exit 3): it may have been saved and applied, so the owner
+    """A change was sent but no answer came (exit 1, as a change the gateway could not make): it may have been saved and applied, so the owner
     is told to look (`owner status`), not that no gateway is there."""
 
 
@@ -308,9 +307,6 @@ def _owner(args: argparse.Namespace) -> int:
         lines = action(loaded.owner, args)
     except Unreachable as err:
         raise InputError(f"owner: {err}") from None
-    except NoAnswer as err:
-        print(f"error: owner: {printable(str(err))}", file=sys.stderr)
-        return NO_ANSWER_EXIT
     except Unavailable as err:
         print(f"error: owner: {printable(str(err))}", file=sys.stderr)
         return 1
