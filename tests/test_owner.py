@@ -861,3 +861,80 @@ def test_the_cli_keeps_the_power_limit_unless_told_and_max_lifts_it(tmp_path, ow
         code, out, err = owner_cli(gateway, "price", "0.4", "1000", "--power-w", "max")
         assert code == 0 and "at as much power as the limits allow" in out, err
         assert port.calls[-1].price_power_w is None
+
+
+# --- a slow answer, negative zero, a time before any clock ---------------------------------------------------
+
+
+class SlowPort(RecordingPort):
+    """The gateway's side when the inverter link is slow: the core has the change at once (as
+    `Gateway.feed` does), then `set_owner` waits on the inverter write until `released`."""
+
+    def __init__(self, settings: OwnerSettings) -> None:
+        super().__init__(settings)
+        self.released = asyncio.Event()
+
+    async def set_owner(self, settings: OwnerSettings) -> None:
+        await super().set_owner(settings)
+        await self.released.wait()
+
+
+def test_a_change_whose_answer_is_late_is_no_answer_exit_1_not_no_gateway(tmp_path, owner_cli, monkeypatch):
+    """A read timeout after the change was sent was "no gateway answering" (exit 2) while the reserve was
+    saved and in the core: the owner is told it may have been made and how to look."""
+    monkeypatch.setattr(commands, "answer_wait_s", lambda inverter_timeout_s: 0.3, raising=False)
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    port = SlowPort(start_port(cfg).settings)
+    serving = Serving(OwnerApi(cfg, port))
+    with serving as api:
+        try:
+            gateway = write_gateway_config(tmp_path, api.address)
+            code, _, err = owner_cli(gateway, "reserve", "80")
+            assert code == 1, err
+            assert "did not answer within 0.3 s" in err and "the change may have been made" in err
+            assert "owner status" in err and "no gateway answering" not in err
+            assert port.settings.reserve_pct == 80.0
+            assert json.loads(Path(cfg.settings_file).read_text())["reserve_pct"] == 80.0
+            code, out, _ = owner_cli(gateway, "status")
+            assert code == 0 and "reserve:      80 %" in out
+        finally:
+            serving.loop.call_soon_threadsafe(port.released.set)
+
+
+def test_the_wait_for_a_changes_answer_outlasts_the_inverter_exchanges_it_may_wait_on():
+    """The API answers a change after the inverter write (`Gateway.set_owner`): a fixed 5 s was shorter
+    than one exchange at `[inverter] timeout_s` 30."""
+    assert commands.answer_wait_s(1.0) >= 5.0 + 4 * 1.5
+    assert commands.answer_wait_s(30.0) >= 4 * 30.5
+
+
+@pytest.mark.parametrize("argv, field", [(["reserve", "-0"], "reserve_pct"),
+                                         (["storm-watch", "-0", "2025-06-02T12:00"], "storm_watch_floor_pct"),
+                                         (["price", "-0", "1000"], "price_threshold_per_kwh")])
+def test_negative_zero_is_zero_shown_and_saved(tmp_path, owner_cli, argv, field):
+    """`reserve -0` was taken, shown as "-0 %" and -0.0 was written to the settings file."""
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg), tz=UTC)) as api:
+        code, out, err = owner_cli(write_gateway_config(tmp_path, api.address), *argv)
+        assert code == 0, err
+        assert " -0 " not in f" {out} " and ">= -0 " not in out, out
+        saved = json.loads(Path(cfg.settings_file).read_text())[field]
+        assert saved == 0 and math.copysign(1.0, saved) == 1.0
+        assert math.copysign(1.0, getattr(api.port.settings, field)) == 1.0
+
+
+def test_a_saved_negative_zero_reads_as_zero(tmp_path):
+    """A file written before -0 was refused still reads as a plain 0 (not shown as "-0 %")."""
+    data = encode(OwnerSettings(40, NOW))
+    data["reserve_pct"] = -0.0
+    settings = decode(data)
+    assert settings.reserve_pct == 0 and math.copysign(1.0, settings.reserve_pct) == 1.0
+
+
+@pytest.mark.parametrize("tz", [None, UTC])
+def test_a_time_long_past_is_not_in_the_future_not_malformed(tz):
+    """Year 1 in the system's local time cannot be placed by the clock: it was called "not an ISO-8601 time"."""
+    with pytest.raises(changes.BadRequest, match="is not in the future"):
+        changes.opt_out(OwnerSettings(40, NOW), {"until": "0001-01-01T00:00"}, NOW, tz)
+    with pytest.raises(changes.BadRequest, match="is not an ISO-8601 time"):
+        changes.opt_out(OwnerSettings(40, NOW), {"until": "0001-13-01T00:00"}, NOW, tz)

@@ -69,7 +69,13 @@ def _percent(body: dict[str, Any], key: str) -> float:
         raise BadRequest(f"{key}: expected a number 0 to 100, got {shown(value)}")
     if not 0 <= value <= 100:
         raise BadRequest(f"{key}: {value:g} is out of range (0 to 100)")
-    return float(value)
+    return plain(value)
+
+
+def plain(value: float) -> float:
+    """`value` as a float, negative zero as 0.0: -0 is in range (it equals 0), but was shown as "-0 %" and
+    saved as -0.0."""
+    return float(value) + 0.0
 
 
 def pruned(settings: OwnerSettings, now: float) -> OwnerSettings:
@@ -101,11 +107,16 @@ def parse_instant(value: Any, tz: dt.tzinfo | None, name: str = "until") -> floa
         raise BadRequest(f"{name}: expected an ISO-8601 time or epoch seconds, got {shown(value)}")
     try:
         moment = dt.datetime.fromisoformat(value)
-        if moment.tzinfo is None and tz is not None:
-            moment = moment.replace(tzinfo=tz)
+    except ValueError:
+        raise BadRequest(f"{name}: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
+    if moment.tzinfo is None and tz is not None:
+        moment = moment.replace(tzinfo=tz)
+    try:
         return moment.timestamp()
     except (ValueError, OverflowError):
-        raise BadRequest(f"{name}: {shown(value)} is not an ISO-8601 time (e.g. 2025-07-01T18:00)") from None
+        # A valid time the system's clock cannot place (year 1 in local time): long past, or far ahead,
+        # which `_ahead` refuses for what it is rather than as a malformed time.
+        return -math.inf if moment.year < 1970 else math.inf
 
 
 def _ahead(until: float, raw: Any, now: float, limit_s: float = MAX_AHEAD_S,
@@ -216,7 +227,7 @@ def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str, lo
     if value > hi or value < lo or (low_open and value == lo):
         bound = f"above {lo:g}" if low_open else f"{lo:g}"
         raise BadRequest(f"{key}: {value:g} is out of range ({bound} to {hi:g})")
-    return float(value)
+    return plain(value)
 
 
 def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettings:

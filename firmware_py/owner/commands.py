@@ -5,7 +5,9 @@ the core runs on, so a change made here takes effect at once and is journaled
 like any other, or is refused with the gateway's reason.
 Exit codes: 0 done; 2 bad input (ours or the gateway's 400) or no gateway to ask (not running,
 another address, the token missing or not accepted), as `status`; 1 the gateway answered but
-could not make the change (it could not save the settings).
+could not make the change (it could not save the settings), or a change was sent but no answer
+came in time: it may well have been made (saved and in the core, the inverter write pending),
+so the owner is sent to `owner status`, never told there is no gateway.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.store import UNTIL_REVOKED
 from firmware_py.quoting import printable
 
-TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+"""Connecting, and a read's answer (`GET`): the API answers those without waiting on anything."""
+INVERTER_EXCHANGES = 8
+"""How many inverter exchanges a change may wait on before the API answers: `Gateway.set_owner` awaits
+the command's write, which queues for the Modbus link behind a poll in progress (a reconnect, its reads)
+and then writes, reads back and, on a mismatch, writes 0 W; each exchange bounded by `[inverter] timeout_s`
+plus at most 1 s (`InverterClient`)."""
+
+
+def answer_wait_s(inverter_timeout_s: float) -> float:
+    """How long a change waits for its answer: comfortably longer than the API can take to give it, so a
+    slow inverter link does not leave the owner unsure whether the change was made."""
+    return CONNECT_TIMEOUT_S + INVERTER_EXCHANGES * (inverter_timeout_s + 1.0)
 
 
 class Unavailable(Exception):
@@ -36,6 +50,11 @@ class Unavailable(Exception):
 
 class Unreachable(Unavailable):
     """No gateway to ask: not running, not reachable, or the token not accepted (exit 2, as `status`)."""
+
+
+class NoAnswer(Unavailable):
+    """A change was sent but no answer came (exit 1, as a change the gateway could not make): it may have been saved and applied, so the owner
+    is told to look (`owner status`), not that no gateway is there."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -58,14 +77,35 @@ class _UnixConnection(http.client.HTTPConnection):
 
 def _connection(listen: Listen) -> http.client.HTTPConnection:
     if listen.unix_path:
-        return _UnixConnection(listen.unix_path, TIMEOUT_S)
-    return http.client.HTTPConnection(listen.host, listen.port, timeout=TIMEOUT_S)
+        return _UnixConnection(listen.unix_path, CONNECT_TIMEOUT_S)
+    return http.client.HTTPConnection(listen.host, listen.port, timeout=CONNECT_TIMEOUT_S)
+
+
+def _exchange(conn: http.client.HTTPConnection, listen: Listen, method: str, path: str, body: str | None,
+              headers: dict[str, str], answer_s: float) -> tuple[int, bytes]:
+    """Send one request and read its answer. Failing before the request is sent, there is no gateway to
+    ask (Unreachable); a change that was sent and then got no answer may have been made (NoAnswer)."""
+    try:
+        conn.request(method, path, body=body, headers=headers)
+    except (OSError, http.client.HTTPException) as err:
+        raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
+    try:
+        if method != "GET" and conn.sock is not None:
+            conn.sock.settimeout(answer_s)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as err:
+        if method == "GET":
+            raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
+        raise NoAnswer(f"the gateway on {listen.describe()} did not answer within {answer_s:g} s ({err}); "
+                       "the change may have been made: check `powershare-gw owner status`") from None
 
 
 def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None,
-         wants: tuple[str, ...] = ("settings",)) -> dict[str, Any]:
+         wants: tuple[str, ...] = ("settings",), answer_s: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
     """One API request; the decoded JSON answer (an object holding the keys `wants`), InputError for a
-    400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API."""
+    400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API, NoAnswer when
+    a change (any method but GET) was sent and its answer did not come within `answer_s`."""
     listen = parse_listen(owner.api_listen)
     try:
         token = read_token(owner.token_file)
@@ -75,11 +115,8 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     try:
-        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-        response = conn.getresponse()
-        status, raw = response.status, response.read()
-    except (OSError, http.client.HTTPException) as err:
-        raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
+        status, raw = _exchange(conn, listen, method, path, None if body is None else json.dumps(body), headers,
+                                answer_s)
     finally:
         conn.close()
     try:
@@ -182,7 +219,8 @@ def _status(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
 
 
 def _reserve(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
-    settings = call(owner, "PUT", "/reserve", {"pct": _number(args.pct, "reserve")})["settings"]
+    body = {"pct": _number(args.pct, "reserve")}
+    settings = call(owner, "PUT", "/reserve", body, answer_s=args.answer_s)["settings"]
     return [f"reserve set to {percent(settings['reserve_pct'])}"]
 
 
@@ -193,7 +231,7 @@ def _opt_out(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
                  "until": "opt-out until ISO-8601-TIME"}[mode]
         raise InputError(f"owner opt-out: usage: {usage}")
     if mode == "off":
-        settings = call(owner, "DELETE", "/opt-out")["settings"]
+        settings = call(owner, "DELETE", "/opt-out", answer_s=args.answer_s)["settings"]
     else:
         body: dict[str, Any] = {"now": True} if mode == "now" else {"event": value}
         if mode == "until":
@@ -201,7 +239,7 @@ def _opt_out(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
                 body = {"until": float(value)}
             except ValueError:
                 body = {"until": value}
-        settings = call(owner, "PUT", "/opt-out", body)["settings"]
+        settings = call(owner, "PUT", "/opt-out", body, answer_s=args.answer_s)["settings"]
     return [describe_opt_out(settings, settings["received_at"])]
 
 
@@ -209,12 +247,12 @@ def _departure(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     if args.time == "off":
         if args.soc is not None:
             raise InputError("owner departure: usage: departure off (no SoC)")
-        settings = call(owner, "DELETE", "/departure")["settings"]
+        settings = call(owner, "DELETE", "/departure", answer_s=args.answer_s)["settings"]
     else:
         if args.soc is None:
             raise InputError("owner departure: usage: departure HH:MM SOC_PCT (e.g. departure 07:30 80)")
         body = {"time": args.time, "soc_pct": _number(args.soc, "departure SOC")}
-        settings = call(owner, "PUT", "/departure", body)["settings"]
+        settings = call(owner, "PUT", "/departure", body, answer_s=args.answer_s)["settings"]
     return [f"departure: {describe_departure(settings, settings['received_at'])}"]
 
 
@@ -222,7 +260,7 @@ def _storm_watch(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     if args.floor == "off":
         if args.until is not None:
             raise InputError("owner storm-watch: usage: storm-watch off (no time)")
-        settings = call(owner, "DELETE", "/storm-watch")["settings"]
+        settings = call(owner, "DELETE", "/storm-watch", answer_s=args.answer_s)["settings"]
     else:
         if args.until is None:
             raise InputError("owner storm-watch: usage: storm-watch FLOOR_PCT UNTIL (e.g. storm-watch 80 "
@@ -232,7 +270,7 @@ def _storm_watch(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
         except ValueError:
             until = args.until
         body = {"floor_pct": _number(args.floor, "storm-watch FLOOR_PCT"), "until": until}
-        settings = call(owner, "PUT", "/storm-watch", body)["settings"]
+        settings = call(owner, "PUT", "/storm-watch", body, answer_s=args.answer_s)["settings"]
     return [f"storm watch: {describe_storm_watch(settings, settings['received_at'])}"]
 
 
@@ -240,7 +278,7 @@ def _price(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
     if args.threshold == "off":
         if args.max_wh is not None or args.kind is not None or args.power_w is not None:
             raise InputError("owner price: usage: price off (nothing more)")
-        settings = call(owner, "DELETE", "/price")["settings"]
+        settings = call(owner, "DELETE", "/price", answer_s=args.answer_s)["settings"]
     else:
         if args.max_wh is None:
             raise InputError("owner price: usage: price THRESHOLD_PER_KWH MAX_WH_PER_DAY [--kind EXPORT_PRICE|PRICE] "
@@ -253,7 +291,7 @@ def _price(owner: OwnerConfig, args: argparse.Namespace) -> list[str]:
             body["power_w"] = None
         elif args.power_w is not None:
             body["power_w"] = _number(args.power_w, "price --power-w")
-        settings = call(owner, "PUT", "/price", body)["settings"]
+        settings = call(owner, "PUT", "/price", body, answer_s=args.answer_s)["settings"]
     return [f"price mode: {describe_price_mode(settings)}"]
 
 
@@ -263,9 +301,10 @@ def _owner(args: argparse.Namespace) -> int:
         raise InputError("owner: --config FILE is required (the running gateway's configuration)")
     if action is None:
         raise InputError("owner: give an action: status, reserve, opt-out, departure, storm-watch or price")
-    owner = config.load(args.config).owner
+    loaded = config.load(args.config)
+    args.answer_s = answer_wait_s(loaded.inverter.timeout_s)
     try:
-        lines = action(owner, args)
+        lines = action(loaded.owner, args)
     except Unreachable as err:
         raise InputError(f"owner: {err}") from None
     except Unavailable as err:

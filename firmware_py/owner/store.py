@@ -78,7 +78,7 @@ def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = m
         raise ValueError(f"{key}: expected a number, got {shown(value)}")
     if not lo <= value <= hi:
         raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")
-    return float(value)
+    return float(value) + 0.0  # a -0.0 saved before it was refused reads as 0.0 (not "-0 %")
 
 
 def decode(data: Any) -> OwnerSettings:
