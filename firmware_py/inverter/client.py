@@ -244,9 +244,13 @@ class InverterClient:
         try:
             await self.connect()
         except LinkError:
-            self._backoff = min(max(self._backoff * 2, self.backoff_min_s), self.backoff_max_s)
-            self._next_attempt = now + self._backoff
+            self._back_off(now)
             raise
+
+    def _back_off(self, now: float) -> None:
+        """The next connect waits longer (doubling, within its bounds) until a poll works again."""
+        self._backoff = min(max(self._backoff * 2, self.backoff_min_s), self.backoff_max_s)
+        self._next_attempt = now + self._backoff
 
     # --- discovery ----------------------------------------------------------------
     async def _discover(self) -> Discovery:
@@ -587,8 +591,7 @@ class InverterClient:
             self.errors[err.kind] += 1
         if err.drop and self._client is not None:
             await self._close_transport()
-            self._backoff = min(max(self._backoff * 2, self.backoff_min_s), self.backoff_max_s)
-            self._next_attempt = self.clock() + self._backoff
+            self._back_off(self.clock())
             cause = f"{cause} (link closed, reconnecting)"
         if err.cause != self._logged:
             log.debug("inverter %s: %s", self._where(), cause)
