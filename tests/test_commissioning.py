@@ -174,6 +174,19 @@ def test_open_contactors_are_reported_and_said_to_block_discharge():
     assert "discharge NOT allowed now (contactors OPEN, pack contactors not pulled in)" in check.detail
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"bms_state": BmsState.FAULT}, "the truck reports BMS FAULT"),
+    ({"bms_state": BmsState.WELD}, "the truck reports BMS WELD"),
+    ({"pack_contactor_neg": PackContactor.WELDED}, "the truck reports a welded contactor"),
+    ({"contactor_state": ContactorState.WELDED}, "the truck reports a welded contactor"),
+])
+def test_a_truck_reporting_a_pack_fault_is_not_signed_off(changes, words):
+    """A latched BMS fault or a welded contactor is a fault in the core (0 W for every dispatch): reporting
+    it under PASS let `commission` end 'COMMISSIONING PASSED', exit 0, on a truck that cannot deliver."""
+    check = by_name(judge_can(healthy_can(values={**VALUES, **changes}), SPECS))["contactors and BMS state"]
+    assert check.outcome is Outcome.FAIL and words in check.detail and "cleared on the truck" in check.advice
+
+
 def test_contactor_state_not_reported_fails():
     obs = healthy_can(values={**VALUES, "contactor_state": None})
     assert by_name(judge_can(obs, SPECS))["contactors and BMS state"].outcome is Outcome.FAIL

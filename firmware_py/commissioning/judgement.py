@@ -22,6 +22,7 @@ from firmware_py.commissioning.report import Check, Step, failed, passed, skippe
 from firmware_py.core.types import (
     CLOSED_PACK_CONTACTORS,
     ENERGY_BMS_STATES,
+    FAULT_BMS_STATES,
     BmsState,
     ContactorState,
     InverterState,
@@ -275,7 +276,20 @@ def _judge_states(obs: CanObservation) -> Check:
     if any(p is not None and p not in CLOSED_PACK_CONTACTORS for p in (neg, pos)):
         blocked.append("pack contactors not pulled in")
     allowed = "discharge allowed now" if not blocked else f"discharge NOT allowed now ({', '.join(blocked)})"
+    if faulted := _pack_faults(bms, contactor, neg, pos):
+        return failed(step, "contactors and BMS state", f"{shown}: the truck reports {', '.join(faulted)}",
+                      "a fault of the truck itself: the gateway holds 0 W while it lasts (a fault that keeps "
+                      "coming back locks it out); have it cleared on the truck, then commission again")
+    # Open contactors are no fault: a parked truck opens them until it is asked for power.
     return passed(step, "contactors and BMS state", f"{shown}: {allowed}")
+
+
+def _pack_faults(bms: Any, contactor: Any, neg: Any, pos: Any) -> list[str]:
+    """What the core would take as a fault of the pack (`core.faults`): commissioning must not sign it off."""
+    found = [f"BMS {_name(BmsState, bms)}"] if bms in FAULT_BMS_STATES else []
+    if contactor == ContactorState.WELDED or PackContactor.WELDED in (neg, pos):
+        found.append("a welded contactor")
+    return found
 
 
 def _name(enum: type, value: Any) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from firmware_py.core.policy import Policy
 from firmware_py.core.types import (
     CRITICAL_BMS_FIELDS,
+    FAULT_BMS_STATES,
     BmsSnapshot,
     BmsState,
     ContactorState,
@@ -74,7 +75,7 @@ def conditions(bms: BmsSnapshot | None, inv: InverterStatus | None, now: float, 
     if bms_seen and not bms_usable(bms, now, policy):
         found[FaultKind.BMS_STALE] = _bms_stale_detail(bms, now)
     if bms is not None:
-        if bms.fresh("bms_state") and bms.bms_state in (BmsState.FAULT, BmsState.WELD):
+        if bms.fresh("bms_state") and bms.bms_state in FAULT_BMS_STATES:
             found[FaultKind.BMS_FAULT] = f"BMS state {BmsState(bms.bms_state).name}"
         if ContactorState.WELDED in (bms.contactor_state,) or PackContactor.WELDED in (
                 bms.pack_contactor_neg, bms.pack_contactor_pos):

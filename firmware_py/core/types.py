@@ -103,6 +103,8 @@ class PackContactor(IntEnum):
 
 
 ENERGY_BMS_STATES = frozenset({BmsState.STANDBY, BmsState.SUPPORT, BmsState.CHARGE})
+FAULT_BMS_STATES = frozenset({BmsState.FAULT, BmsState.WELD})
+"""BMS states that are a fault of the pack itself (latched by the core, refused by commissioning)."""
 CLOSED_PACK_CONTACTORS = frozenset({PackContactor.PULLED_IN, PackContactor.ECONOMIZED})
 CRITICAL_BMS_FIELDS = ("soc_min_pct", "max_discharge_w", "max_charge_w", "bms_state",
                        "contactor_state", "pack_contactor_neg", "pack_contactor_pos",
