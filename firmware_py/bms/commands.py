@@ -34,7 +34,7 @@ DECODE_HELP = f"""\
 Decode a CAN log into BMS snapshots: a row every --every seconds of log time, the range of
 the main values, and how many frames were dropped (by reason) and lines skipped.
 LOG is any format python-can reads ({', '.join(sorted(can.io.player.MESSAGE_READERS))}) or an
-ELM327 hex text capture (one frame per line, 'III' + data bytes), detected by content.
+ELM327 hex text capture (one frame per line, 'III' + data bytes, spaced or not), detected by content.
 DBC choice: --dbc, else the config's [vehicle] dbc and signals (--config), else {DEFAULT_DBC}
 for python-can logs but {ELM_DBC} for ELM text: ELM captures come from cars whose bus is
 public (the Model 3 layout), while the Cybertruck bus is not public, so no real ELM capture of
@@ -147,8 +147,9 @@ def _decode(args: argparse.Namespace) -> int:
     path = Path(args.log)
     if not path.is_file():
         raise InputError(f"{path}: no such log file")
-    if not path.read_bytes()[:65_536].strip():
+    if not captures.read_head(path).strip():
         raise InputError(f"{path}: the log is empty")
+    captures.refuse_candump_screen(path)
     elm = captures.is_elm_capture(path)
     mapping, source = None, "vehicle.signals"
     if args.config:
