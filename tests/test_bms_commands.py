@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
+import time
+from pathlib import Path
 
 import can
 import cantools
 import pytest
 
+from firmware_py.bms import captures
+from firmware_py.bms.commands import stop_on_signals
 from firmware_py.cli import main
 from firmware_py.config import bundled_dbc
 
@@ -206,3 +212,139 @@ def test_recording_onto_a_full_disk_is_one_clear_error(tmp_path, capsys):
             sender.join(5)
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_recording_to_mf4_without_asammdf_names_the_package(tmp_path, capsys, monkeypatch):
+    """python-can's MF4 writer needs the optional asammdf: a clear exit 2, not a NotImplementedError traceback."""
+    monkeypatch.setattr(can.io.mf4, "asammdf", None)  # as on a machine without it, whether or not this one has it
+    out = tmp_path / "rec.mf4"
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_mf4",
+                 "--duration", "0.1", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rec.mf4" in err and "asammdf" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def sighup_handler():
+    """A Python handler on SIGHUP for the test's length, so a SIGHUP that is not caught ends in it, not
+    in the test runner's death; the handler records each call."""
+    calls = []
+    previous = signal.signal(signal.SIGHUP, lambda *_: calls.append("hup"))
+    yield calls
+    signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_recording_stopped_by_sighup_is_closed_and_readable(tmp_path, capsys, sighup_handler):
+    """SIGHUP (the SSH session dropped, the terminal closed) stops `bms record` like Ctrl-C: the writer
+    is stopped, so the .blf holds what was received instead of being left empty."""
+    channel = "test_bms_record_hup"
+    out = tmp_path / "rec.blf"
+    stop = threading.Event()
+
+    def send_then_hang_up():
+        with can.Bus(interface="virtual", channel=channel) as bus:
+            hang_up_at = time.monotonic() + 0.5
+            while not stop.wait(0.002):
+                bus.send(soc_frame(40.0, 0))
+                if hang_up_at is not None and time.monotonic() > hang_up_at:
+                    os.kill(os.getpid(), signal.SIGHUP)
+                    hang_up_at = None
+
+    sender = threading.Thread(target=send_then_hang_up)
+    with can.Bus(interface="virtual", channel=channel):
+        sender.start()
+        started = time.monotonic()
+        try:
+            code = main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                         "--duration", "8", str(out)])
+        finally:
+            stop.set()
+            sender.join(5)
+    assert code == 0 and time.monotonic() - started < 5, "SIGHUP did not stop the recording"
+    assert sighup_handler == []
+    recorded = int(re.search(r"recorded (\d+) frames", capsys.readouterr().out).group(1))
+    with can.LogReader(str(out)) as log:
+        assert sum(1 for _ in log) == recorded > 0
+
+
+def test_sighup_is_left_alone_under_nohup():
+    """Started with SIGHUP ignored (`nohup`), a recording is meant to outlive its terminal: `run`'s rule."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_recording_to_trc_counts_only_the_frames_the_file_holds(tmp_path, capsys):
+    """python-can's TRC writer cannot store error, remote or CAN FD frames: they are said, not counted."""
+    channel = "test_bms_record_trc"
+    out = tmp_path / "rec.trc"
+    stop = threading.Event()
+
+    def send():
+        with can.Bus(interface="virtual", channel=channel) as bus:
+            while not stop.wait(0.002):
+                bus.send(can.Message(arbitration_id=0x0, is_error_frame=True))
+                bus.send(can.Message(arbitration_id=0x292, is_extended_id=False, is_remote_frame=True, dlc=8))
+                bus.send(soc_frame(40.0, 0))
+
+    sender = threading.Thread(target=send)
+    with can.Bus(interface="virtual", channel=channel):
+        sender.start()
+        try:
+            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                         "--duration", "0.5", str(out)]) == 0
+        finally:
+            stop.set()
+            sender.join(5)
+    text = capsys.readouterr().out
+    recorded, dropped = map(int, re.search(r"recorded (\d+) frames .*; (\d+) error, remote or CAN FD frames "
+                                           r"not recorded: \.trc cannot store them", text).groups())
+    with can.LogReader(str(out)) as log:
+        assert recorded == sum(1 for _ in log) > 0
+    assert 2 * recorded - 2 <= dropped <= 2 * recorded + 2
+
+
+def test_a_spaced_elm_capture_decodes(tmp_path, capsys):
+    """The ELM327's factory default (ATS1) puts spaces between bytes: `292 33 A7 ...`."""
+    path = tmp_path / "spaced.txt"
+    frames = [soc_frame(50 + i * 0.1, 0) for i in range(30)]
+    path.write_text("".join(f"{m.arbitration_id:03X} {m.data.hex(' ').upper()}\n" for m in frames))
+    assert captures.parse_elm_line("132 3E 99 41 00 C1 40 FF 0F") == (0x132, bytes.fromhex("3E994100C140FF0F"))
+    assert captures.parse_elm_line("132 3E 9 941") is None  # spaced, but not byte by byte: garbled
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ELM327 text" in out and "30 BMS frames accepted" in out and ranges(out)["SoC min"] == (50.0, 52.9)
+
+
+def test_sniffing_a_log_reads_its_head_not_the_whole_file(tmp_path, capsys, monkeypatch):
+    """A capture can be gigabytes: telling its format must not read all of it into memory."""
+    huge = tmp_path / "huge.log"
+    with huge.open("wb") as f:
+        f.truncate(8 << 30)  # 8 GiB, sparse: no disk used, but a whole read would need 8 GiB of memory
+    assert len(captures.read_head(huge)) == 16_384
+
+    def whole_read(self):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole_read)
+    log = tmp_path / "rec.log"
+    with can.Logger(str(log)) as writer:
+        for i in range(30):
+            writer(soc_frame(50 + i * 0.1, 1000 + i * 0.1))
+    elm = tmp_path / "elm.txt"
+    elm.write_text("132 3E 99 41 00 C1 40 FF 0F\n")
+    assert not captures.is_elm_capture(log) and captures.is_elm_capture(elm)
+    assert main(["bms", "decode", str(log)]) == 0
+    assert "30 BMS frames accepted" in capsys.readouterr().out
+
+
+def test_candump_screen_output_is_refused_with_how_to_record(tmp_path, capsys):
+    """`candump can0 > x.log` (no -L) saves the screen format, which carries no timestamps."""
+    path = tmp_path / "x.log"
+    path.write_text("  can0  292   [8]  2B 4C 50 5C 50 F2 00 10\n  can0  132   [8]  3E 99 41 00 C1 40 FF 0F\n")
+    assert main(["bms", "decode", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "candump's screen format" in err and "candump -L" in err and "Traceback" not in err

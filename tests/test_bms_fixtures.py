@@ -57,3 +57,21 @@ def test_lines_that_are_not_whole_frames_are_counted_not_raised(tesla_capture, n
     assert about / 2 <= broken <= 3 * about  # the README's count is "about"; its rule is not given
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     assert frames == len(capture.frames) and len(capture.frames) + len(capture.skipped) == len(lines)
+
+
+def spaced(line: str) -> str:
+    """`1323E99...` as an ELM327 prints it at its factory default (ATS1): `132 3E 99 ...`."""
+    text = line.strip()
+    return " ".join([text[:3]] + [text[i:i + 2] for i in range(3, len(text), 2)])
+
+
+def test_a_capture_with_spaces_between_bytes_decodes_as_the_bare_one(tesla_capture, tmp_path):
+    """ATS1 (spaces, the ELM327's default) and ATS0 (bare hex) are the same capture."""
+    path = tesla_capture("charging-to-80.txt")
+    copy = tmp_path / "charging-spaced.txt"
+    copy.write_text("\n".join(spaced(line) for line in path.read_text().splitlines()) + "\n")
+    assert is_elm_capture(copy)
+    bare_reader, bare, _, bare_ranges = decode(path)
+    reader, capture, _, ranges = decode(copy)
+    assert capture.frames == bare.frames and len(capture.skipped) == len(bare.skipped)
+    assert reader.accepted == bare_reader.accepted > 7_000 and ranges.lo == bare_ranges.lo

@@ -1,13 +1,14 @@
 """Recorded CAN traffic: python-can logs of any format, and ELM327 text captures.
 
 An ELM327 adapter in monitor mode prints one frame per line as hex (`III` then
-the data bytes) with no timestamps, and truncates or garbles some lines. Those
+the data bytes, separated by spaces unless told ATS0) with no timestamps, and truncates or garbles some lines. Those
 lines are counted and skipped, never fatal, and times are estimated: frames are
 assumed evenly spaced so that the busiest BMS message kept its DBC period.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import can
 from firmware_py.errors import InputError
 
 ELM_SNIFF_LINES = 50
+SNIFF_BYTES = 16_384
 _HEX = frozenset(string.hexdigits)
 MAX_CLASSIC_DATA = 8
 
@@ -51,7 +53,16 @@ class ElmCapture:
 
 
 def parse_elm_line(text: str) -> tuple[int, bytes] | None:
-    """(id, data) for a whole 11-bit frame line, None for a truncated or garbled one."""
+    """(id, data) for a whole 11-bit frame line, None for a truncated or garbled one.
+
+    Both of the ELM327's forms: bare (`1323E99`, ATS0) and spaced (`132 3E 99`, the factory
+    default ATS1). A spaced line must be spaced throughout: a 3-digit id, then 2-digit bytes.
+    """
+    tokens = text.split()
+    if len(tokens) > 1:
+        if len(tokens[0]) != 3 or any(len(t) != 2 for t in tokens[1:]):
+            return None
+        text = "".join(tokens)
     if len(text) < 3 or not _HEX.issuperset(text) or (len(text) - 3) % 2:
         return None
     data = bytes.fromhex(text[3:])
@@ -82,25 +93,49 @@ def _open_text(path: Path):
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
+def read_head(path: Path, size: int = SNIFF_BYTES) -> bytes:
+    """The first `size` bytes of `path`: enough to tell its format, without reading a
+    multi-gigabyte capture into memory."""
+    try:
+        with path.open("rb") as file:
+            return file.read(size)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+def _head_lines(path: Path) -> list[str] | None:
+    """The first non-empty lines of `path`, None when its head is not ASCII text."""
+    try:
+        text = read_head(path).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return [s.strip() for s in text.splitlines() if s.strip()][:ELM_SNIFF_LINES]
+
+
 def is_elm_text(path: Path) -> bool:
-    """True when the first non-empty lines are mostly bare hex (what an ELM327 prints).
+    """True when the first non-empty lines are mostly hex, bare or spaced (what an ELM327 prints).
 
     python-can's own text formats (candump .log, .asc, .csv, .trc) all carry
     timestamps, separators or headers, so they never look like this.
     """
-    try:
-        head = path.read_bytes()[:16_384]
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        return False
-    lines = [s.strip() for s in text.splitlines() if s.strip()][:ELM_SNIFF_LINES]
+    lines = _head_lines(path)
     if not lines:
         return False
-    hexish = sum(1 for s in lines if _HEX.issuperset(s))
+    hexish = sum(1 for s in lines if _HEX.issuperset(s.replace(" ", "")))
     return hexish >= 0.8 * len(lines)
+
+
+_CANDUMP_SCREEN = re.compile(r"^\S+\s+[0-9A-Fa-f]{3,8}\s+\[\d+\]")
+
+
+def refuse_candump_screen(path: Path) -> None:
+    """`candump can0 > x.log` saves candump's screen format (`can0  132   [8]  3E 99 ...`),
+    which python-can's .log reader fails on with a bare "too many values to unpack"."""
+    lines = _head_lines(path)
+    if lines and sum(1 for s in lines if _CANDUMP_SCREEN.match(s)) >= 0.8 * len(lines):
+        raise InputError(f"{path}: looks like candump's screen format (`candump can0 > file`), which "
+                         "carries no timestamps and no reader takes: record with `candump -L can0 > file.log` "
+                         "or `powershare-gw bms record`")
 
 
 def is_elm_capture(path: Path) -> bool:
@@ -114,12 +149,10 @@ def is_elm_capture(path: Path) -> bool:
         return True
     if _python_can_suffix(path):
         return False
-    try:
-        path.read_bytes()[:16_384].decode("ascii")
-    except UnicodeDecodeError:
+    if _head_lines(path) is None:
         raise InputError(f"{path}: unknown log format (python-can reads "
                          f"{', '.join(sorted(can.io.player.MESSAGE_READERS))}; "
-                         "or give an ELM327 hex text capture)") from None
+                         "or give an ELM327 hex text capture)")
     return True
 
 

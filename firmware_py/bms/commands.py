@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +34,7 @@ DECODE_HELP = f"""\
 Decode a CAN log into BMS snapshots: a row every --every seconds of log time, the range of
 the main values, and how many frames were dropped (by reason) and lines skipped.
 LOG is any format python-can reads ({', '.join(sorted(can.io.player.MESSAGE_READERS))}) or an
-ELM327 hex text capture (one frame per line, 'III' + data bytes), detected by content.
+ELM327 hex text capture (one frame per line, 'III' + data bytes, spaced or not), detected by content.
 DBC choice: --dbc, else the config's [vehicle] dbc and signals (--config), else {DEFAULT_DBC}
 for python-can logs but {ELM_DBC} for ELM text: ELM captures come from cars whose bus is
 public (the Model 3 layout), while the Cybertruck bus is not public, so no real ELM capture of
@@ -45,12 +45,18 @@ A log in which no BMS frame decodes (empty, garbled, another vehicle) is bad inp
 
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT, so long-running commands stop cleanly, not mid-write."""
+    """An event set by SIGTERM, SIGINT or SIGHUP, so long-running commands stop cleanly, not mid-write.
+
+    SIGHUP is how a `bms record` over SSH usually ends (the session dropped, the terminal closed):
+    its default action would kill the process before the writer's last flush. The rule is `run`'s,
+    so SIGHUP is left alone when it was ignored at start (`nohup`)."""
+    from firmware_py.service import _stop_signals  # here: the service's imports are for `run`, not `bms`
+
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.getsignal(s) for s in _stop_signals()}
     for sig in previous:
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -147,8 +153,9 @@ def _decode(args: argparse.Namespace) -> int:
     path = Path(args.log)
     if not path.is_file():
         raise InputError(f"{path}: no such log file")
-    if not path.read_bytes()[:65_536].strip():
+    if not captures.read_head(path).strip():
         raise InputError(f"{path}: the log is empty")
+    captures.refuse_candump_screen(path)
     elm = captures.is_elm_capture(path)
     mapping, source = None, "vehicle.signals"
     if args.config:
@@ -194,11 +201,15 @@ def _record(args: argparse.Namespace) -> int:
         if args.bms_only else None  # a bad --dbc is said before the bus or the file is opened
     try:
         writer = can.Logger(str(out))
+    except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
+        raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
+                         f"{_missing_package(out, err)}") from None
     except ValueError as err:
         raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
     except OSError as err:
         raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
-    frames = 0
+    frames, unstorable = 0, 0
+    storable = _storable_in(out)
     try:
         bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     except InputError:
@@ -217,9 +228,13 @@ def _record(args: argparse.Namespace) -> int:
                 except Exception as err:  # noqa: BLE001 - an adapter unplugged, a CAN server gone: each its own error
                     lost = err
                     break
-                if msg is not None:
+                if msg is None:
+                    continue
+                if storable(msg):
                     writer(msg)
                     frames += 1
+                else:
+                    unstorable += 1
     except OSError as err:  # the disk filled up (or went away) under the recording
         failure = err
     finally:
@@ -234,13 +249,38 @@ def _record(args: argparse.Namespace) -> int:
     if lost is not None:
         raise InputError(f"{CAN_FLAGS.format(args)}: the bus failed after {frames} frames: "
                          f"{lost or type(lost).__name__}; the {frames} frames before it are kept in {out}")
-    print(f"# recorded {frames} frames to {out}")
+    not_stored = f"; {unstorable} error, remote or CAN FD frames not recorded: {_format_suffix(out)} cannot store them" \
+        if unstorable else ""
+    print(f"# recorded {frames} frames to {out}{not_stored}")
     return 0
+
+
+def _missing_package(out: Path, err: NotImplementedError) -> str:
+    """What to install. python-can names it for .mf4 ("The asammdf package was not found..."), but
+    the package is named here too should a python-can release word it otherwise."""
+    detail = str(err) or type(err).__name__
+    if _format_suffix(out) == ".mf4" and "asammdf" not in detail:
+        detail += " (.mf4 needs asammdf: pip install asammdf)"
+    return detail
+
+
+def _storable_in(out: Path) -> Callable[[can.Message], bool]:
+    """Which frames the writer for `out` keeps. python-can's TRC writer skips error, remote and
+    CAN FD frames (with a warning each), so counting them as recorded would overstate the file."""
+    suffix = _format_suffix(out)
+    if suffix == ".trc":
+        return lambda msg: not (msg.is_error_frame or msg.is_remote_frame or msg.is_fd)
+    return lambda msg: True
+
+
+def _format_suffix(out: Path) -> str:
+    """The suffix that picks python-can's writer: `.asc` for both `x.asc` and `x.asc.gz`."""
+    return (out.suffixes[-2] if out.suffix == ".gz" and len(out.suffixes) > 1 else out.suffix).lower()
 
 
 def _check_readable_back(out: Path) -> None:
     """A recording is for `bms decode` (or a replay) later: python-can writes `.txt` but cannot read it."""
-    suffix = (out.suffixes[-2] if out.suffix == ".gz" and len(out.suffixes) > 1 else out.suffix).lower()
+    suffix = _format_suffix(out)
     readable = sorted(can.io.player.MESSAGE_READERS)
     if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in readable:
         raise InputError(f"{out}: python-can writes {suffix} but cannot read it back, so bms decode could not: "
@@ -254,7 +294,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parts = p.add_subparsers(dest="bms_command", metavar="ACTION")
 
     rec = parts.add_parser("record", help="record CAN traffic to a python-can log (format by suffix)",
-                           description="Record CAN traffic until --duration or Ctrl-C/SIGTERM. The "
+                           description="Record CAN traffic until --duration or Ctrl-C/SIGTERM/SIGHUP (not "
+                                       "SIGHUP under nohup). The "
                                        "writer is chosen by FILE's suffix: "
                                        + ", ".join(sorted(can.io.player.MESSAGE_READERS)) + " (what python-can "
                                        "can read back for `bms decode`; each may end in .gz).")
