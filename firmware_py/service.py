@@ -32,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
-from firmware_py.tasks import cancel_all, every
+from firmware_py.tasks import cancel_all, every, stop_signals
 from firmware_py.watchdog import HUNG_AFTER_S, Watchdog
 
 log = logging.getLogger(__name__)
@@ -311,13 +310,6 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S,
         finished()
 
 
-def _stop_signals() -> tuple[signal.Signals, ...]:
-    """SIGTERM and SIGINT; SIGHUP too (a closed terminal or SSH session stops the gateway as safely as
-    `systemctl stop`), unless the gateway was started to outlive its terminal (`nohup`: SIGHUP ignored)."""
-    hang_up = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGTERM, signal.SIGINT, *hang_up)
-
-
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     """`powershare-gw run`: until SIGTERM, SIGINT or SIGHUP, then a safe stop. Returns the exit code."""
     with heap.collection_paused():  # the integrations' modules are imported here
@@ -329,7 +321,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in _stop_signals():
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
         if not await _started(service, stop):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -94,3 +95,11 @@ async def every(period_s: float, action: Callable[[], Any | Awaitable[Any]], *,
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), period_s)
         wake.clear()
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop `run` and `bms record`: SIGTERM and SIGINT; SIGHUP too (a closed terminal or
+    SSH session stops them as safely as `systemctl stop`), unless started to outlive the terminal
+    (`nohup`: SIGHUP ignored)."""
+    hang_up = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hang_up)

@@ -20,6 +20,7 @@ from firmware_py.bms.bus import open_bus, shutdown_quietly
 from firmware_py.bms.reader import BmsReader
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
+from firmware_py.tasks import stop_signals
 
 DEFAULT_DBC = "cybertruck_bms.dbc"
 log = logging.getLogger(__name__)
@@ -50,13 +51,11 @@ def stop_on_signals() -> Iterator[threading.Event]:
     SIGHUP is how a `bms record` over SSH usually ends (the session dropped, the terminal closed):
     its default action would kill the process before the writer's last flush. The rule is `run`'s,
     so SIGHUP is left alone when it was ignored at start (`nohup`)."""
-    from firmware_py.service import _stop_signals  # here: the service's imports are for `run`, not `bms`
-
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {s: signal.getsignal(s) for s in _stop_signals()}
+    previous = {s: signal.getsignal(s) for s in stop_signals()}
     for sig in previous:
         signal.signal(sig, lambda *_: stop.set())
     try:
