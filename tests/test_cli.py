@@ -91,7 +91,8 @@ def test_a_command_says_what_failed_in_one_line_without_the_libraries_retry_chat
         done = subprocess.run([sys.executable, "-m", "firmware_py", "inverter", "probe", "--config", str(config)],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: inverter: reading 40000+2: no reply within 0.2 s"]
+    assert done.stderr.splitlines() == [
+        "error: inverter: looking for the 'SunS' marker: no reply within 0.2 s at 40000, 0, 50000"]
 
 
 def test_sim_list_names_each_bundled_scenario_as_scenario_takes_it_and_the_readme_names_it(capsys):
