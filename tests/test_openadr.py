@@ -15,15 +15,20 @@ import datetime as dt
 import itertools
 import logging
 import math
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
+from openleadr import client as openleadr_client
+from openleadr import messaging, objects
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdrConfig
@@ -40,10 +45,10 @@ from firmware_py.core.types import (
     ReasonCode,
     Verdict,
 )
-from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch import Telemetry, openadr_events
 from firmware_py.dispatch import openadr as openadr_module
 from firmware_py.dispatch.openadr import OpenAdrVen
-from firmware_py.dispatch.openadr_events import EventPlan, request_ids, translate_event
+from firmware_py.dispatch.openadr_events import EventPlan, NotAddressed, request_ids, translate_event
 from firmware_py.dispatch.start_delay import start_delay_s
 from firmware_py.errors import InputError
 from firmware_py.links import Link, LinkBook
@@ -1043,3 +1048,188 @@ def test_fuzzed_events_get_a_plan_or_a_clear_refusal_never_an_exception(payload:
             assert 0 <= request.target_w <= 10_000_000
             assert math.isfinite(request.start) and request.start < request.end
             assert (request.kind is DispatchKind.STOP) == (request.target_w == 0)
+
+
+# ---------------------------------------------------------------------- what openleadr's own readers got wrong
+
+
+@contextlib.asynccontextmanager
+async def rewriting(vtn: LoopbackVtn, rewrite: Callable[[bytes], bytes]) -> AsyncIterator[str]:
+    """A proxy on 127.0.0.1 between the VEN and `vtn` that edits each VTN answer with `rewrite`: the VEN reads
+    exactly the XML a VTN could send (schema-valid), which openleadr's own VTN never writes. Yields its URL."""
+    session = aiohttp.ClientSession()
+    prefix = "/OpenADR2/Simple/2.0b"
+
+    async def forward(request: web.Request) -> web.Response:
+        async with session.post(vtn.url + request.path_qs[len(prefix):], data=await request.read(),
+                                headers={"content-type": "application/xml"}) as answer:
+            body, status = await answer.read(), answer.status
+        return web.Response(body=rewrite(body), status=status, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}{prefix}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+        await session.close()
+
+
+MARK = b".123457Z"  # the fraction of the one time a test has the proxy edit
+
+
+def marked(seconds: float) -> dt.datetime:
+    return in_seconds(seconds).replace(microsecond=123457)
+
+
+def unmarked(seconds: float) -> dt.datetime:
+    return in_seconds(seconds).replace(microsecond=0)
+
+
+def test_a_time_without_its_z_is_utc_and_every_event_of_the_message_is_answered() -> None:
+    """The 2.0b schema makes a date-time's Z optional; openleadr left a Z-less one text, and its status check of
+    the event ended the VEN's task: no event of the message was answered, and after a restart the same again."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with LoopbackVtn(poll_s=0) as vtn, \
+                rewriting(vtn, lambda body: body.replace(MARK, MARK[:-1])) as url:
+            ven = make_ven(vtn, vtn_url=url)
+            async with serving(ven, sink) as task:
+                await registered(vtn, ven)
+                start = marked(120)
+                good = vtn.add_event(LOAD_DISPATCH, unmarked(60), 600, 3.0)
+                naive = vtn.add_event(LOAD_DISPATCH, start, 600, 5.0)
+                assert await vtn.wait_for_response(good) == "optIn"
+                assert await vtn.wait_for_response(naive) == "optIn"
+                assert not task.done()
+        placed = {r.id: r.start for r in sink.requests()}
+        assert placed[naive] == pytest.approx(start.timestamp(), abs=1e-3)  # read as UTC
+
+    run(scenario)
+
+
+def test_an_event_openleadr_cannot_place_in_time_costs_only_itself() -> None:
+    """A start openleadr cannot read (a schema-valid negative year): the event is refused by name and answered
+    optOut, once; the message's other events, and later messages, are answered as ever, and the VEN runs on."""
+    def negative_year(body: bytes) -> bytes:
+        return re.sub(rb">(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.123457Z)<", rb">-\1<", body)
+
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with LoopbackVtn(poll_s=0) as vtn, rewriting(vtn, negative_year) as url:
+            ven = make_ven(vtn, vtn_url=url)
+            async with serving(ven, sink) as task:
+                await registered(vtn, ven)
+                good = vtn.add_event(LOAD_DISPATCH, unmarked(60), 600, 3.0)
+                broken = vtn.add_event(LOAD_DISPATCH, marked(120), 600, 5.0)
+                assert await vtn.wait_for_response(good) == "optIn"
+                assert await vtn.wait_for_response(broken) == "optOut"
+                later = vtn.add_event(LOAD_DISPATCH, unmarked(90), 600, 4.0)  # distributed with `broken` again
+                assert await vtn.wait_for_response(later) == "optIn"
+                assert not task.done()
+        assert sorted(r.id for r in sink.requests()) == sorted([good, later])
+        refused = [o for o in ven.outcomes if o.event_id == broken]
+        assert len(refused) == 1 and refused[0].opt == "optOut"
+        assert "dtstart" in refused[0].detail and "-" in refused[0].detail
+
+    run(scenario)
+
+
+def retarget(vtn: LoopbackVtn, event_id: str, **targets: str) -> None:
+    """Address an event queued on the VTN to other targets (one of each type given)."""
+    event = vtn._event(event_id)
+    event.targets = [{kind: value} for kind, value in targets.items()]
+    event.targets_by_type = {kind: [value] for kind, value in targets.items()}
+
+
+def test_an_event_addressed_to_another_ven_or_resource_is_opted_out_and_an_earlier_revision_withdrawn() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            other_ven = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 5.0)
+            retarget(vtn, other_ven, ven_id="SOMEONE-ELSES-VEN")
+            other_resource = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 7.0)
+            retarget(vtn, other_resource, resource_id="neighbours-battery")
+            our_resource = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+            retarget(vtn, our_resource, resource_id=vtn.ven_name)
+            assert await vtn.wait_for_response(other_ven) == "optOut"
+            assert await vtn.wait_for_response(other_resource) == "optOut"
+            assert await vtn.wait_for_response(our_resource) == "optIn"
+            held = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 3.0)
+            assert await vtn.wait_for_response(held) == "optIn"
+            retarget(vtn, held, ven_id="SOMEONE-ELSES-VEN")
+            number = vtn.modify_event(held, values=4.0)
+            assert await vtn.wait_for_response(held, number) == "optOut"
+        assert [r.id for r in sink.requests()] == [our_resource, held]
+        assert [c.id for c in sink.cancels()] == [held] and "SOMEONE-ELSES-VEN" in sink.cancels()[0].reason
+        assert "SOMEONE-ELSES-VEN" in next(o.detail for o in ven.outcomes if o.event_id == other_ven)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("targets", "addressed"), [
+    (None, True), ([], True), ([{"ven_id": "me"}], True), ([{"ven_id": "other"}, {"ven_id": "me"}], True),
+    ([{"resource_id": "truck"}], True), ([{"group_id": "g1"}], True), ([{"party_id": 42}], True),
+    ([{"ven_id": "other"}], False), ([{"resource_id": "nb"}, {"group_id": "g1"}], False),
+    ([{"ven_id": 12345}], False),
+])
+def test_targets_name_who_an_event_is_for(targets: Any, addressed: bool) -> None:
+    payload = event([signal()])
+    payload["targets"] = targets
+    plan = translate_event(payload, rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0], ven_id="me",
+                           ven_name="truck", to_gateway_time=dt.datetime.timestamp,
+                           received_at=(NOW - dt.timedelta(minutes=5)).timestamp())
+    assert isinstance(plan, EventPlan) if addressed else isinstance(plan, NotAddressed)
+
+
+@pytest.mark.parametrize("targets", ["me", [["me"]], [{"ven_id": {"a": 1}}], [{"ven_id": ""}], [{}]])
+def test_malformed_targets_are_refused_naming_targets(targets: Any) -> None:
+    payload = event([signal()])
+    payload["targets"] = targets
+    plan = translate_event(payload, rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0], ven_id="me",
+                           ven_name="truck", to_gateway_time=dt.datetime.timestamp,
+                           received_at=(NOW - dt.timedelta(minutes=5)).timestamp())
+    assert isinstance(plan, DispatchAnswer) and plan.reason is ReasonCode.INVALID and "targets" in plan.detail
+
+
+def distributed(duration: str) -> EventPlan | DispatchAnswer:
+    """One event as a VTN writes it, its one interval's duration written `duration`, read the way the VEN's
+    client reads every VTN message (`openleadr.client.parse_message`) and translated."""
+    start = NOW + dt.timedelta(minutes=10)
+    sent = objects.Event(
+        event_descriptor=objects.EventDescriptor(event_id="wk", modification_number=0, market_context="oadr://x",
+                                                 event_status="far", created_date_time=NOW),
+        event_signals=[objects.EventSignal(intervals=[objects.Interval(dtstart=start, duration=dt.timedelta(
+            minutes=10), signal_payload=5.0)], signal_name=LOAD_DISPATCH, signal_type="setpoint", signal_id="s")],
+        targets=[{"group_id": "everyone"}])
+    xml = messaging.create_message("oadrDistributeEvent", request_id="r", vtn_id="VTN", events=[sent])
+    xml = xml.replace(">PT10M<", f">{duration}<")  # the active period and the interval
+    _, message = openleadr_client.parse_message(xml)
+    return translate_event(message["events"][0], rating_w=RATING_W, levels_pct=[33.0, 66.0, 100.0],
+                           to_gateway_time=dt.datetime.timestamp, received_at=NOW.timestamp())
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("P1W", 604_800.0), ("P2W", 1_209_600.0), ("1W", 604_800.0),
+                                               ("PT10M", 600.0), ("P1DT1H", 90_000.0), ("PT0S", math.inf),
+                                               ("P", math.inf)])
+def test_a_duration_in_weeks_is_weeks_and_only_a_written_zero_is_open_ended(text: str, seconds: float) -> None:
+    """openleadr read 'P1W' as 0 s, and a last interval of 0 runs until cancelled: a week's ask had no end.
+    'P' is how openleadr's own VTN writes a 0."""
+    plan = distributed(text)
+    assert isinstance(plan, EventPlan), plan
+    assert [r.end - r.start for r in plan.requests] == [seconds]
+
+
+def test_a_duration_read_as_0_from_a_nonzero_text_is_refused_not_open_ended() -> None:
+    read = openadr_events.parse_wire_duration("PT0S")
+    misread = openadr_events.WireDuration(0)
+    misread.text = "P3W"  # as a reader that does not know weeks would leave it
+    assert openadr_events.is_literal_zero(read) and not openadr_events.is_literal_zero(misread)
+    payload = event([signal()])
+    payload["event_signals"][0]["intervals"][0]["duration"] = misread
+    plan = translate(payload)
+    assert isinstance(plan, DispatchAnswer) and "P3W" in plan.detail

@@ -27,7 +27,9 @@ stands until its next distribution, which is then answered with the new opt.
 Relies on these openleadr 0.5.36 internals: `_poll` (dispatches whatever a poll
 returned), `_on_event`, `received_events`, `responded_events`,
 `_report_queue_worker`, `_event_cleanup`, `report_requests`, `_ensure_client_session`,
-`_create_message` (the answer to oadrCancelPartyRegistration);
+`_create_message` (the answer to oadrCancelPartyRegistration, and the optOut of a message that could not be
+handled); `openleadr.client.parse_message` and `utils.parse_datetime`/`parse_duration` (a VTN's times and
+durations read as 2.0b writes them: `_parse_message`);
 and on aiohttp's `ClientSession._response_class` and `ClientResponse._body` (a VTN's answer read with a
 cap).
 """
@@ -47,6 +49,7 @@ from typing import Any
 import aiohttp
 from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
+from openleadr import client as openleadr_client
 
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
@@ -64,7 +67,14 @@ from firmware_py.core.types import (
     is_finite_number,
 )
 from firmware_py.dispatch import DispatchSink, Telemetry
-from firmware_py.dispatch.openadr_events import SOURCE, EventPlan, translate_event
+from firmware_py.dispatch.openadr_events import (
+    SOURCE,
+    EventPlan,
+    NotAddressed,
+    parse_wire_datetime,
+    parse_wire_duration,
+    translate_event,
+)
 from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
@@ -205,16 +215,37 @@ class _ReportQueue(asyncio.Queue):  # type: ignore[type-arg]
         return item
 
 
+_openleadr_parse_message = openleadr_client.parse_message
+
+
+def _parse_message(data: Any) -> tuple[str, dict[str, Any]]:
+    """openleadr's parse of a VTN's message, reading times and durations as 2.0b writes them: a date-time
+    without its (optional) Z is UTC, where openleadr left it text that later ended the VEN's task; 'P1W'
+    is a week, where openleadr read 0 s, and a last interval of 0 runs until cancelled. Synchronous, so
+    the swap of openleadr's two readers is never seen by anything else."""
+    saved = utils.parse_datetime, utils.parse_duration
+    utils.parse_datetime, utils.parse_duration = parse_wire_datetime, parse_wire_duration
+    try:
+        return _openleadr_parse_message(data)
+    finally:
+        utils.parse_datetime, utils.parse_duration = saved
+
+
+openleadr_client.parse_message = _parse_message  # the name openleadr's client reads every VTN message with
+
+
 class _Client(OpenADRClient):
     """openleadr's client, telling its owner whether the last poll reached the VTN and which
     events each complete distribution holds (for implicit cancellation)."""
 
     poll_ok = False
     on_distribution: Callable[[list[Any]], Any] | None = None
+    on_unplaceable: Callable[[Any, str], Any] | None = None  # an event refused before openleadr sees it, and why
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pending_reports: _ReportQueue = _ReportQueue(REPORTS_KEPT)  # openleadr's grew without bound
+        self._unplaceable: dict[tuple[str | None, int], None] = {}  # (event id, revision) refused, the oldest first
 
     async def _perform_request(self, service: str, message: Any) -> tuple[str | None, dict[str, Any]]:
         """openleadr's exchange with the VTN, bounded in time (a VTN that trickles its answer a byte at a time
@@ -250,6 +281,37 @@ class _Client(OpenADRClient):
             await self.on_distribution([])
 
     async def _on_event(self, message: dict[str, Any]) -> None:
+        """One oadrDistributeEvent. Whatever fails in handling it costs only this message: logged once, each
+        of its events answered optOut; an exception escaping here ended `_poll` and with it the VEN's task,
+        and the VTN, sending the same message after the restart, ended it again."""
+        try:
+            await self._handle_events(message)
+        except Exception as err:  # noqa: BLE001 - one message's fault must not end the VEN
+            ids = [_event_id_of(e) for e in _events_of(message)]
+            log.error("OpenADR: the VTN's event message (events %s) could not be handled, answering optOut to "
+                      "each: %s: %s", ", ".join(map(str, ids)) or "none readable", type(err).__name__, err)
+            log.debug("OpenADR: the failure in full", exc_info=True)
+            await self._opt_out_of_all(message)
+
+    async def _opt_out_of_all(self, message: Any) -> None:
+        """optOut to every event of a message that could not be handled (those with an id and a number)."""
+        responses = [{"response_code": 200, "response_description": "OK", "opt_type": OPT_OUT,
+                      "request_id": message.get("request_id"), "event_id": _event_id_of(e),
+                      "modification_number": _revision_of(e)}
+                     for e in _events_of(message) if _event_id_of(e) is not None and _revision_of(e) >= 0]
+        if not responses:
+            return
+        try:
+            for response in responses:
+                self.forget_event(response["event_id"])  # the next copy is handled afresh
+            answer = self._create_message("oadrCreatedEvent", ven_id=self.ven_id, event_responses=responses,
+                                          response={"response_code": 200, "response_description": "OK",
+                                                    "request_id": message.get("request_id")})
+            await self._perform_request("EiEvent", answer)
+        except Exception as err:  # noqa: BLE001 - the VTN then hears nothing of it, as of a lost message
+            log.error("OpenADR: the optOut could not be sent either: %s: %s", type(err).__name__, err)
+
+    async def _handle_events(self, message: dict[str, Any]) -> None:
         if self.on_distribution is not None:
             await self.on_distribution(message.get("events") or [])
         known = {utils.getmember(e, "event_descriptor.event_id") for e in self.received_events}
@@ -259,7 +321,26 @@ class _Client(OpenADRClient):
                 # openleadr would look up its answer to an event it knows, and the answer went with the event's
                 # cancellation: the KeyError made it opt out of every event in the distribution. Afresh, then.
                 self.forget_event(event_id)
-        await super()._on_event(message)
+        unplaceable = [e for e in _events_of(message) if _unplaceable(e)]
+        if unplaceable:  # openleadr would compute their status from text and fail on the whole message
+            await self._refuse_unplaceable(message, unplaceable)
+        events = [e for e in _events_of(message) if not _unplaceable(e)]
+        if events:
+            await super()._on_event({**message, "events": events})
+
+    async def _refuse_unplaceable(self, message: dict[str, Any], events: list[Any]) -> None:
+        """Events whose active period is not a time and a duration: the VEN refuses each by name (`on_unplaceable`,
+        which withdraws what an earlier revision asked for), once per revision, and the VTN hears optOut; the
+        message's other events are answered as usual."""
+        for event in events:
+            heard = (_event_id_of(event), _revision_of(event))
+            if heard not in self._unplaceable:  # a copy of one refused already is only answered again
+                self._unplaceable[heard] = None
+                while len(self._unplaceable) > WITHDRAWN_KEPT:
+                    del self._unplaceable[next(iter(self._unplaceable))]
+                if self.on_unplaceable is not None:
+                    await self.on_unplaceable(event, _unplaceable(event) or "")
+        await self._opt_out_of_all({**message, "events": events})
 
     def forget_event(self, event_id: str) -> None:
         """Drop openleadr's memory of an event, so a later copy of it is handled afresh."""
@@ -409,6 +490,7 @@ class OpenAdrVen:
         client.add_handler("on_event", self._on_event)
         client.add_handler("on_update_event", self._on_event)
         client.on_distribution = self._implicit_cancellations
+        client.on_unplaceable = self._unplaceable_event
         self._add_reports(client)
         return client
 
@@ -474,16 +556,19 @@ class OpenAdrVen:
             rating = math.nan
         plan = translate_event(event, rating_w=rating, levels_pct=self.config.simple_levels_pct,
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(),
-                               source=self._source, ven_name=self.config.ven_name)
+                               source=self._source, ven_name=self.config.ven_name,
+                               ven_id=(self.client.ven_id or "") if self.client is not None else "")
         try:
             return await self._apply(sink, plan, event)
         except Exception:
             log.exception("OpenADR: the core failed on an event; opting out of it")
             return OPT_OUT
 
-    async def _apply(self, sink: DispatchSink, plan: EventPlan | DispatchAnswer, event: Any) -> str:
+    async def _apply(self, sink: DispatchSink, plan: EventPlan | DispatchAnswer | NotAddressed, event: Any) -> str:
         if isinstance(plan, DispatchAnswer):
             return await self._refuse(sink, plan, event)
+        if isinstance(plan, NotAddressed):
+            return await self._not_ours(sink, plan)
         tracked = self._events.get(plan.event_id)
         withdrawn = self._withdrawn.pop(plan.event_id, None)
         if withdrawn is not None and withdrawn[0] == plan.revision and not plan.cancelled:
@@ -513,7 +598,7 @@ class OpenAdrVen:
         # account closes with what it served, saying why (the VTN cancelled nothing).
         await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
         opt = _opt_of(answers)
-        windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers)
+        windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers, strict=True)
                    if a.verdict is not Verdict.REJECTED}
         ends_at = max(r.end for r in requests)
         self._events[plan.event_id] = _Tracked(plan.revision, opt, plan.request_ids, ends_at, plan.delay_s, windows,
@@ -553,6 +638,28 @@ class OpenAdrVen:
             await self._cancel(sink, refusal.request_id, tracked.request_ids)
         revision = _revision_of(event)
         self._record(EventOutcome(refusal.request_id, revision, OPT_OUT, (refusal,), _describe(refusal)))
+        return OPT_OUT
+
+    async def _unplaceable_event(self, event: Any, why: str) -> None:
+        """An event openleadr could not place in time (`_unplaceable`): refused INVALID, naming why."""
+        sink = self._sink
+        if sink is None:
+            return
+        refusal = DispatchAnswer.refused(_event_id_of(event) or "<unknown event>", sink.now(), ReasonCode.INVALID,
+                                         why)
+        try:
+            await self._refuse(sink, refusal, event)
+        except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its answer
+            log.exception("OpenADR: the core failed on withdrawing the unplaceable event %s", refusal.request_id)
+
+    async def _not_ours(self, sink: DispatchSink, plan: NotAddressed) -> str:
+        """Another VEN's (or resource's) event: optOut, and withdraw what an earlier revision of it asked for,
+        as a cancellation does (a VTN re-targeting an event moves it away from this site)."""
+        tracked = self._events.pop(plan.event_id, None)
+        self._withdrawn.pop(plan.event_id, None)
+        if tracked is not None:
+            await self._cancel(sink, plan.event_id, tracked.request_ids, plan.detail)
+        self._record(EventOutcome(plan.event_id, plan.revision, OPT_OUT, detail=plan.detail))
         return OPT_OUT
 
     async def _cancel(self, sink: DispatchSink, event_id: str, request_ids: tuple[str, ...],
@@ -757,6 +864,25 @@ def _event_id_of(event: Any) -> str | None:
         return event["event_descriptor"]["event_id"]
     except (TypeError, KeyError):
         return None
+
+
+def _unplaceable(event: Any) -> str | None:
+    """Why openleadr cannot place the event in time (it reads its status from the active period's start and
+    duration), or None when it can."""
+    period = event.get("active_period") if isinstance(event, Mapping) else None
+    if not isinstance(period, Mapping):
+        return "active_period is missing"
+    start, duration = period.get("dtstart"), period.get("duration")
+    if not (isinstance(start, datetime) and start.tzinfo is not None):
+        return f"active_period.dtstart must be a UTC date-time, got {start!r}"
+    if not isinstance(duration, timedelta):
+        return f"active_period.duration must be a duration, got {duration!r}"
+    return None
+
+
+def _events_of(message: Any) -> list[Any]:
+    events = message.get("events") if isinstance(message, Mapping) else None
+    return events if isinstance(events, list) else []
 
 
 def _revision_of(event: Any) -> int:

@@ -9,9 +9,10 @@ a peer's bad message must not take the gateway's OpenADR link down.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from firmware_py.core.types import (
@@ -57,24 +58,100 @@ class EventPlan:
     """How much later than the VTN's schedule this VEN runs the event (a randomised start)."""
 
 
+@dataclass(frozen=True)
+class NotAddressed:
+    """An event whose `targets` name the VENs (or resources) it is for, this VEN not among them: another
+    site's event. Answered optOut (a 2.0b VTN expects an answer to every event) and never run; an earlier
+    revision this VEN held is withdrawn, as a cancelled one is."""
+
+    event_id: str
+    revision: int
+    detail: str
+
+
+class WireDuration(timedelta):
+    """A duration as read off the wire, keeping its text: a 0 is "until cancelled" only when the VTN wrote a
+    zero ('PT0S', or 'P' as openleadr writes it), never a length some reader took for 0 ('P1W' in openleadr's)."""
+
+    text: str
+
+
+# 2.0b durations (RFC 5545, as the xcal schema writes them): weeks alone, or years..seconds. openleadr's own
+# parser reads 'P1W' as 0 s, which a last interval turned into "until cancelled".
+_DURATION = re.compile(r"^([+-])?P(?:(\d+)W|(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?)$")
+_BARE_WEEKS = re.compile(r"^(\d+)W$")  # the schema's other branch: weeks without the P
+# 2.0b date-times (xcal): UTC, the trailing Z optional (a Z-less time is UTC all the same).
+_DATE_TIME = re.compile(r"^\+?(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d*))?Z?$")
+
+
+def parse_wire_duration(value: Any) -> Any:
+    """A 2.0b duration's text as a `WireDuration`; text that is none stays text, for the translator to refuse
+    by name. 'P' (no component) is 0: openleadr's VTN writes a 0 so. Years and months count 365 and 30 days,
+    as openleadr's."""
+    if isinstance(value, timedelta) or not isinstance(value, str):
+        return value
+    text = value.strip()
+    weeks = _BARE_WEEKS.match(text)
+    found = _DURATION.match(text)
+    if weeks is None and found is None:
+        return value
+    if weeks is not None:
+        sign, parts = None, (weeks.group(1), None, None, None, None, None, None)
+    else:
+        sign, parts = found.group(1), found.groups()[1:]
+    w, y, mo, d, h, mi, s = (int(part) if part else 0 for part in parts)
+    try:
+        length = timedelta(weeks=w, days=d + 365 * y + 30 * mo, hours=h, minutes=mi, seconds=s)
+    except OverflowError:
+        return value
+    parsed = WireDuration(seconds=(-length if sign == "-" else length).total_seconds())
+    parsed.text = text
+    return parsed
+
+
+def parse_wire_datetime(value: Any) -> Any:
+    """A 2.0b date-time's text as an aware UTC datetime, with or without its trailing Z; text that is not
+    one (or names no real date) stays text, for the translator to refuse by name."""
+    if not isinstance(value, str):
+        return value
+    found = _DATE_TIME.match(value.strip())
+    if found is None:
+        return value
+    *fields, fraction = found.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        return datetime(*(int(f) for f in fields), micro, tzinfo=timezone.utc)
+    except ValueError:
+        return value
+
+
+def is_literal_zero(duration: timedelta) -> bool:
+    """True unless the duration came off the wire as something other than a written zero (see
+    `WireDuration`); a plain timedelta (the simulator's, the tests') is taken at its value."""
+    text = getattr(duration, "text", None)
+    return duration == timedelta(0) and (text is None or re.search(r"[1-9]", text) is None)
+
+
 class _Invalid(Exception):
     """The event is malformed; the message is the detail returned to the log."""
 
 
 def translate_event(event: Any, *, rating_w: float, levels_pct: Sequence[float],
                     to_gateway_time: Callable[[datetime], float], received_at: float,
-                    source: str = SOURCE, ven_name: str = "") -> EventPlan | DispatchAnswer:
+                    source: str = SOURCE, ven_name: str = "", ven_id: str = "") -> EventPlan | DispatchAnswer | NotAddressed:
     """Turn one openleadr event dict into a plan, or a REJECTED answer naming the fault.
 
     `to_gateway_time` maps the event's UTC datetimes onto the core's clock
     (identity-ish `datetime.timestamp` in `run`, a mapping in the simulator);
     `received_at` is that clock's now. Intervals that have already ended get no
     request; if none is left the answer is EXPIRED. An event whose start the VTN
-    randomises (`startafter`) starts this VEN's delay later (`start_delay`).
+    randomises (`startafter`) starts this VEN's delay later (`start_delay`). An event whose
+    targets name other VENs (`ven_id`) or resources (`ven_name`) is `NotAddressed` (`addressed_to_us`).
     """
     event_id = _event_id_of(event)
     try:
-        return _translate(event, event_id, rating_w, levels_pct, to_gateway_time, received_at, source, ven_name)
+        return _translate(event, event_id, rating_w, levels_pct, to_gateway_time, received_at, source, ven_name,
+                          ven_id)
     except _Invalid as err:
         return _refusal(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, OSError) as err:
@@ -85,7 +162,7 @@ def translate_event(event: Any, *, rating_w: float, levels_pct: Sequence[float],
 
 def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[float],
                to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str, ven_name: str) -> EventPlan | DispatchAnswer:
+               source: str, ven_name: str, ven_id: str) -> EventPlan | DispatchAnswer | NotAddressed:
     descriptor = _mapping(_mapping(event, "event").get("event_descriptor"), "event_descriptor")
     if not isinstance(descriptor.get("event_id"), str) or not descriptor["event_id"]:
         raise _Invalid("event_descriptor.event_id is missing or not a string")
@@ -94,6 +171,8 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
         raise _Invalid(f"modification_number must be a whole number >= 0, got {revision!r}")
     if descriptor.get("event_status") == "cancelled":
         return EventPlan(event_id, revision, cancelled=True)
+    if (refused := addressed_elsewhere(event.get("targets"), ven_id, ven_name)) is not None:
+        return NotAddressed(event_id, revision, refused)
     if descriptor.get("test_event") not in (None, False, "false", "False"):  # 2.0b: anything but false
         return EventPlan(event_id, revision, cancelled=False, test=True)
     priority = descriptor.get("priority")
@@ -120,12 +199,47 @@ def _translate(event: Any, event_id: str, rating_w: float, levels_pct: Sequence[
                         kind=DispatchKind.DISCHARGE if target > 0 else DispatchKind.STOP,
                         target_w=target, start=start, end=end, received_at=received_at, revision=revision,
                         priority=priority or None)  # 2.0b: 0 is no priority, ranked after every other
-        for request_id, (start, end, _), target in zip(ids, windows, targets)
+        for request_id, (start, end, _), target in zip(ids, windows, targets, strict=True)
         if end > received_at
     )
     if not requests:
         return _refusal(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
     return EventPlan(event_id, revision, cancelled=False, requests=requests, request_ids=ids, delay_s=delay_s)
+
+
+# The target types the VEN can judge: its own VEN id, and its one resource, named `ven_name` (the resource_id its
+# reports carry). Groups, parties, assets, nodes... are the VTN's to resolve: an event naming only those is taken.
+JUDGED_TARGETS = ("ven_id", "resource_id")
+
+
+def addressed_elsewhere(targets: Any, ven_id: str, ven_name: str) -> str | None:
+    """Why an event is not this VEN's, or None when it is (or its targets name no VEN and no resource).
+
+    openleadr lists an event's targets as one-entry {type: value} maps. The event is this VEN's when its
+    `ven_id` targets list this VEN's id or its `resource_id` targets list `ven_name` (the targets together
+    are the set the event is for); when it names VENs or resources, none of them this one, it is another's.
+    Malformed targets are `_Invalid`, naming `targets` (the OpenADR 3 VEN's rule, `ven_names_targeted`)."""
+    if targets is None or targets == []:
+        return None
+    if not isinstance(targets, list):
+        raise _Invalid(f"targets must be a list, got {type(targets).__name__}")
+    named: dict[str, list[str]] = {kind: [] for kind in JUDGED_TARGETS}
+    for n, target in enumerate(targets):
+        if not isinstance(target, Mapping) or not target or not all(isinstance(k, str) for k in target):
+            raise _Invalid(f"targets[{n}] must be a map of target type to value, got {target!r}")
+        for kind, value in target.items():
+            if kind not in named:
+                continue  # a group, a party... the VTN resolves those
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (str, int)) and not isinstance(v, bool) and str(v) for v in values):
+                raise _Invalid(f"targets[{n}].{kind} must be a non-empty id, got {value!r}")
+            named[kind] += [str(v) for v in values]
+    ours = {"ven_id": ven_id, "resource_id": ven_name}
+    if not any(named.values()) or any(ours[kind] and ours[kind] in named[kind] for kind in JUDGED_TARGETS):
+        return None
+    return "addressed to " + " and ".join(f"{kind} {', '.join(map(repr, named[kind]))}"
+                                          for kind in JUDGED_TARGETS if named[kind]) \
+        + f", not this VEN (ven_id {ven_id!r}, resource {ven_name!r})"
 
 
 def request_ids(event_id: str, intervals: int) -> tuple[str, ...]:
@@ -188,6 +302,8 @@ def _windows(event: Mapping[str, Any], signal: Mapping[str, Any],
         duration = interval.get("duration")
         if not isinstance(duration, timedelta):
             raise _Invalid(f"{where}.duration must be a duration, got {duration!r}")
+        if duration == timedelta(0) and not is_literal_zero(duration):  # a length read as 0: never "no end"
+            raise _Invalid(f"{where}.duration {getattr(duration, 'text', '')!r} was read as 0 s")
         open_ended = duration == timedelta(0) and index == len(intervals) - 1
         if duration <= timedelta(0) and not open_ended:
             raise _Invalid(f"{where}.duration must be > 0 (only the last interval may be 0: no end), got {duration}")
