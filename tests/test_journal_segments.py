@@ -27,6 +27,7 @@ from firmware_py.journal import (
     RecordKind,
     event_summaries,
     files,
+    store,
 )
 from firmware_py.journal.codec import jsonable
 
@@ -168,6 +169,40 @@ def test_a_rotation_that_cannot_be_done_now_leaves_the_live_segment_as_it_was(pa
         journal.rotate(200, [])
         assert journal.segment == 2
     assert Chain(path).check().problems == []
+
+
+def test_a_rotation_whose_reopen_fails_is_reopened_whole_by_the_next_write(path, monkeypatch):
+    """A reader (a report, the web history) holding the new live file past the busy timeout refuses
+    `journal_mode = WAL` after the files were swapped: the journal must not go on half-reopened
+    (the old segment's number, head and anchor log on the new file: appends that collide, anchors
+    that do not link, every later rotation refused), but reload all of it at the next write."""
+    readers: list[sqlite3.Connection] = []
+
+    def swap_then_read(live: Path, archive: Path, temp: Path) -> None:
+        swap(live, archive, temp)
+        reader = sqlite3.connect(f"file:{live}?mode=ro", uri=True, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM records").fetchone()
+        readers.append(reader)
+
+    swap = store._swap
+    with Journal.open(path, busy_timeout_s=0.05) as journal:
+        filled(journal, 1)
+        monkeypatch.setattr(store, "_swap", swap_then_read)
+        with pytest.raises(JournalWriteError, match="cannot reopen"):
+            journal.rotate(50, [])
+        monkeypatch.setattr(store, "_swap", swap)
+        with pytest.raises(JournalWriteError, match="cannot reopen"):  # still held: the write fails whole, the backlog keeps it
+            journal.append_event(t.FaultRaised(60, t.FaultKind.BMS_STALE, "held"))
+        readers.pop().close()  # the reader is done
+        seq = journal.append_event(t.DispatchAnswer.accepted("r1", 70))  # a billing record: anchored at once
+        assert (journal.segment, seq) == (2, 7)  # five records, the SegmentStart, this one
+        assert journal._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        filled(journal, 80)
+        journal.rotate(100, [])
+        assert journal.segment == 3
+    verdict = Chain(path).check()
+    assert verdict.problems == [] and len(verdict.segments) == 3
 
 
 def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
