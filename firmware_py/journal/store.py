@@ -732,10 +732,15 @@ class Journal:
         return newest
 
     def prune(self, at: float, retain_s: float) -> list[Path]:
-        """Delete archived segments whose newest record is more than `retain_s` old (wall clock), oldest
-        first, each after a `SegmentPruned` record (its head) is committed: pruning is in the chain,
-        deleting is not."""
-        older_than_wall = float(self._wall_clock()) - retain_s
+        """Delete archived segments whose newest record is more than `retain_s` old, oldest first, each
+        after a `SegmentPruned` record (its head) is committed: pruning is in the chain, deleting is not.
+
+        Age is measured up to `_prune_now`, not the bare wall clock: deleting is irreversible, and a wall
+        clock read far ahead (a bad RTC at boot, before NTP) must not make archives written minutes ago
+        look old, with the chain then vouching for their loss."""
+        with self._lock:
+            self._reopen_if_due()
+        older_than_wall = self._prune_now() - retain_s
         pruned: list[Path] = []
         for archive in files.archives(self.path):
             tail = _segment_tail(archive.path)
@@ -746,6 +751,13 @@ class Journal:
                 doomed.unlink(missing_ok=True)
             pruned.append(archive.path)
         return pruned
+
+    def _prune_now(self) -> float:
+        """"Now" for retention: the earlier of the wall clock and the live segment's first record (its
+        `SegmentStart`, written when the newest archive was closed). A clock stepped ahead after that
+        rotation (every record since may carry it) cannot age an archive; the cost is that pruning lags
+        by up to one segment's lifetime, keeping more, never less."""
+        return min(float(self._wall_clock()), self._first_wall())
 
     # -- closing -----------------------------------------------------------------------------
 
