@@ -27,6 +27,7 @@ from firmware_py.journal import (
     RecordKind,
     event_summaries,
     files,
+    store,
 )
 from firmware_py.journal.codec import jsonable
 
@@ -170,6 +171,40 @@ def test_a_rotation_that_cannot_be_done_now_leaves_the_live_segment_as_it_was(pa
     assert Chain(path).check().problems == []
 
 
+def test_a_rotation_whose_reopen_fails_is_reopened_whole_by_the_next_write(path, monkeypatch):
+    """A reader (a report, the web history) holding the new live file past the busy timeout refuses
+    `journal_mode = WAL` after the files were swapped: the journal must not go on half-reopened
+    (the old segment's number, head and anchor log on the new file: appends that collide, anchors
+    that do not link, every later rotation refused), but reload all of it at the next write."""
+    readers: list[sqlite3.Connection] = []
+
+    def swap_then_read(live: Path, archive: Path, temp: Path) -> None:
+        swap(live, archive, temp)
+        reader = sqlite3.connect(f"file:{live}?mode=ro", uri=True, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM records").fetchone()
+        readers.append(reader)
+
+    swap = store._swap
+    with Journal.open(path, busy_timeout_s=0.05) as journal:
+        filled(journal, 1)
+        monkeypatch.setattr(store, "_swap", swap_then_read)
+        with pytest.raises(JournalWriteError, match="cannot reopen"):
+            journal.rotate(50, [])
+        monkeypatch.setattr(store, "_swap", swap)
+        with pytest.raises(JournalWriteError, match="cannot reopen"):  # still held: the write fails whole, the backlog keeps it
+            journal.append_event(t.FaultRaised(60, t.FaultKind.BMS_STALE, "held"))
+        readers.pop().close()  # the reader is done
+        seq = journal.append_event(t.DispatchAnswer.accepted("r1", 70))  # a billing record: anchored at once
+        assert (journal.segment, seq) == (2, 7)  # five records, the SegmentStart, this one
+        assert journal._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        filled(journal, 80)
+        journal.rotate(100, [])
+        assert journal.segment == 3
+    verdict = Chain(path).check()
+    assert verdict.problems == [] and len(verdict.segments) == 3
+
+
 def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
     wall = [0.0]
     with Journal.open(path, wall_clock=lambda: wall[0]) as journal:
@@ -178,7 +213,7 @@ def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
             filled(journal, wall[0])
             journal.rotate(wall[0], [])
         wall[0] = 4 * DAY_S + 1
-        pruned = journal.prune(wall[0], 2.5 * DAY_S)
+        pruned = journal.prune(wall[0], 1.5 * DAY_S)  # age counts up to the live segment's start (day 3)
         assert [p.name for p in pruned] == ["journal.000001.sqlite", "journal.000002.sqlite"]
         mark = journal.records(RecordKind.SEGMENT_PRUNED)[-1]
         assert mark.payload["segment"] == 2
@@ -188,6 +223,30 @@ def test_pruning_deletes_old_archives_and_records_it_in_the_chain(path, capsys):
     assert verdict.problems == [] and verdict.pruned_through == 2
     code, out = report(path, capsys)
     assert code == 0 and "segments 1..2 pruned by retention" in out
+
+
+def test_a_wall_clock_read_far_ahead_prunes_nothing_the_journal_does_not_vouch_is_old(path):
+    """A bad RTC at boot (before NTP) reads two years ahead, and what is journaled meanwhile carries it:
+    the hourly prune must not delete archives written minutes ago (this month's statement data), an
+    irreversible loss the chain would then record as retention. Age counts up to the live segment's
+    start, so only real time passing, with a rotation on it, ages them."""
+    base, retain_s = 1_700_000_000.0, 400 * DAY_S
+    wall = [base]
+    with Journal.open(path, wall_clock=lambda: wall[0]) as journal:
+        for n in range(3):
+            wall[0] = base + n * 60
+            filled(journal, n * 60.0)
+            journal.rotate(n * 60.0 + 30, [])
+        wall[0] = base + 2 * 365 * DAY_S  # the clock steps ahead, and a record is made on it
+        filled(journal, 200.0, count=1)
+        assert journal.prune(200.0, retain_s) == []
+        assert journal.records(RecordKind.SEGMENT_PRUNED) == []
+        wall[0] = base + retain_s + DAY_S  # real time passes: a rotation then, and the three are old
+        journal.rotate(300.0, [])
+        pruned = journal.prune(300.0, retain_s)
+    assert [p.name for p in pruned] == [f"journal.00000{n}.sqlite" for n in (1, 2, 3)]
+    assert [a.number for a in files.archives(path)] == [4]
+    assert Chain(path).check().problems == []
 
 
 def test_a_window_reaching_back_past_a_rotation_reads_on_into_the_archives(path):

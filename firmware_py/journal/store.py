@@ -180,6 +180,7 @@ class Journal:
         self._lock = threading.RLock()
         self._batch_depth = 0
         self._key = key
+        self._reopen_due = False
         self._load_segment()
         self._anchors = _anchor_log(path, key, self.segment) if key is not None else None
         self._anchor_due: AnchorWhy | None = None
@@ -276,6 +277,7 @@ class Journal:
         if not is_finite_number(at):
             raise ValueError(f"journal record {kind!r}: time must be finite, got {at!r}")
         with self._lock:
+            self._reopen_if_due()
             wall = float(self._wall_clock() if wall is None else wall)
             seq = self._seq + 1
             digest = record_hash(self._hash, seq, at, wall, kind, text)
@@ -302,8 +304,10 @@ class Journal:
         Nested batches join the outer one. If the block raises, or the commit
         fails, none of its records are kept (JournalWriteError for the latter).
         """
-        with self._lock, self._transaction():
-            yield self
+        with self._lock:
+            self._reopen_if_due()
+            with self._transaction():
+                yield self
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -646,6 +650,8 @@ class Journal:
         it cannot be done now (the old segment then stays live and nothing is lost).
         """
         with self._lock:
+            if not self._batch_depth:
+                self._reopen_if_due()
             if self._batch_depth or self._anchors is None:
                 raise JournalWriteError(f"{self.path}: cannot rotate inside a batch or a read-only journal")
             archive, temp = files.archive_path(self.path, self.segment), files.rotating_path(self.path)
@@ -687,20 +693,35 @@ class Journal:
                 "carry": [{"kind": kind, "payload": payload} for kind, payload in carry]}
 
     def _reopen(self) -> None:
-        """After a rotation (or one that failed half-way): finish it and open whatever is live now."""
+        """After a rotation (or one that failed half-way): finish it and open whatever is live now.
+
+        All or nothing: the connection, the segment's number, start and head, and its anchor log are
+        reloaded together. Any step failing (a reader holding the new file past the busy timeout refuses
+        `journal_mode = WAL`) leaves the journal marked for a reopen, with no anchor log: a half-reopened
+        journal would chain onto the old segment's head and sign the old segment's number into the new
+        anchor file, false tamper evidence. The next append or rotation redoes the whole reload first."""
+        assert self._key is not None
+        self._reopen_due, self._anchors = True, None
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
         try:
             _finish_rotation(self.path)
             self._conn = _connect(self.path, False, self._busy_timeout_s)
             _prepare(self._conn, self.path, False)
+            self._load_segment()
+            anchors = _anchor_log(self.path, self._key, self.segment)
         except (InputError, sqlite3.Error, OSError) as err:
-            raise JournalWriteError(f"{self.path}: cannot reopen the journal after rotating: {err}") from err
-        self._load_segment()
-        assert self._key is not None
-        try:
-            self._anchors = _anchor_log(self.path, self._key, self.segment)
-        except InputError as err:
-            raise JournalWriteError(str(err)) from err
+            raise JournalWriteError(f"{self.path}: cannot reopen the journal after rotating (retried at the "
+                                    f"next write): {err}") from err
+        self._anchors, self._reopen_due = anchors, False
+        self._anchor_due = self._uncommitted_due = None
         self._anchor(AnchorWhy.SEGMENT)
+
+    def _reopen_if_due(self) -> None:
+        """Before a write: finish the reopen a rotation could not (JournalWriteError, nothing written, if it
+        still cannot: the caller keeps its records for later)."""
+        if self._reopen_due:
+            self._reopen()
 
     def pruned_through(self) -> dict[str, Any] | None:
         """The newest archive this segment knows was pruned (carried in, or pruned since)."""
@@ -711,10 +732,15 @@ class Journal:
         return newest
 
     def prune(self, at: float, retain_s: float) -> list[Path]:
-        """Delete archived segments whose newest record is more than `retain_s` old (wall clock), oldest
-        first, each after a `SegmentPruned` record (its head) is committed: pruning is in the chain,
-        deleting is not."""
-        older_than_wall = float(self._wall_clock()) - retain_s
+        """Delete archived segments whose newest record is more than `retain_s` old, oldest first, each
+        after a `SegmentPruned` record (its head) is committed: pruning is in the chain, deleting is not.
+
+        Age is measured up to `_prune_now`, not the bare wall clock: deleting is irreversible, and a wall
+        clock read far ahead (a bad RTC at boot, before NTP) must not make archives written minutes ago
+        look old, with the chain then vouching for their loss."""
+        with self._lock:
+            self._reopen_if_due()
+        older_than_wall = self._prune_now() - retain_s
         pruned: list[Path] = []
         for archive in files.archives(self.path):
             tail = _segment_tail(archive.path)
@@ -726,12 +752,20 @@ class Journal:
             pruned.append(archive.path)
         return pruned
 
+    def _prune_now(self) -> float:
+        """"Now" for retention: the earlier of the wall clock and the live segment's first record (its
+        `SegmentStart`, written when the newest archive was closed). A clock stepped ahead after that
+        rotation (every record since may carry it) cannot age an archive; the cost is that pruning lags
+        by up to one segment's lifetime, keeping more, never less."""
+        return min(float(self._wall_clock()), self._first_wall())
+
     # -- closing -----------------------------------------------------------------------------
 
     def close(self) -> None:
         with self._lock:
             self._anchor(AnchorWhy.CLOSE)
-            self._conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
 
     def __enter__(self) -> Self:
         return self
