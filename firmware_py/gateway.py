@@ -462,6 +462,7 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
+            self.backlog.written(pending)
             self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
                                     steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing and not self.stopping:

@@ -336,3 +336,48 @@ def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_ga
     assert [what for what, _ in found if what != "step"] == ["start", "gap"]
     replayable = [one for what, one in found if what == "step"]
     assert replayable and replayable[-1][0] < gap["from"]  # the replay ends where the gap begins
+
+
+def test_the_bound_holds_while_each_failed_write_waits_on_the_lock_and_what_came_meanwhile_is_counted(tmp_path):
+    """In `run` the write goes to a thread and waits the busy timeout on a locked journal; the minute's
+    sample and batch of steps arrive meanwhile. The taken records still count against the bound while in
+    flight and are not counted twice when put back: else the bound never held and memory grew for as long
+    as the failure lasted, with no JournalGap. Every step and sample is kept or counted in one gap."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    gateway.steps = StepRecorder(batch_steps=1)
+    gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
+    stepped = []
+    gateway.observers.append(stepped.append)
+
+    async def fail_while_writing() -> int:
+        gateway.feed(bms(0.0), inverter(0.0))
+        gateway.flush_journal()
+        with another_writer(tmp_path / "journal.sqlite"):
+            most = 0
+            for n in range(1, 41):
+                clock[0] = float(n)
+                flush = asyncio.ensure_future(gateway.flush_journal_async())
+                await asyncio.sleep(0)  # the task has taken the queue; its write waits on the lock in a thread
+                gateway.sample()
+                gateway.feed(bms(clock[0]), inverter(clock[0]))  # a step: a batch of one
+                assert await flush == 0
+                most = max(most, gateway.unwritten())
+        clock[0] += 1
+        assert gateway.flush_journal() > 0 and gateway.unwritten() == 0  # and what the recovery step queued
+        return most
+
+    try:
+        most = asyncio.run(fail_while_writing())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert most <= 3 + 2 + 1 + 10  # steps, samples, the gap, a few transitions (not 2 a cycle: 80)
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        records = journal.records()
+    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
+    kept_steps = [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+    assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
+    assert sum(1 for r in records if r.kind == RecordKind.SAMPLE) + gap["samples"] == 40
