@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from core_builders import bms, inverter
 
 from firmware_py.assembly import assemble
@@ -28,6 +29,7 @@ from firmware_py.core.types import (
     ReasonCode,
     Verdict,
 )
+from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.journal.steps import StepRecorder, journaled_steps
 
@@ -130,6 +132,39 @@ def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
         final = journal.records(RecordKind.EVENT_ENERGY)[-1]
     assert ended.payload["request_id"] == "peak" and ended.at == 500.0
     assert final.payload["final"] is True and final.payload["meter_wh"] == 180.0  # 150 + the 30 Wh gap
+
+
+def test_a_record_whose_payload_is_damaged_is_skipped_at_start_and_never_stops_it(tmp_path, caplog):
+    """Bit rot in one row's payload (not JSON any more) made the start-up's read of open events raise,
+    so `run` exited on every start and systemd restarted it for ever. The start skips the row, logs its
+    seq once (never its contents) and ends the open events; `report`/`check` still flag the row."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(request(1, 0.0))
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    damaged = sqlite3.connect(path)  # a bad sector: written past the journal's own guards
+    try:
+        damaged.execute("DROP TRIGGER records_no_update")
+        damaged.execute("UPDATE records SET payload = '{\"id\": \"private-note' WHERE seq = 1")
+        damaged.commit()
+    finally:
+        damaged.close()
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        assert assembly.gateway.close_open_events(meter_total_wh=1_180.0) == ["peak"]
+        assembly.gateway.close_open_events(None, "gateway stopped: event ended")  # the stop reads again
+    finally:
+        assembly.close()
+    skipped = [r.getMessage() for r in caplog.records if "journal record 1 skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "private-note" not in caplog.text
+    with Journal.open(path, readonly=True) as journal:
+        assert journal.verify() != []  # `check` flags it
+        with pytest.raises(InputError, match="record 1: payload is not valid JSON"):
+            journal.records()  # and every reading but the start's still refuses it
+        (ended,) = [r for r in journal.iter_records([RecordKind.DISPATCH_ENDED], damaged=lambda seq: None)]
+    assert ended.payload["request_id"] == "peak" and ended.payload["reason"].startswith("gateway restarted")
 
 
 def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_answer_lands_after(tmp_path):
