@@ -142,6 +142,7 @@ class Gateway:
         self.stopping = False
         """Set by `begin_stop`: the inputs have ended, so the core is stepped no more (see there)."""
         self._stop_write_failed = False  # a journal write failed during the stop: no other is attempted
+        self._damaged_seen: set[int] = set()  # damaged journal records already logged (see `_skip_damaged`)
         self.resync_wanted = asyncio.Event()
         """Set when a stall was seen: the service reads the inverter again at once."""
         self.reaction_observers: list[Callable[[float], None]] = []
@@ -462,6 +463,7 @@ class Gateway:
         """
         failing = self.controller.journal_failing()
         if failure is None:
+            self.backlog.written(pending)
             self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
                                     steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing and not self.stopping:
@@ -505,11 +507,21 @@ class Gateway:
                 yield codec.decode_event(kind, payload)
             except ValueError as err:
                 log.error("journal segment start: a carried %s record skipped: %s", kind, err)
-        for record in self.journal.iter_records(EVENT_LIFE):
+        for record in self.journal.iter_records(EVENT_LIFE, damaged=self._skip_damaged):
             try:
                 yield record.event()
             except ValueError as err:  # a damaged record is `report`'s to flag; it must not stop a start
                 log.error("journal record %d skipped: %s", record.seq, err)
+
+    def _skip_damaged(self, seq: int) -> None:
+        """A record whose payload is not a JSON object (bit rot, a bad sector) is skipped by the start-up's
+        read: one damaged row must not fail every start (systemd would restart the gateway for ever).
+        Logged by seq only (the payload may be anything), once per process (the stop and each rotation
+        read again); `report` and `check` flag it."""
+        if seq not in self._damaged_seen:
+            self._damaged_seen.add(seq)
+            log.error("journal record %d skipped: its payload cannot be read (damaged); "
+                      "`powershare-gw report` flags it", seq)
 
 
 EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,

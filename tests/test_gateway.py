@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from core_builders import bms, inverter
 
 from firmware_py.assembly import assemble
@@ -28,6 +29,7 @@ from firmware_py.core.types import (
     ReasonCode,
     Verdict,
 )
+from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.journal.steps import StepRecorder, journaled_steps
 
@@ -130,6 +132,39 @@ def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
         final = journal.records(RecordKind.EVENT_ENERGY)[-1]
     assert ended.payload["request_id"] == "peak" and ended.at == 500.0
     assert final.payload["final"] is True and final.payload["meter_wh"] == 180.0  # 150 + the 30 Wh gap
+
+
+def test_a_record_whose_payload_is_damaged_is_skipped_at_start_and_never_stops_it(tmp_path, caplog):
+    """Bit rot in one row's payload (not JSON any more) made the start-up's read of open events raise,
+    so `run` exited on every start and systemd restarted it for ever. The start skips the row, logs its
+    seq once (never its contents) and ends the open events; `report`/`check` still flag the row."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(request(1, 0.0))
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    damaged = sqlite3.connect(path)  # a bad sector: written past the journal's own guards
+    try:
+        damaged.execute("DROP TRIGGER records_no_update")
+        damaged.execute("UPDATE records SET payload = '{\"id\": \"private-note' WHERE seq = 1")
+        damaged.commit()
+    finally:
+        damaged.close()
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        assert assembly.gateway.close_open_events(meter_total_wh=1_180.0) == ["peak"]
+        assembly.gateway.close_open_events(None, "gateway stopped: event ended")  # the stop reads again
+    finally:
+        assembly.close()
+    skipped = [r.getMessage() for r in caplog.records if "journal record 1 skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "private-note" not in caplog.text
+    with Journal.open(path, readonly=True) as journal:
+        assert journal.verify() != []  # `check` flags it
+        with pytest.raises(InputError, match="record 1: payload is not valid JSON"):
+            journal.records()  # and every reading but the start's still refuses it
+        (ended,) = [r for r in journal.iter_records([RecordKind.DISPATCH_ENDED], damaged=lambda seq: None)]
+    assert ended.payload["request_id"] == "peak" and ended.payload["reason"].startswith("gateway restarted")
 
 
 def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_answer_lands_after(tmp_path):
@@ -336,3 +371,48 @@ def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_ga
     assert [what for what, _ in found if what != "step"] == ["start", "gap"]
     replayable = [one for what, one in found if what == "step"]
     assert replayable and replayable[-1][0] < gap["from"]  # the replay ends where the gap begins
+
+
+def test_the_bound_holds_while_each_failed_write_waits_on_the_lock_and_what_came_meanwhile_is_counted(tmp_path):
+    """In `run` the write goes to a thread and waits the busy timeout on a locked journal; the minute's
+    sample and batch of steps arrive meanwhile. The taken records still count against the bound while in
+    flight and are not counted twice when put back: else the bound never held and memory grew for as long
+    as the failure lasted, with no JournalGap. Every step and sample is kept or counted in one gap."""
+    clock = [0.0]
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    gateway = assembly.gateway
+    gateway.steps = StepRecorder(batch_steps=1)
+    gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
+    stepped = []
+    gateway.observers.append(stepped.append)
+
+    async def fail_while_writing() -> int:
+        gateway.feed(bms(0.0), inverter(0.0))
+        gateway.flush_journal()
+        with another_writer(tmp_path / "journal.sqlite"):
+            most = 0
+            for n in range(1, 41):
+                clock[0] = float(n)
+                flush = asyncio.ensure_future(gateway.flush_journal_async())
+                await asyncio.sleep(0)  # the task has taken the queue; its write waits on the lock in a thread
+                gateway.sample()
+                gateway.feed(bms(clock[0]), inverter(clock[0]))  # a step: a batch of one
+                assert await flush == 0
+                most = max(most, gateway.unwritten())
+        clock[0] += 1
+        assert gateway.flush_journal() > 0 and gateway.unwritten() == 0  # and what the recovery step queued
+        return most
+
+    try:
+        most = asyncio.run(fail_while_writing())
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert most <= 3 + 2 + 1 + 10  # steps, samples, the gap, a few transitions (not 2 a cycle: 80)
+    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
+        assert journal.verify() == []
+        records = journal.records()
+    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
+    kept_steps = [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+    assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
+    assert sum(1 for r in records if r.kind == RecordKind.SAMPLE) + gap["samples"] == 40

@@ -50,17 +50,19 @@ def test_a_taken_gap_is_never_changed_in_the_writers_hands():
     backlog.add_note(STEPS, 19.0, batch(10.0))
     in_flight = backlog.take()
     before = dict(in_flight[1][2])
-    backlog.add_note(STEPS, 29.0, batch(20.0))
-    backlog.add_note(STEPS, 39.0, batch(30.0))  # a new failure's drop, while the first write is in flight
+    backlog.add_note(STEPS, 29.0, batch(20.0))  # the one in flight still counts: dropped, in a new gap
+    backlog.add_note(STEPS, 39.0, batch(30.0))
     assert in_flight[1][2] == before
-    assert kinds(backlog.take()) == [STEPS, GAP]
+    assert kinds(backlog.take()) == [GAP]
 
 
 def test_once_written_the_bound_starts_afresh():
     backlog = Backlog({SAMPLE: 2})
     for at in range(3):
         backlog.add_note(SAMPLE, float(at), {})
-    assert len(backlog.take()) == 3  # two samples and a gap
+    taken = backlog.take()
+    assert len(taken) == 3  # two samples and a gap
+    backlog.written(taken)
     for at in range(2):
         backlog.add_note(SAMPLE, 10.0 + at, {})
     assert kinds(backlog.take()) == [SAMPLE, SAMPLE]
@@ -71,3 +73,25 @@ def test_unbounded_notes_are_all_kept():
     for n in range(100):
         backlog.add_note(RecordKind.LINK_LOST, float(n), {"link": "bms"})
     assert len(backlog) == 100
+
+
+def test_taken_items_count_against_the_bound_until_written_and_a_failed_write_counts_them_once():
+    """While a write waits (a locked journal waits its busy timeout), what arrives is counted on top of
+    what is in flight; a failed write puts them back without counting them again. Else the bound never
+    held across failed writes and the queue grew for as long as the failure lasted."""
+    backlog = Backlog({SAMPLE: 2, STEPS: 1})
+    backlog.add_note(SAMPLE, 0.0, {})
+    for cycle in range(1, 101):  # a hundred failed writes, a sample and a batch arriving during each
+        in_flight = backlog.take()
+        backlog.add_note(SAMPLE, float(cycle), {})
+        backlog.add_note(STEPS, cycle + 0.5, batch(float(cycle), count=1))
+        backlog.add(DispatchCancel(f"r{cycle}", "test", received_at=float(cycle)))  # always kept
+        backlog.put_back(in_flight)
+    items = backlog.take()
+    assert kinds(items).count(SAMPLE) == 2 and kinds(items).count(STEPS) == 1
+    assert kinds(items).count("DispatchCancel") == 100
+    (gap,) = [item[2] for item in items if isinstance(item, tuple) and item[0] == GAP]  # one, not one a write
+    assert gap == {"from": 2.0, "to": 100.0, "step_batches": 99, "steps": 99, "samples": 99}
+    backlog.written(items)  # it worked at last: the bound starts afresh
+    backlog.add_note(SAMPLE, 200.0, {})
+    assert kinds(backlog.take()) == [SAMPLE]

@@ -38,8 +38,11 @@ class Backlog:
         self.bounds = dict(bounds)
         self._items: list[Item] = []
         self._queued: Counter[RecordKind] = Counter()
+        """How many of each bounded kind are queued or in a write not yet known to have succeeded."""
         self._gap: dict[str, Any] | None = None
         """The payload of the gap the dropped items of this queue are counted in (None: nothing dropped)."""
+        self._warned = False
+        """Whether this failure's drops were logged (once per failure, not once per failed write)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -64,29 +67,47 @@ class Backlog:
     def take(self) -> list[Item]:
         """Everything queued, in order, for one write; the queue starts afresh.
 
+        The taken items still count against the bounds (they are in flight) until `written` says the
+        write succeeded: while a failing write waits on the journal's busy timeout, what is queued
+        meanwhile must not start from zero, or the bound would never hold across failed writes.
         The gap taken with it is closed: what is dropped from now on is counted in a new one, so a
         payload in the writer's hands is never changed under it."""
         items, self._items = self._items, []
-        self._queued.clear()
         self._gap = None
         return items
 
+    def written(self, items: list[Item]) -> None:
+        """A write succeeded: its items no longer count against the bounds."""
+        self._queued -= Counter(item[0] for item in items if isinstance(item, tuple) and item[0] in self.bounds)
+        if items:
+            self._warned = False  # the journal writes again: a later failure's drops are logged anew
+
     def put_back(self, items: list[Item]) -> None:
-        """A write failed: its items go back in front of what was queued meanwhile, none lost."""
+        """A write failed: its items go back in front of what was queued meanwhile, none lost.
+
+        They were counted against the bounds all along (see `take`), so they are not counted again.
+        A gap opened while they were in flight is merged into theirs: the same failure goes on, and
+        one gap per failed write would grow the queue for as long as the failure lasts."""
         self._items[:0] = items
-        for item in items:
-            if isinstance(item, tuple) and item[0] in self.bounds:
-                self._queued[item[0]] += 1
-            elif isinstance(item, tuple) and item[0] is RecordKind.JOURNAL_GAP and self._gap is None:
-                self._gap = item[2]  # the same failure goes on: its gap counts on (nothing was dropped since)
+        taken_gap = next((item[2] for item in items if isinstance(item, tuple) and item[0] is GAP), None)
+        if taken_gap is None:
+            return
+        if self._gap is not None:
+            _merge(taken_gap, self._gap)
+            new_gap = self._gap
+            self._items = [item for item in self._items
+                           if not (isinstance(item, tuple) and item[0] is GAP and item[2] is new_gap)]
+        self._gap = taken_gap  # nothing writes it now: it counts on
 
     def _count_dropped(self, kind: RecordKind, at: float, payload: dict[str, Any]) -> None:
         first, last = (payload["from"], payload["to"]) if kind is RecordKind.CORE_STEPS else (at, at)
         gap = self._gap
-        if gap is None:
+        if gap is None and not self._warned:
+            self._warned = True
             log.warning("the journal still fails: %s past their bound are no longer queued; every decision and "
                         "input still is. A JournalGap record will say what is missing",
                         " and ".join(f"{_WHAT[k]} ({n})" for k, n in self.bounds.items()))
+        if gap is None:
             gap = self._gap = {"from": first, "to": last, "step_batches": 0, "steps": 0, "samples": 0}
             self._items.append((RecordKind.JOURNAL_GAP, at, gap))
         gap["from"], gap["to"] = min(gap["from"], first), max(gap["to"], last)
@@ -96,6 +117,15 @@ class Backlog:
         else:
             gap["samples"] += 1
 
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Count `other`'s dropped items in `into`: the span covering both, the counts summed."""
+    into["from"], into["to"] = min(into["from"], other["from"]), max(into["to"], other["to"])
+    for key in ("step_batches", "steps", "samples"):
+        into[key] += other[key]
+
+
+GAP = RecordKind.JOURNAL_GAP
 
 _WHAT = {RecordKind.CORE_STEPS: "batches of core steps (for replay)",
          RecordKind.SAMPLE: "history samples (for the owner's chart)"}

@@ -416,16 +416,21 @@ class Journal:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def iter_records(self, kinds: Collection[RecordKind | str] | None = None, since_seq: int = 0) -> Iterator[Record]:
+    def iter_records(self, kinds: Collection[RecordKind | str] | None = None, since_seq: int = 0, *,
+                     damaged: Callable[[int], None] | None = None) -> Iterator[Record]:
         """Records with seq > since_seq, oldest first, optionally of some kinds only: a page at a time.
 
         Each kind is read through the (kind, seq) index and the kinds merged by seq,
         so asking for the rare kinds of a long journal reads those rows only.
+        A record whose payload cannot be read raises InputError (`report` and `check` flag it), unless
+        `damaged` is given: then it is told the record's seq and the record is skipped (the gateway's
+        start-up must not fail for ever on one damaged row).
         """
         if kinds is None:
-            yield from self._records_where("", (), since_seq)
+            yield from self._records_where("", (), since_seq, damaged)
             return
-        streams = [self._records_where(" AND kind = ?", (str(kind),), since_seq) for kind in sorted(set(map(str, kinds)))]
+        streams = [self._records_where(" AND kind = ?", (str(kind),), since_seq, damaged)
+                   for kind in sorted(set(map(str, kinds)))]
         yield from heapq.merge(*streams, key=lambda record: record.seq)
 
     def records(self, kind: RecordKind | str | None = None, since_seq: int = 0) -> list[Record]:
@@ -433,10 +438,18 @@ class Journal:
         so for small journals and tests; anything that may meet a long journal uses `iter_records`."""
         return list(self.iter_records(None if kind is None else [kind], since_seq))
 
-    def _records_where(self, where: str, params: tuple, since_seq: int) -> Iterator[Record]:
+    def _records_where(self, where: str, params: tuple, since_seq: int,
+                       damaged: Callable[[int], None] | None = None) -> Iterator[Record]:
         for rows in self._pages(where, params, since_seq):
             for seq, at, wall, k, text, prev, h in rows:
-                yield Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h)
+                try:
+                    payload = _load_payload(self.path, seq, text)
+                except InputError:
+                    if damaged is None:
+                        raise
+                    damaged(seq)
+                    continue
+                yield Record(seq, at, wall, RecordKind.read(k), payload, prev, h)
 
     def _pages(self, where: str, params: tuple, since_seq: int) -> Iterator[list[tuple]]:
         """Raw rows, PAGE_ROWS at a time (keyset paging: each page its own short query)."""
