@@ -6,7 +6,8 @@ import os
 import re
 import signal
 import threading
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import can
@@ -20,6 +21,29 @@ from firmware_py.config import bundled_dbc
 
 DB = cantools.database.load_file(str(bundled_dbc("cybertruck_bms.dbc")))
 
+
+
+@contextmanager
+def sending(channel: str, send_round: Callable[[can.BusABC, int], None], period_s: float = 0.002) -> Iterator[None]:
+    """A peer on the `virtual` channel calling `send_round(bus, n)` every `period_s` while the block runs;
+    the channel is held open meanwhile, so it lives between the peer's bus and the command's."""
+    stop = threading.Event()
+
+    def send() -> None:
+        with can.Bus(interface="virtual", channel=channel) as bus:
+            n = 0
+            while not stop.wait(period_s):
+                send_round(bus, n)
+                n += 1
+
+    sender = threading.Thread(target=send)
+    with can.Bus(interface="virtual", channel=channel):
+        sender.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            sender.join(5)
 
 def soc_frame(pct: float, t: float) -> can.Message:
     m = DB.get_message_by_name("BmsSoc")
@@ -93,26 +117,13 @@ def test_decode_python_can_logs(tmp_path, capsys, suffix):
 def test_record_then_decode(tmp_path, capsys):
     channel = "test_bms_record"
     out = tmp_path / "rec.log"
-    stop = threading.Event()
+    def send(bus: can.BusABC, _: int) -> None:
+        bus.send(soc_frame(40 + (_ % 5) * 0.1, 0))
+        bus.send(can.Message(arbitration_id=0x555, data=bytes(8), is_extended_id=False))
 
-    def send():
-        with can.Bus(interface="virtual", channel=channel) as bus:
-            i = 0
-            while not stop.is_set() and i < 400:
-                bus.send(soc_frame(40 + (i % 5) * 0.1, 0))
-                bus.send(can.Message(arbitration_id=0x555, data=bytes(8), is_extended_id=False))
-                i += 1
-                stop.wait(0.005)
-
-    sender = threading.Thread(target=send)
-    with can.Bus(interface="virtual", channel=channel):  # keeps the channel alive between buses
-        sender.start()
-        try:
-            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
-                         "--duration", "0.6", "--bms-only", str(out)]) == 0
-        finally:
-            stop.set()
-            sender.join(5)
+    with sending(channel, send, period_s=0.005):
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                     "--duration", "0.6", "--bms-only", str(out)]) == 0
     assert "recorded" in capsys.readouterr().out
     assert main(["bms", "decode", str(out)]) == 0
     text = capsys.readouterr().out
@@ -194,22 +205,9 @@ def test_recording_onto_a_full_disk_is_one_clear_error(tmp_path, capsys):
     channel = "test_bms_record_full"
     out = tmp_path / "rec.log"
     out.symlink_to("/dev/full")  # every write fails with "No space left on device"
-    stop = threading.Event()
-
-    def send():
-        with can.Bus(interface="virtual", channel=channel) as bus:
-            while not stop.wait(0.001):
-                bus.send(soc_frame(40.0, 0))
-
-    sender = threading.Thread(target=send)
-    with can.Bus(interface="virtual", channel=channel):
-        sender.start()
-        try:
-            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
-                         "--duration", "20", str(out)]) == 2
-        finally:
-            stop.set()
-            sender.join(5)
+    with sending(channel, lambda bus, _: bus.send(soc_frame(40.0, 0)), period_s=0.001):
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                     "--duration", "20", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "No space left on device" in err and "Traceback" not in err
 
@@ -239,28 +237,20 @@ def test_a_recording_stopped_by_sighup_is_closed_and_readable(tmp_path, capsys, 
     is stopped, so the .blf holds what was received instead of being left empty."""
     channel = "test_bms_record_hup"
     out = tmp_path / "rec.blf"
-    stop = threading.Event()
 
-    def send_then_hang_up():
-        with can.Bus(interface="virtual", channel=channel) as bus:
-            hang_up_at = time.monotonic() + 0.5
-            while not stop.wait(0.002):
-                bus.send(soc_frame(40.0, 0))
-                if hang_up_at is not None and time.monotonic() > hang_up_at:
-                    os.kill(os.getpid(), signal.SIGHUP)
-                    hang_up_at = None
+    the_tests = signal.getsignal(signal.SIGHUP)
+    hung_up: list[int] = []
 
-    sender = threading.Thread(target=send_then_hang_up)
-    with can.Bus(interface="virtual", channel=channel):
-        sender.start()
-        started = time.monotonic()
-        try:
-            code = main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
-                         "--duration", "8", str(out)])
-        finally:
-            stop.set()
-            sender.join(5)
-    assert code == 0 and time.monotonic() - started < 5, "SIGHUP did not stop the recording"
+    def send_then_hang_up(bus: can.BusABC, n: int) -> None:
+        bus.send(soc_frame(40.0, 0))
+        if n >= 20 and not hung_up and signal.getsignal(signal.SIGHUP) is not the_tests:  # the recording's own
+            hung_up.append(n)
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    with sending(channel, send_then_hang_up):
+        code = main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                     "--duration", "8", str(out)])
+    assert code == 0 and hung_up, "the recording never took SIGHUP for its own"
     assert sighup_handler == []
     recorded = int(re.search(r"recorded (\d+) frames", capsys.readouterr().out).group(1))
     with can.LogReader(str(out)) as log:
@@ -281,24 +271,14 @@ def test_recording_to_trc_counts_only_the_frames_the_file_holds(tmp_path, capsys
     """python-can's TRC writer cannot store error, remote or CAN FD frames: they are said, not counted."""
     channel = "test_bms_record_trc"
     out = tmp_path / "rec.trc"
-    stop = threading.Event()
+    def send(bus: can.BusABC, _: int) -> None:
+        bus.send(can.Message(arbitration_id=0x0, is_error_frame=True))
+        bus.send(can.Message(arbitration_id=0x292, is_extended_id=False, is_remote_frame=True, dlc=8))
+        bus.send(soc_frame(40.0, 0))
 
-    def send():
-        with can.Bus(interface="virtual", channel=channel) as bus:
-            while not stop.wait(0.002):
-                bus.send(can.Message(arbitration_id=0x0, is_error_frame=True))
-                bus.send(can.Message(arbitration_id=0x292, is_extended_id=False, is_remote_frame=True, dlc=8))
-                bus.send(soc_frame(40.0, 0))
-
-    sender = threading.Thread(target=send)
-    with can.Bus(interface="virtual", channel=channel):
-        sender.start()
-        try:
-            assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
-                         "--duration", "0.5", str(out)]) == 0
-        finally:
-            stop.set()
-            sender.join(5)
+    with sending(channel, send):
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel,
+                     "--duration", "0.5", str(out)]) == 0
     text = capsys.readouterr().out
     recorded, dropped = map(int, re.search(r"recorded (\d+) frames .*; (\d+) error, remote or CAN FD frames "
                                            r"not recorded: \.trc cannot store them", text).groups())
