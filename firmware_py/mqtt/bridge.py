@@ -60,7 +60,7 @@ from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.desk import NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore
 from firmware_py.quoting import printable
-from firmware_py.tasks import cancel_all
+from firmware_py.tasks import cancel_all, seen_through
 from firmware_py.version import software_version
 
 if TYPE_CHECKING:
@@ -435,7 +435,7 @@ class MqttBridge:
                 self.outbox.put(self._retained(topic))
                 await self._publish(client, topic, b"", retain=True, kind=Kind.CLEARED)
                 continue
-            self.outbox.put(await self._command(topic, payload))
+            await seen_through(self._answer(topic, payload))
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -444,6 +444,12 @@ class MqttBridge:
         return self._result(topic.rpartition("/")[2], False, "a retained command is not applied (it would be "
                             "applied again at every reconnect) and has been cleared from the broker; publish "
                             "commands without the retain flag")
+
+    async def _answer(self, topic: str, payload: bytes) -> None:
+        """Apply one command and queue its result, to its end even when the session is torn down meanwhile
+        (`seen_through`): the owner desk may already have saved the change and fed it to the core, and a
+        command cut short there was made but never answered, not even after the reconnect."""
+        self.outbox.put(await self._command(topic, payload))
 
     async def _command(self, topic: str, payload: bytes) -> Outgoing:
         """Apply one command through the owner desk; its result, whatever the payload."""
