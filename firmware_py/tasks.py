@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -103,3 +104,36 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     (`nohup`: SIGHUP ignored)."""
     hang_up = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
     return (signal.SIGTERM, signal.SIGINT, *hang_up)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """For its length, every stop signal ends the command as Ctrl-C does, clean-up included.
+
+    A batch command (`sim`, `bench`) relies on `with` and `async with` to remove its temporary
+    files and stop the processes it started; SIGTERM's default action skipped all of that
+    (orphaned peers, a partial hidden trace). So each stop signal is handed to whatever handles
+    SIGINT when it arrives: Python's KeyboardInterrupt, or inside `asyncio.run` the runner's
+    handler, which cancels the main task so its `async with` blocks unwind before it raises
+    KeyboardInterrupt. SIGINT itself gets Python's handler even when it was ignored at start (a
+    background job of a script), as `asyncio.run` only takes over that one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = stop_signals()
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def as_ctrl_c(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        (handler if callable(handler) else signal.default_int_handler)(signum, frame)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in signals:
+        if sig != signal.SIGINT:
+            signal.signal(sig, as_ctrl_c)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, cannot be put back from here
+                signal.signal(sig, handler)

@@ -54,7 +54,7 @@ from firmware_py.inverter.sunspec import (
 from firmware_py.journal import RecordKind
 from firmware_py.narration import lines_written_aside
 from firmware_py.service import RunOptions, Service
-from firmware_py.tasks import cancel_all, every
+from firmware_py.tasks import cancel_all, every, stop_signals_interrupt
 
 WAIT_S = 10.0
 DESCENT = 300
@@ -644,7 +644,9 @@ def _bench(args: argparse.Namespace) -> int:
     loaded = scenario.load(scenario.find(args.scenario)) if "sim" in args.only else None
     check_outputs({"--json": args.json})
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "gateway.log", "a", encoding="utf-8") as log, \
+    # SIGTERM or SIGHUP unwind the run as Ctrl-C does: the started processes stopped, the folder removed.
+    with stop_signals_interrupt(), tempfile.TemporaryDirectory() as tmp, \
+            open(Path(tmp) / "gateway.log", "a", encoding="utf-8") as log, \
             lines_written_aside(stream=log):  # the in-process gateways log as `run` does, not onto the table
         work = Path(tmp)
         if "reaction" in args.only:

@@ -7,8 +7,15 @@ measured what it says, and wrote the JSON a CI job or an installer's script read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +87,53 @@ def test_a_short_soak_reports_its_memory_by_hour_and_its_accounting(tmp_path, ca
     assert soak["floor_violations"] == 0 and soak["min_soc_pct"] >= soak["reserve_pct"]
     assert soak["delivered_wh"] > 0 and abs(soak["drift_pct"]) < 0.1
     assert "Logging error" not in capsys.readouterr().err
+
+
+def _children(pid: int) -> set[int]:
+    """The live children of `pid`, from /proc (no ps or pgrep needed)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that has gone (reaped by init soon)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # a real `bench --only start`: its peers and gateway start in a few seconds
+def test_sigterm_stops_every_started_process_and_removes_the_temporary_folder(tmp_path):
+    """SIGTERM ended the parent alone: CAN server, simulated inverter and BMS, mosquitto and the gateway
+    ran on as orphans, and the folder with the installer token stayed. It now unwinds as Ctrl-C does."""
+    root = Path(__file__).resolve().parents[1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(root)}
+    parent = subprocess.Popen([sys.executable, "-m", "firmware_py", "bench", "--only", "start",
+                               "--steady-seconds", "60"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(temp.glob("*/processes/gateway.log")):
+            assert parent.poll() is None, parent.stderr.read().decode()
+            time.sleep(0.2)
+        kids = _children(parent.pid)
+        assert len(kids) >= 3, "the peers and the gateway should be running"
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not [k for k in kids if _alive(k)]
+        assert list(temp.iterdir()) == []
+    finally:
+        for pid in {parent.pid, *kids, *_children(parent.pid)}:  # none left behind, even when it failed
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait(timeout=10)
