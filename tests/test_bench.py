@@ -17,8 +17,12 @@ import fcntl
 import json
 import math
 import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -419,6 +423,47 @@ def test_a_run_that_fails_to_start_leaves_the_trace_and_summary_as_they_were(tmp
     assert json.loads(trace.read_text().splitlines()[-1])["t"] == pytest.approx(5.0)
     assert json.loads(summary.read_text())["sim_s"] == pytest.approx(5.0)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
+
+
+
+def test_sigterm_part_way_leaves_the_folder_as_it_was(tmp_path):
+    """SIGTERM killed the run mid-write and left the hidden partial trace (`.t.jsonl.xxxx.tmp`)
+    beside where the trace was to go; it now ends the run as Ctrl-C does, which removes it."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "slow.toml").write_text("[run]\nduration_s = 600\n")
+    run = subprocess.Popen([sys.executable, "-m", "firmware_py", "sim", "--scenario", str(tmp_path / "slow.toml"),
+                            "--speed", "20", "--quiet", "--trace", str(out / "t.jsonl"), "--summary",
+                            str(out / "s.json"), "--journal", str(tmp_path / "j.sqlite")],
+                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not [p for p in out.iterdir() if p.stat().st_size > 0]:
+            assert run.poll() is None, run.stderr.read().decode()
+            time.sleep(0.1)
+        assert list(out.iterdir()), "the partial trace should be being written"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=20) != 0
+        assert list(out.iterdir()) == []
+    finally:
+        run.kill()
+        run.wait(timeout=10)
+
+
+@pytest.mark.parametrize("option", ["--summary", "--plot", "--trace"])
+def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(tmp_path, capsys, option):
+    """Only the folder's existence was checked: --summary into /proc was found only after the whole
+    run. Writability is tried with a file beside the target (os.access says yes to root for a folder
+    it still cannot write in)."""
+    name = "plot.png" if option == "--plot" else "out.json"
+    (tmp_path / "never.toml").write_text("[run]\nduration_s = 5\n[expect]\nmin_delivered_wh = 1\n")
+    assert main(["sim", "--scenario", str(tmp_path / "never.toml"), "--quiet", option, f"/proc/{name}",
+                 "--journal", str(tmp_path / "j.sqlite")]) == 2
+    out = capsys.readouterr()
+    assert f"/proc/{name}: cannot write" in out.err and "check:" not in out.out  # refused, not run
+    assert not (tmp_path / "j.sqlite").exists()
 
 
 @pytest.mark.parametrize("text, message", [
