@@ -231,7 +231,17 @@ def _cross_checks(s: Scenario) -> list[str]:
             problems.append(f"expect.reasons.{event_id}: no dispatch has that id")
         if reason not in REASONS:
             problems.append(f"expect.reasons.{event_id}: {reason!r} is not a reason code ({', '.join(REASONS)})")
-    return problems
+    return problems + _contradictory_bounds(s.expect)
+
+
+def _contradictory_bounds(expect: Expect) -> list[str]:
+    """A lower bound above its upper bound is a check no run can pass: every run then failed (exit 1),
+    blamed on the gateway, when the scenario was what was wrong. `[expect]` has one such pair."""
+    low, high = expect.min_delivered_wh, expect.max_delivered_wh
+    if low != NOT_SET and high != NOT_SET and low > high:
+        return [f"expect.min_delivered_wh ({low:g}) is above expect.max_delivered_wh ({high:g}): "
+                "no run can pass both"]
+    return []
 
 
 def _overlapping_faults(faults: tuple[Fault, ...]) -> list[str]:

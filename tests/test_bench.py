@@ -452,6 +452,16 @@ def test_sigterm_part_way_leaves_the_folder_as_it_was(tmp_path):
         run.wait(timeout=10)
 
 
+def test_a_minimum_above_its_maximum_is_refused_at_load(tmp_path, capsys):
+    """min_delivered_wh above max_delivered_wh was accepted, so every run failed its checks (exit 1)."""
+    bad = tmp_path / "contradict.toml"
+    bad.write_text("[run]\nduration_s = 30\n[expect]\nmin_delivered_wh = 100\nmax_delivered_wh = 10\n")
+    assert main(["sim", "--scenario", str(bad), "--quiet", "--journal", str(tmp_path / "j.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "min_delivered_wh" in err and "max_delivered_wh" in err
+    bad.write_text("[run]\nduration_s = 30\n[expect]\nmin_delivered_wh = 10\nmax_delivered_wh = 10\n")
+    scenario.load(bad)  # equal bounds can be met
+
 @pytest.mark.parametrize("option", ["--summary", "--plot", "--trace"])
 def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(tmp_path, capsys, option):
     """Only the folder's existence was checked: --summary into /proc was found only after the whole
