@@ -540,6 +540,78 @@ def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_
     assert bounded(main()) == [0.5, 0.5, 0.5]
 
 
+def test_a_command_in_flight_when_the_broker_goes_away_is_answered_after_the_reconnect(tmp_path):
+    """A command whose inverter write was under way when the broker went away: `_send` failing (a state
+    queued on the lost connection) cancelled `_receive` mid-command, so the change, already saved and fed
+    to the core, was never answered on P/result, not even after the reconnect."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                write_started, release_write = asyncio.Event(), asyncio.Event()
+                original_write = rig.gateway.write_command
+
+                async def held_write() -> None:  # an inverter answering the Modbus write slowly
+                    write_started.set()
+                    await release_write.wait()
+                    await original_write()
+                rig.gateway.write_command = held_write
+
+                clients: list[aiomqtt.Client] = []
+                published, send_failed = asyncio.Event(), asyncio.Event()
+                original_publish = bridge._publish
+
+                async def publish(client: aiomqtt.Client, topic: str, payload: bytes, **kw: Any) -> None:
+                    clients.append(client)
+                    try:
+                        await original_publish(client, topic, payload, **kw)
+                    except Exception:
+                        send_failed.set()
+                        raise
+                    published.set()
+                bridge._publish = publish
+
+                may_reconnect = asyncio.Event()  # the next session waits until a fresh watcher listens
+                original_session = bridge._session
+
+                async def held_session() -> None:
+                    await may_reconnect.wait()
+                    await original_session()
+                bridge._session = held_session
+
+                try:
+                    bridge.pacer.forget()
+                    assert bridge.pace_once()  # a state through the spy: the session's client
+                    await asyncio.wait_for(published.wait(), 10)
+                    client = clients[-1]
+
+                    await watcher.publish(TOPICS.command(Command.RESERVE), "42")
+                    await asyncio.wait_for(write_started.wait(), 10)  # the command is in the inverter write
+                    broker.stop()
+                    # the client has seen the connection close (a publish now fails at once, not after its timeout)
+                    await asyncio.wait_for(asyncio.wait({client._disconnected}), 10)
+                    bridge.pacer.forget()
+                    assert bridge.pace_once()  # a state comes due on the lost connection: `_send` fails
+                    await asyncio.wait_for(send_failed.wait(), 10)
+                    release_write.set()
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)  # the session has ended
+
+                    broker.start()
+                    async with Watcher(broker) as after:
+                        may_reconnect.set()
+                        await asyncio.wait_for(bridge.connected.wait(), 10)
+                        answer = (await after.wait_for("the reserve's result",
+                                                       lambda m: m.topic == TOPICS.result)).json()
+                finally:  # a failure above must not leave the bridge's stop waiting on the held write
+                    release_write.set()
+                    may_reconnect.set()
+                assert answer == {"command": "reserve", "ok": True, "reason": "reserve 42 %", "at": answer["at"]}
+                assert rig.gateway.owner_settings().reserve_pct == 42
+
+        assert json.loads((tmp_path / "owner.json").read_text())["reserve_pct"] == 42
+
+    bounded(main())
+
+
 def test_commands_beyond_the_rate_are_refused_on_the_gateway_clock():
     now = [0.0]
     gate = CommandGate(lambda: now[0], burst=3, per_s=0.5)
