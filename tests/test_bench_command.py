@@ -11,9 +11,11 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,8 +113,7 @@ def test_sigterm_stops_every_started_process_and_removes_the_temporary_folder(tm
     """SIGTERM ended the parent alone: CAN server, simulated inverter and BMS, mosquitto and the gateway
     ran on as orphans, and the folder with the installer token stayed. It now unwinds as Ctrl-C does."""
     root = Path(__file__).resolve().parents[1]
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp = Path(tempfile.mkdtemp(prefix="sigterm-"))  # short: the bench's Unix sockets live under it (108 bytes)
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(root)}
     parent = subprocess.Popen([sys.executable, "-m", "firmware_py", "bench", "--only", "start",
                                "--steady-seconds", "60"], cwd=tmp_path, env=env,
@@ -137,3 +138,4 @@ def test_sigterm_stops_every_started_process_and_removes_the_temporary_folder(tm
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         parent.wait(timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
