@@ -15,6 +15,7 @@ import os
 import pwd
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -118,6 +119,20 @@ def unwritable(path: str | Path, key: str, *, kept_writing: bool) -> str | None:
     else:
         return None
     return f"{key}: {path}: cannot be written by this user ({user_name(os.geteuid())}){where}"
+
+
+def cannot_make_beside(path: str | Path) -> str | None:
+    """Why no file can be made in `path`'s folder (None: one can), tried with a file removed at once:
+    outputs are written beside their target and renamed into place, and `os.access` answers yes to
+    root on a read-only mount or /proc, where making one still fails."""
+    target = Path(path)
+    try:
+        fd, probe = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".probe")
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _may(path: Path, mode: int) -> bool:

@@ -13,16 +13,14 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 from firmware_py.arguments import number
 from firmware_py.errors import InputError
-from firmware_py.files import replacing, write_atomically
+from firmware_py.files import cannot_make_beside, replacing, write_atomically
 from firmware_py.quoting import printable
 from firmware_py.tasks import stop_signals_interrupt
 
@@ -106,7 +104,7 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
             problems.append(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
         elif path.resolve() in taken:
             problems.append(f"{path}: given to both {taken[path.resolve()]} and {option}; give each its own file")
-        elif (refused := _unwritable(path)) is not None:
+        elif (refused := cannot_make_beside(path)) is not None:
             problems.append(f"{path}: cannot write: {refused}")
         taken.setdefault(path.resolve(), option)
     if outputs.get("--journal") is not None and not problems:
@@ -123,18 +121,6 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
                             "(pip install 'powershare-gw[plot]')")
     if problems:
         raise InputError(problems)
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why no file can be made beside `path` (None: one can): tried with a file that is removed at
-    once, since `os.access` answers yes to root for a read-only mount or /proc, where writing fails."""
-    try:
-        handle, probe = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".probe")
-    except OSError as err:
-        return err.strerror or str(err)
-    os.close(handle)
-    os.unlink(probe)
-    return None
 
 
 async def _run(loaded, args: argparse.Namespace, speed: float | None):

@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from firmware_py.commissioning.report import (
 )
 from firmware_py.config import Config
 from firmware_py.errors import InputError
-from firmware_py.files import write_atomically
+from firmware_py.files import cannot_make_beside, write_atomically
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
 from firmware_py.version import software_version
@@ -166,12 +165,8 @@ def _check_writable(path: Path) -> None:
         if not os.access(path, os.W_OK):
             raise InputError(f"--report {path}: cannot write: permission denied")
         return
-    try:
-        fd, trial = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".check")
-    except OSError as err:
-        raise InputError(f"--report {path}: cannot write in folder {folder}: {err.strerror or err}") from None
-    os.close(fd)
-    os.unlink(trial)
+    if (refused := cannot_make_beside(path)) is not None:
+        raise InputError(f"--report {path}: cannot write in folder {folder}: {refused}")
 
 
 WINDOW_PERIODS = 3
