@@ -47,7 +47,7 @@ from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
-from firmware_py.tasks import cancel_all, every, stop_signals
+from firmware_py.tasks import cancel_all, every, stop_signals, unless_stopped
 from firmware_py.watchdog import HUNG_AFTER_S, Watchdog
 
 log = logging.getLogger(__name__)
@@ -347,14 +347,7 @@ async def _started(service: Service, stop: asyncio.Event) -> bool:
     Start-up waits on the inverter (its first reading: up to `[inverter] timeout_s`, 30 s at most);
     a SIGTERM meanwhile must not wait for it, or the safe stop after it would run past systemd's
     `TimeoutStopSec` (SIGKILL before the journal is closed). `Service.stop` copes with a half start."""
-    starting = asyncio.create_task(service.start(), name="start")
-    stopping = asyncio.create_task(stop.wait(), name="stop while starting")
-    try:
-        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_all([stopping])
-    if not starting.done():
-        await cancel_all([starting])
+    starting = await unless_stopped(service.start(), stop)
     if starting.cancelled():
         log.info("stop asked for while starting: start-up abandoned for the safe stop")
         return False

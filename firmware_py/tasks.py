@@ -59,6 +59,20 @@ async def cancel_all(tasks: Iterable[asyncio.Future[Any]], *,
     return pending
 
 
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> asyncio.Future[T]:
+    """Run `work` until it ends or `stop` is set, whichever comes first; its task, ended either way:
+    cancelled when the stop came first (ended through `cancel_all`, which loses no cancellation).
+
+    For a wait a stop must not sit out: start-up's first inverter reading, a commissioning probe."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_all([stopping, task])
+    return task
+
+
 async def seen_through(work: Awaitable[T]) -> T:
     """Await `work` to its end even when the caller is cancelled meanwhile, then raise that cancellation.
 

@@ -46,6 +46,7 @@ from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient, LinkError
 from firmware_py.service import Service
 from firmware_py.statements.figures import COMMISSIONING_SOURCE
+from firmware_py.tasks import unless_stopped
 
 SOURCE = COMMISSIONING_SOURCE  # statements list its energy and never credit it
 """The source of the test discharge's request, in the journal and the logs."""
@@ -284,20 +285,11 @@ async def probe_dispatch(assembly: Assembly, timeout_s: float = DISPATCH_TIMEOUT
 
 
 async def _unless_stopped(probe: Awaitable[Reach], stop: asyncio.Event | None) -> Reach | None:
-    """The probe's outcome, or None as soon as `stop` is set (the probe then cancelled and awaited)."""
-    task = asyncio.ensure_future(probe)
+    """The probe's outcome, or None as soon as `stop` is set (the probe then cancelled and ended)."""
     if stop is None:
-        return await task
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, stopped):
-            pending.cancel()
-        await asyncio.gather(task, stopped, return_exceptions=True)
-    if stop.is_set():
-        return None
-    return task.result()
+        return await probe
+    task = await unless_stopped(probe, stop)
+    return None if task.cancelled() else task.result()
 
 
 def _target(assembly: Assembly, name: str) -> str:
