@@ -83,7 +83,7 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal, JournalWriteError, RecordKind, codec
-from firmware_py.journal.backlog import Backlog
+from firmware_py.journal.backlog import Backlog, is_gap
 from firmware_py.journal.steps import (
     START_KIND,
     STEPS_KIND,
@@ -531,7 +531,7 @@ EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, 
 
 def _dropped(written: list[Any]) -> str:
     """What the failure cost, for the recovery's log line: the steps and samples its gaps count."""
-    gaps = [item[2] for item in written if isinstance(item, tuple) and item[0] is RecordKind.JOURNAL_GAP]
+    gaps = [item[2] for item in written if is_gap(item)]
     if not gaps:
         return ""
     steps, samples = sum(g["steps"] for g in gaps), sum(g["samples"] for g in gaps)

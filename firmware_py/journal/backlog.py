@@ -89,14 +89,14 @@ class Backlog:
         A gap opened while they were in flight is merged into theirs: the same failure goes on, and
         one gap per failed write would grow the queue for as long as the failure lasts."""
         self._items[:0] = items
-        taken_gap = next((item[2] for item in items if _is_gap(item)), None)
+        taken_gap = next((item[2] for item in items if is_gap(item)), None)
         if taken_gap is None:
             return
         if self._gap is not None:
             _merge(taken_gap, self._gap)
             new_gap = self._gap
             self._items = [item for item in self._items
-                           if not (_is_gap(item) and item[2] is new_gap)]
+                           if not (is_gap(item) and item[2] is new_gap)]
         self._gap = taken_gap  # nothing writes it now: it counts on
 
     def _count_dropped(self, kind: RecordKind, at: float, payload: dict[str, Any]) -> None:
@@ -118,7 +118,8 @@ class Backlog:
             gap["samples"] += 1
 
 
-def _is_gap(item: Item) -> bool:
+def is_gap(item: Item) -> bool:
+    """Whether a queued item is a `JournalGap` note."""
     return isinstance(item, tuple) and item[0] is RecordKind.JOURNAL_GAP
 
 

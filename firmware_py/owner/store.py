@@ -22,6 +22,7 @@ from typing import Any
 from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text, write_atomically
+from firmware_py.owner.changes import plain
 from firmware_py.quoting import shown
 
 FORMAT_VERSION = 3
@@ -78,7 +79,7 @@ def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = m
         raise ValueError(f"{key}: expected a number, got {shown(value)}")
     if not lo <= value <= hi:
         raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")
-    return float(value) + 0.0  # a -0.0 saved before it was refused reads as 0.0 (not "-0 %")
+    return plain(value)  # a -0.0 saved before it was refused reads as 0.0 (not "-0 %")
 
 
 def decode(data: Any) -> OwnerSettings:
