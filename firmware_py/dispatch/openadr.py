@@ -335,9 +335,7 @@ class _Client(OpenADRClient):
         for event in events:
             heard = (_event_id_of(event), _revision_of(event))
             if heard not in self._unplaceable:  # a copy of one refused already is only answered again
-                self._unplaceable[heard] = None
-                while len(self._unplaceable) > WITHDRAWN_KEPT:
-                    del self._unplaceable[next(iter(self._unplaceable))]
+                _keep_newest(self._unplaceable, heard, None)
                 if self.on_unplaceable is not None:
                     await self.on_unplaceable(event, _unplaceable(event) or "")
         await self._opt_out_of_all({**message, "events": events})
@@ -620,10 +618,7 @@ class OpenAdrVen:
     def _keep_withdrawn(self, event_id: str, tracked: _Tracked) -> None:
         """Remember an implicitly cancelled event's requests (`WITHDRAWN_KEPT` events at most, the oldest
         forgotten first), for `_as_first_heard`."""
-        self._withdrawn.pop(event_id, None)
-        self._withdrawn[event_id] = (tracked.revision, dict(tracked.requests))
-        while len(self._withdrawn) > WITHDRAWN_KEPT:
-            del self._withdrawn[next(iter(self._withdrawn))]
+        _keep_newest(self._withdrawn, event_id, (tracked.revision, dict(tracked.requests)))
 
     async def _answer(self, sink: DispatchSink, request: DispatchRequest) -> DispatchAnswer:
         answer = await sink.submit(request)
@@ -878,6 +873,15 @@ def _unplaceable(event: Any) -> str | None:
     if not isinstance(duration, timedelta):
         return f"active_period.duration must be a duration, got {duration!r}"
     return None
+
+
+def _keep_newest(kept: dict[Any, Any], key: Any, value: Any) -> None:
+    """`kept[key] = value` as its newest entry, the oldest forgotten past `WITHDRAWN_KEPT`: what the VEN
+    remembers of events it no longer runs (a VTN names a handful at a time; the oldest matter least)."""
+    kept.pop(key, None)
+    kept[key] = value
+    while len(kept) > WITHDRAWN_KEPT:
+        del kept[next(iter(kept))]
 
 
 def _events_of(message: Any) -> list[Any]:
