@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from core_builders import bms, inverter
@@ -321,18 +322,34 @@ def test_at_a_stop_a_failing_journal_steps_no_core_and_is_tried_once(tmp_path):
         assembly.close()
 
 
+def bounded_gateway(tmp_path: Path, clock: list[float], batch_steps: int) -> tuple[Any, list[Any]]:
+    """A gateway on its own journal whose backlog keeps 3 batches of steps and 2 samples while writes fail;
+    with the list every step's result is appended to."""
+    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    assembly.gateway.steps = StepRecorder(batch_steps=batch_steps)
+    assembly.gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
+    stepped: list[Any] = []
+    assembly.gateway.observers.append(stepped.append)
+    return assembly, stepped
+
+
+def after_one_gap(path: Path) -> tuple[list[Any], dict[str, Any], list[dict[str, Any]]]:
+    """The journal's records (its chain verified), its one JournalGap's payload, and the batches of steps kept."""
+    with Journal.open(path, readonly=True) as journal:
+        assert journal.verify() == []
+        records = journal.records()
+    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
+    return records, gap, [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+
+
 def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_gap_says_what_is_missing(tmp_path):
     """A failure lasting days must not fill the gateway's memory with the bulk that grows with time alone
     (a batch of core steps a minute, a history sample a minute): past their bound they are dropped, while
     every request and answer is kept, and once writes work again one JournalGap says what is missing.
     A replay of the run ends at the gap (the steps after it follow steps nobody has)."""
     clock = [0.0]
-    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    assembly, stepped = bounded_gateway(tmp_path, clock, batch_steps=5)
     gateway = assembly.gateway
-    gateway.steps = StepRecorder(batch_steps=5)
-    gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
-    stepped = []
-    gateway.observers.append(stepped.append)
 
     async def fail_for_long() -> int:
         gateway.feed(bms(0.0), inverter(0.0))
@@ -358,11 +375,7 @@ def test_while_the_journal_fails_for_long_steps_and_samples_are_bounded_and_a_ga
         assembly.close()
     # 200 steps in 40 batches and 20 samples would have waited; 3 batches and 2 samples did, beside the requests
     assert most <= 3 + 2 + 1 + 20 * 2 + 10  # steps, samples, the gap, 20 requests and answers, a few transitions
-    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
-        assert journal.verify() == []
-        records = journal.records()
-    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
-    kept_steps = [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+    records, gap, kept_steps = after_one_gap(tmp_path / "journal.sqlite")
     assert gap["samples"] == 18 and gap["step_batches"] >= 35
     assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
     assert [r.payload["id"] for r in records if r.kind == RecordKind.DISPATCH_REQUEST] == \
@@ -379,12 +392,8 @@ def test_the_bound_holds_while_each_failed_write_waits_on_the_lock_and_what_came
     flight and are not counted twice when put back: else the bound never held and memory grew for as long
     as the failure lasted, with no JournalGap. Every step and sample is kept or counted in one gap."""
     clock = [0.0]
-    assembly = gateway_on(tmp_path / "journal.sqlite", clock)
+    assembly, stepped = bounded_gateway(tmp_path, clock, batch_steps=1)
     gateway = assembly.gateway
-    gateway.steps = StepRecorder(batch_steps=1)
-    gateway.backlog.bounds = {RecordKind.CORE_STEPS: 3, RecordKind.SAMPLE: 2}
-    stepped = []
-    gateway.observers.append(stepped.append)
 
     async def fail_while_writing() -> int:
         gateway.feed(bms(0.0), inverter(0.0))
@@ -409,10 +418,6 @@ def test_the_bound_holds_while_each_failed_write_waits_on_the_lock_and_what_came
     finally:
         assembly.close()
     assert most <= 3 + 2 + 1 + 10  # steps, samples, the gap, a few transitions (not 2 a cycle: 80)
-    with Journal.open(tmp_path / "journal.sqlite", readonly=True) as journal:
-        assert journal.verify() == []
-        records = journal.records()
-    (gap,) = [r.payload for r in records if r.kind == RecordKind.JOURNAL_GAP]
-    kept_steps = [r.payload for r in records if r.kind == RecordKind.CORE_STEPS]
+    records, gap, kept_steps = after_one_gap(tmp_path / "journal.sqlite")
     assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
     assert sum(1 for r in records if r.kind == RecordKind.SAMPLE) + gap["samples"] == 40
