@@ -27,6 +27,7 @@ from firmware_py.sim.bms_node import BmsNode
 
 from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main
+from firmware_py.commissioning import commands as commission_commands
 from firmware_py.commissioning.probes import message_specs, observe_can
 from firmware_py.config import bundled_dbc
 
@@ -221,6 +222,35 @@ def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, c
     assert steps["can"]["outcome"] == "pass"
     ended = [c for s in doc["steps"] for c in s["checks"] if c["name"] == "commissioning ended early"]
     assert len(ended) == 1 and "journal.sqlite" in ended[0]["detail"]
+
+
+def test_under_nohup_a_hang_up_leaves_commissioning_running(tmp_path: Path, capsys, monkeypatch):
+    """Started with SIGHUP ignored (`nohup`), the installer meant it to outlive the SSH session: `run`'s
+    rule (`tasks.stop_signals`). It took SIGHUP for its own and failed the CAN step as interrupted."""
+    channel = f"commission-nohup-{tmp_path.name}"
+    config = write_config(tmp_path, f'interface = "virtual"\nchannel = "{channel}"')
+    tx, stop = can.Bus(interface="virtual", channel=channel), threading.Event()
+    node = threading.Thread(target=BmsNode(Battery(soc_pct=70), tx, bundled_dbc("cybertruck_bms.dbc")).run,
+                            args=(stop,), daemon=True)
+    observe = commission_commands.probes.observe_can
+
+    def hung_up_while_observing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return observe(*args, **kwargs)
+
+    monkeypatch.setattr(commission_commands.probes, "observe_can", hung_up_while_observing)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    node.start()
+    try:
+        main(["commission", "--config", str(config), "--report", str(tmp_path / "report.json"),
+              "--can-seconds", "3"])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        stop.set()
+        node.join(timeout=5)
+        tx.shutdown()
+    steps = {s["step"]: s for s in json.loads((tmp_path / "report.json").read_text())["steps"]}
+    assert steps["can"]["outcome"] == "pass", capsys.readouterr().out
 
 
 def test_a_bms_that_falls_silent_part_way_through_the_window_is_stale_at_its_end():

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -44,6 +43,7 @@ from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
+from firmware_py.tasks import stop_signals
 from firmware_py.version import software_version
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
     and everything assembling opened is closed."""
     stop, stop_thread = asyncio.Event(), threading.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the installer's SSH session dropped
+    for sig in stop_signals():  # SIGHUP too: the installer's SSH session dropped, unless run under nohup
         loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
     where = f"{config.can.interface} {config.can.channel}"
     reader = reader_from_config(config, time.monotonic)
@@ -273,7 +273,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
 
 
 def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
-    """SIGINT, SIGTERM or SIGHUP: the step under way fails as interrupted and nothing more is tried
+    """A stop signal (`tasks.stop_signals`): the step under way fails as interrupted and nothing more is tried
     (the caller's clean-up still takes the inverter to 0 W)."""
     if not stop.is_set():
         return False
