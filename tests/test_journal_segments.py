@@ -9,8 +9,10 @@ archives after recording it in the chain; any other missing segment is a problem
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import stat
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from firmware_py.journal import (
     store,
 )
 from firmware_py.journal.codec import jsonable
+from test_journal import tamper
 
 DAY_S = 86_400.0
 
@@ -333,3 +336,48 @@ def test_a_live_journal_missing_beside_its_archives_is_refused(path):
     path.unlink()
     with pytest.raises(Exception, match="missing, but archived segments of it are beside it"):
         Journal.open(path)
+
+
+def _two_segments(path: Path) -> None:
+    with Journal.open(path) as journal:
+        filled(journal, 1)
+        journal.rotate(50, [])
+        filled(journal, 100)
+
+
+def _with_start_edited(path: Path, change: Callable[[dict], object]) -> None:
+    """A two-segment journal whose live `SegmentStart` payload was rewritten by `change` (by hand)."""
+    _two_segments(path)
+    with Journal.open(path, readonly=True) as journal:
+        (start,) = journal.records(RecordKind.SEGMENT_START)
+    payload = start.payload
+    change(payload)
+    tamper(path, ("UPDATE records SET payload = ? WHERE seq = ?", (json.dumps(payload), start.seq)))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda p: p["previous"].update(last_seq=float("inf")), "a segment start that does not say where the chain"),
+    (lambda p: p["previous"].update(last_seq=True), "a segment start that does not say where the chain"),
+    (lambda p: p.update(previous="segment 1"), "a segment start that does not say where the chain"),
+    (lambda p: p.update(pruned_through="x"), "a segment start whose pruned_through does not name"),
+    (lambda p: p.update(pruned_through={"segment": "1"}), "a segment start whose pruned_through does not name"),
+])
+@pytest.mark.parametrize("command", ["report", "statement"])
+def test_an_edited_value_in_a_segment_start_is_a_problem_of_the_chain_not_a_traceback(path, capsys, change,
+                                                                                        problem, command):
+    _with_start_edited(path, change)
+    code = cli.main([command, "--journal", str(path)])
+    captured = capsys.readouterr()
+    assert code == 1 and problem in captured.out + captured.err
+
+
+@pytest.mark.parametrize("segment", ["1", True, None, 1.5])
+def test_a_pruning_record_edited_to_name_no_segment_by_number_is_a_problem_of_the_chain(path, capsys, segment):
+    """A string beside a number once made the newest-pruning comparison raise inside the check."""
+    _two_segments(path)
+    with Journal.open(path, readonly=True) as journal:
+        first, second = (r.seq for r in journal.records(RecordKind.FAULT_RAISED)[:2])
+    sql = "UPDATE records SET kind = 'SegmentPruned', payload = ? WHERE seq = ?"
+    tamper(path, (sql, (json.dumps({"segment": segment}), first)), (sql, (json.dumps({"segment": 1}), second)))
+    code, out = report(path, capsys)
+    assert code == 1 and f"record {first}: a SegmentPruned record that does not name the pruned segment" in out

@@ -598,9 +598,13 @@ class Journal:
                 if record_hash(stored_prev, seq, at, wall, kind, text) != stored_hash:
                     result.problems.append(f"record {seq}: contents do not match its hash (edited)")
                 try:
-                    json.loads(text)
+                    payload = json.loads(text)
                 except ValueError:
                     result.problems.append(f"record {seq}: payload is not valid JSON")
+                else:
+                    if kind == RecordKind.SEGMENT_PRUNED and pruning_mark(payload) is None:
+                        result.problems.append(f"record {seq}: a SegmentPruned record that does not name the "
+                                               "pruned segment by number (edited)")
                 expected_seq, prev_hash = seq + 1, stored_hash
         if expected_seq is None:
             expected_seq, prev_hash = 1, GENESIS_HASH
@@ -615,13 +619,19 @@ class Journal:
             return 1, GENESIS_HASH
         try:
             payload = json.loads(text)
-            previous = payload["previous"]
-            base = (int(previous["last_seq"]) + 1, str(previous["last_hash"]))
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError):
+            payload = None
+        previous = payload.get("previous") if isinstance(payload, dict) else None
+        if not (isinstance(previous, dict) and is_int(previous.get("last_seq"))
+                and isinstance(previous.get("last_hash"), str)):
             result.problems.append(f"record {seq}: a segment start that does not say where the chain came from")
             return (seq if isinstance(seq, int) else 1), GENESIS_HASH
+        assert isinstance(payload, dict)
+        if payload.get("pruned_through") is not None and pruning_mark(payload["pruned_through"]) is None:
+            result.problems.append(f"record {seq}: a segment start whose pruned_through does not name a "
+                                   "pruned segment by number (edited)")
         result.start = payload
-        return base
+        return previous["last_seq"] + 1, previous["last_hash"]
 
     def _head_problems(self, last_seq: int, last_hash: str) -> list[str]:
         with self._lock:
@@ -738,10 +748,12 @@ class Journal:
 
     def pruned_through(self) -> dict[str, Any] | None:
         """The newest archive this segment knows was pruned (carried in, or pruned since)."""
-        newest = (self.start or {}).get("pruned_through")
-        for record in self.iter_records([RecordKind.SEGMENT_PRUNED]):
-            if newest is None or record.payload.get("segment", 0) > newest.get("segment", 0):
-                newest = {k: record.payload.get(k) for k in ("segment", "file", "last_seq", "last_hash")}
+        newest = pruning_mark((self.start or {}).get("pruned_through"))
+        # A mark an edit left malformed (or a record that is not JSON) counts for nothing here: `check` names it.
+        for record in self.iter_records([RecordKind.SEGMENT_PRUNED], damaged=lambda _seq: None):
+            mark = pruning_mark(record.payload)
+            if mark is not None and (newest is None or mark["segment"] > newest["segment"]):
+                newest = {k: mark.get(k) for k in ("segment", "file", "last_seq", "last_hash")}
         return newest
 
     def prune(self, at: float, retain_s: float) -> list[Path]:
@@ -957,6 +969,19 @@ def _load_payload(path: Path, seq: int, text: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InputError(f"{path}: record {seq}: payload is not a JSON object")
     return payload
+
+
+def is_int(value: Any) -> bool:
+    """An integer as the journal writes one: JSON's true and false are not (Python counts bool as int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def pruning_mark(value: Any) -> dict[str, Any] | None:
+    """`value` if it can be a pruning mark (an object naming the pruned segment by number), else None:
+    an edited mark must be a problem the check reports, never a comparison that raises."""
+    if isinstance(value, dict) and is_int(value.get("segment")):
+        return value
+    return None
 
 
 def _gap(expected: int, seq: int) -> str:
