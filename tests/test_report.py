@@ -167,6 +167,17 @@ def test_a_payload_that_is_no_longer_json_is_a_broken_chain_not_a_crash(journal_
     assert "record 3: payload is not valid JSON" in chain["problems"]
 
 
+def test_an_event_a_damaged_record_hides_is_a_broken_chain_not_an_event_that_does_not_exist(journal_path, capsys):
+    conn = sqlite3.connect(journal_path)
+    conn.execute("DROP TRIGGER records_no_update")
+    conn.execute("UPDATE records SET payload = '{broken' WHERE kind = 'EventEnergy'")
+    conn.commit()
+    conn.close()
+    assert main(["report", "--journal", str(journal_path), "--event", "peak-1"]) == 1
+    out, err = capsys.readouterr()
+    assert "chain: BROKEN" in out and "payload is not valid JSON" in out and "no dispatch event" not in out + err
+
+
 @pytest.mark.parametrize("field, value", [("meter_wh", None), ("meter_wh", "x"), ("integrated_wh", [])])
 @pytest.mark.parametrize("form", ["text", "json", "csv"])
 def test_a_value_no_record_of_its_kind_holds_is_a_problem_of_the_journal_not_a_crash(journal_path, capsys, field,

@@ -64,7 +64,7 @@ def report(args: argparse.Namespace) -> int:
         events, changes, software = [], [], ([], [])  # the damage the check reported also hides them: exit 1
     except codec.DAMAGED_VALUE as damage:
         return _unreadable(printer, verdict, damage)
-    if args.event is not None and not events:
+    if args.event is not None and not events and not verdict.problems:  # damage may hide it: exit 1 below
         raise InputError(f"{args.journal}: --event: no dispatch event with id {args.event!r} in this journal")
     try:
         with _held_output() as (out, err):
