@@ -259,6 +259,19 @@ def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_n
     assert "a record holds a value it cannot hold" in capsys.readouterr().err
 
 
+def test_a_record_that_is_no_longer_json_fails_verification_not_bad_input(crashed, tmp_path, capsys):
+    good = tmp_path / "s.json"
+    make(crashed, good, "--event", "peak")
+    with sqlite3.connect(crashed) as db:
+        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("UPDATE records SET payload = '{broken' WHERE kind = 'DispatchAnswer'")
+        assert db.total_changes == 1
+    assert verify(good, crashed) == 1
+    err = capsys.readouterr().err
+    assert "payload is not valid JSON" in err and "its figures cannot be recomputed" in err
+
+
 def test_an_outage_a_run_died_in_ends_with_that_run_and_the_next_runs_event_is_credited(tmp_path):
     """Run 1 enters BACKUP and dies in it (no transition out is ever journaled); run 2, grid back, serves an
     event. The core's clock starts again with each run, so outages are placed on the wall clock and one a

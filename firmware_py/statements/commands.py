@@ -240,6 +240,10 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
     except NoSuchEvent as missing:  # the statement's own event: this is another journal, or a changed one
         return [*problems, *_head_problems(chain, statement, seq),
                 f"events: the journal holds no event {missing.event!r}"]
+    except InputError as unreadable:  # (NoSuchEvent is one: caught first) a record the check found damaged
+        if not problems:
+            raise
+        return [*problems, f"journal: {unreadable}: its figures cannot be recomputed"]
     return [*problems, *_head_problems(chain, statement, seq), *differences(unsigned, computed)]
 
 
