@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from firmware_py.core.types import is_finite_number
+from firmware_py.core.types import is_finite_number, is_whole_number
 from firmware_py.errors import InputError
 from firmware_py.journal import codec, files
 from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorKey, AnchorLog, AnchorWhy
@@ -622,11 +622,10 @@ class Journal:
         except (ValueError, TypeError):
             payload = None
         previous = payload.get("previous") if isinstance(payload, dict) else None
-        if not (isinstance(previous, dict) and is_int(previous.get("last_seq"))
+        if not (isinstance(previous, dict) and is_whole_number(previous.get("last_seq"))
                 and isinstance(previous.get("last_hash"), str)):
             result.problems.append(f"record {seq}: a segment start that does not say where the chain came from")
             return (seq if isinstance(seq, int) else 1), GENESIS_HASH
-        assert isinstance(payload, dict)
         if payload.get("pruned_through") is not None and pruning_mark(payload["pruned_through"]) is None:
             result.problems.append(f"record {seq}: a segment start whose pruned_through does not name a "
                                    "pruned segment by number (edited)")
@@ -971,15 +970,10 @@ def _load_payload(path: Path, seq: int, text: str) -> dict[str, Any]:
     return payload
 
 
-def is_int(value: Any) -> bool:
-    """An integer as the journal writes one: JSON's true and false are not (Python counts bool as int)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def pruning_mark(value: Any) -> dict[str, Any] | None:
     """`value` if it can be a pruning mark (an object naming the pruned segment by number), else None:
     an edited mark must be a problem the check reports, never a comparison that raises."""
-    if isinstance(value, dict) and is_int(value.get("segment")):
+    if isinstance(value, dict) and is_whole_number(value.get("segment")):
         return value
     return None
 
