@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -89,6 +90,16 @@ def test_an_out_folder_that_cannot_be_made_exits_2_naming_out_and_why(tmp_path, 
     assert main(["bundle", "--out", str(out), "--source", str(ROOT)]) == 2
     err = capsys.readouterr().err
     assert f"{out}: --out: cannot make the folder: " in err and "Traceback" not in err
+
+
+def test_the_closing_hint_is_a_command_that_pastes_whole_when_the_path_has_a_space(tmp_path, capsys, monkeypatch):
+    """`sudo {out}/install.sh` unquoted split a path with a space into two arguments."""
+    monkeypatch.setattr(bundle, "build", lambda out, target, source: [])  # the hint, not pip, is under test
+    out = tmp_path / "my bundle"
+    assert main(["bundle", "--out", str(out), "--source", str(ROOT)]) == 0
+    hint = capsys.readouterr().out.splitlines()[-1]
+    command = hint.split("then: ", 1)[1]
+    assert shlex.split(command) == ["sudo", str(out / "install.sh")]
 
 
 def test_wheels_are_chosen_for_the_target_not_for_this_machine():
