@@ -103,12 +103,22 @@ fi
 
 # --- the software ----------------------------------------------------------------------------
 venv=$ROOT$PREFIX
-# The Python the environment runs on: none when its interpreter is gone (an OS upgrade removed it).
-made_for=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || made_for=
-if [ "$made_for" = "$PYTHON" ]; then
+# The Python the environment was made for, as its pyvenv.cfg records it. Not what its bin/python runs
+# now: that names /usr/bin/python3, which an OS upgrade repoints to the new version, while pip and the
+# packages stay in the old version's lib/pythonX.Y, which the new one never reads. The environment is
+# kept only when both agree with the bundle and its pip imports; otherwise it is made again. --clear
+# empties only $PREFIX: the configuration and the journal, tokens and settings are elsewhere.
+made_for=$(sed -n 's/^version[[:space:]]*=[[:space:]]*\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' "$venv/pyvenv.cfg" 2>/dev/null | head -n 1) || made_for=
+if [ "$made_for" = "$PYTHON" ] && "$venv/bin/python" -I -c 'import pip' >/dev/null 2>&1; then
     :
 elif [ -e "$venv/pyvenv.cfg" ]; then
-    say "$PREFIX: made for Python ${made_for:-that is no longer installed}: making it again"
+    if [ "$made_for" != "$PYTHON" ]; then
+        say "$PREFIX: made for Python ${made_for:-unknown}, this bundle's is $PYTHON: making it again"
+    elif "$venv/bin/python" -I -c '' >/dev/null 2>&1; then
+        say "$PREFIX: its Python cannot import pip: making it again"
+    else
+        say "$PREFIX: made for Python that is no longer installed: making it again"
+    fi
     "$PYTHON_BIN" -m venv --clear "$venv"
 else
     say "$PREFIX: making the virtual environment"

@@ -9,7 +9,9 @@ created and systemctl is not run (install.sh's `--root` prints what it would do)
 
 from __future__ import annotations
 
+import base64
 import configparser
+import hashlib
 import os
 import re
 import shlex
@@ -18,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -213,6 +216,54 @@ def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_pat
     assert "made for Python that is no longer installed: making it again" in again.stdout, again.stderr
     assert "No such file" not in again.stderr
     assert run([str(venv_bin / "python"), "-c", "print('runs')"]).stdout == "runs\n"
+
+
+def tiny_wheel(wheels: Path) -> None:
+    """A wheel named powershare-gw whose console script prints a version: install.sh then runs to its end."""
+    files = {"fakegw.py": "def main():\n    print('powershare-gw 0.1.0')\n",
+             "powershare_gw-0.1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: powershare-gw\nVersion: 0.1.0\n",
+             "powershare_gw-0.1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                    "Tag: py3-none-any\n",
+             "powershare_gw-0.1.0.dist-info/entry_points.txt": "[console_scripts]\npowershare-gw = fakegw:main\n"}
+    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for name, text in files.items()]
+    with zipfile.ZipFile(wheels / "powershare_gw-0.1.0-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr("powershare_gw-0.1.0.dist-info/RECORD", "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
+
+
+def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is_made_again(tmp_path):
+    """An OS upgrade repoints /usr/bin/python3 (what the environment's bin/python3 names) to the new
+    version: the environment then runs on the bundle's Python, but pip and its packages are in the old
+    version's lib/pythonX.Y, which the new one never reads. It was kept ("No module named pip", exit 1, the
+    gateway left broken). Simulated without a second Python: an environment as an older one made it
+    (pyvenv.cfg's version, its lib/python3.10) whose bin/python is now this Python. What the owner keeps
+    (configuration, token, journal, settings) lives outside it and is untouched."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    tiny_wheel(tmp_path / "bundle" / "wheels")
+    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
+    bundle.write_checksums(tmp_path / "bundle")
+    root = tmp_path / "root"
+    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert first.returncode == 0, first.stdout + first.stderr
+    venv = root / "opt" / "powershare-gw"
+    cfg = venv / "pyvenv.cfg"
+    cfg.write_text(re.sub(r"(?m)^version *=.*$", "version = 3.10.12", cfg.read_text()))
+    (venv / "lib" / f"python{HOST_PYTHON}").rename(venv / "lib" / "python3.10")
+    kept = {root / "etc" / "powershare-gw" / "gateway.toml": "version = 1\n[owner]\nreserve_pct = 55\n",
+            root / "var" / "lib" / "powershare-gw" / "owner.token": "secret\n",
+            root / "var" / "lib" / "powershare-gw" / "journal.sqlite": "the journal\n",
+            root / "var" / "lib" / "powershare-gw" / "settings.json": "{}\n"}
+    for path, text in kept.items():
+        path.write_text(text)
+
+    again = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"made for Python 3.10, this bundle's is {HOST_PYTHON}: making it again" in again.stdout
+    assert run([str(venv / "bin" / "powershare-gw")]).stdout == "powershare-gw 0.1.0\n"
+    assert f"version = {HOST_PYTHON}." in cfg.read_text() and not (venv / "lib" / "python3.10").exists()
+    assert {path: path.read_text() for path in kept} == kept
 
 
 def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
