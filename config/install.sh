@@ -12,8 +12,9 @@
 #   Run again with a newer bundle to upgrade: the configuration and the journal are kept.
 #
 #   ./install.sh --root DIR [--python PATH]
-#       the same files under DIR instead of / (a test, an image being built): no user is
-#       created, no ownership changed and systemctl is not run; what would be is printed.
+#       the same files under DIR instead of / (for tests only): no user is created, no ownership
+#       changed and systemctl is not run; what would be is printed. Not for building an image: the
+#       environment's commands name DIR/opt/powershare-gw/bin/python, which is gone once DIR becomes /.
 #
 # Exit codes: 0 installed, 1 a step failed, 2 bad arguments or a bundle that does not fit here.
 set -eu
@@ -32,7 +33,7 @@ PYTHON_BIN=python3
 
 say() { printf '%s\n' "$*"; }
 fail() { printf 'install.sh: %s\n' "$1" >&2; exit "${2:-1}"; }
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
