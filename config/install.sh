@@ -168,9 +168,14 @@ install -d -m 0750 "$ROOT$STATE_DIR"
 as_system chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
 say "$STATE_DIR: the journal and the gateway's other files (only the service writes here)"
 
+# check-config judges whether the journal, settings and token can be written by the user running it:
+# run as root it would call a folder only root can write valid, so it runs as the service's user.
 if [ -n "$ROOT" ]; then  # the paths the configuration names are the gateway's, not under DIR
-    say "  (--root: would run: $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml)"
-elif problems=$("$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
+    say "  (--root: would run as $SERVICE_USER: $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml)"
+elif ! command -v runuser >/dev/null 2>&1; then
+    say "$CONF_DIR/gateway.toml: not checked: runuser (util-linux) is missing, and run as root check-config would"
+    say "  call folders valid that $SERVICE_USER cannot write: check it as the service's user (step 2 below)"
+elif problems=$(cd / && runuser -u "$SERVICE_USER" -- "$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
     say "$CONF_DIR/gateway.toml: valid"
 else
     say "$CONF_DIR/gateway.toml: not valid yet:"

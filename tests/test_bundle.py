@@ -230,7 +230,8 @@ def tiny_wheel(wheels: Path) -> None:
     with zipfile.ZipFile(wheels / "powershare_gw-0.1.0-py3-none-any.whl", "w") as whl:
         for name, text in files.items():
             whl.writestr(name, text)
-        whl.writestr("powershare_gw-0.1.0.dist-info/RECORD", "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
+        whl.writestr("powershare_gw-0.1.0.dist-info/RECORD",
+                     "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
 
 
 def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is_made_again(tmp_path):
@@ -311,7 +312,8 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     for would in ("useradd --system --user-group --home-dir /var/lib/powershare-gw",
                   "chown root:powershare /etc/powershare-gw", "chown powershare:powershare /var/lib/powershare-gw",
                   "systemctl enable powershare-gw.service",
-                  "would run: /opt/powershare-gw/bin/powershare-gw check-config /etc/powershare-gw/gateway.toml"):
+                  "would run as powershare: /opt/powershare-gw/bin/powershare-gw check-config "
+                  "/etc/powershare-gw/gateway.toml"):
         assert would in installed.stdout
     on_the_gateway = tmp_path / "gateway.toml"  # the template, its paths where --root put their folder
     on_the_gateway.write_text((config_dir / "gateway.toml").read_text().replace("/var/lib/powershare-gw",
