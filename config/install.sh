@@ -12,8 +12,9 @@
 #   Run again with a newer bundle to upgrade: the configuration and the journal are kept.
 #
 #   ./install.sh --root DIR [--python PATH]
-#       the same files under DIR instead of / (a test, an image being built): no user is
-#       created, no ownership changed and systemctl is not run; what would be is printed.
+#       the same files under DIR instead of / (for tests only): no user is created, no ownership
+#       changed and systemctl is not run; what would be is printed. Not for building an image: the
+#       environment's commands name DIR/opt/powershare-gw/bin/python, which is gone once DIR becomes /.
 #
 # Exit codes: 0 installed, 1 a step failed, 2 bad arguments or a bundle that does not fit here.
 set -eu
@@ -32,7 +33,7 @@ PYTHON_BIN=python3
 
 say() { printf '%s\n' "$*"; }
 fail() { printf 'install.sh: %s\n' "$1" >&2; exit "${2:-1}"; }
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -103,12 +104,22 @@ fi
 
 # --- the software ----------------------------------------------------------------------------
 venv=$ROOT$PREFIX
-# The Python the environment runs on: none when its interpreter is gone (an OS upgrade removed it).
-made_for=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || made_for=
-if [ "$made_for" = "$PYTHON" ]; then
+# The Python the environment was made for, as its pyvenv.cfg records it. Not what its bin/python runs
+# now: that names /usr/bin/python3, which an OS upgrade repoints to the new version, while pip and the
+# packages stay in the old version's lib/pythonX.Y, which the new one never reads. The environment is
+# kept only when both agree with the bundle and its pip imports; otherwise it is made again. --clear
+# empties only $PREFIX: the configuration and the journal, tokens and settings are elsewhere.
+made_for=$(sed -n 's/^version[[:space:]]*=[[:space:]]*\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' "$venv/pyvenv.cfg" 2>/dev/null | head -n 1) || made_for=
+if [ "$made_for" = "$PYTHON" ] && "$venv/bin/python" -I -c 'import pip' >/dev/null 2>&1; then
     :
 elif [ -e "$venv/pyvenv.cfg" ]; then
-    say "$PREFIX: made for Python ${made_for:-that is no longer installed}: making it again"
+    if [ "$made_for" != "$PYTHON" ]; then
+        say "$PREFIX: made for Python ${made_for:-unknown}, this bundle's is $PYTHON: making it again"
+    elif "$venv/bin/python" -I -c '' >/dev/null 2>&1; then
+        say "$PREFIX: its Python cannot import pip: making it again"
+    else
+        say "$PREFIX: made for Python that is no longer installed: making it again"
+    fi
     "$PYTHON_BIN" -m venv --clear "$venv"
 else
     say "$PREFIX: making the virtual environment"
@@ -157,9 +168,14 @@ install -d -m 0750 "$ROOT$STATE_DIR"
 as_system chown "$SERVICE_USER:$SERVICE_USER" "$STATE_DIR"
 say "$STATE_DIR: the journal and the gateway's other files (only the service writes here)"
 
+# check-config judges whether the journal, settings and token can be written by the user running it:
+# run as root it would call a folder only root can write valid, so it runs as the service's user.
 if [ -n "$ROOT" ]; then  # the paths the configuration names are the gateway's, not under DIR
-    say "  (--root: would run: $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml)"
-elif problems=$("$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
+    say "  (--root: would run as $SERVICE_USER: $PREFIX/bin/powershare-gw check-config $CONF_DIR/gateway.toml)"
+elif ! command -v runuser >/dev/null 2>&1; then
+    say "$CONF_DIR/gateway.toml: not checked: runuser (util-linux) is missing, and run as root check-config would"
+    say "  call folders valid that $SERVICE_USER cannot write: check it as the service's user (step 2 below)"
+elif problems=$(cd / && runuser -u "$SERVICE_USER" -- "$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
     say "$CONF_DIR/gateway.toml: valid"
 else
     say "$CONF_DIR/gateway.toml: not valid yet:"

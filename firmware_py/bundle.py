@@ -26,6 +26,7 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -276,5 +277,5 @@ def bundle_command(args: argparse.Namespace) -> int:
         return 1
     print(f"{out}: powershare-gw for {target.arch}, Python {target.python_text}: {len(wheels)} wheels, "
           "the configuration template, the systemd unit and install.sh")
-    print(f"carry it to the gateway, then: sudo {out}/install.sh")
+    print(f"carry it to the gateway, then: sudo {shlex.quote(str(out / 'install.sh'))}")
     return 0

@@ -9,14 +9,18 @@ created and systemctl is not run (install.sh's `--root` prints what it would do)
 
 from __future__ import annotations
 
+import base64
 import configparser
+import hashlib
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -89,6 +93,16 @@ def test_an_out_folder_that_cannot_be_made_exits_2_naming_out_and_why(tmp_path, 
     assert main(["bundle", "--out", str(out), "--source", str(ROOT)]) == 2
     err = capsys.readouterr().err
     assert f"{out}: --out: cannot make the folder: " in err and "Traceback" not in err
+
+
+def test_the_closing_hint_is_a_command_that_pastes_whole_when_the_path_has_a_space(tmp_path, capsys, monkeypatch):
+    """`sudo {out}/install.sh` unquoted split a path with a space into two arguments."""
+    monkeypatch.setattr(bundle, "build", lambda out, target, source: [])  # the hint, not pip, is under test
+    out = tmp_path / "my bundle"
+    assert main(["bundle", "--out", str(out), "--source", str(ROOT)]) == 0
+    hint = capsys.readouterr().out.splitlines()[-1]
+    command = hint.split("then: ", 1)[1]
+    assert shlex.split(command) == ["sudo", str(out / "install.sh")]
 
 
 def test_wheels_are_chosen_for_the_target_not_for_this_machine():
@@ -204,6 +218,55 @@ def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_pat
     assert run([str(venv_bin / "python"), "-c", "print('runs')"]).stdout == "runs\n"
 
 
+def tiny_wheel(wheels: Path) -> None:
+    """A wheel named powershare-gw whose console script prints a version: install.sh then runs to its end."""
+    files = {"fakegw.py": "def main():\n    print('powershare-gw 0.1.0')\n",
+             "powershare_gw-0.1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: powershare-gw\nVersion: 0.1.0\n",
+             "powershare_gw-0.1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                    "Tag: py3-none-any\n",
+             "powershare_gw-0.1.0.dist-info/entry_points.txt": "[console_scripts]\npowershare-gw = fakegw:main\n"}
+    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for name, text in files.items()]
+    with zipfile.ZipFile(wheels / "powershare_gw-0.1.0-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr("powershare_gw-0.1.0.dist-info/RECORD",
+                     "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
+
+
+def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is_made_again(tmp_path):
+    """An OS upgrade repoints /usr/bin/python3 (what the environment's bin/python3 names) to the new
+    version: the environment then runs on the bundle's Python, but pip and its packages are in the old
+    version's lib/pythonX.Y, which the new one never reads. It was kept ("No module named pip", exit 1, the
+    gateway left broken). Simulated without a second Python: an environment as an older one made it
+    (pyvenv.cfg's version, its lib/python3.10) whose bin/python is now this Python. What the owner keeps
+    (configuration, token, journal, settings) lives outside it and is untouched."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    tiny_wheel(tmp_path / "bundle" / "wheels")
+    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
+    bundle.write_checksums(tmp_path / "bundle")
+    root = tmp_path / "root"
+    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert first.returncode == 0, first.stdout + first.stderr
+    venv = root / "opt" / "powershare-gw"
+    cfg = venv / "pyvenv.cfg"
+    cfg.write_text(re.sub(r"(?m)^version *=.*$", "version = 3.10.12", cfg.read_text()))
+    (venv / "lib" / f"python{HOST_PYTHON}").rename(venv / "lib" / "python3.10")
+    kept = {root / "etc" / "powershare-gw" / "gateway.toml": "version = 1\n[owner]\nreserve_pct = 55\n",
+            root / "var" / "lib" / "powershare-gw" / "owner.token": "secret\n",
+            root / "var" / "lib" / "powershare-gw" / "journal.sqlite": "the journal\n",
+            root / "var" / "lib" / "powershare-gw" / "settings.json": "{}\n"}
+    for path, text in kept.items():
+        path.write_text(text)
+
+    again = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"made for Python 3.10, this bundle's is {HOST_PYTHON}: making it again" in again.stdout
+    assert run([str(venv / "bin" / "powershare-gw")]).stdout == "powershare-gw 0.1.0\n"
+    assert f"version = {HOST_PYTHON}." in cfg.read_text() and not (venv / "lib" / "python3.10").exists()
+    assert {path: path.read_text() for path in kept} == kept
+
+
 def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
     """In [Service] systemd ignores StartLimitIntervalSec ("Unknown key"): a configuration that exits 2
     would then be restarted every 5 s for ever."""
@@ -249,7 +312,8 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     for would in ("useradd --system --user-group --home-dir /var/lib/powershare-gw",
                   "chown root:powershare /etc/powershare-gw", "chown powershare:powershare /var/lib/powershare-gw",
                   "systemctl enable powershare-gw.service",
-                  "would run: /opt/powershare-gw/bin/powershare-gw check-config /etc/powershare-gw/gateway.toml"):
+                  "would run as powershare: /opt/powershare-gw/bin/powershare-gw check-config "
+                  "/etc/powershare-gw/gateway.toml"):
         assert would in installed.stdout
     on_the_gateway = tmp_path / "gateway.toml"  # the template, its paths where --root put their folder
     on_the_gateway.write_text((config_dir / "gateway.toml").read_text().replace("/var/lib/powershare-gw",
