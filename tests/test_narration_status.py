@@ -399,3 +399,24 @@ def test_status_gives_up_on_an_answer_that_drips_past_its_deadline(tmp_path):
             call(owner, "GET", "/api/status", wants=("at", "mode", "reason"), clock=lambda: now[0])
     finally:
         peer.sock.close()
+
+
+@pytest.mark.parametrize("field, value", [("power_w", '"lots"'), ("links.bms.age_s", '"x"'), ("event", '"peak"'),
+                                          ("earnings.credit", "[1]"), ("soc_pct", "true")])
+def test_status_refuses_a_document_with_a_field_of_the_wrong_type_naming_it(tmp_path, capsys, field, value):
+    """`power_w` was formatted as a number unchecked: a peer sending a string made a traceback (exit 1)."""
+    parts = {"power_w": "1", "links": '{"bms": {"ok": true, "age_s": 0.5}}', "event": "null",
+             "earnings": '{"month": "2025-07", "credit": 1}', "soc_pct": "50"}
+    top = field.split(".")[0]
+    parts[top] = {"links.bms.age_s": f'{{"bms": {{"ok": true, "age_s": {value}}}}}',
+                  "earnings.credit": f'{{"month": "2025-07", "credit": {value}}}'}.get(field, value)
+    doc = ('{"at": "x", "mode": "STANDBY", "reason": "r", '
+           + ", ".join(f'"{key}": {text}' for key, text in parts.items()) + "}").encode()
+    json.loads(doc)  # the test's own document is JSON
+    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
+    try:
+        assert cli.main(["status", "--config", str(peer.config(tmp_path))]) == 2
+    finally:
+        peer.sock.close()
+    err = capsys.readouterr().err
+    assert "is not a powershare-gw owner API (its field " + field + " is " in err and "Traceback" not in err
