@@ -10,7 +10,8 @@ this month's earnings (`earnings`: the month's statement totals, computed by the
 statement's own code off the event loop, with the journal record they go up to).
 
 Exit codes (the contract): 0 printed, 2 the gateway cannot be reached (not
-running, wrong address, token not accepted) or the configuration is bad.
+running, wrong address, token not accepted, or what answers sends a document that
+cannot be shown: a field of the wrong type) or the configuration is bad.
 """
 
 from __future__ import annotations
@@ -24,6 +25,36 @@ from typing import Any
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.narration import percent
 from firmware_py.quoting import printable
+
+
+class Unrenderable(ValueError):
+    """A field of the status document that is not what a gateway sends (`"power_w": "lots"`): the answer
+    is unusable, as any other bad peer's (exit 2 naming the field), never a traceback (exit 1)."""
+
+    def __init__(self, field: str, value: Any) -> None:
+        super().__init__(f"its field {field} is {printable(repr(value))[:60]}")
+
+
+def _number(value: Any, field: str) -> float:
+    """`value` as a number to format, or Unrenderable naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unrenderable(field, value)
+    return value
+
+
+def _optional(value: Any, field: str) -> float | None:
+    """`value` as a number to format, None (not known) kept, or Unrenderable naming `field`."""
+    return None if value is None else _number(value, field)
+
+
+def _part(value: Any, field: str) -> dict[str, Any] | None:
+    """An object of the document (None when absent or empty), or Unrenderable naming `field`."""
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise Unrenderable(field, value)
+    return value
+
 
 CORE_LINKS = ("bms", "inverter")
 """Always shown, even before their first report: without them the gateway cannot command power."""
@@ -80,36 +111,42 @@ def _utc(epoch_s: float) -> str:
 
 
 def render(doc: dict[str, Any]) -> list[str]:
-    """The document as lines for a person: rounded as people read them (`--json` keeps every digit)."""
-    event = doc.get("event")
+    """The document as lines for a person: rounded as people read them (`--json` keeps every digit).
+    Unrenderable when a field it formats has the wrong type."""
+    event = _part(doc.get("event"), "event")
     if event:
-        cap = f", capped to {event['cap_w']:,.0f} W" if event.get("cap_w") is not None else ""
-        delivered = event.get("delivered_wh")
+        cap_w = _optional(event.get("cap_w"), "event.cap_w")
+        cap = f", capped to {cap_w:,.0f} W" if cap_w is not None else ""
+        delivered = _optional(event.get("delivered_wh"), "event.delivered_wh")
         energy = f"{delivered:,.1f} Wh delivered" if delivered is not None else "nothing delivered yet"
         envelope = f", the floor's envelope reduces power from {event['envelope_from']}" \
             if event.get("envelope_from") else ""
-        served = f"{event['id']}: {event.get('answer')}{cap}, {energy}{envelope}"
+        served = f"{event.get('id')}: {event.get('answer')}{cap}, {energy}{envelope}"
     else:
         served = "none"
     lines = [
         f"at:      {doc.get('at')}",
         f"mode:    {doc.get('mode')}: {doc.get('reason')}",
-        f"SoC:     {percent(doc.get('soc_pct'))} (floor {percent(doc.get('floor_pct'))}, "
-        f"reserve {percent(doc.get('reserve_pct'))})",
-        f"power:   {doc.get('power_w', 0):,.0f} W measured, setpoint {doc.get('setpoint_w', 0):,.0f} W",
+        f"SoC:     {_percent(doc, 'soc_pct')} (floor {_percent(doc, 'floor_pct')}, "
+        f"reserve {_percent(doc, 'reserve_pct')})",
+        f"power:   {_number(doc.get('power_w', 0), 'power_w'):,.0f} W measured, "
+        f"setpoint {_number(doc.get('setpoint_w', 0), 'setpoint_w'):,.0f} W",
         f"event:   {served}",
-        f"faults:  {', '.join(doc.get('faults') or []) or 'none'}",
-        f"storm:   {_storm(doc.get('storm_watch'))}",
-        f"earned:  {_earnings(doc.get('earnings'))}",
-        "links:   " + "; ".join(_link(name, link) for name, link in (doc.get("links") or {}).items()),
+        f"faults:  {', '.join(str(fault) for fault in _list(doc.get('faults'), 'faults')) or 'none'}",
+        f"storm:   {_storm(_part(doc.get('storm_watch'), 'storm_watch'))}",
+        f"earned:  {_earnings(_part(doc.get('earnings'), 'earnings'))}",
+        "links:   " + "; ".join(_link(name, _part(link, f"links.{name}") or {})
+                                for name, link in (_part(doc.get("links"), "links") or {}).items()),
     ]
-    blocked = doc.get("dispatch_blocked")
+    blocked = _part(doc.get("dispatch_blocked"), "dispatch_blocked")
     if blocked:
-        lines.append(f"dispatch: not followed now: {blocked['reason']}: {blocked['detail']}")
-    price = doc.get("price_mode")
+        lines.append(f"dispatch: not followed now: {blocked.get('reason')}: {blocked.get('detail')}")
+    price = _part(doc.get("price_mode"), "price_mode")
     if price:
-        lines.append(f"price:   discharging while {price['kind']} >= {price['threshold_per_kwh']:g} per kWh; "
-                     f"{price['today_wh']:,.0f} of {price['max_wh_per_day']:,.0f} Wh today")
+        threshold = _number(price.get("threshold_per_kwh"), "price_mode.threshold_per_kwh")
+        today, most = (_number(price.get(key), f"price_mode.{key}") for key in ("today_wh", "max_wh_per_day"))
+        lines.append(f"price:   discharging while {price.get('kind')} >= {threshold:g} per kWh; "
+                     f"{today:,.0f} of {most:,.0f} Wh today")
     if doc.get("resyncing"):
         lines.append("resync:  the gateway stalled; holding 0 W until fresh BMS and inverter data")
     if not doc.get("journal_ok", True):
@@ -117,24 +154,39 @@ def render(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _percent(doc: dict[str, Any], field: str) -> str:
+    return percent(_optional(doc.get(field), field))
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    """A list of the document (empty when absent), or Unrenderable naming `field`."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Unrenderable(field, value)
+    return value
+
+
 def _earnings(earnings: dict[str, Any] | None) -> str:
     if not earnings:
         return "not computed yet (the month's figures follow once the journal has been read)"
     cur = earnings.get("currency", "")
-    served = earnings.get("events_served", 0)
-    return (f"{earnings.get('month')}: credit {earnings.get('credit', 0):,.2f} {cur} for "
-            f"{earnings.get('credited_wh', 0) / 1000:,.2f} kWh credited in {served} event{'s' * (served != 1)}, "
-            f"wear {earnings.get('wear_cost', 0):,.2f} {cur}, net {earnings.get('net', 0):,.2f} {cur}")
+    served = _number(earnings.get("events_served", 0), "earnings.events_served")
+    credit, credited_wh, wear, net = (_number(earnings.get(key, 0), f"earnings.{key}")
+                                      for key in ("credit", "credited_wh", "wear_cost", "net"))
+    return (f"{earnings.get('month')}: credit {credit:,.2f} {cur} for "
+            f"{credited_wh / 1000:,.2f} kWh credited in {served} event{'s' * (served != 1)}, "
+            f"wear {wear:,.2f} {cur}, net {net:,.2f} {cur}")
 
 
 def _storm(storm: dict[str, Any] | None) -> str:
     if not storm:
         return "no storm watch"
-    return f"storm watch: keeping {percent(storm.get('floor_pct'))} for an outage until {storm.get('until')}"
+    return f"storm watch: keeping {_percent(storm, 'floor_pct')} for an outage until {storm.get('until')}"
 
 
 def _link(name: str, link: dict[str, Any]) -> str:
-    age = link.get("age_s")
+    age = _optional(link.get("age_s"), f"links.{name}.age_s")
     when = "no data yet" if age is None else f"last good {age:.1f} s ago"
     if link.get("ok"):
         return f"{name} ok ({when})"
@@ -145,6 +197,7 @@ def _link(name: str, link: dict[str, Any]) -> str:
 def _status_command(args: argparse.Namespace) -> int:
     from firmware_py import config
     from firmware_py.errors import InputError
+    from firmware_py.owner.access import parse_listen
     from firmware_py.owner.commands import Unavailable, call
 
     owner = config.load(args.config).owner
@@ -156,7 +209,12 @@ def _status_command(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print("\n".join(printable(line) for line in render(doc)))  # ids and causes come from aggregators
+        try:
+            lines = render(doc)
+        except Unrenderable as err:
+            raise InputError(f"status: what answers on {parse_listen(owner.api_listen).describe()} is not a "
+                             f"powershare-gw owner API ({err})") from None
+        print("\n".join(printable(line) for line in lines))  # ids and causes come from aggregators
     return 0
 
 

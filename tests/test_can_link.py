@@ -162,6 +162,23 @@ def test_a_silent_bus_is_reopened_with_a_back_off_that_doubles_to_its_bound(worl
     assert world.assembly.gateway.links.view(world.now)["bms"]["ok"] is False
 
 
+def test_the_silence_cause_counts_from_the_last_frame_not_the_last_reopen(world):
+    """Each reopen gives the bus a whole timeout again, and the cause `status` shows counted from there:
+    a bus silent for minutes read "no BMS frame for 0.8 s"."""
+    async def main() -> tuple[str, float]:
+        await world.frames_arrive()
+        await world.look()
+        heard_at = world.now
+        for _ in range(int(20 / 0.25)):  # 20 s of silence: several reopens on the way
+            await world.look(0.25)
+        assert world.link.reopens >= 3
+        cause = world.assembly.gateway.links.view(world.now)["bms"]["cause"]
+        return cause, world.now - heard_at
+
+    cause, silent_s = asyncio.run(main())
+    assert cause == f"no BMS frame for {silent_s:.1f} s"
+
+
 def test_a_bus_that_cannot_be_reopened_keeps_being_retried_and_heals_when_it_can(world):
     async def main() -> None:
         await world.frames_arrive()

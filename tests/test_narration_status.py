@@ -326,3 +326,97 @@ def test_status_text_rounds_for_people_and_the_json_keeps_every_digit():
     assert "peak: accepted, 12.3 Wh delivered" in text and "keeping 75.2 % for an outage" in text
     assert "bms ok (last good 0.0 s ago)" in text
     assert "79.83" not in text and "42.12" not in text and "12.34" not in text
+
+
+class Peer:
+    """A peer on api_listen that answers every request with `answer` (raw bytes), then `after(conn)`."""
+
+    def __init__(self, answer: bytes, after=lambda conn: None) -> None:
+        self.answer, self.after = answer, after
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            try:
+                conn.sendall(self.answer)
+                self.after(conn)
+            except OSError:
+                pass
+
+    def config(self, tmp_path: Path) -> Path:
+        token = tmp_path / "owner.token"
+        token.write_text("ab" * 32)
+        token.chmod(0o600)
+        return write_config(tmp_path, f"127.0.0.1:{self.sock.getsockname()[1]}", token)
+
+
+def test_status_refuses_an_answer_over_1_mib_as_no_gateway(tmp_path, capsys):
+    """`response.read()` had no bound: a peer declaring 100 GB made `status` die of a MemoryError."""
+    doc = json.dumps({"at": "x", "mode": "STANDBY", "reason": "r", "pad": "x" * (2 << 20)}).encode()
+    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
+    try:
+        assert cli.main(["status", "--config", str(peer.config(tmp_path))]) == 2
+    finally:
+        peer.sock.close()
+    err = capsys.readouterr().err
+    assert "is not a powershare-gw owner API (its answer is longer than 1 MiB)" in err and "Traceback" not in err
+
+
+def test_status_gives_up_on_an_answer_that_drips_past_its_deadline(tmp_path):
+    """A socket timeout bounds one read: a peer sending a byte at a time kept `status` running for ever.
+    The clock is the test's: the peer moves it past the deadline once the headers are out, then drips."""
+    from firmware_py import config as gateway_config
+    from firmware_py.owner.commands import Unreachable, call
+
+    now = [0.0]
+    body = b" " * 60 + b'{"at": "x", "mode": "STANDBY", "reason": "r"}'
+    client_gone = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        now[0] = 1_000.0
+        conn.settimeout(0.05)
+        for byte in body:  # until the client gives up (the old code read it all, slowly, and was satisfied)
+            conn.sendall(bytes([byte]))
+            try:
+                if conn.recv(1) == b"":
+                    client_gone.set()
+                    return
+            except TimeoutError:
+                pass
+
+    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), drip)
+    owner = gateway_config.load(peer.config(tmp_path)).owner
+    try:
+        with pytest.raises(Unreachable, match=r"no gateway answering on 127\.0\.0\.1:\d+ \(no whole answer within 5 s\)"):
+            call(owner, "GET", "/api/status", wants=("at", "mode", "reason"), clock=lambda: now[0])
+    finally:
+        peer.sock.close()
+
+
+@pytest.mark.parametrize("field, value", [("power_w", '"lots"'), ("links.bms.age_s", '"x"'), ("event", '"peak"'),
+                                          ("earnings.credit", "[1]"), ("soc_pct", "true")])
+def test_status_refuses_a_document_with_a_field_of_the_wrong_type_naming_it(tmp_path, capsys, field, value):
+    """`power_w` was formatted as a number unchecked: a peer sending a string made a traceback (exit 1)."""
+    parts = {"power_w": "1", "links": '{"bms": {"ok": true, "age_s": 0.5}}', "event": "null",
+             "earnings": '{"month": "2025-07", "credit": 1}', "soc_pct": "50"}
+    top = field.split(".")[0]
+    parts[top] = {"links.bms.age_s": f'{{"bms": {{"ok": true, "age_s": {value}}}}}',
+                  "earnings.credit": f'{{"month": "2025-07", "credit": {value}}}'}.get(field, value)
+    doc = ('{"at": "x", "mode": "STANDBY", "reason": "r", '
+           + ", ".join(f'"{key}": {text}' for key, text in parts.items()) + "}").encode()
+    json.loads(doc)  # the test's own document is JSON
+    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
+    try:
+        assert cli.main(["status", "--config", str(peer.config(tmp_path))]) == 2
+    finally:
+        peer.sock.close()
+    err = capsys.readouterr().err
+    assert "is not a powershare-gw owner API (its field " + field + " is " in err and "Traceback" not in err

@@ -102,6 +102,10 @@ class CanLink:
         self._errors_seen = 0
         self._failing = False  # a receive error not yet followed by frames
         self._last_frame_at = self._checked_at = -math.inf
+        # When the last frame really came (or listening began): what the silence cause counts from.
+        # `_last_frame_at` is moved on at every reopen and pause, to time the next reopen, so a cause
+        # counted from it said "no BMS frame for 0.8 s" of a bus silent for minutes.
+        self._heard_at = -math.inf
         self._backoff = 0.0
         self._next_attempt = -math.inf
         self._open_error = ""
@@ -135,7 +139,7 @@ class CanLink:
         self._on_snapshot = on_snapshot
         if self.bus is not None:  # else the first reopen that succeeds starts listening
             self._listen()
-        self._last_frame_at = self._checked_at = self.clock()
+        self._last_frame_at = self._checked_at = self._heard_at = self.clock()
 
     def _listen(self) -> None:
         assert self.bus is not None and self._on_snapshot is not None
@@ -180,7 +184,7 @@ class CanLink:
         frames = self.reader.accepted + self.reader.dropped.total()
         flowing = frames != self._frames_seen
         if flowing:
-            self._frames_seen, self._last_frame_at = frames, now
+            self._frames_seen, self._last_frame_at, self._heard_at = frames, now, now
             self._backoff, self._next_attempt = 0.0, -math.inf
             self._hang_told = False
             if self.link is not None:
@@ -206,9 +210,8 @@ class CanLink:
             self._failing = False
         if self._failing and not flowing:
             return f"CAN receive error: {listener.last_error if listener is not None else 'unknown'}"
-        silent = now - self._last_frame_at
-        if silent > self.silence_s:
-            return f"no BMS frame for {silent:.1f} s"
+        if now - self._last_frame_at > self.silence_s:
+            return f"no BMS frame for {now - self._heard_at:.1f} s"
         return None
 
     async def _reopen(self) -> None:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import http.client
+import io
 import json
 import socket
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from firmware_py import config
@@ -36,6 +39,8 @@ INVERTER_EXCHANGES = 8
 the command's write, which queues for the Modbus link behind a poll in progress (a reconnect, its reads)
 and then writes, reads back and, on a mismatch, writes 0 W; each exchange bounded by `[inverter] timeout_s`
 plus at most 1 s (`InverterClient`)."""
+MAX_ANSWER_BYTES = 1 << 20
+"""The largest answer read: the API's are a few kB; a peer declaring 100 GB made `status` die of a MemoryError."""
 
 
 def answer_wait_s(inverter_timeout_s: float) -> float:
@@ -81,19 +86,70 @@ def _connection(listen: Listen) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(listen.host, listen.port, timeout=CONNECT_TIMEOUT_S)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The answer's bytes, each read given only the time left until `until` (on `clock`): a socket timeout
+    bounds one read, so a peer dripping a byte at a time kept `status` waiting for ever."""
+
+    def __init__(self, sock: socket.socket, until: float, clock: Callable[[], float], answer_s: float) -> None:
+        super().__init__()
+        self.sock, self.until, self.clock, self.answer_s = sock, until, clock, answer_s
+        self.raw = sock.makefile("rb", buffering=0)  # keeps the socket open while the answer is read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self.until - self.clock()
+        if left <= 0:
+            raise TimeoutError(f"no whole answer within {self.answer_s:g} s")
+        self.sock.settimeout(left)
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """The connection's socket, its answer read through a `_DeadlineReader` (http.client reads through
+    `makefile`)."""
+
+    def __init__(self, sock: socket.socket, until: float, clock: Callable[[], float], answer_s: float) -> None:
+        self._sock, self._deadline = sock, (until, clock, answer_s)
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, *self._deadline))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _bounded_read(response: http.client.HTTPResponse, listen: Listen) -> bytes:
+    """The answer's body, at most MAX_ANSWER_BYTES: a longer one is no owner API's (Unreachable)."""
+    raw = b""
+    while len(raw) <= MAX_ANSWER_BYTES and (chunk := response.read(MAX_ANSWER_BYTES + 1 - len(raw))):
+        raw += chunk
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise Unreachable(f"what answers on {listen.describe()} is not a powershare-gw owner API "
+                          f"(its answer is longer than {MAX_ANSWER_BYTES // (1 << 20)} MiB)")
+    return raw
+
+
 def _exchange(conn: http.client.HTTPConnection, listen: Listen, method: str, path: str, body: str | None,
-              headers: dict[str, str], answer_s: float) -> tuple[int, bytes]:
-    """Send one request and read its answer. Failing before the request is sent, there is no gateway to
-    ask (Unreachable); a change that was sent and then got no answer may have been made (NoAnswer)."""
+              headers: dict[str, str], answer_s: float,
+              clock: Callable[[], float] = time.monotonic) -> tuple[int, bytes]:
+    """Send one request and read its whole answer within `answer_s`. Failing before the request is sent,
+    there is no gateway to ask (Unreachable); a change that was sent and then got no answer may have been
+    made (NoAnswer)."""
     try:
         conn.request(method, path, body=body, headers=headers)
     except (OSError, http.client.HTTPException) as err:
         raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
     try:
-        if method != "GET" and conn.sock is not None:
-            conn.sock.settimeout(answer_s)
+        if conn.sock is not None:
+            conn.sock = _DeadlineSocket(conn.sock, clock() + answer_s, clock, answer_s)  # type: ignore[assignment]
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, _bounded_read(response, listen)
     except (OSError, http.client.HTTPException) as err:
         if method == "GET":
             raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
@@ -102,10 +158,12 @@ def _exchange(conn: http.client.HTTPConnection, listen: Listen, method: str, pat
 
 
 def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None,
-         wants: tuple[str, ...] = ("settings",), answer_s: float = CONNECT_TIMEOUT_S) -> dict[str, Any]:
+         wants: tuple[str, ...] = ("settings",), answer_s: float = CONNECT_TIMEOUT_S,
+         clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
     """One API request; the decoded JSON answer (an object holding the keys `wants`), InputError for a
-    400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API, NoAnswer when
-    a change (any method but GET) was sent and its answer did not come within `answer_s`."""
+    400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API (or no whole
+    answer of at most MAX_ANSWER_BYTES came within `answer_s`), NoAnswer when a change (any method but
+    GET) was sent and its whole answer did not come within `answer_s`."""
     listen = parse_listen(owner.api_listen)
     try:
         token = read_token(owner.token_file)
@@ -116,7 +174,7 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     try:
         status, raw = _exchange(conn, listen, method, path, None if body is None else json.dumps(body), headers,
-                                answer_s)
+                                answer_s, clock)
     finally:
         conn.close()
     try:
