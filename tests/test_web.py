@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -611,6 +612,39 @@ def test_the_history_marks_a_hole_where_samples_are_missing_rather_than_joining_
     assert all(None not in row for i, row in enumerate(doc["samples"]) if i != 3)
     joined = read_history(tmp_path / "journal.sqlite", 1e9 + 32 * 60.0, interval_s=600.0)  # 10 minutes apart: none
     assert len(joined["samples"]) == 5
+
+
+def journal_of_samples(path: Path, minutes: range, interval_s: float = 60.0) -> None:
+    """A journal of STANDBY samples `interval_s` apart (wall 1e9 + t), as the gateway's sample task keeps them."""
+    with Journal.open(path) as journal, journal.batch():
+        for n in minutes:
+            journal.append(RecordKind.SAMPLE, n * interval_s, {"mode": "STANDBY", "soc_pct": 80, "floor_pct": 40,
+                           "setpoint_w": 0, "power_w": 0}, wall=1e9 + n * interval_s)
+
+
+def damage(path: Path, seq: int) -> None:
+    """Tear record `seq`'s payload on disk (a bad sector), past the journal's own no-update trigger."""
+    with sqlite3.connect(path) as db:
+        triggers = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+        for name, _ in triggers:
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("UPDATE records SET payload = '{\"soc_pct\": 8' WHERE seq = ?", (seq,))
+        for _, sql in triggers:
+            db.execute(sql)
+    sqlite3.connect(path).close()
+
+
+def test_one_damaged_record_leaves_the_rest_of_the_history_shown_and_is_logged_by_seq(tmp_path, caplog):
+    """One torn row in the day made every History request a 500 until it left the window, a day later."""
+    path = tmp_path / "journal.sqlite"
+    journal_of_samples(path, range(5))
+    seq = 3
+    damage(path, seq)
+    with caplog.at_level(logging.WARNING):
+        doc = read_history(path, 1e9 + 5 * 60.0, interval_s=60.0)
+    assert [row[0] - 1e9 for row in doc["samples"]] == [0, 60, 180, 240]  # the minute-2 sample, record 3, skipped
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"record {seq}" in warned[0], warned
 
 
 def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):

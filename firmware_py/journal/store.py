@@ -465,7 +465,8 @@ class Journal:
                 return  # a seq rewritten as another type: paging cannot go on past it (check() says so)
             after = rows[-1][0]
 
-    def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512) -> list[Record]:
+    def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512, *,
+               damaged: Callable[[int], None] | None = None) -> list[Record]:
         """Records of `kinds` made at or after `since_wall` (wall time), oldest first.
 
         Read newest first through the (kind, seq) index, a page at a time, stopping at
@@ -473,14 +474,16 @@ class Journal:
         (the history chart asks for a day of a journal that may hold years). A window
         reaching back past this segment's first record goes on into the archived ones,
         newest first: a rotation earlier that day must not hide what the day spent.
+        A record whose payload cannot be read raises InputError, unless `damaged` is given: as in
+        `iter_records`, it is told the seq and the record is skipped (one torn row must not blank a day).
         """
-        found, whole = self._recent_here(kinds, since_wall, page)
+        found, whole = self._recent_here(kinds, since_wall, page, damaged)
         if not whole:
             return found
         for segment in reversed(files.archives(self.path)):
             try:
                 with Journal.open(segment.path, readonly=True) as older:
-                    earlier, whole = older._recent_here(kinds, since_wall, page)
+                    earlier, whole = older._recent_here(kinds, since_wall, page, damaged)
             except InputError as err:
                 log.warning("journal: the archived segment %s could not be read (%s); the window starts after it",
                             segment.path.name, err)
@@ -490,8 +493,8 @@ class Journal:
                 break
         return found
 
-    def _recent_here(self, kinds: Collection[RecordKind | str], since_wall: float,
-                     page: int) -> tuple[list[Record], bool]:
+    def _recent_here(self, kinds: Collection[RecordKind | str], since_wall: float, page: int,
+                     damaged: Callable[[int], None] | None = None) -> tuple[list[Record], bool]:
         """`recent` within this segment, and whether the window reached back past its first record."""
         wanted = sorted(str(kind) for kind in kinds)
         marks = ",".join("?" * len(wanted))
@@ -505,7 +508,14 @@ class Journal:
             for seq, at, wall, k, text, prev, h in rows:
                 if wall < since_wall:
                     return found[::-1], False
-                found.append(Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h))
+                try:
+                    payload = _load_payload(self.path, seq, text)
+                except InputError:
+                    if damaged is None:
+                        raise
+                    damaged(seq)
+                    continue
+                found.append(Record(seq, at, wall, RecordKind.read(k), payload, prev, h))
             if len(rows) < page:
                 return found[::-1], self._first_wall() >= since_wall
             before = rows[-1][0]
