@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import logging
 import os
 import sqlite3
 import stat
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -36,7 +38,8 @@ from firmware_py.core.types import DispatchKind, DispatchRequest, PriceInterval,
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.narration import Narrator
-from firmware_py.web.history import read_history
+from firmware_py.web import server
+from firmware_py.web.history import MAX_POINTS, read_history
 from firmware_py.web.installer import REDACTED, redacted
 from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
 from firmware_py.web.sessions import LoginThrottle
@@ -645,6 +648,45 @@ def test_one_damaged_record_leaves_the_rest_of_the_history_shown_and_is_logged_b
     assert [row[0] - 1e9 for row in doc["samples"]] == [0, 60, 180, 240]  # the minute-2 sample, record 3, skipped
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and f"record {seq}" in warned[0], warned
+
+
+def test_a_days_history_at_a_sample_a_second_holds_the_points_sent_not_the_days_samples(tmp_path):
+    """At sample_interval_s = 1 a day is 86,400 samples: all were read in as records to send one in 58 (about
+    100 MB a request). Now they are thinned as read: what is held is bounded by the points sent."""
+    path = tmp_path / "journal.sqlite"
+    journal_of_samples(path, range(30_000), interval_s=1.0)
+    tracemalloc.start()
+    try:
+        doc = read_history(path, 1e9 + 30_000.0, interval_s=1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak  # 30,000 records kept came to about 25 MB
+    samples = doc["samples"]
+    assert MAX_POINTS // 2 < len(samples) <= MAX_POINTS and samples[-1][0] == 1e9 + 29_999  # the newest shown
+    step = samples[1][0] - samples[0][0]
+    assert all(b[0] - a[0] == step and None not in b for a, b in itertools.pairwise(samples))  # even, no holes
+
+
+def test_history_requests_read_the_journal_one_at_a_time(tmp_path, monkeypatch):
+    """Each read ran in its own worker thread with no limit: four at once took four times the memory."""
+    reads: list[bool] = []
+
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+
+            def read(*args: Any, **kwargs: Any) -> dict[str, Any]:
+                reads.append(app.history_reads.locked())  # held by this read until it is done
+                return read_history(*args, **kwargs)
+
+            monkeypatch.setattr(server, "read_history", read)
+            answers = await asyncio.gather(*(browser.call("GET", "/api/history") for _ in range(3)))
+            assert [status for status, _ in answers] == [200] * 3
+            assert not app.history_reads.locked()
+
+    asyncio.run(main())
+    assert reads == [True] * 3
 
 
 def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):

@@ -12,13 +12,14 @@ them, so the chart survives a restart and shows what an auditor would find:
 The journal is opened read-only on its own connection (SQLite in WAL mode lets
 it read beside the gateway's writer), in a worker thread, and read newest first
 through its kind index, so a day's history costs a day's records whatever the
-journal's length. At most `MAX_POINTS` points go to the page.
+journal's length. At most `MAX_POINTS` points go to the page, and the samples are
+thinned as they are read (`_thinned`): a request holds about the points it sends.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,9 @@ def read_history(journal_path: str | Path, now_wall: float, interval_s: float,
     Where samples `interval_s` apart are missing, a row of nulls marks the hole (`HOLE_INTERVALS`)."""
     since = now_wall - span_s
     with Journal.open(journal_path, readonly=True) as journal:
-        samples = journal.recent([RecordKind.SAMPLE], since, damaged=_skip_damaged)
+        points = _points(journal.newest_first([RecordKind.SAMPLE], since, damaged=_skip_damaged), interval_s)
         window = journal.recent(EVENT_KINDS | WINDOW_KINDS, since, damaged=_skip_damaged)
-    return {"from": since, "to": now_wall, "samples": _points(samples, interval_s), "events": _events(window)}
+    return {"from": since, "to": now_wall, "samples": points, "events": _events(window)}
 
 
 def _skip_damaged(seq: int) -> None:
@@ -69,16 +70,37 @@ def _skip_damaged(seq: int) -> None:
     log.warning("history: journal record %d skipped: its payload cannot be read (`powershare-gw report` flags it)", seq)
 
 
-def _points(samples: list[Record], interval_s: float) -> list[list[Any]]:
-    stride = max(1, -(-len(samples) // MAX_POINTS))
+def _points(newest_first: Iterable[Record], interval_s: float) -> list[list[Any]]:
+    """The chart's rows, oldest first, evenly thinned to at most `MAX_POINTS`, with a null row at each hole."""
+    rows, stride = _thinned(newest_first)
     hole_s = HOLE_INTERVALS * interval_s * stride
     points: list[list[Any]] = []
-    for r in samples[::stride]:
-        if points and r.wall - points[-1][0] > hole_s:
-            points.append([round((points[-1][0] + r.wall) / 2, 1), None, None, None, None])
-        points.append([round(r.wall, 1), r.payload.get("soc_pct"), r.payload.get("floor_pct"),
-                       r.payload.get("setpoint_w"), r.payload.get("power_w")])
+    for row in reversed(rows):
+        if points and row[0] - points[-1][0] > hole_s:
+            points.append([round((points[-1][0] + row[0]) / 2, 1), None, None, None, None])
+        points.append(row)
     return points
+
+
+def _thinned(newest_first: Iterable[Record]) -> tuple[list[list[Any]], int]:
+    """Every `stride`-th sample's row from the newest, and the stride, kept as they are read: the stride doubles
+    whenever 2 * `MAX_POINTS` rows are held, so a day at a sample a second (86,400) never sits in memory whole
+    (it took about 100 MB a request)."""
+    rows: list[list[Any]] = []
+    stride = 1
+    for n, record in enumerate(newest_first):
+        if n % stride == 0:
+            rows.append(_row(record))
+            if len(rows) == 2 * MAX_POINTS:
+                rows, stride = rows[::2], stride * 2
+    more = max(1, -(-len(rows) // MAX_POINTS))
+    return rows[::more], stride * more
+
+
+def _row(sample: Record) -> list[Any]:
+    """`[wall, soc, floor, setpoint, power]`, as the page draws it."""
+    p = sample.payload
+    return [round(sample.wall, 1), p.get("soc_pct"), p.get("floor_pct"), p.get("setpoint_w"), p.get("power_w")]
 
 
 def _events(records: list[Record]) -> list[dict[str, Any]]:
