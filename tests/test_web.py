@@ -689,6 +689,24 @@ def test_history_requests_read_the_journal_one_at_a_time(tmp_path, monkeypatch):
     assert reads == [True] * 3
 
 
+def test_an_event_announced_before_the_window_that_ran_in_it_is_shown(tmp_path):
+    """Day-ahead events are normal (OpenADR): one announced and answered before the day, delivering in it, was
+    left out of History. Scaled: a 60 s window, the event announced 30 s ahead, running 60 s."""
+    async def main() -> float:
+        async with serving(tmp_path) as (rig, _, _):
+            now = rig.gateway.now()
+            await rig.gateway.submit(DispatchRequest("day-ahead", "test", DispatchKind.DISCHARGE, 4_000,
+                                                     now + 30, now + 90, now))
+            await rig.run(100.0, step_s=0.2)  # the request is 100 s old, the delivery 70 s to 10 s ago
+            rig.gateway.flush_journal()
+            return rig.time.wall()
+
+    now_wall = asyncio.run(main())
+    doc = read_history(tmp_path / "journal.sqlite", now_wall, interval_s=60.0, span_s=60.0)
+    assert [(e["id"], e["answer"], e["final"]) for e in doc["events"]] == [("day-ahead", "accepted", True)]
+    assert doc["events"][0]["delivered_wh"] > 0
+
+
 def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):
     def enrolled(config: Config) -> Config:
         config = web_enabled(tmp_path)(config)

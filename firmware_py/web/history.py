@@ -29,6 +29,12 @@ from firmware_py.journal.summary import EVENT_KINDS, WINDOW_KINDS, event_summari
 
 log = logging.getLogger(__name__)
 
+ANNOUNCED = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER})
+"""The records that say what an event was and how it was answered."""
+ANNOUNCED_S = 7 * 24 * 3600.0
+"""How far before the window the announcement of an event that ran in it is looked for: day-ahead events
+(OpenADR) are announced the evening before; a week bounds the read, whatever the journal's length."""
+
 HISTORY_S = 24 * 3600.0
 MAX_POINTS = 1_500
 """About one a minute over a day: a phone's chart has no use for more."""
@@ -60,7 +66,26 @@ def read_history(journal_path: str | Path, now_wall: float, interval_s: float,
     with Journal.open(journal_path, readonly=True) as journal:
         points = _points(journal.newest_first([RecordKind.SAMPLE], since, damaged=_skip_damaged), interval_s)
         window = journal.recent(EVENT_KINDS | WINDOW_KINDS, since, damaged=_skip_damaged)
+        window = _announced_before(journal, window, since) + window
     return {"from": since, "to": now_wall, "samples": points, "events": _events(window)}
+
+
+def _announced_before(journal: Journal, window: list[Record], since: float) -> list[Record]:
+    """The requests and answers, from before the window, of the events with records in it but no answer:
+    an event announced and answered the day before and delivering in the window was left out of History.
+    Oldest first, to stand before the window's records as they stood in the journal."""
+    answered = {_request_id(r) for r in window if r.kind == RecordKind.DISPATCH_ANSWER}
+    unanswered = {_request_id(r) for r in window if r.kind in EVENT_KINDS} - answered
+    if not unanswered:
+        return []
+    found = [r for r in journal.newest_first(ANNOUNCED, since - ANNOUNCED_S, damaged=_skip_damaged)
+             if r.wall < since and _request_id(r) in unanswered]
+    return found[::-1]
+
+
+def _request_id(record: Record) -> str:
+    """The event an event record belongs to, keyed as `event_summaries` keys it."""
+    return str(record.payload.get("request_id", record.payload.get("id")))
 
 
 def _skip_damaged(seq: int) -> None:
@@ -108,7 +133,7 @@ def _events(records: list[Record]) -> list[dict[str, Any]]:
     shown = []
     for e in event_summaries(_Window(records)):  # type: ignore[arg-type]  # reads a journal's records
         if e.verdict is None:
-            continue  # only its energy records fell in the window: it was answered before it
+            continue  # no answer in the window nor in the week before it (`_announced_before`)
         shown.append({"id": e.request_id, "source": e.source, "kind": e.kind, "target_w": e.target_w,
                       "answer": e.verdict, "cap_w": e.cap_w, "reason": e.reason, "detail": e.detail,
                       "start": e.start, "end": e.ended_at if e.ended_at is not None else e.end,
