@@ -670,6 +670,17 @@ def test_single_event_opt_outs_are_bounded_and_revoking_makes_room():
         frozenset({"one-more"})
 
 
+def test_an_event_opt_out_is_kept_without_the_spaces_a_phone_keyboard_adds(tmp_path):
+    """"peak " from a phone was stored as is, matched no event "peak", and the truck discharged."""
+    assert changes.opt_out(OwnerSettings(40, NOW), {"event": " peak  "}, NOW, None).opt_out_events == \
+        frozenset({"peak"})
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:  # the API (and MQTT, the page) share changes.opt_out
+        status, answer = request(api, "PUT", "/opt-out", json.dumps({"event": "peak "}).encode())
+        assert status == 200 and answer["settings"]["opt_out_events"] == ["peak"]
+        assert api.port.calls[-1].opt_out_events == frozenset({"peak"})
+
+
 def test_owner_without_an_action_is_bad_input(tmp_path, owner_cli):
     code, _, err = owner_cli(write_gateway_config(tmp_path, "127.0.0.1:1"))
     assert code == 2 and "give an action: status, reserve, opt-out, departure, storm-watch or price" in err

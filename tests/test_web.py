@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import logging
 import os
+import sqlite3
 import stat
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -35,7 +38,8 @@ from firmware_py.core.types import DispatchKind, DispatchRequest, PriceInterval,
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.narration import Narrator
-from firmware_py.web.history import read_history
+from firmware_py.web import server
+from firmware_py.web.history import MAX_POINTS, read_history
 from firmware_py.web.installer import REDACTED, redacted
 from firmware_py.web.server import COOKIE, CSRF_HEADER, WebApp, check
 from firmware_py.web.sessions import LoginThrottle
@@ -611,6 +615,96 @@ def test_the_history_marks_a_hole_where_samples_are_missing_rather_than_joining_
     assert all(None not in row for i, row in enumerate(doc["samples"]) if i != 3)
     joined = read_history(tmp_path / "journal.sqlite", 1e9 + 32 * 60.0, interval_s=600.0)  # 10 minutes apart: none
     assert len(joined["samples"]) == 5
+
+
+def journal_of_samples(path: Path, minutes: range, interval_s: float = 60.0) -> None:
+    """A journal of STANDBY samples `interval_s` apart (wall 1e9 + t), as the gateway's sample task keeps them."""
+    with Journal.open(path) as journal, journal.batch():
+        for n in minutes:
+            journal.append(RecordKind.SAMPLE, n * interval_s, {"mode": "STANDBY", "soc_pct": 80, "floor_pct": 40,
+                           "setpoint_w": 0, "power_w": 0}, wall=1e9 + n * interval_s)
+
+
+def damage(path: Path, seq: int) -> None:
+    """Tear record `seq`'s payload on disk (a bad sector), past the journal's own no-update trigger."""
+    with sqlite3.connect(path) as db:
+        triggers = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+        for name, _ in triggers:
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("UPDATE records SET payload = '{\"soc_pct\": 8' WHERE seq = ?", (seq,))
+        for _, sql in triggers:
+            db.execute(sql)
+    sqlite3.connect(path).close()
+
+
+def test_one_damaged_record_leaves_the_rest_of_the_history_shown_and_is_logged_by_seq(tmp_path, caplog):
+    """One torn row in the day made every History request a 500 until it left the window, a day later."""
+    path = tmp_path / "journal.sqlite"
+    journal_of_samples(path, range(5))
+    seq = 3
+    damage(path, seq)
+    with caplog.at_level(logging.WARNING):
+        doc = read_history(path, 1e9 + 5 * 60.0, interval_s=60.0)
+    assert [row[0] - 1e9 for row in doc["samples"]] == [0, 60, 180, 240]  # the minute-2 sample, record 3, skipped
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"record {seq}" in warned[0], warned
+
+
+def test_a_days_history_at_a_sample_a_second_holds_the_points_sent_not_the_days_samples(tmp_path):
+    """At sample_interval_s = 1 a day is 86,400 samples: all were read in as records to send one in 58 (about
+    100 MB a request). Now they are thinned as read: what is held is bounded by the points sent."""
+    path = tmp_path / "journal.sqlite"
+    journal_of_samples(path, range(30_000), interval_s=1.0)
+    tracemalloc.start()
+    try:
+        doc = read_history(path, 1e9 + 30_000.0, interval_s=1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak  # 30,000 records kept came to about 25 MB
+    samples = doc["samples"]
+    assert MAX_POINTS // 2 < len(samples) <= MAX_POINTS and samples[-1][0] == 1e9 + 29_999  # the newest shown
+    step = samples[1][0] - samples[0][0]
+    assert all(b[0] - a[0] == step and None not in b for a, b in itertools.pairwise(samples))  # even, no holes
+
+
+def test_history_requests_read_the_journal_one_at_a_time(tmp_path, monkeypatch):
+    """Each read ran in its own worker thread with no limit: four at once took four times the memory."""
+    reads: list[bool] = []
+
+    async def main() -> None:
+        async with serving(tmp_path) as (rig, app, tokens), client(app) as browser:
+            await browser.login(tokens["owner"])
+
+            def read(*args: Any, **kwargs: Any) -> dict[str, Any]:
+                reads.append(app.history_reads.locked())  # held by this read until it is done
+                return read_history(*args, **kwargs)
+
+            monkeypatch.setattr(server, "read_history", read)
+            answers = await asyncio.gather(*(browser.call("GET", "/api/history") for _ in range(3)))
+            assert [status for status, _ in answers] == [200] * 3
+            assert not app.history_reads.locked()
+
+    asyncio.run(main())
+    assert reads == [True] * 3
+
+
+def test_an_event_announced_before_the_window_that_ran_in_it_is_shown(tmp_path):
+    """Day-ahead events are normal (OpenADR): one announced and answered before the day, delivering in it, was
+    left out of History. Scaled: a 60 s window, the event announced 30 s ahead, running 60 s."""
+    async def main() -> float:
+        async with serving(tmp_path) as (rig, _, _):
+            now = rig.gateway.now()
+            await rig.gateway.submit(DispatchRequest("day-ahead", "test", DispatchKind.DISCHARGE, 4_000,
+                                                     now + 30, now + 90, now))
+            await rig.run(100.0, step_s=0.2)  # the request is 100 s old, the delivery 70 s to 10 s ago
+            rig.gateway.flush_journal()
+            return rig.time.wall()
+
+    now_wall = asyncio.run(main())
+    doc = read_history(tmp_path / "journal.sqlite", now_wall, interval_s=60.0, span_s=60.0)
+    assert [(e["id"], e["answer"], e["final"]) for e in doc["events"]] == [("day-ahead", "accepted", True)]
+    assert doc["events"][0]["delivered_wh"] > 0
 
 
 def test_the_history_shows_each_events_figures_as_its_statement_does(tmp_path, capsys):

@@ -37,7 +37,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -465,49 +465,64 @@ class Journal:
                 return  # a seq rewritten as another type: paging cannot go on past it (check() says so)
             after = rows[-1][0]
 
-    def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512) -> list[Record]:
-        """Records of `kinds` made at or after `since_wall` (wall time), oldest first.
+    def recent(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512, *,
+               damaged: Callable[[int], None] | None = None) -> list[Record]:
+        """Records of `kinds` made at or after `since_wall` (wall time), oldest first: `newest_first`'s, kept.
 
         Read newest first through the (kind, seq) index, a page at a time, stopping at
         the first older record: what it costs is the window's size, never the journal's
-        (the history chart asks for a day of a journal that may hold years). A window
-        reaching back past this segment's first record goes on into the archived ones,
-        newest first: a rotation earlier that day must not hide what the day spent.
+        (the history chart asks for a day of a journal that may hold years).
         """
-        found, whole = self._recent_here(kinds, since_wall, page)
+        return list(self.newest_first(kinds, since_wall, page, damaged=damaged))[::-1]
+
+    def newest_first(self, kinds: Collection[RecordKind | str], since_wall: float, page: int = 512, *,
+                     damaged: Callable[[int], None] | None = None) -> Iterator[Record]:
+        """Records of `kinds` made at or after `since_wall`, newest first, one at a time: a caller that thins
+        them (the history chart: a day at a sample a second is 86,400) holds only what it keeps.
+
+        A window reaching back past this segment's first record goes on into the archived ones,
+        newest first: a rotation earlier that day must not hide what the day spent.
+        A record whose payload cannot be read raises InputError, unless `damaged` is given: as in
+        `iter_records`, it is told the seq and the record is skipped (one torn row must not blank a day).
+        """
+        whole = yield from self._recent_here(kinds, since_wall, page, damaged)
         if not whole:
-            return found
+            return
         for segment in reversed(files.archives(self.path)):
             try:
                 with Journal.open(segment.path, readonly=True) as older:
-                    earlier, whole = older._recent_here(kinds, since_wall, page)
+                    whole = yield from older._recent_here(kinds, since_wall, page, damaged)
             except InputError as err:
                 log.warning("journal: the archived segment %s could not be read (%s); the window starts after it",
                             segment.path.name, err)
-                break
-            found = earlier + found
+                return
             if not whole:
-                break
-        return found
+                return
 
-    def _recent_here(self, kinds: Collection[RecordKind | str], since_wall: float,
-                     page: int) -> tuple[list[Record], bool]:
-        """`recent` within this segment, and whether the window reached back past its first record."""
+    def _recent_here(self, kinds: Collection[RecordKind | str], since_wall: float, page: int,
+                     damaged: Callable[[int], None] | None = None) -> Generator[Record, None, bool]:
+        """`newest_first` within this segment; returns whether the window reached back past its first record."""
         wanted = sorted(str(kind) for kind in kinds)
         marks = ",".join("?" * len(wanted))
         sql = (f"SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records "
                f"WHERE kind IN ({marks}) AND seq < ? ORDER BY seq DESC LIMIT ?")
-        found: list[Record] = []
         before = self.last_seq + 1
         while True:
             with self._lock:
                 rows = self._read(sql, (*wanted, before, page))
             for seq, at, wall, k, text, prev, h in rows:
                 if wall < since_wall:
-                    return found[::-1], False
-                found.append(Record(seq, at, wall, RecordKind.read(k), _load_payload(self.path, seq, text), prev, h))
+                    return False
+                try:
+                    payload = _load_payload(self.path, seq, text)
+                except InputError:
+                    if damaged is None:
+                        raise
+                    damaged(seq)
+                    continue
+                yield Record(seq, at, wall, RecordKind.read(k), payload, prev, h)
             if len(rows) < page:
-                return found[::-1], self._first_wall() >= since_wall
+                return self._first_wall() >= since_wall
             before = rows[-1][0]
 
     def _first_wall(self) -> float:

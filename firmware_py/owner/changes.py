@@ -139,16 +139,23 @@ def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None)
             raise BadRequest(f'now: expected true, got {shown(body["now"])}')
         return _changed(current, now, opt_out_until=math.inf)
     if "event" in body:
-        event = body["event"]
-        if not isinstance(event, str) or not event.strip() or len(event) > MAX_EVENT_ID or not event.isprintable():
-            raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} printable characters, "
-                             f"got {shown(event)}")
+        event = _event_id(body["event"])
         if event not in current.opt_out_events and len(current.opt_out_events) >= MAX_OPT_OUT_EVENTS:
             raise BadRequest(f"event: {MAX_OPT_OUT_EVENTS} events are opted out of already; revoke the opt-outs "
                              "(DELETE /api/opt-out, or opt-out off) or opt out until a time instead")
         return _changed(current, now, opt_out_events=current.opt_out_events | {event})
     until = _ahead(parse_instant(body["until"], tz), body["until"], now)
     return _changed(current, now, opt_out_until=until)
+
+
+def _event_id(raw: Any) -> str:
+    """The event id without the spaces around it: a phone keyboard appends one, and "peak " kept as sent
+    matches no event "peak" (the truck discharged through an opt-out the owner was told was made)."""
+    event = raw.strip() if isinstance(raw, str) else raw
+    if not isinstance(event, str) or not event or len(event) > MAX_EVENT_ID or not event.isprintable():
+        raise BadRequest(f"event: expected a non-empty event id of at most {MAX_EVENT_ID} printable characters, "
+                         f"got {shown(raw)}")
+    return event
 
 
 def revoke_opt_out(current: OwnerSettings, now: float) -> OwnerSettings:

@@ -183,6 +183,9 @@ class WebApp:
         self._keys: Keys | None = None
         self._assets: dict[str, bytes] = {}
         self.listener = HttpListener(f"web.listen: cannot listen on {config.web.listen}")
+        self.history_reads = asyncio.Lock()
+        """Held by each History read: one at a time, each in its worker thread, so requests at once wait
+        their turn rather than each holding a day's read beside the others."""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -396,7 +399,8 @@ class WebApp:
         earnings = self.gateway.earnings
         await earnings.refresh(now - HISTORY_S)
         journal = self.config.journal
-        doc = await asyncio.to_thread(read_history, journal.path, now, journal.sample_interval_s)
+        async with self.history_reads:
+            doc = await asyncio.to_thread(read_history, journal.path, now, journal.sample_interval_s)
         return _json(200, with_figures(doc, *earnings.figures(now - HISTORY_S)))
 
     async def _installer(self, request: web.Request, caller: Caller) -> web.Response:

@@ -452,7 +452,7 @@ function wireControls() {
     ev.preventDefault();
     let body = { now: true }, made = (s) => s.opt_out_until === "until_revoked";
     if (mode.value === "event") {
-      body = { event: $("opt-out-event").value };
+      body = { event: $("opt-out-event").value.trim() };
       made = (s) => s.opt_out_events.includes(body.event);
     }
     if (mode.value === "until") {
