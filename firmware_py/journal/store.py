@@ -441,15 +441,19 @@ class Journal:
     def _records_where(self, where: str, params: tuple, since_seq: int,
                        damaged: Callable[[int], None] | None = None) -> Iterator[Record]:
         for rows in self._pages(where, params, since_seq):
-            for seq, at, wall, k, text, prev, h in rows:
-                try:
-                    payload = _load_payload(self.path, seq, text)
-                except InputError:
-                    if damaged is None:
-                        raise
-                    damaged(seq)
-                    continue
-                yield Record(seq, at, wall, RecordKind.read(k), payload, prev, h)
+            yield from filter(None, (self._record(row, damaged) for row in rows))
+
+    def _record(self, row: tuple, damaged: Callable[[int], None] | None) -> Record | None:
+        """The row as a Record; None when its payload cannot be read and `damaged` (told its seq) skips it."""
+        seq, at, wall, kind, text, prev, h = row
+        try:
+            payload = _load_payload(self.path, seq, text)
+        except InputError:
+            if damaged is None:
+                raise
+            damaged(seq)
+            return None
+        return Record(seq, at, wall, RecordKind.read(kind), payload, prev, h)
 
     def _pages(self, where: str, params: tuple, since_seq: int) -> Iterator[list[tuple]]:
         """Raw rows, PAGE_ROWS at a time (keyset paging: each page its own short query)."""
@@ -504,23 +508,16 @@ class Journal:
         """`newest_first` within this segment; returns whether the window reached back past its first record."""
         wanted = sorted(str(kind) for kind in kinds)
         marks = ",".join("?" * len(wanted))
-        sql = (f"SELECT seq, at, wall, kind, payload, prev_hash, hash FROM records "
-               f"WHERE kind IN ({marks}) AND seq < ? ORDER BY seq DESC LIMIT ?")
+        sql = f"SELECT {_COLUMNS} FROM records WHERE kind IN ({marks}) AND seq < ? ORDER BY seq DESC LIMIT ?"
         before = self.last_seq + 1
         while True:
             with self._lock:
                 rows = self._read(sql, (*wanted, before, page))
-            for seq, at, wall, k, text, prev, h in rows:
-                if wall < since_wall:
+            for row in rows:
+                if row[2] < since_wall:  # its wall time
                     return False
-                try:
-                    payload = _load_payload(self.path, seq, text)
-                except InputError:
-                    if damaged is None:
-                        raise
-                    damaged(seq)
-                    continue
-                yield Record(seq, at, wall, RecordKind.read(k), payload, prev, h)
+                if (record := self._record(row, damaged)) is not None:
+                    yield record
             if len(rows) < page:
                 return self._first_wall() >= since_wall
             before = rows[-1][0]
