@@ -359,14 +359,19 @@ class Peer:
         return write_config(tmp_path, f"127.0.0.1:{self.sock.getsockname()[1]}", token)
 
 
+def status_answered(doc: bytes, tmp_path: Path) -> int:
+    """`status`'s exit code when a peer answers it 200 with `doc`."""
+    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
+    try:
+        return cli.main(["status", "--config", str(peer.config(tmp_path))])
+    finally:
+        peer.sock.close()
+
+
 def test_status_refuses_an_answer_over_1_mib_as_no_gateway(tmp_path, capsys):
     """`response.read()` had no bound: a peer declaring 100 GB made `status` die of a MemoryError."""
     doc = json.dumps({"at": "x", "mode": "STANDBY", "reason": "r", "pad": "x" * (2 << 20)}).encode()
-    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
-    try:
-        assert cli.main(["status", "--config", str(peer.config(tmp_path))]) == 2
-    finally:
-        peer.sock.close()
+    assert status_answered(doc, tmp_path) == 2
     err = capsys.readouterr().err
     assert "is not a powershare-gw owner API (its answer is longer than 1 MiB)" in err and "Traceback" not in err
 
@@ -412,10 +417,6 @@ def test_status_refuses_a_document_with_a_field_of_the_wrong_type_naming_it(tmp_
     doc = ('{"at": "x", "mode": "STANDBY", "reason": "r", '
            + ", ".join(f'"{key}": {text}' for key, text in parts.items()) + "}").encode()
     json.loads(doc)  # the test's own document is JSON
-    peer = Peer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
-    try:
-        assert cli.main(["status", "--config", str(peer.config(tmp_path))]) == 2
-    finally:
-        peer.sock.close()
+    assert status_answered(doc, tmp_path) == 2
     err = capsys.readouterr().err
     assert "is not a powershare-gw owner API (its field " + field + " is " in err and "Traceback" not in err
