@@ -50,6 +50,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch import openadr3
 from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
@@ -767,6 +768,33 @@ def test_where_the_vtn_will_not_say_an_event_missing_from_one_listing_is_kept_an
                 await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-1"], 10)
             assert "running" not in [c.id for c in sink.of(DispatchCancel)]
             assert vtn.single_event_gets >= 3  # asked, and refused, each time
+
+    run(scenario)
+
+
+def test_a_listing_longer_than_the_ven_holds_is_read_in_part_never_thrown_away_nor_cancelling(
+        monkeypatch, caplog) -> None:
+    """A VTN keeps events until deleted: past the bound the VEN goes on with what it holds (events over
+    and handled are read past, not held), sees new events, and cancels nothing for lacking."""
+    monkeypatch.setattr(openadr3, "MAX_PAGES", 2)  # 100 events held at once (2,000 in the field)
+    monkeypatch.setattr(openadr3, "MAX_SCAN_PAGES", 8, raising=False)
+    caplog.set_level(logging.INFO, logger=openadr3.__name__)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("day-ahead")
+            held = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3_600), 600, 5.0, event_id="held")
+            for h in range(150):  # hourly prices the VTN has not purged: 151 events, past the 100 held
+                vtn.add_event(program, "PRICE", in_seconds(-3_600 * (h + 2)), 3_600, 0.3)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(held), 10)
+                fresh = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(7_200), 600, 3.0)
+                assert await vtn.wait_for(lambda: vtn.answers_for(fresh), 10) == ["accepted"]
+                assert ven.failed_polls == 0
+        assert "held" not in [c.id for c in sink.of(DispatchCancel)]
+        assert caplog.text.count("lists more events than the VEN reads") == 1
 
     run(scenario)
 
