@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -656,6 +656,49 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
                 event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
                 assert await vtn.wait_for(lambda: vtn.answers_for(event_id), 10) == ["accepted"]
                 assert vtn.busy == 0 and ven.pending_reports == 0
+
+    run(scenario)
+
+
+class FailingVtn(BenchVtn3):
+    """Fails every POST /reports for event `poison` with `failure` (a 500, or a 200 that is not JSON)."""
+
+    poison: str | None = None
+    failure: Callable[[], web.Response] = staticmethod(lambda: web.Response(status=500))
+    failed_reports = 0
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.poison is not None and body.get("eventID") == self.poison:
+            self.failed_reports += 1
+            return self.failure()
+        return await super()._post_report(request)
+
+
+FAILURES = {
+    "500": lambda: web.json_response({"title": "Internal Server Error", "status": 500}, status=500),
+    "200 not JSON": lambda: web.Response(status=200, text="<html>saved</html>", content_type="text/html"),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_a_report_the_vtn_keeps_failing_holds_back_no_other_fails_no_poll_and_is_given_up(
+        failure: str, caplog) -> None:
+    async def scenario() -> None:
+        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.failure = FAILURES[failure]
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.polls)
+                vtn.poison = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+                await vtn.wait_for(lambda: vtn.failed_reports, 10)
+                healthy = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3_600), 600, 3.0)
+                assert await vtn.wait_for(lambda: vtn.answers_for(healthy), 10) == ["accepted"]
+                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+                assert vtn.failed_reports == openadr3.MAX_REPORT_ATTEMPTS
+                assert ven.failed_polls == 0
+        assert "dropped: the VTN failed it 5 times" in caplog.text
 
     run(scenario)
 

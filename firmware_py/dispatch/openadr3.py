@@ -96,6 +96,9 @@ so an hourly program passes 2,000 in under three months; events already handled 
 read past without being kept, so only `MAX_PAGES` pages are ever held in memory."""
 MAX_EVENTS = 500  # events tracked at once
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
+MAX_REPORT_ATTEMPTS = 5
+"""Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
+the VTN may fail it for good, and it must not hold back the reports behind it meanwhile."""
 RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
 DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
 MAX_TOKEN_LIFE_S = 86_400.0  # a token said to live longer is renewed after a day all the same
@@ -134,6 +137,11 @@ class VtnNotFound(VtnRefused):
     """The VTN answered 404: the object asked for is not there (an event it deleted)."""
 
 
+class VtnFailed(VtnError):
+    """The VTN answered this request, and failed it (a 5xx, or a 2xx the VEN cannot read): the VTN is
+    there, so what fails may be this request alone; a report so failed goes to the back of the queue."""
+
+
 class TokenRefused(VtnError):
     """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
     it is not a `VtnRefused`: the cycle fails as with an unreachable VTN, and what was to be sent (a
@@ -161,6 +169,14 @@ class _Tracked:
     reported_upto: int = 0  # intervals already covered by cadence reports
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
+
+
+@dataclass
+class _PendingReport:
+    """A report waiting for the VTN, and how often the VTN has failed it (5xx, an unreadable answer)."""
+
+    report: dict[str, Any]
+    attempts: int = 0
 
 
 @dataclass
@@ -308,7 +324,7 @@ class OpenAdr3Ven:
         self._listing_cut: int | None = None  # events held from the last listing when it was cut short
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
-        self._pending: deque[dict[str, Any]] = deque()
+        self._pending: deque[_PendingReport] = deque()
         self._limit_applied: float | None = None
         self._told_ok: bool | None = None
         self._wake: asyncio.Event | None = None
@@ -443,9 +459,14 @@ class OpenAdr3Ven:
                 raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: {_problem(raw)}")
             if 400 <= status < 500:
                 raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
+            if status >= 500:
+                raise VtnFailed(f"{method} /{path}: the VTN answered HTTP {status}")
             if status >= 300:
                 raise VtnError(f"{method} /{path}: the VTN answered HTTP {status}")
-            return _json(raw, f"{method} /{path}") if raw else None
+            try:
+                return _json(raw, f"{method} /{path}") if raw else None
+            except VtnError as err:
+                raise VtnFailed(str(err)) from None
         raise VtnRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401)")
 
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
@@ -889,8 +910,8 @@ class OpenAdr3Ven:
         if len(self._pending) >= MAX_PENDING_REPORTS:
             dropped = self._pending.popleft()
             log.warning("OpenADR 3: report %r dropped: %d reports wait for the VTN already",
-                        dropped["reportName"], MAX_PENDING_REPORTS)
-        self._pending.append(report)
+                        dropped.report["reportName"], MAX_PENDING_REPORTS)
+        self._pending.append(_PendingReport(report))
 
     def _queue_cadence(self, sink: DispatchSink) -> None:
         """The reports an event's descriptors ask for whose intervals have ended; drop events that are over."""
@@ -946,14 +967,30 @@ class OpenAdr3Ven:
             tracked.reported_upto = begun
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
+        """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
+        no other and fails no poll; an unreachable or busy VTN (VtnError) stops the batch for the back-off."""
         self._queue_cadence(sink)
-        while self._pending:
-            report = self._pending[0]
+        for _ in range(len(self._pending)):
+            pending = self._pending[0]
             try:
-                await self._call(session, "POST", "reports", body=report)
+                await self._call(session, "POST", "reports", body=pending.report)
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
-                log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
+                log.warning("OpenADR 3: report %r refused: %s", pending.report["reportName"], err)
+            except VtnFailed as err:
+                self._pending.popleft()
+                self._failed(pending, err)
+                continue
             self._pending.popleft()
+
+    def _failed(self, pending: _PendingReport, err: VtnFailed) -> None:
+        """A report the VTN failed: sent again after the others, given up after `MAX_REPORT_ATTEMPTS`."""
+        pending.attempts += 1
+        name = pending.report["reportName"]
+        if pending.attempts >= MAX_REPORT_ATTEMPTS:
+            log.warning("OpenADR 3: report %r dropped: the VTN failed it %d times (%s)", name, pending.attempts, err)
+            return
+        log.info("OpenADR 3: report %r failed at the VTN (%s): sent again after the others", name, err)
+        self._pending.append(pending)
 
     @property
     def pending_reports(self) -> int:
