@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +50,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.dispatch import Telemetry
+from firmware_py.dispatch import openadr3
 from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
@@ -659,6 +660,49 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
     run(scenario)
 
 
+class FailingVtn(BenchVtn3):
+    """Fails every POST /reports for event `poison` with `failure` (a 500, or a 200 that is not JSON)."""
+
+    poison: str | None = None
+    failure: Callable[[], web.Response] = staticmethod(lambda: web.Response(status=500))
+    failed_reports = 0
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.poison is not None and body.get("eventID") == self.poison:
+            self.failed_reports += 1
+            return self.failure()
+        return await super()._post_report(request)
+
+
+FAILURES = {
+    "500": lambda: web.json_response({"title": "Internal Server Error", "status": 500}, status=500),
+    "200 not JSON": lambda: web.Response(status=200, text="<html>saved</html>", content_type="text/html"),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_a_report_the_vtn_keeps_failing_holds_back_no_other_fails_no_poll_and_is_given_up(
+        failure: str, caplog) -> None:
+    async def scenario() -> None:
+        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.failure = FAILURES[failure]
+            program = vtn.add_program("summer-peak")
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.polls)
+                vtn.poison = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+                await vtn.wait_for(lambda: vtn.failed_reports, 10)
+                healthy = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3_600), 600, 3.0)
+                assert await vtn.wait_for(lambda: vtn.answers_for(healthy), 10) == ["accepted"]
+                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+                assert vtn.failed_reports == openadr3.MAX_REPORT_ATTEMPTS
+                assert ven.failed_polls == 0
+        assert "dropped: the VTN failed it 5 times" in caplog.text
+
+    run(scenario)
+
+
 def revoked(vtn: BenchVtn3) -> web.Response:
     """The client's credentials re-issued: its tokens revoked, the old secret refused, this request 401."""
     vtn.expire_tokens()
@@ -767,6 +811,33 @@ def test_where_the_vtn_will_not_say_an_event_missing_from_one_listing_is_kept_an
                 await vtn.wait_for(lambda: [c for c in sink.of(DispatchCancel) if c.id == "old-1"], 10)
             assert "running" not in [c.id for c in sink.of(DispatchCancel)]
             assert vtn.single_event_gets >= 3  # asked, and refused, each time
+
+    run(scenario)
+
+
+def test_a_listing_longer_than_the_ven_holds_is_read_in_part_never_thrown_away_nor_cancelling(
+        monkeypatch, caplog) -> None:
+    """A VTN keeps events until deleted: past the bound the VEN goes on with what it holds (events over
+    and handled are read past, not held), sees new events, and cancels nothing for lacking."""
+    monkeypatch.setattr(openadr3, "MAX_PAGES", 2)  # 100 events held at once (2,000 in the field)
+    monkeypatch.setattr(openadr3, "MAX_SCAN_PAGES", 8, raising=False)
+    caplog.set_level(logging.INFO, logger=openadr3.__name__)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("day-ahead")
+            held = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3_600), 600, 5.0, event_id="held")
+            for h in range(150):  # hourly prices the VTN has not purged: 151 events, past the 100 held
+                vtn.add_event(program, "PRICE", in_seconds(-3_600 * (h + 2)), 3_600, 0.3)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(held), 10)
+                fresh = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(7_200), 600, 3.0)
+                assert await vtn.wait_for(lambda: vtn.answers_for(fresh), 10) == ["accepted"]
+                assert ven.failed_polls == 0
+        assert "held" not in [c.id for c in sink.of(DispatchCancel)]
+        assert caplog.text.count("lists more events than the VEN reads") == 1
 
     run(scenario)
 

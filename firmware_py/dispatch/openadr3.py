@@ -89,9 +89,16 @@ log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_S = 10.0
 PAGE = 50  # objects asked per page of a listing
-MAX_PAGES = 40  # ... and at most this many pages (2,000 objects) per listing
+MAX_PAGES = 40  # ... and at most this many pages (2,000 objects) of a listing held at once
+MAX_SCAN_PAGES = 400
+"""Pages of events read per poll at most (20,000 events): the VTN keeps events until they are deleted,
+so an hourly program passes 2,000 in under three months; events already handled and not held are
+read past without being kept, so only `MAX_PAGES` pages are ever held in memory."""
 MAX_EVENTS = 500  # events tracked at once
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
+MAX_REPORT_ATTEMPTS = 5
+"""Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
+the VTN may fail it for good, and it must not hold back the reports behind it meanwhile."""
 RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
 DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
 MAX_TOKEN_LIFE_S = 86_400.0  # a token said to live longer is renewed after a day all the same
@@ -130,6 +137,11 @@ class VtnNotFound(VtnRefused):
     """The VTN answered 404: the object asked for is not there (an event it deleted)."""
 
 
+class VtnFailed(VtnError):
+    """The VTN answered this request, and failed it (a 5xx, or a 2xx the VEN cannot read): the VTN is
+    there, so what fails may be this request alone; a report so failed goes to the back of the queue."""
+
+
 class TokenRefused(VtnError):
     """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
     it is not a `VtnRefused`: the cycle fails as with an unreachable VTN, and what was to be sent (a
@@ -157,6 +169,35 @@ class _Tracked:
     reported_upto: int = 0  # intervals already covered by cadence reports
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
+
+
+@dataclass
+class _PendingReport:
+    """A report waiting for the VTN, and how often the VTN has failed it (5xx, an unreadable answer)."""
+
+    report: dict[str, Any]
+    attempts: int = 0
+
+
+@dataclass
+class _Listing:
+    """What one (paged) listing held: the objects kept, the ids of those only noted present (settled:
+    nothing more to do with them), the pages it took, and whether it reached its end."""
+
+    objects: list[Any] = field(default_factory=list)
+    settled: set[str] = field(default_factory=set)
+    pages: int = 0
+    complete: bool = True
+
+    def take(self, page: list[Any], settled: Callable[[Any], str | None], room: int) -> None:
+        """A page's objects: settled ones by id only, the others held while there is room."""
+        for obj in page:
+            if (settled_id := settled(obj)) is not None:
+                self.settled.add(settled_id)
+            elif len(self.objects) < room:
+                self.objects.append(obj)
+            else:
+                self.complete = False
 
 
 def token_endpoint(base: str, named: Any) -> str:
@@ -280,9 +321,10 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
+        self._listing_cut: int | None = None  # events held from the last listing when it was cut short
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
-        self._pending: deque[dict[str, Any]] = deque()
+        self._pending: deque[_PendingReport] = deque()
         self._limit_applied: float | None = None
         self._told_ok: bool | None = None
         self._wake: asyncio.Event | None = None
@@ -357,8 +399,10 @@ class OpenAdr3Ven:
             await self._load_programs(session)
         if self.config.callback_listen and (not self.subscribed or time.monotonic() >= self._subscription_due):
             await self._subscribe(session)
-        events, pages = await self._list_pages(session, "events")
-        kept = await self._still_there(session, events) if pages > 1 else set()
+        listing = await self._list_pages(session, "events", settled=self._settled)
+        events = listing.objects
+        listed = {event_id_of(e) for e in events} | listing.settled
+        kept = await self._kept(session, listing, listed)
         self.polls += 1
         if any((program_id := program_id_of(e)) is not None and program_id not in self.programs for e in events):
             await self._load_programs(session)  # enrolled in a new program since
@@ -415,37 +459,85 @@ class OpenAdr3Ven:
                 raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: {_problem(raw)}")
             if 400 <= status < 500:
                 raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
+            if status >= 500:
+                raise VtnFailed(f"{method} /{path}: the VTN answered HTTP {status}")
             if status >= 300:
                 raise VtnError(f"{method} /{path}: the VTN answered HTTP {status}")
-            return _json(raw, f"{method} /{path}") if raw else None
+            try:
+                return _json(raw, f"{method} /{path}") if raw else None
+            except VtnError as err:
+                raise VtnFailed(str(err)) from None
         raise VtnRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401)")
 
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
-        """A whole listing, page by page (bounded)."""
-        return (await self._list_pages(session, path, **params))[0]
+        """A whole listing, page by page (bounded): one too long for the bound is no listing (VtnError)."""
+        listing = await self._list_pages(session, path, **params)
+        if not listing.complete:
+            raise VtnError(f"GET /{path} lists more than {len(listing.objects)} objects: not a listing the VEN "
+                           "can hold")
+        return listing.objects
 
-    async def _list_pages(self, session: aiohttp.ClientSession, path: str,
-                          **params: Any) -> tuple[list[Any], int]:
-        """A whole listing and the number of pages it took: pages read apart are no snapshot (an object
-        deleted on an earlier page shifts a later one past the page it would have been on)."""
-        found: list[Any] = []
+    async def _list_pages(self, session: aiohttp.ClientSession, path: str, *,
+                          settled: Callable[[Any], str | None] = lambda _: None, **params: Any) -> _Listing:
+        """A listing, page by page: pages read apart are no snapshot (an object deleted on an earlier page
+        shifts a later one past the page it would have been on), so the number of pages is returned too.
+        An object `settled` names an id for is only noted present, not held (it needs nothing more);
+        past `MAX_PAGES` pages of objects held, or `MAX_SCAN_PAGES` read, the listing is cut short
+        (`complete` False) rather than thrown away: the VEN goes on with what it holds."""
+        listing = _Listing()
         previous: list[Any] | None = None
-        for page in range(MAX_PAGES):
+        for page in range(max(MAX_PAGES, MAX_SCAN_PAGES)):
             got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
             if not isinstance(got, list):
                 raise VtnError(f"GET /{path} did not answer a list")
             if got == previous:  # a VTN that ignores `skip` sends its first page again: that was all of it
-                return found, page
-            found += got
+                return listing
+            listing.pages = page + 1
+            listing.take(got, settled, MAX_PAGES * PAGE)
             if len(got) != PAGE:  # the last page (or a VTN that ignores paging and sent everything)
-                return found, page + 1
+                return listing
+            if len(listing.objects) >= MAX_PAGES * PAGE:
+                break
             previous = got
-        raise VtnError(f"GET /{path} lists more than {len(found)} objects: not a listing the VEN can hold")
+        listing.complete = False
+        return listing
 
-    async def _still_there(self, session: aiohttp.ClientSession, events: list[Any]) -> set[str]:
+    def _settled(self, event: Any) -> str | None:
+        """The id of a listed event that needs nothing more (handled at this very content and not held:
+        over, refused, or another VEN's), so a long listing holds only the events that may matter."""
+        event_id = event_id_of(event)
+        seen = self._seen.get(event_id)
+        if event_id in self._events or seen is None or seen[0] != _content_key(event):
+            return None
+        return event_id
+
+    async def _kept(self, session: aiohttp.ClientSession, listing: _Listing, listed: set[str]) -> set[str]:
+        """Events to hold on to though the listing does not carry them in full: the settled ones, and
+        every held event a listing cut short lacks (it may lie past the cut: never cancelled on that),
+        else those a listing of several pages lacks and the VTN may still have."""
+        self._note_cut(listing)
+        if not listing.complete:
+            return listing.settled | {e for e in self._events if e not in listed}
+        return listing.settled | (await self._still_there(session, listed) if listing.pages > 1 else set())
+
+    def _note_cut(self, listing: _Listing) -> None:
+        """A warning when listings begin to be cut short, a note when they are whole again: once per
+        change, not every poll (an hourly program keeps a VTN's listing long for months)."""
+        if listing.complete == (self._listing_cut is None):
+            return
+        if listing.complete:
+            log.info("OpenADR 3: the VTN's event listing is whole again")
+            self._listing_cut = None
+            return
+        self._listing_cut = len(listing.objects)
+        log.warning("OpenADR 3: the VTN lists more events than the VEN reads (%d pages, %d events held); "
+                    "going on with those: an event past them is not seen, and none held is cancelled "
+                    "for lacking (the aggregator should delete events that are over)",
+                    listing.pages, len(listing.objects))
+
+    async def _still_there(self, session: aiohttp.ClientSession, listed: set[str]) -> set[str]:
         """The held events a listing of several pages lacks that the VTN may still have: only a 404 for
         the event itself says the VTN deleted it; the listing may have missed it in a paging race."""
-        listed = {event_id_of(e) for e in events}
         self._unlisted = {e: n for e, n in self._unlisted.items() if e not in listed and e in self._events}
         kept: set[str] = set()
         for event_id in [e for e in self._events if e not in listed]:
@@ -581,7 +673,7 @@ class OpenAdr3Ven:
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
         handled: set[str] = set()
         for event in events:
-            key = hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
+            key = _content_key(event)
             event_id = event_id_of(event)
             if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
                 event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
@@ -818,8 +910,8 @@ class OpenAdr3Ven:
         if len(self._pending) >= MAX_PENDING_REPORTS:
             dropped = self._pending.popleft()
             log.warning("OpenADR 3: report %r dropped: %d reports wait for the VTN already",
-                        dropped["reportName"], MAX_PENDING_REPORTS)
-        self._pending.append(report)
+                        dropped.report["reportName"], MAX_PENDING_REPORTS)
+        self._pending.append(_PendingReport(report))
 
     def _queue_cadence(self, sink: DispatchSink) -> None:
         """The reports an event's descriptors ask for whose intervals have ended; drop events that are over."""
@@ -875,14 +967,30 @@ class OpenAdr3Ven:
             tracked.reported_upto = begun
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
+        """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
+        no other and fails no poll; an unreachable or busy VTN (VtnError) stops the batch for the back-off."""
         self._queue_cadence(sink)
-        while self._pending:
-            report = self._pending[0]
+        for _ in range(len(self._pending)):
+            pending = self._pending[0]
             try:
-                await self._call(session, "POST", "reports", body=report)
+                await self._call(session, "POST", "reports", body=pending.report)
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
-                log.warning("OpenADR 3: report %r refused: %s", report["reportName"], err)
+                log.warning("OpenADR 3: report %r refused: %s", pending.report["reportName"], err)
+            except VtnFailed as err:
+                self._pending.popleft()
+                self._failed(pending, err)
+                continue
             self._pending.popleft()
+
+    def _failed(self, pending: _PendingReport, err: VtnFailed) -> None:
+        """A report the VTN failed: sent again after the others, given up after `MAX_REPORT_ATTEMPTS`."""
+        pending.attempts += 1
+        name = pending.report["reportName"]
+        if pending.attempts >= MAX_REPORT_ATTEMPTS:
+            log.warning("OpenADR 3: report %r dropped: the VTN failed it %d times (%s)", name, pending.attempts, err)
+            return
+        log.info("OpenADR 3: report %r failed at the VTN (%s): sent again after the others", name, err)
+        self._pending.append(pending)
 
     @property
     def pending_reports(self) -> int:
@@ -1014,6 +1122,11 @@ def _served_ids(plan: EventPlan, window: IntervalWindow) -> tuple[str, ...]:
     if window.request_id is not None:
         return (window.request_id,)
     return tuple(price_id(plan.event_id, window.interval_id, kind) for kind in PriceKind)
+
+
+def _content_key(event: Any) -> str:
+    """An event's content, hashed: a listed event at the content last handled needs nothing more."""
+    return hashlib.sha256(json.dumps(event, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _asked(plan: EventPlan) -> set[str]:
