@@ -201,6 +201,7 @@ def test_install_refuses_a_bundle_with_any_file_damaged_before_reading_it(tmp_pa
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.slow  # a virtual environment made and pip run twice (about 11 s)
 def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_path):
     """A Debian upgrade that drops the Python the environment was made with leaves bin/python pointing at
     nothing: `venv` without --clear then failed on it at every attempt, and the gateway could not be
@@ -234,6 +235,7 @@ def tiny_wheel(wheels: Path) -> None:
                      "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
 
 
+@pytest.mark.slow  # a virtual environment made and pip run twice (about 11 s)
 def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is_made_again(tmp_path):
     """An OS upgrade repoints /usr/bin/python3 (what the environment's bin/python3 names) to the new
     version: the environment then runs on the bundle's Python, but pip and its packages are in the old

@@ -224,6 +224,7 @@ def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, c
     assert len(ended) == 1 and "journal.sqlite" in ended[0]["detail"]
 
 
+@pytest.mark.slow  # a real-time CAN window
 def test_under_nohup_a_hang_up_leaves_commissioning_running(tmp_path: Path, capsys, monkeypatch):
     """Started with SIGHUP ignored (`nohup`), the installer meant it to outlive the SSH session: `run`'s
     rule (`tasks.stop_signals`). It took SIGHUP for its own and failed the CAN step as interrupted."""
