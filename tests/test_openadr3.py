@@ -820,7 +820,7 @@ def test_a_listing_longer_than_the_ven_holds_is_read_in_part_never_thrown_away_n
     """A VTN keeps events until deleted: past the bound the VEN goes on with what it holds (events over
     and handled are read past, not held), sees new events, and cancels nothing for lacking."""
     monkeypatch.setattr(openadr3, "MAX_PAGES", 2)  # 100 events held at once (2,000 in the field)
-    monkeypatch.setattr(openadr3, "MAX_SCAN_PAGES", 8, raising=False)
+    monkeypatch.setattr(openadr3, "MAX_SCAN_PAGES", 8)
     caplog.set_level(logging.INFO, logger=openadr3.__name__)
 
     async def scenario() -> None:

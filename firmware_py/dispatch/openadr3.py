@@ -321,7 +321,7 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
-        self._listing_cut: int | None = None  # events held from the last listing when it was cut short
+        self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[_PendingReport] = deque()
@@ -486,7 +486,7 @@ class OpenAdr3Ven:
         (`complete` False) rather than thrown away: the VEN goes on with what it holds."""
         listing = _Listing()
         previous: list[Any] | None = None
-        for page in range(max(MAX_PAGES, MAX_SCAN_PAGES)):
+        for page in range(MAX_SCAN_PAGES):
             got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
             if not isinstance(got, list):
                 raise VtnError(f"GET /{path} did not answer a list")
@@ -523,13 +523,12 @@ class OpenAdr3Ven:
     def _note_cut(self, listing: _Listing) -> None:
         """A warning when listings begin to be cut short, a note when they are whole again: once per
         change, not every poll (an hourly program keeps a VTN's listing long for months)."""
-        if listing.complete == (self._listing_cut is None):
-            return
+        if listing.complete != self._listing_cut:
+            return  # as the last listing was
+        self._listing_cut = not listing.complete
         if listing.complete:
             log.info("OpenADR 3: the VTN's event listing is whole again")
-            self._listing_cut = None
             return
-        self._listing_cut = len(listing.objects)
         log.warning("OpenADR 3: the VTN lists more events than the VEN reads (%d pages, %d events held); "
                     "going on with those: an event past them is not seen, and none held is cancelled "
                     "for lacking (the aggregator should delete events that are over)",
