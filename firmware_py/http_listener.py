@@ -22,8 +22,8 @@ A body is read within `BODY_S` (`body_of`): aiohttp reads one without a deadline
 half-sent bodies would hold every connection. A body is never inflated (`auto_decompress=False`):
 aiohttp unpacked a `Content-Encoding: gzip` body on the event loop as it arrived, even for a
 handler that never read it (a 401, /metrics), so 1 MiB sent stalled the gateway about 1 s; one
-sent with a Content-Encoding is refused instead, when (and only if) the handler reads it. The gateway's journal, CAN bus and Modbus link
-need file descriptors too.
+sent with a Content-Encoding is refused instead, when (and only if) the handler reads it. The
+gateway's journal, CAN bus and Modbus link need file descriptors too.
 """
 
 from __future__ import annotations
