@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from datetime import date, timedelta
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -27,6 +28,7 @@ from firmware_py.core.types import (
 )
 
 HOUR = 3600.0
+FIRST_DAY = date(2026, 12, 2)
 
 
 def owner(threshold: float | None = 0.30, budget_wh: float = 5_000.0, **changes) -> OwnerSettings:
@@ -291,6 +293,18 @@ def test_the_budget_is_shared_by_the_day_and_renewed_by_the_next():
     assert reply.verdict is Verdict.ACCEPTED
 
 
+def test_a_wall_clock_stepped_back_across_midnight_does_not_grant_the_day_again():
+    run = Run(priced(owner(budget_wh=500)))
+    run.feed(CalendarDay(0.0, "2026-12-03", spent_wh=500))
+    run.feed(CalendarDay(run.t, "2026-12-02"))  # NTP steps the clock back before midnight
+    assert run.c.price_day_wh == 500
+    assert answer_of(run.feed(price()), "p1").reason is ReasonCode.BUDGET_SPENT
+    run.feed(CalendarDay(run.t, "2026-12-03"))  # midnight again: the same date, not a new one
+    assert run.c.price_day_wh == 500
+    run.feed(CalendarDay(run.t, "2026-12-04"))
+    assert run.c.price_day_wh == 0
+
+
 def test_a_restart_does_not_grant_the_day_again():
     run = Run(priced(owner(budget_wh=500)))
     run.feed(CalendarDay(0.0, "2026-12-02", spent_wh=500))
@@ -387,7 +401,7 @@ class PricedWorld:
             case ("day",):
                 self.day += 1
                 self.day_budget = self.c.owner.price_max_wh_per_day
-                self.feed(CalendarDay(self.t, f"day {self.day}"))
+                self.feed(CalendarDay(self.t, (FIRST_DAY + timedelta(days=self.day)).isoformat()))
             case ("run", seconds, dt):
                 self.run(seconds, dt)
 

@@ -227,12 +227,14 @@ def follow(c: Controller, now: float) -> tuple[Controller, list[Event]]:
 
 
 def new_day(c: Controller, day: CalendarDay) -> Controller:
-    """The runtime says which date it is: a new date starts a new budget (less what the journal
-    says that date already spent, after a restart); the same date keeps the larger count."""
+    """The runtime says which date it is: a later date starts a new budget (less what the journal
+    says that date already spent, after a restart); the same date keeps the larger count. An earlier
+    date (the wall clock stepped back across midnight) starts nothing: what was spent stays counted
+    against the later date, so no date's budget is granted twice (ISO dates sort as they fall)."""
     journaled = day.spent_wh if is_finite_number(day.spent_wh) and day.spent_wh > 0 else 0.0
-    if c.day is not None and day.date != c.day:
+    if c.day is not None and day.date > c.day:
         return c.evolve(day=day.date, price_day_wh=journaled)
-    return c.evolve(day=day.date, price_day_wh=max(c.price_day_wh, journaled))
+    return c.evolve(day=max(day.date, c.day or day.date), price_day_wh=max(c.price_day_wh, journaled))
 
 
 def settled_owner(owner: OwnerSettings) -> OwnerSettings:

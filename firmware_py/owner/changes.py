@@ -227,13 +227,12 @@ def clear_storm_watch(current: OwnerSettings, now: float) -> OwnerSettings:
     return _changed(current, now, storm_watch_floor_pct=None, storm_watch_until=None)
 
 
-def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str, low_open: bool = False) -> float:
+def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str) -> float:
     value = body[key]
     if not is_finite_number(value):
         raise BadRequest(f"{key}: expected {what}, got {shown(value)}")
-    if value > hi or value < lo or (low_open and value == lo):
-        bound = f"above {lo:g}" if low_open else f"{lo:g}"
-        raise BadRequest(f"{key}: {value:g} is out of range ({bound} to {hi:g})")
+    if value > hi or value < lo:
+        raise BadRequest(f"{key}: {value:g} is out of range ({lo:g} to {hi:g})")
     return plain(value)
 
 
@@ -249,7 +248,8 @@ def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettin
         if key not in body:
             raise BadRequest(f"{key}: missing ({what})")
     threshold = _bounded(body, "threshold_per_kwh", 0, MAX_PRICE_PER_KWH, "a price per kWh, 0 or more")
-    budget = _bounded(body, "max_wh_per_day", 0, MAX_PRICE_WH_PER_DAY, "a number of Wh above 0", low_open=True)
+    # at least 1 Wh and 1 W: a budget or power above 0 that shows as 0 would set a mode that never discharges
+    budget = _bounded(body, "max_wh_per_day", 1, MAX_PRICE_WH_PER_DAY, "a number of Wh, 1 or more")
     kind = current.price_kind
     if "kind" in body:
         names = tuple(k.value for k in PriceKind)
@@ -259,7 +259,7 @@ def set_price_mode(current: OwnerSettings, body: Any, now: float) -> OwnerSettin
     power = current.price_power_w
     if "power_w" in body:
         power = None if body["power_w"] is None else \
-            _bounded(body, "power_w", 0, MAX_PRICE_POWER_W, "a power in W above 0, or null", low_open=True)
+            _bounded(body, "power_w", 1, MAX_PRICE_POWER_W, "a power in W, 1 or more, or null")
     return _changed(current, now, price_threshold_per_kwh=threshold, price_max_wh_per_day=budget,
                     price_kind=kind, price_power_w=power)
 
