@@ -55,6 +55,7 @@ from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
     NotAddressed,
+    Past,
     iso_datetime,
     parse_duration,
     price_id,
@@ -472,6 +473,60 @@ def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
             assert sorted(o.answers[0].detail for o in ven.outcomes) == [
                 "DISPATCH_SETPOINT units must be one of KW, W, MW, got 'HP'",
                 "event id is missing or not a string of letters, digits, '_' or '-'"]
+            assert not sink.received
+
+    run(scenario)
+
+
+def test_events_over_before_the_ven_started_are_history_neither_answered_nor_taken_again(caplog) -> None:
+    """A VTN keeps events until they are deleted: a gateway (re)started must not refuse each past one
+    EXPIRED again, flooding the VTN, the log and its own report queue (where usage reports wait)."""
+    caplog.set_level(logging.INFO, logger=openadr3.__name__)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            past = [vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-86_400 + 3_600 * n), 600, 5.0)
+                    for n in range(3)]
+            past.append(vtn.add_event(program, "PRICE", in_seconds(-7_200), 3_600, 0.3, units="KWH"))
+            live = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(live))
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 3)
+                assert vtn.answers_for(live) == ["accepted"]
+                assert [vtn.reports_for(e) for e in past] == [[], [], [], []]
+                assert ven.pending_reports == 0
+                assert [o.event_id for o in ven.outcomes] == [live]
+                assert sink.received == sink.of(DispatchRequest) and [r.id for r in sink.received] == [live]
+                assert ven.history_passed == 4  # once each, not again on the polls after
+            assert_conforming(vtn)
+
+    run(scenario)
+    ours = [r for r in caplog.records if r.name == openadr3.__name__]
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in ours if "ended before the VEN started" in r.getMessage()] == [
+        "OpenADR 3: 4 event(s) listed that ended before the VEN started: passed over, not answered"]
+
+
+def test_an_event_that_ended_after_the_ven_started_but_is_listed_late_is_still_refused_expired() -> None:
+    """The aggregator must learn the VEN could not serve an event published (or seen) too late; only what
+    was over before the VEN started, in the same listing, is history."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            sink.offset_s = 7_200.0  # two hours on: the VTN publishes late (or the VEN was cut off)
+            late = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)  # over since the start
+            old = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-3_600), 600, 5.0)  # over before it
+            await vtn.wait_for(lambda: vtn.answers_for(late))
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 2)
+            assert vtn.answers_for(late) == ["refused"]
+            assert vtn.reasons_for(late) == [["EXPIRED", "every interval of the event has ended"]]
+            assert vtn.reports_for(old) == [] and ven.history_passed == 1
+            assert [o.event_id for o in ven.outcomes] == [late]
             assert not sink.received
 
     run(scenario)
@@ -1270,6 +1325,25 @@ def test_prices_of_ended_intervals_are_dropped_and_an_all_past_price_event_expir
     assert isinstance(plan, EventPlan) and [p.id for p in plan.prices] == ["ev-1#1:PRICE"]
     expired = translate(event([interval(0, "PRICE", 0.1)]), now=NOW + dt.timedelta(hours=1))
     assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
+
+
+def test_an_event_over_before_history_before_is_past_and_one_over_after_it_expired() -> None:
+    payload = event([interval(0), interval(1)])  # NOW to NOW + 20 min
+    later = NOW + dt.timedelta(hours=1)
+    ended = (NOW + dt.timedelta(minutes=20)).timestamp()
+
+    def at(history: dt.datetime) -> Any:
+        return translate_event(payload, revision=0, program=None, rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0),
+                               to_gateway_time=dt.datetime.timestamp, received_at=later.timestamp(),
+                               history_before=history.timestamp())
+
+    assert at(NOW + dt.timedelta(minutes=30)) == Past("ev-1", ended)
+    expired = at(NOW + dt.timedelta(minutes=10))  # the VEN started while it ran
+    assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
+    broken = translate_event(event([interval(0, value="lots")]), revision=0, program=None, rating_w=RATING_W,
+                             levels_pct=(33.0, 66.0, 100.0), to_gateway_time=dt.datetime.timestamp,
+                             received_at=later.timestamp(), history_before=later.timestamp())
+    assert isinstance(broken, DispatchAnswer) and broken.reason is ReasonCode.INVALID  # malformed stays INVALID
 
 
 def test_an_export_limit_caps_the_same_intervals_discharge_and_is_a_limit_window() -> None:

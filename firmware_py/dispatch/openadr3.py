@@ -12,7 +12,10 @@ client credentials (the secret read from a private file, never logged):
    a change (a subscription posting to the gateway's callback, when configured);
 4. each new or modified event goes through `openadr3_events.translate_event` to the
    core: requests (answered), prices (for the price-responsive mode), export limits
-   (held as this source's site limit while their interval runs);
+   (held as this source's site limit while their interval runs); an event that had
+   ended before the VEN started is history (the VTN keeps events until they are
+   deleted): passed over, unanswered, with one summary line in the log, where
+   one that ended since but was never seen is still refused `EXPIRED`;
 5. reports back (`/reports`): the answer to every revision at once, and the
    delivered energy per interval, SoC and energy above the floor at the cadence
    the event's report descriptors ask.
@@ -69,6 +72,7 @@ from firmware_py.dispatch.openadr3_events import (
     EventPlan,
     IntervalWindow,
     NotAddressed,
+    Past,
     event_id_of,
     iso_datetime,
     iso_duration,
@@ -323,6 +327,8 @@ class OpenAdr3Ven:
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
+        self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
+        self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[_PendingReport] = deque()
         self._limit_applied: float | None = None
@@ -338,6 +344,8 @@ class OpenAdr3Ven:
     async def run(self, sink: DispatchSink) -> None:
         """Log in, register, poll, answer and report until cancelled; a VTN outage only delays the next poll."""
         self._sink = sink
+        if self._started == -math.inf:
+            self._started = sink.now()
         self._wake, self._standing_wake = asyncio.Event(), asyncio.Event()
         backoff = Backoff(self._retry_max_s)
         callback = await self._start_callback()
@@ -504,7 +512,7 @@ class OpenAdr3Ven:
 
     def _settled(self, event: Any) -> str | None:
         """The id of a listed event that needs nothing more (handled at this very content and not held:
-        over, refused, or another VEN's), so a long listing holds only the events that may matter."""
+        over, refused, history, or another VEN's), so a long listing holds only the events that may matter."""
         event_id = event_id_of(event)
         seen = self._seen.get(event_id)
         if event_id in self._events or seen is None or seen[0] != _content_key(event):
@@ -671,6 +679,7 @@ class OpenAdr3Ven:
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
         handled: set[str] = set()
+        history = self.history_passed
         for event in events:
             key = _content_key(event)
             event_id = event_id_of(event)
@@ -693,6 +702,9 @@ class OpenAdr3Ven:
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
         self._not_addressed &= present
+        if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
+            log.info("OpenADR 3: %d event(s) listed that ended before the VEN started: passed over, not answered",
+                     passed)
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
@@ -701,12 +713,18 @@ class OpenAdr3Ven:
             log.error("OpenADR 3: rating unavailable: %s", err)
             rating = math.nan
         program = self.programs.get(program_id_of(event) or "")
+        tracked = self._events.get(event_id_of(event))
+        # Only an event not held can be history: one held that a revision ends is dropped as ever (below).
         plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
                                to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
-                               currency=self._currency, ven_name=self.config.ven_name)
-        tracked = self._events.get(event_id_of(event))
+                               currency=self._currency, ven_name=self.config.ven_name,
+                               history_before=self._started if tracked is None else -math.inf)
         if isinstance(plan, NotAddressed):
             await self._not_for_this_ven(sink, plan, revision)
+            return
+        if isinstance(plan, Past):  # over before the VEN started: marked seen by `_take`, summed up there
+            self._not_addressed.discard(plan.event_id)
+            self.history_passed += 1
             return
         self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, DispatchAnswer):

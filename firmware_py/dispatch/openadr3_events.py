@@ -19,7 +19,9 @@ What an event's interval payloads mean (the OpenADR 3.0.1 payload types):
   price-responsive mode; a price is a fact, not a request.
 
 Other payload types ride along unread. An event whose `targets` name VENs, this
-one not among them, comes out `NotAddressed` (another VEN's, not answered). Wire
+one not among them, comes out `NotAddressed` (another VEN's, not answered); one every
+interval of which had ended before the VEN started (`history_before`) comes out
+`Past` (history, not answered: a VTN keeps events until they are deleted). Wire
 formats (RFC 3339 date-times, ISO 8601 durations) are parsed here too:
 `parse_duration`, `iso_duration`.
 """
@@ -150,6 +152,16 @@ class NotAddressed:
     ven_names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Past:
+    """An event every interval of which had ended before the VEN started (`history_before`): history a VTN
+    keeps until it is deleted, listed again to every VEN that starts. Neither taken nor answered: refusing
+    it `EXPIRED` on each start would only flood the VTN (and the report queue) with answers it needs not."""
+
+    event_id: str
+    ended_at: float  # where its last interval ended, on the gateway clock
+
+
 class _Invalid(Exception):
     """The event is malformed; the message is the detail answered and journaled."""
 
@@ -162,8 +174,8 @@ def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
 
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
-                    received_at: float, source: str = SOURCE, currency: str | None = None, ven_name: str = ""
-                    ) -> EventPlan | DispatchAnswer | NotAddressed:
+                    received_at: float, source: str = SOURCE, currency: str | None = None, ven_name: str = "",
+                    history_before: float = -math.inf) -> EventPlan | DispatchAnswer | NotAddressed | Past:
     """One OpenADR 3 event object (parsed JSON) -> a plan, or a REJECTED answer naming the fault.
 
     `revision` is the VEN's count of the versions of this event it has seen (OpenADR 3 has no
@@ -174,11 +186,14 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
     another is refused, since the statement could only credit it as a number in the wrong money.
     `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`), and is what a `VEN_NAME`
     target must list for the event to be this VEN's (`addressed_to`): else the event is `NotAddressed`.
+    `history_before` (on the gateway clock, like `received_at`; none by default) is when the VEN started:
+    a well-formed event of this VEN's every interval of which had ended by then is `Past`, not refused
+    `EXPIRED` (an event that ended after it, listed late, is still `EXPIRED`).
     """
     event_id = event_id_of(event)
     try:
         return _translate(event, event_id, revision, program, rating_w, levels_pct, to_gateway_time,
-                          received_at, source, currency, ven_name)
+                          received_at, source, currency, ven_name, history_before)
     except _Invalid as err:
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as err:
@@ -189,7 +204,8 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
-               source: str, currency: str | None, ven_name: str) -> EventPlan | DispatchAnswer | NotAddressed:
+               source: str, currency: str | None, ven_name: str,
+               history_before: float = -math.inf) -> EventPlan | DispatchAnswer | NotAddressed | Past:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
@@ -241,6 +257,9 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
                        f"(got {', '.join(types) or 'none'})")
     limits = [w for w in limits if w.end > received_at]
     if not (requests or prices or limits):
+        ended_at = max(w.end for w in windows)
+        if ended_at <= history_before:
+            return Past(event_id, ended_at)
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
     return EventPlan(event_id, program_id, revision, tuple(windows), tuple(requests), tuple(request_ids),
                      tuple(prices), tuple(limits), reports)
