@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 
+NOTABLE = re.compile(r" (CRITICAL|ERROR) |^Traceback|^\w+(Error|Exception): ")
+
+
 class ChildOutput:
     """The lines a child prints (stdout and stderr together), as they come."""
 
@@ -64,8 +67,15 @@ class ChildOutput:
         pytest.fail(f"waiting for a line matching {pattern!r}: the child {why}\n{self.text()}")
 
     def text(self) -> str:
+        """The last 3,000 characters, after any error lines cut from before them: a flood of
+        warnings at the end must not hide why the child failed."""
         with self._changed:
-            return "".join(self.lines)[-3000:]
+            whole = "".join(self.lines)
+            if len(whole) <= 3000:
+                return whole
+            tail = whole[-3000:]
+            notable = [line for line in self.lines if NOTABLE.search(line) and line not in tail][:20]
+        return "".join(notable) + ("[...]\n" if notable else "") + tail
 
     def join(self, timeout: float = 5.0) -> None:
         """After the child exited: wait until everything it printed has been read."""

@@ -693,7 +693,9 @@ path = "journal.sqlite"
         refused, code = asyncio.run(asyncio.wait_for(main(), 60))
         assert proc.poll() is None, output.text()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, output.text()
+        exit_code = proc.wait(timeout=30)
+        output.join()  # all it printed, before it is shown
+        assert exit_code == 0, output.text()
     finally:
         if proc.poll() is None:
             proc.kill()
