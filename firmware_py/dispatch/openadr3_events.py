@@ -205,7 +205,7 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
                source: str, currency: str | None, ven_name: str,
-               history_before: float = -math.inf) -> EventPlan | DispatchAnswer | NotAddressed | Past:
+               history_before: float) -> EventPlan | DispatchAnswer | NotAddressed | Past:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
