@@ -396,6 +396,24 @@ def test_a_retained_command_is_not_applied_at_every_reconnect(tmp_path):
     bounded(main())
 
 
+def test_an_empty_command_is_answered_refused_like_any_bad_command(tmp_path):
+    """An empty message on a command topic used to go unanswered (only the gateway's own clears are no
+    command): it is refused "empty payload", through the same rate limit as any other command."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                for name in ("reserve", "departure"):
+                    answer = await command(rig, watcher, name, b"")
+                    assert answer == {**answer, "command": name, "ok": False, "reason": "empty payload"}, answer
+                answer = await command(rig, watcher, "reserve", "55")  # the next command is answered as ever
+                assert answer["ok"] is True and rig.gateway.owner_settings().reserve_pct == 55
+                bridge.gate = CommandGate(rig.gateway.clock, burst=0)  # the rate gate counts an empty one too
+                answer = await command(rig, watcher, "reserve", b"")
+                assert answer["ok"] is False and answer["reason"] == bridge.gate.refusal(), answer
+
+    bounded(main())
+
+
 async def take_over_the_session(broker: Mosquitto, bridge: MqttBridge, watcher: Watcher) -> None:
     """A network blip: another client takes the gateway's client id for a moment, the broker drops the
     gateway, and it connects again (back at `online`)."""
@@ -435,14 +453,19 @@ def test_a_retained_command_is_applied_live_then_refused_and_cleared_once_when_r
                 assert await retained_on(broker, reserve) == []
                 assert "cleared" in answer["reason"]
 
+                index = len(watcher.seen)  # the clear's echo came back before this: the broker keeps the order
+                await watcher.publish(reserve, b"")  # an empty command of someone else's is answered, the echo not
+                answer = (await result_after(watcher, index)).json()
+                assert (answer["ok"], answer["reason"]) == (False, "empty payload"), answer
+
                 index = len(watcher.seen)
                 await take_over_the_session(broker, bridge, watcher)
                 await watcher.publish(reserve, "50")  # the replay, had there been one, is answered before it
                 answer = (await result_after(watcher, index)).json()
                 assert (answer["ok"], answer["reason"]) == (True, "reserve 50 %"), answer
-                refusals = [m for m in watcher.on(TOPICS.result) if not m.json()["ok"]]
-                assert len(refusals) == 1, refusals  # the empty payload was no "bad command" either
-                assert bridge.published[Kind.CLEARED] == 1
+                refusals = [m.json()["reason"] for m in watcher.on(TOPICS.result) if not m.json()["ok"]]
+                assert len(refusals) == 2 and refusals[1] == "empty payload", refusals  # none for the echo
+                assert bridge.published[Kind.CLEARED] == 1 and not +bridge._clears
 
     bounded(main())
 

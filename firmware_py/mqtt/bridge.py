@@ -22,6 +22,11 @@ from the control path, which it never waits on and which never waits on it:
   refused and cleared from the broker (an empty retained message on its topic): applied at every
   reconnect, it would undo later changes. (Under MQTT 3.1.1 a retained command published while the
   gateway is connected reaches it without the retain flag and is applied; the replay clears it.)
+  That clear comes back to the gateway (subscribed to P/set/+), without the retain flag: each clear
+  is counted per topic as it is published, and that many empty messages on its topic are swallowed
+  (the counts forgotten when the session ends: a new one gets no echoes of the old one's clears).
+  Any other empty message on a command topic is a bad command, refused ("empty payload") through the
+  same rate limit; an empty retained one (a retained message cleared) asks nothing and gets no answer.
 - **a flood** beyond the client's incoming queue is discarded by aiomqtt, which logs one warning per
   message: `Discards` lets the first through and counts the rest, reported once the flood is over.
 
@@ -275,6 +280,8 @@ class MqttBridge:
         self.retry_in_s = 0.0  # the back-off before the next attempt, since the last failure
         self._wake = asyncio.Event()
         self._was_connected = False
+        self._clears: Counter[str] = Counter()
+        """This session's clears (`Kind.CLEARED`) whose echo has not come back yet, by topic."""
 
     @property
     def client_id(self) -> str:
@@ -355,6 +362,7 @@ class MqttBridge:
         try:
             await self._serve()
         finally:
+            self._clears.clear()  # the echoes of this session's clears will not come to the next one
             CLIENT_LOG.removeFilter(self.discards)
             self._report_discards(ending=True)
 
@@ -429,10 +437,14 @@ class MqttBridge:
                 if payload.strip() == b"online" and self.announcing.admit():  # Home Assistant (re)started
                     await self._announce(client)
                 continue
-            if not payload:  # how MQTT clears a retained message (ours too, below): nothing was asked
+            if not payload and self._clears[topic]:  # the echo of our own clear (below): nothing was asked
+                self._clears[topic] -= 1
+                continue
+            if not payload and message.retain:  # a retained message cleared: nothing was asked
                 continue
             if message.retain:  # replayed at connect: refused, and taken off the broker so it is refused once
                 self.outbox.put(self._retained(topic))
+                self._clears[topic] += 1  # counted first: its echo may be on its way before the PUBACK
                 await self._publish(client, topic, b"", retain=True, kind=Kind.CLEARED)
                 continue
             await seen_through(self._answer(topic, payload))
