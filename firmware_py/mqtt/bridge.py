@@ -280,8 +280,7 @@ class MqttBridge:
         self.retry_in_s = 0.0  # the back-off before the next attempt, since the last failure
         self._wake = asyncio.Event()
         self._was_connected = False
-        self._clears: Counter[str] = Counter()
-        """This session's clears (`Kind.CLEARED`) whose echo has not come back yet, by topic."""
+        self._clears: Counter[str] = Counter()  # this session's clears whose echo has not come back, by topic
 
     @property
     def client_id(self) -> str:
