@@ -1100,3 +1100,69 @@ def test_no_meter_change_is_read_across_a_journal_gap_and_the_event_and_period_s
     assert 0 < event["outage_wh"] == statement["outage_backup_wh"] < 100, statement  # the kept BACKUP steps' own
     assert any("JournalGap" in note for note in event["notes"]) and "JournalGap" in statement["notes"][0]
     assert verify(tmp_path / "s.json", path) == 0
+
+
+def test_an_event_statement_whose_end_is_printed_rounded_counts_a_backup_sample_at_that_end_alike_made_and_checked(
+        tmp_path):
+    """--event makes the event's exact window the period; the statement prints it to the microsecond and
+    verify reads that back. With a wall offset that rounds the end up, a backup sample at the event's end
+    was left out when made (at < end) and counted when checked (at < end as printed): an intact pair failed
+    (outage_backup_wh 150.0 against 180.0). Both now compute with the period as printed."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings, Transition
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+    from firmware_py.statements.document import parse_iso
+    from firmware_py.statements.figures import iso
+
+    base = datetime(2025, 12, 5, 2, 0, tzinfo=UTC).timestamp()
+    offsets = (base + k * 1.37e-7 + 0.1234 for k in range(1, 2_000))
+    off = next(o for o in offsets if 100 + o <= 100 + ((120 + o) - 120) < parse_iso(iso(100 + o), "x"))
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as j:
+        j.append(START_KIND, 0.0, start_payload(Policy(), OwnerSettings(20, 0.0), 0.0), wall=off)
+        j.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 10.0, 100.0, received_at=5.0),
+                       wall=5 + off)
+        j.append_event(DispatchAnswer.accepted("peak", 5.0), wall=5 + off)
+        j.append_event(Transition(10.0, Mode.STANDBY, Mode.DISCHARGE, "dispatch peak"), wall=10 + off)
+        j.append_event(Transition(50.0, Mode.DISCHARGE, Mode.BACKUP, "grid outage"), wall=50 + off)
+        j.append_event(DispatchEnded(100.0, "peak", "ended: window over"), wall=100 + off)
+        j.append_event(EventEnergy(100.0, "peak", 120.0, 120.0, True, meter_total_wh=1_120.0), wall=100 + off)
+        steps = [(float(t), (BmsSnapshot(float(t), soc_min_pct=80.0 - t / 100),
+                             InverterStatus(float(t), measured_w=3_000.0, grid_outage=t >= 50, grid_connected=t < 50,
+                                            tot_wh_inj=1_000.0 + 30 * (t // 10))))
+                 for t in range(0, 130, 10)]
+        j.append(STEPS_KIND, 120.0, encode_batch(steps), wall=120 + off)
+    statement = make(path, tmp_path / "s.json", "--event", "peak")
+    assert parse_iso(statement["period"]["to"], "to") > 100 + off  # the offset does round the end up
+    assert statement["outage_backup_wh"] == statement["totals"]["outage_backup_wh"] == 180.0
+    assert verify(tmp_path / "s.json", path) == 0
+
+
+@pytest.mark.parametrize("capacity", [0, 0.0, -1_000.0, math.nan, math.inf, -math.inf, "abc", "0", 10 ** 400, True,
+                                      None, [], "missing"])
+def test_a_statement_edited_to_a_capacity_that_is_none_is_bad_input_naming_it_not_a_traceback(
+        capacity, tmp_path, capsys):
+    """Against a journal without a core start, the statement's gateway.usable_capacity_wh is what throughput
+    and cycles are of: edited to 0 it was a ZeroDivisionError traceback (10**400: OverflowError; -1000
+    verified). Like any field the check cannot use (a rate no amount can hold, a period out of the
+    calendar), it is bad input (exit 2) naming the field."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 3_600.0,
+                                             received_at=5.0))
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    statement = make(path, tmp_path / "s.json")
+    edited = json.loads(json.dumps(statement))  # the file as signed, its signature kept: edited in place
+    if capacity == "missing":
+        del edited["gateway"]["usable_capacity_wh"]
+    else:
+        edited["gateway"]["usable_capacity_wh"] = capacity
+    (tmp_path / "edited.json").write_text(json.dumps(edited))  # NaN and Infinity as Python's json writes them
+    pinned = ["--public-key", statement["public_key"]]
+    assert main(["statement", "verify", str(tmp_path / "edited.json"), "--journal", str(path), *pinned]) == 2
+    err = capsys.readouterr().err
+    assert "usable_capacity_wh" in err and "Traceback" not in err
+    fine, pinned = resigned(statement | {"gateway": {**statement["gateway"], "usable_capacity_wh": 50_000}},
+                            tmp_path / "fine.json")
+    assert main(["statement", "verify", str(fine), "--journal", str(path), *pinned]) == 0

@@ -103,6 +103,12 @@ def parse_iso(text: Any, name: str) -> float:
     return _in_calendar(at, text, name)
 
 
+def as_printed(period: Period) -> Period:
+    """`period` as a statement prints it (`iso`: to the microsecond) and `statement verify` reads it back: the
+    one period both compute with, so a sample at an exact bound (an event's end) counts alike in each."""
+    return Period(parse_iso(iso(period.start), "period.from"), parse_iso(iso(period.end), "period.to"))
+
+
 def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, EnergyRecords],
             terms: ProgramTerms, capacity_wh: float, selection: Selection, gateway: dict[str, Any],
             journal_head: str, journal_seq: int, software_version: str) -> dict[str, Any]:

@@ -62,7 +62,10 @@ def _number(value: float) -> str:
     the same double, an exponent only below 1e-6 or from 1e21 on."""
     if isinstance(value, int) and abs(value) < 2**53:
         return str(value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past a double's range (Python's json reads one; no signer writes one)
+        raise ValueError("an integer past a double's range has no JSON form") from None
     if not math.isfinite(value):
         raise ValueError(f"{value} has no JSON form")
     if value == 0:
@@ -111,8 +114,15 @@ def signature_problem(document: dict[str, Any]) -> str | None:
     try:
         public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(document.get("public_key", ""))))
         signature = bytes.fromhex(str(document.get("signature", "")))
+    except (ValueError, TypeError):
+        return "the statement's public_key or signature is not a valid Ed25519 hex value"
+    try:
+        signed = canonical(document)
+    except (ValueError, TypeError) as err:  # NaN, Infinity, 1e400: Python's json reads them, no signer writes them
+        return f"the statement holds a value no signed statement can ({err}): it was changed after it was signed"
+    try:
         try:
-            public.verify(signature, canonical(document))
+            public.verify(signature, signed)
         except InvalidSignature:
             public.verify(signature, _legacy_canonical(document))  # a statement made before RFC 8785
     except (ValueError, TypeError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from firmware_py.errors import InputError
 from firmware_py.journal.chain import Chain
-from firmware_py.statements.document import Selection, compose, month_of, parse_iso
+from firmware_py.statements.document import Selection, as_printed, compose, month_of, parse_iso
 from firmware_py.statements.figures import Period, ProgramTerms, window
 from firmware_py.statements.reading import HeadBound, read_facts, select_summaries
 from firmware_py.version import software_version
@@ -46,6 +47,7 @@ def statement_from_journal(chain: Chain, selection: Selection, basis: Basis, hea
     period = selection.period
     if period is None:
         period = Period(*window(summaries[0], journal_end)) if selection.event is not None else month_of(journal_end)
+    period = as_printed(period)  # before any figure: what verify reads back from the statement is what counted
     facts = read_facts(source, period, summaries)
     capacity = facts.capacity_wh or basis.fallback_capacity_wh
     return compose(facts.summaries, facts.ledger, facts.energy, basis.terms, capacity,
@@ -63,12 +65,25 @@ def recompute(chain: Chain, statement: dict[str, Any]) -> dict[str, Any]:
         terms = ProgramTerms(str(program["name"]), str(program["currency"]), float(program["credit_per_kwh"]),
                              float(program["wear_cost_per_kwh"]))
         gateway = {k: v for k, v in statement["gateway"].items() if k != "usable_capacity_wh"}
-        basis = Basis(terms, gateway, float(statement["gateway"]["usable_capacity_wh"]),
+        basis = Basis(terms, gateway, _capacity(statement["gateway"]["usable_capacity_wh"]),
                       str(statement["software_version"]))
         head_seq, head_hash = int(statement["journal_seq"]), str(statement["journal_head"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise InputError(f"the statement lacks or garbles a field: {err}") from None
     return statement_from_journal(chain, selection, basis, head_seq, head_hash)
+
+
+def _capacity(value: Any) -> float:
+    """The statement's usable capacity, which throughput and cycles are of where the journal names none (no core
+    start): a capacity only if a positive, finite number of Wh; anything else (0, negative, NaN, Infinity,
+    a word) is a garbled field, as a gateway's configuration refuses it."""
+    try:
+        capacity = float(value)
+    except (TypeError, ValueError, OverflowError):
+        capacity = math.nan
+    if isinstance(value, bool) or not math.isfinite(capacity) or capacity <= 0:
+        raise ValueError(f"gateway.usable_capacity_wh: {value!r} is not a positive number of Wh")
+    return capacity
 
 
 def differences(stated: Any, computed: Any, where: str = "") -> list[str]:
