@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from firmware_py.bms import BmsListener, BmsReader
 from firmware_py.bms.signals import PLAUSIBLE
 from firmware_py.config import bundled_dbc
-from firmware_py.core import Policy
+from firmware_py.core import Controller, Policy, step
 from firmware_py.core.faults import bms_usable, conditions
 from firmware_py.core.types import FaultKind
 from firmware_py.errors import InputError
@@ -401,3 +401,21 @@ def test_the_coldest_pack_0x312_can_report_is_an_under_temp_fault(reader, coldes
     assert s.min_temp_c == coldest
     found = conditions(s, None, 0.0, Policy(), bms_seen=False, inverter_seen=False)
     assert (FaultKind.UNDER_TEMP in found) is fault
+
+
+def test_a_frames_snapshot_overtaken_by_a_tick_does_not_make_the_silent_soc_fresh_again(reader):
+    """The Notifier thread's snapshot of a status frame at 0.29 (SoC still fresh) is queued behind a tick
+    at 0.31 (SoC past its timeout), with the same `received_at`. The core, given the tick's first, once
+    believed the silent SoC again from the older one; its `as_of` tells it is the older view."""
+    reader.on_message(soc(60), now=0.0)  # the last SoC frame
+    reader.on_message(status(bms=2), now=0.0)
+    queued = reader.on_message(status(bms=0), now=0.29)
+    tick = reader.snapshot(0.31)
+    assert queued is not None and not queued.stale and "soc_min_pct" in tick.stale
+    assert queued.received_at == tick.received_at == 0.29 and queued.as_of == 0.29 and tick.as_of == 0.31
+    c = step(Controller.start(Policy(), now=0.0), [tick], 0.31).controller
+    c = step(c, [queued], 0.311).controller  # the hop delivered after the tick
+    assert "soc_min_pct" in c.bms.stale and c.bms.believed("soc_min_pct") is None
+    later = reader.on_message(soc(60), now=0.35)  # a new SoC frame: fresh again
+    assert later is not None
+    assert step(c, [later], 0.35).controller.bms.believed("soc_min_pct") == 60.0

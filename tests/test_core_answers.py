@@ -521,6 +521,40 @@ def test_a_clock_gone_back_believes_the_readings_stamped_on_it():
     assert silent.command.setpoint_w == 0
 
 
+SOC_FIELDS = frozenset({"soc_min_pct", "soc_ui_pct", "soc_max_pct", "soc_avg_pct"})
+
+
+def test_a_snapshot_overtaken_on_its_way_never_makes_a_stale_field_fresh_again():
+    """A frame path's snapshot worked out at 10.29 (SoC fresh) reaches the core after a tick's worked out at
+    10.31 (SoC past its timeout), both stamped with the last frame believed: the core once took the older view
+    and believed the silent SoC again for up to a tick. Refused by `as_of`; a new frame's snapshot is taken."""
+    run = Run(ready(0.0))
+    run.feed(discharge("e", 0.0, 0.0, 3_600, 10_000))
+    run.run(100)
+    assert run.c.mode is Mode.DISCHARGE and run.applied_w > 0
+    t = run.t
+    frame_path = bms(t + 0.29, as_of=t + 0.29)
+    tick = bms(t + 0.29, as_of=t + 0.31, stale=SOC_FIELDS)
+    c = step(run.c, [tick, inverter(t + 0.31, measured_w=run.c.setpoint_w)], t + 0.31).controller
+    assert c.bms.believed("soc_min_pct") is None
+    result = step(c, [frame_path], t + 0.311)
+    assert result.controller.bms is tick and result.controller.bms.believed("soc_min_pct") is None
+    assert result.command.setpoint_w == 0
+    renewed = bms(t + 0.32, as_of=t + 0.32)  # a new SoC frame: fresh again
+    assert step(result.controller, [renewed], t + 0.32).controller.bms is renewed
+    same_instant = bms(t + 0.29, as_of=t + 0.31)  # worked out at the same instant (a bench step's frames)
+    assert step(c, [same_instant], t + 0.311).controller.bms is same_instant
+    unordered = bms(t + 0.29)  # a builder's or an old journal's: no `as_of`, judged by `received_at` alone
+    assert step(c, [unordered], t + 0.311).controller.bms is unordered
+
+
+def test_a_held_view_worked_out_after_now_does_not_hold_back_the_snapshots_on_the_new_clock():
+    """As for `received_at`: a replay or bench stepped out of order, the held `as_of` is after `now`."""
+    c = step(ready(0.0), [bms(50.0, as_of=100.0, stale=SOC_FIELDS)], 100.0).controller
+    back = bms(50.0, as_of=60.0)
+    assert step(c, [back], 60.0).controller.bms is back
+
+
 @pytest.mark.parametrize("export_only, charge_cap", [(True, None), (False, 0.0)])
 def test_an_export_limit_caps_discharge_only_and_a_site_limit_both_ways(export_only, charge_cap):
     """OpenADR 3's EXPORT_CAPACITY_LIMIT of 0 W (a midday surplus) refused every charge: charging imports,

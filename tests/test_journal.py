@@ -428,3 +428,20 @@ def test_step_batches_roll_over_at_their_size_and_store_the_rows_of_the_format_r
     rest = recorder.take()  # a new batch starts over: the first Tick in full again
     assert (rest["from"], rest["count"]) == (2.5, 1) and decode_batch(rest) == steps[3:]
     assert recorder.take() is None
+
+
+def test_a_bms_snapshots_as_of_is_journaled_and_a_batch_written_before_it_replays_without_one():
+    """The core refuses a snapshot overtaken on its way by `as_of`: a replay must see it to refuse the same.
+    A batch journaled before `as_of` existed rebuilds its snapshots with None (judged by `received_at`)."""
+    import base64
+    import zlib
+
+    from firmware_py.journal.steps import decode_batch, encode_batch
+
+    snapshot = t.BmsSnapshot(received_at=1.0, soc_min_pct=60.0, stale=frozenset({"soc_min_pct"}), as_of=1.25)
+    [(now, (back,))] = decode_batch(encode_batch([(1.3, (snapshot,))]))
+    assert (now, back.as_of, back.received_at, back.stale) == (1.3, 1.25, 1.0, snapshot.stale)
+    old = '[[1.3,["BmsSnapshot",{"received_at":1.0,"soc_min_pct":60.0,"stale":["soc_min_pct"]}]]]'
+    payload = {"format": "json+zlib+base64", "data": base64.b64encode(zlib.compress(old.encode())).decode()}
+    [(_, (rebuilt,))] = decode_batch(payload)
+    assert rebuilt.as_of is None and rebuilt.soc_min_pct == 60.0 and rebuilt.stale == {"soc_min_pct"}

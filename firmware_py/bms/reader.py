@@ -236,8 +236,11 @@ class BmsReader:
             return self._snapshot(now, stale)
 
     def _snapshot(self, now: float, stale: frozenset[str]) -> BmsSnapshot:
+        """Stamped with when the data was last believed (its age) and `as_of=now`, when `stale` was worked
+        out: a frame path's snapshot overtaken by a tick's on its way to the core shares the tick's
+        `received_at`, and only `as_of` tells the core that its view of staleness is the older one."""
         received_at = now if self._believed_at is None else self._believed_at
-        return BmsSnapshot(received_at=received_at, stale=stale, **self._values)
+        return BmsSnapshot(received_at=received_at, stale=stale, as_of=now, **self._values)
 
     def _decision_key(self, stale: frozenset[str]) -> tuple:
         return tuple(self._values.get(name) for name in DECISION_BMS_FIELDS) + (stale,)

@@ -43,7 +43,7 @@ DEFAULT_SIGNALS: dict[str, str] = {
 """BmsSnapshot field -> "MESSAGE.SIGNAL" in the DBC. An empty string unmaps a field."""
 
 SNAPSHOT_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in fields(BmsSnapshot) if f.name not in ("received_at", "stale"))
+    f.name for f in fields(BmsSnapshot) if f.name not in ("received_at", "stale", "as_of"))
 
 INTEGER_FIELDS = frozenset({"bms_state", "contactor_state", "hv_state",
                             "pack_contactor_neg", "pack_contactor_pos"})

@@ -346,7 +346,7 @@ def clamp(v: View, setpoint: float, reason: str) -> tuple[float, str]:
 
 def _absorb(c: Controller, item: Input, now: float) -> tuple[Controller, list[Event]]:
     if isinstance(item, BmsSnapshot):
-        if not _believable_time(item.received_at, c.bms, now):
+        if not _believable_time(item.received_at, c.bms, now) or _overtaken(item, c.bms, now):
             return c, []
         return c.evolve(bms=item, bms_seen=c.bms_seen or bms_usable(item, item.received_at, c.policy),
                        peak_since_bms_w=max(0.0, c.setpoint_w)), []
@@ -404,6 +404,15 @@ def _believable_time(received_at: float, held: BmsSnapshot | InverterStatus | No
     stamped after `now`: the clock it was stamped on went back (a replay or a bench fed out of order), and
     the reading in hand is the only one on the clock the core now runs on."""
     return received_at <= now and (held is None or received_at >= held.received_at or held.received_at > now)
+
+
+def _overtaken(item: BmsSnapshot, held: BmsSnapshot | None, now: float) -> bool:
+    """A snapshot whose stale set was worked out (`as_of`) before that of the one the core holds: a frame
+    path's hop overtaken by a tick. It may show fresh a field the core has already seen stale, with the
+    same `received_at`; refused, so a stale field is fresh again only through a new frame for it. As
+    with `_believable_time`, a held `as_of` after `now` (the clock went back) does not count."""
+    return (item.as_of is not None and held is not None and held.as_of is not None
+            and item.as_of < held.as_of <= now)
 
 
 def _resync(c: Controller, now: float) -> tuple[Controller, list[Event]]:

@@ -121,6 +121,13 @@ class BmsSnapshot:
     fields whose source message has missed its timeout (3 periods) or was
     rejected as implausible: the core treats a stale field exactly like a
     missing one, so a silent message can never keep an old "all clear" alive.
+
+    `received_at` is when the data was last believed (how old it is); `as_of`, on
+    the same clock, is when `stale` was worked out. A snapshot handed over from
+    another thread can arrive after one worked out later: the core refuses a
+    snapshot whose `as_of` is older than the one it holds, so a field it has seen
+    stale is never fresh again before a new frame for it. None (a builder's, an
+    old journal's): no such order is known, and only `received_at` is judged.
     """
 
     received_at: float
@@ -150,6 +157,7 @@ class BmsSnapshot:
     lifetime_discharge_wh: float | None = None
     lifetime_charge_wh: float | None = None
     stale: frozenset[str] = frozenset()
+    as_of: float | None = None
 
     def fresh(self, name: str) -> bool:
         """True when field `name` has a value that is neither missing nor stale."""

@@ -39,7 +39,8 @@ STEP_INPUTS: dict[str, type] = {cls.__name__: cls for cls in (
     core.BmsSnapshot, core.InverterStatus, core.DispatchRequest, core.DispatchCancel, core.OwnerSettings,
     core.InstallerReset, core.JournalHealth, core.Tick, core.Stall, core.SiteLimit, core.PriceInterval,
     core.CalendarDay)}
-_BMS_KEPT = ("received_at", *DECISION_BMS_FIELDS)
+_BMS_KEPT = ("received_at", "as_of", *DECISION_BMS_FIELDS)
+"""`as_of` too, so a replay refuses the overtaken snapshots the core refused (absent in older journals: None)."""
 
 Step = tuple[float, tuple[Any, ...]]
 
