@@ -82,15 +82,20 @@ def bench(tmp_path_factory):
     return journal, outcome.summary
 
 
-@pytest.fixture
-def crashed(tmp_path):
-    """A journal a run that died mid-event left open, closed by the next start with a 30 Wh meter gap."""
-    path = tmp_path / "journal.sqlite"
+def open_peak(path: Path) -> None:
+    """A journal of one event accepted and under way (150 Wh so far), with no core start: a run that died."""
     with Journal.open(path) as journal:
         journal.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 3_600.0,
                                              received_at=5.0))
         journal.append_event(DispatchAnswer.accepted("peak", 10.0))
         journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A journal a run that died mid-event left open, closed by the next start with a 30 Wh meter gap."""
+    path = tmp_path / "journal.sqlite"
+    open_peak(path)
     clock = [500.0]
     assembly = gateway_on(path, clock)
     try:
@@ -1147,11 +1152,7 @@ def test_a_statement_edited_to_a_capacity_that_is_none_is_bad_input_naming_it_no
     verified). Like any field the check cannot use (a rate no amount can hold, a period out of the
     calendar), it is bad input (exit 2) naming the field."""
     path = tmp_path / "journal.sqlite"
-    with Journal.open(path) as journal:
-        journal.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 3_600.0,
-                                             received_at=5.0))
-        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
-        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    open_peak(path)
     statement = make(path, tmp_path / "s.json")
     edited = json.loads(json.dumps(statement))  # the file as signed, its signature kept: edited in place
     if capacity == "missing":
