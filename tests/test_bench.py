@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,14 +26,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, floor_violation
+from journal_edits import tamper
 
 from firmware_py.cli import main
 from firmware_py.core import Controller
 from firmware_py.core.replay import replay
 from firmware_py.journal import Journal, codec, event_summaries
 from firmware_py.journal.steps import decode_start, journaled_steps
-from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, floor_violation
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:
 # the default once below, the protocol ones shortened in test_bench_aggregators.py.
@@ -344,9 +344,7 @@ def test_report_detects_an_edited_journal(default_run, tmp_path):
     _, folder = default_run
     copy = tmp_path / "edited.sqlite"
     copy.write_bytes((folder / "bench-journal.sqlite").read_bytes())
-    with sqlite3.connect(copy) as db:
-        db.execute("DROP TRIGGER records_no_update")
-        db.execute("UPDATE records SET payload = replace(payload, '11500', '99999') WHERE kind = 'DispatchRequest'")
+    tamper(copy, ("UPDATE records SET payload = replace(payload, '11500', '99999') WHERE kind = 'DispatchRequest'", ()))
     assert main(["report", "--journal", str(copy)]) == 1
 
 

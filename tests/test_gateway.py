@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from core_builders import bms, inverter
+from journal_edits import tamper
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
@@ -144,13 +145,7 @@ def test_a_record_whose_payload_is_damaged_is_skipped_at_start_and_never_stops_i
         journal.append_event(request(1, 0.0))
         journal.append_event(DispatchAnswer.accepted("peak", 10.0))
         journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
-    damaged = sqlite3.connect(path)  # a bad sector: written past the journal's own guards
-    try:
-        damaged.execute("DROP TRIGGER records_no_update")
-        damaged.execute("UPDATE records SET payload = '{\"id\": \"private-note' WHERE seq = 1")
-        damaged.commit()
-    finally:
-        damaged.close()
+    tamper(path, ("UPDATE records SET payload = '{\"id\": \"private-note' WHERE seq = 1", ()))  # a bad sector
     clock = [500.0]
     assembly = gateway_on(path, clock)
     try:

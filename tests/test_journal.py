@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from journal_edits import tamper
 
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
@@ -51,17 +52,6 @@ def peak_event(journal: Journal) -> None:
         t.FaultRaised(20000, "over_temp", "after the window"),
     ):
         on_one_clock(journal, item)
-
-
-def tamper(path: Path, *statements: tuple[str, tuple]) -> None:
-    """What someone with the file and the sqlite3 shell could do: drop the guards, edit, commit."""
-    conn = sqlite3.connect(path)
-    conn.execute("DROP TRIGGER records_no_update")
-    conn.execute("DROP TRIGGER records_no_delete")
-    for sql, params in statements:
-        conn.execute(sql, params)
-    conn.commit()
-    conn.close()
 
 
 def verify(path: Path) -> list[str]:
@@ -390,9 +380,7 @@ def test_verify_reports_a_column_rewritten_with_the_wrong_type(tmp_path):
     with Journal.open(path) as journal:
         for n in range(3):
             journal.append("Note", float(n), {"n": n})
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TRIGGER records_no_update")
-        db.execute("UPDATE records SET payload = CAST(payload AS BLOB) WHERE seq = 2")
+    tamper(path, ("UPDATE records SET payload = CAST(payload AS BLOB) WHERE seq = 2", ()))
     with Journal.open(path, readonly=True) as journal:
         problems = journal.verify()
     assert any("record 2" in p and "wrong type" in p for p in problems)

@@ -12,13 +12,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from journal_edits import cut_tail
 
 from firmware_py import cli
 from firmware_py.core import types as t
 from firmware_py.errors import InputError
 from firmware_py.journal import Chain, Journal, RecordKind, files
 from firmware_py.journal.anchors import ANCHOR_PERIOD_S, AnchorWhy
-from firmware_py.journal.store import GENESIS_HASH
 
 
 def billed_event(journal: Journal, energies: int = 20) -> None:
@@ -30,17 +30,6 @@ def billed_event(journal: Journal, energies: int = 20) -> None:
     journal.append_event(t.DispatchEnded(60.0 * energies + 1, "peak", "window closed"))
     journal.append_event(t.EventEnergy(60.0 * energies + 1, "peak", 66.0 * energies + 40, 66.5 * energies + 40,
                                        final=True))
-
-
-def cut_tail(path: Path, keep: int) -> None:
-    """What the attacker did: drop the guards, delete the newest rows, and move the head back to match."""
-    conn = sqlite3.connect(path)
-    conn.execute("DROP TRIGGER records_no_delete")
-    conn.execute("DELETE FROM records WHERE seq > ?", (keep,))
-    conn.execute("UPDATE head SET seq = ?, hash = COALESCE((SELECT hash FROM records WHERE seq = ?), ?)",
-                 (keep, keep, GENESIS_HASH))
-    conn.commit()
-    conn.close()
 
 
 def report(path: Path, capsys, *extra: str) -> tuple[int, str]:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from journal_edits import cut_tail, tamper
 
 from firmware_py import cli
 from firmware_py.assembly import assemble
@@ -32,7 +33,6 @@ from firmware_py.journal import (
     store,
 )
 from firmware_py.journal.codec import jsonable
-from test_journal import tamper
 
 DAY_S = 86_400.0
 
@@ -290,12 +290,7 @@ def test_an_archive_cut_back_or_swapped_does_not_continue_into_the_next(path, ca
         filled(journal, 100)
     archive = files.archive_path(path, 1)
     archive.chmod(0o644)
-    conn = sqlite3.connect(archive)
-    conn.execute("DROP TRIGGER records_no_delete")
-    conn.execute("DELETE FROM records WHERE seq > 3")
-    conn.execute("UPDATE head SET seq = 3, hash = (SELECT hash FROM records WHERE seq = 3)")
-    conn.commit()
-    conn.close()
+    cut_tail(archive, keep=3)
     code, out = report(path, capsys)
     assert code == 1 and "journal.sqlite: does not continue journal.000001.sqlite" in out
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from journal_edits import tamper, unguarded
 
 from firmware_py.cli import main
 from firmware_py.core import types as t
@@ -91,11 +92,7 @@ def test_unknown_event_is_bad_input(journal_path, capsys):
 
 
 def test_broken_chain_prints_the_problems_and_fails(journal_path, capsys):
-    conn = sqlite3.connect(journal_path)
-    conn.execute("DROP TRIGGER records_no_update")
-    conn.execute("UPDATE records SET payload = replace(payload, '45210.5', '95210.5') WHERE seq = 8")
-    conn.commit()
-    conn.close()
+    tamper(journal_path, ("UPDATE records SET payload = replace(payload, '45210.5', '95210.5') WHERE seq = 8", ()))
     assert main(["report", "--journal", str(journal_path)]) == 1
     out = capsys.readouterr().out
     assert "chain: BROKEN (10 records, 1 problem)" in out
@@ -157,22 +154,14 @@ def test_empty_journal_reports_no_events_and_an_intact_chain(tmp_path, capsys):
 
 
 def test_a_payload_that_is_no_longer_json_is_a_broken_chain_not_a_crash(journal_path, capsys):
-    conn = sqlite3.connect(journal_path)
-    conn.execute("DROP TRIGGER records_no_update")
-    conn.execute("UPDATE records SET payload = 'garbage' WHERE seq = 3")
-    conn.commit()
-    conn.close()
+    tamper(journal_path, ("UPDATE records SET payload = 'garbage' WHERE seq = 3", ()))
     assert main(["report", "--journal", str(journal_path), "--format", "json"]) == 1
     chain = json.loads(capsys.readouterr().out)["chain"]
     assert "record 3: payload is not valid JSON" in chain["problems"]
 
 
 def test_an_event_a_damaged_record_hides_is_a_broken_chain_not_an_event_that_does_not_exist(journal_path, capsys):
-    conn = sqlite3.connect(journal_path)
-    conn.execute("DROP TRIGGER records_no_update")
-    conn.execute("UPDATE records SET payload = '{broken' WHERE kind = 'EventEnergy'")
-    conn.commit()
-    conn.close()
+    tamper(journal_path, ("UPDATE records SET payload = '{broken' WHERE kind = 'EventEnergy'", ()))
     assert main(["report", "--journal", str(journal_path), "--event", "peak-1"]) == 1
     out, err = capsys.readouterr()
     assert "chain: BROKEN" in out and "payload is not valid JSON" in out and "no dispatch event" not in out + err
@@ -182,13 +171,10 @@ def test_an_event_a_damaged_record_hides_is_a_broken_chain_not_an_event_that_doe
 @pytest.mark.parametrize("form", ["text", "json", "csv"])
 def test_a_value_no_record_of_its_kind_holds_is_a_problem_of_the_journal_not_a_crash(journal_path, capsys, field,
                                                                                   value, form):
-    conn = sqlite3.connect(journal_path)
-    conn.execute("DROP TRIGGER records_no_update")
-    seq, payload = conn.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy'").fetchone()
-    conn.execute("UPDATE records SET payload = ? WHERE seq = ?", (json.dumps({**json.loads(payload), field: value}),
-                                                                 seq))
-    conn.commit()
-    conn.close()
+    with unguarded(journal_path) as conn:
+        seq, payload = conn.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy'").fetchone()
+        conn.execute("UPDATE records SET payload = ? WHERE seq = ?",
+                     (json.dumps({**json.loads(payload), field: value}), seq))
     assert main(["report", "--journal", str(journal_path), "--format", form]) == 1
     out, err = capsys.readouterr()
     assert "a record holds a value it cannot hold" in out + err and "Traceback" not in out + err

@@ -12,13 +12,15 @@ import json
 import logging
 import math
 import os
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Simulation, SimulationOptions
 from hypothesis import given
 from hypothesis import strategies as st
+from journal_edits import unguarded
 from test_bench import scaled
 from test_gateway import gateway_on
 
@@ -35,15 +37,13 @@ from firmware_py.core.types import (
 )
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
-from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Simulation, SimulationOptions
 from firmware_py.statements import evidence
 from firmware_py.statements.earnings import EarningsBook, month_earnings
 from firmware_py.statements.figures import (
+    RESTART_REASON,
     EnergyRecords,
     Ledger,
     Period,
-    RESTART_REASON,
     ProgramTerms,
     Sample,
     Tally,
@@ -192,9 +192,7 @@ def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(cra
     err = capsys.readouterr().err
     assert "not by this gateway's statement key" in err and "delivered_wh" in err
 
-    with sqlite3.connect(crashed) as db:  # the meter figure rewritten in the journal itself, guards dropped
-        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-            db.execute(f"DROP TRIGGER {trigger}")
+    with unguarded(crashed) as db:  # the meter figure rewritten in the journal itself, guards dropped
         row = db.execute("SELECT seq, payload FROM records WHERE kind = 'EventEnergy' ORDER BY seq DESC").fetchone()
         db.execute("UPDATE records SET payload = ? WHERE seq = ?", (row[1].replace("180.0", "280.0"), row[0]))
     assert verify(good, crashed) == 1
@@ -239,9 +237,7 @@ def test_a_statement_resigned_by_another_key_fails_wherever_the_key_is_checked_a
 def test_an_edit_no_figure_reads_still_fails_verification_by_the_chain_alone(crashed, tmp_path, capsys):
     good = tmp_path / "s.json"
     make(crashed, good, "--event", "peak")
-    with sqlite3.connect(crashed) as db:
-        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-            db.execute(f"DROP TRIGGER {trigger}")
+    with unguarded(crashed) as db:
         db.execute("UPDATE records SET payload = replace(payload, '\"detail\":\"\"', '\"detail\":\"edited\"') "
                    "WHERE kind = 'DispatchAnswer'")
         assert db.total_changes == 1
@@ -254,9 +250,7 @@ def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_n
         crashed, tmp_path, capsys):
     good = tmp_path / "s.json"
     make(crashed, good, "--event", "peak")
-    with sqlite3.connect(crashed) as db:  # an edit: the end's reason a number, guards dropped
-        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-            db.execute(f"DROP TRIGGER {trigger}")
+    with unguarded(crashed) as db:  # an edit: the end's reason a number, guards dropped
         row = db.execute("SELECT seq, payload FROM records WHERE kind = 'DispatchEnded'").fetchone()
         db.execute("UPDATE records SET payload = ? WHERE seq = ?",
                    (json.dumps({**json.loads(row[1]), "reason": 1e300}), row[0]))
@@ -267,9 +261,7 @@ def test_a_value_no_record_of_its_kind_holds_fails_verification_with_a_message_n
 def test_a_record_that_is_no_longer_json_fails_verification_not_bad_input(crashed, tmp_path, capsys):
     good = tmp_path / "s.json"
     make(crashed, good, "--event", "peak")
-    with sqlite3.connect(crashed) as db:
-        for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-            db.execute(f"DROP TRIGGER {trigger}")
+    with unguarded(crashed) as db:
         db.execute("UPDATE records SET payload = '{broken' WHERE kind = 'DispatchAnswer'")
         assert db.total_changes == 1
     assert verify(good, crashed) == 1
