@@ -722,11 +722,10 @@ class OpenAdr3Ven:
         if isinstance(plan, NotAddressed):
             await self._not_for_this_ven(sink, plan, revision)
             return
+        self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, Past):  # over before the VEN started: marked seen by `_take`, summed up there
-            self._not_addressed.discard(plan.event_id)
             self.history_passed += 1
             return
-        self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, DispatchAnswer):
             if tracked is not None:
                 await self._drop(sink, plan.request_id, "the event's new revision is refused")
