@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,34 @@ def test_an_anchor_file_that_cannot_be_opened_is_bad_input_not_a_traceback(path)
     files.anchors_path(path).mkdir()  # whatever stands where the anchor file must be
     with pytest.raises(InputError, match="cannot open the journal's anchor file"):
         Journal.open(path)
+
+
+DISK_FILLS_MID_ANCHOR = """
+import resource, signal, sys
+from pathlib import Path
+from firmware_py.core import types as t
+from firmware_py.journal import Journal, files
+
+path = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file is an error to the writer, not a killed process
+with Journal.open(path) as journal:
+    for minute in range(1, 301):  # an anchor file far larger than the write-ahead log of two records
+        journal.append_event(t.EventEnergy(60.0 * minute, "peak", 66.0, 66.5, final=True))  # each anchored at once
+with Journal.open(path) as journal:  # the write-ahead log starts empty: only the anchor file meets the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (files.anchors_path(path).stat().st_size + 100, hard))
+    journal.append_event(t.EventEnergy(18_060.0, "peak", 66.0, 66.5, final=True))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
+    journal.append_event(t.EventEnergy(18_120.0, "peak", 66.0, 66.5, final=True))
+"""
+
+
+def test_an_anchor_line_the_full_disk_took_only_part_of_leaves_an_intact_journal(path, capsys):
+    """A full disk takes part of a line without an error; the next line must not be glued onto it."""
+    child = subprocess.run([sys.executable, "-c", DISK_FILLS_MID_ANCHOR, str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    code, out = report(path, capsys)
+    assert code == 0, out
+    assert anchor_lines(path)[-1]["seq"] == 302  # the record after the full disk is anchored
+    assert "cannot write the journal's anchor" in child.stderr  # the writer said so, and went on

@@ -21,6 +21,7 @@ each anchor at debug level, for a system log shipped elsewhere).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -136,18 +137,38 @@ class AnchorLog:
         self.newest, self._link = _repair_tail(path)
 
     def append(self, seq: int, digest: str, wall: float, why: AnchorWhy) -> Anchor:
-        """Write one anchor line (OSError when the file cannot take it: nothing is half-written
-        that the next open would not cut back)."""
+        """Write one anchor line, or raise OSError and leave the file as it was.
+
+        A full disk may take part of a line without an error (a short write); the next line,
+        appended after the fragment once space returns, would make one line that is no anchor,
+        and an untouched journal would read as edited for good. So a line not written whole is
+        cut back off before saying so."""
         anchor = self.key.sign(Anchor(self.segment, seq, digest, wall, str(why), self._link, self.key.public_hex))
         line = anchor.text()
+        data = (line + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
+            before = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, f"only part of an anchor line was written to {self.path}")
+                os.fsync(fd)
+            except OSError:
+                _cut_back(fd, before)
+                raise
         finally:
             os.close(fd)
         self.newest, self._link = anchor, link_of(line)
         return anchor
+
+
+def _cut_back(fd: int, size: int) -> None:
+    """Best effort: the file back to `size`; what cannot be cut is a torn tail the next open cuts."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError:
+        pass
 
 
 def _repair_tail(path: Path) -> tuple[Anchor | None, str]:
