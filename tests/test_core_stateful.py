@@ -327,7 +327,7 @@ class GatewayWorld(RuleBasedStateMachine):
             owner, price = c.owner, serving.price
             assert owner.price_mode and price.kind is owner.price_kind, "price discharge with the mode off"
             assert price.price_per_kwh >= owner.price_threshold_per_kwh, "price discharge below the threshold"
-            assert all(e.price_driven for e in c.book.live() if e.in_window(self.now)), \
+            assert all(e.price_driven for e in c.book.live if e.in_window(self.now)), \
                 "price discharge while an aggregator's request is in its window"
 
     def check(self, result):

@@ -371,7 +371,7 @@ def test_a_short_opt_out_does_not_end_a_later_event():
     c = step(Controller.start(POLICY), both(0.0) + [discharge("later", 0.0, 7200, 9000)], 0.0).controller
     r = step(c, both(1.0) + [OwnerSettings(reserve_pct=40, received_at=1.0, opt_out_until=3600.0)], 1.0)
     assert not [e for e in r.events if isinstance(e, DispatchEnded)]
-    assert r.controller.book.find("later") in r.controller.book.live()
+    assert r.controller.book.find("later") in r.controller.book.live
 
 
 def test_link_faults_hold_zero_but_never_lock_the_truck_out():

@@ -337,7 +337,7 @@ def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Contro
     on arrival."""
     took_effect = max(stop.start, stop.received_at)
     events: list[Event] = []
-    for entry in c.book.live():
+    for entry in c.book.live:
         if entry.request.source == stop.source and entry.request.id != stop.id and \
                 entry.request.start <= took_effect and not outranks(entry.request, stop):
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")

@@ -438,7 +438,7 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     """End what its window, or the owner's opt-out, ends; then apply the STOPs whose window has begun
     (after, so an event whose window closed as a STOP began is ended by its window, as it was)."""
     events: list[Event] = []
-    for entry in c.book.live():
+    for entry in c.book.live:
         why = None
         if entry.request.kind is DispatchKind.STOP:
             continue
@@ -452,7 +452,7 @@ def _expire(c: Controller, now: float) -> tuple[Controller, list[Event]]:
             if why == OPTED_OUT_END:
                 c = c.evolve(book=c.book.replace(replace(c.book.find(entry.request.id), stopped_by_owner=True)))
             events += ended
-    for entry in c.book.live():
+    for entry in c.book.live:
         if entry.request.kind is DispatchKind.STOP and entry.request.start <= now and \
                 not c.book.find(entry.request.id).ended:  # another STOP applied before may have ended it
             c, ended = apply_stop(c, entry.request, now)

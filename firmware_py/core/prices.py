@@ -209,7 +209,7 @@ def _repeat(existing: Booked, p: PriceInterval, now: float) -> DispatchAnswer:
 def follow(c: Controller, now: float) -> tuple[Controller, list[Event]]:
     """End price events the owner's settings no longer want, or (in their window) the budget no longer allows."""
     events: list[Event] = []
-    for entry in c.book.live():
+    for entry in c.book.live:
         if entry.price is None or not entry.in_window(now):
             continue  # a later one is weighed when it begins: the settings may have changed back by then
         objected = objection(c.owner, entry.price)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from firmware_py.core.types import DispatchAnswer, DispatchRequest, PriceInterval, Verdict
 
@@ -80,7 +81,10 @@ class RequestBook:
     def replace(self, entry: Booked) -> "RequestBook":
         return RequestBook(tuple(entry if e.request.id == entry.request.id else e for e in self.entries))
 
+    @cached_property
     def live(self) -> tuple[Booked, ...]:
+        """The accepted requests not ended. Worked out once per book: a book never changes, and most
+        steps keep the one they were given, while each step asks for these several times."""
         return tuple(e for e in self.entries if e.accepted and not e.ended)
 
     def in_force(self, now: float) -> Booked | None:
@@ -92,7 +96,7 @@ class RequestBook:
         taken in the order they came. An aggregator's request takes precedence over
         price-driven discharge: a price event applies only while no request is in its window
         (docs/dispatch.md)."""
-        current = [e for e in self.live() if e.in_window(now)]
+        current = [e for e in self.live if e.in_window(now)]
         asked = [e for e in current if e.price is None] or current
         first: dict[str, Booked] = {}
         for entry in asked:
