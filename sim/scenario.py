@@ -7,6 +7,7 @@ out-of-range value is reported with the file and key, then exit 2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -211,7 +212,7 @@ def _cross_checks(s: Scenario) -> list[str]:
         elif f.message and f.message not in messages:
             problems.append(f"fault[{i}].message: {shown(f.message)} is not a message of the bench's DBC "
                             f"(one of: {', '.join(messages)})")
-    problems += _overlapping_faults(s.fault)
+    problems += _overlapping_faults(s.fault, s.run.step_s)
     if s.aggregator.kind == "sunspec":
         problems += _overlapping_setpoints(s.dispatch)
     sent_at = {d.id: d.at_s for d in s.dispatch}
@@ -244,14 +245,23 @@ def _contradictory_bounds(expect: Expect) -> list[str]:
     return []
 
 
-def _overlapping_faults(faults: tuple[Fault, ...]) -> list[str]:
+def _overlapping_faults(faults: tuple[Fault, ...], step_s: float) -> list[str]:
     """A fault of a kind already injected would replace the first one's end (and, for a silenced
-    message, the message), cutting it short while the summary still listed both: refused instead."""
+    message, the message), cutting it short while the summary still listed both: refused instead.
+    Judged at the instants the bench injects them, the end of the step each falls in: two faults
+    apart in the file may still start in the same step."""
     problems, ends = [], {}
     for i, f in sorted(enumerate(faults), key=lambda item: item[1].at_s):
-        earlier = ends.get(f.kind)
-        if earlier is not None and f.at_s < earlier[1]:
-            problems.append(f"fault[{i}]: a {f.kind} at {f.at_s:g} s while fault[{earlier[0]}] of the same kind "
-                            f"lasts to {earlier[1]:g} s: one at a time (lengthen the first instead)")
-        ends[f.kind] = (i, f.at_s + f.duration_s)
+        earlier, start = ends.get(f.kind), injected_at(f.at_s, step_s)
+        if earlier is not None and start < earlier[1]:
+            stepped = "" if abs(start - f.at_s) < 1e-9 else f" (injected with the step ending at {start:g} s)"
+            problems.append(f"fault[{i}]: a {f.kind} at {f.at_s:g} s{stepped} while fault[{earlier[0]}] of the same "
+                            f"kind lasts to {earlier[1]:g} s: one at a time (lengthen the first instead)")
+        ends[f.kind] = (i, start + f.duration_s)
     return problems
+
+
+def injected_at(at_s: float, step_s: float) -> float:
+    """When the bench acts on something scripted at `at_s`: at the end of the step it falls in
+    (`Simulation` steps to n × step_s for n from 1, acting on all that is due by then)."""
+    return max(1, math.ceil((at_s - 1e-9) / step_s)) * step_s

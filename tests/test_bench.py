@@ -485,6 +485,10 @@ def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(tmp_path
     # The second would have cut the first short (its end replaced) while the summary listed both.
     ('[[fault]]\nat_s = 10\nkind = "dcl_zero"\nduration_s = 20\n[[fault]]\nat_s = 12\nkind = "dcl_zero"\n'
      'duration_s = 1\n', "fault[1]: a dcl_zero at 12 s while fault[0] of the same kind lasts to 30 s"),
+    # Apart in the file, but both injected with the step ending at 20.25 s: the first cut short the same way.
+    ('[run]\nstep_s = 0.25\n[[fault]]\nat_s = 20.01\nkind = "bms_fault"\nduration_s = 0.02\n[[fault]]\n'
+     'at_s = 20.05\nkind = "bms_fault"\nduration_s = 0.1\n', "fault[1]: a bms_fault at 20.05 s (injected with the "
+     "step ending at 20.25 s) while fault[0] of the same kind lasts to 20.27 s"),
     # A mode's name in the wrong case could never pass, and said so only after the run.
     ('[expect]\nfinal_state = "standby"\n', 'expect.final_state: must be one of "", STARTUP, STANDBY'),
     ('name = "x"\n', "name: unknown key"),  # the scenario's name is its file's, never a key
