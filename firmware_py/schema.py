@@ -34,10 +34,11 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
     """TOML text as a table; every way the parser can give up is one clear InputError.
 
     tomllib raises ValueError beyond its own TOMLDecodeError for integers of more
-    than 4,300 digits, and RecursionError for arrays nested thousands deep.
+    than 4,300 digits, and RecursionError for arrays nested thousands deep. A leading
+    byte-order mark (some editors write one) is no TOML, but says nothing either: dropped.
     """
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{source}: not valid TOML: {shown_text(str(err), 200)}") from None
     except ValueError:

@@ -68,6 +68,13 @@ def test_an_empty_file_gives_every_safe_default(tmp_path):
     assert c.dispatch.sunspec_server.enabled is False and c.dispatch.openadr.enabled is False
 
 
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without_one(tmp_path):
+    """Some editors (Windows Notepad) start a UTF-8 file with one; TOML's parser refuses it as
+    'Invalid statement at line 1', which names nothing the installer can see."""
+    c = config.load(write(tmp_path, "\ufeff[owner]\nreserve_pct = 55\n"))
+    assert c.owner.reserve_pct == 55
+
+
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     (tmp_path / "etc").mkdir()
     c = config.load(write(tmp_path / "etc", '[journal]\npath = "data/j.sqlite"\n'))
