@@ -157,9 +157,11 @@ if [ -e "$ROOT$CONF_DIR/gateway.toml" ]; then
     say "$CONF_DIR/gateway.toml: kept (the template is $CONF_DIR/gateway.toml.template)"
 else
     install -m 0640 "$HERE/config/gateway.toml" "$ROOT$CONF_DIR/gateway.toml"
-    as_system chown "root:$SERVICE_USER" "$CONF_DIR/gateway.toml"
     say "$CONF_DIR/gateway.toml: written from the template: set the keys marked SET"
 fi
+# A kept file too: a run stopped between writing it and this line left it root's alone, which the
+# service cannot read, and every later run kept it as it was.
+as_system chown "root:$SERVICE_USER" "$CONF_DIR/gateway.toml"
 install -m 0640 "$HERE/config/gateway.toml" "$ROOT$CONF_DIR/gateway.toml.template"
 install -m 0640 "$HERE/config/example.toml" "$ROOT$CONF_DIR/example.toml"
 as_system chown "root:$SERVICE_USER" "$CONF_DIR/gateway.toml.template" "$CONF_DIR/example.toml"

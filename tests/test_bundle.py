@@ -335,6 +335,8 @@ def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     again = run(without_network(["sh", str(out / "install.sh"), "--root", str(root), "--python", sys.executable]))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "gateway.toml: kept" in again.stdout
+    # handed to the service's group again: a run stopped after writing it had left it root's alone
+    assert "would run: chown root:powershare /etc/powershare-gw/gateway.toml)" in again.stdout
     assert (config_dir / "gateway.toml").read_text() == "version = 1\n[owner]\nreserve_pct = 55\n"
     assert package.read_text() == shipped  # the same version installed again replaces what is there
     assert "removing what this bundle no longer holds: leftover" in again.stdout
