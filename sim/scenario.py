@@ -20,6 +20,7 @@ from firmware_py.bms.reader import load_dbc
 from firmware_py.config import bundled_dbc
 from firmware_py.core import Mode
 from firmware_py.core.types import ReasonCode, Verdict
+from firmware_py.dispatch.openadr3_events import OBJECT_ID
 from firmware_py.errors import InputError
 from firmware_py.quoting import shown
 from firmware_py.schema import given_by_loader, load_table, read_toml, spec
@@ -202,6 +203,9 @@ def _cross_checks(s: Scenario) -> list[str]:
     for i, d in enumerate(s.dispatch):
         if not d.id.strip() or len(d.id) > MAX_ID_CHARS or not d.id.isprintable():
             problems.append(f"dispatch[{i}].id: {shown(d.id)}: expected 1 to {MAX_ID_CHARS} printable characters")
+        elif s.aggregator.kind == "openadr3" and not OBJECT_ID.fullmatch(d.id):
+            problems.append(f"dispatch[{i}].id: {shown(d.id)} cannot be an OpenADR 3 event id (1 to 128 letters, "
+                            "digits, '_' or '-'), which [aggregator] kind \"openadr3\" publishes it as")
         if d.kind == "charge" and s.aggregator.kind == "openadr":
             problems.append(f"dispatch[{i}].kind: 'charge' cannot be sent by OpenADR 2.0b (its LOAD_DISPATCH asks "
                             "for discharge only): set [aggregator] kind to \"sunspec\", \"openadr3\" or \"scripted\"")

@@ -489,6 +489,9 @@ def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(tmp_path
     ('[run]\nstep_s = 0.25\n[[fault]]\nat_s = 20.01\nkind = "bms_fault"\nduration_s = 0.02\n[[fault]]\n'
      'at_s = 20.05\nkind = "bms_fault"\nduration_s = 0.1\n', "fault[1]: a bms_fault at 20.05 s (injected with the "
      "step ending at 20.25 s) while fault[0] of the same kind lasts to 20.27 s"),
+    # Published as an OpenADR 3 event the VEN refuses as no object id: never answered, and the run exited 0.
+    ('[aggregator]\nkind = "openadr3"\n[[dispatch]]\nat_s = 1\nid = "ev#1"\nstart_s = 10\nduration_s = 60\n'
+     'target_w = 1000\n', "dispatch[0].id: 'ev#1' cannot be an OpenADR 3 event id"),
     # A mode's name in the wrong case could never pass, and said so only after the run.
     ('[expect]\nfinal_state = "standby"\n', 'expect.final_state: must be one of "", STARTUP, STANDBY'),
     ('name = "x"\n', "name: unknown key"),  # the scenario's name is its file's, never a key
