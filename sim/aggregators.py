@@ -153,6 +153,7 @@ class _VenAggregator:
     origin `t0` the two meet on, and real-time waits while simulated time is paused."""
 
     vtn: Any = None
+    ven: Any = None
 
     def __init__(self, ven_name: str, reply_timeout_s: float) -> None:
         self.ven_name = ven_name
@@ -176,6 +177,19 @@ class _VenAggregator:
             self._task = None
         if self.vtn is not None:
             await self.vtn.close()
+
+    async def _settle(self, what: str) -> bool:
+        """Wait (real time, simulated time paused) for the looks at standing events a gateway step asked
+        of the VEN: a re-ask lands at the simulated moment that called for it, not when the wall clock
+        lets the VEN's own tick run. False, logged, on timeout, as for answers."""
+        if self._task is None or not self.ven.looks.pending:
+            return True
+        try:
+            await asyncio.wait_for(self.ven.looks.settled(), self.reply_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.error("bench: gave up waiting %.0f s for %s", self.reply_timeout_s, what)
+            return False
 
     async def _wait(self, probe: Any, what: str) -> bool:
         assert self.vtn is not None
@@ -234,7 +248,9 @@ class OpenAdrAggregator(_VenAggregator):
         await self._wait(lambda: rid in self.sink.cancelled, f"the cancellation of OpenADR event {event_id}")
 
     async def step(self, t: float) -> None:
+        """A look at standing events the last gateway step called for is taken at this simulated time."""
         self._check_ven("OpenADR VEN")
+        await self._settle("the VEN to ask again for its standing events")
 
     async def stop(self) -> None:
         await super().stop()
@@ -307,8 +323,10 @@ class OpenAdr3Aggregator(_VenAggregator):
         await self._wait(lambda: event_id in self.sink.cancelled, f"the cancellation of OpenADR 3 event {event_id}")
 
     async def step(self, t: float) -> None:
-        """A report that fell due reaches the VTN at its simulated time (the clock waits for it)."""
+        """A look at standing events the last gateway step called for is taken, and a report that fell due
+        reaches the VTN, at its simulated time (the clock waits for both)."""
         self._check_ven("OpenADR 3 VEN")
+        await self._settle("the VEN to ask again for its standing events")
         if self._task is not None and (t >= self.ven.next_report_at or self.ven.pending_reports):
             self.ven.wake()
             await self._wait(lambda: t < self.ven.next_report_at and not self.ven.pending_reports,

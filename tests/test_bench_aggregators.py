@@ -250,3 +250,48 @@ def test_sunspec_setpoint_announced_early_is_written_at_its_start(tmp_path):
     assert outcome.summary["answers"] == {"peak-1": "accepted"}
     assert min(r["t"] for r in records if r["inverter_w"] > 0) >= 120
     assert_meter_agrees(outcome)
+
+
+# ---------------------------------------------------------------------- standing settings after an outage
+
+
+def test_every_protocol_asks_again_when_the_enter_service_delay_ends(tmp_path):
+    """A 5 kW dispatch sent during a grid outage is refused (OUTAGE) by every protocol; the outage ends at
+    25 s and the enter-service delay at 35 s. The standing setting is asked again right then, at the same
+    simulated time and for the same energy whichever protocol carries it (OpenADR used to wait for the
+    VEN's own wall-clock tick: a re-ask at a random simulated time, or none)."""
+    runs = {}
+    for kind in ("openadr", "openadr3", "sunspec"):
+        path = tmp_path / kind / "reask.toml"
+        path.parent.mkdir()
+        path.write_text(f"""
+[run]
+duration_s = 60
+start_hour = 18.0
+[vehicle]
+initial_soc_pct = 80
+[owner]
+reserve_pct = 40
+[inverter]
+enter_service_delay_s = 10
+enter_service_ramp_s = 10
+[aggregator]
+kind = "{kind}"
+[[fault]]
+at_s = 5
+kind = "grid_outage"
+duration_s = 20
+[[dispatch]]
+at_s = 10
+id = "d"
+start_s = 15
+duration_s = 100
+target_w = 5000
+""")
+        loaded = scenario.load(path)
+        outcome, records = run_bench(loaded, for_scenario(loaded), path.parent)
+        assert outcome.summary["answers"] == {"d": "rejected"}, kind  # the answer sent during the outage
+        started = next((r["t"] for r in records if r["state"] == "DISCHARGE"), None)
+        assert started is not None and 35.0 <= started <= 35.5, (kind, started)
+        runs[kind] = (started, outcome.summary["delivered_wh"]["d"])
+    assert runs["openadr"] == runs["openadr3"] == runs["sunspec"], runs

@@ -76,7 +76,7 @@ from firmware_py.dispatch.openadr_events import (
     translate_event,
 )
 from firmware_py.dispatch.simple_levels import check_levels
-from firmware_py.dispatch.standing import StandingWatch
+from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
@@ -408,6 +408,7 @@ class OpenAdrVen:
         self._told_ok: bool | None = None
         self._wake: asyncio.Event | None = None
         self._watch = StandingWatch()
+        self.looks = StandingLooks()  # looks the steps asked for and those taken (a simulated clock waits on it)
         self.reasks = 0
         self.implicit_cancellations = 0
 
@@ -696,6 +697,7 @@ class OpenAdrVen:
             if isinstance(event, DispatchEnded):
                 self._ended(event)
         if self._watch.changed(result) and self._wake is not None and self._events:
+            self.looks.ask()
             self._wake.set()
 
     def _ended(self, ended: DispatchEnded) -> None:
@@ -727,12 +729,14 @@ class OpenAdrVen:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), STANDING_CHECK_S)
             self._wake.clear()
-            if not self._events:
-                continue
+            covered = self.looks.begin()
             try:
-                await self._reask(sink)
+                if self._events:
+                    await self._reask(sink)
             except Exception:  # noqa: BLE001 - the next check tries again; the VTN link is unaffected
                 log.exception("OpenADR: asking the core again failed")
+            finally:
+                self.looks.done(covered)
 
     async def _reask(self, sink: DispatchSink) -> None:
         better = sink.telemetry().improvable

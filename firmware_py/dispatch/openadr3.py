@@ -81,7 +81,7 @@ from firmware_py.dispatch.openadr3_events import (
     translate_event,
 )
 from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
-from firmware_py.dispatch.standing import StandingWatch
+from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of
@@ -336,6 +336,7 @@ class OpenAdr3Ven:
         self._wake: asyncio.Event | None = None
         self._standing_wake: asyncio.Event | None = None
         self._watch = StandingWatch()
+        self.looks = StandingLooks()  # looks the steps asked for and those taken (a simulated clock waits on it)
         self._callback_token = secrets.token_hex(16)
         self.next_report_at = math.inf  # when the next cadence report falls due (gateway clock)
 
@@ -866,6 +867,7 @@ class OpenAdr3Ven:
             return
         now = self._sink.now() if self._sink is not None else 0.0
         if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
+            self.looks.ask()
             self._standing_wake.set()
         if now >= self.next_report_at:
             self.wake()
@@ -876,12 +878,15 @@ class OpenAdr3Ven:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._standing_wake.wait(), STANDING_CHECK_S)
             self._standing_wake.clear()
+            covered = self.looks.begin()
             try:
                 await self._hold_limit(sink)
                 if self._events:
                     await self._reask(sink)
             except Exception:  # noqa: BLE001 - the next check tries again; the VTN link is unaffected
                 log.exception("OpenADR 3: asking the core again failed")
+            finally:
+                self.looks.done(covered)
 
     async def _reask(self, sink: DispatchSink) -> None:
         """Ask again for requests the core would now serve better (a refusal or cap that no longer holds)."""
