@@ -346,6 +346,24 @@ def _shared_files(config: Config) -> list[str]:
     return problems
 
 
+def kept_file_named(path: str, config: Config) -> str | None:
+    """Which file of `config` `path` names (None: none): the configuration file itself, a path key's
+    file, or one of the journal's files; compared as `_shared_files` compares two keys' files (resolved,
+    and by identity for files already there: a hard link is the same file). For a file about to be
+    written (`commission --report`), which would replace it."""
+    real = Path(os.path.realpath(path))
+    if real == Path(os.path.realpath(config.source)) or _same_existing_file(path, config.source):
+        return f"the configuration file {config.source}"
+    journal = Path(os.path.realpath(config.journal.path))
+    if what := part_of(journal, real) or (
+            "the live segment" if _same_existing_file(path, config.journal.path) else None):
+        return f"{what} of the journal (journal.path = {config.journal.path})"
+    for key, other in _path_keys(config):
+        if real == Path(os.path.realpath(other)) or _same_existing_file(path, other):
+            return f"{key}'s file ({other})"
+    return None
+
+
 def _same_existing_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
             problem = f"{shown(value)} holds a NUL character, which no path can"
         if not problem and f.metadata.get("path") and not value and f.default:  # "" means "none" only where that is the default
             problem = f"must not be empty: the file is needed (default {f.default!r})"
+        if not problem and (name.endswith("_url") or f.metadata.get("url")) and isinstance(value, str):
+            problem = _credentials_problem(value)
         if problem:
             problems.append(f"{key}: {problem}")
             continue
@@ -137,6 +140,21 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
         return cls(**values)
     except TypeError:  # a required key was missing: already reported above
         return None
+
+
+def _credentials_problem(url: str) -> str | None:
+    """A URL key carrying a user name or password (`https://user:secret@host/`): refused, the value never
+    repeated, since a URL is printed and logged wherever its peer is named (commissioning's report, the
+    installer page, each log line about the link) and a secret must never be."""
+    try:
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        netloc = url.split("://", 1)[-1].split("/", 1)[0]
+    if "@" not in netloc:
+        return None
+    return ("holds a user name or password (the part before '@' in the host; value not shown): a URL is "
+            "printed and logged, so credentials go in the secret file (e.g. client_secret_file) or a client "
+            "certificate, never in the URL; remove it and give the URL without 'user:password@'")
 
 
 def _table_list_item(hint: Any) -> type | None:

@@ -388,3 +388,48 @@ def test_ctrl_c_while_an_aggregator_is_asked_fails_the_dispatch_step_as_interrup
     assert len(dispatch) == 1 and dispatch[0]["outcome"] == "fail"
     assert [c["name"] for c in dispatch[0]["checks"]] == ["interrupted"]
     assert ended - sent[0] < 5  # at once, not after the probe's 15 s
+
+
+def _refused_report(config: Path, report: str, capsys) -> str:
+    code = main(["commission", "--config", str(config), "--report", report])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert "Traceback" not in captured.err and "-- listening" not in captured.out
+    (line,) = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    return line
+
+
+def test_a_report_path_naming_the_configuration_file_is_refused_and_the_file_kept(tmp_path: Path, capsys):
+    """`--report gateway.toml` replaced the configuration with the JSON report (an invalid one too, as
+    the report of its failure): now exit 2 naming --report and the file, which is left as it was."""
+    config = write_config(tmp_path, NO_BUS)
+    before = config.read_bytes()
+    line = _refused_report(config, str(config), capsys)
+    assert f"--report {config}: is the configuration file" in line
+    assert config.read_bytes() == before
+    (tmp_path / "link.toml").hardlink_to(config)  # the same file by another name
+    assert "the configuration file" in _refused_report(config, str(tmp_path / "link.toml"), capsys)
+    assert config.read_bytes() == before
+    config.write_text(before.decode() + "\n[owner]\nresrve = 1\n", encoding="utf-8")  # invalid: not even loaded
+    invalid = config.read_bytes()
+    assert "the configuration file" in _refused_report(config, str(tmp_path / "sub" / ".." / "gateway.toml"), capsys)
+    assert config.read_bytes() == invalid
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("journal.sqlite", "the live segment of the journal"),
+    ("journal.sqlite-wal", "SQLite side file of the journal"),
+    ("journal.sqlite.anchors", "anchors of the journal"),
+    ("owner.token", "owner.token_file's file"),
+    ("owner-settings.json", "owner.settings_file's file"),
+])
+def test_a_report_path_naming_a_file_the_configuration_keeps_is_refused(tmp_path: Path, capsys, name: str,
+                                                                          words: str):
+    """The journal (and its side files), the owner token and settings: a report written over one lost it."""
+    (tmp_path / "sub").mkdir()
+    config = write_config(tmp_path, NO_BUS)
+    kept = tmp_path / name
+    kept.write_bytes(b"kept record")
+    line = _refused_report(config, str(tmp_path / "sub" / ".." / name), capsys)
+    assert "--report" in line and words in line and "would replace it" in line
+    assert kept.read_bytes() == b"kept record"

@@ -70,7 +70,7 @@ def healthy_can(**changes) -> CanObservation:
     obs = CanObservation(where="socketcan can0", dbc="cybertruck_bms.dbc", window_s=WINDOW_S, frames=600,
                          foreign_ids=(0x3E9,), by_id=by_id, by_page=by_page,
                          accepted={0x132: 500, 0x292: 50, 0x352: 10}, values=dict(VALUES),
-                         mapped=tuple(VALUES), usable_capacity_wh=123_000.0)
+                         mapped=tuple(VALUES), usable_capacity_wh=123_000.0, ended_at=WINDOW_S)
     return replace(obs, **changes)
 
 
@@ -89,6 +89,24 @@ def test_a_healthy_bus_passes_every_can_check():
     assert names["HvBattAmpVolt (0x132)"].detail == "every 10 ms (DBC: 10 ms)"
     assert names["BmsEnergyStatus (0x352)"].detail == "every 1000 ms (DBC: 1000 ms)"
     assert "discharge allowed now" in names["contactors and BMS state"].detail
+
+
+def test_a_message_that_stops_part_way_through_the_window_fails_though_its_mean_gap_is_right():
+    """Seen twice in the first second of a 5 s window, then never: the mean gap between its first and last
+    frame was its period, so it passed as 'every 1000 ms'; now it fails as stopped, saying how long it was silent."""
+    by_id = dict(healthy_can().by_id)
+    by_id[0x352] = Timing(2, 0.0, 1.0)  # every 1 s, for one second
+    by_page = {(0x352, 0): Timing(1, 0.0, 0.0), (0x352, 1): Timing(1, 1.0, 1.0)}
+    check = by_name(judge_can(healthy_can(by_id=by_id, by_page=by_page), SPECS))["BmsEnergyStatus (0x352)"]
+    assert check.outcome is Outcome.FAIL
+    assert check.detail == "stopped: 2 frame(s), then silent for the last 4.0 s of the window (the DBC says every 1000 ms)"
+    # the same frames in a window ending one period after the last: at its period, as before
+    ended_soon = healthy_can(by_id=by_id, by_page=by_page, ended_at=2.0)
+    assert by_name(judge_can(ended_soon, SPECS))["BmsEnergyStatus (0x352)"].outcome is Outcome.PASS
+    # a fast message silent for 1.5 periods and a bit: stopped too
+    by_id[0x132] = every(0.010, 400)  # last at 3.99 s of 5 s
+    assert by_name(judge_can(healthy_can(by_id=by_id), SPECS))["HvBattAmpVolt (0x132)"].detail.startswith(
+        "stopped: 400 frame(s), then silent for the last 1.0 s")
 
 
 def test_no_traffic_fails_at_once_and_points_at_wiring_termination_and_bitrate():
@@ -121,7 +139,8 @@ def test_a_missing_message_fails_by_name():
 
 @pytest.mark.parametrize(("period_s", "ok"), [(0.051, True), (0.149, True), (0.049, False), (0.151, False)])
 def test_a_period_is_judged_within_half_of_the_dbcs(period_s, ok):
-    obs = healthy_can(by_id={**healthy_can().by_id, 0x292: every(period_s, 20)})
+    timing = every(period_s, 20)  # the window ends one period after its last frame: not stopped
+    obs = healthy_can(by_id={**healthy_can().by_id, 0x292: timing}, ended_at=timing.last + period_s)
     check = by_name(judge_can(obs, SPECS))["BmsSoc (0x292)"]
     assert (check.outcome is Outcome.PASS) is ok, check
     if not ok:

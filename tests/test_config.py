@@ -434,3 +434,43 @@ def test_the_longest_journal_wait_leaves_the_stop_within_systemds_stop_timeout()
     busy = next(f for f in dataclasses.fields(config.JournalConfig) if f.name == "busy_timeout_s")
     assert TASKS_END_S + SAFE_STOP_S + FINAL_READ_S + busy.metadata["hi"] + 1.0 <= stop_timeout_s
     assert busy.default <= busy.metadata["hi"]
+
+
+@pytest.mark.parametrize("section, key, url", [
+    ("dispatch.openadr3", "vtn_url", "https://alice:hunter2@127.0.0.1:9/openadr3"),
+    ("dispatch.openadr3", "token_url", "https://alice:hunter2@127.0.0.1:9/token"),
+    ("dispatch.openadr3", "callback_url", "http://alice:hunter2@127.0.0.1:9/cb"),
+    ("dispatch.openadr", "vtn_url", "http://alice:hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),
+    ("dispatch.openadr", "vtn_url", "http://hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),  # a token as the user
+])
+def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_path, capsys, section, key, url):
+    """A password in a URL loaded fine, then `commission` printed it (check name, detail, JSON report), as
+    every log line naming the peer would: refused at load, naming the key, the secret never echoed."""
+    (tmp_path / "secret").write_text("s3cret\n", encoding="utf-8")
+    path = write(tmp_path, f'[{section}]\nenabled = true\nclient_secret_file = "secret"\n{key} = "{url}"\n'
+                 if section.endswith("3") else f'[{section}]\nenabled = true\n{key} = "{url}"\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{section}.{key}: holds a user name or password" in err and "secret file" in err
+    assert "hunter2" not in err and "Traceback" not in err
+    with pytest.raises(InputError) as raised:
+        config.load(path)
+    assert "hunter2" not in str(raised.value.problems)
+    report = tmp_path / "report.json"
+    assert main(["commission", "--config", str(path), "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert "hunter2" not in captured.out + captured.err and "hunter2" not in report.read_text()
+
+
+def test_every_url_key_of_the_configuration_is_checked_for_credentials():
+    """The rule is on the key's name (`*_url`), in the schema: a URL key added later is covered too."""
+    def url_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from url_keys(hint, f"{prefix}{f.name}.")
+            elif "url" in f.name and not f.metadata.get("given_by_loader"):
+                yield f"{prefix}{f.name}"
+    keys = list(url_keys(config.Config))
+    assert {"dispatch.openadr.vtn_url", "dispatch.openadr3.vtn_url", "dispatch.openadr3.token_url"} <= set(keys)
+    assert all(k.endswith("_url") for k in keys), keys

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from firmware_py import config as config_module
-from firmware_py.assembly import Assembly, assemble, check
+from firmware_py.assembly import Assembly, assemble, check, kept_file_named
 from firmware_py.bms.bus import shutdown_quietly
 from firmware_py.bms.reader import reader_from_config
 from firmware_py.clocks import Clocks
@@ -108,9 +108,15 @@ def _commission(args: argparse.Namespace) -> int:
     report = Report(config=str(args.config), at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     software_version=software_version())
     console = Console(report)
+    if report_path is not None:  # even a configuration that does not load is not to be replaced by the report
+        _check_not_kept(report_path, Path(args.config))
     try:
         config = config_module.load(args.config)
+        if report_path is not None:
+            _check_not_kept(report_path, config)
         check(config)
+    except _ReportReplaces:
+        raise
     except InputError as err:
         console.say(f"powershare-gw commission: {args.config} at {report.at}")
         console.step(Step.CONFIG, judgement.judge_config(str(args.config), err.problems))
@@ -167,6 +173,33 @@ def _check_writable(path: Path) -> None:
         return
     if (refused := cannot_make_beside(path)) is not None:
         raise InputError(f"--report {path}: cannot write in folder {folder}: {refused}")
+
+
+class _ReportReplaces(InputError):
+    """--report names a file the gateway keeps: refused before anything runs, no report written."""
+
+
+def _check_not_kept(path: Path, config: Config | Path) -> None:
+    """Refuse a report path that is the configuration file or any file the configuration names (the
+    journal and its side files, tokens, settings, secrets, certificates): the report is written over
+    whatever file is there, and that record would be lost. Compared as `check-config` compares two
+    written files (resolved, hard links included)."""
+    if isinstance(config, Path):
+        if os.path.realpath(path) == os.path.realpath(config) or _same_existing_file(path, config):
+            what: str | None = f"the configuration file {config}"
+        else:
+            what = None
+    else:
+        what = kept_file_named(str(path), config)
+    if what is not None:
+        raise _ReportReplaces(f"--report {path}: is {what}: the report would replace it; give another file name")
+
+
+def _same_existing_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 WINDOW_PERIODS = 3

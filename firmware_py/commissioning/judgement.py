@@ -123,6 +123,7 @@ class CanObservation:
     mapped: tuple[str, ...] = ()  # the snapshot fields the configuration maps to a signal
     usable_capacity_wh: float = 0.0
     open_error: str = ""  # the bus could not be opened, or failed during the window
+    ended_at: float | None = None  # the window's end (or the stop), on the clock of the Timings' first and last
 
 
 def judge_can(obs: CanObservation, specs: Sequence[MessageSpec]) -> list[Check]:
@@ -174,7 +175,17 @@ def _judge_message(obs: CanObservation, spec: MessageSpec) -> Check:
         return failed(step, name, f"every {measured * 1e3:.0f} ms, the DBC says {want} (±50 %)",
                       "another message with this id (a DBC for another vehicle), or a bus losing frames: "
                       "termination, bus load, error counters (`ip -statistics link show can0`)")
+    silent_s = None if obs.ended_at is None else obs.ended_at - timing.last
+    if silent_s is not None and silent_s > SILENT_PERIODS * spec.period_s:  # the mean gap hides a message that stopped
+        return failed(step, name, f"stopped: {timing.count} frame(s), then silent for the last {silent_s:.1f} s of "
+                      f"the window (the DBC says every {want})",
+                      "a BMS (or a gateway on the bus) that stops sending part-way: wiring, a loose connector, the "
+                      "vehicle going to sleep, or a bus losing frames (`ip -statistics link show can0`)")
     return passed(step, name, f"every {measured * 1e3:.0f} ms (DBC: {want})")
+
+
+SILENT_PERIODS = 1.5
+"""A message whose last frame came more than this many periods before the window's end has stopped."""
 
 
 def _period(obs: CanObservation, spec: MessageSpec) -> float | None:

@@ -128,13 +128,14 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
             refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
     # As of the window's end (or the stop), not its last BMS frame: a BMS that fell silent part-way through
     # the window has its fields stale here, as the gateway would see them (not how late its own last look came).
-    snapshot = reader.snapshot(min(clock(), deadline))
+    ended_at = min(clock(), deadline)
+    snapshot = reader.snapshot(ended_at)
     values = {name: getattr(snapshot, name) for name in reader.fields}
     return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
                           foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
                           refused={fid: dict(c) for fid, c in refused.items()}, last_refusal=reader.last_drop,
                           values=values, stale=snapshot.stale, mapped=reader.fields,
-                          usable_capacity_wh=usable_capacity_wh, open_error=lost)
+                          usable_capacity_wh=usable_capacity_wh, open_error=lost, ended_at=ended_at)
 
 
 def _multiplexer(reader: BmsReader, frame_id: int) -> tuple[Any, str] | None:
