@@ -328,43 +328,46 @@ WRITTEN_FILES = ("journal.path", "owner.settings_file", "owner.token_file", "web
 def _shared_files(config: Config) -> list[str]:
     """Two keys naming one file the gateway writes (or a journal's file): each would overwrite the
     other's content, or be read as the other (the owner's token as the installer's: installer role).
-    Paths are compared resolved (symlinks, relative parts) and, for files already there, by identity."""
+    Paths are compared as `same_file` compares them."""
     paths = _path_keys(config)
-    journal = Path(os.path.realpath(config.journal.path))
     problems = []
     for i, (key, path) in enumerate(paths):
-        real = Path(os.path.realpath(path))
-        if key != "journal.path" and (what := part_of(journal, real) or (
-                "the live segment" if _same_existing_file(path, config.journal.path) else None)):
+        if key != "journal.path" and (what := _journal_part(path, config)):
             problems.append(f"{key}: {path} is {what} of the journal (journal.path = {config.journal.path}): "
                             "give each its own file")
             continue
         for other_key, other in paths[:i]:
-            if (key in WRITTEN_FILES or other_key in WRITTEN_FILES) and other_key != "journal.path" and (
-                    real == Path(os.path.realpath(other)) or _same_existing_file(path, other)):
+            if (key in WRITTEN_FILES or other_key in WRITTEN_FILES) and other_key != "journal.path" and \
+                    same_file(path, other):
                 problems.append(f"{key}: {path} is also {other_key}'s file: give each its own file")
     return problems
 
 
 def kept_file_named(path: str, config: Config) -> str | None:
-    """Which file of `config` `path` names (None: none): the configuration file itself, a path key's
-    file, or one of the journal's files; compared as `_shared_files` compares two keys' files (resolved,
-    and by identity for files already there: a hard link is the same file). For a file about to be
-    written (`commission --report`), which would replace it."""
-    real = Path(os.path.realpath(path))
-    if real == Path(os.path.realpath(config.source)) or _same_existing_file(path, config.source):
+    """Which file of `config` `path` names (None: none): the configuration file itself, one of the
+    journal's files, or a path key's file. For a file about to be written (`commission --report`),
+    which would replace it."""
+    if same_file(path, config.source):
         return f"the configuration file {config.source}"
-    journal = Path(os.path.realpath(config.journal.path))
-    if what := part_of(journal, real) or (
-            "the live segment" if _same_existing_file(path, config.journal.path) else None):
+    if what := _journal_part(path, config):
         return f"{what} of the journal (journal.path = {config.journal.path})"
-    for key, other in _path_keys(config):
-        if real == Path(os.path.realpath(other)) or _same_existing_file(path, other):
-            return f"{key}'s file ({other})"
-    return None
+    return next((f"{key}'s file ({other})" for key, other in _path_keys(config) if same_file(path, other)), None)
 
 
-def _same_existing_file(a: str, b: str) -> bool:
+def _journal_part(path: str, config: Config) -> str | None:
+    """Which of the journal's files `path` is (a segment, its anchors, keys, write-ahead log), or None."""
+    journal = Path(os.path.realpath(config.journal.path))
+    return part_of(journal, Path(os.path.realpath(path))) or (
+        "the live segment" if _same_existing_file(path, config.journal.path) else None)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """One file by two names: the same path resolved (symlinks, relative parts) or, for files already
+    there, the same file (a hard link)."""
+    return os.path.realpath(a) == os.path.realpath(b) or _same_existing_file(a, b)
+
+
+def _same_existing_file(a: str | Path, b: str | Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:  # one is not there yet

@@ -128,7 +128,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
             problem = f"{shown(value)} holds a NUL character, which no path can"
         if not problem and f.metadata.get("path") and not value and f.default:  # "" means "none" only where that is the default
             problem = f"must not be empty: the file is needed (default {f.default!r})"
-        if not problem and (name.endswith("_url") or f.metadata.get("url")) and isinstance(value, str):
+        if not problem and name.endswith("_url") and isinstance(value, str):
             problem = _credentials_problem(value)
         if problem:
             problems.append(f"{key}: {problem}")

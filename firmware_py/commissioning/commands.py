@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from firmware_py import config as config_module
-from firmware_py.assembly import Assembly, assemble, check, kept_file_named
+from firmware_py.assembly import Assembly, assemble, check, kept_file_named, same_file
 from firmware_py.bms.bus import shutdown_quietly
 from firmware_py.bms.reader import reader_from_config
 from firmware_py.clocks import Clocks
@@ -182,24 +182,13 @@ class _ReportReplaces(InputError):
 def _check_not_kept(path: Path, config: Config | Path) -> None:
     """Refuse a report path that is the configuration file or any file the configuration names (the
     journal and its side files, tokens, settings, secrets, certificates): the report is written over
-    whatever file is there, and that record would be lost. Compared as `check-config` compares two
-    written files (resolved, hard links included)."""
+    whatever file is there, and that record would be lost."""
     if isinstance(config, Path):
-        if os.path.realpath(path) == os.path.realpath(config) or _same_existing_file(path, config):
-            what: str | None = f"the configuration file {config}"
-        else:
-            what = None
+        what = f"the configuration file {config}" if same_file(path, config) else None
     else:
         what = kept_file_named(str(path), config)
     if what is not None:
         raise _ReportReplaces(f"--report {path}: is {what}: the report would replace it; give another file name")
-
-
-def _same_existing_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 WINDOW_PERIODS = 3
