@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -43,27 +42,3 @@ def _root_logging_restored():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it deselects: the order of what runs
-def pytest_collection_modifyitems(config, items):
-    """Under xdist, each worker starts with its share of the slow tier.
-
-    `--dist worksteal` hands each worker a contiguous share of the collection and later moves
-    tests from the ends of the longest queues to idle workers. In collection order, a 25 s test
-    late in one share started when the other workers were nearly done, and the run waited on it.
-    Here the slow tests are dealt round in turn to the fronts of the shares, and only quick tests
-    remain to be moved about at the end."""
-    workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    if workers < 2 or not slow:
-        return
-    quick = iter([item for item in items if not item.get_closest_marker("slow")])
-    ordered, left = [], len(items)
-    for worker in range(workers):
-        share = left // (workers - worker)  # the sizes worksteal's first distribution gives
-        dealt = slow[worker::workers]
-        ordered += dealt + list(islice(quick, max(0, share - len(dealt))))
-        left -= share
-    ordered += list(quick)
-    items[:] = ordered
