@@ -170,6 +170,10 @@ def test_a_change_needs_the_sessions_csrf_token_or_a_bearer_token(tmp_path):
             bearer = {"Authorization": f"Bearer {tokens['owner']}"}
             assert (await script.call("PUT", "/api/reserve", {"pct": 45}, headers=bearer))[0] == 200
             assert rig.gateway.owner_settings().reserve_pct == 45
+            # Logging out ends a session: a bearer token has none, and the browser's session it came with stays.
+            status, answer = await browser.call("POST", "/logout", headers=bearer)
+            assert status == 400 and "no session" in answer["error"]
+            assert (await browser.call("GET", "/api/status"))[0] == 200
             wrong = {"Authorization": "Bearer " + "0" * 64}
             assert (await script.call("GET", "/api/status", headers=wrong))[0] == 401
             assert (await script.call("PUT", "/api/reserve", {"pct": 50}))[0] == 401
@@ -914,6 +918,8 @@ def test_check_accepts_the_defaults_and_a_good_certificate(tmp_path):
 
 def test_secrets_are_hidden_from_the_installer_view_but_paths_are_shown():
     shown = redacted({"mqtt": {"password": "hunter2", "password_file": "/etc/pw", "username": "u"},
-                      "api_token": "abc", "client_secret": "", "ok": 1})
+                      "api_token": "abc", "client_secret": "", "ok": 1,
+                      "openadr3": {"token_url": "https://vtn.example/oauth/token"}})
     assert shown == {"mqtt": {"password": REDACTED, "password_file": "/etc/pw", "username": "u"},
-                     "api_token": REDACTED, "client_secret": "", "ok": 1}
+                     "api_token": REDACTED, "client_secret": "", "ok": 1,
+                     "openadr3": {"token_url": "https://vtn.example/oauth/token"}}  # an address, never a secret

@@ -16,7 +16,9 @@ from firmware_py.config import Config, as_dict
 from firmware_py.core.telemetry import Telemetry
 
 SECRET_WORDS = ("password", "secret", "token")
-"""A key naming one of these holds a secret, unless it names a file (`..._file`): paths are shown."""
+"""A key naming one of these holds a secret, unless it names a file (`..._file`) or an address (`..._url`,
+which the configuration refuses with credentials in it): paths and addresses are shown."""
+SHOWN_SUFFIXES = ("_file", "_url")
 REDACTED = "(hidden)"
 
 
@@ -27,7 +29,7 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [redacted(v, key) for v in value]
     name = key.lower()
-    if any(word in name for word in SECRET_WORDS) and not name.endswith("_file") and value not in ("", None):
+    if any(word in name for word in SECRET_WORDS) and not name.endswith(SHOWN_SUFFIXES) and value not in ("", None):
         return REDACTED
     return value
 

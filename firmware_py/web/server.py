@@ -353,10 +353,13 @@ class WebApp:
         raise response
 
     async def _logout(self, request: web.Request, caller: Caller) -> web.Response:
+        """End the caller's session. A bearer token has none: saying it logged out (and deleting a cookie
+        that came along) would leave a script, or the browser's session, believing in an end that never was."""
         session = caller.session
-        if session is not None:
-            self.sessions.end(session.id)
-            log.info("web: %s logged out", session.role)
+        if session is None:
+            return _json(400, {"error": "a bearer token has no session to end: log out with the session cookie"})
+        self.sessions.end(session.id)
+        log.info("web: %s logged out", session.role)
         response = _json(200, {"logged_out": True})
         response.del_cookie(COOKIE, path="/")
         return response
