@@ -366,8 +366,11 @@ def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str
 
 
 def iso(at: float) -> str:
-    """Wall seconds as UTC ISO-8601 (a bench's simulated seconds read as 1970-01-01)."""
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    """Wall seconds as UTC ISO-8601 (a bench's simulated seconds read as 1970-01-01). The year is written
+    with four digits by hand: glibc's strftime("%Y") does not pad years 1 to 999, which ISO-8601 (and
+    `parse_iso`, reading a statement's period back) requires."""
+    when = datetime.fromtimestamp(at, UTC)
+    return f"{when.year:04d}" + when.strftime("-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
 
 
 def _lowest(a: float | None, b: float) -> float:
