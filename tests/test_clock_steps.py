@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
 import math
 
 import pytest
 from lockstep import Rig, TestClocks
 
+from firmware_py.cli import main as cli
 from firmware_py.core import Mode
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -120,8 +122,25 @@ def test_a_wall_clock_step_during_an_event(tmp_path, wall_step_s):
         assert offsets == {round(rig.time.offset - wall_step_s), round(rig.time.offset)}
         assert summary.start == pytest.approx(request.start + rig.time.offset - wall_step_s, abs=0.01)
         assert summary.final and summary.meter_wh == final.meter_wh
+        statement_line_is_on_the_core_clock(tmp_path, request.end - request.start, summary.start)
 
     asyncio.run(main())
+
+
+def statement_line_is_on_the_core_clock(tmp_path, window_s: float, start_wall: float) -> None:
+    """The statement's line for the event: the window it ran (not stretched or shrunk by the step, which once
+    gave a window of 0 s and no SoC drop, or 1.5 h and a third of the power), every one of its samples, and
+    a statement that verifies."""
+    out = tmp_path / "statement.json"
+    assert cli(["statement", "--journal", str(tmp_path / "journal.sqlite"), "--event", "peak",
+                 "--format", "json", "--out", str(out)]) == 0
+    (line,) = json.loads(out.read_text())["events"]
+    lo, hi = (dt.datetime.fromisoformat(line["window"][end]).timestamp() for end in ("from", "to"))
+    assert lo == pytest.approx(start_wall, abs=0.01) and hi - lo == pytest.approx(window_s, abs=0.11)
+    assert line["avg_w"] == pytest.approx(line["integrated_wh"] * 3600 / window_s, rel=0.01)
+    assert line["peak_w"] == pytest.approx(TARGET_KW * 1000, rel=0.05)
+    assert line["soc_end_pct"] < line["soc_start_pct"] and line["throughput_wh"] > 0.5 * line["delivered_wh"] > 0
+    assert cli(["statement", "verify", str(out), "--journal", str(tmp_path / "journal.sqlite")]) == 0
 
 
 def test_an_owner_opt_out_until_a_wall_time_is_kept_in_wall_time_across_a_restart(tmp_path):

@@ -48,6 +48,7 @@ from firmware_py.statements.figures import (
     Sample,
     Tally,
     event_figures,
+    iso,
     totals,
 )
 from firmware_py.statements.make import Basis
@@ -1159,3 +1160,15 @@ def test_a_statement_edited_to_a_capacity_that_is_none_is_bad_input_naming_it_no
     fine, pinned = resigned(statement | {"gateway": {**statement["gateway"], "usable_capacity_wh": 50_000}},
                             tmp_path / "fine.json")
     assert main(["statement", "verify", str(fine), "--journal", str(path), *pinned]) == 0
+
+
+def test_a_period_in_the_years_1_to_999_is_printed_with_a_four_digit_year_and_accepted(crashed, tmp_path):
+    """`--month 0999-12` was refused naming `period.from`, a field the user never gave: the year printed unpadded."""
+    assert iso(datetime(999, 12, 1, tzinfo=UTC).timestamp()) == "0999-12-01T00:00:00Z"
+    assert iso(datetime(1, 1, 1, 0, 0, 1, tzinfo=UTC).timestamp()) == "0001-01-01T00:00:01Z"
+    for option, start in ((["--month", "0999-12"], "0999-12-01T00:00:00Z"),
+                          (["--from", "0500-01-01", "--to", "0500-01-02"], "0500-01-01T00:00:00Z")):
+        out = tmp_path / "s.json"
+        statement = make(crashed, out, *option)
+        assert statement["period"]["from"] == start and statement["events"] == []
+        assert verify(out, crashed) == 0

@@ -85,6 +85,8 @@ class EventSummary:
     timeline: list[TimelineEntry] = field(default_factory=list)
     price_per_kwh: float | None = None
     price_kind: str | None = None
+    span: tuple[Position, Position] | None = None  # its window on the core's clock (`_bounds`): what ran in it
+    offset: float | None = None  # wall - core of the record that set its start: its window's one way to wall time
 
     @property
     def ran(self) -> bool:
@@ -104,6 +106,7 @@ class _Window:
     offered: tuple[float | None, str | None] | None = None  # a price event: the price its last record published
     closed_wh: tuple[float, float] = (0.0, 0.0)  # meter and integral of its accounts closed in earlier runs
     opened_in: int = 0  # the run (counted by `CoreStart` records) whose answer opened its account
+    offset: float | None = None  # wall - core of the record that set `start` (or of its first record)
 
 
 class RecordSource(Protocol):
@@ -140,18 +143,20 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             revision = turning.pop(request_id, None) if own.kind == RecordKind.DISPATCH_ANSWER else None
             if revision is not None and own.payload.get("verdict") in SERVED:  # a new account, of the other kind
                 key = keys[request_id] = f"{request_id}\x1f{len(events)}"
-                events[key], windows[key] = EventSummary(request_id), _Window(first=(run, revision.at))
+                events[key], windows[key] = EventSummary(request_id), _Window(first=(run, revision.at),
+                                                                              offset=_offset(revision))
                 _apply(events[key], windows[key], revision, run)
                 events[key].timeline.append(_entry(revision))
             summary = events.setdefault(key, EventSummary(request_id))
-            window = windows.setdefault(key, _Window(first=(run, own.at)))
+            window = windows.setdefault(key, _Window(first=(run, own.at), offset=_offset(own)))
             _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
     ran = []
     for key, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
+        summary.span, summary.offset = _bounds(windows[key]), windows[key].offset
         if summary.ran:
-            ran.append((*_bounds(windows[key]), summary))
+            ran.append((*summary.span, summary))
     if ran:
         for run, record in _positioned(source, WINDOW_KINDS):
             for lo, hi, summary in ran:
@@ -257,7 +262,7 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
     if began and (start is None or start > window.start):
         start, wall_start = window.start, summary.start
     else:
-        window.start_run = run
+        window.start_run, window.offset = run, _offset(record)
     window.start, window.end = start, end
     summary.received_at, summary.start, summary.end = (
         _on_wall(record, number(p.get("received_at"))), wall_start, _on_wall(record, end))
@@ -271,6 +276,11 @@ def _bounds(window: _Window) -> tuple[Position, Position]:
     if window.ended is not None:
         return lo, window.ended
     return lo, (lo[0], window.end if window.end is not None else math.inf)
+
+
+def _offset(record: Record) -> float:
+    """How far the wall clock stood from the core's when `record` was made (a wall-clock step changes it)."""
+    return record.wall - record.at
 
 
 def _on_wall(record: Record, core_s: float | None) -> float | None:

@@ -44,7 +44,7 @@ from typing import Any
 
 from firmware_py.core.types import DispatchKind, Verdict, is_finite_number
 from firmware_py.errors import InputError
-from firmware_py.journal.summary import SERVED, EventSummary
+from firmware_py.journal.summary import SERVED, EventSummary, Position
 
 MONEY_DIGITS = 2
 CENT = Decimal(1).scaleb(-MONEY_DIGITS)
@@ -107,6 +107,7 @@ class Sample:
     capacity_wh: float | None = None
     serving: str | None = None  # the request the inverter worked for from this sample on (None: none, or not journaled)
     servings_journaled: bool = False  # its run journaled `ServingChanged` records: None above means none served
+    position: Position | None = None  # (run, core time) of its step: which event windows it falls in
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Tally:
     capacity_wh: float | None = None  # the usable capacity in force at soc_start: what the SoC drop is of
     lent_pct: float = 0.0  # the net SoC change over time not the event's own (see `lent`): not its wear
     gaps: int = 0  # journal gaps (core steps not kept) in its window: no meter change is read across one
+    span: tuple[Position, Position] | None = None  # the window on the core's clock, which no wall-clock step moves
 
     @property
     def drop_pct(self) -> float:
@@ -136,8 +138,19 @@ class Tally:
             return 0.0
         return max(0.0, self.soc_start - self.soc_end - self.lent_pct)
 
-    def covers(self, at: float) -> bool:
-        return self.lo <= at <= self.hi
+    def covers(self, sample: Sample) -> bool:
+        """Whether the sample's step fell in the window: judged on the core's clock (its run, then core time)
+        where both have it, as the event's own records are (`journal.summary`): a wall-clock step (NTP) in
+        the window moves neither. `lo`/`hi` (wall time) only for a tally or sample without one."""
+        if self.span is not None and sample.position is not None:
+            return self.span[0] <= sample.position <= self.span[1]
+        return self.lo <= sample.wall <= self.hi
+
+    def overlaps(self, lo: float, hi: float, span: tuple[Position, Position] | None) -> bool:
+        """Whether a stretch (a journal gap) touches the window, on the core's clock where both have it."""
+        if self.span is not None and span is not None:
+            return span[0] <= self.span[1] and self.span[0] <= span[1]
+        return lo <= self.hi and self.lo <= hi
 
     def lent(self, sample: Sample, previous: Sample | None) -> bool:
         """Whether the time up to `sample` was not the event's own: the request the core served after the
@@ -197,7 +210,7 @@ class Ledger:
     gaps: int = 0  # journal gaps in the period
     _previous: Sample | None = field(default=None, repr=False)
 
-    def gap(self, lo: float, hi: float) -> None:
+    def gap(self, lo: float, hi: float, span: tuple[Position, Position] | None = None) -> None:
         """Core steps from `lo` to `hi` (wall time) were not kept (a `JournalGap`): the next sample follows
         none. The meter change across the hole is nobody's to read: whether the grid was up or down over
         it is not known, so none of it is taken for outage energy (what an event delivered in it is what
@@ -206,7 +219,7 @@ class Ledger:
         if lo < self.period.end and self.period.start <= hi:
             self.gaps += 1
         for tally in self.tallies.values():
-            if lo <= tally.hi and tally.lo <= hi:
+            if tally.overlaps(lo, hi, span):
                 tally.gaps += 1
 
     def feed(self, sample: Sample) -> None:
@@ -214,7 +227,7 @@ class Ledger:
         if self.period.holds(sample.wall):
             self.outage_backup_wh += outage_step_wh(sample, previous)
         for tally in self.tallies.values():
-            if tally.covers(sample.wall):
+            if tally.covers(sample):
                 tally.add(sample, previous)
 
 
@@ -231,15 +244,31 @@ class EnergyRecords:
 
 
 def window(summary: EventSummary, journal_end: float) -> tuple[float, float]:
-    """The event's bounds in wall time: from its start (or its answer) to its end (or the journal's end)."""
+    """The event's bounds in wall time: from its start (or its answer) to its end (or the journal's end).
+
+    Its end is its core-clock end (`summary.span`) put on the wall clock with the same offset as its start,
+    when both stand in one run: a wall-clock step (NTP) between its request and its `DispatchEnded` must not
+    stretch or shrink the window people read (and its avg_w). An end a later run wrote (a restart closed
+    it) is on another core clock: that record's own wall time is all there is."""
     lo = summary.start if summary.start is not None else _first_at(summary, journal_end)
-    if summary.ended_at is not None:
+    ended = _ended_on_start_clock(summary)
+    if ended is not None:
+        hi = ended
+    elif summary.ended_at is not None:
         hi = summary.ended_at
     elif summary.end is not None and math.isfinite(summary.end):
         hi = min(summary.end, journal_end)
     else:
         hi = journal_end
     return lo, max(lo, hi)
+
+
+def _ended_on_start_clock(summary: EventSummary) -> float | None:
+    """The event's `DispatchEnded`, in wall time by its start's offset, if it ended in the run it started in."""
+    if summary.ended_at is None or summary.span is None or summary.offset is None:
+        return None
+    (start_run, _), (end_run, end_at) = summary.span
+    return end_at + summary.offset if end_run == start_run and math.isfinite(end_at) else None
 
 
 def _first_at(summary: EventSummary, journal_end: float) -> float:
@@ -366,8 +395,11 @@ def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str
 
 
 def iso(at: float) -> str:
-    """Wall seconds as UTC ISO-8601 (a bench's simulated seconds read as 1970-01-01)."""
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+    """Wall seconds as UTC ISO-8601 (a bench's simulated seconds read as 1970-01-01). The year is written
+    with four digits by hand: glibc's strftime("%Y") does not pad years 1 to 999, which ISO-8601 (and
+    `parse_iso`, reading a statement's period back) requires."""
+    when = datetime.fromtimestamp(at, UTC)
+    return f"{when.year:04d}" + when.strftime("-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
 
 
 def _lowest(a: float | None, b: float) -> float:

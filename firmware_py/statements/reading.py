@@ -21,7 +21,7 @@ from firmware_py.journal.codec import number
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.steps import decode_batch, decode_start
 from firmware_py.journal.store import Record
-from firmware_py.journal.summary import EventSummary, event_summaries
+from firmware_py.journal.summary import EventSummary, Position, event_summaries
 from firmware_py.statements.figures import EnergyRecords, Ledger, Period, Sample, Tally, line_keys, window
 
 
@@ -80,7 +80,7 @@ def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary])
     journal_end = source.newest()[1]
     energy = _energy_records(source)
     tallies = {key: Tally(*window(s, journal_end), request_id=s.request_id,
-                          gap_from=energy.get(key, EnergyRecords()).before_final_wall)
+                          gap_from=energy.get(key, EnergyRecords()).before_final_wall, span=s.span)
                for key, s in zip(line_keys(summaries), summaries, strict=True)}
     ledger = Ledger(period, tallies)
     backup = _backup_spans(source)
@@ -171,7 +171,7 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
     served, run = ServedRequests(source), 0
     for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS, RecordKind.JOURNAL_GAP}):
         if record.kind == RecordKind.JOURNAL_GAP:
-            _gap(record, ledger)
+            _gap(record, ledger, run)
             continue
         if record.kind == RecordKind.CORE_START:
             try:
@@ -196,26 +196,30 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
                 elif isinstance(item, core.OwnerSettings):
                     owner = item
             if seen:
-                ledger.feed(_sample(now, offset, bms, inverter, policy, owner, backup, measured, served.at(now),
-                                    served.journaled))
+                ledger.feed(_sample((run, now), offset, bms, inverter, policy, owner, backup, measured,
+                                    served.at(now), served.journaled))
     return None if policy is None else policy.usable_capacity_wh
 
 
-def _gap(record: Record, ledger: Ledger) -> None:
+def _gap(record: Record, ledger: Ledger, run: int) -> None:
     """A `JournalGap` that dropped core steps: the ledger reads no meter change across it. Its bounds are on
-    the core's clock, placed on the wall clock as its record was (an unreadable bound: the record's own time)."""
+    the core's clock of `run` (which events' windows it touches), placed on the wall clock as its record
+    was for the period (an unreadable bound: the record's own time)."""
     if not record.payload.get("steps"):
         return  # only history samples were dropped: every core step is here
     offset = record.wall - record.at
     lo, hi = number(record.payload.get("from")), number(record.payload.get("to"))
-    ledger.gap(record.wall if lo is None else lo + offset, record.wall if hi is None else hi + offset)
+    lo, hi = record.at if lo is None else lo, record.at if hi is None else hi
+    ledger.gap(lo + offset, hi + offset, ((run, lo), (run, hi)))
 
 
-def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
+def _sample(position: Position, offset: float, bms: core.BmsSnapshot | None, inverter: core.InverterStatus | None,
             policy: Policy | None, owner: core.OwnerSettings | None, backup: list[tuple[float, float]],
             measured: bool, serving: str | None, servings_journaled: bool) -> Sample:
     """The step's sample; its power only from a reading taken at this step (`measured`): an older one
-    belongs to the time it was read, which may have been another request's."""
+    belongs to the time it was read, which may have been another request's. `position` (run, core time)
+    places it in event windows; `offset` (its batch's wall - core) only in the period and outage spans."""
+    _, now = position
     usable = inverter is not None and inverter.comms_ok
     outage = usable and inverter is not None and inverter.grid_outage
     wall = now + offset
@@ -229,4 +233,5 @@ def _sample(now: float, offset: float, bms: core.BmsSnapshot | None, inverter: c
         capacity_wh=None if policy is None else policy.usable_capacity_wh,
         serving=serving,
         servings_journaled=servings_journaled,
+        position=position,
     )
