@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import itertools
 import logging
@@ -1233,3 +1234,105 @@ def test_a_duration_read_as_0_from_a_nonzero_text_is_refused_not_open_ended() ->
     payload["event_signals"][0]["intervals"][0]["duration"] = misread
     plan = translate(payload)
     assert isinstance(plan, DispatchAnswer) and "P3W" in plan.detail
+
+
+def test_a_cancellation_at_the_same_modification_number_reaches_the_core_at_once(caplog) -> None:
+    """A VTN that marks a running event cancelled without bumping its modificationNumber: openleadr answered
+    from its memo without calling the VEN's handler, the core was never told and the gateway went on serving."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id, 0) == "optIn"
+            event = vtn._event(event_id)
+            event.event_descriptor.event_status = "cancelled"  # modification_number stays 0
+            vtn._requeue(event)
+            await vtn.wait_for(lambda: sink.cancels())
+        assert [(c.id, c.source) for c in sink.cancels()] == [(event_id, "openadr")]
+        assert event_id not in sink.served
+        assert any("did not bump" in r.getMessage() and event_id in r.getMessage() for r in caplog.records)
+
+    run(scenario)
+
+
+def test_an_event_whose_active_period_overflows_the_date_range_costs_only_itself() -> None:
+    """A start of 9999-12-31 lasting 2 days: openleadr's answer-building overflowed after the handlers ran,
+    and the VEN answered optOut to every event of the message while the core kept serving the good one.
+    (openleadr's VTN cannot even serialise such an event: the parsed message goes to the client as `_poll`
+    would hand it.)"""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            good = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(good, 0) == "optIn"
+            client = ven.client
+            good_event = next(e for e in client.received_events if e["event_descriptor"]["event_id"] == good)
+            bad_event = copy.deepcopy(good_event)
+            far = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc)
+            bad_event["event_descriptor"]["event_id"] = "far-future"
+            bad_event["active_period"].update(dtstart=far, duration=dt.timedelta(days=2))
+            bad_event["event_signals"][0]["intervals"][0]["dtstart"] = far
+            answered: list[tuple[str, str]] = []
+            create = client._create_message
+
+            def spy(kind: str, **kw: Any) -> Any:
+                if kind == "oadrCreatedEvent":
+                    answered.extend((r["event_id"], r["opt_type"]) for r in kw["event_responses"])
+                return create(kind, **kw)
+
+            client._create_message = spy
+            await client._on_event({"events": [copy.deepcopy(good_event), bad_event], "vtn_id": vtn.vtn_id,
+                                    "request_id": "req-1", "response": {}})
+        assert (good, "optIn") in answered and ("far-future", "optOut") in answered
+        assert (good, "optOut") not in answered and good in sink.served and not sink.cancels()
+        refused = [o for o in ven.outcomes if o.event_id == "far-future"]
+        assert len(refused) == 1 and "beyond the representable date range" in refused[0].detail
+
+    run(scenario)
+
+
+def test_a_message_answered_optout_for_a_failure_withdraws_what_its_handlers_submitted() -> None:
+    """Whatever fails after the handlers ran (here openleadr building its answer) makes the VEN answer optOut
+    to every event of the message: the core must not keep serving what the VTN was told is refused."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            client = ven.client
+            create, failures = client._create_message, [RuntimeError("answer-building failed")]
+
+            def failing_once(kind: str, **kw: Any) -> Any:
+                if kind == "oadrCreatedEvent" and failures:
+                    raise failures.pop()
+                return create(kind, **kw)
+
+            client._create_message = failing_once
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id, 0) == "optOut"
+        assert [r.id for r in sink.requests()][:1] == [event_id]
+        assert sink.cancels()[0].id == event_id and "could not be handled" in sink.cancels()[0].reason
+        assert any(o.event_id == event_id and o.opt == "optOut" for o in ven.outcomes)
+
+    run(scenario)
+
+
+def test_a_stale_malformed_copy_of_an_event_leaves_its_live_revision_served(caplog) -> None:
+    """A distribution listing an event twice, its live revision 1 and a malformed revision 0: the stale copy's
+    refusal cancelled the live revision (a stale valid copy was already ignored)."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            event_id = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 5.0)
+            assert await vtn.wait_for_response(event_id, 0) == "optIn"
+            number = vtn.modify_event(event_id, values=4.0)
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
+            stale = copy.deepcopy(vtn._event(event_id))
+            stale.event_descriptor.modification_number = 0
+            stale.event_signals[0].intervals[0].signal_payload = -4.0
+            vtn.server.events[vtn.ven_id].append(stale)
+            vtn.server.events_updated[vtn.ven_id] = True
+            await vtn.wait_for(lambda: sink.cancels() or any("stale invalid copy" in r.getMessage()
+                                                            for r in caplog.records))
+        assert not sink.cancels()
+        assert sink.served[event_id].revision == number and sink.served[event_id].target_w == 4000.0
+
+    run(scenario)

@@ -241,6 +241,7 @@ class _Client(OpenADRClient):
     poll_ok = False
     on_distribution: Callable[[list[Any]], Any] | None = None
     on_unplaceable: Callable[[Any, str], Any] | None = None  # an event refused before openleadr sees it, and why
+    on_abandoned: Callable[[list[Any], str], Any] | None = None  # a message's events all answered optOut, and why
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -291,7 +292,18 @@ class _Client(OpenADRClient):
             log.error("OpenADR: the VTN's event message (events %s) could not be handled, answering optOut to "
                       "each: %s: %s", ", ".join(map(str, ids)) or "none readable", type(err).__name__, err)
             log.debug("OpenADR: the failure in full", exc_info=True)
+            await self._withdraw_abandoned(message, f"{type(err).__name__}: {err}")
             await self._opt_out_of_all(message)
+
+    async def _withdraw_abandoned(self, message: dict[str, Any], why: str) -> None:
+        """The VTN is about to hear optOut to every event of the message: the core must not serve them either
+        (the message's handlers may have submitted some before the failure)."""
+        if self.on_abandoned is None:
+            return
+        try:
+            await self.on_abandoned(_events_of(message), why)
+        except Exception as err:  # noqa: BLE001 - the VTN must still get its answer
+            log.error("OpenADR: withdrawing the unhandled message's events failed: %s: %s", type(err).__name__, err)
 
     async def _opt_out_of_all(self, message: Any) -> None:
         """optOut to every event of a message that could not be handled (those with an id and a number)."""
@@ -314,12 +326,18 @@ class _Client(OpenADRClient):
     async def _handle_events(self, message: dict[str, Any]) -> None:
         if self.on_distribution is not None:
             await self.on_distribution(message.get("events") or [])
-        known = {utils.getmember(e, "event_descriptor.event_id") for e in self.received_events}
+        known = {utils.getmember(e, "event_descriptor.event_id"): e for e in self.received_events}
         for event in message.get("events") or []:
             event_id = utils.getmember(event, "event_descriptor.event_id")
             if event_id in known and event_id not in self.responded_events:
                 # openleadr would look up its answer to an event it knows, and the answer went with the event's
                 # cancellation: the KeyError made it opt out of every event in the distribution. Afresh, then.
+                self.forget_event(event_id)
+            elif event_id in known and _cancelled_in_place(known[event_id], event):
+                # openleadr answers a known (id, modificationNumber) from its memo without calling the handler,
+                # so the cancellation would never reach the core and the gateway would go on serving the event.
+                log.warning("OpenADR: event %s is cancelled at the same modificationNumber %s (the VTN did not "
+                            "bump it); cancelling it all the same", event_id, _revision_of(event))
                 self.forget_event(event_id)
         unplaceable = [e for e in _events_of(message) if _unplaceable(e)]
         if unplaceable:  # openleadr would compute their status from text and fail on the whole message
@@ -490,6 +508,7 @@ class OpenAdrVen:
         client.add_handler("on_update_event", self._on_event)
         client.on_distribution = self._implicit_cancellations
         client.on_unplaceable = self._unplaceable_event
+        client.on_abandoned = self._abandoned
         self._add_reports(client)
         return client
 
@@ -628,11 +647,18 @@ class OpenAdrVen:
         return answer
 
     async def _refuse(self, sink: DispatchSink, refusal: DispatchAnswer, event: Any) -> str:
-        """A bad (or expired) revision: opt out, and withdraw what an earlier revision asked for."""
+        """A bad (or expired) revision: opt out, and withdraw what an earlier revision asked for. A copy no
+        newer than the revision held is stale: it withdraws nothing (a malformed old copy listed beside the
+        live revision cancelled it), and is answered as the revision held was."""
+        revision = _revision_of(event)
+        held = self._events.get(refusal.request_id)
+        if held is not None and revision <= held.revision:
+            log.warning("OpenADR: ignoring a stale invalid copy of event %s (modificationNumber %s, revision %s "
+                        "held): %s", refusal.request_id, revision, held.revision, _describe(refusal))
+            return held.opt
         tracked = self._events.pop(refusal.request_id, None)
         if tracked is not None:
             await self._cancel(sink, refusal.request_id, tracked.request_ids)
-        revision = _revision_of(event)
         self._record(EventOutcome(refusal.request_id, revision, OPT_OUT, (refusal,), _describe(refusal)))
         return OPT_OUT
 
@@ -647,6 +673,22 @@ class OpenAdrVen:
             await self._refuse(sink, refusal, event)
         except Exception:  # noqa: BLE001 - the core failing must not cost the VTN its answer
             log.exception("OpenADR: the core failed on withdrawing the unplaceable event %s", refusal.request_id)
+
+    async def _abandoned(self, events: list[Any], why: str) -> None:
+        """A message whose handling failed (`_Client._on_event`): each of its events is answered optOut, so what
+        the VEN holds of them is withdrawn from the core, kept for `_as_first_heard` should the VTN send the
+        same revision again (it is then handled afresh)."""
+        sink = self._sink
+        if sink is None:
+            return
+        reason = f"answered optOut: the VTN's message could not be handled ({why})"
+        for event_id in {_event_id_of(e) for e in events} - {None}:
+            tracked = self._events.pop(event_id, None)
+            if tracked is None:
+                continue
+            self._keep_withdrawn(event_id, tracked)
+            await self._cancel(sink, event_id, tracked.request_ids, reason)
+            self._record(EventOutcome(event_id, tracked.revision, OPT_OUT, detail=reason))
 
     async def _not_ours(self, sink: DispatchSink, plan: NotAddressed) -> str:
         """Another VEN's (or resource's) event: optOut, and withdraw what an earlier revision of it asked for,
@@ -865,6 +907,15 @@ def _event_id_of(event: Any) -> str | None:
         return None
 
 
+def _cancelled_in_place(known: Any, event: Any) -> bool:
+    """Whether `event` cancels the `known` copy without a new modificationNumber: a VTN that changes only the
+    status (which OpenADR 2.0b lets it do for far/near/active) still means the cancellation."""
+    def status(e: Any) -> Any:
+        return utils.getmember(e, "event_descriptor.event_status")
+    return (status(event) == enums.EVENT_STATUS.CANCELLED and status(known) != enums.EVENT_STATUS.CANCELLED
+            and _revision_of(event) == _revision_of(known))
+
+
 def _unplaceable(event: Any) -> str | None:
     """Why openleadr cannot place the event in time (it reads its status from the active period's start and
     duration), or None when it can."""
@@ -876,6 +927,11 @@ def _unplaceable(event: Any) -> str | None:
         return f"active_period.dtstart must be a UTC date-time, got {start!r}"
     if not isinstance(duration, timedelta):
         return f"active_period.duration must be a duration, got {duration!r}"
+    try:
+        start + duration  # openleadr adds them to tell the event's status, and an overflow failed the message
+    except OverflowError:
+        return (f"active_period ends beyond the representable date range (dtstart {start.isoformat()} "
+                f"+ duration {duration})")
     return None
 
 
