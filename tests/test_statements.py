@@ -1172,3 +1172,14 @@ def test_a_period_in_the_years_1_to_999_is_printed_with_a_four_digit_year_and_ac
         statement = make(crashed, out, *option)
         assert statement["period"]["from"] == start and statement["events"] == []
         assert verify(out, crashed) == 0
+
+
+def test_a_statement_of_an_empty_journal_verifies(tmp_path):
+    """A gateway's first month with no record yet: its statement named the genesis head, and verify said the
+    journal was changed (record 0 "has hash None")."""
+    journal = tmp_path / "journal.sqlite"
+    Journal.open(journal).close()
+    out = tmp_path / "s.json"
+    statement = make(journal, out, "--month", "2026-11")
+    assert statement["events"] == [] and statement["journal_seq"] == 0
+    assert verify(out, journal) == 0

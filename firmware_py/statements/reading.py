@@ -20,7 +20,7 @@ from firmware_py.journal.chain import Chain
 from firmware_py.journal.codec import number
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.journal.steps import decode_batch, decode_start
-from firmware_py.journal.store import Record
+from firmware_py.journal.store import GENESIS_HASH, Record
 from firmware_py.journal.summary import EventSummary, Position, event_summaries
 from firmware_py.statements.figures import EnergyRecords, Ledger, Period, Sample, Tally, line_keys, window
 
@@ -47,6 +47,10 @@ class HeadBound:
         return self._newest
 
     def head_hash(self) -> str | None:
+        """The hash of record `head_seq`; an empty journal's (no record 0: its chain starts from the
+        genesis hash, which a statement made from it names)."""
+        if self.head_seq == 0:
+            return GENESIS_HASH
         for record in self.iter_records():
             if record.seq == self.head_seq:
                 return record.hash
