@@ -811,3 +811,83 @@ def test_each_request_reads_the_gateways_state_once():
 
     assert run(main()) == [1, 1, 1]
     assert [r.target_w for r in sink.requests()] == [6_000, 5_000]
+
+
+# --- a setting another request displaced; a write the core failed on ---------------------------
+def _with_der_server(c: Any) -> Any:
+    s = replace(c.dispatch.sunspec_server, enabled=True, listen="127.0.0.1:0")
+    return replace(c, dispatch=replace(c.dispatch, sunspec_server=s))
+
+
+def test_a_setpoint_another_request_displaced_reads_as_throttled_naming_it(tmp_path):
+    """The core serves an OpenADR request accepted after the SunSpec setpoint: the stored answer
+    (ACCEPTED) must not make 701 read as if the setpoint were followed in full."""
+    from lockstep import Rig
+
+    async def main() -> tuple[dict, dict, str | None, float]:
+        async with Rig(tmp_path, configure=_with_der_server) as rig:
+            server = rig.assembly.integrations["dispatch.sunspec_server"]
+            port = await server.start(rig.gateway)
+            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+            await client.connect()
+            try:
+                await rig.run(5)
+                assert not (await write(server, client, WSetMod=1, WSet=5_000)).isError()
+                assert not (await write(server, client, WSetEna=1)).isError()
+                await rig.run(10)
+                alone = await read_model(server, client, 701)
+                now = rig.time.mono
+                other = DispatchRequest("adr-1", "openadr", DispatchKind.DISCHARGE, 1_500, now, now + 600, now)
+                assert (await rig.gateway.submit(other)).verdict is Verdict.ACCEPTED
+                await rig.run(10)
+                return (alone, await read_model(server, client, 701), rig.gateway.telemetry().active_event_id,
+                        (await read_model(server, client, 702))["WMaxRtg"])
+            finally:
+                client.close()
+                await server.stop()
+
+    alone, displaced, serving_id, w_max_rtg = run(main(), 60)
+    assert alone["W"] == 5_000 and alone["ThrotSrc"] == 0 and alone["MnAlrmInfo"] is None
+    assert serving_id == "adr-1" and displaced["W"] == 1_500
+    assert displaced["InvSt"] == M701.point("InvSt").symbol("THROTTLED")
+    assert displaced["ThrotSrc"] == 1 << M701.point("ThrotSrc").symbol("DERATED")
+    # (requested - followed now) / WMaxRtg: the 1500 W flowing is what of the setpoint is followed
+    assert displaced["ThrotPct"] == round(100 * (5_000 - 1_500) / w_max_rtg)
+    assert displaced["MnAlrmInfo"] == "another request in force: adr-1"
+
+
+class FailingSink(ScriptedSink):
+    """A core whose submit raises (a journal write failing) until `failing` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
+        if self.failing:
+            self.received.append(item)
+            raise RuntimeError("journal write failed")
+        return await super().submit(item)
+
+
+def test_a_write_the_core_fails_on_is_refused_whole_and_asked_again_when_written_again():
+    """Exception 4 means nothing changed: 704 reads back as before, and the same write later is a
+    new setpoint for the core, not a keep-alive of one it never took."""
+    sink = FailingSink()
+
+    async def main() -> tuple[Any, dict, dict, Any, dict]:
+        async with serving(sink) as (server, client):
+            before = await read_model(server, client, 704)
+            failed = await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            after = await read_model(server, client, 704)
+            sink.failing = False
+            again = await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            return failed, before, after, again, await read_model(server, client, 704)
+
+    failed, before, after, again, taken = run(main())
+    assert failed.isError() and failed.exception_code == 4  # DEVICE_FAILURE
+    assert {k: after[k] for k in CONTROL_DEFAULTS} == {k: before[k] for k in CONTROL_DEFAULTS}
+    assert after["WSetEna"] == 0 and after["WSet"] == 0
+    assert not again.isError() and taken["WSetEna"] == 1 and taken["WSet"] == 5_000
+    submitted = sink.requests()
+    assert len(submitted) == 2 and submitted[-1].target_w == 5_000  # asked again, not taken as "the same"

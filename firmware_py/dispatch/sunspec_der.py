@@ -229,6 +229,7 @@ class DispatchStatus:
 
     wanted: Wanted
     answer: DispatchAnswer | None  # None: the core gave no answer
+    request_id: str | None = None  # the request the setting was submitted as (None: not known)
 
     def allowed_w(self) -> float:
         """What the answer allows (0 when refused or unanswered)."""
@@ -253,9 +254,28 @@ class DispatchStatus:
         if a is None:
             return 0.0, "refused: no answer from the gateway core"
         allowed, limit = self.allowed_w(), self.site_limit_w(t)
+        other = self.displaced_by(t)
+        if other is not None and allowed > 0:
+            return min(self.measured_w(t), allowed), f"another request in force: {other}"
         if limit is not None and limit < allowed:
             return limit, f"site limit {limit:.0f} W"
         return allowed, None if a.verdict is Verdict.ACCEPTED else describe(a)
+
+    def displaced_by(self, t: Telemetry) -> str | None:
+        """The request the core serves instead of this setting's, else None.
+
+        The stored answer says what the core allowed when asked; another source's request
+        accepted since may have displaced it, and only the telemetry knows (None when the
+        core serves nothing: that is not another request in force)."""
+        if self.request_id is None or t.active_event_id in (None, self.request_id):
+            return None
+        return t.active_event_id
+
+    def measured_w(self, t: Telemetry) -> float:
+        """The power flowing now in the setting's direction (0 when it flows the other way):
+        what of the setting is followed while another request is served."""
+        w = t.power_w if self.wanted.kind is DispatchKind.DISCHARGE else -t.power_w
+        return max(0.0, w)
 
     def site_limit_w(self, t: Telemetry) -> float | None:
         """The site limit in force in the setting's direction (an export limit holds back no charge)."""

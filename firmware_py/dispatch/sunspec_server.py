@@ -73,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import ipaddress
 import logging
 import math
@@ -81,7 +82,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
@@ -460,6 +461,7 @@ class SunSpecDerServer:
             asking.refuse(REFUSAL_CAUSES[refusal.code], refusal.reason)
             return refusal.code
         sink = self._require_sink()
+        saved = self._save()
         self.controls.apply(written, sink.now())
         # Writing the setpoint again after a refusal asks the core again.
         refused = self.status is not None and self.status.allowed_w() == 0
@@ -467,9 +469,20 @@ class SunSpecDerServer:
         try:
             await self._reconcile(sink, self._ratings_of(t), force=retry)
         except Exception as err:  # noqa: BLE001 - the core failing is ours, not the client's: say so, count it
+            self._restore(saved)  # refused whole: the registers and the session stay as they were
             asking.refuse(Cause.CORE_ERROR, f"core error: {err}", traceback.format_exc())
             return ExcCodes.DEVICE_FAILURE
         return None
+
+    def _save(self) -> _Saved:
+        """What a write may change here, so a write the core fails on can be undone whole."""
+        return _Saved(copy.deepcopy(self.controls), self.session, self.status)
+
+    def _restore(self, saved: _Saved) -> None:
+        """Put back what `_save` kept (controls, revert timers, session, status). Not `site_limit_w`:
+        it is what the core holds, so a limit the core took before the failure is undone by the
+        next reconcile rather than left standing unseen."""
+        self.controls, self.session, self.status = saved
 
     def _describe_read(self, address: int, count: int) -> str:
         if self.map.base <= address < self.map_end:
@@ -580,10 +593,10 @@ class SunSpecDerServer:
         """Hand the core the site limit and what the controls ask for, where they changed."""
         limit = self.controls.site_limit_w(ratings)
         if limit != self.site_limit_w:
-            self.site_limit_w = limit
             log.info("SunSpec WMaxLimPct: %s for every source's requests",
                      "site limit lifted" if limit is None else f"site limit {limit:.0f} W")
             await sink.submit(SiteLimit(sink.now(), SOURCE, limit))
+            self.site_limit_w = limit  # only once the core has it: a failed submit is asked again
         wanted = self.controls.wanted(ratings)
         s = self.session
         if wanted is None:
@@ -604,11 +617,19 @@ class SunSpecDerServer:
         # Open-ended: a standing setpoint has no window to budget; the floor's envelope ends it.
         request = DispatchRequest(id=s.id, source=SOURCE, kind=wanted.kind, target_w=round(wanted.target_w, 1),
                                   start=now, end=math.inf, received_at=now, revision=s.revision + 1)
+        answer = await sink.submit(request)  # may raise: then the session stays as it was
         self.session = _Session(s.id, request.revision, wanted, now)
-        answer = await sink.submit(request)
-        self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None)
+        self.status = DispatchStatus(wanted, answer if isinstance(answer, DispatchAnswer) else None, request.id)
         if answer is None or answer.verdict is Verdict.REJECTED:
             log.debug("SunSpec setpoint %s refused by the core: %s", request.id, self.status.text())
+
+
+class _Saved(NamedTuple):
+    """The server state a write changes, as it was before the write."""
+
+    controls: DerControls
+    session: _Session | None
+    status: DispatchStatus | None
 
 
 class _Refusal(Exception):
