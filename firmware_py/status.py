@@ -85,6 +85,9 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "event": event,
         "faults": [str(kind) for kind in t.faults],
         "links": shown,
+        # whether soc_pct and power_w are readings of now, as the core judges its data: a reader must
+        # not show the last reading of a silent BMS or inverter as live
+        "fresh": {"bms": t.bms_fresh, "inverter": t.inverter_fresh},
         "storm_watch": _storm_watch(t, wall_now),
         # price-responsive mode while it is on: what it follows and today's price-driven energy
         "price_mode": {"threshold_per_kwh": t.price_threshold_per_kwh, "kind": t.price_kind,
@@ -127,9 +130,9 @@ def render(doc: dict[str, Any]) -> list[str]:
     lines = [
         f"at:      {doc.get('at')}",
         f"mode:    {doc.get('mode')}: {doc.get('reason')}",
-        f"SoC:     {_percent(doc, 'soc_pct')} (floor {_percent(doc, 'floor_pct')}, "
+        f"SoC:     {_percent(doc, 'soc_pct')}{_unless_fresh(doc, 'bms')} (floor {_percent(doc, 'floor_pct')}, "
         f"reserve {_percent(doc, 'reserve_pct')})",
-        f"power:   {_number(doc.get('power_w', 0), 'power_w'):,.0f} W measured, "
+        f"power:   {_number(doc.get('power_w', 0), 'power_w'):,.0f} W measured{_unless_fresh(doc, 'inverter')}, "
         f"setpoint {_number(doc.get('setpoint_w', 0), 'setpoint_w'):,.0f} W",
         f"event:   {served}",
         f"faults:  {', '.join(str(fault) for fault in _list(doc.get('faults'), 'faults')) or 'none'}",
@@ -152,6 +155,13 @@ def render(doc: dict[str, Any]) -> list[str]:
     if not doc.get("journal_ok", True):
         lines.append("journal: FAILING (new dispatch is refused until it writes again)")
     return lines
+
+
+def _unless_fresh(doc: dict[str, Any], source: str) -> str:
+    """A note after a figure whose source (`bms`, `inverter`) has no fresh data: the figure is its last reading
+    (nothing, from a gateway too old to say)."""
+    fresh = _part(doc.get("fresh"), "fresh") or {}
+    return " (last reading: no fresh data)" if fresh.get(source) is False else ""
 
 
 def _percent(doc: dict[str, Any], field: str) -> str:

@@ -111,7 +111,7 @@ async def command(rig: Rig, watcher: Watcher, name: str, payload: bytes | str, *
 # ------------------------------------------------------------------ Home Assistant discovery
 
 COMMON_FIELDS = {"name", "unique_id", "state_topic", "availability_topic", "payload_available",
-                 "payload_not_available", "device", "origin", "value_template", "icon", "json_attributes_topic",
+                 "payload_not_available", "availability", "availability_mode", "device", "origin", "value_template", "icon", "json_attributes_topic",
                  "json_attributes_template", "entity_category", "enabled_by_default", "qos", "object_id"}
 """Options every MQTT entity platform documents (Home Assistant's MQTT sensor, binary sensor, number
 and switch pages), of those this gateway could use."""
@@ -160,6 +160,20 @@ def check_entity(component: str, config: dict[str, Any]) -> None:
         assert config["min"] < config["max"] and config["step"] >= 0.001 and config["mode"] in ("box", "slider")
 
 
+def availability(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where Home Assistant reads whether the entity is available: one topic, or a list (then all must say
+    `online`: `availability_mode: all`); never both, which Home Assistant refuses."""
+    if "availability" not in config:
+        return [{"topic": config["availability_topic"]}]
+    assert "availability_topic" not in config and config["availability_mode"] == "all"
+    return config["availability"]
+
+
+def available(config: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether Home Assistant shows the entity available, the gateway being online, given this state."""
+    return all(render(e["value_template"], state) == "online" for e in availability(config) if "value_template" in e)
+
+
 def render(template: str, state: dict[str, Any]) -> str:
     """A value template rendered the way Home Assistant does: Jinja, the payload as `value_json`."""
     return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(value_json=state)
@@ -187,7 +201,9 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
             check_entity(component, config)
             devices.add(json.dumps(config["device"], sort_keys=True))
             unique_ids.add(config["unique_id"])
-            assert config["state_topic"] == TOPICS.state and config["availability_topic"] == TOPICS.availability
+            assert config["state_topic"] == TOPICS.state
+            assert [entry["topic"] for entry in availability(config)][:1] == [TOPICS.availability]
+            assert all(render(e["value_template"], state) == "online" for e in availability(config)[1:])
             value = render(config["value_template"], state)
             if component in ("switch", "binary_sensor"):
                 assert value in ("ON", "OFF"), (topic, value)
@@ -215,6 +231,30 @@ def test_discovery_configs_appear_as_home_assistant_documents_them_and_render_th
             assert field in state
 
     bounded(main())
+
+
+def test_a_silent_bms_makes_the_soc_unavailable_in_home_assistant_not_its_last_reading_live(tmp_path):
+    """With the BMS silent, Home Assistant showed the last SoC as the live one (availability followed only
+    the broker connection): an automation acted on a figure minutes old."""
+    async def main() -> tuple[dict[str, Any], dict[str, Any], Config]:
+        with running_broker(tmp_path) as broker:
+            async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
+                rig.bms_on = False
+                await advance(rig, bridge, 2.0)
+                silent = await watcher.wait_for("the BMS stale", lambda m: is_state(m) and not m.json()["fresh"]["bms"])
+                index = len(watcher.seen)
+                rig.bms_on = True
+                await advance(rig, bridge, 2.0)
+                heard = await watcher.wait_for("the BMS heard again", lambda m: is_state(m) and m.json()["fresh"]["bms"],
+                                               after=index)
+                return silent.json(), heard.json(), rig.config
+
+    silent, heard, config = bounded(main())
+    entities = {topic.split("/")[3]: entity for topic, entity in configurations(config, "test")}
+    assert silent["soc_pct"] is not None  # the last reading is still in the state: the reader must not show it live
+    assert not available(entities["soc"], silent) and not available(entities["available_energy"], silent)
+    assert available(entities["power"], silent) and available(entities["mode"], silent)
+    assert available(entities["soc"], heard) and heard["fresh"] == {"bms": True, "inverter": True}
 
 
 def test_an_entity_announced_before_and_gone_now_is_removed_from_home_assistant(tmp_path):

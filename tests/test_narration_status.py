@@ -262,6 +262,21 @@ def test_status_shows_when_the_envelope_reduces_power_and_what_blocks_dispatch()
     assert "dispatch: not followed now: ENTER_SERVICE_DELAY" in "\n".join(render(doc))
 
 
+def test_status_says_which_figures_are_last_readings_of_a_silent_source():
+    """The SoC of a silent BMS read like a live one; `fresh` (the core's judgement) says it is not."""
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.status import status_document
+
+    silent = Telemetry(at=10.0, mode=Mode.FAULT, soc_pct=44.0, floor_pct=42.0, power_w=0.0, setpoint_w=0.0,
+                       available_wh=0.0, active_event_id=None, bms_fresh=False, inverter_fresh=True)
+    doc = status_document(silent, {}, wall_now=1_750_000_000.0)
+    assert doc["fresh"] == {"bms": False, "inverter": True}
+    lines = render(doc)
+    assert lines[2].startswith("SoC:     44 % (last reading: no fresh data)"), lines[2]
+    assert "no fresh data" not in lines[3]  # the inverter's power is a reading of now
+    assert "no fresh data" not in "\n".join(render({k: v for k, v in doc.items() if k != "fresh"}))  # an older gateway
+
+
 def test_the_owner_apis_status_shows_this_months_credit_from_the_statements_own_code(tmp_path, capsys):
     """After an event, the status's `earnings` are the month statement's totals, to the cent."""
     async def main() -> tuple[dict, str]:
@@ -318,7 +333,8 @@ def test_status_text_rounds_for_people_and_the_json_keeps_every_digit():
 
     raw = Telemetry(at=10.0, mode=Mode.DISCHARGE, soc_pct=79.833333, floor_pct=42.123456, power_w=3_999.74,
                     setpoint_w=4_000.0, available_wh=4_567.891, active_event_id="peak", verdict=Verdict.ACCEPTED,
-                    meter_wh=12.345678, reserve_pct=40.0, storm_watch_pct=75.25, storm_watch_until=3_610.0)
+                    meter_wh=12.345678, reserve_pct=40.0, storm_watch_pct=75.25, storm_watch_until=3_610.0,
+                    bms_fresh=True, inverter_fresh=True)
     doc = status_document(raw, {"bms": {"ok": True, "age_s": 0.0333}}, wall_now=1_750_000_000.0)
     assert doc["soc_pct"] == 79.833333 and doc["floor_pct"] == 42.123 and doc["event"]["delivered_wh"] == 12.345678
     text = "\n".join(render(doc))

@@ -14,7 +14,7 @@ from typing import Any
 from firmware_py.core import floor as floors
 from firmware_py.core.answers import improvable, refusal
 from firmware_py.core.controller import Controller
-from firmware_py.core.faults import Latch
+from firmware_py.core.faults import Latch, bms_usable, inverter_usable
 from firmware_py.core.policy import Policy
 from firmware_py.core.requests import Booked
 from firmware_py.core.types import DispatchKind, FaultKind, InverterStatus, Mode, ReasonCode, Verdict
@@ -82,6 +82,8 @@ class Telemetry:
     meter_wh: float | None = None  # the serving event's billed energy so far
     bms_age_s: float | None = None  # now - the newest BMS snapshot's received_at
     inverter_age_s: float | None = None
+    bms_fresh: bool = False  # the BMS data is fresh enough to act on: `soc_pct` is a reading of now
+    inverter_fresh: bool = False  # the inverter's, likewise: `power_w` is a reading of now
     journal_ok: bool = True
     ratings: DerRatings | None = None  # what the gateway offers as one DER
     inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
@@ -117,6 +119,7 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         meter_wh=round(serving.meter_wh, 3) if serving else None,
         bms_age_s=now - c.bms.received_at if c.bms is not None else None,
         inverter_age_s=now - c.inverter.received_at if c.inverter is not None else None,
+        bms_fresh=bms_usable(c.bms, now, c.policy), inverter_fresh=inverter_usable(c.inverter, now, c.policy),
         journal_ok=not c.journal_failing(),
         ratings=DerRatings.of(c.policy, c.inverter),
         # The newest good reading's: a failed read carries no counters, and 0 would read as a meter reset.

@@ -15,7 +15,9 @@ mode, the event served, energy above the floor, the energy of the event served
 storm watch (switches), a fault indicator, this month's bill credit and the energy it
 credits (the status's `earnings`: the statement's own figures, `device_class: monetary`
 in the `[program]` currency, and `energy`; both `state_class: total`, reset at the
-month's start), and one connectivity sensor per link the configuration uses. Device classes, units and state classes are those Home
+month's start), and one connectivity sensor per link the configuration uses. Every entity is
+unavailable while P/availability says `offline`; a reading of the BMS (SoC, energy above the floor)
+or of the inverter (power) also while the state's `fresh` says that source is silent. Device classes, units and state classes are those Home
 Assistant documents for sensors: `battery` in %, `power` in W, `energy` (total or
 total_increasing) and `energy_storage` (measurement) in Wh, `enum` with its options.
 """
@@ -54,6 +56,7 @@ class Entity:
     template: str
     options: dict[str, Any] = field(default_factory=dict)
     command: Command | None = None
+    reading_of: str | None = None  # the source (`fresh` key of the state) whose silence makes it unavailable
 
 
 def _switch_state(test: str) -> str:
@@ -62,21 +65,23 @@ def _switch_state(test: str) -> str:
 
 ENTITIES: tuple[Entity, ...] = (
     Entity(Component.SENSOR, "soc", "State of charge", "{{ value_json.soc_pct }}",
-           {"device_class": "battery", "unit_of_measurement": "%", "state_class": "measurement"}),
+           {"device_class": "battery", "unit_of_measurement": "%", "state_class": "measurement"}, reading_of="bms"),
     Entity(Component.SENSOR, "floor", "Floor", "{{ value_json.floor_pct }}",
            {"unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:battery-lock"}),
     Entity(Component.NUMBER, "reserve", "Reserve", "{{ value_json.reserve_pct }}",
            {"min": 0, "max": 100, "step": 1, "unit_of_measurement": "%", "mode": "slider",
             "icon": "mdi:car-battery"}, Command.RESERVE),
     Entity(Component.SENSOR, "power", "Power", "{{ value_json.power_w }}",
-           {"device_class": "power", "unit_of_measurement": "W", "state_class": "measurement"}),
+           {"device_class": "power", "unit_of_measurement": "W", "state_class": "measurement"},
+           reading_of="inverter"),
     Entity(Component.SENSOR, "mode", "Mode", "{{ value_json.mode }}",
            {"device_class": "enum", "options": [m.value for m in Mode]}),
     Entity(Component.SENSOR, "event", "Event", "{{ value_json.event.id[:255] if value_json.event else 'none' }}",
            {"icon": "mdi:transmission-tower-export",
             "json_attributes_template": "{{ (value_json.event if value_json.event else {}) | tojson }}"}),
     Entity(Component.SENSOR, "available_energy", "Energy above the floor", "{{ value_json.available_wh }}",
-           {"device_class": "energy_storage", "unit_of_measurement": "Wh", "state_class": "measurement"}),
+           {"device_class": "energy_storage", "unit_of_measurement": "Wh", "state_class": "measurement"},
+           reading_of="bms"),
     Entity(Component.SENSOR, "event_energy", "Event energy", "{{ value_json.delivered.event_wh }}",
            {"device_class": "energy", "unit_of_measurement": "Wh",
             "json_attributes_template": "{{ {'event_id': value_json.delivered.event_id} | tojson }}"}),
@@ -161,16 +166,29 @@ def retired(config: Config) -> list[str]:
     return sorted({_config_topic(config, e) for e in possible} - {_config_topic(config, e) for e in current})
 
 
+def _availability(topics: Topics, reading_of: str | None) -> dict[str, Any]:
+    """Available while the gateway is online; a reading (`reading_of` its source) also only while the core
+    judges that source's data fresh (the state's `fresh`): else Home Assistant would show a silent BMS's
+    last SoC as the live one. (`availability` and `availability_topic` exclude each other.)"""
+    online = {"payload_available": "online", "payload_not_available": "offline"}
+    if reading_of is None:
+        return {"availability_topic": topics.availability, **online}
+    fresh = "{{ 'online' if (value_json.fresh or {}).get('" + reading_of + "') else 'offline' }}"
+    return {"availability": [{"topic": topics.availability, **online},
+                             {"topic": topics.state, "value_template": fresh, **online}],
+            "availability_mode": "all"}
+
+
 def configurations(config: Config, version: str) -> list[tuple[str, dict[str, Any]]]:
     """(topic, configuration) for every entity, to publish retained."""
     topics, node = Topics(config.mqtt.topic_prefix), node_id(config.mqtt.topic_prefix)
-    shared = {"state_topic": topics.state, "availability_topic": topics.availability,
-              "payload_available": "online", "payload_not_available": "offline",
-              "device": device(config, version), "origin": {"name": MANUFACTURER, "sw_version": version}}
+    shared = {"state_topic": topics.state, "device": device(config, version),
+              "origin": {"name": MANUFACTURER, "sw_version": version}}
     found = []
     for entity in _announced(config):
         payload: dict[str, Any] = {"name": entity.name, "unique_id": f"{node}_{entity.object_id}",
-                                   **shared, "value_template": entity.template, **entity.options}
+                                   **shared, **_availability(topics, entity.reading_of),
+                                   "value_template": entity.template, **entity.options}
         if "json_attributes_template" in payload:
             payload["json_attributes_topic"] = topics.state
         if entity.command is not None:
