@@ -478,6 +478,27 @@ def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
     run(scenario)
 
 
+def test_two_objects_under_one_event_id_the_first_listed_stands_every_poll_and_is_warned_of_once(caplog) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            good = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+            bad = {**vtn.events[good], "intervals": [{"id": 0, "payloads": [{"type": "DISPATCH_SETPOINT",
+                                                                             "values": ["5"]}]}]}
+            vtn.events = {"first": bad, "second": vtn.events[good]}  # listed in this order, one id
+            await vtn.wait_for(lambda: vtn.answers_for(good))
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 4)
+            assert vtn.answers_for(good) == ["refused"]
+            assert [o.revision for o in ven.outcomes] == [0]
+            assert not sink.of(DispatchRequest) and not sink.of(DispatchCancel)
+            assert [r.getMessage() for r in caplog.records if "two objects" in r.getMessage()] == [
+                f"OpenADR 3: the VTN lists two objects under event id {good}: the first one listed is taken, "
+                "the other ignored"]
+
+    run(scenario)
+
+
 def test_events_over_before_the_ven_started_are_history_neither_answered_nor_taken_again(caplog) -> None:
     """A VTN keeps events until they are deleted: a gateway (re)started must not refuse each past one
     EXPIRED again, flooding the VTN, the log and its own report queue (where usage reports wait)."""

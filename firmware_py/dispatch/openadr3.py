@@ -327,6 +327,7 @@ class OpenAdr3Ven:
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
+        self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
         self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
@@ -415,7 +416,7 @@ class OpenAdr3Ven:
         self.polls += 1
         if any((program_id := program_id_of(e)) is not None and program_id not in self.programs for e in events):
             await self._load_programs(session)  # enrolled in a new program since
-        await self._take(sink, events, kept)
+        await self._take(sink, events, kept, listing.settled)
         await self._send_reports(session, sink)
         await self._hold_limit(sink)
 
@@ -666,10 +667,13 @@ class OpenAdr3Ven:
     # ------------------------------------------------------------------ events
 
     async def _take(self, sink: DispatchSink, events: list[Any],
-                    kept: set[str] | frozenset[str] = frozenset()) -> None:
+                    kept: set[str] | frozenset[str] = frozenset(),
+                    settled: set[str] | frozenset[str] = frozenset()) -> None:
         """A complete listing: missing events cancelled first (so what they held is free for new
         ones), then new and changed events to the core. `kept`: events the listing missed that the VTN
-        did not confirm gone (a paging race), neither cancelled nor forgotten."""
+        did not confirm gone (a paging race), neither cancelled nor forgotten. `settled`: events the
+        listing noted by id only (handled at that content): a second object under one of those ids is
+        a duplicate as much as one under a held id, else the two copies would take turns every poll."""
         present = {event_id_of(e) for e in events} | kept
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
@@ -679,7 +683,7 @@ class OpenAdr3Ven:
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
-        handled: set[str] = set()
+        handled: set[str] = set(settled)
         history = self.history_passed
         for event in events:
             key = _content_key(event)
@@ -687,8 +691,9 @@ class OpenAdr3Ven:
             if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
                 event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
                 present.add(event_id)
-            if event_id in handled:
-                continue  # a second object under one id: the first one listed stands
+            if event_id in handled:  # a second object under one id: the first one listed stands
+                self._warn_duplicate(event_id)
+                continue
             handled.add(event_id)
             seen = self._seen.get(event_id)
             if seen is not None and seen[0] == key:
@@ -703,9 +708,18 @@ class OpenAdr3Ven:
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
         self._not_addressed &= present
+        self._duplicated &= present
         if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
             log.info("OpenADR 3: %d event(s) listed that ended before the VEN started: passed over, not answered",
                      passed)
+
+    def _warn_duplicate(self, event_id: str) -> None:
+        """One warning per duplicated id while it stays listed (not one per poll): the aggregator's
+        VTN lists two objects under one event id, and only the first one listed is answered."""
+        if event_id not in self._duplicated:
+            self._duplicated.add(event_id)
+            log.warning("OpenADR 3: the VTN lists two objects under event id %s: the first one listed is "
+                        "taken, the other ignored", event_id)
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
