@@ -819,6 +819,40 @@ def test_reports_wait_while_the_token_endpoint_refuses_the_secret_not_dropped(ca
     run(scenario)
 
 
+class SkewedVtn(BenchVtn3):
+    """Answers 401 to POST /reports while `skewed`, though its token endpoint grants tokens (its token
+    check out of step, as during a key rotation)."""
+
+    skewed = True
+    refused_reports = 0
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.skewed:
+            self.refused_reports += 1
+            return web.json_response({"title": "Unauthorized", "status": 401, "detail": "token not yet valid"},
+                                     status=401)
+        return await super()._post_report(request)
+
+
+def test_reports_wait_while_the_vtn_refuses_even_a_fresh_token_and_go_once_it_takes_them() -> None:
+    async def scenario() -> None:
+        async with SkewedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            events = [vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600 + 700 * n), 600, 5.0)
+                      for n in range(3)]
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.failed_polls >= 2, 10)
+                assert ven.pending_reports == 3  # the token was refused, not the reports
+                assert vtn.refused_reports <= 2 * ven.failed_polls + 2  # one report tried per poll, not each
+                vtn.skewed = False
+                await vtn.wait_for(lambda: all(vtn.answers_for(e) for e in events), 15)
+                assert [vtn.answers_for(e) for e in events] == [["accepted"]] * 3
+                assert ven.pending_reports == 0
+
+    run(scenario)
+
+
 class RacyVtn(BenchVtn3):
     """Deletes event old-0 when the VEN asks for the second page of events (armed once)."""
 

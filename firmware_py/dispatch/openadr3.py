@@ -447,7 +447,9 @@ class OpenAdr3Ven:
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str, *,
                     params: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """One authenticated request; a 401 fetches a new token and tries once more."""
+        """One authenticated request; a 401 fetches a new token and tries once more. A fresh token
+        refused too is the credential refused (TokenRefused, as from the token endpoint), not the
+        request: the cycle fails and backs off, and a report waits rather than being dropped."""
         assert self.tokens is not None
         for attempt in (1, 2):
             token = await self.tokens.bearer(session)
@@ -459,9 +461,12 @@ class OpenAdr3Ven:
                     _refuse_redirect(resp, f"{method} /{path}", "the bearer token is not sent there")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
-            if status == 401 and attempt == 1:
-                log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
+            if status == 401:
                 self.tokens.drop()
+                if attempt == 2:  # the credential, not this request: what was to be sent waits
+                    raise TokenRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401): "
+                                       f"{_problem(raw)}")
+                log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 continue
             if status in (408, 429):  # "not now" (too many requests, or too slow): the report is sent again
                 raise VtnError(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again later")
@@ -477,7 +482,7 @@ class OpenAdr3Ven:
                 return _json(raw, f"{method} /{path}") if raw else None
             except VtnError as err:
                 raise VtnFailed(str(err)) from None
-        raise VtnRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401)")
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
         """A whole listing, page by page (bounded): one too long for the bound is no listing (VtnError)."""
