@@ -1238,6 +1238,37 @@ def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> No
     run(scenario)
 
 
+def test_an_interval_inside_another_is_reported_when_it_ends_and_the_outer_one_when_it_ends_with_all_its_energy(
+) -> None:
+    """Intervals may overlap (the core serves one request at a time and meters each): the inner one
+    ending first is reported then, the outer one only once it has ended, each once, with all its energy."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            outer, inner = in_seconds(60), in_seconds(300)
+            vtn.add_raw_event({"id": "ovl", "objectType": "EVENT", "programID": program,
+                               "intervals": [
+                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(outer), "duration": "PT1200S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
+                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(inner), "duration": "PT300S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [3.0]}]}],
+                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            await vtn.wait_for(lambda: vtn.answers_for("ovl"))
+            served(ven, "ovl#1", 100.0)
+            served(ven, "ovl#0", 400.0)
+            sink.offset_s = 700  # the inner interval (id 1) is over, the outer (id 0) runs until +1260
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, "ovl"))
+            assert delivered_per_interval(vtn, "ovl") == {1: 100.0}
+            served(ven, "ovl#0", 1500.0)
+            sink.offset_s = 1300  # every interval over
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, "ovl")) == 2)
+            reported = [i["id"] for r in vtn.reports_for("ovl") for i in r["resources"][0]["intervals"]
+                        if any(p["type"] == "DELIVERED_ENERGY" for p in i["payloads"])]
+            assert reported == [1, 0] and delivered_per_interval(vtn, "ovl") == {0: 1500.0, 1: 100.0}
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("case", ["charge", "price", "extended", "extended and back", "price of another kind",
                                   "refused revision"])
 def test_the_energy_report_carries_what_the_core_metered_for_the_interval(case: str) -> None:

@@ -170,7 +170,7 @@ class _Tracked:
     plan: EventPlan
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
-    reported_upto: int = 0  # intervals already covered by cadence reports
+    reported_upto: int = 0  # intervals covered by cadence reports, counted in the order they end
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
 
@@ -959,20 +959,21 @@ class OpenAdr3Ven:
         self.next_report_at = math.inf
         for event_id, tracked in list(self._events.items()):
             plan = tracked.plan
-            ended = sum(1 for w in plan.intervals if w.end <= now)
+            by_end = _by_end(plan)
+            ended = sum(1 for w in by_end if w.end <= now)
             every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
             if every is not None:
-                step = every or len(plan.intervals)
-                while tracked.reported_upto + step <= ended or (ended == len(plan.intervals)
+                step = every or len(by_end)
+                while tracked.reported_upto + step <= ended or (ended == len(by_end)
                                                                  and tracked.reported_upto < ended):
                     upto = min(tracked.reported_upto + step, ended)
-                    self._queue_usage(sink, tracked, plan.intervals[tracked.reported_upto:upto])
+                    self._queue_usage(sink, tracked, by_end[tracked.reported_upto:upto])
                     tracked.reported_upto = upto
                 following = tracked.reported_upto + step
-                if following <= len(plan.intervals):
-                    self.next_report_at = min(self.next_report_at, plan.intervals[following - 1].end)
-                elif tracked.reported_upto < len(plan.intervals):
-                    self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
+                if following <= len(by_end):
+                    self.next_report_at = min(self.next_report_at, by_end[following - 1].end)
+                elif tracked.reported_upto < len(by_end):
+                    self.next_report_at = min(self.next_report_at, by_end[-1].end)
             if ended == len(plan.intervals):
                 del self._events[event_id]
                 self._forget(_asked(plan))
@@ -1001,10 +1002,11 @@ class OpenAdr3Ven:
         interval begun and not reported yet, with the energy delivered in it (the aggregator settles
         on it, cancelled or not)."""
         now = sink.now()
-        begun = sum(1 for w in tracked.plan.intervals if w.start < now)
-        if tracked.plan.reports and begun > tracked.reported_upto:
-            self._queue_usage(sink, tracked, tracked.plan.intervals[tracked.reported_upto:begun])
-            tracked.reported_upto = begun
+        unreported = _by_end(tracked.plan)[tracked.reported_upto:]
+        begun = [w for w in unreported if w.start < now]
+        if tracked.plan.reports and begun:
+            self._queue_usage(sink, tracked, begun)
+            tracked.reported_upto += len(unreported)  # the event is no longer held: nothing more is due
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
         """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
@@ -1045,6 +1047,14 @@ class OpenAdr3Ven:
         refused = to_requests and all(a.verdict is Verdict.REJECTED for a in to_requests)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
+
+
+def _by_end(plan: EventPlan) -> list[IntervalWindow]:
+    """An event's intervals in the order they end, the order their usage falls due: `reported_upto`
+    counts them from the front. Intervals may overlap (one inside another: the core serves one
+    request at a time, by priority, and meters each on its own), so the order they start in is not
+    it: an interval is reported once it has ended, with all its energy."""
+    return sorted(plan.intervals, key=lambda w: (w.end, w.start))
 
 
 def _interval(window: IntervalWindow, payloads: list[dict[str, Any]]) -> dict[str, Any]:
