@@ -573,6 +573,47 @@ def test_an_event_whose_program_id_is_not_a_string_is_refused_and_the_others_sti
     run(scenario)
 
 
+class ProgramCountingVtn(BenchVtn3):
+    """Counts GET /programs."""
+
+    program_gets = 0
+
+    def _app(self) -> web.Application:
+        app = super()._app()
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.method == "GET" and request.path.endswith("/programs"):
+                self.program_gets += 1
+            return await handler(request)
+
+        app.middlewares.append(count)
+        return app
+
+
+def test_an_event_of_a_program_the_ven_is_not_enrolled_in_is_refused_once_and_programs_not_read_every_poll(
+        caplog) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with ProgramCountingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.add_program("summer-peak")
+            vtn.add_raw_event({"id": "foreign", "objectType": "EVENT", "programID": "not-my-program",
+                               "intervalPeriod": {"start": iso_datetime(in_seconds(600)), "duration": "PT600S"},
+                               "intervals": [{"id": 0, "payloads": [{"type": "DISPATCH_SETPOINT", "values": [9.0]}]}]})
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for("foreign"), 10)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 5, 10)
+            assert vtn.answers_for("foreign") == ["refused"]
+            assert vtn.reasons_for("foreign")[0][1] == "program not-my-program is not one this VEN is enrolled in"
+            assert not sink.of(DispatchRequest)
+            assert vtn.program_gets == 2  # at start, and once more for the program the event names
+        assert caplog.text.count("program not-my-program is not one this VEN is enrolled in") == 1
+
+    run(scenario)
+
+
 def test_a_subscription_listed_with_a_program_id_that_is_not_a_string_is_not_this_vens() -> None:
     async def scenario() -> None:
         port = free_port()

@@ -110,6 +110,7 @@ B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 """RFC 6750's b64token: all a bearer token may be, so it goes into the Authorization header as it came."""
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
+PROGRAMS_RECHECK_S = 300.0  # how often GET /programs is read again while an event names a program not in it
 NOTIFY_PATH = "/openadr3/notify"
 UNLISTED_GONE = 2
 """Listings of several pages running that may lack an event before it counts as deleted, where the VTN
@@ -312,6 +313,8 @@ class OpenAdr3Ven:
         self.tokens: TokenSource | None = None
         self.ven_id: str | None = None
         self.programs: dict[str, dict[str, Any]] = {}
+        self._not_enrolled: set[str] = set()  # program ids events name that a re-read of programs still lacked
+        self._programs_due = 0.0  # monotonic: when GET /programs may be read again for an unknown program
         self.subscribed = False
         self._subscription_due = math.inf  # when the VTN's copy of the subscription is next looked at
         self._subscribed_programs: set[str] = set()
@@ -414,8 +417,7 @@ class OpenAdr3Ven:
         listed = {event_id_of(e) for e in events} | listing.settled
         kept = await self._kept(session, listing, listed)
         self.polls += 1
-        if any((program_id := program_id_of(e)) is not None and program_id not in self.programs for e in events):
-            await self._load_programs(session)  # enrolled in a new program since
+        await self._check_programs(session, events)
         await self._take(sink, events, kept, listing.settled)
         await self._send_reports(session, sink)
         await self._hold_limit(sink)
@@ -598,6 +600,19 @@ class OpenAdr3Ven:
             self.subscribed = False  # a new program's changes are subscribed to at the next cycle
         self.programs = programs
 
+    async def _check_programs(self, session: aiohttp.ClientSession, events: list[Any]) -> None:
+        """Programs read again when an event names one not among them (enrolled in it since?): at once
+        for a program not looked for yet, else at most every `PROGRAMS_RECHECK_S` (not every poll while
+        the event stays listed). One the re-read still lacks is noted, so its events are refused."""
+        named = {p for e in events if (p := program_id_of(e)) is not None}
+        unknown = named - self.programs.keys()
+        if not unknown or (unknown <= self._not_enrolled and time.monotonic() < self._programs_due):
+            self._not_enrolled &= named
+            return
+        self._programs_due = time.monotonic() + PROGRAMS_RECHECK_S
+        await self._load_programs(session)
+        self._not_enrolled = named - self.programs.keys()
+
     async def _subscribe(self, session: aiohttp.ClientSession) -> None:
         """Ask the VTN to post event changes to the gateway, one subscription per program enrolled in
         (OpenADR 3.0.1 names the program of each), unless it holds it already (a VTN that restarted
@@ -763,6 +778,12 @@ class OpenAdr3Ven:
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
+        if plan.program_id in self._not_enrolled:
+            if tracked is not None:
+                await self._drop(sink, plan.event_id, "the event's new revision names a program not enrolled in")
+            self._refuse_whole(plan, revision, sink.now(),
+                               f"program {plan.program_id} is not one this VEN is enrolled in")
+            return
         if len(self._events) >= MAX_EVENTS and tracked is None:
             self._refuse_whole(plan, revision, sink.now(), f"the gateway holds {MAX_EVENTS} OpenADR 3 events already")
             return
