@@ -478,6 +478,27 @@ def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
     run(scenario)
 
 
+def test_two_objects_under_one_event_id_the_first_listed_stands_every_poll_and_is_warned_of_once(caplog) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            good = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+            bad = {**vtn.events[good], "intervals": [{"id": 0, "payloads": [{"type": "DISPATCH_SETPOINT",
+                                                                             "values": ["5"]}]}]}
+            vtn.events = {"first": bad, "second": vtn.events[good]}  # listed in this order, one id
+            await vtn.wait_for(lambda: vtn.answers_for(good))
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 4)
+            assert vtn.answers_for(good) == ["refused"]
+            assert [o.revision for o in ven.outcomes] == [0]
+            assert not sink.of(DispatchRequest) and not sink.of(DispatchCancel)
+            assert [r.getMessage() for r in caplog.records if "two objects" in r.getMessage()] == [
+                f"OpenADR 3: the VTN lists two objects under event id {good}: the first one listed is taken, "
+                "the other ignored"]
+
+    run(scenario)
+
+
 def test_events_over_before_the_ven_started_are_history_neither_answered_nor_taken_again(caplog) -> None:
     """A VTN keeps events until they are deleted: a gateway (re)started must not refuse each past one
     EXPIRED again, flooding the VTN, the log and its own report queue (where usage reports wait)."""
@@ -548,6 +569,47 @@ def test_an_event_whose_program_id_is_not_a_string_is_refused_and_the_others_sti
             assert [r.id for r in sink.of(DispatchRequest)] == [good]
             (refused,) = [o for o in ven.outcomes if o.event_id == odd]
             assert refused.answers[0].detail == "programID is missing or not a string"
+
+    run(scenario)
+
+
+class ProgramCountingVtn(BenchVtn3):
+    """Counts GET /programs."""
+
+    program_gets = 0
+
+    def _app(self) -> web.Application:
+        app = super()._app()
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.method == "GET" and request.path.endswith("/programs"):
+                self.program_gets += 1
+            return await handler(request)
+
+        app.middlewares.append(count)
+        return app
+
+
+def test_an_event_of_a_program_the_ven_is_not_enrolled_in_is_refused_once_and_programs_not_read_every_poll(
+        caplog) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with ProgramCountingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.add_program("summer-peak")
+            vtn.add_raw_event({"id": "foreign", "objectType": "EVENT", "programID": "not-my-program",
+                               "intervalPeriod": {"start": iso_datetime(in_seconds(600)), "duration": "PT600S"},
+                               "intervals": [{"id": 0, "payloads": [{"type": "DISPATCH_SETPOINT", "values": [9.0]}]}]})
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for("foreign"), 10)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 5, 10)
+            assert vtn.answers_for("foreign") == ["refused"]
+            assert vtn.reasons_for("foreign")[0][1] == "program not-my-program is not one this VEN is enrolled in"
+            assert not sink.of(DispatchRequest)
+            assert vtn.program_gets == 2  # at start, and once more for the program the event names
+        assert caplog.text.count("program not-my-program is not one this VEN is enrolled in") == 1
 
     run(scenario)
 
@@ -794,6 +856,40 @@ def test_reports_wait_while_the_token_endpoint_refuses_the_secret_not_dropped(ca
                 assert vtn.answers_for(a) == ["accepted"] and vtn.answers_for(b) == ["accepted"]
                 assert ven.pending_reports == 0
         assert "refused client_id 'truck-1'" in caplog.text and SECRET not in caplog.text
+
+    run(scenario)
+
+
+class SkewedVtn(BenchVtn3):
+    """Answers 401 to POST /reports while `skewed`, though its token endpoint grants tokens (its token
+    check out of step, as during a key rotation)."""
+
+    skewed = True
+    refused_reports = 0
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.skewed:
+            self.refused_reports += 1
+            return web.json_response({"title": "Unauthorized", "status": 401, "detail": "token not yet valid"},
+                                     status=401)
+        return await super()._post_report(request)
+
+
+def test_reports_wait_while_the_vtn_refuses_even_a_fresh_token_and_go_once_it_takes_them() -> None:
+    async def scenario() -> None:
+        async with SkewedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            events = [vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600 + 700 * n), 600, 5.0)
+                      for n in range(3)]
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.failed_polls >= 2, 10)
+                assert ven.pending_reports == 3  # the token was refused, not the reports
+                assert vtn.refused_reports <= 2 * ven.failed_polls + 2  # one report tried per poll, not each
+                vtn.skewed = False
+                await vtn.wait_for(lambda: all(vtn.answers_for(e) for e in events), 15)
+                assert [vtn.answers_for(e) for e in events] == [["accepted"]] * 3
+                assert ven.pending_reports == 0
 
     run(scenario)
 
@@ -1179,6 +1275,37 @@ def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> No
             sink.offset_s = 60 + 1810  # every interval over
             await vtn.wait_for(lambda: len(delivered_per_interval(vtn, "ooo")) == 2)
             assert delivered_per_interval(vtn, "ooo") == {0: 200.0, 1: 100.0}
+
+    run(scenario)
+
+
+def test_an_interval_inside_another_is_reported_when_it_ends_and_the_outer_one_when_it_ends_with_all_its_energy(
+) -> None:
+    """Intervals may overlap (the core serves one request at a time and meters each): the inner one
+    ending first is reported then, the outer one only once it has ended, each once, with all its energy."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            outer, inner = in_seconds(60), in_seconds(300)
+            vtn.add_raw_event({"id": "ovl", "objectType": "EVENT", "programID": program,
+                               "intervals": [
+                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(outer), "duration": "PT1200S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
+                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(inner), "duration": "PT300S"},
+                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [3.0]}]}],
+                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            await vtn.wait_for(lambda: vtn.answers_for("ovl"))
+            served(ven, "ovl#1", 100.0)
+            served(ven, "ovl#0", 400.0)
+            sink.offset_s = 700  # the inner interval (id 1) is over, the outer (id 0) runs until +1260
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, "ovl"))
+            assert delivered_per_interval(vtn, "ovl") == {1: 100.0}
+            served(ven, "ovl#0", 1500.0)
+            sink.offset_s = 1300  # every interval over
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, "ovl")) == 2)
+            reported = [i["id"] for r in vtn.reports_for("ovl") for i in r["resources"][0]["intervals"]
+                        if any(p["type"] == "DELIVERED_ENERGY" for p in i["payloads"])]
+            assert reported == [1, 0] and delivered_per_interval(vtn, "ovl") == {0: 1500.0, 1: 100.0}
 
     run(scenario)
 

@@ -110,6 +110,7 @@ B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 """RFC 6750's b64token: all a bearer token may be, so it goes into the Authorization header as it came."""
 STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
+PROGRAMS_RECHECK_S = 300.0  # how often GET /programs is read again while an event names a program not in it
 NOTIFY_PATH = "/openadr3/notify"
 UNLISTED_GONE = 2
 """Listings of several pages running that may lack an event before it counts as deleted, where the VTN
@@ -170,7 +171,7 @@ class _Tracked:
     plan: EventPlan
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
-    reported_upto: int = 0  # intervals already covered by cadence reports
+    reported_upto: int = 0  # intervals covered by cadence reports, counted in the order they end
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
 
@@ -312,6 +313,8 @@ class OpenAdr3Ven:
         self.tokens: TokenSource | None = None
         self.ven_id: str | None = None
         self.programs: dict[str, dict[str, Any]] = {}
+        self._not_enrolled: set[str] = set()  # program ids events name that a re-read of programs still lacked
+        self._programs_due = 0.0  # monotonic: when GET /programs may be read again for an unknown program
         self.subscribed = False
         self._subscription_due = math.inf  # when the VTN's copy of the subscription is next looked at
         self._subscribed_programs: set[str] = set()
@@ -327,6 +330,7 @@ class OpenAdr3Ven:
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
+        self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
         self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
@@ -413,9 +417,8 @@ class OpenAdr3Ven:
         listed = {event_id_of(e) for e in events} | listing.settled
         kept = await self._kept(session, listing, listed)
         self.polls += 1
-        if any((program_id := program_id_of(e)) is not None and program_id not in self.programs for e in events):
-            await self._load_programs(session)  # enrolled in a new program since
-        await self._take(sink, events, kept)
+        await self._check_programs(session, events)
+        await self._take(sink, events, kept, listing.settled)
         await self._send_reports(session, sink)
         await self._hold_limit(sink)
 
@@ -446,7 +449,9 @@ class OpenAdr3Ven:
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str, *,
                     params: dict[str, Any] | None = None, body: Any = None) -> Any:
-        """One authenticated request; a 401 fetches a new token and tries once more."""
+        """One authenticated request; a 401 fetches a new token and tries once more. A fresh token
+        refused too is the credential refused (TokenRefused, as from the token endpoint), not the
+        request: the cycle fails and backs off, and a report waits rather than being dropped."""
         assert self.tokens is not None
         for attempt in (1, 2):
             token = await self.tokens.bearer(session)
@@ -458,9 +463,12 @@ class OpenAdr3Ven:
                     _refuse_redirect(resp, f"{method} /{path}", "the bearer token is not sent there")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
-            if status == 401 and attempt == 1:
-                log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
+            if status == 401:
                 self.tokens.drop()
+                if attempt == 2:  # the credential, not this request: what was to be sent waits
+                    raise TokenRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401): "
+                                       f"{_problem(raw)}")
+                log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 continue
             if status in (408, 429):  # "not now" (too many requests, or too slow): the report is sent again
                 raise VtnError(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again later")
@@ -476,7 +484,7 @@ class OpenAdr3Ven:
                 return _json(raw, f"{method} /{path}") if raw else None
             except VtnError as err:
                 raise VtnFailed(str(err)) from None
-        raise VtnRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401)")
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _list(self, session: aiohttp.ClientSession, path: str, **params: Any) -> list[Any]:
         """A whole listing, page by page (bounded): one too long for the bound is no listing (VtnError)."""
@@ -592,6 +600,19 @@ class OpenAdr3Ven:
             self.subscribed = False  # a new program's changes are subscribed to at the next cycle
         self.programs = programs
 
+    async def _check_programs(self, session: aiohttp.ClientSession, events: list[Any]) -> None:
+        """Programs read again when an event names one not among them (enrolled in it since?): at once
+        for a program not looked for yet, else at most every `PROGRAMS_RECHECK_S` (not every poll while
+        the event stays listed). One the re-read still lacks is noted, so its events are refused."""
+        named = {p for e in events if (p := program_id_of(e)) is not None}
+        unknown = named - self.programs.keys()
+        if not unknown or (unknown <= self._not_enrolled and time.monotonic() < self._programs_due):
+            self._not_enrolled &= named
+            return
+        self._programs_due = time.monotonic() + PROGRAMS_RECHECK_S
+        await self._load_programs(session)
+        self._not_enrolled = named - self.programs.keys()
+
     async def _subscribe(self, session: aiohttp.ClientSession) -> None:
         """Ask the VTN to post event changes to the gateway, one subscription per program enrolled in
         (OpenADR 3.0.1 names the program of each), unless it holds it already (a VTN that restarted
@@ -666,10 +687,13 @@ class OpenAdr3Ven:
     # ------------------------------------------------------------------ events
 
     async def _take(self, sink: DispatchSink, events: list[Any],
-                    kept: set[str] | frozenset[str] = frozenset()) -> None:
+                    kept: set[str] | frozenset[str] = frozenset(),
+                    settled: set[str] | frozenset[str] = frozenset()) -> None:
         """A complete listing: missing events cancelled first (so what they held is free for new
         ones), then new and changed events to the core. `kept`: events the listing missed that the VTN
-        did not confirm gone (a paging race), neither cancelled nor forgotten."""
+        did not confirm gone (a paging race), neither cancelled nor forgotten. `settled`: events the
+        listing noted by id only (handled at that content): a second object under one of those ids is
+        a duplicate as much as one under a held id, else the two copies would take turns every poll."""
         present = {event_id_of(e) for e in events} | kept
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
@@ -679,7 +703,7 @@ class OpenAdr3Ven:
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
-        handled: set[str] = set()
+        handled: set[str] = set(settled)
         history = self.history_passed
         for event in events:
             key = _content_key(event)
@@ -687,8 +711,9 @@ class OpenAdr3Ven:
             if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
                 event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
                 present.add(event_id)
-            if event_id in handled:
-                continue  # a second object under one id: the first one listed stands
+            if event_id in handled:  # a second object under one id: the first one listed stands
+                self._warn_duplicate(event_id)
+                continue
             handled.add(event_id)
             seen = self._seen.get(event_id)
             if seen is not None and seen[0] == key:
@@ -703,9 +728,18 @@ class OpenAdr3Ven:
         for event_id in [e for e in self._seen if e not in present]:
             del self._seen[event_id]  # gone from the VTN: a later event of that id is new
         self._not_addressed &= present
+        self._duplicated &= present
         if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
             log.info("OpenADR 3: %d event(s) listed that ended before the VEN started: passed over, not answered",
                      passed)
+
+    def _warn_duplicate(self, event_id: str) -> None:
+        """One warning per duplicated id while it stays listed (not one per poll): the aggregator's
+        VTN lists two objects under one event id, and only the first one listed is answered."""
+        if event_id not in self._duplicated:
+            self._duplicated.add(event_id)
+            log.warning("OpenADR 3: the VTN lists two objects under event id %s: the first one listed is "
+                        "taken, the other ignored", event_id)
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
@@ -744,6 +778,12 @@ class OpenAdr3Ven:
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
+        if plan.program_id in self._not_enrolled:
+            if tracked is not None:
+                await self._drop(sink, plan.event_id, "the event's new revision names a program not enrolled in")
+            self._refuse_whole(plan, revision, sink.now(),
+                               f"program {plan.program_id} is not one this VEN is enrolled in")
+            return
         if len(self._events) >= MAX_EVENTS and tracked is None:
             self._refuse_whole(plan, revision, sink.now(), f"the gateway holds {MAX_EVENTS} OpenADR 3 events already")
             return
@@ -940,20 +980,21 @@ class OpenAdr3Ven:
         self.next_report_at = math.inf
         for event_id, tracked in list(self._events.items()):
             plan = tracked.plan
-            ended = sum(1 for w in plan.intervals if w.end <= now)
+            by_end = _by_end(plan)
+            ended = sum(1 for w in by_end if w.end <= now)
             every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
             if every is not None:
-                step = every or len(plan.intervals)
-                while tracked.reported_upto + step <= ended or (ended == len(plan.intervals)
+                step = every or len(by_end)
+                while tracked.reported_upto + step <= ended or (ended == len(by_end)
                                                                  and tracked.reported_upto < ended):
                     upto = min(tracked.reported_upto + step, ended)
-                    self._queue_usage(sink, tracked, plan.intervals[tracked.reported_upto:upto])
+                    self._queue_usage(sink, tracked, by_end[tracked.reported_upto:upto])
                     tracked.reported_upto = upto
                 following = tracked.reported_upto + step
-                if following <= len(plan.intervals):
-                    self.next_report_at = min(self.next_report_at, plan.intervals[following - 1].end)
-                elif tracked.reported_upto < len(plan.intervals):
-                    self.next_report_at = min(self.next_report_at, plan.intervals[-1].end)
+                if following <= len(by_end):
+                    self.next_report_at = min(self.next_report_at, by_end[following - 1].end)
+                elif tracked.reported_upto < len(by_end):
+                    self.next_report_at = min(self.next_report_at, by_end[-1].end)
             if ended == len(plan.intervals):
                 del self._events[event_id]
                 self._forget(_asked(plan))
@@ -982,10 +1023,11 @@ class OpenAdr3Ven:
         interval begun and not reported yet, with the energy delivered in it (the aggregator settles
         on it, cancelled or not)."""
         now = sink.now()
-        begun = sum(1 for w in tracked.plan.intervals if w.start < now)
-        if tracked.plan.reports and begun > tracked.reported_upto:
-            self._queue_usage(sink, tracked, tracked.plan.intervals[tracked.reported_upto:begun])
-            tracked.reported_upto = begun
+        unreported = _by_end(tracked.plan)[tracked.reported_upto:]
+        begun = [w for w in unreported if w.start < now]
+        if tracked.plan.reports and begun:
+            self._queue_usage(sink, tracked, begun)
+            tracked.reported_upto += len(unreported)  # the event is no longer held: nothing more is due
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
         """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
@@ -1026,6 +1068,14 @@ class OpenAdr3Ven:
         refused = to_requests and all(a.verdict is Verdict.REJECTED for a in to_requests)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
+
+
+def _by_end(plan: EventPlan) -> list[IntervalWindow]:
+    """An event's intervals in the order they end, the order their usage falls due: `reported_upto`
+    counts them from the front. Intervals may overlap (one inside another: the core serves one
+    request at a time, by priority, and meters each on its own), so the order they start in is not
+    it: an interval is reported once it has ended, with all its energy."""
+    return sorted(plan.intervals, key=lambda w: (w.end, w.start))
 
 
 def _interval(window: IntervalWindow, payloads: list[dict[str, Any]]) -> dict[str, Any]:

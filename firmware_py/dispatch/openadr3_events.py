@@ -349,8 +349,8 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
             raise _Invalid(f"{where} cannot be placed on the gateway clock")
         windows.append(IntervalWindow(interval_id, float(start_s), float(end_s), start, seconds))
         payloads.append(_payloads(interval.get("payloads"), where))
-    # Listed in any order (each interval may carry its own start): laid out by time, as the request in
-    # force and the cadence reports (which count the intervals over from the front) go by it.
+    # Listed in any order (each interval may carry its own start): laid out by start time. The cadence
+    # reports go by the order intervals end in (they may overlap), which the VEN takes from these.
     order = sorted(range(len(windows)), key=lambda n: windows[n].start)
     windows, payloads = [windows[n] for n in order], [payloads[n] for n in order]
     # One delay for the whole event, over its widest window: intervals moved apart could overlap or
