@@ -201,7 +201,8 @@ def test_install_refuses_a_bundle_with_any_file_damaged_before_reading_it(tmp_pa
     assert not (tmp_path / "root").exists()
 
 
-@pytest.mark.slow  # a virtual environment made and pip run twice (about 11 s)
+@pytest.mark.slow
+@pytest.mark.first  # a virtual environment made and pip run twice (about 11 s)
 def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_path):
     """A Debian upgrade that drops the Python the environment was made with leaves bin/python pointing at
     nothing: `venv` without --clear then failed on it at every attempt, and the gateway could not be
@@ -235,7 +236,8 @@ def tiny_wheel(wheels: Path) -> None:
                      "\n".join([*record, "powershare_gw-0.1.0.dist-info/RECORD,,"]))
 
 
-@pytest.mark.slow  # a virtual environment made and pip run twice (about 11 s)
+@pytest.mark.slow
+@pytest.mark.first  # a virtual environment made and pip run twice (about 11 s)
 def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is_made_again(tmp_path):
     """An OS upgrade repoints /usr/bin/python3 (what the environment's bin/python3 names) to the new
     version: the environment then runs on the bundle's Python, but pip and its packages are in the old
@@ -282,6 +284,7 @@ def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
 # --- slow: a real bundle, installed with no network -----------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.first
 def test_a_bundle_for_this_machine_installs_and_runs_with_no_network(tmp_path):
     out = tmp_path / "bundle"
     made = run([sys.executable, "-m", "firmware_py", "bundle", "--out", str(out), "--source", str(ROOT)])

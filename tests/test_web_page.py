@@ -302,6 +302,21 @@ def test_not_live_fades_the_figures_not_the_warning_and_announces_it_once(tmp_pa
     asyncio.run(main())
 
 
+def test_the_soc_of_a_silent_bms_is_shown_as_its_last_reading(tmp_path):
+    """With the truck's BMS silent, the page went on showing its last SoC as the SoC of now."""
+    async def main() -> None:
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            assert b.text("soc").endswith("%") and b.text("power").endswith("W")
+            rig.bms_on = False
+            await on(b, "until", lambda: b.text("soc").endswith("% (last reading)"), "the SoC a last reading")
+            assert b.text("power").endswith("W")  # the inverter still answers: its power is of now
+            rig.bms_on = True
+            await on(b, "until", lambda: b.text("soc").endswith("%"), "the SoC of now again")
+
+    asyncio.run(main())
+
+
 def bms_age(b: Browser) -> float:
     """The age of the BMS link's last good data, as the installer view shows it."""
     line = b.js("return [...document.querySelectorAll('#installer-links li')]"

@@ -197,15 +197,18 @@ function drawGauge(s) {
   }
 }
 
+// A figure whose source is silent is its last reading, not one of now: the core says which (`fresh`).
+const lastReading = (s, source) => (s.fresh && s.fresh[source] === false ? " (last reading)" : "");
+
 function renderStatus(s) {
-  $("soc").textContent = pct(s.soc_pct);
+  $("soc").textContent = pct(s.soc_pct) + lastReading(s, "bms");
   $("floor").textContent = pct(s.floor_pct);
   $("reserve").textContent = pct(s.reserve_pct);
   drawGauge(s);
   $("mode").textContent = MODES[s.mode] || s.mode;
   $("mode").dataset.mode = s.mode;
   $("reason").textContent = plainReason(s.reason || "");
-  $("power").textContent = watts(s.power_w);
+  $("power").textContent = watts(s.power_w) + lastReading(s, "inverter");
   $("setpoint").textContent = watts(s.setpoint_w);
   $("time-to-floor").textContent = s.power_w > 50 && s.available_wh > 0
     ? `${duration(s.available_wh / s.power_w)} at ${watts(s.power_w)}` : "not discharging";
