@@ -132,9 +132,14 @@ class Record:
         """The core dataclass this record was made from (ValueError for other kinds)."""
         return codec.decode_event(self.kind, self.payload)
 
+    @property
+    def offset(self) -> float:
+        """How far the wall clock stood from the core's when the record was made (a wall-clock step moves it)."""
+        return self.wall - self.at
+
     def on_wall(self, core_s: float) -> float:
         """A core instant named in this record, on the wall clock as it was when the record was made."""
-        return core_s + (self.wall - self.at)
+        return core_s + self.offset
 
 
 @dataclass

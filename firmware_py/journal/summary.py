@@ -144,11 +144,11 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             if revision is not None and own.payload.get("verdict") in SERVED:  # a new account, of the other kind
                 key = keys[request_id] = f"{request_id}\x1f{len(events)}"
                 events[key], windows[key] = EventSummary(request_id), _Window(first=(run, revision.at),
-                                                                              offset=_offset(revision))
+                                                                              offset=revision.offset)
                 _apply(events[key], windows[key], revision, run)
                 events[key].timeline.append(_entry(revision))
             summary = events.setdefault(key, EventSummary(request_id))
-            window = windows.setdefault(key, _Window(first=(run, own.at), offset=_offset(own)))
+            window = windows.setdefault(key, _Window(first=(run, own.at), offset=own.offset))
             _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
     ran = []
@@ -262,7 +262,7 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
     if began and (start is None or start > window.start):
         start, wall_start = window.start, summary.start
     else:
-        window.start_run, window.offset = run, _offset(record)
+        window.start_run, window.offset = run, record.offset
     window.start, window.end = start, end
     summary.received_at, summary.start, summary.end = (
         _on_wall(record, number(p.get("received_at"))), wall_start, _on_wall(record, end))
@@ -276,11 +276,6 @@ def _bounds(window: _Window) -> tuple[Position, Position]:
     if window.ended is not None:
         return lo, window.ended
     return lo, (lo[0], window.end if window.end is not None else math.inf)
-
-
-def _offset(record: Record) -> float:
-    """How far the wall clock stood from the core's when `record` was made (a wall-clock step changes it)."""
-    return record.wall - record.at
 
 
 def _on_wall(record: Record, core_s: float | None) -> float | None:

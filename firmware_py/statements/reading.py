@@ -189,7 +189,7 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
             steps = decode_batch(record.payload)
         except (ValueError, TypeError) as err:
             raise InputError(f"record {record.seq}: {err}") from None
-        offset = record.wall - record.at
+        offset = record.offset
         for now, inputs in steps:
             seen = measured = False
             for item in inputs:
@@ -211,7 +211,7 @@ def _gap(record: Record, ledger: Ledger, run: int) -> None:
     was for the period (an unreadable bound: the record's own time)."""
     if not record.payload.get("steps"):
         return  # only history samples were dropped: every core step is here
-    offset = record.wall - record.at
+    offset = record.offset
     lo, hi = number(record.payload.get("from")), number(record.payload.get("to"))
     lo, hi = record.at if lo is None else lo, record.at if hi is None else hi
     ledger.gap(lo + offset, hi + offset, ((run, lo), (run, hi)))
