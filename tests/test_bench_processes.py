@@ -97,7 +97,10 @@ class Bench:
         """`powershare-gw run`, returning once it sent READY=1: it has fresh BMS and inverter data."""
         self.start("gateway", "-m", "firmware_py", "run", "--config", str(self.config),
                    env={**os.environ, "NOTIFY_SOCKET": self.notify.name})
-        self.notify.wait_for(b"READY=1", START_S, self.procs["gateway"])
+        try:
+            self.notify.wait_for(b"READY=1", START_S, self.procs["gateway"])
+        except pytest.fail.Exception as failed:  # say why: the children's own words (a taken port, a bad key)
+            pytest.fail(f"{failed}\n{self.logs()}")
         return self.procs["gateway"]
 
     def log(self, name: str) -> str:
