@@ -30,6 +30,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from children import ChildOutput, spawn
+from ports import free_port
 
 from firmware_py.tasks import cancel_all
 
@@ -56,12 +57,6 @@ def require_mosquitto() -> str:
             pytest.fail("mosquitto is not installed (apt-get install mosquitto); CI requires it")
         pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto); .ci/run installs it")
     return MOSQUITTO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

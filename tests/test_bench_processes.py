@@ -24,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from children import (
     NotifySocket,
     spawn,
 )
+from ports import free_port
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict
@@ -56,12 +56,6 @@ START_S = 25.0
 WAIT_S = 15.0
 POLL_S = 0.05  # between re-reads of registers or the journal, which have no change notification
 INV_ST_STANDBY = 7  # SunSpec 701 InvSt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the bench ----------------------------------------------------------------------------------

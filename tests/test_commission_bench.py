@@ -18,7 +18,6 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 from children import CAN_SERVER_PORT, SIM_INVERTER_PORT, ChildOutput, spawn
 from firmware_py.sim.vtn import LoopbackVtn
+from ports import free_port
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.config import bundled_config, bundled_dbc
@@ -42,12 +42,6 @@ START_S = 25.0
 RUN_S = 60.0  # bound on one commissioning run (each takes ~10 s)
 CAN_S = "3"  # the shortest window the bundled DBC allows (three periods of its 1 s messages)
 DISCHARGE_S = "2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VtnThread:

@@ -24,18 +24,13 @@ import pytest
 from aiohttp import web
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
+from ports import free_port
 
 from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main
 from firmware_py.commissioning import commands as commission_commands
 from firmware_py.commissioning.probes import message_specs, observe_can
 from firmware_py.config import bundled_dbc
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(folder: Path, can: str, *, api_port: int | None = None) -> Path:
@@ -46,11 +41,11 @@ def write_config(folder: Path, can: str, *, api_port: int | None = None) -> Path
 
 [inverter]
 host = "127.0.0.1"
-port = {closed_port()}
+port = {free_port()}
 timeout_s = 0.2
 
 [owner]
-api_listen = "127.0.0.1:{api_port or closed_port()}"
+api_listen = "127.0.0.1:{api_port or free_port()}"
 
 [journal]
 path = "journal.sqlite"

@@ -10,25 +10,19 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import socket
 import struct
 import termios
 
 import pytest
+from firmware_py.sim.faults import InverterFault as Fault
+from firmware_py.sim.inverter import InverterModel, SimInverterServer
+from ports import free_port
 
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand
 from firmware_py.inverter.client import InverterClient
-from firmware_py.sim.faults import InverterFault as Fault
-from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
 BIG = 50_000.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pending(fd: int) -> int:
@@ -73,7 +67,7 @@ async def _nothing_to_drain() -> None:
 async def _line(kind: str):
     """(client URL, server URL, drained) for one RTU line."""
     if kind == "socket":
-        url = f"socket://127.0.0.1:{_free_port()}"
+        url = f"socket://127.0.0.1:{free_port()}"
         yield url, url, _nothing_to_drain  # a late reply goes to the connection the client dropped
     else:
         with _null_modem() as (a, b, drained):

@@ -15,7 +15,6 @@ import datetime as dt
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -29,6 +28,7 @@ from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
+from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse
@@ -49,8 +49,7 @@ from firmware_py.core.types import (
     SiteLimit,
     Verdict,
 )
-from firmware_py.dispatch import Telemetry
-from firmware_py.dispatch import openadr3
+from firmware_py.dispatch import Telemetry, openadr3
 from firmware_py.dispatch.openadr3 import OpenAdr3Ven, TokenRefused, TokenSource, VtnRefused, check, token_endpoint
 from firmware_py.dispatch.openadr3_events import (
     EventPlan,
@@ -1012,13 +1011,6 @@ def test_the_vtn_going_away_neither_ends_nor_extends_the_event_and_polling_resum
             assert not sink.of(DispatchCancel)
 
     run(scenario)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now: the VEN's callback endpoint binds it."""
-    with contextlib.closing(socket.socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("lists", [True, False], ids=["VTN lists subscriptions", "VTN cannot list them"])
