@@ -306,6 +306,44 @@ def test_percent_mode_asks_for_a_share_of_the_rating():
     assert (request.kind, request.target_w) == (DispatchKind.CHARGE, 5_750)
 
 
+class RatedSink(ScriptedSink):
+    """A core whose telemetry carries the DER ratings, which the test changes (the inverter
+    reporting its own after discovery or a reconnect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ratings = RATINGS
+
+    def telemetry(self) -> Telemetry:
+        return replace(super().telemetry(), ratings=self.ratings)
+
+
+def test_percent_settings_follow_a_rating_that_changes_after_they_were_written():
+    """`WMaxLimPct` and `WSetPct` are shares of `WMaxRtg`: when the rating drops, the core is told
+    the watts the registers now say, without a write (it kept 50 % of the old 11.5 kW)."""
+    sink = RatedSink()
+
+    async def main() -> tuple[dict, dict, list[float | None]]:
+        async with serving(sink, ratings=None) as (server, client):
+            await write(server, client, WMaxLimPctEna=1, WMaxLimPct=50)
+            await write(server, client, WSetPct=40)
+            await write(server, client, WSetEna=1, WSetMod=0)
+            sink.ratings = replace(RATINGS, w_max=7_600, w_cha_max=7_600, w_discha_max=7_600)
+            sink.t += 1
+            await server.tick()
+            sink.t += 1
+            await server.tick()  # nothing more changed: nothing more asked
+            limits = [s.limit_w for s in sink.limits()]  # before the stop lifts it
+            return await read_model(server, client, 702), await read_model(server, client, 704), limits
+
+    rtg, ctl, limits = run(main())
+    assert rtg["WMaxRtg"] == 7_600 and ctl["WMaxLimPct"] == 50 and ctl["WSetPct"] == 40
+    assert limits == [5_750, 3_800]
+    first, revised = sink.requests()
+    assert (first.target_w, revised.target_w) == (4_600, 3_040)
+    assert (revised.id, revised.revision) == (first.id, first.revision + 1)
+
+
 def test_ratings_are_the_gateway_limits_lowered_by_the_inverter_once_it_reports():
     policy = Policy(max_discharge_w=11_500, max_charge_w=9_600, usable_capacity_wh=123_000)
     assert DerRatings.of(policy, None) == DerRatings(11_500, 9_600, 11_500, 123_000)
@@ -891,3 +929,41 @@ def test_a_write_the_core_fails_on_is_refused_whole_and_asked_again_when_written
     assert not again.isError() and taken["WSetEna"] == 1 and taken["WSet"] == 5_000
     submitted = sink.requests()
     assert len(submitted) == 2 and submitted[-1].target_w == 5_000  # asked again, not taken as "the same"
+
+
+class CancelFailingOnceSink(ScriptedSink):
+    """A core whose submit raises on the first cancel only (a journal write failing once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel_fails = True
+
+    async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
+        if isinstance(item, DispatchCancel) and self.cancel_fails:
+            self.cancel_fails = False
+            raise RuntimeError("journal write failed")
+        return await super().submit(item)
+
+
+def test_a_revert_whose_cancel_the_core_fails_on_is_cancelled_at_the_next_tick():
+    """The revert fired and 704 reads `WSet` 0, so the request must end even when the core failed
+    on the cancel once: the open-ended 5 kW request ran on with nothing left to cancel it."""
+    sink = CancelFailingOnceSink()
+
+    async def main() -> tuple[Any, dict]:
+        async with serving(sink) as (server, client):
+            await write(server, client, WSetEnaRvrt=1, WSetRvrtTms=10)
+            await write(server, client, WSetEna=1, WSetMod=1, WSet=5_000)
+            sink.t += 11  # the revert fires in this read, and the core fails on its cancel
+            failed = await client.read_holding_registers(server.addresses[704], count=10, device_id=1)
+            sink.t += 1
+            await server.tick()
+            sink.t += 1
+            await server.tick()  # cancelled once, not at every tick
+            return failed, await read_model(server, client, 704), sink.cancels()  # before the stop's
+
+    failed, after, cancels = run(main())
+    assert failed.isError() and failed.exception_code == 4  # DEVICE_FAILURE
+    assert after["WSet"] == 0 and after["WSetRvrtRem"] == 0
+    [request] = sink.requests()
+    assert cancels == [DispatchCancel(request.id, "sunspec", T0 + 12)]

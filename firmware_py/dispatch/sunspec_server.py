@@ -336,7 +336,8 @@ class SunSpecDerServer:
 
     async def tick(self) -> None:
         """Time passing: overdue connections close, refusal summaries are due, revert functions
-        fire and a standing setting the core would now serve better is asked for again."""
+        fire, a standing setting the core would now serve better is asked for again, and the core
+        is told what the registers ask where it holds otherwise (see `_core_behind`)."""
         self._close_overdue()
         self.refusals.tick()
         if self._lock is None:
@@ -575,19 +576,33 @@ class SunSpecDerServer:
         the caller goes on with (one read model per request: it was read three times a write)."""
         sink = self._require_sink()
         now = sink.now()
-        fired = self.controls.expire(now)  # a revert changes what is asked: revise or cancel below
+        self.controls.expire(now)  # a revert changes what is asked: the core is told below
         t = sink.telemetry()
+        ratings = self._ratings_of(t)
         reask = self.session is not None and self.session.id in t.improvable
-        if fired or reask:
+        if reask or self._core_behind(ratings):
             if reask:
                 self.reasks += 1
                 log.info("SunSpec setpoint %s: what held it back has cleared; asking the core again",
                          self.session.id if self.session else "?")
-            await self._reconcile(sink, self._ratings_of(t), force=reask)
+            await self._reconcile(sink, ratings, force=reask)
             t = sink.telemetry()  # what the core made of it
         if self._meter is None:
             self._sample(t)
         return t
+
+    def _core_behind(self, ratings: DerRatings) -> bool:
+        """Whether the core holds other than what the registers ask for at these ratings.
+
+        Compared at every tick, not only when something happens here: a revert that fired while
+        the core failed to take its cancel, or a `WMaxRtg` that changed under a percent limit or
+        setpoint, leaves the core behind with no write or timer left to tell it."""
+        if self.controls.site_limit_w(ratings) != self.site_limit_w:
+            return True
+        wanted, s = self.controls.wanted(ratings), self.session
+        if wanted is None or s is None:
+            return (wanted is None) != (s is None)
+        return (wanted.kind, wanted.target_w) != (s.wanted.kind, s.wanted.target_w)
 
     async def _reconcile(self, sink: DispatchSink, ratings: DerRatings, *, force: bool = False) -> None:
         """Hand the core the site limit and what the controls ask for, where they changed."""
