@@ -531,6 +531,39 @@ def test_events_over_before_the_ven_started_are_history_neither_answered_nor_tak
         "OpenADR 3: 4 event(s) listed that ended before the VEN started: passed over, not answered"]
 
 
+def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ended_before_it_started() -> None:
+    """A gateway restarted mid-event holds the event anew: intervals that ended before this run began
+    were metered (and reported) by the run that served them; this one never saw their energy, and
+    reporting them with 0 Wh would overwrite the VTN's 250 Wh. The event is answered again (the core
+    decided its requests anew), for the intervals still to come."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0, 5.0],
+                                     report_every=1)
+            first = make_ven(vtn)
+            async with serving(first, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                sink.offset_s = 60 + 200
+                served(first, f"{event_id}#0", 250.0)
+                sink.offset_s = 60 + 310  # interval 0 over: reported
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            before = len(vtn.reports_for(event_id))
+            again = make_ven(vtn)  # the gateway restarted: a new VEN, the same VTN, interval 1 running
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: again.polls >= 3)
+                again_answered = vtn.reports_for(event_id)[before:]
+                assert [r["reportName"] for r in again_answered] == [f"{event_id} answer r0"]
+                assert [i["id"] for i in again_answered[0]["resources"][0]["intervals"]] == [1, 2]
+                sink.offset_s = 60 + 610  # interval 1 over: this run's to report
+                await vtn.wait_for(lambda: len(delivered_per_interval(vtn, event_id)) == 2)
+            assert delivered_per_interval(vtn, event_id) == {0: 250.0, 1: 0.0}
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
 def test_an_event_that_ended_after_the_ven_started_but_is_listed_late_is_still_refused_expired() -> None:
     """The aggregator must learn the VEN could not serve an event published (or seen) too late; only what
     was over before the VEN started, in the same listing, is history."""
@@ -673,6 +706,40 @@ def test_modification_is_a_new_revision_and_withdraws_dropped_intervals() -> Non
             assert [(r.id, r.target_w, r.revision) for r in requests[2:]] == [(event_id, 7000.0, 1)]
             assert {c.id for c in sink.of(DispatchCancel)} == {f"{event_id}#0", f"{event_id}#1"}
             assert requests[-1].end - requests[-1].start == 600
+
+    run(scenario)
+
+
+def test_a_revision_that_trims_an_ended_interval_still_reports_each_interval_after_it() -> None:
+    """A VTN may edit an active event in place, dropping an interval already over: what is reported is
+    kept by interval id, so the next interval's energy is still reported (a count of intervals reported,
+    carried into the shorter list, skipped it)."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(60)
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [5.0, 5.0, 5.0], report_every=1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            sink.offset_s = 60 + 200
+            served(ven, f"{event_id}#0", 100.0)
+            sink.offset_s = 60 + 310
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            event = vtn.events[event_id]
+            for i in event["intervals"]:  # each keeps its own period once interval 0 is gone
+                i["intervalPeriod"] = {"start": iso_datetime(start + dt.timedelta(seconds=300 * i["id"])),
+                                       "duration": "PT300S"}
+            vtn.events[event_id] = {**event, "intervals": [i for i in event["intervals"] if i["id"] != 0]}
+            await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 5)
+            sink.offset_s = 60 + 500
+            served(ven, f"{event_id}#1", 200.0)
+            sink.offset_s = 60 + 610  # interval 1 over
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, event_id)) == 2)
+            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 200.0}
+            sink.offset_s = 60 + 800
+            served(ven, f"{event_id}#2", 300.0)
+            sink.offset_s = 60 + 910
+            await vtn.wait_for(lambda: len(delivered_per_interval(vtn, event_id)) == 3)
+            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 200.0, 2: 300.0}
 
     run(scenario)
 
@@ -1499,6 +1566,24 @@ def test_program_interval_period_and_descriptors_are_the_defaults() -> None:
     plan = translate(payload, program=program)
     assert isinstance(plan, EventPlan)
     assert [(r.target_w, r.end - r.start) for r in plan.requests] == [(2500.0, 3600.0)]
+
+
+def test_an_event_descriptor_without_units_or_currency_takes_the_programs_field_by_field() -> None:
+    """`units` and `currency` are optional: an event repeating the program's descriptor without them
+    still means the program's W (not the default kW: 5000 W, not 5 MW) and the program's currency."""
+    program = {"id": "prog-1", "programName": "p",
+               "payloadDescriptors": [{"payloadType": "DISPATCH_SETPOINT", "units": "W"},
+                                      {"payloadType": "EXPORT_PRICE", "units": "MWH", "currency": "EUR"}]}
+    bare = [{"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "DISPATCH_SETPOINT"},
+            {"objectType": "EVENT_PAYLOAD_DESCRIPTOR", "payloadType": "EXPORT_PRICE", "units": "KWH"}]
+    plan = translate(event([interval(0, value=5000)], payloadDescriptors=bare), program=program)
+    assert isinstance(plan, EventPlan) and [r.target_w for r in plan.requests] == [5000.0]
+    refused = translate(event([interval(0, "EXPORT_PRICE", 0.31)], payloadDescriptors=bare), program=program,
+                        currency="USD")
+    assert isinstance(refused, DispatchAnswer) and "'EUR'" in refused.detail
+    priced = translate(event([interval(0, "EXPORT_PRICE", 0.31)], payloadDescriptors=bare), program=program,
+                       currency="EUR")
+    assert isinstance(priced, EventPlan) and [p.price_per_kwh for p in priced.prices] == [0.31]
 
 
 @pytest.mark.parametrize("span", ["P1Y", "P400D"])

@@ -171,7 +171,9 @@ class _Tracked:
     plan: EventPlan
     requests: dict[str, DispatchRequest] = field(default_factory=dict)
     answers: dict[str, DispatchAnswer] = field(default_factory=dict)
-    reported_upto: int = 0  # intervals covered by cadence reports, counted in the order they end
+    reported: set[int] = field(default_factory=set)
+    """Ids of the intervals whose usage is reported (or is not this run's to report): ids, not a count,
+    as a revision may drop an interval that ended (the next would be skipped) or add one."""
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
 
@@ -801,7 +803,7 @@ class OpenAdr3Ven:
         # under the new one, the newest in force, without falling to 0 W and ramping up again.
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
-                                               reported_upto=tracked.reported_upto if tracked else 0,
+                                               reported=tracked.reported if tracked else self._before_start(plan),
                                                carried_wh=carried_wh)
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
@@ -980,24 +982,32 @@ class OpenAdr3Ven:
         self.next_report_at = math.inf
         for event_id, tracked in list(self._events.items()):
             plan = tracked.plan
-            by_end = _by_end(plan)
-            ended = sum(1 for w in by_end if w.end <= now)
             every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
             if every is not None:
-                step = every or len(by_end)
-                while tracked.reported_upto + step <= ended or (ended == len(by_end)
-                                                                 and tracked.reported_upto < ended):
-                    upto = min(tracked.reported_upto + step, ended)
-                    self._queue_usage(sink, tracked, by_end[tracked.reported_upto:upto])
-                    tracked.reported_upto = upto
-                following = tracked.reported_upto + step
-                if following <= len(by_end):
-                    self.next_report_at = min(self.next_report_at, by_end[following - 1].end)
-                elif tracked.reported_upto < len(by_end):
-                    self.next_report_at = min(self.next_report_at, by_end[-1].end)
-            if ended == len(plan.intervals):
+                self._report_due(sink, tracked, max(every or len(plan.intervals), 1), now)
+            if all(w.end <= now for w in plan.intervals):
                 del self._events[event_id]
                 self._forget(_asked(plan))
+
+    def _report_due(self, sink: DispatchSink, tracked: _Tracked, step: int, now: float) -> None:
+        """Report the ended intervals not reported yet, `step` at a time (the rest once all have ended),
+        and note when the next report falls due: when `step` more unreported intervals have ended."""
+        unreported = [w for w in _by_end(tracked.plan) if w.interval_id not in tracked.reported]
+        ended = [w for w in unreported if w.end <= now]
+        all_ended = len(ended) == len(unreported)
+        while len(ended) >= step or (all_ended and ended):
+            batch, ended = ended[:step], ended[step:]
+            self._queue_usage(sink, tracked, batch)
+            tracked.reported.update(w.interval_id for w in batch)
+        waiting = [w for w in unreported if w.interval_id not in tracked.reported]
+        if waiting:
+            self.next_report_at = min(self.next_report_at, waiting[min(step, len(waiting)) - 1].end)
+
+    def _before_start(self, plan: EventPlan) -> set[int]:
+        """An event first held: its intervals that ended before this VEN started count as reported. Their
+        energy was metered (and reported) by the run that served them, a run before a restart; this one
+        never saw it, and reporting them would overwrite the VTN's reading with 0 Wh."""
+        return {w.interval_id for w in plan.intervals if w.end <= self._started}
 
     def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
         plan = tracked.plan
@@ -1023,11 +1033,11 @@ class OpenAdr3Ven:
         interval begun and not reported yet, with the energy delivered in it (the aggregator settles
         on it, cancelled or not)."""
         now = sink.now()
-        unreported = _by_end(tracked.plan)[tracked.reported_upto:]
+        unreported = [w for w in _by_end(tracked.plan) if w.interval_id not in tracked.reported]
         begun = [w for w in unreported if w.start < now]
         if tracked.plan.reports and begun:
             self._queue_usage(sink, tracked, begun)
-            tracked.reported_upto += len(unreported)  # the event is no longer held: nothing more is due
+        tracked.reported.update(w.interval_id for w in unreported)  # no longer held: nothing more is due
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
         """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
@@ -1071,10 +1081,10 @@ class OpenAdr3Ven:
 
 
 def _by_end(plan: EventPlan) -> list[IntervalWindow]:
-    """An event's intervals in the order they end, the order their usage falls due: `reported_upto`
-    counts them from the front. Intervals may overlap (one inside another: the core serves one
-    request at a time, by priority, and meters each on its own), so the order they start in is not
-    it: an interval is reported once it has ended, with all its energy."""
+    """An event's intervals in the order they end, the order their usage falls due. Intervals may
+    overlap (one inside another: the core serves one request at a time, by priority, and meters each
+    on its own), so the order they start in is not it: an interval is reported once it has ended,
+    with all its energy."""
     return sorted(plan.intervals, key=lambda w: (w.end, w.start))
 
 

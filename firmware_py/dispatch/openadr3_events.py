@@ -449,22 +449,33 @@ def _price(payloads: list[Mapping[str, Any]], kind: PriceKind, descriptors: Mapp
 
 
 def _descriptors(*sources: Any) -> dict[str, Mapping[str, Any]]:
-    """payloadType -> its descriptor: the event's own first, else the program's."""
-    found: dict[str, Mapping[str, Any]] = {}
+    """payloadType -> its descriptor, field by field: the event's own where it gives the field, else the
+    program's. `units` and `currency` are optional in OpenADR 3: an event repeating a descriptor without
+    them still means the program's (a unit-less DISPATCH_SETPOINT must not fall back to kW over a W)."""
+    found: dict[str, dict[str, Any]] = {}
     for source in sources:
-        if source is None:
-            continue
-        if not isinstance(source, list):
-            raise _Invalid(f"payloadDescriptors must be a list, got {type(source).__name__}")
-        for n, item in enumerate(source):
-            item = _mapping(item, f"payloadDescriptors[{n}]")
-            kind = item.get("payloadType")
-            if not isinstance(kind, str):
-                raise _Invalid(f"payloadDescriptors[{n}].payloadType must be a string, got {kind!r}")
-            units = item.get("units")
-            if units is not None and not isinstance(units, str):
-                raise _Invalid(f"payloadDescriptors[{n}].units must be a string, got {units!r}")
-            found.setdefault(kind, item)
+        for kind, item in _first_per_type(source).items():
+            given = {key: value for key, value in item.items() if value is not None}
+            found[kind] = {**given, **found.get(kind, {})}
+    return found
+
+
+def _first_per_type(source: Any) -> dict[str, Mapping[str, Any]]:
+    """One list of payload descriptors, checked: payloadType -> the first descriptor of that type."""
+    found: dict[str, Mapping[str, Any]] = {}
+    if source is None:
+        return found
+    if not isinstance(source, list):
+        raise _Invalid(f"payloadDescriptors must be a list, got {type(source).__name__}")
+    for n, item in enumerate(source):
+        item = _mapping(item, f"payloadDescriptors[{n}]")
+        kind = item.get("payloadType")
+        if not isinstance(kind, str):
+            raise _Invalid(f"payloadDescriptors[{n}].payloadType must be a string, got {kind!r}")
+        units = item.get("units")
+        if units is not None and not isinstance(units, str):
+            raise _Invalid(f"payloadDescriptors[{n}].units must be a string, got {units!r}")
+        found.setdefault(kind, item)
     return found
 
 
