@@ -603,14 +603,16 @@ def test_states_queued_before_a_session_are_not_published_after_its_fresh_one(tm
     assert first["links"]["mqtt"]["ok"] is True
 
 
-def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_off(tmp_path):
+def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_off(tmp_path, monkeypatch):
     """A session only ends by failing, so the back-off never started afresh: each broker restart was
     met later than the one before (0.5, 1, 2, 4, 8 s ... 30 s), however long the sessions between."""
+    monkeypatch.setattr(bridge_module, "STEADY_S", 1.0)  # a steady session, shortened: the rig runs it
     async def main() -> list[float]:
         waits = []
         with running_broker(tmp_path) as broker:
             async with gateway_on(tmp_path, broker) as (rig, bridge, watcher):
                 for _ in range(3):
+                    await rig.run(bridge_module.STEADY_S)  # a session that proved itself (the gateway's clock)
                     broker.stop()
                     await asyncio.wait_for(bridge.unreachable.wait(), 10)
                     waits.append(bridge.retry_in_s)  # the first wait after the loss
@@ -619,6 +621,109 @@ def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_
         return waits
 
     assert bounded(main()) == [0.5, 0.5, 0.5]
+
+
+class Told(logging.Handler):
+    """Sets `said` when a record whose message contains `words` is logged: a test waits on it, not on time."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.words, self.said, self.records = words, asyncio.Event(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.records.append(record)
+            self.said.set()
+
+
+@pytest.mark.slow  # a dozen real takeovers at a back-off of up to 0.2 s: 2-4 s
+def test_two_gateways_with_one_client_id_back_off_and_warn_once_instead_of_flapping(tmp_path, monkeypatch):
+    """Each connection with one client id takes the other's session over: the back-off started afresh after
+    any session that had connected, even for milliseconds, so the two knocked each other off twice a second
+    for ever (availability flapping, every discovery config re-published, a `link lost` line each time)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    told = Told("ended within")
+    client_ids: list[str] = []
+    monkeypatch.setattr(bridge_module, "PUBLISH_TIMEOUT_S", 0.5)  # a publication a takeover left unacknowledged
+
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with Watcher(broker) as watcher, Rig(tmp_path / "a", configure=mqtt_enabled(broker)) as a, \
+                    Rig(tmp_path / "b", configure=mqtt_enabled(broker)) as b:
+                bridges = [a.assembly.integrations["mqtt"], b.assembly.integrations["mqtt"]]
+                assert bridges[0].client_id == bridges[1].client_id
+                client_ids.append(bridges[0].client_id)
+                for bridge in bridges:
+                    bridge.backoff_min_s, bridge.backoff_max_s = 0.05, 0.2
+                tasks = [asyncio.create_task(bridge.run()) for bridge in bridges]
+                try:
+                    await asyncio.wait_for(told.said.wait(), 10)  # sessions of no time on the gateways' clocks
+                    onlines = iter(range(1, 7))  # six more takeovers, at the longest back-off now
+                    await watcher.wait_for("six more sessions", lambda m: m.topic == TOPICS.availability
+                                           and m.payload == b"online" and next(onlines) == 6, after=len(watcher.seen))
+                finally:
+                    await cancel_all(tasks)
+                waits = sorted(bridge.retry_in_s for bridge in bridges)
+                assert waits[0] > 0.05 and waits[1] == 0.2, waits  # doubling, not 0.05 after every takeover
+
+    logging.getLogger(bridge_module.__name__).addHandler(told)
+    try:
+        bounded(main())
+    finally:
+        logging.getLogger(bridge_module.__name__).removeHandler(told)
+    assert len(told.records) <= 2  # one per gateway, not one per takeover
+    assert all(r.levelno == logging.WARNING for r in told.records)
+    assert f"client id {client_ids[0]!r}" in told.records[0].getMessage()
+
+
+def test_a_command_in_flight_when_the_gateway_stops_is_answered_before_offline(tmp_path):
+    """The stop caught a command in its inverter write: the command was seen through (saved, fed to the core)
+    and its result queued after `_send` had been ended, so only `offline` was published, never the result."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker)) as rig, Watcher(broker) as watcher:
+                bridge = rig.assembly.integrations["mqtt"]
+                await rig.run(2.0)
+                task = asyncio.create_task(bridge.run())
+                write_started, release_write, send_ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+                original_write, original_get = rig.gateway.write_command, bridge.outbox.get
+
+                async def held_write() -> None:  # an inverter answering the Modbus write slowly
+                    write_started.set()
+                    await release_write.wait()
+                    await original_write()
+                rig.gateway.write_command = held_write
+
+                async def get() -> Outgoing:
+                    try:
+                        return await original_get()
+                    except asyncio.CancelledError:
+                        send_ended.set()
+                        raise
+                bridge.outbox.get = get
+
+                try:
+                    await watcher.wait_for("online", lambda m: m.topic == TOPICS.availability and m.payload == b"online")
+                    index = len(watcher.seen)
+                    await watcher.publish(TOPICS.command(Command.RESERVE), "55")
+                    await asyncio.wait_for(write_started.wait(), 10)
+                    rig.gateway.begin_stop()  # as `Service.stop`: then its tasks are cancelled
+                    task.cancel()
+                    await asyncio.wait_for(send_ended.wait(), 10)  # the session's parts are being ended
+                    release_write.set()
+                    await asyncio.wait_for(cancel_all([task]), 10)
+                finally:
+                    release_write.set()
+                    await cancel_all([task])
+                offline = await watcher.wait_for("offline", lambda m: m.topic == TOPICS.availability, after=index)
+                answers = [m for m in watcher.seen[index:watcher.seen.index(offline)] if m.topic == TOPICS.result]
+                assert [m.json()["reason"] for m in answers] == ["reserve 55 %"]
+                assert rig.gateway.owner_settings().reserve_pct == 55
+
+        assert json.loads((tmp_path / "owner.json").read_text())["reserve_pct"] == 55
+
+    bounded(main())
 
 
 def test_a_command_in_flight_when_the_broker_goes_away_is_answered_after_the_reconnect(tmp_path):

@@ -14,7 +14,9 @@ from the control path, which it never waits on and which never waits on it:
   Assistant discovery configurations and the state (and an empty retained configuration
   for each entity announced before and gone now: a link turned off, or every one with
   discovery off), subscribe to P/set/+; when the broker goes away, reconnect with
-  back-off (0.5 s doubling to 30 s) and do it all again. Home Assistant announcing
+  back-off (0.5 s doubling to 30 s; started afresh only after a session of `STEADY_S`, so two gateways
+  with one client id, each connection taking the other's over, retry ever slower, with one warning)
+  and do it all again. Home Assistant announcing
   itself (`homeassistant/status`, or `<discovery_prefix>/status`, = online) gets the
   configurations and the state again;
 - **commands** go through `OwnerDesk` (validation, save, core, journal), are rate
@@ -89,6 +91,12 @@ CLIENT_LOG = logging.getLogger("mqtt")
 """The logger aiomqtt and paho are given; `Discards` filters it."""
 STOP_S = 0.25
 """At a stop: how long `offline` and the goodbye may take (the service's safe stop waits for this task)."""
+STEADY_S = 10.0
+"""A session this long proved itself: the back-off starts afresh after it (a broker restart is met in
+0.5 s). A shorter one was most likely taken over (the broker drops the older of two connections with one
+client id) or ended by the broker at once: reconnecting at the shortest back-off would flap for ever."""
+TAKEN_OVER = 3
+"""Short sessions in a row after which the one warning that the client id may be in use elsewhere is logged."""
 QOS = 1
 HA_BIRTH_TOPIC = "homeassistant/status"  # Home Assistant's, whatever its discovery prefix
 
@@ -220,6 +228,10 @@ class Outbox:
             await self._ready.wait()
         return self._results.popleft() if self._results else self._states.popleft()
 
+    def take_result(self) -> Outgoing | None:
+        """The oldest queued result, at once (None: none is owed): a stop's last words (`_say_offline`)."""
+        return self._results.popleft() if self._results else None
+
     def __len__(self) -> int:
         return len(self._states) + len(self._results)
 
@@ -280,6 +292,9 @@ class MqttBridge:
         self.retry_in_s = 0.0  # the back-off before the next attempt, since the last failure
         self._wake = asyncio.Event()
         self._was_connected = False
+        self._began: float | None = None  # when this session's broker accepted it (gateway clock); None: not yet
+        self._short_sessions = 0  # sessions in a row that ended before `STEADY_S`
+        self._warned_taken_over = False  # the warning is logged once per run of short sessions
         self._clears: Counter[str] = Counter()  # this session's clears whose echo has not come back, by topic
 
     @property
@@ -301,21 +316,43 @@ class MqttBridge:
 
     async def _stay_connected(self) -> None:
         """Sessions one after another, with back-off (0.5 s doubling to 30 s) after each failure. A
-        session ends only by failing; one that had connected starts the back-off afresh, so a broker
+        session ends only by failing; one that lasted `STEADY_S` starts the back-off afresh, so a broker
         restart after days of service is met in 0.5 s, not in the 30 s earlier outages had grown to."""
         backoff = 0.0
         while True:
+            self._began = None
             try:
                 await self._session()
             except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
-                had_connected = self.connected.is_set()
                 self.connected.clear()
                 self.unreachable.set()
                 self.link.lost(_cause(err))
-                backoff = self.backoff_min_s if had_connected else \
-                    min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
+                lasted = None if self._began is None else self.gateway.clock() - self._began
+                backoff = self._next_backoff(backoff, lasted)
                 self.retry_in_s = backoff
             await asyncio.sleep(backoff)
+
+    def _next_backoff(self, backoff: float, lasted_s: float | None) -> float:
+        """The wait before the next attempt: the shortest after a session of `STEADY_S` (`lasted_s`, on the
+        gateway's monotonic clock), else doubled, up to `backoff_max_s`. A session the broker accepted and
+        ended sooner is counted (`_taken_over`): an instant reconnect would only take the session back."""
+        if lasted_s is not None and lasted_s >= STEADY_S:
+            self._short_sessions, self._warned_taken_over = 0, False
+            return self.backoff_min_s
+        if lasted_s is not None:
+            self._taken_over(lasted_s)
+        return min(max(backoff * 2, self.backoff_min_s), self.backoff_max_s)
+
+    def _taken_over(self, lasted_s: float) -> None:
+        """Count a short session; after `TAKEN_OVER` in a row, warn once (not per cycle) of the likely cause."""
+        self._short_sessions += 1
+        if self._short_sessions < TAKEN_OVER or self._warned_taken_over:
+            return
+        self._warned_taken_over = True
+        log.warning("MQTT: %d sessions in a row as client id %r ended within %.0f s of connecting (the last "
+                    "after %.1f s): the broker may be handing the session to another client using this client "
+                    "id (another gateway with the same mqtt.client_id or topic_prefix?); retrying with back-off "
+                    "up to %g s", self._short_sessions, self.client_id, STEADY_S, lasted_s, self.backoff_max_s)
 
     async def _pace(self) -> None:
         while True:
@@ -367,6 +404,7 @@ class MqttBridge:
 
     async def _serve(self) -> None:
         async with _connection(self._client()) as client:
+            self._began = self.gateway.clock()
             self.unreachable.clear()
             self.link.good()
             try:
@@ -401,12 +439,18 @@ class MqttBridge:
             await self._publish(client, topic, _encode(payload), retain=True, kind=Kind.DISCOVERY)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
-        """A clean stop sends no will: say `offline` ourselves, and leave within `STOP_S` whatever the broker
-        does (the service's safe stop waits for this task to end)."""
+        """A clean stop sends no will: publish the results still owed, then say `offline` ourselves, and
+        leave within `STOP_S` whatever the broker does (the service's safe stop waits for this task to end)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.publish(self.topics.availability, b"offline", qos=QOS, retain=True),
-                                   STOP_S)
+            await asyncio.wait_for(self._last_words(client), STOP_S)
         client.timeout = STOP_S  # the goodbye (DISCONNECT) waits no longer either
+
+    async def _last_words(self, client: aiomqtt.Client) -> None:
+        """The queued results, then `offline`. A command the stop caught mid-write is seen through and its
+        result queued after `_send` was ended: without this, a change saved and made was never answered."""
+        while (item := self.outbox.take_result()) is not None:
+            await self._send_one(client, item)
+        await client.publish(self.topics.availability, b"offline", qos=QOS, retain=True)
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: Kind) -> None:
         await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
@@ -415,12 +459,15 @@ class MqttBridge:
 
     async def _send(self, client: aiomqtt.Client) -> None:
         while True:
-            item = await self.outbox.get()
-            try:
-                await self._publish(client, item.topic, item.payload, retain=item.retain, kind=item.kind)
-            except BaseException:
-                self.outbox.put_back(item)
-                raise
+            await self._send_one(client, await self.outbox.get())
+
+    async def _send_one(self, client: aiomqtt.Client, item: Outgoing) -> None:
+        """Publish `item`; a result the broker did not take is put back for the next session."""
+        try:
+            await self._publish(client, item.topic, item.payload, retain=item.retain, kind=item.kind)
+        except BaseException:
+            self.outbox.put_back(item)
+            raise
 
     def _birth_topics(self) -> set[str]:
         """Where Home Assistant says `online`: `homeassistant/status` whatever the discovery prefix (its
