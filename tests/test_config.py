@@ -187,8 +187,7 @@ def test_bundled_data_is_found():
     # a DBC named by key: the reader names only the file it opened (for a typo'd bundled name, a path
     # in the package the installer never wrote), and the bundled names are listed
     ('[vehicle]\ndbc = "/nonexistent/x.dbc"\n', "vehicle.dbc: /nonexistent/x.dbc: DBC file not found"),
-    ('[vehicle]\ndbc = "cybertruck_bms.dbcc"\n', "vehicle.dbc: 'cybertruck_bms.dbcc' is neither a file beside the "
-                                                 "configuration"),
+    ('[vehicle]\ndbc = "cybertruck_bms.dbcc"\n', "vehicle.dbc: 'cybertruck_bms.dbcc' is neither a file beside"),
     ('[vehicle]\ndbc = "cybertruck_bms.dbcc"\n', "(bundled: cybertruck_bms.dbc, tesla_model3_bms.dbc)"),
     # a folder where os.access says yes to root but no file can be made: valid, then `run` exited 2
     # with SQLite's "unable to open database file"
