@@ -33,7 +33,7 @@ from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
 from firmware_py.clocks import Clock, Clocks, as_clocks
-from firmware_py.config import Config
+from firmware_py.config import Config, bundled_dbc_names
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
 from firmware_py.errors import InputError
@@ -205,8 +205,7 @@ def check(config: Config) -> None:
     the DBC and the signal map, every listen address and allow list, the files the
     gateway keeps (journal, owner settings, token), each enabled integration's own.
     """
-    problems = _problems(lambda: _check_timeout_against_the_dbc(config),
-                         lambda: parse_listen(config.owner.api_listen))
+    problems = _check_the_dbc(config) + _problems(lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
     # path, its key, what, read, folder made, an existing file written again
     kept: tuple[tuple[str, str, str, Callable[[], object] | None, bool, bool], ...] = (
@@ -221,7 +220,7 @@ def check(config: Config) -> None:
         elif problem := unwritable(path, key, kept_writing=kept_writing):  # names its key itself
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
-            problems += _problems(read)
+            problems += _keyed(key, _problems(read))
     problems += _shared_files(config) + _inverter_link(config)
     if config.can.interface not in can.interfaces.VALID_INTERFACES:  # python-can's own and its plugins'
         problems.append(f"can.interface: python-can has no interface {config.can.interface!r} (it has "
@@ -439,6 +438,35 @@ def _check_timeout_against_the_dbc(config: Config) -> None:
                          "between every two frames")
 
 
+def _open_journal(config: Config, clocks: Clocks) -> Journal:
+    """The journal, a refusal naming its key: SQLite's "unable to open database file" named neither."""
+    try:
+        return Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
+                            wall_clock=clocks.wall)
+    except InputError as err:
+        raise InputError(_keyed("journal.path", err.problems)) from err
+
+
+def _keyed(key: str, problems: list[str]) -> list[str]:
+    """Each problem naming `key` first: the installer fixes a key, not a file the reader opened."""
+    return [p if p.startswith(f"{key}:") else f"{key}: {p}" for p in problems]
+
+
+def _check_the_dbc(config: Config) -> list[str]:
+    """The DBC's problems under `vehicle.dbc`: the reader names only the file it opened, which for a
+    mistyped bundled name is a path in the package the installer never wrote."""
+    problems = _problems(lambda: _check_timeout_against_the_dbc(config))
+    dbc = str(config.dbc_path())
+    given = Path(config.vehicle.dbc)
+    missing = f"{dbc}: DBC file not found"
+    if not given.is_absolute() and missing in problems:
+        beside = Path(config.source).resolve().parent / given
+        problems[problems.index(missing)] = (
+            f"{config.vehicle.dbc!r} is neither a file beside the configuration ({beside}) nor a bundled DBC "
+            f"(bundled: {', '.join(bundled_dbc_names())})")
+    return [f"vehicle.dbc: {p}" if p.startswith((dbc, repr(config.vehicle.dbc))) else p for p in problems]
+
+
 def _read_token_as_its_owner(path: str) -> None:
     """The token as `run` reads it (private, a token), for whoever owns it (see `owner_of`)."""
     read_token(path, check_private=True, owner_uid=owner_of(path))
@@ -467,8 +495,7 @@ def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | N
     clock = clocks.monotonic
     store = OwnerStore(config.owner.settings_file, config.owner.reserve_pct)
     reader = reader_from_config(config, clock)
-    journal = Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
-                           wall_clock=clocks.wall)
+    journal = _open_journal(config, clocks)
     try:
         saved = owner if owner is not None else on_clock(store.load(clocks.wall()), clocks.to_core)
         gateway = Gateway(config, clocks, reader, InverterClient(config.inverter, clock), journal, saved,

@@ -231,6 +231,11 @@ def bundled_dbc(name: str) -> Path:
     return _bundled("dbc", name)
 
 
+def bundled_dbc_names() -> list[str]:
+    """The DBC files shipped with the gateway, by the names `vehicle.dbc` takes (listed when one is mistyped)."""
+    return sorted(p.name for p in bundled_dbc("x.dbc").parent.glob("*.dbc"))
+
+
 def bundled_config(name: str) -> Path:
     return _bundled("config", name)
 

@@ -106,7 +106,8 @@ def unwritable(path: str | Path, key: str, *, kept_writing: bool) -> str | None:
     the key nor the cause. A file yet to be made needs its folder writable. `kept_writing`: an
     existing file is written again (a journal, with SQLite's files beside it; settings replaced
     through a temporary file beside them), so it and its folder must be writable too; otherwise
-    (a token made once) an existing file is only read.
+    (a token made once) an existing file is only read. A file yet to be made is also tried for real
+    (`cannot_make_beside`): os.access says yes to root in /sys or on a read-only mount.
     """
     target, folder = Path(path), Path(path).parent
     exists = target.exists()
@@ -116,6 +117,8 @@ def unwritable(path: str | Path, key: str, *, kept_writing: bool) -> str | None:
         where = ""
     elif folder.is_dir() and not _may(folder, os.W_OK | os.X_OK):
         where = f": its folder {folder} is not writable for it"
+    elif not exists and folder.is_dir() and (refused := cannot_make_beside(target)) is not None:
+        return f"{key}: {path}: cannot be made in its folder {folder}: {refused}"
     else:
         return None
     return f"{key}: {path}: cannot be written by this user ({user_name(os.geteuid())}){where}"

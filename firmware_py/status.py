@@ -20,11 +20,17 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.narration import percent
 from firmware_py.quoting import printable
+
+if TYPE_CHECKING:
+    from firmware_py.config import OwnerConfig
+
+STATUS_KEYS = ("at", "mode", "reason")
+"""What every gateway's status document holds: an answer without them is not a gateway's."""
 
 
 class Unrenderable(ValueError):
@@ -204,15 +210,23 @@ def _link(name: str, link: dict[str, Any]) -> str:
     return f"{name} DOWN ({when}){cause}"
 
 
+def fetch_status(owner: OwnerConfig, answer_s: float | None = None) -> dict[str, Any]:
+    """The running gateway's status document; NotAnOwnerApi when what answers is not a gateway (one
+    test of "is this a gateway", shared by `status` and `commission`)."""
+    from firmware_py.owner.commands import CONNECT_TIMEOUT_S, call
+
+    return call(owner, "GET", "/api/status", wants=STATUS_KEYS, answer_s=answer_s or CONNECT_TIMEOUT_S)
+
+
 def _status_command(args: argparse.Namespace) -> int:
     from firmware_py import config
     from firmware_py.errors import InputError
     from firmware_py.owner.access import parse_listen
-    from firmware_py.owner.commands import Unavailable, call
+    from firmware_py.owner.commands import Unavailable
 
     owner = config.load(args.config).owner
     try:
-        doc = call(owner, "GET", "/api/status", wants=("at", "mode", "reason"))
+        doc = fetch_status(owner)
     except Unavailable as err:
         raise InputError(f"status: {err}") from None
     if args.json:

@@ -87,8 +87,10 @@ def test_an_invalid_configuration_is_bad_input_and_still_reported(tmp_path: Path
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["--discharge-seconds", "0"], "--discharge-seconds: expected 0 to 60 s"),
-    (["--discharge-w", "-500"], "--discharge-w: expected a power above 0 W"),
+    (["--discharge-seconds", "0"], "--discharge-seconds: expected above 0 and at most 60 s, got 0"),
+    (["--can-seconds", "0"], "--can-seconds: expected above 0 and at most 120 s, got 0"),
+    (["--discharge-w", "-500"], "--discharge-w: expected above 0 and at most 100000 W (default 500 W), got -500"),
+    (["--discharge-w", "200000"], "--discharge-w: expected above 0 and at most 100000 W (default 500 W), got 200000"),
     (["--can-seconds", "2"], "--can-seconds 2: too short to time the DBC's slowest message"),
     (["--report", "/no/such/folder/report.json"], "folder /no/such/folder does not exist"),
 ])
@@ -104,7 +106,7 @@ def running_gateway() -> Iterator[int]:
 
     class Status(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = b'{"mode": "STANDBY"}'
+            body = b'{"at": 0, "mode": "STANDBY", "reason": "idle"}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -134,6 +136,27 @@ def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, runn
     assert "a gateway is running with this configuration" in err and "systemctl stop powershare-gw" in err
     assert token not in err
     assert not (tmp_path / "journal.sqlite").exists()  # nothing was assembled
+
+
+def test_another_program_on_the_owner_api_address_is_refused_but_not_called_a_gateway(tmp_path: Path, capsys):
+    """`python -m http.server` on [owner] api_listen: refused (the commissioning's gateway needs the
+    address), named for what it is, not "a gateway is running" (there was no service to stop)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # 404 for /api/status
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-other"', api_port=port)
+        (tmp_path / "owner.token").write_text("0123456789abcdef" * 4 + "\n", encoding="utf-8")
+        (tmp_path / "owner.token").chmod(0o600)
+        assert main(["commission", "--config", str(config)]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"owner.api_listen: something other than a gateway listens on 127.0.0.1:{port}" in err
+    assert "ss -ltnp" in err and "a gateway is running" not in err
+    assert not (tmp_path / "journal.sqlite").exists()
 
 
 # --- the CAN observation, on a real virtual bus ---------------------------------------------------------

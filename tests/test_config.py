@@ -184,6 +184,14 @@ def test_bundled_data_is_found():
     ('[journal]\npath = "no-such-dir/journal.sqlite"\n', "journal.sqlite: the journal's folder"),
     ('[owner]\ntoken_file = "no-such-dir/owner.token"\n', "owner.token: the owner API token file's folder"),
     ('[can]\ninterface = "socketcann"\n', "can.interface: python-can has no interface 'socketcann'"),
+    # a DBC named by key: the reader names only the file it opened (for a typo'd bundled name, a path
+    # in the package the installer never wrote), and the bundled names are listed
+    ('[vehicle]\ndbc = "/nonexistent/x.dbc"\n', "vehicle.dbc: /nonexistent/x.dbc: DBC file not found"),
+    ('[vehicle]\ndbc = "cybertruck_bms.dbcc"\n', "vehicle.dbc: 'cybertruck_bms.dbcc' is neither a file beside"),
+    ('[vehicle]\ndbc = "cybertruck_bms.dbcc"\n', "(bundled: cybertruck_bms.dbc, tesla_model3_bms.dbc)"),
+    # a folder where os.access says yes to root but no file can be made: valid, then `run` exited 2
+    # with SQLite's "unable to open database file"
+    ('[journal]\npath = "/sys/journal.sqlite"\n', "journal.path: /sys/journal.sqlite: cannot be"),
     # a folder this user cannot write (under /proc/self, which not even root can): valid, then SQLite's
     # "unable to open database file" at the start, naming neither the key nor the cause
     ('[journal]\npath = "/proc/self/journal.sqlite"\n',
@@ -305,7 +313,8 @@ def test_check_config_reads_the_owner_settings_and_the_token_as_run_does(tmp_pat
     (tmp_path / "owner.token").chmod(0o644)
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "settings.json: corrupt owner settings" in err and "owner.token" in err and "group or others" in err
+    assert f"owner.settings_file: {tmp_path}/settings.json: corrupt owner settings" in err
+    assert f"owner.token_file: {tmp_path}/owner.token: the owner API token file is accessible by group or others" in err
     (tmp_path / "settings.json").unlink()
     (tmp_path / "owner.token").chmod(0o600)
     assert main(["check-config", str(path)]) == 0  # a private token, and no settings yet: valid

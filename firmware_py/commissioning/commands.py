@@ -53,6 +53,7 @@ DEFAULT_DISCHARGE_S = 10.0
 DEFAULT_CAN_S = 5.0
 MAX_DISCHARGE_S = 60.0
 MAX_CAN_S = 120.0
+MAX_DISCHARGE_W = 100_000.0
 
 DESCRIPTION = """\
 A guided check of an installation, ending in a pass/fail report (on the terminal, and as JSON
@@ -146,14 +147,13 @@ def _ended_early(console: Console, err: BaseException) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    problems = []
-    if not 0 < args.discharge_w <= 100_000:
-        problems.append(f"--discharge-w: expected a power above 0 W (default {DEFAULT_DISCHARGE_W:g}), "
-                        f"got {args.discharge_w:g}")
-    if not 0 < args.discharge_seconds <= MAX_DISCHARGE_S:
-        problems.append(f"--discharge-seconds: expected 0 to {MAX_DISCHARGE_S:g} s, got {args.discharge_seconds:g}")
-    if not 0 < args.can_seconds <= MAX_CAN_S:
-        problems.append(f"--can-seconds: expected 0 to {MAX_CAN_S:g} s, got {args.can_seconds:g}")
+    """Each option in its range, the message stating both limits the check applies (it said "0 to 120 s"
+    of a 0 it refused, and never named the 100 kW ceiling)."""
+    ranges = (("--discharge-w", args.discharge_w, MAX_DISCHARGE_W, "W", f" (default {DEFAULT_DISCHARGE_W:g} W)"),
+              ("--discharge-seconds", args.discharge_seconds, MAX_DISCHARGE_S, "s", ""),
+              ("--can-seconds", args.can_seconds, MAX_CAN_S, "s", ""))
+    problems = [f"{option}: expected above 0 and at most {most:g} {unit}{default}, got {value:g}"
+                for option, value, most, unit, default in ranges if not 0 < value <= most]
     if problems:
         raise InputError(problems)
 
@@ -203,26 +203,60 @@ def _check_window(config: Config, window_s: float) -> None:
                          f"every {slowest.period_s * 1e3:g} ms): give at least {WINDOW_PERIODS * slowest.period_s:g} s")
 
 
+RECOGNISE_S = 1.0
+"""How long what listens on the owner API's address is given to answer GET /api/status."""
+
+
 def _refuse_if_running(config: Config) -> None:
     """Two gateways on one inverter would fight over its setpoint: commissioning needs the service stopped.
 
-    Anything listening where this configuration's owner API listens counts as running, whatever
-    it answers: a gateway still starting, or one whose token file is elsewhere, is a gateway.
+    Anything listening where this configuration's owner API listens is refused: the commissioning's
+    own gateway needs that address. It is called a gateway unless it answers as none does (as
+    `powershare-gw status` tells): a gateway still starting (no answer yet), or one whose token file
+    is elsewhere, is a gateway; told "a gateway is running" of `python -m http.server`, the installer
+    looked for a service that was not there.
     """
     from firmware_py.owner.access import parse_listen
 
     where = parse_listen(config.owner.api_listen)
-    family, address = ((socket.AF_UNIX, where.unix_path) if where.unix_path
-                       else (socket.AF_INET6 if ":" in where.host else socket.AF_INET, (where.host, where.port)))
+    if not _listened_on(where.unix_path, where.host, where.port):
+        return
+    if _answers_as_no_gateway(config):
+        raise InputError(f"{config.source}: owner.api_listen: something other than a gateway listens on "
+                         f"{where.describe()}; the commissioning's gateway needs that address free: find the "
+                         "program (`sudo ss -ltnp` lists each listening port's process) and stop it, or give "
+                         "owner.api_listen another address")
+    raise InputError(f"{config.source}: a gateway is running with this configuration (its owner API answers on "
+                     f"{where.describe()}): stop it first "
+                     "(`sudo systemctl stop powershare-gw`), commission, then start it again")
+
+
+def _listened_on(unix_path: str, host: str, port: int) -> bool:
+    """Whether a connection to the address is accepted (a socket bound and listening there)."""
+    family, address = ((socket.AF_UNIX, unix_path) if unix_path
+                       else (socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port)))
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(address)
         except OSError:
-            return
-    raise InputError(f"{config.source}: a gateway is running with this configuration (its owner API answers on "
-                     f"{parse_listen(config.owner.api_listen).describe()}): stop it first "
-                     "(`sudo systemctl stop powershare-gw`), commission, then start it again")
+            return False
+    return True
+
+
+def _answers_as_no_gateway(config: Config) -> bool:
+    """True when what listens answered GET /api/status, and not as a gateway does (the test `status`
+    makes); no answer, or a gateway's refusal (its token), is a gateway's."""
+    from firmware_py.owner.commands import NotAnOwnerApi, Unavailable
+    from firmware_py.status import fetch_status
+
+    try:
+        fetch_status(config.owner, answer_s=RECOGNISE_S)
+    except NotAnOwnerApi:
+        return True
+    except (Unavailable, InputError):
+        return False
+    return False
 
 
 def _finish(console: Console, path: Path | None) -> None:

@@ -57,6 +57,10 @@ class Unreachable(Unavailable):
     """No gateway to ask: not running, not reachable, or the token not accepted (exit 2, as `status`)."""
 
 
+class NotAnOwnerApi(Unreachable):
+    """Something answered, but not as a gateway's owner API does: another program holds its address."""
+
+
 class NoAnswer(Unavailable):
     """A change was sent but no answer came (exit 1, as a change the gateway could not make): it may have been saved and applied, so the owner
     is told to look (`owner status`), not that no gateway is there."""
@@ -130,7 +134,7 @@ def _bounded_read(response: http.client.HTTPResponse, listen: Listen) -> bytes:
     while len(raw) <= MAX_ANSWER_BYTES and (chunk := response.read(MAX_ANSWER_BYTES + 1 - len(raw))):
         raw += chunk
     if len(raw) > MAX_ANSWER_BYTES:
-        raise Unreachable(f"what answers on {listen.describe()} is not a powershare-gw owner API "
+        raise NotAnOwnerApi(f"what answers on {listen.describe()} is not a powershare-gw owner API "
                           f"(its answer is longer than {MAX_ANSWER_BYTES // (1 << 20)} MiB)")
     return raw
 
@@ -184,11 +188,11 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     if status == 200:
         missing = [key for key in wants if key not in answer] if isinstance(answer, dict) else ["a JSON object"]
         if missing:
-            raise Unreachable(f"what answers on {listen.describe()} is not a powershare-gw owner API "
+            raise NotAnOwnerApi(f"what answers on {listen.describe()} is not a powershare-gw owner API "
                               f"(its answer to {path} lacks {', '.join(missing)}): is api_listen the gateway's own?")
         return answer
     if status == 404:
-        raise Unreachable(f"what answers on {listen.describe()} has no {path}: not a powershare-gw owner API "
+        raise NotAnOwnerApi(f"what answers on {listen.describe()} has no {path}: not a powershare-gw owner API "
                           "(is api_listen the gateway's own?)")
     error = answer.get("error", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}"
     if status == 400:
