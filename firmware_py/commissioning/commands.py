@@ -255,7 +255,7 @@ def _answers_as_no_gateway(config: Config) -> bool:
     except NotAnOwnerApi:
         return True
     except (Unavailable, InputError):
-        return False
+        pass
     return False
 
 
