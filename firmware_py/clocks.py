@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date as dt_date
 from datetime import datetime, timedelta, tzinfo
 from datetime import time as day_time
 
@@ -77,8 +78,15 @@ def as_clocks(clock: Clocks | Clock) -> Clocks:
 
 def calendar_day(wall_s: float, tz: tzinfo | None = None) -> tuple[str, float, float]:
     """The date (ISO `YYYY-MM-DD`) at wall instant `wall_s` in `tz` (None: the gateway's local
-    time zone), and the wall instants it began and the next one begins: what a daily budget counts by."""
-    moment = datetime.fromtimestamp(wall_s, tz).astimezone(tz)
-    began = datetime.combine(moment.date(), day_time(0), tzinfo=moment.tzinfo)
-    following = datetime.combine(moment.date() + timedelta(days=1), day_time(0), tzinfo=moment.tzinfo)
-    return moment.date().isoformat(), began.timestamp(), following.timestamp()
+    time zone), and the wall instants it began and the next one begins: what a daily budget counts by.
+    Each midnight is placed with its own UTC offset, so the day of a daylight-saving change is
+    23 or 25 h long (one offset for both would start that day an hour early or late)."""
+    date = datetime.fromtimestamp(wall_s, tz).date()
+    return date.isoformat(), local_midnight(date, tz), local_midnight(date + timedelta(days=1), tz)
+
+
+def local_midnight(date: dt_date, tz: tzinfo | None = None) -> float:
+    """The wall instant `date` begins in `tz`; None: the gateway's local time zone, whose offset at
+    that midnight the C library applies to a naive time (a fixed `astimezone()` offset would be now's)."""
+    midnight = datetime.combine(date, day_time(0))
+    return (midnight if tz is None else midnight.replace(tzinfo=tz)).timestamp()

@@ -14,8 +14,9 @@ Paths through it:
 - dispatch sources and the owner API → `submit` / `set_owner` → core step (a published
   price, `PriceInterval`, is submitted like a request and answered the same way);
 - the local date → a `CalendarDay` ahead of the first step and of the first step of
-  each new date (looked at again hourly, in case the wall clock was stepped): the core
-  counts the owner's daily price budget by it, and has no wall clock of its own;
+  each new date (looked at again hourly, and at the next tick after the wall clock stepped): the core
+  counts the owner's daily price budget by it, and has no wall clock of its own; at a start and after
+  a step it carries what the journal holds as spent that date, so no date's budget is granted twice;
 - a stepped wall clock (a board without RTC that boots with a wrong date until NTP), seen
   by the next tick → the owner settings file read again and fed like an owner change: the owner's times
   (departure, storm watch, opt-out) were placed on the core's line with the wrong offset
@@ -151,6 +152,7 @@ class Gateway:
         """Real elapsed time for the reaction (the core's clock is simulated on the bench)."""
         self._reaction_from: float | None = None
         self._day_due = -math.inf  # the core clock: when the date is next looked at
+        self._day_offset: float | None = None  # the wall clock's offset the date was last looked at with
         self.owner_store = owner_store
         """Where `owner` was loaded from (None: given by a scenario), read again when the wall clock steps."""
         self._owner_offset = clocks.offset()  # the wall clock's offset the owner's times were placed with
@@ -218,12 +220,27 @@ class Gateway:
                     moved, self.owner_store.path)
         return (on_clock(saved, self.clocks.to_core),)
 
+    def _wall_stepped_since_day(self) -> bool:
+        """Whether the wall clock stepped since the date was last looked at (never looked at: no)."""
+        return self._day_offset is not None and abs(self.clocks.offset() - self._day_offset) > WALL_STEP_S
+
+    def _day_due_if_wall_stepped(self, now: float) -> None:
+        """A stepped wall clock makes the date due at once: on a board that booted with a wrong date,
+        the budget must count by the corrected date (and what the journal holds for it) from the next
+        step, not up to `DAY_RECHECK_S` later."""
+        if self._wall_stepped_since_day():
+            self._day_due = now
+
     def _calendar_day(self, now: float) -> CalendarDay:
-        """Which date it is, for the core's daily price budget, and when to look again."""
+        """Which date it is, for the core's daily price budget, and when to look again. What the journal
+        holds as spent that date is read at a start and after a wall-clock step (the date the gateway
+        counted by may have been wrong, so the core's count is not the date's); at a midnight roll-over
+        nothing was spent yet on the new date, and the core's own count runs on."""
         date, began_wall, next_wall = calendar_day(self.clocks.to_wall(now))
         self._day_due = min(self.clocks.to_core(next_wall), now + DAY_RECHECK_S)
-        spent = self._price_spent_since(began_wall) if self.controller.day is None else 0.0  # at a start
-        return CalendarDay(now, date, spent)
+        read = self.controller.day is None or self._wall_stepped_since_day()
+        self._day_offset = self.clocks.offset()
+        return CalendarDay(now, date, self._price_spent_since(began_wall) if read else 0.0)
 
     def _price_spent_since(self, began_wall: float) -> float:
         """Price-driven energy the journal holds since `began_wall` (this date's start), so a restart
@@ -291,6 +308,7 @@ class Gateway:
     def tick(self) -> StepResult:
         """Time passing: freshness as of now (a silent bus turns stale here), ramps, windows."""
         now = self.clock()
+        self._day_due_if_wall_stepped(now)
         return self.feed(*self._owner_if_wall_stepped(), self.reader.snapshot(now), Tick(now))
 
     async def poll_inverter(self) -> InverterStatus:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +53,22 @@ def _root_logging_restored():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def local_zone() -> Iterator[Callable[[str], ZoneInfo]]:
+    """Sets the process's local time zone for one test (`TZ`, then `time.tzset()`), as on a gateway
+    configured in that zone, and puts the one before back after it. Returns the zone, for expected values."""
+    before = os.environ.get("TZ")
+
+    def use(name: str) -> ZoneInfo:
+        os.environ["TZ"] = name
+        time.tzset()
+        return ZoneInfo(name)
+
+    yield use
+    if before is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = before
+    time.tzset()

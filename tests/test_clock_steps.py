@@ -25,6 +25,7 @@ import pytest
 from lockstep import Rig, TestClocks
 
 from firmware_py.cli import main as cli
+from firmware_py.clocks import calendar_day
 from firmware_py.core import Mode
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -213,3 +214,19 @@ def test_owner_times_saved_before_a_boot_with_a_wrong_clock_are_placed_again_whe
         assert len(owner_inputs) == 2  # the settings placed again, then the reserve change
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("zone, date, hours", [
+    ("Europe/Berlin", "2025-03-30", 23), ("Europe/Berlin", "2025-10-26", 25),
+    ("America/New_York", "2025-03-09", 23), ("America/New_York", "2025-11-02", 25),
+])
+def test_the_day_of_a_daylight_saving_change_begins_at_its_own_midnight(local_zone, zone, date, hours):
+    """The daily price budget counts by `calendar_day` in the gateway's local zone: each midnight has its
+    own offset, so the day of the change is 23 or 25 h long and a restart reads that whole day back."""
+    tz = local_zone(zone)
+    noon = dt.datetime.fromisoformat(f"{date}T12:00").replace(tzinfo=tz).timestamp()
+    day, began, following = calendar_day(noon)
+    assert day == date
+    assert began == dt.datetime.fromisoformat(f"{date}T00:00").replace(tzinfo=tz).timestamp()
+    assert following - began == hours * HOUR
+    assert calendar_day(noon, tz) == (day, began, following)

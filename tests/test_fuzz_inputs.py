@@ -131,7 +131,7 @@ def test_owner_request_bodies_change_the_settings_within_bounds_or_are_refused(a
         assert str(err)
         return
     assert 0 <= settings.reserve_pct <= 100 and settings.received_at == NOW
-    until = settings.opt_out_until
-    assert until is None or until == math.inf or NOW < until <= NOW + changes.MAX_AHEAD_S
-    assert settings.departure_at is None or NOW < settings.departure_at <= NOW + 2 * 86_400
+    until, departure = settings.opt_out_until, settings.departure_at
+    assert until is None or until == math.inf or NOW < until <= changes.days_ahead(NOW, changes.MAX_AHEAD_DAYS, None)
+    assert departure is None or NOW < departure <= changes.days_ahead(NOW, changes.MAX_DEPARTURE_DAYS, None)
     assert all(event.isprintable() for event in settings.opt_out_events)

@@ -797,6 +797,17 @@ def test_an_expired_storm_watch_is_dropped_by_the_next_change():
     assert changes.set_reserve(stale, {"pct": 45}, NOW) == OwnerSettings(45, NOW)
 
 
+def test_a_storm_watch_may_end_at_the_same_local_time_14_days_on_across_a_clock_change(local_zone):
+    """A storm watch's "at most 14 days ahead" counts days on the owner's clock: across the fall-back night those
+    14 days are 14 × 24 h + 1 h, and the same time on the 14th day is within them; a minute later is not."""
+    berlin = local_zone("Europe/Berlin")
+    now = dt.datetime(2025, 10, 20, 18, 0, tzinfo=berlin).timestamp()
+    watch = changes.set_storm_watch(OwnerSettings(40, NOW), {"floor_pct": 85, "until": "2025-11-03T18:00"}, now, None)
+    assert watch.storm_watch_until == dt.datetime(2025, 11, 3, 18, 0, tzinfo=berlin).timestamp()
+    with pytest.raises(changes.BadRequest, match="is more than 14 days ahead; a storm watch lasts at most"):
+        changes.set_storm_watch(OwnerSettings(40, NOW), {"floor_pct": 85, "until": "2025-11-03T18:01"}, now, None)
+
+
 # --- price-responsive mode ---------------------------------------------------------------------------
 
 

@@ -10,15 +10,21 @@ same interval's import price, published beside it under the same id, is refused 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from core_builders import bms, inverter
+from firmware_py.sim import scenario
+from firmware_py.sim.simulation import Simulation, SimulationOptions
 from test_bench import replayed_and_journaled
 from test_statements import make
 
 from firmware_py.assembly import assemble
+from firmware_py.clocks import Clocks
+from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -32,8 +38,6 @@ from firmware_py.core.types import (
 )
 from firmware_py.gateway import Gateway
 from firmware_py.journal import Journal, RecordKind
-from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Simulation, SimulationOptions
 
 THRESHOLD = 0.30
 BUDGET_WH = 60.0  # at 11.5 kW: about 20 s of discharge, then the budget's ramp-down
@@ -163,5 +167,61 @@ def test_a_restart_counts_what_the_journal_says_today_already_spent(tmp_path):
         later = PriceInterval("tou/later", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.9, 501.0, 900.0, 501.0)
         answer = gateway.feed(bms(501.0), inverter(501.0), later).answer_for("tou/later")
         assert answer.verdict is Verdict.ACCEPTED and f"{BUDGET_WH - 41.5:.0f} Wh of the day's" in answer.detail
+    finally:
+        assembly.close()
+
+
+def journal_spent_on_price(path: Path, start: float, end: float, wh: float) -> None:
+    """What the run before a restart spent on one price event between wall instants `start` and `end`."""
+    price = PriceInterval("tou/spent", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.55, start, start + 3600, start)
+    with Journal.open(path) as journal:
+        journal.append_event(price, wall=start)
+        journal.append_event(DispatchAnswer.accepted(price.id, start), wall=start)
+        journal.append_event(EventEnergy(end, price.id, wh, wh, True), wall=end)
+
+
+def restarted(path: Path, clocks: Clocks | Callable[[], float], budget_wh: float):
+    """The gateway assembled again on the journal at `path`, the owner's price budget `budget_wh` a day."""
+    owner = OwnerSettings(40, 0.0, price_threshold_per_kwh=THRESHOLD, price_max_wh_per_day=budget_wh)
+    return assemble(replace(Config(), journal=replace(Config().journal, path=str(path)),
+                            can=replace(Config().can, interface="virtual", channel=f"prices-{path}")),
+                    clocks, owner=owner)
+
+
+def test_a_restart_on_the_fall_back_day_counts_what_was_spent_in_its_first_hour(tmp_path, local_zone):
+    """Berlin's 26 October 2025 begins at 00:00+02:00 and lasts 25 h: energy spent at 00:30 that
+    night is today's when the gateway restarts at noon (CET), not yesterday's."""
+    berlin = local_zone("Europe/Berlin")
+    path = tmp_path / "journal.sqlite"
+    journal_spent_on_price(path, dt.datetime(2025, 10, 26, 0, 30, tzinfo=berlin).timestamp(),
+                           dt.datetime(2025, 10, 26, 0, 50, tzinfo=berlin).timestamp(), 5000.0)
+    noon = dt.datetime(2025, 10, 26, 12, 0, tzinfo=berlin).timestamp()
+    assembly = restarted(path, lambda: noon, 5000.0)
+    try:
+        assembly.gateway.feed(bms(noon), inverter(noon))
+        assert (assembly.gateway.controller.day, assembly.gateway.controller.price_day_wh) == ("2025-10-26", 5000.0)
+    finally:
+        assembly.close()
+
+
+def test_a_restart_with_a_wrong_wall_clock_counts_the_corrected_dates_spending_once_ntp_steps_it(
+        tmp_path, local_zone):
+    """A board without RTC boots on 9 June 23:50 when it is 10 June 12:00, after 5 kWh spent on price
+    events that morning: once NTP steps the wall clock, the next tick counts by 10 June and what the
+    journal holds for it, not by a fresh 0 Wh (the day's budget would be granted again)."""
+    utc = local_zone("UTC")
+    path = tmp_path / "journal.sqlite"
+    journal_spent_on_price(path, dt.datetime(2025, 6, 10, 9, 0, tzinfo=utc).timestamp(),
+                           dt.datetime(2025, 6, 10, 10, 0, tzinfo=utc).timestamp(), 5000.0)
+    monotonic, offset = [100.0], [dt.datetime(2025, 6, 9, 23, 50, tzinfo=utc).timestamp() - 100.0]
+    assembly = restarted(path, Clocks(lambda: monotonic[0], lambda: monotonic[0] + offset[0]), 5000.0)
+    try:
+        gateway = assembly.gateway
+        gateway.feed(bms(monotonic[0]), inverter(monotonic[0]))
+        assert gateway.controller.day == "2025-06-09"
+        offset[0] = dt.datetime(2025, 6, 10, 12, 0, tzinfo=utc).timestamp() - 101.0  # NTP steps the wall clock
+        monotonic[0] = 101.0
+        gateway.tick()
+        assert (gateway.controller.day, gateway.controller.price_day_wh) == ("2025-06-10", 5000.0)
     finally:
         assembly.close()

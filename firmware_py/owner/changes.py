@@ -22,12 +22,12 @@ from firmware_py.quoting import shown, shown_text
 MAX_EVENT_ID = 200
 MAX_OPT_OUT_EVENTS = 32
 """Single-event opt-outs kept at once: every change rewrites them all, and the MQTT state carries them."""
-MAX_AHEAD_S = 366 * 86_400
+MAX_AHEAD_DAYS = 366
 """The furthest a timed opt-out may reach: a year covers any trip; beyond it a clock cannot even print."""
-MAX_STORM_WATCH_S = 14 * 86_400
+MAX_STORM_WATCH_DAYS = 14
 """The longest storm watch: a storm is forecast days ahead, not months; a longer one is a typo
 (a standing floor is the reserve's job)."""
-MAX_DEPARTURE_S = 2 * 86_400  # the next HH:MM is at most a day ahead; a day's margin for clocks and time zones
+MAX_DEPARTURE_DAYS = 2  # the next HH:MM is at most a day ahead; a day's margin for clocks and time zones
 MAX_TIME_TEXT = 64
 MAX_PRICE_PER_KWH = 1_000.0
 """The highest threshold taken (program currency per kWh): wholesale price caps stay far below it."""
@@ -119,13 +119,24 @@ def parse_instant(value: Any, tz: dt.tzinfo | None, name: str = "until") -> floa
         return -math.inf if moment.year < 1970 else math.inf
 
 
-def _ahead(until: float, raw: Any, now: float, limit_s: float = MAX_AHEAD_S,
+def days_ahead(now: float, days: int, tz: dt.tzinfo | None) -> float:
+    """The same local time `days` calendar days after `now` in `tz` (None: the gateway's local time zone).
+    Days on the owner's clock, not 86 400 s each: across a daylight-saving change 14 days are 14 × 24 h ± 1 h,
+    and the same time 14 days on must be within "14 days ahead". Seconds where the clock cannot say."""
+    try:
+        return (dt.datetime.fromtimestamp(now, tz) + dt.timedelta(days=days)).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return now + days * 86_400
+
+
+def _ahead(until: float, raw: Any, now: float, tz: dt.tzinfo | None, limit_days: int = MAX_AHEAD_DAYS,
            hint: str = 'for an opt-out with no end use {"now": true}', name: str = "until") -> float:
-    """`until` when it is in the future and within `limit_s`: a far-future time is a typo, not a plan."""
+    """`until` when it is in the future and within `limit_days` on the owner's calendar: a far-future
+    time is a typo, not a plan."""
     if until <= now:
         raise BadRequest(f"{name}: {shown(raw)} is not in the future")
-    if until - now > limit_s:
-        raise BadRequest(f"{name}: {shown(raw)} is more than {limit_s / 86_400:g} days ahead; {hint}")
+    if until > days_ahead(now, limit_days, tz):
+        raise BadRequest(f"{name}: {shown(raw)} is more than {limit_days} days ahead; {hint}")
     return until
 
 
@@ -144,7 +155,7 @@ def opt_out(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo | None)
             raise BadRequest(f"event: {MAX_OPT_OUT_EVENTS} events are opted out of already; revoke the opt-outs "
                              "(DELETE /api/opt-out, or opt-out off) or opt out until a time instead")
         return _changed(current, now, opt_out_events=current.opt_out_events | {event})
-    until = _ahead(parse_instant(body["until"], tz), body["until"], now)
+    until = _ahead(parse_instant(body["until"], tz), body["until"], now, tz)
     return _changed(current, now, opt_out_until=until)
 
 
@@ -201,7 +212,7 @@ def set_departure(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo |
     if "time" in body:
         at = next_occurrence(body["time"], now, tz)
     else:
-        at = _ahead(parse_instant(body["at"], tz, "at"), body["at"], now, MAX_DEPARTURE_S,
+        at = _ahead(parse_instant(body["at"], tz, "at"), body["at"], now, tz, MAX_DEPARTURE_DAYS,
                     "a departure is the next time the truck leaves", "at")
     return _changed(current, now, departure_at=at, departure_soc_pct=_percent(body, "soc_pct"))
 
@@ -217,7 +228,7 @@ def set_storm_watch(current: OwnerSettings, body: Any, now: float, tz: dt.tzinfo
     if "until" not in body:
         raise BadRequest('until: missing (when the storm watch ends, ISO-8601, e.g. "2025-07-01T18:00")')
     floor = _percent(body, "floor_pct")
-    until = _ahead(parse_instant(body["until"], tz), body["until"], now, MAX_STORM_WATCH_S,
+    until = _ahead(parse_instant(body["until"], tz), body["until"], now, tz, MAX_STORM_WATCH_DAYS,
                    "a storm watch lasts at most that long; raise the reserve for a standing floor")
     return _changed(current, now, storm_watch_floor_pct=floor, storm_watch_until=until)
 
