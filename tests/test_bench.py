@@ -118,6 +118,7 @@ def test_shortened_scenario_passes_the_bundled_checks(name, tmp_path):
     run_and_check(short, tmp_path)
 
 
+@pytest.mark.slow  # a 2.7 s bench run
 def test_shortened_grid_outage_reaches_the_backup_floor_and_holds_it(tmp_path):
     """What the 4-hour grid-outage run is for: below the owner's 40 % reserve down to the backup
     floor, then the islanded inverter capped there to the end of the run; dispatch refused."""
@@ -423,7 +424,7 @@ def test_a_run_that_fails_to_start_leaves_the_trace_and_summary_as_they_were(tmp
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary file left
 
 
-
+@pytest.mark.slow  # a 3 s child process
 def test_sigterm_part_way_leaves_the_folder_as_it_was(tmp_path):
     """SIGTERM killed the run mid-write and left the hidden partial trace (`.t.jsonl.xxxx.tmp`)
     beside where the trace was to go; it now ends the run as Ctrl-C does, which removes it."""

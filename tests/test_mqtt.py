@@ -603,6 +603,7 @@ def test_states_queued_before_a_session_are_not_published_after_its_fresh_one(tm
     assert first["links"]["mqtt"]["ok"] is True
 
 
+@pytest.mark.slow  # three sessions held past STEADY_S
 def test_a_broker_lost_after_a_good_session_is_tried_again_at_the_shortest_back_off(tmp_path, monkeypatch):
     """A session only ends by failing, so the back-off never started afresh: each broker restart was
     met later than the one before (0.5, 1, 2, 4, 8 s ... 30 s), however long the sessions between."""

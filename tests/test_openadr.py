@@ -611,6 +611,7 @@ def test_vtn_going_away_keeps_the_accepted_window_and_polling_resumes(caplog) ->
     assert "openadr" in told[0] and "unreachable" in told[0]
 
 
+@pytest.mark.slow  # each waits out a VTN timeout (2-3 s)
 @pytest.mark.parametrize("answer", ["empty", "trickle", "endless"])
 def test_a_vtn_answering_nothing_or_a_byte_at_a_time_is_unreachable_and_the_ven_keeps_trying(monkeypatch,
                                                                                             answer) -> None:
