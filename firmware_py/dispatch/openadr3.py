@@ -177,6 +177,10 @@ class _Tracked:
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
 
+    def unreported(self) -> list[IntervalWindow]:
+        """The intervals whose usage is still to be reported, in the order it falls due (`_by_end`)."""
+        return [w for w in _by_end(self.plan) if w.interval_id not in self.reported]
+
 
 @dataclass
 class _PendingReport:
@@ -992,14 +996,14 @@ class OpenAdr3Ven:
     def _report_due(self, sink: DispatchSink, tracked: _Tracked, step: int, now: float) -> None:
         """Report the ended intervals not reported yet, `step` at a time (the rest once all have ended),
         and note when the next report falls due: when `step` more unreported intervals have ended."""
-        unreported = [w for w in _by_end(tracked.plan) if w.interval_id not in tracked.reported]
+        unreported = tracked.unreported()
         ended = [w for w in unreported if w.end <= now]
         all_ended = len(ended) == len(unreported)
         while len(ended) >= step or (all_ended and ended):
             batch, ended = ended[:step], ended[step:]
             self._queue_usage(sink, tracked, batch)
             tracked.reported.update(w.interval_id for w in batch)
-        waiting = [w for w in unreported if w.interval_id not in tracked.reported]
+        waiting = tracked.unreported()
         if waiting:
             self.next_report_at = min(self.next_report_at, waiting[min(step, len(waiting)) - 1].end)
 
@@ -1033,7 +1037,7 @@ class OpenAdr3Ven:
         interval begun and not reported yet, with the energy delivered in it (the aggregator settles
         on it, cancelled or not)."""
         now = sink.now()
-        unreported = [w for w in _by_end(tracked.plan) if w.interval_id not in tracked.reported]
+        unreported = tracked.unreported()
         begun = [w for w in unreported if w.start < now]
         if tracked.plan.reports and begun:
             self._queue_usage(sink, tracked, begun)

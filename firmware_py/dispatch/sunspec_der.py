@@ -135,6 +135,10 @@ class Wanted:
     target_w: float
     revert_at: float | None
 
+    def asks_as(self, other: Wanted) -> bool:
+        """The same request of the core (kind and power): a later revert deadline is only a keep-alive."""
+        return (self.kind, self.target_w) == (other.kind, other.target_w)
+
 
 @dataclass
 class DerControls:
@@ -169,17 +173,15 @@ class DerControls:
             if timer.refreshers & written.keys():
                 timer.last_refresh, timer.reverted = now, False
 
-    def expire(self, now: float) -> set[str]:
-        """Run the revert functions due by `now`; the names of the timers that fired."""
-        fired = set()
-        for name, timer in (("WSet", self.wset_timer), ("WMaxLimPct", self.limit_timer)):
+    def expire(self, now: float) -> None:
+        """Run the revert functions due by `now` (what they change reaches the core as any change of the
+        registers does: the server compares what they ask with what the core holds)."""
+        for timer in (self.wset_timer, self.limit_timer):
             deadline = timer.deadline(self.values)
             if deadline is not None and now >= deadline:
                 for point, revert in timer.reverts.items():
                     self.values[point] = self.values[revert]
                 timer.reverted = True
-                fired.add(name)
-        return fired
 
     def wanted(self, ratings: DerRatings) -> Wanted | None:
         """The setpoint asked for, before any limit (the core applies `WMaxLimPct` to every source)."""

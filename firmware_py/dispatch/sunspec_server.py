@@ -602,7 +602,7 @@ class SunSpecDerServer:
         wanted, s = self.controls.wanted(ratings), self.session
         if wanted is None or s is None:
             return (wanted is None) != (s is None)
-        return (wanted.kind, wanted.target_w) != (s.wanted.kind, s.wanted.target_w)
+        return not wanted.asks_as(s.wanted)
 
     async def _reconcile(self, sink: DispatchSink, ratings: DerRatings, *, force: bool = False) -> None:
         """Hand the core the site limit and what the controls ask for, where they changed."""
@@ -619,7 +619,7 @@ class SunSpecDerServer:
                 await sink.submit(DispatchCancel(id=s.id, source=SOURCE, received_at=sink.now()))
             self.session = self.status = None
             return
-        same = s is not None and (s.wanted.kind, s.wanted.target_w) == (wanted.kind, wanted.target_w)
+        same = s is not None and wanted.asks_as(s.wanted)
         if same and not force:
             if s is not None:
                 self.session = replace(s, wanted=wanted)  # a keep-alive: the revert deadline moved
