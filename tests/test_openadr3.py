@@ -843,6 +843,60 @@ def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> Non
     run(scenario)
 
 
+class PausedVtn(BenchVtn3):
+    """Answers the next GET /events with `status` and a Retry-After of `retry_after`, `busy` times."""
+
+    busy = 1
+    status = 429
+    retry_after = "7"
+
+    async def _get_events(self, request: web.Request) -> web.Response:
+        if self.busy > 0:
+            self.busy -= 1
+            return web.json_response({"title": "busy", "status": self.status}, status=self.status,
+                                     headers={"Retry-After": self.retry_after})
+        return await super()._get_events(request)
+
+
+@pytest.mark.parametrize(("status", "header", "wait_s"), [
+    (429, "7", 7.0),  # as long as the VTN asks
+    (503, "3600", 60.0),  # never longer than the VEN's ceiling (retry_max_s)
+    (429, "soon", 0.2),  # nothing readable: the back-off alone (the poll interval, at the first failure)
+])
+def test_a_vtn_that_says_not_now_is_asked_again_when_it_said(status: int, header: str, wait_s: float) -> None:
+    async def scenario() -> None:
+        async with PausedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.status, vtn.retry_after = status, header
+            vtn.add_program("summer-peak")
+            ven = make_ven(vtn)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.failed_polls, 10)
+                assert ven.next_poll_in_s == pytest.approx(wait_s)
+                assert ven.polls == 0 and vtn.busy == 0
+                ven.wake()  # a notification: the VTN is talking again, asked at once
+                await vtn.wait_for(lambda: ven.polls, 10)
+                assert ven.next_poll_in_s <= 0.2
+
+    run(scenario)
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    now = dt.datetime(2026, 12, 5, 12, 0, tzinfo=UTC).timestamp()
+    assert openadr3.retry_after_s("120", now) == 120.0
+    assert openadr3.retry_after_s(" 0 ", now) == 0.0
+    assert openadr3.retry_after_s("Sat, 05 Dec 2026 12:01:30 GMT", now) == 90.0
+    assert openadr3.retry_after_s("Sat, 05 Dec 2026 11:00:00 GMT", now) == 0.0  # already past: no wait
+    for unreadable in (None, "", "-5", "1.5", "soon", "Sat, 05 Dec 2026 12:01:30", "\u0661\u0662"):
+        assert openadr3.retry_after_s(unreadable, now) is None, unreadable
+
+
+def test_the_wait_after_busy_is_the_back_off_at_least_and_the_ceiling_at_most() -> None:
+    assert openadr3.wait_after_busy(0.5, None, 60.0) == 0.5
+    assert openadr3.wait_after_busy(0.5, 7.0, 60.0) == 7.0
+    assert openadr3.wait_after_busy(8.0, 7.0, 60.0) == 8.0
+    assert openadr3.wait_after_busy(0.5, 3_600.0, 60.0) == 60.0
+
+
 class FailingVtn(BenchVtn3):
     """Fails every POST /reports for event `poison` with `failure` (a 500, or a 200 that is not JSON)."""
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import json
@@ -147,6 +148,44 @@ class VtnFailed(VtnError):
     there, so what fails may be this request alone; a report so failed goes to the back of the queue."""
 
 
+class VtnBusy(VtnError):
+    """The VTN said "not now" (408, 429 or 503): the link, not this request, so the poll fails and what
+    was to be sent waits. `retry_after_s` is how long its Retry-After asked the VEN to wait (None: it
+    did not say, or said nothing readable)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+BUSY_STATUSES = frozenset({408, 429, 503})
+
+
+def retry_after_s(header: str | None, now_wall: float) -> float | None:
+    """A Retry-After header's wait in seconds (RFC 9110: a whole number of seconds, or an HTTP date,
+    `now_wall` being the wall clock it is counted from); None for no header or one that is neither.
+    A date already past is no wait (0)."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.isascii() and text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110's dates are GMT; a date without a zone is not one of them
+        return None
+    return max(0.0, when.timestamp() - now_wall)
+
+
+def wait_after_busy(backoff_s: float, asked_s: float | None, ceiling_s: float) -> float:
+    """How long to wait after the VTN said "not now": at least the back-off, as long as it asked (its
+    Retry-After), but never longer than the VEN's own ceiling: a VTN asking for an hour would
+    otherwise keep a resource that may be dispatched any minute from hearing of its events."""
+    return max(backoff_s, min(asked_s or 0.0, ceiling_s))
+
+
 class TokenRefused(VtnError):
     """The token endpoint refused the client id or secret: no request was refused by the VTN itself, so
     it is not a `VtnRefused`: the cycle fails as with an unreachable VTN, and what was to be sent (a
@@ -258,8 +297,11 @@ class TokenSource:
                 body = await _body(resp)
                 status = resp.status
                 _refuse_redirect(resp, f"the token endpoint {self.token_url}", "the client secret is not sent there")
+                asked_s = retry_after_s(resp.headers.get("Retry-After"), time.time())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise VtnError(f"cannot reach the token endpoint {self.token_url}: {_why(err)}") from None
+        if status in BUSY_STATUSES:
+            raise VtnBusy(f"the token endpoint {self.token_url} answered HTTP {status} (busy)", asked_s)
         if status in (400, 401, 403):
             try:
                 answer = _json(body, "")
@@ -328,6 +370,7 @@ class OpenAdr3Ven:
         subscriptions holds (asking again for each would pile up copies, each notifying once more)."""
         self.outcomes: deque[EventOutcome] = deque(maxlen=1000)
         self.failed_polls = 0
+        self.next_poll_in_s = math.nan  # the wait before the next poll, as last chosen (NaN: none chosen yet)
         self.polls = 0
         self.reasks = 0
         self._sink: DispatchSink | None = None
@@ -378,6 +421,9 @@ class OpenAdr3Ven:
                         self._subscribed_programs.clear()
                         self._tell(False, f"{err}; accepted events keep their windows")
                         delay = backoff.next(self.config.poll_interval_s)
+                        if isinstance(err, VtnBusy):
+                            delay = wait_after_busy(delay, err.retry_after_s, self._retry_max_s)
+                    self.next_poll_in_s = delay
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
@@ -467,6 +513,7 @@ class OpenAdr3Ven:
                                            allow_redirects=False) as resp:  # the token stays with the VTN
                     raw, status = await _body(resp), resp.status
                     _refuse_redirect(resp, f"{method} /{path}", "the bearer token is not sent there")
+                    asked_s = retry_after_s(resp.headers.get("Retry-After"), time.time())
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
                 raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
             if status == 401:
@@ -476,8 +523,10 @@ class OpenAdr3Ven:
                                        f"{_problem(raw)}")
                 log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 continue
-            if status in (408, 429):  # "not now" (too many requests, or too slow): the report is sent again
-                raise VtnError(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again later")
+            if status in BUSY_STATUSES:  # "not now" (too slow, too many requests, unavailable): sent again later
+                later = "later" if asked_s is None else f"later (it asked for {asked_s:.0f} s)"
+                raise VtnBusy(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again {later}",
+                              asked_s)
             if status == 404:
                 raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: {_problem(raw)}")
             if 400 <= status < 500:
