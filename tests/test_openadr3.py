@@ -646,6 +646,28 @@ def test_an_event_of_a_program_the_ven_is_not_enrolled_in_is_refused_once_and_pr
     run(scenario)
 
 
+def test_an_event_refused_for_its_program_is_answered_anew_once_the_ven_is_enrolled_in_it(monkeypatch) -> None:
+    monkeypatch.setattr(openadr3, "PROGRAMS_RECHECK_S", 0.0)  # programs read again at every poll that needs it
+
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.add_program("summer-peak")
+            winter = vtn.add_program("winter-peak")
+            enrolment = vtn.programs.pop(winter)  # not yet enrolled
+            event_id = vtn.add_event(winter, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                assert await vtn.wait_for(lambda: vtn.answers_for(event_id), 10) == ["refused"]
+                vtn.programs[winter] = enrolment
+                await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 2, 10)
+            assert vtn.answers_for(event_id) == ["refused", "accepted"]
+            (request,) = sink.of(DispatchRequest)
+            assert request.target_w == 5_000.0
+
+    run(scenario)
+
+
 def test_a_subscription_listed_with_a_program_id_that_is_not_a_string_is_not_this_vens() -> None:
     async def scenario() -> None:
         port = free_port()

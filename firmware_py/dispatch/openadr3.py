@@ -576,12 +576,14 @@ class OpenAdr3Ven:
 
     def _settled(self, event: Any) -> str | None:
         """The id of a listed event that needs nothing more (handled at this very content and not held:
-        over, refused, history, or another VEN's), so a long listing holds only the events that may matter."""
+        over, refused, history, or another VEN's), so a long listing holds only the events that may matter.
+        One refused for a program the VEN is not enrolled in is not settled: it names the program to look
+        for again, and is answered anew once the VEN is enrolled in it."""
         event_id = event_id_of(event)
         seen = self._seen.get(event_id)
         if event_id in self._events or seen is None or seen[0] != _content_key(event):
             return None
-        return event_id
+        return None if program_id_of(event) in self._not_enrolled else event_id
 
     async def _kept(self, session: aiohttp.ClientSession, listing: _Listing, listed: set[str]) -> set[str]:
         """Events to hold on to though the listing does not carry them in full: the settled ones, and
@@ -666,7 +668,16 @@ class OpenAdr3Ven:
             return
         self._programs_due = time.monotonic() + PROGRAMS_RECHECK_S
         await self._load_programs(session)
+        enrolled_since = self._not_enrolled & self.programs.keys()
         self._not_enrolled = named - self.programs.keys()
+        for event in events:  # refused for their program: answered anew now that the VEN is enrolled in it
+            if program_id_of(event) in enrolled_since:
+                self._take_again(event_id_of(event))
+
+    def _take_again(self, event_id: str) -> None:
+        """The next listing takes the event as if changed (a higher revision), though its content is not."""
+        if (seen := self._seen.get(event_id)) is not None:
+            self._seen[event_id] = ("", seen[1])  # no content's key is empty
 
     async def _subscribe(self, session: aiohttp.ClientSession) -> None:
         """Ask the VTN to post event changes to the gateway, one subscription per program enrolled in
