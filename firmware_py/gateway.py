@@ -153,6 +153,7 @@ class Gateway:
         self._reaction_from: float | None = None
         self._day_due = -math.inf  # the core clock: when the date is next looked at
         self._day_offset: float | None = None  # the wall clock's offset the date was last looked at with
+        self._day_reread = False  # the journal gained spending the core never counted: read it at the next look
         self.owner_store = owner_store
         """Where `owner` was loaded from (None: given by a scenario), read again when the wall clock steps."""
         self._owner_offset = clocks.offset()  # the wall clock's offset the owner's times were placed with
@@ -238,8 +239,8 @@ class Gateway:
         nothing was spent yet on the new date, and the core's own count runs on."""
         date, began_wall, next_wall = calendar_day(self.clocks.to_wall(now))
         self._day_due = min(self.clocks.to_core(next_wall), now + DAY_RECHECK_S)
-        read = self.controller.day is None or self._wall_stepped_since_day()
-        self._day_offset = self.clocks.offset()
+        read = self.controller.day is None or self._day_reread or self._wall_stepped_since_day()
+        self._day_offset, self._day_reread = self.clocks.offset(), False
         return CalendarDay(now, date, self._price_spent_since(began_wall) if read else 0.0)
 
     def _price_spent_since(self, began_wall: float) -> float:
@@ -511,6 +512,8 @@ class Gateway:
         still_open = open_events(self._event_life())
         self.backlog.extend(close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason))
         self.flush_journal()
+        if still_open:  # their final records bill energy the core never saw: the day's spending read again
+            self._day_reread, self._day_due = True, -math.inf
         return list(still_open)
 
     def unwritten(self) -> int:

@@ -24,7 +24,6 @@ from test_statements import make
 
 from firmware_py.assembly import assemble
 from firmware_py.clocks import Clocks
-from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -167,6 +166,28 @@ def test_a_restart_counts_what_the_journal_says_today_already_spent(tmp_path):
         later = PriceInterval("tou/later", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.9, 501.0, 900.0, 501.0)
         answer = gateway.feed(bms(501.0), inverter(501.0), later).answer_for("tou/later")
         assert answer.verdict is Verdict.ACCEPTED and f"{BUDGET_WH - 41.5:.0f} Wh of the day's" in answer.detail
+    finally:
+        assembly.close()
+
+
+def test_a_restart_after_a_crash_counts_what_the_meter_ran_on_after_the_last_report(tmp_path):
+    """A crash mid price event: the last report said 40 Wh, then the inverter's meter ran on 150 Wh before
+    the setpoint reverted. The start-up reads the inverter (a step, which reads the day's spending) and
+    then bills that gap to the event: the budget counts the 190 Wh, not the 40 Wh read before it."""
+    path = tmp_path / "journal.sqlite"
+    meter = 1_000_000.0
+    with Journal.open(path) as journal:
+        journal.append_event(replace(HIGH, received_at=10.0), wall=10.0)
+        journal.append_event(DispatchAnswer.accepted(HIGH.id, 10.0), wall=10.0)
+        journal.append_event(EventEnergy(70.0, HIGH.id, 40.0, 40.0, False, meter_total_wh=meter + 40), wall=70.0)
+    assembly = restarted(path, lambda: 130.0, 1000.0)
+    try:
+        gateway = assembly.gateway
+        first = inverter(130.0, tot_wh_inj=meter + 190)
+        gateway.feed(first)  # as the service starts: the inverter read first,
+        assert gateway.close_open_events(first.tot_wh_inj) == [HIGH.id]  # then the crash's events closed
+        gateway.feed(bms(130.0), first)
+        assert gateway.controller.price_day_wh == 190.0
     finally:
         assembly.close()
 
