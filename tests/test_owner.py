@@ -808,6 +808,17 @@ def test_a_storm_watch_may_end_at_the_same_local_time_14_days_on_across_a_clock_
         changes.set_storm_watch(OwnerSettings(40, NOW), {"floor_pct": 85, "until": "2025-11-03T18:01"}, now, None)
 
 
+def test_a_storm_watch_may_last_14_times_24_hours_across_the_spring_change(local_zone):
+    """Across the spring-forward night 14 calendar days are 335 h: 336 h (14 × 24 h, the longest storm watch
+    MQTT's ON asks for) is within "14 days ahead" too; a minute more is not."""
+    berlin = local_zone("Europe/Berlin")
+    now = dt.datetime(2026, 3, 20, 12, 0, tzinfo=berlin).timestamp()
+    watch = changes.set_storm_watch(OwnerSettings(40, NOW), {"floor_pct": 85, "until": now + 336 * 3600}, now, None)
+    assert watch.storm_watch_until == now + 336 * 3600
+    with pytest.raises(changes.BadRequest, match="is more than 14 days ahead"):
+        changes.set_storm_watch(OwnerSettings(40, NOW), {"floor_pct": 85, "until": now + 336 * 3600 + 60}, now, None)
+
+
 # --- price-responsive mode ---------------------------------------------------------------------------
 
 

@@ -120,13 +120,16 @@ def parse_instant(value: Any, tz: dt.tzinfo | None, name: str = "until") -> floa
 
 
 def days_ahead(now: float, days: int, tz: dt.tzinfo | None) -> float:
-    """The same local time `days` calendar days after `now` in `tz` (None: the gateway's local time zone).
-    Days on the owner's clock, not 86 400 s each: across a daylight-saving change 14 days are 14 × 24 h ± 1 h,
-    and the same time 14 days on must be within "14 days ahead". Seconds where the clock cannot say."""
+    """The end of "`days` days ahead" of `now`: the later of the same local time `days` calendar days on in
+    `tz` (None: the gateway's local time zone) and `days` × 24 h on. Across a daylight-saving change the
+    two differ by an hour, and both readings are the owner's: the same time 14 days on (14 × 24 h + 1 h
+    across the fall-back night), and 336 h (the longest storm watch MQTT's `ON` asks for, 14 days less an
+    hour on the clock across the spring change)."""
+    hours = now + days * 86_400
     try:
-        return (dt.datetime.fromtimestamp(now, tz) + dt.timedelta(days=days)).timestamp()
+        return max(hours, (dt.datetime.fromtimestamp(now, tz) + dt.timedelta(days=days)).timestamp())
     except (ValueError, OverflowError, OSError):
-        return now + days * 86_400
+        return hours
 
 
 def _ahead(until: float, raw: Any, now: float, tz: dt.tzinfo | None, limit_days: int = MAX_AHEAD_DAYS,
