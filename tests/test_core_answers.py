@@ -489,6 +489,27 @@ def test_the_higher_priority_request_ends_and_the_other_resumes_in_its_window():
     assert in_force_after([urgent, routine], now=600.0) == "routine"
 
 
+def test_a_standing_settings_re_ask_keeps_its_place_behind_another_sources_later_event():
+    """The gateway asking again for a standing setting (a new revision, received now, nothing new from
+    its source) does not take the slot from an aggregator's event that came after the setting."""
+    setpoint = discharge("setpoint", 1.0, 1.0, math.inf, 4_000, source="sunspec")
+    event = discharge("event", 2.0, 0.0, 3_600, 3_000, source="openadr")
+    reask = replace(setpoint, revision=1, start=3.0, received_at=3.0)  # as the DER server builds it
+    assert in_force_after([setpoint, event, reask]) == "event"
+    assert in_force_after([setpoint, event, reask, discharge("later", 4.0, 0.0, 3_600, source="sunspec")]) == "later"
+
+
+def test_of_one_sources_equals_a_revision_keeps_its_first_arrival_and_a_new_id_is_newest():
+    """A modification continues its event: of equal priority, the event that came last stays in force
+    however often the earlier one is revised; a new id is a new arrival; priority still goes first."""
+    older = discharge("older", 1.0, 0.0, 3_600, 9_000, priority=3)
+    newer = discharge("newer", 2.0, 0.0, 3_600, 3_000, priority=3)
+    modified = replace(older, revision=1, target_w=5_000, received_at=3.0)
+    assert in_force_after([older, newer, modified]) == "newer"
+    assert in_force_after([older, newer, modified, discharge("newest", 4.0, 0.0, 3_600, priority=3)]) == "newest"
+    assert in_force_after([older, newer, replace(modified, priority=1)]) == "older"
+
+
 @pytest.mark.parametrize("priority", [-1, 1.5, True, "1"])
 def test_a_priority_that_is_no_whole_number_from_0_is_invalid(priority):
     result = step(ready(0.0), [discharge("e", 1.0, 0.0, 3_600, priority=priority)], 1.0)

@@ -35,6 +35,14 @@ class Booked:
     commanded_integral_wh: float = 0.0  # the integral, each interval no more than the commands allowed
     last_report_at: float = -math.inf
     price: PriceInterval | None = None  # a price-driven event: the published price it discharges for
+    arrived_at: float | None = None  # when its id was first booked (`RequestBook.add`); None: its request's own time
+
+    @property
+    def arrival(self) -> float:
+        """When this request first came: what `in_force` ranks by. Its revisions keep it (a re-ask, an
+        event's modification, an opt-out revoked, a fault cleared), so the gateway asking again for a
+        standing setting never takes the place of a request of another source that came after it."""
+        return self.request.received_at if self.arrived_at is None else self.arrived_at
 
     @property
     def price_driven(self) -> bool:
@@ -68,6 +76,8 @@ class RequestBook:
         return None
 
     def add(self, entry: Booked, now: float) -> "RequestBook":
+        """Book `entry`, in place of any entry of its id, which it continues: it keeps that one's arrival."""
+        entry = _arrived(entry, self.find(entry.request.id))
         kept = [e for e in self.entries if e.request.id != entry.request.id]
         ended = [e for e in kept if e.ended]
         if len(ended) > ENDED_MEMORY:
@@ -89,7 +99,9 @@ class RequestBook:
 
     def in_force(self, now: float) -> Booked | None:
         """The request that applies now: of those in their window, each source's first by its
-        own priority (the newest of equals), then the newest received of those.
+        own priority (the newest of equals), then the newest of those. The newest is the one whose id
+        came last (`Booked.arrival`), not the one revised last: a revision continues its request, and a
+        gateway's re-ask of a standing setting is no new instruction from its source.
 
         A priority is a source's ranking of its own requests (OpenADR's event priority), so it
         never compares requests of two sources: an aggregator's and a site controller's are
@@ -101,18 +113,24 @@ class RequestBook:
         first: dict[str, Booked] = {}
         for entry in asked:
             held = first.get(entry.request.source)
-            if held is None or _rank(entry.request) < _rank(held.request):
+            if held is None or _rank(entry) < _rank(held):
                 first[entry.request.source] = entry
-        return max(first.values(), key=lambda e: e.request.received_at, default=None)
+        return max(first.values(), key=lambda e: e.arrival, default=None)
 
     def end(self, request_id: str) -> "RequestBook":
         entry = self.find(request_id)
         return self if entry is None else self.replace(replace(entry, ended=True))
 
 
-def _rank(request: DispatchRequest) -> tuple[float, float]:
-    """Sorts first what matters most: the lowest priority number (none after every number), then the newest."""
-    return _priority_rank(request), -request.received_at
+def _arrived(entry: Booked, earlier: Booked | None) -> Booked:
+    """`entry` stamped with when its id first came: the earlier entry's arrival when it revises one, else its own."""
+    return replace(entry, arrived_at=entry.arrival if earlier is None else earlier.arrival)
+
+
+def _rank(entry: Booked) -> tuple[float, float]:
+    """Sorts first what matters most: the lowest priority number (none after every number), then the newest
+    to arrive."""
+    return _priority_rank(entry.request), -entry.arrival
 
 
 def _priority_rank(request: DispatchRequest) -> float:
