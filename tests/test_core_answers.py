@@ -499,15 +499,17 @@ def test_a_standing_settings_re_ask_keeps_its_place_behind_another_sources_later
     assert in_force_after([setpoint, event, reask, discharge("later", 4.0, 0.0, 3_600, source="sunspec")]) == "later"
 
 
-def test_of_one_sources_equals_a_revision_keeps_its_first_arrival_and_a_new_id_is_newest():
-    """A modification continues its event: of equal priority, the event that came last stays in force
-    however often the earlier one is revised; a new id is a new arrival; priority still goes first."""
+def test_of_one_sources_equals_a_re_ask_keeps_its_place_and_a_modification_is_a_new_instruction():
+    """Of equal priority, the event whose ask came last is in force: a revision asking the same (the
+    gateway's re-ask) leaves the earlier event behind; a modification (another target) is the source's
+    newest instruction, as is a new id; priority still goes first."""
     older = discharge("older", 1.0, 0.0, 3_600, 9_000, priority=3)
     newer = discharge("newer", 2.0, 0.0, 3_600, 3_000, priority=3)
-    modified = replace(older, revision=1, target_w=5_000, received_at=3.0)
-    assert in_force_after([older, newer, modified]) == "newer"
-    assert in_force_after([older, newer, modified, discharge("newest", 4.0, 0.0, 3_600, priority=3)]) == "newest"
-    assert in_force_after([older, newer, replace(modified, priority=1)]) == "older"
+    reask = replace(older, revision=1, received_at=3.0)
+    assert in_force_after([older, newer, reask]) == "newer"
+    assert in_force_after([older, newer, reask, discharge("newest", 4.0, 0.0, 3_600, priority=3)]) == "newest"
+    assert in_force_after([older, newer, replace(reask, revision=2, target_w=5_000, received_at=4.0)]) == "older"
+    assert in_force_after([older, newer, replace(reask, priority=1)]) == "older"
 
 
 @pytest.mark.parametrize("priority", [-1, 1.5, True, "1"])

@@ -35,13 +35,13 @@ class Booked:
     commanded_integral_wh: float = 0.0  # the integral, each interval no more than the commands allowed
     last_report_at: float = -math.inf
     price: PriceInterval | None = None  # a price-driven event: the published price it discharges for
-    arrived_at: float | None = None  # when its id was first booked (`RequestBook.add`); None: its request's own time
+    arrived_at: float | None = None  # when what it asks first came (`RequestBook.add`); None: its request's own time
 
     @property
     def arrival(self) -> float:
-        """When this request first came: what `in_force` ranks by. Its revisions keep it (a re-ask, an
-        event's modification, an opt-out revoked, a fault cleared), so the gateway asking again for a
-        standing setting never takes the place of a request of another source that came after it."""
+        """When what this request asks first came: what `in_force` ranks by. A revision asking the same
+        (a re-ask after a cap, a fault, an outage or an opt-out cleared) keeps it, so the gateway asking
+        again for a standing setting never takes the place of another source's request that came after."""
         return self.request.received_at if self.arrived_at is None else self.arrived_at
 
     @property
@@ -76,7 +76,7 @@ class RequestBook:
         return None
 
     def add(self, entry: Booked, now: float) -> "RequestBook":
-        """Book `entry`, in place of any entry of its id, which it continues: it keeps that one's arrival."""
+        """Book `entry` in place of any entry of its id; a revision asking the same keeps that one's arrival."""
         entry = _arrived(entry, self.find(entry.request.id))
         kept = [e for e in self.entries if e.request.id != entry.request.id]
         ended = [e for e in kept if e.ended]
@@ -99,9 +99,9 @@ class RequestBook:
 
     def in_force(self, now: float) -> Booked | None:
         """The request that applies now: of those in their window, each source's first by its
-        own priority (the newest of equals), then the newest of those. The newest is the one whose id
-        came last (`Booked.arrival`), not the one revised last: a revision continues its request, and a
-        gateway's re-ask of a standing setting is no new instruction from its source.
+        own priority (the newest of equals), then the newest of those. The newest is the one whose ask
+        came last (`Booked.arrival`): a gateway's re-ask of a standing setting is no new instruction from
+        its source, while a source's modification (another target, end or priority) is.
 
         A priority is a source's ranking of its own requests (OpenADR's event priority), so it
         never compares requests of two sources: an aggregator's and a site controller's are
@@ -123,8 +123,15 @@ class RequestBook:
 
 
 def _arrived(entry: Booked, earlier: Booked | None) -> Booked:
-    """`entry` stamped with when its id first came: the earlier entry's arrival when it revises one, else its own."""
-    return replace(entry, arrived_at=entry.arrival if earlier is None else earlier.arrival)
+    """`entry` stamped with when what it asks first came: the earlier entry's arrival when it asks the same,
+    else its own (a new id, or a source's new instruction under its id: another target, end or priority)."""
+    same = earlier is not None and _asks(entry.request) == _asks(earlier.request)
+    return replace(entry, arrived_at=earlier.arrival if same and earlier is not None else entry.arrival)
+
+
+def _asks(request: DispatchRequest) -> tuple[object, ...]:
+    """What a request asks of the truck, its start aside (a re-ask of a standing setpoint starts now)."""
+    return request.kind, request.target_w, request.end, request.ramp_w_per_s, request.priority
 
 
 def _rank(entry: Booked) -> tuple[float, float]:
