@@ -298,28 +298,41 @@ def standing(entry: Booked, now: float) -> DispatchAnswer:
 def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
            now: float, price: PriceInterval | None = None) -> tuple[Controller, list[Event]]:
     """Book the answered request (`price`: the published price it stands for). A new revision of an
-    accepted event continues it (energy and all) when its kind is unchanged; a refused or
-    kind-changing revision ends the running one."""
+    event continues it (energy and all) when its kind is unchanged, also after a revision of it was
+    refused; a refused or kind-changing revision ends the running one."""
     events: list[Event] = []
     rejected = reply.verdict is Verdict.REJECTED
     earlier = existing if existing is not None and existing.accepted else None
     if earlier is not None and not earlier.ended and (rejected or req.kind is not earlier.request.kind):
         change = "refused" if rejected else f"changed it to {req.kind.value}"
         c, events = close_event(c, earlier, now, f"revision {req.revision} {change}")
-    if earlier is not None and rejected:
+    held = _account(existing)
+    if held is not None and rejected:
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
         # that revision gets that answer, and a standing setting is asked again from it).
-        entry = replace(earlier, request=req, answer=reply, ended=True, price=price)
+        entry = replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price)
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
-    if earlier is not None and req.kind is earlier.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
-        entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
-                        commanded_integral_wh=earlier.commanded_integral_wh, last_report_at=earlier.last_report_at)
-        if earlier.ended and not rejected:
+    if held is not None and req.kind is held.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
+        entry = replace(entry, meter_wh=held.meter_wh, integrated_wh=held.integrated_wh,
+                        commanded_integral_wh=held.commanded_integral_wh, last_report_at=held.last_report_at)
+        if held.ended and not rejected:
             # An account closed and opened again carries its energy on: say so with the answer, since what a stop
             # or a restart reads from the journal starts the reopened event from its next energy record.
             return c.evolve(book=c.book.add(entry, now)), events + [reply, energy_record(c, entry, now)]
     return c.evolve(book=c.book.add(entry, now)), events + [reply]
+
+
+def _account(existing: Booked | None) -> Booked | None:
+    """The booked entry whose account a new revision continues: an accepted one, or one whose revision was
+    refused after it delivered (the book keeps that energy under the refusal). Without the latter, an event
+    served again once the refusal cleared (a standing setting's re-ask, a price back above the threshold)
+    opened a new account at 0 Wh, and its last record, what statements bill, left out what it had delivered."""
+    if existing is None:
+        return None
+    if existing.accepted or existing.meter_wh or existing.integrated_wh or existing.commanded_integral_wh:
+        return existing
+    return None
 
 
 def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
