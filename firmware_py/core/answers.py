@@ -265,7 +265,10 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
 def _asked_again(existing: Booked, req: DispatchRequest, now: float) -> bool:
     """The same request, cancelled by its source, sent again while its window is open: the source wants it
     after all (a VTN lists an event again that one listing lacked, and its VEN took for withdrawn), so it is
-    judged anew, not answered with the answer of an event that no longer runs."""
+    judged anew, not answered with the answer of an event that no longer runs. A refusal it cancelled too
+    (`cancel` marks it withdrawn and cancelled): its old answer may be a reason long passed (no data at
+    start-up), and withdrawn, it would never be asked again for. One a STOP withdrew is not cancelled: it
+    stays ended, as an event the STOP ended does."""
     return existing.cancelled and now < req.end and replace(req, received_at=existing.request.received_at) == \
         existing.request
 
@@ -361,12 +364,13 @@ def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Contro
 def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller, list[Event]]:
     """End an accepted, live event early; one source cannot end another's event.
 
-    A refused request that is cancelled is ended too, so it is never asked again for."""
+    A refused request that is cancelled is withdrawn, so it is never asked again for (`improvable`), unless
+    its source sends it again unchanged in its window (`_asked_again`)."""
     entry = c.book.find(item.id)
     if entry is None or entry.withdrawn or (entry.ended and entry.accepted) or entry.request.source != item.source:
         return c, []
     if not entry.accepted:
-        return c.evolve(book=c.book.replace(replace(entry, withdrawn=True))), []
+        return c.evolve(book=c.book.replace(replace(entry, withdrawn=True, cancelled=True))), []
     why = f"cancelled by {item.source}" + (f": {item.reason}" if item.reason else "")
     c, ended = close_event(c, entry, now, why)
     return c.evolve(book=c.book.replace(replace(c.book.find(item.id), cancelled=True))), ended
