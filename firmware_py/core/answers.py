@@ -340,7 +340,8 @@ def _account(existing: Booked | None) -> Booked | None:
 
 def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """An accepted STOP, once its window has begun, ends every other live event of its source that
-    had begun when it took effect and does not outrank it; the STOP itself holds nothing.
+    had begun when it took effect and does not outrank it; the STOP itself holds nothing. One it would have
+    ended that was refused for a reason that may pass is withdrawn: it is not asked again for.
 
     A priority is the source's own ranking of its requests (`in_force`): a STOP of priority 5 says
     nothing of an event of priority 1 of its source, which would be in force over it, so that one
@@ -354,11 +355,32 @@ def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Contro
     took_effect = max(stop.start, stop.received_at)
     events: list[Event] = []
     for entry in c.book.live:
-        if entry.request.source == stop.source and entry.request.id != stop.id and \
-                entry.request.start <= took_effect and not outranks(entry.request, stop):
+        if _stopped_by(entry, stop, took_effect):
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
+    for entry in c.book.entries:
+        if _spared_refusal(entry, now) and _stopped_by(entry, stop, took_effect):
+            c = c.evolve(book=c.book.replace(replace(entry, withdrawn=True)))
     return c.evolve(book=c.book.end(stop.id)), events
+
+
+def _stopped_by(entry: Booked, stop: DispatchRequest, took_effect: float) -> bool:
+    """Whether `stop` ends `entry`, had it run: of its source, begun when the STOP took effect, not outranking it."""
+    return entry.request.source == stop.source and entry.request.id != stop.id and \
+        entry.request.start <= took_effect and not outranks(entry.request, stop)
+
+
+def _spared_refusal(entry: Booked, now: float) -> bool:
+    """A request not running now that would be served once what held it back passes (`improvable`): refused
+    for a passing reason (a fault, an outage), or ended by the owner's opt-out. A STOP withdraws it, as it ends
+    the same request running: else, once the reason passed, its source asked again and it was served inside
+    the STOP's window. Withdrawn, not cancelled: sent again unchanged, it keeps its answer (`_asked_again`)."""
+    if entry.withdrawn or entry.price_driven or entry.request.kind is DispatchKind.STOP or now >= entry.request.end:
+        return False
+    if entry.accepted and not entry.ended:
+        return False  # running: the STOP ends it
+    answered = standing(entry, now)
+    return answered.verdict is Verdict.REJECTED and answered.reason not in FINAL_REFUSALS
 
 
 def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller, list[Event]]:
