@@ -15,7 +15,7 @@ from firmware_py.core.answers import Judgement, invalid_reason, judge
 from firmware_py.core.energy import still_open
 from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.requests import ENDED_MEMORY
-from firmware_py.core.telemetry import DerRatings
+from firmware_py.core.telemetry import DerRatings, telemetry
 from firmware_py.core.types import (
     BmsState,
     DispatchAnswer,
@@ -361,6 +361,39 @@ def test_a_stop_ends_only_what_of_its_source_does_not_outrank_it(stop_priority, 
         assert run.ended("high").reason == "stopped by low" and run.c.serving_id is None
 
 
+@pytest.mark.parametrize("stop_priority, refused_priority, spared", [
+    (None, None, False), (1, 5, False),  # ranked below the STOP or unranked: withdrawn, as it would have been ended
+    (5, 1, True),  # ranked above it: none of its business, served once the fault clears
+])
+def test_a_stop_withdraws_what_of_its_source_it_would_have_ended_but_was_refused_for_a_passing_reason(
+        stop_priority, refused_priority, spared):
+    """An event refused FAULT, then a STOP of its source over it: once the fault cleared it was `improvable`,
+    its VEN asked again and it was served inside the STOP's window. Accepted, the STOP would have ended it."""
+    hot = dict(max_temp_c=80.0)
+    run = Run(ready(0.0))
+    run.t = 1.0
+    run.feed(bms(run.t, 80, **hot), inverter(run.t))
+    event = discharge("a", run.t, 0.0, 3_600, 5_000, source="vtn", priority=refused_priority)
+    assert run.feed(event).answer_for("a").reason is ReasonCode.FAULT
+    run.t = 2.0
+    run.feed(bms(run.t, 80, **hot), inverter(run.t),
+             DispatchRequest("s", "vtn", DispatchKind.STOP, 0, 2.0, 1_800, received_at=2.0, priority=stop_priority))
+    for _ in range(20):  # the fault clears, its hold-off passes
+        run.t += 1.0
+        run.feed(bms(run.t), inverter(run.t))
+    assert run.c.mode is Mode.STANDBY
+    assert (telemetry(run.c, run.t).improvable == ("a",)) is spared
+    if spared:
+        run.feed(replace(event, revision=1, received_at=run.t))
+        run.run(5)
+        assert run.c.serving_id == "a"
+    else:
+        resent = run.feed(replace(event, received_at=run.t))  # the same again: it keeps its answer, nothing runs
+        assert resent.answer_for("a").verdict is Verdict.REJECTED
+        run.run(5)
+        assert run.c.serving_id is None and run.applied_w == 0
+
+
 def test_a_revised_stop_has_no_account_either():
     """A new revision of a STOP already applied was taken for an account reopened: an EventEnergy for it."""
     run = Run(ready(0.0))
@@ -439,6 +472,34 @@ def test_an_event_asked_again_after_a_cancel_carries_its_energy_into_what_a_stop
     assert again.answer_for("e").verdict is Verdict.ACCEPTED and again.controller.serving_id == "e"
     (reopened,) = still_open(run.records).values()
     assert reopened.last is not None and reopened.last.meter_wh == pytest.approx(served, abs=1e-3)
+
+
+def test_an_event_whose_revision_was_refused_continues_its_account_when_served_again():
+    """A modification refused in an outage kept the event's energy in the book, but the standing setting's
+    re-ask opened a new account at 0 Wh: the event's last record, what statements bill, left out what it had
+    delivered before (and a second refused revision dropped the book's energy too)."""
+    original = discharge("e", 0.0, 0.0, 3_600, 6_000, source="vtn")
+    run = Run(ready(0.0))
+    run.feed(original)
+    run.run(120)
+    delivered = run.c.book.find("e").meter_wh
+    run.t += 1
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh, grid_outage=True))
+    for revision in (1, 2):  # refused OUTAGE, both: the book keeps the energy under the refusal
+        refused = run.feed(replace(original, target_w=5_000, revision=revision, received_at=run.t))
+        assert refused.answer_for("e").reason is ReasonCode.OUTAGE
+        assert run.c.book.find("e").meter_wh == pytest.approx(delivered)
+    run.t += 1
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh))
+    again = run.feed(replace(original, target_w=5_000, revision=3, received_at=run.t))
+    assert again.answer_for("e").verdict is Verdict.ACCEPTED
+    (reopened,) = still_open(run.records).values()  # what a stop or a restart would close it at
+    assert reopened.last is not None and reopened.last.meter_wh == pytest.approx(delivered, abs=1e-3)
+    run.run(60)
+    run.feed(DispatchCancel("e", "vtn", run.t))
+    assert run.final("e") is not None
+    last = [e for e in run.events if isinstance(e, EventEnergy) and e.request_id == "e"][-1]
+    assert last.final and last.meter_wh == pytest.approx(run.meter_wh, abs=1e-2)
 
 
 # --- overlapping requests: which one is in force --------------------------------------------------

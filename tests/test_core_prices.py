@@ -156,6 +156,25 @@ def test_a_revision_below_the_threshold_ends_the_event_with_its_energy():
     assert run.applied_w == 0
 
 
+def test_a_price_revised_below_the_threshold_and_back_above_continues_its_account():
+    """Served again, the event's account started at 0 Wh: its last record, what statements bill, left out
+    what it had delivered before the revision that ended it."""
+    run = Run(priced(owner(budget_wh=50_000)))
+    run.feed(price())
+    run.run(60)
+    run.feed(price(per_kwh=0.10, revision=1, t=run.t))
+    delivered = run.c.book.find("p1").meter_wh
+    assert delivered > 0
+    run.run(5)
+    reply = answer_of(run.feed(price(per_kwh=0.60, revision=2, t=run.t)), "p1")
+    assert reply.verdict is Verdict.ACCEPTED
+    assert run.c.book.find("p1").meter_wh == pytest.approx(delivered)
+    run.run(30)
+    run.feed(price(per_kwh=0.10, revision=3, t=run.t))
+    last = [e for e in run.events if getattr(e, "request_id", None) == "p1" and hasattr(e, "meter_wh")][-1]
+    assert last.final and last.meter_wh == pytest.approx(run.meter_wh, abs=1e-2)
+
+
 def test_floor_storm_watch_opt_out_and_faults_govern_a_price_like_a_request():
     near_floor = Run(priced(owner(), soc=42.02))  # floor 42 %: 23 Wh above it, too little
     assert answer_of(near_floor.feed(price()), "p1").reason is ReasonCode.INSUFFICIENT_ENERGY

@@ -150,6 +150,22 @@ def test_cancelled_refusals_ended_events_and_windows_not_yet_open_are_never_impr
     assert improvable(c, 100.0) == {"done", "later"}  # its window opened with nothing in its way
 
 
+def test_a_cancelled_refusal_sent_again_unchanged_in_its_window_is_judged_anew():
+    """An event refused NO_DATA at start-up, cancelled because one VTN listing lacked it, then listed again
+    unchanged, got its stale NO_DATA back with the gateway ready, and stayed withdrawn: never asked again for."""
+    c = Controller.start(POLICY)
+    event = discharge("evt", 0.0, 0, 3_600, 5_000)
+    r = step(c, [event], 0.0)
+    assert answer_of(r, "evt").reason is ReasonCode.NO_DATA
+    c = step(r.controller, both(0.5), 0.5).controller
+    c = step(c, [DispatchCancel("evt", "test", 1.0), *both(1.0)], 1.0).controller
+    assert improvable(c, 1.0) == frozenset()  # withdrawn: never asked again for by itself
+    r = step(c, [replace(event, received_at=2.0), *both(2.0)], 2.0)
+    assert answer_of(r, "evt").verdict is Verdict.ACCEPTED and r.controller.serving_id == "evt"
+    c = step(r.controller, [DispatchCancel("evt", "test", 3.0), *both(3.0)], 3.0).controller
+    assert c.serving_id is None  # served again, it is the source's to end as any other
+
+
 def test_a_capped_request_is_improvable_only_when_the_cap_would_rise_by_a_margin():
     c = step(ready(0.0), [SiteLimit(0.0, "sunspec", 4_000), discharge("s", 0.0, 0, math.inf)], 0.0).controller
     assert improvable(c, 0.0) == frozenset()

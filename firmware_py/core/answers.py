@@ -265,7 +265,10 @@ def answer(c: Controller, req: DispatchRequest, now: float) -> tuple[Controller,
 def _asked_again(existing: Booked, req: DispatchRequest, now: float) -> bool:
     """The same request, cancelled by its source, sent again while its window is open: the source wants it
     after all (a VTN lists an event again that one listing lacked, and its VEN took for withdrawn), so it is
-    judged anew, not answered with the answer of an event that no longer runs."""
+    judged anew, not answered with the answer of an event that no longer runs. A refusal it cancelled too
+    (`cancel` marks it withdrawn and cancelled): its old answer may be a reason long passed (no data at
+    start-up), and withdrawn, it would never be asked again for. One a STOP withdrew is not cancelled: it
+    stays ended, as an event the STOP ended does."""
     return existing.cancelled and now < req.end and replace(req, received_at=existing.request.received_at) == \
         existing.request
 
@@ -298,33 +301,47 @@ def standing(entry: Booked, now: float) -> DispatchAnswer:
 def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
            now: float, price: PriceInterval | None = None) -> tuple[Controller, list[Event]]:
     """Book the answered request (`price`: the published price it stands for). A new revision of an
-    accepted event continues it (energy and all) when its kind is unchanged; a refused or
-    kind-changing revision ends the running one."""
+    event continues it (energy and all) when its kind is unchanged, also after a revision of it was
+    refused; a refused or kind-changing revision ends the running one."""
     events: list[Event] = []
     rejected = reply.verdict is Verdict.REJECTED
     earlier = existing if existing is not None and existing.accepted else None
     if earlier is not None and not earlier.ended and (rejected or req.kind is not earlier.request.kind):
         change = "refused" if rejected else f"changed it to {req.kind.value}"
         c, events = close_event(c, earlier, now, f"revision {req.revision} {change}")
-    if earlier is not None and rejected:
+    held = _account(existing)
+    if held is not None and rejected:
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
         # that revision gets that answer, and a standing setting is asked again from it).
-        entry = replace(earlier, request=req, answer=reply, ended=True, price=price)
+        entry = replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price)
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
-    if earlier is not None and req.kind is earlier.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
-        entry = replace(entry, meter_wh=earlier.meter_wh, integrated_wh=earlier.integrated_wh,
-                        commanded_integral_wh=earlier.commanded_integral_wh, last_report_at=earlier.last_report_at)
-        if earlier.ended and not rejected:
+    if held is not None and req.kind is held.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
+        entry = replace(entry, meter_wh=held.meter_wh, integrated_wh=held.integrated_wh,
+                        commanded_integral_wh=held.commanded_integral_wh, last_report_at=held.last_report_at)
+        if held.ended and not rejected:
             # An account closed and opened again carries its energy on: say so with the answer, since what a stop
             # or a restart reads from the journal starts the reopened event from its next energy record.
             return c.evolve(book=c.book.add(entry, now)), events + [reply, energy_record(c, entry, now)]
     return c.evolve(book=c.book.add(entry, now)), events + [reply]
 
 
+def _account(existing: Booked | None) -> Booked | None:
+    """The booked entry whose account a new revision continues: an accepted one, or one whose revision was
+    refused after it delivered (the book keeps that energy under the refusal). Without the latter, an event
+    served again once the refusal cleared (a standing setting's re-ask, a price back above the threshold)
+    opened a new account at 0 Wh, and its last record, what statements bill, left out what it had delivered."""
+    if existing is None:
+        return None
+    if existing.accepted or existing.meter_wh or existing.integrated_wh or existing.commanded_integral_wh:
+        return existing
+    return None
+
+
 def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Controller, list[Event]]:
     """An accepted STOP, once its window has begun, ends every other live event of its source that
-    had begun when it took effect and does not outrank it; the STOP itself holds nothing.
+    had begun when it took effect and does not outrank it; the STOP itself holds nothing. One it would have
+    ended that was refused for a reason that may pass is withdrawn: it is not asked again for.
 
     A priority is the source's own ranking of its requests (`in_force`): a STOP of priority 5 says
     nothing of an event of priority 1 of its source, which would be in force over it, so that one
@@ -338,22 +355,44 @@ def apply_stop(c: Controller, stop: DispatchRequest, now: float) -> tuple[Contro
     took_effect = max(stop.start, stop.received_at)
     events: list[Event] = []
     for entry in c.book.live:
-        if entry.request.source == stop.source and entry.request.id != stop.id and \
-                entry.request.start <= took_effect and not outranks(entry.request, stop):
+        if _stopped_by(entry, stop, took_effect):
             c, ended = close_event(c, entry, now, f"stopped by {stop.id}")
             events += ended
+    for entry in c.book.entries:
+        if _spared_refusal(entry, now) and _stopped_by(entry, stop, took_effect):
+            c = c.evolve(book=c.book.replace(replace(entry, withdrawn=True)))
     return c.evolve(book=c.book.end(stop.id)), events
+
+
+def _stopped_by(entry: Booked, stop: DispatchRequest, took_effect: float) -> bool:
+    """Whether `stop` ends `entry`, had it run: of its source, begun when the STOP took effect, not outranking it."""
+    return entry.request.source == stop.source and entry.request.id != stop.id and \
+        entry.request.start <= took_effect and not outranks(entry.request, stop)
+
+
+def _spared_refusal(entry: Booked, now: float) -> bool:
+    """A request not running now that would be served once what held it back passes (`improvable`): refused
+    for a passing reason (a fault, an outage), or ended by the owner's opt-out. A STOP withdraws it, as it ends
+    the same request running: else, once the reason passed, its source asked again and it was served inside
+    the STOP's window. Withdrawn, not cancelled: sent again unchanged, it keeps its answer (`_asked_again`)."""
+    if entry.withdrawn or entry.price_driven or entry.request.kind is DispatchKind.STOP or now >= entry.request.end:
+        return False
+    if entry.accepted and not entry.ended:
+        return False  # running: the STOP ends it
+    answered = standing(entry, now)
+    return answered.verdict is Verdict.REJECTED and answered.reason not in FINAL_REFUSALS
 
 
 def cancel(c: Controller, item: DispatchCancel, now: float) -> tuple[Controller, list[Event]]:
     """End an accepted, live event early; one source cannot end another's event.
 
-    A refused request that is cancelled is ended too, so it is never asked again for."""
+    A refused request that is cancelled is withdrawn, so it is never asked again for (`improvable`), unless
+    its source sends it again unchanged in its window (`_asked_again`)."""
     entry = c.book.find(item.id)
     if entry is None or entry.withdrawn or (entry.ended and entry.accepted) or entry.request.source != item.source:
         return c, []
     if not entry.accepted:
-        return c.evolve(book=c.book.replace(replace(entry, withdrawn=True))), []
+        return c.evolve(book=c.book.replace(replace(entry, withdrawn=True, cancelled=True))), []
     why = f"cancelled by {item.source}" + (f": {item.reason}" if item.reason else "")
     c, ended = close_event(c, entry, now, why)
     return c.evolve(book=c.book.replace(replace(c.book.find(item.id), cancelled=True))), ended
