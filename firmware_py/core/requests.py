@@ -27,7 +27,7 @@ class Booked:
     request: DispatchRequest
     answer: DispatchAnswer
     ended: bool = False
-    withdrawn: bool = False  # a refused request its source cancelled: never asked again for
+    withdrawn: bool = False  # a refusal its source cancelled, or a STOP ended before it ran: never asked again for
     stopped_by_owner: bool = False  # ended by the owner's opt-out: asked again for once it is revoked
     cancelled: bool = False  # ended by its source's cancel: served again if asked for again, unchanged, in its window
     meter_wh: float = 0.0
