@@ -37,13 +37,13 @@ from firmware_py.config import Config, bundled_dbc_names
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
 from firmware_py.errors import InputError
-from firmware_py.files import regular_or_absent, unwritable
+from firmware_py.files import regular_or_absent, unwritable, user_name
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
 from firmware_py.journal import Journal
 from firmware_py.journal.files import part_of
 from firmware_py.links import Link
-from firmware_py.owner.access import UNIX_PREFIX, owner_of, parse_listen, read_token
+from firmware_py.owner.access import UNIX_PREFIX, parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
 
 
@@ -63,7 +63,7 @@ def _openadr(config: Config, gateway: Gateway) -> Integration:
     return ven
 
 
-def _check_openadr(config: Config) -> list[str]:
+def _check_openadr(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.dispatch.openadr import check
 
     return check(config.dispatch.openadr)
@@ -79,10 +79,11 @@ def _openadr3(config: Config, gateway: Gateway) -> Integration:
     return ven
 
 
-def _check_openadr3(config: Config) -> list[str]:
+def _check_openadr3(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.dispatch.openadr3 import check
 
-    return check(config.dispatch.openadr3, simple_levels_pct=config.dispatch.openadr.simple_levels_pct)
+    return check(config.dispatch.openadr3, simple_levels_pct=config.dispatch.openadr.simple_levels_pct,
+                 owner_uid=owner_uid)
 
 
 def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
@@ -95,7 +96,7 @@ def _sunspec_server(config: Config, gateway: Gateway) -> Integration:
     return server
 
 
-def _check_sunspec_server(config: Config) -> list[str]:
+def _check_sunspec_server(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.dispatch.sunspec_server import parse_allow_list
 
     served = config.dispatch.sunspec_server
@@ -111,7 +112,7 @@ def _web(config: Config, gateway: Gateway) -> Integration:
     return WebApp(config, gateway)
 
 
-def _check_web(config: Config) -> list[str]:
+def _check_web(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.web.server import check as check_web
 
     return check_web(config)
@@ -123,7 +124,7 @@ def _mqtt(config: Config, gateway: Gateway) -> Integration:
     return MqttBridge(config, gateway)
 
 
-def _check_mqtt(config: Config) -> list[str]:
+def _check_mqtt(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.mqtt.bridge import check as check_mqtt
 
     return check_mqtt(config)
@@ -135,7 +136,7 @@ def _metrics(config: Config, gateway: Gateway) -> Integration:
     return MetricsServer(config, gateway)
 
 
-def _check_metrics(config: Config) -> list[str]:
+def _check_metrics(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.metrics.server import check as check_metrics
 
     return check_metrics(config)
@@ -146,7 +147,8 @@ class IntegrationKind:
     """How to build an integration from its config section, and what to check before anything opens."""
 
     build: Callable[[Config, Gateway], Integration]
-    check: Callable[[Config], list[str]]
+    check: Callable[[Config, int | None], list[str]]
+    """Its problems; the int is the user its private files must belong to (None: this process's)."""
     listen: str = ""
     """The section's key of the address a peer connects to (empty: it connects out, or not at all)."""
 
@@ -198,12 +200,17 @@ class Assembly:
         self.gateway.journal.close()
 
 
-def check(config: Config) -> None:
+def check(config: Config, *, owner_uid: int | None = None) -> None:
     """Every check `assemble` needs passed before it opens anything; InputError listing each problem.
 
     `check-config` runs exactly this, so a file it calls valid is one `run` starts with:
     the DBC and the signal map, every listen address and allow list, the files the
     gateway keeps (journal, owner settings, token), each enabled integration's own.
+
+    `owner_uid` is the user the private files (`owner.token_file`, the OpenADR 3 client secret)
+    must belong to. None, the user this process runs as: what `run` and `commission` (which builds
+    the gateway as `run` does) require, since `run` refuses a file another user owns. Only
+    `check-config` run as root passes another: the user `run` will run as (`service_user`).
     """
     problems = _check_the_dbc(config) + _problems(lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
@@ -213,7 +220,7 @@ def check(config: Config) -> None:
         (owner.settings_file, "owner.settings_file", "owner settings file",
          OwnerStore(owner.settings_file, owner.reserve_pct).load, True, True),
         (owner.token_file, "owner.token_file", "owner API token file",
-         partial(_read_token_as_its_owner, owner.token_file), False, False))
+         partial(read_token, owner.token_file, check_private=True, owner_uid=owner_uid), False, False))
     for path, key, what, read, folder_made, kept_writing in kept:
         if problem := regular_or_absent(path, what, folder_made=folder_made):
             problems.append(f"{key}: {problem}")
@@ -231,11 +238,35 @@ def check(config: Config) -> None:
                         f"({poll_s:g} s): each inverter reading would be too old before the next came")
     for name, kind in INTEGRATIONS.items():
         if section(config, name).enabled:
-            problems += kind.check(config)
+            problems += kind.check(config, owner_uid)
     if not problems:  # every address parses: none may be another's, nor the inverter's
         problems += _shared_listens(config) + _inverter_on_own_listen(config)
     if problems:
         raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+
+
+def service_user(config: Config) -> tuple[int, str] | None:
+    """For `check-config` run as root: the user `run` will run as, and why it is taken to be that one.
+
+    Root can read and write anything, so checking as root says little about the service, which runs
+    as its own user (`sudo -u powershare ...` is the documented way to check for it). Root cannot be
+    told which user that is, so it takes the owner of the journal's folder, the one folder that user
+    must own to write the journal. None when not root, or when that folder is root's or missing: the
+    checks are then for the user running `check-config`, as for `run`.
+    """
+    if os.geteuid() != 0:
+        return None
+    folder = Path(config.journal.path).parent
+    try:
+        uid = folder.stat().st_uid
+    except OSError:
+        return None
+    if uid == 0:
+        return None
+    return uid, (f"run as root: owner.token_file and dispatch.openadr3.client_secret_file were checked as files of "
+                 f"user {user_name(uid)}, the owner of journal.path's folder {folder}, taken as the user `run` "
+                 f"runs as (it refuses them if they are another user's); every other check was made for root: "
+                 f"run check-config as the service's user (sudo -u {user_name(uid)} ...) to check it all for it")
 
 
 def notes(config: Config) -> list[str]:
@@ -465,11 +496,6 @@ def _check_the_dbc(config: Config) -> list[str]:
             f"{config.vehicle.dbc!r} is neither a file beside the configuration ({beside}) nor a bundled DBC "
             f"(bundled: {', '.join(bundled_dbc_names())})")
     return [f"vehicle.dbc: {p}" if p.startswith((dbc, repr(config.vehicle.dbc))) else p for p in problems]
-
-
-def _read_token_as_its_owner(path: str) -> None:
-    """The token as `run` reads it (private, a token), for whoever owns it (see `owner_of`)."""
-    read_token(path, check_private=True, owner_uid=owner_of(path))
 
 
 def _problems(*checks: Callable[[], object]) -> list[str]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from firmware_py import heap
-from firmware_py.assembly import Assembly, Integration, assemble, check, notes
+from firmware_py.assembly import Assembly, Integration, assemble, check, notes, service_user
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode, StepResult
@@ -368,8 +368,9 @@ def _check_config_command(args: argparse.Namespace) -> int:
     from firmware_py import config as config_module
 
     config = config_module.load(args.file)
-    check(config)
-    for note in notes(config):
+    assumed = service_user(config)  # as root: the user `run` will run as (see `service_user`)
+    check(config, owner_uid=assumed[0] if assumed else None)
+    for note in notes(config) + ([assumed[1]] if assumed else []):
         print(f"{config.source}: note: {note}", file=sys.stderr)
     print(f"# {config.source}: valid; effective configuration:")
     print(json.dumps(config_module.as_dict(config), indent=2))

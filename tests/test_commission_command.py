@@ -218,7 +218,8 @@ def test_it_refuses_beside_anything_on_the_owner_api_address_even_a_gateway_stil
 def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, capsys):
     """The CAN step passes, then the journal (a file, but not a journal: only opening it tells) cannot
     be opened: exit 2 as for any bad input, and the report kept for the installer says FAILED, naming
-    why (it said PASSED on the checks it had)."""
+    why (it said PASSED on the checks it had): a configuration problem, under the configuration step
+    (it was filed under the inverter step, never asked), and the steps that did not run as skipped."""
     channel = f"commission-ended-early-{tmp_path.name}"
     config = write_config(tmp_path, f'interface = "virtual"\nchannel = "{channel}"')
     (tmp_path / "journal.sqlite").write_text("not a journal\n" * 100, encoding="utf-8")
@@ -237,9 +238,13 @@ def test_a_run_that_stops_part_way_is_never_reported_as_passed(tmp_path: Path, c
     doc = json.loads((tmp_path / "report.json").read_text())
     assert code == 2 and doc["passed"] is False and "COMMISSIONING FAILED" in out
     steps = {s["step"]: s for s in doc["steps"]}
-    assert steps["can"]["outcome"] == "pass"
-    ended = [c for s in doc["steps"] for c in s["checks"] if c["name"] == "commissioning ended early"]
-    assert len(ended) == 1 and "journal.sqlite" in ended[0]["detail"]
+    assert [steps[s]["outcome"] for s in ("config", "can", "inverter", "sign_test", "dispatch")] == \
+        ["fail", "pass", "skipped", "skipped", "skipped"]
+    (failure,) = [c for c in steps["config"]["checks"] if c["outcome"] == "fail"]
+    assert failure["detail"].startswith("journal.path: ") and "journal.sqlite" in failure["detail"]
+    assert "== configuration: FAIL" in out and "== inverter (SunSpec Modbus): SKIPPED" in out
+    assert ", 1 failed, 3 skipped\n" in out, out
+    assert not any(c["name"] == "commissioning ended early" for s in doc["steps"] for c in s["checks"])
 
 
 @pytest.mark.slow  # a real-time CAN window
@@ -322,6 +327,28 @@ def test_a_journal_this_user_cannot_write_fails_the_configuration_step_naming_it
     assert doc["steps"][0]["step"] == "config" and doc["steps"][0]["outcome"] == "fail"
     assert all(s["outcome"] != "pass" for s in doc["steps"][1:])  # nothing after it ran
     assert words in doc["steps"][0]["checks"][0]["detail"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: only root can give a file to another user "
+                    "(uid 65534, nobody) to check that it is refused")
+def test_a_secret_file_another_user_owns_fails_the_configuration_step_naming_its_key(tmp_path: Path, capsys):
+    """`run` (this user) refuses an OpenADR 3 client secret file nobody owns: so does the configuration
+    step, with the key, instead of passing it and failing as the inverter step once the VEN was built."""
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-secret-owner"')
+    secret = tmp_path / "oa3.secret"
+    secret.write_text("TopSecretVTN3xyz\n")
+    secret.chmod(0o600)
+    os.chown(secret, 65_534, 65_534)
+    config.write_text(config.read_text() + '[dispatch.openadr3]\nenabled = true\nvtn_url = "http://127.0.0.1:9/oa3"\n'
+                      'client_id = "truck-1"\nclient_secret_file = "oa3.secret"\nven_name = "truck-1"\n')
+    report = tmp_path / "report.json"
+    assert main(["commission", "--config", str(config), "--report", str(report), "--can-seconds", "3"]) == 2
+    words = f"{config}: dispatch.openadr3.client_secret_file: {secret}: the OpenADR 3 client secret file belongs to"
+    assert words in capsys.readouterr().err
+    doc = json.loads(report.read_text())
+    assert doc["steps"][0]["step"] == "config" and doc["steps"][0]["outcome"] == "fail"
+    assert words in doc["steps"][0]["checks"][0]["detail"]
+    assert all(s["outcome"] != "fail" for s in doc["steps"][1:])  # nothing after it ran, nor failed
 
 
 # --- Ctrl-C while an aggregator interface is asked ----------------------------------------------------------

@@ -138,6 +138,48 @@ def test_check_config_points_out_a_listen_address_on_port_0_and_still_calls_it_v
     assert ": note: " not in capsys.readouterr().err
 
 
+NOBODY = 65_534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: only root can give a file to another user "
+                             f"(uid {NOBODY}, nobody) to check that it is refused")
+
+
+def private_token(path: Path, uid: int) -> Path:
+    path.write_text("ab" * 32 + "\n")
+    path.chmod(0o600)
+    os.chown(path, uid, uid)
+    return path
+
+
+@as_root
+def test_a_token_file_another_user_owns_is_refused_by_check_config_as_run_refuses_it(tmp_path, capsys):
+    """Owned by nobody, mode 0600: `run` (this user) refuses it, so `check-config` (this user, the journal's
+    folder this user's) must too; both name the configuration file and the key, not only the token's path."""
+    path = write(tmp_path, '[owner]\ntoken_file = "owner.token"\n[journal]\npath = "j.sqlite"\n')
+    token = private_token(tmp_path / "owner.token", NOBODY)
+    words = f"{path}: owner.token_file: {token}: the owner API token file belongs to user nobody"
+    assert main(["check-config", str(path)]) == 2
+    assert words in capsys.readouterr().err
+    assert main(["run", "--config", str(path)]) == 2
+    assert words in capsys.readouterr().err
+
+
+@as_root
+def test_check_config_as_root_checks_private_files_for_the_owner_of_the_journals_folder(tmp_path, capsys):
+    """The service's user owns the journal's folder: `check-config` run as root checks the token as that
+    user's, as `run` run as that user will, and says in a note whom it took it for."""
+    folder = tmp_path / "var"
+    folder.mkdir()
+    os.chown(folder, NOBODY, NOBODY)
+    path = write(tmp_path, f'[owner]\ntoken_file = "owner.token"\n[journal]\npath = "{folder}/j.sqlite"\n')
+    token = private_token(tmp_path / "owner.token", NOBODY)
+    assert main(["check-config", str(path)]) == 0
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
+    assert "run as root" in note and "user nobody" in note and str(folder) in note
+    os.chown(token, 0, 0)  # root's now: not the service's
+    assert main(["check-config", str(path)]) == 2
+    assert f"{path}: owner.token_file: {token}: the owner API token file belongs to user root" in capsys.readouterr().err
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err

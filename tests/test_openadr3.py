@@ -1871,21 +1871,29 @@ def test_check_config_names_the_secret_file_when_the_section_is_enabled(tmp_path
     assembly.check(config)  # nothing else to refuse
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
-def test_check_config_run_as_root_takes_a_secret_the_services_user_owns(tmp_path: Path) -> None:
-    """The installer runs `check-config` as root; the secret belongs to the service's user, as `run`
-    (that user) requires. Run as anyone else, the same file is refused, with no advice to delete a
-    secret only the aggregator can issue again."""
-    service_user = 54_321
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: only root can give a file to another user "
+                    "(uid 65534, nobody) to check that it is refused")
+def test_a_secret_another_user_owns_is_refused_by_the_check_as_the_ven_refuses_it(tmp_path: Path) -> None:
+    """Mode 0600 but nobody's: the VEN (`run`, this user) refuses it, so the check `check-config` and
+    `commission` make must too, under the key; only for another user named (`check-config` as root
+    for the service's user) is it that user's to own. No advice to delete a secret only the aggregator
+    can issue again, and never the secret itself."""
+    from firmware_py import assembly
+
     path = write_secret(tmp_path)
-    os.chown(path, service_user, service_user)
+    os.chown(path, 65_534, 65_534)
     config = OpenAdr3Config(enabled=True, client_secret_file=str(path))
-    assert check(config) == []
+    (problem,) = check(config)
+    assert problem.startswith(f"dispatch.openadr3.client_secret_file: {path}: ") and "belongs to user nobody" in problem
+    assert f"chown root {path}" in problem and "Delete" not in problem and SECRET not in problem
     with pytest.raises(InputError) as err:
-        OpenAdr3Ven(config, rating_w=RATING_W)  # `run` as root: not the file's owner
-    (problem,) = err.value.problems
-    assert "belongs to uid 54321" in problem and f"chown root {path}" in problem
-    assert "Delete" not in problem and SECRET not in problem
+        OpenAdr3Ven(config, rating_w=RATING_W)
+    assert err.value.problems == [problem]
+    assert check(config, owner_uid=65_534) == []
+    gw = parse(f'[dispatch.openadr3]\nenabled = true\nclient_secret_file = "{path}"\n', "gw.toml", tmp_path)
+    with pytest.raises(InputError) as err:
+        assembly.check(gw)  # `run`'s and `commission`'s, as `check-config`'s when not root
+    assert f"gw.toml: dispatch.openadr3.client_secret_file: {path}: " in "\n".join(err.value.problems)
 
 
 def test_assembly_builds_the_ven_on_the_gateways_clocks_link_and_levels(tmp_path: Path) -> None:

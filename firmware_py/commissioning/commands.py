@@ -140,6 +140,8 @@ def _commission(args: argparse.Namespace) -> int:
 def _ended_early(console: Console, err: BaseException) -> None:
     """A failed check in the first step that has none: a run that stopped part-way never reads (or is
     kept) as passed on the checks it got to."""
+    if all(console.report.of(s) for s in Step) and not console.report.passed:
+        return  # every step told, a failure among them (`_not_assembled`): nothing to add
     step = next((s for s in Step if not console.report.of(s)), Step.DISPATCH)
     why = "; ".join(err.problems) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
     console.step(step, [failed(step, "commissioning ended early", why or type(err).__name__,
@@ -297,6 +299,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         assembly = assemble(config, Clocks.system())
     except InputError as err:  # the bus, just open, cannot be opened again (an adapter gone since)
         if not any(p.startswith(f"{config.source}: can") for p in err.problems):
+            _not_assembled(console, err)
             raise
         await _without_bus(config, console, where, args.can_seconds, err, judged=True)
         return
@@ -326,6 +329,20 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         else:
             await assembly.gateway.inverter.close()
             assembly.close()
+
+
+def _not_assembled(console: Console, err: InputError) -> None:
+    """A configuration problem found only when building the gateway (a file changed since the
+    configuration step, say): a failure of the configuration, never of the step that was next, and
+    every step that needs the gateway shown as not run."""
+    console.step(Step.CONFIG, [failed(Step.CONFIG, "gateway assembled", problem, "fix the key named, then "
+                                      "commission again (`powershare-gw check-config FILE` lists every problem)")
+                               for problem in err.problems])
+    why = "needs the gateway, which could not be built from the configuration"
+    for step, name in ((Step.INVERTER, "inverter"), (Step.SIGN, "test discharge"),
+                       (Step.DISPATCH, "aggregator interfaces")):
+        if not console.report.of(step):
+            console.step(step, [skipped(step, name, why)])
 
 
 def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:

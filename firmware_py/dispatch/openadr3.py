@@ -87,7 +87,7 @@ from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
-from firmware_py.owner.access import owner_of, read_secret
+from firmware_py.owner.access import read_secret
 from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -1227,9 +1227,12 @@ def _why(err: BaseException) -> str:
 
 
 def check(config: OpenAdr3Config, *, secret_given: bool = False,
-          simple_levels_pct: Sequence[object] = DEFAULT_LEVELS_PCT) -> list[str]:
+          simple_levels_pct: Sequence[object] = DEFAULT_LEVELS_PCT, owner_uid: int | None = None) -> list[str]:
     """Settings the config schema cannot check alone, named the way check-config names keys; the SIMPLE
-    levels too, which this VEN shares with OpenADR 2.0b's section (checked here whether that one is on or not)."""
+    levels too, which this VEN shares with OpenADR 2.0b's section (checked here whether that one is on or not).
+
+    `owner_uid` is the user the client secret file must belong to: None, the user this process runs as,
+    which is the one the VEN reads it as (`assembly.check` explains when `check-config` says another)."""
     key = "dispatch.openadr3"
     problems = check_levels(simple_levels_pct, "dispatch.openadr.simple_levels_pct")
     for name in ("vtn_url", "token_url"):
@@ -1246,8 +1249,7 @@ def check(config: OpenAdr3Config, *, secret_given: bool = False,
             problems += err.problems
     if not secret_given:
         try:
-            read_secret(config.client_secret_file, "OpenADR 3 client secret",
-                        owner_uid=owner_of(config.client_secret_file))
+            read_secret(config.client_secret_file, "OpenADR 3 client secret", owner_uid=owner_uid)
         except FileNotFoundError:
             problems.append(f"{key}.client_secret_file: {config.client_secret_file}: no such file "
                             "(put the client secret the aggregator issued on its first line, mode 0600)")

@@ -130,16 +130,6 @@ def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | 
         os.close(fd)
 
 
-def owner_of(path: str | Path) -> int | None:
-    """Whose private file `path` is, for `check-config` to check it as that user would read it:
-    run as root, it must not refuse a file the service's own user owns (as `run` requires).
-    None when it cannot be looked at; reading it then says why."""
-    try:
-        return os.stat(path).st_uid
-    except OSError:
-        return None
-
-
 def read_secret(path: str | Path, what: str, *, owner_uid: int | None = None) -> str:
     """The first line of a private file holding a secret (an OAuth2 client secret, say).
 
