@@ -305,6 +305,20 @@ def test_every_bad_signal_entry_is_named_at_once(tmp_path, capsys):
     assert "soc_max_pct: 'BmsSoc' is not 'MESSAGE.SIGNAL'" in err
 
 
+def test_a_signal_entry_of_another_type_is_named_with_every_other(tmp_path, capsys):
+    """One non-string value said only "vehicle.signals: expected a table of strings": no entry named,
+    and a second wrong entry hidden behind it."""
+    path = write(tmp_path, '[vehicle.signals]\nsoc_min_pct = "Foo.Bar"\nsoc_ui_pct = 5\nsoc_max_pct = true\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "vehicle.signals.soc_ui_pct: expected a string ('MESSAGE.SIGNAL'), got 5" in err
+    assert "vehicle.signals.soc_max_pct: expected a string ('MESSAGE.SIGNAL'), got True" in err
+    assert "table of strings" not in err
+    path.write_text('[vehicle]\nsignals = 5\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "vehicle.signals: expected a table, got 5" in capsys.readouterr().err
+
+
 def test_check_config_reads_the_owner_settings_and_the_token_as_run_does(tmp_path, capsys):
     """Both were only checked to be files: `check-config` said valid, `run` then exited 2."""
     path = write(tmp_path, '[owner]\nsettings_file = "settings.json"\ntoken_file = "owner.token"\n')
