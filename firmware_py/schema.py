@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
-import urllib.parse
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -158,15 +157,19 @@ def _credentials_problem(url: str) -> str | None:
     """A URL key carrying a user name or password (`https://user:secret@host/`): refused, the value never
     repeated, since a URL is printed and logged wherever its peer is named (commissioning's report, the
     installer page, each log line about the link) and a secret must never be."""
-    try:
-        netloc = urllib.parse.urlsplit(url).netloc
-    except ValueError:
-        netloc = url.split("://", 1)[-1].split("/", 1)[0]
-    if "@" not in netloc:
+    if "@" not in _authority(url):
         return None
     return ("holds a user name or password (the part before '@' in the host; value not shown): a URL is "
             "printed and logged, so credentials go in the secret file (e.g. client_secret_file) or a client "
             "certificate, never in the URL; remove it and give the URL without 'user:password@'")
+
+
+def _authority(url: str) -> str:
+    """The part of `url` where a user name and password would go, read generously: also without a scheme
+    or with a malformed one (`user:secret@host/path`, which `urlsplit` reads as scheme 'user' and no host),
+    so that a URL refused elsewhere for its form is not printed back with its secret first."""
+    rest = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*:", "", url.strip(), count=1).lstrip("/\\")
+    return re.split(r"[/?#\\]", rest, maxsplit=1)[0]
 
 
 def _table_list_item(hint: Any) -> type | None:

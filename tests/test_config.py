@@ -465,6 +465,10 @@ def test_the_longest_journal_wait_leaves_the_stop_within_systemds_stop_timeout()
     ("dispatch.openadr3", "callback_url", "http://alice:hunter2@127.0.0.1:9/cb"),
     ("dispatch.openadr", "vtn_url", "http://alice:hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),
     ("dispatch.openadr", "vtn_url", "http://hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),  # a token as the user
+    # without a scheme (urlsplit reads 'alice:' as one, and no host): printed back by check-config before
+    ("dispatch.openadr3", "callback_url", "alice:hunter2@gw.example.com/openadr3/notify"),
+    ("dispatch.openadr3", "token_url", "alice:hunter2@127.0.0.1:9/token"),
+    ("dispatch.openadr", "vtn_url", "//alice:hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),
 ])
 def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_path, capsys, section, key, url):
     """A password in a URL loaded fine, then `commission` printed it (check name, detail, JSON report), as
@@ -483,6 +487,19 @@ def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_pat
     assert main(["commission", "--config", str(path), "--report", str(report)]) == 2
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err and "hunter2" not in report.read_text()
+
+
+@pytest.mark.parametrize("url", ["not a url", "gw.example.com/openadr3/notify", "ftp://gw.example.com/x", "https://"])
+def test_the_openadr3_callback_url_must_be_an_http_url_with_a_host(tmp_path, capsys, url):
+    """callback_url was never checked: 'not a url' was accepted, and the VTN told to post there."""
+    (tmp_path / "secret").write_text("s3cret\n", encoding="utf-8")
+    (tmp_path / "secret").chmod(0o600)
+    path = write(tmp_path, '[dispatch.openadr3]\nenabled = true\nclient_secret_file = "secret"\n'
+                 f'callback_listen = "127.0.0.1:8082"\ncallback_url = "{url}"\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "dispatch.openadr3.callback_url: must be an http:// or https:// URL" in capsys.readouterr().err
+    path.write_text(path.read_text().replace(url, "https://gw.example.com:8443/openadr3/notify"))
+    assert main(["check-config", str(path)]) == 0
 
 
 def test_every_url_key_of_the_configuration_is_checked_for_credentials():
