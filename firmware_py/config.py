@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 class VehicleConfig:
     dbc: str = spec("cybertruck_bms.dbc", doc="bundled DBC name or a path")
     usable_capacity_wh: float = spec(123_000, lo=1_000, hi=300_000)
-    signals: dict[str, str] = spec({}, doc="BmsSnapshot field -> 'MESSAGE.SIGNAL' overrides")
+    signals: dict[str, str] = spec({}, entry="'MESSAGE.SIGNAL'", doc="BmsSnapshot field -> 'MESSAGE.SIGNAL' overrides")
 
 
 @dataclass(frozen=True)

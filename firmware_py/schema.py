@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
-import urllib.parse
 from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +49,17 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
           choices: tuple[str, ...] | None = None, path: bool = False, form: tuple[str, str] | None = None,
-          unset: float | None = None, doc: str = "", bound_why: str = "") -> Any:
+          unset: float | None = None, doc: str = "", bound_why: str = "", entry: str = "") -> Any:
     """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path,
     and the form a string must have (a regular expression, and how to say it to a person).
 
     `unset` is the one value outside the bounds that means "not set" (e.g. -1). It is named
     exactly, not as a wider range, so that a mistyped sign (-0.5 for 0.5) is refused instead
     of silently switching the setting off. `bound_why` is said with an out-of-range value, where a bound
-    is not obvious (a limit another part of the system sets)."""
+    is not obvious (a limit another part of the system sets). `entry` says what each value of a table of
+    strings is (`'MESSAGE.SIGNAL'`), named with a value of another type."""
     meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "form": form, "unset": unset, "doc": doc,
-            "bound_why": bound_why}
+            "bound_why": bound_why, "entry": entry}
     if default is ...:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -81,10 +81,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
             return f"expected a list, got {type(value).__name__}"
         bad = [v for v in value if _type_problem(v, item)]
         return f"list items must be {item.__name__}, got {shown(bad[0])}" if bad else None
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            return "expected a table of strings"
-        return None
+    if origin is dict:  # each entry's own type is checked by `_entry_problems`, naming the entry
+        return None if isinstance(value, dict) else f"expected a table, got {shown(value)}"
     if hint is bool:
         return None if isinstance(value, bool) else f"expected true or false, got {shown(value)}"
     if hint is float:
@@ -124,6 +122,11 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
                 problems.append(f"{key}: expected an array of tables ([[{key}]]), got {shown(value)}")
             continue
         problem = _type_problem(value, hint) or _range_problem(value, f.metadata)
+        if not problem and typing.get_origin(hint) is dict:
+            entry_problems = _entry_problems(value, key, f.metadata)
+            if entry_problems:
+                problems += entry_problems
+                continue
         if not problem and f.metadata.get("path") and "\x00" in value:
             problem = f"{shown(value)} holds a NUL character, which no path can"
         if not problem and f.metadata.get("path") and not value and f.default:  # "" means "none" only where that is the default
@@ -142,19 +145,31 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
         return None
 
 
+def _entry_problems(table: dict[str, Any], key: str, meta: typing.Mapping[str, Any]) -> list[str]:
+    """Each entry of a table of strings whose value is no string, named on its own: one wrong value must
+    neither hide which entry it is nor the others' problems (docs/configuration.md: every one at once)."""
+    said = f"a string ({meta['entry']})" if meta.get("entry") else "a string"
+    return [f"{key}.{shown_text(k)}: expected {said}, got {shown(v)}" for k, v in table.items()
+            if not isinstance(v, str)]
+
+
 def _credentials_problem(url: str) -> str | None:
     """A URL key carrying a user name or password (`https://user:secret@host/`): refused, the value never
     repeated, since a URL is printed and logged wherever its peer is named (commissioning's report, the
     installer page, each log line about the link) and a secret must never be."""
-    try:
-        netloc = urllib.parse.urlsplit(url).netloc
-    except ValueError:
-        netloc = url.split("://", 1)[-1].split("/", 1)[0]
-    if "@" not in netloc:
+    if "@" not in _authority(url):
         return None
     return ("holds a user name or password (the part before '@' in the host; value not shown): a URL is "
             "printed and logged, so credentials go in the secret file (e.g. client_secret_file) or a client "
             "certificate, never in the URL; remove it and give the URL without 'user:password@'")
+
+
+def _authority(url: str) -> str:
+    """The part of `url` where a user name and password would go, read generously: also without a scheme
+    or with a malformed one (`user:secret@host/path`, which `urlsplit` reads as scheme 'user' and no host),
+    so that a URL refused elsewhere for its form is not printed back with its secret first."""
+    rest = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*:", "", url.strip(), count=1).lstrip("/\\")
+    return re.split(r"[/?#\\]", rest, maxsplit=1)[0]
 
 
 def _table_list_item(hint: Any) -> type | None:

@@ -88,11 +88,14 @@ def test_a_command_says_what_failed_in_one_line_without_the_libraries_retry_chat
         silent.listen()
         config = tmp_path / "gateway.toml"
         config.write_text(f'[inverter]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\ntimeout_s = 0.2\n')
+        port = silent.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "firmware_py", "inverter", "probe", "--config", str(config)],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        "error: inverter: looking for the 'SunS' marker: no reply within 0.2 s at 40000, 0, 50000"]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: inverter: 127.0.0.1:{port} unit 1: nothing answered for unit id 1 within 0.2 s: "
+                           "looking for the 'SunS' marker: no reply within 0.2 s at 40000, 0, 50000; check "
+                           "[inverter] unit_id (1)"), line
 
 
 def test_sim_list_names_each_bundled_scenario_as_scenario_takes_it_and_the_readme_names_it(capsys):

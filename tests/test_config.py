@@ -347,6 +347,20 @@ def test_every_bad_signal_entry_is_named_at_once(tmp_path, capsys):
     assert "soc_max_pct: 'BmsSoc' is not 'MESSAGE.SIGNAL'" in err
 
 
+def test_a_signal_entry_of_another_type_is_named_with_every_other(tmp_path, capsys):
+    """One non-string value said only "vehicle.signals: expected a table of strings": no entry named,
+    and a second wrong entry hidden behind it."""
+    path = write(tmp_path, '[vehicle.signals]\nsoc_min_pct = "Foo.Bar"\nsoc_ui_pct = 5\nsoc_max_pct = true\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "vehicle.signals.soc_ui_pct: expected a string ('MESSAGE.SIGNAL'), got 5" in err
+    assert "vehicle.signals.soc_max_pct: expected a string ('MESSAGE.SIGNAL'), got True" in err
+    assert "table of strings" not in err
+    path.write_text('[vehicle]\nsignals = 5\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "vehicle.signals: expected a table, got 5" in capsys.readouterr().err
+
+
 def test_check_config_reads_the_owner_settings_and_the_token_as_run_does(tmp_path, capsys):
     """Both were only checked to be files: `check-config` said valid, `run` then exited 2."""
     path = write(tmp_path, '[owner]\nsettings_file = "settings.json"\ntoken_file = "owner.token"\n')
@@ -493,6 +507,10 @@ def test_the_longest_journal_wait_leaves_the_stop_within_systemds_stop_timeout()
     ("dispatch.openadr3", "callback_url", "http://alice:hunter2@127.0.0.1:9/cb"),
     ("dispatch.openadr", "vtn_url", "http://alice:hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),
     ("dispatch.openadr", "vtn_url", "http://hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),  # a token as the user
+    # without a scheme (urlsplit reads 'alice:' as one, and no host): printed back by check-config before
+    ("dispatch.openadr3", "callback_url", "alice:hunter2@gw.example.com/openadr3/notify"),
+    ("dispatch.openadr3", "token_url", "alice:hunter2@127.0.0.1:9/token"),
+    ("dispatch.openadr", "vtn_url", "//alice:hunter2@127.0.0.1:9/OpenADR2/Simple/2.0b"),
 ])
 def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_path, capsys, section, key, url):
     """A password in a URL loaded fine, then `commission` printed it (check name, detail, JSON report), as
@@ -511,6 +529,19 @@ def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_pat
     assert main(["commission", "--config", str(path), "--report", str(report)]) == 2
     captured = capsys.readouterr()
     assert "hunter2" not in captured.out + captured.err and "hunter2" not in report.read_text()
+
+
+@pytest.mark.parametrize("url", ["not a url", "gw.example.com/openadr3/notify", "ftp://gw.example.com/x", "https://"])
+def test_the_openadr3_callback_url_must_be_an_http_url_with_a_host(tmp_path, capsys, url):
+    """callback_url was never checked: 'not a url' was accepted, and the VTN told to post there."""
+    (tmp_path / "secret").write_text("s3cret\n", encoding="utf-8")
+    (tmp_path / "secret").chmod(0o600)
+    path = write(tmp_path, '[dispatch.openadr3]\nenabled = true\nclient_secret_file = "secret"\n'
+                 f'callback_listen = "127.0.0.1:8082"\ncallback_url = "{url}"\n')
+    assert main(["check-config", str(path)]) == 2
+    assert "dispatch.openadr3.callback_url: must be an http:// or https:// URL" in capsys.readouterr().err
+    path.write_text(path.read_text().replace(url, "https://gw.example.com:8443/openadr3/notify"))
+    assert main(["check-config", str(path)]) == 0
 
 
 def test_every_url_key_of_the_configuration_is_checked_for_credentials():

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from firmware_py.config import InverterConfig
+from firmware_py.errors import InputError
 from firmware_py.inverter.commands import _probe
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
 
@@ -27,3 +28,19 @@ def test_probe_tells_enter_service_not_implemented_from_not_permitted(es, said):
 
     (line,) = [line for line in asyncio.run(main()) if line.startswith("enter service (703)")]
     assert line.startswith(said), line
+
+
+def test_probe_tells_a_wrong_unit_id_from_a_device_that_is_not_sunspec():
+    """A SunSpec inverter at unit 2, [inverter] unit_id = 1: the probe said 'not a SunSpec device', with no
+    address or unit id, where commission said the unit id was wrong. Both now give commission's diagnosis."""
+    async def main() -> None:
+        model = InverterModel(unit_id=2)
+        async with SimInverterServer(model) as server:
+            await asyncio.wait_for(_probe(InverterConfig(port=server.port, unit_id=1, timeout_s=0.5)), 20)
+
+    with pytest.raises(InputError) as caught:
+        asyncio.run(main())
+    (said,) = caught.value.problems
+    assert said.startswith("inverter: 127.0.0.1:"), said
+    assert "a Modbus device answers there, but not for unit id 1" in said
+    assert "check [inverter] unit_id (1)" in said and "it is not a SunSpec device" not in said

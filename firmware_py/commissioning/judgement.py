@@ -346,7 +346,7 @@ class InverterObservation:
 def judge_inverter(obs: InverterObservation) -> list[Check]:
     step = Step.INVERTER
     if obs.error:
-        return [failed(step, "SunSpec discovery", _link_detail(obs), _link_advice(obs))]
+        return [failed(step, "SunSpec discovery", link_detail(obs), link_advice(obs))]
     c = obs.common
     checks = [passed(step, "SunSpec discovery", f"{obs.where}: base {obs.base}, {c.get('Mn') or '?'} "
                      f"{c.get('Md') or '?'}, serial {c.get('SN') or '?'}, version {c.get('Vr') or '?'}")]
@@ -401,7 +401,8 @@ def link_trouble(obs: InverterObservation) -> LinkTrouble:
     return LinkTrouble.OTHER
 
 
-def _link_detail(obs: InverterObservation) -> str:
+def link_detail(obs: InverterObservation) -> str:
+    """What a failed discovery saw, naming the address and unit id (commission's step and `inverter probe`)."""
     trouble = link_trouble(obs)
     if trouble is LinkTrouble.MODEL_CHAIN:
         return (f"{obs.where}: the SunSpec marker answers at {obs.marker_at}, but the model chain after it "
@@ -415,7 +416,8 @@ def _link_detail(obs: InverterObservation) -> str:
     return obs.error
 
 
-def _link_advice(obs: InverterObservation) -> str:
+def link_advice(obs: InverterObservation) -> str:
+    """What to check after a failed discovery: the settings `link_trouble` points to."""
     unit = (f"[inverter] unit_id ({obs.unit_id}): the inverter's Modbus address (device or slave id) "
             "as set on the inverter")
     slow = (f"; or, for an inverter slower to answer than that, [inverter] timeout_s ({obs.timeout_s:g} s)"

@@ -160,13 +160,11 @@ def _page(mux: tuple[Any, str] | None, data: bytes | bytearray) -> int | None:
 async def probe_inverter(client: InverterClient, settings: InverterConfig) -> InverterObservation:
     """Discover the inverter, read its state, then write the command block with the revert armed
     and WSet = 0 (the gateway's safe stop) and read it back."""
-    base = dict(where=where_of(settings), transport=settings.transport, unit_id=settings.unit_id,
-                revert_timeout_s=settings.revert_timeout_s, timeout_s=settings.timeout_s)
+    base = _inverter_basics(settings)
     try:
         disc = await client.connect()
     except LinkError as err:
-        return InverterObservation(**base, error=str(err), error_kind=err.kind.value if err.kind else "",
-                                   marker_at=client.marker_at)
+        return link_failure(settings, err, client.marker_at)
     status = await client.read_status(setpoint=True)
     found = dict(base=disc.base, models=dict(disc.models), common=dict(disc.common), ratings=dict(disc.ratings))
     if not status.comms_ok:
@@ -180,6 +178,18 @@ async def probe_inverter(client: InverterClient, settings: InverterConfig) -> In
         **base, **found, inv_state=int(status.inv_state), measured_w=status.measured_w,
         grid_connected=status.grid_connected, grid_outage=status.grid_outage, alarms=status.alarms,
         revert_ok=armed, revert_error="" if armed else (client.last_error or "not written"), controls=controls)
+
+
+def _inverter_basics(settings: InverterConfig) -> dict[str, Any]:
+    return dict(where=where_of(settings), transport=settings.transport, unit_id=settings.unit_id,
+                revert_timeout_s=settings.revert_timeout_s, timeout_s=settings.timeout_s)
+
+
+def link_failure(settings: InverterConfig, err: LinkError, marker_at: int | None) -> InverterObservation:
+    """A discovery that failed, as `judgement.link_detail` and `link_advice` diagnose it: commission's
+    inverter step and `inverter probe` tell the same causes apart (address, unit id, not SunSpec, model chain)."""
+    return InverterObservation(**_inverter_basics(settings), error=str(err),
+                               error_kind=err.kind.value if err.kind else "", marker_at=marker_at)
 
 
 def where_of(s: InverterConfig) -> str:

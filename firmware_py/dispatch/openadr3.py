@@ -1235,7 +1235,7 @@ def check(config: OpenAdr3Config, *, secret_given: bool = False,
     which is the one the VEN reads it as (`assembly.check` explains when `check-config` says another)."""
     key = "dispatch.openadr3"
     problems = check_levels(simple_levels_pct, "dispatch.openadr.simple_levels_pct")
-    for name in ("vtn_url", "token_url"):
+    for name in ("vtn_url", "token_url", "callback_url"):  # token_url and callback_url: "" means derived
         url = getattr(config, name)
         if (url or name == "vtn_url") and (not url.startswith(("http://", "https://")) or not urlsplit(url).hostname):
             problems.append(f"{key}.{name}: must be an http:// or https:// URL, got {url!r}")
