@@ -115,7 +115,7 @@ def _web(config: Config, gateway: Gateway) -> Integration:
 def _check_web(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.web.server import check as check_web
 
-    return check_web(config)
+    return check_web(config, owner_uid)
 
 
 def _mqtt(config: Config, gateway: Gateway) -> Integration:
@@ -207,8 +207,8 @@ def check(config: Config, *, owner_uid: int | None = None) -> None:
     the DBC and the signal map, every listen address and allow list, the files the
     gateway keeps (journal, owner settings, token), each enabled integration's own.
 
-    `owner_uid` is the user the private files (`owner.token_file`, the OpenADR 3 client secret)
-    must belong to. None, the user this process runs as: what `run` and `commission` (which builds
+    `owner_uid` is the user the private files (`owner.token_file`, `web.installer_token_file`, the OpenADR 3
+    client secret) must belong to. None, the user this process runs as: what `run` and `commission` (which builds
     the gateway as `run` does) require, since `run` refuses a file another user owns. Only
     `check-config` run as root passes another: the user `run` will run as (`service_user`).
     """
@@ -263,7 +263,8 @@ def service_user(config: Config) -> tuple[int, str] | None:
         return None
     if uid == 0:
         return None
-    return uid, (f"run as root: owner.token_file and dispatch.openadr3.client_secret_file were checked as files of "
+    return uid, (f"run as root: owner.token_file, web.installer_token_file and dispatch.openadr3.client_secret_file were "
+                 f"checked as files of "
                  f"user {user_name(uid)}, the owner of journal.path's folder {folder}, taken as the user `run` "
                  f"runs as (it refuses them if they are another user's); every other check was made for root: "
                  f"run check-config as the service's user (sudo -u {user_name(uid)} ...) to check it all for it")

@@ -180,6 +180,21 @@ def test_check_config_as_root_checks_private_files_for_the_owner_of_the_journals
     assert f"{path}: owner.token_file: {token}: the owner API token file belongs to user root" in capsys.readouterr().err
 
 
+@as_root
+def test_an_installer_token_another_user_owns_is_refused_by_check_config_as_the_web_app_refuses_it(
+        tmp_path, capsys):
+    """The web app reads its installer token as `run`'s user at start and refuses one another user owns:
+    `check-config` does too, naming the key."""
+    path = write(tmp_path, '[web]\nenabled = true\ninstaller_token_file = "installer.token"\n'
+                           '[journal]\npath = "j.sqlite"\n')
+    token = private_token(tmp_path / "installer.token", NOBODY)
+    assert main(["check-config", str(path)]) == 2
+    assert f"{path}: web.installer_token_file: {token}: the installer token file belongs to user nobody" in \
+        capsys.readouterr().err
+    os.chown(token, os.geteuid(), os.getegid())
+    assert main(["check-config", str(path)]) == 0
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err

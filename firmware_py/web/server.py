@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of, raised_at, serve_until_cancelled
 from firmware_py.journal import codec
-from firmware_py.owner.access import ensure_token
+from firmware_py.owner.access import ensure_token, read_token
 from firmware_py.owner.changes import BadRequest, parse_body
 from firmware_py.owner.desk import CONTROLS, DEPARTURE, Control, NotApplied, OwnerDesk, Stopping
 from firmware_py.owner.store import OwnerStore, encode
@@ -101,16 +102,23 @@ class Refused(Exception):
         self.status = status
 
 
-def check(config: Config) -> list[str]:
-    """What `check-config` and `run` refuse before anything opens: the address, TLS files, the token path."""
+def check(config: Config, owner_uid: int | None = None) -> list[str]:
+    """What `check-config` and `run` refuse before anything opens: the address, TLS files, the token file
+    (one there already is read as the web app's start reads it: private to `owner_uid`, None: this user)."""
     web_config, problems = config.web, []
     try:
         parse_ip_listen(web_config.listen, "web.listen", "e.g. 0.0.0.0 for every interface, or the gateway's "
                         "LAN address")
     except InputError as err:
         problems += err.problems
-    if problem := regular_or_absent(web_config.installer_token_file, "installer token file"):
+    token_file = web_config.installer_token_file
+    if problem := regular_or_absent(token_file, "installer token file"):
         problems.append(f"web.installer_token_file: {problem}")
+    elif os.path.exists(token_file):  # absent: made at the first start
+        try:
+            read_token(token_file, check_private=True, owner_uid=owner_uid, what="installer token")
+        except InputError as err:
+            problems += [f"web.installer_token_file: {p}" for p in err.problems]
     try:
         tls_context(config)
     except InputError as err:
