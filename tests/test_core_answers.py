@@ -573,6 +573,34 @@ def test_of_one_sources_equals_a_re_ask_keeps_its_place_and_a_modification_is_a_
     assert in_force_after([older, newer, replace(reask, priority=1)]) == "older"
 
 
+def test_a_start_moved_while_still_ahead_is_a_new_instruction_a_start_already_past_is_not():
+    """What a request asks from now on decides whether a revision is a re-ask: moving a start that is still
+    ahead is the source's new schedule; a re-ask of a setpoint that began (start = now) asks the same."""
+    x = discharge("x", 1.0, 100.0, 3_600, 3_000)
+    y = discharge("y", 2.0, 0.0, 3_600, 3_000, source="sunspec")
+    assert in_force_after([x, y, replace(x, revision=1, start=3.0, received_at=3.0)], now=200.0) == "x"
+    began = discharge("began", 1.0, 0.0, 3_600, 3_000)
+    assert in_force_after([began, y, replace(began, revision=1, start=3.0, received_at=3.0)]) == "y"
+
+
+def test_a_modification_refused_for_a_passing_reason_came_when_it_came_once_served():
+    """A setpoint's new target refused during an outage, then asked again and served once the grid is back,
+    ranks by when the modification came (after the other source's event), as if accepted at once."""
+    run = Run(ready(0.0))
+    setpoint = discharge("setpoint", 0.0, 0.0, 3_600, 4_000, source="sunspec")
+    run.feed(setpoint)
+    run.run(2)
+    run.feed(discharge("event", run.t, 0.0, 3_600, 3_000, source="openadr"))
+    run.run(2)
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh, grid_outage=True))
+    modified = replace(setpoint, revision=1, target_w=5_000, received_at=run.t)
+    assert run.feed(modified).answer_for("setpoint").reason is ReasonCode.OUTAGE
+    run.t += 2
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh))
+    assert run.feed(replace(modified, revision=2, received_at=run.t)).answer_for("setpoint").verdict is Verdict.ACCEPTED
+    assert run.c.book.in_force(run.t).request.id == "setpoint"
+
+
 @pytest.mark.parametrize("priority", [-1, 1.5, True, "1"])
 def test_a_priority_that_is_no_whole_number_from_0_is_invalid(priority):
     result = step(ready(0.0), [discharge("e", 1.0, 0.0, 3_600, priority=priority)], 1.0)

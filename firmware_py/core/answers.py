@@ -29,7 +29,7 @@ from firmware_py.core.controller import Controller
 from firmware_py.core.energy import close_event, energy_record
 from firmware_py.core.faults import bms_usable, inverter_usable
 from firmware_py.core.floor import discharge_envelope_w, stopping_energy_wh
-from firmware_py.core.requests import Booked, outranks
+from firmware_py.core.requests import Booked, arrived, outranks
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -313,7 +313,8 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
     if held is not None and rejected:
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
         # that revision gets that answer, and a standing setting is asked again from it).
-        entry = replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price)
+        entry = arrived(replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price,
+                                arrived_at=None), held, now)  # a modification refused came now all the same
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
     if held is not None and req.kind is held.request.kind is not DispatchKind.STOP:  # a STOP holds no energy

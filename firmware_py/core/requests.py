@@ -77,7 +77,7 @@ class RequestBook:
 
     def add(self, entry: Booked, now: float) -> "RequestBook":
         """Book `entry` in place of any entry of its id; a revision asking the same keeps that one's arrival."""
-        entry = _arrived(entry, self.find(entry.request.id))
+        entry = arrived(entry, self.find(entry.request.id), now)
         kept = [e for e in self.entries if e.request.id != entry.request.id]
         ended = [e for e in kept if e.ended]
         if len(ended) > ENDED_MEMORY:
@@ -122,16 +122,19 @@ class RequestBook:
         return self if entry is None else self.replace(replace(entry, ended=True))
 
 
-def _arrived(entry: Booked, earlier: Booked | None) -> Booked:
-    """`entry` stamped with when what it asks first came: the earlier entry's arrival when it asks the same,
-    else its own (a new id, or a source's new instruction under its id: another target, end or priority)."""
-    same = earlier is not None and _asks(entry.request) == _asks(earlier.request)
+def arrived(entry: Booked, earlier: Booked | None, now: float) -> Booked:
+    """`entry` (its `arrived_at` unset) stamped with when what it asks first came: the earlier entry's arrival
+    when it asks the same from `now` on, else its own (a new id, or a source's new instruction under its id:
+    another target, end, priority or a start still ahead)."""
+    same = earlier is not None and _asks(entry.request, now) == _asks(earlier.request, now)
     return replace(entry, arrived_at=earlier.arrival if same and earlier is not None else entry.arrival)
 
 
-def _asks(request: DispatchRequest) -> tuple[object, ...]:
-    """What a request asks of the truck, its start aside (a re-ask of a standing setpoint starts now)."""
-    return request.kind, request.target_w, request.end, request.ramp_w_per_s, request.priority
+def _asks(request: DispatchRequest, now: float) -> tuple[object, ...]:
+    """What a request asks of the truck from `now` on: a start already past is now (a re-ask of a standing
+    setpoint starts now, and asks what it did), a start ahead is a time the source chose."""
+    return request.kind, request.target_w, max(request.start, now), request.end, request.ramp_w_per_s, \
+        request.priority
 
 
 def _rank(entry: Booked) -> tuple[float, float]:

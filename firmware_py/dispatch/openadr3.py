@@ -524,7 +524,7 @@ class OpenAdr3Ven:
                 log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 continue
             if status in BUSY_STATUSES:  # "not now" (too slow, too many requests, unavailable): sent again later
-                later = "later" if asked_s is None else f"later (it asked for {asked_s:.0f} s)"
+                later = "later" if asked_s is None else f"later (it asked for {min(asked_s, 1e9):.0f} s)"
                 raise VtnBusy(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again {later}",
                               asked_s)
             if status == 404:
