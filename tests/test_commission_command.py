@@ -84,6 +84,8 @@ def test_an_invalid_configuration_is_bad_input_and_still_reported(tmp_path: Path
     assert "owner.resrve: unknown key" in captured.err and "Traceback" not in captured.err
     doc = json.loads(report.read_text())
     assert doc["steps"][0]["outcome"] == "fail" and "owner.resrve" in doc["steps"][0]["checks"][0]["detail"]
+    assert [step["outcome"] for step in doc["steps"][1:]] == ["skipped"] * 4  # never checked, and said so
+    assert ", 1 failed, 4 skipped" in captured.out
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -121,6 +121,7 @@ def _commission(args: argparse.Namespace) -> int:
     except InputError as err:
         console.say(f"powershare-gw commission: {args.config} at {report.at}")
         console.step(Step.CONFIG, judgement.judge_config(str(args.config), err.problems))
+        _skip_the_rest(console, "needs a configuration that passes its checks")
         _finish(console, report_path)
         raise
     _check_window(config, args.can_seconds)
@@ -338,11 +339,14 @@ def _not_assembled(console: Console, err: InputError) -> None:
     console.step(Step.CONFIG, [failed(Step.CONFIG, "gateway assembled", problem, "fix the key named, then "
                                       "commission again (`powershare-gw check-config FILE` lists every problem)")
                                for problem in err.problems])
-    why = "needs the gateway, which could not be built from the configuration"
-    for step, name in ((Step.INVERTER, "inverter"), (Step.SIGN, "test discharge"),
-                       (Step.DISPATCH, "aggregator interfaces")):
+    _skip_the_rest(console, "needs the gateway, which could not be built from the configuration")
+
+
+def _skip_the_rest(console: Console, why: str) -> None:
+    """Every step not told yet, shown as not run and why: the summary counts what was never checked."""
+    for step in Step:
         if not console.report.of(step):
-            console.step(step, [skipped(step, name, why)])
+            console.step(step, [skipped(step, step.title, why)])
 
 
 def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
