@@ -1380,6 +1380,17 @@ def served(ven: OpenAdr3Ven, request_id: str, meter_wh: float) -> None:
     ven.notice_step(StepResult(c, InverterCommand(0.0, "test"), [], None))
 
 
+def timed_intervals_event(event_id: str, program: str, periods: list[tuple[dt.datetime, int, float]],
+                          **fields: Any) -> dict[str, Any]:
+    """A raw event whose intervals each carry their own period, (start, seconds, kW) each, ids 0, 1, … in
+    the order given, asking for its energy every interval."""
+    intervals = [{"id": n, "intervalPeriod": {"start": iso_datetime(start), "duration": f"PT{seconds}S"},
+                  "payloads": [{"type": "DISPATCH_SETPOINT", "values": [kw]}]}
+                 for n, (start, seconds, kw) in enumerate(periods)]
+    return {"id": event_id, "objectType": "EVENT", "programID": program, **fields, "intervals": intervals,
+            "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]}
+
+
 def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
     return {i["id"]: p["values"][0] for r in vtn.reports_for(event_id) for i in r["resources"][0]["intervals"]
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
@@ -1392,13 +1403,7 @@ def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> No
         sink = ScriptedSink()
         async with enrolled(sink) as (vtn, ven, program):
             early, late = in_seconds(60), in_seconds(60 + 1200)
-            vtn.add_raw_event({"id": "ooo", "objectType": "EVENT", "programID": program, "priority": 0,
-                               "intervals": [
-                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(late), "duration": "PT600S"},
-                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
-                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(early), "duration": "PT600S"},
-                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [4.0]}]}],
-                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            vtn.add_raw_event(timed_intervals_event("ooo", program, [(late, 600, 5.0), (early, 600, 4.0)], priority=0))
             await vtn.wait_for(lambda: vtn.answers_for("ooo"))
             sink.offset_s = 60 + 300
             served(ven, "ooo#1", 100.0)  # the early interval (id 1) delivers 100 Wh
@@ -1422,13 +1427,7 @@ def test_an_interval_inside_another_is_reported_when_it_ends_and_the_outer_one_w
         sink = ScriptedSink()
         async with enrolled(sink) as (vtn, ven, program):
             outer, inner = in_seconds(60), in_seconds(300)
-            vtn.add_raw_event({"id": "ovl", "objectType": "EVENT", "programID": program,
-                               "intervals": [
-                                   {"id": 0, "intervalPeriod": {"start": iso_datetime(outer), "duration": "PT1200S"},
-                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [5.0]}]},
-                                   {"id": 1, "intervalPeriod": {"start": iso_datetime(inner), "duration": "PT300S"},
-                                    "payloads": [{"type": "DISPATCH_SETPOINT", "values": [3.0]}]}],
-                               "reportDescriptors": [{"payloadType": "DELIVERED_ENERGY", "frequency": 1}]})
+            vtn.add_raw_event(timed_intervals_event("ovl", program, [(outer, 1200, 5.0), (inner, 300, 3.0)]))
             await vtn.wait_for(lambda: vtn.answers_for("ovl"))
             served(ven, "ovl#1", 100.0)
             served(ven, "ovl#0", 400.0)
