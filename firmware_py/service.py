@@ -328,6 +328,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
             return 0  # stopped while starting: straight to the safe stop (`finally`)
         await service.ready(stop)
         service.systemd.notify("READY=1")
+        heap.release_free_pages()  # what start-up freed (DBC parsing, the journal's read-back, imports' garbage)
         log.info("gateway running: CAN %s %s, inverter %s, journal %s", config.can.interface, config.can.channel,
                  f"{config.inverter.host}:{config.inverter.port}" if config.inverter.transport == "tcp"
                  else config.inverter.serial_port, config.journal.path)
