@@ -38,6 +38,7 @@ from firmware_py.core.types import (
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
 from firmware_py.statements import evidence
+from firmware_py.statements.document import range_period
 from firmware_py.statements.earnings import EarningsBook, month_earnings
 from firmware_py.statements.figures import (
     RESTART_REASON,
@@ -340,6 +341,16 @@ def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
     for option in (["--month", "9999-12"], ["--from", "9999-12-31", "--to", "9999-12-31"]):
         assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), *option]) == 2
         assert "past the last" in capsys.readouterr().err  # not a damaged journal (1)
+
+
+def test_a_date_written_any_iso_way_is_a_whole_day_included_as_to():
+    whole = range_period("2025-01-01", "2025-01-31")
+    assert whole.end == datetime(2025, 2, 1, tzinfo=UTC).timestamp()
+    for compact in ("20250131", "2025-W05-5", "2025W055"):  # 31 January, as a date alone
+        assert range_period("2025-01-01", compact) == whole
+    assert range_period("20250131", "20250131").end - range_period("20250131", "20250131").start == 86_400
+    at_midnight = range_period("2025-01-01", "2025-01-31T00:00:00")  # a time: --to excluded
+    assert at_midnight.end == datetime(2025, 1, 31, tzinfo=UTC).timestamp()
 
 
 def test_dates_a_time_zone_moves_out_of_the_calendar_are_bad_input_not_a_damaged_journal(tmp_path, capsys):

@@ -69,7 +69,7 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
     except ValueError:
         day = None
     try:
-        if day is not None and len(text) == 10:
+        if day is not None:  # any way of writing a date alone (2025-01-31, 20250131, 2025-W05-5): whole days
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
             at = (start + timedelta(days=1 if end_of_day else 0)).timestamp()
         else:
