@@ -18,8 +18,9 @@ in the `[program]` currency, and `energy`; both `state_class: total`, reset at t
 month's start), and one connectivity sensor per link the configuration uses. Every entity is
 unavailable while P/availability says `offline`; a reading of the BMS (SoC, energy above the floor)
 or of the inverter (power) also while the state's `fresh` says that source is silent. Device classes, units and state classes are those Home
-Assistant documents for sensors: `battery` in %, `power` in W, `energy` (total or
-total_increasing) and `energy_storage` (measurement) in Wh, `enum` with its options.
+Assistant documents for sensors: `battery` in %, `power` in W, `energy` in Wh (total or
+total_increasing; the event's energy has none, as it restarts with each event and long-term
+statistics would count it twice), `energy_storage` (measurement) in Wh, `enum` with its options.
 """
 
 from __future__ import annotations
