@@ -502,6 +502,47 @@ def test_an_event_whose_revision_was_refused_continues_its_account_when_served_a
     assert last.final and last.meter_wh == pytest.approx(run.meter_wh, abs=1e-2)
 
 
+
+def _refused_in_an_outage(revision_kind: DispatchKind) -> tuple[Run, DispatchRequest, float]:
+    """A discharge that delivered for 120 s, then a revision of `revision_kind` refused in an outage (which
+    ends the discharge, its account kept), and the grid back: the run, the original and what it delivered."""
+    original = discharge("e", 0.0, 0.0, 3_600, 6_000, source="vtn")
+    run = Run(ready(0.0))
+    run.feed(original)
+    run.run(120)
+    delivered = run.c.book.find("e").meter_wh
+    run.t += 1
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh, grid_outage=True))
+    refused = run.feed(replace(original, kind=revision_kind, target_w=5_000, revision=1, received_at=run.t))
+    assert refused.answer_for("e").reason is ReasonCode.OUTAGE
+    run.t += 1
+    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh))
+    return run, original, delivered
+
+
+def test_a_charge_served_after_its_refused_revision_opens_its_own_account():
+    """A CHARGE revision refused, then served: the charge's account opened at the discharge's Wh (the refused
+    revision booked the account as a charge), so the event's energy was journalled, and billed, twice."""
+    run, original, delivered = _refused_in_an_outage(DispatchKind.CHARGE)
+    assert delivered > 100
+    served = run.feed(replace(original, kind=DispatchKind.CHARGE, target_w=3_000, revision=2, received_at=run.t))
+    assert served.answer_for("e").verdict is not Verdict.REJECTED
+    assert run.c.book.find("e").meter_wh == 0.0
+    assert all(e.meter_wh == 0.0 for e in served.events if isinstance(e, EventEnergy) and e.request_id == "e")
+
+
+def test_a_discharge_served_after_a_refused_charge_revision_continues_its_account():
+    """A refused revision asking the other kind leaves the account a discharge's: the discharge served again
+    continues it, as after a refused discharge revision, and its final record counts all it delivered."""
+    run, original, delivered = _refused_in_an_outage(DispatchKind.CHARGE)
+    again = run.feed(replace(original, target_w=5_000, revision=2, received_at=run.t))
+    assert again.answer_for("e").verdict is Verdict.ACCEPTED
+    assert run.c.book.find("e").meter_wh == pytest.approx(delivered)
+    run.run(60)
+    run.feed(DispatchCancel("e", "vtn", run.t))
+    last = [e for e in run.events if isinstance(e, EventEnergy) and e.request_id == "e"][-1]
+    assert last.final and last.meter_wh == pytest.approx(run.meter_wh, abs=1e-2)
+
 # --- overlapping requests: which one is in force --------------------------------------------------
 
 def in_force_after(requests: list[DispatchRequest], now: float = 10.0) -> str | None:

@@ -301,8 +301,9 @@ def standing(entry: Booked, now: float) -> DispatchAnswer:
 def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: DispatchAnswer,
            now: float, price: PriceInterval | None = None) -> tuple[Controller, list[Event]]:
     """Book the answered request (`price`: the published price it stands for). A new revision of an
-    event continues it (energy and all) when its kind is unchanged, also after a revision of it was
-    refused; a refused or kind-changing revision ends the running one."""
+    event continues it (energy and all) when it asks the kind the account counts (`Booked.account_kind`),
+    also after a revision of it, of either kind, was refused; a refused or kind-changing revision ends the
+    running one."""
     events: list[Event] = []
     rejected = reply.verdict is Verdict.REJECTED
     earlier = existing if existing is not None and existing.accepted else None
@@ -314,10 +315,10 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
         # that revision gets that answer, and a standing setting is asked again from it).
         entry = arrived(replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price,
-                                arrived_at=None), held, now)  # a modification refused came now all the same
+                                arrived_at=None, counted=held.account_kind), held, now)  # a modification refused came now all the same
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
-    if held is not None and req.kind is held.request.kind is not DispatchKind.STOP:  # a STOP holds no energy
+    if held is not None and req.kind is held.account_kind is not DispatchKind.STOP:  # a STOP holds no energy
         entry = replace(entry, meter_wh=held.meter_wh, integrated_wh=held.integrated_wh,
                         commanded_integral_wh=held.commanded_integral_wh, last_report_at=held.last_report_at)
         if held.ended and not rejected:

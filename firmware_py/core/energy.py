@@ -170,7 +170,7 @@ def delivered_wh(c: Controller) -> dict[str, float]:
     """Billed (meter) energy of each accepted discharge event the controller remembers, by request id
     (one whose last revision was refused keeps the energy it delivered before)."""
     return {e.request.id: e.meter_wh for e in c.book.entries
-            if e.request.kind is DispatchKind.DISCHARGE and (e.accepted or e.meter_wh or e.integrated_wh)}
+            if e.account_kind is DispatchKind.DISCHARGE and (e.accepted or e.meter_wh or e.integrated_wh)}
 
 
 def most_unreported_wh(policy: Policy) -> float:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from firmware_py.core.types import DispatchAnswer, DispatchRequest, PriceInterval, Verdict
+from firmware_py.core.types import DispatchAnswer, DispatchKind, DispatchRequest, PriceInterval, Verdict
 
 # How many ended requests are remembered, so a late duplicate still gets its answer: those whose window has
 # closed (a late copy of one is refused as expired anyway) are forgotten first; one whose window is still open
@@ -36,6 +36,14 @@ class Booked:
     last_report_at: float = -math.inf
     price: PriceInterval | None = None  # a price-driven event: the published price it discharges for
     arrived_at: float | None = None  # when what it asks first came (`RequestBook.add`); None: its request's own time
+    counted: DispatchKind | None = None  # the kind its energy was counted as; None: its request's kind
+
+    @property
+    def account_kind(self) -> DispatchKind:
+        """The kind of energy its account holds. A refused revision is booked under the request it asked, but
+        the energy it keeps was counted for the kind served before: a later revision continues the account only
+        as that kind, never a charge on a discharge's Wh (billed twice) nor a discharge cut from its own."""
+        return self.request.kind if self.counted is None else self.counted
 
     @property
     def arrival(self) -> float:
