@@ -313,9 +313,10 @@ def revise(c: Controller, existing: Booked | None, req: DispatchRequest, reply: 
     held = _account(existing)
     if held is not None and rejected:
         # The book keeps the event's energy, under the revision and answer it ended with (a repeat of
-        # that revision gets that answer, and a standing setting is asked again from it).
+        # that revision gets that answer, and a standing setting is asked again from it); a modification
+        # refused came now all the same.
         entry = arrived(replace(held, request=req, answer=reply, ended=True, withdrawn=False, price=price,
-                                arrived_at=None, counted=held.account_kind), held, now)  # a modification refused came now all the same
+                                arrived_at=None, counted=held.account_kind), held, now)
         return c.evolve(book=c.book.replace(entry)), events + [reply]
     entry = Booked(req, reply, ended=rejected, price=price)
     if held is not None and req.kind is held.account_kind is not DispatchKind.STOP:  # a STOP holds no energy
