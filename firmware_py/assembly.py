@@ -216,7 +216,8 @@ def check(config: Config, *, owner_uid: int | None = None) -> None:
     owner = config.owner
     # path, its key, what, read, folder made, an existing file written again
     kept: tuple[tuple[str, str, str, Callable[[], object] | None, bool, bool], ...] = (
-        (config.journal.path, "journal.path", "journal", None, False, True),
+        (config.journal.path, "journal.path", "journal", partial(Journal.check_openable, config.journal.path),
+         False, True),
         (owner.settings_file, "owner.settings_file", "owner settings file",
          OwnerStore(owner.settings_file, owner.reserve_pct).load, True, True),
         (owner.token_file, "owner.token_file", "owner API token file",

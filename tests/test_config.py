@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -19,6 +20,7 @@ from firmware_py.cli import main
 from firmware_py.config import bundled_config, bundled_dbc
 from firmware_py.errors import InputError
 from firmware_py.files import MAX_TEXT_BYTES
+from firmware_py.journal import Journal
 
 DESIGN_EXAMPLE = """
 [vehicle]
@@ -306,6 +308,36 @@ def test_a_kept_file_that_cannot_be_made_is_named_by_its_key(tmp_path, capsys, t
     """The message named the path only: an installer with the shipped template had to guess which key held it."""
     assert main(["check-config", str(write(tmp_path, text))]) == 2
     assert f": {key}: {tmp_path}/no-such-dir/" in capsys.readouterr().err
+
+
+def test_a_file_at_the_journals_path_that_is_no_journal_is_refused_as_run_refuses_it(tmp_path, capsys):
+    """check-config called a garbage file or another program's database at journal.path valid; `run` exited 2."""
+    path = write(tmp_path, '[journal]\npath = "j.sqlite"\n')
+    (tmp_path / "j.sqlite").write_text("not a database, not even SQLite's header\n")
+    assert main(["check-config", str(path)]) == 2
+    assert f"journal.path: {tmp_path}/j.sqlite: not a powershare-gw journal (not an SQLite database" \
+        in capsys.readouterr().err
+    (tmp_path / "j.sqlite").unlink()
+    with sqlite3.connect(tmp_path / "j.sqlite") as other:
+        other.execute("CREATE TABLE photos (name TEXT)")
+    other.close()
+    assert main(["check-config", str(path)]) == 2
+    assert "not a powershare-gw journal (foreign SQLite schema; tables: photos)" in capsys.readouterr().err
+    with pytest.raises(InputError, match="foreign SQLite schema"):
+        assemble(config.load(path), lambda: 0.0)
+
+
+def test_an_empty_file_or_a_journal_at_the_journals_path_is_valid_and_left_as_it_was(tmp_path, capsys):
+    path = write(tmp_path, '[journal]\npath = "j.sqlite"\n')
+    (tmp_path / "j.sqlite").touch()  # `run` makes the journal in it
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "j.sqlite").stat().st_size == 0
+    (tmp_path / "j.sqlite").unlink()
+    with Journal.open(tmp_path / "j.sqlite"):
+        pass
+    before = (tmp_path / "j.sqlite").read_bytes()
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert (tmp_path / "j.sqlite").read_bytes() == before
 
 
 def test_the_owner_settings_may_wait_for_their_folder_which_the_first_change_makes(tmp_path, capsys):

@@ -236,6 +236,18 @@ class Journal:
                 raise
         return journal
 
+    @staticmethod
+    def check_openable(path: str | Path, busy_timeout_s: float = 1.0) -> None:
+        """InputError if the file at `path` is one `open` would refuse: not SQLite, another program's
+        schema, a newer release's. Read only, nothing changed (an empty file passes: `open` makes the
+        journal in it), so `check-config` can judge the journal a running gateway writes."""
+        path = Path(path)
+        conn = _connect(path, True, busy_timeout_s)
+        try:
+            _identify(conn, path)
+        finally:
+            conn.close()
+
     def _load_segment(self) -> None:
         """Which segment this file is, and where its chain continues from."""
         self._seq, self._hash = self._read_tail()
@@ -847,6 +859,25 @@ def _read_only_mode(path: Path) -> str:
 def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
     """Check the file is our journal (creating the schema in a new file) and set durability;
     returns the schema version the file had (a new file: the current one)."""
+    version = _identify(conn, path)
+    if version is None:
+        if readonly:
+            raise InputError(f"{path}: not a powershare-gw journal (empty database)")
+        _create(conn, path)
+        version = SCHEMA_VERSION
+    if not readonly:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+        except sqlite3.Error as err:
+            raise InputError(f"{path}: cannot open journal for writing: {err}") from err
+    return version
+
+
+def _identify(conn: sqlite3.Connection, path: Path) -> int | None:
+    """The schema version of the journal in the file, None for an empty database (a new journal's);
+    InputError for anything else: not SQLite, another program's schema, a newer release's."""
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -859,23 +890,13 @@ def _prepare(conn: sqlite3.Connection, path: Path, readonly: bool) -> int:
     except sqlite3.DatabaseError as err:
         raise InputError(f"{path}: not a powershare-gw journal (not an SQLite database: {err})") from err
     if not tables and app_id == 0:
-        if readonly:
-            raise InputError(f"{path}: not a powershare-gw journal (empty database)")
-        _create(conn, path)
-        version = SCHEMA_VERSION
-    elif app_id != APPLICATION_ID or not {"records", "head"} <= tables:
+        return None
+    if app_id != APPLICATION_ID or not {"records", "head"} <= tables:
         names = ", ".join(sorted(tables)) or "none"
         raise InputError(f"{path}: not a powershare-gw journal (foreign SQLite schema; tables: {names})")
-    elif version > SCHEMA_VERSION:
+    if version > SCHEMA_VERSION:
         raise InputError(f"{path}: journal schema version {version} is newer than this gateway "
                          f"understands ({SCHEMA_VERSION}); upgrade powershare-gw")
-    if not readonly:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
-        except sqlite3.Error as err:
-            raise InputError(f"{path}: cannot open journal for writing: {err}") from err
     return int(version)
 
 
