@@ -45,3 +45,29 @@ SCENARIO_INVERTER_FAULTS: dict[str, InverterFault] = {
 }
 BMS_FAULT_KINDS: tuple[str, ...] = tuple(kind.value for kind in BmsFault)
 SCENARIO_FAULT_KINDS: tuple[str, ...] = BMS_FAULT_KINDS + tuple(SCENARIO_INVERTER_FAULTS)
+
+
+def _raisable() -> dict[str, frozenset[str]]:
+    """Which of the gateway's fault codes (`FaultKind` values) each scenario fault can make it raise.
+
+    A `FaultRaised` is credited only to an injected fault that can cause it, so a later fault's
+    reaction is never taken for an earlier one's. Any fault may end in LOCKOUT (repeated faults);
+    `garbled` frames can decode to anything a BMS reports.
+    """
+    stale, lockout = {"bms_stale"}, {"lockout"}
+    bms_any = stale | {"bms_fault", "contactor_welded", "over_temp", "under_temp"}
+    comms = {"inverter_comms"}
+    table: dict[str, set[str]] = {
+        BmsFault.CAN_SILENCE: stale, BmsFault.BMS_FAULT: {"bms_fault"}, BmsFault.DCL_ZERO: set(),
+        BmsFault.CONTACTOR_OPEN: stale | {"contactor_welded"}, BmsFault.OVER_TEMP: {"over_temp"},
+        BmsFault.SOC_JUMP: stale, BmsFault.GARBLED: bms_any, BmsFault.WRONG_LENGTH: stale,
+        BmsFault.MESSAGE_SILENCE: stale,
+        "inverter_fault": {"inverter_fault"} | comms, "modbus_timeout": comms, "modbus_exception": comms,
+        "modbus_disconnect": comms, "grid_outage": comms,
+    }
+    return {str(getattr(kind, "value", kind)): frozenset(codes | lockout) for kind, codes in table.items()}
+
+
+RAISABLE: dict[str, frozenset[str]] = _raisable()
+"""Scenario fault kind → the gateway fault codes it can raise (see `_raisable`)."""
+assert set(RAISABLE) == set(SCENARIO_FAULT_KINDS), "every scenario fault kind says what it can raise"

@@ -108,6 +108,7 @@ class Fault:
     kind: str = spec(..., choices=SCENARIO_FAULT_KINDS)
     duration_s: float = spec(5, lo=0.01, hi=86_400)
     message: str = spec("", doc="message_silence only: the DBC message that goes silent")
+    ignored: bool = spec(False, doc="the gateway should not react to it: max_safe_after_s checks it went undetected")
 
 
 @dataclass(frozen=True)

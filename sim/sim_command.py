@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,7 +93,7 @@ DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None) -> None:
     """Every file the run will write is writable where asked, each its own, and the journal's place
     free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
-    from firmware_py.sim.simulation import check_bench_journal
+    from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal
 
     problems, taken = [], {}
     for option, path in outputs.items():
@@ -109,6 +110,7 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
         taken.setdefault(path.resolve(), option)
     if outputs.get("--journal") is not None and not problems:
         try:
+            os.close(lock_bench_journal(outputs["--journal"]))  # in use by another run: say so, not "not a bench journal"
             check_bench_journal(outputs["--journal"])
         except InputError as err:
             problems += err.problems
@@ -126,6 +128,7 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
 async def _run(loaded, args: argparse.Namespace, speed: float | None):
     from firmware_py.sim.aggregators import for_scenario
     from firmware_py.sim.progress import Progress
+    from firmware_py.journal import JournalWriteError
     from firmware_py.sim.simulation import Simulation, SimulationOptions
 
     journal = args.journal or DEFAULT_JOURNAL
@@ -135,7 +138,10 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
             options = SimulationOptions(speed=speed, trace=trace, journal_path=journal.resolve(),
                                         on_progress=progress.update if progress else None,
                                         aggregator=for_scenario(loaded), metrics_listen=args.metrics)
-            outcome = await Simulation(loaded, options).run()
+            try:
+                outcome = await Simulation(loaded, options).run()
+            except JournalWriteError as err:  # the journal's disk or file, not the scenario: exit 2, one line
+                raise InputError(f"{journal}: cannot write the journal: {err}") from None
     finally:
         if progress:
             progress.close()
@@ -143,6 +149,7 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
 
 
 def _report(outcome, loaded) -> None:
+    from firmware_py.sim.simulation import _seconds
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -166,8 +173,8 @@ def _report(outcome, loaded) -> None:
     table.add_row("SoC", f"min {s['min_soc_pct']:.2f} %, final {s['final_soc_pct']:.2f} %")
     table.add_row("floor violations", str(s["floor_violations"]))
     for f in s["faults"]:
-        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s",
-                      f"detected after {f['detected_after_s']} s, safe after {f['safe_after_s']} s")
+        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s", "never detected" if f["detected_after_s"] is None
+                      else f"detected after {f['detected_after_s']} s, safe after {_seconds(f['safe_after_s'])}")
     table.add_row("final state", s["final_state"])
     for name, ok, detail in outcome.checks:
         table.add_row(plain(f"check: {name}"), f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {plain(detail)}")

@@ -13,9 +13,11 @@ wall clock in between.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,11 +28,12 @@ import can
 from firmware_py.sim.aggregators import Aggregator, for_scenario
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
-from firmware_py.sim.faults import SCENARIO_INVERTER_FAULTS
+from firmware_py.sim.faults import RAISABLE, SCENARIO_INVERTER_FAULTS
 from firmware_py.sim.inverter import InverterModel, SimInverterServer, default_home_load
 from firmware_py.sim.scenario import BENCH_DBC, NOT_SET, Scenario
 
 from firmware_py.assembly import assemble, integration
+from firmware_py.bms.reader import TIMEOUT_PERIODS
 from firmware_py.config import Config, bundled_dbc
 from firmware_py.core import Controller, Mode, StepResult
 from firmware_py.core.energy import delivered_wh
@@ -59,8 +62,10 @@ class FaultWatch:
     Noticed = the gateway's own reaction after the injection: a fault raised, a change of
     mode, or a new reason for its command. A change the requests explain (a window closing or
     opening, a cancellation: another request in force) is no reaction to the fault: it becomes
-    the new baseline. Safe = the inverter at 0 W after that (for a grid outage: serving the house in
-    BACKUP).
+    the new baseline, and so does a fault raised that this kind cannot cause (`RAISABLE`): another
+    fault's doing. A fault is watched only until it has ended plus `grace_s`, the time the gateway
+    needs to judge what it touched stale: a reaction later than that is to something else. Safe =
+    the inverter at 0 W after that (for a grid outage: serving the house in BACKUP).
     """
 
     kind: str
@@ -68,6 +73,9 @@ class FaultWatch:
     mode: Mode
     reason: str
     asked: str | None  # the request in force (whatever faults allow of it)
+    until: float = math.inf  # when the injected fault ends
+    grace_s: float = 0.0
+    ignored: bool = False  # the scenario expects no reaction ([[fault]] ignored)
     detected_at: float | None = None
     safe_at: float | None = None
 
@@ -130,7 +138,12 @@ class Simulation:
     async def _build(self) -> None:
         s = self.scenario
         self.journal_path = self.options.journal_path or Path(f"/tmp/powershare-bench-{id(self)}.sqlite")
-        _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
+        self._journal_lock = lock_bench_journal(self.journal_path)  # held until the run is torn down
+        try:
+            _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
+        except BaseException:
+            os.close(self._journal_lock)
+            raise
         self.channel = f"powershare-bench-{next(_channels)}"
         self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
                                ambient_c=s.vehicle.ambient_c, seed=s.run.seed)
@@ -174,6 +187,7 @@ class Simulation:
         await self.server.stop()
         self.assembly.close()
         self.node_bus.shutdown()
+        os.close(self._journal_lock)
 
     # ------------------------------------------------------------------ the run
 
@@ -266,22 +280,36 @@ class Simulation:
         else:
             self.node.inject(f.kind, until, f.message)
         c = self.gateway.controller
-        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason, _in_force(c, self.t)))
+        self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason, _in_force(c, self.t),
+                                      until=until, grace_s=self._grace_s(f.kind, f.message), ignored=f.ignored))
+
+    def _grace_s(self, kind: str, message: str) -> float:
+        """How long after a fault ends the gateway may still rightly react to it: the time it takes to
+        judge what the fault touched stale. A BMS field goes stale `TIMEOUT_PERIODS` of its message's
+        period after its last frame (bms/reader.py): the silenced message's, else the slowest message's.
+        Inverter data is judged stale `inverter_timeout_s` after the last good poll, and a poll
+        started just before the fault ended may time out `timeout_s` later."""
+        if kind in SCENARIO_INVERTER_FAULTS:
+            return self.config.safety.inverter_timeout_s + self.config.inverter.timeout_s
+        periods = {m.name: m.cycle_time / 1000.0 for m in self.node.db.messages if m.cycle_time}
+        return TIMEOUT_PERIODS * periods.get(message, max(periods.values()))
 
     # ------------------------------------------------------------------ watching
 
     def _observe(self, result: StepResult) -> None:
         """Note when each injected fault was noticed and when the inverter became safe."""
-        pending = [w for w in self.faults if w.detected_at is None]
+        pending = [w for w in self.faults if w.detected_at is None and self.t <= w.until + w.grace_s + 1e-9]
         if not pending:
             return
         c = result.controller
-        raised = any(isinstance(e, FaultRaised) for e in result.events)
+        raised = {e.kind.value for e in result.events if isinstance(e, FaultRaised)}
         asked = _in_force(c, self.t)
         for w in pending:
-            if raised:
+            if raised & RAISABLE[w.kind]:
                 w.detected_at = self.t
-            elif asked != w.asked:  # a window opened or closed, a request came or went: not the fault's doing
+            elif raised or asked != w.asked:
+                # A fault this kind cannot cause, a window opening or closing, a request coming or
+                # going: not this fault's doing, so the new baseline.
                 w.mode, w.reason, w.asked = c.mode, result.command.reason, asked
             elif c.mode is not w.mode or result.command.reason != w.reason:
                 w.detected_at = self.t
@@ -372,14 +400,44 @@ class Simulation:
             got = (summary["answer_details"].get(event_id) or {}).get("reason")
             checks.append((f"reason {event_id}", got == reason, f"{got} == {reason}"))
         if e.max_safe_after_s != NOT_SET:
-            for w in summary["faults"]:
-                safe = w["safe_after_s"]
-                checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
-                               f"after {safe} s (allowed {e.max_safe_after_s} s)"))
+            # A fault the gateway never detected fails "made safe" (it missed it), unless the scenario
+            # marks it `ignored`: then the check is the opposite, that it was never detected.
+            for w, watch in zip(summary["faults"], self.faults):
+                detected, safe = w["detected_after_s"], w["safe_after_s"]
+                if watch.ignored:
+                    checks.append((f"{w['kind']} ignored", detected is None,
+                                   "never detected" if detected is None else f"detected after {detected} s"))
+                else:
+                    checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
+                                   f"after {_seconds(safe)} (allowed {e.max_safe_after_s} s)"))
         return checks
 
 
 BENCH_MARK = RecordKind.BENCH_RUN
+
+
+def lock_path(journal: Path) -> Path:
+    """The lock file beside a bench journal: the journal itself is deleted and recreated by each run,
+    so a lock on it would not keep a second run from replacing it."""
+    return journal.with_name(journal.name + ".lock")
+
+
+def lock_bench_journal(journal: Path) -> int:
+    """Take the exclusive lock a run holds on its journal; the descriptor, closed to release it.
+
+    Two runs sharing a journal replaced each other's files under an open journal: one crashed,
+    the other reported a journal that was no longer its own. InputError (exit 2) when another run
+    holds it; never waits."""
+    try:
+        fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise InputError(f"{journal}: cannot lock the journal: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"journal {journal} is in use by another run; give --journal another file") from None
+    return fd
 
 
 def _replace_bench_journal(path: Path) -> None:
@@ -418,6 +476,11 @@ def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:
         return None
     return {"verdict": a.verdict.value, "cap_w": a.cap_w, "reason": a.reason.value if a.reason else None,
             "detail": a.detail, "text": describe(a)}
+
+
+def _seconds(x: float | None) -> str:
+    """A summary's seconds for people: `never` for null (the gateway never did it)."""
+    return "never" if x is None else f"{x} s"
 
 
 def _round(x: float) -> float:

@@ -31,6 +31,7 @@ from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, f
 from journal_edits import tamper
 
 from firmware_py.cli import main
+from firmware_py.errors import InputError
 from firmware_py.core import Controller
 from firmware_py.core.replay import replay
 from firmware_py.journal import Journal, codec, event_summaries
@@ -612,3 +613,49 @@ def test_an_event_id_that_looks_like_markup_is_shown_as_it_is(tmp_path, capsys):
                                        'start_s = 2\nduration_s = 30\ntarget_w = 1000\n')
     assert main(["sim", "--scenario", str(tmp_path / "ids.toml"), "--journal", str(tmp_path / "j.sqlite")]) == 0
     assert "event peak[/]1" in capsys.readouterr().out
+
+
+ATTRIBUTION = ('[run]\nduration_s = 40\n[[dispatch]]\nat_s = 1\nid = "e"\nstart_s = 2\nduration_s = 100\n'
+               'target_w = 11500\n[[fault]]\nat_s = 5\nkind = "message_silence"\nmessage = "LifetimeEnergy"\n'
+               'duration_s = 5\n{ignored}[[fault]]\nat_s = 30\nkind = "dcl_zero"\nduration_s = 5\n'
+               '[expect]\nmax_safe_after_s = 2\n')
+
+
+def test_a_later_faults_reaction_is_not_credited_to_an_earlier_ignored_fault(tmp_path, capsys):
+    """A non-critical message's silence the gateway rightly ignored was credited with the reaction to a
+    dcl_zero 15 s after it ended, and its made-safe check failed the run."""
+    path = tmp_path / "attr.toml"
+    path.write_text(ATTRIBUTION.format(ignored=""))
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=tmp_path / "j.sqlite")).run())
+    silence, dcl = outcome.summary["faults"]
+    assert (silence["detected_after_s"], silence["safe_after_s"]) == (None, None)
+    assert dcl["detected_after_s"] == 0.0 and dcl["safe_after_s"] <= 2
+    assert not outcome.passed  # unmarked, a fault never detected fails max_safe_after_s: the gateway missed it
+    path.write_text(ATTRIBUTION.format(ignored="ignored = true\n"))
+    assert main(["sim", "--scenario", str(path), "--quiet", "--journal", str(tmp_path / "k.sqlite")]) == 0
+    out = capsys.readouterr().out
+    assert "never detected" in out and "None" not in out
+    assert "message_silence ignored" in out
+
+
+def test_a_journal_in_use_by_another_run_is_refused_with_one_line(tmp_path, capsys):
+    """Two runs on one journal replaced each other's files: a traceback, or a summary naming a journal
+    another run had replaced."""
+    import fcntl
+    import os
+
+    from firmware_py.sim.simulation import lock_path
+
+    journal = tmp_path / "j.sqlite"
+    fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        (tmp_path / "s.toml").write_text("[run]\nduration_s = 2\n")
+        assert main(["sim", "--scenario", str(tmp_path / "s.toml"), "--quiet", "--journal", str(journal)]) == 2
+        err = capsys.readouterr().err
+        assert f"journal {journal} is in use by another run" in err and "Traceback" not in err
+        from firmware_py.sim.simulation import lock_bench_journal
+        with pytest.raises(InputError, match="is in use by another run"):  # the run's own lock, past check_outputs
+            lock_bench_journal(journal)
+    finally:
+        os.close(fd)
