@@ -110,7 +110,8 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
         taken.setdefault(path.resolve(), option)
     if outputs.get("--journal") is not None and not problems:
         try:
-            os.close(lock_bench_journal(outputs["--journal"]))  # in use by another run: say so, not "not a bench journal"
+            # In use by another run: say so, not "not a bench journal" of a journal that run is making.
+            os.close(lock_bench_journal(outputs["--journal"]))
             check_bench_journal(outputs["--journal"])
         except InputError as err:
             problems += err.problems
@@ -149,7 +150,7 @@ async def _run(loaded, args: argparse.Namespace, speed: float | None):
 
 
 def _report(outcome, loaded) -> None:
-    from firmware_py.sim.simulation import _seconds
+    from firmware_py.sim.simulation import seconds_or_never
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -173,8 +174,9 @@ def _report(outcome, loaded) -> None:
     table.add_row("SoC", f"min {s['min_soc_pct']:.2f} %, final {s['final_soc_pct']:.2f} %")
     table.add_row("floor violations", str(s["floor_violations"]))
     for f in s["faults"]:
-        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s", "never detected" if f["detected_after_s"] is None
-                      else f"detected after {f['detected_after_s']} s, safe after {_seconds(f['safe_after_s'])}")
+        seen = "never detected" if f["detected_after_s"] is None else \
+            f"detected after {f['detected_after_s']} s, safe after {seconds_or_never(f['safe_after_s'])}"
+        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s", seen)
     table.add_row("final state", s["final_state"])
     for name, ok, detail in outcome.checks:
         table.add_row(plain(f"check: {name}"), f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {plain(detail)}")

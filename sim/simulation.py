@@ -402,14 +402,14 @@ class Simulation:
         if e.max_safe_after_s != NOT_SET:
             # A fault the gateway never detected fails "made safe" (it missed it), unless the scenario
             # marks it `ignored`: then the check is the opposite, that it was never detected.
-            for w, watch in zip(summary["faults"], self.faults):
+            for w, watch in zip(summary["faults"], self.faults, strict=True):
                 detected, safe = w["detected_after_s"], w["safe_after_s"]
                 if watch.ignored:
                     checks.append((f"{w['kind']} ignored", detected is None,
                                    "never detected" if detected is None else f"detected after {detected} s"))
                 else:
                     checks.append((f"{w['kind']} made safe", safe is not None and safe <= e.max_safe_after_s,
-                                   f"after {_seconds(safe)} (allowed {e.max_safe_after_s} s)"))
+                                   f"after {seconds_or_never(safe)} (allowed {e.max_safe_after_s} s)"))
         return checks
 
 
@@ -478,7 +478,7 @@ def _answer_dict(a: DispatchAnswer | None) -> dict[str, Any] | None:
             "detail": a.detail, "text": describe(a)}
 
 
-def _seconds(x: float | None) -> str:
+def seconds_or_never(x: float | None) -> str:
     """A summary's seconds for people: `never` for null (the gateway never did it)."""
     return "never" if x is None else f"{x} s"
 

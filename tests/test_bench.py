@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 from firmware_py.sim import scenario
-from firmware_py.sim.simulation import Outcome, Simulation, SimulationOptions, floor_violation
+from firmware_py.sim.simulation import (
+    Outcome,
+    Simulation,
+    SimulationOptions,
+    floor_violation,
+    lock_bench_journal,
+    lock_path,
+)
 from journal_edits import tamper
 
 from firmware_py.cli import main
@@ -641,11 +648,6 @@ def test_a_later_faults_reaction_is_not_credited_to_an_earlier_ignored_fault(tmp
 def test_a_journal_in_use_by_another_run_is_refused_with_one_line(tmp_path, capsys):
     """Two runs on one journal replaced each other's files: a traceback, or a summary naming a journal
     another run had replaced."""
-    import fcntl
-    import os
-
-    from firmware_py.sim.simulation import lock_path
-
     journal = tmp_path / "j.sqlite"
     fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -654,7 +656,6 @@ def test_a_journal_in_use_by_another_run_is_refused_with_one_line(tmp_path, caps
         assert main(["sim", "--scenario", str(tmp_path / "s.toml"), "--quiet", "--journal", str(journal)]) == 2
         err = capsys.readouterr().err
         assert f"journal {journal} is in use by another run" in err and "Traceback" not in err
-        from firmware_py.sim.simulation import lock_bench_journal
         with pytest.raises(InputError, match="is in use by another run"):  # the run's own lock, past check_outputs
             lock_bench_journal(journal)
     finally:
