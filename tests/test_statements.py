@@ -152,6 +152,28 @@ def test_a_crash_and_restart_bills_the_meter_gap_the_journal_records(crashed, tm
     assert verify(tmp_path / "s.json", crashed) == 0
 
 
+def test_a_restarted_discharge_revised_into_a_charge_keeps_its_own_meter_gap(crashed, tmp_path):
+    """The energy records were read by request id alone: the discharge's restart gap was measured against
+    the charge's final record (negative, so "no meter gap billed" of the 30 Wh gap that was billed)."""
+    with Journal.open(crashed) as journal:
+        for item in (
+            DispatchRequest("peak", "openadr", DispatchKind.CHARGE, 3_000, 600.0, 3_600.0, received_at=600.0,
+                            revision=1),
+            DispatchAnswer.accepted("peak", 600.0),
+            EventEnergy(660.0, "peak", 40.0, 40.0, False),
+            DispatchEnded(900.0, "peak", "window closed"),
+            EventEnergy(900.0, "peak", 100.0, 101.0, True),
+        ):
+            journal.append_event(item)
+    statement = make(crashed, tmp_path / "s.json", "--event", "peak")
+    discharge, charge = statement["events"]
+    assert (discharge["kind"], discharge["status"], discharge["delivered_wh"]) == \
+        ("discharge", "closed_after_restart", 180.0)
+    assert any("meter gap of 30.0 Wh" in note for note in discharge["notes"]), discharge["notes"]
+    assert (charge["kind"], charge["delivered_wh"]) == ("charge", 100.0)
+    assert verify(tmp_path / "s.json", crashed) == 0
+
+
 def test_an_open_event_says_so(tmp_path):
     path = tmp_path / "journal.sqlite"
     with Journal.open(path) as journal:

@@ -119,7 +119,7 @@ def compose(summaries: list[EventSummary], ledger: Ledger, energy: dict[str, Ene
         if selection.event is None and not ledger.period.holds(tally.lo):
             continue
         lines.append(event_figures(summary, tally, terms, capacity_wh,
-                                   energy.get(summary.request_id, EnergyRecords())))
+                                   energy.get(key, EnergyRecords())))
     statement = {
         "format": FORMAT_VERSION,
         "gateway": {**gateway, "usable_capacity_wh": capacity_wh},

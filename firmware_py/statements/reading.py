@@ -82,7 +82,7 @@ def select_summaries(source: HeadBound, only: str | None) -> list[EventSummary]:
 def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary]) -> JournalFacts:
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
-    energy = _energy_records(source)
+    energy = _energy_records(source, summaries)
     tallies = {key: Tally(*window(s, journal_end), request_id=s.request_id,
                           gap_from=energy.get(key, EnergyRecords()).before_final_wall, span=s.span)
                for key, s in zip(line_keys(summaries), summaries, strict=True)}
@@ -115,19 +115,26 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
     return spans
 
 
-def _energy_records(source: HeadBound) -> dict[str, EnergyRecords]:
-    """Per event, the meter energy its last report before the final one billed, and when (wall time), with
-    the final figure: all within the event's last account (a final record closes an account; one the
-    event is delivered again after starts from 0 Wh, and must not measure against the old one's reports)."""
+def _energy_records(source: HeadBound, summaries: list[EventSummary]) -> dict[str, EnergyRecords]:
+    """Per line (`line_keys`), the meter energy its last report before the final one billed, and when (wall
+    time), with the final figure: all within its last account (a final record closes an account; one the
+    event is delivered again after starts from 0 Wh, and must not measure against the old one's reports).
+
+    Each record goes to the line whose summary holds it: an id's second line (a revision that turned a
+    discharge into a charge) has records of its own, and the discharge's restart gap was measured against
+    the charge's final record (negative: "no meter gap billed" of a gap that was)."""
+    line_of = {entry.seq: key for key, summary in zip(line_keys(summaries), summaries, strict=True)
+               for entry in summary.timeline if entry.kind == RecordKind.EVENT_ENERGY}
     last: dict[str, tuple[float, float]] = {}
     found: dict[str, EnergyRecords] = {}
     for record in source.iter_records({RecordKind.EVENT_ENERGY}):
-        request_id = str(record.payload.get("request_id"))
+        if (key := line_of.get(record.seq)) is None:
+            continue  # an event no line is for (`statement --event` names another)
         meter = number(record.payload.get("meter_wh"))
         if record.payload.get("final"):
-            found[request_id] = EnergyRecords(*last.pop(request_id, (None, None)), final_wh=meter)
+            found[key] = EnergyRecords(*last.pop(key, (None, None)), final_wh=meter)
         elif meter is not None:
-            last[request_id] = (meter, record.wall)
+            last[key] = (meter, record.wall)
     return found
 
 
