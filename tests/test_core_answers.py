@@ -474,10 +474,11 @@ def test_an_event_asked_again_after_a_cancel_carries_its_energy_into_what_a_stop
     assert reopened.last is not None and reopened.last.meter_wh == pytest.approx(served, abs=1e-3)
 
 
-def test_an_event_whose_revision_was_refused_continues_its_account_when_served_again():
-    """A modification refused in an outage kept the event's energy in the book, but the standing setting's
-    re-ask opened a new account at 0 Wh: the event's last record, what statements bill, left out what it had
-    delivered before (and a second refused revision dropped the book's energy too)."""
+def _refused_in_an_outage(revision_kind: DispatchKind, revisions: tuple[int, ...] = (1,)
+                          ) -> tuple[Run, DispatchRequest, float]:
+    """A discharge that delivered for 120 s, then revisions of `revision_kind` refused in an outage (the first
+    ends the discharge; the book keeps its energy under each refusal), and the grid back: the run, the
+    original and what it delivered."""
     original = discharge("e", 0.0, 0.0, 3_600, 6_000, source="vtn")
     run = Run(ready(0.0))
     run.feed(original)
@@ -485,12 +486,20 @@ def test_an_event_whose_revision_was_refused_continues_its_account_when_served_a
     delivered = run.c.book.find("e").meter_wh
     run.t += 1
     run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh, grid_outage=True))
-    for revision in (1, 2):  # refused OUTAGE, both: the book keeps the energy under the refusal
-        refused = run.feed(replace(original, target_w=5_000, revision=revision, received_at=run.t))
+    for revision in revisions:
+        refused = run.feed(replace(original, kind=revision_kind, target_w=5_000, revision=revision, received_at=run.t))
         assert refused.answer_for("e").reason is ReasonCode.OUTAGE
         assert run.c.book.find("e").meter_wh == pytest.approx(delivered)
     run.t += 1
     run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh))
+    return run, original, delivered
+
+
+def test_an_event_whose_revision_was_refused_continues_its_account_when_served_again():
+    """A modification refused in an outage kept the event's energy in the book, but the standing setting's
+    re-ask opened a new account at 0 Wh: the event's last record, what statements bill, left out what it had
+    delivered before (and a second refused revision dropped the book's energy too)."""
+    run, original, delivered = _refused_in_an_outage(DispatchKind.DISCHARGE, revisions=(1, 2))
     again = run.feed(replace(original, target_w=5_000, revision=3, received_at=run.t))
     assert again.answer_for("e").verdict is Verdict.ACCEPTED
     (reopened,) = still_open(run.records).values()  # what a stop or a restart would close it at
@@ -500,24 +509,6 @@ def test_an_event_whose_revision_was_refused_continues_its_account_when_served_a
     assert run.final("e") is not None
     last = [e for e in run.events if isinstance(e, EventEnergy) and e.request_id == "e"][-1]
     assert last.final and last.meter_wh == pytest.approx(run.meter_wh, abs=1e-2)
-
-
-
-def _refused_in_an_outage(revision_kind: DispatchKind) -> tuple[Run, DispatchRequest, float]:
-    """A discharge that delivered for 120 s, then a revision of `revision_kind` refused in an outage (which
-    ends the discharge, its account kept), and the grid back: the run, the original and what it delivered."""
-    original = discharge("e", 0.0, 0.0, 3_600, 6_000, source="vtn")
-    run = Run(ready(0.0))
-    run.feed(original)
-    run.run(120)
-    delivered = run.c.book.find("e").meter_wh
-    run.t += 1
-    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh, grid_outage=True))
-    refused = run.feed(replace(original, kind=revision_kind, target_w=5_000, revision=1, received_at=run.t))
-    assert refused.answer_for("e").reason is ReasonCode.OUTAGE
-    run.t += 1
-    run.feed(bms(run.t), inverter(run.t, tot_wh_inj=run.meter_wh))
-    return run, original, delivered
 
 
 def test_a_charge_served_after_its_refused_revision_opens_its_own_account():
