@@ -93,7 +93,7 @@ DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None) -> None:
     """Every file the run will write is writable where asked, each its own, and the journal's place
     free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
-    from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal
+    from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal, lock_path
 
     problems, taken = [], {}
     for option, path in outputs.items():
@@ -110,8 +110,10 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
         taken.setdefault(path.resolve(), option)
     if outputs.get("--journal") is not None and not problems:
         try:
-            # In use by another run: say so, not "not a bench journal" of a journal that run is making.
-            os.close(lock_bench_journal(outputs["--journal"]))
+            # In use by another run: say so, not "not a bench journal" of a journal that run is making. Only
+            # a lock file already there can be held; none is made for a journal refused next.
+            if lock_path(outputs["--journal"]).exists():
+                os.close(lock_bench_journal(outputs["--journal"]))
             check_bench_journal(outputs["--journal"])
         except InputError as err:
             problems += err.problems

@@ -660,3 +660,13 @@ def test_a_journal_in_use_by_another_run_is_refused_with_one_line(tmp_path, caps
             lock_bench_journal(journal)
     finally:
         os.close(fd)
+
+
+def test_a_journal_refused_as_no_bench_journal_gets_no_lock_file_beside_it(tmp_path, capsys):
+    """The lock probe made `notes.db.lock` beside a file `sim --journal` then refused to overwrite."""
+    (tmp_path / "notes.db").write_text("the owner's notes\n")
+    (tmp_path / "s.toml").write_text("[run]\nduration_s = 2\n")
+    journal = str(tmp_path / "notes.db")
+    assert main(["sim", "--scenario", str(tmp_path / "s.toml"), "--quiet", "--journal", journal]) == 2
+    assert "is not a bench journal" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db", "s.toml"]
