@@ -6,10 +6,11 @@ heap; the pages of chunks freed below it stay resident. The journal's batches (J
 SQLite's work leave such holes: in a 24-hour simulated soak the heap in use stayed flat (16.4 to
 16.7 MB) while its free lists grew from 0.7 to 7 MB, and RSS with them. `malloc_trim(0)` gives
 every whole free page back; with it once an hour the 24-hour soak's RSS stayed at 78.6-79.1 MB
-from its second hour to its last. Once more when the service is READY, for what start-up left
-(the DBC's parse, the journal's read-back): 79.4 MB with every interface instead of 80.1-80.3 MB. It runs where the journal's writes run (a worker thread in
-`run`) and takes about a millisecond, holding each malloc arena in turn meanwhile. Where the C
-library is not glibc (musl, macOS) there is no such call and nothing is done.
+from its second hour to its last. The hourly one runs where the journal's writes run (a worker
+thread in `run`) and takes about a millisecond, holding each malloc arena in turn meanwhile. One
+more runs when the service is READY, for what start-up left (the DBC's parse, the journal's
+read-back): 79.4 MB with every interface instead of 80.1-80.3 MB. Where the C library is not
+glibc (musl, macOS) there is no such call and nothing is done.
 """
 
 from __future__ import annotations
