@@ -472,12 +472,13 @@ def _check_timeout_against_the_dbc(config: Config) -> None:
 
 
 def _open_journal(config: Config, clocks: Clocks) -> Journal:
-    """The journal, a refusal naming its key: SQLite's "unable to open database file" named neither."""
+    """The journal, a refusal naming the configuration file and its key, as `check`'s do: SQLite's "unable to
+    open database file" named neither."""
     try:
         return Journal.open(config.journal.path, busy_timeout_s=config.journal.busy_timeout_s,
                             wall_clock=clocks.wall)
     except InputError as err:
-        raise InputError(_keyed("journal.path", err.problems)) from err
+        raise InputError([f"{config.source}: {p}" for p in _keyed("journal.path", err.problems)]) from err
 
 
 def _keyed(key: str, problems: list[str]) -> list[str]:

@@ -327,6 +327,19 @@ def test_a_file_at_the_journals_path_that_is_no_journal_is_refused_as_run_refuse
         assemble(config.load(path), lambda: 0.0)
 
 
+def test_a_journal_run_cannot_open_is_named_by_file_and_key_as_check_config_names_its_problems(tmp_path):
+    """Only what opening tells (live segment gone, its archives beside it) read `journal.path: ...` without
+    the configuration file every other refusal of `run` names first."""
+    path = write(tmp_path, '[journal]\npath = "j.sqlite"\n')
+    with Journal.open(tmp_path / "j.000001.sqlite"):
+        pass
+    with pytest.raises(InputError) as refused:
+        assemble(config.load(path), lambda: 0.0)
+    assert refused.value.problems == [f"{path}: journal.path: {tmp_path}/j.sqlite: missing, but archived segments "
+                                      "of it are beside it (j.000001.sqlite, ...); restore it, or move the archives "
+                                      "away to start a new journal"]
+
+
 def test_an_empty_file_or_a_journal_at_the_journals_path_is_valid_and_left_as_it_was(tmp_path, capsys):
     path = write(tmp_path, '[journal]\npath = "j.sqlite"\n')
     (tmp_path / "j.sqlite").touch()  # `run` makes the journal in it
