@@ -518,7 +518,8 @@ def simulator(loaded: scenario.Scenario) -> dict[str, Any]:
     own_peak = _restart_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
-    rss_mb = _peak_rss_mb() if own_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = process_bench.proc_status(os.getpid())["peak_rss_mb"] if own_peak else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = outcome.summary
     return {"what": f"bench simulator, scenario {loaded.name}", "target_speed_x": 1000, "sim_s": s["sim_s"],
             "wall_s": s["wall_s"], "speed_x": s["speed_x"], "max_rss_mb": round(rss_mb, 1),
@@ -526,21 +527,16 @@ def simulator(loaded: scenario.Scenario) -> dict[str, Any]:
 
 
 def _restart_peak_rss() -> bool:
-    """Count the process's peak RSS afresh from here (Linux: `clear_refs` 5 resets VmHWM), so the simulator's
-    figure in a whole `bench` run is its own, not that of the benchmarks run before it in this process
-    (114.9 MB read that way against the simulator's 80 MB alone). False where the system cannot."""
+    """Count the process's peak RSS afresh from here (Linux: `clear_refs` 5 resets VmHWM, which
+    `process_bench.proc_status` reads), so the simulator's figure in a whole `bench` run is its own,
+    not that of the benchmarks run before it in this process (114.9 MB read that way against the
+    simulator's 80 MB alone). False where the system cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
         return True
     except OSError:
         return False
-
-
-def _peak_rss_mb() -> float:
-    """The peak RSS since `_restart_peak_rss`, MB."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
 
 SOAK_FAULT_EVERY_S = 31 * 60
@@ -577,7 +573,8 @@ def soak(hours: float) -> dict[str, Any]:
 
     def sample(bench) -> None:
         if not samples or bench.t - samples[-1][0] >= 3600:
-            samples.append((bench.t, _rss_mb(), len(os.listdir("/proc/self/fd"))))
+            status = process_bench.proc_status(os.getpid())
+            samples.append((bench.t, status["rss_mb"], int(status["fds"])))
 
     with tempfile.TemporaryDirectory() as tmp:
         options = SimulationOptions(journal_path=Path(tmp) / "j.sqlite", on_progress=sample, progress_every_s=0.0)
@@ -607,14 +604,6 @@ class _Discard(list):
 
     def append(self, item: Any) -> None:
         pass
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def machine() -> dict[str, Any]:

@@ -68,10 +68,13 @@ async def listening(port: int, what: str, deadline: float) -> None:
 
 
 def proc_status(pid: int) -> dict[str, float]:
-    """RSS (MB) and open file descriptors of process `pid`."""
+    """RSS and peak RSS (MB, VmHWM: since the start or the last reset of `/proc/PID/clear_refs`) and open
+    file descriptors of process `pid`."""
     with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
-    return {"rss_mb": round(rss, 1), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+        kib = {name: int(value.split()[0]) for name, _, value in (line.partition(":") for line in status)
+               if name in ("VmRSS", "VmHWM")}
+    return {"rss_mb": kib["VmRSS"] / 1024, "peak_rss_mb": kib["VmHWM"] / 1024,
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def mosquitto() -> str | None:
@@ -225,7 +228,7 @@ async def processes(workdir: Path, steady_s: float = 10.0) -> dict[str, Any]:
                     "DER server, owner API, web app, metrics "
                     f"and {'MQTT to mosquitto' if broker else 'no MQTT (mosquitto is not installed)'} enabled)",
             "start_s": round(start_s, 3), "ready_with_fresh_data": fresh, "target_start_s": 2,
-            "rss_mb": last["rss_mb"], "rss_mb_after_2_s": first["rss_mb"], "target_rss_mb": 80,
+            "rss_mb": round(last["rss_mb"], 1), "rss_mb_after_2_s": round(first["rss_mb"], 1), "target_rss_mb": 80,
             "fds": last["fds"], "fds_after_2_s": first["fds"], "steady_s": steady_s}
 
 
