@@ -63,7 +63,7 @@ class FaultWatch:
     mode, or a new reason for its command. A change the requests explain (a window closing or
     opening, a cancellation: another request in force) is no reaction to the fault: it becomes
     the new baseline, and so does a fault raised that this kind cannot cause (`RAISABLE`): another
-    fault's doing. A fault is watched only until it has ended plus `grace_s`, the time the gateway
+    fault's doing. A fault is watched only until it has ended plus the time the gateway
     needs to judge what it touched stale: a reaction later than that is to something else. Safe =
     the inverter at 0 W after that (for a grid outage: serving the house in BACKUP).
     """
@@ -73,8 +73,7 @@ class FaultWatch:
     mode: Mode
     reason: str
     asked: str | None  # the request in force (whatever faults allow of it)
-    until: float = math.inf  # when the injected fault ends
-    grace_s: float = 0.0
+    watched_until: float = math.inf  # its end plus the time the gateway needs to judge its data stale (`_grace_s`)
     ignored: bool = False  # the scenario expects no reaction ([[fault]] ignored)
     detected_at: float | None = None
     safe_at: float | None = None
@@ -281,7 +280,7 @@ class Simulation:
             self.node.inject(f.kind, until, f.message)
         c = self.gateway.controller
         self.faults.append(FaultWatch(f.kind, self.t, c.mode, self.gateway.command.reason, _in_force(c, self.t),
-                                      until=until, grace_s=self._grace_s(f.kind, f.message), ignored=f.ignored))
+                                      watched_until=until + self._grace_s(f.kind, f.message), ignored=f.ignored))
 
     def _grace_s(self, kind: str, message: str) -> float:
         """How long after a fault ends the gateway may still rightly react to it: the time it takes to
@@ -298,7 +297,7 @@ class Simulation:
 
     def _observe(self, result: StepResult) -> None:
         """Note when each injected fault was noticed and when the inverter became safe."""
-        pending = [w for w in self.faults if w.detected_at is None and self.t <= w.until + w.grace_s + 1e-9]
+        pending = [w for w in self.faults if w.detected_at is None and self.t <= w.watched_until + 1e-9]
         if not pending:
             return
         c = result.controller
