@@ -82,10 +82,11 @@ def select_summaries(source: HeadBound, only: str | None) -> list[EventSummary]:
 def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary]) -> JournalFacts:
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
-    energy = _energy_records(source, summaries)
+    lines = dict(zip(line_keys(summaries), summaries, strict=True))
+    energy = _energy_records(source, lines)
     tallies = {key: Tally(*window(s, journal_end), request_id=s.request_id,
                           gap_from=energy.get(key, EnergyRecords()).before_final_wall, span=s.span)
-               for key, s in zip(line_keys(summaries), summaries, strict=True)}
+               for key, s in lines.items()}
     ledger = Ledger(period, tallies)
     backup = _backup_spans(source)
     capacity = _fold_steps(source, ledger, backup)
@@ -115,15 +116,15 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
     return spans
 
 
-def _energy_records(source: HeadBound, summaries: list[EventSummary]) -> dict[str, EnergyRecords]:
-    """Per line (`line_keys`), the meter energy its last report before the final one billed, and when (wall
+def _energy_records(source: HeadBound, lines: dict[str, EventSummary]) -> dict[str, EnergyRecords]:
+    """Per line (`line_keys` → its summary), the meter energy its last report before the final one billed, and when (wall
     time), with the final figure: all within its last account (a final record closes an account; one the
     event is delivered again after starts from 0 Wh, and must not measure against the old one's reports).
 
     Each record goes to the line whose summary holds it: an id's second line (a revision that turned a
     discharge into a charge) has records of its own, and the discharge's restart gap was measured against
     the charge's final record (negative: "no meter gap billed" of a gap that was)."""
-    line_of = {entry.seq: key for key, summary in zip(line_keys(summaries), summaries, strict=True)
+    line_of = {entry.seq: key for key, summary in lines.items()
                for entry in summary.timeline if entry.kind == RecordKind.EVENT_ENERGY}
     last: dict[str, tuple[float, float]] = {}
     found: dict[str, EnergyRecords] = {}
