@@ -29,7 +29,9 @@ from ports import free_port
 from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main
 from firmware_py.commissioning import commands as commission_commands
+from firmware_py.commissioning.judgement import judge_can
 from firmware_py.commissioning.probes import message_specs, observe_can
+from firmware_py.commissioning.report import Outcome
 from firmware_py.config import bundled_dbc
 from firmware_py.journal import Journal
 
@@ -167,9 +169,6 @@ def test_another_program_on_the_owner_api_address_is_refused_but_not_called_a_ga
 def test_a_bus_that_fails_during_the_window_is_a_failed_bus_check_not_a_crash():
     """An adapter unplugged or a CAN server gone mid-window: the bus check fails naming it, and the
     commissioning goes on to the inverter (the command's no-bus path)."""
-    from firmware_py.commissioning.judgement import judge_can
-    from firmware_py.commissioning.report import Outcome
-
     bus = can.Bus(interface="virtual", channel="commission-lost")
     bus.shutdown()  # every receive now fails
     obs = observe_can(bus, BmsReader(bundled_dbc("cybertruck_bms.dbc"), clock=lambda: 0.0), 1.0,
@@ -280,6 +279,25 @@ def test_under_nohup_a_hang_up_leaves_commissioning_running(tmp_path: Path, caps
         tx.shutdown()
     steps = {s["step"]: s for s in json.loads((tmp_path / "report.json").read_text())["steps"]}
     assert steps["can"]["outcome"] == "pass", capsys.readouterr().out
+
+
+def test_a_fast_message_held_up_as_the_window_closes_is_still_believed():
+    """Every frame queued before a 0.2 s window: at its end the 10 ms HvBattAmpVolt's last frame is up to
+    0.2 s old, past its 30 ms timeout but within the lateness the message checks allow (`LATE_S`). Judged
+    at that one instant, a loaded gateway's 30 ms hiccup failed a healthy bus's values."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    channel = "commission-held-up"
+    rx, tx = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    try:
+        BmsNode(Battery(soc_pct=70), tx, dbc).emit_due(0.0)
+        obs = observe_can(rx, BmsReader(dbc, clock=time.monotonic), 0.2, where=f"virtual {channel}",
+                          usable_capacity_wh=123_000)
+    finally:
+        rx.shutdown()
+        tx.shutdown()
+    assert not {"pack_voltage_v", "pack_current_a"} & obs.stale
+    (values,) = [c for c in judge_can(obs, []) if c.name == "values"]
+    assert values.outcome is Outcome.PASS, values.detail
 
 
 def test_a_bms_that_falls_silent_part_way_through_the_window_is_stale_at_its_end():

@@ -119,7 +119,7 @@ class CanObservation:
     refused: Mapping[int, Mapping[str, int]] = field(default_factory=dict)  # DBC id -> reason -> count
     last_refusal: str = ""
     values: Mapping[str, Any] = field(default_factory=dict)  # the reader's snapshot at the end
-    stale: frozenset[str] = frozenset()
+    stale: frozenset[str] = frozenset()  # past their timeout by more than LATE_S at the end, or refused since
     mapped: tuple[str, ...] = ()  # the snapshot fields the configuration maps to a signal
     usable_capacity_wh: float = 0.0
     open_error: str = ""  # the bus could not be opened, or failed during the window

@@ -27,6 +27,7 @@ from firmware_py.bms.reader import BmsReader
 from firmware_py.commissioning.judgement import (
     NO_ANSWER,
     CanObservation,
+    LATE_S,
     InverterObservation,
     MessageSpec,
     Reach,
@@ -127,9 +128,11 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
         else:
             refused.setdefault(fid, Counter()).update(reader.dropped - before_drops)
     # As of the window's end (or the stop), not its last BMS frame: a BMS that fell silent part-way through
-    # the window has its fields stale here, as the gateway would see them (not how late its own last look came).
+    # the window has its fields stale here, as the gateway would see them (not how late its own last look came),
+    # less the lateness the message checks allow (`LATE_S`): one 10 ms frame held up 30 ms by a loaded gateway's
+    # scheduling as the window closed failed a healthy bus's values, judged at that one instant.
     ended_at = min(clock(), deadline)
-    snapshot = reader.snapshot(ended_at)
+    snapshot = reader.snapshot(ended_at - LATE_S)
     values = {name: getattr(snapshot, name) for name in reader.fields}
     return CanObservation(where=where, dbc=reader.db_path.name, window_s=window_s, frames=frames,
                           foreign_ids=tuple(sorted(foreign)), by_id=by_id, by_page=by_page, accepted=dict(accepted),
