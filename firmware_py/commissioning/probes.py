@@ -25,9 +25,9 @@ from firmware_py.assembly import INTEGRATIONS, Assembly, section
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.reader import BmsReader
 from firmware_py.commissioning.judgement import (
+    LATE_S,
     NO_ANSWER,
     CanObservation,
-    LATE_S,
     InverterObservation,
     MessageSpec,
     Reach,
