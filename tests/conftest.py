@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, settings
 
+from firmware_py.narration import QUIETED
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"
 
@@ -47,12 +49,16 @@ def tesla_capture():
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A command run in-process (`main([...])`) sets up logging on the stderr pytest captured for
-    that test; later tests must not log into that closed stream, so the root logger is put back."""
+    that test; later tests must not log into that closed stream, so the root logger is put back, and
+    the libraries' levels it set (a test's outcome depended on which tests its worker had run before)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    quieted = {name: logging.getLogger(name).level for name in QUIETED}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, before in quieted.items():
+        logging.getLogger(name).setLevel(before)
 
 
 @pytest.fixture
