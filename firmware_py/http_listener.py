@@ -46,6 +46,8 @@ from firmware_py.errors import InputError
 from firmware_py.quoting import printable
 from firmware_py.tasks import seen_through
 
+log = logging.getLogger(__name__)
+
 SiteOf = Callable[[web.AppRunner], web.BaseSite]
 
 MAX_CONNECTIONS = 64
@@ -85,15 +87,15 @@ def _reason(error: BaseException) -> str:
 class _RefusedRequests(logging.Filter):
     """aiohttp logs a malformed request (a header over 8 KB, a bad request line, a body it cannot
     decode) as an ERROR with a traceback and the raw line; it has been answered with 400 already
-    (by aiohttp, or by the handler through `body_of`): one INFO line, and only the kind of fault
-    (the raw line may carry a token, in a header or a URL)."""
+    (by aiohttp, or by the handler through `body_of`): one INFO line of the gateway's own instead,
+    and only the kind of fault (the raw line may carry a token, in a header or a URL). Rewritten
+    in place, the line stayed aiohttp's, below the WARNING the service holds aiohttp's lines to."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, (HttpProcessingError, RequestPayloadError)):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "HTTP: refused a malformed request: %s", (_reason(error),)
-            record.exc_info = record.exc_text = None
+            log.info("HTTP: refused a malformed request: %s", _reason(error))
+            return False
         return True
 
 
