@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import datetime as dt
+import io
 import itertools
 import logging
 import math
@@ -30,8 +31,10 @@ from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
 from openleadr import client as openleadr_client
 from openleadr import messaging, objects
+from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
+from firmware_py import narration
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
@@ -828,6 +831,19 @@ def test_tls_vtn_with_the_wrong_fingerprint_is_ignored(tmp_path: Any) -> None:
 def test_config_mistakes_are_input_errors_naming_the_key(changes: dict[str, Any], key: str) -> None:
     with pytest.raises(InputError, match=key):
         OpenAdrVen(replace(OpenAdrConfig(), **changes), RATING_W)
+
+
+def test_a_registration_probe_says_what_openleadr_heard_with_logging_set_up_as_the_service_does():
+    """Commissioning's dispatch step (`probe_registration`) adds openleadr's own words to its answer;
+    with logging as `run` and `commission` set it up, openleadr's logger was held above them, and an
+    unreachable VTN was only "no answer". Its lines still stay out of the service's log."""
+    said = io.StringIO()
+    narration.configure_logging(stream=said)
+    url = f"http://127.0.0.1:{free_port()}/OpenADR2/Simple/2.0b"
+    problem = asyncio.run(OpenAdrVen(OpenAdrConfig(enabled=True, vtn_url=url), RATING_W).probe_registration())
+    assert problem is not None and problem.startswith(f"no answer from the VTN at {url} (")
+    assert "Cannot connect to host" in problem, problem
+    assert said.getvalue() == "" and logging.getLogger("openleadr").level == narration.QUIETED["openleadr"]
 
 
 # ---------------------------------------------------------------------- translation, no network

@@ -540,6 +540,9 @@ class OpenAdrVen:
         client = self._make_client()
         heard = _Heard()
         openleadr_log = logging.getLogger("openleadr")
+        level = openleadr_log.level
+        if not openleadr_log.isEnabledFor(logging.WARNING):  # as `run` and `commission` quiet it
+            openleadr_log.setLevel(logging.WARNING)  # the service's handler still drops it (`narration._quiet`)
         openleadr_log.addHandler(heard)
         try:
             response_type, payload = await client.query_registration()
@@ -552,6 +555,7 @@ class OpenAdrVen:
             return None
         finally:
             openleadr_log.removeHandler(heard)
+            openleadr_log.setLevel(level)
             if client.client_session is not None:
                 await client.client_session.close()
 
