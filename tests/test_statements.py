@@ -617,6 +617,77 @@ def test_a_second_accounts_restart_gap_is_measured_within_that_account_not_again
     assert not any("meter gap of" in note for note in event["notes"]), event["notes"]
 
 
+def pruned_while_open(path: Path, *, also_open: bool = False) -> None:
+    """A journal rotated while "peak" (and, `also_open`, an "early" event reported before it) ran, its archive
+    pruned: only the new segment's start holds the events' requests, answers and last reports (the carry).
+    The grid then fails after peak's last report (40 Wh flows in BACKUP), the run dies, and the next start
+    closes the open events with the meter 60 Wh on from peak's last report: a gap that holds the outage."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings, Transition
+    from firmware_py.journal import codec
+    from firmware_py.journal.kinds import RecordKind
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+
+    wall = [0.0]
+    events = [(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, 5.0, 20_000.0, received_at=5.0),
+               DispatchAnswer.accepted("peak", 10.0), EventEnergy(70.0, "peak", 150.0, 149.0, False,
+                                                                  meter_total_wh=1_150.0))]
+    if also_open:  # carried after peak's records, though reported before them: each keeps its own
+        events.append((DispatchRequest("early", "openadr", DispatchKind.DISCHARGE, 1_000, 2.0, 20_000.0,
+                                       received_at=2.0),
+                       DispatchAnswer.accepted("early", 3.0), EventEnergy(40.0, "early", 20.0, 20.0, False,
+                                                                          meter_total_wh=1_100.0)))
+    with Journal.open(path, wall_clock=lambda: wall[0]) as j:
+        j.append(START_KIND, 0.0, start_payload(Policy(), OwnerSettings(40, 0.0), 0.0), wall=0.0)
+        for records in events:
+            for record in records:
+                j.append_event(record, wall=getattr(record, "at", getattr(record, "received_at", 0.0)))
+        wall[0] = 1_000.0
+        j.rotate(1_000.0, [(str(RecordKind.of(r)), codec.jsonable(r)) for records in events for r in records])
+        j.append_event(Transition(1_020.0, Mode.DISCHARGE, Mode.BACKUP, "grid outage"), wall=1_020.0)
+        steps = [(1_000.0 + i * 10, (BmsSnapshot(1_000.0 + i * 10, soc_min_pct=70.0),
+                                     InverterStatus(1_000.0 + i * 10, measured_w=2_000.0, grid_outage=i >= 2,
+                                                    grid_connected=i < 2, tot_wh_inj=1_150.0 + 10 * i)))
+                 for i in range(7)]  # the meter 1_150 -> 1_210: 1_170 -> 1_210 in BACKUP (40 Wh)
+        j.append(STEPS_KIND, 1_060.0, encode_batch(steps), wall=1_060.0)
+        wall[0] = 10_000_000.0
+        assert [p.name for p in j.prune(1_070.0, 60.0)] == ["journal.000001.sqlite"]
+    assembly = gateway_on(path, [2_000.0])
+    try:
+        assert sorted(assembly.gateway.close_open_events(meter_total_wh=1_210.0)) == \
+            sorted(records[2].request_id for records in events)
+    finally:
+        assembly.close()
+
+
+def test_a_restart_gap_after_a_pruned_rotation_is_measured_from_the_carried_last_report(tmp_path):
+    """A rotation carries an open event's records into the new segment's start, where they stand at its seq;
+    the statement looked its energy records up again in the journal by seq, found none of the carried last
+    report once the archive was pruned, and so billed no restart gap: the outage energy in the 60 Wh gap
+    was credited (210 Wh, "no meter gap billed"). Unpruned, the same journal credits 160 Wh."""
+    path = tmp_path / "journal.sqlite"
+    pruned_while_open(path)
+    (event,) = make(path, tmp_path / "s.json", "--event", "peak", config=program_config(tmp_path, path))["events"]
+    assert (event["status"], event["delivered_wh"]) == ("closed_after_restart", 210.0)
+    assert any("meter gap of 60.0 Wh" in note for note in event["notes"]), event["notes"]
+    assert event["credited_wh"] == 160.0  # the gap's 40 Wh outage (and 10 Wh reported in it) never credited
+    assert verify(tmp_path / "s.json", path) == 0
+
+
+def test_events_carried_together_past_a_pruned_rotation_each_bill_their_own_restart_gap(tmp_path):
+    """Records carried by one rotation share the segment start's seq: each event's energy records are its own
+    summary's, so the gap goes to the event reported last and the other closes at its own last report."""
+    path = tmp_path / "journal.sqlite"
+    pruned_while_open(path, also_open=True)
+    statement = make(path, tmp_path / "s.json", config=program_config(tmp_path, path))
+    lines = {e["id"]: e for e in statement["events"]}
+    assert lines["peak"]["delivered_wh"] == 210.0 and lines["early"]["delivered_wh"] == 20.0
+    assert any("meter gap of 60.0 Wh" in note for note in lines["peak"]["notes"]), lines["peak"]["notes"]
+    assert any("no meter gap billed" in note for note in lines["early"]["notes"]), lines["early"]["notes"]
+    assert (lines["peak"]["credited_wh"], lines["early"]["credited_wh"]) == (160.0, 20.0)
+    assert verify(tmp_path / "s.json", path) == 0
+
+
 def test_an_events_throughput_is_priced_with_its_own_runs_capacity_not_a_later_runs(tmp_path):
     """The installer re-rates the pack (a later core start with another usable capacity): an earlier
     event's throughput, cycles and wear must not change with it, or the same month's statement made

@@ -42,10 +42,17 @@ clock starts again near 0 at every boot, so `at` alone cannot order records of d
 
 @dataclass(frozen=True)
 class TimelineEntry:
+    """One record of an event's timeline. An `EventEnergy` record's entry also keeps its meter reading (its
+    account's own figure, as recorded) and whether it was final: a statement bills an event's energy records
+    from the entries its summary was built from, since a record a rotation carried has no seq of its own
+    (it stands at its segment start's) and cannot be looked up again by seq."""
+
     at: float  # wall time
     seq: int
     kind: RecordKind | str
     text: str
+    meter_wh: float | None = None  # an `EventEnergy` record's meter reading; None for any other record
+    final: bool = False  # an `EventEnergy` record that closed its account
 
 
 @dataclass
@@ -291,6 +298,10 @@ def _discrepancy(meter_wh: float, integrated_wh: float) -> float | None:
 
 
 def _entry(record: Record) -> TimelineEntry:
+    if record.kind == RecordKind.EVENT_ENERGY:
+        return TimelineEntry(record.wall, record.seq, record.kind, describe(record),
+                             meter_wh=number(record.payload.get("meter_wh")),
+                             final=bool(record.payload.get("final", False)))
     return TimelineEntry(record.wall, record.seq, record.kind, describe(record))
 
 

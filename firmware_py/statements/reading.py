@@ -83,7 +83,7 @@ def read_facts(source: HeadBound, period: Period, summaries: list[EventSummary])
     """The samples folded into each event's tally, the outage energy and the energy records."""
     journal_end = source.newest()[1]
     lines = dict(zip(line_keys(summaries), summaries, strict=True))
-    energy = _energy_records(source, lines)
+    energy = _energy_records(lines)
     tallies = {key: Tally(*window(s, journal_end), request_id=s.request_id,
                           gap_from=energy.get(key, EnergyRecords()).before_final_wall, span=s.span)
                for key, s in lines.items()}
@@ -116,26 +116,29 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
     return spans
 
 
-def _energy_records(source: HeadBound, lines: dict[str, EventSummary]) -> dict[str, EnergyRecords]:
+def _energy_records(lines: dict[str, EventSummary]) -> dict[str, EnergyRecords]:
     """Per line (`line_keys` → its summary), the meter energy its last report before the final one billed, and when (wall
     time), with the final figure: all within its last account (a final record closes an account; one the
     event is delivered again after starts from 0 Wh, and must not measure against the old one's reports).
 
-    Each record goes to the line whose summary holds it: an id's second line (a revision that turned a
-    discharge into a charge) has records of its own, and the discharge's restart gap was measured against
-    the charge's final record (negative: "no meter gap billed" of a gap that was)."""
-    line_of = {entry.seq: key for key, summary in lines.items()
-               for entry in summary.timeline if entry.kind == RecordKind.EVENT_ENERGY}
-    last: dict[str, tuple[float, float]] = {}
+    Each line's records are the energy entries of its own summary's timeline (in journal order), the records
+    the summary was built from: an id's second line (a revision that turned a discharge into a charge) has
+    records of its own, and the discharge's restart gap was measured against the charge's final record
+    (negative: "no meter gap billed" of a gap that was). Read from the timeline, not looked up again in the
+    journal by seq: a record a rotation carried for an event whose archive was pruned stands at its
+    segment start's seq, which no `EventEnergy` record has (its last report was lost and its restart gap,
+    outage energy included, credited), and events carried together share that seq."""
     found: dict[str, EnergyRecords] = {}
-    for record in source.iter_records({RecordKind.EVENT_ENERGY}):
-        if (key := line_of.get(record.seq)) is None:
-            continue  # an event no line is for (`statement --event` names another)
-        meter = number(record.payload.get("meter_wh"))
-        if record.payload.get("final"):
-            found[key] = EnergyRecords(*last.pop(key, (None, None)), final_wh=meter)
-        elif meter is not None:
-            last[key] = (meter, record.wall)
+    for key, summary in lines.items():
+        last: tuple[float, float] | None = None
+        for entry in summary.timeline:
+            if entry.kind != RecordKind.EVENT_ENERGY:
+                continue
+            if entry.final:
+                found[key] = EnergyRecords(*(last or (None, None)), final_wh=entry.meter_wh)
+                last = None
+            elif entry.meter_wh is not None:
+                last = (entry.meter_wh, entry.at)
     return found
 
 
