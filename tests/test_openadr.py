@@ -803,13 +803,19 @@ def test_tls_and_signatures_registration_and_event(tmp_path: Any) -> None:
     run(scenario)
 
 
-def test_tls_vtn_with_the_wrong_fingerprint_is_ignored(tmp_path: Any) -> None:
+def test_tls_vtn_with_the_wrong_fingerprint_is_ignored_and_the_log_says_why(tmp_path: Any) -> None:
+    """With logging set up as `run` does, the link's one line said only "cannot register", as for a VTN
+    that refuses this VEN: openleadr's words (the fingerprints) were held back with its chatter."""
     tls = make_tls_material(tmp_path / "pki")
+    said = io.StringIO()
+    narration.configure_logging(stream=said)
 
     async def scenario() -> None:
         async with LoopbackVtn(poll_s=0, tls=tls) as vtn:
-            ven = make_ven(vtn, cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file),
-                           vtn_fingerprint=tls.ven_fingerprint)  # not the VTN's
+            config = replace(OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name),
+                             cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file),
+                             vtn_fingerprint=tls.ven_fingerprint)  # not the VTN's
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, link=LinkBook(time.monotonic).handle(Link.OPENADR))
             async with serving(ven, ScriptedSink(accept)) as task:
                 await vtn.wait_for(lambda: ven.registration_attempts >= 2)
                 assert not task.done()
@@ -817,6 +823,9 @@ def test_tls_vtn_with_the_wrong_fingerprint_is_ignored(tmp_path: Any) -> None:
         assert vtn.registrations == []   # the VTN's signed answers were refused before registering
 
     run(scenario)
+    (lost,) = [line for line in said.getvalue().splitlines() if "link lost: openadr" in line]
+    assert "cannot register with https://127.0.0.1:" in lost and "(The certificate fingerprint was incorrect" in lost
+    assert "openleadr" not in said.getvalue().replace(lost, "")  # its own lines stay out of the log
 
 
 @pytest.mark.parametrize("changes, key", [

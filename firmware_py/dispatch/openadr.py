@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -81,6 +81,7 @@ from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
+from firmware_py.quoting import printable
 from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -452,9 +453,10 @@ class OpenAdrVen:
                                      seconds=client.events_clean_up_period)
             while True:
                 if client.registration_id is None:
-                    self.registered = await self._register(client)
+                    with _openleadr_heard() as heard:
+                        self.registered = await self._register(client)
                     if not self.registered:
-                        self._tell(False, f"cannot register with {self.config.vtn_url}")
+                        self._tell(False, f"cannot register with {self.config.vtn_url}{heard.said()}")
                         await asyncio.sleep(backoff.next(REGISTRATION_RETRY_S))
                         continue
                     self._tell(True)
@@ -462,7 +464,8 @@ class OpenAdrVen:
                     if reporter is None and client.reports:
                         reporter = asyncio.create_task(client._report_queue_worker())
                 began = loop.time()
-                await client._poll()
+                with _openleadr_heard() as heard:
+                    await client._poll()
                 self._forget_ended()
                 if client.poll_ok:
                     if backoff.failures:
@@ -472,7 +475,8 @@ class OpenAdrVen:
                     await asyncio.sleep(next_poll_in(began, loop.time(), self._poll_s(client)))
                 else:
                     self.failed_polls += 1
-                    self._tell(False, f"VTN {self.config.vtn_url} unreachable; accepted events keep their windows")
+                    self._tell(False, f"VTN {self.config.vtn_url} unreachable{heard.said()}; accepted events keep "
+                                      "their windows")
                     await asyncio.sleep(backoff.next(self._poll_s(client)))
         finally:
             self.registered = False
@@ -538,24 +542,18 @@ class OpenAdrVen:
         no reports. None when the VTN registered this VEN, else why not (what openleadr logged
         included). Commissioning asks it; the running gateway registers again on its own."""
         client = self._make_client()
-        heard = _Heard()
-        openleadr_log = logging.getLogger("openleadr")
-        level = openleadr_log.level
-        if not openleadr_log.isEnabledFor(logging.WARNING):  # as `run` and `commission` quiet it
-            openleadr_log.setLevel(logging.WARNING)  # the service's handler still drops it (`narration._quiet`)
-        openleadr_log.addHandler(heard)
         try:
-            response_type, payload = await client.query_registration()
-            if response_type is None:
-                return f"no answer from the VTN at {self.config.vtn_url}{heard.said()}"
-            request_id = (payload.get("response") or {}).get("request_id")
-            await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
-            if client.registration_id is None:
-                return f"the VTN at {self.config.vtn_url} did not register VEN {self.config.ven_name!r}{heard.said()}"
-            return None
+            with _openleadr_heard() as heard:
+                response_type, payload = await client.query_registration()
+                if response_type is None:
+                    return f"no answer from the VTN at {self.config.vtn_url}{heard.said()}"
+                request_id = (payload.get("response") or {}).get("request_id")
+                await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
+                if client.registration_id is None:
+                    return (f"the VTN at {self.config.vtn_url} did not register VEN {self.config.ven_name!r}"
+                            f"{heard.said()}")
+                return None
         finally:
-            openleadr_log.removeHandler(heard)
-            openleadr_log.setLevel(level)
             if client.client_session is not None:
                 await client.client_session.close()
 
@@ -876,19 +874,41 @@ class OpenAdrVen:
         return BLOCKED_CODES[ReasonCode.OPTED_OUT] if t.opted_out else 0
 
 
+HEARD_KEPT, HEARD_CHARS = 4, 300
+"""How much of what openleadr said goes into a cause: a link's cause is one line of the log and the status."""
+
+
 class _Heard(logging.Handler):
-    """openleadr's own warnings and errors during one exchange (it logs the cause instead of raising)."""
+    """openleadr's own warnings and errors during one exchange (it logs the cause instead of raising):
+    a wrong fingerprint, a bad signature, a schema it refused, an HTTP error are only in its words."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if len(self.messages) < 4:
-            self.messages.append(record.getMessage().strip())
+        if len(self.messages) < HEARD_KEPT:
+            self.messages.append(printable(record.getMessage().strip())[:HEARD_CHARS])
 
     def said(self) -> str:
         return f" ({'; '.join(m for m in self.messages if m)})" if self.messages else ""
+
+
+@contextlib.contextmanager
+def _openleadr_heard() -> Iterator[_Heard]:
+    """What openleadr says meanwhile, for the cause the gateway gives. The service holds openleadr's
+    logger above its warnings (`narration.QUIETED`), so it is lowered meanwhile, and its lines are
+    still kept from the log by the service's handler (`narration._quiet`)."""
+    heard, openleadr_log = _Heard(), logging.getLogger("openleadr")
+    level = openleadr_log.level
+    if not openleadr_log.isEnabledFor(logging.WARNING):
+        openleadr_log.setLevel(logging.WARNING)
+    openleadr_log.addHandler(heard)
+    try:
+        yield heard
+    finally:
+        openleadr_log.removeHandler(heard)
+        openleadr_log.setLevel(level)
 
 
 def _describe(answer: DispatchAnswer) -> str:
