@@ -1287,3 +1287,65 @@ def test_a_statement_of_an_empty_journal_verifies(tmp_path):
     statement = make(journal, out, "--month", "2026-11")
     assert statement["events"] == [] and statement["journal_seq"] == 0
     assert verify(out, journal) == 0
+
+
+def test_a_duplicate_the_gateway_turned_away_changes_nothing_in_the_statement_the_report_or_the_summary(tmp_path, capsys):
+    """docs/dispatch.md: a request answered DUPLICATE "changes nothing". A served grid event (3 kW, 200-260 s)
+    is sent again by another source with other content (9 kW from 150 s to 600 s), and a served price
+    (revision 2: 0.70) again at its stale revision 1 with another price and end; the core refuses both and
+    runs on as before. The summary once took the duplicates' target, window, source and offered price as
+    they were read, before their answers: the statement billed a 9 kW event from 150 s, and the report and
+    the owner's earnings said so too."""
+    from dataclasses import replace
+
+    from firmware_py.core.types import PriceInterval, PriceKind
+    from firmware_py.journal.kinds import RecordKind
+
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.run_until(2)
+    plant.step(replace(plant.gateway.owner_settings(), received_at=plant.t, price_threshold_per_kwh=0.3,
+                       price_max_wh_per_day=100_000.0))
+    price = PriceInterval("tou/high", "oadr3", "tou", PriceKind.EXPORT_PRICE, 0.55, 30.0, 120.0, received_at=0.0)
+    grid = DispatchRequest("grid-1", "scenario", DispatchKind.DISCHARGE, 3_000, 200.0, 260.0, received_at=0.0)
+    for at, item in ((20, price), (40, replace(price, price_per_kwh=0.70, revision=2)),
+                     (60, replace(price, price_per_kwh=0.95, end=400.0, revision=1)),  # stale: DUPLICATE
+                     (180, grid),
+                     (190, replace(grid, source="other", target_w=9_000, start=150.0, end=600.0))):  # DUPLICATE
+        plant.run_until(at)
+        plant.step(replace(item, received_at=plant.t))
+    plant.run_until(300)
+    plant.stop()
+
+    answers = [(r.payload["request_id"], r.payload["verdict"], r.payload.get("reason"))
+               for r in Chain(path).iter_records({RecordKind.DISPATCH_ANSWER})]
+    assert answers == [("tou/high", "accepted", None), ("tou/high", "accepted", None),
+                       ("tou/high", "rejected", "DUPLICATE"), ("grid-1", "accepted", None),
+                       ("grid-1", "rejected", "DUPLICATE")], answers
+    summaries = {s.request_id: s for s in event_summaries(Chain(path))}
+    g, p = summaries["grid-1"], summaries["tou/high"]
+    assert (g.source, g.target_w, g.start, g.end, g.revision, g.verdict) == \
+        ("scenario", 3_000, 200.0, 260.0, 0, "accepted")
+    assert (p.source, p.start, p.end, p.revision, p.price_per_kwh, p.verdict) == \
+        ("oadr3", 30.0, 120.0, 2, 0.70, "accepted")
+    assert sum(e.kind == RecordKind.DISPATCH_REQUEST for e in g.timeline) == 2  # the duplicate is still told
+    assert sum(e.kind == RecordKind.PRICE_INTERVAL for e in p.timeline) == 3
+
+    events = {e["id"]: e for e in make(path, tmp_path / "s.json", config=program_config(tmp_path, path))["events"]}
+    line = events["grid-1"]
+    assert line["target_w"] == 3_000 and line["source"] == "scenario", line
+    assert line["window"]["from"] == "1970-01-01T00:03:20Z" and line["window"]["to"] == "1970-01-01T00:04:20Z"
+    assert 2_900 < line["avg_w"] <= 3_050
+    priced = events["tou/high"]
+    assert priced["source"] == "oadr3" and priced["window"]["to"] == "1970-01-01T00:02:00Z", priced
+    assert priced["credit"] == round(priced["credited_wh"] / 1000 * 0.70, 2) > 0
+    assert any("0.7 per kWh" in note for note in priced["notes"]), priced["notes"]
+    assert verify(tmp_path / "s.json", path) == 0
+
+    capsys.readouterr()
+    assert main(["report", "--journal", str(path), "--format", "json"]) == 0
+    reported = {e["request_id"]: e for e in json.loads(capsys.readouterr().out)["events"]}
+    assert {k: reported["grid-1"][k] for k in ("source", "target_w", "start", "end", "revision")} == \
+        {"source": "scenario", "target_w": 3_000, "start": 200.0, "end": 260.0, "revision": 0}
+    assert {k: reported["tou/high"][k] for k in ("source", "end", "revision", "price_per_kwh")} == \
+        {"source": "oadr3", "end": 120.0, "revision": 2, "price_per_kwh": 0.70}

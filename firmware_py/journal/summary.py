@@ -21,7 +21,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
-from firmware_py.core.types import DispatchAnswer, DispatchKind, ReasonCode, Verdict
+from firmware_py.core.energy import ASIDE
+from firmware_py.core.types import DispatchAnswer, DispatchKind, Verdict
 from firmware_py.core.types import describe as describe_answer
 from firmware_py.journal.codec import number
 from firmware_py.journal.kinds import RecordKind
@@ -131,11 +132,17 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
     the journal's length. A revision that turned a served event into the other kind
     (a discharge into a charge) ended it and began a new account: the id then has a
     second summary, so each kind's energy is billed as what it was.
+
+    A request or price record is held until the next record of its id, its answer, says whether it
+    counts (`_Held`): one the core set aside (`ASIDE`: a DUPLICATE, a price of the kind not followed)
+    changed nothing, so it is on the event's timeline but states none of its fields. It once
+    rewrote the event's target, window, source and offered price on arrival: a turned-away
+    duplicate billed the event as the duplicate asked.
     """
     events: dict[str, EventSummary] = {}
     windows: dict[str, _Window] = {}
     keys: dict[str, str] = {}  # request id -> the key of its summary now (a second one after a change of kind)
-    turning: dict[str, Record] = {}  # a revision to the other kind, until its answer says whether it began
+    held: dict[str, _Held] = {}  # a request or price record not yet applied: its answer says whether it counts
     # A restarted gateway's core starts with no account: an event it answers again starts from 0 Wh.
     for run, record in _positioned(source, EVENT_KINDS | {RecordKind.SEGMENT_START}):
         for own in _carried(record, events) if record.kind == RecordKind.SEGMENT_START else (record,):
@@ -143,21 +150,36 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
             if only is not None and request_id != only:
                 continue
             key = keys.setdefault(request_id, request_id)
-            if own.kind == RecordKind.DISPATCH_REQUEST and _changes_kind(events.get(key), own.payload.get("kind")):
-                turning[request_id] = own  # the old event's end and final energy come before its answer
+            waiting = held.get(request_id)
+            if waiting is not None and (not waiting.turning or own.kind == RecordKind.DISPATCH_ANSWER):
+                del held[request_id]
+                if waiting.turning:
+                    if own.payload.get("verdict") in SERVED:  # a new account, of the other kind
+                        key = keys[request_id] = f"{request_id}\x1f{len(events)}"
+                        events[key], windows[key] = EventSummary(request_id), _Window(
+                            first=(waiting.run, waiting.record.at), offset=waiting.record.offset)
+                        _apply(events[key], windows[key], waiting.record, waiting.run)
+                        events[key].timeline.append(_entry(waiting.record))
+                elif not _set_aside(events[key], own):
+                    _apply(events[key], windows[key], waiting.record, waiting.run)
+            if own.kind in (RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL):
+                turning = own.kind == RecordKind.DISPATCH_REQUEST and \
+                    _changes_kind(events.get(key), own.payload.get("kind"))
+                held[request_id] = _Held(own, run, turning)
+                # its place on the timeline is where it came, whatever its answer
+                if not turning:
+                    events.setdefault(key, EventSummary(request_id))
+                    windows.setdefault(key, _Window(first=(run, own.at), offset=own.offset))
                 events[key].timeline.append(_entry(own))
                 continue
-            revision = turning.pop(request_id, None) if own.kind == RecordKind.DISPATCH_ANSWER else None
-            if revision is not None and own.payload.get("verdict") in SERVED:  # a new account, of the other kind
-                key = keys[request_id] = f"{request_id}\x1f{len(events)}"
-                events[key], windows[key] = EventSummary(request_id), _Window(first=(run, revision.at),
-                                                                              offset=revision.offset)
-                _apply(events[key], windows[key], revision, run)
-                events[key].timeline.append(_entry(revision))
             summary = events.setdefault(key, EventSummary(request_id))
             window = windows.setdefault(key, _Window(first=(run, own.at), offset=own.offset))
             _apply(summary, window, own, run)
             summary.timeline.append(_entry(own))
+    for request_id, waiting in held.items():  # no answer came (a journal cut short): read it as it stands
+        if not waiting.turning:
+            key = keys[request_id]
+            _apply(events[key], windows[key], waiting.record, waiting.run)
     ran = []
     for key, summary in events.items():
         summary.discrepancy_pct = _discrepancy(summary.meter_wh, summary.integrated_wh)
@@ -172,6 +194,31 @@ def event_summaries(source: RecordSource, only: str | None = None) -> list[Event
     for summary in events.values():
         summary.timeline.sort(key=lambda e: e.seq)  # the journal's order is the order things happened
     return list(events.values())
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A request or price record waiting for the record that decides whether it counts.
+
+    Most wait only for the next record of their id and are applied before it, so they count just where they
+    stood: the gateway journals a request and what the core said to it in one transaction, and the next record
+    is its answer, or the end and final energy of the event a refused revision ends (which never sets it aside).
+    A revision turning a served event into the other kind (`turning`) waits for its answer itself: the old
+    event's end and final energy come before it, and a served answer begins a new account. One whose answer
+    never came (a journal cut short) is read as it stands, as it always was."""
+
+    record: Record
+    run: int
+    turning: bool
+
+
+def _set_aside(summary: EventSummary, answer: Record) -> bool:
+    """Whether `answer` says the record before it changed nothing: a refusal in `ASIDE` of an event the
+    journal already answered (when this is the first answer read for the id, its earlier records pruned, the
+    record is all the journal says of the event, and is kept, as the answer branch of `_apply` keeps it).
+    Any other refusal of a real revision still states what was asked (its DispatchEnded says why)."""
+    return (answer.kind == RecordKind.DISPATCH_ANSWER and answer.payload.get("reason") in ASIDE
+            and summary.verdict is not None)
 
 
 def _positioned(source: RecordSource, kinds: Collection[RecordKind | str]) -> Iterator[tuple[int, Record]]:
@@ -237,7 +284,7 @@ def _apply(summary: EventSummary, window: _Window, record: Record, run: int) -> 
         # energy already delivered was served: the event keeps its served answer, and is billed.
         refused_after_serving = summary.verdict in SERVED and p.get("verdict") not in SERVED
         if not refused_after_serving and (
-                p.get("reason") not in (ReasonCode.DUPLICATE, ReasonCode.PRICE_KIND) or summary.verdict is None):
+                p.get("reason") not in ASIDE or summary.verdict is None):
             if window.offered is not None and p.get("verdict") in SERVED:  # the price it now discharges for
                 summary.price_per_kwh, summary.price_kind = window.offered
             if p.get("verdict") in SERVED and (summary.final or summary.verdict not in SERVED):  # an account opens
