@@ -717,7 +717,7 @@ def test_huge_numbers_and_deep_nesting_get_400_not_500(tmp_path, body, message):
 
 def test_a_header_over_8_kb_is_refused_in_one_log_line_without_traceback(tmp_path, caplog):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
-    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+    with caplog.at_level(logging.INFO), Serving(OwnerApi(cfg, start_port(cfg))) as api:
         conn = commands._connection(parse_listen(api.address))
         try:
             conn.request("GET", "/status", headers={"X-Big": "a" * 9000})
