@@ -8,6 +8,7 @@ failed, 2 bad input (with a message on stderr naming file, key and reason).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -17,6 +18,7 @@ from firmware_py.errors import InputError
 from firmware_py.heap import collection_paused
 from firmware_py.narration import configure_command_logging
 from firmware_py.quoting import printable
+from firmware_py.tasks import stop_signals_noted
 from firmware_py.version import software_version
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -59,8 +61,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+NOTES_STOP_SIGNALS = ("run", "commission")
+"""The commands that take the stop signals over for a safe stop: until they do, one is noted, not fatal."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    noting = argv[0] in NOTES_STOP_SIGNALS if argv else False
+    with stop_signals_noted() if noting else contextlib.nullcontext():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     with collection_paused():  # the command's modules are imported here
         parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

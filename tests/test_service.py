@@ -18,6 +18,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import can
+import pytest
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
+from ports import free_port
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc
@@ -383,6 +387,42 @@ def test_a_sigterm_while_start_up_waits_on_a_silent_inverter_goes_straight_to_th
     assert "gateway running" not in caplog.text
     assert "safe stop: the inverter could not be told (no answer within 0.5 s)" in caplog.text
     assert "gateway stopped: journal closed" in caplog.text
+
+
+SIGNALLED_WHILE_ASSEMBLING = """
+import os, signal, sys
+from firmware_py import cli, service
+assemble = service.assemble
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), int(sys.argv[2]))  # as `systemctl stop` (or a closed terminal) while assembling
+    return assemble(*args, **kwargs)
+service.assemble = signalled
+sys.exit(cli.main(["run", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stop_signal_before_the_loop_takes_the_signals_over_is_a_clean_stop_with_exit_0(tmp_path: Path, sig):
+    """`run` takes the stop signals over once imported, configured and assembled: a signal before that
+    killed the process (exit -15, -1) or became a KeyboardInterrupt (exit 1), outside the 0/1/2 contract."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"""
+[can]
+interface = "virtual"
+channel = "service-early-{sig.name}"
+[inverter]
+port = {free_port()}
+timeout_s = 0.2
+[owner]
+api_listen = "127.0.0.1:0"
+[journal]
+path = "journal.sqlite"
+""", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_ASSEMBLING, str(path), str(int(sig))],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "gateway stopped: journal closed" in done.stderr and "gateway running" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_an_inverter_that_refuses_the_safe_stop_but_answers_is_still_read_for_the_final_energy(tmp_path: Path):

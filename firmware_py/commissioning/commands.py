@@ -43,7 +43,7 @@ from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
-from firmware_py.tasks import stop_signals
+from firmware_py.tasks import stop_noted, stop_signals
 from firmware_py.version import software_version
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,9 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
     loop = asyncio.get_running_loop()
     for sig in stop_signals():  # SIGHUP too: the installer's SSH session dropped, unless run under nohup
         loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
+    if stop_noted():  # one came while importing or loading the configuration
+        stop.set()
+        stop_thread.set()
     where = f"{config.can.interface} {config.can.channel}"
     reader = reader_from_config(config, time.monotonic)
     try:
