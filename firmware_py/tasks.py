@@ -184,6 +184,7 @@ def stop_signals_noted() -> Iterator[None]:
         for sig, handler in previous.items():
             if signal.getsignal(sig) is note and handler is not None:
                 signal.signal(sig, handler)
+        _noted.clear()  # the command that noted it has ended: a later one in this process starts afresh
 
 
 def stop_noted() -> bool:

@@ -855,6 +855,25 @@ def test_a_registration_probe_says_what_openleadr_heard_with_logging_set_up_as_t
     assert said.getvalue() == "" and logging.getLogger("openleadr").level == narration.QUIETED["openleadr"]
 
 
+def test_hearings_that_overlap_each_hear_and_openleadrs_level_comes_back_with_the_last():
+    """Each put back the level it found: the first to end held openleadr above the second's warnings,
+    and the second then left it lowered for good."""
+    openleadr_log = logging.getLogger("openleadr")
+    before = openleadr_log.level
+    openleadr_log.setLevel(logging.CRITICAL)  # as the service holds it
+    try:
+        first, second = openadr_module._openleadr_heard(), openadr_module._openleadr_heard()
+        first.__enter__()
+        heard = second.__enter__()
+        first.__exit__(None, None, None)
+        openleadr_log.warning("the VTN said 401")
+        second.__exit__(None, None, None)
+        assert heard.said() == " (the VTN said 401)"
+        assert openleadr_log.level == logging.CRITICAL
+    finally:
+        openleadr_log.setLevel(before)
+
+
 # ---------------------------------------------------------------------- translation, no network
 
 NOW = dt.datetime(2026, 7, 1, 18, 0, tzinfo=UTC)

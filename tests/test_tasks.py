@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
-from firmware_py.tasks import cancel_all
+from firmware_py.tasks import cancel_all, stop_noted, stop_signals_noted
 
 WAIT_S = 10.0
 
@@ -103,3 +105,14 @@ def test_an_unbounded_wait_returns_nothing_left():
         return await asyncio.wait_for(cancel_all([task]), WAIT_S)
 
     assert asyncio.run(main()) == set()
+
+
+def test_a_stop_signal_noted_while_a_command_starts_is_forgotten_when_it_ends():
+    """A signal noted for one command (a `run` that then refused its configuration) stopped the next
+    one in the same process (a test's, a tool's) at its first look."""
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_signals_noted():
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not fatal
+        assert stop_noted()
+    assert not stop_noted()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -899,16 +899,25 @@ def _openleadr_heard() -> Iterator[_Heard]:
     """What openleadr says meanwhile, for the cause the gateway gives. The service holds openleadr's
     logger above its warnings (`narration.QUIETED`), so it is lowered meanwhile, and its lines are
     still kept from the log by the service's handler (`narration._quiet`)."""
+    global _level_before_hearing
     heard, openleadr_log = _Heard(), logging.getLogger("openleadr")
-    level = openleadr_log.level
-    if not openleadr_log.isEnabledFor(logging.WARNING):
-        openleadr_log.setLevel(logging.WARNING)
+    if not _hearing:  # the first of overlapping ones lowers it, the last puts it back
+        _level_before_hearing = openleadr_log.level
+        if not openleadr_log.isEnabledFor(logging.WARNING):
+            openleadr_log.setLevel(logging.WARNING)
+    _hearing.append(heard)
     openleadr_log.addHandler(heard)
     try:
         yield heard
     finally:
         openleadr_log.removeHandler(heard)
-        openleadr_log.setLevel(level)
+        _hearing.remove(heard)
+        if not _hearing:
+            openleadr_log.setLevel(_level_before_hearing)
+
+
+_hearing: list[_Heard] = []
+_level_before_hearing = logging.NOTSET
 
 
 def _describe(answer: DispatchAnswer) -> str:
