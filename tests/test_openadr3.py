@@ -1017,6 +1017,43 @@ class SkewedVtn(BenchVtn3):
         return await super()._post_report(request)
 
 
+class QuotingVtn(BenchVtn3):
+    """Refuses every request past its token endpoint, quoting the credential it refused (as some servers do)."""
+
+    status = 401
+
+    def _app(self) -> web.Application:
+        app = super()._app()
+        self.quoted: list[str] = []
+
+        @web.middleware
+        async def quote(request: web.Request, handler: Any) -> web.StreamResponse:
+            if "Authorization" not in request.headers:
+                return await handler(request)
+            self.quoted.append(request.headers["Authorization"].removeprefix("Bearer "))
+            return web.json_response({"title": "Refused", "status": self.status,
+                                      "detail": f"invalid token {request.headers['Authorization']}\x1b[2J"},
+                                     status=self.status)
+
+        app.middlewares.append(quote)
+        return app
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_vtn_quoting_the_token_it_refused_never_puts_it_in_the_cause(status: int) -> None:
+    """The problem's words go to the log, the journal's LinkLost record, `status` and commissioning's
+    report: the bearer token went with them."""
+    async def scenario() -> None:
+        async with QuotingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.status = status
+            vtn.add_program("summer-peak")
+            problem = await make_ven(vtn).probe_registration()
+            assert problem is not None and "invalid token Bearer <withheld>\\x1b[2J" in problem, problem
+            assert vtn.quoted and not any(token in problem for token in vtn.quoted), problem
+
+    run(scenario)
+
+
 def test_reports_wait_while_the_vtn_refuses_even_a_fresh_token_and_go_once_it_takes_them() -> None:
     async def scenario() -> None:
         async with SkewedVtn(client_id="truck-1", secret=SECRET) as vtn:

@@ -88,6 +88,7 @@ from firmware_py.errors import InputError
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
+from firmware_py.quoting import printable
 from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -520,7 +521,7 @@ class OpenAdr3Ven:
                 self.tokens.drop()
                 if attempt == 2:  # the credential, not this request: what was to be sent waits
                     raise TokenRefused(f"{method} /{path}: the VTN refused a fresh token (HTTP 401): "
-                                       f"{_problem(raw)}")
+                                       f"{_problem(raw, (token, self._secret))}")
                 log.debug("OpenADR 3: %s /%s: token refused (expired?); fetching a new one", method, path)
                 continue
             if status in BUSY_STATUSES:  # "not now" (too slow, too many requests, unavailable): sent again later
@@ -528,9 +529,11 @@ class OpenAdr3Ven:
                 raise VtnBusy(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again {later}",
                               asked_s)
             if status == 404:
-                raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: {_problem(raw)}")
+                raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: "
+                                  f"{_problem(raw, (token, self._secret))}")
             if 400 <= status < 500:
-                raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: {_problem(raw)}")
+                raise VtnRefused(f"{method} /{path}: the VTN answered HTTP {status}: "
+                                 f"{_problem(raw, (token, self._secret))}")
             if status >= 500:
                 raise VtnFailed(f"{method} /{path}: the VTN answered HTTP {status}")
             if status >= 300:
@@ -1210,15 +1213,20 @@ def _json(raw: bytes, what: str) -> Any:
         raise VtnError(f"{what}: the answer is JSON nested too deeply to read") from None
 
 
-def _problem(raw: bytes) -> str:
-    """What an error answer says (an OpenADR 3 problem object's title and detail), short."""
+def _problem(raw: bytes, secrets: Iterable[str]) -> str:
+    """What an error answer says (an OpenADR 3 problem object's title and detail), short, printable, and
+    without `secrets`: a VTN may quote the credential it refused ("invalid token Bearer eyJ..."), and the
+    words go to the log, the journal's LinkLost record, `status` and commissioning's report."""
     try:
         problem = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return "no details"
     if isinstance(problem, dict):
         words = " - ".join(str(problem[k]) for k in ("title", "detail") if isinstance(problem.get(k), str))
-        return words[:300] or "no details"
+        for secret in secrets:
+            if secret:
+                words = words.replace(secret, "<withheld>")
+        return printable(words)[:300] or "no details"
     return "no details"
 
 
