@@ -47,7 +47,7 @@ from firmware_py.core.types import Tick
 from firmware_py.gateway import TICK_S, Gateway
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
-from firmware_py.tasks import cancel_all, every, stop_noted, stop_signals, unless_stopped
+from firmware_py.tasks import cancel_all, every, take_stop_signals, unless_stopped
 from firmware_py.watchdog import HUNG_AFTER_S, Watchdog
 
 log = logging.getLogger(__name__)
@@ -320,11 +320,7 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
         assembly.close()
         raise
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in stop_signals():
-        loop.add_signal_handler(sig, stop.set)
-    if stop_noted():  # one came while importing or assembling: stopped before anything is commanded
-        stop.set()
+    take_stop_signals(stop.set)  # one that came while importing or assembling stops it before anything is commanded
     try:
         if not await _started(service, stop):
             return 0  # stopped while starting: straight to the safe stop (`finally`)

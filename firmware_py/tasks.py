@@ -190,3 +190,13 @@ def stop_signals_noted() -> Iterator[None]:
 def stop_noted() -> bool:
     """Whether a stop signal came while `stop_signals_noted` held them (before the loop took them over)."""
     return _noted.is_set()
+
+
+def take_stop_signals(on_stop: Callable[[], None]) -> None:
+    """The running loop calls `on_stop` at each stop signal from now on, and at once for one noted
+    before (`stop_signals_noted`): taken over after it, the signal would otherwise be lost."""
+    loop = asyncio.get_running_loop()
+    for sig in stop_signals():
+        loop.add_signal_handler(sig, on_stop)
+    if stop_noted():
+        on_stop()

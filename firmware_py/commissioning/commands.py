@@ -43,7 +43,7 @@ from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
-from firmware_py.tasks import stop_noted, stop_signals
+from firmware_py.tasks import take_stop_signals
 from firmware_py.version import software_version
 
 log = logging.getLogger(__name__)
@@ -277,12 +277,12 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
     """CAN, inverter, sign test and dispatch on one assembly; whatever happens, the inverter ends at 0 W
     and everything assembling opened is closed."""
     stop, stop_thread = asyncio.Event(), threading.Event()
-    loop = asyncio.get_running_loop()
-    for sig in stop_signals():  # SIGHUP too: the installer's SSH session dropped, unless run under nohup
-        loop.add_signal_handler(sig, lambda: (stop.set(), stop_thread.set()))
-    if stop_noted():  # one came while importing or loading the configuration
+
+    def stopping() -> None:
         stop.set()
         stop_thread.set()
+
+    take_stop_signals(stopping)  # SIGHUP too: the installer's SSH session dropped, unless run under nohup
     where = f"{config.can.interface} {config.can.channel}"
     reader = reader_from_config(config, time.monotonic)
     try:
