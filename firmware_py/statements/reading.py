@@ -117,8 +117,8 @@ def _backup_spans(source: HeadBound) -> list[tuple[float, float]]:
 
 
 def _energy_records(lines: dict[str, EventSummary]) -> dict[str, EnergyRecords]:
-    """Per line (`line_keys` → its summary), the meter energy its last report before the final one billed, and when (wall
-    time), with the final figure: all within its last account (a final record closes an account; one the
+    """Per line (`line_keys` → its summary), the meter energy its last report before the final one billed,
+    and when (wall time), with the final figure: all within its last account (a final record closes an account; one the
     event is delivered again after starts from 0 Wh, and must not measure against the old one's reports).
 
     Each line's records are the energy entries of its own summary's timeline (in journal order), the records
