@@ -375,6 +375,15 @@ def test_a_date_written_any_iso_way_is_a_whole_day_included_as_to():
     assert at_midnight.end == datetime(2025, 1, 31, tzinfo=UTC).timestamp()
 
 
+def test_a_week_written_alone_is_the_whole_week_and_included_as_to():
+    """`--to 2025-W05` covered its Monday alone (Python reads a week as its Monday)."""
+    monday, next_monday = datetime(2025, 1, 27, tzinfo=UTC).timestamp(), datetime(2025, 2, 3, tzinfo=UTC).timestamp()
+    for week in ("2025-W05", "2025W05"):
+        assert range_period(week, week) == range_period("2025-01-27", "2025-02-02")
+        assert (range_period(week, week).start, range_period(week, week).end) == (monday, next_monday)
+    assert range_period("2025-W05-1", "2025-W05-1").end == datetime(2025, 1, 28, tzinfo=UTC).timestamp()
+
+
 def test_dates_a_time_zone_moves_out_of_the_calendar_are_bad_input_not_a_damaged_journal(tmp_path, capsys):
     with Journal.open(tmp_path / "journal.sqlite"):
         pass

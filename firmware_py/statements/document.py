@@ -8,6 +8,7 @@ calendar month (UTC) of the journal's newest record.
 from __future__ import annotations
 
 import calendar
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from firmware_py.statements.figures import (
 )
 
 FORMAT_VERSION = 1
+_WEEK_ALONE = re.compile(r"\d{4}-?W\d{2}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
     try:
         if day is not None:  # any way of writing a date alone (2025-01-31, 20250131, 2025-W05-5): whole days
             start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            at = (start + timedelta(days=1 if end_of_day else 0)).timestamp()
+            at = (start + timedelta(days=_days_named(text) if end_of_day else 0)).timestamp()
         else:
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))
             at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
@@ -80,6 +82,12 @@ def _instant(text: str, option: str, end_of_day: bool) -> float:
     except OverflowError:  # the last day there is, taken whole
         raise InputError(f"{option}: {text!r} is past the last time a statement can cover") from None
     return _in_calendar(at, text, option)
+
+
+def _days_named(text: str) -> int:
+    """A week written alone (2025-W05, 2025W05) names seven days, as `--month` names its month's: Python
+    reads it as its Monday, and `--to 2025-W05` covered that Monday alone."""
+    return 7 if _WEEK_ALONE.fullmatch(text) else 1
 
 
 def _in_calendar(at: float, text: Any, name: str) -> float:
