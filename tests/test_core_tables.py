@@ -320,6 +320,20 @@ def test_inverter_fault_and_comms_loss_stop_everything():
     assert r.controller.mode is Mode.FAULT and "inverter_comms" in r.command.reason
 
 
+def test_the_reason_in_fault_names_the_faults_latched_now_not_the_first():
+    """The inverter link lost while the BMS was silent: the BMS back and its fault cleared, the mode is still
+    FAULT (the inverter's), and the reason `status` shows named the cleared `bms_stale` alone."""
+    c = ready(0.0)
+    c = step(c, [inverter(0.6)], 0.6).controller  # the BMS 0.6 s old: bms_stale
+    c = step(c, [inverter(1.0, comms_ok=False, error="timeout")], 1.0).controller
+    assert c.reason == "fault: bms_stale, inverter_comms"
+    for t in (2.0, 4.0, 6.0, 7.5):  # the BMS back from 2 s; its fault clears after the 5 s hold-off
+        bms_back = step(c, [bms(t), inverter(t, comms_ok=False, error="timeout")], t)
+        c = bms_back.controller
+    assert c.mode is Mode.FAULT and c.faults.kinds == (FaultKind.INVERTER_COMMS,)
+    assert bms_back.command.reason == "fault: inverter_comms"
+
+
 def test_a_modification_continues_the_event_and_its_energy():
     c = Controller.start(POLICY)
     for t in (0.0, 1.0, 2.0):

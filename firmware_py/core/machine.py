@@ -295,10 +295,17 @@ def _backup(v: View, base: float, dt: float) -> tuple[float, str]:
     return v.c.policy.max_discharge_w, "backup: ceiling for the home load"
 
 
+def _fault(v: View, base: float, dt: float) -> tuple[float, str]:
+    # The reason FAULT was entered with names the latches of that step; one of them may clear while
+    # another holds the mode, and the reason must not keep naming it.
+    return 0.0, _faulted(v) or "fault"
+
+
 HANDLERS: dict[Mode, Callable[[View, float, float], tuple[float, str]]] = {
     Mode.DISCHARGE: _discharge,
     Mode.CHARGE: _charge,
     Mode.BACKUP: _backup,
+    Mode.FAULT: _fault,
 }
 
 
