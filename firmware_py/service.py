@@ -36,6 +36,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from firmware_py import heap
@@ -44,7 +45,9 @@ from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import Tick
+from firmware_py.errors import InputError
 from firmware_py.gateway import TICK_S, Gateway
+from firmware_py.journal.lock import JournalInUse, holder_named, lock_journal
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
 from firmware_py.tasks import cancel_all, every, take_stop_signals, unless_stopped
@@ -311,7 +314,34 @@ async def command_writer(gateway: Gateway, refresh_s: float = TICK_S,
 
 
 async def run(config: Config, options: RunOptions = RunOptions()) -> int:
-    """`powershare-gw run`: until SIGTERM, SIGINT or SIGHUP, then a safe stop. Returns the exit code."""
+    """`powershare-gw run`: until SIGTERM, SIGINT or SIGHUP, then a safe stop. Returns the exit code.
+
+    One gateway per journal: its lock is taken before anything is opened, and held until the end;
+    another gateway holding it is an input error that touches nothing (no inverter write, no record)."""
+    lock = _lock_journal(config)
+    try:
+        return await _run_locked(config, options)
+    finally:
+        os.close(lock)
+
+
+def _lock_journal(config: Config) -> int:
+    try:
+        return lock_journal(Path(config.journal.path), lambda pid: _journal_in_use(config, pid))
+    except JournalInUse:
+        raise
+    except InputError as err:  # the lock file cannot be made: a missing folder, said as `check-config` says it
+        check(config)
+        raise InputError([f"{config.source}: journal.path: {p}" for p in err.problems]) from None
+
+
+def _journal_in_use(config: Config, pid: int | None) -> str:
+    return (f"{config.source}: journal.path: journal {config.journal.path} is in use by another gateway"
+            f"{holder_named(pid)}; one gateway per journal: stop the other (`sudo systemctl stop powershare-gw`) "
+            "or give this one its own journal.path")
+
+
+async def _run_locked(config: Config, options: RunOptions) -> int:
     with heap.collection_paused():  # the integrations' modules are imported here
         assembly = assemble(config, Clocks.system())
     try:

@@ -93,7 +93,9 @@ DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None) -> None:
     """Every file the run will write is writable where asked, each its own, and the journal's place
     free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
-    from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal, lock_path
+    from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal
+
+    from firmware_py.journal.files import lock_path
 
     problems, taken = [], {}
     for option, path in outputs.items():

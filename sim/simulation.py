@@ -13,7 +13,6 @@ wall clock in between.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import itertools
 import json
 import math
@@ -48,6 +47,7 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.journal import files as journal_files
+from firmware_py.journal.lock import holder_named, lock_journal
 
 _channels = itertools.count()
 
@@ -415,28 +415,15 @@ class Simulation:
 BENCH_MARK = RecordKind.BENCH_RUN
 
 
-def lock_path(journal: Path) -> Path:
-    """The lock file beside a bench journal: the journal itself is deleted and recreated by each run,
-    so a lock on it would not keep a second run from replacing it."""
-    return journal.with_name(journal.name + ".lock")
-
-
 def lock_bench_journal(journal: Path) -> int:
-    """Take the exclusive lock a run holds on its journal; the descriptor, closed to release it.
+    """Take the exclusive lock a run holds on its journal (`journal/lock.py`); the descriptor, closed
+    to release it.
 
     Two runs sharing a journal replaced each other's files under an open journal: one crashed,
     the other reported a journal that was no longer its own. InputError (exit 2) when another run
     holds it; never waits."""
-    try:
-        fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise InputError(f"{journal}: cannot lock the journal: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise InputError(f"journal {journal} is in use by another run; give --journal another file") from None
-    return fd
+    return lock_journal(journal, lambda pid: f"journal {journal} is in use by another run{holder_named(pid)}; "
+                                             "give --journal another file")
 
 
 def _replace_bench_journal(path: Path) -> None:

@@ -33,7 +33,6 @@ from firmware_py.sim.simulation import (
     SimulationOptions,
     floor_violation,
     lock_bench_journal,
-    lock_path,
 )
 from journal_edits import tamper
 
@@ -42,6 +41,7 @@ from firmware_py.errors import InputError
 from firmware_py.core import Controller
 from firmware_py.core.replay import replay
 from firmware_py.journal import Journal, codec, event_summaries
+from firmware_py.journal.files import lock_path
 from firmware_py.journal.steps import decode_start, journaled_steps
 
 # The 4-hour peak events (the default and its OpenADR and SunSpec twins) run elsewhere:

@@ -41,6 +41,7 @@ from firmware_py.commissioning.report import (
 from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
+from firmware_py.journal.lock import JournalInUse, holder_named, lock_journal
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service
 from firmware_py.tasks import take_stop_signals
@@ -125,17 +126,37 @@ def _commission(args: argparse.Namespace) -> int:
         _finish(console, report_path)
         raise
     _check_window(config, args.can_seconds)
-    _refuse_if_running(config)
-    console.say(f"powershare-gw commission: {args.config} at {report.at}")
-    console.step(Step.CONFIG, judgement.judge_config(config.source, []))
+    lock = _lock_journal(config)  # before the bus, the inverter or the journal is opened; held to the end
     try:
-        asyncio.run(_steps(config, args, console))
-    except BaseException as err:
-        _ended_early(console, err)
-        raise
+        _refuse_if_running(config)
+        console.say(f"powershare-gw commission: {args.config} at {report.at}")
+        console.step(Step.CONFIG, judgement.judge_config(config.source, []))
+        try:
+            asyncio.run(_steps(config, args, console))
+        except BaseException as err:
+            _ended_early(console, err)
+            raise
+        finally:
+            _finish(console, report_path)
     finally:
-        _finish(console, report_path)
+        os.close(lock)
     return 0 if report.passed else 1
+
+
+def _lock_journal(config: Config) -> int:
+    """The journal's lock (`journal/lock.py`): a gateway holding it (running, or still starting, before
+    its owner API listens) would have its setpoint and its journal taken over."""
+    def in_use(pid: int | None) -> str:
+        return (f"{config.source}: journal.path: journal {config.journal.path} is in use by a gateway"
+                f"{holder_named(pid)}: stop it first (`sudo systemctl stop powershare-gw`), commission, "
+                "then start it again")
+
+    try:
+        return lock_journal(Path(config.journal.path), in_use)
+    except JournalInUse:
+        raise
+    except InputError as err:  # `check` passed, so the folder is there: unwritable since, say
+        raise InputError([f"{config.source}: journal.path: {p}" for p in err.problems]) from None
 
 
 def _ended_early(console: Console, err: BaseException) -> None:

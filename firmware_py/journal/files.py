@@ -1,4 +1,4 @@
-"""The files one journal is made of, by name: the live segment, its archives, anchors and key.
+"""The files one journal is made of, by name: the live segment, its archives, anchors, key and lock.
 
 A journal configured as `journal.sqlite` lives in these files beside each other:
 
@@ -9,8 +9,10 @@ A journal configured as `journal.sqlite` lives in these files beside each other:
 | `journal.sqlite.anchors`, `journal.000001.sqlite.anchors`, ... | each segment's signed checkpoints of its head |
 | `journal.sqlite.anchor-key` | the Ed25519 key that signs the anchors (mode 0600) |
 | `journal.sqlite.rotating` | a new segment being made (exists only during a rotation) |
+| `journal.sqlite.lock` | the lock the one process writing the journal holds, and its pid (`journal/lock.py`) |
 
-Names only: nothing here opens or changes a file, except `remove_all`.
+Names only: nothing here opens or changes a file, except `remove_all` (which leaves the lock file:
+the bench replaces its journal while holding the lock, and a lock on a deleted file keeps no one out).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ ARCHIVE_DIGITS = 6
 ANCHORS_SUFFIX = ".anchors"
 KEY_SUFFIX = ".anchor-key"
 ROTATING_SUFFIX = ".rotating"
+LOCK_SUFFIX = ".lock"
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
@@ -53,6 +56,12 @@ def rotating_path(live: Path) -> Path:
     return live.with_name(live.name + ROTATING_SUFFIX)
 
 
+def lock_path(live: Path) -> Path:
+    """The lock file beside the journal (`journal/lock.py`): a file of its own, as the live segment
+    is replaced by a rotation and the bench's journal is deleted and recreated by each run."""
+    return live.with_name(live.name + LOCK_SUFFIX)
+
+
 def _archive_pattern(live: Path) -> re.Pattern[str]:
     """The name of an archived segment of `live`, its number the one group."""
     return re.compile(rf"{re.escape(live.stem)}\.(\d{{{ARCHIVE_DIGITS}}}){re.escape(live.suffix)}")
@@ -65,6 +74,8 @@ def part_of(live: Path, candidate: Path) -> str | None:
     of these names would have the journal and that file overwrite each other (`assembly.check`)."""
     if candidate == key_path(live):
         return "the anchor key"
+    if candidate == lock_path(live):
+        return "the lock file"
     segment, what = candidate, "a segment"
     if candidate.name.endswith(ANCHORS_SUFFIX):
         segment, what = candidate.with_name(candidate.name[:-len(ANCHORS_SUFFIX)]), "a segment's anchors"

@@ -1,0 +1,67 @@
+"""One process per journal: the exclusive lock a writer holds on `<journal>.lock` for its life.
+
+Two processes appending to one journal (SQLite's write-ahead log lets them both open it) end each
+other's events, append to one hash chain from two heads, and hold each other's writes. A gateway
+(`run`, `commission`) and a bench run (`sim`) take this lock before they open the journal, the bus or
+the inverter; readers (`report`, `statement`, `status`) never do: they read a live journal.
+
+The lock is an flock on a file of its own beside the journal (`files.lock_path`), never on a segment:
+the bench deletes and recreates its journal under the lock, and a rotation replaces the live segment.
+flock belongs to an open file: one process taking it twice is refused by itself, so each command takes
+it once, in its own path, not in `assemble` or `Journal.open`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from firmware_py.errors import InputError
+from firmware_py.journal.files import lock_path
+
+PID_BYTES = 32
+"""The most read back of the holder's pid: a number and a newline."""
+
+
+class JournalInUse(InputError):
+    """Another process holds the journal's lock (an InputError: exit 2)."""
+
+
+def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> int:
+    """Take the exclusive lock on the journal at `journal`, without waiting; the descriptor, closed
+    (or the process ended) to release it. The holder's pid is written into the lock file.
+
+    JournalInUse when another process holds it: the one line `in_use(pid)` words (pid None when the
+    holder wrote none, or not yet), so each command says what its own user should do. InputError
+    when the lock file cannot be opened (its folder missing or not writable)."""
+    try:
+        fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise InputError(f"{journal}: cannot lock the journal: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise JournalInUse(in_use(holder)) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock is held all the same; a second process is told no pid
+    return fd
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, PID_BYTES, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def holder_named(pid: int | None) -> str:
+    """` (pid N)`, or nothing when the holder is not known: for the messages `in_use` words."""
+    return f" (pid {pid})" if pid is not None else ""
