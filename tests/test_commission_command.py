@@ -501,3 +501,20 @@ def test_a_report_path_naming_a_file_the_configuration_keeps_is_refused(tmp_path
     line = _refused_report(config, str(tmp_path / "sub" / ".." / name), capsys)
     assert "--report" in line and words in line and "would replace it" in line
     assert kept.read_bytes() == b"kept record"
+
+
+def test_it_refuses_a_journal_a_gateway_holds_naming_its_pid_and_touches_nothing(tmp_path: Path, capsys):
+    """A gateway still starting (its owner API not yet listening) holds its journal's lock already:
+    commissioning beside it would take over its inverter's setpoint and its journal."""
+    from firmware_py.journal.lock import lock_journal
+
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-locked"', api_port=free_port())
+    lock = lock_journal(tmp_path / "journal.sqlite", lambda pid: "in use")
+    try:
+        assert main(["commission", "--config", str(config)]) == 2
+    finally:
+        os.close(lock)
+    err = capsys.readouterr().err
+    assert f"journal.path: journal {tmp_path / 'journal.sqlite'} is in use by a gateway (pid {os.getpid()})" in err
+    assert "systemctl stop powershare-gw" in err and "--" not in err  # no step begun
+    assert not (tmp_path / "journal.sqlite").exists()  # nothing was assembled
