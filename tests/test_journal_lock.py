@@ -56,6 +56,28 @@ def test_a_holder_that_wrote_no_pid_is_refused_without_one(tmp_path: Path):
         os.close(fd)
 
 
+def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path: Path, monkeypatch):
+    """A lock file another user made (a gateway once run by hand as root) refused the service's user its
+    read-write open: flock needs only a read one. Root may write anything, so the refusal is the OS's
+    answer played by `os.open` here; the lock taken is real."""
+    journal = tmp_path / "j.sqlite"
+    lock_path(journal).write_text("")
+    real_open = os.open
+
+    def refusing_writes(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_writes)
+    fd = lock_journal(journal, _in_use)
+    try:
+        with pytest.raises(InputError, match=r"^in use$"):  # held: no pid could be written
+            lock_journal(journal, _in_use)
+    finally:
+        os.close(fd)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)

@@ -37,7 +37,7 @@ def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> int:
     holder wrote none, or not yet), so each command says what its own user should do. InputError
     when the lock file cannot be opened (its folder missing or not writable)."""
     try:
-        fd = os.open(lock_path(journal), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open(lock_path(journal))
     except OSError as err:
         raise InputError(f"{journal}: cannot lock the journal: {err.strerror or err}") from None
     try:
@@ -52,6 +52,15 @@ def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> int:
     except OSError:
         pass  # the lock is held all the same; a second process is told no pid
     return fd
+
+
+def _open(path: Path) -> int:
+    """The lock file, for writing the pid; else for reading, which is all flock needs: a lock file another
+    user made (the service's journal once run by hand as root) must not keep the gateway from starting."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _holder(fd: int) -> int | None:
