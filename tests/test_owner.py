@@ -236,6 +236,17 @@ def test_token_file_that_is_a_link_or_not_a_regular_file_is_refused(tmp_path):
         read_token(fifo)
 
 
+def test_a_folder_as_the_token_file_is_named_as_such_not_to_be_deleted(tmp_path):
+    """A folder named by mistake: "delete it and the gateway will create a new one" was the advice."""
+    folder = tmp_path / "tokdir"
+    folder.mkdir(mode=0o700)
+    for read in (read_token, ensure_token):
+        with pytest.raises(InputError) as caught:
+            read(folder)
+        assert str(caught.value) == (f"{folder}: a folder, not the owner API token file: owner.token_file must "
+                                     "name a file (the gateway creates it at its first start)")
+
+
 def test_token_file_that_is_not_a_token_is_refused(tmp_path):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
     Path(cfg.token_file).write_text("hunter2\n")
