@@ -67,9 +67,15 @@ class LinkBook:
 
     def good(self, link: Link, at: float | None = None) -> None:
         """The link delivered (data received, a request served, a poll answered)."""
+        now = self.clock() if at is None else at
+        self.states.setdefault(link, LinkState()).last_good_at = now
+        self.up(link, now)
+
+    def up(self, link: Link, at: float | None = None) -> None:
+        """The link works but has delivered nothing (a server listening, no client served yet): up, with
+        no last good data to date (`good` is for data)."""
         state = self.states.setdefault(link, LinkState())
         now = self.clock() if at is None else at
-        state.last_good_at = now
         if state.ok:
             return
         was_lost, state.ok = state.lost_at is not None, True
@@ -120,6 +126,9 @@ class LinkHandle:
 
     def good(self, at: float | None = None) -> None:
         self.book.good(self.link, at)
+
+    def up(self, at: float | None = None) -> None:
+        self.book.up(self.link, at)
 
     def lost(self, cause: str) -> None:
         self.book.lost(self.link, cause)

@@ -24,6 +24,29 @@ def shown_text(text: str, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+def out_of_range(value: Any, lo: float, hi: float, also: str = "") -> str:
+    """"V is out of range (LO to HI)": the one wording of every range refusal (config, owner CLI, web, MQTT,
+    settings file). The value exactly as it came (1000001, not `:g`'s 1e+06, which reads as the limit
+    itself), the limits as the docs write them (1 to 1,000,000)."""
+    return f"{_exact(value)} is out of range ({limit_text(lo)} to {limit_text(hi)}{also})"
+
+
+def limit_text(x: float) -> str:
+    """A limit as people read it: whole numbers whole, grouped by thousands from 10,000 (0 to 1000,
+    1 to 1,000,000), others as Python writes them exactly (0.01, inf)."""
+    if isinstance(x, float) and not x.is_integer():
+        return repr(x)
+    whole = int(x)
+    return f"{whole:,}" if abs(whole) >= 10_000 else str(whole)
+
+
+def _exact(value: Any) -> str:
+    """A refused value exactly: a whole float without its ".0" (1000001 as typed), else `shown`."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return shown(value)
+
+
 def printable(text: str) -> str:
     """`text` with every control character written as an escape (\\x1b, \\n), safe for a terminal or a log."""
     if text.isprintable():

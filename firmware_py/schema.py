@@ -18,7 +18,7 @@ from typing import Any
 from firmware_py.core.types import is_finite_number, is_whole_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
-from firmware_py.quoting import shown, shown_text
+from firmware_py.quoting import limit_text, out_of_range, shown, shown_text
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
@@ -189,9 +189,9 @@ def _range_problem(value: Any, meta: typing.Mapping[str, Any]) -> str | None:
     if unset is not None and value == unset:
         return None
     if lo is not None and value < lo or hi is not None and value > hi:
-        also = f", or {unset:g} for not set" if unset is not None else ""
+        also = f", or {limit_text(unset)} for not set" if unset is not None else ""
         why = f": {meta['bound_why']}" if meta.get("bound_why") else ""
-        return f"{shown(value)} is out of range ({lo} to {hi}{also}){why}"
+        return out_of_range(value, lo, hi, also) + why
     form = meta.get("form")
     if form and not re.fullmatch(form[0], value):
         return f"expected {form[1]}, got {shown(value)}"

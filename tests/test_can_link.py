@@ -142,6 +142,27 @@ def test_a_bus_broken_under_the_gateway_is_reopened_and_told_once(world, tmp_pat
     assert link_records(tmp_path) == [("LinkLost", "bms"), ("LinkRecovered", "bms")]
 
 
+def test_a_bus_never_heard_has_no_last_good_data_and_its_outage_is_told_once(world, caplog):
+    """No BMS frame since start: the link's age is null (docs: "null: none yet"), not counted from the
+    first look, which took the reader's zero counts for frames; the first frame then recovers it."""
+    async def main() -> None:
+        with caplog.at_level(logging.INFO):
+            for _ in range(8):  # 2 s of a silent bus (BMS timeout 0.5 s)
+                await world.look(0.25)
+            view = world.assembly.gateway.links.view(world.now)["bms"]
+            assert view["ok"] is False and view["age_s"] is None, view
+            assert view["cause"].startswith("no BMS frame for")
+            await world.frames_arrive()
+            await world.look()
+        view = world.assembly.gateway.links.view(world.now)["bms"]
+        assert view["ok"] and view["age_s"] == 0
+        lines = [r.getMessage() for r in caplog.records if "link" in r.getMessage()]
+        assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
+        assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+
+    asyncio.run(main())
+
+
 def test_a_silent_bus_is_reopened_with_a_back_off_that_doubles_to_its_bound(world):
     async def main() -> list[int]:
         await world.frames_arrive()

@@ -236,6 +236,17 @@ def test_token_file_that_is_a_link_or_not_a_regular_file_is_refused(tmp_path):
         read_token(fifo)
 
 
+def test_a_folder_as_the_token_file_is_named_as_such_not_to_be_deleted(tmp_path):
+    """A folder named by mistake: "delete it and the gateway will create a new one" was the advice."""
+    folder = tmp_path / "tokdir"
+    folder.mkdir(mode=0o700)
+    for read in (read_token, ensure_token):
+        with pytest.raises(InputError) as caught:
+            read(folder)
+        assert str(caught.value) == (f"{folder}: a folder, not the owner API token file: owner.token_file must "
+                                     "name a file (the gateway creates it at its first start)")
+
+
 def test_token_file_that_is_not_a_token_is_refused(tmp_path):
     cfg = owner_config(tmp_path, "127.0.0.1:0")
     Path(cfg.token_file).write_text("hunter2\n")
@@ -732,7 +743,7 @@ def test_a_header_over_8_kb_is_refused_in_one_log_line_without_traceback(tmp_pat
 def test_a_saved_time_beyond_any_calendar_is_corrupt_not_a_crash_later(tmp_path):
     path = tmp_path / "owner-settings.json"
     path.write_text('{"reserve_pct": 40, "opt_out_until": 1e15}')
-    with pytest.raises(InputError, match="opt_out_until: 1000000000000000.0 is out of range"):
+    with pytest.raises(InputError, match="opt_out_until: 1000000000000000 is out of range"):
         OwnerStore(path, 40).load(NOW)
 
 
@@ -846,8 +857,12 @@ def test_price_mode_through_the_cli_reaches_the_gateway_persists_and_turns_off(t
     (("price", "0.30"), "usage: price THRESHOLD_PER_KWH MAX_WH_PER_DAY"),
     (("price", "cheap", "100"), "price THRESHOLD_PER_KWH: expected a number, got 'cheap'"),
     (("price", "-0.1", "100"), "threshold_per_kwh: -0.1 is out of range (0 to 1000)"),
-    (("price", "0.3", "0"), "max_wh_per_day: 0 is out of range (1 to 1e+06)"),
-    (("price", "0.3", "100", "--power-w", "-5"), "power_w: -5 is out of range (1 to 1e+06)"),
+    (("price", "0.3", "0"), "max_wh_per_day: 0 is out of range (1 to 1,000,000)"),
+    (("price", "0.3", "100", "--power-w", "-5"), "power_w: -5 is out of range (1 to 1,000,000)"),
+    # the refused value as typed, not rounded by `:g` into the limit itself ("1e+06 is out of range (1 to 1e+06)")
+    (("price", "0.3", "1000001"), "max_wh_per_day: 1000001 is out of range (1 to 1,000,000)"),
+    (("price", "0.3", "100", "--power-w", "99999999"), "power_w: 99999999 is out of range (1 to 1,000,000)"),
+    (("price", "0.3", "100", "--power-w", "1000000.5"), "power_w: 1000000.5 is out of range (1 to 1,000,000)"),
     (("price", "off", "100"), "usage: price off"),
 ])
 def test_a_bad_price_setting_is_refused_with_its_reason_and_exit_2(tmp_path, owner_cli, argv, message):
@@ -866,8 +881,8 @@ def test_a_bad_price_setting_is_refused_with_its_reason_and_exit_2(tmp_path, own
     ({"threshold_per_kwh": 0.3, "max_wh_per_day": 10, "colour": "red"}, "unknown field(s) colour"),
     ({"threshold_per_kwh": 0.3, "max_wh_per_day": float("nan")}, "max_wh_per_day: expected a number of Wh"),
     # above 0 yet shown as 0: a mode that looks set and never discharges
-    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 1e-300}, "max_wh_per_day: 1e-300 is out of range (1 to 1e+06)"),
-    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 10, "power_w": 0.2}, "power_w: 0.2 is out of range (1 to 1e+06)"),
+    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 1e-300}, "max_wh_per_day: 1e-300 is out of range (1 to 1,000,000)"),
+    ({"threshold_per_kwh": 0.3, "max_wh_per_day": 10, "power_w": 0.2}, "power_w: 0.2 is out of range (1 to 1,000,000)"),
 ])
 def test_price_mode_rules_refuse_what_cannot_mean_anything(body, message):
     with pytest.raises(changes.BadRequest, match=re.escape(message)):

@@ -745,6 +745,24 @@ def test_a_client_that_disconnects_mid_request_costs_nothing(caplog):
     assert links.view(sink.t)["sunspec_server"]["ok"]
 
 
+def test_a_server_no_client_has_asked_is_up_with_no_last_good_data():
+    """Listening is not data: until a client is served the link's age is null (docs: "null: none yet")."""
+    from firmware_py.links import Link, LinkBook
+
+    sink = HeldSink()
+    links = LinkBook(lambda: sink.t)
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with serving(sink, link=links.handle(Link.SUNSPEC_SERVER)) as (server, client):
+            before = links.view(sink.t)["sunspec_server"]
+            await read_model(server, client, 704)
+            return before, links.view(sink.t)["sunspec_server"]
+
+    before, after = run(main())
+    assert before == {"ok": True, "age_s": None}
+    assert after["ok"] and after["age_s"] is not None
+
+
 # --- standing settings: asked again when what refused them has cleared ---------------------------
 def no_data(r: DispatchRequest) -> DispatchAnswer:
     return DispatchAnswer(r.id, T0, Verdict.REJECTED, reason=ReasonCode.NO_DATA,

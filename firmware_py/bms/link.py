@@ -98,7 +98,7 @@ class CanLink:
         self.listener: _Listener | None = None
         self.reopens = 0
         self._on_snapshot: Callable[[BmsSnapshot], None] | None = None
-        self._frames_seen = -1
+        self._frames_seen = 0  # the reader's counts at start: only a frame counted after it is a BMS frame
         self._errors_seen = 0
         self._failing = False  # a receive error not yet followed by frames
         self._last_frame_at = self._checked_at = -math.inf

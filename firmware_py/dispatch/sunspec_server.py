@@ -297,7 +297,7 @@ class SunSpecDerServer:
         log.info("SunSpec DER server on %s:%s, unit %s (at most %d connections, %d per client)", self.host,
                  self.port, self.config.unit_id, self.limits.total, self.limits.per_client)
         if self._link is not None:
-            self._link.good()
+            self._link.up()  # listening, no client served yet: up, with no last good data (null age)
         return self.port
 
     def _fit_descriptor_budget(self) -> None:

@@ -59,6 +59,8 @@ def parse_listen(value: str) -> Listen:
 
 
 MAX_TOKEN_FILE_BYTES = 4096  # a token is 64 hex digits; anything much larger is not one
+_TOKEN_KEYS = {"owner API token": "owner.token_file", "installer token": "web.installer_token_file"}
+"""The configuration key naming each token's file, for messages about a wrong path."""
 
 
 def ensure_token(path: str | Path, *, owner_uid: int | None = None, what: str = "owner API token") -> str:
@@ -121,6 +123,9 @@ def _read_small(path: Path, what: str, *, check_private: bool, owner_uid: int | 
         raise InputError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # "delete it and the gateway makes a new one" is no advice for a folder
+            raise InputError(f"{path}: a folder, not the {what} file: {_TOKEN_KEYS.get(what, 'the configuration')} "
+                             "must name a file (the gateway creates it at its first start)")
         if check_private:
             _check_private(path, info, os.geteuid() if owner_uid is None else owner_uid, what, made_by_gateway)
         return os.read(fd, MAX_TOKEN_FILE_BYTES + 1) if stat.S_ISREG(info.st_mode) else b""

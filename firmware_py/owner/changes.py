@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
-from firmware_py.quoting import shown, shown_text
+from firmware_py.quoting import out_of_range, shown, shown_text
 
 MAX_EVENT_ID = 200
 MAX_OPT_OUT_EVENTS = 32
@@ -68,7 +68,7 @@ def _percent(body: dict[str, Any], key: str) -> float:
     if not is_finite_number(value):
         raise BadRequest(f"{key}: expected a number 0 to 100, got {shown(value)}")
     if not 0 <= value <= 100:
-        raise BadRequest(f"{key}: {value:g} is out of range (0 to 100)")
+        raise BadRequest(f"{key}: {out_of_range(value, 0, 100)}")
     return plain(value)
 
 
@@ -246,7 +246,7 @@ def _bounded(body: dict[str, Any], key: str, lo: float, hi: float, what: str) ->
     if not is_finite_number(value):
         raise BadRequest(f"{key}: expected {what}, got {shown(value)}")
     if value > hi or value < lo:
-        raise BadRequest(f"{key}: {value:g} is out of range ({lo:g} to {hi:g})")
+        raise BadRequest(f"{key}: {out_of_range(value, lo, hi)}")
     return plain(value)
 
 

@@ -23,7 +23,7 @@ from firmware_py.core.types import OwnerSettings, PriceKind, is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.files import read_text, write_atomically
 from firmware_py.owner.changes import plain
-from firmware_py.quoting import shown
+from firmware_py.quoting import out_of_range, shown
 
 FORMAT_VERSION = 3
 """1: reserve, opt-out, departure. 2: and the storm watch. 3: and price-responsive mode.
@@ -78,7 +78,7 @@ def _number(data: dict[str, Any], key: str, lo: float = -math.inf, hi: float = m
     if not is_finite_number(value):
         raise ValueError(f"{key}: expected a number, got {shown(value)}")
     if not lo <= value <= hi:
-        raise ValueError(f"{key}: {value} is out of range ({lo:g} to {hi:g})")
+        raise ValueError(f"{key}: {out_of_range(value, lo, hi)}")
     return plain(value)  # a -0.0 saved before it was refused reads as 0.0 (not "-0 %")
 
 
