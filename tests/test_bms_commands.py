@@ -328,3 +328,19 @@ def test_candump_screen_output_is_refused_with_how_to_record(tmp_path, capsys):
     assert main(["bms", "decode", str(path)]) == 2
     err = capsys.readouterr().err
     assert "candump's screen format" in err and "candump -L" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("existing", [b"date Mon Jan 1 00:00:00 2024\nbase hex timestamps absolute\n 0.1 1 132 Rx d 2 3E 99\n",
+                                      None])
+def test_a_bus_that_cannot_be_opened_leaves_the_file_as_it_was(tmp_path, capsys, existing):
+    """The bus is opened before the file: an existing recording is not truncated, and no header-only file is left."""
+    out = tmp_path / "precious.asc"
+    if existing is not None:
+        out.write_bytes(existing)
+    assert main(["bms", "record", "--can-interface", "remote", "--can-channel", "ws://127.0.0.1:1/",
+                 "--duration", "1", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    if existing is None:
+        assert not out.exists()
+    else:
+        assert out.read_bytes() == existing

@@ -198,22 +198,14 @@ def _record(args: argparse.Namespace) -> int:
     _check_readable_back(out)
     filters = BmsReader(resolve_dbc(args.dbc, elm=False)[0], clock=time.monotonic).can_filters() \
         if args.bms_only else None  # a bad --dbc is said before the bus or the file is opened
+    bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     try:
-        writer = can.Logger(str(out))
-    except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
-        raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
-                         f"{_missing_package(out, err)}") from None
-    except ValueError as err:
-        raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
-    except OSError as err:
-        raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
+        writer = _open_writer(out)  # after the bus: a bus that cannot be opened leaves FILE as it was
+    except BaseException:
+        shutdown_quietly(bus, log)
+        raise
     frames, unstorable = 0, 0
     storable = _storable_in(out)
-    try:
-        bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
-    except InputError:
-        writer.stop()
-        raise
     if filters is not None:
         bus.set_filters(filters)
     deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -254,6 +246,28 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_writer(out: Path) -> can.io.generic.MessageWriter:
+    """python-can's writer for `out`; a start that fails leaves no file where there was none."""
+    existed = out.exists() or out.is_symlink()
+    try:
+        return can.Logger(str(out))
+    except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
+        _remove_new(out, existed)
+        raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
+                         f"{_missing_package(out, err)}") from None
+    except ValueError as err:
+        _remove_new(out, existed)
+        raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
+    except OSError as err:
+        _remove_new(out, existed)
+        raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
+
+
+def _remove_new(out: Path, existed: bool) -> None:
+    if not existed:
+        out.unlink(missing_ok=True)
+
+
 def _missing_package(out: Path, err: NotImplementedError) -> str:
     """What to install. python-can names it for .mf4 ("The asammdf package was not found..."), but
     the package is named here too should a python-can release word it otherwise."""
@@ -284,6 +298,9 @@ def _check_readable_back(out: Path) -> None:
     if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in readable:
         raise InputError(f"{out}: python-can writes {suffix} but cannot read it back, so bms decode could not: "
                          f"use one of {', '.join(readable)}")
+    if suffix == ".mf4" and getattr(can.io.mf4, "asammdf", None) is None:  # said before the bus is opened
+        raise InputError(f"{out}: python-can cannot write .mf4 without an optional package: "
+                         "asammdf (pip install asammdf)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
