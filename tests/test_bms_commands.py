@@ -344,3 +344,9 @@ def test_a_bus_that_cannot_be_opened_leaves_the_file_as_it_was(tmp_path, capsys,
         assert not out.exists()
     else:
         assert out.read_bytes() == existing
+
+
+def test_decoding_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    assert main(["bms", "decode", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a log file" in err and "no such" not in err

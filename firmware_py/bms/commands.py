@@ -150,6 +150,8 @@ def decode_messages(reader: BmsReader, messages: Iterable[can.Message], every_s:
 
 def _decode(args: argparse.Namespace) -> int:
     path = Path(args.log)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a log file")
     if not path.is_file():
         raise InputError(f"{path}: no such log file")
     if not captures.read_head(path).strip():
