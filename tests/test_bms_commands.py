@@ -350,3 +350,14 @@ def test_decoding_a_folder_says_it_is_a_folder(tmp_path, capsys):
     assert main(["bms", "decode", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is a folder, not a log file" in err and "no such" not in err
+
+
+def test_an_elm_capture_with_a_garbled_byte_near_its_start_is_decoded(tmp_path, capsys):
+    """Format detection decodes with replacement as the reader does: one non-ASCII byte is a skipped line."""
+    frames = [soc_frame(50 + i * 0.1, 0) for i in range(30)]
+    path = tmp_path / "capture.txt"
+    path.write_bytes(b"132 \xff9 0F\n" + "".join(f"{m.arbitration_id:03X}{m.data.hex().upper()}\n"
+                                                  for m in frames).encode())
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ELM327 text" in out and "30 BMS frames accepted" in out and " 1 lines skipped" in out

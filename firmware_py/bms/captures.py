@@ -103,12 +103,20 @@ def read_head(path: Path, size: int = SNIFF_BYTES) -> bytes:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v")
+
+
 def _head_lines(path: Path) -> list[str] | None:
-    """The first non-empty lines of `path`, None when its head is not ASCII text."""
-    try:
-        text = read_head(path).decode("ascii")
-    except UnicodeDecodeError:
+    """The first non-empty lines of `path`, None when its head is not text.
+
+    Decoded with replacement, as the ELM reader reads: a few garbled bytes (a capture's noise)
+    leave it text, and their lines are counted and skipped later. A head with more than 1 byte in
+    20 outside printable ASCII is binary."""
+    head = read_head(path)
+    odd = sum(1 for b in head if b > 0x7E or (b < 0x20 and b not in _TEXT_CONTROLS))
+    if odd * 20 > len(head):
         return None
+    text = head.decode("ascii", errors="replace")
     return [s.strip() for s in text.splitlines() if s.strip()][:ELM_SNIFF_LINES]
 
 
