@@ -361,3 +361,22 @@ def test_an_elm_capture_with_a_garbled_byte_near_its_start_is_decoded(tmp_path, 
     assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
     out = capsys.readouterr().out
     assert "ELM327 text" in out and "30 BMS frames accepted" in out and " 1 lines skipped" in out
+
+
+@pytest.mark.parametrize("name", ["rec.blf.gz", "rec.db.gz", "rec.mf4.gz", "rec.txt", "rec.gz"])
+def test_a_record_format_that_is_refused_is_not_in_the_list_of_accepted_ones(tmp_path, capsys, name):
+    """The list in the refusal is what record accepts: no .txt, no .blf.gz or .db.gz; and the docs say the same."""
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_fmt",
+                 "--duration", "0.1", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    listed = re.findall(r"\.\w+(?:\.gz)?", err.split(": use ")[-1])
+    assert listed == [".asc", ".blf", ".csv", ".db", ".log", ".mf4", ".trc", ".asc.gz", ".csv.gz", ".log.gz", ".trc.gz"]
+    assert not (tmp_path / name).exists()
+    docs = (Path(__file__).parent.parent / "docs" / "command-line.md").read_text()
+    assert "optionally `.gz`" not in docs and "`.asc.gz`, `.csv.gz`, `.log.gz`, `.trc.gz`" in docs
+
+
+def test_every_gzipped_format_record_lists_is_written(tmp_path, capsys):
+    for name in ["rec.asc.gz", "rec.csv.gz", "rec.log.gz", "rec.trc.gz"]:
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_gz",
+                     "--duration", "0.05", str(tmp_path / name)]) == 0, name

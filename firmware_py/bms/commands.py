@@ -259,7 +259,7 @@ def _open_writer(out: Path) -> can.io.generic.MessageWriter:
                          f"{_missing_package(out, err)}") from None
     except ValueError as err:
         _remove_new(out, existed)
-        raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
+        raise InputError(f"{out}: {err} (bms record writes {record_formats_text()})") from None
     except OSError as err:
         _remove_new(out, existed)
         raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
@@ -293,18 +293,33 @@ def _format_suffix(out: Path) -> str:
     return (out.suffixes[-2] if out.suffix == ".gz" and len(out.suffixes) > 1 else out.suffix).lower()
 
 
+def _record_formats() -> tuple[list[str], list[str]]:
+    """What `bms record` writes: the suffixes python-can both writes and reads back (for `bms decode`),
+    and those of them it can also gzip (its text writers; .blf, .db and .mf4 cannot be)."""
+    writers = can.io.logger.MESSAGE_WRITERS
+    plain = sorted(set(writers) & set(can.io.player.MESSAGE_READERS))
+    gzipped = [s for s in plain if issubclass(writers[s], can.io.generic.TextIOMessageWriter)]
+    return plain, gzipped
+
+
+def record_formats_text() -> str:
+    """The accepted FILE suffixes in words, the one list the help and every refusal give."""
+    plain, gzipped = _record_formats()
+    return f"{', '.join(plain)}, or {', '.join(s + '.gz' for s in gzipped)}"
+
+
 def _check_readable_back(out: Path) -> None:
-    """A recording is for `bms decode` (or a replay) later: python-can writes `.txt` but cannot read it."""
+    """A recording is for `bms decode` (or a replay) later: only formats python-can both writes and reads
+    back, gzipped only where python-can can gzip them; said before the bus or the file is opened."""
     suffix = _format_suffix(out)
-    readable = sorted(can.io.player.MESSAGE_READERS)
-    if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in readable:
+    plain, gzipped = _record_formats()
+    gz = out.suffix.lower() == ".gz"
+    if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in can.io.player.MESSAGE_READERS:
         raise InputError(f"{out}: python-can writes {suffix} but cannot read it back, so bms decode could not: "
-                         f"use one of {', '.join(readable)}")
-    if suffix == ".mf4" and getattr(can.io.mf4, "asammdf", None) is None:  # said before the bus is opened
-        raise InputError(f"{out}: python-can cannot write .mf4 without an optional package: "
-                         "asammdf (pip install asammdf)")
-
-
+                         f"use {record_formats_text()}")
+    if suffix not in plain or (gz and (suffix not in gzipped or len(out.suffixes) < 2)):
+        what = f"{suffix}.gz" if gz and suffix != ".gz" else suffix or "no suffix"
+        raise InputError(f"{out}: bms record cannot write {what}: use {record_formats_text()}")
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bms record` and `bms decode`."""
     p = sub.add_parser("bms", help="record and decode BMS CAN traffic")
@@ -315,8 +330,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Record CAN traffic until --duration or Ctrl-C/SIGTERM/SIGHUP (not "
                                        "SIGHUP under nohup). The "
                                        "writer is chosen by FILE's suffix: "
-                                       + ", ".join(sorted(can.io.player.MESSAGE_READERS)) + " (what python-can "
-                                       "can read back for `bms decode`; each may end in .gz).")
+                                       + record_formats_text() + " (what python-can "
+                                       "can read back for `bms decode`).")
     rec.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
     rec.add_argument("--can-channel", required=True, help="channel, e.g. can0 or ws://127.0.0.1:54701/")
     rec.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None,
