@@ -380,3 +380,31 @@ def test_every_gzipped_format_record_lists_is_written(tmp_path, capsys):
     for name in ["rec.asc.gz", "rec.csv.gz", "rec.log.gz", "rec.trc.gz"]:
         assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_gz",
                      "--duration", "0.05", str(tmp_path / name)]) == 0, name
+
+
+def test_an_elm_capture_is_read_as_a_stream_with_bounded_memory(tmp_path, capsys, monkeypatch):
+    """Frames are yielded as read, the line period comes from a bounded prefix, skipped lines are counted
+    with a few short examples kept, and a line without newline is never read whole."""
+    frames = [soc_frame(50 + (i % 30) * 0.1, 0) for i in range(200)]
+    frame_lines = [f"{m.arbitration_id:03X}{m.data.hex().upper()}\n" for m in frames]
+    path = tmp_path / "capture.txt"
+    path.write_text("".join(frame_lines) + ("Z" * 1000 + "\n") * 500 + "".join(frame_lines) + "132" + "A" * 300_000)
+    seen: list[str] = []
+    parse = captures.parse_elm_line
+    monkeypatch.setattr(captures, "parse_elm_line", lambda text: seen.append(text) or parse(text))
+    monkeypatch.setattr(captures, "PERIOD_PREFIX_FRAMES", 20)
+    capture = captures.read_elm(path)
+    assert len(seen) == 0  # opening reads nothing
+    capture.line_period(lambda fid: 0.1 if fid == 0x132 else None)
+    assert len(seen) <= 21  # the estimate reads a bounded prefix
+    seen.clear()
+    messages = capture.messages(0.001)
+    next(messages)
+    assert len(seen) == 1  # yielded as read, not after the whole file
+    assert sum(1 for _ in messages) == 399 and capture.frame_count == 400
+    assert capture.skipped == 501 and len(capture.examples) <= 3
+    assert all(len(text) <= captures.EXAMPLE_CHARS for _, text in capture.examples)
+    assert max(len(text) for text in seen) <= captures.MAX_LINE  # the 300 kB line was not read whole
+    monkeypatch.undo()
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    assert "400 frames read" in capsys.readouterr().out

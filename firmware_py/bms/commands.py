@@ -169,7 +169,6 @@ def _decode(args: argparse.Namespace) -> int:
     skipped = 0
     if elm:
         capture = captures.read_elm(path)
-        skipped = len(capture.skipped)
         ids = reader.frame_ids
         line_s = capture.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
         messages: Iterable[can.Message] = capture.messages(line_s)
@@ -178,6 +177,8 @@ def _decode(args: argparse.Namespace) -> int:
         messages = captures.read_python_can_log(path)
         kind = f"python-can {path.suffix} log"
     frames, ranges, rows = decode_messages(reader, messages, args.every, path)
+    if elm:
+        skipped = capture.skipped
     dropped = sum(reader.dropped.values())
     reasons = ", ".join(f"{r} {n}" for r, n in reader.dropped.most_common()) or "none"
     summary = (f"{frames} frames read, {reader.accepted} BMS frames accepted, {dropped} dropped "
