@@ -408,3 +408,22 @@ def test_an_elm_capture_is_read_as_a_stream_with_bounded_memory(tmp_path, capsys
     monkeypatch.undo()
     assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
     assert "400 frames read" in capsys.readouterr().out
+
+
+def test_a_bad_line_in_a_candump_log_is_counted_and_skipped_with_its_line_number(tmp_path, capsys):
+    lines = [f"({i * 0.01:.6f}) can0 {m.arbitration_id:03X}#{m.data.hex().upper()}\n".encode()
+             for i, m in enumerate(soc_frame(50 + i * 0.1, 0) for i in range(30))]
+    path = tmp_path / "bad.log"
+    path.write_bytes(b"".join(lines[:5]) + b"(garbage line\n" + b"".join(lines[5:10]) + b"(1.0) can0 132#ZZ\n"
+                     + b"(1.1) can0 132#3E\xff9\n" + b"".join(lines[10:]))
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "30 frames read" in out and "3 lines skipped (not whole frames, the first at line 6)" in out
+
+
+def test_candump_screen_output_with_timestamps_is_refused(tmp_path, capsys):
+    for stamp in ["(1700000000.123456)", "(000.012345)", "(2023-11-14 22:13:20.123456)"]:
+        path = tmp_path / "x.log"
+        path.write_text("".join(f"{stamp}  can0  132   [8]  57 9D 41 00 C1 40 FF 0F\n" for _ in range(20)))
+        assert main(["bms", "decode", str(path)]) == 2
+        assert "candump's screen format" in capsys.readouterr().err, stamp

@@ -179,7 +179,9 @@ def is_elm_text(path: Path) -> bool:
     return hexish >= 0.8 * len(lines)
 
 
-_CANDUMP_SCREEN = re.compile(r"^\S+\s+[0-9A-Fa-f]{3,8}\s+\[\d+\]")
+# candump's screen format, with or without a timestamp (-ta, -tA, -tz, -td: `(1700000000.123456)  can0  132  [8]  ...`,
+# `(2023-11-14 22:13:20.123456)  can0 ...`)
+_CANDUMP_SCREEN = re.compile(r"^(?:\([^)]*\)\s+)?\S+\s+[0-9A-Fa-f]{3,8}\s+\[\d+\]")
 
 
 def refuse_candump_screen(path: Path) -> None:
@@ -215,6 +217,48 @@ def _python_can_suffix(path: Path) -> bool:
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     return bool(suffixes) and suffixes[-1] in can.io.player.MESSAGE_READERS
+
+
+@dataclass
+class CandumpLog:
+    """A candump -L `.log` (optionally .gz) read line by line with python-can's own parser, so that a
+    truncated or garbled line is counted and skipped (`skipped`, `first_bad` its line number), not fatal."""
+
+    path: Path
+    skipped: int = 0
+    first_bad: int | None = None
+
+    def messages(self) -> Iterator[can.Message]:
+        import gzip
+        import io
+
+        self.skipped, self.first_bad = 0, None
+        try:
+            raw = gzip.open(self.path, "rb") if self.path.suffix.lower() == ".gz" else self.path.open("rb")
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot read: {err.strerror or err}") from None
+        parser = can.io.canutils.CanutilsLogReader(io.StringIO(""))
+        with raw, io.TextIOWrapper(raw, encoding="ascii", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                parser.file = io.StringIO(line)
+                try:
+                    parsed = list(parser)
+                except Exception:  # noqa: BLE001 - python-can's parser says a bad line with whatever it met
+                    self.skipped += 1
+                    self.first_bad = self.first_bad or number
+                    continue
+                yield from parsed
+
+
+def is_candump_log(path: Path) -> bool:
+    return _format_suffix_of(path) == ".log"
+
+
+def _format_suffix_of(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def read_python_can_log(path: Path) -> Iterator[can.Message]:

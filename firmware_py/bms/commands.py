@@ -173,16 +173,25 @@ def _decode(args: argparse.Namespace) -> int:
         line_s = capture.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
         messages: Iterable[can.Message] = capture.messages(line_s)
         kind = f"ELM327 text, no timestamps: {line_s * 1e3:.2f} ms per frame estimated"
+    elif captures.is_candump_log(path):
+        candump = captures.CandumpLog(path)
+        messages = candump.messages()
+        kind = f"python-can {path.suffix} log"
     else:
         messages = captures.read_python_can_log(path)
         kind = f"python-can {path.suffix} log"
     frames, ranges, rows = decode_messages(reader, messages, args.every, path)
+    first_bad = None
     if elm:
         skipped = capture.skipped
+        first_bad = capture.examples[0][0] if capture.examples else None
+    elif captures.is_candump_log(path):
+        skipped, first_bad = candump.skipped, candump.first_bad
     dropped = sum(reader.dropped.values())
     reasons = ", ".join(f"{r} {n}" for r, n in reader.dropped.most_common()) or "none"
     summary = (f"{frames} frames read, {reader.accepted} BMS frames accepted, {dropped} dropped "
-               f"({reasons}), {skipped} lines skipped (not whole frames)")
+               f"({reasons}), {skipped} lines skipped (not whole frames"
+               + (f", the first at line {first_bad})" if first_bad else ")"))
     if reader.accepted == 0:
         raise InputError(f"{path}: no BMS frame could be decoded with {dbc.name}: {summary}")
     print(f"# {path.name} ({kind}), DBC {dbc.name} ({why})")
