@@ -328,3 +328,102 @@ def test_candump_screen_output_is_refused_with_how_to_record(tmp_path, capsys):
     assert main(["bms", "decode", str(path)]) == 2
     err = capsys.readouterr().err
     assert "candump's screen format" in err and "candump -L" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("existing", [b"date Mon Jan 1 00:00:00 2024\nbase hex timestamps absolute\n 0.1 1 132 Rx d 2 3E 99\n",
+                                      None])
+def test_a_bus_that_cannot_be_opened_leaves_the_file_as_it_was(tmp_path, capsys, existing):
+    """The bus is opened before the file: an existing recording is not truncated, and no header-only file is left."""
+    out = tmp_path / "precious.asc"
+    if existing is not None:
+        out.write_bytes(existing)
+    assert main(["bms", "record", "--can-interface", "remote", "--can-channel", "ws://127.0.0.1:1/",
+                 "--duration", "1", str(out)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    if existing is None:
+        assert not out.exists()
+    else:
+        assert out.read_bytes() == existing
+
+
+def test_decoding_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    assert main(["bms", "decode", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder, not a log file" in err and "no such" not in err
+
+
+def test_an_elm_capture_with_a_garbled_byte_near_its_start_is_decoded(tmp_path, capsys):
+    """Format detection decodes with replacement as the reader does: one non-ASCII byte is a skipped line."""
+    frames = [soc_frame(50 + i * 0.1, 0) for i in range(30)]
+    path = tmp_path / "capture.txt"
+    path.write_bytes(b"132 \xff9 0F\n" + "".join(f"{m.arbitration_id:03X}{m.data.hex().upper()}\n"
+                                                  for m in frames).encode())
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ELM327 text" in out and "30 BMS frames accepted" in out and " 1 lines skipped" in out
+
+
+@pytest.mark.parametrize("name", ["rec.blf.gz", "rec.db.gz", "rec.mf4.gz", "rec.txt", "rec.gz"])
+def test_a_record_format_that_is_refused_is_not_in_the_list_of_accepted_ones(tmp_path, capsys, name):
+    """The list in the refusal is what record accepts: no .txt, no .blf.gz or .db.gz; and the docs say the same."""
+    assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_fmt",
+                 "--duration", "0.1", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    listed = re.findall(r"\.\w+(?:\.gz)?", err.split(": use ")[-1])
+    assert listed == [".asc", ".blf", ".csv", ".db", ".log", ".mf4", ".trc", ".asc.gz", ".csv.gz", ".log.gz", ".trc.gz"]
+    assert not (tmp_path / name).exists()
+    docs = (Path(__file__).parent.parent / "docs" / "command-line.md").read_text()
+    assert "optionally `.gz`" not in docs and "`.asc.gz`, `.csv.gz`, `.log.gz`, `.trc.gz`" in docs
+
+
+def test_every_gzipped_format_record_lists_is_written(tmp_path, capsys):
+    for name in ["rec.asc.gz", "rec.csv.gz", "rec.log.gz", "rec.trc.gz"]:
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "test_bms_gz",
+                     "--duration", "0.05", str(tmp_path / name)]) == 0, name
+
+
+def test_an_elm_capture_is_read_as_a_stream_with_bounded_memory(tmp_path, capsys, monkeypatch):
+    """Frames are yielded as read, the line period comes from a bounded prefix, skipped lines are counted
+    with a few short examples kept, and a line without newline is never read whole."""
+    frames = [soc_frame(50 + (i % 30) * 0.1, 0) for i in range(200)]
+    frame_lines = [f"{m.arbitration_id:03X}{m.data.hex().upper()}\n" for m in frames]
+    path = tmp_path / "capture.txt"
+    path.write_text("".join(frame_lines) + ("Z" * 1000 + "\n") * 500 + "".join(frame_lines) + "132" + "A" * 300_000)
+    seen: list[str] = []
+    parse = captures.parse_elm_line
+    monkeypatch.setattr(captures, "parse_elm_line", lambda text: seen.append(text) or parse(text))
+    monkeypatch.setattr(captures, "PERIOD_PREFIX_FRAMES", 20)
+    capture = captures.read_elm(path)
+    assert len(seen) == 0  # opening reads nothing
+    capture.line_period(lambda fid: 0.1 if fid == 0x132 else None)
+    assert len(seen) <= 21  # the estimate reads a bounded prefix
+    seen.clear()
+    messages = capture.messages(0.001)
+    next(messages)
+    assert len(seen) == 1  # yielded as read, not after the whole file
+    assert sum(1 for _ in messages) == 399 and capture.frame_count == 400
+    assert capture.skipped == 501 and len(capture.examples) <= 3
+    assert all(len(text) <= captures.EXAMPLE_CHARS for _, text in capture.examples)
+    assert max(len(text) for text in seen) <= captures.MAX_LINE  # the 300 kB line was not read whole
+    monkeypatch.undo()
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    assert "400 frames read" in capsys.readouterr().out
+
+
+def test_a_bad_line_in_a_candump_log_is_counted_and_skipped_with_its_line_number(tmp_path, capsys):
+    lines = [f"({i * 0.01:.6f}) can0 {m.arbitration_id:03X}#{m.data.hex().upper()}\n".encode()
+             for i, m in enumerate(soc_frame(50 + i * 0.1, 0) for i in range(30))]
+    path = tmp_path / "bad.log"
+    path.write_bytes(b"".join(lines[:5]) + b"(garbage line\n" + b"".join(lines[5:10]) + b"(1.0) can0 132#ZZ\n"
+                     + b"(1.1) can0 132#3E\xff9\n" + b"".join(lines[10:]))
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "30 frames read" in out and "3 lines skipped (not whole frames, the first at line 6)" in out
+
+
+def test_candump_screen_output_with_timestamps_is_refused(tmp_path, capsys):
+    for stamp in ["(1700000000.123456)", "(000.012345)", "(2023-11-14 22:13:20.123456)"]:
+        path = tmp_path / "x.log"
+        path.write_text("".join(f"{stamp}  can0  132   [8]  57 9D 41 00 C1 40 FF 0F\n" for _ in range(20)))
+        assert main(["bms", "decode", str(path)]) == 2
+        assert "candump's screen format" in capsys.readouterr().err, stamp

@@ -24,32 +24,87 @@ _HEX = frozenset(string.hexdigits)
 MAX_CLASSIC_DATA = 8
 
 
+PERIOD_PREFIX_FRAMES = 100_000  # the line period is estimated from this many frames at most
+MAX_LINE = 256  # an ELM line is at most 3 + 2 * 8 hex digits and 8 spaces; longer is garbled
+SKIPPED_EXAMPLES = 3
+EXAMPLE_CHARS = 60
+
+
 @dataclass
 class ElmCapture:
-    """The whole frames of an ELM text capture, and the lines that were not whole frames."""
+    """An ELM text capture read as a stream: frames are yielded as read, never held all at once.
 
-    frames: list[tuple[int, bytes]] = field(default_factory=list)
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+    `skipped` counts the lines that were not whole frames; `examples` keeps the first few of them
+    (line number, text cut to EXAMPLE_CHARS); `frame_count` counts the frames `messages` yielded.
+    """
+
+    path: Path
+    skipped: int = 0
+    examples: list[tuple[int, str]] = field(default_factory=list)
+    frame_count: int = 0
+
+    def frames(self, limit: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(id, data) of each whole frame, at most `limit`; counts the skipped lines on a full pass."""
+        counting = limit is None
+        if counting:
+            self.skipped, self.examples = 0, []
+        taken = 0
+        for number, text in _capped_lines(self.path):
+            if limit is not None and taken >= limit:
+                return
+            frame = parse_elm_line(text)
+            if frame is None:
+                if counting:
+                    self.skipped += 1
+                    if len(self.examples) < SKIPPED_EXAMPLES:
+                        self.examples.append((number, text[:EXAMPLE_CHARS]))
+                continue
+            taken += 1
+            yield frame
 
     def messages(self, line_period_s: float) -> Iterator[can.Message]:
-        for index, (frame_id, data) in enumerate(self.frames):
+        self.frame_count = 0
+        for index, (frame_id, data) in enumerate(self.frames()):
+            self.frame_count = index + 1
             yield can.Message(timestamp=index * line_period_s, arbitration_id=frame_id,
                               data=data, is_extended_id=False)
 
     def line_period(self, period_of: Callable[[int], float | None]) -> float:
         """Seconds between frames, so that the most frequent known id kept its period.
 
-        `period_of(frame_id)` gives a DBC period or None for ids the DBC does not know.
+        Estimated over the first PERIOD_PREFIX_FRAMES frames (a bounded read, whatever the file's
+        size). `period_of(frame_id)` gives a DBC period or None for ids the DBC does not know.
         Falls back to 1 ms per frame when no known id is present.
         """
         counts: dict[int, int] = {}
-        for frame_id, _ in self.frames:
+        total = 0
+        for frame_id, _ in self.frames(limit=PERIOD_PREFIX_FRAMES):
+            total += 1
             if period_of(frame_id) is not None:
                 counts[frame_id] = counts.get(frame_id, 0) + 1
-        if not counts or not self.frames:
+        if not counts or not total:
             return 0.001
         busiest = max(counts, key=counts.__getitem__)
-        return float(period_of(busiest)) * counts[busiest] / len(self.frames)
+        return float(period_of(busiest)) * counts[busiest] / total
+
+
+def _capped_lines(path: Path, cap: int = MAX_LINE) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of each non-empty line, read at most `cap` bytes at a time: a
+    longer line (no newline for megabytes) yields its first `cap` bytes and the rest is passed over."""
+    with _open_binary(path) as file:
+        number = 0
+        while True:
+            raw = file.readline(cap)
+            if not raw:
+                return
+            number += 1
+            if not raw.endswith(b"\n"):
+                rest = raw
+                while rest and not rest.endswith(b"\n"):  # the overlong line's tail, a chunk at a time
+                    rest = file.readline(1 << 16)
+            text = raw.decode("ascii", errors="replace").strip()
+            if text:
+                yield number, text
 
 
 def parse_elm_line(text: str) -> tuple[int, bytes] | None:
@@ -72,23 +127,14 @@ def parse_elm_line(text: str) -> tuple[int, bytes] | None:
 
 
 def read_elm(path: Path) -> ElmCapture:
-    capture = ElmCapture()
-    with _open_text(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            frame = parse_elm_line(text)
-            if frame is None:
-                capture.skipped.append((number, text))
-            else:
-                capture.frames.append(frame)
-    return capture
+    """The capture at `path`, to be read as a stream (checked readable now)."""
+    _open_binary(path).close()
+    return ElmCapture(path)
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
     try:
-        return path.open(encoding="ascii", errors="replace")
+        return path.open("rb")
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
 
@@ -103,12 +149,20 @@ def read_head(path: Path, size: int = SNIFF_BYTES) -> bytes:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v")
+
+
 def _head_lines(path: Path) -> list[str] | None:
-    """The first non-empty lines of `path`, None when its head is not ASCII text."""
-    try:
-        text = read_head(path).decode("ascii")
-    except UnicodeDecodeError:
+    """The first non-empty lines of `path`, None when its head is not text.
+
+    Decoded with replacement, as the ELM reader reads: a few garbled bytes (a capture's noise)
+    leave it text, and their lines are counted and skipped later. A head with more than 1 byte in
+    20 outside printable ASCII is binary."""
+    head = read_head(path)
+    odd = sum(1 for b in head if b > 0x7E or (b < 0x20 and b not in _TEXT_CONTROLS))
+    if odd * 20 > len(head):
         return None
+    text = head.decode("ascii", errors="replace")
     return [s.strip() for s in text.splitlines() if s.strip()][:ELM_SNIFF_LINES]
 
 
@@ -125,7 +179,9 @@ def is_elm_text(path: Path) -> bool:
     return hexish >= 0.8 * len(lines)
 
 
-_CANDUMP_SCREEN = re.compile(r"^\S+\s+[0-9A-Fa-f]{3,8}\s+\[\d+\]")
+# candump's screen format, with or without a timestamp (-ta, -tA, -tz, -td: `(1700000000.123456)  can0  132  [8]  ...`,
+# `(2023-11-14 22:13:20.123456)  can0 ...`)
+_CANDUMP_SCREEN = re.compile(r"^(?:\([^)]*\)\s+)?\S+\s+[0-9A-Fa-f]{3,8}\s+\[\d+\]")
 
 
 def refuse_candump_screen(path: Path) -> None:
@@ -161,6 +217,48 @@ def _python_can_suffix(path: Path) -> bool:
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     return bool(suffixes) and suffixes[-1] in can.io.player.MESSAGE_READERS
+
+
+@dataclass
+class CandumpLog:
+    """A candump -L `.log` (optionally .gz) read line by line with python-can's own parser, so that a
+    truncated or garbled line is counted and skipped (`skipped`, `first_bad` its line number), not fatal."""
+
+    path: Path
+    skipped: int = 0
+    first_bad: int | None = None
+
+    def messages(self) -> Iterator[can.Message]:
+        import gzip
+        import io
+
+        self.skipped, self.first_bad = 0, None
+        try:
+            raw = gzip.open(self.path, "rb") if self.path.suffix.lower() == ".gz" else self.path.open("rb")
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot read: {err.strerror or err}") from None
+        parser = can.io.canutils.CanutilsLogReader(io.StringIO(""))
+        with raw, io.TextIOWrapper(raw, encoding="ascii", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                parser.file = io.StringIO(line)
+                try:
+                    parsed = list(parser)
+                except Exception:  # noqa: BLE001 - python-can's parser says a bad line with whatever it met
+                    self.skipped += 1
+                    self.first_bad = self.first_bad or number
+                    continue
+                yield from parsed
+
+
+def is_candump_log(path: Path) -> bool:
+    return _format_suffix_of(path) == ".log"
+
+
+def _format_suffix_of(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def read_python_can_log(path: Path) -> Iterator[can.Message]:

@@ -150,6 +150,8 @@ def decode_messages(reader: BmsReader, messages: Iterable[can.Message], every_s:
 
 def _decode(args: argparse.Namespace) -> int:
     path = Path(args.log)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a log file")
     if not path.is_file():
         raise InputError(f"{path}: no such log file")
     if not captures.read_head(path).strip():
@@ -167,19 +169,29 @@ def _decode(args: argparse.Namespace) -> int:
     skipped = 0
     if elm:
         capture = captures.read_elm(path)
-        skipped = len(capture.skipped)
         ids = reader.frame_ids
         line_s = capture.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
         messages: Iterable[can.Message] = capture.messages(line_s)
         kind = f"ELM327 text, no timestamps: {line_s * 1e3:.2f} ms per frame estimated"
+    elif captures.is_candump_log(path):
+        candump = captures.CandumpLog(path)
+        messages = candump.messages()
+        kind = f"python-can {path.suffix} log"
     else:
         messages = captures.read_python_can_log(path)
         kind = f"python-can {path.suffix} log"
     frames, ranges, rows = decode_messages(reader, messages, args.every, path)
+    first_bad = None
+    if elm:
+        skipped = capture.skipped
+        first_bad = capture.examples[0][0] if capture.examples else None
+    elif captures.is_candump_log(path):
+        skipped, first_bad = candump.skipped, candump.first_bad
     dropped = sum(reader.dropped.values())
     reasons = ", ".join(f"{r} {n}" for r, n in reader.dropped.most_common()) or "none"
     summary = (f"{frames} frames read, {reader.accepted} BMS frames accepted, {dropped} dropped "
-               f"({reasons}), {skipped} lines skipped (not whole frames)")
+               f"({reasons}), {skipped} lines skipped (not whole frames"
+               + (f", the first at line {first_bad})" if first_bad else ")"))
     if reader.accepted == 0:
         raise InputError(f"{path}: no BMS frame could be decoded with {dbc.name}: {summary}")
     print(f"# {path.name} ({kind}), DBC {dbc.name} ({why})")
@@ -198,22 +210,14 @@ def _record(args: argparse.Namespace) -> int:
     _check_readable_back(out)
     filters = BmsReader(resolve_dbc(args.dbc, elm=False)[0], clock=time.monotonic).can_filters() \
         if args.bms_only else None  # a bad --dbc is said before the bus or the file is opened
+    bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     try:
-        writer = can.Logger(str(out))
-    except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
-        raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
-                         f"{_missing_package(out, err)}") from None
-    except ValueError as err:
-        raise InputError(f"{out}: {err} (python-can writes {', '.join(sorted(can.io.logger.MESSAGE_WRITERS))})") from None
-    except OSError as err:
-        raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
+        writer = _open_writer(out)  # after the bus: a bus that cannot be opened leaves FILE as it was
+    except BaseException:
+        shutdown_quietly(bus, log)
+        raise
     frames, unstorable = 0, 0
     storable = _storable_in(out)
-    try:
-        bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
-    except InputError:
-        writer.stop()
-        raise
     if filters is not None:
         bus.set_filters(filters)
     deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -254,6 +258,28 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_writer(out: Path) -> can.io.generic.MessageWriter:
+    """python-can's writer for `out`; a start that fails leaves no file where there was none."""
+    existed = out.exists() or out.is_symlink()
+    try:
+        return can.Logger(str(out))
+    except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
+        _remove_new(out, existed)
+        raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
+                         f"{_missing_package(out, err)}") from None
+    except ValueError as err:
+        _remove_new(out, existed)
+        raise InputError(f"{out}: {err} (bms record writes {record_formats_text()})") from None
+    except OSError as err:
+        _remove_new(out, existed)
+        raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
+
+
+def _remove_new(out: Path, existed: bool) -> None:
+    if not existed:
+        out.unlink(missing_ok=True)
+
+
 def _missing_package(out: Path, err: NotImplementedError) -> str:
     """What to install. python-can names it for .mf4 ("The asammdf package was not found..."), but
     the package is named here too should a python-can release word it otherwise."""
@@ -277,15 +303,33 @@ def _format_suffix(out: Path) -> str:
     return (out.suffixes[-2] if out.suffix == ".gz" and len(out.suffixes) > 1 else out.suffix).lower()
 
 
+def _record_formats() -> tuple[list[str], list[str]]:
+    """What `bms record` writes: the suffixes python-can both writes and reads back (for `bms decode`),
+    and those of them it can also gzip (its text writers; .blf, .db and .mf4 cannot be)."""
+    writers = can.io.logger.MESSAGE_WRITERS
+    plain = sorted(set(writers) & set(can.io.player.MESSAGE_READERS))
+    gzipped = [s for s in plain if issubclass(writers[s], can.io.generic.TextIOMessageWriter)]
+    return plain, gzipped
+
+
+def record_formats_text() -> str:
+    """The accepted FILE suffixes in words, the one list the help and every refusal give."""
+    plain, gzipped = _record_formats()
+    return f"{', '.join(plain)}, or {', '.join(s + '.gz' for s in gzipped)}"
+
+
 def _check_readable_back(out: Path) -> None:
-    """A recording is for `bms decode` (or a replay) later: python-can writes `.txt` but cannot read it."""
+    """A recording is for `bms decode` (or a replay) later: only formats python-can both writes and reads
+    back, gzipped only where python-can can gzip them; said before the bus or the file is opened."""
     suffix = _format_suffix(out)
-    readable = sorted(can.io.player.MESSAGE_READERS)
-    if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in readable:
+    plain, gzipped = _record_formats()
+    gz = out.suffix.lower() == ".gz"
+    if suffix in can.io.logger.MESSAGE_WRITERS and suffix not in can.io.player.MESSAGE_READERS:
         raise InputError(f"{out}: python-can writes {suffix} but cannot read it back, so bms decode could not: "
-                         f"use one of {', '.join(readable)}")
-
-
+                         f"use {record_formats_text()}")
+    if suffix not in plain or (gz and (suffix not in gzipped or len(out.suffixes) < 2)):
+        what = f"{suffix}.gz" if gz and suffix != ".gz" else suffix or "no suffix"
+        raise InputError(f"{out}: bms record cannot write {what}: use {record_formats_text()}")
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bms record` and `bms decode`."""
     p = sub.add_parser("bms", help="record and decode BMS CAN traffic")
@@ -296,8 +340,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Record CAN traffic until --duration or Ctrl-C/SIGTERM/SIGHUP (not "
                                        "SIGHUP under nohup). The "
                                        "writer is chosen by FILE's suffix: "
-                                       + ", ".join(sorted(can.io.player.MESSAGE_READERS)) + " (what python-can "
-                                       "can read back for `bms decode`; each may end in .gz).")
+                                       + record_formats_text() + " (what python-can "
+                                       "can read back for `bms decode`).")
     rec.add_argument("--can-interface", required=True, help="python-can interface (socketcan, virtual, remote, ...)")
     rec.add_argument("--can-channel", required=True, help="channel, e.g. can0 or ws://127.0.0.1:54701/")
     rec.add_argument("--duration", type=number(0, 30 * 86_400, above=True), default=None,
