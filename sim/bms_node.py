@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,8 +31,14 @@ from firmware_py.bms import signals
 from firmware_py.bms.reader import load_dbc
 from firmware_py.core.types import BmsState, ContactorState, PackContactor
 from firmware_py.errors import InputError
+from firmware_py.quoting import printable
 
 log = logging.getLogger(__name__)
+
+
+class BusLost(Exception):
+    """Sending failed in a way no retry of that frame mends: the CAN server went away (python-can-remote
+    raises the socket's OSError), the adapter's driver gave up. Carries the driver's own error."""
 
 FAULT_KINDS = BMS_FAULT_KINDS
 OVER_TEMP_C = 70.0
@@ -212,6 +219,8 @@ class BmsNode:
             self.send_errors += 1
             log.warning("BMS node could not send 0x%X: %s", frame_id, err)
             return 0
+        except Exception as err:  # noqa: BLE001 - a CAN server gone, a socket closed: each interface its own error
+            raise BusLost(err) from err
         return 1
 
     def run(self, stop: threading.Event, load_w: float | Callable[[], float] = 0.0, duration_s: float | None = None,
@@ -259,7 +268,7 @@ def _frame(frame_id: int, data: bytes, now: float) -> can.Message:
 def _sim_bms(args: argparse.Namespace) -> int:
     from firmware_py.sim import scenario as scenarios
 
-    from firmware_py.bms.bus import SEND_ONLY, open_bus
+    from firmware_py.bms.bus import SEND_ONLY, open_bus, shutdown_quietly
     from firmware_py.bms.commands import CAN_FLAGS, resolve_dbc, stop_on_signals
 
     loaded = scenarios.load(Path(args.scenario)) if args.scenario else None
@@ -278,14 +287,23 @@ def _sim_bms(args: argparse.Namespace) -> int:
                       seed=seed)
     # A BMS only talks: what others send on the bus is not carried to it.
     bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args), filters=SEND_ONLY)
+    lost: BusLost | None = None
     try:
         node = BmsNode(battery, bus, dbc, seed=seed)
         print(f"# sim bms: {dbc.name} on {args.can_interface} {args.can_channel}, SoC {soc:g} %, "
               f"load {args.load_w:g} W; Ctrl-C or SIGTERM stops", flush=True)
         with stop_on_signals() as stop:
-            node.run(stop, load_w=args.load_w, duration_s=duration, faults=faults)
+            try:
+                node.run(stop, load_w=args.load_w, duration_s=duration, faults=faults)
+            except BusLost as err:  # the CAN server gone: said once below, the bus closed quietly, exit 1
+                lost = err
     finally:
-        bus.shutdown()
+        shutdown_quietly(bus, log)
+    if lost is not None:
+        cause = lost.__cause__ or lost
+        print(f"error: {printable(CAN_FLAGS.format(args))}: the bus was lost after {node.sent} frames: "
+              f"{printable(str(cause) or type(cause).__name__)}", file=sys.stderr, flush=True)
+        return 1
     print(f"# sim bms: sent {node.sent} frames ({node.send_errors} send errors), "
           f"true SoC {battery.true_soc_pct:.2f} %", flush=True)
     return 0

@@ -131,3 +131,34 @@ def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(
     assert err.count("error:") == 1 and "Traceback" not in err
     assert f"--can-channel {can_server.url}: the bus failed after 0 frames:" in err
     assert out.read_text().rstrip().endswith("End TriggerBlock")
+
+
+@pytest.mark.slow  # a CAN server as a process of its own
+def test_sim_bms_whose_can_server_goes_away_says_so_once_and_exits_1(can_server, capsys, monkeypatch):
+    """Killing the CAN server while `sim bms` sent ended it with four chained tracebacks (ConnectionResetError,
+    BrokenPipeError, OSError from the send and again from closing the bus). Its docs promise no reconnect: one
+    line naming the interface and channel, exit 1."""
+    from firmware_py.bms import bus as bms_bus
+
+    code: list[int] = []
+    opened = threading.Event()
+    real_open = bms_bus.open_bus
+
+    def open_then_tell(*args, **kwargs):
+        bus = real_open(*args, **kwargs)
+        opened.set()
+        return bus
+
+    monkeypatch.setattr(bms_bus, "open_bus", open_then_tell)
+    node = threading.Thread(target=lambda: code.append(main(
+        ["sim", "bms", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30"])))
+    node.start()
+    try:
+        assert opened.wait(20), "sim bms never opened its bus"
+        can_server.process.kill()
+    finally:
+        node.join(30)
+    assert code == [1]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert f"error: --can-interface remote --can-channel {can_server.url}: the bus was lost after " in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ports import free_port
 
 from firmware_py.config import InverterConfig
 from firmware_py.errors import InputError
@@ -44,3 +45,61 @@ def test_probe_tells_a_wrong_unit_id_from_a_device_that_is_not_sunspec():
     assert said.startswith("inverter: 127.0.0.1:"), said
     assert "a Modbus device answers there, but not for unit id 1" in said
     assert "check [inverter] unit_id (1)" in said and "it is not a SunSpec device" not in said
+
+
+def _peer(behaviour: str):
+    """A TCP listener on 127.0.0.1 that is not a Modbus device (or is a silent one)."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if behaviour == "http":  # answers the first bytes at once, as a web server refusing them
+                await reader.read(1)
+                writer.write(b"HTTP/1.0 400 Bad request\r\nContent-Type: text/html\r\n\r\n<html>\x1b[2J</html>")
+            elif behaviour == "http_at_eof":  # a line-based server: answers when the request's stream ends
+                await reader.read()
+                writer.write(b"HTTP/1.0 400 Bad request\r\n\r\n")
+            elif behaviour == "silent":  # a Modbus device that ignores another unit id's requests
+                await reader.read()
+                return
+            await writer.drain()
+        finally:
+            writer.close()
+    return handle
+
+
+@pytest.mark.parametrize(("behaviour", "said"), [
+    ("close", "(it closed the connection)"),
+    ("http", "(it answered `HTTP/1.0 400 Bad request\\r\\nConten...`)"),
+    ("http_at_eof", "(it answered `HTTP/1.0 400 Bad request\\r\\n\\r\\n`)"),
+])
+def test_probe_tells_a_peer_that_is_not_modbus_from_a_wrong_unit_id(behaviour, said):
+    """An HTTP server (the inverter's web port) or a listener that closes at once: the probe said 'nothing
+    answered for unit id 1' or 'a Modbus device answers there, but not for unit id 1' and sent the installer
+    to [inverter] unit_id. It now says something listens there that is not Modbus TCP, and to check the host
+    and port, quoting a short, escaped prefix of what it answered."""
+    async def main() -> None:
+        port = free_port()
+        server = await asyncio.start_server(_peer(behaviour), "127.0.0.1", port)
+        async with server:
+            await asyncio.wait_for(_probe(InverterConfig(host="127.0.0.1", port=port, timeout_s=0.3)), 20)
+
+    with pytest.raises(InputError) as caught:
+        asyncio.run(main())
+    (message,) = caught.value.problems
+    assert "but it is not Modbus TCP " + said in message, message
+    assert "check [inverter] host and port" in message and "unit_id" not in message, message
+    assert "\x1b" not in message
+
+
+def test_probe_keeps_the_unit_id_hint_for_true_silence():
+    """A peer that keeps the connection open and says nothing is a Modbus device silent for this unit id."""
+    async def main() -> None:
+        port = free_port()
+        server = await asyncio.start_server(_peer("silent"), "127.0.0.1", port)
+        async with server:
+            await asyncio.wait_for(_probe(InverterConfig(host="127.0.0.1", port=port, timeout_s=0.3)), 20)
+
+    with pytest.raises(InputError) as caught:
+        asyncio.run(main())
+    (message,) = caught.value.problems
+    assert "nothing answered for unit id 1 within 0.3 s" in message and "check [inverter] unit_id (1)" in message
+    assert "not Modbus TCP" not in message

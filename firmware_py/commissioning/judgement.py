@@ -327,6 +327,7 @@ class InverterObservation:
     error: str = ""  # connecting or discovering failed: why
     error_kind: str = ""  # the client's ModbusErrorCause value ("connect", "timeout", "exception"...)
     marker_at: int | None = None  # where discovery found the 'SunS' marker before it failed
+    not_modbus: str = ""  # the peer is not Modbus TCP: how it showed ("it closed the connection"...)
     timeout_s: float = 1.0  # [inverter] timeout_s
     base: int | None = None
     models: Mapping[int, tuple[int, int]] = field(default_factory=dict)
@@ -378,6 +379,7 @@ class LinkTrouble(StrEnum):
     """Why the inverter could not be discovered, as an installer tells the causes apart."""
 
     UNREACHABLE = "unreachable"  # nothing to connect to: address, port, network, serial port
+    NOT_MODBUS = "not_modbus"  # something listens there, but it closed the connection or answered non-Modbus
     UNIT_ID = "unit_id"  # something answers Modbus there, but not for this unit id
     NOT_SUNSPEC = "not_sunspec"  # a Modbus device answers, without the SunSpec marker
     MODEL_CHAIN = "model_chain"  # the SunSpec marker answers at this unit id, its models do not
@@ -390,6 +392,8 @@ def link_trouble(obs: InverterObservation) -> LinkTrouble:
     one that answered 'SunS' at this unit id and then failed is its model chain's."""
     if obs.error_kind == "connect":
         return LinkTrouble.UNREACHABLE
+    if obs.not_modbus:
+        return LinkTrouble.NOT_MODBUS
     if obs.marker_at is not None:
         return LinkTrouble.MODEL_CHAIN
     if obs.error_kind in ("timeout", "disconnected", "exception"):
@@ -404,6 +408,9 @@ def link_trouble(obs: InverterObservation) -> LinkTrouble:
 def link_detail(obs: InverterObservation) -> str:
     """What a failed discovery saw, naming the address and unit id (commission's step and `inverter probe`)."""
     trouble = link_trouble(obs)
+    if trouble is LinkTrouble.NOT_MODBUS:
+        address = obs.where.rsplit(" unit ", 1)[0]
+        return f"{obs.where}: something listens at {address} but it is not Modbus TCP ({obs.not_modbus})"
     if trouble is LinkTrouble.MODEL_CHAIN:
         return (f"{obs.where}: the SunSpec marker answers at {obs.marker_at}, but the model chain after it "
                 f"could not be read: {obs.error}")
@@ -423,6 +430,9 @@ def link_advice(obs: InverterObservation) -> str:
     slow = (f"; or, for an inverter slower to answer than that, [inverter] timeout_s ({obs.timeout_s:g} s)"
             if obs.error_kind == "timeout" else "")
     trouble = link_trouble(obs)
+    if trouble is LinkTrouble.NOT_MODBUS:
+        return ("[inverter] host and port: the inverter's Modbus TCP server (often port 502), not its web "
+                "interface or another service")
     if trouble is LinkTrouble.MODEL_CHAIN:
         return ("the inverter's firmware and SunSpec settings: its map must read whole from the marker to the "
                 f"end model (models 1, 701, 702 and 704 at least){slow}")

@@ -44,7 +44,8 @@ from firmware_py.core.types import (
     describe,
 )
 from firmware_py.errors import InputError
-from firmware_py.inverter.client import InverterClient, LinkError
+from firmware_py.inverter.client import InverterClient, LinkError, ModbusErrorCause
+from firmware_py.quoting import printable
 from firmware_py.service import Service
 from firmware_py.statements.figures import COMMISSIONING_SOURCE
 from firmware_py.tasks import unless_stopped
@@ -167,7 +168,7 @@ async def probe_inverter(client: InverterClient, settings: InverterConfig) -> In
     try:
         disc = await client.connect()
     except LinkError as err:
-        return link_failure(settings, err, client.marker_at)
+        return await diagnose_link_failure(settings, err, client.marker_at)
     status = await client.read_status(setpoint=True)
     found = dict(base=disc.base, models=dict(disc.models), common=dict(disc.common), ratings=dict(disc.ratings))
     if not status.comms_ok:
@@ -188,11 +189,85 @@ def _inverter_basics(settings: InverterConfig) -> dict[str, Any]:
                 revert_timeout_s=settings.revert_timeout_s, timeout_s=settings.timeout_s)
 
 
-def link_failure(settings: InverterConfig, err: LinkError, marker_at: int | None) -> InverterObservation:
+def link_failure(settings: InverterConfig, err: LinkError, marker_at: int | None,
+                 not_modbus: str = "") -> InverterObservation:
     """A discovery that failed, as `judgement.link_detail` and `link_advice` diagnose it: commission's
     inverter step and `inverter probe` tell the same causes apart (address, unit id, not SunSpec, model chain)."""
     return InverterObservation(**_inverter_basics(settings), error=str(err),
-                               error_kind=err.kind.value if err.kind else "", marker_at=marker_at)
+                               error_kind=err.kind.value if err.kind else "", marker_at=marker_at,
+                               not_modbus=not_modbus)
+
+
+NOT_MODBUS_KINDS = frozenset({ModbusErrorCause.TIMEOUT, ModbusErrorCause.DISCONNECTED, ModbusErrorCause.TRANSPORT})
+"""The failures pymodbus gives alike for a silent Modbus device and a peer that is not Modbus at all."""
+QUOTED_BYTES = 32
+"""How much of a non-Modbus answer the diagnosis quotes."""
+
+
+async def diagnose_link_failure(settings: InverterConfig, err: LinkError, marker_at: int | None) -> InverterObservation:
+    """`link_failure`, after asking the peer itself when pymodbus cannot tell a silent unit id from a peer
+    that is not Modbus TCP (an inverter's web port closes on, or answers HTML to, a Modbus request)."""
+    not_modbus = ""
+    if settings.transport == "tcp" and marker_at is None and err.kind in NOT_MODBUS_KINDS:
+        not_modbus = await not_modbus_tcp(settings.host, settings.port, settings.unit_id, settings.timeout_s)
+    return link_failure(settings, err, marker_at, not_modbus)
+
+
+async def not_modbus_tcp(host: str, port: int, unit_id: int, timeout_s: float) -> str:
+    """How the peer at host:port shows it is not Modbus TCP ("it closed the connection", "it answered `...`"),
+    or "" when it may be: it answered a Modbus TCP frame, stayed silent, or could not be reached.
+
+    One raw connection, one read of the 'SunS' marker's registers (function 3, 40000+2). A peer still silent
+    after `timeout_s` gets our end of the stream closed and `timeout_s` more: a line-based server (HTTP) answers
+    only then. Closing after that is no evidence (a Modbus device may close a half-closed link); bytes that are
+    not a Modbus TCP frame are."""
+    tid = 0x5053
+    request = tid.to_bytes(2, "big") + bytes([0, 0, 0, 6, unit_id & 0xFF, 3]) + (40000).to_bytes(2, "big") + b"\0\2"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s + 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return ""
+    try:
+        writer.write(request)
+        try:
+            await writer.drain()
+        except OSError:
+            return "it closed the connection"
+        for half_closed in (False, True):
+            try:
+                data = await asyncio.wait_for(reader.read(256), timeout_s)
+            except asyncio.TimeoutError:
+                if half_closed or not writer.can_write_eof():
+                    return ""
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                continue
+            except OSError:  # reset
+                return "" if half_closed else "it closed the connection"
+            if not data:
+                return "" if half_closed else "it closed the connection"
+            if _modbus_tcp_frame(data, tid):
+                return ""
+            return f"it answered `{_quoted(data)}`"
+        return ""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), timeout_s)
+
+
+def _modbus_tcp_frame(data: bytes, tid: int) -> bool:
+    """The start of a Modbus TCP reply to our request: our transaction id, protocol id 0, a sane length."""
+    if len(data) < 7:  # too short to tell: a device writing its reply in pieces
+        return data == (tid.to_bytes(2, "big") + b"\0\0\0")[:len(data)]
+    length = int.from_bytes(data[4:6], "big")
+    return data[:2] == tid.to_bytes(2, "big") and data[2:4] == b"\0\0" and 2 <= length <= 254
+
+
+def _quoted(data: bytes) -> str:
+    """A short printable prefix of what the peer answered, control characters escaped."""
+    text = printable(data[:QUOTED_BYTES].decode("latin-1"))
+    return text + ("..." if len(data) > QUOTED_BYTES else "")
 
 
 def where_of(s: InverterConfig) -> str:

@@ -28,7 +28,7 @@ def _es(value: object) -> str:
 
 async def _probe(settings: config.InverterConfig) -> list[str]:
     from firmware_py.commissioning.judgement import link_advice, link_detail
-    from firmware_py.commissioning.probes import link_failure
+    from firmware_py.commissioning.probes import diagnose_link_failure
     from firmware_py.core.types import InverterState
     from firmware_py.inverter.client import InverterClient, LinkError
 
@@ -36,7 +36,7 @@ async def _probe(settings: config.InverterConfig) -> list[str]:
     try:
         disc = await client.connect()
     except LinkError as err:  # told apart as commission tells it: address, unit id, not SunSpec, model chain
-        failure = link_failure(settings, err, client.marker_at)
+        failure = await diagnose_link_failure(settings, err, client.marker_at)
         raise InputError(f"inverter: {link_detail(failure)}; check {link_advice(failure)}") from None
     try:
         status = await client.read_status(setpoint=True)
