@@ -102,30 +102,37 @@ def test_node_and_reader_in_two_processes(remote_url, tmp_path):
 
 
 @pytest.mark.slow  # a CAN server as a process of its own
-def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(
-        can_server, tmp_path, capsys, monkeypatch):
-    """The adapter unplugged or the CAN server gone mid-recording: the frames before are kept in a
-    file closed properly (its footer written), and the command says what happened, without a traceback."""
-    out = tmp_path / "rec.asc"
+def _server_killed_under(can_server, monkeypatch, module, argv: list[str]) -> list[int]:
+    """Run the command `argv` in a thread, kill the CAN server once the command has opened its bus (seen
+    through `module.open_bus`: the server says "Connected" before the client's handshake ends); the exit
+    code it returned, in a list (empty if it never returned)."""
     code: list[int] = []
-    opened = threading.Event()  # the server says "Connected" before the client's handshake ends
-
-    real_open = bms_commands.open_bus
+    opened = threading.Event()
+    real_open = module.open_bus
 
     def open_then_tell(*args, **kwargs):
         bus = real_open(*args, **kwargs)
         opened.set()
         return bus
 
-    monkeypatch.setattr(bms_commands, "open_bus", open_then_tell)
-    recorder = threading.Thread(target=lambda: code.append(main(
-        ["bms", "record", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30", str(out)])))
-    recorder.start()
+    monkeypatch.setattr(module, "open_bus", open_then_tell)
+    command = threading.Thread(target=lambda: code.append(main(argv)))
+    command.start()
     try:
-        assert opened.wait(20), "the recorder never opened its bus"
+        assert opened.wait(20), f"{argv[:2]} never opened its bus"
         can_server.process.kill()
     finally:
-        recorder.join(30)
+        command.join(30)
+    return code
+
+
+def test_a_recording_whose_bus_goes_away_is_one_clear_error_and_a_whole_file(
+        can_server, tmp_path, capsys, monkeypatch):
+    """The adapter unplugged or the CAN server gone mid-recording: the frames before are kept in a
+    file closed properly (its footer written), and the command says what happened, without a traceback."""
+    out = tmp_path / "rec.asc"
+    code = _server_killed_under(can_server, monkeypatch, bms_commands, [
+        "bms", "record", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30", str(out)])
     assert code == [2]
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
@@ -140,24 +147,8 @@ def test_sim_bms_whose_can_server_goes_away_says_so_once_and_exits_1(can_server,
     line naming the interface and channel, exit 1."""
     from firmware_py.bms import bus as bms_bus
 
-    code: list[int] = []
-    opened = threading.Event()
-    real_open = bms_bus.open_bus
-
-    def open_then_tell(*args, **kwargs):
-        bus = real_open(*args, **kwargs)
-        opened.set()
-        return bus
-
-    monkeypatch.setattr(bms_bus, "open_bus", open_then_tell)
-    node = threading.Thread(target=lambda: code.append(main(
-        ["sim", "bms", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30"])))
-    node.start()
-    try:
-        assert opened.wait(20), "sim bms never opened its bus"
-        can_server.process.kill()
-    finally:
-        node.join(30)
+    code = _server_killed_under(can_server, monkeypatch, bms_bus, [
+        "sim", "bms", "--can-interface", "remote", "--can-channel", can_server.url, "--duration", "30"])
     assert code == [1]
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1, err

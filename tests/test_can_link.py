@@ -114,6 +114,13 @@ def link_records(tmp_path) -> list[tuple[str, str]]:
                 if r.kind in (RecordKind.LINK_LOST, RecordKind.LINK_RECOVERED)]
 
 
+def told_once(caplog) -> None:
+    """The BMS link's outage logged once when it began and once when it ended."""
+    lines = [r.getMessage() for r in caplog.records if "link" in r.getMessage()]
+    assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
+    assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+
+
 def test_a_bus_broken_under_the_gateway_is_reopened_and_told_once(world, tmp_path, caplog):
     async def main() -> None:
         await world.frames_arrive()
@@ -132,9 +139,7 @@ def test_a_bus_broken_under_the_gateway_is_reopened_and_told_once(world, tmp_pat
             await world.look()
         view = world.assembly.gateway.links.view(world.now)["bms"]
         assert view["ok"] and view["age_s"] == 0
-        lines = [r.getMessage() for r in caplog.records if "link" in r.getMessage()]
-        assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
-        assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+        told_once(caplog)
         assert not [r for r in caplog.records if r.exc_info]  # an expected condition: no traceback
 
     asyncio.run(main())
@@ -156,9 +161,7 @@ def test_a_bus_never_heard_has_no_last_good_data_and_its_outage_is_told_once(wor
             await world.look()
         view = world.assembly.gateway.links.view(world.now)["bms"]
         assert view["ok"] and view["age_s"] == 0
-        lines = [r.getMessage() for r in caplog.records if "link" in r.getMessage()]
-        assert len([m for m in lines if m.startswith("link lost: bms")]) == 1, lines
-        assert len([m for m in lines if m.startswith("link recovered: bms")]) == 1, lines
+        told_once(caplog)
 
     asyncio.run(main())
 
