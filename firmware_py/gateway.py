@@ -106,6 +106,13 @@ DAY_RECHECK_S = 3_600.0
 """How often the date is looked at again even before the next one is due (a stepped wall clock)."""
 MAINTAIN_RETRY_S = 60.0
 """After a rotation that could not be done (a reader holds the file, the disk is full), wait this long."""
+WRITE_CHUNK = 256
+"""The most records (about; see `_chunks`) one journal transaction writes. A normal flush (every 0.2 s)
+holds a handful: one transaction as ever. A backlog after a long failure (a site controller re-sending
+meanwhile queues tens of thousands) goes in chunks: a few hundred records of a few hundred bytes each
+make a WAL of some tens to a few hundred KB, which fits where a whole backlog's 4-5 MB did not, and
+costs at most that much disk work when it fails; large enough that draining 100,000 records takes
+some hundreds of commits, not one per record."""
 PRUNE_EVERY_S = 3_600.0
 WALL_STEP_S = 5.0
 """A change this large in the wall clock's offset from the monotonic one is a step (NTP's first sync, a
@@ -384,7 +391,8 @@ class Gateway:
     # ------------------------------------------------------------------ journal
 
     def flush_journal(self, *, final: bool = False) -> int:
-        """Write what the steps queued, in one transaction, here and now (the bench's way).
+        """Write what the steps queued, here and now (the bench's way): in chunks of at most about
+        `WRITE_CHUNK` records, each one transaction (a normal flush holds a handful: one transaction).
 
         `final` also writes the unfinished batch of recorded steps (at a stop).
         """
@@ -393,9 +401,9 @@ class Gateway:
         written = 0
         while True:  # again when the write that recovered the journal queued the core's step for it
             pending = self.backlog.take()
-            done = self._settle(pending, self._write(pending))
-            written += done
-            if not self.backlog or (pending and not done):  # all written, or it failed (put back for the next)
+            done, failure = self._write(pending)
+            written += self._settle(pending, done, failure)
+            if not self.backlog or failure is not None:  # all written, or it failed (the rest put back)
                 return written
 
     async def flush_journal_async(self) -> int:
@@ -408,36 +416,49 @@ class Gateway:
         """
         pending = self.backlog.take()
         if not pending:
-            return self._settle(pending, None)
+            return self._settle(pending, 0, None)
         write = asyncio.ensure_future(asyncio.to_thread(self._write, pending))
         try:
-            failure = await asyncio.shield(write)
+            done, failure = await asyncio.shield(write)
         except asyncio.CancelledError:
             while not write.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({write})
-            self._settle(pending, write.result())
+            self._settle(pending, *write.result())
             raise
-        return self._settle(pending, failure)
+        return self._settle(pending, done, failure)
 
-    def _write(self, pending: list[Any]) -> JournalWriteError | None:
+    def _write(self, pending: list[Any]) -> tuple[int, JournalWriteError | None]:
+        """Write `pending` in order, a chunk (`_chunks`) per transaction; how many were written, and the
+        failure that stopped the rest (None: all written).
+
+        One transaction for a whole backlog would need WAL space for all of it at once: after a full
+        disk (a backlog of a long failure, tens of thousands of records) it would fail, roll back and be
+        tried again every flush for ever, wearing the SD card and writing nothing. Chunk by chunk, a
+        failing write costs at most one chunk of disk work and each success is progress (SQLite
+        checkpoints the WAL after commits and reuses it), so the backlog drains as space allows. A cut
+        between chunks leaves a prefix of the queue in the journal, as a crash mid-queue always could.
+        """
         if not pending:
-            return None
+            return 0, None
         if self._stop_write_failed:
-            return JournalWriteError("not attempted: a journal write already failed during the stop")
-        try:
-            offset = self.clocks.offset()  # each record's instant for people, on the wall clock
-            with self.journal.batch():
-                for item in pending:
-                    if isinstance(item, tuple):
-                        kind, at, payload = item
-                        self.journal.append(kind, at, payload, wall=at + offset)
-                    else:
-                        self.journal.append_event(item, wall=codec.event_time(item) + offset)
-        except JournalWriteError as err:
-            return err
+            return 0, JournalWriteError("not attempted: a journal write already failed during the stop")
+        written = 0
+        offset = self.clocks.offset()  # each record's instant for people, on the wall clock
+        for chunk in _chunks(pending, WRITE_CHUNK):
+            try:
+                with self.journal.batch():
+                    for item in chunk:
+                        if isinstance(item, tuple):
+                            kind, at, payload = item
+                            self.journal.append(kind, at, payload, wall=at + offset)
+                        else:
+                            self.journal.append_event(item, wall=codec.event_time(item) + offset)
+            except JournalWriteError as err:
+                return written, err
+            written += len(chunk)
         self._maintain()
-        return None
+        return written, None
 
     def _maintain(self) -> None:
         """Rotate the live segment once it passes `segment_mb`; prune archives past `retain_days`.
@@ -473,32 +494,38 @@ class Gateway:
                     carry.append((str(RecordKind.of(item)), codec.jsonable(item)))
         return carry
 
-    def _settle(self, pending: list[Any], failure: JournalWriteError | None) -> int:
-        """After a write: on failure put the records back in front (nothing is lost).
+    def _settle(self, pending: list[Any], done: int, failure: JournalWriteError | None) -> int:
+        """After a write of `pending` of which the first `done` were written: those count as written, the
+        rest (on failure) is put back in front, in order (nothing is lost); how many were written.
 
         The journal's health is the core's input like any other: while it fails the
         core refuses new dispatch (energy that cannot be accounted must not be sold).
+        It writes again only once everything taken was written: chunks written before a failing one are
+        progress, not a recovery, so dispatch stays held while records of the failure are still queued,
+        and a disk with room for part of the backlog does not toggle dispatch chunk by chunk.
         Only a change of health is fed, so a healthy journal costs no step.
         """
         failing = self.controller.journal_failing()
+        written, rest = pending[:done], pending[done:]
+        if written:
+            self.backlog.written(written)
+            self.earnings.journaled(sum(1 for item in written if _settles_an_event(item)),
+                                    steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in written))
         if failure is None:
-            self.backlog.written(pending)
-            self.earnings.journaled(sum(1 for item in pending if _settles_an_event(item)),
-                                    steps=any(isinstance(item, tuple) and item[0] == STEPS_KIND for item in pending))
             if failing and not self.stopping:
                 log.info("journal writes again%s", _dropped(pending))
                 self.feed(JournalHealth(self.clock(), ok=True))
-            return len(pending)
-        self.backlog.put_back(pending)
+            return done
+        self.backlog.put_back(rest)
         if self.stopping:  # no step (see `begin_stop`); no more writes either
             if not self._stop_write_failed:
                 log.error("journal write failed during the stop; no more writes are attempted: %s", failure)
             self._stop_write_failed = True
-            return 0
+            return done
         if not failing:
             log.error("journal write failed, refusing dispatch until it recovers: %s", failure)
             self.feed(JournalHealth(self.clock(), ok=False, detail=str(failure)))
-        return 0
+        return done
 
     def close_open_events(self, meter_total_wh: float | None,
                           reason: str = "gateway restarted: event ended") -> list[str]:
@@ -548,6 +575,26 @@ class Gateway:
 EVENT_LIFE = frozenset({RecordKind.DISPATCH_REQUEST, RecordKind.PRICE_INTERVAL, RecordKind.DISPATCH_ANSWER,
                         RecordKind.EVENT_ENERGY, RecordKind.DISPATCH_ENDED})
 """The record kinds that tell which events are open (and what a rotation carries for them)."""
+
+
+def _chunks(pending: list[Any], size: int) -> Iterator[list[Any]]:
+    """`pending` in order, in chunks of about `size`, each cut only between two steps' records.
+
+    A step queues its journaled inputs, then the core's events (`feed`): a request and what the core
+    said to it go in one transaction (`journal.summary` reads a request by the record after it). So a
+    chunk ends only before a note or a journaled input that follows no journaled input; the core's
+    events stay with the inputs before them (a chunk may grow past `size` by one step's records)."""
+    start = 0
+    for i in range(size, len(pending)):
+        if i - start >= size and _starts_a_step(pending[i]) and not isinstance(pending[i - 1], JOURNALED_INPUTS):
+            yield pending[start:i]
+            start = i
+    if start < len(pending):
+        yield pending[start:]
+
+
+def _starts_a_step(item: Any) -> bool:
+    return isinstance(item, tuple) or isinstance(item, JOURNALED_INPUTS)
 
 
 def _dropped(written: list[Any]) -> str:

@@ -19,6 +19,7 @@ import pytest
 from core_builders import bms, inverter
 from journal_edits import tamper
 
+from firmware_py import gateway as gateway_module
 from firmware_py.assembly import assemble
 from firmware_py.config import Config
 from firmware_py.core.machine import JOURNAL_HOLD
@@ -32,7 +33,7 @@ from firmware_py.core.types import (
     Verdict,
 )
 from firmware_py.errors import InputError
-from firmware_py.journal import Journal, RecordKind
+from firmware_py.journal import Journal, RecordKind, codec
 from firmware_py.journal.steps import StepRecorder, journaled_steps
 
 
@@ -416,3 +417,60 @@ def test_the_bound_holds_while_each_failed_write_waits_on_the_lock_and_what_came
     records, gap, kept_steps = after_one_gap(tmp_path / "journal.sqlite")
     assert sum(b["count"] for b in kept_steps) + gap["steps"] == len(stepped)  # every step kept or counted
     assert sum(1 for r in records if r.kind == RecordKind.SAMPLE) + gap["samples"] == 40
+
+
+def test_a_backlog_larger_than_the_free_space_is_written_in_chunks_as_space_allows(tmp_path):
+    """A long failure queued far more than the freed disk can take in one transaction (a site controller
+    re-sending meanwhile). Written as one, it would fail and roll back for ever, writing nothing; in
+    chunks of their own transaction, the chunks that fit are kept and the rest waits in the queue, in
+    order, none lost or written twice; dispatch stays held until the whole backlog is written."""
+    clock = [0.0]
+    path = tmp_path / "journal.sqlite"
+    assembly = gateway_on(path, clock)
+    gateway = assembly.gateway
+    conn = gateway.journal._conn  # the gateway's own connection: the limit must bind its writes
+
+    def text(item: Any) -> tuple[str, Any]:  # a queued item as the journal keeps it
+        if isinstance(item, tuple):
+            return str(item[0]), item[2]
+        return str(RecordKind.of(item)), codec.jsonable(item)
+
+    async def main() -> dict[str, Any]:
+        await answer(gateway, 0, 0.0)
+        gateway.flush_journal()
+        head = gateway.journal.records()[-1].seq
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page more
+        for n in range(1, 2_000):  # the failure goes on; requests keep coming, each refused and kept
+            clock[0] = float(n)
+            await answer(gateway, n, float(n))
+            if n % 100 == 0:
+                assert gateway.flush_journal() == 0
+        assert gateway.controller.journal_failing()
+        queued = [text(item) for item in gateway.backlog._items]
+        assert len(queued) > 10 * gateway_module.WRITE_CHUNK
+        conn.execute(f"PRAGMA max_page_count = {pages + 40}")  # some space returns, not enough for all
+        first = gateway.flush_journal()
+        held = gateway.controller.journal_failing()
+        rest = [text(item) for item in gateway.backlog._items]
+        conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
+        clock[0] += 1
+        second = gateway.flush_journal()
+        return {"queued": queued, "rest": rest, "head": head, "first": first, "held": held, "second": second}
+
+    try:
+        seen = asyncio.run(main())
+        queued, rest, head, first, held, second = seen.values()
+        failing_after = gateway.controller.journal_failing()
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    assert 0 < first < len(queued)  # the chunks that fit are written, not all-or-nothing
+    assert rest == queued[first:]  # the rest still queued, in order, none lost or duplicated
+    assert rest[0][0] != "DispatchAnswer"  # a request and its answer are never cut apart
+    assert held and not failing_after  # held while part of the backlog waited; resumed once all was written
+    with Journal.open(path, readonly=True) as journal:
+        assert journal.verify() == []
+        kept = [(str(r.kind), r.payload) for r in journal.records(since_seq=head)]
+    assert kept[:len(queued)] == queued  # exactly the queued records, in order
+    assert second >= len(queued) - first
