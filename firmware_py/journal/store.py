@@ -16,6 +16,11 @@ It is the evidence behind bill credits and the trail after a fault, so:
 - A failed write is never silent: it raises `JournalWriteError`, the record is
   not in the journal, and the runtime must treat that as a fault (stop
   dispatching: energy it cannot account for must not be delivered).
+- The live file is the one it was opened as. Every transaction first stats the
+  path (`_ensure_live_file`): a file removed under the running writer (its open
+  copy would take every later record with it) is restored from the open copy
+  (`VACUUM INTO`, same records, same chain, so the anchors still hold); a path
+  that names another file is never written over: the write fails.
 - Its cost does not grow with its length. Readers page through the records
   (`iter_records`, `check`), never holding more than a page; and the journal is
   kept in segments: `rotate` archives the live file and starts the next one with a
@@ -101,6 +106,7 @@ CREATE TRIGGER records_no_delete BEFORE DELETE ON records
     BEGIN SELECT RAISE(ABORT, 'journal records are append-only'); END;
 """
 _COLUMNS = "seq, at, wall, kind, payload, prev_hash, hash"
+RESTORING_SUFFIX = ".restoring"
 
 
 class JournalWriteError(Exception):
@@ -180,6 +186,7 @@ class Journal:
                  key: AnchorKey | None = None, busy_timeout_s: float = 5.0, was_anchored: bool = False):
         self.path = path
         self._conn = conn
+        self._identity = _identity_of(path)  # the file opened: a write checks the path still names it
         self._busy_timeout_s = busy_timeout_s
         self._wall_clock = wall_clock
         self._lock = threading.RLock()
@@ -336,6 +343,7 @@ class Journal:
             finally:
                 self._batch_depth -= 1
             return
+        self._ensure_live_file()
         self._write("BEGIN IMMEDIATE")
         self._batch_depth = 1
         try:
@@ -357,6 +365,72 @@ class Journal:
         except sqlite3.Error as err:
             raise JournalWriteError(f"{self.path}: journal write failed: {err}") from err
 
+    # -- the live file -----------------------------------------------------------------------
+
+    def _live_file_state(self) -> str:
+        """One stat: "same" while the path names the file this journal has open, else "gone" or "replaced"."""
+        if self._identity is None:
+            return "same"  # not a file we could identify at open (nothing to compare)
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as err:
+            raise JournalWriteError(f"{self.path}: cannot check the journal file before writing: {err}") from err
+        return "same" if (found.st_dev, found.st_ino) == self._identity else "replaced"
+
+    def _ensure_live_file(self) -> None:
+        """Before a write: the path must still name the open file. Removed (`rm journal.sqlite*` under the
+        running gateway): every record would go into a file nobody can open again, so it is restored from
+        the open copy first. Replaced by another file: nothing is written (over it or into the unlinked
+        copy), JournalWriteError; the gateway holds dispatch until it is put back."""
+        if self._anchors is None and self._key is None:
+            return  # read-only: never writes
+        state = self._live_file_state()
+        if state == "gone":
+            self._restore()
+        elif state == "replaced":
+            raise JournalWriteError(f"{self.path}: the journal file was replaced by another file while the gateway "
+                                    "ran; nothing is written over it (the records since are not journaled and "
+                                    "dispatch is held): move that file away and put the journal back, or restart "
+                                    "the gateway")
+
+    def _restore(self) -> None:
+        """The live file was removed while open: copy the open database (every committed record, the head,
+        the chain) to a new file at the path, then continue there. The copy is whole under a temporary name
+        before it takes the path, and the open copy is let go only once it has; the chain and its anchors
+        (they name record hashes) hold unchanged. JournalWriteError when it cannot be done now (retried
+        with the next write; meanwhile the records are only in the open copy)."""
+        path, temp = self.path, self.path.with_name(self.path.name + RESTORING_SUFFIX)
+        head = (self._seq, self._hash)
+        try:
+            count = len(self)
+            for leftover in (temp, *files.sqlite_side_files(temp)):
+                leftover.unlink(missing_ok=True)
+            self._conn.execute("VACUUM INTO ?", (str(temp),))
+            os.link(temp, path)  # never over a file that appeared at the path meanwhile
+            temp.unlink(missing_ok=True)
+            _sync_folder(path.parent)
+        except (InputError, sqlite3.Error, OSError) as err:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            raise JournalWriteError(f"{path}: the journal file was removed while the gateway ran and cannot be "
+                                    f"restored from the open copy now ({err}); dispatch is held and the restore "
+                                    "is retried with every write: free space beside it (a stop now loses the "
+                                    "records since the gateway started writing it)") from err
+        # The old database's side files are the removed one's: not the copy's (its WAL would be replayed into it).
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        for stale in files.sqlite_side_files(path):
+            with contextlib.suppress(OSError):
+                stale.unlink(missing_ok=True)
+        self._reopen(AnchorWhy.OPEN, "restoring the removed file")
+        if (self._seq, self._hash) != head:
+            raise JournalWriteError(f"{path}: the journal restored from the open copy does not end where the open "
+                                    f"one did (record {self._seq}, not {head[0]}); restart the gateway")
+        log.warning("journal file %s was removed while the gateway ran: restored from the open copy, %d records",
+                    path, count)
+
     # -- anchoring ---------------------------------------------------------------------------
 
     def _after_commit(self) -> None:
@@ -375,6 +449,13 @@ class Journal:
         the records are committed whatever happens to their checkpoint (it is retried next commit)."""
         anchors = self._anchors
         if anchors is None:
+            return
+        try:
+            state = self._live_file_state()
+        except JournalWriteError:
+            state = "unknown"
+        if state != "same":  # no anchor for a file that is gone or is another one now (or cannot be told)
+            self._anchor_due = why
             return
         newest = anchors.newest
         if newest is not None and (newest.seq, newest.hash) == (self._seq, self._hash):
@@ -705,6 +786,7 @@ class Journal:
                 self._reopen_if_due()
             if self._batch_depth or self._anchors is None:
                 raise JournalWriteError(f"{self.path}: cannot rotate inside a batch or a read-only journal")
+            self._ensure_live_file()  # never archive another file, nor rename what is not there
             archive, temp = files.archive_path(self.path, self.segment), files.rotating_path(self.path)
             if archive.exists():
                 raise JournalWriteError(f"{self.path}: cannot rotate: {archive.name} already exists")
@@ -743,8 +825,9 @@ class Journal:
         return {"segment": self.segment + 1, "previous": previous, "pruned_through": self.pruned_through(),
                 "carry": [{"kind": kind, "payload": payload} for kind, payload in carry]}
 
-    def _reopen(self) -> None:
-        """After a rotation (or one that failed half-way): finish it and open whatever is live now.
+    def _reopen(self, why: AnchorWhy = AnchorWhy.SEGMENT, after: str = "rotating") -> None:
+        """After a rotation (or one that failed half-way): finish it and open whatever is live now
+        (after `_restore` too: `why` and `after` say so in the anchor and the error).
 
         All or nothing: the connection, the segment's number, start and head, and its anchor log are
         reloaded together. Any step failing (a reader holding the new file past the busy timeout refuses
@@ -761,12 +844,13 @@ class Journal:
             _prepare(self._conn, self.path, False)
             self._load_segment()
             anchors = _anchor_log(self.path, self._key, self.segment)
+            self._identity = _identity_of(self.path)
         except (InputError, sqlite3.Error, OSError) as err:
-            raise JournalWriteError(f"{self.path}: cannot reopen the journal after rotating (retried at the "
+            raise JournalWriteError(f"{self.path}: cannot reopen the journal after {after} (retried at the "
                                     f"next write): {err}") from err
         self._anchors, self._reopen_due = anchors, False
         self._anchor_due = self._uncommitted_due = None
-        self._anchor(AnchorWhy.SEGMENT)
+        self._anchor(why)
 
     def _reopen_if_due(self) -> None:
         """Before a write: finish the reopen a rotation could not (JournalWriteError, nothing written, if it
@@ -816,6 +900,11 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            if self._anchors is not None and not self._reopen_due:
+                try:
+                    self._ensure_live_file()  # removed: restored now, or its records go with the open copy
+                except JournalWriteError as err:
+                    log.error("closing the journal without its closing anchor: %s", err)
             self._anchor(AnchorWhy.CLOSE)
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
@@ -825,6 +914,15 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _identity_of(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, None when there is none to stat."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _anchor_log(path: Path, key: AnchorKey, segment: int) -> AnchorLog:
