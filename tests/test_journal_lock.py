@@ -99,6 +99,7 @@ def _until(what: str, predicate, proc: subprocess.Popen, timeout: float = START_
         time.sleep(POLL_S)
 
 
+@pytest.mark.slow  # three processes (an inverter, two gateways); the lock itself is tested above in the fast tier
 def test_a_second_run_on_the_same_journal_exits_2_and_touches_neither_journal_nor_inverter(tmp_path: Path):
     owner_port = free_port()
     procs: list[subprocess.Popen] = []
