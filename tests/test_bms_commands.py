@@ -427,3 +427,15 @@ def test_candump_screen_output_with_timestamps_is_refused(tmp_path, capsys):
         path.write_text("".join(f"{stamp}  can0  132   [8]  57 9D 41 00 C1 40 FF 0F\n" for _ in range(20)))
         assert main(["bms", "decode", str(path)]) == 2
         assert "candump's screen format" in capsys.readouterr().err, stamp
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_an_elm_capture_reads_whatever_its_lines_end_with(tmp_path, end):
+    """An ELM327 ends its lines with a bare carriage return: read as bytes split on LF alone, such a capture
+    was one overlong line and decoded to nothing."""
+    from firmware_py.bms.captures import read_elm
+
+    capture = tmp_path / "elm.txt"
+    capture.write_bytes(end.join(["132 01 02 03 04 05 06 07 08", "3D6 10 20 30 40 50 60 70 80"] * 50).encode() + b"\r")
+    read = read_elm(capture)
+    assert len(list(read.frames())) == 100 and read.skipped == 0

@@ -8,6 +8,7 @@ assumed evenly spaced so that the busiest BMS message kept its DBC period.
 
 from __future__ import annotations
 
+import io
 import re
 import string
 from collections.abc import Callable, Iterator
@@ -89,20 +90,20 @@ class ElmCapture:
 
 
 def _capped_lines(path: Path, cap: int = MAX_LINE) -> Iterator[tuple[int, str]]:
-    """(line number, stripped text) of each non-empty line, read at most `cap` bytes at a time: a
-    longer line (no newline for megabytes) yields its first `cap` bytes and the rest is passed over."""
-    with _open_binary(path) as file:
+    """(line number, stripped text) of each non-empty line, read at most `cap` characters at a time: a
+    longer line (no newline for megabytes) yields its first `cap` and the rest is passed over. Lines end
+    as an ELM327 ends them (a bare carriage return) or as a file does (LF, CRLF): universal newlines."""
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="ascii", errors="replace", newline=None) as file:
         number = 0
         while True:
-            raw = file.readline(cap)
-            if not raw:
+            line = file.readline(cap)
+            if not line:
                 return
             number += 1
-            if not raw.endswith(b"\n"):
-                rest = raw
-                while rest and not rest.endswith(b"\n"):  # the overlong line's tail, a chunk at a time
-                    rest = file.readline(1 << 16)
-            text = raw.decode("ascii", errors="replace").strip()
+            rest = line
+            while rest and not rest.endswith("\n"):  # an overlong line's tail, a chunk at a time
+                rest = file.readline(1 << 16)
+            text = line.strip()
             if text:
                 yield number, text
 
