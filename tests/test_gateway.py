@@ -60,6 +60,20 @@ def request(n: int, now: float) -> DispatchRequest:
     return DispatchRequest(f"r{n}", "test", DispatchKind.DISCHARGE, 3_000, now, now + 600, received_at=now)
 
 
+def discharging(gateway, clock: list[float]):
+    """The gateway serving request r1 at 3 kW from 2 s, its journal written so far; `at(t, *inputs)`, which
+    moves the clock to t and feeds fresh BMS and inverter data with the inputs."""
+    def at(t: float, *inputs):
+        clock[0] = t
+        return gateway.feed(bms(t), inverter(t), *inputs)
+
+    at(0.0)
+    assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
+    assert at(2.0).command.setpoint_w > 0
+    assert gateway.flush_journal() > 0
+    return at
+
+
 async def answer(gateway, n: int, now: float):
     return (await gateway.submit(request(n, now))).reason
 
@@ -173,16 +187,8 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
     clock = [0.0]
     assembly = gateway_on(path, clock)
     gateway = assembly.gateway
-
-    def at(t: float, *inputs):
-        clock[0] = t
-        return gateway.feed(bms(t), inverter(t), *inputs)
-
     try:
-        at(0.0)
-        assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
-        assert at(2.0).command.setpoint_w > 0
-        assert gateway.flush_journal() > 0
+        at = discharging(gateway, clock)
         with another_writer(path):  # the journal cannot take a write from here on
             t = 2.0
             while not any(isinstance(e, EventEnergy) for e in at(t).events):  # a minute on, its energy record is due

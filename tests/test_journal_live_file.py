@@ -10,13 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from core_builders import bms, inverter
+from test_gateway import discharging, gateway_on, request
 
-from firmware_py.assembly import assemble
 from firmware_py.cli import main
-from firmware_py.config import Config
 from firmware_py.core.machine import JOURNAL_HOLD
-from firmware_py.core.types import DispatchKind, DispatchRequest, OwnerSettings, ReasonCode, Verdict
+from firmware_py.core.types import ReasonCode
 from firmware_py.journal import Journal, JournalWriteError, RecordKind
 from firmware_py.journal.chain import Chain
 from firmware_py.journal.files import anchors_path, sqlite_side_files
@@ -74,32 +72,13 @@ def test_a_replaced_live_file_is_never_written_over_and_no_anchor_is_signed_for_
     assert anchors_path(path).read_bytes() == anchors_before  # not even the closing anchor
 
 
-def gateway_on(path: Path, clock: list[float]):
-    base = Config()
-    config = replace(base, can=replace(base.can, interface="virtual", channel=f"live-file-test-{path}"),
-                     journal=replace(base.journal, path=str(path), busy_timeout_s=0.05))
-    return assemble(config, lambda: clock[0], owner=OwnerSettings(40, 0.0))
-
-
-def request(n: int, now: float) -> DispatchRequest:
-    return DispatchRequest(f"r{n}", "test", DispatchKind.DISCHARGE, 3_000, now, now + 600, received_at=now)
-
-
 def test_a_running_discharge_goes_on_into_the_restored_file_when_the_journal_is_removed(tmp_path):
     path = tmp_path / "journal.sqlite"
     clock = [0.0]
     assembly = gateway_on(path, clock)
     gateway = assembly.gateway
-
-    def at(t: float, *inputs):
-        clock[0] = t
-        return gateway.feed(bms(t), inverter(t), *inputs)
-
     try:
-        at(0.0)
-        assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
-        assert at(2.0).command.setpoint_w > 0
-        assert gateway.flush_journal() > 0
+        at = discharging(gateway, clock)
         remove_live(path)
         for t in range(3, 80):
             at(float(t))
@@ -121,16 +100,8 @@ def test_a_replaced_journal_holds_a_running_discharge_at_zero_and_refuses_dispat
     clock = [0.0]
     assembly = gateway_on(path, clock)
     gateway = assembly.gateway
-
-    def at(t: float, *inputs):
-        clock[0] = t
-        return gateway.feed(bms(t), inverter(t), *inputs)
-
     try:
-        at(0.0)
-        assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
-        assert at(2.0).command.setpoint_w > 0
-        assert gateway.flush_journal() > 0
+        at = discharging(gateway, clock)
         with Journal.open(other) as another:  # another journal, put where the gateway's was
             another.append("Note", 0.0, {"mine": True})
         remove_live(path)
