@@ -318,19 +318,22 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
 
     One gateway per journal: its lock is taken before anything is opened, and held until the end;
     another gateway holding it is an input error that touches nothing (no inverter write, no record)."""
-    lock = _lock_journal(config)
+    lock = lock_configured_journal(config, lambda pid: _journal_in_use(config, pid))
     try:
         return await _run_locked(config, options)
     finally:
         os.close(lock)
 
 
-def _lock_journal(config: Config) -> int:
+def lock_configured_journal(config: Config, in_use: Callable[[int | None], str]) -> int:
+    """The lock on `journal.path` (`journal/lock.py`) for a command that writes it (`run`, `commission`), each
+    wording `in_use` for its own user. A lock file that cannot be made (a missing folder) is said as
+    `check-config` says it, else under `journal.path`."""
     try:
-        return lock_journal(Path(config.journal.path), lambda pid: _journal_in_use(config, pid))
+        return lock_journal(Path(config.journal.path), in_use)
     except JournalInUse:
         raise
-    except InputError as err:  # the lock file cannot be made: a missing folder, said as `check-config` says it
+    except InputError as err:
         check(config)
         raise InputError([f"{config.source}: journal.path: {p}" for p in err.problems]) from None
 

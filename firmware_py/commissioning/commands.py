@@ -41,9 +41,9 @@ from firmware_py.commissioning.report import (
 from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
-from firmware_py.journal.lock import JournalInUse, holder_named, lock_journal
+from firmware_py.journal.lock import holder_named
 from firmware_py.narration import configure_logging
-from firmware_py.service import RunOptions, Service
+from firmware_py.service import RunOptions, Service, lock_configured_journal
 from firmware_py.tasks import take_stop_signals
 from firmware_py.version import software_version
 
@@ -151,12 +151,7 @@ def _lock_journal(config: Config) -> int:
                 f"{holder_named(pid)}: stop it first (`sudo systemctl stop powershare-gw`), commission, "
                 "then start it again")
 
-    try:
-        return lock_journal(Path(config.journal.path), in_use)
-    except JournalInUse:
-        raise
-    except InputError as err:  # `check` passed, so the folder is there: unwritable since, say
-        raise InputError([f"{config.source}: journal.path: {p}" for p in err.problems]) from None
+    return lock_configured_journal(config, in_use)
 
 
 def _ended_early(console: Console, err: BaseException) -> None:
