@@ -63,6 +63,11 @@ class ElmCapture:
             taken += 1
             yield frame
 
+    @property
+    def first_bad(self) -> int | None:
+        """The line number of the first line skipped (None: none)."""
+        return self.examples[0][0] if self.examples else None
+
     def messages(self, line_period_s: float) -> Iterator[can.Message]:
         self.frame_count = 0
         for index, (frame_id, data) in enumerate(self.frames()):

@@ -166,27 +166,22 @@ def _decode(args: argparse.Namespace) -> int:
     if args.dbc or not args.config:
         dbc, why = resolve_dbc(args.dbc, elm)
     reader = BmsReader(dbc, clock=lambda: 0.0, mapping=mapping, source=source)
-    skipped = 0
+    tally: captures.ElmCapture | captures.CandumpLog | None = None  # what counts the lines it skips
     if elm:
-        capture = captures.read_elm(path)
+        tally = captures.read_elm(path)
         ids = reader.frame_ids
-        line_s = capture.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
-        messages: Iterable[can.Message] = capture.messages(line_s)
+        line_s = tally.line_period(lambda fid: reader.period_s(fid) if fid in ids else None)
+        messages: Iterable[can.Message] = tally.messages(line_s)
         kind = f"ELM327 text, no timestamps: {line_s * 1e3:.2f} ms per frame estimated"
     elif captures.is_candump_log(path):
-        candump = captures.CandumpLog(path)
-        messages = candump.messages()
+        tally = captures.CandumpLog(path)
+        messages = tally.messages()
         kind = f"python-can {path.suffix} log"
     else:
         messages = captures.read_python_can_log(path)
         kind = f"python-can {path.suffix} log"
     frames, ranges, rows = decode_messages(reader, messages, args.every, path)
-    first_bad = None
-    if elm:
-        skipped = capture.skipped
-        first_bad = capture.examples[0][0] if capture.examples else None
-    elif captures.is_candump_log(path):
-        skipped, first_bad = candump.skipped, candump.first_bad
+    skipped, first_bad = (tally.skipped, tally.first_bad) if tally else (0, None)
     dropped = sum(reader.dropped.values())
     reasons = ", ".join(f"{r} {n}" for r, n in reader.dropped.most_common()) or "none"
     summary = (f"{frames} frames read, {reader.accepted} BMS frames accepted, {dropped} dropped "
@@ -262,22 +257,23 @@ def _open_writer(out: Path) -> can.io.generic.MessageWriter:
     """python-can's writer for `out`; a start that fails leaves no file where there was none."""
     existed = out.exists() or out.is_symlink()
     try:
+        return _python_can_writer(out)
+    except BaseException:
+        if not existed:
+            out.unlink(missing_ok=True)
+        raise
+
+
+def _python_can_writer(out: Path) -> can.io.generic.MessageWriter:
+    try:
         return can.Logger(str(out))
     except NotImplementedError as err:  # python-can's optional writers: .mf4 needs asammdf
-        _remove_new(out, existed)
         raise InputError(f"{out}: python-can cannot write {_format_suffix(out)} without an optional package: "
                          f"{_missing_package(out, err)}") from None
     except ValueError as err:
-        _remove_new(out, existed)
         raise InputError(f"{out}: {err} (bms record writes {record_formats_text()})") from None
     except OSError as err:
-        _remove_new(out, existed)
         raise InputError(f"{out}: cannot write: {err.strerror or err}") from None
-
-
-def _remove_new(out: Path, existed: bool) -> None:
-    if not existed:
-        out.unlink(missing_ok=True)
 
 
 def _missing_package(out: Path, err: NotImplementedError) -> str:
@@ -330,6 +326,8 @@ def _check_readable_back(out: Path) -> None:
     if suffix not in plain or (gz and (suffix not in gzipped or len(out.suffixes) < 2)):
         what = f"{suffix}.gz" if gz and suffix != ".gz" else suffix or "no suffix"
         raise InputError(f"{out}: bms record cannot write {what}: use {record_formats_text()}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bms record` and `bms decode`."""
     p = sub.add_parser("bms", help="record and decode BMS CAN traffic")
