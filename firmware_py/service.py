@@ -47,7 +47,7 @@ from firmware_py.core import Mode, StepResult
 from firmware_py.core.types import Tick
 from firmware_py.errors import InputError
 from firmware_py.gateway import TICK_S, Gateway
-from firmware_py.journal.lock import JournalInUse, holder_named, lock_journal
+from firmware_py.journal.lock import JournalInUse, JournalLock, holder_named, lock_journal
 from firmware_py.narration import Narrator, lines_written_aside
 from firmware_py.owner.api import OwnerApi
 from firmware_py.tasks import cancel_all, every, take_stop_signals, unless_stopped
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 EARNINGS_CHECK_S = 5.0
 """How often the earnings task asks whether the month must be computed again (`EarningsBook.due`)."""
+LOCK_CHECK_S = 1.0
+"""How often `run` looks that its journal's lock file is still there (one stat; `JournalLock.keep`)."""
 TASKS_END_S = 1.0
 """The most the stop waits for the running tasks to end before the safe stop (they end in milliseconds;
 one whose clean-up hangs is named and left cancelled: the core is no longer stepped, so it cannot
@@ -101,8 +103,10 @@ class RunOptions:
 class Service:
     """Runs one assembled gateway until stopped: `start`, then `until_stopped`, then always `stop`."""
 
-    def __init__(self, assembly: Assembly, options: RunOptions = RunOptions(), systemd: Systemd | None = None):
+    def __init__(self, assembly: Assembly, options: RunOptions = RunOptions(), systemd: Systemd | None = None,
+                 journal_lock: JournalLock | None = None):
         self.assembly = assembly
+        self.journal_lock = journal_lock
         self.gateway: Gateway = assembly.gateway
         self.options = options
         self.systemd = systemd or Systemd()
@@ -145,6 +149,8 @@ class Service:
             ("history sample", config.journal.sample_interval_s, gateway.sample, None),
             ("earnings", EARNINGS_CHECK_S, gateway.earnings.refresh, None),  # reads the journal only when due
         ]
+        if self.journal_lock is not None:
+            periodic.append(("journal lock", LOCK_CHECK_S, self.journal_lock.keep, None))
         if self.systemd.watchdog_s:
             periodic.append(("watchdog", self.systemd.watchdog_s, self.watchdog.ping, None))
         ticking = every(tick_s, gateway.tick, wake=self._step_wanted, finished=watched("tick", tick_s))
@@ -320,12 +326,12 @@ async def run(config: Config, options: RunOptions = RunOptions()) -> int:
     another gateway holding it is an input error that touches nothing (no inverter write, no record)."""
     lock = lock_configured_journal(config, lambda pid: _journal_in_use(config, pid))
     try:
-        return await _run_locked(config, options)
+        return await _run_locked(config, options, lock)
     finally:
-        os.close(lock)
+        lock.close()
 
 
-def lock_configured_journal(config: Config, in_use: Callable[[int | None], str]) -> int:
+def lock_configured_journal(config: Config, in_use: Callable[[int | None], str]) -> JournalLock:
     """The lock on `journal.path` (`journal/lock.py`) for a command that writes it (`run`, `commission`), each
     wording `in_use` for its own user. A lock file that cannot be made (a missing folder) is said as
     `check-config` says it, else under `journal.path`."""
@@ -344,11 +350,11 @@ def _journal_in_use(config: Config, pid: int | None) -> str:
             "or give this one its own journal.path")
 
 
-async def _run_locked(config: Config, options: RunOptions) -> int:
+async def _run_locked(config: Config, options: RunOptions, lock: JournalLock) -> int:
     with heap.collection_paused():  # the integrations' modules are imported here
         assembly = assemble(config, Clocks.system())
     try:
-        service = Service(assembly, options)
+        service = Service(assembly, options, journal_lock=lock)
     except BaseException:  # a bad owner API address: nothing started, release what assembling opened
         assembly.close()
         raise

@@ -29,13 +29,22 @@ from firmware_py.errors import InputError
 def load_or_create(path: Path, what: str, *, fix: str = "", replace: str = "") -> Ed25519PrivateKey:
     """The key at `path`, or a new one made there 0600. `what` names it in messages ("the journal's
     anchor key"); `fix` follows the chmod advice, `replace` the advice for a file that holds no key."""
+    key = Ed25519PrivateKey.generate()
+    if save_new(path, key, what):
+        return key
+    return load(path, what, fix=fix, replace=replace)
+
+
+def save_new(path: Path, key: Ed25519PrivateKey, what: str) -> bool:
+    """Write `key` to a new file at `path`, 0600, fsynced; False when a file is already there (never
+    written over: it may be another key, which the caller's next load names). `load_or_create` makes
+    keys with it, and the journal puts back its key from memory when the file was removed under it."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return load(path, what, fix=fix, replace=replace)
+        return False
     except OSError as err:
         raise InputError(f"{path}: cannot create {what}: {err.strerror or err}") from None
-    key = Ed25519PrivateKey.generate()
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -45,7 +54,7 @@ def load_or_create(path: Path, what: str, *, fix: str = "", replace: str = "") -
     except OSError as err:  # a full disk: leave no empty key behind for the next start to refuse
         path.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write {what}: {err.strerror or err}") from None
-    return key
+    return True
 
 
 def load(path: Path, what: str, *, private: bool = True, fix: str = "", replace: str = "") -> Ed25519PrivateKey:

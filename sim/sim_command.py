@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +114,7 @@ def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None
             # In use by another run: say so, not "not a bench journal" of a journal that run is making. Only
             # a lock file already there can be held; none is made for a journal refused next.
             if lock_path(outputs["--journal"]).exists():
-                os.close(lock_bench_journal(outputs["--journal"]))
+                lock_bench_journal(outputs["--journal"]).close()
             check_bench_journal(outputs["--journal"])
         except InputError as err:
             problems += err.problems

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,7 +46,7 @@ from firmware_py.core.types import (
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind
 from firmware_py.journal import files as journal_files
-from firmware_py.journal.lock import holder_named, lock_journal
+from firmware_py.journal.lock import JournalLock, holder_named, lock_journal
 
 _channels = itertools.count()
 
@@ -141,7 +140,7 @@ class Simulation:
         try:
             _replace_bench_journal(self.journal_path)  # before anything is opened that would need closing
         except BaseException:
-            os.close(self._journal_lock)
+            self._journal_lock.close()
             raise
         self.channel = f"powershare-bench-{next(_channels)}"
         self.battery = Battery(capacity_wh=s.vehicle.usable_capacity_wh, soc_pct=s.vehicle.initial_soc_pct,
@@ -186,7 +185,7 @@ class Simulation:
         await self.server.stop()
         self.assembly.close()
         self.node_bus.shutdown()
-        os.close(self._journal_lock)
+        self._journal_lock.close()
 
     # ------------------------------------------------------------------ the run
 
@@ -415,9 +414,8 @@ class Simulation:
 BENCH_MARK = RecordKind.BENCH_RUN
 
 
-def lock_bench_journal(journal: Path) -> int:
-    """Take the exclusive lock a run holds on its journal (`journal/lock.py`); the descriptor, closed
-    to release it.
+def lock_bench_journal(journal: Path) -> JournalLock:
+    """Take the exclusive lock a run holds on its journal (`journal/lock.py`), closed to release it.
 
     Two runs sharing a journal replaced each other's files under an open journal: one crashed,
     the other reported a journal that was no longer its own. InputError (exit 2) when another run

@@ -513,7 +513,7 @@ def test_it_refuses_a_journal_a_gateway_holds_naming_its_pid_and_touches_nothing
     try:
         assert main(["commission", "--config", str(config)]) == 2
     finally:
-        os.close(lock)
+        lock.close()
     err = capsys.readouterr().err
     assert f"journal.path: journal {tmp_path / 'journal.sqlite'} is in use by a gateway (pid {os.getpid()})" in err
     assert "systemctl stop powershare-gw" in err and "--" not in err  # no step begun

@@ -17,7 +17,7 @@ from firmware_py.core.machine import JOURNAL_HOLD
 from firmware_py.core.types import ReasonCode
 from firmware_py.journal import Journal, JournalWriteError, RecordKind
 from firmware_py.journal.chain import Chain
-from firmware_py.journal.files import anchors_path, sqlite_side_files
+from firmware_py.journal.files import anchors_path, key_path, sqlite_side_files
 
 
 def remove_live(path: Path, side_files: bool = True) -> None:
@@ -121,3 +121,28 @@ def test_a_replaced_journal_holds_a_running_discharge_at_zero_and_refuses_dispat
     finally:
         assembly.close()
     assert path.read_bytes() == before
+
+
+def test_rm_journal_star_under_the_writer_puts_back_its_anchor_key_so_the_next_start_signs_with_the_same(
+        tmp_path, caplog):
+    """`rm journal.sqlite*` takes the anchor key too: written back from memory before the next anchor, the next
+    start keeps that key instead of making one whose anchors read as another key's."""
+    path = tmp_path / "journal.sqlite"
+    journal = Journal.open(path)
+    try:
+        journal.append("Note", 0.0, {"n": 0})
+        key_before = key_path(path).read_bytes()
+        for doomed in tmp_path.glob("journal.sqlite*"):
+            doomed.unlink()
+        with caplog.at_level(logging.WARNING, logger="firmware_py.journal.store"):
+            journal.append("Note", 1.0, {"n": 1})
+    finally:
+        journal.close()
+    assert key_path(path).read_bytes() == key_before
+    assert oct(key_path(path).stat().st_mode & 0o777) == "0o600"
+    assert sum("anchor key" in r.getMessage() and "written again" in r.getMessage() for r in caplog.records) == 1
+    with Journal.open(path) as again:  # a writer's start: it would make a new key were the file still missing
+        again.append("Note", 2.0, {"n": 2})
+    assert key_path(path).read_bytes() == key_before
+    assert Chain(path).check().problems == []
+    assert main(["report", "--journal", str(path)]) == 0

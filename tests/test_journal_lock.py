@@ -9,6 +9,7 @@ its way out wrote WSet = 0 to the inverter the first was discharging through.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 import subprocess
@@ -35,14 +36,14 @@ def _in_use(pid: int | None) -> str:
 
 def test_a_held_journal_is_refused_naming_the_holder_and_released_when_closed(tmp_path: Path):
     journal = tmp_path / "j.sqlite"
-    fd = lock_journal(journal, _in_use)
+    lock = lock_journal(journal, _in_use)
     try:
         assert lock_path(journal).read_text() == f"{os.getpid()}\n"
         with pytest.raises(InputError, match=rf"^in use \(pid {os.getpid()}\)$"):
             lock_journal(journal, _in_use)  # a second open file: refused, even in this process
     finally:
-        os.close(fd)
-    os.close(lock_journal(journal, _in_use))  # released: taken again
+        lock.close()
+    lock_journal(journal, _in_use).close()  # released: taken again
 
 
 def test_a_holder_that_wrote_no_pid_is_refused_without_one(tmp_path: Path):
@@ -70,12 +71,63 @@ def test_a_lock_file_this_user_cannot_write_still_locks(tmp_path: Path, monkeypa
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refusing_writes)
-    fd = lock_journal(journal, _in_use)
+    lock = lock_journal(journal, _in_use)
     try:
         with pytest.raises(InputError, match=r"^in use$"):  # held: no pid could be written
             lock_journal(journal, _in_use)
     finally:
-        os.close(fd)
+        lock.close()
+
+
+def test_a_removed_lock_file_is_made_again_and_locked_so_a_second_gateway_is_still_refused(tmp_path: Path, caplog):
+    """`rm journal.sqlite*` under a running gateway took its lock file: a second gateway found none, made
+    one, locked it and wrote beside the first. `keep` (every second in `run`) puts it back, locked."""
+    journal = tmp_path / "j.sqlite"
+    lock = lock_journal(journal, _in_use)
+    try:
+        lock.keep()  # nothing to do: one stat
+        lock_path(journal).unlink()
+        with caplog.at_level(logging.WARNING, logger="firmware_py.journal.lock"):
+            lock.keep()
+            lock.keep()
+        assert lock_path(journal).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(InputError, match=rf"^in use \(pid {os.getpid()}\)$"):
+            lock_journal(journal, _in_use)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{lock_path(journal)}: the journal's lock file was removed while the gateway ran: made again and locked"]
+    finally:
+        lock.close()
+    lock_journal(journal, _in_use).close()  # the lock made again is the one let go
+
+
+def test_a_lock_taken_by_another_process_while_the_file_was_gone_is_named_once(tmp_path: Path, caplog):
+    journal = tmp_path / "j.sqlite"
+    lock = lock_journal(journal, _in_use)
+    try:
+        lock_path(journal).unlink()
+        other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(lock_path(journal))],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline() == "locked\n"
+            with caplog.at_level(logging.WARNING, logger="firmware_py.journal.lock"):
+                lock.keep()
+                lock.keep()
+        finally:
+            other.communicate("", timeout=10)
+    finally:
+        lock.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"another process (pid {other.pid}) has locked a new one" in said[0]
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
 
 
 def _listening(port: int) -> bool:
@@ -87,6 +139,14 @@ def _listening(port: int) -> bool:
 def _core_starts(journal: Path) -> int:
     with Journal.open(journal, readonly=True) as j:
         return sum(1 for _ in j.iter_records([RecordKind.CORE_START]))
+
+
+def _holder_written(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _until(what: str, predicate, proc: subprocess.Popen, timeout: float = START_S) -> None:
@@ -146,6 +206,13 @@ path = "journal.sqlite"
         # (WSet = 0 written and read back) is not among the writes.
         assert writes_after.startswith(writes_before)
         assert "WSet" not in second.stderr
+
+        for doomed in tmp_path.glob("journal.sqlite*"):  # `rm journal.sqlite*` under the first: its lock comes back
+            doomed.unlink()
+        _until("its lock file made again", lambda: _holder_written(lock_path(journal)) == first.pid, first)
+        again = subprocess.run([sys.executable, "-m", "firmware_py", "run", "--config", str(config)],
+                               capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert again.returncode == 2 and f"is in use by another gateway (pid {first.pid})" in again.stderr
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

@@ -41,7 +41,7 @@ from firmware_py.commissioning.report import (
 from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
-from firmware_py.journal.lock import holder_named
+from firmware_py.journal.lock import JournalLock, holder_named
 from firmware_py.narration import configure_logging
 from firmware_py.service import RunOptions, Service, lock_configured_journal
 from firmware_py.tasks import take_stop_signals
@@ -139,11 +139,11 @@ def _commission(args: argparse.Namespace) -> int:
         finally:
             _finish(console, report_path)
     finally:
-        os.close(lock)
+        lock.close()
     return 0 if report.passed else 1
 
 
-def _lock_journal(config: Config) -> int:
+def _lock_journal(config: Config) -> JournalLock:
     """The journal's lock (`journal/lock.py`): a gateway holding it (running, or still starting, before
     its owner API listens) would have its setpoint and its journal taken over."""
     def in_use(pid: int | None) -> str:

@@ -116,6 +116,13 @@ class AnchorKey:
                                           replace="; move it away to let the gateway make a new one (anchors "
                                                   "signed by the old key will then show as signed by another key)"))
 
+    def put_back(self, path: Path) -> bool:
+        """Write this key to `path` again when no file is there (True if it did): removed under a running
+        gateway (`rm journal.sqlite*`), the next start would make a new key and the anchors signed by this
+        one would show as another key's. A file already there is never written over. InputError (naming
+        the file) when it cannot be written now."""
+        return signing.save_new(path, self._private, ANCHOR_KEY)
+
     def sign(self, anchor: Anchor) -> Anchor:
         signature = self._private.sign(_canonical(anchor.body()).encode()).hex()
         return Anchor(**{**anchor.body(), "sig": signature})

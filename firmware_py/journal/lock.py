@@ -14,12 +14,15 @@ it once, in its own path, not in `assemble` or `Journal.open`.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from firmware_py.errors import InputError
 from firmware_py.journal.files import lock_path
+
+log = logging.getLogger(__name__)
 
 PID_BYTES = 32
 """The most read back of the holder's pid: a number and a newline."""
@@ -29,9 +32,60 @@ class JournalInUse(InputError):
     """Another process holds the journal's lock (an InputError: exit 2)."""
 
 
-def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> int:
-    """Take the exclusive lock on the journal at `journal`, without waiting; the descriptor, closed
-    (or the process ended) to release it. The holder's pid is written into the lock file.
+class JournalLock:
+    """The lock a process holds on one journal, until `close` (or the process ends).
+
+    `keep` puts its file back when it was removed (`rm journal.sqlite*` under a running gateway, which
+    the journal itself survives, `Journal._restore`): a second gateway would otherwise find no lock file,
+    make one and lock it, and write beside the first."""
+
+    def __init__(self, journal: Path, fd: int):
+        self.journal, self._fd = journal, fd
+        self._identity = _identity(fd)
+        self._lost_to: int | None = None  # the pid that took a lock file made while this one was gone
+
+    def keep(self) -> None:
+        """One stat: nothing to do while the lock file is the one locked. Removed: made again, locked and
+        its pid written (the old descriptor then let go), logged once. Taken meanwhile by another process:
+        logged once, naming it (two writers on one journal: one of them must be stopped)."""
+        path = lock_path(self.journal)
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            found = None
+        except OSError:
+            return  # cannot tell now; the next look may
+        if found is not None and (found.st_dev, found.st_ino) == self._identity:
+            return
+        try:
+            fd = _open(path)
+        except OSError as err:
+            log.error("%s: the journal's lock file was removed and cannot be made again: %s", path,
+                      err.strerror or err)
+            return
+        if not _take(fd):
+            holder = _holder(fd)
+            os.close(fd)
+            if self._lost_to != holder:
+                log.error("%s: the journal's lock file was removed while this gateway ran, and another process%s "
+                          "has locked a new one: two gateways may write this journal; stop one of them", path,
+                          holder_named(holder))
+            self._lost_to = holder
+            return
+        os.close(self._fd)
+        self._fd, self._identity, self._lost_to = fd, _identity(fd), None
+        log.warning("%s: the journal's lock file was removed while the gateway ran: made again and locked", path)
+
+    def close(self) -> None:
+        """Let the lock go (once)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> JournalLock:
+    """Take the exclusive lock on the journal at `journal`, without waiting; `close` it (or end the
+    process) to release it. The holder's pid is written into the lock file.
 
     JournalInUse when another process holds it: the one line `in_use(pid)` words (pid None when the
     holder wrote none, or not yet), so each command says what its own user should do. InputError
@@ -40,18 +94,30 @@ def lock_journal(journal: Path, in_use: Callable[[int | None], str]) -> int:
         fd = _open(lock_path(journal))
     except OSError as err:
         raise InputError(f"{journal}: cannot lock the journal: {err.strerror or err}") from None
+    if not _take(fd):
+        holder = _holder(fd)
+        os.close(fd)
+        raise JournalInUse(in_use(holder))
+    return JournalLock(journal, fd)
+
+
+def _take(fd: int) -> bool:
+    """flock without waiting; when taken, this process's pid is written into the file."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise JournalInUse(in_use(holder)) from None
+        return False
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError:
         pass  # the lock is held all the same; a second process is told no pid
-    return fd
+    return True
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def _open(path: Path) -> int:

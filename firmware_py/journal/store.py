@@ -197,7 +197,7 @@ class Journal:
         self._anchors = _anchor_log(path, key, self.segment) if key is not None else None
         self._anchor_due: AnchorWhy | None = None
         self._uncommitted_due: AnchorWhy | None = None
-        self._anchor_failing = False
+        self._anchor_failing = self._key_failing = False
         if self._anchors is not None:
             self._check_against_anchor(was_anchored)
             self._anchor(AnchorWhy.OPEN)
@@ -461,6 +461,7 @@ class Journal:
         if newest is not None and (newest.seq, newest.hash) == (self._seq, self._hash):
             self._anchor_due = None
             return
+        self._keep_key(anchors.key)
         try:
             anchor = anchors.append(self._seq, self._hash, float(self._wall_clock()), why)
         except OSError as err:
@@ -471,6 +472,22 @@ class Journal:
             return
         self._anchor_failing, self._anchor_due = False, None
         log.debug("journal anchor: segment %d seq %d hash %s (%s)", anchor.segment, anchor.seq, anchor.hash, why)
+
+    def _keep_key(self, key: AnchorKey) -> None:
+        """Before an anchor is signed: the key's file must still be beside the journal, or the next start
+        makes a new key and every anchor signed so far reads as another key's. Removed: written back from
+        memory (never over a file put there meanwhile). Never raises: the anchor is written all the same."""
+        path = files.key_path(self.path)
+        try:
+            if key.put_back(path):
+                log.warning("journal anchor key %s was removed while the gateway ran: written again from memory",
+                            path)
+        except InputError as err:
+            if not self._key_failing:
+                log.error("%s (retried with the next anchor; a start before then makes a new anchor key)", err)
+            self._key_failing = True
+            return
+        self._key_failing = False
 
     def _upgrade(self, found: int) -> None:
         """Bring a file of an older schema to this one, never rewriting or re-chaining a stored record:
