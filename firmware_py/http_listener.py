@@ -64,6 +64,10 @@ class BodyUnread(Exception):
     (a broken `Content-Encoding` or multipart body): the client's fault, answered 400."""
 
 
+CONNECTION_CLOSED = "Connection closed."
+"""aiohttp's words (`StreamReader`) for a body read on a connection already lost."""
+
+
 async def body_of(reading: Awaitable[T], deadline_s: float = BODY_S) -> T:
     """`reading` (`request.read()`, `.post()`, `.json()`) within `deadline_s`; BodyUnread otherwise.
     A body larger than the application's limit still raises aiohttp's own 413, for its handler."""
@@ -74,6 +78,12 @@ async def body_of(reading: Awaitable[T], deadline_s: float = BODY_S) -> T:
         raise BodyUnread(f"the request body did not arrive within {deadline_s:.0f} s") from None
     except (RequestPayloadError, HttpProcessingError, ConnectionResetError) as err:
         raise BodyUnread(f"the request body could not be read: {_reason(err)}") from None
+    except RuntimeError as err:
+        # A client gone before aiohttp made its request the connection's current one: its body stream was
+        # never told, and says so only as RuntimeError("Connection closed.") when read.
+        if str(err) != CONNECTION_CLOSED:
+            raise
+        raise BodyUnread("the request body could not be read: the client closed the connection") from None
 
 
 def _reason(error: BaseException) -> str:

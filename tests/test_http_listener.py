@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from firmware_py import narration
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
@@ -343,3 +343,40 @@ def test_a_stop_cancelled_again_while_it_waits_still_ends_the_requests_in_hand()
             sock.close()
 
     asyncio.run(main())
+
+
+def test_a_body_whose_client_left_before_its_request_was_in_hand_is_unread_not_a_handler_failure():
+    """Under a flood, a client can go between aiohttp parsing its request and making it the connection's
+    current one: nothing then marks the body as lost, and reading it raises RuntimeError("Connection
+    closed."), which the owner API logged as its own failure (ERROR, a 500). The handler here meets
+    that state as aiohttp leaves it: the connection gone, a body stream on it told nothing."""
+    outcome: asyncio.Queue[str] = asyncio.Queue()
+
+    async def late(request: web.Request) -> web.Response:
+        async with asyncio.timeout(WAIT_S):
+            while request.transport is not None:  # the server has seen the client go
+                await asyncio.sleep(0.01)
+        body = StreamReader(request.protocol, 2**16, loop=asyncio.get_running_loop())
+        try:
+            await body_of(body.read(), deadline_s=BODY_S)
+        except Exception as err:  # noqa: BLE001 - what the test reports
+            outcome.put_nowait(f"{type(err).__name__}: {err}")
+            raise
+        outcome.put_nowait("read")
+        return web.Response(text="read")
+
+    async def main() -> str:
+        app = web.Application()
+        app.router.add_post("/late", late)
+        listener = HttpListener("test.listen")
+        await listener.start(app, on_loopback)
+        try:
+            sock = await connect(listener.bound[:2])
+            await asyncio.get_running_loop().sock_sendall(
+                sock, b"POST /late HTTP/1.1\r\nHost: g\r\nContent-Length: 100\r\n\r\npart")
+            sock.close()
+            return await asyncio.wait_for(outcome.get(), WAIT_S)
+        finally:
+            await listener.stop()
+
+    assert asyncio.run(main()) == "BodyUnread: the request body could not be read: the client closed the connection"
