@@ -32,6 +32,9 @@ from datetime import time as day_time
 
 Clock = Callable[[], float]
 
+WALL_DECIMALS = 3
+"""Wall instants shown or saved from the core's base are whole milliseconds (`Clocks.to_wall`)."""
+
 
 @dataclass(frozen=True)
 class Clocks:
@@ -63,8 +66,14 @@ class Clocks:
         return wall_s - self.offset() if math.isfinite(wall_s) else wall_s
 
     def to_wall(self, core_s: float) -> float:
-        """A core instant as wall time (UTC epoch s), as of now; ±inf and nan pass unchanged."""
-        return core_s + self.offset() if math.isfinite(core_s) else core_s
+        """A core instant as wall time (UTC epoch s), as of now, to the millisecond; ±inf and nan pass
+        unchanged.
+
+        To the millisecond because the way there and back is not exact: the offset is read anew each time
+        (microseconds apart) and the sums round at 1e-7 s for today's epoch. A departure the owner set for
+        23:00 came back as 22:59:59.9999998, shown as "10:59 PM", and every later save of the settings moved
+        it again. No one sets or reads an instant finer than a millisecond."""
+        return round(core_s + self.offset(), WALL_DECIMALS) if math.isfinite(core_s) else core_s
 
     def from_datetime(self, moment: datetime) -> float:
         """An aware datetime (an OpenADR event's start, say) on the core's base."""

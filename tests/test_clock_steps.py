@@ -25,7 +25,7 @@ import pytest
 from lockstep import Rig, TestClocks
 
 from firmware_py.cli import main as cli
-from firmware_py.clocks import calendar_day
+from firmware_py.clocks import Clocks, calendar_day
 from firmware_py.core import Mode
 from firmware_py.core.types import (
     DispatchAnswer,
@@ -230,3 +230,23 @@ def test_the_day_of_a_daylight_saving_change_begins_at_its_own_midnight(local_zo
     assert began == dt.datetime.fromisoformat(f"{date}T00:00").replace(tzinfo=tz).timestamp()
     assert following - began == hours * HOUR
     assert calendar_day(noon, tz) == (day, began, following)
+
+
+def test_an_instant_set_to_the_second_reads_back_the_same_however_often_it_goes_there_and_back():
+    """The owner's departure for 23:00 came back from the core's base as 22:59:59.9999998 (the page said
+    "10:59 PM") and moved again with every save: the offset is read anew each time, microseconds apart,
+    and the sums round at 1e-7 s. Clocks as a gateway's read: each read later, the wall one jittering."""
+    now = [86_400.0]
+    jitter = itertools.cycle([0.0, 3e-6, -2e-6, 7.9e-6, -0.7e-6])
+
+    def monotonic() -> float:
+        now[0] += 0.0137
+        return now[0]
+
+    clocks = Clocks(monotonic, lambda: now[0] + 1_796_400_000.0 + next(jitter))
+    departure = dt.datetime(2026, 12, 5, 23, 0, tzinfo=dt.UTC).timestamp()
+    wall = departure
+    for _ in range(300):  # an owner's unrelated changes, each saving the settings again
+        wall = clocks.to_wall(clocks.to_core(wall))
+        assert wall == departure
+    assert clocks.to_wall(math.inf) == math.inf and math.isnan(clocks.to_wall(math.nan))
