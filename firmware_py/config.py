@@ -20,7 +20,7 @@ from typing import Any
 
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
-from firmware_py.schema import given_by_loader, load_table, parse_toml, spec
+from firmware_py.schema import absolute_path, given_by_loader, load_table, parse_toml, spec
 from firmware_py.version import software_version
 
 FORMAT_VERSION = 1
@@ -250,7 +250,7 @@ def _default_paths(config: Config, base: Path) -> Config:
             if is_dataclass(value):
                 changes[f.name] = resolve(value)
             elif f.metadata.get("path") and value and not Path(value).is_absolute():
-                changes[f.name] = str((base / value).resolve())
+                changes[f.name] = absolute_path(base, value)
         return replace(obj, **changes)
 
     return resolve(config)

@@ -92,6 +92,17 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {shown(value)}"
 
 
+def absolute_path(base: Path, value: str) -> str:
+    """`value` as an absolute path, relative ones from `base` (the configuration's folder). Its folders are
+    resolved, the file itself never: a private file given as a symbolic link must still be seen as one (and
+    refused) where it is opened, as it is when the configuration names it by an absolute path."""
+    path = Path(value)
+    if path.is_absolute():
+        return value
+    joined = base / path
+    return str(joined.parent.resolve() / joined.name)
+
+
 def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, problems: list[str]) -> Any:
     """An instance of dataclass `cls` from `table`; problems go to `problems` as "key: reason"."""
     hints = typing.get_type_hints(cls)
@@ -137,7 +148,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
             problems.append(f"{key}: {problem}")
             continue
         if f.metadata.get("path") and value:
-            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+            value = absolute_path(base, value)
         values[name] = value
     try:
         return cls(**values)

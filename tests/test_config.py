@@ -17,7 +17,7 @@ import pytest
 from firmware_py import config
 from firmware_py.assembly import assemble
 from firmware_py.cli import main
-from firmware_py.config import bundled_config, bundled_dbc
+from firmware_py.config import bundled_config, bundled_dbc, load
 from firmware_py.errors import InputError
 from firmware_py.files import MAX_TEXT_BYTES
 from firmware_py.journal import Journal
@@ -138,6 +138,26 @@ def test_check_config_points_out_a_listen_address_on_port_0_and_still_calls_it_v
     assert len(notes) == 1 and "dispatch.sunspec_server.listen: port 0" in notes[0]  # metrics is off, unix: a path
     assert main(["check-config", str(bundled_config("example.toml"))]) == 0
     assert ": note: " not in capsys.readouterr().err
+
+
+def test_a_relative_token_file_that_is_a_symbolic_link_is_refused_as_an_absolute_one_is(tmp_path, capsys):
+    """Relative paths were resolved when the configuration was read: a token file given as a link became
+    its target, and the link check where it is opened never saw it. Folders on the way are still resolved."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "real.token"
+    target.write_text("ab" * 32 + "\n")
+    target.chmod(0o600)
+    (tmp_path / "owner.token").symlink_to(target)
+    (tmp_path / "keys").symlink_to(tmp_path / "real")  # a linked folder is fine
+    for given in ("owner.token", "sub/../owner.token"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        path = write(tmp_path, f'[owner]\ntoken_file = "{given}"\n[journal]\npath = "j.sqlite"\n')
+        assert main(["check-config", str(path)]) == 2, given
+        err = capsys.readouterr().err
+        assert "owner.token_file: " in err and "the owner API token file is a symbolic link" in err, err
+    path = write(tmp_path, '[owner]\ntoken_file = "keys/real.token"\n[journal]\npath = "j.sqlite"\n')
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert load(path).owner.token_file == str(tmp_path.resolve() / "real" / "real.token")
 
 
 NOBODY = 65_534
