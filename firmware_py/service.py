@@ -389,7 +389,11 @@ async def _started(service: Service, stop: asyncio.Event) -> bool:
     if starting.cancelled():
         log.info("stop asked for while starting: start-up abandoned for the safe stop")
         return False
-    starting.result()  # start-up's own error (a bad address: input error) is raised as before
+    try:
+        starting.result()  # start-up's own error (an address taken: input error) is raised as before
+    except InputError as err:  # said as every configuration problem is: the file, then the key
+        source = service.assembly.config.source
+        raise InputError([p if p.startswith(f"{source}: ") else f"{source}: {p}" for p in err.problems]) from None
     return True  # started (perhaps in the stop's own turn: `until_stopped` then returns at once)
 
 

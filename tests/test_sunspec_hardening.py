@@ -634,8 +634,8 @@ path = "journal.sqlite"
     err = capsys.readouterr().err
     assert code == 2
     reason = "address already in use" if taken else "cannot assign requested address"
-    assert f"dispatch.sunspec_server.listen: cannot listen on {listen}: " in err and reason in err.lower()
-    assert "Traceback" not in err
+    assert f"error: {path}: dispatch.sunspec_server.listen: cannot listen on {listen}: " in err  # file, then key
+    assert reason in err.lower() and "Traceback" not in err
 
 
 # --- the scenario end to end: `run` with few descriptors, hundreds of idle connections ---
