@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from firmware_py.errors import InputError
+
+HOST_NAME_CHARS = 253
+"""The longest host name DNS can carry (RFC 1035: 255 octets on the wire)."""
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` can name no machine, to follow "HOST is" (None: an IP address, or a name DNS could carry). Anything else
+    would be looked up at every reconnect, fail each time and fill the log with itself."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > HOST_NAME_CHARS:
+        return f"too long for a host name ({len(name):,} characters; at most {HOST_NAME_CHARS})"
+    labels = name.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return ("neither an IP address nor a host name (letters, digits and hyphens, at most 63 between dots, "
+                "no hyphen first or last)")
+    if labels[-1].isdigit():  # no top-level domain is all digits (RFC 3696): a mistyped address
+        return "not an IP address (each of its four numbers 0 to 255), nor a host name"
+    return None
 
 
 def parse_host_port(text: str, key: str) -> tuple[str, int]:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import can
 import serial
 
-from firmware_py.addresses import parse_host_port, parse_ip_listen
+from firmware_py.addresses import host_problem, parse_host_port, parse_ip_listen
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
@@ -45,6 +45,7 @@ from firmware_py.journal.files import part_of
 from firmware_py.links import Link
 from firmware_py.owner.access import UNIX_PREFIX, parse_listen, read_token
 from firmware_py.owner.store import OwnerStore, on_clock
+from firmware_py.quoting import shown
 
 
 class Integration(Protocol):
@@ -433,6 +434,8 @@ def _inverter_link(config: Config) -> list[str]:
         problems.append("can.channel: must not be empty (e.g. can0)")
     if inverter.transport == "tcp" and not inverter.host.strip():
         problems.append("inverter.host: must not be empty with transport = \"tcp\" (the inverter's IP address)")
+    elif inverter.transport == "tcp" and (problem := host_problem(inverter.host)):
+        problems.append(f"inverter.host: {shown(inverter.host)} is {problem}")
     if inverter.transport == "rtu" and (problem := _serial_port_problem(inverter.serial_port)):
         problems.append(f"inverter.serial_port: {problem}")
     return problems

@@ -310,6 +310,11 @@ def test_bundled_data_is_found():
     # accepted, then `run` sat at 0 W reporting the link lost for ever
     ('[can]\nchannel = ""\n', "can.channel: must not be empty"),
     ('[inverter]\nhost = ""\n', "inverter.host: must not be empty"),
+    # accepted, then `run` looked the impossible name up at every reconnect, logging all of it each time
+    (f'[inverter]\nhost = "{"a" * 3000}"\n', "is too long for a host name (3,000 characters; at most 253)"),
+    ('[inverter]\nhost = "inverter_1.local"\n', "inverter.host: 'inverter_1.local' is neither an IP address nor"),
+    ('[inverter]\nhost = "192.168.1.300 "\n', "inverter.host: '192.168.1.300 ' is neither an IP address nor"),
+    ('[inverter]\nhost = "192.168.1.300"\n', "inverter.host: '192.168.1.300' is not an IP address (each of its"),
     ('[inverter]\ntransport = "rtu"\nserial_port = ""\n', "inverter.serial_port: '' is neither a device path"),
     ('[inverter]\ntransport = "rtu"\nserial_port = "bogus://x"\n',
      "inverter.serial_port: 'bogus://x': invalid URL, protocol 'bogus' not known"),
