@@ -9,7 +9,7 @@ from firmware_py.errors import InputError
 
 HOST_NAME_CHARS = 253
 """The longest host name DNS can carry (RFC 1035: 255 octets on the wire)."""
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # "_": not DNS's, but /etc/hosts may hold one
 
 
 def host_problem(host: str) -> str | None:
@@ -25,8 +25,8 @@ def host_problem(host: str) -> str | None:
         return f"too long for a host name ({len(name):,} characters; at most {HOST_NAME_CHARS})"
     labels = name.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
-        return ("neither an IP address nor a host name (letters, digits and hyphens, at most 63 between dots, "
-                "no hyphen first or last)")
+        return ("neither an IP address nor a host name (letters, digits, hyphens and underscores, at most 63 "
+                "between dots, no hyphen first or last)")
     if labels[-1].isdigit():  # no top-level domain is all digits (RFC 3696): a mistyped address
         return "not an IP address (each of its four numbers 0 to 255), nor a host name"
     return None

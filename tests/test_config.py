@@ -312,7 +312,7 @@ def test_bundled_data_is_found():
     ('[inverter]\nhost = ""\n', "inverter.host: must not be empty"),
     # accepted, then `run` looked the impossible name up at every reconnect, logging all of it each time
     (f'[inverter]\nhost = "{"a" * 3000}"\n', "is too long for a host name (3,000 characters; at most 253)"),
-    ('[inverter]\nhost = "inverter_1.local"\n', "inverter.host: 'inverter_1.local' is neither an IP address nor"),
+    ('[inverter]\nhost = "inverter 1.local"\n', "inverter.host: 'inverter 1.local' is neither an IP address nor"),
     ('[inverter]\nhost = "192.168.1.300 "\n', "inverter.host: '192.168.1.300 ' is neither an IP address nor"),
     ('[inverter]\nhost = "192.168.1.300"\n', "inverter.host: '192.168.1.300' is not an IP address (each of its"),
     ('[inverter]\ntransport = "rtu"\nserial_port = ""\n', "inverter.serial_port: '' is neither a device path"),
