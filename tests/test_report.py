@@ -20,6 +20,7 @@ from firmware_py.cli import main
 from firmware_py.core import types as t
 from firmware_py.journal import Journal, codec
 from firmware_py.journal.files import anchors_path
+from firmware_py.journal.kinds import RecordKind
 
 
 @pytest.fixture
@@ -417,3 +418,24 @@ def test_an_event_the_journal_never_ended_takes_in_nothing_of_a_later_boot(tmp_p
     ])
     assert "fault raised: over_temp (in it)" in _timeline(summary)
     assert "fault raised: bms_fault (a later boot)" not in _timeline(summary)
+
+
+def test_an_event_a_restart_closed_before_its_window_began_never_ends_before_it_starts(tmp_path, capsys):
+    """An accepted event whose window had not begun when the gateway died: the next boot closes it (its
+    `DispatchEnded` 25 s before the start the aggregator gave). Its window was empty: the report shows it
+    ending at its start, never an end before the start."""
+    wall = 1_796_400_000.0  # wall - core of both runs (a monotonic clock that went on across the restart)
+    path = tmp_path / "j.sqlite"
+    with Journal.open(path) as journal:
+        journal.append(RecordKind.CORE_START, 10.0, {"software_version": "test"}, wall=wall + 10.0)
+        for item in (t.DispatchRequest("ev", "openadr3", t.DispatchKind.DISCHARGE, 5_000, 60.0, 80.0, 11.0),
+                     t.DispatchAnswer.accepted("ev", 11.0)):
+            journal.append_event(item, wall=wall + codec.event_time(item))
+        journal.append(RecordKind.CORE_START, 35.0, {"software_version": "test"}, wall=wall + 35.0)
+        for item in (t.DispatchEnded(35.0, "ev", "gateway restarted: event ended"),
+                     t.EventEnergy(35.0, "ev", 0.0, 0.0, final=True)):
+            journal.append_event(item, wall=wall + codec.event_time(item))
+    assert main(["report", "--journal", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ev "))
+    start, end = [cell.strip() for cell in row.split("│")[6:8]]
+    assert start == end == "2026-12-04 16:01:00Z"

@@ -1358,3 +1358,20 @@ def test_a_duplicate_the_gateway_turned_away_changes_nothing_in_the_statement_th
         {"source": "scenario", "target_w": 3_000, "start": 200.0, "end": 260.0, "revision": 0}
     assert {k: reported["tou/high"][k] for k in ("source", "end", "revision", "price_per_kwh")} == \
         {"source": "oadr3", "end": 120.0, "revision": 2, "price_per_kwh": 0.70}
+
+
+def test_an_event_whose_core_steps_a_killed_run_never_journaled_has_no_peak_below_its_average(tmp_path, capsys):
+    """`kill -9` mid-event: the run's batch of core steps dies with it, and its window holds none, while its
+    energy reports stand. Its peak is not known (not 0 W beside a 4 kW average), and a note says why."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        for item in (DispatchRequest("ev", "openadr3", DispatchKind.DISCHARGE, 5_000, 10.0, 22.0, received_at=8.0),
+                     DispatchAnswer.accepted("ev", 8.0), EventEnergy(10.0, "ev", 0.0, 0.0, False),
+                     DispatchEnded(22.0, "ev", "window closed"), EventEnergy(22.0, "ev", 14.0, 14.2, True)):
+            journal.append_event(item)
+    (event,) = make(path, tmp_path / "s.json", "--event", "ev")["events"]
+    assert event["avg_w"] > 4_000 and event["peak_w"] is None and event["soc_start_pct"] is None
+    assert any("no core step of this window" in note for note in event["notes"])
+    assert verify(tmp_path / "s.json", path) == 0
+    assert main(["statement", "--journal", str(path), "--event", "ev"]) == 0
+    assert any(line.endswith(", peak -") for line in capsys.readouterr().out.splitlines())

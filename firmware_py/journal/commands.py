@@ -135,7 +135,7 @@ def _print_text(events: list[EventSummary], verdict: ChainReport, changes: list[
     for e in events:
         table.add_row(printable(e.request_id), printable(e.source or "-"), printable(e.kind or "-"),
                       _num(e.target_w, 0), printable(_answer(e)),
-                      _time(e.start), _time(e.ended_at if e.ended_at is not None else e.end),
+                      _time(e.start), _time(e.closed_at),
                       f"{e.meter_wh:.1f}", f"{e.integrated_wh:.1f}", _num(e.discrepancy_pct, 2),
                       "yes" if e.final else "no")
     console.print(table, markup=False)

@@ -101,6 +101,18 @@ class EventSummary:
         """Accepted (with or without a cap): only then did the gateway act on it."""
         return self.verdict in SERVED
 
+    @property
+    def closed_at(self) -> float | None:
+        """Where its window ends in wall time: its `DispatchEnded`, else its stated end; never before its start.
+
+        A restart closes every event a dead run left open, one whose window had not begun yet too: that
+        record's time is before the start, and the window was empty. It is shown ending where it would have
+        begun (as the statement's window is), not as a window that ran backwards; its timeline says when."""
+        end = self.ended_at if self.ended_at is not None else self.end
+        if end is None or self.start is None:
+            return end
+        return max(self.start, end)
+
 
 @dataclass
 class _Window:

@@ -330,7 +330,7 @@ def _event_text(e: dict[str, Any], cur: str) -> list[str]:
              f"  window   {e['window']['from']} .. {e['window']['to']}",
              f"  energy   delivered {e['delivered_wh']:.1f} Wh (meter), integrated {e['integrated_wh']:.1f} Wh, "
              f"difference {e['delivered_wh'] - e['integrated_wh']:+.1f} Wh; avg {e['avg_w']:.0f} W, "
-             f"peak {e['peak_w']:.0f} W",
+             f"peak {_fmt(e['peak_w'], 'W', 0)}",
              f"  battery  SoC {_fmt(e['soc_start_pct'], '%')} -> {_fmt(e['soc_end_pct'], '%')}, "
              f"min {_fmt(e['soc_min_pct'], '%')} (floor {_fmt(e['floor_pct'], '%')}); throughput "
              f"{e['throughput_wh']:.1f} Wh = {e['equivalent_cycles']:.4f} equivalent full cycles",

@@ -23,7 +23,7 @@ Definitions (docs/command-line.md, "statement"):
   event's own: another event served (overlapping windows: the battery worked for one at a time, and
   each is charged only its own) and, where the run journaled what it served (`ServingChanged`), time
   that served no event (a grid outage's backup, a storm watch's charge); peak_w likewise counts only
-  the event's own time; equivalent_cycles =
+  the event's own time (None where its window holds no reading: a killed run's unjournaled steps); equivalent_cycles =
   throughput_wh / usable capacity (one full cycle = one capacity's worth out).
 - credit = credited kWh x credit_per_kwh, except for a price-driven event (price-responsive
   mode), one per published interval: credited kWh x the interval's published price;
@@ -129,6 +129,7 @@ class Tally:
     lent_pct: float = 0.0  # the net SoC change over time not the event's own (see `lent`): not its wear
     gaps: int = 0  # journal gaps (core steps not kept) in its window: no meter change is read across one
     span: tuple[Position, Position] | None = None  # the window on the core's clock, which no wall-clock step moves
+    steps: int = 0  # core steps in its window: none where the run died before it journaled its batch of steps
 
     @property
     def drop_pct(self) -> float:
@@ -164,6 +165,7 @@ class Tally:
         return served is not None and served != self.request_id
 
     def add(self, sample: Sample, previous: Sample | None) -> None:
+        self.steps += 1
         lent = self.lent(sample, previous)
         if sample.soc_pct is not None:
             if self.soc_start is None:
@@ -320,14 +322,21 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
         "answer": summary.verdict, "cap_w": _asked(summary.cap_w), "reason": summary.reason, "status": status.value,
         "delivered_wh": _wh(delivered), "integrated_wh": _wh(summary.integrated_wh if served else 0.0),
         "avg_w": round(summary.integrated_wh / hours, 1) if served and hours > 0 else 0.0,
-        "peak_w": round(max(0.0, tally.peak_w or 0.0), 1) if served else 0.0,
+        "peak_w": _peak_w(tally) if served else 0.0,
         "soc_start_pct": _pct(tally.soc_start), "soc_end_pct": _pct(tally.soc_end),
         "soc_min_pct": _pct(tally.soc_min), "floor_pct": _pct(tally.floor_pct),
         "throughput_wh": _wh(throughput), "equivalent_cycles": round(throughput / capacity_wh, 6),
         "outage_wh": _wh(outage), "credited_wh": _wh(credited),
         "credit": credit, "wear_cost": wear, "net": net,
-        "notes": [*notes(summary, status, served, discharge, outage, energy), *gap_notes(tally.gaps if served else 0)],
+        "notes": [*notes(summary, status, served, discharge, outage, energy), *gap_notes(tally.gaps if served else 0),
+                  *(unstepped_notes(tally.steps) if served else [])],
     }
+
+
+def _peak_w(tally: Tally) -> float | None:
+    """The highest power measured while the event was served; None (not 0 W, which would sit below its avg_w)
+    where the journal holds no reading of it: a run killed before it journaled its batch of core steps."""
+    return None if tally.peak_w is None else round(max(0.0, tally.peak_w), 1)
 
 
 def _restart_gap_wh(summary: EventSummary, status: EventStatus, energy: EnergyRecords) -> float:
@@ -377,6 +386,14 @@ def gap_notes(gaps: int) -> list[str]:
     return [f"the journal kept no core steps for part of this window ({gaps} JournalGap record(s): writes failed "
             "for long): energy across a gap is not counted as outage energy; an event's own energy reports "
             "bill it"]
+
+
+def unstepped_notes(steps: int) -> list[str]:
+    """What a reader must know of an event whose window holds no core step at all."""
+    if steps:
+        return []
+    return ["the journal holds no core step of this window (a run killed before it journaled its batch of steps "
+            "loses them): peak power, SoC and throughput are not known; its own energy reports bill it"]
 
 
 def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str, Any]:
