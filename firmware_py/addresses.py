@@ -20,7 +20,11 @@ def host_problem(host: str) -> str | None:
         return None
     except ValueError:
         pass
-    name = host[:-1] if host.endswith(".") else host
+    try:
+        name = host.encode("idna").decode("ascii")  # as the resolver will: bücher.example is xn--bcher-kva.example
+    except UnicodeError:
+        name = host  # not a name IDNA can encode: the checks below say why
+    name = name[:-1] if name.endswith(".") else name
     if len(name) > HOST_NAME_CHARS:
         return f"too long for a host name ({len(name):,} characters; at most {HOST_NAME_CHARS})"
     labels = name.split(".")

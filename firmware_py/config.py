@@ -60,7 +60,7 @@ class OwnerConfig:
     departure_charge_w: float = spec(7_600, lo=500, hi=100_000,
                                       doc="charging power assumed when planning for departure")
     api_listen: str = spec("127.0.0.1:8765")
-    token_file: str = spec("owner.token", path=True)
+    token_file: str = spec("owner.token", path=True, private=True)
     settings_file: str = spec("owner-settings.json", path=True)
 
 
@@ -110,7 +110,7 @@ class OpenAdr3Config:
     vtn_url: str = spec("http://127.0.0.1:8081/openadr3/3.0.1", doc="the VTN's base URL (programs, events, ...)")
     token_url: str = spec("", doc="the OAuth2 token endpoint; empty: the one the VTN names at /auth/server")
     client_id: str = spec("truck-1", doc="the OAuth2 client id the aggregator issued")
-    client_secret_file: str = spec("openadr3.secret", path=True,
+    client_secret_file: str = spec("openadr3.secret", path=True, private=True,
                                    doc="a 0600 file holding the OAuth2 client secret (never logged)")
     ven_name: str = spec("truck-1", doc="the VEN's name at the VTN (one VEN object per gateway)")
     poll_interval_s: float = spec(30, lo=0.2, hi=3_600, doc="how often events are fetched (at once on a "
@@ -146,7 +146,7 @@ class JournalConfig:
 class WebConfig:
     enabled: bool = spec(False)
     listen: str = spec("0.0.0.0:8080", doc="HOST:PORT of the owner's web app and its JSON API")
-    installer_token_file: str = spec("installer.token", path=True,
+    installer_token_file: str = spec("installer.token", path=True, private=True,
                                      doc="the installer role's token; created 0600 on first start")
     tls_cert: str = spec("", path=True, doc="PEM certificate (chain); with tls_key, HTTPS; both empty: HTTP")
     tls_key: str = spec("", path=True, doc="PEM private key of tls_cert")
@@ -250,7 +250,7 @@ def _default_paths(config: Config, base: Path) -> Config:
             if is_dataclass(value):
                 changes[f.name] = resolve(value)
             elif f.metadata.get("path") and value and not Path(value).is_absolute():
-                changes[f.name] = absolute_path(base, value)
+                changes[f.name] = absolute_path(base, value, private=f.metadata.get("private", False))
         return replace(obj, **changes)
 
     return resolve(config)

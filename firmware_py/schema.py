@@ -48,18 +48,20 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
-          choices: tuple[str, ...] | None = None, path: bool = False, form: tuple[str, str] | None = None,
-          unset: float | None = None, doc: str = "", bound_why: str = "", entry: str = "") -> Any:
-    """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path,
-    and the form a string must have (a regular expression, and how to say it to a person).
+          choices: tuple[str, ...] | None = None, path: bool = False, private: bool = False,
+          form: tuple[str, str] | None = None, unset: float | None = None, doc: str = "", bound_why: str = "",
+          entry: str = "") -> Any:
+    """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path (and
+    a private file's: a secret the gateway refuses to read through a symbolic link, `absolute_path`), and
+    the form a string must have (a regular expression, and how to say it to a person).
 
     `unset` is the one value outside the bounds that means "not set" (e.g. -1). It is named
     exactly, not as a wider range, so that a mistyped sign (-0.5 for 0.5) is refused instead
     of silently switching the setting off. `bound_why` is said with an out-of-range value, where a bound
     is not obvious (a limit another part of the system sets). `entry` says what each value of a table of
     strings is (`'MESSAGE.SIGNAL'`), named with a value of another type."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "form": form, "unset": unset, "doc": doc,
-            "bound_why": bound_why, "entry": entry}
+    meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "private": private, "form": form, "unset": unset,
+            "doc": doc, "bound_why": bound_why, "entry": entry}
     if default is ...:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -92,14 +94,18 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None if isinstance(value, hint) else f"expected a {hint.__name__}, got {shown(value)}"
 
 
-def absolute_path(base: Path, value: str) -> str:
-    """`value` as an absolute path, relative ones from `base` (the configuration's folder). Its folders are
-    resolved, the file itself never: a private file given as a symbolic link must still be seen as one (and
-    refused) where it is opened, as it is when the configuration names it by an absolute path."""
+def absolute_path(base: Path, value: str, *, private: bool = False) -> str:
+    """`value` as an absolute path, relative ones from `base` (the configuration's folder), resolved: the
+    journal and every file kept beside it are named from its real place, whatever link led there.
+
+    A private file's own name is never resolved (its folders are): a secret given as a symbolic link must
+    still be seen as one, and refused, where it is opened, as when the configuration names it absolutely."""
     path = Path(value)
     if path.is_absolute():
         return value
     joined = base / path
+    if not private or joined.name in ("", ".", ".."):
+        return str(joined.resolve())
     return str(joined.parent.resolve() / joined.name)
 
 
@@ -148,7 +154,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
             problems.append(f"{key}: {problem}")
             continue
         if f.metadata.get("path") and value:
-            value = absolute_path(base, value)
+            value = absolute_path(base, value, private=f.metadata.get("private", False))
         values[name] = value
     try:
         return cls(**values)

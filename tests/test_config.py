@@ -160,6 +160,19 @@ def test_a_relative_token_file_that_is_a_symbolic_link_is_refused_as_an_absolute
     assert load(path).owner.token_file == str(tmp_path.resolve() / "real" / "real.token")
 
 
+def test_a_relative_journal_path_through_a_symbolic_link_names_the_real_file(tmp_path):
+    """The journal's lock, anchor key, anchors and archives are named from its path: a link must lead to
+    the real place (as it did), or a second configuration naming the file directly would lock another
+    lock file, and a rotation would rename the link."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "journal.sqlite").symlink_to(data / "journal.sqlite")
+    config_file = write(tmp_path, '[journal]\npath = "journal.sqlite"\n[owner]\nsettings_file = "../x/.."\n')
+    loaded = load(config_file)
+    assert loaded.journal.path == str(data.resolve() / "journal.sqlite")
+    assert loaded.owner.settings_file == str(tmp_path.parent.resolve())  # normalised, as before
+
+
 NOBODY = 65_534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: only root can give a file to another user "
                              f"(uid {NOBODY}, nobody) to check that it is refused")
@@ -397,6 +410,9 @@ def test_listeners_on_one_port_of_other_addresses_or_families_are_valid(tmp_path
     '[inverter]\nhost = "192.0.2.10"\nport = 502\n[dispatch.sunspec_server]\nenabled = true\nlisten = "0.0.0.0:502"\n',
     '[inverter]\ntransport = "rtu"\nserial_port = "rfc2217://192.0.2.10:4000"\n',
     '[inverter]\ntransport = "rtu"\nserial_port = "/dev/ttyUSB7"\nhost = ""\n',  # the host unused by RTU
+    '[inverter]\nhost = "bücher.example"\n',  # IDNA, as the resolver encodes it
+    '[inverter]\nhost = "inverter_1.local."\n',  # an /etc/hosts name, a trailing dot
+    '[inverter]\nhost = "fe80::1%eth0"\n',  # IPv6 link-local with its zone
     # two keys reading one file: a PEM holding both the certificate and its key
     '[web]\nenabled = true\ntls_cert = "both.pem"\ntls_key = "both.pem"\n',
 ])

@@ -98,6 +98,10 @@ def test_a_removed_lock_file_is_made_again_and_locked_so_a_second_gateway_is_sti
     finally:
         lock.close()
     lock_journal(journal, _in_use).close()  # the lock made again is the one let go
+    lock_path(journal).unlink()
+    lock.keep()  # closed: takes nothing back
+    lock.close()
+    assert not lock_path(journal).exists()
 
 
 def test_a_lock_taken_by_another_process_while_the_file_was_gone_is_named_once(tmp_path: Path, caplog):

@@ -48,6 +48,8 @@ class JournalLock:
         """One stat: nothing to do while the lock file is the one locked. Removed: made again, locked and
         its pid written (the old descriptor then let go), logged once. Taken meanwhile by another process:
         logged once, naming it (two writers on one journal: one of them must be stopped)."""
+        if self._fd < 0:
+            return  # closed: nothing held, nothing to keep
         path = lock_path(self.journal)
         try:
             found = os.stat(path)
