@@ -144,6 +144,9 @@ class _Recorder:
     def note(self, kind: str, payload: dict) -> None:
         self.gateway.note(kind, payload)
 
+    def journaled_wh(self, request_id: str) -> float:
+        return self.gateway.journaled_wh(request_id)
+
 
 # ---------------------------------------------------------------------- OpenADR
 

@@ -80,6 +80,7 @@ class ScriptedSink:
         self.price_answer = price_answer
         self.received: list[Any] = []
         self.offset_s = 0.0
+        self.journal_wh: dict[str, float] = {}  # what the journal credits each request id (a restart's earlier run)
 
     async def submit(self, item: Any) -> DispatchAnswer | None:
         self.received.append(item)
@@ -99,6 +100,9 @@ class ScriptedSink:
 
     def note(self, kind: Any, payload: dict) -> None:
         pass
+
+    def journaled_wh(self, request_id: str) -> float:
+        return self.journal_wh.get(request_id, 0.0)
 
     def of(self, kind: type[T]) -> list[T]:
         return [item for item in self.received if isinstance(item, kind)]
@@ -559,6 +563,34 @@ def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ende
                 sink.offset_s = 60 + 610  # interval 1 over: this run's to report
                 await vtn.wait_for(lambda: len(delivered_per_interval(vtn, event_id)) == 2)
             assert delivered_per_interval(vtn, event_id) == {0: 250.0, 1: 0.0}
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
+def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_the_journal_credits_it() -> None:
+    """A gateway killed mid-interval meters that interval again from 0 in its next run; the journal (and
+    `statement`) credit it with what the earlier run delivered, and the crash's meter gap billed at the
+    start. The VTN got only this run's 5 Wh: it must get the journal's figure, the one billed."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0],
+                                     report_every=1)
+            first = make_ven(vtn)
+            async with serving(first, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                sink.offset_s = 60 + 100
+                served(first, f"{event_id}#0", 100.0)  # then the process is killed, interval 0 running
+            sink.journal_wh = {f"{event_id}#0": 120.0}  # its account, and the meter's gap billed at the start
+            again = make_ven(vtn)
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: again.polls >= 2)
+                served(again, f"{event_id}#0", 5.0)  # the core's new account for the rest of the interval
+                sink.offset_s = 60 + 310
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            assert delivered_per_interval(vtn, event_id) == {0: 125.0}
             assert_conforming(vtn)
 
     run(scenario)

@@ -89,3 +89,6 @@ class CoreSink(Run):
 
     def note(self, kind: Any, payload: dict[str, Any]) -> None:
         pass
+
+    def journaled_wh(self, request_id: str) -> float:
+        return 0.0  # no journal: a bench run has no run before it

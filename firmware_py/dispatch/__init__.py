@@ -30,6 +30,10 @@ class DispatchSink(Protocol):
     def note(self, kind: RecordKind, payload: dict) -> None:
         """Journal something a source refused before it became a request (a bad write, a bad event)."""
 
+    def journaled_wh(self, request_id: str) -> float:
+        """Wh the journal credits a request (or price) id with so far, as the statement bills it: a source
+        restarted mid-event reports what the run before it delivered too."""
+
 
 class DispatchSource(Protocol):
     """One way requests arrive (OpenADR VEN, SunSpec server, scripted scenario)."""

@@ -216,6 +216,9 @@ class _Tracked:
     as a revision may drop an interval that ended (the next would be skipped) or add one."""
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
+    before_wh: dict[int, float] = field(default_factory=dict)
+    """Interval id -> Wh the journal credits it with from the runs before this one (a restart mid-interval):
+    this run's meter starts again from 0, and the aggregator settles on the journal's figure."""
 
     def unreported(self) -> list[IntervalWindow]:
         """The intervals whose usage is still to be reported, in the order it falls due (`_by_end`)."""
@@ -871,7 +874,8 @@ class OpenAdr3Ven:
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
                                                reported=tracked.reported if tracked else self._before_start(plan),
-                                               carried_wh=carried_wh)
+                                               carried_wh=carried_wh,
+                                               before_wh=tracked.before_wh if tracked else self._journaled(sink, plan))
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -1076,12 +1080,25 @@ class OpenAdr3Ven:
         never saw it, and reporting them would overwrite the VTN's reading with 0 Wh."""
         return {w.interval_id for w in plan.intervals if w.end <= self._started}
 
+    def _journaled(self, sink: DispatchSink, plan: EventPlan) -> dict[int, float]:
+        """An event first held: the energy the journal credits its intervals begun before this VEN started
+        with (an earlier run's account, and the meter's gap a crash left, billed at the start). The core
+        meters them again from 0 in this run, so their reports add this, to agree with the statement."""
+        found: dict[int, float] = {}
+        for window in plan.intervals:
+            if window.start < self._started:
+                wh = sum(sink.journaled_wh(served) for served in _served_ids(plan, window))
+                if wh:
+                    found[window.interval_id] = wh
+        return found
+
     def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
         plan = tracked.plan
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            delivered = sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
+            delivered = tracked.before_wh.get(window.interval_id, 0.0)
+            delivered += sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
             delivered += sum(self._metered.get(served, 0.0) for served in _served_ids(plan, window))
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
