@@ -362,6 +362,15 @@ class Gateway:
     def note(self, kind: RecordKind, payload: dict) -> None:
         self.backlog.add_note(kind, self.clock(), payload)
 
+    def journal_notes(self, kind: RecordKind, back_s: float) -> list[dict]:
+        """Payloads of `kind` journaled in the last `back_s` seconds (archived segments too), oldest first;
+        none when the journal cannot be read (logged): a source then errs toward doing again what it noted."""
+        try:
+            return [r.payload for r in self.journal.recent({kind}, self.clocks.wall() - back_s)]
+        except (InputError, OSError, TypeError, ValueError) as err:
+            log.warning("the journal's %s notes could not be read (%s)", kind, err)
+            return []
+
     def journaled_wh(self, request_id: str) -> float:
         """Wh the journal credits `request_id` with so far (its accounts of every run, a crash's meter gap
         billed at the start), as `statement` does; 0 when the journal cannot be read (logged)."""
