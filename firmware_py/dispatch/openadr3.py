@@ -879,10 +879,11 @@ class OpenAdr3Ven:
         # Only now, so that an interval the revision moves to another id (EVENT to EVENT#0) is served on
         # under the new one, the newest in force, without falling to 0 W and ramping up again.
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
-        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
-                                               reported=tracked.reported if tracked else self._before_start(plan),
+        reported = tracked.reported if tracked else self._before_start(plan)
+        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers, reported=reported,
                                                carried_wh=carried_wh,
-                                               before_wh=tracked.before_wh if tracked else self._journaled(sink, plan))
+                                               before_wh=tracked.before_wh if tracked else
+                                               self._journaled(sink, plan, reported))
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -1088,13 +1089,14 @@ class OpenAdr3Ven:
         taken = self._taken.get(plan.event_id, set())
         return {w.interval_id for w in plan.intervals if w.end <= self._started and w.interval_id in taken}
 
-    def _journaled(self, sink: DispatchSink, plan: EventPlan) -> dict[int, float]:
+    def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
         """An event first held: the energy the journal credits its intervals begun before this VEN started
-        with (an earlier run's account, and the meter's gap a crash left, billed at the start). The core
-        meters them again from 0 in this run, so their reports add this, to agree with the statement."""
+        and not reported with (an earlier run's account, and the meter's gap a crash left, billed at the
+        start). The core meters them again from 0 in this run, so their reports add this, to agree with the
+        statement. Only those still to report are read: each is a pass over the journal's live segment."""
         found: dict[int, float] = {}
         for window in plan.intervals:
-            if window.start < self._started:
+            if window.start < self._started and window.interval_id not in reported:
                 wh = sum(sink.journaled_wh(served) for served in _served_ids(plan, window))
                 if wh:
                     found[window.interval_id] = wh
