@@ -91,6 +91,7 @@ from firmware_py.journal.steps import (
     StepRecorder,
     start_payload,
 )
+from firmware_py.journal.summary import event_summaries
 from firmware_py.links import Link, LinkBook
 from firmware_py.owner.store import OwnerStore, on_clock
 from firmware_py.statements.earnings import EarningsBook, basis_of
@@ -360,6 +361,25 @@ class Gateway:
 
     def note(self, kind: RecordKind, payload: dict) -> None:
         self.backlog.add_note(kind, self.clock(), payload)
+
+    def journal_notes(self, kind: RecordKind, back_s: float) -> list[dict]:
+        """Payloads of `kind` journaled in the last `back_s` seconds (archived segments too), oldest first;
+        none when the journal cannot be read (logged): a source then errs toward doing again what it noted."""
+        try:
+            return [r.payload for r in self.journal.recent({kind}, self.clocks.wall() - back_s)]
+        except (InputError, OSError, TypeError, ValueError) as err:
+            log.warning("the journal's %s notes could not be read (%s)", kind, err)
+            return []
+
+    def journaled_wh(self, request_id: str) -> float:
+        """Wh the journal credits `request_id` with so far (its accounts of every run, a crash's meter gap
+        billed at the start), as `statement` does; 0 when the journal cannot be read (logged)."""
+        try:
+            return sum(s.meter_wh for s in event_summaries(self.journal, only=request_id))
+        except (InputError, OSError, TypeError, ValueError) as err:
+            log.warning("the journal's energy for %s could not be read (%s): reported from this run's meter only",
+                        request_id, err)
+            return 0.0
 
     # ------------------------------------------------------------------ OwnerPort
 

@@ -144,6 +144,12 @@ class _Recorder:
     def note(self, kind: str, payload: dict) -> None:
         self.gateway.note(kind, payload)
 
+    def journal_notes(self, kind: Any, back_s: float) -> list[dict]:
+        return self.gateway.journal_notes(kind, back_s)
+
+    def journaled_wh(self, request_id: str) -> float:
+        return self.gateway.journaled_wh(request_id)
+
 
 # ---------------------------------------------------------------------- OpenADR
 

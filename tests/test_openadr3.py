@@ -80,6 +80,8 @@ class ScriptedSink:
         self.price_answer = price_answer
         self.received: list[Any] = []
         self.offset_s = 0.0
+        self.journal_wh: dict[str, float] = {}  # what the journal credits each request id (a restart's earlier run)
+        self.notes: list[tuple[Any, dict]] = []  # what was journaled, kept across VENs as a journal is
 
     async def submit(self, item: Any) -> DispatchAnswer | None:
         self.received.append(item)
@@ -98,7 +100,13 @@ class ScriptedSink:
         return time.time() + self.offset_s
 
     def note(self, kind: Any, payload: dict) -> None:
-        pass
+        self.notes.append((kind, payload))
+
+    def journal_notes(self, kind: Any, back_s: float) -> list[dict]:
+        return [payload for noted, payload in self.notes if noted == kind]
+
+    def journaled_wh(self, request_id: str) -> float:
+        return self.journal_wh.get(request_id, 0.0)
 
     def of(self, kind: type[T]) -> list[T]:
         return [item for item in self.received if isinstance(item, kind)]
@@ -564,6 +572,34 @@ def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ende
     run(scenario)
 
 
+def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_the_journal_credits_it() -> None:
+    """A gateway killed mid-interval meters that interval again from 0 in its next run; the journal (and
+    `statement`) credit it with what the earlier run delivered, and the crash's meter gap billed at the
+    start. The VTN got only this run's 5 Wh: it must get the journal's figure, the one billed."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0],
+                                     report_every=1)
+            first = make_ven(vtn)
+            async with serving(first, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                sink.offset_s = 60 + 100
+                served(first, f"{event_id}#0", 100.0)  # then the process is killed, interval 0 running
+            sink.journal_wh = {f"{event_id}#0": 120.0}  # its account, and the meter's gap billed at the start
+            again = make_ven(vtn)
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: again.polls >= 2)
+                served(again, f"{event_id}#0", 5.0)  # the core's new account for the rest of the interval
+                sink.offset_s = 60 + 310
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            assert delivered_per_interval(vtn, event_id) == {0: 125.0}
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
 def test_an_event_that_ended_after_the_ven_started_but_is_listed_late_is_still_refused_expired() -> None:
     """The aggregator must learn the VEN could not serve an event published (or seen) too late; only what
     was over before the VEN started, in the same listing, is history."""
@@ -848,6 +884,43 @@ class BusyVtn(BenchVtn3):
             self.busy -= 1
             return web.json_response({"title": "Too Many Requests", "status": 429}, status=429)
         return await super()._post_report(request)
+
+
+def energy_reports_of(vtn: BenchVtn3, event_id: str, interval_id: int) -> list[float]:
+    """Every DELIVERED_ENERGY the VTN took for one interval, in the order it took them."""
+    return [p["values"][0] for r in vtn.reports_for(event_id) for i in r["resources"][0]["intervals"]
+            if i["id"] == interval_id for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"]
+
+
+def test_a_report_waiting_for_the_vtn_when_the_gateway_stopped_is_sent_after_the_restart_once() -> None:
+    """The queue of reports is in memory: a gateway killed while the VTN was away lost interval 0's energy
+    report, and the restarted one took every interval over before it started as reported. The restart
+    reports it with the journal's energy; a later restart, the VTN having taken it, does not again."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with BusyVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.busy = 0
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0],
+                                     report_every=1)
+            first = make_ven(vtn)
+            async with serving(first, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                sink.offset_s = 60 + 100
+                served(first, f"{event_id}#0", 100.0)
+                vtn.busy = 10_000  # the VTN will not take reports now
+                sink.offset_s = 60 + 310  # interval 0 over: its report waits for the VTN
+                await vtn.wait_for(lambda: first.pending_reports)
+            vtn.busy = 0  # the gateway was killed; the VTN is back
+            sink.journal_wh = {f"{event_id}#0": 100.0}
+            for _ in range(2):  # restarted, then restarted again once the VTN took the report
+                again = make_ven(vtn)
+                async with serving(again, sink):
+                    await vtn.wait_for(lambda ven=again: ven.polls >= 3)
+                assert energy_reports_of(vtn, event_id, 0) == [100.0]
+            assert_conforming(vtn)
+
+    run(scenario)
 
 
 def test_a_report_the_vtn_is_too_busy_to_take_is_sent_again_not_dropped() -> None:

@@ -89,3 +89,9 @@ class CoreSink(Run):
 
     def note(self, kind: Any, payload: dict[str, Any]) -> None:
         pass
+
+    def journal_notes(self, kind: Any, back_s: float) -> list[dict[str, Any]]:
+        return []
+
+    def journaled_wh(self, request_id: str) -> float:
+        return 0.0  # no journal: a bench run has no run before it

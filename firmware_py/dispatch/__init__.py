@@ -30,6 +30,14 @@ class DispatchSink(Protocol):
     def note(self, kind: RecordKind, payload: dict) -> None:
         """Journal something a source refused before it became a request (a bad write, a bad event)."""
 
+    def journal_notes(self, kind: RecordKind, back_s: float) -> list[dict]:
+        """The payloads of the notes of `kind` journaled in the last `back_s` seconds, oldest first: what a
+        source noted before a restart (the reports its VTN took)."""
+
+    def journaled_wh(self, request_id: str) -> float:
+        """Wh the journal credits a request (or price) id with so far, as the statement bills it: a source
+        restarted mid-event reports what the run before it delivered too."""
+
 
 class DispatchSource(Protocol):
     """One way requests arrive (OpenADR VEN, SunSpec server, scripted scenario)."""

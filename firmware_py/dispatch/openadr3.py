@@ -86,6 +86,7 @@ from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
 from firmware_py.errors import InputError
 from firmware_py.http_listener import BodyUnread, HttpListener, body_of
+from firmware_py.journal.kinds import RecordKind
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
 from firmware_py.quoting import printable
@@ -105,6 +106,9 @@ MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldes
 MAX_REPORT_ATTEMPTS = 5
 """Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
 the VTN may fail it for good, and it must not hold back the reports behind it meanwhile."""
+TAKEN_LOOKBACK_S = 7 * 86_400.0
+"""How far back the journal is read at a start for the energy reports the VTN took: an event held again
+then is at most this long (a VTN keeps events until deleted, but one over before the start is history)."""
 RENEW_MARGIN_S = 30.0  # a token is renewed this long (or a tenth of its life) before it expires
 DEFAULT_TOKEN_LIFE_S = 300.0  # when the token endpoint does not say (expires_in)
 MAX_TOKEN_LIFE_S = 86_400.0  # a token said to live longer is renewed after a day all the same
@@ -216,6 +220,9 @@ class _Tracked:
     as a revision may drop an interval that ended (the next would be skipped) or add one."""
     carried_wh: dict[str, tuple[int, float]] = field(default_factory=dict)  # an id no longer asked for ->
     # (its interval's id, the Wh served under it)
+    before_wh: dict[int, float] = field(default_factory=dict)
+    """Interval id -> Wh the journal credits it with from the runs before this one (a restart mid-interval):
+    this run's meter starts again from 0, and the aggregator settles on the journal's figure."""
 
     def unreported(self) -> list[IntervalWindow]:
         """The intervals whose usage is still to be reported, in the order it falls due (`_by_end`)."""
@@ -382,6 +389,8 @@ class OpenAdr3Ven:
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
         self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
+        self._taken: dict[str, set[int]] = {}  # event id -> intervals whose energy report a run before this one
+        # saw the VTN take (or refuse for good), from the journal
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[_PendingReport] = deque()
@@ -401,6 +410,7 @@ class OpenAdr3Ven:
         self._sink = sink
         if self._started == -math.inf:
             self._started = sink.now()
+            self._taken = _taken_reports(sink.journal_notes(RecordKind.OPENADR3_REPORTED, TAKEN_LOOKBACK_S))
         self._wake, self._standing_wake = asyncio.Event(), asyncio.Event()
         backoff = Backoff(self._retry_max_s)
         callback = await self._start_callback()
@@ -869,9 +879,11 @@ class OpenAdr3Ven:
         # Only now, so that an interval the revision moves to another id (EVENT to EVENT#0) is served on
         # under the new one, the newest in force, without falling to 0 W and ramping up again.
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
-        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers,
-                                               reported=tracked.reported if tracked else self._before_start(plan),
-                                               carried_wh=carried_wh)
+        reported = tracked.reported if tracked else self._before_start(plan)
+        self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers, reported=reported,
+                                               carried_wh=carried_wh,
+                                               before_wh=tracked.before_wh if tracked else
+                                               self._journaled(sink, plan, reported))
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -1071,17 +1083,32 @@ class OpenAdr3Ven:
             self.next_report_at = min(self.next_report_at, waiting[min(step, len(waiting)) - 1].end)
 
     def _before_start(self, plan: EventPlan) -> set[int]:
-        """An event first held: its intervals that ended before this VEN started count as reported. Their
-        energy was metered (and reported) by the run that served them, a run before a restart; this one
-        never saw it, and reporting them would overwrite the VTN's reading with 0 Wh."""
-        return {w.interval_id for w in plan.intervals if w.end <= self._started}
+        """An event first held: its intervals that ended before this VEN started and whose energy report
+        the journal says the VTN took count as reported. The others (a report waiting for the VTN when
+        the gateway stopped: the queue is in memory only) are reported now, with the journal's energy."""
+        taken = self._taken.get(plan.event_id, set())
+        return {w.interval_id for w in plan.intervals if w.end <= self._started and w.interval_id in taken}
+
+    def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
+        """An event first held: the energy the journal credits its intervals begun before this VEN started
+        and not reported with (an earlier run's account, and the meter's gap a crash left, billed at the
+        start). The core meters them again from 0 in this run, so their reports add this, to agree with the
+        statement. Only those still to report are read: each is a pass over the journal's live segment."""
+        found: dict[int, float] = {}
+        for window in plan.intervals:
+            if window.start < self._started and window.interval_id not in reported:
+                wh = sum(sink.journaled_wh(served) for served in _served_ids(plan, window))
+                if wh:
+                    found[window.interval_id] = wh
+        return found
 
     def _queue_usage(self, sink: DispatchSink, tracked: _Tracked, windows: Sequence[IntervalWindow]) -> None:
         plan = tracked.plan
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            delivered = sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
+            delivered = tracked.before_wh.get(window.interval_id, 0.0)
+            delivered += sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
             delivered += sum(self._metered.get(served, 0.0) for served in _served_ids(plan, window))
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
@@ -1121,6 +1148,7 @@ class OpenAdr3Ven:
                 self._failed(pending, err)
                 continue
             self._pending.popleft()
+            _note_taken(sink, pending.report)
 
     def _failed(self, pending: _PendingReport, err: VtnFailed) -> None:
         """A report the VTN failed: sent again after the others, given up after `MAX_REPORT_ATTEMPTS`."""
@@ -1145,6 +1173,25 @@ class OpenAdr3Ven:
         refused = to_requests and all(a.verdict is Verdict.REJECTED for a in to_requests)
         log.log(logging.WARNING if refused else logging.INFO, "OpenADR 3 event %s rev %d: %s",
                 outcome.event_id, outcome.revision, outcome.detail)
+
+
+def _note_taken(sink: DispatchSink, report: dict[str, Any]) -> None:
+    """Journal that the VTN is done with an energy report (taken, or refused for good), so a run after a
+    restart neither sends it again nor takes it as lost; answers are not noted (each run answers anew)."""
+    if not any(d["payloadType"] == DELIVERED_ENERGY for d in report["payloadDescriptors"]):
+        return
+    intervals = [i["id"] for r in report["resources"] for i in r["intervals"]]
+    sink.note(RecordKind.OPENADR3_REPORTED, {"event_id": report["eventID"], "intervals": intervals})
+
+
+def _taken_reports(notes: Iterable[dict[str, Any]]) -> dict[str, set[int]]:
+    """Event id -> interval ids, from the journal's `OPENADR3_REPORTED` notes (one not of that form skipped)."""
+    taken: dict[str, set[int]] = {}
+    for note in notes:
+        event_id, intervals = note.get("event_id"), note.get("intervals")
+        if isinstance(event_id, str) and isinstance(intervals, list):
+            taken.setdefault(event_id, set()).update(i for i in intervals if isinstance(i, int))
+    return taken
 
 
 def _by_end(plan: EventPlan) -> list[IntervalWindow]:

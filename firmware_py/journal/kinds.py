@@ -41,6 +41,7 @@ class RecordKind(StrEnum):
     # notes: what a source refused before it became a request, links lost and back, run markers
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
+    OPENADR3_REPORTED = "OpenAdr3Reported"  # the VTN took (or refused for good) an energy report: event, intervals
     LINK_LOST = "LinkLost"
     LINK_RECOVERED = "LinkRecovered"
     SAMPLE = "Sample"  # SoC, floor, setpoint and measured power now and then, for the history chart
