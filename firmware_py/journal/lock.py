@@ -42,7 +42,7 @@ class JournalLock:
     def __init__(self, journal: Path, fd: int):
         self.journal, self._fd = journal, fd
         self._identity = _identity(fd)
-        self._lost_to: int | None = None  # the pid that took a lock file made while this one was gone
+        self._said: str | None = None  # the trouble logged last: each said once, not every second
 
     def keep(self) -> None:
         """One stat: nothing to do while the lock file is the one locked. Removed: made again, locked and
@@ -62,21 +62,24 @@ class JournalLock:
         try:
             fd = _open(path)
         except OSError as err:
-            log.error("%s: the journal's lock file was removed and cannot be made again: %s", path,
-                      err.strerror or err)
+            self._trouble(f"{path}: the journal's lock file was removed and cannot be made again: "
+                          f"{err.strerror or err}")
             return
         if not _take(fd):
             holder = _holder(fd)
             os.close(fd)
-            if self._lost_to != holder:
-                log.error("%s: the journal's lock file was removed while this gateway ran, and another process%s "
-                          "has locked a new one: two gateways may write this journal; stop one of them", path,
-                          holder_named(holder))
-            self._lost_to = holder
+            self._trouble(f"{path}: the journal's lock file was removed while this gateway ran, and another "
+                          f"process{holder_named(holder)} has locked a new one: two gateways may write this "
+                          "journal; stop one of them")
             return
         os.close(self._fd)
-        self._fd, self._identity, self._lost_to = fd, _identity(fd), None
+        self._fd, self._identity, self._said = fd, _identity(fd), None
         log.warning("%s: the journal's lock file was removed while the gateway ran: made again and locked", path)
+
+    def _trouble(self, said: str) -> None:
+        if said != self._said:
+            log.error("%s", said)
+        self._said = said
 
     def close(self) -> None:
         """Let the lock go (once)."""
