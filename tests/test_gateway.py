@@ -60,18 +60,27 @@ def request(n: int, now: float) -> DispatchRequest:
     return DispatchRequest(f"r{n}", "test", DispatchKind.DISCHARGE, 3_000, now, now + 600, received_at=now)
 
 
-def discharging(gateway, clock: list[float]):
-    """The gateway serving request r1 at 3 kW from 2 s, its journal written so far; `at(t, *inputs)`, which
-    moves the clock to t and feeds fresh BMS and inverter data with the inputs."""
+@contextlib.contextmanager
+def discharging(path: Path) -> Iterator[tuple[Any, Any]]:
+    """A gateway on the journal at `path` serving request r1 at 3 kW from 2 s, its journal written so far:
+    (gateway, at), `at(t, *inputs)` moving the clock to t and feeding fresh BMS and inverter data with the
+    inputs; closed at the end."""
+    clock = [0.0]
+    assembly = gateway_on(path, clock)
+    gateway = assembly.gateway
+
     def at(t: float, *inputs):
         clock[0] = t
         return gateway.feed(bms(t), inverter(t), *inputs)
 
-    at(0.0)
-    assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
-    assert at(2.0).command.setpoint_w > 0
-    assert gateway.flush_journal() > 0
-    return at
+    try:
+        at(0.0)
+        assert at(0.5, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
+        assert at(2.0).command.setpoint_w > 0
+        assert gateway.flush_journal() > 0
+        yield gateway, at
+    finally:
+        assembly.close()
 
 
 async def answer(gateway, n: int, now: float):
@@ -184,11 +193,7 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
     request is refused JOURNAL_UNAVAILABLE, and once the journal writes again every request,
     answer and transition of the outage is in it and the event resumes."""
     path = tmp_path / "journal.sqlite"
-    clock = [0.0]
-    assembly = gateway_on(path, clock)
-    gateway = assembly.gateway
-    try:
-        at = discharging(gateway, clock)
+    with discharging(path) as (gateway, at):
         with another_writer(path):  # the journal cannot take a write from here on
             t = 2.0
             while not any(isinstance(e, EventEnergy) for e in at(t).events):  # a minute on, its energy record is due
@@ -206,8 +211,6 @@ def test_a_running_discharge_holds_at_zero_while_the_journal_fails_and_every_ans
         assert gateway.flush_journal() > 0  # everything queued lands; the core hears the journal is back
         assert at(t + 4).command.setpoint_w > 0
         gateway.flush_journal(final=True)
-    finally:
-        assembly.close()
     with Journal.open(path, readonly=True) as journal:
         assert journal.verify() == []
         requests = [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)]

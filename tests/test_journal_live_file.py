@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_gateway import discharging, gateway_on, request
+from test_gateway import discharging, request
 
 from firmware_py.cli import main
 from firmware_py.core.machine import JOURNAL_HOLD
@@ -74,11 +74,7 @@ def test_a_replaced_live_file_is_never_written_over_and_no_anchor_is_signed_for_
 
 def test_a_running_discharge_goes_on_into_the_restored_file_when_the_journal_is_removed(tmp_path):
     path = tmp_path / "journal.sqlite"
-    clock = [0.0]
-    assembly = gateway_on(path, clock)
-    gateway = assembly.gateway
-    try:
-        at = discharging(gateway, clock)
+    with discharging(path) as (gateway, at):
         remove_live(path)
         for t in range(3, 80):
             at(float(t))
@@ -86,8 +82,6 @@ def test_a_running_discharge_goes_on_into_the_restored_file_when_the_journal_is_
         assert not gateway.controller.journal_failing()
         assert gateway.command.setpoint_w > 0
         gateway.flush_journal(final=True)
-    finally:
-        assembly.close()
     assert Chain(path).check().problems == []
     with Journal.open(path, readonly=True) as journal:
         assert [r.payload["id"] for r in journal.records(RecordKind.DISPATCH_REQUEST)] == ["r1"]
@@ -97,11 +91,7 @@ def test_a_running_discharge_goes_on_into_the_restored_file_when_the_journal_is_
 def test_a_replaced_journal_holds_a_running_discharge_at_zero_and_refuses_dispatch(tmp_path):
     path = tmp_path / "journal.sqlite"
     other = tmp_path / "other.sqlite"
-    clock = [0.0]
-    assembly = gateway_on(path, clock)
-    gateway = assembly.gateway
-    try:
-        at = discharging(gateway, clock)
+    with discharging(path) as (gateway, at):
         with Journal.open(other) as another:  # another journal, put where the gateway's was
             another.append("Note", 0.0, {"mine": True})
         remove_live(path)
@@ -118,8 +108,6 @@ def test_a_replaced_journal_holds_a_running_discharge_at_zero_and_refuses_dispat
         assert at(5.0).command.setpoint_w == 0
         assert gateway.flush_journal() == 0
         assert path.read_bytes() == before  # never written over
-    finally:
-        assembly.close()
     assert path.read_bytes() == before
 
 
