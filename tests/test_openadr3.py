@@ -539,6 +539,22 @@ def test_events_over_before_the_ven_started_are_history_neither_answered_nor_tak
         "OpenADR 3: 4 event(s) listed that ended before the VEN started: passed over, not answered"]
 
 
+@contextlib.asynccontextmanager
+async def serving_interval_0(vtn: BenchVtn3, sink: ScriptedSink, intervals: int, *, into_s: float,
+                             meter_wh: float) -> AsyncIterator[tuple[OpenAdr3Ven, str]]:
+    """The run before a restart: an event of `intervals` 5-minute intervals from 60 s on, reported after
+    each, answered, and this run's VEN serving interval 0 with `meter_wh` `into_s` into it; (VEN, event id)."""
+    program = vtn.add_program("summer-peak")
+    event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0] * intervals,
+                             report_every=1)
+    ven = make_ven(vtn)
+    async with serving(ven, sink):
+        await vtn.wait_for(lambda: vtn.answers_for(event_id))
+        sink.offset_s = 60 + into_s
+        served(ven, f"{event_id}#0", meter_wh)
+        yield ven, event_id
+
+
 def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ended_before_it_started() -> None:
     """A gateway restarted mid-event holds the event anew: intervals that ended before this run began
     were metered (and reported) by the run that served them; this one never saw their energy, and
@@ -547,14 +563,7 @@ def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ende
     async def scenario() -> None:
         sink = ScriptedSink()
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
-            program = vtn.add_program("summer-peak")
-            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0, 5.0],
-                                     report_every=1)
-            first = make_ven(vtn)
-            async with serving(first, sink):
-                await vtn.wait_for(lambda: vtn.answers_for(event_id))
-                sink.offset_s = 60 + 200
-                served(first, f"{event_id}#0", 250.0)
+            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (first, event_id):
                 sink.offset_s = 60 + 310  # interval 0 over: reported
                 await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
             before = len(vtn.reports_for(event_id))
@@ -579,14 +588,8 @@ def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_t
     async def scenario() -> None:
         sink = ScriptedSink()
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
-            program = vtn.add_program("summer-peak")
-            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0],
-                                     report_every=1)
-            first = make_ven(vtn)
-            async with serving(first, sink):
-                await vtn.wait_for(lambda: vtn.answers_for(event_id))
-                sink.offset_s = 60 + 100
-                served(first, f"{event_id}#0", 100.0)  # then the process is killed, interval 0 running
+            async with serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=100.0) as (_, event_id):
+                pass  # then the process is killed, interval 0 running
             sink.journal_wh = {f"{event_id}#0": 120.0}  # its account, and the meter's gap billed at the start
             again = make_ven(vtn)
             async with serving(again, sink):
@@ -900,14 +903,7 @@ def test_a_report_waiting_for_the_vtn_when_the_gateway_stopped_is_sent_after_the
         sink = ScriptedSink(accept)
         async with BusyVtn(client_id="truck-1", secret=SECRET) as vtn:
             vtn.busy = 0
-            program = vtn.add_program("summer-peak")
-            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0],
-                                     report_every=1)
-            first = make_ven(vtn)
-            async with serving(first, sink):
-                await vtn.wait_for(lambda: vtn.answers_for(event_id))
-                sink.offset_s = 60 + 100
-                served(first, f"{event_id}#0", 100.0)
+            async with serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=100.0) as (first, event_id):
                 vtn.busy = 10_000  # the VTN will not take reports now
                 sink.offset_s = 60 + 310  # interval 0 over: its report waits for the VTN
                 await vtn.wait_for(lambda: first.pending_reports)
