@@ -244,7 +244,13 @@ def check(config: Config, *, owner_uid: int | None = None) -> None:
     if not problems:  # every address parses: none may be another's, nor the inverter's
         problems += _shared_listens(config) + _inverter_on_own_listen(config)
     if problems:
-        raise InputError([p if p.startswith(config.source) else f"{config.source}: {p}" for p in problems])
+        raise in_file(config, problems)
+
+
+def in_file(config: Config, problems: list[str]) -> InputError:
+    """The problems said as every configuration problem is: the configuration file once, then the key."""
+    prefix = f"{config.source}: "
+    return InputError([p if p.startswith(prefix) else prefix + p for p in problems])
 
 
 def service_user(config: Config) -> tuple[int, str] | None:

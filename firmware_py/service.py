@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_py import heap
-from firmware_py.assembly import Assembly, Integration, assemble, check, notes, service_user
+from firmware_py.assembly import Assembly, Integration, assemble, check, in_file, notes, service_user
 from firmware_py.clocks import Clocks
 from firmware_py.config import Config
 from firmware_py.core import Mode, StepResult
@@ -391,9 +391,8 @@ async def _started(service: Service, stop: asyncio.Event) -> bool:
         return False
     try:
         starting.result()  # start-up's own error (an address taken: input error) is raised as before
-    except InputError as err:  # said as every configuration problem is: the file, then the key
-        source = service.assembly.config.source
-        raise InputError([p if p.startswith(f"{source}: ") else f"{source}: {p}" for p in err.problems]) from None
+    except InputError as err:
+        raise in_file(service.assembly.config, err.problems) from None
     return True  # started (perhaps in the stop's own turn: `until_stopped` then returns at once)
 
 
