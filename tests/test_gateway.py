@@ -160,6 +160,35 @@ def test_events_a_crash_left_open_are_ended_with_the_meter_gap_billed(tmp_path):
     assert final.payload["final"] is True and final.payload["meter_wh"] == 180.0  # 150 + the 30 Wh gap
 
 
+def test_a_dispatch_source_reads_back_the_energy_and_notes_earlier_runs_journaled(tmp_path, caplog):
+    """OpenADR 3's restart reads two things back through the gateway: what the journal credits an event
+    (the earlier run's account and the meter gap its crash left, as `statement` counts it) and its notes
+    of reports the VTN took. An unreadable journal reads as nothing, logged, never as an exception."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:  # a run that died mid-event
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        gateway = assembly.gateway
+        gateway.close_open_events(meter_total_wh=1_180.0)
+        gateway.note(RecordKind.OPENADR3_REPORTED, {"event_id": "peak", "intervals": [0, 1]})
+        gateway.flush_journal()
+        assert gateway.journaled_wh("peak") == 180.0  # 150 + the 30 Wh gap
+        assert gateway.journaled_wh("never-served") == 0.0
+        assert gateway.journal_notes(RecordKind.OPENADR3_REPORTED, 3_600.0) == [
+            {"event_id": "peak", "intervals": [0, 1]}]
+        tamper(path, ("UPDATE records SET payload = '{' WHERE kind IN (?, ?)",
+                      (RecordKind.EVENT_ENERGY.value, RecordKind.OPENADR3_REPORTED.value)))  # a bad sector
+        assert gateway.journaled_wh("peak") == 0.0
+        assert gateway.journal_notes(RecordKind.OPENADR3_REPORTED, 3_600.0) == []
+    finally:
+        assembly.close()
+    assert "the journal's energy for peak could not be read" in caplog.text
+    assert "OpenAdr3Reported notes could not be read" in caplog.text
+
+
 def test_a_record_whose_payload_is_damaged_is_skipped_at_start_and_never_stops_it(tmp_path, caplog):
     """Bit rot in one row's payload (not JSON any more) made the start-up's read of open events raise,
     so `run` exited on every start and systemd restarted it for ever. The start skips the row, logs its
