@@ -581,6 +581,33 @@ def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ende
     run(scenario)
 
 
+def test_an_event_that_ended_while_the_gateway_was_down_gets_the_reports_its_run_never_sent() -> None:
+    """A power cut mid-event, the gateway back after the event's end: the event is history now (not
+    answered again), but the aggregator settles on energy reports the run that served it never sent.
+    They are sent once, with what the journal credits each interval (the gap billed at the start); an
+    interval the VTN took a report of before the cut is not sent again, nor is anything at a later start."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
+                sink.offset_s = 60 + 310  # interval 0 over: reported, and the VTN took it
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+                sink.offset_s = 60 + 400  # then the power is cut, interval 1 running
+            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            sink.offset_s = 60 + 1_000  # back after the event's end
+            before = len(vtn.reports_for(event_id))
+            for _ in range(2):  # and a later start finds the reports taken
+                again = make_ven(vtn)
+                async with serving(again, sink):
+                    await vtn.wait_for(lambda ven=again: ven.polls >= 3)
+            sent = vtn.reports_for(event_id)[before:]
+            assert [r["reportName"] for r in sent] == [f"{event_id} intervals 1-2"]  # once, in both starts
+            assert delivered_per_interval(vtn, event_id) == {0: 250.0, 1: 120.0, 2: 0.0}
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
 def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_the_journal_credits_it() -> None:
     """A gateway killed mid-interval meters that interval again from 0 in its next run; the journal (and
     `statement`) credit it with what the earlier run delivered, and the crash's meter gap billed at the
@@ -1704,7 +1731,10 @@ def test_an_event_over_before_history_before_is_past_and_one_over_after_it_expir
                                to_gateway_time=dt.datetime.timestamp, received_at=later.timestamp(),
                                history_before=history.timestamp())
 
-    assert at(NOW + dt.timedelta(minutes=30)) == Past("ev-1", ended)
+    past = at(NOW + dt.timedelta(minutes=30))
+    assert isinstance(past, Past) and (past.event_id, past.ended_at) == ("ev-1", ended)
+    assert past.plan is not None and [w.interval_id for w in past.plan.intervals] == [0, 1]  # for its last reports
+    assert past.plan.requests == ()  # nothing of it is asked of the core
     expired = at(NOW + dt.timedelta(minutes=10))  # the VEN started while it ran
     assert isinstance(expired, DispatchAnswer) and expired.reason is ReasonCode.EXPIRED
     broken = translate_event(event([interval(0, value="lots")]), revision=0, program=None, rating_w=RATING_W,

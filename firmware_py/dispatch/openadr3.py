@@ -839,6 +839,7 @@ class OpenAdr3Ven:
         self._not_addressed.discard(plan.request_id if isinstance(plan, DispatchAnswer) else plan.event_id)
         if isinstance(plan, Past):  # over before the VEN started: marked seen by `_take`, summed up there
             self.history_passed += 1
+            self._report_missed(sink, plan)
             return
         if isinstance(plan, DispatchAnswer):
             if tracked is not None:
@@ -1088,6 +1089,20 @@ class OpenAdr3Ven:
         the gateway stopped: the queue is in memory only) are reported now, with the journal's energy."""
         taken = self._taken.get(plan.event_id, set())
         return {w.interval_id for w in plan.intervals if w.end <= self._started and w.interval_id in taken}
+
+    def _report_missed(self, sink: DispatchSink, past: Past) -> None:
+        """An event that ended while the gateway was down (a power cut mid-event): the run that served it
+        never sent its last energy reports. When the journal credits its unreported intervals with energy,
+        every one of them begun is reported once, with the journal's figures, as for an event deleted
+        mid-event. Only events over within `TAKEN_LOOKBACK_S`: the notes of reports taken reach no further."""
+        plan = past.plan
+        if plan is None or not plan.reports or past.ended_at < self._started - TAKEN_LOOKBACK_S:
+            return
+        reported = self._before_start(plan)
+        if journaled := self._journaled(sink, plan, reported):
+            log.info("OpenADR 3: event %s ended while the gateway was down: its energy is reported from the "
+                     "journal", plan.event_id)
+            self._report_begun(sink, _Tracked(plan, reported=reported, before_wh=journaled))
 
     def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
         """An event first held: the energy the journal credits its intervals begun before this VEN started

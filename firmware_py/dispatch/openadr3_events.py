@@ -160,6 +160,8 @@ class Past:
 
     event_id: str
     ended_at: float  # where its last interval ended, on the gateway clock
+    plan: EventPlan | None = None  # its intervals and report asks, none of them due: the energy of a run
+    # that served it and stopped before reporting it all is reported from the journal
 
 
 class _Invalid(Exception):
@@ -259,7 +261,8 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
     if not (requests or prices or limits):
         ended_at = max(w.end for w in windows)
         if ended_at <= history_before:
-            return Past(event_id, ended_at)
+            return Past(event_id, ended_at, EventPlan(event_id, program_id, revision, tuple(windows),
+                                                      request_ids=tuple(request_ids), reports=reports))
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.EXPIRED, "every interval of the event has ended")
     return EventPlan(event_id, program_id, revision, tuple(windows), tuple(requests), tuple(request_ids),
                      tuple(prices), tuple(limits), reports)
