@@ -86,8 +86,11 @@ class Client:
 
 
 @asynccontextmanager
-async def serving(tmp: Path, soc_pct: float = 80.0, **web: Any) -> AsyncIterator[tuple[Rig, WebApp, dict[str, str]]]:
+async def serving(tmp: Path, soc_pct: float = 80.0, *, bms_heard: bool = True,
+                  **web: Any) -> AsyncIterator[tuple[Rig, WebApp, dict[str, str]]]:
+    """The web app on a lockstep rig run 2 s (its BMS silent from the start unless `bms_heard`)."""
     async with Rig(tmp, soc_pct=soc_pct, configure=web_enabled(tmp, **web)) as rig:
+        rig.bms_on = bms_heard
         app = rig.assembly.integrations["web"]
         assert isinstance(app, WebApp)
         await app.start(rig.gateway)

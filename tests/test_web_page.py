@@ -317,6 +317,25 @@ def test_the_soc_of_a_silent_bms_is_shown_as_its_last_reading(tmp_path):
     asyncio.run(main())
 
 
+def test_a_soc_never_read_is_unknown_for_want_of_data_not_a_last_reading(tmp_path):
+    """A gateway started while the truck's BMS is silent has no SoC at all: the page said
+    "unknown (last reading)", a last reading there never was."""
+    async def main() -> None:
+        browser_or_skip()
+        async with serving(tmp_path, bms_heard=False) as (rig, app, tokens), Live(rig):
+            b = await asyncio.to_thread(Browser, app.url)
+            try:
+                await on(b, "log_in", tokens["owner"])
+                await on(b, "until", lambda: b.text("soc") == "unknown (no data from the truck yet)",
+                         "the SoC unknown for want of data")
+                rig.bms_on = True
+                await on(b, "until", lambda: b.text("soc").endswith("%"), "the SoC of now")
+            finally:
+                await asyncio.to_thread(b.close)
+
+    asyncio.run(main())
+
+
 def bms_age(b: Browser) -> float:
     """The age of the BMS link's last good data, as the installer view shows it."""
     line = b.js("return [...document.querySelectorAll('#installer-links li')]"
@@ -599,5 +618,13 @@ def test_the_departure_preview_stays_while_the_settings_are_read_again(tmp_path)
             preview = b.text("departure-floor")  # the floor, or why not (the rig's clock is not the browser's)
             await on(b, "until", lambda: b.js("return window.reads") >= 2, "two more reads of the settings")
             assert b.text("departure-floor") == preview
+            # "080" is 80 to the field and to Save; the preview once sent the text, which the gateway refused
+            b.js("""window.asked = []; const real = window.fetch;
+                    window.fetch = (p, o) => { if (p.startsWith("/api/departure-floor")) window.asked.push(p);
+                                               return real(p, o); };""")
+            b.d.find_element("id", "departure-soc").clear()
+            b.d.find_element("id", "departure-soc").send_keys("080")
+            await on(b, "until", lambda: len(b.js("return window.asked")) == 3, "a preview per key")
+            assert b.js("return window.asked")[-1].endswith("&soc_pct=80")
 
     asyncio.run(main())

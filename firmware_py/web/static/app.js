@@ -119,7 +119,7 @@ const kwh = (wh) => `${(wh / 1000).toLocaleString([], { maximumFractionDigits: 2
 function earningsText(m) {
   if (!m) return "Not computed yet: the month's figures follow once the gateway has read its journal.";
   const events = `${m.events_served} event${m.events_served === 1 ? "" : "s"}`;
-  return `${m.month}: credit ${money(m.credit, m.currency)} for ${kwh(m.credited_wh)} delivered in ${events}; ` +
+  return `${m.month}: credit ${money(m.credit, m.currency)} for ${kwh(m.credited_wh)} credited in ${events}; ` +
     `battery wear ${money(m.wear_cost, m.currency)}, net ${money(m.net, m.currency)}.`;
 }
 
@@ -198,17 +198,22 @@ function drawGauge(s) {
 }
 
 // A figure whose source is silent is its last reading, not one of now: the core says which (`fresh`).
-const lastReading = (s, source) => (s.fresh && s.fresh[source] === false ? " (last reading)" : "");
+// With no reading at all there is no last one: the figure is unknown, and says why.
+const SOURCES = { bms: "truck", inverter: "inverter" };
+const lastReading = (s, source, value) => {
+  if (!s.fresh || s.fresh[source] !== false) return "";
+  return value === null || value === undefined ? ` (no data from the ${SOURCES[source]} yet)` : " (last reading)";
+};
 
 function renderStatus(s) {
-  $("soc").textContent = pct(s.soc_pct) + lastReading(s, "bms");
+  $("soc").textContent = pct(s.soc_pct) + lastReading(s, "bms", s.soc_pct);
   $("floor").textContent = pct(s.floor_pct);
   $("reserve").textContent = pct(s.reserve_pct);
   drawGauge(s);
   $("mode").textContent = MODES[s.mode] || s.mode;
   $("mode").dataset.mode = s.mode;
   $("reason").textContent = plainReason(s.reason || "");
-  $("power").textContent = watts(s.power_w) + lastReading(s, "inverter");
+  $("power").textContent = watts(s.power_w) + lastReading(s, "inverter", s.power_w);
   $("setpoint").textContent = watts(s.setpoint_w);
   $("time-to-floor").textContent = s.power_w > 50 && s.available_wh > 0
     ? `${duration(s.available_wh / s.power_w)} at ${watts(s.power_w)}` : "not discharging";
@@ -433,7 +438,8 @@ async function previewDeparture() {
   const asked = ++state.previews;  // answers may overtake one another: only the latest question's is shown
   let text = "";
   try {
-    const query = new URLSearchParams({ at: localIso(nextDeparture(time)), soc_pct: soc });
+    // As Save sends it: the number the field holds, not its text ("080" and ".8e2" are 80 to both).
+    const query = new URLSearchParams({ at: localIso(nextDeparture(time)), soc_pct: String(Number(soc)) });
     text = floorText(await api("GET", `/api/departure-floor?${query}`));
   } catch (err) {
     if (err instanceof Refusal) text = err.message;
