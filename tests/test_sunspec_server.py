@@ -87,16 +87,26 @@ class ScriptedSink:
         self.notes: list[tuple[str, dict]] = []
         self.refusal: tuple[ReasonCode, str] | None = None
         self.improvable: tuple[str, ...] = ()
+        self.serving: str | None = None  # the request served, as the core's telemetry names it
 
     async def submit(self, item: DispatchRequest | DispatchCancel | SiteLimit) -> DispatchAnswer | None:
         self.received.append(item)
-        return self.policy(item) if isinstance(item, DispatchRequest) else None
+        if isinstance(item, DispatchCancel) and item.id == self.serving:
+            self.serving = None
+        if not isinstance(item, DispatchRequest):
+            return None
+        answer = self.policy(item)
+        if answer is not None and answer.verdict is not Verdict.REJECTED:
+            self.serving = item.id
+        elif self.serving == item.id:
+            self.serving = None
+        return answer
 
     def telemetry(self) -> Telemetry:
         limits = {item.source: item.limit_w for item in self.received if isinstance(item, SiteLimit)}
         site = min([RATINGS.w_max, *(v for v in limits.values() if v is not None)])
         return Telemetry(at=self.t, mode=self.mode, soc_pct=self.soc_pct, floor_pct=40.0, power_w=self.power_w,
-                         setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=None,
+                         setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=self.serving,
                          refusal=self.refusal[0] if self.refusal else None,
                          refusal_detail=self.refusal[1] if self.refusal else "", improvable=tuple(self.improvable),
                          site_limit_w=site, site_charge_limit_w=site)
@@ -910,6 +920,41 @@ def test_a_setpoint_another_request_displaced_reads_as_throttled_naming_it(tmp_p
     # (requested - followed now) / WMaxRtg: the 1500 W flowing is what of the setpoint is followed
     assert displaced["ThrotPct"] == round(100 * (5_000 - 1_500) / w_max_rtg)
     assert displaced["MnAlrmInfo"] == "another request in force: adr-1"
+
+
+def test_a_setpoint_the_core_stopped_serving_at_the_floor_reads_as_held_back_naming_the_floor(tmp_path):
+    """The owner raises the reserve above the SoC: the core serves nothing (STANDBY, no request
+    served), and the stored answer (ACCEPTED) must not make 701 read as followed in full."""
+    from lockstep import Rig
+
+    from firmware_py.core.types import OwnerSettings
+
+    async def main() -> tuple[dict, dict, Any, float]:
+        async with Rig(tmp_path, configure=_with_der_server) as rig:
+            server = rig.assembly.integrations["dispatch.sunspec_server"]
+            port = await server.start(rig.gateway)
+            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+            await client.connect()
+            try:
+                await rig.run(5)
+                assert not (await write(server, client, WSetEna=1, WSetMod=1, WSet=4_000)).isError()
+                await rig.run(10)
+                served = await read_model(server, client, 701)
+                rig.gateway.feed(OwnerSettings(95, rig.time.mono))  # the floor above the SoC
+                await rig.run(10)
+                return (served, await read_model(server, client, 701), rig.gateway.telemetry(),
+                        (await read_model(server, client, 702))["WMaxRtg"])
+            finally:
+                client.close()
+                await server.stop()
+
+    served, floored, t, w_max_rtg = run(main(), 60)
+    assert served["W"] == 4_000 and served["ThrotSrc"] == 0 and served["MnAlrmInfo"] is None
+    assert t.active_event_id is None and t.power_w == 0 and "floor" in t.reason
+    assert floored["ThrotSrc"] & 1 << M701.point("ThrotSrc").symbol("DERATED")
+    assert floored["ThrotPct"] == round(100 * 4_000 / w_max_rtg) > 0
+    assert floored["MnAlrmInfo"] == f"not served now: {t.reason}"[:64]
+    assert "floor" in floored["MnAlrmInfo"]
 
 
 class FailingSink(ScriptedSink):

@@ -259,6 +259,11 @@ class DispatchStatus:
         other = self.displaced_by(t)
         if other is not None and allowed > 0:
             return min(self.measured_w(t), allowed), f"another request in force: {other}"
+        if self.request_id is not None and t.active_event_id is None and allowed > 0:
+            # The core serves nothing (the floor reached, the battery full...): the answer it gave
+            # when asked no longer says what is followed now; its mode's reason does.
+            why = t.reason or f"gateway in {t.mode.value}"
+            return min(self.measured_w(t), allowed), f"not served now: {why}"[:64]
         if limit is not None and limit < allowed:
             return limit, f"site limit {limit:.0f} W"
         return allowed, None if a.verdict is Verdict.ACCEPTED else describe(a)
@@ -268,7 +273,7 @@ class DispatchStatus:
 
         The stored answer says what the core allowed when asked; another source's request
         accepted since may have displaced it, and only the telemetry knows (None when the
-        core serves nothing: that is not another request in force)."""
+        core serves nothing: that is not another request in force, `followed` says why)."""
         if self.request_id is None or t.active_event_id in (None, self.request_id):
             return None
         return t.active_event_id
