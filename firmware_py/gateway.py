@@ -59,7 +59,7 @@ from firmware_py.bms.reader import BmsReader
 from firmware_py.clocks import Clocks, calendar_day
 from firmware_py.config import Config
 from firmware_py.core import Controller, Policy, StepResult, step, telemetry
-from firmware_py.core.energy import close_after_restart, open_events, still_open
+from firmware_py.core.energy import close_after_restart, close_at_stop, open_events, still_open
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.core.types import (
     BmsSnapshot,
@@ -552,12 +552,20 @@ class Gateway:
         """End events the journal shows as running (after a crash, or at a stop), billing the meter's gap.
 
         Which events are open and what the gap bills are the core's rules
-        (`core.energy`); this reads the journal for them and journals the result.
+        (`core.energy`); this reads the journal for them and journals the result. An event this run's core
+        holds closes from its live account (`close_at_stop`: the integral up to the stop, not the last report's).
         It reads the live segment only (a rotation carried the older open events
         into it), a page at a time: its cost does not grow with the journal.
         """
         still_open = open_events(self._event_life())
-        self.backlog.extend(close_after_restart(still_open, meter_total_wh, self.policy, self.clock(), reason))
+        now = self.clock()
+        # This run's core closes the events it holds, from their live accounts (the integral too); only what
+        # it does not hold (an earlier run left open) closes from the journal's last record.
+        self.controller, live = close_at_stop(self.controller, still_open, meter_total_wh, now, reason)
+        ended = {event.request_id for event in live if isinstance(event, DispatchEnded)}
+        rest = {request_id: last for request_id, last in still_open.items() if request_id not in ended}
+        self.backlog.extend(live)
+        self.backlog.extend(close_after_restart(rest, None if ended else meter_total_wh, self.policy, now, reason))
         self.flush_journal()
         if still_open:  # their final records bill energy the core never saw: the day's spending read again
             self._day_reread, self._day_due = True, -math.inf

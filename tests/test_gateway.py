@@ -512,3 +512,61 @@ def test_a_backlog_larger_than_the_free_space_is_written_in_chunks_as_space_allo
         kept = [(str(r.kind), r.payload) for r in journal.records(since_seq=head)]
     assert kept[:len(queued)] == queued  # exactly the queued records, in order
     assert second >= len(queued) - first
+
+
+def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(tmp_path):
+    """A clean stop 20 s into an event at 3 kW ended it from the journal's last record (the event's opening
+    one: integrated 0 Wh) with only the meter's gap added, so `report` and `statement` saw meter and integral
+    far apart and a wrong average. The core that served the event closes it from its live account; the
+    meter read at the stop adds the gap since its last poll to the meter only."""
+    path = tmp_path / "journal.sqlite"
+    clock = [0.0]
+    assembly = gateway_on(path, clock)
+    gateway = assembly.gateway
+    meter = [1_000.0]
+
+    def at(t: float, watts: float, *inputs):
+        clock[0] = t
+        return gateway.feed(bms(t), inverter(t, measured_w=watts, tot_wh_inj=meter[0]), *inputs)
+
+    try:
+        at(0.0, 0.0)
+        assert at(0.5, 0.0, request(1, 0.5)).answer_for("r1").verdict is Verdict.ACCEPTED
+        at(1.0, 0.0)
+        gateway.flush_journal()
+        for t in range(2, 23):  # 21 s served at 3 kW, the meter counting it
+            meter[0] += 3_000 / 3_600
+            at(float(t), 3_000.0)
+        gateway.begin_stop()
+        clock[0] = 23.0
+        assert gateway.close_open_events(meter[0] + 1.0, "gateway stopped: event ended") == ["r1"]
+        gateway.flush_journal(final=True)
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        (ended,) = journal.records(RecordKind.DISPATCH_ENDED)
+        final = journal.records(RecordKind.EVENT_ENERGY)[-1].payload
+    assert ended.payload == {**ended.payload, "request_id": "r1", "reason": "gateway stopped: event ended"}
+    assert final["final"] is True
+    assert final["integrated_wh"] == pytest.approx(3_000 * 20 / 3_600 + 1_500 / 3_600, abs=0.01)  # 17.08 Wh
+    assert final["meter_wh"] == pytest.approx(21 * 3_000 / 3_600 + 1.0, abs=0.01)  # the stop's read adds 1 Wh
+    assert final["meter_total_wh"] == pytest.approx(meter[0] + 1.0)
+
+
+def test_a_stop_closes_an_event_an_earlier_run_left_open_by_the_restart_rule(tmp_path):
+    """An open event this run's core never served (its start could not close it) still closes from the
+    journal's last record, with the meter's gap billed."""
+    path = tmp_path / "journal.sqlite"
+    with Journal.open(path) as journal:
+        journal.append_event(DispatchAnswer.accepted("peak", 10.0))
+        journal.append_event(EventEnergy(70.0, "peak", 150.0, 149.0, False, meter_total_wh=1_150.0))
+    clock = [500.0]
+    assembly = gateway_on(path, clock)
+    try:
+        assembly.gateway.begin_stop()
+        assert assembly.gateway.close_open_events(1_180.0, "gateway stopped: event ended") == ["peak"]
+    finally:
+        assembly.close()
+    with Journal.open(path, readonly=True) as journal:
+        final = journal.records(RecordKind.EVENT_ENERGY)[-1].payload
+    assert final["final"] is True and final["meter_wh"] == 180.0 and final["integrated_wh"] == 149.0

@@ -163,6 +163,34 @@ def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Con
     return c, [DispatchEnded(now, entry.request.id, why), energy_record(c, entry, now, final=True)]
 
 
+def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float | None, now: float,
+                  reason: str) -> tuple[Controller, list[Event]]:
+    """End the events of `open_ids` (those the journal shows open) that this run's core still holds, at a
+    clean stop: DispatchEnded and a final
+    EventEnergy each, from the live account (the meter's and the integral's), not from the journal's
+    last record, which may be up to a report interval old.
+
+    The meter's gap between the core's last good reading and the stop's final one (`meter_total_wh`)
+    goes to the event served last, only when it is forward and no more than a crash could leave
+    unreported (as `close_after_restart` bills it); every other event closes at its live account.
+    A STOP holds nothing; an open event the core does not hold (left open by an earlier run) is not closed
+    here: `close_after_restart` closes it.
+    """
+    served, wanted = c.serving_id or c.metered_serving, set(open_ids)
+    events: list[Event] = []
+    for entry in c.book.entries:
+        if entry.request.id not in wanted or entry.ended or entry.request.kind is DispatchKind.STOP:
+            continue
+        c, closed = close_event(c, entry, now, reason)
+        if entry.request.id == served:
+            final = closed[-1]
+            gap = _billable_gap(final, meter_total_wh, c.policy)
+            closed[-1] = replace(final, meter_wh=round(final.meter_wh + gap, 3),
+                                 meter_total_wh=meter_total_wh if meter_total_wh is not None else final.meter_total_wh)
+        events.extend(closed)
+    return c, events
+
+
 # ---------------------------------------------------------------- after a restart
 
 
