@@ -29,8 +29,11 @@ gateway's journal, CAN bus and Modbus link need file descriptors too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
+import time
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
@@ -94,22 +97,56 @@ def _reason(error: BaseException) -> str:
     return printable(re.split(r"[:'\"]", text, maxsplit=1)[0].strip()[:120]) or type(error).__name__
 
 
-class _RefusedRequests(logging.Filter):
+class RefusedRequests(logging.Filter):
     """aiohttp logs a malformed request (a header over 8 KB, a bad request line, a body it cannot
     decode) as an ERROR with a traceback and the raw line; it has been answered with 400 already
-    (by aiohttp, or by the handler through `body_of`): one INFO line of the gateway's own instead,
+    (by aiohttp, or by the handler through `body_of`): an INFO line of the gateway's own instead,
     and only the kind of fault (the raw line may carry a token, in a header or a URL). Rewritten
-    in place, the line stayed aiohttp's, below the WARNING the service holds aiohttp's lines to."""
+    in place, the line stayed aiohttp's, below the WARNING the service holds aiohttp's lines to.
+
+    Anyone on the home network may send them (the web app listens there), so they are bounded as
+    the DER server's refusals are: the first `REFUSED_BURST` of each `REFUSED_WINDOW_S` one line
+    each, the rest counted in one line when the window ends. A thousand a second once cost a
+    thousand lines a second, the gateway's storage worn for a stranger's loop.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.window_start, self.said, self.unsaid = -math.inf, 0, 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, (HttpProcessingError, RequestPayloadError)):
-            log.info("HTTP: refused a malformed request: %s", _reason(error))
+            self.refused(_reason(error))
             return False
         return True
 
+    def refused(self, reason: str) -> None:
+        now = self.clock()
+        if now - self.window_start >= REFUSED_WINDOW_S:
+            self.count_unsaid()
+            self.window_start, self.said = now, 0
+        if self.said < REFUSED_BURST:
+            self.said += 1
+            log.info("HTTP: refused a malformed request: %s", reason)
+            return
+        self.unsaid += 1
+        if self.unsaid == 1:  # said when the window ends, even if no other request comes
+            with contextlib.suppress(RuntimeError):  # no loop: said with the next refusal after the window
+                asyncio.get_running_loop().call_later(self.window_start + REFUSED_WINDOW_S - now, self.count_unsaid)
 
-logging.getLogger("aiohttp.server").addFilter(_RefusedRequests())
+    def count_unsaid(self) -> None:
+        if self.unsaid:
+            log.info("HTTP: refused %d more malformed request(s) in %.0f s, not logged one by one",
+                     self.unsaid, REFUSED_WINDOW_S)
+            self.unsaid = 0
+
+
+REFUSED_BURST = 5
+REFUSED_WINDOW_S = 60.0
+REFUSED_REQUESTS = RefusedRequests()
+logging.getLogger("aiohttp.server").addFilter(REFUSED_REQUESTS)
 
 
 class HttpListener:

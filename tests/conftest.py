@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from hypothesis import HealthCheck, settings
 
+from firmware_py import http_listener
 from firmware_py.narration import QUIETED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def _root_logging_restored():
     root.setLevel(level)
     for name, before in quieted.items():
         logging.getLogger(name).setLevel(before)
+    http_listener.REFUSED_REQUESTS.__init__()  # its window of refusals said one by one starts afresh
 
 
 @pytest.fixture

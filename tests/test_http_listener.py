@@ -18,7 +18,15 @@ from contextlib import asynccontextmanager
 from aiohttp import StreamReader, web
 
 from firmware_py import narration
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of, serve_until_cancelled
+from firmware_py.http_listener import (
+    REFUSED_BURST,
+    REFUSED_WINDOW_S,
+    BodyUnread,
+    HttpListener,
+    RefusedRequests,
+    body_of,
+    serve_until_cancelled,
+)
 from firmware_py.tasks import cancel_all
 
 WAIT_S = 5.0
@@ -200,6 +208,37 @@ def test_a_malformed_request_is_logged_without_the_bytes_it_carried():
     assert "INFO firmware_py.http_listener: HTTP: refused a malformed request: Invalid header value char" \
         in said.getvalue()
     assert "s3cret-t0ken" not in said.getvalue() and "Traceback" not in said.getvalue()
+
+
+def test_a_flood_of_malformed_requests_costs_a_few_log_lines_not_one_each(caplog):
+    """Anyone on the home network reaches the web app: 1,000 malformed requests in 1.6 s once wrote
+    1,000 log lines. The first few are said one by one, the rest counted when the minute ends."""
+    async def main() -> None:
+        async with listening() as address:
+            for _ in range(3 * REFUSED_BURST):
+                sock = await connect(address)
+                try:
+                    assert (await send(sock, b"GET /x y z\r\n\r\n")).startswith(b"HTTP/1.0 400")
+                finally:
+                    sock.close()
+
+    caplog.set_level(logging.INFO, logger="firmware_py.http_listener")
+    asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert said == ["HTTP: refused a malformed request: Bad status line"] * REFUSED_BURST
+
+
+def test_the_refusals_not_said_one_by_one_are_counted_once_the_window_ends(caplog):
+    clock = [0.0]
+    refusals = RefusedRequests(clock=lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="firmware_py.http_listener")
+    for _ in range(REFUSED_BURST + 3):
+        refusals.refused("Bad status line")
+    clock[0] = REFUSED_WINDOW_S
+    refusals.refused("Invalid method")  # no event loop: the count is said with the next refusal
+    assert [r.getMessage() for r in caplog.records] == ["HTTP: refused a malformed request: Bad status line"] * \
+        REFUSED_BURST + ["HTTP: refused 3 more malformed request(s) in 60 s, not logged one by one",
+                         "HTTP: refused a malformed request: Invalid method"]
 
 
 def test_a_connection_without_a_request_is_closed_and_one_that_asked_is_kept():
