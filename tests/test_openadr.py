@@ -70,6 +70,7 @@ class ScriptedSink:
         self.refusal: ReasonCode | None = None  # what the core's telemetry says blocks dispatch now
         self.improvable: frozenset[str] = frozenset()  # what it says a new revision would serve better
         self.served: dict[str, DispatchRequest] = {}  # accepted and not cancelled, the newest last
+        self.bms_fresh = True  # False: the core has no fresh BMS data (just started, or the BMS went silent)
 
     async def submit(self, item: DispatchRequest | DispatchCancel) -> DispatchAnswer | None:
         self.received.append(item)
@@ -83,9 +84,11 @@ class ScriptedSink:
         return answer
 
     def telemetry(self) -> Telemetry:
-        return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5, floor_pct=40.0, power_w=-1234.0,
-                         setpoint_w=0.0, available_wh=40_000.0, active_event_id=self.in_force(),
-                         refusal=self.refusal, improvable=tuple(self.improvable))
+        # without fresh BMS data, as the core gives it: the last SoC it had, 0 Wh above the floor
+        return Telemetry(at=self.now(), mode=self.mode, soc_pct=72.5 if self.bms_fresh else 69.5, floor_pct=40.0,
+                         power_w=-1234.0, setpoint_w=0.0, available_wh=40_000.0 if self.bms_fresh else 0.0,
+                         active_event_id=self.in_force(), refusal=self.refusal, improvable=tuple(self.improvable),
+                         bms_fresh=self.bms_fresh)
 
     def in_force(self) -> str | None:
         """The request the core would serve, as a stand-in tells it: the newest one accepted in its window
@@ -151,6 +154,26 @@ def test_registers_and_reports_telemetry_at_the_interval_the_vtn_asks() -> None:
         assert latest["gatewayState"] == 2
         assert latest["committedPower"] == 0.0
         assert latest["dispatchBlocked"] == 4  # OUTAGE: why an event would not be followed now
+
+    run(scenario)
+
+
+def test_telemetry_without_fresh_bms_data_reports_no_state_of_charge_nor_available_energy() -> None:
+    """Right after a restart, or with the BMS silent, the core knows neither the SoC nor the energy above
+    the floor: the telemetry report gives nothing for them (not the last SoC the BMS sent, nor 0 Wh as if
+    the pack were empty), and gives them again once the data is fresh."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        sink.bms_fresh = False
+        async with enrolled(sink, vtn_options=dict(report_s=1)) as (vtn, ven):
+            await vtn.wait_for(lambda: sum(r.measurement == "RealPower" for r in vtn.reports) >= 2)
+            measured = {r.measurement for r in vtn.reports}
+            assert {"RealPower", "gatewayState"} <= measured
+            assert not {"stateOfCharge", "availableEnergy"} & measured
+            sink.bms_fresh = True
+            await vtn.wait_for(lambda: {"stateOfCharge", "availableEnergy"} <= {r.measurement for r in vtn.reports})
+        latest = {r.measurement: r.value for r in vtn.reports}
+        assert latest["stateOfCharge"] == 72.5 and latest["availableEnergy"] == 40_000.0
 
     run(scenario)
 

@@ -82,6 +82,7 @@ class ScriptedSink:
         self.offset_s = 0.0
         self.journal_wh: dict[str, float] = {}  # what the journal credits each request id (a restart's earlier run)
         self.notes: list[tuple[Any, dict]] = []  # what was journaled, kept across VENs as a journal is
+        self.bms_fresh = True  # False: the core has no fresh BMS data (just started, or the BMS went silent)
 
     async def submit(self, item: Any) -> DispatchAnswer | None:
         self.received.append(item)
@@ -92,9 +93,13 @@ class ScriptedSink:
         return None
 
     def telemetry(self) -> Telemetry:
+        if not self.bms_fresh:  # as the core gives it: the last SoC it had (or none), 0 Wh above the floor
+            return Telemetry(at=self.now(), mode=Mode.STANDBY, soc_pct=69.5, floor_pct=40.0, power_w=0.0,
+                             setpoint_w=0.0, available_wh=0.0, active_event_id=None,
+                             ratings=DerRatings(11_500.0, 11_500.0, 11_500.0, 123_000.0), bms_fresh=False)
         return Telemetry(at=self.now(), mode=Mode.STANDBY, soc_pct=72.5, floor_pct=40.0, power_w=0.0,
                          setpoint_w=0.0, available_wh=40_000.0, active_event_id=None,
-                         ratings=DerRatings(11_500.0, 11_500.0, 11_500.0, 123_000.0))
+                         ratings=DerRatings(11_500.0, 11_500.0, 11_500.0, 123_000.0), bms_fresh=True)
 
     def now(self) -> float:
         return time.time() + self.offset_s
@@ -1499,6 +1504,32 @@ def test_reports_follow_the_cadence_the_event_asks() -> None:
             polls = ven.polls
             await vtn.wait_for(lambda: ven.polls >= polls + 3)
             assert len(vtn.reports_for(event_id)) == 4
+
+    run(scenario)
+
+
+def test_a_report_without_fresh_bms_data_leaves_out_the_charge_level_and_the_energy_above_the_floor() -> None:
+    """Right after start-up, or with the BMS silent, the core knows neither the SoC nor the energy above
+    the floor (its 0 Wh means "nothing to act on", not "an empty pack"): the report leaves both out rather
+    than telling the aggregator the pack can deliver nothing, or a SoC of some time ago."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        sink.bms_fresh = False
+        async with enrolled(sink) as (vtn, ven, program):
+            start = in_seconds(60)
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [5.0, 5.0], report_every=1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            sink.offset_s = 60 + 310  # the first interval is over
+            await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == 2)
+            (interval,) = vtn.reports_for(event_id)[1]["resources"][0]["intervals"]
+            kinds = {p["type"]: p["values"] for p in interval["payloads"]}
+            assert kinds == {"DELIVERED_ENERGY": [0.0], "STORAGE_USABLE_CAPACITY": [123000.0]}
+            sink.bms_fresh = True  # fresh data again: the next report has them
+            sink.offset_s = 60 + 610
+            await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == 3)
+            (interval,) = vtn.reports_for(event_id)[2]["resources"][0]["intervals"]
+            kinds = {p["type"]: p["values"] for p in interval["payloads"]}
+            assert kinds["STORAGE_CHARGE_LEVEL"] == [72.5] and kinds["ENERGY_ABOVE_FLOOR"] == [40000.0]
 
     run(scenario)
 
