@@ -83,6 +83,7 @@ class ScriptedSink:
         self.policy = policy
         self.t = T0
         self.mode, self.power_w, self.soc_pct, self.available_wh = Mode.STANDBY, 0.0, 72.5, 40_000.0
+        self.bms_fresh = True
         self.received: list[DispatchRequest | DispatchCancel | SiteLimit] = []
         self.notes: list[tuple[str, dict]] = []
         self.refusal: tuple[ReasonCode, str] | None = None
@@ -109,7 +110,7 @@ class ScriptedSink:
                          setpoint_w=self.power_w, available_wh=self.available_wh, active_event_id=self.serving,
                          refusal=self.refusal[0] if self.refusal else None,
                          refusal_detail=self.refusal[1] if self.refusal else "", improvable=tuple(self.improvable),
-                         site_limit_w=site, site_charge_limit_w=site)
+                         site_limit_w=site, site_charge_limit_w=site, bms_fresh=self.bms_fresh)
 
     def now(self) -> float:
         return self.t
@@ -237,6 +238,25 @@ def test_pysunspec2_scans_reads_live_models_and_dispatches_through_the_core():
 
 
 # --- pymodbus client: the meaning of each write ---------------------------------------------
+def test_without_fresh_bms_data_the_storage_model_reads_no_soc_and_no_energy_rather_than_the_last_ones():
+    """The BMS silent, the core's SoC is the last the BMS sent and its available energy 0 Wh: 713 gave
+    them as readings of now (`Sta` OK), a site controller told the pack was empty at a stale SoC."""
+    sink = ScriptedSink()
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with serving(sink) as (server, client):
+            sink.bms_fresh, sink.available_wh = False, 0.0
+            await server.tick()
+            silent = await read_model(server, client, 713)
+            sink.bms_fresh, sink.available_wh = True, 40_000.0
+            await server.tick()
+            return silent, await read_model(server, client, 713)
+
+    silent, heard = run(main())
+    assert (silent["SoC"], silent["WHAvail"], silent["Sta"]) == (None, None, 1)
+    assert (heard["SoC"], heard["WHAvail"], heard["Sta"]) == (pytest.approx(72.5), 40_000, 0)
+
+
 def test_an_unarmed_setpoint_is_one_open_ended_request_until_wsetena_zero_cancels_it():
     sink = ScriptedSink()
 

@@ -317,8 +317,12 @@ def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int
     if model_id == DER_CONTROL_AC:
         return {**sf, **controls.registers_view(now)}
     if model_id == DER_STORAGE:
-        sta = 2 if t.mode in MODES_FAULT else 1 if t.soc_pct is None else 0
-        return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh), "SoC": t.soc_pct, "Sta": sta}
+        # Only fresh BMS data is a reading of now: without it the core's SoC is the last one the BMS sent
+        # and its 0 Wh means "nothing to act on", not an empty pack; both are "not implemented" then.
+        known = t.bms_fresh and t.soc_pct is not None
+        sta = 2 if t.mode in MODES_FAULT else 0 if known else 1
+        return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh) if known else None,
+                "SoC": t.soc_pct if known else None, "Sta": sta}
     return {}
 
 
