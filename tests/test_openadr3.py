@@ -11,6 +11,7 @@ the specification (`openadr3_model.conforms`), not only against the other side.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import logging
 import math
@@ -630,6 +631,39 @@ def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_t
                 sink.offset_s = 60 + 310
                 await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
             assert delivered_per_interval(vtn, event_id) == {0: 125.0}
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("before", "after", "journaled", "now_serving"), [
+    (2, 1, {"#0": 120.0}, ""),  # interval 1 dropped while down: `EVENT#0` becomes `EVENT`
+    (1, 2, {"": 120.0}, "#0"),  # a second interval added while down: `EVENT` becomes `EVENT#0`
+    (2, 2, {"#0": 120.0, "#1": 30.0}, "#0"),  # kept: read once, and `EVENT#1` is interval 1's, not 0's
+    (1, 1, {"": 120.0}, ""),  # kept `EVENT`: its own id and the bare one it could have had, read once
+])
+def test_a_restarted_ven_reports_the_running_interval_with_its_journaled_energy_when_a_revision_moved_its_id(
+        before: int, after: int, journaled: dict[str, float], now_serving: str) -> None:
+    """A revision made while the gateway was down may give the interval still running another request id;
+    the earlier run's energy is journaled under the old one, and `statement` credits the interval with
+    both: the VTN must get their sum, each id's energy once."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            async with serving_interval_0(vtn, sink, before, into_s=100, meter_wh=100.0) as (_, event_id):
+                pass  # then the process is killed, interval 0 running
+            event = vtn.events[event_id]
+            first = event["intervals"][0]
+            intervals = [{**first, "id": n, "payloads": copy.deepcopy(first["payloads"])} for n in range(after)]
+            vtn.events[event_id] = {**event, "intervals": intervals}
+            sink.journal_wh = {f"{event_id}{suffix}": wh for suffix, wh in journaled.items()}
+            again = make_ven(vtn)
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: again.polls >= 2)
+                served(again, f"{event_id}{now_serving}", 5.0)  # the core's account under the new id
+                sink.offset_s = 60 + 310
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            assert delivered_per_interval(vtn, event_id)[0] == 125.0
             assert_conforming(vtn)
 
     run(scenario)

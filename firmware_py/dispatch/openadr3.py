@@ -1108,11 +1108,27 @@ class OpenAdr3Ven:
         """An event first held: the energy the journal credits its intervals begun before this VEN started
         and not reported with (an earlier run's account, and the meter's gap a crash left, billed at the
         start). The core meters them again from 0 in this run, so their reports add this, to agree with the
-        statement. Only those still to report are read: each is a pass over the journal's live segment."""
+        statement. Only those still to report are read: each is a pass over the journal's live segment.
+
+        A revision made while the gateway was down may have moved an interval to another request id (an
+        event of one interval, `EVENT`, given a second becomes `EVENT#0`, `EVENT#1`, and back): the earlier
+        run's energy is journaled under the old id, so each interval also reads the ids another revision
+        could have given it, `EVENT#N` (N its interval id) and, for the first interval asking power (else
+        the first interval), the bare `EVENT` (an event of one interval: the journal does not say where its
+        window was, and a revision adding or dropping intervals keeps the first one asking power). An id
+        the plan asks for under another interval is not read again for this one: nothing counts twice."""
         found: dict[int, float] = {}
+        asked = set(plan.request_ids)
+        powered = [w for w in plan.intervals if w.request_id is not None] or list(plan.intervals)
+        bare_owner = powered[0].interval_id if powered else None
         for window in plan.intervals:
             if window.start < self._started and window.interval_id not in reported:
-                wh = sum(sink.journaled_wh(served) for served in _served_ids(plan, window))
+                own = _served_ids(plan, window)
+                others = [f"{plan.event_id}#{window.interval_id}"]
+                if window.interval_id == bare_owner:
+                    others.append(plan.event_id)
+                ids = list(own) + [i for i in others if i not in own and i not in asked]
+                wh = sum(sink.journaled_wh(served) for served in dict.fromkeys(ids))
                 if wh:
                     found[window.interval_id] = wh
         return found
