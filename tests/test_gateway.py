@@ -514,20 +514,22 @@ def test_a_backlog_larger_than_the_free_space_is_written_in_chunks_as_space_allo
     assert second >= len(queued) - first
 
 
-def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(tmp_path):
+@pytest.mark.parametrize("lost_s", [0, 2])
+def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(tmp_path, lost_s):
     """A clean stop 20 s into an event at 3 kW ended it from the journal's last record (the event's opening
     one: integrated 0 Wh) with only the meter's gap added, so `report` and `statement` saw meter and integral
     far apart and a wrong average. The core that served the event closes it from its live account; the
-    meter read at the stop adds the gap since its last poll to the meter only."""
+    meter read at the stop adds the gap since its last good poll to the meter only, also when the link was
+    lost for the last `lost_s` (the inverter running on at its setpoint: that energy was once billed to no one)."""
     path = tmp_path / "journal.sqlite"
     clock = [0.0]
     assembly = gateway_on(path, clock)
     gateway = assembly.gateway
     meter = [1_000.0]
 
-    def at(t: float, watts: float, *inputs):
+    def at(t: float, watts: float, *inputs, comms_ok: bool = True):
         clock[0] = t
-        return gateway.feed(bms(t), inverter(t, measured_w=watts, tot_wh_inj=meter[0]), *inputs)
+        return gateway.feed(bms(t), inverter(t, measured_w=watts, tot_wh_inj=meter[0], comms_ok=comms_ok), *inputs)
 
     try:
         at(0.0, 0.0)
@@ -537,8 +539,11 @@ def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(t
         for t in range(2, 23):  # 21 s served at 3 kW, the meter counting it
             meter[0] += 3_000 / 3_600
             at(float(t), 3_000.0)
+        for t in range(23, 23 + lost_s):  # the link lost; the inverter runs on at 3 kW
+            meter[0] += 3_000 / 3_600
+            at(float(t), 0.0, comms_ok=False)
         gateway.begin_stop()
-        clock[0] = 23.0
+        clock[0] = 23.0 + lost_s
         assert gateway.close_open_events(meter[0] + 1.0, "gateway stopped: event ended") == ["r1"]
         gateway.flush_journal(final=True)
     finally:
@@ -549,7 +554,7 @@ def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(t
     assert ended.payload == {**ended.payload, "request_id": "r1", "reason": "gateway stopped: event ended"}
     assert final["final"] is True
     assert final["integrated_wh"] == pytest.approx(3_000 * 20 / 3_600 + 1_500 / 3_600, abs=0.01)  # 17.08 Wh
-    assert final["meter_wh"] == pytest.approx(21 * 3_000 / 3_600 + 1.0, abs=0.01)  # the stop's read adds 1 Wh
+    assert final["meter_wh"] == pytest.approx((21 + lost_s) * 3_000 / 3_600 + 1.0, abs=0.01)  # the stop's read: 1 Wh
     assert final["meter_total_wh"] == pytest.approx(meter[0] + 1.0)
 
 

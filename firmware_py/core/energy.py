@@ -184,7 +184,10 @@ def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float 
         c, closed = close_event(c, entry, now, reason)
         if entry.request.id == served:
             final = closed[-1]
-            gap = _billable_gap(final, meter_total_wh, c.policy)
+            # from the last good reading, the one the live account reaches: with the link lost at the stop
+            # the record carries no meter total, and the inverter ran on for the event meanwhile
+            base = c.metered.tot_wh_inj if c.metered is not None else None
+            gap = _billable_gap(replace(final, meter_total_wh=base), meter_total_wh, c.policy)
             closed[-1] = replace(final, meter_wh=round(final.meter_wh + gap, 3),
                                  meter_total_wh=meter_total_wh if meter_total_wh is not None else final.meter_total_wh)
         events.extend(closed)
