@@ -614,6 +614,38 @@ def test_an_event_that_ended_while_the_gateway_was_down_gets_the_reports_its_run
     run(scenario)
 
 
+@pytest.mark.parametrize("listed_anew", ["changed", "unlisted then listed"])
+def test_the_reports_an_event_over_before_the_start_missed_are_sent_once_however_often_it_is_listed_anew(
+        listed_anew: str) -> None:
+    """The VTN changing an event that is over (a new name), or leaving it out of a few listings, made the
+    VEN take it again in the same run, and send its missed reports a second time: energy counted twice."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
+                sink.offset_s = 60 + 310
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+                sink.offset_s = 60 + 400  # the power cut
+            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            sink.offset_s = 60 + 1_000
+            before = len(vtn.reports_for(event_id))
+            again = make_ven(vtn)
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: len(vtn.reports_for(event_id)) == before + 1)
+                event = vtn.events.pop(event_id)
+                if listed_anew == "changed":
+                    vtn.events[event_id] = {**event, "eventName": "renamed"}
+                else:
+                    polls = again.polls
+                    await vtn.wait_for(lambda: again.polls >= polls + 3)
+                    vtn.events[event_id] = event
+                polls = again.polls
+                await vtn.wait_for(lambda: again.polls >= polls + 4)
+            assert [r["reportName"] for r in vtn.reports_for(event_id)[before:]] == [f"{event_id} intervals 1-2"]
+
+    run(scenario)
+
+
 def test_a_restarted_ven_reports_the_interval_running_at_the_restart_with_what_the_journal_credits_it() -> None:
     """A gateway killed mid-interval meters that interval again from 0 in its next run; the journal (and
     `statement`) credit it with what the earlier run delivered, and the crash's meter gap billed at the

@@ -390,7 +390,7 @@ class OpenAdr3Ven:
         self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
         self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
         self._taken: dict[str, set[int]] = {}  # event id -> intervals whose energy report a run before this one
-        # saw the VTN take (or refuse for good), from the journal
+        # saw the VTN take (or refuse for good), from the journal; and those of past events this run reported
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[_PendingReport] = deque()
@@ -1102,7 +1102,10 @@ class OpenAdr3Ven:
         if journaled := self._journaled(sink, plan, reported):
             log.info("OpenADR 3: event %s ended while the gateway was down: its energy is reported from the "
                      "journal", plan.event_id)
-            self._report_begun(sink, _Tracked(plan, reported=reported, before_wh=journaled))
+            tracked = _Tracked(plan, reported=reported, before_wh=journaled)
+            self._report_begun(sink, tracked)
+            # reported now: not again when the VTN lists the event anew this run (changed, or back after a gap)
+            self._taken.setdefault(plan.event_id, set()).update(tracked.reported)
 
     def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
         """An event first held: the energy the journal credits its intervals begun before this VEN started
