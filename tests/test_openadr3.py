@@ -614,6 +614,38 @@ def test_an_event_that_ended_while_the_gateway_was_down_gets_the_reports_its_run
     run(scenario)
 
 
+def test_an_event_that_ends_between_the_start_and_the_first_listing_still_gets_its_missed_reports() -> None:
+    """Back from a power cut 70 s before the event's end, the VTN out of reach for 100 s: the event is over
+    by the first listing but not before the start, so it was refused EXPIRED and the earlier run's energy
+    never reported. It is still answered EXPIRED (this run could not serve it), and its reports go once."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
+                sink.offset_s = 60 + 310
+                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+                sink.offset_s = 60 + 400  # the power cut
+            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            sink.offset_s = 60 + 830  # back 70 s before the event's end
+            before = len(vtn.reports_for(event_id))
+            again = make_ven(vtn)
+            first_listing = again._take
+
+            async def late(*args: Any, **kwargs: Any) -> None:
+                sink.offset_s = 60 + 930  # the first listing comes after the event's end
+                again._take = first_listing
+                await first_listing(*args, **kwargs)
+
+            again._take = late
+            async with serving(again, sink):
+                await vtn.wait_for(lambda: again.polls >= 3)
+            sent = [r["reportName"] for r in vtn.reports_for(event_id)[before:]]
+            assert sent == [f"{event_id} answer r0", f"{event_id} intervals 1-2"]
+            assert delivered_per_interval(vtn, event_id) == {0: 250.0, 1: 120.0, 2: 0.0}
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("listed_anew", ["changed", "unlisted then listed"])
 def test_the_reports_an_event_over_before_the_start_missed_are_sent_once_however_often_it_is_listed_anew(
         listed_anew: str) -> None:

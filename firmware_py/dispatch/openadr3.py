@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -829,10 +830,10 @@ class OpenAdr3Ven:
         program = self.programs.get(program_id_of(event) or "")
         tracked = self._events.get(event_id_of(event))
         # Only an event not held can be history: one held that a revision ends is dropped as ever (below).
-        plan = translate_event(event, revision=revision, program=program, rating_w=rating, levels_pct=self._levels,
-                               to_gateway_time=self._to_gateway_time, received_at=sink.now(), source=self._source,
-                               currency=self._currency, ven_name=self.config.ven_name,
-                               history_before=self._started if tracked is None else -math.inf)
+        translate = partial(translate_event, event, revision=revision, program=program, rating_w=rating,
+                            levels_pct=self._levels, to_gateway_time=self._to_gateway_time, received_at=sink.now(),
+                            source=self._source, currency=self._currency, ven_name=self.config.ven_name)
+        plan = translate(history_before=self._started if tracked is None else -math.inf)
         if isinstance(plan, NotAddressed):
             await self._not_for_this_ven(sink, plan, revision)
             return
@@ -847,6 +848,11 @@ class OpenAdr3Ven:
             self._record(EventOutcome(plan.request_id, revision, (plan,), _describe(plan)))
             if (program_id := program_id_of(event)) is not None and plan.request_id != UNKNOWN_EVENT:
                 self._queue_answer(program_id, plan.request_id, revision, (), {plan.request_id: plan})
+            if plan.reason is ReasonCode.EXPIRED and tracked is None:
+                # over between this start and the first listing that held it (the VTN out of reach after a
+                # power cut): an earlier run may have served it, as for one over before the start
+                if isinstance(past := translate(history_before=math.inf), Past):
+                    self._report_missed(sink, past)
             return
         requests = plan.requests
         carried_wh: dict[str, tuple[int, float]] = {}
