@@ -587,6 +587,18 @@ def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ende
     run(scenario)
 
 
+async def cut_in_interval_1(vtn: BenchVtn3, sink: ScriptedSink) -> str:
+    """The run before a power cut: interval 0 of a 3-interval event (5 minutes each from 60 s on) served
+    with 250 Wh and its report taken, the power cut 100 s into interval 1, which the journal credits with
+    120 Wh; the event's id."""
+    async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
+        sink.offset_s = 60 + 310
+        await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+        sink.offset_s = 60 + 400
+    sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+    return event_id
+
+
 def test_an_event_that_ended_while_the_gateway_was_down_gets_the_reports_its_run_never_sent() -> None:
     """A power cut mid-event, the gateway back after the event's end: the event is history now (not
     answered again), but the aggregator settles on energy reports the run that served it never sent.
@@ -595,11 +607,7 @@ def test_an_event_that_ended_while_the_gateway_was_down_gets_the_reports_its_run
     async def scenario() -> None:
         sink = ScriptedSink()
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
-            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
-                sink.offset_s = 60 + 310  # interval 0 over: reported, and the VTN took it
-                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
-                sink.offset_s = 60 + 400  # then the power is cut, interval 1 running
-            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            event_id = await cut_in_interval_1(vtn, sink)
             sink.offset_s = 60 + 1_000  # back after the event's end
             before = len(vtn.reports_for(event_id))
             for _ in range(2):  # and a later start finds the reports taken
@@ -621,11 +629,7 @@ def test_an_event_that_ends_between_the_start_and_the_first_listing_still_gets_i
     async def scenario() -> None:
         sink = ScriptedSink()
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
-            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
-                sink.offset_s = 60 + 310
-                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
-                sink.offset_s = 60 + 400  # the power cut
-            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            event_id = await cut_in_interval_1(vtn, sink)
             sink.offset_s = 60 + 830  # back 70 s before the event's end
             before = len(vtn.reports_for(event_id))
             again = make_ven(vtn)
@@ -654,11 +658,7 @@ def test_the_reports_an_event_over_before_the_start_missed_are_sent_once_however
     async def scenario() -> None:
         sink = ScriptedSink()
         async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
-            async with serving_interval_0(vtn, sink, 3, into_s=200, meter_wh=250.0) as (_, event_id):
-                sink.offset_s = 60 + 310
-                await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
-                sink.offset_s = 60 + 400  # the power cut
-            sink.journal_wh = {f"{event_id}#0": 250.0, f"{event_id}#1": 120.0}
+            event_id = await cut_in_interval_1(vtn, sink)
             sink.offset_s = 60 + 1_000
             before = len(vtn.reports_for(event_id))
             again = make_ven(vtn)
