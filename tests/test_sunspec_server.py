@@ -35,6 +35,7 @@ from firmware_py.core.types import (
     DispatchRequest,
     InverterStatus,
     Mode,
+    OwnerSettings,
     ReasonCode,
     SiteLimit,
     Verdict,
@@ -905,32 +906,40 @@ def _with_der_server(c: Any) -> Any:
     return replace(c, dispatch=replace(c.dispatch, sunspec_server=s))
 
 
+@contextlib.asynccontextmanager
+async def der_on_a_gateway(tmp_path) -> AsyncIterator[tuple[Any, SunSpecDerServer, AsyncModbusTcpClient]]:
+    """The DER server on a lockstep gateway (the real core), a client connected, 5 s run:
+    (rig, server, client)."""
+    from lockstep import Rig
+
+    async with Rig(tmp_path, configure=_with_der_server) as rig:
+        server = rig.assembly.integrations["dispatch.sunspec_server"]
+        port = await server.start(rig.gateway)
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+        await client.connect()
+        try:
+            await rig.run(5)
+            yield rig, server, client
+        finally:
+            client.close()
+            await server.stop()
+
+
 def test_a_setpoint_another_request_displaced_reads_as_throttled_naming_it(tmp_path):
     """The core serves an OpenADR request accepted after the SunSpec setpoint: the stored answer
     (ACCEPTED) must not make 701 read as if the setpoint were followed in full."""
-    from lockstep import Rig
-
     async def main() -> tuple[dict, dict, str | None, float]:
-        async with Rig(tmp_path, configure=_with_der_server) as rig:
-            server = rig.assembly.integrations["dispatch.sunspec_server"]
-            port = await server.start(rig.gateway)
-            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
-            await client.connect()
-            try:
-                await rig.run(5)
-                assert not (await write(server, client, WSetMod=1, WSet=5_000)).isError()
-                assert not (await write(server, client, WSetEna=1)).isError()
-                await rig.run(10)
-                alone = await read_model(server, client, 701)
-                now = rig.time.mono
-                other = DispatchRequest("adr-1", "openadr", DispatchKind.DISCHARGE, 1_500, now, now + 600, now)
-                assert (await rig.gateway.submit(other)).verdict is Verdict.ACCEPTED
-                await rig.run(10)
-                return (alone, await read_model(server, client, 701), rig.gateway.telemetry().active_event_id,
-                        (await read_model(server, client, 702))["WMaxRtg"])
-            finally:
-                client.close()
-                await server.stop()
+        async with der_on_a_gateway(tmp_path) as (rig, server, client):
+            assert not (await write(server, client, WSetMod=1, WSet=5_000)).isError()
+            assert not (await write(server, client, WSetEna=1)).isError()
+            await rig.run(10)
+            alone = await read_model(server, client, 701)
+            now = rig.time.mono
+            other = DispatchRequest("adr-1", "openadr", DispatchKind.DISCHARGE, 1_500, now, now + 600, now)
+            assert (await rig.gateway.submit(other)).verdict is Verdict.ACCEPTED
+            await rig.run(10)
+            return (alone, await read_model(server, client, 701), rig.gateway.telemetry().active_event_id,
+                    (await read_model(server, client, 702))["WMaxRtg"])
 
     alone, displaced, serving_id, w_max_rtg = run(main(), 60)
     assert alone["W"] == 5_000 and alone["ThrotSrc"] == 0 and alone["MnAlrmInfo"] is None
@@ -945,28 +954,15 @@ def test_a_setpoint_another_request_displaced_reads_as_throttled_naming_it(tmp_p
 def test_a_setpoint_the_core_stopped_serving_at_the_floor_reads_as_held_back_naming_the_floor(tmp_path):
     """The owner raises the reserve above the SoC: the core serves nothing (STANDBY, no request
     served), and the stored answer (ACCEPTED) must not make 701 read as followed in full."""
-    from lockstep import Rig
-
-    from firmware_py.core.types import OwnerSettings
-
     async def main() -> tuple[dict, dict, Any, float]:
-        async with Rig(tmp_path, configure=_with_der_server) as rig:
-            server = rig.assembly.integrations["dispatch.sunspec_server"]
-            port = await server.start(rig.gateway)
-            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
-            await client.connect()
-            try:
-                await rig.run(5)
-                assert not (await write(server, client, WSetEna=1, WSetMod=1, WSet=4_000)).isError()
-                await rig.run(10)
-                served = await read_model(server, client, 701)
-                rig.gateway.feed(OwnerSettings(95, rig.time.mono))  # the floor above the SoC
-                await rig.run(10)
-                return (served, await read_model(server, client, 701), rig.gateway.telemetry(),
-                        (await read_model(server, client, 702))["WMaxRtg"])
-            finally:
-                client.close()
-                await server.stop()
+        async with der_on_a_gateway(tmp_path) as (rig, server, client):
+            assert not (await write(server, client, WSetEna=1, WSetMod=1, WSet=4_000)).isError()
+            await rig.run(10)
+            served = await read_model(server, client, 701)
+            rig.gateway.feed(OwnerSettings(95, rig.time.mono))  # the floor above the SoC
+            await rig.run(10)
+            return (served, await read_model(server, client, 701), rig.gateway.telemetry(),
+                    (await read_model(server, client, 702))["WMaxRtg"])
 
     served, floored, t, w_max_rtg = run(main(), 60)
     assert served["W"] == 4_000 and served["ThrotSrc"] == 0 and served["MnAlrmInfo"] is None
