@@ -643,8 +643,10 @@ def test_an_event_that_ends_between_the_start_and_the_first_listing_still_gets_i
             again._take = late
             async with serving(again, sink):
                 await vtn.wait_for(lambda: again.polls >= 3)
+                vtn.events[event_id] = {**vtn.events[event_id], "eventName": "renamed"}  # and changed after
+                await vtn.wait_for(lambda: again.polls >= 7)
             sent = [r["reportName"] for r in vtn.reports_for(event_id)[before:]]
-            assert sent == [f"{event_id} answer r0", f"{event_id} intervals 1-2"]
+            assert sent == [f"{event_id} answer r0", f"{event_id} intervals 1-2", f"{event_id} answer r1"]
             assert delivered_per_interval(vtn, event_id) == {0: 250.0, 1: 120.0, 2: 0.0}
 
     run(scenario)

@@ -391,7 +391,8 @@ class OpenAdr3Ven:
         self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
         self._started = -math.inf  # when `run` began (sink clock): events over by then are history, unanswered
         self._taken: dict[str, set[int]] = {}  # event id -> intervals whose energy report a run before this one
-        # saw the VTN take (or refuse for good), from the journal; and those of past events this run reported
+        # saw the VTN take (or refuse for good), from the journal
+        self._missed_sent: set[str] = set()  # events over before they were held whose missed reports went
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._pending: deque[_PendingReport] = deque()
@@ -1102,16 +1103,15 @@ class OpenAdr3Ven:
         every one of them begun is reported once, with the journal's figures, as for an event deleted
         mid-event. Only events over within `TAKEN_LOOKBACK_S`: the notes of reports taken reach no further."""
         plan = past.plan
-        if plan is None or not plan.reports or past.ended_at < self._started - TAKEN_LOOKBACK_S:
+        if plan is None or not plan.reports or past.ended_at < self._started - TAKEN_LOOKBACK_S \
+                or plan.event_id in self._missed_sent:  # listed anew (changed, back after a gap): sent already
             return
         reported = self._before_start(plan)
         if journaled := self._journaled(sink, plan, reported):
             log.info("OpenADR 3: event %s ended while the gateway was down: its energy is reported from the "
                      "journal", plan.event_id)
-            tracked = _Tracked(plan, reported=reported, before_wh=journaled)
-            self._report_begun(sink, tracked)
-            # reported now: not again when the VTN lists the event anew this run (changed, or back after a gap)
-            self._taken.setdefault(plan.event_id, set()).update(tracked.reported)
+            self._report_begun(sink, _Tracked(plan, reported=reported, before_wh=journaled))
+            self._missed_sent.add(plan.event_id)
 
     def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
         """An event first held: the energy the journal credits its intervals begun before this VEN started
