@@ -104,6 +104,18 @@ class Telemetry:
     price_max_wh_per_day: float = 0.0
     price_day_wh: float = 0.0  # price-driven energy out today (the day the runtime last gave)
 
+    @property
+    def soc_now(self) -> float | None:
+        """The SoC as a reading of now, for those who report it onward (aggregators, a site controller):
+        None without fresh BMS data, when `soc_pct` is only the last one the BMS sent."""
+        return self.soc_pct if self.bms_fresh else None
+
+    @property
+    def available_wh_now(self) -> float | None:
+        """The energy above the floor as a reading of now: None without fresh BMS data, when the core's
+        `available_wh` is 0 for "nothing to act on", not for an empty pack."""
+        return self.available_wh if self.bms_fresh else None
+
 
 def telemetry(c: Controller, now: float) -> Telemetry:
     """The controller as readers see it at `now`."""

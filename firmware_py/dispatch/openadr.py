@@ -836,9 +836,8 @@ class OpenAdrVen:
         name = self.config.ven_name
         items: list[tuple[Callable[[], list[tuple[datetime, float]]], str, str | None]] = [
             (self._reading(lambda t: t.power_w), "REAL_POWER", "W"),
-            # unknown without fresh BMS data: not the last SoC the BMS sent, nor the core's 0 Wh
-            (self._reading(lambda t: t.soc_pct if t.bms_fresh else None), "stateOfCharge", "%"),
-            (self._reading(lambda t: t.available_wh if t.bms_fresh else None), "availableEnergy", "Wh"),
+            (self._reading(lambda t: t.soc_now), "stateOfCharge", "%"),
+            (self._reading(lambda t: t.available_wh_now), "availableEnergy", "Wh"),
             (self._reading(lambda t: self._state_code(t.mode)), "gatewayState", "code"),
             (self._reading(self.committed_w), "committedPower", "W"),
             (self._reading(lambda t: self.blocked_code(t)), "dispatchBlocked", "code"),

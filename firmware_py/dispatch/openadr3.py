@@ -1152,14 +1152,12 @@ class OpenAdr3Ven:
             delivered += sum(self._metered.get(served, 0.0) for served in _served_ids(plan, window))
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
-                # SoC and the energy above the floor only from fresh BMS data: without it the core knows
-                # neither (its 0 Wh is "nothing to act on", not "the pack is empty"); unknown is left out
-                if t.bms_fresh and t.soc_pct is not None:
-                    payloads.append({"type": CHARGE_LEVEL, "values": [round(t.soc_pct, 2)]})
+                if t.soc_now is not None:  # unknown (no fresh BMS data) is left out
+                    payloads.append({"type": CHARGE_LEVEL, "values": [round(t.soc_now, 2)]})
                 if t.ratings is not None:
                     payloads.append({"type": USABLE_CAPACITY, "values": [round(t.ratings.wh_rtg, 1)]})
-                if t.bms_fresh:
-                    payloads.append({"type": ABOVE_FLOOR, "values": [round(t.available_wh, 1)]})
+                if t.available_wh_now is not None:
+                    payloads.append({"type": ABOVE_FLOOR, "values": [round(t.available_wh_now, 1)]})
             intervals.append(_interval(window, payloads))
         first, last = windows[0].interval_id, windows[-1].interval_id
         self._queue(plan.program_id, plan.event_id, f"{plan.event_id} intervals {first}-{last}", intervals,

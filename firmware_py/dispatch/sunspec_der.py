@@ -317,12 +317,10 @@ def model_values(model_id: int, *, t: Telemetry, r: DerRatings, sfs: Mapping[int
     if model_id == DER_CONTROL_AC:
         return {**sf, **controls.registers_view(now)}
     if model_id == DER_STORAGE:
-        # Only fresh BMS data is a reading of now: without it the core's SoC is the last one the BMS sent
-        # and its 0 Wh means "nothing to act on", not an empty pack; both are "not implemented" then.
-        known = t.bms_fresh and t.soc_pct is not None
+        known = t.soc_now is not None  # "not implemented" without fresh BMS data, never the last reading
         sta = 2 if t.mode in MODES_FAULT else 0 if known else 1
         return {**sf, "WHRtg": r.wh_rtg, "WHAvail": max(0.0, t.available_wh) if known else None,
-                "SoC": t.soc_pct if known else None, "Sta": sta}
+                "SoC": t.soc_now, "Sta": sta}
     return {}
 
 
