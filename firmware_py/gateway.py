@@ -559,8 +559,6 @@ class Gateway:
         """
         still_open = open_events(self._event_life())
         now = self.clock()
-        # This run's core closes the events it holds, from their live accounts (the integral too); only what
-        # it does not hold (an earlier run left open) closes from the journal's last record.
         self.controller, live = close_at_stop(self.controller, still_open, meter_total_wh, now, reason)
         ended = {event.request_id for event in live if isinstance(event, DispatchEnded)}
         rest = {request_id: last for request_id, last in still_open.items() if request_id not in ended}

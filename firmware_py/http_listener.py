@@ -97,6 +97,10 @@ def _reason(error: BaseException) -> str:
     return printable(re.split(r"[:'\"]", text, maxsplit=1)[0].strip()[:120]) or type(error).__name__
 
 
+REFUSED_BURST = 5
+REFUSED_WINDOW_S = 60.0
+
+
 class RefusedRequests(logging.Filter):
     """aiohttp logs a malformed request (a header over 8 KB, a bad request line, a body it cannot
     decode) as an ERROR with a traceback and the raw line; it has been answered with 400 already
@@ -143,8 +147,6 @@ class RefusedRequests(logging.Filter):
             self.unsaid = 0
 
 
-REFUSED_BURST = 5
-REFUSED_WINDOW_S = 60.0
 REFUSED_REQUESTS = RefusedRequests()
 logging.getLogger("aiohttp.server").addFilter(REFUSED_REQUESTS)
 

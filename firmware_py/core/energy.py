@@ -166,9 +166,8 @@ def close_event(c: Controller, entry: Booked, now: float, why: str) -> tuple[Con
 def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float | None, now: float,
                   reason: str) -> tuple[Controller, list[Event]]:
     """End the events of `open_ids` (those the journal shows open) that this run's core still holds, at a
-    clean stop: DispatchEnded and a final
-    EventEnergy each, from the live account (the meter's and the integral's), not from the journal's
-    last record, which may be up to a report interval old.
+    clean stop: DispatchEnded and a final EventEnergy each, from the live account (the meter's and the
+    integral's), not from the journal's last record, which may be up to a report interval old.
 
     The meter's gap between the core's last good reading and the stop's final one (`meter_total_wh`)
     goes to the event served last, only when it is forward and no more than a crash could leave
@@ -186,8 +185,7 @@ def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float 
             final = closed[-1]
             # from the last good reading, the one the live account reaches: with the link lost at the stop
             # the record carries no meter total, and the inverter ran on for the event meanwhile
-            base = c.metered.tot_wh_inj if c.metered is not None else None
-            gap = _billable_gap(replace(final, meter_total_wh=base), meter_total_wh, c.policy)
+            gap = _billable_gap(c.metered.tot_wh_inj if c.metered is not None else None, meter_total_wh, c.policy)
             closed[-1] = replace(final, meter_wh=round(final.meter_wh + gap, 3),
                                  meter_total_wh=meter_total_wh if meter_total_wh is not None else final.meter_total_wh)
         events.extend(closed)
@@ -292,7 +290,7 @@ def close_after_restart(still_open: Mapping[str, EventEnergy | None], meter_tota
     for request_id, last in still_open.items():
         meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
         if request_id == newest:
-            meter += _billable_gap(last, meter_total_wh, policy)
+            meter += _billable_gap(last.meter_total_wh if last else None, meter_total_wh, policy)
         events.append(DispatchEnded(now, request_id, reason))
         events.append(EventEnergy(at=now, request_id=request_id, meter_wh=round(meter, 3),
                                   integrated_wh=round(integrated, 3), final=True, meter_total_wh=meter_total_wh))
@@ -303,8 +301,10 @@ def _reported_at(last: EventEnergy | None) -> float:
     return last.at if last else -1.0
 
 
-def _billable_gap(last: EventEnergy | None, meter_total_wh: float | None, policy: Policy) -> float:
-    if last is None or last.meter_total_wh is None or meter_total_wh is None:
+def _billable_gap(since_wh: float | None, meter_total_wh: float | None, policy: Policy) -> float:
+    """The meter's advance from `since_wh` (the total the account reaches) to `meter_total_wh`, when both
+    are known, forward and no more than a crash can leave unreported; else 0."""
+    if since_wh is None or meter_total_wh is None:
         return 0.0
-    gap = meter_total_wh - last.meter_total_wh
+    gap = meter_total_wh - since_wh
     return gap if 0 <= gap <= most_unreported_wh(policy) else 0.0
