@@ -21,6 +21,7 @@ from firmware_py.core import types as t
 from firmware_py.journal import Journal, codec
 from firmware_py.journal.files import anchors_path
 from firmware_py.journal.kinds import RecordKind
+from firmware_py.journal.owner_log import settings_text
 
 
 @pytest.fixture
@@ -439,3 +440,12 @@ def test_an_event_a_restart_closed_before_its_window_began_never_ends_before_it_
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ev "))
     start, end = [cell.strip() for cell in row.split("│")[6:8]]
     assert start == end == "2026-12-04 16:01:00Z"
+
+
+def test_an_owner_setting_read_through_a_later_records_clock_shows_the_second_it_was_set_on():
+    """A later settings record's wall-to-core offset is a few ms off the one the setting was made
+    with: the storm watch set until 18:00:00 must not read 17:59:59."""
+    until_core, offset = 1000.0, 1748800800.0 - 1000.0 - 0.002
+    text = settings_text({"reserve_pct": 40, "storm_watch_floor_pct": 70, "storm_watch_until": until_core},
+                         lambda at: at + offset)
+    assert text == "reserve 40 %, storm watch 70 % until 2025-06-01 18:00:00Z"

@@ -162,11 +162,13 @@ EPOCH_THRESHOLD_S = 1e8
 
 
 def time_text(at: float) -> str:
-    """A record's time for people: a UTC date, or a bench run's seconds. A time no calendar holds
-    (an edited file) is shown as the number it is, never a traceback."""
+    """A record's time for people: a UTC date to the nearest second, or a bench run's seconds. An
+    instant moved from the core's clock by a later record's offset lands a few ms either side of
+    the second it was set on, so it is rounded, not cut. A time no calendar holds (an edited file)
+    is shown as the number it is, never a traceback."""
     if at >= EPOCH_THRESHOLD_S:
         try:
-            return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            return datetime.fromtimestamp(round(at), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         except (OverflowError, ValueError, OSError):
             return f"{at:g}"
     return f"{at:.1f} s"
