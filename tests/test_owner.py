@@ -371,7 +371,6 @@ def test_bad_input_is_refused_with_exit_2_and_changes_nothing(tmp_path, owner_cl
     ("POST", "/departure", b'{"at": 1e12, "soc_pct": 80}', "at: 1000000000000.0 is more than 2 days ahead"),
     ("POST", "/departure", b'{"at": "soon", "soc_pct": 80}', "at: 'soon' is not an ISO-8601 time"),
     ("POST", "/departure", b'{"time": "7:30pm", "soc_pct": 80}', "time: expected HH:MM"),
-    ("PUT", "/reserve", b'{"pct": 1' + b"0" * 5000 + b"}", "larger than 4096 bytes"),
     ("PUT", "/storm-watch", b'{"floor_pct": 80}', "until: missing"),
     ("PUT", "/storm-watch", b'{"until": 1e10}', "floor_pct: missing"),
     ("PUT", "/storm-watch", b'{"floor_pct": 80, "until": "tonight"}', "until: 'tonight' is not an ISO-8601 time"),
@@ -382,6 +381,14 @@ def test_bad_requests_get_400_with_a_clear_message(tmp_path, method, path, body,
     with Serving(OwnerApi(cfg, start_port(cfg))) as api:
         status, answer = request(api, method, path, body)
         assert status == 400 and message in answer["error"]
+        assert api.port.calls == []
+
+
+def test_a_body_over_4_kib_is_413_as_in_the_web_app_and_changes_nothing(tmp_path):
+    cfg = owner_config(tmp_path, "127.0.0.1:0")
+    with Serving(OwnerApi(cfg, start_port(cfg))) as api:
+        status, answer = request(api, "PUT", "/reserve", b'{"pct": 1' + b"0" * 5000 + b"}")
+        assert status == 413 and answer["error"] == "request body larger than 4096 bytes"
         assert api.port.calls == []
 
 

@@ -133,6 +133,8 @@ class OwnerApi:
             return await handler(request)
         except (BadRequest, BodyUnread) as err:
             return _json_response(400, {"error": str(err)})
+        except web.HTTPRequestEntityTooLarge:  # as the web app answers it
+            return _json_response(413, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
         except web.HTTPException as err:
             return _json_response(err.status, {"error": err.reason})
         except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
@@ -152,11 +154,7 @@ class OwnerApi:
         return _json_response(200, self.port.status())
 
     async def _body(self, request: web.Request) -> Any:
-        try:
-            raw = await body_of(request.read())  # not whole in time, or undecodable: the middleware's 400
-        except web.HTTPRequestEntityTooLarge:
-            raise BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes") from None
-        return parse_body(raw)
+        return parse_body(await body_of(request.read()))  # too large: 413; not whole in time, undecodable: 400
 
     def _setter(self, control: Control) -> Handler:
         async def handle(request: web.Request) -> web.Response:
