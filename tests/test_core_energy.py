@@ -87,9 +87,20 @@ def test_close_after_restart_bills_the_meter_gap(total, billed):
     events = close_after_restart({"a": E1}, total, POLICY, 500.0, "gateway restarted: event ended")
     ended, final = events
     assert ended == DispatchEnded(500.0, "a", "gateway restarted: event ended")
-    assert (final.at, final.request_id, final.integrated_wh, final.final, final.meter_total_wh) == (
-        500.0, "a", 100.0, True, total)
+    assert (final.at, final.request_id, final.final, final.meter_total_wh) == (500.0, "a", True, total)
     assert final.meter_wh == pytest.approx(billed, abs=1e-3)
+    assert final.integrated_wh == pytest.approx(billed, abs=1e-3)  # E1 integrated what it metered; the gap alike
+
+
+def test_the_gap_billed_after_a_crash_counts_in_the_integral_as_metered():
+    """A crash 25 s into a 10 kW event whose only report was its opening one: the restart bills the
+    meter's 70 Wh, and the integral says the same, not the 0 Wh that made statements claim the meter
+    and power differ by 100 %."""
+    (_, final) = close_after_restart({"a": energy("a", 0.0, 0.0, 5_000.0)}, 5_070.0, POLICY, 90.0, "r")
+    assert (final.meter_wh, final.integrated_wh) == (70.0, 70.0)
+    (_, kept) = close_after_restart({"a": energy("a", 60.0, 100.0, 5_000.0, integrated=97.0)}, 5_010.0,
+                                    POLICY, 90.0, "r")
+    assert (kept.meter_wh, kept.integrated_wh) == (110.0, 107.0)  # the run's own cross-check kept
 
 
 def test_only_the_most_recently_reported_event_gets_the_gap():

@@ -283,14 +283,18 @@ def close_after_restart(still_open: Mapping[str, EventEnergy | None], meter_tota
     one reported most recently (of records at the same instant, as at a handover, the
     one journaled last: `still_open` keeps that order), and is billed to it only when it is forward and
     no more than a crash can leave unreported; every other event closes at its
-    last reported energy.
+    last reported energy. The billed gap is added to the integral too: no run integrated the power
+    of a time no gateway saw, so the meter stands in for it (as power stands in for a meter step
+    that cannot be billed), and the statement's cross-check compares what was both metered and
+    integrated instead of calling the gap a meter that disagrees with power.
     """
     newest = max(reversed(list(still_open)), key=lambda rid: _reported_at(still_open[rid]), default=None)
     events: list[Event] = []
     for request_id, last in still_open.items():
         meter, integrated = (last.meter_wh, last.integrated_wh) if last else (0.0, 0.0)
         if request_id == newest:
-            meter += _billable_gap(last.meter_total_wh if last else None, meter_total_wh, policy)
+            gap = _billable_gap(last.meter_total_wh if last else None, meter_total_wh, policy)
+            meter, integrated = meter + gap, integrated + gap
         events.append(DispatchEnded(now, request_id, reason))
         events.append(EventEnergy(at=now, request_id=request_id, meter_wh=round(meter, 3),
                                   integrated_wh=round(integrated, 3), final=True, meter_total_wh=meter_total_wh))
