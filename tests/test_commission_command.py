@@ -29,7 +29,7 @@ from ports import free_port
 from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main
 from firmware_py.commissioning import commands as commission_commands
-from firmware_py.commissioning.judgement import judge_can
+from firmware_py.commissioning.judgement import EXTENDED_ID, judge_can
 from firmware_py.commissioning.probes import message_specs, observe_can
 from firmware_py.commissioning.report import Outcome
 from firmware_py.config import bundled_dbc
@@ -202,6 +202,25 @@ def test_the_can_observation_counts_each_page_each_refusal_and_the_foreign_ids()
     assert {key: t.count for key, t in obs.by_page.items() if key[0] == 0x352} == {(0x352, 0): 3, (0x352, 1): 3}
     assert obs.refused == {0x132: {"wrong_length": 1}} and obs.accepted[0x132] == 3
     assert obs.values["soc_min_pct"] is not None and "soc_min_pct" not in obs.stale
+
+
+def test_the_can_observation_keeps_29_bit_ids_apart_from_the_dbcs_11_bit_ones():
+    """A BMS id in a 29-bit frame was kept as the bare number, and shown as the DBC's own 11-bit id."""
+    dbc = bundled_dbc("cybertruck_bms.dbc")
+    channel = "commission-extended"
+    rx, tx = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    try:
+        tx.send(can.Message(arbitration_id=0x132, data=bytes(8), is_extended_id=True))
+        tx.send(can.Message(arbitration_id=0x7FF, data=b"\x01", is_extended_id=False))
+        reader = BmsReader(dbc, clock=lambda: 0.0)
+        obs = observe_can(rx, reader, 0.2, where="virtual commission-extended", usable_capacity_wh=123_000)
+    finally:
+        rx.shutdown()
+        tx.shutdown()
+    assert obs.foreign_ids == (0x7FF, 0x132 | EXTENDED_ID) and 0x132 not in obs.by_id
+    check = next(c for c in judge_can(obs, message_specs(reader)) if c.name == "BMS messages of cybertruck_bms.dbc")
+    assert "0x00000132 (29-bit)" in check.detail
+    assert "0x132 arrives as a 29-bit (extended) frame; the DBC defines it as 11-bit" in check.detail
 
 
 def test_it_refuses_beside_anything_on_the_owner_api_address_even_a_gateway_still_starting(tmp_path: Path, capsys):

@@ -18,6 +18,7 @@ from test_core_purity import FORBIDDEN, imported_roots
 
 from firmware_py import commissioning
 from firmware_py.commissioning.judgement import (
+    EXTENDED_ID,
     CanObservation,
     InverterObservation,
     LinkTrouble,
@@ -139,6 +140,29 @@ def test_traffic_without_any_message_of_the_dbc_is_the_wrong_dbc():
     assert "another vehicle" in wrong.advice and "[vehicle] dbc" in wrong.advice
 
 
+def test_bms_ids_arriving_as_29_bit_frames_are_shown_as_29_bit_and_said_to_be_so():
+    """The BMS's ids as extended frames read 'none of its messages (0x132, ...) on the bus, which carries
+    0x132, ...': the same list twice, and nothing said the frames were 29-bit."""
+    obs = healthy_can(by_id={}, by_page={}, accepted={}, foreign_ids=(0x3E9, *(s.frame_id | EXTENDED_ID
+                                                                             for s in SPECS)))
+    (wrong,) = failures(judge_can(obs, SPECS))
+    assert wrong.detail == (
+        "none of its 3 messages (0x132, 0x292, 0x352) on the bus, which carries 0x3E9, 0x00000132 (29-bit), "
+        "0x00000292 (29-bit), 0x00000352 (29-bit); 0x132, 0x292, 0x352 arrive as 29-bit (extended) frames; "
+        "the DBC defines them as 11-bit")
+    assert "CAN profile / DBC" in wrong.advice
+
+
+def test_one_message_seen_only_as_a_29_bit_frame_says_so():
+    obs = healthy_can(by_id={k: v for k, v in healthy_can().by_id.items() if k != 0x292},
+                      foreign_ids=(0x3E9, 0x292 | EXTENDED_ID))
+    (missing,) = failures(judge_can(obs, SPECS))
+    assert missing.name == "BmsSoc (0x292)"
+    assert missing.detail == ("not seen as an 11-bit frame in 5 s: 0x292 arrives as a 29-bit (extended) frame; "
+                              "the DBC defines it as 11-bit")
+    assert "CAN profile / DBC" in missing.advice
+
+
 def test_a_missing_message_fails_by_name():
     obs = healthy_can(by_id={k: v for k, v in healthy_can().by_id.items() if k != 0x292})
     (missing,) = failures(judge_can(obs, SPECS))
@@ -173,6 +197,19 @@ def test_frames_that_never_decode_fail_the_message_and_the_decoding():
 def test_unknown_multiplexer_pages_are_no_fault_of_the_dbc():
     obs = healthy_can(refused={0x352: {"unknown_mux_page": 40}})
     assert failures(judge_can(obs, SPECS)) == []
+
+
+def test_a_message_refused_only_for_unknown_multiplexer_pages_says_so_when_none_decodes():
+    """Every byte 0xFF: each frame's page is one the DBC does not define. Tolerated when some frames decode,
+    it is the reason when none does; it was filtered out and the check read 'none decodable (none)'."""
+    obs = healthy_can(accepted={0x132: 500, 0x292: 50}, refused={0x352: {"unknown_mux_page": 10}})
+    check = by_name(judge_can(obs, SPECS))["BmsEnergyStatus (0x352)"]
+    assert check.outcome is Outcome.FAIL
+    assert check.detail == "10 frames, none decodable (unknown_mux_page 10)"
+    assert "multiplexer page the DBC does not define" in check.advice
+    obs = healthy_can(accepted={0x132: 500, 0x292: 50}, refused={0x352: {"unknown_mux_page": 6, "wrong_length": 4}})
+    assert by_name(judge_can(obs, SPECS))["BmsEnergyStatus (0x352)"].detail == (
+        "10 frames, none decodable (unknown_mux_page 6, wrong_length 4)")
 
 
 def test_values_not_believed_at_the_end_are_named():

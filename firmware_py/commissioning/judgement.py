@@ -33,7 +33,12 @@ from firmware_py.core.types import (
 PERIOD_TOLERANCE = 0.5
 """A message's measured period may differ from its DBC period by this share (the issue's ±50 %)."""
 TOLERATED_REFUSALS = frozenset({"unknown_mux_page"})
-"""Refusals that say nothing against the DBC: a real BMS sends multiplexer pages a DBC need not know."""
+"""Refusals that say nothing against the DBC: a real BMS sends multiplexer pages a DBC need not know
+(when some of a message's frames decode; when none does, they are the reason and shown as such)."""
+EXTENDED_ID = 0x8000_0000
+"""Set on a foreign id seen in a 29-bit (extended) frame (Linux's CAN_EFF_FLAG): 29-bit 0x132 is another
+message than 11-bit 0x132, and a BMS whose ids arrive as 29-bit frames must not read as 'none of them seen'."""
+EXTENDED_MASK = 0x1FFF_FFFF
 MAX_REFUSED_SHARE = 0.01
 """More refused BMS frames than this share means a DBC that does not fit (or a bus corrupting frames)."""
 SOC_SLACK_PCT = 0.5
@@ -112,7 +117,7 @@ class CanObservation:
     dbc: str  # the DBC's file name
     window_s: float
     frames: int = 0  # every frame, of any id
-    foreign_ids: tuple[int, ...] = ()  # ids seen that the DBC does not describe (a few)
+    foreign_ids: tuple[int, ...] = ()  # ids seen that the DBC does not describe (a few); 29-bit ones | EXTENDED_ID
     by_id: Mapping[int, Timing] = field(default_factory=dict)  # DBC ids, every page together
     by_page: Mapping[tuple[int, int], Timing] = field(default_factory=dict)  # multiplexed DBC ids, per page
     accepted: Mapping[int, int] = field(default_factory=dict)  # DBC id -> frames the reader believed
@@ -138,11 +143,14 @@ def judge_can(obs: CanObservation, specs: Sequence[MessageSpec]) -> list[Check]:
     checks = [passed(step, "traffic", f"{obs.frames} frames in {obs.window_s:g} s on {obs.where} "
                      f"({obs.frames / obs.window_s:.0f} frames/s, {ids} ids)")]
     if not obs.by_id:
-        checks.append(failed(
-            step, f"BMS messages of {obs.dbc}",
-            f"none of its {len(specs)} messages ({_ids(s.frame_id for s in specs)}) on the bus, which carries "
-            f"{_ids(obs.foreign_ids)}", "the DBC is for another vehicle ([vehicle] dbc), or the gateway is on "
-            "another CAN bus of the vehicle than the one the BMS talks on"))
+        detail = (f"none of its {len(specs)} messages ({_ids(s.frame_id for s in specs)}) on the bus, which carries "
+                  f"{_ids(obs.foreign_ids)}")
+        advice = ("the DBC is for another vehicle ([vehicle] dbc), or the gateway is on another CAN bus of the "
+                  "vehicle than the one the BMS talks on")
+        if extended := [s.frame_id for s in specs if _extended_only(obs, s.frame_id)]:
+            detail += f"; {_as_extended(extended)}"
+            advice = EXTENDED_ADVICE
+        checks.append(failed(step, f"BMS messages of {obs.dbc}", detail, advice))
         return checks
     checks += [_judge_message(obs, spec) for spec in specs]
     checks.append(_judge_refusals(obs))
@@ -151,8 +159,32 @@ def judge_can(obs: CanObservation, specs: Sequence[MessageSpec]) -> list[Check]:
     return checks
 
 
+EXTENDED_ADVICE = ("check the vehicle's CAN profile / DBC: the gateway reads the BMS's ids as 11-bit frames, as "
+                   "the DBC defines them ([vehicle] dbc), so the vehicle (or a gateway between) must send them so")
+
+
+def _extended_only(obs: CanObservation, frame_id: int) -> bool:
+    """A DBC id seen as a 29-bit frame and never as the 11-bit one the DBC defines: the reader ignores
+    those frames, and saying only 'not seen' would send the installer after the wiring or the DBC's ids."""
+    return frame_id not in obs.by_id and (frame_id | EXTENDED_ID) in obs.foreign_ids
+
+
+def _as_extended(frame_ids: Sequence[int]) -> str:
+    one = len(frame_ids) == 1
+    return (f"{_ids(frame_ids)} arrive{'s' if one else ''} as {'a ' if one else ''}29-bit (extended) "
+            f"frame{'' if one else 's'}; the DBC defines {'it' if one else 'them'} as 11-bit")
+
+
+def _id(frame_id: int) -> str:
+    """An 11-bit id in 3 hex digits, a 29-bit one (`EXTENDED_ID` set) in 8 and said so: the same number
+    in both forms must not read as the same message."""
+    if frame_id & EXTENDED_ID:
+        return f"0x{frame_id & EXTENDED_MASK:08X} (29-bit)"
+    return f"0x{frame_id:03X}"
+
+
 def _ids(ids: Sequence[int] | Any) -> str:
-    shown = [f"0x{i:03X}" for i in sorted(ids)]
+    shown = [_id(i) for i in sorted(ids)]
     return ", ".join(shown[:12]) + (f" and {len(shown) - 12} more" if len(shown) > 12 else "") if shown else "nothing"
 
 
@@ -161,12 +193,19 @@ def _judge_message(obs: CanObservation, spec: MessageSpec) -> Check:
     want = f"{spec.period_s * 1e3:g} ms"
     timing = obs.by_id.get(spec.frame_id)
     if timing is None:
+        if _extended_only(obs, spec.frame_id):
+            return failed(step, name, f"not seen as an 11-bit frame in {obs.window_s:g} s: "
+                          f"{_as_extended([spec.frame_id])}", EXTENDED_ADVICE)
         return failed(step, name, f"not seen in {obs.window_s:g} s (the DBC says every {want})",
                       "a DBC for another vehicle or model year ([vehicle] dbc), or the message is on another bus")
-    refused = {r: n for r, n in obs.refused.get(spec.frame_id, {}).items() if r not in TOLERATED_REFUSALS}
-    if not obs.accepted.get(spec.frame_id):
-        return failed(step, name, f"{timing.count} frames, none decodable ({_reasons(refused)})",
-                      "the DBC's layout does not fit this vehicle's frames ([vehicle] dbc)")
+    if not obs.accepted.get(spec.frame_id):  # every refusal is the reason now, tolerated ones too
+        refused = dict(obs.refused.get(spec.frame_id, {}))
+        advice = "the DBC's layout does not fit this vehicle's frames ([vehicle] dbc)"
+        if refused and set(refused) <= TOLERATED_REFUSALS:
+            advice = ("every frame carries a multiplexer page the DBC does not define: a DBC for another vehicle "
+                      "or model year ([vehicle] dbc), or a BMS not sending real data yet (frames all 0xFF: "
+                      "wake the truck, Powershare on)")
+        return failed(step, name, f"{timing.count} frames, none decodable ({_reasons(refused)})", advice)
     measured = _period(obs, spec)
     if measured is None:
         return failed(step, name, f"seen {timing.count} time(s) in {obs.window_s:g} s: too few to measure its "
@@ -206,7 +245,10 @@ def _period(obs: CanObservation, spec: MessageSpec) -> float | None:
 
 
 def _reasons(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+    """Each reason with its count, most first; 'no reason recorded' rather than 'none', which read as
+    'no problem' beside 'none decodable'."""
+    return (", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            or "no reason recorded")
 
 
 def _judge_refusals(obs: CanObservation) -> Check:

@@ -25,6 +25,7 @@ from firmware_py.assembly import INTEGRATIONS, Assembly, section
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.reader import BmsReader
 from firmware_py.commissioning.judgement import (
+    EXTENDED_ID,
     LATE_S,
     NO_ANSWER,
     CanObservation,
@@ -114,8 +115,11 @@ def observe_can(bus: can.BusABC, reader: BmsReader, window_s: float, *, where: s
         frames += 1
         now, fid = clock(), msg.arbitration_id
         if fid not in specs or msg.is_extended_id:
-            if len(foreign) < FOREIGN_IDS_KEPT:
-                foreign.add(fid)
+            # A 29-bit id keeps its flag (0x132 as 29-bit is not the DBC's 0x132), and one with a DBC id's
+            # number is kept past the limit: it is the finding when the BMS's ids arrive as 29-bit frames.
+            key = fid | EXTENDED_ID if msg.is_extended_id else fid
+            if len(foreign) < FOREIGN_IDS_KEPT or (msg.is_extended_id and fid in specs):
+                foreign.add(key)
             continue
         last_at = now
         by_id[fid] = by_id[fid].seen(now) if fid in by_id else Timing(1, now, now)
