@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from firmware_py.errors import InputError
@@ -65,7 +66,16 @@ NOTES_STOP_SIGNALS = ("run", "commission")
 """The commands that take the stop signals over for a safe stop: until they do, one is noted, not fatal."""
 
 
+def quiet_foreign_import_warnings() -> None:
+    """signxml (OpenADR 2.0b's XML signatures, through openleadr) names DSA keys in its type hints, and
+    the cryptography package warns when it is imported that DSA is deprecated: two lines of another
+    project's source on stderr at every start, which an installer reads as a fault. The gateway signs
+    nothing with DSA; every other warning stays."""
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"signxml(\.|$)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_foreign_import_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     noting = argv[0] in NOTES_STOP_SIGNALS if argv else False
     with stop_signals_noted() if noting else contextlib.nullcontext():

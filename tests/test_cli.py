@@ -105,3 +105,15 @@ def test_sim_list_names_each_bundled_scenario_as_scenario_takes_it_and_the_readm
     names = capsys.readouterr().out.split()
     assert "fault-garbled" in names and "summer-peak" in names and not any(n.endswith(".toml") for n in names)
     assert [scenario.find(name) for name in names] == [scenario.bundled(f"{name}.toml") for name in names]
+
+
+def test_a_command_loading_openadr_prints_no_warning_of_another_projects_source(tmp_path):
+    """signxml's import made cryptography print two lines of signxml's source (DSA deprecated) at every
+    start with OpenADR 2.0b on: an installer reads that as a fault."""
+    config = tmp_path / "gateway.toml"
+    config.write_text('[dispatch.openadr]\nenabled = true\nven_name = "truck-1"\n'
+                      'vtn_url = "http://127.0.0.1:8080/OpenADR2/Simple/2.0b"\n')
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "firmware_py", "check-config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
