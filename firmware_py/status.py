@@ -82,7 +82,8 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "at": _utc(wall_now),
         "mode": t.mode.value,
         "reason": t.reason,
-        "soc_pct": t.soc_pct,
+        # every digit the BMS sends, without a binary float's tail (79.6, not 79.60000000000001)
+        "soc_pct": round(t.soc_pct, 6) if t.soc_pct is not None else None,
         "floor_pct": round(t.floor_pct, 3),
         "reserve_pct": t.reserve_pct,
         "setpoint_w": round(t.setpoint_w, 1),

@@ -345,6 +345,19 @@ def test_status_text_rounds_for_people_and_the_json_keeps_every_digit():
     assert "79.83" not in text and "42.12" not in text and "12.34" not in text
 
 
+def test_the_status_document_carries_the_soc_the_bms_sent_without_a_binary_floats_tail():
+    """796 × 0.1 from the DBC is 79.60000000000001: MQTT and `status --json` showed that tail."""
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.status import status_document
+
+    raw = Telemetry(at=10.0, mode=Mode.STANDBY, soc_pct=796 * 0.1, floor_pct=42.0, power_w=0.0, setpoint_w=0.0,
+                    available_wh=0.0, active_event_id=None, bms_fresh=True)
+    assert status_document(raw, {}, wall_now=1_750_000_000.0)["soc_pct"] == 79.6
+    unread = Telemetry(at=10.0, mode=Mode.STANDBY, soc_pct=None, floor_pct=42.0, power_w=0.0, setpoint_w=0.0,
+                       available_wh=0.0, active_event_id=None)
+    assert status_document(unread, {}, wall_now=1_750_000_000.0)["soc_pct"] is None
+
+
 class Peer:
     """A peer on api_listen that answers every request with `answer` (raw bytes), then `after(conn)`."""
 
