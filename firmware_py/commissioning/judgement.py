@@ -12,10 +12,10 @@ They tell a working installation from a miswired one; they are not a calibration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-import math
 from statistics import fmean
 from typing import Any
 
