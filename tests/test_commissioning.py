@@ -321,6 +321,12 @@ def test_a_modbus_device_without_sunspec_is_said_to_be_another_device():
     assert link_trouble(obs) is LinkTrouble.NOT_SUNSPEC and "not a meter or datalogger" in check.advice
 
 
+def test_a_discharge_rating_not_reported_falls_back_to_the_ac_rating():
+    """Only a reported 0 W is "cannot discharge": a `WDisChaRteMaxRtg` not implemented is judged by `WMaxRtg`."""
+    checks = judge_inverter(found_inverter(ratings={"WMaxRtg": 11_500.0, "WDisChaRteMaxRtg": None}))
+    assert failures(checks) == []
+
+
 def test_rtu_advice_names_the_line():
     obs = InverterObservation("RTU /dev/ttyUSB0 unit 1", "rtu", 1, 10, error="no reply", error_kind="timeout")
     (check,) = judge_inverter(obs)
@@ -330,6 +336,8 @@ def test_rtu_advice_names_the_line():
 @pytest.mark.parametrize(("changes", "name", "words"), [
     ({"models": {1: (0, 0), 701: (0, 0), 704: (0, 0)}}, "models", "no model 702"),
     ({"ratings": {"WMaxRtg": None, "WDisChaRteMaxRtg": None}}, "ratings", "no discharge rating"),
+    ({"ratings": {"WMaxRtg": 11_500.0, "WDisChaRteMaxRtg": 0.0, "WChaRteMaxRtg": 11_500.0}}, "ratings",
+     "WDisChaRteMaxRtg 0 W: the inverter reports it cannot discharge, so it cannot serve the truck's energy"),
     ({"inv_state": int(InverterState.FAULT), "alarms": 8}, "state", "FAULT"),
     ({"grid_outage": True, "grid_connected": False}, "state", "grid outage"),
     ({"revert_ok": False, "revert_error": "704 read-back differs"}, "revert function", "not accepted"),

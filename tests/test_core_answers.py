@@ -735,3 +735,23 @@ def test_an_ac_rating_below_the_storage_rates_caps_the_answer_and_the_command_bo
     assert abs(result.command.setpoint_w) == 7_600
     ratings = DerRatings.of(POLICY, ac_limited(t))
     assert ratings.w_discha_max == ratings.w_cha_max == 7_600
+
+
+def test_an_inverter_reporting_a_discharge_rating_of_0_w_is_never_commanded_to_discharge():
+    """702 `WDisChaRteMaxRtg` = 0 W says the inverter cannot discharge (as `WChaRteMaxRtg` = 0 says it cannot
+    charge): read as "not reported", the core took `WMaxRtg`'s 11.5 kW as its limit and commanded discharge.
+    Not reported at all (None) still falls back to `WMaxRtg`."""
+    def cannot_discharge(t: float) -> InverterStatus:
+        return inverter(t, w_max_rtg=11_500, w_discha_max_rtg=0, w_cha_max_rtg=11_500)
+
+    assert cannot_discharge(0).discharge_rating_w() == 0
+    assert inverter(0, w_max_rtg=11_500, w_discha_max_rtg=None).discharge_rating_w() == 11_500
+    c = step(Controller.start(POLICY, now=0), [bms(0, 80.0), cannot_discharge(0)], 0).controller
+    result = step(c, [bms(0.1, 80.0), cannot_discharge(0.1), discharge("d", 0.1, 0.1, 3_600.1, 5_000)], 0.1)
+    c = result.controller
+    for i in range(2, 80):  # past any ramp
+        t = i * 0.1
+        result = step(c, [bms(t, 80.0), cannot_discharge(t)], t)
+        c = result.controller
+        assert result.command.setpoint_w <= 0, result.command
+    assert DerRatings.of(POLICY, cannot_discharge(t)).w_discha_max == 0

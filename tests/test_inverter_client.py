@@ -20,7 +20,7 @@ from firmware_py.core.types import InverterCommand, InverterState
 from firmware_py.inverter.client import STATUS_SPAN, InverterClient, LinkError, ModbusErrorCause
 from firmware_py.inverter.sunspec import ModelDef
 from firmware_py.sim.faults import InverterFault as Fault
-from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
+from firmware_py.sim.inverter import SCALE, InverterModel, Ratings, SimInverterServer
 
 BIG = 50_000.0
 
@@ -681,3 +681,60 @@ def test_a_scale_factor_outside_sunspec_range_is_a_link_error_not_a_crash(model,
     status = asyncio.run(main())
     assert not status.comms_ok
     assert f"model {model} {point} = {value} is outside -10..10: not a usable SunSpec device" in status.error
+
+
+def test_a_discharge_rating_of_0_w_reads_as_cannot_discharge_not_as_not_reported():
+    """702 `WDisChaRteMaxRtg` = 0 W was read as "not reported" (0.0, as "not implemented" was) and the core
+    fell back to `WMaxRtg`: an inverter that said it cannot discharge was bounded at 11.5 kW."""
+    async def main():
+        async with SimInverterServer(InverterModel(Ratings(w_discha_max=0.0))) as server:
+            client = InverterClient(InverterConfig(port=server.port, timeout_s=0.5), lambda: 0.0)
+            try:
+                await client.connect()
+                return await client.read_status()
+            finally:
+                await client.close()
+
+    status = asyncio.run(main())
+    assert status.comms_ok and status.w_max_rtg == 11_500
+    assert status.w_discha_max_rtg == 0 and status.discharge_rating_w() == 0
+
+
+@pytest.mark.parametrize("model, point, unknown", [
+    (701, "W_SF", "the measured power's unit is unknown"),
+    (704, "WSet_SF", "the setpoint's unit is unknown"),
+    (702, "W_SF", "the power ratings' unit is unknown"),
+])
+def test_a_needed_scale_factor_not_implemented_is_refused_like_one_out_of_range(model, point, unknown):
+    """A scale factor reading "not implemented" (0x8000) was taken as 0: raw W 500 was 500 W to billing, and
+    WSet written as watts in a unit nobody knew. Discovery refuses the device, as for an out-of-range one."""
+    async def main():
+        smap = InverterModel().register_map(40000)
+        registers = smap.registers()
+        registers[smap.addresses()[model] - 40000 + ModelDef.load(model).offset(point)] = 0x8000
+        async with device_serving(registers) as client:
+            status = await client.read_status()
+            await client.apply(InverterCommand(3_000.0, "dispatch"))
+            assert client.writes == 0
+        return status
+
+    status = asyncio.run(main())
+    assert not status.comms_ok
+    assert f"model {model} {point} is 'not implemented' (0x8000): {unknown}: not a usable SunSpec device" \
+        in status.error
+
+
+def test_an_energy_scale_factor_not_implemented_is_accepted_while_no_counter_is():
+    """701 `TotWh_SF` is needed only while a counter it scales is implemented: a device without energy
+    counters is still usable (its counters read 0)."""
+    async def main():
+        smap = InverterModel().register_map(40000)
+        registers = smap.registers()
+        m701, at = ModelDef.load(701), smap.addresses()[701] - 40000
+        for name in ("TotWh_SF", "TotWhInj", "TotWhAbs"):  # each "not implemented"
+            point = m701.points[name]
+            registers[at + point.offset:at + point.offset + point.size] = point.from_raw(None)
+        async with device_serving(registers) as client:
+            return await client.read_status()
+
+    assert asyncio.run(main()).comms_ok

@@ -10,7 +10,7 @@ from ports import free_port
 from firmware_py.config import InverterConfig
 from firmware_py.errors import InputError
 from firmware_py.inverter.commands import _probe
-from firmware_py.sim.inverter import InverterModel, SimInverterServer
+from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
 
 
 @pytest.mark.parametrize(("es", "said"), [
@@ -103,3 +103,19 @@ def test_probe_keeps_the_unit_id_hint_for_true_silence():
     (message,) = caught.value.problems
     assert "nothing answered for unit id 1 within 0.3 s" in message and "check [inverter] unit_id (1)" in message
     assert "not Modbus TCP" not in message
+
+
+def test_probe_refuses_an_inverter_whose_power_scale_factor_is_not_implemented(monkeypatch):
+    """701 `W_SF` reading "not implemented" (0x8000) was taken as 0: the probe printed raw W 500 as 'W 500 W',
+    the number billing and the sign test read. It is refused now, as an out-of-range scale factor is."""
+    monkeypatch.setitem(SCALE[701], "W_SF", None)
+
+    async def main() -> list[str]:
+        model = InverterModel()
+        async with SimInverterServer(model) as server:
+            return await asyncio.wait_for(_probe(InverterConfig(port=server.port, timeout_s=0.5)), 20)
+
+    with pytest.raises(InputError) as caught:
+        asyncio.run(main())
+    (said,) = caught.value.problems
+    assert "model 701 W_SF is 'not implemented' (0x8000): the measured power's unit is unknown" in said, said

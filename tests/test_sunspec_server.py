@@ -378,7 +378,7 @@ def test_percent_settings_follow_a_rating_that_changes_after_they_were_written()
 def test_ratings_are_the_gateway_limits_lowered_by_the_inverter_once_it_reports():
     policy = Policy(max_discharge_w=11_500, max_charge_w=9_600, usable_capacity_wh=123_000)
     assert DerRatings.of(policy, None) == DerRatings(11_500, 9_600, 11_500, 123_000)
-    inverter = InverterStatus(received_at=T0, w_max_rtg=10_000, w_cha_max_rtg=7_000, w_discha_max_rtg=0)
+    inverter = InverterStatus(received_at=T0, w_max_rtg=10_000, w_cha_max_rtg=7_000, w_discha_max_rtg=None)
     assert DerRatings.of(policy, inverter) == DerRatings(10_000, 7_000, 10_000, 123_000)
     silent = replace(inverter, comms_ok=False, error="timeout")
     assert DerRatings.of(policy, silent) == DerRatings.of(policy, None)

@@ -12,6 +12,7 @@ They tell a working installation from a miswired one; they are not a calibration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +29,7 @@ from firmware_py.core.types import (
     InverterState,
     PackContactor,
     ReasonCode,
+    nameplate_discharge_w,
 )
 
 PERIOD_TOLERANCE = 0.5
@@ -400,17 +402,26 @@ def judge_inverter(obs: InverterObservation) -> list[Check]:
                              "check its firmware and SunSpec settings"))
     else:
         checks.append(passed(step, "models", f"{models} (701 measurements, 702 ratings, 704 controls)"))
-    r = obs.ratings
-    rating = r.get("WDisChaRteMaxRtg") or r.get("WMaxRtg")
-    shown = ", ".join(f"{k} {_w(r.get(k))}" for k in ("WMaxRtg", "WDisChaRteMaxRtg", "WChaRteMaxRtg"))
-    if not rating or rating <= 0:
-        checks.append(failed(step, "ratings", f"{shown}: no discharge rating",
-                             "the inverter's SunSpec settings (model 702 WMaxRtg / WDisChaRteMaxRtg)"))
-    else:
-        checks.append(passed(step, "ratings", shown))
+    checks.append(_judge_ratings(obs.ratings))
     checks.append(_judge_state(obs))
     checks.append(_judge_revert(obs))
     return checks
+
+
+def _judge_ratings(r: Mapping[str, Any]) -> Check:
+    """The discharge rating as the core reads it (`nameplate_discharge_w`): a `WDisChaRteMaxRtg` of 0 W
+    is "cannot discharge", and passing it let the sign test discharge an inverter that said it cannot."""
+    step = Step.INVERTER
+    shown = ", ".join(f"{k} {_w(r.get(k))}" for k in ("WMaxRtg", "WDisChaRteMaxRtg", "WChaRteMaxRtg"))
+    discha = r.get("WDisChaRteMaxRtg")
+    if discha is not None and discha <= 0:
+        return failed(step, "ratings", f"{shown}: WDisChaRteMaxRtg {_w(discha)}: the inverter reports it cannot "
+                      "discharge, so it cannot serve the truck's energy to the home",
+                      "the inverter's SunSpec settings (model 702 WDisChaRteMaxRtg) and its storage configuration")
+    if not 0 < nameplate_discharge_w(r.get("WMaxRtg"), discha) < math.inf:
+        return failed(step, "ratings", f"{shown}: no discharge rating",
+                      "the inverter's SunSpec settings (model 702 WMaxRtg / WDisChaRteMaxRtg)")
+    return passed(step, "ratings", shown)
 
 
 def _w(value: Any) -> str:

@@ -33,9 +33,9 @@ class DerRatings:
     @classmethod
     def of(cls, policy: Policy, inverter: InverterStatus | None) -> DerRatings:
         """The DER as an aggregator may use it: the gateway's limits, lowered by the inverter's
-        ratings once it has reported them. A `WMaxRtg` or `WDisChaRteMaxRtg` of 0 is "not
-        reported"; a `WChaRteMaxRtg` of 0 is "cannot charge", as the core reads it (`can_charge`),
-        so the DER does not advertise a charge the core would refuse."""
+        ratings once it has reported them. A `WMaxRtg` of 0 is "not reported"; a `WChaRteMaxRtg`
+        of 0 is "cannot charge" and a `WDisChaRteMaxRtg` of 0 "cannot discharge", as the core reads them
+        (`can_charge`, `discharge_rating_w`), so the DER does not advertise what the core would refuse."""
 
         def lower(limit: float, rating: float) -> float:
             return min(limit, rating) if rating > 0 else limit

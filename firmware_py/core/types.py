@@ -202,6 +202,19 @@ class InverterState(IntEnum):
     STANDBY = 7
 
 
+def nameplate_discharge_w(w_max_rtg: float | None, w_discha_max_rtg: float | None) -> float:
+    """The most an inverter's SunSpec 702 nameplate lets it discharge; the one rule the core and
+    commissioning both read. A `WDisChaRteMaxRtg` reported as 0 (or below) is "it cannot discharge": 0 W,
+    as a `WChaRteMaxRtg` of 0 is "it cannot charge" (read as "not reported", it let an inverter that said
+    it cannot discharge be commanded to, at its AC rating). Otherwise the lower of its AC rating
+    (`WMaxRtg`) and its storage discharge rate, each only where reported (None, or a `WMaxRtg` of 0, is
+    "not reported"); neither reported, no bound. A 7.6 kW AC unit behind an 11.5 kW DC port is a 7.6 kW
+    discharger."""
+    if w_discha_max_rtg is not None and w_discha_max_rtg <= 0:
+        return 0.0
+    return min((r for r in (w_max_rtg, w_discha_max_rtg) if r), default=math.inf)
+
+
 @dataclass(frozen=True)
 class InverterStatus:
     """What the inverter reported, or that it could not be reached.
@@ -222,7 +235,8 @@ class InverterStatus:
     tot_wh_abs: float = 0.0
     w_max_rtg: float = 0.0
     w_cha_max_rtg: float = 0.0
-    w_discha_max_rtg: float = 0.0
+    w_discha_max_rtg: float | None = None
+    """SunSpec 702 `WDisChaRteMaxRtg`: None when not reported; 0 (or below) is "it cannot discharge"."""
     wset_w: float | None = None
     enter_service_s: float = 0.0
     """Seconds left on the inverter's IEEE 1547 enter-service delay (model 703 `ESDlyRemTms`) after
@@ -233,10 +247,8 @@ class InverterStatus:
         return self.inv_state == InverterState.FAULT
 
     def discharge_rating_w(self) -> float:
-        """The most its nameplate lets it discharge: the lower of its AC rating (`WMaxRtg`) and its
-        storage discharge rate (`WDisChaRteMaxRtg`), each only where reported (0 is "not reported");
-        neither reported, no bound. A 7.6 kW AC unit behind an 11.5 kW DC port is a 7.6 kW discharger."""
-        return min((r for r in (self.w_max_rtg, self.w_discha_max_rtg) if r != 0), default=math.inf)
+        """The most its nameplate lets it discharge (`nameplate_discharge_w`)."""
+        return nameplate_discharge_w(self.w_max_rtg, self.w_discha_max_rtg)
 
     def charge_rating_w(self) -> float:
         """The most its nameplate lets it charge: its storage charge rate (`WChaRteMaxRtg`; 0 is "it cannot

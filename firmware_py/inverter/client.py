@@ -397,7 +397,7 @@ class InverterClient:
             grid_connected=connected, grid_outage=outage, enter_service_s=entering,
             alarms=alarms, tot_wh_inj=float(v["TotWhInj"] or 0.0), tot_wh_abs=float(v["TotWhAbs"] or 0.0),
             w_max_rtg=float(r.get("WMaxRtg") or 0.0), w_cha_max_rtg=float(r.get("WChaRteMaxRtg") or 0.0),
-            w_discha_max_rtg=float(r.get("WDisChaRteMaxRtg") or 0.0),
+            w_discha_max_rtg=_reported(r.get("WDisChaRteMaxRtg")),
             wset_w=wset,
         )
 
@@ -605,16 +605,39 @@ class InverterClient:
         self._logged = self._error = None
 
 
+def _reported(value: Any) -> float | None:
+    """A rating as read: None when "not implemented", so that it stays apart from a reported 0."""
+    return None if value is None else float(value)
+
+
 def _sfs(mdef: ModelDef, raw: dict[str, Any]) -> dict[str, int | None]:
     return {n: raw.get(n) for n, p in mdef.points.items() if p.type == "sunssf"}
 
 
+# The scale factors of the points the gateway measures, bills, bounds or commands with: model -> sf ->
+# (what an unknown one leaves unknown, the points it scales). Empty points: needed whatever they read.
+NEEDED_SFS: dict[int, dict[str, tuple[str, tuple[str, ...]]]] = {
+    DER_MEASURE_AC: {"W_SF": ("the measured power's unit is unknown", ()),
+                     "TotWh_SF": ("the energy counters' unit is unknown", ("TotWhInj", "TotWhAbs"))},
+    DER_CAPACITY: {"W_SF": ("the power ratings' unit is unknown",
+                            ("WMaxRtg", "WChaRteMaxRtg", "WDisChaRteMaxRtg", "WMax"))},
+    DER_CONTROL_AC: {"WSet_SF": ("the setpoint's unit is unknown", ())},
+}
+
+
 def _check_sfs(model_id: int, mdef: ModelDef, raw: dict[str, Any]) -> None:
     """Refuse a scale factor outside SunSpec's -10..10 at discovery (a device bug, a non-conforming map):
-    used later it would overflow or divide by zero in the middle of a poll or a command."""
+    used later it would overflow or divide by zero in the middle of a poll or a command. Refuse as well a
+    "not implemented" (0x8000) one the gateway needs (`NEEDED_SFS`): read as 0 it turned a raw 500 into
+    500 W, a measurement billed and a setpoint written in a unit nobody knows. A counter's scale factor is
+    needed only while a counter it scales is implemented."""
     for name, value in _sfs(mdef, raw).items():
         if value is not None and value not in SF_RANGE:
             raise LinkError(f"model {model_id} {name} = {value} is outside -10..10: not a usable SunSpec device")
+    for name, (unknown, points) in NEEDED_SFS.get(model_id, {}).items():
+        if name in raw and raw[name] is None and (not points or any(raw.get(p) is not None for p in points)):
+            raise LinkError(f"model {model_id} {name} is 'not implemented' (0x8000): {unknown}: "
+                            "not a usable SunSpec device")
 
 
 def _diff(mdef: ModelDef, lo: int, wrote: list[int], read: list[int]) -> str:
