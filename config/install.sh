@@ -101,6 +101,15 @@ fi
 if getent group dialout >/dev/null 2>&1; then
     as_system usermod --append --groups dialout "$SERVICE_USER"  # RS-485 adapters (/dev/ttyUSB*)
 fi
+# The environment's bin/python runs this interpreter: one under a private home (root's pyenv under
+# /root, 0700) installs fine as root, and then the service can never start. Checked before any change.
+if [ -n "$ROOT" ]; then
+    say "  (--root: would run as $SERVICE_USER: $PYTHON_BIN -c '')"
+elif ! command -v runuser >/dev/null 2>&1; then
+    say "$PYTHON_BIN: not checked that $SERVICE_USER can run it: runuser (util-linux) is missing"
+elif ! (cd / && runuser -u "$SERVICE_USER" -- "$PYTHON_BIN" -c '') >/dev/null 2>&1; then
+    fail "the service user $SERVICE_USER cannot run $PYTHON_BIN (a Python under a private home such as /root/.pyenv?): name one it can with --python PATH, e.g. /usr/bin/python3"
+fi
 
 # --- the software ----------------------------------------------------------------------------
 venv=$ROOT$PREFIX
@@ -109,12 +118,32 @@ venv=$ROOT$PREFIX
 # packages stay in the old version's lib/pythonX.Y, which the new one never reads. The environment is
 # kept only when both agree with the bundle and its pip imports; otherwise it is made again. --clear
 # empties only $PREFIX: the configuration and the journal, tokens and settings are elsewhere.
+# It must also have been made with the interpreter this install uses (--python, or python3 found):
+# one made with another of the same X.Y (root's pyenv) was kept, and --python could not replace it.
 made_for=$(sed -n 's/^version[[:space:]]*=[[:space:]]*\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' "$venv/pyvenv.cfg" 2>/dev/null | head -n 1) || made_for=
-if [ "$made_for" = "$PYTHON" ] && "$venv/bin/python" -I -c 'import pip' >/dev/null 2>&1; then
+cfg_value() {  # a key of the environment's pyvenv.cfg, or nothing
+    sed -n "s/^$1[[:space:]]*=[[:space:]]*//p" "$venv/pyvenv.cfg" 2>/dev/null | head -n 1
+}
+# The interpreter a venv made now records (a venv's own python makes one for its base interpreter).
+uses=$("$PYTHON_BIN" -I -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))') \
+    || fail "$PYTHON_BIN: cannot tell where it is installed"
+made_with=$(cfg_value executable)
+if [ -n "$made_with" ]; then  # Python 3.11 and later record the interpreter itself
+    made_with_real=$(readlink -f "$made_with" 2>/dev/null) || made_with_real=$made_with
+    [ "$made_with_real" = "$uses" ] && same_python=yes || same_python=no
+else  # older ones only its folder
+    made_with=$(cfg_value home)
+    made_with_real=$(readlink -f "$made_with" 2>/dev/null) || made_with_real=$made_with
+    [ -n "$made_with" ] && [ "$made_with_real" = "$(dirname "$uses")" ] && same_python=yes || same_python=no
+fi
+if [ "$uses" = "$PYTHON_BIN" ]; then uses_said=$uses; else uses_said="$PYTHON_BIN ($uses)"; fi
+if [ "$made_for" = "$PYTHON" ] && [ "$same_python" = yes ] && "$venv/bin/python" -I -c 'import pip' >/dev/null 2>&1; then
     :
 elif [ -e "$venv/pyvenv.cfg" ]; then
     if [ "$made_for" != "$PYTHON" ]; then
         say "$PREFIX: made for Python ${made_for:-unknown}, this bundle's is $PYTHON: making it again"
+    elif [ "$same_python" != yes ]; then
+        say "$PREFIX: made with ${made_with:-an unknown Python}, this install uses $uses_said: making it again"
     elif "$venv/bin/python" -I -c '' >/dev/null 2>&1; then
         say "$PREFIX: its Python cannot import pip: making it again"
     else
@@ -177,6 +206,9 @@ if [ -n "$ROOT" ]; then  # the paths the configuration names are the gateway's, 
 elif ! command -v runuser >/dev/null 2>&1; then
     say "$CONF_DIR/gateway.toml: not checked: runuser (util-linux) is missing, and run as root check-config would"
     say "  call folders valid that $SERVICE_USER cannot write: check it as the service's user (step 2 below)"
+elif ! cannot=$(cd / && runuser -u "$SERVICE_USER" -- "$venv/bin/powershare-gw" --version 2>&1 >/dev/null); then
+    # not the configuration: the service itself could never start
+    fail "the service user $SERVICE_USER cannot run $PREFIX/bin/powershare-gw: $cannot"
 elif problems=$(cd / && runuser -u "$SERVICE_USER" -- "$venv/bin/powershare-gw" check-config "$CONF_DIR/gateway.toml" 2>&1 >/dev/null); then
     say "$CONF_DIR/gateway.toml: valid"
 else

@@ -271,6 +271,53 @@ def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is
     assert {path: path.read_text() for path in kept} == kept
 
 
+@pytest.mark.slow
+@pytest.mark.first  # a virtual environment made and pip run three times
+def test_an_environment_made_with_another_interpreter_of_the_same_version_is_made_again(tmp_path):
+    """An environment made with root's pyenv Python (under /root, 0700: the service user cannot run it)
+    was kept by every later run, --python /usr/bin/python3 too, as its version matched and pip imported
+    as root: only removing /opt/powershare-gw repaired it. Simulated without a second Python: the first
+    environment's pyvenv.cfg names another interpreter of the same X.Y, whose bin/python still runs."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    tiny_wheel(tmp_path / "bundle" / "wheels")
+    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
+    bundle.write_checksums(tmp_path / "bundle")
+    root = tmp_path / "root"
+    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert first.returncode == 0, first.stdout + first.stderr
+    cfg = root / "opt" / "powershare-gw" / "pyvenv.cfg"
+    made = cfg.read_text()
+    other = "/root/.pyenv/versions/9.9.9/bin"
+    cfg.write_text(re.sub(r"(?m)^executable *=.*$", f"executable = {other}/python{HOST_PYTHON}",
+                          re.sub(r"(?m)^home *=.*$", f"home = {other}", made)))
+
+    again = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"made with {other}/python{HOST_PYTHON}, this install uses {sys.executable}" in again.stdout
+    assert "making it again" in again.stdout
+    def recorded(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith(("home", "executable"))]
+    assert recorded(cfg.read_text()) == recorded(made)  # made with the interpreter named, not the recorded one
+    assert run([str(root / "opt" / "powershare-gw" / "bin" / "powershare-gw")]).stdout == "powershare-gw 0.1.0\n"
+
+    kept = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert kept.returncode == 0 and "making it again" not in kept.stdout, kept.stdout + kept.stderr
+
+
+def test_install_checks_that_the_service_user_can_run_the_interpreter_before_making_anything(tmp_path):
+    """Under --root no user is created, so the check is only said; on a gateway it runs before the
+    environment is made (runuser, as the configuration's check)."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    done = run(["sh", str(installer), "--root", str(tmp_path / "root"), "--python", sys.executable])
+    said = f"(--root: would run as powershare: {sys.executable} -c '')"
+    assert said in done.stdout, done.stdout + done.stderr
+    assert done.stdout.index(said) < done.stdout.index("making the virtual environment")
+    script = installer.read_text()
+    check = script.index('runuser -u "$SERVICE_USER" -- "$PYTHON_BIN" -c')
+    assert script.index("useradd") < check < script.index('"$PYTHON_BIN" -m venv')
+    assert "the service user $SERVICE_USER cannot run $PYTHON_BIN" in script[check:check + 400]
+
+
 def test_the_units_start_limit_is_in_the_section_systemd_reads_it_from():
     """In [Service] systemd ignores StartLimitIntervalSec ("Unknown key"): a configuration that exits 2
     would then be restarted every 5 s for ever."""
