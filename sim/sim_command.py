@@ -179,7 +179,7 @@ def _report(outcome, loaded) -> None:
     for f in s["faults"]:
         seen = "never detected" if f["detected_after_s"] is None else \
             f"detected after {f['detected_after_s']} s, safe after {seconds_or_never(f['safe_after_s'])}"
-        table.add_row(f"fault {f['kind']} at {f['at_s']:.0f} s", seen)
+        table.add_row(f"fault {f['kind']} at {f['at_s']:g} s", seen)  # the summary's figure, not a third one
     table.add_row("final state", s["final_state"])
     for name, ok, detail in outcome.checks:
         table.add_row(plain(f"check: {name}"), f"[{'green' if ok else 'red'}]{'pass' if ok else 'FAIL'}[/] {plain(detail)}")

@@ -139,3 +139,18 @@ def test_sigterm_stops_every_started_process_and_removes_the_temporary_folder(tm
                 os.kill(pid, signal.SIGKILL)
         parent.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_table_shows_a_faults_time_as_the_summary_has_it(capsys):
+    """A fault at 10.1 s with 0.25 s steps is injected at 10.25 s: the summary said 10.25, the table "10 s"."""
+    from types import SimpleNamespace
+
+    from firmware_py.sim.sim_command import _report
+    from firmware_py.sim.simulation import Outcome
+
+    summary = {"sim_s": 60.0, "wall_s": 0.5, "speed_x": 120.0, "delivered_wh": {}, "answer_details": {},
+               "min_soc_pct": 80.0, "final_soc_pct": 80.0, "floor_violations": 0, "final_state": "STANDBY",
+               "faults": [{"kind": "bms_fault", "at_s": 10.25, "detected_after_s": 0.1, "safe_after_s": 0.2}]}
+    _report(Outcome(summary, []), SimpleNamespace(name="odd"))
+    assert "fault bms_fault at 10.25 s" in capsys.readouterr().out
+
