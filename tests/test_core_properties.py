@@ -48,11 +48,12 @@ bms_snapshots = st.builds(
     stale=st.lists(st.sampled_from(["soc_min_pct", "max_discharge_w", "bms_state", "max_temp_c"]), max_size=2))
 
 inverter_statuses = st.builds(
-    lambda age, ok, state, outage, ac, rating, entering: inverter(
+    lambda age, ok, state, outage, ac, discharge, charge, entering: inverter(
         T - age, comms_ok=ok, error=None if ok else "timeout", inv_state=state, grid_outage=outage,
-        w_max_rtg=ac, w_discha_max_rtg=rating, w_cha_max_rtg=rating, enter_service_s=entering),
+        w_max_rtg=ac, w_discha_max_rtg=discharge, w_cha_max_rtg=charge, enter_service_s=entering),
     age=st.floats(0, 5), ok=st.booleans(), state=st.sampled_from(list(InverterState)), outage=st.booleans(),
-    ac=st.floats(0, 20_000), rating=st.floats(0, 20_000), entering=st.sampled_from([0.0, 0.0, 0.0, 120.0]))
+    ac=st.floats(0, 20_000), discharge=st.none() | st.just(0.0) | st.floats(0, 20_000),  # None: not reported
+    charge=st.floats(0, 20_000), entering=st.sampled_from([0.0, 0.0, 0.0, 120.0]))
 
 site_limits = st.builds(SiteLimit, st.just(T), st.sampled_from(["sunspec", "owner"]),
                         st.none() | st.floats(0, 20_000) | st.just(math.nan))
@@ -110,7 +111,8 @@ def test_every_command_is_within_every_limit(c, items):
     assert after.bms.energy_path_closed()
     inv = after.inverter
     assert abs(w) <= (after.bms.max_discharge_w if w > 0 else after.bms.max_charge_w) + 1e-6
-    assert abs(w) <= (inv.w_discha_max_rtg if w > 0 else inv.w_cha_max_rtg) + 1e-6 or w > 0 and inv.w_discha_max_rtg == 0
+    storage_rating = inv.w_cha_max_rtg if w < 0 else math.inf if inv.w_discha_max_rtg is None else inv.w_discha_max_rtg
+    assert abs(w) <= storage_rating + 1e-6, "above the storage rating (0 W reported: it cannot)"
     assert abs(w) <= inv.w_max_rtg + 1e-6 or inv.w_max_rtg == 0, "above the inverter's AC rating"
     assert abs(w) <= (POLICY.max_discharge_w if w > 0 else POLICY.max_charge_w) + 1e-6
     if after.mode is not Mode.BACKUP:  # a site controller's limit: what goes to the grid

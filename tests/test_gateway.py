@@ -519,8 +519,9 @@ def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(t
     """A clean stop 20 s into an event at 3 kW ended it from the journal's last record (the event's opening
     one: integrated 0 Wh) with only the meter's gap added, so `report` and `statement` saw meter and integral
     far apart and a wrong average. The core that served the event closes it from its live account; the
-    meter read at the stop adds the gap since its last good poll to the meter only, also when the link was
-    lost for the last `lost_s` (the inverter running on at its setpoint: that energy was once billed to no one)."""
+    meter read at the stop adds the gap since its last good poll to the meter and the integral (no power was
+    read meanwhile), also when the link was lost for the last `lost_s` (the inverter running on at its
+    setpoint: that energy was once billed to no one)."""
     path = tmp_path / "journal.sqlite"
     clock = [0.0]
     assembly = gateway_on(path, clock)
@@ -553,8 +554,9 @@ def test_a_stop_mid_event_closes_it_with_the_live_integral_not_the_last_report(t
         final = journal.records(RecordKind.EVENT_ENERGY)[-1].payload
     assert ended.payload == {**ended.payload, "request_id": "r1", "reason": "gateway stopped: event ended"}
     assert final["final"] is True
-    assert final["integrated_wh"] == pytest.approx(3_000 * 20 / 3_600 + 1_500 / 3_600, abs=0.01)  # 17.08 Wh
-    assert final["meter_wh"] == pytest.approx((21 + lost_s) * 3_000 / 3_600 + 1.0, abs=0.01)  # the stop's read: 1 Wh
+    gap = lost_s * 3_000 / 3_600 + 1.0  # the stop's read: 1 Wh more
+    assert final["integrated_wh"] == pytest.approx(3_000 * 20 / 3_600 + 1_500 / 3_600 + gap, abs=0.01)  # 17.08 Wh + gap
+    assert final["meter_wh"] == pytest.approx(21 * 3_000 / 3_600 + gap, abs=0.01)
     assert final["meter_total_wh"] == pytest.approx(meter[0] + 1.0)
 
 

@@ -171,7 +171,8 @@ def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float 
 
     The meter's gap between the core's last good reading and the stop's final one (`meter_total_wh`)
     goes to the event served last, only when it is forward and no more than a crash could leave
-    unreported (as `close_after_restart` bills it); every other event closes at its live account.
+    unreported, and counted in its integral too (as `close_after_restart` bills it); every other event
+    closes at its live account.
     A STOP holds nothing; an open event the core does not hold (left open by an earlier run) is not closed
     here: `close_after_restart` closes it.
     """
@@ -187,6 +188,7 @@ def close_at_stop(c: Controller, open_ids: Iterable[str], meter_total_wh: float 
             # the record carries no meter total, and the inverter ran on for the event meanwhile
             gap = _billable_gap(c.metered.tot_wh_inj if c.metered is not None else None, meter_total_wh, c.policy)
             closed[-1] = replace(final, meter_wh=round(final.meter_wh + gap, 3),
+                                 integrated_wh=round(final.integrated_wh + gap, 3),  # no power read meanwhile
                                  meter_total_wh=meter_total_wh if meter_total_wh is not None else final.meter_total_wh)
         events.extend(closed)
     return c, events
