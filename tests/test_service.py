@@ -553,7 +553,10 @@ def test_an_owner_change_arriving_while_the_service_stops_neither_steps_the_core
             assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
             assert b"the gateway is stopping: nothing changed" in answer
             assert stepped == []
-            assert wsets[writes_at_stop:] == [0.0]  # the safe stop's, alone
+            # the safe stop's 0 W last; before it at most the one write the writer had on the wire when the
+            # stop began (the inverter records a write as it lands; no step made one since: above)
+            after = wsets[writes_at_stop:]
+            assert after[-1:] == [0.0] and len(after) <= 2, after
 
     asyncio.run(main())
 
