@@ -201,6 +201,18 @@ def test_install_refuses_a_bundle_with_any_file_damaged_before_reading_it(tmp_pa
     assert not (tmp_path / "root").exists()
 
 
+def installed_once(tmp_path: Path) -> tuple[Path, Path]:
+    """A bundle of one tiny wheel, installed once under `--root`: its installer and that root."""
+    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
+    tiny_wheel(tmp_path / "bundle" / "wheels")
+    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
+    bundle.write_checksums(tmp_path / "bundle")
+    root = tmp_path / "root"
+    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
+    assert first.returncode == 0, first.stdout + first.stderr
+    return installer, root
+
+
 @pytest.mark.slow
 @pytest.mark.first  # a virtual environment made and pip run twice (about 11 s)
 def test_an_environment_whose_python_an_os_upgrade_removed_is_made_again(tmp_path):
@@ -245,13 +257,7 @@ def test_an_environment_an_os_upgrade_left_on_a_newer_python_by_the_same_name_is
     gateway left broken). Simulated without a second Python: an environment as an older one made it
     (pyvenv.cfg's version, its lib/python3.10) whose bin/python is now this Python. What the owner keeps
     (configuration, token, journal, settings) lives outside it and is untouched."""
-    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
-    tiny_wheel(tmp_path / "bundle" / "wheels")
-    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
-    bundle.write_checksums(tmp_path / "bundle")
-    root = tmp_path / "root"
-    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
-    assert first.returncode == 0, first.stdout + first.stderr
+    installer, root = installed_once(tmp_path)
     venv = root / "opt" / "powershare-gw"
     cfg = venv / "pyvenv.cfg"
     cfg.write_text(re.sub(r"(?m)^version *=.*$", "version = 3.10.12", cfg.read_text()))
@@ -278,13 +284,7 @@ def test_an_environment_made_with_another_interpreter_of_the_same_version_is_mad
     was kept by every later run, --python /usr/bin/python3 too, as its version matched and pip imported
     as root: only removing /opt/powershare-gw repaired it. Simulated without a second Python: the first
     environment's pyvenv.cfg names another interpreter of the same X.Y, whose bin/python still runs."""
-    installer = fake_bundle(tmp_path / "bundle", os.uname().machine, HOST_PYTHON)
-    tiny_wheel(tmp_path / "bundle" / "wheels")
-    (tmp_path / "bundle" / "requirements.txt").write_text("powershare-gw==0.1.0\n")
-    bundle.write_checksums(tmp_path / "bundle")
-    root = tmp_path / "root"
-    first = run(["sh", str(installer), "--root", str(root), "--python", sys.executable])
-    assert first.returncode == 0, first.stdout + first.stderr
+    installer, root = installed_once(tmp_path)
     cfg = root / "opt" / "powershare-gw" / "pyvenv.cfg"
     made = cfg.read_text()
     other = "/root/.pyenv/versions/9.9.9/bin"

@@ -664,21 +664,26 @@ def test_a_base_that_times_out_sends_the_search_on_to_the_next(base, silent_from
     assert found in asyncio.run(main())
 
 
-@pytest.mark.parametrize("model, point, value", [(701, "W_SF", 400), (704, "WSet_SF", -400), (702, "W_SF", 11)])
-def test_a_scale_factor_outside_sunspec_range_is_a_link_error_not_a_crash(model, point, value):
-    """A scale factor outside -10..10 overflowed (10.0 ** 400) or divided by zero (10.0 ** -400) inside
-    read_status()/apply(), both documented never to raise: discovery refuses the device instead."""
+def refused_with_scale_factor(model: int, point: str, raw: int):
+    """The status of a device whose `point` reads `raw`, after a command it must not have been written."""
     async def main():
         smap = InverterModel().register_map(40000)
         registers = smap.registers()
-        registers[smap.addresses()[model] - 40000 + ModelDef.load(model).offset(point)] = value & 0xFFFF
+        registers[smap.addresses()[model] - 40000 + ModelDef.load(model).offset(point)] = raw
         async with device_serving(registers) as client:
             status = await client.read_status()
             await client.apply(InverterCommand(3_000.0, "dispatch"))
             assert client.writes == 0
         return status
 
-    status = asyncio.run(main())
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("model, point, value", [(701, "W_SF", 400), (704, "WSet_SF", -400), (702, "W_SF", 11)])
+def test_a_scale_factor_outside_sunspec_range_is_a_link_error_not_a_crash(model, point, value):
+    """A scale factor outside -10..10 overflowed (10.0 ** 400) or divided by zero (10.0 ** -400) inside
+    read_status()/apply(), both documented never to raise: discovery refuses the device instead."""
+    status = refused_with_scale_factor(model, point, value & 0xFFFF)
     assert not status.comms_ok
     assert f"model {model} {point} = {value} is outside -10..10: not a usable SunSpec device" in status.error
 
@@ -708,17 +713,7 @@ def test_a_discharge_rating_of_0_w_reads_as_cannot_discharge_not_as_not_reported
 def test_a_needed_scale_factor_not_implemented_is_refused_like_one_out_of_range(model, point, unknown):
     """A scale factor reading "not implemented" (0x8000) was taken as 0: raw W 500 was 500 W to billing, and
     WSet written as watts in a unit nobody knew. Discovery refuses the device, as for an out-of-range one."""
-    async def main():
-        smap = InverterModel().register_map(40000)
-        registers = smap.registers()
-        registers[smap.addresses()[model] - 40000 + ModelDef.load(model).offset(point)] = 0x8000
-        async with device_serving(registers) as client:
-            status = await client.read_status()
-            await client.apply(InverterCommand(3_000.0, "dispatch"))
-            assert client.writes == 0
-        return status
-
-    status = asyncio.run(main())
+    status = refused_with_scale_factor(model, point, 0x8000)
     assert not status.comms_ok
     assert f"model {model} {point} is 'not implemented' (0x8000): {unknown}: not a usable SunSpec device" \
         in status.error
