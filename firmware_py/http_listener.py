@@ -58,6 +58,9 @@ PER_ADDRESS = 8
 FIRST_REQUEST_S = 10.0
 IDLE_S = 30.0
 BODY_S = 10.0
+MAX_BODY_BYTES = 4096
+"""Every listener's body bound (aiohttp's `client_max_size`); a larger body is answered 413 with `TOO_LARGE`."""
+TOO_LARGE = f"request body larger than {MAX_BODY_BYTES} bytes"
 
 T = TypeVar("T")
 

@@ -41,7 +41,15 @@ from aiohttp import web
 from firmware_py.clocks import Clocks
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import OwnerSettings
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of, raised_at, serve_until_cancelled
+from firmware_py.http_listener import (
+    MAX_BODY_BYTES,
+    TOO_LARGE,
+    BodyUnread,
+    HttpListener,
+    body_of,
+    raised_at,
+    serve_until_cancelled,
+)
 from firmware_py.owner import OwnerPort
 from firmware_py.owner.access import Listen, ensure_token, parse_listen
 from firmware_py.owner.changes import BadRequest, parse_body
@@ -51,7 +59,6 @@ from firmware_py.quoting import printable
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4096
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -134,7 +141,7 @@ class OwnerApi:
         except (BadRequest, BodyUnread) as err:
             return _json_response(400, {"error": str(err)})
         except web.HTTPRequestEntityTooLarge:  # as the web app answers it
-            return _json_response(413, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
+            return _json_response(413, {"error": TOO_LARGE})
         except web.HTTPException as err:
             return _json_response(err.status, {"error": err.reason})
         except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback

@@ -49,7 +49,15 @@ from firmware_py.core import floor as floors
 from firmware_py.core.types import OwnerSettings
 from firmware_py.errors import InputError
 from firmware_py.files import regular_or_absent
-from firmware_py.http_listener import BodyUnread, HttpListener, body_of, raised_at, serve_until_cancelled
+from firmware_py.http_listener import (
+    MAX_BODY_BYTES,
+    TOO_LARGE,
+    BodyUnread,
+    HttpListener,
+    body_of,
+    raised_at,
+    serve_until_cancelled,
+)
 from firmware_py.journal import codec
 from firmware_py.owner.access import ensure_token, read_token
 from firmware_py.owner.changes import BadRequest, parse_body
@@ -65,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4096
 COOKIE = "psgw_session"
 CSRF_HEADER = "X-CSRF-Token"
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -272,7 +279,7 @@ class WebApp:
         except NotApplied as err:
             response = _json(err.status, {"error": str(err)})
         except web.HTTPRequestEntityTooLarge:
-            response = _json(413, {"error": f"request body larger than {MAX_BODY_BYTES} bytes"})
+            response = _json(413, {"error": TOO_LARGE})
         except web.HTTPException as err:
             if err.status < 400:
                 raise
