@@ -128,7 +128,7 @@ def _mqtt(config: Config, gateway: Gateway) -> Integration:
 def _check_mqtt(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.mqtt.bridge import check as check_mqtt
 
-    return check_mqtt(config)
+    return check_mqtt(config, owner_uid)
 
 
 def _metrics(config: Config, gateway: Gateway) -> Integration:

@@ -1064,6 +1064,7 @@ def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_pat
 
     cert, key = self_signed(tmp_path)
     (tmp_path / "mqtt.secret").write_text("correct horse battery\n")
+    (tmp_path / "mqtt.secret").chmod(0o600)
     tls = Tls(ca=cert, cert=cert, key=key)
 
     async def main() -> None:
@@ -1108,12 +1109,30 @@ def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_pat
 ])
 def test_check_config_runs_the_mqtt_checks(tmp_path, capsys, mqtt, message):
     (tmp_path / "gw.secret").write_text("s3cret\n")
+    (tmp_path / "gw.secret").chmod(0o600)
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     path = tmp_path / "gw.toml"
     path.write_text(f"[mqtt]\nenabled = true\n{mqtt}\n")
     assert cli.main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "s3cret" not in err
+
+
+@pytest.mark.parametrize("mode, told", [(0o644, "mode 0644"), (0o640, "mode 0640")])
+def test_a_broker_password_others_may_read_is_refused_naming_the_mode(tmp_path, capsys, mode, told):
+    """The broker password was read from a file anyone on the gateway could read (0644), where the
+    OpenADR 3 client secret and the tokens are refused: now the same rule for every secret."""
+    secret = tmp_path / "gw.secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(mode)
+    path = tmp_path / "gw.toml"
+    path.write_text('[mqtt]\nenabled = true\nusername = "gw"\npassword_file = "gw.secret"\n')
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"mqtt.password_file: {secret}: the MQTT password file is accessible by group or others ({told})" in err
+    assert f"chmod 600 {secret}" in err and "s3cret" not in err
+    secret.chmod(0o600)
+    assert cli.main(["check-config", str(path)]) == 0, capsys.readouterr().err
 
 
 def test_prefixes_that_root_a_topic_tree():

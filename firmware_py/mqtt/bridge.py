@@ -56,13 +56,13 @@ from firmware_py.addresses import parse_host_port
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
 from firmware_py.errors import InputError
-from firmware_py.files import read_text
 from firmware_py.journal import codec
 from firmware_py.links import Link
 from firmware_py.mqtt import commands
 from firmware_py.mqtt.discovery import configurations, retired
 from firmware_py.mqtt.state import Pacer, state_document
 from firmware_py.mqtt.topics import Topics, node_id, prefix_problem
+from firmware_py.owner.access import read_secret
 from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.desk import NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore
@@ -101,9 +101,10 @@ QOS = 1
 HA_BIRTH_TOPIC = "homeassistant/status"  # Home Assistant's, whatever its discovery prefix
 
 
-def check(config: Config) -> list[str]:
+def check(config: Config, owner_uid: int | None = None) -> list[str]:
     """What `check-config` and `run` refuse before anything opens: the broker address, the prefixes,
-    the password file (readable) and the TLS CA file (a usable PEM bundle)."""
+    the password file (readable by `owner_uid` alone, the user the gateway runs as) and the TLS CA
+    file (a usable PEM bundle)."""
     mqtt, problems = config.mqtt, []
     try:
         if parse_host_port(mqtt.broker, "mqtt.broker")[1] == 0:
@@ -115,7 +116,7 @@ def check(config: Config) -> list[str]:
             problems.append(problem)
     if mqtt.password_file and not mqtt.username:
         problems.append("mqtt.password_file: set mqtt.username too (a password goes with a username)")
-    for attempt in (lambda: password(mqtt), lambda: tls_context(mqtt)):
+    for attempt in (lambda: password(mqtt, owner_uid=owner_uid), lambda: tls_context(mqtt)):
         try:
             attempt()
         except InputError as err:
@@ -123,21 +124,19 @@ def check(config: Config) -> list[str]:
     return problems
 
 
-def password(mqtt: MqttConfig) -> str | None:
+def password(mqtt: MqttConfig, *, owner_uid: int | None = None) -> str | None:
     """The broker password from `password_file` (its first line), or None without one; InputError
-    naming the file when it cannot be read. The password itself never appears in a message."""
+    naming the file when it cannot be read or others may read it (the rules of every secret the
+    gateway holds, `read_secret`). The password itself never appears in a message."""
     if not mqtt.password_file:
         return None
     try:
-        text = read_text(mqtt.password_file, "MQTT password file", max_bytes=4096)
+        return read_secret(mqtt.password_file, "MQTT password", owner_uid=owner_uid)
     except FileNotFoundError:
-        raise InputError(f"mqtt.password_file: {mqtt.password_file}: no such file") from None
+        raise InputError(f"mqtt.password_file: {mqtt.password_file}: no such file "
+                         "(put the broker password on its first line, mode 0600)") from None
     except InputError as err:
         raise InputError([f"mqtt.password_file: {p}" for p in err.problems]) from None
-    lines = text.splitlines()
-    if not lines or not lines[0]:
-        raise InputError(f"mqtt.password_file: {mqtt.password_file}: the first line (the password) is empty")
-    return lines[0]
 
 
 def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
