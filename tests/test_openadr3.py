@@ -491,7 +491,7 @@ def test_each_malformed_event_is_refused_once_not_on_every_poll() -> None:
     run(scenario)
 
 
-def test_two_objects_under_one_event_id_the_first_listed_stands_every_poll_and_is_warned_of_once(caplog) -> None:
+def test_two_objects_under_one_event_id_one_stands_every_poll_and_is_warned_of_once(caplog) -> None:
     async def scenario() -> None:
         sink = ScriptedSink()
         async with enrolled(sink) as (vtn, ven, program):
@@ -506,8 +506,66 @@ def test_two_objects_under_one_event_id_the_first_listed_stands_every_poll_and_i
             assert [o.revision for o in ven.outcomes] == [0]
             assert not sink.of(DispatchRequest) and not sink.of(DispatchCancel)
             assert [r.getMessage() for r in caplog.records if "two objects" in r.getMessage()] == [
-                f"OpenADR 3: the VTN lists two objects under event id {good}: the first one listed is taken, "
-                "the other ignored"]
+                f"OpenADR 3: the VTN lists two objects under event id {good}: one is answered (the one answered "
+                "already, else the first listed), the other ignored"]
+
+    run(scenario)
+
+
+def test_two_objects_under_one_id_listed_in_turn_first_never_take_turns_at_the_inverter() -> None:
+    """A VTN that swaps two objects under one id between listings (no stable order): taking the first
+    listed each time, each copy was the other's new revision, and the inverter swung between 5 and 2 kW
+    on every poll while the log said one was ignored. The one answered already stands."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            eid = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 1800, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(eid))
+            five = vtn.events[eid]
+            two = copy.deepcopy(five)
+            two["intervals"][0]["payloads"][0]["values"] = [2.0]
+            sink.run(30)  # ramped up to 5 kW
+            applied = []
+            for listing in range(6):
+                vtn.events = {"a": two, "b": five} if listing % 2 else {"a": five, "b": two}
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls > polls)
+                sink.run(2)
+                applied.append(sink.applied_w)
+            assert applied == [5_000.0] * 6
+            assert vtn.answers_for(eid) == ["accepted"] and [o.revision for o in ven.outcomes] == [0]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("again", ["the same event", "another event under its id"])
+def test_an_event_revised_then_gone_from_a_listing_is_served_when_listed_again(again) -> None:
+    """The VTN revised an event (the core held revision 1), then listed no events for a moment (restarting):
+    the VEN cancelled it, and took it again at revision 0, which the core refused for good as a duplicate
+    of its own ("id already used with other content"): 0 W for the rest of the event. A new event the VTN
+    gave the same id was refused the same way. Listed again, it is a new revision, judged anew."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            eid = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 1800, 5.0)
+            await vtn.wait_for(lambda: vtn.answers_for(eid))
+            sink.run(30)
+            vtn.modify_event(eid, values=[4.0])
+            await vtn.wait_for(lambda: len(vtn.answers_for(eid)) == 2)
+            sink.run(10)
+            assert (sink.c.serving_id, sink.applied_w) == (eid, 4_000.0)
+            listed = vtn.events.pop(eid)
+            await vtn.wait_for(lambda: sink.c.serving_id is None)
+            sink.run(5)
+            assert sink.applied_w == 0.0
+            if again == "another event under its id":
+                listed = copy.deepcopy(listed)
+                listed["intervals"][0]["payloads"][0]["values"] = [3.0]
+            vtn.events[eid] = listed
+            await vtn.wait_for(lambda: len(vtn.answers_for(eid)) == 3)
+            sink.run(10)
+            assert vtn.answers_for(eid) == ["accepted"] * 3, vtn.reasons_for(eid)
+            assert (sink.c.serving_id, sink.applied_w) == (eid, 4_000.0 if again == "the same event" else 3_000.0)
 
     run(scenario)
 

@@ -55,6 +55,7 @@ from aiohttp import web
 from firmware_py.addresses import parse_host_port
 from firmware_py.config import OpenAdr3Config
 from firmware_py.core.controller import StepResult
+from firmware_py.core.requests import ENDED_MEMORY_MAX
 from firmware_py.core.types import (
     DispatchAnswer,
     DispatchCancel,
@@ -103,6 +104,7 @@ MAX_SCAN_PAGES = 400
 so an hourly program passes 2,000 in under three months; events already handled and not held are
 read past without being kept, so only `MAX_PAGES` pages are ever held in memory."""
 MAX_EVENTS = 500  # events tracked at once
+LEFT_MEMORY = 2 * ENDED_MEMORY_MAX  # ids gone from the VTN whose revision is remembered: more than the core keeps
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
 MAX_REPORT_ATTEMPTS = 5
 """Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
@@ -386,6 +388,8 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
+        self._left: dict[str, int] = {}  # event id gone from the VTN -> the highest revision the core was given
+        # under it (oldest first, at most LEFT_MEMORY): the core still holds that one (`_next_revision`)
         self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
@@ -779,27 +783,19 @@ class OpenAdr3Ven:
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            self._leave(event_id, max((r.revision for r in tracked.requests.values()), default=0))
             self._report_begun(sink, tracked)
             self._forget(_asked(tracked.plan))
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
                 await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
                 self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
-        handled: set[str] = set(settled)
         history = self.history_passed
-        for event in events:
-            key = _content_key(event)
-            event_id = event_id_of(event)
-            if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
-                event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
-                present.add(event_id)
-            if event_id in handled:  # a second object under one id: the first one listed stands
-                self._warn_duplicate(event_id)
-                continue
-            handled.add(event_id)
+        for event_id, (key, event) in self._one_per_id(events, settled).items():
+            present.add(event_id)
             seen = self._seen.get(event_id)
             if seen is not None and seen[0] == key:
                 continue  # handled already (held, refused, or over)
-            revision = seen[1] + 1 if seen is not None else 0
+            revision = self._next_revision(event_id)
             try:
                 await self._on_event(sink, event, revision)
             except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
@@ -807,20 +803,56 @@ class OpenAdr3Ven:
                 continue
             self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
-            del self._seen[event_id]  # gone from the VTN: a later event of that id is new
+            self._leave(event_id, self._seen.pop(event_id)[1])
         self._not_addressed &= present
         self._duplicated &= present
         if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
             log.info("OpenADR 3: %d event(s) listed that ended before the VEN started: passed over, not answered",
                      passed)
 
+    def _one_per_id(self, events: list[Any], settled: set[str] | frozenset[str]) -> dict[str, tuple[str, Any]]:
+        """Each event id listed, in listing order, with its content's key and the one object answered for it.
+        Of two objects under one id the one handled already stands (else the first listed), whatever the
+        order a listing gives them: taking the first listed each time, the copies took turns as each
+        other's revision when a VTN swapped them, and the inverter swung between their powers every poll."""
+        chosen: dict[str, tuple[str, Any]] = {}
+        for event in events:
+            key = _content_key(event)
+            event_id = event_id_of(event)
+            if event_id == UNKNOWN_EVENT:  # refused once per content, not once per poll
+                event_id = f"{UNKNOWN_EVENT}-{key[:16]}"
+            if event_id in settled or event_id in chosen:
+                self._warn_duplicate(event_id)
+                seen = self._seen.get(event_id)
+                if event_id in chosen and seen is not None and seen[0] == key:
+                    chosen[event_id] = (key, event)
+                continue
+            chosen[event_id] = (key, event)
+        return chosen
+
+    def _next_revision(self, event_id: str) -> int:
+        """One more than the last revision the core was given under `event_id`: the last handled, or for an
+        id that left the listings and is back (the same event, or a new one the VTN gives that id), the
+        highest the core still holds: at revision 0 again, the core refused it as a duplicate of its own."""
+        if (seen := self._seen.get(event_id)) is not None:
+            return seen[1] + 1
+        left = self._left.pop(event_id, None)
+        return 0 if left is None else left + 1
+
+    def _leave(self, event_id: str, revision: int) -> None:
+        """Remember the highest revision given under an id the VTN no longer lists (`_next_revision`),
+        for as many ids as the core remembers ended requests: the oldest forgotten first."""
+        self._left[event_id] = max(revision, self._left.pop(event_id, -1))  # moved to the newest end
+        while len(self._left) > LEFT_MEMORY:
+            del self._left[next(iter(self._left))]
+
     def _warn_duplicate(self, event_id: str) -> None:
         """One warning per duplicated id while it stays listed (not one per poll): the aggregator's
-        VTN lists two objects under one event id, and only the first one listed is answered."""
+        VTN lists two objects under one event id, and only one is answered."""
         if event_id not in self._duplicated:
             self._duplicated.add(event_id)
-            log.warning("OpenADR 3: the VTN lists two objects under event id %s: the first one listed is "
-                        "taken, the other ignored", event_id)
+            log.warning("OpenADR 3: the VTN lists two objects under event id %s: one is answered (the one "
+                        "answered already, else the first listed), the other ignored", event_id)
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         try:
