@@ -117,7 +117,10 @@ def _storm_watch(t: Telemetry, wall_now: float) -> dict[str, Any] | None:
 
 
 def _utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """To the nearest second: a time the owner set on the wall clock comes back through the core's
+    monotonic clock a few ms either side of it, and cut, a storm watch set until 01:46 read 01:45:59
+    (the page, dropping the seconds, said 1:45) on one read in two."""
+    return datetime.fromtimestamp(round(epoch_s), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def render(doc: dict[str, Any]) -> list[str]:

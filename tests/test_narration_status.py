@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,20 @@ def test_status_refuses_a_document_with_a_field_of_the_wrong_type_naming_it(tmp_
     assert status_answered(doc, tmp_path) == 2
     err = capsys.readouterr().err
     assert "is not a powershare-gw owner API (its field " + field + " is " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("off_s", [-0.004, 0.0, 0.004])
+def test_a_storm_watch_until_a_whole_minute_reads_that_minute_whatever_the_clocks_jitter(off_s):
+    """Set until 01:46 on the wall clock, held on the core's monotonic clock and shown on the wall clock
+    again: a few ms early, `status` said 01:45:59Z and the page 1:45."""
+    from firmware_py.core.telemetry import Telemetry
+    from firmware_py.status import status_document
+
+    wall_now = 1_765_000_000.25  # a wall clock 0.25 s past a second, as it mostly is
+    until = 1_765_003_560.0  # a whole minute, 59 min 59.75 s from now
+    watched = Telemetry(at=100.0, mode=Mode.STANDBY, soc_pct=80.0, floor_pct=75.0, power_w=0.0, setpoint_w=0.0,
+                        available_wh=0.0, active_event_id=None, storm_watch_pct=75.0,
+                        storm_watch_until=100.0 + (until - wall_now) + off_s)
+    shown = status_document(watched, {}, wall_now=wall_now)["storm_watch"]["until"]
+    assert shown == datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
