@@ -224,6 +224,30 @@ def test_a_changed_figure_a_wrong_key_or_a_changed_journal_fail_verification(cra
     assert f"journal: record {row[0]}: contents do not match its hash (edited)" in err
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("journal_seq", "abc", "journal_seq is 'abc' (str), not a whole number"),
+    ("journal_seq", -1, "journal_seq is -1: a record number is 0 or more"),
+    ("events", "x", "events is 'x' (str), not a list"),
+    ("credit", "1.0", "events[0].credit is '1.0' (str), not a number"),
+    ("credit", True, "events[0].credit is True (bool), not a number"),
+])
+def test_a_statement_with_a_malformed_field_is_bad_input_named_not_a_changed_figure(
+        crashed, tmp_path, capsys, field, value, said):
+    """A field of the wrong type exited 1 as a changed figure, and a journal_seq of "abc" was said to be a
+    record the journal lacks ("cut back, or another journal"): it is bad input (exit 2), named."""
+    statement = make(crashed, tmp_path / "s.json", "--event", "peak")
+    if field == "credit":
+        statement["events"][0]["credit"] = value
+    else:
+        statement[field] = value
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text(json.dumps(statement))
+    for journal in ((), (crashed,)):
+        assert verify(malformed, *journal) == 2
+        err = capsys.readouterr().err
+        assert f"{malformed}: a malformed statement: {said}" in err and "cut back" not in err
+
+
 def test_a_statement_resigned_by_another_key_fails_wherever_the_key_is_checked_and_says_when_it_cannot_be(
         crashed, tmp_path, capsys):
     """Figures that follow from the journal prove nothing about the rate unless the gateway signed them: a

@@ -197,7 +197,35 @@ def _read_statement(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a JSON statement (nested deeper than any statement is)")
     if not isinstance(document, dict) or "signature" not in document or "public_key" not in document:
         raise InputError(f"{path}: not a signed statement (no signature or public_key)")
+    if malformed := _malformed(document):
+        raise InputError([f"{path}: a malformed statement: {m}" for m in malformed])
     return document
+
+
+_SHAPE: dict[str, tuple[type, str]] = {"journal_seq": (int, "a whole number"), "journal_head": (str, "text"),
+                                       "currency": (str, "text"), "events": (list, "a list"),
+                                       "totals": (dict, "an object"), "period": (dict, "an object")}
+_FIGURE_ENDS = ("_wh", "_w", "_pct", "credit", "wear_cost", "net", "_cycles")
+
+
+def _malformed(statement: dict[str, Any]) -> list[str]:
+    """Fields of the wrong type, named: such a file is bad input (exit 2), not a changed figure (exit 1),
+    and its `journal_seq` must not be read as a record the journal lacks ("cut back")."""
+    def kind(value: Any) -> str:
+        return "null" if value is None else type(value).__name__
+    problems = [f"{key} is {printable(repr(value)[:40])} ({kind(value)}), not {wanted}"
+                for key, (of_type, wanted) in _SHAPE.items()
+                if key in statement and (not isinstance(value := statement[key], of_type) or isinstance(value, bool))]
+    if isinstance(seq := statement.get("journal_seq"), int) and seq < 0:
+        problems.append(f"journal_seq is {seq}: a record number is 0 or more")
+    for n, event in enumerate(statement.get("events") if isinstance(statement.get("events"), list) else []):
+        if not isinstance(event, dict):
+            problems.append(f"events[{n}] is {kind(event)}, not an object")
+            continue
+        problems += [f"events[{n}].{key} is {printable(repr(value)[:40])} ({kind(value)}), not a number"
+                     for key, value in event.items() if key.endswith(_FIGURE_ENDS) and value is not None
+                     and (isinstance(value, bool) or not isinstance(value, (int, float)))]
+    return problems
 
 
 MAX_DEPTH = 8
