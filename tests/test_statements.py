@@ -387,6 +387,9 @@ def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
     for option in (["--month", "9999-12"], ["--from", "9999-12-31", "--to", "9999-12-31"]):
         assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), *option]) == 2
         assert "past the last" in capsys.readouterr().err  # not a damaged journal (1)
+    for month in ("2025-7", " 2025-07", "2025-13", "25-07"):  # strptime alone took the first two
+        assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), "--month", month]) == 2
+        assert f"--month: {month!r} is not YYYY-MM" in capsys.readouterr().err
 
 
 def test_a_date_written_any_iso_way_is_a_whole_day_included_as_to():

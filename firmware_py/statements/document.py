@@ -40,8 +40,11 @@ class Selection:
 
 
 def month_period(text: str) -> Period:
-    """YYYY-MM as [first of the month, first of the next), UTC."""
+    """YYYY-MM as [first of the month, first of the next), UTC. Exactly that: strptime alone also takes
+    `2025-7` and ` 2025-07`, which a statement would then name as a month no one wrote."""
     try:
+        if not re.fullmatch(r"\d{4}-\d{2}", text):
+            raise ValueError(text)
         first = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
     except ValueError:
         raise InputError(f"--month: {text!r} is not YYYY-MM") from None
