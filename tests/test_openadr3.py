@@ -529,7 +529,7 @@ def test_two_objects_under_one_id_listed_in_turn_first_never_take_turns_at_the_i
             for listing in range(6):
                 vtn.events = {"a": two, "b": five} if listing % 2 else {"a": five, "b": two}
                 polls = ven.polls
-                await vtn.wait_for(lambda: ven.polls > polls)
+                await vtn.wait_for(lambda polls=polls: ven.polls > polls)
                 sink.run(2)
                 applied.append(sink.applied_w)
             assert applied == [5_000.0] * 6
@@ -538,14 +538,24 @@ def test_two_objects_under_one_id_listed_in_turn_first_never_take_turns_at_the_i
     run(scenario)
 
 
-@pytest.mark.parametrize("again", ["the same event", "another event under its id"])
+@pytest.mark.parametrize("again", ["the same event", "another event under its id", "the core failing on it once"])
 def test_an_event_revised_then_gone_from_a_listing_is_served_when_listed_again(again) -> None:
     """The VTN revised an event (the core held revision 1), then listed no events for a moment (restarting):
     the VEN cancelled it, and took it again at revision 0, which the core refused for good as a duplicate
     of its own ("id already used with other content"): 0 W for the rest of the event. A new event the VTN
-    gave the same id was refused the same way. Listed again, it is a new revision, judged anew."""
+    gave the same id was refused the same way. Listed again, it is a new revision, judged anew; also
+    when the core fails on its first try (the next poll's try is a revision above the failed one's)."""
     async def scenario() -> None:
         sink = CoreSink()
+        failing = [True] if again == "the core failing on it once" else []
+        submit = sink.submit
+
+        async def submit_failing_once(item):
+            if failing and isinstance(item, DispatchRequest) and item.revision > 1:
+                failing.clear()
+                raise RuntimeError("the core failed")
+            return await submit(item)
+        sink.submit = submit_failing_once
         async with enrolled(sink) as (vtn, ven, program):
             eid = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), 1800, 5.0)
             await vtn.wait_for(lambda: vtn.answers_for(eid))
@@ -565,7 +575,9 @@ def test_an_event_revised_then_gone_from_a_listing_is_served_when_listed_again(a
             await vtn.wait_for(lambda: len(vtn.answers_for(eid)) == 3)
             sink.run(10)
             assert vtn.answers_for(eid) == ["accepted"] * 3, vtn.reasons_for(eid)
-            assert (sink.c.serving_id, sink.applied_w) == (eid, 4_000.0 if again == "the same event" else 3_000.0)
+            assert not failing  # the one failure happened
+            served = 3_000.0 if again == "another event under its id" else 4_000.0
+            assert (sink.c.serving_id, sink.applied_w) == (eid, served)
 
     run(scenario)
 
@@ -1157,6 +1169,38 @@ def test_a_vtn_that_says_not_now_is_asked_again_when_it_said(status: int, header
                 ven.wake()  # a notification: the VTN is talking again, asked at once
                 await vtn.wait_for(lambda: ven.polls, 10)
                 assert ven.next_poll_in_s <= 0.2
+
+    run(scenario)
+
+
+def test_a_report_falling_due_while_the_vtn_is_down_wakes_the_ven_once_not_at_every_step() -> None:
+    """An interval ended while the VTN answered 503 with a Retry-After: its report fell due at every step
+    of the core after it, and each woke the VEN out of its back-off, so it polled the VTN that had asked
+    it to wait about 15 times a second until the VTN came back. The report still goes when it is back."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with PausedVtn(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.busy, vtn.status, vtn.retry_after = 0, 503, "30"
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-30), [60, 60], [5.0, 5.0],
+                                     report_every=1)
+            ven = make_ven(vtn)
+            sink.observers.append(ven.notice_step)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                sink.run(10)
+                vtn.busy = 10_000  # the VTN is down, and says so
+                await vtn.wait_for(lambda: ven.failed_polls)
+                woken = []
+                real_wake = ven.wake
+                ven.wake = lambda: (woken.append(sink.now()), real_wake())  # type: ignore[method-assign]
+                sink.run(40)  # interval 0 ends 20 s in: its report falls due, and 20 steps follow
+                assert len(woken) == 1
+                assert ven.next_poll_in_s == pytest.approx(30.0)  # the back-off the VTN asked for stands
+                vtn.busy = 0  # back
+                real_wake()
+                assert await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id).get(0))
+                assert len(energy_reports_of(vtn, event_id, 0)) == 1
 
     run(scenario)
 

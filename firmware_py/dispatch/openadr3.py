@@ -104,7 +104,7 @@ MAX_SCAN_PAGES = 400
 so an hourly program passes 2,000 in under three months; events already handled and not held are
 read past without being kept, so only `MAX_PAGES` pages are ever held in memory."""
 MAX_EVENTS = 500  # events tracked at once
-LEFT_MEMORY = 2 * ENDED_MEMORY_MAX  # ids gone from the VTN whose revision is remembered: more than the core keeps
+GIVEN_MEMORY = 2 * ENDED_MEMORY_MAX  # event ids whose highest revision is remembered: more than the core keeps
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
 MAX_REPORT_ATTEMPTS = 5
 """Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
@@ -388,8 +388,8 @@ class OpenAdr3Ven:
         self._events: dict[str, _Tracked] = {}
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
-        self._left: dict[str, int] = {}  # event id gone from the VTN -> the highest revision the core was given
-        # under it (oldest first, at most LEFT_MEMORY): the core still holds that one (`_next_revision`)
+        self._given: dict[str, int] = {}  # event id -> the highest revision the core was given under it, its own
+        # or a re-ask's (least recently given first, at most GIVEN_MEMORY): the core may hold it (`_next_revision`)
         self._listing_cut = False  # the last listing of events was cut short (warned once)
         self._not_addressed: set[str] = set()  # events listed for other VENs only, logged once each
         self._duplicated: set[str] = set()  # event ids listed under two objects, warned of once each
@@ -783,7 +783,6 @@ class OpenAdr3Ven:
         now = sink.now()
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
-            self._leave(event_id, max((r.revision for r in tracked.requests.values()), default=0))
             self._report_begun(sink, tracked)
             self._forget(_asked(tracked.plan))
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
@@ -796,6 +795,7 @@ class OpenAdr3Ven:
             if seen is not None and seen[0] == key:
                 continue  # handled already (held, refused, or over)
             revision = self._next_revision(event_id)
+            self._gave(event_id, revision)
             try:
                 await self._on_event(sink, event, revision)
             except Exception:  # noqa: BLE001 - the core failing on one event must not cost the others
@@ -803,7 +803,7 @@ class OpenAdr3Ven:
                 continue
             self._seen[event_id] = (key, revision)
         for event_id in [e for e in self._seen if e not in present]:
-            self._leave(event_id, self._seen.pop(event_id)[1])
+            del self._seen[event_id]  # gone from the VTN: listed again, the next revision (`_next_revision`)
         self._not_addressed &= present
         self._duplicated &= present
         if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
@@ -831,20 +831,18 @@ class OpenAdr3Ven:
         return chosen
 
     def _next_revision(self, event_id: str) -> int:
-        """One more than the last revision the core was given under `event_id`: the last handled, or for an
-        id that left the listings and is back (the same event, or a new one the VTN gives that id), the
-        highest the core still holds: at revision 0 again, the core refused it as a duplicate of its own."""
-        if (seen := self._seen.get(event_id)) is not None:
-            return seen[1] + 1
-        left = self._left.pop(event_id, None)
-        return 0 if left is None else left + 1
+        """One more than the highest revision the core was given under `event_id`: its own, a re-ask's, or
+        one a failure cut short; so also for an id that left the listings and is back (the same event, or
+        a new one under its id). At a lower or equal one, the core refused it for good as a duplicate of
+        its own ("id already used with other content") and the inverter stayed at 0 W."""
+        return self._given.get(event_id, -1) + 1
 
-    def _leave(self, event_id: str, revision: int) -> None:
-        """Remember the highest revision given under an id the VTN no longer lists (`_next_revision`),
-        for as many ids as the core remembers ended requests: the oldest forgotten first."""
-        self._left[event_id] = max(revision, self._left.pop(event_id, -1))  # moved to the newest end
-        while len(self._left) > LEFT_MEMORY:
-            del self._left[next(iter(self._left))]
+    def _gave(self, event_id: str, revision: int) -> None:
+        """Note a revision given to the core under `event_id` (before it is given: one the core failed on
+        may be held all the same), for as many ids as the core remembers ended requests, twice over."""
+        self._given[event_id] = max(revision, self._given.pop(event_id, -1))  # moved to the newest end
+        while len(self._given) > GIVEN_MEMORY:
+            del self._given[next(iter(self._given))]
 
     def _warn_duplicate(self, event_id: str) -> None:
         """One warning per duplicated id while it stays listed (not one per poll): the aggregator's
@@ -1030,7 +1028,8 @@ class OpenAdr3Ven:
         if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
             self.looks.ask()
             self._standing_wake.set()
-        if now >= self.next_report_at:
+        if now >= self.next_report_at:  # once: the poll it wakes works the next one out (`_queue_cadence`);
+            self.next_report_at = math.inf  # woken at every step, a VTN that was down drew 15 polls a second
             self.wake()
 
     async def _standing(self, sink: DispatchSink) -> None:
@@ -1056,6 +1055,7 @@ class OpenAdr3Ven:
             due = [r for rid, r in tracked.requests.items() if rid in better]
             for request in due:
                 again = replace(request, revision=request.revision + 1, received_at=sink.now())
+                self._gave(tracked.plan.event_id, again.revision)
                 tracked.requests[again.id], tracked.answers[again.id] = again, await self._answer(sink, again)
                 self.reasks += 1
             if due:
