@@ -38,6 +38,7 @@ from firmware_py.core.types import (
 from firmware_py.journal import Chain, Journal, event_summaries
 from firmware_py.journal.summary import EventSummary
 from firmware_py.statements import evidence
+from firmware_py.statements.commands import render_csv
 from firmware_py.statements.document import range_period
 from firmware_py.statements.earnings import EarningsBook, month_earnings
 from firmware_py.statements.figures import (
@@ -1323,6 +1324,9 @@ def test_a_statement_of_an_empty_journal_verifies(tmp_path):
     statement = make(journal, out, "--month", "2026-11")
     assert statement["events"] == [] and statement["journal_seq"] == 0
     assert verify(out, journal) == 0
+    # its sums are figures like any month's: the CSV's TOTAL row said 0 where event rows say 0.0
+    assert all(isinstance(v, float) for k, v in statement["totals"].items() if k not in ("events", "events_served"))
+    assert all(cell in ("", "0.0") for cell in render_csv(statement).splitlines()[1].split(",")[5:-1])
 
 
 def test_a_duplicate_the_gateway_turned_away_changes_nothing_in_the_statement_the_report_or_the_summary(tmp_path, capsys):

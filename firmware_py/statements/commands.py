@@ -304,7 +304,7 @@ def render_csv(statement: dict[str, Any]) -> str:
                      t["delivered_wh"], "", "", "", "", "", "", "", t["throughput_wh"], t["equivalent_cycles"], "",
                      t["credited_wh"], t["credit"], t["wear_cost"], t["net"], statement["currency"]])
     writer.writerow(["OUTAGE_BACKUP", "", "", "", "", "", "", "", "", statement["outage_backup_wh"], "", "", "", "",
-                     "", "", "", "", "", statement["outage_backup_wh"], 0, 0, "", "", "never credited"])
+                     "", "", "", "", "", statement["outage_backup_wh"], 0.0, 0.0, "", "", "never credited"])
     return out.getvalue()
 
 

@@ -401,7 +401,7 @@ def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str
     lines = list(lines)
 
     def total(name: str, digits: int) -> float:
-        return round(sum(line[name] for line in lines), digits)
+        return round(sum((line[name] for line in lines), 0.0), digits)  # 0.0 for none, as every figure is
 
     return {"events": len(lines), "events_served": sum(1 for line in lines if line["answer"] in SERVED),
             "delivered_wh": total("delivered_wh", ENERGY_DIGITS), "credited_wh": total("credited_wh", ENERGY_DIGITS),
