@@ -26,8 +26,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
 from datetime import date as dt_date
-from datetime import datetime, timedelta, tzinfo
 from datetime import time as day_time
 
 Clock = Callable[[], float]
@@ -78,6 +78,14 @@ class Clocks:
     def from_datetime(self, moment: datetime) -> float:
         """An aware datetime (an OpenADR event's start, say) on the core's base."""
         return self.to_core(moment.timestamp())
+
+
+def utc_text(wall_s: float) -> str:
+    """A wall instant as ISO-8601 UTC to the nearest second, for people and aggregators. Rounded, not cut:
+    a time the owner set on the wall clock comes back through the core's monotonic clock a few ms either
+    side of it, and cut, a storm watch set until 01:46 read 01:45:59 (the page, dropping the seconds, said
+    1:45) on one read in two."""
+    return datetime.fromtimestamp(round(wall_s), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def as_clocks(clock: Clocks | Clock) -> Clocks:

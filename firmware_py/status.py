@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from firmware_py.clocks import utc_text
 from firmware_py.core.telemetry import Telemetry
 from firmware_py.narration import percent
 from firmware_py.quoting import printable
@@ -75,11 +75,11 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         event = {"id": t.active_event_id, "answer": t.verdict.value if t.verdict is not None else None,
                  "cap_w": t.cap_w, "delivered_wh": t.meter_wh,
                  # when the floor's envelope starts to reduce the power served (at the power it runs at)
-                 "envelope_from": _utc(wall_now + t.envelope_in_s) if t.envelope_in_s is not None else None}
+                 "envelope_from": utc_text(wall_now + t.envelope_in_s) if t.envelope_in_s is not None else None}
     shown = {name: {"ok": False, "age_s": None} for name in CORE_LINKS}
     shown.update(links)
     return {
-        "at": _utc(wall_now),
+        "at": utc_text(wall_now),
         "mode": t.mode.value,
         "reason": t.reason,
         # every digit the BMS sends, without a binary float's tail (79.6, not 79.60000000000001)
@@ -113,14 +113,7 @@ def _storm_watch(t: Telemetry, wall_now: float) -> dict[str, Any] | None:
     """`{floor_pct, until}` (until in UTC) while a storm watch lasts, else None."""
     if t.storm_watch_pct is None or t.storm_watch_until is None:
         return None
-    return {"floor_pct": t.storm_watch_pct, "until": _utc(wall_now + (t.storm_watch_until - t.at))}
-
-
-def _utc(epoch_s: float) -> str:
-    """To the nearest second: a time the owner set on the wall clock comes back through the core's
-    monotonic clock a few ms either side of it, and cut, a storm watch set until 01:46 read 01:45:59
-    (the page, dropping the seconds, said 1:45) on one read in two."""
-    return datetime.fromtimestamp(round(epoch_s), UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {"floor_pct": t.storm_watch_pct, "until": utc_text(wall_now + (t.storm_watch_until - t.at))}
 
 
 def render(doc: dict[str, Any]) -> list[str]:

@@ -27,9 +27,9 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from firmware_py.clocks import utc_text
 from firmware_py.config import MqttConfig
 from firmware_py.core.types import OwnerSettings, is_finite_number
 from firmware_py.mqtt.topics import Command
@@ -118,7 +118,7 @@ def _body(command: Command, value: Any) -> Any:
 
 def result(command: str, ok: bool, reason: str, wall_now: float) -> dict[str, Any]:
     """The document published on P/result (command, ok, reason; the README's topic table)."""
-    return {"command": command, "ok": ok, "reason": reason, "at": utc(wall_now)}
+    return {"command": command, "ok": ok, "reason": reason, "at": utc_text(wall_now)}
 
 
 def done(change: Change, settings: OwnerSettings) -> str:
@@ -134,12 +134,12 @@ def done(change: Change, settings: OwnerSettings) -> str:
         if s.opt_out_until == math.inf:
             return "opted out until revoked"
         if s.opt_out_until is not None:
-            return f"opted out until {utc(s.opt_out_until)}"
+            return f"opted out until {utc_text(s.opt_out_until)}"
         return "opted out of " + ", ".join(sorted(s.opt_out_events))
     if change.command is Command.STORM_WATCH:
         if change.clear or s.storm_watch_until is None:
             return "storm watch off"
-        return f"storm watch: keeping {s.storm_watch_floor_pct:g} % until {utc(s.storm_watch_until)}"
+        return f"storm watch: keeping {s.storm_watch_floor_pct:g} % until {utc_text(s.storm_watch_until)}"
     if change.command is Command.PRICE:
         if change.clear or s.price_threshold_per_kwh is None:
             return "price mode off"
@@ -147,12 +147,9 @@ def done(change: Change, settings: OwnerSettings) -> str:
                 f"up to {s.price_max_wh_per_day:,.0f} Wh a day")
     if change.clear or s.departure_at is None:
         return "departure cleared"
-    return f"departure {utc(s.departure_at)} at {s.departure_soc_pct:g} %"
+    return f"departure {utc_text(s.departure_at)} at {s.departure_soc_pct:g} %"
 
 
-def utc(epoch_s: float) -> str:
-    """A wall instant as ISO-8601 UTC, seconds precision."""
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------- rate

@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from firmware_py.clocks import Clocks
+from firmware_py.clocks import Clocks, utc_text
 from firmware_py.core.tally import Tally
 from firmware_py.core.types import OwnerSettings
-from firmware_py.mqtt.commands import utc
 
 DEAD_BANDS: dict[tuple[str, ...], float] = {
     ("soc_pct",): 0.5,  # a BMS's SoC flickers by its last digit; every interval still shows it exactly
@@ -64,14 +63,14 @@ def state_document(status: dict[str, Any], owner: OwnerSettings, tally: Tally, c
 def _opt_out(owner: OwnerSettings, clocks: Clocks, now: float) -> dict[str, Any]:
     until = owner.opt_out_until
     active = until is not None and now < until
-    shown = utc(clocks.to_wall(until)) if active and until is not None and math.isfinite(until) else None
+    shown = utc_text(clocks.to_wall(until)) if active and until is not None and math.isfinite(until) else None
     return {"active": active, "until": shown, "events": sorted(owner.opt_out_events)}
 
 
 def _departure(owner: OwnerSettings, clocks: Clocks, now: float) -> dict[str, Any] | None:
     if owner.departure_at is None or owner.departure_at <= now:
         return None
-    return {"at": utc(clocks.to_wall(owner.departure_at)), "soc_pct": owner.departure_soc_pct}
+    return {"at": utc_text(clocks.to_wall(owner.departure_at)), "soc_pct": owner.departure_soc_pct}
 
 
 def changed(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:

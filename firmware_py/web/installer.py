@@ -9,9 +9,9 @@ through this view by accident.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from firmware_py.clocks import utc_text
 from firmware_py.config import Config, as_dict
 from firmware_py.core.telemetry import Telemetry
 
@@ -41,7 +41,7 @@ def installer_view(config: Config, t: Telemetry, links: dict[str, dict[str, Any]
         "config": redacted(as_dict(config)),
         "config_file": config.source,
         "links": _links(config, links),
-        "latches": [{"kind": str(latch.kind), "since": _utc(wall_now + (latch.raised_at - t.at)),
+        "latches": [{"kind": str(latch.kind), "since": utc_text(wall_now + (latch.raised_at - t.at)),
                      "detail": latch.detail, "clears_in_s": None if latch.clears_in_s is None
                      else round(latch.clears_in_s, 1)} for latch in t.latches],
         "holdoff_s": policy_holdoff,
@@ -64,7 +64,3 @@ def _links(config: Config, links: dict[str, dict[str, Any]]) -> dict[str, dict[s
         "sunspec_server": f"listening on {config.dispatch.sunspec_server.listen}",
     }
     return {name: {**state, "where": where.get(name, "")} for name, state in links.items()}
-
-
-def _utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
