@@ -467,3 +467,17 @@ def test_a_storm_watch_until_a_whole_minute_reads_that_minute_whatever_the_clock
     shown = status_document(watched, {}, wall_now=wall_now)["storm_watch"]["until"]
     assert shown == datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+
+
+def test_mqtts_state_shows_an_opt_out_until_a_whole_minute_as_that_minute():
+    """The same UTC text serves MQTT's state: its copy cut the seconds, so an opt-out set until 01:46 on the
+    wall clock, held on the monotonic clock and read back a few ms early, was published as 01:45:59Z."""
+    from firmware_py.clocks import Clocks
+    from firmware_py.core.types import OwnerSettings
+    from firmware_py.mqtt.state import _opt_out
+
+    until = 1_765_003_560.0  # a whole minute
+    clocks = Clocks(lambda: 100.0, lambda: 1_765_000_000.25)  # the wall clock 0.25 s past a second
+    held = clocks.to_core(until) - 0.004  # as the owner store holds it, a few ms off
+    shown = _opt_out(OwnerSettings(40.0, 0.0, opt_out_until=held), clocks, now=100.0)["until"]
+    assert shown == datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
