@@ -4,15 +4,20 @@ A port asked of the kernel (`bind(0)`) comes from the ephemeral range, the range
 connection of every test worker also draws from: between the probe closing and the server binding,
 another worker's client may take it, and the server's child exits before it is ready. So a port here
 comes from below the ephemeral range, from a block of its own for each pytest-xdist worker, and is
-checked free by binding it.
+checked free by binding it. Within a worker, ports are handed out in a shuffled round through the
+block, so two asked one after the other (a gateway's DER server and its web app) never get the same
+port while neither listens yet.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import random
 import re
 import socket
+from collections.abc import Iterator
 
 BLOCK = 1500
 FIRST = 16000  # blocks of BLOCK ports from here, one per worker, all below Linux's ephemeral range (32768)
@@ -27,10 +32,16 @@ def _block() -> range:
     return range(FIRST + n * BLOCK, FIRST + (n + 1) * BLOCK)
 
 
+@functools.cache
+def _rounds() -> Iterator[int]:
+    """This worker's block, shuffled once, over and over: each port given again only after all the others."""
+    return itertools.cycle(random.sample(_block(), BLOCK))
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on now, from this worker's block."""
+    """A loopback port nobody listens on now and not handed out recently, from this worker's block."""
     block = _block()
-    for port in random.sample(block, TRIES):
+    for port in itertools.islice(_rounds(), TRIES):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
