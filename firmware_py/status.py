@@ -207,12 +207,12 @@ def _link(name: str, link: dict[str, Any]) -> str:
     return f"{name} DOWN ({when}){cause}"
 
 
-def fetch_status(owner: OwnerConfig, answer_s: float | None = None) -> dict[str, Any]:
+def fetch_status(owner: OwnerConfig, answer_s: float | None = None, token: str | None = None) -> dict[str, Any]:
     """The running gateway's status document; NotAnOwnerApi when what answers is not a gateway (one
-    test of "is this a gateway", shared by `status` and `commission`)."""
+    test of "is this a gateway", shared by `status` and `commission`). `token` as `call` takes it."""
     from firmware_py.owner.commands import CONNECT_TIMEOUT_S, call
 
-    return call(owner, "GET", "/api/status", wants=STATUS_KEYS, answer_s=answer_s or CONNECT_TIMEOUT_S)
+    return call(owner, "GET", "/api/status", wants=STATUS_KEYS, answer_s=answer_s or CONNECT_TIMEOUT_S, token=token)
 
 
 def _status_command(args: argparse.Namespace) -> int:

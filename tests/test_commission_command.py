@@ -105,12 +105,22 @@ def test_unusable_options_are_bad_input(tmp_path: Path, capsys, args: list[str],
     assert words in capsys.readouterr().err
 
 
+RUNNING_TOKEN = "0123456789abcdef" * 4
+
+
 @pytest.fixture
 def running_gateway() -> Iterator[int]:
-    """Something answering GET /api/status with the token, as a running gateway's owner API does."""
+    """Something answering GET /api/status as a running gateway's owner API does: with its token, the
+    status; with any other, 401."""
 
     class Status(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self.headers.get("Authorization") != f"Bearer {RUNNING_TOKEN}":
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = b'{"at": 0, "mode": "STANDBY", "reason": "idle"}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -131,29 +141,34 @@ def running_gateway() -> Iterator[int]:
         server.server_close()
 
 
-def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, running_gateway: int):
+@pytest.mark.parametrize("token_file", [True, False], ids=["its token file", "its token file elsewhere"])
+def test_it_refuses_to_run_beside_a_running_gateway(tmp_path: Path, capsys, running_gateway: int, token_file: bool):
     config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-running"', api_port=running_gateway)
-    token = "0123456789abcdef" * 4
-    (tmp_path / "owner.token").write_text(token + "\n", encoding="utf-8")
-    (tmp_path / "owner.token").chmod(0o600)  # as the gateway keeps it (a readable one is refused first)
+    if token_file:
+        (tmp_path / "owner.token").write_text(RUNNING_TOKEN + "\n", encoding="utf-8")
+        (tmp_path / "owner.token").chmod(0o600)  # as the gateway keeps it (a readable one is refused first)
     assert main(["commission", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "a gateway is running with this configuration" in err and "systemctl stop powershare-gw" in err
-    assert token not in err
+    assert RUNNING_TOKEN not in err
     assert not (tmp_path / "journal.sqlite").exists()  # nothing was assembled
 
 
-def test_another_program_on_the_owner_api_address_is_refused_but_not_called_a_gateway(tmp_path: Path, capsys):
+@pytest.mark.parametrize("token_file", [True, False], ids=["a token file", "a fresh gateway, no token file yet"])
+def test_another_program_on_the_owner_api_address_is_refused_but_not_called_a_gateway(tmp_path: Path, capsys,
+                                                                                     token_file: bool):
     """`python -m http.server` on [owner] api_listen: refused (the commissioning's gateway needs the
-    address), named for what it is, not "a gateway is running" (there was no service to stop)."""
+    address), named for what it is, not "a gateway is running" (there was no service to stop); on a
+    fresh gateway too, which has no owner token until its first `run`."""
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # 404 for /api/status
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         port = server.server_address[1]
         config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-other"', api_port=port)
-        (tmp_path / "owner.token").write_text("0123456789abcdef" * 4 + "\n", encoding="utf-8")
-        (tmp_path / "owner.token").chmod(0o600)
+        if token_file:
+            (tmp_path / "owner.token").write_text(RUNNING_TOKEN + "\n", encoding="utf-8")
+            (tmp_path / "owner.token").chmod(0o600)
         assert main(["commission", "--config", str(config)]) == 2
     finally:
         server.shutdown()

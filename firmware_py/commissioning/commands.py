@@ -263,14 +263,18 @@ def _listened_on(unix_path: str, host: str, port: int) -> bool:
     return True
 
 
+PROBE_TOKEN = "commissioning-asks-who-listens"
+"""Sent instead of the owner's token, which a fresh gateway has not made yet: a gateway refuses it (401)."""
+
+
 def _answers_as_no_gateway(config: Config) -> bool:
     """True when what listens answered GET /api/status, and not as a gateway does (the test `status`
-    makes); no answer, or a gateway's refusal (its token), is a gateway's."""
+    makes); no answer, or a gateway's refusal of the probe's token, is a gateway's."""
     from firmware_py.owner.commands import NotAnOwnerApi, Unavailable
     from firmware_py.status import fetch_status
 
     try:
-        fetch_status(config.owner, answer_s=RECOGNISE_S)
+        fetch_status(config.owner, answer_s=RECOGNISE_S, token=PROBE_TOKEN)
     except NotAnOwnerApi:
         return True
     except (Unavailable, InputError):

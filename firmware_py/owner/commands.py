@@ -163,17 +163,19 @@ def _exchange(conn: http.client.HTTPConnection, listen: Listen, method: str, pat
 
 def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None,
          wants: tuple[str, ...] = ("settings",), answer_s: float = CONNECT_TIMEOUT_S,
-         clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+         clock: Callable[[], float] = time.monotonic, token: str | None = None) -> dict[str, Any]:
     """One API request; the decoded JSON answer (an object holding the keys `wants`), InputError for a
     400, Unavailable otherwise: Unreachable when what answered is not a gateway's owner API (or no whole
     answer of at most MAX_ANSWER_BYTES came within `answer_s`), NoAnswer when a change (any method but
-    GET) was sent and its whole answer did not come within `answer_s`."""
+    GET) was sent and its whole answer did not come within `answer_s`. It sends the owner's token (from
+    `token_file`) unless given `token`: commissioning asks who listens before any token file exists."""
     listen = parse_listen(owner.api_listen)
-    try:
-        token = read_token(owner.token_file)
-    except FileNotFoundError:
-        raise Unreachable(f"no gateway answering on {listen.describe()}: its token file "
-                          f"{owner.token_file} does not exist (has the gateway been started with this config?)") from None
+    if token is None:
+        try:
+            token = read_token(owner.token_file)
+        except FileNotFoundError:
+            raise Unreachable(f"no gateway answering on {listen.describe()}: its token file {owner.token_file} "
+                              "does not exist (has the gateway been started with this config?)") from None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     try:
