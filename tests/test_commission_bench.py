@@ -216,7 +216,7 @@ def test_commissioning_passes_against_the_bench(peers: Peers):
     assert run.code == 0, run.out
     assert run.report["passed"] and run.failed() == {}, run.out
     assert [s["outcome"] for s in run.report["steps"]] == ["pass"] * 5, run.out
-    assert "COMMISSIONING PASSED: 25 passed, 0 failed, 0 skipped" in run.out
+    assert "COMMISSIONING PASSED: 26 passed, 0 failed, 0 skipped" in run.out
     can = run.checks("can")
     assert can["BmsEnergyStatus (0x352)"]["detail"].endswith("(DBC: 1000 ms)")
     assert "discharge allowed now" in can["contactors and BMS state"]["detail"]

@@ -74,8 +74,48 @@ def test_an_installation_that_cannot_be_reached_fails_every_step_it_can_try(tmp_
     assert bus["name"] == "bus" and "nosuchcan9" in bus["detail"] and "ip link show" in bus["advice"]
     (inverter,) = steps["inverter"]["checks"]
     assert "cannot connect to 127.0.0.1:" in inverter["detail"] and "[inverter] host and port" in inverter["advice"]
-    assert "COMMISSIONING FAILED: 1 passed, 2 failed, 2 skipped" in out
+    assert "COMMISSIONING FAILED: 2 passed, 2 failed, 2 skipped" in out
     assert "check: [inverter] host and port" in out
+
+
+def test_a_listen_address_another_program_holds_fails_the_configuration_step(tmp_path: Path, capsys):
+    """`run` exits 2 on a web app or metrics port that is taken: commissioning must not pass such a gateway
+    (it passed, and the service then would not start). Each address is named; the other steps still run."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        config = write_config(tmp_path, NO_BUS)
+        config.write_text(config.read_text() + f"""
+[web]
+enabled = true
+listen = "127.0.0.1:{taken}"
+
+[metrics]
+enabled = true
+listen = "127.0.0.1:{free_port()}"
+""", encoding="utf-8")
+        report = tmp_path / "report.json"
+        assert main(["commission", "--config", str(config), "--report", str(report)]) == 1
+    doc = json.loads(report.read_text())
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert steps["config"]["outcome"] == "fail" and steps["inverter"]["outcome"] == "fail"  # tried all the same
+    failures = [c for c in steps["config"]["checks"] if c["outcome"] == "fail"]
+    assert [c["name"] for c in failures] == [f"web.listen (127.0.0.1:{taken})"]
+    assert "`run` would exit at its start" in failures[0]["detail"] and "ss -ltnp" in failures[0]["advice"]
+    assert "metrics.listen" not in json.dumps(steps["config"])  # free: not a problem
+    assert "web.listen" in capsys.readouterr().out
+
+
+def test_free_listen_addresses_pass_the_configuration_step(tmp_path: Path):
+    config = write_config(tmp_path, NO_BUS)
+    config.write_text(config.read_text() + f'\n[web]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\n',
+                      encoding="utf-8")
+    report = tmp_path / "report.json"
+    assert main(["commission", "--config", str(config), "--report", str(report)]) == 1  # no bus, no inverter
+    (config_step,) = [s for s in json.loads(report.read_text())["steps"] if s["step"] == "config"]
+    assert config_step["outcome"] == "pass"
+    assert "every address the gateway listens on is free" in [c["detail"] for c in config_step["checks"]]
 
 
 def test_an_invalid_configuration_is_bad_input_and_still_reported(tmp_path: Path, capsys):

@@ -130,7 +130,8 @@ def _commission(args: argparse.Namespace) -> int:
     try:
         _refuse_if_running(config)
         console.say(f"powershare-gw commission: {args.config} at {report.at}")
-        console.step(Step.CONFIG, judgement.judge_config(config.source, []))
+        console.step(Step.CONFIG, [*judgement.judge_config(config.source, []),
+                                   *judgement.judge_listeners(probes.taken_addresses(config))])
         try:
             asyncio.run(_steps(config, args, console))
         except BaseException as err:

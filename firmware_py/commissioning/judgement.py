@@ -78,6 +78,17 @@ def judge_config(source: str, problems: Sequence[str]) -> list[Check]:
                    "(`powershare-gw check-config FILE` lists every problem)") for problem in problems]
 
 
+def judge_listeners(taken: Sequence[tuple[str, str, str]]) -> list[Check]:
+    """The addresses `run` listens on (the web app, metrics, the OpenADR 3 callback): one another program
+    holds would stop the service at its start, after a commissioning that passed."""
+    step = Step.CONFIG
+    if not taken:
+        return [passed(step, "listen addresses", "every address the gateway listens on is free")]
+    return [failed(step, f"{key} ({address})", f"cannot listen there: {why}; `run` would exit at its start",
+                   "stop the program that holds it (`sudo ss -ltnp` lists each listening port's process), or "
+                   f"give {key} another port") for key, address, why in taken]
+
+
 # ---------------------------------------------------------------------------------------------- CAN
 
 @dataclass(frozen=True)

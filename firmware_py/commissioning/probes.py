@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections import Counter
@@ -419,6 +420,45 @@ async def _sunspec_server(assembly: Assembly, name: str) -> Reach:
     models = ", ".join(str(m) for m in sorted(disc.models))
     return Reach(name, settings.listen, True, f"listening on {local}:{port}, unit {settings.unit_id}: "
                  f"a SunSpec client discovers models {models}")
+
+
+STARTED_BY_DISPATCH_STEP = frozenset({"dispatch.sunspec_server"})
+"""Interfaces whose listener the dispatch step starts for real (and reports on)."""
+
+
+def taken_addresses(config: Config) -> list[tuple[str, str, str]]:
+    """Each enabled interface's listen address another program already holds, as (key, address, why):
+    `run` would exit 2 on it, so each is bound a moment here as `run` binds it (address reuse on, as
+    asyncio's servers have it). Port 0 (any free port) cannot be taken."""
+    taken = []
+    for name, kind in INTEGRATIONS.items():
+        settings = section(config, name)
+        if not kind.listen or not settings.enabled or name in STARTED_BY_DISPATCH_STEP:
+            continue
+        key, address = f"{name}.{kind.listen}", getattr(settings, kind.listen)
+        if not address:  # optional (the OpenADR 3 callback: polling only)
+            continue
+        host, port = parse_host_port(address, key)
+        why = _bind_refused(host, port) if port else None
+        if why is not None:
+            taken.append((key, address, why))
+    return taken
+
+
+def _bind_refused(host: str, port: int) -> str | None:
+    """Why binding every address `host` stands for at `port` fails, or None when it can be bound."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        return str(err)
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                return err.strerror or str(err)
+    return None
 
 
 DISPATCH_PROBES = {"dispatch.openadr": _openadr, "dispatch.openadr3": _openadr,
