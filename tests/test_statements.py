@@ -1123,6 +1123,35 @@ def test_a_revision_that_moves_a_served_events_start_to_now_keeps_its_window_fro
     assert verify(tmp_path / "s.json", path) == 0
 
 
+def test_an_event_ended_by_an_opt_out_and_served_again_keeps_its_window_from_when_it_began(tmp_path):
+    """The owner opts out mid-event (its account closes, final energy) and back in; the aggregator's standing
+    setting is asked again as the next revision and served. Within one run the account carries its energy on,
+    so its window does too: the statement once credited the whole energy over the second stretch alone, an
+    average of 5.4 kW for a 3 kW event, the first stretch's SoC drop and wear outside it."""
+    from firmware_py.core.types import OwnerSettings
+
+    path = tmp_path / "journal.sqlite"
+    plant = _Plant(path)
+    plant.run_until(2)
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, 10.0, 1_210.0, received_at=plant.t))
+    plant.run_until(600)
+    plant.step(OwnerSettings(20, plant.t, opt_out_until=math.inf))
+    plant.run_until(700)
+    plant.step(OwnerSettings(20, plant.t))
+    plant.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 3_000, plant.t, 1_210.0, received_at=plant.t,
+                               revision=1))  # as the DER server asks a standing setting again: from now
+    plant.run_until(1_300)
+    plant.stop()
+    (event,) = make(path, tmp_path / "s.json", config=program_config(tmp_path, path))["events"]
+    assert event["window"]["from"] == "1970-01-01T00:00:10Z", event["window"]
+    assert event["soc_start_pct"] == 80.0
+    assert 1_000 * 0.9 * 3 * (1_100 / 3_600) < event["delivered_wh"]  # both stretches: about 1,000 s at 3 kW
+    pack_drop_wh = (80.0 - plant.soc) / 100 * plant.capacity_wh
+    assert event["throughput_wh"] == pytest.approx(pack_drop_wh, abs=5)
+    assert event["avg_w"] <= 3_050
+    assert verify(tmp_path / "s.json", path) == 0
+
+
 # ---------------------------------------------------------------- malformed figures and journals
 
 

@@ -318,12 +318,15 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
     """The bounds a request or price record states (later records win), but for the start of an account
     already being served: a revision arriving after its window began (an aggregator extending an event as a
     new interval from now) does not move the start later, or the time already served, with its energy, SoC
-    drop and wear, would fall outside the event's window. A revision before the window began, or of an
-    account closed (a later run's delivery opens a new one), states the start afresh."""
+    drop and wear, would fall outside the event's window. Nor does one of an account closed and opened again
+    in the same run (an opt-out lifted, a standing setting asked again from now): its energy carries on, as
+    `_apply` reads it. A revision before the window began, or of an account closed in an earlier run (this
+    run's delivery opens a new one, from 0 Wh), states the start afresh."""
     p = record.payload
     start, end = number(p.get("start")), number(p.get("end"))
     wall_start = _on_wall(record, start)
-    began = (summary.ran and not summary.final and window.start is not None
+    carried_on = not summary.final or run == window.opened_in
+    began = (summary.ran and carried_on and window.start is not None
              and (window.start_run, window.start) <= (run, record.at))
     if began and (start is None or start > window.start):
         start, wall_start = window.start, summary.start
