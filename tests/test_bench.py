@@ -237,6 +237,19 @@ def test_a_trace_record_is_a_floor_violation_only_when_energy_leaves_below_the_f
     assert floor_violation(soc, floor, inverter_w) is counted
 
 
+def test_expectations_are_judged_on_the_runs_own_figures_not_the_summarys_rounded_ones(tmp_path):
+    """A lowest SoC of 79.9258 % passed `min_soc_pct = 79.926`: the check read the summary's three decimals."""
+    loaded = shortened("fault-bms-fault.toml")
+    run = Simulation(loaded, SimulationOptions(journal_path=tmp_path / "a.sqlite"))
+    asyncio.run(run.run())
+    shown = round(run.min_soc, 3)
+    assert shown > run.min_soc  # the summary shows it rounded up: a threshold at the shown value is not met
+    at_shown = replace(loaded, expect=replace(loaded.expect, min_soc_pct=shown))
+    outcome = asyncio.run(Simulation(at_shown, SimulationOptions(journal_path=tmp_path / "b.sqlite")).run())
+    assert outcome.summary["min_soc_pct"] == shown  # the same run again (seeded)
+    (check,) = [(ok, detail) for name, ok, detail in outcome.checks if name == "min SoC"]
+    assert check == (False, f"{run.min_soc:g} % >= {shown:g}")
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """`powershare-gw sim --trace trace.jsonl` in an empty folder: the default scenario, 5 hours
