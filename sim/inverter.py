@@ -578,6 +578,7 @@ class WiredPack:
 def _run(args: argparse.Namespace) -> int:
     from firmware_py.bms.bus import SEND_ONLY, open_bus
     from firmware_py.bms.commands import resolve_dbc
+    from firmware_py.tasks import take_stop_signals
 
     host, port = parse_host_port(args.listen, "--listen")
     if (args.can_interface is None) != (args.can_channel is None):
@@ -592,6 +593,8 @@ def _run(args: argparse.Namespace) -> int:
         wired = WiredPack(Battery(soc_pct=args.soc), bus, dbc)
 
     async def main() -> None:
+        stop = asyncio.Event()
+        take_stop_signals(stop.set)  # before it says it serves; SIGTERM's default action killed it (exit 143)
         model = InverterModel(now=time.time(), unit_id=args.unit_id, reversed_w=args.swap_sign)
         pack: Pack = wired if wired is not None else ConstantPack()
         model.soc_pct = wired.battery.soc_ui_pct if wired is not None else ConstantPack.soc_pct
@@ -604,7 +607,7 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"cannot listen on {args.rtu or args.listen}: {err}") from None
         where = f"RTU {args.rtu}" if args.rtu else f"{host}:{bound}"
         print(f"simulated inverter (11.5 kW, unit {args.unit_id}) serving SunSpec models "
-              f"{', '.join(map(str, SIM_MODELS))} on {where}; Ctrl-C stops", flush=True)
+              f"{', '.join(map(str, SIM_MODELS))} on {where}; Ctrl-C or SIGTERM stops", flush=True)
         if args.swap_sign:
             print("# --swap-sign: model 701 W is reported with the wrong sign", flush=True)
         if wired is not None:
@@ -617,9 +620,10 @@ def _run(args: argparse.Namespace) -> int:
             model.soc_pct = wired.battery.soc_ui_pct
 
         try:
-            await run_realtime(model, server, pack, on_dc=draw if wired is not None else None)
+            await run_realtime(model, server, pack, stop=stop, on_dc=draw if wired is not None else None)
         finally:
             await server.stop()
+        print(f"# sim inverter: stopped, {model.tot_wh_inj:.1f} Wh injected in all", flush=True)
 
     if wired is None:
         asyncio.run(main())

@@ -153,3 +153,25 @@ def test_sim_bms_whose_can_server_goes_away_says_so_once_and_exits_1(can_server,
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1, err
     assert f"error: --can-interface remote --can-channel {can_server.url}: the bus was lost after " in err, err
+
+
+@pytest.mark.parametrize("sig, ignored_at_start", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT to a background job of a script"])
+def test_sim_inverter_stops_cleanly_on_a_stop_signal(tmp_path, sig, ignored_at_start):
+    """`sim inverter` said "Ctrl-C stops" but SIGTERM's default action killed it (exit 143), and a
+    background job of a script (SIGINT ignored from the start) could not be stopped with Ctrl-C's signal."""
+    from children import spawn
+
+    def before_exec() -> None:
+        if ignored_at_start:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc, output = spawn([sys.executable, "-m", "firmware_py", "sim", "inverter", "--listen", "127.0.0.1:0"],
+                         tmp_path / "inverter.log", preexec_fn=before_exec)
+    try:
+        output.wait_for_line(r"serving SunSpec models .*; Ctrl-C or SIGTERM stops", timeout=20)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        stop(proc)
+    output.wait_for_line(r"# sim inverter: stopped, 0\.0 Wh injected in all", timeout=5)
