@@ -378,16 +378,17 @@ class Simulation:
 
     def _checks(self, summary: dict[str, Any], total: float) -> list[tuple[str, bool, str]]:
         """Each `[expect]` judged on the run's own figures, not the summary's rounded ones (a lowest SoC of
-        79.9258 % passed `min_soc_pct = 79.926` as the summary's 79.926); `total` is the energy delivered."""
+        79.9258 % passed `min_soc_pct = 79.926` as the summary's 79.926), and each figure is printed whole, so
+        a failed check never reads "79.926 % >= 79.926"; `total` is the energy delivered."""
         e, checks = self.scenario.expect, []
         checks.append(("floor violations", summary["floor_violations"] <= e.max_floor_violations,
                        f"{summary['floor_violations']} (allowed {e.max_floor_violations})"))
         if e.min_delivered_wh != NOT_SET:
-            checks.append(("min delivered", total >= e.min_delivered_wh, f"{total:g} Wh >= {e.min_delivered_wh:g}"))
+            checks.append(("min delivered", total >= e.min_delivered_wh, f"{total!r} Wh >= {e.min_delivered_wh!r}"))
         if e.max_delivered_wh != NOT_SET:
-            checks.append(("max delivered", total <= e.max_delivered_wh, f"{total:g} Wh <= {e.max_delivered_wh:g}"))
+            checks.append(("max delivered", total <= e.max_delivered_wh, f"{total!r} Wh <= {e.max_delivered_wh!r}"))
         if e.min_soc_pct != NOT_SET:
-            checks.append(("min SoC", self.min_soc >= e.min_soc_pct, f"{self.min_soc:g} % >= {e.min_soc_pct:g}"))
+            checks.append(("min SoC", self.min_soc >= e.min_soc_pct, f"{self.min_soc!r} % >= {e.min_soc_pct!r}"))
         if e.final_state:
             checks.append(("final state", summary["final_state"] == e.final_state,
                            f"{summary['final_state']} == {e.final_state}"))

@@ -248,7 +248,7 @@ def test_expectations_are_judged_on_the_runs_own_figures_not_the_summarys_rounde
     outcome = asyncio.run(Simulation(at_shown, SimulationOptions(journal_path=tmp_path / "b.sqlite")).run())
     assert outcome.summary["min_soc_pct"] == shown  # the same run again (seeded)
     (check,) = [(ok, detail) for name, ok, detail in outcome.checks if name == "min SoC"]
-    assert check == (False, f"{run.min_soc:g} % >= {shown:g}")
+    assert check == (False, f"{run.min_soc!r} % >= {shown!r}")  # not "77.635 % >= 77.635"
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):

@@ -107,6 +107,29 @@ listen = "127.0.0.1:{free_port()}"
     assert "web.listen" in capsys.readouterr().out
 
 
+def test_an_ipv6_wildcard_beside_another_programs_ipv4_wildcard_is_free_as_run_finds_it(tmp_path: Path):
+    """`run` binds "[::]:P" IPv6-only (asyncio's servers do), so another program on 0.0.0.0:P does not stop it:
+    the check once bound a dual-stack probe and failed a gateway that would start."""
+    from firmware_py.commissioning.probes import taken_addresses
+    from firmware_py.config import load
+
+    try:
+        with socket.socket(socket.AF_INET6) as six:
+            six.bind(("::1", 0))
+    except OSError as err:
+        pytest.skip(f"this machine has no IPv6 loopback ({err})")
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", 0))  # the other program, on the IPv4 wildcard
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = write_config(tmp_path, NO_BUS)
+        config.write_text(config.read_text() + f'\n[web]\nenabled = true\nlisten = "[::]:{port}"\n', encoding="utf-8")
+        assert taken_addresses(load(config)) == []
+        config.write_text(config.read_text().replace(f"[::]:{port}", f"0.0.0.0:{port}"), encoding="utf-8")
+        assert [key for key, _, _ in taken_addresses(load(config))] == ["web.listen"]
+
+
 def test_free_listen_addresses_pass_the_configuration_step(tmp_path: Path):
     config = write_config(tmp_path, NO_BUS)
     config.write_text(config.read_text() + f'\n[web]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\n',

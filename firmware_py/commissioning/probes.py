@@ -428,8 +428,8 @@ STARTED_BY_DISPATCH_STEP = frozenset({"dispatch.sunspec_server"})
 
 def taken_addresses(config: Config) -> list[tuple[str, str, str]]:
     """Each enabled interface's listen address another program already holds, as (key, address, why):
-    `run` would exit 2 on it, so each is bound a moment here as `run` binds it (address reuse on, as
-    asyncio's servers have it). Port 0 (any free port) cannot be taken."""
+    `run` would exit 2 on it, so each is bound a moment here as `run` binds it (address reuse on, and IPv6
+    sockets IPv6 only, as asyncio's servers have them). Port 0 (any free port) cannot be taken."""
     taken = []
     for name, kind in INTEGRATIONS.items():
         settings = section(config, name)
@@ -454,6 +454,8 @@ def _bind_refused(host: str, port: int) -> str | None:
     for family, kind, proto, _, address in found:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio's servers: "[::]" beside another's 0.0.0.0 is free
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except OSError as err:
