@@ -25,6 +25,9 @@ from firmware_py.version import software_version
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_OUTPUT_CLOSED = 128 + 13
 """What a shell reports for a command that SIGPIPE ended: the output's reader left first."""
+EXIT_INTERRUPTED = 128 + 2
+"""What a shell reports for a command Ctrl-C ended (a stop signal, for the batch commands): not 1, which
+says the run finished and a check failed."""
 
 
 COMMANDS: dict[str, str] = {
@@ -100,7 +103,8 @@ def _main(argv: list[str]) -> int:
             print(f"error: {printable(problem)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return EXIT_CHECK_FAILED
+        print(f"{argv[0]}: stopped before it finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of the output went away (`report --format json | head`): nothing to say, and no
         # 1, which would read as a failed check. Python's own flush at exit must not fail again.

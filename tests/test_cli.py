@@ -117,3 +117,27 @@ def test_a_command_loading_openadr_prints_no_warning_of_another_projects_source(
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
+
+
+@pytest.mark.slow  # a real `sim` process, stopped once its journal is open
+def test_a_stopped_run_ends_130_not_1_which_reads_as_a_failed_check(tmp_path):
+    """`sim` stopped by SIGTERM (or Ctrl-C) exited 1, the code of a scenario whose `[expect]` failed: a
+    script running scenarios could not tell the interrupted run from a failed one. It ends 130 now,
+    as a shell reports a command Ctrl-C ended, and says so in one line."""
+    import signal
+    import time
+
+    run = subprocess.Popen([sys.executable, "-m", "firmware_py", "sim", "--realtime", "--quiet"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (tmp_path / "bench-journal.sqlite").exists():
+            assert run.poll() is None, run.stderr.read()
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err
+    assert err.strip() == "sim: stopped before it finished", err
+    assert not (tmp_path / "summary.json").exists()
