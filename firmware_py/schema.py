@@ -171,14 +171,17 @@ def _entry_problems(table: dict[str, Any], key: str, meta: typing.Mapping[str, A
 
 
 def _credentials_problem(url: str) -> str | None:
-    """A URL key carrying a user name or password (`https://user:secret@host/`): refused, the value never
-    repeated, since a URL is printed and logged wherever its peer is named (commissioning's report, the
-    installer page, each log line about the link) and a secret must never be."""
-    if "@" not in _authority(url):
+    """A URL key carrying a user name or password (`https://user:secret@host/`) or a query or fragment
+    (`?api_key=...`): refused, the value never repeated, since a URL is printed and logged wherever its
+    peer is named (commissioning's report, the installer page, each log line about the link) and a secret
+    must never be. No URL key needs a query: the gateway adds its own paths to a base URL, and an
+    endpoint takes its credentials in the request, not its address."""
+    where = "holds a user name or password (the part before '@' in the host" if "@" in _authority(url) else \
+        "holds a query or fragment (the part from '?' or '#'" if re.search(r"[?#]", url) else None
+    if where is None:
         return None
-    return ("holds a user name or password (the part before '@' in the host; value not shown): a URL is "
-            "printed and logged, so credentials go in the secret file (e.g. client_secret_file) or a client "
-            "certificate, never in the URL; remove it and give the URL without 'user:password@'")
+    return (f"{where}; value not shown): a URL is printed and logged, so credentials go in the secret file "
+            "(e.g. client_secret_file) or a client certificate, never in the URL; give the URL without them")
 
 
 def _authority(url: str) -> str:

@@ -632,6 +632,27 @@ def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_pat
     assert "hunter2" not in captured.out + captured.err and "hunter2" not in report.read_text()
 
 
+@pytest.mark.parametrize("section, key, url", [
+    ("dispatch.openadr3", "vtn_url", "https://127.0.0.1:9/openadr3/3.0.1?api_key=hunter2"),
+    ("dispatch.openadr3", "token_url", "https://127.0.0.1:9/token?client_secret=hunter2"),
+    ("dispatch.openadr3", "callback_url", "https://gw.example.com/openadr3/notify?token=hunter2"),
+    ("dispatch.openadr", "vtn_url", "http://127.0.0.1:9/OpenADR2/Simple/2.0b?key=hunter2"),
+    ("dispatch.openadr3", "vtn_url", "https://127.0.0.1:9/openadr3/3.0.1#hunter2"),
+    ("dispatch.openadr3", "vtn_url", "https://127.0.0.1:9/openadr3/3.0.1?"),  # empty, still no base to add paths to
+])
+def test_a_url_key_with_a_query_or_fragment_is_refused_without_repeating_it(tmp_path, capsys, section, key, url):
+    """`?api_key=...` passed the check, and the installer page then showed the key (URLs are shown there,
+    as they are logged, because they were held to carry no secret). A base URL the gateway adds its own
+    paths to has no place for a query either: refused at load, naming the key, the value never echoed."""
+    (tmp_path / "secret").write_text("s3cret\n", encoding="utf-8")
+    path = write(tmp_path, f'[{section}]\nenabled = true\nclient_secret_file = "secret"\n{key} = "{url}"\n'
+                 if section.endswith("3") else f'[{section}]\nenabled = true\n{key} = "{url}"\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{section}.{key}: holds a query or fragment" in err and "secret file" in err, err
+    assert "hunter2" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("url", ["not a url", "gw.example.com/openadr3/notify", "ftp://gw.example.com/x", "https://"])
 def test_the_openadr3_callback_url_must_be_an_http_url_with_a_host(tmp_path, capsys, url):
     """callback_url was never checked: 'not a url' was accepted, and the VTN told to post there."""
