@@ -255,6 +255,7 @@ class BenchVtn3:
         app.router.add_get(f"{PREFIX}/events", self._authorized(self._get_events))
         app.router.add_get(f"{PREFIX}/events/{{id}}", self._authorized(self._get_event))
         app.router.add_post(f"{PREFIX}/reports", self._authorized(self._post_report))
+        app.router.add_get(f"{PREFIX}/reports", self._authorized(self._get_reports))
         if self.subscriptions:
             app.router.add_post(f"{PREFIX}/subscriptions", self._authorized(self._post_subscription))
             if self.lists_subscriptions:
@@ -341,6 +342,11 @@ class BenchVtn3:
         report = {"id": self._new_id("report"), **self._stamps(), **body}
         self.reports.append(report)
         return web.json_response(report, status=201)
+
+    async def _get_reports(self, request: web.Request) -> web.Response:
+        """The reports kept, of the program, event and client asked for (OpenADR 3's search of reports)."""
+        wanted = {key: request.query[key] for key in ("programID", "eventID", "clientName") if key in request.query}
+        return self._page(request, [r for r in self.reports if all(r.get(k) == v for k, v in wanted.items())])
 
     async def _post_subscription(self, request: web.Request) -> web.Response:
         body = await _body(request)

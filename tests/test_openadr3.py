@@ -10,6 +10,7 @@ the specification (`openadr3_model.conforms`), not only against the other side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import datetime as dt
@@ -1244,23 +1245,91 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("failure", sorted(FAILURES))
-def test_a_report_the_vtn_keeps_failing_holds_back_no_other_fails_no_poll_and_is_given_up(
+def test_a_report_the_vtn_keeps_failing_holds_back_no_other_fails_no_poll_and_is_given_up_after_a_day(
         failure: str, caplog) -> None:
     async def scenario() -> None:
+        sink = ScriptedSink()
         async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn:
             vtn.failure = FAILURES[failure]
             program = vtn.add_program("summer-peak")
             ven = make_ven(vtn)
-            async with serving(ven, ScriptedSink()):
+            async with serving(ven, sink):
                 await vtn.wait_for(lambda: ven.polls)
                 vtn.poison = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(600), 600, 5.0)
                 await vtn.wait_for(lambda: vtn.failed_reports, 10)
                 healthy = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(3_600), 600, 3.0)
                 assert await vtn.wait_for(lambda: vtn.answers_for(healthy), 10) == ["accepted"]
+                await vtn.wait_for(lambda: vtn.failed_reports >= 8, 10)  # past the 5 tries it once had
+                assert ven.pending_reports == 1 and ven.failed_polls == 0
+                sink.offset_s = openadr3.MAX_REPORT_FAILING_S  # a day of failures later
                 await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
-                assert vtn.failed_reports == openadr3.MAX_REPORT_ATTEMPTS
-                assert ven.failed_polls == 0
-        assert "dropped: the VTN failed it 5 times" in caplog.text
+        assert "dropped: the VTN has failed it for 24 h" in caplog.text
+
+    run(scenario)
+
+
+def test_an_energy_report_the_vtn_failed_for_minutes_reaches_it_once_it_is_well() -> None:
+    """Five 500s (2.5 minutes of a failing store at the default poll interval) dropped interval 0's energy
+    report for good: the VTN, well again, never got the energy it settles on."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0], report_every=1)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id), 10)
+                vtn.poison = event_id
+                sink.offset_s = 160
+                served(ven, f"{event_id}#0", 1234.0)
+                sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN fails it
+                await vtn.wait_for(lambda: vtn.failed_reports >= 10, 10)
+                vtn.poison = None
+                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+                assert energy_reports_of(vtn, event_id, 0) == [1234.0]
+
+    run(scenario)
+
+
+class SlowVtn(BenchVtn3):
+    """Stores each energy report, then answers only once `answer` is set: after the VEN has stopped waiting."""
+
+    answer: asyncio.Event | None = None
+    stored_unanswered = 0
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        response = await super()._post_report(request)
+        if self.answer is not None and "intervals" in self.reports[-1]["reportName"]:
+            self.stored_unanswered += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.answer.wait(), 30)
+        return response
+
+
+def test_an_energy_report_the_vtn_stored_and_answered_too_late_is_not_sent_twice(monkeypatch, caplog) -> None:
+    """The VTN stored the report and answered after the VEN's timeout: the VEN logged "cannot reach the
+    VTN" and sent it again, and the VTN held the interval's energy twice (777 + 777 Wh to bill)."""
+    monkeypatch.setattr(openadr3, "HTTP_TIMEOUT_S", 0.5)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with SlowVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0], report_every=1)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id), 10)
+                vtn.answer = asyncio.Event()
+                sink.offset_s = 160
+                served(ven, f"{event_id}#0", 777.0)
+                sink.offset_s = 370
+                await vtn.wait_for(lambda: ven.failed_polls, 10)
+                vtn.answer.set()
+                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+                assert ven.polls > 1 and vtn.stored_unanswered == 1
+                assert energy_reports_of(vtn, event_id, 0) == [777.0]
+                assert sink.notes and sink.notes[-1][1] == {"event_id": event_id, "intervals": [0]}  # noted taken
+        assert "POST /reports: no answer from the VTN" in caplog.text and "none within 0.5 s" in caplog.text
 
     run(scenario)
 

@@ -106,9 +106,11 @@ read past without being kept, so only `MAX_PAGES` pages are ever held in memory.
 MAX_EVENTS = 500  # events tracked at once
 GIVEN_MEMORY = 2 * ENDED_MEMORY_MAX  # event ids whose highest revision is remembered: more than the core keeps
 MAX_PENDING_REPORTS = 200  # reports waiting for the VTN to come back; the oldest go first
-MAX_REPORT_ATTEMPTS = 5
-"""Times one report is sent to a VTN that fails it (5xx, an answer it cannot read) before it is given up:
-the VTN may fail it for good, and it must not hold back the reports behind it meanwhile."""
+MAX_REPORT_FAILING_S = 86_400.0
+"""How long (gateway clock, from the first failure) a report the VTN fails (5xx, an answer it cannot read)
+is sent again before it is given up: a VTN whose store is down for minutes or hours must still get the
+energy it settles on, and one that fails a report for good must not be asked forever. Meanwhile it goes
+behind the others, so it holds none back."""
 TAKEN_LOOKBACK_S = 7 * 86_400.0
 """How far back the journal is read at a start for the energy reports the VTN took: an event held again
 then is at most this long (a VTN keeps events until deleted, but one over before the start is history)."""
@@ -154,6 +156,11 @@ class VtnNotFound(VtnRefused):
 class VtnFailed(VtnError):
     """The VTN answered this request, and failed it (a 5xx, or a 2xx the VEN cannot read): the VTN is
     there, so what fails may be this request alone; a report so failed goes to the back of the queue."""
+
+
+class VtnSilent(VtnError):
+    """The request went out and no answer came back (none in time, or the connection dropped): the VTN
+    may have acted on it, so a report so sent is looked for at the VTN before it is sent again."""
 
 
 class VtnBusy(VtnError):
@@ -234,10 +241,12 @@ class _Tracked:
 
 @dataclass
 class _PendingReport:
-    """A report waiting for the VTN, and how often the VTN has failed it (5xx, an unreadable answer)."""
+    """A report waiting for the VTN; since when (gateway clock) the VTN fails it (5xx, an unreadable
+    answer), if it does; and whether it was sent once without an answer (the VTN may hold it already)."""
 
     report: dict[str, Any]
-    attempts: int = 0
+    failing_since: float | None = None
+    maybe_taken: bool = False
 
 
 @dataclass
@@ -531,8 +540,11 @@ class OpenAdr3Ven:
                     raw, status = await _body(resp), resp.status
                     _refuse_redirect(resp, f"{method} /{path}", "the bearer token is not sent there")
                     asked_s = retry_after_s(resp.headers.get("Retry-After"), time.time())
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            except aiohttp.ClientConnectorError as err:  # no connection: nothing was sent
                 raise VtnError(f"cannot reach the VTN {self.base}: {_why(err)}") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+                raise VtnSilent(f"{method} /{path}: no answer from the VTN {self.base}: "
+                                f"{_unanswered_why(err)}") from None
             if status == 401:
                 self.tokens.drop()
                 if attempt == 2:  # the credential, not this request: what was to be sent waits
@@ -1208,27 +1220,49 @@ class OpenAdr3Ven:
 
     async def _send_reports(self, session: aiohttp.ClientSession, sink: DispatchSink) -> None:
         """Each report waiting, once, oldest first. One the VTN fails goes to the back, so it holds back
-        no other and fails no poll; an unreachable or busy VTN (VtnError) stops the batch for the back-off."""
+        no other and fails no poll; an unreachable or busy VTN (VtnError) stops the batch for the back-off.
+        One sent before without an answer is looked for first: the VTN that stored it and answered too
+        late would otherwise hold its energy twice, and an aggregator adding up reports bill it twice."""
         self._queue_cadence(sink)
         for _ in range(len(self._pending)):
             pending = self._pending[0]
             try:
-                await self._call(session, "POST", "reports", body=pending.report)
+                if not (pending.maybe_taken and await self._vtn_holds(session, pending.report)):
+                    await self._call(session, "POST", "reports", body=pending.report)
             except VtnRefused as err:  # the VTN will never take this one: do not block the others
                 log.warning("OpenADR 3: report %r refused: %s", pending.report["reportName"], err)
             except VtnFailed as err:
                 self._pending.popleft()
-                self._failed(pending, err)
+                self._failed(pending, err, sink.now())
                 continue
+            except VtnSilent:
+                pending.maybe_taken = True
+                raise
             self._pending.popleft()
             _note_taken(sink, pending.report)
 
-    def _failed(self, pending: _PendingReport, err: VtnFailed) -> None:
-        """A report the VTN failed: sent again after the others, given up after `MAX_REPORT_ATTEMPTS`."""
-        pending.attempts += 1
+    async def _vtn_holds(self, session: aiohttp.ClientSession, report: dict[str, Any]) -> bool:
+        """Whether the VTN lists `report` (its name, resources and values) among this VEN's for its event. A
+        VTN that will not list reports (4xx) cannot say: the report is sent again, a warning logged."""
+        try:
+            held = await self._list(session, "reports", programID=report["programID"], eventID=report["eventID"],
+                                    clientName=report["clientName"])
+        except VtnRefused as err:
+            log.warning("OpenADR 3: report %r went without an answer, and the VTN will not list its reports "
+                        "(%s): sent again, so the VTN may hold it twice", report["reportName"], err)
+            return False
+        content = _report_content(report)
+        return any(isinstance(r, dict) and _report_content(r) == content for r in held)
+
+    def _failed(self, pending: _PendingReport, err: VtnFailed, now: float) -> None:
+        """A report the VTN failed: sent again after the others, given up once it has failed it for
+        `MAX_REPORT_FAILING_S`."""
         name = pending.report["reportName"]
-        if pending.attempts >= MAX_REPORT_ATTEMPTS:
-            log.warning("OpenADR 3: report %r dropped: the VTN failed it %d times (%s)", name, pending.attempts, err)
+        if pending.failing_since is None:
+            pending.failing_since = now
+        elif now - pending.failing_since >= MAX_REPORT_FAILING_S:
+            log.warning("OpenADR 3: report %r dropped: the VTN has failed it for %.0f h (%s)", name,
+                        (now - pending.failing_since) / 3600, err)
             return
         log.info("OpenADR 3: report %r failed at the VTN (%s): sent again after the others", name, err)
         self._pending.append(pending)
@@ -1352,6 +1386,28 @@ def _problem(raw: bytes, secrets: Iterable[str]) -> str:
 
 def _why(err: BaseException) -> str:
     return str(err) or type(err).__name__
+
+
+def _unanswered_why(err: BaseException) -> str:
+    """A request sent and not answered: a timeout says how long was waited, not its bare type name."""
+    if isinstance(err, asyncio.TimeoutError) and not str(err):
+        return f"none within {HTTP_TIMEOUT_S:g} s"
+    return _why(err)
+
+
+def _report_content(report: dict[str, Any]) -> Any:
+    """What makes two reports the same one: its name and, per resource, each interval's id and payloads
+    (a VTN adds its own fields, such as `id` and `createdDateTime`, to what it stores). A VTN's listing is
+    read as it comes: what is not a list of objects is no content (None), never an error."""
+    def objects(value: Any) -> list[dict[str, Any]]:
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+    def payloads(interval: dict[str, Any]) -> list[tuple[Any, Any]]:
+        return [(p.get("type"), p.get("values")) for p in objects(interval.get("payloads"))]
+
+    return (report.get("reportName"), [(r.get("resourceName"), [(i.get("id"), payloads(i))
+                                                                 for i in objects(r.get("intervals"))])
+                                       for r in objects(report.get("resources"))])
 
 
 def check(config: OpenAdr3Config, *, secret_given: bool = False,
