@@ -1052,6 +1052,33 @@ class _Plant:
         self.assembly.close()
 
 
+def test_a_killed_runs_event_is_not_given_the_next_runs_first_step_as_its_own(tmp_path):
+    """`kill -9` mid-event before the run journaled its batch of steps: the restarted run's first step comes
+    just before it closes the event, so it fell in the window and counted as the event's. The line showed
+    that run's SoC as start and end, 0 Wh of throughput and wear as if measured, and no note."""
+    from firmware_py.journal.steps import StepRecorder
+
+    path = tmp_path / "journal.sqlite"
+    killed = _Plant(path)
+    killed.run_until(2)
+    killed.step(DispatchRequest("ev", "test", DispatchKind.DISCHARGE, 5_000, 3.0, 7_200.0, received_at=killed.t))
+    killed.run_until(60)
+    killed.gateway.flush_journal()  # its records, not its batch of steps, which dies with the process
+    killed.gateway.steps = StepRecorder()
+    killed.assembly.close()
+    restarted = _Plant(path, soc=killed.soc)
+    restarted.t, restarted.meter = killed.t + 5, killed.meter + 20
+    restarted.step()
+    restarted.gateway.flush_journal(final=True)
+    assert restarted.gateway.close_open_events(restarted.meter, "gateway restarted: event ended") == ["ev"]
+    restarted.stop()
+    (event,) = make(path, tmp_path / "s.json")["events"]
+    assert event["status"] == "closed_after_restart" and event["delivered_wh"] > 20
+    assert (event["peak_w"], event["soc_start_pct"], event["soc_end_pct"], event["soc_min_pct"]) == (None,) * 4
+    assert event["throughput_wh"] == 0.0 and any("no core step of this window" in n for n in event["notes"])
+    assert verify(tmp_path / "s.json", path) == 0
+
+
 def test_a_storm_watch_charge_inside_an_events_window_leaves_the_events_wear_its_own(tmp_path):
     """An event discharges, the owner sets a storm watch (floor 90 %) inside its window: the gateway charges
     the truck serving no request, then the event resumes. The charge is nobody's event: it was once netted

@@ -129,7 +129,9 @@ class Tally:
     lent_pct: float = 0.0  # the net SoC change over time not the event's own (see `lent`): not its wear
     gaps: int = 0  # journal gaps (core steps not kept) in its window: no meter change is read across one
     span: tuple[Position, Position] | None = None  # the window on the core's clock, which no wall-clock step moves
-    steps: int = 0  # core steps in its window: none where the run died before it journaled its batch of steps
+    steps: int = 0
+    """Core steps of its own in its window: none where the run that served it died before it journaled its
+    batch of steps. A step of the next run before it closed the event (serving nothing yet) is not one."""
 
     @property
     def drop_pct(self) -> float:
@@ -165,8 +167,9 @@ class Tally:
         return served is not None and served != self.request_id
 
     def add(self, sample: Sample, previous: Sample | None) -> None:
-        self.steps += 1
         lent = self.lent(sample, previous)
+        if not lent or sample.serving == self.request_id:
+            self.steps += 1
         if sample.soc_pct is not None:
             if self.soc_start is None:
                 self.soc_start, self.capacity_wh = sample.soc_pct, sample.capacity_wh
@@ -308,7 +311,9 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
     in_gap = min(tally.gap_outage_wh, _restart_gap_wh(summary, status, energy))
     credited = max(0.0, delivered - in_gap) if creditable else 0.0
     capacity_wh = tally.capacity_wh or capacity_wh  # the event's own run's, not the last run's
-    throughput = tally.drop_pct / 100 * capacity_wh if served else 0.0
+    unstepped = served and not tally.steps  # its SoC not known: readings in its window are another run's
+    throughput = tally.drop_pct / 100 * capacity_wh if served and not unstepped else 0.0
+    soc = (None, None, None) if unstepped else (tally.soc_start, tally.soc_end, tally.soc_min)
     hours = (tally.hi - tally.lo) / 3600
     rate = terms.credit_per_kwh if summary.price_per_kwh is None else summary.price_per_kwh
     what = f"event {summary.request_id!r}"
@@ -323,13 +328,13 @@ def event_figures(summary: EventSummary, tally: Tally, terms: ProgramTerms, capa
         "delivered_wh": _wh(delivered), "integrated_wh": _wh(summary.integrated_wh if served else 0.0),
         "avg_w": round(summary.integrated_wh / hours, 1) if served and hours > 0 else 0.0,
         "peak_w": _peak_w(tally) if served else 0.0,
-        "soc_start_pct": _pct(tally.soc_start), "soc_end_pct": _pct(tally.soc_end),
-        "soc_min_pct": _pct(tally.soc_min), "floor_pct": _pct(tally.floor_pct),
+        "soc_start_pct": _pct(soc[0]), "soc_end_pct": _pct(soc[1]),
+        "soc_min_pct": _pct(soc[2]), "floor_pct": _pct(tally.floor_pct),
         "throughput_wh": _wh(throughput), "equivalent_cycles": round(throughput / capacity_wh, 6),
         "outage_wh": _wh(outage), "credited_wh": _wh(credited),
         "credit": credit, "wear_cost": wear, "net": net,
         "notes": [*notes(summary, status, served, discharge, outage, energy), *gap_notes(tally.gaps if served else 0),
-                  *(unstepped_notes(tally.steps) if served else [])],
+                  *(UNSTEPPED_NOTES if unstepped else [])],
     }
 
 
@@ -388,12 +393,10 @@ def gap_notes(gaps: int) -> list[str]:
             "bill it"]
 
 
-def unstepped_notes(steps: int) -> list[str]:
-    """What a reader must know of an event whose window holds no core step at all."""
-    if steps:
-        return []
-    return ["the journal holds no core step of this window (a run killed before it journaled its batch of steps "
-            "loses them): peak power, SoC and throughput are not known; its own energy reports bill it"]
+UNSTEPPED_NOTES = [
+    "the journal holds no core step of this window (a run killed before it journaled its batch of steps loses "
+    "them): peak power, SoC and throughput are not known; its own energy reports bill it"]
+"""What a reader must know of a served event whose window holds no core step of its own."""
 
 
 def totals(lines: Iterable[dict[str, Any]], outage_backup_wh: float) -> dict[str, Any]:
