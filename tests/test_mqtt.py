@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import ssl
 import sys
@@ -1116,6 +1117,24 @@ def test_check_config_runs_the_mqtt_checks(tmp_path, capsys, mqtt, message):
     assert cli.main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "s3cret" not in err
+
+
+@pytest.mark.parametrize("ca, told", [
+    ("fifo", "must be a regular file, not a FIFO"),  # no writer: the check waited for one forever
+    ("/dev/zero", "must be a regular file, not a device"),  # read as a would-be bundle
+    ("empty.pem", "holds no certificate"),  # nothing to load: the system's CAs were trusted instead
+    ("missing.pem", "does not exist"),
+])
+def test_a_ca_file_that_is_no_regular_pem_file_is_refused_without_reading_it(tmp_path, capsys, ca, told):
+    """`tls_ca_file` went straight to OpenSSL, past the rule every other file key keeps: a FIFO hung
+    `check-config` (and `run`'s start) for good, `/dev/zero` was read. Refused, naming the key, at once."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "empty.pem").write_text("\n")
+    path = tmp_path / "gw.toml"
+    path.write_text(f'[mqtt]\nenabled = true\ntls_ca_file = "{ca}"\n')
+    assert cli.main(["check-config", str(path)]) == 2  # a hang here is the pytest-timeout's to catch
+    err = capsys.readouterr().err
+    assert "mqtt.tls_ca_file: " in err and told in err, err
 
 
 @pytest.mark.parametrize("mode, told", [(0o644, "mode 0644"), (0o640, "mode 0640")])
