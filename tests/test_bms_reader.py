@@ -328,10 +328,32 @@ def test_missing_or_bad_dbc_is_an_input_error(tmp_path):
         BmsReader(bad, clock=lambda: 0.0)
 
 
-def test_can_filters_cover_exactly_the_bms_ids(reader):
-    ids = {f["can_id"] for f in reader.can_filters()}
-    assert ids == {0x132, 0x292, 0x252, 0x352, 0x312, 0x212, 0x20A, 0x332, 0x3D2}
-    assert all(f["can_mask"] == 0x7FF and f["extended"] is False for f in reader.can_filters())
+def test_can_filters_cover_exactly_the_bms_ids_in_both_id_formats(reader):
+    """11-bit to be read; 29-bit of the same number to be counted as `extended_id` (an id clash on the bus)."""
+    bms_ids = {0x132, 0x292, 0x252, 0x352, 0x312, 0x212, 0x20A, 0x332, 0x3D2}
+    filters = reader.can_filters()
+    assert {f["can_id"] for f in filters if f["extended"] is False and f["can_mask"] == 0x7FF} == bms_ids
+    assert {f["can_id"] for f in filters if f["extended"] is True and f["can_mask"] == 0x1FFFFFFF} == bms_ids
+    assert len(filters) == 2 * len(bms_ids)
+
+
+def test_a_29_bit_frame_with_a_bms_ids_number_passes_the_bus_filter_and_is_counted():
+    """docs/can.md counts it as `extended_id`, an installer's sign of an id clash: the bus filter took 11-bit
+    frames only, so the gateway never saw one and never counted it."""
+    channel = "test_bms_extended"
+    with can.Bus(interface="virtual", channel=channel) as rx, can.Bus(interface="virtual", channel=channel) as tx:
+        reader = BmsReader(DBC, clock=lambda: 1.0)
+        rx.set_filters(reader.can_filters())
+        got = threading.Event()
+        notifier = can.Notifier(rx, [BmsListener(reader, lambda s: got.set())])
+        try:
+            tx.send(can.Message(arbitration_id=0x252, data=bytes(8), is_extended_id=True))
+            tx.send(can.Message(arbitration_id=0x1000_0252, data=bytes(8), is_extended_id=True))  # another number
+            tx.send(soc(72.5))  # after both: once it is read, they were
+            assert got.wait(5.0)
+        finally:
+            notifier.stop()
+        assert reader.frame_counts() == (1, {"extended_id": 1})
 
 
 def test_clock_is_used_when_no_time_is_given():

@@ -173,8 +173,11 @@ class BmsReader:
     # -- the bus side -------------------------------------------------------
 
     def can_filters(self) -> list[dict[str, Any]]:
-        """Kernel/driver acceptance filters: only the BMS ids reach user space."""
-        return [{"can_id": fid, "can_mask": 0x7FF, "extended": False} for fid in sorted(self._frames)]
+        """Kernel/driver acceptance filters: only the BMS ids reach user space, as 11-bit ids to be read and as
+        29-bit ids of the same number to be counted (`extended_id`: another node's message, an id clash an
+        installer must be able to see)."""
+        return [{"can_id": fid, "can_mask": mask, "extended": extended} for extended, mask in
+                ((False, 0x7FF), (True, 0x1FFF_FFFF)) for fid in sorted(self._frames)]
 
     @property
     def frame_ids(self) -> frozenset[int]:
