@@ -17,6 +17,7 @@ import io
 import itertools
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +35,7 @@ from openleadr import messaging, objects
 from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
-from firmware_py import narration
+from firmware_py import cli, narration
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
@@ -856,13 +857,56 @@ def test_tls_vtn_with_the_wrong_fingerprint_is_ignored_and_the_log_says_why(tmp_
     ({"cert": "/x/ven.crt", "key": "/x/ven.key", "vtn_url": "https://h/x"}, "ca_file"),
     ({"cert": "/x/ven.crt", "key": "/x/ven.key", "ca_file": "/x/ca.crt"}, "https"),
     ({"cert": "/x/ven.crt", "key": "/x/ven.key", "ca_file": "/x/ca.crt", "vtn_url": "https://h/x"},
-     "cert: cannot read /x/ven.crt"),
+     "cert and key: /x/ven.crt: does not exist"),
     ({"vtn_url": "ftp://h/x"}, "vtn_url"),
     ({"simple_levels_pct": [10.0, 200.0, 50.0]}, "simple_levels_pct"),
 ])
 def test_config_mistakes_are_input_errors_naming_the_key(changes: dict[str, Any], key: str) -> None:
     with pytest.raises(InputError, match=key):
         OpenAdrVen(replace(OpenAdrConfig(), **changes), RATING_W)
+
+
+@pytest.mark.parametrize("files, told", [
+    ({"cert": "garbage", "key": "garbage"}, "cert and key: {d}/garbage, {d}/garbage: not a PEM certificate"),
+    ({"cert": "ven.crt", "key": "vtn.key"}, "cert and key: {d}/ven.crt, {d}/vtn.key: not a PEM certificate and "
+                                            "its private key (KEY_VALUES_MISMATCH)"),
+    ({"cert": "ven.crt", "key": "encrypted.key"}, "cert and key: {d}/encrypted.key: the private key is encrypted"),
+    ({"ca_file": "garbage"}, "ca_file: {d}/garbage: holds no certificate"),
+    ({"ca_file": "fifo"}, "ca_file: {d}/fifo: the CA bundle must be a regular file, not a FIFO"),
+])
+def test_tls_files_that_cannot_serve_are_refused_at_the_start_naming_the_key(tmp_path, capsys, files, told):
+    """`check-config` passed garbage for cert, key and ca_file (it only read them as text): `run` started,
+    and openleadr failed at its first connection, its words held back from the log."""
+    from cryptography.hazmat.primitives import serialization
+
+    tls = make_tls_material(tmp_path)
+    (tmp_path / "garbage").write_text("garbage\n")
+    os.mkfifo(tmp_path / "fifo")
+    key = serialization.load_pem_private_key(tls.ven_key.read_bytes(), None)
+    (tmp_path / "encrypted.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    chosen = {"cert": tls.ven_cert.name, "key": tls.ven_key.name, "ca_file": tls.ca_file.name, **files}
+    lines = "".join(f'{k} = "{v}"\n' for k, v in chosen.items())
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[dispatch.openadr]\nenabled = true\nvtn_url = "https://127.0.0.1:9/OpenADR2/Simple/2.0b"\n'
+                      f"{lines}")
+    assert cli.main(["check-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"dispatch.openadr: {told.format(d=tmp_path)}" in err and "Traceback" not in err, err
+    config.write_text(config.read_text().replace(lines, "".join(
+        f'{k} = "{v}"\n' for k, v in {"cert": "ven.crt", "key": "ven.key", "ca_file": "ca.crt"}.items())))
+    assert cli.main(["check-config", str(config)]) == 0, capsys.readouterr().err
+
+
+def test_a_ca_file_without_a_client_certificate_is_refused_as_openleadr_would_ignore_it(tmp_path, capsys):
+    """openleadr checks the VTN against `ca_file` only with a client certificate: without one, the private
+    CA was silently set aside for the system's CAs."""
+    tls = make_tls_material(tmp_path)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[dispatch.openadr]\nenabled = true\nvtn_url = "https://127.0.0.1:9/OpenADR2/Simple/2.0b"\n'
+                      f'ca_file = "{tls.ca_file}"\n')
+    assert cli.main(["check-config", str(config)]) == 2
+    assert "dispatch.openadr: ca_file: used only with cert and key" in capsys.readouterr().err
 
 
 def test_a_registration_probe_says_what_openleadr_heard_with_logging_set_up_as_the_service_does():

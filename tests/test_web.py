@@ -899,8 +899,8 @@ def test_a_taken_port_is_input_error_not_a_restart_loop(tmp_path):
     ({"listen": "everywhere"}, "web.listen: expected HOST:PORT"),
     ({"listen": "gateway.local:8080"}, "web.listen: 'gateway.local' is not an IP address"),
     ({"tls_cert": "web.crt"}, "web.tls_cert, web.tls_key: set both (HTTPS) or neither"),
-    ({"tls_cert": "missing.crt", "tls_key": "missing.key"}, "web.tls_cert: "),
-    ({"tls_cert": "gateway.toml", "tls_key": "gateway.toml"}, "not a usable certificate and key"),
+    ({"tls_cert": "missing.crt", "tls_key": "missing.key"}, "web.tls_cert, web.tls_key: "),
+    ({"tls_cert": "gateway.toml", "tls_key": "gateway.toml"}, "not a PEM certificate and its private key"),
     ({"installer_token_file": "."}, "web.installer_token_file: "),
 ])
 def test_check_config_runs_the_web_apps_checks(tmp_path, capsys, web, message):

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,7 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 from openleadr import client as openleadr_client
 
+from firmware_py.certificates import ca_bundle, load_chain
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
 from firmware_py.core.machine import OPTED_OUT_END
@@ -990,15 +992,20 @@ def _revision_of(event: Any) -> int:
         return -1
 
 
-def _unreadable(path: str, key: str) -> list[str]:
-    """Why a certificate or key file cannot serve (missing, special, huge, not text), or nothing."""
-    try:
-        read_text(path, "PEM file")
-    except FileNotFoundError:
-        return [f"{key}: cannot read {path}: no such file"]
-    except InputError as err:
-        return [f"{key}: {problem}" for problem in err.problems]
-    return []
+def _pem_problems(config: OpenAdrConfig, key: str) -> list[str]:
+    """Why the TLS files cannot serve (unreadable, no PEM, a key not the certificate's, encrypted), or
+    nothing: checked here, since openleadr loads them only at its first connection, and says little."""
+    problems = []
+    checks = [lambda: ca_bundle(config.ca_file, f"{key}: ca_file")] if config.ca_file else []
+    if config.cert and config.key:
+        checks.append(lambda: load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), config.cert, config.key,
+                                         f"{key}: cert and key"))
+    for attempt in checks:
+        try:
+            attempt()
+        except InputError as err:
+            problems += err.problems
+    return problems
 
 
 def check(config: OpenAdrConfig) -> list[str]:
@@ -1009,12 +1016,13 @@ def check(config: OpenAdrConfig) -> list[str]:
         problems.append(f"{key}: cert and key: give both (mutual TLS and signing) or neither")
     if config.cert and not config.ca_file:
         problems.append(f"{key}: ca_file: required with cert, to check the VTN's certificate")
+    if config.ca_file and not config.cert:
+        problems.append(f"{key}: ca_file: used only with cert and key (mutual TLS); without them the VTN's "
+                        "certificate is checked against the system's CAs: give cert and key, or remove ca_file")
     if config.cert and not config.vtn_url.startswith("https://"):
         problems.append(f"{key}: vtn_url: must be https:// when cert is set")
     if not config.vtn_url.startswith(("http://", "https://")):
         problems.append(f"{key}: vtn_url: must start with http:// or https://, got {config.vtn_url!r}")
-    for name in ("cert", "key", "ca_file"):
-        if path := getattr(config, name):
-            problems += _unreadable(path, f"{key}: {name}")
+    problems += _pem_problems(config, key)
     problems += check_levels(config.simple_levels_pct, f"{key}: simple_levels_pct")
     return problems

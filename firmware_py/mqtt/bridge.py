@@ -53,10 +53,10 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from firmware_py.addresses import parse_host_port
+from firmware_py.certificates import ca_bundle
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
 from firmware_py.errors import InputError
-from firmware_py.files import read_text
 from firmware_py.journal import codec
 from firmware_py.links import Link
 from firmware_py.mqtt import commands
@@ -144,29 +144,10 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
     if not mqtt.tls and not mqtt.tls_ca_file:
         return None
-    bundle = _ca_bundle(mqtt.tls_ca_file) if mqtt.tls_ca_file else None
-    try:
-        context = ssl.create_default_context(cadata=bundle)
-    except (ssl.SSLError, ValueError) as err:
-        raise InputError(f"mqtt.tls_ca_file: {mqtt.tls_ca_file}: not a usable PEM CA bundle "
-                         f"({getattr(err, 'reason', None) or err})") from None
+    bundle = ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file") if mqtt.tls_ca_file else None
+    context = ssl.create_default_context(cadata=bundle)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-def _ca_bundle(path: str) -> str:
-    """The PEM text of `tls_ca_file`, read by the rule of every file the gateway reads (a regular file of
-    at most 4 MiB): handed to OpenSSL by name, a FIFO held the check for ever. One with no certificate
-    is refused here: loaded as nothing, the system's CAs would be trusted instead of the private CA."""
-    try:
-        text = read_text(path, "CA bundle")
-    except FileNotFoundError:
-        raise InputError(f"mqtt.tls_ca_file: {path}: does not exist") from None
-    except InputError as err:
-        raise InputError([f"mqtt.tls_ca_file: {p}" for p in err.problems]) from None
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        raise InputError(f"mqtt.tls_ca_file: {path}: holds no certificate (-----BEGIN CERTIFICATE-----)")
-    return text
 
 
 class Kind(StrEnum):

@@ -38,12 +38,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from firmware_py.addresses import parse_host_port, parse_ip_listen
+from firmware_py.certificates import load_chain
 from firmware_py.config import Config
 from firmware_py.core import floor as floors
 from firmware_py.core.types import OwnerSettings
@@ -140,16 +140,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
         return None
     if not cert or not key:
         raise InputError("web.tls_cert, web.tls_key: set both (HTTPS) or neither (plain HTTP)")
-    for name, path in (("tls_cert", cert), ("tls_key", key)):
-        if not Path(path).is_file():
-            raise InputError(f"web.{name}: {path}: no such file (or not a regular file)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as err:
-        raise InputError(f"web.tls_cert, web.tls_key: {cert}, {key}: not a usable certificate and key "
-                         f"({getattr(err, 'reason', None) or err})") from None
+    load_chain(context, cert, key, "web.tls_cert, web.tls_key")
     return context
 
 

@@ -1,0 +1,54 @@
+"""The PEM files TLS is set up from (a CA bundle, a certificate and its key), checked the way every file
+the gateway reads is checked, and loaded so that a wrong file is refused at the start, naming its key,
+rather than failing the first connection (or, for a FIFO handed to OpenSSL by name, never returning)."""
+
+from __future__ import annotations
+
+import ssl
+
+from firmware_py.errors import InputError
+from firmware_py.files import read_text
+
+
+def ca_bundle(path: str, key: str) -> str:
+    """The PEM text of the CA bundle at `path` (configuration key `key`), with at least one certificate
+    OpenSSL loads. One with none is refused: loaded as nothing, the system's CAs would be trusted instead."""
+    text = pem_text(path, key, "CA bundle")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise InputError(f"{key}: {path}: holds no certificate (-----BEGIN CERTIFICATE-----)")
+    try:
+        ssl.create_default_context(cadata=text)
+    except (ssl.SSLError, ValueError) as err:
+        raise InputError(f"{key}: {path}: not a usable PEM CA bundle ({_reason(err)})") from None
+    return text
+
+
+def pem_text(path: str, key: str, what: str) -> str:
+    """A PEM file's text, read as every file is (a regular file of at most 4 MiB); InputError naming `key`."""
+    try:
+        return read_text(path, what)
+    except FileNotFoundError:
+        raise InputError(f"{key}: {path}: does not exist") from None
+    except InputError as err:
+        raise InputError([f"{key}: {problem}" for problem in err.problems]) from None
+
+
+def load_chain(context: ssl.SSLContext, cert: str, private_key: str, keys: str) -> None:
+    """`cert` and its `private_key` into `context`; InputError naming `keys` when they are no PEM
+    certificate and unencrypted key of it. An encrypted key is refused, never asked a passphrase for
+    (OpenSSL would prompt on the terminal): the gateway has no passphrase to give."""
+    for path in (cert, private_key):
+        pem_text(path, keys, "PEM file")  # a regular, readable file before OpenSSL opens it by name
+
+    def no_passphrase() -> bytes:
+        raise InputError(f"{keys}: {private_key}: the private key is encrypted; give it unencrypted (mode 0600)")
+
+    try:
+        context.load_cert_chain(cert, private_key, password=no_passphrase)
+    except (ssl.SSLError, OSError) as err:
+        raise InputError(f"{keys}: {cert}, {private_key}: not a PEM certificate and its private key "
+                         f"({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    return str(getattr(err, "reason", None) or getattr(err, "strerror", None) or err)
