@@ -1273,20 +1273,14 @@ def test_an_energy_report_the_vtn_failed_for_minutes_reaches_it_once_it_is_well(
     report for good: the VTN, well again, never got the energy it settles on."""
     async def scenario() -> None:
         sink = ScriptedSink()
-        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn:
-            program = vtn.add_program("summer-peak")
-            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0], report_every=1)
-            ven = make_ven(vtn)
-            async with serving(ven, sink):
-                await vtn.wait_for(lambda: vtn.answers_for(event_id), 10)
-                vtn.poison = event_id
-                sink.offset_s = 160
-                served(ven, f"{event_id}#0", 1234.0)
-                sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN fails it
-                await vtn.wait_for(lambda: vtn.failed_reports >= 10, 10)
-                vtn.poison = None
-                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
-                assert energy_reports_of(vtn, event_id, 0) == [1234.0]
+        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn, \
+                serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=1234.0) as (ven, event_id):
+            vtn.poison = event_id
+            sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN fails it
+            await vtn.wait_for(lambda: vtn.failed_reports >= 10, 10)
+            vtn.poison = None
+            await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+            assert energy_reports_of(vtn, event_id, 0) == [1234.0]
 
     run(scenario)
 
@@ -1313,22 +1307,16 @@ def test_an_energy_report_the_vtn_stored_and_answered_too_late_is_not_sent_twice
 
     async def scenario() -> None:
         sink = ScriptedSink()
-        async with SlowVtn(client_id="truck-1", secret=SECRET) as vtn:
-            program = vtn.add_program("summer-peak")
-            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0], report_every=1)
-            ven = make_ven(vtn)
-            async with serving(ven, sink):
-                await vtn.wait_for(lambda: vtn.answers_for(event_id), 10)
-                vtn.answer = asyncio.Event()
-                sink.offset_s = 160
-                served(ven, f"{event_id}#0", 777.0)
-                sink.offset_s = 370
-                await vtn.wait_for(lambda: ven.failed_polls, 10)
-                vtn.answer.set()
-                await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
-                assert ven.polls > 1 and vtn.stored_unanswered == 1
-                assert energy_reports_of(vtn, event_id, 0) == [777.0]
-                assert sink.notes and sink.notes[-1][1] == {"event_id": event_id, "intervals": [0]}  # noted taken
+        async with SlowVtn(client_id="truck-1", secret=SECRET) as vtn, \
+                serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=777.0) as (ven, event_id):
+            vtn.answer = asyncio.Event()
+            sink.offset_s = 370
+            await vtn.wait_for(lambda: ven.failed_polls, 10)
+            vtn.answer.set()
+            await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+            assert ven.polls > 1 and vtn.stored_unanswered == 1
+            assert energy_reports_of(vtn, event_id, 0) == [777.0]
+            assert sink.notes and sink.notes[-1][1] == {"event_id": event_id, "intervals": [0]}  # noted taken
         assert "POST /reports: no answer from the VTN" in caplog.text and "none within 0.5 s" in caplog.text
 
     run(scenario)
