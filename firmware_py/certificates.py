@@ -4,23 +4,26 @@ rather than failing the first connection (or, for a FIFO handed to OpenSSL by na
 
 from __future__ import annotations
 
+import re
 import ssl
 
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
 
+CERTIFICATE = re.compile(r"-----BEGIN (TRUSTED )?CERTIFICATE-----")
+"""A PEM certificate, as OpenSSL loads a CA file: plain, or with its trust settings (ca-bundle.trust.crt)."""
 
-def ca_bundle(path: str, key: str) -> str:
-    """The PEM text of the CA bundle at `path` (configuration key `key`), with at least one certificate
-    OpenSSL loads. One with none is refused: loaded as nothing, the system's CAs would be trusted instead."""
-    text = pem_text(path, key, "CA bundle")
-    if "-----BEGIN CERTIFICATE-----" not in text:
+
+def check_ca_bundle(path: str, key: str) -> None:
+    """That `path` (configuration key `key`) is a regular file of at least one certificate OpenSSL loads as
+    a CA file. One with none is refused: loaded as nothing, the system's CAs would be trusted instead. It is
+    loaded by name afterwards, as OpenSSL reads every form of bundle only from a file."""
+    if not CERTIFICATE.search(pem_text(path, key, "CA bundle")):
         raise InputError(f"{key}: {path}: holds no certificate (-----BEGIN CERTIFICATE-----)")
     try:
-        ssl.create_default_context(cadata=text)
-    except (ssl.SSLError, ValueError) as err:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as err:
         raise InputError(f"{key}: {path}: not a usable PEM CA bundle ({_reason(err)})") from None
-    return text
 
 
 def pem_text(path: str, key: str, what: str) -> str:

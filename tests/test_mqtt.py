@@ -1137,6 +1137,19 @@ def test_a_ca_file_that_is_no_regular_pem_file_is_refused_without_reading_it(tmp
     assert "mqtt.tls_ca_file: " in err and told in err, err
 
 
+def test_a_ca_bundle_of_trusted_certificates_is_loaded_as_openssl_loads_a_ca_file(tmp_path):
+    """OpenSSL's TRUSTED CERTIFICATE form (ca-bundle.trust.crt) was refused by the check for plain
+    certificates, though OpenSSL, given the file, loads it."""
+    import subprocess
+
+    subprocess.run("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=ca "
+                   "&& openssl x509 -in ca.pem -addtrust serverAuth -out trusted.pem", shell=True, cwd=tmp_path,
+                   check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "trusted.pem").read_text().startswith("-----BEGIN TRUSTED CERTIFICATE-----")
+    context = bridge_module.tls_context(MqttConfig(enabled=True, tls_ca_file=str(tmp_path / "trusted.pem")))
+    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ca"),),)]
+
+
 @pytest.mark.parametrize("mode, told", [(0o644, "mode 0644"), (0o640, "mode 0640")])
 def test_a_broker_password_others_may_read_is_refused_naming_the_mode(tmp_path, capsys, mode, told):
     """The broker password was read from a file anyone on the gateway could read (0644), where the

@@ -1300,6 +1300,49 @@ class SlowVtn(BenchVtn3):
         return response
 
 
+class LostReportVtn(SlowVtn):
+    """Loses the first energy report it is sent (it timed out itself, and stored nothing), and cannot list
+    reports: `listing` is what GET /reports answers."""
+
+    listing: Callable[[], web.Response] = staticmethod(lambda: web.Response(status=501))
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if self.answer is not None and not self.stored_unanswered and "intervals" in (await request.json())["reportName"]:
+            self.stored_unanswered += 1
+            await asyncio.wait_for(self.answer.wait(), 30)
+            return web.Response(status=504)
+        return await BenchVtn3._post_report(self, request)
+
+    async def _get_reports(self, request: web.Request) -> web.Response:
+        return self.listing()
+
+
+@pytest.mark.parametrize("listing", [
+    lambda: web.Response(status=501),  # failed, not refused: the report was counted failed and never sent again
+    lambda: web.json_response({"reports": []}),  # no list: every poll failed, every report behind it held back
+], ids=["501", "not a list"])
+def test_a_report_without_an_answer_is_sent_again_when_the_vtn_cannot_list_reports(monkeypatch, caplog,
+                                                                                    listing) -> None:
+    monkeypatch.setattr(openadr3, "HTTP_TIMEOUT_S", 0.5)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with LostReportVtn(client_id="truck-1", secret=SECRET) as vtn, \
+                serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=777.0) as (ven, event_id):
+            vtn.listing = listing
+            vtn.answer = asyncio.Event()
+            sink.offset_s = 370
+            await vtn.wait_for(lambda: ven.failed_polls, 10)
+            vtn.answer.set()
+            await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
+            assert energy_reports_of(vtn, event_id, 0) == [777.0]
+            later = vtn.add_event(vtn.add_program("winter-peak"), "DISPATCH_SETPOINT", in_seconds(3_600), 600, 3.0)
+            assert await vtn.wait_for(lambda: vtn.answers_for(later), 10) == ["accepted"]
+        assert "the VTN cannot say whether it took it" in caplog.text
+
+    run(scenario)
+
+
 def test_an_energy_report_the_vtn_stored_and_answered_too_late_is_not_sent_twice(monkeypatch, caplog) -> None:
     """The VTN stored the report and answered after the VEN's timeout: the VEN logged "cannot reach the
     VTN" and sent it again, and the VTN held the interval's energy twice (777 + 777 Wh to bill)."""

@@ -52,7 +52,7 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 from openleadr import client as openleadr_client
 
-from firmware_py.certificates import ca_bundle, load_chain
+from firmware_py.certificates import check_ca_bundle, load_chain
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
 from firmware_py.core.machine import OPTED_OUT_END
@@ -996,7 +996,7 @@ def _pem_problems(config: OpenAdrConfig, key: str) -> list[str]:
     """Why the TLS files cannot serve (unreadable, no PEM, a key not the certificate's, encrypted), or
     nothing: checked here, since openleadr loads them only at its first connection, and says little."""
     problems = []
-    checks = [lambda: ca_bundle(config.ca_file, f"{key}: ca_file")] if config.ca_file else []
+    checks = [lambda: check_ca_bundle(config.ca_file, f"{key}: ca_file")] if config.ca_file else []
     if config.cert and config.key:
         checks.append(lambda: load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), config.cert, config.key,
                                          f"{key}: cert and key"))

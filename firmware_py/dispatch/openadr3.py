@@ -576,8 +576,8 @@ class OpenAdr3Ven:
         """A whole listing, page by page (bounded): one too long for the bound is no listing (VtnError)."""
         listing = await self._list_pages(session, path, **params)
         if not listing.complete:
-            raise VtnError(f"GET /{path} lists more than {len(listing.objects)} objects: not a listing the VEN "
-                           "can hold")
+            raise VtnFailed(f"GET /{path} lists more than {len(listing.objects)} objects: not a listing the VEN "
+                            "can hold")
         return listing.objects
 
     async def _list_pages(self, session: aiohttp.ClientSession, path: str, *,
@@ -592,7 +592,7 @@ class OpenAdr3Ven:
         for page in range(MAX_SCAN_PAGES):
             got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
             if not isinstance(got, list):
-                raise VtnError(f"GET /{path} did not answer a list")
+                raise VtnFailed(f"GET /{path} did not answer a list")
             if got == previous:  # a VTN that ignores `skip` sends its first page again: that was all of it
                 return listing
             listing.pages = page + 1
@@ -1243,12 +1243,13 @@ class OpenAdr3Ven:
 
     async def _vtn_holds(self, session: aiohttp.ClientSession, report: dict[str, Any]) -> bool:
         """Whether the VTN lists `report` (its name, resources and values) among this VEN's for its event. A
-        VTN that will not list reports (4xx) cannot say: the report is sent again, a warning logged."""
+        VTN that will not list reports (4xx), fails the listing (5xx) or lists what the VEN cannot read cannot
+        say: the report is sent again, a warning logged. Unreachable or busy, the batch stops as for a POST."""
         try:
             held = await self._list(session, "reports", programID=report["programID"], eventID=report["eventID"],
                                     clientName=report["clientName"])
-        except VtnRefused as err:
-            log.warning("OpenADR 3: report %r went without an answer, and the VTN will not list its reports "
+        except (VtnRefused, VtnFailed) as err:
+            log.warning("OpenADR 3: report %r went without an answer, and the VTN cannot say whether it took it "
                         "(%s): sent again, so the VTN may hold it twice", report["reportName"], err)
             return False
         content = _report_content(report)

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from firmware_py.addresses import parse_host_port
-from firmware_py.certificates import ca_bundle
+from firmware_py.certificates import check_ca_bundle
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
 from firmware_py.errors import InputError
@@ -144,8 +144,9 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
     if not mqtt.tls and not mqtt.tls_ca_file:
         return None
-    bundle = ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file") if mqtt.tls_ca_file else None
-    context = ssl.create_default_context(cadata=bundle)
+    if mqtt.tls_ca_file:
+        check_ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file")
+    context = ssl.create_default_context(cafile=mqtt.tls_ca_file or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
