@@ -108,7 +108,7 @@ class OpenAdr3Config:
 
     enabled: bool = spec(False)
     vtn_url: str = spec("http://127.0.0.1:8081/openadr3/3.0.1", doc="the VTN's base URL (programs, events, ...)")
-    token_url: str = spec("", doc="the OAuth2 token endpoint; empty: the one the VTN names at /auth/server")
+    token_url: str = spec("", query=True, doc="the OAuth2 token endpoint; empty: the one the VTN names at /auth/server")
     client_id: str = spec("truck-1", doc="the OAuth2 client id the aggregator issued")
     client_secret_file: str = spec("openadr3.secret", path=True, private=True,
                                    doc="a 0600 file holding the OAuth2 client secret (never logged)")

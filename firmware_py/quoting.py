@@ -47,6 +47,13 @@ def _exact(value: Any) -> str:
     return shown(value)
 
 
+def without_query(url: str) -> str:
+    """A URL as it may be printed or logged: a query (an endpoint's parameters, which may be a credential)
+    hidden, the rest as it is."""
+    base, query = url.split("?", 1) if "?" in url else (url, None)
+    return base if query is None else f"{base}?(query hidden)"
+
+
 def printable(text: str) -> str:
     """`text` with every control character written as an escape (\\x1b, \\n), safe for a terminal or a log."""
     if text.isprintable():

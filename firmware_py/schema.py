@@ -50,7 +50,7 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
           choices: tuple[str, ...] | None = None, path: bool = False, private: bool = False,
           form: tuple[str, str] | None = None, unset: float | None = None, doc: str = "", bound_why: str = "",
-          entry: str = "") -> Any:
+          entry: str = "", query: bool = False) -> Any:
     """A schema field: default (`...` = required), inclusive bounds, allowed strings, is it a path (and
     a private file's: a secret the gateway refuses to read through a symbolic link, `absolute_path`), and
     the form a string must have (a regular expression, and how to say it to a person).
@@ -59,9 +59,10 @@ def spec(default: Any, *, lo: float | None = None, hi: float | None = None,
     exactly, not as a wider range, so that a mistyped sign (-0.5 for 0.5) is refused instead
     of silently switching the setting off. `bound_why` is said with an out-of-range value, where a bound
     is not obvious (a limit another part of the system sets). `entry` says what each value of a table of
-    strings is (`'MESSAGE.SIGNAL'`), named with a value of another type."""
+    strings is (`'MESSAGE.SIGNAL'`), named with a value of another type. `query`: a URL key whose endpoint
+    may be named with a query (`?p=policy`), shown and logged with it hidden (`quoting.without_query`)."""
     meta = {"lo": lo, "hi": hi, "choices": choices, "path": path, "private": private, "form": form, "unset": unset,
-            "doc": doc, "bound_why": bound_why, "entry": entry}
+            "doc": doc, "bound_why": bound_why, "entry": entry, "query": query}
     if default is ...:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -149,7 +150,7 @@ def load_table(cls: type, table: dict[str, Any], prefix: str, base: Path, proble
         if not problem and f.metadata.get("path") and not value and f.default:  # "" means "none" only where that is the default
             problem = f"must not be empty: the file is needed (default {f.default!r})"
         if not problem and name.endswith("_url") and isinstance(value, str):
-            problem = _credentials_problem(value)
+            problem = _credentials_problem(value, query_allowed=f.metadata.get("query", False))
         if problem:
             problems.append(f"{key}: {problem}")
             continue
@@ -170,14 +171,15 @@ def _entry_problems(table: dict[str, Any], key: str, meta: typing.Mapping[str, A
             if not isinstance(v, str)]
 
 
-def _credentials_problem(url: str) -> str | None:
+def _credentials_problem(url: str, *, query_allowed: bool = False) -> str | None:
     """A URL key carrying a user name or password (`https://user:secret@host/`) or a query or fragment
     (`?api_key=...`): refused, the value never repeated, since a URL is printed and logged wherever its
     peer is named (commissioning's report, the installer page, each log line about the link) and a secret
-    must never be. No URL key needs a query: the gateway adds its own paths to a base URL, and an
-    endpoint takes its credentials in the request, not its address."""
+    must never be. A base URL has no place for a query (the gateway adds its own paths to it); an endpoint
+    some providers name with one (`query_allowed`) keeps it, hidden wherever the URL is shown."""
     where = "holds a user name or password (the part before '@' in the host" if "@" in _authority(url) else \
-        "holds a query or fragment (the part from '?' or '#'" if re.search(r"[?#]", url) else None
+        "holds a query or fragment (the part from '?' or '#'" if re.search(r"#" if query_allowed else r"[?#]", url) \
+        else None
     if where is None:
         return None
     return (f"{where}; value not shown): a URL is printed and logged, so credentials go in the secret file "

@@ -407,6 +407,7 @@ def _run_command(args: argparse.Namespace) -> int:
 def _check_config_command(args: argparse.Namespace) -> int:
     """What `run` would check before opening a link, and the configuration it would run with."""
     from firmware_py import config as config_module
+    from firmware_py.web.installer import redacted
 
     config = config_module.load(args.file)
     assumed = service_user(config)  # as root: the user `run` will run as (see `service_user`)
@@ -414,7 +415,7 @@ def _check_config_command(args: argparse.Namespace) -> int:
     for note in notes(config) + ([assumed[1]] if assumed else []):
         print(f"{config.source}: note: {note}", file=sys.stderr)
     print(f"# {config.source}: valid; effective configuration:")
-    print(json.dumps(config_module.as_dict(config), indent=2))
+    print(json.dumps(redacted(config_module.as_dict(config)), indent=2))  # as the installer page shows it
     return 0
 
 

@@ -634,7 +634,7 @@ def test_a_url_key_holding_credentials_is_refused_without_repeating_them(tmp_pat
 
 @pytest.mark.parametrize("section, key, url", [
     ("dispatch.openadr3", "vtn_url", "https://127.0.0.1:9/openadr3/3.0.1?api_key=hunter2"),
-    ("dispatch.openadr3", "token_url", "https://127.0.0.1:9/token?client_secret=hunter2"),
+    ("dispatch.openadr3", "token_url", "https://127.0.0.1:9/token#hunter2"),
     ("dispatch.openadr3", "callback_url", "https://gw.example.com/openadr3/notify?token=hunter2"),
     ("dispatch.openadr", "vtn_url", "http://127.0.0.1:9/OpenADR2/Simple/2.0b?key=hunter2"),
     ("dispatch.openadr3", "vtn_url", "https://127.0.0.1:9/openadr3/3.0.1#hunter2"),
@@ -651,6 +651,26 @@ def test_a_url_key_with_a_query_or_fragment_is_refused_without_repeating_it(tmp_
     err = capsys.readouterr().err
     assert f"{section}.{key}: holds a query or fragment" in err and "secret file" in err, err
     assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_a_token_url_named_with_a_query_is_used_and_shown_with_the_query_hidden(tmp_path, capsys):
+    """Some providers name their token endpoint with a query (`?p=policy`): refused with the other URL keys',
+    it could not be set though the VEN takes the same URL from the VTN. Allowed, it is never shown whole."""
+    from firmware_py.web.installer import redacted
+
+    (tmp_path / "secret").write_text("s3cret\n", encoding="utf-8")
+    (tmp_path / "secret").chmod(0o600)
+    url = "https://login.example.com/tenant/oauth2/v2.0/token?p=B2C_1_hunter2"
+    path = write(tmp_path, f'[dispatch.openadr3]\nenabled = true\nclient_secret_file = "secret"\ntoken_url = "{url}"\n')
+    assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
+    assert "hunter2" not in capsys.readouterr().out
+    loaded = config.load(path)
+    assert loaded.dispatch.openadr3.token_url == url
+    shown = redacted(config.as_dict(loaded))["dispatch"]["openadr3"]["token_url"]
+    assert shown == "https://login.example.com/tenant/oauth2/v2.0/token?(query hidden)"
+    from firmware_py.dispatch.openadr3 import TokenSource
+
+    assert "hunter2" not in repr(TokenSource(url, "truck-1", "s3cret"))
 
 
 @pytest.mark.parametrize("url", ["not a url", "gw.example.com/openadr3/notify", "ftp://gw.example.com/x", "https://"])

@@ -91,7 +91,7 @@ from firmware_py.http_listener import BodyUnread, HttpListener, body_of
 from firmware_py.journal.kinds import RecordKind
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.owner.access import read_secret
-from firmware_py.quoting import printable
+from firmware_py.quoting import printable, without_query
 from firmware_py.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ class TokenSource:
 
     def __init__(self, token_url: str, client_id: str, secret: str, clock: Callable[[], float] = time.monotonic):
         self.token_url = token_url
+        self.shown_url = without_query(token_url)  # as messages name it: a provider's query may be a credential
         self.client_id = client_id
         self._secret = secret
         self._clock = clock
@@ -297,7 +298,7 @@ class TokenSource:
         self.fetches = 0
 
     def __repr__(self) -> str:  # never the secret, never the token
-        return f"TokenSource({self.token_url!r}, client_id={self.client_id!r})"
+        return f"TokenSource({self.shown_url!r}, client_id={self.client_id!r})"
 
     def drop(self) -> None:
         """Forget the token (the VTN said 401): the next request fetches a new one."""
@@ -316,26 +317,26 @@ class TokenSource:
             async with session.post(self.token_url, data=form, allow_redirects=False) as resp:
                 body = await _body(resp)
                 status = resp.status
-                _refuse_redirect(resp, f"the token endpoint {self.token_url}", "the client secret is not sent there")
+                _refuse_redirect(resp, f"the token endpoint {self.shown_url}", "the client secret is not sent there")
                 asked_s = retry_after_s(resp.headers.get("Retry-After"), time.time())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
-            raise VtnError(f"cannot reach the token endpoint {self.token_url}: {_why(err)}") from None
+            raise VtnError(f"cannot reach the token endpoint {self.shown_url}: {_why(err)}") from None
         if status in BUSY_STATUSES:
-            raise VtnBusy(f"the token endpoint {self.token_url} answered HTTP {status} (busy)", asked_s)
+            raise VtnBusy(f"the token endpoint {self.shown_url} answered HTTP {status} (busy)", asked_s)
         if status in (400, 401, 403):
             try:
                 answer = _json(body, "")
             except VtnError:
                 answer = None
             code = answer.get("error") if isinstance(answer, dict) else None
-            raise TokenRefused(f"the token endpoint {self.token_url} refused client_id {self.client_id!r} "
+            raise TokenRefused(f"the token endpoint {self.shown_url} refused client_id {self.client_id!r} "
                              f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
                              "and the secret in client_secret_file")
-        answer = _json(body, f"the token endpoint {self.token_url}") if status == 200 else None
+        answer = _json(body, f"the token endpoint {self.shown_url}") if status == 200 else None
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
-            raise VtnError(f"the token endpoint {self.token_url} answered HTTP {status} without an access_token")
+            raise VtnError(f"the token endpoint {self.shown_url} answered HTTP {status} without an access_token")
         if not B64TOKEN.fullmatch(answer["access_token"]):  # the token itself is a credential: never in the message
-            raise VtnError(f"the token endpoint {self.token_url} answered an access_token that is not a bearer "
+            raise VtnError(f"the token endpoint {self.shown_url} answered an access_token that is not a bearer "
                            "token (RFC 6750 allows letters, digits and -._~+/ then '=' padding)")
         life_s = token_life_s(answer.get("expires_in"))
         self._token = answer["access_token"]
@@ -1423,7 +1424,7 @@ def check(config: OpenAdr3Config, *, secret_given: bool = False,
     for name in ("vtn_url", "token_url", "callback_url"):  # token_url and callback_url: "" means derived
         url = getattr(config, name)
         if (url or name == "vtn_url") and (not url.startswith(("http://", "https://")) or not urlsplit(url).hostname):
-            problems.append(f"{key}.{name}: must be an http:// or https:// URL, got {url!r}")
+            problems.append(f"{key}.{name}: must be an http:// or https:// URL, got {without_query(url)!r}")
     for name in ("client_id", "ven_name"):
         if not getattr(config, name).strip():
             problems.append(f"{key}.{name}: must not be empty")

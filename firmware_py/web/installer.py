@@ -14,10 +14,11 @@ from typing import Any
 from firmware_py.clocks import utc_text
 from firmware_py.config import Config, as_dict
 from firmware_py.core.telemetry import Telemetry
+from firmware_py.quoting import without_query
 
 SECRET_WORDS = ("password", "secret", "token")
 """A key naming one of these holds a secret, unless it names a file (`..._file`) or an address (`..._url`,
-which the configuration refuses with credentials in it): paths and addresses are shown."""
+which the configuration refuses with credentials in it, and whose query is hidden): paths and addresses are shown."""
 SHOWN_SUFFIXES = ("_file", "_url")
 REDACTED = "(hidden)"
 
@@ -29,6 +30,8 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [redacted(v, key) for v in value]
     name = key.lower()
+    if name.endswith("_url") and isinstance(value, str):
+        return without_query(value)
     if any(word in name for word in SECRET_WORDS) and not name.endswith(SHOWN_SUFFIXES) and value not in ("", None):
         return REDACTED
     return value
