@@ -286,7 +286,7 @@ def test_a_task_whose_clean_up_hangs_is_named_and_the_safe_stop_still_comes(tmp_
     that never answers) held back the 0 W for ever, past systemd's SIGKILL. It gets `TASKS_END_S`."""
     from firmware_py import service as service_module
 
-    monkeypatch.setattr(service_module, "TASKS_END_S", 0.2)
+    monkeypatch.setattr(service_module, "TASKS_END_S", 1.0)  # 0.2 s: a loaded CI machine's tick took longer
     released = asyncio.Event()
 
     async def clean_up_hangs() -> None:
@@ -303,7 +303,7 @@ def test_a_task_whose_clean_up_hangs_is_named_and_the_safe_stop_still_comes(tmp_
             assert wsets[-1] == 0 and not hanging.done()
             released.set()
             await asyncio.wait_for(hanging, WAIT_S)
-        assert "stop: stuck integration did not end within 0.2 s of being cancelled" in caplog.text
+        assert "stop: stuck integration did not end within 1 s of being cancelled" in caplog.text
         assert "safe stop: WSet = 0 written to the inverter and read back" in caplog.text
 
     asyncio.run(main())

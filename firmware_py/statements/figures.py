@@ -393,9 +393,9 @@ def gap_notes(gaps: int) -> list[str]:
             "bill it"]
 
 
-UNSTEPPED_NOTES = [
+UNSTEPPED_NOTES = (
     "the journal holds no core step of this window (a run killed before it journaled its batch of steps loses "
-    "them): peak power, SoC and throughput are not known; its own energy reports bill it"]
+    "them): peak power, SoC and throughput are not known; its own energy reports bill it",)
 """What a reader must know of a served event whose window holds no core step of its own."""
 
 
