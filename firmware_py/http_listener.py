@@ -24,6 +24,12 @@ aiohttp unpacked a `Content-Encoding: gzip` body on the event loop as it arrived
 handler that never read it (a 401, /metrics), so 1 MiB sent stalled the gateway about 1 s; one
 sent with a Content-Encoding is refused instead, when (and only if) the handler reads it. The
 gateway's journal, CAN bus and Modbus link need file descriptors too.
+
+Over HTTPS (`https_site`) a connection is counted from the moment it is accepted, while its TLS
+handshake is still to come, and the handshake shares `first_request_s` with the first request:
+aiohttp learns of a connection only once its handshake is done, and asyncio waits 60 s for one,
+so sockets that never sent a TLS hello escaped both bounds (a hundred from one address were all
+kept, each holding a file descriptor).
 """
 
 from __future__ import annotations
@@ -33,17 +39,19 @@ import contextlib
 import logging
 import math
 import re
+import ssl
 import time
 import traceback
-import weakref
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from firmware_py.errors import InputError
 from firmware_py.quoting import printable
@@ -154,6 +162,18 @@ REFUSED_REQUESTS = RefusedRequests()
 logging.getLogger("aiohttp.server").addFilter(REFUSED_REQUESTS)
 
 
+@dataclass
+class _Connection:
+    """One open connection as the bounds see it: `transport` is its socket's (closed to let it go: under TLS
+    the one the handshake runs on, not the one aiohttp writes to), `host` the remote one (None: a Unix
+    socket's peer); `asked` once it sent a request, `serving` how many it has in hand."""
+
+    transport: asyncio.BaseTransport
+    host: Any
+    asked: bool = False
+    serving: int = 0
+
+
 class HttpListener:
     """An application bound to one address (`where` names its configuration key and value in messages)."""
 
@@ -165,10 +185,7 @@ class HttpListener:
         self.max_connections, self.per_address = max_connections, per_address
         self.first_request_s, self.idle_s = first_request_s, idle_s
         self.runner: web.AppRunner | None = None
-        self._asked: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()  # connections that sent a request
-        self._serving: dict[asyncio.BaseTransport, int] = {}  # connections with a request in hand: how many
-        # Open connections, oldest first, each with its remote host (None: a Unix socket's peer).
-        self._open: dict[asyncio.BaseTransport, Any] = {}
+        self._open: dict[RequestHandler, _Connection] = {}  # by aiohttp's protocol, one per connection; oldest first
 
     @property
     def listening(self) -> bool:
@@ -197,71 +214,83 @@ class HttpListener:
             raise InputError(f"{self.where}: {err.strerror or err}") from None
         self.runner = runner
 
+    def https_site(self, runner: web.AppRunner, host: str, port: int, context: ssl.SSLContext) -> web.BaseSite:
+        """A site serving HTTPS on `host`:`port` whose connections are bounded from their first byte."""
+        return _HttpsSite(runner, self, host, port, context)
+
     def _bound_connections(self, server: web.Server) -> None:
-        """Keep at most `max_connections`, and `per_address` from one host, letting the oldest connection
-        with no request in hand go first (one that has not asked yet, or one kept alive between requests:
-        either way nobody waits on it, and clients open a new one); close one without a request after
-        `first_request_s` (aiohttp tells its server of every connection it makes and loses)."""
-        loop, made, lost = asyncio.get_running_loop(), server.connection_made, server.connection_lost
+        """Count every connection aiohttp makes (one accepted over HTTPS is counted already) and forget
+        every one it loses."""
+        made, lost = server.connection_made, server.connection_lost
 
-        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            peer = transport.get_extra_info("peername")
-            host = peer[0] if isinstance(peer, tuple) and peer else None
-            self._open[transport] = host
-            victim = self._over_bound(host)
-            if victim is not None:
-                del self._open[victim]
-                # Closed once aiohttp has set the connection up: closed inside its own connection_made,
-                # its request task started on a connection already lost and failed an assertion.
-                loop.call_soon(victim.close)
-            if victim is not transport:
-                loop.call_later(self.first_request_s, self._unless_asked, transport)
+            if handler not in self._open:
+                self.admit(handler, transport)
 
-        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            transport = getattr(handler, "transport", None)
-            if transport is not None:
-                self._open.pop(transport, None)
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            self.forget(handler)
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
 
-    def _over_bound(self, host: Any) -> asyncio.BaseTransport | None:
+    def admit(self, handler: RequestHandler, transport: asyncio.BaseTransport) -> None:
+        """Keep at most `max_connections`, and `per_address` from one host, letting the oldest connection
+        with no request in hand go first (one that has not asked yet, or one kept alive between requests:
+        either way nobody waits on it, and clients open a new one); close one without a request after
+        `first_request_s`."""
+        peer = transport.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else None
+        self._open[handler] = _Connection(transport, host)
+        loop = asyncio.get_running_loop()
+        victim = self._over_bound(host)
+        if victim is not None:
+            # Closed once aiohttp has set the connection up: closed inside its own connection_made,
+            # its request task started on a connection already lost and failed an assertion.
+            loop.call_soon(self._open.pop(victim).transport.close)
+        if victim is not handler:
+            loop.call_later(self.first_request_s, self._unless_asked, handler)
+
+    def forget(self, handler: RequestHandler) -> None:
+        self._open.pop(handler, None)
+
+    def _over_bound(self, host: Any) -> RequestHandler | None:
         """The connection to let go now that one from `host` was added, if a bound is passed: the oldest
         with no request in hand (the newest connection itself when every other is serving one), else None.
         Keeping the busy ones and any idle newcomer means idle sockets, however many, never lock a client
         out: it is turned away only while every connection is in the middle of a request."""
         if self.per_address is not None and host is not None:
-            same = [t for t, h in self._open.items() if h == host]
+            same = [h for h, c in self._open.items() if c.host == host]
             if len(same) > self.per_address:
                 return self._oldest_idle(same)
         if len(self._open) > self.max_connections:
             return self._oldest_idle(list(self._open))
         return None
 
-    def _oldest_idle(self, transports: list[asyncio.BaseTransport]) -> asyncio.BaseTransport:
-        """`transports` are oldest first and end with the newest connection, which has no request yet."""
-        return next(t for t in transports if t not in self._serving and not t.is_closing())
+    def _oldest_idle(self, handlers: list[RequestHandler]) -> RequestHandler:
+        """`handlers` are oldest first and end with the newest connection's, which has no request yet."""
+        return next(h for h in handlers
+                    if not self._open[h].serving and not self._open[h].transport.is_closing())
 
-    def _unless_asked(self, transport: asyncio.Transport) -> None:
-        if transport not in self._asked and not transport.is_closing():
-            self._open.pop(transport, None)
-            transport.close()
+    def _unless_asked(self, handler: RequestHandler) -> None:
+        connection = self._open.get(handler)
+        if connection is not None and not connection.asked:
+            del self._open[handler]
+            connection.transport.close()
 
     @web.middleware
     async def _noting_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        if transport is None:
-            return await handler(request)
-        self._asked.add(transport)
+        connection = self._open.get(request.protocol)
         _refuse_encoded_body(request)
-        self._serving[transport] = self._serving.get(transport, 0) + 1
+        if connection is None:  # being let go, or lost
+            return await handler(request)
+        connection.asked = True
+        connection.serving += 1
         try:
             return await handler(request)
         finally:
-            if (left := self._serving.pop(transport, 1) - 1) > 0:  # (a stop may have cleared it)
-                self._serving[transport] = left
+            connection.serving -= 1
 
     async def stop(self) -> None:
         """Close the listener and every connection, ending the requests still in hand (after at most
@@ -269,8 +298,52 @@ class HttpListener:
         runner, self.runner = self.runner, None
         if runner is not None:
             await seen_through(runner.cleanup())
+        for connection in self._open.values():  # those aiohttp never knew: handshakes not done
+            connection.transport.close()
         self._open.clear()
-        self._serving.clear()
+
+
+class _HttpsSite(web.BaseSite):
+    """HTTPS on a TCP port, the TLS layer put on each connection by the listener (`_Handshake`), which
+    counts it at once, rather than by asyncio's server (`ssl=`), which shows it to aiohttp only once the
+    handshake is done."""
+
+    def __init__(self, runner: web.AppRunner, listener: HttpListener, host: str, port: int,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(runner, ssl_context=context)
+        self.listener, self.host, self.port, self.context = listener, host, port, context
+
+    @property
+    def name(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Handshake(self.listener, server(), self.context), self.host, self.port,
+            reuse_address=True, backlog=self._backlog)
+
+
+class _Handshake(sslproto.SSLProtocol):
+    """asyncio's TLS layer (what `create_server(ssl=...)` puts under each connection) for one of aiohttp's
+    connections, told to the listener from the moment the socket is accepted until it is lost, and
+    given `first_request_s` for its handshake."""
+
+    def __init__(self, listener: HttpListener, handler: RequestHandler, context: ssl.SSLContext) -> None:
+        super().__init__(asyncio.get_running_loop(), handler, context, None, server_side=True,
+                         ssl_handshake_timeout=listener.first_request_s)
+        self.listener, self.handler = listener, handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.listener.admit(self.handler, transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.listener.forget(self.handler)  # aiohttp is told too, if the handshake was done
+        super().connection_lost(exc)
 
 
 def _refuse_encoded_body(request: web.Request) -> None:

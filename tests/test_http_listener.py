@@ -12,8 +12,10 @@ import gzip
 import io
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from aiohttp import StreamReader, web
 
@@ -84,6 +86,31 @@ async def listening(held: Hold | None = None, **bounds: float) -> AsyncIterator[
         yield listener.bound[:2]
     finally:
         await listener.stop()
+
+
+@asynccontextmanager
+async def listening_https(folder: Path, **bounds: float) -> AsyncIterator[tuple[HttpListener, ssl.SSLContext]]:
+    """The test application over HTTPS with a certificate made here, and a client context trusting it."""
+    from test_web import self_signed
+
+    cert, key = self_signed(folder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = HttpListener("test.listen", **bounds)
+    await listener.start(application(), lambda runner: listener.https_site(runner, "127.0.0.1", 0, context))
+    try:
+        yield listener, ssl.create_default_context(cafile=str(cert))
+    finally:
+        await listener.stop()
+
+
+async def https_get(address: tuple[str, int], client: ssl.SSLContext) -> bytes:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, ssl=client), WAIT_S)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), WAIT_S)
+    finally:
+        writer.close()
 
 
 async def connect(address: tuple[str, int]) -> socket.socket:
@@ -419,3 +446,47 @@ def test_a_body_whose_client_left_before_its_request_was_in_hand_is_unread_not_a
             await listener.stop()
 
     assert asyncio.run(main()) == "BodyUnread: the request body could not be read: the client closed the connection"
+
+
+def test_https_sockets_that_never_start_their_handshake_are_bounded_as_any_other(tmp_path):
+    """aiohttp sees an HTTPS connection only once its TLS handshake is done, and asyncio waits 60 s for
+    one: a hundred sockets from one address that never sent a hello were all kept. They are counted
+    from the accept now, and a client that completes its handshake is counted once, not again."""
+    async def main() -> None:
+        async with listening_https(tmp_path, max_connections=64, per_address=3, first_request_s=60,
+                                   idle_s=60) as (listener, client):
+            address = listener.bound[:2]
+            silent = [await connect(address) for _ in range(5)]
+            try:
+                assert [await closed_by_server(s) for s in silent[:2]] == [True, True]
+                assert (await https_get(address, client)).startswith(b"HTTP/1.1 200")
+                assert await closed_by_server(silent[2])  # the oldest silent one made room for the client
+                assert [await closed_by_server_soon(s) for s in silent[3:]] == [False, False]
+            finally:
+                for s in silent:
+                    s.close()
+
+    asyncio.run(main())
+
+
+def test_an_https_socket_silent_past_the_first_request_deadline_is_closed_and_a_stop_closes_the_rest(tmp_path):
+    """The handshake shares the first request's deadline; a stop closes handshakes aiohttp never saw."""
+    async def main() -> None:
+        async with listening_https(tmp_path, first_request_s=0.2, idle_s=60) as (listener, client):
+            address = listener.bound[:2]
+            silent = await connect(address)
+            try:
+                assert await closed_by_server(silent)
+                assert (await https_get(address, client)).startswith(b"HTTP/1.1 200")
+            finally:
+                silent.close()
+        async with listening_https(tmp_path, first_request_s=60, idle_s=60) as (listener, client):
+            silent = await connect(listener.bound[:2])
+            try:
+                assert not await closed_by_server_soon(silent)
+                await listener.stop()
+                assert await closed_by_server(silent)
+            finally:
+                silent.close()
+
+    asyncio.run(main())

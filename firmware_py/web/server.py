@@ -212,7 +212,8 @@ class WebApp:
         self._assets = _assets()
         tls = tls_context(self.config)
         await self.listener.start(self._application(), lambda runner: web.TCPSite(
-            runner, self.host, self.port, ssl_context=tls, reuse_address=True))
+            runner, self.host, self.port, reuse_address=True) if tls is None
+            else self.listener.https_site(runner, self.host, self.port, tls))
         self.port = self.listener.bound[1]
         log.info("web app on %s (owner and installer logins)", self.url)
         return self.port
