@@ -66,6 +66,7 @@ class Tls:
     ca: Path
     cert: Path
     key: Path
+    require_certificate: bool = False  # clients must present one the CA signed
 
 
 class Mosquitto:
@@ -99,6 +100,8 @@ class Mosquitto:
             lines.append("allow_anonymous true")
         if self.tls:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
+            if self.tls.require_certificate:
+                lines.append("require_certificate true")
         path = self.tmp / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

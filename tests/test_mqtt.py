@@ -1095,6 +1095,30 @@ def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_pat
     assert "horse" not in caplog.text
 
 
+def test_a_broker_requiring_a_client_certificate_is_named_as_the_cause_not_a_timeout(tmp_path, monkeypatch):
+    """The broker's TLS alert ends the connection before its CONNACK; aiomqtt waits out its timeout and
+    says "Operation timed out", which the installer read as a broker out of reach."""
+    from test_web import self_signed
+
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setattr(bridge_module, "PUBLISH_TIMEOUT_S", 2.0)  # the CONNACK wait, shortened
+
+    async def main() -> dict[str, Any]:
+        with running_broker(tmp_path, tls=Tls(ca=cert, cert=cert, key=key, require_certificate=True)) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker, tls_ca_file=str(cert))) as rig:
+                bridge = rig.assembly.integrations["mqtt"]
+                task = asyncio.create_task(bridge.run())
+                try:
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
+                    return rig.gateway.status()["links"]["mqtt"]
+                finally:
+                    await cancel_all([task])
+
+    link = bounded(main())
+    assert link["cause"].startswith("the broker ended the connection before accepting it: "), link
+    assert "certificate required" in link["cause"] and "requires a client certificate" in link["cause"], link
+
+
 # ------------------------------------------------------------------ configuration
 
 

@@ -88,8 +88,12 @@ INCOMING_QUEUE = 100
 """Messages received and not yet handled; a flood beyond it is discarded by the client."""
 DISCARDED = "Message queue is full. Discarding message."
 """What aiomqtt 2.5 logs (its `_on_message`) for each message a full incoming queue discards."""
+SOCKET_FAILED = "failed to receive on socket: "
+"""How paho 2.2 logs (ERROR) a connection that failed under it (its `_loop_rc_handle`): the only word of why
+a connect ended before the broker's answer, which aiomqtt waits out and reports as "Operation timed out"."""
+TIMED_OUT = "Operation timed out"
 CLIENT_LOG = logging.getLogger("mqtt")
-"""The logger aiomqtt and paho are given; `Discards` filters it."""
+"""The logger aiomqtt and paho are given; `Discards` and `SocketFailures` filter it."""
 STOP_S = 0.25
 """At a stop: how long `offline` and the goodbye may take (the service's safe stop waits for this task)."""
 STEADY_S = 10.0
@@ -234,6 +238,34 @@ class Outbox:
         return len(self._states) + len(self._results)
 
 
+class SocketFailures(logging.Filter):
+    """paho's last word on a failed socket (`SOCKET_FAILED`), kept for the link's cause: a broker that
+    ended the connection while it was being made (a TLS alert, a reset) was reported by aiomqtt only as
+    a timeout 10 s later. Nothing is filtered out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and (text := record.getMessage()).startswith(SOCKET_FAILED):
+            self.last = text.removeprefix(SOCKET_FAILED)
+        return True
+
+
+def connect_failure(err: BaseException, socket_failure: str | None) -> str:
+    """The link's cause for a session that never began: `err`, or what failed under it when aiomqtt could
+    only time out. A broker that requires a client certificate says so in its TLS alert: the gateway has
+    none to send, and the installer is told the way that works (a username and password over TLS)."""
+    if socket_failure is None or not isinstance(err, aiomqtt.MqttError) or str(err) != TIMED_OUT:
+        return _cause(err)
+    cause = f"the broker ended the connection before accepting it: {_cause(Exception(socket_failure))}"
+    if "CERTIFICATE_REQUIRED" in socket_failure.upper():
+        cause += (" (the broker requires a client certificate, and the gateway sends none: let it accept "
+                  "mqtt.username with mqtt.password_file over TLS)")
+    return cause
+
+
 class Discards(logging.Filter):
     """aiomqtt's "queue is full" warning, once per flood: it logs one per discarded message, so anyone who
     may publish on the broker would set the gateway's log rate (and journald's rate limit would then drop
@@ -278,6 +310,7 @@ class MqttBridge:
         # anyone on the broker may send it, so at most twice at once, then once in 30 s (the configs are retained).
         self.announcing = commands.CommandGate(gateway.clock, burst=2, per_s=1 / 30)
         self.discards = Discards()
+        self.socket_failures = SocketFailures()
         self.tally = Tally()
         self.version = software_version()
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
@@ -318,13 +351,14 @@ class MqttBridge:
         restart after days of service is met in 0.5 s, not in the 30 s earlier outages had grown to."""
         backoff = 0.0
         while True:
-            self._began = None
+            self._began, self.socket_failures.last = None, None
             try:
                 await self._session()
             except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
                 self.connected.clear()
                 self.unreachable.set()
-                self.link.lost(_cause(err))
+                self.link.lost(connect_failure(err, self.socket_failures.last) if self._began is None
+                               else _cause(err))
                 lasted = None if self._began is None else self.gateway.clock() - self._began
                 backoff = self._next_backoff(backoff, lasted)
                 self.retry_in_s = backoff
@@ -393,11 +427,13 @@ class MqttBridge:
         """Connect, announce, and serve until the broker goes away (MqttError) or the task is cancelled;
         aiomqtt's discard warnings filtered meanwhile, and a flood still uncounted reported at the end."""
         CLIENT_LOG.addFilter(self.discards)
+        CLIENT_LOG.addFilter(self.socket_failures)
         try:
             await self._serve()
         finally:
             self._clears.clear()  # the echoes of this session's clears will not come to the next one
             CLIENT_LOG.removeFilter(self.discards)
+            CLIENT_LOG.removeFilter(self.socket_failures)
             self._report_discards(ending=True)
 
     async def _serve(self) -> None:
