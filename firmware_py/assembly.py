@@ -17,6 +17,7 @@ service changes.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from firmware_py.addresses import host_problem, parse_host_port, parse_ip_listen
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
+from firmware_py.certificates import validity_problem
 from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config, bundled_dbc_names
 from firmware_py.core.types import OwnerSettings
@@ -278,14 +280,31 @@ def service_user(config: Config) -> tuple[int, str] | None:
                  f"run check-config as the service's user (sudo -u {user_name(uid)} ...) to check it all for it")
 
 
-def notes(config: Config) -> list[str]:
+def notes(config: Config, now: dt.datetime | None = None) -> list[str]:
     """What is valid but most likely not meant, for `check-config` and `run` to point out, not refuse.
 
     A listen address on port 0 takes whatever port is free at each start: right for a test, useless to
-    the aggregator, the VTN, the owner or the monitoring that must be told where to connect.
+    the aggregator, the VTN, the owner or the monitoring that must be told where to connect. A certificate
+    of the gateway's own outside its validity window (at `now`, the wall clock's by default) fails every
+    connection it is shown on, and the peer seldom says why.
     """
-    return [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
+    now = now or dt.datetime.now(dt.UTC)
+    said = [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
             for key, address in _listens(config) if parse_host_port(address, key)[1] == 0]
+    return said + [f"{key}: {path}: the certificate {problem}: {consequence}; renew it"
+                   for key, path, consequence in _certificates(config)
+                   if (problem := validity_problem(path, now)) is not None]
+
+
+def _certificates(config: Config) -> list[tuple[str, str, str]]:
+    """The certificates the gateway shows its peers, each with its key and what it costs out of date."""
+    shown = []
+    if config.web.enabled and config.web.tls_cert:
+        shown.append(("web.tls_cert", config.web.tls_cert, "browsers refuse the web app"))
+    if config.dispatch.openadr.enabled and config.dispatch.openadr.cert:
+        shown.append(("dispatch.openadr.cert", config.dispatch.openadr.cert,
+                      "the VTN refuses the gateway's connections, and no event arrives"))
+    return shown
 
 
 def _listens(config: Config) -> list[tuple[str, str]]:

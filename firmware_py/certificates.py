@@ -1,11 +1,19 @@
 """The PEM files TLS is set up from (a CA bundle, a certificate and its key), checked the way every file
 the gateway reads is checked, and loaded so that a wrong file is refused at the start, naming its key,
-rather than failing the first connection (or, for a FIFO handed to OpenSSL by name, never returning)."""
+rather than failing the first connection (or, for a FIFO handed to OpenSSL by name, never returning).
+
+A certificate out of its validity window is not refused (`validity_problem`): the gateway must go on
+protecting the pack whatever an integration's certificate says, so it is pointed out instead, at the
+start and in the failing link's cause, where a peer's bare "connection reset" would not say why.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import ssl
+
+from cryptography import x509
 
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
@@ -55,3 +63,17 @@ def load_chain(context: ssl.SSLContext, cert: str, private_key: str, keys: str) 
 
 def _reason(err: BaseException) -> str:
     return str(getattr(err, "reason", None) or getattr(err, "strerror", None) or err)
+
+
+def validity_problem(path: str, now: dt.datetime) -> str | None:
+    """What is wrong at `now` with the validity window of the certificate `path` starts with (the gateway's
+    own, before any chain), or None: valid, or unreadable (the start checks say what is wrong then)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem_text(path, "", "PEM file").encode())
+    except (InputError, ValueError):
+        return None
+    if now >= certificate.not_valid_after_utc:
+        return f"expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if now < certificate.not_valid_before_utc:
+        return f"not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None

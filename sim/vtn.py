@@ -63,8 +63,9 @@ class TlsMaterial:
         return utils.certificate_fingerprint(self.ven_cert.read_text())
 
 
-def make_tls_material(directory: Path) -> TlsMaterial:
-    """Generate a CA, a VTN certificate for 127.0.0.1/localhost and a VEN client certificate.
+def make_tls_material(directory: Path, *, ven_expired: bool = False) -> TlsMaterial:
+    """Generate a CA, a VTN certificate for 127.0.0.1/localhost and a VEN client certificate (one that
+    expired yesterday with `ven_expired`, as a gateway's own left unrenewed).
 
     Made at test time with `cryptography` so no secret is ever committed and no
     network is needed.
@@ -89,11 +90,13 @@ def make_tls_material(directory: Path) -> TlsMaterial:
         key_path.chmod(0o600)
         return cert_path, key_path
 
-    def builder(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+    def builder(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey,
+                expired: bool = False) -> x509.CertificateBuilder:
+        valid_until = now - dt.timedelta(days=1) if expired else now + dt.timedelta(days=2)
         return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=2)))
+                .not_valid_before(min(now - dt.timedelta(minutes=5), valid_until - dt.timedelta(days=2)))
+                .not_valid_after(valid_until))
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (builder("powershare test CA", "powershare test CA", ca_key)
@@ -106,9 +109,9 @@ def make_tls_material(directory: Path) -> TlsMaterial:
                .sign(ca_key, hashes.SHA256()))
     ca_file, _ = write("ca", ca_key, ca_cert)
 
-    def leaf(stem: str, usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
+    def leaf(stem: str, usage: x509.ObjectIdentifier, expired: bool = False) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (builder(stem, "powershare test CA", key)
+        cert = (builder(stem, "powershare test CA", key, expired)
                 .add_extension(x509.SubjectAlternativeName([
                     x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                     critical=False)
@@ -120,7 +123,7 @@ def make_tls_material(directory: Path) -> TlsMaterial:
         return write(stem, key, cert)
 
     vtn_cert, vtn_key = leaf("vtn", ExtendedKeyUsageOID.SERVER_AUTH)
-    ven_cert, ven_key = leaf("ven", ExtendedKeyUsageOID.CLIENT_AUTH)
+    ven_cert, ven_key = leaf("ven", ExtendedKeyUsageOID.CLIENT_AUTH, ven_expired)
     return TlsMaterial(ca_file, vtn_cert, vtn_key, ven_cert, ven_key)
 
 

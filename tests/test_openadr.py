@@ -36,7 +36,8 @@ from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py import cli, narration
-from firmware_py.config import OpenAdrConfig
+from firmware_py.assembly import notes
+from firmware_py.config import Config, OpenAdrConfig
 from firmware_py.core.controller import Controller, StepResult
 from firmware_py.core.policy import Policy as CorePolicy
 from firmware_py.core.types import (
@@ -850,6 +851,51 @@ def test_tls_vtn_with_the_wrong_fingerprint_is_ignored_and_the_log_says_why(tmp_
     (lost,) = [line for line in said.getvalue().splitlines() if "link lost: openadr" in line]
     assert "cannot register with https://127.0.0.1:" in lost and "(The certificate fingerprint was incorrect" in lost
     assert "openleadr" not in said.getvalue().replace(lost, "")  # its own lines stay out of the log
+
+
+def test_an_expired_gateway_certificate_is_named_in_the_link_cause_and_pointed_out_at_the_start(tmp_path, capsys):
+    """The VTN refuses the handshake of a VEN whose certificate expired, and the link said only "Connection
+    reset by peer". Not refused at the start: dispatch is the aggregator's, the pack's protection is not."""
+    tls = make_tls_material(tmp_path / "pki", ven_expired=True)
+    said = io.StringIO()
+    narration.configure_logging(stream=said)
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, tls=tls) as vtn:
+            config = replace(OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name),
+                             cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file),
+                             vtn_fingerprint=tls.vtn_fingerprint)
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, link=LinkBook(time.monotonic).handle(Link.OPENADR))
+            async with serving(ven, ScriptedSink(accept)):
+                await vtn.wait_for(lambda: ven.registration_attempts >= 1 and "link lost" in said.getvalue())
+        assert vtn.registrations == []
+
+    run(scenario)
+    (lost,) = [line for line in said.getvalue().splitlines() if "link lost: openadr" in line]
+    assert "(dispatch.openadr.cert: the gateway's certificate expired on " in lost, lost
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[dispatch.openadr]\nenabled = true\nvtn_url = "https://127.0.0.1:9/OpenADR2/Simple/2.0b"\n'
+                      f'cert = "{tls.ven_cert}"\nkey = "{tls.ven_key}"\nca_file = "{tls.ca_file}"\n')
+    assert cli.main(["check-config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: dispatch.openadr.cert: {tls.ven_cert}: the certificate expired on " in err, err
+    assert "the VTN refuses the gateway's connections" in err
+
+
+def test_a_certificate_not_valid_yet_or_valid_is_said_as_such_at_the_start(tmp_path):
+    tls = make_tls_material(tmp_path)
+    config = replace(Config(), dispatch=replace(Config().dispatch, openadr=replace(
+        OpenAdrConfig(enabled=True), cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file))))
+    now = dt.datetime.now(dt.timezone.utc)
+    assert not [n for n in notes(config, now) if "certificate" in n]
+    (early,) = [n for n in notes(config, now - dt.timedelta(days=1)) if "certificate" in n]
+    assert early.startswith(f"dispatch.openadr.cert: {tls.ven_cert}: the certificate not valid before "), early
+    disabled = replace(config, dispatch=replace(config.dispatch, openadr=replace(config.dispatch.openadr,
+                                                                               enabled=False)))
+    assert not notes(disabled, now + dt.timedelta(days=3))
+    web = replace(disabled, web=replace(disabled.web, enabled=True, tls_cert=str(tls.vtn_cert), tls_key=str(tls.vtn_key)))
+    (late,) = notes(web, now + dt.timedelta(days=3))
+    assert late.startswith(f"web.tls_cert: {tls.vtn_cert}: the certificate expired on ") and "browsers refuse" in late
 
 
 @pytest.mark.parametrize("changes, key", [

@@ -52,7 +52,7 @@ from apscheduler.jobstores.base import JobLookupError
 from openleadr import OpenADRClient, enums, objects, utils
 from openleadr import client as openleadr_client
 
-from firmware_py.certificates import check_ca_bundle, load_chain
+from firmware_py.certificates import check_ca_bundle, load_chain, validity_problem
 from firmware_py.config import OpenAdrConfig
 from firmware_py.core.controller import StepResult
 from firmware_py.core.machine import OPTED_OUT_END
@@ -492,6 +492,8 @@ class OpenAdrVen:
 
     def _tell(self, ok: bool, cause: str = "") -> None:
         """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
+        if not ok and self.config.cert and (problem := validity_problem(self.config.cert, datetime.now(timezone.utc))):
+            cause += f" (dispatch.openadr.cert: the gateway's certificate {problem}; the VTN refuses it)"
         if self._link is not None:
             self._link.good() if ok else self._link.lost(cause)
         elif not ok and self._told_ok is not False:
