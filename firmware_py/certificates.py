@@ -22,14 +22,15 @@ CERTIFICATE = re.compile(r"-----BEGIN (TRUSTED )?CERTIFICATE-----")
 """A PEM certificate, as OpenSSL loads a CA file: plain, or with its trust settings (ca-bundle.trust.crt)."""
 
 
-def check_ca_bundle(path: str, key: str) -> None:
-    """That `path` (configuration key `key`) is a regular file of at least one certificate OpenSSL loads as
-    a CA file. One with none is refused: loaded as nothing, the system's CAs would be trusted instead. It is
-    loaded by name afterwards, as OpenSSL reads every form of bundle only from a file."""
+def check_ca_bundle(path: str, key: str) -> ssl.SSLContext:
+    """A client context trusting the CA bundle `path` (configuration key `key`) alone, once it is a regular
+    file of at least one certificate OpenSSL loads as a CA file. One with none is refused: loaded as nothing,
+    the system's CAs would be trusted instead. It is loaded by name, after the check, as OpenSSL reads every
+    form of bundle only from a file."""
     if not CERTIFICATE.search(pem_text(path, key, "CA bundle")):
         raise InputError(f"{key}: {path}: holds no certificate (-----BEGIN CERTIFICATE-----)")
     try:
-        ssl.create_default_context(cafile=path)
+        return ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as err:
         raise InputError(f"{key}: {path}: not a usable PEM CA bundle ({_reason(err)})") from None
 

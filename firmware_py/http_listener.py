@@ -64,6 +64,9 @@ SiteOf = Callable[[web.AppRunner], web.BaseSite]
 MAX_CONNECTIONS = 64
 PER_ADDRESS = 8
 FIRST_REQUEST_S = 10.0
+TLS_GOODBYE_S = 2.0
+"""How long a TLS connection being closed waits for the client's own goodbye before its socket is closed
+regardless (asyncio's default, 30 s, would let an evicted connection hold its descriptor that long)."""
 IDLE_S = 30.0
 BODY_S = 10.0
 MAX_BODY_BYTES = 4096
@@ -164,14 +167,24 @@ logging.getLogger("aiohttp.server").addFilter(REFUSED_REQUESTS)
 
 @dataclass
 class _Connection:
-    """One open connection as the bounds see it: `transport` is its socket's (closed to let it go: under TLS
-    the one the handshake runs on, not the one aiohttp writes to), `host` the remote one (None: a Unix
-    socket's peer); `asked` once it sent a request, `serving` how many it has in hand."""
+    """One open connection as the bounds see it: aiohttp's `handler` of it, the `socket`'s own transport
+    (under TLS the one the handshake runs on), the remote `host` (None: a Unix socket's peer); `asked`
+    once it sent a request, `serving` how many it has in hand."""
 
-    transport: asyncio.BaseTransport
+    handler: RequestHandler
+    socket: asyncio.BaseTransport
     host: Any
     asked: bool = False
     serving: int = 0
+
+    @property
+    def transport(self) -> asyncio.BaseTransport:
+        """aiohttp's once it has the connection (under TLS, closing it ends the session with a TLS goodbye
+        first, which a client's TLS library expects), the socket's while the handshake is still to come."""
+        return self.handler.transport or self.socket
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class HttpListener:
@@ -215,7 +228,7 @@ class HttpListener:
         self.runner = runner
 
     def https_site(self, runner: web.AppRunner, host: str, port: int, context: ssl.SSLContext) -> web.BaseSite:
-        """A site serving HTTPS on `host`:`port` whose connections are bounded from their first byte."""
+        """A site serving HTTPS on `host`:`port` whose connections are bounded from their accept."""
         return _HttpsSite(runner, self, host, port, context)
 
     def _bound_connections(self, server: web.Server) -> None:
@@ -242,13 +255,13 @@ class HttpListener:
         `first_request_s`."""
         peer = transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) and peer else None
-        self._open[handler] = _Connection(transport, host)
+        self._open[handler] = _Connection(handler, transport, host)
         loop = asyncio.get_running_loop()
         victim = self._over_bound(host)
         if victim is not None:
             # Closed once aiohttp has set the connection up: closed inside its own connection_made,
             # its request task started on a connection already lost and failed an assertion.
-            loop.call_soon(self._open.pop(victim).transport.close)
+            loop.call_soon(self._open.pop(victim).close)
         if victim is not handler:
             loop.call_later(self.first_request_s, self._unless_asked, handler)
 
@@ -277,7 +290,7 @@ class HttpListener:
         connection = self._open.get(handler)
         if connection is not None and not connection.asked:
             del self._open[handler]
-            connection.transport.close()
+            connection.close()
 
     @web.middleware
     async def _noting_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -299,7 +312,7 @@ class HttpListener:
         if runner is not None:
             await seen_through(runner.cleanup())
         for connection in self._open.values():  # those aiohttp never knew: handshakes not done
-            connection.transport.close()
+            connection.close()
         self._open.clear()
 
 
@@ -334,7 +347,7 @@ class _Handshake(sslproto.SSLProtocol):
 
     def __init__(self, listener: HttpListener, handler: RequestHandler, context: ssl.SSLContext) -> None:
         super().__init__(asyncio.get_running_loop(), handler, context, None, server_side=True,
-                         ssl_handshake_timeout=listener.first_request_s)
+                         ssl_handshake_timeout=listener.first_request_s, ssl_shutdown_timeout=TLS_GOODBYE_S)
         self.listener, self.handler = listener, handler
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -490,3 +490,25 @@ def test_an_https_socket_silent_past_the_first_request_deadline_is_closed_and_a_
                 silent.close()
 
     asyncio.run(main())
+
+
+def test_an_https_connection_let_go_gets_a_tls_goodbye_not_a_cut_socket(tmp_path):
+    """The listener closed the socket under a finished TLS session, and a strict client (OpenSSL 3's
+    `s_client`, a reader refusing ragged EOFs) saw "unexpected eof": aiohttp's TLS transport is closed
+    now, which sends the TLS goodbye (close_notify) first."""
+    def read_until_closed(address: tuple[str, int], client: ssl.SSLContext) -> str:
+        with client.wrap_socket(socket.create_connection(address, timeout=WAIT_S), server_hostname="127.0.0.1",
+                                suppress_ragged_eofs=False) as tls:
+            try:
+                while tls.recv(4096):
+                    pass
+            except ssl.SSLError as err:
+                return f"cut: {err.reason}"
+            return "goodbye"
+
+    async def main() -> None:
+        async with listening_https(tmp_path, first_request_s=0.2, idle_s=60) as (listener, client):
+            said = await asyncio.wait_for(asyncio.to_thread(read_until_closed, listener.bound[:2], client), WAIT_S)
+            assert said == "goodbye"
+
+    asyncio.run(main())

@@ -148,9 +148,8 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
     if not mqtt.tls and not mqtt.tls_ca_file:
         return None
-    if mqtt.tls_ca_file:
-        check_ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file")
-    context = ssl.create_default_context(cafile=mqtt.tls_ca_file or None)
+    context = (check_ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file") if mqtt.tls_ca_file
+               else ssl.create_default_context())
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
