@@ -341,3 +341,38 @@ def test_a_dropped_ssh_session_during_the_test_discharge_still_ends_at_0_w_with_
     assert sign["sign"]["outcome"] == "fail" and "interrupted" in sign["sign"]["detail"]
     assert sign["back to 0 W"]["outcome"] == "pass"
     assert held["WSet"] == 0 and held["W"] == 0
+
+
+def test_a_bus_lost_during_the_test_discharge_judges_no_sign_and_blames_no_dbc(peers: Peers):
+    """The CAN server died mid-test: the core faulted and withdrew the command, and the readings left (the
+    BMS current's last value, the few watts of a withdrawn command) were judged as signs: "inverter
+    measured power" passed and "BMS current" failed with the advice to change a correct DBC. On its own
+    bus and truck, so the shared peers stay up."""
+    bus_proc, bus_out = spawn([sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "commission-dying",
+                               "-H", "127.0.0.1", "-p", "0"], peers.tmp / "can-dying.log", cwd=peers.tmp)
+    inverter = None
+    try:
+        bus = int(bus_out.wait_for_line(CAN_SERVER_PORT, START_S).group(1))
+        inverter = spawn([sys.executable, "-m", "firmware_py", "sim", "inverter", "--listen", "127.0.0.1:0",
+                          "--can-interface", "remote", "--can-channel", f"ws://127.0.0.1:{bus}/", "--soc", "70"],
+                         peers.tmp / "inverter-dying.log", cwd=peers.tmp)
+        port = int(inverter[1].wait_for_line(SIM_INVERTER_PORT, START_S).group(1))
+        inverter[1].wait_for_line(r"wired to a simulated pack", START_S)
+        config = peers.config("bus-dies", channel=f'channel = "ws://127.0.0.1:{bus}/"', port=f"port = {port}")
+        proc = commission(config, "--allow-test-discharge", "--discharge-seconds", "8")
+        try:
+            assert discharging(port, within_s=RUN_S / 2), "the test discharge never began"
+            bus_proc.kill()
+            run = finished(config, proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    finally:
+        for child, output in [(bus_proc, bus_out), *([inverter] if inverter else [])]:
+            child.kill()
+            child.wait(timeout=10)
+            output.join()
+    sign = run.checks("sign_test")
+    assert run.code == 1 and set(sign) == {"test discharge", "sign", "back to 0 W"}, run.out
+    assert sign["sign"]["outcome"] == "fail" and "did not hold" in sign["sign"]["detail"], run.out

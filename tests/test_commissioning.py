@@ -417,6 +417,18 @@ def test_a_test_the_core_held_at_0_w_says_why():
     assert "open contactors" in check.advice
 
 
+def test_a_test_the_core_stopped_serving_part_way_judges_no_sign():
+    """The inverter lost mid-test: the core faulted and withdrew the command, and the readings left (a few
+    watts, the BMS current's last value) passed the inverter's sign and blamed the DBC's scale."""
+    during = tuple(Sample(6 + t / 10, 500.0 if t < 10 else 0.0, 500.0 if t < 10 else 12.0, 0.6,
+                          "" if t < 10 else "FAULT: fault latched: inverter_comms") for t in range(40))
+    checks = by_name(judge_sign(signed(12.0, 0.6, during=during)))
+    assert set(checks) == {"test discharge", "sign", "back to 0 W"}
+    assert checks["sign"].outcome is Outcome.FAIL
+    assert "did not hold" in checks["sign"].detail and "(FAULT: fault latched: inverter_comms)" in checks["sign"].detail
+    assert "run again" in checks["sign"].advice
+
+
 def test_a_gateway_that_never_got_ready_fails_the_test():
     (check,) = judge_sign(SignObservation(500.0, 10.0, not_ready="stale: bms"))
     assert check.outcome is Outcome.FAIL and "stale: bms" in check.detail

@@ -553,12 +553,14 @@ def _judge_revert(obs: InverterObservation) -> Check:
 
 @dataclass(frozen=True)
 class Sample:
-    """One look at the running gateway: its command, the inverter's measured W, the BMS current."""
+    """One look at the running gateway: its command, the inverter's measured W, the BMS current, and during
+    the test, `cut`: the core's mode and reason at a look where it was not serving the test ("" while it was)."""
 
     t: float
     setpoint_w: float
     measured_w: float | None
     current_a: float | None
+    cut: str = ""
 
 
 @dataclass(frozen=True)
@@ -610,6 +612,14 @@ def judge_sign(obs: SignObservation) -> list[Check]:
                      f"{obs.answer}")]
     if obs.interrupted:
         checks.append(failed(step, "sign", "interrupted before the test was over", "run again"))
+        return [*checks, _judge_end(obs)]
+    if cut := next((s.cut for s in obs.during if s.cut), ""):
+        # A link lost or a fault latched mid-test: the readings left are stale or of a withdrawn command, and
+        # judged as signs they blamed a correct DBC's scale, or passed a few watts as the discharge.
+        checks.append(failed(step, "sign", f"the test did not hold: the core stopped serving it before its end "
+                             f"({cut}); no sign is judged from it",
+                             "the link or fault the core names (the gateway's warnings above; `powershare-gw "
+                             "status`), then run again"))
         return [*checks, _judge_end(obs)]
     commanded = fmean(s.setpoint_w for s in obs.during) if obs.during else 0.0
     watts = [s.measured_w for s in obs.during if s.measured_w is not None]

@@ -42,6 +42,7 @@ from firmware_py.core.types import (
     DispatchCancel,
     DispatchKind,
     DispatchRequest,
+    Mode,
     Verdict,
     describe,
 )
@@ -305,7 +306,7 @@ async def sign_test(service: Service, target_w: float, seconds: float, stop: asy
         answer = await gateway.submit(request)
         if answer is not None and answer.verdict is not Verdict.REJECTED:
             await _samples(service, seconds / 2, stop)
-            during = await _samples(service, max(0.0, request.end - gateway.now()), stop)
+            during = await _samples(service, max(0.0, request.end - gateway.now()), stop, serving=request.id)
         reason = gateway.controller.reason
     finally:
         stopped, after_w, detail = await _back_to_zero(service, request)
@@ -318,14 +319,17 @@ async def sign_test(service: Service, target_w: float, seconds: float, stop: asy
                            stop_detail=detail)
 
 
-async def _samples(service: Service, seconds: float, stop: asyncio.Event) -> list[Sample]:
-    """What the running gateway holds every SAMPLE_S for `seconds` (sooner when `stop` is set)."""
+async def _samples(service: Service, seconds: float, stop: asyncio.Event,
+                   serving: str | None = None) -> list[Sample]:
+    """What the running gateway holds every SAMPLE_S for `seconds` (sooner when `stop` is set); with
+    `serving`, each look notes whether the core was discharging for that request (`Sample.cut`)."""
     gateway, out = service.gateway, []
     end = gateway.now() + seconds
     while gateway.now() < end and not stop.is_set():
         c = gateway.controller
+        held = serving is None or (c.mode is Mode.DISCHARGE and c.serving_id == serving)
         out.append(Sample(gateway.now(), c.setpoint_w, c.inverter.measured_w if c.inverter else None,
-                          c.bms.pack_current_a if c.bms else None))
+                          c.bms.pack_current_a if c.bms else None, "" if held else f"{c.mode.value}: {c.reason}"))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), min(SAMPLE_S, max(0.0, end - gateway.now())))
     return out
