@@ -168,6 +168,9 @@ def find(given: str | None) -> Path:
 def load(path: str | Path) -> Scenario:
     path = Path(path)
     table = read_toml(path, "scenario")
+    if not table:  # an empty or truncated file: a run of nothing but defaults would pass for the one meant
+        raise InputError(f"{path}: the scenario is empty; give at least [run] duration_s (and the [vehicle], "
+                         "[owner], [[dispatch]] and [[fault]] it needs)")
     problems: list[str] = []
     scenario = load_table(Scenario, table, "", path.parent, problems)
     if not problems:

@@ -378,6 +378,17 @@ def test_bad_scenario_exits_2_naming_file_and_keys(tmp_path, capsys):
     assert "run.duration_s" in err and "fault[0].kind" in err and "vehicel" in err and str(bad) in err
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_scenario_is_refused_not_run_on_defaults(tmp_path, capsys, text):
+    """An empty (or truncated to nothing) file ran five hours of defaults and passed, as if it were the scenario meant."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text(text)
+    assert main(["sim", "--scenario", str(empty), "--quiet", "--journal", str(tmp_path / "j.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: the scenario is empty; give at least [run] duration_s" in err
+    assert not (tmp_path / "j.sqlite").exists()
+
+
 def test_missing_scenario_exits_2(tmp_path, capsys):
     assert main(["sim", "--scenario", str(tmp_path / "nope.toml"), "--quiet"]) == 2
     assert "cannot read" in capsys.readouterr().err
