@@ -393,6 +393,22 @@ def test_bad_input_is_exit_2_with_a_message(tmp_path, capsys):
         assert f"--month: {month!r} is not YYYY-MM" in capsys.readouterr().err
 
 
+def test_a_period_still_to_come_is_refused_not_signed_as_empty(tmp_path, capsys):
+    """`--month 2027-05` typed for 2026-05 made a signed statement saying nothing happened in a month to come."""
+    with Journal.open(tmp_path / "journal.sqlite"):
+        pass
+    now = datetime.now(UTC)
+    ahead = f"{now.year + 1:04d}-{now.month:02d}"
+    for option in (["--month", ahead], ["--from", f"{ahead}-01", "--to", f"{ahead}-02"]):
+        assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), *option]) == 2
+        err = capsys.readouterr().err
+        assert f"statement: {option[0]} {option[1]}: begins {ahead}-01T00:00:00Z, after now (" in err, err
+        assert "nothing has happened in it yet" in err
+    this_month = f"{now.year:04d}-{now.month:02d}"
+    assert main(["statement", "--journal", str(tmp_path / "journal.sqlite"), "--month", this_month,
+                 "--out", str(tmp_path / "s.json")]) == 0
+
+
 def test_a_date_written_any_iso_way_is_a_whole_day_included_as_to():
     whole = range_period("2025-01-01", "2025-01-31")
     assert whole.end == datetime(2025, 2, 1, tzinfo=UTC).timestamp()

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from firmware_py.quoting import printable
 from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
 from firmware_py.statements.earnings import basis_of
-from firmware_py.statements.figures import ProgramTerms
+from firmware_py.statements.figures import ProgramTerms, iso
 from firmware_py.statements.make import Basis, NoSuchEvent, differences, recompute, statement_from_journal
 from firmware_py.statements.reading import HeadBound
 
@@ -74,7 +75,7 @@ def make_statement(args: argparse.Namespace) -> int:
         for problem in verdict.problems:
             print(f"  - {printable(problem)}", file=sys.stderr)
         return EXIT_FAILED
-    selection = _selection(args)  # a bad option is bad input (exit 2), never taken for a damaged journal
+    selection = _selection(args, time.time())  # a bad option is bad input (exit 2), never a damaged journal
     key = evidence.load_or_create_key(evidence.key_path(journal))
     try:
         unsigned = statement_from_journal(chain, selection, basis, verdict.head_seq, verdict.head_hash)
@@ -99,16 +100,23 @@ def _basis_from(args: argparse.Namespace) -> tuple[Path, Basis]:
     return journal, Basis(ProgramTerms(), {"name": None, "journal": journal.name})
 
 
-def _selection(args: argparse.Namespace) -> Selection:
+def _selection(args: argparse.Namespace, now: float) -> Selection:
+    """The events asked for; a period that has not begun at `now` (wall time) is refused: signed, its
+    statement would say that nothing happened in a month no one has lived yet (a year typed wrong)."""
     if (args.start is None) != (args.end is None):
         raise InputError("statement: --from and --to go together")
     if args.event is not None:
         return Selection(event=args.event)
     if args.month is not None:
-        return Selection(period=month_period(args.month))
-    if args.start is not None:
-        return Selection(period=range_period(args.start, args.end))
-    return Selection()
+        option, period = f"--month {args.month}", month_period(args.month)
+    elif args.start is not None:
+        option, period = f"--from {args.start}", range_period(args.start, args.end)
+    else:
+        return Selection()
+    if period.start > now:
+        raise InputError(f"statement: {printable(option)}: begins {iso(period.start)}, after now ({iso(int(now))}): "
+                         "nothing has happened in it yet")
+    return Selection(period=period)
 
 
 def _write(text: str, out: str | None) -> None:
