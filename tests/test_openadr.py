@@ -882,6 +882,29 @@ def test_an_expired_gateway_certificate_is_named_in_the_link_cause_and_pointed_o
     assert "the VTN refuses the gateway's connections" in err
 
 
+def test_a_certificate_the_vtn_does_not_trust_is_suggested_as_the_cause_of_a_cut_connection(tmp_path):
+    """A client certificate from a CA the VTN does not accept: the VTN ends the handshake and the link said
+    only "Connection reset by peer" (or "Server disconnected")."""
+    tls, stranger = make_tls_material(tmp_path / "pki"), make_tls_material(tmp_path / "other")
+    said = io.StringIO()
+    narration.configure_logging(stream=said)
+
+    async def scenario() -> None:
+        async with LoopbackVtn(poll_s=0, tls=tls) as vtn:
+            config = replace(OpenAdrConfig(enabled=True, vtn_url=vtn.url, ven_name=vtn.ven_name),
+                             cert=str(stranger.ven_cert), key=str(stranger.ven_key), ca_file=str(tls.ca_file),
+                             vtn_fingerprint=tls.vtn_fingerprint)
+            ven = OpenAdrVen(config, RATING_W, retry_max_s=1.0, link=LinkBook(time.monotonic).handle(Link.OPENADR))
+            async with serving(ven, ScriptedSink(accept)):
+                await vtn.wait_for(lambda: ven.registration_attempts >= 1 and "link lost" in said.getvalue())
+        assert vtn.registrations == []
+
+    run(scenario)
+    (lost,) = [line for line in said.getvalue().splitlines() if "link lost: openadr" in line]
+    assert "(a VTN that does not accept dispatch.openadr.cert ends the connection so: that the aggregator trusts " \
+           "the CA that issued it)" in lost, lost
+
+
 def test_a_certificate_not_valid_yet_or_valid_is_said_as_such_at_the_start(tmp_path):
     tls = make_tls_material(tmp_path)
     config = replace(Config(), dispatch=replace(Config().dispatch, openadr=replace(

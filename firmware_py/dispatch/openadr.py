@@ -438,6 +438,16 @@ class OpenAdrVen:
         """Reports dropped, the oldest first, while they could not reach the VTN (`REPORTS_KEPT`)."""
         return self.client.pending_reports.dropped if self.client is not None else 0
 
+    def _certificate_hint(self, cause: str) -> str:
+        """Why a VTN may be refusing the gateway's client certificate: a VTN that does not accept one ends the
+        TLS handshake, and the VEN hears only that the connection was reset or closed."""
+        if problem := validity_problem(self.config.cert, datetime.now(timezone.utc)):
+            return f" (dispatch.openadr.cert: the gateway's certificate {problem}; the VTN refuses it)"
+        if any(words in cause for words in CUT_OFF):
+            return (" (a VTN that does not accept dispatch.openadr.cert ends the connection so: that the "
+                    "aggregator trusts the CA that issued it)")
+        return ""
+
     # ------------------------------------------------------------------ running
 
     async def run(self, sink: DispatchSink) -> None:
@@ -492,8 +502,8 @@ class OpenAdrVen:
 
     def _tell(self, ok: bool, cause: str = "") -> None:
         """The VTN link's state, to the gateway's link book (which logs once per outage), else to the log."""
-        if not ok and self.config.cert and (problem := validity_problem(self.config.cert, datetime.now(timezone.utc))):
-            cause += f" (dispatch.openadr.cert: the gateway's certificate {problem}; the VTN refuses it)"
+        if not ok and self.config.cert:
+            cause += self._certificate_hint(cause)
         if self._link is not None:
             self._link.good() if ok else self._link.lost(cause)
         elif not ok and self._told_ok is not False:
@@ -992,6 +1002,10 @@ def _revision_of(event: Any) -> int:
         return number if isinstance(number, int) else -1
     except (TypeError, KeyError, IndexError):
         return -1
+
+
+CUT_OFF = ("Connection reset by peer", "Server disconnected")
+"""aiohttp's words for a TLS server that ended the connection during its handshake (TLS 1.2, 1.3)."""
 
 
 def _pem_problems(config: OpenAdrConfig, key: str) -> list[str]:
