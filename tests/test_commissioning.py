@@ -476,6 +476,10 @@ def test_the_report_passes_only_when_nothing_failed_and_renders_both_forms():
     assert inverter["outcome"] == "fail" and any(c["advice"] for c in inverter["checks"])
     lines = step_lines(report, Step.INVERTER)
     assert lines[0] == "== inverter (SunSpec Modbus): FAIL" and any(ln.startswith("        check: ") for ln in lines)
+    # a step's later findings (the bus lost after its window) are headed as such, not as the step again
+    lost = judge_inverter(found_inverter(alarms=8))
+    report.add(lost)
+    assert step_lines(report, Step.INVERTER, lost)[0] == "== inverter (SunSpec Modbus), later: FAIL"
 
 
 def test_config_problems_each_become_a_failed_check():

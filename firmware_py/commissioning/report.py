@@ -121,8 +121,9 @@ MARKS = {Outcome.PASS: "PASS", Outcome.FAIL: "FAIL", Outcome.SKIPPED: "skip"}
 
 def step_lines(report: Report, step: Step, checks: Sequence[Check] | None = None) -> list[str]:
     """One step as the terminal shows it: a heading, then a line per check (`checks`: only those, a step's
-    later findings), advice under a failure."""
-    lines = [f"== {step.title}: {report.step_outcome(step).value.upper()}"]
+    later findings, under a heading saying so and the step's outcome with them), advice under a failure."""
+    later = "" if checks is None else ", later"
+    lines = [f"== {step.title}{later}: {report.step_outcome(step).value.upper()}"]
     for check in report.of(step) if checks is None else checks:
         lines.append(f"  {MARKS[check.outcome]}  {printable(check.name)}: {printable(check.detail)}")
         if check.advice:
