@@ -732,6 +732,66 @@ def test_a_command_in_flight_when_the_gateway_stops_is_answered_before_offline(t
     bounded(main())
 
 
+def test_at_a_stop_a_result_already_sent_is_not_sent_again_and_commands_not_yet_read_are_refused(tmp_path):
+    """A clean stop: the result whose PUBACK the stop cut short was put back and published again (twice on
+    P/result), and commands already taken from the broker but not yet read were never answered at all."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker)) as rig, Watcher(broker) as watcher:
+                bridge = rig.assembly.integrations["mqtt"]
+                await rig.run(2.0)
+                made: list[aiomqtt.Client] = []
+                original_client, original_publish = bridge._client, bridge._publish
+                bridge._client = lambda: made.append(original_client()) or made[-1]
+                acked, write_started, release_write = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+                async def publish(client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool,
+                                  kind: Kind) -> None:
+                    await original_publish(client, topic, payload, retain=retain, kind=kind)
+                    if kind is Kind.RESULT and not acked.is_set():  # on the broker; its PUBACK "still to come"
+                        acked.set()
+                        await asyncio.Event().wait()
+                bridge._publish = publish
+                original_write = rig.gateway.write_command
+
+                async def held_write() -> None:  # the second command's inverter write, answered slowly
+                    write_started.set()
+                    await release_write.wait()
+                    await original_write()
+
+                task = asyncio.create_task(bridge.run())
+                try:
+                    await watcher.wait_for("online", lambda m: m.topic == TOPICS.availability and m.payload == b"online")
+                    index = len(watcher.seen)
+                    await watcher.publish(TOPICS.command(Command.RESERVE), "41")
+                    await asyncio.wait_for(acked.wait(), 10)
+                    rig.gateway.write_command = held_write
+                    await watcher.publish(TOPICS.command(Command.RESERVE), "42")
+                    await asyncio.wait_for(write_started.wait(), 10)
+                    for pct in ("43", "44"):
+                        await watcher.publish(TOPICS.command(Command.RESERVE), pct)
+                    for _ in range(500):  # both taken from the broker into the client's queue, unread
+                        if len(made[-1].messages) == 2:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert len(made[-1].messages) == 2
+                    rig.gateway.begin_stop()
+                    task.cancel()
+                    release_write.set()
+                    await asyncio.wait_for(cancel_all([task]), 10)
+                finally:
+                    release_write.set()
+                    await cancel_all([task])
+                offline = await watcher.wait_for("offline", lambda m: m.topic == TOPICS.availability, after=index)
+                answers = [m.json()["reason"] for m in watcher.seen[index:watcher.seen.index(offline)]
+                           if m.topic == TOPICS.result]
+        stopping = "not applied: the gateway is stopping; send it again once its availability says online"
+        assert answers == ["reserve 41 %", "reserve 42 %", stopping, stopping], answers
+        assert rig.gateway.owner_settings().reserve_pct == 42
+
+    bounded(main())
+
+
 def test_a_command_in_flight_when_the_broker_goes_away_is_answered_after_the_reconnect(tmp_path):
     """A command whose inverter write was under way when the broker went away: `_send` failing (a state
     queued on the lost connection) cancelled `_receive` mid-command, so the change, already saved and fed

@@ -310,6 +310,7 @@ class MqttBridge:
         self.announcing = commands.CommandGate(gateway.clock, burst=2, per_s=1 / 30)
         self.discards = Discards()
         self.socket_failures = SocketFailures()
+        self._handed: Outgoing | None = None  # a result handed to this session's client when its send was cancelled
         self.tally = Tally()
         self.version = software_version()
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
@@ -350,7 +351,7 @@ class MqttBridge:
         restart after days of service is met in 0.5 s, not in the 30 s earlier outages had grown to."""
         backoff = 0.0
         while True:
-            self._began, self.socket_failures.last = None, None
+            self._began, self.socket_failures.last, self._handed = None, None, None
             try:
                 await self._session()
             except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
@@ -479,11 +480,26 @@ class MqttBridge:
         client.timeout = STOP_S  # the goodbye (DISCONNECT) waits no longer either
 
     async def _last_words(self, client: aiomqtt.Client) -> None:
-        """The queued results, then `offline`. A command the stop caught mid-write is seen through and its
-        result queued after `_send` was ended: without this, a change saved and made was never answered."""
+        """The queued results, a refusal for each command received and not yet read, then `offline`. A command
+        the stop caught mid-write is seen through and its result queued after `_send` was ended: without this,
+        a change saved and made was never answered. A result whose publication the stop cut short is already
+        with the client, on this connection, and is not sent twice. A command still in the client's queue was
+        taken from the broker (acknowledged) and would never be answered: it is refused, not applied, as the
+        gateway is going."""
         while (item := self.outbox.take_result()) is not None:
-            await self._send_one(client, item)
+            if item is not self._handed:
+                await self._send_one(client, item)
+        while len(client.messages):
+            if (refusal := self._unread(await anext(client.messages))) is not None:
+                await self._send_one(client, refusal)
         await client.publish(self.topics.availability, b"offline", qos=QOS, retain=True)
+
+    def _unread(self, message: aiomqtt.Message) -> Outgoing | None:
+        """The refusal of a command a stop leaves unread; None for what asks nothing (see `_receive`)."""
+        if message.retain or not message.payload or not message.topic.matches(self.topics.commands):
+            return None
+        return self._result(str(message.topic).rpartition("/")[2], False, "not applied: the gateway is stopping; send it again "
+                            "once its availability says online")
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: Kind) -> None:
         await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
@@ -495,10 +511,14 @@ class MqttBridge:
             await self._send_one(client, await self.outbox.get())
 
     async def _send_one(self, client: aiomqtt.Client, item: Outgoing) -> None:
-        """Publish `item`; a result the broker did not take is put back for the next session."""
+        """Publish `item`; a result the broker did not take is put back for the next session. One cancelled
+        is with the client already (aiomqtt hands it over before its first wait) and goes out on this
+        connection if it lasts (`_handed`: a stop's last words do not send it again)."""
         try:
             await self._publish(client, item.topic, item.payload, retain=item.retain, kind=item.kind)
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, asyncio.CancelledError):
+                self._handed = item
             self.outbox.put_back(item)
             raise
 
