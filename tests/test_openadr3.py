@@ -1862,6 +1862,69 @@ def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
 
 
+def test_an_event_a_listing_lacked_for_a_moment_reports_each_interval_once_with_all_its_energy() -> None:
+    """One listing came back empty (a VTN restarting): the event was cancelled, its running interval reported
+    with its energy so far, and the event taken anew when listed again; then every interval over was reported
+    a second time from a meter started again at 0 (0 Wh for one that delivered), and the running one with
+    only what came after, both replacing the right figures at a VTN keeping the newest per interval."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0, 5.0, 5.0],
+                                     report_every=1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            sink.offset_s = 60 + 200
+            served(ven, f"{event_id}#0", 100.0)
+            sink.offset_s = 60 + 400  # interval 0 over, interval 1 running
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id))
+            served(ven, f"{event_id}#1", 50.0)
+            listed = vtn.events.pop(event_id)
+            await vtn.wait_for(lambda: 1 in delivered_per_interval(vtn, event_id))
+            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 50.0}
+            vtn.events[event_id] = listed
+            await vtn.wait_for(lambda: any(r["reportName"].endswith("answer r1") for r in vtn.reports_for(event_id)))
+            served(ven, f"{event_id}#1", 30.0)  # the core's account of the request taken anew
+            sink.offset_s = 60 + 610  # interval 1 over
+            await vtn.wait_for(lambda: len([r for r in vtn.reports_for(event_id) if "intervals 1-1" in r["reportName"]])
+                               == 2)
+            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 80.0}
+            assert len([r for r in vtn.reports_for(event_id) if "intervals 0-0" in r["reportName"]]) == 1
+
+    run(scenario)
+
+
+class GarblingVtn(BenchVtn3):
+    """Answers one listing of events with items none of which an event could be (armed once)."""
+
+    armed = False
+
+    async def _get_events(self, request: web.Request) -> web.Response:
+        if self.armed:
+            self.armed = False
+            return web.json_response([1, "x", None, {"id": 7}])
+        return await super()._get_events(request)
+
+
+def test_a_listing_of_nothing_an_event_could_be_cancels_nothing() -> None:
+    """A VTN answering `[1, "x", null, {"id": 7}]` for its events: each item was refused and every event held
+    cancelled as no longer listed (0 W), then all taken anew at the next good listing."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with GarblingVtn(client_id="truck-1", secret=SECRET) as vtn:
+            program = vtn.add_program("summer-peak")
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-30), 600, 5.0)
+            ven = make_ven(vtn)
+            async with serving(ven, sink):
+                await vtn.wait_for(lambda: vtn.answers_for(event_id))
+                failed, vtn.armed = ven.failed_polls, True
+                await vtn.wait_for(lambda: ven.failed_polls > failed)
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls > polls)
+                assert sink.of(DispatchCancel) == [] and vtn.answers_for(event_id) == ["accepted"]
+
+    run(scenario)
+
+
 def test_intervals_listed_out_of_time_order_each_report_their_own_energy() -> None:
     """Each interval may carry its own start, in any order: the one that ends first is reported first,
     with its own energy, and the later one's energy is not lost."""

@@ -239,6 +239,19 @@ class _Tracked:
         return [w for w in _by_end(self.plan) if w.interval_id not in self.reported]
 
 
+@dataclass(frozen=True)
+class _Lacked:
+    """What was reported of an event cancelled because a listing lacked it, kept until its scheduled end
+    in case the VTN lists it again (a listing that came back empty for a moment, an event deleted and made
+    again under its id): its `finished` intervals (over when it went: reported with all their energy) are
+    not reported again, and those it was in the middle of (`partial_wh`, the energy reported for them)
+    carry on from that energy, so the report the VTN keeps for an interval holds all of it."""
+
+    finished: frozenset[int]
+    partial_wh: dict[int, float]
+    until: float
+
+
 @dataclass
 class _PendingReport:
     """A report waiting for the VTN; since when (gateway clock) the VTN fails it (5xx, an unreadable
@@ -409,6 +422,7 @@ class OpenAdr3Ven:
         self._missed_sent: set[str] = set()  # events over before they were held whose missed reports went
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
+        self._lacked: dict[str, _Lacked] = {}  # event id -> what was reported of it when a listing lacked it
         self._pending: deque[_PendingReport] = deque()
         self._limit_applied: float | None = None
         self._told_ok: bool | None = None
@@ -594,6 +608,10 @@ class OpenAdr3Ven:
             got = await self._call(session, "GET", path, params={**params, "skip": page * PAGE, "limit": PAGE})
             if not isinstance(got, list):
                 raise VtnFailed(f"GET /{path} did not answer a list")
+            if got and all(event_id_of(item) == UNKNOWN_EVENT for item in got):
+                # nothing in it an object could be answered by: a VTN answering garbage, whose listing would
+                # cancel every event held
+                raise VtnFailed(f"GET /{path} listed {len(got)} item(s), none an object with a usable id")
             if got == previous:  # a VTN that ignores `skip` sends its first page again: that was all of it
                 return listing
             listing.pages = page + 1
@@ -794,8 +812,10 @@ class OpenAdr3Ven:
         a duplicate as much as one under a held id, else the two copies would take turns every poll."""
         present = {event_id_of(e) for e in events} | kept
         now = sink.now()
+        self._lacked = {e: u for e, u in self._lacked.items() if u.until > now}
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            self._note_lacked(tracked, now)
             self._report_begun(sink, tracked)
             self._forget(_asked(tracked.plan))
             if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
@@ -822,6 +842,16 @@ class OpenAdr3Ven:
         if passed := self.history_passed - history:  # seen now, so once per event: one line, not one each
             log.info("OpenADR 3: %d event(s) listed that ended before the VEN started: passed over, not answered",
                      passed)
+
+    def _note_lacked(self, tracked: _Tracked, now: float) -> None:
+        """Keep what is reported of an event a listing lacks (`_Lacked`), before it is reported and forgotten."""
+        plan = tracked.plan
+        if plan.scheduled_end <= now or len(self._lacked) >= MAX_EVENTS:
+            return
+        self._lacked[plan.event_id] = _Lacked(
+            frozenset(w.interval_id for w in plan.intervals if w.end <= now),
+            {w.interval_id: self._delivered_wh(tracked, w) for w in plan.intervals if w.start < now < w.end},
+            plan.scheduled_end)
 
     def _one_per_id(self, events: list[Any], settled: set[str] | frozenset[str]) -> dict[str, tuple[str, Any]]:
         """Each event id listed, in listing order, with its content's key and the one object answered for it.
@@ -930,11 +960,14 @@ class OpenAdr3Ven:
         # Only now, so that an interval the revision moves to another id (EVENT to EVENT#0) is served on
         # under the new one, the newest in force, without falling to 0 W and ramping up again.
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
-        reported = tracked.reported if tracked else self._before_start(plan)
+        if tracked is not None:
+            reported, before_wh = tracked.reported, tracked.before_wh
+        else:
+            lacked = self._lacked.pop(plan.event_id, None)
+            reported = self._before_start(plan) | (lacked.finished if lacked else frozenset())
+            before_wh = {**self._journaled(sink, plan, reported), **(lacked.partial_wh if lacked else {})}
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers, reported=reported,
-                                               carried_wh=carried_wh,
-                                               before_wh=tracked.before_wh if tracked else
-                                               self._journaled(sink, plan, reported))
+                                               carried_wh=carried_wh, before_wh=before_wh)
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -1192,9 +1225,7 @@ class OpenAdr3Ven:
         t = sink.telemetry()
         intervals = []
         for n, window in enumerate(windows):
-            delivered = tracked.before_wh.get(window.interval_id, 0.0)
-            delivered += sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
-            delivered += sum(self._metered.get(served, 0.0) for served in _served_ids(plan, window))
+            delivered = self._delivered_wh(tracked, window)
             payloads: list[dict[str, Any]] = [{"type": DELIVERED_ENERGY, "values": [round(delivered, 3)]}]
             if n == len(windows) - 1:  # the state as of the report, on its last interval
                 if t.soc_now is not None:  # unknown (no fresh BMS data) is left out
@@ -1207,6 +1238,13 @@ class OpenAdr3Ven:
         first, last = windows[0].interval_id, windows[-1].interval_id
         self._queue(plan.program_id, plan.event_id, f"{plan.event_id} intervals {first}-{last}", intervals,
                     (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY, ABOVE_FLOOR))
+
+    def _delivered_wh(self, tracked: _Tracked, window: IntervalWindow) -> float:
+        """The energy delivered in an interval: earlier runs' and earlier listings' (`before_wh`), under ids a
+        revision dropped (`carried_wh`), and metered under the ids serving it now."""
+        delivered = tracked.before_wh.get(window.interval_id, 0.0)
+        delivered += sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
+        return delivered + sum(self._metered.get(served, 0.0) for served in _served_ids(tracked.plan, window))
 
     def _report_begun(self, sink: DispatchSink, tracked: _Tracked) -> None:
         """An event cancelled at the VTN still has its usage reported, as its descriptors asked: every
