@@ -683,6 +683,12 @@ def test_two_gateways_with_one_client_id_back_off_and_warn_once_instead_of_flapp
     assert f"client id {client_ids[0]!r}" in told.records[0].getMessage()
 
 
+async def results_until_offline(watcher: Watcher, index: int) -> list[str]:
+    """The reasons published on P/result from the watcher's `index`th message on, up to `offline`."""
+    offline = await watcher.wait_for("offline", lambda m: m.topic == TOPICS.availability, after=index)
+    return [m.json()["reason"] for m in watcher.seen[index:watcher.seen.index(offline)] if m.topic == TOPICS.result]
+
+
 def test_a_command_in_flight_when_the_gateway_stops_is_answered_before_offline(tmp_path):
     """The stop caught a command in its inverter write: the command was seen through (saved, fed to the core)
     and its result queued after `_send` had been ended, so only `offline` was published, never the result."""
@@ -722,9 +728,7 @@ def test_a_command_in_flight_when_the_gateway_stops_is_answered_before_offline(t
                 finally:
                     release_write.set()
                     await cancel_all([task])
-                offline = await watcher.wait_for("offline", lambda m: m.topic == TOPICS.availability, after=index)
-                answers = [m for m in watcher.seen[index:watcher.seen.index(offline)] if m.topic == TOPICS.result]
-                assert [m.json()["reason"] for m in answers] == ["reserve 55 %"]
+                assert await results_until_offline(watcher, index) == ["reserve 55 %"]
                 assert rig.gateway.owner_settings().reserve_pct == 55
 
         assert json.loads((tmp_path / "owner.json").read_text())["reserve_pct"] == 55
@@ -782,9 +786,7 @@ def test_at_a_stop_a_result_already_sent_is_not_sent_again_and_commands_not_yet_
                 finally:
                     release_write.set()
                     await cancel_all([task])
-                offline = await watcher.wait_for("offline", lambda m: m.topic == TOPICS.availability, after=index)
-                answers = [m.json()["reason"] for m in watcher.seen[index:watcher.seen.index(offline)]
-                           if m.topic == TOPICS.result]
+                answers = await results_until_offline(watcher, index)
         stopping = "not applied: the gateway is stopping; send it again once its availability says online"
         assert answers == ["reserve 41 %", "reserve 42 %", stopping, stopping], answers
         assert rig.gateway.owner_settings().reserve_pct == 42
