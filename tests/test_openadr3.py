@@ -1862,11 +1862,14 @@ def delivered_per_interval(vtn: BenchVtn3, event_id: str) -> dict[int, float]:
             for p in i["payloads"] if p["type"] == "DELIVERED_ENERGY"}
 
 
-def test_an_event_a_listing_lacked_for_a_moment_reports_each_interval_once_with_all_its_energy() -> None:
+@pytest.mark.parametrize("core_meter_wh, reported_wh", [(80.0, 80.0), (None, 50.0)])
+def test_an_event_a_listing_lacked_for_a_moment_reports_each_interval_once_with_all_its_energy(
+        core_meter_wh: float | None, reported_wh: float) -> None:
     """One listing came back empty (a VTN restarting): the event was cancelled, its running interval reported
     with its energy so far, and the event taken anew when listed again; then every interval over was reported
-    a second time from a meter started again at 0 (0 Wh for one that delivered), and the running one with
-    only what came after, both replacing the right figures at a VTN keeping the newest per interval."""
+    a second time from a reading started again at 0 (0 Wh for one that delivered), replacing the right figure
+    at a VTN keeping the newest per interval. The running one ends with all its energy: the core carries the
+    request's account on when it is asked again (50 Wh + 30 Wh), or holds 50 Wh if it does not serve it again."""
     async def scenario() -> None:
         sink = ScriptedSink()
         async with enrolled(sink) as (vtn, ven, program):
@@ -1883,11 +1886,12 @@ def test_an_event_a_listing_lacked_for_a_moment_reports_each_interval_once_with_
             assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 50.0}
             vtn.events[event_id] = listed
             await vtn.wait_for(lambda: any(r["reportName"].endswith("answer r1") for r in vtn.reports_for(event_id)))
-            served(ven, f"{event_id}#1", 30.0)  # the core's account of the request taken anew
+            if core_meter_wh is not None:
+                served(ven, f"{event_id}#1", core_meter_wh)  # the account the core carried on
             sink.offset_s = 60 + 610  # interval 1 over
             await vtn.wait_for(lambda: len([r for r in vtn.reports_for(event_id) if "intervals 1-1" in r["reportName"]])
                                == 2)
-            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: 80.0}
+            assert delivered_per_interval(vtn, event_id) == {0: 100.0, 1: reported_wh}
             assert len([r for r in vtn.reports_for(event_id) if "intervals 0-0" in r["reportName"]]) == 1
 
     run(scenario)

@@ -244,11 +244,15 @@ class _Lacked:
     """What was reported of an event cancelled because a listing lacked it, kept until its scheduled end
     in case the VTN lists it again (a listing that came back empty for a moment, an event deleted and made
     again under its id): its `finished` intervals (over when it went: reported with all their energy) are
-    not reported again, and those it was in the middle of (`partial_wh`, the energy reported for them)
-    carry on from that energy, so the report the VTN keeps for an interval holds all of it."""
+    not reported again, and those it was in the middle of carry on from the energy reported for them, so the
+    report the VTN keeps for an interval holds all of it: `before_wh`, the part no meter of the core holds
+    (earlier runs', ids a revision dropped), and `metered`, the core's meter of their request ids then. The
+    core carries a request's account on when it is asked for again, so the VEN's reading resumes from it,
+    never added to it (and stays at it if the core does not serve the request again)."""
 
     finished: frozenset[int]
-    partial_wh: dict[int, float]
+    before_wh: dict[int, float]
+    metered: dict[str, float]
     until: float
 
 
@@ -848,9 +852,11 @@ class OpenAdr3Ven:
         plan = tracked.plan
         if plan.scheduled_end <= now or len(self._lacked) >= MAX_EVENTS:
             return
+        running = [w for w in plan.intervals if w.start < now < w.end]
         self._lacked[plan.event_id] = _Lacked(
             frozenset(w.interval_id for w in plan.intervals if w.end <= now),
-            {w.interval_id: self._delivered_wh(tracked, w) for w in plan.intervals if w.start < now < w.end},
+            {w.interval_id: _unmetered_wh(tracked, w) for w in running},
+            {i: self._metered[i] for w in running for i in _served_ids(plan, w) if i in self._metered},
             plan.scheduled_end)
 
     def _one_per_id(self, events: list[Any], settled: set[str] | frozenset[str]) -> dict[str, tuple[str, Any]]:
@@ -947,6 +953,9 @@ class OpenAdr3Ven:
         if len(self._events) >= MAX_EVENTS and tracked is None:
             self._refuse_whole(plan, revision, sink.now(), f"the gateway holds {MAX_EVENTS} OpenADR 3 events already")
             return
+        lacked = self._lacked.pop(plan.event_id, None) if tracked is None else None
+        if lacked is not None:
+            self._metered.update(lacked.metered)
         answers = {}
         for request in requests:
             self._metered.setdefault(request.id, 0.0)
@@ -963,9 +972,8 @@ class OpenAdr3Ven:
         if tracked is not None:
             reported, before_wh = tracked.reported, tracked.before_wh
         else:
-            lacked = self._lacked.pop(plan.event_id, None)
             reported = self._before_start(plan) | (lacked.finished if lacked else frozenset())
-            before_wh = {**self._journaled(sink, plan, reported), **(lacked.partial_wh if lacked else {})}
+            before_wh = {**self._journaled(sink, plan, reported), **(lacked.before_wh if lacked else {})}
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers, reported=reported,
                                                carried_wh=carried_wh, before_wh=before_wh)
         everything = tuple(answers.values()) + tuple(price_answers.values())
@@ -1240,11 +1248,10 @@ class OpenAdr3Ven:
                     (DELIVERED_ENERGY, CHARGE_LEVEL, USABLE_CAPACITY, ABOVE_FLOOR))
 
     def _delivered_wh(self, tracked: _Tracked, window: IntervalWindow) -> float:
-        """The energy delivered in an interval: earlier runs' and earlier listings' (`before_wh`), under ids a
-        revision dropped (`carried_wh`), and metered under the ids serving it now."""
-        delivered = tracked.before_wh.get(window.interval_id, 0.0)
-        delivered += sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
-        return delivered + sum(self._metered.get(served, 0.0) for served in _served_ids(tracked.plan, window))
+        """The energy delivered in an interval: what no meter of the core holds, and what the core metered
+        under the ids serving it now."""
+        return _unmetered_wh(tracked, window) + sum(self._metered.get(served, 0.0)
+                                                    for served in _served_ids(tracked.plan, window))
 
     def _report_begun(self, sink: DispatchSink, tracked: _Tracked) -> None:
         """An event cancelled at the VTN still has its usage reported, as its descriptors asked: every
@@ -1329,6 +1336,13 @@ def _note_taken(sink: DispatchSink, report: dict[str, Any]) -> None:
         return
     intervals = [i["id"] for r in report["resources"] for i in r["intervals"]]
     sink.note(RecordKind.OPENADR3_REPORTED, {"event_id": report["eventID"], "intervals": intervals})
+
+
+def _unmetered_wh(tracked: _Tracked, window: IntervalWindow) -> float:
+    """An interval's energy no meter of the core holds now: earlier runs' (`before_wh`), and what was served
+    under ids a revision dropped (`carried_wh`)."""
+    carried = sum(wh for interval_id, wh in tracked.carried_wh.values() if interval_id == window.interval_id)
+    return tracked.before_wh.get(window.interval_id, 0.0) + carried
 
 
 def _taken_reports(notes: Iterable[dict[str, Any]]) -> dict[str, set[int]]:
