@@ -169,7 +169,8 @@ class MqttConfig:
     broker: str = spec("127.0.0.1:1883", doc="HOST:PORT of the MQTT broker (8883 is the usual port with TLS)")
     username: str = spec("", doc="empty: connect without a username")
     password_file: str = spec("", path=True, private=True,
-                              doc="a file holding the broker password (mode 0600; read at every connection, never logged)")
+                              doc="a file holding the broker password (mode 0600; read at every connection, "
+                                  "never logged)")
     tls: bool = spec(False, doc="TLS to the broker, checked against the system's CAs (or tls_ca_file)")
     tls_ca_file: str = spec("", path=True, doc="PEM CA bundle the broker's certificate must chain to; "
                                                "set: TLS on")

@@ -498,8 +498,8 @@ class MqttBridge:
         """The refusal of a command a stop leaves unread; None for what asks nothing (see `_receive`)."""
         if message.retain or not message.payload or not message.topic.matches(self.topics.commands):
             return None
-        return self._result(str(message.topic).rpartition("/")[2], False, "not applied: the gateway is stopping; send it again "
-                            "once its availability says online")
+        return self._result(str(message.topic).rpartition("/")[2], False,
+                            "not applied: the gateway is stopping; send it again once its availability says online")
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool, kind: Kind) -> None:
         await client.publish(topic, payload, qos=QOS, retain=retain, timeout=PUBLISH_TIMEOUT_S)
