@@ -144,9 +144,14 @@ def password(mqtt: MqttConfig, *, owner_uid: int | None = None) -> str | None:
         raise InputError([f"mqtt.password_file: {p}" for p in err.problems]) from None
 
 
+def uses_tls(mqtt: MqttConfig) -> bool:
+    """Whether the broker is reached over TLS: `tls`, or a `tls_ca_file` (which only TLS can use)."""
+    return mqtt.tls or bool(mqtt.tls_ca_file)
+
+
 def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
-    if not mqtt.tls and not mqtt.tls_ca_file:
+    if not uses_tls(mqtt):
         return None
     context = (check_ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file") if mqtt.tls_ca_file
                else ssl.create_default_context())
@@ -252,16 +257,27 @@ class SocketFailures(logging.Filter):
         return True
 
 
-def connect_failure(err: BaseException, socket_failure: str | None) -> str:
+CUT_UNDER_TLS = ("EOF OCCURRED IN VIOLATION OF PROTOCOL", "UNEXPECTED_EOF", "CONNECTION RESET BY PEER")
+"""How a socket failure reads when the broker cut a TLS connection without a word the client could read."""
+
+WAY_THAT_WORKS = "the gateway sends none: let it accept mqtt.username with mqtt.password_file over TLS"
+
+
+def connect_failure(err: BaseException, socket_failure: str | None, *, tls: bool) -> str:
     """The link's cause for a session that never began: `err`, or what failed under it when aiomqtt could
     only time out. A broker that requires a client certificate says so in its TLS alert: the gateway has
-    none to send, and the installer is told the way that works (a username and password over TLS)."""
+    none to send, and the installer is told the way that works (a username and password over TLS). The
+    alert can be lost: under TLS 1.3 the client's handshake ends before the broker judges its certificate,
+    the CONNECT the client then sends reaches a socket the broker has closed, and the reset this draws can
+    discard the alert unread; so a TLS connection cut before its CONNACK names the likely cause too."""
     if socket_failure is None or not isinstance(err, aiomqtt.MqttError) or str(err) != TIMED_OUT:
         return _cause(err)
     cause = f"the broker ended the connection before accepting it: {_cause(Exception(socket_failure))}"
-    if "CERTIFICATE_REQUIRED" in socket_failure.upper():
-        cause += (" (the broker requires a client certificate, and the gateway sends none: let it accept "
-                  "mqtt.username with mqtt.password_file over TLS)")
+    failure = socket_failure.upper()
+    if "CERTIFICATE_REQUIRED" in failure:
+        cause += f" (the broker requires a client certificate, and {WAY_THAT_WORKS})"
+    elif tls and any(words in failure for words in CUT_UNDER_TLS):
+        cause += f" (a broker that requires a client certificate ends the connection this way, and {WAY_THAT_WORKS})"
     return cause
 
 
@@ -357,7 +373,8 @@ class MqttBridge:
             except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
                 self.connected.clear()
                 self.unreachable.set()
-                self.link.lost(connect_failure(err, self.socket_failures.last) if self._began is None
+                self.link.lost(connect_failure(err, self.socket_failures.last, tls=uses_tls(self.settings))
+                               if self._began is None
                                else _cause(err))
                 lasted = None if self._began is None else self.gateway.clock() - self._began
                 backoff = self._next_backoff(backoff, lasted)
