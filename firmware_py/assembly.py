@@ -291,9 +291,9 @@ def notes(config: Config, now: dt.datetime | None = None) -> list[str]:
     now = now or dt.datetime.now(dt.UTC)
     said = [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
             for key, address in _listens(config) if parse_host_port(address, key)[1] == 0]
-    return said + [f"{key}: {path}: the certificate {problem}: {consequence}; renew it"
+    return said + [f"{key}: {path}: the certificate {out.problem}: {consequence}; {out.remedy}"
                    for key, path, consequence in _certificates(config)
-                   if (problem := validity_problem(path, now)) is not None]
+                   if (out := validity_problem(path, now)) is not None]
 
 
 def _certificates(config: Config) -> list[tuple[str, str, str]]:

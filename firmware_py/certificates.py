@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import ssl
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -58,15 +59,30 @@ def load_chain(context: ssl.SSLContext, cert: str, private_key: str, keys: str) 
     try:
         context.load_cert_chain(cert, private_key, password=no_passphrase)
     except (ssl.SSLError, OSError) as err:
+        if _reason(err) == KEY_MISMATCH:  # both load: told apart from a broken file, which needs another fix
+            raise InputError(f"{keys}: {private_key}: is not the private key of {cert} (each loads, but they are "
+                             "not a pair: give the key made with this certificate)") from None
         raise InputError(f"{keys}: {cert}, {private_key}: not a PEM certificate and its private key "
                          f"({_reason(err)})") from None
+
+
+KEY_MISMATCH = "KEY_VALUES_MISMATCH"
+"""OpenSSL's reason when a certificate and a private key each load but are not one pair."""
 
 
 def _reason(err: BaseException) -> str:
     return str(getattr(err, "reason", None) or getattr(err, "strerror", None) or err)
 
 
-def validity_problem(path: str, now: dt.datetime) -> str | None:
+class OutOfDate(NamedTuple):
+    """A certificate outside its validity window: what is wrong (a phrase whose subject is the certificate)
+    and what to do. One not valid yet is seldom renewed: most often the gateway's clock is behind."""
+
+    problem: str
+    remedy: str
+
+
+def validity_problem(path: str, now: dt.datetime) -> OutOfDate | None:
     """What is wrong at `now` with the validity window of the certificate `path` starts with (the gateway's
     own, before any chain), or None: valid, or unreadable (the start checks say what is wrong then)."""
     try:
@@ -74,7 +90,9 @@ def validity_problem(path: str, now: dt.datetime) -> str | None:
     except (InputError, ValueError):
         return None
     if now >= certificate.not_valid_after_utc:
-        return f"expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        return OutOfDate(f"expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", "renew it")
     if now < certificate.not_valid_before_utc:
-        return f"not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        return OutOfDate(f"is not valid until {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+                         f"check the gateway's clock (it reads {now:%Y-%m-%d %H:%M} UTC), or use a certificate "
+                         "valid now")
     return None

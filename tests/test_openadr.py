@@ -905,13 +905,16 @@ def test_a_certificate_not_valid_yet_or_valid_is_said_as_such_at_the_start(tmp_p
     now = dt.datetime.now(dt.timezone.utc)
     assert not [n for n in notes(config, now) if "certificate" in n]
     (early,) = [n for n in notes(config, now - dt.timedelta(days=1)) if "certificate" in n]
-    assert early.startswith(f"dispatch.openadr.cert: {tls.ven_cert}: the certificate not valid before "), early
+    assert early.startswith(f"dispatch.openadr.cert: {tls.ven_cert}: the certificate is not valid until "), early
+    assert early.endswith(f"check the gateway's clock (it reads {now - dt.timedelta(days=1):%Y-%m-%d %H:%M} UTC), "
+                          "or use a certificate valid now") and "renew" not in early, early
     disabled = replace(config, dispatch=replace(config.dispatch, openadr=replace(config.dispatch.openadr,
                                                                                enabled=False)))
     assert not notes(disabled, now + dt.timedelta(days=3))
     web = replace(disabled, web=replace(disabled.web, enabled=True, tls_cert=str(tls.vtn_cert), tls_key=str(tls.vtn_key)))
     (late,) = notes(web, now + dt.timedelta(days=3))
     assert late.startswith(f"web.tls_cert: {tls.vtn_cert}: the certificate expired on ") and "browsers refuse" in late
+    assert late.endswith("; renew it"), late
 
 
 @pytest.mark.parametrize("changes, key", [
@@ -930,8 +933,8 @@ def test_config_mistakes_are_input_errors_naming_the_key(changes: dict[str, Any]
 
 @pytest.mark.parametrize("files, told", [
     ({"cert": "garbage", "key": "garbage"}, "cert and key: {d}/garbage, {d}/garbage: not a PEM certificate"),
-    ({"cert": "ven.crt", "key": "vtn.key"}, "cert and key: {d}/ven.crt, {d}/vtn.key: not a PEM certificate and "
-                                            "its private key (KEY_VALUES_MISMATCH)"),
+    ({"cert": "ven.crt", "key": "vtn.key"}, "cert and key: {d}/vtn.key: is not the private key of {d}/ven.crt (each "
+                                            "loads, but they are not a pair: give the key made with this certificate)"),
     ({"cert": "ven.crt", "key": "encrypted.key"}, "cert and key: {d}/encrypted.key: the private key is encrypted"),
     ({"ca_file": "garbage"}, "ca_file: {d}/garbage: holds no certificate"),
     ({"ca_file": "fifo"}, "ca_file: {d}/fifo: the CA bundle must be a regular file, not a FIFO"),

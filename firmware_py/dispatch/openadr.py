@@ -442,8 +442,8 @@ class OpenAdrVen:
         """Why a VTN may be refusing the gateway's client certificate: a VTN that does not accept one ends the
         TLS handshake, and the VEN hears only that the connection was reset or closed. Its trust is a guess
         only until a registration went through: after one, the certificate was taken."""
-        if problem := validity_problem(self.config.cert, datetime.now(timezone.utc)):
-            return f" (dispatch.openadr.cert: the gateway's certificate {problem}; the VTN refuses it)"
+        if out := validity_problem(self.config.cert, datetime.now(timezone.utc)):
+            return f" (dispatch.openadr.cert: the gateway's certificate {out.problem}; the VTN refuses it)"
         if not self.registered and any(words in cause for words in CUT_OFF):
             return (" (a VTN that does not accept dispatch.openadr.cert ends the connection so: that the "
                     "aggregator trusts the CA that issued it)")
