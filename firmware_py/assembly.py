@@ -33,7 +33,7 @@ from firmware_py.addresses import host_problem, parse_host_port, parse_ip_listen
 from firmware_py.bms.bus import open_bus
 from firmware_py.bms.link import CanLink
 from firmware_py.bms.reader import reader_from_config
-from firmware_py.certificates import validity_problem
+from firmware_py.certificates import open_to_all, validity_problem
 from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config, bundled_dbc_names
 from firmware_py.core.types import OwnerSettings
@@ -286,14 +286,27 @@ def notes(config: Config, now: dt.datetime | None = None) -> list[str]:
     A listen address on port 0 takes whatever port is free at each start: right for a test, useless to
     the aggregator, the VTN, the owner or the monitoring that must be told where to connect. A certificate
     of the gateway's own outside its validity window (at `now`, the wall clock's by default) fails every
-    connection it is shown on, and the peer seldom says why.
+    connection it is shown on, and the peer seldom says why. A private key every user may read is not
+    refused (the start would stop the pack's protection over a permission), but named.
     """
     now = now or dt.datetime.now(dt.UTC)
     said = [f"{key}: port 0 is a different free port at each start, which no peer can be told in advance"
             for key, address in _listens(config) if parse_host_port(address, key)[1] == 0]
-    return said + [f"{key}: {path}: the certificate {out.problem}: {consequence}; {out.remedy}"
-                   for key, path, consequence in _certificates(config)
-                   if (out := validity_problem(path, now)) is not None]
+    said += [f"{key}: {path}: the certificate {out.problem}: {consequence}; {out.remedy}"
+             for key, path, consequence in _certificates(config) if (out := validity_problem(path, now)) is not None]
+    return said + [f"{key}: {path}: every user of the machine may read this private key (mode {mode}) and so "
+                   f"pose as the gateway; run `chmod 600 {path}` (or 640, group ssl-cert)"
+                   for key, path in _private_keys(config) if (mode := open_to_all(path)) is not None]
+
+
+def _private_keys(config: Config) -> list[tuple[str, str]]:
+    """The private keys of the certificates the gateway shows its peers, each with its configuration key."""
+    keys = []
+    if config.web.enabled and config.web.tls_key:
+        keys.append(("web.tls_key", config.web.tls_key))
+    if config.dispatch.openadr.enabled and config.dispatch.openadr.key:
+        keys.append(("dispatch.openadr.key", config.dispatch.openadr.key))
+    return keys
 
 
 def _certificates(config: Config) -> list[tuple[str, str, str]]:

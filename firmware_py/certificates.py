@@ -10,7 +10,9 @@ start and in the failing link's cause, where a peer's bare "connection reset" wo
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import stat
 import ssl
 from typing import NamedTuple
 
@@ -72,6 +74,17 @@ KEY_MISMATCH = "KEY_VALUES_MISMATCH"
 
 def _reason(err: BaseException) -> str:
     return str(getattr(err, "reason", None) or getattr(err, "strerror", None) or err)
+
+
+def open_to_all(private_key: str) -> str | None:
+    """The mode of a private key file every user of the machine may read or write, or None: private, or
+    shared with a group only (Debian's convention for TLS keys, 0640 and group ssl-cert, is kept), or not
+    there (the start checks say so). Anyone who can read the key can pose as the gateway."""
+    try:
+        mode = stat.S_IMODE(os.stat(private_key).st_mode)
+    except OSError:
+        return None
+    return f"{mode:04o}" if mode & 0o007 else None
 
 
 class OutOfDate(NamedTuple):

@@ -898,6 +898,27 @@ def test_a_certificate_the_vtn_does_not_trust_is_suggested_as_the_cause_of_a_cut
            "the CA that issued it)" in lost, lost
 
 
+def test_a_private_key_every_user_may_read_is_named_at_the_start_and_a_group_one_is_not(tmp_path):
+    """A TLS key left 0644 passed check-config without a word, while every token file must be private: any
+    user of the gateway could pose as it to the VTN or to the owner's browser. Debian's way (0640, group
+    ssl-cert) is no mistake."""
+    tls = make_tls_material(tmp_path)
+    config = replace(Config(), dispatch=replace(Config().dispatch, openadr=replace(
+        OpenAdrConfig(enabled=True), cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file))),
+        web=replace(Config().web, enabled=True, tls_cert=str(tls.vtn_cert), tls_key=str(tls.vtn_key)))
+    now = dt.datetime.now(dt.timezone.utc)
+    tls.ven_key.chmod(0o644)
+    tls.vtn_key.chmod(0o640)
+    assert notes(config, now) == [f"dispatch.openadr.key: {tls.ven_key}: every user of the machine may read this "
+                                  "private key (mode 0644) and so pose as the gateway; run "
+                                  f"`chmod 600 {tls.ven_key}` (or 640, group ssl-cert)"]
+    tls.ven_key.chmod(0o600)
+    tls.vtn_key.chmod(0o606)
+    (web,) = notes(config, now)
+    assert web.startswith(f"web.tls_key: {tls.vtn_key}: every user of the machine may read this private key "
+                          "(mode 0606)"), web
+
+
 def test_a_certificate_not_valid_yet_or_valid_is_said_as_such_at_the_start(tmp_path):
     tls = make_tls_material(tmp_path)
     config = replace(Config(), dispatch=replace(Config().dispatch, openadr=replace(
