@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import stat
 import ssl
+import stat
 from typing import NamedTuple
 
 from cryptography import x509
