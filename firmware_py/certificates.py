@@ -14,9 +14,11 @@ import os
 import re
 import ssl
 import stat
+from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from firmware_py.errors import InputError
 from firmware_py.files import read_text
@@ -61,15 +63,24 @@ def load_chain(context: ssl.SSLContext, cert: str, private_key: str, keys: str) 
     try:
         context.load_cert_chain(cert, private_key, password=no_passphrase)
     except (ssl.SSLError, OSError) as err:
-        if _reason(err) == KEY_MISMATCH:  # both load: told apart from a broken file, which needs another fix
+        if not_a_pair(cert, private_key):  # both load: told apart from a broken file, which needs another fix
             raise InputError(f"{keys}: {private_key}: is not the private key of {cert} (each loads, but they are "
                              "not a pair: give the key made with this certificate)") from None
         raise InputError(f"{keys}: {cert}, {private_key}: not a PEM certificate and its private key "
                          f"({_reason(err)})") from None
 
 
-KEY_MISMATCH = "KEY_VALUES_MISMATCH"
-"""OpenSSL's reason when a certificate and a private key each load but are not one pair."""
+def not_a_pair(cert: str, private_key: str) -> bool:
+    """Whether `cert` (its first certificate) and `private_key` each load but hold different public keys.
+    Asked of the files, not of OpenSSL's reason: a key of another type than the certificate's (an RSA key
+    left beside a new EC certificate) is not reported by OpenSSL as a mismatch but as no certificate."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem_text(cert, "", "PEM file").encode())
+        key = serialization.load_pem_private_key(pem_text(private_key, "", "PEM file").encode(), password=None)
+    except (InputError, ValueError, TypeError):
+        return False
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return certificate.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki)
 
 
 def _reason(err: BaseException) -> str:
@@ -77,14 +88,17 @@ def _reason(err: BaseException) -> str:
 
 
 def open_to_all(private_key: str) -> str | None:
-    """The mode of a private key file every user of the machine may read or write, or None: private, or
-    shared with a group only (Debian's convention for TLS keys, 0640 and group ssl-cert, is kept), or not
-    there (the start checks say so). Anyone who can read the key can pose as the gateway."""
+    """The mode of a private key file every user of the machine may read, or None: private, or shared with
+    a group only (Debian's convention for TLS keys, 0640 and group ssl-cert, is kept), or in a folder other
+    users cannot enter (Debian's /etc/ssl/private), or not there (the start checks say so). Anyone who can
+    read the key can pose as the gateway."""
+    path = Path(private_key).resolve()
     try:
-        mode = stat.S_IMODE(os.stat(private_key).st_mode)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        closed = any(not folder.stat().st_mode & stat.S_IXOTH for folder in path.parents)
     except OSError:
         return None
-    return f"{mode:04o}" if mode & 0o007 else None
+    return f"{mode:04o}" if mode & stat.S_IROTH and not closed else None
 
 
 class OutOfDate(NamedTuple):

@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -898,10 +900,19 @@ def test_a_certificate_the_vtn_does_not_trust_is_suggested_as_the_cause_of_a_cut
            "the CA that issued it)" in lost, lost
 
 
-def test_a_private_key_every_user_may_read_is_named_at_the_start_and_a_group_one_is_not(tmp_path):
+def test_a_private_key_every_user_may_read_is_named_at_the_start_and_a_group_one_is_not():
     """A TLS key left 0644 passed check-config without a word, while every token file must be private: any
     user of the gateway could pose as it to the VTN or to the owner's browser. Debian's way (0640, group
-    ssl-cert) is no mistake."""
+    ssl-cert) is no mistake. The keys are made in a folder every user may enter, outside pytest's own (0700)."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="keys-"))
+    tmp_path.chmod(0o711)
+    try:
+        _private_keys_noted(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _private_keys_noted(tmp_path: Path) -> None:
     tls = make_tls_material(tmp_path)
     config = replace(Config(), dispatch=replace(Config().dispatch, openadr=replace(
         OpenAdrConfig(enabled=True), cert=str(tls.ven_cert), key=str(tls.ven_key), ca_file=str(tls.ca_file))),
@@ -917,6 +928,14 @@ def test_a_private_key_every_user_may_read_is_named_at_the_start_and_a_group_one
     (web,) = notes(config, now)
     assert web.startswith(f"web.tls_key: {tls.vtn_key}: every user of the machine may read this private key "
                           "(mode 0606)"), web
+    tls.vtn_key.chmod(0o602)  # others may write it: no reading, no posing
+    assert notes(config, now) == []
+    tls.vtn_key.chmod(0o644)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o710)  # a folder other users cannot enter (Debian's /etc/ssl/private)
+    tls.vtn_key.rename(private / tls.vtn_key.name)
+    closed = replace(config, web=replace(config.web, tls_key=str(private / tls.vtn_key.name)))
+    assert notes(closed, now) == []
 
 
 def test_a_certificate_not_valid_yet_or_valid_is_said_as_such_at_the_start(tmp_path):
@@ -956,6 +975,7 @@ def test_config_mistakes_are_input_errors_naming_the_key(changes: dict[str, Any]
     ({"cert": "garbage", "key": "garbage"}, "cert and key: {d}/garbage, {d}/garbage: not a PEM certificate"),
     ({"cert": "ven.crt", "key": "vtn.key"}, "cert and key: {d}/vtn.key: is not the private key of {d}/ven.crt (each "
                                             "loads, but they are not a pair: give the key made with this certificate)"),
+    ({"cert": "ven.crt", "key": "rsa.key"}, "cert and key: {d}/rsa.key: is not the private key of {d}/ven.crt"),
     ({"cert": "ven.crt", "key": "encrypted.key"}, "cert and key: {d}/encrypted.key: the private key is encrypted"),
     ({"ca_file": "garbage"}, "ca_file: {d}/garbage: holds no certificate"),
     ({"ca_file": "fifo"}, "ca_file: {d}/fifo: the CA bundle must be a regular file, not a FIFO"),
@@ -971,6 +991,9 @@ def test_tls_files_that_cannot_serve_are_refused_at_the_start_naming_the_key(tmp
     key = serialization.load_pem_private_key(tls.ven_key.read_bytes(), None)
     (tmp_path / "encrypted.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    from cryptography.hazmat.primitives.asymmetric import rsa  # another type than the certificate's EC key:
+    (tmp_path / "rsa.key").write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(  # OpenSSL says
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # no cert
     chosen = {"cert": tls.ven_cert.name, "key": tls.ven_key.name, "ca_file": tls.ca_file.name, **files}
     lines = "".join(f'{k} = "{v}"\n' for k, v in chosen.items())
     config = tmp_path / "gateway.toml"
