@@ -10,7 +10,6 @@ start and in the failing link's cause, where a peer's bare "connection reset" wo
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import ssl
 import stat
