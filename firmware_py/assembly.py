@@ -306,6 +306,8 @@ def _private_keys(config: Config) -> list[tuple[str, str]]:
         keys.append(("web.tls_key", config.web.tls_key))
     if config.dispatch.openadr.enabled and config.dispatch.openadr.key:
         keys.append(("dispatch.openadr.key", config.dispatch.openadr.key))
+    if config.mqtt.enabled and config.mqtt.tls_key:
+        keys.append(("mqtt.tls_key", config.mqtt.tls_key))
     return keys
 
 
@@ -317,6 +319,9 @@ def _certificates(config: Config) -> list[tuple[str, str, str]]:
     if config.dispatch.openadr.enabled and config.dispatch.openadr.cert:
         shown.append(("dispatch.openadr.cert", config.dispatch.openadr.cert,
                       "the VTN refuses the gateway's connections, and no event arrives"))
+    if config.mqtt.enabled and config.mqtt.tls_cert:
+        shown.append(("mqtt.tls_cert", config.mqtt.tls_cert,
+                      "the broker refuses the gateway's connections, and Home Assistant shows it unavailable"))
     return shown
 
 

@@ -174,6 +174,9 @@ class MqttConfig:
     tls: bool = spec(False, doc="TLS to the broker, checked against the system's CAs (or tls_ca_file)")
     tls_ca_file: str = spec("", path=True, doc="PEM CA bundle the broker's certificate must chain to; "
                                                "set: TLS on")
+    tls_cert: str = spec("", path=True, doc="PEM client certificate (chain) for a broker that requires one; "
+                                            "with tls_key; set: TLS on")
+    tls_key: str = spec("", path=True, doc="PEM private key of tls_cert (unencrypted, mode 0600)")
     client_id: str = spec("", doc="the MQTT client id; empty: derived from topic_prefix")
     topic_prefix: str = spec("powershare-gw/truck-1", doc="P in P/state, P/availability, P/set/..., P/result")
     discovery: bool = spec(True, doc="publish Home Assistant discovery configurations")

@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import ssl
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -36,8 +38,10 @@ from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from lockstep import Rig
+from openadr_vtn import TlsMaterial, make_tls_material
 
 from firmware_py import cli, narration
+from firmware_py.assembly import notes
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.types import DispatchKind, DispatchRequest, Mode, OwnerSettings
 from firmware_py.journal import Journal
@@ -1183,7 +1187,8 @@ def test_a_broker_requiring_a_client_certificate_is_named_as_the_cause_not_a_tim
     alert_read = "certificate required" in link["cause"]
     assert ("the broker requires a client certificate" if alert_read
             else "a broker that requires a client certificate ends the connection this way") in link["cause"], link
-    assert link["cause"].endswith("let it accept mqtt.username with mqtt.password_file over TLS)"), link
+    assert link["cause"].endswith("let the broker accept mqtt.username with mqtt.password_file over TLS)"), link
+    assert "give it one (mqtt.tls_cert, mqtt.tls_key)" in link["cause"], link
 
 
 @pytest.mark.parametrize(("failure", "tls", "hint"), [
@@ -1200,9 +1205,129 @@ def test_a_connection_cut_before_its_connack_names_a_client_certificate_where_tl
     """The alert that names the certificate can be lost to a reset (TLS 1.3 ends the client's handshake
     before the broker judges it): a TLS connection cut without a word still points at the likely cause,
     and a plain one or a refusal does not."""
-    cause = bridge_module.connect_failure(aiomqtt.MqttError(bridge_module.TIMED_OUT), failure, tls=tls)
+    cause = bridge_module.connect_failure(aiomqtt.MqttError(bridge_module.TIMED_OUT), failure, MqttConfig(tls=tls))
     assert cause.startswith("the broker ended the connection before accepting it: "), cause
     assert (hint in cause) if hint else "certificate" not in cause, cause
+
+
+# ------------------------------------------------------------------ a client certificate
+
+
+def broker_requiring_certificates(tmp: Path) -> tuple[TlsMaterial, Tls]:
+    """A CA, a broker certificate for 127.0.0.1 and a client certificate (the gateway's) it issued, and the
+    broker's TLS settings: only clients with a certificate from that CA are let in."""
+    tls = make_tls_material(tmp / "pki")
+    return tls, Tls(ca=tls.ca_file, cert=tls.vtn_cert, key=tls.vtn_key, require_certificate=True)
+
+
+def test_a_client_certificate_lets_the_gateway_onto_a_broker_that_requires_one(tmp_path):
+    """The gateway had no way to show a certificate: a broker that requires one (mosquitto's
+    `require_certificate`, a fleet's usual setting) could not be used at all."""
+    tls, listener = broker_requiring_certificates(tmp_path)
+    watcher_tls = ssl.create_default_context(cafile=str(tls.ca_file))
+    watcher_tls.load_cert_chain(tls.ven_cert, tls.ven_key)
+
+    async def main() -> None:
+        with running_broker(tmp_path, tls=listener) as broker:
+            async with gateway_on(tmp_path, broker, tls_ca_file=str(tls.ca_file), tls_cert=str(tls.ven_cert),
+                                  tls_key=str(tls.ven_key), watcher={"tls_context": watcher_tls}) as (rig, _, _):
+                assert rig.gateway.status()["links"]["mqtt"]["ok"] is True
+
+    bounded(main())
+
+
+@pytest.mark.parametrize("certificate", ["stranger", "expired"])
+def test_a_client_certificate_the_broker_refuses_is_named_with_what_to_do(tmp_path, monkeypatch, certificate):
+    """A certificate from a CA the broker does not trust, or one out of date: the broker ends the handshake
+    and the link's cause names the gateway's certificate, and what makes it acceptable."""
+    tls, listener = broker_requiring_certificates(tmp_path)
+    shown = (make_tls_material(tmp_path / "other") if certificate == "stranger"
+             else make_tls_material(tmp_path / "old", ven_expired=True))
+    monkeypatch.setattr(bridge_module, "PUBLISH_TIMEOUT_S", 2.0)  # the CONNACK wait, shortened
+
+    async def main() -> dict[str, Any]:
+        with running_broker(tmp_path, tls=listener) as broker:
+            async with Rig(tmp_path, configure=mqtt_enabled(broker, tls_ca_file=str(tls.ca_file),
+                                                            tls_cert=str(shown.ven_cert),
+                                                            tls_key=str(shown.ven_key))) as rig:
+                bridge = rig.assembly.integrations["mqtt"]
+                task = asyncio.create_task(bridge.run())
+                try:
+                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
+                    return rig.gateway.status()["links"]["mqtt"]
+                finally:
+                    await cancel_all([task])
+
+    cause = bounded(main())["cause"]
+    assert cause.startswith("the broker ended the connection before accepting it: "), cause
+    if certificate == "stranger":
+        assert cause.endswith("mqtt.tls_cert: let it trust the CA that issued the certificate)") \
+            or cause.endswith("mqtt.tls_cert, ends the connection this way: let it trust the CA that issued the "
+                              "certificate)"), cause
+    else:
+        assert re.search(r"\(mqtt\.tls_cert: the gateway's certificate expired on [0-9-]+ [0-9:]+ UTC, and the "
+                         r"broker refuses it; renew it\)$", cause), cause
+
+
+@pytest.mark.parametrize(("failure", "hint"), [
+    ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)",
+     "(the broker refused the gateway's certificate, mqtt.tls_cert: let it trust the CA that issued the "
+     "certificate)"),
+    ("[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate (_ssl.c:2580)",
+     "(the broker refused the gateway's certificate, mqtt.tls_cert:"),
+    ("[Errno 104] Connection reset by peer",
+     "(a broker that does not trust the gateway's certificate, mqtt.tls_cert, ends the connection this way:"),
+    ("[SSL: TLSV1_ALERT_PROTOCOL_VERSION] tlsv1 alert protocol version (_ssl.c:2580)", None),
+    ("[Errno 111] Connection refused", None),
+])
+def test_a_connection_cut_with_a_client_certificate_shown_names_its_trust_not_its_absence(
+        tmp_path, failure: str, hint: str | None):
+    """With `tls_cert` set, "the gateway sends none" would be false: the certificate's trust is named, and
+    an alert about something else, or a refusal, names no certificate."""
+    tls = make_tls_material(tmp_path)
+    mqtt = MqttConfig(tls_ca_file=str(tls.ca_file), tls_cert=str(tls.ven_cert), tls_key=str(tls.ven_key))
+    cause = bridge_module.connect_failure(aiomqtt.MqttError(bridge_module.TIMED_OUT), failure, mqtt)
+    assert (hint in cause) if hint else "certificate" not in cause, cause
+    assert "sends none" not in cause, cause
+
+
+@pytest.mark.parametrize("keys, message", [
+    ('tls_cert = "ven.crt"', "mqtt.tls_cert, mqtt.tls_key: set both (a client certificate and its key) or neither"),
+    ('tls_key = "ven.key"', "mqtt.tls_cert, mqtt.tls_key: set both"),
+    ('tls_cert = "ven.crt"\ntls_key = "vtn.key"', "mqtt.tls_cert, mqtt.tls_key: {d}/vtn.key: is not the private "
+                                                  "key of {d}/ven.crt"),
+    ('tls_cert = "ven.crt"\ntls_key = "missing.key"', "mqtt.tls_cert, mqtt.tls_key: {d}/missing.key: does not exist"),
+])
+def test_check_config_refuses_a_client_certificate_that_cannot_serve(tmp_path, capsys, keys, message):
+    make_tls_material(tmp_path)
+    path = tmp_path / "gw.toml"
+    path.write_text(f"[mqtt]\nenabled = true\n{keys}\n")
+    assert cli.main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(d=tmp_path) in err, err
+
+
+def test_a_client_certificate_out_of_date_or_a_key_others_may_read_is_noted_at_the_start():
+    """As for the web app's and the VEN's: not refused (the pack's protection must start), but named. The
+    key is made in a folder every user may enter, outside pytest's own (0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="mqtt-keys-"))
+    folder.chmod(0o711)
+    try:
+        tls = make_tls_material(folder, ven_expired=True)
+        config = replace(Config(), mqtt=MqttConfig(enabled=True, tls_cert=str(tls.ven_cert),
+                                                   tls_key=str(tls.ven_key)))
+        tls.ven_key.chmod(0o644)
+        certificate, key = notes(config)
+        assert certificate.startswith(f"mqtt.tls_cert: {tls.ven_cert}: the certificate expired on "), certificate
+        assert certificate.endswith(": the broker refuses the gateway's connections, and Home Assistant shows it "
+                                    "unavailable; renew it"), certificate
+        assert key.startswith(f"mqtt.tls_key: {tls.ven_key}: every user of the machine may read this private key "
+                              "(mode 0644)"), key
+        tls.ven_key.chmod(0o600)
+        assert notes(replace(config, mqtt=replace(config.mqtt, enabled=False))) == []
+        assert notes(config) == [certificate]
+    finally:
+        shutil.rmtree(folder)
 
 
 # ------------------------------------------------------------------ configuration

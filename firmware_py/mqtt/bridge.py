@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import socket
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 
 from firmware_py.addresses import parse_host_port
-from firmware_py.certificates import check_ca_bundle
+from firmware_py.certificates import check_ca_bundle, load_chain, validity_problem
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
 from firmware_py.errors import InputError
@@ -145,17 +146,24 @@ def password(mqtt: MqttConfig, *, owner_uid: int | None = None) -> str | None:
 
 
 def uses_tls(mqtt: MqttConfig) -> bool:
-    """Whether the broker is reached over TLS: `tls`, or a `tls_ca_file` (which only TLS can use)."""
-    return mqtt.tls or bool(mqtt.tls_ca_file)
+    """Whether the broker is reached over TLS: `tls`, or a `tls_ca_file` or a client certificate (which
+    only TLS can use)."""
+    return mqtt.tls or bool(mqtt.tls_ca_file or mqtt.tls_cert or mqtt.tls_key)
 
 
 def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
-    """TLS to the broker (`tls`, or a `tls_ca_file`), checking its certificate and name; None: plain TCP."""
+    """TLS to the broker, checking its certificate and name, and showing the gateway's own certificate
+    where one is given; None: plain TCP. Built at every connection, so a renewed certificate is taken
+    without a restart."""
     if not uses_tls(mqtt):
         return None
     context = (check_ca_bundle(mqtt.tls_ca_file, "mqtt.tls_ca_file") if mqtt.tls_ca_file
                else ssl.create_default_context())
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if bool(mqtt.tls_cert) != bool(mqtt.tls_key):
+        raise InputError("mqtt.tls_cert, mqtt.tls_key: set both (a client certificate and its key) or neither")
+    if mqtt.tls_cert:
+        load_chain(context, mqtt.tls_cert, mqtt.tls_key, "mqtt.tls_cert, mqtt.tls_key")
     return context
 
 
@@ -260,25 +268,42 @@ class SocketFailures(logging.Filter):
 CUT_UNDER_TLS = ("EOF OCCURRED IN VIOLATION OF PROTOCOL", "UNEXPECTED_EOF", "CONNECTION RESET BY PEER")
 """How a socket failure reads when the broker cut a TLS connection without a word the client could read."""
 
-WAY_THAT_WORKS = "the gateway sends none: let it accept mqtt.username with mqtt.password_file over TLS"
+WAY_THAT_WORKS = ("the gateway sends none: give it one (mqtt.tls_cert, mqtt.tls_key), or let the broker accept "
+                  "mqtt.username with mqtt.password_file over TLS")
+
+TRUST_IT = "let it trust the CA that issued the certificate"
 
 
-def connect_failure(err: BaseException, socket_failure: str | None, *, tls: bool) -> str:
+def connect_failure(err: BaseException, socket_failure: str | None, mqtt: MqttConfig) -> str:
     """The link's cause for a session that never began: `err`, or what failed under it when aiomqtt could
-    only time out. A broker that requires a client certificate says so in its TLS alert: the gateway has
-    none to send, and the installer is told the way that works (a username and password over TLS). The
-    alert can be lost: under TLS 1.3 the client's handshake ends before the broker judges its certificate,
-    the CONNECT the client then sends reaches a socket the broker has closed, and the reset this draws can
-    discard the alert unread; so a TLS connection cut before its CONNACK names the likely cause too."""
+    only time out, with what the broker most likely judged (`certificate_hint`)."""
     if socket_failure is None or not isinstance(err, aiomqtt.MqttError) or str(err) != TIMED_OUT:
         return _cause(err)
-    cause = f"the broker ended the connection before accepting it: {_cause(Exception(socket_failure))}"
-    failure = socket_failure.upper()
-    if "CERTIFICATE_REQUIRED" in failure:
-        cause += f" (the broker requires a client certificate, and {WAY_THAT_WORKS})"
-    elif tls and any(words in failure for words in CUT_UNDER_TLS):
-        cause += f" (a broker that requires a client certificate ends the connection this way, and {WAY_THAT_WORKS})"
-    return cause
+    return (f"the broker ended the connection before accepting it: {_cause(Exception(socket_failure))}"
+            f"{certificate_hint(socket_failure.upper(), mqtt)}")
+
+
+def certificate_hint(failure: str, mqtt: MqttConfig) -> str:
+    """Why a broker ended a TLS connection before its CONNACK, where its client certificate is the likely
+    reason: the gateway's is missing, out of date or not trusted. A broker says so in a TLS alert, which can
+    be lost: under TLS 1.3 the client's handshake ends before the broker judges its certificate, the CONNECT
+    the client then sends reaches a socket the broker has closed, and the reset this draws can discard the
+    alert unread; so a TLS connection cut without a word points at the certificate too."""
+    alert = "ALERT" in failure and any(word in failure for word in ("CERTIFICATE", "UNKNOWN_CA"))
+    cut = uses_tls(mqtt) and any(words in failure for words in CUT_UNDER_TLS)
+    if not mqtt.tls_cert:
+        if "CERTIFICATE_REQUIRED" in failure:
+            return f" (the broker requires a client certificate, and {WAY_THAT_WORKS})"
+        return (f" (a broker that requires a client certificate ends the connection this way, and {WAY_THAT_WORKS})"
+                if cut else "")
+    if not (alert or cut):
+        return ""
+    if out := validity_problem(mqtt.tls_cert, dt.datetime.now(dt.UTC)):
+        return f" (mqtt.tls_cert: the gateway's certificate {out.problem}, and the broker refuses it; {out.remedy})"
+    if alert:
+        return f" (the broker refused the gateway's certificate, mqtt.tls_cert: {TRUST_IT})"
+    return (" (a broker that does not trust the gateway's certificate, mqtt.tls_cert, ends the connection this "
+            f"way: {TRUST_IT})")
 
 
 class Discards(logging.Filter):
@@ -373,7 +398,7 @@ class MqttBridge:
             except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
                 self.connected.clear()
                 self.unreachable.set()
-                self.link.lost(connect_failure(err, self.socket_failures.last, tls=uses_tls(self.settings))
+                self.link.lost(connect_failure(err, self.socket_failures.last, self.settings)
                                if self._began is None
                                else _cause(err))
                 lasted = None if self._began is None else self.gateway.clock() - self._began
