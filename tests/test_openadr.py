@@ -1446,6 +1446,15 @@ def test_a_duration_in_weeks_is_weeks_and_only_a_written_zero_is_open_ended(text
     assert [r.end - r.start for r in plan.requests] == [seconds]
 
 
+@pytest.mark.parametrize("text", ["PT1\u0660M", "\u0661W", "P\uff11D"])
+def test_a_duration_or_date_time_written_with_other_digits_than_ascii_stays_text_to_be_refused(text: str) -> None:
+    """The schema's digits are 0-9: 'PT1٠M' was read as 10 minutes."""
+    assert openadr_events.parse_wire_duration(text) == text
+    when = "\u0662\u0660\u0662\u0666-12-06T00:00:00Z"
+    assert openadr_events.parse_wire_datetime(when) == when
+    assert isinstance(openadr_events.parse_wire_datetime("2026-12-06T00:00:00Z"), dt.datetime)
+
+
 def test_a_duration_read_as_0_from_a_nonzero_text_is_refused_not_open_ended() -> None:
     read = openadr_events.parse_wire_duration("PT0S")
     misread = openadr_events.WireDuration(0)

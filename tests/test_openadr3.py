@@ -2349,6 +2349,14 @@ def test_iso_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize("text", ["PT\u0663S", "PT\uff11H", "P\u0967D"])
+def test_a_duration_written_with_other_digits_than_ascii_is_refused(text: str) -> None:
+    """ISO 8601's digits are 0-9: 'PT٣S' (an Arabic-Indic three) was read as 3 s, a VTN's malformed
+    duration taken as a length the VTN never wrote in the protocol's grammar."""
+    with pytest.raises(ValueError, match="not an ISO 8601 duration"):
+        parse_duration(text)
+
+
 # ---------------------------------------------------------------------- configuration
 
 

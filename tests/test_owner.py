@@ -562,6 +562,13 @@ def test_run_serves_until_cancelled_and_removes_its_socket(tmp_path):
 MINUS_7 = dt.timezone(dt.timedelta(hours=-7))
 
 
+@pytest.mark.parametrize("hhmm", ["\u0667:30", "07:0\u0665", "1\uff17:30"])
+def test_a_departure_written_with_other_digits_than_ascii_is_refused(hhmm):
+    """HH:MM is 0-9: '٧:30' (an Arabic-Indic seven) was taken as 07:30 from an API that documents ASCII."""
+    with pytest.raises(changes.BadRequest, match="time: expected HH:MM"):
+        changes.next_occurrence(hhmm, 0.0, MINUS_7)
+
+
 @pytest.mark.parametrize("local_now, expected", [
     (dt.datetime(2025, 6, 1, 6, 0), dt.datetime(2025, 6, 1, 7, 30)),
     (dt.datetime(2025, 6, 1, 7, 30), dt.datetime(2025, 6, 2, 7, 30)),

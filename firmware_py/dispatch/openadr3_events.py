@@ -510,7 +510,7 @@ def _report_asks(value: Any) -> tuple[ReportAsk, ...]:
 # ---------------------------------------------------------------------- wire formats
 
 _DURATION = re.compile(r"P(?:(?P<Y>\d+)Y)?(?:(?P<MO>\d+)M)?(?:(?P<W>\d+)W)?(?:(?P<D>\d+)D)?"
-                       r"(?:T(?:(?P<H>\d+)H)?(?:(?P<MI>\d+)M)?(?:(?P<S>\d+(?:[.,]\d+)?)S)?)?")
+                       r"(?:T(?:(?P<H>\d+)H)?(?:(?P<MI>\d+)M)?(?:(?P<S>\d+(?:[.,]\d+)?)S)?)?", re.ASCII)
 # OpenADR 3 writes "now" as the first instant of year 1 (0001-01-01).
 _NOW_YEAR = 1
 

@@ -78,10 +78,11 @@ class WireDuration(timedelta):
 
 # 2.0b durations (RFC 5545, as the xcal schema writes them): weeks alone, or years..seconds. openleadr's own
 # parser reads 'P1W' as 0 s, which a last interval turned into "until cancelled".
-_DURATION = re.compile(r"^([+-])?P(?:(\d+)W|(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?)$")
-_BARE_WEEKS = re.compile(r"^(\d+)W$")  # the schema's other branch: weeks without the P
+_DURATION = re.compile(r"^([+-])?P(?:(\d+)W|(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?)$",
+                       re.ASCII)
+_BARE_WEEKS = re.compile(r"^(\d+)W$", re.ASCII)  # the schema's other branch: weeks without the P
 # 2.0b date-times (xcal): UTC, the trailing Z optional (a Z-less time is UTC all the same).
-_DATE_TIME = re.compile(r"^\+?(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d*))?Z?$")
+_DATE_TIME = re.compile(r"^\+?(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d*))?Z?$", re.ASCII)
 
 
 def parse_wire_duration(value: Any) -> Any:

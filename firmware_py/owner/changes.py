@@ -34,7 +34,7 @@ MAX_PRICE_PER_KWH = 1_000.0
 MAX_PRICE_WH_PER_DAY = 1_000_000.0
 """The most price-driven energy a day may be set to (Wh): several times any pack; a larger one is a typo."""
 MAX_PRICE_POWER_W = 1_000_000.0
-_HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)")
+_HHMM = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)", re.ASCII)
 
 
 class BadRequest(ValueError):
