@@ -1675,6 +1675,33 @@ def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is
     run(scenario)
 
 
+def test_a_ven_object_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_found_not_doubled() -> None:
+    """A VTN restored without its VEN objects never saw this gateway again: the VEN kept the id of an object
+    that no longer existed and registered only once, at its start."""
+    async def scenario() -> None:
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.add_program("summer-peak")
+            ven = make_ven(vtn, poll_interval_s=600)
+            async with serving(ven, ScriptedSink()):
+                await vtn.wait_for(lambda: ven.polls)
+                for lost in (False, True):  # a network blip (the VTN keeps it), then a VTN restored without it
+                    await vtn.stop()
+                    if lost:
+                        vtn.vens.clear()
+                    failed = ven.failed_polls
+                    ven.wake()
+                    await vtn.wait_for(lambda failed=failed: ven.failed_polls > failed)
+                    await vtn.start()
+                    polls = ven.polls
+                    ven.wake()
+                    await vtn.wait_for(lambda polls=polls: ven.polls > polls)
+                    assert [v["venName"] for v in vtn.vens.values()] == [ven.config.ven_name]
+                    assert ven.ven_id in vtn.vens
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
 def test_a_vtn_that_cannot_list_subscriptions_gets_one_per_program_however_often_programs_change() -> None:
     """Each PROGRAM notification made the VEN subscribe to every program again: copies piled up at a VTN
     that cannot list them, each notifying once more."""

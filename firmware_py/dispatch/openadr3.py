@@ -463,6 +463,7 @@ class OpenAdr3Ven:
                     except VtnError as err:
                         self.failed_polls += 1
                         self.subscribed = False  # a VTN back from an outage may have lost it: looked at again
+                        self.ven_id = None  # ... and this VEN's object: found by name, or made again
                         self._subscribed_programs.clear()
                         self._tell(False, f"{err}; accepted events keep their windows")
                         delay = backoff.next(self.config.poll_interval_s)
