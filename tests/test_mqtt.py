@@ -1161,6 +1161,18 @@ def test_tls_and_a_password_from_a_file_and_a_wrong_password_never_shown(tmp_pat
     assert "horse" not in caplog.text
 
 
+async def link_once_refused(tmp: Path, broker: Mosquitto, **mqtt: Any) -> dict[str, Any]:
+    """The `mqtt` link's status once the bridge, configured with `mqtt`, found it could not connect."""
+    async with Rig(tmp, configure=mqtt_enabled(broker, **mqtt)) as rig:
+        bridge = rig.assembly.integrations["mqtt"]
+        task = asyncio.create_task(bridge.run())
+        try:
+            await asyncio.wait_for(bridge.unreachable.wait(), 10)
+            return rig.gateway.status()["links"]["mqtt"]
+        finally:
+            await cancel_all([task])
+
+
 def test_a_broker_requiring_a_client_certificate_is_named_as_the_cause_not_a_timeout(tmp_path, monkeypatch):
     """The broker's TLS alert ends the connection before its CONNACK; aiomqtt waits out its timeout and
     says "Operation timed out", which the installer read as a broker out of reach."""
@@ -1171,14 +1183,7 @@ def test_a_broker_requiring_a_client_certificate_is_named_as_the_cause_not_a_tim
 
     async def main() -> dict[str, Any]:
         with running_broker(tmp_path, tls=Tls(ca=cert, cert=cert, key=key, require_certificate=True)) as broker:
-            async with Rig(tmp_path, configure=mqtt_enabled(broker, tls_ca_file=str(cert))) as rig:
-                bridge = rig.assembly.integrations["mqtt"]
-                task = asyncio.create_task(bridge.run())
-                try:
-                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
-                    return rig.gateway.status()["links"]["mqtt"]
-                finally:
-                    await cancel_all([task])
+            return await link_once_refused(tmp_path, broker, tls_ca_file=str(cert))
 
     link = bounded(main())
     assert link["cause"].startswith("the broker ended the connection before accepting it: "), link
@@ -1247,16 +1252,8 @@ def test_a_client_certificate_the_broker_refuses_is_named_with_what_to_do(tmp_pa
 
     async def main() -> dict[str, Any]:
         with running_broker(tmp_path, tls=listener) as broker:
-            async with Rig(tmp_path, configure=mqtt_enabled(broker, tls_ca_file=str(tls.ca_file),
-                                                            tls_cert=str(shown.ven_cert),
-                                                            tls_key=str(shown.ven_key))) as rig:
-                bridge = rig.assembly.integrations["mqtt"]
-                task = asyncio.create_task(bridge.run())
-                try:
-                    await asyncio.wait_for(bridge.unreachable.wait(), 10)
-                    return rig.gateway.status()["links"]["mqtt"]
-                finally:
-                    await cancel_all([task])
+            return await link_once_refused(tmp_path, broker, tls_ca_file=str(tls.ca_file),
+                                           tls_cert=str(shown.ven_cert), tls_key=str(shown.ven_key))
 
     cause = bounded(main())["cause"]
     assert cause.startswith("the broker ended the connection before accepting it: "), cause

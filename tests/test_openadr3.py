@@ -1647,6 +1647,21 @@ def test_a_credential_refused_while_subscribing_is_a_failed_cycle_not_a_vtn_with
     run(scenario)
 
 
+async def away_and_back(vtn: BenchVtn3, ven: OpenAdr3Ven, forget: Callable[[], object] | None) -> None:
+    """The VTN stopped until a poll failed, `forget` what it loses (None: a network blip, it keeps all),
+    started again and polled once more."""
+    await vtn.stop()
+    if forget is not None:
+        forget()
+    failed = ven.failed_polls
+    ven.wake()
+    await vtn.wait_for(lambda: ven.failed_polls > failed)
+    await vtn.start()
+    polls = ven.polls
+    ven.wake()
+    await vtn.wait_for(lambda: ven.polls > polls)
+
+
 def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_not_doubled() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()
@@ -1657,16 +1672,7 @@ def test_a_subscription_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is
             async with serving(ven, sink):
                 await vtn.wait_for(lambda: ven.polls and ven.subscribed)
                 for lost in (False, True):  # a network blip (the VTN keeps it), then a VTN restored without it
-                    await vtn.stop()
-                    if lost:
-                        vtn.forget_subscriptions()
-                    failed = ven.failed_polls
-                    ven.wake()
-                    await vtn.wait_for(lambda failed=failed: ven.failed_polls > failed)
-                    await vtn.start()
-                    polls = ven.polls
-                    ven.wake()
-                    await vtn.wait_for(lambda polls=polls: ven.polls > polls)
+                    await away_and_back(vtn, ven, vtn.forget_subscriptions if lost else None)
                     assert vtn.subscription_count == 1
                 event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 5.0)
                 await vtn.wait_for(lambda: vtn.answers_for(event_id))  # notified: long before the 600 s poll
@@ -1685,16 +1691,7 @@ def test_a_ven_object_the_vtn_lost_while_away_is_made_again_and_one_it_kept_is_f
             async with serving(ven, ScriptedSink()):
                 await vtn.wait_for(lambda: ven.polls)
                 for lost in (False, True):  # a network blip (the VTN keeps it), then a VTN restored without it
-                    await vtn.stop()
-                    if lost:
-                        vtn.vens.clear()
-                    failed = ven.failed_polls
-                    ven.wake()
-                    await vtn.wait_for(lambda failed=failed: ven.failed_polls > failed)
-                    await vtn.start()
-                    polls = ven.polls
-                    ven.wake()
-                    await vtn.wait_for(lambda polls=polls: ven.polls > polls)
+                    await away_and_back(vtn, ven, vtn.vens.clear if lost else None)
                     assert [v["venName"] for v in vtn.vens.values()] == [ven.config.ven_name]
                     assert ven.ven_id in vtn.vens
             assert_conforming(vtn)
