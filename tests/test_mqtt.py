@@ -1241,13 +1241,15 @@ def test_a_client_certificate_lets_the_gateway_onto_a_broker_that_requires_one(t
     bounded(main())
 
 
-@pytest.mark.parametrize("certificate", ["stranger", "expired"])
+@pytest.mark.parametrize("certificate", ["stranger", "expired", "server's"])
 def test_a_client_certificate_the_broker_refuses_is_named_with_what_to_do(tmp_path, monkeypatch, certificate):
-    """A certificate from a CA the broker does not trust, or one out of date: the broker ends the handshake
-    and the link's cause names the gateway's certificate, and what makes it acceptable."""
+    """A certificate from a CA the broker does not trust, one out of date, or one from its CA but made for a
+    server only (extended key usage serverAuth): the broker ends the handshake and the link's cause names the
+    gateway's certificate, and what makes it acceptable (told to trust the CA it was, for the last)."""
     tls, listener = broker_requiring_certificates(tmp_path)
-    shown = (make_tls_material(tmp_path / "other") if certificate == "stranger"
-             else make_tls_material(tmp_path / "old", ven_expired=True))
+    shown = {"stranger": lambda: make_tls_material(tmp_path / "other"),
+             "expired": lambda: make_tls_material(tmp_path / "old", ven_expired=True),
+             "server's": lambda: replace(tls, ven_cert=tls.vtn_cert, ven_key=tls.vtn_key)}[certificate]()
     monkeypatch.setattr(bridge_module, "PUBLISH_TIMEOUT_S", 2.0)  # the CONNACK wait, shortened
 
     async def main() -> dict[str, Any]:
@@ -1257,10 +1259,12 @@ def test_a_client_certificate_the_broker_refuses_is_named_with_what_to_do(tmp_pa
 
     cause = bounded(main())["cause"]
     assert cause.startswith("the broker ended the connection before accepting it: "), cause
+    cut = "mqtt.tls_cert, ends the connection this way: let it trust the CA that issued the certificate)"
     if certificate == "stranger":
-        assert cause.endswith("mqtt.tls_cert: let it trust the CA that issued the certificate)") \
-            or cause.endswith("mqtt.tls_cert, ends the connection this way: let it trust the CA that issued the "
-                              "certificate)"), cause
+        assert cause.endswith(("mqtt.tls_cert: let it trust the CA that issued the certificate)", cut)), cause
+    elif certificate == "server's":
+        assert cause.endswith(("mqtt.tls_cert: it is made for another use: give one for client authentication "
+                               "(extended key usage clientAuth))", cut)), cause
     else:
         assert re.search(r"\(mqtt\.tls_cert: the gateway's certificate expired on [0-9-]+ [0-9:]+ UTC, and the "
                          r"broker refuses it; renew it\)$", cause), cause
@@ -1271,13 +1275,18 @@ def test_a_client_certificate_the_broker_refuses_is_named_with_what_to_do(tmp_pa
      "(the broker refused the gateway's certificate, mqtt.tls_cert: let it trust the CA that issued the "
      "certificate)"),
     ("[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate (_ssl.c:2580)",
-     "(the broker refused the gateway's certificate, mqtt.tls_cert:"),
+     "(the broker refused the gateway's certificate, mqtt.tls_cert: the broker's log says why)"),
+    ("[SSL: SSLV3_ALERT_UNSUPPORTED_CERTIFICATE] sslv3 alert unsupported certificate (_ssl.c:2580)",
+     "mqtt.tls_cert: it is made for another use: give one for client authentication (extended key usage "
+     "clientAuth))"),
+    ("[SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert certificate revoked (_ssl.c:2580)",
+     "mqtt.tls_cert: it is revoked; use a newly issued one)"),
     ("[Errno 104] Connection reset by peer",
      "(a broker that does not trust the gateway's certificate, mqtt.tls_cert, ends the connection this way:"),
     ("[SSL: TLSV1_ALERT_PROTOCOL_VERSION] tlsv1 alert protocol version (_ssl.c:2580)", None),
     ("[Errno 111] Connection refused", None),
 ])
-def test_a_connection_cut_with_a_client_certificate_shown_names_its_trust_not_its_absence(
+def test_a_connection_cut_with_a_client_certificate_shown_names_what_was_refused_not_its_absence(
         tmp_path, failure: str, hint: str | None):
     """With `tls_cert` set, "the gateway sends none" would be false: the certificate's trust is named, and
     an alert about something else, or a refusal, names no certificate."""

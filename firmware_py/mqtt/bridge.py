@@ -273,6 +273,14 @@ WAY_THAT_WORKS = ("the gateway sends none: give it one (mqtt.tls_cert, mqtt.tls_
 
 TRUST_IT = "let it trust the CA that issued the certificate"
 
+REFUSED_BECAUSE = {
+    "UNKNOWN_CA": TRUST_IT,
+    "UNSUPPORTED_CERTIFICATE": "it is made for another use: give one for client authentication "
+                               "(extended key usage clientAuth)",
+    "CERTIFICATE_REVOKED": "it is revoked; use a newly issued one",
+}
+"""What to do about the gateway's certificate, by the alert a broker refused it with; any other: its log says."""
+
 
 def connect_failure(err: BaseException, socket_failure: str | None, mqtt: MqttConfig) -> str:
     """The link's cause for a session that never began: `err`, or what failed under it when aiomqtt could
@@ -285,7 +293,7 @@ def connect_failure(err: BaseException, socket_failure: str | None, mqtt: MqttCo
 
 def certificate_hint(failure: str, mqtt: MqttConfig) -> str:
     """Why a broker ended a TLS connection before its CONNACK, where its client certificate is the likely
-    reason: the gateway's is missing, out of date or not trusted. A broker says so in a TLS alert, which can
+    reason: the gateway's is missing, out of date, not trusted or not a client's. A broker says so in a TLS alert, which can
     be lost: under TLS 1.3 the client's handshake ends before the broker judges its certificate, the CONNECT
     the client then sends reaches a socket the broker has closed, and the reset this draws can discard the
     alert unread; so a TLS connection cut without a word points at the certificate too."""
@@ -301,7 +309,8 @@ def certificate_hint(failure: str, mqtt: MqttConfig) -> str:
     if out := validity_problem(mqtt.tls_cert, dt.datetime.now(dt.UTC)):
         return f" (mqtt.tls_cert: the gateway's certificate {out.problem}, and the broker refuses it; {out.remedy})"
     if alert:
-        return f" (the broker refused the gateway's certificate, mqtt.tls_cert: {TRUST_IT})"
+        remedy = next((what for word, what in REFUSED_BECAUSE.items() if word in failure), "the broker's log says why")
+        return f" (the broker refused the gateway's certificate, mqtt.tls_cert: {remedy})"
     return (" (a broker that does not trust the gateway's certificate, mqtt.tls_cert, ends the connection this "
             f"way: {TRUST_IT})")
 
