@@ -293,10 +293,10 @@ def connect_failure(err: BaseException, socket_failure: str | None, mqtt: MqttCo
 
 def certificate_hint(failure: str, mqtt: MqttConfig) -> str:
     """Why a broker ended a TLS connection before its CONNACK, where its client certificate is the likely
-    reason: the gateway's is missing, out of date, not trusted or not a client's. A broker says so in a TLS alert, which can
-    be lost: under TLS 1.3 the client's handshake ends before the broker judges its certificate, the CONNECT
-    the client then sends reaches a socket the broker has closed, and the reset this draws can discard the
-    alert unread; so a TLS connection cut without a word points at the certificate too."""
+    reason: the gateway's is missing, out of date, not trusted or not a client's. A broker says so in a TLS
+    alert, which can be lost: under TLS 1.3 the client's handshake ends before the broker judges its
+    certificate, the CONNECT the client then sends reaches a socket the broker has closed, and the reset this
+    draws can discard the alert unread; so a TLS connection cut without a word points at the certificate too."""
     alert = "ALERT" in failure and any(word in failure for word in ("CERTIFICATE", "UNKNOWN_CA"))
     cut = uses_tls(mqtt) and any(words in failure for words in CUT_UNDER_TLS)
     if not mqtt.tls_cert:
