@@ -38,7 +38,7 @@ from firmware_py.clocks import Clock, Clocks, as_clocks
 from firmware_py.config import Config, bundled_dbc_names
 from firmware_py.core.types import OwnerSettings
 from firmware_py.dispatch import DispatchSink
-from firmware_py.errors import InputError
+from firmware_py.errors import InputError, collect_problems
 from firmware_py.files import regular_or_absent, unwritable, user_name
 from firmware_py.gateway import Gateway
 from firmware_py.inverter.client import InverterClient
@@ -103,10 +103,10 @@ def _check_sunspec_server(config: Config, owner_uid: int | None) -> list[str]:
     from firmware_py.dispatch.sunspec_server import parse_allow_list
 
     served = config.dispatch.sunspec_server
-    return _problems(lambda: parse_ip_listen(served.listen, "dispatch.sunspec_server.listen", "127.0.0.1 for "
-                                             "this machine only, the gateway's LAN address, or 0.0.0.0 for every "
-                                             "interface"),
-                     lambda: parse_allow_list(list(served.allow_write_from)))
+    return collect_problems(lambda: parse_ip_listen(served.listen, "dispatch.sunspec_server.listen",
+                                                    "127.0.0.1 for this machine only, the gateway's LAN address, "
+                                                    "or 0.0.0.0 for every interface"),
+                            lambda: parse_allow_list(list(served.allow_write_from)))
 
 
 def _web(config: Config, gateway: Gateway) -> Integration:
@@ -215,7 +215,7 @@ def check(config: Config, *, owner_uid: int | None = None) -> None:
     the gateway as `run` does) require, since `run` refuses a file another user owns. Only
     `check-config` run as root passes another: the user `run` will run as (`service_user`).
     """
-    problems = _check_the_dbc(config) + _problems(lambda: parse_listen(config.owner.api_listen))
+    problems = _check_the_dbc(config) + collect_problems(lambda: parse_listen(config.owner.api_listen))
     owner = config.owner
     # path, its key, what, read, folder made, an existing file written again
     kept: tuple[tuple[str, str, str, Callable[[], object] | None, bool, bool], ...] = (
@@ -231,7 +231,7 @@ def check(config: Config, *, owner_uid: int | None = None) -> None:
         elif problem := unwritable(path, key, kept_writing=kept_writing):  # names its key itself
             problems.append(problem)
         elif read is not None and os.path.exists(path):  # read as `run` reads it (absent: made at its start)
-            problems += _keyed(key, _problems(read))
+            problems += _keyed(key, collect_problems(read))
     problems += _shared_files(config) + _inverter_link(config)
     if config.can.interface not in can.interfaces.VALID_INTERFACES:  # python-can's own and its plugins'
         problems.append(f"can.interface: python-can has no interface {config.can.interface!r} (it has "
@@ -535,7 +535,7 @@ def _keyed(key: str, problems: list[str]) -> list[str]:
 def _check_the_dbc(config: Config) -> list[str]:
     """The DBC's problems under `vehicle.dbc`: the reader names only the file it opened, which for a
     mistyped bundled name is a path in the package the installer never wrote."""
-    problems = _problems(lambda: _check_timeout_against_the_dbc(config))
+    problems = collect_problems(lambda: _check_timeout_against_the_dbc(config))
     dbc = str(config.dbc_path())
     given = Path(config.vehicle.dbc)
     missing = f"{dbc}: DBC file not found"
@@ -547,15 +547,6 @@ def _check_the_dbc(config: Config) -> list[str]:
     return [f"vehicle.dbc: {p}" if p.startswith((dbc, repr(config.vehicle.dbc))) else p for p in problems]
 
 
-def _problems(*checks: Callable[[], object]) -> list[str]:
-    """Run each check; collect what they refuse (InputError) instead of stopping at the first."""
-    problems: list[str] = []
-    for run_check in checks:
-        try:
-            run_check()
-        except InputError as err:
-            problems += err.problems
-    return problems
 
 
 def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | None = None) -> Assembly:

@@ -80,7 +80,7 @@ from firmware_py.dispatch.openadr_events import (
 from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
-from firmware_py.errors import InputError
+from firmware_py.errors import InputError, collect_problems
 from firmware_py.files import read_text
 from firmware_py.links import Backoff, LinkHandle, next_poll_in
 from firmware_py.quoting import printable
@@ -1012,17 +1012,11 @@ CUT_OFF = ("Connection reset by peer", "Server disconnected")
 def _pem_problems(config: OpenAdrConfig, key: str) -> list[str]:
     """Why the TLS files cannot serve (unreadable, no PEM, a key not the certificate's, encrypted), or
     nothing: checked here, since openleadr loads them only at its first connection, and says little."""
-    problems = []
     checks = [lambda: check_ca_bundle(config.ca_file, f"{key}: ca_file")] if config.ca_file else []
     if config.cert and config.key:
         checks.append(lambda: load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), config.cert, config.key,
                                          f"{key}: cert and key"))
-    for attempt in checks:
-        try:
-            attempt()
-        except InputError as err:
-            problems += err.problems
-    return problems
+    return collect_problems(*checks)
 
 
 def check(config: OpenAdrConfig) -> list[str]:

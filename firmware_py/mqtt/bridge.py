@@ -57,7 +57,7 @@ from firmware_py.addresses import parse_host_port
 from firmware_py.certificates import check_ca_bundle, load_chain, validity_problem
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
-from firmware_py.errors import InputError
+from firmware_py.errors import InputError, collect_problems
 from firmware_py.journal import codec
 from firmware_py.links import Link
 from firmware_py.mqtt import commands
@@ -122,12 +122,7 @@ def check(config: Config, owner_uid: int | None = None) -> list[str]:
             problems.append(problem)
     if mqtt.password_file and not mqtt.username:
         problems.append("mqtt.password_file: set mqtt.username too (a password goes with a username)")
-    for attempt in (lambda: password(mqtt, owner_uid=owner_uid), lambda: tls_context(mqtt)):
-        try:
-            attempt()
-        except InputError as err:
-            problems += err.problems
-    return problems
+    return problems + collect_problems(lambda: password(mqtt, owner_uid=owner_uid), lambda: tls_context(mqtt))
 
 
 def password(mqtt: MqttConfig, *, owner_uid: int | None = None) -> str | None:
