@@ -784,6 +784,30 @@ def test_vtn_asking_to_register_again_gets_a_new_registration_and_no_duplicate_r
     run(scenario)
 
 
+def test_a_vtn_restored_without_the_ven_that_refuses_its_old_id_registers_it_as_a_new_ven() -> None:
+    """A VTN that lost its VEN records may refuse a registration naming a VEN id it does not know (2.0b's
+    452 Invalid ID); the VEN offered its old id at every attempt and stayed unregistered for good."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven):
+            register = vtn._on_create_party_registration
+            offered: list[str | None] = []
+
+            def strict(payload: dict[str, Any]) -> tuple[str, str] | bool:
+                offered.append(payload.get("ven_id"))
+                return False if payload.get("ven_id") not in (None, vtn.ven_id) else register(payload)
+
+            vtn.server.add_handler("on_create_party_registration", strict)
+            vtn.forget_registration()
+            await vtn.wait_for(lambda: vtn.ven_id and ven.registered)
+            later_id = vtn.add_event(LOAD_DISPATCH, in_seconds(60), 600, 2.0)
+            assert await vtn.wait_for_response(later_id) == "optIn"
+        assert offered == ["ven-truck-1", None]
+        assert [r.id for r in sink.requests()] == [later_id]
+
+    run(scenario)
+
+
 def test_vtn_cancelling_the_registration_gets_a_new_registration_and_later_events_are_answered() -> None:
     """openleadr's answer to oadrCancelPartyRegistration set the report structures to None, and the VEN's
     next registration failed on them: its task ended until the service restarted it."""

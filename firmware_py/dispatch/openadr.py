@@ -545,8 +545,9 @@ class OpenAdrVen:
         request_id = (payload.get("response") or {}).get("request_id")
         await client.create_party_registration(ven_id=client.ven_id, request_id=request_id)
         if client.registration_id is None:
-            log.debug("OpenADR: registration of %r refused or unanswered by %s",
-                      self.config.ven_name, self.config.vtn_url)
+            log.debug("OpenADR: registration of %r (VEN id %r) refused or unanswered by %s",
+                      self.config.ven_name, client.ven_id, self.config.vtn_url)
+            client.ven_id = None  # a VTN restored without its VEN records refuses the old id: ask as a new VEN
             return False
         await client.register_reports(client.reports)
         await client.sync_events()
