@@ -1070,13 +1070,15 @@ class OpenAdr3Ven:
         log.info("OpenADR 3: export limit %s", "lifted" if wanted is None else f"{wanted:.0f} W")
 
     def notice_step(self, result: StepResult) -> None:
-        """A gateway observer: meter the request being served, and look again at once when something
-        that admits dispatch changed, an export limit's interval began or ended, or a report fell due."""
+        """A gateway observer: meter this VEN's requests, and look again at once when something
+        that admits dispatch changed, an export limit's interval began or ended, or a report fell due.
+        Every one of them is metered, not only the one served: the step that books the last reading of
+        a request is often the one that stops serving it (the floor reached, the window closed)."""
         c = result.controller
-        if c.serving_id in self._metered:
-            booked = c.book.find(c.serving_id)  # a charge's energy is negative: the larger in size is kept
-            if booked is not None and abs(booked.meter_wh) > abs(self._metered[c.serving_id]):
-                self._metered[c.serving_id] = booked.meter_wh
+        for request_id, metered in self._metered.items():
+            booked = c.book.find(request_id)  # a charge's energy is negative: the larger in size is kept
+            if booked is not None and abs(booked.meter_wh) > abs(metered):
+                self._metered[request_id] = booked.meter_wh
         if self._standing_wake is None or not (self._events or self._limit_applied is not None):
             return
         now = self._sink.now() if self._sink is not None else 0.0
