@@ -1075,9 +1075,9 @@ class OpenAdr3Ven:
         Every one of them is metered, not only the one served: the step that books the last reading of
         a request is often the one that stops serving it (the floor reached, the window closed)."""
         c = result.controller
-        for request_id, metered in self._metered.items():
-            booked = c.book.find(request_id)  # a charge's energy is negative: the larger in size is kept
-            if booked is not None and abs(booked.meter_wh) > abs(metered):
+        for booked in c.book.entries:  # a charge's energy is negative: the larger in size is kept
+            metered = self._metered.get(request_id := booked.request.id)
+            if metered is not None and abs(booked.meter_wh) > abs(metered):
                 self._metered[request_id] = booked.meter_wh
         if self._standing_wake is None or not (self._events or self._limit_applied is not None):
             return
