@@ -32,6 +32,7 @@ import can
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
+from firmware_py.sim.ports import free_port
 
 from firmware_py.bms.bus import SEND_ONLY
 from firmware_py.config import bundled_dbc
@@ -43,16 +44,12 @@ START_S = 30.0
 """Bound for a child to come up: imports of pymodbus and cantools are slow on a busy 2-core machine."""
 WAIT_S = 10.0
 """Bound for any one thing a benchmark waits on once everything runs."""
+EXIT_LOOK_S = 0.2
+"""Between looks at whether the gateway exited while it is awaited: start-up's failures end it at once."""
 LOOK_S = 0.005
 """Between looks at the inverter's setpoint log: it only paces the samples (each is timed by the
 inverter's own instant), and a busier look would take processor time from what is measured."""
 SETPOINT_W = 5_000.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def listening(port: int, what: str, deadline: float) -> None:
@@ -140,12 +137,27 @@ class Hardware:
             env = {**os.environ, "NOTIFY_SOCKET": str(self.workdir / "notify.sock")}
             begin = time.perf_counter()
             self.gateway = self.spawn("gateway", "-m", "firmware_py", "run", "--config", str(config), env=env)
-            loop = asyncio.get_running_loop()
-            while b"READY=1" not in await asyncio.wait_for(loop.sock_recv(notify, 256), START_S):
-                pass
+            await self._ready(notify, time.monotonic() + START_S)
             return time.perf_counter() - begin
         finally:
             notify.close()
+
+    async def _ready(self, notify: socket.socket, deadline: float) -> None:
+        """Until the gateway sends READY=1; one that exits or stays silent is said with its own last words."""
+        assert self.gateway is not None
+        loop = asyncio.get_running_loop()
+        while self.gateway.poll() is None and time.monotonic() < deadline:
+            try:
+                if b"READY=1" in await asyncio.wait_for(loop.sock_recv(notify, 256), EXIT_LOOK_S):
+                    return
+            except TimeoutError:
+                pass
+        why = (f"exited with {self.gateway.returncode}" if self.gateway.poll() is not None
+               else f"sent no READY=1 within {START_S:.0f} s")
+        raise RuntimeError(f"benchmark: the gateway {why}; the end of its log:\n{self.log_tail('gateway')}")
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        return "\n".join(self.log_text(name).splitlines()[-lines:]) or "(empty)"
 
     def log_text(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")

@@ -30,7 +30,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from children import ChildOutput, spawn
-from ports import free_port
+from firmware_py.sim.ports import free_port
 
 from firmware_py.tasks import cancel_all
 

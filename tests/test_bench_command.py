@@ -7,6 +7,7 @@ measured what it says, and wrote the JSON a CI job or an installer's script read
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from firmware_py.cli import main
-from firmware_py.sim import bench, scenario
+from firmware_py.sim import bench, process_bench, scenario
 
 @pytest.mark.slow  # real-time rigs and a separate-process gateway: seconds each
 def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
@@ -43,6 +44,21 @@ def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
     assert "DER server read" in loaded and "status API" in loaded
     assert {"cpu", "cores", "python", "pymodbus"} <= set(figures["machine"])
     assert figures["sim_speed_x"] is None and figures["bus_cpu_pct"] is None  # not asked for
+
+
+def test_a_gateway_that_exits_while_starting_is_said_with_its_exit_and_its_own_words(tmp_path):
+    """The bench waited its whole 30 s bound for READY from a gateway long gone, then said only TimeoutError."""
+    async def start() -> None:
+        hardware = process_bench.Hardware(tmp_path)
+        try:
+            await hardware.start_gateway('[inverter]\nport = "not a number"\n')
+        finally:
+            hardware.stop()
+
+    with pytest.raises(RuntimeError) as failed:
+        asyncio.run(start())
+    assert "the gateway exited with 2" in str(failed.value)
+    assert "inverter.port: expected an integer, got 'not a number'" in str(failed.value)
 
 
 def test_bad_samples_exit_2(capsys):

@@ -40,7 +40,7 @@ from children import (
     NotifySocket,
     spawn,
 )
-from ports import free_port
+from firmware_py.sim.ports import free_port
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.core.types import DispatchAnswer, DispatchEnded, EventEnergy, Verdict

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 from children import CAN_SERVER_PORT, SIM_INVERTER_PORT, ChildOutput, spawn
+from firmware_py.sim.ports import free_port
 from firmware_py.sim.vtn import LoopbackVtn
-from ports import free_port
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
 from firmware_py.config import bundled_config, bundled_dbc

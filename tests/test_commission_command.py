@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
-from ports import free_port
+from firmware_py.sim.ports import free_port
 
 from firmware_py.bms.reader import BmsReader
 from firmware_py.cli import main

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ports import free_port
+from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
+from firmware_py.sim.ports import free_port
 
 from firmware_py.config import InverterConfig
 from firmware_py.errors import InputError
 from firmware_py.inverter.commands import _probe
-from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
 
 
 @pytest.mark.parametrize(("es", "said"), [

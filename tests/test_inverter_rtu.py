@@ -16,7 +16,7 @@ import termios
 import pytest
 from firmware_py.sim.faults import InverterFault as Fault
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
-from ports import free_port
+from firmware_py.sim.ports import free_port
 
 from firmware_py.config import InverterConfig
 from firmware_py.core.types import InverterCommand

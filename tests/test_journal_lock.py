@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from children import SIM_INVERTER_PORT, spawn
-from ports import free_port
+from firmware_py.sim.ports import free_port
 
 from firmware_py.errors import InputError
 from firmware_py.journal import Journal, RecordKind

@@ -30,12 +30,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from firmware_py.sim.ports import free_port
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr_vtn import LOAD_DISPATCH, SIMPLE, LoopbackVtn, make_tls_material
 from openleadr import client as openleadr_client
 from openleadr import messaging, objects
-from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py import cli, narration

@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
+from firmware_py.sim.ports import free_port
 from firmware_py.sim.vtn3 import BenchVtn3
 from hypothesis import given
 from hypothesis import strategies as st
 from openadr3_model import conforms, resolved_windows
-from ports import free_port
 from ven_harness import CoreSink, Policy, accept, cap_at, opted_out, run, serving
 
 from firmware_py.config import OpenAdr3Config, parse

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ports import BLOCK, free_port
+from firmware_py.sim.ports import BLOCK, free_port
 
 
 def test_ports_asked_one_after_another_differ_until_the_block_is_used_up() -> None:

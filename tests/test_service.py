@@ -32,7 +32,7 @@ import pytest
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
-from ports import free_port
+from firmware_py.sim.ports import free_port
 
 from firmware_py.assembly import assemble
 from firmware_py.config import Config, bundled_dbc

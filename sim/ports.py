@@ -1,10 +1,11 @@
-"""Loopback ports for the tests' servers and children, one way for every test.
+"""Loopback ports for the bench's peers and the tests' servers, one way for both.
 
 A port asked of the kernel (`bind(0)`) comes from the ephemeral range, the range every outgoing
-connection of every test worker also draws from: between the probe closing and the server binding,
-another worker's client may take it, and the server's child exits before it is ready. So a port here
-comes from below the ephemeral range, from a block of its own for each pytest-xdist worker, and is
-checked free by binding it. Within a worker, ports are handed out in a shuffled round through the
+connection on the machine also draws from: between the probe closing and the server binding (a
+child process importing for seconds), a client may take it, and the server exits before it is
+ready. So a port here comes from below the ephemeral range, from a block of its own for each
+pytest-xdist worker (the test suite runs the bench too, on several workers at once), and is
+checked free by binding it. Within a process, ports are handed out in a shuffled round through the
 block, so two asked one after the other (a gateway's DER server and its web app) never get the same
 port while neither listens yet.
 """
