@@ -302,6 +302,7 @@ def test_an_environment_made_with_another_interpreter_of_the_same_version_is_mad
     # made with the interpreter named, an environment is kept: test_a_bundle_for_this_machine_installs_… installs twice
 
 
+@pytest.mark.slow  # the installer makes its virtual environment before the test reads what it said: seconds
 def test_install_checks_that_the_service_user_can_run_the_interpreter_before_making_anything(tmp_path):
     """Under --root no user is created, so the check is only said; on a gateway it runs before the
     environment is made (runuser, as the configuration's check)."""
