@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ from firmware_py.sim import process_bench, scenario
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.inverter import InverterModel, SimInverterServer
-from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
+from firmware_py.sim.measuring import BUS_FRAMES_PER_S, BenchmarkFailed, find_model, flood, percentiles, signed
 from firmware_py.sim.sim_command import check_outputs
 
 from firmware_py.assembly import assemble
@@ -117,7 +118,7 @@ class RealtimeRig:
         deadline = time.monotonic() + WAIT_S
         while not condition():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark rig: timed out waiting for {what}")
+                raise BenchmarkFailed(f"benchmark rig: timed out waiting for {what}")
             await asyncio.sleep(0.002)
 
     def fault_frame(self) -> bytes:
@@ -269,7 +270,7 @@ async def reaction_floor(samples: int) -> dict[str, Any]:
                                     is_extended_id=False))
                 while len(received) == seen:
                     if time.monotonic() > deadline:
-                        raise RuntimeError("benchmark floor: timed out waiting for the inverter's write")
+                        raise BenchmarkFailed("benchmark floor: timed out waiting for the inverter's write")
                     await asyncio.sleep(0)
                 latencies.append((received[-1][0] - sent) * 1000)
                 deadline = time.monotonic() + WAIT_S
@@ -644,13 +645,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    # What could be wrong with the command line is said before the first benchmark, not minutes in.
-    loaded = scenario.load(scenario.find(args.scenario)) if "sim" in args.only else None
-    check_outputs({"--json": args.json})
+def measure(args: argparse.Namespace, loaded: scenario.Scenario | None) -> dict[str, Any]:
+    """Every benchmark `--only` names, in its order, in one temporary folder removed at the end."""
     results: dict[str, Any] = {}
     # SIGTERM or SIGHUP unwind the run as Ctrl-C does: the started processes stopped, the folder removed.
     with stop_signals_interrupt(), tempfile.TemporaryDirectory() as tmp, \
@@ -680,6 +676,21 @@ def _bench(args: argparse.Namespace) -> int:
             results["simulator"] = simulator(loaded)
         if "soak" in args.only:
             results["soak"] = soak(args.soak_hours)
+    return results
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    # What could be wrong with the command line is said before the first benchmark, not minutes in.
+    loaded = scenario.load(scenario.find(args.scenario)) if "sim" in args.only else None
+    check_outputs({"--json": args.json})
+    try:
+        results = measure(args, loaded)
+    except BenchmarkFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     table = Table(title="powershare-gw bench")
     table.add_column("benchmark")
     table.add_column("result")

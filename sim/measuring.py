@@ -13,6 +13,11 @@ import can
 
 from firmware_py.inverter.sunspec import DEFAULT_BASE, END_MODEL_ID, SUNS_MARKER
 
+class BenchmarkFailed(RuntimeError):
+    """A benchmark could not measure what it promised (a peer that never came up, a wait that ran out):
+    `bench` says it in one line and exits 1, since a figure half measured would be a wrong one."""
+
+
 BUS_FRAMES_PER_S = 3_704
 """A 500 kbit/s bus at its worst case: 8-byte standard frames back to back (the bus-load benchmark's)."""
 
@@ -35,7 +40,7 @@ async def find_model(client: Any, model_id: int) -> int:
         if mid == END_MODEL_ID:
             break
         addr += 2 + length
-    raise RuntimeError(f"model {model_id} not found")
+    raise BenchmarkFailed(f"benchmark: SunSpec model {model_id} not found")
 
 
 def signed(raw: int) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 import can
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
-from firmware_py.sim.measuring import BUS_FRAMES_PER_S, find_model, flood, percentiles, signed
+from firmware_py.sim.measuring import BUS_FRAMES_PER_S, BenchmarkFailed, find_model, flood, percentiles, signed
 from firmware_py.sim.ports import free_port
 
 from firmware_py.bms.bus import SEND_ONLY
@@ -60,7 +60,7 @@ async def listening(port: int, what: str, deadline: float) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark: {what} never listened on 127.0.0.1:{port}") from None
+                raise BenchmarkFailed(f"benchmark: {what} never listened on 127.0.0.1:{port}") from None
             await asyncio.sleep(0.05)
 
 
@@ -154,7 +154,7 @@ class Hardware:
                 pass
         why = (f"exited with {self.gateway.returncode}" if self.gateway.poll() is not None
                else f"sent no READY=1 within {START_S:.0f} s")
-        raise RuntimeError(f"benchmark: the gateway {why}; the end of its log:\n{self.log_tail('gateway')}")
+        raise BenchmarkFailed(f"benchmark: the gateway {why}; the end of its log:\n{self.log_tail('gateway')}")
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         return "\n".join(self.log_text(name).splitlines()[-lines:]) or "(empty)"
@@ -186,7 +186,7 @@ class Hardware:
                     return at
             seen = len(points)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark: timed out waiting for {what}")
+                raise BenchmarkFailed(f"benchmark: timed out waiting for {what}")
             await asyncio.sleep(LOOK_S)
 
     def stop(self) -> None:
@@ -373,7 +373,7 @@ async def _until_discharging(hw: Hardware) -> None:
     deadline = time.monotonic() + WAIT_S
     while not ((points := hw.read_setpoints()) and points[-1][1] > 0):
         if time.monotonic() > deadline:
-            raise RuntimeError("benchmark: timed out waiting for discharge to resume")
+            raise BenchmarkFailed("benchmark: timed out waiting for discharge to resume")
         await asyncio.sleep(LOOK_S)
 
 
@@ -452,7 +452,7 @@ class ProcessLoad:
         load.flood.start()
         if not await asyncio.to_thread(running.wait, START_S):
             load.flood.kill()
-            raise RuntimeError("benchmark: the flood process never got onto the bus")
+            raise BenchmarkFailed("benchmark: the flood process never got onto the bus")
         load.tasks = [asyncio.create_task(every(0.1, load._read_der)), asyncio.create_task(every(1.0, load._read_status))]
         return load
 

@@ -24,6 +24,7 @@ import pytest
 
 from firmware_py.cli import main
 from firmware_py.sim import bench, process_bench, scenario
+from firmware_py.sim.measuring import BenchmarkFailed
 
 @pytest.mark.slow  # real-time rigs and a separate-process gateway: seconds each
 def test_reaction_dispatch_and_start_write_their_headline_figures(tmp_path):
@@ -55,10 +56,19 @@ def test_a_gateway_that_exits_while_starting_is_said_with_its_exit_and_its_own_w
         finally:
             hardware.stop()
 
-    with pytest.raises(RuntimeError) as failed:
+    with pytest.raises(BenchmarkFailed) as failed:
         asyncio.run(start())
     assert "the gateway exited with 2" in str(failed.value)
     assert "inverter.port: expected an integer, got 'not a number'" in str(failed.value)
+
+
+def test_a_benchmark_that_cannot_measure_says_why_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A peer that never came up was a traceback from `bench`; no bound at all leaves no time to come up."""
+    monkeypatch.setattr(process_bench, "START_S", 0.0)
+    assert main(["bench", "--only", "start", "--json", str(tmp_path / "bench.json")]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: benchmark: the CAN server never listened on 127.0.0.1:"), err
+    assert "Traceback" not in err and "bench" not in out and not (tmp_path / "bench.json").exists()
 
 
 def test_bad_samples_exit_2(capsys):
