@@ -71,6 +71,15 @@ def test_a_benchmark_that_cannot_measure_says_why_in_one_line_and_exits_1(tmp_pa
     assert "Traceback" not in err and "bench" not in out and not (tmp_path / "bench.json").exists()
 
 
+def test_a_bench_vtn_that_never_sees_its_ven_is_the_benchmark_failing_not_a_bare_timeout():
+    """The OpenADR benchmarks wait on the bench VTNs, whose waits end in a TimeoutError with nothing said."""
+    async def never() -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+
+    with pytest.raises(BenchmarkFailed, match="timed out waiting for the VEN registering with the VTN"):
+        asyncio.run(bench.peer_up(never(), "the VEN registering with the VTN"))
+
+
 def test_bad_samples_exit_2(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["bench", "--only", "reaction", "--samples", "0"])
