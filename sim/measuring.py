@@ -13,6 +13,7 @@ import can
 
 from firmware_py.inverter.sunspec import DEFAULT_BASE, END_MODEL_ID, SUNS_MARKER
 
+
 class BenchmarkFailed(RuntimeError):
     """A benchmark could not measure what it promised (a peer that never came up, a wait that ran out):
     `bench` says it on stderr, with a failed peer's last words where it has them, and exits 1, since a figure
