@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import can
 from firmware_py.sim.battery import Battery
 from firmware_py.sim.bms_node import BmsNode
 from firmware_py.sim.measuring import BUS_FRAMES_PER_S, BenchmarkFailed, find_model, flood, percentiles, signed
+from firmware_py.sim.notify_socket import NotifySocket, NotReady
 from firmware_py.sim.ports import free_port
 
 from firmware_py.bms.bus import SEND_ONLY
@@ -44,8 +44,6 @@ START_S = 30.0
 """Bound for a child to come up: imports of pymodbus and cantools are slow on a busy 2-core machine."""
 WAIT_S = 10.0
 """Bound for any one thing a benchmark waits on once everything runs."""
-EXIT_LOOK_S = 0.2
-"""Between looks at whether the gateway exited while it is awaited: start-up's failures end it at once."""
 LOOK_S = 0.005
 """Between looks at the inverter's setpoint log: it only paces the samples (each is timed by the
 inverter's own instant), and a busier look would take processor time from what is measured."""
@@ -130,33 +128,17 @@ class Hardware:
         """Spawn `powershare-gw run` on `config_text`; seconds from spawn to its systemd READY=1."""
         config = self.workdir / "gateway.toml"
         config.write_text(config_text)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(self.workdir / "notify.sock"))
-        notify.setblocking(False)
-        try:
-            env = {**os.environ, "NOTIFY_SOCKET": str(self.workdir / "notify.sock")}
+        with NotifySocket() as notify:
+            env = {**os.environ, "NOTIFY_SOCKET": notify.name}
             begin = time.perf_counter()
-            self.gateway = self.spawn("gateway", "-m", "firmware_py", "run", "--config", str(config), env=env)
-            await self._ready(notify, time.monotonic() + START_S)
-            return time.perf_counter() - begin
-        finally:
-            notify.close()
-
-    async def _ready(self, notify: socket.socket, deadline: float) -> None:
-        """Until the gateway sends READY=1; one that exits or stays silent is said with its own last words."""
-        assert self.gateway is not None
-        loop = asyncio.get_running_loop()
-        while time.monotonic() < deadline:
+            gateway = self.gateway = self.spawn("gateway", "-m", "firmware_py", "run", "--config", str(config),
+                                                env=env)
             try:
-                if b"READY=1" in await asyncio.wait_for(loop.sock_recv(notify, 256), EXIT_LOOK_S):
-                    return
-            except TimeoutError:
-                pass
-            if self.gateway.poll() is not None:  # after the look: a READY sent just before exiting counts
-                break
-        why = (f"exited with {self.gateway.returncode}" if self.gateway.poll() is not None
-               else f"sent no READY=1 within {START_S:.0f} s")
-        raise BenchmarkFailed(f"benchmark: the gateway {why}; the end of its log:\n{self.log_tail('gateway')}")
+                await asyncio.to_thread(notify.wait_ready, gateway, START_S)
+            except NotReady as why:  # said with the gateway's own last words
+                tail = self.log_tail("gateway")
+                raise BenchmarkFailed(f"benchmark: the gateway {why}; the end of its log:\n{tail}") from None
+            return time.perf_counter() - begin
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         return "\n".join(self.log_text(name).splitlines()[-lines:]) or "(empty)"

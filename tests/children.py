@@ -3,22 +3,20 @@
 A child's output is read by a thread as it is written: each line is copied to a log file
 (a chatty child never blocks on a full pipe) and wakes whoever waits for it. A process that
 binds port 0 and prints the port it got needs no free-port guess, so parallel workers never
-race for a port. The gateway says it is ready on $NOTIFY_SOCKET, like under systemd.
+race for a port. The gateway says it is ready on $NOTIFY_SOCKET, like under systemd
+(`firmware_py.sim.notify_socket`).
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 
 NOTABLE = re.compile(r" (CRITICAL|ERROR) |^Traceback|^\w+(Error|Exception): ")
 
@@ -100,33 +98,3 @@ def spawn(args: list[str], log_path: Path, **popen: object) -> tuple[subprocess.
 # What the children print once they listen (python-can-remote logs the port it got).
 CAN_SERVER_PORT = r"Connect using channel 'ws://localhost:(\d+)/'"
 SIM_INVERTER_PORT = r"serving SunSpec models .* on 127\.0\.0\.1:(\d+)"
-
-
-class NotifySocket:
-    """A systemd-style $NOTIFY_SOCKET (abstract namespace: nothing on disk, unique per test)."""
-
-    def __init__(self) -> None:
-        self.name = f"@powershare-test-{secrets.token_hex(8)}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name[1:])
-
-    def wait_for(self, message: bytes, timeout: float, proc: subprocess.Popen) -> None:
-        """Until a datagram containing `message` arrives; fails if `proc` exits or `timeout` passes.
-
-        The datagram is the event; the socket timeout is only checked against the child's
-        exit every second, so a crashed child fails the test at once, not at the deadline.
-        """
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(min(left, 1.0))
-            try:
-                if message in self.sock.recv(256):
-                    return
-            except TimeoutError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"the child exited with {proc.returncode} before sending {message!r}")
-        pytest.fail(f"no {message!r} on $NOTIFY_SOCKET within {timeout} s")
-
-    def close(self) -> None:
-        self.sock.close()

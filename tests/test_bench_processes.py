@@ -37,9 +37,9 @@ from children import (
     CAN_SERVER_PORT,
     SIM_INVERTER_PORT,
     ChildOutput,
-    NotifySocket,
     spawn,
 )
+from firmware_py.sim.notify_socket import NotifySocket, NotReady
 from firmware_py.sim.ports import free_port
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
@@ -92,9 +92,9 @@ class Bench:
         self.start("gateway", "-m", "firmware_py", "run", "--config", str(self.config),
                    env={**os.environ, "NOTIFY_SOCKET": self.notify.name})
         try:
-            self.notify.wait_for(b"READY=1", START_S, self.procs["gateway"])
-        except pytest.fail.Exception as failed:  # say why: the children's own words (a taken port, a bad key)
-            pytest.fail(f"{failed}\n{self.logs()}")
+            self.notify.wait_ready(self.procs["gateway"], START_S)
+        except NotReady as why:  # said with the children's own words (a taken port, a bad key)
+            pytest.fail(f"the gateway {why}\n{self.logs()}")
         return self.procs["gateway"]
 
     def log(self, name: str) -> str:
