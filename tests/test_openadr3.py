@@ -1064,6 +1064,39 @@ def test_an_event_the_vtn_deletes_once_its_schedule_is_over_is_no_cancellation_o
     run(scenario)
 
 
+def test_the_randomised_tail_of_an_event_the_vtn_deleted_after_its_schedule_is_reported_as_it_ends() -> None:
+    """The tail runs on after the VTN's clean-up, and so does its energy: the VEN dropped the event with
+    its intervals marked reported (none had begun, so nothing was sent), and the aggregator never heard
+    of the energy the core went on to deliver in the tail."""
+    async def scenario() -> None:
+        sink = ScriptedSink(accept)
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = next(f"late-{n}" for n in range(1000)
+                            if 700 < start_delay_s(ven.config.ven_name, f"late-{n}", 1_800.0) < 1_500)
+            delay = start_delay_s(ven.config.ven_name, event_id, 1_800.0)
+            start = in_seconds(60)
+            vtn.add_event(program, "DISPATCH_SETPOINT", start, 300, [5.0, 5.0], event_id=event_id, report_every=1)
+            vtn.events[event_id]["intervalPeriod"]["randomizeStart"] = "PT30M"  # no await between: served so
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            t0 = start.timestamp()
+            sink.offset_s = t0 + 600 + 30 - time.time()  # over on the VTN's schedule, not yet begun here
+            vtn.delete_event(event_id)
+            polls = ven.polls
+            await vtn.wait_for(lambda: ven.polls >= polls + 2)  # a listing without it has been read
+            assert sink.of(DispatchCancel) == []
+            sink.offset_s = t0 + delay + 150 - time.time()
+            served(ven, f"{event_id}#0", 200.0)
+            sink.offset_s = t0 + delay + 450 - time.time()  # interval 0 over: its report falls due
+            served(ven, f"{event_id}#1", 210.0)
+            await vtn.wait_for(lambda: delivered_per_interval(vtn, event_id).get(0) is not None)
+            sink.offset_s = t0 + delay + 700 - time.time()  # the tail over
+            served(ven, f"{event_id}#1", 210.0, serving=False)
+            await vtn.wait_for(lambda: 1 in delivered_per_interval(vtn, event_id))
+            assert [energy_reports_of(vtn, event_id, i) for i in (0, 1)] == [[200.0], [210.0]]
+
+    run(scenario)
+
+
 def test_a_price_event_deleted_at_the_vtn_is_taken_back_from_the_core() -> None:
     async def scenario() -> None:
         accepted = DispatchAnswer(request_id="", at=0.0, verdict=Verdict.ACCEPTED, detail="meets the threshold")

@@ -413,6 +413,8 @@ class OpenAdr3Ven:
         self.reasks = 0
         self._sink: DispatchSink | None = None
         self._events: dict[str, _Tracked] = {}
+        self._tails: dict[str, _Tracked] = {}  # events the VTN deleted once its own schedule was over whose
+        # randomised tail the core still serves: no longer held, reported as their intervals end
         self._unlisted: dict[str, int] = {}  # held events missing from listings running, the VTN not saying why
         self._seen: dict[str, tuple[str, int]] = {}  # event id -> (its content's hash, revision) as last handled
         self._given: dict[str, int] = {}  # event id -> the highest revision the core was given under it, its own
@@ -818,14 +820,18 @@ class OpenAdr3Ven:
         present = {event_id_of(e) for e in events} | kept
         now = sink.now()
         self._lacked = {e: u for e, u in self._lacked.items() if u.until > now}
+        for event_id in present & self._tails.keys():  # listed again: held again, a revision as any other
+            self._events[event_id] = self._tails.pop(event_id)
         for event_id in [e for e in self._events if e not in present]:
             tracked = self._events.pop(event_id)
+            if tracked.plan.scheduled_end <= now:  # a VTN's clean-up: no cancellation of a randomised tail
+                self._tails[event_id] = tracked
+                continue
             self._note_lacked(tracked, now)
             self._report_begun(sink, tracked)
             self._forget(_asked(tracked.plan))
-            if tracked.plan.scheduled_end > now:  # after it, a VTN's clean-up: no cancellation of a randomised tail
-                await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
-                self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
+            await self._withdraw(sink, tracked, "cancelled: the VTN no longer lists the event")
+            self._record(EventOutcome(event_id, tracked.plan.revision, detail="cancelled at the VTN"))
         history = self.history_passed
         for event_id, (key, event) in self._one_per_id(events, settled).items():
             present.add(event_id)
@@ -1079,7 +1085,7 @@ class OpenAdr3Ven:
             metered = self._metered.get(request_id := booked.request.id)
             if metered is not None and abs(booked.meter_wh) > abs(metered):
                 self._metered[request_id] = booked.meter_wh
-        if self._standing_wake is None or not (self._events or self._limit_applied is not None):
+        if self._standing_wake is None or not (self._events or self._tails or self._limit_applied is not None):
             return
         now = self._sink.now() if self._sink is not None else 0.0
         if self._watch.changed(result) or self.limit_in_force(now) != self._limit_applied:
@@ -1156,14 +1162,15 @@ class OpenAdr3Ven:
         """The reports an event's descriptors ask for whose intervals have ended; drop events that are over."""
         now = sink.now()
         self.next_report_at = math.inf
-        for event_id, tracked in list(self._events.items()):
-            plan = tracked.plan
-            every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
-            if every is not None:
-                self._report_due(sink, tracked, max(every or len(plan.intervals), 1), now)
-            if all(w.end <= now for w in plan.intervals):
-                del self._events[event_id]
-                self._forget(_asked(plan))
+        for held in (self._events, self._tails):
+            for event_id, tracked in list(held.items()):
+                plan = tracked.plan
+                every = min((a.every for a in plan.reports if a.every > 0), default=0) if plan.reports else None
+                if every is not None:
+                    self._report_due(sink, tracked, max(every or len(plan.intervals), 1), now)
+                if all(w.end <= now for w in plan.intervals):
+                    del held[event_id]
+                    self._forget(_asked(plan))
 
     def _report_due(self, sink: DispatchSink, tracked: _Tracked, step: int, now: float) -> None:
         """Report the ended intervals not reported yet, `step` at a time (the rest once all have ended),
