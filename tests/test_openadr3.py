@@ -1257,7 +1257,7 @@ def test_the_wait_after_busy_is_the_back_off_at_least_and_the_ceiling_at_most() 
 
 
 class FailingVtn(BenchVtn3):
-    """Fails every POST /reports for event `poison` with `failure` (a 500, or a 200 that is not JSON)."""
+    """Fails every POST /reports for event `poison` with `failure` (a 500, a 200 that is not JSON, a 403)."""
 
     poison: str | None = None
     failure: Callable[[], web.Response] = staticmethod(lambda: web.Response(status=500))
@@ -1274,6 +1274,7 @@ class FailingVtn(BenchVtn3):
 FAILURES = {
     "500": lambda: web.json_response({"title": "Internal Server Error", "status": 500}, status=500),
     "200 not JSON": lambda: web.Response(status=200, text="<html>saved</html>", content_type="text/html"),
+    "403": lambda: web.json_response({"title": "Forbidden", "status": 403}, status=403),
 }
 
 
@@ -1301,19 +1302,43 @@ def test_a_report_the_vtn_keeps_failing_holds_back_no_other_fails_no_poll_and_is
     run(scenario)
 
 
-def test_an_energy_report_the_vtn_failed_for_minutes_reaches_it_once_it_is_well() -> None:
+@pytest.mark.parametrize("failure", ["500", "403"])
+def test_an_energy_report_the_vtn_failed_for_minutes_reaches_it_once_it_is_well(failure: str) -> None:
     """Five 500s (2.5 minutes of a failing store at the default poll interval) dropped interval 0's energy
-    report for good: the VTN, well again, never got the energy it settles on."""
+    report for good: the VTN, well again, never got the energy it settles on. So did one 403 (a VTN back
+    from an outage before the operator restored this VEN's permissions), and the journal noted it taken."""
     async def scenario() -> None:
         sink = ScriptedSink()
         async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn, \
                 serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=1234.0) as (ven, event_id):
+            vtn.failure = FAILURES[failure]
             vtn.poison = event_id
             sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN fails it
             await vtn.wait_for(lambda: vtn.failed_reports >= 10, 10)
             vtn.poison = None
             await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
             assert energy_reports_of(vtn, event_id, 0) == [1234.0]
+            assert [note for _, note in sink.notes] == [{"event_id": event_id, "intervals": [0]}]
+
+    run(scenario)
+
+
+def test_a_report_the_vtn_refuses_for_good_is_journaled_with_its_refusal() -> None:
+    """A 400 is the VTN's last word on a report: it is not sent again, after a restart either; the journal
+    noted it exactly as a report taken, so nothing on record said the aggregator lacks that energy."""
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with FailingVtn(client_id="truck-1", secret=SECRET) as vtn, \
+                serving_interval_0(vtn, sink, 2, into_s=100, meter_wh=1234.0) as (ven, event_id):
+            vtn.failure = lambda: web.json_response({"title": "Bad Request", "status": 400,
+                                                     "detail": "interval 0 is closed for reports"}, status=400)
+            vtn.poison = event_id
+            sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN refuses it
+            await vtn.wait_for(lambda: sink.notes, 10)
+            ((_, note),) = sink.notes
+            assert note == {"event_id": event_id, "intervals": [0], "refused": (
+                "POST /reports: the VTN answered HTTP 400: Bad Request - interval 0 is closed for reports")}
+            assert ven.pending_reports == 0 and vtn.failed_reports == 1
 
     run(scenario)
 

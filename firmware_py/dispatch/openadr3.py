@@ -153,6 +153,12 @@ class VtnNotFound(VtnRefused):
     """The VTN answered 404: the object asked for is not there (an event it deleted)."""
 
 
+class VtnForbidden(VtnRefused):
+    """The VTN answered 403: this VEN may not do this now. Its permissions are the operator's to set, and
+    they may still be being set up or restored (a VTN brought back from a backup), so a report so refused
+    waits as a failed one does rather than being given up at once."""
+
+
 class VtnFailed(VtnError):
     """The VTN answered this request, and failed it (a 5xx, or a 2xx the VEN cannot read): the VTN is
     there, so what fails may be this request alone; a report so failed goes to the back of the queue."""
@@ -578,6 +584,9 @@ class OpenAdr3Ven:
                 later = "later" if asked_s is None else f"later (it asked for {min(asked_s, 1e9):.0f} s)"
                 raise VtnBusy(f"{method} /{path}: the VTN answered HTTP {status} (busy): trying again {later}",
                               asked_s)
+            if status == 403:
+                raise VtnForbidden(f"{method} /{path}: the VTN answered HTTP 403: "
+                                   f"{_problem(raw, (token, self._secret))}")
             if status == 404:
                 raise VtnNotFound(f"{method} /{path}: the VTN answered HTTP 404: "
                                   f"{_problem(raw, (token, self._secret))}")
@@ -1282,20 +1291,22 @@ class OpenAdr3Ven:
         self._queue_cadence(sink)
         for _ in range(len(self._pending)):
             pending = self._pending[0]
+            refused = None
             try:
                 if not (pending.maybe_taken and await self._vtn_holds(session, pending.report)):
                     await self._call(session, "POST", "reports", body=pending.report)
-            except VtnRefused as err:  # the VTN will never take this one: do not block the others
-                log.warning("OpenADR 3: report %r refused: %s", pending.report["reportName"], err)
-            except VtnFailed as err:
+            except (VtnFailed, VtnForbidden) as err:
                 self._pending.popleft()
                 self._failed(pending, err, sink.now())
                 continue
+            except VtnRefused as err:  # the VTN will never take this one: do not block the others
+                log.warning("OpenADR 3: report %r refused: %s", pending.report["reportName"], err)
+                refused = str(err)
             except VtnSilent:
                 pending.maybe_taken = True
                 raise
             self._pending.popleft()
-            _note_taken(sink, pending.report)
+            _note_taken(sink, pending.report, refused)
 
     async def _vtn_holds(self, session: aiohttp.ClientSession, report: dict[str, Any]) -> bool:
         """Whether the VTN lists `report` (its name, resources and values) among this VEN's for its event. A
@@ -1311,9 +1322,9 @@ class OpenAdr3Ven:
         content = _report_content(report)
         return any(isinstance(r, dict) and _report_content(r) == content for r in held)
 
-    def _failed(self, pending: _PendingReport, err: VtnFailed, now: float) -> None:
-        """A report the VTN failed: sent again after the others, given up once it has failed it for
-        `MAX_REPORT_FAILING_S`."""
+    def _failed(self, pending: _PendingReport, err: VtnFailed | VtnForbidden, now: float) -> None:
+        """A report the VTN failed or forbade: sent again after the others, given up once it has failed it
+        for `MAX_REPORT_FAILING_S`."""
         name = pending.report["reportName"]
         if pending.failing_since is None:
             pending.failing_since = now
@@ -1339,13 +1350,17 @@ class OpenAdr3Ven:
                 outcome.event_id, outcome.revision, outcome.detail)
 
 
-def _note_taken(sink: DispatchSink, report: dict[str, Any]) -> None:
-    """Journal that the VTN is done with an energy report (taken, or refused for good), so a run after a
-    restart neither sends it again nor takes it as lost; answers are not noted (each run answers anew)."""
+def _note_taken(sink: DispatchSink, report: dict[str, Any], refused: str | None = None) -> None:
+    """Journal that the VTN is done with an energy report (taken, or refused for good, with the VTN's words:
+    the energy it settles on is then missing there, and the journal says so), so a run after a restart
+    neither sends it again nor takes it as lost; answers are not noted (each run answers anew)."""
     if not any(d["payloadType"] == DELIVERED_ENERGY for d in report["payloadDescriptors"]):
         return
     intervals = [i["id"] for r in report["resources"] for i in r["intervals"]]
-    sink.note(RecordKind.OPENADR3_REPORTED, {"event_id": report["eventID"], "intervals": intervals})
+    note: dict[str, Any] = {"event_id": report["eventID"], "intervals": intervals}
+    if refused is not None:
+        note["refused"] = refused
+    sink.note(RecordKind.OPENADR3_REPORTED, note)
 
 
 def _unmetered_wh(tracked: _Tracked, window: IntervalWindow) -> float:
