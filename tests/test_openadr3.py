@@ -64,6 +64,7 @@ from firmware_py.dispatch.openadr3_events import (
 )
 from firmware_py.dispatch.start_delay import start_delay_s
 from firmware_py.errors import InputError
+from firmware_py.journal import RecordKind
 from firmware_py.links import Link, LinkBook
 
 T = TypeVar("T")
@@ -630,6 +631,48 @@ async def serving_interval_0(vtn: BenchVtn3, sink: ScriptedSink, intervals: int,
         sink.offset_s = 60 + into_s
         served(ven, f"{event_id}#0", meter_wh)
         yield ven, event_id
+
+
+@pytest.mark.parametrize("page", [50, 1], ids=["one page", "pages: asked by id"])
+def test_an_event_the_vtn_deleted_while_the_gateway_was_down_gets_the_energy_the_journal_credits_it(
+        monkeypatch, page: int) -> None:
+    """A gateway stopped mid-event (a power cut), the VTN deleting the event meanwhile (its clean-up after
+    the event's end): the restarted VEN never saw the event again, so the 100 Wh the statement credits were
+    never reported to the aggregator. Listed on pages, the VTN is asked for the event by id (a 404) first."""
+    monkeypatch.setattr(openadr3, "PAGE", page)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            async with serving_interval_0(vtn, sink, 2, into_s=200, meter_wh=100.0) as (first, event_id):
+                await vtn.wait_for(lambda: first.polls >= 2)
+            other = vtn.add_event(vtn.add_program("winter-peak"), "DISPATCH_SETPOINT", in_seconds(7_200), 600, 3.0)
+            vtn.delete_event(event_id)  # while the gateway is down
+            sink.journal_wh = {f"{event_id}#0": 100.0}
+            sink.offset_s = 60 + 700  # the event's schedule over
+            for _ in range(2):  # restarted, then restarted again once the VTN took the report
+                again = make_ven(vtn)
+                async with serving(again, sink):
+                    await vtn.wait_for(lambda ven=again: ven.polls >= 3 and vtn.answers_for(other))
+                    await vtn.wait_for(lambda ven=again: ven.pending_reports == 0)
+                assert [energy_reports_of(vtn, event_id, i) for i in (0, 1)] == [[100.0], [0.0]]
+            assert_conforming(vtn)
+
+    run(scenario)
+
+
+def test_an_event_too_large_to_note_is_served_and_the_log_says_what_a_restart_would_miss(caplog) -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, 5.0, report_every=1)
+            vtn.events[event_id]["eventName"] = "x" * openadr3.HELD_NOTE_MAX
+            assert await vtn.wait_for(lambda: vtn.answers_for(event_id)) == ["accepted"]
+        assert sink.journal_notes(RecordKind.OPENADR3_HELD, math.inf) == []
+        assert f"event {event_id} is not noted in the journal" in caplog.text
+        assert "its energy is not reported after the restart" in caplog.text
+
+    run(scenario)
 
 
 def test_a_restarted_ven_does_not_report_again_with_0_wh_the_intervals_that_ended_before_it_started() -> None:
@@ -1318,7 +1361,8 @@ def test_an_energy_report_the_vtn_failed_for_minutes_reaches_it_once_it_is_well(
             vtn.poison = None
             await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
             assert energy_reports_of(vtn, event_id, 0) == [1234.0]
-            assert [note for _, note in sink.notes] == [{"event_id": event_id, "intervals": [0]}]
+            assert sink.journal_notes(RecordKind.OPENADR3_REPORTED, math.inf) == [
+                {"event_id": event_id, "intervals": [0]}]
 
     run(scenario)
 
@@ -1334,8 +1378,8 @@ def test_a_report_the_vtn_refuses_for_good_is_journaled_with_its_refusal() -> No
                                                      "detail": "interval 0 is closed for reports"}, status=400)
             vtn.poison = event_id
             sink.offset_s = 370  # interval 0 is over: its report falls due, and the VTN refuses it
-            await vtn.wait_for(lambda: sink.notes, 10)
-            ((_, note),) = sink.notes
+            await vtn.wait_for(lambda: sink.journal_notes(RecordKind.OPENADR3_REPORTED, math.inf), 10)
+            (note,) = sink.journal_notes(RecordKind.OPENADR3_REPORTED, math.inf)
             assert note == {"event_id": event_id, "intervals": [0], "refused": (
                 "POST /reports: the VTN answered HTTP 400: Bad Request - interval 0 is closed for reports")}
             assert ven.pending_reports == 0 and vtn.failed_reports == 1
@@ -1417,7 +1461,8 @@ def test_an_energy_report_the_vtn_stored_and_answered_too_late_is_not_sent_twice
             await vtn.wait_for(lambda: ven.pending_reports == 0, 10)
             assert ven.polls > 1 and vtn.stored_unanswered == 1
             assert energy_reports_of(vtn, event_id, 0) == [777.0]
-            assert sink.notes and sink.notes[-1][1] == {"event_id": event_id, "intervals": [0]}  # noted taken
+            assert sink.journal_notes(RecordKind.OPENADR3_REPORTED, math.inf) == [
+                {"event_id": event_id, "intervals": [0]}]  # noted taken
         assert "POST /reports: no answer from the VTN" in caplog.text and "none within 0.5 s" in caplog.text
 
     run(scenario)

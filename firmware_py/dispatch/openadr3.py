@@ -42,7 +42,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
@@ -123,6 +123,10 @@ STANDING_CHECK_S = 1.0
 SUBSCRIPTION_CHECK_S = 600.0  # how often the VEN looks that the VTN still holds its subscription
 PROGRAMS_RECHECK_S = 300.0  # how often GET /programs is read again while an event names a program not in it
 NOTIFY_PATH = "/openadr3/notify"
+HELD_NOTE_MAX = 128 * 1024
+"""Characters of an event and its program noted when the VEN takes it up (`OPENADR3_HELD`): a day of 5-minute
+intervals is about 20,000 (the bench VTN's). A larger one is not noted (logged): it is not reported after a
+restart that finds it deleted."""
 UNLISTED_GONE = 2
 """Listings of several pages running that may lack an event before it counts as deleted, where the VTN
 will not answer for the event itself: a paging race hides an event from one listing, not from two."""
@@ -432,6 +436,10 @@ class OpenAdr3Ven:
         self._taken: dict[str, set[int]] = {}  # event id -> intervals whose energy report a run before this one
         # saw the VTN take (or refuse for good), from the journal
         self._missed_sent: set[str] = set()  # events over before they were held whose missed reports went
+        self._held_before: dict[str, tuple[Any, Any]] = {}  # event id -> (event, program) as listed to a run
+        # before this one (its note), until a listing says whether the VTN still has it
+        self._unlisted_before: dict[str, int] = {}  # of those, the listings running that lacked it, the VTN not
+        # saying why
         self.history_passed = 0  # events passed over as history (`Past`), in all
         self._metered: dict[str, float] = {}  # request id -> Wh delivered (the core's meter, seen each step)
         self._lacked: dict[str, _Lacked] = {}  # event id -> what was reported of it when a listing lacked it
@@ -453,6 +461,7 @@ class OpenAdr3Ven:
         if self._started == -math.inf:
             self._started = sink.now()
             self._taken = _taken_reports(sink.journal_notes(RecordKind.OPENADR3_REPORTED, TAKEN_LOOKBACK_S))
+            self._held_before = _held_notes(sink.journal_notes(RecordKind.OPENADR3_HELD, TAKEN_LOOKBACK_S))
         self._wake, self._standing_wake = asyncio.Event(), asyncio.Event()
         backoff = Backoff(self._retry_max_s)
         callback = await self._start_callback()
@@ -525,6 +534,7 @@ class OpenAdr3Ven:
         self.polls += 1
         await self._check_programs(session, events)
         await self._take(sink, events, kept, listing.settled)
+        await self._deleted_while_down(session, sink, listing, listed)
         await self._send_reports(session, sink)
         await self._hold_limit(sink)
 
@@ -917,18 +927,23 @@ class OpenAdr3Ven:
             log.warning("OpenADR 3: the VTN lists two objects under event id %s: one is answered (the one "
                         "answered already, else the first listed), the other ignored", event_id)
 
-    async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
+    def _translator(self, event: Any, revision: int, program: Mapping[str, Any] | None,
+                    now: float) -> Callable[..., EventPlan | DispatchAnswer | NotAddressed | Past]:
+        """`translate_event` for `event` as this VEN reads it now; what is left to give is `history_before`."""
         try:
             rating = float(self._rating())
         except Exception as err:  # noqa: BLE001 - a broken rating source must not cost the VTN an answer
             log.error("OpenADR 3: rating unavailable: %s", err)
             rating = math.nan
+        return partial(translate_event, event, revision=revision, program=program, rating_w=rating,
+                       levels_pct=self._levels, to_gateway_time=self._to_gateway_time, received_at=now,
+                       source=self._source, currency=self._currency, ven_name=self.config.ven_name)
+
+    async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         program = self.programs.get(program_id_of(event) or "")
         tracked = self._events.get(event_id_of(event))
         # Only an event not held can be history: one held that a revision ends is dropped as ever (below).
-        translate = partial(translate_event, event, revision=revision, program=program, rating_w=rating,
-                            levels_pct=self._levels, to_gateway_time=self._to_gateway_time, received_at=sink.now(),
-                            source=self._source, currency=self._currency, ven_name=self.config.ven_name)
+        translate = self._translator(event, revision, program, sink.now())
         plan = translate(history_before=self._started if tracked is None else -math.inf)
         if isinstance(plan, NotAddressed):
             await self._not_for_this_ven(sink, plan, revision)
@@ -992,6 +1007,8 @@ class OpenAdr3Ven:
             before_wh = {**self._journaled(sink, plan, reported), **(lacked.before_wh if lacked else {})}
         self._events[plan.event_id] = _Tracked(plan, {r.id: r for r in requests}, answers, reported=reported,
                                                carried_wh=carried_wh, before_wh=before_wh)
+        if plan.reports:  # so a run after a restart reports it even if the VTN deleted it meanwhile
+            self._note_held(sink, event, program)
         everything = tuple(answers.values()) + tuple(price_answers.values())
         detail = "; ".join(_describe(a) for a in everything) or ", ".join(
             filter(None, (f"{len(plan.prices)} price(s)" if plan.prices else "",
@@ -1202,7 +1219,7 @@ class OpenAdr3Ven:
         taken = self._taken.get(plan.event_id, set())
         return {w.interval_id for w in plan.intervals if w.end <= self._started and w.interval_id in taken}
 
-    def _report_missed(self, sink: DispatchSink, past: Past) -> None:
+    def _report_missed(self, sink: DispatchSink, past: Past, why: str = "ended while the gateway was down") -> None:
         """An event that ended while the gateway was down (a power cut mid-event): the run that served it
         never sent its last energy reports. When the journal credits its unreported intervals with energy,
         every one of them begun is reported once, with the journal's figures, as for an event deleted
@@ -1213,10 +1230,53 @@ class OpenAdr3Ven:
             return
         reported = self._before_start(plan)
         if journaled := self._journaled(sink, plan, reported):
-            log.info("OpenADR 3: event %s ended while the gateway was down: its energy is reported from the "
-                     "journal", plan.event_id)
+            log.info("OpenADR 3: event %s %s: its energy is reported from the journal", plan.event_id, why)
             self._report_begun(sink, _Tracked(plan, reported=reported, before_wh=journaled))
             self._missed_sent.add(plan.event_id)
+
+    def _note_held(self, sink: DispatchSink, event: Any, program: Mapping[str, Any] | None) -> None:
+        """Journal an event taken up, with its program, as the VTN listed them: as JSON text, so nothing in
+        them (a field nested deeper than the journal's encoder goes) can cost the journal a write."""
+        try:
+            text = json.dumps({"event": event, "program": program}, separators=(",", ":"))
+        except (ValueError, TypeError, RecursionError):
+            text = ""
+        if not text or len(text) > HELD_NOTE_MAX:
+            log.warning("OpenADR 3: event %s is not noted in the journal (%s): if the VTN deletes it while the "
+                        "gateway is down, its energy is not reported after the restart", event_id_of(event),
+                        f"{len(text)} bytes as JSON" if text else "not JSON the VEN can write")
+            return
+        sink.note(RecordKind.OPENADR3_HELD, {"event_id": event_id_of(event), "listed": text})
+
+    async def _deleted_while_down(self, session: aiohttp.ClientSession, sink: DispatchSink, listing: _Listing,
+                                  listed: set[str]) -> None:
+        """Events a run before this one held (its notes in the journal) that the VTN deleted while the gateway
+        was down: what the journal credits them with is reported once, as for an event over before the start
+        (`_report_missed`). Only a whole listing can lack one; one of several pages is asked for it by id, as
+        for a held event (`_still_there`): a 404 says deleted, a VTN that will not say is asked again until
+        `UNLISTED_GONE` listings running lacked it. Each is settled once, then forgotten."""
+        if not self._held_before or not listing.complete:
+            return
+        for event_id in [e for e in self._held_before if e in listed or e in self._events]:
+            del self._held_before[event_id]  # the VTN has it: taken up again, or history, as any event listed
+        for event_id in list(self._held_before):
+            if listing.pages > 1:
+                try:
+                    await self._call(session, "GET", f"events/{event_id}")
+                except VtnNotFound:
+                    pass
+                except VtnRefused:
+                    misses = self._unlisted_before[event_id] = self._unlisted_before.get(event_id, 0) + 1
+                    if misses < UNLISTED_GONE:
+                        continue
+                else:
+                    del self._held_before[event_id]  # a paging race: the next listings carry it
+                    continue
+            event, program = self._held_before.pop(event_id)
+            self._unlisted_before.pop(event_id, None)
+            past = self._translator(event, 0, program, sink.now())(history_before=math.inf)
+            if isinstance(past, Past):
+                self._report_missed(sink, past, "held before the gateway stopped, is no longer at the VTN")
 
     def _journaled(self, sink: DispatchSink, plan: EventPlan, reported: set[int]) -> dict[int, float]:
         """An event first held: the energy the journal credits its intervals begun before this VEN started
@@ -1361,6 +1421,21 @@ def _note_taken(sink: DispatchSink, report: dict[str, Any], refused: str | None 
     if refused is not None:
         note["refused"] = refused
     sink.note(RecordKind.OPENADR3_REPORTED, note)
+
+
+def _held_notes(notes: Iterable[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """Event id -> (event, program) of the newest `OPENADR3_HELD` note of it (one not of that form skipped)."""
+    held: dict[str, tuple[Any, Any]] = {}
+    for note in notes:
+        try:
+            listed = json.loads(note["listed"])
+            event, program = listed["event"], listed["program"]
+        except (KeyError, TypeError, ValueError, RecursionError):
+            continue
+        if event_id_of(event) == note.get("event_id") != UNKNOWN_EVENT:
+            held.pop(event_id := event_id_of(event), None)  # the newest last
+            held[event_id] = (event, program)
+    return held
 
 
 def _unmetered_wh(tracked: _Tracked, window: IntervalWindow) -> float:

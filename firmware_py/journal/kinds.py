@@ -42,6 +42,7 @@ class RecordKind(StrEnum):
     SUNSPEC_WRITE_REFUSED = "SunSpecWriteRefused"  # the first DER server refusal of a client and cause
     SUNSPEC_REFUSALS = "SunSpecRefusals"  # how many more of them, once per interval
     OPENADR3_REPORTED = "OpenAdr3Reported"  # the VTN took (or refused for good) an energy report: event, intervals
+    OPENADR3_HELD = "OpenAdr3Held"  # an event the VEN took up, as the VTN listed it: reported after a restart
     LINK_LOST = "LinkLost"
     LINK_RECOVERED = "LinkRecovered"
     SAMPLE = "Sample"  # SoC, floor, setpoint and measured power now and then, for the history chart
