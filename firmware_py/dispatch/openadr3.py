@@ -1259,6 +1259,7 @@ class OpenAdr3Ven:
             return
         for event_id in [e for e in self._held_before if e in listed or e in self._events]:
             del self._held_before[event_id]  # the VTN has it: taken up again, or history, as any event listed
+            self._unlisted_before.pop(event_id, None)
         for event_id in list(self._held_before):
             if listing.pages > 1:
                 try:
@@ -1269,8 +1270,9 @@ class OpenAdr3Ven:
                     misses = self._unlisted_before[event_id] = self._unlisted_before.get(event_id, 0) + 1
                     if misses < UNLISTED_GONE:
                         continue
-                else:
-                    del self._held_before[event_id]  # a paging race: the next listings carry it
+                else:  # a paging race: the next listings carry it
+                    del self._held_before[event_id]
+                    self._unlisted_before.pop(event_id, None)
                     continue
             event, program = self._held_before.pop(event_id)
             self._unlisted_before.pop(event_id, None)
