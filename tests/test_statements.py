@@ -409,6 +409,43 @@ def test_a_period_still_to_come_is_refused_not_signed_as_empty(tmp_path, capsys)
                  "--out", str(tmp_path / "s.json")]) == 0
 
 
+def test_a_period_the_retention_policy_pruned_is_refused_and_its_old_statement_says_why_it_cannot_be_checked(
+        tmp_path, capsys):
+    """An October credited 3 USD; its segment pruned 500 days later, the October statement was made again,
+    signed and verified as "no dispatch events in this period", and the one made before failed verification
+    as if the journal had been edited."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import OwnerSettings
+    from firmware_py.journal.steps import START_KIND, start_payload
+
+    path, october = tmp_path / "journal.sqlite", datetime(2025, 10, 10, tzinfo=UTC).timestamp()
+    with Journal.open(path, wall_clock=lambda: october) as j:
+        j.append(START_KIND, 0.0, start_payload(Policy(), OwnerSettings(20, 0.0), 0.0), wall=october)
+        j.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000.0, 10.0, 3_610.0,
+                                       received_at=0.0), wall=october)
+        j.append_event(DispatchAnswer.accepted("peak", 0.0), wall=october)
+        j.append_event(EventEnergy(3_610.0, "peak", 3_000.0, 3_000.0, True, meter_total_wh=4_000.0),
+                       wall=october + 3_610.0)
+    config = program_config(tmp_path, path)
+    before = make(path, tmp_path / "before.json", "--month", "2025-10", config=config)
+    assert [e["id"] for e in before["events"]] == ["peak"]
+    later = october + 500 * 86_400.0
+    with Journal.open(path, wall_clock=lambda: later) as j:
+        j.rotate(later - october, [])
+        assert [p.name for p in j.prune(later - october, 400 * 86_400.0)] == ["journal.000001.sqlite"]
+    capsys.readouterr()
+    assert main(["statement", "--config", str(config), "--month", "2025-10"]) == 2
+    err = capsys.readouterr().err
+    assert "statement: the period begins 2025-10-01T00:00:00Z, before the oldest record the journal still holds " \
+           "(2027-02-22T00:00:00Z): the records before it were pruned by the journal's retention policy" in err, err
+    assert verify(tmp_path / "before.json", path) == 1
+    err = capsys.readouterr().err
+    assert "journal_seq 4: the last record the statement was made from was pruned by the journal's retention " \
+           "policy (the oldest held is record 5)" in err, err
+    assert "the journal was changed" not in err and "the statement says" not in err
+    assert verify(tmp_path / "before.json") == 0  # its signature still holds
+
+
 def test_a_date_written_any_iso_way_is_a_whole_day_included_as_to():
     whole = range_period("2025-01-01", "2025-01-31")
     assert whole.end == datetime(2025, 2, 1, tzinfo=UTC).timestamp()

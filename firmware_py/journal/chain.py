@@ -78,6 +78,11 @@ class Chain:
         return [a for a in files.archives(self.live) if a.number < number] + \
             [files.SegmentFile(number, self.live, live=True)]
 
+    def oldest_held(self) -> Record | None:
+        """The first record of the oldest segment still here (after any the retention policy pruned)."""
+        with Journal.open(self.segment_files()[0].path, readonly=True) as journal:
+            return next(journal.iter_records(), None)
+
     def iter_records(self, kinds: Collection[RecordKind | str] | None = None) -> Iterator[Record]:
         """Every record of every segment, oldest first, a page at a time."""
         for segment in self.segment_files():

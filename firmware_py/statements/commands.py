@@ -76,6 +76,8 @@ def make_statement(args: argparse.Namespace) -> int:
             print(f"  - {printable(problem)}", file=sys.stderr)
         return EXIT_FAILED
     selection = _selection(args, time.time())  # a bad option is bad input (exit 2), never a damaged journal
+    if verdict.pruned_through and selection.period is not None:
+        _refuse_pruned(chain, selection.period.start)
     key = evidence.load_or_create_key(evidence.key_path(journal))
     try:
         unsigned = statement_from_journal(chain, selection, basis, verdict.head_seq, verdict.head_hash)
@@ -117,6 +119,16 @@ def _selection(args: argparse.Namespace, now: float) -> Selection:
         raise InputError(f"statement: {printable(option)}: begins {iso(period.start)}, after now ({iso(int(now))}): "
                          "nothing has happened in it yet")
     return Selection(period=period)
+
+
+def _refuse_pruned(chain: Chain, start: float) -> None:
+    """A period reaching back before what the retention policy left: signed, its statement would say that
+    nothing (or less) happened, of records deleted as the policy meant them to be."""
+    oldest = chain.oldest_held()
+    if oldest is not None and start < oldest.wall:
+        raise InputError(f"statement: the period begins {iso(start)}, before the oldest record the journal still "
+                         f"holds ({iso(oldest.wall)}): the records before it were pruned by the journal's retention "
+                         "policy ([journal] retain_days), so a statement of it would leave out what they held")
 
 
 def _write(text: str, out: str | None) -> None:
@@ -268,6 +280,10 @@ def _journal_problems(journal: Path, statement: dict[str, Any]) -> list[str]:
     if not isinstance(seq, int) or seq > verdict.head_seq:
         return [*problems, f"journal_seq {seq!r}: the journal holds records up to {verdict.head_seq} only "
                            "(cut back, or another journal)"]
+    if verdict.pruned_through and (oldest := chain.oldest_held()) is not None and seq < oldest.seq:
+        return [*problems, f"journal_seq {seq}: the last record the statement was made from was pruned by the "
+                           f"journal's retention policy (the oldest held is record {oldest.seq}): its figures "
+                           "cannot be checked against this journal any more"]
     unsigned = {k: v for k, v in statement.items() if k not in ("signature", "public_key")}
     try:
         computed = recompute(chain, unsigned)
