@@ -159,6 +159,8 @@ def test_an_invalid_configuration_is_bad_input_and_still_reported(tmp_path: Path
     (["--can-seconds", "0"], "--can-seconds: expected above 0 and at most 120 s, got 0"),
     (["--discharge-w", "-500"], "--discharge-w: expected above 0 and at most 100000 W (default 500 W), got -500"),
     (["--discharge-w", "200000"], "--discharge-w: expected above 0 and at most 100000 W (default 500 W), got 200000"),
+    (["--discharge-w", "1"], "--discharge-w: expected at least 100 W (the core refuses a discharge it could serve "
+                             "only below that, and the test would blame the pack), got 1"),
     (["--can-seconds", "2"], "--can-seconds 2: too short to time the DBC's slowest message"),
     (["--report", "/no/such/folder/report.json"], "folder /no/such/folder does not exist"),
 ])

@@ -434,6 +434,17 @@ def test_a_gateway_that_never_got_ready_fails_the_test():
     assert check.outcome is Outcome.FAIL and "stale: bms" in check.detail
 
 
+@pytest.mark.parametrize("observation", [SignObservation(500.0, 10.0, interrupted=True),
+                                         SignObservation(500.0, 10.0, not_ready="starting", interrupted=True)],
+                         ids=["in the baseline", "while waiting to be ready"])
+def test_a_signal_before_the_test_discharge_is_asked_for_fails_it_as_interrupted_not_as_a_cause(observation):
+    """A Ctrl-C in the baseline still asked the core for the discharge (and passed it); one while the
+    gateway got ready was told as "the gateway never became ready", blaming the CAN and inverter checks."""
+    (check,) = judge_sign(observation)
+    assert (check.outcome, check.name) == (Outcome.FAIL, "interrupted")
+    assert "before the test discharge was asked for" in check.detail and check.advice == "run again"
+
+
 @pytest.mark.parametrize("changes", [{"stopped": False, "stop_detail": "WSet = 0 not confirmed: timeout"},
                                      {"after_w": 480.0}, {"after_w": None}])
 def test_an_end_not_confirmed_at_0_w_fails(changes):

@@ -39,6 +39,7 @@ from firmware_py.commissioning.report import (
     verdict_line,
 )
 from firmware_py.config import Config
+from firmware_py.core.answers import MIN_USEFUL_W
 from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, write_atomically
 from firmware_py.journal.lock import JournalLock, holder_named
@@ -174,6 +175,9 @@ def _check_options(args: argparse.Namespace) -> None:
               ("--can-seconds", args.can_seconds, MAX_CAN_S, "s", ""))
     problems = [f"{option}: expected above 0 and at most {most:g} {unit}{default}, got {value:g}"
                 for option, value, most, unit, default in ranges if not 0 < value <= most]
+    if 0 < args.discharge_w < MIN_USEFUL_W:
+        problems.append(f"--discharge-w: expected at least {MIN_USEFUL_W:g} W (the core refuses a discharge it "
+                        f"could serve only below that, and the test would blame the pack), got {args.discharge_w:g}")
     if problems:
         raise InputError(problems)
 

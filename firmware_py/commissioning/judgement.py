@@ -599,6 +599,9 @@ REFUSAL_ADVICE = {
 def judge_sign(obs: SignObservation) -> list[Check]:
     """The inverter's measured W positive and the BMS current showing a discharge, then 0 W again."""
     step = Step.SIGN
+    if obs.interrupted and (obs.not_ready or not obs.answer):
+        return [failed(step, "interrupted", "stopped by a signal before the test discharge was asked for",
+                       "run again")]
     if obs.not_ready:
         return [failed(step, "test discharge", f"the gateway never became ready: {obs.not_ready}",
                        "the CAN and inverter checks above: the gateway holds 0 W until both are fresh")]

@@ -293,8 +293,10 @@ async def sign_test(service: Service, target_w: float, seconds: float, stop: asy
     gateway = service.gateway
     base = dict(target_w=target_w, seconds=seconds)
     if not await service.ready(stop):
-        return SignObservation(**base, not_ready=gateway.controller.reason)
+        return SignObservation(**base, not_ready=gateway.controller.reason, interrupted=stop.is_set())
     before = await _samples(service, BASELINE_S, stop)
+    if stop.is_set():  # stopped during the baseline: nothing is asked of the core after a stop
+        return SignObservation(**base, before=tuple(before), interrupted=True)
     now = gateway.now()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     request = DispatchRequest(id=f"commission-{stamp}", source=SOURCE, kind=DispatchKind.DISCHARGE,
