@@ -34,6 +34,7 @@ from firmware_py.commissioning.report import (
     Report,
     Step,
     failed,
+    interrupted,
     skipped,
     step_lines,
     verdict_line,
@@ -382,7 +383,7 @@ def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
     (the caller's clean-up still takes the inverter to 0 W)."""
     if not stop.is_set():
         return False
-    console.step(step, [failed(step, "interrupted", "stopped by a signal before this step was done", "run again")])
+    console.step(step, [interrupted(step)])
     return True
 
 

@@ -19,7 +19,7 @@ from enum import StrEnum
 from statistics import fmean
 from typing import Any
 
-from firmware_py.commissioning.report import Check, Step, failed, passed, skipped
+from firmware_py.commissioning.report import Check, Step, failed, interrupted, passed, skipped
 from firmware_py.core.types import (
     CLOSED_PACK_CONTACTORS,
     ENERGY_BMS_STATES,
@@ -600,8 +600,7 @@ def judge_sign(obs: SignObservation) -> list[Check]:
     """The inverter's measured W positive and the BMS current showing a discharge, then 0 W again."""
     step = Step.SIGN
     if obs.interrupted and (obs.not_ready or not obs.answer):
-        return [failed(step, "interrupted", "stopped by a signal before the test discharge was asked for",
-                       "run again")]
+        return [interrupted(step, "the test discharge was asked for")]
     if obs.not_ready:
         return [failed(step, "test discharge", f"the gateway never became ready: {obs.not_ready}",
                        "the CAN and inverter checks above: the gateway holds 0 W until both are fresh")]

@@ -70,6 +70,11 @@ def skipped(step: Step, name: str, detail: str) -> Check:
     return Check(step, name, Outcome.SKIPPED, detail)
 
 
+def interrupted(step: Step, before: str = "this step was done") -> Check:
+    """A stop signal fails the step under way: never a pass, and never blamed on the hardware."""
+    return failed(step, "interrupted", f"stopped by a signal before {before}", "run again")
+
+
 @dataclass
 class Report:
     """What a commissioning found; `checks` in the order they were made."""
