@@ -492,7 +492,7 @@ class Gateway:
             return
         try:
             if self.journal.size_bytes() >= settings.segment_mb * 1e6:
-                archive = self.journal.rotate(now, self._carry())
+                archive = self.journal.rotate(now, self._carry(), self._run_in_progress(now))
                 log.info("journal rotated: %s archived, %s continues the chain", archive.name, self.journal.path.name)
                 self._prune_after = now
             if now >= self._prune_after:
@@ -513,6 +513,13 @@ class Gateway:
                 if item is not None:
                     carry.append((str(RecordKind.of(item)), codec.jsonable(item)))
         return carry
+
+    def _run_in_progress(self, now: float) -> dict[str, Any]:
+        """This run as it stands, for the next segment's start: a gateway that runs for longer than
+        `retain_days` outlives its `CoreStart`, and a statement of a month after the pruning would read
+        its steps with no policy or owner settings (no floor) and with no request served until the next change."""
+        c = self.controller  # one value: this runs in the journal's worker thread while the loop steps
+        return {"start": start_payload(self.policy, c.owner, now), "serving": c.serving_id}
 
     def _settle(self, pending: list[Any], done: int, failure: JournalWriteError | None) -> int:
         """After a write of `pending` of which the first `done` were written: those count as written, the

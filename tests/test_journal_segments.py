@@ -33,6 +33,7 @@ from firmware_py.journal import (
     store,
 )
 from firmware_py.journal.codec import jsonable
+from firmware_py.journal.steps import decode_start
 
 DAY_S = 86_400.0
 
@@ -126,6 +127,11 @@ def test_the_gateway_rotates_past_segment_mb_and_its_report_spans_the_segments(p
     archives = files.archives(path)
     assert [a.number for a in archives] == [1, 2]
     assert all(a.path.stat().st_size < 2e6 for a in archives)
+    with Journal.open(path, readonly=True) as live:  # the run as it stands, for when its CoreStart is pruned
+        (start,) = live.records(RecordKind.SEGMENT_START)
+    policy, owner, at = decode_start(start.payload["run"]["start"])
+    assert (policy, owner.reserve_pct, at) == (gateway.policy, 40, start.at)
+    assert start.payload["run"]["serving"] == gateway.controller.serving_id
     verdict = Chain(path).check()
     assert verdict.problems == [] and len(verdict.segments) == 3
     code, out = report(path, capsys, "--format", "json")

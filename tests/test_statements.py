@@ -14,6 +14,7 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from firmware_py.sim import scenario
@@ -707,11 +708,13 @@ def test_a_second_accounts_restart_gap_is_measured_within_that_account_not_again
     assert not any("meter gap of" in note for note in event["notes"]), event["notes"]
 
 
-def pruned_while_open(path: Path, *, also_open: bool = False) -> None:
+def pruned_while_open(path: Path, *, also_open: bool = False, policy: Any = None, noted: bool = False) -> None:
     """A journal rotated while "peak" (and, `also_open`, an "early" event reported before it) ran, its archive
     pruned: only the new segment's start holds the events' requests, answers and last reports (the carry).
     The grid then fails after peak's last report (40 Wh flows in BACKUP), the run dies, and the next start
-    closes the open events with the meter 60 Wh on from peak's last report: a gap that holds the outage."""
+    closes the open events with the meter 60 Wh on from peak's last report: a gap that holds the outage.
+    `noted`: the rotation notes the run in progress (its policy, owner settings and the request served),
+    as the gateway's does; `policy`: the run's (default: Policy())."""
     from firmware_py.core.policy import Policy
     from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings, Transition
     from firmware_py.journal import codec
@@ -728,12 +731,14 @@ def pruned_while_open(path: Path, *, also_open: bool = False) -> None:
                        DispatchAnswer.accepted("early", 3.0), EventEnergy(40.0, "early", 20.0, 20.0, False,
                                                                           meter_total_wh=1_100.0)))
     with Journal.open(path, wall_clock=lambda: wall[0]) as j:
-        j.append(START_KIND, 0.0, start_payload(Policy(), OwnerSettings(40, 0.0), 0.0), wall=0.0)
+        policy, owner = policy or Policy(), OwnerSettings(40, 0.0)
+        j.append(START_KIND, 0.0, start_payload(policy, owner, 0.0), wall=0.0)
         for records in events:
             for record in records:
                 j.append_event(record, wall=getattr(record, "at", getattr(record, "received_at", 0.0)))
         wall[0] = 1_000.0
-        j.rotate(1_000.0, [(str(RecordKind.of(r)), codec.jsonable(r)) for records in events for r in records])
+        run = {"start": start_payload(policy, owner, 1_000.0), "serving": "peak"} if noted else None
+        j.rotate(1_000.0, [(str(RecordKind.of(r)), codec.jsonable(r)) for records in events for r in records], run)
         j.append_event(Transition(1_020.0, Mode.DISCHARGE, Mode.BACKUP, "grid outage"), wall=1_020.0)
         steps = [(1_000.0 + i * 10, (BmsSnapshot(1_000.0 + i * 10, soc_min_pct=70.0),
                                      InverterStatus(1_000.0 + i * 10, measured_w=2_000.0, grid_outage=i >= 2,
@@ -761,6 +766,25 @@ def test_a_restart_gap_after_a_pruned_rotation_is_measured_from_the_carried_last
     assert (event["status"], event["delivered_wh"]) == ("closed_after_restart", 210.0)
     assert any("meter gap of 60.0 Wh" in note for note in event["notes"]), event["notes"]
     assert event["credited_wh"] == 160.0  # the gap's 40 Wh outage (and 10 Wh reported in it) never credited
+    assert verify(tmp_path / "s.json", path) == 0
+
+
+def test_a_run_that_outlived_its_pruned_start_keeps_its_floor_and_the_request_it_served(tmp_path):
+    """A gateway that runs for longer than `retain_days` outlives its `CoreStart`: the statement of a month after
+    the pruning read the run's steps with no policy and no owner settings, so every event showed no floor ("—"),
+    and with no `ServingChanged` left, nothing served until the next change. The rotation notes the run as it
+    stands (its policy, owner settings and the request served) in the next segment's start."""
+    from firmware_py.core.policy import Policy
+    from firmware_py.journal.chain import Chain
+    from firmware_py.statements.reading import HeadBound, ServedRequests
+
+    path = tmp_path / "journal.sqlite"
+    pruned_while_open(path, policy=Policy(usable_capacity_wh=60_000.0, soc_margin_pct=3.0), noted=True)
+    (event,) = make(path, tmp_path / "s.json", "--event", "peak", config=program_config(tmp_path, path))["events"]
+    assert event["floor_pct"] == 43.0  # the owner's 40 % reserve and the run's own 3 % margin
+    chain = Chain(path)
+    served = ServedRequests(HeadBound(chain, chain.check().head_seq))
+    assert served.at(1_050.0) == "peak" and served.journaled
     assert verify(tmp_path / "s.json", path) == 0
 
 

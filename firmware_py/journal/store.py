@@ -789,11 +789,13 @@ class Journal:
 
     # -- segments ----------------------------------------------------------------------------
 
-    def rotate(self, at: float, carry: list[tuple[str, dict[str, Any]]]) -> Path:
+    def rotate(self, at: float, carry: list[tuple[str, dict[str, Any]]], run: dict[str, Any] | None = None) -> Path:
         """Archive this segment and continue the chain in a new live file; returns the archive's path.
 
         `carry` is what the next segment must hold for the events still open (the
-        runtime asks the core which those are). Crash-safe in every step: the new
+        runtime asks the core which those are); `run`, the run in progress as it stands now (its
+        policy, owner settings and the request served), for a reader whose run began in a segment
+        the retention policy pruned. Crash-safe in every step: the new
         segment is complete under a temporary name before the old one moves, and
         `open` finishes a rotation that a crash interrupted. JournalWriteError when
         it cannot be done now (the old segment then stays live and nothing is lost).
@@ -809,7 +811,7 @@ class Journal:
                 raise JournalWriteError(f"{self.path}: cannot rotate: {archive.name} already exists")
             for leftover in (temp, files.anchors_path(temp), *files.sqlite_side_files(temp)):
                 leftover.unlink(missing_ok=True)
-            start = self._next_start(archive, carry)
+            start = self._next_start(archive, carry, run)
             try:
                 first = _write_segment(temp, at, float(self._wall_clock()), start, self._seq, self._hash)
                 AnchorLog(files.anchors_path(temp), self._key, self.segment + 1).append(
@@ -835,12 +837,14 @@ class Journal:
                                         f"{failure}") from failure
             return archive
 
-    def _next_start(self, archive: Path, carry: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    def _next_start(self, archive: Path, carry: list[tuple[str, dict[str, Any]]],
+                    run: dict[str, Any] | None) -> dict[str, Any]:
         first = self._read("SELECT seq FROM records ORDER BY seq LIMIT 1")
         previous = {"segment": self.segment, "file": archive.name, "first_seq": first[0][0] if first else None,
                     "last_seq": self._seq, "last_hash": self._hash}
-        return {"segment": self.segment + 1, "previous": previous, "pruned_through": self.pruned_through(),
-                "carry": [{"kind": kind, "payload": payload} for kind, payload in carry]}
+        start = {"segment": self.segment + 1, "previous": previous, "pruned_through": self.pruned_through(),
+                 "carry": [{"kind": kind, "payload": payload} for kind, payload in carry]}
+        return start if run is None else {**start, "run": run}
 
     def _reopen(self, why: AnchorWhy = AnchorWhy.SEGMENT, after: str = "rotating") -> None:
         """After a rotation (or one that failed half-way): finish it and open whatever is live now

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from firmware_py.core import types as core
 from firmware_py.core.floor import floor_pct
@@ -153,9 +154,14 @@ class ServedRequests:
 
     def __init__(self, source: HeadBound):
         self._runs: list[list[tuple[float, str | None]]] = [[]]
-        for record in source.iter_records({RecordKind.CORE_START, RecordKind.SERVING_CHANGED}):
+        for record in source.iter_records({RecordKind.CORE_START, RecordKind.SERVING_CHANGED,
+                                           RecordKind.SEGMENT_START}):
             if record.kind == RecordKind.CORE_START:
                 self._runs.append([])
+            elif record.kind == RecordKind.SEGMENT_START:
+                if len(self._runs) == 1 and isinstance(run := record.payload.get("run"), dict) and "serving" in run:
+                    # the run's start and its changes so far were pruned: served then, as the rotation said
+                    self._runs[0].append((record.at, None if run["serving"] is None else str(run["serving"])))
             else:
                 served = record.payload.get("request_id")
                 self._runs[-1].append((record.at, None if served is None else str(served)))
@@ -184,15 +190,19 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
     bms: core.BmsSnapshot | None = None
     inverter: core.InverterStatus | None = None
     served, run = ServedRequests(source), 0
-    for record in source.iter_records({RecordKind.CORE_START, RecordKind.CORE_STEPS, RecordKind.JOURNAL_GAP}):
+    kinds = {RecordKind.CORE_START, RecordKind.CORE_STEPS, RecordKind.JOURNAL_GAP, RecordKind.SEGMENT_START}
+    for record in source.iter_records(kinds):
         if record.kind == RecordKind.JOURNAL_GAP:
             _gap(record, ledger, run)
             continue
+        if record.kind == RecordKind.SEGMENT_START:
+            run_state = record.payload.get("run")
+            if policy is None and isinstance(run_state, dict) and "start" in run_state:
+                # the run's `CoreStart` was pruned: its policy and owner settings as the rotation noted them
+                policy, owner, _ = _start(record, run_state["start"])
+            continue
         if record.kind == RecordKind.CORE_START:
-            try:
-                policy, owner, _ = decode_start(record.payload)
-            except (KeyError, TypeError, ValueError) as err:
-                raise InputError(f"record {record.seq}: a core start that cannot be read: {err}") from None
+            policy, owner, _ = _start(record, record.payload)
             run += 1
             served.start_run(run)
             continue
@@ -214,6 +224,13 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
                 ledger.feed(_sample((run, now), offset, bms, inverter, policy, owner, backup, measured,
                                     served.at(now), served.journaled))
     return None if policy is None else policy.usable_capacity_wh
+
+
+def _start(record: Record, payload: Any) -> tuple[Policy, core.OwnerSettings, float]:
+    try:
+        return decode_start(payload)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"record {record.seq}: a core start that cannot be read: {err}") from None
 
 
 def _gap(record: Record, ledger: Ledger, run: int) -> None:
