@@ -269,5 +269,17 @@ def lines_written_aside(verbose: bool = False, stream: TextIO | None = None) -> 
 
 def _quiet(record: logging.LogRecord) -> bool:
     """Below its `QUIETED` level, a chatty library's record does not reach the log."""
+    return record.levelno >= QUIETED.get(_speaker(record), logging.NOTSET)
+
+
+def _speaker(record: logging.LogRecord) -> str:
+    """The library a record speaks for: its logger's, except asyncio's report of an exception raised in a
+    library's own protocol callback, which is that library's. A peer that sends bytes pymodbus cannot decode
+    (a device that is not Modbus, an echo service) had asyncio print pymodbus's traceback on every connection;
+    the link's own outage line (`links.py`) says what failed, once."""
     top = record.name.partition(".")[0]
-    return record.levelno >= QUIETED.get(top, logging.NOTSET)
+    if top != "asyncio" or not record.exc_info or (tb := record.exc_info[2]) is None:
+        return top
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0] or top

@@ -8,6 +8,7 @@ import pytest
 from firmware_py.sim.inverter import SCALE, InverterModel, SimInverterServer
 from firmware_py.sim.ports import free_port
 
+from firmware_py import narration
 from firmware_py.config import InverterConfig
 from firmware_py.errors import InputError
 from firmware_py.inverter.commands import _probe
@@ -57,6 +58,10 @@ def _peer(behaviour: str):
             elif behaviour == "http_at_eof":  # a line-based server: answers when the request's stream ends
                 await reader.read()
                 writer.write(b"HTTP/1.0 400 Bad request\r\n\r\n")
+            elif behaviour == "echo":  # an echo service: every request comes back as it was sent
+                while data := await reader.read(256):
+                    writer.write(data)
+                    await writer.drain()
             elif behaviour == "silent":  # a Modbus device that ignores another unit id's requests
                 await reader.read()
                 return
@@ -70,8 +75,9 @@ def _peer(behaviour: str):
     ("close", "(it closed the connection)"),
     ("http", "(it answered `HTTP/1.0 400 Bad request\\r\\nConten...`)"),
     ("http_at_eof", "(it answered `HTTP/1.0 400 Bad request\\r\\n\\r\\n`)"),
+    ("echo", "(it sent back the request it was sent, as an echo or loopback service does)"),
 ])
-def test_probe_tells_a_peer_that_is_not_modbus_from_a_wrong_unit_id(behaviour, said):
+def test_probe_tells_a_peer_that_is_not_modbus_from_a_wrong_unit_id(behaviour, said, caplog):
     """An HTTP server (the inverter's web port) or a listener that closes at once: the probe said 'nothing
     answered for unit id 1' or 'a Modbus device answers there, but not for unit id 1' and sent the installer
     to [inverter] unit_id. It now says something listens there that is not Modbus TCP, and to check the host
@@ -88,6 +94,11 @@ def test_probe_tells_a_peer_that_is_not_modbus_from_a_wrong_unit_id(behaviour, s
     assert "but it is not Modbus TCP " + said in message, message
     assert "check [inverter] host and port" in message and "unit_id" not in message, message
     assert "\x1b" not in message
+    # An echo's reply is a frame pymodbus cannot decode: asyncio reports the exception raised in pymodbus's
+    # callback, traceback and all, on every connection. It is pymodbus's, quieted as pymodbus is.
+    reported = [r for r in caplog.records if r.name == "asyncio" and r.exc_info]
+    assert (behaviour == "echo") <= bool(reported)
+    assert not any(narration._quiet(r) for r in reported), [r.getMessage() for r in reported]
 
 
 def test_probe_keeps_the_unit_id_hint_for_true_silence():

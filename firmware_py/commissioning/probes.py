@@ -208,6 +208,9 @@ NOT_MODBUS_KINDS = frozenset({ModbusErrorCause.TIMEOUT, ModbusErrorCause.DISCONN
 """The failures pymodbus gives alike for a silent Modbus device and a peer that is not Modbus at all."""
 QUOTED_BYTES = 32
 """How much of a non-Modbus answer the diagnosis quotes."""
+ECHO_BYTES = 6
+"""A reply this long that repeats the request is an echo: the request's length field (6) stands where a read's
+reply has 7 (a byte count and the registers follow the function code), so no Modbus device answers that."""
 
 
 async def diagnose_link_failure(settings: InverterConfig, err: LinkError, marker_at: int | None) -> InverterObservation:
@@ -252,6 +255,8 @@ async def not_modbus_tcp(host: str, port: int, unit_id: int, timeout_s: float) -
                 return "" if half_closed else "it closed the connection"
             if not data:
                 return "" if half_closed else "it closed the connection"
+            if len(data) >= ECHO_BYTES and request.startswith(data):
+                return "it sent back the request it was sent, as an echo or loopback service does"
             if _modbus_tcp_frame(data, tid):
                 return ""
             return f"it answered `{_quoted(data)}`"
