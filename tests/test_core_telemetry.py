@@ -46,6 +46,19 @@ def test_serving_an_event():
     assert t.ratings == DerRatings.of(POLICY, c.inverter)
 
 
+def test_the_ders_ratings_are_the_newest_good_readings_and_a_failed_poll_changes_none():
+    """A 7.6 kW inverter that cannot charge: one failed poll had the DER advertise the gateway's own 11.5 kW both
+    ways (model 702), take a charge setpoint it refuses while the link is up, and move the site limit a
+    `WMaxLimPct` is in watts, until the next good poll."""
+    c = ready(0.0)
+    c = step(c, [bms(1.0), inverter(1.0, w_max_rtg=7_600.0, w_cha_max_rtg=0.0, w_discha_max_rtg=7_600.0)],
+             1.0).controller
+    reported = telemetry(c, 1.0).ratings
+    assert (reported.w_max, reported.w_cha_max, reported.w_discha_max) == (7_600.0, 0.0, 7_600.0)
+    c = step(c, [bms(2.0), inverter(2.0, comms_ok=False, error="timeout")], 2.0).controller
+    assert not c.inverter.comms_ok and telemetry(c, 2.0).ratings == reported
+
+
 def test_a_capped_event_shows_its_cap():
     c = ready(0.0, soc=45.0)
     c = step(c, [discharge("big", 0.0, 0, 4 * 3600)], 0.0).controller

@@ -133,7 +133,9 @@ def telemetry(c: Controller, now: float) -> Telemetry:
         inverter_age_s=now - c.inverter.received_at if c.inverter is not None else None,
         bms_fresh=bms_usable(c.bms, now, c.policy), inverter_fresh=inverter_usable(c.inverter, now, c.policy),
         journal_ok=not c.journal_failing(),
-        ratings=DerRatings.of(c.policy, c.inverter),
+        # The newest good reading's too: a failed poll reports no ratings, and the policy's own limits in their
+        # place made the DER advertise (and take writes for) power the inverter lacks at every link blip.
+        ratings=DerRatings.of(c.policy, c.metered),
         # The newest good reading's: a failed read carries no counters, and 0 would read as a meter reset.
         inverter_meters_wh=(c.metered.tot_wh_inj, c.metered.tot_wh_abs) if c.metered is not None else None,
         resyncing=c.resyncing,
