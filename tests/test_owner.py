@@ -136,6 +136,13 @@ def owner_cli(capsys):
 def request(api: OwnerApi, method: str, path: str, body: bytes | None = None,
             token: str | None = "from-file") -> tuple[int, dict]:
     """One raw HTTP request to the API, as any client would send it."""
+    status, _, answer = exchange(api, method, path, body, token)
+    return status, answer
+
+
+def exchange(api: OwnerApi, method: str, path: str, body: bytes | None = None,
+             token: str | None = "from-file") -> tuple[int, dict[str, str], dict]:
+    """`request`, with the response's headers."""
     if token == "from-file":
         token = Path(api.config.token_file).read_text().strip()
     conn = commands._connection(parse_listen(api.address))
@@ -143,7 +150,7 @@ def request(api: OwnerApi, method: str, path: str, body: bytes | None = None,
     try:
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        return response.status, json.loads(response.read())
+        return response.status, dict(response.getheaders()), json.loads(response.read())
     finally:
         conn.close()
 
@@ -397,7 +404,9 @@ def test_unknown_path_and_method_answer_json_after_auth(tmp_path):
     with Serving(OwnerApi(cfg, start_port(cfg))) as api:
         assert request(api, "GET", "/secrets", token=None)[0] == 401
         assert request(api, "GET", "/secrets")[0] == 404
-        assert request(api, "DELETE", "/reserve")[0] == 405
+        status, headers, answer = exchange(api, "DELETE", "/reserve")
+        assert (status, answer["error"]) == (405, "Method Not Allowed")
+        assert set(headers["Allow"].split(",")) == {"PUT", "POST"}, headers  # which it takes (RFC 9110)
 
 
 def test_api_accepts_epoch_until_and_post(tmp_path):
