@@ -221,3 +221,74 @@ class Watcher:
 
     def on(self, topic: str) -> list[Seen]:
         return [m for m in self.seen if m.topic == topic]
+
+
+PUBACK = 4
+"""The MQTT control packet type of a QoS 1 acknowledgement (the high nibble of its first byte)."""
+
+
+class AcksHeldProxy:
+    """A relay on 127.0.0.1 between a client and the broker that, once `holding`, keeps the broker's PUBACKs from
+    the client: a broker far away or slow to acknowledge, whose acknowledgements come after the client gave up
+    waiting. Everything else passes at once, whole packets at a time."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.holding = False
+        self.held: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._relays: list[asyncio.Task] = []
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> AcksHeldProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await cancel_all(self._relays)
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self._relays.append(asyncio.current_task())
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.broker.port)
+        try:
+            await asyncio.gather(self._up(client_reader, broker_writer), self._down(broker_reader, client_writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for writer in (client_writer, broker_writer):
+                writer.close()
+
+    @staticmethod
+    async def _up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65_536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            packet = await _mqtt_packet(reader)
+            if self.holding and packet[0] >> 4 == PUBACK:
+                self.held.append(packet)
+                continue
+            writer.write(packet)
+            await writer.drain()
+
+
+async def _mqtt_packet(reader: asyncio.StreamReader) -> bytes:
+    """One whole MQTT control packet: its fixed header (type, then the remaining length, 7 bits a byte) and body."""
+    header = await reader.readexactly(1)
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        header += bytes([byte])
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return header + await reader.readexactly(length)

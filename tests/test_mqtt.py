@@ -34,7 +34,7 @@ from typing import Any
 import aiomqtt
 import jinja2
 import pytest
-from broker import Mosquitto, Seen, Tls, Watcher, bounded, running_broker
+from broker import AcksHeldProxy, Mosquitto, Seen, Tls, Watcher, bounded, running_broker
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from lockstep import Rig
@@ -740,6 +740,48 @@ def test_a_command_in_flight_when_the_gateway_stops_is_answered_before_offline(t
     bounded(main())
 
 
+def test_a_clean_stop_says_offline_though_the_broker_acknowledges_nothing_in_time(tmp_path):
+    """A broker some 300 ms away (or slow to acknowledge), two results owed at a stop: the stop published each and
+    waited for its PUBACK before handing over `offline`, `STOP_S` ran out first, and the clean DISCONNECT that
+    followed dropped the will: P/availability stayed retained `online` while the gateway was stopped."""
+    async def main() -> None:
+        with running_broker(tmp_path) as broker:
+            async with AcksHeldProxy(broker) as proxy, Watcher(broker) as watcher:
+                def via_proxy(config: Config) -> Config:
+                    return replace(config, mqtt=replace(config.mqtt, enabled=True, broker=proxy.address))
+
+                async with Rig(tmp_path, configure=via_proxy) as rig:
+                    bridge = rig.assembly.integrations["mqtt"]
+                    await rig.run(2.0)
+                    task = asyncio.create_task(bridge.run())
+                    try:
+                        await watcher.wait_for("the state", is_state)
+                        for _ in range(500):  # the announcement acknowledged whole: held, it would end the session
+                            if bridge.published[Kind.STATE]:
+                                break
+                            await asyncio.sleep(0.01)
+                        index, proxy.holding = len(watcher.seen), True
+                        for pct in ("50", "55"):
+                            await watcher.publish(TOPICS.command(Command.RESERVE), pct)
+                        # the first result on the broker, its PUBACK held; the second owed behind it
+                        await watcher.wait_for("the first result", lambda m: m.topic == TOPICS.result, after=index)
+                        for _ in range(500):
+                            if rig.gateway.owner_settings().reserve_pct == 55 and len(bridge.outbox):
+                                break
+                            await asyncio.sleep(0.01)
+                        assert rig.gateway.owner_settings().reserve_pct == 55 and len(bridge.outbox)
+                        rig.gateway.begin_stop()
+                        await asyncio.wait_for(cancel_all([task]), 10)
+                    finally:
+                        await cancel_all([task])
+                assert await results_until_offline(watcher, index) == ["reserve 50 %", "reserve 55 %"]
+            async with Watcher(broker, topics=(TOPICS.availability,)) as later:  # Home Assistant subscribing now
+                retained = await later.wait_for("retained availability", lambda m: m.retain)
+            assert retained.payload == b"offline"
+
+    bounded(main())
+
+
 def test_at_a_stop_a_result_already_sent_is_not_sent_again_and_commands_not_yet_read_are_refused(tmp_path):
     """A clean stop: the result whose PUBACK the stop cut short was put back and published again (twice on
     P/result), and commands already taken from the broker but not yet read were never answered at all."""
@@ -1341,6 +1383,9 @@ def test_a_client_certificate_out_of_date_or_a_key_others_may_read_is_noted_at_t
 
 @pytest.mark.parametrize("mqtt, message", [
     ('broker = "broker.local"', "mqtt.broker: expected HOST:PORT"),
+    # IDNA refuses the name: the lookup raised UnicodeError at every reconnect, a traceback every 5 s, no cause
+    ('broker = "mqtt..lan:1883"', "mqtt.broker: 'mqtt..lan' is neither an IP address nor a host name"),
+    ('broker = "300.1.1.1:1883"', "mqtt.broker: '300.1.1.1' is not an IP address"),
     ('topic_prefix = "home/+/truck"', "mqtt.topic_prefix: 'home/+/truck' holds an MQTT wildcard"),
     ('topic_prefix = "truck/"', "mqtt.topic_prefix: 'truck/' has an empty level"),
     ('discovery_prefix = "$SYS"', "mqtt.discovery_prefix: '$SYS' starts with $"),

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
-from firmware_py.addresses import parse_host_port
+from firmware_py.addresses import host_problem, parse_host_port
 from firmware_py.certificates import check_ca_bundle, load_chain, validity_problem
 from firmware_py.config import Config, MqttConfig
 from firmware_py.core.tally import Tally, tallied
@@ -68,7 +68,7 @@ from firmware_py.owner.access import read_secret
 from firmware_py.owner.changes import BadRequest
 from firmware_py.owner.desk import NotApplied, OwnerDesk
 from firmware_py.owner.store import OwnerStore
-from firmware_py.quoting import printable
+from firmware_py.quoting import printable, shown
 from firmware_py.tasks import cancel_all, seen_through
 from firmware_py.version import software_version
 
@@ -113,8 +113,11 @@ def check(config: Config, owner_uid: int | None = None) -> list[str]:
     file (a usable PEM bundle)."""
     mqtt, problems = config.mqtt, []
     try:
-        if parse_host_port(mqtt.broker, "mqtt.broker")[1] == 0:
+        host, port = parse_host_port(mqtt.broker, "mqtt.broker")
+        if port == 0:
             problems.append(f"mqtt.broker: {mqtt.broker!r}: port 0 is no broker's port (1 to 65535; 1883 is MQTT's)")
+        if why := host_problem(host):
+            problems.append(f"mqtt.broker: {shown(host)} is {why}")
     except InputError as err:
         problems += err.problems
     for key, prefix in (("mqtt.topic_prefix", mqtt.topic_prefix), ("mqtt.discovery_prefix", mqtt.discovery_prefix)):
@@ -399,7 +402,7 @@ class MqttBridge:
             self._began, self.socket_failures.last, self._handed = None, None, None
             try:
                 await self._session()
-            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError, UnicodeError) as err:  # a name IDNA refuses
                 self.connected.clear()
                 self.unreachable.set()
                 self.link.lost(connect_failure(err, self.socket_failures.last, self.settings)
@@ -531,14 +534,20 @@ class MqttBridge:
         a change saved and made was never answered. A result whose publication the stop cut short is already
         with the client, on this connection, and is not sent twice. A command still in the client's queue was
         taken from the broker (acknowledged) and would never be answered: it is refused, not applied, as the
-        gateway is going."""
+        gateway is going.
+
+        All of them are handed to the client at once, in order, and only then awaited: one at a time, each
+        waited for its PUBACK, and a broker some 300 ms away used up `STOP_S` before `offline` was handed over;
+        the clean DISCONNECT that followed dropped the will, and `online` stayed retained."""
+        owed = []
         while (item := self.outbox.take_result()) is not None:
             if item is not self._handed:
-                await self._send_one(client, item)
+                owed.append(item)
         while len(client.messages):
             if (refusal := self._unread(await anext(client.messages))) is not None:
-                await self._send_one(client, refusal)
-        await client.publish(self.topics.availability, b"offline", qos=QOS, retain=True)
+                owed.append(refusal)
+        await asyncio.gather(*(self._send_one(client, item) for item in owed),
+                             client.publish(self.topics.availability, b"offline", qos=QOS, retain=True))
 
     def _unread(self, message: aiomqtt.Message) -> Outgoing | None:
         """The refusal of a command a stop leaves unread; None for what asks nothing (see `_receive`)."""
