@@ -9,6 +9,7 @@ persisted, and what the owner was told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.server
 import json
@@ -478,6 +479,75 @@ def test_another_service_on_the_api_address_is_no_gateway_exit_2_never_a_made_up
             assert "not a powershare-gw owner API" in printed.err and printed.out == ""
         finally:
             server.shutdown()
+
+
+def impostor(uid: int) -> tuple[int, int, int]:
+    """A listener on 127.0.0.1 run by `uid` (a fork of this process that gave up root): (its pid, its port, a pipe
+    that gives every byte it received once it has read a request, answered 404 and ended)."""
+    ports, received = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no imports, no threads, it leaves by os._exit whatever happens
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.create_server(("127.0.0.1", 0)) as server:
+                os.write(ports[1], str(server.getsockname()[1]).encode() + b"\n")
+                server.settimeout(30)
+                conn, _ = server.accept()
+                conn.settimeout(5)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data and (chunk := conn.recv(4096)):
+                        data += chunk
+                    conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                os.write(received[1], data)
+        finally:
+            os._exit(0)
+    os.close(ports[1])
+    os.close(received[1])
+    with os.fdopen(ports[0]) as reader:
+        port = int(reader.readline())
+    return pid, port, received[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a listener as another user (CI runs as root)")
+def test_the_token_is_never_sent_to_a_listener_another_user_runs(tmp_path, owner_cli):
+    """While the gateway is stopped, another local user listens on its address: `owner status` sent the owner
+    token (which also logs into the web app) and only then found no owner API there. It now asks the kernel
+    whose the listening end is, and sends nothing to a user other than the token file's owner."""
+    pid, port, received = impostor(65534)
+    try:
+        gateway = write_gateway_config(tmp_path, f"127.0.0.1:{port}")
+        token = "ab" * 32
+        (tmp_path / "owner.token").write_text(token)
+        code, out, err = owner_cli(gateway, "status")
+        assert code == 2 and out == "", (out, err)
+        assert f"what listens on 127.0.0.1:{port} runs as user nobody (uid 65534), not as the gateway's user root " \
+               f"(uid 0) (who owns {tmp_path / 'owner.token'}): the token is not sent to it" in err, err
+        with os.fdopen(received, "rb") as reader:
+            sent = reader.read()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert token.encode() not in sent and b"Authorization" not in sent, sent
+
+
+def test_the_listener_of_a_connection_is_told_by_its_user(tmp_path):
+    """The kernel's word on who listens: this process's own TCP (both families) and Unix listeners are ours."""
+    from firmware_py.owner.peer import peer_uid
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.create_server((host, 0), family=family) as server, \
+                socket.create_connection(server.getsockname()[:2], timeout=5) as client:
+            assert peer_uid(client) == os.geteuid()
+            assert peer_uid(client, proc_net=tmp_path) is None  # no socket table to ask: not known
+    path = str(tmp_path / "api.sock")
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
+        server.bind(path)
+        server.listen()
+        client.connect(path)
+        assert peer_uid(client) == os.geteuid()
 
 
 def test_wrong_token_exits_2_unauthorized(tmp_path, owner_cli):

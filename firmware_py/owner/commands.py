@@ -17,6 +17,7 @@ import datetime as dt
 import http.client
 import io
 import json
+import os
 import socket
 import sys
 import time
@@ -27,8 +28,10 @@ from firmware_py import config
 from firmware_py.config import OwnerConfig
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
+from firmware_py.files import user_text
 from firmware_py.narration import percent
 from firmware_py.owner.access import Listen, parse_listen, read_token
+from firmware_py.owner.peer import peer_uid
 from firmware_py.owner.store import UNTIL_REVOKED
 from firmware_py.quoting import printable
 
@@ -161,6 +164,22 @@ def _exchange(conn: http.client.HTTPConnection, listen: Listen, method: str, pat
                        "the change may have been made: check `powershare-gw owner status`") from None
 
 
+def _check_listener(conn: http.client.HTTPConnection, listen: Listen, gateway_uid: int, token_file: str) -> None:
+    """Connect, and refuse to send the token to a listener another user runs: while the gateway is stopped or
+    restarting, any local user may listen on its address (NotAnOwnerApi). A listener on another machine, or
+    on one without /proc, cannot be asked and is trusted as before."""
+    try:
+        conn.connect()
+    except OSError as err:
+        raise Unreachable(f"no gateway answering on {listen.describe()} ({err})") from None
+    uid = peer_uid(conn.sock) if conn.sock is not None else None
+    if uid is not None and uid != gateway_uid:
+        conn.close()
+        raise NotAnOwnerApi(f"what listens on {listen.describe()} runs as {user_text(uid)}, not as the gateway's "
+                            f"{user_text(gateway_uid)} (who owns {token_file}): the token is not sent to it; "
+                            "is the gateway running? (`systemctl status powershare-gw`)")
+
+
 def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None = None,
          wants: tuple[str, ...] = ("settings",), answer_s: float = CONNECT_TIMEOUT_S,
          clock: Callable[[], float] = time.monotonic, token: str | None = None) -> dict[str, Any]:
@@ -170,15 +189,19 @@ def call(owner: OwnerConfig, method: str, path: str, body: dict[str, Any] | None
     GET) was sent and its whole answer did not come within `answer_s`. It sends the owner's token (from
     `token_file`) unless given `token`: commissioning asks who listens before any token file exists."""
     listen = parse_listen(owner.api_listen)
+    gateway_uid = None
     if token is None:
         try:
             token = read_token(owner.token_file)
+            gateway_uid = os.stat(owner.token_file).st_uid  # the gateway made it: its user owns it
         except FileNotFoundError:
             raise Unreachable(f"no gateway answering on {listen.describe()}: its token file {owner.token_file} "
                               "does not exist (has the gateway been started with this config?)") from None
     conn = _connection(listen)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     try:
+        if gateway_uid is not None:
+            _check_listener(conn, listen, gateway_uid, owner.token_file)
         status, raw = _exchange(conn, listen, method, path, None if body is None else json.dumps(body), headers,
                                 answer_s, clock)
     finally:
