@@ -557,6 +557,42 @@ def test_ctrl_c_while_an_aggregator_is_asked_fails_the_dispatch_step_as_interrup
     assert ended - sent[0] < 5  # at once, not after the probe's 15 s
 
 
+def test_ctrl_c_in_the_can_window_shows_the_steps_not_run_on_the_terminal_as_in_the_report(
+        tmp_path: Path, capsys, monkeypatch):
+    """Interrupted in the CAN window, the terminal said "2 passed, 1 failed, 0 skipped" and listed no later
+    step, while the report had the three as skipped: both now show them, not run, and why."""
+    listening = threading.Event()
+    observe = commission_commands.probes.observe_can
+
+    def observed(*args, **kwargs):
+        listening.set()
+        return observe(*args, **kwargs)
+    monkeypatch.setattr(commission_commands.probes, "observe_can", observed)
+
+    def ctrl_c_once_listening() -> None:
+        if listening.wait(timeout=60):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=ctrl_c_once_listening, daemon=True)
+    interrupter.start()
+    config = write_config(tmp_path, 'interface = "virtual"\nchannel = "commission-ctrl-c-can"')
+    try:
+        code = main(["commission", "--config", str(config), "--report", str(tmp_path / "report.json"),
+                     "--can-seconds", "30"])
+    finally:
+        interrupter.join(timeout=60)
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert code == 1 and doc["passed"] is False
+    assert [(s["step"], s["outcome"]) for s in doc["steps"]] == [
+        ("config", "pass"), ("can", "fail"), ("inverter", "skipped"), ("sign_test", "skipped"), ("dispatch", "skipped")]
+    for step in doc["steps"][2:]:
+        (check,) = step["checks"]
+        assert check["detail"] == "not run: commissioning was stopped by a signal"
+    assert "== inverter (SunSpec Modbus): SKIPPED" in out and "== dispatch interfaces: SKIPPED" in out, out
+    assert "COMMISSIONING FAILED: 2 passed, 1 failed, 3 skipped" in out, out
+
+
 def _refused_report(config: Path, report: str, capsys) -> str:
     code = main(["commission", "--config", str(config), "--report", report])
     captured = capsys.readouterr()

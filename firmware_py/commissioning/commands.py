@@ -31,6 +31,7 @@ from firmware_py.clocks import Clocks
 from firmware_py.commissioning import judgement, probes
 from firmware_py.commissioning.report import (
     Check,
+    Outcome,
     Report,
     Step,
     failed,
@@ -346,7 +347,7 @@ async def _steps(config: Config, args: argparse.Namespace, console: Console) -> 
         if _interrupted(console, stop, Step.SIGN):
             return
         service = await _sign_test(assembly, args, console, stop)
-        if _interrupted(console, stop, Step.DISPATCH):
+        if _interrupted(console, stop, Step.DISPATCH, judged_by=Step.SIGN):
             return
         console.say("-- asking the aggregator interfaces ...")
         reaches = await probes.probe_dispatch(assembly, stop=stop)
@@ -378,12 +379,17 @@ def _skip_the_rest(console: Console, why: str) -> None:
             console.step(step, [skipped(step, step.title, why)])
 
 
-def _interrupted(console: Console, stop: asyncio.Event, step: Step) -> bool:
-    """A stop signal (`tasks.stop_signals`): the step under way fails as interrupted and nothing more is tried
-    (the caller's clean-up still takes the inverter to 0 W)."""
+def _interrupted(console: Console, stop: asyncio.Event, step: Step, judged_by: Step | None = None) -> bool:
+    """A stop signal (`tasks.stop_signals`): nothing more is tried (the caller's clean-up still takes the
+    inverter to 0 W) and the steps not reached are shown as not run, on the terminal as in the report (the
+    terminal left them out and counted "0 skipped" where the report had them skipped). `step` (under way,
+    or next) fails as interrupted, unless `judged_by` ran and so judged the signal itself (the sign test
+    does): an interrupted run never reads as passed, nor fails twice for one signal."""
     if not stop.is_set():
         return False
-    console.step(step, [interrupted(step)])
+    if judged_by is None or console.report.step_outcome(judged_by) is Outcome.SKIPPED:
+        console.step(step, [interrupted(step)])
+    _skip_the_rest(console, "not run: commissioning was stopped by a signal")
     return True
 
 
@@ -395,7 +401,7 @@ async def _sign_test(assembly: Assembly, args: argparse.Namespace, console: Cons
     if not args.allow_test_discharge:
         console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "not asked for (--allow-test-discharge)")])
         return None
-    if any(report.step_outcome(s).value == "fail" for s in (Step.CAN, Step.INVERTER)):
+    if any(report.step_outcome(s) is Outcome.FAIL for s in (Step.CAN, Step.INVERTER)):
         console.step(Step.SIGN, [skipped(Step.SIGN, "test discharge", "needs the CAN and inverter checks to pass")])
         return None
     console.say(f"-- test discharge: {args.discharge_w:g} W for {args.discharge_seconds:g} s through the core ...")
