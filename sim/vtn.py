@@ -298,8 +298,10 @@ class LoopbackVtn:
 
     def modify_event(self, event_id: str, *, start: dt.datetime | None = None,
                      duration_s: float | Sequence[float] | None = None,
-                     values: float | Sequence[float] | None = None) -> int:
-        """Change an event's intervals; returns the new modificationNumber."""
+                     values: float | Sequence[float] | None = None,
+                     starts: Sequence[dt.datetime] | None = None) -> int:
+        """Change an event's intervals; returns the new modificationNumber. `starts`: each interval's own
+        start (a pause between two where one starts after the one before ends), else one after another."""
         event = self._event(event_id)
         old = event.event_signals[0]
         first = min(utils.getmember(i, "dtstart") for i in old.intervals)
@@ -317,6 +319,7 @@ class LoopbackVtn:
             old.signal_type,
             old.measurement.scale if old.measurement else "none",
             old.measurement.unit if old.measurement else "W",
+            starts,
         )
         event.event_signals = [signal]
         event.active_period = utils.get_active_period_from_intervals(signal.intervals, False)
@@ -379,15 +382,16 @@ class LoopbackVtn:
 
     def _signal(self, signal: str, start: dt.datetime, duration_s: float | Sequence[float],
                 values: float | Sequence[float], signal_type: str | None, scale: str,
-                unit: str) -> objects.EventSignal:
+                unit: str, starts: Sequence[dt.datetime] | None = None) -> objects.EventSignal:
         values = list(values) if isinstance(values, Sequence) else [values]
         durations = (list(duration_s) if isinstance(duration_s, Sequence)
                      else [duration_s] * len(values))
         if len(durations) != len(values):
             raise ValueError("one duration per value, or a single duration for all")
         intervals, at = [], start
-        for uid, (value, seconds) in enumerate(zip(values, durations)):
+        for uid, (value, seconds) in enumerate(zip(values, durations, strict=True)):
             length = dt.timedelta(seconds=seconds)
+            at = starts[uid] if starts is not None else at
             intervals.append(objects.Interval(dtstart=at, duration=length, signal_payload=value, uid=uid))
             at += length
         if signal == LOAD_DISPATCH:

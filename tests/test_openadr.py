@@ -494,6 +494,24 @@ def every_answer(vtn: LoopbackVtn) -> list[tuple[str, str]]:
     return heard
 
 
+def test_an_event_whose_power_is_refused_is_opt_out_though_its_0_kw_interval_is_taken() -> None:
+    """The core takes a 0 kW interval (a stop) whatever its state: 5 kW then 0 kW with the owner opted out was
+    answered optIn for the stop alone, while the VEN reported the dispatch blocked. An event of stops only is
+    served by stopping: optIn."""
+    def as_the_core(request: DispatchRequest) -> DispatchAnswer:
+        return accept(request) if request.kind is DispatchKind.STOP else opted_out(request)
+
+    async def scenario() -> None:
+        sink = ScriptedSink(as_the_core)
+        async with enrolled(sink) as (vtn, ven):
+            refused = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), [600, 600], [5.0, 0.0])
+            stops = vtn.add_event(LOAD_DISPATCH, in_seconds(-1), 600, 0.0)
+            assert await vtn.wait_for_response(refused) == "optOut"
+            assert await vtn.wait_for_response(stops) == "optIn"
+
+    run(scenario)
+
+
 def test_an_event_the_owners_opt_out_ended_is_answered_opt_out_and_opt_in_once_asked_again() -> None:
     """openleadr answers every later distribution of an event with the opt on record: after the owner's
     opt-out ended the event's only interval in the core, the VTN went on hearing optIn for it."""
@@ -577,6 +595,30 @@ def test_a_modification_moving_a_running_interval_to_another_id_serves_it_on_wit
                                                                   "DispatchCancel"]
         assert sink.ended(event_id).reason == f"cancelled by openadr: dropped by the event's modification {number}"
         assert sink.final(event_id).meter_wh > 80  # a minute at 5 kW: its energy stays its own, billed
+
+    run(scenario)
+
+
+def test_a_modification_that_ends_the_running_interval_ends_its_request() -> None:
+    """A modification cut the running interval short, to an end already past: its id stayed in the event's list,
+    so it was never counted as dropped, and the core went on discharging at its old power to its old end, with
+    committedPower saying 0 W. It is now ended: nothing is served until the next interval begins."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven):
+            sink.observers.append(ven.notice_step)
+            start = in_seconds(-60)
+            event_id = vtn.add_event(LOAD_DISPATCH, start, [600, 600], [5.0, 3.0])
+            assert await vtn.wait_for_response(event_id) == "optIn"
+            sink.run(5)
+            assert sink.c.serving_id == f"{event_id}#0" and sink.applied_w == 5_000.0
+            # the first interval over 30 s after its start, the second moved to begin in 5 minutes: nothing now
+            number = vtn.modify_event(event_id, duration_s=[30, 300], starts=[start, in_seconds(300)])
+            assert await vtn.wait_for_response(event_id, number) == "optIn"
+            sink.run(5)
+            assert sink.applied_w == 0.0 and sink.c.serving_id is None and ven.committed_w() == 0.0
+        assert sink.ended(f"{event_id}#0").reason == \
+            f"cancelled by openadr: ended by the event's modification {number}"
 
     run(scenario)
 

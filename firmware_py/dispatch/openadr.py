@@ -42,7 +42,7 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -622,9 +622,14 @@ class OpenAdrVen:
                 self._events.pop(plan.event_id, None)
             self._record(EventOutcome(plan.event_id, plan.revision, OPT_IN, detail="a test event: not acted on"))
             return OPT_IN
-        requests, dropped = plan.requests, ()
+        requests, dropped, ended = plan.requests, (), ()
         if tracked is not None:
             dropped = tuple(sorted(set(tracked.request_ids) - set(plan.request_ids)))
+            # An interval the modification ends before now keeps its id but asks for nothing: its request,
+            # asked for before and still in its old window, is ended too (it went on at its old power).
+            asked, now = {r.id for r in requests}, sink.now()
+            ended = tuple(sorted(rid for rid, r in tracked.requests.items()
+                                 if rid in plan.request_ids and rid not in asked and r.end > now))
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)
@@ -633,7 +638,8 @@ class OpenAdrVen:
         # under the new one, the newest in force, without falling to 0 W and ramping up again; the old id's
         # account closes with what it served, saying why (the VTN cancelled nothing).
         await self._cancel(sink, plan.event_id, dropped, f"dropped by the event's modification {plan.revision}")
-        opt = _opt_of(answers)
+        await self._cancel(sink, plan.event_id, ended, f"ended by the event's modification {plan.revision}")
+        opt = _opt_of(requests, {a.request_id: a for a in answers})
         windows = {r.id: (r.start, r.end, _committed_w(r, a)) for r, a in zip(requests, answers, strict=True)
                    if a.verdict is not Verdict.REJECTED}
         ends_at = max(r.end for r in requests)
@@ -812,7 +818,7 @@ class OpenAdrVen:
                     tracked.windows[again.id] = (again.start, again.end, _committed_w(again, answer))
                 self.reasks += 1
             if due:
-                self._set_opt(event_id, tracked, _opt_of(tuple(tracked.answers.values())))
+                self._set_opt(event_id, tracked, _opt_of(tracked.requests.values(), tracked.answers))
                 self._record(EventOutcome(event_id, tracked.revision, tracked.opt,
                                           tuple(tracked.answers[r.id] for r in due),
                                           "asked again: " + "; ".join(_describe(tracked.answers[r.id])
@@ -940,9 +946,14 @@ def _describe(answer: DispatchAnswer) -> str:
     return f"{answer.request_id}: {describe(answer)}"
 
 
-def _opt_of(answers: tuple[DispatchAnswer, ...]) -> str:
-    """optIn when at least one interval is served (with or without a cap), else optOut."""
-    return OPT_IN if any(a.verdict in (Verdict.ACCEPTED, Verdict.CAPPED) for a in answers) else OPT_OUT
+def _opt_of(requests: Iterable[DispatchRequest], answers: Mapping[str, DispatchAnswer]) -> str:
+    """optIn when at least one interval is served (with or without a cap), else optOut. A 0 kW interval (a STOP,
+    which the core takes whatever its state) serves nothing of an event that asks for power in another: an
+    event of 5 kW then 0 kW, its 5 kW refused (the owner opted out), was answered optIn for the stop alone.
+    An event of stops only is served by stopping."""
+    requests = list(requests)
+    asking = [r for r in requests if r.kind is not DispatchKind.STOP] or requests
+    return OPT_IN if any(answers[r.id].verdict in (Verdict.ACCEPTED, Verdict.CAPPED) for r in asking) else OPT_OUT
 
 
 def _committed_w(request: DispatchRequest, answer: DispatchAnswer) -> float:
