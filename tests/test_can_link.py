@@ -186,6 +186,27 @@ def test_a_silent_bus_is_reopened_with_a_back_off_that_doubles_to_its_bound(worl
     assert world.assembly.gateway.links.view(world.now)["bms"]["ok"] is False
 
 
+def test_another_nodes_29_bit_frames_do_not_hide_a_silent_bms(world):
+    """A 29-bit frame sharing a BMS id's number is another node's, counted and never read: it counted as the
+    BMS's traffic too, so a BMS gone silent beside such a node was never found (no reopen, `status` saying
+    the link was good) while its data went stale."""
+    async def main() -> None:
+        await world.frames_arrive()
+        await world.look()
+        for n in range(8):  # 2 s of the BMS silent and the other node talking, looked at four times a second
+            before = world.link.reader.frame_counts()[1].get("extended_id", 0)
+            world.node_bus.send(can.Message(arbitration_id=0x132, is_extended_id=True, data=bytes(8)))
+            deadline = time.monotonic() + WAIT_S
+            while world.link.reader.frame_counts()[1].get("extended_id", 0) == before:
+                assert time.monotonic() < deadline, f"the 29-bit frame {n} never reached the reader"
+                await asyncio.sleep(0.001)
+            await world.look(0.25)
+
+    asyncio.run(main())
+    assert world.link.reopens >= 1
+    assert world.assembly.gateway.links.view(world.now)["bms"]["ok"] is False
+
+
 def test_the_silence_cause_counts_from_the_last_frame_not_the_last_reopen(world):
     """Each reopen gives the bus a whole timeout again, and the cause `status` shows counted from there:
     a bus silent for minutes read "no BMS frame for 0.8 s"."""

@@ -440,6 +440,29 @@ def test_a_bms_timeout_no_longer_than_the_fastest_message_period_is_refused(tmp_
     assert main(["check-config", str(path)]) == 0
 
 
+@pytest.mark.parametrize("declared, value, shown", [
+    ('BA_DEF_ BO_ "GenMsgCycleTime" STRING;', '"100"', "'100'"),  # a text attribute: a TypeError traceback
+    ('BA_DEF_ BO_ "GenMsgCycleTime" INT -65535 65535;', "-100", "-100"),  # every frame stale on arrival
+])
+def test_a_message_period_that_is_no_period_is_named(tmp_path, capsys, declared, value, shown):
+    """An installer's DBC whose GenMsgCycleTime is text or negative for a mapped message: text crashed
+    check-config and run with a traceback; a negative period passed, and the gateway then held 0 W for good
+    with every BmsSoc frame stale as it came."""
+    text = bundled_dbc("cybertruck_bms.dbc").read_text()
+    text = text.replace('BA_DEF_ BO_ "GenMsgCycleTime" INT 0 65535;', declared)
+    text = text.replace('BA_DEF_DEF_ "GenMsgCycleTime" 0;', 'BA_DEF_DEF_ "GenMsgCycleTime" "";'
+                        if "STRING" in declared else 'BA_DEF_DEF_ "GenMsgCycleTime" 0;')
+    text = text.replace('BA_ "GenMsgCycleTime" BO_ 658 100;', f'BA_ "GenMsgCycleTime" BO_ 658 {value};')
+    if "STRING" in declared:
+        text = re.sub(r'(BA_ "GenMsgCycleTime" BO_ \d+) (\d+);', r'\1 "\2";', text)
+    (tmp_path / "theirs.dbc").write_text(text)
+    path = write(tmp_path, '[vehicle]\ndbc = "theirs.dbc"\n')
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"theirs.dbc: message BmsSoc: GenMsgCycleTime {shown} is not a period in milliseconds above 0" in err, err
+    assert "Traceback" not in err
+
+
 def test_every_bad_signal_entry_is_named_at_once(tmp_path, capsys):
     path = write(tmp_path, '[vehicle.signals]\nsoc_min_pct = "NoSuch.Signal"\nbogus = "A.B"\nsoc_max_pct = "BmsSoc"\n')
     assert main(["check-config", str(path)]) == 2

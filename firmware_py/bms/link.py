@@ -181,7 +181,9 @@ class CanLink:
         """One look at the link; reopens the bus when it is lost and the back-off allows."""
         now = self.clock()
         stalled, self._checked_at = now - self._checked_at > self.stall_gap_s, now
-        frames = self.reader.accepted + self.reader.dropped.total()
+        # The BMS's frames, taken or refused; not another node's 29-bit ones that share a BMS id's number: with
+        # those on the bus a BMS gone silent was never found (no reopen, the link said good)
+        frames = self.reader.accepted + self.reader.dropped.total() - self.reader.dropped["extended_id"]
         flowing = frames != self._frames_seen
         if flowing:
             self._frames_seen, self._last_frame_at, self._heard_at = frames, now, now

@@ -128,7 +128,12 @@ def _frames(db: Any, table: Mapping[str, str], source: str, dbc: Path) -> dict[i
     problems += [f"{dbc}: message {message.name} (0x{message.frame_id:X}) has a 29-bit id: not supported"
                  for message, _ in grouped.values() if message.is_extended_frame]
     problems += [f"{source}: message {message.name} has no GenMsgCycleTime in the DBC, so its freshness cannot "
-                 "be judged" for message, _ in grouped.values() if not message.cycle_time]
+                 "be judged" for message, _ in grouped.values() if message.cycle_time is None]
+    problems += [f"{dbc}: message {message.name}: GenMsgCycleTime {message.cycle_time!r} is not a period in "
+                 "milliseconds above 0, so its freshness cannot be judged"
+                 for message, _ in grouped.values()
+                 if message.cycle_time is not None and not (is_finite_number(message.cycle_time)
+                                                            and message.cycle_time > 0)]
     if problems:
         raise InputError(problems)
     frames = {}
