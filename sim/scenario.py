@@ -192,6 +192,10 @@ def _overlapping_setpoints(dispatch: tuple[Dispatch, ...]) -> list[str]:
     return problems
 
 
+XML_MARKUP = "&<>\"'"
+"""Characters XML must escape."""
+
+
 def _cross_checks(s: Scenario) -> list[str]:
     """What no single key can say: ids unique, times inside the run, answers naming events."""
     problems = []
@@ -210,6 +214,9 @@ def _cross_checks(s: Scenario) -> list[str]:
         elif s.aggregator.kind == "openadr3" and not OBJECT_ID.fullmatch(d.id):
             problems.append(f"dispatch[{i}].id: {shown(d.id)} cannot be an OpenADR 3 event id (1 to 128 letters, "
                             "digits, '_' or '-'), which [aggregator] kind \"openadr3\" publishes it as")
+        elif s.aggregator.kind == "openadr" and (marks := sorted(set(d.id) & set(XML_MARKUP))):
+            problems.append(f"dispatch[{i}].id: {shown(d.id)} holds {' '.join(marks)}, which the bench's OpenADR "
+                            "2.0b VTN (openleadr) puts into its XML unescaped: the event never reaches the gateway")
         if d.kind == "charge" and s.aggregator.kind == "openadr":
             problems.append(f"dispatch[{i}].kind: 'charge' cannot be sent by OpenADR 2.0b (its LOAD_DISPATCH asks "
                             "for discharge only): set [aggregator] kind to \"sunspec\", \"openadr3\" or \"scripted\"")

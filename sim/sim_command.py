@@ -62,9 +62,10 @@ def _sim(args: argparse.Namespace) -> int:
     default_run = args.scenario is None  # the newcomer's run: summary and plot land here
     summary_path = args.summary or (Path("summary.json") if default_run else None)
     plot_path = args.plot or (Path("plot.png") if default_run else None)
-    loaded = scenario.load(scenario.find(args.scenario))
+    scenario_path = scenario.find(args.scenario)
+    loaded = scenario.load(scenario_path)
     check_outputs({"--summary": summary_path, "--plot": plot_path, "--trace": args.trace,
-                    "--journal": args.journal or DEFAULT_JOURNAL}, plot_path)
+                    "--journal": args.journal or DEFAULT_JOURNAL}, plot_path, read={"--scenario": scenario_path})
     speed = 1.0 if args.realtime else args.speed
     with stop_signals_interrupt():  # SIGTERM too unwinds the run: no partial trace left beside the file
         outcome, series = asyncio.run(_run(loaded, args, speed))
@@ -89,23 +90,30 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 DEFAULT_JOURNAL = Path("bench-journal.sqlite")
 
 
-def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None) -> None:
-    """Every file the run will write is writable where asked, each its own, and the journal's place
-    free for a bench journal: checked before an hour-long run (and before any file is opened), not after."""
+def check_outputs(outputs: dict[str, Path | None], plot_path: Path | None = None,
+                  read: dict[str, Path] | None = None) -> None:
+    """Every file the run will write is writable where asked, each its own, none a file it reads (`read`: the
+    scenario) or one of the journal's own (its anchors, key, lock), and the journal's place free for a bench
+    journal: checked before an hour-long run (and before any file is opened), not after. `--summary my.toml`
+    replaced the hand-written scenario with JSON; `--summary j.sqlite.anchors`, the journal's anchors."""
     from firmware_py.sim.simulation import check_bench_journal, lock_bench_journal
 
-    from firmware_py.journal.files import lock_path
+    from firmware_py.journal.files import lock_path, part_of
 
-    problems, taken = [], {}
+    problems, taken = [], {path.resolve(): option for option, path in (read or {}).items()}
+    journal = outputs.get("--journal")
     for option, path in outputs.items():
         if path is None:
             continue
+        kept = part_of(journal.resolve(), path.resolve()) if journal is not None and option != "--journal" else None
         if path.is_dir():
             problems.append(f"{path}: is a folder; give a file name")
         elif not path.resolve().parent.is_dir():
             problems.append(f"{path}: cannot write: folder {path.resolve().parent} does not exist")
         elif path.resolve() in taken:
             problems.append(f"{path}: given to both {taken[path.resolve()]} and {option}; give each its own file")
+        elif kept is not None:
+            problems.append(f"{path}: given to {option} is {kept} of the journal {journal}; give another file")
         elif (refused := cannot_make_beside(path)) is not None:
             problems.append(f"{path}: cannot write: {refused}")
         taken.setdefault(path.resolve(), option)

@@ -78,7 +78,7 @@ class FaultWatch:
     safe_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "at_s": self.at_s,
+        return {"kind": self.kind, "at_s": _round(self.at_s),  # as the trace and the table have it
                 "detected_after_s": _round(self.detected_at - self.at_s) if self.detected_at is not None else None,
                 "safe_after_s": _round(self.safe_at - self.at_s) if self.safe_at is not None else None}
 

@@ -416,6 +416,27 @@ def test_the_bench_refuses_to_overwrite_a_journal_that_is_not_its_own(tmp_path, 
         assert len(journal) == 1
 
 
+@pytest.mark.parametrize("option, target", [("--summary", "scenario.toml"), ("--trace", "j.sqlite.anchors"),
+                                            ("--plot", "j.sqlite-wal")])
+def test_an_output_on_the_scenario_or_one_of_the_journals_files_is_refused_and_the_file_kept(
+        tmp_path, capsys, option, target):
+    """`--summary my.toml` replaced the hand-written scenario with JSON (exit 0); `--trace j.sqlite.anchors`
+    overwrote the journal's anchors, and `report` then called the journal edited."""
+    scenario_file = tmp_path / "scenario.toml"
+    scenario_file.write_text("[run]\nduration_s = 5\n")
+    victim = tmp_path / target
+    if not victim.exists():
+        victim.write_text("kept\n")
+    before = victim.read_bytes()
+    assert main(["sim", "--scenario", str(scenario_file), "--quiet", option, str(victim),
+                 "--journal", str(tmp_path / "j.sqlite")]) == 2
+    err = capsys.readouterr().err
+    told = "given to both --scenario and --summary" if target == "scenario.toml" else \
+        f"given to {option} is a segment's {'anchors' if 'anchors' in target else 'SQLite side file'} of the journal"
+    assert told in err, err
+    assert victim.read_bytes() == before
+
+
 def test_outputs_that_are_one_file_or_a_journal_not_the_benchs_are_refused_before_anything_is_written(
         tmp_path, capsys):
     """--trace and --summary on one file left a summary and no trace (exit 0); and the trace was
@@ -525,6 +546,10 @@ def test_an_output_folder_that_cannot_be_written_is_said_before_the_run(tmp_path
     # Published as an OpenADR 3 event the VEN refuses as no object id: never answered, and the run exited 0.
     ('[aggregator]\nkind = "openadr3"\n[[dispatch]]\nat_s = 1\nid = "ev#1"\nstart_s = 10\nduration_s = 60\n'
      'target_w = 1000\n', "dispatch[0].id: 'ev#1' cannot be an OpenADR 3 event id"),
+    # XML markup in the bench's OpenADR 2.0b VTN's message: the event never came, and the gateway was blamed.
+    ('[aggregator]\nkind = "openadr"\n[[dispatch]]\nat_s = 1\nid = "a&b"\nstart_s = 10\nduration_s = 60\n'
+     'target_w = 1000\n', "dispatch[0].id: 'a&b' holds &, which the bench's OpenADR 2.0b VTN (openleadr) puts "
+     "into its XML unescaped"),
     # A mode's name in the wrong case could never pass, and said so only after the run.
     ('[expect]\nfinal_state = "standby"\n', 'expect.final_state: must be one of "", STARTUP, STANDBY'),
     ('name = "x"\n', "name: unknown key"),  # the scenario's name is its file's, never a key
@@ -593,6 +618,16 @@ def test_a_window_closing_after_a_fault_is_not_the_gateways_reaction_to_it(tmp_p
     [fault] = outcome.summary["faults"]
     assert (fault["detected_after_s"], fault["safe_after_s"]) == (None, None)
     assert outcome.summary["delivered_wh"]["ev"] > 0  # the event ran its window
+
+
+def test_a_faults_time_in_the_summary_is_the_traces_and_the_tables(tmp_path):
+    """A fault at 0.7 s, stepped 0.1 s at a time, was 0.7000000000000001 s in the summary, 0.7 in the trace."""
+    path = tmp_path / "f07.toml"
+    path.write_text('[run]\nduration_s = 5\nstep_s = 0.1\n[[fault]]\nat_s = 0.7\nkind = "over_temp"\n'
+                    'duration_s = 1\n')
+    outcome = asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=tmp_path / "j.sqlite")).run())
+    [fault] = outcome.summary["faults"]
+    assert json.dumps(fault["at_s"]) == "0.7"
 
 
 def test_a_fault_while_charging_is_safe_only_when_the_inverter_stops_charging(tmp_path):
