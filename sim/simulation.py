@@ -336,7 +336,7 @@ class Simulation:
         record = {"t": _round(self.t), "state": c.mode.value, "soc_pct": round(soc, 4), "floor_pct": round(floor, 3),
                   "setpoint_w": round(cmd.setpoint_w, 1), "inverter_w": round(self.model.ac_power_w, 1),
                   "bms_max_discharge_w": c.bms.max_discharge_w if c.bms else None,
-                  "event_id": c.serving_id, "reason": cmd.reason}
+                  "event_id": self._scenario_id(c.serving_id), "reason": cmd.reason}
         self.options.series.append((self.t, soc, floor, cmd.setpoint_w, self.model.ac_power_w,
                                     1.0 if c.mode is Mode.DISCHARGE else 0.0))
         if self.options.trace is not None:
@@ -344,14 +344,18 @@ class Simulation:
 
     # ------------------------------------------------------------------ outcome
 
+    def _scenario_id(self, request_id: str | None) -> str | None:
+        """A protocol may name an event its own way (SunSpec sessions): the trace and the summary name it by
+        the scenario's id (the trace said `sunspec-2-1` where the summary said `a`)."""
+        return getattr(self.aggregator, "request_ids", {}).get(request_id, request_id)
+
     def _outcome(self, wall_s: float) -> Outcome:
         c = self.gateway.controller
-        # A protocol may name an event its own way (SunSpec sessions); report it by the scenario's id,
-        # and take answers that arrived after `send` returned (a SunSpec write at the event's start).
-        names = getattr(self.aggregator, "request_ids", {})
+        # Each event by the scenario's id, and the answers that arrived after `send` returned (a SunSpec write
+        # at the event's start).
         delivered: dict[str, float] = {}
         for request_id, wh in delivered_wh(c).items():
-            name = names.get(request_id, request_id)
+            name = self._scenario_id(request_id)
             delivered[name] = round(delivered.get(name, 0.0) + wh, 1)
         for event_id, answer in getattr(self.aggregator, "answers", {}).items():
             if self.answers.get(event_id) is None:

@@ -234,6 +234,7 @@ def test_sunspec_setpoint_is_accepted_and_delivered(tmp_path):
     assert_meter_agrees(outcome)
     assert list(outcome.summary["delivered_wh"]) == ["peak-1"]  # reported by the scenario's id
     assert list(aggregator.request_ids.values()) == ["peak-1"]  # one session for the whole event
+    assert {r["event_id"] for r in records} == {None, "peak-1"}  # the trace names it as the summary does
     assert aggregator.seen[713]["SoC"] == pytest.approx(aggregator.gateway_soc, abs=0.1)
     assert aggregator.seen[701]["W"] > 0
     serving = [r["t"] for r in records if r["inverter_w"] > 0]
