@@ -130,6 +130,25 @@ def test_record_then_decode(tmp_path, capsys):
     assert ranges(text)["SoC min"][0] >= 40.0 and "0 dropped" in text
 
 
+def test_record_bms_only_takes_an_installers_dbc_that_names_its_messages_its_own_way(tmp_path, capsys):
+    """`--bms-only --dbc` read the DBC through the gateway's default mapping: a DBC `check-config` accepts with
+    its own [vehicle.signals] (here BmsSoc is PackSoc) was refused, blaming entries the installer never wrote."""
+    dbc = tmp_path / "my-truck.dbc"
+    dbc.write_text(bundled_dbc("cybertruck_bms.dbc").read_text().replace("BmsSoc", "PackSoc"))
+    channel, out = "test_bms_record_own_dbc", tmp_path / "rec.log"
+
+    def send(bus: can.BusABC, _: int) -> None:
+        bus.send(soc_frame(40.0, 0))
+        bus.send(can.Message(arbitration_id=0x555, data=bytes(8), is_extended_id=False))
+
+    with sending(channel, send, period_s=0.005):
+        assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", channel, "--duration", "0.3",
+                     "--bms-only", "--dbc", str(dbc), str(out)]) == 0, capsys.readouterr().err
+    with can.LogReader(str(out)) as log:
+        ids = {msg.arbitration_id for msg in log}
+    assert ids == {0x292}  # the DBC's message, and nothing the DBC lacks
+
+
 def test_record_to_unknown_suffix_is_bad_input(tmp_path, capsys):
     assert main(["bms", "record", "--can-interface", "virtual", "--can-channel", "x",
                  "--duration", "0.1", str(tmp_path / "rec.xyz")]) == 2
@@ -220,6 +239,11 @@ def test_recording_to_mf4_without_asammdf_names_the_package(tmp_path, capsys, mo
                  "--duration", "0.1", str(out)]) == 2
     err = capsys.readouterr().err
     assert "rec.mf4" in err and "asammdf" in err and "Traceback" not in err
+    # before the bus is opened, as the documentation says: a bus that cannot be opened is not what is said
+    assert main(["bms", "record", "--can-interface", "socketcan", "--can-channel", "nosuchcan9",
+                 "--duration", "0.1", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "asammdf" in err and "nosuchcan9" not in err, err
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import threading
@@ -17,7 +18,7 @@ from firmware_py import config as config_mod
 from firmware_py.arguments import number
 from firmware_py.bms import captures
 from firmware_py.bms.bus import open_bus, shutdown_quietly
-from firmware_py.bms.reader import BmsReader
+from firmware_py.bms.reader import BmsReader, id_filters, standard_ids
 from firmware_py.core.types import BmsSnapshot
 from firmware_py.errors import InputError
 from firmware_py.tasks import stop_signals
@@ -203,8 +204,10 @@ def _decode(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     out = Path(args.file)
     _check_readable_back(out)
-    filters = BmsReader(resolve_dbc(args.dbc, elm=False)[0], clock=time.monotonic).can_filters() \
-        if args.bms_only else None  # a bad --dbc is said before the bus or the file is opened
+    # Every message of the DBC, not the gateway's default mapping: an installer's DBC names its messages its
+    # own way (its [vehicle.signals] says which is which; record has no configuration). A bad --dbc is said
+    # before the bus or the file is opened.
+    filters = id_filters(standard_ids(resolve_dbc(args.dbc, elm=False)[0])) if args.bms_only else None
     bus = open_bus(args.can_interface, args.can_channel, blame=CAN_FLAGS.format(args))
     try:
         writer = _open_writer(out)  # after the bus: a bus that cannot be opened leaves FILE as it was
@@ -326,6 +329,17 @@ def _check_readable_back(out: Path) -> None:
     if suffix not in plain or (gz and (suffix not in gzipped or len(out.suffixes) < 2)):
         what = f"{suffix}.gz" if gz and suffix != ".gz" else suffix or "no suffix"
         raise InputError(f"{out}: bms record cannot write {what}: use {record_formats_text()}")
+    if suffix == ".mf4" and not _mf4_writable():  # found only once the bus was open, a bad bus said first
+        raise InputError(f"{out}: python-can cannot write .mf4 without an optional package "
+                         "(.mf4 needs asammdf: pip install asammdf)")
+
+
+def _mf4_writable() -> bool:
+    """Whether python-can's MF4 writer has its optional asammdf (python-can keeps None where it is missing)."""
+    import can.io.mf4
+
+    found = getattr(can.io.mf4, "asammdf", ...)
+    return found is not None if found is not ... else importlib.util.find_spec("asammdf") is not None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

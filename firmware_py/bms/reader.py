@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,20 @@ def load_dbc(path: Path) -> Any:
         return cantools.database.load_string(text, database_format="dbc", strict=True)
     except Exception as err:  # cantools raises many parser types; all mean "bad DBC"
         raise InputError(f"{path}: not a valid DBC: {shown_text(str(err), 200)}") from None
+
+
+def id_filters(frame_ids: Iterable[int]) -> list[dict[str, Any]]:
+    """Acceptance filters for 11-bit `frame_ids`, and for 29-bit ids of the same numbers (see `can_filters`)."""
+    return [{"can_id": fid, "can_mask": mask, "extended": extended} for extended, mask in
+            ((False, 0x7FF), (True, 0x1FFF_FFFF)) for fid in sorted(frame_ids)]
+
+
+def standard_ids(path: Path) -> list[int]:
+    """The 11-bit ids of every message of the DBC at `path` (InputError when it has none, or is no DBC)."""
+    ids = sorted(m.frame_id for m in load_dbc(path).messages if not m.is_extended_frame)
+    if not ids:
+        raise InputError(f"{path}: the DBC has no message with an 11-bit id, which a BMS's are")
+    return ids
 
 
 def _binding(db: Any, name: str, ref: str, source: str) -> tuple[Any, _Binding]:
@@ -181,8 +195,7 @@ class BmsReader:
         """Kernel/driver acceptance filters: only the BMS ids reach user space, as 11-bit ids to be read and as
         29-bit ids of the same number to be counted (`extended_id`: another node's message, an id clash an
         installer must be able to see)."""
-        return [{"can_id": fid, "can_mask": mask, "extended": extended} for extended, mask in
-                ((False, 0x7FF), (True, 0x1FFF_FFFF)) for fid in sorted(self._frames)]
+        return id_filters(self._frames)
 
     @property
     def frame_ids(self) -> frozenset[int]:
