@@ -338,8 +338,9 @@ def _mf4_writable() -> bool:
     """Whether python-can's MF4 writer has its optional asammdf (python-can keeps None where it is missing)."""
     import can.io.mf4
 
-    found = getattr(can.io.mf4, "asammdf", ...)
-    return found is not None if found is not ... else importlib.util.find_spec("asammdf") is not None
+    if hasattr(can.io.mf4, "asammdf"):
+        return can.io.mf4.asammdf is not None
+    return importlib.util.find_spec("asammdf") is not None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
