@@ -1080,6 +1080,25 @@ def test_a_revision_moving_a_running_interval_to_another_id_serves_it_on_without
     run(scenario)
 
 
+def test_a_revision_that_ends_the_running_interval_ends_its_request() -> None:
+    """A revision cut the running interval short, to an end already past: its id stayed in the event's list, so
+    it was never counted as dropped, and its request stayed in force to its old end beside the next interval's."""
+    async def scenario() -> None:
+        sink = CoreSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(-60), [600, 600], [5.0, 3.0])
+            await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 2)
+            sink.run(5)
+            assert sink.c.serving_id == f"{event_id}#0" and sink.applied_w == 5_000.0
+            vtn.modify_event(event_id, duration_s=[30, 600])  # the first over 30 s after its start: the second now
+            await vtn.wait_for(lambda: len(vtn.answers_for(event_id)) == 3)
+            sink.run(5)
+            assert sink.c.serving_id == f"{event_id}#1" and sink.applied_w == 3_000.0
+        assert sink.ended(f"{event_id}#0").reason == "cancelled by openadr3: ended by the event's new revision"
+
+    run(scenario)
+
+
 def test_cancellation_deletes_the_event_and_cancels_its_request() -> None:
     async def scenario() -> None:
         sink = ScriptedSink()

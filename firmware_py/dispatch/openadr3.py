@@ -968,8 +968,14 @@ class OpenAdr3Ven:
         requests = plan.requests
         carried_wh: dict[str, tuple[int, float]] = {}
         dropped: set[str] = set()
+        ended: tuple[str, ...] = ()
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
+            # An interval the revision ends before now keeps its id but asks for nothing: its request, asked for
+            # before and still in its old window, is ended too (it went on at its old power to its old end).
+            asked, now = {r.id for r in requests}, sink.now()
+            ended = tuple(sorted(rid for rid, r in tracked.requests.items()
+                                 if rid in plan.request_ids and rid not in asked and r.end > now))
             carried_wh = self._carry(tracked, plan)
             self._forget(dropped)
             # after the VEN's own re-asks the core may know a request at a higher revision than this
@@ -1000,6 +1006,7 @@ class OpenAdr3Ven:
         # Only now, so that an interval the revision moves to another id (EVENT to EVENT#0) is served on
         # under the new one, the newest in force, without falling to 0 W and ramping up again.
         await self._cancel(sink, tuple(sorted(dropped)), "dropped by the event's new revision")
+        await self._cancel(sink, ended, "ended by the event's new revision")
         if tracked is not None:
             reported, before_wh = tracked.reported, tracked.before_wh
         else:
