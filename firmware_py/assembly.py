@@ -547,8 +547,6 @@ def _check_the_dbc(config: Config) -> list[str]:
     return [f"vehicle.dbc: {p}" if p.startswith((dbc, repr(config.vehicle.dbc))) else p for p in problems]
 
 
-
-
 def assemble(config: Config, clocks: Clocks | Clock, *, owner: OwnerSettings | None = None) -> Assembly:
     """A gateway from `config`: reader, inverter client, journal, owner settings, bus, integrations.
 

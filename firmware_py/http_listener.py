@@ -368,6 +368,14 @@ def _refuse_encoded_body(request: web.Request) -> None:
         request.content.set_exception(RequestPayloadError("a body sent with a Content-Encoding is not accepted"))
 
 
+def refusal_headers(error: web.HTTPException, response: web.Response) -> web.Response:
+    """`response`, a JSON refusal in `error`'s place, with the headers of `error` a client acts on: a 405's
+    `Allow`, which methods the path takes (RFC 9110)."""
+    if "Allow" in error.headers:
+        response.headers["Allow"] = error.headers["Allow"]
+    return response
+
+
 def raised_at(error: BaseException) -> str:
     """The exception's type and the line that raised it, for the one log line of a handler's own fault:
     its message is left out, for it may quote a request's bytes (a token)."""

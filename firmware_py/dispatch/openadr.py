@@ -77,6 +77,7 @@ from firmware_py.dispatch.openadr_events import (
     parse_wire_duration,
     translate_event,
 )
+from firmware_py.dispatch.revisions import ended_by_revision
 from firmware_py.dispatch.simple_levels import check_levels
 from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
@@ -625,11 +626,7 @@ class OpenAdrVen:
         requests, dropped, ended = plan.requests, (), ()
         if tracked is not None:
             dropped = tuple(sorted(set(tracked.request_ids) - set(plan.request_ids)))
-            # An interval the modification ends before now keeps its id but asks for nothing: its request,
-            # asked for before and still in its old window, is ended too (it went on at its old power).
-            asked, now = {r.id for r in requests}, sink.now()
-            ended = tuple(sorted(rid for rid, r in tracked.requests.items()
-                                 if rid in plan.request_ids and rid not in asked and r.end > now))
+            ended = ended_by_revision(tracked.requests, plan.request_ids, requests, sink.now())
             # after the VEN's own re-asks the core may know a request at a higher revision than this
             requests = tuple(replace(r, revision=max(r.revision, tracked.requests[r.id].revision + 1))
                              if r.id in tracked.requests else r for r in requests)

@@ -83,6 +83,7 @@ from firmware_py.dispatch.openadr3_events import (
     program_id_of,
     translate_event,
 )
+from firmware_py.dispatch.revisions import ended_by_revision
 from firmware_py.dispatch.simple_levels import DEFAULT_LEVELS_PCT, check_levels
 from firmware_py.dispatch.standing import StandingLooks, StandingWatch
 from firmware_py.dispatch.vtn_answers import AnswerTooLarge, read_capped
@@ -971,11 +972,7 @@ class OpenAdr3Ven:
         ended: tuple[str, ...] = ()
         if tracked is not None:
             dropped = _asked(tracked.plan) - _asked(plan)
-            # An interval the revision ends before now keeps its id but asks for nothing: its request, asked for
-            # before and still in its old window, is ended too (it went on at its old power to its old end).
-            asked, now = {r.id for r in requests}, sink.now()
-            ended = tuple(sorted(rid for rid, r in tracked.requests.items()
-                                 if rid in plan.request_ids and rid not in asked and r.end > now))
+            ended = ended_by_revision(tracked.requests, plan.request_ids, requests, sink.now())
             carried_wh = self._carry(tracked, plan)
             self._forget(dropped)
             # after the VEN's own re-asks the core may know a request at a higher revision than this

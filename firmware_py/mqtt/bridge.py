@@ -402,7 +402,7 @@ class MqttBridge:
             self._began, self.socket_failures.last, self._handed = None, None, None
             try:
                 await self._session()
-            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError, UnicodeError) as err:  # a name IDNA refuses
+            except (aiomqtt.MqttError, OSError, ssl.SSLError, InputError) as err:
                 self.connected.clear()
                 self.unreachable.set()
                 self.link.lost(connect_failure(err, self.socket_failures.last, self.settings)

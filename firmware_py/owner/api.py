@@ -48,6 +48,7 @@ from firmware_py.http_listener import (
     HttpListener,
     body_of,
     raised_at,
+    refusal_headers,
     serve_until_cancelled,
 )
 from firmware_py.owner import OwnerPort
@@ -143,10 +144,7 @@ class OwnerApi:
         except web.HTTPRequestEntityTooLarge:  # as the web app answers it
             return _json_response(413, {"error": TOO_LARGE})
         except web.HTTPException as err:
-            response = _json_response(err.status, {"error": err.reason})
-            if "Allow" in err.headers:  # a 405 says which methods the path takes (RFC 9110)
-                response.headers["Allow"] = err.headers["Allow"]
-            return response
+            return refusal_headers(err, _json_response(err.status, {"error": err.reason}))
         except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
             log.error("owner API: %s %s failed: %s", request.method, printable(request.path[:120]), raised_at(err))
             return _json_response(500, {"error": "internal error: the gateway's log has a line about it"})

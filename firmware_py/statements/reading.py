@@ -159,7 +159,7 @@ class ServedRequests:
             if record.kind == RecordKind.CORE_START:
                 self._runs.append([])
             elif record.kind == RecordKind.SEGMENT_START:
-                if len(self._runs) == 1 and isinstance(run := record.payload.get("run"), dict) and "serving" in run:
+                if len(self._runs) == 1 and "serving" in (run := _noted_run(record)):
                     # the run's start and its changes so far were pruned: served then, as the rotation said
                     self._runs[0].append((record.at, None if run["serving"] is None else str(run["serving"])))
             else:
@@ -196,8 +196,7 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
             _gap(record, ledger, run)
             continue
         if record.kind == RecordKind.SEGMENT_START:
-            run_state = record.payload.get("run")
-            if policy is None and isinstance(run_state, dict) and "start" in run_state:
+            if policy is None and "start" in (run_state := _noted_run(record)):
                 # the run's `CoreStart` was pruned: its policy and owner settings as the rotation noted them
                 policy, owner, _ = _start(record, run_state["start"])
             continue
@@ -226,7 +225,15 @@ def _fold_steps(source: HeadBound, ledger: Ledger, backup: list[tuple[float, flo
     return None if policy is None else policy.usable_capacity_wh
 
 
+def _noted_run(start: Record) -> dict[str, Any]:
+    """The run in progress a rotation noted in a segment's start (`run`: its CoreStart, the request served);
+    {} when it noted none (an older release's, or no run)."""
+    run = start.payload.get("run")
+    return run if isinstance(run, dict) else {}
+
+
 def _start(record: Record, payload: Any) -> tuple[Policy, core.OwnerSettings, float]:
+    """A core start's policy, owner settings and time; InputError naming the record when it cannot be read."""
     try:
         return decode_start(payload)
     except (KeyError, TypeError, ValueError, AttributeError) as err:

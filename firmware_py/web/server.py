@@ -56,6 +56,7 @@ from firmware_py.http_listener import (
     HttpListener,
     body_of,
     raised_at,
+    refusal_headers,
     serve_until_cancelled,
 )
 from firmware_py.journal import codec
@@ -277,9 +278,7 @@ class WebApp:
         except web.HTTPException as err:
             if err.status < 400:
                 raise
-            response = _json(err.status, {"error": err.reason})
-            if "Allow" in err.headers:  # a 405 says which methods the path takes (RFC 9110)
-                response.headers["Allow"] = err.headers["Allow"]
+            response = refusal_headers(err, _json(err.status, {"error": err.reason}))
         except Exception as err:  # a fault of the gateway's: one line, not aiohttp's plain 500 and traceback
             log.error("web app: %s %s failed: %s", request.method, printable(request.path[:120]), raised_at(err))
             response = _json(500, {"error": "internal error: the gateway's log has a line about it"})
