@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -151,6 +151,34 @@ def stop_signals_interrupt() -> Iterator[None]:
         for sig, handler in previous.items():
             if handler is not None:  # None: set outside Python, cannot be put back from here
                 signal.signal(sig, handler)
+
+
+def run_stoppable(work: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(work)` for a batch command (`sim`, `bench`): a stop signal ends it as Ctrl-C does
+    (KeyboardInterrupt once its `with` and `async with` blocks have unwound), and always ends it.
+
+    asyncio's own Ctrl-C handling cancels the main task once; a cancellation lost as described above
+    let a real-time `sim` run on for its hours after SIGTERM. Here the loop takes the stop signals and
+    ends the work through `cancel_all`, which cancels again until it has ended. A signal before the
+    loop takes them is handled by `stop_signals_interrupt`, which also puts back, afterwards, the
+    handlers the closing loop resets."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(work)
+
+    async def until_stopped() -> tuple[bool, asyncio.Future[T]]:
+        stop = asyncio.Event()
+        take_stop_signals(stop.set)
+        ended = await unless_stopped(work, stop)
+        return stop.is_set(), ended
+
+    try:
+        with stop_signals_interrupt():
+            stopped, ended = asyncio.run(until_stopped())
+    finally:
+        work.close()  # not started when a signal came first: no "never awaited" warning
+    if stopped:
+        raise KeyboardInterrupt
+    return ended.result()
 
 
 _noted = threading.Event()

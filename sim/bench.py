@@ -55,7 +55,7 @@ from firmware_py.inverter.sunspec import (
 from firmware_py.journal import RecordKind
 from firmware_py.narration import lines_written_aside
 from firmware_py.service import RunOptions, Service
-from firmware_py.tasks import cancel_all, every, stop_signals_interrupt
+from firmware_py.tasks import cancel_all, every, run_stoppable, stop_signals_interrupt
 
 WAIT_S = 10.0
 DESCENT = 300
@@ -526,7 +526,7 @@ def simulator(loaded: scenario.Scenario) -> dict[str, Any]:
 
     own_peak = _restart_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = asyncio.run(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
+        outcome = run_stoppable(Simulation(loaded, SimulationOptions(journal_path=Path(tmp) / "j.sqlite")).run())
     rss_mb = process_bench.proc_status(os.getpid())["peak_rss_mb"] if own_peak else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = outcome.summary
@@ -588,7 +588,7 @@ def soak(hours: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         options = SimulationOptions(journal_path=Path(tmp) / "j.sqlite", on_progress=sample, progress_every_s=0.0)
         options.series = _Discard()
-        outcome = asyncio.run(Simulation(long_run, options).run())
+        outcome = run_stoppable(Simulation(long_run, options).run())
     s = outcome.summary
     settled = [row for row in samples if row[0] >= 3600] or samples
     second_half = [row for row in settled if row[0] >= duration_s / 2] or settled[-1:]
@@ -663,21 +663,21 @@ def measure(args: argparse.Namespace, loaded: scenario.Scenario | None) -> dict[
         work = Path(tmp)
         if "reaction" in args.only:
             # The gateway and each peer in its own process (the headline figures), then all in one.
-            layered = asyncio.run(process_bench.reactions(args.samples, work / "reaction"))
+            layered = run_stoppable(process_bench.reactions(args.samples, work / "reaction"))
             results["reaction_idle"], results["reaction_loaded"] = layered["idle"], layered["loaded"]
-            results["reaction_floor"] = asyncio.run(process_bench.floor(args.samples, work / "floor"))
-            results["reaction_one_process_idle"] = asyncio.run(reaction(args.samples, work / "one-idle"))
-            results["reaction_one_process_loaded"] = asyncio.run(reaction(args.samples, work / "one-loaded",
+            results["reaction_floor"] = run_stoppable(process_bench.floor(args.samples, work / "floor"))
+            results["reaction_one_process_idle"] = run_stoppable(reaction(args.samples, work / "one-idle"))
+            results["reaction_one_process_loaded"] = run_stoppable(reaction(args.samples, work / "one-loaded",
                                                                           loaded=True))
-            results["reaction_one_process_floor"] = asyncio.run(reaction_floor(args.samples))
+            results["reaction_one_process_floor"] = run_stoppable(reaction_floor(args.samples))
         if "dispatch" in args.only:
-            results["dispatch"] = asyncio.run(dispatch(args.samples, work / "dispatch"))
+            results["dispatch"] = run_stoppable(dispatch(args.samples, work / "dispatch"))
         if "openadr" in args.only:
-            results["openadr"] = asyncio.run(openadr(min(args.samples, 50), work / "openadr"))
-            results["openadr3"] = asyncio.run(openadr3(min(args.samples, 50), work / "openadr3"))
+            results["openadr"] = run_stoppable(openadr(min(args.samples, 50), work / "openadr"))
+            results["openadr3"] = run_stoppable(openadr3(min(args.samples, 50), work / "openadr3"))
         if "start" in args.only:
             (work / "processes").mkdir()
-            results["processes"] = asyncio.run(process_bench.processes(work / "processes", args.steady_seconds))
+            results["processes"] = run_stoppable(process_bench.processes(work / "processes", args.steady_seconds))
         if "bus" in args.only:
             results["bus_load"] = bus_load(args.bus_seconds)
         if loaded is not None:

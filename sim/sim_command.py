@@ -9,7 +9,6 @@ the scenario (or an output path) is bad.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib.util
 import json
@@ -22,7 +21,7 @@ from firmware_py.arguments import number
 from firmware_py.errors import InputError
 from firmware_py.files import cannot_make_beside, replacing, write_atomically
 from firmware_py.quoting import printable
-from firmware_py.tasks import stop_signals_interrupt
+from firmware_py.tasks import run_stoppable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,8 +66,7 @@ def _sim(args: argparse.Namespace) -> int:
     check_outputs({"--summary": summary_path, "--plot": plot_path, "--trace": args.trace,
                     "--journal": args.journal or DEFAULT_JOURNAL}, plot_path, read={"--scenario": scenario_path})
     speed = 1.0 if args.realtime else args.speed
-    with stop_signals_interrupt():  # SIGTERM too unwinds the run: no partial trace left beside the file
-        outcome, series = asyncio.run(_run(loaded, args, speed))
+    outcome, series = run_stoppable(_run(loaded, args, speed))  # SIGTERM too unwinds it: no partial trace left
     _report(outcome, loaded)
     if summary_path:
         _write(summary_path, json.dumps({**outcome.summary, "checks": [
