@@ -463,3 +463,21 @@ def test_an_elm_capture_reads_whatever_its_lines_end_with(tmp_path, end):
     capture.write_bytes(end.join(["132 01 02 03 04 05 06 07 08", "3D6 10 20 30 40 50 60 70 80"] * 50).encode() + b"\r")
     read = read_elm(capture)
     assert len(list(read.frames())) == 100 and read.skipped == 0
+
+
+def test_a_capture_whose_timestamps_go_back_is_decoded_afresh_from_there(tmp_path, capsys):
+    """Two logs joined end to end (or a logger whose clock was reset): after the jump back no row came until
+    the old time was reached again, and a value fed only before the jump looked fresh all that while."""
+    power = DB.get_message_by_name("BmsPowerAvailable")
+    limits = power.encode({"MaxRegenPower": 50, "MaxDischargePower": 120})
+    lines = [f"({1000 + i * 0.1:.6f}) can0 {power.frame_id:03X}#{limits.hex().upper()}\n" for i in range(30)]
+    lines += [f"({t:.6f}) can0 {m.arbitration_id:03X}#{m.data.hex().upper()}\n"
+              for t, m in ((t, soc_frame(50, t)) for t in (500 + i * 0.1 for i in range(100)))]
+    path = tmp_path / "joined.log"
+    path.write_text("".join(lines))
+    assert main(["bms", "decode", "--dbc", "cybertruck_bms.dbc", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "# frame 31: the timestamps go back 502.900 s; decoded afresh from here" in out
+    after = out.split("decoded afresh from here")[1].split("# ranges")[0].strip().splitlines()[1:]
+    assert [row.split()[0] for row in after] == [f"{t:.2f}" for t in range(10)]  # a row a second from the jump
+    assert all(row.split()[5] == "-" for row in after)  # the discharge limit fed before it is not shown as now's

@@ -125,16 +125,31 @@ class _Ranges:
         return out
 
 
+BACKWARDS_S = 0.001
+"""How far a capture's timestamp may go back before the rest is read as a new run of the log: frames merged
+from two interfaces may be a little out of order; a clock that went back is not."""
+
+
 def decode_messages(reader: BmsReader, messages: Iterable[can.Message], every_s: float,
                     source: Path) -> tuple[int, _Ranges, list[str]]:
-    """Feed `messages` to `reader`; the frame count, value ranges and printable rows."""
+    """Feed `messages` to `reader`; the frame count, value ranges and printable rows.
+
+    Where the timestamps go back, a comment row says so and decoding starts afresh (`BmsReader.forget`),
+    its rows' times from there: read on, no row came until the old time was reached again, and the
+    fields fed before looked fresh all that while."""
     frames, ranges, rows = 0, _Ranges(), []
-    start = next_row = None
+    start = next_row = latest = None
     try:
         for msg in messages:
             frames += 1
+            if latest is not None and msg.timestamp < latest - BACKWARDS_S:
+                rows.append(f"# frame {frames}: the timestamps go back {latest - msg.timestamp:.3f} s; "
+                            "decoded afresh from here, its times from its first frame")
+                reader.forget()
+                start = latest = None
             if start is None:
                 start = next_row = msg.timestamp
+            latest = msg.timestamp if latest is None else max(latest, msg.timestamp)
             believed = reader.accepted
             reader.on_message(msg, now=msg.timestamp)
             if reader.accepted == believed:

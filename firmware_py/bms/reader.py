@@ -189,6 +189,18 @@ class BmsReader:
         self.accepted = 0
         self.last_drop: str = ""
 
+    def forget(self) -> None:
+        """Believe nothing decoded so far; the counts stay. For a capture whose time went back (logs joined
+        end to end, a logger whose clock was reset): what was believed before is of another time, and
+        judged against the earlier timestamps after it, it would look fresh until they caught up."""
+        with self._lock:
+            self._values.clear()
+            self._times.clear()
+            self._soc_trends.clear()
+            self._rejected.clear()
+            self._believed_at, self._last_key = None, None
+            self._late, self._late_now = set(), float("nan")
+
     # -- the bus side -------------------------------------------------------
 
     def can_filters(self) -> list[dict[str, Any]]:
