@@ -58,6 +58,7 @@ from firmware_py.dispatch.openadr3_events import (
     NotAddressed,
     Past,
     iso_datetime,
+    parse_datetime,
     parse_duration,
     price_id,
     translate_event,
@@ -225,6 +226,29 @@ def test_a_refused_secret_is_a_lost_link_that_names_the_client_never_the_secret(
             async with aiohttp.ClientSession() as session:
                 with pytest.raises(TokenRefused, match="client_secret_file"):
                     await tokens.bearer(session)
+
+    run(scenario)
+
+
+class QuotingTokenVtn(BenchVtn3):
+    """Its token endpoint refuses every secret with an `error` quoting it, a line break after."""
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        error = f"invalid_client: client_secret '{form['client_secret']}' is revoked\nINFO forged: all good"
+        return web.json_response({"error": error}, status=401)
+
+
+def test_a_token_endpoint_quoting_the_secret_it_refused_never_puts_it_nor_a_line_break_in_the_cause() -> None:
+    async def scenario() -> None:
+        async with QuotingTokenVtn(client_id="truck-1", secret=SECRET) as vtn:
+            tokens = TokenSource(f"{vtn.url}/auth/token", "truck-1", "s3cret-of-the-aggregator")
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(TokenRefused) as refused:
+                    await tokens.bearer(session)
+        cause = str(refused.value)
+        assert "s3cret" not in cause and "\n" not in cause, cause
+        assert "invalid_client: client_secret '<withheld>' is revoked\\nINFO forged" in cause
 
     run(scenario)
 
@@ -1000,7 +1024,7 @@ def test_an_event_targeted_at_other_vens_is_ignored_unanswered_and_logged_once(c
             await vtn.wait_for(lambda: ven.polls >= polls + 3)
             assert sorted(r.id for r in sink.of(DispatchRequest)) == sorted([ours, everyones])
             assert vtn.answers_for(theirs) == [] and theirs not in [o.event_id for o in ven.outcomes]
-            assert caplog.text.count(f"event {theirs} is addressed to VEN 'truck-2', not 'truck-1': ignored") == 1
+            assert caplog.text.count(f"event {theirs} is addressed to 'truck-2', not 'truck-1': ignored") == 1
 
             vtn.modify_event(ours, values=3.0)  # a revision retargeting an event this VEN holds takes it back
             vtn.events[ours]["targets"] = [{"type": "VEN_NAME", "values": ["truck-2"]}]
@@ -2414,7 +2438,9 @@ def test_bad_events_are_refused_clearly(payload: Any, words: str) -> None:
     ([{"type": "VEN_NAME", "values": ["truck-2"]}], False),
     ([{"type": "VEN_NAME", "values": []}], False),
     ([{"type": "VEN_NAME", "values": ["truck-1", "truck-2"]}, {"type": "VEN_NAME", "values": ["truck-2"]}], False),
-    ([{"type": "GROUP", "values": ["north"]}, {"type": "RESOURCE_NAME", "values": ["pack-9"]}], True),
+    ([{"type": "GROUP", "values": ["north"]}], True),
+    ([{"type": "RESOURCE_NAME", "values": ["pack-9"]}], False),  # no resource of this VEN's
+    ([{"type": "RESOURCE_NAME", "values": ["truck-1"]}], True),  # the resource its reports name
     ([{"type": "GROUP", "values": ["north"]}, {"type": "VEN_NAME", "values": ["truck-3"]}], False),
     (["truck-2", "north"], True),  # OpenADR 3.1's form: the VTN matches them, the VEN cannot
 ])
@@ -2660,5 +2686,91 @@ def test_a_vtn_that_ignores_paging_with_a_whole_page_of_events_is_read_once_not_
                 assert ven.failed_polls == 0
                 assert {r.id for r in sink.of(DispatchRequest)} == set(ids)
                 assert vtn.event_gets <= 2 * ven.polls  # the page again once, then it knows it had all
+
+    run(scenario)
+
+
+def test_an_event_period_takes_what_it_leaves_out_from_the_programs_field_by_field() -> None:
+    """An event giving only its start left its duration to the program, and was refused INVALID ("no duration");
+    one giving start and duration lost the program's randomizeStart: every VEN started in the same second."""
+    program = {"id": "prog-1", "programName": "p",
+               "intervalPeriod": {"start": iso_datetime(NOW), "duration": "PT1H", "randomizeStart": "PT30M"}}
+    delay = start_delay_s("truck-1", "ev-1", 1800.0)
+    for period, length in (({"start": iso_datetime(NOW)}, 3600.0), ({"start": iso_datetime(NOW), "duration": "PT10M"},
+                                                                   600.0)):
+        plan = translate_event(event([interval(0, value=2.5)], intervalPeriod=period), revision=0, program=program,
+                               rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0), to_gateway_time=dt.datetime.timestamp,
+                               received_at=NOW.timestamp() - 300, ven_name="truck-1")
+        assert isinstance(plan, EventPlan), plan
+        assert [(r.start, r.end) for r in plan.requests] == [
+            pytest.approx((NOW.timestamp() + delay, NOW.timestamp() + delay + length), abs=1e-5)]
+
+
+def test_an_event_for_another_resource_is_not_this_vens() -> None:
+    """The gateway reports its one resource under its VEN name: an event a shared program addresses to the
+    resource 'truck-2' was run by 'truck-1' as well."""
+    def plan(*values: str, resources: tuple[str, ...] = ()) -> Any:
+        targets = [{"type": "RESOURCE_NAME", "values": list(values)}]
+        return translate_event(event([interval(0, value=2.5)], targets=targets), revision=0, program=None,
+                               rating_w=RATING_W, levels_pct=(33.0, 66.0, 100.0), to_gateway_time=dt.datetime.timestamp,
+                               received_at=NOW.timestamp() - 300, ven_name="truck-1", resources=resources)
+
+    assert plan("truck-2") == NotAddressed("ev-1", ("truck-2",))
+    assert isinstance(plan("truck-2", "truck-1"), EventPlan)
+    assert isinstance(plan("pack-9", resources=("pack-9",)), EventPlan)  # one the VTN lists under this VEN
+
+
+@pytest.mark.parametrize("text, seconds", [("PT1.5H", 5400.0), ("P0.5D", 43200.0), ("PT1H30.5M", 5430.0)])
+def test_a_duration_may_carry_a_fraction_on_its_smallest_unit(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_a_fraction_on_a_unit_before_the_smallest_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="only the smallest unit"):
+        parse_duration("PT1.5H30M")
+
+
+def test_a_date_time_may_write_its_z_and_t_in_lower_case() -> None:
+    assert parse_datetime("2026-07-01t15:00:00z") == NOW
+
+
+def test_an_event_for_a_resource_the_vtn_lists_under_this_ven_is_taken_one_for_another_sites_is_not() -> None:
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with BenchVtn3(client_id="truck-1", secret=SECRET) as vtn:
+            vtn.vens["ven-mine"] = {"id": "ven-mine", "objectType": "VEN", "venName": "truck-1",
+                                    "resources": [{"resourceName": "pack-9"}, {"id": "odd"}]}
+            program = vtn.add_program("summer-peak")
+            mine = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 2.0)
+            vtn.events[mine]["targets"] = [{"type": "RESOURCE_NAME", "values": ["pack-9"]}]
+            theirs = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 600, 9.0)
+            vtn.events[theirs]["targets"] = [{"type": "RESOURCE_NAME", "values": ["truck-2"]}]
+            async with serving(ven := make_ven(vtn), sink):
+                await vtn.wait_for(lambda: vtn.answers_for(mine))
+                polls = ven.polls
+                await vtn.wait_for(lambda: ven.polls >= polls + 2)
+                assert [r.id for r in sink.of(DispatchRequest)] == [mine] and vtn.answers_for(theirs) == []
+
+    run(scenario)
+
+
+def test_intervals_that_ended_while_the_vtn_was_away_are_all_reported_none_crowded_out_of_the_queue(
+        monkeypatch) -> None:
+    """A VTN away for a whole event asked to be told after every interval: on its return every ended
+    interval was queued as a report of its own at once, and all but the newest `MAX_PENDING_REPORTS` were
+    dropped before one was sent (240 one-minute intervals: 40 never reported). Overdue, they go in one."""
+    monkeypatch.setattr(openadr3, "MAX_PENDING_REPORTS", 3)
+
+    async def scenario() -> None:
+        sink = ScriptedSink()
+        async with enrolled(sink) as (vtn, ven, program):
+            event_id = vtn.add_event(program, "DISPATCH_SETPOINT", in_seconds(60), 300, [5.0] * 8, report_every=1)
+            await vtn.wait_for(lambda: vtn.answers_for(event_id))
+            await vtn.stop()
+            sink.offset_s = 60 + 8 * 300 + 10  # the whole event over while it was away
+            await vtn.wait_for(lambda: ven.failed_polls >= 1)
+            await vtn.start()
+            await vtn.wait_for(lambda: energy_reports_of(vtn, event_id, 7) and ven.pending_reports == 0)
+            assert [energy_reports_of(vtn, event_id, i) for i in range(8)] == [[0.0]] * 8
 
     run(scenario)

@@ -357,8 +357,9 @@ class TokenSource:
             except VtnError:
                 answer = None
             code = answer.get("error") if isinstance(answer, dict) else None
+            code = _shown(code, [self._secret]) if isinstance(code, str) else ""  # it may quote the secret refused
             raise TokenRefused(f"the token endpoint {self.shown_url} refused client_id {self.client_id!r} "
-                             f"(HTTP {status}{f', {code}' if isinstance(code, str) else ''}): check the client id "
+                             f"(HTTP {status}{f', {code}' if code else ''}): check the client id "
                              "and the secret in client_secret_file")
         answer = _json(body, f"the token endpoint {self.shown_url}") if status == 200 else None
         if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
@@ -409,6 +410,7 @@ class OpenAdr3Ven:
         self.base = config.vtn_url.rstrip("/")
         self.tokens: TokenSource | None = None
         self.ven_id: str | None = None
+        self.resources: tuple[str, ...] = ()  # the resource names the VTN lists in this VEN's object: targets
         self.programs: dict[str, dict[str, Any]] = {}
         self._not_enrolled: set[str] = set()  # program ids events name that a re-read of programs still lacked
         self._programs_due = 0.0  # monotonic: when GET /programs may be read again for an unknown program
@@ -722,6 +724,9 @@ class OpenAdr3Ven:
         if not isinstance(ven_id, str) or not ven_id:
             raise VtnError(f"the VTN gave VEN {name!r} no id")
         self.ven_id = ven_id
+        listed = mine[0].get("resources")
+        self.resources = tuple(sorted({r["resourceName"] for r in listed if isinstance(r, dict)
+                                       and isinstance(r.get("resourceName"), str)})) if isinstance(listed, list) else ()
         log.info("OpenADR 3: registered as VEN %r (id %s) at %s", name, ven_id, self.base)
 
     async def _load_programs(self, session: aiohttp.ClientSession) -> None:
@@ -938,7 +943,8 @@ class OpenAdr3Ven:
             rating = math.nan
         return partial(translate_event, event, revision=revision, program=program, rating_w=rating,
                        levels_pct=self._levels, to_gateway_time=self._to_gateway_time, received_at=now,
-                       source=self._source, currency=self._currency, ven_name=self.config.ven_name)
+                       source=self._source, currency=self._currency, ven_name=self.config.ven_name,
+                       resources=self.resources)
 
     async def _on_event(self, sink: DispatchSink, event: Any, revision: int) -> None:
         program = self.programs.get(program_id_of(event) or "")
@@ -1063,8 +1069,8 @@ class OpenAdr3Ven:
             self._record(EventOutcome(plan.event_id, revision, detail="retargeted to other VENs at the VTN"))
         if plan.event_id not in self._not_addressed:
             self._not_addressed.add(plan.event_id)
-            names = ", ".join(repr(n) for n in plan.ven_names[:5]) + (", ..." if len(plan.ven_names) > 5 else "")
-            log.info("OpenADR 3: event %s is addressed to VEN %s, not %r: ignored", plan.event_id,
+            names = ", ".join(repr(n) for n in plan.names[:5]) + (", ..." if len(plan.names) > 5 else "")
+            log.info("OpenADR 3: event %s is addressed to %s, not %r: ignored", plan.event_id,
                      names or "(none)", self.config.ven_name)
 
     async def _drop(self, sink: DispatchSink, event_id: str, reason: str) -> None:
@@ -1208,8 +1214,11 @@ class OpenAdr3Ven:
         unreported = tracked.unreported()
         ended = [w for w in unreported if w.end <= now]
         all_ended = len(ended) == len(unreported)
-        while len(ended) >= step or (all_ended and ended):
-            batch, ended = ended[:step], ended[step:]
+        # Overdue (the VTN was out of reach, or the gateway down): in as few larger reports as the queue has
+        # room for, late as they are, not a report per `step` that would crowd the oldest out before one was sent.
+        size = max(step, math.ceil(len(ended) / max(1, MAX_PENDING_REPORTS - len(self._pending))))
+        while len(ended) >= size or (all_ended and ended):
+            batch, ended = ended[:size], ended[size:]
             self._queue_usage(sink, tracked, batch)
             tracked.reported.update(w.interval_id for w in batch)
         waiting = tracked.unreported()
@@ -1537,11 +1546,16 @@ def _problem(raw: bytes, secrets: Iterable[str]) -> str:
         return "no details"
     if isinstance(problem, dict):
         words = " - ".join(str(problem[k]) for k in ("title", "detail") if isinstance(problem.get(k), str))
-        for secret in secrets:
-            if secret:
-                words = words.replace(secret, "<withheld>")
-        return printable(words)[:300] or "no details"
+        return _shown(words, secrets) or "no details"
     return "no details"
+
+
+def _shown(words: str, secrets: Iterable[str]) -> str:
+    """A peer's words as they may be logged: short, printable (no forged log lines), `secrets` withheld."""
+    for secret in secrets:
+        if secret:
+            words = words.replace(secret, "<withheld>")
+    return printable(words)[:300]
 
 
 def _why(err: BaseException) -> str:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -144,12 +144,12 @@ class EventPlan:
 
 @dataclass(frozen=True)
 class NotAddressed:
-    """An event whose `targets` name the VENs it is for, this one not among them: another VEN's event on a
+    """An event whose `targets` name the VENs or resources it is for, this one not among them: another VEN's event on a
     program several VENs share, neither taken nor answered (a refusal would tell the aggregator this VEN
     failed an event it never asked this VEN to run)."""
 
     event_id: str
-    ven_names: tuple[str, ...]
+    names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ def price_id(event_id: str, interval_id: int, kind: PriceKind) -> str:
 def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                     levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float],
                     received_at: float, source: str = SOURCE, currency: str | None = None, ven_name: str = "",
-                    history_before: float = -math.inf) -> EventPlan | DispatchAnswer | NotAddressed | Past:
+                    history_before: float = -math.inf, resources: tuple[str, ...] = ()
+                    ) -> EventPlan | DispatchAnswer | NotAddressed | Past:
     """One OpenADR 3 event object (parsed JSON) -> a plan, or a REJECTED answer naming the fault.
 
     `revision` is the VEN's count of the versions of this event it has seen (OpenADR 3 has no
@@ -186,8 +187,9 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
     `to_gateway_time` maps a UTC datetime onto the core's clock; `received_at` is that clock's now.
     `currency` is what the owner's program pays in (`[program] currency`): a price published in
     another is refused, since the statement could only credit it as a number in the wrong money.
-    `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`), and is what a `VEN_NAME`
-    target must list for the event to be this VEN's (`addressed_to`): else the event is `NotAddressed`.
+    `ven_name` draws this VEN's delay within a `randomizeStart` (`start_delay`); with `resources` (the names
+    the VTN lists for this VEN's resources), it is what `targets` must list for the event to be this VEN's
+    (`addressed_elsewhere`): else the event is `NotAddressed`.
     `history_before` (on the gateway clock, like `received_at`; none by default) is when the VEN started:
     a well-formed event of this VEN's every interval of which had ended by then is `Past`, not refused
     `EXPIRED` (an event that ended after it, listed late, is still `EXPIRED`).
@@ -195,7 +197,7 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
     event_id = event_id_of(event)
     try:
         return _translate(event, event_id, revision, program, rating_w, levels_pct, to_gateway_time,
-                          received_at, source, currency, ven_name, history_before)
+                          received_at, source, currency, ven_name, history_before, resources)
     except _Invalid as err:
         return DispatchAnswer.refused(event_id, received_at, ReasonCode.INVALID, str(err))
     except (ArithmeticError, ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as err:
@@ -207,15 +209,15 @@ def translate_event(event: Any, *, revision: int, program: Mapping[str, Any] | N
 def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, Any] | None, rating_w: float,
                levels_pct: Sequence[float], to_gateway_time: Callable[[datetime], float], received_at: float,
                source: str, currency: str | None, ven_name: str,
-               history_before: float) -> EventPlan | DispatchAnswer | NotAddressed | Past:
+               history_before: float, resources: tuple[str, ...]) -> EventPlan | DispatchAnswer | NotAddressed | Past:
     event = _mapping(event, "event")
     if event_id == UNKNOWN_EVENT:
         raise _Invalid("event id is missing or not a string of letters, digits, '_' or '-'")
     program_id = event.get("programID")
     if not isinstance(program_id, str) or not program_id:
         raise _Invalid("programID is missing or not a string")
-    named = ven_names_targeted(event.get("targets"))  # before the rest: another VEN's event is not ours to refuse
-    if ven_name and named is not None and ven_name not in named:
+    named = addressed_elsewhere(event.get("targets"), ven_name, resources)  # first: another's is not ours to refuse
+    if named is not None:
         return NotAddressed(event_id, named)
     program = program if isinstance(program, Mapping) else {}
     descriptors = _descriptors(event.get("payloadDescriptors"), program.get("payloadDescriptors"))
@@ -271,27 +273,32 @@ def _translate(event: Any, event_id: str, revision: int, program: Mapping[str, A
 # ---------------------------------------------------------------------- targets
 
 
-def ven_names_targeted(targets: Any) -> tuple[str, ...] | None:
-    """The VEN names an event's `targets` (OpenADR 3.0.1: a list of {type, values}) allow, None when they
-    name no VEN (no targets, or only types the gateway cannot judge: a group, a resource, or OpenADR
-    3.1's bare strings, which the VTN matches against targets the VEN object does not carry here).
-    Several `VEN_NAME` entries each narrow the event: only a name every one of them lists is allowed.
+def addressed_elsewhere(targets: Any, ven_name: str, resources: Iterable[str] = ()) -> tuple[str, ...] | None:
+    """The names an event's `targets` (OpenADR 3.0.1: a list of {type, values}) address it to when this VEN
+    is not among them, else None (the event is this VEN's). A `VEN_NAME` entry must list `ven_name`; a
+    `RESOURCE_NAME` entry one of this VEN's resources: itself (its reports name it so) and those the VTN
+    lists in its VEN object (`resources`). Several entries each narrow the event. Types the gateway cannot
+    judge (a group, OpenADR 3.1's bare strings, which the VTN matches against targets the VEN object does
+    not carry here) narrow nothing, and a VEN without a name judges no target.
     Malformed targets are `_Invalid`, naming `targets`."""
     if targets is None:
         return None
     if not isinstance(targets, list):
         raise _Invalid(f"targets must be a list of {{type, values}} objects, got {type(targets).__name__}")
-    allowed: set[str] | None = None
+    mine = {"VEN_NAME": {ven_name}, "RESOURCE_NAME": {ven_name, *resources}}
+    named: set[str] = set()
+    ours = True
     for n, target in enumerate(targets):
         if isinstance(target, str):
             continue
         if not (isinstance(target, Mapping) and isinstance(target.get("type"), str)
                 and isinstance(target.get("values"), list)):
             raise _Invalid(f"targets[{n}] must be an object with a string type and a list of values")
-        if target["type"] == "VEN_NAME":
+        if target["type"] in mine:
             names = {v for v in target["values"] if isinstance(v, str)}
-            allowed = names if allowed is None else allowed & names
-    return None if allowed is None else tuple(sorted(allowed))
+            named |= names
+            ours = ours and bool(names & mine[target["type"]])
+    return None if ours or not ven_name else tuple(sorted(named))
 
 
 # ---------------------------------------------------------------------- intervals
@@ -308,17 +315,19 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
         raise _Invalid("event has no intervals")
     if len(intervals) > MAX_INTERVALS:
         raise _Invalid(f"{len(intervals)} intervals in one event (at most {MAX_INTERVALS})")
-    default = event.get("intervalPeriod") if event.get("intervalPeriod") is not None else program.get("intervalPeriod")
-    default = _mapping(default, "intervalPeriod") if default is not None else {}
+    given = ((event.get("intervalPeriod"), "intervalPeriod"), (program.get("intervalPeriod"), "program's intervalPeriod"))
+    periods = [(_mapping(period, where) if period is not None else {}, where) for period, where in given]
     inherited: dict[str, Any] = {}
 
     def inherit(key: str) -> Any:
-        """The default's start or duration, read only when an interval lacks its own: a program's span
-        may be a year (`P1Y`), which no interval can be, and events whose intervals say their own
-        periods must not be refused for it."""
+        """The default start, duration or spread, field by field (the event's, else the program's): an event
+        giving its start may leave the duration or `randomizeStart` to its program. Read only when an interval
+        lacks its own: a program's span may be a year (`P1Y`), which no interval can be, and events whose
+        intervals say their own periods must not be refused for it."""
         if key not in inherited:
             parse = {"start": _start, "duration": _duration, "randomizeStart": _randomize_s}[key]
-            inherited[key] = parse(default.get(key), f"intervalPeriod.{key}")
+            value, where = next(((p[key], w) for p, w in periods if p.get(key) is not None), (None, "intervalPeriod"))
+            inherited[key] = parse(value, f"{where}.{key}")
         return inherited[key]
 
     elapsed_s = 0.0
@@ -509,8 +518,9 @@ def _report_asks(value: Any) -> tuple[ReportAsk, ...]:
 
 # ---------------------------------------------------------------------- wire formats
 
-_DURATION = re.compile(r"P(?:(?P<Y>\d+)Y)?(?:(?P<MO>\d+)M)?(?:(?P<W>\d+)W)?(?:(?P<D>\d+)D)?"
-                       r"(?:T(?:(?P<H>\d+)H)?(?:(?P<MI>\d+)M)?(?:(?P<S>\d+(?:[.,]\d+)?)S)?)?", re.ASCII)
+_NUMBER = r"\d+(?:[.,]\d+)?"
+_DURATION = re.compile(rf"P(?:(?P<Y>\d+)Y)?(?:(?P<MO>\d+)M)?(?:(?P<W>{_NUMBER})W)?(?:(?P<D>{_NUMBER})D)?"
+                       rf"(?:T(?:(?P<H>{_NUMBER})H)?(?:(?P<MI>{_NUMBER})M)?(?:(?P<S>{_NUMBER})S)?)?", re.ASCII)
 # OpenADR 3 writes "now" as the first instant of year 1 (0001-01-01).
 _NOW_YEAR = 1
 
@@ -522,8 +532,11 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"not an ISO 8601 duration: {text!r}")
     if match["Y"] or match["MO"]:
         raise ValueError(f"calendar durations (years, months) are not supported: {text!r}")
-    weeks, days, hours, minutes = (int(match[k] or 0) for k in ("W", "D", "H", "MI"))
-    seconds = float((match["S"] or "0").replace(",", "."))
+    given = [k for k in ("W", "D", "H", "MI", "S") if match[k] is not None]
+    if any(not match[k].isdigit() for k in given[:-1]):
+        raise ValueError(f"only the smallest unit of an ISO 8601 duration may have a fraction: {text!r}")
+    weeks, days, hours, minutes, seconds = (float((match[k] or "0").replace(",", "."))
+                                            for k in ("W", "D", "H", "MI", "S"))
     return (((weeks * 7 + days) * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
@@ -543,7 +556,7 @@ def parse_datetime(text: Any, where: str = "date-time") -> datetime:
     if not isinstance(text, str) or len(text) > 64:
         raise ValueError(f"{where} must be an RFC 3339 date-time string, got {text!r}")
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))  # RFC 3339 allows either case
     except ValueError:
         raise ValueError(f"{where} is not an RFC 3339 date-time: {text!r}") from None
     if moment.tzinfo is None:
