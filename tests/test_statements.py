@@ -37,6 +37,7 @@ from firmware_py.core.types import (
     ReasonCode,
 )
 from firmware_py.journal import Chain, Journal, event_summaries
+from firmware_py.journal.files import statement_key_path
 from firmware_py.journal.summary import EventSummary
 from firmware_py.statements import evidence
 from firmware_py.statements.commands import render_csv
@@ -265,7 +266,7 @@ def test_a_statement_resigned_by_another_key_fails_wherever_the_key_is_checked_a
     forged.write_text(json.dumps(evidence.sign(body, Ed25519PrivateKey.generate())))
     capsys.readouterr()
 
-    key = evidence.key_path(crashed)
+    key = statement_key_path(crashed)
     key.chmod(0o640)  # the key file readable here though not private: its public half is all a checker needs
     assert verify(forged, crashed) == 1
     assert "not by this gateway's statement key" in capsys.readouterr().err
@@ -506,7 +507,7 @@ def test_a_statement_rewritten_by_another_json_tool_still_verifies_and_one_signe
         crashed, tmp_path):
     document = make(crashed, tmp_path / "s.json", "--event", "peak")
     document["events"][0]["notes"].append("Zürich ☃ 1e-07")  # a document of any text, re-signed below
-    key = evidence.load_or_create_key(evidence.key_path(crashed))
+    key = evidence.load_or_create_key(statement_key_path(crashed))
     signed = evidence.sign({k: v for k, v in document.items() if k not in ("signature", "public_key")}, key)
     assert evidence.signature_problem(signed) is None
     rewritten = json.loads(json.dumps(_as_other_tools_write_it(signed), ensure_ascii=True, indent=4))
@@ -520,7 +521,7 @@ def test_a_statement_rewritten_by_another_json_tool_still_verifies_and_one_signe
 
 def test_text_no_valid_unicode_holds_and_a_price_that_is_no_number_neither_crash_a_statement(crashed):
     """Only an edited journal holds either (ids are checked at the door, the core refuses such a price)."""
-    key = evidence.load_or_create_key(evidence.key_path(crashed))
+    key = evidence.load_or_create_key(statement_key_path(crashed))
     assert evidence.signature_problem(evidence.sign({"id": "peak\ud800"}, key)) is None
     summary = EventSummary("p", "openadr3", "discharge", 3_000, 0, 0.0, 0.0, 10.0, "rejected", ended_at=10.0,
                            ended_reason="refused", price_per_kwh=float("inf"))
@@ -588,7 +589,7 @@ def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_p
 
 def test_the_statement_key_is_made_private_and_refused_when_others_can_read_it(crashed, tmp_path):
     make(crashed, tmp_path / "s.json")
-    key = evidence.key_path(crashed)
+    key = statement_key_path(crashed)
     assert key.stat().st_mode & 0o777 == 0o600
     os.chmod(key, 0o644)
     assert main(["statement", "--journal", str(crashed)]) == 2
@@ -1539,3 +1540,19 @@ def test_an_event_whose_core_steps_a_killed_run_never_journaled_has_no_peak_belo
     assert verify(tmp_path / "s.json", path) == 0
     assert main(["statement", "--journal", str(path), "--event", "ev"]) == 0
     assert any(line.endswith(", peak -") for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("target", ["journal", "statement key", "anchors", "config"])
+def test_out_naming_a_file_the_gateway_keeps_is_refused_and_the_file_kept(crashed, tmp_path, capsys, target):
+    """`--out j.sqlite` (a tab too few) replaced the journal the statement proves with a CSV, exit 0;
+    `--out j.sqlite.statement-key` replaced the key, so no later statement could be signed by it."""
+    config = program_config(tmp_path, crashed)
+    kept = {"journal": crashed, "statement key": statement_key_path(crashed),
+            "anchors": crashed.with_name(crashed.name + ".anchors"), "config": config}[target]
+    make(crashed, tmp_path / "first.json")  # the statement key made
+    before = kept.read_bytes()
+    capsys.readouterr()
+    assert main(["statement", "--journal", str(crashed), "--config", str(config), "--format", "csv",
+                 "--out", str(kept)]) == 2
+    assert f"--out {kept}: is " in capsys.readouterr().err
+    assert kept.read_bytes() == before

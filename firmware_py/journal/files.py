@@ -24,6 +24,7 @@ from pathlib import Path
 ARCHIVE_DIGITS = 6
 ANCHORS_SUFFIX = ".anchors"
 KEY_SUFFIX = ".anchor-key"
+STATEMENT_KEY_SUFFIX = ".statement-key"
 ROTATING_SUFFIX = ".rotating"
 LOCK_SUFFIX = ".lock"
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -52,6 +53,11 @@ def key_path(live: Path) -> Path:
     return live.with_name(live.name + KEY_SUFFIX)
 
 
+def statement_key_path(live: Path) -> Path:
+    """The key statements of this journal are signed with (`statements/evidence.py`): kept beside it."""
+    return live.with_name(live.name + STATEMENT_KEY_SUFFIX)
+
+
 def rotating_path(live: Path) -> Path:
     return live.with_name(live.name + ROTATING_SUFFIX)
 
@@ -74,6 +80,8 @@ def part_of(live: Path, candidate: Path) -> str | None:
     of these names would have the journal and that file overwrite each other (`assembly.check`)."""
     if candidate == key_path(live):
         return "the anchor key"
+    if candidate == statement_key_path(live):
+        return "the statement key"
     if candidate == lock_path(live):
         return "the lock file"
     segment, what = candidate, "a segment"

@@ -23,6 +23,7 @@ from firmware_py.errors import InputError
 from firmware_py.files import write_atomically
 from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain
+from firmware_py.journal.files import part_of, statement_key_path
 from firmware_py.quoting import printable
 from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
@@ -67,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def make_statement(args: argparse.Namespace) -> int:
     journal, basis = _basis_from(args)
+    if args.out is not None:
+        _refuse_kept(Path(args.out), journal, args.config)
     chain = Chain(journal)
     verdict = chain.check()
     if verdict.problems:
@@ -78,7 +81,7 @@ def make_statement(args: argparse.Namespace) -> int:
     selection = _selection(args, time.time())  # a bad option is bad input (exit 2), never a damaged journal
     if verdict.pruned_through and selection.period is not None:
         _refuse_pruned(chain, selection.period.start)
-    key = evidence.load_or_create_key(evidence.key_path(journal))
+    key = evidence.load_or_create_key(statement_key_path(journal))
     try:
         unsigned = statement_from_journal(chain, selection, basis, verdict.head_seq, verdict.head_hash)
     except codec.DAMAGED_VALUE as damage:
@@ -89,6 +92,22 @@ def make_statement(args: argparse.Namespace) -> int:
     text = {"json": render_json, "csv": render_csv, "text": render_text}[args.format](signed)
     _write(text, args.out)
     return EXIT_OK
+
+
+def _refuse_kept(out: Path, journal: Path, config_file: str | None) -> None:
+    """--out naming a file the gateway keeps is refused before anything is written: the statement would
+    replace the journal it proves, or the key that signs it (`statement --out j.sqlite`, a tab too few)."""
+    from firmware_py.assembly import same_file
+
+    part = part_of(journal.resolve(), out.resolve()) or ("the live segment" if same_file(out, journal) else None)
+    what = None if part is None else f"{part} of the journal {journal}"
+    if what is None and config_file is not None:
+        from firmware_py import config as config_module
+        from firmware_py.assembly import kept_file_named
+
+        what = kept_file_named(str(out), config_module.load(config_file))
+    if what is not None:
+        raise InputError(f"--out {out}: is {what}: the statement would replace it; give another file name")
 
 
 def _basis_from(args: argparse.Namespace) -> tuple[Path, Basis]:
@@ -179,7 +198,7 @@ def _expected_signer(args: argparse.Namespace) -> tuple[str, str] | None:
                              f"public_key), got {args.public_key!r}")
         return pinned, "the pinned key"
     if args.journal:
-        beside = evidence.key_path(Path(args.journal))
+        beside = statement_key_path(Path(args.journal))
         found = evidence.readable_public_key(beside)
         if found is not None:
             return found, f"this gateway's statement key, {beside.name}"
@@ -192,7 +211,7 @@ def _signer_problems(statement: dict[str, Any], signer: tuple[str, str] | None, 
     if signer is None:
         if not journal:
             return []  # the signature alone was asked for, and the output says whose key it names
-        where = evidence.key_path(Path(journal)).name
+        where = statement_key_path(Path(journal)).name
         return [f"the signing key was not checked: {where} is not readable here; give --public-key HEX (the "
                 "gateway's statement key, pinned from a statement you trust)"]
     key, what = signer

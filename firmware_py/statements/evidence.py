@@ -20,12 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from firmware_py import signing
 
-KEY_SUFFIX = ".statement-key"
 SIGNED_FIELDS_EXCLUDE = ("signature",)
-
-
-def key_path(journal: Path) -> Path:
-    return journal.with_name(journal.name + KEY_SUFFIX)
 
 
 def canonical(document: dict[str, Any]) -> bytes:
