@@ -1556,3 +1556,18 @@ def test_out_naming_a_file_the_gateway_keeps_is_refused_and_the_file_kept(crashe
                  "--out", str(kept)]) == 2
     assert f"--out {kept}: is " in capsys.readouterr().err
     assert kept.read_bytes() == before
+
+
+def test_a_request_that_came_after_its_window_began_counts_from_when_it_came(tmp_path):
+    """A 5 kW request a late poll brought 6 minutes into its window, served 3: the statement's window began
+    before the gateway heard of it, its average power a third of what was delivered, and an
+    event coming just after midnight on the 1st fell in the month before (signed there after it was made)."""
+    path = tmp_path / "late.toml"
+    path.write_text('[run]\nduration_s = 540\n[vehicle]\ninitial_soc_pct = 80\n[owner]\nreserve_pct = 40\n'
+                    '[[dispatch]]\nat_s = 360\nid = "late"\nstart_s = 0\nduration_s = 540\ntarget_w = 5000\n')
+    journal = tmp_path / "j.sqlite"
+    asyncio.run(Simulation(scenario.load(path), SimulationOptions(journal_path=journal)).run())
+    (event,) = make(journal, tmp_path / "s.json")["events"]
+    assert event["window"]["from"].startswith("1970-01-01T00:06:0")  # when it came, not 00:00
+    assert event["avg_w"] == pytest.approx(5_000, rel=0.05)
+    assert verify(tmp_path / "s.json", journal) == 0

@@ -321,9 +321,12 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
     drop and wear, would fall outside the event's window. Nor does one of an account closed and opened again
     in the same run (an opt-out lifted, a standing setting asked again from now): its energy carries on, as
     `_apply` reads it. A revision before the window began, or of an account closed in an earlier run (this
-    run's delivery opens a new one, from 0 Wh), states the start afresh."""
+    run's delivery opens a new one, from 0 Wh), states the start afresh. A start before the request came
+    (one a late poll brought) is when it came: its average power, SoC start and period count from then."""
     p = record.payload
-    start, end = number(p.get("start")), number(p.get("end"))
+    start, end, received = number(p.get("start")), number(p.get("end")), number(p.get("received_at"))
+    if start is not None and received is not None and received > start:
+        start = received  # it came after its window began: nothing of it could be served before it came
     wall_start = _on_wall(record, start)
     carried_on = not summary.final or run == window.opened_in
     began = (summary.ran and carried_on and window.start is not None
@@ -334,7 +337,7 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
         window.start_run, window.offset = run, record.offset
     window.start, window.end = start, end
     summary.received_at, summary.start, summary.end = (
-        _on_wall(record, number(p.get("received_at"))), wall_start, _on_wall(record, end))
+        _on_wall(record, received), wall_start, _on_wall(record, end))
 
 
 def _bounds(window: _Window) -> tuple[Position, Position]:
