@@ -1393,6 +1393,10 @@ def test_a_client_certificate_out_of_date_or_a_key_others_may_read_is_noted_at_t
     ('password_file = "gw.secret"', "mqtt.password_file: set mqtt.username too"),
     ('tls_ca_file = "ca.pem"', "mqtt.tls_ca_file:"),
     ("publish_interval_s = 0", "mqtt.publish_interval_s: 0 is out of range"),
+    # paho cannot pack a string past 65,535 bytes: a traceback at every connection attempt, every 5 s
+    (f'client_id = "{"c" * 70_000}"', "mqtt.client_id: 70000 bytes in UTF-8; MQTT carries at most 65,535"),
+    (f'username = "{"é" * 40_000}"', "mqtt.username: 80000 bytes in UTF-8; MQTT carries at most 65,535"),
+    ('client_id = "truck\\u0000one"', "mqtt.client_id: contains a NUL character"),
 ])
 def test_check_config_runs_the_mqtt_checks(tmp_path, capsys, mqtt, message):
     (tmp_path / "gw.secret").write_text("s3cret\n")

@@ -123,9 +123,26 @@ def check(config: Config, owner_uid: int | None = None) -> list[str]:
     for key, prefix in (("mqtt.topic_prefix", mqtt.topic_prefix), ("mqtt.discovery_prefix", mqtt.discovery_prefix)):
         if problem := prefix_problem(prefix, key):
             problems.append(problem)
+    for key, text in (("mqtt.client_id", mqtt.client_id), ("mqtt.username", mqtt.username)):
+        if problem := string_problem(text, key):
+            problems.append(problem)
     if mqtt.password_file and not mqtt.username:
         problems.append("mqtt.password_file: set mqtt.username too (a password goes with a username)")
     return problems + collect_problems(lambda: password(mqtt, owner_uid=owner_uid), lambda: tls_context(mqtt))
+
+
+MQTT_STRING_BYTES = 65_535
+"""The longest string an MQTT packet carries (a 16-bit length): paho fails to pack a longer one with a
+traceback, at every connection attempt."""
+
+
+def string_problem(text: str, key: str) -> str | None:
+    """Why `text` cannot go in an MQTT CONNECT as `key` (value not shown: it may be long or a credential)."""
+    if "\0" in text:
+        return f"{key}: contains a NUL character, which MQTT does not allow in a string"
+    if (size := len(text.encode("utf-8"))) > MQTT_STRING_BYTES:
+        return f"{key}: {size} bytes in UTF-8; MQTT carries at most {MQTT_STRING_BYTES:,}"
+    return None
 
 
 def password(mqtt: MqttConfig, *, owner_uid: int | None = None) -> str | None:
