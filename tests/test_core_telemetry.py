@@ -125,3 +125,19 @@ def test_answer_field_is_the_books():
     c = step(c, [bms(1.0), inverter(1.0)], 1.0).controller
     assert c.book.find("e").answer == DispatchAnswer.accepted("e", 0.0)
     assert telemetry(c, 1.0).verdict is Verdict.ACCEPTED
+
+
+def test_a_failed_poll_leaves_the_last_readings_power_for_people_and_0_w_for_readers_of_now():
+    """An inverter that stopped answering at 6 kW: the owner's page showed "0 W (last reading)", which
+    was never read (the inverter may run on at 6 kW until its revert). People see the last reading, with
+    `inverter_fresh` saying so; `power_w`, which reports onward take as now's, stays 0 W."""
+    from firmware_py.status import status_document
+
+    c = ready(0.0)
+    c = step(c, [bms(1.0), inverter(1.0, measured_w=6_000)], 1.0).controller
+    assert telemetry(c, 1.0).last_power_w == telemetry(c, 1.0).power_w == 6_000
+    c = step(c, [bms(2.0), inverter(2.0, comms_ok=False, error="timeout")], 2.0).controller
+    t = telemetry(c, 2.0)
+    assert (t.power_w, t.last_power_w, t.inverter_fresh) == (0.0, 6_000, False)
+    doc = status_document(t, {}, wall_now=1_750_000_000.0)
+    assert (doc["power_w"], doc["fresh"]["inverter"]) == (6_000, False)

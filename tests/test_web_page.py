@@ -223,6 +223,17 @@ def test_the_next_departure_is_that_time_on_its_own_day_across_a_clock_change(tm
     asyncio.run(main())
 
 
+def test_the_time_to_the_floor_carries_60_minutes_into_the_hour(tmp_path):
+    """7.996 h to the floor read "7 h 60 min"; 59.97 minutes, "60 min"."""
+    async def main() -> None:
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            shown = b.js("return [7.9961, 0.9995, 1.5, 0.25].map(duration)")
+            assert shown == ["8 h 0 min", "1 h 0 min", "1 h 30 min", "15 min"]
+
+    asyncio.run(main())
+
+
 # ------------------------------------------------------------------ a gateway that does not answer at first
 
 
@@ -532,6 +543,35 @@ def test_not_confirmed_is_taken_back_once_the_settings_show_the_change_made(tmp_
             await on(b, "until", lambda: b.text("message") == "Reserve set. (the gateway's settings show it made.)",
                      "the change confirmed by the settings")
             assert any(text.startswith("Not confirmed") for text in b.js("return window.said")), b.js("return window.said")
+
+    asyncio.run(main())
+
+
+def test_a_change_unanswered_while_the_gateway_is_out_of_reach_stays_said_until_the_settings_tell(tmp_path):
+    # The next failed poll wrote "Cannot reach the gateway" over "Not confirmed", the poll once back cleared
+    # that, and the reserve typed (never made) stood in its field as if saved, the page saying nothing.
+    async def main():
+        async with page(tmp_path) as (rig, app, tokens, live, b):
+            await on(b, "log_in", tokens["owner"])
+            await on(b, "view", "controls")
+            before = (await api(app, tokens["owner"], "GET", "/api/settings"))["settings"]["reserve_pct"]
+            b.js("""window.down = true; window.polls = 0;
+                    const real = window.fetch;
+                    window.fetch = (p, o) => {
+                      if (p === "/api/status") window.polls += 1;
+                      return window.down ? Promise.reject(new TypeError("Failed to fetch")) : real(p, o);
+                    };""")
+            await on(b, "until", lambda: b.js("return document.body.dataset.gateway") == "lost", "the page not live")
+            submit_reserve(b, "60")
+            await on(b, "until", lambda: b.text("message").startswith("Not confirmed: Failed to fetch"), "unanswered")
+            polls = b.js("return window.polls")
+            await on(b, "until", lambda: b.js("return window.polls") >= polls + 2, "two polls failing after it")
+            assert b.text("message").startswith("Not confirmed: Failed to fetch"), b.text("message")
+            b.js("window.down = false;")
+            await on(b, "until", lambda: b.text("message").startswith(
+                "Not confirmed: the gateway's settings do not show the change"), "the settings read again")
+            assert b.js("return document.body.dataset.gateway") == "live" and field(b, "reserve-pct") == "60"
+            assert (await api(app, tokens["owner"], "GET", "/api/settings"))["settings"]["reserve_pct"] == before
 
     asyncio.run(main())
 

@@ -70,7 +70,7 @@ class Telemetry:
     mode: Mode
     soc_pct: float | None  # the conservative SoC (SoC min) the reserve is judged on
     floor_pct: float
-    power_w: float  # measured at the inverter; + discharge, 0 without inverter data
+    power_w: float  # measured at the inverter; + discharge, 0 without inverter data or once a poll failed
     setpoint_w: float
     available_wh: float  # above the floor
     active_event_id: str | None
@@ -88,6 +88,7 @@ class Telemetry:
     ratings: DerRatings | None = None  # what the gateway offers as one DER
     inverter_meters_wh: tuple[float, float] | None = None  # the inverter's lifetime (TotWhInj, TotWhAbs)
     resyncing: bool = False  # holding 0 W after the gateway's own stall, until fresh data
+    last_power_w: float = 0.0  # the newest good reading's power: what people are shown, with `inverter_fresh`
     storm_watch_pct: float | None = None  # the storm watch's SoC while it lasts
     storm_watch_until: float | None = None  # its end, on the core's clock
     latches: tuple[LatchView, ...] = ()  # every latched fault with its hold-off
@@ -125,6 +126,7 @@ def telemetry(c: Controller, now: float) -> Telemetry:
     return Telemetry(
         at=now, mode=c.mode, soc_pct=c.bms.soc_min_pct if c.bms is not None else None,
         floor_pct=c.floor_pct(now), power_w=power, setpoint_w=c.setpoint_w, available_wh=c.available_wh(now),
+        last_power_w=c.metered.measured_w if c.metered is not None else 0.0,
         active_event_id=serving.request.id if serving else None, reason=c.reason, faults=faults,
         reserve_pct=c.owner.reserve_pct,
         verdict=serving.answer.verdict if serving else None, cap_w=serving.answer.cap_w if serving else None,

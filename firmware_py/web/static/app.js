@@ -130,7 +130,8 @@ function figuresText(f, currency) {
 
 function duration(hours) {
   if (!isFinite(hours)) return "—";
-  const h = Math.floor(hours), m = Math.round((hours - h) * 60);
+  const minutes = Math.round(hours * 60);  // rounded whole, so 7.996 h is 8 h 0 min, never 7 h 60 min
+  const h = Math.floor(minutes / 60), m = minutes % 60;
   return h > 0 ? `${h} h ${m} min` : `${m} min`;
 }
 
@@ -261,6 +262,9 @@ function asOf(text) {
 function lost(why) {
   document.body.dataset.gateway = "lost";
   asOf(state.status ? `Not live: figures as of ${clock(state.status.at)}.` : "Not live.");
+  // A change whose answer was lost stays said: "Not live" above tells the rest, and the settings, once read
+  // again, confirm it or say they do not show it (`renderSettings`).
+  if ($("message").dataset.about === "unconfirmed") return;
   const text = `Cannot reach the gateway: ${why}.`;
   if ($("message").hidden || $("message").textContent !== text) say(text, true, "connection");
 }
@@ -341,10 +345,15 @@ function renderSettings(doc) {
   if (s.price_max_wh_per_day > 0) offer("price-max", s.price_max_wh_per_day / 1000);
   offer("price-kind", s.price_kind);
   const pending = state.unconfirmed;
-  if (pending && $("message").dataset.about !== "unconfirmed") state.unconfirmed = null;
+  if (pending && $("message").dataset.about !== "unconfirmed") state.unconfirmed = null;  // a later message's turn
   else if (pending && pending.made(s)) {
     state.unconfirmed = null;
     say(`${pending.done} (the gateway's settings show it made.)`, false);
+  } else if (pending && !pending.told) {
+    // Not made, or not yet (an answer held up may still land): said, and still confirmed should it show.
+    pending.told = true;
+    say("Not confirmed: the gateway's settings do not show the change; try again if it does not appear.",
+        true, "unconfirmed");
   }
 }
 
