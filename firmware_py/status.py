@@ -87,7 +87,8 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "floor_pct": round(t.floor_pct, 3),
         "reserve_pct": t.reserve_pct,
         "setpoint_w": round(t.setpoint_w, 1),
-        "power_w": round(t.last_power_w, 1),  # with `fresh`: a failed poll shows what was last read, not 0 W
+        # not fresh, what was last read (after a failed poll too: the inverter may run on until its revert)
+        "power_w": round(t.power_w if t.inverter_fresh else t.last_power_w, 1),
         "available_wh": round(t.available_wh, 1),
         "event": event,
         "faults": [str(kind) for kind in t.faults],
