@@ -725,8 +725,8 @@ class OpenAdr3Ven:
             raise VtnError(f"the VTN gave VEN {name!r} no id")
         self.ven_id = ven_id
         listed = mine[0].get("resources")
-        self.resources = tuple(sorted({r["resourceName"] for r in listed if isinstance(r, dict)
-                                       and isinstance(r.get("resourceName"), str)})) if isinstance(listed, list) else ()
+        names = (r.get("resourceName") for r in (listed if isinstance(listed, list) else []) if isinstance(r, dict))
+        self.resources = tuple(sorted({name for name in names if isinstance(name, str)}))
         log.info("OpenADR 3: registered as VEN %r (id %s) at %s", name, ven_id, self.base)
 
     async def _load_programs(self, session: aiohttp.ClientSession) -> None:

@@ -315,8 +315,8 @@ def _layout(event: Mapping[str, Any], program: Mapping[str, Any], to_gateway_tim
         raise _Invalid("event has no intervals")
     if len(intervals) > MAX_INTERVALS:
         raise _Invalid(f"{len(intervals)} intervals in one event (at most {MAX_INTERVALS})")
-    given = ((event.get("intervalPeriod"), "intervalPeriod"), (program.get("intervalPeriod"), "program's intervalPeriod"))
-    periods = [(_mapping(period, where) if period is not None else {}, where) for period, where in given]
+    periods = [(_mapping(period, where) if period is not None else {}, where) for period, where in (
+        (event.get("intervalPeriod"), "intervalPeriod"), (program.get("intervalPeriod"), "program's intervalPeriod"))]
     inherited: dict[str, Any] = {}
 
     def inherit(key: str) -> Any:
