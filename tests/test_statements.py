@@ -1571,3 +1571,49 @@ def test_a_request_that_came_after_its_window_began_counts_from_when_it_came(tmp
     assert event["window"]["from"].startswith("1970-01-01T00:06:0")  # when it came, not 00:00
     assert event["avg_w"] == pytest.approx(5_000, rel=0.05)
     assert verify(tmp_path / "s.json", journal) == 0
+
+
+def test_an_event_sent_again_after_a_killed_run_keeps_its_window_from_the_first_runs_start(tmp_path):
+    """Run 1 serves 3 kW from 17:10 and is killed at 17:30; run 2 closes the event and the aggregator sends it
+    again, served to 19:10. The credit adds both runs' energy, but the window, SoC start and throughput were
+    run 2's alone (its core clock starts again at 0: its start compared below run 1's): an average above
+    the peak, and the pack's wear of run 1's time left out while its energy was credited."""
+    from firmware_py.core.energy import close_after_restart
+    from firmware_py.core.policy import Policy
+    from firmware_py.core.types import BmsSnapshot, InverterStatus, OwnerSettings, Transition
+    from firmware_py.journal.steps import START_KIND, STEPS_KIND, encode_batch, start_payload
+
+    path, t0, policy = tmp_path / "journal.sqlite", 1_762_794_000.0, Policy(usable_capacity_wh=50_000)
+
+    def steps(first: float, n: int, soc: float, total_wh: float) -> bytes:
+        return encode_batch([(first + 60 * i, (BmsSnapshot(first + 60 * i, soc_min_pct=soc - i * 0.1),
+                                                InverterStatus(first + 60 * i, measured_w=3_000.0,
+                                                               tot_wh_inj=total_wh + 50 * i))) for i in range(n)])
+
+    def served(j: Journal, start: float, end: float, at: float, wall: float) -> None:
+        j.append_event(DispatchRequest("peak", "openadr", DispatchKind.DISCHARGE, 3_000, start, end, received_at=at),
+                       wall=wall)
+        j.append_event(DispatchAnswer.accepted("peak", at), wall=wall)
+        j.append_event(Transition(start, Mode.STANDBY, Mode.DISCHARGE, "dispatch peak"), wall=wall)
+
+    with Journal.open(path, wall_clock=lambda: t0) as j:  # run 1: window 17:10 .. 19:10 on its core clock
+        j.append(START_KIND, 0.0, start_payload(policy, OwnerSettings(20, 0.0), 0.0), wall=t0)
+        served(j, 600.0, 7_800.0, 300.0, t0 + 300)
+        j.append(STEPS_KIND, 1_800.0, steps(600.0, 21, 80.0, 10_000.0), wall=t0 + 1_800)
+        j.append_event(EventEnergy(1_800.0, "peak", 1_000.0, 1_000.0, False, meter_total_wh=11_000.0), wall=t0 + 1_800)
+    run2 = t0 + 2_400  # killed at 17:30; run 2 from 17:40, its core clock from 0
+    with Journal.open(path, wall_clock=lambda: run2) as j:
+        j.append(START_KIND, 0.0, start_payload(policy, OwnerSettings(20, 0.0), 0.0), wall=run2)
+        for event in close_after_restart({"peak": EventEnergy(1_800.0, "peak", 1_000.0, 1_000.0, False,
+                                                              meter_total_wh=11_000.0)}, 11_050.0, policy, 1.0,
+                                         "gateway restarted"):
+            j.append_event(event, wall=run2 + 1)
+        served(j, 60.0, 5_400.0, 60.0, run2 + 60)  # sent again from now (17:41) to 19:10
+        j.append(STEPS_KIND, 5_400.0, steps(60.0, 90, 77.5, 11_050.0), wall=run2 + 5_400)
+        j.append_event(DispatchEnded(5_400.0, "peak", "window closed"), wall=run2 + 5_400)
+        j.append_event(EventEnergy(5_400.0, "peak", 4_450.0, 4_450.0, True, meter_total_wh=15_500.0), wall=run2 + 5_400)
+
+    (event,) = make(path, tmp_path / "s.json", "--event", "peak")["events"]
+    assert event["delivered_wh"] == 5_500.0
+    assert event["window"]["from"] == "2025-11-10T17:10:00Z" and event["soc_start_pct"] == 80.0
+    assert event["avg_w"] <= event["peak_w"] and event["throughput_wh"] > 5_500.0

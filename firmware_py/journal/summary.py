@@ -318,20 +318,19 @@ def _set_window(summary: EventSummary, window: _Window, record: Record, run: int
     """The bounds a request or price record states (later records win), but for the start of an account
     already being served: a revision arriving after its window began (an aggregator extending an event as a
     new interval from now) does not move the start later, or the time already served, with its energy, SoC
-    drop and wear, would fall outside the event's window. Nor does one of an account closed and opened again
-    in the same run (an opt-out lifted, a standing setting asked again from now): its energy carries on, as
-    `_apply` reads it. A revision before the window began, or of an account closed in an earlier run (this
-    run's delivery opens a new one, from 0 Wh), states the start afresh. A start before the request came
+    drop and wear, would fall outside the event's window. Nor does one of an account closed and opened again,
+    in the same run (an opt-out lifted, a standing setting asked again from now) or in a later one (sent again
+    after a restart closed it): its energy carries on, as `_apply` reads it, and so must the time it was
+    delivered in. A revision before the window began states the start afresh. A start before the request came
     (one a late poll brought) is when it came: its average power, SoC start and period count from then."""
     p = record.payload
     start, end, received = number(p.get("start")), number(p.get("end")), number(p.get("received_at"))
     if start is not None and received is not None and received > start:
         start = received  # it came after its window began: nothing of it could be served before it came
     wall_start = _on_wall(record, start)
-    carried_on = not summary.final or run == window.opened_in
-    began = (summary.ran and carried_on and window.start is not None
+    began = (summary.ran and window.start is not None
              and (window.start_run, window.start) <= (run, record.at))
-    if began and (start is None or start > window.start):
+    if began and (start is None or (run, start) > (window.start_run, window.start)):  # each run's own core clock
         start, wall_start = window.start, summary.start
     else:
         window.start_run, window.offset = run, record.offset
