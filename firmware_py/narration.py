@@ -142,6 +142,10 @@ class Narrator:
         return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+LAST_READING = " (last reading: no fresh data)"
+"""After a figure whose source has no fresh data, wherever it is shown to people (`status`, `owner status`)."""
+
+
 def percent(value: float | None) -> str:
     """A percentage as people read it: to a tenth, no more than a SoC means ("63.2 %", "42 %")."""
     return "unknown" if value is None else f"{round(value, 1):g} %"

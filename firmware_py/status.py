@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from firmware_py.clocks import utc_text
 from firmware_py.core.telemetry import Telemetry
-from firmware_py.narration import percent
+from firmware_py.narration import LAST_READING, percent
 from firmware_py.quoting import printable
 
 if TYPE_CHECKING:
@@ -87,8 +87,7 @@ def status_document(t: Telemetry, links: dict[str, dict[str, Any]], wall_now: fl
         "floor_pct": round(t.floor_pct, 3),
         "reserve_pct": t.reserve_pct,
         "setpoint_w": round(t.setpoint_w, 1),
-        # not fresh, what was last read (after a failed poll too: the inverter may run on until its revert)
-        "power_w": round(t.power_w if t.inverter_fresh else t.last_power_w, 1),
+        "power_w": round(t.shown_power_w, 1),
         "available_wh": round(t.available_wh, 1),
         "event": event,
         "faults": [str(kind) for kind in t.faults],
@@ -165,7 +164,7 @@ def _unless_fresh(doc: dict[str, Any], source: str) -> str:
     """A note after a figure whose source (`bms`, `inverter`) has no fresh data: the figure is its last reading
     (nothing, from a gateway too old to say)."""
     fresh = _part(doc.get("fresh"), "fresh") or {}
-    return " (last reading: no fresh data)" if fresh.get(source) is False else ""
+    return LAST_READING if fresh.get(source) is False else ""
 
 
 def _percent(doc: dict[str, Any], field: str) -> str:

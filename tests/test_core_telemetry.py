@@ -138,6 +138,6 @@ def test_a_failed_poll_leaves_the_last_readings_power_for_people_and_0_w_for_rea
     assert telemetry(c, 1.0).last_power_w == telemetry(c, 1.0).power_w == 6_000
     c = step(c, [bms(2.0), inverter(2.0, comms_ok=False, error="timeout")], 2.0).controller
     t = telemetry(c, 2.0)
-    assert (t.power_w, t.last_power_w, t.inverter_fresh) == (0.0, 6_000, False)
+    assert (t.power_w, t.shown_power_w, t.inverter_fresh) == (0.0, 6_000, False)
     doc = status_document(t, {}, wall_now=1_750_000_000.0)
     assert (doc["power_w"], doc["fresh"]["inverter"]) == (6_000, False)

@@ -63,7 +63,8 @@ class RecordingPort:
 
     def telemetry(self) -> Telemetry:
         return Telemetry(at=self.clock, mode=Mode.DISCHARGE, soc_pct=71.5, floor_pct=self.settings.reserve_pct + 2,
-                         power_w=5000.0, setpoint_w=5000.0, available_wh=36_000.0, active_event_id="peak-1")
+                         power_w=5000.0, setpoint_w=5000.0, available_wh=36_000.0, active_event_id="peak-1",
+                         bms_fresh=True, inverter_fresh=True, last_power_w=5000.0)  # a gateway serving, its data live
 
     def now(self) -> float:
         return self.clock
@@ -1083,3 +1084,16 @@ def test_a_time_long_past_is_not_in_the_future_not_malformed(tz):
         changes.opt_out(OwnerSettings(40, NOW), {"until": "0001-01-01T00:00"}, NOW, tz)
     with pytest.raises(changes.BadRequest, match="is not an ISO-8601 time"):
         changes.opt_out(OwnerSettings(40, NOW), {"until": "0001-13-01T00:00"}, NOW, tz)
+
+
+def test_owner_status_marks_the_figures_of_a_silent_source_as_last_readings():
+    """An inverter that stopped answering at -3.9 kW (charging) read "power 0 W", never measured; a silent BMS's
+    SoC read as one of now. Both are their last readings, said so, as `status` says it."""
+    telemetry = {"mode": "FAULT", "soc_pct": 79.5, "available_wh": 0.0, "power_w": 0.0, "last_power_w": -3_924.0,
+                 "setpoint_w": 0.0, "bms_fresh": False, "inverter_fresh": False, "active_event_id": None}
+    answer = {"settings": {"reserve_pct": 49.0}, "telemetry": telemetry, "now": 0.0, "floor_pct": 97.0}
+    soc, state = commands.describe_status(answer)[1:3]
+    assert soc.startswith("SoC:          79.5 % (last reading: no fresh data), 0 Wh")
+    assert state == "state:        FAULT, power -3,924 W (last reading: no fresh data) (setpoint 0 W)"
+    fresh = {**telemetry, "bms_fresh": True, "inverter_fresh": True, "power_w": 5_000.0, "last_power_w": 5_000.0}
+    assert "last reading" not in "".join(commands.describe_status({**answer, "telemetry": fresh}))

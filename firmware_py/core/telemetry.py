@@ -112,6 +112,13 @@ class Telemetry:
         return self.soc_pct if self.bms_fresh else None
 
     @property
+    def shown_power_w(self) -> float:
+        """The power people are shown (status, metrics): the reading of now while the inverter's data is fresh,
+        else the last good one, which `inverter_fresh` marks as such. Not `power_w`'s 0 W after a failed poll:
+        never read, and the inverter may run on until its revert."""
+        return self.power_w if self.inverter_fresh else self.last_power_w
+
+    @property
     def available_wh_now(self) -> float | None:
         """The energy above the floor as a reading of now: None without fresh BMS data, when the core's
         `available_wh` is 0 for "nothing to act on", not for an empty pack."""

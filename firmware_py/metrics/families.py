@@ -92,7 +92,8 @@ class GatewayMetrics:
         if t.reserve_pct is not None:
             yield _gauge("reserve_percent", "The owner's reserve", t.reserve_pct)
         yield _gauge("setpoint_watts", "The setpoint commanded (positive: discharge)", t.setpoint_w)
-        yield _gauge("power_watts", "AC power measured at the inverter (positive: discharge)", t.power_w)
+        yield _gauge("power_watts", "AC power measured at the inverter (positive: discharge); the last good reading "
+                                    "while its data is not fresh", t.shown_power_w)
         yield _gauge("journal_ok", "1 while the journal writes, 0 while it fails (dispatch is refused)",
                      1.0 if t.journal_ok else 0.0)
         faults = GaugeMetricFamily(f"{PREFIX}_fault_active", "1 for each latched fault", labels=["kind"])

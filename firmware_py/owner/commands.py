@@ -29,7 +29,7 @@ from firmware_py.config import OwnerConfig
 from firmware_py.core.types import is_finite_number
 from firmware_py.errors import InputError
 from firmware_py.files import user_text
-from firmware_py.narration import percent
+from firmware_py.narration import LAST_READING, percent
 from firmware_py.owner.access import Listen, parse_listen, read_token
 from firmware_py.owner.peer import peer_uid
 from firmware_py.owner.store import UNTIL_REVOKED
@@ -275,11 +275,19 @@ def describe_price_mode(settings: dict[str, Any]) -> str:
 
 
 def describe_status(answer: dict[str, Any]) -> list[str]:
+    """The owner API's status for people; a figure of a source with no fresh data is its last reading, said so
+    (as `status` says it), and power after a failed poll what was last read, not the 0 W readers of now get."""
     settings, tel, now = answer["settings"], answer["telemetry"], answer["now"]
+    soc_stale = LAST_READING if tel.get("bms_fresh") is False and tel.get("soc_pct") is not None else ""
+    power = tel.get("power_w", 0)
+    power_stale = ""
+    if tel.get("inverter_fresh") is False:
+        power, power_stale = tel.get("last_power_w", power), LAST_READING
     return [
         f"reserve:      {percent(settings['reserve_pct'])} (floor now {percent(answer['floor_pct'])})",
-        f"SoC:          {percent(tel.get('soc_pct'))}, {tel.get('available_wh', 0):,.0f} Wh available above the floor",
-        f"state:        {tel.get('mode')}, power {tel.get('power_w', 0):,.0f} W "
+        f"SoC:          {percent(tel.get('soc_pct'))}{soc_stale}, {tel.get('available_wh', 0):,.0f} Wh available "
+        "above the floor",
+        f"state:        {tel.get('mode')}, power {power:,.0f} W{power_stale} "
         f"(setpoint {tel.get('setpoint_w', 0):,.0f} W)",
         f"opt-out:      {describe_opt_out(settings, now)}",
         f"departure:    {describe_departure(settings, now)}",
