@@ -408,7 +408,7 @@ def _shared_files(config: Config) -> list[str]:
     paths = _path_keys(config)
     problems = []
     for i, (key, path) in enumerate(paths):
-        if key != "journal.path" and (what := _journal_part(path, config)):
+        if key != "journal.path" and (what := journal_part(path, config.journal.path)):
             problems.append(f"{key}: {path} is {what} of the journal (journal.path = {config.journal.path}): "
                             "give each its own file")
             continue
@@ -425,16 +425,16 @@ def kept_file_named(path: str, config: Config) -> str | None:
     which would replace it."""
     if same_file(path, config.source):
         return f"the configuration file {config.source}"
-    if what := _journal_part(path, config):
+    if what := journal_part(path, config.journal.path):
         return f"{what} of the journal (journal.path = {config.journal.path})"
     return next((f"{key}'s file ({other})" for key, other in _path_keys(config) if same_file(path, other)), None)
 
 
-def _journal_part(path: str, config: Config) -> str | None:
-    """Which of the journal's files `path` is (a segment, its anchors, keys, write-ahead log), or None."""
-    journal = Path(os.path.realpath(config.journal.path))
-    return part_of(journal, Path(os.path.realpath(path))) or (
-        "the live segment" if _same_existing_file(path, config.journal.path) else None)
+def journal_part(path: str | Path, journal: str | Path) -> str | None:
+    """Which of the files of the journal at `journal` `path` is (a segment, its anchors, keys, write-ahead
+    log), or None; names compared as `same_file` compares them."""
+    return part_of(Path(os.path.realpath(journal)), Path(os.path.realpath(path))) or (
+        "the live segment" if _same_existing_file(path, journal) else None)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

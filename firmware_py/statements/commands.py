@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firmware_py import config as config_module
+from firmware_py.config import Config
 from firmware_py.errors import InputError
 from firmware_py.files import write_atomically
 from firmware_py.journal import codec
 from firmware_py.journal.chain import Chain
-from firmware_py.journal.files import part_of, statement_key_path
+from firmware_py.journal.files import statement_key_path
 from firmware_py.quoting import printable
 from firmware_py.statements import evidence
 from firmware_py.statements.document import Selection, month_period, range_period
@@ -67,9 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def make_statement(args: argparse.Namespace) -> int:
-    journal, basis = _basis_from(args)
+    config = _config_of(args)
+    journal, basis = _basis_from(args, config)
     if args.out is not None:
-        _refuse_kept(Path(args.out), journal, args.config)
+        _refuse_kept(Path(args.out), journal, config)
     chain = Chain(journal)
     verdict = chain.check()
     if verdict.problems:
@@ -94,27 +97,26 @@ def make_statement(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _refuse_kept(out: Path, journal: Path, config_file: str | None) -> None:
+def _refuse_kept(out: Path, journal: Path, config: Config | None) -> None:
     """--out naming a file the gateway keeps is refused before anything is written: the statement would
     replace the journal it proves, or the key that signs it (`statement --out j.sqlite`, a tab too few)."""
-    from firmware_py.assembly import same_file
+    from firmware_py.assembly import journal_part, kept_file_named
 
-    part = part_of(journal.resolve(), out.resolve()) or ("the live segment" if same_file(out, journal) else None)
+    part = journal_part(out, journal)
     what = None if part is None else f"{part} of the journal {journal}"
-    if what is None and config_file is not None:
-        from firmware_py import config as config_module
-        from firmware_py.assembly import kept_file_named
-
-        what = kept_file_named(str(out), config_module.load(config_file))
+    if what is None and config is not None:
+        what = kept_file_named(str(out), config)
     if what is not None:
         raise InputError(f"--out {out}: is {what}: the statement would replace it; give another file name")
 
 
-def _basis_from(args: argparse.Namespace) -> tuple[Path, Basis]:
-    if args.config:
-        from firmware_py import config as config_module
+def _config_of(args: argparse.Namespace) -> Config | None:
+    return config_module.load(args.config) if args.config else None
 
-        return basis_of(config_module.load(args.config), args.journal)
+
+def _basis_from(args: argparse.Namespace, config: Config | None) -> tuple[Path, Basis]:
+    if config is not None:
+        return basis_of(config, args.journal)
     if not args.journal:
         raise InputError("statement: give --journal FILE (or --config FILE naming one)")
     journal = Path(args.journal)
